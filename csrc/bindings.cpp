@@ -1,0 +1,155 @@
+// The only pybind11 file, and the whole torch-free boundary: Python passes raw data pointers
+// (tensor.data_ptr()), sizes, strides in elements, dtype codes (format.h DType) and, for CUDA,
+// the stream handle. Arguments are validated in sparsegemm/ops.py; heavy work drops the GIL.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <string>
+
+#include "cpu/cpu_ops.h"
+#include "params.h"
+
+#if defined(SPARSEGEMM_WITH_CUDA)
+#include <cuda_runtime.h>
+#endif
+
+namespace py = pybind11;
+using namespace sparsegemm;
+
+namespace {
+
+template <typename T>
+T* ptr(uintptr_t address) { return reinterpret_cast<T*>(address); }
+
+GemmParams make_gemm_params(int64_t M, int64_t N, int64_t K, uintptr_t x, int64_t ldx, uintptr_t values,
+                            uintptr_t meta, uintptr_t bias, uintptr_t y, int64_t ldy, int dtype, int act,
+                            uintptr_t w_scale, uintptr_t x_scale) {
+  GemmParams p;
+  p.M = M; p.N = N; p.K = K;
+  p.x = ptr<const void>(x); p.ldx = ldx;
+  p.values = ptr<const void>(values);
+  p.meta = ptr<const void>(meta);
+  p.bias = ptr<const void>(bias);
+  p.y = ptr<void>(y); p.ldy = ldy;
+  p.dtype = static_cast<DType>(dtype);
+  p.act = static_cast<Activation>(act);
+  p.w_scale = ptr<const float>(w_scale);
+  p.x_scale = ptr<const float>(x_scale);
+  return p;
+}
+
+CompressParams make_compress_params(int64_t N, int64_t K, uintptr_t w, int64_t ldw, uintptr_t values,
+                                    uintptr_t meta, int dtype, bool prune, uintptr_t first_bad_group) {
+  CompressParams p;
+  p.N = N; p.K = K;
+  p.w = ptr<const void>(w); p.ldw = ldw;
+  p.values = ptr<void>(values);
+  p.meta = ptr<uint8_t>(meta);
+  p.dtype = static_cast<DType>(dtype);
+  p.prune = prune;
+  p.first_bad_group = ptr<int64_t>(first_bad_group);
+  return p;
+}
+
+DecompressParams make_decompress_params(int64_t N, int64_t K, uintptr_t values, uintptr_t meta, uintptr_t w,
+                                        int dtype) {
+  DecompressParams p;
+  p.N = N; p.K = K;
+  p.values = ptr<const void>(values);
+  p.meta = ptr<const uint8_t>(meta);
+  p.w = ptr<void>(w);
+  p.dtype = static_cast<DType>(dtype);
+  return p;
+}
+
+py::dict build_info() {
+  py::dict d;
+  d["version"] = SPARSEGEMM_VERSION;
+  d["cpu_isa"] = cpu::isa_name();
+#if defined(SPARSEGEMM_WITH_CUDA)
+  d["cuda_built"] = true;
+  d["cuda_archs"] = std::string(SPARSEGEMM_CUDA_ARCHS_BUILT);
+  d["cuda_runtime_version"] = CUDART_VERSION;
+#else
+  d["cuda_built"] = false;
+  d["cuda_archs"] = std::string();
+#endif
+  return d;
+}
+
+// GPUs visible to the CUDA runtime. Any error (no driver: 35, no device: 100) means "none":
+// cudaGetDeviceCount leaves the count unwritten on error, hence the initialisation.
+py::list list_gpus() {
+  py::list gpus;
+#if defined(SPARSEGEMM_WITH_CUDA)
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess) {
+    cudaGetLastError();
+    return gpus;
+  }
+  for (int i = 0; i < count; ++i) {
+    cudaDeviceProp prop{};
+    if (cudaGetDeviceProperties(&prop, i) != cudaSuccess) continue;
+    py::dict g;
+    g["index"] = i;
+    g["name"] = std::string(prop.name);
+    g["capability"] = py::make_tuple(prop.major, prop.minor);
+    g["sm_count"] = prop.multiProcessorCount;
+    g["memory_bytes"] = static_cast<uint64_t>(prop.totalGlobalMem);
+    gpus.append(g);
+  }
+#endif
+  return gpus;
+}
+
+void bind_cpu(py::module_& m) {
+  m.def("cpu_set_num_threads", &cpu::set_num_threads);
+  m.def("cpu_num_threads", &cpu::num_threads);
+  m.def("cpu_mask_2to4", [](int dtype, uintptr_t w, int64_t N, int64_t K, int64_t ldw, uintptr_t mask) {
+    py::gil_scoped_release nogil;
+    cpu::mask_2to4(static_cast<DType>(dtype), ptr<const void>(w), N, K, ldw, ptr<uint8_t>(mask));
+  });
+  m.def("cpu_compress", [](int64_t N, int64_t K, uintptr_t w, int64_t ldw, uintptr_t values, uintptr_t meta,
+                           int dtype, bool prune) {
+    int64_t first_bad = -1;
+    auto p = make_compress_params(N, K, w, ldw, values, meta, dtype, prune, reinterpret_cast<uintptr_t>(&first_bad));
+    {
+      py::gil_scoped_release nogil;
+      cpu::compress(p);
+    }
+    return first_bad;
+  });
+  m.def("cpu_decompress", [](int64_t N, int64_t K, uintptr_t values, uintptr_t meta, uintptr_t w, int dtype) {
+    py::gil_scoped_release nogil;
+    cpu::decompress(make_decompress_params(N, K, values, meta, w, dtype));
+  });
+  m.def("cpu_find_invalid_meta", [](uintptr_t meta, int64_t N, int64_t K) {
+    py::gil_scoped_release nogil;
+    return cpu::find_invalid_meta(ptr<const uint8_t>(meta), N, K);
+  });
+  m.def("cpu_gemm", [](int64_t M, int64_t N, int64_t K, uintptr_t x, int64_t ldx, uintptr_t values, uintptr_t meta,
+                       uintptr_t bias, uintptr_t y, int64_t ldy, int dtype, int act, uintptr_t w_scale,
+                       uintptr_t x_scale) {
+    auto p = make_gemm_params(M, N, K, x, ldx, values, meta, bias, y, ldy, dtype, act, w_scale, x_scale);
+    py::gil_scoped_release nogil;
+    cpu::gemm(p);
+  });
+}
+
+// ---- SIMT emulator self-tests (instruction models fed from Python) ------------------------------
+void bind_simt_selftest(py::module_& m) { (void)m; }
+
+// ---- GPU kernels, through the emulator (simt_*) and on the device (cuda_*) ----------------------
+void bind_kernels(py::module_& m) { (void)m; }
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "sparsegemm private extension: 2:4 kernels behind a torch-free boundary";
+  m.def("build_info", &build_info);
+  m.def("list_gpus", &list_gpus);
+  bind_cpu(m);
+  bind_simt_selftest(m);
+  bind_kernels(m);
+}

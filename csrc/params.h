@@ -1,0 +1,51 @@
+// Argument structs shared by every backend (CPU, SIMT emulator, CUDA). Plain pointers and sizes:
+// this is the torch-free boundary. Shapes use the letters of DESIGN.md; strides are in elements.
+// Python (sparsegemm/ops.py) validates dtypes, devices, shapes and alignment before filling them.
+#pragma once
+#include <cstdint>
+
+#include "format.h"
+
+namespace sparsegemm {
+
+// Y[M, N] = act(X[M, K] @ W[N, K]^T + bias[N]), W given compressed (format.h).
+struct GemmParams {
+  int64_t M = 0, N = 0, K = 0;  // K is the true K; the weight is stored for padded_k(K)
+  const void* x = nullptr;       // X[M, K], row stride ldx, K contiguous
+  int64_t ldx = 0;
+  const void* values = nullptr;  // Wc[N, padded_k(K)/2], contiguous
+  const void* meta = nullptr;    // logical E (CPU) or the kernel layout (CUDA/SIMT GEMM)
+  const void* bias = nullptr;    // bias[N] in the output dtype, or null
+  void* y = nullptr;             // Y[M, N], row stride ldy, N contiguous
+  int64_t ldy = 0;
+  DType dtype = DType::f16;      // dtype of X, Wc, bias and Y (int8 GEMM: Y's dtype)
+  Activation act = Activation::none;
+  // INT8 only (issue 4): per-row weight scale[N] and per-token activation scale[M], fp32.
+  const float* w_scale = nullptr;
+  const float* x_scale = nullptr;
+};
+
+// Wc, E (logical) <- W[N, K] with row stride ldw. prune=false: strict 2:4 check.
+struct CompressParams {
+  int64_t N = 0, K = 0;
+  const void* w = nullptr;
+  int64_t ldw = 0;
+  void* values = nullptr;  // Wc[N, padded_k(K)/2]
+  uint8_t* meta = nullptr; // E[N, meta_cols(K)]
+  DType dtype = DType::f16;
+  bool prune = false;
+  // Strict mode: receives the smallest row * num_groups(K) + group index of a group with more
+  // than two non-zeros, or stays -1. Host memory for CPU/SIMT, device memory for CUDA.
+  int64_t* first_bad_group = nullptr;
+};
+
+// W[N, K] (contiguous) <- Wc, E (logical).
+struct DecompressParams {
+  int64_t N = 0, K = 0;
+  const void* values = nullptr;
+  const uint8_t* meta = nullptr;
+  void* w = nullptr;
+  DType dtype = DType::f16;
+};
+
+}  // namespace sparsegemm
