@@ -60,8 +60,9 @@ def _check_shape(op: str, n: int, k: int, dtype: torch.dtype) -> None:
     word_dtype, per_word, band = _layout(dtype)
     if n % band:
         raise ValueError(f"{op}: the CUTLASS layout needs N (rows) divisible by {band} for {dtype}, got N = {n}")
-    if k % (4 * per_word):
-        raise ValueError(f"{op}: the CUTLASS layout needs K divisible by {4 * per_word} for {dtype}, got K = {k}")
+    # Metadata words are reordered in 2 x 2 blocks, so a row needs an even number of them.
+    if k % (8 * per_word):
+        raise ValueError(f"{op}: the CUTLASS layout needs K divisible by {8 * per_word} for {dtype}, got K = {k}")
 
 
 def to_cutlass(sw: SparseTensor24) -> tuple[Tensor, Tensor]:

@@ -31,8 +31,8 @@ def _sparse_tensor(w):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.int8], ids=str)
 @pytest.mark.parametrize("n,k", [(32, 64), (64, 128), (96, 32), (32, 256)])
 def test_to_cutlass_is_bit_identical_to_torch(dtype, n, k):
-    if dtype == torch.int8 and k % 32:
-        pytest.skip("int8 CUTLASS layout needs K % 32 == 0")
+    if dtype == torch.int8 and k % 64:
+        k = 64  # the int8 layout needs K % 64 == 0
     w = _int8_weight(n, k, n + k) if dtype == torch.int8 else sparse_weight(n, k, dtype=dtype, seed=n + k)
     sw = _sparse_tensor(w)
     values, meta = sparsegemm.to_cutlass(sw)
@@ -61,6 +61,9 @@ def test_cutlass_shape_and_dtype_errors():
     sw = sparsegemm.compress(torch.randn(16, 64, dtype=torch.float16), prune=True)
     with pytest.raises(ValueError, match=r"to_cutlass: the CUTLASS layout needs N \(rows\) divisible by 32"):
         sparsegemm.to_cutlass(sw)
+    sw_k = sparsegemm.compress(torch.randn(32, 16, dtype=torch.float16), prune=True)
+    with pytest.raises(ValueError, match=r"to_cutlass: the CUTLASS layout needs K divisible by 32"):
+        sparsegemm.to_cutlass(sw_k)
     sw32 = sparsegemm.compress(torch.randn(32, 64), prune=True)
     with pytest.raises(TypeError, match=r"to_cutlass: values must be float16, bfloat16 or int8"):
         sparsegemm.to_cutlass(sw32)
