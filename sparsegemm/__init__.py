@@ -6,21 +6,30 @@ Contract: ``Y[M, N] = X[M, K] @ W[N, K]^T (+ bias[N])``, W 2:4 sparse along K (s
 from . import format, oracle
 from ._info import info
 from .functional import compress, decompress, linear, mask_2to4, prune_2to4
+from .convert import SparsifyReport, sparsify
 from .interop import from_cutlass, to_cutlass
+from .io import load, save
+from .nn import SparseConv2d, SparseLinear
 from .tensor import SparseTensor24
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "SparseConv2d",
+    "SparseLinear",
     "SparseTensor24",
+    "SparsifyReport",
     "compress",
     "decompress",
     "format",
     "from_cutlass",
     "info",
     "linear",
+    "load",
     "mask_2to4",
     "oracle",
     "prune_2to4",
+    "save",
+    "sparsify",
     "to_cutlass",
 ]

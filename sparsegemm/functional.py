@@ -84,34 +84,45 @@ def linear(x: Tensor, sw: SparseTensor24, bias: Optional[Tensor] = None, *, acti
     Accumulation is fp32 and the result is rounded once to x's dtype, after the bias and the
     activation ("relu", "gelu" (exact erf form), "silu" or None).
     """
+    if not isinstance(sw, SparseTensor24):
+        raise TypeError(f"sparsegemm.linear: sw must be a SparseTensor24, got {type(sw).__name__}")
+    return linear_parts(x, sw.values, sw.meta, sw.shape, bias, activation=activation, backend=backend,
+                        kernel_meta=sw.kernel_meta)
+
+
+def linear_parts(x: Tensor, values: Tensor, meta: Tensor, shape, bias: Optional[Tensor] = None, *,
+                 activation: Optional[str] = None, backend: Optional[str] = None, kernel_meta=None) -> Tensor:
+    """:func:`linear` on the parts of a compressed weight (what SparseLinear holds).
+
+    ``kernel_meta`` is a callable ``backend -> Tensor`` giving the reordered metadata for the CUDA
+    and SIMT backends (cached by the caller), or None for the CPU backend.
+    """
     op = "sparsegemm.linear"
     if not isinstance(x, Tensor):
         raise TypeError(f"{op}: x must be a torch.Tensor, got {type(x).__name__}")
-    if not isinstance(sw, SparseTensor24):
-        raise TypeError(f"{op}: sw must be a SparseTensor24, got {type(sw).__name__}")
     if activation is not None and activation not in ACTIVATIONS:
         raise ValueError(f"{op}: activation must be one of {ACTIVATIONS} or None, got {activation!r}")
-    n, k = sw.shape
+    n, k = shape
     if x.dim() < 1 or x.shape[-1] != k:
         raise ValueError(f"{op}: x must have K = {k} features in its last dim (the weight is {n} x {k}), "
                          f"got shape {tuple(x.shape)}")
     ops.check_dtype(op, "x", x, ops.FLOAT_DTYPES)
-    if x.dtype != sw.dtype:
+    if x.dtype != values.dtype:
         raise TypeError(f"{op}: x dtype {str(x.dtype).replace('torch.', '')} does not match the weight dtype "
-                        f"{str(sw.dtype).replace('torch.', '')}; convert one of them")
+                        f"{str(values.dtype).replace('torch.', '')}; convert one of them")
     if bias is not None:
         if bias.dtype != x.dtype:
             raise TypeError(f"{op}: bias dtype {bias.dtype} does not match x dtype {x.dtype}")
         if tuple(bias.shape) != (n,):
             raise ValueError(f"{op}: bias must have shape ({n},), got {tuple(bias.shape)}")
-    ops.check_same_device(op, x=x, **{"sw.values": sw.values}, bias=bias)
+    ops.check_same_device(op, x=x, **{"sw.values": values}, bias=bias)
     backend = ops.resolve_backend(op, backend, x.device)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
-    kernel_meta = None
+    reordered = None
     if backend != "cpu":
         ops.check_dtype(op, "x", x, ops.KERNEL_DTYPES)
         ops.check_32bit(op, **{"M*K": x2.shape[0] * k, "M*N": x2.shape[0] * n, "N*K": n * k})
-        kernel_meta = sw.kernel_meta(backend)
-    y = ops._linear(x2, sw.values, sw.meta, kernel_meta, k, bias, fmt.ACTIVATION_CODES[activation], backend)
+        reordered = kernel_meta(backend) if kernel_meta is not None else ops.reorder_meta(meta, k, backend)
+    y = ops._linear(x2, values, meta, reordered, k, bias, fmt.ACTIVATION_CODES[activation], backend)
     return y.reshape(*lead, n)

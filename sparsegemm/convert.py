@@ -1,0 +1,125 @@
+"""sparsify(model): replace eligible Linear / Conv2d modules in place and report what happened."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from .functional import mask_2to4
+from .nn import SparseConv2d, SparseLinear, conv_skip_reason
+
+__all__ = ["sparsify", "SparsifyReport", "LayerReport"]
+
+
+@dataclass
+class LayerReport:
+    name: str
+    kind: str                    # "Linear" or "Conv2d"
+    shape: tuple                 # (N, K) of the GEMM weight
+    dense_bytes: int
+    compressed_bytes: int
+    magnitude_kept: float        # share of sum |w| the 2:4 mask keeps
+    converted: bool
+    reason: str = ""             # why it was skipped
+
+
+@dataclass
+class SparsifyReport:
+    layers: list = field(default_factory=list)
+
+    @property
+    def converted(self) -> list:
+        return [layer for layer in self.layers if layer.converted]
+
+    @property
+    def skipped(self) -> list:
+        return [layer for layer in self.layers if not layer.converted]
+
+    def totals(self) -> dict:
+        conv = self.converted
+        dense = sum(layer.dense_bytes for layer in conv)
+        comp = sum(layer.compressed_bytes for layer in conv)
+        return {"converted": len(conv), "skipped": len(self.skipped), "dense_bytes": dense,
+                "compressed_bytes": comp, "ratio": comp / dense if dense else 0.0}
+
+    def to_dict(self) -> dict:
+        return {"layers": [asdict(layer) for layer in self.layers], "totals": self.totals()}
+
+    def __str__(self) -> str:
+        rows = [f"{'layer':40s} {'kind':7s} {'N x K':>13s} {'dense':>10s} {'2:4':>10s} {'kept |w|':>8s}  note"]
+        for layer in self.layers:
+            nk = f"{layer.shape[0]} x {layer.shape[1]}"
+            note = "" if layer.converted else f"skipped: {layer.reason}"
+            comp = f"{layer.compressed_bytes:,}" if layer.converted else "-"
+            rows.append(f"{layer.name:40.40s} {layer.kind:7s} {nk:>13s} {layer.dense_bytes:>10,} {comp:>10s} "
+                        f"{layer.magnitude_kept:>8.1%}  {note}")
+        t = self.totals()
+        rows.append(f"total: {t['converted']} converted, {t['skipped']} skipped; {t['dense_bytes']:,} -> "
+                    f"{t['compressed_bytes']:,} bytes ({t['ratio']:.1%})")
+        return "\n".join(rows)
+
+
+def _gemm_weight(module: nn.Module) -> torch.Tensor:
+    w = module.weight.detach()
+    return w.permute(0, 2, 3, 1).reshape(w.shape[0], -1) if w.dim() == 4 else w
+
+
+def _magnitude_kept(w: torch.Tensor) -> float:
+    w = w.float()
+    total = float(w.abs().sum())
+    return float((w.abs() * mask_2to4(w)).sum()) / total if total else 1.0
+
+
+def sparsify(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
+             filter_fn: Optional[Callable[[str, nn.Module], bool]] = None, min_features: int = 64,
+             backend: Optional[str] = None, progress: bool = True) -> SparsifyReport:
+    """Replace every eligible nn.Linear / nn.Conv2d of ``model`` in place by its 2:4 version.
+
+    Skipped (and said why in the report): modules ``filter_fn(name, module)`` rejects, layers with
+    fewer than ``min_features`` inputs or outputs (too small to gain), grouped / depthwise convs.
+    ``dtype`` converts the weights (default: keep theirs).
+    """
+    report = SparsifyReport()
+    candidates = [(name, mod) for name, mod in model.named_modules() if type(mod) in (nn.Linear, nn.Conv2d)]
+    iterator = candidates
+    if progress and len(candidates) > 20:
+        try:
+            from tqdm import tqdm
+            iterator = tqdm(candidates, desc="sparsify", unit="layer")
+        except ImportError:
+            pass
+    for name, mod in iterator:
+        w = _gemm_weight(mod)
+        n, k = w.shape
+        kind = type(mod).__name__
+        item = dtype.itemsize if dtype is not None else w.element_size()
+        entry = LayerReport(name, kind, (n, k), n * k * item, 0, _magnitude_kept(w), False)
+        report.layers.append(entry)
+        if not name:
+            entry.reason = "the model itself is the layer: it cannot be replaced in place"
+            continue
+        if filter_fn is not None and not filter_fn(name, mod):
+            entry.reason = "rejected by filter_fn"
+            continue
+        if min(n, k) < min_features:
+            entry.reason = f"min(N, K) = {min(n, k)} < min_features = {min_features}"
+            continue
+        if isinstance(mod, nn.Conv2d):
+            entry.reason = conv_skip_reason(mod) or ""
+            if entry.reason:
+                continue
+            new = SparseConv2d.from_dense(mod, dtype=dtype, backend=backend)
+        else:
+            new = SparseLinear.from_dense(mod, dtype=dtype, backend=backend)
+        entry.compressed_bytes = new.values.nbytes + new.meta.nbytes
+        entry.converted = True
+        _set_submodule(model, name, new)
+    return report
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)

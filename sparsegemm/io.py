@@ -1,0 +1,109 @@
+"""Compact checkpoints: safetensors only (loading never executes code), validated on load.
+
+A checkpoint holds the model's state_dict as it is after :func:`sparsify` (compressed values,
+logical metadata and biases of converted layers; dense tensors of the rest) plus, in the
+safetensors header, which modules were converted and how. :func:`load` takes the dense
+architecture (freshly built; its weights are irrelevant), converts the same modules, loads every
+tensor and validates each compressed weight (shapes, dtypes, metadata nibbles distinct, ordered
+and in range): a corrupt or truncated file fails with a clear error.
+"""
+from __future__ import annotations
+
+import json
+from typing import Union
+
+import torch
+from torch import nn
+
+from .nn import SparseConv2d, SparseLinear
+
+__all__ = ["save", "load"]
+
+_FORMAT = "sparsegemm.checkpoint.v1"
+
+
+def _describe(mod: nn.Module) -> dict:
+    if isinstance(mod, SparseLinear):
+        return {"kind": "SparseLinear", "in_features": mod.in_features, "out_features": mod.out_features,
+                "bias": mod.bias is not None, "dtype": str(mod.values.dtype).replace("torch.", "")}
+    return {"kind": "SparseConv2d", "in_channels": mod.in_channels, "out_channels": mod.out_channels,
+            "kernel_size": list(mod.kernel_size), "stride": list(mod.stride), "padding": list(mod.padding),
+            "dilation": list(mod.dilation), "bias": mod.bias is not None,
+            "dtype": str(mod.values.dtype).replace("torch.", "")}
+
+
+def save(model: nn.Module, path: Union[str, "os.PathLike"]) -> None:
+    """Write ``model`` (after :func:`sparsify`) to a safetensors file."""
+    from safetensors.torch import save_file
+
+    converted = {name: _describe(mod) for name, mod in model.named_modules()
+                 if isinstance(mod, (SparseLinear, SparseConv2d))}
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(tensors, str(path), metadata={"format": _FORMAT, "converted": json.dumps(converted)})
+
+
+def _build(name: str, spec: dict, dense: nn.Module) -> nn.Module:
+    dtype = getattr(torch, spec["dtype"], None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"sparsegemm.load: module {name!r}: unknown dtype {spec['dtype']!r} in the checkpoint")
+    if spec["kind"] == "SparseLinear":
+        if not isinstance(dense, nn.Linear) or (dense.in_features, dense.out_features) != (
+                spec["in_features"], spec["out_features"]):
+            raise ValueError(f"sparsegemm.load: module {name!r} was a Linear {spec['in_features']} -> "
+                             f"{spec['out_features']} when saved, the model has {dense}")
+        return SparseLinear(spec["in_features"], spec["out_features"], spec["bias"], dtype=dtype,
+                            device=dense.weight.device)
+    if spec["kind"] == "SparseConv2d":
+        if not isinstance(dense, nn.Conv2d) or (dense.in_channels, dense.out_channels) != (
+                spec["in_channels"], spec["out_channels"]):
+            raise ValueError(f"sparsegemm.load: module {name!r} was a Conv2d {spec['in_channels']} -> "
+                             f"{spec['out_channels']} when saved, the model has {dense}")
+        return SparseConv2d(spec["in_channels"], spec["out_channels"], spec["kernel_size"], spec["stride"],
+                            spec["padding"], spec["dilation"], spec["bias"], dtype=dtype,
+                            device=dense.weight.device)
+    raise ValueError(f"sparsegemm.load: module {name!r}: unknown kind {spec['kind']!r} in the checkpoint")
+
+
+def load(path: Union[str, "os.PathLike"], model: nn.Module) -> nn.Module:
+    """Convert ``model``'s modules as recorded in the checkpoint and load every tensor into it."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types for truncated or corrupt files
+        raise ValueError(f"sparsegemm.load: {path} is not a readable safetensors file ({exc})") from exc
+    if header.get("format") != _FORMAT:
+        raise ValueError(f"sparsegemm.load: {path} is not a sparsegemm checkpoint (format {header.get('format')!r})")
+    try:
+        converted = json.loads(header["converted"])
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise ValueError(f"sparsegemm.load: {path} has a corrupt module table ({exc})") from exc
+    from .convert import _set_submodule
+
+    for name, spec in converted.items():
+        try:
+            dense = model.get_submodule(name)
+        except AttributeError as exc:
+            raise ValueError(f"sparsegemm.load: the checkpoint converts {name!r}, which the model lacks") from exc
+        _set_submodule(model, name, _build(name, spec, dense))
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"sparsegemm.load: checkpoint and model disagree: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    for key, value in tensors.items():
+        want = expected[key]
+        if value.shape != want.shape or value.dtype != want.dtype:
+            raise ValueError(f"sparsegemm.load: tensor {key!r} is {value.dtype} {tuple(value.shape)} in the "
+                             f"checkpoint, the model expects {want.dtype} {tuple(want.shape)}")
+    model.load_state_dict(tensors, strict=True)
+    for name, mod in model.named_modules():
+        if isinstance(mod, (SparseLinear, SparseConv2d)):
+            try:
+                mod.validate()
+            except ValueError as exc:
+                raise ValueError(f"sparsegemm.load: module {name!r}: {exc}") from exc
+    return model

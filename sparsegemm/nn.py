@@ -1,0 +1,191 @@
+"""Drop-in modules: SparseLinear and SparseConv2d hold only the compressed weight.
+
+Both keep ``values`` (the kept weights, trainable: the 2:4 mask stays fixed), ``meta`` (logical
+metadata, uint8 buffer) and ``bias``. No dense copy of the weight is stored anywhere;
+``dense_weight()`` rebuilds it on demand. On CUDA the hardware-ordered metadata is made once per
+device, on the first forward after a move, and reused.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from . import format as fmt
+from . import ops
+from .functional import compress, decompress, linear_parts
+from .tensor import SparseTensor24
+
+
+class _SparseWeight(nn.Module):
+    """The compressed-weight storage shared by SparseLinear and SparseConv2d."""
+
+    def _init_storage(self, n: int, k: int, dtype: torch.dtype, device, bias: bool) -> None:
+        self.weight_shape = (n, k)
+        self.values = nn.Parameter(torch.zeros(n, fmt.values_cols(k), dtype=dtype, device=device))
+        meta = torch.empty(n, fmt.meta_cols(k), dtype=torch.uint8, device=device)
+        meta.fill_(fmt.PAD_NIBBLE | (fmt.PAD_NIBBLE << 4))  # a valid (all (0, 1)) pattern until loaded
+        self.register_buffer("meta", meta)
+        self.bias = nn.Parameter(torch.zeros(n, dtype=dtype, device=device)) if bias else None
+        self._kernel_meta: dict = {}
+
+    def _load_compressed(self, sw: SparseTensor24, bias: Optional[Tensor]) -> None:
+        with torch.no_grad():
+            self.values.data = sw.values.clone()
+            self.meta = sw.meta.clone()
+            if self.bias is not None:
+                self.bias.data = bias.detach().to(sw.dtype).clone()
+        self._kernel_meta = {}
+
+    def sparse_weight(self) -> SparseTensor24:
+        """The weight as a SparseTensor24 sharing this module's storage."""
+        return SparseTensor24(self.values.detach(), self.meta, self.weight_shape, validate=False)
+
+    def _matrix_dense(self) -> Tensor:
+        return decompress(self.sparse_weight())
+
+    def _apply(self, fn, recurse=True):
+        self._kernel_meta = {}  # moved or converted: reorder again on the next forward
+        return super()._apply(fn, recurse)
+
+    def _kernel_meta_for(self, backend: str) -> Tensor:
+        key = (backend, self.meta.device)
+        cached = self._kernel_meta.get(key)
+        if cached is None:
+            cached = ops.reorder_meta(self.meta, self.weight_shape[1], backend)
+            self._kernel_meta[key] = cached
+        return cached
+
+    def _sparse_linear(self, x: Tensor, activation: Optional[str] = None) -> Tensor:
+        return linear_parts(x, self.values, self.meta, self.weight_shape, self.bias, activation=activation,
+                            backend=self.backend, kernel_meta=self._kernel_meta_for)
+
+    def validate(self) -> None:
+        """Check the stored weight (shapes, dtypes, metadata) as a checkpoint load does."""
+        SparseTensor24(self.values.detach(), self.meta, self.weight_shape)
+
+    def _bytes_repr(self) -> str:
+        n, k = self.weight_shape
+        held = self.values.nbytes + self.meta.nbytes
+        dense = n * k * self.values.element_size()
+        return f"dtype={str(self.values.dtype).replace('torch.', '')}, {held} bytes ({dense - held} saved vs dense)"
+
+
+class SparseLinear(_SparseWeight):
+    """``nn.Linear`` with a 2:4-compressed weight: ``y = x @ W^T + bias`` for x ``[..., in_features]``.
+
+    ``backend`` (None: by device) can be set to "simt" to run the CUDA kernels in the emulator.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 dtype: torch.dtype = torch.float16, device=None, backend: Optional[str] = None):
+        super().__init__()
+        if in_features <= 0 or out_features <= 0:
+            raise ValueError(f"SparseLinear: in_features and out_features must be positive, got "
+                             f"{in_features}, {out_features}")
+        ops.check_dtype("SparseLinear", "dtype", torch.empty(0, dtype=dtype), ops.FLOAT_DTYPES)
+        self.in_features, self.out_features = in_features, out_features
+        self.backend = backend
+        self._init_storage(out_features, in_features, dtype, device, bias)
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, *, dtype: Optional[torch.dtype] = None, prune: bool = True,
+                   backend: Optional[str] = None) -> "SparseLinear":
+        """Compress ``linear``'s weight (magnitude 2:4 when ``prune``, else it must already be 2:4)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"SparseLinear.from_dense: expected nn.Linear, got {type(linear).__name__}")
+        w = linear.weight.detach()
+        dtype = dtype or w.dtype
+        mod = cls(linear.in_features, linear.out_features, linear.bias is not None, dtype=dtype,
+                  device=w.device, backend=backend)
+        mod._load_compressed(compress(w.to(dtype), prune=prune), linear.bias)
+        return mod
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._sparse_linear(x)
+
+    def dense_weight(self) -> Tensor:
+        """The equivalent dense (pruned) weight ``[out_features, in_features]``, computed now."""
+        return self._matrix_dense()
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"{self._bytes_repr()}")
+
+
+class SparseConv2d(_SparseWeight):
+    """``nn.Conv2d`` (groups = 1) with a 2:4-compressed weight.
+
+    K = Cin * kh * kw is ordered (ky, kx, cin), cin fastest, so that 2:4 groups run along the
+    channels of one tap: the order a channels-last (NHWC) input presents, which an implicit-GEMM
+    kernel reads without reordering. The forward lowers to unfold + the sparse GEMM.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 bias: bool = True, *, dtype: torch.dtype = torch.float16, device=None,
+                 backend: Optional[str] = None):
+        super().__init__()
+        pair = torch.nn.modules.utils._pair
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride = pair(kernel_size), pair(stride)
+        self.padding, self.dilation = pair(padding), pair(dilation)
+        if isinstance(padding, str):
+            raise ValueError("SparseConv2d: string padding is not supported; give the numbers")
+        self.backend = backend
+        kh, kw = self.kernel_size
+        self._init_storage(out_channels, in_channels * kh * kw, dtype, device, bias)
+
+    @classmethod
+    def from_dense(cls, conv: nn.Conv2d, *, dtype: Optional[torch.dtype] = None, prune: bool = True,
+                   backend: Optional[str] = None) -> "SparseConv2d":
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"SparseConv2d.from_dense: expected nn.Conv2d, got {type(conv).__name__}")
+        reason = conv_skip_reason(conv)
+        if reason:
+            raise ValueError(f"SparseConv2d.from_dense: {reason}")
+        w = conv.weight.detach()
+        dtype = dtype or w.dtype
+        mod = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                  conv.bias is not None, dtype=dtype, device=w.device, backend=backend)
+        matrix = w.permute(0, 2, 3, 1).reshape(conv.out_channels, -1).to(dtype)  # (ky, kx, cin) order
+        mod._load_compressed(compress(matrix, prune=prune), conv.bias)
+        return mod
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"SparseConv2d: x must be [B, {self.in_channels}, H, W], got {tuple(x.shape)}")
+        b, c, h, w = x.shape
+        kh, kw = self.kernel_size
+        cols = torch.nn.functional.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
+        length = cols.shape[-1]
+        # unfold orders K as (cin, ky, kx); ours is (ky, kx, cin).
+        cols = cols.view(b, c, kh * kw, length).permute(0, 3, 2, 1).reshape(b * length, c * kh * kw)
+        y = self._sparse_linear(cols)
+        ho = (h + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
+        wo = (w + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+        return y.view(b, ho, wo, self.out_channels).permute(0, 3, 1, 2)
+
+    def dense_weight(self) -> Tensor:
+        """The equivalent dense (pruned) weight in nn.Conv2d's shape ``[Cout, Cin, kh, kw]``."""
+        kh, kw = self.kernel_size
+        return self._matrix_dense().view(self.out_channels, kh, kw, self.in_channels).permute(0, 3, 1, 2).contiguous()
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, bias={self.bias is not None}, "
+                f"{self._bytes_repr()}")
+
+
+def conv_skip_reason(conv: nn.Conv2d) -> Optional[str]:
+    """Why a Conv2d cannot become a SparseConv2d, or None when it can."""
+    if conv.groups != 1:
+        kind = "depthwise" if conv.groups == conv.in_channels == conv.out_channels else "grouped"
+        return (f"{kind} convolution (groups={conv.groups}) left dense: each output sees only "
+                f"{conv.in_channels // conv.groups * conv.kernel_size[0] * conv.kernel_size[1]} weights, "
+                "too few for 2:4 along K to pay off and unsupported by the kernels")
+    if conv.padding_mode != "zeros":
+        return f"padding_mode={conv.padding_mode!r} is not supported (zeros only)"
+    if isinstance(conv.padding, str):
+        return f"padding={conv.padding!r} (string padding) is not supported"
+    return None

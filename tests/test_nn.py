@@ -1,0 +1,178 @@
+"""SparseLinear / SparseConv2d / sparsify / save-load on the CPU."""
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import sparsegemm
+from sparsegemm import oracle
+from sparsegemm.nn import SparseConv2d, SparseLinear
+
+
+class Block(nn.Module):
+    """A small pre-norm transformer block (attention + MLP)."""
+
+    def __init__(self, d=128, heads=4):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.up, self.down = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+        self.qkv_like = nn.Linear(d, d, bias=False)
+
+    def forward(self, x):
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0] + self.qkv_like(h)
+        return x + self.down(torch.nn.functional.gelu(self.up(self.norm2(x))))
+
+
+class SmallCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.c2 = nn.Conv2d(16, 64, 3, stride=2, padding=1)
+        self.dw = nn.Conv2d(64, 64, 3, padding=1, groups=64)
+        self.c3 = nn.Conv2d(64, 96, (1, 3), padding=(0, 2), dilation=(1, 2), bias=False)
+        self.fc = nn.Linear(96, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.c1(x))
+        x = torch.relu(self.c2(x))
+        x = torch.relu(self.dw(x))
+        x = self.c3(x)
+        return self.fc(x.mean((2, 3)))
+
+
+def _pruned_copy(model):
+    """The dense oracle model: every converted layer's weight pruned in place."""
+    ref = type(model)()
+    ref.load_state_dict(model.state_dict())
+    return ref
+
+
+def test_sparse_linear_holds_only_compressed_weight(dtype):
+    lin = nn.Linear(256, 96).to(dtype)
+    sl = SparseLinear.from_dense(lin)
+    held = sum(t.nbytes for t in list(sl.parameters()) + list(sl.buffers()))
+    assert held == 96 * 128 * dtype.itemsize + 96 * 32 + 96 * dtype.itemsize  # values + meta + bias
+    assert held < lin.weight.nbytes * 0.6
+    assert "in_features=256, out_features=96" in repr(sl) and "saved vs dense" in repr(sl)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 64), (5, 64)])
+def test_sparse_linear_matches_pruned_dense(dtype, shape):
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 40).to(dtype)
+    sl = SparseLinear.from_dense(lin)
+    x = torch.randn(*shape).to(dtype)
+    w = sl.dense_weight()
+    assert torch.equal(w, sparsegemm.prune_2to4(lin.weight.detach()))
+    oracle.assert_close_to_oracle(sl(x).reshape(-1, 40), x.reshape(-1, 64), w, lin.bias.detach())
+
+
+def test_state_dict_round_trip_and_dtype_moves():
+    sl = SparseLinear.from_dense(nn.Linear(32, 16))
+    other = SparseLinear(32, 16, dtype=torch.float32)
+    other.load_state_dict(sl.state_dict())
+    x = torch.randn(3, 32)
+    assert torch.equal(other(x), sl(x))
+    half = other.half()
+    assert half.values.dtype == torch.float16 and half.meta.dtype == torch.uint8
+    assert half.bfloat16().values.dtype == torch.bfloat16
+
+
+def test_transformer_block_sparsify_matches_dense_pruned():
+    torch.manual_seed(1)
+    block = Block()
+    x = torch.randn(2, 9, 128)
+    report = sparsegemm.sparsify(block)
+    names = {layer.name for layer in report.converted}
+    assert names == {"up", "down", "qkv_like"}  # MultiheadAttention's out_proj is not a plain nn.Linear
+    assert "total: 3 converted" in str(report)
+    ref = Block()
+    ref.load_state_dict({k: v for k, v in block.state_dict().items()}, strict=False)
+    for name in names:
+        dense = getattr(ref, name)
+        dense.weight.data = getattr(block, name).dense_weight()
+        dense.bias = getattr(block, name).bias
+    ref.norm1, ref.norm2, ref.attn = block.norm1, block.norm2, block.attn
+    torch.testing.assert_close(block(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_cnn_sparsify_matches_dense_pruned_and_skips_depthwise():
+    torch.manual_seed(2)
+    cnn = SmallCNN()
+    x = torch.randn(2, 3, 12, 12)
+    report = sparsegemm.sparsify(cnn, min_features=8)
+    skipped = {layer.name: layer.reason for layer in report.skipped}
+    assert "depthwise convolution" in skipped["dw"]
+    assert isinstance(cnn.c2, SparseConv2d) and isinstance(cnn.c3, SparseConv2d)
+    for name in ("c2", "c3"):
+        conv = getattr(cnn, name)
+        w = conv.dense_weight()
+        assert w.shape == (conv.out_channels, conv.in_channels, *conv.kernel_size)
+        xin = torch.randn(2, conv.in_channels, 7, 9)
+        ref = torch.nn.functional.conv2d(xin, w, conv.bias, conv.stride, conv.padding, conv.dilation)
+        torch.testing.assert_close(conv(xin), ref, rtol=1e-5, atol=1e-5)
+    assert cnn(x).shape == (2, 10)
+
+
+def test_save_load_round_trip_and_size(tmp_path):
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 256)).half()
+    dense_path = tmp_path / "dense.safetensors"
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(dense_path))
+    sparsegemm.sparsify(model)
+    path = tmp_path / "sparse.safetensors"
+    sparsegemm.save(model, path)
+    ratio = os.path.getsize(path) / os.path.getsize(dense_path)
+    assert ratio <= 0.57
+    fresh = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 256)).half()
+    sparsegemm.load(path, fresh)
+    x = torch.randn(4, 256).half()
+    assert torch.equal(fresh(x), model(x))
+
+
+def test_load_rejects_corrupt_and_truncated_files(tmp_path):
+    model = nn.Sequential(nn.Linear(64, 64))
+    sparsegemm.sparsify(model, min_features=8)
+    path = tmp_path / "m.safetensors"
+    sparsegemm.save(model, path)
+    blob = bytearray(path.read_bytes())
+
+    truncated = tmp_path / "t.safetensors"
+    truncated.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        sparsegemm.load(truncated, nn.Sequential(nn.Linear(64, 64)))
+
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+    tensors = load_file(str(path))
+    with safe_open(str(path), framework="pt") as f:
+        header = f.metadata()
+    tensors["0.meta"][3, 2] = 0x55  # equal indices in both groups
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata=header)
+    with pytest.raises(ValueError, match=r"module '0'.*corrupt metadata at row 3, group 4"):
+        sparsegemm.load(bad, nn.Sequential(nn.Linear(64, 64)))
+
+    with pytest.raises(ValueError, match=r"was a Linear 64 -> 64 when saved"):
+        sparsegemm.load(path, nn.Sequential(nn.Linear(64, 32)))
+
+
+def test_fine_tune_through_sparse_linear_keeps_mask():
+    torch.manual_seed(4)
+    sl = SparseLinear.from_dense(nn.Linear(32, 8), dtype=torch.float32)
+    mask = sparsegemm.mask_2to4(sl.dense_weight()) | (sl.dense_weight() != 0)
+    opt = torch.optim.SGD(sl.parameters(), lr=0.1)
+    x, target = torch.randn(64, 32), torch.randn(64, 8)
+    losses = []
+    for _ in range(30):
+        loss = torch.nn.functional.mse_loss(sl(x), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert not (sl.dense_weight() != 0)[~mask].any()
