@@ -1,4 +1,4 @@
-"""Command line: ``python -m sparsegemm {info,demo}``."""
+"""Command line: ``python -m sparsegemm {info,demo,bench,report}``."""
 from __future__ import annotations
 
 import argparse
@@ -68,6 +68,27 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    """GEMM microbenchmarks vs dense (and torch's 2:4 path on CUDA); markdown, JSON, CSV, plot."""
+    from sparsegemm import bench
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtypes = args.dtype or (["float16", "bfloat16"] if device == "cuda" else ["bfloat16"])
+    env, rows = bench.run(device, dtypes, quick=args.quick, progress=not args.no_progress)
+    print(" ".join(f"{k}={v}" for k, v in env.items()))
+    print(bench.markdown(rows))
+    bench.write_outputs(env, rows, args.json, args.csv, args.plot)
+    return 0
+
+
+def cmd_report(args) -> int:
+    """Per-layer sizes of a checkpoint written by sparsegemm.save."""
+    from sparsegemm.io import describe
+
+    print(describe(args.path))
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sparsegemm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -77,6 +98,18 @@ def main(argv=None) -> int:
     demo.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 512], help="M values to run")
     demo.add_argument("--repeats", type=int, default=20)
     demo.set_defaults(fn=cmd_demo)
+    b = sub.add_parser("bench", help="GEMM microbenchmarks vs dense and torch's 2:4 path")
+    b.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available, else cpu")
+    b.add_argument("--dtype", nargs="+", choices=["float16", "bfloat16"], help="default: fp16+bf16 on cuda, bf16 on cpu")
+    b.add_argument("--quick", action="store_true", help="one shape, a few M: about a minute")
+    b.add_argument("--json", help="write the result rows (with the environment) as JSON here")
+    b.add_argument("--csv", help="write the result rows as CSV here")
+    b.add_argument("--plot", help="write a PNG of speedup vs M here (needs matplotlib)")
+    b.add_argument("--no-progress", action="store_true")
+    b.set_defaults(fn=cmd_bench)
+    r = sub.add_parser("report", help="per-layer sizes of a checkpoint saved with sparsegemm.save")
+    r.add_argument("path")
+    r.set_defaults(fn=cmd_report)
     args = parser.parse_args(argv)
     return args.fn(args)
 

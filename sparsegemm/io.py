@@ -17,7 +17,7 @@ from torch import nn
 
 from .nn import SparseConv2d, SparseLinear
 
-__all__ = ["save", "load"]
+__all__ = ["save", "load", "describe"]
 
 _FORMAT = "sparsegemm.checkpoint.v1"
 
@@ -107,3 +107,41 @@ def load(path: Union[str, "os.PathLike"], model: nn.Module) -> nn.Module:
             except ValueError as exc:
                 raise ValueError(f"sparsegemm.load: module {name!r}: {exc}") from exc
     return model
+
+
+def describe(path: Union[str, "os.PathLike"]) -> str:
+    """A per-layer size report of a saved checkpoint (what ``python -m sparsegemm report`` prints)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        header = f.metadata() or {}
+        if header.get("format") != _FORMAT:
+            raise ValueError(f"sparsegemm report: {path} is not a sparsegemm checkpoint")
+        converted = json.loads(header["converted"])
+        sizes = {key: f.get_slice(key) for key in f.keys()}
+        nbytes = {key: _slice_bytes(sl) for key, sl in sizes.items()}
+    lines = [f"{'module':40s} {'kind':13s} {'N x K':>13s} {'dense':>12s} {'stored':>12s} {'ratio':>7s}"]
+    total_dense = total_stored = 0
+    for name, spec in converted.items():
+        prefix = f"{name}." if name else ""
+        n = spec.get("out_features", spec.get("out_channels"))
+        k = spec.get("in_features") or spec["in_channels"] * spec["kernel_size"][0] * spec["kernel_size"][1]
+        item = getattr(torch, spec["dtype"]).itemsize
+        stored = nbytes[prefix + "values"] + nbytes[prefix + "meta"]
+        dense = n * k * item
+        total_dense += dense
+        total_stored += stored
+        lines.append(f"{name:40.40s} {spec['kind']:13s} {f'{n} x {k}':>13s} {dense:>12,} {stored:>12,} "
+                     f"{stored / dense:>7.1%}")
+    other = sum(nbytes.values()) - total_stored
+    lines.append(f"converted weights: {total_dense:,} -> {total_stored:,} bytes "
+                 f"({total_stored / max(total_dense, 1):.1%}); other tensors {other:,} bytes")
+    return "\n".join(lines)
+
+
+def _slice_bytes(sl) -> int:
+    dtype = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "I16": 2, "I32": 4, "I64": 8, "BOOL": 1}
+    count = 1
+    for d in sl.get_shape():
+        count *= d
+    return count * dtype.get(sl.get_dtype(), 4)

@@ -132,6 +132,10 @@ def test_save_load_round_trip_and_size(tmp_path):
     sparsegemm.load(path, fresh)
     x = torch.randn(4, 256).half()
     assert torch.equal(fresh(x), model(x))
+    import subprocess, sys
+    out = subprocess.run([sys.executable, "-m", "sparsegemm", "report", str(path)], check=True, capture_output=True,
+                         text=True).stdout
+    assert "SparseLinear" in out and "512 x 256" in out and "56.2%" in out
 
 
 def test_load_rejects_corrupt_and_truncated_files(tmp_path):
