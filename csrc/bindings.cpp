@@ -179,6 +179,10 @@ void bind_simt_selftest(py::module_& m) {
     py::gil_scoped_release nogil;
     st::atomics(blocks, ptr<float>(fsum), ptr<int32_t>(isum), ptr<int32_t>(imin), ptr<long long>(lmin));
   });
+  m.def("simt_selftest_convert", [](int kind, uintptr_t in, uintptr_t out, int64_t n) {
+    py::gil_scoped_release nogil;
+    st::convert(kind, ptr<const void>(in), ptr<void>(out), n);
+  });
   m.def("simt_selftest_misuse", [](int which) {
     py::gil_scoped_release nogil;
     st::misuse(which);

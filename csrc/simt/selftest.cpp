@@ -129,6 +129,17 @@ SG_GLOBAL void atomics_kernel(float* fsum, int32_t* isum, int32_t* imin, long lo
   __threadfence();
 }
 
+SG_GLOBAL void convert_kernel(int kind, const void* __restrict__ in, void* __restrict__ out, int64_t n) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const auto* in16 = static_cast<const uint16_t*>(in);
+  const auto* in32 = static_cast<const float*>(in);
+  if (kind == 0) static_cast<float*>(out)[i] = f16_to_f32(in16[i]);
+  if (kind == 1) static_cast<float*>(out)[i] = bf16_to_f32(in16[i]);
+  if (kind == 2) static_cast<uint16_t*>(out)[i] = f32_to_f16_rn(in32[i]);
+  if (kind == 3) static_cast<uint16_t*>(out)[i] = f32_to_bf16_rn(in32[i]);
+}
+
 // ---- kernels that break the rules (selftest.h Misuse) -------------------------------------------
 SG_GLOBAL void misuse_kernel(int which) {
   SG_DYNAMIC_SMEM(char, smem);
@@ -236,6 +247,12 @@ void indices(unsigned grid_x, unsigned grid_y, unsigned grid_z, unsigned block_x
 
 void atomics(int blocks, float* fsum, int32_t* isum, int32_t* imin, long long* lmin) {
   sg_launch(kernels::atomics_kernel, dim3(static_cast<unsigned>(blocks)), dim3(64), 0, nullptr, fsum, isum, imin, lmin);
+}
+
+void convert(int kind, const void* in, void* out, int64_t n) {
+  if (kind < 0 || kind > 3) throw std::invalid_argument("convert: kind must be 0..3");
+  const auto blocks = static_cast<unsigned>((n + 63) / 64);
+  if (blocks > 0) sg_launch(kernels::convert_kernel, dim3(blocks), dim3(64), 0, nullptr, kind, in, out, n);
 }
 
 void misuse(int which) {

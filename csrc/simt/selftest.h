@@ -42,6 +42,11 @@ void indices(unsigned grid_x, unsigned grid_y, unsigned grid_z, unsigned block_x
 // *imin and (b * 64 + t) << 33 into *lmin (a value only 64 bits can hold).
 void atomics(int blocks, float* fsum, int32_t* isum, int32_t* imin, long long* lmin);
 
+// 16-bit float helpers of portability.cuh over n values, in a grid of 64-thread blocks:
+//   kind 0: f16_to_f32(in16) -> out32, 1: bf16_to_f32(in16) -> out32,
+//   kind 2: f32_to_f16_rn(in32) -> out16, 3: f32_to_bf16_rn(in32) -> out16.
+void convert(int kind, const void* in, void* out, int64_t n);
+
 // Kernels that break a rule the emulator must report (see the test for each case's message).
 enum class Misuse : int {
   barrier_not_reached = 0,       // half the block returns, the other half waits at __syncthreads
