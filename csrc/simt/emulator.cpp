@@ -23,6 +23,7 @@
 #endif
 #endif
 #if defined(SG_SIMT_ASAN)
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #endif
 
@@ -341,6 +342,10 @@ void run_block() {
     f.op = nullptr;
     f.open_group.clear();
     f.committed.clear();
+#if defined(SG_SIMT_ASAN)
+    // A reused stack still carries the poisoned shadow of the frames its last fiber abandoned.
+    ASAN_UNPOISON_MEMORY_REGION(g_stacks.stack(i), kStackBytes);
+#endif
     context_init(f.context, g_stacks.stack(i), kStackBytes, &fiber_main);
   }
   while (l.exited < l.threads) {

@@ -19,6 +19,8 @@
 // - cp.async copies read global memory at issue but land in shared memory only when a
 //   cp.async.wait_group retires their group (or at thread exit), so a missing wait shows up as
 //   0xFF poison in what the kernel reads.
+// Under AddressSanitizer (build with -fsanitize=address; from Python preload libasan and
+// libstdc++) fiber switches are annotated, so global and shared-memory overruns are reported.
 // Every error is a std::runtime_error naming the kernel, the block and the thread or warp; errors
 // raised inside a fiber are carried to the launching thread and rethrown there. Launches are
 // serialised by a mutex: the emulator is not reentrant.

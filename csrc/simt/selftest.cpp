@@ -74,6 +74,7 @@ SG_GLOBAL void shuffles_kernel(const int32_t* __restrict__ values, const int32_t
                                int delta, int width, int32_t* __restrict__ out) {
   const unsigned lane = lane_id();
   const int v = values[lane];
+  __syncwarp();
   out[lane * 5 + 0] = __shfl_sync(0xFFFFFFFFu, v, src_lane[lane], width);
   out[lane * 5 + 1] = __shfl_xor_sync(0xFFFFFFFFu, v, xor_mask, width);
   out[lane * 5 + 2] = __shfl_down_sync(0xFFFFFFFFu, v, static_cast<unsigned>(delta), width);

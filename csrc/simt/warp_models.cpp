@@ -249,6 +249,14 @@ void compute_shfl(const void* const lane_inputs[32], void* const lane_outputs[32
   }
 }
 
+void compute_syncwarp(const void* const lane_inputs[32], void* const lane_outputs[32]);
+const WarpOp kSyncwarp{"bar.warp.sync", &compute_syncwarp};
+
+void compute_syncwarp(const void* const lane_inputs[32], void* const /*lane_outputs*/[32]) {
+  for (int lane = 0; lane < kLanes; ++lane)
+    require_full_mask(kSyncwarp.name, *static_cast<const uint32_t*>(lane_inputs[lane]), lane);
+}
+
 struct BallotIn {
   uint32_t mask;
   bool predicate;
@@ -322,6 +330,8 @@ uint32_t shfl(ShuffleMode mode, uint32_t mask, uint32_t value, int b, int c) {
   }
   return out;
 }
+
+void syncwarp(uint32_t mask) { warp_collective(kSyncwarp, &mask, nullptr); }
 
 uint32_t ballot(uint32_t mask, bool predicate) {
   const BallotIn in{mask, predicate};

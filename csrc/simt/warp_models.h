@@ -25,6 +25,9 @@ void ldmatrix(int matrices, bool trans, uint32_t* regs, const void* row_address)
 enum class ShuffleMode { idx, up, down, bfly };
 uint32_t shfl(ShuffleMode mode, uint32_t mask, uint32_t value, int b, int c);
 
+// bar.warp.sync (__syncwarp; full-warp masks only).
+void syncwarp(uint32_t mask);
+
 // vote.sync.ballot.b32 (full-warp masks only).
 uint32_t ballot(uint32_t mask, bool predicate);
 

@@ -9,7 +9,7 @@
 //   SG_DEVICE, SG_GLOBAL, SG_LAUNCH_BOUNDS(threads), SG_DYNAMIC_SMEM(type, name) (the only way to
 //   declare shared memory), threadIdx/blockIdx/blockDim/gridDim, dim3, __syncthreads,
 //   __shfl_sync/__shfl_xor_sync/__shfl_down_sync/__shfl_up_sync (32-bit types, full-warp mask),
-//   __ballot_sync, __threadfence, atomicAdd (float, int), atomicMin (int, long long), min/max,
+//   __ballot_sync, __syncwarp, __threadfence, atomicAdd (float, int), atomicMin (int, long long), min/max,
 //   __restrict__, the 16-bit float helpers below, and sg_launch(kernel, grid, block, smem_bytes,
 //   stream, args...) from host code.
 #pragma once
@@ -179,6 +179,7 @@ inline T __shfl_up_sync(unsigned mask, T var, unsigned delta, int width = 32) {
   return sg_simt_from_bits<T>(::sparsegemm::emu::shfl(::sparsegemm::emu::ShuffleMode::up, mask, sg_simt_bits(var),
                                                       static_cast<int>(delta), (32 - width) << 8));
 }
+inline void __syncwarp(unsigned mask = 0xFFFFFFFFu) { ::sparsegemm::emu::syncwarp(mask); }
 inline unsigned __ballot_sync(unsigned mask, int predicate) { return ::sparsegemm::emu::ballot(mask, predicate != 0); }
 
 namespace sparsegemm {
