@@ -107,6 +107,11 @@ py::list list_gpus() {
 void bind_cpu(py::module_& m) {
   m.def("cpu_set_num_threads", &cpu::set_num_threads);
   m.def("cpu_num_threads", &cpu::num_threads);
+  // ISA control, for tests and benchmarks: the SPARSEGEMM_CPU_ISA environment variable does the
+  // same before the first CPU call.
+  m.def("cpu_isa_name", [] { return std::string(cpu::isa_name()); });
+  m.def("cpu_isa_supported", [](const std::string& name) { return cpu::isa_supported(name.c_str()); });
+  m.def("cpu_set_isa", [](const std::string& name) { cpu::set_isa(name.c_str()); });
   m.def("cpu_mask_2to4", [](int dtype, uintptr_t w, int64_t N, int64_t K, int64_t ldw, uintptr_t mask) {
     py::gil_scoped_release nogil;
     cpu::mask_2to4(static_cast<DType>(dtype), ptr<const void>(w), N, K, ldw, ptr<uint8_t>(mask));

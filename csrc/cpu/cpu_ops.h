@@ -12,8 +12,17 @@ namespace cpu {
 void set_num_threads(int threads);
 int num_threads();
 
-// Name of the vector ISA picked at run time: "avx512", "avx2" or "generic".
+// Name of the vector ISA picked at run time: "avx512", "avx2" or "generic". The first call picks
+// the best one this CPU supports, or the one the environment variable SPARSEGEMM_CPU_ISA names
+// (std::runtime_error, naming it, if this CPU or build cannot run it).
 const char* isa_name();
+
+// Whether this build and CPU can run the named ISA ("avx512", "avx2", "generic").
+bool isa_supported(const char* name);
+
+// Forces the ISA used from now on (tests compare all of them); std::runtime_error, naming it, if
+// isa_supported(name) is false.
+void set_isa(const char* name);
 
 // mask[N, K] (contiguous, 0/1 bytes) <- magnitude 2:4 mask of W[N, K] (row stride ldw).
 void mask_2to4(DType dtype, const void* w, int64_t N, int64_t K, int64_t ldw, uint8_t* mask);
@@ -23,6 +32,8 @@ void decompress(const DecompressParams& p);
 
 // First row * num_groups(K) + group whose nibble is not an ordered pair (or, for the unused
 // high nibble of an odd row, not kPadNibble); -1 when all of E[N, meta_cols(K)] is valid.
+// A bad unused high nibble of row r is reported as its byte's group, r * num_groups(K) + G - 1,
+// after that group's own nibble; so the index always decodes to a real (row, group).
 int64_t find_invalid_meta(const uint8_t* meta, int64_t N, int64_t K);
 
 // Y = act(X @ W^T + bias), fp32 accumulation, output rounded once to p.dtype.

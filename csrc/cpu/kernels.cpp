@@ -1,0 +1,451 @@
+// CPU kernels on the logical 2:4 layout (format.h). CMakeLists.txt compiles this file once per ISA
+// level with -DSPARSEGEMM_CPU_ISA=<generic|avx2|avx512> and matching -m flags; every copy lives in
+// its own namespace sparsegemm::cpu::<isa> so the three link side by side, and dispatch.cpp enters
+// a vector copy only after checking the CPU supports it.
+//
+// Sparse GEMM strategy (Y[M, N] = X[M, K] @ W[N, K]^T): X rows are widened to fp32 once per call
+// into a zero-padded buffer. For each weight row n the kernel walks K in "steps" of kStepGroups
+// groups: the step's kept values (two per group) are widened to one fp32 lane each, and the
+// metadata nibbles become per-lane indices that pick the matching X values out of the step's
+// 4 * kStepGroups fp32 values with one register permute. One FMA per step then does the work of
+// 4 * kStepGroups dense multiply-adds while reading only the compressed weight bytes, which is what
+// makes decode (M = 1, memory bound) faster than a dense GEMV. The index and weight vectors of a
+// step are reused for a block of up to kMaxRows rows of X.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "convert.h"
+#include "cpu_ops.h"
+#include "kernels.h"
+#include "thread_pool.h"
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#if !defined(SPARSEGEMM_CPU_ISA)
+#error "kernels.cpp is compiled with -DSPARSEGEMM_CPU_ISA=<generic|avx2|avx512> (see CMakeLists.txt)"
+#endif
+#define SG_STRINGIFY_IMPL(x) #x
+#define SG_STRINGIFY(x) SG_STRINGIFY_IMPL(x)
+
+namespace sparsegemm {
+namespace cpu {
+namespace SPARSEGEMM_CPU_ISA {
+namespace {
+
+// ---- Vector step: kStepGroups groups = 2 * kStepGroups kept values = one register of lanes ------
+//
+// Lane l of a step holds kept value l, i.e. index i_(l % 2) of group l / 2, whose 2-bit code sits
+// at bits [2l+1 : 2l] of the step's little-endian metadata bytes (format.h: group 2b in the low
+// nibble of byte b, i0 in the nibble's low two bits). The X position it multiplies is
+// 4 * (l / 2) + code within the step.
+
+#if defined(__AVX512F__)
+constexpr int kStepGroups = 8;  // 16 fp32 lanes, 32 K positions, 4 metadata bytes
+constexpr int kMaxRows = 8;     // X rows sharing one step's vectors (8 accumulators x 2 chains)
+using Acc = __m512;
+struct Step {
+  __m512i index;  // 0..31: position within the step's 32 X values
+  __m512 weight;  // kept values widened to fp32
+};
+
+template <DType D>
+inline __m512 widen_lanes(const typename ElemTraits<D>::Storage* p) {
+  if constexpr (D == DType::f32) {
+    return _mm512_loadu_ps(p);
+  } else if constexpr (D == DType::f16) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  } else {  // bf16 is the top half of an fp32
+    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+  }
+}
+
+template <DType D>
+inline Step load_step(const typename ElemTraits<D>::Storage* values, const uint8_t* meta) {
+  uint32_t codes;
+  std::memcpy(&codes, meta, sizeof codes);
+  const __m512i shift = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i group_base = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
+  const __m512i code = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(codes)), shift),
+                                        _mm512_set1_epi32(3));
+  return {_mm512_add_epi32(code, group_base), widen_lanes<D>(values)};
+}
+
+inline Acc zero_acc() { return _mm512_setzero_ps(); }
+
+inline Acc fma_step(Acc acc, const Step& step, const float* x) {
+  const __m512 kept_x = _mm512_permutex2var_ps(_mm512_loadu_ps(x), step.index, _mm512_loadu_ps(x + 16));
+  return _mm512_fmadd_ps(kept_x, step.weight, acc);
+}
+
+inline Acc add_acc(Acc a, Acc b) { return _mm512_add_ps(a, b); }
+inline float reduce_acc(Acc a) { return _mm512_reduce_add_ps(a); }
+
+#elif defined(__AVX2__)
+constexpr int kStepGroups = 4;  // 8 fp32 lanes, 16 K positions, 2 metadata bytes
+constexpr int kMaxRows = 4;     // 16 ymm registers: 4 rows x 2 chains + step vectors + X loads
+using Acc = __m256;
+struct Step {
+  __m256i index;  // 0..7: position within the 8 X values of the lane's half of the step
+  __m256 weight;
+};
+
+template <DType D>
+inline __m256 widen_lanes(const typename ElemTraits<D>::Storage* p) {
+  if constexpr (D == DType::f32) {
+    return _mm256_loadu_ps(p);
+  } else if constexpr (D == DType::f16) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  } else {
+    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+  }
+}
+
+template <DType D>
+inline Step load_step(const typename ElemTraits<D>::Storage* values, const uint8_t* meta) {
+  uint16_t codes;
+  std::memcpy(&codes, meta, sizeof codes);
+  const __m256i shift = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+  // vpermps only reaches 8 values: lanes 0-3 (groups 0, 1) index X[0, 8), lanes 4-7 X[8, 16).
+  const __m256i group_base = _mm256_setr_epi32(0, 0, 4, 4, 0, 0, 4, 4);
+  const __m256i code = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(codes), shift), _mm256_set1_epi32(3));
+  return {_mm256_add_epi32(code, group_base), widen_lanes<D>(values)};
+}
+
+inline Acc zero_acc() { return _mm256_setzero_ps(); }
+
+inline Acc fma_step(Acc acc, const Step& step, const float* x) {
+  const __m256 from_low = _mm256_permutevar8x32_ps(_mm256_loadu_ps(x), step.index);
+  const __m256 from_high = _mm256_permutevar8x32_ps(_mm256_loadu_ps(x + 8), step.index);
+  return _mm256_fmadd_ps(_mm256_blend_ps(from_low, from_high, 0xF0), step.weight, acc);
+}
+
+inline Acc add_acc(Acc a, Acc b) { return _mm256_add_ps(a, b); }
+
+inline float reduce_acc(Acc a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+#else
+constexpr int kStepGroups = 2;  // one metadata byte: 4 lanes, 8 K positions
+constexpr int kMaxRows = 4;
+struct Acc {
+  float lane[4];
+};
+struct Step {
+  int index[4];
+  float weight[4];
+};
+
+template <DType D>
+inline Step load_step(const typename ElemTraits<D>::Storage* values, const uint8_t* meta) {
+  Step step;
+  for (int l = 0; l < 4; ++l) {
+    step.index[l] = ((meta[0] >> (2 * l)) & 3) + 4 * (l / 2);
+    step.weight[l] = ElemTraits<D>::to_float(values[l]);
+  }
+  return step;
+}
+
+inline Acc zero_acc() { return Acc{{0.0f, 0.0f, 0.0f, 0.0f}}; }
+
+inline Acc fma_step(Acc acc, const Step& step, const float* x) {
+  for (int l = 0; l < 4; ++l) acc.lane[l] += step.weight[l] * x[step.index[l]];
+  return acc;
+}
+
+inline Acc add_acc(Acc a, Acc b) {
+  for (int l = 0; l < 4; ++l) a.lane[l] += b.lane[l];
+  return a;
+}
+
+inline float reduce_acc(Acc a) { return (a.lane[0] + a.lane[1]) + (a.lane[2] + a.lane[3]); }
+#endif
+
+constexpr int kStepValues = 2 * kStepGroups;
+constexpr int kStepK = 4 * kStepGroups;
+constexpr int kStepMetaBytes = kStepGroups / 2;
+static_assert(kStepGroups % 2 == 0, "a step must cover whole metadata bytes");
+
+// ---- Shared scalar helpers ---------------------------------------------------------------------
+
+template <typename Fn>
+void with_dtype(DType dtype, Fn&& fn) {
+  switch (dtype) {
+    case DType::f32: fn(std::integral_constant<DType, DType::f32>{}); return;
+    case DType::f16: fn(std::integral_constant<DType, DType::f16>{}); return;
+    case DType::bf16: fn(std::integral_constant<DType, DType::bf16>{}); return;
+    default:
+      throw std::invalid_argument("sparsegemm cpu: dtype code " + std::to_string(static_cast<int>(dtype)) +
+                                  " is not a CPU floating dtype (expected f32, f16 or bf16)");
+  }
+}
+
+// Rows per parallel chunk so that one chunk is worth waking a thread for (about 16K elements).
+int64_t rows_grain(int64_t row_len) { return std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(1, row_len)); }
+
+// Nibble selected by the format.h rule for group `group` of one W row. Positions k >= K do not
+// exist: they get key -1, below every |w|, and are never read.
+template <DType D>
+uint8_t select_group(const typename ElemTraits<D>::Storage* row, int64_t group, int64_t K) {
+  float key[4];
+  for (int i = 0; i < 4; ++i) {
+    const int64_t k = 4 * group + i;
+    key[i] = k < K ? std::fabs(ElemTraits<D>::to_float(row[k])) : -1.0f;
+  }
+  return select_top2(key);
+}
+
+template <DType D>
+void mask_typed(const void* w_ptr, int64_t N, int64_t K, int64_t ldw, uint8_t* mask) {
+  using T = typename ElemTraits<D>::Storage;
+  const T* w = static_cast<const T*>(w_ptr);
+  const int64_t groups = num_groups(K);
+  parallel_for(0, N, rows_grain(K), [&](int64_t n_begin, int64_t n_end) {
+    for (int64_t n = n_begin; n < n_end; ++n) {
+      const T* row = w + n * ldw;
+      uint8_t* mask_row = mask + n * K;
+      for (int64_t g = 0; g < groups; ++g) {
+        const uint8_t nibble = select_group<D>(row, g, K);
+        const int i0 = nibble & 3, i1 = nibble >> 2;
+        for (int i = 0; i < 4 && 4 * g + i < K; ++i) mask_row[4 * g + i] = (i == i0 || i == i1) ? 1 : 0;
+      }
+    }
+  });
+}
+
+template <DType D>
+void compress_typed(const CompressParams& p) {
+  using T = typename ElemTraits<D>::Storage;
+  const T* w = static_cast<const T*>(p.w);
+  T* values = static_cast<T*>(p.values);
+  const int64_t K = p.K, groups = num_groups(K), vcols = values_cols(K), mcols = meta_cols(K);
+  std::atomic<int64_t> first_bad{std::numeric_limits<int64_t>::max()};
+  parallel_for(0, p.N, rows_grain(K), [&](int64_t n_begin, int64_t n_end) {
+    int64_t chunk_first_bad = std::numeric_limits<int64_t>::max();
+    for (int64_t n = n_begin; n < n_end; ++n) {
+      const T* row = w + n * p.ldw;
+      T* kept = values + n * vcols;
+      uint8_t* meta_row = p.meta + n * mcols;
+      for (int64_t b = 0; b < mcols; ++b) meta_row[b] = 0;
+      for (int64_t g = 0; g < groups; ++g) {
+        const uint8_t nibble = select_group<D>(row, g, K);
+        const int64_t k0 = 4 * g, k1 = 4 * g + (nibble & 3), k2 = 4 * g + (nibble >> 2);
+        kept[2 * g] = k1 < K ? row[k1] : T{};
+        kept[2 * g + 1] = k2 < K ? row[k2] : T{};
+        meta_row[g >> 1] |= static_cast<uint8_t>(nibble << ((g & 1) * 4));
+        if (!p.prune && chunk_first_bad == std::numeric_limits<int64_t>::max()) {
+          int nonzeros = 0;  // NaN != 0 counts as non-zero; -0.0 == 0 does not
+          for (int64_t k = k0; k < k0 + 4 && k < K; ++k) nonzeros += ElemTraits<D>::to_float(row[k]) != 0.0f;
+          if (nonzeros > 2) chunk_first_bad = n * groups + g;
+        }
+      }
+      if (groups % 2 == 1) meta_row[mcols - 1] |= static_cast<uint8_t>(kPadNibble << 4);
+    }
+    int64_t seen = first_bad.load();
+    while (chunk_first_bad < seen && !first_bad.compare_exchange_weak(seen, chunk_first_bad)) {
+    }
+  });
+  if (!p.prune && first_bad.load() != std::numeric_limits<int64_t>::max()) *p.first_bad_group = first_bad.load();
+}
+
+template <DType D>
+void decompress_typed(const DecompressParams& p) {
+  using T = typename ElemTraits<D>::Storage;
+  const T* values = static_cast<const T*>(p.values);
+  T* w = static_cast<T*>(p.w);
+  const int64_t K = p.K, groups = num_groups(K), vcols = values_cols(K), mcols = meta_cols(K);
+  parallel_for(0, p.N, rows_grain(K), [&](int64_t n_begin, int64_t n_end) {
+    for (int64_t n = n_begin; n < n_end; ++n) {
+      const T* kept = values + n * vcols;
+      const uint8_t* meta_row = p.meta + n * mcols;
+      T* row = w + n * K;
+      std::fill(row, row + K, T{});
+      for (int64_t g = 0; g < groups; ++g) {
+        const int nibble = group_nibble(meta_row, g);
+        const int64_t k1 = 4 * g + (nibble & 3), k2 = 4 * g + (nibble >> 2);
+        if (k1 < K) row[k1] = kept[2 * g];
+        if (k2 < K) row[k2] = kept[2 * g + 1];
+      }
+    }
+  });
+}
+
+// ---- GEMM --------------------------------------------------------------------------------------
+
+// X rows converted per slab: bounds the fp32 copy of X (slab * padded K * 4 bytes).
+constexpr int64_t kSlabRows = 256;
+// X rows per task: their fp32 copy (kTileRows * K * 4 bytes) stays in L2 across a task's W rows.
+constexpr int64_t kTileRows = 32;
+static_assert(kTileRows % kMaxRows == 0, "tiles split into whole row blocks");
+
+// dst[0, padded_len) <- fp32 of src[0, K), then zeros (the padded tail of the last step).
+template <DType D>
+void widen_row(const typename ElemTraits<D>::Storage* src, int64_t K, float* dst, int64_t padded_len) {
+  int64_t k = 0;
+#if defined(__AVX512F__) || defined(__AVX2__)
+  constexpr int kLanes = kStepValues;
+  for (; k + kLanes <= K; k += kLanes) {
+#if defined(__AVX512F__)
+    _mm512_storeu_ps(dst + k, widen_lanes<D>(src + k));
+#else
+    _mm256_storeu_ps(dst + k, widen_lanes<D>(src + k));
+#endif
+  }
+#endif
+  for (; k < K; ++k) dst[k] = ElemTraits<D>::to_float(src[k]);
+  std::fill(dst + K, dst + padded_len, 0.0f);
+}
+
+inline float activate(float v, Activation act) {
+  switch (act) {
+    case Activation::relu: return v < 0.0f ? 0.0f : v;  // NaN passes through, as in torch
+    case Activation::gelu: return 0.5f * v * (1.0f + std::erf(v * 0.70710678118654752440f));
+    case Activation::silu: return v / (1.0f + std::exp(-v));
+    default: return v;
+  }
+}
+
+// dots[r] = sum over the row's steps of W row . X row r, for r < Rows. x: fp32 X rows, stride ldxf.
+// The last step reads tail_values / tail_meta (staged copies, zero / pad filled) when non-null.
+// Two accumulator chains per row hide the FMA latency when Rows is small.
+template <DType D, int Rows>
+void dot_rows(const typename ElemTraits<D>::Storage* values, const uint8_t* meta, int64_t full_steps,
+              const typename ElemTraits<D>::Storage* tail_values, const uint8_t* tail_meta, const float* x,
+              int64_t ldxf, float* dots) {
+  Acc even[Rows], odd[Rows];
+  for (int r = 0; r < Rows; ++r) even[r] = odd[r] = zero_acc();
+  int64_t s = 0;
+  for (; s + 2 <= full_steps; s += 2) {
+    const Step a = load_step<D>(values + s * kStepValues, meta + s * kStepMetaBytes);
+    const Step b = load_step<D>(values + (s + 1) * kStepValues, meta + (s + 1) * kStepMetaBytes);
+    for (int r = 0; r < Rows; ++r) {
+      even[r] = fma_step(even[r], a, x + r * ldxf + s * kStepK);
+      odd[r] = fma_step(odd[r], b, x + r * ldxf + (s + 1) * kStepK);
+    }
+  }
+  if (s < full_steps) {
+    const Step a = load_step<D>(values + s * kStepValues, meta + s * kStepMetaBytes);
+    for (int r = 0; r < Rows; ++r) even[r] = fma_step(even[r], a, x + r * ldxf + s * kStepK);
+    ++s;
+  }
+  if (tail_values != nullptr) {
+    const Step a = load_step<D>(tail_values, tail_meta);
+    for (int r = 0; r < Rows; ++r) odd[r] = fma_step(odd[r], a, x + r * ldxf + s * kStepK);
+  }
+  for (int r = 0; r < Rows; ++r) dots[r] = reduce_acc(add_acc(even[r], odd[r]));
+}
+
+// dot_rows with a run-time row count 1 <= rows <= Rows.
+template <DType D, int Rows = kMaxRows, typename... Args>
+void dot_rows_upto(int rows, Args... args) {
+  if constexpr (Rows > 1) {
+    if (rows < Rows) return dot_rows_upto<D, Rows - 1>(rows, args...);
+  }
+  dot_rows<D, Rows>(args...);
+}
+
+template <DType D>
+void gemm_typed(const GemmParams& p) {
+  using T = typename ElemTraits<D>::Storage;
+  const int64_t M = p.M, N = p.N, K = p.K;
+  if (M <= 0 || N <= 0) return;
+  const T* x = static_cast<const T*>(p.x);
+  const T* values = static_cast<const T*>(p.values);
+  const uint8_t* meta = static_cast<const uint8_t*>(p.meta);
+  const T* bias = static_cast<const T*>(p.bias);
+  T* y = static_cast<T*>(p.y);
+
+  const int64_t groups = num_groups(K), vcols = values_cols(K), mcols = meta_cols(K);
+  const int64_t full_steps = groups / kStepGroups;
+  const int64_t tail_groups = groups % kStepGroups;
+  const int64_t ldxf = (full_steps + (tail_groups != 0 ? 1 : 0)) * kStepK;
+
+  // The calling thread owns the fp32 copy of X; workers only read it during the call.
+  thread_local std::vector<float> x_fp32;
+  const int64_t slab_rows = std::min(M, kSlabRows);
+  x_fp32.resize(static_cast<size_t>(std::max<int64_t>(1, slab_rows * ldxf)));
+  float* xf = x_fp32.data();
+
+  const int threads = num_threads();
+  for (int64_t m0 = 0; m0 < M; m0 += kSlabRows) {
+    const int64_t rows = std::min(kSlabRows, M - m0);
+    parallel_for(0, rows, rows_grain(ldxf), [&](int64_t r_begin, int64_t r_end) {
+      for (int64_t r = r_begin; r < r_end; ++r) widen_row<D>(x + (m0 + r) * p.ldx, K, xf + r * ldxf, ldxf);
+    });
+
+    // Tasks are (X row tile, W row tile) pairs; enough W tiles that every thread gets several.
+    const int64_t m_tiles = (rows + kTileRows - 1) / kTileRows;
+    const int64_t n_tiles =
+        std::max<int64_t>(1, std::min<int64_t>((N + 7) / 8, (int64_t{16} * threads + m_tiles - 1) / m_tiles));
+    const int64_t n_tile = (N + n_tiles - 1) / n_tiles;
+    parallel_for(0, m_tiles * n_tiles, 1, [&](int64_t t_begin, int64_t t_end) {
+      for (int64_t t = t_begin; t < t_end; ++t) {
+        const int64_t n_begin = (t / m_tiles) * n_tile, n_end = std::min(N, n_begin + n_tile);
+        const int64_t r_begin = (t % m_tiles) * kTileRows, r_end = std::min(rows, r_begin + kTileRows);
+        for (int64_t n = n_begin; n < n_end; ++n) {
+          const T* row_values = values + n * vcols;
+          const uint8_t* row_meta = meta + n * mcols;
+          // A partial last step is staged so the vector code never reads past the row: missing
+          // values are 0 and missing metadata bytes are pad bytes (two valid (0, 1) nibbles).
+          T tail_values[kStepValues] = {};
+          uint8_t tail_meta[kStepMetaBytes];
+          if (tail_groups != 0) {
+            std::copy(row_values + full_steps * kStepValues, row_values + vcols, tail_values);
+            std::fill(tail_meta, tail_meta + kStepMetaBytes, static_cast<uint8_t>(kPadNibble | kPadNibble << 4));
+            std::copy(row_meta + full_steps * kStepMetaBytes, row_meta + mcols, tail_meta);
+          }
+          const float bias_n = bias != nullptr ? ElemTraits<D>::to_float(bias[n]) : 0.0f;
+          for (int64_t r = r_begin; r < r_end; r += kMaxRows) {
+            const int block = static_cast<int>(std::min<int64_t>(kMaxRows, r_end - r));
+            float dots[kMaxRows];
+            dot_rows_upto<D>(block, row_values, row_meta, full_steps, tail_groups != 0 ? tail_values : nullptr,
+                             tail_meta, xf + r * ldxf, ldxf, dots);
+            for (int i = 0; i < block; ++i)
+              y[(m0 + r + i) * p.ldy + n] = ElemTraits<D>::from_float(activate(dots[i] + bias_n, p.act));
+          }
+        }
+      }
+    });
+  }
+}
+
+void mask_2to4(DType dtype, const void* w, int64_t N, int64_t K, int64_t ldw, uint8_t* mask) {
+  with_dtype(dtype, [&](auto d) { mask_typed<decltype(d)::value>(w, N, K, ldw, mask); });
+}
+
+void compress(const CompressParams& p) {
+  with_dtype(p.dtype, [&](auto d) { compress_typed<decltype(d)::value>(p); });
+}
+
+void decompress(const DecompressParams& p) {
+  with_dtype(p.dtype, [&](auto d) { decompress_typed<decltype(d)::value>(p); });
+}
+
+void gemm(const GemmParams& p) {
+  with_dtype(p.dtype, [&](auto d) { gemm_typed<decltype(d)::value>(p); });
+}
+
+}  // namespace
+
+const KernelTable& kernel_table() {
+  static const KernelTable table{SG_STRINGIFY(SPARSEGEMM_CPU_ISA), &mask_2to4, &compress, &decompress, &gemm};
+  return table;
+}
+
+}  // namespace SPARSEGEMM_CPU_ISA
+}  // namespace cpu
+}  // namespace sparsegemm

@@ -1,0 +1,33 @@
+// The per-ISA kernel set. kernels.cpp is compiled once per ISA level (CMakeLists.txt) into
+// namespace sparsegemm::cpu::<isa>, and each copy exposes its functions through one KernelTable;
+// dispatch.cpp picks a table at run time. Arguments and semantics are those of cpu_ops.h.
+#pragma once
+#include <cstdint>
+
+#include "params.h"
+
+namespace sparsegemm {
+namespace cpu {
+
+struct KernelTable {
+  const char* name;  // "generic", "avx2" or "avx512"
+  void (*mask_2to4)(DType dtype, const void* w, int64_t N, int64_t K, int64_t ldw, uint8_t* mask);
+  void (*compress)(const CompressParams& p);
+  void (*decompress)(const DecompressParams& p);
+  void (*gemm)(const GemmParams& p);
+};
+
+namespace generic {
+const KernelTable& kernel_table();
+}
+#if defined(SPARSEGEMM_X86)
+namespace avx2 {
+const KernelTable& kernel_table();
+}
+namespace avx512 {
+const KernelTable& kernel_table();
+}
+#endif
+
+}  // namespace cpu
+}  // namespace sparsegemm

@@ -1,0 +1,45 @@
+"""sparsegemm.info(): what was built and what this machine offers."""
+from __future__ import annotations
+
+import platform
+
+from . import _C
+
+
+def _cpu_flags() -> list[str]:
+    """The vector extensions the CPU advertises that the CPU backend can use."""
+    wanted = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16")
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return [w for w in wanted if w in have]
+    except OSError:
+        pass
+    return []
+
+
+def info() -> dict:
+    """Version, CUDA build (archs), usable GPUs (name, compute capability), CPU features used."""
+    import torch
+
+    from . import __version__
+
+    built = _C.build_info()
+    archs = [a for a in built["cuda_archs"].split(",") if a]
+    gpus = _C.list_gpus() if built["cuda_built"] else []
+    return {
+        "version": __version__,
+        "cuda_built": built["cuda_built"],
+        "cuda_archs": archs,
+        "cuda_runtime": built.get("cuda_runtime_version"),
+        "gpus": [{"name": g["name"], "capability": tuple(g["capability"]), "sm_count": g["sm_count"]} for g in gpus],
+        "gpu_available": bool(gpus),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_isa": built["cpu_isa"],
+        "cpu_flags": _cpu_flags(),
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "simt_emulator": hasattr(_C, "simt_gemm"),
+    }

@@ -1,0 +1,117 @@
+"""Public functional API: mask, prune, compress, decompress, linear.
+
+Weights are ``W[N, K]`` (``nn.Linear.weight``'s shape) and 2:4 runs along K, the last dim.
+``backend`` is None (pick by device: "cpu" for CPU tensors, "cuda" for CUDA tensors), "cpu",
+"cuda", or "simt" (the CUDA kernels run on the CPU by the SIMT emulator: slow, for verification).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import format as fmt
+from . import ops
+from .tensor import SparseTensor24
+
+__all__ = ["mask_2to4", "prune_2to4", "compress", "decompress", "linear", "ACTIVATIONS"]
+
+ACTIVATIONS = ("relu", "gelu", "silu")
+
+
+def _check_weight(op: str, w: Tensor, dtypes) -> None:
+    if not isinstance(w, Tensor):
+        raise TypeError(f"{op}: w must be a torch.Tensor, got {type(w).__name__}")
+    ops.check_2d(op, "w", w)
+    ops.check_dtype(op, "w", w, dtypes)
+    if w.shape[0] == 0 or w.shape[1] == 0:
+        raise ValueError(f"{op}: w must be non-empty, got shape {tuple(w.shape)}")
+
+
+def mask_2to4(w: Tensor) -> Tensor:
+    """Boolean mask of the magnitude 2:4 pattern of ``w [N, K]``.
+
+    In every aligned group of 4 along K the two largest ``|w|`` are kept. NaN counts as larger
+    than any number, so a NaN is never silently dropped; ties go to the lower index (so the
+    result is deterministic). When K is not a multiple of 4 the last group is padded with zeros.
+    """
+    _check_weight("sparsegemm.mask_2to4", w, ops.FLOAT_DTYPES)
+    if w.device.type == "cuda":
+        ops.check_dtype("sparsegemm.mask_2to4", "w", w, ops.KERNEL_DTYPES)
+    return ops._mask_2to4(w)
+
+
+def prune_2to4(w: Tensor) -> Tensor:
+    """``w`` with everything outside :func:`mask_2to4` set to zero (NaN outside the mask too)."""
+    return torch.where(mask_2to4(w), w, torch.zeros((), dtype=w.dtype, device=w.device))
+
+
+def compress(w: Tensor, *, prune: bool = False, backend: Optional[str] = None) -> SparseTensor24:
+    """Compress a 2:4 weight ``w [N, K]`` into a :class:`SparseTensor24`.
+
+    Strict by default: a weight with more than two non-zeros in any group raises ValueError
+    naming the first such row and group. ``prune=True`` applies the magnitude mask first.
+    K need not be a multiple of 4: the last group is padded with zeros and the true K kept.
+    """
+    op = "sparsegemm.compress"
+    _check_weight(op, w, ops.FLOAT_DTYPES)
+    backend = ops.resolve_backend(op, backend, w.device)
+    if backend != "cpu":
+        ops.check_dtype(op, "w", w, ops.KERNEL_DTYPES)
+        ops.check_32bit(op, **{"w.numel()": w.numel()})
+    values, meta = ops._compress(w.detach(), prune, backend)
+    return SparseTensor24(values, meta, tuple(w.shape), validate=False)
+
+
+def decompress(sw: SparseTensor24, *, backend: Optional[str] = None) -> Tensor:
+    """The exact dense weight ``[N, K]`` (zeros where nothing is kept)."""
+    op = "sparsegemm.decompress"
+    if not isinstance(sw, SparseTensor24):
+        raise TypeError(f"{op}: sw must be a SparseTensor24, got {type(sw).__name__}")
+    if sw.dtype == torch.int8:
+        raise TypeError(f"{op}: int8 weights decompress with sparsegemm.quant.dequantize (they need the scale)")
+    backend = ops.resolve_backend(op, backend, sw.device)
+    if backend != "cpu":
+        ops.check_dtype(op, "sw.values", sw.values, ops.KERNEL_DTYPES)
+    return ops._decompress(sw.values, sw.meta, sw.shape[1], backend)
+
+
+def linear(x: Tensor, sw: SparseTensor24, bias: Optional[Tensor] = None, *, activation: Optional[str] = None,
+           backend: Optional[str] = None) -> Tensor:
+    """``activation(x @ W^T + bias)`` with W given compressed; x is ``[..., K]``, the result ``[..., N]``.
+
+    Accumulation is fp32 and the result is rounded once to x's dtype, after the bias and the
+    activation ("relu", "gelu" (exact erf form), "silu" or None).
+    """
+    op = "sparsegemm.linear"
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{op}: x must be a torch.Tensor, got {type(x).__name__}")
+    if not isinstance(sw, SparseTensor24):
+        raise TypeError(f"{op}: sw must be a SparseTensor24, got {type(sw).__name__}")
+    if activation is not None and activation not in ACTIVATIONS:
+        raise ValueError(f"{op}: activation must be one of {ACTIVATIONS} or None, got {activation!r}")
+    n, k = sw.shape
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(f"{op}: x must have K = {k} features in its last dim (the weight is {n} x {k}), "
+                         f"got shape {tuple(x.shape)}")
+    ops.check_dtype(op, "x", x, ops.FLOAT_DTYPES)
+    if x.dtype != sw.dtype:
+        raise TypeError(f"{op}: x dtype {str(x.dtype).replace('torch.', '')} does not match the weight dtype "
+                        f"{str(sw.dtype).replace('torch.', '')}; convert one of them")
+    if bias is not None:
+        if bias.dtype != x.dtype:
+            raise TypeError(f"{op}: bias dtype {bias.dtype} does not match x dtype {x.dtype}")
+        if tuple(bias.shape) != (n,):
+            raise ValueError(f"{op}: bias must have shape ({n},), got {tuple(bias.shape)}")
+    ops.check_same_device(op, x=x, **{"sw.values": sw.values}, bias=bias)
+    backend = ops.resolve_backend(op, backend, x.device)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    kernel_meta = None
+    if backend != "cpu":
+        ops.check_dtype(op, "x", x, ops.KERNEL_DTYPES)
+        ops.check_32bit(op, **{"M*K": x2.shape[0] * k, "M*N": x2.shape[0] * n, "N*K": n * k})
+        kernel_meta = sw.kernel_meta(backend)
+    y = ops._linear(x2, sw.values, sw.meta, kernel_meta, k, bias, fmt.ACTIVATION_CODES[activation], backend)
+    return y.reshape(*lead, n)

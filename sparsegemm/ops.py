@@ -1,0 +1,342 @@
+"""torch.library custom ops over the torch-free extension, with argument checks and dispatch.
+
+Layering (DESIGN.md): ``_C`` (raw pointers) -> these custom ops (schema, fake impl, checks,
+padding, CPU/SIMT/CUDA dispatch) -> :mod:`sparsegemm.functional` -> :mod:`sparsegemm.nn`.
+
+Every error names the op, the argument, what was expected and what came. Outputs are allocated
+here (torch's allocator) and kernels run on the caller's current CUDA stream; the only host sync
+is strict ``compress`` on CUDA, which must report a non-2:4 group.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _C
+from . import format as fmt
+
+BACKENDS = ("cpu", "simt", "cuda")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The tensor-core kernels (CUDA and their emulator twin) take the 16-bit types only.
+KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+_INT32_MAX = 2**31 - 1
+
+# Above this many rows of X the CPU path stops gathering X per 2:4 group and instead decompresses
+# W a row tile at a time into a cache-sized scratch and runs torch's dense GEMM on it: on the CPU
+# 2:4 saves bytes, not multiply-adds, so once the GEMM is compute bound the dense kernel wins.
+CPU_DENSE_TILE_MIN_M = 64
+_CPU_TILE_BYTES = 1 << 20
+
+_cpu_threads: Optional[int] = None
+
+
+def _sync_threads() -> None:
+    """Keep the extension's thread pool the size torch uses (torch.set_num_threads applies)."""
+    global _cpu_threads
+    n = torch.get_num_threads()
+    if n != _cpu_threads:
+        _C.cpu_set_num_threads(n)
+        _cpu_threads = n
+
+
+def _ptr(t: Optional[Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _stream(t: Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+# ---- argument checks -------------------------------------------------------------------------
+
+def check_dtype(op: str, name: str, t: Tensor, allowed) -> None:
+    if t.dtype not in allowed:
+        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+        raise TypeError(f"{op}: {name} must have dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
+
+
+def check_2d(op: str, name: str, t: Tensor) -> None:
+    if t.dim() != 2:
+        raise ValueError(f"{op}: {name} must be 2-D, got {t.dim()}-D with shape {tuple(t.shape)}")
+
+
+def check_same_device(op: str, **tensors: Optional[Tensor]) -> None:
+    present = {k: v for k, v in tensors.items() if v is not None}
+    devices = {v.device for v in present.values()}
+    if len(devices) > 1:
+        where = ", ".join(f"{k} on {v.device}" for k, v in present.items())
+        raise ValueError(f"{op}: all tensors must be on one device, got {where}")
+
+
+def resolve_backend(op: str, backend: Optional[str], device: torch.device) -> str:
+    """The backend that runs ``op`` on tensors of ``device``: None picks by device."""
+    if backend is None:
+        backend = "cuda" if device.type == "cuda" else "cpu"
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS} or None, got {backend!r}")
+    if backend == "cuda":
+        if device.type != "cuda":
+            raise ValueError(f"{op}: backend 'cuda' needs CUDA tensors, got tensors on {device}")
+        if not _C.build_info()["cuda_built"]:
+            raise RuntimeError(f"{op}: sparsegemm was built without CUDA kernels (no nvcc at build time, or "
+                               "SPARSEGEMM_CUDA=0); rebuild with nvcc on PATH")
+    elif device.type != "cpu":
+        raise ValueError(f"{op}: backend {backend!r} runs on CPU tensors, got tensors on {device}")
+    if backend == "simt" and not hasattr(_C, "simt_gemm"):
+        raise RuntimeError(f"{op}: this build has no SIMT emulator")
+    return backend
+
+
+def check_32bit(op: str, **sizes: int) -> None:
+    """The tensor-core kernels index with 32-bit integers: refuse sizes they cannot address."""
+    for name, value in sizes.items():
+        if value > _INT32_MAX:
+            raise ValueError(f"{op}: {name} = {value} exceeds 32-bit indexing (max {_INT32_MAX}) of the "
+                             "tensor-core kernels; split the tensor or use backend='cpu'")
+
+
+def _rowmajor(t: Tensor) -> Tensor:
+    """A view with unit stride along the last dim and non-negative row stride (copy otherwise)."""
+    if t.stride(-1) != 1 or t.stride(0) < t.shape[-1]:
+        t = t.contiguous()
+    return t
+
+
+def _kernel_rowmajor(t: Tensor) -> Tensor:
+    """Row-major with 16-byte aligned rows: what the kernels' 16-byte cp.async loads need."""
+    t = _rowmajor(t)
+    if t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16:
+        t = t.contiguous()
+    return t
+
+
+# ---- mask ------------------------------------------------------------------------------------
+
+@torch.library.custom_op("sparsegemm::mask_2to4", mutates_args=())
+def _mask_2to4(w: Tensor) -> Tensor:
+    n, k = w.shape
+    if w.device.type == "cpu":
+        w = _rowmajor(w)
+        mask = torch.empty((n, k), dtype=torch.uint8)
+        _sync_threads()
+        _C.cpu_mask_2to4(fmt.DTYPE_CODES[w.dtype], w.data_ptr(), n, k, w.stride(0), mask.data_ptr())
+        return mask.view(torch.bool)
+    # On the GPU the mask is read off the compress kernel's metadata: one selection rule, one kernel.
+    _, meta = _compress(w, True, "cuda")
+    return meta_to_mask(meta, k)
+
+
+@_mask_2to4.register_fake
+def _(w: Tensor) -> Tensor:
+    return w.new_empty(w.shape, dtype=torch.bool)
+
+
+def meta_to_mask(meta: Tensor, k: int) -> Tensor:
+    """Boolean ``[N, K]`` of kept positions named by logical metadata (torch ops, any device)."""
+    g = fmt.num_groups(k)
+    nib = torch.stack([meta & 0xF, meta >> 4], dim=-1).reshape(meta.shape[0], -1)[:, :g].to(torch.int64)
+    pos = torch.arange(4, device=meta.device)
+    kept = (pos == (nib & 3)[..., None]) | (pos == (nib >> 2)[..., None])
+    return kept.reshape(meta.shape[0], 4 * g)[:, :k]
+
+
+# ---- compress / decompress -------------------------------------------------------------------
+
+def _non_24_message(op: str, w: Tensor, flat: int) -> str:
+    g = fmt.num_groups(w.shape[1])
+    row, group = divmod(flat, g)
+    k0 = 4 * group
+    vals = w[row, k0:k0 + 4].tolist()
+    return (f"{op}: weight is not 2:4 sparse: row {row}, group {group} (columns {k0}..{min(k0 + 3, w.shape[1] - 1)}) "
+            f"has more than 2 non-zeros: {vals}. Pass prune=True to apply the magnitude 2:4 mask first.")
+
+
+@torch.library.custom_op("sparsegemm::compress", mutates_args=())
+def _compress(w: Tensor, prune: bool, backend: str) -> tuple[Tensor, Tensor]:
+    n, k = w.shape
+    values = w.new_empty((n, fmt.values_cols(k)))
+    meta = torch.empty((n, fmt.meta_cols(k)), dtype=torch.uint8, device=w.device)
+    code = fmt.DTYPE_CODES[w.dtype]
+    if backend == "cpu":
+        w = _rowmajor(w)
+        _sync_threads()
+        first_bad = _C.cpu_compress(n, k, w.data_ptr(), w.stride(0), values.data_ptr(), meta.data_ptr(), code, prune)
+    elif backend == "simt":
+        w = _rowmajor(w)
+        first_bad = _C.simt_compress(n, k, w.data_ptr(), w.stride(0), values.data_ptr(), meta.data_ptr(), code, prune)
+    else:
+        w = _rowmajor(w)
+        bad = torch.full((1,), -1, dtype=torch.int64, device=w.device)
+        _C.cuda_compress(n, k, w.data_ptr(), w.stride(0), values.data_ptr(), meta.data_ptr(), code, prune,
+                         bad.data_ptr(), _stream(w))
+        first_bad = int(bad.item()) if not prune else -1
+    if first_bad >= 0:
+        raise ValueError(_non_24_message("sparsegemm.compress", w, first_bad))
+    return values, meta
+
+
+@_compress.register_fake
+def _(w: Tensor, prune: bool, backend: str) -> tuple[Tensor, Tensor]:
+    n, k = w.shape
+    return (w.new_empty((n, fmt.values_cols(k))),
+            w.new_empty((n, fmt.meta_cols(k)), dtype=torch.uint8))
+
+
+@torch.library.custom_op("sparsegemm::decompress", mutates_args=())
+def _decompress(values: Tensor, meta: Tensor, k: int, backend: str) -> Tensor:
+    n = values.shape[0]
+    w = values.new_empty((n, k))
+    code = fmt.DTYPE_CODES[values.dtype]
+    values, meta = values.contiguous(), meta.contiguous()
+    if backend == "cpu":
+        _sync_threads()
+        _C.cpu_decompress(n, k, values.data_ptr(), meta.data_ptr(), w.data_ptr(), code)
+    elif backend == "simt":
+        _C.simt_decompress(n, k, values.data_ptr(), meta.data_ptr(), w.data_ptr(), code)
+    else:
+        _C.cuda_decompress(n, k, values.data_ptr(), meta.data_ptr(), w.data_ptr(), code, _stream(values))
+    return w
+
+
+@_decompress.register_fake
+def _(values: Tensor, meta: Tensor, k: int, backend: str) -> Tensor:
+    return values.new_empty((values.shape[0], k))
+
+
+def find_invalid_meta(meta: Tensor, k: int) -> Optional[tuple[int, int]]:
+    """(row, group) of the first illegal nibble in logical metadata, or None.
+
+    A row with an odd number of groups must carry the pad nibble 0x4 in its unused last half
+    byte; that slot is reported as group ``num_groups(k)``.
+    """
+    m = meta.detach().to("cpu").contiguous()
+    g = fmt.num_groups(k)
+    if g % 2:
+        bad_pad = torch.nonzero((m[:, -1] >> 4) != fmt.PAD_NIBBLE)
+        if len(bad_pad):
+            return int(bad_pad[0]), g
+    flat = _C.cpu_find_invalid_meta(m.data_ptr(), m.shape[0], k)
+    return None if flat < 0 else divmod(flat, g)
+
+
+def reorder_meta(meta: Tensor, k: int, backend: str) -> Tensor:
+    """Logical metadata -> the hardware-ordered layout the ``backend`` GEMM reads."""
+    n = meta.shape[0]
+    meta = meta.contiguous()
+    if backend == "simt":
+        out = torch.empty(_C.simt_kernel_meta_bytes(n, k), dtype=torch.uint8)
+        _C.simt_reorder_meta(meta.data_ptr(), out.data_ptr(), n, k)
+    elif backend == "cuda":
+        out = torch.empty(_C.cuda_kernel_meta_bytes(n, k), dtype=torch.uint8, device=meta.device)
+        _C.cuda_reorder_meta(meta.data_ptr(), out.data_ptr(), n, k, _stream(meta))
+    else:
+        raise ValueError(f"reorder_meta: backend must be 'simt' or 'cuda', got {backend!r}")
+    return out
+
+
+# ---- GEMM ------------------------------------------------------------------------------------
+
+def _cpu_dense_tiles(x: Tensor, values: Tensor, meta: Tensor, k: int, bias: Optional[Tensor], activation: int,
+                     y: Tensor) -> None:
+    """Large-M CPU path: W decompressed one row tile at a time, then torch's dense GEMM."""
+    n = values.shape[0]
+    itemsize = values.element_size()
+    tile = max(16, min(n, _CPU_TILE_BYTES // max(1, k * itemsize)))
+    scratch = values.new_empty((tile, k))
+    vrow = values.stride(0) * itemsize
+    code = fmt.DTYPE_CODES[values.dtype]
+    for n0 in range(0, n, tile):
+        rows = min(tile, n - n0)
+        part = scratch[:rows]
+        _C.cpu_decompress(rows, k, values.data_ptr() + n0 * vrow, meta.data_ptr() + n0 * meta.stride(0),
+                          part.data_ptr(), code)
+        b = None if bias is None else bias[n0:n0 + rows]
+        y[:, n0:n0 + rows] = torch.nn.functional.linear(x, part, b)
+    if activation:
+        act = {1: torch.relu, 2: torch.nn.functional.gelu, 3: torch.nn.functional.silu}[activation]
+        y.copy_(act(y))
+
+
+@torch.library.custom_op("sparsegemm::linear", mutates_args=())
+def _linear(x: Tensor, values: Tensor, meta: Tensor, kernel_meta: Optional[Tensor], k: int, bias: Optional[Tensor],
+            activation: int, backend: str) -> Tensor:
+    """``meta`` is the logical metadata (CPU backend, autograd); ``kernel_meta`` the reordered copy
+    the CUDA / SIMT GEMM reads (None for the CPU backend)."""
+    m, n = x.shape[0], values.shape[0]
+    y = x.new_empty((m, n))
+    if m == 0:
+        return y
+    code = fmt.DTYPE_CODES[x.dtype]
+    values = values.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    if backend == "cpu":
+        x = _rowmajor(x)
+        meta = meta.contiguous()
+        _sync_threads()
+        if m >= CPU_DENSE_TILE_MIN_M:
+            _cpu_dense_tiles(x, values, meta, k, bias, activation, y)
+        else:
+            _C.cpu_gemm(m, n, k, x.data_ptr(), x.stride(0), values.data_ptr(), meta.data_ptr(), _ptr(bias),
+                        y.data_ptr(), y.stride(0), code, activation, 0, 0)
+    elif backend == "simt":
+        x = _kernel_rowmajor(x)
+        _C.simt_gemm(m, n, k, x.data_ptr(), x.stride(0), values.data_ptr(), kernel_meta.data_ptr(), _ptr(bias),
+                     y.data_ptr(), y.stride(0), code, activation, 0, 0)
+    else:
+        x = _kernel_rowmajor(x)
+        _C.cuda_gemm(m, n, k, x.data_ptr(), x.stride(0), values.data_ptr(), kernel_meta.data_ptr(), _ptr(bias),
+                     y.data_ptr(), y.stride(0), code, activation, 0, 0, _stream(x))
+    return y
+
+
+@_linear.register_fake
+def _(x: Tensor, values: Tensor, meta: Tensor, kernel_meta: Optional[Tensor], k: int, bias: Optional[Tensor],
+      activation: int, backend: str) -> Tensor:
+    return x.new_empty((x.shape[0], values.shape[0]))
+
+
+def _activation_grad(z: Tensor, activation: int) -> Tensor:
+    """d act(z) / dz in fp32, for the pre-activation z."""
+    if activation == 1:
+        return (z > 0).to(z.dtype)
+    if activation == 2:
+        cdf = 0.5 * (1.0 + torch.erf(z * 0.7071067811865476))
+        return cdf + z * torch.exp(-0.5 * z * z) * 0.3989422804014327
+    sig = torch.sigmoid(z)
+    return sig * (1.0 + z * (1.0 - sig))
+
+
+def _linear_setup_context(ctx, inputs, output) -> None:
+    x, values, meta, kernel_meta, k, bias, activation, backend = inputs
+    ctx.save_for_backward(x, values, meta, kernel_meta, bias)
+    ctx.k, ctx.activation, ctx.backend = k, activation, backend
+
+
+def _linear_backward(ctx, grad_y: Tensor):
+    """Gradients of x, of the kept values (the 2:4 mask is fixed) and of the bias.
+
+    Plain torch ops on a transient dense W: the training path favours clarity over speed.
+    """
+    x, values, meta, kernel_meta, bias = ctx.saved_tensors
+    k, activation, backend = ctx.k, ctx.activation, ctx.backend
+    g = grad_y.float()
+    if activation:
+        z = _linear(x, values, meta, kernel_meta, k, bias, 0, backend).float()
+        g = g * _activation_grad(z, activation)
+    grad_x = grad_values = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        w = _decompress(values, meta, k, "cpu" if values.device.type == "cpu" else "cuda")
+        grad_x = (g @ w.float()).to(x.dtype)
+    if ctx.needs_input_grad[1]:
+        n, kp = values.shape[0], fmt.padded_k(k)
+        full = torch.nn.functional.pad(g.T @ x.float(), (0, kp - k))
+        mask = meta_to_mask(meta, kp)
+        grad_values = full[mask].reshape(n, kp // 2).to(values.dtype)
+    if bias is not None and ctx.needs_input_grad[5]:
+        grad_bias = g.sum(0).to(bias.dtype)
+    return grad_x, grad_values, None, None, None, grad_bias, None, None
+
+
+_linear.register_autograd(_linear_backward, setup_context=_linear_setup_context)

@@ -1,0 +1,137 @@
+"""SparseTensor24: a compressed 2:4 weight (values + logical metadata, optional per-row scale)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import format as fmt
+
+_VALUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int8)
+
+
+class SparseTensor24:
+    """A 2:4-sparse weight ``W[N, K]`` stored as kept values and 2-bit metadata.
+
+    Attributes:
+        values: ``Wc[N, Kp/2]`` (``Kp = round_up(K, 4)``), the kept values in K order.
+        meta: ``E uint8[N, ceil(Kp/8)]``, the logical metadata (see :mod:`sparsegemm.format`).
+        shape: ``(N, K)`` of the dense weight, true K.
+        scale: optional ``float32[N]`` per-output-channel scale (INT8 weights).
+
+    The CUDA and emulator GEMMs read a hardware-ordered copy of the metadata, made once per
+    backend by :meth:`kernel_meta` and cached on the object; it is never saved.
+    """
+
+    __slots__ = ("values", "meta", "shape", "scale", "_kernel_meta")
+
+    def __init__(self, values: torch.Tensor, meta: torch.Tensor, shape, scale: Optional[torch.Tensor] = None,
+                 *, validate: bool = True):
+        self.values = values
+        self.meta = meta
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.scale = scale
+        self._kernel_meta: dict = {}
+        if validate:
+            self.validate()
+
+    # ---- properties ----------------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: values + metadata (+ scale)."""
+        total = self.values.nbytes + self.meta.nbytes
+        return total + (self.scale.nbytes if self.scale is not None else 0)
+
+    @property
+    def dense_nbytes(self) -> int:
+        """Bytes of the equivalent dense weight in the same dtype."""
+        return self.shape[0] * self.shape[1] * self.values.element_size()
+
+    def __repr__(self) -> str:
+        n, k = self.shape
+        ratio = self.nbytes / self.dense_nbytes if self.dense_nbytes else 0.0
+        scale = ", scale=per-row" if self.scale is not None else ""
+        return (f"SparseTensor24(shape=({n}, {k}), dtype={str(self.dtype).replace('torch.', '')}, "
+                f"device={self.device}{scale}, nbytes={self.nbytes} ({ratio:.1%} of dense))")
+
+    # ---- checks --------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Check shapes, dtypes, devices and that every metadata nibble is a legal ordered pair.
+
+        Raises ValueError naming what is wrong; used for anything that did not come from
+        :func:`sparsegemm.compress` (checkpoints, user-built parts, CUTLASS imports).
+        """
+        from . import ops
+
+        n, k = self.shape
+        if n <= 0 or k <= 0:
+            raise ValueError(f"SparseTensor24: shape must be positive, got {self.shape}")
+        if self.values.dtype not in _VALUE_DTYPES:
+            raise ValueError(f"SparseTensor24: values dtype must be one of {_VALUE_DTYPES}, got {self.values.dtype}")
+        if tuple(self.values.shape) != (n, fmt.values_cols(k)):
+            raise ValueError(f"SparseTensor24: values must have shape {(n, fmt.values_cols(k))} for shape "
+                             f"{self.shape}, got {tuple(self.values.shape)}")
+        if self.meta.dtype != torch.uint8 or tuple(self.meta.shape) != (n, fmt.meta_cols(k)):
+            raise ValueError(f"SparseTensor24: meta must be uint8 of shape {(n, fmt.meta_cols(k))}, got "
+                             f"{self.meta.dtype} {tuple(self.meta.shape)}")
+        if self.meta.device != self.values.device:
+            raise ValueError(f"SparseTensor24: values on {self.values.device} but meta on {self.meta.device}")
+        if self.values.dtype == torch.int8 and self.scale is None:
+            raise ValueError("SparseTensor24: int8 values need a per-row scale (float32[N]), got none")
+        if self.scale is not None:
+            if self.scale.dtype != torch.float32 or tuple(self.scale.shape) != (n,):
+                raise ValueError(f"SparseTensor24: scale must be float32 of shape ({n},), got "
+                                 f"{self.scale.dtype} {tuple(self.scale.shape)}")
+            if self.scale.device != self.values.device:
+                raise ValueError(f"SparseTensor24: scale on {self.scale.device} but values on {self.values.device}")
+            if not bool(torch.isfinite(self.scale).all()) or bool((self.scale == 0).any()):
+                raise ValueError("SparseTensor24: scale must be finite and non-zero")
+        bad = ops.find_invalid_meta(self.meta, k)
+        if bad is not None:
+            row, group = bad
+            nib = (int(self.meta[row, group // 2]) >> (4 * (group % 2))) & 0xF
+            raise ValueError(f"SparseTensor24: corrupt metadata at row {row}, group {group}: nibble 0x{nib:X} is "
+                             f"not an ordered pair of distinct indices (legal: 0x4 0x8 0x9 0xC 0xD 0xE"
+                             f"{', padding 0x4' if group >= fmt.num_groups(k) else ''})")
+
+    # ---- conversions ---------------------------------------------------------------------------
+    def to(self, device=None, dtype: Optional[torch.dtype] = None, non_blocking: bool = False) -> "SparseTensor24":
+        """Copy to another device and/or floating dtype (values only; metadata is unchanged)."""
+        values = self.values
+        if dtype is not None and dtype != values.dtype:
+            if values.dtype == torch.int8 or dtype == torch.int8:
+                raise ValueError(f"SparseTensor24.to: cannot convert {values.dtype} values to {dtype}; "
+                                 "quantize or dequantize explicitly")
+            values = values.to(dtype)
+        if device is not None:
+            values = values.to(device, non_blocking=non_blocking)
+        meta = self.meta.to(values.device, non_blocking=non_blocking)
+        scale = None if self.scale is None else self.scale.to(values.device, non_blocking=non_blocking)
+        out = SparseTensor24(values, meta, self.shape, scale, validate=False)
+        if values.device == self.values.device:
+            out._kernel_meta = self._kernel_meta  # same metadata, same device: reuse the reorder
+        return out
+
+    def cpu(self) -> "SparseTensor24":
+        return self.to("cpu")
+
+    def cuda(self, device=None) -> "SparseTensor24":
+        return self.to(torch.device("cuda") if device is None else device)
+
+    def kernel_meta(self, backend: str) -> torch.Tensor:
+        """The hardware-ordered metadata the ``backend`` GEMM reads ("cuda" or "simt"), cached."""
+        from . import ops
+
+        cached = self._kernel_meta.get(backend)
+        if cached is None:
+            cached = ops.reorder_meta(self.meta, self.shape[1], backend)
+            self._kernel_meta[backend] = cached
+        return cached

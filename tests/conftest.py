@@ -1,0 +1,43 @@
+"""Shared test helpers: 2:4 weights with every index pattern, integer-valued data."""
+import itertools
+
+import pytest
+import torch
+
+PAIRS = list(itertools.combinations(range(4), 2))  # the six legal (i0, i1)
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def sparse_weight(n: int, k: int, dtype=torch.float16, *, seed: int = 0, integer: bool = False,
+                  zero_groups: bool = True) -> torch.Tensor:
+    """A 2:4 weight [n, k] cycling through all six patterns (plus all-zero and one-non-zero groups)."""
+    gen = torch.Generator().manual_seed(seed)
+    kp = (k + 3) // 4 * 4
+    g = kp // 4
+    if integer:
+        vals = torch.randint(1, 4, (n, g, 2), generator=gen).float() * (torch.randint(0, 2, (n, g, 2), generator=gen) * 2 - 1)
+    else:
+        vals = torch.randn(n, g, 2, generator=gen)
+        vals = torch.where(vals.abs() < 1e-3, torch.full_like(vals, 0.5), vals)
+    w = torch.zeros(n, g, 4)
+    choice = torch.randint(0, len(PAIRS) + (2 if zero_groups else 0), (n, g), generator=gen)
+    for r in range(n):
+        for q in range(g):
+            c = int(choice[r, q])
+            if c < len(PAIRS):
+                i0, i1 = PAIRS[c]
+                w[r, q, i0], w[r, q, i1] = vals[r, q, 0], vals[r, q, 1]
+            elif c == len(PAIRS):
+                w[r, q, int(q % 4)] = vals[r, q, 0]  # one non-zero
+    w = w.reshape(n, kp)[:, :k]
+    return w.to(dtype).contiguous()
+
+
+def integer_input(m: int, k: int, dtype, seed: int = 1) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(-3, 4, (m, k), generator=gen).to(dtype)
+
+
+@pytest.fixture(params=DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def dtype(request):
+    return request.param

@@ -1,0 +1,35 @@
+"""Import, info() and the CLI work without a GPU and without touching CUDA at import."""
+import json
+import os
+import subprocess
+import sys
+
+import sparsegemm
+
+
+def test_info_fields():
+    info = sparsegemm.info()
+    for key in ("version", "cuda_built", "cuda_archs", "gpus", "gpu_available", "cpu_isa", "cpu_flags", "torch"):
+        assert key in info
+    assert info["version"] == sparsegemm.__version__
+    assert info["cpu_isa"] in ("avx512", "avx2", "generic")
+    if info["cuda_built"]:
+        assert info["cuda_archs"] and all(int(a) >= 80 for a in info["cuda_archs"])
+
+
+def test_import_does_not_initialise_cuda():
+    code = ("import sys, torch, sparsegemm; "
+            "sys.exit(1 if torch.cuda.is_initialized() else 0)")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_cli_info_prints_json():
+    out = subprocess.run([sys.executable, "-m", "sparsegemm", "info"], check=True, capture_output=True, text=True,
+                         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert json.loads(out.stdout)["version"] == sparsegemm.__version__
+
+
+def test_cli_demo_small():
+    out = subprocess.run([sys.executable, "-m", "sparsegemm", "demo", "--size", "256", "--tokens", "1", "70",
+                          "--repeats", "2"], check=True, capture_output=True, text=True)
+    assert "compressed" in out.stdout and "speedup" in out.stdout

@@ -1,0 +1,61 @@
+"""custom_op registration: opcheck on the CPU, and torch.compile(fullgraph=True) of linear."""
+import pytest
+import torch
+
+import sparsegemm
+from sparsegemm import ops
+from conftest import sparse_weight
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_opcheck_all_ops(dtype):
+    w = sparse_weight(16, 24, dtype=dtype)
+    sw = sparsegemm.compress(w)
+    x = torch.randn(5, 24).to(dtype)
+    bias = torch.randn(16).to(dtype)
+    torch.library.opcheck(ops._mask_2to4, (w,))
+    torch.library.opcheck(ops._compress, (w, False, "cpu"))
+    torch.library.opcheck(ops._decompress, (sw.values, sw.meta, 24, "cpu"))
+    torch.library.opcheck(ops._linear, (x, sw.values, sw.meta, None, 24, bias, 2, "cpu"))
+    torch.library.opcheck(ops._linear, (x, sw.values, sw.meta, None, 24, None, 0, "cpu"))
+    xg = x.clone().requires_grad_()
+    vg = sw.values.clone().requires_grad_()
+    torch.library.opcheck(ops._linear, (xg, vg, sw.meta, None, 24, bias.clone().requires_grad_(), 3, "cpu"))
+
+
+def test_compile_fullgraph_matches_eager():
+    torch._dynamo.reset()
+    w = sparse_weight(32, 64, dtype=torch.bfloat16)
+    sw = sparsegemm.compress(w)
+    bias = torch.randn(32).to(torch.bfloat16)
+
+    def layer(x):
+        return sparsegemm.linear(x, sw, bias, activation="silu") * 2.0
+
+    compiled = torch.compile(layer, fullgraph=True, backend="inductor")
+    for m in (3, 9):
+        x = torch.randn(m, 64).to(torch.bfloat16)
+        assert torch.equal(compiled(x), layer(x))
+
+
+@pytest.mark.parametrize("activation", [None, "relu", "gelu", "silu"])
+def test_autograd_matches_dense_masked_oracle(activation):
+    gen = torch.Generator().manual_seed(11)
+    w = torch.randn(12, 22, generator=gen, dtype=torch.float64).float()
+    sw = sparsegemm.compress(w, prune=True)
+    values = sw.values.clone().requires_grad_()
+    x = torch.randn(5, 22, generator=gen).requires_grad_()
+    bias = torch.randn(12, generator=gen).requires_grad_()
+    acts = {None: lambda t: t, "relu": torch.relu, "gelu": torch.nn.functional.gelu, "silu": torch.nn.functional.silu}
+    y = sparsegemm.linear(x, sparsegemm.SparseTensor24(values, sw.meta, sw.shape), bias, activation=activation)
+    gy = torch.randn_like(y)
+    gx, gv, gb = torch.autograd.grad(y, (x, values, bias), gy)
+
+    wd = sparsegemm.decompress(sw).double().requires_grad_()
+    x64, b64 = x.detach().double().requires_grad_(), bias.detach().double().requires_grad_()
+    y64 = acts[activation](x64 @ wd.T + b64)
+    rx, rw, rb = torch.autograd.grad(y64, (x64, wd, b64), gy.double())
+    assert torch.allclose(gx.double(), rx, atol=1e-4)
+    assert torch.allclose(gb.double(), rb, atol=1e-4)
+    padded = torch.nn.functional.pad(rw, (0, 2))
+    assert torch.allclose(gv.double(), padded[ops.meta_to_mask(sw.meta, 24)].view(12, 12), atol=1e-4)
