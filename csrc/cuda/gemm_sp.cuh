@@ -105,7 +105,7 @@ SG_DEVICE void copy_chunk(char* dst, const uint16_t* src, bool row_ok, int64_t v
 //    epilogue), act: the activation.
 // k_tiles_per_split: k-tiles of each split (the last one may have fewer).
 template <DType kDType, typename Tile>
-SG_GLOBAL void gemm_sp_kernel(GemmParams p, int64_t k_tiles_per_split) {
+SG_GLOBAL void SG_LAUNCH_BOUNDS(GemmShape<Tile>::kThreads) gemm_sp_kernel(GemmParams p, int64_t k_tiles_per_split) {
   using S = GemmShape<Tile>;
   using Traits = ElementTraits<kDType>;
   SG_DYNAMIC_SMEM(char, smem);

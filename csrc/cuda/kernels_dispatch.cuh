@@ -64,12 +64,6 @@ template <DType kDType, typename Tile>
 void launch_gemm(const GemmParams& p, const GemmPlan& plan, sg_stream_t stream) {
   using S = GemmShape<Tile>;
   const auto kernel = gemm_sp_kernel<kDType, Tile>;
-#if defined(__CUDACC__)
-  // Above 48 KiB the dynamic shared memory of a kernel must be raised explicitly, once.
-  static const bool smem_raised =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kSmemBytes) == cudaSuccess;
-  (void)smem_raised;
-#endif
   const dim3 grid(static_cast<unsigned>((p.M + S::kBlockM - 1) / S::kBlockM),
                   static_cast<unsigned>((p.N + S::kBlockN - 1) / S::kBlockN), static_cast<unsigned>(plan.split_k));
   sg_launch(kernel, grid, dim3(S::kThreads), size_t(S::kSmemBytes), stream, p, plan.k_tiles_per_split);
