@@ -153,8 +153,8 @@ void bind_simt_selftest(py::module_& m) { (void)m; }
 // *_reorder_meta writes; workspace has *_gemm_workspace_bytes(M, N, K, config, split_k) bytes.
 template <typename Api>
 void bind_kernel_api(py::module_& m, const std::string& prefix) {
-  m.def((prefix + "kernel_meta_bytes").c_str(), &Api::kernel_meta_bytes);
-  m.def((prefix + "gemm_workspace_bytes").c_str(), &Api::gemm_workspace_bytes_for, py::arg("M"), py::arg("N"),
+  m.def((prefix + "kernel_meta_bytes").c_str(), Api::kernel_meta_bytes);
+  m.def((prefix + "gemm_workspace_bytes").c_str(), Api::gemm_workspace_bytes_for, py::arg("M"), py::arg("N"),
         py::arg("K"), py::arg("config") = -1, py::arg("split_k") = 0);
   m.def((prefix + "decompress").c_str(), [](int64_t N, int64_t K, uintptr_t values, uintptr_t meta, uintptr_t w,
                                             int dtype, uintptr_t stream) {
