@@ -63,10 +63,9 @@ void launch_decompress(const DecompressParams& p, sg_stream_t stream) {
 template <DType kDType, typename Tile>
 void launch_gemm(const GemmParams& p, const GemmPlan& plan, sg_stream_t stream) {
   using S = GemmShape<Tile>;
-  const auto kernel = gemm_sp_kernel<kDType, Tile>;
   const dim3 grid(static_cast<unsigned>((p.M + S::kBlockM - 1) / S::kBlockM),
                   static_cast<unsigned>((p.N + S::kBlockN - 1) / S::kBlockN), static_cast<unsigned>(plan.split_k));
-  sg_launch(kernel, grid, dim3(S::kThreads), size_t(S::kSmemBytes), stream, p, plan.k_tiles_per_split);
+  sg_launch(gemm_sp_kernel<kDType, Tile>, grid, dim3(S::kThreads), size_t(S::kSmemBytes), stream, p, plan.k_tiles_per_split);
   if (plan.split_k > 1) {
     sg_launch(splitk_finalize_kernel<kDType>, dim3(elementwise_blocks(p.M * p.N)), dim3(kElementwiseThreads), 0,
               stream, p, plan.split_k);
