@@ -10,6 +10,7 @@
 #include "cpu/cpu_ops.h"
 #include "cuda/kernels.h"
 #include "params.h"
+#include "simt/selftest.h"
 
 #if defined(SPARSEGEMM_WITH_CUDA)
 #include <cuda_runtime.h>
@@ -144,7 +145,55 @@ void bind_cpu(py::module_& m) {
 }
 
 // ---- SIMT emulator self-tests (instruction models fed from Python) ------------------------------
-void bind_simt_selftest(py::module_& m) { (void)m; }
+// Arrays arrive as data pointers of contiguous host buffers; shapes are fixed by each self-test
+// (csrc/simt/selftest.h). Emulator errors surface as RuntimeError.
+void bind_simt_selftest(py::module_& m) {
+  namespace st = simt_selftest;
+  m.def("simt_selftest_mma_sp_k32", [](bool bf16, int selector, uintptr_t a, uintptr_t b, uintptr_t c, uintptr_t e,
+                                       uintptr_t d) {
+    py::gil_scoped_release nogil;
+    st::mma_sp_k32(bf16, selector, ptr<const uint16_t>(a), ptr<const uint16_t>(b), ptr<const float>(c),
+                   ptr<const uint32_t>(e), ptr<float>(d));
+  });
+  m.def("simt_selftest_mma_sp_k64_s8", [](uintptr_t a, uintptr_t b, uintptr_t c, uintptr_t e, uintptr_t d) {
+    py::gil_scoped_release nogil;
+    st::mma_sp_k64_s8(ptr<const int8_t>(a), ptr<const int8_t>(b), ptr<const int32_t>(c), ptr<const uint32_t>(e),
+                      ptr<int32_t>(d));
+  });
+  m.def("simt_selftest_ldmatrix", [](int matrices, bool trans, uintptr_t image, int64_t image_elems,
+                                     uintptr_t lane_byte_offsets, uintptr_t out) {
+    py::gil_scoped_release nogil;
+    st::ldmatrix(matrices, trans, ptr<const uint16_t>(image), image_elems, ptr<const int32_t>(lane_byte_offsets),
+                 ptr<uint32_t>(out));
+  });
+  m.def("simt_selftest_shuffles", [](uintptr_t values, uintptr_t src_lane, int xor_mask, int delta, int width,
+                                     uintptr_t out) {
+    py::gil_scoped_release nogil;
+    st::shuffles(ptr<const int32_t>(values), ptr<const int32_t>(src_lane), xor_mask, delta, width, ptr<int32_t>(out));
+  });
+  m.def("simt_selftest_cp_async", [](int mode, uintptr_t src, uintptr_t pred, int chunks, uintptr_t out) {
+    py::gil_scoped_release nogil;
+    st::cp_async(mode, ptr<const uint8_t>(src), ptr<const uint8_t>(pred), chunks, ptr<uint8_t>(out));
+  });
+  m.def("simt_selftest_indices", [](std::tuple<unsigned, unsigned, unsigned> grid,
+                                    std::tuple<unsigned, unsigned, unsigned> block, uintptr_t out) {
+    py::gil_scoped_release nogil;
+    st::indices(std::get<0>(grid), std::get<1>(grid), std::get<2>(grid), std::get<0>(block), std::get<1>(block),
+                std::get<2>(block), ptr<int32_t>(out));
+  });
+  m.def("simt_selftest_atomics", [](int blocks, uintptr_t fsum, uintptr_t isum, uintptr_t imin, uintptr_t lmin) {
+    py::gil_scoped_release nogil;
+    st::atomics(blocks, ptr<float>(fsum), ptr<int32_t>(isum), ptr<int32_t>(imin), ptr<long long>(lmin));
+  });
+  m.def("simt_selftest_convert", [](int kind, uintptr_t in, uintptr_t out, int64_t n) {
+    py::gil_scoped_release nogil;
+    st::convert(kind, ptr<const void>(in), ptr<void>(out), n);
+  });
+  m.def("simt_selftest_misuse", [](int which) {
+    py::gil_scoped_release nogil;
+    st::misuse(which);
+  });
+}
 
 // ---- GPU kernels, through the emulator (simt_*) and on the device (cuda_*) ----------------------
 // The same entry points (csrc/cuda/kernels.h) twice: simt_* run the kernel sources on the CPU

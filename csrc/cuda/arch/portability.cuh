@@ -1,0 +1,263 @@
+// One kernel source, two compilers (DESIGN.md "Verification without a GPU"):
+// - nvcc (__CUDACC__): the real device code and launch;
+// - the host compiler with SPARSEGEMM_SIMT defined by the including .cpp: the same source runs on
+//   the CPU in the SIMT emulator (csrc/simt/emulator.h).
+// Kernels are written inside `namespace sparsegemm { namespace SG_KERNEL_NS { ... } }` so that the
+// two copies (sparsegemm::cuda and sparsegemm::simt) can live in one module.
+//
+// What a kernel may use, on both sides:
+//   SG_DEVICE, SG_GLOBAL, SG_LAUNCH_BOUNDS(threads), SG_DYNAMIC_SMEM(type, name) (the only way to
+//   declare shared memory), threadIdx/blockIdx/blockDim/gridDim, dim3, __syncthreads,
+//   __shfl_sync/__shfl_xor_sync/__shfl_down_sync/__shfl_up_sync (32-bit types, full-warp mask),
+//   __ballot_sync, __threadfence, atomicAdd (float, int), atomicMin (int, long long), min/max,
+//   __restrict__, the 16-bit float helpers below, and sg_launch(kernel, grid, block, smem_bytes,
+//   stream, args...) from host code.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+// ================================ device (nvcc) ==================================================
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <string>
+#include <utility>
+
+#define SG_DEVICE __device__ __forceinline__
+#define SG_GLOBAL __global__
+#define SG_KERNEL_NS cuda
+#define SG_LAUNCH_BOUNDS(threads) __launch_bounds__(threads)
+#define SG_DYNAMIC_SMEM(type, name) extern __shared__ __align__(16) type name[]
+
+using sg_stream_t = cudaStream_t;
+
+namespace sparsegemm {
+namespace cuda_launch_detail {
+
+[[noreturn]] inline void throw_launch_error(const char* launch_text, const char* step, cudaError_t err) {
+  throw std::runtime_error(std::string("sparsegemm: ") + step + " failed for sg_launch(" + launch_text +
+                           "): " + cudaGetErrorString(err));
+}
+
+// Launches `kernel` and checks the launch (not the execution: no host sync, so graph capture works).
+// Dynamic shared memory above 48 KiB needs the kernel's opt-in attribute first.
+template <typename... KernelParams, typename... Args>
+void launch(const char* launch_text, void (*kernel)(KernelParams...), dim3 grid, dim3 block, size_t smem_bytes,
+            cudaStream_t stream, Args&&... args) {
+  if (smem_bytes > 48 * 1024) {
+    const cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes));
+    if (err != cudaSuccess) throw_launch_error(launch_text, "cudaFuncSetAttribute", err);
+  }
+  kernel<<<grid, block, smem_bytes, stream>>>(std::forward<Args>(args)...);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) throw_launch_error(launch_text, "kernel launch", err);
+}
+
+}  // namespace cuda_launch_detail
+}  // namespace sparsegemm
+
+// A macro so that the kernel's text can name it in error messages (templates with commas included).
+#define sg_launch(...) ::sparsegemm::cuda_launch_detail::launch(#__VA_ARGS__, __VA_ARGS__)
+
+namespace sparsegemm {
+
+SG_DEVICE float f16_to_f32(uint16_t bits) { return __half2float(__ushort_as_half(bits)); }
+SG_DEVICE float bf16_to_f32(uint16_t bits) { return __bfloat162float(__ushort_as_bfloat16(bits)); }
+SG_DEVICE uint16_t f32_to_f16_rn(float x) { return __half_as_ushort(__float2half_rn(x)); }
+SG_DEVICE uint16_t f32_to_bf16_rn(float x) { return __bfloat16_as_ushort(__float2bfloat16_rn(x)); }
+
+}  // namespace sparsegemm
+
+#elif defined(SPARSEGEMM_SIMT)
+// ================================ host (SIMT emulator) ===========================================
+#include <atomic>
+#include <type_traits>
+
+#include "simt/emulator.h"
+#include "simt/warp_models.h"
+
+#define SG_DEVICE inline
+#define SG_GLOBAL
+#define SG_KERNEL_NS simt
+#define SG_LAUNCH_BOUNDS(threads)
+#define SG_DYNAMIC_SMEM(type, name) type* name = reinterpret_cast<type*>(::sparsegemm::emu::shared_memory())
+
+using sg_stream_t = void*;
+using dim3 = ::sparsegemm::emu::Dim3;
+using uint3 = ::sparsegemm::emu::UInt3;
+using ::sparsegemm::emu::blockDim;
+using ::sparsegemm::emu::blockIdx;
+using ::sparsegemm::emu::gridDim;
+using ::sparsegemm::emu::threadIdx;
+
+// The stream is accepted for symmetry with the device launch; the emulator runs synchronously.
+#define sg_launch(...) ::sparsegemm::simt_launch_detail::launch(#__VA_ARGS__, __VA_ARGS__)
+
+namespace sparsegemm {
+namespace simt_launch_detail {
+template <typename... KernelParams, typename... Args>
+void launch(const char* launch_text, void (*kernel)(KernelParams...), dim3 grid, dim3 block, size_t smem_bytes,
+            sg_stream_t /*stream*/, Args&&... args) {
+  ::sparsegemm::emu::launch(launch_text, kernel, grid, block, smem_bytes, std::forward<Args>(args)...);
+}
+}  // namespace simt_launch_detail
+}  // namespace sparsegemm
+
+inline void __syncthreads() { ::sparsegemm::emu::syncthreads(); }
+// Fibers of one launch run on one OS thread, so ordering within the grid needs nothing more.
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+
+// Atomics: fibers switch only at barriers and collectives, so a plain read-modify-write is atomic.
+inline float atomicAdd(float* address, float value) {
+  const float old = *address;
+  *address = old + value;
+  return old;
+}
+inline int atomicAdd(int* address, int value) {
+  const int old = *address;
+  *address = static_cast<int>(static_cast<unsigned>(old) + static_cast<unsigned>(value));  // wraps like the hardware
+  return old;
+}
+inline int atomicMin(int* address, int value) {
+  const int old = *address;
+  if (value < old) *address = value;
+  return old;
+}
+inline long long atomicMin(long long* address, long long value) {
+  const long long old = *address;
+  if (value < old) *address = value;
+  return old;
+}
+
+template <typename A, typename B>
+inline std::common_type_t<A, B> min(A a, B b) {
+  return b < a ? b : a;
+}
+template <typename A, typename B>
+inline std::common_type_t<A, B> max(A a, B b) {
+  return a < b ? b : a;
+}
+
+// ---- warp shuffles and vote on the host (device: the CUDA built-ins) ---------------------------
+// CUDA's intrinsics are shfl.sync / vote.sync with c = ((32 - width) << 8) | clamp; 32-bit types.
+template <typename T>
+inline uint32_t sg_simt_bits(T value) {
+  static_assert(sizeof(T) == 4 && std::is_trivially_copyable<T>::value, "warp shuffles model 32-bit types");
+  uint32_t bits;
+  std::memcpy(&bits, &value, 4);
+  return bits;
+}
+template <typename T>
+inline T sg_simt_from_bits(uint32_t bits) {
+  T value;
+  std::memcpy(&value, &bits, 4);
+  return value;
+}
+
+template <typename T>
+inline T __shfl_sync(unsigned mask, T var, int src_lane, int width = 32) {
+  return sg_simt_from_bits<T>(::sparsegemm::emu::shfl(::sparsegemm::emu::ShuffleMode::idx, mask, sg_simt_bits(var),
+                                                      src_lane, ((32 - width) << 8) | 0x1F));
+}
+template <typename T>
+inline T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = 32) {
+  return sg_simt_from_bits<T>(::sparsegemm::emu::shfl(::sparsegemm::emu::ShuffleMode::bfly, mask, sg_simt_bits(var),
+                                                      lane_mask, ((32 - width) << 8) | 0x1F));
+}
+template <typename T>
+inline T __shfl_down_sync(unsigned mask, T var, unsigned delta, int width = 32) {
+  return sg_simt_from_bits<T>(::sparsegemm::emu::shfl(::sparsegemm::emu::ShuffleMode::down, mask, sg_simt_bits(var),
+                                                      static_cast<int>(delta), ((32 - width) << 8) | 0x1F));
+}
+template <typename T>
+inline T __shfl_up_sync(unsigned mask, T var, unsigned delta, int width = 32) {
+  return sg_simt_from_bits<T>(::sparsegemm::emu::shfl(::sparsegemm::emu::ShuffleMode::up, mask, sg_simt_bits(var),
+                                                      static_cast<int>(delta), (32 - width) << 8));
+}
+inline unsigned __ballot_sync(unsigned mask, int predicate) { return ::sparsegemm::emu::ballot(mask, predicate != 0); }
+
+namespace sparsegemm {
+
+// Exact IEEE binary16 / bfloat16 conversions, bit for bit what the device intrinsics return
+// (round to nearest even, subnormals kept, overflow to infinity, NaN stays NaN with its sign).
+SG_DEVICE float f16_to_f32(uint16_t bits) {
+  const uint32_t sign = static_cast<uint32_t>(bits & 0x8000u) << 16;
+  const uint32_t exponent = (bits >> 10) & 0x1Fu;
+  uint32_t mantissa = bits & 0x3FFu;
+  uint32_t out;
+  if (exponent == 0x1F) {
+    out = sign | 0x7F800000u | (mantissa << 13);
+  } else if (exponent != 0) {
+    out = sign | ((exponent + 112) << 23) | (mantissa << 13);
+  } else if (mantissa == 0) {
+    out = sign;
+  } else {  // subnormal: normalise
+    int e = 113;
+    while ((mantissa & 0x400u) == 0) {
+      mantissa <<= 1;
+      --e;
+    }
+    out = sign | (static_cast<uint32_t>(e) << 23) | ((mantissa & 0x3FFu) << 13);
+  }
+  float f;
+  std::memcpy(&f, &out, sizeof f);
+  return f;
+}
+
+SG_DEVICE float bf16_to_f32(uint16_t bits) {
+  const uint32_t u = static_cast<uint32_t>(bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+SG_DEVICE uint16_t f32_to_f16_rn(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+  const uint32_t abs = u & 0x7FFFFFFFu;
+  if (abs > 0x7F800000u) return static_cast<uint16_t>(sign | 0x7E00u | ((abs >> 13) & 0x3FFu));  // NaN stays NaN
+  if (abs >= 0x477FF000u) return static_cast<uint16_t>(sign | 0x7C00u);  // rounds to >= 65520: infinity
+  if (abs < 0x38800000u) {  // below 2^-14: f16 subnormal (or zero); quantum 2^-24
+    // value = m * 2^(e - 150) with the implicit bit in m, i.e. (m >> shift) quanta of 2^-24.
+    const int shift = 126 - static_cast<int>(abs >> 23);
+    if (shift > 24) return sign;  // below 2^-25: rounds to zero
+    const uint32_t m = (abs & 0x7FFFFFu) | 0x800000u;
+    const uint32_t kept = m >> shift;
+    const uint32_t rest = m & ((1u << shift) - 1);
+    const uint32_t half = 1u << (shift - 1);
+    const uint32_t rounded = kept + ((rest > half || (rest == half && (kept & 1u))) ? 1u : 0u);
+    return static_cast<uint16_t>(sign | rounded);
+  }
+  // Normal range: rebias the exponent, round the 13 dropped mantissa bits to nearest even.
+  const uint32_t rebased = abs - (112u << 23);
+  const uint32_t rounded = rebased + 0xFFFu + ((rebased >> 13) & 1u);
+  return static_cast<uint16_t>(sign | (rounded >> 13));
+}
+
+SG_DEVICE uint16_t f32_to_bf16_rn(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((u >> 16) | 0x0040u);  // quiet NaN, sign kept
+  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+}  // namespace sparsegemm
+
+#else
+#error "cuda/arch/portability.cuh: compile with nvcc, or define SPARSEGEMM_SIMT for the SIMT emulator"
+#endif
+
+namespace sparsegemm {
+
+// Two 16-bit values in one 32-bit register, `lo` in bits [15:0] (the element order of .f16x2).
+SG_DEVICE uint32_t pack_u16x2(uint16_t lo, uint16_t hi) {
+  return static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+}
+
+}  // namespace sparsegemm

@@ -1,0 +1,544 @@
+// SIMT emulator runtime: fibers, the block scheduler, barriers, warp collectives, cp.async.
+// The execution model is documented in emulator.h.
+#include "simt/emulator.h"
+
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstring>
+#include <deque>
+#include <exception>
+#include <memory>
+#include <mutex>
+#include <new>
+#include <stdexcept>
+#include <vector>
+
+#if defined(__SANITIZE_ADDRESS__)
+#define SG_SIMT_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define SG_SIMT_ASAN 1
+#endif
+#endif
+#if defined(SG_SIMT_ASAN)
+#include <sanitizer/common_interface_defs.h>
+#endif
+
+#if !defined(__x86_64__)
+#include <ucontext.h>
+#endif
+
+namespace sparsegemm {
+namespace emu {
+
+UInt3 threadIdx;
+UInt3 blockIdx;
+Dim3 blockDim;
+Dim3 gridDim;
+
+namespace {
+
+constexpr size_t kStackBytes = 256 * 1024;
+constexpr unsigned kMaxThreadsPerBlock = 1024;
+// sm_80's per-block opt-in limit (163 KiB): a kernel that runs here must also fit an A100.
+constexpr size_t kMaxSharedBytes = 163 * 1024;
+constexpr unsigned kWarpSize = 32;
+
+// ---- execution contexts ------------------------------------------------------------------------
+#if defined(__x86_64__)
+// A saved context is its stack pointer; the callee-saved registers, MXCSR and the x87 control
+// word sit on the stack below it (SysV x86-64: everything else is caller-saved, so a plain call
+// to sg_simt_switch preserves the fiber's state).
+struct Context {
+  void* sp = nullptr;
+};
+extern "C" void sg_simt_switch(void** save_sp, void* load_sp);
+extern "C" void sg_simt_fiber_start();
+asm(R"(
+  .text
+  .p2align 4
+  .globl sg_simt_switch
+  .hidden sg_simt_switch
+  .type sg_simt_switch,@function
+sg_simt_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size sg_simt_switch,.-sg_simt_switch
+  .p2align 4
+  .globl sg_simt_fiber_start
+  .hidden sg_simt_fiber_start
+  .type sg_simt_fiber_start,@function
+sg_simt_fiber_start:
+  callq *%r12
+  ud2
+  .size sg_simt_fiber_start,.-sg_simt_fiber_start
+)");
+
+// Builds a first frame that sg_simt_switch "returns" into: sg_simt_fiber_start calls entry
+// (held in r12) with the stack 16-byte aligned as the ABI requires at a call.
+void context_init(Context& c, char* stack_lo, size_t bytes, void (*entry)()) {
+  auto top = reinterpret_cast<uintptr_t>(stack_lo + bytes) & ~uintptr_t{15};
+  auto* sp = reinterpret_cast<uint64_t*>(top);
+  *--sp = reinterpret_cast<uint64_t>(&sg_simt_fiber_start);  // return address
+  *--sp = 0;                                                  // rbp
+  *--sp = 0;                                                  // rbx
+  *--sp = reinterpret_cast<uint64_t>(entry);                  // r12
+  *--sp = 0;                                                  // r13
+  *--sp = 0;                                                  // r14
+  *--sp = 0;                                                  // r15
+  *--sp = (uint64_t{0x037F} << 32) | 0x1F80;                  // default x87 control word, MXCSR
+  c.sp = sp;
+}
+void context_switch(Context& from, Context& to) { sg_simt_switch(&from.sp, to.sp); }
+#else
+struct Context {
+  ucontext_t uc;
+};
+void context_init(Context& c, char* stack_lo, size_t bytes, void (*entry)()) {
+  getcontext(&c.uc);
+  c.uc.uc_stack.ss_sp = stack_lo;
+  c.uc.uc_stack.ss_size = bytes;
+  c.uc.uc_link = nullptr;
+  makecontext(&c.uc, entry, 0);
+}
+void context_switch(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
+#endif
+
+// Fiber stacks, kept across launches: one mapping, each stack with a PROT_NONE guard page below
+// it so that an overflow faults instead of corrupting a neighbour.
+class StackPool {
+ public:
+  char* stack(unsigned i) { return base_ + i * slot_ + page_; }
+  void reserve(unsigned count) {
+    if (count <= count_) return;
+    page_ = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+    slot_ = kStackBytes + page_;
+    void* p = mmap(nullptr, slot_ * count, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) throw std::runtime_error("SIMT emulator: cannot map fiber stacks");
+    for (unsigned i = 0; i < count; ++i) mprotect(static_cast<char*>(p) + i * slot_, page_, PROT_NONE);
+    if (base_) munmap(base_, slot_ * count_);
+    base_ = static_cast<char*>(p);
+    count_ = count;
+  }
+
+ private:
+  char* base_ = nullptr;
+  unsigned count_ = 0;
+  size_t page_ = 0, slot_ = 0;
+};
+
+// ---- block state -------------------------------------------------------------------------------
+enum class ThreadState { ready, at_barrier, at_collective, exited };
+
+struct PendingCopy {
+  char* dst;
+  unsigned char bytes[16];
+};
+
+struct Fiber {
+  Context context;
+  ThreadState state = ThreadState::ready;
+  UInt3 index;
+  unsigned linear = 0;
+  // Valid while state == at_collective.
+  const WarpOp* op = nullptr;
+  const void* input = nullptr;
+  void* output = nullptr;
+  // cp.async: copies issued since the last commit, then committed groups, oldest first.
+  std::vector<PendingCopy> open_group;
+  std::deque<std::vector<PendingCopy>> committed;
+};
+
+struct AlignedDelete {
+  void operator()(char* p) const { ::operator delete[](p, std::align_val_t(128)); }
+};
+
+struct Launch {
+  std::string kernel;
+  ThreadBody body = nullptr;
+  void* body_context = nullptr;
+  Dim3 grid, block;
+  size_t smem_bytes = 0;
+  unsigned threads = 0;
+
+  std::vector<Fiber> fibers;
+  std::unique_ptr<char[], AlignedDelete> smem;
+  Context scheduler;
+  unsigned running = 0;
+  unsigned waiting_at_barrier = 0;
+  unsigned exited = 0;
+  std::exception_ptr error;
+#if defined(SG_SIMT_ASAN)
+  const void* scheduler_stack_bottom = nullptr;
+  size_t scheduler_stack_size = 0;
+#endif
+};
+
+Launch* g_launch = nullptr;
+std::mutex g_launch_mutex;
+StackPool g_stacks;
+
+Fiber& current() { return g_launch->fibers[g_launch->running]; }
+
+std::string dim_text(unsigned x, unsigned y, unsigned z) {
+  return "(" + std::to_string(x) + "," + std::to_string(y) + "," + std::to_string(z) + ")";
+}
+
+std::string kernel_text() { return "SIMT emulator, kernel '" + g_launch->kernel + "'"; }
+
+// Where the running thread is, for error messages.
+std::string location() {
+  const Fiber& f = current();
+  return kernel_text() + ", block " + dim_text(blockIdx.x, blockIdx.y, blockIdx.z) + ", thread " +
+         dim_text(f.index.x, f.index.y, f.index.z) + " (warp " + std::to_string(f.linear / kWarpSize) + ", lane " +
+         std::to_string(f.linear % kWarpSize) + ")";
+}
+
+void record_error(std::exception_ptr error) {
+  if (g_launch->error) return;
+  try {
+    std::rethrow_exception(error);
+  } catch (const std::exception& e) {
+    g_launch->error = std::make_exception_ptr(std::runtime_error(location() + ": " + e.what()));
+  } catch (...) {
+    g_launch->error = std::current_exception();
+  }
+}
+
+// Fiber -> scheduler. `exiting`: the fiber never resumes (lets ASan drop its fake stack).
+void yield_to_scheduler(bool exiting) {
+  Launch& l = *g_launch;
+#if defined(SG_SIMT_ASAN)
+  void* fake_stack = nullptr;
+  __sanitizer_start_switch_fiber(exiting ? nullptr : &fake_stack, l.scheduler_stack_bottom, l.scheduler_stack_size);
+#else
+  (void)exiting;
+#endif
+  context_switch(current().context, l.scheduler);
+#if defined(SG_SIMT_ASAN)
+  __sanitizer_finish_switch_fiber(fake_stack, nullptr, nullptr);
+#endif
+}
+
+// Scheduler -> fiber i.
+void resume(unsigned i) {
+  Launch& l = *g_launch;
+  l.running = i;
+  threadIdx = l.fibers[i].index;
+#if defined(SG_SIMT_ASAN)
+  void* fake_stack = nullptr;
+  __sanitizer_start_switch_fiber(&fake_stack, g_stacks.stack(i), kStackBytes);
+#endif
+  context_switch(l.scheduler, l.fibers[i].context);
+#if defined(SG_SIMT_ASAN)
+  __sanitizer_finish_switch_fiber(fake_stack, nullptr, nullptr);
+#endif
+}
+
+void apply_copies(const std::vector<PendingCopy>& copies) {
+  for (const PendingCopy& c : copies) std::memcpy(c.dst, c.bytes, sizeof c.bytes);
+}
+
+// The hardware completes outstanding cp.async copies even if the thread never waits.
+void retire_all_copies(Fiber& f) {
+  for (const auto& group : f.committed) apply_copies(group);
+  f.committed.clear();
+  apply_copies(f.open_group);
+  f.open_group.clear();
+}
+
+const char* state_name(const Fiber& f) {
+  switch (f.state) {
+    case ThreadState::ready: return "running";
+    case ThreadState::at_barrier: return "__syncthreads";
+    case ThreadState::at_collective: return f.op->name;
+    case ThreadState::exited: return "exit";
+  }
+  return "?";
+}
+
+// A thread leaves the kernel: nobody may be waiting for it.
+void on_thread_exit(Fiber& f) {
+  Launch& l = *g_launch;
+  ++l.exited;
+  const unsigned warp_base = f.linear / kWarpSize * kWarpSize;
+  for (unsigned i = warp_base; i < warp_base + kWarpSize && i < l.threads; ++i) {
+    if (l.fibers[i].state == ThreadState::at_collective)
+      fail("thread exited while lane " + std::to_string(i - warp_base) + " of its warp waits at " +
+           l.fibers[i].op->name + " (a warp collective needs all 32 lanes)");
+  }
+  if (l.waiting_at_barrier > 0)
+    fail("thread exited while " + std::to_string(l.waiting_at_barrier) +
+         " threads wait at __syncthreads (the barrier is never reached by every thread of the block)");
+}
+
+void fiber_main() {
+#if defined(SG_SIMT_ASAN)
+  __sanitizer_finish_switch_fiber(nullptr, &g_launch->scheduler_stack_bottom, &g_launch->scheduler_stack_size);
+#endif
+  Fiber& f = current();
+  try {
+    g_launch->body(g_launch->body_context);
+    retire_all_copies(f);
+    on_thread_exit(f);
+  } catch (...) {
+    record_error(std::current_exception());
+  }
+  f.state = ThreadState::exited;
+  yield_to_scheduler(true);
+  std::abort();  // the scheduler never resumes an exited fiber
+}
+
+std::string deadlock_report() {
+  const Launch& l = *g_launch;
+  std::string states;
+  unsigned shown = 0;
+  for (const Fiber& f : l.fibers) {
+    if (f.state == ThreadState::exited) continue;
+    if (shown++ == 8) {
+      states += ", ...";
+      break;
+    }
+    states += (shown > 1 ? ", " : "") + std::string("thread ") + std::to_string(f.linear) + " at " + state_name(f);
+  }
+  return kernel_text() + ", block " + dim_text(blockIdx.x, blockIdx.y, blockIdx.z) +
+         ": deadlock, no thread can proceed (" + states + ")";
+}
+
+void run_block() {
+  Launch& l = *g_launch;
+  // Fresh, poisoned shared memory: see emulator.h.
+  l.smem.reset(static_cast<char*>(::operator new[](l.smem_bytes, std::align_val_t(128))));
+  std::memset(l.smem.get(), 0xFF, l.smem_bytes);
+  l.waiting_at_barrier = 0;
+  l.exited = 0;
+  for (unsigned i = 0; i < l.threads; ++i) {
+    Fiber& f = l.fibers[i];
+    f.state = ThreadState::ready;
+    f.linear = i;
+    f.index = UInt3{i % l.block.x, i / l.block.x % l.block.y, i / (l.block.x * l.block.y)};
+    f.op = nullptr;
+    f.open_group.clear();
+    f.committed.clear();
+    context_init(f.context, g_stacks.stack(i), kStackBytes, &fiber_main);
+  }
+  while (l.exited < l.threads) {
+    bool progressed = false;
+    for (unsigned i = 0; i < l.threads; ++i) {
+      if (l.fibers[i].state != ThreadState::ready) continue;
+      resume(i);
+      if (l.error) std::rethrow_exception(l.error);
+      progressed = true;
+    }
+    if (!progressed && l.exited < l.threads) throw std::runtime_error(deadlock_report());
+  }
+}
+
+void check_launch_configuration(const Launch& l) {
+  auto reject = [&](const std::string& why) {
+    throw std::runtime_error(kernel_text() + ": invalid launch configuration: " + why);
+  };
+  if (l.grid.x == 0 || l.grid.y == 0 || l.grid.z == 0 || l.block.x == 0 || l.block.y == 0 || l.block.z == 0)
+    reject("grid " + dim_text(l.grid.x, l.grid.y, l.grid.z) + " and block " +
+           dim_text(l.block.x, l.block.y, l.block.z) + " must have every dimension >= 1");
+  if (l.grid.y > 65535 || l.grid.z > 65535) reject("gridDim.y and gridDim.z must be <= 65535");
+  if (l.block.z > 64) reject("blockDim.z must be <= 64");
+  if (static_cast<uint64_t>(l.block.x) * l.block.y * l.block.z > kMaxThreadsPerBlock)
+    reject("a block has more than " + std::to_string(kMaxThreadsPerBlock) + " threads");
+  if (l.smem_bytes > kMaxSharedBytes)
+    reject(std::to_string(l.smem_bytes) + " bytes of dynamic shared memory exceed sm_80's " +
+           std::to_string(kMaxSharedBytes) + "-byte per-block limit");
+}
+
+}  // namespace
+
+// ---- public API ------------------------------------------------------------------------------
+void fail(const std::string& message) { throw std::runtime_error(message); }
+
+std::string kernel_name_from_launch_text(const char* launch_text) {
+  std::string text(launch_text);
+  int depth = 0;
+  size_t end = 0;
+  for (; end < text.size(); ++end) {
+    const char c = text[end];
+    if (c == '<' || c == '(' || c == '[') ++depth;
+    if (c == '>' || c == ')' || c == ']') --depth;
+    if (c == ',' && depth == 0) break;
+  }
+  const size_t first = text.find_first_not_of(" \t\n");
+  const size_t last = text.find_last_not_of(" \t\n", end == 0 ? 0 : end - 1);
+  return first == std::string::npos || last < first ? text : text.substr(first, last - first + 1);
+}
+
+void run_grid(const std::string& kernel_name, Dim3 grid, Dim3 block, size_t smem_bytes, ThreadBody body,
+              void* context) {
+  std::lock_guard<std::mutex> serialise(g_launch_mutex);
+  Launch l;
+  l.kernel = kernel_name;
+  l.body = body;
+  l.body_context = context;
+  l.grid = grid;
+  l.block = block;
+  l.smem_bytes = smem_bytes;
+  g_launch = &l;
+  struct ClearOnExit {
+    ~ClearOnExit() { g_launch = nullptr; }
+  } clear_on_exit;
+  check_launch_configuration(l);
+  l.threads = block.x * block.y * block.z;
+  l.fibers.resize(l.threads);
+  g_stacks.reserve(l.threads);
+  gridDim = grid;
+  blockDim = block;
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) {
+        blockIdx = UInt3{x, y, z};
+        run_block();
+      }
+}
+
+char* shared_memory() { return g_launch->smem.get(); }
+size_t shared_memory_bytes() { return g_launch->smem_bytes; }
+
+void check_shared_range(const void* address, size_t bytes, size_t alignment, const char* what) {
+  const auto base = reinterpret_cast<uintptr_t>(g_launch->smem.get());
+  const auto a = reinterpret_cast<uintptr_t>(address);
+  const size_t size = g_launch->smem_bytes;
+  if (a < base || a - base > size || size - (a - base) < bytes) {
+    char buf[256];
+    std::snprintf(buf, sizeof buf,
+                  "%s: shared-memory access of %zu bytes at %p is out of range (block's dynamic shared memory is "
+                  "%zu bytes at %p; offset %lld)",
+                  what, bytes, address, size, reinterpret_cast<void*>(base),
+                  static_cast<long long>(a) - static_cast<long long>(base));
+    fail(buf);
+  }
+  if ((a - base) % alignment != 0)
+    fail(std::string(what) + ": shared-memory address at offset " + std::to_string(a - base) + " is not " +
+         std::to_string(alignment) + "-byte aligned");
+}
+
+void syncthreads() {
+  Launch& l = *g_launch;
+  Fiber& f = current();
+  if (l.exited > 0)
+    fail("__syncthreads reached after " + std::to_string(l.exited) +
+         " threads of the block exited (the barrier is never reached by every thread of the block)");
+  const unsigned warp_base = f.linear / kWarpSize * kWarpSize;
+  for (unsigned i = warp_base; i < warp_base + kWarpSize && i < l.threads; ++i) {
+    if (l.fibers[i].state == ThreadState::at_collective)
+      fail("__syncthreads while lane " + std::to_string(i - warp_base) + " of the same warp waits at " +
+           l.fibers[i].op->name + " (divergent warp)");
+  }
+  f.state = ThreadState::at_barrier;
+  if (++l.waiting_at_barrier == l.threads) {
+    for (Fiber& other : l.fibers) other.state = ThreadState::ready;
+    l.waiting_at_barrier = 0;
+    return;
+  }
+  yield_to_scheduler(false);
+}
+
+unsigned linear_thread_index() { return current().linear; }
+unsigned lane_id() { return current().linear % kWarpSize; }
+
+void warp_collective(const WarpOp& op, const void* input, void* output) {
+  Launch& l = *g_launch;
+  Fiber& f = current();
+  if (l.threads % kWarpSize != 0)
+    fail(std::string(op.name) + " in a block of " + std::to_string(l.threads) +
+         " threads: warp collectives need a block size that is a multiple of 32");
+  const unsigned warp_base = f.linear / kWarpSize * kWarpSize;
+  unsigned arrived = 1;
+  for (unsigned i = warp_base; i < warp_base + kWarpSize; ++i) {
+    const Fiber& other = l.fibers[i];
+    if (&other == &f) continue;
+    const std::string lane = "lane " + std::to_string(i - warp_base);
+    switch (other.state) {
+      case ThreadState::exited:
+        fail(std::string(op.name) + " needs all 32 lanes, but " + lane + " of this warp has exited");
+      case ThreadState::at_barrier:
+        fail(std::string(op.name) + " while " + lane + " of the same warp waits at __syncthreads (divergent warp)");
+      case ThreadState::at_collective:
+        if (std::strcmp(other.op->name, op.name) != 0)
+          fail("lanes of one warp at different collectives: this lane at " + std::string(op.name) + ", " + lane +
+               " at " + other.op->name);
+        ++arrived;
+        break;
+      case ThreadState::ready:
+        break;
+    }
+  }
+  f.op = &op;
+  f.input = input;
+  f.output = output;
+  f.state = ThreadState::at_collective;
+  if (arrived < kWarpSize) {
+    yield_to_scheduler(false);
+    return;
+  }
+  const void* inputs[kWarpSize];
+  void* outputs[kWarpSize];
+  for (unsigned lane = 0; lane < kWarpSize; ++lane) {
+    inputs[lane] = l.fibers[warp_base + lane].input;
+    outputs[lane] = l.fibers[warp_base + lane].output;
+  }
+  op.compute(inputs, outputs);
+  for (unsigned i = warp_base; i < warp_base + kWarpSize; ++i) {
+    l.fibers[i].state = ThreadState::ready;
+    l.fibers[i].op = nullptr;
+  }
+}
+
+void cp_async_16(void* dst, const void* src, bool pred) {
+  check_shared_range(dst, 16, 16, "cp.async.cg.shared.global (destination)");
+  PendingCopy copy;
+  copy.dst = static_cast<char*>(dst);
+  if (pred) {
+    if (reinterpret_cast<uintptr_t>(src) % 16 != 0)
+      fail("cp.async.cg.shared.global: global source address is not 16-byte aligned");
+    std::memcpy(copy.bytes, src, sizeof copy.bytes);
+  } else {
+    std::memset(copy.bytes, 0, sizeof copy.bytes);
+  }
+  current().open_group.push_back(copy);
+}
+
+void cp_async_commit() {
+  Fiber& f = current();
+  f.committed.push_back(std::move(f.open_group));
+  f.open_group.clear();
+}
+
+void cp_async_wait(int pending) {
+  Fiber& f = current();
+  while (f.committed.size() > static_cast<size_t>(pending)) {
+    apply_copies(f.committed.front());
+    f.committed.pop_front();
+  }
+}
+
+}  // namespace emu
+}  // namespace sparsegemm

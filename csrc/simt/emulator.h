@@ -1,0 +1,116 @@
+// SIMT emulator: runs the CUDA kernel sources of csrc/cuda on the CPU (tests only, DESIGN.md
+// "Verification without a GPU"). Kernel code never calls this header directly: it goes through
+// cuda/arch/portability.cuh and cuda/arch/warp_ops.cuh, whose host branches forward here.
+//
+// Execution model
+// - A launch runs its blocks one after another on the calling OS thread. Inside a block every
+//   CUDA thread is a fiber with its own stack; fibers run round-robin and switch only at
+//   __syncthreads, at warp collectives and at exit, so everything between two such points is
+//   atomic (no data race can be observed, and none is reported: use compute-sanitizer racecheck).
+// - Warps are formed from the linear thread index x + y*Dx + z*Dx*Dy, as on the hardware.
+// - __syncthreads releases once every thread of the block waits there; a thread that exits while
+//   others wait (or waits after another exited) is an error, as is any other deadlock.
+// - Warp collectives (shuffles, ballot, ldmatrix, mma.sp) wait until all 32 lanes arrive, then
+//   compute every lane's result at once. Lanes of one warp at different collectives, or with
+//   different qualifiers, are an error; so is a block size that is not a multiple of 32.
+// - Dynamic shared memory is allocated per block with exactly the launch's byte count (so
+//   AddressSanitizer sees overruns) and filled with 0xFF bytes (NaN for f16/bf16/f32), because
+//   real shared memory starts with stale contents.
+// - cp.async copies read global memory at issue but land in shared memory only when a
+//   cp.async.wait_group retires their group (or at thread exit), so a missing wait shows up as
+//   0xFF poison in what the kernel reads.
+// Every error is a std::runtime_error naming the kernel, the block and the thread or warp; errors
+// raised inside a fiber are carried to the launching thread and rethrown there. Launches are
+// serialised by a mutex: the emulator is not reentrant.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+namespace sparsegemm {
+namespace emu {
+
+struct UInt3 {
+  unsigned x = 0, y = 0, z = 0;
+};
+
+struct Dim3 {
+  unsigned x, y, z;
+  constexpr Dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+
+// CUDA's built-in variables for the fiber that is running. The scheduler rewrites them at every
+// switch; launches are serialised, so plain globals suffice.
+extern UInt3 threadIdx;
+extern UInt3 blockIdx;
+extern Dim3 blockDim;
+extern Dim3 gridDim;
+
+// Runs `body(context)` once per thread of every block of the grid (see the execution model).
+// `kernel_name` appears in error messages; `smem_bytes` is the dynamic shared memory per block.
+using ThreadBody = void (*)(void* context);
+void run_grid(const std::string& kernel_name, Dim3 grid, Dim3 block, size_t smem_bytes, ThreadBody body,
+              void* context);
+
+// The kernel's name from the text of an sg_launch argument list ("gemm<Cfg>, grid, ..." -> "gemm<Cfg>").
+std::string kernel_name_from_launch_text(const char* launch_text);
+
+// Host form of `kernel<<<grid, block, smem_bytes>>>(args...)`: arguments are converted to the
+// kernel's parameter types once, as a real launch copies them into the parameter buffer.
+template <typename... KernelParams, typename... Args>
+void launch(const char* launch_text, void (*kernel)(KernelParams...), Dim3 grid, Dim3 block, size_t smem_bytes,
+            Args&&... args) {
+  static_assert(sizeof...(KernelParams) == sizeof...(Args), "sg_launch: argument count differs from the kernel's");
+  struct Bound {
+    void (*kernel)(KernelParams...);
+    std::tuple<std::decay_t<KernelParams>...> params;
+  };
+  Bound bound{kernel, std::tuple<std::decay_t<KernelParams>...>(std::forward<Args>(args)...)};
+  run_grid(kernel_name_from_launch_text(launch_text), grid, block, smem_bytes,
+           [](void* context) {
+             auto* b = static_cast<Bound*>(context);
+             std::apply(b->kernel, b->params);
+           },
+           &bound);
+}
+
+// ---- what the running thread may call -----------------------------------------------------
+
+// This block's dynamic shared memory and its size in bytes.
+char* shared_memory();
+size_t shared_memory_bytes();
+
+// Throws unless [address, address + bytes) lies in this block's shared memory and `address` is a
+// multiple of `alignment`. `what` names the instruction for the message.
+void check_shared_range(const void* address, size_t bytes, size_t alignment, const char* what);
+
+void syncthreads();
+
+// Linear index of the running thread in its block, and its lane in its warp.
+unsigned linear_thread_index();
+unsigned lane_id();
+
+// One warp-collective instruction: once all 32 lanes of a warp called warp_collective with the
+// same op, `compute` runs once with every lane's input and output (indexed by lane). Ops are
+// compared by name, so a name must spell out every qualifier (shape, selector, .trans, ...).
+struct WarpOp {
+  const char* name;
+  void (*compute)(const void* const lane_inputs[32], void* const lane_outputs[32]);
+};
+void warp_collective(const WarpOp& op, const void* input, void* output);
+
+// cp.async model (see the execution model): 16 bytes from global `src` (not read when !pred:
+// zeros instead) to shared `dst`, deferred until its commit group is waited for.
+void cp_async_16(void* dst, const void* src, bool pred);
+void cp_async_commit();
+// Completes all but the newest `pending` committed groups (cp.async.wait_group semantics).
+void cp_async_wait(int pending);
+
+// Throws std::runtime_error(message); for instruction models that find illegal operands.
+[[noreturn]] void fail(const std::string& message);
+
+}  // namespace emu
+}  // namespace sparsegemm

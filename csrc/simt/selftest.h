@@ -1,0 +1,66 @@
+// Self-tests of the SIMT emulator: small kernels (selftest.cpp, written with the portability API
+// like every csrc/cuda kernel) that feed one instruction from global memory and store what it
+// returns, so tests/test_simt_emulator.py can compare each model with numpy. All arrays are
+// contiguous host memory; every function throws std::runtime_error on an emulator error.
+#pragma once
+#include <cstdint>
+
+namespace sparsegemm {
+namespace simt_selftest {
+
+// One warp, one mma.sp m16n8k32: d[16][8] = mma(a, b, c) with
+//   a[16][16] compressed A (f16 or bf16 bits), b[8][32] B stored as X rows (B[k][n] = b[n][k]),
+//   c[16][8] f32, e[32] each lane's metadata register, selector 0 or 1.
+void mma_sp_k32(bool bf16, int selector, const uint16_t* a, const uint16_t* b, const float* c, const uint32_t* e,
+                float* d);
+
+// One warp, one mma.sp m16n8k64 s8: a[16][32], b[8][64] (X rows), c/d[16][8] int32, e[32].
+void mma_sp_k64_s8(const int8_t* a, const int8_t* b, const int32_t* c, const uint32_t* e, int32_t* d);
+
+// One warp: shared memory <- image[image_elems] (16-bit), then ldmatrix.x{matrices}{.trans} with
+// lane L's row address = shared base + lane_byte_offsets[L]; out[32][4] (unused registers 0).
+void ldmatrix(int matrices, bool trans, const uint16_t* image, int64_t image_elems, const int32_t* lane_byte_offsets,
+              uint32_t* out);
+
+// One warp: out[32][5] = __shfl_sync(v, src_lane[L], width), __shfl_xor_sync(v, xor_mask, width),
+// __shfl_down_sync(v, delta, width), __shfl_up_sync(v, delta, width), __ballot_sync(v & 1).
+void shuffles(const int32_t* values, const int32_t* src_lane, int xor_mask, int delta, int width, int32_t* out);
+
+// One warp copies chunks (16 bytes each, chunks <= 64) of src into shared memory with cp_async_16
+// (lane L: chunk L in group 0, chunk L + 32 in group 1; pred[i] == 0 zero-fills chunk i) and
+// stores shared memory to out[2][chunks * 16]:
+//   mode 0: wait_group 0, store to out[0];   mode 1: no wait at all, store to out[0];
+//   mode 2: wait_group 1, store to out[0], then wait_group 0, store to out[1].
+void cp_async(int mode, const uint8_t* src, const uint8_t* pred, int chunks, uint8_t* out);
+
+// Every thread of the grid writes blockIdx.xyz, threadIdx.xyz, lane_id(), and the dynamic shared
+// memory byte count it can address to out[global thread][8] (global thread = block-major order).
+void indices(unsigned grid_x, unsigned grid_y, unsigned grid_z, unsigned block_x, unsigned block_y, unsigned block_z,
+             int32_t* out);
+
+// blocks x 64 threads: thread (b, t) adds 0.5 to *fsum, 1 to *isum, and atomicMin's b * 64 + t into
+// *imin and (b * 64 + t) << 33 into *lmin (a value only 64 bits can hold).
+void atomics(int blocks, float* fsum, int32_t* isum, int32_t* imin, long long* lmin);
+
+// 16-bit float helpers of portability.cuh over n values, in a grid of 64-thread blocks:
+//   kind 0: f16_to_f32(in16) -> out32, 1: bf16_to_f32(in16) -> out32,
+//   kind 2: f32_to_f16_rn(in32) -> out16, 3: f32_to_bf16_rn(in32) -> out16.
+void convert(int kind, const void* in, void* out, int64_t n);
+
+// Kernels that break a rule the emulator must report (see the test for each case's message).
+enum class Misuse : int {
+  barrier_not_reached = 0,       // half the block returns, the other half waits at __syncthreads
+  different_collectives = 1,     // lane 0 shuffles, the other lanes ballot
+  ldmatrix_out_of_range = 2,     // lane 3's row ends past the block's shared memory
+  ldmatrix_misaligned = 3,       // lane 3's row address is 8-byte aligned only
+  cp_async_out_of_range = 4,     // a cp.async destination past the shared memory
+  lane_exited_at_collective = 5, // lanes 16..31 return while lanes 0..15 shuffle
+  partial_warp_block = 6,        // a 48-thread block uses a shuffle
+  barrier_in_divergent_warp = 7, // lanes 0..15 shuffle while 16..31 wait at __syncthreads
+  too_much_shared_memory = 8,    // a launch asks for more than sm_80's 163 KiB
+  mixed_selectors = 9,           // mma.sp with selector 0 in lane 0, 1 in the others
+};
+void misuse(int which);
+
+}  // namespace simt_selftest
+}  // namespace sparsegemm

@@ -1,0 +1,32 @@
+// Host models of the warp-level instructions in cuda/arch/warp_ops.cuh. Each call is one lane's
+// share of a warp collective (emulator.h): it returns once all 32 lanes issued the same
+// instruction, with this lane's results. Lane layouts and checks are documented in warp_models.cpp
+// and, per instruction, in warp_ops.cuh.
+#pragma once
+#include <cstdint>
+
+namespace sparsegemm {
+namespace emu {
+
+enum class HalfType { f16, bf16 };
+
+// mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.{f16,bf16}.{f16,bf16}.f32, selector 0 or 1.
+void mma_sp_m16n8k32(HalfType type, int selector, float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[4],
+                     const float (&c)[4], uint32_t e);
+
+// mma.sp::ordered_metadata.sync.aligned.m16n8k64.row.col.satfinite.s32.s8.s8.s32, selector 0.
+void mma_sp_m16n8k64_s8(int (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[4], const int (&c)[4], uint32_t e);
+
+// ldmatrix.sync.aligned.m8n8.x{matrices}{.trans}.shared.b16; regs[0 .. matrices-1] are written.
+void ldmatrix(int matrices, bool trans, uint32_t* regs, const void* row_address);
+
+// shfl.sync with PTX operands: b = source lane / delta / xor mask, c = clamp and segment mask
+// ((32 - width) << 8 | clamp), membermask = mask. Only full-warp masks are modelled.
+enum class ShuffleMode { idx, up, down, bfly };
+uint32_t shfl(ShuffleMode mode, uint32_t mask, uint32_t value, int b, int c);
+
+// vote.sync.ballot.b32 (full-warp masks only).
+uint32_t ballot(uint32_t mask, bool predicate);
+
+}  // namespace emu
+}  // namespace sparsegemm

@@ -1,0 +1,376 @@
+"""SIMT emulator self-tests: every instruction model against a direct numpy computation.
+
+Each test launches a small kernel from csrc/simt/selftest.cpp (written with the same portability
+API as the CUDA kernels) through the emulator. The lane layouts used by the oracles below are
+restated from /work/shared/PTX_SPARSE.md independently of the C++ models.
+"""
+import numpy as np
+import pytest
+import torch
+
+from sparsegemm import _C
+
+LEGAL_PAIRS = [(0, 1), (0, 2), (1, 2), (0, 3), (1, 3), (2, 3)]  # nibbles 0x4 0x8 0x9 0xC 0xD 0xE
+
+
+def ptr(a: np.ndarray) -> int:
+    assert a.flags["C_CONTIGUOUS"]
+    return a.ctypes.data
+
+
+# ---- oracles -------------------------------------------------------------------------------------
+def random_pairs(rng, rows, groups):
+    """Per (row, group) index pairs drawn so that every legal pattern appears."""
+    choice = rng.permutation(np.resize(np.arange(6), rows * groups)).reshape(rows, groups)
+    return np.array(LEGAL_PAIRS)[choice]  # [rows, groups, 2]
+
+
+def nibbles(pairs):
+    return pairs[..., 0] | (pairs[..., 1] << 2)
+
+
+def decompress(values, pairs):
+    """Dense [rows, 4 * groups] from kept values [rows, 2 * groups] and index pairs."""
+    rows, groups = pairs.shape[:2]
+    dense = np.zeros((rows, 4 * groups), dtype=np.float64)
+    for r in range(rows):
+        for q in range(groups):
+            dense[r, 4 * q + pairs[r, q, 0]] = values[r, 2 * q]
+            dense[r, 4 * q + pairs[r, q, 1]] = values[r, 2 * q + 1]
+    return dense
+
+
+def k32_lane_metadata(pairs, selector, filler=0):
+    """Per-lane e of m16n8k32 f16/bf16: lanes 4g + 2F + u hold rows g (bits 15:0) and g + 8 (31:16)
+    for K 16u .. 16u + 15; the other lanes get `filler` (0: illegal nibbles, must be ignored)."""
+    nib = nibbles(pairs)  # [16, 8]
+    e16 = np.zeros((16, 2), dtype=np.uint64)
+    for row in range(16):
+        for u in range(2):
+            e16[row, u] = sum(int(nib[row, 4 * u + n]) << (4 * n) for n in range(4))
+    e = np.full(32, filler, dtype=np.uint32)
+    for g in range(8):
+        for u in range(2):
+            e[4 * g + 2 * selector + u] = int(e16[g, u]) | (int(e16[g + 8, u]) << 16)
+    return e
+
+
+def k64_lane_metadata(pairs):
+    """Per-lane e of m16n8k64 s8: lane 4g + t holds row g + 8 (t % 2), K 32 (t // 2) .. + 31."""
+    nib = nibbles(pairs)  # [16, 16]
+    e = np.zeros(32, dtype=np.uint32)
+    for lane in range(32):
+        g, t = divmod(lane, 4)
+        row, half = g + 8 * (t % 2), t // 2
+        e[lane] = sum(int(nib[row, 8 * half + n]) << (4 * n) for n in range(8))
+    return e
+
+
+def to_bits(values, bf16):
+    with np.errstate(over="ignore", invalid="ignore"):  # Inf and NaN are wanted inputs
+        return _to_bits(values, bf16)
+
+
+def _to_bits(values, bf16):
+    if bf16:
+        return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    return np.ascontiguousarray(values, dtype=np.float16).view(np.uint16)
+
+
+def from_bits(bits, bf16):
+    with np.errstate(invalid="ignore"):  # NaN patterns are wanted inputs
+        return _from_bits(bits, bf16)
+
+
+def _from_bits(bits, bf16):
+    if bf16:
+        return torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16).float().numpy().astype(np.float64)
+    return bits.view(np.float16).astype(np.float64)
+
+
+def run_mma_k32(a_bits, b_bits, c, e, bf16, selector):
+    d = np.zeros((16, 8), dtype=np.float32)
+    _C.simt_selftest_mma_sp_k32(bf16, selector, ptr(a_bits), ptr(b_bits), ptr(c), ptr(e), ptr(d))
+    return d
+
+
+# ---- mma.sp m16n8k32 -----------------------------------------------------------------------------
+def test_mma_k32_hardware_test_vector():
+    """LLVM's sparse-mma-2-4-f16.mlir GPU run: A[i][j] = i + j + 1, indices (0, 2) everywhere
+    (0x8888), B[k][n] = n - k, selector 0. All 128 outputs, exactly."""
+    a = np.fromfunction(lambda i, j: i + j + 1, (16, 16)).astype(np.float16).view(np.uint16)
+    b = np.fromfunction(lambda k, n: n - k, (32, 8)).astype(np.float16)
+    b_rows = np.ascontiguousarray(b.T).view(np.uint16)
+    d = run_mma_k32(a, b_rows, np.zeros((16, 8), np.float32), np.full(32, 0x88888888, np.uint32), False, 0)
+    np.testing.assert_array_equal(d[0], [-2720, -2584, -2448, -2312, -2176, -2040, -1904, -1768])
+    np.testing.assert_array_equal(d[15], [-6320, -5944, -5568, -5192, -4816, -4440, -4064, -3688])
+    a_dense = decompress(a.view(np.float16).astype(np.float64), np.tile([0, 2], (16, 8, 1)))
+    np.testing.assert_array_equal(d, a_dense @ b.astype(np.float64))
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["f16", "bf16"])
+@pytest.mark.parametrize("selector", [0, 1])
+@pytest.mark.parametrize("seed", range(3))
+def test_mma_k32_small_integers_exact(bf16, selector, seed):
+    """Random metadata with all six patterns; small integers make every fp32 sum exact."""
+    rng = np.random.default_rng(100 * seed + 10 * selector + bf16)
+    pairs = random_pairs(rng, 16, 8)
+    a_vals = rng.integers(-8, 9, (16, 16)).astype(np.float32)
+    b_vals = rng.integers(-8, 9, (32, 8)).astype(np.float32)
+    c = rng.integers(-64, 65, (16, 8)).astype(np.float32)
+    d = run_mma_k32(to_bits(a_vals, bf16), to_bits(b_vals.T, bf16), c, k32_lane_metadata(pairs, selector), bf16, selector)
+    np.testing.assert_array_equal(d, c + decompress(a_vals, pairs) @ b_vals)
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["f16", "bf16"])
+@pytest.mark.parametrize("selector", [0, 1])
+def test_mma_k32_random_floats(bf16, selector):
+    """Random normal inputs: within fp32 sequential-summation error of the float64 product."""
+    rng = np.random.default_rng(7 + selector + 2 * bf16)
+    pairs = random_pairs(rng, 16, 8)
+    a_bits = to_bits(rng.standard_normal((16, 16)), bf16)
+    b_bits = to_bits(rng.standard_normal((8, 32)), bf16)  # X rows
+    c = rng.standard_normal((16, 8)).astype(np.float32)
+    d = run_mma_k32(a_bits, b_bits, c, k32_lane_metadata(pairs, selector), bf16, selector)
+    a_dense = decompress(from_bits(a_bits, bf16), pairs)
+    b = from_bits(b_bits, bf16).T
+    ref = c + a_dense @ b
+    bound = 17 * 2.0**-24 * (np.abs(c) + np.abs(a_dense) @ np.abs(b))
+    assert np.all(np.abs(d - ref) <= bound)
+
+
+def test_mma_k32_metadata_selects_b_rows_and_pruned_inf_does_not_leak():
+    """Each kept value multiplies the B row its index names; Inf/NaN in B rows that no metadata
+    names stays out of D (the model gathers, it does not multiply by zeros)."""
+    rng = np.random.default_rng(3)
+    pairs = np.tile([0, 3], (16, 8, 1))  # B rows 4q + 1, 4q + 2 are never used
+    a_vals = rng.integers(-4, 5, (16, 16)).astype(np.float32)
+    b_vals = rng.integers(-4, 5, (32, 8)).astype(np.float32)
+    b_poisoned = b_vals.copy()
+    b_poisoned[1::4] = np.inf
+    b_poisoned[2::4] = np.nan
+    c = np.zeros((16, 8), np.float32)
+    d = run_mma_k32(to_bits(a_vals, False), to_bits(b_poisoned.T, False), c, k32_lane_metadata(pairs, 0), False, 0)
+    b_clean = b_vals.copy()
+    b_clean[1::4] = 0
+    b_clean[2::4] = 0
+    np.testing.assert_array_equal(d, decompress(a_vals, pairs) @ b_clean)
+
+
+def test_mma_k32_illegal_nibble_in_read_lane_is_an_error():
+    rng = np.random.default_rng(4)
+    pairs = random_pairs(rng, 16, 8)
+    e = k32_lane_metadata(pairs, 1)
+    e[4 * 2 + 2 + 1] = (e[4 * 2 + 2 + 1] & ~np.uint32(0xF0)) | np.uint32(0x50)  # lane 11, nibble 1: (1, 1)
+    zeros16 = np.zeros((16, 16), np.uint16)
+    with pytest.raises(RuntimeError, match=r"illegal metadata nibble 0x5 in lane 11 bits \[7:4\]"):
+        run_mma_k32(zeros16, np.zeros((8, 32), np.uint16), np.zeros((16, 8), np.float32), e, False, 1)
+    e[4 * 2 + 2 + 1] = (e[4 * 2 + 2 + 1] & ~np.uint32(0xF0)) | np.uint32(0x60)  # (2, 1): descending
+    with pytest.raises(RuntimeError, match="illegal metadata nibble 0x6"):
+        run_mma_k32(zeros16, np.zeros((8, 32), np.uint16), np.zeros((16, 8), np.float32), e, False, 1)
+
+
+def test_mma_k32_unread_lanes_may_hold_anything():
+    """Selector 0 reads lanes t = 0, 1 only: garbage (0xFFFFFFFF) in t = 2, 3 changes nothing."""
+    rng = np.random.default_rng(5)
+    pairs = random_pairs(rng, 16, 8)
+    a_vals = rng.integers(-8, 9, (16, 16)).astype(np.float32)
+    b_vals = rng.integers(-8, 9, (32, 8)).astype(np.float32)
+    c = np.zeros((16, 8), np.float32)
+    d = run_mma_k32(to_bits(a_vals, False), to_bits(b_vals.T, False), c, k32_lane_metadata(pairs, 0, 0xFFFFFFFF), False, 0)
+    np.testing.assert_array_equal(d, decompress(a_vals, pairs) @ b_vals)
+
+
+# ---- mma.sp m16n8k64 s8 --------------------------------------------------------------------------
+def run_mma_k64(a, b_rows, c, e):
+    d = np.zeros((16, 8), dtype=np.int32)
+    _C.simt_selftest_mma_sp_k64_s8(ptr(a), ptr(b_rows), ptr(c), ptr(e), ptr(d))
+    return d
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_mma_k64_s8_exact(seed):
+    rng = np.random.default_rng(seed)
+    pairs = random_pairs(rng, 16, 16)
+    a = rng.integers(-128, 128, (16, 32)).astype(np.int8)
+    b = rng.integers(-128, 128, (64, 8)).astype(np.int8)
+    c = rng.integers(-(2**20), 2**20, (16, 8)).astype(np.int32)
+    d = run_mma_k64(a, np.ascontiguousarray(b.T), c, k64_lane_metadata(pairs))
+    ref = c.astype(np.int64) + decompress(a.astype(np.float64), pairs).astype(np.int64) @ b.astype(np.int64)
+    np.testing.assert_array_equal(d, ref)
+
+
+def test_mma_k64_s8_satfinite_clamps():
+    pairs = np.tile([1, 2], (16, 16, 1))
+    a = np.full((16, 32), 127, np.int8)
+    a[8:] = -128
+    b = np.full((64, 8), 127, np.int8)
+    c = np.zeros((16, 8), np.int32)
+    c[:8] = 2**31 - 100_000  # + 32 * 127 * 127 overflows upwards
+    c[8:] = -(2**31) + 100_000  # + 32 * -128 * 127 overflows downwards
+    d = run_mma_k64(a, np.ascontiguousarray(b.T), c, k64_lane_metadata(pairs))
+    assert np.all(d[:8] == 2**31 - 1) and np.all(d[8:] == -(2**31))
+
+
+def test_mma_k64_s8_lane_layout_is_not_the_16_bit_one():
+    """Only row 8's metadata (lane 4g + 1) names index 3; a 16-bit-style reading would not."""
+    pairs = np.tile([0, 1], (16, 16, 1))
+    pairs[8:, :8] = [2, 3]  # rows 8..15, K 0..31
+    a = np.ones((16, 32), np.int8)
+    b = np.zeros((64, 8), np.int8)
+    b[2:32:4] = 1  # only index 2 rows within K 0..31 are non-zero
+    d = run_mma_k64(a, np.ascontiguousarray(b.T), np.zeros((16, 8), np.int32), k64_lane_metadata(pairs))
+    assert np.all(d[:8] == 0) and np.all(d[8:] == 8)
+
+
+# ---- ldmatrix ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("matrices", [1, 2, 4])
+@pytest.mark.parametrize("trans", [False, True])
+def test_ldmatrix(matrices, trans):
+    rng = np.random.default_rng(matrices + 10 * trans)
+    image = rng.integers(0, 2**16, 64 * 8).astype(np.uint16)  # 64 rows of 16 bytes
+    offsets = (rng.permutation(64)[:32] * 16).astype(np.int32)  # arbitrary row addresses
+    offsets[8 * matrices:] = 1 << 20  # unused lanes: ignored, even when out of range
+    out = np.zeros((32, 4), np.uint32)
+    _C.simt_selftest_ldmatrix(matrices, trans, ptr(image), image.size, ptr(offsets), ptr(out))
+    rows = image.reshape(64, 8)
+    expected = np.zeros((32, 4), np.uint32)
+    for lane in range(32):
+        g, t = divmod(lane, 4)
+        for i in range(matrices):
+            m = np.stack([rows[offsets[8 * i + r] // 16] for r in range(8)])  # [row][col]
+            lo, hi = (m[2 * t, g], m[2 * t + 1, g]) if trans else (m[g, 2 * t], m[g, 2 * t + 1])
+            expected[lane, i] = int(lo) | (int(hi) << 16)
+    np.testing.assert_array_equal(out, expected)
+
+
+# ---- shuffles and ballot -------------------------------------------------------------------------
+@pytest.mark.parametrize("width", [32, 16, 8, 4])
+def test_shuffles_and_ballot(width):
+    rng = np.random.default_rng(width)
+    values = rng.integers(-(2**31), 2**31, 32).astype(np.int32)
+    src = rng.integers(0, 64, 32).astype(np.int32)
+    xor_mask, delta = 5 % width or 1, 3 % width or 1
+    out = np.zeros((32, 5), np.int32)
+    _C.simt_selftest_shuffles(ptr(values), ptr(src), xor_mask, delta, width, ptr(out))
+    for lane in range(32):
+        start = lane // width * width
+        end = start + width - 1
+        assert out[lane, 0] == values[start + src[lane] % width]
+        j = lane ^ xor_mask
+        assert out[lane, 1] == values[j if j <= end else lane]
+        assert out[lane, 2] == values[lane + delta if lane + delta <= end else lane]
+        assert out[lane, 3] == values[lane - delta if lane - delta >= start else lane]
+    ballot = sum(1 << lane for lane in range(32) if values[lane] & 1)
+    assert np.all(out[:, 4].view(np.uint32) == ballot)
+
+
+# ---- cp.async ------------------------------------------------------------------------------------
+def run_cp_async(mode, chunks, seed):
+    rng = np.random.default_rng(seed)
+    src = rng.integers(0, 256, chunks * 16).astype(np.uint8)
+    pred = (rng.random(chunks) < 0.7).astype(np.uint8)
+    out = np.zeros((2, chunks * 16), np.uint8)
+    _C.simt_selftest_cp_async(mode, ptr(src), ptr(pred), chunks, ptr(out))
+    landed = src.reshape(chunks, 16) * pred[:, None]
+    return out.reshape(2, chunks, 16), landed
+
+
+def test_cp_async_predicate_zero_fills():
+    out, landed = run_cp_async(0, 40, 0)
+    np.testing.assert_array_equal(out[0], landed)
+
+
+def test_cp_async_missing_wait_reads_stale_shared_memory():
+    """Copies land only when their group is waited for: without the wait the kernel reads the
+    0xFF poison of fresh shared memory, as a race on the GPU could."""
+    out, _ = run_cp_async(1, 40, 1)
+    assert np.all(out[0] == 0xFF)
+
+
+def test_cp_async_wait_group_retires_oldest_groups_first():
+    out, landed = run_cp_async(2, 40, 2)
+    np.testing.assert_array_equal(out[0, :32], landed[:32])  # group 0 waited for
+    assert np.all(out[0, 32:] == 0xFF)  # group 1 still in flight after wait_group 1
+    np.testing.assert_array_equal(out[1], landed)
+
+
+# ---- launch geometry, atomics, conversions ------------------------------------------------------
+def test_grid_and_block_indices():
+    grid, block = (2, 3, 2), (8, 4, 2)
+    threads = np.prod(block)
+    out = np.full((np.prod(grid) * threads, 8), -7, np.int32)
+    _C.simt_selftest_indices(grid, block, ptr(out))
+    rows = []
+    for bz in range(grid[2]):
+        for by in range(grid[1]):
+            for bx in range(grid[0]):
+                for linear in range(threads):
+                    tx, ty, tz = linear % 8, linear // 8 % 4, linear // 32
+                    rows.append([bx, by, bz, tx, ty, tz, linear % 32, 48])
+    np.testing.assert_array_equal(out, np.array(rows))
+
+
+def test_atomics_across_blocks():
+    fsum, isum = np.zeros(1, np.float32), np.zeros(1, np.int32)
+    imin, lmin = np.full(1, 2**31 - 1, np.int32), np.full(1, 2**62, np.int64)
+    _C.simt_selftest_atomics(3, ptr(fsum), ptr(isum), ptr(imin), ptr(lmin))
+    assert fsum[0] == 96.0 and isum[0] == 192 and imin[0] == 0 and lmin[0] == 0
+    imin[0], lmin[0] = -5, -5
+    _C.simt_selftest_atomics(1, ptr(fsum), ptr(isum), ptr(imin), ptr(lmin))
+    assert imin[0] == -5 and lmin[0] == -5
+
+
+def test_f16_bf16_to_f32_all_bit_patterns():
+    bits = np.arange(2**16, dtype=np.uint16)
+    for kind, bf16 in ((0, False), (1, True)):
+        out = np.zeros(bits.size, np.float32)
+        _C.simt_selftest_convert(kind, ptr(bits), ptr(out), bits.size)
+        with np.errstate(invalid="ignore"):
+            ref = from_bits(bits, bf16).astype(np.float32)
+        np.testing.assert_array_equal(out.view(np.uint32)[~np.isnan(ref)], ref.view(np.uint32)[~np.isnan(ref)])
+        assert np.all(np.isnan(out) == np.isnan(ref))
+
+
+def test_f32_to_f16_bf16_round_to_nearest_even():
+    rng = np.random.default_rng(0)
+    edge = np.array([0.0, -0.0, np.inf, -np.inf, 65504, 65519.99, 65520, -65520, 2**-24, 2**-25, 2**-25 * 1.0001,
+                     3 * 2**-26, 2**-14, 2**-14 * (1 - 2**-11), 1 + 2**-11, 1 + 3 * 2**-11, 3.4e38, 1e-45],
+                    dtype=np.float32)
+    random_bits = rng.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    x = np.concatenate([edge, random_bits, rng.standard_normal(10_000).astype(np.float32)])
+    finite = ~np.isnan(x)
+    for kind, bf16 in ((2, False), (3, True)):
+        out = np.zeros(x.size, np.uint16)
+        _C.simt_selftest_convert(kind, ptr(x), ptr(out), x.size)
+        ref = to_bits(x, bf16)
+        np.testing.assert_array_equal(out[finite], ref[finite])
+        assert np.all(np.isnan(from_bits(out[~finite], bf16)))  # NaN stays NaN
+
+
+# ---- errors the hardware would not forgive -------------------------------------------------------
+MISUSE = [
+    (0, r"never reached by every thread"),
+    (1, r"different collectives: this lane at vote\.sync\.ballot\.b32, lane 0 at shfl\.sync\.idx\.b32"),
+    (2, r"ldmatrix\.sync\.aligned\.m8n8\.x4\.shared\.b16, row address of lane 3: .*out of range"),
+    (3, r"row address of lane 3: shared-memory address at offset 8 is not 16-byte aligned"),
+    (4, r"cp\.async.*out of range"),
+    (5, r"exited while lane 0 of its warp waits at shfl\.sync\.idx\.b32"),
+    (6, r"block of 48 threads: warp collectives need a block size that is a multiple of 32"),
+    (7, r"divergent warp"),
+    (8, r"invalid launch configuration: 167936 bytes of dynamic shared memory"),
+    (9, r"different collectives: .*\(selector 1\).*\(selector 0\)"),
+]
+
+
+@pytest.mark.parametrize("which,message", MISUSE, ids=[str(w) for w, _ in MISUSE])
+def test_misuse_is_reported(which, message):
+    with pytest.raises(RuntimeError, match=message) as info:
+        _C.simt_selftest_misuse(which)
+    assert "kernel 'kernels::misuse_kernel'" in str(info.value)
+
+
+def test_errors_name_block_and_thread_and_emulator_recovers():
+    with pytest.raises(RuntimeError, match=r"block \(0,0,0\), thread \(\d+,0,0\) \(warp \d, lane \d+\)"):
+        _C.simt_selftest_misuse(0)
+    test_mma_k32_hardware_test_vector()  # a failed launch leaves nothing behind
