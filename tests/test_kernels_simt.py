@@ -294,3 +294,14 @@ def test_gemm_m_zero_writes_nothing():
     _C.simt_gemm(0, n, k, y.data_ptr(), k, values.data_ptr(), simt_kernel_meta(meta, n, k).data_ptr(), 0,
                  y.data_ptr(), n, 1)
     assert torch.all(y == 3)
+
+
+@pytest.mark.parametrize("config", [LARGE_M, DECODE])
+def test_gemm_k_zero_gives_activation_of_bias(config):
+    m, n = 3, 20
+    x = torch.zeros((m, 0), dtype=torch.float16)
+    bias = torch.arange(-10, 10, dtype=torch.float16)
+    values = torch.zeros((n, 0), dtype=torch.float16)
+    meta = torch.zeros((n, 0), dtype=torch.uint8)
+    y = simt_gemm(x, values, meta, n, 0, bias=bias, act="relu", config=config)
+    assert torch.equal(y, torch.relu(bias).expand(m, n))
