@@ -57,7 +57,7 @@ SG_GLOBAL void compress_kernel(CompressParams p) {
     const int groups_here = (2 * byte + 1 < groups) ? 2 : 1;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      if (half >= groups_here) break;
+      if (half == 1 && groups_here == 1) continue;
       float key[4];
       int nonzeros = 0;
       for (int i = 0; i < 4; ++i) {
