@@ -88,7 +88,7 @@ def run_case(m, n, k, dtype_name, iters, flush):
             backends[f"torch_2to4_{backend}"] = (exc, sparse_bytes)
     records = []
     for name, (fn, nbytes) in backends.items():
-        rec = {"M": m, "N": n, "K": k, "dtype": dtype_name, "backend": name}
+        rec = {"op": "gemm", "M": m, "N": n, "K": k, "dtype": dtype_name, "backend": name}
         if isinstance(fn, Exception):
             rec["error"] = f"{type(fn).__name__}: {fn}"
         else:
@@ -99,6 +99,20 @@ def run_case(m, n, k, dtype_name, iters, flush):
                 rec["error"] = f"{type(exc).__name__}: {exc}"
         records.append(rec)
     return records
+
+
+def compress_case(n, k, dtype_name, iters, flush):
+    """Prune + compress bandwidth: reads W, writes Wc and E (target: >= 70% of DRAM bandwidth)."""
+    dtype, code = DTYPES[dtype_name]
+    w = torch.randn(n, k, device="cuda").to(dtype)
+    values = torch.empty((n, k // 2), dtype=dtype, device="cuda")
+    meta = torch.empty((n, k // 8), dtype=torch.uint8, device="cuda")
+    bad = torch.empty(1, dtype=torch.int64, device="cuda")
+    stream = torch.cuda.current_stream().cuda_stream
+    ms = time_ms(lambda: _C.cuda_compress(n, k, w.data_ptr(), k, values.data_ptr(), meta.data_ptr(), code, True,
+                                          bad.data_ptr(), stream), iters, flush)
+    nbytes = n * k * 2 + n * k // 2 * 2 + n * k // 8
+    return {"op": "compress", "N": n, "K": k, "dtype": dtype_name, "ms": ms, "gbps": nbytes / ms / 1e6}
 
 
 def smoke():
@@ -133,6 +147,9 @@ def main():
             for rec in run_case(m, n, k, dtype_name, args.iters, flush):
                 records.append(rec)
                 print(json.dumps(rec))
+    for dtype_name in DTYPES:
+        records.append(compress_case(8192, 8192, dtype_name, args.iters, flush))
+        print(json.dumps(records[-1]))
     props = torch.cuda.get_device_properties(0)
     out = {"gpu": props.name, "sm_count": props.multi_processor_count, "torch": torch.__version__,
            "cuda": torch.version.cuda, "sparsegemm": _C.build_info(), "results": records}
