@@ -8,6 +8,7 @@
 #include <string>
 
 #include "cpu/cpu_ops.h"
+#include "cuda/kernels.h"
 #include "params.h"
 #include "simt/selftest.h"
 
@@ -195,7 +196,84 @@ void bind_simt_selftest(py::module_& m) {
 }
 
 // ---- GPU kernels, through the emulator (simt_*) and on the device (cuda_*) ----------------------
-void bind_kernels(py::module_& m) { (void)m; }
+// The same entry points (csrc/cuda/kernels.h) twice: simt_* run the kernel sources on the CPU
+// (host pointers, synchronous, tests only); cuda_* enqueue on `stream` (a cudaStream_t as an
+// integer) with device pointers and never synchronise. gemm's meta is the kernel layout that
+// *_reorder_meta writes; workspace has *_gemm_workspace_bytes(M, N, K, config, split_k) bytes.
+template <typename Api>
+void bind_kernel_api(py::module_& m, const std::string& prefix) {
+  m.def((prefix + "kernel_meta_bytes").c_str(), Api::kernel_meta_bytes);
+  m.def((prefix + "gemm_workspace_bytes").c_str(), Api::gemm_workspace_bytes_for, py::arg("M"), py::arg("N"),
+        py::arg("K"), py::arg("config") = -1, py::arg("split_k") = 0);
+  m.def((prefix + "decompress").c_str(), [](int64_t N, int64_t K, uintptr_t values, uintptr_t meta, uintptr_t w,
+                                            int dtype, uintptr_t stream) {
+    py::gil_scoped_release nogil;
+    Api::decompress(make_decompress_params(N, K, values, meta, w, dtype), ptr<void>(stream));
+  }, py::arg("N"), py::arg("K"), py::arg("values"), py::arg("meta"), py::arg("w"), py::arg("dtype"),
+     py::arg("stream") = 0);
+  m.def((prefix + "reorder_meta").c_str(), [](uintptr_t logical_meta, uintptr_t kernel_meta, int64_t N, int64_t K,
+                                              uintptr_t stream) {
+    py::gil_scoped_release nogil;
+    Api::reorder_meta(ptr<const uint8_t>(logical_meta), ptr<void>(kernel_meta), N, K, ptr<void>(stream));
+  }, py::arg("logical_meta"), py::arg("kernel_meta"), py::arg("N"), py::arg("K"), py::arg("stream") = 0);
+  m.def((prefix + "gemm").c_str(), [](int64_t M, int64_t N, int64_t K, uintptr_t x, int64_t ldx, uintptr_t values,
+                                      uintptr_t meta, uintptr_t bias, uintptr_t y, int64_t ldy, int dtype, int act,
+                                      uintptr_t workspace, int config, int split_k, uintptr_t stream) {
+    auto p = make_gemm_params(M, N, K, x, ldx, values, meta, bias, y, ldy, dtype, act, 0, 0);
+    p.workspace = ptr<void>(workspace);
+    p.config = config;
+    p.split_k = split_k;
+    py::gil_scoped_release nogil;
+    Api::gemm(p, ptr<void>(stream));
+  }, py::arg("M"), py::arg("N"), py::arg("K"), py::arg("x"), py::arg("ldx"), py::arg("values"), py::arg("meta"),
+     py::arg("bias"), py::arg("y"), py::arg("ldy"), py::arg("dtype"), py::arg("act") = 0, py::arg("workspace") = 0,
+     py::arg("config") = -1, py::arg("split_k") = 0, py::arg("stream") = 0);
+}
+
+struct SimtKernelApi {
+  static constexpr auto kernel_meta_bytes = &simt::kernel_meta_bytes;
+  static constexpr auto gemm_workspace_bytes_for = &simt::gemm_workspace_bytes_for;
+  static constexpr auto decompress = &simt::decompress;
+  static constexpr auto reorder_meta = &simt::reorder_meta;
+  static constexpr auto gemm = &simt::gemm;
+};
+
+#if defined(SPARSEGEMM_WITH_CUDA)
+struct CudaKernelApi {
+  static constexpr auto kernel_meta_bytes = &cuda::kernel_meta_bytes;
+  static constexpr auto gemm_workspace_bytes_for = &cuda::gemm_workspace_bytes_for;
+  static constexpr auto decompress = &cuda::decompress;
+  static constexpr auto reorder_meta = &cuda::reorder_meta;
+  static constexpr auto gemm = &cuda::gemm;
+};
+#endif
+
+void bind_kernels(py::module_& m) {
+  bind_kernel_api<SimtKernelApi>(m, "simt_");
+  // Emulator compress: returns the strict-mode result (smallest bad row * G + group, or -1).
+  m.def("simt_compress", [](int64_t N, int64_t K, uintptr_t w, int64_t ldw, uintptr_t values, uintptr_t meta,
+                            int dtype, bool prune) {
+    int64_t first_bad = -1;
+    auto p = make_compress_params(N, K, w, ldw, values, meta, dtype, prune, reinterpret_cast<uintptr_t>(&first_bad));
+    {
+      py::gil_scoped_release nogil;
+      simt::compress(p, nullptr);
+    }
+    return first_bad;
+  });
+#if defined(SPARSEGEMM_WITH_CUDA)
+  bind_kernel_api<CudaKernelApi>(m, "cuda_");
+  // Device compress: the strict-mode result lands in device memory first_bad_group (int64), so
+  // that no host sync happens here.
+  m.def("cuda_compress", [](int64_t N, int64_t K, uintptr_t w, int64_t ldw, uintptr_t values, uintptr_t meta,
+                            int dtype, bool prune, uintptr_t first_bad_group, uintptr_t stream) {
+    auto p = make_compress_params(N, K, w, ldw, values, meta, dtype, prune, first_bad_group);
+    py::gil_scoped_release nogil;
+    cuda::compress(p, ptr<void>(stream));
+  }, py::arg("N"), py::arg("K"), py::arg("w"), py::arg("ldw"), py::arg("values"), py::arg("meta"), py::arg("dtype"),
+     py::arg("prune"), py::arg("first_bad_group"), py::arg("stream") = 0);
+#endif
+}
 
 }  // namespace
 

@@ -23,6 +23,13 @@ struct GemmParams {
   // INT8 only (issue 4): per-row weight scale[N] and per-token activation scale[M], fp32.
   const float* w_scale = nullptr;
   const float* x_scale = nullptr;
+  // CUDA/SIMT GEMM only. fp32 scratch of gemm_workspace_bytes(M, N, K) bytes (csrc/cuda/kernels.h)
+  // for the split-K decode path (null when that returns 0).
+  void* workspace = nullptr;
+  // Tests only: -1 lets csrc/cuda/gemm_heuristics.h choose; otherwise a GemmConfig value
+  // (0 = large-M tile, 1 = decode tile), with split_k > 0 forcing the number of K splits.
+  int config = -1;
+  int split_k = 0;
 };
 
 // Wc, E (logical) <- W[N, K] with row stride ldw. prune=false: strict 2:4 check.

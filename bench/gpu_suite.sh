@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# One GPU check (DESIGN.md "Verification on a GPU"): build for the present GPU only, GPU tests,
+# compute-sanitizer memcheck + racecheck on small cases, the benchmark; everything lands in OUTDIR
+# (env.json, junit XML, sanitizer logs, bench.json). Usage: bench/gpu_suite.sh OUTDIR
+# PYTHON (default: python) must have a CUDA torch; nvcc and compute-sanitizer on PATH.
+set -euo pipefail
+OUT=${1:?usage: bench/gpu_suite.sh OUTDIR}
+PY=${PYTHON:-python}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+cd "$ROOT"
+
+ARCH=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d ' .')
+BUILD=${BUILD_DIR:-/tmp/sparsegemm_gpu_build}
+cmake -S . -B "$BUILD" -GNinja -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE="$(command -v "$PY")" \
+  -Dpybind11_DIR="$("$PY" -m pybind11 --cmakedir)" -DSPARSEGEMM_CUDA=ON -DSPARSEGEMM_CUDA_ARCHS="$ARCH" \
+  -DSPARSEGEMM_PTXAS_VERBOSE=ON -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$ROOT/sparsegemm" > "$OUT/cmake.log"
+cmake --build "$BUILD" > "$OUT/build.log" 2>&1
+
+"$PY" - "$OUT/env.json" <<'PYEOF'
+import json, subprocess, sys, torch
+from sparsegemm import _C
+q = "name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,power.limit"
+smi = subprocess.run(["nvidia-smi", f"--query-gpu={q}", "--format=csv,noheader"], capture_output=True, text=True)
+env = {"nvidia_smi": dict(zip(q.split(","), [v.strip() for v in smi.stdout.splitlines()[0].split(",")])),
+       "torch": torch.__version__, "torch_cuda": torch.version.cuda, "sparsegemm": _C.build_info(),
+       "gpus": _C.list_gpus()}
+json.dump(env, open(sys.argv[1], "w"), indent=1)
+PYEOF
+
+status=0
+"$PY" -m pytest -q tests/test_kernels_cuda.py tests/test_sass.py tests/test_kernels_simt.py \
+  --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1 || status=1
+for tool in memcheck racecheck; do
+  compute-sanitizer --tool "$tool" --error-exitcode 1 "$PY" bench/bench_gemm_cuda.py --smoke \
+    > "$OUT/sanitizer_$tool.log" 2>&1 || status=1
+done
+"$PY" bench/bench_gemm_cuda.py --out "$OUT/bench.json" > "$OUT/bench.log" 2>&1 || status=1
+tail -n 3 "$OUT/tests.log" "$OUT"/sanitizer_*.log
+exit $status

@@ -1,0 +1,120 @@
+// Prune + compress (W -> Wc + logical E) and decompress (Wc + logical E -> W), the logical
+// format of csrc/format.h, bit for bit the CPU backend's rules:
+//   - the two largest |w| of a group are kept, NaN beats every number, ties go to the lower
+//     index (format.h select_top2, shared with the CPU backend);
+//   - "non-zero" is tested by value, so -0.0 counts as zero in the strict 2:4 check;
+//   - a partial last group (K % 4 != 0) reads zeros past K; an odd group count leaves the pad
+//     nibble 0x4 in the high half of a row's last byte.
+// Memory bound: one thread per byte of E, i.e. two groups = 8 consecutive elements of W, read
+// with one 16-byte load for 16-bit types (two for f32) when in bounds and aligned; consecutive
+// threads take consecutive bytes of a row, so a warp reads 512 contiguous bytes.
+#pragma once
+#include <cstdint>
+
+#include "../format.h"
+#include "../params.h"
+#include "arch/portability.cuh"
+#include "element.cuh"
+
+namespace sparsegemm {
+namespace SG_KERNEL_NS {
+
+// Threads per block of the element-wise kernels in this file.
+constexpr int kElementwiseThreads = 256;
+
+// Strict-mode result before the scan: larger than every real index, so atomicMin works; the
+// finish kernel turns it back into the -1 of the contract.
+constexpr long long kNoBadGroup = 0x7fffffffffffffffLL;
+
+SG_GLOBAL void first_bad_group_init_kernel(long long* first_bad_group) { *first_bad_group = kNoBadGroup; }
+
+SG_GLOBAL void first_bad_group_finish_kernel(long long* first_bad_group) {
+  if (*first_bad_group == kNoBadGroup) *first_bad_group = -1;
+}
+
+// Grid-stride over the N * meta_cols(K) bytes of E. p: see CompressParams (params.h).
+template <DType kDType>
+SG_GLOBAL void compress_kernel(CompressParams p) {
+  using Traits = ElementTraits<kDType>;
+  using T = typename Traits::Storage;
+  const int64_t groups = num_groups(p.K);
+  const int64_t bytes_per_row = meta_cols(p.K);
+  const int64_t values_per_row = values_cols(p.K);
+  const int64_t total = p.N * bytes_per_row;
+  const T* w = static_cast<const T*>(p.w);
+  T* values = static_cast<T*>(p.values);
+  for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t row = idx / bytes_per_row;
+    const int64_t byte = idx % bytes_per_row;
+    const int64_t first_k = byte * 8;
+    T elems[8];
+    load_elements<T, 8>(elems, w + row * p.ldw + first_k, p.K - first_k);
+
+    T kept[4];
+    uint8_t meta_byte = kPadNibble << 4;  // the high nibble stays 0x4 when group 2*byte+1 is padding
+    int64_t bad = kNoBadGroup;
+    const int groups_here = (2 * byte + 1 < groups) ? 2 : 1;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      if (half == 1 && groups_here == 1) continue;
+      float key[4];
+      int nonzeros = 0;
+      for (int i = 0; i < 4; ++i) {
+        const float value = Traits::to_float(elems[4 * half + i]);
+        key[i] = value < 0.f ? -value : value;  // |value|; NaN stays NaN
+        nonzeros += (value != 0.f) ? 1 : 0;     // NaN is non-zero, -0.0 is zero
+      }
+      const uint8_t nibble = select_top2(key);
+      // Selects by comparison rather than a computed index, which keeps elems in registers.
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        if (i == (nibble & 3)) kept[2 * half] = elems[4 * half + i];
+        if (i == (nibble >> 2)) kept[2 * half + 1] = elems[4 * half + i];
+      }
+      meta_byte = half == 0 ? static_cast<uint8_t>((meta_byte & 0xF0) | nibble)
+                            : static_cast<uint8_t>((meta_byte & 0x0F) | (nibble << 4));
+      if (nonzeros > 2 && bad == kNoBadGroup) bad = row * groups + 2 * byte + half;
+    }
+    store_elements<T, 4>(values + row * values_per_row + byte * 4, kept, 2 * groups_here);
+    p.meta[row * bytes_per_row + byte] = meta_byte;
+    if (!p.prune && bad != kNoBadGroup) atomicMin(reinterpret_cast<long long*>(p.first_bad_group), bad);
+  }
+}
+
+// Grid-stride over the N * meta_cols(K) bytes of E; writes W[N, K] contiguous.
+template <DType kDType>
+SG_GLOBAL void decompress_kernel(DecompressParams p) {
+  using T = typename ElementTraits<kDType>::Storage;
+  const int64_t groups = num_groups(p.K);
+  const int64_t bytes_per_row = meta_cols(p.K);
+  const int64_t values_per_row = values_cols(p.K);
+  const int64_t total = p.N * bytes_per_row;
+  const T* values = static_cast<const T*>(p.values);
+  T* w = static_cast<T*>(p.w);
+  for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t row = idx / bytes_per_row;
+    const int64_t byte = idx % bytes_per_row;
+    const int groups_here = (2 * byte + 1 < groups) ? 2 : 1;
+    T kept[4];
+    load_elements<T, 4>(kept, values + row * values_per_row + byte * 4, 2 * groups_here);
+    const uint8_t meta_byte = p.meta[row * bytes_per_row + byte];
+    T elems[8];
+    for (int i = 0; i < 8; ++i) elems[i] = T(0);
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int nibble = half < groups_here ? (meta_byte >> (4 * half)) & 0xF : 0;
+      // Scatters by comparison rather than a computed index, which keeps elems in registers.
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        if (half < groups_here && i == (nibble & 3)) elems[4 * half + i] = kept[2 * half];
+        if (half < groups_here && i == (nibble >> 2)) elems[4 * half + i] = kept[2 * half + 1];
+      }
+    }
+    store_elements<T, 8>(w + row * p.K + byte * 8, elems, p.K - byte * 8);
+  }
+}
+
+}  // namespace SG_KERNEL_NS
+}  // namespace sparsegemm

@@ -1,0 +1,73 @@
+// The one place that picks a tile configuration (and the split-K factor) for the sparse GEMM.
+// Host code only; gemm_sp.cuh takes the chosen tile as a template parameter.
+#pragma once
+#include <algorithm>
+#include <cstdint>
+
+#include "../format.h"
+
+namespace sparsegemm {
+namespace gemm_tiles {
+
+// Block tile shapes. N is the MMA's M (rows of W, the sparse A operand), M is the MMA's N (rows
+// of X). Both tiles use a 64-wide logical k-tile (kernel metadata is padded to it: reorder.cuh).
+// Each warp computes (kBlockN / kWarpsN) x (kBlockM / kWarpsM) of the output.
+
+// Prefill / large M: compute bound, 8 warps of 64 (N) x 32 (M), 3 stages (75 KiB of shared
+// memory). ptxas (nvcc 13.0): 128 registers on sm_90, so two blocks per SM fit on H100; 159 on
+// sm_80, so one block per SM on A100 (no spills on either).
+struct LargeM {
+  static constexpr int kBlockN = 128, kBlockM = 128, kWarpsN = 2, kWarpsM = 4, kStages = 3;
+};
+
+// Decode, M <= 16: memory bound on Wc. Small blocks (4 warps of 16 x 16) and a deep pipeline
+// keep many bytes in flight; split-K over blocks fills the SMs when N alone cannot.
+struct Decode {
+  static constexpr int kBlockN = 64, kBlockM = 16, kWarpsN = 4, kWarpsM = 1, kStages = 6;
+};
+
+constexpr int kBlockK = 64;           // logical K per k-tile, every configuration
+constexpr int kMaxSplitK = 16;
+constexpr int kMinKTilesPerSplit = 4; // keeps the pipeline prologue small next to the main loop
+
+}  // namespace gemm_tiles
+
+enum class GemmConfig : int { large_m = 0, decode = 1 };
+
+// What gemm() launches: the tile, the number of K splits (1: no workspace) and k-tiles per split.
+struct GemmPlan {
+  GemmConfig config = GemmConfig::large_m;
+  int split_k = 1;
+  int64_t k_tiles_per_split = 0;
+};
+
+SG_HOST_DEVICE int64_t gemm_k_tiles(int64_t K) { return (padded_k(K) + gemm_tiles::kBlockK - 1) / gemm_tiles::kBlockK; }
+
+// forced_config / forced_split_k: GemmParams::config / split_k (-1 / 0: choose).
+inline GemmPlan plan_gemm(int64_t M, int64_t N, int64_t K, int sm_count, int forced_config = -1,
+                          int forced_split_k = 0) {
+  GemmPlan plan;
+  plan.config = forced_config >= 0 ? static_cast<GemmConfig>(forced_config)
+                                   : (M <= 16 ? GemmConfig::decode : GemmConfig::large_m);
+  const int64_t k_tiles = gemm_k_tiles(K);
+  int64_t splits = 1;
+  if (forced_split_k > 0) {
+    splits = forced_split_k;
+  } else if (plan.config == GemmConfig::decode) {
+    using T = gemm_tiles::Decode;
+    const int64_t blocks = (N + T::kBlockN - 1) / T::kBlockN * ((M + T::kBlockM - 1) / T::kBlockM);
+    const int64_t wanted = (2 * int64_t(sm_count) + blocks - 1) / std::max<int64_t>(blocks, 1);
+    splits = std::min<int64_t>({wanted, gemm_tiles::kMaxSplitK, k_tiles / gemm_tiles::kMinKTilesPerSplit});
+  }
+  splits = std::max<int64_t>(1, std::min(splits, std::max<int64_t>(k_tiles, 1)));
+  plan.k_tiles_per_split = (k_tiles + splits - 1) / splits;
+  // Re-derive the count so that no split is empty (e.g. 10 tiles over 4 splits -> 3 x 4 tiles).
+  plan.split_k = plan.k_tiles_per_split > 0 ? static_cast<int>((k_tiles + plan.k_tiles_per_split - 1) / plan.k_tiles_per_split) : 1;
+  return plan;
+}
+
+inline int64_t gemm_plan_workspace_bytes(const GemmPlan& plan, int64_t M, int64_t N) {
+  return plan.split_k > 1 ? int64_t(plan.split_k) * M * N * int64_t(sizeof(float)) : 0;
+}
+
+}  // namespace sparsegemm

@@ -1,0 +1,291 @@
+// Sparse GEMM on the 2:4 tensor cores (mma.sp::ordered_metadata m16n8k32, f16/bf16 in, fp32
+// accumulate):   Y[M, N] = act(X[M, K] @ W[N, K]^T + bias[N]).
+//
+// Naming legend (DESIGN.md letters; they never change meaning in this file):
+//   N, M, K      problem sizes; K is the true K, Kp = padded_k(K), Kc = Kp / 2 compressed columns.
+//   Wc[N, Kc]    kept weight values (format.h), the sparse A operand of mma.sp.
+//   E            metadata in the kernel layout of reorder.cuh (16 words per 16 x 32 A tile).
+//   X[M, K]      activations (row stride ldx), the B operand: X rows are K-contiguous, which is
+//                exactly mma's "col" B, so a non-transposed ldmatrix yields B's fragment.
+//   Y[M, N]      output (row stride ldy).
+//   block tile   kBlockN rows of W x kBlockM rows of X x kBlockK = 64 logical K (32 of Wc).
+//   warp tile    kWarpN x kWarpM = kTilesN A tiles (16 rows) x kTilesM B tiles (8 rows).
+//   k-tile kt    logical K [64 kt, 64 kt + 64); k-step ks: its 32-wide half, one mma.sp.
+//   g, t         lane / 4 and lane % 4 (PTX fragment notation).
+//
+// The swap: the tensor core wants the sparse operand as A (16 rows), so each block computes
+// Y^T[n, m] = sum_k W[n, k] X[m, k], i.e. Y^T = W @ X^T, and the epilogue stores it transposed
+// through shared memory so that global stores run along N, Y's contiguous dimension.
+//
+// Shared memory per pipeline stage (kStages of them), XOR-swizzled so that every ldmatrix phase
+// (8 rows x 16 bytes) hits 8 distinct 16-byte bank groups:
+//   A    [kBlockN rows][64 B]:  16-byte chunk c of row r at chunk c ^ ((r >> 1) & 3)
+//   B    [kBlockM rows][128 B]: chunk c of row r at chunk c ^ (r & 7)
+//   Meta [kBlockN / 16][128 B]: the two A tiles' 64-byte metadata of each 16-row slice
+// Epilogue: the same memory, reused as Ys[kBlockM][kBlockN + 8] in the output type (the +8
+// halves shift rows by 16 bytes to spread the transposed writes over the banks).
+//
+// Tails: rows of W or X past N or M and K past Kp are zero-filled (cp.async with a false
+// predicate reads nothing); the kernel metadata is padded with legal nibbles (reorder.cuh).
+// Global operands are copied with 16-byte cp.async when their rows allow it (Kc % 8 == 0 and
+// a 16-byte aligned Wc; K % 8 == 0, ldx % 8 == 0 and a 16-byte aligned X), otherwise with
+// predicated element loads: any K % 4 == 0 works without padding in ops.py, only slower.
+// The kernel metadata must be 16-byte aligned (it is an allocation of its own).
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+#include "../format.h"
+#include "../params.h"
+#include "arch/portability.cuh"
+#include "arch/warp_ops.cuh"
+#include "element.cuh"
+#include "gemm_heuristics.h"
+#include "reorder.cuh"
+
+namespace sparsegemm {
+namespace SG_KERNEL_NS {
+
+// Runtime epilogue switch: one instantiation serves every activation.
+SG_DEVICE float apply_activation(float v, Activation act) {
+  switch (act) {
+    case Activation::relu: return v < 0.f ? 0.f : v;  // keeps NaN, as torch.relu does
+    case Activation::gelu: return 0.5f * v * (1.f + erff(v * 0.70710678118654752f));
+    case Activation::silu: return v / (1.f + expf(-v));
+    default: return v;
+  }
+}
+
+// Shape constants derived from a tile configuration (gemm_heuristics.h).
+template <typename Tile>
+struct GemmShape {
+  static constexpr int kBlockN = Tile::kBlockN, kBlockM = Tile::kBlockM, kStages = Tile::kStages;
+  static constexpr int kWarpsN = Tile::kWarpsN, kWarpsM = Tile::kWarpsM;
+  static constexpr int kThreads = 32 * kWarpsN * kWarpsM;
+  static constexpr int kWarpN = kBlockN / kWarpsN, kWarpM = kBlockM / kWarpsM;
+  static constexpr int kTilesN = kWarpN / 16, kTilesM = kWarpM / 8;
+  static constexpr int kBlockK = gemm_tiles::kBlockK;
+  static constexpr int kRowBytesA = kBlockK / 2 * 2;  // 32 compressed 16-bit values
+  static constexpr int kRowBytesB = kBlockK * 2;      // 64 16-bit values
+  static constexpr int kMetaSliceBytes = kBlockK / 32 * int(kMetaWordsPerTile) * 4;  // per 16 rows
+  static constexpr int kBytesA = kBlockN * kRowBytesA;
+  static constexpr int kBytesB = kBlockM * kRowBytesB;
+  static constexpr int kBytesMeta = kBlockN / 16 * kMetaSliceBytes;
+  static constexpr int kStageBytes = kBytesA + kBytesB + kBytesMeta;
+  static constexpr int kEpilogueStride = kBlockN + 8;  // elements per row of Ys
+  static constexpr int kEpilogueBytes = kBlockM * kEpilogueStride * 2;
+  static constexpr int kSmemBytes = kStages * kStageBytes > kEpilogueBytes ? kStages * kStageBytes : kEpilogueBytes;
+
+  static_assert(kBlockK == 64, "the swizzles below assume 64-byte A rows and 128-byte B rows");
+  static_assert(kBlockK % kMetaKPad == 0 && kMetaRowPad % kBlockN == 0, "metadata padding must cover every tile");
+  static_assert(kWarpN % 16 == 0 && kWarpM % 8 == 0, "warp tile: whole mma tiles");
+  static_assert(kStages >= 2, "cp.async pipeline needs two stages");
+};
+
+// Copies one 16-byte chunk (8 elements) of a global row into shared memory. vector_ok: the
+// operand's rows allow cp.async (see the header comment); valid: elements of the row left
+// from src on (<= 0 or !row_ok: the chunk is zero-filled and src is not read).
+SG_DEVICE void copy_chunk(char* dst, const uint16_t* src, bool row_ok, int64_t valid, bool vector_ok) {
+  const bool any = row_ok && valid > 0;
+  if (vector_ok) {
+    cp_async_16(dst, src, any);
+    return;
+  }
+  uint16_t elems[8];
+  for (int i = 0; i < 8; ++i) elems[i] = (any && i < valid) ? src[i] : uint16_t(0);
+  ElementPack<uint16_t, 8> pack;
+  for (int i = 0; i < 8; ++i) pack.v[i] = elems[i];
+  *reinterpret_cast<ElementPack<uint16_t, 8>*>(dst) = pack;
+}
+
+// Block (blockIdx.x, blockIdx.y, blockIdx.z) = (M tile, N tile, K split).
+// p: GemmParams (params.h) with x: X[M, K], values: Wc[N, Kc], meta: E (kernel layout,
+//    reorder.cuh), bias: bias[N] or null, y: Y[M, N], workspace: fp32 [gridDim.z, M, N] when
+//    gridDim.z > 1 (then this kernel writes raw partial sums and splitk_finalize_kernel does the
+//    epilogue), act: the activation.
+// k_tiles_per_split: k-tiles of each split (the last one may have fewer).
+template <DType kDType, typename Tile>
+SG_GLOBAL void SG_LAUNCH_BOUNDS(GemmShape<Tile>::kThreads) gemm_sp_kernel(GemmParams p, int64_t k_tiles_per_split) {
+  using S = GemmShape<Tile>;
+  using Traits = ElementTraits<kDType>;
+  SG_DYNAMIC_SMEM(char, smem);
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31, warp = tid >> 5;
+  const int warp_n = warp % S::kWarpsN, warp_m = warp / S::kWarpsN;
+  const int64_t m0 = int64_t(blockIdx.x) * S::kBlockM;
+  const int64_t n0 = int64_t(blockIdx.y) * S::kBlockN;
+  const int64_t Kc = values_cols(p.K);
+  const int64_t k_tiles = gemm_k_tiles(p.K);
+  const int64_t meta_k_tiles32 = meta_k_padded(p.K) / 32;
+  const int64_t kt_begin = int64_t(blockIdx.z) * k_tiles_per_split;
+  const int64_t kt_end = kt_begin + k_tiles_per_split < k_tiles ? kt_begin + k_tiles_per_split : k_tiles;
+  const int num_tiles = kt_end > kt_begin ? int(kt_end - kt_begin) : 0;
+
+  const uint16_t* values = static_cast<const uint16_t*>(p.values);
+  const uint16_t* x = static_cast<const uint16_t*>(p.x);
+  const char* meta = static_cast<const char*>(p.meta);
+  const bool a_vector_ok = Kc % 8 == 0 && reinterpret_cast<uintptr_t>(values) % 16 == 0;
+  const bool b_vector_ok = p.K % 8 == 0 && p.ldx % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
+
+  // Issues the copies of k-tile kt into pipeline stage `stage` (no commit).
+  auto load_tile = [&](int64_t kt, int stage) {
+    char* sA = smem + stage * S::kStageBytes;
+    char* sB = sA + S::kBytesA;
+    char* sMeta = sB + S::kBytesB;
+    for (int c = tid; c < S::kBlockN * 4; c += S::kThreads) {
+      const int r = c >> 2, chunk = c & 3;
+      const int64_t n = n0 + r, col = kt * (S::kBlockK / 2) + chunk * 8;
+      const bool row_ok = n < p.N;
+      copy_chunk(sA + r * S::kRowBytesA + ((chunk ^ ((r >> 1) & 3)) << 4), row_ok ? values + n * Kc + col : values,
+                 row_ok, Kc - col, a_vector_ok);
+    }
+    for (int c = tid; c < S::kBlockM * 8; c += S::kThreads) {
+      const int r = c >> 3, chunk = c & 7;
+      const int64_t m = m0 + r, col = kt * S::kBlockK + chunk * 8;
+      const bool row_ok = m < p.M;
+      copy_chunk(sB + r * S::kRowBytesB + ((chunk ^ (r & 7)) << 4), row_ok ? x + m * p.ldx + col : x, row_ok,
+                 p.K - col, b_vector_ok);
+    }
+    for (int c = tid; c < S::kBytesMeta / 16; c += S::kThreads) {
+      const int slice = c / (S::kMetaSliceBytes / 16), chunk = c % (S::kMetaSliceBytes / 16);
+      const int64_t tile16 = n0 / 16 + slice;
+      const char* src = meta + (tile16 * meta_k_tiles32 + kt * (S::kBlockK / 32)) * kMetaWordsPerTile * 4 + chunk * 16;
+      cp_async_16(sMeta + slice * S::kMetaSliceBytes + chunk * 16, src, true);
+    }
+  };
+
+  float acc[S::kTilesN][S::kTilesM][4];
+#pragma unroll
+  for (int i = 0; i < S::kTilesN; ++i)
+#pragma unroll
+    for (int j = 0; j < S::kTilesM; ++j)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.f;
+
+  // Multi-stage pipeline: kStages - 1 k-tiles in flight while one is computed. One commit per
+  // iteration (possibly empty) keeps cp_async_wait's group count exact in the tail.
+  for (int s = 0; s < S::kStages - 1; ++s) {
+    if (s < num_tiles) load_tile(kt_begin + s, s);
+    cp_async_commit();
+  }
+  for (int it = 0; it < num_tiles; ++it) {
+    cp_async_wait<S::kStages - 2>();
+    // Makes tile `it` visible to all threads and guarantees that everyone is done with the
+    // stage the next load overwrites (the one computed in iteration it - 1).
+    __syncthreads();
+    const int next = it + S::kStages - 1;
+    if (next < num_tiles) load_tile(kt_begin + next, next % S::kStages);
+    cp_async_commit();
+
+    const char* sA = smem + (it % S::kStages) * S::kStageBytes;
+    const char* sB = sA + S::kBytesA;
+    const char* sMeta = sB + S::kBytesB;
+#pragma unroll
+    for (int ks = 0; ks < S::kBlockK / 32; ++ks) {
+      uint32_t a[S::kTilesN][4];
+      uint32_t e[S::kTilesN];
+#pragma unroll
+      for (int i = 0; i < S::kTilesN; ++i) {
+        // ldmatrix.x4 lanes 0-15 address rows 0-15 of the left 8 compressed columns, lanes
+        // 16-31 the right 8: registers come out in mma's A quadrant order (0,0) (8,0) (0,8) (8,8).
+        const int row = warp_n * S::kWarpN + i * 16 + (lane & 15);
+        const int chunk = ks * 2 + (lane >> 4);
+        ldmatrix_x4(a[i], sA + row * S::kRowBytesA + ((chunk ^ ((row >> 1) & 3)) << 4));
+        // Selector 0: lane 4g + p (p = lane & 1) supplies word 2g + p; t = 2, 3 duplicate it.
+        const int slice = (warp_n * S::kWarpN) / 16 + i;
+        e[i] = *reinterpret_cast<const uint32_t*>(sMeta + slice * S::kMetaSliceBytes + ks * kMetaWordsPerTile * 4 +
+                                                   ((lane >> 2) * 2 + (lane & 1)) * 4);
+      }
+#pragma unroll
+      for (int j = 0; j < S::kTilesM; ++j) {
+        // Matrix q of the x4 = K columns 8q..8q+7 of 8 X rows: register q = b_{2q}, b_{2q+1}.
+        uint32_t b[4];
+        const int row = warp_m * S::kWarpM + j * 8 + (lane & 7);
+        const int chunk = ks * 4 + (lane >> 3);
+        ldmatrix_x4(b, sB + row * S::kRowBytesB + ((chunk ^ (row & 7)) << 4));
+#pragma unroll
+        for (int i = 0; i < S::kTilesN; ++i) {
+          if constexpr (kDType == DType::bf16) {
+            mma_sp_m16n8k32_bf16(acc[i][j], a[i], b, acc[i][j], e[i]);
+          } else {
+            mma_sp_m16n8k32_f16(acc[i][j], a[i], b, acc[i][j], e[i]);
+          }
+        }
+      }
+    }
+  }
+  cp_async_wait_all();
+
+  const int g = lane >> 2, t = lane & 3;
+  if (gridDim.z > 1) {
+    // Split-K: raw fp32 partial sums, [split][m][n]; the finalize kernel reduces them in order.
+    float* partial = static_cast<float*>(p.workspace) + int64_t(blockIdx.z) * p.M * p.N;
+#pragma unroll
+    for (int i = 0; i < S::kTilesN; ++i)
+#pragma unroll
+      for (int j = 0; j < S::kTilesM; ++j)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int64_t n = n0 + warp_n * S::kWarpN + i * 16 + g + 8 * (r >> 1);
+          const int64_t m = m0 + warp_m * S::kWarpM + j * 8 + 2 * t + (r & 1);
+          if (n < p.N && m < p.M) partial[m * p.N + n] = acc[i][j][r];
+        }
+    return;
+  }
+
+  // Epilogue: bias + activation in fp32, one rounding to the output type, transposed into Ys,
+  // then 16-byte stores along N.
+  __syncthreads();  // every warp is done reading the pipeline stages that Ys overwrites
+  using T = typename Traits::Storage;
+  T* ys = reinterpret_cast<T*>(smem);
+  const T* bias = static_cast<const T*>(p.bias);
+#pragma unroll
+  for (int i = 0; i < S::kTilesN; ++i)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int n_local = warp_n * S::kWarpN + i * 16 + g + 8 * half;
+      const int64_t n = n0 + n_local;
+      const float bias_n = (bias != nullptr && n < p.N) ? Traits::to_float(bias[n]) : 0.f;
+#pragma unroll
+      for (int j = 0; j < S::kTilesM; ++j)
+#pragma unroll
+        for (int col = 0; col < 2; ++col) {
+          const int m_local = warp_m * S::kWarpM + j * 8 + 2 * t + col;
+          ys[m_local * S::kEpilogueStride + n_local] =
+              Traits::from_float(apply_activation(acc[i][j][2 * half + col] + bias_n, p.act));
+        }
+    }
+  __syncthreads();
+  T* y = static_cast<T*>(p.y);
+  for (int c = tid; c < S::kBlockM * (S::kBlockN / 8); c += S::kThreads) {
+    const int m_local = c / (S::kBlockN / 8), chunk = c % (S::kBlockN / 8);
+    const int64_t m = m0 + m_local, n = n0 + chunk * 8;
+    if (m >= p.M || n >= p.N) continue;
+    const auto& row = *reinterpret_cast<const ElementPack<T, 8>*>(ys + m_local * S::kEpilogueStride + chunk * 8);
+    store_elements<T, 8>(y + m * p.ldy + n, row.v, p.N - n);
+  }
+}
+
+// Split-K epilogue: Y[m, n] = act(sum over splits of workspace[s, m, n] + bias[n]), summed in
+// split order (deterministic). Grid-stride over M * N.
+template <DType kDType>
+SG_GLOBAL void splitk_finalize_kernel(GemmParams p, int splits) {
+  using Traits = ElementTraits<kDType>;
+  using T = typename Traits::Storage;
+  const float* partial = static_cast<const float*>(p.workspace);
+  const T* bias = static_cast<const T*>(p.bias);
+  T* y = static_cast<T*>(p.y);
+  const int64_t total = p.M * p.N;
+  for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t m = idx / p.N, n = idx % p.N;
+    float sum = 0.f;
+    for (int s = 0; s < splits; ++s) sum += partial[s * total + idx];
+    if (bias != nullptr) sum += Traits::to_float(bias[n]);
+    y[m * p.ldy + n] = Traits::from_float(apply_activation(sum, p.act));
+  }
+}
+
+}  // namespace SG_KERNEL_NS
+}  // namespace sparsegemm

@@ -1,0 +1,43 @@
+// Host entry points of the GPU kernels (csrc/cuda/), declared twice with the same signatures:
+//   sparsegemm::cuda  - launches on the device (kernels.cu, built by nvcc);
+//   sparsegemm::simt  - runs the very same kernel sources on the CPU through the SIMT emulator
+//                       (csrc/simt/kernels_simt.cpp), for tests on machines without a GPU.
+// Every pointer is device memory for cuda and host memory for simt. `stream` is a cudaStream_t
+// for cuda (the caller's current stream; nothing here synchronises) and is ignored by simt.
+// Nothing validates arguments: sparsegemm/ops.py does that first.
+#pragma once
+#include <cstdint>
+
+#include "../params.h"
+
+namespace sparsegemm {
+
+#define SPARSEGEMM_DECLARE_KERNEL_API                                                              \
+  /* W[N, K] -> Wc + the LOGICAL E (format.h). Strict mode (prune=false) writes the smallest   */ \
+  /* bad row * num_groups(K) + group to *first_bad_group, or -1.                               */ \
+  void compress(const CompressParams& p, void* stream);                                           \
+  /* Wc + logical E -> W[N, K] (contiguous). */                                                   \
+  void decompress(const DecompressParams& p, void* stream);                                       \
+  /* Bytes of the kernel-layout E that reorder_meta writes and gemm reads (layout: reorder.cuh). */ \
+  int64_t kernel_meta_bytes(int64_t N, int64_t K);                                                \
+  /* logical E[N, meta_cols(K)] -> kernel_meta[kernel_meta_bytes(N, K)] (16-byte aligned). */     \
+  void reorder_meta(const uint8_t* logical_meta, void* kernel_meta, int64_t N, int64_t K, void* stream); \
+  /* Y = act(X @ W^T + bias); p.meta is the kernel-layout E, p.workspace has                   */ \
+  /* gemm_workspace_bytes(M, N, K) bytes (or the bytes for the forced p.config / p.split_k).   */ \
+  void gemm(const GemmParams& p, void* stream);                                                   \
+  /* fp32 scratch the split-K decode path needs for this problem (0: none), for p.config = -1. */ \
+  int64_t gemm_workspace_bytes(int64_t M, int64_t N, int64_t K);                                  \
+  /* The same for a forced configuration (config, split_k as in GemmParams). */                   \
+  int64_t gemm_workspace_bytes_for(int64_t M, int64_t N, int64_t K, int config, int split_k);
+
+namespace simt {
+SPARSEGEMM_DECLARE_KERNEL_API
+}  // namespace simt
+
+namespace cuda {
+SPARSEGEMM_DECLARE_KERNEL_API
+}  // namespace cuda
+
+#undef SPARSEGEMM_DECLARE_KERNEL_API
+
+}  // namespace sparsegemm

@@ -1,0 +1,135 @@
+// Host side of every kernel in csrc/cuda/: launch shapes, the dtype/tile dispatch and with it the
+// complete instantiation list. Compiled twice from this one source: by nvcc into
+// sparsegemm::cuda (kernels.cu) and by the host compiler into sparsegemm::simt, where the SIMT
+// emulator runs the same kernels (csrc/simt/kernels_simt.cpp). Declarations: kernels.h.
+#pragma once
+#include <algorithm>
+#include <cstdint>
+
+#include "../format.h"
+#include "../params.h"
+#include "arch/portability.cuh"
+#include "compress.cuh"
+#include "gemm_heuristics.h"
+#include "gemm_sp.cuh"
+#include "kernels.h"
+#include "reorder.cuh"
+
+namespace sparsegemm {
+namespace SG_KERNEL_NS {
+
+namespace {
+
+// Blocks for a grid-stride loop over `total` items: enough to fill any GPU, capped so that the
+// emulator (one block at a time) is not swamped by tiny blocks.
+unsigned elementwise_blocks(int64_t total) {
+  const int64_t blocks = (total + kElementwiseThreads - 1) / kElementwiseThreads;
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(blocks, 4096)));
+}
+
+// SMs of the current device, which sizes the decode split-K. The emulator reports a small fixed
+// count so that tests on small shapes still take the split-K path.
+int multiprocessor_count() {
+#if defined(__CUDACC__)
+  int device = 0, count = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+    cudaGetLastError();
+    return 1;
+  }
+  return count;
+#else
+  return 4;
+#endif
+}
+
+template <DType kDType>
+void launch_compress(const CompressParams& p, sg_stream_t stream) {
+  const int64_t total = p.N * meta_cols(p.K);
+  auto* first_bad = reinterpret_cast<long long*>(p.first_bad_group);
+  if (!p.prune) sg_launch(first_bad_group_init_kernel, dim3(1), dim3(1), 0, stream, first_bad);
+  if (total > 0)
+    sg_launch(compress_kernel<kDType>, dim3(elementwise_blocks(total)), dim3(kElementwiseThreads), 0, stream, p);
+  if (!p.prune) sg_launch(first_bad_group_finish_kernel, dim3(1), dim3(1), 0, stream, first_bad);
+}
+
+template <DType kDType>
+void launch_decompress(const DecompressParams& p, sg_stream_t stream) {
+  const int64_t total = p.N * meta_cols(p.K);
+  if (total > 0)
+    sg_launch(decompress_kernel<kDType>, dim3(elementwise_blocks(total)), dim3(kElementwiseThreads), 0, stream, p);
+}
+
+template <DType kDType, typename Tile>
+void launch_gemm(const GemmParams& p, const GemmPlan& plan, sg_stream_t stream) {
+  using S = GemmShape<Tile>;
+  const dim3 grid(static_cast<unsigned>((p.M + S::kBlockM - 1) / S::kBlockM),
+                  static_cast<unsigned>((p.N + S::kBlockN - 1) / S::kBlockN), static_cast<unsigned>(plan.split_k));
+  sg_launch(gemm_sp_kernel<kDType, Tile>, grid, dim3(S::kThreads), size_t(S::kSmemBytes), stream, p, plan.k_tiles_per_split);
+  if (plan.split_k > 1) {
+    sg_launch(splitk_finalize_kernel<kDType>, dim3(elementwise_blocks(p.M * p.N)), dim3(kElementwiseThreads), 0,
+              stream, p, plan.split_k);
+  }
+}
+
+template <DType kDType>
+void launch_gemm_tile(const GemmParams& p, const GemmPlan& plan, sg_stream_t stream) {
+  if (plan.config == GemmConfig::decode) {
+    launch_gemm<kDType, gemm_tiles::Decode>(p, plan, stream);
+  } else {
+    launch_gemm<kDType, gemm_tiles::LargeM>(p, plan, stream);
+  }
+}
+
+}  // namespace
+
+void compress(const CompressParams& p, void* stream) {
+  const auto s = static_cast<sg_stream_t>(stream);
+  switch (p.dtype) {
+    case DType::f32: launch_compress<DType::f32>(p, s); break;
+    case DType::f16: launch_compress<DType::f16>(p, s); break;
+    case DType::bf16: launch_compress<DType::bf16>(p, s); break;
+    default: break;  // ops.py admits only the float types here
+  }
+}
+
+void decompress(const DecompressParams& p, void* stream) {
+  const auto s = static_cast<sg_stream_t>(stream);
+  switch (p.dtype) {
+    case DType::f32: launch_decompress<DType::f32>(p, s); break;
+    case DType::f16: launch_decompress<DType::f16>(p, s); break;
+    case DType::bf16: launch_decompress<DType::bf16>(p, s); break;
+    default: break;
+  }
+}
+
+int64_t kernel_meta_bytes(int64_t N, int64_t K) {
+  return meta_rows_padded(N) / 16 * (meta_k_padded(K) / 32) * kMetaWordsPerTile * int64_t(sizeof(uint32_t));
+}
+
+void reorder_meta(const uint8_t* logical_meta, void* kernel_meta, int64_t N, int64_t K, void* stream) {
+  const int64_t words = kernel_meta_bytes(N, K) / int64_t(sizeof(uint32_t));
+  if (words == 0) return;
+  sg_launch(reorder_meta_kernel, dim3(elementwise_blocks(words)), dim3(kElementwiseThreads), 0,
+            static_cast<sg_stream_t>(stream), logical_meta, static_cast<uint32_t*>(kernel_meta), N, K);
+}
+
+int64_t gemm_workspace_bytes_for(int64_t M, int64_t N, int64_t K, int config, int split_k) {
+  return gemm_plan_workspace_bytes(plan_gemm(M, N, K, multiprocessor_count(), config, split_k), M, N);
+}
+
+int64_t gemm_workspace_bytes(int64_t M, int64_t N, int64_t K) { return gemm_workspace_bytes_for(M, N, K, -1, 0); }
+
+void gemm(const GemmParams& p, void* stream) {
+  if (p.M == 0 || p.N == 0) return;
+  const GemmPlan plan = plan_gemm(p.M, p.N, p.K, multiprocessor_count(), p.config, p.split_k);
+  const auto s = static_cast<sg_stream_t>(stream);
+  switch (p.dtype) {
+    case DType::f16: launch_gemm_tile<DType::f16>(p, plan, s); break;
+    case DType::bf16: launch_gemm_tile<DType::bf16>(p, plan, s); break;
+    default: break;  // the int8 GEMM is a separate kernel family (issue 4)
+  }
+}
+
+}  // namespace SG_KERNEL_NS
+}  // namespace sparsegemm

@@ -1,0 +1,103 @@
+"""The CUDA kernels on a GPU (sparsegemm._C.cuda_*): the emulator test matrix plus large shapes.
+Oracles and shapes come from test_kernels_simt.py, so both backends answer to the same numbers.
+Skips without a CUDA build or a GPU; nothing touches CUDA at import time."""
+import numpy as np
+import pytest
+import torch
+
+from sparsegemm import _C
+from test_kernels_simt import (ACT_CODES, DECODE, DTYPE_CODES, GEMM_SHAPES, LARGE_M, activation, padded_k,
+                               reference_compress, reference_decompress, sparse_weight)
+
+pytestmark = pytest.mark.skipif(
+    not (_C.build_info()["cuda_built"] and torch.cuda.is_available()),
+    reason="needs a CUDA build of sparsegemm._C and a CUDA GPU (torch.cuda.is_available())")
+
+
+def stream():
+    return torch.cuda.current_stream().cuda_stream
+
+
+def cuda_compress(w, prune=True):
+    n, k = w.shape
+    values = torch.full((n, padded_k(k) // 2), 7, dtype=w.dtype, device="cuda")
+    meta = torch.full((n, (padded_k(k) // 4 + 1) // 2), 0xFF, dtype=torch.uint8, device="cuda")
+    bad = torch.zeros(1, dtype=torch.int64, device="cuda")
+    _C.cuda_compress(n, k, w.data_ptr(), w.stride(0), values.data_ptr(), meta.data_ptr(), DTYPE_CODES[w.dtype],
+                     prune, bad.data_ptr(), stream())
+    return values, meta, int(bad.item())
+
+
+def cuda_gemm(x, values, meta, n, k, bias=None, act="none", config=-1, split_k=0):
+    m = x.shape[0]
+    kmeta = torch.empty(_C.cuda_kernel_meta_bytes(n, k), dtype=torch.uint8, device="cuda")
+    _C.cuda_reorder_meta(meta.data_ptr(), kmeta.data_ptr(), n, k, stream())
+    y = torch.full((m, n), float("nan"), dtype=x.dtype, device="cuda")
+    ws_bytes = _C.cuda_gemm_workspace_bytes(m, n, k, config, split_k)
+    ws = torch.empty(max(ws_bytes, 4), dtype=torch.uint8, device="cuda")
+    _C.cuda_gemm(m, n, k, x.data_ptr(), x.stride(0), values.data_ptr(), kmeta.data_ptr(),
+                 0 if bias is None else bias.data_ptr(), y.data_ptr(), y.stride(0), DTYPE_CODES[x.dtype],
+                 ACT_CODES[act], ws.data_ptr() if ws_bytes else 0, config, split_k, stream())
+    torch.cuda.synchronize()
+    return y
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n,k", [(3, 4), (5, 36), (4, 70), (17, 264), (1024, 4100)])
+def test_compress_decompress_match_reference(dtype, n, k):
+    gen = torch.Generator().manual_seed(n + k)
+    w = (torch.randint(-2, 3, (n, k), generator=gen).float() * 0.5).to(dtype)
+    w[0, 0] = float("nan")
+    w[-1, -1] = -0.0
+    values, meta, bad = cuda_compress(w.cuda(), prune=True)
+    ref_values, ref_meta, _ = reference_compress(w)
+    assert bad == -1
+    assert torch.equal(values.cpu().view(torch.uint8), ref_values.contiguous().view(torch.uint8))
+    np.testing.assert_array_equal(meta.cpu().numpy(), ref_meta)
+    out = torch.empty((n, k), dtype=dtype, device="cuda")
+    _C.cuda_decompress(n, k, values.data_ptr(), meta.data_ptr(), out.data_ptr(), DTYPE_CODES[dtype], stream())
+    ref = reference_decompress(values.cpu(), meta.cpu().numpy(), k)
+    assert torch.equal(out.cpu().view(torch.uint8), ref.view(torch.uint8))
+
+
+def test_strict_mode_reports_smallest_bad_group():
+    gen = torch.Generator().manual_seed(5)
+    w = sparse_weight(6, 44, torch.float16, gen)
+    assert cuda_compress(w.cuda(), prune=False)[2] == -1
+    w[4, 8:11] = 1
+    w[2, 40:44] = torch.tensor([1, 2, float("nan"), 3])
+    assert cuda_compress(w.cuda(), prune=False)[2] == 2 * 11 + 10
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("config", [LARGE_M, DECODE])
+@pytest.mark.parametrize("m,n,k", GEMM_SHAPES)
+def test_gemm_exact_small_integers(dtype, config, m, n, k):
+    gen = torch.Generator().manual_seed(m * 7 + n * 13 + k)
+    w = sparse_weight(n, k, dtype, gen, -2, 3)
+    x = torch.randint(-2, 3, (m, k), generator=gen).to(dtype)
+    bias = torch.randint(-3, 4, (n,), generator=gen).to(dtype)
+    values, meta, _ = cuda_compress(w.cuda(), prune=False)
+    y = cuda_gemm(x.cuda(), values, meta, n, k, bias=bias.cuda(), act="relu", config=config)
+    assert torch.equal(y.cpu(), torch.relu(x.double() @ w.double().T + bias.double()).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,n,k,config,split_k", [
+    (1, 8192, 8192, -1, 0), (16, 4096, 4096, -1, 0), (8, 4096, 4096, DECODE, 7),
+    (2048, 4096, 4096, -1, 0), (777, 3000, 1028, LARGE_M, 0)])
+@pytest.mark.parametrize("act", ["none", "gelu"])
+def test_gemm_large_within_twice_dense_error(dtype, m, n, k, config, split_k, act):
+    gen = torch.Generator(device="cuda").manual_seed(m + n + k)
+    w_dense = torch.randn(n, k, generator=gen, device="cuda").to(dtype)
+    values, meta, _ = cuda_compress(w_dense, prune=True)
+    w = torch.empty_like(w_dense)
+    _C.cuda_decompress(n, k, values.data_ptr(), meta.data_ptr(), w.data_ptr(), DTYPE_CODES[dtype], stream())
+    x = torch.randn(m, k, generator=gen, device="cuda").to(dtype)
+    bias = torch.randn(n, generator=gen, device="cuda").to(dtype)
+    y = cuda_gemm(x, values, meta, n, k, bias=bias, act=act, config=config, split_k=split_k)
+    exact = activation(x.double() @ w.double().T + bias.double(), act)
+    dense = activation((torch.matmul(x, w.T) + bias).double(), act)
+    base_err = (dense - exact).abs().max().item()
+    err = (y.double() - exact).abs().max().item()
+    assert err <= 2 * base_err + 1e-6, (err, base_err)

@@ -1,0 +1,58 @@
+"""The built module's GEMM really runs on the sparse tensor cores: every compiled architecture's
+gemm_sp_kernel contains HMMA.SP.16832 (fp16 and bf16 instantiations), read back from the SASS
+with cuobjdump (PyPI: nvidia-cuda-cuobjdump, installed under site-packages/nvidia/cu13/bin)."""
+import pathlib
+import re
+import shutil
+import subprocess
+import sysconfig
+
+import pytest
+
+from sparsegemm import _C
+
+
+def find_tool(name):
+    bundled = pathlib.Path(sysconfig.get_paths()["purelib"]) / "nvidia" / "cu13" / "bin" / name
+    if bundled.is_file():
+        return str(bundled)
+    return shutil.which(name)
+
+
+def sass_functions(tool, module_path, arch):
+    """{mangled function name: SASS text} of one architecture's cubin in the module."""
+    out = subprocess.run([tool, "-sass", "-arch", f"sm_{arch}", module_path], check=True, capture_output=True,
+                         text=True).stdout
+    functions = {}
+    for chunk in re.split(r"\n\s*Function : ", out)[1:]:
+        name, _, body = chunk.partition("\n")
+        functions[name.strip()] = body
+    return functions
+
+
+@pytest.fixture(scope="module")
+def cuobjdump():
+    if not _C.build_info()["cuda_built"]:
+        pytest.skip("sparsegemm._C was built without CUDA code (SPARSEGEMM_CUDA=0 or no nvcc)")
+    tool = find_tool("cuobjdump")
+    if tool is None:
+        pytest.skip("cuobjdump not found: pip install nvidia-cuda-cuobjdump")
+    return tool
+
+
+def built_archs():
+    archs = _C.build_info()["cuda_archs"]
+    return [a for a in archs.split(",") if a] or ["none"]
+
+
+@pytest.mark.parametrize("arch", built_archs())
+def test_gemm_uses_sparse_hmma(cuobjdump, arch):
+    functions = sass_functions(cuobjdump, _C.__file__, arch)
+    gemms = {name: body for name, body in functions.items() if "gemm_sp_kernel" in name}
+    # Two dtypes x two tile configurations (kernels_dispatch.cuh).
+    assert len(gemms) == 4, sorted(functions)
+    for name, body in gemms.items():
+        assert "HMMA.SP.16832.F32" in body, f"{name} on sm_{arch} has no sparse HMMA"
+        is_bf16 = "DTypeE2" in name  # DType::bf16 == 2 in the mangled template argument
+        assert ("HMMA.SP.16832.F32.BF16" in body) == is_bf16, name
+        assert "LDSM" in body, f"{name} on sm_{arch}: operands are expected to come through ldmatrix"
