@@ -104,14 +104,6 @@ def _rowmajor(t: Tensor) -> Tensor:
     return t
 
 
-def _kernel_rowmajor(t: Tensor) -> Tensor:
-    """Row-major with 16-byte aligned rows: what the kernels' 16-byte cp.async loads need."""
-    t = _rowmajor(t)
-    if t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16:
-        t = t.contiguous()
-    return t
-
-
 # ---- mask ------------------------------------------------------------------------------------
 
 @torch.library.custom_op("sparsegemm::mask_2to4", mutates_args=())
@@ -280,14 +272,16 @@ def _linear(x: Tensor, values: Tensor, meta: Tensor, kernel_meta: Optional[Tenso
         else:
             _C.cpu_gemm(m, n, k, x.data_ptr(), x.stride(0), values.data_ptr(), meta.data_ptr(), _ptr(bias),
                         y.data_ptr(), y.stride(0), code, activation, 0, 0)
-    elif backend == "simt":
-        x = _kernel_rowmajor(x)
-        _C.simt_gemm(m, n, k, x.data_ptr(), x.stride(0), values.data_ptr(), kernel_meta.data_ptr(), _ptr(bias),
-                     y.data_ptr(), y.stride(0), code, activation, 0, 0)
     else:
-        x = _kernel_rowmajor(x)
-        _C.cuda_gemm(m, n, k, x.data_ptr(), x.stride(0), values.data_ptr(), kernel_meta.data_ptr(), _ptr(bias),
-                     y.data_ptr(), y.stride(0), code, activation, 0, 0, _stream(x))
+        # The kernels read 16-byte rows with cp.async where X allows it and fall back to element
+        # copies otherwise, so any row stride works; a unit stride along K is still required.
+        x = _rowmajor(x)
+        api = "simt_" if backend == "simt" else "cuda_"
+        ws_bytes = getattr(_C, api + "gemm_workspace_bytes")(m, n, k)
+        workspace = torch.empty(ws_bytes, dtype=torch.uint8, device=x.device) if ws_bytes else None
+        getattr(_C, api + "gemm")(m, n, k, x.data_ptr(), x.stride(0), values.data_ptr(), kernel_meta.data_ptr(),
+                                  _ptr(bias), y.data_ptr(), y.stride(0), code, activation, workspace=_ptr(workspace),
+                                  stream=_stream(x) if backend == "cuda" else 0)
     return y
 
 

@@ -1,0 +1,69 @@
+"""The public API on backend="simt" (the CUDA kernels in the emulator) agrees with the CPU backend
+and the oracles; on a GPU the same checks run with backend="cuda"."""
+import pytest
+import torch
+
+import sparsegemm
+from sparsegemm import oracle
+from sparsegemm.nn import SparseLinear
+from conftest import integer_input, sparse_weight
+
+KERNEL_DTYPES = [torch.float16, torch.bfloat16]
+HAVE_GPU = torch.cuda.is_available() and sparsegemm.info()["cuda_built"]
+BACKENDS = ["simt"] + (["cuda"] if HAVE_GPU else [])
+
+
+def _dev(backend):
+    return "cuda" if backend == "cuda" else "cpu"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("n,k", [(8, 8), (33, 36), (130, 68)])
+def test_compress_decompress_match_cpu(backend, dtype, n, k):
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(n * k)).to(dtype)
+    w[0, :4] = torch.tensor([1.0, 1.0, 1.0, float("nan")])
+    ref = sparsegemm.compress(w, prune=True)
+    sw = sparsegemm.compress(w.to(_dev(backend)), prune=True, backend=backend)
+    assert torch.equal(sw.values.cpu().view(torch.int16), ref.values.view(torch.int16))
+    assert torch.equal(sw.meta.cpu(), ref.meta)
+    dense = sparsegemm.decompress(sw, backend=backend).cpu()
+    assert torch.equal(dense.view(torch.int16), sparsegemm.decompress(ref).view(torch.int16))
+    with pytest.raises(ValueError, match=r"not 2:4 sparse: row 0, group 0"):
+        sparsegemm.compress(w.to(_dev(backend)), backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("m", [1, 7, 17, 70])
+def test_linear_exact_and_within_tolerance(backend, dtype, m):
+    n, k = 72, 100
+    w = sparse_weight(n, k, dtype=dtype, seed=m, integer=True)
+    sw = sparsegemm.compress(w).to(_dev(backend))
+    x = integer_input(m, k, dtype)
+    bias = integer_input(1, n, dtype)[0]
+    y = sparsegemm.linear(x.to(_dev(backend)), sw, bias.to(_dev(backend)), activation="relu", backend=backend)
+    assert torch.equal(y.cpu(), torch.from_numpy(oracle.linear(x, w, bias, "relu")).to(dtype))
+    gen = torch.Generator().manual_seed(m)
+    xf = torch.randn(m, k, generator=gen).to(dtype)
+    wf = sparsegemm.compress(torch.randn(n, k, generator=gen).to(dtype), prune=True)
+    y = sparsegemm.linear(xf.to(_dev(backend)), wf.to(_dev(backend)), activation="silu", backend=backend)
+    oracle.assert_close_to_oracle(y.cpu(), xf, sparsegemm.decompress(wf), None, "silu")
+
+
+def test_sparse_linear_on_simt_backend_reorders_once():
+    lin = torch.nn.Linear(64, 48).half()
+    sl = SparseLinear.from_dense(lin, backend="simt")
+    x = torch.randn(3, 64).half()
+    y1 = sl(x)
+    cached = dict(sl._kernel_meta)
+    y2 = sl(x)
+    assert len(cached) == 1 and all(sl._kernel_meta[key] is value for key, value in cached.items())
+    assert torch.equal(y1, y2)
+    oracle.assert_close_to_oracle(y1, x, sl.dense_weight(), lin.bias.detach())
+
+
+def test_simt_rejects_fp32_and_gpu_only_needs_cuda():
+    sw = sparsegemm.compress(torch.randn(8, 8), prune=True)
+    with pytest.raises(TypeError, match=r"linear: x must have dtype in \(float16, bfloat16\), got float32"):
+        sparsegemm.linear(torch.randn(2, 8), sw, backend="simt")
