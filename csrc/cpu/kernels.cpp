@@ -9,8 +9,9 @@
 // metadata nibbles become per-lane indices that pick the matching X values out of the step's
 // 4 * kStepGroups fp32 values with one register permute. One FMA per step then does the work of
 // 4 * kStepGroups dense multiply-adds while reading only the compressed weight bytes, which is what
-// makes decode (M = 1, memory bound) faster than a dense GEMV. The index and weight vectors of a
-// step are reused for a block of up to kMaxRows rows of X.
+// makes decode (M = 1, memory bound) faster than a dense GEMV. Register blocking: the index and
+// weight vectors of a step are reused for kMaxRows rows of X, and each loaded X step for kCols
+// rows of W, so that loads do not limit M > 1.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -50,8 +51,12 @@ namespace {
 
 #if defined(__AVX512F__)
 constexpr int kStepGroups = 8;  // 16 fp32 lanes, 32 K positions, 4 metadata bytes
-constexpr int kMaxRows = 8;     // X rows sharing one step's vectors (8 accumulators x 2 chains)
+constexpr int kMaxRows = 4;  // X rows per register block
+constexpr int kCols = 4;     // W rows per register block: 16 accumulators + 8 step + 2 X registers
 using Acc = __m512;
+struct XStep {  // the step's 32 fp32 X values
+  __m512 low, high;
+};
 struct Step {
   __m512i index;  // 0..31: position within the step's 32 X values
   __m512 weight;  // kept values widened to fp32
@@ -82,9 +87,10 @@ inline Step load_step(const typename ElemTraits<D>::Storage* values, const uint8
 
 inline Acc zero_acc() { return _mm512_setzero_ps(); }
 
-inline Acc fma_step(Acc acc, const Step& step, const float* x) {
-  const __m512 kept_x = _mm512_permutex2var_ps(_mm512_loadu_ps(x), step.index, _mm512_loadu_ps(x + 16));
-  return _mm512_fmadd_ps(kept_x, step.weight, acc);
+inline XStep load_x(const float* x) { return {_mm512_loadu_ps(x), _mm512_loadu_ps(x + 16)}; }
+
+inline Acc fma_step(Acc acc, const Step& step, const XStep& x) {
+  return _mm512_fmadd_ps(_mm512_permutex2var_ps(x.low, step.index, x.high), step.weight, acc);
 }
 
 inline Acc add_acc(Acc a, Acc b) { return _mm512_add_ps(a, b); }
@@ -92,8 +98,12 @@ inline float reduce_acc(Acc a) { return _mm512_reduce_add_ps(a); }
 
 #elif defined(__AVX2__)
 constexpr int kStepGroups = 4;  // 8 fp32 lanes, 16 K positions, 2 metadata bytes
-constexpr int kMaxRows = 4;     // 16 ymm registers: 4 rows x 2 chains + step vectors + X loads
+constexpr int kMaxRows = 2;  // 16 ymm registers: 4 accumulators + 4 step + 2 X + 2 temporaries
+constexpr int kCols = 2;
 using Acc = __m256;
+struct XStep {  // the step's 16 fp32 X values
+  __m256 low, high;
+};
 struct Step {
   __m256i index;  // 0..7: position within the 8 X values of the lane's half of the step
   __m256 weight;
@@ -124,9 +134,11 @@ inline Step load_step(const typename ElemTraits<D>::Storage* values, const uint8
 
 inline Acc zero_acc() { return _mm256_setzero_ps(); }
 
-inline Acc fma_step(Acc acc, const Step& step, const float* x) {
-  const __m256 from_low = _mm256_permutevar8x32_ps(_mm256_loadu_ps(x), step.index);
-  const __m256 from_high = _mm256_permutevar8x32_ps(_mm256_loadu_ps(x + 8), step.index);
+inline XStep load_x(const float* x) { return {_mm256_loadu_ps(x), _mm256_loadu_ps(x + 8)}; }
+
+inline Acc fma_step(Acc acc, const Step& step, const XStep& x) {
+  const __m256 from_low = _mm256_permutevar8x32_ps(x.low, step.index);
+  const __m256 from_high = _mm256_permutevar8x32_ps(x.high, step.index);
   return _mm256_fmadd_ps(_mm256_blend_ps(from_low, from_high, 0xF0), step.weight, acc);
 }
 
@@ -141,7 +153,11 @@ inline float reduce_acc(Acc a) {
 
 #else
 constexpr int kStepGroups = 2;  // one metadata byte: 4 lanes, 8 K positions
-constexpr int kMaxRows = 4;
+constexpr int kMaxRows = 2;
+constexpr int kCols = 2;
+struct XStep {  // the step's 8 X values, read in place
+  const float* values;
+};
 struct Acc {
   float lane[4];
 };
@@ -162,8 +178,10 @@ inline Step load_step(const typename ElemTraits<D>::Storage* values, const uint8
 
 inline Acc zero_acc() { return Acc{{0.0f, 0.0f, 0.0f, 0.0f}}; }
 
-inline Acc fma_step(Acc acc, const Step& step, const float* x) {
-  for (int l = 0; l < 4; ++l) acc.lane[l] += step.weight[l] * x[step.index[l]];
+inline XStep load_x(const float* x) { return {x}; }
+
+inline Acc fma_step(Acc acc, const Step& step, const XStep& x) {
+  for (int l = 0; l < 4; ++l) acc.lane[l] += step.weight[l] * x.values[step.index[l]];
   return acc;
 }
 
@@ -319,43 +337,43 @@ inline float activate(float v, Activation act) {
   }
 }
 
-// dots[r] = sum over the row's steps of W row . X row r, for r < Rows. x: fp32 X rows, stride ldxf.
-// The last step reads tail_values / tail_meta (staged copies, zero / pad filled) when non-null.
-// Two accumulator chains per row hide the FMA latency when Rows is small.
-template <DType D, int Rows>
-void dot_rows(const typename ElemTraits<D>::Storage* values, const uint8_t* meta, int64_t full_steps,
-              const typename ElemTraits<D>::Storage* tail_values, const uint8_t* tail_meta, const float* x,
-              int64_t ldxf, float* dots) {
-  Acc even[Rows], odd[Rows];
-  for (int r = 0; r < Rows; ++r) even[r] = odd[r] = zero_acc();
-  int64_t s = 0;
-  for (; s + 2 <= full_steps; s += 2) {
-    const Step a = load_step<D>(values + s * kStepValues, meta + s * kStepMetaBytes);
-    const Step b = load_step<D>(values + (s + 1) * kStepValues, meta + (s + 1) * kStepMetaBytes);
+// One register block: dots[r * Cols + c] = W row c . X row r for r < Rows, c < Cols.
+// values[c], meta[c]: W row c in the logical layout; its last step comes from tail_values[c] and
+// tail_meta[c] (staged copies, zero / pad filled) when has_tail. x: fp32 X rows, row stride ldxf.
+template <DType D, int Rows, int Cols>
+void dot_block(const typename ElemTraits<D>::Storage* const* values, const uint8_t* const* meta, int64_t full_steps,
+               bool has_tail, const typename ElemTraits<D>::Storage (*tail_values)[kStepValues],
+               const uint8_t (*tail_meta)[kStepMetaBytes], const float* x, int64_t ldxf, float* dots) {
+  Acc acc[Rows][Cols];
+  for (int r = 0; r < Rows; ++r)
+    for (int c = 0; c < Cols; ++c) acc[r][c] = zero_acc();
+  auto accumulate = [&](const Step (&step)[Cols], int64_t s) {
     for (int r = 0; r < Rows; ++r) {
-      even[r] = fma_step(even[r], a, x + r * ldxf + s * kStepK);
-      odd[r] = fma_step(odd[r], b, x + r * ldxf + (s + 1) * kStepK);
+      const XStep xs = load_x(x + r * ldxf + s * kStepK);
+      for (int c = 0; c < Cols; ++c) acc[r][c] = fma_step(acc[r][c], step[c], xs);
     }
+  };
+  for (int64_t s = 0; s < full_steps; ++s) {
+    Step step[Cols];
+    for (int c = 0; c < Cols; ++c) step[c] = load_step<D>(values[c] + s * kStepValues, meta[c] + s * kStepMetaBytes);
+    accumulate(step, s);
   }
-  if (s < full_steps) {
-    const Step a = load_step<D>(values + s * kStepValues, meta + s * kStepMetaBytes);
-    for (int r = 0; r < Rows; ++r) even[r] = fma_step(even[r], a, x + r * ldxf + s * kStepK);
-    ++s;
+  if (has_tail) {
+    Step step[Cols];
+    for (int c = 0; c < Cols; ++c) step[c] = load_step<D>(tail_values[c], tail_meta[c]);
+    accumulate(step, full_steps);
   }
-  if (tail_values != nullptr) {
-    const Step a = load_step<D>(tail_values, tail_meta);
-    for (int r = 0; r < Rows; ++r) odd[r] = fma_step(odd[r], a, x + r * ldxf + s * kStepK);
-  }
-  for (int r = 0; r < Rows; ++r) dots[r] = reduce_acc(add_acc(even[r], odd[r]));
+  for (int r = 0; r < Rows; ++r)
+    for (int c = 0; c < Cols; ++c) dots[r * Cols + c] = reduce_acc(acc[r][c]);
 }
 
-// dot_rows with a run-time row count 1 <= rows <= Rows.
-template <DType D, int Rows = kMaxRows, typename... Args>
-void dot_rows_upto(int rows, Args... args) {
+// dot_block with a run-time row count 1 <= rows <= Rows.
+template <DType D, int Cols, int Rows = kMaxRows, typename... Args>
+void dot_block_rows(int rows, Args... args) {
   if constexpr (Rows > 1) {
-    if (rows < Rows) return dot_rows_upto<D, Rows - 1>(rows, args...);
+    if (rows < Rows) return dot_block_rows<D, Cols, Rows - 1>(rows, args...);
   }
-  dot_rows<D, Rows>(args...);
+  dot_block<D, Rows, Cols>(args...);
 }
 
 template <DType D>
@@ -372,7 +390,10 @@ void gemm_typed(const GemmParams& p) {
   const int64_t groups = num_groups(K), vcols = values_cols(K), mcols = meta_cols(K);
   const int64_t full_steps = groups / kStepGroups;
   const int64_t tail_groups = groups % kStepGroups;
-  const int64_t ldxf = (full_steps + (tail_groups != 0 ? 1 : 0)) * kStepK;
+  // Row stride of the fp32 X copy: the steps, plus one cache line when that would leave the rows a
+  // multiple of 4 KiB apart, where the kMaxRows rows read together would share L1 sets.
+  const int64_t ldxf_steps = (full_steps + (tail_groups != 0 ? 1 : 0)) * kStepK;
+  const int64_t ldxf = ldxf_steps + ((ldxf_steps * 4) % 4096 == 0 ? 16 : 0);
 
   // The calling thread owns the fp32 copy of X; workers only read it during the call.
   thread_local std::vector<float> x_fp32;
@@ -396,26 +417,44 @@ void gemm_typed(const GemmParams& p) {
       for (int64_t t = t_begin; t < t_end; ++t) {
         const int64_t n_begin = (t / m_tiles) * n_tile, n_end = std::min(N, n_begin + n_tile);
         const int64_t r_begin = (t % m_tiles) * kTileRows, r_end = std::min(rows, r_begin + kTileRows);
-        for (int64_t n = n_begin; n < n_end; ++n) {
-          const T* row_values = values + n * vcols;
-          const uint8_t* row_meta = meta + n * mcols;
-          // A partial last step is staged so the vector code never reads past the row: missing
-          // values are 0 and missing metadata bytes are pad bytes (two valid (0, 1) nibbles).
-          T tail_values[kStepValues] = {};
-          uint8_t tail_meta[kStepMetaBytes];
-          if (tail_groups != 0) {
-            std::copy(row_values + full_steps * kStepValues, row_values + vcols, tail_values);
-            std::fill(tail_meta, tail_meta + kStepMetaBytes, static_cast<uint8_t>(kPadNibble | kPadNibble << 4));
-            std::copy(row_meta + full_steps * kStepMetaBytes, row_meta + mcols, tail_meta);
+        for (int64_t n = n_begin; n < n_end; n += kCols) {
+          const int cols = static_cast<int>(std::min<int64_t>(kCols, n_end - n));
+          const T* row_values[kCols];
+          const uint8_t* row_meta[kCols];
+          // A partial last step is staged so the vector code never reads past a row: missing values
+          // are 0 and missing metadata bytes are pad bytes (two valid (0, 1) nibbles).
+          T tail_values[kCols][kStepValues] = {};
+          uint8_t tail_meta[kCols][kStepMetaBytes];
+          float bias_n[kCols];
+          for (int c = 0; c < cols; ++c) {
+            row_values[c] = values + (n + c) * vcols;
+            row_meta[c] = meta + (n + c) * mcols;
+            if (tail_groups != 0) {
+              std::copy(row_values[c] + full_steps * kStepValues, row_values[c] + vcols, tail_values[c]);
+              std::fill(tail_meta[c], tail_meta[c] + kStepMetaBytes, static_cast<uint8_t>(kPadNibble | kPadNibble << 4));
+              std::copy(row_meta[c] + full_steps * kStepMetaBytes, row_meta[c] + mcols, tail_meta[c]);
+            }
+            bias_n[c] = bias != nullptr ? ElemTraits<D>::to_float(bias[n + c]) : 0.0f;
           }
-          const float bias_n = bias != nullptr ? ElemTraits<D>::to_float(bias[n]) : 0.0f;
           for (int64_t r = r_begin; r < r_end; r += kMaxRows) {
             const int block = static_cast<int>(std::min<int64_t>(kMaxRows, r_end - r));
-            float dots[kMaxRows];
-            dot_rows_upto<D>(block, row_values, row_meta, full_steps, tail_groups != 0 ? tail_values : nullptr,
-                             tail_meta, xf + r * ldxf, ldxf, dots);
-            for (int i = 0; i < block; ++i)
-              y[(m0 + r + i) * p.ldy + n] = ElemTraits<D>::from_float(activate(dots[i] + bias_n, p.act));
+            float dots[kMaxRows * kCols];
+            if (cols == kCols) {
+              dot_block_rows<D, kCols>(block, row_values, row_meta, full_steps, tail_groups != 0, tail_values,
+                                       tail_meta, xf + r * ldxf, ldxf, dots);
+            } else {  // the last few W rows of the tile, one at a time
+              for (int c = 0; c < cols; ++c) {
+                float col_dots[kMaxRows];
+                dot_block_rows<D, 1>(block, row_values + c, row_meta + c, full_steps, tail_groups != 0,
+                                     tail_values + c, tail_meta + c, xf + r * ldxf, ldxf, col_dots);
+                for (int i = 0; i < block; ++i) dots[i * kCols + c] = col_dots[i];
+              }
+            }
+            for (int i = 0; i < block; ++i) {
+              T* y_row = y + (m0 + r + i) * p.ldy + n;
+              for (int c = 0; c < cols; ++c)
+                y_row[c] = ElemTraits<D>::from_float(activate(dots[i * kCols + c] + bias_n[c], p.act));
+            }
           }
         }
       }
