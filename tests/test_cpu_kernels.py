@@ -499,3 +499,31 @@ def test_env_var_unknown_isa_raises():
     result = _run_with_isa_env("avx1024")
     assert result.returncode != 0
     assert "RuntimeError" in result.stderr and "'avx1024'" in result.stderr
+
+
+# ---- thread pool -------------------------------------------------------------------------------
+
+def _gemm_in_child(queue):
+    rng = np.random.default_rng(11)
+    x, w, values, meta = make_problem(rng, 5, 64, 512, F32)
+    y = cpu_gemm(x, values, meta, F32, 64, 512)
+    queue.put(bool(np.allclose(y, gemm_reference(x, w, F32), rtol=1e-4, atol=1e-3)))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_pool_works_after_fork(threads):
+    # The child inherits the pool object but not its threads (e.g. torch DataLoader workers): the
+    # kernels must start a new pool there instead of waiting for workers that do not exist.
+    import multiprocessing
+    rng = np.random.default_rng(10)
+    x, w, values, meta = make_problem(rng, 5, 64, 512, F32)
+    cpu_gemm(x, values, meta, F32, 64, 512)  # the parent's pool is running
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_gemm_in_child, args=(queue,))
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("GEMM in a forked child hung")
+    assert child.exitcode == 0 and queue.get(timeout=5)
