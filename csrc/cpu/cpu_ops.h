@@ -36,7 +36,9 @@ void decompress(const DecompressParams& p);
 // after that group's own nibble; so the index always decodes to a real (row, group).
 int64_t find_invalid_meta(const uint8_t* meta, int64_t N, int64_t K);
 
-// Y = act(X @ W^T + bias), fp32 accumulation, output rounded once to p.dtype.
+// Y = act(X @ W^T + bias), fp32 accumulation, output rounded once to p.dtype. bf16 on the avx512
+// ISA multiplies with VDPBF16PS, which treats subnormal inputs and partial sums (|v| < 2^-126) as
+// zero; every other path keeps them.
 void gemm(const GemmParams& p);
 
 }  // namespace cpu

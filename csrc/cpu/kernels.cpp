@@ -3,14 +3,15 @@
 // its own namespace sparsegemm::cpu::<isa> so the three link side by side, and dispatch.cpp enters
 // a vector copy only after checking the CPU supports it.
 //
-// Sparse GEMM strategy (Y[M, N] = X[M, K] @ W[N, K]^T): X rows are widened to fp32 once per call
-// into a zero-padded buffer. For each weight row n the kernel walks K in "steps" of kStepGroups
-// groups: the step's kept values (two per group) are widened to one fp32 lane each, and the
-// metadata nibbles become per-lane indices that pick the matching X values out of the step's
-// 4 * kStepGroups fp32 values with one register permute. One FMA per step then does the work of
-// 4 * kStepGroups dense multiply-adds while reading only the compressed weight bytes, which is what
-// makes decode (M = 1, memory bound) faster than a dense GEMV. The index and weight vectors of a
-// step are reused for a block of up to kMaxRows rows of X.
+// Sparse GEMM strategy (Y[M, N] = X[M, K] @ W[N, K]^T): X rows are copied once per call into a
+// zero-padded buffer (widened to fp32; bf16 on AVX512-BF16 stays bf16). For each weight row n the
+// kernel walks K in "steps" of whole groups: the step's kept values (two per group) fill one
+// register, and the metadata nibbles become per-lane indices that pick the matching X values out
+// of the step's X values with one register permute. One FMA (or VDPBF16PS) per step then does the
+// work of twice as many dense multiply-adds while reading only the compressed weight bytes, which
+// is what makes decode (M = 1, memory bound) faster than a dense GEMV. Register blocking: the index
+// and weight vectors of a step are reused for kMaxRows rows of X, and each loaded X step for kCols
+// rows of W, so that loads do not limit M > 1.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -50,8 +51,12 @@ namespace {
 
 #if defined(__AVX512F__)
 constexpr int kStepGroups = 8;  // 16 fp32 lanes, 32 K positions, 4 metadata bytes
-constexpr int kMaxRows = 8;     // X rows sharing one step's vectors (8 accumulators x 2 chains)
+constexpr int kMaxRows = 4;  // X rows per register block
+constexpr int kCols = 4;     // W rows per register block: 16 accumulators + 8 step + 2 X registers
 using Acc = __m512;
+struct XStep {  // the step's 32 fp32 X values
+  __m512 low, high;
+};
 struct Step {
   __m512i index;  // 0..31: position within the step's 32 X values
   __m512 weight;  // kept values widened to fp32
@@ -82,9 +87,10 @@ inline Step load_step(const typename ElemTraits<D>::Storage* values, const uint8
 
 inline Acc zero_acc() { return _mm512_setzero_ps(); }
 
-inline Acc fma_step(Acc acc, const Step& step, const float* x) {
-  const __m512 kept_x = _mm512_permutex2var_ps(_mm512_loadu_ps(x), step.index, _mm512_loadu_ps(x + 16));
-  return _mm512_fmadd_ps(kept_x, step.weight, acc);
+inline XStep load_x(const float* x) { return {_mm512_loadu_ps(x), _mm512_loadu_ps(x + 16)}; }
+
+inline Acc fma_step(Acc acc, const Step& step, const XStep& x) {
+  return _mm512_fmadd_ps(_mm512_permutex2var_ps(x.low, step.index, x.high), step.weight, acc);
 }
 
 inline Acc add_acc(Acc a, Acc b) { return _mm512_add_ps(a, b); }
@@ -92,8 +98,12 @@ inline float reduce_acc(Acc a) { return _mm512_reduce_add_ps(a); }
 
 #elif defined(__AVX2__)
 constexpr int kStepGroups = 4;  // 8 fp32 lanes, 16 K positions, 2 metadata bytes
-constexpr int kMaxRows = 4;     // 16 ymm registers: 4 rows x 2 chains + step vectors + X loads
+constexpr int kMaxRows = 2;  // 16 ymm registers: 4 accumulators + 4 step + 2 X + 2 temporaries
+constexpr int kCols = 2;
 using Acc = __m256;
+struct XStep {  // the step's 16 fp32 X values
+  __m256 low, high;
+};
 struct Step {
   __m256i index;  // 0..7: position within the 8 X values of the lane's half of the step
   __m256 weight;
@@ -124,9 +134,11 @@ inline Step load_step(const typename ElemTraits<D>::Storage* values, const uint8
 
 inline Acc zero_acc() { return _mm256_setzero_ps(); }
 
-inline Acc fma_step(Acc acc, const Step& step, const float* x) {
-  const __m256 from_low = _mm256_permutevar8x32_ps(_mm256_loadu_ps(x), step.index);
-  const __m256 from_high = _mm256_permutevar8x32_ps(_mm256_loadu_ps(x + 8), step.index);
+inline XStep load_x(const float* x) { return {_mm256_loadu_ps(x), _mm256_loadu_ps(x + 8)}; }
+
+inline Acc fma_step(Acc acc, const Step& step, const XStep& x) {
+  const __m256 from_low = _mm256_permutevar8x32_ps(x.low, step.index);
+  const __m256 from_high = _mm256_permutevar8x32_ps(x.high, step.index);
   return _mm256_fmadd_ps(_mm256_blend_ps(from_low, from_high, 0xF0), step.weight, acc);
 }
 
@@ -141,7 +153,11 @@ inline float reduce_acc(Acc a) {
 
 #else
 constexpr int kStepGroups = 2;  // one metadata byte: 4 lanes, 8 K positions
-constexpr int kMaxRows = 4;
+constexpr int kMaxRows = 2;
+constexpr int kCols = 2;
+struct XStep {  // the step's 8 X values, read in place
+  const float* values;
+};
 struct Acc {
   float lane[4];
 };
@@ -162,8 +178,10 @@ inline Step load_step(const typename ElemTraits<D>::Storage* values, const uint8
 
 inline Acc zero_acc() { return Acc{{0.0f, 0.0f, 0.0f, 0.0f}}; }
 
-inline Acc fma_step(Acc acc, const Step& step, const float* x) {
-  for (int l = 0; l < 4; ++l) acc.lane[l] += step.weight[l] * x[step.index[l]];
+inline XStep load_x(const float* x) { return {x}; }
+
+inline Acc fma_step(Acc acc, const Step& step, const XStep& x) {
+  for (int l = 0; l < 4; ++l) acc.lane[l] += step.weight[l] * x.values[step.index[l]];
   return acc;
 }
 
@@ -175,9 +193,6 @@ inline Acc add_acc(Acc a, Acc b) {
 inline float reduce_acc(Acc a) { return (a.lane[0] + a.lane[1]) + (a.lane[2] + a.lane[3]); }
 #endif
 
-constexpr int kStepValues = 2 * kStepGroups;
-constexpr int kStepK = 4 * kStepGroups;
-constexpr int kStepMetaBytes = kStepGroups / 2;
 static_assert(kStepGroups % 2 == 0, "a step must cover whole metadata bytes");
 
 // ---- Shared scalar helpers ---------------------------------------------------------------------
@@ -286,29 +301,98 @@ void decompress_typed(const DecompressParams& p) {
 
 // ---- GEMM --------------------------------------------------------------------------------------
 
-// X rows converted per slab: bounds the fp32 copy of X (slab * padded K * 4 bytes).
+// X rows copied per slab: bounds the copy of X (slab * padded K * 4 bytes at most).
 constexpr int64_t kSlabRows = 256;
-// X rows per task: their fp32 copy (kTileRows * K * 4 bytes) stays in L2 across a task's W rows.
+// X rows per task: their copy (kTileRows * K * 4 bytes at most) stays in L2 across a task's W rows.
 constexpr int64_t kTileRows = 32;
 static_assert(kTileRows % kMaxRows == 0, "tiles split into whole row blocks");
 
-// dst[0, padded_len) <- fp32 of src[0, K), then zeros (the padded tail of the last step).
+// The ISA's fp32 step: X widened to fp32, one kept value per fp32 lane, one FMA per step.
 template <DType D>
-void widen_row(const typename ElemTraits<D>::Storage* src, int64_t K, float* dst, int64_t padded_len) {
-  int64_t k = 0;
-#if defined(__AVX512F__) || defined(__AVX2__)
-  constexpr int kLanes = kStepValues;
-  for (; k + kLanes <= K; k += kLanes) {
+struct Fp32Steps {
+  using Storage = typename ElemTraits<D>::Storage;
+  using XElem = float;  // element of the X copy the steps read
+  using StepVectors = Step;
+  using XVectors = XStep;
+  static constexpr int kGroups = kStepGroups;
+
+  static StepVectors load(const Storage* values, const uint8_t* meta) { return load_step<D>(values, meta); }
+  static XVectors load_x_step(const float* x) { return load_x(x); }
+  static Acc fma(Acc acc, const StepVectors& step, const XVectors& x) { return fma_step(acc, step, x); }
+
+  // dst[0, padded_len) <- fp32 of src[0, K), then zeros (the padded tail of the last step).
+  static void copy_x_row(const Storage* src, int64_t K, float* dst, int64_t padded_len) {
+    int64_t k = 0;
 #if defined(__AVX512F__)
-    _mm512_storeu_ps(dst + k, widen_lanes<D>(src + k));
-#else
-    _mm256_storeu_ps(dst + k, widen_lanes<D>(src + k));
+    for (; k + 16 <= K; k += 16) _mm512_storeu_ps(dst + k, widen_lanes<D>(src + k));
+#elif defined(__AVX2__)
+    for (; k + 8 <= K; k += 8) _mm256_storeu_ps(dst + k, widen_lanes<D>(src + k));
 #endif
+    for (; k < K; ++k) dst[k] = ElemTraits<D>::to_float(src[k]);
+    std::fill(dst + K, dst + padded_len, 0.0f);
   }
+};
+
+#if defined(__AVX512BF16__)
+// bf16 on AVX512-BF16: X stays bf16 and VDPBF16PS multiplies 32 bf16 pairs per instruction, twice
+// the K per step of the fp32 path at the same permute + FMA cost. The products are exact in fp32
+// and accumulate with round to nearest even, as the fp32 path does; like every VDPBF16PS user,
+// this path treats subnormal inputs and results (|v| < 2^-126) as zero.
+struct Bf16PairSteps {
+  using Storage = uint16_t;
+  using XElem = uint16_t;
+  struct StepVectors {
+    __m512i index;   // 32 x 16-bit: 0..63, position within the step's 64 X values
+    __m512i weight;  // the 32 kept bf16 values; lanes 2i, 2i+1 (one group) feed fp32 lane i
+  };
+  struct XVectors {
+    __m512i low, high;  // the step's 64 bf16 X values
+  };
+  static constexpr int kGroups = 16;  // 64 K positions, 8 metadata bytes
+
+  static StepVectors load(const uint16_t* values, const uint8_t* meta) {
+    // Lane l needs bits [2l+1 : 2l] of the 8 metadata bytes: 16-bit word l / 8, shifted by 2 (l % 8).
+    alignas(64) static constexpr uint16_t kWordOfLane[32] = {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                                             2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3};
+    alignas(64) static constexpr uint16_t kShift[32] = {0, 2, 4, 6, 8, 10, 12, 14, 0, 2, 4, 6, 8, 10, 12, 14,
+                                                        0, 2, 4, 6, 8, 10, 12, 14, 0, 2, 4, 6, 8, 10, 12, 14};
+    alignas(64) static constexpr uint16_t kGroupBase[32] = {0,  0,  4,  4,  8,  8,  12, 12, 16, 16, 20,
+                                                            20, 24, 24, 28, 28, 32, 32, 36, 36, 40, 40,
+                                                            44, 44, 48, 48, 52, 52, 56, 56, 60, 60};
+    uint64_t codes;
+    std::memcpy(&codes, meta, sizeof codes);
+    const __m512i words = _mm512_permutexvar_epi16(_mm512_load_si512(kWordOfLane),
+                                                   _mm512_set1_epi64(static_cast<long long>(codes)));
+    const __m512i code = _mm512_and_si512(_mm512_srlv_epi16(words, _mm512_load_si512(kShift)), _mm512_set1_epi16(3));
+    return {_mm512_add_epi16(code, _mm512_load_si512(kGroupBase)), _mm512_loadu_si512(values)};
+  }
+
+  static XVectors load_x_step(const uint16_t* x) { return {_mm512_loadu_si512(x), _mm512_loadu_si512(x + 32)}; }
+
+  static Acc fma(Acc acc, const StepVectors& step, const XVectors& x) {
+    const __m512i kept_x = _mm512_permutex2var_epi16(x.low, step.index, x.high);
+    return _mm512_dpbf16_ps(acc, reinterpret_cast<const __m512bh&>(kept_x),
+                            reinterpret_cast<const __m512bh&>(step.weight));
+  }
+
+  static void copy_x_row(const uint16_t* src, int64_t K, uint16_t* dst, int64_t padded_len) {
+    std::copy(src, src + K, dst);
+    std::fill(dst + K, dst + padded_len, uint16_t{0});
+  }
+};
 #endif
-  for (; k < K; ++k) dst[k] = ElemTraits<D>::to_float(src[k]);
-  std::fill(dst + K, dst + padded_len, 0.0f);
-}
+
+// The step implementation the GEMM uses for dtype D on this ISA.
+template <DType D>
+struct StepsFor {
+  using type = Fp32Steps<D>;
+};
+#if defined(__AVX512BF16__)
+template <>
+struct StepsFor<DType::bf16> {
+  using type = Bf16PairSteps;
+};
+#endif
 
 inline float activate(float v, Activation act) {
   switch (act) {
@@ -319,43 +403,46 @@ inline float activate(float v, Activation act) {
   }
 }
 
-// dots[r] = sum over the row's steps of W row . X row r, for r < Rows. x: fp32 X rows, stride ldxf.
-// The last step reads tail_values / tail_meta (staged copies, zero / pad filled) when non-null.
-// Two accumulator chains per row hide the FMA latency when Rows is small.
-template <DType D, int Rows>
-void dot_rows(const typename ElemTraits<D>::Storage* values, const uint8_t* meta, int64_t full_steps,
-              const typename ElemTraits<D>::Storage* tail_values, const uint8_t* tail_meta, const float* x,
-              int64_t ldxf, float* dots) {
-  Acc even[Rows], odd[Rows];
-  for (int r = 0; r < Rows; ++r) even[r] = odd[r] = zero_acc();
-  int64_t s = 0;
-  for (; s + 2 <= full_steps; s += 2) {
-    const Step a = load_step<D>(values + s * kStepValues, meta + s * kStepMetaBytes);
-    const Step b = load_step<D>(values + (s + 1) * kStepValues, meta + (s + 1) * kStepMetaBytes);
+// One register block: dots[r * Cols + c] = W row c . X row r for r < Rows, c < Cols.
+// values[c], meta[c]: W row c in the logical layout; its last step comes from tail_values[c] and
+// tail_meta[c] (staged copies, zero / pad filled) when has_tail. x: X copy rows, row stride ldx.
+template <typename Steps, int Rows, int Cols>
+void dot_block(const typename Steps::Storage* const* values, const uint8_t* const* meta, int64_t full_steps,
+               bool has_tail, const typename Steps::Storage (*tail_values)[2 * Steps::kGroups],
+               const uint8_t (*tail_meta)[Steps::kGroups / 2], const typename Steps::XElem* x, int64_t ldx,
+               float* dots) {
+  constexpr int kValues = 2 * Steps::kGroups, kMetaBytes = Steps::kGroups / 2, kK = 4 * Steps::kGroups;
+  using StepVectors = typename Steps::StepVectors;
+  Acc acc[Rows][Cols];
+  for (int r = 0; r < Rows; ++r)
+    for (int c = 0; c < Cols; ++c) acc[r][c] = zero_acc();
+  auto accumulate = [&](const StepVectors (&step)[Cols], int64_t s) {
     for (int r = 0; r < Rows; ++r) {
-      even[r] = fma_step(even[r], a, x + r * ldxf + s * kStepK);
-      odd[r] = fma_step(odd[r], b, x + r * ldxf + (s + 1) * kStepK);
+      const typename Steps::XVectors xs = Steps::load_x_step(x + r * ldx + s * kK);
+      for (int c = 0; c < Cols; ++c) acc[r][c] = Steps::fma(acc[r][c], step[c], xs);
     }
+  };
+  for (int64_t s = 0; s < full_steps; ++s) {
+    StepVectors step[Cols];
+    for (int c = 0; c < Cols; ++c) step[c] = Steps::load(values[c] + s * kValues, meta[c] + s * kMetaBytes);
+    accumulate(step, s);
   }
-  if (s < full_steps) {
-    const Step a = load_step<D>(values + s * kStepValues, meta + s * kStepMetaBytes);
-    for (int r = 0; r < Rows; ++r) even[r] = fma_step(even[r], a, x + r * ldxf + s * kStepK);
-    ++s;
+  if (has_tail) {
+    StepVectors step[Cols];
+    for (int c = 0; c < Cols; ++c) step[c] = Steps::load(tail_values[c], tail_meta[c]);
+    accumulate(step, full_steps);
   }
-  if (tail_values != nullptr) {
-    const Step a = load_step<D>(tail_values, tail_meta);
-    for (int r = 0; r < Rows; ++r) odd[r] = fma_step(odd[r], a, x + r * ldxf + s * kStepK);
-  }
-  for (int r = 0; r < Rows; ++r) dots[r] = reduce_acc(add_acc(even[r], odd[r]));
+  for (int r = 0; r < Rows; ++r)
+    for (int c = 0; c < Cols; ++c) dots[r * Cols + c] = reduce_acc(acc[r][c]);
 }
 
-// dot_rows with a run-time row count 1 <= rows <= Rows.
-template <DType D, int Rows = kMaxRows, typename... Args>
-void dot_rows_upto(int rows, Args... args) {
+// dot_block with a run-time row count 1 <= rows <= Rows.
+template <typename Steps, int Cols, int Rows = kMaxRows, typename... Args>
+void dot_block_rows(int rows, Args... args) {
   if constexpr (Rows > 1) {
-    if (rows < Rows) return dot_rows_upto<D, Rows - 1>(rows, args...);
+    if (rows < Rows) return dot_block_rows<Steps, Cols, Rows - 1>(rows, args...);
   }
-  dot_rows<D, Rows>(args...);
+  dot_block<Steps, Rows, Cols>(args...);
 }
 
 template <DType D>
@@ -369,22 +456,28 @@ void gemm_typed(const GemmParams& p) {
   const T* bias = static_cast<const T*>(p.bias);
   T* y = static_cast<T*>(p.y);
 
+  using Steps = typename StepsFor<D>::type;
+  using XElem = typename Steps::XElem;
+  constexpr int kGroups = Steps::kGroups, kValues = 2 * kGroups, kMetaBytes = kGroups / 2;
   const int64_t groups = num_groups(K), vcols = values_cols(K), mcols = meta_cols(K);
-  const int64_t full_steps = groups / kStepGroups;
-  const int64_t tail_groups = groups % kStepGroups;
-  const int64_t ldxf = (full_steps + (tail_groups != 0 ? 1 : 0)) * kStepK;
+  const int64_t full_steps = groups / kGroups;
+  const int64_t tail_groups = groups % kGroups;
+  // Row stride of the X copy: the steps, plus one cache line when that would leave the rows a
+  // multiple of 4 KiB apart, where the kMaxRows rows read together would share L1 sets.
+  const int64_t ldxc_steps = (full_steps + (tail_groups != 0 ? 1 : 0)) * 4 * kGroups;
+  const int64_t ldxc = ldxc_steps + ((ldxc_steps * int64_t{sizeof(XElem)}) % 4096 == 0 ? 64 / sizeof(XElem) : 0);
 
-  // The calling thread owns the fp32 copy of X; workers only read it during the call.
-  thread_local std::vector<float> x_fp32;
+  // The calling thread owns the copy of X; workers only read it during the call.
+  thread_local std::vector<XElem> x_copy;
   const int64_t slab_rows = std::min(M, kSlabRows);
-  x_fp32.resize(static_cast<size_t>(std::max<int64_t>(1, slab_rows * ldxf)));
-  float* xf = x_fp32.data();
+  x_copy.resize(static_cast<size_t>(std::max<int64_t>(1, slab_rows * ldxc)));
+  XElem* xc = x_copy.data();
 
   const int threads = num_threads();
   for (int64_t m0 = 0; m0 < M; m0 += kSlabRows) {
     const int64_t rows = std::min(kSlabRows, M - m0);
-    parallel_for(0, rows, rows_grain(ldxf), [&](int64_t r_begin, int64_t r_end) {
-      for (int64_t r = r_begin; r < r_end; ++r) widen_row<D>(x + (m0 + r) * p.ldx, K, xf + r * ldxf, ldxf);
+    parallel_for(0, rows, rows_grain(ldxc), [&](int64_t r_begin, int64_t r_end) {
+      for (int64_t r = r_begin; r < r_end; ++r) Steps::copy_x_row(x + (m0 + r) * p.ldx, K, xc + r * ldxc, ldxc);
     });
 
     // Tasks are (X row tile, W row tile) pairs; enough W tiles that every thread gets several.
@@ -396,26 +489,44 @@ void gemm_typed(const GemmParams& p) {
       for (int64_t t = t_begin; t < t_end; ++t) {
         const int64_t n_begin = (t / m_tiles) * n_tile, n_end = std::min(N, n_begin + n_tile);
         const int64_t r_begin = (t % m_tiles) * kTileRows, r_end = std::min(rows, r_begin + kTileRows);
-        for (int64_t n = n_begin; n < n_end; ++n) {
-          const T* row_values = values + n * vcols;
-          const uint8_t* row_meta = meta + n * mcols;
-          // A partial last step is staged so the vector code never reads past the row: missing
-          // values are 0 and missing metadata bytes are pad bytes (two valid (0, 1) nibbles).
-          T tail_values[kStepValues] = {};
-          uint8_t tail_meta[kStepMetaBytes];
-          if (tail_groups != 0) {
-            std::copy(row_values + full_steps * kStepValues, row_values + vcols, tail_values);
-            std::fill(tail_meta, tail_meta + kStepMetaBytes, static_cast<uint8_t>(kPadNibble | kPadNibble << 4));
-            std::copy(row_meta + full_steps * kStepMetaBytes, row_meta + mcols, tail_meta);
+        for (int64_t n = n_begin; n < n_end; n += kCols) {
+          const int cols = static_cast<int>(std::min<int64_t>(kCols, n_end - n));
+          const T* row_values[kCols];
+          const uint8_t* row_meta[kCols];
+          // A partial last step is staged so the vector code never reads past a row: missing values
+          // are 0 and missing metadata bytes are pad bytes (two valid (0, 1) nibbles).
+          T tail_values[kCols][kValues] = {};
+          uint8_t tail_meta[kCols][kMetaBytes];
+          float bias_n[kCols];
+          for (int c = 0; c < cols; ++c) {
+            row_values[c] = values + (n + c) * vcols;
+            row_meta[c] = meta + (n + c) * mcols;
+            if (tail_groups != 0) {
+              std::copy(row_values[c] + full_steps * kValues, row_values[c] + vcols, tail_values[c]);
+              std::fill(tail_meta[c], tail_meta[c] + kMetaBytes, static_cast<uint8_t>(kPadNibble | kPadNibble << 4));
+              std::copy(row_meta[c] + full_steps * kMetaBytes, row_meta[c] + mcols, tail_meta[c]);
+            }
+            bias_n[c] = bias != nullptr ? ElemTraits<D>::to_float(bias[n + c]) : 0.0f;
           }
-          const float bias_n = bias != nullptr ? ElemTraits<D>::to_float(bias[n]) : 0.0f;
           for (int64_t r = r_begin; r < r_end; r += kMaxRows) {
             const int block = static_cast<int>(std::min<int64_t>(kMaxRows, r_end - r));
-            float dots[kMaxRows];
-            dot_rows_upto<D>(block, row_values, row_meta, full_steps, tail_groups != 0 ? tail_values : nullptr,
-                             tail_meta, xf + r * ldxf, ldxf, dots);
-            for (int i = 0; i < block; ++i)
-              y[(m0 + r + i) * p.ldy + n] = ElemTraits<D>::from_float(activate(dots[i] + bias_n, p.act));
+            float dots[kMaxRows * kCols];
+            if (cols == kCols) {
+              dot_block_rows<Steps, kCols>(block, row_values, row_meta, full_steps, tail_groups != 0, tail_values,
+                                           tail_meta, xc + r * ldxc, ldxc, dots);
+            } else {  // the last few W rows of the tile, one at a time
+              for (int c = 0; c < cols; ++c) {
+                float col_dots[kMaxRows];
+                dot_block_rows<Steps, 1>(block, row_values + c, row_meta + c, full_steps, tail_groups != 0,
+                                         tail_values + c, tail_meta + c, xc + r * ldxc, ldxc, col_dots);
+                for (int i = 0; i < block; ++i) dots[i * kCols + c] = col_dots[i];
+              }
+            }
+            for (int i = 0; i < block; ++i) {
+              T* y_row = y + (m0 + r + i) * p.ldy + n;
+              for (int c = 0; c < cols; ++c)
+                y_row[c] = ElemTraits<D>::from_float(activate(dots[i * kCols + c] + bias_n[c], p.act));
+            }
           }
         }
       }
