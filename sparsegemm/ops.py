@@ -9,6 +9,7 @@ is strict ``compress`` on CUDA, which must report a non-2:4 group.
 """
 from __future__ import annotations
 
+import threading
 from typing import Optional
 
 import torch
@@ -27,7 +28,8 @@ _INT32_MAX = 2**31 - 1
 # W a row tile at a time into a cache-sized scratch and runs torch's dense GEMM on it: on the CPU
 # 2:4 saves bytes, not multiply-adds, so once the GEMM is compute bound the dense kernel wins.
 CPU_DENSE_TILE_MIN_M = 64
-_CPU_TILE_BYTES = 1 << 20
+_CPU_TILE_BYTES = 8 << 20
+_scratch = threading.local()
 
 _cpu_threads: Optional[int] = None
 
@@ -230,13 +232,25 @@ def reorder_meta(meta: Tensor, k: int, backend: str) -> Tensor:
 
 # ---- GEMM ------------------------------------------------------------------------------------
 
+def _cpu_scratch(dtype: torch.dtype, elements: int) -> Tensor:
+    """A per-thread scratch kept between calls: a fresh multi-MiB buffer costs page faults each time."""
+    cache = getattr(_scratch, "buffers", None)
+    if cache is None:
+        cache = _scratch.buffers = {}
+    buf = cache.get(dtype)
+    if buf is None or buf.numel() < elements:
+        buf = cache[dtype] = torch.empty(elements, dtype=dtype)
+    return buf[:elements]
+
+
 def _cpu_dense_tiles(x: Tensor, values: Tensor, meta: Tensor, k: int, bias: Optional[Tensor], activation: int,
                      y: Tensor) -> None:
-    """Large-M CPU path: W decompressed one row tile at a time, then torch's dense GEMM."""
+    """Large-M CPU path: W decompressed one row tile (at most _CPU_TILE_BYTES) at a time into a
+    reused scratch, then torch's dense GEMM on the tile."""
     n = values.shape[0]
     itemsize = values.element_size()
-    tile = max(16, min(n, _CPU_TILE_BYTES // max(1, k * itemsize)))
-    scratch = values.new_empty((tile, k))
+    tile = max(1, min(n, _CPU_TILE_BYTES // (k * itemsize)))
+    scratch = _cpu_scratch(values.dtype, tile * k).view(tile, k)
     vrow = values.stride(0) * itemsize
     code = fmt.DTYPE_CODES[values.dtype]
     for n0 in range(0, n, tile):
@@ -245,7 +259,10 @@ def _cpu_dense_tiles(x: Tensor, values: Tensor, meta: Tensor, k: int, bias: Opti
         _C.cpu_decompress(rows, k, values.data_ptr() + n0 * vrow, meta.data_ptr() + n0 * meta.stride(0),
                           part.data_ptr(), code)
         b = None if bias is None else bias[n0:n0 + rows]
-        y[:, n0:n0 + rows] = torch.nn.functional.linear(x, part, b)
+        if rows == n:  # one tile: straight into y
+            torch.mm(x, part.T, out=y) if b is None else torch.addmm(b, x, part.T, out=y)
+        else:
+            y[:, n0:n0 + rows] = torch.nn.functional.linear(x, part, b)
     if activation:
         act = {1: torch.relu, 2: torch.nn.functional.gelu, 3: torch.nn.functional.silu}[activation]
         y.copy_(act(y))

@@ -134,7 +134,7 @@ def test_save_load_round_trip_and_size(tmp_path):
     assert torch.equal(fresh(x), model(x))
     import subprocess, sys
     out = subprocess.run([sys.executable, "-m", "sparsegemm", "report", str(path)], check=True, capture_output=True,
-                         text=True).stdout
+                         text=True, cwd=tmp_path).stdout
     assert "SparseLinear" in out and "512 x 256" in out and "56.2%" in out
 
 
