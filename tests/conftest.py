@@ -1,5 +1,8 @@
 """Shared test helpers: 2:4 weights with every index pattern, integer-valued data."""
 import itertools
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -41,3 +44,14 @@ def integer_input(m: int, k: int, dtype, seed: int = 1) -> torch.Tensor:
 @pytest.fixture(params=DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 def dtype(request):
     return request.param
+
+
+def run_cli(*args, cwd):
+    """``python -m sparsegemm ARGS`` from ``cwd`` (not the source tree, which `-m` would import
+    first), with the package the tests import first on the path."""
+    import sparsegemm
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(sparsegemm.__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run([sys.executable, "-m", "sparsegemm", *args], check=True, capture_output=True, text=True,
+                          cwd=cwd, env=env)

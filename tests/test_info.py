@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import sparsegemm
+from conftest import run_cli
 
 
 def test_info_fields():
@@ -23,16 +24,11 @@ def test_import_does_not_initialise_cuda():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(sparsegemm.__file__)))
 
 
-# The CLI runs from a temporary folder: `python -m` puts the working directory first on sys.path,
-# and a source checkout there (without the built extension) would shadow the installed package.
-
 def test_cli_info_prints_json(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "sparsegemm", "info"], check=True, capture_output=True, text=True,
-                         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, cwd=tmp_path)
+    out = run_cli("info", cwd=tmp_path)
     assert json.loads(out.stdout)["version"] == sparsegemm.__version__
 
 
 def test_cli_demo_small(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "sparsegemm", "demo", "--size", "256", "--tokens", "1", "70",
-                          "--repeats", "2"], check=True, capture_output=True, text=True, cwd=tmp_path)
+    out = run_cli("demo", "--size", "256", "--tokens", "1", "70", "--repeats", "2", cwd=tmp_path)
     assert "compressed" in out.stdout and "speedup" in out.stdout

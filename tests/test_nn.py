@@ -8,6 +8,7 @@ from torch import nn
 import sparsegemm
 from sparsegemm import oracle
 from sparsegemm.nn import SparseConv2d, SparseLinear
+from conftest import run_cli
 
 
 class Block(nn.Module):
@@ -132,9 +133,7 @@ def test_save_load_round_trip_and_size(tmp_path):
     sparsegemm.load(path, fresh)
     x = torch.randn(4, 256).half()
     assert torch.equal(fresh(x), model(x))
-    import subprocess, sys
-    out = subprocess.run([sys.executable, "-m", "sparsegemm", "report", str(path)], check=True, capture_output=True,
-                         text=True, cwd=tmp_path).stdout
+    out = run_cli("report", str(path), cwd=tmp_path).stdout
     assert "SparseLinear" in out and "512 x 256" in out and "56.2%" in out
 
 
