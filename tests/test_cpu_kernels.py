@@ -481,8 +481,9 @@ def test_set_isa_rejects_unknown_and_unsupported():
 def _run_with_isa_env(value):
     env = dict(os.environ, SPARSEGEMM_CPU_ISA=value)
     code = "from sparsegemm import _C; print(_C.cpu_isa_name())"
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    # Run next to the package under test (the installed one in CI, not the unbuilt source tree).
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(_C.__file__)))
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=package_parent)
 
 
 @pytest.mark.parametrize("name", ISAS)
