@@ -32,3 +32,19 @@ def test_cli_info_prints_json(tmp_path):
 def test_cli_demo_small(tmp_path):
     out = run_cli("demo", "--size", "256", "--tokens", "1", "70", "--repeats", "2", cwd=tmp_path)
     assert "compressed" in out.stdout and "speedup" in out.stdout
+
+
+def test_extension_links_no_torch_or_cuda_library():
+    """One wheel serves every torch version: the module needs only the C/C++ runtime (the CUDA
+    runtime is linked statically)."""
+    import shutil
+
+    from sparsegemm import _C
+
+    if shutil.which("readelf") is None:
+        import pytest
+        pytest.skip("readelf (binutils) is not installed")
+    out = subprocess.run(["readelf", "-d", _C.__file__], check=True, capture_output=True, text=True).stdout
+    needed = [line.split("[")[1].rstrip("]") for line in out.splitlines() if "(NEEDED)" in line]
+    allowed = ("libstdc++", "libm.", "libgcc_s", "libc.", "ld-linux", "libpthread", "libdl", "librt")
+    assert needed and all(lib.startswith(allowed) for lib in needed), needed
