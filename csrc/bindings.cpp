@@ -142,6 +142,21 @@ void bind_cpu(py::module_& m) {
     py::gil_scoped_release nogil;
     cpu::gemm(p);
   });
+  // INT8 (issue 4). x_q: int8 [M, K] contiguous; x_scale: fp32 [M].
+  m.def("cpu_quantize_rows", [](int64_t M, int64_t K, uintptr_t x, int64_t ldx, int in_dtype, uintptr_t x_q,
+                                uintptr_t x_scale) {
+    py::gil_scoped_release nogil;
+    cpu::quantize_rows(static_cast<DType>(in_dtype), ptr<const void>(x), M, K, ldx, ptr<int8_t>(x_q),
+                       ptr<float>(x_scale));
+  });
+  // meta is the logical layout; bias and y are in out_dtype.
+  m.def("cpu_gemm_s8", [](int64_t M, int64_t N, int64_t K, uintptr_t x_q, int64_t ldx, uintptr_t values,
+                          uintptr_t meta_logical, uintptr_t w_scale, uintptr_t x_scale, uintptr_t bias, uintptr_t y,
+                          int64_t ldy, int out_dtype, int act) {
+    auto p = make_gemm_params(M, N, K, x_q, ldx, values, meta_logical, bias, y, ldy, out_dtype, act, w_scale, x_scale);
+    py::gil_scoped_release nogil;
+    cpu::gemm_s8(p);
+  });
 }
 
 // ---- SIMT emulator self-tests (instruction models fed from Python) ------------------------------
