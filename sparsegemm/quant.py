@@ -40,8 +40,9 @@ __all__ = [
 QMAX = 127
 
 
-def check_scale(op: str, name: str, scale, length: int) -> None:
-    """ValueError unless ``scale`` is a float32 tensor of shape ``(length,)``, finite and non-zero."""
+def check_scale(op: str, name: str, scale, length: int, *, values: bool = True) -> None:
+    """ValueError unless ``scale`` is a float32 tensor of shape ``(length,)`` and (when ``values``)
+    finite and non-zero everywhere. Value checks read the data (a host sync on CUDA)."""
     if scale is None:
         raise ValueError(f"{op}: {name} is required for int8 weights (float32[{length}]), got None")
     if not isinstance(scale, Tensor):
@@ -49,6 +50,8 @@ def check_scale(op: str, name: str, scale, length: int) -> None:
     if scale.dtype != torch.float32 or tuple(scale.shape) != (length,):
         raise ValueError(f"{op}: {name} must be float32 of shape ({length},), got "
                          f"{str(scale.dtype).replace('torch.', '')} {tuple(scale.shape)}")
+    if not values:
+        return
     bad = ~torch.isfinite(scale) | (scale == 0)
     if bool(bad.any()):
         i = int(torch.nonzero(bad)[0])
@@ -155,7 +158,9 @@ def linear_int8(x: Union[Tensor, tuple], sw: SparseTensor24, bias: Optional[Tens
         raise TypeError(f"{op}: sw must be an int8 SparseTensor24, got "
                         f"{type(sw).__name__ if not isinstance(sw, SparseTensor24) else sw.dtype}")
     n, k = sw.shape
-    check_scale(op, "sw.scale", sw.scale, n)
+    # The values were checked when the weight was built (SparseTensor24.validate, quantize_weight);
+    # reading them again here would cost a host sync per call and break torch.compile graphs.
+    check_scale(op, "sw.scale", sw.scale, n, values=False)
     if activation is not None and activation not in ("relu", "gelu", "silu"):
         raise ValueError(f"{op}: activation must be one of ('relu', 'gelu', 'silu') or None, got {activation!r}")
     if isinstance(x, tuple):
@@ -179,7 +184,8 @@ def linear_int8(x: Union[Tensor, tuple], sw: SparseTensor24, bias: Optional[Tens
             raise ValueError(f"{op}: x_scale must be a float32 tensor of shape {tuple(lead)}, got "
                              f"{type(x_scale).__name__}")
         x_scale = x_scale.reshape(-1) if tuple(x_scale.shape) == tuple(lead) else x_scale
-        check_scale(op, "x_scale", x_scale, m)
+        # Shape and dtype only: a NaN x_scale is how a NaN token row is carried (its output is NaN).
+        check_scale(op, "x_scale", x_scale, m, values=False)
         x_q = x_q.reshape(m, k)
     else:
         if not isinstance(x, Tensor):
