@@ -433,3 +433,15 @@ def test_simt_linear_int8_matches_cpu(m, n, k, act):
     cpu = sparsegemm.linear(x, sw, bias, activation=act, backend="cpu")
     simt = sparsegemm.linear(x, sw, bias, activation=act, backend="simt")
     assert ulp_distance(cpu, simt, ACT_ABS_FLOOR) <= (0 if act is None else 1)
+
+
+def test_bench_int8_rows():
+    from sparsegemm import bench
+
+    timer = bench.Timer(torch.device("cpu"), warmup=1, repeats=2)
+    rows = bench.bench_int8_shape(torch.device("cpu"), "tiny", 32, 64, 128, timer)
+    methods = [r.method for r in rows]
+    assert methods[0] == "dense" and methods[-1] == "sparsegemm int8"
+    assert all(r.dtype == "int8" and r.ms > 0 for r in rows)
+    assert 0 < rows[-1].rel_error < 0.03
+    assert "| cpu | int8 | tiny | 32 | 64 | 128 | sparsegemm int8 |" in bench.markdown(rows)
