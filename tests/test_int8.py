@@ -445,3 +445,18 @@ def test_bench_int8_rows():
     assert all(r.dtype == "int8" and r.ms > 0 for r in rows)
     assert 0 < rows[-1].rel_error < 0.03
     assert "| cpu | int8 | tiny | 32 | 64 | 128 | sparsegemm int8 |" in bench.markdown(rows)
+
+
+@requires_simt_int8
+def test_sparse_linear_int8_simt_backend_matches_cpu_and_caches_meta():
+    gen = torch.Generator().manual_seed(21)
+    linear = nn.Linear(70, 24).to(torch.bfloat16)
+    cpu = sparsegemm.SparseLinear.from_dense(linear, quantize="int8")
+    simt = sparsegemm.SparseLinear.from_dense(linear, quantize="int8", backend="simt")
+    x = torch.randn(2, 3, 70, generator=gen).to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(simt(x), cpu(x))
+        assert "simt" in simt._kernel_meta
+        cached = simt._kernel_meta["simt"]
+        simt(x)
+        assert simt._kernel_meta["simt"] is cached
