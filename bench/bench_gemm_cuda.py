@@ -1,6 +1,8 @@
 """Sparse GEMM on the GPU vs dense torch.matmul (cuBLAS) and PyTorch's own 2:4 path
 (to_sparse_semi_structured: cuSPARSELt and CUTLASS). CUDA events, warm-up, L2 flushed before
 every timed call, median of --iters. Writes JSON (one record per shape/dtype/backend).
+INT8 (dtype "s8"): our quantize + s8 GEMM (and the GEMM alone) vs dense torch._int_mm and
+cuSPARSELt's int8 2:4 matmul (torch._cslt_sparse_mm), where this torch/GPU supports them.
 
     python bench/bench_gemm_cuda.py --out results.json
     python bench/bench_gemm_cuda.py --smoke        # a few small calls, no timing (for sanitizers)
@@ -41,6 +43,35 @@ class SparseGemm:
         _C.cuda_gemm(x.shape[0], self.n, self.k, x.data_ptr(), x.stride(0), self.values.data_ptr(),
                      self.meta.data_ptr(), 0, y.data_ptr(), y.stride(0), self.dtype_code, 0,
                      workspace.data_ptr(), -1, 0, torch.cuda.current_stream().cuda_stream)
+
+
+class SparseGemmS8:
+    """Our INT8 path with the weight prepared once: Wq int8 2:4 (values, metadata reorder) and
+    w_scale; a call quantizes X per token and runs the s8 GEMM into Y (f16)."""
+
+    def __init__(self, wq, w_scale):
+        n, k = wq.shape
+        self.n, self.k = n, k
+        stream = torch.cuda.current_stream().cuda_stream
+        groups = wq.view(n, k // 4, 4)
+        order = torch.sort(torch.topk(groups.abs().float(), 2, dim=2).indices, dim=2).values
+        self.values = torch.gather(groups, 2, order).reshape(n, k // 2).contiguous()
+        nib = (order[..., 0] | (order[..., 1] << 2)).to(torch.uint8)
+        if nib.shape[1] % 2:  # odd group count: the canonical 0x4 fills the last high nibble
+            nib = torch.cat([nib, torch.full((n, 1), 0x4, dtype=torch.uint8, device="cuda")], dim=1)
+        meta = (nib[:, 0::2] | (nib[:, 1::2] << 4)).contiguous()
+        self.meta = torch.empty(_C.cuda_kernel_meta_bytes_s8(n, k), dtype=torch.uint8, device="cuda")
+        _C.cuda_reorder_meta_s8(meta.data_ptr(), self.meta.data_ptr(), n, k, stream)
+        self.w_scale = w_scale
+
+    def quantize(self, x, x_q, x_scale):
+        _C.cuda_quantize_rows(x.shape[0], self.k, x.data_ptr(), x.stride(0), 1, x_q.data_ptr(), x_scale.data_ptr(),
+                              torch.cuda.current_stream().cuda_stream)
+
+    def gemm(self, x_q, x_scale, y, workspace):
+        _C.cuda_gemm_s8(x_q.shape[0], self.n, self.k, x_q.data_ptr(), x_q.stride(0), self.values.data_ptr(),
+                        self.meta.data_ptr(), self.w_scale.data_ptr(), x_scale.data_ptr(), 0, y.data_ptr(),
+                        y.stride(0), 1, 0, workspace.data_ptr(), -1, 0, torch.cuda.current_stream().cuda_stream)
 
 
 def time_ms(fn, iters, flush):
@@ -101,6 +132,50 @@ def run_case(m, n, k, dtype_name, iters, flush):
     return records
 
 
+def run_case_s8(m, n, k, iters, flush):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    wq = torch.randint(-127, 128, (n, k // 4, 4), generator=gen, device="cuda", dtype=torch.int32)
+    wq[..., 1::2] = 0  # a 2:4 weight: two zeros in every group of four
+    wq = wq.to(torch.int8).reshape(n, k)
+    w_scale = torch.rand(n, generator=gen, device="cuda") * 1e-2
+    x = torch.randn(m, k, generator=gen, device="cuda").to(torch.float16)
+    ours = SparseGemmS8(wq, w_scale)
+    x_q = torch.empty((m, k), dtype=torch.int8, device="cuda")
+    x_scale = torch.empty(m, dtype=torch.float32, device="cuda")
+    y = torch.empty((m, n), dtype=torch.float16, device="cuda")
+    workspace = torch.empty(max(_C.cuda_gemm_s8_workspace_bytes(m, n, k), 4), dtype=torch.uint8, device="cuda")
+    ours.quantize(x, x_q, x_scale)
+    sparse_bytes = n * k // 2 + n * k // 8 + m * k + m * n * 2
+    dense_bytes = n * k + m * k + m * n * 4
+
+    def quantized_linear():
+        ours.quantize(x, x_q, x_scale)
+        ours.gemm(x_q, x_scale, y, workspace)
+
+    backends = {"sparsegemm_s8": (lambda: ours.gemm(x_q, x_scale, y, workspace), sparse_bytes),
+                "sparsegemm_s8_with_quantize": (quantized_linear, sparse_bytes + m * k * 2),
+                "dense_int_mm": (lambda: torch._int_mm(x_q, wq.T), dense_bytes)}
+    try:
+        wc = torch._cslt_compress(wq)
+        backends["torch_2to4_cusparselt_s8"] = (lambda: torch._cslt_sparse_mm(wc, x_q.T, out_dtype=torch.int32),
+                                                sparse_bytes + m * n * 2)
+    except (RuntimeError, NotImplementedError, AttributeError) as exc:
+        backends["torch_2to4_cusparselt_s8"] = (exc, sparse_bytes)
+    records = []
+    for name, (fn, nbytes) in backends.items():
+        rec = {"op": "gemm", "M": m, "N": n, "K": k, "dtype": "s8", "backend": name}
+        if isinstance(fn, Exception):
+            rec["error"] = f"{type(fn).__name__}: {fn}"
+        else:
+            try:
+                ms = time_ms(fn, iters, flush)
+                rec.update(ms=ms, tops=2 * m * n * k / ms / 1e9, gbps=nbytes / ms / 1e6)
+            except (RuntimeError, NotImplementedError) as exc:  # e.g. torch._int_mm wants M > 16
+                rec["error"] = f"{type(exc).__name__}: {exc}"
+        records.append(rec)
+    return records
+
+
 def compress_case(n, k, dtype_name, iters, flush):
     """Prune + compress bandwidth: reads W, writes Wc and E (target: >= 70% of DRAM bandwidth)."""
     dtype, code = DTYPES[dtype_name]
@@ -127,6 +202,21 @@ def smoke():
                                  device="cuda")
                 _C.cuda_gemm(m, n, k, x.data_ptr(), k, op.values.data_ptr(), op.meta.data_ptr(), 0, y.data_ptr(), n,
                              code, 2, ws.data_ptr(), config, split_k, torch.cuda.current_stream().cuda_stream)
+        kp = (k + 3) // 4 * 4
+        wq = torch.randint(-127, 128, (n, kp // 4, 4), device="cuda", dtype=torch.int32)
+        wq[..., ::2] = 0
+        op = SparseGemmS8(wq.to(torch.int8).reshape(n, kp), torch.rand(n, device="cuda"))
+        x = torch.randn(m, kp, device="cuda").to(torch.float16)
+        x_q = torch.empty((m, kp), dtype=torch.int8, device="cuda")
+        x_scale = torch.empty(m, dtype=torch.float32, device="cuda")
+        op.quantize(x, x_q, x_scale)
+        for config, split_k in ((0, 0), (1, 0), (1, 3)):
+            y = torch.empty((m, n), dtype=torch.float16, device="cuda")
+            ws = torch.empty(max(_C.cuda_gemm_s8_workspace_bytes(m, n, kp, config, split_k), 4), dtype=torch.uint8,
+                             device="cuda")
+            _C.cuda_gemm_s8(m, n, kp, x_q.data_ptr(), kp, op.values.data_ptr(), op.meta.data_ptr(),
+                            op.w_scale.data_ptr(), x_scale.data_ptr(), 0, y.data_ptr(), n, 1, 2, ws.data_ptr(),
+                            config, split_k, torch.cuda.current_stream().cuda_stream)
     torch.cuda.synchronize()
     print("smoke: ok")
 
@@ -147,6 +237,9 @@ def main():
             for rec in run_case(m, n, k, dtype_name, args.iters, flush):
                 records.append(rec)
                 print(json.dumps(rec))
+        for rec in run_case_s8(m, n, k, args.iters, flush):
+            records.append(rec)
+            print(json.dumps(rec))
     for dtype_name in DTYPES:
         records.append(compress_case(8192, 8192, dtype_name, args.iters, flush))
         print(json.dumps(records[-1]))

@@ -142,6 +142,21 @@ void bind_cpu(py::module_& m) {
     py::gil_scoped_release nogil;
     cpu::gemm(p);
   });
+  // INT8 (issue 4). x_q: int8 [M, K] contiguous; x_scale: fp32 [M].
+  m.def("cpu_quantize_rows", [](int64_t M, int64_t K, uintptr_t x, int64_t ldx, int in_dtype, uintptr_t x_q,
+                                uintptr_t x_scale) {
+    py::gil_scoped_release nogil;
+    cpu::quantize_rows(static_cast<DType>(in_dtype), ptr<const void>(x), M, K, ldx, ptr<int8_t>(x_q),
+                       ptr<float>(x_scale));
+  });
+  // meta is the logical layout; bias and y are in out_dtype.
+  m.def("cpu_gemm_s8", [](int64_t M, int64_t N, int64_t K, uintptr_t x_q, int64_t ldx, uintptr_t values,
+                          uintptr_t meta_logical, uintptr_t w_scale, uintptr_t x_scale, uintptr_t bias, uintptr_t y,
+                          int64_t ldy, int out_dtype, int act) {
+    auto p = make_gemm_params(M, N, K, x_q, ldx, values, meta_logical, bias, y, ldy, out_dtype, act, w_scale, x_scale);
+    py::gil_scoped_release nogil;
+    cpu::gemm_s8(p);
+  });
 }
 
 // ---- SIMT emulator self-tests (instruction models fed from Python) ------------------------------
@@ -228,6 +243,40 @@ void bind_kernel_api(py::module_& m, const std::string& prefix) {
   }, py::arg("M"), py::arg("N"), py::arg("K"), py::arg("x"), py::arg("ldx"), py::arg("values"), py::arg("meta"),
      py::arg("bias"), py::arg("y"), py::arg("ldy"), py::arg("dtype"), py::arg("act") = 0, py::arg("workspace") = 0,
      py::arg("config") = -1, py::arg("split_k") = 0, py::arg("stream") = 0);
+
+  // INT8 (the INT8 contract): per-token quantisation, the int8 kernel metadata and the s8 GEMM.
+  // x_q int8 rows (stride ldx), values int8 Wc, w_scale fp32 [N], x_scale fp32 [M]; out_dtype is
+  // Y's and bias's dtype (f16 or bf16).
+  m.def((prefix + "quantize_rows").c_str(), [](int64_t M, int64_t K, uintptr_t x, int64_t ldx, int in_dtype,
+                                               uintptr_t x_q, uintptr_t x_scale, uintptr_t stream) {
+    py::gil_scoped_release nogil;
+    Api::quantize_rows(M, K, ptr<const void>(x), ldx, static_cast<DType>(in_dtype), ptr<int8_t>(x_q),
+                       ptr<float>(x_scale), ptr<void>(stream));
+  }, py::arg("M"), py::arg("K"), py::arg("x"), py::arg("ldx"), py::arg("in_dtype"), py::arg("x_q"),
+     py::arg("x_scale"), py::arg("stream") = 0);
+  m.def((prefix + "kernel_meta_bytes_s8").c_str(), Api::kernel_meta_bytes_s8);
+  m.def((prefix + "reorder_meta_s8").c_str(), [](uintptr_t logical_meta, uintptr_t kernel_meta, int64_t N, int64_t K,
+                                                 uintptr_t stream) {
+    py::gil_scoped_release nogil;
+    Api::reorder_meta_s8(ptr<const uint8_t>(logical_meta), ptr<void>(kernel_meta), N, K, ptr<void>(stream));
+  }, py::arg("logical_meta"), py::arg("kernel_meta"), py::arg("N"), py::arg("K"), py::arg("stream") = 0);
+  m.def((prefix + "gemm_s8_workspace_bytes").c_str(), Api::gemm_s8_workspace_bytes_for, py::arg("M"), py::arg("N"),
+        py::arg("K"), py::arg("config") = -1, py::arg("split_k") = 0);
+  m.def((prefix + "gemm_s8").c_str(), [](int64_t M, int64_t N, int64_t K, uintptr_t x_q, int64_t ldx,
+                                         uintptr_t values, uintptr_t kernel_meta_s8, uintptr_t w_scale,
+                                         uintptr_t x_scale, uintptr_t bias, uintptr_t y, int64_t ldy, int out_dtype,
+                                         int act, uintptr_t workspace, int config, int split_k, uintptr_t stream) {
+    auto p = make_gemm_params(M, N, K, x_q, ldx, values, kernel_meta_s8, bias, y, ldy, out_dtype, act, w_scale,
+                              x_scale);
+    p.workspace = ptr<void>(workspace);
+    p.config = config;
+    p.split_k = split_k;
+    py::gil_scoped_release nogil;
+    Api::gemm_s8(p, ptr<void>(stream));
+  }, py::arg("M"), py::arg("N"), py::arg("K"), py::arg("x_q"), py::arg("ldx"), py::arg("values"),
+     py::arg("kernel_meta_s8"), py::arg("w_scale"), py::arg("x_scale"), py::arg("bias"), py::arg("y"), py::arg("ldy"),
+     py::arg("out_dtype"), py::arg("act") = 0, py::arg("workspace") = 0, py::arg("config") = -1,
+     py::arg("split_k") = 0, py::arg("stream") = 0);
 }
 
 struct SimtKernelApi {
@@ -236,6 +285,11 @@ struct SimtKernelApi {
   static constexpr auto decompress = &simt::decompress;
   static constexpr auto reorder_meta = &simt::reorder_meta;
   static constexpr auto gemm = &simt::gemm;
+  static constexpr auto quantize_rows = &simt::quantize_rows;
+  static constexpr auto kernel_meta_bytes_s8 = &simt::kernel_meta_bytes_s8;
+  static constexpr auto reorder_meta_s8 = &simt::reorder_meta_s8;
+  static constexpr auto gemm_s8_workspace_bytes_for = &simt::gemm_s8_workspace_bytes_for;
+  static constexpr auto gemm_s8 = &simt::gemm_s8;
 };
 
 #if defined(SPARSEGEMM_WITH_CUDA)
@@ -245,6 +299,11 @@ struct CudaKernelApi {
   static constexpr auto decompress = &cuda::decompress;
   static constexpr auto reorder_meta = &cuda::reorder_meta;
   static constexpr auto gemm = &cuda::gemm;
+  static constexpr auto quantize_rows = &cuda::quantize_rows;
+  static constexpr auto kernel_meta_bytes_s8 = &cuda::kernel_meta_bytes_s8;
+  static constexpr auto reorder_meta_s8 = &cuda::reorder_meta_s8;
+  static constexpr auto gemm_s8_workspace_bytes_for = &cuda::gemm_s8_workspace_bytes_for;
+  static constexpr auto gemm_s8 = &cuda::gemm_s8;
 };
 #endif
 

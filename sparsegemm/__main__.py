@@ -100,7 +100,8 @@ def main(argv=None) -> int:
     demo.set_defaults(fn=cmd_demo)
     b = sub.add_parser("bench", help="GEMM microbenchmarks vs dense and torch's 2:4 path")
     b.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available, else cpu")
-    b.add_argument("--dtype", nargs="+", choices=["float16", "bfloat16"], help="default: fp16+bf16 on cuda, bf16 on cpu")
+    b.add_argument("--dtype", nargs="+", choices=["float16", "bfloat16", "int8"],
+                   help="default: fp16+bf16 on cuda, bf16 on cpu; int8: INT8 2:4 rows (sparsegemm.bench)")
     b.add_argument("--quick", action="store_true", help="one shape, a few M: about a minute")
     b.add_argument("--json", help="write the result rows (with the environment) as JSON here")
     b.add_argument("--csv", help="write the result rows as CSV here")

@@ -3,6 +3,11 @@
 Protocol: warm-up, then the median of many timed calls; on CUDA each call is timed with CUDA
 events and the L2 cache is flushed (a buffer larger than L2 is overwritten) before it. TFLOP/s
 use the dense-equivalent 2*M*N*K; GB/s the bytes each method actually reads and writes.
+
+dtype "int8" rows (:func:`bench_int8_shape`): the dense float linear, dense INT8 through
+``torch._int_mm`` (where this torch runs it; activations pre-quantized, so it is the bare GEMM),
+and sparsegemm's INT8 2:4 linear from float activations (quantization included), whose row also
+records its relative error against the fp32 2:4 linear on the same random normal data.
 """
 from __future__ import annotations
 
@@ -42,6 +47,7 @@ class Row:
     tflops: float
     gbps: float
     speedup_vs_dense: float = 0.0
+    rel_error: float = float("nan")  # int8 rows: ||y - y_fp32_2:4|| / ||y_fp32_2:4||
 
 
 def environment(device: torch.device) -> dict:
@@ -142,6 +148,49 @@ def bench_shape(device: torch.device, dtype: torch.dtype, label: str, m: int, n:
     return rows
 
 
+def bench_int8_shape(device: torch.device, label: str, m: int, n: int, k: int, timer: Timer) -> list:
+    """INT8 rows for one shape; activations in bf16 on the CPU, fp16 on CUDA."""
+    from . import format as fmt
+    from . import ops, quant
+
+    act_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    gen = torch.Generator().manual_seed(0)
+    w32 = sparsegemm.prune_2to4(torch.randn(n, k, generator=gen))
+    x32 = torch.randn(m, k, generator=gen)
+    w, x = w32.to(act_dtype).to(device), x32.to(act_dtype).to(device)
+    sw = quant.quantize_weight(w)
+    flops = 2.0 * m * n * k
+    item = x.element_size()
+    rows = []
+
+    def add(method: str, fn, io_bytes: int, rel_error: float = float("nan")):
+        ms = timer(fn)
+        rows.append(Row(device.type, "int8", label, m, n, k, method, ms, flops / ms / 1e9, io_bytes / ms / 1e6,
+                        rel_error=rel_error))
+
+    add("dense", lambda: torch.nn.functional.linear(x, w), (n * k + m * k + m * n) * item)
+    x_q, _ = quant.quantize_activations(x)
+    # The same int8 weight, dense: [K, N] as a transposed view of [N, K] (what _int_mm wants on CUDA).
+    kp = fmt.padded_k(k)
+    w_q = torch.zeros(n, kp, dtype=torch.int8, device=device)
+    w_q[ops.meta_to_mask(sw.meta, kp)] = sw.values.reshape(-1)
+    w_q_t = w_q[:, :k].contiguous().T
+    try:
+        torch._int_mm(x_q, w_q_t)
+    except (RuntimeError, NotImplementedError):
+        pass  # this torch / device / shape has no _int_mm: no baseline row
+    else:
+        add("dense int8 (torch._int_mm)", lambda: torch._int_mm(x_q, w_q_t), n * k + m * k + 4 * m * n)
+    y = sparsegemm.linear(x, sw).float().cpu()
+    ref = torch.nn.functional.linear(x32, w32)
+    rel = float((y - ref).norm() / ref.norm())
+    add("sparsegemm int8", lambda: sparsegemm.linear(x, sw), sw.nbytes + m * k * item + m * n * item, rel)
+    dense_ms = rows[0].ms
+    for r in rows:
+        r.speedup_vs_dense = dense_ms / r.ms
+    return rows
+
+
 def run(device: str = "cpu", dtypes=("bfloat16",), quick: bool = False, progress: bool = True) -> tuple:
     dev = torch.device(device)
     if quick:
@@ -161,16 +210,20 @@ def run(device: str = "cpu", dtypes=("bfloat16",), quick: bool = False, progress
             pass
     rows = []
     for dtype, label, m, n, k in jobs:
-        rows.extend(bench_shape(dev, dtype, label, m, n, k, timer))
+        if dtype == torch.int8:
+            rows.extend(bench_int8_shape(dev, label, m, n, k, timer))
+        else:
+            rows.extend(bench_shape(dev, dtype, label, m, n, k, timer))
     return environment(dev), rows
 
 
 def markdown(rows: list) -> str:
-    out = ["| device | dtype | shape | M | N | K | method | ms | TFLOP/s | GB/s | vs dense |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| device | dtype | shape | M | N | K | method | ms | TFLOP/s | GB/s | vs dense | rel. error |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        err = "" if r.rel_error != r.rel_error else f"{r.rel_error:.2e}"
         out.append(f"| {r.device} | {r.dtype} | {r.shape} | {r.M} | {r.N} | {r.K} | {r.method} | {r.ms:.3f} | "
-                   f"{r.tflops:.2f} | {r.gbps:.1f} | {r.speedup_vs_dense:.2f}x |")
+                   f"{r.tflops:.2f} | {r.gbps:.1f} | {r.speedup_vs_dense:.2f}x | {err} |")
     return "\n".join(out)
 
 

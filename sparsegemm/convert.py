@@ -74,13 +74,18 @@ def _magnitude_kept(w: torch.Tensor) -> float:
 
 def sparsify(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
              filter_fn: Optional[Callable[[str, nn.Module], bool]] = None, min_features: int = 64,
-             backend: Optional[str] = None, progress: bool = True) -> SparsifyReport:
+             backend: Optional[str] = None, progress: bool = True,
+             quantize: Optional[str] = None) -> SparsifyReport:
     """Replace every eligible nn.Linear / nn.Conv2d of ``model`` in place by its 2:4 version.
 
     Skipped (and said why in the report): modules ``filter_fn(name, module)`` rejects, layers with
     fewer than ``min_features`` inputs or outputs (too small to gain), grouped / depthwise convs.
-    ``dtype`` converts the weights (default: keep theirs).
+    ``dtype`` converts the weights (default: keep theirs). ``quantize="int8"`` also quantizes the
+    Linear layers (int8 values, per-row scale, per-token activations; ``dtype`` is then their
+    activation dtype); Conv2d layers keep a floating 2:4 weight.
     """
+    if quantize not in (None, "int8"):
+        raise ValueError(f"sparsify: quantize must be None or 'int8', got {quantize!r}")
     report = SparsifyReport()
     candidates = [(name, mod) for name, mod in model.named_modules() if type(mod) in (nn.Linear, nn.Conv2d)]
     iterator = candidates
@@ -112,8 +117,8 @@ def sparsify(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
                 continue
             new = SparseConv2d.from_dense(mod, dtype=dtype, backend=backend)
         else:
-            new = SparseLinear.from_dense(mod, dtype=dtype, backend=backend)
-        entry.compressed_bytes = new.values.nbytes + new.meta.nbytes
+            new = SparseLinear.from_dense(mod, dtype=dtype, backend=backend, quantize=quantize)
+        entry.compressed_bytes = new.values.nbytes + new.meta.nbytes + (new.scale.nbytes if new.quantize else 0)
         entry.converted = True
         _set_submodule(model, name, new)
     return report

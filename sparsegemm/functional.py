@@ -47,14 +47,23 @@ def prune_2to4(w: Tensor) -> Tensor:
     return torch.where(mask_2to4(w), w, torch.zeros((), dtype=w.dtype, device=w.device))
 
 
-def compress(w: Tensor, *, prune: bool = False, backend: Optional[str] = None) -> SparseTensor24:
+def compress(w: Tensor, *, prune: bool = False, backend: Optional[str] = None,
+             dtype: Optional[torch.dtype] = None) -> SparseTensor24:
     """Compress a 2:4 weight ``w [N, K]`` into a :class:`SparseTensor24`.
 
     Strict by default: a weight with more than two non-zeros in any group raises ValueError
     naming the first such row and group. ``prune=True`` applies the magnitude mask first.
     K need not be a multiple of 4: the last group is padded with zeros and the true K kept.
+    ``dtype=torch.int8`` quantizes the kept values per output channel
+    (:func:`sparsegemm.quant.quantize_weight`); None keeps w's dtype.
     """
     op = "sparsegemm.compress"
+    if dtype is not None and dtype != w.dtype:
+        if dtype != torch.int8:
+            raise ValueError(f"{op}: dtype must be None, w's dtype or torch.int8, got {dtype}")
+        from .quant import quantize_weight
+
+        return quantize_weight(w, prune=prune, backend=backend)
     _check_weight(op, w, ops.FLOAT_DTYPES)
     backend = ops.resolve_backend(op, backend, w.device)
     if backend != "cpu":
@@ -83,9 +92,16 @@ def linear(x: Tensor, sw: SparseTensor24, bias: Optional[Tensor] = None, *, acti
 
     Accumulation is fp32 and the result is rounded once to x's dtype, after the bias and the
     activation ("relu", "gelu" (exact erf form), "silu" or None).
+
+    An int8 ``sw`` (:func:`sparsegemm.quant.quantize_weight`) runs the INT8 GEMM: x is quantized
+    per token here (or given as ``(x_q, x_scale)``); see :func:`sparsegemm.quant.linear_int8`.
     """
     if not isinstance(sw, SparseTensor24):
         raise TypeError(f"sparsegemm.linear: sw must be a SparseTensor24, got {type(sw).__name__}")
+    if sw.dtype == torch.int8:
+        from .quant import linear_int8
+
+        return linear_int8(x, sw, bias, activation=activation, backend=backend)
     return linear_parts(x, sw.values, sw.meta, sw.shape, bias, activation=activation, backend=backend,
                         kernel_meta=sw.kernel_meta)
 

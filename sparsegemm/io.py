@@ -24,6 +24,12 @@ _FORMAT = "sparsegemm.checkpoint.v1"
 
 def _describe(mod: nn.Module) -> dict:
     if isinstance(mod, SparseLinear):
+        if mod.quantize == "int8":
+            # dtype: of the bias and activations; the values are int8 with a float32 "scale".
+            act_dtype = mod.bias.dtype if mod.bias is not None else torch.float16
+            return {"kind": "SparseLinear", "in_features": mod.in_features, "out_features": mod.out_features,
+                    "bias": mod.bias is not None, "dtype": str(act_dtype).replace("torch.", ""),
+                    "quantize": "int8", "static_input": mod.input_scale is not None}
         return {"kind": "SparseLinear", "in_features": mod.in_features, "out_features": mod.out_features,
                 "bias": mod.bias is not None, "dtype": str(mod.values.dtype).replace("torch.", "")}
     return {"kind": "SparseConv2d", "in_channels": mod.in_channels, "out_channels": mod.out_channels,
@@ -51,8 +57,14 @@ def _build(name: str, spec: dict, dense: nn.Module) -> nn.Module:
                 spec["in_features"], spec["out_features"]):
             raise ValueError(f"sparsegemm.load: module {name!r} was a Linear {spec['in_features']} -> "
                              f"{spec['out_features']} when saved, the model has {dense}")
-        return SparseLinear(spec["in_features"], spec["out_features"], spec["bias"], dtype=dtype,
-                            device=dense.weight.device)
+        quantize = spec.get("quantize")
+        if quantize not in (None, "int8"):
+            raise ValueError(f"sparsegemm.load: module {name!r}: unknown quantize {quantize!r} in the checkpoint")
+        mod = SparseLinear(spec["in_features"], spec["out_features"], spec["bias"], dtype=dtype,
+                           device=dense.weight.device, quantize=quantize)
+        if quantize and spec.get("static_input"):
+            mod.set_input_scale(1.0)  # the slot the checkpoint's input_scale loads into
+        return mod
     if spec["kind"] == "SparseConv2d":
         if not isinstance(dense, nn.Conv2d) or (dense.in_channels, dense.out_channels) != (
                 spec["in_channels"], spec["out_channels"]):
@@ -126,8 +138,8 @@ def describe(path: Union[str, "os.PathLike"]) -> str:
         prefix = f"{name}." if name else ""
         n = spec.get("out_features", spec.get("out_channels"))
         k = spec.get("in_features") or spec["in_channels"] * spec["kernel_size"][0] * spec["kernel_size"][1]
-        item = getattr(torch, spec["dtype"]).itemsize
-        stored = nbytes[prefix + "values"] + nbytes[prefix + "meta"]
+        item = getattr(torch, spec["dtype"]).itemsize  # int8 layers: vs the dense weight in the activation dtype
+        stored = nbytes[prefix + "values"] + nbytes[prefix + "meta"] + nbytes.get(prefix + "scale", 0)
         dense = n * k * item
         total_dense += dense
         total_stored += stored

@@ -21,9 +21,20 @@ from .tensor import SparseTensor24
 class _SparseWeight(nn.Module):
     """The compressed-weight storage shared by SparseLinear and SparseConv2d."""
 
+    quantize: Optional[str] = None  # "int8": int8 values with a per-row scale (SparseLinear only)
+
     def _init_storage(self, n: int, k: int, dtype: torch.dtype, device, bias: bool) -> None:
+        """``dtype``: of the values and bias; with quantize="int8", of the bias and the activations
+        (the values are int8, frozen: the integer grid has no gradient)."""
         self.weight_shape = (n, k)
-        self.values = nn.Parameter(torch.zeros(n, fmt.values_cols(k), dtype=dtype, device=device))
+        if self.quantize == "int8":
+            self.values = nn.Parameter(torch.zeros(n, fmt.values_cols(k), dtype=torch.int8, device=device),
+                                       requires_grad=False)
+            self.register_buffer("scale", torch.ones(n, dtype=torch.float32, device=device))
+            # Static mode (Int8Calibrator): one calibrated activation scale; None = per token.
+            self.register_buffer("input_scale", None)
+        else:
+            self.values = nn.Parameter(torch.zeros(n, fmt.values_cols(k), dtype=dtype, device=device))
         meta = torch.empty(n, fmt.meta_cols(k), dtype=torch.uint8, device=device)
         meta.fill_(fmt.PAD_NIBBLE | (fmt.PAD_NIBBLE << 4))  # a valid (all (0, 1)) pattern until loaded
         self.register_buffer("meta", meta)
@@ -34,15 +45,25 @@ class _SparseWeight(nn.Module):
         with torch.no_grad():
             self.values.data = sw.values.clone()
             self.meta = sw.meta.clone()
+            if sw.scale is not None:
+                self.scale = sw.scale.clone()
             if self.bias is not None:
-                self.bias.data = bias.detach().to(sw.dtype).clone()
+                self.bias.data = bias.detach().to(self.bias.dtype).clone()
         self._kernel_meta = {}
 
     def sparse_weight(self) -> SparseTensor24:
-        """The weight as a SparseTensor24 sharing this module's storage."""
-        return SparseTensor24(self.values.detach(), self.meta, self.weight_shape, validate=False)
+        """The weight as a SparseTensor24 sharing this module's storage (and reordered-metadata cache)."""
+        sw = SparseTensor24(self.values.detach(), self.meta, self.weight_shape,
+                            self.scale if self.quantize == "int8" else None, validate=False)
+        if self.quantize == "int8":
+            sw._kernel_meta = self._kernel_meta  # keyed by backend; _apply clears it on a move
+        return sw
 
     def _matrix_dense(self) -> Tensor:
+        if self.quantize == "int8":
+            from .quant import dequantize
+
+            return dequantize(self.sparse_weight())
         return decompress(self.sparse_weight())
 
     def _apply(self, fn, recurse=True):
@@ -62,47 +83,90 @@ class _SparseWeight(nn.Module):
                             backend=self.backend, kernel_meta=self._kernel_meta_for)
 
     def validate(self) -> None:
-        """Check the stored weight (shapes, dtypes, metadata) as a checkpoint load does."""
-        SparseTensor24(self.values.detach(), self.meta, self.weight_shape)
+        """Check the stored weight (shapes, dtypes, metadata, scales) as a checkpoint load does."""
+        SparseTensor24(self.values.detach(), self.meta, self.weight_shape,
+                       self.scale if self.quantize == "int8" else None)
+        if self.quantize == "int8" and self.input_scale is not None:
+            from .quant import check_scale
+
+            check_scale(type(self).__name__, "input_scale", self.input_scale.reshape(1), 1)
 
     def _bytes_repr(self) -> str:
         n, k = self.weight_shape
-        held = self.values.nbytes + self.meta.nbytes
-        dense = n * k * self.values.element_size()
-        return f"dtype={str(self.values.dtype).replace('torch.', '')}, {held} bytes ({dense - held} saved vs dense)"
+        held = self.values.nbytes + self.meta.nbytes + (self.scale.nbytes if self.quantize == "int8" else 0)
+        dense = n * k * (self.bias.element_size() if self.quantize == "int8" and self.bias is not None
+                         else self.values.element_size())
+        kind = "int8, per-row scale" if self.quantize == "int8" else str(self.values.dtype).replace("torch.", "")
+        return f"dtype={kind}, {held} bytes ({dense - held} saved vs dense)"
 
 
 class SparseLinear(_SparseWeight):
     """``nn.Linear`` with a 2:4-compressed weight: ``y = x @ W^T + bias`` for x ``[..., in_features]``.
 
     ``backend`` (None: by device) can be set to "simt" to run the CUDA kernels in the emulator.
+    ``quantize="int8"`` holds int8 values with a per-row ``scale`` buffer and quantizes the input
+    per token on every forward (or with the calibrated ``input_scale``, see
+    :class:`sparsegemm.quant.Int8Calibrator`); ``dtype`` is then the bias and activation dtype.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
-                 dtype: torch.dtype = torch.float16, device=None, backend: Optional[str] = None):
+                 dtype: torch.dtype = torch.float16, device=None, backend: Optional[str] = None,
+                 quantize: Optional[str] = None):
         super().__init__()
         if in_features <= 0 or out_features <= 0:
             raise ValueError(f"SparseLinear: in_features and out_features must be positive, got "
                              f"{in_features}, {out_features}")
+        if quantize not in (None, "int8"):
+            raise ValueError(f"SparseLinear: quantize must be None or 'int8', got {quantize!r}")
         ops.check_dtype("SparseLinear", "dtype", torch.empty(0, dtype=dtype), ops.FLOAT_DTYPES)
         self.in_features, self.out_features = in_features, out_features
         self.backend = backend
+        self.quantize = quantize
         self._init_storage(out_features, in_features, dtype, device, bias)
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, *, dtype: Optional[torch.dtype] = None, prune: bool = True,
-                   backend: Optional[str] = None) -> "SparseLinear":
-        """Compress ``linear``'s weight (magnitude 2:4 when ``prune``, else it must already be 2:4)."""
+                   backend: Optional[str] = None, quantize: Optional[str] = None) -> "SparseLinear":
+        """Compress ``linear``'s weight (magnitude 2:4 when ``prune``, else it must already be 2:4).
+
+        ``quantize="int8"``: prune, then quantize per output channel
+        (:func:`sparsegemm.quant.quantize_weight`); ``dtype`` is the activation dtype.
+        """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"SparseLinear.from_dense: expected nn.Linear, got {type(linear).__name__}")
         w = linear.weight.detach()
         dtype = dtype or w.dtype
         mod = cls(linear.in_features, linear.out_features, linear.bias is not None, dtype=dtype,
-                  device=w.device, backend=backend)
-        mod._load_compressed(compress(w.to(dtype), prune=prune), linear.bias)
+                  device=w.device, backend=backend, quantize=quantize)
+        if quantize == "int8":
+            from .quant import quantize_weight
+
+            # Selection and scales come from the weight in its own precision (the GPU compress
+            # kernel takes 16-bit weights only).
+            sw = quantize_weight(w if w.device.type == "cpu" else w.to(dtype), prune=prune)
+        else:
+            sw = compress(w.to(dtype), prune=prune)
+        mod._load_compressed(sw, linear.bias)
         return mod
 
+    def set_input_scale(self, scale: Optional[float]) -> None:
+        """Static INT8 mode with this activation scale (a positive number); None: per token again."""
+        if self.quantize != "int8":
+            raise ValueError("SparseLinear.set_input_scale: the layer is not int8 (quantize=None)")
+        if scale is None:
+            self.input_scale = None
+            return
+        value = float(scale)
+        if not (value > 0 and value != float("inf")):
+            raise ValueError(f"SparseLinear.set_input_scale: scale must be finite and positive, got {value!r}")
+        self.input_scale = torch.tensor(value, dtype=torch.float32, device=self.scale.device)
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.quantize == "int8":
+            from .quant import linear_int8
+
+            input_scale = None if self.input_scale is None else float(self.input_scale)
+            return linear_int8(x, self.sparse_weight(), self.bias, input_scale=input_scale, backend=self.backend)
         return self._sparse_linear(x)
 
     def dense_weight(self) -> Tensor:

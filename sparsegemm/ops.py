@@ -215,16 +215,23 @@ def find_invalid_meta(meta: Tensor, k: int) -> Optional[tuple[int, int]]:
     return None if flat < 0 else divmod(flat, g)
 
 
-def reorder_meta(meta: Tensor, k: int, backend: str) -> Tensor:
-    """Logical metadata -> the hardware-ordered layout the ``backend`` GEMM reads."""
+def reorder_meta(meta: Tensor, k: int, backend: str, s8: bool = False) -> Tensor:
+    """Logical metadata -> the hardware-ordered layout the ``backend`` GEMM reads.
+
+    ``s8``: the layout of the INT8 GEMM (mma.sp k64 wants its own order), for K padded to whole
+    groups as that GEMM is called with (see :func:`_linear_s8`).
+    """
     n = meta.shape[0]
     meta = meta.contiguous()
+    suffix = "_s8" if s8 else ""
+    if s8:
+        k = fmt.padded_k(k)
     if backend == "simt":
-        out = torch.empty(_C.simt_kernel_meta_bytes(n, k), dtype=torch.uint8)
-        _C.simt_reorder_meta(meta.data_ptr(), out.data_ptr(), n, k)
+        out = torch.empty(getattr(_C, "simt_kernel_meta_bytes" + suffix)(n, k), dtype=torch.uint8)
+        getattr(_C, "simt_reorder_meta" + suffix)(meta.data_ptr(), out.data_ptr(), n, k)
     elif backend == "cuda":
-        out = torch.empty(_C.cuda_kernel_meta_bytes(n, k), dtype=torch.uint8, device=meta.device)
-        _C.cuda_reorder_meta(meta.data_ptr(), out.data_ptr(), n, k, _stream(meta))
+        out = torch.empty(getattr(_C, "cuda_kernel_meta_bytes" + suffix)(n, k), dtype=torch.uint8, device=meta.device)
+        getattr(_C, "cuda_reorder_meta" + suffix)(meta.data_ptr(), out.data_ptr(), n, k, _stream(meta))
     else:
         raise ValueError(f"reorder_meta: backend must be 'simt' or 'cuda', got {backend!r}")
     return out
@@ -351,3 +358,82 @@ def _linear_backward(ctx, grad_y: Tensor):
 
 
 _linear.register_autograd(_linear_backward, setup_context=_linear_setup_context)
+
+
+# ---- INT8 (issue 4) --------------------------------------------------------------------------
+
+def has_int8_kernels(backend: str) -> bool:
+    """Whether this build has the INT8 kernels of ``backend`` ("cpu", "simt" or "cuda")."""
+    return hasattr(_C, f"{backend}_gemm_s8")
+
+
+def require_int8_kernels(op: str, backend: str) -> None:
+    if not has_int8_kernels(backend):
+        raise RuntimeError(f"{op}: this build has no INT8 kernels for backend {backend!r} "
+                           f"(_C.{backend}_gemm_s8 is missing); use backend='cpu' or rebuild")
+
+
+@torch.library.custom_op("sparsegemm::quantize_rows", mutates_args=())
+def _quantize_rows(x: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+    """Dynamic per-token INT8: (x_q int8 [M, K] contiguous, x_scale float32 [M]) of x [M, K]."""
+    m, k = x.shape
+    x_q = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    x_scale = torch.empty((m,), dtype=torch.float32, device=x.device)
+    if m == 0:
+        return x_q, x_scale
+    x = _rowmajor(x)
+    code = fmt.DTYPE_CODES[x.dtype]
+    if backend == "cpu":
+        _sync_threads()
+        _C.cpu_quantize_rows(m, k, x.data_ptr(), x.stride(0), code, x_q.data_ptr(), x_scale.data_ptr())
+    elif backend == "simt":
+        _C.simt_quantize_rows(m, k, x.data_ptr(), x.stride(0), code, x_q.data_ptr(), x_scale.data_ptr())
+    else:
+        _C.cuda_quantize_rows(m, k, x.data_ptr(), x.stride(0), code, x_q.data_ptr(), x_scale.data_ptr(),
+                              stream=_stream(x))
+    return x_q, x_scale
+
+
+@_quantize_rows.register_fake
+def _(x: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+    m, k = x.shape
+    return x.new_empty((m, k), dtype=torch.int8), x.new_empty((m,), dtype=torch.float32)
+
+
+@torch.library.custom_op("sparsegemm::linear_s8", mutates_args=())
+def _linear_s8(x_q: Tensor, x_scale: Tensor, values: Tensor, meta: Tensor, kernel_meta: Optional[Tensor],
+               w_scale: Tensor, k: int, bias: Optional[Tensor], activation: int, out_dtype: torch.dtype,
+               backend: str) -> Tensor:
+    """INT8 GEMM: Y[M, N] (out_dtype) = epilogue(x_q [M, K] @ Wq^T). ``meta`` is the logical
+    metadata (CPU); ``kernel_meta`` the s8 reordered copy (CUDA / SIMT), for K padded to whole
+    groups: those kernels read x_q as [M, padded_k(k)] and its zero columns add nothing."""
+    m, n = x_q.shape[0], values.shape[0]
+    y = torch.empty((m, n), dtype=out_dtype, device=x_q.device)
+    if m == 0:
+        return y
+    code = fmt.DTYPE_CODES[out_dtype]
+    values = values.contiguous()
+    x_scale, w_scale = x_scale.contiguous(), w_scale.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    x_q = _rowmajor(x_q)
+    if backend == "cpu":
+        _sync_threads()
+        _C.cpu_gemm_s8(m, n, k, x_q.data_ptr(), x_q.stride(0), values.data_ptr(), meta.contiguous().data_ptr(),
+                       w_scale.data_ptr(), x_scale.data_ptr(), _ptr(bias), y.data_ptr(), y.stride(0), code, activation)
+        return y
+    kp = fmt.padded_k(k)
+    if kp != k:
+        x_q = torch.nn.functional.pad(x_q, (0, kp - k))
+    api = "simt_" if backend == "simt" else "cuda_"
+    ws_bytes = getattr(_C, api + "gemm_s8_workspace_bytes")(m, n, kp)
+    workspace = torch.empty(ws_bytes, dtype=torch.uint8, device=x_q.device) if ws_bytes else None
+    getattr(_C, api + "gemm_s8")(m, n, kp, x_q.data_ptr(), x_q.stride(0), values.data_ptr(), kernel_meta.data_ptr(),
+                                 w_scale.data_ptr(), x_scale.data_ptr(), _ptr(bias), y.data_ptr(), y.stride(0), code,
+                                 activation, workspace=_ptr(workspace), stream=_stream(x_q) if backend == "cuda" else 0)
+    return y
+
+
+@_linear_s8.register_fake
+def _(x_q: Tensor, x_scale: Tensor, values: Tensor, meta: Tensor, kernel_meta: Optional[Tensor], w_scale: Tensor,
+      k: int, bias: Optional[Tensor], activation: int, out_dtype: torch.dtype, backend: str) -> Tensor:
+    return x_q.new_empty((x_q.shape[0], values.shape[0]), dtype=out_dtype)

@@ -31,6 +31,10 @@ __all__ = [
     "linear",
     "dense_baseline_error",
     "assert_close_to_oracle",
+    "quantize_rows_int8",
+    "quantize_weight_int8",
+    "int8_accumulate",
+    "linear_int8",
 ]
 
 
@@ -178,3 +182,53 @@ def assert_close_to_oracle(y: torch.Tensor, x: torch.Tensor, w_dense: torch.Tens
         worst = np.unravel_index(np.nanargmax(np.abs(got - ref)), ref.shape)
         raise AssertionError(f"max abs error {err:.3g} > bound {bound:.3g} at {worst}: "
                              f"got {got[worst]!r}, oracle {ref[worst]!r}")
+
+
+# ---- INT8 (the contract in sparsegemm/quant.py, step by step) -----------------------------------
+
+def _quantize_fp32(v32: torch.Tensor, scale32: torch.Tensor) -> torch.Tensor:
+    """clamp(rint(v / scale), -127, 127) with one correctly rounded fp32 division; NaN -> 0."""
+    q = torch.round(v32 / scale32).clamp(-127, 127)
+    return torch.nan_to_num(q, nan=0.0).to(torch.int8)
+
+
+def _scale_fp32(amax32: torch.Tensor) -> torch.Tensor:
+    return torch.where(amax32 == 0, torch.ones_like(amax32), amax32 / 127)
+
+
+def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-token INT8 of a 2-D x: (x_q int8 [M, K], x_scale float32 [M]); NaN rows give a
+    NaN scale and zeros."""
+    x32 = x.detach().cpu().to(torch.float32)
+    amax = x32.abs().amax(dim=1) if x32.shape[1] else torch.zeros(x32.shape[0])
+    scale = _scale_fp32(amax)  # amax is NaN for a row with a NaN (amax propagates it)
+    return _quantize_fp32(x32, scale[:, None]), scale
+
+
+def quantize_weight_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(values int8 [N, Kp/2], meta, scale float32 [N]) of a weight, pruned by the magnitude rule."""
+    values, meta = compress(w, prune=True)
+    kept = values.to(torch.float32)
+    scale = _scale_fp32(kept.abs().amax(dim=1))
+    return _quantize_fp32(kept, scale[:, None]), meta, scale
+
+
+def int8_accumulate(x_q: torch.Tensor, values_q: torch.Tensor, meta, k: int) -> np.ndarray:
+    """Exact int64 ``x_q[M, K] @ Wq[N, K]^T`` saturated to int32 (the kernels' acc)."""
+    wq = decompress(values_q.to(torch.int16), meta, k).numpy().astype(np.int64)
+    acc = x_q.detach().cpu().numpy().astype(np.int64)[:, :k] @ wq.T
+    return np.clip(acc, -2**31, 2**31 - 1)
+
+
+def linear_int8(x_q: torch.Tensor, x_scale: torch.Tensor, values_q: torch.Tensor, meta, k: int,
+                w_scale: torch.Tensor, bias=None, activation: str | None = None,
+                out_dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """The INT8 GEMM in the contract's order: int64 sum, int32 saturation, then in fp32 (each step
+    rounded once, no FMA) ``(acc * w_scale[n]) * x_scale[m]``, ``+ bias[n]``; the activation in
+    float64 and one rounding to ``out_dtype``. Kernels match the fp32 steps exactly; their fp32
+    activation may differ from this float64 one by an ulp of the output."""
+    acc = torch.from_numpy(int8_accumulate(x_q, values_q, meta, k)).to(torch.float32)
+    y = (acc * w_scale.detach().cpu().to(torch.float32)[None, :]) * x_scale.detach().cpu().to(torch.float32)[:, None]
+    if bias is not None:
+        y = y + bias.detach().cpu().to(torch.float32)[None, :]
+    return _activation64(y.to(torch.float64), activation).to(out_dtype)

@@ -84,16 +84,12 @@ class SparseTensor24:
                              f"{self.meta.dtype} {tuple(self.meta.shape)}")
         if self.meta.device != self.values.device:
             raise ValueError(f"SparseTensor24: values on {self.values.device} but meta on {self.meta.device}")
-        if self.values.dtype == torch.int8 and self.scale is None:
-            raise ValueError("SparseTensor24: int8 values need a per-row scale (float32[N]), got none")
-        if self.scale is not None:
-            if self.scale.dtype != torch.float32 or tuple(self.scale.shape) != (n,):
-                raise ValueError(f"SparseTensor24: scale must be float32 of shape ({n},), got "
-                                 f"{self.scale.dtype} {tuple(self.scale.shape)}")
+        if self.values.dtype == torch.int8 or self.scale is not None:
+            from .quant import check_scale
+
+            check_scale("SparseTensor24", "scale", self.scale, n)
             if self.scale.device != self.values.device:
                 raise ValueError(f"SparseTensor24: scale on {self.scale.device} but values on {self.values.device}")
-            if not bool(torch.isfinite(self.scale).all()) or bool((self.scale == 0).any()):
-                raise ValueError("SparseTensor24: scale must be finite and non-zero")
         bad = ops.find_invalid_meta(self.meta, k)
         if bad is not None:
             row, group = bad
@@ -132,6 +128,6 @@ class SparseTensor24:
 
         cached = self._kernel_meta.get(backend)
         if cached is None:
-            cached = ops.reorder_meta(self.meta, self.shape[1], backend)
+            cached = ops.reorder_meta(self.meta, self.shape[1], backend, s8=self.dtype == torch.int8)
             self._kernel_meta[backend] = cached
         return cached

@@ -101,3 +101,85 @@ def test_gemm_large_within_twice_dense_error(dtype, m, n, k, config, split_k, ac
     base_err = (dense - exact).abs().max().item()
     err = (y.double() - exact).abs().max().item()
     assert err <= 2 * base_err + 1e-6, (err, base_err)
+
+
+# ---- INT8 (quantize.cuh, gemm_sp_s8.cuh): the emulator's oracles, plus large shapes ----------------
+from test_int8_kernels_simt import (S8_SHAPES, random_scales, reference_gemm_s8,  # noqa: E402
+                                    reference_kernel_meta_s8, reference_quantize_rows, sparse_int8_weight)
+
+
+def cuda_gemm_s8(x_q, values, meta, w_scale, x_scale, n, k, out_dtype, bias=None, act="none", config=-1, split_k=0):
+    """All tensors on the GPU; meta is the logical E (reordered here)."""
+    m = x_q.shape[0]
+    kmeta = torch.empty(_C.cuda_kernel_meta_bytes_s8(n, k), dtype=torch.uint8, device="cuda")
+    _C.cuda_reorder_meta_s8(meta.data_ptr(), kmeta.data_ptr(), n, k, stream())
+    y = torch.full((m, n), float("nan"), dtype=out_dtype, device="cuda")
+    ws_bytes = _C.cuda_gemm_s8_workspace_bytes(m, n, k, config, split_k)
+    ws = torch.empty(max(ws_bytes, 4), dtype=torch.uint8, device="cuda")
+    _C.cuda_gemm_s8(m, n, k, x_q.data_ptr(), x_q.stride(0), values.data_ptr(), kmeta.data_ptr(), w_scale.data_ptr(),
+                    x_scale.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(), y.stride(0),
+                    DTYPE_CODES[out_dtype], ACT_CODES[act], ws.data_ptr() if ws_bytes else 0, config, split_k,
+                    stream())
+    torch.cuda.synchronize()
+    return y
+
+
+@pytest.mark.parametrize("n,k", [(20, 100), (130, 200), (4096, 4100)])
+def test_reorder_meta_s8_layout(n, k):
+    _, _, meta = sparse_int8_weight(n, k, torch.Generator().manual_seed(n + k))
+    out = torch.empty(_C.cuda_kernel_meta_bytes_s8(n, k), dtype=torch.uint8, device="cuda")
+    _C.cuda_reorder_meta_s8(torch.from_numpy(meta).cuda().data_ptr(), out.data_ptr(), n, k, stream())
+    np.testing.assert_array_equal(out.cpu().numpy().view(np.uint32), reference_kernel_meta_s8(meta, n, k))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,k", [(1, 4), (17, 1000), (300, 4096)])
+def test_quantize_rows_matches_reference(dtype, m, k):
+    x = (torch.randn(m, k, generator=torch.Generator().manual_seed(m + k)) * 3).to(dtype)
+    x[0, 1] = float("nan")
+    if m > 1:
+        x[1] = 0
+    x_q = torch.empty((m, k), dtype=torch.int8, device="cuda")
+    x_scale = torch.empty(m, dtype=torch.float32, device="cuda")
+    _C.cuda_quantize_rows(m, k, x.cuda().data_ptr(), k, DTYPE_CODES[dtype], x_q.data_ptr(), x_scale.data_ptr(),
+                          stream())
+    ref_q, ref_scale = reference_quantize_rows(x)
+    np.testing.assert_array_equal(x_scale.cpu().numpy().view(np.uint32), ref_scale.view(np.uint32))
+    np.testing.assert_array_equal(x_q.cpu().numpy(), ref_q)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,n,k,config,split_k", [(m, n, k, c, 0) for m, n, k in S8_SHAPES for c in (LARGE_M, DECODE)]
+                         + [(1, 8192, 8192, -1, 0), (16, 4096, 4096, -1, 0), (8, 4096, 4096, DECODE, 7),
+                            (2048, 4096, 4096, -1, 0), (777, 3000, 1028, LARGE_M, 0)])
+def test_gemm_s8_bit_exact(out_dtype, m, n, k, config, split_k):
+    gen = torch.Generator().manual_seed(m + n + k)
+    wq, values, meta = sparse_int8_weight(n, k, gen)
+    x_q = torch.randint(-127, 128, (m, k), generator=gen).to(torch.int8)
+    w_scale, x_scale = random_scales(n, gen), random_scales(m, gen)
+    bias = torch.randn(n, generator=gen).to(out_dtype)
+    y = cuda_gemm_s8(x_q.cuda(), torch.from_numpy(values).cuda(), torch.from_numpy(meta).cuda(),
+                     torch.from_numpy(w_scale).cuda(), torch.from_numpy(x_scale).cuda(), n, k, out_dtype,
+                     bias=bias.cuda(), config=config, split_k=split_k)
+    ref = reference_gemm_s8(x_q.numpy(), wq, w_scale, x_scale, bias, "none", out_dtype)
+    assert torch.equal(y.cpu().view(torch.int16), ref.view(torch.int16))
+
+
+@pytest.mark.parametrize("act", ["relu", "gelu", "silu"])
+def test_gemm_s8_activation_within_one_ulp(act):
+    m, n, k = 64, 520, 1032
+    gen = torch.Generator().manual_seed(3)
+    wq, values, meta = sparse_int8_weight(n, k, gen)
+    x_q = torch.randint(-127, 128, (m, k), generator=gen).to(torch.int8)
+    w_scale, x_scale = random_scales(n, gen), random_scales(m, gen)
+    y = cuda_gemm_s8(x_q.cuda(), torch.from_numpy(values).cuda(), torch.from_numpy(meta).cuda(),
+                     torch.from_numpy(w_scale).cuda(), torch.from_numpy(x_scale).cuda(), n, k, torch.float16, act=act)
+    ref = reference_gemm_s8(x_q.numpy(), wq, w_scale, x_scale, None, act, torch.float16)
+    if act == "relu":
+        assert torch.equal(y.cpu().view(torch.int16), ref.view(torch.int16))
+        return
+    # The device's erff / expf may be 2 fp32 ulps off (CUDA math docs), which (1 + erf(v)) near
+    # -1 amplifies: allow 1 f16 ulp plus 2^-22 |v| (v: the oracle's value before the activation).
+    v = reference_gemm_s8(x_q.numpy(), wq, w_scale, x_scale, None, "none", torch.float32).double()
+    tol = ref.double().abs() * 2.0**-10 + 2.0**-24 + v.abs() * 2.0**-22
+    assert torch.all((y.cpu().double() - ref.double()).abs() <= tol)

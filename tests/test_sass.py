@@ -1,6 +1,7 @@
 """The built module's GEMM really runs on the sparse tensor cores: every compiled architecture's
-gemm_sp_kernel contains HMMA.SP.16832 (fp16 and bf16 instantiations), read back from the SASS
-with cuobjdump (PyPI: nvidia-cuda-cuobjdump, installed under site-packages/nvidia/cu13/bin)."""
+gemm_sp_kernel contains HMMA.SP.16832 (fp16 and bf16 instantiations) or, for the int8 policy,
+IMMA.SP.16864 (s8, saturating), read back from the SASS with cuobjdump (PyPI:
+nvidia-cuda-cuobjdump, installed under site-packages/nvidia/cu13/bin)."""
 import pathlib
 import re
 import shutil
@@ -48,7 +49,8 @@ def built_archs():
 @pytest.mark.parametrize("arch", built_archs())
 def test_gemm_uses_sparse_hmma(cuobjdump, arch):
     functions = sass_functions(cuobjdump, _C.__file__, arch)
-    gemms = {name: body for name, body in functions.items() if "gemm_sp_kernel" in name}
+    # The 16-bit policy (Mma16); the int8 one (MmaS8) is checked below.
+    gemms = {name: body for name, body in functions.items() if "gemm_sp_kernel" in name and "Mma16" in name}
     # Two dtypes x two tile configurations (kernels_dispatch.cuh).
     assert len(gemms) == 4, sorted(functions)
     for name, body in gemms.items():
@@ -56,3 +58,17 @@ def test_gemm_uses_sparse_hmma(cuobjdump, arch):
         is_bf16 = "DTypeE2" in name  # DType::bf16 == 2 in the mangled template argument
         assert ("HMMA.SP.16832.F32.BF16" in body) == is_bf16, name
         assert "LDSM" in body, f"{name} on sm_{arch}: operands are expected to come through ldmatrix"
+
+
+@pytest.mark.parametrize("arch", built_archs())
+def test_int8_gemm_uses_sparse_imma(cuobjdump, arch):
+    functions = sass_functions(cuobjdump, _C.__file__, arch)
+    gemms = {name: body for name, body in functions.items() if "gemm_sp_kernel" in name and "MmaS8" in name}
+    # Two output dtypes x two tile configurations (kernels_dispatch.cuh).
+    assert len(gemms) == 4, sorted(functions)
+    for name, body in gemms.items():
+        assert "IMMA.SP.16864.S8.S8.SAT" in body, f"{name} on sm_{arch} has no saturating sparse s8 IMMA"
+        assert "HMMA" not in body, name
+        assert "LDSM" in body, f"{name} on sm_{arch}: operands are expected to come through ldmatrix"
+    assert any("quantize_rows_kernel" in name for name in functions)
+    assert any("reorder_meta_s8_kernel" in name for name in functions)

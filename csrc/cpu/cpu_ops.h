@@ -41,5 +41,18 @@ int64_t find_invalid_meta(const uint8_t* meta, int64_t N, int64_t K);
 // zero; every other path keeps them.
 void gemm(const GemmParams& p);
 
+// INT8 (issue 4), dynamic per-token activation quantization: for every row m of X[M, K] (dtype
+// in_dtype: f32, f16 or bf16; row stride ldx), x_scale[m] = amax_m / 127 in fp32 (amax_m = max
+// |x[m, :K]|; 1 for an all-zero row; NaN for a row holding a NaN) and x_q[m, k] (int8 [M, K],
+// contiguous) = clamp(rint(x / x_scale[m]), -127, 127), fp32 division, ties to even, 0 where the
+// quotient is NaN. The order of operations is the one the CUDA kernel follows (sparsegemm/quant.py).
+void quantize_rows(DType in_dtype, const void* x, int64_t M, int64_t K, int64_t ldx, int8_t* x_q, float* x_scale);
+
+// INT8 GEMM: p.x is X_q int8 [M, K] (row stride p.ldx), p.values int8 [N, padded_k(K)/2] with the
+// logical p.meta, p.w_scale fp32 [N], p.x_scale fp32 [M], p.bias (or null) and Y in p.dtype (f32,
+// f16 or bf16). acc = exact sum saturated to int32; y = ((float)acc * w_scale[n]) * x_scale[m]
+// (+ bias[n]) in fp32 without FMA contraction, then the activation and one rounding to p.dtype.
+void gemm_s8(const GemmParams& p);
+
 }  // namespace cpu
 }  // namespace sparsegemm

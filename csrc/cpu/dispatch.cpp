@@ -87,6 +87,12 @@ void decompress(const DecompressParams& p) { current_table().decompress(p); }
 
 void gemm(const GemmParams& p) { current_table().gemm(p); }
 
+void quantize_rows(DType in_dtype, const void* x, int64_t M, int64_t K, int64_t ldx, int8_t* x_q, float* x_scale) {
+  current_table().quantize_rows(in_dtype, x, M, K, ldx, x_q, x_scale);
+}
+
+void gemm_s8(const GemmParams& p) { current_table().gemm_s8(p); }
+
 int64_t find_invalid_meta(const uint8_t* meta, int64_t N, int64_t K) {
   const int64_t groups = num_groups(K), mcols = meta_cols(K);
   for (int64_t n = 0; n < N; ++n) {

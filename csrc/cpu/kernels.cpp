@@ -370,6 +370,28 @@ struct Fp32Steps {
   }
 };
 
+#if defined(__AVX512BW__)
+// Indices for a step of 16 groups (64 K positions, 32 kept 16-bit values, 8 metadata bytes) whose
+// kept values sit in 16-bit lanes: lane l gets 0..63, the position of kept value l among the
+// step's 64 X values, for a two-register permute (vpermt2w). Lane l needs bits [2l+1 : 2l] of the
+// 8 metadata bytes: 16-bit word l / 8, shifted by 2 (l % 8). Shared by the bf16 and int8 steps.
+inline __m512i pair_step_index(const uint8_t* meta) {
+  alignas(64) static constexpr uint16_t kWordOfLane[32] = {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                                           2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3};
+  alignas(64) static constexpr uint16_t kShift[32] = {0, 2, 4, 6, 8, 10, 12, 14, 0, 2, 4, 6, 8, 10, 12, 14,
+                                                      0, 2, 4, 6, 8, 10, 12, 14, 0, 2, 4, 6, 8, 10, 12, 14};
+  alignas(64) static constexpr uint16_t kGroupBase[32] = {0,  0,  4,  4,  8,  8,  12, 12, 16, 16, 20,
+                                                          20, 24, 24, 28, 28, 32, 32, 36, 36, 40, 40,
+                                                          44, 44, 48, 48, 52, 52, 56, 56, 60, 60};
+  uint64_t codes;
+  std::memcpy(&codes, meta, sizeof codes);
+  const __m512i words = _mm512_permutexvar_epi16(_mm512_load_si512(kWordOfLane),
+                                                 _mm512_set1_epi64(static_cast<long long>(codes)));
+  const __m512i code = _mm512_and_si512(_mm512_srlv_epi16(words, _mm512_load_si512(kShift)), _mm512_set1_epi16(3));
+  return _mm512_add_epi16(code, _mm512_load_si512(kGroupBase));
+}
+#endif
+
 #if defined(__AVX512BF16__)
 // bf16 on AVX512-BF16: X stays bf16 and VDPBF16PS multiplies 32 bf16 pairs per instruction, twice
 // the K per step of the fp32 path at the same permute + FMA cost. The products are exact in fp32
@@ -388,20 +410,7 @@ struct Bf16PairSteps {
   static constexpr int kGroups = 16;  // 64 K positions, 8 metadata bytes
 
   static StepVectors load(const uint16_t* values, const uint8_t* meta) {
-    // Lane l needs bits [2l+1 : 2l] of the 8 metadata bytes: 16-bit word l / 8, shifted by 2 (l % 8).
-    alignas(64) static constexpr uint16_t kWordOfLane[32] = {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
-                                                             2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3};
-    alignas(64) static constexpr uint16_t kShift[32] = {0, 2, 4, 6, 8, 10, 12, 14, 0, 2, 4, 6, 8, 10, 12, 14,
-                                                        0, 2, 4, 6, 8, 10, 12, 14, 0, 2, 4, 6, 8, 10, 12, 14};
-    alignas(64) static constexpr uint16_t kGroupBase[32] = {0,  0,  4,  4,  8,  8,  12, 12, 16, 16, 20,
-                                                            20, 24, 24, 28, 28, 32, 32, 36, 36, 40, 40,
-                                                            44, 44, 48, 48, 52, 52, 56, 56, 60, 60};
-    uint64_t codes;
-    std::memcpy(&codes, meta, sizeof codes);
-    const __m512i words = _mm512_permutexvar_epi16(_mm512_load_si512(kWordOfLane),
-                                                   _mm512_set1_epi64(static_cast<long long>(codes)));
-    const __m512i code = _mm512_and_si512(_mm512_srlv_epi16(words, _mm512_load_si512(kShift)), _mm512_set1_epi16(3));
-    return {_mm512_add_epi16(code, _mm512_load_si512(kGroupBase)), _mm512_loadu_si512(values)};
+    return {pair_step_index(meta), _mm512_loadu_si512(values)};
   }
 
   static XVectors load_x_step(const uint16_t* x) { return {_mm512_loadu_si512(x), _mm512_loadu_si512(x + 32)}; }
@@ -571,6 +580,359 @@ void gemm_typed(const GemmParams& p) {
   }
 }
 
+// ---- INT8 (issue 4): dynamic per-token quantization and the s8 x s8 -> s32 sparse GEMM ---------
+//
+// The order of operations is the contract shared with the CUDA kernels (sparsegemm/quant.py
+// docstring) so that both backends give the same bits: everything here is exact integer work or
+// one correctly rounded fp32 operation at a time.
+
+// Row m of X -> x_q[m, :K] and x_scale[m]: x_scale = amax / 127 (amax = max |x| in fp32; 1 when
+// the row is all zeros; NaN when the row holds a NaN), q = clamp(rint(x / x_scale), -127, 127)
+// with fp32 division and round half to even, 0 where x / x_scale is NaN.
+inline float row_scale(float amax, bool has_nan) {
+  if (has_nan) return std::numeric_limits<float>::quiet_NaN();
+  return amax == 0.0f ? 1.0f : amax / 127.0f;
+}
+
+inline int8_t quantize_value(float v, float scale) {
+  const float q = v / scale;
+  if (q != q) return 0;
+  // Clamp before the conversion so that no out-of-range float reaches it; rint is monotone and
+  // +-127 are integers, so this equals clamp(rint(q)).
+  return static_cast<int8_t>(std::nearbyint(std::min(127.0f, std::max(-127.0f, q))));
+}
+
+template <DType D>
+void quantize_rows_typed(const void* x_ptr, int64_t M, int64_t K, int64_t ldx, int8_t* x_q, float* x_scale) {
+  using T = typename ElemTraits<D>::Storage;
+  const T* x = static_cast<const T*>(x_ptr);
+  parallel_for(0, M, rows_grain(K), [&](int64_t m_begin, int64_t m_end) {
+    for (int64_t m = m_begin; m < m_end; ++m) {
+      const T* row = x + m * ldx;
+      int8_t* q_row = x_q + m * K;
+      int64_t k = 0;
+      float amax = 0.0f;
+      bool has_nan = false;
+#if defined(__AVX512F__)
+      const __m512i abs_mask = _mm512_set1_epi32(0x7FFFFFFF);
+      __m512 amax_v = _mm512_setzero_ps();
+      __mmask16 nan_lanes = 0;
+      for (; k + 16 <= K; k += 16) {
+        const __m512 v = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(widen_lanes<D>(row + k)), abs_mask));
+        nan_lanes |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        amax_v = _mm512_max_ps(amax_v, v);
+      }
+      amax = _mm512_reduce_max_ps(amax_v);
+      has_nan = nan_lanes != 0;
+#endif
+      for (; k < K; ++k) {
+        const float v = std::fabs(ElemTraits<D>::to_float(row[k]));
+        has_nan |= v != v;
+        amax = std::max(amax, v);
+      }
+      const float scale = row_scale(amax, has_nan);
+      x_scale[m] = scale;
+      k = 0;
+#if defined(__AVX512F__)
+      const __m512 scale_v = _mm512_set1_ps(scale);
+      const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
+      for (; k + 16 <= K; k += 16) {
+        const __m512 q = _mm512_div_ps(widen_lanes<D>(row + k), scale_v);
+        const __mmask16 ordered = _mm512_cmp_ps_mask(q, q, _CMP_ORD_Q);
+        const __m512 clamped = _mm512_min_ps(hi, _mm512_max_ps(lo, q));
+        const __m512i rounded = _mm512_maskz_cvt_roundps_epi32(ordered, clamped,
+                                                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q_row + k), _mm512_cvtepi32_epi8(rounded));
+      }
+#endif
+      for (; k < K; ++k) q_row[k] = quantize_value(ElemTraits<D>::to_float(row[k]), scale);
+    }
+  });
+}
+
+// Steps of the s8 GEMM, as for the floating GEMM: a step's kept weights fill one register, the
+// metadata nibbles become permute indices into the step's X values, and multiply-adds of
+// adjacent lanes (one group's two kept values) go into int32 lanes. X is copied widened to XElem.
+// Every ISA's per-lane int32 sums are moved into int64 every kS8FlushSteps steps, so no lane can
+// wrap for any K; the int64 total is saturated to int32 once per output (as .satfinite does).
+#if defined(__AVX512BW__)
+struct S8Steps {
+  using XElem = int16_t;  // X sign-extended to 16 bits, for vpermt2w and vpmaddwd
+  using Acc = __m512i;    // 16 int32 lanes, one per pair of kept values
+  struct StepVectors {
+    __m512i index;   // 32 x 16-bit: position 0..63 of kept value l among the step's X values
+    __m512i weight;  // the 32 kept values sign-extended to 16 bits
+  };
+  struct XVectors {
+    __m512i low, high;  // the step's 64 X values
+  };
+  static constexpr int kGroups = 16;  // 64 K positions, 8 metadata bytes
+  // One step adds at most 2 * 128 * 128 = 2^15 to a lane: 2^15 steps keep a lane below 2^30.
+  static constexpr int64_t kFlushSteps = int64_t{1} << 15;
+
+  static StepVectors load(const int8_t* values, const uint8_t* meta) {
+    return {pair_step_index(meta), _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(values)))};
+  }
+  static XVectors load_x_step(const int16_t* x) { return {_mm512_loadu_si512(x), _mm512_loadu_si512(x + 32)}; }
+  static Acc zero() { return _mm512_setzero_si512(); }
+  static Acc madd(Acc acc, const StepVectors& step, const XVectors& x) {
+    const __m512i kept_x = _mm512_permutex2var_epi16(x.low, step.index, x.high);
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(kept_x, step.weight));
+  }
+  static int64_t reduce(Acc a) {
+    const __m512i low = _mm512_cvtepi32_epi64(_mm512_castsi512_si256(a));
+    const __m512i high = _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(a, 1));
+    return _mm512_reduce_add_epi64(_mm512_add_epi64(low, high));
+  }
+  static void copy_x_row(const int8_t* src, int64_t K, int16_t* dst, int64_t padded_len) {
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32)
+      _mm512_storeu_si512(dst + k, _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + k))));
+    for (; k < K; ++k) dst[k] = src[k];
+    std::fill(dst + K, dst + padded_len, int16_t{0});
+  }
+};
+#elif defined(__AVX2__)
+struct S8Steps {
+  // X as int32 lanes holding the 16-bit two's complement value in the low half and zero in the
+  // high half (weights likewise): vpmaddwd then multiplies the low halves as signed 16-bit numbers
+  // and adds 0 * 0 for the high halves, an exact 32-bit product on the fp32 path's vpermps layout.
+  using XElem = int32_t;
+  using Acc = __m256i;
+  struct StepVectors {
+    __m256i index;   // 0..7 within the lane's half of the step (as load_step)
+    __m256i weight;  // the 8 kept values, low-half encoded
+  };
+  struct XVectors {
+    __m256i low, high;  // the step's 16 X values
+  };
+  static constexpr int kGroups = 4;  // 16 K positions, 2 metadata bytes
+  // One step adds at most 128 * 128 = 2^14 to a lane: 2^16 steps keep a lane below 2^30.
+  static constexpr int64_t kFlushSteps = int64_t{1} << 16;
+
+  static StepVectors load(const int8_t* values, const uint8_t* meta) {
+    uint16_t codes;
+    std::memcpy(&codes, meta, sizeof codes);
+    const __m256i shift = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+    const __m256i group_base = _mm256_setr_epi32(0, 0, 4, 4, 0, 0, 4, 4);
+    const __m256i code = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(codes), shift), _mm256_set1_epi32(3));
+    int64_t packed;
+    std::memcpy(&packed, values, sizeof packed);
+    const __m256i wide = _mm256_cvtepi8_epi32(_mm_cvtsi64_si128(packed));
+    return {_mm256_add_epi32(code, group_base), _mm256_and_si256(wide, _mm256_set1_epi32(0xFFFF))};
+  }
+  static XVectors load_x_step(const int32_t* x) {
+    return {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)),
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 8))};
+  }
+  static Acc zero() { return _mm256_setzero_si256(); }
+  static Acc madd(Acc acc, const StepVectors& step, const XVectors& x) {
+    const __m256i from_low = _mm256_permutevar8x32_epi32(x.low, step.index);
+    const __m256i from_high = _mm256_permutevar8x32_epi32(x.high, step.index);
+    const __m256i kept_x = _mm256_blend_epi32(from_low, from_high, 0xF0);
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(kept_x, step.weight));
+  }
+  static int64_t reduce(Acc a) {
+    const __m256i low = _mm256_cvtepi32_epi64(_mm256_castsi256_si128(a));
+    const __m256i high = _mm256_cvtepi32_epi64(_mm256_extracti128_si256(a, 1));
+    const __m256i sum = _mm256_add_epi64(low, high);
+    alignas(32) int64_t lanes[4];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), sum);
+    return (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+  }
+  static void copy_x_row(const int8_t* src, int64_t K, int32_t* dst, int64_t padded_len) {
+    for (int64_t k = 0; k < K; ++k) dst[k] = static_cast<uint16_t>(static_cast<int16_t>(src[k]));
+    std::fill(dst + K, dst + padded_len, int32_t{0});
+  }
+};
+#else
+struct S8Steps {
+  using XElem = int16_t;
+  using Acc = int64_t;  // scalar: the int64 sum itself, never wraps
+  struct StepVectors {
+    int index[4];
+    int weight[4];
+  };
+  struct XVectors {
+    const int16_t* values;  // the step's 8 X values, read in place
+  };
+  static constexpr int kGroups = 2;  // one metadata byte: 8 K positions
+  static constexpr int64_t kFlushSteps = std::numeric_limits<int64_t>::max();
+
+  static StepVectors load(const int8_t* values, const uint8_t* meta) {
+    StepVectors step;
+    for (int l = 0; l < 4; ++l) {
+      step.index[l] = ((meta[0] >> (2 * l)) & 3) + 4 * (l / 2);
+      step.weight[l] = values[l];
+    }
+    return step;
+  }
+  static XVectors load_x_step(const int16_t* x) { return {x}; }
+  static Acc zero() { return 0; }
+  static Acc madd(Acc acc, const StepVectors& step, const XVectors& x) {
+    int32_t sum = 0;  // four products of at most 2^14 each
+    for (int l = 0; l < 4; ++l) sum += step.weight[l] * x.values[step.index[l]];
+    return acc + sum;
+  }
+  static int64_t reduce(Acc a) { return a; }
+  static void copy_x_row(const int8_t* src, int64_t K, int16_t* dst, int64_t padded_len) {
+    std::copy(src, src + K, dst);
+    std::fill(dst + K, dst + padded_len, int16_t{0});
+  }
+};
+#endif
+
+// One register block of exact int64 dot products: sums[r * Cols + c] = W row c . X row r.
+// Arguments as dot_block's; every kFlushSteps steps the int32 lanes move into the int64 sums.
+template <int Rows, int Cols>
+void dot_block_s8(const int8_t* const* values, const uint8_t* const* meta, int64_t full_steps, bool has_tail,
+                  const int8_t (*tail_values)[2 * S8Steps::kGroups], const uint8_t (*tail_meta)[S8Steps::kGroups / 2],
+                  const S8Steps::XElem* x, int64_t ldx, int64_t* sums) {
+  constexpr int kValues = 2 * S8Steps::kGroups, kMetaBytes = S8Steps::kGroups / 2, kK = 4 * S8Steps::kGroups;
+  int64_t total[Rows][Cols] = {};
+  S8Steps::Acc acc[Rows][Cols];
+  auto reset = [&] {
+    for (int r = 0; r < Rows; ++r)
+      for (int c = 0; c < Cols; ++c) acc[r][c] = S8Steps::zero();
+  };
+  auto flush = [&] {
+    for (int r = 0; r < Rows; ++r)
+      for (int c = 0; c < Cols; ++c) total[r][c] += S8Steps::reduce(acc[r][c]);
+  };
+  auto accumulate = [&](const S8Steps::StepVectors (&step)[Cols], int64_t s) {
+    for (int r = 0; r < Rows; ++r) {
+      const S8Steps::XVectors xs = S8Steps::load_x_step(x + r * ldx + s * kK);
+      for (int c = 0; c < Cols; ++c) acc[r][c] = S8Steps::madd(acc[r][c], step[c], xs);
+    }
+  };
+  reset();
+  for (int64_t s = 0, since_flush = 0; s < full_steps; ++s) {
+    S8Steps::StepVectors step[Cols];
+    for (int c = 0; c < Cols; ++c) step[c] = S8Steps::load(values[c] + s * kValues, meta[c] + s * kMetaBytes);
+    accumulate(step, s);
+    if (++since_flush == S8Steps::kFlushSteps) {
+      flush();
+      reset();
+      since_flush = 0;
+    }
+  }
+  if (has_tail) {
+    S8Steps::StepVectors step[Cols];
+    for (int c = 0; c < Cols; ++c) step[c] = S8Steps::load(tail_values[c], tail_meta[c]);
+    accumulate(step, full_steps);
+  }
+  flush();
+  for (int r = 0; r < Rows; ++r)
+    for (int c = 0; c < Cols; ++c) sums[r * Cols + c] = total[r][c];
+}
+
+// dot_block_s8 with a run-time row count 1 <= rows <= Rows.
+template <int Cols, int Rows = kMaxRows, typename... Args>
+void dot_block_s8_rows(int rows, Args... args) {
+  if constexpr (Rows > 1) {
+    if (rows < Rows) return dot_block_s8_rows<Cols, Rows - 1>(rows, args...);
+  }
+  dot_block_s8<Rows, Cols>(args...);
+}
+
+// The contract's epilogue: y = ((float)sat32(acc) * w_scale) * x_scale, + bias, activation, one
+// rounding to the output dtype. `scaled` is volatile so that the compiler cannot contract the
+// product and the bias addition into an FMA (the CUDA kernel uses __fmul_rn / __fadd_rn).
+template <DType D>
+typename ElemTraits<D>::Storage s8_epilogue(int64_t acc, float w_scale, float x_scale, const float* bias,
+                                            Activation act) {
+  const int64_t sat = std::min<int64_t>(std::numeric_limits<int32_t>::max(),
+                                        std::max<int64_t>(std::numeric_limits<int32_t>::min(), acc));
+  volatile float scaled = (static_cast<float>(static_cast<int32_t>(sat)) * w_scale) * x_scale;
+  float y = scaled;
+  if (bias != nullptr) y = y + *bias;
+  return ElemTraits<D>::from_float(activate(y, act));
+}
+
+// Y[M, N] (dtype D) = epilogue(X_q[M, K] @ Wq[N, K]^T): p.x is int8 with row stride p.ldx, p.values
+// int8 [N, padded_k(K)/2], p.meta logical, p.bias D or null, p.w_scale [N], p.x_scale [M].
+template <DType D>
+void gemm_s8_typed(const GemmParams& p) {
+  using T = typename ElemTraits<D>::Storage;
+  using XElem = S8Steps::XElem;
+  const int64_t M = p.M, N = p.N, K = p.K;
+  if (M <= 0 || N <= 0) return;
+  const int8_t* x = static_cast<const int8_t*>(p.x);
+  const int8_t* values = static_cast<const int8_t*>(p.values);
+  const uint8_t* meta = static_cast<const uint8_t*>(p.meta);
+  const T* bias = static_cast<const T*>(p.bias);
+  T* y = static_cast<T*>(p.y);
+
+  constexpr int kGroups = S8Steps::kGroups, kValues = 2 * kGroups, kMetaBytes = kGroups / 2;
+  const int64_t groups = num_groups(K), vcols = values_cols(K), mcols = meta_cols(K);
+  const int64_t full_steps = groups / kGroups, tail_groups = groups % kGroups;
+  const int64_t ldxc_steps = (full_steps + (tail_groups != 0 ? 1 : 0)) * 4 * kGroups;
+  // As in gemm_typed: keep rows read together off a 4 KiB stride.
+  const int64_t ldxc = ldxc_steps + ((ldxc_steps * int64_t{sizeof(XElem)}) % 4096 == 0 ? 64 / sizeof(XElem) : 0);
+
+  thread_local std::vector<XElem> x_copy;
+  x_copy.resize(static_cast<size_t>(std::max<int64_t>(1, std::min(M, kSlabRows) * ldxc)));
+  XElem* xc = x_copy.data();
+
+  const int threads = num_threads();
+  for (int64_t m0 = 0; m0 < M; m0 += kSlabRows) {
+    const int64_t rows = std::min(kSlabRows, M - m0);
+    parallel_for(0, rows, rows_grain(ldxc), [&](int64_t r_begin, int64_t r_end) {
+      for (int64_t r = r_begin; r < r_end; ++r) S8Steps::copy_x_row(x + (m0 + r) * p.ldx, K, xc + r * ldxc, ldxc);
+    });
+    const int64_t m_tiles = (rows + kTileRows - 1) / kTileRows;
+    const int64_t n_tiles =
+        std::max<int64_t>(1, std::min<int64_t>((N + 7) / 8, (int64_t{16} * threads + m_tiles - 1) / m_tiles));
+    const int64_t n_tile = (N + n_tiles - 1) / n_tiles;
+    parallel_for(0, m_tiles * n_tiles, 1, [&](int64_t t_begin, int64_t t_end) {
+      for (int64_t t = t_begin; t < t_end; ++t) {
+        const int64_t n_begin = (t / m_tiles) * n_tile, n_end = std::min(N, n_begin + n_tile);
+        const int64_t r_begin = (t % m_tiles) * kTileRows, r_end = std::min(rows, r_begin + kTileRows);
+        for (int64_t n = n_begin; n < n_end; n += kCols) {
+          const int cols = static_cast<int>(std::min<int64_t>(kCols, n_end - n));
+          const int8_t* row_values[kCols];
+          const uint8_t* row_meta[kCols];
+          int8_t tail_values[kCols][kValues] = {};  // staged partial last step, as in gemm_typed
+          uint8_t tail_meta[kCols][kMetaBytes];
+          float bias_n[kCols];
+          for (int c = 0; c < cols; ++c) {
+            row_values[c] = values + (n + c) * vcols;
+            row_meta[c] = meta + (n + c) * mcols;
+            if (tail_groups != 0) {
+              std::copy(row_values[c] + full_steps * kValues, row_values[c] + vcols, tail_values[c]);
+              std::fill(tail_meta[c], tail_meta[c] + kMetaBytes, static_cast<uint8_t>(kPadNibble | kPadNibble << 4));
+              std::copy(row_meta[c] + full_steps * kMetaBytes, row_meta[c] + mcols, tail_meta[c]);
+            }
+            bias_n[c] = bias != nullptr ? ElemTraits<D>::to_float(bias[n + c]) : 0.0f;
+          }
+          for (int64_t r = r_begin; r < r_end; r += kMaxRows) {
+            const int block = static_cast<int>(std::min<int64_t>(kMaxRows, r_end - r));
+            int64_t sums[kMaxRows * kCols];
+            if (cols == kCols) {
+              dot_block_s8_rows<kCols>(block, row_values, row_meta, full_steps, tail_groups != 0, tail_values,
+                                       tail_meta, xc + r * ldxc, ldxc, sums);
+            } else {  // the last few W rows of the tile, one at a time
+              for (int c = 0; c < cols; ++c) {
+                int64_t col_sums[kMaxRows];
+                dot_block_s8_rows<1>(block, row_values + c, row_meta + c, full_steps, tail_groups != 0,
+                                     tail_values + c, tail_meta + c, xc + r * ldxc, ldxc, col_sums);
+                for (int i = 0; i < block; ++i) sums[i * kCols + c] = col_sums[i];
+              }
+            }
+            for (int i = 0; i < block; ++i) {
+              const int64_t m = m0 + r + i;
+              T* y_row = y + m * p.ldy + n;
+              for (int c = 0; c < cols; ++c)
+                y_row[c] = s8_epilogue<D>(sums[i * kCols + c], p.w_scale[n + c], p.x_scale[m],
+                                          bias != nullptr ? &bias_n[c] : nullptr, p.act);
+            }
+          }
+        }
+      }
+    });
+  }
+}
+
 void mask_2to4(DType dtype, const void* w, int64_t N, int64_t K, int64_t ldw, uint8_t* mask) {
   with_dtype(dtype, [&](auto d) { mask_typed<decltype(d)::value>(w, N, K, ldw, mask); });
 }
@@ -587,10 +949,19 @@ void gemm(const GemmParams& p) {
   with_dtype(p.dtype, [&](auto d) { gemm_typed<decltype(d)::value>(p); });
 }
 
+void quantize_rows(DType in_dtype, const void* x, int64_t M, int64_t K, int64_t ldx, int8_t* x_q, float* x_scale) {
+  with_dtype(in_dtype, [&](auto d) { quantize_rows_typed<decltype(d)::value>(x, M, K, ldx, x_q, x_scale); });
+}
+
+void gemm_s8(const GemmParams& p) {
+  with_dtype(p.dtype, [&](auto d) { gemm_s8_typed<decltype(d)::value>(p); });
+}
+
 }  // namespace
 
 const KernelTable& kernel_table() {
-  static const KernelTable table{SG_STRINGIFY(SPARSEGEMM_CPU_ISA), &mask_2to4, &compress, &decompress, &gemm};
+  static const KernelTable table{SG_STRINGIFY(SPARSEGEMM_CPU_ISA), &mask_2to4, &compress, &decompress, &gemm,
+                                 &quantize_rows, &gemm_s8};
   return table;
 }
 

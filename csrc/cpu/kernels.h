@@ -15,6 +15,8 @@ struct KernelTable {
   void (*compress)(const CompressParams& p);
   void (*decompress)(const DecompressParams& p);
   void (*gemm)(const GemmParams& p);
+  void (*quantize_rows)(DType in_dtype, const void* x, int64_t M, int64_t K, int64_t ldx, int8_t* x_q, float* x_scale);
+  void (*gemm_s8)(const GemmParams& p);
 };
 
 namespace generic {

@@ -10,7 +10,9 @@ namespace sparsegemm {
 namespace gemm_tiles {
 
 // Block tile shapes. N is the MMA's M (rows of W, the sparse A operand), M is the MMA's N (rows
-// of X). Both tiles use a 64-wide logical k-tile (kernel metadata is padded to it: reorder.cuh).
+// of X). The 16-bit GEMM uses a 64-wide logical k-tile, the int8 GEMM a 128-wide one: both are
+// 128 bytes of an X row and 64 bytes of a Wc row, so one shared-memory layout serves both (kernel
+// metadata is padded to the k-tile: reorder.cuh). The same two tiles serve both GEMMs.
 // Each warp computes (kBlockN / kWarpsN) x (kBlockM / kWarpsM) of the output.
 
 // Prefill / large M: compute bound, 8 warps of 64 (N) x 32 (M), 3 stages (75 KiB of shared
@@ -26,7 +28,8 @@ struct Decode {
   static constexpr int kBlockN = 64, kBlockM = 16, kWarpsN = 4, kWarpsM = 1, kStages = 6;
 };
 
-constexpr int kBlockK = 64;           // logical K per k-tile, every configuration
+constexpr int kBlockK = 64;           // logical K per k-tile of the 16-bit GEMM
+constexpr int kBlockKS8 = 128;        // logical K per k-tile of the int8 GEMM (same bytes)
 constexpr int kMaxSplitK = 16;
 constexpr int kMinKTilesPerSplit = 4; // keeps the pipeline prologue small next to the main loop
 
@@ -41,15 +44,19 @@ struct GemmPlan {
   int64_t k_tiles_per_split = 0;
 };
 
-SG_HOST_DEVICE int64_t gemm_k_tiles(int64_t K) { return (padded_k(K) + gemm_tiles::kBlockK - 1) / gemm_tiles::kBlockK; }
+// k-tiles of `block_k` logical K covering padded_k(K).
+SG_HOST_DEVICE int64_t gemm_k_tiles(int64_t K, int64_t block_k = gemm_tiles::kBlockK) {
+  return (padded_k(K) + block_k - 1) / block_k;
+}
 
-// forced_config / forced_split_k: GemmParams::config / split_k (-1 / 0: choose).
+// forced_config / forced_split_k: GemmParams::config / split_k (-1 / 0: choose). block_k: the
+// GEMM's k-tile (gemm_tiles::kBlockK or kBlockKS8); the regimes and split rule are the same.
 inline GemmPlan plan_gemm(int64_t M, int64_t N, int64_t K, int sm_count, int forced_config = -1,
-                          int forced_split_k = 0) {
+                          int forced_split_k = 0, int64_t block_k = gemm_tiles::kBlockK) {
   GemmPlan plan;
   plan.config = forced_config >= 0 ? static_cast<GemmConfig>(forced_config)
                                    : (M <= 16 ? GemmConfig::decode : GemmConfig::large_m);
-  const int64_t k_tiles = gemm_k_tiles(K);
+  const int64_t k_tiles = gemm_k_tiles(K, block_k);
   int64_t splits = 1;
   if (forced_split_k > 0) {
     splits = forced_split_k;
@@ -66,8 +73,9 @@ inline GemmPlan plan_gemm(int64_t M, int64_t N, int64_t K, int sm_count, int for
   return plan;
 }
 
+// Split-K partial sums: fp32 (16-bit GEMM) or int32 (int8 GEMM), 4 bytes either way.
 inline int64_t gemm_plan_workspace_bytes(const GemmPlan& plan, int64_t M, int64_t N) {
-  return plan.split_k > 1 ? int64_t(plan.split_k) * M * N * int64_t(sizeof(float)) : 0;
+  return plan.split_k > 1 ? int64_t(plan.split_k) * M * N * 4 : 0;
 }
 
 }  // namespace sparsegemm

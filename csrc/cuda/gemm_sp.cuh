@@ -1,16 +1,22 @@
-// Sparse GEMM on the 2:4 tensor cores (mma.sp::ordered_metadata m16n8k32, f16/bf16 in, fp32
-// accumulate):   Y[M, N] = act(X[M, K] @ W[N, K]^T + bias[N]).
+// Sparse GEMM on the 2:4 tensor cores:   Y[M, N] = act(X[M, K] @ W[N, K]^T + bias[N]).
+// One kernel body, two MMA policies: Mma16<f16|bf16> below (mma.sp::ordered_metadata m16n8k32,
+// fp32 accumulate) and MmaS8<out> in gemm_sp_s8.cuh (m16n8k64 s8, s32 accumulate, dequantising
+// epilogue). A policy fixes the operand element, the k-tile, the metadata words and the epilogue
+// arithmetic; tiling, pipeline, swizzles, tails and split-K are shared.
 //
 // Naming legend (DESIGN.md letters; they never change meaning in this file):
 //   N, M, K      problem sizes; K is the true K, Kp = padded_k(K), Kc = Kp / 2 compressed columns.
 //   Wc[N, Kc]    kept weight values (format.h), the sparse A operand of mma.sp.
-//   E            metadata in the kernel layout of reorder.cuh (16 words per 16 x 32 A tile).
+//   E            metadata in a kernel layout of reorder.cuh (per 16-row A tile and k-step).
 //   X[M, K]      activations (row stride ldx), the B operand: X rows are K-contiguous, which is
 //                exactly mma's "col" B, so a non-transposed ldmatrix yields B's fragment.
 //   Y[M, N]      output (row stride ldy).
-//   block tile   kBlockN rows of W x kBlockM rows of X x kBlockK = 64 logical K (32 of Wc).
+//   block tile   kBlockN rows of W x kBlockM rows of X x kBlockK logical K (kBlockK / 2 of Wc):
+//                64 K of 16-bit or 128 K of int8, in both cases 64 bytes of a Wc row and 128
+//                bytes of an X row, so the shared-memory layout below is the same in bytes.
 //   warp tile    kWarpN x kWarpM = kTilesN A tiles (16 rows) x kTilesM B tiles (8 rows).
-//   k-tile kt    logical K [64 kt, 64 kt + 64); k-step ks: its 32-wide half, one mma.sp.
+//   k-tile kt    logical K [kBlockK kt, kBlockK (kt + 1)); k-step ks: its half, one mma.sp
+//                (32 K of 16-bit, 64 K of int8: 32 bytes of Wc and 64 bytes of X either way).
 //   g, t         lane / 4 and lane % 4 (PTX fragment notation).
 //
 // The swap: the tensor core wants the sparse operand as A (16 rows), so each block computes
@@ -21,15 +27,19 @@
 // (8 rows x 16 bytes) hits 8 distinct 16-byte bank groups:
 //   A    [kBlockN rows][64 B]:  16-byte chunk c of row r at chunk c ^ ((r >> 1) & 3)
 //   B    [kBlockM rows][128 B]: chunk c of row r at chunk c ^ (r & 7)
-//   Meta [kBlockN / 16][128 B]: the two A tiles' 64-byte metadata of each 16-row slice
+//   Meta [kBlockN / 16][kMetaSliceBytes]: the two k-steps' metadata words of each 16-row slice
+// Why ldmatrix (a b16 instruction) serves int8 too: a lane receives bytes 4t .. 4t + 3 of a
+// 16-byte row, which is the m16n8k64 s8 fragment (A: compressed columns 16 (r / 2) + 4t + {0..3},
+// B: k = 16j + 4t + {0..3}), so the same addresses yield both types' fragments.
 // Epilogue: the same memory, reused as Ys[kBlockM][kBlockN + 8] in the output type (the +8
 // halves shift rows by 16 bytes to spread the transposed writes over the banks).
 //
 // Tails: rows of W or X past N or M and K past Kp are zero-filled (cp.async with a false
 // predicate reads nothing); the kernel metadata is padded with legal nibbles (reorder.cuh).
-// Global operands are copied with 16-byte cp.async when their rows allow it (Kc % 8 == 0 and
-// a 16-byte aligned Wc; K % 8 == 0, ldx % 8 == 0 and a 16-byte aligned X), otherwise with
-// predicated element loads: any K % 4 == 0 works without padding in ops.py, only slower.
+// Global operands are copied with 16-byte cp.async when their rows allow it (c = 16 bytes in
+// elements: Kc % c == 0 and a 16-byte aligned Wc; K % c == 0, ldx % c == 0 and a 16-byte aligned
+// X), otherwise with predicated element loads: any K % 4 == 0 works without padding in ops.py,
+// only slower.
 // The kernel metadata must be 16-byte aligned (it is an allocation of its own).
 #pragma once
 #include <cmath>
@@ -40,6 +50,7 @@
 #include "arch/portability.cuh"
 #include "arch/warp_ops.cuh"
 #include "element.cuh"
+#include "fp_exact.cuh"
 #include "gemm_heuristics.h"
 #include "reorder.cuh"
 
@@ -56,58 +67,124 @@ SG_DEVICE float apply_activation(float v, Activation act) {
   }
 }
 
-// Shape constants derived from a tile configuration (gemm_heuristics.h).
-template <typename Tile>
+// MMA policy of the 16-bit GEMM (the interface every policy provides):
+//   Operand      element of Wc and X;  Acc: the MMA accumulator;  PartialSum: split-K reduction
+//   Out          ElementTraits of Y and bias
+//   kBlockK      logical K per k-tile;  kStepK: logical K per mma.sp
+//   kMetaWordsPerStep  kernel-metadata words of one 16-row A tile and one k-step (reorder.cuh)
+//   meta_steps(K)      k-steps per 16-row tile row of the kernel metadata (its padded K / kStepK)
+//   meta_word(lane)    the word of a tile that `lane` passes to mma.sp
+//   mma(d, a, b, e)    d += A * B, one k-step
+//   saturate(sum)      a full-K split-K sum as the Acc a single-pass kernel would hold
+//   dequantize(acc, w_scale_n, x_scale_m)  the fp32 value before bias and activation
+//   kScaled            whether dequantize reads the scales (GemmParams w_scale / x_scale)
+template <DType kDType>
+struct Mma16 {
+  using Operand = uint16_t;
+  using Acc = float;
+  using PartialSum = float;
+  using Out = ElementTraits<kDType>;
+  static constexpr int kBlockK = gemm_tiles::kBlockK;
+  static constexpr int kStepK = 32;
+  static constexpr int kMetaWordsPerStep = int(kMetaWordsPerTile);
+  static constexpr int64_t kMetaKPadding = kMetaKPad;
+  static constexpr bool kScaled = false;
+  static SG_DEVICE int64_t meta_steps(int64_t K) { return meta_k_padded(K) / kStepK; }
+  // Selector 0: lane 4g + p (p = lane & 1) supplies word 2g + p; t = 2, 3 duplicate it.
+  static SG_DEVICE int meta_word(int lane) { return (lane >> 2) * 2 + (lane & 1); }
+  static SG_DEVICE void mma(Acc (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[4], uint32_t e) {
+    if constexpr (kDType == DType::bf16) {
+      mma_sp_m16n8k32_bf16(d, a, b, d, e);
+    } else {
+      mma_sp_m16n8k32_f16(d, a, b, d, e);
+    }
+  }
+  static SG_DEVICE Acc saturate(PartialSum sum) { return sum; }
+  static SG_DEVICE float dequantize(Acc acc, float, float) { return acc; }
+};
+
+// Shape constants derived from an MMA policy and a tile configuration (gemm_heuristics.h).
+template <typename Policy, typename Tile>
 struct GemmShape {
   static constexpr int kBlockN = Tile::kBlockN, kBlockM = Tile::kBlockM, kStages = Tile::kStages;
   static constexpr int kWarpsN = Tile::kWarpsN, kWarpsM = Tile::kWarpsM;
   static constexpr int kThreads = 32 * kWarpsN * kWarpsM;
   static constexpr int kWarpN = kBlockN / kWarpsN, kWarpM = kBlockM / kWarpsM;
   static constexpr int kTilesN = kWarpN / 16, kTilesM = kWarpM / 8;
-  static constexpr int kBlockK = gemm_tiles::kBlockK;
-  static constexpr int kRowBytesA = kBlockK / 2 * 2;  // 32 compressed 16-bit values
-  static constexpr int kRowBytesB = kBlockK * 2;      // 64 16-bit values
-  static constexpr int kMetaSliceBytes = kBlockK / 32 * int(kMetaWordsPerTile) * 4;  // per 16 rows
+  static constexpr int kBlockK = Policy::kBlockK;
+  static constexpr int kSteps = kBlockK / Policy::kStepK;
+  static constexpr int kElemBytes = int(sizeof(typename Policy::Operand));
+  static constexpr int kChunkElems = 16 / kElemBytes;             // elements per 16-byte chunk
+  static constexpr int kRowBytesA = kBlockK / 2 * kElemBytes;      // kBlockK / 2 compressed values
+  static constexpr int kRowBytesB = kBlockK * kElemBytes;
+  static constexpr int kMetaSliceBytes = kSteps * Policy::kMetaWordsPerStep * 4;  // per 16 rows
   static constexpr int kBytesA = kBlockN * kRowBytesA;
   static constexpr int kBytesB = kBlockM * kRowBytesB;
   static constexpr int kBytesMeta = kBlockN / 16 * kMetaSliceBytes;
   static constexpr int kStageBytes = kBytesA + kBytesB + kBytesMeta;
   static constexpr int kEpilogueStride = kBlockN + 8;  // elements per row of Ys
-  static constexpr int kEpilogueBytes = kBlockM * kEpilogueStride * 2;
+  static constexpr int kEpilogueBytes = kBlockM * kEpilogueStride * int(sizeof(typename Policy::Out::Storage));
   static constexpr int kSmemBytes = kStages * kStageBytes > kEpilogueBytes ? kStages * kStageBytes : kEpilogueBytes;
 
-  static_assert(kBlockK == 64, "the swizzles below assume 64-byte A rows and 128-byte B rows");
-  static_assert(kBlockK % kMetaKPad == 0 && kMetaRowPad % kBlockN == 0, "metadata padding must cover every tile");
+  static_assert(kRowBytesA == 64 && kRowBytesB == 128, "the swizzles below assume 64-byte A rows and 128-byte B rows");
+  static_assert(kSteps == 2, "ldmatrix addressing below: two k-steps of 32 A bytes and 64 B bytes per k-tile");
+  static_assert(kBlockK % Policy::kMetaKPadding == 0 && kMetaRowPad % kBlockN == 0,
+                "metadata padding must cover every tile");
   static_assert(kWarpN % 16 == 0 && kWarpM % 8 == 0, "warp tile: whole mma tiles");
   static_assert(kStages >= 2, "cp.async pipeline needs two stages");
 };
 
-// Copies one 16-byte chunk (8 elements) of a global row into shared memory. vector_ok: the
-// operand's rows allow cp.async (see the header comment); valid: elements of the row left
-// from src on (<= 0 or !row_ok: the chunk is zero-filled and src is not read).
-SG_DEVICE void copy_chunk(char* dst, const uint16_t* src, bool row_ok, int64_t valid, bool vector_ok) {
+// Copies one 16-byte chunk (16 / sizeof(T) elements) of a global row into shared memory.
+// vector_ok: the operand's rows allow cp.async (see the header comment); valid: elements of the
+// row left from src on (<= 0 or !row_ok: the chunk is zero-filled and src is not read).
+template <typename T>
+SG_DEVICE void copy_chunk(char* dst, const T* src, bool row_ok, int64_t valid, bool vector_ok) {
+  constexpr int kElems = 16 / int(sizeof(T));
   const bool any = row_ok && valid > 0;
   if (vector_ok) {
     cp_async_16(dst, src, any);
     return;
   }
-  uint16_t elems[8];
-  for (int i = 0; i < 8; ++i) elems[i] = (any && i < valid) ? src[i] : uint16_t(0);
-  ElementPack<uint16_t, 8> pack;
-  for (int i = 0; i < 8; ++i) pack.v[i] = elems[i];
-  *reinterpret_cast<ElementPack<uint16_t, 8>*>(dst) = pack;
+  ElementPack<T, kElems> pack;
+  for (int i = 0; i < kElems; ++i) pack.v[i] = (any && i < valid) ? src[i] : T(0);
+  *reinterpret_cast<ElementPack<T, kElems>*>(dst) = pack;
+}
+
+// The epilogue of one output element, in the INT8 contract's order (one fp32 rounding per step,
+// never fused): dequantize, + bias (only when there is one), activation.
+template <typename Policy>
+SG_DEVICE float epilogue_value(typename Policy::Acc acc, float w_scale_n, float x_scale_m, bool has_bias,
+                               float bias_n, Activation act) {
+  float v = Policy::dequantize(acc, w_scale_n, x_scale_m);
+  if (has_bias) v = add_rn(v, bias_n);
+  return apply_activation(v, act);
+}
+
+// Scale of output row n (w_scale) or column m (x_scale) for a scaled policy; 1 where unused or
+// out of range (tail rows never reach global memory).
+template <typename Policy>
+SG_DEVICE float scale_at(const float* scales, int64_t index, int64_t count) {
+  if constexpr (Policy::kScaled) {
+    return index < count ? scales[index] : 1.f;
+  } else {
+    return 1.f;
+  }
 }
 
 // Block (blockIdx.x, blockIdx.y, blockIdx.z) = (M tile, N tile, K split).
-// p: GemmParams (params.h) with x: X[M, K], values: Wc[N, Kc], meta: E (kernel layout,
-//    reorder.cuh), bias: bias[N] or null, y: Y[M, N], workspace: fp32 [gridDim.z, M, N] when
-//    gridDim.z > 1 (then this kernel writes raw partial sums and splitk_finalize_kernel does the
-//    epilogue), act: the activation.
+// p: GemmParams (params.h) with x: X[M, K], values: Wc[N, Kc] (both Policy::Operand), meta: E
+//    (the policy's kernel layout, reorder.cuh), bias: bias[N] or null and y: Y[M, N] (both
+//    Policy::Out), w_scale[N] / x_scale[M] (scaled policies only), workspace: Policy::Acc
+//    [gridDim.z, M, N] when gridDim.z > 1 (then this kernel writes raw partial sums and
+//    splitk_finalize_kernel does the epilogue), act: the activation.
 // k_tiles_per_split: k-tiles of each split (the last one may have fewer).
-template <DType kDType, typename Tile>
-SG_GLOBAL void SG_LAUNCH_BOUNDS(GemmShape<Tile>::kThreads) gemm_sp_kernel(GemmParams p, int64_t k_tiles_per_split) {
-  using S = GemmShape<Tile>;
-  using Traits = ElementTraits<kDType>;
+template <typename Policy, typename Tile>
+SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads))
+    gemm_sp_kernel(GemmParams p, int64_t k_tiles_per_split) {
+  using S = GemmShape<Policy, Tile>;
+  using Operand = typename Policy::Operand;
+  using Acc = typename Policy::Acc;
+  using Out = typename Policy::Out;
   SG_DYNAMIC_SMEM(char, smem);
 
   const int tid = threadIdx.x;
@@ -116,17 +193,18 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS(GemmShape<Tile>::kThreads) gemm_sp_kernel(GemmPa
   const int64_t m0 = int64_t(blockIdx.x) * S::kBlockM;
   const int64_t n0 = int64_t(blockIdx.y) * S::kBlockN;
   const int64_t Kc = values_cols(p.K);
-  const int64_t k_tiles = gemm_k_tiles(p.K);
-  const int64_t meta_k_tiles32 = meta_k_padded(p.K) / 32;
+  const int64_t k_tiles = gemm_k_tiles(p.K, S::kBlockK);
+  const int64_t meta_steps = Policy::meta_steps(p.K);
   const int64_t kt_begin = int64_t(blockIdx.z) * k_tiles_per_split;
   const int64_t kt_end = kt_begin + k_tiles_per_split < k_tiles ? kt_begin + k_tiles_per_split : k_tiles;
   const int num_tiles = kt_end > kt_begin ? int(kt_end - kt_begin) : 0;
 
-  const uint16_t* values = static_cast<const uint16_t*>(p.values);
-  const uint16_t* x = static_cast<const uint16_t*>(p.x);
+  const Operand* values = static_cast<const Operand*>(p.values);
+  const Operand* x = static_cast<const Operand*>(p.x);
   const char* meta = static_cast<const char*>(p.meta);
-  const bool a_vector_ok = Kc % 8 == 0 && reinterpret_cast<uintptr_t>(values) % 16 == 0;
-  const bool b_vector_ok = p.K % 8 == 0 && p.ldx % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
+  const bool a_vector_ok = Kc % S::kChunkElems == 0 && reinterpret_cast<uintptr_t>(values) % 16 == 0;
+  const bool b_vector_ok =
+      p.K % S::kChunkElems == 0 && p.ldx % S::kChunkElems == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
 
   // Issues the copies of k-tile kt into pipeline stage `stage` (no commit).
   auto load_tile = [&](int64_t kt, int stage) {
@@ -135,14 +213,14 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS(GemmShape<Tile>::kThreads) gemm_sp_kernel(GemmPa
     char* sMeta = sB + S::kBytesB;
     for (int c = tid; c < S::kBlockN * 4; c += S::kThreads) {
       const int r = c >> 2, chunk = c & 3;
-      const int64_t n = n0 + r, col = kt * (S::kBlockK / 2) + chunk * 8;
+      const int64_t n = n0 + r, col = kt * (S::kBlockK / 2) + chunk * S::kChunkElems;
       const bool row_ok = n < p.N;
       copy_chunk(sA + r * S::kRowBytesA + ((chunk ^ ((r >> 1) & 3)) << 4), row_ok ? values + n * Kc + col : values,
                  row_ok, Kc - col, a_vector_ok);
     }
     for (int c = tid; c < S::kBlockM * 8; c += S::kThreads) {
       const int r = c >> 3, chunk = c & 7;
-      const int64_t m = m0 + r, col = kt * S::kBlockK + chunk * 8;
+      const int64_t m = m0 + r, col = kt * S::kBlockK + chunk * S::kChunkElems;
       const bool row_ok = m < p.M;
       copy_chunk(sB + r * S::kRowBytesB + ((chunk ^ (r & 7)) << 4), row_ok ? x + m * p.ldx + col : x, row_ok,
                  p.K - col, b_vector_ok);
@@ -150,18 +228,18 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS(GemmShape<Tile>::kThreads) gemm_sp_kernel(GemmPa
     for (int c = tid; c < S::kBytesMeta / 16; c += S::kThreads) {
       const int slice = c / (S::kMetaSliceBytes / 16), chunk = c % (S::kMetaSliceBytes / 16);
       const int64_t tile16 = n0 / 16 + slice;
-      const char* src = meta + (tile16 * meta_k_tiles32 + kt * (S::kBlockK / 32)) * kMetaWordsPerTile * 4 + chunk * 16;
+      const char* src = meta + (tile16 * meta_steps + kt * S::kSteps) * Policy::kMetaWordsPerStep * 4 + chunk * 16;
       cp_async_16(sMeta + slice * S::kMetaSliceBytes + chunk * 16, src, true);
     }
   };
 
-  float acc[S::kTilesN][S::kTilesM][4];
+  Acc acc[S::kTilesN][S::kTilesM][4];
 #pragma unroll
   for (int i = 0; i < S::kTilesN; ++i)
 #pragma unroll
     for (int j = 0; j < S::kTilesM; ++j)
 #pragma unroll
-      for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.f;
+      for (int r = 0; r < 4; ++r) acc[i][j][r] = Acc(0);
 
   // Multi-stage pipeline: kStages - 1 k-tiles in flight while one is computed. One commit per
   // iteration (possibly empty) keeps cp_async_wait's group count exact in the tail.
@@ -182,7 +260,7 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS(GemmShape<Tile>::kThreads) gemm_sp_kernel(GemmPa
     const char* sB = sA + S::kBytesA;
     const char* sMeta = sB + S::kBytesB;
 #pragma unroll
-    for (int ks = 0; ks < S::kBlockK / 32; ++ks) {
+    for (int ks = 0; ks < S::kSteps; ++ks) {
       uint32_t a[S::kTilesN][4];
       uint32_t e[S::kTilesN];
 #pragma unroll
@@ -192,26 +270,20 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS(GemmShape<Tile>::kThreads) gemm_sp_kernel(GemmPa
         const int row = warp_n * S::kWarpN + i * 16 + (lane & 15);
         const int chunk = ks * 2 + (lane >> 4);
         ldmatrix_x4(a[i], sA + row * S::kRowBytesA + ((chunk ^ ((row >> 1) & 3)) << 4));
-        // Selector 0: lane 4g + p (p = lane & 1) supplies word 2g + p; t = 2, 3 duplicate it.
         const int slice = (warp_n * S::kWarpN) / 16 + i;
-        e[i] = *reinterpret_cast<const uint32_t*>(sMeta + slice * S::kMetaSliceBytes + ks * kMetaWordsPerTile * 4 +
-                                                   ((lane >> 2) * 2 + (lane & 1)) * 4);
+        e[i] = *reinterpret_cast<const uint32_t*>(sMeta + slice * S::kMetaSliceBytes +
+                                                   (ks * Policy::kMetaWordsPerStep + Policy::meta_word(lane)) * 4);
       }
 #pragma unroll
       for (int j = 0; j < S::kTilesM; ++j) {
-        // Matrix q of the x4 = K columns 8q..8q+7 of 8 X rows: register q = b_{2q}, b_{2q+1}.
+        // Matrix q of the x4 = bytes 16q..16q+15 of the k-step in 8 X rows: register q is B
+        // register q (16-bit: K 8q + 2t + {0, 1}; int8: K 16q + 4t + {0..3}).
         uint32_t b[4];
         const int row = warp_m * S::kWarpM + j * 8 + (lane & 7);
         const int chunk = ks * 4 + (lane >> 3);
         ldmatrix_x4(b, sB + row * S::kRowBytesB + ((chunk ^ (row & 7)) << 4));
 #pragma unroll
-        for (int i = 0; i < S::kTilesN; ++i) {
-          if constexpr (kDType == DType::bf16) {
-            mma_sp_m16n8k32_bf16(acc[i][j], a[i], b, acc[i][j], e[i]);
-          } else {
-            mma_sp_m16n8k32_f16(acc[i][j], a[i], b, acc[i][j], e[i]);
-          }
-        }
+        for (int i = 0; i < S::kTilesN; ++i) Policy::mma(acc[i][j], a[i], b, e[i]);
       }
     }
   }
@@ -219,8 +291,8 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS(GemmShape<Tile>::kThreads) gemm_sp_kernel(GemmPa
 
   const int g = lane >> 2, t = lane & 3;
   if (gridDim.z > 1) {
-    // Split-K: raw fp32 partial sums, [split][m][n]; the finalize kernel reduces them in order.
-    float* partial = static_cast<float*>(p.workspace) + int64_t(blockIdx.z) * p.M * p.N;
+    // Split-K: raw partial sums, [split][m][n]; the finalize kernel reduces them in order.
+    Acc* partial = static_cast<Acc*>(p.workspace) + int64_t(blockIdx.z) * p.M * p.N;
 #pragma unroll
     for (int i = 0; i < S::kTilesN; ++i)
 #pragma unroll
@@ -234,26 +306,33 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS(GemmShape<Tile>::kThreads) gemm_sp_kernel(GemmPa
     return;
   }
 
-  // Epilogue: bias + activation in fp32, one rounding to the output type, transposed into Ys,
-  // then 16-byte stores along N.
+  // Epilogue: dequantize + bias + activation in fp32, one rounding to the output type,
+  // transposed into Ys, then 16-byte stores along N.
   __syncthreads();  // every warp is done reading the pipeline stages that Ys overwrites
-  using T = typename Traits::Storage;
+  using T = typename Out::Storage;
   T* ys = reinterpret_cast<T*>(smem);
   const T* bias = static_cast<const T*>(p.bias);
+  float x_scales[S::kTilesM][2];
+#pragma unroll
+  for (int j = 0; j < S::kTilesM; ++j)
+#pragma unroll
+    for (int col = 0; col < 2; ++col)
+      x_scales[j][col] = scale_at<Policy>(p.x_scale, m0 + warp_m * S::kWarpM + j * 8 + 2 * t + col, p.M);
 #pragma unroll
   for (int i = 0; i < S::kTilesN; ++i)
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int n_local = warp_n * S::kWarpN + i * 16 + g + 8 * half;
       const int64_t n = n0 + n_local;
-      const float bias_n = (bias != nullptr && n < p.N) ? Traits::to_float(bias[n]) : 0.f;
+      const float bias_n = (bias != nullptr && n < p.N) ? Out::to_float(bias[n]) : 0.f;
+      const float w_scale_n = scale_at<Policy>(p.w_scale, n, p.N);
 #pragma unroll
       for (int j = 0; j < S::kTilesM; ++j)
 #pragma unroll
         for (int col = 0; col < 2; ++col) {
           const int m_local = warp_m * S::kWarpM + j * 8 + 2 * t + col;
-          ys[m_local * S::kEpilogueStride + n_local] =
-              Traits::from_float(apply_activation(acc[i][j][2 * half + col] + bias_n, p.act));
+          ys[m_local * S::kEpilogueStride + n_local] = Out::from_float(epilogue_value<Policy>(
+              acc[i][j][2 * half + col], w_scale_n, x_scales[j][col], bias != nullptr, bias_n, p.act));
         }
     }
   __syncthreads();
@@ -267,23 +346,26 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS(GemmShape<Tile>::kThreads) gemm_sp_kernel(GemmPa
   }
 }
 
-// Split-K epilogue: Y[m, n] = act(sum over splits of workspace[s, m, n] + bias[n]), summed in
-// split order (deterministic). Grid-stride over M * N.
-template <DType kDType>
+// Split-K epilogue: Y[m, n] = epilogue(sum over splits of workspace[s, m, n]), summed in split
+// order (deterministic) in Policy::PartialSum, then the gemm_sp_kernel epilogue. Grid-stride
+// over M * N.
+template <typename Policy>
 SG_GLOBAL void splitk_finalize_kernel(GemmParams p, int splits) {
-  using Traits = ElementTraits<kDType>;
-  using T = typename Traits::Storage;
-  const float* partial = static_cast<const float*>(p.workspace);
+  using Out = typename Policy::Out;
+  using T = typename Out::Storage;
+  const auto* partial = static_cast<const typename Policy::Acc*>(p.workspace);
   const T* bias = static_cast<const T*>(p.bias);
   T* y = static_cast<T*>(p.y);
   const int64_t total = p.M * p.N;
   for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
        idx += int64_t(gridDim.x) * blockDim.x) {
     const int64_t m = idx / p.N, n = idx % p.N;
-    float sum = 0.f;
+    typename Policy::PartialSum sum = 0;
     for (int s = 0; s < splits; ++s) sum += partial[s * total + idx];
-    if (bias != nullptr) sum += Traits::to_float(bias[n]);
-    y[m * p.ldy + n] = Traits::from_float(apply_activation(sum, p.act));
+    const float bias_n = bias != nullptr ? Out::to_float(bias[n]) : 0.f;
+    y[m * p.ldy + n] = Out::from_float(epilogue_value<Policy>(Policy::saturate(sum), scale_at<Policy>(p.w_scale, n, p.N),
+                                                              scale_at<Policy>(p.x_scale, m, p.M), bias != nullptr,
+                                                              bias_n, p.act));
   }
 }
 

@@ -28,7 +28,20 @@ namespace sparsegemm {
   /* fp32 scratch the split-K decode path needs for this problem (0: none), for p.config = -1. */ \
   int64_t gemm_workspace_bytes(int64_t M, int64_t N, int64_t K);                                  \
   /* The same for a forced configuration (config, split_k as in GemmParams). */                   \
-  int64_t gemm_workspace_bytes_for(int64_t M, int64_t N, int64_t K, int config, int split_k);
+  int64_t gemm_workspace_bytes_for(int64_t M, int64_t N, int64_t K, int config, int split_k);     \
+  /* ---- INT8 (quantize.cuh, gemm_sp_s8.cuh) ----                                              */ \
+  /* X[M, K] (in_dtype f32/f16/bf16, row stride ldx) -> x_q int8 [M, K] contiguous and          */ \
+  /* x_scale fp32 [M]: dynamic per-token symmetric quantisation.                                */ \
+  void quantize_rows(int64_t M, int64_t K, const void* x, int64_t ldx, DType in_dtype, int8_t* x_q, float* x_scale, \
+                     void* stream);                                                               \
+  /* Bytes of the int8 kernel-layout E (reorder.cuh), written by reorder_meta_s8. */              \
+  int64_t kernel_meta_bytes_s8(int64_t N, int64_t K);                                             \
+  void reorder_meta_s8(const uint8_t* logical_meta, void* kernel_meta, int64_t N, int64_t K, void* stream); \
+  /* Y = act(acc * w_scale[n] * x_scale[m] + bias); p.x: x_q, p.values: int8 Wc, p.meta: the    */ \
+  /* int8 kernel E, p.dtype: Y's (and bias's) dtype, f16 or bf16; workspace as gemm's.          */ \
+  void gemm_s8(const GemmParams& p, void* stream);                                                \
+  int64_t gemm_s8_workspace_bytes(int64_t M, int64_t N, int64_t K);                               \
+  int64_t gemm_s8_workspace_bytes_for(int64_t M, int64_t N, int64_t K, int config, int split_k);
 
 namespace simt {
 SPARSEGEMM_DECLARE_KERNEL_API

@@ -12,7 +12,9 @@
 #include "compress.cuh"
 #include "gemm_heuristics.h"
 #include "gemm_sp.cuh"
+#include "gemm_sp_s8.cuh"
 #include "kernels.h"
+#include "quantize.cuh"
 #include "reorder.cuh"
 
 namespace sparsegemm {
@@ -60,25 +62,35 @@ void launch_decompress(const DecompressParams& p, sg_stream_t stream) {
     sg_launch(decompress_kernel<kDType>, dim3(elementwise_blocks(total)), dim3(kElementwiseThreads), 0, stream, p);
 }
 
-template <DType kDType, typename Tile>
+template <typename Policy, typename Tile>
 void launch_gemm(const GemmParams& p, const GemmPlan& plan, sg_stream_t stream) {
-  using S = GemmShape<Tile>;
+  using S = GemmShape<Policy, Tile>;
   const dim3 grid(static_cast<unsigned>((p.M + S::kBlockM - 1) / S::kBlockM),
                   static_cast<unsigned>((p.N + S::kBlockN - 1) / S::kBlockN), static_cast<unsigned>(plan.split_k));
-  sg_launch(gemm_sp_kernel<kDType, Tile>, grid, dim3(S::kThreads), size_t(S::kSmemBytes), stream, p, plan.k_tiles_per_split);
+  sg_launch(gemm_sp_kernel<Policy, Tile>, grid, dim3(S::kThreads), size_t(S::kSmemBytes), stream, p,
+            plan.k_tiles_per_split);
   if (plan.split_k > 1) {
-    sg_launch(splitk_finalize_kernel<kDType>, dim3(elementwise_blocks(p.M * p.N)), dim3(kElementwiseThreads), 0,
+    sg_launch(splitk_finalize_kernel<Policy>, dim3(elementwise_blocks(p.M * p.N)), dim3(kElementwiseThreads), 0,
               stream, p, plan.split_k);
   }
 }
 
-template <DType kDType>
+template <typename Policy>
 void launch_gemm_tile(const GemmParams& p, const GemmPlan& plan, sg_stream_t stream) {
   if (plan.config == GemmConfig::decode) {
-    launch_gemm<kDType, gemm_tiles::Decode>(p, plan, stream);
+    launch_gemm<Policy, gemm_tiles::Decode>(p, plan, stream);
   } else {
-    launch_gemm<kDType, gemm_tiles::LargeM>(p, plan, stream);
+    launch_gemm<Policy, gemm_tiles::LargeM>(p, plan, stream);
   }
+}
+
+template <DType kInDType>
+void launch_quantize_rows(int64_t M, int64_t K, const void* x, int64_t ldx, int8_t* x_q, float* x_scale,
+                          sg_stream_t stream) {
+  // One block per row up to a cap (grid-stride beyond); rows are independent.
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(M, 65535));
+  sg_launch(quantize_rows_kernel<kInDType>, dim3(blocks), dim3(kQuantizeThreads),
+            size_t(kQuantizeThreads / 32 * sizeof(float)), stream, M, K, x, ldx, x_q, x_scale);
 }
 
 }  // namespace
@@ -125,9 +137,50 @@ void gemm(const GemmParams& p, void* stream) {
   const GemmPlan plan = plan_gemm(p.M, p.N, p.K, multiprocessor_count(), p.config, p.split_k);
   const auto s = static_cast<sg_stream_t>(stream);
   switch (p.dtype) {
-    case DType::f16: launch_gemm_tile<DType::f16>(p, plan, s); break;
-    case DType::bf16: launch_gemm_tile<DType::bf16>(p, plan, s); break;
-    default: break;  // the int8 GEMM is a separate kernel family (issue 4)
+    case DType::f16: launch_gemm_tile<Mma16<DType::f16>>(p, plan, s); break;
+    case DType::bf16: launch_gemm_tile<Mma16<DType::bf16>>(p, plan, s); break;
+    default: break;  // the int8 GEMM is gemm_s8
+  }
+}
+
+void quantize_rows(int64_t M, int64_t K, const void* x, int64_t ldx, DType in_dtype, int8_t* x_q, float* x_scale,
+                   void* stream) {
+  if (M == 0) return;
+  const auto s = static_cast<sg_stream_t>(stream);
+  switch (in_dtype) {
+    case DType::f32: launch_quantize_rows<DType::f32>(M, K, x, ldx, x_q, x_scale, s); break;
+    case DType::f16: launch_quantize_rows<DType::f16>(M, K, x, ldx, x_q, x_scale, s); break;
+    case DType::bf16: launch_quantize_rows<DType::bf16>(M, K, x, ldx, x_q, x_scale, s); break;
+    default: break;  // ops.py admits only the float types here
+  }
+}
+
+int64_t kernel_meta_bytes_s8(int64_t N, int64_t K) {
+  return meta_rows_padded(N) / 16 * (meta_k_padded_s8(K) / 64) * kMetaWordsPerTileS8 * int64_t(sizeof(uint32_t));
+}
+
+void reorder_meta_s8(const uint8_t* logical_meta, void* kernel_meta, int64_t N, int64_t K, void* stream) {
+  const int64_t words = kernel_meta_bytes_s8(N, K) / int64_t(sizeof(uint32_t));
+  if (words == 0) return;
+  sg_launch(reorder_meta_s8_kernel, dim3(elementwise_blocks(words)), dim3(kElementwiseThreads), 0,
+            static_cast<sg_stream_t>(stream), logical_meta, static_cast<uint32_t*>(kernel_meta), N, K);
+}
+
+int64_t gemm_s8_workspace_bytes_for(int64_t M, int64_t N, int64_t K, int config, int split_k) {
+  return gemm_plan_workspace_bytes(
+      plan_gemm(M, N, K, multiprocessor_count(), config, split_k, gemm_tiles::kBlockKS8), M, N);
+}
+
+int64_t gemm_s8_workspace_bytes(int64_t M, int64_t N, int64_t K) { return gemm_s8_workspace_bytes_for(M, N, K, -1, 0); }
+
+void gemm_s8(const GemmParams& p, void* stream) {
+  if (p.M == 0 || p.N == 0) return;
+  const GemmPlan plan = plan_gemm(p.M, p.N, p.K, multiprocessor_count(), p.config, p.split_k, gemm_tiles::kBlockKS8);
+  const auto s = static_cast<sg_stream_t>(stream);
+  switch (p.dtype) {
+    case DType::f16: launch_gemm_tile<MmaS8<DType::f16>>(p, plan, s); break;
+    case DType::bf16: launch_gemm_tile<MmaS8<DType::bf16>>(p, plan, s); break;
+    default: break;  // ops.py admits f16 and bf16 outputs only
   }
 }
 

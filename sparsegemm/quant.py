@@ -1,0 +1,276 @@
+"""INT8 for 2:4 weights: per-channel weights, per-token (or calibrated per-tensor) activations.
+
+The contract every backend follows, bit for bit where it says so (the CPU kernel, the CUDA kernel
+and :func:`sparsegemm.oracle.linear_int8` agree on it):
+
+* Weights: pruned to 2:4 first, then symmetric per output channel. ``w_scale[n] = amax_n / 127``
+  (fp32) with ``amax_n`` the largest ``|kept value|`` of row n; an all-zero row gets scale 1.
+  ``q = clamp(rint(w / w_scale), -127, 127)``, fp32 division, round half to even. The int8 values
+  keep the layout of :mod:`sparsegemm.format` (2:4 over single int8 elements, same nibbles).
+* Activations, dynamic per token (row of X): ``x_scale[m] = amax_m / 127`` (1 for an all-zero
+  row), ``q = clamp(rint(x / x_scale[m]), -127, 127)`` with x widened to fp32 first. A row holding
+  a NaN gets a NaN scale and zeros, so its output row is NaN. Static mode uses one calibrated
+  scale for every row (:class:`Int8Calibrator`).
+* GEMM: ``acc`` = the exact integer sum saturated to int32; then in fp32, one rounding per step
+  and no FMA: ``y = ((float)acc * w_scale[n]) * x_scale[m]``, ``+ bias[n]``, the activation,
+  one rounding to the output dtype (x's dtype).
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import format as fmt
+from . import ops
+from .tensor import SparseTensor24
+
+__all__ = [
+    "quantize_weight",
+    "dequantize",
+    "quantize_activations",
+    "quantize_activations_static",
+    "linear_int8",
+    "check_scale",
+    "Int8Calibrator",
+]
+
+QMAX = 127
+
+
+def check_scale(op: str, name: str, scale, length: int, *, values: bool = True) -> None:
+    """ValueError unless ``scale`` is a float32 tensor of shape ``(length,)`` and (when ``values``)
+    finite and non-zero everywhere. Value checks read the data (a host sync on CUDA)."""
+    if scale is None:
+        raise ValueError(f"{op}: {name} is required for int8 weights (float32[{length}]), got None")
+    if not isinstance(scale, Tensor):
+        raise ValueError(f"{op}: {name} must be a float32 tensor of shape ({length},), got {type(scale).__name__}")
+    if scale.dtype != torch.float32 or tuple(scale.shape) != (length,):
+        raise ValueError(f"{op}: {name} must be float32 of shape ({length},), got "
+                         f"{str(scale.dtype).replace('torch.', '')} {tuple(scale.shape)}")
+    if not values:
+        return
+    bad = ~torch.isfinite(scale) | (scale == 0)
+    if bool(bad.any()):
+        i = int(torch.nonzero(bad)[0])
+        raise ValueError(f"{op}: {name} must be finite and non-zero, got {float(scale[i])!r} at index {i}")
+
+
+def _row_scale(amax: Tensor) -> Tensor:
+    """amax / 127 in fp32, 1 where amax is 0 (the contract's scale rule)."""
+    return torch.where(amax == 0, torch.ones_like(amax), amax / QMAX)
+
+
+def _quantize(v: Tensor, scale: Tensor) -> Tensor:
+    """clamp(rint(v / scale), -127, 127) in fp32 (torch.round is half to even); NaN -> 0."""
+    q = torch.round(v / scale).clamp(-QMAX, QMAX)
+    return torch.nan_to_num(q, nan=0.0).to(torch.int8)
+
+
+def quantize_weight(w: Tensor, *, prune: bool = True, backend: Optional[str] = None) -> SparseTensor24:
+    """Prune (magnitude 2:4, when ``prune``) and quantize ``w [N, K]`` to an int8 SparseTensor24.
+
+    The 2:4 selection runs on ``w`` itself; the kept values are then quantized per output
+    channel (module docstring). ``prune=False`` requires ``w`` to be 2:4 already. Non-finite kept
+    values raise ValueError (they have no int8 scale).
+    """
+    from .functional import compress
+
+    op = "sparsegemm.quant.quantize_weight"
+    sw = compress(w, prune=prune, backend=backend)
+    kept = sw.values.float()
+    if not bool(torch.isfinite(kept).all()):
+        row = int(torch.nonzero(~torch.isfinite(kept))[0][0])
+        raise ValueError(f"{op}: w must have finite kept values to be quantized, got a non-finite value in row {row}")
+    scale = _row_scale(kept.abs().amax(dim=1))
+    return SparseTensor24(_quantize(kept, scale[:, None]), sw.meta, sw.shape, scale, validate=False)
+
+
+def dequantize(sw: SparseTensor24) -> Tensor:
+    """The dense float32 weight ``[N, K]`` an int8 SparseTensor24 stands for (value * scale)."""
+    op = "sparsegemm.quant.dequantize"
+    if not isinstance(sw, SparseTensor24):
+        raise TypeError(f"{op}: sw must be a SparseTensor24, got {type(sw).__name__}")
+    if sw.dtype != torch.int8:
+        raise TypeError(f"{op}: sw must hold int8 values, got {str(sw.dtype).replace('torch.', '')} "
+                        "(use sparsegemm.decompress)")
+    n, k = sw.shape
+    check_scale(op, "sw.scale", sw.scale, n)
+    kp = fmt.padded_k(k)
+    dense = torch.zeros((n, kp), dtype=torch.float32, device=sw.device)
+    dense[ops.meta_to_mask(sw.meta, kp)] = (sw.values.float() * sw.scale[:, None]).reshape(-1)
+    return dense[:, :k]
+
+
+def _check_activations(op: str, x: Tensor, backend: Optional[str]) -> str:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{op}: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 1:
+        raise ValueError(f"{op}: x must have at least one dim (K last), got a 0-D tensor")
+    ops.check_dtype(op, "x", x, ops.FLOAT_DTYPES)
+    backend = ops.resolve_backend(op, backend, x.device)
+    if backend != "cpu":
+        ops.check_dtype(op, "x", x, ops.KERNEL_DTYPES)
+        ops.require_int8_kernels(op, backend)
+    return backend
+
+
+def quantize_activations(x: Tensor, *, backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
+    """Dynamic per-token INT8 of ``x [..., K]``: ``(x_q int8 [..., K], x_scale float32 [...])``."""
+    backend = _check_activations("sparsegemm.quant.quantize_activations", x, backend)
+    k = x.shape[-1]
+    x_q, x_scale = ops._quantize_rows(x.reshape(-1, k), backend)
+    return x_q.reshape(x.shape), x_scale.reshape(x.shape[:-1])
+
+
+def quantize_activations_static(x: Tensor, scale: Union[float, Tensor]) -> tuple[Tensor, Tensor]:
+    """Static per-tensor INT8 of ``x [..., K]`` with a calibrated ``scale`` (a positive number).
+
+    Returns ``(x_q int8 [..., K], x_scale float32 [...])`` (the scale repeated per token) in the
+    form :func:`linear_int8` takes; values beyond ``127 * scale`` saturate.
+    """
+    op = "sparsegemm.quant.quantize_activations_static"
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{op}: x must be a torch.Tensor, got {type(x).__name__}")
+    ops.check_dtype(op, "x", x, ops.FLOAT_DTYPES)
+    value = float(scale)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{op}: scale must be finite and positive, got {value!r}")
+    s = torch.tensor(value, dtype=torch.float32, device=x.device)
+    x_q = _quantize(x.float(), s)
+    return x_q, s.expand(x.shape[:-1]).contiguous()
+
+
+def linear_int8(x: Union[Tensor, tuple], sw: SparseTensor24, bias: Optional[Tensor] = None, *,
+                activation: Optional[str] = None, out_dtype: Optional[torch.dtype] = None,
+                input_scale: Optional[float] = None, backend: Optional[str] = None) -> Tensor:
+    """``activation(x @ W^T + bias)`` with an int8 2:4 weight; x is ``[..., K]``, the result ``[..., N]``.
+
+    ``x`` is a float tensor (f16 / bf16; also f32 on the CPU), quantized here per token, or per
+    tensor with ``input_scale`` (static mode); or a pre-quantized pair ``(x_q int8 [..., K],
+    x_scale float32 [...])``. The output dtype is x's (``out_dtype`` must be given for a pair,
+    unless a bias fixes it); ``bias`` is converted to it.
+    """
+    op = "sparsegemm.linear"
+    if not isinstance(sw, SparseTensor24) or sw.dtype != torch.int8:
+        raise TypeError(f"{op}: sw must be an int8 SparseTensor24, got "
+                        f"{type(sw).__name__ if not isinstance(sw, SparseTensor24) else sw.dtype}")
+    n, k = sw.shape
+    # The values were checked when the weight was built (SparseTensor24.validate, quantize_weight);
+    # reading them again here would cost a host sync per call and break torch.compile graphs.
+    check_scale(op, "sw.scale", sw.scale, n, values=False)
+    if activation is not None and activation not in ("relu", "gelu", "silu"):
+        raise ValueError(f"{op}: activation must be one of ('relu', 'gelu', 'silu') or None, got {activation!r}")
+    if isinstance(x, tuple):
+        if len(x) != 2:
+            raise ValueError(f"{op}: a pre-quantized x must be the pair (x_q, x_scale), got {len(x)} items")
+        x_q, x_scale = x
+        if not isinstance(x_q, Tensor) or x_q.dtype != torch.int8:
+            raise TypeError(f"{op}: x_q must be an int8 tensor, got "
+                            f"{x_q.dtype if isinstance(x_q, Tensor) else type(x_q).__name__}")
+        if out_dtype is None:
+            if bias is None:
+                raise ValueError(f"{op}: out_dtype is required with a pre-quantized x and no bias, got None")
+            out_dtype = bias.dtype
+        if x_q.dim() < 1 or x_q.shape[-1] != k:
+            raise ValueError(f"{op}: x_q must have K = {k} features in its last dim (the weight is {n} x {k}), "
+                             f"got shape {tuple(x_q.shape)}")
+        backend = ops.resolve_backend(op, backend, x_q.device)
+        lead = x_q.shape[:-1]
+        m = x_q.reshape(-1, k).shape[0]
+        if not isinstance(x_scale, Tensor):
+            raise ValueError(f"{op}: x_scale must be a float32 tensor of shape {tuple(lead)}, got "
+                             f"{type(x_scale).__name__}")
+        x_scale = x_scale.reshape(-1) if tuple(x_scale.shape) == tuple(lead) else x_scale
+        # Shape and dtype only: a NaN x_scale is how a NaN token row is carried (its output is NaN).
+        check_scale(op, "x_scale", x_scale, m, values=False)
+        x_q = x_q.reshape(m, k)
+    else:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{op}: x must be a torch.Tensor or (x_q, x_scale), got {type(x).__name__}")
+        if x.dim() < 1 or x.shape[-1] != k:
+            raise ValueError(f"{op}: x must have K = {k} features in its last dim (the weight is {n} x {k}), "
+                             f"got shape {tuple(x.shape)}")
+        backend = _check_activations(op, x, backend)
+        out_dtype = out_dtype or x.dtype
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, k)
+        if input_scale is None:
+            x_q, x_scale = ops._quantize_rows(x2, backend)
+        else:
+            x_q, x_scale = quantize_activations_static(x2, input_scale)
+    allowed = ops.FLOAT_DTYPES if backend == "cpu" else ops.KERNEL_DTYPES
+    ops.check_dtype(op, "out_dtype", torch.empty(0, dtype=out_dtype), allowed)
+    if backend != "cpu":
+        ops.require_int8_kernels(op, backend)
+        ops.check_32bit(op, **{"M*K": x_q.shape[0] * fmt.padded_k(k), "M*N": x_q.shape[0] * n, "N*K": n * k})
+    if bias is not None:
+        if tuple(bias.shape) != (n,):
+            raise ValueError(f"{op}: bias must have shape ({n},), got {tuple(bias.shape)}")
+        bias = bias.to(out_dtype)
+    ops.check_same_device(op, x_q=x_q, x_scale=x_scale, **{"sw.values": sw.values, "sw.scale": sw.scale}, bias=bias)
+    kernel_meta = sw.kernel_meta(backend) if backend != "cpu" else None
+    y = ops._linear_s8(x_q, x_scale, sw.values, sw.meta, kernel_meta, sw.scale, k, bias,
+                       fmt.ACTIVATION_CODES[activation], out_dtype, backend)
+    return y.reshape(*lead, n)
+
+
+class Int8Calibrator:
+    """Static activation scales: run a few batches through a model, record each int8 layer's input.
+
+    >>> cal = Int8Calibrator(model)          # hooks every SparseLinear holding int8 weights
+    >>> with cal:
+    ...     for batch in batches[:8]:
+    ...         model(batch)
+    >>> cal.apply()                          # each layer now quantizes with scale = amax / 127
+
+    The recorded statistic is the largest ``|x|`` seen (NaN and inf inputs are refused).
+    """
+
+    def __init__(self, model: nn.Module, modules: Optional[Iterable[str]] = None):
+        from .nn import SparseLinear
+
+        wanted = None if modules is None else set(modules)
+        self.layers = {name: mod for name, mod in model.named_modules()
+                       if isinstance(mod, SparseLinear) and mod.quantize == "int8"
+                       and (wanted is None or name in wanted)}
+        if not self.layers:
+            raise ValueError("Int8Calibrator: the model has no int8 SparseLinear layers "
+                             "(convert with sparsify(..., quantize='int8') first)")
+        self.amax: dict = {}
+        self._hooks: list = []
+
+    def _observe(self, name: str, x: Tensor) -> None:
+        amax = float(x.detach().abs().amax()) if x.numel() else 0.0
+        if not math.isfinite(amax):
+            raise ValueError(f"Int8Calibrator: layer {name!r} saw a non-finite input (amax {amax}); "
+                             "calibrate with finite data")
+        self.amax[name] = max(self.amax.get(name, 0.0), amax)
+
+    def __enter__(self) -> "Int8Calibrator":
+        for name, mod in self.layers.items():
+            self._hooks.append(mod.register_forward_pre_hook(
+                lambda _mod, args, name=name: self._observe(name, args[0])))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    def scales(self) -> dict:
+        """{layer name: static scale (amax / 127, or 1 for an all-zero input)}."""
+        missing = sorted(set(self.layers) - set(self.amax))
+        if missing:
+            raise ValueError(f"Int8Calibrator: no batch reached layers {missing[:5]}; run the model inside "
+                             "`with calibrator:` first")
+        return {name: (a / QMAX if a > 0 else 1.0) for name, a in self.amax.items()}
+
+    def apply(self) -> dict:
+        """Switch every calibrated layer to static mode with its scale; returns the scales."""
+        scales = self.scales()
+        for name, scale in scales.items():
+            self.layers[name].set_input_scale(scale)
+        return scales

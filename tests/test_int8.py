@@ -1,0 +1,462 @@
+"""INT8 (issue 4): quantizers, the CPU s8 GEMM against the int8 oracle, the Python layer.
+
+The oracle (sparsegemm.oracle.linear_int8) follows the contract's order of operations: integer
+results must match exactly; outputs match bit for bit without an activation and within one ulp of
+the output dtype with one (fp32 vs float64 erf / exp).
+"""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import sparsegemm
+from sparsegemm import _C, oracle, ops, quant
+from sparsegemm import format as fmt
+
+from conftest import sparse_weight
+
+ISAS = ["generic", "avx2", "avx512"]
+OUT_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+ACTS = [None, "relu", "gelu", "silu"]
+# The kernels' fp32 gelu loses relative accuracy in its far negative tail, where 1 + erf(v / sqrt 2)
+# cancels: there the fp32 result is off by about 0.5 * |v| * 2^-24 absolute, tiny but many ulps.
+ACT_ABS_FLOOR = 1e-6
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    if not _C.cpu_isa_supported(request.param):
+        pytest.skip(f"this CPU/build cannot run {request.param}")
+    previous = _C.cpu_isa_name()
+    _C.cpu_set_isa(request.param)
+    yield request.param
+    _C.cpu_set_isa(previous)
+
+
+def random_int8_weight(n, k, seed=0, extreme=False):
+    """(values int8 [N, Kp/2], meta, w_scale) with every 2:4 pattern; extreme: all values +-127."""
+    gen = torch.Generator().manual_seed(seed)
+    meta = sparsegemm.compress(sparse_weight(n, k, torch.float32, seed=seed), prune=True).meta
+    shape = (n, fmt.values_cols(k))
+    if extreme:
+        values = torch.full(shape, 127, dtype=torch.int8)
+    else:
+        values = torch.randint(-127, 128, shape, generator=gen, dtype=torch.int8)
+    # Values in the padded tail of the last group must be 0, as compress writes them.
+    if k % 4:
+        dense = oracle.decompress(values.to(torch.int16), meta, fmt.padded_k(k))
+        dense[:, k:] = 0
+        mask = ops.meta_to_mask(meta, fmt.padded_k(k))
+        values = dense[mask].reshape(shape).to(torch.int8)
+    w_scale = (torch.rand(n, generator=gen) + 0.01) / 127
+    return values, meta, w_scale
+
+
+def cpu_gemm_s8(x_q, x_scale, values, meta, k, w_scale, bias=None, act=None, out_dtype=torch.float16):
+    m, n = x_q.shape[0], values.shape[0]
+    y = torch.empty(m, n, dtype=out_dtype)
+    _C.cpu_gemm_s8(m, n, k, x_q.data_ptr(), x_q.stride(0), values.data_ptr(), meta.data_ptr(), w_scale.data_ptr(),
+                   x_scale.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(), y.stride(0),
+                   fmt.DTYPE_CODES[out_dtype], fmt.ACTIVATION_CODES[act])
+    return y
+
+
+def ulp_distance(a: torch.Tensor, b: torch.Tensor, abs_floor: float = 0.0) -> int:
+    """Largest distance in units in the last place between two same-dtype tensors (NaN == NaN),
+    ignoring elements whose absolute difference is at most ``abs_floor``."""
+    assert a.dtype == b.dtype
+    bits = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}[a.dtype]
+
+    def ordered(t):
+        i = t.view(bits).to(torch.int64)
+        return torch.where(i < 0, -(i & (2 ** (8 * t.element_size() - 1) - 1)), i)
+
+    both_nan = torch.isnan(a) & torch.isnan(b)
+    d = (ordered(a) - ordered(b)).abs()
+    d[both_nan | ((a.double() - b.double()).abs() <= abs_floor)] = 0
+    return int(d.max()) if d.numel() else 0
+
+
+# ---- quantizers ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("in_dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("k", [1, 7, 16, 33, 130])
+def test_quantize_rows_matches_oracle(isa, in_dtype, k):
+    gen = torch.Generator().manual_seed(k)
+    x = (torch.randn(19, k, generator=gen) * 3).to(in_dtype)
+    x[3] = 0  # all-zero row: scale 1, zeros
+    x[5, 0] = float("nan")  # NaN row: NaN scale, zeros
+    x_q, x_scale = quant.quantize_activations(x)
+    ref_q, ref_scale = oracle.quantize_rows_int8(x)
+    assert torch.equal(x_q, ref_q)
+    assert torch.allclose(x_scale, ref_scale, rtol=0, atol=0, equal_nan=True)
+    assert x_scale[3] == 1 and torch.isnan(x_scale[5]) and not x_q[5].any()
+    assert x_q.abs().max() <= 127
+
+
+def test_quantize_rows_extreme_inputs_clamp(isa):
+    big, tiny = 3.0e38, 1.0e-45
+    x = torch.tensor([[big, -big, 1.0, -1.0] + [0.0] * 28,
+                      [tiny, -tiny, 0.0, 0.0] + [tiny] * 28,
+                      [float("inf"), 1.0, -2.0, 0.0] + [0.0] * 28,
+                      [65504.0, -65504.0, 0.5, 2.0 ** -24] + [0.0] * 28], dtype=torch.float32)
+    x_q, x_scale = quant.quantize_activations(x)
+    ref_q, ref_scale = oracle.quantize_rows_int8(x)
+    assert torch.equal(x_q, ref_q) and torch.allclose(x_scale, ref_scale, rtol=0, atol=0, equal_nan=True)
+    assert x_q[0, :2].tolist() == [127, -127]
+    assert x_q[1, :2].tolist() == [127, -127]  # a subnormal row still spans the grid
+    assert x_q[3, :2].tolist() == [127, -127]
+    assert x_q.abs().max() <= 127
+
+
+def test_quantize_rows_rounds_half_to_even():
+    # amax 127 -> scale exactly 1: q = rint(x) with ties to even.
+    x = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5]])
+    x_q, x_scale = quant.quantize_activations(x)
+    assert x_scale.item() == 1.0
+    assert x_q.tolist() == [[127, 0, 2, 2, 0, -2, -2, 126]]
+
+
+def test_quantize_weight_matches_oracle_and_clamps():
+    w = sparse_weight(24, 37, torch.float32, seed=3) * 5
+    w[2] = 0  # all-zero row: scale 1
+    w[4, 0], w[4, 1] = 3.0e38, -3.0e38
+    sw = quant.quantize_weight(w)
+    values, meta, scale = oracle.quantize_weight_int8(w)
+    assert torch.equal(sw.values, values) and torch.equal(sw.meta, meta) and torch.equal(sw.scale, scale)
+    assert sw.scale[2] == 1 and sw.values.abs().max() <= 127 and sw.values[4, :2].tolist() == [127, -127]
+    assert torch.equal(sparsegemm.compress(w, prune=True, dtype=torch.int8).values, sw.values)
+
+
+def test_dequantize_is_within_half_a_step_of_the_pruned_weight():
+    w = torch.randn(16, 42, generator=torch.Generator().manual_seed(2))
+    sw = quant.quantize_weight(w)
+    deq = quant.dequantize(sw)
+    pruned = sparsegemm.prune_2to4(w)
+    assert deq.shape == w.shape and deq.dtype == torch.float32
+    assert torch.equal(deq != 0, pruned != 0)
+    assert bool(((deq - pruned).abs() <= sw.scale[:, None] / 2 * (1 + 1e-6)).all())
+
+
+# ---- the CPU GEMM against the oracle ------------------------------------------------------------
+
+@pytest.mark.parametrize("m,n,k", [(1, 8, 64), (3, 5, 8), (7, 33, 132), (17, 9, 1000), (129, 4, 72), (5, 6, 4099)])
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES)
+def test_gemm_s8_bit_exact_without_activation(isa, m, n, k, out_dtype):
+    values, meta, w_scale = random_int8_weight(n, k, seed=m)
+    x_q, x_scale = oracle.quantize_rows_int8(torch.randn(m, k, generator=torch.Generator().manual_seed(n)))
+    bias = torch.randn(n).to(out_dtype)
+    for b in (None, bias):
+        y = cpu_gemm_s8(x_q, x_scale, values, meta, k, w_scale, b, None, out_dtype)
+        ref = oracle.linear_int8(x_q, x_scale, values, meta, k, w_scale, b, None, out_dtype)
+        assert torch.equal(y, ref)
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES)
+def test_gemm_s8_activation_within_one_ulp(isa, act, out_dtype):
+    m, n, k = 9, 21, 200
+    values, meta, w_scale = random_int8_weight(n, k, seed=5)
+    x_q, x_scale = oracle.quantize_rows_int8(torch.randn(m, k, generator=torch.Generator().manual_seed(6)))
+    bias = torch.randn(n).to(out_dtype)
+    y = cpu_gemm_s8(x_q, x_scale, values, meta, k, w_scale, bias, act, out_dtype)
+    ref = oracle.linear_int8(x_q, x_scale, values, meta, k, w_scale, bias, act, out_dtype)
+    assert ulp_distance(y, ref, ACT_ABS_FLOOR) <= 1
+
+
+def test_gemm_s8_integer_part_is_exact_for_large_k(isa):
+    # Sums far beyond 16 bits (and beyond fp32's 24-bit mantissa, checked in int64 via unit scales).
+    m, n, k = 3, 6, 8192
+    values, meta, _ = random_int8_weight(n, k, seed=9)
+    gen = torch.Generator().manual_seed(10)
+    x_q = torch.randint(-127, 128, (m, k), generator=gen, dtype=torch.int8)
+    ones_n, ones_m = torch.ones(n), torch.ones(m)
+    y = cpu_gemm_s8(x_q, ones_m, values, meta, k, ones_n, out_dtype=torch.float32)
+    acc = oracle.int8_accumulate(x_q, values, meta, k)
+    assert np.abs(acc).max() > 2 ** 16
+    assert np.array_equal(y.numpy(), acc.astype(np.float32))
+    # One-hot scales read the exact sums back bit for bit through fp32 where they fit 24 bits.
+    x_q = torch.full((m, k), 127, dtype=torch.int8)
+    extreme, meta_e, _ = random_int8_weight(n, k, seed=11, extreme=True)
+    y = cpu_gemm_s8(x_q, ones_m, extreme, meta_e, k, ones_n, out_dtype=torch.float32)
+    assert torch.equal(y, torch.full((m, n), 127.0 * 127.0 * k / 2))
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+def test_gemm_s8_saturates_to_int32(isa, sign):
+    # All +-127 with K = 2^21 + 8: |sum| = 127^2 * K / 2 > 2^34 overflows int32 (and would wrap int32
+    # lanes without the periodic flush to int64): the result is the saturated int32 bound.
+    n, k = 2, 2 ** 21 + 8
+    values = torch.full((n, k // 2), 127, dtype=torch.int8)
+    meta = torch.full((n, fmt.meta_cols(k)), 0x44, dtype=torch.uint8)
+    x_q = torch.full((1, k), 127 * sign, dtype=torch.int8)
+    y = cpu_gemm_s8(x_q, torch.ones(1), values, meta, k, torch.ones(n), out_dtype=torch.float32)
+    bound = float(2 ** 31 - 1) if sign > 0 else float(-2 ** 31)
+    assert torch.equal(y, torch.full((1, n), bound))
+    assert oracle.int8_accumulate(x_q, values, meta, k)[0, 0] == (2 ** 31 - 1 if sign > 0 else -2 ** 31)
+
+
+def test_gemm_s8_below_saturation_for_k_under_133k(isa):
+    # 127 * 127 per kept product, K / 2 kept: K = 133_000 stays under 2^31 even fully dense-like.
+    n, k = 1, 133_000
+    values = torch.full((n, k // 2), -127, dtype=torch.int8)
+    meta = torch.full((n, fmt.meta_cols(k)), 0x44, dtype=torch.uint8)
+    x_q = torch.full((2, k), 127, dtype=torch.int8)
+    acc = oracle.int8_accumulate(x_q, values, meta, k)
+    assert acc[0, 0] == -127 * 127 * k // 2 > -2 ** 31
+    y = cpu_gemm_s8(x_q, torch.ones(2), values, meta, k, torch.ones(n), out_dtype=torch.float32)
+    assert torch.equal(y, torch.from_numpy(acc.astype(np.float32)))
+
+
+def test_gemm_s8_nan_row_propagates():
+    values, meta, w_scale = random_int8_weight(4, 16)
+    x = torch.randn(3, 16)
+    x[1, 2] = float("nan")
+    y = sparsegemm.linear(x, sparsegemm.SparseTensor24(values, meta, (4, 16), w_scale))
+    assert torch.isnan(y[1]).all() and not torch.isnan(y[0]).any() and not torch.isnan(y[2]).any()
+
+
+# ---- Python layer ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("k", [64, 66])
+def test_linear_int8_matches_oracle_and_fp32(dtype, k):
+    gen = torch.Generator().manual_seed(k)
+    w = torch.randn(48, k, generator=gen)
+    sw = sparsegemm.compress(w, prune=True, dtype=torch.int8)
+    x = torch.randn(2, 5, k, generator=gen).to(dtype)
+    bias = torch.randn(48, generator=gen).to(dtype)
+    y = sparsegemm.linear(x, sw, bias, activation="relu")
+    assert y.shape == (2, 5, 48) and y.dtype == dtype
+    x_q, x_scale = quant.quantize_activations(x.reshape(-1, k))
+    ref = oracle.linear_int8(x_q, x_scale, sw.values, sw.meta, k, sw.scale, bias, "relu", dtype)
+    assert ulp_distance(y.reshape(-1, 48), ref, ACT_ABS_FLOOR) <= 1
+    # Against the fp32 2:4 linear: INT8 error is small (a few tenths of a percent per element).
+    y32 = torch.relu(torch.nn.functional.linear(x.float(), sparsegemm.prune_2to4(w), bias.float()))
+    assert float((y.float() - y32).norm() / y32.norm()) < 0.03
+    # Pre-quantized input gives the same bits.
+    pre = quant.linear_int8(quant.quantize_activations(x), sw, bias, activation="relu")
+    assert torch.equal(pre, y)
+
+
+def test_linear_int8_empty_batch():
+    sw = quant.quantize_weight(torch.randn(8, 16))
+    y = sparsegemm.linear(torch.zeros(0, 16, dtype=torch.bfloat16), sw)
+    assert y.shape == (0, 8) and y.dtype == torch.bfloat16
+
+
+def test_static_mode_and_calibrator():
+    gen = torch.Generator().manual_seed(4)
+    model = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 64))
+    sparsegemm.sparsify(model, quantize="int8", min_features=1, progress=False)
+    batches = [torch.randn(4, 64, generator=gen) for _ in range(3)]
+    with torch.no_grad():
+        dynamic = [model(b) for b in batches]
+    cal = quant.Int8Calibrator(model)
+    with cal, torch.no_grad():
+        for b in batches:
+            model(b)
+    scales = cal.apply()
+    assert set(scales) == {"0", "2"}
+    assert scales["0"] == pytest.approx(max(float(b.abs().max()) for b in batches) / 127)
+    assert float(model[0].input_scale) == pytest.approx(scales["0"])
+    with torch.no_grad():
+        static = [model(b) for b in batches]
+    for d, s in zip(dynamic, static):
+        assert float((d - s).norm() / d.norm()) < 0.05
+    x = batches[0]
+    x_q, x_scale = quant.quantize_activations_static(x, scales["0"])
+    assert x_q.dtype == torch.int8 and x_scale.shape == (4,) and bool((x_scale == x_scale[0]).all())
+    saturated, _ = quant.quantize_activations_static(x * 100, scales["0"])
+    assert saturated.abs().max() == 127
+
+
+def test_sparse_linear_int8_save_load_round_trip(tmp_path):
+    gen = torch.Generator().manual_seed(8)
+    dense = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 128)).to(torch.float16)
+    sparsegemm.sparsify(dense, quantize="int8", progress=False)
+    assert isinstance(dense[0], sparsegemm.SparseLinear) and dense[0].quantize == "int8"
+    assert dense[0].values.dtype == torch.int8 and dense[0].scale.dtype == torch.float32
+    path = tmp_path / "int8.safetensors"
+    sparsegemm.save(dense, path)
+    fresh = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 128)).to(torch.float16)
+    dense_path = tmp_path / "dense.safetensors"
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in fresh.state_dict().items()}, str(dense_path))
+    loaded = sparsegemm.load(path, fresh)
+    x = torch.randn(3, 256, generator=gen).to(torch.float16)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), dense(x))
+    assert path.stat().st_size <= 0.33 * dense_path.stat().st_size
+    assert "SparseLinear" in sparsegemm.io.describe(path)
+
+
+def test_sparsify_int8_mlp_close_to_fp32_24_model():
+    gen = torch.Generator().manual_seed(12)
+    torch.manual_seed(12)
+    base = nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 64))
+    fp32_24 = nn.Sequential(*[nn.Linear(m.in_features, m.out_features) if isinstance(m, nn.Linear) else m
+                              for m in base])
+    fp32_24.load_state_dict(base.state_dict())
+    int8 = nn.Sequential(*[nn.Linear(m.in_features, m.out_features) if isinstance(m, nn.Linear) else m
+                           for m in base])
+    int8.load_state_dict(base.state_dict())
+    sparsegemm.sparsify(fp32_24, progress=False)
+    report = sparsegemm.sparsify(int8, quantize="int8", progress=False)
+    assert len(report.converted) == 3
+    x = torch.randn(32, 128, generator=gen)
+    with torch.no_grad():
+        ref, got = fp32_24(x), int8(x)
+    assert float((got - ref).norm() / ref.norm()) < 0.03
+    dense_bytes = sum(layer.dense_bytes for layer in report.converted)
+    assert report.totals()["compressed_bytes"] < 0.33 * dense_bytes
+
+
+def test_custom_ops_opcheck():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 24, generator=gen).to(torch.bfloat16)
+    sw = quant.quantize_weight(torch.randn(8, 24, generator=gen))
+    torch.library.opcheck(ops._quantize_rows, (x, "cpu"))
+    x_q, x_scale = ops._quantize_rows(x, "cpu")
+    bias = torch.randn(8, generator=gen).to(torch.bfloat16)
+    torch.library.opcheck(ops._linear_s8, (x_q, x_scale, sw.values, sw.meta, None, sw.scale, 24, bias, 2,
+                                           torch.bfloat16, "cpu"))
+    torch.library.opcheck(ops._linear_s8, (x_q, x_scale, sw.values, sw.meta, None, sw.scale, 24, None, 0,
+                                           torch.float32, "cpu"))
+
+
+def test_torch_compile_int8_linear_matches_eager():
+    torch._dynamo.reset()
+    sw = quant.quantize_weight(torch.randn(32, 64, generator=torch.Generator().manual_seed(3)))
+    bias = torch.randn(32).to(torch.bfloat16)
+
+    def layer(x):
+        return sparsegemm.linear(x, sw, bias, activation="silu") * 2.0
+
+    compiled = torch.compile(layer, fullgraph=True, backend="inductor")
+    for m in (3, 9):
+        x = torch.randn(m, 64).to(torch.bfloat16)
+        assert torch.equal(compiled(x), layer(x))
+
+
+# ---- errors ----------------------------------------------------------------------------------------
+
+def test_int8_weight_scale_errors():
+    sw = quant.quantize_weight(torch.randn(6, 16))
+    with pytest.raises(ValueError, match=r"SparseTensor24: scale is required for int8 weights \(float32\[6\]\), got None"):
+        sparsegemm.SparseTensor24(sw.values, sw.meta, sw.shape)
+    with pytest.raises(ValueError, match=r"scale must be float32 of shape \(6,\), got float32 \(5,\)"):
+        sparsegemm.SparseTensor24(sw.values, sw.meta, sw.shape, torch.ones(5))
+    with pytest.raises(ValueError, match=r"scale must be float32 of shape \(6,\), got float16 \(6,\)"):
+        sparsegemm.SparseTensor24(sw.values, sw.meta, sw.shape, torch.ones(6, dtype=torch.float16))
+    for bad, shown in ((0.0, "0.0"), (float("nan"), "nan"), (float("inf"), "inf")):
+        scale = torch.ones(6)
+        scale[4] = bad
+        with pytest.raises(ValueError, match=rf"scale must be finite and non-zero, got {shown} at index 4"):
+            sparsegemm.SparseTensor24(sw.values, sw.meta, sw.shape, scale)
+    with pytest.raises(ValueError, match=r"dequantize: sw.scale is required"):
+        quant.dequantize(sparsegemm.SparseTensor24(sw.values, sw.meta, sw.shape, None, validate=False))
+    with pytest.raises(ValueError, match=r"sparsegemm.linear: sw.scale must be float32 of shape \(6,\)"):
+        sparsegemm.linear(torch.randn(2, 16), sparsegemm.SparseTensor24(sw.values, sw.meta, sw.shape, torch.ones(3),
+                                                                        validate=False))
+
+
+def test_int8_api_errors():
+    sw = quant.quantize_weight(torch.randn(6, 16))
+    x = torch.randn(3, 16)
+    with pytest.raises(TypeError, match="dequantize: sw must hold int8 values, got float32"):
+        quant.dequantize(sparsegemm.compress(torch.randn(6, 16), prune=True))
+    with pytest.raises(TypeError, match="int8 weights decompress with sparsegemm.quant.dequantize"):
+        sparsegemm.decompress(sw)
+    with pytest.raises(ValueError, match="dtype must be None, w's dtype or torch.int8, got torch.float16"):
+        sparsegemm.compress(torch.randn(6, 16), prune=True, dtype=torch.float16)
+    w = torch.randn(6, 16)
+    w[1, 0] = float("inf")
+    with pytest.raises(ValueError, match="finite kept values.*row 1"):
+        quant.quantize_weight(w)
+    with pytest.raises(ValueError, match="must have K = 16 features"):
+        sparsegemm.linear(torch.randn(3, 15), sw)
+    with pytest.raises(ValueError, match="out_dtype is required with a pre-quantized x and no bias"):
+        quant.linear_int8(quant.quantize_activations(x), sw)
+    with pytest.raises(ValueError, match=r"x_scale must be float32 of shape \(3,\), got float32 \(2,\)"):
+        quant.linear_int8((quant.quantize_activations(x)[0], torch.ones(2)), sw, out_dtype=torch.float16)
+    with pytest.raises(TypeError, match="x_q must be an int8 tensor, got torch.float32"):
+        quant.linear_int8((x, torch.ones(3)), sw, out_dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"bias must have shape \(6,\), got \(5,\)"):
+        sparsegemm.linear(x, sw, torch.zeros(5))
+    with pytest.raises(ValueError, match="activation must be one of"):
+        sparsegemm.linear(x, sw, activation="tanh")
+    with pytest.raises(TypeError, match=r"x must have dtype in \(float32, float16, bfloat16\), got int32"):
+        quant.quantize_activations(torch.zeros(2, 4, dtype=torch.int32))
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="quantize_activations_static: scale must be finite and positive"):
+            quant.quantize_activations_static(x, bad)
+    with pytest.raises(ValueError, match="Int8Calibrator: the model has no int8 SparseLinear layers"):
+        quant.Int8Calibrator(nn.Sequential(nn.Linear(4, 4)))
+    layer = sparsegemm.SparseLinear.from_dense(nn.Linear(16, 8), quantize="int8")
+    with pytest.raises(ValueError, match="Int8Calibrator: no batch reached layers"):
+        quant.Int8Calibrator(nn.Sequential(layer)).scales()
+    with pytest.raises(ValueError, match="set_input_scale: scale must be finite and positive, got 0.0"):
+        layer.set_input_scale(0.0)
+    with pytest.raises(ValueError, match="quantize must be None or 'int8', got 'int4'"):
+        sparsegemm.SparseLinear(16, 8, quantize="int4")
+    with pytest.raises(ValueError, match="sparsify: quantize must be None or 'int8', got 'fp8'"):
+        sparsegemm.sparsify(nn.Sequential(nn.Linear(64, 64)), quantize="fp8")
+
+
+# ---- the GPU kernels through the emulator (int8k branch) -------------------------------------------
+
+requires_simt_int8 = pytest.mark.skipif(not hasattr(_C, "simt_gemm_s8"),
+                                        reason="this build has no SIMT INT8 kernels (int8k not merged)")
+
+
+@requires_simt_int8
+@pytest.mark.parametrize("in_dtype", [torch.float16, torch.bfloat16])
+def test_simt_quantize_rows_matches_cpu(in_dtype):
+    x = (torch.randn(9, 72, generator=torch.Generator().manual_seed(2)) * 4).to(in_dtype)
+    x[2] = 0
+    x[4, 7] = float("nan")
+    cpu = quant.quantize_activations(x, backend="cpu")
+    simt = quant.quantize_activations(x, backend="simt")
+    assert torch.equal(cpu[0], simt[0])
+    assert torch.allclose(cpu[1], simt[1], rtol=0, atol=0, equal_nan=True)
+
+
+@requires_simt_int8
+@pytest.mark.parametrize("m,n,k", [(1, 16, 64), (5, 24, 130), (17, 40, 256)])
+@pytest.mark.parametrize("act", [None, "gelu"])
+def test_simt_linear_int8_matches_cpu(m, n, k, act):
+    gen = torch.Generator().manual_seed(m + k)
+    sw = quant.quantize_weight(torch.randn(n, k, generator=gen))
+    x = torch.randn(m, k, generator=gen).to(torch.float16)
+    bias = torch.randn(n, generator=gen).to(torch.float16)
+    cpu = sparsegemm.linear(x, sw, bias, activation=act, backend="cpu")
+    simt = sparsegemm.linear(x, sw, bias, activation=act, backend="simt")
+    assert ulp_distance(cpu, simt, ACT_ABS_FLOOR) <= (0 if act is None else 1)
+
+
+def test_bench_int8_rows():
+    from sparsegemm import bench
+
+    timer = bench.Timer(torch.device("cpu"), warmup=1, repeats=2)
+    rows = bench.bench_int8_shape(torch.device("cpu"), "tiny", 32, 64, 128, timer)
+    methods = [r.method for r in rows]
+    assert methods[0] == "dense" and methods[-1] == "sparsegemm int8"
+    assert all(r.dtype == "int8" and r.ms > 0 for r in rows)
+    assert 0 < rows[-1].rel_error < 0.03
+    assert "| cpu | int8 | tiny | 32 | 64 | 128 | sparsegemm int8 |" in bench.markdown(rows)
+
+
+@requires_simt_int8
+def test_sparse_linear_int8_simt_backend_matches_cpu_and_caches_meta():
+    gen = torch.Generator().manual_seed(21)
+    linear = nn.Linear(70, 24).to(torch.bfloat16)
+    cpu = sparsegemm.SparseLinear.from_dense(linear, quantize="int8")
+    simt = sparsegemm.SparseLinear.from_dense(linear, quantize="int8", backend="simt")
+    x = torch.randn(2, 3, 70, generator=gen).to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(simt(x), cpu(x))
+        assert "simt" in simt._kernel_meta
+        cached = simt._kernel_meta["simt"]
+        simt(x)
+        assert simt._kernel_meta["simt"] is cached
