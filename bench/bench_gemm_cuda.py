@@ -117,6 +117,12 @@ def run_case(m, n, k, dtype_name, iters, flush):
             backends[f"torch_2to4_{backend}"] = (torch_sparse_fn(w_pruned, x, backend), sparse_bytes)
         except (RuntimeError, NotImplementedError, ImportError) as exc:
             backends[f"torch_2to4_{backend}"] = (exc, sparse_bytes)
+    return measure_backends(backends, m, n, k, dtype_name, iters, flush)
+
+
+def measure_backends(backends, m, n, k, dtype_name, iters, flush, rate="tflops"):
+    """backends: {name: (callable or the exception that prevented building it, bytes moved)}.
+    One record each: ms, the dense-equivalent rate 2MNK (`rate`: tflops, or tops for int8), GB/s."""
     records = []
     for name, (fn, nbytes) in backends.items():
         rec = {"op": "gemm", "M": m, "N": n, "K": k, "dtype": dtype_name, "backend": name}
@@ -125,7 +131,7 @@ def run_case(m, n, k, dtype_name, iters, flush):
         else:
             try:
                 ms = time_ms(fn, iters, flush)
-                rec.update(ms=ms, tflops=2 * m * n * k / ms / 1e9, gbps=nbytes / ms / 1e6)
+                rec.update({"ms": ms, rate: 2 * m * n * k / ms / 1e9, "gbps": nbytes / ms / 1e6})
             except (RuntimeError, NotImplementedError) as exc:  # e.g. an M the torch path refuses
                 rec["error"] = f"{type(exc).__name__}: {exc}"
         records.append(rec)
@@ -161,19 +167,7 @@ def run_case_s8(m, n, k, iters, flush):
                                                 sparse_bytes + m * n * 2)
     except (RuntimeError, NotImplementedError, AttributeError) as exc:
         backends["torch_2to4_cusparselt_s8"] = (exc, sparse_bytes)
-    records = []
-    for name, (fn, nbytes) in backends.items():
-        rec = {"op": "gemm", "M": m, "N": n, "K": k, "dtype": "s8", "backend": name}
-        if isinstance(fn, Exception):
-            rec["error"] = f"{type(fn).__name__}: {fn}"
-        else:
-            try:
-                ms = time_ms(fn, iters, flush)
-                rec.update(ms=ms, tops=2 * m * n * k / ms / 1e9, gbps=nbytes / ms / 1e6)
-            except (RuntimeError, NotImplementedError) as exc:  # e.g. torch._int_mm wants M > 16
-                rec["error"] = f"{type(exc).__name__}: {exc}"
-        records.append(rec)
-    return records
+    return measure_backends(backends, m, n, k, "s8", iters, flush, rate="tops")
 
 
 def compress_case(n, k, dtype_name, iters, flush):

@@ -203,9 +203,11 @@ def test_quantize_rows_nan_row_propagates():
 
 # ---- GEMM ----------------------------------------------------------------------------------------
 # (M, N, K): M in {1, 7, 16, 17, 64}, N not a tile multiple, K % 64 != 0, K with one k-tile of 128
-# (fewer than any pipeline's stages), K % 16 != 0 (element loads of X), K large enough that the
-# sums need more than 16 bits (|acc| reaches ~127^2 * K / 2).
-S8_SHAPES = [(1, 40, 36), (7, 24, 200), (16, 72, 1000), (17, 136, 100), (64, 40, 388), (3, 130, 132)]
+# (fewer than any pipeline's stages), K % 16 != 0 (element loads of X) and K % 32 == 0 (16-byte
+# cp.async of X and Wc), K large enough that the sums need more than 16 bits (|acc| reaches
+# ~127^2 * K / 2).
+S8_SHAPES = [(1, 40, 36), (7, 24, 200), (16, 72, 1000), (17, 136, 100), (64, 40, 416), (3, 130, 132),
+             (2, 24, 388)]
 
 
 @pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
@@ -226,7 +228,7 @@ def test_gemm_s8_bit_exact_without_activation(out_dtype, config, m, n, k):
 
 @pytest.mark.parametrize("config,split_k", [(DECODE, 3), (DECODE, 0), (LARGE_M, 2)])
 def test_gemm_s8_split_k_matches_single_pass(config, split_k):
-    m, n, k = 5, 72, 1540  # 13 k-tiles of 128
+    m, n, k = 5, 72, 1568  # 13 k-tiles of 128, the last one partial
     gen = torch.Generator().manual_seed(split_k + 10 * config)
     wq, values, meta = sparse_int8_weight(n, k, gen)
     x_q = torch.randint(-127, 128, (m, k), generator=gen).to(torch.int8)
