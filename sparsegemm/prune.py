@@ -157,7 +157,8 @@ def _force_share(module: nn.Module, share: float) -> None:
         mask = _groups(gemm_view(found.mask)) & k_real
         done = mask.sum(-1) <= 2
         total = done.numel()
-        target = total if share >= 1.0 else min(total, round(share * total))
+        # at least the share asked for; rounded first so that 0.3 * 10 asks for 3, not 4
+        target = total if share >= 1.0 else min(total, math.ceil(round(share * total, 9)))
         need = target - int(done.sum())
         if need <= 0:
             return
@@ -205,14 +206,15 @@ def remove_masks(model: nn.Module) -> list[str]:
 
 def cubic_share(step: int, start_step: int, end_step: int, initial_share: float = 0.0) -> float:
     """The share of groups forced to 2:4 at ``step``: ``initial_share`` until ``start_step``, then
-    rising as ``1 - (1 - initial_share) (1 - progress)^3`` (Zhu & Gupta, 2017: prune fast while
-    the weights are redundant, slowly near the end), exactly 1.0 from ``end_step`` on."""
+    rising as ``initial_share + (1 - initial_share) (1 - (1 - progress)^3)`` (Zhu & Gupta, 2017:
+    prune fast while the weights are redundant, slowly near the end), exactly 1.0 from
+    ``end_step`` on."""
     if step >= end_step:
         return 1.0
     if step < start_step:
         return initial_share
     progress = (step - start_step) / (end_step - start_step)
-    return 1.0 - (1.0 - initial_share) * (1.0 - progress) ** 3
+    return initial_share + (1.0 - initial_share) * (1.0 - (1.0 - progress) ** 3)
 
 
 class GradualPruner:
