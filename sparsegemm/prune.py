@@ -1,13 +1,13 @@
 """Pruning for accuracy: 2:4 masks that stay fixed while a dense model trains, reached at once or
 gradually, and a channel permutation that lets the mask keep more of the weight.
 
-The workflow, on a trained dense model (every step optional but the mask):
+The workflow, on a trained dense model (every step optional but the mask)::
 
->>> report = permute_channels(model)          # reorder channels: same function, more |w| kept
->>> prune_one_shot(model)                     # or GradualPruner(model, end_step=...) in the loop
->>> ...fine-tune: the masks hold, whatever the optimizer does...
->>> remove_masks(model)                       # weights now exactly 2:4, plain nn.Linear / nn.Conv2d
->>> sparsegemm.sparsify(model)                # -> SparseLinear / SparseConv2d (no further pruning)
+    report = permute_channels(model)     # reorder channels: same function, more |w| kept
+    prune_one_shot(model)                # or GradualPruner(model, end_step=...) in the loop
+    train(model)                         # the masks hold, whatever the optimizer does
+    remove_masks(model)                  # weights now exactly 2:4, plain nn.Linear / nn.Conv2d
+    sparsegemm.sparsify(model)           # -> SparseLinear / SparseConv2d (no further pruning)
 
 Masks are torch parametrizations (``weight = where(mask, original, 0)``), so the masked weights
 get no gradient and whatever the optimizer does to the original (momentum, weight decay) never

@@ -108,6 +108,21 @@ def test_one_shot_equals_the_last_step_at_once():
         assert 0.5 < kept[name] < 1.0
 
 
+def test_k_not_a_multiple_of_4_counts_the_short_last_group():
+    """K = 10: groups of 4, 4 and a last one of 2 that is 2:4 from the start."""
+    lin = nn.Linear(10, 3)
+    model = nn.Sequential(lin)
+    pruner = P.GradualPruner(model, end_step=2, initial_share=0.0)
+    assert share_of_groups_at_2to4(lin) == pytest.approx(1 / 3)
+    pruner.step()
+    pruner.step()
+    kept = groups_kept(lin)
+    assert kept[:, :2].eq(2).all() and kept[:, 2].eq(2).all()
+    P.remove_masks(model)
+    sparse = sparsegemm.SparseLinear.from_dense(lin, prune=False)
+    torch.testing.assert_close(sparse.dense_weight(), lin.weight.detach(), rtol=0, atol=0)
+
+
 def test_one_shot_completes_a_partial_mask_and_respects_filter():
     model = mlp()
     pruner = P.GradualPruner(model, end_step=8, filter_fn=lambda name, mod: name != "4")
