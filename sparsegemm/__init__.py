@@ -3,7 +3,7 @@
 Contract: ``Y[M, N] = X[M, K] @ W[N, K]^T (+ bias[N])``, W 2:4 sparse along K (see DESIGN.md and
 :mod:`sparsegemm.format`). Importing never touches CUDA.
 """
-from . import format, oracle
+from . import format, oracle, prune
 from ._info import info
 from .functional import compress, decompress, linear, mask_2to4, prune_2to4
 from .convert import SparsifyReport, sparsify
@@ -28,6 +28,7 @@ __all__ = [
     "load",
     "mask_2to4",
     "oracle",
+    "prune",
     "prune_2to4",
     "save",
     "sparsify",

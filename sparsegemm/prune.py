@@ -1,0 +1,477 @@
+"""Pruning for accuracy: 2:4 masks that stay fixed while a dense model trains, reached at once or
+gradually, and a channel permutation that lets the mask keep more of the weight.
+
+The workflow, on a trained dense model (every step optional but the mask)::
+
+    report = permute_channels(model)     # reorder channels: same function, more |w| kept
+    prune_one_shot(model)                # or GradualPruner(model, end_step=...) in the loop
+    train(model)                         # the masks hold, whatever the optimizer does
+    remove_masks(model)                  # weights now exactly 2:4, plain nn.Linear / nn.Conv2d
+    sparsegemm.sparsify(model)           # -> SparseLinear / SparseConv2d (no further pruning)
+
+Masks are torch parametrizations (``weight = where(mask, original, 0)``), so the masked weights
+get no gradient and whatever the optimizer does to the original (momentum, weight decay) never
+reaches the forward; ``model.state_dict()`` carries the masks.
+
+Every weight is judged as the GEMM sees it, ``W[N, K]`` with 2:4 groups along K: a Conv2d's K is
+ordered (ky, kx, cin), cin fastest, as in :class:`sparsegemm.SparseConv2d`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from . import format as fmt
+from .functional import mask_2to4
+from .nn import conv_skip_reason
+
+__all__ = [
+    "Mask2to4",
+    "GradualPruner",
+    "ChannelPair",
+    "PairReport",
+    "PermutationReport",
+    "cubic_share",
+    "find_channel_pairs",
+    "gemm_view",
+    "kept_share",
+    "masked_layers",
+    "permute_channels",
+    "prunable_layers",
+    "prune_one_shot",
+    "remove_masks",
+    "search_permutation",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights as the GEMM sees them
+
+
+def gemm_view(weight: Tensor) -> Tensor:
+    """``weight`` as the GEMM's ``[N, K]``: a Linear's as is, a Conv2d's ``[Cout, Cin, kh, kw]``
+    reordered to K = (ky, kx, cin), the order in which SparseConv2d forms its 2:4 groups."""
+    if weight.dim() == 4:
+        return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
+    if weight.dim() != 2:
+        raise ValueError(f"sparsegemm.prune: expected a Linear [N, K] or Conv2d [Cout, Cin, kh, kw] weight, "
+                         f"got shape {tuple(weight.shape)}")
+    return weight
+
+
+def _from_gemm_view(matrix: Tensor, weight_shape: torch.Size) -> Tensor:
+    """Inverse of :func:`gemm_view` for a weight of ``weight_shape``."""
+    if len(weight_shape) == 4:
+        cout, cin, kh, kw = weight_shape
+        return matrix.reshape(cout, kh, kw, cin).permute(0, 3, 1, 2).contiguous()
+    return matrix
+
+
+def kept_share(weight: Tensor) -> float:
+    """The share of ``sum |w|`` that the magnitude 2:4 mask keeps (1.0 for an all-zero weight)."""
+    w = gemm_view(weight.detach()).float()
+    total = float(w.abs().sum())
+    return float((w.abs() * mask_2to4(w)).sum()) / total if total else 1.0
+
+
+def _groups(matrix: Tensor) -> Tensor:
+    """``[N, K]`` -> ``[N, G, 4]``, the last group padded with zeros (False for a mask)."""
+    n, k = matrix.shape
+    padded = torch.nn.functional.pad(matrix, (0, fmt.padded_k(k) - k))
+    return padded.view(n, -1, 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Masks
+
+
+class Mask2to4(nn.Module):
+    """Parametrization ``weight = where(mask, original, 0)``; ``mask`` (weight's shape) is a buffer.
+
+    ``where`` rather than a product, so that a NaN or inf outside the mask cannot leak in.
+    """
+
+    def __init__(self, mask: Tensor):
+        super().__init__()
+        self.register_buffer("mask", mask)
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return torch.where(self.mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
+
+
+def _mask_of(module: nn.Module) -> Optional[Mask2to4]:
+    if not parametrize.is_parametrized(module, "weight"):
+        return None
+    found = [p for p in module.parametrizations.weight if isinstance(p, Mask2to4)]
+    return found[0] if found else None
+
+
+def prunable_layers(model: nn.Module, filter_fn: Optional[Callable[[str, nn.Module], bool]] = None
+                    ) -> list[tuple[str, nn.Module]]:
+    """The ``(name, module)`` of every nn.Linear / nn.Conv2d that a 2:4 mask suits: grouped,
+    depthwise and non-zero-padded convs are left out (SparseConv2d cannot take them), and so is
+    whatever ``filter_fn(name, module)`` rejects."""
+    layers = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Conv2d) and conv_skip_reason(mod) is not None:
+            continue
+        if isinstance(mod, (nn.Linear, nn.Conv2d)) and (filter_fn is None or filter_fn(name, mod)):
+            layers.append((name, mod))
+    return layers
+
+
+def masked_layers(model: nn.Module) -> dict[str, Tensor]:
+    """``{name: mask}`` for every layer of ``model`` that carries a 2:4 mask (weight's shape)."""
+    return {name: found.mask for name, mod in model.named_modules() if (found := _mask_of(mod)) is not None}
+
+
+def _attach(module: nn.Module) -> Mask2to4:
+    """The module's mask, attached all-True (nothing pruned yet) when it has none."""
+    found = _mask_of(module)
+    if found is None:
+        weight = module.weight
+        found = Mask2to4(torch.ones(weight.shape, dtype=torch.bool, device=weight.device))
+        parametrize.register_parametrization(module, "weight", found)
+    return found
+
+
+def _force_share(module: nn.Module, share: float) -> None:
+    """Make at least ``share`` of the module's 2:4 groups exactly 2:4, never undoing earlier ones.
+
+    A group counts as done when its mask keeps at most two weights (a trailing partial group of at
+    most two counts from the start). The groups added are those whose magnitude 2:4 pattern drops
+    the least ``|w|``; ties go to the lower (row, group) index, so the choice is deterministic.
+    """
+    holder = module.parametrizations.weight
+    found = _mask_of(module)
+    with torch.no_grad():
+        weight = holder.original
+        n, k = gemm_view(weight).shape
+        w = _groups(gemm_view(weight).float().abs())
+        k_real = _groups(torch.ones(1, k, dtype=torch.bool, device=weight.device))
+        mask = _groups(gemm_view(found.mask)) & k_real
+        done = mask.sum(-1) <= 2
+        total = done.numel()
+        # at least the share asked for; rounded first so that 0.3 * 10 asks for 3, not 4
+        target = total if share >= 1.0 else min(total, math.ceil(round(share * total, 9)))
+        need = target - int(done.sum())
+        if need <= 0:
+            return
+        pattern = _groups(mask_2to4(gemm_view(weight).float()))
+        dropped = (w * ~pattern).sum(-1).masked_fill(done, math.inf).flatten()
+        chosen = torch.argsort(dropped, stable=True)[:need]
+        flat = mask.view(-1, 4)
+        flat[chosen] &= pattern.view(-1, 4)[chosen]
+        new_mask = mask.view(n, -1)[:, :k]
+        found.mask.copy_(_from_gemm_view(new_mask, weight.shape))
+
+
+def prune_one_shot(model: nn.Module, filter_fn: Optional[Callable[[str, nn.Module], bool]] = None
+                   ) -> dict[str, float]:
+    """Attach the magnitude 2:4 mask to every prunable layer at once (the last step of a gradual
+    schedule taken immediately); returns ``{name: share of |w| kept}``.
+
+    Layers that already carry a mask keep what it prunes and are completed to 2:4.
+    """
+    kept = {}
+    for name, mod in prunable_layers(model, filter_fn):
+        _attach(mod)
+        _force_share(mod, 1.0)
+        kept[name] = _kept_by_mask(mod)
+    return kept
+
+
+def _kept_by_mask(module: nn.Module) -> float:
+    original = module.parametrizations.weight.original.detach().float().abs()
+    total = float(original.sum())
+    return float((original * _mask_of(module).mask).sum()) / total if total else 1.0
+
+
+def remove_masks(model: nn.Module) -> list[str]:
+    """Bake every 2:4 mask into its weight (pruned entries become exact zeros) and drop the
+    parametrization, leaving plain nn.Linear / nn.Conv2d that ``sparsify`` converts as they are.
+    Returns the names of the layers baked."""
+    baked = []
+    for name, mod in list(model.named_modules()):
+        if _mask_of(mod) is not None:
+            parametrize.remove_parametrizations(mod, "weight", leave_parametrized=True)
+            baked.append(name)
+    return baked
+
+
+def cubic_share(step: int, start_step: int, end_step: int, initial_share: float = 0.0) -> float:
+    """The share of groups forced to 2:4 at ``step``: ``initial_share`` until ``start_step``, then
+    rising as ``initial_share + (1 - initial_share) (1 - (1 - progress)^3)`` (Zhu & Gupta, 2017:
+    prune fast while the weights are redundant, slowly near the end), exactly 1.0 from
+    ``end_step`` on."""
+    if step >= end_step:
+        return 1.0
+    if step < start_step:
+        return initial_share
+    progress = (step - start_step) / (end_step - start_step)
+    return initial_share + (1.0 - initial_share) * (1.0 - (1.0 - progress) ** 3)
+
+
+class GradualPruner:
+    """Prunes a growing share of the 2:4 groups of every prunable layer, ending at exact 2:4.
+
+    Usable in any training loop: call :meth:`step` once after each ``optimizer.step()``. At
+    ``start_step``, then every ``frequency`` steps and at ``end_step``, each layer's share of
+    groups forced to 2:4 is raised to :func:`cubic_share`; the groups chosen are those whose 2:4
+    pattern costs the least ``|w|`` at that moment, so the weights left dense meanwhile can adapt.
+    ``end_step = 0`` prunes everything on construction (one shot).
+
+    State: the masks live in ``model.state_dict()`` and the step count in this object's
+    ``state_dict()``. To resume, build the model and a GradualPruner with the same arguments (this
+    attaches the masks), then load both.
+    """
+
+    def __init__(self, model: nn.Module, end_step: int, *, start_step: int = 0, frequency: int = 1,
+                 initial_share: float = 0.0, filter_fn: Optional[Callable[[str, nn.Module], bool]] = None):
+        if not 0 <= start_step <= end_step:
+            raise ValueError(f"GradualPruner: need 0 <= start_step <= end_step, got start_step={start_step}, "
+                             f"end_step={end_step}")
+        if frequency < 1:
+            raise ValueError(f"GradualPruner: frequency must be >= 1, got {frequency}")
+        if not 0.0 <= initial_share <= 1.0:
+            raise ValueError(f"GradualPruner: initial_share must be in [0, 1], got {initial_share}")
+        self.start_step, self.end_step, self.frequency = start_step, end_step, frequency
+        self.initial_share = initial_share
+        self.layers = prunable_layers(model, filter_fn)
+        if not self.layers:
+            raise ValueError("GradualPruner: the model has no nn.Linear / nn.Conv2d layer to prune")
+        for _, mod in self.layers:
+            _attach(mod)
+        self.step_count = 0
+        self._apply_schedule()
+
+    @property
+    def share(self) -> float:
+        """The share of groups the schedule asks for now."""
+        return cubic_share(self.step_count, self.start_step, self.end_step, self.initial_share)
+
+    @property
+    def done(self) -> bool:
+        """True once every layer is exactly 2:4."""
+        return self.step_count >= self.end_step
+
+    def step(self) -> None:
+        self.step_count += 1
+        self._apply_schedule()
+
+    def _apply_schedule(self) -> None:
+        t = self.step_count
+        update = t == self.end_step or (self.start_step <= t < self.end_step
+                                        and (t - self.start_step) % self.frequency == 0)
+        if update:
+            for _, mod in self.layers:
+                _force_share(mod, self.share)
+
+    def state_dict(self) -> dict:
+        return {"step_count": self.step_count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_count = int(state["step_count"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Channel permutation
+
+
+# Modules that act on each channel alone (elementwise, or per channel along the spatial dims), so
+# reordering the channels before them and undoing it after changes nothing.
+_CHANNELWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.ELU, nn.Hardswish,
+                nn.Mish, nn.Dropout, nn.Identity, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
+                nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+@dataclass(frozen=True)
+class ChannelPair:
+    """Two layers in a row: ``producer``'s outputs feed ``consumer``'s inputs through the
+    channel-wise modules ``between`` (names as in ``model.named_modules()``)."""
+    producer: str
+    consumer: str
+    between: tuple = ()
+
+
+@dataclass
+class PairReport:
+    pair: ChannelPair
+    channels: int
+    kept_before: float           # share of the consumer's sum |w| its 2:4 mask keeps
+    kept_after: float
+    swaps: int
+    skipped: str = ""            # why the pair was left alone
+
+
+@dataclass
+class PermutationReport:
+    pairs: list = field(default_factory=list)
+
+    def __str__(self) -> str:
+        rows = [f"{'producer -> consumer':50s} {'C':>6s} {'kept before':>11s} {'after':>7s} {'swaps':>6s}"]
+        for r in self.pairs:
+            name = f"{r.pair.producer} -> {r.pair.consumer}"
+            if r.skipped:
+                rows.append(f"{name:50.50s} {r.channels:>6d}  skipped: {r.skipped}")
+            else:
+                rows.append(f"{name:50.50s} {r.channels:>6d} {r.kept_before:>11.2%} {r.kept_after:>7.2%} "
+                            f"{r.swaps:>6d}")
+        return "\n".join(rows)
+
+
+def find_channel_pairs(model: nn.Module) -> list[ChannelPair]:
+    """Producer/consumer pairs found inside every nn.Sequential of ``model``: a Linear followed by
+    a Linear, or a Conv2d by a Conv2d, with only channel-wise modules (activations, dropout,
+    batch norm, pooling) between. Other wirings (residuals, concatenations) are not guessed: give
+    them to :func:`permute_channels` only if the producer feeds nothing else."""
+    pairs = []
+    for seq_name, seq in model.named_modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        prefix = f"{seq_name}." if seq_name else ""
+        children = list(seq.named_children())
+        for i, (pname, producer) in enumerate(children):
+            if type(producer) not in (nn.Linear, nn.Conv2d):
+                continue
+            between = []
+            for cname, child in children[i + 1:]:
+                if type(child) is type(producer):
+                    pairs.append(ChannelPair(prefix + pname, prefix + cname, tuple(between)))
+                    break
+                if not isinstance(child, _CHANNELWISE):
+                    break
+                between.append(prefix + cname)
+    return pairs
+
+
+def search_permutation(matrix: Tensor, max_swaps: Optional[int] = None) -> tuple[Tensor, int]:
+    """A column order of ``matrix [R, C]`` (C a multiple of 4) under which 2:4 groups along the
+    columns keep more ``sum |m|``; returns ``(perm, swaps)`` with the reordered matrix
+    ``matrix[:, perm]``.
+
+    Greedy best swap (the idea of Apex's permutation search): at each step take the exchange of two
+    columns in different groups that raises the kept magnitude most, until none raises it. Kept
+    magnitude never decreases. Only the two groups of a swap change, so their rows of the gain
+    table are all that is recomputed. Float64 throughout, deterministic.
+    """
+    r, c = matrix.shape
+    if c % 4:
+        raise ValueError(f"search_permutation: the number of columns must be a multiple of 4, got {c}")
+    a = matrix.detach().to("cpu", torch.float64).abs()
+    a_by_column = a.T.contiguous()  # [C, R]: the sums over rows run along contiguous memory
+    g = c // 4
+    perm = torch.arange(c)
+    group_of = torch.arange(c) // 4
+    max_swaps = 4 * c if max_swaps is None else max_swaps
+    tolerance = 1e-12 * float(a.sum())
+
+    # Sums over rows are matrix-vector products with ones: torch's threaded reductions cost
+    # milliseconds per call at these sizes, a GEMV microseconds, and the search makes thousands.
+    ones = torch.ones(r, dtype=torch.float64)
+
+    def table(groups: Tensor) -> tuple[Tensor, Tensor]:
+        """For the given groups: kept[g] and gain[g, p, ch] = kept magnitude of group g with the
+        column at position p replaced by column ch. With the other three sorted o1 >= o2 >= o3,
+        the top two of {o1, o2, o3, x} sum to o1 + o2 + max(0, x - o2)."""
+        cols = a_by_column[perm.view(g, 4)[groups]]                            # [n, 4, R]
+        kept = cols.topk(2, dim=1).values.sum(1) @ ones                         # [n]
+        gains = []
+        for p in range(4):
+            others = torch.cat([cols[:, :p], cols[:, p + 1:]], dim=1).topk(2, dim=1).values  # [n, 2, R]
+            base = others.sum(1) @ ones                                         # [n]
+            extra = (a_by_column[None] - others[:, 1:2]).clamp_min(0) @ ones    # [n, C]
+            gains.append(base[:, None] + extra)
+        return kept, torch.stack(gains, dim=1)                                  # [n], [n, 4, C]
+
+    chunk = max(1, 4_000_000 // max(1, r * c * 4))  # bounds the [R, n, C] temporaries
+    parts = [table(torch.arange(s, min(g, s + chunk))) for s in range(0, g, chunk)]
+    kept = torch.cat([p[0] for p in parts])
+    gain = torch.cat([p[1] for p in parts])
+    same_group = group_of[:, None] == group_of[None, :]
+    swaps = 0
+    while swaps < max_swaps:
+        # by_position[u, v]: group of position u, with u's column replaced by the column at v.
+        by_position = gain.view(c, c)[:, perm]
+        delta = by_position + by_position.T - kept[group_of][:, None] - kept[group_of][None, :]
+        delta.masked_fill_(same_group, -math.inf)
+        best = int(torch.argmax(delta))
+        if float(delta.view(-1)[best]) <= tolerance:
+            break
+        u, v = divmod(best, c)
+        perm[[u, v]] = perm[[v, u]]
+        touched = torch.tensor([int(group_of[u]), int(group_of[v])])
+        kept[touched], gain[touched] = table(touched)
+        swaps += 1
+    return perm, swaps
+
+
+def _channel_matrix(consumer: nn.Module) -> Tensor:
+    """The consumer's weight as ``[rows, channels]``, each row holding whole 2:4 groups of input
+    channels: a Linear's weight, a Conv2d's with each (cout, ky, kx) tap as a row."""
+    w = consumer.weight.detach()
+    return w.permute(0, 2, 3, 1).reshape(-1, w.shape[1]) if w.dim() == 4 else w
+
+
+def _pair_skip_reason(producer: nn.Module, consumer: nn.Module, between: list) -> str:
+    if _mask_of(producer) is not None or _mask_of(consumer) is not None:
+        return "already masked: permute channels before pruning"
+    if type(producer) not in (nn.Linear, nn.Conv2d) or type(consumer) is not type(producer):
+        return (f"needs Linear -> Linear or Conv2d -> Conv2d, got {type(producer).__name__} -> "
+                f"{type(consumer).__name__}")
+    for mod in (producer, consumer):
+        if isinstance(mod, nn.Conv2d) and mod.groups != 1:
+            return f"grouped convolution (groups={mod.groups})"
+    produced, consumed = producer.weight.shape[0], consumer.weight.shape[1]
+    if produced != consumed:
+        return f"producer gives {produced} channels, consumer takes {consumed}"
+    if consumed % 4:
+        return f"{consumed} channels is not a multiple of 4 (2:4 groups would straddle taps or the tail)"
+    for mod in between:
+        if not isinstance(mod, _CHANNELWISE):
+            return f"{type(mod).__name__} between them is not channel-wise"
+    return ""
+
+
+def _permute_rows(module: nn.Module, perm: Tensor) -> None:
+    """Reorder a producer's outputs (or a batch norm's channels) in place: parameters and buffers
+    that have one entry per channel along dim 0."""
+    with torch.no_grad():
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            t = getattr(module, name, None)
+            if isinstance(t, Tensor):
+                t.copy_(t[perm.to(t.device)])
+
+
+def permute_channels(model: nn.Module, pairs: Optional[list[ChannelPair]] = None,
+                     max_swaps: Optional[int] = None) -> PermutationReport:
+    """Reorder channels between consecutive layers so that the consumer's 2:4 mask keeps more
+    ``|w|``, without changing what the model computes (run it on the dense model, before pruning).
+
+    For each pair the consumer's input channels are permuted by :func:`search_permutation` and
+    the producer's outputs (and the channel-wise modules between, e.g. batch norm) by the same
+    order. ``pairs`` defaults to :func:`find_channel_pairs`. Pairs that cannot be permuted are
+    reported with the reason and left alone.
+    """
+    report = PermutationReport()
+    for pair in find_channel_pairs(model) if pairs is None else pairs:
+        producer, consumer = model.get_submodule(pair.producer), model.get_submodule(pair.consumer)
+        between = [model.get_submodule(name) for name in pair.between]
+        channels = consumer.weight.shape[1]
+        reason = _pair_skip_reason(producer, consumer, between)
+        if reason:
+            report.pairs.append(PairReport(pair, channels, 0.0, 0.0, 0, reason))
+            continue
+        before = kept_share(consumer.weight)
+        perm, swaps = search_permutation(_channel_matrix(consumer), max_swaps)
+        with torch.no_grad():
+            consumer.weight.copy_(consumer.weight[:, perm.to(consumer.weight.device)])
+        for mod in [producer, *between]:
+            _permute_rows(mod, perm)
+        report.pairs.append(PairReport(pair, channels, before, kept_share(consumer.weight), swaps))
+    return report
