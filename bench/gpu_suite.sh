@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU check (DESIGN.md "Verification on a GPU"): build for the present GPU only, GPU tests,
 # compute-sanitizer memcheck + racecheck on small cases, the benchmark; everything lands in OUTDIR
-# (env.json, junit XML, sanitizer logs, bench.json). Usage: bench/gpu_suite.sh OUTDIR
+# (env.json, junit XML, sanitizer logs, bench.json/.csv/.md/.png). Usage: bench/gpu_suite.sh OUTDIR
 # PYTHON (default: python) must have a CUDA torch; nvcc and compute-sanitizer on PATH.
 set -euo pipefail
 OUT=${1:?usage: bench/gpu_suite.sh OUTDIR}
@@ -30,12 +30,13 @@ json.dump(env, open(sys.argv[1], "w"), indent=1)
 PYEOF
 
 status=0
-"$PY" -m pytest -q tests/test_kernels_cuda.py tests/test_sass.py tests/test_kernels_simt.py \
-  --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1 || status=1
+# The whole suite: on a GPU the cuda backends run beside the CPU and emulator ones.
+"$PY" -m pytest -q -x tests --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1 || status=1
 for tool in memcheck racecheck; do
-  compute-sanitizer --tool "$tool" --error-exitcode 1 "$PY" bench/bench_gemm_cuda.py --smoke \
+  compute-sanitizer --tool "$tool" --error-exitcode 1 "$PY" bench/sanitizer_smoke.py \
     > "$OUT/sanitizer_$tool.log" 2>&1 || status=1
 done
-"$PY" bench/bench_gemm_cuda.py --out "$OUT/bench.json" > "$OUT/bench.log" 2>&1 || status=1
+"$PY" -m sparsegemm bench --device cuda --dtype float16 bfloat16 int8 --no-progress --json "$OUT/bench.json" \
+  --csv "$OUT/bench.csv" --plot "$OUT/bench.png" > "$OUT/bench.md" 2>&1 || status=1
 tail -n 3 "$OUT/tests.log" "$OUT"/sanitizer_*.log
 exit $status

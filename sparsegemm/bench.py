@@ -34,6 +34,31 @@ MODEL_SHAPES = {
 M_SWEEP = (1, 4, 16, 64, 256, 1024, 4096, 8192)
 
 
+# Peak dense fp16 tensor TFLOP/s and DRAM GB/s of GPUs we compare against (datasheet figures;
+# matched by a substring of the device name). Unknown GPUs get no share-of-peak figure.
+GPU_PEAKS = {
+    "H200": (989.0, 4800.0),
+    "H100 PCIe": (756.0, 2000.0),
+    "H100": (989.0, 3350.0),
+    "A100-SXM4-80GB": (312.0, 2039.0),
+    "A100": (312.0, 1555.0),
+    "L40S": (362.0, 864.0),
+    "L4": (121.0, 300.0),
+    "RTX 4090": (165.0, 1008.0),
+    "A10": (125.0, 600.0),
+}
+
+
+def gpu_peak(device: torch.device) -> tuple:
+    """(dense fp16 TFLOP/s, GB/s) of the GPU, or (nan, nan) when unknown or on the CPU."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in GPU_PEAKS.items():
+            if key in name:
+                return peak
+    return float("nan"), float("nan")
+
+
 @dataclass
 class Row:
     device: str
@@ -46,8 +71,11 @@ class Row:
     ms: float
     tflops: float
     gbps: float
-    speedup_vs_dense: float = 0.0
+    speedup_vs_dense: float = float("nan")
     rel_error: float = float("nan")  # int8 rows: ||y - y_fp32_2:4|| / ||y_fp32_2:4||
+    pct_peak_flops: float = float("nan")  # of the GPU's dense fp16 peak (int8: of twice that)
+    pct_peak_bw: float = float("nan")     # of the GPU's DRAM bandwidth, on the bytes moved
+    note: str = ""                        # why a baseline has no timing (this torch / GPU cannot run it)
 
 
 def environment(device: torch.device) -> dict:
@@ -120,32 +148,59 @@ def _torch_24_methods(w: torch.Tensor) -> dict:
     return methods
 
 
+class _Rows:
+    """Collects the timed rows of one shape; a baseline that this torch / device / shape cannot
+    run gets a row without timing that says why, instead of stopping the sweep."""
+
+    def __init__(self, device: torch.device, dtype: str, label: str, m: int, n: int, k: int, timer: Timer,
+                 peak_flops_scale: float = 1.0):
+        self.device, self.dtype, self.label, self.m, self.n, self.k, self.timer = device, dtype, label, m, n, k, timer
+        peak_flops, self.peak_bw = gpu_peak(device)
+        self.peak_flops = peak_flops * peak_flops_scale
+        self.rows = []
+
+    def add(self, method: str, fn, io_bytes: int, rel_error: float = float("nan"), baseline: bool = False) -> None:
+        try:
+            ms = self.timer(fn)
+        except (RuntimeError, NotImplementedError, ValueError) as exc:
+            if not baseline:
+                raise
+            self.skip(method, exc)
+            return
+        tflops = 2.0 * self.m * self.n * self.k / ms / 1e9
+        gbps = io_bytes / ms / 1e6
+        self.rows.append(Row(self.device.type, self.dtype, self.label, self.m, self.n, self.k, method, ms, tflops,
+                             gbps, rel_error=rel_error, pct_peak_flops=100 * tflops / self.peak_flops,
+                             pct_peak_bw=100 * gbps / self.peak_bw))
+
+    def skip(self, method: str, exc: Exception) -> None:
+        nan = float("nan")
+        self.rows.append(Row(self.device.type, self.dtype, self.label, self.m, self.n, self.k, method, nan, nan, nan,
+                             note=f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"))
+
+    def finish(self) -> list:
+        dense_ms = self.rows[0].ms
+        for r in self.rows:
+            r.speedup_vs_dense = dense_ms / r.ms
+        return self.rows
+
+
 def bench_shape(device: torch.device, dtype: torch.dtype, label: str, m: int, n: int, k: int,
                 timer: Timer) -> list:
-    gen = torch.Generator().manual_seed(0)
-    w = sparsegemm.prune_2to4(torch.randn(n, k, generator=gen).to(dtype)).to(device)
-    x = torch.randn(m, k, generator=gen).to(dtype).to(device)
+    """fp16 / bf16 rows: dense F.linear, sparsegemm.linear, and torch's 2:4 backends on CUDA."""
+    gen = torch.Generator(device).manual_seed(0)  # data made where it is used: big shapes stay fast
+    w = sparsegemm.prune_2to4(torch.randn(n, k, generator=gen, device=device).to(dtype))
+    x = torch.randn(m, k, generator=gen, device=device).to(dtype)
     sw = sparsegemm.compress(w)
     item = w.element_size()
-    flops = 2.0 * m * n * k
-    io_dense = (n * k + m * k + m * n) * item
     io_sparse = sw.nbytes + (m * k + m * n) * item
-    rows = []
-
-    def add(method: str, fn, io_bytes: int):
-        ms = timer(fn)
-        rows.append(Row(device.type, str(dtype).replace("torch.", ""), label, m, n, k, method, ms,
-                        flops / ms / 1e9, io_bytes / ms / 1e6))
-
-    add("dense", lambda: torch.nn.functional.linear(x, w), io_dense)
-    add("sparsegemm", lambda: sparsegemm.linear(x, sw), io_sparse)
+    rows = _Rows(device, str(dtype).replace("torch.", ""), label, m, n, k, timer)
+    rows.add("dense", lambda: torch.nn.functional.linear(x, w), (n * k + m * k + m * n) * item)
+    rows.add("sparsegemm", lambda: sparsegemm.linear(x, sw), io_sparse)
     if device.type == "cuda":
         for name, wt in _torch_24_methods(w).items():
-            add(name, lambda wt=wt: torch.mm(wt, x.T), io_sparse)
-    dense_ms = rows[0].ms
-    for r in rows:
-        r.speedup_vs_dense = dense_ms / r.ms
-    return rows
+            rows.add(name, lambda wt=wt: torch.mm(wt, x.T), io_sparse, baseline=True)
+    return rows.finish()
 
 
 def bench_int8_shape(device: torch.device, label: str, m: int, n: int, k: int, timer: Timer) -> list:
@@ -159,35 +214,75 @@ def bench_int8_shape(device: torch.device, label: str, m: int, n: int, k: int, t
     x32 = torch.randn(m, k, generator=gen)
     w, x = w32.to(act_dtype).to(device), x32.to(act_dtype).to(device)
     sw = quant.quantize_weight(w)
-    flops = 2.0 * m * n * k
     item = x.element_size()
-    rows = []
-
-    def add(method: str, fn, io_bytes: int, rel_error: float = float("nan")):
-        ms = timer(fn)
-        rows.append(Row(device.type, "int8", label, m, n, k, method, ms, flops / ms / 1e9, io_bytes / ms / 1e6,
-                        rel_error=rel_error))
-
-    add("dense", lambda: torch.nn.functional.linear(x, w), (n * k + m * k + m * n) * item)
+    # INT8 tensor cores run at twice the fp16 rate: the share of peak is of that.
+    rows = _Rows(device, "int8", label, m, n, k, timer, peak_flops_scale=2.0)
+    rows.add("dense", lambda: torch.nn.functional.linear(x, w), (n * k + m * k + m * n) * item)
     x_q, _ = quant.quantize_activations(x)
     # The same int8 weight, dense: [K, N] as a transposed view of [N, K] (what _int_mm wants on CUDA).
     kp = fmt.padded_k(k)
     w_q = torch.zeros(n, kp, dtype=torch.int8, device=device)
     w_q[ops.meta_to_mask(sw.meta, kp)] = sw.values.reshape(-1)
-    w_q_t = w_q[:, :k].contiguous().T
-    try:
-        torch._int_mm(x_q, w_q_t)
-    except (RuntimeError, NotImplementedError):
-        pass  # this torch / device / shape has no _int_mm: no baseline row
-    else:
-        add("dense int8 (torch._int_mm)", lambda: torch._int_mm(x_q, w_q_t), n * k + m * k + 4 * m * n)
+    w_q = w_q[:, :k].contiguous()
+    rows.add("dense int8 (torch._int_mm)", lambda: torch._int_mm(x_q, w_q.T), n * k + m * k + 4 * m * n,
+             baseline=True)
+    if device.type == "cuda" and hasattr(torch, "_cslt_compress"):
+        try:
+            wc = torch._cslt_compress(w_q)
+        except (RuntimeError, NotImplementedError) as exc:
+            rows.skip("torch-2:4 cuSPARSELt int8", exc)
+        else:
+            rows.add("torch-2:4 cuSPARSELt int8", lambda: torch._cslt_sparse_mm(wc, x_q.T, out_dtype=torch.float16),
+                     sw.nbytes + m * k + 2 * m * n, baseline=True)
     y = sparsegemm.linear(x, sw).float().cpu()
     ref = torch.nn.functional.linear(x32, w32)
     rel = float((y - ref).norm() / ref.norm())
-    add("sparsegemm int8", lambda: sparsegemm.linear(x, sw), sw.nbytes + m * k * item + m * n * item, rel)
-    dense_ms = rows[0].ms
-    for r in rows:
-        r.speedup_vs_dense = dense_ms / r.ms
+    rows.add("sparsegemm int8", lambda: sparsegemm.linear(x, sw), sw.nbytes + m * k * item + m * n * item, rel)
+    return rows.finish()
+
+
+def bench_compress(device: torch.device, dtype: torch.dtype, n: int, k: int, timer: Timer) -> Row:
+    """Prune + compress throughput: reads W, writes Wc and E (GB/s of those bytes)."""
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(0)).to(dtype).to(device)
+    rows = _Rows(device, str(dtype).replace("torch.", ""), f"compress-{n}x{k}", 0, n, k, timer)
+    item = w.element_size()
+    rows.add("compress (prune=True)", lambda: sparsegemm.compress(w, prune=True), n * k * item + n * k // 2 * item
+             + n * k // 8)
+    return rows.rows[0]
+
+
+class _LlamaMLP(torch.nn.Module):
+    """Llama-2-7B's MLP block: silu(gate(x)) * up(x) -> down, 4096 -> 11008 -> 4096."""
+
+    def __init__(self, dim: int = 4096, hidden: int = 11008):
+        super().__init__()
+        self.gate = torch.nn.Linear(dim, hidden, bias=False)
+        self.up = torch.nn.Linear(dim, hidden, bias=False)
+        self.down = torch.nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.down(torch.nn.functional.silu(self.gate(x)) * self.up(x))
+
+
+def bench_mlp(device: torch.device, dtype: str, tokens, timer: Timer) -> list:
+    """The Llama-7B MLP block with nn.Linear vs SparseLinear ("float16"/"bfloat16", or "int8"
+    weights with activations in fp16 on CUDA, bf16 on the CPU). The rows' N counts the three
+    projections (3 x 11008) so that TFLOP/s stays 2 * M * N * K."""
+    act = getattr(torch, dtype) if dtype != "int8" else (torch.float16 if device.type == "cuda" else torch.bfloat16)
+    torch.manual_seed(0)
+    dense = _LlamaMLP().to(act).to(device)
+    sparse = _LlamaMLP().to(act).to(device)
+    sparse.load_state_dict(dense.state_dict())
+    sparsegemm.sparsify(sparse, quantize="int8" if dtype == "int8" else None, progress=False)
+    rows = []
+    for m in tokens:
+        x = torch.randn(m, 4096, dtype=act, device=device)
+        r = _Rows(device, dtype, "llama2-7b.mlp", m, 3 * 11008, 4096, timer)
+        with torch.no_grad():
+            r.add("dense nn.Linear", lambda: dense(x), 3 * 4096 * 11008 * x.element_size())
+            r.add("SparseLinear", lambda: sparse(x), sum(t.nbytes for t in sparse.buffers())
+                  + sum(t.nbytes for t in sparse.parameters()))
+        rows.extend(r.finish())
     return rows
 
 
@@ -214,16 +309,33 @@ def run(device: str = "cpu", dtypes=("bfloat16",), quick: bool = False, progress
             rows.extend(bench_int8_shape(dev, label, m, n, k, timer))
         else:
             rows.extend(bench_shape(dev, dtype, label, m, n, k, timer))
+    # The compress kernel's throughput, and the Llama-7B MLP block with SparseLinear (issue targets:
+    # 16 x 2048 tokens and 1..16 tokens).
+    side = 4096 if quick else 8192
+    tokens = (1,) if quick else ((1, 16, 16 * 2048) if dev.type == "cuda" else (1, 16))
+    for dt in dtypes:
+        if dt != "int8" and (dev.type == "cpu" or dt != "float32"):
+            rows.append(bench_compress(dev, getattr(torch, dt), side, side, timer))
+        rows.extend(bench_mlp(dev, dt, tokens, timer))
     return environment(dev), rows
 
 
 def markdown(rows: list) -> str:
-    out = ["| device | dtype | shape | M | N | K | method | ms | TFLOP/s | GB/s | vs dense | rel. error |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| device | dtype | shape | M | N | K | method | ms | TFLOP/s | GB/s | vs dense | % peak FLOP/s | "
+           "% peak BW | rel. error |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def fmt(v: float, spec: str) -> str:
+        return "" if v != v else format(v, spec)
+
     for r in rows:
-        err = "" if r.rel_error != r.rel_error else f"{r.rel_error:.2e}"
+        if r.note:
+            out.append(f"| {r.device} | {r.dtype} | {r.shape} | {r.M} | {r.N} | {r.K} | {r.method} | skipped: "
+                       f"{r.note} | | | | | | |")
+            continue
         out.append(f"| {r.device} | {r.dtype} | {r.shape} | {r.M} | {r.N} | {r.K} | {r.method} | {r.ms:.3f} | "
-                   f"{r.tflops:.2f} | {r.gbps:.1f} | {r.speedup_vs_dense:.2f}x | {err} |")
+                   f"{r.tflops:.2f} | {r.gbps:.1f} | {fmt(r.speedup_vs_dense, '.2f')}{'x' if r.speedup_vs_dense == r.speedup_vs_dense else ''} | "
+                   f"{fmt(r.pct_peak_flops, '.1f')} | {fmt(r.pct_peak_bw, '.1f')} | {fmt(r.rel_error, '.2e')} |")
     return "\n".join(out)
 
 
@@ -253,7 +365,9 @@ def plot(rows: list, path: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for (shape, dtype) in sorted({(r.shape, r.dtype) for r in rows}):
         pts = sorted((r.M, r.speedup_vs_dense) for r in rows
-                     if r.shape == shape and r.dtype == dtype and r.method == "sparsegemm")
+                     if r.shape == shape and r.dtype == dtype and r.method.startswith("sparsegemm") and not r.note)
+        if not pts:
+            continue
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{shape} {dtype}")
     ax.set_xscale("log", base=2)
     ax.axhline(1.0, color="grey", lw=0.8)

@@ -15,9 +15,33 @@ def test_bench_rows_and_outputs(tmp_path):
         assert r.ms > 0
         assert abs(r.tflops - 2 * 3 * 64 * 128 / r.ms / 1e9) < 1e-12
     assert rows[0].speedup_vs_dense == 1.0
+    assert rows[0].pct_peak_bw != rows[0].pct_peak_bw  # no GPU peak on the CPU: NaN
     env = bench.environment(torch.device("cpu"))
     bench.write_outputs(env, rows, str(tmp_path / "r.json"), str(tmp_path / "r.csv"), None)
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["environment"]["torch"] == torch.__version__ and len(data["rows"]) == 2
     assert len(list(csv.DictReader(open(tmp_path / "r.csv")))) == 2
     assert "| cpu | bfloat16 | tiny | 3 | 64 | 128 | sparsegemm |" in bench.markdown(rows)
+
+
+def test_unavailable_baseline_becomes_a_note_row():
+    timer = bench.Timer(torch.device("cpu"), warmup=0, repeats=1)
+    rows = bench._Rows(torch.device("cpu"), "bfloat16", "t", 2, 8, 8, timer)
+    rows.add("dense", lambda: None, 10)
+
+    def refuses():
+        raise RuntimeError("not on this device")
+
+    rows.add("torch-2:4 cuSPARSELt", refuses, 10, baseline=True)
+    out = rows.finish()
+    assert out[1].note == "RuntimeError: not on this device" and out[1].ms != out[1].ms
+    assert "skipped: RuntimeError: not on this device" in bench.markdown(out)
+    import pytest
+    with pytest.raises(RuntimeError):
+        rows.add("sparsegemm", refuses, 10)  # our own method failing is an error, not a note
+
+
+def test_mlp_block_rows():
+    timer = bench.Timer(torch.device("cpu"), warmup=0, repeats=1)
+    rows = bench.bench_mlp(torch.device("cpu"), "bfloat16", (1,), timer)
+    assert [r.method for r in rows] == ["dense nn.Linear", "SparseLinear"] and rows[0].N == 3 * 11008

@@ -1,0 +1,52 @@
+"""A few small calls of every CUDA kernel and tile configuration, for compute-sanitizer
+(memcheck, racecheck): no timing. Weights are prepared through the public API; the GEMM entry
+points are called directly so that every configuration and split-K path runs.
+
+    compute-sanitizer --tool memcheck python bench/sanitizer_smoke.py
+"""
+import torch
+
+import sparsegemm
+from sparsegemm import _C, quant
+from sparsegemm import format as fmt
+
+SHAPES = [(1, 40, 36), (17, 136, 100), (130, 260, 264)]
+# (config, split_k): large-M tile, decode tile, decode tile with a forced 3-way split of K.
+CONFIGS = [(0, 0), (1, 0), (1, 3)]
+
+
+def _workspace(nbytes: int) -> torch.Tensor:
+    return torch.empty(max(nbytes, 16), dtype=torch.uint8, device="cuda")
+
+
+def main() -> None:
+    stream = torch.cuda.current_stream().cuda_stream
+    for m, n, k in SHAPES:
+        for dtype in (torch.float16, torch.bfloat16):
+            w = torch.randn(n, k, device="cuda").to(dtype)
+            x = torch.randn(m, k, device="cuda").to(dtype)
+            bias = torch.randn(n, device="cuda").to(dtype)
+            sw = sparsegemm.compress(w, prune=True)
+            sparsegemm.decompress(sw)
+            meta = sw.kernel_meta("cuda")
+            for config, split_k in CONFIGS:
+                y = torch.empty((m, n), dtype=dtype, device="cuda")
+                ws = _workspace(_C.cuda_gemm_workspace_bytes(m, n, k, config, split_k))
+                _C.cuda_gemm(m, n, k, x.data_ptr(), k, sw.values.data_ptr(), meta.data_ptr(), bias.data_ptr(),
+                             y.data_ptr(), n, fmt.DTYPE_CODES[dtype], 2, ws.data_ptr(), config, split_k, stream)
+        sw8 = quant.quantize_weight(torch.randn(n, k, device="cuda").half())
+        x = torch.randn(m, k, device="cuda").half()
+        x_q, x_scale = quant.quantize_activations(x)
+        meta8 = sw8.kernel_meta("cuda")
+        for config, split_k in CONFIGS:
+            y = torch.empty((m, n), dtype=torch.float16, device="cuda")
+            ws = _workspace(_C.cuda_gemm_s8_workspace_bytes(m, n, k, config, split_k))
+            _C.cuda_gemm_s8(m, n, k, x_q.data_ptr(), x_q.stride(0), sw8.values.data_ptr(), meta8.data_ptr(),
+                            sw8.scale.data_ptr(), x_scale.data_ptr(), 0, y.data_ptr(), n, 1, 2, ws.data_ptr(),
+                            config, split_k, stream)
+    torch.cuda.synchronize()
+    print("smoke: ok")
+
+
+if __name__ == "__main__":
+    main()
