@@ -87,7 +87,8 @@ def sparsify(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
     if quantize not in (None, "int8"):
         raise ValueError(f"sparsify: quantize must be None or 'int8', got {quantize!r}")
     report = SparsifyReport()
-    candidates = [(name, mod) for name, mod in model.named_modules() if type(mod) in (nn.Linear, nn.Conv2d)]
+    candidates = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, (nn.Linear, nn.Conv2d))
+                  and not isinstance(mod, (SparseLinear, SparseConv2d))]
     iterator = candidates
     if progress and len(candidates) > 20:
         try:
@@ -104,6 +105,11 @@ def sparsify(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
         report.layers.append(entry)
         if not name:
             entry.reason = "the model itself is the layer: it cannot be replaced in place"
+            continue
+        if type(mod) not in (nn.Linear, nn.Conv2d):
+            entry.reason = (f"{type(mod).__name__} is not a plain nn.Linear / nn.Conv2d (parametrized: "
+                            "call sparsegemm.prune.remove_masks(model) first)"
+                            if hasattr(mod, "parametrizations") else f"subclass {type(mod).__name__} left alone")
             continue
         if filter_fn is not None and not filter_fn(name, mod):
             entry.reason = "rejected by filter_fn"

@@ -95,15 +95,36 @@ def linear(x: Tensor, sw: SparseTensor24, bias: Optional[Tensor] = None, *, acti
 
     An int8 ``sw`` (:func:`sparsegemm.quant.quantize_weight`) runs the INT8 GEMM: x is quantized
     per token here (or given as ``(x_q, x_scale)``); see :func:`sparsegemm.quant.linear_int8`.
+
+    x and bias may also be any DLPack producer (a CuPy or NumPy array): they are used without a
+    copy, and the result comes back as the same kind of array.
     """
     if not isinstance(sw, SparseTensor24):
         raise TypeError(f"sparsegemm.linear: sw must be a SparseTensor24, got {type(sw).__name__}")
+    foreign = _foreign_array_module(x)
+    if foreign is not None:
+        x = torch.from_dlpack(x)
+        bias = torch.from_dlpack(bias) if bias is not None and not isinstance(bias, Tensor) else bias
     if sw.dtype == torch.int8:
         from .quant import linear_int8
 
-        return linear_int8(x, sw, bias, activation=activation, backend=backend)
-    return linear_parts(x, sw.values, sw.meta, sw.shape, bias, activation=activation, backend=backend,
-                        kernel_meta=sw.kernel_meta)
+        y = linear_int8(x, sw, bias, activation=activation, backend=backend)
+    else:
+        y = linear_parts(x, sw.values, sw.meta, sw.shape, bias, activation=activation, backend=backend,
+                         kernel_meta=sw.kernel_meta)
+    return y if foreign is None else foreign.from_dlpack(y)
+
+
+def _foreign_array_module(x):
+    """The array module (cupy, numpy, ...) of a non-torch DLPack producer, or None for a Tensor."""
+    if isinstance(x, Tensor) or not hasattr(x, "__dlpack__"):
+        return None
+    import importlib
+
+    module = importlib.import_module(type(x).__module__.split(".")[0])
+    if not hasattr(module, "from_dlpack"):
+        raise TypeError(f"sparsegemm.linear: x is a {type(x).__name__} whose module has no from_dlpack")
+    return module
 
 
 def linear_parts(x: Tensor, values: Tensor, meta: Tensor, shape, bias: Optional[Tensor] = None, *,

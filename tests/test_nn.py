@@ -134,7 +134,7 @@ def test_save_load_round_trip_and_size(tmp_path):
     x = torch.randn(4, 256).half()
     assert torch.equal(fresh(x), model(x))
     out = run_cli("report", str(path), cwd=tmp_path).stdout
-    assert "SparseLinear" in out and "512 x 256" in out and "56.2%" in out
+    assert "SparseLinear" in out and "512 x 256" in out and "56.2%" in out and "zstd -3:" in out
 
 
 def test_load_rejects_corrupt_and_truncated_files(tmp_path):
@@ -179,3 +179,49 @@ def test_fine_tune_through_sparse_linear_keeps_mask():
         losses.append(loss.item())
     assert losses[-1] < losses[0]
     assert not (sl.dense_weight() != 0)[~mask].any()
+
+
+def test_sparse_model_compiles_without_graph_breaks():
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64)).bfloat16()
+    sparsegemm.sparsify(model, min_features=8)
+    compiled = torch.compile(model, fullgraph=True)  # fullgraph: any graph break is an error
+    x = torch.randn(5, 64).bfloat16()
+    assert torch.equal(compiled(x), model(x))
+
+
+def test_parametrized_layers_are_reported_not_silently_skipped():
+    from sparsegemm import prune
+
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    prune.prune_one_shot(model)
+    report = sparsegemm.sparsify(model, min_features=8)
+    assert not report.converted and all("remove_masks" in layer.reason for layer in report.skipped)
+    prune.remove_masks(model)
+    assert len(sparsegemm.sparsify(model, min_features=8).converted) == 2
+
+
+def test_functional_linear_accepts_dlpack_arrays():
+    import numpy as np
+
+    sw = sparsegemm.compress(torch.randn(8, 16).half(), prune=True)
+    x = np.random.default_rng(0).standard_normal((3, 16)).astype(np.float16)
+    y = sparsegemm.linear(x, sw)
+    assert isinstance(y, np.ndarray) and y.shape == (3, 8)
+    assert np.array_equal(y, sparsegemm.linear(torch.from_numpy(x), sw).numpy())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_capture_and_cupy():
+    sl = SparseLinear.from_dense(nn.Linear(256, 128).cuda().half())
+    x = torch.randn(4, 256, device="cuda", dtype=torch.float16)
+    eager = sl(x)  # first call on the device makes the kernel metadata (outside the capture)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = sl(x)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, eager)
+    cupy = pytest.importorskip("cupy")
+    y = sparsegemm.linear(cupy.from_dlpack(x), sl.sparse_weight(), cupy.from_dlpack(sl.bias.detach()))
+    assert isinstance(y, cupy.ndarray) and torch.equal(torch.from_dlpack(y), eager)
