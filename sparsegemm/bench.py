@@ -87,7 +87,8 @@ def environment(device: torch.device) -> dict:
         props = torch.cuda.get_device_properties(device)
         env.update({"gpu": props.name, "capability": f"{props.major}.{props.minor}", "sm_count":
                     props.multi_processor_count, "cuda": torch.version.cuda,
-                    "driver": _nvidia_smi("driver_version"), "clocks_mhz": _nvidia_smi("clocks.sm,clocks.mem")})
+                    "driver": _nvidia_smi("driver_version"), "clocks_mhz": _nvidia_smi("clocks.sm,clocks.mem"),
+                    "peak": gpu_peak(device)})
     return env
 
 
@@ -350,11 +351,12 @@ def write_outputs(env: dict, rows: list, json_path: Optional[str], csv_path: Opt
             writer.writeheader()
             writer.writerows(asdict(r) for r in rows)
     if plot_path:
-        plot(rows, plot_path)
+        plot(rows, plot_path, env.get("peak", (float("nan"), float("nan"))))
 
 
-def plot(rows: list, path: str) -> None:
-    """Speedup vs M per shape (sparsegemm vs dense), if matplotlib is installed."""
+def plot(rows: list, path: str, peak: tuple = (float("nan"), float("nan"))) -> None:
+    """Two panels, if matplotlib is installed: sparsegemm's speedup vs M per shape, and a roofline
+    (TFLOP/s against arithmetic intensity 2MNK / bytes moved, with the GPU's peaks when known)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -362,17 +364,30 @@ def plot(rows: list, path: str) -> None:
     except ImportError:
         print("bench: matplotlib is not installed; no plot written")
         return
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for (shape, dtype) in sorted({(r.shape, r.dtype) for r in rows}):
-        pts = sorted((r.M, r.speedup_vs_dense) for r in rows
-                     if r.shape == shape and r.dtype == dtype and r.method.startswith("sparsegemm") and not r.note)
-        if not pts:
-            continue
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{shape} {dtype}")
+    timed = [r for r in rows if not r.note and r.M > 0]
+    fig, (ax, roof) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for (shape, dtype) in sorted({(r.shape, r.dtype) for r in timed}):
+        pts = sorted((r.M, r.speedup_vs_dense) for r in timed
+                     if r.shape == shape and r.dtype == dtype and r.method.startswith("sparsegemm"))
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{shape} {dtype}")
     ax.set_xscale("log", base=2)
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_xlabel("M (tokens)")
     ax.set_ylabel("speedup vs dense")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6)
+    for method in sorted({r.method for r in timed}):
+        pts = [(r.tflops * 1e3 / r.gbps, r.tflops) for r in timed if r.method == method and r.gbps > 0]
+        roof.scatter([p[0] for p in pts], [p[1] for p in pts], s=10, label=method)
+    peak_flops, peak_bw = peak
+    if peak_flops == peak_flops and peak_bw == peak_bw:
+        intensity = [2.0 ** e for e in range(-2, 14)]
+        roof.plot(intensity, [min(peak_flops, i * peak_bw / 1e3) for i in intensity], color="black", lw=1,
+                  label="roofline (dense fp16 peak)")
+    roof.set_xscale("log", base=2)
+    roof.set_yscale("log")
+    roof.set_xlabel("FLOP per byte moved")
+    roof.set_ylabel("TFLOP/s (dense-equivalent)")
+    roof.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
