@@ -13,10 +13,11 @@ import pytest
 
 from sparsegemm import _C
 
+from conftest import ISAS
+
 F32, F16, BF16 = 0, 1, 2
 DTYPES = {"f32": F32, "f16": F16, "bf16": BF16}
 ACT_NONE, ACT_RELU, ACT_GELU, ACT_SILU = 0, 1, 2, 3
-ISAS = ["generic", "avx2", "avx512"]
 PAD_NIBBLE = 0x4
 
 
@@ -188,16 +189,6 @@ def assert_gemm_close(y, x, w, dtype, bias=None, act=ACT_NONE):
     bound = 2 * (eps_out * np.abs(ref) + (K + 2) * 2.0 ** -24 * magnitude) + 1e-30
     err = np.abs(to_f64(y, dtype) - ref)
     assert np.all(err <= bound), f"max err {err.max()} (bound {bound[err > bound].min()})"
-
-
-@pytest.fixture(params=ISAS)
-def isa(request):
-    if not _C.cpu_isa_supported(request.param):
-        pytest.skip(f"this CPU/build cannot run {request.param}")
-    previous = _C.cpu_isa_name()
-    _C.cpu_set_isa(request.param)
-    yield request.param
-    _C.cpu_set_isa(previous)
 
 
 @pytest.fixture
