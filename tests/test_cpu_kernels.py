@@ -430,6 +430,23 @@ def test_gemm_output_rounding_exact(isa, dtype):
     np.testing.assert_array_equal(to_f64(y, dtype), to_f64(expected, dtype))
 
 
+def test_gemm_f16_nan_keeps_its_payload(isa):
+    # A quiet NaN in X with a payload reaches Y unchanged (x86 arithmetic passes the NaN operand
+    # on), and the f16 narrowing keeps the payload on every ISA: the generic build's exact
+    # conversion (half_bits.h) gives the bits of F16C vcvtps2ph.
+    nan_bits = 0x7E05
+    rng = np.random.default_rng(11)
+    M, N, K = 2, 16, 64
+    x, w, values, meta = make_problem(rng, M, N, K, F16)
+    x.view(np.uint16)[0, 5] = nan_bits
+    y = cpu_gemm(x, values, meta, F16, N, K)
+    # Rows that keep position 5 get NaN; so may rows whose metadata names it with a stored 0.
+    nan_out = np.isnan(to_f64(y[0], F16))
+    assert nan_out[to_f64(w, F16)[:, 5] != 0].all() and not nan_out.all()
+    np.testing.assert_array_equal(bits(y[0, nan_out]), nan_bits)
+    assert np.isfinite(to_f64(y[1], F16)).all()
+
+
 def test_gemm_same_bits_for_any_thread_count(isa):
     # Each output is reduced by one thread in a fixed order, so the thread split cannot change bits.
     rng = np.random.default_rng(7)
