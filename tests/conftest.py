@@ -9,6 +9,7 @@ import torch
 
 PAIRS = list(itertools.combinations(range(4), 2))  # the six legal (i0, i1)
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+ISAS = ["generic", "avx2", "avx512"]  # the CPU kernels' ISA levels (csrc/cpu/dispatch.cpp)
 
 
 def sparse_weight(n: int, k: int, dtype=torch.float16, *, seed: int = 0, integer: bool = False,
@@ -44,6 +45,20 @@ def integer_input(m: int, k: int, dtype, seed: int = 1) -> torch.Tensor:
 @pytest.fixture(params=DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 def dtype(request):
     return request.param
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    """Runs the test with the CPU dispatcher switched to each ISA this CPU supports (the in-process
+    twin of the SPARSEGEMM_CPU_ISA environment variable), restored afterwards."""
+    from sparsegemm import _C
+
+    if not _C.cpu_isa_supported(request.param):
+        pytest.skip(f"this CPU/build cannot run {request.param}")
+    previous = _C.cpu_isa_name()
+    _C.cpu_set_isa(request.param)
+    yield request.param
+    _C.cpu_set_isa(previous)
 
 
 def run_cli(*args, cwd):

@@ -15,22 +15,11 @@ from sparsegemm import format as fmt
 
 from conftest import sparse_weight
 
-ISAS = ["generic", "avx2", "avx512"]
 OUT_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 ACTS = [None, "relu", "gelu", "silu"]
 # The kernels' fp32 gelu loses relative accuracy in its far negative tail, where 1 + erf(v / sqrt 2)
 # cancels: there the fp32 result is off by about 0.5 * |v| * 2^-24 absolute, tiny but many ulps.
 ACT_ABS_FLOOR = 1e-6
-
-
-@pytest.fixture(params=ISAS)
-def isa(request):
-    if not _C.cpu_isa_supported(request.param):
-        pytest.skip(f"this CPU/build cannot run {request.param}")
-    previous = _C.cpu_isa_name()
-    _C.cpu_set_isa(request.param)
-    yield request.param
-    _C.cpu_set_isa(previous)
 
 
 def random_int8_weight(n, k, seed=0, extreme=False):

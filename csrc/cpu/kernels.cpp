@@ -53,7 +53,7 @@ namespace {
 constexpr int kStepGroups = 8;  // 16 fp32 lanes, 32 K positions, 4 metadata bytes
 constexpr int kMaxRows = 4;  // X rows per register block
 constexpr int kCols = 4;     // W rows per register block: 16 accumulators + 8 step + 2 X registers
-using Acc = __m512;
+using Fp32Acc = __m512;
 struct XStep {  // the step's 32 fp32 X values
   __m512 low, high;
 };
@@ -85,22 +85,21 @@ inline Step load_step(const typename ElemTraits<D>::Storage* values, const uint8
   return {_mm512_add_epi32(code, group_base), widen_lanes<D>(values)};
 }
 
-inline Acc zero_acc() { return _mm512_setzero_ps(); }
+inline Fp32Acc zero_acc() { return _mm512_setzero_ps(); }
 
 inline XStep load_x(const float* x) { return {_mm512_loadu_ps(x), _mm512_loadu_ps(x + 16)}; }
 
-inline Acc fma_step(Acc acc, const Step& step, const XStep& x) {
+inline Fp32Acc fma_step(Fp32Acc acc, const Step& step, const XStep& x) {
   return _mm512_fmadd_ps(_mm512_permutex2var_ps(x.low, step.index, x.high), step.weight, acc);
 }
 
-inline Acc add_acc(Acc a, Acc b) { return _mm512_add_ps(a, b); }
-inline float reduce_acc(Acc a) { return _mm512_reduce_add_ps(a); }
+inline float reduce_acc(Fp32Acc a) { return _mm512_reduce_add_ps(a); }
 
 #elif defined(__AVX2__)
 constexpr int kStepGroups = 4;  // 8 fp32 lanes, 16 K positions, 2 metadata bytes
 constexpr int kMaxRows = 2;  // 16 ymm registers: 4 accumulators + 4 step + 2 X + 2 temporaries
 constexpr int kCols = 2;
-using Acc = __m256;
+using Fp32Acc = __m256;
 struct XStep {  // the step's 16 fp32 X values
   __m256 low, high;
 };
@@ -132,19 +131,17 @@ inline Step load_step(const typename ElemTraits<D>::Storage* values, const uint8
   return {_mm256_add_epi32(code, group_base), widen_lanes<D>(values)};
 }
 
-inline Acc zero_acc() { return _mm256_setzero_ps(); }
+inline Fp32Acc zero_acc() { return _mm256_setzero_ps(); }
 
 inline XStep load_x(const float* x) { return {_mm256_loadu_ps(x), _mm256_loadu_ps(x + 8)}; }
 
-inline Acc fma_step(Acc acc, const Step& step, const XStep& x) {
+inline Fp32Acc fma_step(Fp32Acc acc, const Step& step, const XStep& x) {
   const __m256 from_low = _mm256_permutevar8x32_ps(x.low, step.index);
   const __m256 from_high = _mm256_permutevar8x32_ps(x.high, step.index);
   return _mm256_fmadd_ps(_mm256_blend_ps(from_low, from_high, 0xF0), step.weight, acc);
 }
 
-inline Acc add_acc(Acc a, Acc b) { return _mm256_add_ps(a, b); }
-
-inline float reduce_acc(Acc a) {
+inline float reduce_acc(Fp32Acc a) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
@@ -158,7 +155,7 @@ constexpr int kCols = 2;
 struct XStep {  // the step's 8 X values, read in place
   const float* values;
 };
-struct Acc {
+struct Fp32Acc {
   float lane[4];
 };
 struct Step {
@@ -176,21 +173,16 @@ inline Step load_step(const typename ElemTraits<D>::Storage* values, const uint8
   return step;
 }
 
-inline Acc zero_acc() { return Acc{{0.0f, 0.0f, 0.0f, 0.0f}}; }
+inline Fp32Acc zero_acc() { return Fp32Acc{{0.0f, 0.0f, 0.0f, 0.0f}}; }
 
 inline XStep load_x(const float* x) { return {x}; }
 
-inline Acc fma_step(Acc acc, const Step& step, const XStep& x) {
+inline Fp32Acc fma_step(Fp32Acc acc, const Step& step, const XStep& x) {
   for (int l = 0; l < 4; ++l) acc.lane[l] += step.weight[l] * x.values[step.index[l]];
   return acc;
 }
 
-inline Acc add_acc(Acc a, Acc b) {
-  for (int l = 0; l < 4; ++l) a.lane[l] += b.lane[l];
-  return a;
-}
-
-inline float reduce_acc(Acc a) { return (a.lane[0] + a.lane[1]) + (a.lane[2] + a.lane[3]); }
+inline float reduce_acc(Fp32Acc a) { return (a.lane[0] + a.lane[1]) + (a.lane[2] + a.lane[3]); }
 #endif
 
 static_assert(kStepGroups % 2 == 0, "a step must cover whole metadata bytes");
@@ -344,9 +336,29 @@ constexpr int64_t kSlabRows = 256;
 constexpr int64_t kTileRows = 32;
 static_assert(kTileRows % kMaxRows == 0, "tiles split into whole row blocks");
 
+// What the GEMM driver (sparse_gemm) needs from a "Steps" type, one per ISA and operand types:
+//   Storage                 element of W's kept values and of X as the caller passes it
+//   XElem                   element of the driver's copy of X (widened as the step's permutes want)
+//   StepVectors, XVectors   one step of W (X indices and weights) and of X, in registers
+//   Acc, Sum                per-lane accumulators, and the reduced dot product they give
+//   kGroups                 groups per step: 4 * kGroups K positions, kGroups / 2 metadata bytes
+//   kFlushSteps             steps after which Acc lanes must move into Sum, or kNeverFlush
+//   load(values, meta), load_x_step(x), zero(), madd(acc, step, x), reduce(acc),
+//   copy_x_row(src, K, dst, padded_len)
+constexpr int64_t kNeverFlush = std::numeric_limits<int64_t>::max();
+
+// Accumulation of the floating steps: fp32 lanes, reduced once at the end of a dot product.
+struct Fp32Accumulation {
+  using Acc = Fp32Acc;
+  using Sum = float;
+  static constexpr int64_t kFlushSteps = kNeverFlush;
+  static Acc zero() { return zero_acc(); }
+  static float reduce(Acc a) { return reduce_acc(a); }
+};
+
 // The ISA's fp32 step: X widened to fp32, one kept value per fp32 lane, one FMA per step.
 template <DType D>
-struct Fp32Steps {
+struct Fp32Steps : Fp32Accumulation {
   using Storage = typename ElemTraits<D>::Storage;
   using XElem = float;  // element of the X copy the steps read
   using StepVectors = Step;
@@ -355,7 +367,7 @@ struct Fp32Steps {
 
   static StepVectors load(const Storage* values, const uint8_t* meta) { return load_step<D>(values, meta); }
   static XVectors load_x_step(const float* x) { return load_x(x); }
-  static Acc fma(Acc acc, const StepVectors& step, const XVectors& x) { return fma_step(acc, step, x); }
+  static Acc madd(Acc acc, const StepVectors& step, const XVectors& x) { return fma_step(acc, step, x); }
 
   // dst[0, padded_len) <- fp32 of src[0, K), then zeros (the padded tail of the last step).
   static void copy_x_row(const Storage* src, int64_t K, float* dst, int64_t padded_len) {
@@ -397,7 +409,7 @@ inline __m512i pair_step_index(const uint8_t* meta) {
 // the K per step of the fp32 path at the same permute + FMA cost. The products are exact in fp32
 // and accumulate with round to nearest even, as the fp32 path does; like every VDPBF16PS user,
 // this path treats subnormal inputs and results (|v| < 2^-126) as zero.
-struct Bf16PairSteps {
+struct Bf16PairSteps : Fp32Accumulation {
   using Storage = uint16_t;
   using XElem = uint16_t;
   struct StepVectors {
@@ -415,7 +427,7 @@ struct Bf16PairSteps {
 
   static XVectors load_x_step(const uint16_t* x) { return {_mm512_loadu_si512(x), _mm512_loadu_si512(x + 32)}; }
 
-  static Acc fma(Acc acc, const StepVectors& step, const XVectors& x) {
+  static Acc madd(Acc acc, const StepVectors& step, const XVectors& x) {
     const __m512i kept_x = _mm512_permutex2var_epi16(x.low, step.index, x.high);
     return _mm512_dpbf16_ps(acc, reinterpret_cast<const __m512bh&>(kept_x),
                             reinterpret_cast<const __m512bh&>(step.weight));
@@ -449,29 +461,45 @@ inline float activate(float v, Activation act) {
   }
 }
 
-// One register block: dots[r * Cols + c] = W row c . X row r for r < Rows, c < Cols.
+// One register block: sums[r * Cols + c] = W row c . X row r for r < Rows, c < Cols.
 // values[c], meta[c]: W row c in the logical layout; its last step comes from tail_values[c] and
 // tail_meta[c] (staged copies, zero / pad filled) when has_tail. x: X copy rows, row stride ldx.
+// Steps that flush move their lanes into the exact sums every kFlushSteps steps; the others reduce
+// their lanes once, so an fp32 result is the lanes' reduction itself, with no extra rounding.
 template <typename Steps, int Rows, int Cols>
 void dot_block(const typename Steps::Storage* const* values, const uint8_t* const* meta, int64_t full_steps,
                bool has_tail, const typename Steps::Storage (*tail_values)[2 * Steps::kGroups],
                const uint8_t (*tail_meta)[Steps::kGroups / 2], const typename Steps::XElem* x, int64_t ldx,
-               float* dots) {
+               typename Steps::Sum* sums) {
   constexpr int kValues = 2 * Steps::kGroups, kMetaBytes = Steps::kGroups / 2, kK = 4 * Steps::kGroups;
+  constexpr bool kFlushes = Steps::kFlushSteps != kNeverFlush;
   using StepVectors = typename Steps::StepVectors;
-  Acc acc[Rows][Cols];
-  for (int r = 0; r < Rows; ++r)
-    for (int c = 0; c < Cols; ++c) acc[r][c] = zero_acc();
+  [[maybe_unused]] typename Steps::Sum flushed[Rows][Cols] = {};
+  typename Steps::Acc acc[Rows][Cols];
+  auto reset = [&] {
+    for (int r = 0; r < Rows; ++r)
+      for (int c = 0; c < Cols; ++c) acc[r][c] = Steps::zero();
+  };
   auto accumulate = [&](const StepVectors (&step)[Cols], int64_t s) {
     for (int r = 0; r < Rows; ++r) {
       const typename Steps::XVectors xs = Steps::load_x_step(x + r * ldx + s * kK);
-      for (int c = 0; c < Cols; ++c) acc[r][c] = Steps::fma(acc[r][c], step[c], xs);
+      for (int c = 0; c < Cols; ++c) acc[r][c] = Steps::madd(acc[r][c], step[c], xs);
     }
   };
+  reset();
+  [[maybe_unused]] int64_t since_flush = 0;
   for (int64_t s = 0; s < full_steps; ++s) {
     StepVectors step[Cols];
     for (int c = 0; c < Cols; ++c) step[c] = Steps::load(values[c] + s * kValues, meta[c] + s * kMetaBytes);
     accumulate(step, s);
+    if constexpr (kFlushes) {
+      if (++since_flush == Steps::kFlushSteps) {
+        for (int r = 0; r < Rows; ++r)
+          for (int c = 0; c < Cols; ++c) flushed[r][c] += Steps::reduce(acc[r][c]);
+        reset();
+        since_flush = 0;
+      }
+    }
   }
   if (has_tail) {
     StepVectors step[Cols];
@@ -479,7 +507,13 @@ void dot_block(const typename Steps::Storage* const* values, const uint8_t* cons
     accumulate(step, full_steps);
   }
   for (int r = 0; r < Rows; ++r)
-    for (int c = 0; c < Cols; ++c) dots[r * Cols + c] = reduce_acc(acc[r][c]);
+    for (int c = 0; c < Cols; ++c) {
+      if constexpr (kFlushes) {
+        sums[r * Cols + c] = flushed[r][c] + Steps::reduce(acc[r][c]);
+      } else {
+        sums[r * Cols + c] = Steps::reduce(acc[r][c]);
+      }
+    }
 }
 
 // dot_block with a run-time row count 1 <= rows <= Rows.
@@ -491,19 +525,24 @@ void dot_block_rows(int rows, Args... args) {
   dot_block<Steps, Rows, Cols>(args...);
 }
 
-template <DType D>
-void gemm_typed(const GemmParams& p) {
+// The tiling driver of both GEMMs: Y[M, N] (dtype D) = epilogue(X[M, K] @ W[N, K]^T). p.x holds
+// Steps::Storage with row stride p.ldx, p.values Steps::Storage [N, values_cols(K)], p.meta the
+// logical metadata, p.bias D [N] or null. epilogue(sum, m, n, bias) gives Y[m, n] from the dot
+// product (Steps::Sum) and a pointer to bias[n] as fp32 (null without bias).
+template <typename Steps, DType D, typename Epilogue>
+void sparse_gemm(const GemmParams& p, const Epilogue& epilogue) {
   using T = typename ElemTraits<D>::Storage;
+  using Storage = typename Steps::Storage;
+  using XElem = typename Steps::XElem;
+  using Sum = typename Steps::Sum;
   const int64_t M = p.M, N = p.N, K = p.K;
   if (M <= 0 || N <= 0) return;
-  const T* x = static_cast<const T*>(p.x);
-  const T* values = static_cast<const T*>(p.values);
+  const Storage* x = static_cast<const Storage*>(p.x);
+  const Storage* values = static_cast<const Storage*>(p.values);
   const uint8_t* meta = static_cast<const uint8_t*>(p.meta);
   const T* bias = static_cast<const T*>(p.bias);
   T* y = static_cast<T*>(p.y);
 
-  using Steps = typename StepsFor<D>::type;
-  using XElem = typename Steps::XElem;
   constexpr int kGroups = Steps::kGroups, kValues = 2 * kGroups, kMetaBytes = kGroups / 2;
   const int64_t groups = num_groups(K), vcols = values_cols(K), mcols = meta_cols(K);
   const int64_t full_steps = groups / kGroups;
@@ -537,11 +576,11 @@ void gemm_typed(const GemmParams& p) {
         const int64_t r_begin = (t % m_tiles) * kTileRows, r_end = std::min(rows, r_begin + kTileRows);
         for (int64_t n = n_begin; n < n_end; n += kCols) {
           const int cols = static_cast<int>(std::min<int64_t>(kCols, n_end - n));
-          const T* row_values[kCols];
+          const Storage* row_values[kCols];
           const uint8_t* row_meta[kCols];
           // A partial last step is staged so the vector code never reads past a row: missing values
           // are 0 and missing metadata bytes are pad bytes (two valid (0, 1) nibbles).
-          T tail_values[kCols][kValues] = {};
+          Storage tail_values[kCols][kValues] = {};
           uint8_t tail_meta[kCols][kMetaBytes];
           float bias_n[kCols];
           for (int c = 0; c < cols; ++c) {
@@ -556,28 +595,37 @@ void gemm_typed(const GemmParams& p) {
           }
           for (int64_t r = r_begin; r < r_end; r += kMaxRows) {
             const int block = static_cast<int>(std::min<int64_t>(kMaxRows, r_end - r));
-            float dots[kMaxRows * kCols];
+            Sum sums[kMaxRows * kCols];
             if (cols == kCols) {
               dot_block_rows<Steps, kCols>(block, row_values, row_meta, full_steps, tail_groups != 0, tail_values,
-                                           tail_meta, xc + r * ldxc, ldxc, dots);
+                                           tail_meta, xc + r * ldxc, ldxc, sums);
             } else {  // the last few W rows of the tile, one at a time
               for (int c = 0; c < cols; ++c) {
-                float col_dots[kMaxRows];
+                Sum col_sums[kMaxRows];
                 dot_block_rows<Steps, 1>(block, row_values + c, row_meta + c, full_steps, tail_groups != 0,
-                                         tail_values + c, tail_meta + c, xc + r * ldxc, ldxc, col_dots);
-                for (int i = 0; i < block; ++i) dots[i * kCols + c] = col_dots[i];
+                                         tail_values + c, tail_meta + c, xc + r * ldxc, ldxc, col_sums);
+                for (int i = 0; i < block; ++i) sums[i * kCols + c] = col_sums[i];
               }
             }
             for (int i = 0; i < block; ++i) {
-              T* y_row = y + (m0 + r + i) * p.ldy + n;
+              const int64_t m = m0 + r + i;
+              T* y_row = y + m * p.ldy + n;
               for (int c = 0; c < cols; ++c)
-                y_row[c] = ElemTraits<D>::from_float(activate(dots[i * kCols + c] + bias_n[c], p.act));
+                y_row[c] = epilogue(sums[i * kCols + c], m, n + c, bias != nullptr ? &bias_n[c] : nullptr);
             }
           }
         }
       }
     });
   }
+}
+
+// Y = activation(X @ W^T + bias), one rounding to D; a missing bias adds +0.0.
+template <DType D>
+void gemm_typed(const GemmParams& p) {
+  sparse_gemm<typename StepsFor<D>::type, D>(p, [act = p.act](float dot, int64_t, int64_t, const float* bias) {
+    return ElemTraits<D>::from_float(activate(dot + (bias != nullptr ? *bias : 0.0f), act));
+  });
 }
 
 // ---- INT8 (issue 4): dynamic per-token quantization and the s8 x s8 -> s32 sparse GEMM ---------
@@ -653,12 +701,14 @@ void quantize_rows_typed(const void* x_ptr, int64_t M, int64_t K, int64_t ldx, i
 // Steps of the s8 GEMM, as for the floating GEMM: a step's kept weights fill one register, the
 // metadata nibbles become permute indices into the step's X values, and multiply-adds of
 // adjacent lanes (one group's two kept values) go into int32 lanes. X is copied widened to XElem.
-// Every ISA's per-lane int32 sums are moved into int64 every kS8FlushSteps steps, so no lane can
-// wrap for any K; the int64 total is saturated to int32 once per output (as .satfinite does).
+// Every ISA's per-lane int32 sums are moved into int64 every kFlushSteps steps (by dot_block), so no
+// lane can wrap for any K; the int64 total is saturated to int32 once per output (as .satfinite does).
 #if defined(__AVX512BW__)
 struct S8Steps {
+  using Storage = int8_t;
   using XElem = int16_t;  // X sign-extended to 16 bits, for vpermt2w and vpmaddwd
   using Acc = __m512i;    // 16 int32 lanes, one per pair of kept values
+  using Sum = int64_t;
   struct StepVectors {
     __m512i index;   // 32 x 16-bit: position 0..63 of kept value l among the step's X values
     __m512i weight;  // the 32 kept values sign-extended to 16 bits
@@ -697,8 +747,10 @@ struct S8Steps {
   // X as int32 lanes holding the 16-bit two's complement value in the low half and zero in the
   // high half (weights likewise): vpmaddwd then multiplies the low halves as signed 16-bit numbers
   // and adds 0 * 0 for the high halves, an exact 32-bit product on the fp32 path's vpermps layout.
+  using Storage = int8_t;
   using XElem = int32_t;
   using Acc = __m256i;
+  using Sum = int64_t;
   struct StepVectors {
     __m256i index;   // 0..7 within the lane's half of the step (as load_step)
     __m256i weight;  // the 8 kept values, low-half encoded
@@ -747,8 +799,10 @@ struct S8Steps {
 };
 #else
 struct S8Steps {
+  using Storage = int8_t;
   using XElem = int16_t;
   using Acc = int64_t;  // scalar: the int64 sum itself, never wraps
+  using Sum = int64_t;
   struct StepVectors {
     int index[4];
     int weight[4];
@@ -757,7 +811,7 @@ struct S8Steps {
     const int16_t* values;  // the step's 8 X values, read in place
   };
   static constexpr int kGroups = 2;  // one metadata byte: 8 K positions
-  static constexpr int64_t kFlushSteps = std::numeric_limits<int64_t>::max();
+  static constexpr int64_t kFlushSteps = kNeverFlush;
 
   static StepVectors load(const int8_t* values, const uint8_t* meta) {
     StepVectors step;
@@ -782,59 +836,6 @@ struct S8Steps {
 };
 #endif
 
-// One register block of exact int64 dot products: sums[r * Cols + c] = W row c . X row r.
-// Arguments as dot_block's; every kFlushSteps steps the int32 lanes move into the int64 sums.
-template <int Rows, int Cols>
-void dot_block_s8(const int8_t* const* values, const uint8_t* const* meta, int64_t full_steps, bool has_tail,
-                  const int8_t (*tail_values)[2 * S8Steps::kGroups], const uint8_t (*tail_meta)[S8Steps::kGroups / 2],
-                  const S8Steps::XElem* x, int64_t ldx, int64_t* sums) {
-  constexpr int kValues = 2 * S8Steps::kGroups, kMetaBytes = S8Steps::kGroups / 2, kK = 4 * S8Steps::kGroups;
-  int64_t total[Rows][Cols] = {};
-  S8Steps::Acc acc[Rows][Cols];
-  auto reset = [&] {
-    for (int r = 0; r < Rows; ++r)
-      for (int c = 0; c < Cols; ++c) acc[r][c] = S8Steps::zero();
-  };
-  auto flush = [&] {
-    for (int r = 0; r < Rows; ++r)
-      for (int c = 0; c < Cols; ++c) total[r][c] += S8Steps::reduce(acc[r][c]);
-  };
-  auto accumulate = [&](const S8Steps::StepVectors (&step)[Cols], int64_t s) {
-    for (int r = 0; r < Rows; ++r) {
-      const S8Steps::XVectors xs = S8Steps::load_x_step(x + r * ldx + s * kK);
-      for (int c = 0; c < Cols; ++c) acc[r][c] = S8Steps::madd(acc[r][c], step[c], xs);
-    }
-  };
-  reset();
-  for (int64_t s = 0, since_flush = 0; s < full_steps; ++s) {
-    S8Steps::StepVectors step[Cols];
-    for (int c = 0; c < Cols; ++c) step[c] = S8Steps::load(values[c] + s * kValues, meta[c] + s * kMetaBytes);
-    accumulate(step, s);
-    if (++since_flush == S8Steps::kFlushSteps) {
-      flush();
-      reset();
-      since_flush = 0;
-    }
-  }
-  if (has_tail) {
-    S8Steps::StepVectors step[Cols];
-    for (int c = 0; c < Cols; ++c) step[c] = S8Steps::load(tail_values[c], tail_meta[c]);
-    accumulate(step, full_steps);
-  }
-  flush();
-  for (int r = 0; r < Rows; ++r)
-    for (int c = 0; c < Cols; ++c) sums[r * Cols + c] = total[r][c];
-}
-
-// dot_block_s8 with a run-time row count 1 <= rows <= Rows.
-template <int Cols, int Rows = kMaxRows, typename... Args>
-void dot_block_s8_rows(int rows, Args... args) {
-  if constexpr (Rows > 1) {
-    if (rows < Rows) return dot_block_s8_rows<Cols, Rows - 1>(rows, args...);
-  }
-  dot_block_s8<Rows, Cols>(args...);
-}
-
 // The contract's epilogue: y = ((float)sat32(acc) * w_scale) * x_scale, + bias, activation, one
 // rounding to the output dtype. `scaled` is volatile so that the compiler cannot contract the
 // product and the bias addition into an FMA (the CUDA kernel uses __fmul_rn / __fadd_rn).
@@ -853,84 +854,9 @@ typename ElemTraits<D>::Storage s8_epilogue(int64_t acc, float w_scale, float x_
 // int8 [N, padded_k(K)/2], p.meta logical, p.bias D or null, p.w_scale [N], p.x_scale [M].
 template <DType D>
 void gemm_s8_typed(const GemmParams& p) {
-  using T = typename ElemTraits<D>::Storage;
-  using XElem = S8Steps::XElem;
-  const int64_t M = p.M, N = p.N, K = p.K;
-  if (M <= 0 || N <= 0) return;
-  const int8_t* x = static_cast<const int8_t*>(p.x);
-  const int8_t* values = static_cast<const int8_t*>(p.values);
-  const uint8_t* meta = static_cast<const uint8_t*>(p.meta);
-  const T* bias = static_cast<const T*>(p.bias);
-  T* y = static_cast<T*>(p.y);
-
-  constexpr int kGroups = S8Steps::kGroups, kValues = 2 * kGroups, kMetaBytes = kGroups / 2;
-  const int64_t groups = num_groups(K), vcols = values_cols(K), mcols = meta_cols(K);
-  const int64_t full_steps = groups / kGroups, tail_groups = groups % kGroups;
-  const int64_t ldxc_steps = (full_steps + (tail_groups != 0 ? 1 : 0)) * 4 * kGroups;
-  // As in gemm_typed: keep rows read together off a 4 KiB stride.
-  const int64_t ldxc = ldxc_steps + ((ldxc_steps * int64_t{sizeof(XElem)}) % 4096 == 0 ? 64 / sizeof(XElem) : 0);
-
-  thread_local std::vector<XElem> x_copy;
-  x_copy.resize(static_cast<size_t>(std::max<int64_t>(1, std::min(M, kSlabRows) * ldxc)));
-  XElem* xc = x_copy.data();
-
-  const int threads = num_threads();
-  for (int64_t m0 = 0; m0 < M; m0 += kSlabRows) {
-    const int64_t rows = std::min(kSlabRows, M - m0);
-    parallel_for(0, rows, rows_grain(ldxc), [&](int64_t r_begin, int64_t r_end) {
-      for (int64_t r = r_begin; r < r_end; ++r) S8Steps::copy_x_row(x + (m0 + r) * p.ldx, K, xc + r * ldxc, ldxc);
-    });
-    const int64_t m_tiles = (rows + kTileRows - 1) / kTileRows;
-    const int64_t n_tiles =
-        std::max<int64_t>(1, std::min<int64_t>((N + 7) / 8, (int64_t{16} * threads + m_tiles - 1) / m_tiles));
-    const int64_t n_tile = (N + n_tiles - 1) / n_tiles;
-    parallel_for(0, m_tiles * n_tiles, 1, [&](int64_t t_begin, int64_t t_end) {
-      for (int64_t t = t_begin; t < t_end; ++t) {
-        const int64_t n_begin = (t / m_tiles) * n_tile, n_end = std::min(N, n_begin + n_tile);
-        const int64_t r_begin = (t % m_tiles) * kTileRows, r_end = std::min(rows, r_begin + kTileRows);
-        for (int64_t n = n_begin; n < n_end; n += kCols) {
-          const int cols = static_cast<int>(std::min<int64_t>(kCols, n_end - n));
-          const int8_t* row_values[kCols];
-          const uint8_t* row_meta[kCols];
-          int8_t tail_values[kCols][kValues] = {};  // staged partial last step, as in gemm_typed
-          uint8_t tail_meta[kCols][kMetaBytes];
-          float bias_n[kCols];
-          for (int c = 0; c < cols; ++c) {
-            row_values[c] = values + (n + c) * vcols;
-            row_meta[c] = meta + (n + c) * mcols;
-            if (tail_groups != 0) {
-              std::copy(row_values[c] + full_steps * kValues, row_values[c] + vcols, tail_values[c]);
-              std::fill(tail_meta[c], tail_meta[c] + kMetaBytes, static_cast<uint8_t>(kPadNibble | kPadNibble << 4));
-              std::copy(row_meta[c] + full_steps * kMetaBytes, row_meta[c] + mcols, tail_meta[c]);
-            }
-            bias_n[c] = bias != nullptr ? ElemTraits<D>::to_float(bias[n + c]) : 0.0f;
-          }
-          for (int64_t r = r_begin; r < r_end; r += kMaxRows) {
-            const int block = static_cast<int>(std::min<int64_t>(kMaxRows, r_end - r));
-            int64_t sums[kMaxRows * kCols];
-            if (cols == kCols) {
-              dot_block_s8_rows<kCols>(block, row_values, row_meta, full_steps, tail_groups != 0, tail_values,
-                                       tail_meta, xc + r * ldxc, ldxc, sums);
-            } else {  // the last few W rows of the tile, one at a time
-              for (int c = 0; c < cols; ++c) {
-                int64_t col_sums[kMaxRows];
-                dot_block_s8_rows<1>(block, row_values + c, row_meta + c, full_steps, tail_groups != 0,
-                                     tail_values + c, tail_meta + c, xc + r * ldxc, ldxc, col_sums);
-                for (int i = 0; i < block; ++i) sums[i * kCols + c] = col_sums[i];
-              }
-            }
-            for (int i = 0; i < block; ++i) {
-              const int64_t m = m0 + r + i;
-              T* y_row = y + m * p.ldy + n;
-              for (int c = 0; c < cols; ++c)
-                y_row[c] = s8_epilogue<D>(sums[i * kCols + c], p.w_scale[n + c], p.x_scale[m],
-                                          bias != nullptr ? &bias_n[c] : nullptr, p.act);
-            }
-          }
-        }
-      }
-    });
-  }
+  sparse_gemm<S8Steps, D>(p, [&p](int64_t acc, int64_t m, int64_t n, const float* bias) {
+    return s8_epilogue<D>(acc, p.w_scale[n], p.x_scale[m], bias, p.act);
+  });
 }
 
 void mask_2to4(DType dtype, const void* w, int64_t N, int64_t K, int64_t ldw, uint8_t* mask) {

@@ -78,6 +78,7 @@ SG_DEVICE uint16_t f32_to_bf16_rn(float x) { return __bfloat16_as_ushort(__float
 #include <atomic>
 #include <type_traits>
 
+#include "half_bits.h"
 #include "simt/emulator.h"
 #include "simt/warp_models.h"
 
@@ -184,69 +185,13 @@ inline unsigned __ballot_sync(unsigned mask, int predicate) { return ::sparsegem
 
 namespace sparsegemm {
 
-// Exact IEEE binary16 / bfloat16 conversions, bit for bit what the device intrinsics return
-// (round to nearest even, subnormals kept, overflow to infinity, NaN stays NaN with its sign).
-SG_DEVICE float f16_to_f32(uint16_t bits) {
-  const uint32_t sign = static_cast<uint32_t>(bits & 0x8000u) << 16;
-  const uint32_t exponent = (bits >> 10) & 0x1Fu;
-  uint32_t mantissa = bits & 0x3FFu;
-  uint32_t out;
-  if (exponent == 0x1F) {
-    out = sign | 0x7F800000u | (mantissa << 13);
-  } else if (exponent != 0) {
-    out = sign | ((exponent + 112) << 23) | (mantissa << 13);
-  } else if (mantissa == 0) {
-    out = sign;
-  } else {  // subnormal: normalise
-    int e = 113;
-    while ((mantissa & 0x400u) == 0) {
-      mantissa <<= 1;
-      --e;
-    }
-    out = sign | (static_cast<uint32_t>(e) << 23) | ((mantissa & 0x3FFu) << 13);
-  }
-  float f;
-  std::memcpy(&f, &out, sizeof f);
-  return f;
-}
-
-SG_DEVICE float bf16_to_f32(uint16_t bits) {
-  const uint32_t u = static_cast<uint32_t>(bits) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-SG_DEVICE uint16_t f32_to_f16_rn(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof u);
-  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
-  const uint32_t abs = u & 0x7FFFFFFFu;
-  if (abs > 0x7F800000u) return static_cast<uint16_t>(sign | 0x7E00u | ((abs >> 13) & 0x3FFu));  // NaN stays NaN
-  if (abs >= 0x477FF000u) return static_cast<uint16_t>(sign | 0x7C00u);  // rounds to >= 65520: infinity
-  if (abs < 0x38800000u) {  // below 2^-14: f16 subnormal (or zero); quantum 2^-24
-    // value = m * 2^(e - 150) with the implicit bit in m, i.e. (m >> shift) quanta of 2^-24.
-    const int shift = 126 - static_cast<int>(abs >> 23);
-    if (shift > 24) return sign;  // below 2^-25: rounds to zero
-    const uint32_t m = (abs & 0x7FFFFFu) | 0x800000u;
-    const uint32_t kept = m >> shift;
-    const uint32_t rest = m & ((1u << shift) - 1);
-    const uint32_t half = 1u << (shift - 1);
-    const uint32_t rounded = kept + ((rest > half || (rest == half && (kept & 1u))) ? 1u : 0u);
-    return static_cast<uint16_t>(sign | rounded);
-  }
-  // Normal range: rebias the exponent, round the 13 dropped mantissa bits to nearest even.
-  const uint32_t rebased = abs - (112u << 23);
-  const uint32_t rounded = rebased + 0xFFFu + ((rebased >> 13) & 1u);
-  return static_cast<uint16_t>(sign | (rounded >> 13));
-}
-
-SG_DEVICE uint16_t f32_to_bf16_rn(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof u);
-  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((u >> 16) | 0x0040u);  // quiet NaN, sign kept
-  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
+// The exact IEEE binary16 / bfloat16 conversions of half_bits.h (shared with the CPU kernels), bit
+// for bit what the device intrinsics return (round to nearest even, subnormals kept, overflow to
+// infinity, NaN stays NaN with its sign).
+using half_bits::bf16_to_f32;
+using half_bits::f16_to_f32;
+using half_bits::f32_to_bf16_rn;
+using half_bits::f32_to_f16_rn;
 
 }  // namespace sparsegemm
 
