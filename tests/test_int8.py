@@ -314,20 +314,6 @@ def test_custom_ops_opcheck():
                                            torch.float32, "cpu"))
 
 
-def test_torch_compile_int8_linear_matches_eager():
-    torch._dynamo.reset()
-    sw = quant.quantize_weight(torch.randn(32, 64, generator=torch.Generator().manual_seed(3)))
-    bias = torch.randn(32).to(torch.bfloat16)
-
-    def layer(x):
-        return sparsegemm.linear(x, sw, bias, activation="silu") * 2.0
-
-    compiled = torch.compile(layer, fullgraph=True, backend="inductor")
-    for m in (3, 9):
-        x = torch.randn(m, 64).to(torch.bfloat16)
-        assert torch.equal(compiled(x), layer(x))
-
-
 # ---- errors ----------------------------------------------------------------------------------------
 
 def test_int8_weight_scale_errors():

@@ -23,10 +23,11 @@ def test_opcheck_all_ops(dtype):
     torch.library.opcheck(ops._linear, (xg, vg, sw.meta, None, 24, bias.clone().requires_grad_(), 3, "cpu"))
 
 
-def test_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("weight", ["bf16", "int8"])
+def test_compile_fullgraph_matches_eager(weight):
     torch._dynamo.reset()
     w = sparse_weight(32, 64, dtype=torch.bfloat16)
-    sw = sparsegemm.compress(w)
+    sw = sparsegemm.compress(w) if weight == "bf16" else sparsegemm.quant.quantize_weight(w)
     bias = torch.randn(32).to(torch.bfloat16)
 
     def layer(x):
