@@ -162,6 +162,15 @@ def test_gradients_match_the_dense_convolution():
     assert torch.equal(layer.values.grad.double(), matrix_grad[kept].reshape(16, -1))
 
 
+def test_opcheck_schema_fake_and_autograd():
+    layer = make_layer(8, 16, 3, 2, 1, 1, torch.float16, integer=True)
+    x = make_input(2, 8, (5, 6), torch.float16, integer=True).permute(0, 2, 3, 1).contiguous().requires_grad_()
+    values = layer.values.detach().clone().requires_grad_()
+    result = torch.library.opcheck(ops._conv2d, (x, values, layer.meta, layer._kernel_meta_for("simt"), [3, 3],
+                                                 [2, 2], [1, 1], [1, 1], layer.bias.detach(), 0, "simt"))
+    assert set(result.values()) == {"SUCCESS"}, result
+
+
 # ---- errors ----------------------------------------------------------------------------------
 
 def test_errors_name_the_problem():

@@ -2,14 +2,17 @@
 // One kernel body, two MMA policies: Mma16<f16|bf16> below (mma.sp::ordered_metadata m16n8k32,
 // fp32 accumulate) and MmaS8<out> in gemm_sp_s8.cuh (m16n8k64 s8, s32 accumulate, dequantising
 // epilogue). A policy fixes the operand element, the k-tile, the metadata words and the epilogue
-// arithmetic; tiling, pipeline, swizzles, tails and split-K are shared.
+// arithmetic; tiling, pipeline, swizzles, tails and split-K are shared. Where X's 16-byte chunks
+// come from is a second policy, the X loader: RowMajorX below (the GEMM) or NhwcConvX in
+// conv_sp.cuh (the implicit-GEMM convolution, which reads an NHWC image instead of X rows).
 //
 // Naming legend (DESIGN.md letters; they never change meaning in this file):
 //   N, M, K      problem sizes; K is the true K, Kp = padded_k(K), Kc = Kp / 2 compressed columns.
 //   Wc[N, Kc]    kept weight values (format.h), the sparse A operand of mma.sp.
 //   E            metadata in a kernel layout of reorder.cuh (per 16-row A tile and k-step).
-//   X[M, K]      activations (row stride ldx), the B operand: X rows are K-contiguous, which is
-//                exactly mma's "col" B, so a non-transposed ldmatrix yields B's fragment.
+//   X[M, K]      activations (row stride ldx; for a convolution, its implicit im2col matrix),
+//                the B operand: X rows are K-contiguous, which is exactly mma's "col" B, so a
+//                non-transposed ldmatrix yields B's fragment.
 //   Y[M, N]      output (row stride ldy).
 //   block tile   kBlockN rows of W x kBlockM rows of X x kBlockK logical K (kBlockK / 2 of Wc):
 //                64 K of 16-bit or 128 K of int8, in both cases 64 bytes of a Wc row and 128
