@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <array>
 #include <cstdint>
 #include <string>
 
@@ -307,8 +308,40 @@ struct CudaKernelApi {
 };
 #endif
 
+// Implicit-GEMM convolution (ConvParams, params.h): x the NHWC input [batch, height, width, channels]
+// (contiguous), y the NHWC output [batch, out_h, out_w, out_channels] (contiguous); values / meta
+// (kernel layout) / bias / workspace / config / split_k as for gemm; kernel, stride, padding,
+// dilation as (h, w) pairs. K = kernel_h * kernel_w * channels in (ky, kx, c) order.
+void bind_conv(py::module_& m, const std::string& name, void (*conv2d)(const ConvParams&, void*)) {
+  m.def(name.c_str(), [conv2d](uintptr_t x, uintptr_t values, uintptr_t meta, uintptr_t bias, uintptr_t y,
+                               int64_t batch, int64_t height, int64_t width, int64_t channels, int64_t out_channels,
+                               int64_t out_h, int64_t out_w, std::array<int, 2> kernel, std::array<int, 2> stride,
+                               std::array<int, 2> padding, std::array<int, 2> dilation, int dtype, int act,
+                               uintptr_t workspace, int config, int split_k, uintptr_t stream) {
+    ConvParams p;
+    const int64_t M = batch * out_h * out_w, K = int64_t(kernel[0]) * kernel[1] * channels;
+    p.gemm = make_gemm_params(M, out_channels, K, x, channels, values, meta, bias, y, out_channels, dtype, act, 0, 0);
+    p.gemm.workspace = ptr<void>(workspace);
+    p.gemm.config = config;
+    p.gemm.split_k = split_k;
+    p.batch = batch; p.height = height; p.width = width; p.channels = channels;
+    p.out_h = out_h; p.out_w = out_w;
+    p.kernel_h = kernel[0]; p.kernel_w = kernel[1];
+    p.stride_h = stride[0]; p.stride_w = stride[1];
+    p.pad_h = padding[0]; p.pad_w = padding[1];
+    p.dilation_h = dilation[0]; p.dilation_w = dilation[1];
+    py::gil_scoped_release nogil;
+    conv2d(p, ptr<void>(stream));
+  }, py::arg("x"), py::arg("values"), py::arg("meta"), py::arg("bias"), py::arg("y"), py::arg("batch"),
+     py::arg("height"), py::arg("width"), py::arg("channels"), py::arg("out_channels"), py::arg("out_h"),
+     py::arg("out_w"), py::arg("kernel"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
+     py::arg("dtype"), py::arg("act") = 0, py::arg("workspace") = 0, py::arg("config") = -1, py::arg("split_k") = 0,
+     py::arg("stream") = 0);
+}
+
 void bind_kernels(py::module_& m) {
   bind_kernel_api<SimtKernelApi>(m, "simt_");
+  bind_conv(m, "simt_conv2d", &simt::conv2d);
   // Emulator compress: returns the strict-mode result (smallest bad row * G + group, or -1).
   m.def("simt_compress", [](int64_t N, int64_t K, uintptr_t w, int64_t ldw, uintptr_t values, uintptr_t meta,
                             int dtype, bool prune) {
@@ -322,6 +355,7 @@ void bind_kernels(py::module_& m) {
   });
 #if defined(SPARSEGEMM_WITH_CUDA)
   bind_kernel_api<CudaKernelApi>(m, "cuda_");
+  bind_conv(m, "cuda_conv2d", &cuda::conv2d);
   // Device compress: the strict-mode result lands in device memory first_bad_group (int64), so
   // that no host sync happens here.
   m.def("cuda_compress", [](int64_t N, int64_t K, uintptr_t w, int64_t ldw, uintptr_t values, uintptr_t meta,

@@ -55,4 +55,22 @@ struct DecompressParams {
   DType dtype = DType::f16;
 };
 
+// Implicit-GEMM 2:4 convolution (groups = 1), CUDA/SIMT: the GEMM above with
+//   M = batch * out_h * out_w  (m = (b, ho, wo), wo fastest),  N = Cout,
+//   K = kernel_h * kernel_w * channels  (k = (ky, kx, c), c fastest: SparseConv2d's weight order),
+//   X[m, k] = x[b, ho * stride_h - pad_h + ky * dilation_h, wo * stride_w - pad_w + kx * dilation_w, c]
+//             (0 outside the image), read straight from the NHWC input: no im2col buffer.
+// gemm: M, N, K as above; x: the input [batch, height, width, channels], contiguous (ldx unused);
+// y: Y[M, N] = the NHWC output [batch, out_h, out_w, N] (ldy = N); values, meta, bias, dtype, act,
+// workspace, config and split_k as for the GEMM. ops.py keeps every index below 2^31.
+struct ConvParams {
+  GemmParams gemm;
+  int64_t batch = 0, height = 0, width = 0, channels = 0;
+  int64_t out_h = 0, out_w = 0;
+  int kernel_h = 1, kernel_w = 1;
+  int stride_h = 1, stride_w = 1;
+  int pad_h = 0, pad_w = 0;
+  int dilation_h = 1, dilation_w = 1;
+};
+
 }  // namespace sparsegemm

@@ -182,8 +182,11 @@ class SparseConv2d(_SparseWeight):
     """``nn.Conv2d`` (groups = 1) with a 2:4-compressed weight.
 
     K = Cin * kh * kw is ordered (ky, kx, cin), cin fastest, so that 2:4 groups run along the
-    channels of one tap: the order a channels-last (NHWC) input presents, which an implicit-GEMM
-    kernel reads without reordering. The forward lowers to unfold + the sparse GEMM.
+    channels of one tap: the order a channels-last (NHWC) input presents. On the CUDA and SIMT
+    backends the forward is the implicit-GEMM kernel (sparsegemm::conv2d), which reads the NHWC
+    input directly (no im2col buffer) and returns an NCHW-shaped tensor in channels_last memory
+    format (its NHWC output, no transpose copy); pass channels_last input to skip the one layout
+    copy of x. The CPU backend lowers to unfold + the sparse GEMM.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
@@ -219,6 +222,9 @@ class SparseConv2d(_SparseWeight):
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"SparseConv2d: x must be [B, {self.in_channels}, H, W], got {tuple(x.shape)}")
+        backend = ops.resolve_backend("SparseConv2d", self.backend, x.device)
+        if backend != "cpu":
+            return self._implicit_gemm(x, backend)
         b, c, h, w = x.shape
         kh, kw = self.kernel_size
         cols = torch.nn.functional.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
@@ -229,6 +235,19 @@ class SparseConv2d(_SparseWeight):
         ho = (h + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
         wo = (w + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
         return y.view(b, ho, wo, self.out_channels).permute(0, 3, 1, 2)
+
+    def _implicit_gemm(self, x: Tensor, backend: str) -> Tensor:
+        op = "SparseConv2d"
+        ops.check_dtype(op, "x", x, ops.KERNEL_DTYPES)
+        if x.dtype != self.values.dtype:
+            raise TypeError(f"{op}: x dtype {str(x.dtype).replace('torch.', '')} does not match the weight dtype "
+                            f"{str(self.values.dtype).replace('torch.', '')}; convert one of them")
+        ops.check_same_device(op, x=x, values=self.values)
+        # A channels_last tensor permuted to [B, H, W, C] is contiguous NHWC: no copy then.
+        x_nhwc = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+        y = ops._conv2d(x_nhwc, self.values, self.meta, self._kernel_meta_for(backend), list(self.kernel_size),
+                        list(self.stride), list(self.padding), list(self.dilation), self.bias, 0, backend)
+        return y.permute(0, 3, 1, 2)
 
     def dense_weight(self) -> Tensor:
         """The equivalent dense (pruned) weight in nn.Conv2d's shape ``[Cout, Cin, kh, kw]``."""

@@ -360,6 +360,106 @@ def _linear_backward(ctx, grad_y: Tensor):
 _linear.register_autograd(_linear_backward, setup_context=_linear_setup_context)
 
 
+# ---- implicit-GEMM convolution ---------------------------------------------------------------
+
+def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    """Output extent of one spatial dim, as torch.nn.functional.conv2d computes it."""
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _conv2d_shape(op: str, x: Tensor, n: int, kernel_size, stride, padding, dilation) -> tuple[int, int, int, int]:
+    """(B, Ho, Wo, Cout) of the NHWC output, after the checks the kernels need."""
+    if x.dim() != 4:
+        raise ValueError(f"{op}: x must be NHWC [B, H, W, C], got {x.dim()}-D with shape {tuple(x.shape)}")
+    for name, pair, low in (("kernel_size", kernel_size, 1), ("stride", stride, 1), ("padding", padding, 0),
+                            ("dilation", dilation, 1)):
+        if len(pair) != 2 or min(pair) < low:
+            raise ValueError(f"{op}: {name} must be two integers >= {low}, got {list(pair)}")
+    b, h, w, c = x.shape
+    ho = conv_output_size(h, kernel_size[0], stride[0], padding[0], dilation[0])
+    wo = conv_output_size(w, kernel_size[1], stride[1], padding[1], dilation[1])
+    if ho <= 0 or wo <= 0:
+        raise ValueError(f"{op}: the input [H, W] = [{h}, {w}] is smaller than the dilated kernel with padding "
+                         f"{list(padding)}: output would be {ho} x {wo}")
+    m, k = b * ho * wo, c * kernel_size[0] * kernel_size[1]
+    # The kernel's implicit-GEMM addressing is 32-bit, including the tail rows of the last M tile.
+    check_32bit(op, **{"B*H*W*C": b * h * w * c, "M*N": m * n, "N*K": n * k, "M + 128": m + 128})
+    return b, ho, wo, n
+
+
+@torch.library.custom_op("sparsegemm::conv2d", mutates_args=())
+def _conv2d(x: Tensor, values: Tensor, meta: Tensor, kernel_meta: Tensor, kernel_size: list[int], stride: list[int],
+            padding: list[int], dilation: list[int], bias: Optional[Tensor], activation: int, backend: str) -> Tensor:
+    """Implicit-GEMM 2:4 convolution (CUDA / SIMT): x NHWC [B, H, W, Cin] -> NHWC [B, Ho, Wo, Cout].
+
+    The weight is the SparseConv2d matrix [Cout, kh * kw * Cin] in (ky, kx, cin) order: ``meta``
+    its logical metadata (autograd), ``kernel_meta`` the reordered copy the kernel reads. The
+    kernel reads x where it lies; the only allocations are the output and the split-K workspace.
+    """
+    op = "sparsegemm.conv2d"
+    b, ho, wo, n = _conv2d_shape(op, x, values.shape[0], kernel_size, stride, padding, dilation)
+    y = x.new_empty((b, ho, wo, n))
+    if y.numel() == 0:
+        return y
+    x = x.contiguous()
+    values = values.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    m, k = b * ho * wo, x.shape[3] * kernel_size[0] * kernel_size[1]
+    api = "simt_" if backend == "simt" else "cuda_"
+    ws_bytes = getattr(_C, api + "gemm_workspace_bytes")(m, n, k)
+    workspace = torch.empty(ws_bytes, dtype=torch.uint8, device=x.device) if ws_bytes else None
+    getattr(_C, api + "conv2d")(x.data_ptr(), values.data_ptr(), kernel_meta.data_ptr(), _ptr(bias), y.data_ptr(),
+                                b, x.shape[1], x.shape[2], x.shape[3], n, ho, wo, list(kernel_size), list(stride),
+                                list(padding), list(dilation), fmt.DTYPE_CODES[x.dtype], activation,
+                                workspace=_ptr(workspace), stream=_stream(x) if backend == "cuda" else 0)
+    return y
+
+
+@_conv2d.register_fake
+def _(x: Tensor, values: Tensor, meta: Tensor, kernel_meta: Tensor, kernel_size: list[int], stride: list[int],
+      padding: list[int], dilation: list[int], bias: Optional[Tensor], activation: int, backend: str) -> Tensor:
+    return x.new_empty(_conv2d_shape("sparsegemm.conv2d", x, values.shape[0], kernel_size, stride, padding, dilation))
+
+
+def _conv2d_setup_context(ctx, inputs, output) -> None:
+    x, values, meta, kernel_meta, kernel_size, stride, padding, dilation, bias, activation, backend = inputs
+    ctx.save_for_backward(x, values, meta, kernel_meta, bias)
+    ctx.geometry = (kernel_size, stride, padding, dilation)
+    ctx.activation, ctx.backend = activation, backend
+
+
+def _conv2d_backward(ctx, grad_y: Tensor):
+    """Gradients of x, of the kept values (fixed mask) and of the bias, through torch's dense
+    convolution gradients on a transient fp32 weight (training favours clarity, as in linear)."""
+    x, values, meta, kernel_meta, bias = ctx.saved_tensors
+    kernel_size, stride, padding, dilation = ctx.geometry
+    cout, cin, (kh, kw) = values.shape[0], x.shape[3], kernel_size
+    k = kh * kw * cin
+    g = grad_y.float()
+    if ctx.activation:
+        z = _conv2d(x, values, meta, kernel_meta, kernel_size, stride, padding, dilation, bias, 0, ctx.backend)
+        g = g * _activation_grad(z.float(), ctx.activation)
+    g = g.permute(0, 3, 1, 2)  # NCHW view, as torch.nn.grad takes it
+    matrix = _decompress(values, meta, k, "cpu" if values.device.type == "cpu" else "cuda").float()
+    weight = matrix.view(cout, kh, kw, cin).permute(0, 3, 1, 2)
+    x_nchw = x.permute(0, 3, 1, 2)
+    grad_x = grad_values = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = torch.nn.grad.conv2d_input(x_nchw.shape, weight, g, stride, padding, dilation)
+        grad_x = grad_x.permute(0, 2, 3, 1).to(x.dtype)
+    if ctx.needs_input_grad[1]:
+        grad_w = torch.nn.grad.conv2d_weight(x_nchw.float(), weight.shape, g, stride, padding, dilation)
+        kp = fmt.padded_k(k)
+        full = torch.nn.functional.pad(grad_w.permute(0, 2, 3, 1).reshape(cout, k), (0, kp - k))
+        grad_values = full[meta_to_mask(meta, kp)].reshape(cout, kp // 2).to(values.dtype)
+    if bias is not None and ctx.needs_input_grad[8]:
+        grad_bias = g.sum((0, 2, 3)).to(bias.dtype)
+    return grad_x, grad_values, None, None, None, None, None, None, grad_bias, None, None
+
+
+_conv2d.register_autograd(_conv2d_backward, setup_context=_conv2d_setup_context)
+
+
 # ---- INT8 (issue 4) --------------------------------------------------------------------------
 
 def has_int8_kernels(backend: str) -> bool:

@@ -183,3 +183,36 @@ def test_gemm_s8_activation_within_one_ulp(act):
     v = reference_gemm_s8(x_q.numpy(), wq, w_scale, x_scale, None, "none", torch.float32).double()
     tol = ref.double().abs() * 2.0**-10 + 2.0**-24 + v.abs() * 2.0**-22
     assert torch.all((y.cpu().double() - ref.double()).abs() <= tol)
+
+
+# ---- implicit-GEMM convolution (conv_sp.cuh): the emulator's geometries, plus a large layer -------
+from test_conv_kernels import GEOMETRIES, geometry_id, make_input, make_layer, reference  # noqa: E402
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=geometry_id)
+def test_conv_exact_small_integers(dtype, geometry):
+    b, cin, cout, hw, kernel, stride, padding, dilation = geometry
+    layer = make_layer(cin, cout, kernel, stride, padding, dilation, dtype, integer=True)
+    x = make_input(b, cin, hw, dtype, integer=True)
+    ref = reference(layer, x).to(dtype)
+    layer = layer.cuda()
+    layer.backend = None
+    y = layer(x.cuda())
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(y.cpu(), ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("batch,cin,cout,hw,kernel,stride,padding,dilation", [
+    (8, 64, 128, (56, 56), 3, 1, 1, 1), (4, 256, 512, (28, 28), 1, 2, 0, 1), (2, 3, 64, (224, 224), 7, 2, 3, 1),
+    (1, 128, 96, (17, 23), 3, 1, 2, 2)])
+def test_conv_large_within_twice_dense_error(dtype, batch, cin, cout, hw, kernel, stride, padding, dilation):
+    layer = make_layer(cin, cout, kernel, stride, padding, dilation, dtype, integer=False, seed=7).cuda()
+    layer.backend = None
+    x = make_input(batch, cin, hw, dtype, integer=False, seed=8).cuda().to(memory_format=torch.channels_last)
+    exact = reference(layer, x)
+    dense = reference(layer, x, dtype).double()  # cuDNN at the same dtype
+    base_err = (dense - exact).abs().max().item()
+    err = (layer(x).double() - exact).abs().max().item()
+    assert err <= 2 * base_err + 1e-6, (err, base_err)

@@ -1,6 +1,7 @@
 """The built module's GEMM really runs on the sparse tensor cores: every compiled architecture's
-gemm_sp_kernel contains HMMA.SP.16832 (fp16 and bf16 instantiations) or, for the int8 policy,
-IMMA.SP.16864 (s8, saturating), read back from the SASS with cuobjdump (PyPI:
+gemm_sp_kernel contains HMMA.SP.16832 (fp16 and bf16 instantiations, the GEMM's row-major X loader
+and the implicit-GEMM convolution's NHWC loader) or, for the int8 policy, IMMA.SP.16864 (s8,
+saturating), read back from the SASS with cuobjdump (PyPI:
 nvidia-cuda-cuobjdump, installed under site-packages/nvidia/cu13/bin)."""
 import pathlib
 import re
@@ -50,7 +51,8 @@ def built_archs():
 def test_gemm_uses_sparse_hmma(cuobjdump, arch):
     functions = sass_functions(cuobjdump, _C.__file__, arch)
     # The 16-bit policy (Mma16); the int8 one (MmaS8) is checked below.
-    gemms = {name: body for name, body in functions.items() if "gemm_sp_kernel" in name and "Mma16" in name}
+    gemms = {name: body for name, body in functions.items()
+             if "gemm_sp_kernel" in name and "Mma16" in name and "RowMajorX" in name}
     # Two dtypes x two tile configurations (kernels_dispatch.cuh).
     assert len(gemms) == 4, sorted(functions)
     for name, body in gemms.items():
@@ -58,6 +60,20 @@ def test_gemm_uses_sparse_hmma(cuobjdump, arch):
         is_bf16 = "DTypeE2" in name  # DType::bf16 == 2 in the mangled template argument
         assert ("HMMA.SP.16832.F32.BF16" in body) == is_bf16, name
         assert "LDSM" in body, f"{name} on sm_{arch}: operands are expected to come through ldmatrix"
+
+
+@pytest.mark.parametrize("arch", built_archs())
+def test_conv_uses_sparse_hmma_and_cp_async(cuobjdump, arch):
+    functions = sass_functions(cuobjdump, _C.__file__, arch)
+    convs = {name: body for name, body in functions.items() if "gemm_sp_kernel" in name and "NhwcConvX" in name}
+    # The implicit-GEMM convolution: two dtypes x two tile configurations (kernels_dispatch.cuh conv2d).
+    assert len(convs) == 4, sorted(functions)
+    for name, body in convs.items():
+        assert "HMMA.SP.16832.F32" in body, f"{name} on sm_{arch} has no sparse HMMA"
+        assert ("HMMA.SP.16832.F32.BF16" in body) == ("DTypeE2" in name), name
+        assert "LDSM" in body, f"{name} on sm_{arch}: operands are expected to come through ldmatrix"
+        # The NHWC chunks stream through cp.async (LDGSTS), with no im2col buffer in between.
+        assert "LDGSTS" in body, f"{name} on sm_{arch}: the NHWC loader is expected to use cp.async"
 
 
 @pytest.mark.parametrize("arch", built_archs())

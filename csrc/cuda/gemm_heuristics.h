@@ -17,7 +17,9 @@ namespace gemm_tiles {
 
 // Prefill / large M: compute bound, 8 warps of 64 (N) x 32 (M), 3 stages (75 KiB of shared
 // memory). ptxas (nvcc 13.0): 128 registers on sm_90, so two blocks per SM fit on H100; 159 on
-// sm_80, so one block per SM on A100 (no spills on either).
+// sm_80, so one block per SM on A100 (no spills on either). The implicit-GEMM convolution runs
+// the same plan with its NHWC loader (conv_sp.cuh): 160 registers on sm_80, no spills; 72 for
+// the decode tile.
 struct LargeM {
   static constexpr int kBlockN = 128, kBlockM = 128, kWarpsN = 2, kWarpsM = 4, kStages = 3;
 };

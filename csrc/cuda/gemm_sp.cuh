@@ -2,14 +2,17 @@
 // One kernel body, two MMA policies: Mma16<f16|bf16> below (mma.sp::ordered_metadata m16n8k32,
 // fp32 accumulate) and MmaS8<out> in gemm_sp_s8.cuh (m16n8k64 s8, s32 accumulate, dequantising
 // epilogue). A policy fixes the operand element, the k-tile, the metadata words and the epilogue
-// arithmetic; tiling, pipeline, swizzles, tails and split-K are shared.
+// arithmetic; tiling, pipeline, swizzles, tails and split-K are shared. Where X's 16-byte chunks
+// come from is a second policy, the X loader: RowMajorX below (the GEMM) or NhwcConvX in
+// conv_sp.cuh (the implicit-GEMM convolution, which reads an NHWC image instead of X rows).
 //
 // Naming legend (DESIGN.md letters; they never change meaning in this file):
 //   N, M, K      problem sizes; K is the true K, Kp = padded_k(K), Kc = Kp / 2 compressed columns.
 //   Wc[N, Kc]    kept weight values (format.h), the sparse A operand of mma.sp.
 //   E            metadata in a kernel layout of reorder.cuh (per 16-row A tile and k-step).
-//   X[M, K]      activations (row stride ldx), the B operand: X rows are K-contiguous, which is
-//                exactly mma's "col" B, so a non-transposed ldmatrix yields B's fragment.
+//   X[M, K]      activations (row stride ldx; for a convolution, its implicit im2col matrix),
+//                the B operand: X rows are K-contiguous, which is exactly mma's "col" B, so a
+//                non-transposed ldmatrix yields B's fragment.
 //   Y[M, N]      output (row stride ldy).
 //   block tile   kBlockN rows of W x kBlockM rows of X x kBlockK logical K (kBlockK / 2 of Wc):
 //                64 K of 16-bit or 128 K of int8, in both cases 64 bytes of a Wc row and 128
@@ -150,6 +153,33 @@ SG_DEVICE void copy_chunk(char* dst, const T* src, bool row_ok, int64_t valid, b
   *reinterpret_cast<ElementPack<T, kElems>*>(dst) = pack;
 }
 
+// B-operand loader policy (the interface every loader provides): where the 16-byte chunk of X
+// row m that starts at logical K column col comes from.
+//   Params                the kernel argument struct; gemm(params) is its GemmParams part
+//   Loader(params)        per-thread setup, once per kernel
+//   copy(dst, m, col)     issues the copy of that chunk into shared memory dst, zero-filled
+//                         where X has no element (m >= M, K columns past K)
+// RowMajorX is the GEMM's: X[M, K] rows with stride ldx. conv_sp.cuh has the implicit-GEMM one.
+template <typename Operand>
+struct RowMajorX {
+  using Params = GemmParams;
+  static SG_HOST_DEVICE const GemmParams& gemm(const Params& p) { return p; }
+
+  const Operand* x;
+  int64_t M, K, ldx;
+  bool vector_ok;  // see the header comment: 16-byte cp.async when X's rows allow it
+
+  SG_DEVICE explicit RowMajorX(const Params& p)
+      : x(static_cast<const Operand*>(p.x)), M(p.M), K(p.K), ldx(p.ldx),
+        vector_ok(p.K % (16 / int(sizeof(Operand))) == 0 && p.ldx % (16 / int(sizeof(Operand))) == 0 &&
+                  reinterpret_cast<uintptr_t>(p.x) % 16 == 0) {}
+
+  SG_DEVICE void copy(char* dst, int64_t m, int64_t col) const {
+    const bool row_ok = m < M;
+    copy_chunk(dst, row_ok ? x + m * ldx + col : x, row_ok, K - col, vector_ok);
+  }
+};
+
 // The epilogue of one output element, in the INT8 contract's order (one fp32 rounding per step,
 // never fused): dequantize, + bias (only when there is one), activation.
 template <typename Policy>
@@ -172,16 +202,19 @@ SG_DEVICE float scale_at(const float* scales, int64_t index, int64_t count) {
 }
 
 // Block (blockIdx.x, blockIdx.y, blockIdx.z) = (M tile, N tile, K split).
+// XLoader: the B-operand loader policy (RowMajorX above, or conv_sp.cuh's implicit-GEMM loader);
+// params: its Params, whose GemmParams part p is described here.
 // p: GemmParams (params.h) with x: X[M, K], values: Wc[N, Kc] (both Policy::Operand), meta: E
 //    (the policy's kernel layout, reorder.cuh), bias: bias[N] or null and y: Y[M, N] (both
 //    Policy::Out), w_scale[N] / x_scale[M] (scaled policies only), workspace: Policy::Acc
 //    [gridDim.z, M, N] when gridDim.z > 1 (then this kernel writes raw partial sums and
 //    splitk_finalize_kernel does the epilogue), act: the activation.
 // k_tiles_per_split: k-tiles of each split (the last one may have fewer).
-template <typename Policy, typename Tile>
+template <typename Policy, typename Tile, typename XLoader = RowMajorX<typename Policy::Operand>>
 SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads))
-    gemm_sp_kernel(GemmParams p, int64_t k_tiles_per_split) {
+    gemm_sp_kernel(typename XLoader::Params params, int64_t k_tiles_per_split) {
   using S = GemmShape<Policy, Tile>;
+  const GemmParams& p = XLoader::gemm(params);
   using Operand = typename Policy::Operand;
   using Acc = typename Policy::Acc;
   using Out = typename Policy::Out;
@@ -200,11 +233,9 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads))
   const int num_tiles = kt_end > kt_begin ? int(kt_end - kt_begin) : 0;
 
   const Operand* values = static_cast<const Operand*>(p.values);
-  const Operand* x = static_cast<const Operand*>(p.x);
   const char* meta = static_cast<const char*>(p.meta);
   const bool a_vector_ok = Kc % S::kChunkElems == 0 && reinterpret_cast<uintptr_t>(values) % 16 == 0;
-  const bool b_vector_ok =
-      p.K % S::kChunkElems == 0 && p.ldx % S::kChunkElems == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
+  const XLoader x_loader(params);
 
   // Issues the copies of k-tile kt into pipeline stage `stage` (no commit).
   auto load_tile = [&](int64_t kt, int stage) {
@@ -220,10 +251,8 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads))
     }
     for (int c = tid; c < S::kBlockM * 8; c += S::kThreads) {
       const int r = c >> 3, chunk = c & 7;
-      const int64_t m = m0 + r, col = kt * S::kBlockK + chunk * S::kChunkElems;
-      const bool row_ok = m < p.M;
-      copy_chunk(sB + r * S::kRowBytesB + ((chunk ^ (r & 7)) << 4), row_ok ? x + m * p.ldx + col : x, row_ok,
-                 p.K - col, b_vector_ok);
+      x_loader.copy(sB + r * S::kRowBytesB + ((chunk ^ (r & 7)) << 4), m0 + r,
+                    kt * S::kBlockK + chunk * S::kChunkElems);
     }
     for (int c = tid; c < S::kBytesMeta / 16; c += S::kThreads) {
       const int slice = c / (S::kMetaSliceBytes / 16), chunk = c % (S::kMetaSliceBytes / 16);

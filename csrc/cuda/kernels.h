@@ -29,6 +29,10 @@ namespace sparsegemm {
   int64_t gemm_workspace_bytes(int64_t M, int64_t N, int64_t K);                                  \
   /* The same for a forced configuration (config, split_k as in GemmParams). */                   \
   int64_t gemm_workspace_bytes_for(int64_t M, int64_t N, int64_t K, int config, int split_k);     \
+  /* Implicit-GEMM convolution (params.h ConvParams, conv_sp.cuh): NHWC x -> NHWC Y; p.gemm's  */ \
+  /* meta is the kernel-layout E and its workspace has gemm_workspace_bytes(M, N, K) bytes (or  */ \
+  /* those of the forced config / split_k): the convolution runs the GEMM's plan.               */ \
+  void conv2d(const ConvParams& p, void* stream);                                                 \
   /* ---- INT8 (quantize.cuh, gemm_sp_s8.cuh) ----                                              */ \
   /* X[M, K] (in_dtype f32/f16/bf16, row stride ldx) -> x_q int8 [M, K] contiguous and          */ \
   /* x_scale fp32 [M]: dynamic per-token symmetric quantisation.                                */ \

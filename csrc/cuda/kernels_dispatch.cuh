@@ -10,6 +10,7 @@
 #include "../params.h"
 #include "arch/portability.cuh"
 #include "compress.cuh"
+#include "conv_sp.cuh"
 #include "gemm_heuristics.h"
 #include "gemm_sp.cuh"
 #include "gemm_sp_s8.cuh"
@@ -62,12 +63,15 @@ void launch_decompress(const DecompressParams& p, sg_stream_t stream) {
     sg_launch(decompress_kernel<kDType>, dim3(elementwise_blocks(total)), dim3(kElementwiseThreads), 0, stream, p);
 }
 
-template <typename Policy, typename Tile>
-void launch_gemm(const GemmParams& p, const GemmPlan& plan, sg_stream_t stream) {
+// XLoader: the B-operand loader (RowMajorX: the GEMM; NhwcConvX: the implicit-GEMM convolution);
+// params: its Params.
+template <typename Policy, typename Tile, typename XLoader>
+void launch_gemm(const typename XLoader::Params& params, const GemmPlan& plan, sg_stream_t stream) {
   using S = GemmShape<Policy, Tile>;
+  const GemmParams& p = XLoader::gemm(params);
   const dim3 grid(static_cast<unsigned>((p.M + S::kBlockM - 1) / S::kBlockM),
                   static_cast<unsigned>((p.N + S::kBlockN - 1) / S::kBlockN), static_cast<unsigned>(plan.split_k));
-  sg_launch(gemm_sp_kernel<Policy, Tile>, grid, dim3(S::kThreads), size_t(S::kSmemBytes), stream, p,
+  sg_launch(gemm_sp_kernel<Policy, Tile, XLoader>, grid, dim3(S::kThreads), size_t(S::kSmemBytes), stream, params,
             plan.k_tiles_per_split);
   if (plan.split_k > 1) {
     sg_launch(splitk_finalize_kernel<Policy>, dim3(elementwise_blocks(p.M * p.N)), dim3(kElementwiseThreads), 0,
@@ -75,12 +79,12 @@ void launch_gemm(const GemmParams& p, const GemmPlan& plan, sg_stream_t stream) 
   }
 }
 
-template <typename Policy>
-void launch_gemm_tile(const GemmParams& p, const GemmPlan& plan, sg_stream_t stream) {
+template <typename Policy, typename XLoader = RowMajorX<typename Policy::Operand>>
+void launch_gemm_tile(const typename XLoader::Params& params, const GemmPlan& plan, sg_stream_t stream) {
   if (plan.config == GemmConfig::decode) {
-    launch_gemm<Policy, gemm_tiles::Decode>(p, plan, stream);
+    launch_gemm<Policy, gemm_tiles::Decode, XLoader>(params, plan, stream);
   } else {
-    launch_gemm<Policy, gemm_tiles::LargeM>(p, plan, stream);
+    launch_gemm<Policy, gemm_tiles::LargeM, XLoader>(params, plan, stream);
   }
 }
 
@@ -140,6 +144,19 @@ void gemm(const GemmParams& p, void* stream) {
     case DType::f16: launch_gemm_tile<Mma16<DType::f16>>(p, plan, s); break;
     case DType::bf16: launch_gemm_tile<Mma16<DType::bf16>>(p, plan, s); break;
     default: break;  // the int8 GEMM is gemm_s8
+  }
+}
+
+void conv2d(const ConvParams& p, void* stream) {
+  const GemmParams& g = p.gemm;
+  if (g.M == 0 || g.N == 0) return;
+  // The convolution is the GEMM of its implicit X: the same plan (tile, split-K) and workspace.
+  const GemmPlan plan = plan_gemm(g.M, g.N, g.K, multiprocessor_count(), g.config, g.split_k);
+  const auto s = static_cast<sg_stream_t>(stream);
+  switch (g.dtype) {
+    case DType::f16: launch_gemm_tile<Mma16<DType::f16>, NhwcConvX<uint16_t>>(p, plan, s); break;
+    case DType::bf16: launch_gemm_tile<Mma16<DType::bf16>, NhwcConvX<uint16_t>>(p, plan, s); break;
+    default: break;  // ops.py admits f16 and bf16 only
   }
 }
 

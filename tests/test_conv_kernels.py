@@ -1,0 +1,247 @@
+"""The implicit-GEMM 2:4 convolution (csrc/cuda/conv_sp.cuh) in the SIMT emulator.
+
+Oracle: torch.nn.functional.conv2d in float64 on the pruned dense weight (SparseConv2d's
+dense_weight()). Exact on small-integer data; otherwise within twice the error of the dense
+low-precision convolution. Shapes are small (the emulator runs every thread as a fiber) and pick
+the cases that break implicit-GEMM addressing: Cin % 8 != 0 (element loads), taps in the zero
+padding, stride and dilation, odd H/W, Cout and M off the tile sizes, split-K.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from sparsegemm import _C, ops
+from sparsegemm.nn import SparseConv2d
+from test_kernels_simt import DECODE, DTYPE_CODES, LARGE_M
+
+KERNEL_DTYPES = [torch.float16, torch.bfloat16]
+
+# (batch, cin, cout, (H, W), kernel, stride, padding, dilation)
+GEOMETRIES = [
+    (1, 8, 16, (5, 7), 1, 1, 0, 1),
+    (2, 16, 24, (7, 9), 3, 1, 1, 1),
+    (2, 24, 20, (9, 7), 3, 2, 1, 1),
+    (1, 3, 16, (7, 5), 3, 2, 1, 1),            # RGB stem: K = 27, predicated element loads
+    (2, 16, 12, (5, 11), (1, 3), 1, (0, 2), 2),
+    (1, 8, 40, (9, 9), 3, 1, 0, 2),
+    (2, 3, 8, (6, 5), (1, 3), 2, (0, 2), 1),
+    (1, 24, 136, (11, 13), 3, 1, 1, 1),        # M = 143 and N = 136: a second tile in both
+]
+
+
+def geometry_id(g):
+    b, cin, cout, hw, k, s, p, d = g
+    return f"b{b}-cin{cin}-cout{cout}-{hw[0]}x{hw[1]}-k{k}-s{s}-p{p}-d{d}"
+
+
+def make_layer(cin, cout, kernel, stride, padding, dilation, dtype, *, integer, seed=0, bias=True):
+    """A SparseConv2d (backend="simt") pruned from a random nn.Conv2d."""
+    gen = torch.Generator().manual_seed(seed)
+    conv = torch.nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, dilation=dilation, bias=bias)
+    with torch.no_grad():
+        if integer:
+            conv.weight.copy_(torch.randint(-3, 4, conv.weight.shape, generator=gen).float())
+            if bias:
+                conv.bias.copy_(torch.randint(-3, 4, conv.bias.shape, generator=gen).float())
+        else:
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen))
+            if bias:
+                conv.bias.copy_(torch.randn(conv.bias.shape, generator=gen))
+    return SparseConv2d.from_dense(conv, dtype=dtype, backend="simt")
+
+
+def make_input(batch, cin, hw, dtype, *, integer, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    if integer:
+        return torch.randint(-3, 4, (batch, cin, *hw), generator=gen).to(dtype)
+    return torch.randn(batch, cin, *hw, generator=gen).to(dtype)
+
+
+def reference(layer, x, dtype=torch.float64):
+    bias = None if layer.bias is None else layer.bias.detach().to(dtype)
+    return F.conv2d(x.to(dtype), layer.dense_weight().to(dtype), bias, layer.stride, layer.padding, layer.dilation)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=["f16", "bf16"])
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=geometry_id)
+def test_exact_on_small_integers(dtype, geometry):
+    b, cin, cout, hw, kernel, stride, padding, dilation = geometry
+    layer = make_layer(cin, cout, kernel, stride, padding, dilation, dtype, integer=True)
+    x = make_input(b, cin, hw, dtype, integer=True)
+    y = layer(x)
+    ref = reference(layer, x)
+    assert y.shape == ref.shape and y.dtype == dtype
+    assert torch.equal(y.double(), ref.to(dtype).double())
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=geometry_id)
+def test_matches_the_unfold_path(geometry):
+    b, cin, cout, hw, kernel, stride, padding, dilation = geometry
+    layer = make_layer(cin, cout, kernel, stride, padding, dilation, torch.float16, integer=True, seed=3)
+    x = make_input(b, cin, hw, torch.float16, integer=True, seed=4)
+    y_simt = layer(x)
+    layer.backend = "cpu"  # unfold + the CPU sparse GEMM
+    assert torch.equal(y_simt, layer(x))
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=["f16", "bf16"])
+@pytest.mark.parametrize("geometry", [GEOMETRIES[1], GEOMETRIES[3], GEOMETRIES[4], GEOMETRIES[7]], ids=geometry_id)
+def test_random_within_twice_dense_error(dtype, geometry):
+    b, cin, cout, hw, kernel, stride, padding, dilation = geometry
+    layer = make_layer(cin, cout, kernel, stride, padding, dilation, dtype, integer=False, seed=5)
+    x = make_input(b, cin, hw, dtype, integer=False, seed=6)
+    exact = reference(layer, x)
+    dense = reference(layer, x, dtype).double()  # torch's own conv2d at the same dtype
+    base_err = (dense - exact).abs().max().item()
+    err = (layer(x).double() - exact).abs().max().item()
+    assert err <= 2 * base_err, (err, base_err)
+
+
+def test_output_is_an_nchw_view_of_nhwc_storage():
+    layer = make_layer(8, 24, 3, 1, 1, 1, torch.float16, integer=True)
+    for x in (make_input(2, 8, (5, 6), torch.float16, integer=True),
+              make_input(2, 8, (5, 6), torch.float16, integer=True).to(memory_format=torch.channels_last)):
+        y = layer(x)
+        assert y.shape == (2, 24, 5, 6)
+        assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+        assert torch.equal(y.double(), reference(layer, x))
+
+
+def test_channels_last_input_at_an_unaligned_offset_takes_the_element_loads():
+    # cin % 8 == 0 but x starts 2 bytes past a 16-byte boundary: cp.async is not allowed.
+    layer = make_layer(16, 8, 3, 1, 1, 1, torch.float16, integer=True)
+    base = make_input(1, 1, (1, 5 * 7 * 16 + 1), torch.float16, integer=True).flatten()
+    x = base[1:].view(1, 5, 7, 16).permute(0, 3, 1, 2)
+    assert x.is_contiguous(memory_format=torch.channels_last) and x.data_ptr() % 16 != 0
+    assert torch.equal(layer(x).double(), reference(layer, x))
+
+
+@pytest.mark.parametrize("act,fn", [(1, torch.relu), (3, F.silu)], ids=["relu", "silu"])
+def test_fused_bias_and_activation(act, fn):
+    layer = make_layer(16, 24, 3, 2, 1, 1, torch.float16, integer=True)
+    x = make_input(2, 16, (7, 7), torch.float16, integer=True)
+    y = ops._conv2d(x.permute(0, 2, 3, 1).contiguous(), layer.values, layer.meta, layer._kernel_meta_for("simt"),
+                    [3, 3], [2, 2], [1, 1], [1, 1], layer.bias, act, "simt")
+    ref = fn(reference(layer, x).float()).permute(0, 2, 3, 1)
+    # relu is exact on integers; silu's fp32 exp may differ from torch's by an ulp before rounding.
+    torch.testing.assert_close(y.float(), ref.half().float(), rtol=0 if act == 1 else 1e-3, atol=0)
+
+
+@pytest.mark.parametrize("config,split_k", [(DECODE, 0), (DECODE, 3), (LARGE_M, 2)])
+def test_forced_tiles_and_split_k(config, split_k):
+    # K = 9 * 32 = 288: five k-tiles, so split_k = 3 gives splits of 2, 2 and 1.
+    layer = make_layer(32, 20, 3, 1, 1, 1, torch.float16, integer=True)
+    x = make_input(1, 32, (3, 5), torch.float16, integer=True)
+    x_nhwc = x.permute(0, 2, 3, 1).contiguous()
+    m, n, k = 15, 20, 288
+    y = torch.full((1, 3, 5, n), float("nan"), dtype=torch.float16)
+    ws_bytes = _C.simt_gemm_workspace_bytes(m, n, k, config, split_k)
+    assert (ws_bytes > 0) == (split_k > 1)
+    ws = torch.empty(max(ws_bytes, 4), dtype=torch.uint8)
+    _C.simt_conv2d(x_nhwc.data_ptr(), layer.values.data_ptr(), layer._kernel_meta_for("simt").data_ptr(),
+                   layer.bias.data_ptr(), y.data_ptr(), 1, 3, 5, 32, n, 3, 5, [3, 3], [1, 1], [1, 1], [1, 1],
+                   DTYPE_CODES[torch.float16], 0, ws.data_ptr() if ws_bytes else 0, config, split_k)
+    assert torch.equal(y.permute(0, 3, 1, 2).double(), reference(layer, x))
+
+
+def test_gradients_match_the_dense_convolution():
+    layer = make_layer(8, 16, 3, 2, 1, 1, torch.float16, integer=True)
+    x = make_input(2, 8, (5, 6), torch.float16, integer=True).requires_grad_()
+    y = layer(x)
+    g = make_input(2, 16, y.shape[2:], torch.float16, integer=True, seed=9)
+    y.backward(g)
+    w = layer.dense_weight().double().requires_grad_()
+    x64 = x.detach().double().requires_grad_()
+    b64 = layer.bias.detach().double().requires_grad_()
+    F.conv2d(x64, w, b64, 2, 1).backward(g.double())
+    assert torch.equal(x.grad.double(), x64.grad)
+    assert torch.equal(layer.bias.grad.double(), b64.grad)
+    matrix_grad = w.grad.permute(0, 2, 3, 1).reshape(16, -1)
+    kept = ops.meta_to_mask(layer.meta, matrix_grad.shape[1])
+    assert torch.equal(layer.values.grad.double(), matrix_grad[kept].reshape(16, -1))
+
+
+def test_opcheck_schema_fake_and_autograd():
+    layer = make_layer(8, 16, 3, 2, 1, 1, torch.float16, integer=True)
+    x = make_input(2, 8, (5, 6), torch.float16, integer=True).permute(0, 2, 3, 1).contiguous().requires_grad_()
+    values = layer.values.detach().clone().requires_grad_()
+    result = torch.library.opcheck(ops._conv2d, (x, values, layer.meta, layer._kernel_meta_for("simt"), [3, 3],
+                                                 [2, 2], [1, 1], [1, 1], layer.bias.detach(), 0, "simt"))
+    assert set(result.values()) == {"SUCCESS"}, result
+
+
+# ---- errors ----------------------------------------------------------------------------------
+
+def test_errors_name_the_problem():
+    layer = make_layer(8, 8, 3, 1, 0, 1, torch.float16, integer=True)
+    with pytest.raises(TypeError, match="SparseConv2d: x must have dtype in"):
+        layer(torch.zeros(1, 8, 5, 5))
+    with pytest.raises(TypeError, match="does not match the weight dtype"):
+        layer(torch.zeros(1, 8, 5, 5, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="smaller than the dilated kernel"):
+        layer(torch.zeros(1, 8, 2, 5, dtype=torch.float16))
+    with pytest.raises(ValueError, match="stride must be two integers >= 1"):
+        ops._conv2d(torch.zeros(1, 5, 5, 8, dtype=torch.float16), layer.values, layer.meta,
+                    layer._kernel_meta_for("simt"), [3, 3], [0, 1], [0, 0], [1, 1], None, 0, "simt")
+
+
+def test_32bit_index_check():
+    # Meta tensors run the fake impl, which checks before anything is allocated or read.
+    v = torch.empty(8, 4, dtype=torch.float16, device="meta")
+    meta = torch.empty(8, 1, dtype=torch.uint8, device="meta")
+    x = torch.empty(64, 2048, 2048, 8, dtype=torch.float16, device="meta")
+    with pytest.raises(ValueError, match=r"B\*H\*W\*C = 2147483648 exceeds 32-bit indexing"):
+        ops._conv2d(x, v, meta, meta, [1, 1], [1, 1], [0, 0], [1, 1], None, 0, "simt")
+    x = torch.empty(64, 2047, 2048, 8, dtype=torch.float16, device="meta")
+    assert ops._conv2d(x, v, meta, meta, [1, 1], [1, 1], [0, 0], [1, 1], None, 0, "simt").shape == x.shape
+
+
+# ---- no im2col buffer ------------------------------------------------------------------------
+
+class AllocationLog(TorchDispatchMode):
+    """Records every aten op and the bytes of the fresh (non-view) tensors it returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.fresh_bytes = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops.append(str(func.overloadpacket))
+        if isinstance(out, torch.Tensor) and not out._is_view():
+            self.fresh_bytes.append(out.untyped_storage().nbytes())
+        return out
+
+
+@pytest.mark.parametrize("split_k_shape", [False, True], ids=["single-pass", "split-k"])
+def test_op_allocates_only_the_output_and_the_workspace(split_k_shape):
+    # 1 x 64 x 3 x 5 input with 3x3 taps: M = 15 (decode tile), K = 576 (nine k-tiles: split-K).
+    cin, hw = (64, (3, 5)) if split_k_shape else (16, (9, 11))
+    layer = make_layer(cin, 24, 3, 1, 1, 1, torch.float16, integer=True)
+    x = make_input(1, cin, hw, torch.float16, integer=True).permute(0, 2, 3, 1).contiguous()
+    kernel_meta = layer._kernel_meta_for("simt")
+    args = (x, layer.values.detach(), layer.meta, kernel_meta, [3, 3], [1, 1], [1, 1], [1, 1], layer.bias.detach(), 0,
+            "simt")
+    with AllocationLog() as log:
+        y = ops._conv2d._init_fn(*args)  # the op's body, so that the log sees inside it
+    m, k = hw[0] * hw[1], 9 * cin
+    workspace = _C.simt_gemm_workspace_bytes(m, 24, k)
+    assert (workspace > 0) == split_k_shape
+    assert sorted(log.fresh_bytes) == sorted([y.nbytes] + ([workspace] if workspace else []))
+    # Allocations only: no im2col, unfold, copy, pad or gather of x.
+    assert set(log.ops) <= {"aten.new_empty", "aten.empty"}, log.ops
+    assert torch.equal(y.permute(0, 3, 1, 2).double(), reference(layer, x.permute(0, 3, 1, 2)))
+    # The fake impl (run on meta tensors) promises the same output.
+    fake = ops._conv2d(*[a.to("meta") if isinstance(a, torch.Tensor) else a for a in args])
+    assert fake.shape == y.shape and fake.dtype == y.dtype and fake.is_contiguous()
+
+
+def test_module_forward_on_channels_last_input_copies_nothing():
+    layer = make_layer(16, 24, 3, 2, 1, 1, torch.float16, integer=True)
+    x = make_input(2, 16, (7, 9), torch.float16, integer=True).to(memory_format=torch.channels_last)
+    layer(x)  # the first forward reorders the metadata once
+    with torch.no_grad(), AllocationLog() as log:
+        y = layer(x)
+    assert sorted(log.ops) == ["aten.permute", "aten.permute", "sparsegemm.conv2d"], log.ops
+    assert torch.equal(y.double(), reference(layer, x))
