@@ -75,7 +75,8 @@ class _SparseWeight(nn.Module):
         cached = self._kernel_meta.get(key)
         if cached is None:
             cached = ops.reorder_meta(self.meta, self.weight_shape[1], backend)
-            self._kernel_meta[key] = cached
+            if ops.may_cache_reorder(self.meta):
+                self._kernel_meta[key] = cached
         return cached
 
     def _sparse_linear(self, x: Tensor, activation: Optional[str] = None) -> Tensor:

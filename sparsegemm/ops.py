@@ -9,6 +9,7 @@ is strict ``compress`` on CUDA, which must report a non-2:4 group.
 """
 from __future__ import annotations
 
+import functools
 import threading
 from typing import Optional
 
@@ -49,6 +50,21 @@ def _ptr(t: Optional[Tensor]) -> int:
 
 def _stream(t: Tensor) -> int:
     return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def _on_tensor_device(fn):
+    """Run ``fn`` with its first tensor argument's GPU current: the extension launches on the
+    current device (and sizes split-K by its SMs), and torch does not switch devices for a custom
+    op's implementation."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        first = next((a for a in args if isinstance(a, Tensor)), None)
+        if first is not None and first.device.type == "cuda":
+            with torch.cuda.device(first.device):
+                return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return wrapper
 
 
 # ---- argument checks -------------------------------------------------------------------------
@@ -109,6 +125,7 @@ def _rowmajor(t: Tensor) -> Tensor:
 # ---- mask ------------------------------------------------------------------------------------
 
 @torch.library.custom_op("sparsegemm::mask_2to4", mutates_args=())
+@_on_tensor_device
 def _mask_2to4(w: Tensor) -> Tensor:
     n, k = w.shape
     if w.device.type == "cpu":
@@ -148,6 +165,7 @@ def _non_24_message(op: str, w: Tensor, flat: int) -> str:
 
 
 @torch.library.custom_op("sparsegemm::compress", mutates_args=())
+@_on_tensor_device
 def _compress(w: Tensor, prune: bool, backend: str) -> tuple[Tensor, Tensor]:
     n, k = w.shape
     values = w.new_empty((n, fmt.values_cols(k)))
@@ -179,6 +197,7 @@ def _(w: Tensor, prune: bool, backend: str) -> tuple[Tensor, Tensor]:
 
 
 @torch.library.custom_op("sparsegemm::decompress", mutates_args=())
+@_on_tensor_device
 def _decompress(values: Tensor, meta: Tensor, k: int, backend: str) -> Tensor:
     n = values.shape[0]
     w = values.new_empty((n, k))
@@ -215,6 +234,14 @@ def find_invalid_meta(meta: Tensor, k: int) -> Optional[tuple[int, int]]:
     return None if flat < 0 else divmod(flat, g)
 
 
+def may_cache_reorder(meta: Tensor) -> bool:
+    """Whether a reordered copy made now may be cached: one made while a CUDA graph is being
+    captured is only filled when the graph replays, so an eager call before that would read
+    garbage from the cache."""
+    return not (meta.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
+@_on_tensor_device
 def reorder_meta(meta: Tensor, k: int, backend: str, s8: bool = False) -> Tensor:
     """Logical metadata -> the hardware-ordered layout the ``backend`` GEMM reads.
 
@@ -276,6 +303,7 @@ def _cpu_dense_tiles(x: Tensor, values: Tensor, meta: Tensor, k: int, bias: Opti
 
 
 @torch.library.custom_op("sparsegemm::linear", mutates_args=())
+@_on_tensor_device
 def _linear(x: Tensor, values: Tensor, meta: Tensor, kernel_meta: Optional[Tensor], k: int, bias: Optional[Tensor],
             activation: int, backend: str) -> Tensor:
     """``meta`` is the logical metadata (CPU backend, autograd); ``kernel_meta`` the reordered copy
@@ -388,6 +416,7 @@ def _conv2d_shape(op: str, x: Tensor, n: int, kernel_size, stride, padding, dila
 
 
 @torch.library.custom_op("sparsegemm::conv2d", mutates_args=())
+@_on_tensor_device
 def _conv2d(x: Tensor, values: Tensor, meta: Tensor, kernel_meta: Tensor, kernel_size: list[int], stride: list[int],
             padding: list[int], dilation: list[int], bias: Optional[Tensor], activation: int, backend: str) -> Tensor:
     """Implicit-GEMM 2:4 convolution (CUDA / SIMT): x NHWC [B, H, W, Cin] -> NHWC [B, Ho, Wo, Cout].
@@ -474,6 +503,7 @@ def require_int8_kernels(op: str, backend: str) -> None:
 
 
 @torch.library.custom_op("sparsegemm::quantize_rows", mutates_args=())
+@_on_tensor_device
 def _quantize_rows(x: Tensor, backend: str) -> tuple[Tensor, Tensor]:
     """Dynamic per-token INT8: (x_q int8 [M, K] contiguous, x_scale float32 [M]) of x [M, K]."""
     m, k = x.shape
@@ -501,6 +531,7 @@ def _(x: Tensor, backend: str) -> tuple[Tensor, Tensor]:
 
 
 @torch.library.custom_op("sparsegemm::linear_s8", mutates_args=())
+@_on_tensor_device
 def _linear_s8(x_q: Tensor, x_scale: Tensor, values: Tensor, meta: Tensor, kernel_meta: Optional[Tensor],
                w_scale: Tensor, k: int, bias: Optional[Tensor], activation: int, out_dtype: torch.dtype,
                backend: str) -> Tensor:

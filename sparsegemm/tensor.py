@@ -129,5 +129,6 @@ class SparseTensor24:
         cached = self._kernel_meta.get(backend)
         if cached is None:
             cached = ops.reorder_meta(self.meta, self.shape[1], backend, s8=self.dtype == torch.int8)
-            self._kernel_meta[backend] = cached
+            if ops.may_cache_reorder(self.meta):
+                self._kernel_meta[backend] = cached
         return cached

@@ -131,7 +131,9 @@ struct GemmShape {
 
   static_assert(kRowBytesA == 64 && kRowBytesB == 128, "the swizzles below assume 64-byte A rows and 128-byte B rows");
   static_assert(kSteps == 2, "ldmatrix addressing below: two k-steps of 32 A bytes and 64 B bytes per k-tile");
-  static_assert(kBlockK % Policy::kMetaKPadding == 0 && kMetaRowPad % kBlockN == 0,
+  // The kernel metadata is padded to whole kMetaKPadding x kMetaRowPad blocks (reorder.cuh): every
+  // tile this kernel reads must lie inside that padding, so the padding must be a multiple of the tile.
+  static_assert(Policy::kMetaKPadding % kBlockK == 0 && kMetaRowPad % kBlockN == 0,
                 "metadata padding must cover every tile");
   static_assert(kWarpN % 16 == 0 && kWarpM % 8 == 0, "warp tile: whole mma tiles");
   static_assert(kStages >= 2, "cp.async pipeline needs two stages");

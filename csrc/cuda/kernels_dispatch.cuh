@@ -5,6 +5,8 @@
 #pragma once
 #include <algorithm>
 #include <cstdint>
+#include <stdexcept>
+#include <string>
 
 #include "../format.h"
 #include "../params.h"
@@ -69,8 +71,13 @@ template <typename Policy, typename Tile, typename XLoader>
 void launch_gemm(const typename XLoader::Params& params, const GemmPlan& plan, sg_stream_t stream) {
   using S = GemmShape<Policy, Tile>;
   const GemmParams& p = XLoader::gemm(params);
-  const dim3 grid(static_cast<unsigned>((p.M + S::kBlockM - 1) / S::kBlockM),
-                  static_cast<unsigned>((p.N + S::kBlockN - 1) / S::kBlockN), static_cast<unsigned>(plan.split_k));
+  const int64_t n_blocks = (p.N + S::kBlockN - 1) / S::kBlockN;
+  if (n_blocks > 65535) {  // gridDim.y limit
+    throw std::invalid_argument("sparsegemm gemm: N = " + std::to_string(p.N) + " needs " + std::to_string(n_blocks) +
+                                " blocks along N, more than the 65535 a launch allows; split the weight");
+  }
+  const dim3 grid(static_cast<unsigned>((p.M + S::kBlockM - 1) / S::kBlockM), static_cast<unsigned>(n_blocks),
+                  static_cast<unsigned>(plan.split_k));
   sg_launch(gemm_sp_kernel<Policy, Tile, XLoader>, grid, dim3(S::kThreads), size_t(S::kSmemBytes), stream, params,
             plan.k_tiles_per_split);
   if (plan.split_k > 1) {
