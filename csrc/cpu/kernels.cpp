@@ -218,7 +218,8 @@ int64_t rows_grain(int64_t row_len) { return std::max<int64_t>(1, (int64_t{1} <<
 // Indices for a step of 16 groups (64 K positions, 32 kept 16-bit values, 8 metadata bytes) whose
 // kept values sit in 16-bit lanes: lane l gets 0..63, the position of kept value l among the
 // step's 64 X values, for a two-register permute (vpermt2w). Lane l needs bits [2l+1 : 2l] of the
-// 8 metadata bytes: 16-bit word l / 8, shifted by 2 (l % 8). Shared by the bf16 and int8 steps and by compress.
+// 8 metadata bytes: 16-bit word l / 8, shifted by 2 (l % 8). Shared by the bf16 and int8 GEMM
+// steps and by compress (which gathers W's kept values with it).
 inline __m512i pair_step_index(const uint8_t* meta) {
   alignas(64) static constexpr uint16_t kWordOfLane[32] = {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
                                                            2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3};
@@ -285,7 +286,6 @@ constexpr __mmask16 kLowerRival32[4] = {0, 0x8888, 0xCCCC, 0xEEEE};
 
 // One 64-bit lane is one group of 16-bit values: a 64-bit rotation by 16 d bits brings position
 // (p + d) % 4 under p. Returns the rank >= 2 lanes of the register's 8 groups.
-template <DType D>
 inline __mmask32 dropped_lanes16(__m512i key) {
   auto beats = [&](__m512i rival, int d) {
     return _mm512_cmpgt_epu16_mask(rival, key) | _mm512_mask_cmpeq_epu16_mask(kLowerRival16[d], rival, key);
@@ -320,7 +320,7 @@ inline SelectedStep select_step(const typename ElemTraits<D>::Storage* w) {
     const __m512i first_nan = _mm512_set1_epi16(static_cast<short>(OrderingKey<D>::kFirstNan));
     for (int q = 0; q < 2; ++q) {
       const __m512i bits = _mm512_and_si512(_mm512_loadu_si512(w + 32 * q), magnitude);
-      dropped |= uint64_t{dropped_lanes16<D>(_mm512_min_epu16(bits, first_nan))} << (32 * q);
+      dropped |= uint64_t{dropped_lanes16(_mm512_min_epu16(bits, first_nan))} << (32 * q);
       zero |= uint64_t{_mm512_testn_epi16_mask(bits, bits)} << (32 * q);
     }
   }
