@@ -341,6 +341,150 @@ def test_find_invalid_meta(K):
         assert meta.shape[1] * 2 == G
 
 
+# ---- vector selection steps (16 groups, 64 K positions per step on avx2 and avx512) -----------
+
+VECTOR_STEP = 64   # K positions per vector step; rows shorter than this take only the scalar path
+
+# Signalling-NaN patterns make numpy warn when the oracle converts them (the result is still NaN).
+# Bit patterns of special values per dtype: zeros, subnormals, normal edges, infinities and NaNs
+# whose payloads differ (and whose sign-cleared bits would order them if the kernel let them).
+SPECIAL_BITS = {
+    F32: dict(zero=0x00000000, neg_zero=0x80000000, sub_min=0x00000001, neg_sub_min=0x80000001,
+              sub_max=0x007FFFFF, normal_min=0x00800000, finite_max=0x7F7FFFFF, inf=0x7F800000,
+              neg_inf=0xFF800000, nan_lo=0x7F800001, nan_hi=0x7FC00000, neg_nan_max=0xFFFFFFFF,
+              one=0x3F800000, neg_one=0xBF800000, two=0x40000000, neg_two=0xC0000000),
+    F16: dict(zero=0x0000, neg_zero=0x8000, sub_min=0x0001, neg_sub_min=0x8001, sub_max=0x03FF,
+              normal_min=0x0400, finite_max=0x7BFF, inf=0x7C00, neg_inf=0xFC00, nan_lo=0x7C01,
+              nan_hi=0x7E00, neg_nan_max=0xFFFF, one=0x3C00, neg_one=0xBC00, two=0x4000, neg_two=0xC000),
+    BF16: dict(zero=0x0000, neg_zero=0x8000, sub_min=0x0001, neg_sub_min=0x8001, sub_max=0x007F,
+               normal_min=0x0080, finite_max=0x7F7F, inf=0x7F80, neg_inf=0xFF80, nan_lo=0x7F81,
+               nan_hi=0x7FC0, neg_nan_max=0xFFFF, one=0x3F80, neg_one=0xBF80, two=0x4000, neg_two=0xC000),
+}
+
+
+def from_bits(b, dtype):
+    """Storage array holding the given bit patterns."""
+    b = np.asarray(b, dtype=np.uint32 if dtype == F32 else np.uint16)
+    return b.view(storage_dtype(dtype))
+
+
+# (four special-value names, kept pair by the format.h rule)
+SPECIAL_GROUPS = [
+    (("nan_lo", "nan_hi", "neg_nan_max", "zero"), (0, 1)),    # NaNs tie whatever their payloads
+    (("one", "neg_nan_max", "two", "nan_lo"), (1, 3)),
+    (("inf", "nan_hi", "neg_inf", "two"), (0, 1)),            # NaN, then +inf ties -inf: lower index
+    (("neg_inf", "two", "inf", "nan_lo"), (0, 3)),
+    (("sub_min", "neg_sub_min", "zero", "neg_zero"), (0, 1)),
+    (("zero", "neg_zero", "neg_sub_min", "zero"), (0, 2)),    # a subnormal outranks zeros
+    (("neg_zero", "zero", "zero", "sub_max"), (0, 3)),
+    (("finite_max", "neg_inf", "normal_min", "sub_max"), (0, 1)),
+    (("sub_max", "normal_min", "sub_min", "finite_max"), (1, 3)),
+    (("neg_zero", "zero", "neg_zero", "zero"), (0, 1)),       # -0.0 ties +0.0
+    (("two", "neg_two", "two", "neg_two"), (0, 1)),
+    (("one", "two", "neg_two", "neg_one"), (1, 2)),
+    (("neg_one", "sub_max", "zero", "one"), (0, 3)),
+    (("zero", "neg_zero", "inf", "neg_inf"), (2, 3)),
+]
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in cast:RuntimeWarning")
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_vector_steps_special_groups(isa, dtype):
+    # Row r holds case (r + g) % 14 in group g: every case visits every lane of both vector steps
+    # (K = 136: two steps, then two scalar groups).
+    special = SPECIAL_BITS[dtype]
+    K = 2 * VECTOR_STEP + 8
+    G = K // 4
+    N = len(SPECIAL_GROUPS)
+    w_bits = np.zeros((N, K), dtype=np.uint32)
+    expected = np.zeros((N, G, 2), dtype=np.int64)
+    for r in range(N):
+        for g in range(G):
+            names, pair = SPECIAL_GROUPS[(r + g) % N]
+            w_bits[r, 4 * g:4 * g + 4] = [special[name] for name in names]
+            expected[r, g] = pair
+    ws = from_bits(w_bits, dtype)
+    values, meta, _ = cpu_compress(ws, dtype, K, prune=True)
+    mask = cpu_mask(ws, dtype, K)
+    for r in range(N):
+        for g in range(G):
+            i0, i1 = expected[r, g]
+            case = SPECIAL_GROUPS[(r + g) % N][0]
+            assert (meta[r, g // 2] >> (4 * (g % 2))) & 0xF == i0 | (i1 << 2), f"row {r} group {g}: {case}"
+            assert list(mask[r, 4 * g:4 * g + 4]) == [int(i in (i0, i1)) for i in range(4)], f"{case}"
+            np.testing.assert_array_equal(bits(values[r, 2 * g:2 * g + 2]), bits(ws[r, [4 * g + i0, 4 * g + i1]]))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in cast:RuntimeWarning")
+@pytest.mark.parametrize("K", [64, 65, 66, 67, 68, 128, 131, 200, 259])
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_vector_steps_match_oracle(isa, threads, dtype, K):
+    # Each row draws from a few special values, so ties (NaN with NaN, inf with -inf, equal
+    # subnormals, -0.0 with 0.0) are common; the strided buffer holds NaNs past K that must not be read.
+    rng = np.random.default_rng(1000 * dtype + K)
+    N = 12
+    pool = np.array(list(SPECIAL_BITS[dtype].values()), dtype=np.uint32)
+    buf_bits = np.full((N, K + 5), SPECIAL_BITS[dtype]["nan_hi"], dtype=np.uint32)
+    for r in range(N):
+        choices = rng.choice(pool, size=rng.integers(2, 6), replace=False)
+        buf_bits[r, :K] = rng.choice(choices, size=K)
+    buf = from_bits(buf_bits, dtype)
+    ws = buf[:, :K]
+    ref_values, ref_meta, ref_mask = oracle_compress(ws, dtype, K)
+    values, meta, first_bad = cpu_compress(ws, dtype, K, prune=True)
+    assert first_bad == -1
+    np.testing.assert_array_equal(meta, ref_meta)
+    np.testing.assert_array_equal(bits(values), bits(ref_values))
+    np.testing.assert_array_equal(cpu_mask(ws, dtype, K), ref_mask)
+    # Strict mode writes the same values and metadata, and reports the first group with more than
+    # two non-zeros (NaN is non-zero, -0.0 is not).
+    nonzero = np.zeros((N, 4 * num_groups(K)), dtype=bool)
+    wf = to_f64(ws, dtype)
+    nonzero[:, :K] = (wf != 0) | np.isnan(wf)
+    crowded = np.flatnonzero(nonzero.reshape(N, -1, 4).sum(axis=2) > 2)
+    strict_values, strict_meta, strict_first_bad = cpu_compress(ws, dtype, K, prune=False)
+    assert strict_first_bad == (crowded[0] if len(crowded) else -1)
+    np.testing.assert_array_equal(strict_meta, ref_meta)
+    np.testing.assert_array_equal(bits(strict_values), bits(ref_values))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in cast:RuntimeWarning")
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_strict_mode_failures_inside_vector_steps(isa, threads, dtype):
+    # Crowded groups at the first and last lanes of vector steps, in a scalar tail group and in the
+    # partial last group, in rows both threads own; removing the earliest one reveals the next.
+    special = SPECIAL_BITS[dtype]
+    rng = np.random.default_rng(7 + dtype)
+    N, K = 400, 3 * VECTOR_STEP + 7        # groups 0-47 in vector steps, 48 scalar, 49 partial
+    G = num_groups(K)
+    ws = strict_24(rng, N, K, dtype)
+    fine = [("neg_zero", "one", "neg_zero", "two"), ("sub_min", "zero", "zero", "neg_inf"),
+            ("neg_zero", "zero", "neg_zero", "zero"), ("nan_lo", "neg_zero", "neg_nan_max", "zero")]
+    crowded = [("nan_hi", "one", "two", "zero"),               # NaN counts as a non-zero
+               ("sub_min", "neg_sub_min", "sub_max", "neg_zero"),  # so do subnormals
+               ("inf", "neg_inf", "one", "neg_zero"),
+               ("one", "one", "one", "one")]
+    for n, row in enumerate(rng.choice(N, size=len(fine) * 8, replace=False)):
+        g = rng.integers(0, G - 1)
+        ws[row, 4 * g:4 * g + 4] = from_bits([special[name] for name in fine[n % len(fine)]], dtype)
+    places = [(390, 0), (350, 15), (301, 16), (250, 31), (203, 47), (150, 32), (120, 48), (30, 17),
+              (12, 40)]
+    for n, (row, g) in enumerate(places):
+        ws[row, 4 * g:4 * g + 4] = from_bits([special[name] for name in crowded[n % len(crowded)]], dtype)
+    # Partial last group (3 real positions): three non-zeros are crowded, positions past K do not exist.
+    ws[5, 4 * (G - 1):] = from_bits([special["one"], special["neg_inf"], special["sub_min"]], dtype)
+    places.append((5, G - 1))
+    # A failed strict compress still writes the pruned values and metadata.
+    ref_values, ref_meta, _ = oracle_compress(ws, dtype, K)
+    values, meta, _ = cpu_compress(ws, dtype, K, prune=False)
+    np.testing.assert_array_equal(meta, ref_meta)
+    np.testing.assert_array_equal(bits(values), bits(ref_values))
+    for row, g in sorted(places, key=lambda place: place[0] * G + place[1]):
+        assert cpu_compress(ws, dtype, K, prune=False)[2] == row * G + g
+        ws[row, 4 * g:min(4 * g + 4, K)] = 0
+    assert cpu_compress(ws, dtype, K, prune=False)[2] == -1
+
+
 # ---- GEMM --------------------------------------------------------------------------------------
 
 def make_problem(rng, M, N, K, dtype, scale=1.0):

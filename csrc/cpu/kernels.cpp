@@ -74,15 +74,20 @@ inline __m512 widen_lanes(const typename ElemTraits<D>::Storage* p) {
   }
 }
 
-template <DType D>
-inline Step load_step(const typename ElemTraits<D>::Storage* values, const uint8_t* meta) {
+// Lane l of a step's index vector: 0..31, the position of kept value l among the step's 32 values.
+inline __m512i step_lane_index(const uint8_t* meta) {
   uint32_t codes;
   std::memcpy(&codes, meta, sizeof codes);
   const __m512i shift = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i group_base = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
   const __m512i code = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(codes)), shift),
                                         _mm512_set1_epi32(3));
-  return {_mm512_add_epi32(code, group_base), widen_lanes<D>(values)};
+  return _mm512_add_epi32(code, group_base);
+}
+
+template <DType D>
+inline Step load_step(const typename ElemTraits<D>::Storage* values, const uint8_t* meta) {
+  return {step_lane_index(meta), widen_lanes<D>(values)};
 }
 
 inline Fp32Acc zero_acc() { return _mm512_setzero_ps(); }
@@ -120,15 +125,20 @@ inline __m256 widen_lanes(const typename ElemTraits<D>::Storage* p) {
   }
 }
 
-template <DType D>
-inline Step load_step(const typename ElemTraits<D>::Storage* values, const uint8_t* meta) {
+// Lane l of a step's index vector: 0..7, the position of kept value l within its half of the step.
+// vpermps only reaches 8 values: lanes 0-3 (groups 0, 1) index values [0, 8), lanes 4-7 [8, 16).
+inline __m256i step_lane_index(const uint8_t* meta) {
   uint16_t codes;
   std::memcpy(&codes, meta, sizeof codes);
   const __m256i shift = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
-  // vpermps only reaches 8 values: lanes 0-3 (groups 0, 1) index X[0, 8), lanes 4-7 X[8, 16).
   const __m256i group_base = _mm256_setr_epi32(0, 0, 4, 4, 0, 0, 4, 4);
   const __m256i code = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(codes), shift), _mm256_set1_epi32(3));
-  return {_mm256_add_epi32(code, group_base), widen_lanes<D>(values)};
+  return _mm256_add_epi32(code, group_base);
+}
+
+template <DType D>
+inline Step load_step(const typename ElemTraits<D>::Storage* values, const uint8_t* meta) {
+  return {step_lane_index(meta), widen_lanes<D>(values)};
 }
 
 inline Fp32Acc zero_acc() { return _mm256_setzero_ps(); }
@@ -204,6 +214,284 @@ void with_dtype(DType dtype, Fn&& fn) {
 // Rows per parallel chunk so that one chunk is worth waking a thread for (about 16K elements).
 int64_t rows_grain(int64_t row_len) { return std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(1, row_len)); }
 
+#if defined(__AVX512BW__)
+// Indices for a step of 16 groups (64 K positions, 32 kept 16-bit values, 8 metadata bytes) whose
+// kept values sit in 16-bit lanes: lane l gets 0..63, the position of kept value l among the
+// step's 64 X values, for a two-register permute (vpermt2w). Lane l needs bits [2l+1 : 2l] of the
+// 8 metadata bytes: 16-bit word l / 8, shifted by 2 (l % 8). Shared by the bf16 and int8 GEMM
+// steps and by compress (which gathers W's kept values with it).
+inline __m512i pair_step_index(const uint8_t* meta) {
+  alignas(64) static constexpr uint16_t kWordOfLane[32] = {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                                           2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3};
+  alignas(64) static constexpr uint16_t kShift[32] = {0, 2, 4, 6, 8, 10, 12, 14, 0, 2, 4, 6, 8, 10, 12, 14,
+                                                      0, 2, 4, 6, 8, 10, 12, 14, 0, 2, 4, 6, 8, 10, 12, 14};
+  alignas(64) static constexpr uint16_t kGroupBase[32] = {0,  0,  4,  4,  8,  8,  12, 12, 16, 16, 20,
+                                                          20, 24, 24, 28, 28, 32, 32, 36, 36, 40, 40,
+                                                          44, 44, 48, 48, 52, 52, 56, 56, 60, 60};
+  uint64_t codes;
+  std::memcpy(&codes, meta, sizeof codes);
+  const __m512i words = _mm512_permutexvar_epi16(_mm512_load_si512(kWordOfLane),
+                                                 _mm512_set1_epi64(static_cast<long long>(codes)));
+  const __m512i code = _mm512_and_si512(_mm512_srlv_epi16(words, _mm512_load_si512(kShift)), _mm512_set1_epi16(3));
+  return _mm512_add_epi16(code, _mm512_load_si512(kGroupBase));
+}
+#endif
+
+// ---- Vector selection for mask_2to4 and compress: 16 groups (64 K positions) per step -----------
+//
+// Branch-free form of format.h's select_top2. The ordering key of a value is its bit pattern with
+// the sign cleared: for IEEE-style formats the integer order of |w| bits is the order of |w|
+// (-0.0 becomes +0.0, subnormals sit below the normals, +inf above every number), and every NaN
+// pattern lies above +inf. The rule makes all NaNs tie (the lower index wins), so each NaN key is
+// clamped down to the smallest NaN pattern, its payload no longer ordering it. Position j beats
+// position i when key_j > key_i, or key_j == key_i and j < i; rank_i counts the positions beating
+// i, and the kept positions are those with rank < 2: exactly two per group, as beats is a strict
+// total order. Vectors hold whole groups, so rotating each group's lanes by d puts position
+// (p + d) % 4 under position p; that rival has the lower index exactly when p + d >= 4.
+//
+// A step's result is a 64-bit mask per property, bit 4g + p for position p of group g. The kept
+// mask's nibble g is then group g's nibble of E after a 2-of-4 pattern -> i0 | i1 << 2 lookup.
+#if defined(__AVX2__)
+#define SG_VECTOR_SELECT 1
+constexpr int64_t kSelectGroups = 16;
+
+struct SelectedStep {
+  uint64_t kept;     // the two positions each group keeps
+  uint64_t nonzero;  // positions whose value is not +-0.0 (NaN is non-zero)
+};
+
+// Sign-cleared bits of the storage type, and the smallest NaN pattern (every NaN key is clamped
+// to it). Bit patterns fit the signed lane type, so signed integer compares order them.
+template <DType D>
+struct OrderingKey {
+  static constexpr uint16_t kMagnitude = 0x7FFF;
+  static constexpr uint16_t kFirstNan = D == DType::f16 ? 0x7C01 : 0x7F81;  // f16: 5-bit exponent
+};
+template <>
+struct OrderingKey<DType::f32> {
+  static constexpr uint32_t kMagnitude = 0x7FFFFFFF;
+  static constexpr uint32_t kFirstNan = 0x7F800001;
+};
+
+// Majority of three lane predicates: set where at least two rivals beat the lane (rank >= 2).
+template <typename V>
+inline V at_least_two(V b1, V b2, V b3) {
+  return (b1 & b2) | (b3 & (b1 | b2));
+}
+
+#if defined(__AVX512BW__)
+// Rivals at distance d with the lower index, per lane of a 32 x 16-bit or 16 x 32-bit register.
+constexpr __mmask32 kLowerRival16[4] = {0, 0x88888888u, 0xCCCCCCCCu, 0xEEEEEEEEu};
+constexpr __mmask16 kLowerRival32[4] = {0, 0x8888, 0xCCCC, 0xEEEE};
+
+// One 64-bit lane is one group of 16-bit values: a 64-bit rotation by 16 d bits brings position
+// (p + d) % 4 under p. Returns the rank >= 2 lanes of the register's 8 groups.
+inline __mmask32 dropped_lanes16(__m512i key) {
+  auto beats = [&](__m512i rival, int d) {
+    return _mm512_cmpgt_epu16_mask(rival, key) | _mm512_mask_cmpeq_epu16_mask(kLowerRival16[d], rival, key);
+  };
+  return at_least_two<__mmask32>(beats(_mm512_ror_epi64(key, 16), 1), beats(_mm512_ror_epi64(key, 32), 2),
+                                 beats(_mm512_ror_epi64(key, 48), 3));
+}
+
+// One 128-bit lane is one group of fp32 values; pshufd rotates within it.
+inline __mmask16 dropped_lanes32(__m512i key) {
+  auto beats = [&](__m512i rival, int d) {
+    return _mm512_cmpgt_epu32_mask(rival, key) | _mm512_mask_cmpeq_epu32_mask(kLowerRival32[d], rival, key);
+  };
+  return at_least_two<__mmask16>(beats(_mm512_shuffle_epi32(key, _MM_PERM_ADCB), 1),
+                                 beats(_mm512_shuffle_epi32(key, _MM_PERM_BADC), 2),
+                                 beats(_mm512_shuffle_epi32(key, _MM_PERM_CBAD), 3));
+}
+
+template <DType D>
+inline SelectedStep select_step(const typename ElemTraits<D>::Storage* w) {
+  uint64_t dropped = 0, zero = 0;
+  if constexpr (D == DType::f32) {
+    const __m512i magnitude = _mm512_set1_epi32(static_cast<int>(OrderingKey<D>::kMagnitude));
+    const __m512i first_nan = _mm512_set1_epi32(static_cast<int>(OrderingKey<D>::kFirstNan));
+    for (int q = 0; q < 4; ++q) {
+      const __m512i bits = _mm512_and_si512(_mm512_loadu_si512(w + 16 * q), magnitude);
+      dropped |= uint64_t{dropped_lanes32(_mm512_min_epu32(bits, first_nan))} << (16 * q);
+      zero |= uint64_t{_mm512_testn_epi32_mask(bits, bits)} << (16 * q);
+    }
+  } else {
+    const __m512i magnitude = _mm512_set1_epi16(static_cast<short>(OrderingKey<D>::kMagnitude));
+    const __m512i first_nan = _mm512_set1_epi16(static_cast<short>(OrderingKey<D>::kFirstNan));
+    for (int q = 0; q < 2; ++q) {
+      const __m512i bits = _mm512_and_si512(_mm512_loadu_si512(w + 32 * q), magnitude);
+      dropped |= uint64_t{dropped_lanes16(_mm512_min_epu16(bits, first_nan))} << (32 * q);
+      zero |= uint64_t{_mm512_testn_epi16_mask(bits, bits)} << (32 * q);
+    }
+  }
+  return {~dropped, ~zero};
+}
+
+inline void store_mask_bytes(uint64_t kept, uint8_t* out) {
+  _mm512_storeu_si512(out, _mm512_maskz_mov_epi8(kept, _mm512_set1_epi8(1)));
+}
+
+// out[0, 32) <- the step's kept values, the ones E's 8 bytes at `meta` name.
+template <DType D>
+inline void store_kept_values(const typename ElemTraits<D>::Storage* w, const uint8_t* meta,
+                              typename ElemTraits<D>::Storage* out) {
+  if constexpr (D == DType::f32) {
+    for (int q = 0; q < 2; ++q) {
+      const __m512 kept = _mm512_permutex2var_ps(_mm512_loadu_ps(w + 32 * q), step_lane_index(meta + 4 * q),
+                                                 _mm512_loadu_ps(w + 32 * q + 16));
+      _mm512_storeu_ps(out + 16 * q, kept);
+    }
+  } else {
+    _mm512_storeu_si512(out, _mm512_permutex2var_epi16(_mm512_loadu_si512(w), pair_step_index(meta),
+                                                       _mm512_loadu_si512(w + 32)));
+  }
+}
+
+#else  // AVX2: lane predicates are all-ones lanes, gathered into bit masks with movemask.
+// 16-bit lanes: pshufb rotation of each 4-lane group by d positions, and where the rival is lower.
+inline __m256i rotate_groups16(__m256i v, int d) {
+  const __m256i by1 = _mm256_setr_epi8(2, 3, 4, 5, 6, 7, 0, 1, 10, 11, 12, 13, 14, 15, 8, 9, 2, 3, 4, 5, 6, 7, 0, 1,
+                                       10, 11, 12, 13, 14, 15, 8, 9);
+  const __m256i by2 = _mm256_setr_epi8(4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11, 4, 5, 6, 7, 0, 1, 2, 3,
+                                       12, 13, 14, 15, 8, 9, 10, 11);
+  const __m256i by3 = _mm256_setr_epi8(6, 7, 0, 1, 2, 3, 4, 5, 14, 15, 8, 9, 10, 11, 12, 13, 6, 7, 0, 1, 2, 3, 4, 5,
+                                       14, 15, 8, 9, 10, 11, 12, 13);
+  return _mm256_shuffle_epi8(v, d == 1 ? by1 : d == 2 ? by2 : by3);
+}
+
+inline __m256i lower_rival16(int d) {
+  const int16_t on = -1;
+  const int16_t p1 = d >= 3 ? on : 0, p2 = d >= 2 ? on : 0;
+  return _mm256_setr_epi16(0, p1, p2, on, 0, p1, p2, on, 0, p1, p2, on, 0, p1, p2, on);
+}
+
+inline __m256i lower_rival32(int d) {
+  const int on = -1;
+  const int p1 = d >= 3 ? on : 0, p2 = d >= 2 ? on : 0;
+  return _mm256_setr_epi32(0, p1, p2, on, 0, p1, p2, on);
+}
+
+inline __m256i beats_lanes16(__m256i rival, __m256i key, int d) {
+  return _mm256_or_si256(_mm256_cmpgt_epi16(rival, key),
+                         _mm256_and_si256(_mm256_cmpeq_epi16(rival, key), lower_rival16(d)));
+}
+
+inline __m256i beats_lanes32(__m256i rival, __m256i key, int d) {
+  return _mm256_or_si256(_mm256_cmpgt_epi32(rival, key),
+                         _mm256_and_si256(_mm256_cmpeq_epi32(rival, key), lower_rival32(d)));
+}
+
+// 32 bits, one per 16-bit lane of a then b, of two all-ones/zero lane vectors.
+inline uint32_t lane_bits16(__m256i a, __m256i b) {
+  // packs works per 128-bit half: [a.lo b.lo a.hi b.hi]; vpermq restores [a b].
+  return static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_permute4x64_epi64(_mm256_packs_epi16(a, b), 0xD8)));
+}
+
+template <DType D>
+inline SelectedStep select_step(const typename ElemTraits<D>::Storage* w) {
+  uint64_t dropped = 0, zero = 0;
+  const __m256i zeros = _mm256_setzero_si256();
+  if constexpr (D == DType::f32) {
+    const __m256i magnitude = _mm256_set1_epi32(static_cast<int>(OrderingKey<D>::kMagnitude));
+    const __m256i first_nan = _mm256_set1_epi32(static_cast<int>(OrderingKey<D>::kFirstNan));
+    for (int q = 0; q < 8; ++q) {
+      const __m256i bits = _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 8 * q)), magnitude);
+      const __m256i key = _mm256_min_epi32(bits, first_nan);
+      const __m256i rank2 = at_least_two(beats_lanes32(_mm256_shuffle_epi32(key, _MM_SHUFFLE(0, 3, 2, 1)), key, 1),
+                                         beats_lanes32(_mm256_shuffle_epi32(key, _MM_SHUFFLE(1, 0, 3, 2)), key, 2),
+                                         beats_lanes32(_mm256_shuffle_epi32(key, _MM_SHUFFLE(2, 1, 0, 3)), key, 3));
+      dropped |= uint64_t(_mm256_movemask_ps(_mm256_castsi256_ps(rank2))) << (8 * q);
+      zero |= uint64_t(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(bits, zeros)))) << (8 * q);
+    }
+  } else {
+    const __m256i magnitude = _mm256_set1_epi16(static_cast<short>(OrderingKey<D>::kMagnitude));
+    const __m256i first_nan = _mm256_set1_epi16(static_cast<short>(OrderingKey<D>::kFirstNan));
+    for (int q = 0; q < 2; ++q) {
+      __m256i rank2[2], is_zero[2];
+      for (int h = 0; h < 2; ++h) {
+        const __m256i bits =
+            _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * q + 16 * h)), magnitude);
+        const __m256i key = _mm256_min_epi16(bits, first_nan);
+        rank2[h] = at_least_two(beats_lanes16(rotate_groups16(key, 1), key, 1),
+                                beats_lanes16(rotate_groups16(key, 2), key, 2),
+                                beats_lanes16(rotate_groups16(key, 3), key, 3));
+        is_zero[h] = _mm256_cmpeq_epi16(bits, zeros);
+      }
+      dropped |= uint64_t{lane_bits16(rank2[0], rank2[1])} << (32 * q);
+      zero |= uint64_t{lane_bits16(is_zero[0], is_zero[1])} << (32 * q);
+    }
+  }
+  return {~dropped, ~zero};
+}
+
+// out[i] = bit i of kept, for i in [0, 64).
+inline void store_mask_bytes(uint64_t kept, uint8_t* out) {
+  // pshufb stays within 128-bit halves, so each half of the broadcast picks its own two bytes.
+  const __m256i byte_of_lane = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2,
+                                                3, 3, 3, 3, 3, 3, 3, 3);
+  const __m256i bit_of_lane = _mm256_set1_epi64x(static_cast<long long>(0x8040201008040201ull));
+  for (int h = 0; h < 2; ++h) {
+    const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(kept >> (32 * h))), byte_of_lane);
+    const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit_of_lane), bit_of_lane);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 32 * h), _mm256_and_si256(set, _mm256_set1_epi8(1)));
+  }
+}
+
+// pshufb control that moves the two kept 16-bit values of each group of one E byte (two groups,
+// 16 bytes of W) into the low 8 bytes, in order: the 256 possible bytes, computed at compile time.
+struct PairShuffleTable {
+  uint64_t control[256];
+  constexpr PairShuffleTable() : control() {
+    for (int byte = 0; byte < 256; ++byte) {
+      uint64_t c = 0;
+      for (int slot = 0; slot < 4; ++slot) {  // kept value `slot` = index slot % 2 of group slot / 2
+        const int group = slot / 2, code = (byte >> (4 * group + 2 * (slot % 2))) & 3;
+        const int src = 2 * (4 * group + code);
+        c |= uint64_t(src) << (16 * slot) | uint64_t(src + 1) << (16 * slot + 8);
+      }
+      control[byte] = c;
+    }
+  }
+};
+constexpr PairShuffleTable kPairShuffle{};
+
+template <DType D>
+inline void store_kept_values(const typename ElemTraits<D>::Storage* w, const uint8_t* meta,
+                              typename ElemTraits<D>::Storage* out) {
+  if constexpr (D == DType::f32) {
+    for (int q = 0; q < 4; ++q) {  // 16 values (4 groups, 2 E bytes) -> 8 kept
+      const __m256i index = step_lane_index(meta + 2 * q);
+      const __m256 from_low = _mm256_permutevar8x32_ps(_mm256_loadu_ps(w + 16 * q), index);
+      const __m256 from_high = _mm256_permutevar8x32_ps(_mm256_loadu_ps(w + 16 * q + 8), index);
+      _mm256_storeu_ps(out + 8 * q, _mm256_blend_ps(from_low, from_high, 0xF0));
+    }
+  } else {
+    auto kept_in_low_halves = [&](int q) {  // 16 values (2 E bytes) -> 8 kept: 4 in each half's low 8 bytes
+      const __m256i control = _mm256_set_epi64x(0, static_cast<long long>(kPairShuffle.control[meta[2 * q + 1]]), 0,
+                                                static_cast<long long>(kPairShuffle.control[meta[2 * q]]));
+      return _mm256_shuffle_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 16 * q)), control);
+    };
+    for (int q = 0; q < 4; q += 2) {
+      // [a.q0 b.q0 a.q2 b.q2] -> [a.q0 a.q2 b.q0 b.q2]: 16 kept values in order.
+      const __m256i both = _mm256_unpacklo_epi64(kept_in_low_halves(q), kept_in_low_halves(q + 1));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 8 * q), _mm256_permute4x64_epi64(both, 0xD8));
+    }
+  }
+}
+#endif
+
+// E's 8 bytes for a step from its kept mask: kept bits [4g+3 : 4g] sit where E keeps group g's
+// nibble, and pshufb maps each 2-of-4 pattern to its nibble i0 | i1 << 2.
+inline uint64_t meta_of_kept(uint64_t kept) {
+  const __m128i nibble_of_pattern = _mm_setr_epi8(0, 0, 0, 0x4, 0, 0x8, 0x9, 0, 0, 0xC, 0xD, 0, 0xE, 0, 0, 0);
+  const __m128i low_nibbles = _mm_set1_epi8(0x0F);
+  const __m128i patterns = _mm_cvtsi64_si128(static_cast<long long>(kept));
+  const __m128i even = _mm_shuffle_epi8(nibble_of_pattern, _mm_and_si128(patterns, low_nibbles));
+  const __m128i odd = _mm_shuffle_epi8(nibble_of_pattern, _mm_and_si128(_mm_srli_epi16(patterns, 4), low_nibbles));
+  return static_cast<uint64_t>(_mm_cvtsi128_si64(_mm_or_si128(even, _mm_slli_epi16(odd, 4))));
+}
+#endif  // __AVX2__
+
 // Nibble selected by the format.h rule for group `group` of one W row. Positions k >= K do not
 // exist: they get key -1, below every |w|, and are never read.
 template <DType D>
@@ -225,7 +513,13 @@ void mask_typed(const void* w_ptr, int64_t N, int64_t K, int64_t ldw, uint8_t* m
     for (int64_t n = n_begin; n < n_end; ++n) {
       const T* row = w + n * ldw;
       uint8_t* mask_row = mask + n * K;
-      for (int64_t g = 0; g < groups; ++g) {
+      int64_t g = 0;
+#if defined(SG_VECTOR_SELECT)
+      for (; 4 * (g + kSelectGroups) <= K; g += kSelectGroups) {
+        store_mask_bytes(select_step<D>(row + 4 * g).kept, mask_row + 4 * g);
+      }
+#endif
+      for (; g < groups; ++g) {
         const uint8_t nibble = select_group<D>(row, g, K);
         const int i0 = nibble & 3, i1 = nibble >> 2;
         for (int i = 0; i < 4 && 4 * g + i < K; ++i) mask_row[4 * g + i] = (i == i0 || i == i1) ? 1 : 0;
@@ -247,8 +541,24 @@ void compress_typed(const CompressParams& p) {
       const T* row = w + n * p.ldw;
       T* kept = values + n * vcols;
       uint8_t* meta_row = p.meta + n * mcols;
-      for (int64_t b = 0; b < mcols; ++b) meta_row[b] = 0;
-      for (int64_t g = 0; g < groups; ++g) {
+      int64_t g = 0;
+#if defined(SG_VECTOR_SELECT)
+      for (; 4 * (g + kSelectGroups) <= K; g += kSelectGroups) {
+        const SelectedStep step = select_step<D>(row + 4 * g);
+        const uint64_t meta = meta_of_kept(step.kept);
+        std::memcpy(meta_row + g / 2, &meta, sizeof meta);
+        store_kept_values<D>(row + 4 * g, meta_row + g / 2, kept + 2 * g);
+        // The non-zeros of a group with at most two outrank its zeros and are all kept, so a
+        // dropped non-zero marks exactly a group with more than two.
+        const uint64_t dropped_nonzero = step.nonzero & ~step.kept;
+        if (!p.prune && dropped_nonzero != 0 && chunk_first_bad == std::numeric_limits<int64_t>::max()) {
+          chunk_first_bad = n * groups + g + __builtin_ctzll(dropped_nonzero) / 4;
+        }
+      }
+#endif
+      // The scalar groups below OR their nibbles in; g is even here, so they start a fresh byte.
+      std::fill(meta_row + g / 2, meta_row + mcols, uint8_t{0});
+      for (; g < groups; ++g) {
         const uint8_t nibble = select_group<D>(row, g, K);
         const int64_t k0 = 4 * g, k1 = 4 * g + (nibble & 3), k2 = 4 * g + (nibble >> 2);
         kept[2 * g] = k1 < K ? row[k1] : T{};
@@ -381,28 +691,6 @@ struct Fp32Steps : Fp32Accumulation {
     std::fill(dst + K, dst + padded_len, 0.0f);
   }
 };
-
-#if defined(__AVX512BW__)
-// Indices for a step of 16 groups (64 K positions, 32 kept 16-bit values, 8 metadata bytes) whose
-// kept values sit in 16-bit lanes: lane l gets 0..63, the position of kept value l among the
-// step's 64 X values, for a two-register permute (vpermt2w). Lane l needs bits [2l+1 : 2l] of the
-// 8 metadata bytes: 16-bit word l / 8, shifted by 2 (l % 8). Shared by the bf16 and int8 steps.
-inline __m512i pair_step_index(const uint8_t* meta) {
-  alignas(64) static constexpr uint16_t kWordOfLane[32] = {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
-                                                           2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3};
-  alignas(64) static constexpr uint16_t kShift[32] = {0, 2, 4, 6, 8, 10, 12, 14, 0, 2, 4, 6, 8, 10, 12, 14,
-                                                      0, 2, 4, 6, 8, 10, 12, 14, 0, 2, 4, 6, 8, 10, 12, 14};
-  alignas(64) static constexpr uint16_t kGroupBase[32] = {0,  0,  4,  4,  8,  8,  12, 12, 16, 16, 20,
-                                                          20, 24, 24, 28, 28, 32, 32, 36, 36, 40, 40,
-                                                          44, 44, 48, 48, 52, 52, 56, 56, 60, 60};
-  uint64_t codes;
-  std::memcpy(&codes, meta, sizeof codes);
-  const __m512i words = _mm512_permutexvar_epi16(_mm512_load_si512(kWordOfLane),
-                                                 _mm512_set1_epi64(static_cast<long long>(codes)));
-  const __m512i code = _mm512_and_si512(_mm512_srlv_epi16(words, _mm512_load_si512(kShift)), _mm512_set1_epi16(3));
-  return _mm512_add_epi16(code, _mm512_load_si512(kGroupBase));
-}
-#endif
 
 #if defined(__AVX512BF16__)
 // bf16 on AVX512-BF16: X stays bf16 and VDPBF16PS multiplies 32 bf16 pairs per instruction, twice
