@@ -2,10 +2,10 @@
 # One GPU check (DESIGN.md "Verification on a GPU"): build for the present GPU only, GPU tests,
 # compute-sanitizer memcheck + racecheck on small cases, the benchmark; everything lands in OUTDIR
 # (env.json, junit XML, sanitizer logs, bench.json/.csv/.md/.png). Usage: bench/gpu_suite.sh OUTDIR
-# PYTHON (default: python) must have a CUDA torch; nvcc and compute-sanitizer on PATH.
+# PYTHON (default: python3) must have a CUDA torch, pybind11, pytest; nvcc and compute-sanitizer on PATH.
 set -euo pipefail
 OUT=${1:?usage: bench/gpu_suite.sh OUTDIR}
-PY=${PYTHON:-python}
+PY=${PYTHON:-python3}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -31,7 +31,7 @@ PYEOF
 
 status=0
 # The whole suite: on a GPU the cuda backends run beside the CPU and emulator ones.
-"$PY" -m pytest -q -x tests --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1 || status=1
+"$PY" -m pytest -q tests --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1 || status=1
 for tool in memcheck racecheck; do
   compute-sanitizer --tool "$tool" --error-exitcode 1 "$PY" bench/sanitizer_smoke.py \
     > "$OUT/sanitizer_$tool.log" 2>&1 || status=1

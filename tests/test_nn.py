@@ -134,7 +134,12 @@ def test_save_load_round_trip_and_size(tmp_path):
     x = torch.randn(4, 256).half()
     assert torch.equal(fresh(x), model(x))
     out = run_cli("report", str(path), cwd=tmp_path).stdout
-    assert "SparseLinear" in out and "512 x 256" in out and "56.2%" in out and "zstd -3:" in out
+    assert "SparseLinear" in out and "512 x 256" in out and "56.2%" in out
+    try:
+        import zstandard  # noqa: F401  (a test extra; the report says how to get it when missing)
+        assert "zstd -3:" in out
+    except ImportError:
+        assert "install zstandard" in out
 
 
 def test_load_rejects_corrupt_and_truncated_files(tmp_path):
