@@ -1,4 +1,5 @@
-"""CPU sparse GEMM (sparsegemm._C.cpu_gemm) against torch's dense F.linear on the pruned weight.
+"""CPU sparse GEMM kernel (sparsegemm._C.cpu_gemm, called directly: the C++ kernel at every M,
+without ops.py's large-M routing) against torch's dense F.linear on the pruned weight.
 
 Same dtype, same thread count for both (torch.set_num_threads and cpu_set_num_threads). Times are
 the median of many calls after warm-up, sparse and dense calls alternating; "GB/s" counts the bytes each call must read (weight, X)
@@ -15,25 +16,10 @@ import time
 import torch
 import torch.nn.functional as F
 
+import sparsegemm
 from sparsegemm import _C
 
 DTYPE_CODES = {"f32": (0, torch.float32), "f16": (1, torch.float16), "bf16": (2, torch.bfloat16)}
-
-
-def compress(w, code):
-    N, K = w.shape
-    G = (K + 3) // 4
-    values = torch.empty(N, 2 * G, dtype=w.dtype)
-    meta = torch.empty(N, (G + 1) // 2, dtype=torch.uint8)
-    first_bad = _C.cpu_compress(N, K, w.data_ptr(), w.stride(0), values.data_ptr(), meta.data_ptr(), code, True)
-    assert first_bad == -1
-    return values, meta
-
-
-def decompress(values, meta, N, K, code):
-    w = torch.empty(N, K, dtype=values.dtype)
-    _C.cpu_decompress(N, K, values.data_ptr(), meta.data_ptr(), w.data_ptr(), code)
-    return w
 
 
 def median_seconds(fns, min_time=1.0, min_reps=10):
@@ -56,8 +42,9 @@ def bench_shape(M, N, K, dtype_name, min_time):
     code, tdtype = DTYPE_CODES[dtype_name]
     gen = torch.Generator().manual_seed(0)
     w_dense = torch.randn(N, K, generator=gen).to(tdtype)
-    values, meta = compress(w_dense, code)
-    w_pruned = decompress(values, meta, N, K, code)
+    sw = sparsegemm.compress(w_dense, prune=True)
+    values, meta = sw.values, sw.meta
+    w_pruned = sparsegemm.decompress(sw)
     x = torch.randn(M, K, generator=gen).to(tdtype)
     y = torch.empty(M, N, dtype=tdtype)
 
