@@ -155,11 +155,13 @@ def linear_parts(x: Tensor, values: Tensor, meta: Tensor, shape, bias: Optional[
     ops.check_same_device(op, x=x, **{"sw.values": values}, bias=bias)
     backend = ops.resolve_backend(op, backend, x.device)
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
+    m = x.numel() // k
     reordered = None
-    if backend != "cpu":
+    if backend != "cpu":  # checked before x is reshaped, which may copy
         ops.check_dtype(op, "x", x, ops.KERNEL_DTYPES)
-        ops.check_32bit(op, **{"M*K": x2.shape[0] * k, "M*N": x2.shape[0] * n, "N*K": n * k})
+        ops.check_32bit(op, **{"M*K": m * k, "M*N": m * n, "N*K": n * k})
+    x2 = x.reshape(-1, k)
+    if backend != "cpu":
         reordered = kernel_meta(backend) if kernel_meta is not None else ops.reorder_meta(meta, k, backend)
     y = ops._linear(x2, values, meta, reordered, k, bias, fmt.ACTIVATION_CODES[activation], backend)
     return y.reshape(*lead, n)

@@ -67,3 +67,10 @@ def test_simt_rejects_fp32_and_gpu_only_needs_cuda():
     sw = sparsegemm.compress(torch.randn(8, 8), prune=True)
     with pytest.raises(TypeError, match=r"linear: x must have dtype in \(float16, bfloat16\), got float32"):
         sparsegemm.linear(torch.randn(2, 8), sw, backend="simt")
+
+
+def test_sizes_past_32_bit_indexing_are_refused_before_any_work():
+    sw = sparsegemm.compress(torch.randn(8, 4096).half(), prune=True)
+    x = torch.zeros(1, 4096, dtype=torch.float16).expand(2**19 + 1, 4096)  # M*K > 2^31, no memory behind it
+    with pytest.raises(ValueError, match=r"linear: M\*K = 2147487744 exceeds 32-bit indexing"):
+        sparsegemm.linear(x, sw, backend="simt")
