@@ -37,8 +37,6 @@ def mask_2to4(w: Tensor) -> Tensor:
     result is deterministic). When K is not a multiple of 4 the last group is padded with zeros.
     """
     _check_weight("sparsegemm.mask_2to4", w, ops.FLOAT_DTYPES)
-    if w.device.type == "cuda":
-        ops.check_dtype("sparsegemm.mask_2to4", "w", w, ops.KERNEL_DTYPES)
     return ops._mask_2to4(w)
 
 

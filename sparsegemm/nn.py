@@ -38,7 +38,9 @@ class _SparseWeight(nn.Module):
         meta = torch.empty(n, fmt.meta_cols(k), dtype=torch.uint8, device=device)
         meta.fill_(fmt.PAD_NIBBLE | (fmt.PAD_NIBBLE << 4))  # a valid (all (0, 1)) pattern until loaded
         self.register_buffer("meta", meta)
-        self.bias = nn.Parameter(torch.zeros(n, dtype=dtype, device=device)) if bias else None
+        # INT8 layers are inference-only (no gradient through the integer grid): the bias is frozen too.
+        self.bias = (nn.Parameter(torch.zeros(n, dtype=dtype, device=device), requires_grad=self.quantize != "int8")
+                     if bias else None)
         self._kernel_meta: dict = {}
 
     def _load_compressed(self, sw: SparseTensor24, bias: Optional[Tensor]) -> None:
@@ -68,7 +70,17 @@ class _SparseWeight(nn.Module):
 
     def _apply(self, fn, recurse=True):
         self._kernel_meta = {}  # moved or converted: reorder again on the next forward
-        return super()._apply(fn, recurse)
+        # INT8 scales stay float32 whatever .half() / .to(dtype) asks: only their device follows.
+        scales = {name: getattr(self, name) for name in ("scale", "input_scale")
+                  if getattr(self, name, None) is not None}
+        out = super()._apply(fn, recurse)
+        for name, value in scales.items():
+            setattr(self, name, value.to(self.values.device))
+        return out
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._kernel_meta = {}  # new metadata: the reordered copies are stale
+        super()._load_from_state_dict(*args, **kwargs)
 
     def _kernel_meta_for(self, backend: str) -> Tensor:
         key = (backend, self.meta.device)
@@ -166,8 +178,10 @@ class SparseLinear(_SparseWeight):
         if self.quantize == "int8":
             from .quant import linear_int8
 
-            input_scale = None if self.input_scale is None else float(self.input_scale)
-            return linear_int8(x, self.sparse_weight(), self.bias, input_scale=input_scale, backend=self.backend)
+            if torch.is_grad_enabled() and x.requires_grad:
+                raise RuntimeError("SparseLinear(quantize='int8') is inference-only: no gradient flows through the "
+                                   "int8 GEMM; fine-tune the fp16/bf16 SparseLinear, then quantize")
+            return linear_int8(x, self.sparse_weight(), self.bias, input_scale=self.input_scale, backend=self.backend)
         return self._sparse_linear(x)
 
     def dense_weight(self) -> Tensor:

@@ -134,9 +134,27 @@ def _mask_2to4(w: Tensor) -> Tensor:
         _sync_threads()
         _C.cpu_mask_2to4(fmt.DTYPE_CODES[w.dtype], w.data_ptr(), n, k, w.stride(0), mask.data_ptr())
         return mask.view(torch.bool)
-    # On the GPU the mask is read off the compress kernel's metadata: one selection rule, one kernel.
-    _, meta = _compress(w, True, "cuda")
-    return meta_to_mask(meta, k)
+    if w.dtype in KERNEL_DTYPES:
+        # On the GPU the mask is read off the compress kernel's metadata: one selection rule, one kernel.
+        _, meta = _compress(w, True, "cuda")
+        return meta_to_mask(meta, k)
+    return _mask_2to4_torch(w)
+
+
+def _mask_2to4_torch(w: Tensor) -> Tensor:
+    """format.h's selection rule in torch ops (any device, fp32 on the GPU, where the compress
+    kernel takes 16-bit types only): rank each position by the positions that beat it."""
+    n, k = w.shape
+    groups = torch.nn.functional.pad(w, (0, fmt.padded_k(k) - k)).reshape(n, -1, 4)
+    nan = torch.isnan(groups)
+    mag = torch.where(nan, torch.full_like(groups, float("inf")), groups.abs())
+    # beats[..., j, i]: position j ranks before position i (NaN first, then larger |w|, then lower index).
+    nj, ni = nan.unsqueeze(-1), nan.unsqueeze(-2)
+    mj, mi = mag.unsqueeze(-1), mag.unsqueeze(-2)
+    lower = torch.ones(4, 4, dtype=torch.bool, device=w.device).triu(1)
+    beats = (nj & ~ni) | ((nj == ni) & ((mj > mi) | ((mj == mi) & lower)))
+    kept = beats.sum(dim=-2) < 2
+    return kept.reshape(n, -1)[:, :k]
 
 
 @_mask_2to4.register_fake
@@ -241,27 +259,41 @@ def may_cache_reorder(meta: Tensor) -> bool:
     return not (meta.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
+def _kernel_meta_bytes(n: int, k: int, backend: str, s8: bool) -> int:
+    if backend not in ("simt", "cuda"):
+        raise ValueError(f"reorder_meta: backend must be 'simt' or 'cuda', got {backend!r}")
+    suffix = "_s8" if s8 else ""
+    return getattr(_C, f"{backend}_kernel_meta_bytes{suffix}")(n, fmt.padded_k(k) if s8 else k)
+
+
+@torch.library.custom_op("sparsegemm::reorder_meta", mutates_args=())
 @_on_tensor_device
+def _reorder_meta(meta: Tensor, k: int, backend: str, s8: bool) -> Tensor:
+    n = meta.shape[0]
+    meta = meta.contiguous()
+    out = torch.empty(_kernel_meta_bytes(n, k, backend, s8), dtype=torch.uint8, device=meta.device)
+    suffix = "_s8" if s8 else ""
+    # The INT8 GEMM is called with K padded to whole groups (see _linear_s8): its layout is too.
+    kk = fmt.padded_k(k) if s8 else k
+    if backend == "simt":
+        getattr(_C, "simt_reorder_meta" + suffix)(meta.data_ptr(), out.data_ptr(), n, kk)
+    else:
+        getattr(_C, "cuda_reorder_meta" + suffix)(meta.data_ptr(), out.data_ptr(), n, kk, _stream(meta))
+    return out
+
+
+@_reorder_meta.register_fake
+def _(meta: Tensor, k: int, backend: str, s8: bool) -> Tensor:
+    return meta.new_empty((_kernel_meta_bytes(meta.shape[0], k, backend, s8),))
+
+
 def reorder_meta(meta: Tensor, k: int, backend: str, s8: bool = False) -> Tensor:
     """Logical metadata -> the hardware-ordered layout the ``backend`` GEMM reads.
 
-    ``s8``: the layout of the INT8 GEMM (mma.sp k64 wants its own order), for K padded to whole
-    groups as that GEMM is called with (see :func:`_linear_s8`).
+    ``s8``: the layout of the INT8 GEMM (mma.sp k64 wants its own order). A custom op, so that
+    torch.compile traces a first call that has no cached copy yet.
     """
-    n = meta.shape[0]
-    meta = meta.contiguous()
-    suffix = "_s8" if s8 else ""
-    if s8:
-        k = fmt.padded_k(k)
-    if backend == "simt":
-        out = torch.empty(getattr(_C, "simt_kernel_meta_bytes" + suffix)(n, k), dtype=torch.uint8)
-        getattr(_C, "simt_reorder_meta" + suffix)(meta.data_ptr(), out.data_ptr(), n, k)
-    elif backend == "cuda":
-        out = torch.empty(getattr(_C, "cuda_kernel_meta_bytes" + suffix)(n, k), dtype=torch.uint8, device=meta.device)
-        getattr(_C, "cuda_reorder_meta" + suffix)(meta.data_ptr(), out.data_ptr(), n, k, _stream(meta))
-    else:
-        raise ValueError(f"reorder_meta: backend must be 'simt' or 'cuda', got {backend!r}")
-    return out
+    return _reorder_meta(meta, k, backend, s8)
 
 
 # ---- GEMM ------------------------------------------------------------------------------------

@@ -135,17 +135,22 @@ def quantize_activations_static(x: Tensor, scale: Union[float, Tensor]) -> tuple
     if not isinstance(x, Tensor):
         raise TypeError(f"{op}: x must be a torch.Tensor, got {type(x).__name__}")
     ops.check_dtype(op, "x", x, ops.FLOAT_DTYPES)
-    value = float(scale)
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{op}: scale must be finite and positive, got {value!r}")
-    s = torch.tensor(value, dtype=torch.float32, device=x.device)
+    if isinstance(scale, Tensor):
+        # A layer's calibrated scale, checked when it was set: used as it is, on its device, so the
+        # forward has no host read (no sync, graph capture and torch.compile stay possible).
+        s = scale.to(device=x.device, dtype=torch.float32).reshape(())
+    else:
+        value = float(scale)
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{op}: scale must be finite and positive, got {value!r}")
+        s = torch.tensor(value, dtype=torch.float32, device=x.device)
     x_q = _quantize(x.float(), s)
     return x_q, s.expand(x.shape[:-1]).contiguous()
 
 
 def linear_int8(x: Union[Tensor, tuple], sw: SparseTensor24, bias: Optional[Tensor] = None, *,
                 activation: Optional[str] = None, out_dtype: Optional[torch.dtype] = None,
-                input_scale: Optional[float] = None, backend: Optional[str] = None) -> Tensor:
+                input_scale: Union[float, Tensor, None] = None, backend: Optional[str] = None) -> Tensor:
     """``activation(x @ W^T + bias)`` with an int8 2:4 weight; x is ``[..., K]``, the result ``[..., N]``.
 
     ``x`` is a float tensor (f16 / bf16; also f32 on the CPU), quantized here per token, or per

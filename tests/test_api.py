@@ -246,3 +246,17 @@ def test_sparse_tensor_shape_checks():
         sparsegemm.SparseTensor24(sw.values[:, :6], sw.meta, sw.shape)
     with pytest.raises(ValueError, match=r"meta must be uint8 of shape \(4, 2\)"):
         sparsegemm.SparseTensor24(sw.values, sw.meta.to(torch.int16), sw.shape)
+
+
+def test_torch_mask_used_for_fp32_on_gpu_matches_oracle():
+    # The GPU compress kernel takes 16-bit types; fp32 weights on the GPU use this torch version.
+    from sparsegemm import ops
+
+    gen = torch.Generator().manual_seed(9)
+    for _ in range(20):
+        w = torch.randn(7, 23, generator=gen)
+        w[torch.rand(7, 23, generator=gen) < 0.2] = float("nan")
+        w[torch.rand(7, 23, generator=gen) < 0.2] = 0.5
+        w[torch.rand(7, 23, generator=gen) < 0.1] = -0.0
+        w[torch.rand(7, 23, generator=gen) < 0.1] = float("inf")
+        assert np.array_equal(ops._mask_2to4_torch(w).numpy(), oracle.mask_2to4(w))

@@ -230,3 +230,39 @@ def test_cuda_graph_capture_and_cupy():
     cupy = pytest.importorskip("cupy")
     y = sparsegemm.linear(cupy.from_dlpack(x), sl.sparse_weight(), cupy.from_dlpack(sl.bias.detach()))
     assert isinstance(y, cupy.ndarray) and torch.equal(torch.from_dlpack(y), eager)
+
+
+def test_load_state_dict_refreshes_the_reordered_metadata():
+    torch.manual_seed(5)
+    a = SparseLinear.from_dense(nn.Linear(64, 32).half(), backend="simt")
+    b = SparseLinear.from_dense(nn.Linear(64, 32).half(), backend="simt")
+    x = torch.randn(3, 64).half()
+    a(x)  # fills a's cache of the reordered metadata
+    a.load_state_dict(b.state_dict())
+    assert torch.equal(a(x), b(x))
+
+
+def test_int8_layers_keep_float32_scales_through_dtype_moves_and_are_inference_only():
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
+    sparsegemm.sparsify(model, quantize="int8", min_features=8)
+    model.half()
+    layer = model[0]
+    assert layer.scale.dtype == torch.float32 and layer.bias.dtype == torch.float16
+    x = torch.randn(4, 64).half()
+    assert model(x).dtype == torch.float16
+    with pytest.raises(RuntimeError, match=r"inference-only"):
+        model(x.clone().requires_grad_())
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(model, fullgraph=True)(x), model(x))  # grad mode, frozen layers
+    layer.set_input_scale(0.05)  # static mode: the scale stays a tensor, no host read per call
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(model, fullgraph=True)(x), model(x))
+
+
+def test_compile_with_a_cold_metadata_cache():
+    torch._dynamo.reset()
+    sl = SparseLinear.from_dense(nn.Linear(64, 48).half(), backend="simt")
+    x = torch.randn(5, 64).half()
+    compiled = torch.compile(sl, fullgraph=True)
+    assert torch.equal(compiled(x), sl(x))
