@@ -70,3 +70,14 @@ def run_cli(*args, cwd):
     env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
     return subprocess.run([sys.executable, "-m", "sparsegemm", *args], check=True, capture_output=True, text=True,
                           cwd=cwd, env=env)
+
+
+@pytest.fixture(params=["simt", "cuda"])
+def kernels(request):
+    """The CUDA kernels through one backend (test_kernels_simt.KernelBackend): "simt", the emulator,
+    always; "cuda" where the build has the device kernels and torch sees a GPU."""
+    import test_kernels_simt  # the adapter sits beside the oracles and the dtype / activation codes it uses
+
+    if request.param == "cuda" and not test_kernels_simt.cuda_kernels_available():
+        pytest.skip("needs a CUDA build of sparsegemm._C and a CUDA GPU (torch.cuda.is_available())")
+    return test_kernels_simt.KernelBackend(request.param)

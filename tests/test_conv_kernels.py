@@ -1,4 +1,6 @@
-"""The implicit-GEMM 2:4 convolution (csrc/cuda/conv_sp.cuh) in the SIMT emulator.
+"""The implicit-GEMM 2:4 convolution (csrc/cuda/conv_sp.cuh) on every kernel backend (the `kernels`
+fixture: the SIMT emulator always, the GPU where there is one); the op-level checks (autograd,
+opcheck, errors, allocations) run on the emulator, large layers in test_kernels_cuda.py.
 
 Oracle: torch.nn.functional.conv2d in float64 on the pruned dense weight (SparseConv2d's
 dense_weight()). Exact on small-integer data; otherwise within twice the error of the dense
@@ -13,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from sparsegemm import _C, ops
 from sparsegemm.nn import SparseConv2d
-from test_kernels_simt import DECODE, DTYPE_CODES, LARGE_M
+from test_kernels_simt import DECODE, LARGE_M
 
 KERNEL_DTYPES = [torch.float16, torch.bfloat16]
 
@@ -63,85 +65,93 @@ def reference(layer, x, dtype=torch.float64):
     return F.conv2d(x.to(dtype), layer.dense_weight().to(dtype), bias, layer.stride, layer.padding, layer.dilation)
 
 
-@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=["f16", "bf16"])
-@pytest.mark.parametrize("geometry", GEOMETRIES, ids=geometry_id)
-def test_exact_on_small_integers(dtype, geometry):
-    b, cin, cout, hw, kernel, stride, padding, dilation = geometry
-    layer = make_layer(cin, cout, kernel, stride, padding, dilation, dtype, integer=True)
-    x = make_input(b, cin, hw, dtype, integer=True)
-    y = layer(x)
-    ref = reference(layer, x)
-    assert y.shape == ref.shape and y.dtype == dtype
-    assert torch.equal(y.double(), ref.to(dtype).double())
-
-
-@pytest.mark.parametrize("geometry", GEOMETRIES, ids=geometry_id)
-def test_matches_the_unfold_path(geometry):
-    b, cin, cout, hw, kernel, stride, padding, dilation = geometry
-    layer = make_layer(cin, cout, kernel, stride, padding, dilation, torch.float16, integer=True, seed=3)
-    x = make_input(b, cin, hw, torch.float16, integer=True, seed=4)
-    y_simt = layer(x)
-    layer.backend = "cpu"  # unfold + the CPU sparse GEMM
-    assert torch.equal(y_simt, layer(x))
-
-
-@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=["f16", "bf16"])
-@pytest.mark.parametrize("geometry", [GEOMETRIES[1], GEOMETRIES[3], GEOMETRIES[4], GEOMETRIES[7]], ids=geometry_id)
-def test_random_within_twice_dense_error(dtype, geometry):
-    b, cin, cout, hw, kernel, stride, padding, dilation = geometry
-    layer = make_layer(cin, cout, kernel, stride, padding, dilation, dtype, integer=False, seed=5)
-    x = make_input(b, cin, hw, dtype, integer=False, seed=6)
+def assert_within_twice_dense_error(layer, x):
+    """layer(x) against the float64 convolution, within twice the error of torch's own conv2d at
+    x's dtype on x's device (cuDNN on a GPU)."""
     exact = reference(layer, x)
-    dense = reference(layer, x, dtype).double()  # torch's own conv2d at the same dtype
+    dense = reference(layer, x, x.dtype).double()
     base_err = (dense - exact).abs().max().item()
     err = (layer(x).double() - exact).abs().max().item()
     assert err <= 2 * base_err, (err, base_err)
 
 
-def test_output_is_an_nchw_view_of_nhwc_storage():
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=["f16", "bf16"])
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=geometry_id)
+def test_exact_on_small_integers(kernels, dtype, geometry):
+    b, cin, cout, hw, kernel, stride, padding, dilation = geometry
+    layer = make_layer(cin, cout, kernel, stride, padding, dilation, dtype, integer=True)
+    x = make_input(b, cin, hw, dtype, integer=True)
+    ref = reference(layer, x)
+    y = kernels.module(layer)(kernels.to_device(x))
+    assert y.shape == ref.shape and y.dtype == dtype
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(y.cpu().double(), ref.to(dtype).double())
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=geometry_id)
+def test_matches_the_unfold_path(kernels, geometry):
+    b, cin, cout, hw, kernel, stride, padding, dilation = geometry
+    layer = make_layer(cin, cout, kernel, stride, padding, dilation, torch.float16, integer=True, seed=3)
+    x = make_input(b, cin, hw, torch.float16, integer=True, seed=4)
+    y_kernel = kernels.module(layer)(kernels.to_device(x)).cpu()
+    layer = layer.cpu()
+    layer.backend = "cpu"  # unfold + the CPU sparse GEMM
+    assert torch.equal(y_kernel, layer(x))
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=["f16", "bf16"])
+@pytest.mark.parametrize("geometry", [GEOMETRIES[1], GEOMETRIES[3], GEOMETRIES[4], GEOMETRIES[7]], ids=geometry_id)
+def test_random_within_twice_dense_error(kernels, dtype, geometry):
+    b, cin, cout, hw, kernel, stride, padding, dilation = geometry
+    layer = make_layer(cin, cout, kernel, stride, padding, dilation, dtype, integer=False, seed=5)
+    x = make_input(b, cin, hw, dtype, integer=False, seed=6)
+    assert_within_twice_dense_error(kernels.module(layer), kernels.to_device(x))
+
+
+def test_output_is_an_nchw_view_of_nhwc_storage(kernels):
     layer = make_layer(8, 24, 3, 1, 1, 1, torch.float16, integer=True)
-    for x in (make_input(2, 8, (5, 6), torch.float16, integer=True),
-              make_input(2, 8, (5, 6), torch.float16, integer=True).to(memory_format=torch.channels_last)):
-        y = layer(x)
+    x = make_input(2, 8, (5, 6), torch.float16, integer=True)
+    ref = reference(layer, x)
+    layer = kernels.module(layer)
+    for x_in in (x, x.to(memory_format=torch.channels_last)):
+        y = layer(kernels.to_device(x_in))
         assert y.shape == (2, 24, 5, 6)
         assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
-        assert torch.equal(y.double(), reference(layer, x))
+        assert torch.equal(y.cpu().double(), ref)
 
 
-def test_channels_last_input_at_an_unaligned_offset_takes_the_element_loads():
+def test_channels_last_input_at_an_unaligned_offset_takes_the_element_loads(kernels):
     # cin % 8 == 0 but x starts 2 bytes past a 16-byte boundary: cp.async is not allowed.
     layer = make_layer(16, 8, 3, 1, 1, 1, torch.float16, integer=True)
     base = make_input(1, 1, (1, 5 * 7 * 16 + 1), torch.float16, integer=True).flatten()
     x = base[1:].view(1, 5, 7, 16).permute(0, 3, 1, 2)
+    ref = reference(layer, x)
+    x = kernels.to_device(x)
     assert x.is_contiguous(memory_format=torch.channels_last) and x.data_ptr() % 16 != 0
-    assert torch.equal(layer(x).double(), reference(layer, x))
+    assert torch.equal(kernels.module(layer)(x).cpu().double(), ref)
 
 
 @pytest.mark.parametrize("act,fn", [(1, torch.relu), (3, F.silu)], ids=["relu", "silu"])
-def test_fused_bias_and_activation(act, fn):
+def test_fused_bias_and_activation(kernels, act, fn):
     layer = make_layer(16, 24, 3, 2, 1, 1, torch.float16, integer=True)
     x = make_input(2, 16, (7, 7), torch.float16, integer=True)
-    y = ops._conv2d(x.permute(0, 2, 3, 1).contiguous(), layer.values, layer.meta, layer._kernel_meta_for("simt"),
-                    [3, 3], [2, 2], [1, 1], [1, 1], layer.bias, act, "simt")
     ref = fn(reference(layer, x).float()).permute(0, 2, 3, 1)
+    layer = kernels.module(layer)
+    y = ops._conv2d(kernels.to_device(x.permute(0, 2, 3, 1).contiguous()), layer.values, layer.meta,
+                    layer._kernel_meta_for(kernels.name), [3, 3], [2, 2], [1, 1], [1, 1], layer.bias, act, kernels.name)
     # relu is exact on integers; silu's fp32 exp may differ from torch's by an ulp before rounding.
-    torch.testing.assert_close(y.float(), ref.half().float(), rtol=0 if act == 1 else 1e-3, atol=0)
+    torch.testing.assert_close(y.cpu().float(), ref.half().float(), rtol=0 if act == 1 else 1e-3, atol=0)
 
 
 @pytest.mark.parametrize("config,split_k", [(DECODE, 0), (DECODE, 3), (LARGE_M, 2)])
-def test_forced_tiles_and_split_k(config, split_k):
+def test_forced_tiles_and_split_k(kernels, config, split_k):
     # K = 9 * 32 = 288: five k-tiles, so split_k = 3 gives splits of 2, 2 and 1.
     layer = make_layer(32, 20, 3, 1, 1, 1, torch.float16, integer=True)
     x = make_input(1, 32, (3, 5), torch.float16, integer=True)
-    x_nhwc = x.permute(0, 2, 3, 1).contiguous()
     m, n, k = 15, 20, 288
-    y = torch.full((1, 3, 5, n), float("nan"), dtype=torch.float16)
-    ws_bytes = _C.simt_gemm_workspace_bytes(m, n, k, config, split_k)
-    assert (ws_bytes > 0) == (split_k > 1)
-    ws = torch.empty(max(ws_bytes, 4), dtype=torch.uint8)
-    _C.simt_conv2d(x_nhwc.data_ptr(), layer.values.data_ptr(), layer._kernel_meta_for("simt").data_ptr(),
-                   layer.bias.data_ptr(), y.data_ptr(), 1, 3, 5, 32, n, 3, 5, [3, 3], [1, 1], [1, 1], [1, 1],
-                   DTYPE_CODES[torch.float16], 0, ws.data_ptr() if ws_bytes else 0, config, split_k)
+    assert (kernels.gemm_workspace_bytes(m, n, k, config, split_k) > 0) == (split_k > 1)
+    y = kernels.conv2d(x.permute(0, 2, 3, 1).contiguous(), layer.values.detach(), layer.meta, layer.bias.detach(),
+                       (3, 5), (3, 3), (1, 1), (1, 1), (1, 1), config=config, split_k=split_k)
     assert torch.equal(y.permute(0, 3, 1, 2).double(), reference(layer, x))
 
 

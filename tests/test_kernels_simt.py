@@ -1,4 +1,7 @@
-"""The CUDA kernels of csrc/cuda/, run on the CPU by the SIMT emulator (sparsegemm._C.simt_*).
+"""The CUDA kernels of csrc/cuda/ on every kernel backend: the SIMT emulator on the CPU
+(sparsegemm._C.simt_*) always, the GPU (cuda_*) where there is one. Each test takes the `kernels`
+fixture (conftest.py), a KernelBackend; the GPU-only large shapes live in test_kernels_cuda.py and
+share the check functions below.
 
 Oracles live in this file (numpy, float64): the format.h selection rule, the kernel metadata
 layout of csrc/cuda/reorder.cuh and the dense product on the decompressed weight. Shapes are
@@ -91,34 +94,189 @@ def reference_kernel_meta(meta, n, k):
     return words.transpose(0, 2, 1, 3).reshape(-1).astype(np.uint32)
 
 
-# ---- kernel wrappers (the Python API layer is written separately) ------------------------------
-def simt_compress(w, prune=True, ldw=None):
-    n, k = w.shape[0], w.shape[1]
-    values = torch.full((n, padded_k(k) // 2), 7, dtype=w.dtype)
-    meta = torch.full((n, (padded_k(k) // 4 + 1) // 2), 0xFF, dtype=torch.uint8)
-    bad = _C.simt_compress(n, k, w.data_ptr(), ldw or w.stride(0), values.data_ptr(), meta.data_ptr(),
-                           DTYPE_CODES[w.dtype], prune)
-    return values, meta, bad
+# ---- the kernels through one backend of _C ------------------------------------------------------
+def cuda_kernels_available():
+    """Whether the cuda_* kernels can run here: a CUDA build of _C and a GPU that torch sees."""
+    return _C.build_info()["cuda_built"] and torch.cuda.is_available()
 
 
-def simt_kernel_meta(meta, n, k):
-    out = torch.zeros(_C.simt_kernel_meta_bytes(n, k) // 4, dtype=torch.int32)
-    if out.numel():
-        _C.simt_reorder_meta(meta.data_ptr(), out.data_ptr(), n, k)
-    return out
+def storage_bytes(t):
+    """The whole storage under tensor t, as uint8."""
+    return torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage())
 
 
-def simt_gemm(x, values, meta, n, k, bias=None, act="none", config=-1, split_k=0, y=None):
-    m = x.shape[0]
-    kmeta = simt_kernel_meta(meta, n, k)
-    if y is None:
-        y = torch.full((m, n), float("nan"), dtype=x.dtype)
-    ws_bytes = _C.simt_gemm_workspace_bytes(m, n, k, config, split_k)
-    ws = torch.full((max(ws_bytes // 4, 1),), float("nan"), dtype=torch.float32)
-    _C.simt_gemm(m, n, k, x.data_ptr(), x.stride(0), values.data_ptr(), kmeta.data_ptr(),
-                 0 if bias is None else bias.data_ptr(), y.data_ptr(), y.stride(0), DTYPE_CODES[x.dtype],
-                 ACT_CODES[act], ws.data_ptr() if ws_bytes else 0, config, split_k)
-    return y
+def data_ptr(t):
+    """t's address, 0 (nullptr) for None."""
+    return 0 if t is None else t.data_ptr()
+
+
+def home(t):
+    """Where a test keeps t (a tensor, or a numpy array on the host)."""
+    return torch.device("cpu") if isinstance(t, np.ndarray) else t.device
+
+
+class KernelBackend:
+    """The csrc/cuda kernels through one backend of _C: "simt" runs them in the emulator on host
+    memory, "cuda" on the GPU, on torch's current stream. The methods take tensors (or numpy
+    arrays) on the host or on the backend's device and return results where their first argument
+    lives, so that one test body checks both backends against the same host oracles. Outputs
+    start out filled with a poison (NaN, 7, 0xFF, 99, -7) that no kernel result equals, so an
+    element a kernel forgot to write shows. Device copies are held in locals until the op has
+    run: the memory of a dropped temporary could be handed out again before the kernel reads it."""
+
+    def __init__(self, name):
+        self.name = name
+        self.device = torch.device("cuda" if name == "cuda" else "cpu")
+
+    def __repr__(self):
+        return f"KernelBackend({self.name!r})"
+
+    def to_device(self, t):
+        """t on the backend's device with its shape, strides and storage offset: the whole storage
+        travels, so that a strided or misaligned view stays strided or misaligned there."""
+        if isinstance(t, np.ndarray):
+            t = torch.from_numpy(t)
+        if t.device.type == self.device.type:
+            return t
+        raw = storage_bytes(t).to(self.device)
+        return torch.empty(0, dtype=t.dtype, device=self.device).set_(raw.untyped_storage(), t.storage_offset(),
+                                                                       t.shape, t.stride())
+
+    def _write_back(self, t, on_device):
+        """Copies what a kernel wrote into on_device (to_device(t)) back into t's storage."""
+        if on_device is not t:
+            storage_bytes(t).copy_(storage_bytes(on_device))
+
+    def _launch(self, op, *args):
+        """_C.<backend>_<op>(*args). The GPU's run on torch's current stream, and are waited for so
+        that an asynchronous fault is reported by the op that made it."""
+        fn = getattr(_C, f"{self.name}_{op}")
+        if self.name != "cuda":
+            return fn(*args)
+        result = fn(*args, stream=torch.cuda.current_stream().cuda_stream)
+        torch.cuda.synchronize()
+        return result
+
+    def kernel_meta_bytes_s8(self, n, k):
+        return getattr(_C, f"{self.name}_kernel_meta_bytes_s8")(n, k)
+
+    def gemm_workspace_bytes(self, *shape_and_config):
+        """(M, N, K[, config, split_k]) -> bytes of split-K workspace the fp16/bf16 GEMM needs."""
+        return getattr(_C, f"{self.name}_gemm_workspace_bytes")(*shape_and_config)
+
+    def gemm_s8_workspace_bytes(self, *shape_and_config):
+        return getattr(_C, f"{self.name}_gemm_s8_workspace_bytes")(*shape_and_config)
+
+    def compress(self, w, prune=True):
+        """w [N, K] (any row stride) -> (values [N, Kp/2], logical meta [N, ceil(G/2)], first bad
+        group of strict mode: row * G + group, or -1)."""
+        n, k = w.shape
+        w_dev = self.to_device(w)
+        values = torch.full((n, padded_k(k) // 2), 7, dtype=w.dtype, device=self.device)
+        meta = torch.full((n, (padded_k(k) // 4 + 1) // 2), 0xFF, dtype=torch.uint8, device=self.device)
+        args = (n, k, w_dev.data_ptr(), w_dev.stride(0), values.data_ptr(), meta.data_ptr(), DTYPE_CODES[w.dtype],
+                prune)
+        if self.name == "cuda":
+            # The device reports into device memory, and only in strict mode (ops.py reads it only
+            # then): prune mode starts from "none", strict mode from a poison it must overwrite.
+            first_bad = torch.full((1,), -1 if prune else -7, dtype=torch.int64, device=self.device)
+            self._launch("compress", *args, first_bad.data_ptr())
+            first_bad = int(first_bad.item())
+        else:
+            first_bad = self._launch("compress", *args)
+        return values.to(w.device), meta.to(w.device), first_bad
+
+    def decompress(self, values, meta, k):
+        """(values, logical meta) -> the dense [N, K] weight."""
+        n = values.shape[0]
+        w = torch.full((n, k), 5, dtype=values.dtype, device=self.device)
+        values_dev, meta_dev = self.to_device(values), self.to_device(meta)
+        self._launch("decompress", n, k, values_dev.data_ptr(), meta_dev.data_ptr(), w.data_ptr(),
+                     DTYPE_CODES[values.dtype])
+        return w.to(home(values))
+
+    def kernel_meta(self, meta, n, k, s8=False):
+        """Logical meta -> the kernel layout reorder.cuh writes (the int8 GEMM's with s8), as int32
+        words."""
+        suffix = "_s8" if s8 else ""
+        words = getattr(_C, f"{self.name}_kernel_meta_bytes{suffix}")(n, k) // 4
+        out = torch.zeros(words, dtype=torch.int32, device=self.device)
+        if words:
+            meta_dev = self.to_device(meta)
+            self._launch("reorder_meta" + suffix, meta_dev.data_ptr(), out.data_ptr(), n, k)
+        return out.to(home(meta))
+
+    def gemm(self, x, values, meta, n, k, bias=None, act="none", config=-1, split_k=0, y=None):
+        """act(x @ W^T + bias) for x [M, >= K] (row stride ldx), meta logical (reordered here). Writes
+        into y ([M, N] view, row stride ldy) when given, else a fresh NaN-filled one; returns it."""
+        m = x.shape[0]
+        if y is None:
+            y = torch.full((m, n), float("nan"), dtype=x.dtype, device=x.device)
+        x_dev, values_dev, y_dev = self.to_device(x), self.to_device(values), self.to_device(y)
+        kmeta = self.kernel_meta(self.to_device(meta), n, k)
+        bias_dev = None if bias is None else self.to_device(bias)
+        ws_bytes = self.gemm_workspace_bytes(m, n, k, config, split_k)
+        ws = torch.full((max(ws_bytes // 4, 1),), float("nan"), dtype=torch.float32, device=self.device)
+        self._launch("gemm", m, n, k, x_dev.data_ptr(), x_dev.stride(0), values_dev.data_ptr(), kmeta.data_ptr(),
+                     data_ptr(bias_dev), y_dev.data_ptr(), y_dev.stride(0), DTYPE_CODES[x.dtype], ACT_CODES[act],
+                     ws.data_ptr() if ws_bytes else 0, config, split_k)
+        self._write_back(y, y_dev)
+        return y
+
+    def quantize_rows(self, x):
+        """x [M, K] float (row stride ldx) -> (x_q int8 [M, K], x_scale float32 [M]) as numpy."""
+        m, k = x.shape
+        x_dev = self.to_device(x)
+        x_q = torch.full((m, k), 99, dtype=torch.int8, device=self.device)
+        x_scale = torch.full((m,), -7.0, dtype=torch.float32, device=self.device)
+        self._launch("quantize_rows", m, k, x_dev.data_ptr(), x_dev.stride(0), DTYPE_CODES[x.dtype], x_q.data_ptr(),
+                     x_scale.data_ptr())
+        return x_q.cpu().numpy(), x_scale.cpu().numpy()
+
+    def gemm_s8(self, x_q, values, meta, w_scale, x_scale, n, k, out_dtype, bias=None, act="none", config=-1,
+                split_k=0, y=None):
+        """The INT8 GEMM: x_q int8 [M, >= K] (row stride ldx), values int8 [N, Kp/2], meta logical
+        (reordered here), w_scale fp32 [N], x_scale fp32 [M] (tensors or numpy); y as for gemm."""
+        m = x_q.shape[0]
+        if y is None:
+            y = torch.full((m, n), float("nan"), dtype=out_dtype, device=x_q.device)
+        x_dev, values_dev, y_dev = self.to_device(x_q), self.to_device(values), self.to_device(y)
+        w_scale_dev, x_scale_dev = self.to_device(w_scale), self.to_device(x_scale)
+        kmeta = self.kernel_meta(self.to_device(meta), n, k, s8=True)
+        bias_dev = None if bias is None else self.to_device(bias)
+        ws_bytes = self.gemm_s8_workspace_bytes(m, n, k, config, split_k)
+        ws = torch.full((max(ws_bytes // 4, 1),), -7, dtype=torch.int32, device=self.device)
+        self._launch("gemm_s8", m, n, k, x_dev.data_ptr(), x_dev.stride(0), values_dev.data_ptr(), kmeta.data_ptr(),
+                     w_scale_dev.data_ptr(), x_scale_dev.data_ptr(), data_ptr(bias_dev), y_dev.data_ptr(),
+                     y_dev.stride(0), DTYPE_CODES[out_dtype], ACT_CODES[act], ws.data_ptr() if ws_bytes else 0,
+                     config, split_k)
+        self._write_back(y, y_dev)
+        return y
+
+    def conv2d(self, x_nhwc, values, meta, bias, out_hw, kernel, stride, padding, dilation, act="none", config=-1,
+               split_k=0):
+        """The implicit-GEMM convolution: x_nhwc contiguous [B, H, W, C], values / logical meta of the
+        [Cout, kh * kw * C] weight, out_hw the output's (H, W) -> a fresh [B, out H, out W, Cout]."""
+        batch, height, width, channels = x_nhwc.shape
+        out_channels = values.shape[0]
+        m, k = batch * out_hw[0] * out_hw[1], kernel[0] * kernel[1] * channels
+        y = torch.full((batch, *out_hw, out_channels), float("nan"), dtype=x_nhwc.dtype, device=self.device)
+        x_dev, values_dev = self.to_device(x_nhwc), self.to_device(values)
+        kmeta = self.kernel_meta(self.to_device(meta), out_channels, k)
+        bias_dev = None if bias is None else self.to_device(bias)
+        ws_bytes = self.gemm_workspace_bytes(m, out_channels, k, config, split_k)
+        ws = torch.full((max(ws_bytes // 4, 1),), float("nan"), dtype=torch.float32, device=self.device)
+        self._launch("conv2d", x_dev.data_ptr(), values_dev.data_ptr(), kmeta.data_ptr(), data_ptr(bias_dev),
+                     y.data_ptr(), batch, height, width, channels, out_channels, *out_hw, list(kernel), list(stride),
+                     list(padding), list(dilation), DTYPE_CODES[x_nhwc.dtype], ACT_CODES[act],
+                     ws.data_ptr() if ws_bytes else 0, config, split_k)
+        return y.to(x_nhwc.device)
+
+    def module(self, layer):
+        """A SparseLinear / SparseConv2d moved to the backend's device, its forward set to run there."""
+        layer = layer.to(self.device)
+        layer.backend = self.name
+        return layer
 
 
 def sparse_weight(n, k, dtype, gen, low=-3, high=4):
@@ -140,48 +298,57 @@ def activation(y, act):
 
 
 # ---- compress / decompress / reorder -------------------------------------------------------------
+def assert_compress_prune_matches_reference(kernels, w):
+    """Prune-mode compress bit for bit against the oracle, then decompress of its output."""
+    k = w.shape[1]
+    values, meta, bad = kernels.compress(w, prune=True)
+    ref_values, ref_meta, _ = reference_compress(w)
+    assert bad == -1  # prune mode never reports
+    assert torch.equal(values.view(torch.uint8), ref_values.contiguous().view(torch.uint8))
+    np.testing.assert_array_equal(meta.numpy(), ref_meta)
+    back = kernels.decompress(values, meta, k)
+    assert torch.equal(back.view(torch.uint8), reference_decompress(values, meta.numpy(), k).view(torch.uint8))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("n,k", [(3, 4), (5, 36), (2, 12), (4, 70), (17, 264)])
-def test_compress_prune_matches_reference(dtype, n, k):
+def test_compress_prune_matches_reference(kernels, dtype, n, k):
     gen = torch.Generator().manual_seed(n * 1000 + k)
     # Few distinct magnitudes force ties; sprinkle NaN, -0.0 and zero groups.
     w = (torch.randint(-2, 3, (n, k), generator=gen).to(torch.float32) * 0.5).to(dtype)
     w[0, 0] = float("nan")
     w[-1, -1] = -0.0
     w[n // 2, : min(k, 4)] = 0
-    values, meta, bad = simt_compress(w, prune=True)
-    ref_values, ref_meta, _ = reference_compress(w)
-    assert bad == -1  # prune mode never reports
-    assert torch.equal(values.view(torch.uint8), ref_values.contiguous().view(torch.uint8))
-    np.testing.assert_array_equal(meta.numpy(), ref_meta)
+    assert_compress_prune_matches_reference(kernels, w)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_compress_strided_input(dtype):
+def test_compress_strided_input(kernels, dtype):
     gen = torch.Generator().manual_seed(3)
     base = torch.randn(6, 45, generator=gen).to(dtype)
     w = base[:, 1:41]  # ldw = 45, unaligned rows: element loads
-    values, meta, _ = simt_compress(w, prune=True, ldw=45)
+    assert w.stride(0) == 45
+    values, meta, _ = kernels.compress(w, prune=True)
     ref_values, ref_meta, _ = reference_compress(w.contiguous())
     assert torch.equal(values.view(torch.uint8), ref_values.contiguous().view(torch.uint8))
     np.testing.assert_array_equal(meta.numpy(), ref_meta)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_strict_mode_reports_smallest_bad_group(dtype):
+def test_strict_mode_reports_smallest_bad_group(kernels, dtype):
     gen = torch.Generator().manual_seed(5)
     n, k = 6, 44  # G = 11, odd
     w = sparse_weight(n, k, dtype, gen)
-    assert simt_compress(w, prune=False)[2] == -1
+    assert kernels.compress(w, prune=False)[2] == -1
     w[:, 1::4] = torch.where(w[:, 1::4] == 0, torch.full_like(w[:, 1::4], -0.0), w[:, 1::4])
-    assert simt_compress(w, prune=False)[2] == -1  # -0.0 is zero
+    assert kernels.compress(w, prune=False)[2] == -1  # -0.0 is zero
     w[4, 8:11] = 1          # row 4, group 2: three non-zeros
     w[2, 40:44] = torch.tensor([1, 2, float("nan"), 3])  # row 2, group 10 (NaN is non-zero)
-    assert simt_compress(w, prune=False)[2] == 2 * 11 + 10
+    assert kernels.compress(w, prune=False)[2] == 2 * 11 + 10
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_six_patterns_round_trip(dtype):
+def test_six_patterns_round_trip(kernels, dtype):
     nib = [0x4, 0x8, 0x9, 0xC, 0xD, 0xE]
     rows = []
     for a, b in SIX_PAIRS:
@@ -189,35 +356,33 @@ def test_six_patterns_round_trip(dtype):
         g[a], g[b] = -1.5, 2.0
         rows.append(g)
     w = torch.stack(rows).reshape(1, 24).repeat(3, 1).to(dtype)  # 6 groups per row
-    values, meta, bad = simt_compress(w, prune=False)
+    values, meta, bad = kernels.compress(w, prune=False)
     assert bad == -1
     nibbles = np.stack([meta.numpy() & 0xF, meta.numpy() >> 4], axis=2).reshape(3, -1)
     np.testing.assert_array_equal(nibbles, np.tile(nib, (3, 1)))
-    back = torch.full_like(w, 9)
-    _C.simt_decompress(3, 24, values.data_ptr(), meta.data_ptr(), back.data_ptr(), DTYPE_CODES[dtype])
+    back = kernels.decompress(values, meta, 24)
     assert torch.equal(back.view(torch.uint8), w.view(torch.uint8))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("n,k", [(4, 4), (3, 36), (5, 68), (9, 264)])
-def test_decompress_matches_reference(dtype, n, k):
+def test_decompress_matches_reference(kernels, dtype, n, k):
     gen = torch.Generator().manual_seed(n + k)
     w = sparse_weight(n, k, dtype, gen)
     w[0, 0] = -0.0
-    values, meta, _ = simt_compress(w, prune=False)
-    out = torch.full((n, k), 5, dtype=dtype)
-    _C.simt_decompress(n, k, values.data_ptr(), meta.data_ptr(), out.data_ptr(), DTYPE_CODES[dtype])
+    values, meta, _ = kernels.compress(w, prune=False)
+    out = kernels.decompress(values, meta, k)
     ref = reference_decompress(values, meta.numpy(), k)
     assert torch.equal(out.contiguous().view(torch.uint8), ref.contiguous().view(torch.uint8))
     assert torch.equal(out, w)  # a 2:4 weight round-trips (a dropped -0.0 comes back as +0.0)
 
 
 @pytest.mark.parametrize("n,k", [(1, 4), (16, 32), (20, 100), (130, 72)])
-def test_reorder_meta_layout(n, k):
+def test_reorder_meta_layout(kernels, n, k):
     gen = torch.Generator().manual_seed(n * k)
     w = sparse_weight(n, k, torch.float16, gen)
-    _, meta, _ = simt_compress(w)
-    got = simt_kernel_meta(meta, n, k).numpy().view(np.uint32)
+    _, meta, _ = kernels.compress(w)
+    got = kernels.kernel_meta(meta, n, k).numpy().view(np.uint32)
     np.testing.assert_array_equal(got, reference_kernel_meta(meta.numpy(), n, k))
 
 
@@ -230,29 +395,24 @@ GEMM_SHAPES = [  # (M, N, K): tails in every dimension, K % 32 != 0, fewer k-til
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("config", [LARGE_M, DECODE])
 @pytest.mark.parametrize("m,n,k", GEMM_SHAPES)
-def test_gemm_exact_small_integers(dtype, config, m, n, k):
+def test_gemm_exact_small_integers(kernels, dtype, config, m, n, k):
     gen = torch.Generator().manual_seed(m * 7 + n * 13 + k)
     w = sparse_weight(n, k, dtype, gen, -2, 3)
     x = torch.randint(-2, 3, (m, k), generator=gen).to(dtype)
     bias = torch.randint(-3, 4, (n,), generator=gen).to(dtype)
-    values, meta, _ = simt_compress(w, prune=False)
-    y = simt_gemm(x, values, meta, n, k, bias=bias, act="relu", config=config)
+    values, meta, _ = kernels.compress(w, prune=False)
+    y = kernels.gemm(x, values, meta, n, k, bias=bias, act="relu", config=config)
     ref = torch.relu(x.double() @ w.double().T + bias.double()).to(dtype)
     assert torch.equal(y, ref)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("config,split_k", [(LARGE_M, 0), (DECODE, 0), (DECODE, 3)])
-@pytest.mark.parametrize("act", ["none", "gelu", "silu"])
-def test_gemm_random_within_twice_dense_error(dtype, config, split_k, act):
-    m, n, k = (9, 72, 520) if config == DECODE else (33, 136, 132)
-    gen = torch.Generator().manual_seed(11)
-    w_dense = torch.randn(n, k, generator=gen).to(dtype)
-    values, meta, _ = simt_compress(w_dense, prune=True)
-    w = reference_decompress(values, meta.numpy(), k)
-    x = torch.randn(m, k, generator=gen).to(dtype)
-    bias = torch.randn(n, generator=gen).to(dtype)
-    y = simt_gemm(x, values, meta, n, k, bias=bias, act=act, config=config, split_k=split_k)
+def assert_gemm_within_twice_dense_error(kernels, x, w_dense, bias, act, config, split_k):
+    """The GEMM on the pruned w_dense within twice the error of torch's dense matmul at the same
+    dtype (on x's device), both against float64."""
+    n, k = w_dense.shape
+    values, meta, _ = kernels.compress(w_dense, prune=True)
+    w = kernels.decompress(values, meta, k)
+    y = kernels.gemm(x, values, meta, n, k, bias=bias, act=act, config=config, split_k=split_k)
     exact = activation(x.double() @ w.double().T + bias.double(), act)
     dense = activation((torch.matmul(x, w.T) + bias).double(), act)
     base_err = (dense - exact).abs().max().item()
@@ -260,48 +420,59 @@ def test_gemm_random_within_twice_dense_error(dtype, config, split_k, act):
     assert err <= 2 * base_err + 1e-6, (err, base_err)
 
 
-def test_gemm_decode_auto_split_uses_workspace():
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("config,split_k", [(LARGE_M, 0), (DECODE, 0), (DECODE, 3)])
+@pytest.mark.parametrize("act", ["none", "gelu", "silu"])
+def test_gemm_random_within_twice_dense_error(kernels, dtype, config, split_k, act):
+    m, n, k = (9, 72, 520) if config == DECODE else (33, 136, 132)
+    gen = torch.Generator().manual_seed(11)
+    w_dense = torch.randn(n, k, generator=gen).to(dtype)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    bias = torch.randn(n, generator=gen).to(dtype)
+    assert_gemm_within_twice_dense_error(kernels, x, w_dense, bias, act, config, split_k)
+
+
+def test_gemm_decode_auto_split_uses_workspace(kernels):
     m, n, k = 3, 40, 1024  # 16 k-tiles over one N block: the heuristic splits K
-    assert _C.simt_gemm_workspace_bytes(m, n, k) > 0
+    assert kernels.gemm_workspace_bytes(m, n, k) > 0
     gen = torch.Generator().manual_seed(2)
     w = sparse_weight(n, k, torch.float16, gen, -1, 2)
     x = torch.randint(-1, 2, (m, k), generator=gen).to(torch.float16)
-    values, meta, _ = simt_compress(w, prune=False)
-    y = simt_gemm(x, values, meta, n, k)
+    values, meta, _ = kernels.compress(w, prune=False)
+    y = kernels.gemm(x, values, meta, n, k)
     assert torch.equal(y, (x.double() @ w.double().T).to(torch.float16))
 
 
 @pytest.mark.parametrize("config", [LARGE_M, DECODE])
-def test_gemm_unaligned_operands_and_output_stride(config):
+def test_gemm_unaligned_operands_and_output_stride(kernels, config):
     m, n, k = 5, 20, 48
     gen = torch.Generator().manual_seed(4)
     w = sparse_weight(n, k, torch.float16, gen, -2, 3)
     x_store = torch.randint(-2, 3, (m, k + 5), generator=gen).to(torch.float16)
     x = x_store[:, 1:k + 1]  # ldx = 53 and a 2-byte offset: the element-copy path
-    values, meta, _ = simt_compress(w, prune=False)
+    values, meta, _ = kernels.compress(w, prune=False)
     y_store = torch.full((m, n + 3), 42.0, dtype=torch.float16)
-    simt_gemm(x, values, meta, n, k, config=config, y=y_store[:, :n])
+    kernels.gemm(x, values, meta, n, k, config=config, y=y_store[:, :n])
     assert torch.equal(y_store[:, :n], (x.double() @ w.double().T).to(torch.float16))
     assert torch.all(y_store[:, n:] == 42)  # nothing written between rows
 
 
-def test_gemm_m_zero_writes_nothing():
+def test_gemm_m_zero_writes_nothing(kernels):
     n, k = 16, 32
     gen = torch.Generator().manual_seed(1)
     w = sparse_weight(n, k, torch.float16, gen)
-    values, meta, _ = simt_compress(w)
+    values, meta, _ = kernels.compress(w)
     y = torch.full((1, n), 3.0, dtype=torch.float16)
-    _C.simt_gemm(0, n, k, y.data_ptr(), k, values.data_ptr(), simt_kernel_meta(meta, n, k).data_ptr(), 0,
-                 y.data_ptr(), n, 1)
+    kernels.gemm(torch.zeros((0, k), dtype=torch.float16), values, meta, n, k, y=y[:0])
     assert torch.all(y == 3)
 
 
 @pytest.mark.parametrize("config", [LARGE_M, DECODE])
-def test_gemm_k_zero_gives_activation_of_bias(config):
+def test_gemm_k_zero_gives_activation_of_bias(kernels, config):
     m, n = 3, 20
     x = torch.zeros((m, 0), dtype=torch.float16)
     bias = torch.arange(-10, 10, dtype=torch.float16)
     values = torch.zeros((n, 0), dtype=torch.float16)
     meta = torch.zeros((n, 0), dtype=torch.uint8)
-    y = simt_gemm(x, values, meta, n, 0, bias=bias, act="relu", config=config)
+    y = kernels.gemm(x, values, meta, n, 0, bias=bias, act="relu", config=config)
     assert torch.equal(y, torch.relu(bias).expand(m, n))
