@@ -31,12 +31,16 @@ PYEOF
 
 status=0
 # The whole suite: on a GPU the cuda backends run beside the CPU and emulator ones.
-"$PY" -m pytest -q tests --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1 || status=1
+XDIST=$("$PY" -c 'import xdist' 2>/dev/null && echo "-n ${PYTEST_WORKERS:-8}" || true)
+# shellcheck disable=SC2086
+"$PY" -m pytest -q $XDIST tests --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1 || status=1
+# BENCH_ARGS narrows the sweep when device time is short (e.g. "--shapes square-8192 --m 1 16 8192").
+# shellcheck disable=SC2086
+"$PY" -m sparsegemm bench --device cuda --dtype float16 bfloat16 int8 --no-progress --json "$OUT/bench.json" \
+  --csv "$OUT/bench.csv" --plot "$OUT/bench.png" ${BENCH_ARGS:-} > "$OUT/bench.md" 2>&1 || status=1
 for tool in memcheck racecheck; do
-  compute-sanitizer --tool "$tool" --error-exitcode 1 "$PY" bench/sanitizer_smoke.py \
+  timeout "${SANITIZER_TIMEOUT:-240}" compute-sanitizer --tool "$tool" --error-exitcode 1 "$PY" bench/sanitizer_smoke.py \
     > "$OUT/sanitizer_$tool.log" 2>&1 || status=1
 done
-"$PY" -m sparsegemm bench --device cuda --dtype float16 bfloat16 int8 --no-progress --json "$OUT/bench.json" \
-  --csv "$OUT/bench.csv" --plot "$OUT/bench.png" > "$OUT/bench.md" 2>&1 || status=1
 tail -n 3 "$OUT/tests.log" "$OUT"/sanitizer_*.log
 exit $status

@@ -74,7 +74,8 @@ def cmd_bench(args) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtypes = args.dtype or (["float16", "bfloat16"] if device == "cuda" else ["bfloat16"])
-    env, rows = bench.run(device, dtypes, quick=args.quick, progress=not args.no_progress)
+    env, rows = bench.run(device, dtypes, quick=args.quick, progress=not args.no_progress, shapes_filter=args.shapes,
+                          ms_override=args.m)
     print(" ".join(f"{k}={v}" for k, v in env.items()))
     print(bench.markdown(rows))
     bench.write_outputs(env, rows, args.json, args.csv, args.plot)
@@ -103,6 +104,8 @@ def main(argv=None) -> int:
     b.add_argument("--dtype", nargs="+", choices=["float16", "bfloat16", "int8"],
                    help="default: fp16+bf16 on cuda, bf16 on cpu; int8: INT8 2:4 rows (sparsegemm.bench)")
     b.add_argument("--quick", action="store_true", help="one shape, a few M: about a minute")
+    b.add_argument("--shapes", nargs="+", help="only these shapes (e.g. llama2-7b.gate_up square-8192)")
+    b.add_argument("--m", type=int, nargs="+", help="only these M values")
     b.add_argument("--json", help="write the result rows (with the environment) as JSON here")
     b.add_argument("--csv", help="write the result rows as CSV here")
     b.add_argument("--plot", help="write a PNG of speedup vs M here (needs matplotlib)")

@@ -287,7 +287,10 @@ def bench_mlp(device: torch.device, dtype: str, tokens, timer: Timer) -> list:
     return rows
 
 
-def run(device: str = "cpu", dtypes=("bfloat16",), quick: bool = False, progress: bool = True) -> tuple:
+def run(device: str = "cpu", dtypes=("bfloat16",), quick: bool = False, progress: bool = True,
+        shapes_filter=None, ms_override=None) -> tuple:
+    """The sweep; ``shapes_filter`` (names of MODEL_SHAPES / "square-8192" / "square-4096") and
+    ``ms_override`` (M values) narrow it."""
     dev = torch.device(device)
     if quick:
         shapes = {"square-4096": (4096, 4096)}
@@ -297,6 +300,14 @@ def run(device: str = "cpu", dtypes=("bfloat16",), quick: bool = False, progress
         shapes = dict(MODEL_SHAPES, **{"square-8192": (8192, 8192)})
         ms = M_SWEEP if dev.type == "cuda" else (1, 4, 16, 64, 256, 1024)
         timer = Timer(dev, warmup=3, repeats=10 if dev.type == "cpu" else 50)
+    if shapes_filter:
+        known = dict(MODEL_SHAPES, **{"square-8192": (8192, 8192), "square-4096": (4096, 4096)})
+        unknown = [name for name in shapes_filter if name not in known]
+        if unknown:
+            raise ValueError(f"bench: unknown shape(s) {unknown}; known: {sorted(known)}")
+        shapes = {name: known[name] for name in shapes_filter}
+    if ms_override:
+        ms = tuple(ms_override)
     jobs = [(getattr(torch, dt), label, m, n, k) for dt in dtypes for label, (n, k) in shapes.items() for m in ms]
     if progress:
         try:
