@@ -161,5 +161,5 @@ def linear_parts(x: Tensor, values: Tensor, meta: Tensor, shape, bias: Optional[
     x2 = x.reshape(-1, k)
     if backend != "cpu":
         reordered = kernel_meta(backend) if kernel_meta is not None else ops.reorder_meta(meta, k, backend)
-    y = ops._linear(x2, values, meta, reordered, k, bias, fmt.ACTIVATION_CODES[activation], backend)
+    y = ops.call(ops._linear, x2, values, meta, reordered, k, bias, fmt.ACTIVATION_CODES[activation], backend)
     return y.reshape(*lead, n)

@@ -24,6 +24,7 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The tensor-core kernels (CUDA and their emulator twin) take the 16-bit types only.
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 _INT32_MAX = 2**31 - 1
+_CUDA_BUILT = bool(_C.build_info()["cuda_built"])
 
 # Above this many rows of X the CPU path stops gathering X per 2:4 group and instead decompresses
 # W a row tile at a time into a cache-sized scratch and runs torch's dense GEMM on it: on the CPU
@@ -52,6 +53,40 @@ def _stream(t: Tensor) -> int:
     return torch.cuda.current_stream(t.device).cuda_stream
 
 
+_IMPLS: dict = {}
+
+
+def _custom_op(name: str):
+    """torch.library.custom_op (functional: no argument is mutated) that also remembers the plain
+    implementation, for :func:`call`."""
+    def register(fn):
+        op = torch.library.custom_op(name, mutates_args=())(fn)
+        _IMPLS[op] = fn
+        return op
+
+    return register
+
+
+def _plain_eager(args) -> bool:
+    grad = torch.is_grad_enabled()
+    for a in args:
+        if isinstance(a, Tensor):
+            if type(a) is not Tensor and type(a) is not torch.nn.Parameter:  # fake, functional, ... tensors
+                return False
+            if grad and a.requires_grad:
+                return False
+    return True
+
+
+def call(op, *args):
+    """Run one of our custom ops: through torch's dispatcher while tracing (torch.compile, fake
+    tensors) or when autograd must record it, and straight to its implementation otherwise. The
+    dispatcher costs about 15 us a call, as much as a decode-size kernel."""
+    if torch.compiler.is_compiling() or not _plain_eager(args):
+        return op(*args)
+    return _IMPLS[op](*args)
+
+
 def _on_tensor_device(fn):
     """Run ``fn`` with its first tensor argument's GPU current: the extension launches on the
     current device (and sizes split-K by its SMs), and torch does not switch devices for a custom
@@ -59,7 +94,7 @@ def _on_tensor_device(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         first = next((a for a in args if isinstance(a, Tensor)), None)
-        if first is not None and first.device.type == "cuda":
+        if first is not None and first.device.type == "cuda" and first.device.index != torch.cuda.current_device():
             with torch.cuda.device(first.device):
                 return fn(*args, **kwargs)
         return fn(*args, **kwargs)
@@ -97,7 +132,7 @@ def resolve_backend(op: str, backend: Optional[str], device: torch.device) -> st
     if backend == "cuda":
         if device.type != "cuda":
             raise ValueError(f"{op}: backend 'cuda' needs CUDA tensors, got tensors on {device}")
-        if not _C.build_info()["cuda_built"]:
+        if not _CUDA_BUILT:
             raise RuntimeError(f"{op}: sparsegemm was built without CUDA kernels (no nvcc at build time, or "
                                "SPARSEGEMM_CUDA=0); rebuild with nvcc on PATH")
     elif device.type != "cpu":
@@ -124,7 +159,7 @@ def _rowmajor(t: Tensor) -> Tensor:
 
 # ---- mask ------------------------------------------------------------------------------------
 
-@torch.library.custom_op("sparsegemm::mask_2to4", mutates_args=())
+@_custom_op("sparsegemm::mask_2to4")
 @_on_tensor_device
 def _mask_2to4(w: Tensor) -> Tensor:
     n, k = w.shape
@@ -182,7 +217,7 @@ def _non_24_message(op: str, w: Tensor, flat: int) -> str:
             f"has more than 2 non-zeros: {vals}. Pass prune=True to apply the magnitude 2:4 mask first.")
 
 
-@torch.library.custom_op("sparsegemm::compress", mutates_args=())
+@_custom_op("sparsegemm::compress")
 @_on_tensor_device
 def _compress(w: Tensor, prune: bool, backend: str) -> tuple[Tensor, Tensor]:
     n, k = w.shape
@@ -214,7 +249,7 @@ def _(w: Tensor, prune: bool, backend: str) -> tuple[Tensor, Tensor]:
             w.new_empty((n, fmt.meta_cols(k)), dtype=torch.uint8))
 
 
-@torch.library.custom_op("sparsegemm::decompress", mutates_args=())
+@_custom_op("sparsegemm::decompress")
 @_on_tensor_device
 def _decompress(values: Tensor, meta: Tensor, k: int, backend: str) -> Tensor:
     n = values.shape[0]
@@ -266,7 +301,7 @@ def _kernel_meta_bytes(n: int, k: int, backend: str, s8: bool) -> int:
     return getattr(_C, f"{backend}_kernel_meta_bytes{suffix}")(n, fmt.padded_k(k) if s8 else k)
 
 
-@torch.library.custom_op("sparsegemm::reorder_meta", mutates_args=())
+@_custom_op("sparsegemm::reorder_meta")
 @_on_tensor_device
 def _reorder_meta(meta: Tensor, k: int, backend: str, s8: bool) -> Tensor:
     n = meta.shape[0]
@@ -334,7 +369,7 @@ def _cpu_dense_tiles(x: Tensor, values: Tensor, meta: Tensor, k: int, bias: Opti
         y.copy_(act(y))
 
 
-@torch.library.custom_op("sparsegemm::linear", mutates_args=())
+@_custom_op("sparsegemm::linear")
 @_on_tensor_device
 def _linear(x: Tensor, values: Tensor, meta: Tensor, kernel_meta: Optional[Tensor], k: int, bias: Optional[Tensor],
             activation: int, backend: str) -> Tensor:
@@ -364,8 +399,8 @@ def _linear(x: Tensor, values: Tensor, meta: Tensor, kernel_meta: Optional[Tenso
         ws_bytes = getattr(_C, api + "gemm_workspace_bytes")(m, n, k)
         workspace = torch.empty(ws_bytes, dtype=torch.uint8, device=x.device) if ws_bytes else None
         getattr(_C, api + "gemm")(m, n, k, x.data_ptr(), x.stride(0), values.data_ptr(), kernel_meta.data_ptr(),
-                                  _ptr(bias), y.data_ptr(), y.stride(0), code, activation, workspace=_ptr(workspace),
-                                  stream=_stream(x) if backend == "cuda" else 0)
+                                  _ptr(bias), y.data_ptr(), y.stride(0), code, activation, _ptr(workspace), -1, 0,
+                                  _stream(x) if backend == "cuda" else 0)  # positional: kwargs cost in pybind
     return y
 
 
@@ -447,7 +482,7 @@ def _conv2d_shape(op: str, x: Tensor, n: int, kernel_size, stride, padding, dila
     return b, ho, wo, n
 
 
-@torch.library.custom_op("sparsegemm::conv2d", mutates_args=())
+@_custom_op("sparsegemm::conv2d")
 @_on_tensor_device
 def _conv2d(x: Tensor, values: Tensor, meta: Tensor, kernel_meta: Tensor, kernel_size: list[int], stride: list[int],
             padding: list[int], dilation: list[int], bias: Optional[Tensor], activation: int, backend: str) -> Tensor:
@@ -534,7 +569,7 @@ def require_int8_kernels(op: str, backend: str) -> None:
                            f"(_C.{backend}_gemm_s8 is missing); use backend='cpu' or rebuild")
 
 
-@torch.library.custom_op("sparsegemm::quantize_rows", mutates_args=())
+@_custom_op("sparsegemm::quantize_rows")
 @_on_tensor_device
 def _quantize_rows(x: Tensor, backend: str) -> tuple[Tensor, Tensor]:
     """Dynamic per-token INT8: (x_q int8 [M, K] contiguous, x_scale float32 [M]) of x [M, K]."""
@@ -562,7 +597,7 @@ def _(x: Tensor, backend: str) -> tuple[Tensor, Tensor]:
     return x.new_empty((m, k), dtype=torch.int8), x.new_empty((m,), dtype=torch.float32)
 
 
-@torch.library.custom_op("sparsegemm::linear_s8", mutates_args=())
+@_custom_op("sparsegemm::linear_s8")
 @_on_tensor_device
 def _linear_s8(x_q: Tensor, x_scale: Tensor, values: Tensor, meta: Tensor, kernel_meta: Optional[Tensor],
                w_scale: Tensor, k: int, bias: Optional[Tensor], activation: int, out_dtype: torch.dtype,
@@ -592,7 +627,7 @@ def _linear_s8(x_q: Tensor, x_scale: Tensor, values: Tensor, meta: Tensor, kerne
     workspace = torch.empty(ws_bytes, dtype=torch.uint8, device=x_q.device) if ws_bytes else None
     getattr(_C, api + "gemm_s8")(m, n, kp, x_q.data_ptr(), x_q.stride(0), values.data_ptr(), kernel_meta.data_ptr(),
                                  w_scale.data_ptr(), x_scale.data_ptr(), _ptr(bias), y.data_ptr(), y.stride(0), code,
-                                 activation, workspace=_ptr(workspace), stream=_stream(x_q) if backend == "cuda" else 0)
+                                 activation, _ptr(workspace), -1, 0, _stream(x_q) if backend == "cuda" else 0)
     return y
 
 

@@ -203,7 +203,7 @@ def linear_int8(x: Union[Tensor, tuple], sw: SparseTensor24, bias: Optional[Tens
         lead = x.shape[:-1]
         x2 = x.reshape(-1, k)
         if input_scale is None:
-            x_q, x_scale = ops._quantize_rows(x2, backend)
+            x_q, x_scale = ops.call(ops._quantize_rows, x2, backend)
         else:
             x_q, x_scale = quantize_activations_static(x2, input_scale)
     allowed = ops.FLOAT_DTYPES if backend == "cpu" else ops.KERNEL_DTYPES
@@ -217,7 +217,7 @@ def linear_int8(x: Union[Tensor, tuple], sw: SparseTensor24, bias: Optional[Tens
         bias = bias.to(out_dtype)
     ops.check_same_device(op, x_q=x_q, x_scale=x_scale, **{"sw.values": sw.values, "sw.scale": sw.scale}, bias=bias)
     kernel_meta = sw.kernel_meta(backend) if backend != "cpu" else None
-    y = ops._linear_s8(x_q, x_scale, sw.values, sw.meta, kernel_meta, sw.scale, k, bias,
+    y = ops.call(ops._linear_s8, x_q, x_scale, sw.values, sw.meta, kernel_meta, sw.scale, k, bias,
                        fmt.ACTIVATION_CODES[activation], out_dtype, backend)
     return y.reshape(*lead, n)
 
