@@ -90,14 +90,21 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sparsegemm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="print what was built and what this machine offers").set_defaults(fn=cmd_info)
     demo = sub.add_parser("demo", help="prune, compress, run a layer: sizes, error vs oracle, speed vs dense")
-    demo.add_argument("--size", type=int, default=4096, help="N = K of the demo weight (default 4096)")
-    demo.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 512], help="M values to run")
-    demo.add_argument("--repeats", type=int, default=20)
+    demo.add_argument("--size", type=_positive, default=4096, help="N = K of the demo weight (default 4096)")
+    demo.add_argument("--tokens", type=_positive, nargs="+", default=[1, 16, 512], help="M values to run")
+    demo.add_argument("--repeats", type=_positive, default=20)
     demo.set_defaults(fn=cmd_demo)
     b = sub.add_parser("bench", help="GEMM microbenchmarks vs dense and torch's 2:4 path")
     b.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available, else cpu")

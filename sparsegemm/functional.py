@@ -102,7 +102,11 @@ def linear(x: Tensor, sw: SparseTensor24, bias: Optional[Tensor] = None, *, acti
     foreign = _foreign_array_module(x)
     if foreign is not None:
         x = torch.from_dlpack(x)
-        bias = torch.from_dlpack(bias) if bias is not None and not isinstance(bias, Tensor) else bias
+    if bias is not None and not isinstance(bias, Tensor):
+        if not hasattr(bias, "__dlpack__"):
+            raise TypeError(f"sparsegemm.linear: bias must be a torch.Tensor or a DLPack array, got "
+                            f"{type(bias).__name__}")
+        bias = torch.from_dlpack(bias)
     if sw.dtype == torch.int8:
         from .quant import linear_int8
 
@@ -126,13 +130,14 @@ def _foreign_array_module(x):
 
 
 def linear_parts(x: Tensor, values: Tensor, meta: Tensor, shape, bias: Optional[Tensor] = None, *,
-                 activation: Optional[str] = None, backend: Optional[str] = None, kernel_meta=None) -> Tensor:
+                 activation: Optional[str] = None, backend: Optional[str] = None, kernel_meta=None,
+                 op: str = "sparsegemm.linear") -> Tensor:
     """:func:`linear` on the parts of a compressed weight (what SparseLinear holds).
 
     ``kernel_meta`` is a callable ``backend -> Tensor`` giving the reordered metadata for the CUDA
-    and SIMT backends (cached by the caller), or None for the CPU backend.
+    and SIMT backends (cached by the caller), or None for the CPU backend. ``op`` names the caller
+    in error messages.
     """
-    op = "sparsegemm.linear"
     if not isinstance(x, Tensor):
         raise TypeError(f"{op}: x must be a torch.Tensor, got {type(x).__name__}")
     if activation is not None and activation not in ACTIVATIONS:
@@ -147,7 +152,8 @@ def linear_parts(x: Tensor, values: Tensor, meta: Tensor, shape, bias: Optional[
                         f"{str(values.dtype).replace('torch.', '')}; convert one of them")
     if bias is not None:
         if bias.dtype != x.dtype:
-            raise TypeError(f"{op}: bias dtype {bias.dtype} does not match x dtype {x.dtype}")
+            raise TypeError(f"{op}: bias dtype {str(bias.dtype).replace('torch.', '')} does not match x dtype "
+                            f"{str(x.dtype).replace('torch.', '')}")
         if tuple(bias.shape) != (n,):
             raise ValueError(f"{op}: bias must have shape ({n},), got {tuple(bias.shape)}")
     ops.check_same_device(op, x=x, **{"sw.values": values}, bias=bias)

@@ -48,8 +48,21 @@ def save(model: nn.Module, path: Union[str, "os.PathLike"]) -> None:
     save_file(tensors, str(path), metadata={"format": _FORMAT, "converted": json.dumps(converted)})
 
 
+def _field(name: str, spec: dict, key: str, kind: type):
+    """spec[key], checked to be a ``kind`` (a bool is not an int here)."""
+    value = spec.get(key)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ValueError(f"sparsegemm.load: module {name!r}: field {key!r} of the module table must be "
+                         f"{kind.__name__}, got {value!r}")
+    return value
+
+
 def _build(name: str, spec: dict, dense: nn.Module) -> nn.Module:
-    dtype = getattr(torch, spec["dtype"], None)
+    _field(name, spec, "kind", str)
+    _field(name, spec, "bias", bool)
+    for key in ("in_features", "out_features") if spec["kind"] == "SparseLinear" else ("in_channels", "out_channels"):
+        _field(name, spec, key, int)
+    dtype = getattr(torch, _field(name, spec, "dtype", str), None)
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"sparsegemm.load: module {name!r}: unknown dtype {spec['dtype']!r} in the checkpoint")
     if spec["kind"] == "SparseLinear":
@@ -92,39 +105,71 @@ def load(path: Union[str, "os.PathLike"], model: nn.Module) -> nn.Module:
         converted = json.loads(header["converted"])
     except (KeyError, json.JSONDecodeError) as exc:
         raise ValueError(f"sparsegemm.load: {path} has a corrupt module table ({exc})") from exc
+    if not isinstance(converted, dict) or not all(isinstance(v, dict) for v in converted.values()):
+        raise ValueError(f"sparsegemm.load: {path} has a corrupt module table (expected an object of objects)")
     from .convert import _set_submodule
 
+    # Everything is built, loaded and validated aside first: a failing checkpoint leaves the model as it was.
+    replacements = {}
     for name, spec in converted.items():
         try:
             dense = model.get_submodule(name)
         except AttributeError as exc:
             raise ValueError(f"sparsegemm.load: the checkpoint converts {name!r}, which the model lacks") from exc
-        _set_submodule(model, name, _build(name, spec, dense))
+        try:
+            new = _build(name, spec, dense)
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, ValueError) and str(exc).startswith("sparsegemm.load"):
+                raise
+            raise ValueError(f"sparsegemm.load: module {name!r}: corrupt entry in the module table ({exc!r})") from exc
+        prefix = f"{name}." if name else ""
+        own = {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
+        _check_tensors(path, new.state_dict(), own, prefix)
+        new.load_state_dict(own, strict=False)
+        try:
+            new.validate()
+        except ValueError as exc:
+            raise ValueError(f"sparsegemm.load: module {name!r}: {exc}") from exc
+        replacements[name] = new
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"sparsegemm.load: checkpoint and model disagree: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
-    for key, value in tensors.items():
-        want = expected[key]
-        if value.shape != want.shape or value.dtype != want.dtype:
-            raise ValueError(f"sparsegemm.load: tensor {key!r} is {value.dtype} {tuple(value.shape)} in the "
-                             f"checkpoint, the model expects {want.dtype} {tuple(want.shape)}")
+    for name, new in replacements.items():
+        prefix = f"{name}." if name else ""
+        expected = {k: v for k, v in expected.items() if not k.startswith(prefix)}
+        expected.update({prefix + k: v for k, v in new.state_dict().items()})
+    _check_tensors(path, expected, tensors, "")
+    for name, new in replacements.items():
+        _set_submodule(model, name, new)
     model.load_state_dict(tensors, strict=True)
-    for name, mod in model.named_modules():
-        if isinstance(mod, (SparseLinear, SparseConv2d)):
-            try:
-                mod.validate()
-            except ValueError as exc:
-                raise ValueError(f"sparsegemm.load: module {name!r}: {exc}") from exc
     return model
+
+
+def _check_tensors(path, expected: dict, tensors: dict, prefix: str) -> None:
+    """Names, shapes and dtypes of ``tensors`` are exactly ``expected``'s (keys shown with ``prefix``)."""
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected)) if not prefix else []
+    if missing or unexpected:
+        raise ValueError(f"sparsegemm.load: checkpoint {path} and model disagree: missing "
+                         f"{[prefix + k for k in missing[:5]]}, unexpected {unexpected[:5]}")
+    for key, want in expected.items():
+        value = tensors[key]
+        if value.shape != want.shape or value.dtype != want.dtype:
+            raise ValueError(f"sparsegemm.load: tensor {prefix + key!r} is {value.dtype} {tuple(value.shape)} in "
+                             f"the checkpoint, the model expects {want.dtype} {tuple(want.shape)}")
 
 
 def describe(path: Union[str, "os.PathLike"]) -> str:
     """A per-layer size report of a saved checkpoint (what ``python -m sparsegemm report`` prints)."""
     from safetensors import safe_open
 
+    try:
+        return _describe_file(safe_open, path)
+    except (ValueError, KeyError, TypeError):
+        raise
+    except Exception as exc:  # safetensors' own error types for truncated or corrupt files
+        raise ValueError(f"sparsegemm report: {path} is not a readable safetensors file ({exc})") from exc
+
+
+def _describe_file(safe_open, path) -> str:
     with safe_open(str(path), framework="pt") as f:
         header = f.metadata() or {}
         if header.get("format") != _FORMAT:

@@ -93,7 +93,7 @@ class _SparseWeight(nn.Module):
 
     def _sparse_linear(self, x: Tensor, activation: Optional[str] = None) -> Tensor:
         return linear_parts(x, self.values, self.meta, self.weight_shape, self.bias, activation=activation,
-                            backend=self.backend, kernel_meta=self._kernel_meta_for)
+                            backend=self.backend, kernel_meta=self._kernel_meta_for, op=type(self).__name__)
 
     def validate(self) -> None:
         """Check the stored weight (shapes, dtypes, metadata, scales) as a checkpoint load does."""

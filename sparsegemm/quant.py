@@ -42,7 +42,8 @@ QMAX = 127
 
 def check_scale(op: str, name: str, scale, length: int, *, values: bool = True) -> None:
     """ValueError unless ``scale`` is a float32 tensor of shape ``(length,)`` and (when ``values``)
-    finite and non-zero everywhere. Value checks read the data (a host sync on CUDA)."""
+    finite and positive everywhere (our quantizers only make such scales). Value checks read the
+    data (a host sync on CUDA)."""
     if scale is None:
         raise ValueError(f"{op}: {name} is required for int8 weights (float32[{length}]), got None")
     if not isinstance(scale, Tensor):
@@ -52,10 +53,10 @@ def check_scale(op: str, name: str, scale, length: int, *, values: bool = True) 
                          f"{str(scale.dtype).replace('torch.', '')} {tuple(scale.shape)}")
     if not values:
         return
-    bad = ~torch.isfinite(scale) | (scale == 0)
+    bad = ~torch.isfinite(scale) | ~(scale > 0)
     if bool(bad.any()):
         i = int(torch.nonzero(bad)[0])
-        raise ValueError(f"{op}: {name} must be finite and non-zero, got {float(scale[i])!r} at index {i}")
+        raise ValueError(f"{op}: {name} must be finite and positive, got {float(scale[i])!r} at index {i}")
 
 
 def _row_scale(amax: Tensor) -> Tensor:

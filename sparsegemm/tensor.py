@@ -90,6 +90,10 @@ class SparseTensor24:
             check_scale("SparseTensor24", "scale", self.scale, n)
             if self.scale.device != self.values.device:
                 raise ValueError(f"SparseTensor24: scale on {self.scale.device} but values on {self.values.device}")
+        if self.values.dtype == torch.int8 and self.values.numel() and int(self.values.min()) < -127:
+            row = int(torch.nonzero(self.values == -128)[0][0])
+            raise ValueError(f"SparseTensor24: int8 values must lie in [-127, 127] (symmetric quantization), got "
+                             f"-128 in row {row}")
         bad = ops.find_invalid_meta(self.meta, k)
         if bad is not None:
             row, group = bad

@@ -324,10 +324,10 @@ def test_int8_weight_scale_errors():
         sparsegemm.SparseTensor24(sw.values, sw.meta, sw.shape, torch.ones(5))
     with pytest.raises(ValueError, match=r"scale must be float32 of shape \(6,\), got float16 \(6,\)"):
         sparsegemm.SparseTensor24(sw.values, sw.meta, sw.shape, torch.ones(6, dtype=torch.float16))
-    for bad, shown in ((0.0, "0.0"), (float("nan"), "nan"), (float("inf"), "inf")):
+    for bad, shown in ((0.0, "0.0"), (float("nan"), "nan"), (float("inf"), "inf"), (-0.5, "-0.5")):
         scale = torch.ones(6)
         scale[4] = bad
-        with pytest.raises(ValueError, match=rf"scale must be finite and non-zero, got {shown} at index 4"):
+        with pytest.raises(ValueError, match=rf"scale must be finite and positive, got {shown} at index 4"):
             sparsegemm.SparseTensor24(sw.values, sw.meta, sw.shape, scale)
     with pytest.raises(ValueError, match=r"dequantize: sw.scale is required"):
         quant.dequantize(sparsegemm.SparseTensor24(sw.values, sw.meta, sw.shape, None, validate=False))

@@ -266,3 +266,57 @@ def test_compile_with_a_cold_metadata_cache():
     x = torch.randn(5, 64).half()
     compiled = torch.compile(sl, fullgraph=True)
     assert torch.equal(compiled(x), sl(x))
+
+
+def _resave(src, dst, mutate_tensors=None, header=None):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(src))
+    with safe_open(str(src), framework="pt") as f:
+        meta = dict(f.metadata())
+    if mutate_tensors:
+        mutate_tensors(tensors)
+    if header:
+        meta.update(header)
+    save_file(tensors, str(dst), metadata=meta)
+
+
+def test_load_hardening_leaves_the_model_untouched_on_failure(tmp_path):
+    import json
+
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
+    sparsegemm.sparsify(model, quantize="int8", min_features=8)
+    model[0].set_input_scale(0.1)
+    path = tmp_path / "m.safetensors"
+    sparsegemm.save(model, path)
+    table = json.loads(_header(path)["converted"])
+    table["0"]["bias"] = "no"
+    cases = {
+        "list table": (None, {"converted": json.dumps([1, 2])}, r"corrupt module table"),
+        "bias as text": (None, {"converted": json.dumps(table)}, r"field 'bias' of the module table must be bool"),
+        "int8 -128": (lambda t: t["2.values"].__setitem__((0, 0), -128), None, r"module '2'.*\[-127, 127\].*-128"),
+        "negative input scale": (lambda t: t["0.input_scale"].fill_(-0.1), None,
+                                 r"module '0'.*input_scale must be finite and positive"),
+    }
+    for label, (mutate, header, match) in cases.items():
+        bad = tmp_path / f"{label}.safetensors"
+        _resave(path, bad, mutate, header)
+        fresh = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
+        before = {k: v.clone() for k, v in fresh.state_dict().items()}
+        with pytest.raises(ValueError, match=match):
+            sparsegemm.load(bad, fresh)
+        assert isinstance(fresh[0], nn.Linear) and isinstance(fresh[2], nn.Linear), label
+        assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items()), label
+    truncated = tmp_path / "t.safetensors"
+    truncated.write_bytes(path.read_bytes()[:100])
+    from sparsegemm.io import describe
+    with pytest.raises(ValueError, match=r"report: .* is not a readable safetensors file"):
+        describe(truncated)
+
+
+def _header(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata()
