@@ -19,7 +19,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import format as fmt
 from .tensor import SparseTensor24
 
 __all__ = ["to_cutlass", "from_cutlass"]

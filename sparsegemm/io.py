@@ -10,6 +10,7 @@ and in range): a corrupt or truncated file fails with a clear error.
 from __future__ import annotations
 
 import json
+import os
 from typing import Union
 
 import torch

@@ -205,6 +205,17 @@ def threads():
 PAIRS = [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
 
 
+def assert_prune_matches_oracle(ws, dtype, K):
+    """compress(prune=True) and mask on the CPU equal the oracle bit for bit; returns the results."""
+    ref_values, ref_meta, ref_mask = oracle_compress(ws, dtype, K)
+    values, meta, first_bad = cpu_compress(ws, dtype, K, prune=True)
+    assert first_bad == -1
+    np.testing.assert_array_equal(meta, ref_meta)
+    np.testing.assert_array_equal(bits(values), bits(ref_values))
+    np.testing.assert_array_equal(cpu_mask(ws, dtype, K), ref_mask)
+    return values, meta, ref_values, ref_meta
+
+
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 def test_all_six_pairs_roundtrip(isa, dtype):
     # Row r holds pair r in each of its 3 groups, with distinct non-zero values.
@@ -257,12 +268,7 @@ def test_prune_compress_matches_oracle(isa, threads, dtype, K):
     w[rng.random((N, K)) < 0.05] = np.nan
     w[w == 0] = np.where(rng.random((N, K)) < 0.5, -0.0, 0.0)[w == 0]
     ws = to_storage(w, dtype)
-    ref_values, ref_meta, ref_mask = oracle_compress(ws, dtype, K)
-    values, meta, first_bad = cpu_compress(ws, dtype, K, prune=True)
-    assert first_bad == -1
-    np.testing.assert_array_equal(meta, ref_meta)
-    np.testing.assert_array_equal(bits(values), bits(ref_values))
-    np.testing.assert_array_equal(cpu_mask(ws, dtype, K), ref_mask)
+    values, meta, ref_values, ref_meta = assert_prune_matches_oracle(ws, dtype, K)
     np.testing.assert_array_equal(bits(cpu_decompress(values, meta, dtype, K)),
                                   bits(oracle_decompress(ref_values, ref_meta, dtype, K)))
     assert _C.cpu_find_invalid_meta(meta.ctypes.data, N, K) == -1
@@ -430,12 +436,7 @@ def test_vector_steps_match_oracle(isa, threads, dtype, K):
         buf_bits[r, :K] = rng.choice(choices, size=K)
     buf = from_bits(buf_bits, dtype)
     ws = buf[:, :K]
-    ref_values, ref_meta, ref_mask = oracle_compress(ws, dtype, K)
-    values, meta, first_bad = cpu_compress(ws, dtype, K, prune=True)
-    assert first_bad == -1
-    np.testing.assert_array_equal(meta, ref_meta)
-    np.testing.assert_array_equal(bits(values), bits(ref_values))
-    np.testing.assert_array_equal(cpu_mask(ws, dtype, K), ref_mask)
+    values, meta, ref_values, ref_meta = assert_prune_matches_oracle(ws, dtype, K)
     # Strict mode writes the same values and metadata, and reports the first group with more than
     # two non-zeros (NaN is non-zero, -0.0 is not).
     nonzero = np.zeros((N, 4 * num_groups(K)), dtype=bool)
