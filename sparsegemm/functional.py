@@ -81,6 +81,7 @@ def decompress(sw: SparseTensor24, *, backend: Optional[str] = None) -> Tensor:
     backend = ops.resolve_backend(op, backend, sw.device)
     if backend != "cpu":
         ops.check_dtype(op, "sw.values", sw.values, ops.KERNEL_DTYPES)
+        ops.check_32bit(op, **{"N*K": sw.shape[0] * sw.shape[1]})
     return ops._decompress(sw.values, sw.meta, sw.shape[1], backend)
 
 
