@@ -134,7 +134,8 @@ class Timer:
 
 
 def _torch_24_methods(w: torch.Tensor) -> dict:
-    """torch.sparse.to_sparse_semi_structured with each backend this torch offers (CUDA only)."""
+    """torch.sparse.to_sparse_semi_structured with each backend: {name: converted weight, or the
+    exception that this torch / GPU raised for it} (CUDA only)."""
     from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
 
     methods = {}
@@ -142,8 +143,8 @@ def _torch_24_methods(w: torch.Tensor) -> dict:
         try:
             SparseSemiStructuredTensor._FORCE_CUTLASS = force_cutlass
             methods[name] = to_sparse_semi_structured(w)
-        except (RuntimeError, ValueError, NotImplementedError):
-            continue
+        except (RuntimeError, ValueError, NotImplementedError) as exc:
+            methods[name] = exc
         finally:
             SparseSemiStructuredTensor._FORCE_CUTLASS = False
     return methods
@@ -200,7 +201,10 @@ def bench_shape(device: torch.device, dtype: torch.dtype, label: str, m: int, n:
     rows.add("sparsegemm", lambda: sparsegemm.linear(x, sw), io_sparse)
     if device.type == "cuda":
         for name, wt in _torch_24_methods(w).items():
-            rows.add(name, lambda wt=wt: torch.mm(wt, x.T), io_sparse, baseline=True)
+            if isinstance(wt, Exception):
+                rows.skip(name, wt)
+            else:
+                rows.add(name, lambda wt=wt: torch.mm(wt, x.T), io_sparse, baseline=True)
     return rows.finish()
 
 

@@ -33,6 +33,9 @@ DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int8
 #: Activation codes shared with csrc/format.h ``enum class Activation``.
 ACTIVATION_CODES = {None: 0, "relu": 1, "gelu": 2, "silu": 3}
 
+#: The fused activations by name (gelu is the exact erf form).
+ACTIVATIONS = ("relu", "gelu", "silu")
+
 #: The six legal nibbles, i.e. ordered pairs (i0, i1).
 LEGAL_NIBBLES = (0x4, 0x8, 0x9, 0xC, 0xD, 0xE)
 

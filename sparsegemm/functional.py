@@ -17,7 +17,7 @@ from .tensor import SparseTensor24
 
 __all__ = ["mask_2to4", "prune_2to4", "compress", "decompress", "linear", "ACTIVATIONS"]
 
-ACTIVATIONS = ("relu", "gelu", "silu")
+ACTIVATIONS = fmt.ACTIVATIONS
 
 
 def _check_weight(op: str, w: Tensor, dtypes) -> None:
@@ -56,13 +56,13 @@ def compress(w: Tensor, *, prune: bool = False, backend: Optional[str] = None,
     (:func:`sparsegemm.quant.quantize_weight`); None keeps w's dtype.
     """
     op = "sparsegemm.compress"
+    _check_weight(op, w, ops.FLOAT_DTYPES)
     if dtype is not None and dtype != w.dtype:
         if dtype != torch.int8:
             raise ValueError(f"{op}: dtype must be None, w's dtype or torch.int8, got {dtype}")
         from .quant import quantize_weight
 
         return quantize_weight(w, prune=prune, backend=backend)
-    _check_weight(op, w, ops.FLOAT_DTYPES)
     backend = ops.resolve_backend(op, backend, w.device)
     if backend != "cpu":
         ops.check_dtype(op, "w", w, ops.KERNEL_DTYPES)

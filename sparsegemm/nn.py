@@ -169,9 +169,9 @@ class SparseLinear(_SparseWeight):
         if scale is None:
             self.input_scale = None
             return
-        value = float(scale)
-        if not (value > 0 and value != float("inf")):
-            raise ValueError(f"SparseLinear.set_input_scale: scale must be finite and positive, got {value!r}")
+        from .quant import static_scale
+
+        value = static_scale("SparseLinear.set_input_scale", scale)
         self.input_scale = torch.tensor(value, dtype=torch.float32, device=self.scale.device)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -208,12 +208,12 @@ class SparseConv2d(_SparseWeight):
                  bias: bool = True, *, dtype: torch.dtype = torch.float16, device=None,
                  backend: Optional[str] = None):
         super().__init__()
+        if isinstance(padding, str):  # checked first: _pair would split the string into letters
+            raise ValueError(f"SparseConv2d: padding must be numbers, got the string {padding!r}")
         pair = torch.nn.modules.utils._pair
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride = pair(kernel_size), pair(stride)
         self.padding, self.dilation = pair(padding), pair(dilation)
-        if isinstance(padding, str):
-            raise ValueError("SparseConv2d: string padding is not supported; give the numbers")
         self.backend = backend
         kh, kw = self.kernel_size
         self._init_storage(out_channels, in_channels * kh * kw, dtype, device, bias)

@@ -224,15 +224,13 @@ def _compress(w: Tensor, prune: bool, backend: str) -> tuple[Tensor, Tensor]:
     values = w.new_empty((n, fmt.values_cols(k)))
     meta = torch.empty((n, fmt.meta_cols(k)), dtype=torch.uint8, device=w.device)
     code = fmt.DTYPE_CODES[w.dtype]
+    w = _rowmajor(w)
     if backend == "cpu":
-        w = _rowmajor(w)
         _sync_threads()
         first_bad = _C.cpu_compress(n, k, w.data_ptr(), w.stride(0), values.data_ptr(), meta.data_ptr(), code, prune)
     elif backend == "simt":
-        w = _rowmajor(w)
         first_bad = _C.simt_compress(n, k, w.data_ptr(), w.stride(0), values.data_ptr(), meta.data_ptr(), code, prune)
     else:
-        w = _rowmajor(w)
         bad = torch.full((1,), -1, dtype=torch.int64, device=w.device)
         _C.cuda_compress(n, k, w.data_ptr(), w.stride(0), values.data_ptr(), meta.data_ptr(), code, prune,
                          bad.data_ptr(), _stream(w))
@@ -278,13 +276,8 @@ def find_invalid_meta(meta: Tensor, k: int) -> Optional[tuple[int, int]]:
     byte; that slot is reported as group ``num_groups(k)``.
     """
     m = meta.detach().to("cpu").contiguous()
-    g = fmt.num_groups(k)
-    if g % 2:
-        bad_pad = torch.nonzero((m[:, -1] >> 4) != fmt.PAD_NIBBLE)
-        if len(bad_pad):
-            return int(bad_pad[0]), g
     flat = _C.cpu_find_invalid_meta(m.data_ptr(), m.shape[0], k)
-    return None if flat < 0 else divmod(flat, g)
+    return None if flat < 0 else divmod(flat, 2 * fmt.meta_cols(k))
 
 
 def may_cache_reorder(meta: Tensor) -> bool:
@@ -294,11 +287,17 @@ def may_cache_reorder(meta: Tensor) -> bool:
     return not (meta.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
+def _reorder_k(k: int, s8: bool) -> int:
+    """The K the kernel layout is made for: the INT8 GEMM is called with K padded to whole groups
+    (see _linear_s8), so its layout is too."""
+    return fmt.padded_k(k) if s8 else k
+
+
 def _kernel_meta_bytes(n: int, k: int, backend: str, s8: bool) -> int:
     if backend not in ("simt", "cuda"):
         raise ValueError(f"reorder_meta: backend must be 'simt' or 'cuda', got {backend!r}")
     suffix = "_s8" if s8 else ""
-    return getattr(_C, f"{backend}_kernel_meta_bytes{suffix}")(n, fmt.padded_k(k) if s8 else k)
+    return getattr(_C, f"{backend}_kernel_meta_bytes{suffix}")(n, _reorder_k(k, s8))
 
 
 @_custom_op("sparsegemm::reorder_meta")
@@ -308,8 +307,7 @@ def _reorder_meta(meta: Tensor, k: int, backend: str, s8: bool) -> Tensor:
     meta = meta.contiguous()
     out = torch.empty(_kernel_meta_bytes(n, k, backend, s8), dtype=torch.uint8, device=meta.device)
     suffix = "_s8" if s8 else ""
-    # The INT8 GEMM is called with K padded to whole groups (see _linear_s8): its layout is too.
-    kk = fmt.padded_k(k) if s8 else k
+    kk = _reorder_k(k, s8)
     if backend == "simt":
         getattr(_C, "simt_reorder_meta" + suffix)(meta.data_ptr(), out.data_ptr(), n, kk)
     else:

@@ -59,6 +59,14 @@ def check_scale(op: str, name: str, scale, length: int, *, values: bool = True) 
         raise ValueError(f"{op}: {name} must be finite and positive, got {float(scale[i])!r} at index {i}")
 
 
+def static_scale(op: str, scale) -> float:
+    """A static (per-tensor) activation scale as a float, checked finite and positive."""
+    value = float(scale)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{op}: scale must be finite and positive, got {value!r}")
+    return value
+
+
 def _row_scale(amax: Tensor) -> Tensor:
     """amax / 127 in fp32, 1 where amax is 0 (the contract's scale rule)."""
     return torch.where(amax == 0, torch.ones_like(amax), amax / QMAX)
@@ -141,10 +149,7 @@ def quantize_activations_static(x: Tensor, scale: Union[float, Tensor]) -> tuple
         # forward has no host read (no sync, graph capture and torch.compile stay possible).
         s = scale.to(device=x.device, dtype=torch.float32).reshape(())
     else:
-        value = float(scale)
-        if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"{op}: scale must be finite and positive, got {value!r}")
-        s = torch.tensor(value, dtype=torch.float32, device=x.device)
+        s = torch.tensor(static_scale(op, scale), dtype=torch.float32, device=x.device)
     x_q = _quantize(x.float(), s)
     return x_q, s.expand(x.shape[:-1]).contiguous()
 
@@ -167,8 +172,8 @@ def linear_int8(x: Union[Tensor, tuple], sw: SparseTensor24, bias: Optional[Tens
     # The values were checked when the weight was built (SparseTensor24.validate, quantize_weight);
     # reading them again here would cost a host sync per call and break torch.compile graphs.
     check_scale(op, "sw.scale", sw.scale, n, values=False)
-    if activation is not None and activation not in ("relu", "gelu", "silu"):
-        raise ValueError(f"{op}: activation must be one of ('relu', 'gelu', 'silu') or None, got {activation!r}")
+    if activation not in fmt.ACTIVATION_CODES:
+        raise ValueError(f"{op}: activation must be one of {fmt.ACTIVATIONS} or None, got {activation!r}")
     if isinstance(x, tuple):
         if len(x) != 2:
             raise ValueError(f"{op}: a pre-quantized x must be the pair (x_q, x_scale), got {len(x)} items")
@@ -219,7 +224,7 @@ def linear_int8(x: Union[Tensor, tuple], sw: SparseTensor24, bias: Optional[Tens
     ops.check_same_device(op, x_q=x_q, x_scale=x_scale, **{"sw.values": sw.values, "sw.scale": sw.scale}, bias=bias)
     kernel_meta = sw.kernel_meta(backend) if backend != "cpu" else None
     y = ops.call(ops._linear_s8, x_q, x_scale, sw.values, sw.meta, kernel_meta, sw.scale, k, bias,
-                       fmt.ACTIVATION_CODES[activation], out_dtype, backend)
+                 fmt.ACTIVATION_CODES[activation], out_dtype, backend)
     return y.reshape(*lead, n)
 
 

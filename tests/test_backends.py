@@ -74,3 +74,11 @@ def test_sizes_past_32_bit_indexing_are_refused_before_any_work():
     x = torch.zeros(1, 4096, dtype=torch.float16).expand(2**19 + 1, 4096)  # M*K > 2^31, no memory behind it
     with pytest.raises(ValueError, match=r"linear: M\*K = 2147487744 exceeds 32-bit indexing"):
         sparsegemm.linear(x, sw, backend="simt")
+
+
+def test_kernel_entry_points_refuse_a_dtype_they_have_no_kernel_for():
+    from sparsegemm import _C
+
+    # int8 (code 3) has no decompress kernel: the C++ boundary raises instead of writing nothing.
+    with pytest.raises(ValueError, match=r"decompress: dtype code 3 has no kernel here"):
+        _C.simt_decompress(4, 8, 0, 0, 0, 3)

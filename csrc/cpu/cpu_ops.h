@@ -30,10 +30,9 @@ void mask_2to4(DType dtype, const void* w, int64_t N, int64_t K, int64_t ldw, ui
 void compress(const CompressParams& p);
 void decompress(const DecompressParams& p);
 
-// First row * num_groups(K) + group whose nibble is not an ordered pair (or, for the unused
-// high nibble of an odd row, not kPadNibble); -1 when all of E[N, meta_cols(K)] is valid.
-// A bad unused high nibble of row r is reported as its byte's group, r * num_groups(K) + G - 1,
-// after that group's own nibble; so the index always decodes to a real (row, group).
+// First bad nibble slot of E[N, meta_cols(K)], as row * (2 * meta_cols(K)) + slot: slot g < G is
+// group g (not an ordered pair), slot G is the unused high nibble of a row with an odd group count
+// (not kPadNibble). -1 when all is valid.
 int64_t find_invalid_meta(const uint8_t* meta, int64_t N, int64_t K);
 
 // Y = act(X @ W^T + bias), fp32 accumulation, output rounded once to p.dtype. bf16 on the avx512

@@ -94,13 +94,13 @@ void quantize_rows(DType in_dtype, const void* x, int64_t M, int64_t K, int64_t 
 void gemm_s8(const GemmParams& p) { current_table().gemm_s8(p); }
 
 int64_t find_invalid_meta(const uint8_t* meta, int64_t N, int64_t K) {
-  const int64_t groups = num_groups(K), mcols = meta_cols(K);
+  const int64_t groups = num_groups(K), mcols = meta_cols(K), slots = 2 * mcols;
   for (int64_t n = 0; n < N; ++n) {
     const uint8_t* row = meta + n * mcols;
     for (int64_t g = 0; g < groups; ++g) {
-      if (!nibble_is_ordered_pair(group_nibble(row, g))) return n * groups + g;
+      if (!nibble_is_ordered_pair(group_nibble(row, g))) return n * slots + g;
     }
-    if (groups % 2 == 1 && (row[mcols - 1] >> 4) != kPadNibble) return n * groups + groups - 1;
+    if (groups % 2 == 1 && (row[mcols - 1] >> 4) != kPadNibble) return n * slots + groups;
   }
   return -1;
 }

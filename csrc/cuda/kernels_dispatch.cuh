@@ -48,6 +48,13 @@ int multiprocessor_count() {
 #endif
 }
 
+// ops.py admits only the dtypes each entry point instantiates; anything else is a caller bug that
+// must fail loudly rather than leave the output unwritten.
+[[noreturn]] void unsupported_dtype(const char* op, DType dtype) {
+  throw std::invalid_argument(std::string("sparsegemm ") + op + ": dtype code " +
+                              std::to_string(static_cast<int>(dtype)) + " has no kernel here");
+}
+
 template <DType kDType>
 void launch_compress(const CompressParams& p, sg_stream_t stream) {
   const int64_t total = p.N * meta_cols(p.K);
@@ -112,7 +119,7 @@ void compress(const CompressParams& p, void* stream) {
     case DType::f32: launch_compress<DType::f32>(p, s); break;
     case DType::f16: launch_compress<DType::f16>(p, s); break;
     case DType::bf16: launch_compress<DType::bf16>(p, s); break;
-    default: break;  // ops.py admits only the float types here
+    default: unsupported_dtype("compress", p.dtype);
   }
 }
 
@@ -122,7 +129,7 @@ void decompress(const DecompressParams& p, void* stream) {
     case DType::f32: launch_decompress<DType::f32>(p, s); break;
     case DType::f16: launch_decompress<DType::f16>(p, s); break;
     case DType::bf16: launch_decompress<DType::bf16>(p, s); break;
-    default: break;
+    default: unsupported_dtype("decompress", p.dtype);
   }
 }
 
@@ -150,7 +157,7 @@ void gemm(const GemmParams& p, void* stream) {
   switch (p.dtype) {
     case DType::f16: launch_gemm_tile<Mma16<DType::f16>>(p, plan, s); break;
     case DType::bf16: launch_gemm_tile<Mma16<DType::bf16>>(p, plan, s); break;
-    default: break;  // the int8 GEMM is gemm_s8
+    default: unsupported_dtype("gemm", p.dtype);
   }
 }
 
@@ -163,7 +170,7 @@ void conv2d(const ConvParams& p, void* stream) {
   switch (g.dtype) {
     case DType::f16: launch_gemm_tile<Mma16<DType::f16>, NhwcConvX<uint16_t>>(p, plan, s); break;
     case DType::bf16: launch_gemm_tile<Mma16<DType::bf16>, NhwcConvX<uint16_t>>(p, plan, s); break;
-    default: break;  // ops.py admits f16 and bf16 only
+    default: unsupported_dtype("conv2d", g.dtype);
   }
 }
 
@@ -175,7 +182,7 @@ void quantize_rows(int64_t M, int64_t K, const void* x, int64_t ldx, DType in_dt
     case DType::f32: launch_quantize_rows<DType::f32>(M, K, x, ldx, x_q, x_scale, s); break;
     case DType::f16: launch_quantize_rows<DType::f16>(M, K, x, ldx, x_q, x_scale, s); break;
     case DType::bf16: launch_quantize_rows<DType::bf16>(M, K, x, ldx, x_q, x_scale, s); break;
-    default: break;  // ops.py admits only the float types here
+    default: unsupported_dtype("quantize_rows", in_dtype);
   }
 }
 
@@ -204,7 +211,7 @@ void gemm_s8(const GemmParams& p, void* stream) {
   switch (p.dtype) {
     case DType::f16: launch_gemm_tile<MmaS8<DType::f16>>(p, plan, s); break;
     case DType::bf16: launch_gemm_tile<MmaS8<DType::bf16>>(p, plan, s); break;
-    default: break;  // ops.py admits f16 and bf16 outputs only
+    default: unsupported_dtype("gemm_s8", p.dtype);
   }
 }
 
