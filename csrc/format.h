@@ -16,6 +16,7 @@
 // larger than every number (so a NaN is never silently dropped); ties go to the lower index.
 #pragma once
 #include <cstdint>
+#include <cstring>
 
 #if defined(__CUDACC__)
 #define SG_HOST_DEVICE __host__ __device__ __forceinline__
@@ -50,24 +51,57 @@ SG_HOST_DEVICE bool nibble_is_ordered_pair(int nibble) {
 // The canonical filler for the unused high nibble of a row with an odd number of groups.
 constexpr uint8_t kPadNibble = 0x4;
 
-// Choose the two kept positions of a group from ordering keys: larger key wins, lower index wins
-// ties. key_is_nan[i] marks NaN, which beats every number. Returns the nibble (i0 < i1).
-SG_HOST_DEVICE uint8_t select_top2(const float key[4]) {
-  auto beats = [&](int a, int b) {  // does position a rank before position b?
-    const bool na = key[a] != key[a], nb = key[b] != key[b];
-    if (na != nb) return na;
-    if (!na && key[a] != key[b]) return key[a] > key[b];
-    return a < b;
-  };
-  int i0 = -1, i1 = -1;
+// Ordering keys: the selection rule on integers (the GPU compress kernel, the CPU paths). A
+// value's bit pattern with the sign cleared orders |w| for IEEE-style formats (-0.0 becomes
+// +0.0, subnormals sit below the normals, +inf above every number), and every NaN pattern lies
+// above +inf. All NaNs tie under the rule (the lower index wins), so each NaN key is clamped down
+// to the smallest NaN pattern, its payload no longer ordering it. Key 0 means the value is +-0.0.
+template <DType D>
+struct OrderingKey {
+  static constexpr uint32_t kMagnitude = 0x7FFF;
+  static constexpr uint32_t kFirstNan = D == DType::f16 ? 0x7C01 : 0x7F81;  // f16: 5-bit exponent
+};
+template <>
+struct OrderingKey<DType::f32> {
+  static constexpr uint32_t kMagnitude = 0x7FFFFFFF;
+  static constexpr uint32_t kFirstNan = 0x7F800001;
+};
+
+// Storage bits of an element: the 16 bits of f16 / bf16 (held as uint16_t), the f32 pattern.
+SG_HOST_DEVICE uint32_t storage_bits(uint16_t v) { return v; }
+SG_HOST_DEVICE uint32_t storage_bits(float v) {
+  uint32_t u;
+  memcpy(&u, &v, sizeof u);
+  return u;
+}
+
+// `bits`: the element's storage bits (f32 bit pattern, or the 16 bits of f16 / bf16).
+template <DType D>
+SG_HOST_DEVICE uint32_t ordering_key(uint32_t bits) {
+  const uint32_t magnitude = bits & OrderingKey<D>::kMagnitude;
+  return magnitude < OrderingKey<D>::kFirstNan ? magnitude : OrderingKey<D>::kFirstNan;
+}
+
+// The two kept positions of a group from ordering keys, as a 4-bit mask (bit i: position i is
+// kept): position j beats position i when key_j > key_i, or key_j == key_i and j < i (a strict
+// total order), and the kept positions are those beaten by fewer than two.
+SG_HOST_DEVICE unsigned kept_positions(const uint32_t key[4]) {
+  unsigned kept = 0;
   for (int i = 0; i < 4; ++i) {
     int rank = 0;
-    for (int j = 0; j < 4; ++j) rank += (j != i && beats(j, i)) ? 1 : 0;
-    if (rank < 2) {
-      if (i0 < 0) i0 = i; else i1 = i;
-    }
+    for (int j = 0; j < 4; ++j) rank += (j < i ? key[j] >= key[i] : key[j] > key[i]) ? 1 : 0;
+    kept |= (rank < 2 ? 1u : 0u) << i;
   }
+  return kept;
+}
+
+// The nibble (i0 < i1) of a kept mask with two bits set.
+SG_HOST_DEVICE uint8_t nibble_of_kept(unsigned kept) {
+  const int i0 = (kept & 1u) ? 0 : (kept & 2u) ? 1 : 2;
+  const int i1 = (kept & 8u) ? 3 : (kept & 4u) ? 2 : 1;
   return encode_group(i0, i1);
 }
+
+SG_HOST_DEVICE uint8_t select_top2(const uint32_t key[4]) { return nibble_of_kept(kept_positions(key)); }
 
 }  // namespace sparsegemm

@@ -49,7 +49,14 @@ def _ptr(t: Optional[Tensor]) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+# The raw current-stream handle without building a torch.cuda.Stream object (a few us a call on
+# the decode path); the public route where this torch lacks the private getter.
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
 def _stream(t: Tensor) -> int:
+    if _raw_stream is not None:
+        return _raw_stream(t.get_device())
     return torch.cuda.current_stream(t.device).cuda_stream
 
 
@@ -67,11 +74,14 @@ def _custom_op(name: str):
     return register
 
 
+_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+
+
 def _plain_eager(args) -> bool:
     grad = torch.is_grad_enabled()
     for a in args:
         if isinstance(a, Tensor):
-            if type(a) is not Tensor and type(a) is not torch.nn.Parameter:  # fake, functional, ... tensors
+            if type(a) not in _PLAIN_TENSORS:  # fake, functional, ... tensors
                 return False
             if grad and a.requires_grad:
                 return False
@@ -93,8 +103,8 @@ def _on_tensor_device(fn):
     op's implementation."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        first = next((a for a in args if isinstance(a, Tensor)), None)
-        if first is not None and first.device.type == "cuda" and first.device.index != torch.cuda.current_device():
+        first = args[0] if args else next(iter(kwargs.values()))  # every op takes a tensor first
+        if first.is_cuda and first.get_device() != torch.cuda.current_device():
             with torch.cuda.device(first.device):
                 return fn(*args, **kwargs)
         return fn(*args, **kwargs)

@@ -239,14 +239,8 @@ inline __m512i pair_step_index(const uint8_t* meta) {
 
 // ---- Vector selection for mask_2to4 and compress: 16 groups (64 K positions) per step -----------
 //
-// Branch-free form of format.h's select_top2. The ordering key of a value is its bit pattern with
-// the sign cleared: for IEEE-style formats the integer order of |w| bits is the order of |w|
-// (-0.0 becomes +0.0, subnormals sit below the normals, +inf above every number), and every NaN
-// pattern lies above +inf. The rule makes all NaNs tie (the lower index wins), so each NaN key is
-// clamped down to the smallest NaN pattern, its payload no longer ordering it. Position j beats
-// position i when key_j > key_i, or key_j == key_i and j < i; rank_i counts the positions beating
-// i, and the kept positions are those with rank < 2: exactly two per group, as beats is a strict
-// total order. Vectors hold whole groups, so rotating each group's lanes by d puts position
+// Branch-free form of format.h's select_top2 on its ordering keys (format.h OrderingKey):
+// rank_i counts the positions beating i, and the kept positions are those with rank < 2. Vectors hold whole groups, so rotating each group's lanes by d puts position
 // (p + d) % 4 under position p; that rival has the lower index exactly when p + d >= 4.
 //
 // A step's result is a 64-bit mask per property, bit 4g + p for position p of group g. The kept
@@ -258,19 +252,6 @@ constexpr int64_t kSelectGroups = 16;
 struct SelectedStep {
   uint64_t kept;     // the two positions each group keeps
   uint64_t nonzero;  // positions whose value is not +-0.0 (NaN is non-zero)
-};
-
-// Sign-cleared bits of the storage type, and the smallest NaN pattern (every NaN key is clamped
-// to it). Bit patterns fit the signed lane type, so signed integer compares order them.
-template <DType D>
-struct OrderingKey {
-  static constexpr uint16_t kMagnitude = 0x7FFF;
-  static constexpr uint16_t kFirstNan = D == DType::f16 ? 0x7C01 : 0x7F81;  // f16: 5-bit exponent
-};
-template <>
-struct OrderingKey<DType::f32> {
-  static constexpr uint32_t kMagnitude = 0x7FFFFFFF;
-  static constexpr uint32_t kFirstNan = 0x7F800001;
 };
 
 // Majority of three lane predicates: set where at least two rivals beat the lane (rank >= 2).
@@ -493,13 +474,14 @@ inline uint64_t meta_of_kept(uint64_t kept) {
 #endif  // __AVX2__
 
 // Nibble selected by the format.h rule for group `group` of one W row. Positions k >= K do not
-// exist: they get key -1, below every |w|, and are never read.
+// exist and are never read: key 0 (a zero) at the end of the group loses every tie, as padding
+// zeros do in the GPU kernel.
 template <DType D>
 uint8_t select_group(const typename ElemTraits<D>::Storage* row, int64_t group, int64_t K) {
-  float key[4];
+  uint32_t key[4];
   for (int i = 0; i < 4; ++i) {
     const int64_t k = 4 * group + i;
-    key[i] = k < K ? std::fabs(ElemTraits<D>::to_float(row[k])) : -1.0f;
+    key[i] = k < K ? ordering_key<D>(storage_bits(row[k])) : 0u;
   }
   return select_top2(key);
 }

@@ -1,7 +1,7 @@
 // Prune + compress (W -> Wc + logical E) and decompress (Wc + logical E -> W), the logical
 // format of csrc/format.h, bit for bit the CPU backend's rules:
 //   - the two largest |w| of a group are kept, NaN beats every number, ties go to the lower
-//     index (format.h select_top2, shared with the CPU backend);
+//     index (format.h select_top2 on integer ordering keys, shared with the CPU backend);
 //   - "non-zero" is tested by value, so -0.0 counts as zero in the strict 2:4 check;
 //   - a partial last group (K % 4 != 0) reads zeros past K; an odd group count leaves the pad
 //     nibble 0x4 in the high half of a row's last byte.
@@ -35,8 +35,7 @@ SG_GLOBAL void first_bad_group_finish_kernel(long long* first_bad_group) {
 // Grid-stride over the N * meta_cols(K) bytes of E. p: see CompressParams (params.h).
 template <DType kDType>
 SG_GLOBAL void compress_kernel(CompressParams p) {
-  using Traits = ElementTraits<kDType>;
-  using T = typename Traits::Storage;
+  using T = typename ElementTraits<kDType>::Storage;
   const int64_t groups = num_groups(p.K);
   const int64_t bytes_per_row = meta_cols(p.K);
   const int64_t values_per_row = values_cols(p.K);
@@ -63,20 +62,20 @@ SG_GLOBAL void compress_kernel(CompressParams p) {
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       if (half == 1 && groups_here == 1) continue;
-      float key[4];
+      uint32_t key[4];
       int nonzeros = 0;
       for (int i = 0; i < 4; ++i) {
-        const float value = Traits::to_float(elems[4 * half + i]);
-        key[i] = value < 0.f ? -value : value;  // |value|; NaN stays NaN
-        nonzeros += (value != 0.f) ? 1 : 0;     // NaN is non-zero, -0.0 is zero
+        // Integer keys (format.h): no float conversion, and key 0 is exactly +-0.0 (NaN is non-zero).
+        key[i] = ordering_key<kDType>(storage_bits(elems[4 * half + i]));
+        nonzeros += key[i] != 0 ? 1 : 0;
       }
-      const uint8_t nibble = select_top2(key);
-      // Selects by comparison rather than a computed index, which keeps elems in registers.
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        if (i == (nibble & 3)) kept[2 * half] = elems[4 * half + i];
-        if (i == (nibble >> 2)) kept[2 * half + 1] = elems[4 * half + i];
-      }
+      const unsigned kept_mask = kept_positions(key);
+      const uint8_t nibble = nibble_of_kept(kept_mask);
+      // Selects with the mask's bits rather than the nibble's indices: nvcc turned the
+      // index-comparison form into an indexed local-memory load (16-byte stack frame).
+      const T* e = elems + 4 * half;
+      kept[2 * half] = (kept_mask & 1u) ? e[0] : (kept_mask & 2u) ? e[1] : e[2];
+      kept[2 * half + 1] = (kept_mask & 8u) ? e[3] : (kept_mask & 4u) ? e[2] : e[1];
       meta_byte = half == 0 ? static_cast<uint8_t>((meta_byte & 0xF0) | nibble)
                             : static_cast<uint8_t>((meta_byte & 0x0F) | (nibble << 4));
       if (nonzeros > 2 && bad == kNoBadGroup) bad = row * groups + 2 * byte + half;
@@ -108,15 +107,16 @@ SG_GLOBAL void decompress_kernel(DecompressParams p) {
     load_elements<T, 4>(kept, values + row * values_per_row + byte * 4, 2 * groups_here);
     const uint8_t meta_byte = p.meta[row * bytes_per_row + byte];
     T elems[8];
-    for (int i = 0; i < 8; ++i) elems[i] = T(0);
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int nibble = half < groups_here ? (meta_byte >> (4 * half)) & 0xF : 0;
-      // Scatters by comparison rather than a computed index, which keeps elems in registers.
+      const int i0 = nibble & 3, i1 = nibble >> 2;
+      // A select per position with constant indices (no computed index into elems, which nvcc
+      // would place in local memory).
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        if (half < groups_here && i == (nibble & 3)) elems[4 * half + i] = kept[2 * half];
-        if (half < groups_here && i == (nibble >> 2)) elems[4 * half + i] = kept[2 * half + 1];
+        elems[4 * half + i] = (half < groups_here && i == i0) ? kept[2 * half]
+                              : (half < groups_here && i == i1) ? kept[2 * half + 1] : T(0);
       }
     }
     store_elements<T, 8>(w + row * p.K + byte * 8, elems, p.K - byte * 8);

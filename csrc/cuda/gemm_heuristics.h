@@ -21,13 +21,14 @@ namespace gemm_tiles {
 // the same plan with its NHWC loader (conv_sp.cuh): 160 registers on sm_80, no spills; 72 for
 // the decode tile.
 struct LargeM {
-  static constexpr int kBlockN = 128, kBlockM = 128, kWarpsN = 2, kWarpsM = 4, kStages = 3;
+  static constexpr int kBlockN = 128, kBlockM = 128, kWarpsN = 2, kWarpsM = 4, kStages = 3, kKTilesPerStage = 1;
 };
 
 // Decode, M <= 16: memory bound on Wc. Small blocks (4 warps of 16 x 16) and a deep pipeline
-// keep many bytes in flight; split-K over blocks fills the SMs when N alone cannot.
+// keep many bytes in flight; split-K over blocks fills the SMs when N alone cannot. A stage holds
+// two k-tiles, so each Wc row is read in 128-byte runs (a whole L2 line) rather than 64.
 struct Decode {
-  static constexpr int kBlockN = 64, kBlockM = 16, kWarpsN = 4, kWarpsM = 1, kStages = 6;
+  static constexpr int kBlockN = 64, kBlockM = 16, kWarpsN = 4, kWarpsM = 1, kStages = 4, kKTilesPerStage = 2;
 };
 
 constexpr int kBlockK = 64;           // logical K per k-tile of the 16-bit GEMM
@@ -70,6 +71,11 @@ inline GemmPlan plan_gemm(int64_t M, int64_t N, int64_t K, int sm_count, int for
   }
   splits = std::max<int64_t>(1, std::min(splits, std::max<int64_t>(k_tiles, 1)));
   plan.k_tiles_per_split = (k_tiles + splits - 1) / splits;
+  if (plan.config == GemmConfig::decode && forced_split_k <= 0) {
+    // Whole pipeline stages per split, so that no split ends on a half-used stage.
+    constexpr int64_t kStage = gemm_tiles::Decode::kKTilesPerStage;
+    plan.k_tiles_per_split = (plan.k_tiles_per_split + kStage - 1) / kStage * kStage;
+  }
   // Re-derive the count so that no split is empty (e.g. 10 tiles over 4 splits -> 3 x 4 tiles).
   plan.split_k = plan.k_tiles_per_split > 0 ? static_cast<int>((k_tiles + plan.k_tiles_per_split - 1) / plan.k_tiles_per_split) : 1;
   return plan;

@@ -26,8 +26,10 @@
 // Y^T[n, m] = sum_k W[n, k] X[m, k], i.e. Y^T = W @ X^T, and the epilogue stores it transposed
 // through shared memory so that global stores run along N, Y's contiguous dimension.
 //
-// Shared memory per pipeline stage (kStages of them), XOR-swizzled so that every ldmatrix phase
-// (8 rows x 16 bytes) hits 8 distinct 16-byte bank groups:
+// Shared memory per pipeline stage (kStages of them): kKTilesPerStage consecutive k-tiles (one
+// for compute-bound tiles; several for decode, so that one stage reads kKTilesPerStage x 64
+// contiguous bytes of each Wc row, longer DRAM bursts), each k-tile laid out as follows,
+// XOR-swizzled so that every ldmatrix phase (8 rows x 16 bytes) hits 8 distinct 16-byte bank groups:
 //   A    [kBlockN rows][64 B]:  16-byte chunk c of row r at chunk c ^ ((r >> 1) & 3)
 //   B    [kBlockM rows][128 B]: chunk c of row r at chunk c ^ (r & 7)
 //   Meta [kBlockN / 16][kMetaSliceBytes]: the two k-steps' metadata words of each 16-row slice
@@ -37,8 +39,10 @@
 // Epilogue: the same memory, reused as Ys[kBlockM][kBlockN + 8] in the output type (the +8
 // halves shift rows by 16 bytes to spread the transposed writes over the banks).
 //
-// Tails: rows of W or X past N or M and K past Kp are zero-filled (cp.async with a false
-// predicate reads nothing); the kernel metadata is padded with legal nibbles (reorder.cuh).
+// Tails: rows of W past N and K past Kp are zero-filled (cp.async with a false predicate reads
+// nothing); rows of X past M are zeroed once before the main loop and never copied (decode
+// blocks hold 1 to 16 real rows of 16); k-tiles of a stage past the block's K range are neither
+// loaded nor computed; the kernel metadata is padded with legal nibbles (reorder.cuh).
 // Global operands are copied with 16-byte cp.async when their rows allow it (c = 16 bytes in
 // elements: Kc % c == 0 and a 16-byte aligned Wc; K % c == 0, ldx % c == 0 and a 16-byte aligned
 // X), otherwise with predicated element loads: any K % 4 == 0 works without padding in ops.py,
@@ -110,6 +114,7 @@ struct Mma16 {
 template <typename Policy, typename Tile>
 struct GemmShape {
   static constexpr int kBlockN = Tile::kBlockN, kBlockM = Tile::kBlockM, kStages = Tile::kStages;
+  static constexpr int kKTilesPerStage = Tile::kKTilesPerStage;
   static constexpr int kWarpsN = Tile::kWarpsN, kWarpsM = Tile::kWarpsM;
   static constexpr int kThreads = 32 * kWarpsN * kWarpsM;
   static constexpr int kWarpN = kBlockN / kWarpsN, kWarpM = kBlockM / kWarpsM;
@@ -124,7 +129,8 @@ struct GemmShape {
   static constexpr int kBytesA = kBlockN * kRowBytesA;
   static constexpr int kBytesB = kBlockM * kRowBytesB;
   static constexpr int kBytesMeta = kBlockN / 16 * kMetaSliceBytes;
-  static constexpr int kStageBytes = kBytesA + kBytesB + kBytesMeta;
+  static constexpr int kKTileBytes = kBytesA + kBytesB + kBytesMeta;  // one k-tile's A, B and Meta
+  static constexpr int kStageBytes = kKTilesPerStage * kKTileBytes;
   static constexpr int kEpilogueStride = kBlockN + 8;  // elements per row of Ys
   static constexpr int kEpilogueBytes = kBlockM * kEpilogueStride * int(sizeof(typename Policy::Out::Storage));
   static constexpr int kSmemBytes = kStages * kStageBytes > kEpilogueBytes ? kStages * kStageBytes : kEpilogueBytes;
@@ -137,6 +143,7 @@ struct GemmShape {
                 "metadata padding must cover every tile");
   static_assert(kWarpN % 16 == 0 && kWarpM % 8 == 0, "warp tile: whole mma tiles");
   static_assert(kStages >= 2, "cp.async pipeline needs two stages");
+  static_assert(kKTilesPerStage >= 1, "a stage holds whole k-tiles");
 };
 
 // Copies one 16-byte chunk (16 / sizeof(T) elements) of a global row into shared memory.
@@ -239,30 +246,52 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads))
   const bool a_vector_ok = Kc % S::kChunkElems == 0 && reinterpret_cast<uintptr_t>(values) % 16 == 0;
   const XLoader x_loader(params);
 
-  // Issues the copies of k-tile kt into pipeline stage `stage` (no commit).
-  auto load_tile = [&](int64_t kt, int stage) {
-    char* sA = smem + stage * S::kStageBytes;
-    char* sB = sA + S::kBytesA;
-    char* sMeta = sB + S::kBytesB;
-    for (int c = tid; c < S::kBlockN * 4; c += S::kThreads) {
-      const int r = c >> 2, chunk = c & 3;
+  // Rows of X this block really has; the rest of B stays zero (zeroed below, never copied).
+  const int b_rows = p.M - m0 < S::kBlockM ? int(p.M - m0) : S::kBlockM;
+  constexpr int kSub = S::kKTilesPerStage;
+
+  // Issues the copies of the k-tiles of stage tile st (k-tiles kt_begin + kSub st + sub, those
+  // below kt_end) into pipeline stage `stage` (no commit). Consecutive threads take consecutive
+  // 16-byte chunks of one row across the stage's k-tiles: kSub x 64 contiguous bytes of Wc.
+  auto load_stage = [&](int st, int stage) {
+    char* stage_base = smem + stage * S::kStageBytes;
+    const int64_t kt0 = kt_begin + int64_t(st) * kSub;
+    for (int c = tid; c < S::kBlockN * 4 * kSub; c += S::kThreads) {
+      const int r = c / (4 * kSub), sub = (c / 4) % kSub, chunk = c & 3;
+      const int64_t kt = kt0 + sub;
+      if (kt >= kt_end) continue;
+      char* sA = stage_base + sub * S::kKTileBytes;
       const int64_t n = n0 + r, col = kt * (S::kBlockK / 2) + chunk * S::kChunkElems;
       const bool row_ok = n < p.N;
       copy_chunk(sA + r * S::kRowBytesA + ((chunk ^ ((r >> 1) & 3)) << 4), row_ok ? values + n * Kc + col : values,
                  row_ok, Kc - col, a_vector_ok);
     }
-    for (int c = tid; c < S::kBlockM * 8; c += S::kThreads) {
-      const int r = c >> 3, chunk = c & 7;
-      x_loader.copy(sB + r * S::kRowBytesB + ((chunk ^ (r & 7)) << 4), m0 + r,
-                    kt * S::kBlockK + chunk * S::kChunkElems);
+    for (int c = tid; c < b_rows * 8 * kSub; c += S::kThreads) {
+      const int r = c / (8 * kSub), sub = (c / 8) % kSub, chunk = c & 7;
+      const int64_t kt = kt0 + sub;
+      if (kt >= kt_end) continue;
+      char* sB = stage_base + sub * S::kKTileBytes + S::kBytesA;
+      x_loader.copy(sB + r * S::kRowBytesB + ((chunk ^ (r & 7)) << 4), m0 + r, kt * S::kBlockK + chunk * S::kChunkElems);
     }
-    for (int c = tid; c < S::kBytesMeta / 16; c += S::kThreads) {
-      const int slice = c / (S::kMetaSliceBytes / 16), chunk = c % (S::kMetaSliceBytes / 16);
+    constexpr int kMetaChunks = S::kBytesMeta / 16, kSliceChunks = S::kMetaSliceBytes / 16;
+    for (int c = tid; c < kMetaChunks * kSub; c += S::kThreads) {
+      const int sub = c / kMetaChunks, slice = (c % kMetaChunks) / kSliceChunks, chunk = c % kSliceChunks;
+      const int64_t kt = kt0 + sub;
+      if (kt >= kt_end) continue;
+      char* sMeta = stage_base + sub * S::kKTileBytes + S::kBytesA + S::kBytesB;
       const int64_t tile16 = n0 / 16 + slice;
       const char* src = meta + (tile16 * meta_steps + kt * S::kSteps) * Policy::kMetaWordsPerStep * 4 + chunk * 16;
       cp_async_16(sMeta + slice * S::kMetaSliceBytes + chunk * 16, src, true);
     }
   };
+
+  // Rows of X past M: zero in every stage and k-tile, once (the MMA reads them; their results
+  // land in output columns that are never stored).
+  for (int c = tid; c < S::kStages * kSub * (S::kBlockM - b_rows) * 8; c += S::kThreads) {
+    const int ktile = c / ((S::kBlockM - b_rows) * 8), rest = c % ((S::kBlockM - b_rows) * 8);
+    char* sB = smem + ktile * S::kKTileBytes + S::kBytesA;
+    copy_chunk<Operand>(sB + (b_rows + rest / 8) * S::kRowBytesB + ((rest & 7) << 4), nullptr, false, 0, false);
+  }
 
   Acc acc[S::kTilesN][S::kTilesM][4];
 #pragma unroll
@@ -272,49 +301,54 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads))
 #pragma unroll
       for (int r = 0; r < 4; ++r) acc[i][j][r] = Acc(0);
 
-  // Multi-stage pipeline: kStages - 1 k-tiles in flight while one is computed. One commit per
-  // iteration (possibly empty) keeps cp_async_wait's group count exact in the tail.
+  // Multi-stage pipeline: kStages - 1 stage tiles in flight while one is computed. One commit
+  // per iteration (possibly empty) keeps cp_async_wait's group count exact in the tail.
+  const int num_stage_tiles = (num_tiles + kSub - 1) / kSub;
   for (int s = 0; s < S::kStages - 1; ++s) {
-    if (s < num_tiles) load_tile(kt_begin + s, s);
+    if (s < num_stage_tiles) load_stage(s, s);
     cp_async_commit();
   }
-  for (int it = 0; it < num_tiles; ++it) {
+  for (int it = 0; it < num_stage_tiles; ++it) {
     cp_async_wait<S::kStages - 2>();
-    // Makes tile `it` visible to all threads and guarantees that everyone is done with the
+    // Makes stage tile `it` visible to all threads and guarantees that everyone is done with the
     // stage the next load overwrites (the one computed in iteration it - 1).
     __syncthreads();
     const int next = it + S::kStages - 1;
-    if (next < num_tiles) load_tile(kt_begin + next, next % S::kStages);
+    if (next < num_stage_tiles) load_stage(next, next % S::kStages);
     cp_async_commit();
 
-    const char* sA = smem + (it % S::kStages) * S::kStageBytes;
-    const char* sB = sA + S::kBytesA;
-    const char* sMeta = sB + S::kBytesB;
 #pragma unroll
-    for (int ks = 0; ks < S::kSteps; ++ks) {
-      uint32_t a[S::kTilesN][4];
-      uint32_t e[S::kTilesN];
+    for (int sub = 0; sub < kSub; ++sub) {
+      if (it * kSub + sub >= num_tiles) break;  // the block's last stage tile may be partial
+      const char* sA = smem + (it % S::kStages) * S::kStageBytes + sub * S::kKTileBytes;
+      const char* sB = sA + S::kBytesA;
+      const char* sMeta = sB + S::kBytesB;
 #pragma unroll
-      for (int i = 0; i < S::kTilesN; ++i) {
-        // ldmatrix.x4 lanes 0-15 address rows 0-15 of the left 8 compressed columns, lanes
-        // 16-31 the right 8: registers come out in mma's A quadrant order (0,0) (8,0) (0,8) (8,8).
-        const int row = warp_n * S::kWarpN + i * 16 + (lane & 15);
-        const int chunk = ks * 2 + (lane >> 4);
-        ldmatrix_x4(a[i], sA + row * S::kRowBytesA + ((chunk ^ ((row >> 1) & 3)) << 4));
-        const int slice = (warp_n * S::kWarpN) / 16 + i;
-        e[i] = *reinterpret_cast<const uint32_t*>(sMeta + slice * S::kMetaSliceBytes +
-                                                   (ks * Policy::kMetaWordsPerStep + Policy::meta_word(lane)) * 4);
-      }
+      for (int ks = 0; ks < S::kSteps; ++ks) {
+        uint32_t a[S::kTilesN][4];
+        uint32_t e[S::kTilesN];
 #pragma unroll
-      for (int j = 0; j < S::kTilesM; ++j) {
-        // Matrix q of the x4 = bytes 16q..16q+15 of the k-step in 8 X rows: register q is B
-        // register q (16-bit: K 8q + 2t + {0, 1}; int8: K 16q + 4t + {0..3}).
-        uint32_t b[4];
-        const int row = warp_m * S::kWarpM + j * 8 + (lane & 7);
-        const int chunk = ks * 4 + (lane >> 3);
-        ldmatrix_x4(b, sB + row * S::kRowBytesB + ((chunk ^ (row & 7)) << 4));
+        for (int i = 0; i < S::kTilesN; ++i) {
+          // ldmatrix.x4 lanes 0-15 address rows 0-15 of the left 8 compressed columns, lanes
+          // 16-31 the right 8: registers come out in mma's A quadrant order (0,0) (8,0) (0,8) (8,8).
+          const int row = warp_n * S::kWarpN + i * 16 + (lane & 15);
+          const int chunk = ks * 2 + (lane >> 4);
+          ldmatrix_x4(a[i], sA + row * S::kRowBytesA + ((chunk ^ ((row >> 1) & 3)) << 4));
+          const int slice = (warp_n * S::kWarpN) / 16 + i;
+          e[i] = *reinterpret_cast<const uint32_t*>(sMeta + slice * S::kMetaSliceBytes +
+                                                     (ks * Policy::kMetaWordsPerStep + Policy::meta_word(lane)) * 4);
+        }
 #pragma unroll
-        for (int i = 0; i < S::kTilesN; ++i) Policy::mma(acc[i][j], a[i], b, e[i]);
+        for (int j = 0; j < S::kTilesM; ++j) {
+          // Matrix q of the x4 = bytes 16q..16q+15 of the k-step in 8 X rows: register q is B
+          // register q (16-bit: K 8q + 2t + {0, 1}; int8: K 16q + 4t + {0..3}).
+          uint32_t b[4];
+          const int row = warp_m * S::kWarpM + j * 8 + (lane & 7);
+          const int chunk = ks * 4 + (lane >> 3);
+          ldmatrix_x4(b, sB + row * S::kRowBytesB + ((chunk ^ (row & 7)) << 4));
+#pragma unroll
+          for (int i = 0; i < S::kTilesN; ++i) Policy::mma(acc[i][j], a[i], b, e[i]);
+        }
       }
     }
   }
