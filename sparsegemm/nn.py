@@ -131,7 +131,7 @@ class SparseLinear(_SparseWeight):
                              f"{in_features}, {out_features}")
         if quantize not in (None, "int8"):
             raise ValueError(f"SparseLinear: quantize must be None or 'int8', got {quantize!r}")
-        ops.check_dtype("SparseLinear", "dtype", torch.empty(0, dtype=dtype), ops.FLOAT_DTYPES)
+        ops.check_dtype_value("SparseLinear", "dtype", dtype, ops.FLOAT_DTYPES)
         self.in_features, self.out_features = in_features, out_features
         self.backend = backend
         self.quantize = quantize

@@ -115,9 +115,13 @@ def _on_tensor_device(fn):
 # ---- argument checks -------------------------------------------------------------------------
 
 def check_dtype(op: str, name: str, t: Tensor, allowed) -> None:
-    if t.dtype not in allowed:
+    check_dtype_value(op, name, t.dtype, allowed)
+
+
+def check_dtype_value(op: str, name: str, dtype: torch.dtype, allowed) -> None:
+    if dtype not in allowed:
         names = ", ".join(str(d).replace("torch.", "") for d in allowed)
-        raise TypeError(f"{op}: {name} must have dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
+        raise TypeError(f"{op}: {name} must have dtype in ({names}), got {str(dtype).replace('torch.', '')}")
 
 
 def check_2d(op: str, name: str, t: Tensor) -> None:
@@ -568,9 +572,12 @@ _conv2d.register_autograd(_conv2d_backward, setup_context=_conv2d_setup_context)
 
 # ---- INT8 (issue 4) --------------------------------------------------------------------------
 
+_INT8_KERNELS = {backend: hasattr(_C, f"{backend}_gemm_s8") for backend in BACKENDS}
+
+
 def has_int8_kernels(backend: str) -> bool:
     """Whether this build has the INT8 kernels of ``backend`` ("cpu", "simt" or "cuda")."""
-    return hasattr(_C, f"{backend}_gemm_s8")
+    return _INT8_KERNELS[backend]
 
 
 def require_int8_kernels(op: str, backend: str) -> None:

@@ -207,25 +207,30 @@ def linear_int8(x: Union[Tensor, tuple], sw: SparseTensor24, bias: Optional[Tens
         backend = _check_activations(op, x, backend)
         out_dtype = out_dtype or x.dtype
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, k)
+        x2 = x if len(lead) == 1 else x.reshape(-1, k)
         if input_scale is None:
             x_q, x_scale = ops.call(ops._quantize_rows, x2, backend)
         else:
             x_q, x_scale = quantize_activations_static(x2, input_scale)
-    allowed = ops.FLOAT_DTYPES if backend == "cpu" else ops.KERNEL_DTYPES
-    ops.check_dtype(op, "out_dtype", torch.empty(0, dtype=out_dtype), allowed)
+    ops.check_dtype_value(op, "out_dtype", out_dtype, ops.FLOAT_DTYPES if backend == "cpu" else ops.KERNEL_DTYPES)
     if backend != "cpu":
         ops.require_int8_kernels(op, backend)
-        ops.check_32bit(op, **{"M*K": x_q.shape[0] * fmt.padded_k(k), "M*N": x_q.shape[0] * n, "N*K": n * k})
+        m, kp = x_q.shape[0], fmt.padded_k(k)
+        if max(m * kp, m * n, n * k) > ops._INT32_MAX:
+            ops.check_32bit(op, **{"M*K": m * kp, "M*N": m * n, "N*K": n * k})
     if bias is not None:
         if tuple(bias.shape) != (n,):
             raise ValueError(f"{op}: bias must have shape ({n},), got {tuple(bias.shape)}")
         bias = bias.to(out_dtype)
-    ops.check_same_device(op, x_q=x_q, x_scale=x_scale, **{"sw.values": sw.values, "sw.scale": sw.scale}, bias=bias)
+    device = x_q.device
+    if not (x_scale.device == device and sw.values.device == device and sw.scale.device == device
+            and (bias is None or bias.device == device)):
+        ops.check_same_device(op, x_q=x_q, x_scale=x_scale, **{"sw.values": sw.values, "sw.scale": sw.scale},
+                              bias=bias)
     kernel_meta = sw.kernel_meta(backend) if backend != "cpu" else None
     y = ops.call(ops._linear_s8, x_q, x_scale, sw.values, sw.meta, kernel_meta, sw.scale, k, bias,
                  fmt.ACTIVATION_CODES[activation], out_dtype, backend)
-    return y.reshape(*lead, n)
+    return y if len(lead) == 1 else y.reshape(*lead, n)
 
 
 class Int8Calibrator:

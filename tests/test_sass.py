@@ -88,3 +88,34 @@ def test_int8_gemm_uses_sparse_imma(cuobjdump, arch):
         assert "LDSM" in body, f"{name} on sm_{arch}: operands are expected to come through ldmatrix"
     assert any("quantize_rows_kernel" in name for name in functions)
     assert any("reorder_meta_s8_kernel" in name for name in functions)
+
+
+def resource_usage(tool, module_path, arch):
+    """{mangled function name: {"REG": n, "STACK": n, "LOCAL": n, ...}} of one architecture's cubin."""
+    out = subprocess.run([tool, "-res-usage", "-arch", f"sm_{arch}", module_path], check=True, capture_output=True,
+                         text=True).stdout
+    usage = {}
+    for name, fields in re.findall(r"Function (\S+):\n\s*(.*)", out):
+        usage[name] = {key: int(value) for key, value in re.findall(r"(\w+(?:\[\d+\])?):(\d+)", fields)}
+    return usage
+
+
+@pytest.mark.parametrize("arch", built_archs())
+def test_kernels_use_no_local_memory(cuobjdump, arch):
+    # A stack frame means an array nvcc could not keep in registers (the compress kernels once had
+    # one, from selecting kept values by computed index): slow, and a spill in all but name.
+    usage = resource_usage(cuobjdump, _C.__file__, arch)
+    assert usage, "no kernels found"
+    heavy = {name: u for name, u in usage.items() if u.get("STACK", 0) or u.get("LOCAL", 0)}
+    assert not heavy, heavy
+
+
+@pytest.mark.parametrize("arch", [a for a in built_archs() if a == "90"] or
+                         [pytest.param("90", marks=pytest.mark.skip(reason="sm_90 not in this build"))])
+def test_large_m_gemm_fits_two_blocks_per_sm_on_hopper(cuobjdump, arch):
+    # 256 threads x 128 registers x 2 blocks = the 64K registers of an SM: above 128, one block per
+    # SM and half the warps to hide latency (a refactor once took it to 160: 0.43x -> 0.29x cuBLAS).
+    usage = resource_usage(cuobjdump, _C.__file__, arch)
+    large_m = {name: u["REG"] for name, u in usage.items() if "gemm_sp_kernel" in name and "LargeM" in name}
+    assert len(large_m) == 6, sorted(usage)  # fp16, bf16 x GEMM, conv; int8 x two outputs
+    assert max(large_m.values()) <= 128, large_m

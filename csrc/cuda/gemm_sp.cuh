@@ -266,10 +266,10 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads))
       copy_chunk(sA + r * S::kRowBytesA + ((chunk ^ ((r >> 1) & 3)) << 4), row_ok ? values + n * Kc + col : values,
                  row_ok, Kc - col, a_vector_ok);
     }
-    for (int c = tid; c < b_rows * 8 * kSub; c += S::kThreads) {
-      const int r = c / (8 * kSub), sub = (c / 8) % kSub, chunk = c & 7;
+    for (int c = tid; c < S::kBlockM * 8 * kSub; c += S::kThreads) {  // a constant trip count keeps
+      const int r = c / (8 * kSub), sub = (c / 8) % kSub, chunk = c & 7;  // LargeM at 128 registers
       const int64_t kt = kt0 + sub;
-      if (kt >= kt_end) continue;
+      if (r >= b_rows || kt >= kt_end) continue;
       char* sB = stage_base + sub * S::kKTileBytes + S::kBytesA;
       x_loader.copy(sB + r * S::kRowBytesB + ((chunk ^ (r & 7)) << 4), m0 + r, kt * S::kBlockK + chunk * S::kChunkElems);
     }
