@@ -347,6 +347,23 @@ def test_strict_mode_reports_smallest_bad_group(kernels, dtype):
     assert kernels.compress(w, prune=False)[2] == 2 * 11 + 10
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_compress_grid_stride_and_unrolled_items(kernels, dtype):
+    # The emulator launches at most 8 blocks of 256 threads for the element-wise kernels: 2048
+    # bytes of E per pass, so these 131 x 38 = 4978 bytes take the grid-stride loop and both items
+    # of compress's unrolled iteration (as weights past 4096 x 256 bytes of E do on a GPU).
+    gen = torch.Generator().manual_seed(11)
+    n, k = 131, 300  # G = 75, odd: every row ends on the pad nibble
+    w = (torch.randint(-3, 4, (n, k), generator=gen).to(torch.float32) * 0.25).to(dtype)
+    w[-1, -5] = float("nan")
+    assert_compress_prune_matches_reference(kernels, w)
+    strict = sparse_weight(n, k, dtype, gen)
+    assert kernels.compress(strict, prune=False)[2] == -1
+    strict[n - 1, 4 * 70:4 * 70 + 3] = 1  # the last row's group 70: three non-zeros
+    strict[n - 3, 4 * 74:4 * 74 + 4] = 2  # an earlier row's last group: the smallest index wins
+    assert kernels.compress(strict, prune=False)[2] == (n - 3) * 75 + 74
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_six_patterns_round_trip(kernels, dtype):
     nib = [0x4, 0x8, 0x9, 0xC, 0xD, 0xE]

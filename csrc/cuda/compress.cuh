@@ -32,57 +32,77 @@ SG_GLOBAL void first_bad_group_finish_kernel(long long* first_bad_group) {
   if (*first_bad_group == kNoBadGroup) *first_bad_group = -1;
 }
 
+// One byte of E: groups 2 byte and 2 byte + 1 of W row `row`, whose 8 elements (zeros past K)
+// are `elems`; writes the kept values and the metadata byte, and in strict mode reports a group
+// with more than two non-zeros.
+template <DType kDType>
+SG_DEVICE void compress_byte(const CompressParams& p, int64_t row, int64_t byte,
+                             const typename ElementTraits<kDType>::Storage (&elems)[8]) {
+  using T = typename ElementTraits<kDType>::Storage;
+  const int64_t groups = num_groups(p.K);
+  T kept[4];
+  uint8_t meta_byte = kPadNibble << 4;  // the high nibble stays 0x4 when group 2*byte+1 is padding
+  int64_t bad = kNoBadGroup;
+  const int groups_here = (2 * byte + 1 < groups) ? 2 : 1;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    if (half == 1 && groups_here == 1) continue;
+    uint32_t key[4];
+    int nonzeros = 0;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      // Integer keys (format.h): no float conversion, and key 0 is exactly +-0.0 (NaN is non-zero).
+      key[i] = ordering_key<kDType>(storage_bits(elems[4 * half + i]));
+      nonzeros += key[i] != 0 ? 1 : 0;
+    }
+    const unsigned kept_mask = kept_positions(key);
+    const uint8_t nibble = nibble_of_kept(kept_mask);
+    // Selects with the mask's bits rather than the nibble's indices: nvcc turned the
+    // index-comparison form into an indexed local-memory load (16-byte stack frame).
+    const T* e = elems + 4 * half;
+    kept[2 * half] = (kept_mask & 1u) ? e[0] : (kept_mask & 2u) ? e[1] : e[2];
+    kept[2 * half + 1] = (kept_mask & 8u) ? e[3] : (kept_mask & 4u) ? e[2] : e[1];
+    meta_byte = half == 0 ? static_cast<uint8_t>((meta_byte & 0xF0) | nibble)
+                          : static_cast<uint8_t>((meta_byte & 0x0F) | (nibble << 4));
+    if (nonzeros > 2 && bad == kNoBadGroup) bad = row * groups + 2 * byte + half;
+  }
+  store_elements<T, 4>(static_cast<T*>(p.values) + row * values_cols(p.K) + byte * 4, kept, 2 * groups_here);
+  p.meta[row * meta_cols(p.K) + byte] = meta_byte;
+  if (!p.prune && bad != kNoBadGroup) atomicMin(reinterpret_cast<long long*>(p.first_bad_group), bad);
+}
+
+// Bytes of E a compress thread handles per loop iteration, their loads issued before any is
+// used: two 16-byte loads in flight per thread rather than one.
+constexpr int kCompressUnroll = 2;
+
 // Grid-stride over the N * meta_cols(K) bytes of E. p: see CompressParams (params.h).
 template <DType kDType>
 SG_GLOBAL void compress_kernel(CompressParams p) {
   using T = typename ElementTraits<kDType>::Storage;
-  const int64_t groups = num_groups(p.K);
-  const int64_t bytes_per_row = meta_cols(p.K);
-  const int64_t values_per_row = values_cols(p.K);
-  const int64_t total = p.N * bytes_per_row;
   const T* w = static_cast<const T*>(p.w);
-  T* values = static_cast<T*>(p.values);
-  // 32-bit index division: ops.py refuses weights past 2^31 elements for the kernels (so total
-  // < 2^28 here), and the 64-bit division the GPU emulates in software made this memory-bound
-  // kernel compute bound (Nsight Compute on H200: 85% SM, 24% DRAM throughput).
-  const uint32_t row_bytes = static_cast<uint32_t>(bytes_per_row);
-  for (uint32_t idx = blockIdx.x * blockDim.x + threadIdx.x; idx < static_cast<uint32_t>(total);
-       idx += gridDim.x * blockDim.x) {
-    const uint32_t row32 = idx / row_bytes;
-    const int64_t row = row32;
-    const int64_t byte = idx - row32 * row_bytes;
-    const int64_t first_k = byte * 8;
-    T elems[8];
-    load_elements<T, 8>(elems, w + row * p.ldw + first_k, p.K - first_k);
-
-    T kept[4];
-    uint8_t meta_byte = kPadNibble << 4;  // the high nibble stays 0x4 when group 2*byte+1 is padding
-    int64_t bad = kNoBadGroup;
-    const int groups_here = (2 * byte + 1 < groups) ? 2 : 1;
+  // 32-bit index division: ops.py refuses weights past 2^31 elements for the kernels (so the
+  // byte count is below 2^28 here), and the 64-bit division the GPU emulates in software made
+  // this memory-bound kernel compute bound (Nsight Compute on H200: 85% SM, 24% DRAM throughput).
+  const uint32_t row_bytes = static_cast<uint32_t>(meta_cols(p.K));
+  const uint32_t total = static_cast<uint32_t>(p.N * meta_cols(p.K));
+  const uint32_t stride = gridDim.x * blockDim.x;
+  for (uint32_t base = blockIdx.x * blockDim.x + threadIdx.x; base < total; base += kCompressUnroll * stride) {
+    T elems[kCompressUnroll][8];
+    int64_t rows[kCompressUnroll], bytes[kCompressUnroll];
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      if (half == 1 && groups_here == 1) continue;
-      uint32_t key[4];
-      int nonzeros = 0;
-      for (int i = 0; i < 4; ++i) {
-        // Integer keys (format.h): no float conversion, and key 0 is exactly +-0.0 (NaN is non-zero).
-        key[i] = ordering_key<kDType>(storage_bits(elems[4 * half + i]));
-        nonzeros += key[i] != 0 ? 1 : 0;
+    for (int u = 0; u < kCompressUnroll; ++u) {
+      const uint32_t idx = base + u * stride;
+      const uint32_t row32 = idx / row_bytes;
+      rows[u] = row32;
+      bytes[u] = idx - row32 * row_bytes;
+      if (idx < total) {
+        load_elements<T, 8>(elems[u], w + rows[u] * p.ldw + bytes[u] * 8, p.K - bytes[u] * 8);
       }
-      const unsigned kept_mask = kept_positions(key);
-      const uint8_t nibble = nibble_of_kept(kept_mask);
-      // Selects with the mask's bits rather than the nibble's indices: nvcc turned the
-      // index-comparison form into an indexed local-memory load (16-byte stack frame).
-      const T* e = elems + 4 * half;
-      kept[2 * half] = (kept_mask & 1u) ? e[0] : (kept_mask & 2u) ? e[1] : e[2];
-      kept[2 * half + 1] = (kept_mask & 8u) ? e[3] : (kept_mask & 4u) ? e[2] : e[1];
-      meta_byte = half == 0 ? static_cast<uint8_t>((meta_byte & 0xF0) | nibble)
-                            : static_cast<uint8_t>((meta_byte & 0x0F) | (nibble << 4));
-      if (nonzeros > 2 && bad == kNoBadGroup) bad = row * groups + 2 * byte + half;
     }
-    store_elements<T, 4>(values + row * values_per_row + byte * 4, kept, 2 * groups_here);
-    p.meta[row * bytes_per_row + byte] = meta_byte;
-    if (!p.prune && bad != kNoBadGroup) atomicMin(reinterpret_cast<long long*>(p.first_bad_group), bad);
+#pragma unroll
+    for (int u = 0; u < kCompressUnroll; ++u) {
+      if (base + u * stride < total) compress_byte<kDType>(p, rows[u], bytes[u], elems[u]);
+    }
   }
 }
 
