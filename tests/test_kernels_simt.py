@@ -348,10 +348,10 @@ def test_strict_mode_reports_smallest_bad_group(kernels, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_compress_grid_stride_and_unrolled_items(kernels, dtype):
+def test_compress_grid_stride(kernels, dtype):
     # The emulator launches at most 8 blocks of 256 threads for the element-wise kernels: 2048
-    # bytes of E per pass, so these 131 x 38 = 4978 bytes take the grid-stride loop and both items
-    # of compress's unrolled iteration (as weights past 4096 x 256 bytes of E do on a GPU).
+    # bytes of E per pass, so these 131 x 38 = 4978 bytes take the grid-stride loop twice over
+    # (as weights past 4096 x 256 bytes of E do on a GPU).
     gen = torch.Generator().manual_seed(11)
     n, k = 131, 300  # G = 75, odd: every row ends on the pad nibble
     w = (torch.randint(-3, 4, (n, k), generator=gen).to(torch.float32) * 0.25).to(dtype)

@@ -24,11 +24,14 @@ struct LargeM {
   static constexpr int kBlockN = 128, kBlockM = 128, kWarpsN = 2, kWarpsM = 4, kStages = 3, kKTilesPerStage = 1;
 };
 
-// Decode, M <= 16: memory bound on Wc. Small blocks (4 warps of 16 x 16) and a deep pipeline
-// keep many bytes in flight; split-K over blocks fills the SMs when N alone cannot. A stage holds
-// two k-tiles, so each Wc row is read in 128-byte runs (a whole L2 line) rather than 64.
+// Decode, M <= 16: memory bound on Wc. 8 warps of 16 (N) x 16 (M), four stages of two k-tiles
+// each: a stage reads 128-byte runs of 128 Wc rows (whole L2 lines; 64-byte runs were 2-14%
+// slower), 88 KiB of shared memory in all. Split-K over blocks fills the GPU when N alone cannot.
+// Chosen by a sweep on H200 (bench/results/2026-11-26-H200-run5/sweep.txt, config 5): 3-7% faster
+// than 4 warps x 64 rows, which beat 6 stages, 4 k-tiles per stage, 32-row blocks and an L2
+// prefetch hint on the weight copies.
 struct Decode {
-  static constexpr int kBlockN = 64, kBlockM = 16, kWarpsN = 4, kWarpsM = 1, kStages = 4, kKTilesPerStage = 2;
+  static constexpr int kBlockN = 128, kBlockM = 16, kWarpsN = 8, kWarpsM = 1, kStages = 4, kKTilesPerStage = 2;
 };
 
 constexpr int kBlockK = 64;           // logical K per k-tile of the 16-bit GEMM
@@ -52,9 +55,10 @@ SG_HOST_DEVICE int64_t gemm_k_tiles(int64_t K, int64_t block_k = gemm_tiles::kBl
   return (padded_k(K) + block_k - 1) / block_k;
 }
 
+// wave_blocks: decode-tile blocks the GPU runs at once (kernels_dispatch.cuh decode_wave_blocks).
 // forced_config / forced_split_k: GemmParams::config / split_k (-1 / 0: choose). block_k: the
 // GEMM's k-tile (gemm_tiles::kBlockK or kBlockKS8); the regimes and split rule are the same.
-inline GemmPlan plan_gemm(int64_t M, int64_t N, int64_t K, int sm_count, int forced_config = -1,
+inline GemmPlan plan_gemm(int64_t M, int64_t N, int64_t K, int wave_blocks, int forced_config = -1,
                           int forced_split_k = 0, int64_t block_k = gemm_tiles::kBlockK) {
   GemmPlan plan;
   plan.config = forced_config >= 0 ? static_cast<GemmConfig>(forced_config)
@@ -66,7 +70,9 @@ inline GemmPlan plan_gemm(int64_t M, int64_t N, int64_t K, int sm_count, int for
   } else if (plan.config == GemmConfig::decode) {
     using T = gemm_tiles::Decode;
     const int64_t blocks = (N + T::kBlockN - 1) / T::kBlockN * ((M + T::kBlockM - 1) / T::kBlockM);
-    const int64_t wanted = (2 * int64_t(sm_count) + blocks - 1) / std::max<int64_t>(blocks, 1);
+    // As many splits as one full wave holds: a second, partial wave costs more than the split
+    // saves (the H200 sweep: 258 blocks in one wave 21 us, 344 in 1.3 waves 26 us).
+    const int64_t wanted = std::max<int64_t>(1, wave_blocks / std::max<int64_t>(blocks, 1));
     splits = std::min<int64_t>({wanted, gemm_tiles::kMaxSplitK, k_tiles / gemm_tiles::kMinKTilesPerSplit});
   }
   splits = std::max<int64_t>(1, std::min(splits, std::max<int64_t>(k_tiles, 1)));

@@ -259,7 +259,7 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads))
     for (int c = tid; c < S::kBlockN * 4 * kSub; c += S::kThreads) {
       const int r = c / (4 * kSub), sub = (c / 4) % kSub, chunk = c & 3;
       const int64_t kt = kt0 + sub;
-      if (kt >= kt_end) continue;
+      if (kSub > 1 && kt >= kt_end) continue;  // with one k-tile a stage, only stages in range load
       char* sA = stage_base + sub * S::kKTileBytes;
       const int64_t n = n0 + r, col = kt * (S::kBlockK / 2) + chunk * S::kChunkElems;
       const bool row_ok = n < p.N;
@@ -269,7 +269,7 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads))
     for (int c = tid; c < S::kBlockM * 8 * kSub; c += S::kThreads) {  // a constant trip count keeps
       const int r = c / (8 * kSub), sub = (c / 8) % kSub, chunk = c & 7;  // LargeM at 128 registers
       const int64_t kt = kt0 + sub;
-      if (r >= b_rows || kt >= kt_end) continue;
+      if (r >= b_rows || (kSub > 1 && kt >= kt_end)) continue;
       char* sB = stage_base + sub * S::kKTileBytes + S::kBytesA;
       x_loader.copy(sB + r * S::kRowBytesB + ((chunk ^ (r & 7)) << 4), m0 + r, kt * S::kBlockK + chunk * S::kChunkElems);
     }
@@ -277,7 +277,7 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads))
     for (int c = tid; c < kMetaChunks * kSub; c += S::kThreads) {
       const int sub = c / kMetaChunks, slice = (c % kMetaChunks) / kSliceChunks, chunk = c % kSliceChunks;
       const int64_t kt = kt0 + sub;
-      if (kt >= kt_end) continue;
+      if (kSub > 1 && kt >= kt_end) continue;  // with one k-tile a stage, only stages in range load
       char* sMeta = stage_base + sub * S::kKTileBytes + S::kBytesA + S::kBytesB;
       const int64_t tile16 = n0 / 16 + slice;
       const char* src = meta + (tile16 * meta_steps + kt * S::kSteps) * Policy::kMetaWordsPerStep * 4 + chunk * 16;

@@ -4,6 +4,7 @@
 // emulator runs the same kernels (csrc/simt/kernels_simt.cpp). Declarations: kernels.h.
 #pragma once
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -26,8 +27,7 @@ namespace SG_KERNEL_NS {
 namespace {
 
 // Blocks for a grid-stride loop over `total` items: enough to fill any GPU. The emulator runs at
-// most 8, so that tests on small shapes take the grid-stride loops (and compress's unrolled
-// second item) that large weights take on a GPU.
+// most 8, so that tests on small shapes take the grid-stride loops that large weights take on a GPU.
 #if defined(__CUDACC__)
 constexpr int64_t kMaxElementwiseBlocks = 4096;
 #else
@@ -38,19 +38,36 @@ unsigned elementwise_blocks(int64_t total) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(blocks, kMaxElementwiseBlocks)));
 }
 
-// SMs of the current device, which sizes the decode split-K. The emulator reports a small fixed
-// count so that tests on small shapes still take the split-K path.
-int multiprocessor_count() {
+// Blocks of the decode tile the current device runs at once: its SMs times the decode GEMM blocks
+// one SM holds (shared memory bounds it: 88 KiB a block, so two on H100 / H200, one on A100 and
+// the 100 KiB parts), which sizes the decode split-K (gemm_heuristics.h). Asked of the runtime
+// once per device. The emulator reports 8 (4 "SMs" x 2), so that tests on small shapes still
+// take the split-K path.
+int decode_wave_blocks() {
 #if defined(__CUDACC__)
-  int device = 0, count = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+  constexpr int kCachedDevices = 64;
+  static std::atomic<int> cached[kCachedDevices] = {};  // 0: not asked yet (a race only repeats the query)
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) {
     cudaGetLastError();
     return 1;
   }
-  return count;
+  if (device < kCachedDevices && cached[device].load(std::memory_order_relaxed) > 0) return cached[device];
+  using Policy = Mma16<DType::f16>;
+  using S = GemmShape<Policy, gemm_tiles::Decode>;
+  const auto kernel = gemm_sp_kernel<Policy, gemm_tiles::Decode, RowMajorX<uint16_t>>;
+  int sms = 0, per_sm = 0;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kSmemBytes) != cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, S::kThreads, S::kSmemBytes) != cudaSuccess) {
+    cudaGetLastError();
+    return 1;
+  }
+  const int blocks = std::max(1, sms * per_sm);
+  if (device < kCachedDevices) cached[device] = blocks;
+  return blocks;
 #else
-  return 4;
+  return 8;
 #endif
 }
 
@@ -151,14 +168,14 @@ void reorder_meta(const uint8_t* logical_meta, void* kernel_meta, int64_t N, int
 }
 
 int64_t gemm_workspace_bytes_for(int64_t M, int64_t N, int64_t K, int config, int split_k) {
-  return gemm_plan_workspace_bytes(plan_gemm(M, N, K, multiprocessor_count(), config, split_k), M, N);
+  return gemm_plan_workspace_bytes(plan_gemm(M, N, K, decode_wave_blocks(), config, split_k), M, N);
 }
 
 int64_t gemm_workspace_bytes(int64_t M, int64_t N, int64_t K) { return gemm_workspace_bytes_for(M, N, K, -1, 0); }
 
 void gemm(const GemmParams& p, void* stream) {
   if (p.M == 0 || p.N == 0) return;
-  const GemmPlan plan = plan_gemm(p.M, p.N, p.K, multiprocessor_count(), p.config, p.split_k);
+  const GemmPlan plan = plan_gemm(p.M, p.N, p.K, decode_wave_blocks(), p.config, p.split_k);
   const auto s = static_cast<sg_stream_t>(stream);
   switch (p.dtype) {
     case DType::f16: launch_gemm_tile<Mma16<DType::f16>>(p, plan, s); break;
@@ -171,7 +188,7 @@ void conv2d(const ConvParams& p, void* stream) {
   const GemmParams& g = p.gemm;
   if (g.M == 0 || g.N == 0) return;
   // The convolution is the GEMM of its implicit X: the same plan (tile, split-K) and workspace.
-  const GemmPlan plan = plan_gemm(g.M, g.N, g.K, multiprocessor_count(), g.config, g.split_k);
+  const GemmPlan plan = plan_gemm(g.M, g.N, g.K, decode_wave_blocks(), g.config, g.split_k);
   const auto s = static_cast<sg_stream_t>(stream);
   switch (g.dtype) {
     case DType::f16: launch_gemm_tile<Mma16<DType::f16>, NhwcConvX<uint16_t>>(p, plan, s); break;
@@ -205,14 +222,14 @@ void reorder_meta_s8(const uint8_t* logical_meta, void* kernel_meta, int64_t N, 
 
 int64_t gemm_s8_workspace_bytes_for(int64_t M, int64_t N, int64_t K, int config, int split_k) {
   return gemm_plan_workspace_bytes(
-      plan_gemm(M, N, K, multiprocessor_count(), config, split_k, gemm_tiles::kBlockKS8), M, N);
+      plan_gemm(M, N, K, decode_wave_blocks(), config, split_k, gemm_tiles::kBlockKS8), M, N);
 }
 
 int64_t gemm_s8_workspace_bytes(int64_t M, int64_t N, int64_t K) { return gemm_s8_workspace_bytes_for(M, N, K, -1, 0); }
 
 void gemm_s8(const GemmParams& p, void* stream) {
   if (p.M == 0 || p.N == 0) return;
-  const GemmPlan plan = plan_gemm(p.M, p.N, p.K, multiprocessor_count(), p.config, p.split_k, gemm_tiles::kBlockKS8);
+  const GemmPlan plan = plan_gemm(p.M, p.N, p.K, decode_wave_blocks(), p.config, p.split_k, gemm_tiles::kBlockKS8);
   const auto s = static_cast<sg_stream_t>(stream);
   switch (p.dtype) {
     case DType::f16: launch_gemm_tile<MmaS8<DType::f16>>(p, plan, s); break;

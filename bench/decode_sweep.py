@@ -1,0 +1,87 @@
+"""Tuning aid for gemm_heuristics.h: decode-GEMM time per tile configuration and forced split-K
+factor, from DRAM (CUDA-graph replay over copies of the weight that together exceed the L2),
+next to dense F.linear and to what the heuristic picks; INT8 per configuration (best split), and
+the compress / decompress kernels.
+
+    python bench/decode_sweep.py                 # config 1: the decode tile
+    python bench/decode_variants.py && <rebuild> && python bench/decode_sweep.py --configs 1 2 3 4 5 6 7
+
+bench/decode_variants.py patches candidate tiles into a scratch checkout as forced configs 2-7
+(never commit its output). bench/results/2026-11-26-H200-run5/sweep.txt is one such run.
+"""
+import argparse
+
+import torch
+
+import sparsegemm
+from sparsegemm import _C, ops, quant
+from sparsegemm import format as fmt
+
+from graph_timing import graph_ms
+
+ROTATE_BYTES = 400 << 20  # weight copies per shape: several times any L2
+SPLITS = (1, 2, 3, 4, 6, 8)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", type=int, nargs="+", default=[1])
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    f16 = fmt.DTYPE_CODES[torch.float16]
+    for n, k in [(11008, 4096), (4096, 11008), (8192, 8192)]:
+        w = sparsegemm.prune_2to4(torch.randn(n, k, device="cuda").half())
+        copies = max(2, ROTATE_BYTES // (n * k))
+        sws = [sparsegemm.compress(w) for _ in range(copies)]
+        metas = [sw.kernel_meta("cuda") for sw in sws]
+        sw8s = [quant.quantize_weight(w) for _ in range(copies)]
+        meta8s = [sw.kernel_meta("cuda") for sw in sw8s]
+        dense = [w.clone() for _ in range(max(2, ROTATE_BYTES // (2 * n * k)))]
+        for m in (1, 16):
+            x = torch.randn(m, k, device="cuda").half()
+            y = torch.empty(m, n, device="cuda", dtype=torch.float16)
+            x_q, x_scale = quant.quantize_activations(x)
+
+            def fp16_us(config, split):
+                ws = torch.empty(max(16, _C.cuda_gemm_workspace_bytes(m, n, k, config, split)), dtype=torch.uint8,
+                                 device="cuda")
+                # The stream is read at each call: inside graph capture it is the capture stream.
+                return 1e3 * graph_ms([lambda sw=sw, me=me: _C.cuda_gemm(
+                    m, n, k, x.data_ptr(), k, sw.values.data_ptr(), me.data_ptr(), 0, y.data_ptr(), n, f16, 0,
+                    ws.data_ptr(), config, split, ops._stream(x)) for sw, me in zip(sws, metas)], reps=40)
+
+            def int8_us(config, split):
+                ws = torch.empty(max(16, _C.cuda_gemm_s8_workspace_bytes(m, n, k, config, split)), dtype=torch.uint8,
+                                 device="cuda")
+                return 1e3 * graph_ms([lambda sw=sw, me=me: _C.cuda_gemm_s8(
+                    m, n, k, x_q.data_ptr(), k, sw.values.data_ptr(), me.data_ptr(), sw.scale.data_ptr(),
+                    x_scale.data_ptr(), 0, y.data_ptr(), n, f16, 0, ws.data_ptr(), config, split, ops._stream(x))
+                    for sw, me in zip(sw8s, meta8s)], reps=40)
+
+            io = (m * k + m * n) * 2
+            sparse_bytes, int8_bytes = sws[0].nbytes + io, sw8s[0].nbytes + m * k + m * n * 2
+            td = 1e3 * graph_ms([lambda d=d: torch.nn.functional.linear(x, d) for d in dense], reps=40)
+            th = fp16_us(-1, 0)
+            out = [f"M={m:2d} N={n} K={k}: dense {td:.1f}us ({(2 * n * k + io) / td / 1e3:.0f} GB/s)",
+                   f"heuristic {th:.1f}us ({sparse_bytes / th / 1e3:.0f} GB/s {td / th:.2f}x)"]
+            for config in args.configs:
+                times = {s: fp16_us(config, s) for s in SPLITS}
+                best = min(times, key=times.get)
+                out.append(f"c{config} best s{best} {times[best]:.1f}us ({sparse_bytes / times[best] / 1e3:.0f} GB/s) ["
+                           + " ".join(f"{s}:{t:.0f}" for s, t in times.items()) + "]")
+            t8 = int8_us(-1, 0)
+            out.append(f"int8 heuristic {t8:.1f}us ({int8_bytes / t8 / 1e3:.0f} GB/s {td / t8:.2f}x) "
+                       + " ".join(f"c{c} {min(int8_us(c, s) for s in (1, 2, 4, 8)):.1f}" for c in args.configs))
+            print(" | ".join(out), flush=True)
+    for dtype in (torch.float16, torch.bfloat16):
+        ws = [torch.randn(8192, 8192, device="cuda").to(dtype) for _ in range(3)]
+        tc = 1e3 * graph_ms([lambda w=w: sparsegemm.compress(w, prune=True) for w in ws], reps=12)
+        sw = sparsegemm.compress(ws[0], prune=True)
+        tdc = 1e3 * graph_ms(lambda: sparsegemm.decompress(sw), reps=12)
+        nbytes = 8192 * 8192 * 2 + 8192 * 4096 * 2 + 8192 * 1024  # W, Wc, E
+        print(f"compress {dtype}: prune=True {tc:.1f}us ({nbytes / tc / 1e3:.0f} GB/s) | "
+              f"decompress {tdc:.1f}us ({nbytes / tdc / 1e3:.0f} GB/s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
