@@ -56,10 +56,18 @@ constexpr uint8_t kPadNibble = 0x4;
 // +0.0, subnormals sit below the normals, +inf above every number), and every NaN pattern lies
 // above +inf. All NaNs tie under the rule (the lower index wins), so each NaN key is clamped down
 // to the smallest NaN pattern, its payload no longer ordering it. Key 0 means the value is +-0.0.
+// Defined for the floating types only (an int8 weight is selected before it is quantized).
 template <DType D>
-struct OrderingKey {
+struct OrderingKey;
+template <>
+struct OrderingKey<DType::f16> {
   static constexpr uint32_t kMagnitude = 0x7FFF;
-  static constexpr uint32_t kFirstNan = D == DType::f16 ? 0x7C01 : 0x7F81;  // f16: 5-bit exponent
+  static constexpr uint32_t kFirstNan = 0x7C01;  // 5-bit exponent
+};
+template <>
+struct OrderingKey<DType::bf16> {
+  static constexpr uint32_t kMagnitude = 0x7FFF;
+  static constexpr uint32_t kFirstNan = 0x7F81;  // 8-bit exponent, as f32
 };
 template <>
 struct OrderingKey<DType::f32> {
@@ -71,7 +79,7 @@ struct OrderingKey<DType::f32> {
 SG_HOST_DEVICE uint32_t storage_bits(uint16_t v) { return v; }
 SG_HOST_DEVICE uint32_t storage_bits(float v) {
   uint32_t u;
-  memcpy(&u, &v, sizeof u);
+  std::memcpy(&u, &v, sizeof u);
   return u;
 }
 
@@ -102,6 +110,7 @@ SG_HOST_DEVICE uint8_t nibble_of_kept(unsigned kept) {
   return encode_group(i0, i1);
 }
 
+// The nibble of E the selection rule gives a group with these ordering keys.
 SG_HOST_DEVICE uint8_t select_top2(const uint32_t key[4]) { return nibble_of_kept(kept_positions(key)); }
 
 }  // namespace sparsegemm

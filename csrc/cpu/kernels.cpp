@@ -240,8 +240,9 @@ inline __m512i pair_step_index(const uint8_t* meta) {
 // ---- Vector selection for mask_2to4 and compress: 16 groups (64 K positions) per step -----------
 //
 // Branch-free form of format.h's select_top2 on its ordering keys (format.h OrderingKey):
-// rank_i counts the positions beating i, and the kept positions are those with rank < 2. Vectors hold whole groups, so rotating each group's lanes by d puts position
-// (p + d) % 4 under position p; that rival has the lower index exactly when p + d >= 4.
+// rank_i counts the positions beating i, and the kept positions are those with rank < 2. Vectors
+// hold whole groups, so rotating each group's lanes by d puts position (p + d) % 4 under
+// position p; that rival has the lower index exactly when p + d >= 4.
 //
 // A step's result is a 64-bit mask per property, bit 4g + p for position p of group g. The kept
 // mask's nibble g is then group g's nibble of E after a 2-of-4 pattern -> i0 | i1 << 2 lookup.

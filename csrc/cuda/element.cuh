@@ -34,29 +34,14 @@ template <typename T, int kCount> struct alignas(sizeof(T) * kCount) ElementPack
   T v[kCount];
 };
 
-// 16-bit elements travel as 32-bit words, two per word (element 2i in the low half): nvcc kept
-// an aggregate of uint16_t assembled element by element in a 16-byte stack frame (ptxas -v on the
-// compress and decompress kernels), which words in registers avoid.
-template <typename T, int kCount>
-constexpr bool kPackAsWords = sizeof(T) == 2 && kCount % 2 == 0;
-
 // dst[i] <- src[i] for i < valid, 0 beyond: one vector load when all kCount are in bounds and
 // the address is aligned for it, otherwise element loads that never touch src[valid..].
 template <typename T, int kCount>
 SG_DEVICE void load_elements(T (&dst)[kCount], const T* src, int64_t valid) {
   if (valid >= kCount && reinterpret_cast<uintptr_t>(src) % sizeof(ElementPack<T, kCount>) == 0) {
-    if constexpr (kPackAsWords<T, kCount>) {
-      const ElementPack<uint32_t, kCount / 2> words = *reinterpret_cast<const ElementPack<uint32_t, kCount / 2>*>(src);
+    const ElementPack<T, kCount> pack = *reinterpret_cast<const ElementPack<T, kCount>*>(src);
 #pragma unroll
-      for (int i = 0; i < kCount / 2; ++i) {
-        dst[2 * i] = T(words.v[i] & 0xFFFFu);
-        dst[2 * i + 1] = T(words.v[i] >> 16);
-      }
-    } else {
-      const ElementPack<T, kCount> pack = *reinterpret_cast<const ElementPack<T, kCount>*>(src);
-#pragma unroll
-      for (int i = 0; i < kCount; ++i) dst[i] = pack.v[i];
-    }
+    for (int i = 0; i < kCount; ++i) dst[i] = pack.v[i];
     return;
   }
 #pragma unroll
@@ -67,17 +52,10 @@ SG_DEVICE void load_elements(T (&dst)[kCount], const T* src, int64_t valid) {
 template <typename T, int kCount>
 SG_DEVICE void store_elements(T* dst, const T (&src)[kCount], int64_t valid) {
   if (valid >= kCount && reinterpret_cast<uintptr_t>(dst) % sizeof(ElementPack<T, kCount>) == 0) {
-    if constexpr (kPackAsWords<T, kCount>) {
-      ElementPack<uint32_t, kCount / 2> words;
+    ElementPack<T, kCount> pack;
 #pragma unroll
-      for (int i = 0; i < kCount / 2; ++i) words.v[i] = uint32_t(src[2 * i]) | (uint32_t(src[2 * i + 1]) << 16);
-      *reinterpret_cast<ElementPack<uint32_t, kCount / 2>*>(dst) = words;
-    } else {
-      ElementPack<T, kCount> pack;
-#pragma unroll
-      for (int i = 0; i < kCount; ++i) pack.v[i] = src[i];
-      *reinterpret_cast<ElementPack<T, kCount>*>(dst) = pack;
-    }
+    for (int i = 0; i < kCount; ++i) pack.v[i] = src[i];
+    *reinterpret_cast<ElementPack<T, kCount>*>(dst) = pack;
     return;
   }
 #pragma unroll

@@ -16,10 +16,10 @@ namespace gemm_tiles {
 // Each warp computes (kBlockN / kWarpsN) x (kBlockM / kWarpsM) of the output.
 
 // Prefill / large M: compute bound, 8 warps of 64 (N) x 32 (M), 3 stages (75 KiB of shared
-// memory). ptxas (nvcc 13.0): 128 registers on sm_90, so two blocks per SM fit on H100; 159 on
-// sm_80, so one block per SM on A100 (no spills on either). The implicit-GEMM convolution runs
-// the same plan with its NHWC loader (conv_sp.cuh): 160 registers on sm_80, no spills; 72 for
-// the decode tile.
+// memory). ptxas (nvcc 13.0): 126 registers on sm_90 (tests/test_sass.py holds it at <= 128),
+// so two blocks per SM fit on H100; 159 on sm_80, so one block per SM on A100 (no spills on
+// either). The implicit-GEMM convolution runs the same plan with its NHWC loader (conv_sp.cuh):
+// 124 / 158 registers; the decode tile takes 48-64.
 struct LargeM {
   static constexpr int kBlockN = 128, kBlockM = 128, kWarpsN = 2, kWarpsM = 4, kStages = 3, kKTilesPerStage = 1;
 };
@@ -78,7 +78,7 @@ inline GemmPlan plan_gemm(int64_t M, int64_t N, int64_t K, int wave_blocks, int 
   splits = std::max<int64_t>(1, std::min(splits, std::max<int64_t>(k_tiles, 1)));
   plan.k_tiles_per_split = (k_tiles + splits - 1) / splits;
   if (plan.config == GemmConfig::decode && forced_split_k <= 0) {
-    // Whole pipeline stages per split, so that no split ends on a half-used stage.
+    // Whole pipeline stages per split, so that only the last split can end on a half-used stage.
     constexpr int64_t kStage = gemm_tiles::Decode::kKTilesPerStage;
     plan.k_tiles_per_split = (plan.k_tiles_per_split + kStage - 1) / kStage * kStage;
   }

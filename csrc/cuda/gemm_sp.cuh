@@ -162,6 +162,9 @@ SG_DEVICE void copy_chunk(char* dst, const T* src, bool row_ok, int64_t valid, b
   *reinterpret_cast<ElementPack<T, kElems>*>(dst) = pack;
 }
 
+// 16 zero bytes at dst (shared memory, 16-byte aligned).
+SG_DEVICE void zero_chunk(char* dst) { *reinterpret_cast<ElementPack<uint32_t, 4>*>(dst) = ElementPack<uint32_t, 4>{}; }
+
 // B-operand loader policy (the interface every loader provides): where the 16-byte chunk of X
 // row m that starts at logical K column col comes from.
 //   Params                the kernel argument struct; gemm(params) is its GemmParams part
@@ -247,37 +250,41 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads))
   const XLoader x_loader(params);
 
   // Rows of X this block really has; the rest of B stays zero (zeroed below, never copied).
-  const int b_rows = p.M - m0 < S::kBlockM ? int(p.M - m0) : S::kBlockM;
-  constexpr int kSub = S::kKTilesPerStage;
+  const int x_rows = p.M - m0 < S::kBlockM ? int(p.M - m0) : S::kBlockM;
+  constexpr int kStageKTiles = S::kKTilesPerStage;
 
-  // Issues the copies of the k-tiles of stage tile st (k-tiles kt_begin + kSub st + sub, those
-  // below kt_end) into pipeline stage `stage` (no commit). Consecutive threads take consecutive
-  // 16-byte chunks of one row across the stage's k-tiles: kSub x 64 contiguous bytes of Wc.
+  // Issues the copies of stage tile st (k-tiles kt_begin + kStageKTiles st + sub, those below
+  // kt_end) into pipeline stage `stage` (no commit). Consecutive threads take consecutive 16-byte
+  // chunks of one row across the stage's k-tiles: kStageKTiles x 64 contiguous bytes of Wc.
+  // With one k-tile a stage only stage tiles in range are loaded, so the kt_end checks drop out.
   auto load_stage = [&](int st, int stage) {
     char* stage_base = smem + stage * S::kStageBytes;
-    const int64_t kt0 = kt_begin + int64_t(st) * kSub;
-    for (int c = tid; c < S::kBlockN * 4 * kSub; c += S::kThreads) {
-      const int r = c / (4 * kSub), sub = (c / 4) % kSub, chunk = c & 3;
+    const int64_t kt0 = kt_begin + int64_t(st) * kStageKTiles;
+    for (int c = tid; c < S::kBlockN * 4 * kStageKTiles; c += S::kThreads) {
+      const int r = c / (4 * kStageKTiles), sub = (c / 4) % kStageKTiles, chunk = c & 3;
       const int64_t kt = kt0 + sub;
-      if (kSub > 1 && kt >= kt_end) continue;  // with one k-tile a stage, only stages in range load
+      if (kStageKTiles > 1 && kt >= kt_end) continue;
       char* sA = stage_base + sub * S::kKTileBytes;
       const int64_t n = n0 + r, col = kt * (S::kBlockK / 2) + chunk * S::kChunkElems;
       const bool row_ok = n < p.N;
       copy_chunk(sA + r * S::kRowBytesA + ((chunk ^ ((r >> 1) & 3)) << 4), row_ok ? values + n * Kc + col : values,
                  row_ok, Kc - col, a_vector_ok);
     }
-    for (int c = tid; c < S::kBlockM * 8 * kSub; c += S::kThreads) {  // a constant trip count keeps
-      const int r = c / (8 * kSub), sub = (c / 8) % kSub, chunk = c & 7;  // LargeM at 128 registers
+    // All kBlockM rows with the missing ones skipped inside, rather than a loop bounded by x_rows:
+    // the constant trip count keeps the LargeM tile at 128 registers (two blocks per SM on sm_90).
+    for (int c = tid; c < S::kBlockM * 8 * kStageKTiles; c += S::kThreads) {
+      const int r = c / (8 * kStageKTiles), sub = (c / 8) % kStageKTiles, chunk = c & 7;
       const int64_t kt = kt0 + sub;
-      if (r >= b_rows || (kSub > 1 && kt >= kt_end)) continue;
+      if (r >= x_rows || (kStageKTiles > 1 && kt >= kt_end)) continue;
       char* sB = stage_base + sub * S::kKTileBytes + S::kBytesA;
-      x_loader.copy(sB + r * S::kRowBytesB + ((chunk ^ (r & 7)) << 4), m0 + r, kt * S::kBlockK + chunk * S::kChunkElems);
+      x_loader.copy(sB + r * S::kRowBytesB + ((chunk ^ (r & 7)) << 4), m0 + r,
+                    kt * S::kBlockK + chunk * S::kChunkElems);
     }
     constexpr int kMetaChunks = S::kBytesMeta / 16, kSliceChunks = S::kMetaSliceBytes / 16;
-    for (int c = tid; c < kMetaChunks * kSub; c += S::kThreads) {
+    for (int c = tid; c < kMetaChunks * kStageKTiles; c += S::kThreads) {
       const int sub = c / kMetaChunks, slice = (c % kMetaChunks) / kSliceChunks, chunk = c % kSliceChunks;
       const int64_t kt = kt0 + sub;
-      if (kSub > 1 && kt >= kt_end) continue;  // with one k-tile a stage, only stages in range load
+      if (kStageKTiles > 1 && kt >= kt_end) continue;
       char* sMeta = stage_base + sub * S::kKTileBytes + S::kBytesA + S::kBytesB;
       const int64_t tile16 = n0 / 16 + slice;
       const char* src = meta + (tile16 * meta_steps + kt * S::kSteps) * Policy::kMetaWordsPerStep * 4 + chunk * 16;
@@ -287,10 +294,10 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads))
 
   // Rows of X past M: zero in every stage and k-tile, once (the MMA reads them; their results
   // land in output columns that are never stored).
-  for (int c = tid; c < S::kStages * kSub * (S::kBlockM - b_rows) * 8; c += S::kThreads) {
-    const int ktile = c / ((S::kBlockM - b_rows) * 8), rest = c % ((S::kBlockM - b_rows) * 8);
+  for (int c = tid; c < S::kStages * kStageKTiles * (S::kBlockM - x_rows) * 8; c += S::kThreads) {
+    const int ktile = c / ((S::kBlockM - x_rows) * 8), rest = c % ((S::kBlockM - x_rows) * 8);
     char* sB = smem + ktile * S::kKTileBytes + S::kBytesA;
-    copy_chunk<Operand>(sB + (b_rows + rest / 8) * S::kRowBytesB + ((rest & 7) << 4), nullptr, false, 0, false);
+    zero_chunk(sB + (x_rows + rest / 8) * S::kRowBytesB + ((rest & 7) << 4));
   }
 
   Acc acc[S::kTilesN][S::kTilesM][4];
@@ -303,7 +310,7 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads))
 
   // Multi-stage pipeline: kStages - 1 stage tiles in flight while one is computed. One commit
   // per iteration (possibly empty) keeps cp_async_wait's group count exact in the tail.
-  const int num_stage_tiles = (num_tiles + kSub - 1) / kSub;
+  const int num_stage_tiles = (num_tiles + kStageKTiles - 1) / kStageKTiles;
   for (int s = 0; s < S::kStages - 1; ++s) {
     if (s < num_stage_tiles) load_stage(s, s);
     cp_async_commit();
@@ -318,8 +325,8 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads))
     cp_async_commit();
 
 #pragma unroll
-    for (int sub = 0; sub < kSub; ++sub) {
-      if (it * kSub + sub >= num_tiles) break;  // the block's last stage tile may be partial
+    for (int sub = 0; sub < kStageKTiles; ++sub) {
+      if (it * kStageKTiles + sub >= num_tiles) break;  // the block's last stage tile may be partial
       const char* sA = smem + (it % S::kStages) * S::kStageBytes + sub * S::kKTileBytes;
       const char* sB = sA + S::kBytesA;
       const char* sMeta = sB + S::kBytesB;
