@@ -10,6 +10,7 @@ import torch
 
 import sparsegemm
 from sparsegemm import quant
+from sparsegemm.bench import cuda_graphed
 
 
 def graph_ms(fns, reps: int = 50) -> float:
@@ -17,23 +18,19 @@ def graph_ms(fns, reps: int = 50) -> float:
     same GEMM on copies of the weight that together exceed the L2, so each call reads DRAM), from
     ``reps`` calls captured in one CUDA graph and replayed (best of three replays)."""
     fns = fns if isinstance(fns, (list, tuple)) else [fns]
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for fn in fns[:3]:
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+
+    def calls():
         for i in range(reps):
             fns[i % len(fns)]()
-    graph.replay()
+
+    replay = cuda_graphed(calls)
+    replay()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     best = float("inf")
     for _ in range(3):
         start.record()
-        graph.replay()
+        replay()
         end.record()
         end.synchronize()
         best = min(best, start.elapsed_time(end) / reps)

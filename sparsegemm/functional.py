@@ -178,8 +178,7 @@ def linear_parts(x: Tensor, values: Tensor, meta: Tensor, shape, bias: Optional[
     reordered = None
     if backend != "cpu":  # checked before x is reshaped, which may copy
         ops.check_dtype(op, "x", x, ops.KERNEL_DTYPES)
-        if max(m * k, m * n, n * k) > ops._INT32_MAX:
-            ops.check_32bit(op, **{"M*K": m * k, "M*N": m * n, "N*K": n * k})
+        ops.check_gemm_32bit(op, m, n, k)
         reordered = kernel_meta(backend) if kernel_meta is not None else ops.reorder_meta(meta, k, backend)
     x2 = x if len(lead) == 1 else x.reshape(-1, k)
     y = ops.call(ops._linear, x2, values, meta, reordered, k, bias, fmt.ACTIVATION_CODES[activation], backend)

@@ -130,11 +130,15 @@ def check_2d(op: str, name: str, t: Tensor) -> None:
 
 
 def check_same_device(op: str, **tensors: Optional[Tensor]) -> None:
-    present = {k: v for k, v in tensors.items() if v is not None}
-    devices = {v.device for v in present.values()}
-    if len(devices) > 1:
-        where = ", ".join(f"{k} on {v.device}" for k, v in present.items())
-        raise ValueError(f"{op}: all tensors must be on one device, got {where}")
+    device = None
+    for t in tensors.values():  # one pass and no containers: it runs on every decode call
+        if t is None:
+            continue
+        if device is None:
+            device = t.device
+        elif t.device != device:
+            where = ", ".join(f"{k} on {v.device}" for k, v in tensors.items() if v is not None)
+            raise ValueError(f"{op}: all tensors must be on one device, got {where}")
 
 
 def resolve_backend(op: str, backend: Optional[str], device: torch.device) -> str:
@@ -154,6 +158,13 @@ def resolve_backend(op: str, backend: Optional[str], device: torch.device) -> st
     if backend == "simt" and not hasattr(_C, "simt_gemm"):
         raise RuntimeError(f"{op}: this build has no SIMT emulator")
     return backend
+
+
+def check_gemm_32bit(op: str, m: int, n: int, k: int) -> None:
+    """check_32bit for the operands of a GEMM (X [M, K], Y [M, N], W [N, K]), without building the
+    keyword arguments in the common case."""
+    if max(m * k, m * n, n * k) > _INT32_MAX:
+        check_32bit(op, **{"M*K": m * k, "M*N": m * n, "N*K": n * k})
 
 
 def check_32bit(op: str, **sizes: int) -> None:

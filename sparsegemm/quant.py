@@ -215,18 +215,12 @@ def linear_int8(x: Union[Tensor, tuple], sw: SparseTensor24, bias: Optional[Tens
     ops.check_dtype_value(op, "out_dtype", out_dtype, ops.FLOAT_DTYPES if backend == "cpu" else ops.KERNEL_DTYPES)
     if backend != "cpu":
         ops.require_int8_kernels(op, backend)
-        m, kp = x_q.shape[0], fmt.padded_k(k)
-        if max(m * kp, m * n, n * k) > ops._INT32_MAX:
-            ops.check_32bit(op, **{"M*K": m * kp, "M*N": m * n, "N*K": n * k})
+        ops.check_gemm_32bit(op, x_q.shape[0], n, fmt.padded_k(k))
     if bias is not None:
         if tuple(bias.shape) != (n,):
             raise ValueError(f"{op}: bias must have shape ({n},), got {tuple(bias.shape)}")
         bias = bias.to(out_dtype)
-    device = x_q.device
-    if not (x_scale.device == device and sw.values.device == device and sw.scale.device == device
-            and (bias is None or bias.device == device)):
-        ops.check_same_device(op, x_q=x_q, x_scale=x_scale, **{"sw.values": sw.values, "sw.scale": sw.scale},
-                              bias=bias)
+    ops.check_same_device(op, x_q=x_q, x_scale=x_scale, **{"sw.values": sw.values, "sw.scale": sw.scale}, bias=bias)
     kernel_meta = sw.kernel_meta(backend) if backend != "cpu" else None
     y = ops.call(ops._linear_s8, x_q, x_scale, sw.values, sw.meta, kernel_meta, sw.scale, k, bias,
                  fmt.ACTIVATION_CODES[activation], out_dtype, backend)
