@@ -23,6 +23,14 @@ ROTATE_BYTES = 400 << 20  # weight copies per shape: several times any L2
 SPLITS = (1, 2, 3, 4, 6, 8)
 
 
+def _scratch(scratch_fn, *shape_and_config) -> tuple[torch.Tensor, torch.Tensor]:
+    """(workspace, tile counters) as _C.<scratch_fn> asks for them. Zeroed once, before capture:
+    each replay's kernels leave the counters zero for the next."""
+    workspace_bytes, counters = scratch_fn(*shape_and_config)
+    return (torch.empty(max(workspace_bytes, 16), dtype=torch.uint8, device="cuda"),
+            torch.zeros(max(counters, 1), dtype=torch.int32, device="cuda"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", type=int, nargs="+", default=[1])
@@ -43,20 +51,19 @@ def main() -> None:
             x_q, x_scale = quant.quantize_activations(x)
 
             def fp16_us(config, split):
-                ws = torch.empty(max(16, _C.cuda_gemm_workspace_bytes(m, n, k, config, split)), dtype=torch.uint8,
-                                 device="cuda")
+                ws, counters = _scratch(_C.cuda_gemm_scratch, m, n, k, config, split)
                 # The stream is read at each call: inside graph capture it is the capture stream.
                 return 1e3 * graph_ms([lambda sw=sw, me=me: _C.cuda_gemm(
                     m, n, k, x.data_ptr(), k, sw.values.data_ptr(), me.data_ptr(), 0, y.data_ptr(), n, f16, 0,
-                    ws.data_ptr(), config, split, ops._stream(x)) for sw, me in zip(sws, metas)], reps=40)
+                    ws.data_ptr(), counters.data_ptr(), config, split, ops._stream(x))
+                    for sw, me in zip(sws, metas)], reps=40)
 
             def int8_us(config, split):
-                ws = torch.empty(max(16, _C.cuda_gemm_s8_workspace_bytes(m, n, k, config, split)), dtype=torch.uint8,
-                                 device="cuda")
+                ws, counters = _scratch(_C.cuda_gemm_s8_scratch, m, n, k, config, split)
                 return 1e3 * graph_ms([lambda sw=sw, me=me: _C.cuda_gemm_s8(
                     m, n, k, x_q.data_ptr(), k, sw.values.data_ptr(), me.data_ptr(), sw.scale.data_ptr(),
-                    x_scale.data_ptr(), 0, y.data_ptr(), n, f16, 0, ws.data_ptr(), config, split, ops._stream(x))
-                    for sw, me in zip(sw8s, meta8s)], reps=40)
+                    x_scale.data_ptr(), 0, y.data_ptr(), n, f16, 0, ws.data_ptr(), counters.data_ptr(), config, split,
+                    ops._stream(x)) for sw, me in zip(sw8s, meta8s)], reps=40)
 
             io = (m * k + m * n) * 2
             sparse_bytes, int8_bytes = sws[0].nbytes + io, sw8s[0].nbytes + m * k + m * n * 2

@@ -15,8 +15,11 @@ SHAPES = [(1, 40, 36), (17, 136, 100), (130, 260, 264)]
 CONFIGS = [(0, 0), (1, 0), (1, 3)]
 
 
-def _workspace(nbytes: int) -> torch.Tensor:
-    return torch.empty(max(nbytes, 16), dtype=torch.uint8, device="cuda")
+def _scratch(scratch_fn, *shape_and_config) -> tuple[torch.Tensor, torch.Tensor]:
+    """(workspace, zeroed tile counters) as _C.<scratch_fn> asks for them."""
+    workspace_bytes, counters = scratch_fn(*shape_and_config)
+    return (torch.empty(max(workspace_bytes, 16), dtype=torch.uint8, device="cuda"),
+            torch.zeros(max(counters, 1), dtype=torch.int32, device="cuda"))
 
 
 def main() -> None:
@@ -31,19 +34,20 @@ def main() -> None:
             meta = sw.kernel_meta("cuda")
             for config, split_k in CONFIGS:
                 y = torch.empty((m, n), dtype=dtype, device="cuda")
-                ws = _workspace(_C.cuda_gemm_workspace_bytes(m, n, k, config, split_k))
+                ws, counters = _scratch(_C.cuda_gemm_scratch, m, n, k, config, split_k)
                 _C.cuda_gemm(m, n, k, x.data_ptr(), k, sw.values.data_ptr(), meta.data_ptr(), bias.data_ptr(),
-                             y.data_ptr(), n, fmt.DTYPE_CODES[dtype], 2, ws.data_ptr(), config, split_k, stream)
+                             y.data_ptr(), n, fmt.DTYPE_CODES[dtype], 2, ws.data_ptr(), counters.data_ptr(), config,
+                             split_k, stream)
         sw8 = quant.quantize_weight(torch.randn(n, k, device="cuda").half())
         x = torch.randn(m, k, device="cuda").half()
         x_q, x_scale = quant.quantize_activations(x)
         meta8 = sw8.kernel_meta("cuda")
         for config, split_k in CONFIGS:
             y = torch.empty((m, n), dtype=torch.float16, device="cuda")
-            ws = _workspace(_C.cuda_gemm_s8_workspace_bytes(m, n, k, config, split_k))
+            ws, counters = _scratch(_C.cuda_gemm_s8_scratch, m, n, k, config, split_k)
             _C.cuda_gemm_s8(m, n, k, x_q.data_ptr(), x_q.stride(0), sw8.values.data_ptr(), meta8.data_ptr(),
                             sw8.scale.data_ptr(), x_scale.data_ptr(), 0, y.data_ptr(), n, 1, 2, ws.data_ptr(),
-                            config, split_k, stream)
+                            counters.data_ptr(), config, split_k, stream)
     torch.cuda.synchronize()
     print("smoke: ok")
 

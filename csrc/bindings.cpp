@@ -7,10 +7,12 @@
 #include <array>
 #include <cstdint>
 #include <string>
+#include <utility>
 
 #include "cpu/cpu_ops.h"
 #include "cuda/kernels.h"
 #include "params.h"
+#include "simt/emulator.h"
 #include "simt/selftest.h"
 
 #if defined(SPARSEGEMM_WITH_CUDA)
@@ -197,6 +199,12 @@ void bind_simt_selftest(py::module_& m) {
     st::indices(std::get<0>(grid), std::get<1>(grid), std::get<2>(grid), std::get<0>(block), std::get<1>(block),
                 std::get<2>(block), ptr<int32_t>(out));
   });
+  m.def("simt_selftest_block_arrivals", [](std::tuple<unsigned, unsigned, unsigned> grid, uintptr_t tickets,
+                                           uintptr_t out) {
+    py::gil_scoped_release nogil;
+    st::block_arrivals(std::get<0>(grid), std::get<1>(grid), std::get<2>(grid), ptr<int32_t>(tickets),
+                       ptr<int32_t>(out));
+  });
   m.def("simt_selftest_atomics", [](int blocks, uintptr_t fsum, uintptr_t isum, uintptr_t imin, uintptr_t lmin) {
     py::gil_scoped_release nogil;
     st::atomics(blocks, ptr<float>(fsum), ptr<int32_t>(isum), ptr<int32_t>(imin), ptr<long long>(lmin));
@@ -205,6 +213,8 @@ void bind_simt_selftest(py::module_& m) {
     py::gil_scoped_release nogil;
     st::convert(kind, ptr<const void>(in), ptr<void>(out), n);
   });
+  // Block order of every later emulator launch (emulator.h set_block_order): 0 = increasing.
+  m.def("simt_set_block_order", &emu::set_block_order, py::arg("seed"));
   m.def("simt_selftest_misuse", [](int which) {
     py::gil_scoped_release nogil;
     st::misuse(which);
@@ -215,12 +225,15 @@ void bind_simt_selftest(py::module_& m) {
 // The same entry points (csrc/cuda/kernels.h) twice: simt_* run the kernel sources on the CPU
 // (host pointers, synchronous, tests only); cuda_* enqueue on `stream` (a cudaStream_t as an
 // integer) with device pointers and never synchronise. gemm's meta is the kernel layout that
-// *_reorder_meta writes; workspace has *_gemm_workspace_bytes(M, N, K, config, split_k) bytes.
+// *_reorder_meta writes; *_gemm_scratch(M, N, K, config, split_k) -> (workspace bytes, tile
+// counters) sizes the split-K workspace and the int32 tile counters (zero at launch, left zero).
 template <typename Api>
 void bind_kernel_api(py::module_& m, const std::string& prefix) {
   m.def((prefix + "kernel_meta_bytes").c_str(), Api::kernel_meta_bytes);
-  m.def((prefix + "gemm_workspace_bytes").c_str(), Api::gemm_workspace_bytes_for, py::arg("M"), py::arg("N"),
-        py::arg("K"), py::arg("config") = -1, py::arg("split_k") = 0);
+  m.def((prefix + "gemm_scratch").c_str(), [](int64_t M, int64_t N, int64_t K, int config, int split_k) {
+    const GemmScratch s = Api::gemm_scratch(M, N, K, config, split_k);
+    return std::make_pair(s.workspace_bytes, s.tile_counters);
+  }, py::arg("M"), py::arg("N"), py::arg("K"), py::arg("config") = -1, py::arg("split_k") = 0);
   m.def((prefix + "decompress").c_str(), [](int64_t N, int64_t K, uintptr_t values, uintptr_t meta, uintptr_t w,
                                             int dtype, uintptr_t stream) {
     py::gil_scoped_release nogil;
@@ -234,16 +247,18 @@ void bind_kernel_api(py::module_& m, const std::string& prefix) {
   }, py::arg("logical_meta"), py::arg("kernel_meta"), py::arg("N"), py::arg("K"), py::arg("stream") = 0);
   m.def((prefix + "gemm").c_str(), [](int64_t M, int64_t N, int64_t K, uintptr_t x, int64_t ldx, uintptr_t values,
                                       uintptr_t meta, uintptr_t bias, uintptr_t y, int64_t ldy, int dtype, int act,
-                                      uintptr_t workspace, int config, int split_k, uintptr_t stream) {
+                                      uintptr_t workspace, uintptr_t tile_counters, int config, int split_k,
+                                      uintptr_t stream) {
     auto p = make_gemm_params(M, N, K, x, ldx, values, meta, bias, y, ldy, dtype, act, 0, 0);
     p.workspace = ptr<void>(workspace);
+    p.tile_counters = ptr<int>(tile_counters);
     p.config = config;
     p.split_k = split_k;
     py::gil_scoped_release nogil;
     Api::gemm(p, ptr<void>(stream));
   }, py::arg("M"), py::arg("N"), py::arg("K"), py::arg("x"), py::arg("ldx"), py::arg("values"), py::arg("meta"),
      py::arg("bias"), py::arg("y"), py::arg("ldy"), py::arg("dtype"), py::arg("act") = 0, py::arg("workspace") = 0,
-     py::arg("config") = -1, py::arg("split_k") = 0, py::arg("stream") = 0);
+     py::arg("tile_counters") = 0, py::arg("config") = -1, py::arg("split_k") = 0, py::arg("stream") = 0);
 
   // INT8 (the INT8 contract): per-token quantisation, the int8 kernel metadata and the s8 GEMM.
   // x_q int8 rows (stride ldx), values int8 Wc, w_scale fp32 [N], x_scale fp32 [M]; out_dtype is
@@ -261,67 +276,73 @@ void bind_kernel_api(py::module_& m, const std::string& prefix) {
     py::gil_scoped_release nogil;
     Api::reorder_meta_s8(ptr<const uint8_t>(logical_meta), ptr<void>(kernel_meta), N, K, ptr<void>(stream));
   }, py::arg("logical_meta"), py::arg("kernel_meta"), py::arg("N"), py::arg("K"), py::arg("stream") = 0);
-  m.def((prefix + "gemm_s8_workspace_bytes").c_str(), Api::gemm_s8_workspace_bytes_for, py::arg("M"), py::arg("N"),
-        py::arg("K"), py::arg("config") = -1, py::arg("split_k") = 0);
+  m.def((prefix + "gemm_s8_scratch").c_str(), [](int64_t M, int64_t N, int64_t K, int config, int split_k) {
+    const GemmScratch s = Api::gemm_s8_scratch(M, N, K, config, split_k);
+    return std::make_pair(s.workspace_bytes, s.tile_counters);
+  }, py::arg("M"), py::arg("N"), py::arg("K"), py::arg("config") = -1, py::arg("split_k") = 0);
   m.def((prefix + "gemm_s8").c_str(), [](int64_t M, int64_t N, int64_t K, uintptr_t x_q, int64_t ldx,
                                          uintptr_t values, uintptr_t kernel_meta_s8, uintptr_t w_scale,
                                          uintptr_t x_scale, uintptr_t bias, uintptr_t y, int64_t ldy, int out_dtype,
-                                         int act, uintptr_t workspace, int config, int split_k, uintptr_t stream) {
+                                         int act, uintptr_t workspace, uintptr_t tile_counters, int config,
+                                         int split_k, uintptr_t stream) {
     auto p = make_gemm_params(M, N, K, x_q, ldx, values, kernel_meta_s8, bias, y, ldy, out_dtype, act, w_scale,
                               x_scale);
     p.workspace = ptr<void>(workspace);
+    p.tile_counters = ptr<int>(tile_counters);
     p.config = config;
     p.split_k = split_k;
     py::gil_scoped_release nogil;
     Api::gemm_s8(p, ptr<void>(stream));
   }, py::arg("M"), py::arg("N"), py::arg("K"), py::arg("x_q"), py::arg("ldx"), py::arg("values"),
      py::arg("kernel_meta_s8"), py::arg("w_scale"), py::arg("x_scale"), py::arg("bias"), py::arg("y"), py::arg("ldy"),
-     py::arg("out_dtype"), py::arg("act") = 0, py::arg("workspace") = 0, py::arg("config") = -1,
-     py::arg("split_k") = 0, py::arg("stream") = 0);
+     py::arg("out_dtype"), py::arg("act") = 0, py::arg("workspace") = 0, py::arg("tile_counters") = 0,
+     py::arg("config") = -1, py::arg("split_k") = 0, py::arg("stream") = 0);
 }
 
 struct SimtKernelApi {
   static constexpr auto kernel_meta_bytes = &simt::kernel_meta_bytes;
-  static constexpr auto gemm_workspace_bytes_for = &simt::gemm_workspace_bytes_for;
+  static constexpr auto gemm_scratch = &simt::gemm_scratch;
   static constexpr auto decompress = &simt::decompress;
   static constexpr auto reorder_meta = &simt::reorder_meta;
   static constexpr auto gemm = &simt::gemm;
   static constexpr auto quantize_rows = &simt::quantize_rows;
   static constexpr auto kernel_meta_bytes_s8 = &simt::kernel_meta_bytes_s8;
   static constexpr auto reorder_meta_s8 = &simt::reorder_meta_s8;
-  static constexpr auto gemm_s8_workspace_bytes_for = &simt::gemm_s8_workspace_bytes_for;
+  static constexpr auto gemm_s8_scratch = &simt::gemm_s8_scratch;
   static constexpr auto gemm_s8 = &simt::gemm_s8;
 };
 
 #if defined(SPARSEGEMM_WITH_CUDA)
 struct CudaKernelApi {
   static constexpr auto kernel_meta_bytes = &cuda::kernel_meta_bytes;
-  static constexpr auto gemm_workspace_bytes_for = &cuda::gemm_workspace_bytes_for;
+  static constexpr auto gemm_scratch = &cuda::gemm_scratch;
   static constexpr auto decompress = &cuda::decompress;
   static constexpr auto reorder_meta = &cuda::reorder_meta;
   static constexpr auto gemm = &cuda::gemm;
   static constexpr auto quantize_rows = &cuda::quantize_rows;
   static constexpr auto kernel_meta_bytes_s8 = &cuda::kernel_meta_bytes_s8;
   static constexpr auto reorder_meta_s8 = &cuda::reorder_meta_s8;
-  static constexpr auto gemm_s8_workspace_bytes_for = &cuda::gemm_s8_workspace_bytes_for;
+  static constexpr auto gemm_s8_scratch = &cuda::gemm_s8_scratch;
   static constexpr auto gemm_s8 = &cuda::gemm_s8;
 };
 #endif
 
 // Implicit-GEMM convolution (ConvParams, params.h): x the NHWC input [batch, height, width, channels]
 // (contiguous), y the NHWC output [batch, out_h, out_w, out_channels] (contiguous); values / meta
-// (kernel layout) / bias / workspace / config / split_k as for gemm; kernel, stride, padding,
+// (kernel layout) / bias / workspace / tile_counters / config / split_k as for gemm; kernel, stride, padding,
 // dilation as (h, w) pairs. K = kernel_h * kernel_w * channels in (ky, kx, c) order.
 void bind_conv(py::module_& m, const std::string& name, void (*conv2d)(const ConvParams&, void*)) {
   m.def(name.c_str(), [conv2d](uintptr_t x, uintptr_t values, uintptr_t meta, uintptr_t bias, uintptr_t y,
                                int64_t batch, int64_t height, int64_t width, int64_t channels, int64_t out_channels,
                                int64_t out_h, int64_t out_w, std::array<int, 2> kernel, std::array<int, 2> stride,
                                std::array<int, 2> padding, std::array<int, 2> dilation, int dtype, int act,
-                               uintptr_t workspace, int config, int split_k, uintptr_t stream) {
+                               uintptr_t workspace, uintptr_t tile_counters, int config, int split_k,
+                               uintptr_t stream) {
     ConvParams p;
     const int64_t M = batch * out_h * out_w, K = int64_t(kernel[0]) * kernel[1] * channels;
     p.gemm = make_gemm_params(M, out_channels, K, x, channels, values, meta, bias, y, out_channels, dtype, act, 0, 0);
     p.gemm.workspace = ptr<void>(workspace);
+    p.gemm.tile_counters = ptr<int>(tile_counters);
     p.gemm.config = config;
     p.gemm.split_k = split_k;
     p.batch = batch; p.height = height; p.width = width; p.channels = channels;
@@ -335,8 +356,8 @@ void bind_conv(py::module_& m, const std::string& name, void (*conv2d)(const Con
   }, py::arg("x"), py::arg("values"), py::arg("meta"), py::arg("bias"), py::arg("y"), py::arg("batch"),
      py::arg("height"), py::arg("width"), py::arg("channels"), py::arg("out_channels"), py::arg("out_h"),
      py::arg("out_w"), py::arg("kernel"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
-     py::arg("dtype"), py::arg("act") = 0, py::arg("workspace") = 0, py::arg("config") = -1, py::arg("split_k") = 0,
-     py::arg("stream") = 0);
+     py::arg("dtype"), py::arg("act") = 0, py::arg("workspace") = 0, py::arg("tile_counters") = 0,
+     py::arg("config") = -1, py::arg("split_k") = 0, py::arg("stream") = 0);
 }
 
 void bind_kernels(py::module_& m) {

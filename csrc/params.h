@@ -23,9 +23,12 @@ struct GemmParams {
   // INT8 only (issue 4): per-row weight scale[N] and per-token activation scale[M], fp32.
   const float* w_scale = nullptr;
   const float* x_scale = nullptr;
-  // CUDA/SIMT GEMM only. fp32 scratch of gemm_workspace_bytes(M, N, K) bytes (csrc/cuda/kernels.h)
-  // for the split-K decode path (null when that returns 0).
+  // CUDA/SIMT GEMM only, for split-K (csrc/cuda/kernels.h gemm_scratch; null where it asks for
+  // none): workspace, partial sums of GemmScratch::workspace_bytes bytes (contents irrelevant);
+  // tile_counters, GemmScratch::tile_counters int32 that must be zero at launch and are zero
+  // again when the kernel ends (the last split of each tile resets its counter).
   void* workspace = nullptr;
+  int* tile_counters = nullptr;
   // Tests only: -1 lets csrc/cuda/gemm_heuristics.h choose; otherwise a GemmConfig value
   // (0 = large-M tile, 1 = decode tile), with split_k > 0 forcing the number of K splits.
   int config = -1;
@@ -44,6 +47,13 @@ struct CompressParams {
   // Strict mode: receives the smallest row * num_groups(K) + group index of a group with more
   // than two non-zeros, or stays -1. Host memory for CPU/SIMT, device memory for CUDA.
   int64_t* first_bad_group = nullptr;
+};
+
+// What a GEMM launch needs besides its operands (GemmParams workspace / tile_counters); all zero
+// when the plan does not split K.
+struct GemmScratch {
+  int64_t workspace_bytes = 0;
+  int64_t tile_counters = 0;
 };
 
 // W[N, K] (contiguous) <- Wc, E (logical).

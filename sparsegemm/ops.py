@@ -356,6 +356,44 @@ def reorder_meta(meta: Tensor, k: int, backend: str, s8: bool = False) -> Tensor
 
 # ---- GEMM ------------------------------------------------------------------------------------
 
+# Split-K scratch of the CUDA / SIMT GEMMs (csrc/params.h GemmParams): a workspace for partial
+# sums (any contents) and int32 tile counters that must be zero at launch, which the kernel
+# leaves zero. Eager launches reuse one pair per (device, stream): launches on one stream run in
+# order, so each finds the counters zero, and no allocation or fill is paid per call. While a
+# CUDA graph is being captured the pair is made per call instead, from the graph's memory and
+# zeroed by a fill that replays with it: replays, on whatever stream, never share counters with
+# eager launches or with each other.
+_split_k_scratch: dict = {}
+
+
+def _split_k_buffers(x: Tensor, stream: int, workspace_bytes: int, counters: int) -> tuple[Tensor, Tensor]:
+    """(workspace, tile counters) for a split-K launch on ``stream`` of ``x``'s device."""
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        return (torch.empty(workspace_bytes, dtype=torch.uint8, device=x.device),
+                torch.zeros(counters, dtype=torch.int32, device=x.device))
+    key = (x.get_device(), stream)
+    cached = _split_k_scratch.get(key)
+    if cached is None or cached[0].numel() < workspace_bytes or cached[1].numel() < counters:
+        # Grown in place of the old pair: launches still queued on this stream that use it run
+        # before anything the caching allocator gives its memory to next on the same stream.
+        if cached is not None:
+            workspace_bytes, counters = max(workspace_bytes, cached[0].numel()), max(counters, cached[1].numel())
+        cached = (torch.empty(workspace_bytes, dtype=torch.uint8, device=x.device),
+                  torch.zeros(counters, dtype=torch.int32, device=x.device))
+        _split_k_scratch[key] = cached
+    return cached
+
+
+def _launch_scratch(x: Tensor, api: str, scratch_fn: str, m: int, n: int, k: int, stream: int) -> tuple[int, int]:
+    """Pointers (workspace, tile counters) for a GEMM launch, (0, 0) when the plan needs none.
+    ``api``: "simt_" or "cuda_"; ``scratch_fn``: "gemm_scratch" or "gemm_s8_scratch"."""
+    workspace_bytes, counters = getattr(_C, api + scratch_fn)(m, n, k)
+    if counters == 0:
+        return 0, 0
+    workspace, tile_counters = _split_k_buffers(x, stream, workspace_bytes, counters)
+    return workspace.data_ptr(), tile_counters.data_ptr()
+
+
 def _cpu_scratch(dtype: torch.dtype, elements: int) -> Tensor:
     """A per-thread scratch kept between calls: a fresh multi-MiB buffer costs page faults each time."""
     cache = getattr(_scratch, "buffers", None)
@@ -421,11 +459,11 @@ def _linear(x: Tensor, values: Tensor, meta: Tensor, kernel_meta: Optional[Tenso
         # copies otherwise, so any row stride works; a unit stride along K is still required.
         x = _rowmajor(x)
         api = "simt_" if backend == "simt" else "cuda_"
-        ws_bytes = getattr(_C, api + "gemm_workspace_bytes")(m, n, k)
-        workspace = torch.empty(ws_bytes, dtype=torch.uint8, device=x.device) if ws_bytes else None
+        stream = _stream(x) if backend == "cuda" else 0
+        workspace, counters = _launch_scratch(x, api, "gemm_scratch", m, n, k, stream)
         getattr(_C, api + "gemm")(m, n, k, x.data_ptr(), x.stride(0), values.data_ptr(), kernel_meta.data_ptr(),
-                                  _ptr(bias), y.data_ptr(), y.stride(0), code, activation, _ptr(workspace), -1, 0,
-                                  _stream(x) if backend == "cuda" else 0)  # positional: kwargs cost in pybind
+                                  _ptr(bias), y.data_ptr(), y.stride(0), code, activation, workspace, counters, -1, 0,
+                                  stream)  # positional: kwargs cost in pybind
     return y
 
 
@@ -515,7 +553,7 @@ def _conv2d(x: Tensor, values: Tensor, meta: Tensor, kernel_meta: Tensor, kernel
 
     The weight is the SparseConv2d matrix [Cout, kh * kw * Cin] in (ky, kx, cin) order: ``meta``
     its logical metadata (autograd), ``kernel_meta`` the reordered copy the kernel reads. The
-    kernel reads x where it lies; the only allocations are the output and the split-K workspace.
+    kernel reads x where it lies; the only allocation is the output (split-K scratch is reused).
     """
     op = "sparsegemm.conv2d"
     b, ho, wo, n = _conv2d_shape(op, x, values.shape[0], kernel_size, stride, padding, dilation)
@@ -527,12 +565,12 @@ def _conv2d(x: Tensor, values: Tensor, meta: Tensor, kernel_meta: Tensor, kernel
     bias = None if bias is None else bias.contiguous()
     m, k = b * ho * wo, x.shape[3] * kernel_size[0] * kernel_size[1]
     api = "simt_" if backend == "simt" else "cuda_"
-    ws_bytes = getattr(_C, api + "gemm_workspace_bytes")(m, n, k)
-    workspace = torch.empty(ws_bytes, dtype=torch.uint8, device=x.device) if ws_bytes else None
+    stream = _stream(x) if backend == "cuda" else 0
+    workspace, counters = _launch_scratch(x, api, "gemm_scratch", m, n, k, stream)
     getattr(_C, api + "conv2d")(x.data_ptr(), values.data_ptr(), kernel_meta.data_ptr(), _ptr(bias), y.data_ptr(),
                                 b, x.shape[1], x.shape[2], x.shape[3], n, ho, wo, list(kernel_size), list(stride),
                                 list(padding), list(dilation), fmt.DTYPE_CODES[x.dtype], activation,
-                                workspace=_ptr(workspace), stream=_stream(x) if backend == "cuda" else 0)
+                                workspace=workspace, tile_counters=counters, stream=stream)
     return y
 
 
@@ -651,11 +689,11 @@ def _linear_s8(x_q: Tensor, x_scale: Tensor, values: Tensor, meta: Tensor, kerne
     if kp != k:
         x_q = torch.nn.functional.pad(x_q, (0, kp - k))
     api = "simt_" if backend == "simt" else "cuda_"
-    ws_bytes = getattr(_C, api + "gemm_s8_workspace_bytes")(m, n, kp)
-    workspace = torch.empty(ws_bytes, dtype=torch.uint8, device=x_q.device) if ws_bytes else None
+    stream = _stream(x_q) if backend == "cuda" else 0
+    workspace, counters = _launch_scratch(x_q, api, "gemm_s8_scratch", m, n, kp, stream)
     getattr(_C, api + "gemm_s8")(m, n, kp, x_q.data_ptr(), x_q.stride(0), values.data_ptr(), kernel_meta.data_ptr(),
                                  w_scale.data_ptr(), x_scale.data_ptr(), _ptr(bias), y.data_ptr(), y.stride(0), code,
-                                 activation, _ptr(workspace), -1, 0, _stream(x_q) if backend == "cuda" else 0)
+                                 activation, workspace, counters, -1, 0, stream)
     return y
 
 

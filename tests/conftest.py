@@ -72,6 +72,16 @@ def run_cli(*args, cwd):
                           cwd=cwd, env=env)
 
 
+@pytest.fixture
+def shuffled_block_orders():
+    """Emulator block-order seeds (_C.simt_set_block_order) to run a launch under: 0 is the default
+    increasing order, the others shuffle the blocks. The default is restored afterwards."""
+    from sparsegemm import _C
+
+    yield [0, 1, 2, 3]
+    _C.simt_set_block_order(0)
+
+
 @pytest.fixture(params=["simt", "cuda"])
 def kernels(request):
     """The CUDA kernels through one backend (test_kernels_simt.KernelBackend): "simt", the emulator,

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from test_kernels_simt import DECODE, LARGE_M, SIX_PAIRS, padded_k
+from sparsegemm import _C
+from test_kernels_simt import DECODE, LARGE_M, SIX_PAIRS, KernelBackend, padded_k
 
 INT32_MAX = 2**31 - 1
 
@@ -212,7 +213,7 @@ def test_gemm_s8_bit_exact_without_activation(kernels, out_dtype, config, m, n, 
     assert_gemm_s8_bit_exact(kernels, out_dtype, m, n, k, config, 0)
 
 
-@pytest.mark.parametrize("config,split_k", [(DECODE, 3), (DECODE, 0), (LARGE_M, 2)])
+@pytest.mark.parametrize("config,split_k", [(DECODE, 3), (DECODE, 0), (DECODE, 13)])
 def test_gemm_s8_split_k_matches_single_pass(kernels, config, split_k):
     m, n, k = 5, 72, 1568  # 13 k-tiles of 128, the last one partial
     gen = torch.Generator().manual_seed(split_k + 10 * config)
@@ -220,10 +221,25 @@ def test_gemm_s8_split_k_matches_single_pass(kernels, config, split_k):
     x_q = torch.randint(-127, 128, (m, k), generator=gen).to(torch.int8)
     w_scale, x_scale = random_scales(n, gen), random_scales(m, gen)
     if config == DECODE and split_k == 0:
-        assert kernels.gemm_s8_workspace_bytes(m, n, k) > 0  # the heuristic splits this one
+        assert kernels.gemm_scratch(m, n, k, s8=True)[0] > 0  # the heuristic splits this one
     y = kernels.gemm_s8(x_q, values, meta, w_scale, x_scale, n, k, torch.float16, config=config, split_k=split_k)
     ref = reference_gemm_s8(x_q.numpy(), wq, w_scale, x_scale, None, "none", torch.float16)
     assert torch.equal(y.view(torch.int16), ref.view(torch.int16))
+
+
+def test_gemm_s8_split_k_exact_under_any_block_order(shuffled_block_orders):
+    # The tile's last split to arrive does the reduction, whichever it is (emulator block orders).
+    kernels = KernelBackend("simt")
+    m, n, k = 3, 200, 1568
+    gen = torch.Generator().manual_seed(5)
+    wq, values, meta = sparse_int8_weight(n, k, gen)
+    x_q = torch.randint(-127, 128, (m, k), generator=gen).to(torch.int8)
+    w_scale, x_scale = random_scales(n, gen), random_scales(m, gen)
+    ref = reference_gemm_s8(x_q.numpy(), wq, w_scale, x_scale, None, "none", torch.bfloat16)
+    for seed in shuffled_block_orders:
+        _C.simt_set_block_order(seed)
+        y = kernels.gemm_s8(x_q, values, meta, w_scale, x_scale, n, k, torch.bfloat16, config=DECODE, split_k=4)
+        assert torch.equal(y.view(torch.int16), ref.view(torch.int16))
 
 
 def assert_gemm_s8_activation_close(kernels, out_dtype, act, m, n, k, config, split_k, gen, with_bias):

@@ -160,12 +160,21 @@ class KernelBackend:
     def kernel_meta_bytes_s8(self, n, k):
         return getattr(_C, f"{self.name}_kernel_meta_bytes_s8")(n, k)
 
-    def gemm_workspace_bytes(self, *shape_and_config):
-        """(M, N, K[, config, split_k]) -> bytes of split-K workspace the fp16/bf16 GEMM needs."""
-        return getattr(_C, f"{self.name}_gemm_workspace_bytes")(*shape_and_config)
+    def gemm_scratch(self, *shape_and_config, s8=False):
+        """(M, N, K[, config, split_k]) -> (split-K workspace bytes, tile counters) the fp16/bf16
+        GEMM (the int8 one with s8) needs."""
+        return getattr(_C, f"{self.name}_gemm{'_s8' if s8 else ''}_scratch")(*shape_and_config)
 
-    def gemm_s8_workspace_bytes(self, *shape_and_config):
-        return getattr(_C, f"{self.name}_gemm_s8_workspace_bytes")(*shape_and_config)
+    def _launch_split_k(self, op, m, n, k, config, split_k, s8, *args):
+        """_launch(op, *args[:-2], workspace, tile counters, *args[-2:]) with a poisoned workspace and
+        zeroed counters; checks that the kernel leaves the counters zero, as the next launch needs."""
+        ws_bytes, counters = self.gemm_scratch(m, n, k, config, split_k, s8=s8)
+        ws = torch.full((max(ws_bytes // 4, 1),), -7, dtype=torch.int32, device=self.device)  # NaN-like poison
+        tile_counters = torch.zeros(max(counters, 1), dtype=torch.int32, device=self.device)
+        self._launch(op, *args[:-2], ws.data_ptr() if ws_bytes else 0, tile_counters.data_ptr() if counters else 0,
+                     *args[-2:])
+        assert (counters > 0) == (ws_bytes > 0)
+        assert not tile_counters.any(), f"{op}: split-K tile counters left non-zero"
 
     def compress(self, w, prune=True):
         """w [N, K] (any row stride) -> (values [N, Kp/2], logical meta [N, ceil(G/2)], first bad
@@ -215,11 +224,9 @@ class KernelBackend:
         x_dev, values_dev, y_dev = self.to_device(x), self.to_device(values), self.to_device(y)
         kmeta = self.kernel_meta(self.to_device(meta), n, k)
         bias_dev = None if bias is None else self.to_device(bias)
-        ws_bytes = self.gemm_workspace_bytes(m, n, k, config, split_k)
-        ws = torch.full((max(ws_bytes // 4, 1),), float("nan"), dtype=torch.float32, device=self.device)
-        self._launch("gemm", m, n, k, x_dev.data_ptr(), x_dev.stride(0), values_dev.data_ptr(), kmeta.data_ptr(),
-                     data_ptr(bias_dev), y_dev.data_ptr(), y_dev.stride(0), DTYPE_CODES[x.dtype], ACT_CODES[act],
-                     ws.data_ptr() if ws_bytes else 0, config, split_k)
+        self._launch_split_k("gemm", m, n, k, config, split_k, False, m, n, k, x_dev.data_ptr(), x_dev.stride(0),
+                             values_dev.data_ptr(), kmeta.data_ptr(), data_ptr(bias_dev), y_dev.data_ptr(),
+                             y_dev.stride(0), DTYPE_CODES[x.dtype], ACT_CODES[act], config, split_k)
         self._write_back(y, y_dev)
         return y
 
@@ -244,12 +251,10 @@ class KernelBackend:
         w_scale_dev, x_scale_dev = self.to_device(w_scale), self.to_device(x_scale)
         kmeta = self.kernel_meta(self.to_device(meta), n, k, s8=True)
         bias_dev = None if bias is None else self.to_device(bias)
-        ws_bytes = self.gemm_s8_workspace_bytes(m, n, k, config, split_k)
-        ws = torch.full((max(ws_bytes // 4, 1),), -7, dtype=torch.int32, device=self.device)
-        self._launch("gemm_s8", m, n, k, x_dev.data_ptr(), x_dev.stride(0), values_dev.data_ptr(), kmeta.data_ptr(),
-                     w_scale_dev.data_ptr(), x_scale_dev.data_ptr(), data_ptr(bias_dev), y_dev.data_ptr(),
-                     y_dev.stride(0), DTYPE_CODES[out_dtype], ACT_CODES[act], ws.data_ptr() if ws_bytes else 0,
-                     config, split_k)
+        self._launch_split_k("gemm_s8", m, n, k, config, split_k, True, m, n, k, x_dev.data_ptr(), x_dev.stride(0),
+                             values_dev.data_ptr(), kmeta.data_ptr(), w_scale_dev.data_ptr(), x_scale_dev.data_ptr(),
+                             data_ptr(bias_dev), y_dev.data_ptr(), y_dev.stride(0), DTYPE_CODES[out_dtype],
+                             ACT_CODES[act], config, split_k)
         self._write_back(y, y_dev)
         return y
 
@@ -264,12 +269,10 @@ class KernelBackend:
         x_dev, values_dev = self.to_device(x_nhwc), self.to_device(values)
         kmeta = self.kernel_meta(self.to_device(meta), out_channels, k)
         bias_dev = None if bias is None else self.to_device(bias)
-        ws_bytes = self.gemm_workspace_bytes(m, out_channels, k, config, split_k)
-        ws = torch.full((max(ws_bytes // 4, 1),), float("nan"), dtype=torch.float32, device=self.device)
-        self._launch("conv2d", x_dev.data_ptr(), values_dev.data_ptr(), kmeta.data_ptr(), data_ptr(bias_dev),
-                     y.data_ptr(), batch, height, width, channels, out_channels, *out_hw, list(kernel), list(stride),
-                     list(padding), list(dilation), DTYPE_CODES[x_nhwc.dtype], ACT_CODES[act],
-                     ws.data_ptr() if ws_bytes else 0, config, split_k)
+        self._launch_split_k("conv2d", m, out_channels, k, config, split_k, False, x_dev.data_ptr(),
+                             values_dev.data_ptr(), kmeta.data_ptr(), data_ptr(bias_dev), y.data_ptr(), batch, height,
+                             width, channels, out_channels, *out_hw, list(kernel), list(stride), list(padding),
+                             list(dilation), DTYPE_CODES[x_nhwc.dtype], ACT_CODES[act], config, split_k)
         return y.to(x_nhwc.device)
 
     def module(self, layer):
@@ -449,9 +452,39 @@ def test_gemm_random_within_twice_dense_error(kernels, dtype, config, split_k, a
     assert_gemm_within_twice_dense_error(kernels, x, w_dense, bias, act, config, split_k)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("config,split_k", [(DECODE, 3), (DECODE, 0), (DECODE, 16)])
+def test_split_k_reduction_does_not_depend_on_block_order(shuffled_block_orders, dtype, config, split_k):
+    # Whichever split of a tile arrives last sums all of them in split order: bit-identical
+    # outputs under every order of the blocks (random values, so that a different summation
+    # order would show), and the tile counters are left zero (KernelBackend checks).
+    kernels = KernelBackend("simt")
+    m, n, k = 5, 200, 1568
+    gen = torch.Generator().manual_seed(3 + split_k)
+    w = sparse_weight(n, k, dtype, gen)
+    w = (w.double() * torch.rand(n, k, generator=gen, dtype=torch.float64)).to(dtype)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    bias = torch.randn(n, generator=gen).to(dtype)
+    values, meta, _ = kernels.compress(w, prune=False)
+    assert kernels.gemm_scratch(m, n, k, config, split_k)[1] > 0
+    outputs = []
+    for seed in shuffled_block_orders:
+        _C.simt_set_block_order(seed)
+        outputs.append(kernels.gemm(x, values, meta, n, k, bias=bias, act="silu", config=config, split_k=split_k))
+    for y in outputs[1:]:
+        assert torch.equal(bit_view(y), bit_view(outputs[0]))
+    dense = (x.double() @ w.double().T + bias.double()).float()
+    assert torch.allclose(outputs[0].float(), torch.nn.functional.silu(dense), rtol=2e-2, atol=2e-2)
+
+
+def test_split_k_needs_the_decode_tile(kernels):
+    with pytest.raises(ValueError, match=r"split_k = 2 needs the decode tile \(config 1\)"):
+        kernels.gemm_scratch(130, 136, 520, LARGE_M, 2)
+
+
 def test_gemm_decode_auto_split_uses_workspace(kernels):
     m, n, k = 3, 40, 1024  # 16 k-tiles over one N block: the heuristic splits K
-    assert kernels.gemm_workspace_bytes(m, n, k) > 0
+    assert kernels.gemm_scratch(m, n, k)[0] > 0
     gen = torch.Generator().manual_seed(2)
     w = sparse_weight(n, k, torch.float16, gen, -1, 2)
     x = torch.randint(-1, 2, (m, k), generator=gen).to(torch.float16)

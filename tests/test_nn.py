@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import sparsegemm
-from sparsegemm import oracle
+from sparsegemm import _C, ops, oracle
 from sparsegemm.nn import SparseConv2d, SparseLinear
 from conftest import run_cli
 
@@ -230,6 +230,47 @@ def test_cuda_graph_capture_and_cupy():
     cupy = pytest.importorskip("cupy")
     y = sparsegemm.linear(cupy.from_dlpack(x), sl.sparse_weight(), cupy.from_dlpack(sl.bias.detach()))
     assert isinstance(y, cupy.ndarray) and torch.equal(torch.from_dlpack(y), eager)
+
+
+def test_split_k_scratch_is_reused_and_left_zeroed():
+    torch.manual_seed(1)
+    sl = SparseLinear.from_dense(nn.Linear(512, 40).half(), backend="simt")
+    assert _C.simt_gemm_scratch(3, 40, 512, -1, 0)[1] > 0  # this shape splits K
+    x = torch.randn(3, 512).half()
+    first = sl(x)
+    workspace, counters = ops._split_k_scratch[(-1, 0)]
+    assert torch.equal(sl(x), first)
+    assert ops._split_k_scratch[(-1, 0)][0] is workspace and ops._split_k_scratch[(-1, 0)][1] is counters
+    assert not counters.any()
+    oracle.assert_close_to_oracle(first, x, sl.dense_weight(), sl.bias.detach())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_split_k_scratch_is_safe_across_graph_replays_and_streams():
+    # Split-K tile counters are reused per (device, stream) eagerly and made per call inside a
+    # capture (ops._split_k_buffers): replays, eager calls between them and calls on another
+    # stream running beside them must all see zeroed counters.
+    torch.manual_seed(0)
+    sl = SparseLinear.from_dense(nn.Linear(4096, 384).cuda().half())
+    assert _C.cuda_gemm_scratch(4, 384, 4096, -1, 0)[1] > 0  # this shape splits K
+    xs = [torch.randn(4, 4096, device="cuda", dtype=torch.float16) for _ in range(3)]
+    want = [sl(x).clone() for x in xs]
+    static_x = xs[0].clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = sl(static_x)
+    side = torch.cuda.Stream()
+    for i in range(6):
+        static_x.copy_(xs[i % 3])
+        side.wait_stream(torch.cuda.current_stream())
+        graph.replay()
+        eager = sl(xs[(i + 1) % 3])
+        with torch.cuda.stream(side):
+            beside = sl(xs[(i + 2) % 3])
+        torch.cuda.synchronize()
+        assert torch.equal(captured, want[i % 3])
+        assert torch.equal(eager, want[(i + 1) % 3])
+        assert torch.equal(beside, want[(i + 2) % 3])
 
 
 def test_load_state_dict_refreshes_the_reordered_metadata():

@@ -311,6 +311,35 @@ def test_grid_and_block_indices():
     np.testing.assert_array_equal(out, np.array(rows))
 
 
+@pytest.fixture
+def block_order():
+    """Sets the emulator's block order for one test (emulator.h set_block_order) and restores the
+    default increasing order afterwards, whatever the test did."""
+    yield _C.simt_set_block_order
+    _C.simt_set_block_order(0)
+
+
+def test_block_order_default_increasing_and_seeded_permutations(block_order):
+    grid = (3, 4, 5)
+    blocks = int(np.prod(grid))
+
+    def arrivals():
+        tickets, out = np.zeros(1, np.int32), np.full(blocks, -1, np.int32)
+        _C.simt_selftest_block_arrivals(grid, ptr(tickets), ptr(out))
+        assert tickets[0] == blocks
+        return out.tolist()
+
+    assert arrivals() == list(range(blocks))
+    block_order(1)
+    first = arrivals()
+    assert sorted(first) == list(range(blocks)) and first != list(range(blocks))
+    assert arrivals() == first  # a seed fixes the order
+    block_order(2)
+    assert arrivals() != first
+    block_order(0)
+    assert arrivals() == list(range(blocks))
+
+
 def test_atomics_across_blocks():
     fsum, isum = np.zeros(1, np.float32), np.zeros(1, np.int32)
     imin, lmin = np.full(1, 2**31 - 1, np.int32), np.full(1, 2**62, np.int64)

@@ -3,6 +3,8 @@
 #pragma once
 #include <algorithm>
 #include <cstdint>
+#include <stdexcept>
+#include <string>
 
 #include "../format.h"
 
@@ -19,19 +21,29 @@ namespace gemm_tiles {
 // memory). ptxas (nvcc 13.0): 126 registers on sm_90 (tests/test_sass.py holds it at <= 128),
 // so two blocks per SM fit on H100; 159 on sm_80, so one block per SM on A100 (no spills on
 // either). The implicit-GEMM convolution runs the same plan with its NHWC loader (conv_sp.cuh):
-// 124 / 158 registers; the decode tile takes 48-64.
+// 124 / 158 registers. No split-K: a large-M grid fills the GPU by itself, and compiling the
+// split-K tail into this tile took ptxas to 165 registers on sm_90. kMinBlocksPerSm 0: no
+// minimum in the launch bounds, ptxas's own budget (that gives the counts above; a minimum of 1
+// took it to 170-182 registers, 2 made it spill).
 struct LargeM {
   static constexpr int kBlockN = 128, kBlockM = 128, kWarpsN = 2, kWarpsM = 4, kStages = 3, kKTilesPerStage = 1;
+  static constexpr bool kSplitK = false;
+  static constexpr int kMinBlocksPerSm = 0;
 };
 
 // Decode, M <= 16: memory bound on Wc. 8 warps of 16 (N) x 16 (M), four stages of two k-tiles
 // each: a stage reads 128-byte runs of 128 Wc rows (whole L2 lines; 64-byte runs were 2-14%
-// slower), 88 KiB of shared memory in all. Split-K over blocks fills the GPU when N alone cannot.
+// slower), 88 KiB of shared memory in all. Split-K over blocks fills the GPU when N alone cannot
+// (the only tile with kSplitK: gemm_sp.cuh compiles the split-K tail for it alone). Launch
+// bounds of two blocks per SM, what its shared memory allows on H100 / H200: 80-87 registers on
+// sm_80 / sm_90; without a stated minimum ptxas held it to 64 and the convolution spilled on sm_80.
 // Chosen by a sweep on H200 (bench/results/2026-11-26-H200-run5/sweep.txt, config 5): 3-7% faster
 // than 4 warps x 64 rows, which beat 6 stages, 4 k-tiles per stage, 32-row blocks and an L2
 // prefetch hint on the weight copies.
 struct Decode {
   static constexpr int kBlockN = 128, kBlockM = 16, kWarpsN = 8, kWarpsM = 1, kStages = 4, kKTilesPerStage = 2;
+  static constexpr bool kSplitK = true;
+  static constexpr int kMinBlocksPerSm = 2;
 };
 
 constexpr int kBlockK = 64;           // logical K per k-tile of the 16-bit GEMM
@@ -65,6 +77,10 @@ inline GemmPlan plan_gemm(int64_t M, int64_t N, int64_t K, int wave_blocks, int 
                                    : (M <= 16 ? GemmConfig::decode : GemmConfig::large_m);
   const int64_t k_tiles = gemm_k_tiles(K, block_k);
   int64_t splits = 1;
+  if (forced_split_k > 1 && plan.config != GemmConfig::decode) {
+    throw std::invalid_argument("sparsegemm gemm: split_k = " + std::to_string(forced_split_k) +
+                                " needs the decode tile (config 1); the large-M tile does not split K");
+  }
   if (forced_split_k > 0) {
     splits = forced_split_k;
   } else if (plan.config == GemmConfig::decode) {
@@ -90,6 +106,15 @@ inline GemmPlan plan_gemm(int64_t M, int64_t N, int64_t K, int wave_blocks, int 
 // Split-K partial sums: fp32 (16-bit GEMM) or int32 (int8 GEMM), 4 bytes either way.
 inline int64_t gemm_plan_workspace_bytes(const GemmPlan& plan, int64_t M, int64_t N) {
   return plan.split_k > 1 ? int64_t(plan.split_k) * M * N * 4 : 0;
+}
+
+// Split-K arrival counters: one int32 per output tile (M tiles x N tiles of the decode tile), 0
+// when the plan does not split. The caller's counters must be zero at launch; the kernel leaves
+// them zero (gemm_sp.cuh), so one zeroed buffer serves every launch that runs after it in order.
+inline int64_t gemm_plan_tile_counters(const GemmPlan& plan, int64_t M, int64_t N) {
+  if (plan.split_k <= 1) return 0;
+  using T = gemm_tiles::Decode;  // the only tile that splits K
+  return (M + T::kBlockM - 1) / T::kBlockM * ((N + T::kBlockN - 1) / T::kBlockN);
 }
 
 }  // namespace sparsegemm

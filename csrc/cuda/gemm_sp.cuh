@@ -213,17 +213,39 @@ SG_DEVICE float scale_at(const float* scales, int64_t index, int64_t count) {
   }
 }
 
+// Split-K arrival: called by every thread of a block once its partial sums are stored; true in
+// the block that arrives last at `counter` out of `splits` (its counter is then reset to 0 for
+// the next launch). The classic fence / ticket pattern (CUDA C++ Programming Guide, "Memory
+// Fence Functions"): each thread fences its own stores before the block takes a ticket, so the
+// last block sees every split's partials. The first 4 bytes of `smem` (no warp reads the
+// pipeline stages any more once the first barrier is passed, and the epilogue's barrier comes
+// before its next write) carry the answer to the whole block.
+SG_DEVICE bool arrived_last(int* counter, int splits, char* smem) {
+  __threadfence();
+  __syncthreads();
+  int* verdict = reinterpret_cast<int*>(smem);
+  if (threadIdx.x == 0) {
+    const bool last = atomicAdd(counter, 1) == splits - 1;
+    if (last) *counter = 0;  // every split has arrived: nothing else touches it in this launch
+    *verdict = last;
+  }
+  __syncthreads();
+  const bool last = *verdict != 0;
+  if (last) __threadfence();  // order the ticket before the reads of the other splits' partials
+  return last;
+}
+
 // Block (blockIdx.x, blockIdx.y, blockIdx.z) = (M tile, N tile, K split).
 // XLoader: the B-operand loader policy (RowMajorX above, or conv_sp.cuh's implicit-GEMM loader);
 // params: its Params, whose GemmParams part p is described here.
 // p: GemmParams (params.h) with x: X[M, K], values: Wc[N, Kc] (both Policy::Operand), meta: E
 //    (the policy's kernel layout, reorder.cuh), bias: bias[N] or null and y: Y[M, N] (both
-//    Policy::Out), w_scale[N] / x_scale[M] (scaled policies only), workspace: Policy::Acc
-//    [gridDim.z, M, N] when gridDim.z > 1 (then this kernel writes raw partial sums and
-//    splitk_finalize_kernel does the epilogue), act: the activation.
+//    Policy::Out), w_scale[N] / x_scale[M] (scaled policies only), act: the activation, and when
+//    gridDim.z > 1 (Tile::kSplitK only) workspace: Policy::Acc [gridDim.z, M, N] partial sums
+//    and tile_counters: int32 [gridDim.y][gridDim.x], zero at launch and again at exit.
 // k_tiles_per_split: k-tiles of each split (the last one may have fewer).
 template <typename Policy, typename Tile, typename XLoader = RowMajorX<typename Policy::Operand>>
-SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads))
+SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinBlocksPerSm)
     gemm_sp_kernel(typename XLoader::Params params, int64_t k_tiles_per_split) {
   using S = GemmShape<Policy, Tile>;
   const GemmParams& p = XLoader::gemm(params);
@@ -362,20 +384,44 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads))
   cp_async_wait_all();
 
   const int g = lane >> 2, t = lane & 3;
-  if (gridDim.z > 1) {
-    // Split-K: raw partial sums, [split][m][n]; the finalize kernel reduces them in order.
-    Acc* partial = static_cast<Acc*>(p.workspace) + int64_t(blockIdx.z) * p.M * p.N;
+  if constexpr (Tile::kSplitK) {
+    if (gridDim.z > 1) {
+      // Split-K: raw partial sums into workspace [split][m][n]. The last split of this tile to
+      // arrive (any of them: blocks run in no fixed order) replaces its accumulators with the
+      // sums of all splits, in split order (deterministic), and goes on to the ordinary epilogue;
+      // the others are done. No second kernel. The partials of other blocks are read past L1
+      // (load_global_cg): they were written during this launch.
+      Acc* partials = static_cast<Acc*>(p.workspace);
+      const int64_t split_stride = p.M * p.N;
 #pragma unroll
-    for (int i = 0; i < S::kTilesN; ++i)
+      for (int i = 0; i < S::kTilesN; ++i)
 #pragma unroll
-      for (int j = 0; j < S::kTilesM; ++j)
+        for (int j = 0; j < S::kTilesM; ++j)
 #pragma unroll
-        for (int r = 0; r < 4; ++r) {
-          const int64_t n = n0 + warp_n * S::kWarpN + i * 16 + g + 8 * (r >> 1);
-          const int64_t m = m0 + warp_m * S::kWarpM + j * 8 + 2 * t + (r & 1);
-          if (n < p.N && m < p.M) partial[m * p.N + n] = acc[i][j][r];
-        }
-    return;
+          for (int r = 0; r < 4; ++r) {
+            const int64_t n = n0 + warp_n * S::kWarpN + i * 16 + g + 8 * (r >> 1);
+            const int64_t m = m0 + warp_m * S::kWarpM + j * 8 + 2 * t + (r & 1);
+            if (n < p.N && m < p.M) partials[blockIdx.z * split_stride + m * p.N + n] = acc[i][j][r];
+          }
+      if (!arrived_last(p.tile_counters + (int64_t(blockIdx.y) * gridDim.x + blockIdx.x), int(gridDim.z), smem))
+        return;
+#pragma unroll
+      for (int i = 0; i < S::kTilesN; ++i)
+#pragma unroll
+        for (int j = 0; j < S::kTilesM; ++j)
+#pragma unroll
+          for (int r = 0; r < 4; ++r) {
+            const int64_t n = n0 + warp_n * S::kWarpN + i * 16 + g + 8 * (r >> 1);
+            const int64_t m = m0 + warp_m * S::kWarpM + j * 8 + 2 * t + (r & 1);
+            if (n >= p.N || m >= p.M) continue;  // tail rows: never stored
+            typename Policy::PartialSum sum = 0;
+            const Acc* element = partials + m * p.N + n;
+#pragma unroll 1
+            for (int split = 0; split < int(gridDim.z); ++split, element += split_stride)
+              sum += load_global_cg(element);
+            acc[i][j][r] = Policy::saturate(sum);
+          }
+    }
   }
 
   // Epilogue: dequantize + bias + activation in fp32, one rounding to the output type,
@@ -415,29 +461,6 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads))
     if (m >= p.M || n >= p.N) continue;
     const auto& row = *reinterpret_cast<const ElementPack<T, 8>*>(ys + m_local * S::kEpilogueStride + chunk * 8);
     store_elements<T, 8>(y + m * p.ldy + n, row.v, p.N - n);
-  }
-}
-
-// Split-K epilogue: Y[m, n] = epilogue(sum over splits of workspace[s, m, n]), summed in split
-// order (deterministic) in Policy::PartialSum, then the gemm_sp_kernel epilogue. Grid-stride
-// over M * N.
-template <typename Policy>
-SG_GLOBAL void splitk_finalize_kernel(GemmParams p, int splits) {
-  using Out = typename Policy::Out;
-  using T = typename Out::Storage;
-  const auto* partial = static_cast<const typename Policy::Acc*>(p.workspace);
-  const T* bias = static_cast<const T*>(p.bias);
-  T* y = static_cast<T*>(p.y);
-  const int64_t total = p.M * p.N;
-  for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
-       idx += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t m = idx / p.N, n = idx % p.N;
-    typename Policy::PartialSum sum = 0;
-    for (int s = 0; s < splits; ++s) sum += partial[s * total + idx];
-    const float bias_n = bias != nullptr ? Out::to_float(bias[n]) : 0.f;
-    y[m * p.ldy + n] = Out::from_float(epilogue_value<Policy>(Policy::saturate(sum), scale_at<Policy>(p.w_scale, n, p.N),
-                                                              scale_at<Policy>(p.x_scale, m, p.M), bias != nullptr,
-                                                              bias_n, p.act));
   }
 }
 

@@ -22,16 +22,14 @@ namespace sparsegemm {
   int64_t kernel_meta_bytes(int64_t N, int64_t K);                                                \
   /* logical E[N, meta_cols(K)] -> kernel_meta[kernel_meta_bytes(N, K)] (16-byte aligned). */     \
   void reorder_meta(const uint8_t* logical_meta, void* kernel_meta, int64_t N, int64_t K, void* stream); \
-  /* Y = act(X @ W^T + bias); p.meta is the kernel-layout E, p.workspace has                   */ \
-  /* gemm_workspace_bytes(M, N, K) bytes (or the bytes for the forced p.config / p.split_k).   */ \
+  /* Y = act(X @ W^T + bias); p.meta is the kernel-layout E, p.workspace / p.tile_counters as  */ \
+  /* gemm_scratch(M, N, K, p.config, p.split_k) asks (params.h GemmParams).                    */ \
   void gemm(const GemmParams& p, void* stream);                                                   \
-  /* fp32 scratch the split-K decode path needs for this problem (0: none), for p.config = -1. */ \
-  int64_t gemm_workspace_bytes(int64_t M, int64_t N, int64_t K);                                  \
-  /* The same for a forced configuration (config, split_k as in GemmParams). */                   \
-  int64_t gemm_workspace_bytes_for(int64_t M, int64_t N, int64_t K, int config, int split_k);     \
+  /* The split-K workspace bytes and tile counters a launch with these sizes needs (all 0: none); */ \
+  /* config / split_k as in GemmParams (-1 / 0: the heuristic's choice).                         */ \
+  GemmScratch gemm_scratch(int64_t M, int64_t N, int64_t K, int config, int split_k);             \
   /* Implicit-GEMM convolution (params.h ConvParams, conv_sp.cuh): NHWC x -> NHWC Y; p.gemm's  */ \
-  /* meta is the kernel-layout E and its workspace has gemm_workspace_bytes(M, N, K) bytes (or  */ \
-  /* those of the forced config / split_k): the convolution runs the GEMM's plan.               */ \
+  /* meta is the kernel-layout E, its scratch the GEMM's for (M, N, K): the same plan.          */ \
   void conv2d(const ConvParams& p, void* stream);                                                 \
   /* ---- INT8 (quantize.cuh, gemm_sp_s8.cuh) ----                                              */ \
   /* X[M, K] (in_dtype f32/f16/bf16, row stride ldx) -> x_q int8 [M, K] contiguous and          */ \
@@ -42,10 +40,9 @@ namespace sparsegemm {
   int64_t kernel_meta_bytes_s8(int64_t N, int64_t K);                                             \
   void reorder_meta_s8(const uint8_t* logical_meta, void* kernel_meta, int64_t N, int64_t K, void* stream); \
   /* Y = act(acc * w_scale[n] * x_scale[m] + bias); p.x: x_q, p.values: int8 Wc, p.meta: the    */ \
-  /* int8 kernel E, p.dtype: Y's (and bias's) dtype, f16 or bf16; workspace as gemm's.          */ \
+  /* int8 kernel E, p.dtype: Y's (and bias's) dtype, f16 or bf16; scratch: gemm_s8_scratch.    */ \
   void gemm_s8(const GemmParams& p, void* stream);                                                \
-  int64_t gemm_s8_workspace_bytes(int64_t M, int64_t N, int64_t K);                               \
-  int64_t gemm_s8_workspace_bytes_for(int64_t M, int64_t N, int64_t K, int config, int split_k);
+  GemmScratch gemm_s8_scratch(int64_t M, int64_t N, int64_t K, int config, int split_k);
 
 namespace simt {
 SPARSEGEMM_DECLARE_KERNEL_API

@@ -76,6 +76,13 @@ int decode_wave_blocks() {
 #endif
 }
 
+GemmScratch plan_scratch(const GemmPlan& plan, int64_t M, int64_t N) {
+  GemmScratch scratch;
+  scratch.workspace_bytes = gemm_plan_workspace_bytes(plan, M, N);
+  scratch.tile_counters = gemm_plan_tile_counters(plan, M, N);
+  return scratch;
+}
+
 // ops.py admits only the dtypes each entry point instantiates; anything else is a caller bug that
 // must fail loudly rather than leave the output unwritten.
 [[noreturn]] void unsupported_dtype(const char* op, DType dtype) {
@@ -115,10 +122,6 @@ void launch_gemm(const typename XLoader::Params& params, const GemmPlan& plan, s
                   static_cast<unsigned>(plan.split_k));
   sg_launch(gemm_sp_kernel<Policy, Tile, XLoader>, grid, dim3(S::kThreads), size_t(S::kSmemBytes), stream, params,
             plan.k_tiles_per_split);
-  if (plan.split_k > 1) {
-    sg_launch(splitk_finalize_kernel<Policy>, dim3(elementwise_blocks(p.M * p.N)), dim3(kElementwiseThreads), 0,
-              stream, p, plan.split_k);
-  }
 }
 
 template <typename Policy, typename XLoader = RowMajorX<typename Policy::Operand>>
@@ -172,11 +175,9 @@ void reorder_meta(const uint8_t* logical_meta, void* kernel_meta, int64_t N, int
             static_cast<sg_stream_t>(stream), logical_meta, static_cast<uint32_t*>(kernel_meta), N, K);
 }
 
-int64_t gemm_workspace_bytes_for(int64_t M, int64_t N, int64_t K, int config, int split_k) {
-  return gemm_plan_workspace_bytes(plan_gemm(M, N, K, decode_wave_blocks<Mma16<DType::f16>>(), config, split_k), M, N);
+GemmScratch gemm_scratch(int64_t M, int64_t N, int64_t K, int config, int split_k) {
+  return plan_scratch(plan_gemm(M, N, K, decode_wave_blocks<Mma16<DType::f16>>(), config, split_k), M, N);
 }
-
-int64_t gemm_workspace_bytes(int64_t M, int64_t N, int64_t K) { return gemm_workspace_bytes_for(M, N, K, -1, 0); }
 
 void gemm(const GemmParams& p, void* stream) {
   if (p.M == 0 || p.N == 0) return;
@@ -225,12 +226,10 @@ void reorder_meta_s8(const uint8_t* logical_meta, void* kernel_meta, int64_t N, 
             static_cast<sg_stream_t>(stream), logical_meta, static_cast<uint32_t*>(kernel_meta), N, K);
 }
 
-int64_t gemm_s8_workspace_bytes_for(int64_t M, int64_t N, int64_t K, int config, int split_k) {
-  return gemm_plan_workspace_bytes(
+GemmScratch gemm_s8_scratch(int64_t M, int64_t N, int64_t K, int config, int split_k) {
+  return plan_scratch(
       plan_gemm(M, N, K, decode_wave_blocks<MmaS8<DType::f16>>(), config, split_k, gemm_tiles::kBlockKS8), M, N);
 }
-
-int64_t gemm_s8_workspace_bytes(int64_t M, int64_t N, int64_t K) { return gemm_s8_workspace_bytes_for(M, N, K, -1, 0); }
 
 void gemm_s8(const GemmParams& p, void* stream) {
   if (p.M == 0 || p.N == 0) return;

@@ -12,6 +12,8 @@
 #include <memory>
 #include <mutex>
 #include <new>
+#include <numeric>
+#include <random>
 #include <stdexcept>
 #include <vector>
 
@@ -198,6 +200,7 @@ struct Launch {
 
 Launch* g_launch = nullptr;
 std::mutex g_launch_mutex;
+uint64_t g_block_order_seed = 0;  // set_block_order; read under g_launch_mutex
 StackPool g_stacks;
 
 Fiber& current() { return g_launch->fibers[g_launch->running]; }
@@ -416,12 +419,24 @@ void run_grid(const std::string& kernel_name, Dim3 grid, Dim3 block, size_t smem
   g_stacks.reserve(l.threads);
   gridDim = grid;
   blockDim = block;
-  for (unsigned z = 0; z < grid.z; ++z)
-    for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x = 0; x < grid.x; ++x) {
-        blockIdx = UInt3{x, y, z};
-        run_block();
-      }
+  const uint64_t blocks = uint64_t(grid.x) * grid.y * grid.z;
+  std::vector<uint64_t> order;
+  if (g_block_order_seed != 0) {
+    order.resize(blocks);
+    std::iota(order.begin(), order.end(), uint64_t(0));
+    std::mt19937_64 rng(g_block_order_seed);
+    for (uint64_t i = blocks; i > 1; --i) std::swap(order[i - 1], order[rng() % i]);  // Fisher-Yates
+  }
+  for (uint64_t i = 0; i < blocks; ++i) {
+    const uint64_t b = order.empty() ? i : order[i];
+    blockIdx = UInt3{unsigned(b % grid.x), unsigned(b / grid.x % grid.y), unsigned(b / grid.x / grid.y)};
+    run_block();
+  }
+}
+
+void set_block_order(uint64_t seed) {
+  std::lock_guard<std::mutex> serialise(g_launch_mutex);
+  g_block_order_seed = seed;
 }
 
 char* shared_memory() { return g_launch->smem.get(); }

@@ -3,7 +3,9 @@
 // cuda/arch/portability.cuh and cuda/arch/warp_ops.cuh, whose host branches forward here.
 //
 // Execution model
-// - A launch runs its blocks one after another on the calling OS thread. Inside a block every
+// - A launch runs its blocks one after another on the calling OS thread, in increasing linear
+//   block index (x fastest) unless set_block_order asks for a shuffled order: the hardware
+//   promises no order, so tests run kernels whose blocks cooperate under several. Inside a block every
 //   CUDA thread is a fiber with its own stack; fibers run round-robin and switch only at
 //   __syncthreads, at warp collectives and at exit, so everything between two such points is
 //   atomic (no data race can be observed, and none is reported: use compute-sanitizer racecheck).
@@ -56,6 +58,10 @@ extern Dim3 gridDim;
 using ThreadBody = void (*)(void* context);
 void run_grid(const std::string& kernel_name, Dim3 grid, Dim3 block, size_t smem_bytes, ThreadBody body,
               void* context);
+
+// Order of the blocks of every later launch: seed 0 = increasing linear block index (the
+// default); any other seed = a fixed pseudo-random permutation of the grid drawn from it.
+void set_block_order(uint64_t seed);
 
 // The kernel's name from the text of an sg_launch argument list ("gemm<Cfg>, grid, ..." -> "gemm<Cfg>").
 std::string kernel_name_from_launch_text(const char* launch_text);

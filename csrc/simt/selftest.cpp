@@ -130,6 +130,11 @@ SG_GLOBAL void atomics_kernel(float* fsum, int32_t* isum, int32_t* imin, long lo
   __threadfence();
 }
 
+SG_GLOBAL void block_arrivals_kernel(int32_t* tickets, int32_t* out) {
+  if (threadIdx.x != 0) return;
+  out[atomicAdd(tickets, 1)] = static_cast<int32_t>(blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z));
+}
+
 SG_GLOBAL void convert_kernel(int kind, const void* __restrict__ in, void* __restrict__ out, int64_t n) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= n) return;
@@ -248,6 +253,10 @@ void indices(unsigned grid_x, unsigned grid_y, unsigned grid_z, unsigned block_x
 
 void atomics(int blocks, float* fsum, int32_t* isum, int32_t* imin, long long* lmin) {
   sg_launch(kernels::atomics_kernel, dim3(static_cast<unsigned>(blocks)), dim3(64), 0, nullptr, fsum, isum, imin, lmin);
+}
+
+void block_arrivals(unsigned grid_x, unsigned grid_y, unsigned grid_z, int32_t* tickets, int32_t* out) {
+  sg_launch(kernels::block_arrivals_kernel, dim3(grid_x, grid_y, grid_z), dim3(32), 0, nullptr, tickets, out);
 }
 
 void convert(int kind, const void* in, void* out, int64_t n) {

@@ -42,6 +42,11 @@ void indices(unsigned grid_x, unsigned grid_y, unsigned grid_z, unsigned block_x
 // *imin and (b * 64 + t) << 33 into *lmin (a value only 64 bits can hold).
 void atomics(int blocks, float* fsum, int32_t* isum, int32_t* imin, long long* lmin);
 
+// Arrival order: thread 0 of each block of a (grid_x, grid_y, grid_z) grid of 32-thread blocks
+// takes a ticket with atomicAdd(*tickets, 1) and writes its linear block index x + Gx (y + Gy z)
+// to out[ticket]. With set_block_order (emulator.h) that is the order it chose.
+void block_arrivals(unsigned grid_x, unsigned grid_y, unsigned grid_z, int32_t* tickets, int32_t* out);
+
 // 16-bit float helpers of portability.cuh over n values, in a grid of 64-thread blocks:
 //   kind 0: f16_to_f32(in16) -> out32, 1: bf16_to_f32(in16) -> out32,
 //   kind 2: f32_to_f16_rn(in32) -> out16, 3: f32_to_bf16_rn(in32) -> out16.

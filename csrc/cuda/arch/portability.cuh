@@ -6,7 +6,7 @@
 // two copies (sparsegemm::cuda and sparsegemm::simt) can live in one module.
 //
 // What a kernel may use, on both sides:
-//   SG_DEVICE, SG_GLOBAL, SG_LAUNCH_BOUNDS(threads), SG_DYNAMIC_SMEM(type, name) (the only way to
+//   SG_DEVICE, SG_GLOBAL, SG_LAUNCH_BOUNDS(threads[, min blocks per SM]), SG_DYNAMIC_SMEM(type, name) (the only way to
 //   declare shared memory), threadIdx/blockIdx/blockDim/gridDim, dim3, __syncthreads,
 //   __shfl_sync/__shfl_xor_sync/__shfl_down_sync/__shfl_up_sync (32-bit types, full-warp mask),
 //   __ballot_sync, __syncwarp, __threadfence, atomicAdd (float, int), atomicMin (int, long long), min/max,
@@ -30,7 +30,7 @@
 #define SG_DEVICE __device__ __forceinline__
 #define SG_GLOBAL __global__
 #define SG_KERNEL_NS cuda
-#define SG_LAUNCH_BOUNDS(threads) __launch_bounds__(threads)
+#define SG_LAUNCH_BOUNDS(...) __launch_bounds__(__VA_ARGS__)
 #define SG_DYNAMIC_SMEM(type, name) extern __shared__ __align__(16) type name[]
 
 using sg_stream_t = cudaStream_t;
@@ -85,7 +85,7 @@ SG_DEVICE uint16_t f32_to_bf16_rn(float x) { return __bfloat16_as_ushort(__float
 #define SG_DEVICE inline
 #define SG_GLOBAL
 #define SG_KERNEL_NS simt
-#define SG_LAUNCH_BOUNDS(threads)
+#define SG_LAUNCH_BOUNDS(...)
 #define SG_DYNAMIC_SMEM(type, name) type* name = reinterpret_cast<type*>(::sparsegemm::emu::shared_memory())
 
 using sg_stream_t = void*;

@@ -234,4 +234,17 @@ SG_DEVICE void cp_async_wait_all() {
 #endif
 }
 
+// ---- ld.global.cg ------------------------------------------------------------------------------
+// A global load cached in L2 only (PTX ISA ld .cg; CUDA's __ldcg): for data that other blocks of
+// the same launch wrote, which this SM's L1 (not coherent across SMs) might hold a stale copy of.
+// The emulator runs blocks one after another, so a plain load is the same there.
+template <typename T>
+SG_DEVICE T load_global_cg(const T* address) {
+#if defined(__CUDACC__)
+  return __ldcg(address);
+#else
+  return *address;
+#endif
+}
+
 }  // namespace sparsegemm
