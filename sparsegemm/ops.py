@@ -356,32 +356,29 @@ def reorder_meta(meta: Tensor, k: int, backend: str, s8: bool = False) -> Tensor
 
 # ---- GEMM ------------------------------------------------------------------------------------
 
-# Split-K scratch of the CUDA / SIMT GEMMs (csrc/params.h GemmParams): a workspace for partial
-# sums (any contents) and int32 tile counters that must be zero at launch, which the kernel
-# leaves zero. Eager launches reuse one pair per (device, stream): launches on one stream run in
-# order, so each finds the counters zero, and no allocation or fill is paid per call. While a
-# CUDA graph is being captured the pair is made per call instead, from the graph's memory and
-# zeroed by a fill that replays with it: replays, on whatever stream, never share counters with
-# eager launches or with each other.
-_split_k_scratch: dict = {}
+# Temporaries of the CUDA / SIMT launches, reused per (device, stream, purpose): the split-K
+# workspace for partial sums (any contents) and int32 tile counters that must be zero at launch,
+# which the kernel leaves zero (csrc/params.h GemmParams), and the quantized activations of the
+# dynamic INT8 linear. Launches on one stream run in order, so each finds the buffer as the one
+# before left it, and no allocation or fill is paid per call. While a CUDA graph is being
+# captured they are made per call instead, from the graph's memory (zeroed by a fill that replays
+# with it): replays, on whatever stream, never share them with eager launches or each other.
+_stream_scratch: dict = {}
 
 
-def _split_k_buffers(x: Tensor, stream: int, workspace_bytes: int, counters: int) -> tuple[Tensor, Tensor]:
-    """(workspace, tile counters) for a split-K launch on ``stream`` of ``x``'s device."""
+def _scratch(x: Tensor, stream: int, purpose: str, numel: int, dtype: torch.dtype, zeroed: bool = False) -> Tensor:
+    """At least ``numel`` elements of ``dtype`` on ``x``'s device for a launch on ``stream``."""
+    make = torch.zeros if zeroed else torch.empty
     if x.is_cuda and torch.cuda.is_current_stream_capturing():
-        return (torch.empty(workspace_bytes, dtype=torch.uint8, device=x.device),
-                torch.zeros(counters, dtype=torch.int32, device=x.device))
-    key = (x.get_device(), stream)
-    cached = _split_k_scratch.get(key)
-    if cached is None or cached[0].numel() < workspace_bytes or cached[1].numel() < counters:
-        # Grown in place of the old pair: launches still queued on this stream that use it run
+        return make(numel, dtype=dtype, device=x.device)
+    key = (x.get_device(), stream, purpose)
+    buffer = _stream_scratch.get(key)
+    if buffer is None or buffer.numel() < numel:
+        # Grown in place of the old one: launches still queued on this stream that use it run
         # before anything the caching allocator gives its memory to next on the same stream.
-        if cached is not None:
-            workspace_bytes, counters = max(workspace_bytes, cached[0].numel()), max(counters, cached[1].numel())
-        cached = (torch.empty(workspace_bytes, dtype=torch.uint8, device=x.device),
-                  torch.zeros(counters, dtype=torch.int32, device=x.device))
-        _split_k_scratch[key] = cached
-    return cached
+        buffer = make(max(numel, 0 if buffer is None else 2 * buffer.numel()), dtype=dtype, device=x.device)
+        _stream_scratch[key] = buffer
+    return buffer
 
 
 def _launch_scratch(x: Tensor, api: str, scratch_fn: str, m: int, n: int, k: int, stream: int) -> tuple[int, int]:
@@ -390,8 +387,8 @@ def _launch_scratch(x: Tensor, api: str, scratch_fn: str, m: int, n: int, k: int
     workspace_bytes, counters = getattr(_C, api + scratch_fn)(m, n, k)
     if counters == 0:
         return 0, 0
-    workspace, tile_counters = _split_k_buffers(x, stream, workspace_bytes, counters)
-    return workspace.data_ptr(), tile_counters.data_ptr()
+    return (_scratch(x, stream, "split_k_workspace", workspace_bytes, torch.uint8).data_ptr(),
+            _scratch(x, stream, "split_k_counters", counters, torch.int32, zeroed=True).data_ptr())
 
 
 def _cpu_scratch(dtype: torch.dtype, elements: int) -> Tensor:
@@ -695,6 +692,39 @@ def _linear_s8(x_q: Tensor, x_scale: Tensor, values: Tensor, meta: Tensor, kerne
                                  w_scale.data_ptr(), x_scale.data_ptr(), _ptr(bias), y.data_ptr(), y.stride(0), code,
                                  activation, workspace, counters, -1, 0, stream)
     return y
+
+
+@_custom_op("sparsegemm::linear_s8_dynamic")
+@_on_tensor_device
+def _linear_s8_dynamic(x: Tensor, values: Tensor, kernel_meta: Tensor, w_scale: Tensor, bias: Optional[Tensor],
+                       activation: int, out_dtype: torch.dtype, backend: str) -> Tensor:
+    """Dynamic INT8 linear on the CUDA / SIMT kernels for K % 4 == 0 (no padding of x_q): the
+    per-token quantization of x [M, K] and the INT8 GEMM in one op, x_q and x_scale in reused
+    scratch (_scratch) instead of tensors of their own: what :func:`_quantize_rows` then
+    :func:`_linear_s8` compute, without the second op's host cost."""
+    m, k = x.shape
+    n = values.shape[0]
+    y = torch.empty((m, n), dtype=out_dtype, device=x.device)
+    if m == 0:
+        return y
+    x = _rowmajor(x)
+    bias = None if bias is None else bias.contiguous()
+    api = "simt_" if backend == "simt" else "cuda_"
+    stream = _stream(x) if backend == "cuda" else 0
+    x_q = _scratch(x, stream, "x_q", m * k, torch.int8).data_ptr()
+    x_scale = _scratch(x, stream, "x_scale", m, torch.float32).data_ptr()
+    getattr(_C, api + "quantize_rows")(m, k, x.data_ptr(), x.stride(0), fmt.DTYPE_CODES[x.dtype], x_q, x_scale, stream)
+    workspace, counters = _launch_scratch(x, api, "gemm_s8_scratch", m, n, k, stream)
+    getattr(_C, api + "gemm_s8")(m, n, k, x_q, k, values.contiguous().data_ptr(), kernel_meta.data_ptr(),
+                                 w_scale.contiguous().data_ptr(), x_scale, _ptr(bias), y.data_ptr(), n,
+                                 fmt.DTYPE_CODES[out_dtype], activation, workspace, counters, -1, 0, stream)
+    return y
+
+
+@_linear_s8_dynamic.register_fake
+def _(x: Tensor, values: Tensor, kernel_meta: Tensor, w_scale: Tensor, bias: Optional[Tensor], activation: int,
+      out_dtype: torch.dtype, backend: str) -> Tensor:
+    return x.new_empty((x.shape[0], values.shape[0]), dtype=out_dtype)
 
 
 @_linear_s8.register_fake

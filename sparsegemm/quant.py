@@ -208,22 +208,31 @@ def linear_int8(x: Union[Tensor, tuple], sw: SparseTensor24, bias: Optional[Tens
         out_dtype = out_dtype or x.dtype
         lead = x.shape[:-1]
         x2 = x if len(lead) == 1 else x.reshape(-1, k)
-        if input_scale is None:
+        m = x2.shape[0]
+        if input_scale is None and backend != "cpu" and k % 4 == 0:
+            x_q = x_scale = None  # dynamic on the kernels, K unpadded: quantized inside the fused op below
+        elif input_scale is None:
             x_q, x_scale = ops.call(ops._quantize_rows, x2, backend)
         else:
             x_q, x_scale = quantize_activations_static(x2, input_scale)
     ops.check_dtype_value(op, "out_dtype", out_dtype, ops.FLOAT_DTYPES if backend == "cpu" else ops.KERNEL_DTYPES)
     if backend != "cpu":
         ops.require_int8_kernels(op, backend)
-        ops.check_gemm_32bit(op, x_q.shape[0], n, fmt.padded_k(k))
+        ops.check_gemm_32bit(op, m, n, fmt.padded_k(k))
     if bias is not None:
         if tuple(bias.shape) != (n,):
             raise ValueError(f"{op}: bias must have shape ({n},), got {tuple(bias.shape)}")
         bias = bias.to(out_dtype)
-    ops.check_same_device(op, x_q=x_q, x_scale=x_scale, **{"sw.values": sw.values, "sw.scale": sw.scale}, bias=bias)
     kernel_meta = sw.kernel_meta(backend) if backend != "cpu" else None
-    y = ops.call(ops._linear_s8, x_q, x_scale, sw.values, sw.meta, kernel_meta, sw.scale, k, bias,
-                 fmt.ACTIVATION_CODES[activation], out_dtype, backend)
+    act = fmt.ACTIVATION_CODES[activation]
+    if x_q is None:
+        ops.check_same_device(op, x=x2, **{"sw.values": sw.values, "sw.scale": sw.scale}, bias=bias)
+        y = ops.call(ops._linear_s8_dynamic, x2, sw.values, kernel_meta, sw.scale, bias, act, out_dtype, backend)
+    else:
+        ops.check_same_device(op, x_q=x_q, x_scale=x_scale, **{"sw.values": sw.values, "sw.scale": sw.scale},
+                              bias=bias)
+        y = ops.call(ops._linear_s8, x_q, x_scale, sw.values, sw.meta, kernel_meta, sw.scale, k, bias, act, out_dtype,
+                     backend)
     return y if len(lead) == 1 else y.reshape(*lead, n)
 
 

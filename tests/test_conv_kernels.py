@@ -235,7 +235,7 @@ def test_op_allocates_only_the_output(split_k_shape):
             "simt")
     m, k = hw[0] * hw[1], 9 * cin
     assert (_C.simt_gemm_scratch(m, 24, k)[0] > 0) == split_k_shape
-    ops._conv2d._init_fn(*args)  # a first split-K call may size the reused scratch (ops._split_k_buffers)
+    ops._conv2d._init_fn(*args)  # a first split-K call may size the reused scratch (ops._scratch)
     with AllocationLog() as log:
         y = ops._conv2d._init_fn(*args)  # the op's body, so that the log sees inside it
     assert log.fresh_bytes == [y.nbytes]

@@ -410,6 +410,24 @@ def test_simt_linear_int8_matches_cpu(m, n, k, act):
     assert ulp_distance(cpu, simt, ACT_ABS_FLOOR) <= (0 if act is None else 1)
 
 
+@requires_simt_int8
+@pytest.mark.parametrize("m,n,k", [(3, 40, 512), (20, 24, 64)])  # the first one splits K
+def test_fused_dynamic_int8_equals_quantize_then_gemm(m, n, k):
+    # linear_int8 quantizes inside one op on the kernel backends (ops._linear_s8_dynamic): the
+    # same bits as the two ops it replaces, for 2-D and 3-D x, and the fake impl agrees.
+    gen = torch.Generator().manual_seed(m * n)
+    sw = quant.quantize_weight(torch.randn(n, k, generator=gen))
+    x = torch.randn(2, m, k, generator=gen).to(torch.bfloat16)
+    bias = torch.randn(n, generator=gen).to(torch.bfloat16)
+    x_q, x_scale = ops._quantize_rows(x.reshape(-1, k), "simt")
+    two_ops = ops._linear_s8(x_q, x_scale, sw.values, sw.meta, sw.kernel_meta("simt"), sw.scale, k, bias, 3,
+                             torch.bfloat16, "simt").reshape(2, m, n)
+    fused = sparsegemm.linear(x, sw, bias, activation="silu", backend="simt")
+    assert torch.equal(fused, two_ops)
+    torch.library.opcheck(ops._linear_s8_dynamic, (x[0], sw.values, sw.kernel_meta("simt"), sw.scale, bias, 3,
+                                                   torch.bfloat16, "simt"))
+
+
 def test_bench_int8_rows():
     from sparsegemm import bench
 

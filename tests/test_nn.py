@@ -238,39 +238,43 @@ def test_split_k_scratch_is_reused_and_left_zeroed():
     assert _C.simt_gemm_scratch(3, 40, 512, -1, 0)[1] > 0  # this shape splits K
     x = torch.randn(3, 512).half()
     first = sl(x)
-    workspace, counters = ops._split_k_scratch[(-1, 0)]
+    workspace, counters = (ops._stream_scratch[(-1, 0, purpose)] for purpose in ("split_k_workspace", "split_k_counters"))
     assert torch.equal(sl(x), first)
-    assert ops._split_k_scratch[(-1, 0)][0] is workspace and ops._split_k_scratch[(-1, 0)][1] is counters
+    assert ops._stream_scratch[(-1, 0, "split_k_workspace")] is workspace
+    assert ops._stream_scratch[(-1, 0, "split_k_counters")] is counters
     assert not counters.any()
     oracle.assert_close_to_oracle(first, x, sl.dense_weight(), sl.bias.detach())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_split_k_scratch_is_safe_across_graph_replays_and_streams():
-    # Split-K tile counters are reused per (device, stream) eagerly and made per call inside a
-    # capture (ops._split_k_buffers): replays, eager calls between them and calls on another
-    # stream running beside them must all see zeroed counters.
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_launch_scratch_is_safe_across_graph_replays_and_streams(quantize):
+    # Launch temporaries (split-K workspace and tile counters, the INT8 path's quantized x) are
+    # reused per (device, stream) eagerly and made per call inside a capture (ops._scratch):
+    # replays, eager calls between them and calls on another stream running beside them must
+    # each see their own.
     torch.manual_seed(0)
-    sl = SparseLinear.from_dense(nn.Linear(4096, 384).cuda().half())
+    sl = SparseLinear.from_dense(nn.Linear(4096, 384).cuda().half(), quantize=quantize)
     assert _C.cuda_gemm_scratch(4, 384, 4096, -1, 0)[1] > 0  # this shape splits K
     xs = [torch.randn(4, 4096, device="cuda", dtype=torch.float16) for _ in range(3)]
-    want = [sl(x).clone() for x in xs]
-    static_x = xs[0].clone()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = sl(static_x)
-    side = torch.cuda.Stream()
-    for i in range(6):
-        static_x.copy_(xs[i % 3])
-        side.wait_stream(torch.cuda.current_stream())
-        graph.replay()
-        eager = sl(xs[(i + 1) % 3])
-        with torch.cuda.stream(side):
-            beside = sl(xs[(i + 2) % 3])
-        torch.cuda.synchronize()
-        assert torch.equal(captured, want[i % 3])
-        assert torch.equal(eager, want[(i + 1) % 3])
-        assert torch.equal(beside, want[(i + 2) % 3])
+    with torch.no_grad():
+        want = [sl(x).clone() for x in xs]
+        static_x = xs[0].clone()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = sl(static_x)
+        side = torch.cuda.Stream()
+        for i in range(6):
+            static_x.copy_(xs[i % 3])
+            side.wait_stream(torch.cuda.current_stream())
+            graph.replay()
+            eager = sl(xs[(i + 1) % 3])
+            with torch.cuda.stream(side):
+                beside = sl(xs[(i + 2) % 3])
+            torch.cuda.synchronize()
+            assert torch.equal(captured, want[i % 3])
+            assert torch.equal(eager, want[(i + 1) % 3])
+            assert torch.equal(beside, want[(i + 2) % 3])
 
 
 def test_load_state_dict_refreshes_the_reordered_metadata():
