@@ -356,39 +356,47 @@ def reorder_meta(meta: Tensor, k: int, backend: str, s8: bool = False) -> Tensor
 
 # ---- GEMM ------------------------------------------------------------------------------------
 
-# Temporaries of the CUDA / SIMT launches, reused per (device, stream, purpose): the split-K
-# workspace for partial sums (any contents) and int32 tile counters that must be zero at launch,
-# which the kernel leaves zero (csrc/params.h GemmParams), and the quantized activations of the
-# dynamic INT8 linear. Launches on one stream run in order, so each finds the buffer as the one
-# before left it, and no allocation or fill is paid per call. While a CUDA graph is being
-# captured they are made per call instead, from the graph's memory (zeroed by a fill that replays
-# with it): replays, on whatever stream, never share them with eager launches or each other.
-_stream_scratch: dict = {}
+# Temporaries of the CUDA / SIMT launches: the split-K workspace for partial sums (any contents)
+# and int32 tile counters that must be zero at launch, which the kernel leaves zero (csrc/params.h
+# GemmParams), and the quantized activations of the dynamic INT8 linear. On the CPU (SIMT) and on
+# the device's default stream they are kept per thread and purpose and reused: launches on one
+# stream run in order, so each finds a buffer as the one before left it, and no allocation or
+# fill is paid per call; per thread, because one thread's INT8 quantize and GEMM launches may
+# interleave with another's on the same stream. On any other stream they are made per call: a
+# CUDA-graph capture (never on the default stream) then draws them from the graph's own memory,
+# zeroed by a fill that replays with it, and torch.compile's CUDA-graph trees, which warm up on a
+# stream of their own inside a private memory pool, see only short-lived tensors.
+_launch_scratch_cache = threading.local()
 
 
 def _scratch(x: Tensor, stream: int, purpose: str, numel: int, dtype: torch.dtype, zeroed: bool = False) -> Tensor:
-    """At least ``numel`` elements of ``dtype`` on ``x``'s device for a launch on ``stream``."""
+    """At least ``numel`` elements of ``dtype`` on ``x``'s device for a launch on ``stream``. The
+    caller holds the tensor until its launch is issued."""
     make = torch.zeros if zeroed else torch.empty
-    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+    if stream != 0:
         return make(numel, dtype=dtype, device=x.device)
-    key = (x.get_device(), stream, purpose)
-    buffer = _stream_scratch.get(key)
+    cache = getattr(_launch_scratch_cache, "buffers", None)
+    if cache is None:
+        cache = _launch_scratch_cache.buffers = {}
+    key = (x.get_device(), purpose)
+    buffer = cache.get(key)
     if buffer is None or buffer.numel() < numel:
-        # Grown in place of the old one: launches still queued on this stream that use it run
-        # before anything the caching allocator gives its memory to next on the same stream.
+        # Replacing the old one is safe: launches still queued on the default stream that use it
+        # run before anything the caching allocator gives its memory to next on that stream.
         buffer = make(max(numel, 0 if buffer is None else 2 * buffer.numel()), dtype=dtype, device=x.device)
-        _stream_scratch[key] = buffer
+        cache[key] = buffer
     return buffer
 
 
-def _launch_scratch(x: Tensor, api: str, scratch_fn: str, m: int, n: int, k: int, stream: int) -> tuple[int, int]:
-    """Pointers (workspace, tile counters) for a GEMM launch, (0, 0) when the plan needs none.
+def _launch_scratch(x: Tensor, api: str, scratch_fn: str, m: int, n: int, k: int,
+                    stream: int) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """(workspace, tile counters) for a GEMM launch, (None, None) when the plan needs none.
     ``api``: "simt_" or "cuda_"; ``scratch_fn``: "gemm_scratch" or "gemm_s8_scratch"."""
     workspace_bytes, counters = getattr(_C, api + scratch_fn)(m, n, k)
     if counters == 0:
-        return 0, 0
-    return (_scratch(x, stream, "split_k_workspace", workspace_bytes, torch.uint8).data_ptr(),
-            _scratch(x, stream, "split_k_counters", counters, torch.int32, zeroed=True).data_ptr())
+        return None, None
+    return (_scratch(x, stream, "split_k_workspace", workspace_bytes, torch.uint8),
+            _scratch(x, stream, "split_k_counters", counters, torch.int32, zeroed=True))
 
 
 def _cpu_scratch(dtype: torch.dtype, elements: int) -> Tensor:
@@ -459,8 +467,8 @@ def _linear(x: Tensor, values: Tensor, meta: Tensor, kernel_meta: Optional[Tenso
         stream = _stream(x) if backend == "cuda" else 0
         workspace, counters = _launch_scratch(x, api, "gemm_scratch", m, n, k, stream)
         getattr(_C, api + "gemm")(m, n, k, x.data_ptr(), x.stride(0), values.data_ptr(), kernel_meta.data_ptr(),
-                                  _ptr(bias), y.data_ptr(), y.stride(0), code, activation, workspace, counters, -1, 0,
-                                  stream)  # positional: kwargs cost in pybind
+                                  _ptr(bias), y.data_ptr(), y.stride(0), code, activation, _ptr(workspace),
+                                  _ptr(counters), -1, 0, stream)  # positional: kwargs cost in pybind
     return y
 
 
@@ -567,7 +575,7 @@ def _conv2d(x: Tensor, values: Tensor, meta: Tensor, kernel_meta: Tensor, kernel
     getattr(_C, api + "conv2d")(x.data_ptr(), values.data_ptr(), kernel_meta.data_ptr(), _ptr(bias), y.data_ptr(),
                                 b, x.shape[1], x.shape[2], x.shape[3], n, ho, wo, list(kernel_size), list(stride),
                                 list(padding), list(dilation), fmt.DTYPE_CODES[x.dtype], activation,
-                                workspace=workspace, tile_counters=counters, stream=stream)
+                                workspace=_ptr(workspace), tile_counters=_ptr(counters), stream=stream)
     return y
 
 
@@ -690,7 +698,7 @@ def _linear_s8(x_q: Tensor, x_scale: Tensor, values: Tensor, meta: Tensor, kerne
     workspace, counters = _launch_scratch(x_q, api, "gemm_s8_scratch", m, n, kp, stream)
     getattr(_C, api + "gemm_s8")(m, n, kp, x_q.data_ptr(), x_q.stride(0), values.data_ptr(), kernel_meta.data_ptr(),
                                  w_scale.data_ptr(), x_scale.data_ptr(), _ptr(bias), y.data_ptr(), y.stride(0), code,
-                                 activation, workspace, counters, -1, 0, stream)
+                                 activation, _ptr(workspace), _ptr(counters), -1, 0, stream)
     return y
 
 
@@ -711,13 +719,14 @@ def _linear_s8_dynamic(x: Tensor, values: Tensor, kernel_meta: Tensor, w_scale: 
     bias = None if bias is None else bias.contiguous()
     api = "simt_" if backend == "simt" else "cuda_"
     stream = _stream(x) if backend == "cuda" else 0
-    x_q = _scratch(x, stream, "x_q", m * k, torch.int8).data_ptr()
-    x_scale = _scratch(x, stream, "x_scale", m, torch.float32).data_ptr()
-    getattr(_C, api + "quantize_rows")(m, k, x.data_ptr(), x.stride(0), fmt.DTYPE_CODES[x.dtype], x_q, x_scale, stream)
+    x_q = _scratch(x, stream, "x_q", m * k, torch.int8)
+    x_scale = _scratch(x, stream, "x_scale", m, torch.float32)
+    getattr(_C, api + "quantize_rows")(m, k, x.data_ptr(), x.stride(0), fmt.DTYPE_CODES[x.dtype], x_q.data_ptr(),
+                                       x_scale.data_ptr(), stream)
     workspace, counters = _launch_scratch(x, api, "gemm_s8_scratch", m, n, k, stream)
-    getattr(_C, api + "gemm_s8")(m, n, k, x_q, k, values.contiguous().data_ptr(), kernel_meta.data_ptr(),
-                                 w_scale.contiguous().data_ptr(), x_scale, _ptr(bias), y.data_ptr(), n,
-                                 fmt.DTYPE_CODES[out_dtype], activation, workspace, counters, -1, 0, stream)
+    getattr(_C, api + "gemm_s8")(m, n, k, x_q.data_ptr(), k, values.contiguous().data_ptr(), kernel_meta.data_ptr(),
+                                 w_scale.contiguous().data_ptr(), x_scale.data_ptr(), _ptr(bias), y.data_ptr(), n,
+                                 fmt.DTYPE_CODES[out_dtype], activation, _ptr(workspace), _ptr(counters), -1, 0, stream)
     return y
 
 

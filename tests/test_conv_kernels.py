@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from sparsegemm import _C, ops
 from sparsegemm.nn import SparseConv2d
-from test_kernels_simt import DECODE, LARGE_M
+from test_kernels_simt import DECODE, LARGE_M, KernelBackend
 
 KERNEL_DTYPES = [torch.float16, torch.bfloat16]
 
@@ -153,6 +153,17 @@ def test_forced_tiles_and_split_k(kernels, config, split_k):
     y = kernels.conv2d(x.permute(0, 2, 3, 1).contiguous(), layer.values.detach(), layer.meta, layer.bias.detach(),
                        (3, 5), (3, 3), (1, 1), (1, 1), (1, 1), config=config, split_k=split_k)
     assert torch.equal(y.permute(0, 3, 1, 2).double(), reference(layer, x))
+
+
+def test_split_k_convolution_under_any_block_order(shuffled_block_orders):
+    kernels = KernelBackend("simt")
+    layer = make_layer(32, 20, 3, 1, 1, 1, torch.float16, integer=True)
+    x = make_input(1, 32, (3, 5), torch.float16, integer=True)
+    for seed in shuffled_block_orders:
+        _C.simt_set_block_order(seed)
+        y = kernels.conv2d(x.permute(0, 2, 3, 1).contiguous(), layer.values.detach(), layer.meta, layer.bias.detach(),
+                           (3, 5), (3, 3), (1, 1), (1, 1), (1, 1), config=DECODE, split_k=4)
+        assert torch.equal(y.permute(0, 3, 1, 2).double(), reference(layer, x))
 
 
 def test_gradients_match_the_dense_convolution():

@@ -228,7 +228,9 @@ def test_gemm_s8_split_k_matches_single_pass(kernels, config, split_k):
 
 
 def test_gemm_s8_split_k_exact_under_any_block_order(shuffled_block_orders):
-    # The tile's last split to arrive does the reduction, whichever it is (emulator block orders).
+    # The tile's last split to arrive does the reduction, whichever it is (emulator block orders):
+    # integer sums do not depend on their order, so this checks that the right block reduces and
+    # that it waits for every split (the float tests in test_kernels_simt check the order).
     kernels = KernelBackend("simt")
     m, n, k = 3, 200, 1568
     gen = torch.Generator().manual_seed(5)

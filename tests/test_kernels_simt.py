@@ -477,9 +477,19 @@ def test_split_k_reduction_does_not_depend_on_block_order(shuffled_block_orders,
     assert torch.allclose(outputs[0].float(), torch.nn.functional.silu(dense), rtol=2e-2, atol=2e-2)
 
 
-def test_split_k_needs_the_decode_tile(kernels):
+def test_split_k_needs_the_decode_tile_and_its_scratch(kernels):
     with pytest.raises(ValueError, match=r"split_k = 2 needs the decode tile \(config 1\)"):
         kernels.gemm_scratch(130, 136, 520, LARGE_M, 2)
+    # A split launch without its workspace and counters is refused before anything runs.
+    m, n, k = 3, 40, 1024
+    assert kernels.gemm_scratch(m, n, k)[1] > 0
+    x = torch.zeros(m, k, dtype=torch.float16, device=kernels.device)
+    values = torch.zeros(n, k // 2, dtype=torch.float16, device=kernels.device)
+    meta = torch.zeros(getattr(_C, f"{kernels.name}_kernel_meta_bytes")(n, k), dtype=torch.uint8, device=kernels.device)
+    y = torch.empty(m, n, dtype=torch.float16, device=kernels.device)
+    with pytest.raises(ValueError, match="needs the decode tile, a workspace and tile counters"):
+        kernels._launch("gemm", m, n, k, x.data_ptr(), k, values.data_ptr(), meta.data_ptr(), 0, y.data_ptr(), n,
+                        DTYPE_CODES[torch.float16], 0, 0, 0, -1, 0)
 
 
 def test_gemm_decode_auto_split_uses_workspace(kernels):

@@ -238,21 +238,48 @@ def test_split_k_scratch_is_reused_and_left_zeroed():
     assert _C.simt_gemm_scratch(3, 40, 512, -1, 0)[1] > 0  # this shape splits K
     x = torch.randn(3, 512).half()
     first = sl(x)
-    workspace, counters = (ops._stream_scratch[(-1, 0, purpose)] for purpose in ("split_k_workspace", "split_k_counters"))
+    cache = ops._launch_scratch_cache.buffers
+    workspace, counters = cache[(-1, "split_k_workspace")], cache[(-1, "split_k_counters")]
     assert torch.equal(sl(x), first)
-    assert ops._stream_scratch[(-1, 0, "split_k_workspace")] is workspace
-    assert ops._stream_scratch[(-1, 0, "split_k_counters")] is counters
+    assert cache[(-1, "split_k_workspace")] is workspace and cache[(-1, "split_k_counters")] is counters
     assert not counters.any()
     oracle.assert_close_to_oracle(first, x, sl.dense_weight(), sl.bias.detach())
+
+
+def test_int8_launch_scratch_is_per_thread():
+    # The dynamic INT8 path quantizes into reused scratch, then runs its GEMM: two launches that
+    # another thread's may fall between (the emulator releases the GIL), so the scratch is per
+    # thread. Threads running the same layer on different inputs must each get their own result.
+    import threading
+
+    torch.manual_seed(2)
+    sl = SparseLinear.from_dense(nn.Linear(256, 48).half(), backend="simt", quantize="int8")
+    xs = [torch.randn(2, 256).half() * (i + 1) for i in range(4)]
+    with torch.no_grad():
+        want = [sl(x) for x in xs]
+    failures = []
+
+    def run(i):
+        with torch.no_grad():
+            for _ in range(25):
+                if not torch.equal(sl(xs[i]), want[i]):
+                    failures.append(i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("quantize", [None, "int8"])
 def test_launch_scratch_is_safe_across_graph_replays_and_streams(quantize):
     # Launch temporaries (split-K workspace and tile counters, the INT8 path's quantized x) are
-    # reused per (device, stream) eagerly and made per call inside a capture (ops._scratch):
-    # replays, eager calls between them and calls on another stream running beside them must
-    # each see their own.
+    # reused on the default stream and made per call elsewhere, a capture included (ops._scratch):
+    # a graph replayed on a side stream while eager calls run on the default stream and on a
+    # third stream must not share them with those calls.
     torch.manual_seed(0)
     sl = SparseLinear.from_dense(nn.Linear(4096, 384).cuda().half(), quantize=quantize)
     assert _C.cuda_gemm_scratch(4, 384, 4096, -1, 0)[1] > 0  # this shape splits K
@@ -263,13 +290,15 @@ def test_launch_scratch_is_safe_across_graph_replays_and_streams(quantize):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             captured = sl(static_x)
-        side = torch.cuda.Stream()
+        replay_stream, third = torch.cuda.Stream(), torch.cuda.Stream()
         for i in range(6):
             static_x.copy_(xs[i % 3])
-            side.wait_stream(torch.cuda.current_stream())
-            graph.replay()
+            replay_stream.wait_stream(torch.cuda.current_stream())
+            third.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(replay_stream):
+                graph.replay()
             eager = sl(xs[(i + 1) % 3])
-            with torch.cuda.stream(side):
+            with torch.cuda.stream(third):
                 beside = sl(xs[(i + 2) % 3])
             torch.cuda.synchronize()
             assert torch.equal(captured, want[i % 3])

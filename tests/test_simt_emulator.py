@@ -311,15 +311,7 @@ def test_grid_and_block_indices():
     np.testing.assert_array_equal(out, np.array(rows))
 
 
-@pytest.fixture
-def block_order():
-    """Sets the emulator's block order for one test (emulator.h set_block_order) and restores the
-    default increasing order afterwards, whatever the test did."""
-    yield _C.simt_set_block_order
-    _C.simt_set_block_order(0)
-
-
-def test_block_order_default_increasing_and_seeded_permutations(block_order):
+def test_block_order_default_increasing_and_seeded_permutations(shuffled_block_orders):
     grid = (3, 4, 5)
     blocks = int(np.prod(grid))
 
@@ -330,13 +322,13 @@ def test_block_order_default_increasing_and_seeded_permutations(block_order):
         return out.tolist()
 
     assert arrivals() == list(range(blocks))
-    block_order(1)
+    _C.simt_set_block_order(1)
     first = arrivals()
     assert sorted(first) == list(range(blocks)) and first != list(range(blocks))
     assert arrivals() == first  # a seed fixes the order
-    block_order(2)
+    _C.simt_set_block_order(2)
     assert arrivals() != first
-    block_order(0)
+    _C.simt_set_block_order(0)
     assert arrivals() == list(range(blocks))
 
 
