@@ -31,7 +31,7 @@ _CUDA_BUILT = bool(_C.build_info()["cuda_built"])
 # 2:4 saves bytes, not multiply-adds, so once the GEMM is compute bound the dense kernel wins.
 CPU_DENSE_TILE_MIN_M = 64
 _CPU_TILE_BYTES = 8 << 20
-_scratch = threading.local()
+_thread_buffers = threading.local()  # _reused_buffer's per-thread cache
 
 _cpu_threads: Optional[int] = None
 
@@ -356,36 +356,37 @@ def reorder_meta(meta: Tensor, k: int, backend: str, s8: bool = False) -> Tensor
 
 # ---- GEMM ------------------------------------------------------------------------------------
 
+def _reused_buffer(key, numel: int, dtype: torch.dtype, device: torch.device, zeroed: bool = False) -> Tensor:
+    """A per-thread buffer of at least ``numel`` elements kept between calls under ``key`` (a
+    fresh one costs an allocation, page faults on the CPU, a fill when ``zeroed``); grown by
+    replacing it. ``zeroed``: made zero; keeping it so is the caller's business."""
+    cache = getattr(_thread_buffers, "buffers", None)
+    if cache is None:
+        cache = _thread_buffers.buffers = {}
+    buffer = cache.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffer = cache[key] = (torch.zeros if zeroed else torch.empty)(numel, dtype=dtype, device=device)
+    return buffer
+
+
 # Temporaries of the CUDA / SIMT launches: the split-K workspace for partial sums (any contents)
 # and int32 tile counters that must be zero at launch, which the kernel leaves zero (csrc/params.h
 # GemmParams), and the quantized activations of the dynamic INT8 linear. On the CPU (SIMT) and on
-# the device's default stream they are kept per thread and purpose and reused: launches on one
-# stream run in order, so each finds a buffer as the one before left it, and no allocation or
-# fill is paid per call; per thread, because one thread's INT8 quantize and GEMM launches may
-# interleave with another's on the same stream. On any other stream they are made per call: a
-# CUDA-graph capture (never on the default stream) then draws them from the graph's own memory,
-# zeroed by a fill that replays with it, and torch.compile's CUDA-graph trees, which warm up on a
-# stream of their own inside a private memory pool, see only short-lived tensors.
-_launch_scratch_cache = threading.local()
-
-
+# the device's default stream they are _reused_buffer's: launches on one stream run in order, so
+# each finds a buffer as the one before left it, and no allocation or fill is paid per call; per
+# thread, because one thread's INT8 quantize and GEMM launches may interleave with another's on
+# the same stream; replacing a buffer is safe, as launches still queued on the stream that use it
+# run before anything the caching allocator gives its memory to next on that stream. On any other
+# stream they are made per call: a CUDA-graph capture (never on the default stream) then draws
+# them from the graph's own memory, zeroed by a fill that replays with it, and torch.compile's
+# CUDA-graph trees, which warm up on a stream of their own inside a private memory pool, see only
+# short-lived tensors.
 def _scratch(x: Tensor, stream: int, purpose: str, numel: int, dtype: torch.dtype, zeroed: bool = False) -> Tensor:
     """At least ``numel`` elements of ``dtype`` on ``x``'s device for a launch on ``stream``. The
     caller holds the tensor until its launch is issued."""
-    make = torch.zeros if zeroed else torch.empty
     if stream != 0:
-        return make(numel, dtype=dtype, device=x.device)
-    cache = getattr(_launch_scratch_cache, "buffers", None)
-    if cache is None:
-        cache = _launch_scratch_cache.buffers = {}
-    key = (x.get_device(), purpose)
-    buffer = cache.get(key)
-    if buffer is None or buffer.numel() < numel:
-        # Replacing the old one is safe: launches still queued on the default stream that use it
-        # run before anything the caching allocator gives its memory to next on that stream.
-        buffer = make(max(numel, 0 if buffer is None else 2 * buffer.numel()), dtype=dtype, device=x.device)
-        cache[key] = buffer
-    return buffer
+        return (torch.zeros if zeroed else torch.empty)(numel, dtype=dtype, device=x.device)
+    return _reused_buffer((x.get_device(), purpose), numel, dtype, x.device, zeroed)
 
 
 def _launch_scratch(x: Tensor, api: str, scratch_fn: str, m: int, n: int, k: int,
@@ -399,17 +400,6 @@ def _launch_scratch(x: Tensor, api: str, scratch_fn: str, m: int, n: int, k: int
             _scratch(x, stream, "split_k_counters", counters, torch.int32, zeroed=True))
 
 
-def _cpu_scratch(dtype: torch.dtype, elements: int) -> Tensor:
-    """A per-thread scratch kept between calls: a fresh multi-MiB buffer costs page faults each time."""
-    cache = getattr(_scratch, "buffers", None)
-    if cache is None:
-        cache = _scratch.buffers = {}
-    buf = cache.get(dtype)
-    if buf is None or buf.numel() < elements:
-        buf = cache[dtype] = torch.empty(elements, dtype=dtype)
-    return buf[:elements]
-
-
 def _cpu_dense_tiles(x: Tensor, values: Tensor, meta: Tensor, k: int, bias: Optional[Tensor], activation: int,
                      y: Tensor) -> None:
     """Large-M CPU path: W decompressed one row tile (at most _CPU_TILE_BYTES) at a time into a
@@ -417,7 +407,8 @@ def _cpu_dense_tiles(x: Tensor, values: Tensor, meta: Tensor, k: int, bias: Opti
     n = values.shape[0]
     itemsize = values.element_size()
     tile = max(1, min(n, _CPU_TILE_BYTES // (k * itemsize)))
-    scratch = _cpu_scratch(values.dtype, tile * k).view(tile, k)
+    scratch = _reused_buffer(("cpu_dense_tile", values.dtype), tile * k, values.dtype, values.device)
+    scratch = scratch[:tile * k].view(tile, k)
     vrow = values.stride(0) * itemsize
     code = fmt.DTYPE_CODES[values.dtype]
     for n0 in range(0, n, tile):

@@ -487,7 +487,7 @@ def test_split_k_needs_the_decode_tile_and_its_scratch(kernels):
     values = torch.zeros(n, k // 2, dtype=torch.float16, device=kernels.device)
     meta = torch.zeros(getattr(_C, f"{kernels.name}_kernel_meta_bytes")(n, k), dtype=torch.uint8, device=kernels.device)
     y = torch.empty(m, n, dtype=torch.float16, device=kernels.device)
-    with pytest.raises(ValueError, match="needs the decode tile, a workspace and tile counters"):
+    with pytest.raises(ValueError, match="needs a workspace and tile counters"):
         kernels._launch("gemm", m, n, k, x.data_ptr(), k, values.data_ptr(), meta.data_ptr(), 0, y.data_ptr(), n,
                         DTYPE_CODES[torch.float16], 0, 0, 0, -1, 0)
 

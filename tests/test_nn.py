@@ -238,7 +238,7 @@ def test_split_k_scratch_is_reused_and_left_zeroed():
     assert _C.simt_gemm_scratch(3, 40, 512, -1, 0)[1] > 0  # this shape splits K
     x = torch.randn(3, 512).half()
     first = sl(x)
-    cache = ops._launch_scratch_cache.buffers
+    cache = ops._thread_buffers.buffers
     workspace, counters = cache[(-1, "split_k_workspace")], cache[(-1, "split_k_counters")]
     assert torch.equal(sl(x), first)
     assert cache[(-1, "split_k_workspace")] is workspace and cache[(-1, "split_k_counters")] is counters
@@ -246,31 +246,46 @@ def test_split_k_scratch_is_reused_and_left_zeroed():
     oracle.assert_close_to_oracle(first, x, sl.dense_weight(), sl.bias.detach())
 
 
-def test_int8_launch_scratch_is_per_thread():
-    # The dynamic INT8 path quantizes into reused scratch, then runs its GEMM: two launches that
-    # another thread's may fall between (the emulator releases the GIL), so the scratch is per
-    # thread. Threads running the same layer on different inputs must each get their own result.
+def assert_same_results_from_threads(calls, repeats=20):
+    """Runs each no-argument call in ``calls`` ``repeats`` times, all in threads of their own at once;
+    every result must equal what the call gave when run alone."""
     import threading
 
-    torch.manual_seed(2)
-    sl = SparseLinear.from_dense(nn.Linear(256, 48).half(), backend="simt", quantize="int8")
-    xs = [torch.randn(2, 256).half() * (i + 1) for i in range(4)]
     with torch.no_grad():
-        want = [sl(x) for x in xs]
+        want = [call() for call in calls]
     failures = []
 
     def run(i):
         with torch.no_grad():
-            for _ in range(25):
-                if not torch.equal(sl(xs[i]), want[i]):
+            for _ in range(repeats):
+                if not torch.equal(calls[i](), want[i]):
                     failures.append(i)
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert not failures
+
+
+def test_cpu_dense_tile_scratch_is_per_thread():
+    # M >= CPU_DENSE_TILE_MIN_M decompresses W tile by tile into a reused scratch
+    # (ops._reused_buffer): threads running layers of the same dtype at once each need their own.
+    torch.manual_seed(3)
+    layers = [SparseLinear.from_dense(nn.Linear(512, 512)) for _ in range(4)]
+    x = torch.randn(ops.CPU_DENSE_TILE_MIN_M, 512)
+    assert_same_results_from_threads([lambda layer=layer: layer(x) for layer in layers])
+
+
+def test_int8_launch_scratch_is_per_thread():
+    # The dynamic INT8 path quantizes into reused scratch, then runs its GEMM: two launches that
+    # another thread's may fall between (the emulator releases the GIL), so the scratch is per
+    # thread. Threads running the same layer on different inputs must each get their own result.
+    torch.manual_seed(2)
+    sl = SparseLinear.from_dense(nn.Linear(256, 48).half(), backend="simt", quantize="int8")
+    xs = [torch.randn(2, 256).half() * (i + 1) for i in range(4)]
+    assert_same_results_from_threads([lambda x=x: sl(x) for x in xs], repeats=25)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

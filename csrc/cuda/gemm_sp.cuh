@@ -393,14 +393,16 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinB
       // (load_global_cg): they were written during this launch.
       Acc* partials = static_cast<Acc*>(p.workspace);
       const int64_t split_stride = p.M * p.N;
+      // Output row n and column m of acc[i][j][r] (mma's C fragment: rows g, g + 8; columns 2t, 2t + 1).
+      auto fragment_n = [&](int i, int r) { return n0 + warp_n * S::kWarpN + i * 16 + g + 8 * (r >> 1); };
+      auto fragment_m = [&](int j, int r) { return m0 + warp_m * S::kWarpM + j * 8 + 2 * t + (r & 1); };
 #pragma unroll
       for (int i = 0; i < S::kTilesN; ++i)
 #pragma unroll
         for (int j = 0; j < S::kTilesM; ++j)
 #pragma unroll
           for (int r = 0; r < 4; ++r) {
-            const int64_t n = n0 + warp_n * S::kWarpN + i * 16 + g + 8 * (r >> 1);
-            const int64_t m = m0 + warp_m * S::kWarpM + j * 8 + 2 * t + (r & 1);
+            const int64_t n = fragment_n(i, r), m = fragment_m(j, r);
             if (n < p.N && m < p.M) partials[blockIdx.z * split_stride + m * p.N + n] = acc[i][j][r];
           }
       if (!arrived_last(p.tile_counters + (int64_t(blockIdx.y) * gridDim.x + blockIdx.x), int(gridDim.z), smem))
@@ -411,8 +413,7 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinB
         for (int j = 0; j < S::kTilesM; ++j)
 #pragma unroll
           for (int r = 0; r < 4; ++r) {
-            const int64_t n = n0 + warp_n * S::kWarpN + i * 16 + g + 8 * (r >> 1);
-            const int64_t m = m0 + warp_m * S::kWarpM + j * 8 + 2 * t + (r & 1);
+            const int64_t n = fragment_n(i, r), m = fragment_m(j, r);
             if (n >= p.N || m >= p.M) continue;  // tail rows: never stored
             typename Policy::PartialSum sum = 0;
             const Acc* element = partials + m * p.N + n;

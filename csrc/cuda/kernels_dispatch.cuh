@@ -118,10 +118,10 @@ void launch_gemm(const typename XLoader::Params& params, const GemmPlan& plan, s
     throw std::invalid_argument("sparsegemm gemm: N = " + std::to_string(p.N) + " needs " + std::to_string(n_blocks) +
                                 " blocks along N, more than the 65535 a launch allows; split the weight");
   }
-  if (plan.split_k > 1 && (!Tile::kSplitK || p.workspace == nullptr || p.tile_counters == nullptr)) {
+  // plan_gemm splits only the decode tile; the scratch is the caller's (gemm_scratch).
+  if (plan.split_k > 1 && (p.workspace == nullptr || p.tile_counters == nullptr)) {
     throw std::invalid_argument("sparsegemm gemm: split_k = " + std::to_string(plan.split_k) +
-                                " needs the decode tile, a workspace and tile counters (gemm_scratch), got " +
-                                (Tile::kSplitK ? "null scratch pointers" : "the large-M tile"));
+                                " needs a workspace and tile counters (gemm_scratch), got null pointers");
   }
   const dim3 grid(static_cast<unsigned>((p.M + S::kBlockM - 1) / S::kBlockM), static_cast<unsigned>(n_blocks),
                   static_cast<unsigned>(plan.split_k));
