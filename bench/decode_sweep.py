@@ -1,7 +1,7 @@
 """Tuning aid for gemm_heuristics.h: decode-GEMM time per tile configuration and forced split-K
 factor, from DRAM (CUDA-graph replay over copies of the weight that together exceed the L2),
-next to dense F.linear and to what the heuristic picks; INT8 per configuration (best split), and
-the compress / decompress kernels.
+next to dense F.linear and to what the heuristic picks; INT8 likewise, per configuration and
+split; and the compress / decompress kernels.
 
     python bench/decode_sweep.py                 # config 1: the decode tile
     python bench/decode_variants.py && <rebuild> && python bench/decode_sweep.py --configs 1 2 3 4 5 6 7
@@ -77,8 +77,10 @@ def main() -> None:
                 out.append(f"c{config} best s{best} {times[best]:.1f}us ({sparse_bytes / times[best] / 1e3:.0f} GB/s) ["
                            + " ".join(f"{s}:{t:.0f}" for s, t in times.items()) + "]")
             t8 = int8_us(-1, 0)
-            out.append(f"int8 heuristic {t8:.1f}us ({int8_bytes / t8 / 1e3:.0f} GB/s {td / t8:.2f}x) "
-                       + " ".join(f"c{c} {min(int8_us(c, s) for s in (1, 2, 4, 8)):.1f}" for c in args.configs))
+            out.append(f"int8 heuristic {t8:.1f}us ({int8_bytes / t8 / 1e3:.0f} GB/s {td / t8:.2f}x)")
+            for config in args.configs:
+                times = {s: int8_us(config, s) for s in SPLITS}
+                out.append(f"int8 c{config} [" + " ".join(f"{s}:{t:.1f}" for s, t in times.items()) + "]")
             print(" | ".join(out), flush=True)
     for dtype in (torch.float16, torch.bfloat16):
         ws = [torch.randn(8192, 8192, device="cuda").to(dtype) for _ in range(3)]
