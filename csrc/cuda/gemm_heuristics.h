@@ -29,14 +29,16 @@ struct LargeM {
   static constexpr int kBlockN = 128, kBlockM = 128, kWarpsN = 2, kWarpsM = 4, kStages = 3, kKTilesPerStage = 1;
   static constexpr bool kSplitK = false;
   static constexpr int kMinBlocksPerSm = 0;
+  static constexpr bool kInteriorCopies = false;  // the fast Wc copy path cost 33 registers here
 };
 
 // Decode, M <= 16: memory bound on Wc. 8 warps of 16 (N) x 16 (M), four stages of two k-tiles
 // each: a stage reads 128-byte runs of 128 Wc rows (whole L2 lines; 64-byte runs were 2-14%
 // slower), 88 KiB of shared memory in all. Split-K over blocks fills the GPU when N alone cannot
 // (the only tile with kSplitK: gemm_sp.cuh compiles the split-K tail for it alone). Launch
-// bounds of two blocks per SM, what its shared memory allows on H100 / H200: 80-87 registers on
-// sm_80 / sm_90; without a stated minimum ptxas held it to 64 and the convolution spilled on sm_80.
+// bounds of two blocks per SM, what its shared memory allows on H100 / H200: 79-83 registers on
+// sm_90, 91-93 on sm_80; without a stated minimum ptxas held it to 64 and the convolution spilled
+// on sm_80. kInteriorCopies: whole-block stages copy Wc through precomputed pointers (gemm_sp.cuh).
 // Chosen by a sweep on H200 (bench/results/2026-11-26-H200-run5/sweep.txt, config 5): 3-7% faster
 // than 4 warps x 64 rows, which beat 6 stages, 4 k-tiles per stage, 32-row blocks and an L2
 // prefetch hint on the weight copies.
@@ -44,6 +46,7 @@ struct Decode {
   static constexpr int kBlockN = 128, kBlockM = 16, kWarpsN = 8, kWarpsM = 1, kStages = 4, kKTilesPerStage = 2;
   static constexpr bool kSplitK = true;
   static constexpr int kMinBlocksPerSm = 2;
+  static constexpr bool kInteriorCopies = true;
 };
 
 constexpr int kBlockK = 64;           // logical K per k-tile of the 16-bit GEMM
