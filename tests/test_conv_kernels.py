@@ -29,6 +29,8 @@ GEOMETRIES = [
     (1, 8, 40, (9, 9), 3, 1, 0, 2),
     (2, 3, 8, (6, 5), (1, 3), 2, (0, 2), 1),
     (1, 24, 136, (11, 13), 3, 1, 1, 1),        # M = 143 and N = 136: a second tile in both
+    (1, 32, 136, (7, 7), 3, 1, 1, 1),          # K = 288: the fast Wc copies of a whole 128-row block
+    (1, 32, 136, (3, 3), 3, 1, 1, 1),          # the same at M = 9 (decode tile)
 ]
 
 

@@ -188,7 +188,8 @@ def test_quantize_rows_nan_row_propagates(kernels):
 # cp.async of X and Wc), K large enough that the sums need more than 16 bits (|acc| reaches
 # ~127^2 * K / 2).
 S8_SHAPES = [(1, 40, 36), (7, 24, 200), (16, 72, 1000), (17, 136, 100), (64, 40, 416), (3, 130, 132),
-             (2, 24, 388)]
+             (2, 24, 388),
+             (5, 256, 1056)]  # whole 128-row blocks, 16-byte rows: the fast Wc copies, then a stage across Kc
 
 
 def assert_gemm_s8_bit_exact(kernels, out_dtype, m, n, k, config, split_k):

@@ -504,8 +504,9 @@ def test_gemm_decode_auto_split_uses_workspace(kernels):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_gemm_decode_fast_copies_stop_before_the_end_of_k(kernels, dtype):
-    # The decode tile copies whole 128-row blocks of Wc with precomputed pointers only while a
+@pytest.mark.parametrize("config", [LARGE_M, DECODE])
+def test_gemm_fast_wc_copies_stop_before_the_end_of_k(kernels, dtype, config):
+    # Both tiles copy whole 128-row blocks of Wc with precomputed pointers only while a
     # stage lies below Kc; the stage that crosses it (k = 208: Kc = 104, 16-byte copies allowed,
     # the last stage's compressed columns 104..127 are padding) takes the checked path. Copied
     # through, row r's padding would hold row r + 1's first values, and row 1 starts with +inf:
@@ -517,7 +518,7 @@ def test_gemm_decode_fast_copies_stop_before_the_end_of_k(kernels, dtype):
     x = torch.randint(-2, 3, (m, k), generator=gen).to(dtype)
     x[:, 0] = 1  # row 1 of the output: +inf, not NaN
     values, meta, _ = kernels.compress(w, prune=False)
-    y = kernels.gemm(x, values, meta, n, k, config=DECODE)
+    y = kernels.gemm(x, values, meta, n, k, config=config)
     ref = (x.double() @ w.double().T).to(dtype)
     assert torch.equal(y, ref)
 

@@ -281,19 +281,30 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinB
   // multiple of 8). Source pointer and shared-memory offset are set up once here; an interior
   // stage then costs a 64-bit add and a cp.async per chunk instead of the general path's row /
   // column / predicate arithmetic (~60 SASS instructions per chunk; ncu saw the decode tile issue
-  // an instruction every 1.8 cycles per scheduler at 53% of DRAM bandwidth). Tile::kInteriorCopies
-  // (the memory-bound decode tile): LargeM keeps the general path alone, for its registers.
+  // an instruction every 1.8 cycles per scheduler at 53% of DRAM bandwidth).
   constexpr int kChunksPerRow = 4 * kStageKTiles;
   constexpr int kRowsPerPass = S::kThreads / kChunksPerRow;
   constexpr int kAPasses = S::kBlockN / kRowsPerPass;
   static_assert(S::kThreads % kChunksPerRow == 0 && S::kBlockN % kRowsPerPass == 0 && kRowsPerPass % 8 == 0,
                 "Wc copies: whole rows per pass, a swizzle that repeats every pass");
-  const bool a_rows_interior = Tile::kInteriorCopies && a_vector_ok && n0 + S::kBlockN <= p.N;
+  const bool a_rows_interior = a_vector_ok && n0 + S::kBlockN <= p.N;
   const int a_row = tid / kChunksPerRow, a_sub = (tid / 4) % kStageKTiles, a_chunk = tid & 3;
   const int a_smem_offset = a_sub * S::kKTileBytes + a_row * S::kRowBytesA + ((a_chunk ^ ((a_row >> 1) & 3)) << 4);
   const Operand* a_source = values + (a_rows_interior ? (n0 + a_row) * Kc : 0) + a_sub * (S::kBlockK / 2) +
                             a_chunk * S::kChunkElems;
   const int64_t a_pass_stride = kRowsPerPass * Kc;
+
+  // Metadata: one 16-byte chunk per thread and stage at most, always inside the padded kernel
+  // layout (reorder.cuh), so its source is set up once and a stage adds the k offset.
+  constexpr int kMetaChunks = S::kBytesMeta / 16, kSliceChunks = S::kMetaSliceBytes / 16;
+  constexpr int64_t kMetaKTileBytes = S::kSteps * Policy::kMetaWordsPerStep * 4;
+  static_assert(kMetaChunks * kStageKTiles <= S::kThreads, "one metadata chunk per thread and stage at most");
+  const bool meta_copier = tid < kMetaChunks * kStageKTiles;
+  const int meta_sub = tid / kMetaChunks, meta_slice = (tid % kMetaChunks) / kSliceChunks;
+  const int meta_smem_offset = meta_sub * S::kKTileBytes + S::kBytesA + S::kBytesB + meta_slice * S::kMetaSliceBytes +
+                               (tid % kSliceChunks) * 16;
+  const char* meta_source = meta + ((n0 / 16 + meta_slice) * meta_steps + meta_sub * S::kSteps) *
+                                       Policy::kMetaWordsPerStep * 4 + (tid % kSliceChunks) * 16;
 
   // Issues the copies of stage tile st (k-tiles kt_begin + kStageKTiles st + sub, those below
   // kt_end) into pipeline stage `stage` (no commit). Consecutive threads take consecutive 16-byte
@@ -331,16 +342,8 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinB
       x_loader.copy(sB + r * S::kRowBytesB + ((chunk ^ (r & 7)) << 4), m0 + r,
                     kt * S::kBlockK + chunk * S::kChunkElems);
     }
-    constexpr int kMetaChunks = S::kBytesMeta / 16, kSliceChunks = S::kMetaSliceBytes / 16;
-    for (int c = tid; c < kMetaChunks * kStageKTiles; c += S::kThreads) {
-      const int sub = c / kMetaChunks, slice = (c % kMetaChunks) / kSliceChunks, chunk = c % kSliceChunks;
-      const int64_t kt = kt0 + sub;
-      if (kStageKTiles > 1 && kt >= kt_end) continue;
-      char* sMeta = stage_base + sub * S::kKTileBytes + S::kBytesA + S::kBytesB;
-      const int64_t tile16 = n0 / 16 + slice;
-      const char* src = meta + (tile16 * meta_steps + kt * S::kSteps) * Policy::kMetaWordsPerStep * 4 + chunk * 16;
-      cp_async_16(sMeta + slice * S::kMetaSliceBytes + chunk * 16, src, true);
-    }
+    if (meta_copier && (kStageKTiles == 1 || kt0 + meta_sub < kt_end))
+      cp_async_16(stage_base + meta_smem_offset, meta_source + kt0 * kMetaKTileBytes, true);
   };
 
   // Rows of X past M: zero in every stage and k-tile, once (the MMA reads them; their results
