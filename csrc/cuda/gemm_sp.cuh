@@ -362,6 +362,23 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinB
 #pragma unroll
       for (int r = 0; r < 4; ++r) acc[i][j][r] = Acc(0);
 
+  // Fragment addresses, byte offsets within a k-tile that depend on the lane alone, set up once
+  // (written per k-step, ptxas spent 40 instructions a stage on them in the decode main loop; 26 now).
+  //  A: ldmatrix.x4 lanes 0-15 address rows 0-15 of the left 8 compressed columns, lanes 16-31
+  //     the right 8, so registers come out in mma's A quadrant order (0,0) (8,0) (0,8) (8,8).
+  //     Row warp_n kWarpN + 16 i + lane % 16, 16-byte chunk 2 ks + lane / 16 stored at chunk ^
+  //     ((row / 2) % 4) (the swizzle of the copies): rows 16 apart share the swizzle, and as the
+  //     chunk's bit 1 is ks alone, k-step ks is the offset of ks = 0 with bit 5 flipped.
+  //  B: matrix q of the x4 = bytes 16q..16q+15 of the k-step in 8 X rows, so register q is B
+  //     register q (16-bit: K 8q + 2t + {0, 1}; int8: K 16q + 4t + {0..3}). Row warp_m kWarpM +
+  //     8 j + lane % 8, chunk 4 ks + lane / 8 at chunk ^ (row % 8): k-step ks flips bit 6.
+  //  E: the lane's metadata word (Policy::meta_word) of slice warp_n kWarpN / 16 + i, k-step ks.
+  const int a_lane_row = warp_n * S::kWarpN + (lane & 15);
+  const int a_lane_offset = a_lane_row * S::kRowBytesA + (((lane >> 4) ^ ((a_lane_row >> 1) & 3)) << 4);
+  const int b_lane_row = warp_m * S::kWarpM + (lane & 7);
+  const int b_lane_offset = b_lane_row * S::kRowBytesB + (((lane >> 3) ^ (b_lane_row & 7)) << 4);
+  const int e_lane_offset = (warp_n * S::kWarpN / 16) * S::kMetaSliceBytes + Policy::meta_word(lane) * 4;
+
   // Multi-stage pipeline: kStages - 1 stage tiles in flight while one is computed. One commit
   // per iteration (possibly empty) keeps cp_async_wait's group count exact in the tail.
   const int num_stage_tiles = (num_tiles + kStageKTiles - 1) / kStageKTiles;
@@ -390,23 +407,14 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinB
         uint32_t e[S::kTilesN];
 #pragma unroll
         for (int i = 0; i < S::kTilesN; ++i) {
-          // ldmatrix.x4 lanes 0-15 address rows 0-15 of the left 8 compressed columns, lanes
-          // 16-31 the right 8: registers come out in mma's A quadrant order (0,0) (8,0) (0,8) (8,8).
-          const int row = warp_n * S::kWarpN + i * 16 + (lane & 15);
-          const int chunk = ks * 2 + (lane >> 4);
-          ldmatrix_x4(a[i], sA + row * S::kRowBytesA + ((chunk ^ ((row >> 1) & 3)) << 4));
-          const int slice = (warp_n * S::kWarpN) / 16 + i;
-          e[i] = *reinterpret_cast<const uint32_t*>(sMeta + slice * S::kMetaSliceBytes +
-                                                     (ks * Policy::kMetaWordsPerStep + Policy::meta_word(lane)) * 4);
+          ldmatrix_x4(a[i], sA + (a_lane_offset ^ (ks << 5)) + i * 16 * S::kRowBytesA);
+          e[i] = *reinterpret_cast<const uint32_t*>(sMeta + e_lane_offset + i * S::kMetaSliceBytes +
+                                                     ks * Policy::kMetaWordsPerStep * 4);
         }
 #pragma unroll
         for (int j = 0; j < S::kTilesM; ++j) {
-          // Matrix q of the x4 = bytes 16q..16q+15 of the k-step in 8 X rows: register q is B
-          // register q (16-bit: K 8q + 2t + {0, 1}; int8: K 16q + 4t + {0..3}).
           uint32_t b[4];
-          const int row = warp_m * S::kWarpM + j * 8 + (lane & 7);
-          const int chunk = ks * 4 + (lane >> 3);
-          ldmatrix_x4(b, sB + row * S::kRowBytesB + ((chunk ^ (row & 7)) << 4));
+          ldmatrix_x4(b, sB + (b_lane_offset ^ (ks << 6)) + j * 8 * S::kRowBytesB);
 #pragma unroll
           for (int i = 0; i < S::kTilesN; ++i) Policy::mma(acc[i][j], a[i], b, e[i]);
         }
