@@ -381,6 +381,7 @@ MISUSE = [
     (7, r"divergent warp"),
     (8, r"invalid launch configuration: 167936 bytes of dynamic shared memory"),
     (9, r"different collectives: .*\(selector 1\).*\(selector 0\)"),
+    (10, r"cp\.async\.cg\.shared\.global: 16 source bytes at byte 16 of misuse_source, which holds 16 bytes"),
 ]
 
 

@@ -72,6 +72,11 @@ struct NhwcConvX {
     }
     *reinterpret_cast<ElementPack<Operand, kChunkElems>*>(dst) = pack;
   }
+
+  // Bytes of the NHWC input from p.gemm.x on (the emulator checks the copies against them).
+  static int64_t source_bytes(const Params& p) {
+    return p.batch * p.height * p.width * p.channels * int64_t(sizeof(Operand));
+  }
 };
 
 }  // namespace SG_KERNEL_NS

@@ -17,30 +17,30 @@ namespace gemm_tiles {
 // metadata is padded to the k-tile: reorder.cuh). The same two tiles serve both GEMMs.
 // Each warp computes (kBlockN / kWarpsN) x (kBlockM / kWarpsM) of the output.
 
-// Prefill / large M: compute bound, 8 warps of 64 (N) x 32 (M), 3 stages (75 KiB of shared
-// memory). ptxas (nvcc 13.0): 124-128 registers on sm_90 (tests/test_sass.py holds it at <= 128),
-// so two blocks per SM fit on H100, and 125-126 on sm_80 (159 before the metadata copies got
-// their source set up once, gemm_sp.cuh), so two fit on A100 too; no spills. The implicit-GEMM
-// convolution runs the same plan with its NHWC loader (conv_sp.cuh). No split-K: a large-M grid
-// fills the GPU by itself, and compiling the split-K tail into this tile took ptxas to 165
-// registers on sm_90. kMinBlocksPerSm 0: no minimum in the launch bounds, ptxas's own budget
-// (that gives the counts above; a minimum of 1 took it to 170-182 registers, 2 made it spill).
+// Prefill / large M: compute bound, 8 warps of 64 (N) x 32 (M), 3 stages (75 KiB of shared memory,
+// 78 KiB for int8). ptxas (nvcc 13.0): 124-128 registers on sm_90 (tests/test_sass.py holds it at
+// <= 128), so two blocks per SM fit on H100, and 125-126 on sm_80 (159 before the metadata copies
+// got their source set up once, gemm_sp.cuh), so two fit on A100 too (not measured there); no
+// spills. The implicit-GEMM convolution runs the same plan with its NHWC loader (conv_sp.cuh). No
+// split-K: a large-M grid fills the GPU by itself, and compiling the split-K tail into this tile
+// took ptxas to 165 registers on sm_90. kMinBlocksPerSm 0: no minimum in the launch bounds, ptxas's
+// own budget (that gives the counts above; a minimum of 1 took it to 170-182 registers, 2 made it
+// spill).
 struct LargeM {
   static constexpr int kBlockN = 128, kBlockM = 128, kWarpsN = 2, kWarpsM = 4, kStages = 3, kKTilesPerStage = 1;
   static constexpr bool kSplitK = false;
   static constexpr int kMinBlocksPerSm = 0;
 };
 
-// Decode, M <= 16: memory bound on Wc. 8 warps of 16 (N) x 16 (M), four stages of two k-tiles
-// each: a stage reads 128-byte runs of 128 Wc rows (whole L2 lines; 64-byte runs were 2-14%
-// slower), 88 KiB of shared memory in all. Split-K over blocks fills the GPU when N alone cannot
-// (the only tile with kSplitK: gemm_sp.cuh compiles the split-K tail for it alone). Launch
+// Decode, M <= 16: memory bound on Wc. 8 warps of 16 (N) x 16 (M), four stages of two k-tiles each:
+// a stage reads 128-byte runs of 128 Wc rows (whole L2 lines; 64-byte runs were 2-14% slower), 88
+// KiB of shared memory in all (96 KiB for int8). Split-K over blocks fills the GPU when N alone
+// cannot (the only tile with kSplitK: gemm_sp.cuh compiles the split-K tail for it alone). Launch
 // bounds of two blocks per SM, what its shared memory allows on H100 / H200: 63-69 registers on
 // sm_90, 71-75 on sm_80; without a stated minimum ptxas once held it to 64 and the convolution
-// spilled on sm_80.
-// Chosen by a sweep on H200 (bench/results/2026-11-26-H200-run5/sweep.txt, config 5): 3-7% faster
-// than 4 warps x 64 rows, which beat 6 stages, 4 k-tiles per stage, 32-row blocks and an L2
-// prefetch hint on the weight copies.
+// spilled on sm_80. Chosen by a sweep on H200 (bench/results/2026-11-26-H200-run5/sweep.txt, config
+// 5): 3-7% faster than 4 warps x 64 rows, which beat 6 stages, 4 k-tiles per stage, 32-row blocks
+// and an L2 prefetch hint on the weight copies.
 struct Decode {
   static constexpr int kBlockN = 128, kBlockM = 16, kWarpsN = 8, kWarpsM = 1, kStages = 4, kKTilesPerStage = 2;
   static constexpr bool kSplitK = true;

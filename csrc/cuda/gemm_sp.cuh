@@ -190,6 +190,11 @@ struct RowMajorX {
     const bool row_ok = m < M;
     copy_chunk(dst, row_ok ? x + m * ldx + col : x, row_ok, K - col, vector_ok);
   }
+
+  // Bytes of X from p.x on that the copies may read (the emulator checks them, kernels_dispatch.cuh).
+  static int64_t source_bytes(const Params& p) {
+    return p.M > 0 ? ((p.M - 1) * p.ldx + p.K) * int64_t(sizeof(Operand)) : 0;
+  }
 };
 
 // The epilogue of one output element, in the INT8 contract's order (one fp32 rounding per step,
@@ -294,8 +299,10 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinB
                             a_chunk * S::kChunkElems;
   const int64_t a_pass_stride = kRowsPerPass * Kc;
 
-  // Metadata: one 16-byte chunk per thread and stage at most, always inside the padded kernel
-  // layout (reorder.cuh), so its source is set up once and a stage adds the k offset.
+  // Metadata: one 16-byte chunk per thread and stage at most, its source set up once (a stage adds
+  // the k offset). The padded kernel layout (reorder.cuh) holds every k-tile below k_tiles, but
+  // not the one past the end: the kt_end check keeps the second k-tile of a half-used last stage
+  // from reading past the buffer on the last 16-row slice (the emulator fails such a copy).
   constexpr int kMetaChunks = S::kBytesMeta / 16, kSliceChunks = S::kMetaSliceBytes / 16;
   constexpr int64_t kMetaKTileBytes = S::kSteps * Policy::kMetaWordsPerStep * 4;
   static_assert(kMetaChunks * kStageKTiles <= S::kThreads, "one metadata chunk per thread and stage at most");
@@ -314,6 +321,8 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinB
     char* stage_base = smem + stage * S::kStageBytes;
     const int64_t kt0 = kt_begin + int64_t(st) * kStageKTiles;
     const int64_t kt_stop = kt0 + kStageKTiles;
+    // Columns below Kc keep the copies inside Wc; the split's end only saves loading a k-tile
+    // that the next split computes (the compute loop stops at num_tiles either way).
     if (a_rows_interior && kt_stop <= kt_end && kt_stop * (S::kBlockK / 2) <= Kc) {
       const Operand* source = a_source + kt0 * (S::kBlockK / 2);
       char* destination = stage_base + a_smem_offset;

@@ -125,6 +125,15 @@ void launch_gemm(const typename XLoader::Params& params, const GemmPlan& plan, s
   }
   const dim3 grid(static_cast<unsigned>((p.M + S::kBlockM - 1) / S::kBlockM), static_cast<unsigned>(n_blocks),
                   static_cast<unsigned>(plan.split_k));
+#if defined(SPARSEGEMM_SIMT)
+  // What the kernel's cp.async copies may read: the emulator fails any copy outside (the tails'
+  // predicates and the fast copies' bounds are what keeps them inside).
+  const emu::ReadableBuffers readable{
+      {p.values, size_t(p.N * values_cols(p.K)) * sizeof(typename Policy::Operand), "Wc"},
+      {p.meta, size_t(meta_rows_padded(p.N) / 16 * Policy::meta_steps(p.K) * Policy::kMetaWordsPerStep * 4),
+       "kernel metadata"},
+      {p.x, size_t(XLoader::source_bytes(params)), "X"}};
+#endif
   sg_launch(gemm_sp_kernel<Policy, Tile, XLoader>, grid, dim3(S::kThreads), size_t(S::kSmemBytes), stream, params,
             plan.k_tiles_per_split);
 }

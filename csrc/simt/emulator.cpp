@@ -49,6 +49,28 @@ constexpr unsigned kMaxThreadsPerBlock = 1024;
 constexpr size_t kMaxSharedBytes = 163 * 1024;
 constexpr unsigned kWarpSize = 32;
 
+// The buffers of the live ReadableBuffers on this OS thread (launches run on the launching thread).
+thread_local std::vector<ReadableBuffer> readable_buffers;
+
+// Throws unless the `bytes` global bytes at `address` lie inside one declared readable buffer;
+// the message places the address after the nearest buffer that starts below it.
+void check_readable(const void* address, size_t bytes, const char* what) {
+  if (readable_buffers.empty()) return;
+  const auto at = reinterpret_cast<uintptr_t>(address);
+  const ReadableBuffer* below = nullptr;
+  for (const ReadableBuffer& b : readable_buffers) {
+    const auto begin = reinterpret_cast<uintptr_t>(b.begin);
+    if (at >= begin && at + bytes <= begin + b.bytes) return;
+    if (at >= begin && (below == nullptr || begin > reinterpret_cast<uintptr_t>(below->begin))) below = &b;
+  }
+  std::string where = "below every buffer this launch may read";
+  if (below != nullptr)
+    where = "at byte " + std::to_string(at - reinterpret_cast<uintptr_t>(below->begin)) + " of " + below->name +
+            ", which holds " + std::to_string(below->bytes) + " bytes";
+  fail(std::string(what) + ": " + std::to_string(bytes) + " source bytes " + where +
+       " (outside every buffer the launch may read)");
+}
+
 // ---- execution contexts ------------------------------------------------------------------------
 #if defined(__x86_64__)
 // A saved context is its stack pointer; the callee-saved registers, MXCSR and the x87 control
@@ -384,6 +406,13 @@ void check_launch_configuration(const Launch& l) {
 // ---- public API ------------------------------------------------------------------------------
 void fail(const std::string& message) { throw std::runtime_error(message); }
 
+ReadableBuffers::ReadableBuffers(std::initializer_list<ReadableBuffer> buffers) {
+  if (!readable_buffers.empty()) throw std::logic_error("emu::ReadableBuffers: one declaration at a time");
+  readable_buffers.assign(buffers.begin(), buffers.end());
+}
+
+ReadableBuffers::~ReadableBuffers() { readable_buffers.clear(); }
+
 std::string kernel_name_from_launch_text(const char* launch_text) {
   std::string text(launch_text);
   int depth = 0;
@@ -539,6 +568,7 @@ void cp_async_16(void* dst, const void* src, bool pred) {
   if (pred) {
     if (reinterpret_cast<uintptr_t>(src) % 16 != 0)
       fail("cp.async.cg.shared.global: global source address is not 16-byte aligned");
+    check_readable(src, 16, "cp.async.cg.shared.global");
     std::memcpy(copy.bytes, src, sizeof copy.bytes);
   } else {
     std::memset(copy.bytes, 0, sizeof copy.bytes);

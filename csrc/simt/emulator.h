@@ -20,7 +20,8 @@
 //   real shared memory starts with stale contents.
 // - cp.async copies read global memory at issue but land in shared memory only when a
 //   cp.async.wait_group retires their group (or at thread exit), so a missing wait shows up as
-//   0xFF poison in what the kernel reads.
+//   0xFF poison in what the kernel reads. Their sources must lie in the buffers the launch
+//   declared readable (ReadableBuffers, below), so that a copy past the end of an operand fails.
 // Under AddressSanitizer (build with -fsanitize=address; from Python preload libasan and
 // libstdc++) fiber switches are annotated, so global and shared-memory overruns are reported.
 // Every error is a std::runtime_error naming the kernel, the block and the thread or warp; errors
@@ -29,6 +30,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <initializer_list>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -116,6 +118,25 @@ void cp_async_16(void* dst, const void* src, bool pred);
 void cp_async_commit();
 // Completes all but the newest `pending` committed groups (cp.async.wait_group semantics).
 void cp_async_wait(int pending);
+
+// Global buffers the launches that follow may read through cp.async (the host side of a launch
+// declares them: the GEMM's Wc, kernel metadata and X). While a ReadableBuffers lives on this OS
+// thread, a cp.async whose 16 source bytes do not lie inside one of them is an error naming the
+// buffers: a kernel must never read past a buffer, the GPU would read a neighbour's data or fault
+// (compute-sanitizer memcheck finds it there; the emulator's other global accesses are plain C++
+// and unchecked). Not nestable; without one, cp.async sources are not checked.
+struct ReadableBuffer {
+  const void* begin;
+  size_t bytes;
+  const char* name;
+};
+class ReadableBuffers {
+ public:
+  ReadableBuffers(std::initializer_list<ReadableBuffer> buffers);
+  ~ReadableBuffers();
+  ReadableBuffers(const ReadableBuffers&) = delete;
+  ReadableBuffers& operator=(const ReadableBuffers&) = delete;
+};
 
 // Throws std::runtime_error(message); for instruction models that find illegal operands.
 [[noreturn]] void fail(const std::string& message);

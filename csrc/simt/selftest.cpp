@@ -147,6 +147,9 @@ SG_GLOBAL void convert_kernel(int kind, const void* __restrict__ in, void* __res
 }
 
 // ---- kernels that break the rules (selftest.h Misuse) -------------------------------------------
+// Global memory of the cp_async_past_a_buffer case: its first 16 bytes are declared readable.
+alignas(16) const uint8_t misuse_source[32] = {};
+
 SG_GLOBAL void misuse_kernel(int which) {
   SG_DYNAMIC_SMEM(char, smem);
   const unsigned lane = lane_id();
@@ -174,6 +177,9 @@ SG_GLOBAL void misuse_kernel(int which) {
       cp_async_16(smem + 1024, src, true);
       break;
     }
+    case simt_selftest::Misuse::cp_async_past_a_buffer:
+      if (lane == 0) cp_async_16(smem, misuse_source + 16, true);
+      break;
     case simt_selftest::Misuse::lane_exited_at_collective:
       if (lane >= 16) return;
       __shfl_sync(0xFFFFFFFFu, 1, 0);
@@ -269,6 +275,11 @@ void misuse(int which) {
   const auto m = static_cast<Misuse>(which);
   const unsigned threads = m == Misuse::barrier_not_reached ? 64 : m == Misuse::partial_warp_block ? 48 : 32;
   const size_t smem = m == Misuse::too_much_shared_memory ? 164 * 1024 : 1024;
+  if (m == Misuse::cp_async_past_a_buffer) {
+    const emu::ReadableBuffers readable{{kernels::misuse_source, 16, "misuse_source"}};
+    sg_launch(kernels::misuse_kernel, dim3(1), dim3(threads), smem, nullptr, which);
+    return;
+  }
   sg_launch(kernels::misuse_kernel, dim3(1), dim3(threads), smem, nullptr, which);
 }
 

@@ -64,6 +64,7 @@ enum class Misuse : int {
   barrier_in_divergent_warp = 7, // lanes 0..15 shuffle while 16..31 wait at __syncthreads
   too_much_shared_memory = 8,    // a launch asks for more than sm_80's 163 KiB
   mixed_selectors = 9,           // mma.sp with selector 0 in lane 0, 1 in the others
+  cp_async_past_a_buffer = 10,   // lane 0 copies the 16 bytes after the one 16-byte buffer declared readable
 };
 void misuse(int which);
 
