@@ -442,39 +442,38 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinB
       // (load_global_cg): they were written during this launch.
       Acc* partials = static_cast<Acc*>(p.workspace);
       const int64_t split_stride = p.M * p.N;
-      // Output row n and column m of acc[i][j][r] (mma's C fragment: rows g, g + 8; columns 2t, 2t + 1).
-      auto fragment_n = [&](int i, int r) { return n0 + warp_n * S::kWarpN + i * 16 + g + 8 * (r >> 1); };
-      auto fragment_m = [&](int j, int r) { return m0 + warp_m * S::kWarpM + j * 8 + 2 * t + (r & 1); };
-#pragma unroll
-      for (int i = 0; i < S::kTilesN; ++i)
-#pragma unroll
-        for (int j = 0; j < S::kTilesM; ++j)
-#pragma unroll
-          for (int r = 0; r < 4; ++r) {
-            const int64_t n = fragment_n(i, r), m = fragment_m(j, r);
-            if (n < p.N && m < p.M) partials[blockIdx.z * split_stride + m * p.N + n] = acc[i][j][r];
-          }
-      if (!arrived_last(p.tile_counters + (int64_t(blockIdx.y) * gridDim.x + blockIdx.x), int(gridDim.z), smem))
-        return;
-      // Split-major: per split, the loads of all this thread's elements are independent and in
-      // flight together. Reading one element's splits as a chain of L2 round trips made the tail
-      // cost ~10 us at M = 16, split 8 (H200); unrolling the split loop by 4 measured the same as
-      // this and took 107-128 registers instead of 80. Each sum still adds the splits in order,
-      // so the result keeps its bits.
-      typename Policy::PartialSum sums[S::kTilesN][S::kTilesM][4] = {};
-      const Acc* split_partials = partials;
-#pragma unroll 1
-      for (int split = 0; split < int(gridDim.z); ++split, split_partials += split_stride)
+      // visit(i, j, r, offset) for each element acc[i][j][r] inside Y, at offset m N + n of its
+      // output row n and column m (mma's C fragment: rows g, g + 8; columns 2t, 2t + 1). Tail
+      // rows and columns are neither stored nor read back.
+      auto for_each_output = [&](auto&& visit) {
 #pragma unroll
         for (int i = 0; i < S::kTilesN; ++i)
 #pragma unroll
           for (int j = 0; j < S::kTilesM; ++j)
 #pragma unroll
             for (int r = 0; r < 4; ++r) {
-              const int64_t n = fragment_n(i, r), m = fragment_m(j, r);
-              if (n < p.N && m < p.M)  // tail rows: never stored
-                sums[i][j][r] += load_global_cg(split_partials + m * p.N + n);
+              const int64_t n = n0 + warp_n * S::kWarpN + i * 16 + g + 8 * (r >> 1);
+              const int64_t m = m0 + warp_m * S::kWarpM + j * 8 + 2 * t + (r & 1);
+              if (n < p.N && m < p.M) visit(i, j, r, m * p.N + n);
             }
+      };
+      for_each_output([&](int i, int j, int r, int64_t offset) {
+        partials[blockIdx.z * split_stride + offset] = acc[i][j][r];
+      });
+      if (!arrived_last(p.tile_counters + (int64_t(blockIdx.y) * gridDim.x + blockIdx.x), int(gridDim.z), smem))
+        return;
+      // Split-major: per split, the loads of all this thread's elements are independent and in
+      // flight together. Reading one element's splits as a chain of L2 round trips made the tail
+      // cost ~10 us at M = 16, split 8 (H200); unrolling the split loop by 4 measured the same as
+      // this and took 107-128 registers (80 without). Each sum still adds the splits in order,
+      // so the result keeps its bits.
+      typename Policy::PartialSum sums[S::kTilesN][S::kTilesM][4] = {};
+      const Acc* split_partials = partials;
+#pragma unroll 1
+      for (int split = 0; split < int(gridDim.z); ++split, split_partials += split_stride)
+        for_each_output([&](int i, int j, int r, int64_t offset) {
+          sums[i][j][r] += load_global_cg(split_partials + offset);
+        });
 #pragma unroll
       for (int i = 0; i < S::kTilesN; ++i)
 #pragma unroll
