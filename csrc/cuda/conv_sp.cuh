@@ -29,6 +29,7 @@ template <typename Operand>
 struct NhwcConvX {
   using Params = ConvParams;
   static SG_HOST_DEVICE const GemmParams& gemm(const Params& p) { return p.gemm; }
+  static constexpr bool kStridedRows = false;  // a row's K columns gather its taps: copy() alone
   static constexpr int kChunkElems = 16 / int(sizeof(Operand));
 
   const Operand* x;

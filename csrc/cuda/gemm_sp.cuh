@@ -171,11 +171,14 @@ SG_DEVICE void zero_chunk(char* dst) { *reinterpret_cast<ElementPack<uint32_t, 4
 //   Loader(params)        per-thread setup, once per kernel
 //   copy(dst, m, col)     issues the copy of that chunk into shared memory dst, zero-filled
 //                         where X has no element (m >= M, K columns past K)
+//   kStridedRows          true when row m starts at x + m ldx (then x, ldx, vector_ok are members)
+//   source_bytes(params)  the bytes from X's start the copies may read (the emulator checks them)
 // RowMajorX is the GEMM's: X[M, K] rows with stride ldx. conv_sp.cuh has the implicit-GEMM one.
 template <typename Operand>
 struct RowMajorX {
   using Params = GemmParams;
   static SG_HOST_DEVICE const GemmParams& gemm(const Params& p) { return p; }
+  static constexpr bool kStridedRows = true;  // interior stages: precomputed pointers (gemm_sp_kernel)
 
   const Operand* x;
   int64_t M, K, ldx;
@@ -191,7 +194,6 @@ struct RowMajorX {
     copy_chunk(dst, row_ok ? x + m * ldx + col : x, row_ok, K - col, vector_ok);
   }
 
-  // Bytes of X from p.x on that the copies may read (the emulator checks them, kernels_dispatch.cuh).
   static int64_t source_bytes(const Params& p) {
     return p.M > 0 ? ((p.M - 1) * p.ldx + p.K) * int64_t(sizeof(Operand)) : 0;
   }
@@ -217,6 +219,18 @@ SG_DEVICE float scale_at(const float* scales, int64_t index, int64_t count) {
     return 1.f;
   }
 }
+
+// Whether gemm_sp_kernel copies interior X stages of this loader through precomputed pointers:
+// loaders with strided rows, on sm_90 and in the emulator. On sm_80-89 ptxas (nvcc 13.0) took
+// the LargeM tile from 125-126 to 157-159 registers with them (one block per SM on A100 instead
+// of two), so there X keeps copy(). On sm_90 the tile stays at 126-128.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+template <typename XLoader>
+constexpr bool kStridedXCopies = false;
+#else
+template <typename XLoader>
+constexpr bool kStridedXCopies = XLoader::kStridedRows;
+#endif
 
 // Split-K arrival: called by every thread of a block once its partial sums are stored; true in
 // the block that arrives last at `counter` out of `splits` (its counter is then reset to 0 for
@@ -313,6 +327,19 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinB
   const char* meta_source = meta + ((n0 / 16 + meta_slice) * meta_steps + meta_sub * S::kSteps) *
                                        Policy::kMetaWordsPerStep * 4 + (tid % kSliceChunks) * 16;
 
+  // X chunks of this thread, as for Wc: chunk c = tid + pass * kThreads is row c / kXChunksPerRow
+  // of the tile, passes kXRowsPerPass rows apart with the same swizzle. For a loader with strided
+  // rows (kStridedXCopies), a stage whose kBlockM rows are all below M and whose columns are all
+  // below K is copied through one pointer per stage and pass (copy() spends ~30 instructions per
+  // chunk: for LargeM, 4 chunks a thread per k-tile, more than its 16 ldmatrix / 32 mma.sp a warp).
+  constexpr int kXChunksPerRow = 8 * kStageKTiles;
+  constexpr int kXRowsPerPass = S::kThreads / kXChunksPerRow;
+  constexpr int kXPasses = S::kBlockM / kXRowsPerPass;
+  static_assert(S::kThreads % kXChunksPerRow == 0 && S::kBlockM % kXRowsPerPass == 0 && kXRowsPerPass % 8 == 0,
+                "X copies: whole rows per pass, a swizzle that repeats every pass");
+  bool x_rows_interior = false;
+  if constexpr (kStridedXCopies<XLoader>) x_rows_interior = x_loader.vector_ok && m0 + S::kBlockM <= p.M;
+
   // Issues the copies of stage tile st (k-tiles kt_begin + kStageKTiles st + sub, those below
   // kt_end) into pipeline stage `stage` (no commit). Consecutive threads take consecutive 16-byte
   // chunks of one row across the stage's k-tiles: kStageKTiles x 64 contiguous bytes of Wc.
@@ -341,15 +368,33 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinB
                    row_ok, Kc - col, a_vector_ok);
       }
     }
-    // All kBlockM rows with the missing ones skipped inside, rather than a loop bounded by x_rows:
-    // the constant trip count keeps the LargeM tile at 128 registers (two blocks per SM on sm_90).
-    for (int c = tid; c < S::kBlockM * 8 * kStageKTiles; c += S::kThreads) {
-      const int r = c / (8 * kStageKTiles), sub = (c / 8) % kStageKTiles, chunk = c & 7;
-      const int64_t kt = kt0 + sub;
-      if (r >= x_rows || (kStageKTiles > 1 && kt >= kt_end)) continue;
-      char* sB = stage_base + sub * S::kKTileBytes + S::kBytesA;
-      x_loader.copy(sB + r * S::kRowBytesB + ((chunk ^ (r & 7)) << 4), m0 + r,
-                    kt * S::kBlockK + chunk * S::kChunkElems);
+    bool x_copied = false;
+    if constexpr (kStridedXCopies<XLoader>) {
+      if (x_rows_interior && kt_stop <= kt_end && kt_stop * S::kBlockK <= p.K) {
+        // Derived here rather than held across the main loop: held, they took the fp16 LargeM
+        // tile from 128 to 162 registers (one block per SM).
+        const int row = tid / kXChunksPerRow, sub = (tid / 8) % kStageKTiles, chunk = tid & 7;
+        const int64_t ldx = x_loader.ldx;
+        const Operand* source = x_loader.x + (m0 + row) * ldx + (kt0 + sub) * S::kBlockK + chunk * S::kChunkElems;
+        char* destination =
+            stage_base + sub * S::kKTileBytes + S::kBytesA + row * S::kRowBytesB + ((chunk ^ (row & 7)) << 4);
+#pragma unroll
+        for (int pass = 0; pass < kXPasses; ++pass)
+          cp_async_16(destination + pass * kXRowsPerPass * S::kRowBytesB, source + pass * kXRowsPerPass * ldx, true);
+        x_copied = true;
+      }
+    }
+    // Otherwise through copy(): all kBlockM rows with the missing ones skipped inside, rather than
+    // a loop bounded by x_rows (the constant trip count keeps the LargeM tile at 128 registers).
+    if (!x_copied) {
+      for (int c = tid; c < S::kBlockM * 8 * kStageKTiles; c += S::kThreads) {
+        const int r = c / (8 * kStageKTiles), sub = (c / 8) % kStageKTiles, chunk = c & 7;
+        const int64_t kt = kt0 + sub;
+        if (r >= x_rows || (kStageKTiles > 1 && kt >= kt_end)) continue;
+        char* sB = stage_base + sub * S::kKTileBytes + S::kBytesA;
+        x_loader.copy(sB + r * S::kRowBytesB + ((chunk ^ (r & 7)) << 4), m0 + r,
+                      kt * S::kBlockK + chunk * S::kChunkElems);
+      }
     }
     if (meta_copier && (kStageKTiles == 1 || kt0 + meta_sub < kt_end))
       cp_async_16(stage_base + meta_smem_offset, meta_source + kt0 * kMetaKTileBytes, true);
