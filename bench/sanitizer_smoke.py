@@ -10,7 +10,9 @@ import sparsegemm
 from sparsegemm import _C, quant
 from sparsegemm import format as fmt
 
-SHAPES = [(1, 40, 36), (17, 136, 100), (130, 260, 264)]
+# The last one takes the copies with precomputed pointers (whole 128-row blocks of Wc and of X,
+# 16-byte rows) and then a stage across K.
+SHAPES = [(1, 40, 36), (17, 136, 100), (130, 260, 264), (130, 256, 1056)]
 # (config, split_k): large-M tile, decode tile, decode tile with a forced 3-way split of K.
 CONFIGS = [(0, 0), (1, 0), (1, 3)]
 
