@@ -524,6 +524,23 @@ def test_gemm_fast_wc_copies_stop_before_the_end_of_k(kernels, dtype, config):
 
 
 @pytest.mark.parametrize("config", [LARGE_M, DECODE])
+@pytest.mark.parametrize("m", [16, 130])
+@pytest.mark.parametrize("offset", [0, 1])
+def test_gemm_fast_x_copies_follow_the_row_stride(kernels, config, m, offset):
+    # Whole blocks of X rows take the copies with precomputed pointers: rows ldx = K + 8 apart
+    # (offset 0: 16-byte aligned, so the fast copies run) or at a 2-byte offset (offset 1: no
+    # 16-byte copies allowed, the element path must run instead).
+    n, k = 136, 264
+    gen = torch.Generator().manual_seed(m + offset)
+    w = sparse_weight(n, k, torch.float16, gen, -2, 3)
+    x_store = torch.randint(-2, 3, (m, k + 8), generator=gen).to(torch.float16)
+    x = x_store[:, offset:k + offset]
+    values, meta, _ = kernels.compress(w, prune=False)
+    y = kernels.gemm(x, values, meta, n, k, config=config)
+    assert torch.equal(y, (x.double() @ w.double().T).to(torch.float16))
+
+
+@pytest.mark.parametrize("config", [LARGE_M, DECODE])
 def test_gemm_unaligned_operands_and_output_stride(kernels, config):
     m, n, k = 5, 20, 48
     gen = torch.Generator().manual_seed(4)

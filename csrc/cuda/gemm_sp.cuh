@@ -221,9 +221,10 @@ SG_DEVICE float scale_at(const float* scales, int64_t index, int64_t count) {
 }
 
 // Whether gemm_sp_kernel copies interior X stages of this loader through precomputed pointers:
-// loaders with strided rows, on sm_90 and in the emulator. On sm_80-89 ptxas (nvcc 13.0) took
-// the LargeM tile from 125-126 to 157-159 registers with them (one block per SM on A100 instead
-// of two), so there X keeps copy(). On sm_90 the tile stays at 126-128.
+// loaders with strided rows, on sm_90 and newer and in the emulator. On sm_80-89 ptxas (nvcc
+// 13.0) took the LargeM tile from 125-126 to 157-159 registers with them (one block per SM on
+// A100 instead of two), so there X keeps copy(). On sm_90 the tile stays at 126-128. Device code
+// only: the host pass of nvcc sees `true` whatever the target.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
 template <typename XLoader>
 constexpr bool kStridedXCopies = false;
@@ -372,7 +373,7 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinB
     if constexpr (kStridedXCopies<XLoader>) {
       if (x_rows_interior && kt_stop <= kt_end && kt_stop * S::kBlockK <= p.K) {
         // Derived here rather than held across the main loop: held, they took the fp16 LargeM
-        // tile from 128 to 162 registers (one block per SM).
+        // tile from 128 to 162 registers on sm_90 (one block per SM).
         const int row = tid / kXChunksPerRow, sub = (tid / 8) % kStageKTiles, chunk = tid & 7;
         const int64_t ldx = x_loader.ldx;
         const Operand* source = x_loader.x + (m0 + row) * ldx + (kt0 + sub) * S::kBlockK + chunk * S::kChunkElems;
