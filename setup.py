@@ -7,6 +7,7 @@ Environment knobs (see README):
   SPARSEGEMM_BUILD_TYPE        CMake build type, default Release
 """
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +43,11 @@ class CMakeBuild(build_ext):
             f"-DSPARSEGEMM_CUDA={os.environ.get('SPARSEGEMM_CUDA', 'AUTO')}",
             f"-DSPARSEGEMM_CUDA_ARCHS={archs}",
         ]
+        # pip builds in a throwaway environment whose ninja a cached CMAKE_MAKE_PROGRAM would still
+        # name on the next `pip install .` of this checkout (CMake then fails in project()).
+        ninja = shutil.which("ninja")
+        if ninja:
+            cmake_args.append(f"-DCMAKE_MAKE_PROGRAM={ninja}")
         subprocess.run(["cmake", *cmake_args], check=True)
         jobs = os.environ.get("MAX_JOBS") or os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL") or str(os.cpu_count() or 1)
         subprocess.run(["cmake", "--build", str(build_dir), "--parallel", jobs], check=True)
