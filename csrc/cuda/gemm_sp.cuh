@@ -338,8 +338,11 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinB
   constexpr int kXPasses = S::kBlockM / kXRowsPerPass;
   static_assert(S::kThreads % kXChunksPerRow == 0 && S::kBlockM % kXRowsPerPass == 0 && kXRowsPerPass % 8 == 0,
                 "X copies: whole rows per pass, a swizzle that repeats every pass");
-  bool x_rows_interior = false;
-  if constexpr (kStridedXCopies<XLoader>) x_rows_interior = x_loader.vector_ok && m0 + S::kBlockM <= p.M;
+  // With one pass (the decode tile) a block with fewer than kBlockM rows takes it too, each thread
+  // copying only a row below M (most decode blocks hold 1-8 rows); with several passes the block
+  // must be whole (a per-pass row check took LargeM from 126 to 156-159 registers on sm_90).
+  bool x_rows_ok = false;
+  if constexpr (kStridedXCopies<XLoader>) x_rows_ok = x_loader.vector_ok && (kXPasses == 1 || x_rows == S::kBlockM);
 
   // Issues the copies of stage tile st (k-tiles kt_begin + kStageKTiles st + sub, those below
   // kt_end) into pipeline stage `stage` (no commit). Consecutive threads take consecutive 16-byte
@@ -371,7 +374,7 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinB
     }
     bool x_copied = false;
     if constexpr (kStridedXCopies<XLoader>) {
-      if (x_rows_interior && kt_stop <= kt_end && kt_stop * S::kBlockK <= p.K) {
+      if (x_rows_ok && kt_stop <= kt_end && kt_stop * S::kBlockK <= p.K) {
         // Derived here rather than held across the main loop: held, they took the fp16 LargeM
         // tile from 128 to 162 registers on sm_90 (one block per SM).
         const int row = tid / kXChunksPerRow, sub = (tid / 8) % kStageKTiles, chunk = tid & 7;
@@ -381,7 +384,8 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinB
             stage_base + sub * S::kKTileBytes + S::kBytesA + row * S::kRowBytesB + ((chunk ^ (row & 7)) << 4);
 #pragma unroll
         for (int pass = 0; pass < kXPasses; ++pass)
-          cp_async_16(destination + pass * kXRowsPerPass * S::kRowBytesB, source + pass * kXRowsPerPass * ldx, true);
+          if (kXPasses > 1 || row < x_rows)  // rows past M: zeroed once, never copied
+            cp_async_16(destination + pass * kXRowsPerPass * S::kRowBytesB, source + pass * kXRowsPerPass * ldx, true);
         x_copied = true;
       }
     }
