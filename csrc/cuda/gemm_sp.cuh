@@ -220,17 +220,15 @@ SG_DEVICE float scale_at(const float* scales, int64_t index, int64_t count) {
   }
 }
 
-// Whether gemm_sp_kernel copies interior X stages of this loader through precomputed pointers:
-// loaders with strided rows, on sm_90 and newer and in the emulator. On sm_80-89 ptxas (nvcc
-// 13.0) took the LargeM tile from 125-126 to 157-159 registers with them (one block per SM on
-// A100 instead of two), so there X keeps copy(). On sm_90 the tile stays at 126-128. Device code
-// only: the host pass of nvcc sees `true` whatever the target.
+// Whether gemm_sp_kernel's X copies through precomputed pointers may take several passes per
+// thread (LargeM; the decode tile has one): on sm_90 and newer and in the emulator. On sm_80-89
+// ptxas (nvcc 13.0) took the LargeM tile from 125-126 to 157-159 registers with them (one block
+// per SM on A100 instead of two), so there LargeM's X keeps copy(); on sm_90 it stays at 126-128.
+// Device code only: the host pass of nvcc sees `true` whatever the target.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-template <typename XLoader>
-constexpr bool kStridedXCopies = false;
+constexpr bool kMultiPassXCopies = false;
 #else
-template <typename XLoader>
-constexpr bool kStridedXCopies = XLoader::kStridedRows;
+constexpr bool kMultiPassXCopies = true;
 #endif
 
 // Split-K arrival: called by every thread of a block once its partial sums are stored; true in
@@ -341,8 +339,9 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinB
   // With one pass (the decode tile) a block with fewer than kBlockM rows takes it too, each thread
   // copying only a row below M (most decode blocks hold 1-8 rows); with several passes the block
   // must be whole (a per-pass row check took LargeM from 126 to 156-159 registers on sm_90).
+  constexpr bool kStridedXCopies = XLoader::kStridedRows && (kXPasses == 1 || kMultiPassXCopies);
   bool x_rows_ok = false;
-  if constexpr (kStridedXCopies<XLoader>) x_rows_ok = x_loader.vector_ok && (kXPasses == 1 || x_rows == S::kBlockM);
+  if constexpr (kStridedXCopies) x_rows_ok = x_loader.vector_ok && (kXPasses == 1 || x_rows == S::kBlockM);
 
   // Issues the copies of stage tile st (k-tiles kt_begin + kStageKTiles st + sub, those below
   // kt_end) into pipeline stage `stage` (no commit). Consecutive threads take consecutive 16-byte
@@ -373,7 +372,7 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinB
       }
     }
     bool x_copied = false;
-    if constexpr (kStridedXCopies<XLoader>) {
+    if constexpr (kStridedXCopies) {
       if (x_rows_ok && kt_stop <= kt_end && kt_stop * S::kBlockK <= p.K) {
         // Derived here rather than held across the main loop: held, they took the fp16 LargeM
         // tile from 128 to 162 registers on sm_90 (one block per SM).
