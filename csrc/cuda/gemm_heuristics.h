@@ -36,8 +36,8 @@ struct LargeM {
 // a stage reads 128-byte runs of 128 Wc rows (whole L2 lines; 64-byte runs were 2-14% slower), 88
 // KiB of shared memory in all (96 KiB for int8). Split-K over blocks fills the GPU when N alone
 // cannot (the only tile with kSplitK: gemm_sp.cuh compiles the split-K tail for it alone). Launch
-// bounds of two blocks per SM, what its shared memory allows on H100 / H200: 69-71 registers on
-// sm_90, 71-75 on sm_80; without a stated minimum ptxas once held it to 64 and the convolution
+// bounds of two blocks per SM, what its shared memory allows on H100 / H200: 65-69 registers on
+// sm_90, 73-75 on sm_80; without a stated minimum ptxas once held it to 64 and the convolution
 // spilled on sm_80. Chosen by a sweep on H200 (bench/results/2026-11-26-H200-run5/sweep.txt, config
 // 5): 3-7% faster than 4 warps x 64 rows, which beat 6 stages, 4 k-tiles per stage, 32-row blocks
 // and an L2 prefetch hint on the weight copies.
