@@ -24,7 +24,10 @@ wait "$base_build"
 for side in base this; do
   tree=$BASE; [ "$side" = this ] && tree=$THIS
   (cd "$tree" && PYTHONPATH="$tree" "$PY" bench/decode_sweep.py > "$OUT/sweep_$side.txt" 2>&1)
+  # Large M through the public API, with this tree's script against either build.
+  (cd "$tree" && PYTHONPATH="$tree" "$PY" "$THIS/bench/large_m_timing.py" >> "$OUT/sweep_$side.txt" 2>&1)
 done
 # Side by side, us at the heuristic's split: shape, base fp16, base INT8, this fp16, this INT8.
 paste <(grep -o "^M=[^:]*\|heuristic [0-9.]*us" "$OUT/sweep_base.txt" | paste - - - ) \
       <(grep -o "heuristic [0-9.]*us" "$OUT/sweep_this.txt" | paste - - ) | sed 's/heuristic //g'
+grep -h "^large M" "$OUT/sweep_base.txt" "$OUT/sweep_this.txt"
