@@ -3,6 +3,7 @@
 # compute-sanitizer memcheck + racecheck on small cases, the benchmark; everything lands in OUTDIR
 # (env.json, junit XML, sanitizer logs, bench.json/.csv/.md/.png). Usage: bench/gpu_suite.sh OUTDIR
 # PYTHON (default: python3) must have a CUDA torch, pybind11, pytest; nvcc and compute-sanitizer on PATH.
+# Knobs: BENCH_ARGS, PYTEST_WORKERS, TESTS_TIMEOUT / BENCH_TIMEOUT / SANITIZER_TIMEOUT (seconds).
 set -euo pipefail
 OUT=${1:?usage: bench/gpu_suite.sh OUTDIR}
 PY=${PYTHON:-python3}
@@ -34,12 +35,16 @@ PYEOF
 status=0
 # The whole suite: on a GPU the cuda backends run beside the CPU and emulator ones.
 XDIST=$("$PY" -c 'import xdist' 2>/dev/null && echo "-n ${PYTEST_WORKERS:-8}" || true)
+# Every step after the build has a time limit: a hung step must not eat a short device lease (a
+# killed one fails the suite and leaves what it wrote).
 # shellcheck disable=SC2086
-"$PY" -m pytest -q $XDIST tests --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1 || status=1
+timeout "${TESTS_TIMEOUT:-600}" "$PY" -m pytest -q $XDIST tests --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1 \
+  || status=1
 # BENCH_ARGS narrows the sweep when device time is short (e.g. "--shapes square-8192 --m 1 16 8192").
 # shellcheck disable=SC2086
-"$PY" -m sparsegemm bench --device cuda --dtype float16 bfloat16 int8 --no-progress --json "$OUT/bench.json" \
-  --csv "$OUT/bench.csv" --plot "$OUT/bench.png" ${BENCH_ARGS:-} > "$OUT/bench.md" 2>&1 || status=1
+timeout "${BENCH_TIMEOUT:-900}" "$PY" -m sparsegemm bench --device cuda --dtype float16 bfloat16 int8 --no-progress \
+  --json "$OUT/bench.json" --csv "$OUT/bench.csv" --plot "$OUT/bench.png" ${BENCH_ARGS:-} > "$OUT/bench.md" 2>&1 \
+  || status=1
 for tool in memcheck racecheck; do
   timeout "${SANITIZER_TIMEOUT:-240}" compute-sanitizer --tool "$tool" --error-exitcode 1 "$PY" bench/sanitizer_smoke.py \
     > "$OUT/sanitizer_$tool.log" 2>&1 || status=1
