@@ -685,12 +685,21 @@ def _linear_s8(x_q: Tensor, x_scale: Tensor, values: Tensor, meta: Tensor, kerne
     if kp != k:
         x_q = torch.nn.functional.pad(x_q, (0, kp - k))
     api = "simt_" if backend == "simt" else "cuda_"
-    stream = _stream(x_q) if backend == "cuda" else 0
-    workspace, counters = _launch_scratch(x_q, api, "gemm_s8_scratch", m, n, kp, stream)
-    getattr(_C, api + "gemm_s8")(m, n, kp, x_q.data_ptr(), x_q.stride(0), values.data_ptr(), kernel_meta.data_ptr(),
-                                 w_scale.data_ptr(), x_scale.data_ptr(), _ptr(bias), y.data_ptr(), y.stride(0), code,
-                                 activation, _ptr(workspace), _ptr(counters), -1, 0, stream)
+    _gemm_s8_launch(api, _stream(x_q) if backend == "cuda" else 0, m, n, kp, x_q, x_q.stride(0), x_scale, values,
+                    kernel_meta, w_scale, bias, y, code, activation)
     return y
+
+
+def _gemm_s8_launch(api: str, stream: int, m: int, n: int, k: int, x_q: Tensor, ldx: int, x_scale: Tensor,
+                    values: Tensor, kernel_meta: Tensor, w_scale: Tensor, bias: Optional[Tensor], y: Tensor, code: int,
+                    activation: int) -> None:
+    """The INT8 GEMM kernel of ``api`` ("simt_" / "cuda_") with its split-K scratch: x_q rows ldx
+    apart, values / w_scale / bias contiguous, y [M, N] contiguous (``code``: its dtype's).
+    Sizes and strides are passed in, not read off the tensors: this is the decode path's host time."""
+    workspace, counters = _launch_scratch(x_q, api, "gemm_s8_scratch", m, n, k, stream)
+    getattr(_C, api + "gemm_s8")(m, n, k, x_q.data_ptr(), ldx, values.data_ptr(), kernel_meta.data_ptr(),
+                                 w_scale.data_ptr(), x_scale.data_ptr(), _ptr(bias), y.data_ptr(), n, code, activation,
+                                 _ptr(workspace), _ptr(counters), -1, 0, stream)
 
 
 @_custom_op("sparsegemm::linear_s8_dynamic")
@@ -714,10 +723,8 @@ def _linear_s8_dynamic(x: Tensor, values: Tensor, kernel_meta: Tensor, w_scale: 
     x_scale = _scratch(x, stream, "x_scale", m, torch.float32)
     getattr(_C, api + "quantize_rows")(m, k, x.data_ptr(), x.stride(0), fmt.DTYPE_CODES[x.dtype], x_q.data_ptr(),
                                        x_scale.data_ptr(), stream)
-    workspace, counters = _launch_scratch(x, api, "gemm_s8_scratch", m, n, k, stream)
-    getattr(_C, api + "gemm_s8")(m, n, k, x_q.data_ptr(), k, values.contiguous().data_ptr(), kernel_meta.data_ptr(),
-                                 w_scale.contiguous().data_ptr(), x_scale.data_ptr(), _ptr(bias), y.data_ptr(), n,
-                                 fmt.DTYPE_CODES[out_dtype], activation, _ptr(workspace), _ptr(counters), -1, 0, stream)
+    _gemm_s8_launch(api, stream, m, n, k, x_q, k, x_scale, values.contiguous(), kernel_meta, w_scale.contiguous(),
+                    bias, y, fmt.DTYPE_CODES[out_dtype], activation)
     return y
 
 
