@@ -96,7 +96,7 @@ struct Mma16 {
   static constexpr int kMetaWordsPerStep = int(kMetaWordsPerTile);
   static constexpr int64_t kMetaKPadding = kMetaKPad;
   static constexpr bool kScaled = false;
-  static SG_DEVICE int64_t meta_steps(int64_t K) { return meta_k_padded(K) / kStepK; }
+  static SG_HOST_DEVICE int64_t meta_steps(int64_t K) { return meta_k_padded(K) / kStepK; }
   // Selector 0: lane 4g + p (p = lane & 1) supplies word 2g + p; t = 2, 3 duplicate it.
   static SG_DEVICE int meta_word(int lane) { return (lane >> 2) * 2 + (lane & 1); }
   static SG_DEVICE void mma(Acc (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[4], uint32_t e) {

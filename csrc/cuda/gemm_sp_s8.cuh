@@ -35,7 +35,7 @@ struct MmaS8 {
   static constexpr int kMetaWordsPerStep = int(kMetaWordsPerTileS8);
   static constexpr int64_t kMetaKPadding = kMetaKPadS8;
   static constexpr bool kScaled = true;
-  static SG_DEVICE int64_t meta_steps(int64_t K) { return meta_k_padded_s8(K) / kStepK; }
+  static SG_HOST_DEVICE int64_t meta_steps(int64_t K) { return meta_k_padded_s8(K) / kStepK; }
   // Every lane supplies its own metadata word (reorder.cuh's int8 layout is in lane order).
   static SG_DEVICE int meta_word(int lane) { return lane; }
   static SG_DEVICE void mma(Acc (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[4], uint32_t e) {

@@ -76,6 +76,12 @@ int decode_wave_blocks() {
 #endif
 }
 
+// Bytes of the kernel-layout metadata (reorder.cuh) the GEMM of MMA policy Policy reads for W[N, K].
+template <typename Policy>
+int64_t policy_kernel_meta_bytes(int64_t N, int64_t K) {
+  return meta_rows_padded(N) / 16 * Policy::meta_steps(K) * Policy::kMetaWordsPerStep * int64_t(sizeof(uint32_t));
+}
+
 GemmScratch plan_scratch(const GemmPlan& plan, int64_t M, int64_t N) {
   GemmScratch scratch;
   scratch.workspace_bytes = gemm_plan_workspace_bytes(plan, M, N);
@@ -130,8 +136,7 @@ void launch_gemm(const typename XLoader::Params& params, const GemmPlan& plan, s
   // predicates and the fast copies' bounds are what keeps them inside).
   const emu::ReadableBuffers readable{
       {p.values, size_t(p.N * values_cols(p.K)) * sizeof(typename Policy::Operand), "Wc"},
-      {p.meta, size_t(meta_rows_padded(p.N) / 16 * Policy::meta_steps(p.K) * Policy::kMetaWordsPerStep * 4),
-       "kernel metadata"},
+      {p.meta, size_t(policy_kernel_meta_bytes<Policy>(p.N, p.K)), "kernel metadata"},
       {p.x, size_t(XLoader::source_bytes(params)), "X"}};
 #endif
   sg_launch(gemm_sp_kernel<Policy, Tile, XLoader>, grid, dim3(S::kThreads), size_t(S::kSmemBytes), stream, params,
@@ -178,9 +183,7 @@ void decompress(const DecompressParams& p, void* stream) {
   }
 }
 
-int64_t kernel_meta_bytes(int64_t N, int64_t K) {
-  return meta_rows_padded(N) / 16 * (meta_k_padded(K) / 32) * kMetaWordsPerTile * int64_t(sizeof(uint32_t));
-}
+int64_t kernel_meta_bytes(int64_t N, int64_t K) { return policy_kernel_meta_bytes<Mma16<DType::f16>>(N, K); }
 
 void reorder_meta(const uint8_t* logical_meta, void* kernel_meta, int64_t N, int64_t K, void* stream) {
   const int64_t words = kernel_meta_bytes(N, K) / int64_t(sizeof(uint32_t));
@@ -229,9 +232,7 @@ void quantize_rows(int64_t M, int64_t K, const void* x, int64_t ldx, DType in_dt
   }
 }
 
-int64_t kernel_meta_bytes_s8(int64_t N, int64_t K) {
-  return meta_rows_padded(N) / 16 * (meta_k_padded_s8(K) / 64) * kMetaWordsPerTileS8 * int64_t(sizeof(uint32_t));
-}
+int64_t kernel_meta_bytes_s8(int64_t N, int64_t K) { return policy_kernel_meta_bytes<MmaS8<DType::f16>>(N, K); }
 
 void reorder_meta_s8(const uint8_t* logical_meta, void* kernel_meta, int64_t N, int64_t K, void* stream) {
   const int64_t words = kernel_meta_bytes_s8(N, K) / int64_t(sizeof(uint32_t));
