@@ -1,13 +1,13 @@
-"""Tuning aid for gemm_heuristics.h: decode-GEMM time per tile configuration and forced split-K
-factor, from DRAM (CUDA-graph replay over copies of the weight that together exceed the L2),
-next to dense F.linear and to what the heuristic picks; INT8 likewise, per configuration and
-split; and the compress / decompress kernels.
+"""Tuning aid for gemm_heuristics.h: decode-GEMM time of the decode tile (config 1, "c1") per
+forced split-K factor, from DRAM (CUDA-graph replay over copies of the weight that together
+exceed the L2), next to dense F.linear and to what the heuristic picks; INT8 likewise, per split;
+and the compress / decompress kernels.
 
-    python bench/decode_sweep.py                 # config 1: the decode tile
-    python bench/decode_variants.py && <rebuild> && python bench/decode_sweep.py --configs 1 2 3 4 5 6 7
+    python bench/decode_sweep.py
 
-bench/decode_variants.py patches candidate tiles into a scratch checkout as forced configs 2-7
-(never commit its output). bench/results/2026-11-26-H200-run5/sweep.txt is one such run.
+Split-K is the decode tile's alone (gemm_heuristics.h), so other tiles cannot be swept here:
+the candidates of bench/results/2026-11-26-H200-run5/sweep.txt were patched in by a script that
+predates that and is gone. bench/ab_sweep.sh runs this for two trees on one GPU.
 """
 import argparse
 
@@ -21,6 +21,7 @@ from graph_timing import graph_ms
 
 ROTATE_BYTES = 400 << 20  # weight copies per shape: several times any L2
 SPLITS = (1, 2, 3, 4, 6, 8)
+DECODE = 1  # GemmConfig::decode
 
 
 def _scratch(scratch_fn, *shape_and_config) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,9 +33,7 @@ def _scratch(scratch_fn, *shape_and_config) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", type=int, nargs="+", default=[1])
-    args = parser.parse_args()
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     torch.manual_seed(0)
     f16 = fmt.DTYPE_CODES[torch.float16]
     for n, k in [(11008, 4096), (4096, 11008), (8192, 8192)]:
@@ -71,16 +70,14 @@ def main() -> None:
             th = fp16_us(-1, 0)
             out = [f"M={m:2d} N={n} K={k}: dense {td:.1f}us ({(2 * n * k + io) / td / 1e3:.0f} GB/s)",
                    f"heuristic {th:.1f}us ({sparse_bytes / th / 1e3:.0f} GB/s {td / th:.2f}x)"]
-            for config in args.configs:
-                times = {s: fp16_us(config, s) for s in SPLITS}
-                best = min(times, key=times.get)
-                out.append(f"c{config} best s{best} {times[best]:.1f}us ({sparse_bytes / times[best] / 1e3:.0f} GB/s) ["
-                           + " ".join(f"{s}:{t:.0f}" for s, t in times.items()) + "]")
+            times = {s: fp16_us(DECODE, s) for s in SPLITS}
+            best = min(times, key=times.get)
+            out.append(f"c1 best s{best} {times[best]:.1f}us ({sparse_bytes / times[best] / 1e3:.0f} GB/s) ["
+                       + " ".join(f"{s}:{t:.0f}" for s, t in times.items()) + "]")
             t8 = int8_us(-1, 0)
             out.append(f"int8 heuristic {t8:.1f}us ({int8_bytes / t8 / 1e3:.0f} GB/s {td / t8:.2f}x)")
-            for config in args.configs:
-                times = {s: int8_us(config, s) for s in SPLITS}
-                out.append(f"int8 c{config} [" + " ".join(f"{s}:{t:.1f}" for s, t in times.items()) + "]")
+            times = {s: int8_us(DECODE, s) for s in SPLITS}
+            out.append("int8 c1 [" + " ".join(f"{s}:{t:.1f}" for s, t in times.items()) + "]")
             print(" | ".join(out), flush=True)
     for dtype in (torch.float16, torch.bfloat16):
         ws = [torch.randn(8192, 8192, device="cuda").to(dtype) for _ in range(3)]
