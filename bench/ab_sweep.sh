@@ -18,7 +18,9 @@ build() {  # tree build-dir: the extension lands in tree/sparsegemm
     -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$1/sparsegemm" > "$2.log" 2>&1
   cmake --build "$2" >> "$2.log" 2>&1 || { tail -30 "$2.log"; return 1; }
 }
-build "$BASE" /tmp/ab_base & base_build=$!
+# One build directory per base tree: CMake refuses a cache made for another source directory.
+BASE_BUILD=/tmp/ab_base_$(printf %s "$BASE" | md5sum | cut -c1-8)
+build "$BASE" "$BASE_BUILD" & base_build=$!
 build "$THIS" /tmp/ab_this
 wait "$base_build"
 for side in base this; do
