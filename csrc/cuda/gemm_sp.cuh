@@ -233,24 +233,22 @@ constexpr bool kMultiPassXCopies = true;
 
 // Split-K arrival: called by every thread of a block once its partial sums are stored; true in
 // the block that arrives last at `counter` out of `splits` (its counter is then reset to 0 for
-// the next launch). The classic fence / ticket pattern (CUDA C++ Programming Guide, "Memory
-// Fence Functions"): each thread fences its own stores before the block takes a ticket, so the
-// last block sees every split's partials. The first 4 bytes of `smem` (no warp reads the
-// pipeline stages any more once the first barrier is passed, and the epilogue's barrier comes
-// before its next write) carry the answer to the whole block.
+// the next launch). The barrier orders every thread's stores before thread 0's ticket, whose
+// release publishes them at GPU scope and whose acquire (in the last block) makes the other
+// splits' partials visible; the second barrier hands that on to the block. One acq_rel atomic
+// instead of a __threadfence() in every thread (fence.sc, a full drain per thread). The first 4
+// bytes of `smem` (no warp reads the pipeline stages any more once the first barrier is passed,
+// and the epilogue's barrier comes before its next write) carry the answer to the whole block.
 SG_DEVICE bool arrived_last(int* counter, int splits, char* smem) {
-  __threadfence();
   __syncthreads();
   int* verdict = reinterpret_cast<int*>(smem);
   if (threadIdx.x == 0) {
-    const bool last = atomicAdd(counter, 1) == splits - 1;
+    const bool last = atomic_add_acq_rel_gpu(counter, 1) == splits - 1;
     if (last) *counter = 0;  // every split has arrived: nothing else touches it in this launch
     *verdict = last;
   }
   __syncthreads();
-  const bool last = *verdict != 0;
-  if (last) __threadfence();  // order the ticket before the reads of the other splits' partials
-  return last;
+  return *verdict != 0;
 }
 
 // Block (blockIdx.x, blockIdx.y, blockIdx.z) = (M tile, N tile, K split).

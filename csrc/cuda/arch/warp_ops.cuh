@@ -247,4 +247,25 @@ SG_DEVICE T load_global_cg(const T* address) {
 #endif
 }
 
+// ---- atom.add.acq_rel.gpu ----------------------------------------------------------------------
+// Atomic add, acquire-release at GPU scope (PTX ISA atom .acq_rel .gpu, sm_70+). The release half
+// publishes every write that happens before it, the writes of the whole block when a bar.sync
+// comes first (PTX memory model: causality order runs through the barrier); the acquire half
+// makes the writes released by earlier adds to the same address visible here and, after the next
+// bar.sync, to the block. One thread of the block fences instead of all of them (CUTLASS's
+// split-K semaphores in cutlass/barrier.h use the same arrive / wait pattern). The emulator runs
+// blocks one after another, so a plain atomic add is the same there.
+SG_DEVICE int atomic_add_acq_rel_gpu(int* address, int value) {
+#if defined(__CUDACC__)
+  int previous;
+  asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], %2;\n"
+               : "=r"(previous)
+               : "l"(address), "r"(value)
+               : "memory");
+  return previous;
+#else
+  return atomicAdd(address, value);
+#endif
+}
+
 }  // namespace sparsegemm
