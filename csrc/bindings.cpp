@@ -6,6 +6,7 @@
 
 #include <array>
 #include <cstdint>
+#include <stdexcept>
 #include <string>
 #include <utility>
 
@@ -38,7 +39,14 @@ GemmParams make_gemm_params(int64_t M, int64_t N, int64_t K, uintptr_t x, int64_
   p.bias = ptr<const void>(bias);
   p.y = ptr<void>(y); p.ldy = ldy;
   p.dtype = static_cast<DType>(dtype);
-  p.act = static_cast<Activation>(act);
+  const int base_act = act & ~kGatedActivation;
+  if (base_act < 0 || base_act > static_cast<int>(Activation::silu))
+    throw std::invalid_argument("sparsegemm gemm: unknown activation code " + std::to_string(act));
+  p.act = static_cast<Activation>(base_act);
+  p.gated = (act & kGatedActivation) != 0;
+  if (p.gated && N % (2 * kGateRows) != 0)
+    throw std::invalid_argument("sparsegemm gemm: a gated activation needs N (gate and up rows interleaved in runs "
+                                "of 8) to be a multiple of 16, got N = " + std::to_string(N));
   p.w_scale = ptr<const float>(w_scale);
   p.x_scale = ptr<const float>(x_scale);
   return p;
@@ -341,6 +349,7 @@ void bind_conv(py::module_& m, const std::string& name, void (*conv2d)(const Con
     ConvParams p;
     const int64_t M = batch * out_h * out_w, K = int64_t(kernel[0]) * kernel[1] * channels;
     p.gemm = make_gemm_params(M, out_channels, K, x, channels, values, meta, bias, y, out_channels, dtype, act, 0, 0);
+    if (p.gemm.gated) throw std::invalid_argument("sparsegemm conv2d: gated activations are for linear layers only");
     p.gemm.workspace = ptr<void>(workspace);
     p.gemm.tile_counters = ptr<int>(tile_counters);
     p.gemm.config = config;

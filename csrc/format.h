@@ -32,6 +32,16 @@ enum class DType : int32_t { f32 = 0, f16 = 1, bf16 = 2, i8 = 3 };
 // Fused epilogue activation. gelu is the exact erf form (torch.nn.functional.gelu's default).
 enum class Activation : int32_t { none = 0, relu = 1, gelu = 2, silu = 3 };
 
+// Gated (GLU) epilogue: W's N rows hold a gate and an up projection interleaved in runs of
+// kGateRows (rows 16q + r, r < 8: gate of output column 8q + r; rows 16q + 8 + r: its up row),
+//   Y[m, 8q + r] = act(gate) * up,   Y has N / 2 columns, N a multiple of 2 kGateRows.
+// Runs of 8 put a gate row and its up row in one thread's MMA accumulator fragment (rows g and
+// g + 8 of a 16-row tile), so the kernel pairs them in registers. At the pybind boundary the
+// flag is bit kGatedActivation of the activation code (GemmParams::gated inside): ReGLU, GEGLU,
+// SwiGLU, or the bilinear GLU with Activation::none. Mirrored in sparsegemm/format.py.
+constexpr int32_t kGatedActivation = 16;
+constexpr int kGateRows = 8;
+
 SG_HOST_DEVICE int64_t padded_k(int64_t K) { return (K + 3) / 4 * 4; }
 SG_HOST_DEVICE int64_t num_groups(int64_t K) { return padded_k(K) / 4; }
 SG_HOST_DEVICE int64_t values_cols(int64_t K) { return padded_k(K) / 2; }

@@ -8,7 +8,7 @@
 
 namespace sparsegemm {
 
-// Y[M, N] = act(X[M, K] @ W[N, K]^T + bias[N]), W given compressed (format.h).
+// Y[M, N] = act(X[M, K] @ W[N, K]^T + bias[N]), W given compressed (format.h); gated: Y[M, N / 2].
 struct GemmParams {
   int64_t M = 0, N = 0, K = 0;  // K is the true K; the weight is stored for padded_k(K)
   const void* x = nullptr;       // X[M, K], row stride ldx, K contiguous
@@ -20,6 +20,8 @@ struct GemmParams {
   int64_t ldy = 0;
   DType dtype = DType::f16;      // dtype of X, Wc, bias and Y (int8 GEMM: Y's dtype)
   Activation act = Activation::none;
+  // Gated epilogue (format.h kGatedActivation): Y[M, N / 2] = act(gate rows) * up rows; N % 16 == 0.
+  bool gated = false;
   // INT8 only (issue 4): per-row weight scale[N] and per-token activation scale[M], fp32.
   const float* w_scale = nullptr;
   const float* x_scale = nullptr;

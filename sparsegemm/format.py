@@ -30,11 +30,57 @@ import torch
 #: dtype codes shared with csrc/format.h ``enum class DType``.
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int8: 3}
 
-#: Activation codes shared with csrc/format.h ``enum class Activation``.
+#: Bit of a gated (GLU) activation's code, on top of the code of the activation applied to the
+#: gate (csrc/format.h ``kGatedActivation``).
+GATED_ACTIVATION = 16
+
+#: Gate and up rows of a gated weight alternate in runs of GATE_ROWS (csrc/format.h ``kGateRows``).
+GATE_ROWS = 8
+
+#: The gated activations and the activation each applies to its gate: ``act(gate) * up``.
+GATED_ACTIVATIONS = {"reglu": "relu", "geglu": "gelu", "swiglu": "silu"}
+
+#: Activation codes shared with csrc/format.h ``enum class Activation`` (gated: + GATED_ACTIVATION).
 ACTIVATION_CODES = {None: 0, "relu": 1, "gelu": 2, "silu": 3}
+ACTIVATION_CODES.update({name: GATED_ACTIVATION | ACTIVATION_CODES[base] for name, base in GATED_ACTIVATIONS.items()})
 
 #: The fused activations by name (gelu is the exact erf form).
-ACTIVATIONS = ("relu", "gelu", "silu")
+ACTIVATIONS = ("relu", "gelu", "silu", *GATED_ACTIVATIONS)
+
+
+def is_gated(code: int) -> bool:
+    """Whether an activation code is a gated one (the GEMM then has N / 2 output columns)."""
+    return bool(code & GATED_ACTIVATION)
+
+
+def interleave_gate_up(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The rows of a gated layer's weight (or bias, or per-row scale) from its two projections.
+
+    ``gate`` and ``up`` are ``[H, ...]`` with H a multiple of GATE_ROWS; the result is ``[2 H, ...]``
+    with rows ``16 q + r`` (r < 8) = ``gate[8 q + r]`` and ``16 q + 8 + r`` = ``up[8 q + r]``: the
+    layout a gated activation ("swiglu", ...) reads, where output column ``8 q + r`` is
+    ``act(gate row) * up row``. Runs of 8 keep each pair inside one thread's MMA fragment.
+    """
+    if gate.shape != up.shape or gate.dim() < 1:
+        raise ValueError(f"interleave_gate_up: gate and up must have one shape [H, ...], got {tuple(gate.shape)} "
+                         f"and {tuple(up.shape)}")
+    h = gate.shape[0]
+    if h % GATE_ROWS:
+        raise ValueError(f"interleave_gate_up: H (rows of gate and up) must be a multiple of {GATE_ROWS}, got {h}")
+    rest = tuple(gate.shape[1:])
+    runs = torch.stack([gate.reshape(h // GATE_ROWS, GATE_ROWS, *rest), up.reshape(h // GATE_ROWS, GATE_ROWS, *rest)],
+                       dim=1)
+    return runs.reshape(2 * h, *rest)
+
+
+def split_gate_up(fused: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`interleave_gate_up`: ``(gate, up)`` of a ``[2 H, ...]`` gated tensor."""
+    n = fused.shape[0] if fused.dim() else 0
+    if n % (2 * GATE_ROWS):
+        raise ValueError(f"split_gate_up: the gated tensor needs a multiple of {2 * GATE_ROWS} rows, got {n}")
+    rest = tuple(fused.shape[1:])
+    runs = fused.reshape(n // (2 * GATE_ROWS), 2, GATE_ROWS, *rest)
+    return runs[:, 0].reshape(n // 2, *rest), runs[:, 1].reshape(n // 2, *rest)
 
 #: The six legal nibbles, i.e. ordered pairs (i0, i1).
 LEGAL_NIBBLES = (0x4, 0x8, 0x9, 0xC, 0xD, 0xE)

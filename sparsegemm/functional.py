@@ -92,6 +92,11 @@ def linear(x: Tensor, sw: SparseTensor24, bias: Optional[Tensor] = None, *, acti
     Accumulation is fp32 and the result is rounded once to x's dtype, after the bias and the
     activation ("relu", "gelu" (exact erf form), "silu" or None).
 
+    Gated activations ("swiglu", "geglu", "reglu") fuse a GLU: W holds the gate and up
+    projections interleaved by :func:`sparsegemm.format.interleave_gate_up` (bias likewise), N a
+    multiple of 16, and the result is ``act(x @ gate^T + b_gate) * (x @ up^T + b_up)``, ``[..., N / 2]``,
+    in one GEMM (act = silu, gelu, relu).
+
     An int8 ``sw`` (:func:`sparsegemm.quant.quantize_weight`) runs the INT8 GEMM: x is quantized
     per token here (or given as ``(x_q, x_scale)``); see :func:`sparsegemm.quant.linear_int8`.
 
@@ -181,5 +186,6 @@ def linear_parts(x: Tensor, values: Tensor, meta: Tensor, shape, bias: Optional[
         ops.check_gemm_32bit(op, m, n, k)
         reordered = kernel_meta(backend) if kernel_meta is not None else ops.reorder_meta(meta, k, backend)
     x2 = x if len(lead) == 1 else x.reshape(-1, k)
-    y = ops.call(ops._linear, x2, values, meta, reordered, k, bias, fmt.ACTIVATION_CODES[activation], backend)
-    return y if len(lead) == 1 else y.reshape(*lead, n)
+    code = fmt.ACTIVATION_CODES[activation] if activation is None else ops.activation_code(op, activation, n)
+    y = ops.call(ops._linear, x2, values, meta, reordered, k, bias, code, backend)
+    return y if len(lead) == 1 else y.reshape(*lead, ops.out_features(n, code))

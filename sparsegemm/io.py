@@ -16,6 +16,7 @@ from typing import Union
 import torch
 from torch import nn
 
+from .format import ACTIVATIONS, GATED_ACTIVATIONS
 from .nn import SparseConv2d, SparseLinear
 
 __all__ = ["save", "load", "describe"]
@@ -25,14 +26,16 @@ _FORMAT = "sparsegemm.checkpoint.v1"
 
 def _describe(mod: nn.Module) -> dict:
     if isinstance(mod, SparseLinear):
+        # A fused activation is recorded only where there is one: older files load unchanged.
+        fused = {} if mod.activation is None else {"activation": mod.activation}
         if mod.quantize == "int8":
             # dtype: of the bias and activations; the values are int8 with a float32 "scale".
             act_dtype = mod.bias.dtype if mod.bias is not None else torch.float16
             return {"kind": "SparseLinear", "in_features": mod.in_features, "out_features": mod.out_features,
                     "bias": mod.bias is not None, "dtype": str(act_dtype).replace("torch.", ""),
-                    "quantize": "int8", "static_input": mod.input_scale is not None}
+                    "quantize": "int8", "static_input": mod.input_scale is not None, **fused}
         return {"kind": "SparseLinear", "in_features": mod.in_features, "out_features": mod.out_features,
-                "bias": mod.bias is not None, "dtype": str(mod.values.dtype).replace("torch.", "")}
+                "bias": mod.bias is not None, "dtype": str(mod.values.dtype).replace("torch.", ""), **fused}
     return {"kind": "SparseConv2d", "in_channels": mod.in_channels, "out_channels": mod.out_channels,
             "kernel_size": list(mod.kernel_size), "stride": list(mod.stride), "padding": list(mod.padding),
             "dilation": list(mod.dilation), "bias": mod.bias is not None,
@@ -67,15 +70,23 @@ def _build(name: str, spec: dict, dense: nn.Module) -> nn.Module:
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"sparsegemm.load: module {name!r}: unknown dtype {spec['dtype']!r} in the checkpoint")
     if spec["kind"] == "SparseLinear":
-        if not isinstance(dense, nn.Linear) or (dense.in_features, dense.out_features) != (
-                spec["in_features"], spec["out_features"]):
+        activation = spec.get("activation")
+        if activation is not None and activation not in ACTIVATIONS:
+            raise ValueError(f"sparsegemm.load: module {name!r}: unknown activation {activation!r} in the checkpoint")
+        # A layer with a fused activation has no nn.Linear twin (a gated one replaced two): the
+        # model must hold it already, as built, e.g. by SparseLinear.from_gate_up.
+        twin = (SparseLinear if activation is not None else (nn.Linear, SparseLinear))
+        if not isinstance(dense, twin) or (dense.in_features, dense.out_features) != (
+                spec["in_features"], spec["out_features"]) or getattr(dense, "activation", None) != activation:
+            fused = "" if activation is None else f" with activation {activation!r}"
             raise ValueError(f"sparsegemm.load: module {name!r} was a Linear {spec['in_features']} -> "
-                             f"{spec['out_features']} when saved, the model has {dense}")
+                             f"{spec['out_features']}{fused} when saved, the model has {dense}")
         quantize = spec.get("quantize")
         if quantize not in (None, "int8"):
             raise ValueError(f"sparsegemm.load: module {name!r}: unknown quantize {quantize!r} in the checkpoint")
+        device = dense.values.device if isinstance(dense, SparseLinear) else dense.weight.device
         mod = SparseLinear(spec["in_features"], spec["out_features"], spec["bias"], dtype=dtype,
-                           device=dense.weight.device, quantize=quantize)
+                           device=device, quantize=quantize, activation=activation)
         if quantize and spec.get("static_input"):
             mod.set_input_scale(1.0)  # the slot the checkpoint's input_scale loads into
         return mod
@@ -183,6 +194,8 @@ def _describe_file(safe_open, path) -> str:
     for name, spec in converted.items():
         prefix = f"{name}." if name else ""
         n = spec.get("out_features", spec.get("out_channels"))
+        if spec.get("activation") in GATED_ACTIVATIONS:
+            n *= 2  # the weight holds a gate and an up row per output
         k = spec.get("in_features") or spec["in_channels"] * spec["kernel_size"][0] * spec["kernel_size"][1]
         item = getattr(torch, spec["dtype"]).itemsize  # int8 layers: vs the dense weight in the activation dtype
         stored = nbytes[prefix + "values"] + nbytes[prefix + "meta"] + nbytes.get(prefix + "scale", 0)

@@ -120,11 +120,16 @@ class SparseLinear(_SparseWeight):
     ``quantize="int8"`` holds int8 values with a per-row ``scale`` buffer and quantizes the input
     per token on every forward (or with the calibrated ``input_scale``, see
     :class:`sparsegemm.quant.Int8Calibrator`); ``dtype`` is then the bias and activation dtype.
+
+    ``activation`` fuses an activation into the GEMM's epilogue (:data:`sparsegemm.format.ACTIVATIONS`).
+    A gated one ("swiglu", "geglu", "reglu"; see :meth:`from_gate_up`) makes this layer a GLU's
+    two input projections in one GEMM: ``act(x @ gate^T + b_gate) * (x @ up^T + b_up)``, with
+    ``out_features`` outputs and a stored weight of ``2 * out_features`` interleaved rows.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  dtype: torch.dtype = torch.float16, device=None, backend: Optional[str] = None,
-                 quantize: Optional[str] = None):
+                 quantize: Optional[str] = None, activation: Optional[str] = None):
         super().__init__()
         if in_features <= 0 or out_features <= 0:
             raise ValueError(f"SparseLinear: in_features and out_features must be positive, got "
@@ -132,10 +137,17 @@ class SparseLinear(_SparseWeight):
         if quantize not in (None, "int8"):
             raise ValueError(f"SparseLinear: quantize must be None or 'int8', got {quantize!r}")
         ops.check_dtype_value("SparseLinear", "dtype", dtype, ops.FLOAT_DTYPES)
+        gated = activation in fmt.GATED_ACTIVATIONS
+        if gated and out_features % fmt.GATE_ROWS:
+            raise ValueError(f"SparseLinear: a gated activation ({activation!r}) needs out_features a multiple of "
+                             f"{fmt.GATE_ROWS}, got {out_features}")
+        rows = 2 * out_features if gated else out_features  # a gated layer stores gate and up rows
+        ops.activation_code("SparseLinear", activation, rows)
         self.in_features, self.out_features = in_features, out_features
         self.backend = backend
         self.quantize = quantize
-        self._init_storage(out_features, in_features, dtype, device, bias)
+        self.activation = activation
+        self._init_storage(rows, in_features, dtype, device, bias)
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, *, dtype: Optional[torch.dtype] = None, prune: bool = True,
@@ -162,6 +174,40 @@ class SparseLinear(_SparseWeight):
         mod._load_compressed(sw, linear.bias)
         return mod
 
+    @classmethod
+    def from_gate_up(cls, gate: nn.Linear, up: nn.Linear, activation: str = "swiglu", *,
+                     dtype: Optional[torch.dtype] = None, prune: bool = True, backend: Optional[str] = None,
+                     quantize: Optional[str] = None) -> "SparseLinear":
+        """One layer for a GLU's two input projections (a Llama MLP's ``silu(gate(x)) * up(x)`` is
+        "swiglu"; "geglu" and "reglu" take gelu and relu): their weights interleaved in runs of 8
+        rows (:func:`sparsegemm.format.interleave_gate_up`), then compressed as :meth:`from_dense`
+        does. One GEMM reads both and writes only the gated product: no launch, intermediate
+        tensor or elementwise kernel of its own for the up projection and the activation.
+        """
+        if activation not in fmt.GATED_ACTIVATIONS:
+            raise ValueError(f"SparseLinear.from_gate_up: activation must be one of "
+                             f"{tuple(fmt.GATED_ACTIVATIONS)}, got {activation!r}")
+        for name, linear in (("gate", gate), ("up", up)):
+            if not isinstance(linear, nn.Linear):
+                raise TypeError(f"SparseLinear.from_gate_up: {name} must be an nn.Linear, got {type(linear).__name__}")
+        if (gate.in_features, gate.out_features) != (up.in_features, up.out_features) or (
+                (gate.bias is None) != (up.bias is None)):
+            raise ValueError(f"SparseLinear.from_gate_up: gate ({gate}) and up ({up}) must have the same shape "
+                             f"and both or neither a bias")
+        if gate.out_features % fmt.GATE_ROWS:
+            raise ValueError(f"SparseLinear.from_gate_up: out_features must be a multiple of {fmt.GATE_ROWS}, got "
+                             f"{gate.out_features}")
+        fused = nn.Linear(gate.in_features, 2 * gate.out_features, bias=gate.bias is not None,
+                          device="meta")
+        fused.weight = nn.Parameter(fmt.interleave_gate_up(gate.weight.detach(), up.weight.detach()),
+                                    requires_grad=False)
+        if gate.bias is not None:
+            fused.bias = nn.Parameter(fmt.interleave_gate_up(gate.bias.detach(), up.bias.detach()),
+                                      requires_grad=False)
+        mod = cls.from_dense(fused, dtype=dtype, prune=prune, backend=backend, quantize=quantize)
+        mod.out_features, mod.activation = gate.out_features, activation
+        return mod
+
     def set_input_scale(self, scale: Optional[float]) -> None:
         """Static INT8 mode with this activation scale (a positive number); None: per token again."""
         if self.quantize != "int8":
@@ -181,16 +227,19 @@ class SparseLinear(_SparseWeight):
             if torch.is_grad_enabled() and x.requires_grad:
                 raise RuntimeError("SparseLinear(quantize='int8') is inference-only: no gradient flows through the "
                                    "int8 GEMM; fine-tune the fp16/bf16 SparseLinear, then quantize")
-            return linear_int8(x, self.sparse_weight(), self.bias, input_scale=self.input_scale, backend=self.backend)
-        return self._sparse_linear(x)
+            return linear_int8(x, self.sparse_weight(), self.bias, activation=self.activation,
+                               input_scale=self.input_scale, backend=self.backend)
+        return self._sparse_linear(x, self.activation)
 
     def dense_weight(self) -> Tensor:
-        """The equivalent dense (pruned) weight ``[out_features, in_features]``, computed now."""
+        """The equivalent dense (pruned) weight ``[out_features, in_features]``, computed now (a
+        gated layer: its ``[2 * out_features, in_features]`` interleaved gate / up rows)."""
         return self._matrix_dense()
 
     def extra_repr(self) -> str:
+        act = "" if self.activation is None else f"activation={self.activation}, "
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"{self._bytes_repr()}")
+                f"{act}{self._bytes_repr()}")
 
 
 class SparseConv2d(_SparseWeight):

@@ -400,11 +400,48 @@ def _launch_scratch(x: Tensor, api: str, scratch_fn: str, m: int, n: int, k: int
             _scratch(x, stream, "split_k_counters", counters, torch.int32, zeroed=True))
 
 
+def activation_code(op: str, activation: Optional[str], n: int) -> int:
+    """The kernels' code of ``activation`` for a weight of n rows, or the error naming what is wrong."""
+    code = fmt.ACTIVATION_CODES.get(activation) if isinstance(activation, (str, type(None))) else None
+    if code is None:
+        raise ValueError(f"{op}: activation must be one of {fmt.ACTIVATIONS} or None, got {activation!r}")
+    if fmt.is_gated(code) and n % (2 * fmt.GATE_ROWS):
+        raise ValueError(f"{op}: activation {activation!r} is gated: the weight's rows must be gate and up rows "
+                         f"interleaved in runs of {fmt.GATE_ROWS} (sparsegemm.format.interleave_gate_up), a multiple "
+                         f"of {2 * fmt.GATE_ROWS}; got {n} rows")
+    return code
+
+
+def out_features(n: int, activation: int) -> int:
+    """Columns of Y for a weight of n rows: half of them under a gated activation."""
+    return n // 2 if fmt.is_gated(activation) else n
+
+
+_TORCH_ACTIVATIONS = {1: torch.relu, 2: torch.nn.functional.gelu, 3: torch.nn.functional.silu}
+
+
+def _gate_up_columns(z: Tensor) -> tuple[Tensor, Tensor]:
+    """(gate, up) columns [M, N / 2] of a gated layer's pre-activations z [M, N]."""
+    gate, up = fmt.split_gate_up(z.T)
+    return gate.T, up.T
+
+
+def activate_torch(z: Tensor, activation: int) -> Tensor:
+    """The activation of code ``activation`` on pre-activations z [M, N] with torch ops (a gated
+    one pairs gate and up columns: [M, N / 2]); in z's dtype."""
+    act = _TORCH_ACTIVATIONS.get(activation & ~fmt.GATED_ACTIVATION)
+    if not fmt.is_gated(activation):
+        return z if act is None else act(z)
+    gate, up = _gate_up_columns(z)
+    return (gate if act is None else act(gate)) * up
+
+
 def _cpu_dense_tiles(x: Tensor, values: Tensor, meta: Tensor, k: int, bias: Optional[Tensor], activation: int,
                      y: Tensor) -> None:
     """Large-M CPU path: W decompressed one row tile (at most _CPU_TILE_BYTES) at a time into a
     reused scratch, then torch's dense GEMM on the tile."""
     n = values.shape[0]
+    z = y if not fmt.is_gated(activation) else y.new_empty((x.shape[0], n))  # pre-activations of all N rows
     itemsize = values.element_size()
     tile = max(1, min(n, _CPU_TILE_BYTES // (k * itemsize)))
     scratch = _reused_buffer(("cpu_dense_tile", values.dtype), tile * k, values.dtype, values.device)
@@ -417,15 +454,14 @@ def _cpu_dense_tiles(x: Tensor, values: Tensor, meta: Tensor, k: int, bias: Opti
         _C.cpu_decompress(rows, k, values.data_ptr() + n0 * vrow, meta.data_ptr() + n0 * meta.stride(0),
                           part.data_ptr(), code)
         b = None if bias is None else bias[n0:n0 + rows]
-        if rows == n:  # one tile: straight into y
-            torch.mm(x, part.T, out=y) if b is None else torch.addmm(b, x, part.T, out=y)
+        if rows == n:  # one tile: straight into z
+            torch.mm(x, part.T, out=z) if b is None else torch.addmm(b, x, part.T, out=z)
         else:
-            y[:, n0:n0 + rows] = torch.nn.functional.linear(x, part, b)
+            z[:, n0:n0 + rows] = torch.nn.functional.linear(x, part, b)
     if activation:
         # torch's dense GEMM has rounded to the output dtype already, so this path rounds twice (the
         # activation itself runs in fp32): within the oracle tolerance, not the fused kernels' one rounding.
-        act = {1: torch.relu, 2: torch.nn.functional.gelu, 3: torch.nn.functional.silu}[activation]
-        y.copy_(act(y.float()))
+        y.copy_(activate_torch(z.float(), activation))
 
 
 @_custom_op("sparsegemm::linear")
@@ -435,7 +471,7 @@ def _linear(x: Tensor, values: Tensor, meta: Tensor, kernel_meta: Optional[Tenso
     """``meta`` is the logical metadata (CPU backend, autograd); ``kernel_meta`` the reordered copy
     the CUDA / SIMT GEMM reads (None for the CPU backend)."""
     m, n = x.shape[0], values.shape[0]
-    y = x.new_empty((m, n))
+    y = x.new_empty((m, out_features(n, activation)))
     if m == 0:
         return y
     code = fmt.DTYPE_CODES[x.dtype]
@@ -466,11 +502,13 @@ def _linear(x: Tensor, values: Tensor, meta: Tensor, kernel_meta: Optional[Tenso
 @_linear.register_fake
 def _(x: Tensor, values: Tensor, meta: Tensor, kernel_meta: Optional[Tensor], k: int, bias: Optional[Tensor],
       activation: int, backend: str) -> Tensor:
-    return x.new_empty((x.shape[0], values.shape[0]))
+    return x.new_empty((x.shape[0], out_features(values.shape[0], activation)))
 
 
 def _activation_grad(z: Tensor, activation: int) -> Tensor:
-    """d act(z) / dz in fp32, for the pre-activation z."""
+    """d act(z) / dz in fp32, for the pre-activation z (``activation``: a code without the gated bit)."""
+    if activation == 0:
+        return torch.ones_like(z)
     if activation == 1:
         return (z > 0).to(z.dtype)
     if activation == 2:
@@ -494,7 +532,12 @@ def _linear_backward(ctx, grad_y: Tensor):
     x, values, meta, kernel_meta, bias = ctx.saved_tensors
     k, activation, backend = ctx.k, ctx.activation, ctx.backend
     g = grad_y.float()
-    if activation:
+    base = activation & ~fmt.GATED_ACTIVATION
+    if fmt.is_gated(activation):
+        # y = act(gate) * up: d gate = g act'(gate) up, d up = g act(gate), back in the rows' interleaved order.
+        gate, up = _gate_up_columns(_linear(x, values, meta, kernel_meta, k, bias, 0, backend).float())
+        g = fmt.interleave_gate_up((g * _activation_grad(gate, base) * up).T, (g * activate_torch(gate, base)).T).T
+    elif activation:
         z = _linear(x, values, meta, kernel_meta, k, bias, 0, backend).float()
         g = g * _activation_grad(z, activation)
     grad_x = grad_values = grad_bias = None
@@ -668,7 +711,7 @@ def _linear_s8(x_q: Tensor, x_scale: Tensor, values: Tensor, meta: Tensor, kerne
     metadata (CPU); ``kernel_meta`` the s8 reordered copy (CUDA / SIMT), for K padded to whole
     groups: those kernels read x_q as [M, padded_k(k)] and its zero columns add nothing."""
     m, n = x_q.shape[0], values.shape[0]
-    y = torch.empty((m, n), dtype=out_dtype, device=x_q.device)
+    y = torch.empty((m, out_features(n, activation)), dtype=out_dtype, device=x_q.device)
     if m == 0:
         return y
     code = fmt.DTYPE_CODES[out_dtype]
@@ -694,11 +737,12 @@ def _gemm_s8_launch(api: str, stream: int, m: int, n: int, k: int, x_q: Tensor, 
                     values: Tensor, kernel_meta: Tensor, w_scale: Tensor, bias: Optional[Tensor], y: Tensor, code: int,
                     activation: int) -> None:
     """The INT8 GEMM kernel of ``api`` ("simt_" / "cuda_") with its split-K scratch: x_q rows ldx
-    apart, values / w_scale / bias contiguous, y [M, N] contiguous (``code``: its dtype's).
+    apart, values / w_scale / bias contiguous, y [M, N] (gated: [M, N / 2]) contiguous (``code``: its dtype's).
     Sizes and strides are passed in, not read off the tensors: this is the decode path's host time."""
     workspace, counters = _launch_scratch(x_q, api, "gemm_s8_scratch", m, n, k, stream)
     getattr(_C, api + "gemm_s8")(m, n, k, x_q.data_ptr(), ldx, values.data_ptr(), kernel_meta.data_ptr(),
-                                 w_scale.data_ptr(), x_scale.data_ptr(), _ptr(bias), y.data_ptr(), n, code, activation,
+                                 w_scale.data_ptr(), x_scale.data_ptr(), _ptr(bias), y.data_ptr(),
+                                 out_features(n, activation), code, activation,
                                  _ptr(workspace), _ptr(counters), -1, 0, stream)
 
 
@@ -712,7 +756,7 @@ def _linear_s8_dynamic(x: Tensor, values: Tensor, kernel_meta: Tensor, w_scale: 
     :func:`_linear_s8` compute, without the second op's host cost."""
     m, k = x.shape
     n = values.shape[0]
-    y = torch.empty((m, n), dtype=out_dtype, device=x.device)
+    y = torch.empty((m, out_features(n, activation)), dtype=out_dtype, device=x.device)
     if m == 0:
         return y
     x = _rowmajor(x)
@@ -731,10 +775,10 @@ def _linear_s8_dynamic(x: Tensor, values: Tensor, kernel_meta: Tensor, w_scale: 
 @_linear_s8_dynamic.register_fake
 def _(x: Tensor, values: Tensor, kernel_meta: Tensor, w_scale: Tensor, bias: Optional[Tensor], activation: int,
       out_dtype: torch.dtype, backend: str) -> Tensor:
-    return x.new_empty((x.shape[0], values.shape[0]), dtype=out_dtype)
+    return x.new_empty((x.shape[0], out_features(values.shape[0], activation)), dtype=out_dtype)
 
 
 @_linear_s8.register_fake
 def _(x_q: Tensor, x_scale: Tensor, values: Tensor, meta: Tensor, kernel_meta: Optional[Tensor], w_scale: Tensor,
       k: int, bias: Optional[Tensor], activation: int, out_dtype: torch.dtype, backend: str) -> Tensor:
-    return x_q.new_empty((x_q.shape[0], values.shape[0]), dtype=out_dtype)
+    return x_q.new_empty((x_q.shape[0], out_features(values.shape[0], activation)), dtype=out_dtype)

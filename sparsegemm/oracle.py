@@ -129,6 +129,11 @@ def decompress(values: torch.Tensor, meta, k: int) -> torch.Tensor:
 
 
 def _activation64(y: torch.Tensor, activation: str | None) -> torch.Tensor:
+    """act(y) on the last dim; a gated activation pairs the interleaved gate / up columns
+    (:func:`sparsegemm.format.interleave_gate_up`): ``act(gate) * up``, half the columns."""
+    if activation in fmt.GATED_ACTIVATIONS:
+        gate, up = fmt.split_gate_up(y.movedim(-1, 0))
+        return (_activation64(gate, fmt.GATED_ACTIVATIONS[activation]) * up).movedim(0, -1)
     if activation is None:
         return y
     if activation == "relu":

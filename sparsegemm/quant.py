@@ -172,8 +172,7 @@ def linear_int8(x: Union[Tensor, tuple], sw: SparseTensor24, bias: Optional[Tens
     # The values were checked when the weight was built (SparseTensor24.validate, quantize_weight);
     # reading them again here would cost a host sync per call and break torch.compile graphs.
     check_scale(op, "sw.scale", sw.scale, n, values=False)
-    if activation not in fmt.ACTIVATION_CODES:
-        raise ValueError(f"{op}: activation must be one of {fmt.ACTIVATIONS} or None, got {activation!r}")
+    act = ops.activation_code(op, activation, n)
     if isinstance(x, tuple):
         if len(x) != 2:
             raise ValueError(f"{op}: a pre-quantized x must be the pair (x_q, x_scale), got {len(x)} items")
@@ -224,7 +223,6 @@ def linear_int8(x: Union[Tensor, tuple], sw: SparseTensor24, bias: Optional[Tens
             raise ValueError(f"{op}: bias must have shape ({n},), got {tuple(bias.shape)}")
         bias = bias.to(out_dtype)
     kernel_meta = sw.kernel_meta(backend) if backend != "cpu" else None
-    act = fmt.ACTIVATION_CODES[activation]
     if x_q is None:
         ops.check_same_device(op, x=x2, **{"sw.values": sw.values, "sw.scale": sw.scale}, bias=bias)
         y = ops.call(ops._linear_s8_dynamic, x2, sw.values, kernel_meta, sw.scale, bias, act, out_dtype, backend)
@@ -233,7 +231,7 @@ def linear_int8(x: Union[Tensor, tuple], sw: SparseTensor24, bias: Optional[Tens
                               bias=bias)
         y = ops.call(ops._linear_s8, x_q, x_scale, sw.values, sw.meta, kernel_meta, sw.scale, k, bias, act, out_dtype,
                      backend)
-    return y if len(lead) == 1 else y.reshape(*lead, n)
+    return y if len(lead) == 1 else y.reshape(*lead, ops.out_features(n, act))
 
 
 class Int8Calibrator:

@@ -537,6 +537,29 @@ def test_gemm_exact_small_integers(isa, threads, dtype, K, N):
     np.testing.assert_array_equal(to_f64(y, dtype), ref)
 
 
+@pytest.mark.parametrize("N", [16, 48])
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_gemm_gated_exact_small_integers(isa, threads, dtype, N):
+    # ReGLU (relu code + the gated bit 16): W's rows alternate gate / up in runs of 8 and
+    # Y[m, 8q + r] = relu(gate row 16q + r) * (up row 16q + 8 + r). Small integers keep every fp32
+    # step exact, so the one rounding of the product must equal the oracle's; Y's extra columns
+    # of the wider buffer stay untouched (the output has N / 2 columns).
+    rng = np.random.default_rng(N + dtype)
+    M, K = 19, 36
+    w = np.where(np.asarray(strict_24(rng, N, K, F32)) != 0, rng.integers(-2, 3, size=(N, K)), 0).astype(np.float32)
+    values, meta, _ = cpu_compress(to_storage(w, dtype), dtype, K, prune=False)
+    x = to_storage(rng.integers(-2, 3, size=(M, K)), dtype)
+    bias = to_storage(rng.integers(-4, 5, size=N), dtype)
+    sentinel = to_storage(np.full((M, N), 777.0), dtype)
+    y_buf = sentinel.copy()
+    cpu_gemm(x, values, meta, dtype, N, K, bias=bias, act=16 | ACT_RELU, y=y_buf[:, :N // 2])
+    z = to_f64(x, dtype) @ w.astype(np.float64).T + to_f64(bias, dtype)
+    runs = z.reshape(M, N // 16, 2, 8)
+    ref = (np.maximum(runs[:, :, 0], 0) * runs[:, :, 1]).reshape(M, N // 2)
+    np.testing.assert_array_equal(to_f64(y_buf[:, :N // 2], dtype), to_f64(to_storage(ref, dtype), dtype))
+    np.testing.assert_array_equal(bits(y_buf[:, N // 2:]), bits(sentinel[:, N // 2:]))
+
+
 @pytest.mark.parametrize("K", [5, 7, 36, 100])
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 def test_gemm_strided_x_and_y(isa, dtype, K):

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from sparsegemm import _C
-from test_kernels_simt import DECODE, LARGE_M, SIX_PAIRS, KernelBackend, padded_k
+from test_kernels_simt import DECODE, GATE_OF, LARGE_M, SIX_PAIRS, KernelBackend, gate_up_split, padded_k
 
 INT32_MAX = 2**31 - 1
 
@@ -47,6 +47,9 @@ def reference_gemm_s8(x_q, wq, w_scale, x_scale, bias, act, out_dtype):
     y = (y * x_scale[:, None].astype(np.float32)).astype(np.float32)
     if bias is not None:
         y = (y + bias.float().numpy()[None, :]).astype(np.float32)
+    if act in GATE_OF:  # act(gate) * up, one fp32 product
+        gate, up = (t.numpy() for t in gate_up_split(torch.from_numpy(y)))
+        return torch.from_numpy((reference_activation(gate, GATE_OF[act]) * up).astype(np.float32)).to(out_dtype)
     return torch.from_numpy(reference_activation(y, act)).to(out_dtype)
 
 
@@ -256,7 +259,7 @@ def assert_gemm_s8_activation_close(kernels, out_dtype, act, m, n, k, config, sp
     y = kernels.gemm_s8(x_q, values, meta, w_scale, x_scale, n, k, out_dtype, bias=bias, act=act, config=config,
                         split_k=split_k)
     ref = reference_gemm_s8(x_q.numpy(), wq, w_scale, x_scale, bias, act, out_dtype)
-    if act == "relu":
+    if act in ("relu", "reglu"):
         assert torch.equal(y.view(torch.int16), ref.view(torch.int16))
         return
     same_sign = torch.sign(y.float()) == torch.sign(ref.float())
@@ -276,6 +279,16 @@ def assert_gemm_s8_activation_close(kernels, out_dtype, act, m, n, k, config, sp
 def test_gemm_s8_activation_within_one_ulp(kernels, out_dtype, act, config, split_k):
     gen = torch.Generator().manual_seed(len(act) + config)
     assert_gemm_s8_activation_close(kernels, out_dtype, act, 9, 40, 260, config, split_k, gen, with_bias=True)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("config,split_k", [(LARGE_M, 0), (DECODE, 0), (DECODE, 3)])
+@pytest.mark.parametrize("m,n,k", [(1, 16, 260), (9, 144, 520), (130, 48, 132)])
+def test_gemm_s8_gated_bit_exact(kernels, out_dtype, config, split_k, m, n, k):
+    """ReGLU: relu is exact and the gate * up product one fp32 rounding, so the kernel equals the
+    contract's oracle bit for bit; gate / up pairing and output columns are checked with it."""
+    gen = torch.Generator().manual_seed(m + n + k + split_k)
+    assert_gemm_s8_activation_close(kernels, out_dtype, "reglu", m, n, k, config, split_k, gen, with_bias=True)
 
 
 @pytest.mark.parametrize("config", [LARGE_M, DECODE])

@@ -15,7 +15,8 @@ import torch
 from sparsegemm import _C
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-ACT_CODES = {"none": 0, "relu": 1, "gelu": 2, "silu": 3}
+ACT_CODES = {"none": 0, "relu": 1, "gelu": 2, "silu": 3, "reglu": 17, "geglu": 18, "swiglu": 19}
+GATE_OF = {"reglu": "relu", "geglu": "gelu", "swiglu": "silu"}  # gated: act(gate) * up, N / 2 columns
 LARGE_M, DECODE = 0, 1
 SIX_PAIRS = [(0, 1), (0, 2), (1, 2), (0, 3), (1, 3), (2, 3)]
 
@@ -220,7 +221,7 @@ class KernelBackend:
         into y ([M, N] view, row stride ldy) when given, else a fresh NaN-filled one; returns it."""
         m = x.shape[0]
         if y is None:
-            y = torch.full((m, n), float("nan"), dtype=x.dtype, device=x.device)
+            y = torch.full((m, out_cols(n, act)), float("nan"), dtype=x.dtype, device=x.device)
         x_dev, values_dev, y_dev = self.to_device(x), self.to_device(values), self.to_device(y)
         kmeta = self.kernel_meta(self.to_device(meta), n, k)
         bias_dev = None if bias is None else self.to_device(bias)
@@ -246,7 +247,7 @@ class KernelBackend:
         (reordered here), w_scale fp32 [N], x_scale fp32 [M] (tensors or numpy); y as for gemm."""
         m = x_q.shape[0]
         if y is None:
-            y = torch.full((m, n), float("nan"), dtype=out_dtype, device=x_q.device)
+            y = torch.full((m, out_cols(n, act)), float("nan"), dtype=out_dtype, device=x_q.device)
         x_dev, values_dev, y_dev = self.to_device(x_q), self.to_device(values), self.to_device(y)
         w_scale_dev, x_scale_dev = self.to_device(w_scale), self.to_device(x_scale)
         kmeta = self.kernel_meta(self.to_device(meta), n, k, s8=True)
@@ -295,8 +296,22 @@ def sparse_weight(n, k, dtype, gen, low=-3, high=4):
     return w.to(dtype).contiguous()
 
 
+def out_cols(n, act):
+    """Columns of Y for a weight of n rows: half under a gated activation."""
+    return n // 2 if act in GATE_OF else n
+
+
+def gate_up_split(y):
+    """(gate, up) columns of pre-activations y [M, N] whose W rows alternate in runs of 8 (format.h)."""
+    runs = y.reshape(y.shape[0], -1, 2, 8)
+    return runs[:, :, 0].reshape(y.shape[0], -1), runs[:, :, 1].reshape(y.shape[0], -1)
+
+
 def activation(y, act):
     fn = {"none": lambda t: t, "relu": torch.relu, "gelu": torch.nn.functional.gelu, "silu": torch.nn.functional.silu}
+    if act in GATE_OF:
+        gate, up = gate_up_split(y)
+        return fn[GATE_OF[act]](gate) * up
     return fn[act](y)
 
 
@@ -450,6 +465,48 @@ def test_gemm_random_within_twice_dense_error(kernels, dtype, config, split_k, a
     x = torch.randn(m, k, generator=gen).to(dtype)
     bias = torch.randn(n, generator=gen).to(dtype)
     assert_gemm_within_twice_dense_error(kernels, x, w_dense, bias, act, config, split_k)
+
+
+# Gated (GLU) epilogue: N rows of W = gate and up rows alternating in runs of 8; shapes with a
+# partial last N tile (144 = 128 + 16 on both tiles' 128 rows), partial M tiles and a K tail.
+GATED_SHAPES = [(1, 16, 36), (7, 48, 200), (17, 144, 100), (130, 144, 72)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("config,split_k", [(LARGE_M, 0), (DECODE, 0), (DECODE, 3)])
+@pytest.mark.parametrize("m,n,k", GATED_SHAPES)
+def test_gemm_gated_exact_small_integers(kernels, dtype, config, split_k, m, n, k):
+    """relu(gate) * up with small integers: every fp32 step is exact, so the one rounding of the
+    product to the output dtype must equal the float64 reference's, bit for bit. A gate paired
+    with the wrong up row (or written to the wrong column) cannot pass."""
+    gen = torch.Generator().manual_seed(m * 5 + n + k)
+    w = sparse_weight(n, k, dtype, gen, -2, 3)
+    x = torch.randint(-2, 3, (m, k), generator=gen).to(dtype)
+    bias = torch.randint(-3, 4, (n,), generator=gen).to(dtype)
+    values, meta, _ = kernels.compress(w, prune=False)
+    y = kernels.gemm(x, values, meta, n, k, bias=bias, act="reglu", config=config, split_k=split_k)
+    ref = activation(x.double() @ w.double().T + bias.double(), "reglu").to(dtype)
+    assert y.shape == (m, n // 2)
+    assert torch.equal(y, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("config,split_k", [(LARGE_M, 0), (DECODE, 0), (DECODE, 3)])
+@pytest.mark.parametrize("act", ["swiglu", "geglu"])
+def test_gemm_gated_random_within_twice_dense_error(kernels, dtype, config, split_k, act):
+    m, n, k = (9, 80, 520) if config == DECODE else (33, 144, 132)
+    gen = torch.Generator().manual_seed(12)
+    w_dense = torch.randn(n, k, generator=gen).to(dtype)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    bias = torch.randn(n, generator=gen).to(dtype)
+    assert_gemm_within_twice_dense_error(kernels, x, w_dense, bias, act, config, split_k)
+
+
+def test_gemm_gated_refuses_n_not_a_multiple_of_16(kernels):
+    x = torch.zeros((2, 8), dtype=torch.float16)
+    values, meta, _ = kernels.compress(torch.zeros((24, 8), dtype=torch.float16), prune=True)
+    with pytest.raises(ValueError, match="multiple of 16, got N = 24"):
+        kernels.gemm(x, values, meta, 24, 8, act="swiglu")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

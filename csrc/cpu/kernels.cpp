@@ -799,20 +799,22 @@ void dot_block_rows(int rows, Args... args) {
 // The tiling driver of both GEMMs: Y[M, N] (dtype D) = epilogue(X[M, K] @ W[N, K]^T). p.x holds
 // Steps::Storage with row stride p.ldx, p.values Steps::Storage [N, values_cols(K)], p.meta the
 // logical metadata, p.bias D [N] or null. epilogue(sum, m, n, bias) gives Y[m, n] from the dot
-// product (Steps::Sum) and a pointer to bias[n] as fp32 (null without bias).
+// product (Steps::Sum) and a pointer to bias[n] as fp32 (null without bias); Y's elements are of
+// the type it returns (D's storage, or fp32 for the gated epilogue's pre-activations).
 template <typename Steps, DType D, typename Epilogue>
 void sparse_gemm(const GemmParams& p, const Epilogue& epilogue) {
   using T = typename ElemTraits<D>::Storage;
   using Storage = typename Steps::Storage;
   using XElem = typename Steps::XElem;
   using Sum = typename Steps::Sum;
+  using YElem = std::invoke_result_t<const Epilogue&, Sum, int64_t, int64_t, const float*>;
   const int64_t M = p.M, N = p.N, K = p.K;
   if (M <= 0 || N <= 0) return;
   const Storage* x = static_cast<const Storage*>(p.x);
   const Storage* values = static_cast<const Storage*>(p.values);
   const uint8_t* meta = static_cast<const uint8_t*>(p.meta);
   const T* bias = static_cast<const T*>(p.bias);
-  T* y = static_cast<T*>(p.y);
+  YElem* y = static_cast<YElem*>(p.y);
 
   constexpr int kGroups = Steps::kGroups, kValues = 2 * kGroups, kMetaBytes = kGroups / 2;
   const int64_t groups = num_groups(K), vcols = values_cols(K), mcols = meta_cols(K);
@@ -880,7 +882,7 @@ void sparse_gemm(const GemmParams& p, const Epilogue& epilogue) {
             }
             for (int i = 0; i < block; ++i) {
               const int64_t m = m0 + r + i;
-              T* y_row = y + m * p.ldy + n;
+              YElem* y_row = y + m * p.ldy + n;
               for (int c = 0; c < cols; ++c)
                 y_row[c] = epilogue(sums[i * kCols + c], m, n + c, bias != nullptr ? &bias_n[c] : nullptr);
             }
@@ -891,11 +893,44 @@ void sparse_gemm(const GemmParams& p, const Epilogue& epilogue) {
   }
 }
 
+// The GEMM with its activation. pre_activation(sum, m, n, bias) is Y[m, n]'s fp32 value before
+// the activation, in the order of operations the backends share. Plain: the activation, one
+// rounding to D. Gated (format.h kGatedActivation): the fp32 values of all N rows first, then
+// Y[m, 8q + r] = act(gate) * up with one rounding, the pairs the CUDA epilogue multiplies.
+template <typename Steps, DType D, typename PreActivation>
+void sparse_gemm_activated(const GemmParams& p, const PreActivation& pre_activation) {
+  const Activation act = p.act;
+  if (!p.gated) {
+    sparse_gemm<Steps, D>(p, [&](auto sum, int64_t m, int64_t n, const float* bias) {
+      return ElemTraits<D>::from_float(activate(pre_activation(sum, m, n, bias), act));
+    });
+    return;
+  }
+  if (p.M <= 0 || p.N <= 0) return;
+  std::vector<float> rows(static_cast<size_t>(p.M * p.N));
+  GemmParams pre = p;
+  pre.y = rows.data();
+  pre.ldy = p.N;
+  sparse_gemm<Steps, D>(pre, pre_activation);
+  using T = typename ElemTraits<D>::Storage;
+  T* y = static_cast<T*>(p.y);
+  const int64_t out_cols = p.N / 2;
+  parallel_for(0, p.M, rows_grain(p.N), [&](int64_t m_begin, int64_t m_end) {
+    for (int64_t m = m_begin; m < m_end; ++m) {
+      const float* row = rows.data() + m * p.N;
+      for (int64_t j = 0; j < out_cols; ++j) {
+        const int64_t gate = j / kGateRows * (2 * kGateRows) + j % kGateRows;
+        y[m * p.ldy + j] = ElemTraits<D>::from_float(activate(row[gate], act) * row[gate + kGateRows]);
+      }
+    }
+  });
+}
+
 // Y = activation(X @ W^T + bias), one rounding to D; a missing bias adds +0.0.
 template <DType D>
 void gemm_typed(const GemmParams& p) {
-  sparse_gemm<typename StepsFor<D>::type, D>(p, [act = p.act](float dot, int64_t, int64_t, const float* bias) {
-    return ElemTraits<D>::from_float(activate(dot + (bias != nullptr ? *bias : 0.0f), act));
+  sparse_gemm_activated<typename StepsFor<D>::type, D>(p, [](float dot, int64_t, int64_t, const float* bias) {
+    return dot + (bias != nullptr ? *bias : 0.0f);
   });
 }
 
@@ -1107,26 +1142,25 @@ struct S8Steps {
 };
 #endif
 
-// The contract's epilogue: y = ((float)sat32(acc) * w_scale) * x_scale, + bias, activation, one
-// rounding to the output dtype. `scaled` is volatile so that the compiler cannot contract the
-// product and the bias addition into an FMA (the CUDA kernel uses __fmul_rn / __fadd_rn).
-template <DType D>
-typename ElemTraits<D>::Storage s8_epilogue(int64_t acc, float w_scale, float x_scale, const float* bias,
-                                            Activation act) {
+// The contract's epilogue up to the activation: y = ((float)sat32(acc) * w_scale) * x_scale,
+// + bias, in fp32 (sparse_gemm_activated applies the activation and rounds once to the output
+// dtype). `scaled` is volatile so that the compiler cannot contract the product and the bias
+// addition into an FMA (the CUDA kernel uses __fmul_rn / __fadd_rn).
+inline float s8_pre_activation(int64_t acc, float w_scale, float x_scale, const float* bias) {
   const int64_t sat = std::min<int64_t>(std::numeric_limits<int32_t>::max(),
                                         std::max<int64_t>(std::numeric_limits<int32_t>::min(), acc));
   volatile float scaled = (static_cast<float>(static_cast<int32_t>(sat)) * w_scale) * x_scale;
   float y = scaled;
   if (bias != nullptr) y = y + *bias;
-  return ElemTraits<D>::from_float(activate(y, act));
+  return y;
 }
 
 // Y[M, N] (dtype D) = epilogue(X_q[M, K] @ Wq[N, K]^T): p.x is int8 with row stride p.ldx, p.values
 // int8 [N, padded_k(K)/2], p.meta logical, p.bias D or null, p.w_scale [N], p.x_scale [M].
 template <DType D>
 void gemm_s8_typed(const GemmParams& p) {
-  sparse_gemm<S8Steps, D>(p, [&p](int64_t acc, int64_t m, int64_t n, const float* bias) {
-    return s8_epilogue<D>(acc, p.w_scale[n], p.x_scale[m], bias, p.act);
+  sparse_gemm_activated<S8Steps, D>(p, [&p](int64_t acc, int64_t m, int64_t n, const float* bias) {
+    return s8_pre_activation(acc, p.w_scale[n], p.x_scale[m], bias);
   });
 }
 

@@ -531,7 +531,9 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinB
   }
 
   // Epilogue: dequantize + bias + activation in fp32, one rounding to the output type,
-  // transposed into Ys, then 16-byte stores along N.
+  // transposed into Ys, then 16-byte stores along N. Gated (format.h): rows g and g + 8 of each
+  // 16-row MMA tile are a gate and its up row, both in this thread's fragment; their product
+  // goes to output column (16-row tile) / 2 + g, so Ys and Y hold half as many columns.
   __syncthreads();  // every warp is done reading the pipeline stages that Ys overwrites
   using T = typename Out::Storage;
   T* ys = reinterpret_cast<T*>(smem);
@@ -542,31 +544,60 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinB
 #pragma unroll
     for (int col = 0; col < 2; ++col)
       x_scales[j][col] = scale_at<Policy>(p.x_scale, m0 + warp_m * S::kWarpM + j * 8 + 2 * t + col, p.M);
+  if (p.gated) {
 #pragma unroll
-  for (int i = 0; i < S::kTilesN; ++i)
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int n_local = warp_n * S::kWarpN + i * 16 + g + 8 * half;
-      const int64_t n = n0 + n_local;
-      const float bias_n = (bias != nullptr && n < p.N) ? Out::to_float(bias[n]) : 0.f;
-      const float w_scale_n = scale_at<Policy>(p.w_scale, n, p.N);
+    for (int i = 0; i < S::kTilesN; ++i) {
+      const int n_local = warp_n * S::kWarpN + i * 16 + g;
+      const int64_t n_gate = n0 + n_local, n_up = n_gate + kGateRows;  // N % 16 == 0: both in or both out
+      const bool in_range = bias != nullptr && n_gate < p.N;
+      const float bias_gate = in_range ? Out::to_float(bias[n_gate]) : 0.f;
+      const float bias_up = in_range ? Out::to_float(bias[n_up]) : 0.f;
+      const float w_scale_gate = scale_at<Policy>(p.w_scale, n_gate, p.N);
+      const float w_scale_up = scale_at<Policy>(p.w_scale, n_up, p.N);
+      const int out_local = (n_local - g) / 2 + g;
 #pragma unroll
       for (int j = 0; j < S::kTilesM; ++j)
 #pragma unroll
         for (int col = 0; col < 2; ++col) {
           const int m_local = warp_m * S::kWarpM + j * 8 + 2 * t + col;
-          ys[m_local * S::kEpilogueStride + n_local] = Out::from_float(epilogue_value<Policy>(
-              acc[i][j][2 * half + col], w_scale_n, x_scales[j][col], bias != nullptr, bias_n, p.act));
+          const float gate = epilogue_value<Policy>(acc[i][j][col], w_scale_gate, x_scales[j][col], bias != nullptr,
+                                                    bias_gate, p.act);
+          const float up = epilogue_value<Policy>(acc[i][j][2 + col], w_scale_up, x_scales[j][col], bias != nullptr,
+                                                  bias_up, Activation::none);
+          ys[m_local * S::kEpilogueStride + out_local] = Out::from_float(mul_rn(gate, up));
         }
     }
+  } else {
+#pragma unroll
+    for (int i = 0; i < S::kTilesN; ++i)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int n_local = warp_n * S::kWarpN + i * 16 + g + 8 * half;
+        const int64_t n = n0 + n_local;
+        const float bias_n = (bias != nullptr && n < p.N) ? Out::to_float(bias[n]) : 0.f;
+        const float w_scale_n = scale_at<Policy>(p.w_scale, n, p.N);
+#pragma unroll
+        for (int j = 0; j < S::kTilesM; ++j)
+#pragma unroll
+          for (int col = 0; col < 2; ++col) {
+            const int m_local = warp_m * S::kWarpM + j * 8 + 2 * t + col;
+            ys[m_local * S::kEpilogueStride + n_local] = Out::from_float(epilogue_value<Policy>(
+                acc[i][j][2 * half + col], w_scale_n, x_scales[j][col], bias != nullptr, bias_n, p.act));
+          }
+      }
+  }
   __syncthreads();
   T* y = static_cast<T*>(p.y);
-  for (int c = tid; c < S::kBlockM * (S::kBlockN / 8); c += S::kThreads) {
-    const int m_local = c / (S::kBlockN / 8), chunk = c % (S::kBlockN / 8);
-    const int64_t m = m0 + m_local, n = n0 + chunk * 8;
-    if (m >= p.M || n >= p.N) continue;
+  // Output columns of this block and of Y: half of the W rows when gated.
+  const int out_shift = p.gated ? 1 : 0;
+  const int row_chunks = (S::kBlockN / 8) >> out_shift;
+  const int64_t out_n0 = n0 >> out_shift, out_cols = p.N >> out_shift;
+  for (int c = tid; c < S::kBlockM * row_chunks; c += S::kThreads) {
+    const int m_local = c / row_chunks, chunk = c % row_chunks;
+    const int64_t m = m0 + m_local, n = out_n0 + chunk * 8;
+    if (m >= p.M || n >= out_cols) continue;
     const auto& row = *reinterpret_cast<const ElementPack<T, 8>*>(ys + m_local * S::kEpilogueStride + chunk * 8);
-    store_elements<T, 8>(y + m * p.ldy + n, row.v, p.N - n);
+    store_elements<T, 8>(y + m * p.ldy + n, row.v, out_cols - n);
   }
 }
 
