@@ -11,8 +11,9 @@ from sparsegemm import _C, quant
 from sparsegemm import format as fmt
 
 # The last one takes the copies with precomputed pointers (whole 128-row blocks of Wc and of X,
-# 16-byte rows) and then a stage across K.
-SHAPES = [(1, 40, 36), (17, 136, 100), (130, 260, 264), (130, 256, 1056)]
+# 16-byte rows) and then a stage across K. Where N % 16 == 0 the gated (SwiGLU) epilogue runs too.
+SHAPES = [(1, 40, 36), (17, 144, 100), (130, 260, 264), (130, 256, 1056)]
+SILU, SWIGLU = 3, 19
 # (config, split_k): large-M tile, decode tile, decode tile with a forced 3-way split of K.
 CONFIGS = [(0, 0), (1, 0), (1, 3)]
 
@@ -22,6 +23,11 @@ def _scratch(scratch_fn, *shape_and_config) -> tuple[torch.Tensor, torch.Tensor]
     workspace_bytes, counters = scratch_fn(*shape_and_config)
     return (torch.empty(max(workspace_bytes, 16), dtype=torch.uint8, device="cuda"),
             torch.zeros(max(counters, 1), dtype=torch.int32, device="cuda"))
+
+
+def _runs(n: int) -> list:
+    """((config, split_k), activation code) pairs: every configuration with silu, and gated where N allows."""
+    return [(c, act) for c in CONFIGS for act in ((SILU, SWIGLU) if n % 16 == 0 else (SILU,))]
 
 
 def main() -> None:
@@ -34,21 +40,23 @@ def main() -> None:
             sw = sparsegemm.compress(w, prune=True)
             sparsegemm.decompress(sw)
             meta = sw.kernel_meta("cuda")
-            for config, split_k in CONFIGS:
-                y = torch.empty((m, n), dtype=dtype, device="cuda")
+            for (config, split_k), act in _runs(n):
+                cols = n // 2 if act == SWIGLU else n
+                y = torch.empty((m, cols), dtype=dtype, device="cuda")
                 ws, counters = _scratch(_C.cuda_gemm_scratch, m, n, k, config, split_k)
                 _C.cuda_gemm(m, n, k, x.data_ptr(), k, sw.values.data_ptr(), meta.data_ptr(), bias.data_ptr(),
-                             y.data_ptr(), n, fmt.DTYPE_CODES[dtype], 2, ws.data_ptr(), counters.data_ptr(), config,
-                             split_k, stream)
+                             y.data_ptr(), cols, fmt.DTYPE_CODES[dtype], act, ws.data_ptr(), counters.data_ptr(),
+                             config, split_k, stream)
         sw8 = quant.quantize_weight(torch.randn(n, k, device="cuda").half())
         x = torch.randn(m, k, device="cuda").half()
         x_q, x_scale = quant.quantize_activations(x)
         meta8 = sw8.kernel_meta("cuda")
-        for config, split_k in CONFIGS:
-            y = torch.empty((m, n), dtype=torch.float16, device="cuda")
+        for (config, split_k), act in _runs(n):
+            cols = n // 2 if act == SWIGLU else n
+            y = torch.empty((m, cols), dtype=torch.float16, device="cuda")
             ws, counters = _scratch(_C.cuda_gemm_s8_scratch, m, n, k, config, split_k)
             _C.cuda_gemm_s8(m, n, k, x_q.data_ptr(), x_q.stride(0), sw8.values.data_ptr(), meta8.data_ptr(),
-                            sw8.scale.data_ptr(), x_scale.data_ptr(), 0, y.data_ptr(), n, 1, 2, ws.data_ptr(),
+                            sw8.scale.data_ptr(), x_scale.data_ptr(), 0, y.data_ptr(), cols, 1, act, ws.data_ptr(),
                             counters.data_ptr(), config, split_k, stream)
     torch.cuda.synchronize()
     print("smoke: ok")

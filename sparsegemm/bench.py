@@ -269,6 +269,19 @@ class _LlamaMLP(torch.nn.Module):
         return self.down(torch.nn.functional.silu(self.gate(x)) * self.up(x))
 
 
+class _GatedSparseMLP(torch.nn.Module):
+    """The same block with gate and up as one SparseLinear whose epilogue is SwiGLU (from_gate_up):
+    two GEMM launches per block instead of three GEMMs and two elementwise kernels."""
+
+    def __init__(self, dense: _LlamaMLP, quantize):
+        super().__init__()
+        self.gate_up = sparsegemm.SparseLinear.from_gate_up(dense.gate, dense.up, "swiglu", quantize=quantize)
+        self.down = sparsegemm.SparseLinear.from_dense(dense.down, quantize=quantize)
+
+    def forward(self, x):
+        return self.down(self.gate_up(x))
+
+
 def cuda_graphed(fn: Callable[[], object]) -> Callable[[], object]:
     """``fn`` captured once in a CUDA graph (after warm-up calls on a side stream, as capture
     requires); returns the replay. Decode serving runs this way, with no per-call host cost."""
@@ -293,7 +306,9 @@ def bench_mlp(device: torch.device, dtype: str, tokens, timer: Timer) -> list:
     dense = _LlamaMLP().to(act).to(device)
     sparse = _LlamaMLP().to(act).to(device)
     sparse.load_state_dict(dense.state_dict())
-    sparsegemm.sparsify(sparse, quantize="int8" if dtype == "int8" else None, progress=False)
+    quantize = "int8" if dtype == "int8" else None
+    sparsegemm.sparsify(sparse, quantize=quantize, progress=False)
+    fused = _GatedSparseMLP(dense, quantize)
     rows = []
     for m in tokens:
         x = torch.randn(m, 4096, dtype=act, device=device)
@@ -303,6 +318,11 @@ def bench_mlp(device: torch.device, dtype: str, tokens, timer: Timer) -> list:
         with torch.no_grad():
             r.add("dense nn.Linear", lambda: dense(x), dense_bytes)
             r.add("SparseLinear", lambda: sparse(x), sparse_bytes)
+            # Same pruned weights as the unfused block: its output is the reference (the fused one
+            # rounds once where the unfused one rounds gate, up and their product).
+            ref, got = sparse(x).float(), fused(x).float()
+            fused_error = float((got - ref).norm() / ref.norm().clamp_min(1e-30))
+            r.add("SparseLinear, gate/up fused (SwiGLU)", lambda: fused(x), sparse_bytes, rel_error=fused_error)
         rows.extend(r.finish())
         if device.type == "cuda" and m <= 16:
             # Decode without the host: both blocks replayed from CUDA graphs (L2 still flushed).
@@ -310,6 +330,7 @@ def bench_mlp(device: torch.device, dtype: str, tokens, timer: Timer) -> list:
             with torch.no_grad():
                 g.add("dense nn.Linear", cuda_graphed(lambda: dense(x)), dense_bytes)
                 g.add("SparseLinear", cuda_graphed(lambda: sparse(x)), sparse_bytes)
+                g.add("SparseLinear, gate/up fused (SwiGLU)", cuda_graphed(lambda: fused(x)), sparse_bytes)
             rows.extend(g.finish())
     return rows
 

@@ -44,4 +44,6 @@ def test_unavailable_baseline_becomes_a_note_row():
 def test_mlp_block_rows():
     timer = bench.Timer(torch.device("cpu"), warmup=0, repeats=1)
     rows = bench.bench_mlp(torch.device("cpu"), "bfloat16", (1,), timer)
-    assert [r.method for r in rows] == ["dense nn.Linear", "SparseLinear"] and rows[0].N == 3 * 11008
+    assert [r.method for r in rows] == ["dense nn.Linear", "SparseLinear", "SparseLinear, gate/up fused (SwiGLU)"]
+    assert rows[0].N == 3 * 11008
+    assert rows[2].rel_error < 1e-2  # the fused block computes what the unfused one does

@@ -409,3 +409,95 @@ def _header(path):
 
     with safe_open(str(path), framework="pt") as f:
         return f.metadata()
+
+
+# ---- gated (GLU) layers: SparseLinear.from_gate_up -----------------------------------------------
+
+class _GatedMLP(nn.Module):
+    """A Llama-style MLP, silu(gate(x)) * up(x) -> down, with the gate / up pair as one layer."""
+
+    def __init__(self, dim=64, hidden=40, gate_up=None):
+        super().__init__()
+        self.gate_up = gate_up if gate_up is not None else SparseLinear(dim, hidden, activation="swiglu")
+        self.down = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.down(self.gate_up(x))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "simt"])
+@pytest.mark.parametrize("activation", ["swiglu", "geglu", "reglu"])
+def test_gate_up_layer_matches_the_two_pruned_projections(dtype, backend, activation):
+    if backend == "simt" and dtype == torch.float32:
+        pytest.skip("the kernels take 16-bit floats")
+    torch.manual_seed(4)
+    gate, up = nn.Linear(64, 40).to(dtype), nn.Linear(64, 40).to(dtype)
+    layer = SparseLinear.from_gate_up(gate, up, activation, backend=backend)
+    assert layer.weight_shape == (80, 64) and layer.out_features == 40
+    assert "activation=" + activation in repr(layer)
+    x = torch.randn(2, 3, 64).to(dtype)
+    y = layer(x)
+    assert y.shape == (2, 3, 40)
+    # The stored rows are the two pruned projections, interleaved; the public oracle pairs them.
+    w_gate, w_up = sparsegemm.format.split_gate_up(layer.dense_weight())
+    assert torch.equal(w_gate, sparsegemm.prune_2to4(gate.weight.detach()))
+    assert torch.equal(w_up, sparsegemm.prune_2to4(up.weight.detach()))
+    oracle.assert_close_to_oracle(y.reshape(-1, 40), x.reshape(-1, 64), layer.dense_weight(), layer.bias.detach(),
+                                  activation)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "simt"])
+def test_int8_gate_up_layer_matches_the_int8_oracle(backend):
+    torch.manual_seed(5)
+    gate, up = nn.Linear(72, 24).half(), nn.Linear(72, 24).half()
+    layer = SparseLinear.from_gate_up(gate, up, quantize="int8", backend=backend)
+    x = torch.randn(5, 72).half()
+    sw = layer.sparse_weight()
+    x_q, x_scale = oracle.quantize_rows_int8(x)
+    ref = oracle.linear_int8(x_q, x_scale, sw.values, sw.meta, 72, sw.scale, layer.bias, "swiglu", torch.float16)
+    y = layer(x)
+    assert y.shape == ref.shape == (5, 24)
+    # One fp32 silu / product against the oracle's float64 silu: within an ulp or two of fp16.
+    assert torch.allclose(y.float(), ref.float(), rtol=2e-3, atol=1e-3)
+
+
+def test_gate_up_layer_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(6)
+    gate, up = nn.Linear(64, 40).half(), nn.Linear(64, 40).half()
+    model = _GatedMLP(gate_up=SparseLinear.from_gate_up(gate, up)).half()
+    path = tmp_path / "gated.safetensors"
+    sparsegemm.save(model, path)
+    fresh = _GatedMLP().half()
+    sparsegemm.load(path, fresh)
+    x = torch.randn(3, 64).half()
+    assert torch.equal(fresh(x), model(x))
+    assert "80 x 64" in sparsegemm.io.describe(path)  # the stored rows: gate and up
+    # A gated layer has no nn.Linear twin: a model without it is refused by name.
+    plain = nn.Module()
+    plain.gate_up, plain.down = nn.Linear(64, 40), nn.Linear(40, 64)
+    with pytest.raises(ValueError, match="'gate_up' was a Linear 64 -> 40 with activation 'swiglu'"):
+        sparsegemm.load(path, plain)
+
+
+def test_gate_up_layer_errors():
+    gate = nn.Linear(64, 40)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        SparseLinear.from_gate_up(gate, nn.Linear(64, 40), "silu")
+    with pytest.raises(ValueError, match="same shape"):
+        SparseLinear.from_gate_up(gate, nn.Linear(64, 48))
+    with pytest.raises(ValueError, match="same shape"):
+        SparseLinear.from_gate_up(gate, nn.Linear(64, 40, bias=False))
+    with pytest.raises(TypeError, match="up must be an nn.Linear"):
+        SparseLinear.from_gate_up(gate, nn.Conv2d(3, 3, 1))
+    with pytest.raises(ValueError, match="multiple of 8, got 36"):
+        SparseLinear.from_gate_up(nn.Linear(64, 36), nn.Linear(64, 36))
+    with pytest.raises(ValueError, match="needs out_features a multiple of 8, got 12"):
+        SparseLinear(64, 12, activation="geglu")
+    with pytest.raises(ValueError, match="activation must be one of"):
+        SparseLinear(64, 16, activation="tanh")
+    # The functional API names the rule for a weight that is not an interleaved pair.
+    sw = sparsegemm.compress(torch.randn(24, 32), prune=True)
+    with pytest.raises(ValueError, match="gated: the weight's rows must be gate and up rows .* got 24 rows"):
+        sparsegemm.linear(torch.randn(2, 32), sw, activation="swiglu")
+    with pytest.raises(ValueError, match="interleave_gate_up: H .* multiple of 8, got 4"):
+        sparsegemm.format.interleave_gate_up(torch.zeros(4, 3), torch.zeros(4, 3))

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import sparsegemm
-from sparsegemm import ops
+from sparsegemm import ops, quant
 from conftest import sparse_weight
 
 
@@ -21,17 +21,20 @@ def test_opcheck_all_ops(dtype):
     xg = x.clone().requires_grad_()
     vg = sw.values.clone().requires_grad_()
     torch.library.opcheck(ops._linear, (xg, vg, sw.meta, None, 24, bias.clone().requires_grad_(), 3, "cpu"))
+    # Gated (SwiGLU code 19): the fake and real outputs have N / 2 columns.
+    torch.library.opcheck(ops._linear, (xg, vg, sw.meta, None, 24, bias.clone().requires_grad_(), 19, "cpu"))
 
 
 @pytest.mark.parametrize("weight", ["bf16", "int8"])
-def test_compile_fullgraph_matches_eager(weight):
+@pytest.mark.parametrize("activation", ["silu", "swiglu"])
+def test_compile_fullgraph_matches_eager(weight, activation):
     torch._dynamo.reset()
     w = sparse_weight(32, 64, dtype=torch.bfloat16)
-    sw = sparsegemm.compress(w) if weight == "bf16" else sparsegemm.quant.quantize_weight(w)
+    sw = sparsegemm.compress(w) if weight == "bf16" else quant.quantize_weight(w)
     bias = torch.randn(32).to(torch.bfloat16)
 
     def layer(x):
-        return sparsegemm.linear(x, sw, bias, activation="silu") * 2.0
+        return sparsegemm.linear(x, sw, bias, activation=activation) * 2.0
 
     compiled = torch.compile(layer, fullgraph=True, backend="inductor")
     for m in (3, 9):
@@ -39,15 +42,25 @@ def test_compile_fullgraph_matches_eager(weight):
         assert torch.equal(compiled(x), layer(x))
 
 
-@pytest.mark.parametrize("activation", [None, "relu", "gelu", "silu"])
+def _gated(act):
+    """act(gate) * up on pre-activations whose columns alternate gate / up in runs of 8."""
+    def apply(z):
+        gate, up = sparsegemm.format.split_gate_up(z.T)
+        return (act(gate) * up).T
+    return apply
+
+
+@pytest.mark.parametrize("activation", [None, "relu", "gelu", "silu", "reglu", "geglu", "swiglu"])
 def test_autograd_matches_dense_masked_oracle(activation):
     gen = torch.Generator().manual_seed(11)
-    w = torch.randn(12, 22, generator=gen, dtype=torch.float64).float()
+    n = 16 if activation in sparsegemm.format.GATED_ACTIVATIONS else 12
+    w = torch.randn(n, 22, generator=gen, dtype=torch.float64).float()
     sw = sparsegemm.compress(w, prune=True)
     values = sw.values.clone().requires_grad_()
     x = torch.randn(5, 22, generator=gen).requires_grad_()
-    bias = torch.randn(12, generator=gen).requires_grad_()
+    bias = torch.randn(n, generator=gen).requires_grad_()
     acts = {None: lambda t: t, "relu": torch.relu, "gelu": torch.nn.functional.gelu, "silu": torch.nn.functional.silu}
+    acts.update({name: _gated(acts[base]) for name, base in sparsegemm.format.GATED_ACTIVATIONS.items()})
     y = sparsegemm.linear(x, sparsegemm.SparseTensor24(values, sw.meta, sw.shape), bias, activation=activation)
     gy = torch.randn_like(y)
     gx, gv, gb = torch.autograd.grad(y, (x, values, bias), gy)
@@ -59,4 +72,4 @@ def test_autograd_matches_dense_masked_oracle(activation):
     assert torch.allclose(gx.double(), rx, atol=1e-4)
     assert torch.allclose(gb.double(), rb, atol=1e-4)
     padded = torch.nn.functional.pad(rw, (0, 2))
-    assert torch.allclose(gv.double(), padded[ops.meta_to_mask(sw.meta, 24)].view(12, 12), atol=1e-4)
+    assert torch.allclose(gv.double(), padded[ops.meta_to_mask(sw.meta, 24)].view(n, 12), atol=1e-4)
