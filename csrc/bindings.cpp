@@ -8,9 +8,11 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <utility>
 
 #include "cpu/cpu_ops.h"
+#include "cuda/gemm_heuristics.h"
 #include "cuda/kernels.h"
 #include "params.h"
 #include "simt/emulator.h"
@@ -404,6 +406,14 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "sparsegemm private extension: 2:4 kernels behind a torch-free boundary";
   m.def("build_info", &build_info);
   m.def("list_gpus", &list_gpus);
+  // The GEMM plan (gemm_heuristics.h) for a GPU of `sms` SMs holding `blocks_per_sm` decode
+  // blocks each, with no GPU needed: (config, split_k, k-tiles per split) of the 16-bit GEMM, or
+  // of the int8 one with s8.
+  m.def("plan_gemm", [](int64_t M, int64_t N, int64_t K, int sms, int blocks_per_sm, bool s8) {
+    const GemmPlan plan = sparsegemm::plan_gemm(M, N, K, DecodeWave{sms, blocks_per_sm}, -1, 0,
+                                                s8 ? gemm_tiles::kBlockKS8 : gemm_tiles::kBlockK);
+    return std::make_tuple(static_cast<int>(plan.config), plan.split_k, plan.k_tiles_per_split);
+  }, py::arg("M"), py::arg("N"), py::arg("K"), py::arg("sms"), py::arg("blocks_per_sm"), py::arg("s8") = false);
   bind_cpu(m);
   bind_simt_selftest(m);
   bind_kernels(m);

@@ -239,8 +239,8 @@ class AllocationLog(TorchDispatchMode):
 
 @pytest.mark.parametrize("split_k_shape", [False, True], ids=["single-pass", "split-k"])
 def test_op_allocates_only_the_output(split_k_shape):
-    # 1 x 64 x 3 x 5 input with 3x3 taps: M = 15 (decode tile), K = 576 (nine k-tiles: split-K).
-    cin, hw = (64, (3, 5)) if split_k_shape else (16, (9, 11))
+    # 1 x 128 x 3 x 5 input with 3x3 taps: M = 15 (decode tile), K = 1152 (18 k-tiles: split-K).
+    cin, hw = (128, (3, 5)) if split_k_shape else (16, (9, 11))
     layer = make_layer(cin, 24, 3, 1, 1, 1, torch.float16, integer=True)
     x = make_input(1, cin, hw, torch.float16, integer=True).permute(0, 2, 3, 1).contiguous()
     kernel_meta = layer._kernel_meta_for("simt")

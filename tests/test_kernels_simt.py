@@ -560,6 +560,35 @@ def test_gemm_decode_auto_split_uses_workspace(kernels):
     assert torch.equal(y, (x.double() @ w.double().T).to(torch.float16))
 
 
+# The split each decode shape gets on an H200 (132 SMs, two decode blocks an SM): the fastest of
+# 1 / 2 / 3 / 4 / 6 / 8 splits measured there (bench/results/2026-11-26-H200-run8,
+# sweep_acq_rel_ticket.txt), fp16 and INT8; gemm_heuristics.h decode_split_cost was fitted to them.
+H200_BEST_SPLITS = {  # (M, N, K): (fp16, int8)
+    (1, 11008, 4096): (3, 3), (16, 11008, 4096): (3, 1), (1, 4096, 11008): (4, 4), (16, 4096, 11008): (4, 4),
+    (1, 8192, 8192): (2, 2), (16, 8192, 8192): (2, 2),
+}
+
+
+@pytest.mark.parametrize("shape", list(H200_BEST_SPLITS))
+def test_decode_split_rule_picks_the_measured_best_on_h200(shape):
+    for s8, best in zip((False, True), H200_BEST_SPLITS[shape]):
+        config, split_k, _ = _C.plan_gemm(*shape, sms=132, blocks_per_sm=2, s8=s8)
+        assert (config, split_k) == (DECODE, best), (shape, s8)
+
+
+def test_decode_split_rule_stays_within_one_wave():
+    # A100-like: 108 SMs, one decode block each. Finer splits would balance the SMs better on
+    # paper, but every block past the first wave waits for a whole block to finish.
+    for m, n, k in H200_BEST_SPLITS:
+        for s8 in (False, True):
+            _, split_k, _ = _C.plan_gemm(m, n, k, sms=108, blocks_per_sm=1, s8=s8)
+            assert split_k * ((n + 127) // 128) <= 108 or split_k == 1
+    assert _C.plan_gemm(1, 4096, 11008, sms=108, blocks_per_sm=1)[1] == 3  # 32 blocks x 3 fill 96 SMs
+    # Large M never splits; K = 0 plans no split.
+    assert _C.plan_gemm(4096, 4096, 4096, sms=132, blocks_per_sm=2)[:2] == (LARGE_M, 1)
+    assert _C.plan_gemm(1, 4096, 0, sms=132, blocks_per_sm=2)[1] == 1
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("config", [LARGE_M, DECODE])
 def test_gemm_fast_wc_copies_stop_before_the_end_of_k(kernels, dtype, config):

@@ -68,10 +68,36 @@ SG_HOST_DEVICE int64_t gemm_k_tiles(int64_t K, int64_t block_k = gemm_tiles::kBl
   return (padded_k(K) + block_k - 1) / block_k;
 }
 
-// wave_blocks: decode-tile blocks the GPU runs at once (kernels_dispatch.cuh decode_wave_blocks).
+// The GPU as the decode split-K sees it: SMs, and decode-tile blocks one SM holds at once.
+struct DecodeWave {
+  int sms = 1;
+  int blocks_per_sm = 1;
+};
+
+// Cost of the decode tile's `blocks` output tiles with `splits` K splits, in half k-tiles: the
+// k-tiles the busiest SM streams (blocks spread evenly, each split a whole number of pipeline
+// stages), plus, when K is split, half a k-tile per row of M (each split stores M x 128 partial
+// sums that the tile's last block reads back after everyone else). The decode GEMM is bound by
+// the weight bytes the SMs stream, so the busiest one sets the time. -1: more blocks than one
+// wave holds (a second, partial wave costs more than the split saves: on H200 258 blocks in one
+// wave took 21 us, 344 in 1.3 waves 26 us).
+// Fitted on H200 (bench/results/2026-11-26-H200-run8, sweep_acq_rel_ticket.txt): over 6 decode
+// shapes x fp16 / INT8 it picks the fastest measured split each time, where "as many splits as
+// one wave holds" lost up to 4.6 us (INT8 16 x 4096 x 11008: 8 splits 21.2 us, 4 splits 16.6 us:
+// two blocks an SM stream no faster than one doing twice the k-tiles).
+inline int64_t decode_split_cost(int64_t M, int64_t blocks, int64_t k_tiles, int64_t splits, DecodeWave wave) {
+  constexpr int64_t kStage = gemm_tiles::Decode::kKTilesPerStage;
+  const int64_t per_split = ((k_tiles + splits - 1) / splits + kStage - 1) / kStage * kStage;
+  const int64_t used = (k_tiles + per_split - 1) / per_split;
+  if (used > 1 && blocks * used > int64_t(wave.sms) * wave.blocks_per_sm) return -1;
+  const int64_t busiest_sm_blocks = (blocks * used + wave.sms - 1) / wave.sms;
+  return 2 * busiest_sm_blocks * per_split + (used > 1 ? M : 0);
+}
+
+// wave: the GPU (kernels_dispatch.cuh decode_wave).
 // forced_config / forced_split_k: GemmParams::config / split_k (-1 / 0: choose). block_k: the
 // GEMM's k-tile (gemm_tiles::kBlockK or kBlockKS8); the regimes and split rule are the same.
-inline GemmPlan plan_gemm(int64_t M, int64_t N, int64_t K, int wave_blocks, int forced_config = -1,
+inline GemmPlan plan_gemm(int64_t M, int64_t N, int64_t K, DecodeWave wave, int forced_config = -1,
                           int forced_split_k = 0, int64_t block_k = gemm_tiles::kBlockK) {
   GemmPlan plan;
   plan.config = forced_config >= 0 ? static_cast<GemmConfig>(forced_config)
@@ -84,13 +110,15 @@ inline GemmPlan plan_gemm(int64_t M, int64_t N, int64_t K, int wave_blocks, int 
   }
   if (forced_split_k > 0) {
     splits = forced_split_k;
-  } else if (plan.config == GemmConfig::decode) {
+  } else if (plan.config == GemmConfig::decode && k_tiles > 0) {
     using T = gemm_tiles::Decode;
     const int64_t blocks = (N + T::kBlockN - 1) / T::kBlockN * ((M + T::kBlockM - 1) / T::kBlockM);
-    // As many splits as one full wave holds: a second, partial wave costs more than the split
-    // saves (the H200 sweep: 258 blocks in one wave 21 us, 344 in 1.3 waves 26 us).
-    const int64_t wanted = std::max<int64_t>(1, wave_blocks / std::max<int64_t>(blocks, 1));
-    splits = std::min<int64_t>({wanted, gemm_tiles::kMaxSplitK, k_tiles / gemm_tiles::kMinKTilesPerSplit});
+    const int64_t most = std::min<int64_t>(gemm_tiles::kMaxSplitK, k_tiles / gemm_tiles::kMinKTilesPerSplit);
+    int64_t best_cost = decode_split_cost(M, blocks, k_tiles, 1, wave);
+    for (int64_t candidate = 2; candidate <= most; ++candidate) {  // ties keep the fewer splits
+      const int64_t cost = decode_split_cost(M, blocks, k_tiles, candidate, wave);
+      if (cost >= 0 && cost < best_cost) best_cost = cost, splits = candidate;
+    }
   }
   splits = std::max<int64_t>(1, std::min(splits, std::max<int64_t>(k_tiles, 1)));
   plan.k_tiles_per_split = (k_tiles + splits - 1) / splits;

@@ -38,26 +38,27 @@ unsigned elementwise_blocks(int64_t total) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(blocks, kMaxElementwiseBlocks)));
 }
 
-// Blocks of the decode tile the current device runs at once, for MMA policy Policy: its SMs
-// times the decode GEMM blocks one SM holds (shared memory bounds it: 88 KiB a 16-bit block,
-// 96 KiB an int8 one, so two on H100 / H200, one on A100 and the 100 KiB parts), which sizes the
-// decode split-K (gemm_heuristics.h). Asked of the runtime once per device (ids past 63 ask each
-// time), and a failed query is kept as 1 (no split), so that the workspace size and the launch
-// always plan alike. The emulator reports 8 (4 "SMs" x 2), so that tests on small shapes still
-// take the split-K path.
+// Where the decode tile's blocks run on the current device, for MMA policy Policy: its SMs and
+// the decode GEMM blocks one SM holds (shared memory bounds it: 88 KiB a 16-bit block, 96 KiB an
+// int8 one, so two on H100 / H200, one on A100 and the 100 KiB parts), which size the decode
+// split-K (gemm_heuristics.h). Asked of the runtime once per device (ids past 63 ask each time),
+// and a failed query is kept as 1 x 1 (no split), so that the workspace size and the launch
+// always plan alike. The emulator reports 4 "SMs" x 2, so that tests on small shapes still take
+// the split-K path.
 template <typename Policy>
-int decode_wave_blocks() {
+DecodeWave decode_wave() {
 #if defined(__CUDACC__)
   constexpr int kCachedDevices = 64;
-  static std::atomic<int> cached[kCachedDevices] = {};  // 0: not asked yet (a race only repeats the query)
+  // sms << 8 | blocks per SM; 0: not asked yet (a race only repeats the query)
+  static std::atomic<int> cached[kCachedDevices] = {};
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess) {
     cudaGetLastError();
-    return 1;
+    return DecodeWave{1, 1};
   }
   if (device < kCachedDevices) {
     const int known = cached[device].load(std::memory_order_relaxed);
-    if (known > 0) return known;
+    if (known > 0) return DecodeWave{known >> 8, known & 0xFF};
   }
   using S = GemmShape<Policy, gemm_tiles::Decode>;
   const auto kernel = gemm_sp_kernel<Policy, gemm_tiles::Decode, RowMajorX<typename Policy::Operand>>;
@@ -68,11 +69,11 @@ int decode_wave_blocks() {
     cudaGetLastError();
     sms = per_sm = 1;
   }
-  const int blocks = std::max(1, sms * per_sm);
-  if (device < kCachedDevices) cached[device].store(blocks, std::memory_order_relaxed);
-  return blocks;
+  const DecodeWave wave{std::max(1, sms), std::min(0xFF, std::max(1, per_sm))};
+  if (device < kCachedDevices) cached[device].store(wave.sms << 8 | wave.blocks_per_sm, std::memory_order_relaxed);
+  return wave;
 #else
-  return 8;
+  return DecodeWave{4, 2};
 #endif
 }
 
@@ -193,12 +194,12 @@ void reorder_meta(const uint8_t* logical_meta, void* kernel_meta, int64_t N, int
 }
 
 GemmScratch gemm_scratch(int64_t M, int64_t N, int64_t K, int config, int split_k) {
-  return plan_scratch(plan_gemm(M, N, K, decode_wave_blocks<Mma16<DType::f16>>(), config, split_k), M, N);
+  return plan_scratch(plan_gemm(M, N, K, decode_wave<Mma16<DType::f16>>(), config, split_k), M, N);
 }
 
 void gemm(const GemmParams& p, void* stream) {
   if (p.M == 0 || p.N == 0) return;
-  const GemmPlan plan = plan_gemm(p.M, p.N, p.K, decode_wave_blocks<Mma16<DType::f16>>(), p.config, p.split_k);
+  const GemmPlan plan = plan_gemm(p.M, p.N, p.K, decode_wave<Mma16<DType::f16>>(), p.config, p.split_k);
   const auto s = static_cast<sg_stream_t>(stream);
   switch (p.dtype) {
     case DType::f16: launch_gemm_tile<Mma16<DType::f16>>(p, plan, s); break;
@@ -211,7 +212,7 @@ void conv2d(const ConvParams& p, void* stream) {
   const GemmParams& g = p.gemm;
   if (g.M == 0 || g.N == 0) return;
   // The convolution is the GEMM of its implicit X: the same plan (tile, split-K) and workspace.
-  const GemmPlan plan = plan_gemm(g.M, g.N, g.K, decode_wave_blocks<Mma16<DType::f16>>(), g.config, g.split_k);
+  const GemmPlan plan = plan_gemm(g.M, g.N, g.K, decode_wave<Mma16<DType::f16>>(), g.config, g.split_k);
   const auto s = static_cast<sg_stream_t>(stream);
   switch (g.dtype) {
     case DType::f16: launch_gemm_tile<Mma16<DType::f16>, NhwcConvX<uint16_t>>(p, plan, s); break;
@@ -243,12 +244,12 @@ void reorder_meta_s8(const uint8_t* logical_meta, void* kernel_meta, int64_t N, 
 
 GemmScratch gemm_s8_scratch(int64_t M, int64_t N, int64_t K, int config, int split_k) {
   return plan_scratch(
-      plan_gemm(M, N, K, decode_wave_blocks<MmaS8<DType::f16>>(), config, split_k, gemm_tiles::kBlockKS8), M, N);
+      plan_gemm(M, N, K, decode_wave<MmaS8<DType::f16>>(), config, split_k, gemm_tiles::kBlockKS8), M, N);
 }
 
 void gemm_s8(const GemmParams& p, void* stream) {
   if (p.M == 0 || p.N == 0) return;
-  const GemmPlan plan = plan_gemm(p.M, p.N, p.K, decode_wave_blocks<MmaS8<DType::f16>>(), p.config, p.split_k,
+  const GemmPlan plan = plan_gemm(p.M, p.N, p.K, decode_wave<MmaS8<DType::f16>>(), p.config, p.split_k,
                                   gemm_tiles::kBlockKS8);
   const auto s = static_cast<sg_stream_t>(stream);
   switch (p.dtype) {
