@@ -41,7 +41,13 @@ class _SparseWeight(nn.Module):
         # INT8 layers are inference-only (no gradient through the integer grid): the bias is frozen too.
         self.bias = (nn.Parameter(torch.zeros(n, dtype=dtype, device=device), requires_grad=self.quantize != "int8")
                      if bias else None)
+        self._forget_derived()
+
+    def _forget_derived(self) -> None:
+        """Drop what is derived from the stored tensors (after a load, a move or a conversion):
+        the reordered metadata per backend and device, and the int8 weight view of sparse_weight."""
         self._kernel_meta: dict = {}
+        self._int8_weight: Optional[SparseTensor24] = None
 
     def _load_compressed(self, sw: SparseTensor24, bias: Optional[Tensor]) -> None:
         with torch.no_grad():
@@ -51,14 +57,17 @@ class _SparseWeight(nn.Module):
                 self.scale = sw.scale.clone()
             if self.bias is not None:
                 self.bias.data = bias.detach().to(self.bias.dtype).clone()
-        self._kernel_meta = {}
+        self._forget_derived()
 
     def sparse_weight(self) -> SparseTensor24:
         """The weight as a SparseTensor24 sharing this module's storage (and reordered-metadata cache)."""
+        if self._int8_weight is not None:  # the int8 forward asks on every call: built once
+            return self._int8_weight
         sw = SparseTensor24(self.values.detach(), self.meta, self.weight_shape,
                             self.scale if self.quantize == "int8" else None, validate=False)
         if self.quantize == "int8":
-            sw._kernel_meta = self._kernel_meta  # keyed by backend; _apply clears it on a move
+            sw._kernel_meta = self._kernel_meta  # keyed by backend; _forget_derived clears it
+            self._int8_weight = sw
         return sw
 
     def _matrix_dense(self) -> Tensor:
@@ -69,7 +78,7 @@ class _SparseWeight(nn.Module):
         return decompress(self.sparse_weight())
 
     def _apply(self, fn, recurse=True):
-        self._kernel_meta = {}  # moved or converted: reorder again on the next forward
+        self._forget_derived()  # moved or converted: reorder again on the next forward
         # INT8 scales stay float32 whatever .half() / .to(dtype) asks: only their device follows.
         scales = {name: getattr(self, name) for name in ("scale", "input_scale")
                   if getattr(self, name, None) is not None}
@@ -79,7 +88,7 @@ class _SparseWeight(nn.Module):
         return out
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._kernel_meta = {}  # new metadata: the reordered copies are stale
+        self._forget_derived()  # new metadata: the reordered copies are stale
         super()._load_from_state_dict(*args, **kwargs)
 
     def _kernel_meta_for(self, backend: str) -> Tensor:

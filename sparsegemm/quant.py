@@ -154,6 +154,30 @@ def quantize_activations_static(x: Tensor, scale: Union[float, Tensor]) -> tuple
     return x_q, s.expand(x.shape[:-1]).contiguous()
 
 
+def _dynamic_fast_path(x, sw: SparseTensor24, bias, activation, out_dtype, input_scale, backend) -> Optional[str]:
+    """The kernel backend of :func:`linear_int8`'s common decode case, or None. The decode path is
+    host bound: dynamic quantization on the kernels with plain tensors on one device, an unpadded
+    K and nothing to convert is recognised in one cheap test and goes straight to the fused op;
+    anything else takes the checks that name what is wrong."""
+    if input_scale is not None or out_dtype is not None or type(x) not in ops._PLAIN_TENSORS:
+        return None
+    if backend in (None, "cuda") and x.is_cuda and ops._CUDA_BUILT:
+        fast = "cuda"
+    elif backend == "simt" and x.device.type == "cpu":
+        fast = "simt"
+    else:
+        return None
+    n, k = sw.shape
+    device, scale = x.device, sw.scale
+    code = fmt.ACTIVATION_CODES.get(activation) if activation is None or type(activation) is str else None
+    ok = (code is not None and not (fmt.is_gated(code) and n % (2 * fmt.GATE_ROWS)) and k % 4 == 0
+          and x.dtype in ops.KERNEL_DTYPES and x.dim() >= 1 and x.shape[-1] == k and sw.values.device == device
+          and type(scale) in ops._PLAIN_TENSORS and scale.dtype is torch.float32 and scale.shape == (n,)
+          and scale.device == device and ops.has_int8_kernels(fast)
+          and (bias is None or (bias.dtype is x.dtype and bias.shape == (n,) and bias.device == device)))
+    return fast if ok else None
+
+
 def linear_int8(x: Union[Tensor, tuple], sw: SparseTensor24, bias: Optional[Tensor] = None, *,
                 activation: Optional[str] = None, out_dtype: Optional[torch.dtype] = None,
                 input_scale: Union[float, Tensor, None] = None, backend: Optional[str] = None) -> Tensor:
@@ -169,6 +193,14 @@ def linear_int8(x: Union[Tensor, tuple], sw: SparseTensor24, bias: Optional[Tens
         raise TypeError(f"{op}: sw must be an int8 SparseTensor24, got "
                         f"{type(sw).__name__ if not isinstance(sw, SparseTensor24) else sw.dtype}")
     n, k = sw.shape
+    fast_backend = _dynamic_fast_path(x, sw, bias, activation, out_dtype, input_scale, backend)
+    if fast_backend is not None:
+        x2 = x if x.dim() == 2 else x.reshape(-1, k)
+        ops.check_gemm_32bit(op, x2.shape[0], n, k)
+        act = fmt.ACTIVATION_CODES[activation]
+        y = ops.call(ops._linear_s8_dynamic, x2, sw.values, sw.kernel_meta(fast_backend), sw.scale, bias, act,
+                     x.dtype, fast_backend)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], ops.out_features(n, act))
     # The values were checked when the weight was built (SparseTensor24.validate, quantize_weight);
     # reading them again here would cost a host sync per call and break torch.compile graphs.
     check_scale(op, "sw.scale", sw.scale, n, values=False)
