@@ -122,6 +122,17 @@ class _SparseWeight(nn.Module):
         return f"dtype={kind}, {held} bytes ({dense - held} saved vs dense)"
 
 
+def _compress_weight(w: Tensor, dtype: torch.dtype, prune: bool, quantize: Optional[str]) -> SparseTensor24:
+    """A dense weight compressed as a SparseLinear of ``dtype`` (and ``quantize``) stores it."""
+    if quantize == "int8":
+        from .quant import quantize_weight
+
+        # Selection and scales come from the weight in its own precision (the GPU compress
+        # kernel takes 16-bit weights only).
+        return quantize_weight(w if w.device.type == "cpu" else w.to(dtype), prune=prune)
+    return compress(w.to(dtype), prune=prune)
+
+
 class SparseLinear(_SparseWeight):
     """``nn.Linear`` with a 2:4-compressed weight: ``y = x @ W^T + bias`` for x ``[..., in_features]``.
 
@@ -160,27 +171,25 @@ class SparseLinear(_SparseWeight):
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, *, dtype: Optional[torch.dtype] = None, prune: bool = True,
-                   backend: Optional[str] = None, quantize: Optional[str] = None) -> "SparseLinear":
+                   backend: Optional[str] = None, quantize: Optional[str] = None,
+                   activation: Optional[str] = None) -> "SparseLinear":
         """Compress ``linear``'s weight (magnitude 2:4 when ``prune``, else it must already be 2:4).
 
         ``quantize="int8"``: prune, then quantize per output channel
         (:func:`sparsegemm.quant.quantize_weight`); ``dtype`` is the activation dtype.
+        ``activation`` ("relu", "gelu", "silu") is fused into the GEMM: the layer then computes
+        ``act(linear(x))``; gated activations take two projections (:meth:`from_gate_up`).
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"SparseLinear.from_dense: expected nn.Linear, got {type(linear).__name__}")
+        if activation in fmt.GATED_ACTIVATIONS:
+            raise ValueError(f"SparseLinear.from_dense: {activation!r} is gated and needs a gate and an up "
+                             f"projection: use SparseLinear.from_gate_up")
         w = linear.weight.detach()
         dtype = dtype or w.dtype
         mod = cls(linear.in_features, linear.out_features, linear.bias is not None, dtype=dtype,
-                  device=w.device, backend=backend, quantize=quantize)
-        if quantize == "int8":
-            from .quant import quantize_weight
-
-            # Selection and scales come from the weight in its own precision (the GPU compress
-            # kernel takes 16-bit weights only).
-            sw = quantize_weight(w if w.device.type == "cpu" else w.to(dtype), prune=prune)
-        else:
-            sw = compress(w.to(dtype), prune=prune)
-        mod._load_compressed(sw, linear.bias)
+                  device=w.device, backend=backend, quantize=quantize, activation=activation)
+        mod._load_compressed(_compress_weight(w, dtype, prune, quantize), linear.bias)
         return mod
 
     @classmethod
@@ -206,15 +215,12 @@ class SparseLinear(_SparseWeight):
         if gate.out_features % fmt.GATE_ROWS:
             raise ValueError(f"SparseLinear.from_gate_up: out_features must be a multiple of {fmt.GATE_ROWS}, got "
                              f"{gate.out_features}")
-        fused = nn.Linear(gate.in_features, 2 * gate.out_features, bias=gate.bias is not None,
-                          device="meta")
-        fused.weight = nn.Parameter(fmt.interleave_gate_up(gate.weight.detach(), up.weight.detach()),
-                                    requires_grad=False)
-        if gate.bias is not None:
-            fused.bias = nn.Parameter(fmt.interleave_gate_up(gate.bias.detach(), up.bias.detach()),
-                                      requires_grad=False)
-        mod = cls.from_dense(fused, dtype=dtype, prune=prune, backend=backend, quantize=quantize)
-        mod.out_features, mod.activation = gate.out_features, activation
+        dtype = dtype or gate.weight.dtype
+        weight = fmt.interleave_gate_up(gate.weight.detach(), up.weight.detach())
+        bias = None if gate.bias is None else fmt.interleave_gate_up(gate.bias.detach(), up.bias.detach())
+        mod = cls(gate.in_features, gate.out_features, gate.bias is not None, dtype=dtype, device=weight.device,
+                  backend=backend, quantize=quantize, activation=activation)
+        mod._load_compressed(_compress_weight(weight, dtype, prune, quantize), bias)
         return mod
 
     def set_input_scale(self, scale: Optional[float]) -> None:

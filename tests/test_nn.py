@@ -495,9 +495,23 @@ def test_gate_up_layer_errors():
         SparseLinear(64, 12, activation="geglu")
     with pytest.raises(ValueError, match="activation must be one of"):
         SparseLinear(64, 16, activation="tanh")
+    with pytest.raises(ValueError, match="'swiglu' is gated .* use SparseLinear.from_gate_up"):
+        SparseLinear.from_dense(gate, activation="swiglu")
     # The functional API names the rule for a weight that is not an interleaved pair.
     sw = sparsegemm.compress(torch.randn(24, 32), prune=True)
     with pytest.raises(ValueError, match="gated: the weight's rows must be gate and up rows .* got 24 rows"):
         sparsegemm.linear(torch.randn(2, 32), sw, activation="swiglu")
     with pytest.raises(ValueError, match="interleave_gate_up: H .* multiple of 8, got 4"):
         sparsegemm.format.interleave_gate_up(torch.zeros(4, 3), torch.zeros(4, 3))
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_from_dense_fuses_a_plain_activation(quantize):
+    torch.manual_seed(7)
+    lin = nn.Linear(64, 40).half()
+    fused = SparseLinear.from_dense(lin, activation="gelu", backend="simt", quantize=quantize)
+    plain = SparseLinear.from_dense(lin, backend="simt", quantize=quantize)
+    x = torch.randn(3, 64).half()
+    ref = torch.nn.functional.gelu(plain(x).float())
+    assert torch.allclose(fused(x).float(), ref, atol=2e-3, rtol=2e-3)
+    assert "activation=gelu" in repr(fused)

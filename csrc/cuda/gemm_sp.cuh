@@ -549,9 +549,9 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinB
     for (int i = 0; i < S::kTilesN; ++i) {
       const int n_local = warp_n * S::kWarpN + i * 16 + g;
       const int64_t n_gate = n0 + n_local, n_up = n_gate + kGateRows;  // N % 16 == 0: both in or both out
-      const bool in_range = bias != nullptr && n_gate < p.N;
-      const float bias_gate = in_range ? Out::to_float(bias[n_gate]) : 0.f;
-      const float bias_up = in_range ? Out::to_float(bias[n_up]) : 0.f;
+      const bool read_bias = bias != nullptr && n_gate < p.N;
+      const float bias_gate = read_bias ? Out::to_float(bias[n_gate]) : 0.f;
+      const float bias_up = read_bias ? Out::to_float(bias[n_up]) : 0.f;
       const float w_scale_gate = scale_at<Policy>(p.w_scale, n_gate, p.N);
       const float w_scale_up = scale_at<Policy>(p.w_scale, n_up, p.N);
       const int out_local = (n_local - g) / 2 + g;
