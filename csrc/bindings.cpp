@@ -410,6 +410,9 @@ PYBIND11_MODULE(_C, m) {
   // blocks each, with no GPU needed: (config, split_k, k-tiles per split) of the 16-bit GEMM, or
   // of the int8 one with s8.
   m.def("plan_gemm", [](int64_t M, int64_t N, int64_t K, int sms, int blocks_per_sm, bool s8) {
+    if (sms < 1 || blocks_per_sm < 1)
+      throw std::invalid_argument("sparsegemm plan_gemm: sms and blocks_per_sm must be at least 1, got " +
+                                  std::to_string(sms) + " and " + std::to_string(blocks_per_sm));
     const GemmPlan plan = sparsegemm::plan_gemm(M, N, K, DecodeWave{sms, blocks_per_sm}, -1, 0,
                                                 s8 ? gemm_tiles::kBlockKS8 : gemm_tiles::kBlockK);
     return std::make_tuple(static_cast<int>(plan.config), plan.split_k, plan.k_tiles_per_split);

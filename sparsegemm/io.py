@@ -84,9 +84,11 @@ def _build(name: str, spec: dict, dense: nn.Module) -> nn.Module:
         quantize = spec.get("quantize")
         if quantize not in (None, "int8"):
             raise ValueError(f"sparsegemm.load: module {name!r}: unknown quantize {quantize!r} in the checkpoint")
-        device = dense.values.device if isinstance(dense, SparseLinear) else dense.weight.device
+        # Loading into a SparseLinear keeps where it runs (its backend, e.g. "simt").
+        device, backend = ((dense.values.device, dense.backend) if isinstance(dense, SparseLinear)
+                           else (dense.weight.device, None))
         mod = SparseLinear(spec["in_features"], spec["out_features"], spec["bias"], dtype=dtype,
-                           device=device, quantize=quantize, activation=activation)
+                           device=device, backend=backend, quantize=quantize, activation=activation)
         if quantize and spec.get("static_input"):
             mod.set_input_scale(1.0)  # the slot the checkpoint's input_scale loads into
         return mod

@@ -41,13 +41,7 @@ class _SparseWeight(nn.Module):
         # INT8 layers are inference-only (no gradient through the integer grid): the bias is frozen too.
         self.bias = (nn.Parameter(torch.zeros(n, dtype=dtype, device=device), requires_grad=self.quantize != "int8")
                      if bias else None)
-        self._forget_derived()
-
-    def _forget_derived(self) -> None:
-        """Drop what is derived from the stored tensors (after a load, a move or a conversion):
-        the reordered metadata per backend and device, and the int8 weight view of sparse_weight."""
         self._kernel_meta: dict = {}
-        self._int8_weight: Optional[SparseTensor24] = None
 
     def _load_compressed(self, sw: SparseTensor24, bias: Optional[Tensor]) -> None:
         with torch.no_grad():
@@ -57,17 +51,14 @@ class _SparseWeight(nn.Module):
                 self.scale = sw.scale.clone()
             if self.bias is not None:
                 self.bias.data = bias.detach().to(self.bias.dtype).clone()
-        self._forget_derived()
+        self._kernel_meta = {}
 
     def sparse_weight(self) -> SparseTensor24:
         """The weight as a SparseTensor24 sharing this module's storage (and reordered-metadata cache)."""
-        if self._int8_weight is not None:  # the int8 forward asks on every call: built once
-            return self._int8_weight
         sw = SparseTensor24(self.values.detach(), self.meta, self.weight_shape,
                             self.scale if self.quantize == "int8" else None, validate=False)
         if self.quantize == "int8":
-            sw._kernel_meta = self._kernel_meta  # keyed by backend; _forget_derived clears it
-            self._int8_weight = sw
+            sw._kernel_meta = self._kernel_meta  # keyed by backend; _apply clears it on a move
         return sw
 
     def _matrix_dense(self) -> Tensor:
@@ -78,7 +69,7 @@ class _SparseWeight(nn.Module):
         return decompress(self.sparse_weight())
 
     def _apply(self, fn, recurse=True):
-        self._forget_derived()  # moved or converted: reorder again on the next forward
+        self._kernel_meta = {}  # moved or converted: reorder again on the next forward
         # INT8 scales stay float32 whatever .half() / .to(dtype) asks: only their device follows.
         scales = {name: getattr(self, name) for name in ("scale", "input_scale")
                   if getattr(self, name, None) is not None}
@@ -88,7 +79,7 @@ class _SparseWeight(nn.Module):
         return out
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._forget_derived()  # new metadata: the reordered copies are stale
+        self._kernel_meta = {}  # new metadata: the reordered copies are stale
         super()._load_from_state_dict(*args, **kwargs)
 
     def _kernel_meta_for(self, backend: str) -> Tensor:
@@ -157,12 +148,13 @@ class SparseLinear(_SparseWeight):
         if quantize not in (None, "int8"):
             raise ValueError(f"SparseLinear: quantize must be None or 'int8', got {quantize!r}")
         ops.check_dtype_value("SparseLinear", "dtype", dtype, ops.FLOAT_DTYPES)
+        if not (activation is None or (isinstance(activation, str) and activation in fmt.ACTIVATION_CODES)):
+            raise ValueError(f"SparseLinear: activation must be one of {fmt.ACTIVATIONS} or None, got {activation!r}")
         gated = activation in fmt.GATED_ACTIVATIONS
         if gated and out_features % fmt.GATE_ROWS:
             raise ValueError(f"SparseLinear: a gated activation ({activation!r}) needs out_features a multiple of "
                              f"{fmt.GATE_ROWS}, got {out_features}")
         rows = 2 * out_features if gated else out_features  # a gated layer stores gate and up rows
-        ops.activation_code("SparseLinear", activation, rows)
         self.in_features, self.out_features = in_features, out_features
         self.backend = backend
         self.quantize = quantize
@@ -212,6 +204,9 @@ class SparseLinear(_SparseWeight):
                 (gate.bias is None) != (up.bias is None)):
             raise ValueError(f"SparseLinear.from_gate_up: gate ({gate}) and up ({up}) must have the same shape "
                              f"and both or neither a bias")
+        if gate.weight.dtype != up.weight.dtype or gate.weight.device != up.weight.device:
+            raise ValueError(f"SparseLinear.from_gate_up: gate and up must have one dtype and device, got "
+                             f"{gate.weight.dtype} on {gate.weight.device} and {up.weight.dtype} on {up.weight.device}")
         if gate.out_features % fmt.GATE_ROWS:
             raise ValueError(f"SparseLinear.from_gate_up: out_features must be a multiple of {fmt.GATE_ROWS}, got "
                              f"{gate.out_features}")

@@ -181,7 +181,8 @@ def _dynamic_fast_path(x, sw: SparseTensor24, bias, activation, out_dtype, input
 def linear_int8(x: Union[Tensor, tuple], sw: SparseTensor24, bias: Optional[Tensor] = None, *,
                 activation: Optional[str] = None, out_dtype: Optional[torch.dtype] = None,
                 input_scale: Union[float, Tensor, None] = None, backend: Optional[str] = None) -> Tensor:
-    """``activation(x @ W^T + bias)`` with an int8 2:4 weight; x is ``[..., K]``, the result ``[..., N]``.
+    """``activation(x @ W^T + bias)`` with an int8 2:4 weight; x is ``[..., K]``, the result ``[..., N]``
+    (``[..., N / 2]`` for a gated activation: see :func:`sparsegemm.linear`).
 
     ``x`` is a float tensor (f16 / bf16; also f32 on the CPU), quantized here per token, or per
     tensor with ``input_scale`` (static mode); or a pre-quantized pair ``(x_q int8 [..., K],

@@ -537,15 +537,17 @@ def test_gemm_exact_small_integers(isa, threads, dtype, K, N):
     np.testing.assert_array_equal(to_f64(y, dtype), ref)
 
 
+@pytest.mark.parametrize("M", [19, 150])
 @pytest.mark.parametrize("N", [16, 48])
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-def test_gemm_gated_exact_small_integers(isa, threads, dtype, N):
+def test_gemm_gated_exact_small_integers(isa, threads, dtype, N, M):
     # ReGLU (relu code + the gated bit 16): W's rows alternate gate / up in runs of 8 and
     # Y[m, 8q + r] = relu(gate row 16q + r) * (up row 16q + 8 + r). Small integers keep every fp32
     # step exact, so the one rounding of the product must equal the oracle's; Y's extra columns
-    # of the wider buffer stay untouched (the output has N / 2 columns).
-    rng = np.random.default_rng(N + dtype)
-    M, K = 19, 36
+    # of the wider buffer stay untouched (the output has N / 2 columns). M = 150 crosses the
+    # kernel's 64-row slabs of fp32 pre-activations.
+    rng = np.random.default_rng(N + dtype + M)
+    K = 36
     w = np.where(np.asarray(strict_24(rng, N, K, F32)) != 0, rng.integers(-2, 3, size=(N, K)), 0).astype(np.float32)
     values, meta, _ = cpu_compress(to_storage(w, dtype), dtype, K, prune=False)
     x = to_storage(rng.integers(-2, 3, size=(M, K)), dtype)

@@ -502,6 +502,22 @@ def test_gemm_gated_random_within_twice_dense_error(kernels, dtype, config, spli
     assert_gemm_within_twice_dense_error(kernels, x, w_dense, bias, act, config, split_k)
 
 
+@pytest.mark.parametrize("config", [LARGE_M, DECODE])
+def test_gemm_gated_output_stride(kernels, config):
+    """A gated Y inside a wider buffer (row stride 29 > N / 2 = 24): the N / 2 columns of each row
+    land where they belong and nothing is written past them."""
+    m, n, k = 5, 48, 40
+    gen = torch.Generator().manual_seed(3)
+    w = sparse_weight(n, k, torch.float16, gen, -2, 3)
+    x = torch.randint(-2, 3, (m, k), generator=gen).to(torch.float16)
+    values, meta, _ = kernels.compress(w, prune=False)
+    store = torch.full((m, 29), 42.0, dtype=torch.float16)
+    kernels.gemm(x, values, meta, n, k, act="reglu", config=config, y=store[:, :24])
+    ref = activation(x.double() @ w.double().T, "reglu").to(torch.float16)
+    assert torch.equal(store[:, :24], ref)
+    assert torch.all(store[:, 24:] == 42)
+
+
 def test_gemm_gated_refuses_n_not_a_multiple_of_16(kernels):
     x = torch.zeros((2, 8), dtype=torch.float16)
     values, meta, _ = kernels.compress(torch.zeros((24, 8), dtype=torch.float16), prune=True)

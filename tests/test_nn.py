@@ -515,3 +515,54 @@ def test_from_dense_fuses_a_plain_activation(quantize):
     ref = torch.nn.functional.gelu(plain(x).float())
     assert torch.allclose(fused(x).float(), ref, atol=2e-3, rtol=2e-3)
     assert "activation=gelu" in repr(fused)
+
+
+def test_gate_up_layer_on_the_cpu_dense_tile_path():
+    # M >= ops.CPU_DENSE_TILE_MIN_M takes the decompress-tiles + torch GEMM path: the pairing of gate
+    # and up columns there (ops.activate_torch) against the oracle, for fp16 and for INT8 (whose
+    # CPU kernel pairs the rows in 64-row slabs: 150 rows cross two slab borders).
+    torch.manual_seed(8)
+    gate, up = nn.Linear(64, 48).half(), nn.Linear(64, 48).half()
+    x = torch.randn(150, 64).half()
+    assert x.shape[0] >= ops.CPU_DENSE_TILE_MIN_M
+    layer = SparseLinear.from_gate_up(gate, up, "geglu")
+    oracle.assert_close_to_oracle(layer(x), x, layer.dense_weight(), layer.bias.detach(), "geglu")
+    layer8 = SparseLinear.from_gate_up(gate, up, "reglu", quantize="int8")
+    sw = layer8.sparse_weight()
+    x_q, x_scale = oracle.quantize_rows_int8(x)
+    ref = oracle.linear_int8(x_q, x_scale, sw.values, sw.meta, 64, sw.scale, layer8.bias, "reglu", torch.float16)
+    assert torch.equal(layer8(x), ref)  # relu and one fp32 product: bit for bit
+
+
+@pytest.mark.parametrize("activation", [None, "swiglu"])
+def test_int8_decode_fast_path_matches_the_checked_path(activation):
+    # quant.linear_int8 takes its fast path for a plain dynamic call; out_dtype (the same dtype)
+    # sends the same call through every check: both must give the same bits.
+    torch.manual_seed(9)
+    gate, up = nn.Linear(96, 32).half(), nn.Linear(96, 32).half()
+    layer = (SparseLinear.from_gate_up(gate, up, activation, quantize="int8", backend="simt") if activation
+             else SparseLinear.from_dense(gate, quantize="int8", backend="simt"))
+    from sparsegemm import quant
+    x = torch.randn(2, 3, 96).half()
+    sw = layer.sparse_weight()
+    assert quant._dynamic_fast_path(x, sw, layer.bias, activation, None, None, "simt") == "simt"
+    assert quant._dynamic_fast_path(x, sw, layer.bias, activation, torch.float16, None, "simt") is None
+    fast = quant.linear_int8(x, sw, layer.bias, activation=activation, backend="simt")
+    checked = quant.linear_int8(x, sw, layer.bias, activation=activation, out_dtype=torch.float16, backend="simt")
+    assert fast.shape == (2, 3, 32) and torch.equal(fast, checked)
+
+
+def test_gated_layer_load_keeps_the_backend_and_module_errors(tmp_path):
+    gate, up = nn.Linear(64, 16).half(), nn.Linear(64, 16).half()
+    model = _GatedMLP(hidden=16, gate_up=SparseLinear.from_gate_up(gate, up, backend="simt")).half()
+    path = tmp_path / "m.safetensors"
+    sparsegemm.save(model, path)
+    fresh = _GatedMLP(hidden=16, gate_up=SparseLinear(64, 16, activation="swiglu", backend="simt")).half()
+    sparsegemm.load(path, fresh)
+    assert fresh.gate_up.backend == "simt"
+    with pytest.raises(ValueError, match="one dtype and device"):
+        SparseLinear.from_gate_up(gate, nn.Linear(64, 16))  # fp16 gate, fp32 up
+    with pytest.raises(ValueError, match=r"activation must be one of .* got \['swiglu'\]"):
+        SparseLinear(64, 16, activation=["swiglu"])
+    with pytest.raises(ValueError, match="sms and blocks_per_sm must be at least 1, got 0 and 2"):
+        _C.plan_gemm(1, 4096, 4096, sms=0, blocks_per_sm=2)

@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -895,8 +896,11 @@ void sparse_gemm(const GemmParams& p, const Epilogue& epilogue) {
 
 // The GEMM with its activation. pre_activation(sum, m, n, bias) is Y[m, n]'s fp32 value before
 // the activation, in the order of operations the backends share. Plain: the activation, one
-// rounding to D. Gated (format.h kGatedActivation): the fp32 values of all N rows first, then
-// Y[m, 8q + r] = act(gate) * up with one rounding, the pairs the CUDA epilogue multiplies.
+// rounding to D. Gated (format.h kGatedActivation): per slab of kGatedSlabRows rows of X, the
+// fp32 values of all N rows of W first, then Y[m, 8q + r] = act(gate) * up with one rounding, the
+// pairs the CUDA epilogue multiplies; slabs keep the fp32 scratch small at any M.
+constexpr int64_t kGatedSlabRows = 64;
+
 template <typename Steps, DType D, typename PreActivation>
 void sparse_gemm_activated(const GemmParams& p, const PreActivation& pre_activation) {
   const Activation act = p.act;
@@ -907,23 +911,29 @@ void sparse_gemm_activated(const GemmParams& p, const PreActivation& pre_activat
     return;
   }
   if (p.M <= 0 || p.N <= 0) return;
-  std::vector<float> rows(static_cast<size_t>(p.M * p.N));
-  GemmParams pre = p;
-  pre.y = rows.data();
-  pre.ldy = p.N;
-  sparse_gemm<Steps, D>(pre, pre_activation);
   using T = typename ElemTraits<D>::Storage;
-  T* y = static_cast<T*>(p.y);
   const int64_t out_cols = p.N / 2;
-  parallel_for(0, p.M, rows_grain(p.N), [&](int64_t m_begin, int64_t m_end) {
-    for (int64_t m = m_begin; m < m_end; ++m) {
-      const float* row = rows.data() + m * p.N;
-      for (int64_t j = 0; j < out_cols; ++j) {
-        const int64_t gate = j / kGateRows * (2 * kGateRows) + j % kGateRows;
-        y[m * p.ldy + j] = ElemTraits<D>::from_float(activate(row[gate], act) * row[gate + kGateRows]);
+  std::unique_ptr<float[]> rows(new float[std::min(p.M, kGatedSlabRows) * p.N]);  // no fill: all written
+  for (int64_t m0 = 0; m0 < p.M; m0 += kGatedSlabRows) {
+    GemmParams slab = p;
+    slab.M = std::min(kGatedSlabRows, p.M - m0);
+    slab.x = static_cast<const typename Steps::Storage*>(p.x) + m0 * p.ldx;
+    slab.y = rows.get();
+    slab.ldy = p.N;
+    sparse_gemm<Steps, D>(slab, [&](auto sum, int64_t m, int64_t n, const float* bias) {
+      return pre_activation(sum, m0 + m, n, bias);
+    });
+    T* y = static_cast<T*>(p.y) + m0 * p.ldy;
+    parallel_for(0, slab.M, rows_grain(p.N), [&](int64_t m_begin, int64_t m_end) {
+      for (int64_t m = m_begin; m < m_end; ++m) {
+        const float* row = rows.get() + m * p.N;
+        for (int64_t j = 0; j < out_cols; ++j) {
+          const int64_t gate = j / kGateRows * (2 * kGateRows) + j % kGateRows;
+          y[m * p.ldy + j] = ElemTraits<D>::from_float(activate(row[gate], act) * row[gate + kGateRows]);
+        }
       }
-    }
-  });
+    });
+  }
 }
 
 // Y = activation(X @ W^T + bias), one rounding to D; a missing bias adds +0.0.
