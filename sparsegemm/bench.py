@@ -257,29 +257,18 @@ def bench_compress(device: torch.device, dtype: torch.dtype, n: int, k: int, tim
 
 
 class _LlamaMLP(torch.nn.Module):
-    """Llama-2-7B's MLP block: silu(gate(x)) * up(x) -> down, 4096 -> 11008 -> 4096."""
+    """Llama-2-7B's MLP block as transformers writes it: down_proj(act_fn(gate_proj(x)) * up_proj(x)),
+    4096 -> 11008 -> 4096, act_fn SiLU."""
 
     def __init__(self, dim: int = 4096, hidden: int = 11008):
         super().__init__()
-        self.gate = torch.nn.Linear(dim, hidden, bias=False)
-        self.up = torch.nn.Linear(dim, hidden, bias=False)
-        self.down = torch.nn.Linear(hidden, dim, bias=False)
+        self.gate_proj = torch.nn.Linear(dim, hidden, bias=False)
+        self.up_proj = torch.nn.Linear(dim, hidden, bias=False)
+        self.down_proj = torch.nn.Linear(hidden, dim, bias=False)
+        self.act_fn = torch.nn.SiLU()
 
     def forward(self, x):
-        return self.down(torch.nn.functional.silu(self.gate(x)) * self.up(x))
-
-
-class _GatedSparseMLP(torch.nn.Module):
-    """The same block with gate and up as one SparseLinear whose epilogue is SwiGLU (from_gate_up):
-    two GEMM launches per block instead of three GEMMs and two elementwise kernels."""
-
-    def __init__(self, dense: _LlamaMLP, quantize):
-        super().__init__()
-        self.gate_up = sparsegemm.SparseLinear.from_gate_up(dense.gate, dense.up, "swiglu", quantize=quantize)
-        self.down = sparsegemm.SparseLinear.from_dense(dense.down, quantize=quantize)
-
-    def forward(self, x):
-        return self.down(self.gate_up(x))
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
 def cuda_graphed(fn: Callable[[], object]) -> Callable[[], object]:
@@ -308,7 +297,14 @@ def bench_mlp(device: torch.device, dtype: str, tokens, timer: Timer) -> list:
     sparse.load_state_dict(dense.state_dict())
     quantize = "int8" if dtype == "int8" else None
     sparsegemm.sparsify(sparse, quantize=quantize, progress=False)
-    fused = _GatedSparseMLP(dense, quantize)
+    # The same block with gate_proj + up_proj as one SparseLinear whose epilogue is SwiGLU
+    # (SparseGatedMLP): two GEMM launches per block instead of three GEMMs and two elementwise kernels.
+    # Inside a Sequential: sparsify replaces submodules, not the model it is given.
+    fused = torch.nn.Sequential(_LlamaMLP().to(act).to(device))
+    fused[0].load_state_dict(dense.state_dict())
+    sparsegemm.sparsify(fused, quantize=quantize, progress=False, fuse_gated_mlp=True)
+    if not isinstance(fused[0], sparsegemm.SparseGatedMLP):  # the row would time the unfused block
+        raise RuntimeError("bench_mlp: sparsify(fuse_gated_mlp=True) left the Llama MLP unfused")
     rows = []
     for m in tokens:
         x = torch.randn(m, 4096, dtype=act, device=device)

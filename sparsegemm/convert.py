@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from .functional import mask_2to4
-from .nn import SparseConv2d, SparseLinear, conv_skip_reason
+from . import format as fmt
+from .nn import SparseConv2d, SparseGatedMLP, SparseLinear, conv_skip_reason, gated_mlp_activation
 
 __all__ = ["sparsify", "SparsifyReport", "LayerReport"]
 
@@ -16,7 +17,7 @@ __all__ = ["sparsify", "SparsifyReport", "LayerReport"]
 @dataclass
 class LayerReport:
     name: str
-    kind: str                    # "Linear" or "Conv2d"
+    kind: str                    # "Linear", "Conv2d" or "Linear (gated)": a gated MLP's gate_proj + up_proj
     shape: tuple                 # (N, K) of the GEMM weight
     dense_bytes: int
     compressed_bytes: int
@@ -75,7 +76,7 @@ def _magnitude_kept(w: torch.Tensor) -> float:
 def sparsify(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
              filter_fn: Optional[Callable[[str, nn.Module], bool]] = None, min_features: int = 64,
              backend: Optional[str] = None, progress: bool = True,
-             quantize: Optional[str] = None) -> SparsifyReport:
+             quantize: Optional[str] = None, fuse_gated_mlp: bool = False) -> SparsifyReport:
     """Replace every eligible nn.Linear / nn.Conv2d of ``model`` in place by its 2:4 version.
 
     Skipped (and said why in the report): modules ``filter_fn(name, module)`` rejects, layers with
@@ -83,10 +84,18 @@ def sparsify(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
     ``dtype`` converts the weights (default: keep theirs). ``quantize="int8"`` also quantizes the
     Linear layers (int8 values, per-row scale, per-token activations; ``dtype`` is then their
     activation dtype); Conv2d layers keep a floating 2:4 weight.
+
+    ``fuse_gated_mlp``: every gated MLP in the Hugging Face layout (Llama, Mistral, Qwen2, ...:
+    ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``, checked by :func:`gated_mlp_activation`
+    on a probe input) becomes a :class:`SparseGatedMLP`: gate_proj and up_proj one SparseLinear
+    with the gated epilogue (SwiGLU, GEGLU, ReGLU), down_proj converted as any Linear. An MLP that
+    does not qualify is reported and its layers are converted one by one.
     """
     if quantize not in (None, "int8"):
         raise ValueError(f"sparsify: quantize must be None or 'int8', got {quantize!r}")
     report = SparsifyReport()
+    if fuse_gated_mlp:
+        _fuse_gated_mlps(model, report, dtype, filter_fn, min_features, backend, quantize)
     candidates = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, (nn.Linear, nn.Conv2d))
                   and not isinstance(mod, (SparseLinear, SparseConv2d))]
     iterator = candidates
@@ -128,6 +137,40 @@ def sparsify(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
         entry.converted = True
         _set_submodule(model, name, new)
     return report
+
+
+def _fuse_gated_mlps(model: nn.Module, report: SparsifyReport, dtype, filter_fn, min_features: int, backend,
+                     quantize) -> None:
+    """sparsify's first pass: gated MLPs become SparseGatedMLP (down_proj still dense, for the
+    layer pass); the report gets a "Linear (gated)" row per MLP, or the reason it was left."""
+    mlps = [(name, mod) for name, mod in model.named_modules() if isinstance(getattr(mod, "gate_proj", None), nn.Linear)
+            and not isinstance(mod, SparseGatedMLP)]
+    for name, mlp in mlps:
+        gate = mlp.gate_proj
+        weight = fmt.interleave_gate_up(gate.weight.detach(), mlp.up_proj.weight.detach()) if (
+            mlp.up_proj.weight.shape == gate.weight.shape) else gate.weight.detach()
+        n, k = weight.shape
+        item = dtype.itemsize if dtype is not None else weight.element_size()
+        entry = LayerReport(f"{name}.gate_proj+up_proj" if name else "gate_proj+up_proj", "Linear (gated)", (n, k),
+                            n * k * item, 0, _magnitude_kept(weight), False)
+        activation, entry.reason = gated_mlp_activation(mlp)
+        if activation is not None and not name:
+            entry.reason = "the model itself is the MLP: it cannot be replaced in place"
+        elif activation is not None and filter_fn is not None and not (
+                filter_fn(f"{name}.gate_proj", gate) and filter_fn(f"{name}.up_proj", mlp.up_proj)):
+            entry.reason = "rejected by filter_fn"
+        elif activation is not None and min(gate.in_features, gate.out_features) < min_features:
+            entry.reason = f"min(N, K) = {min(gate.in_features, gate.out_features)} < min_features = {min_features}"
+        if entry.reason:
+            report.layers.append(entry)  # its gate_proj and up_proj are then converted one by one
+            continue
+        new = SparseGatedMLP.from_dense(mlp, dtype=dtype, backend=backend, quantize=quantize)
+        gate_up = new.gate_up
+        entry.compressed_bytes = gate_up.values.nbytes + gate_up.meta.nbytes + (
+            gate_up.scale.nbytes if gate_up.quantize else 0)
+        entry.converted = True
+        report.layers.append(entry)
+        _set_submodule(model, name, new)
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .format import ACTIVATIONS, GATED_ACTIVATIONS
-from .nn import SparseConv2d, SparseLinear
+from .nn import SparseConv2d, SparseGatedMLP, SparseLinear, gated_mlp_activation
 
 __all__ = ["save", "load", "describe"]
 
@@ -25,6 +25,8 @@ _FORMAT = "sparsegemm.checkpoint.v1"
 
 
 def _describe(mod: nn.Module) -> dict:
+    if isinstance(mod, SparseGatedMLP):  # a container: its two layers are entries of their own
+        return {"kind": "SparseGatedMLP", "activation": mod.gate_up.activation}
     if isinstance(mod, SparseLinear):
         # A fused activation is recorded only where there is one: older files load unchanged.
         fused = {} if mod.activation is None else {"activation": mod.activation}
@@ -47,7 +49,7 @@ def save(model: nn.Module, path: Union[str, "os.PathLike"]) -> None:
     from safetensors.torch import save_file
 
     converted = {name: _describe(mod) for name, mod in model.named_modules()
-                 if isinstance(mod, (SparseLinear, SparseConv2d))}
+                 if isinstance(mod, (SparseLinear, SparseConv2d, SparseGatedMLP))}
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     save_file(tensors, str(path), metadata={"format": _FORMAT, "converted": json.dumps(converted)})
 
@@ -61,8 +63,24 @@ def _field(name: str, spec: dict, key: str, kind: type):
     return value
 
 
+def _build_gated_mlp(name: str, spec: dict, dense: nn.Module) -> SparseGatedMLP:
+    """The SparseGatedMLP shell of a checkpoint entry: its gate_up an empty gated SparseLinear of
+    the dense MLP's shape, its down_proj the dense one; the entries of both layers fill them."""
+    activation, why = gated_mlp_activation(dense)
+    if activation is None or activation != spec.get("activation"):
+        found = f"a gated MLP with {activation!r}" if activation is not None else f"not a gated MLP ({why})"
+        raise ValueError(f"sparsegemm.load: module {name!r} was a gated MLP with activation "
+                         f"{spec.get('activation')!r} when saved, the model's is {found}")
+    gate = dense.gate_proj
+    gate_up = SparseLinear(gate.in_features, gate.out_features, gate.bias is not None, dtype=gate.weight.dtype,
+                           device=gate.weight.device, activation=activation)
+    return SparseGatedMLP(gate_up, dense.down_proj)
+
+
 def _build(name: str, spec: dict, dense: nn.Module) -> nn.Module:
     _field(name, spec, "kind", str)
+    if spec["kind"] == "SparseGatedMLP":
+        return _build_gated_mlp(name, spec, dense)
     _field(name, spec, "bias", bool)
     for key in ("in_features", "out_features") if spec["kind"] == "SparseLinear" else ("in_channels", "out_channels"):
         _field(name, spec, key, int)
@@ -123,11 +141,12 @@ def load(path: Union[str, "os.PathLike"], model: nn.Module) -> nn.Module:
         raise ValueError(f"sparsegemm.load: {path} has a corrupt module table (expected an object of objects)")
     from .convert import _set_submodule
 
-    # Everything is built, loaded and validated aside first: a failing checkpoint leaves the model as it was.
+    # Everything is built, loaded and validated aside first: a failing checkpoint leaves the model as it
+    # was. Outer modules first: a SparseGatedMLP's layers are looked up in the shell built for it.
     replacements = {}
-    for name, spec in converted.items():
+    for name, spec in sorted(converted.items(), key=lambda item: item[0].count(".") if item[0] else -1):
         try:
-            dense = model.get_submodule(name)
+            dense = _staged_submodule(model, replacements, name)
         except AttributeError as exc:
             raise ValueError(f"sparsegemm.load: the checkpoint converts {name!r}, which the model lacks") from exc
         try:
@@ -136,6 +155,9 @@ def load(path: Union[str, "os.PathLike"], model: nn.Module) -> nn.Module:
             if isinstance(exc, ValueError) and str(exc).startswith("sparsegemm.load"):
                 raise
             raise ValueError(f"sparsegemm.load: module {name!r}: corrupt entry in the module table ({exc!r})") from exc
+        if isinstance(new, SparseGatedMLP):  # no tensors of its own
+            replacements[name] = new
+            continue
         prefix = f"{name}." if name else ""
         own = {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
         _check_tensors(path, new.state_dict(), own, prefix)
@@ -155,6 +177,14 @@ def load(path: Union[str, "os.PathLike"], model: nn.Module) -> nn.Module:
         _set_submodule(model, name, new)
     model.load_state_dict(tensors, strict=True)
     return model
+
+
+def _staged_submodule(model: nn.Module, replacements: dict, name: str) -> nn.Module:
+    """``model``'s submodule ``name`` as it will be once ``replacements`` (outer names first) apply."""
+    for outer in sorted(replacements, key=len, reverse=True):
+        if outer and name.startswith(outer + "."):
+            return replacements[outer].get_submodule(name[len(outer) + 1:])
+    return model.get_submodule(name)
 
 
 def _check_tensors(path, expected: dict, tensors: dict, prefix: str) -> None:
@@ -194,6 +224,8 @@ def _describe_file(safe_open, path) -> str:
     lines = [f"{'module':40s} {'kind':13s} {'N x K':>13s} {'dense':>12s} {'stored':>12s} {'ratio':>7s}"]
     total_dense = total_stored = 0
     for name, spec in converted.items():
+        if spec.get("kind") == "SparseGatedMLP":  # a container: its layers have rows of their own
+            continue
         prefix = f"{name}." if name else ""
         n = spec.get("out_features", spec.get("out_channels"))
         if spec.get("activation") in GATED_ACTIVATIONS:

@@ -252,6 +252,75 @@ class SparseLinear(_SparseWeight):
                 f"{act}{self._bytes_repr()}")
 
 
+# The activation modules a gated MLP's act_fn may be, and the gated epilogue each becomes.
+_GATED_FOR_ACT = {nn.SiLU: "swiglu", nn.ReLU: "reglu"}
+
+
+def gated_mlp_activation(mlp: nn.Module) -> tuple[Optional[str], str]:
+    """(gated activation, "") when ``mlp`` is a gated MLP in the Hugging Face layout (Llama,
+    Mistral, Qwen2, ...): nn.Linear children ``gate_proj``, ``up_proj`` and ``down_proj`` and an
+    ``act_fn`` module (nn.SiLU, exact nn.GELU or nn.ReLU) whose forward is
+    ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``; else (None, why not). The forward is
+    checked on a probe input (one token, no gradient) against that formula on the module's own
+    layers: a model whose MLP computes something else is left alone, not silently changed."""
+    parts = [getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
+    if not all(type(part) is nn.Linear for part in parts):
+        return None, "no plain nn.Linear gate_proj / up_proj / down_proj"
+    gate, up, down = parts
+    act = getattr(mlp, "act_fn", None)
+    activation = _GATED_FOR_ACT.get(type(act))
+    if type(act) is nn.GELU and act.approximate == "none":
+        activation = "geglu"
+    if activation is None:
+        return None, f"act_fn {type(act).__name__} has no fused gated epilogue (SiLU, exact GELU, ReLU)"
+    if (gate.in_features, gate.out_features) != (up.in_features, up.out_features) or (
+            down.in_features != gate.out_features) or (gate.bias is None) != (up.bias is None):
+        return None, "gate_proj, up_proj and down_proj shapes do not chain"
+    if gate.out_features % fmt.GATE_ROWS:
+        return None, f"intermediate size {gate.out_features} is not a multiple of {fmt.GATE_ROWS}"
+    w = gate.weight
+    probe = torch.randn(1, gate.in_features, generator=torch.Generator().manual_seed(0)).to(w.device, w.dtype)
+    with torch.no_grad():
+        try:
+            got, want = mlp(probe), down(act(gate(probe)) * up(probe))
+        except Exception as exc:  # a forward that needs more than x (or fails on it) is not the plain MLP
+            return None, f"its forward cannot be probed with one input ({type(exc).__name__})"
+    if got.shape != want.shape or not torch.allclose(got.float(), want.float(), rtol=1e-3, atol=1e-3 * (
+            float(want.float().abs().max()) + 1e-30)):
+        return None, "its forward is not down_proj(act_fn(gate_proj(x)) * up_proj(x))"
+    return activation, ""
+
+
+class SparseGatedMLP(nn.Module):
+    """A gated MLP (``down_proj(act(gate_proj(x)) * up_proj(x))``) as two layers: ``gate_up``, one
+    SparseLinear whose gated epilogue computes ``act(gate) * up`` (:meth:`SparseLinear.from_gate_up`),
+    and ``down_proj`` (a SparseLinear, or the dense layer when it was not converted). Two GEMM
+    launches per block instead of three GEMMs and two elementwise kernels; made by
+    ``sparsify(model, fuse_gated_mlp=True)``.
+    """
+
+    def __init__(self, gate_up: SparseLinear, down_proj: nn.Module):
+        super().__init__()
+        if gate_up.activation not in fmt.GATED_ACTIVATIONS:
+            raise ValueError(f"SparseGatedMLP: gate_up must have a gated activation, got {gate_up.activation!r}")
+        self.gate_up, self.down_proj = gate_up, down_proj
+
+    @classmethod
+    def from_dense(cls, mlp: nn.Module, *, dtype: Optional[torch.dtype] = None, prune: bool = True,
+                   backend: Optional[str] = None, quantize: Optional[str] = None) -> "SparseGatedMLP":
+        """gate_proj and up_proj of ``mlp`` (see :func:`gated_mlp_activation`) fused and compressed;
+        ``down_proj`` is kept as it is (sparsify converts it as any other Linear)."""
+        activation, why = gated_mlp_activation(mlp)
+        if activation is None:
+            raise ValueError(f"SparseGatedMLP.from_dense: {type(mlp).__name__} is not a gated MLP: {why}")
+        gate_up = SparseLinear.from_gate_up(mlp.gate_proj, mlp.up_proj, activation, dtype=dtype, prune=prune,
+                                            backend=backend, quantize=quantize)
+        return cls(gate_up, mlp.down_proj)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(self.gate_up(x))
+
+
 class SparseConv2d(_SparseWeight):
     """``nn.Conv2d`` (groups = 1) with a 2:4-compressed weight.
 

@@ -47,3 +47,4 @@ def test_mlp_block_rows():
     assert [r.method for r in rows] == ["dense nn.Linear", "SparseLinear", "SparseLinear, gate/up fused (SwiGLU)"]
     assert rows[0].N == 3 * 11008
     assert rows[2].rel_error < 1e-2  # the fused block computes what the unfused one does
+    assert rows[2].method.startswith("SparseLinear, gate/up fused")

@@ -566,3 +566,107 @@ def test_gated_layer_load_keeps_the_backend_and_module_errors(tmp_path):
         SparseLinear(64, 16, activation=["swiglu"])
     with pytest.raises(ValueError, match="sms and blocks_per_sm must be at least 1, got 0 and 2"):
         _C.plan_gemm(1, 4096, 4096, sms=0, blocks_per_sm=2)
+
+
+# ---- sparsify(fuse_gated_mlp=True): Hugging Face-layout gated MLPs ---------------------------------
+
+class _HFMLP(nn.Module):
+    """A Llama / Mistral / Qwen2 MLP as transformers writes it."""
+
+    def __init__(self, dim=64, hidden=96, act=None, combine=None):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.act_fn = act if act is not None else nn.SiLU()
+        self.combine = combine or (lambda a, b: a * b)
+
+    def forward(self, x):
+        return self.down_proj(self.combine(self.act_fn(self.gate_proj(x)), self.up_proj(x)))
+
+
+class _HFBlock(nn.Module):
+    def __init__(self, **mlp_kwargs):
+        super().__init__()
+        self.attn_out = nn.Linear(64, 64)
+        self.mlp = _HFMLP(**mlp_kwargs)
+
+    def forward(self, x):
+        h = x + self.attn_out(x)
+        return h + self.mlp(h)
+
+
+@pytest.mark.parametrize("act,activation", [(nn.SiLU(), "swiglu"), (nn.GELU(), "geglu"), (nn.ReLU(), "reglu")])
+def test_sparsify_fuses_hugging_face_gated_mlps(act, activation, tmp_path):
+    torch.manual_seed(10)
+    model = nn.Sequential(_HFBlock(act=act), _HFBlock(act=act)).half()
+    dense = _pruned_copy_of(model)
+    report = sparsegemm.sparsify(model, fuse_gated_mlp=True, min_features=32)
+    for block in model:
+        assert isinstance(block.mlp, sparsegemm.SparseGatedMLP)
+        assert block.mlp.gate_up.activation == activation and isinstance(block.mlp.down_proj, SparseLinear)
+    fused_rows = [r for r in report.layers if r.kind == "Linear (gated)"]
+    assert [r.name for r in fused_rows] == ["0.mlp.gate_proj+up_proj", "1.mlp.gate_proj+up_proj"]
+    assert all(r.converted and r.shape == (192, 64) for r in fused_rows)
+    assert not any(r.name.endswith((".gate_proj", ".up_proj")) for r in report.layers)  # not converted twice
+    x = torch.randn(3, 64).half()
+    with torch.no_grad():
+        y, ref = model(x), dense(x)
+    assert torch.allclose(y.float(), ref.float(), atol=2e-2, rtol=2e-2)
+    # Checkpoint: the fused MLPs are rebuilt from the dense architecture.
+    path = tmp_path / "hf.safetensors"
+    sparsegemm.save(model, path)
+    fresh = nn.Sequential(_HFBlock(act=act), _HFBlock(act=act)).half()
+    sparsegemm.load(path, fresh)
+    assert isinstance(fresh[1].mlp, sparsegemm.SparseGatedMLP)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), y)
+    assert "gate_up" in sparsegemm.io.describe(path)
+
+
+def _pruned_copy_of(model):
+    """A deep copy whose Linear weights are 2:4-pruned in place: the dense oracle of sparsify."""
+    import copy
+
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for mod in ref.modules():
+            if isinstance(mod, nn.Linear):
+                mod.weight.copy_(sparsegemm.prune_2to4(mod.weight))
+    return ref
+
+
+def test_sparsify_leaves_mlps_that_are_not_gated_products():
+    torch.manual_seed(11)
+    sums = nn.Sequential(_HFBlock(combine=lambda a, b: a + b)).half()  # act(gate) + up: not a GLU
+    tanh = nn.Sequential(_HFBlock(act=nn.GELU(approximate="tanh"))).half()
+    for model, why in ((sums, "is not down_proj(act_fn(gate_proj(x)) * up_proj(x))"),
+                       (tanh, "act_fn GELU has no fused gated epilogue")):
+        report = sparsegemm.sparsify(model, fuse_gated_mlp=True, min_features=32)
+        assert not isinstance(model[0].mlp, sparsegemm.SparseGatedMLP)
+        row = next(r for r in report.layers if r.kind == "Linear (gated)")
+        assert not row.converted and why in row.reason
+        # Its layers are converted one by one instead.
+        assert isinstance(model[0].mlp.gate_proj, SparseLinear) and isinstance(model[0].mlp.up_proj, SparseLinear)
+
+
+def test_sparsify_fused_int8_mlp_and_load_errors(tmp_path):
+    torch.manual_seed(12)
+    model = nn.Sequential(_HFBlock()).half()
+    sparsegemm.sparsify(model, fuse_gated_mlp=True, min_features=32, quantize="int8")
+    assert model[0].mlp.gate_up.quantize == "int8"
+    x = torch.randn(2, 64).half()
+    with torch.no_grad():
+        y = model(x)
+    assert y.shape == (2, 64) and torch.isfinite(y).all()
+    path = tmp_path / "int8.safetensors"
+    sparsegemm.save(model, path)
+    wrong = nn.Sequential(_HFBlock(act=nn.ReLU())).half()
+    with pytest.raises(ValueError, match="'0.mlp' was a gated MLP with activation 'swiglu' when saved, the model's "
+                                         "is a gated MLP with 'reglu'"):
+        sparsegemm.load(path, wrong)
+    assert type(wrong[0].mlp) is _HFMLP  # a failing load leaves the model as it was
+    fresh = nn.Sequential(_HFBlock()).half()
+    sparsegemm.load(path, fresh)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), y)
