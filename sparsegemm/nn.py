@@ -252,14 +252,33 @@ class SparseLinear(_SparseWeight):
                 f"{act}{self._bytes_repr()}")
 
 
-# The activation modules a gated MLP's act_fn may be, and the gated epilogue each becomes.
-_GATED_FOR_ACT = {nn.SiLU: "swiglu", nn.ReLU: "reglu"}
+# The activations a gated MLP's act_fn may compute, and the gated epilogue each becomes.
+_GATED_FOR_ACT = {"swiglu": torch.nn.functional.silu, "geglu": torch.nn.functional.gelu,
+                  "reglu": torch.nn.functional.relu}
+
+
+def _gated_activation_of(act, device) -> Optional[str]:
+    """The gated epilogue whose activation ``act`` computes (SiLU, exact GELU, ReLU), told by its
+    values on [-6, 6] rather than its class: transformers has its own SiLU / GELU modules."""
+    if not callable(act):
+        return None
+    t = torch.linspace(-6.0, 6.0, 97, device=device)
+    try:
+        with torch.no_grad():
+            out = act(t)
+    except Exception:  # an activation that needs more than a float32 vector is none of ours
+        return None
+    for name, reference in _GATED_FOR_ACT.items():
+        if isinstance(out, Tensor) and out.shape == t.shape and torch.allclose(out.float(), reference(t), rtol=1e-5,
+                                                                               atol=1e-6):
+            return name
+    return None
 
 
 def gated_mlp_activation(mlp: nn.Module) -> tuple[Optional[str], str]:
     """(gated activation, "") when ``mlp`` is a gated MLP in the Hugging Face layout (Llama,
     Mistral, Qwen2, ...): nn.Linear children ``gate_proj``, ``up_proj`` and ``down_proj`` and an
-    ``act_fn`` module (nn.SiLU, exact nn.GELU or nn.ReLU) whose forward is
+    ``act_fn`` computing SiLU, exact GELU or ReLU, whose forward is
     ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``; else (None, why not). The forward is
     checked on a probe input (one token, no gradient) against that formula on the module's own
     layers: a model whose MLP computes something else is left alone, not silently changed."""
@@ -268,11 +287,9 @@ def gated_mlp_activation(mlp: nn.Module) -> tuple[Optional[str], str]:
         return None, "no plain nn.Linear gate_proj / up_proj / down_proj"
     gate, up, down = parts
     act = getattr(mlp, "act_fn", None)
-    activation = _GATED_FOR_ACT.get(type(act))
-    if type(act) is nn.GELU and act.approximate == "none":
-        activation = "geglu"
+    activation = _gated_activation_of(act, gate.weight.device)
     if activation is None:
-        return None, f"act_fn {type(act).__name__} has no fused gated epilogue (SiLU, exact GELU, ReLU)"
+        return None, f"act_fn {type(act).__name__} computes none of SiLU, exact GELU, ReLU (no fused gated epilogue)"
     if (gate.in_features, gate.out_features) != (up.in_features, up.out_features) or (
             down.in_features != gate.out_features) or (gate.bias is None) != (up.bias is None):
         return None, "gate_proj, up_proj and down_proj shapes do not chain"
