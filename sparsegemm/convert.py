@@ -49,12 +49,12 @@ class SparsifyReport:
         return {"layers": [asdict(layer) for layer in self.layers], "totals": self.totals()}
 
     def __str__(self) -> str:
-        rows = [f"{'layer':40s} {'kind':7s} {'N x K':>13s} {'dense':>10s} {'2:4':>10s} {'kept |w|':>8s}  note"]
+        rows = [f"{'layer':40s} {'kind':14s} {'N x K':>13s} {'dense':>10s} {'2:4':>10s} {'kept |w|':>8s}  note"]
         for layer in self.layers:
             nk = f"{layer.shape[0]} x {layer.shape[1]}"
             note = "" if layer.converted else f"skipped: {layer.reason}"
             comp = f"{layer.compressed_bytes:,}" if layer.converted else "-"
-            rows.append(f"{layer.name:40.40s} {layer.kind:7s} {nk:>13s} {layer.dense_bytes:>10,} {comp:>10s} "
+            rows.append(f"{layer.name:40.40s} {layer.kind:14s} {nk:>13s} {layer.dense_bytes:>10,} {comp:>10s} "
                         f"{layer.magnitude_kept:>8.1%}  {note}")
         t = self.totals()
         rows.append(f"total: {t['converted']} converted, {t['skipped']} skipped; {t['dense_bytes']:,} -> "
