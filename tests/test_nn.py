@@ -678,3 +678,13 @@ def test_sparsify_fused_int8_mlp_and_load_errors(tmp_path):
     sparsegemm.load(path, fresh)
     with torch.no_grad():
         assert torch.equal(fresh(x), y)
+    # Static INT8: the calibrator finds the fused layer like any int8 SparseLinear.
+    from sparsegemm import quant
+    cal = quant.Int8Calibrator(model)
+    assert "0.mlp.gate_up" in cal.layers
+    with torch.no_grad(), cal:
+        model(x)
+    cal.apply()
+    assert model[0].mlp.gate_up.input_scale is not None
+    with torch.no_grad():
+        assert torch.allclose(model(x).float(), y.float(), atol=0.05 * float(y.abs().max()))
