@@ -36,7 +36,9 @@ def main() -> None:
     argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     torch.manual_seed(0)
     f16 = fmt.DTYPE_CODES[torch.float16]
-    for n, k in [(11008, 4096), (4096, 11008), (8192, 8192)]:
+    # 22016 x 4096: Llama-2-7B's gate and up projections fused (SparseGatedMLP), 172 blocks of the
+    # decode tile: more than one per SM, fewer than two, so the one-wave split rule leaves it unsplit.
+    for n, k in [(11008, 4096), (4096, 11008), (8192, 8192), (22016, 4096)]:
         w = sparsegemm.prune_2to4(torch.randn(n, k, device="cuda").half())
         copies = max(2, ROTATE_BYTES // (n * k))
         sws = [sparsegemm.compress(w) for _ in range(copies)]
