@@ -688,3 +688,16 @@ def test_sparsify_fused_int8_mlp_and_load_errors(tmp_path):
     assert model[0].mlp.gate_up.input_scale is not None
     with torch.no_grad():
         assert torch.allclose(model(x).float(), y.float(), atol=0.05 * float(y.abs().max()))
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_fused_gated_model_compiles_without_graph_breaks(quantize):
+    torch._dynamo.reset()
+    torch.manual_seed(13)
+    model = nn.Sequential(_HFBlock()).bfloat16()
+    sparsegemm.sparsify(model, fuse_gated_mlp=True, min_features=32, quantize=quantize)
+    assert isinstance(model[0].mlp, sparsegemm.SparseGatedMLP)
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(3, 64).bfloat16()
+    with torch.no_grad():
+        assert torch.equal(compiled(x), model(x))
