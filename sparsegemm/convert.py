@@ -9,7 +9,7 @@ from torch import nn
 
 from .functional import mask_2to4
 from . import format as fmt
-from .nn import SparseConv2d, SparseGatedMLP, SparseLinear, conv_skip_reason, gated_mlp_activation
+from .nn import SparseConv2d, SparseGatedMLP, SparseLinear, conv_skip_reason, gated_mlp_activation, gated_mlp_parts
 
 __all__ = ["sparsify", "SparsifyReport", "LayerReport"]
 
@@ -85,11 +85,12 @@ def sparsify(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
     Linear layers (int8 values, per-row scale, per-token activations; ``dtype`` is then their
     activation dtype); Conv2d layers keep a floating 2:4 weight.
 
-    ``fuse_gated_mlp``: every gated MLP in the Hugging Face layout (Llama, Mistral, Qwen2, ...:
-    ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``, checked by :func:`gated_mlp_activation`
-    on a probe input) becomes a :class:`SparseGatedMLP`: gate_proj and up_proj one SparseLinear
-    with the gated epilogue (SwiGLU, GEGLU, ReGLU), down_proj converted as any Linear. An MLP that
-    does not qualify is reported and its layers are converted one by one.
+    ``fuse_gated_mlp``: every gated MLP in a transformers layout (Llama, Mistral, Qwen2, ...:
+    ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``; Mixtral experts' w1 / w3 / w2; Phi-3's
+    gate_up_proj), checked by :func:`gated_mlp_activation` on a probe input, becomes a
+    :class:`SparseGatedMLP`: gate and up one SparseLinear with the gated epilogue (SwiGLU, GEGLU,
+    ReGLU), the down projection converted as any Linear. An MLP that does not qualify is reported
+    and its layers are converted one by one.
     """
     if quantize not in (None, "int8"):
         raise ValueError(f"sparsify: quantize must be None or 'int8', got {quantize!r}")
@@ -141,35 +142,39 @@ def sparsify(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
 
 def _fuse_gated_mlps(model: nn.Module, report: SparsifyReport, dtype, filter_fn, min_features: int, backend,
                      quantize) -> None:
-    """sparsify's first pass: gated MLPs become SparseGatedMLP (down_proj still dense, for the
-    layer pass); the report gets a "Linear (gated)" row per MLP, or the reason it was left."""
-    mlps = [(name, mod) for name, mod in model.named_modules() if isinstance(getattr(mod, "gate_proj", None), nn.Linear)
-            and not isinstance(mod, SparseGatedMLP)]
-    for name, mlp in mlps:
-        gate = mlp.gate_proj
-        weight = fmt.interleave_gate_up(gate.weight.detach(), mlp.up_proj.weight.detach()) if (
-            mlp.up_proj.weight.shape == gate.weight.shape) else gate.weight.detach()
+    """sparsify's first pass: gated MLPs become SparseGatedMLP (their down projection still dense,
+    for the layer pass); the report gets a "Linear (gated)" row per module with a gated layout,
+    converted or with the reason it was left (its layers are then converted one by one)."""
+    found = [(name, mod, gated_mlp_parts(mod)) for name, mod in model.named_modules()
+             if not isinstance(mod, SparseGatedMLP)]
+    for name, mlp, parts in found:
+        if parts is None:
+            continue
+        (w_gate, _), (w_up, _) = parts.gate, parts.up
+        weight = fmt.interleave_gate_up(w_gate, w_up) if w_gate.shape == w_up.shape and (
+            w_gate.shape[0] % fmt.GATE_ROWS == 0) else torch.cat([w_gate, w_up])
         n, k = weight.shape
         item = dtype.itemsize if dtype is not None else weight.element_size()
-        entry = LayerReport(f"{name}.gate_proj+up_proj" if name else "gate_proj+up_proj", "Linear (gated)", (n, k),
-                            n * k * item, 0, _magnitude_kept(weight), False)
+        prefix = f"{name}." if name else ""
+        entry = LayerReport(prefix + parts.label, "Linear (gated)", (n, k), n * k * item, 0, _magnitude_kept(weight),
+                            False)
+        report.layers.append(entry)
         activation, entry.reason = gated_mlp_activation(mlp)
-        if activation is not None and not name:
+        if activation is None:
+            continue
+        if not name:
             entry.reason = "the model itself is the MLP: it cannot be replaced in place"
-        elif activation is not None and filter_fn is not None and not (
-                filter_fn(f"{name}.gate_proj", gate) and filter_fn(f"{name}.up_proj", mlp.up_proj)):
+        elif filter_fn is not None and not all(filter_fn(prefix + attr, getattr(mlp, attr)) for attr in parts.names):
             entry.reason = "rejected by filter_fn"
-        elif activation is not None and min(gate.in_features, gate.out_features) < min_features:
-            entry.reason = f"min(N, K) = {min(gate.in_features, gate.out_features)} < min_features = {min_features}"
+        elif min(n // 2, k) < min_features:
+            entry.reason = f"min(N, K) = {min(n // 2, k)} < min_features = {min_features}"
         if entry.reason:
-            report.layers.append(entry)  # its gate_proj and up_proj are then converted one by one
             continue
         new = SparseGatedMLP.from_dense(mlp, dtype=dtype, backend=backend, quantize=quantize)
         gate_up = new.gate_up
         entry.compressed_bytes = gate_up.values.nbytes + gate_up.meta.nbytes + (
             gate_up.scale.nbytes if gate_up.quantize else 0)
         entry.converted = True
-        report.layers.append(entry)
         _set_submodule(model, name, new)
 
 

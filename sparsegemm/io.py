@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .format import ACTIVATIONS, GATED_ACTIVATIONS
-from .nn import SparseConv2d, SparseGatedMLP, SparseLinear, gated_mlp_activation
+from .nn import SparseConv2d, SparseGatedMLP, SparseLinear, gated_mlp_activation, gated_mlp_parts
 
 __all__ = ["save", "load", "describe"]
 
@@ -71,10 +71,11 @@ def _build_gated_mlp(name: str, spec: dict, dense: nn.Module) -> SparseGatedMLP:
         found = f"a gated MLP with {activation!r}" if activation is not None else f"not a gated MLP ({why})"
         raise ValueError(f"sparsegemm.load: module {name!r} was a gated MLP with activation "
                          f"{spec.get('activation')!r} when saved, the model's is {found}")
-    gate = dense.gate_proj
-    gate_up = SparseLinear(gate.in_features, gate.out_features, gate.bias is not None, dtype=gate.weight.dtype,
-                           device=gate.weight.device, activation=activation)
-    return SparseGatedMLP(gate_up, dense.down_proj)
+    parts = gated_mlp_parts(dense)
+    (w_gate, b_gate), _ = parts.gate, parts.up
+    gate_up = SparseLinear(w_gate.shape[1], w_gate.shape[0], b_gate is not None, dtype=w_gate.dtype,
+                           device=w_gate.device, activation=activation)
+    return SparseGatedMLP(gate_up, parts.down)
 
 
 def _build(name: str, spec: dict, dense: nn.Module) -> nn.Module:

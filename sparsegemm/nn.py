@@ -7,7 +7,7 @@ device, on the first forward after a move, and reused.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
@@ -210,10 +210,19 @@ class SparseLinear(_SparseWeight):
         if gate.out_features % fmt.GATE_ROWS:
             raise ValueError(f"SparseLinear.from_gate_up: out_features must be a multiple of {fmt.GATE_ROWS}, got "
                              f"{gate.out_features}")
-        dtype = dtype or gate.weight.dtype
-        weight = fmt.interleave_gate_up(gate.weight.detach(), up.weight.detach())
-        bias = None if gate.bias is None else fmt.interleave_gate_up(gate.bias.detach(), up.bias.detach())
-        mod = cls(gate.in_features, gate.out_features, gate.bias is not None, dtype=dtype, device=weight.device,
+        detached = [(layer.weight.detach(), None if layer.bias is None else layer.bias.detach()) for layer in (gate, up)]
+        return cls._from_gate_up_weights(*detached, activation, dtype=dtype, prune=prune, backend=backend,
+                                         quantize=quantize)
+
+    @classmethod
+    def _from_gate_up_weights(cls, gate: tuple, up: tuple, activation: str, *, dtype: Optional[torch.dtype],
+                              prune: bool, backend: Optional[str], quantize: Optional[str]) -> "SparseLinear":
+        """from_gate_up on (weight [H, K], bias [H] or None) pairs, checked by the caller."""
+        (w_gate, b_gate), (w_up, b_up) = gate, up
+        dtype = dtype or w_gate.dtype
+        weight = fmt.interleave_gate_up(w_gate, w_up)
+        bias = None if b_gate is None else fmt.interleave_gate_up(b_gate, b_up)
+        mod = cls(w_gate.shape[1], w_gate.shape[0], b_gate is not None, dtype=dtype, device=weight.device,
                   backend=backend, quantize=quantize, activation=activation)
         mod._load_compressed(_compress_weight(weight, dtype, prune, quantize), bias)
         return mod
@@ -275,43 +284,81 @@ def _gated_activation_of(act, device) -> Optional[str]:
     return None
 
 
+class GatedParts(NamedTuple):
+    """The pieces of a gated MLP ``down(act(x gate^T + b_gate) * (x up^T + b_up))``."""
+
+    label: str                  # how the report names the fused pair, e.g. "gate_proj+up_proj"
+    names: tuple                # attribute names of the gate / up layers (for filter_fn)
+    gate: tuple                 # (weight [H, K], bias [H] or None)
+    up: tuple
+    down: nn.Module
+    act: object                 # the activation module / callable
+
+
+# Gated MLP layouts in transformers: (gate, up, down, activation) attribute names. Llama, Mistral,
+# Qwen2 and most others; Mixtral's experts (w1 / w3 / w2); Phi-3, whose gate_up_proj holds the
+# gate rows and then the up rows (forward: gate, up = gate_up_proj(x).chunk(2, dim=-1)).
+_GATED_LAYOUTS = (("gate_proj", "up_proj", "down_proj", "act_fn"), ("w1", "w3", "w2", "act_fn"),
+                  ("gate_up_proj", None, "down_proj", "activation_fn"))
+
+
+def gated_mlp_parts(mlp: nn.Module) -> Optional[GatedParts]:
+    """The parts of ``mlp`` when it has the attributes of a gated layout (plain nn.Linear layers
+    and an activation), else None; what they compute is for :func:`gated_mlp_activation` to check."""
+    for gate_name, up_name, down_name, act_name in _GATED_LAYOUTS:
+        gate, down = getattr(mlp, gate_name, None), getattr(mlp, down_name, None)
+        up = getattr(mlp, up_name, None) if up_name else gate
+        if not (type(gate) is nn.Linear and type(up) is nn.Linear and type(down) is nn.Linear
+                and hasattr(mlp, act_name)):
+            continue
+        if up_name is None:  # one layer, gate rows first
+            w, b = gate.weight.detach(), None if gate.bias is None else gate.bias.detach()
+            h = w.shape[0] // 2
+            return GatedParts(gate_name, (gate_name,), (w[:h], None if b is None else b[:h]),
+                              (w[h:], None if b is None else b[h:]), down, getattr(mlp, act_name))
+        return GatedParts(f"{gate_name}+{up_name}", (gate_name, up_name),
+                          (gate.weight.detach(), None if gate.bias is None else gate.bias.detach()),
+                          (up.weight.detach(), None if up.bias is None else up.bias.detach()), down,
+                          getattr(mlp, act_name))
+    return None
+
+
 def gated_mlp_activation(mlp: nn.Module) -> tuple[Optional[str], str]:
-    """(gated activation, "") when ``mlp`` is a gated MLP in the Hugging Face layout (Llama,
-    Mistral, Qwen2, ...): nn.Linear children ``gate_proj``, ``up_proj`` and ``down_proj`` and an
-    ``act_fn`` computing SiLU, exact GELU or ReLU, whose forward is
-    ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``; else (None, why not). The forward is
-    checked on a probe input (one token, no gradient) against that formula on the module's own
-    layers: a model whose MLP computes something else is left alone, not silently changed."""
-    parts = [getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
-    if not all(type(part) is nn.Linear for part in parts):
-        return None, "no plain nn.Linear gate_proj / up_proj / down_proj"
-    gate, up, down = parts
-    act = getattr(mlp, "act_fn", None)
-    activation = _gated_activation_of(act, gate.weight.device)
+    """(gated activation, "") when ``mlp`` is a gated MLP in one of transformers' layouts
+    (``gated_mlp_parts``) whose activation computes SiLU, exact GELU or ReLU and whose forward is
+    ``down(act(gate(x)) * up(x))``; else (None, why not). The forward is checked on a probe input
+    (one token, no gradient) against that formula on the module's own weights: a model whose MLP
+    computes something else is left alone, not silently changed."""
+    parts = gated_mlp_parts(mlp)
+    if parts is None:
+        return None, "no gated MLP layout (gate_proj / up_proj / down_proj, w1 / w3 / w2, gate_up_proj)"
+    (w_gate, b_gate), (w_up, b_up) = parts.gate, parts.up
+    activation = _gated_activation_of(parts.act, w_gate.device)
     if activation is None:
-        return None, f"act_fn {type(act).__name__} computes none of SiLU, exact GELU, ReLU (no fused gated epilogue)"
-    if (gate.in_features, gate.out_features) != (up.in_features, up.out_features) or (
-            down.in_features != gate.out_features) or (gate.bias is None) != (up.bias is None):
-        return None, "gate_proj, up_proj and down_proj shapes do not chain"
-    if gate.out_features % fmt.GATE_ROWS:
-        return None, f"intermediate size {gate.out_features} is not a multiple of {fmt.GATE_ROWS}"
-    w = gate.weight
-    probe = torch.randn(1, gate.in_features, generator=torch.Generator().manual_seed(0)).to(w.device, w.dtype)
+        return None, (f"its activation {type(parts.act).__name__} computes none of SiLU, exact GELU, ReLU "
+                      "(no fused gated epilogue)")
+    if w_gate.shape != w_up.shape or parts.down.in_features != w_gate.shape[0] or (b_gate is None) != (b_up is None):
+        return None, f"{parts.label} and the down projection shapes do not chain"
+    if w_gate.shape[0] % fmt.GATE_ROWS:
+        return None, f"intermediate size {w_gate.shape[0]} is not a multiple of {fmt.GATE_ROWS}"
+    linear = torch.nn.functional.linear
+    probe = torch.randn(1, w_gate.shape[1], generator=torch.Generator().manual_seed(0)).to(w_gate.device, w_gate.dtype)
     with torch.no_grad():
         try:
-            got, want = mlp(probe), down(act(gate(probe)) * up(probe))
+            got = mlp(probe)
+            want = parts.down(parts.act(linear(probe, w_gate, b_gate)) * linear(probe, w_up, b_up))
         except Exception as exc:  # a forward that needs more than x (or fails on it) is not the plain MLP
             return None, f"its forward cannot be probed with one input ({type(exc).__name__})"
     if got.shape != want.shape or not torch.allclose(got.float(), want.float(), rtol=1e-3, atol=1e-3 * (
             float(want.float().abs().max()) + 1e-30)):
-        return None, "its forward is not down_proj(act_fn(gate_proj(x)) * up_proj(x))"
+        return None, "its forward is not down(act(gate(x)) * up(x))"
     return activation, ""
 
 
 class SparseGatedMLP(nn.Module):
-    """A gated MLP (``down_proj(act(gate_proj(x)) * up_proj(x))``) as two layers: ``gate_up``, one
-    SparseLinear whose gated epilogue computes ``act(gate) * up`` (:meth:`SparseLinear.from_gate_up`),
-    and ``down_proj`` (a SparseLinear, or the dense layer when it was not converted). Two GEMM
+    """A gated MLP (``down(act(gate(x)) * up(x))``) as two layers: ``gate_up``, one SparseLinear
+    whose gated epilogue computes ``act(gate) * up`` (:meth:`SparseLinear.from_gate_up`), and
+    ``down_proj`` (a SparseLinear, or the dense layer when it was not converted). Two GEMM
     launches per block instead of three GEMMs and two elementwise kernels; made by
     ``sparsify(model, fuse_gated_mlp=True)``.
     """
@@ -325,14 +372,15 @@ class SparseGatedMLP(nn.Module):
     @classmethod
     def from_dense(cls, mlp: nn.Module, *, dtype: Optional[torch.dtype] = None, prune: bool = True,
                    backend: Optional[str] = None, quantize: Optional[str] = None) -> "SparseGatedMLP":
-        """gate_proj and up_proj of ``mlp`` (see :func:`gated_mlp_activation`) fused and compressed;
-        ``down_proj`` is kept as it is (sparsify converts it as any other Linear)."""
+        """The gate and up projections of ``mlp`` (see :func:`gated_mlp_activation`) fused and
+        compressed; its down projection is kept as it is (sparsify converts it as any Linear)."""
         activation, why = gated_mlp_activation(mlp)
         if activation is None:
             raise ValueError(f"SparseGatedMLP.from_dense: {type(mlp).__name__} is not a gated MLP: {why}")
-        gate_up = SparseLinear.from_gate_up(mlp.gate_proj, mlp.up_proj, activation, dtype=dtype, prune=prune,
-                                            backend=backend, quantize=quantize)
-        return cls(gate_up, mlp.down_proj)
+        parts = gated_mlp_parts(mlp)
+        gate_up = SparseLinear._from_gate_up_weights(parts.gate, parts.up, activation, dtype=dtype, prune=prune,
+                                                     backend=backend, quantize=quantize)
+        return cls(gate_up, parts.down)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(self.gate_up(x))

@@ -648,8 +648,8 @@ def test_sparsify_leaves_mlps_that_are_not_gated_products():
     torch.manual_seed(11)
     sums = nn.Sequential(_HFBlock(combine=lambda a, b: a + b)).half()  # act(gate) + up: not a GLU
     tanh = nn.Sequential(_HFBlock(act=nn.GELU(approximate="tanh"))).half()
-    for model, why in ((sums, "is not down_proj(act_fn(gate_proj(x)) * up_proj(x))"),
-                       (tanh, "act_fn GELU computes none of SiLU, exact GELU, ReLU")):
+    for model, why in ((sums, "its forward is not down(act(gate(x)) * up(x))"),
+                       (tanh, "its activation GELU computes none of SiLU, exact GELU, ReLU")):
         report = sparsegemm.sparsify(model, fuse_gated_mlp=True, min_features=32)
         assert not isinstance(model[0].mlp, sparsegemm.SparseGatedMLP)
         row = next(r for r in report.layers if r.kind == "Linear (gated)")
@@ -701,3 +701,52 @@ def test_fused_gated_model_compiles_without_graph_breaks(quantize):
     x = torch.randn(3, 64).bfloat16()
     with torch.no_grad():
         assert torch.equal(compiled(x), model(x))
+
+
+class _MixtralExpert(nn.Module):
+    """transformers' MixtralBlockSparseTop2MLP layout: w1 (gate), w3 (up), w2 (down)."""
+
+    def __init__(self, dim=64, hidden=96):
+        super().__init__()
+        self.w1, self.w2, self.w3 = nn.Linear(dim, hidden, bias=False), nn.Linear(hidden, dim, bias=False), \
+            nn.Linear(dim, hidden, bias=False)
+        self.act_fn = nn.SiLU()
+
+    def forward(self, x):
+        return self.w2(self.act_fn(self.w1(x)) * self.w3(x))
+
+
+class _Phi3MLP(nn.Module):
+    """transformers' Phi3MLP layout: gate_up_proj holds the gate rows, then the up rows."""
+
+    def __init__(self, dim=64, hidden=96):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(dim, 2 * hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.activation_fn = nn.SiLU()
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(up * self.activation_fn(gate))
+
+
+@pytest.mark.parametrize("layout,label", [(_MixtralExpert, "w1+w3"), (_Phi3MLP, "gate_up_proj")])
+def test_sparsify_fuses_the_other_gated_layouts(layout, label, tmp_path):
+    torch.manual_seed(14)
+    model = nn.Sequential(layout(), layout()).half()
+    dense = _pruned_copy_of(model)
+    report = sparsegemm.sparsify(model, fuse_gated_mlp=True, min_features=32)
+    assert all(isinstance(mlp, sparsegemm.SparseGatedMLP) for mlp in model)
+    rows = [r for r in report.layers if r.kind == "Linear (gated)"]
+    assert [r.name for r in rows] == [f"0.{label}", f"1.{label}"] and all(r.converted for r in rows)
+    assert all(isinstance(mlp.down_proj, SparseLinear) for mlp in model)
+    x = torch.randn(3, 64).half()
+    with torch.no_grad():
+        y = model(x)
+        assert torch.allclose(y.float(), dense(x).float(), atol=2e-2, rtol=2e-2)
+    path = tmp_path / "layout.safetensors"
+    sparsegemm.save(model, path)
+    fresh = nn.Sequential(layout(), layout()).half()
+    sparsegemm.load(path, fresh)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), y)
