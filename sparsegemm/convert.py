@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from .functional import mask_2to4
-from . import format as fmt
 from .nn import SparseConv2d, SparseGatedMLP, SparseLinear, conv_skip_reason, gated_mlp_activation, gated_mlp_parts
 
 __all__ = ["sparsify", "SparsifyReport", "LayerReport"]
@@ -151,15 +150,15 @@ def _fuse_gated_mlps(model: nn.Module, report: SparsifyReport, dtype, filter_fn,
         if parts is None:
             continue
         (w_gate, _), (w_up, _) = parts.gate, parts.up
-        weight = fmt.interleave_gate_up(w_gate, w_up) if w_gate.shape == w_up.shape and (
-            w_gate.shape[0] % fmt.GATE_ROWS == 0) else torch.cat([w_gate, w_up])
+        # The rows the fused layer stores (their order changes neither shape nor kept magnitude).
+        weight = torch.cat([w_gate, w_up]) if w_gate.shape[1:] == w_up.shape[1:] else w_gate
         n, k = weight.shape
         item = dtype.itemsize if dtype is not None else weight.element_size()
         prefix = f"{name}." if name else ""
         entry = LayerReport(prefix + parts.label, "Linear (gated)", (n, k), n * k * item, 0, _magnitude_kept(weight),
                             False)
         report.layers.append(entry)
-        activation, entry.reason = gated_mlp_activation(mlp)
+        activation, entry.reason = gated_mlp_activation(mlp, parts)
         if activation is None:
             continue
         if not name:
@@ -170,7 +169,8 @@ def _fuse_gated_mlps(model: nn.Module, report: SparsifyReport, dtype, filter_fn,
             entry.reason = f"min(N, K) = {min(n // 2, k)} < min_features = {min_features}"
         if entry.reason:
             continue
-        new = SparseGatedMLP.from_dense(mlp, dtype=dtype, backend=backend, quantize=quantize)
+        new = SparseGatedMLP._from_checked_parts(parts, activation, dtype=dtype, prune=True, backend=backend,
+                                                 quantize=quantize)
         gate_up = new.gate_up
         entry.compressed_bytes = gate_up.values.nbytes + gate_up.meta.nbytes + (
             gate_up.scale.nbytes if gate_up.quantize else 0)

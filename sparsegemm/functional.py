@@ -186,6 +186,6 @@ def linear_parts(x: Tensor, values: Tensor, meta: Tensor, shape, bias: Optional[
         ops.check_gemm_32bit(op, m, n, k)
         reordered = kernel_meta(backend) if kernel_meta is not None else ops.reorder_meta(meta, k, backend)
     x2 = x if len(lead) == 1 else x.reshape(-1, k)
-    code = fmt.ACTIVATION_CODES[activation] if activation is None else ops.activation_code(op, activation, n)
+    code = 0 if activation is None else ops.activation_code(op, activation, n)
     y = ops.call(ops._linear, x2, values, meta, reordered, k, bias, code, backend)
     return y if len(lead) == 1 else y.reshape(*lead, ops.out_features(n, code))

@@ -66,12 +66,12 @@ def _field(name: str, spec: dict, key: str, kind: type):
 def _build_gated_mlp(name: str, spec: dict, dense: nn.Module) -> SparseGatedMLP:
     """The SparseGatedMLP shell of a checkpoint entry: its gate_up an empty gated SparseLinear of
     the dense MLP's shape, its down_proj the dense one; the entries of both layers fill them."""
-    activation, why = gated_mlp_activation(dense)
+    parts = gated_mlp_parts(dense)
+    activation, why = gated_mlp_activation(dense, parts)
     if activation is None or activation != spec.get("activation"):
         found = f"a gated MLP with {activation!r}" if activation is not None else f"not a gated MLP ({why})"
         raise ValueError(f"sparsegemm.load: module {name!r} was a gated MLP with activation "
                          f"{spec.get('activation')!r} when saved, the model's is {found}")
-    parts = gated_mlp_parts(dense)
     (w_gate, b_gate), _ = parts.gate, parts.up
     gate_up = SparseLinear(w_gate.shape[1], w_gate.shape[0], b_gate is not None, dtype=w_gate.dtype,
                            device=w_gate.device, activation=activation)

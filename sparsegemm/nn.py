@@ -148,9 +148,8 @@ class SparseLinear(_SparseWeight):
         if quantize not in (None, "int8"):
             raise ValueError(f"SparseLinear: quantize must be None or 'int8', got {quantize!r}")
         ops.check_dtype_value("SparseLinear", "dtype", dtype, ops.FLOAT_DTYPES)
-        if not (activation is None or (isinstance(activation, str) and activation in fmt.ACTIVATION_CODES)):
-            raise ValueError(f"SparseLinear: activation must be one of {fmt.ACTIVATIONS} or None, got {activation!r}")
-        gated = activation in fmt.GATED_ACTIVATIONS
+        # The name here; a gated layer's row count below, where the message can speak of out_features.
+        gated = fmt.is_gated(ops.activation_code("SparseLinear", activation, 0))
         if gated and out_features % fmt.GATE_ROWS:
             raise ValueError(f"SparseLinear: a gated activation ({activation!r}) needs out_features a multiple of "
                              f"{fmt.GATE_ROWS}, got {out_features}")
@@ -262,8 +261,8 @@ class SparseLinear(_SparseWeight):
 
 
 # The activations a gated MLP's act_fn may compute, and the gated epilogue each becomes.
-_GATED_FOR_ACT = {"swiglu": torch.nn.functional.silu, "geglu": torch.nn.functional.gelu,
-                  "reglu": torch.nn.functional.relu}
+_GATED_FOR_ACT = {name: ops._TORCH_ACTIVATIONS[fmt.ACTIVATION_CODES[base]]
+                  for name, base in fmt.GATED_ACTIVATIONS.items()}
 
 
 def _gated_activation_of(act, device) -> Optional[str]:
@@ -323,13 +322,12 @@ def gated_mlp_parts(mlp: nn.Module) -> Optional[GatedParts]:
     return None
 
 
-def gated_mlp_activation(mlp: nn.Module) -> tuple[Optional[str], str]:
-    """(gated activation, "") when ``mlp`` is a gated MLP in one of transformers' layouts
-    (``gated_mlp_parts``) whose activation computes SiLU, exact GELU or ReLU and whose forward is
-    ``down(act(gate(x)) * up(x))``; else (None, why not). The forward is checked on a probe input
-    (one token, no gradient) against that formula on the module's own weights: a model whose MLP
-    computes something else is left alone, not silently changed."""
-    parts = gated_mlp_parts(mlp)
+def gated_mlp_activation(mlp: nn.Module, parts: Optional[GatedParts]) -> tuple[Optional[str], str]:
+    """(gated activation, "") when ``mlp``, with ``parts = gated_mlp_parts(mlp)``, is a gated MLP
+    in one of transformers' layouts whose activation computes SiLU, exact GELU or ReLU and whose
+    forward is ``down(act(gate(x)) * up(x))``; else (None, why not). The forward is checked on a
+    probe input (one token, no gradient) against that formula on the module's own weights: a model
+    whose MLP computes something else is left alone, not silently changed."""
     if parts is None:
         return None, "no gated MLP layout (gate_proj / up_proj / down_proj, w1 / w3 / w2, gate_up_proj)"
     (w_gate, b_gate), (w_up, b_up) = parts.gate, parts.up
@@ -374,13 +372,17 @@ class SparseGatedMLP(nn.Module):
                    backend: Optional[str] = None, quantize: Optional[str] = None) -> "SparseGatedMLP":
         """The gate and up projections of ``mlp`` (see :func:`gated_mlp_activation`) fused and
         compressed; its down projection is kept as it is (sparsify converts it as any Linear)."""
-        activation, why = gated_mlp_activation(mlp)
+        parts = gated_mlp_parts(mlp)
+        activation, why = gated_mlp_activation(mlp, parts)
         if activation is None:
             raise ValueError(f"SparseGatedMLP.from_dense: {type(mlp).__name__} is not a gated MLP: {why}")
-        parts = gated_mlp_parts(mlp)
-        gate_up = SparseLinear._from_gate_up_weights(parts.gate, parts.up, activation, dtype=dtype, prune=prune,
-                                                     backend=backend, quantize=quantize)
-        return cls(gate_up, parts.down)
+        return cls._from_checked_parts(parts, activation, dtype=dtype, prune=prune, backend=backend,
+                                       quantize=quantize)
+
+    @classmethod
+    def _from_checked_parts(cls, parts: GatedParts, activation: str, **compress_args) -> "SparseGatedMLP":
+        """from_dense for parts that gated_mlp_activation has passed (sparsify checks first, to report)."""
+        return cls(SparseLinear._from_gate_up_weights(parts.gate, parts.up, activation, **compress_args), parts.down)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(self.gate_up(x))

@@ -457,9 +457,11 @@ def assert_gemm_within_twice_dense_error(kernels, x, w_dense, bias, act, config,
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("config,split_k", [(LARGE_M, 0), (DECODE, 0), (DECODE, 3)])
-@pytest.mark.parametrize("act", ["none", "gelu", "silu"])
+@pytest.mark.parametrize("act", ["none", "gelu", "silu", "swiglu", "geglu"])
 def test_gemm_random_within_twice_dense_error(kernels, dtype, config, split_k, act):
     m, n, k = (9, 72, 520) if config == DECODE else (33, 136, 132)
+    if act in GATE_OF:
+        n = (n + 15) // 16 * 16  # gate and up rows in runs of 8: whole 16-row pairs
     gen = torch.Generator().manual_seed(11)
     w_dense = torch.randn(n, k, generator=gen).to(dtype)
     x = torch.randn(m, k, generator=gen).to(dtype)
@@ -488,18 +490,6 @@ def test_gemm_gated_exact_small_integers(kernels, dtype, config, split_k, m, n, 
     ref = activation(x.double() @ w.double().T + bias.double(), "reglu").to(dtype)
     assert y.shape == (m, n // 2)
     assert torch.equal(y, ref)
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("config,split_k", [(LARGE_M, 0), (DECODE, 0), (DECODE, 3)])
-@pytest.mark.parametrize("act", ["swiglu", "geglu"])
-def test_gemm_gated_random_within_twice_dense_error(kernels, dtype, config, split_k, act):
-    m, n, k = (9, 80, 520) if config == DECODE else (33, 144, 132)
-    gen = torch.Generator().manual_seed(12)
-    w_dense = torch.randn(n, k, generator=gen).to(dtype)
-    x = torch.randn(m, k, generator=gen).to(dtype)
-    bias = torch.randn(n, generator=gen).to(dtype)
-    assert_gemm_within_twice_dense_error(kernels, x, w_dense, bias, act, config, split_k)
 
 
 @pytest.mark.parametrize("config", [LARGE_M, DECODE])
