@@ -382,6 +382,30 @@ def test_compress_grid_stride(kernels, dtype):
     assert kernels.compress(strict, prune=False)[2] == (n - 3) * 75 + 74
 
 
+# Bit patterns whose groups exercise every branch of the selection: +-0.0, ties, +-inf, NaNs with
+# the smallest and largest payloads (all NaNs tie), the smallest subnormal.
+SELECTION_BITS = {
+    torch.float16: [0x0000, 0x8000, 0x3C00, 0xBC00, 0x3800, 0x7C00, 0xFC00, 0x7E00, 0x7C01, 0xFFFF, 0x0001],
+    torch.bfloat16: [0x0000, 0x8000, 0x3F80, 0xBF80, 0x3F00, 0x7F80, 0xFF80, 0x7FC0, 0x7F81, 0xFFFF, 0x0001],
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_compress_every_group_of_special_values(kernels, dtype):
+    # Every ordered group of four from SELECTION_BITS: 11^4 groups as 121 rows of 121 (odd: every
+    # row ends on the pad nibble), in both modes, then cut to K % 4 == 1 (zeros fill the last group).
+    bits = torch.tensor(SELECTION_BITS[dtype], dtype=torch.int32)
+    idx = torch.cartesian_prod(*[torch.arange(len(bits))] * 4)
+    groups = bits[idx].to(torch.int16).view(dtype)  # [11^4, 4]
+    w = groups.reshape(121, -1)
+    assert_compress_prune_matches_reference(kernels, w)
+    partial = w[:, :-3].contiguous()  # K % 4 == 1: the last group reads three zeros past K
+    assert_compress_prune_matches_reference(kernels, partial)
+    nonzeros = reference_compress(w)[2].reshape(-1)
+    first_bad = int(np.flatnonzero(nonzeros > 2)[0])
+    assert kernels.compress(w, prune=False)[2] == first_bad
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_six_patterns_round_trip(kernels, dtype):
     nib = [0x4, 0x8, 0x9, 0xC, 0xD, 0xE]

@@ -10,8 +10,8 @@
 //   declare shared memory), threadIdx/blockIdx/blockDim/gridDim, dim3, __syncthreads,
 //   __shfl_sync/__shfl_xor_sync/__shfl_down_sync/__shfl_up_sync (32-bit types, full-warp mask),
 //   __ballot_sync, __syncwarp, __threadfence, atomicAdd (float, int), atomicMin (int, long long), min/max,
-//   __restrict__, the 16-bit float helpers below, and sg_launch(kernel, grid, block, smem_bytes,
-//   stream, args...) from host code.
+//   __restrict__, the 16-bit float helpers below, byte_perm, and sg_launch(kernel, grid, block,
+//   smem_bytes, stream, args...) from host code.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -70,6 +70,10 @@ SG_DEVICE float f16_to_f32(uint16_t bits) { return __half2float(__ushort_as_half
 SG_DEVICE float bf16_to_f32(uint16_t bits) { return __bfloat162float(__ushort_as_bfloat16(bits)); }
 SG_DEVICE uint16_t f32_to_f16_rn(float x) { return __half_as_ushort(__float2half_rn(x)); }
 SG_DEVICE uint16_t f32_to_bf16_rn(float x) { return __bfloat16_as_ushort(__float2bfloat16_rn(x)); }
+
+// Byte n of the result is byte (selector >> 4n) & 7 of {x: bytes 0-3, y: bytes 4-7} (PTX prmt,
+// default mode; selectors here never set a nibble's sign-replicate bit 3).
+SG_DEVICE uint32_t byte_perm(uint32_t x, uint32_t y, uint32_t selector) { return __byte_perm(x, y, selector); }
 
 }  // namespace sparsegemm
 
@@ -194,6 +198,15 @@ using half_bits::bf16_to_f32;
 using half_bits::f16_to_f32;
 using half_bits::f32_to_bf16_rn;
 using half_bits::f32_to_f16_rn;
+
+// __byte_perm / prmt.b32 in its default mode (see the device definition).
+inline uint32_t byte_perm(uint32_t x, uint32_t y, uint32_t selector) {
+  const uint64_t bytes = (static_cast<uint64_t>(y) << 32) | x;
+  uint32_t result = 0;
+  for (int n = 0; n < 4; ++n)
+    result |= static_cast<uint32_t>((bytes >> (8 * ((selector >> (4 * n)) & 7))) & 0xFF) << (8 * n);
+  return result;
+}
 
 }  // namespace sparsegemm
 
