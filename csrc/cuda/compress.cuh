@@ -84,9 +84,10 @@ SG_DEVICE GroupChoice choose_group16(uint32_t lo, uint32_t hi) {
 }
 
 // One byte of E: groups 2 byte and 2 byte + 1 of W row `row`, whose 8 elements (zeros past K)
-// are `elems`; writes the kept values and the metadata byte, and in strict mode reports a group
-// with more than two non-zeros.
-template <DType kDType>
+// are `elems`; writes the kept values and the metadata byte, and in strict mode (kStrict,
+// p.prune false) reports a group with more than two non-zeros. A template parameter so that
+// prune mode, the common one, carries none of the check's instructions.
+template <DType kDType, bool kStrict>
 SG_DEVICE void compress_byte(const CompressParams& p, int64_t row, int64_t byte,
                              const typename ElementTraits<kDType>::Storage (&elems)[8]) {
   using T = typename ElementTraits<kDType>::Storage;
@@ -133,20 +134,20 @@ SG_DEVICE void compress_byte(const CompressParams& p, int64_t row, int64_t byte,
     store_elements<T, 4>(values, kept, 2 * groups_here);
   }
   p.meta[row * meta_cols(p.K) + byte] = meta_byte;
-  if (!p.prune && (bad[0] || bad[1]))
+  if (kStrict && (bad[0] || bad[1]))
     atomicMin(reinterpret_cast<long long*>(p.first_bad_group), row * groups + 2 * byte + (bad[0] ? 0 : 1));
 }
 
 // p: see CompressParams (params.h). One byte of E per thread and iteration: two bytes with both
 // loads issued first measured 11% slower on H200 (88.7 vs 79.7 us for 8192 x 8192 fp16).
-template <DType kDType>
+template <DType kDType, bool kStrict>
 SG_GLOBAL void compress_kernel(CompressParams p) {
   using T = typename ElementTraits<kDType>::Storage;
   const T* w = static_cast<const T*>(p.w);
   for_each_meta_byte(p.N, p.K, [&](int64_t row, int64_t byte) {
     T elems[8];
     load_elements<T, 8>(elems, w + row * p.ldw + byte * 8, p.K - byte * 8);
-    compress_byte<kDType>(p, row, byte, elems);
+    compress_byte<kDType, kStrict>(p, row, byte, elems);
   });
 }
 

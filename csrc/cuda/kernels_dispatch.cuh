@@ -102,8 +102,13 @@ void launch_compress(const CompressParams& p, sg_stream_t stream) {
   const int64_t total = p.N * meta_cols(p.K);
   auto* first_bad = reinterpret_cast<long long*>(p.first_bad_group);
   if (!p.prune) sg_launch(first_bad_group_init_kernel, dim3(1), dim3(1), 0, stream, first_bad);
-  if (total > 0)
-    sg_launch(compress_kernel<kDType>, dim3(elementwise_blocks(total)), dim3(kElementwiseThreads), 0, stream, p);
+  if (total > 0) {
+    const dim3 grid(elementwise_blocks(total)), block(kElementwiseThreads);
+    if (p.prune)
+      sg_launch(compress_kernel<kDType, false>, grid, block, 0, stream, p);
+    else
+      sg_launch(compress_kernel<kDType, true>, grid, block, 0, stream, p);
+  }
   if (!p.prune) sg_launch(first_bad_group_finish_kernel, dim3(1), dim3(1), 0, stream, first_bad);
 }
 
