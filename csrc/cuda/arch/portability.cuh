@@ -23,6 +23,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <map>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -43,16 +45,28 @@ namespace cuda_launch_detail {
                            "): " + cudaGetErrorString(err));
 }
 
+// Dynamic shared memory above 48 KiB needs the kernel's opt-in attribute, which lasts for the
+// kernel on the current device: set once per (kernel, device) and raised when a launch needs more,
+// not on every launch (both GEMM tiles are above 48 KiB, and a decode GEMM is host bound).
+inline void opt_in_shared_memory(const char* launch_text, const void* kernel, size_t smem_bytes) {
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) throw_launch_error(launch_text, "cudaGetDevice", err);
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, size_t> granted;
+  const std::lock_guard<std::mutex> lock(mutex);
+  size_t& bytes = granted[{kernel, device}];
+  if (bytes >= smem_bytes) return;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes));
+  if (err != cudaSuccess) throw_launch_error(launch_text, "cudaFuncSetAttribute", err);
+  bytes = smem_bytes;
+}
+
 // Launches `kernel` and checks the launch (not the execution: no host sync, so graph capture works).
-// Dynamic shared memory above 48 KiB needs the kernel's opt-in attribute first.
 template <typename... KernelParams, typename... Args>
 void launch(const char* launch_text, void (*kernel)(KernelParams...), dim3 grid, dim3 block, size_t smem_bytes,
             cudaStream_t stream, Args&&... args) {
-  if (smem_bytes > 48 * 1024) {
-    const cudaError_t err =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes));
-    if (err != cudaSuccess) throw_launch_error(launch_text, "cudaFuncSetAttribute", err);
-  }
+  if (smem_bytes > 48 * 1024) opt_in_shared_memory(launch_text, reinterpret_cast<const void*>(kernel), smem_bytes);
   kernel<<<grid, block, smem_bytes, stream>>>(std::forward<Args>(args)...);
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) throw_launch_error(launch_text, "kernel launch", err);
