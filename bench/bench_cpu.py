@@ -2,7 +2,8 @@
 without ops.py's large-M routing) against torch's dense F.linear on the pruned weight.
 
 Same dtype, same thread count for both (torch.set_num_threads and cpu_set_num_threads). Times are
-the median of many calls after warm-up, sparse and dense calls alternating; "GB/s" counts the bytes each call must read (weight, X)
+the median of many calls after warm-up, sparse and dense calls alternating, each after a flush of
+the last-level cache; "GB/s" counts the bytes each call must read (weight, X)
 and write (Y), so the M = 1 rows show how close each side gets to memory bandwidth.
 
     python bench/bench_cpu.py                      # default sweep, bf16, all threads
@@ -18,13 +19,16 @@ import torch.nn.functional as F
 
 import sparsegemm
 from sparsegemm import _C
+from sparsegemm.bench import CacheFlush
 
 DTYPE_CODES = {"f32": (0, torch.float32), "f16": (1, torch.float16), "bf16": (2, torch.bfloat16)}
 
 
 def median_seconds(fns, min_time=1.0, min_reps=10):
     """Median seconds per call of each function, timed in alternation so that load from other
-    processes on a shared machine hits all of them alike."""
+    processes on a shared machine hits all of them alike, each call after a flush of the
+    last-level cache (sparsegemm.bench.CacheFlush): no call finds its weight cached."""
+    flush = CacheFlush(torch.device("cpu"))
     for fn in fns:
         for _ in range(3):
             fn()
@@ -32,6 +36,7 @@ def median_seconds(fns, min_time=1.0, min_reps=10):
     start = time.perf_counter()
     while len(samples[0]) < min_reps or time.perf_counter() - start < min_time * len(fns):
         for fn, times in zip(fns, samples):
+            flush()
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)

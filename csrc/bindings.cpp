@@ -121,6 +121,8 @@ py::list list_gpus() {
 void bind_cpu(py::module_& m) {
   m.def("cpu_set_num_threads", &cpu::set_num_threads);
   m.def("cpu_num_threads", &cpu::num_threads);
+  m.def("cpu_use_openmp", &cpu::use_openmp);
+  m.def("cpu_threading", &cpu::threading);
   // ISA control, for tests and benchmarks: the SPARSEGEMM_CPU_ISA environment variable does the
   // same before the first CPU call.
   m.def("cpu_isa_name", [] { return std::string(cpu::isa_name()); });

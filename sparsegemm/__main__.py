@@ -11,11 +11,16 @@ import torch
 
 
 def _time_ms(fn, device: torch.device, repeats: int) -> float:
-    """Median wall time of ``fn()`` in ms, after warm-up (CUDA: synchronised around each call)."""
+    """Median wall time of ``fn()`` in ms, after warm-up, each call after a cache flush
+    (bench.CacheFlush; CUDA: synchronised around each call)."""
+    from sparsegemm.bench import CacheFlush
+
+    flush = CacheFlush(device)
     for _ in range(3):
         fn()
     samples = []
     for _ in range(repeats):
+        flush()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()

@@ -40,6 +40,8 @@ def info() -> dict:
         "cpu_isa": built["cpu_isa"],
         "cpu_flags": _cpu_flags(),
         "cpu_threads": torch.get_num_threads(),
+        # "openmp:<runtime path>": the CPU kernels run on that (torch's) OpenMP team; "threads": their own pool.
+        "cpu_threading": _C.cpu_threading(),
         "torch": torch.__version__,
         "simt_emulator": hasattr(_C, "simt_gemm"),
     }

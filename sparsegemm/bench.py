@@ -1,7 +1,8 @@
 """GEMM microbenchmarks: sparsegemm vs dense and vs torch's own 2:4 path, on CPU and CUDA.
 
-Protocol: warm-up, then the median of many timed calls; on CUDA each call is timed with CUDA
-events and the L2 cache is flushed (a buffer larger than L2 is overwritten) before it. TFLOP/s
+Protocol: warm-up, then the median of many timed calls, each after a cache flush (:class:`CacheFlush`:
+the GPU's L2, or the CPU's last-level cache, so no call finds its weight left there by the call
+before, as a layer of a real model would not); on CUDA each call is timed with CUDA events. TFLOP/s
 use the dense-equivalent 2*M*N*K; GB/s the bytes each method actually reads and writes.
 
 dtype "int8" rows (:func:`bench_int8_shape`): the dense float linear, dense INT8 through
@@ -12,6 +13,7 @@ records its relative error against the fp32 2:4 linear on the same random normal
 from __future__ import annotations
 
 import csv
+import glob
 import json
 import platform
 import statistics
@@ -102,15 +104,54 @@ def _nvidia_smi(query: str) -> str:
         return "unknown"
 
 
+def _cpu_last_level_cache_bytes() -> int:
+    """The size of the CPU's largest cache, from Linux's sysfs; 32 MiB where that does not say."""
+    sizes = []
+    for index in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        try:
+            with open(index) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        if text[:-1].isdigit() and text[-1] in units:
+            sizes.append(int(text[:-1]) * units[text[-1]])
+        elif text.isdigit():
+            sizes.append(int(text))
+    return max(sizes, default=32 << 20)
+
+
+class CacheFlush:
+    """Streams a buffer twice the size of the device's last-level cache (at least 64 MiB) through
+    it: called before a timed call, it leaves none of the previous call's operands cached. Without
+    it the CPU rows flattered the 2:4 weight, which fits a 32 MiB L3 where its dense original does
+    not. The GPU's L2 is flushed by writing the buffer; the CPU's by reading it, because a large
+    memset uses non-temporal stores that bypass the cache (measured on the 2-core EPYC VM: int8
+    4096^2 torch._int_mm at M = 1 took 0.47 ms after a zeroing, 0.68 ms after a read)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        if device.type == "cuda":
+            cache = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
+        else:
+            cache = _cpu_last_level_cache_bytes()
+        self.buffer = torch.empty(max(2 * cache, 64 << 20), dtype=torch.uint8, device=device)
+        if device.type != "cuda":
+            self.buffer.zero_()  # the pages exist before the first timed call
+
+    def __call__(self) -> None:
+        if self.device.type == "cuda":
+            self.buffer.zero_()
+        else:
+            self.buffer.sum()
+
+
 class Timer:
-    """Median time of a callable; on CUDA with events and an L2 flush before every call."""
+    """Median time of a callable, each call after a :class:`CacheFlush`; on CUDA with events."""
 
     def __init__(self, device: torch.device, warmup: int, repeats: int):
         self.device, self.warmup, self.repeats = device, warmup, repeats
-        self.flush = None
-        if device.type == "cuda":
-            l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
-            self.flush = torch.empty(max(2 * l2, 64 << 20), dtype=torch.uint8, device=device)
+        self.flush = CacheFlush(device)
 
     def __call__(self, fn: Callable[[], object]) -> float:
         for _ in range(self.warmup):
@@ -119,7 +160,7 @@ class Timer:
         if self.device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             for _ in range(self.repeats):
-                self.flush.zero_()
+                self.flush()
                 start.record()
                 fn()
                 end.record()
@@ -127,6 +168,7 @@ class Timer:
                 samples.append(start.elapsed_time(end))
         else:
             for _ in range(self.repeats):
+                self.flush()
                 t0 = time.perf_counter()
                 fn()
                 samples.append((time.perf_counter() - t0) * 1e3)

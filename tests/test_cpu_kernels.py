@@ -687,7 +687,7 @@ def _gemm_in_child(queue):
     rng = np.random.default_rng(11)
     x, w, values, meta = make_problem(rng, 5, 64, 512, F32)
     y = cpu_gemm(x, values, meta, F32, 64, 512)
-    queue.put(bool(np.allclose(y, gemm_reference(x, w, F32), rtol=1e-4, atol=1e-3)))
+    queue.put((bool(np.allclose(y, gemm_reference(x, w, F32), rtol=1e-4, atol=1e-3)), _C.cpu_threading()))
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
@@ -706,4 +706,38 @@ def test_pool_works_after_fork(threads):
     if child.is_alive():
         child.kill()
         pytest.fail("GEMM in a forked child hung")
-    assert child.exitcode == 0 and queue.get(timeout=5)
+    correct, threading = queue.get(timeout=5)
+    # GNU OpenMP's team does not survive fork: the child runs on the extension's own pool.
+    assert child.exitcode == 0 and correct and threading == "threads"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the OpenMP runtime is looked up on Linux")
+def test_jobs_run_on_torchs_openmp_team():
+    # torch (imported by this test run) has its OpenMP runtime loaded: the kernels use its team,
+    # whose idle workers would otherwise spin on the cores our own threads need.
+    assert _C.cpu_threading().startswith("openmp:")
+    assert "omp" in _C.cpu_threading().rsplit("/", 1)[-1]
+    try:
+        _C.cpu_use_openmp(False)
+        assert _C.cpu_threading() == "threads"
+    finally:
+        _C.cpu_use_openmp(True)
+
+
+@pytest.mark.parametrize("openmp", [True, False])
+def test_gemm_same_bits_on_openmp_team_and_own_pool(isa, openmp):
+    # Either runtime splits rows, never a dot product: the bits of the one-thread result.
+    rng = np.random.default_rng(8)
+    M, N, K = 70, 203, 264  # M >= 64: the int8 / float drivers' slabs and tiles both split
+    x, _, values, meta = make_problem(rng, M, N, K, BF16)
+    previous = _C.cpu_num_threads()
+    try:
+        _C.cpu_set_num_threads(1)
+        y1 = cpu_gemm(x, values, meta, BF16, N, K)
+        _C.cpu_use_openmp(openmp)
+        _C.cpu_set_num_threads(3)
+        y3 = cpu_gemm(x, values, meta, BF16, N, K)
+    finally:
+        _C.cpu_use_openmp(True)
+        _C.cpu_set_num_threads(previous)
+    np.testing.assert_array_equal(y1, y3)

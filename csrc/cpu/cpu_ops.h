@@ -2,6 +2,7 @@
 // Every function is synchronous and validates nothing: ops.py checks arguments first.
 #pragma once
 #include <cstdint>
+#include <string>
 
 #include "params.h"
 
@@ -11,6 +12,11 @@ namespace cpu {
 // Worker threads used by the functions below (ops.py passes torch.get_num_threads()).
 void set_num_threads(int threads);
 int num_threads();
+// Whether those threads may be the team of an OpenMP runtime the process has loaded (torch's;
+// default true), and where jobs run now: "openmp:<path of the runtime>" or "threads" (the
+// extension's own pool; thread_pool.cpp says when and why).
+void use_openmp(bool enabled);
+std::string threading();
 
 // Name of the vector ISA picked at run time: "avx512", "avx2" or "generic". The first call picks
 // the best one this CPU supports, or the one the environment variable SPARSEGEMM_CPU_ISA names

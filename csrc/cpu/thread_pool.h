@@ -1,5 +1,6 @@
-// A small persistent std::thread pool for the CPU kernels. Not OpenMP on purpose: torch ships its
-// own libgomp, and two OpenMP runtimes in one process fight over threads (or crash).
+// Parallel loops of the CPU kernels: on the OpenMP runtime the process has loaded (torch's),
+// found at run time, else on a small persistent std::thread pool (thread_pool.cpp says why). The
+// extension never links an OpenMP runtime itself: two in one process fight over threads (or crash).
 #pragma once
 #include <cstdint>
 #include <functional>
