@@ -42,7 +42,7 @@ struct CompressParams {
   int64_t N = 0, K = 0;
   const void* w = nullptr;
   int64_t ldw = 0;
-  void* values = nullptr;  // Wc[N, padded_k(K)/2]
+  void* values = nullptr;  // Wc[N, padded_k(K)/2], 4-byte aligned (the GPU kernel stores 16-bit kept pairs as words)
   uint8_t* meta = nullptr; // E[N, meta_cols(K)]
   DType dtype = DType::f16;
   bool prune = false;

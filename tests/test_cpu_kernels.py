@@ -711,6 +711,37 @@ def test_pool_works_after_fork(threads):
     assert child.exitcode == 0 and correct and threading == "threads"
 
 
+_FORK_AFTER_TORCH_ONLY = """
+import os, sys, numpy as np, torch
+import sparsegemm
+torch.set_num_threads(2)
+a = torch.randn(512, 512)
+(a @ a).sum()  # torch's OpenMP team has run; the extension has run no job yet
+pid = os.fork()
+if pid == 0:  # no torch compute here: torch's own parallel ops hang in such a child
+    sparsegemm._C.cpu_set_num_threads(2)
+    rng = np.random.default_rng(0)
+    w = torch.from_numpy(rng.standard_normal((2048, 512), dtype=np.float32))
+    x = torch.from_numpy(rng.standard_normal((5, 512), dtype=np.float32))
+    sw = sparsegemm.compress(w, prune=True)
+    y = sparsegemm.linear(x, sw).numpy()
+    ok = np.allclose(y, x.numpy() @ sparsegemm.decompress(sw).numpy().T, rtol=1e-4, atol=1e-3)
+    print(sparsegemm._C.cpu_threading(), ok, flush=True)
+    os._exit(0 if ok else 1)
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_fork_before_the_first_job_uses_the_pool():
+    # The child's first job must not go to GNU OpenMP's team, whose workers did not survive fork.
+    result = subprocess.run([sys.executable, "-c", _FORK_AFTER_TORCH_ONLY], capture_output=True, text=True,
+                            timeout=60, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["threads", "True"]
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the OpenMP runtime is looked up on Linux")
 def test_jobs_run_on_torchs_openmp_team():
     # torch (imported by this test run) has its OpenMP runtime loaded: the kernels use its team,

@@ -12,6 +12,7 @@
 // caller's stack) outlives all its uses.
 #include "thread_pool.h"
 
+#include <pthread.h>
 #include <unistd.h>
 #if defined(__linux__)
 #include <dlfcn.h>
@@ -145,45 +146,72 @@ void run_team_job(void* data) {
 }
 
 // The loaded OpenMP runtime's entry points (GNU ABI: GOMP_parallel(fn, data, num_threads, flags)
-// runs fn(data) on a team that includes the caller and returns after its closing barrier).
+// runs fn(data) on a team that includes the caller and returns after its closing barrier; LLVM's
+// libomp and Intel's libiomp5 export it too).
 struct OpenMpRuntime {
   void (*parallel)(void (*)(void*), void*, unsigned, unsigned) = nullptr;
   int (*in_parallel)() = nullptr;
   std::string library;  // its path, for cpu_threading()
-  pid_t pid = 0;        // the process that found it: a forked child does not use it
 };
 
+// Set in a child of fork(): GNU OpenMP's team does not survive fork (the child's first parallel
+// region waits for workers that are not there), so children use the pool. Registered when the
+// extension loads; a child of a process that forked before loading it cannot be told, as torch
+// cannot tell it either.
+std::atomic<bool> g_forked{false};
+[[maybe_unused]] const int g_fork_handler = pthread_atfork(nullptr, nullptr, [] { g_forked.store(true); });
+
 #if defined(__linux__)
-// dl_iterate_phdr callback: the first loaded object named like an OpenMP runtime.
-int find_openmp_library(dl_phdr_info* info, size_t, void* found) {
+// The OpenMP runtimes' file names: libgomp.so.1 (torch's wheels), libgomp-<hash>.so.1 (auditwheel
+// copies), libomp.so[.5], libiomp5.so; not other libraries that merely start like them (libompl).
+bool names_openmp_runtime(const std::string& name) {
+  for (const char* stem : {"libgomp.so", "libgomp-", "libomp.so", "libiomp5.so"})
+    if (name.rfind(stem, 0) == 0) return true;
+  return false;
+}
+
+// dl_iterate_phdr callback: every loaded object named like an OpenMP runtime, in load order.
+int collect_openmp_libraries(dl_phdr_info* info, size_t, void* paths) {
   const std::string path = info->dlpi_name != nullptr ? info->dlpi_name : "";
-  const std::string name = path.substr(path.find_last_of('/') + 1);
-  for (const char* prefix : {"libgomp", "libiomp5", "libomp"}) {
-    if (name.rfind(prefix, 0) == 0) {
-      *static_cast<std::string*>(found) = path;
-      return 1;
-    }
-  }
+  if (names_openmp_runtime(path.substr(path.find_last_of('/') + 1)))
+    static_cast<std::vector<std::string>*>(paths)->push_back(path);
   return 0;
 }
 
+std::string directory_of(const std::string& path) { return path.substr(0, path.find_last_of('/') + 1); }
+
+// The runtime torch uses (the one beside libtorch_cpu.so) when several are loaded, else the first
+// that has the entry points.
 OpenMpRuntime load_openmp_runtime() {
-  OpenMpRuntime runtime;
-  std::string path;
-  dl_iterate_phdr(find_openmp_library, &path);
-  if (path.empty()) return runtime;
-  // RTLD_NOLOAD: a handle to the copy already mapped, or nothing; never a second runtime.
-  void* handle = dlopen(path.c_str(), RTLD_LAZY | RTLD_NOLOAD);
-  if (handle == nullptr) return runtime;
-  auto parallel = reinterpret_cast<decltype(runtime.parallel)>(dlsym(handle, "GOMP_parallel"));
-  auto in_parallel = reinterpret_cast<decltype(runtime.in_parallel)>(dlsym(handle, "omp_in_parallel"));
-  if (parallel != nullptr && in_parallel != nullptr) {
-    runtime.parallel = parallel;
-    runtime.in_parallel = in_parallel;
-    runtime.library = path;
-    runtime.pid = getpid();
+  std::vector<std::string> candidates;
+  dl_iterate_phdr(collect_openmp_libraries, &candidates);
+  std::string torch_directory;
+  dl_iterate_phdr(
+      [](dl_phdr_info* info, size_t, void* dir) {
+        const std::string path = info->dlpi_name != nullptr ? info->dlpi_name : "";
+        if (path.find("/libtorch_cpu.so") == std::string::npos) return 0;
+        *static_cast<std::string*>(dir) = directory_of(path);
+        return 1;
+      },
+      &torch_directory);
+  std::stable_partition(candidates.begin(), candidates.end(), [&](const std::string& path) {
+    return !torch_directory.empty() && directory_of(path) == torch_directory;
+  });
+  for (const std::string& path : candidates) {
+    // RTLD_NOLOAD: a handle to the copy already mapped, or nothing; never a second runtime. The
+    // handle stays open: the runtime outlives every job.
+    void* handle = dlopen(path.c_str(), RTLD_LAZY | RTLD_NOLOAD);
+    if (handle == nullptr) continue;
+    OpenMpRuntime runtime;
+    runtime.parallel = reinterpret_cast<decltype(runtime.parallel)>(dlsym(handle, "GOMP_parallel"));
+    runtime.in_parallel = reinterpret_cast<decltype(runtime.in_parallel)>(dlsym(handle, "omp_in_parallel"));
+    if (runtime.parallel != nullptr && runtime.in_parallel != nullptr) {
+      runtime.library = path;
+      return runtime;
+    }
+    dlclose(handle);
   }
-  return runtime;  // the handle stays open: the runtime outlives every job
+  return {};
 }
 #else
 // Elsewhere (no dl_iterate_phdr) the pool runs every job.
@@ -201,9 +229,9 @@ std::atomic<bool> g_use_openmp{true};
 
 // The OpenMP team jobs may run on here, or null: none loaded, a forked child, or switched off.
 const OpenMpRuntime* usable_openmp() {
-  if (!g_use_openmp.load()) return nullptr;
+  if (!g_use_openmp.load() || g_forked.load()) return nullptr;
   const OpenMpRuntime& runtime = openmp_runtime();
-  return runtime.parallel != nullptr && runtime.pid == getpid() ? &runtime : nullptr;
+  return runtime.parallel != nullptr ? &runtime : nullptr;
 }
 
 int default_threads() { return static_cast<int>(std::max(1u, std::thread::hardware_concurrency())); }
@@ -266,7 +294,7 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, const std::function
     TeamJob job;
     job.chunk_fn = &chunk_fn;
     job.chunks = chunks;
-    team->parallel(run_team_job, &job, static_cast<unsigned>(threads), 0);
+    team->parallel(run_team_job, &job, static_cast<unsigned>(std::min<int64_t>(threads, chunks)), 0);
     if (job.error) std::rethrow_exception(job.error);
     return;
   }

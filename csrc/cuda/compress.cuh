@@ -38,11 +38,13 @@ SG_GLOBAL void first_bad_group_finish_kernel(long long* first_bad_group) {
 // quotient and remainder instead of dividing every index: the division the GPU emulates in software
 // was a sixth of compress's instructions, and compress is issue bound (Nsight Compute on H200:
 // 81% SM, 49% DRAM throughput). 32-bit indices: ops.py refuses weights past 2^31 elements for the
-// kernels, so the byte count is below 2^28 (64-bit division was worse still: 85% SM, 24% DRAM).
+// kernels, so the byte count is below 2^31 and idx + stride (stride <= 2^20) cannot wrap (64-bit
+// division was worse still: 85% SM, 24% DRAM).
 template <typename Visit>
 SG_DEVICE void for_each_meta_byte(int64_t N, int64_t K, Visit&& visit) {
   const uint32_t row_bytes = static_cast<uint32_t>(meta_cols(K));
   const uint32_t total = static_cast<uint32_t>(N * meta_cols(K));
+  if (total == 0) return;  // K = 0: no row bytes to divide by
   const uint32_t stride = gridDim.x * blockDim.x;
   const uint32_t stride_rows = stride / row_bytes, stride_bytes = stride - stride_rows * row_bytes;
   uint32_t idx = blockIdx.x * blockDim.x + threadIdx.x;
@@ -94,7 +96,7 @@ SG_DEVICE void compress_byte(const CompressParams& p, int64_t row, int64_t byte,
   const int64_t groups = num_groups(p.K);
   const int groups_here = (2 * byte + 1 < groups) ? 2 : 1;
   uint8_t meta_byte;
-  bool bad[2];
+  [[maybe_unused]] bool bad[2];  // read in strict mode only
   T* values = static_cast<T*>(p.values) + row * values_cols(p.K) + byte * 4;
   if constexpr (sizeof(T) == 2) {
     const GroupChoice low = choose_group16<kDType>(pack_u16x2(elems[0], elems[1]), pack_u16x2(elems[2], elems[3]));
@@ -134,8 +136,10 @@ SG_DEVICE void compress_byte(const CompressParams& p, int64_t row, int64_t byte,
     store_elements<T, 4>(values, kept, 2 * groups_here);
   }
   p.meta[row * meta_cols(p.K) + byte] = meta_byte;
-  if (kStrict && (bad[0] || bad[1]))
-    atomicMin(reinterpret_cast<long long*>(p.first_bad_group), row * groups + 2 * byte + (bad[0] ? 0 : 1));
+  if constexpr (kStrict) {
+    if (bad[0] || bad[1])
+      atomicMin(reinterpret_cast<long long*>(p.first_bad_group), row * groups + 2 * byte + (bad[0] ? 0 : 1));
+  }
 }
 
 // p: see CompressParams (params.h). One byte of E per thread and iteration: two bytes with both
