@@ -8,7 +8,8 @@ from . import _C
 
 def _cpu_flags() -> list[str]:
     """The vector extensions the CPU advertises that the CPU backend can use."""
-    wanted = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16")
+    wanted = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512vbmi",
+              "avx512_vnni")
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:

@@ -28,7 +28,8 @@ const KernelTable* table_if_supported(const std::string& name) {
     // Matches the flags of the avx512 object in CMakeLists.txt (which also enables avx2/fma/f16c).
     const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                     __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-                    __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx2") &&
+                    __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vbmi") &&
+                    __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx2") &&
                     __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
     return ok ? &avx512::kernel_table() : nullptr;
   }

@@ -637,6 +637,10 @@ static_assert(kTileRows % kMaxRows == 0, "tiles split into whole row blocks");
 //   Acc, Sum                per-lane accumulators, and the reduced dot product they give
 //   kGroups                 groups per step: 4 * kGroups K positions, kGroups / 2 metadata bytes
 //   kFlushSteps             steps after which Acc lanes must move into Sum, or kNeverFlush
+//   kColumnSums             true when the dot product needs a per-W-row term as well: then
+//                           column_madd(acc, step) accumulates it over the same steps (into an
+//                           Acc, reduced and flushed like the others) and correct(sum, column_sum)
+//                           gives the dot product from a row's sum and its W row's term
 //   load(values, meta), load_x_step(x), zero(), madd(acc, step, x), reduce(acc),
 //   copy_x_row(src, K, dst, padded_len)
 constexpr int64_t kNeverFlush = std::numeric_limits<int64_t>::max();
@@ -646,6 +650,7 @@ struct Fp32Accumulation {
   using Acc = Fp32Acc;
   using Sum = float;
   static constexpr int64_t kFlushSteps = kNeverFlush;
+  static constexpr bool kColumnSums = false;
   static Acc zero() { return zero_acc(); }
   static float reduce(Acc a) { return reduce_acc(a); }
 };
@@ -747,12 +752,18 @@ void dot_block(const typename Steps::Storage* const* values, const uint8_t* cons
   constexpr bool kFlushes = Steps::kFlushSteps != kNeverFlush;
   using StepVectors = typename Steps::StepVectors;
   [[maybe_unused]] typename Steps::Sum flushed[Rows][Cols] = {};
+  [[maybe_unused]] typename Steps::Sum column_flushed[Cols] = {};
   typename Steps::Acc acc[Rows][Cols];
+  [[maybe_unused]] typename Steps::Acc column_acc[Cols];
   auto reset = [&] {
     for (int r = 0; r < Rows; ++r)
       for (int c = 0; c < Cols; ++c) acc[r][c] = Steps::zero();
+    if constexpr (Steps::kColumnSums)
+      for (int c = 0; c < Cols; ++c) column_acc[c] = Steps::zero();
   };
   auto accumulate = [&](const StepVectors (&step)[Cols], int64_t s) {
+    if constexpr (Steps::kColumnSums)
+      for (int c = 0; c < Cols; ++c) column_acc[c] = Steps::column_madd(column_acc[c], step[c]);
     for (int r = 0; r < Rows; ++r) {
       const typename Steps::XVectors xs = Steps::load_x_step(x + r * ldx + s * kK);
       for (int c = 0; c < Cols; ++c) acc[r][c] = Steps::madd(acc[r][c], step[c], xs);
@@ -768,6 +779,8 @@ void dot_block(const typename Steps::Storage* const* values, const uint8_t* cons
       if (++since_flush == Steps::kFlushSteps) {
         for (int r = 0; r < Rows; ++r)
           for (int c = 0; c < Cols; ++c) flushed[r][c] += Steps::reduce(acc[r][c]);
+        if constexpr (Steps::kColumnSums)
+          for (int c = 0; c < Cols; ++c) column_flushed[c] += Steps::reduce(column_acc[c]);
         reset();
         since_flush = 0;
       }
@@ -785,6 +798,8 @@ void dot_block(const typename Steps::Storage* const* values, const uint8_t* cons
       } else {
         sums[r * Cols + c] = Steps::reduce(acc[r][c]);
       }
+      if constexpr (Steps::kColumnSums)
+        sums[r * Cols + c] = Steps::correct(sums[r * Cols + c], column_flushed[c] + Steps::reduce(column_acc[c]));
     }
 }
 
@@ -1019,43 +1034,72 @@ void quantize_rows_typed(const void* x_ptr, int64_t M, int64_t K, int64_t ldx, i
 // adjacent lanes (one group's two kept values) go into int32 lanes. X is copied widened to XElem.
 // Every ISA's per-lane int32 sums are moved into int64 every kFlushSteps steps (by dot_block), so no
 // lane can wrap for any K; the int64 total is saturated to int32 once per output (as .satfinite does).
-#if defined(__AVX512BW__)
+#if defined(__AVX512VBMI__) && defined(__AVX512VNNI__)
+// AVX-512 VNNI + VBMI: a step is 64 kept int8 weights (128 K positions, 16 metadata bytes); one
+// vpermt2b gathers their X bytes out of the step's 128 and one vpdpbusd multiplies and adds four
+// adjacent pairs into each int32 lane: a third of the instructions per weight byte of the 16-bit
+// form (sign extension, vpermt2w, vpmaddwd), which made the int8 decode GEMM compute bound. vpdpbusd
+// takes one unsigned operand, so X is stored as x + 128 (x ^ 0x80) and each W row's kept sum,
+// accumulated over the same steps (column_madd), takes 128 * sum(w) back off: exact in integers.
 struct S8Steps {
   using Storage = int8_t;
-  using XElem = int16_t;  // X sign-extended to 16 bits, for vpermt2w and vpmaddwd
-  using Acc = __m512i;    // 16 int32 lanes, one per pair of kept values
+  using XElem = uint8_t;  // x + 128
+  using Acc = __m512i;    // 16 int32 lanes, each the sum of four products
   using Sum = int64_t;
   struct StepVectors {
-    __m512i index;   // 32 x 16-bit: position 0..63 of kept value l among the step's X values
-    __m512i weight;  // the 32 kept values sign-extended to 16 bits
+    __m512i index;   // 64 x 8-bit: position 0..127 of kept value l among the step's X values
+    __m512i weight;  // the 64 kept values
   };
   struct XVectors {
-    __m512i low, high;  // the step's 64 X values
+    __m512i low, high;  // the step's 128 X bytes
   };
-  static constexpr int kGroups = 16;  // 64 K positions, 8 metadata bytes
-  // One step adds at most 2 * 128 * 128 = 2^15 to a lane: 2^15 steps keep a lane below 2^30.
-  static constexpr int64_t kFlushSteps = int64_t{1} << 15;
+  static constexpr int kGroups = 32;  // 128 K positions, 16 metadata bytes
+  // One step adds at most 4 * 255 * 128 < 2^17 to a lane: 2^13 steps keep a lane below 2^30.
+  static constexpr int64_t kFlushSteps = int64_t{1} << 13;
+  static constexpr bool kColumnSums = true;
 
-  static StepVectors load(const int8_t* values, const uint8_t* meta) {
-    return {pair_step_index(meta), _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(values)))};
+  // Lane l needs bits [2l+1 : 2l] of the 16 metadata bytes, i.e. 16-bit word l / 8: vpermw puts
+  // word j at the bottom of qword j, vpmultishiftqb moves bits 2 (l % 8) of it to byte l, and
+  // ternlog keeps the 2-bit code and adds (ORs) the group's base 4 (l / 2).
+  static __m512i step_index(const uint8_t* meta) {
+    alignas(64) static constexpr uint16_t kWordToQword[32] = {0, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 3, 0, 0, 0,
+                                                              4, 0, 0, 0, 5, 0, 0, 0, 6, 0, 0, 0, 7, 0, 0, 0};
+    alignas(64) static constexpr uint8_t kGroupBase[64] = {
+        0,   0,   4,   4,   8,   8,   12,  12,  16,  16,  20,  20,  24,  24,  28,  28,  32,  32,  36,  36,  40, 40,
+        44,  44,  48,  48,  52,  52,  56,  56,  60,  60,  64,  64,  68,  68,  72,  72,  76,  76,  80,  80,  84, 84,
+        88,  88,  92,  92,  96,  96,  100, 100, 104, 104, 108, 108, 112, 112, 116, 116, 120, 120, 124, 124};
+    const __m512i meta_words =
+        _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(meta)));
+    const __m512i per_qword = _mm512_permutexvar_epi16(_mm512_load_si512(kWordToQword), meta_words);
+    const __m512i shifts = _mm512_set1_epi64(0x0E0C0A0806040200LL);  // bit 2i for byte i of a qword
+    const __m512i codes = _mm512_multishift_epi64_epi8(shifts, per_qword);
+    // (codes & 3) | base: ternlog truth table 0xEA is (A & B) | C.
+    return _mm512_ternarylogic_epi32(codes, _mm512_set1_epi8(3), _mm512_load_si512(kGroupBase), 0xEA);
   }
-  static XVectors load_x_step(const int16_t* x) { return {_mm512_loadu_si512(x), _mm512_loadu_si512(x + 32)}; }
+  static StepVectors load(const int8_t* values, const uint8_t* meta) {
+    return {step_index(meta), _mm512_loadu_si512(values)};
+  }
+  static XVectors load_x_step(const uint8_t* x) { return {_mm512_loadu_si512(x), _mm512_loadu_si512(x + 64)}; }
   static Acc zero() { return _mm512_setzero_si512(); }
   static Acc madd(Acc acc, const StepVectors& step, const XVectors& x) {
-    const __m512i kept_x = _mm512_permutex2var_epi16(x.low, step.index, x.high);
-    return _mm512_add_epi32(acc, _mm512_madd_epi16(kept_x, step.weight));
+    return _mm512_dpbusd_epi32(acc, _mm512_permutex2var_epi8(x.low, step.index, x.high), step.weight);
   }
+  static Acc column_madd(Acc acc, const StepVectors& step) {
+    return _mm512_dpbusd_epi32(acc, _mm512_set1_epi8(1), step.weight);
+  }
+  static int64_t correct(int64_t biased_sum, int64_t weight_sum) { return biased_sum - 128 * weight_sum; }
   static int64_t reduce(Acc a) {
     const __m512i low = _mm512_cvtepi32_epi64(_mm512_castsi512_si256(a));
     const __m512i high = _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(a, 1));
     return _mm512_reduce_add_epi64(_mm512_add_epi64(low, high));
   }
-  static void copy_x_row(const int8_t* src, int64_t K, int16_t* dst, int64_t padded_len) {
+  // dst[0, padded_len) <- src[0, K) + 128, then 128 (x = 0) in the padding.
+  static void copy_x_row(const int8_t* src, int64_t K, uint8_t* dst, int64_t padded_len) {
     int64_t k = 0;
-    for (; k + 32 <= K; k += 32)
-      _mm512_storeu_si512(dst + k, _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + k))));
-    for (; k < K; ++k) dst[k] = src[k];
-    std::fill(dst + K, dst + padded_len, int16_t{0});
+    for (; k + 64 <= K; k += 64)
+      _mm512_storeu_si512(dst + k, _mm512_xor_si512(_mm512_loadu_si512(src + k), _mm512_set1_epi8(-128)));
+    for (; k < K; ++k) dst[k] = static_cast<uint8_t>(src[k]) ^ 0x80;
+    std::fill(dst + K, dst + padded_len, uint8_t{0x80});
   }
 };
 #elif defined(__AVX2__)
@@ -1077,6 +1121,7 @@ struct S8Steps {
   static constexpr int kGroups = 4;  // 16 K positions, 2 metadata bytes
   // One step adds at most 128 * 128 = 2^14 to a lane: 2^16 steps keep a lane below 2^30.
   static constexpr int64_t kFlushSteps = int64_t{1} << 16;
+  static constexpr bool kColumnSums = false;
 
   static StepVectors load(const int8_t* values, const uint8_t* meta) {
     uint16_t codes;
@@ -1128,6 +1173,7 @@ struct S8Steps {
   };
   static constexpr int kGroups = 2;  // one metadata byte: 8 K positions
   static constexpr int64_t kFlushSteps = kNeverFlush;
+  static constexpr bool kColumnSums = false;
 
   static StepVectors load(const int8_t* values, const uint8_t* meta) {
     StepVectors step;
