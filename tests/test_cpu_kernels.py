@@ -736,8 +736,10 @@ sys.exit(os.waitstatus_to_exitcode(status))
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
 def test_fork_before_the_first_job_uses_the_pool():
     # The child's first job must not go to GNU OpenMP's team, whose workers did not survive fork.
+    # Run next to the package under test (the installed one in CI, not the unbuilt source tree).
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(_C.__file__)))
     result = subprocess.run([sys.executable, "-c", _FORK_AFTER_TORCH_ONLY], capture_output=True, text=True,
-                            timeout=60, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+                            timeout=60, cwd=package_parent)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["threads", "True"]
 

@@ -185,6 +185,33 @@ def test_gemm_s8_saturates_to_int32(isa, sign):
     assert oracle.int8_accumulate(x_q, values, meta, k)[0, 0] == (2 ** 31 - 1 if sign > 0 else -2 ** 31)
 
 
+def test_gemm_s8_lanes_flush_before_they_wrap(isa):
+    # x = +-127 by group parity under all-127 weights: the exact sum is 0, but the AVX-512 step's
+    # biased lanes ((x + 128) * w, four products a lane) grow by about 2^16 a step, past 2^31 by
+    # K = 2^23 unless moved to int64 every 2^13 steps (the other ISAs' lanes likewise).
+    k = 2 ** 23
+    values = torch.full((2, k // 2), 127, dtype=torch.int8)
+    meta = torch.full((2, fmt.meta_cols(k)), 0x44, dtype=torch.uint8)  # positions 0, 1 of each group
+    x_q = torch.zeros(1, k, dtype=torch.int8).view(-1, 8)
+    x_q[:, 0:2], x_q[:, 4:6] = 127, -127
+    x_q = x_q.reshape(1, k)
+    assert oracle.int8_accumulate(x_q, values, meta, k)[0, 0] == 0
+    y = cpu_gemm_s8(x_q, torch.ones(1), values, meta, k, torch.ones(2), out_dtype=torch.float32)
+    assert torch.equal(y, torch.zeros(1, 2))
+
+
+def test_gemm_s8_exact_with_minus_128(isa):
+    # -128 is outside quantize's range but a pre-quantized x_q or a loaded weight may hold it.
+    n, k, m = 9, 1000, 5
+    values, meta, _ = random_int8_weight(n, k, seed=4)
+    values[values.abs() > 120] = -128
+    x_q = torch.randint(-128, 128, (m, k), generator=torch.Generator().manual_seed(4), dtype=torch.int8)
+    x_q[:, ::7] = -128
+    acc = oracle.int8_accumulate(x_q, values, meta, k)
+    y = cpu_gemm_s8(x_q, torch.ones(m), values, meta, k, torch.ones(n), out_dtype=torch.float32)
+    assert torch.equal(y, torch.from_numpy(acc.astype(np.float32)))
+
+
 def test_gemm_s8_below_saturation_for_k_under_133k(isa):
     # 127 * 127 per kept product, K / 2 kept: K = 133_000 stays under 2^31 even fully dense-like.
     n, k = 1, 133_000

@@ -4,7 +4,8 @@
 // a vector copy only after checking the CPU supports it.
 //
 // Sparse GEMM strategy (Y[M, N] = X[M, K] @ W[N, K]^T): X rows are copied once per call into a
-// zero-padded buffer (widened to fp32; bf16 on AVX512-BF16 stays bf16). For each weight row n the
+// buffer padded with zero values (widened to fp32; bf16 on AVX512-BF16 stays bf16; int8 as its
+// Steps type says). For each weight row n the
 // kernel walks K in "steps" of whole groups: the step's kept values (two per group) fill one
 // register, and the metadata nibbles become per-lane indices that pick the matching X values out
 // of the step's X values with one register permute. One FMA (or VDPBF16PS) per step then does the
@@ -1031,7 +1032,7 @@ void quantize_rows_typed(const void* x_ptr, int64_t M, int64_t K, int64_t ldx, i
 
 // Steps of the s8 GEMM, as for the floating GEMM: a step's kept weights fill one register, the
 // metadata nibbles become permute indices into the step's X values, and multiply-adds of
-// adjacent lanes (one group's two kept values) go into int32 lanes. X is copied widened to XElem.
+// adjacent kept values go into int32 lanes (two a lane, four with VNNI). X is copied as XElem.
 // Every ISA's per-lane int32 sums are moved into int64 every kFlushSteps steps (by dot_block), so no
 // lane can wrap for any K; the int64 total is saturated to int32 once per output (as .satfinite does).
 #if defined(__AVX512VBMI__) && defined(__AVX512VNNI__)
