@@ -744,11 +744,13 @@ inline float activate(float v, Activation act) {
 // tail_meta[c] (staged copies, zero / pad filled) when has_tail. x: X copy rows, row stride ldx.
 // Steps that flush move their lanes into the exact sums every kFlushSteps steps; the others reduce
 // their lanes once, so an fp32 result is the lanes' reduction itself, with no extra rounding.
+// column_sums[c]: W row c's per-row term (kColumnSums Steps only), accumulated here and stored when
+// !have_column_sums, else read: the W rows' first register block of X rows computes it for the rest.
 template <typename Steps, int Rows, int Cols>
 void dot_block(const typename Steps::Storage* const* values, const uint8_t* const* meta, int64_t full_steps,
                bool has_tail, const typename Steps::Storage (*tail_values)[2 * Steps::kGroups],
                const uint8_t (*tail_meta)[Steps::kGroups / 2], const typename Steps::XElem* x, int64_t ldx,
-               typename Steps::Sum* sums) {
+               typename Steps::Sum* column_sums, bool have_column_sums, typename Steps::Sum* sums) {
   constexpr int kValues = 2 * Steps::kGroups, kMetaBytes = Steps::kGroups / 2, kK = 4 * Steps::kGroups;
   constexpr bool kFlushes = Steps::kFlushSteps != kNeverFlush;
   using StepVectors = typename Steps::StepVectors;
@@ -763,8 +765,10 @@ void dot_block(const typename Steps::Storage* const* values, const uint8_t* cons
       for (int c = 0; c < Cols; ++c) column_acc[c] = Steps::zero();
   };
   auto accumulate = [&](const StepVectors (&step)[Cols], int64_t s) {
-    if constexpr (Steps::kColumnSums)
-      for (int c = 0; c < Cols; ++c) column_acc[c] = Steps::column_madd(column_acc[c], step[c]);
+    if constexpr (Steps::kColumnSums) {
+      if (!have_column_sums)
+        for (int c = 0; c < Cols; ++c) column_acc[c] = Steps::column_madd(column_acc[c], step[c]);
+    }
     for (int r = 0; r < Rows; ++r) {
       const typename Steps::XVectors xs = Steps::load_x_step(x + r * ldx + s * kK);
       for (int c = 0; c < Cols; ++c) acc[r][c] = Steps::madd(acc[r][c], step[c], xs);
@@ -792,6 +796,10 @@ void dot_block(const typename Steps::Storage* const* values, const uint8_t* cons
     for (int c = 0; c < Cols; ++c) step[c] = Steps::load(tail_values[c], tail_meta[c]);
     accumulate(step, full_steps);
   }
+  if constexpr (Steps::kColumnSums) {
+    if (!have_column_sums)
+      for (int c = 0; c < Cols; ++c) column_sums[c] = column_flushed[c] + Steps::reduce(column_acc[c]);
+  }
   for (int r = 0; r < Rows; ++r)
     for (int c = 0; c < Cols; ++c) {
       if constexpr (kFlushes) {
@@ -799,8 +807,7 @@ void dot_block(const typename Steps::Storage* const* values, const uint8_t* cons
       } else {
         sums[r * Cols + c] = Steps::reduce(acc[r][c]);
       }
-      if constexpr (Steps::kColumnSums)
-        sums[r * Cols + c] = Steps::correct(sums[r * Cols + c], column_flushed[c] + Steps::reduce(column_acc[c]));
+      if constexpr (Steps::kColumnSums) sums[r * Cols + c] = Steps::correct(sums[r * Cols + c], column_sums[c]);
     }
 }
 
@@ -883,17 +890,20 @@ void sparse_gemm(const GemmParams& p, const Epilogue& epilogue) {
             }
             bias_n[c] = bias != nullptr ? ElemTraits<D>::to_float(bias[n + c]) : 0.0f;
           }
+          Sum column_sums[kCols] = {};  // the W rows' per-row terms (kColumnSums), from their first block
           for (int64_t r = r_begin; r < r_end; r += kMaxRows) {
             const int block = static_cast<int>(std::min<int64_t>(kMaxRows, r_end - r));
+            const bool have_column_sums = r != r_begin;
             Sum sums[kMaxRows * kCols];
             if (cols == kCols) {
               dot_block_rows<Steps, kCols>(block, row_values, row_meta, full_steps, tail_groups != 0, tail_values,
-                                           tail_meta, xc + r * ldxc, ldxc, sums);
+                                           tail_meta, xc + r * ldxc, ldxc, column_sums, have_column_sums, sums);
             } else {  // the last few W rows of the tile, one at a time
               for (int c = 0; c < cols; ++c) {
                 Sum col_sums[kMaxRows];
                 dot_block_rows<Steps, 1>(block, row_values + c, row_meta + c, full_steps, tail_groups != 0,
-                                         tail_values + c, tail_meta + c, xc + r * ldxc, ldxc, col_sums);
+                                         tail_values + c, tail_meta + c, xc + r * ldxc, ldxc, column_sums + c,
+                                         have_column_sums, col_sums);
                 for (int i = 0; i < block; ++i) sums[i * kCols + c] = col_sums[i];
               }
             }
