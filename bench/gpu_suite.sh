@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One GPU check (DESIGN.md "Verification on a GPU"): build for the present GPU only, GPU tests,
-# compute-sanitizer memcheck + racecheck on small cases, the benchmark; everything lands in OUTDIR
-# (env.json, junit XML, sanitizer logs, bench.json/.csv/.md/.png). Usage: bench/gpu_suite.sh OUTDIR
+# compute-sanitizer memcheck + racecheck on small cases, the benchmark, the graph-replay sweep and the
+# eager host time; everything lands in OUTDIR (env.json, junit XML, sanitizer logs,
+# bench.json/.csv/.md/.png, sweep.txt, host_overhead.txt). Usage: bench/gpu_suite.sh OUTDIR
 # PYTHON (default: python3) must have a CUDA torch, pybind11, pytest; nvcc and compute-sanitizer on PATH.
-# Knobs: BENCH_ARGS, PYTEST_WORKERS, TESTS_TIMEOUT / BENCH_TIMEOUT / SANITIZER_TIMEOUT (seconds).
+# Knobs: BENCH_ARGS, PYTEST_WORKERS, TESTS_TIMEOUT / BENCH_TIMEOUT / SANITIZER_TIMEOUT / SWEEP_TIMEOUT (seconds).
 set -euo pipefail
 OUT=${1:?usage: bench/gpu_suite.sh OUTDIR}
 PY=${PYTHON:-python3}
@@ -49,5 +50,9 @@ for tool in memcheck racecheck; do
   timeout "${SANITIZER_TIMEOUT:-240}" compute-sanitizer --tool "$tool" --error-exitcode 1 "$PY" bench/sanitizer_smoke.py \
     > "$OUT/sanitizer_$tool.log" 2>&1 || status=1
 done
+# Kernel time without launch cost (decode GEMM per split, compress / decompress; CUDA-graph replay
+# from DRAM) and the host time of one eager call: the two halves of a decode layer's time.
+timeout "${SWEEP_TIMEOUT:-120}" "$PY" bench/decode_sweep.py > "$OUT/sweep.txt" 2>&1 || status=1
+timeout "${SWEEP_TIMEOUT:-120}" "$PY" bench/host_overhead.py > "$OUT/host_overhead.txt" 2>&1 || status=1
 tail -n 3 "$OUT/tests.log" "$OUT"/sanitizer_*.log
 exit $status
