@@ -5,7 +5,7 @@
 // it, and no second runtime. torch's idle OpenMP workers spin for milliseconds after each torch
 // op, so threads of our own would share the cores with them: on a 2-core VM the M = 1 bf16 GEMM
 // (4096^2) ran at one thread's speed after any torch op (1.48 ms; 0.91 ms with
-// OMP_WAIT_POLICY=PASSIVE, 0.91 ms on the OpenMP team). Without a loaded runtime, in a forked
+// OMP_WAIT_POLICY=PASSIVE, 0.86 ms on the OpenMP team). Without a loaded runtime, in a forked
 // child (GNU OpenMP's team does not survive fork) or when cpu_use_openmp(false) asks, jobs run on
 // a persistent std::thread pool instead: one job at a time; the caller publishes it, wakes the
 // workers, works on it itself and waits until every worker has left it, so the job (on the
