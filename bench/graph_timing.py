@@ -1,11 +1,9 @@
 """Decode-regime timing without Python overhead: each method captured 50 times in a CUDA graph and
 replayed (warm L2 across the replays of one graph: an upper bound on speed, the launch cost
-excluded), plus the eager host time of one sparsegemm.linear call.
+excluded). The host time of an eager call is bench/host_overhead.py's.
 
     python bench/graph_timing.py
 """
-import time
-
 import torch
 
 import sparsegemm
@@ -51,16 +49,6 @@ def main() -> None:
             print(f"M={m} N={n} K={k}: dense {td * 1e3:.1f} us ({(2 * n * k + io) / td / 1e6:.0f} GB/s) | "
                   f"fp16 2:4 {ts * 1e3:.1f} us ({(sw.nbytes + io) / ts / 1e6:.0f} GB/s, {td / ts:.2f}x) | "
                   f"int8 2:4 {t8 * 1e3:.1f} us ({(sw8.nbytes + io) / t8 / 1e6:.0f} GB/s, {td / t8:.2f}x)", flush=True)
-    x = torch.randn(1, 4096, device="cuda").half()
-    sw = sparsegemm.compress(torch.randn(4096, 4096, device="cuda").half(), prune=True)
-    for _ in range(10):
-        sparsegemm.linear(x, sw)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(200):
-        sparsegemm.linear(x, sw)
-    torch.cuda.synchronize()
-    print(f"eager host time per sparsegemm.linear call (M=1): {(time.perf_counter() - t0) / 200 * 1e6:.1f} us")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Large-M GEMM time (the compute-bound LargeM tile) of whichever sparsegemm is on the path, next
-to dense F.linear: fp16 and INT8 at M = N = K = 8192 (and what --shape gives), CUDA events, median
-of 20 calls after warm-up. Public API only, so that bench/ab_sweep.sh can run it against the
-build of an earlier tree too.
+to dense F.linear: fp16 and INT8 at M = N = K = 8192 (and what --shape gives), by
+sparsegemm.bench.Timer (CUDA events, median of 20 calls after warm-up). Public API only, so that
+bench/ab_sweep.sh can run it against the build of an earlier tree too.
 
     python bench/large_m_timing.py [--shape M N K]
 """
@@ -11,20 +11,7 @@ import torch
 
 import sparsegemm
 from sparsegemm import quant
-
-
-def median_ms(fn, reps: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+from sparsegemm.bench import Timer
 
 
 def main() -> None:
@@ -36,6 +23,7 @@ def main() -> None:
     x = torch.randn(m, k, device="cuda").half()
     sw, sw8 = sparsegemm.compress(w), quant.quantize_weight(w)
     flops = 2 * m * n * k
+    median_ms = Timer(torch.device("cuda"), warmup=3, repeats=20)
     dense = median_ms(lambda: torch.nn.functional.linear(x, w))
     sparse = median_ms(lambda: sparsegemm.linear(x, sw))
     int8 = median_ms(lambda: quant.linear_int8(x, sw8))

@@ -7,13 +7,13 @@ points are called directly so that every configuration and split-K path runs.
 import torch
 
 import sparsegemm
-from sparsegemm import _C, quant
+from sparsegemm import _C, ops, quant
 from sparsegemm import format as fmt
 
 # The last one takes the copies with precomputed pointers (whole 128-row blocks of Wc and of X,
 # 16-byte rows) and then a stage across K. Where N % 16 == 0 the gated (SwiGLU) epilogue runs too.
 SHAPES = [(1, 40, 36), (17, 144, 100), (130, 260, 264), (130, 256, 1056)]
-SILU, SWIGLU = 3, 19
+SILU, SWIGLU = fmt.ACTIVATION_CODES["silu"], fmt.ACTIVATION_CODES["swiglu"]
 # (config, split_k): large-M tile, decode tile, decode tile with a forced 3-way split of K.
 CONFIGS = [(0, 0), (1, 0), (1, 3)]
 
@@ -27,7 +27,7 @@ def _scratch(scratch_fn, *shape_and_config) -> tuple[torch.Tensor, torch.Tensor]
 
 def _runs(n: int) -> list:
     """((config, split_k), activation code) pairs: every configuration with silu, and gated where N allows."""
-    return [(c, act) for c in CONFIGS for act in ((SILU, SWIGLU) if n % 16 == 0 else (SILU,))]
+    return [(c, act) for c in CONFIGS for act in ((SILU, SWIGLU) if n % (2 * fmt.GATE_ROWS) == 0 else (SILU,))]
 
 
 def main() -> None:
@@ -41,7 +41,7 @@ def main() -> None:
             sparsegemm.decompress(sw)
             meta = sw.kernel_meta("cuda")
             for (config, split_k), act in _runs(n):
-                cols = n // 2 if act == SWIGLU else n
+                cols = ops.out_features(n, act)
                 y = torch.empty((m, cols), dtype=dtype, device="cuda")
                 ws, counters = _scratch(_C.cuda_gemm_scratch, m, n, k, config, split_k)
                 _C.cuda_gemm(m, n, k, x.data_ptr(), k, sw.values.data_ptr(), meta.data_ptr(), bias.data_ptr(),
@@ -52,7 +52,7 @@ def main() -> None:
         x_q, x_scale = quant.quantize_activations(x)
         meta8 = sw8.kernel_meta("cuda")
         for (config, split_k), act in _runs(n):
-            cols = n // 2 if act == SWIGLU else n
+            cols = ops.out_features(n, act)
             y = torch.empty((m, cols), dtype=torch.float16, device="cuda")
             ws, counters = _scratch(_C.cuda_gemm_s8_scratch, m, n, k, config, split_k)
             _C.cuda_gemm_s8(m, n, k, x_q.data_ptr(), x_q.stride(0), sw8.values.data_ptr(), meta8.data_ptr(),

@@ -3,32 +3,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 
 import torch
-
-
-def _time_ms(fn, device: torch.device, repeats: int) -> float:
-    """Median wall time of ``fn()`` in ms, after warm-up, each call after a cache flush
-    (bench.CacheFlush; CUDA: synchronised around each call)."""
-    from sparsegemm.bench import CacheFlush
-
-    flush = CacheFlush(device)
-    for _ in range(3):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        flush()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        samples.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(samples)
 
 
 def cmd_info(_args) -> int:
@@ -42,8 +19,10 @@ def cmd_demo(args) -> int:
     """Prune, compress and run a layer on whatever device is here; print sizes, error and speed."""
     import sparsegemm
     from sparsegemm import oracle
+    from sparsegemm.bench import Timer
 
     device = torch.device("cuda" if torch.cuda.is_available() and sparsegemm.info()["cuda_built"] else "cpu")
+    timer = Timer(device, warmup=3, repeats=args.repeats)  # median, each call after a cache flush
     dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     n = k = args.size
     gen = torch.Generator().manual_seed(0)
@@ -65,8 +44,8 @@ def cmd_demo(args) -> int:
         base = oracle.dense_baseline_error(x, w_pruned, bias)
         oracle.assert_close_to_oracle(y, x, w_pruned, bias)
         dense_w = w_pruned.to(device)
-        t_sparse = _time_ms(lambda: sparsegemm.linear(xd, sw, bias.to(device)), device, args.repeats)
-        t_dense = _time_ms(lambda: torch.nn.functional.linear(xd, dense_w, bias.to(device)), device, args.repeats)
+        t_sparse = timer(lambda: sparsegemm.linear(xd, sw, bias.to(device)))
+        t_dense = timer(lambda: torch.nn.functional.linear(xd, dense_w, bias.to(device)))
         print(f"  M = {m:4d}: max |error| vs float64 oracle {err:.3g} (dense {str(dtype).replace('torch.', '')} "
               f"baseline {base:.3g}); sparse {t_sparse:.3f} ms, dense {t_dense:.3f} ms, "
               f"speedup {t_dense / t_sparse:.2f}x")

@@ -341,12 +341,10 @@ def bench_mlp(device: torch.device, dtype: str, tokens, timer: Timer) -> list:
     sparsegemm.sparsify(sparse, quantize=quantize, progress=False)
     # The same block with gate_proj + up_proj as one SparseLinear whose epilogue is SwiGLU
     # (SparseGatedMLP): two GEMM launches per block instead of three GEMMs and two elementwise kernels.
-    # Inside a Sequential: sparsify replaces submodules, not the model it is given.
-    fused = torch.nn.Sequential(_LlamaMLP().to(act).to(device))
-    fused[0].load_state_dict(dense.state_dict())
-    sparsegemm.sparsify(fused, quantize=quantize, progress=False, fuse_gated_mlp=True)
-    if not isinstance(fused[0], sparsegemm.SparseGatedMLP):  # the row would time the unfused block
-        raise RuntimeError("bench_mlp: sparsify(fuse_gated_mlp=True) left the Llama MLP unfused")
+    mlp = _LlamaMLP().to(act).to(device)
+    mlp.load_state_dict(dense.state_dict())
+    fused = sparsegemm.SparseGatedMLP.from_dense(mlp, quantize=quantize)
+    sparsegemm.sparsify(fused, quantize=quantize, progress=False)  # its down_proj
     rows = []
     for m in tokens:
         x = torch.randn(m, 4096, dtype=act, device=device)

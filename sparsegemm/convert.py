@@ -66,10 +66,14 @@ def _gemm_weight(module: nn.Module) -> torch.Tensor:
     return w.permute(0, 2, 3, 1).reshape(w.shape[0], -1) if w.dim() == 4 else w
 
 
-def _magnitude_kept(w: torch.Tensor) -> float:
-    w = w.float()
-    total = float(w.abs().sum())
-    return float((w.abs() * mask_2to4(w)).sum()) / total if total else 1.0
+def _magnitude_kept(*weights: torch.Tensor) -> float:
+    """Share of the weights' summed |w| that their 2:4 masks keep."""
+    kept = total = 0.0
+    for w in weights:
+        magnitude = w.float().abs()
+        total += float(magnitude.sum())
+        kept += float((magnitude * mask_2to4(magnitude)).sum())
+    return kept / total if total else 1.0
 
 
 def sparsify(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
@@ -133,7 +137,7 @@ def sparsify(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
             new = SparseConv2d.from_dense(mod, dtype=dtype, backend=backend)
         else:
             new = SparseLinear.from_dense(mod, dtype=dtype, backend=backend, quantize=quantize)
-        entry.compressed_bytes = new.values.nbytes + new.meta.nbytes + (new.scale.nbytes if new.quantize else 0)
+        entry.compressed_bytes = new.sparse_weight().nbytes
         entry.converted = True
         _set_submodule(model, name, new)
     return report
@@ -151,11 +155,11 @@ def _fuse_gated_mlps(model: nn.Module, report: SparsifyReport, dtype, filter_fn,
             continue
         (w_gate, _), (w_up, _) = parts.gate, parts.up
         # The rows the fused layer stores (their order changes neither shape nor kept magnitude).
-        weight = torch.cat([w_gate, w_up]) if w_gate.shape[1:] == w_up.shape[1:] else w_gate
-        n, k = weight.shape
-        item = dtype.itemsize if dtype is not None else weight.element_size()
+        stored = (w_gate, w_up) if w_gate.shape[1:] == w_up.shape[1:] else (w_gate,)
+        n, k = sum(w.shape[0] for w in stored), w_gate.shape[1]
+        item = dtype.itemsize if dtype is not None else w_gate.element_size()
         prefix = f"{name}." if name else ""
-        entry = LayerReport(prefix + parts.label, "Linear (gated)", (n, k), n * k * item, 0, _magnitude_kept(weight),
+        entry = LayerReport(prefix + parts.label, "Linear (gated)", (n, k), n * k * item, 0, _magnitude_kept(*stored),
                             False)
         report.layers.append(entry)
         activation, entry.reason = gated_mlp_activation(mlp, parts)
@@ -171,9 +175,7 @@ def _fuse_gated_mlps(model: nn.Module, report: SparsifyReport, dtype, filter_fn,
             continue
         new = SparseGatedMLP._from_checked_parts(parts, activation, dtype=dtype, prune=True, backend=backend,
                                                  quantize=quantize)
-        gate_up = new.gate_up
-        entry.compressed_bytes = gate_up.values.nbytes + gate_up.meta.nbytes + (
-            gate_up.scale.nbytes if gate_up.quantize else 0)
+        entry.compressed_bytes = new.gate_up.sparse_weight().nbytes
         entry.converted = True
         _set_submodule(model, name, new)
 

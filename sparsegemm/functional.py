@@ -127,8 +127,7 @@ def _check_linear_args(op: str, x, values: Tensor, n: int, k: int, bias, activat
     """Raise the error that names what is wrong with linear's arguments."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{op}: x must be a torch.Tensor, got {type(x).__name__}")
-    if activation is not None and activation not in ACTIVATIONS:
-        raise ValueError(f"{op}: activation must be one of {ACTIVATIONS} or None, got {activation!r}")
+    ops.activation_code(op, activation, n)
     if x.dim() < 1 or x.shape[-1] != k:
         raise ValueError(f"{op}: x must have K = {k} features in its last dim (the weight is {n} x {k}), "
                          f"got shape {tuple(x.shape)}")
@@ -169,8 +168,9 @@ def linear_parts(x: Tensor, values: Tensor, meta: Tensor, shape, bias: Optional[
     n, k = shape
     # The common case in one cheap test (the decode path is host bound); anything it does not
     # clear goes through the checks that name what is wrong.
+    code = ops.usable_activation_code(activation, n)
     if not (type(x) in ops._PLAIN_TENSORS and x.dtype is values.dtype and x.dtype in ops.FLOAT_DTYPES
-            and x.dim() >= 1 and x.shape[-1] == k and (activation is None or activation in ACTIVATIONS)
+            and x.dim() >= 1 and x.shape[-1] == k and code is not None
             and x.device == values.device
             and (bias is None or (bias.dtype is x.dtype and bias.shape == (n,) and bias.device == x.device))):
         _check_linear_args(op, x, values, n, k, bias, activation)
@@ -186,6 +186,5 @@ def linear_parts(x: Tensor, values: Tensor, meta: Tensor, shape, bias: Optional[
         ops.check_gemm_32bit(op, m, n, k)
         reordered = kernel_meta(backend) if kernel_meta is not None else ops.reorder_meta(meta, k, backend)
     x2 = x if len(lead) == 1 else x.reshape(-1, k)
-    code = 0 if activation is None else ops.activation_code(op, activation, n)
     y = ops.call(ops._linear, x2, values, meta, reordered, k, bias, code, backend)
     return y if len(lead) == 1 else y.reshape(*lead, ops.out_features(n, code))

@@ -106,7 +106,7 @@ class _SparseWeight(nn.Module):
 
     def _bytes_repr(self) -> str:
         n, k = self.weight_shape
-        held = self.values.nbytes + self.meta.nbytes + (self.scale.nbytes if self.quantize == "int8" else 0)
+        held = self.sparse_weight().nbytes
         dense = n * k * (self.bias.element_size() if self.quantize == "int8" and self.bias is not None
                          else self.values.element_size())
         kind = "int8, per-row scale" if self.quantize == "int8" else str(self.values.dtype).replace("torch.", "")

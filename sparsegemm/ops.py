@@ -402,16 +402,25 @@ def _launch_scratch(x: Tensor, api: str, scratch_fn: str, m: int, n: int, k: int
             _scratch(x, stream, "split_k_counters", counters, torch.int32, zeroed=True))
 
 
+def usable_activation_code(activation: Optional[str], n: int) -> Optional[int]:
+    """The kernels' code of ``activation`` for a weight of n rows, or None where
+    :func:`activation_code` raises (the hot paths' cheap test)."""
+    code = fmt.ACTIVATION_CODES.get(activation) if isinstance(activation, (str, type(None))) else None
+    if code is None or (fmt.is_gated(code) and n % (2 * fmt.GATE_ROWS)):
+        return None
+    return code
+
+
 def activation_code(op: str, activation: Optional[str], n: int) -> int:
     """The kernels' code of ``activation`` for a weight of n rows, or the error naming what is wrong."""
-    code = fmt.ACTIVATION_CODES.get(activation) if isinstance(activation, (str, type(None))) else None
-    if code is None:
+    code = usable_activation_code(activation, n)
+    if code is not None:
+        return code
+    if not isinstance(activation, (str, type(None))) or activation not in fmt.ACTIVATION_CODES:
         raise ValueError(f"{op}: activation must be one of {fmt.ACTIVATIONS} or None, got {activation!r}")
-    if fmt.is_gated(code) and n % (2 * fmt.GATE_ROWS):
-        raise ValueError(f"{op}: activation {activation!r} is gated: the weight's rows must be gate and up rows "
-                         f"interleaved in runs of {fmt.GATE_ROWS} (sparsegemm.format.interleave_gate_up), a multiple "
-                         f"of {2 * fmt.GATE_ROWS}; got {n} rows")
-    return code
+    raise ValueError(f"{op}: activation {activation!r} is gated: the weight's rows must be gate and up rows "
+                     f"interleaved in runs of {fmt.GATE_ROWS} (sparsegemm.format.interleave_gate_up), a multiple "
+                     f"of {2 * fmt.GATE_ROWS}; got {n} rows")
 
 
 def out_features(n: int, activation: int) -> int:
@@ -429,13 +438,13 @@ def _gate_up_columns(z: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def activate_torch(z: Tensor, activation: int) -> Tensor:
-    """The activation of code ``activation`` on pre-activations z [M, N] with torch ops (a gated
-    one pairs gate and up columns: [M, N / 2]); in z's dtype."""
-    act = _TORCH_ACTIVATIONS.get(activation & ~fmt.GATED_ACTIVATION)
+    """The activation of nonzero code ``activation`` on pre-activations z [M, N] with torch ops (a
+    gated one pairs gate and up columns: [M, N / 2]); in z's dtype."""
+    act = _TORCH_ACTIVATIONS[activation & ~fmt.GATED_ACTIVATION]
     if not fmt.is_gated(activation):
-        return z if act is None else act(z)
+        return act(z)
     gate, up = _gate_up_columns(z)
-    return (gate if act is None else act(gate)) * up
+    return act(gate) * up
 
 
 def _cpu_dense_tiles(x: Tensor, values: Tensor, meta: Tensor, k: int, bias: Optional[Tensor], activation: int,
@@ -508,9 +517,7 @@ def _(x: Tensor, values: Tensor, meta: Tensor, kernel_meta: Optional[Tensor], k:
 
 
 def _activation_grad(z: Tensor, activation: int) -> Tensor:
-    """d act(z) / dz in fp32, for the pre-activation z (``activation``: a code without the gated bit)."""
-    if activation == 0:
-        return torch.ones_like(z)
+    """d act(z) / dz in fp32, for the pre-activation z (``activation``: a nonzero code without the gated bit)."""
     if activation == 1:
         return (z > 0).to(z.dtype)
     if activation == 2:

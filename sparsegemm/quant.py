@@ -154,8 +154,9 @@ def quantize_activations_static(x: Tensor, scale: Union[float, Tensor]) -> tuple
     return x_q, s.expand(x.shape[:-1]).contiguous()
 
 
-def _dynamic_fast_path(x, sw: SparseTensor24, bias, activation, out_dtype, input_scale, backend) -> Optional[str]:
-    """The kernel backend of :func:`linear_int8`'s common decode case, or None. The decode path is
+def _dynamic_fast_path(x, sw: SparseTensor24, bias, activation, out_dtype, input_scale,
+                       backend) -> Optional[tuple[str, int]]:
+    """(kernel backend, activation code) of :func:`linear_int8`'s common decode case, or None. The decode path is
     host bound: dynamic quantization on the kernels with plain tensors on one device, an unpadded
     K and nothing to convert is recognised in one cheap test and goes straight to the fused op;
     anything else takes the checks that name what is wrong."""
@@ -169,13 +170,13 @@ def _dynamic_fast_path(x, sw: SparseTensor24, bias, activation, out_dtype, input
         return None
     n, k = sw.shape
     device, scale = x.device, sw.scale
-    code = fmt.ACTIVATION_CODES.get(activation) if activation is None or type(activation) is str else None
-    ok = (code is not None and not (fmt.is_gated(code) and n % (2 * fmt.GATE_ROWS)) and k % 4 == 0
+    code = ops.usable_activation_code(activation, n)
+    ok = (code is not None and k % 4 == 0
           and x.dtype in ops.KERNEL_DTYPES and x.dim() >= 1 and x.shape[-1] == k and sw.values.device == device
           and type(scale) in ops._PLAIN_TENSORS and scale.dtype is torch.float32 and scale.shape == (n,)
           and scale.device == device and ops.has_int8_kernels(fast)
           and (bias is None or (bias.dtype is x.dtype and bias.shape == (n,) and bias.device == device)))
-    return fast if ok else None
+    return (fast, code) if ok else None
 
 
 def linear_int8(x: Union[Tensor, tuple], sw: SparseTensor24, bias: Optional[Tensor] = None, *,
@@ -194,11 +195,11 @@ def linear_int8(x: Union[Tensor, tuple], sw: SparseTensor24, bias: Optional[Tens
         raise TypeError(f"{op}: sw must be an int8 SparseTensor24, got "
                         f"{type(sw).__name__ if not isinstance(sw, SparseTensor24) else sw.dtype}")
     n, k = sw.shape
-    fast_backend = _dynamic_fast_path(x, sw, bias, activation, out_dtype, input_scale, backend)
-    if fast_backend is not None:
+    fast = _dynamic_fast_path(x, sw, bias, activation, out_dtype, input_scale, backend)
+    if fast is not None:
+        fast_backend, act = fast
         x2 = x if x.dim() == 2 else x.reshape(-1, k)
         ops.check_gemm_32bit(op, x2.shape[0], n, k)
-        act = fmt.ACTIVATION_CODES[activation]
         y = ops.call(ops._linear_s8_dynamic, x2, sw.values, sw.kernel_meta(fast_backend), sw.scale, bias, act,
                      x.dtype, fast_backend)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], ops.out_features(n, act))

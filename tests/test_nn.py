@@ -545,7 +545,8 @@ def test_int8_decode_fast_path_matches_the_checked_path(activation):
     from sparsegemm import quant
     x = torch.randn(2, 3, 96).half()
     sw = layer.sparse_weight()
-    assert quant._dynamic_fast_path(x, sw, layer.bias, activation, None, None, "simt") == "simt"
+    code = sparsegemm.format.ACTIVATION_CODES[activation]
+    assert quant._dynamic_fast_path(x, sw, layer.bias, activation, None, None, "simt") == ("simt", code)
     assert quant._dynamic_fast_path(x, sw, layer.bias, activation, torch.float16, None, "simt") is None
     fast = quant.linear_int8(x, sw, layer.bias, activation=activation, backend="simt")
     checked = quant.linear_int8(x, sw, layer.bias, activation=activation, out_dtype=torch.float16, backend="simt")
