@@ -77,3 +77,66 @@ def test_conv_large_within_twice_dense_error(dtype, batch, cin, cout, hw, kernel
     layer = GPU.module(make_layer(cin, cout, kernel, stride, padding, dilation, dtype, integer=False, seed=7))
     x = make_input(batch, cin, hw, dtype, integer=False, seed=8).cuda().to(memory_format=torch.channels_last)
     assert_within_twice_dense_error(layer, x)
+
+
+def _chain(m: int, quantize, seed: int) -> tuple[list, torch.Tensor]:
+    """Layers whose outputs feed the next (decode and prefill sizes, split-K and not, a gated one)
+    and an input for them."""
+    from sparsegemm.nn import SparseLinear
+
+    gen = torch.Generator().manual_seed(seed)
+    sizes = [1024, 3072, 1024, 2048, 1024]
+    layers = []
+    for k, n in zip(sizes, sizes[1:]):
+        dense = torch.nn.Linear(k, n)
+        with torch.no_grad():
+            dense.weight.copy_(torch.randn(n, k, generator=gen) / k ** 0.5)
+            dense.bias.copy_(torch.randn(n, generator=gen))
+        layers.append(SparseLinear.from_dense(dense.cuda().half(), quantize=quantize))
+    gate, up = (torch.nn.Linear(1024, 1536).cuda().half() for _ in range(2))
+    layers.append(SparseLinear.from_gate_up(gate, up, quantize=quantize))
+    return layers, torch.randn(m, 1024, generator=gen).cuda().half()
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+@pytest.mark.parametrize("m", [1, 16, 600])
+def test_back_to_back_launches_match_synchronized_ones(m, quantize):
+    # On sm_90 each GEMM (and INT8 quantize) launch may start while the one before it still runs
+    # (programmatic dependent launch, gemm_sp.cuh): it must read the previous layer's output, the
+    # shared split-K scratch and an in-place weight update only after that kernel is done. The same
+    # kernels with a host sync between launches (nothing overlaps) give the reference bits.
+    layers, x = _chain(m, quantize, seed=m)
+    with torch.inference_mode():
+        def run(sync: bool) -> torch.Tensor:
+            h = x
+            for layer in layers:
+                h = layer(h)
+                if sync:
+                    torch.cuda.synchronize()
+            return h
+
+        reference = run(sync=True)
+        for _ in range(3):
+            assert torch.equal(run(sync=False), reference)
+        # A weight written by the kernel right before the GEMM that reads it.
+        if quantize is None:
+            first = layers[0]
+            original = first(x)
+            torch.cuda.synchronize()
+            first.values.mul_(-1)
+            flipped = first(x)  # launched right behind the kernel that flips the weight
+            torch.cuda.synchronize()
+            assert torch.equal(flipped, first(x)) and not torch.equal(flipped, original)
+            first.values.mul_(-1)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            run(sync=False)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = run(sync=False)
+        for _ in range(3):
+            graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(captured, reference)

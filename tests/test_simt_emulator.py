@@ -382,6 +382,8 @@ MISUSE = [
     (8, r"invalid launch configuration: 167936 bytes of dynamic shared memory"),
     (9, r"different collectives: .*\(selector 1\).*\(selector 0\)"),
     (10, r"cp\.async\.cg\.shared\.global: 16 source bytes at byte 16 of misuse_source, which holds 16 bytes"),
+    (11, r"cp\.async\.cg\.shared\.global before griddepcontrol\.wait in a dependent launch"),
+    (12, r"prefetch\.global\.L2: 1 source bytes at byte 16 of misuse_source, which holds 16 bytes"),
 ]
 
 

@@ -402,6 +402,28 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinB
       cp_async_16(stage_base + meta_smem_offset, meta_source + kt0 * kMetaKTileBytes, true);
   };
 
+  // Programmatic dependent launch (launch_gemm): this grid may start while the kernel before it
+  // on the stream still runs, so nothing that kernel may write (X, Y, bias, scales, the split-K
+  // scratch) is read or written before grid_dependency_wait. Until then the block only prefetches
+  // into L2 the weight bytes the pipeline's prologue copies first (Wc and metadata of its first
+  // kStages - 1 stage tiles), so that their DRAM latency overlaps the previous kernel's tail. A
+  // prefetch cannot make a later read stale (prefetch_l2), so a weight that kernel writes (an
+  // optimizer step, compress) is still read as written.
+  {
+    constexpr int kPrefetchKTiles = (S::kStages - 1) * kStageKTiles;
+    const int prefetch_tiles = num_tiles < kPrefetchKTiles ? num_tiles : kPrefetchKTiles;
+    const int w_rows = p.N - n0 < S::kBlockN ? int(p.N - n0) : S::kBlockN;
+    for (int c = tid; c < w_rows * prefetch_tiles; c += S::kThreads)
+      prefetch_l2(values + (n0 + c / prefetch_tiles) * Kc + (kt_begin + c % prefetch_tiles) * (S::kBlockK / 2));
+    for (int c = tid; c < S::kBlockN / 16 * prefetch_tiles; c += S::kThreads)
+      prefetch_l2(meta + ((n0 / 16 + c / prefetch_tiles) * meta_steps + (kt_begin + c % prefetch_tiles) * S::kSteps) *
+                             Policy::kMetaWordsPerStep * 4);
+  }
+  grid_dependency_wait();
+  // The next kernel on the stream may launch now: it prefetches its own weights and waits for this
+  // grid's completion in turn.
+  launch_dependent_grids();
+
   // Rows of X past M: zero in every stage and k-tile, once (the MMA reads them; their results
   // land in output columns that are never stored).
   for (int c = tid; c < S::kStages * kStageKTiles * (S::kBlockM - x_rows) * 8; c += S::kThreads) {

@@ -145,8 +145,9 @@ void launch_gemm(const typename XLoader::Params& params, const GemmPlan& plan, s
       {p.meta, size_t(policy_kernel_meta_bytes<Policy>(p.N, p.K)), "kernel metadata"},
       {p.x, size_t(XLoader::source_bytes(params)), "X"}};
 #endif
-  sg_launch(gemm_sp_kernel<Policy, Tile, XLoader>, grid, dim3(S::kThreads), size_t(S::kSmemBytes), stream, params,
-            plan.k_tiles_per_split);
+  // Dependent: the kernel waits for the one before it before touching X, Y or the scratch.
+  sg_launch_dependent(gemm_sp_kernel<Policy, Tile, XLoader>, grid, dim3(S::kThreads), size_t(S::kSmemBytes), stream,
+                      params, plan.k_tiles_per_split);
 }
 
 template <typename Policy, typename XLoader = RowMajorX<typename Policy::Operand>>
@@ -163,8 +164,8 @@ void launch_quantize_rows(int64_t M, int64_t K, const void* x, int64_t ldx, int8
                           sg_stream_t stream) {
   // One block per row up to a cap (grid-stride beyond); rows are independent.
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(M, 65535));
-  sg_launch(quantize_rows_kernel<kInDType>, dim3(blocks), dim3(kQuantizeThreads),
-            size_t(kQuantizeThreads / 32 * sizeof(float)), stream, M, K, x, ldx, x_q, x_scale);
+  sg_launch_dependent(quantize_rows_kernel<kInDType>, dim3(blocks), dim3(kQuantizeThreads),
+                      size_t(kQuantizeThreads / 32 * sizeof(float)), stream, M, K, x, ldx, x_q, x_scale);
 }
 
 }  // namespace

@@ -9,6 +9,7 @@
 
 #include "../format.h"
 #include "arch/portability.cuh"
+#include "arch/warp_ops.cuh"
 #include "element.cuh"
 #include "fp_exact.cuh"
 
@@ -27,6 +28,10 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS(kQuantizeThreads)
   SG_DYNAMIC_SMEM(float, warp_max);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   constexpr int kWarps = kQuantizeThreads / 32;
+  // A dependent launch (launch_quantize_rows): X is the previous kernel's output. Then the GEMM
+  // that reads this kernel's output may launch and prefetch its weights while the rows are quantized.
+  grid_dependency_wait();
+  launch_dependent_grids();
   for (int64_t m = blockIdx.x; m < M; m += gridDim.x) {
     const T* row = static_cast<const T*>(x) + m * ldx;
     float amax = 0.f;

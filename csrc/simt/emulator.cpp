@@ -193,6 +193,7 @@ struct Fiber {
   // cp.async: copies issued since the last commit, then committed groups, oldest first.
   std::vector<PendingCopy> open_group;
   std::deque<std::vector<PendingCopy>> committed;
+  bool dependency_waited = false;  // grid_dependency_wait called
 };
 
 struct AlignedDelete {
@@ -206,6 +207,7 @@ struct Launch {
   Dim3 grid, block;
   size_t smem_bytes = 0;
   unsigned threads = 0;
+  bool dependent = false;  // a programmatic dependent launch
 
   std::vector<Fiber> fibers;
   std::unique_ptr<char[], AlignedDelete> smem;
@@ -367,6 +369,7 @@ void run_block() {
     f.op = nullptr;
     f.open_group.clear();
     f.committed.clear();
+    f.dependency_waited = false;
 #if defined(SG_SIMT_ASAN)
     // A reused stack still carries the poisoned shadow of the frames its last fiber abandoned.
     ASAN_UNPOISON_MEMORY_REGION(g_stacks.stack(i), kStackBytes);
@@ -429,7 +432,7 @@ std::string kernel_name_from_launch_text(const char* launch_text) {
 }
 
 void run_grid(const std::string& kernel_name, Dim3 grid, Dim3 block, size_t smem_bytes, ThreadBody body,
-              void* context) {
+              void* context, bool dependent) {
   std::lock_guard<std::mutex> serialise(g_launch_mutex);
   Launch l;
   l.kernel = kernel_name;
@@ -438,6 +441,7 @@ void run_grid(const std::string& kernel_name, Dim3 grid, Dim3 block, size_t smem
   l.grid = grid;
   l.block = block;
   l.smem_bytes = smem_bytes;
+  l.dependent = dependent;
   g_launch = &l;
   struct ClearOnExit {
     ~ClearOnExit() { g_launch = nullptr; }
@@ -562,6 +566,9 @@ void warp_collective(const WarpOp& op, const void* input, void* output) {
 }
 
 void cp_async_16(void* dst, const void* src, bool pred) {
+  if (g_launch->dependent && !current().dependency_waited)
+    fail("cp.async.cg.shared.global before griddepcontrol.wait in a dependent launch: the kernel before it on "
+         "the stream may still be writing what it copies");
   check_shared_range(dst, 16, 16, "cp.async.cg.shared.global (destination)");
   PendingCopy copy;
   copy.dst = static_cast<char*>(dst);
@@ -589,6 +596,10 @@ void cp_async_wait(int pending) {
     f.committed.pop_front();
   }
 }
+
+void grid_dependency_wait() { current().dependency_waited = true; }
+
+void prefetch_l2(const void* src) { check_readable(src, 1, "prefetch.global.L2"); }
 
 }  // namespace emu
 }  // namespace sparsegemm

@@ -59,7 +59,7 @@ extern Dim3 gridDim;
 // `kernel_name` appears in error messages; `smem_bytes` is the dynamic shared memory per block.
 using ThreadBody = void (*)(void* context);
 void run_grid(const std::string& kernel_name, Dim3 grid, Dim3 block, size_t smem_bytes, ThreadBody body,
-              void* context);
+              void* context, bool dependent);
 
 // Order of the blocks of every later launch: seed 0 = increasing linear block index (the
 // default); any other seed = a fixed pseudo-random permutation of the grid drawn from it.
@@ -70,9 +70,10 @@ std::string kernel_name_from_launch_text(const char* launch_text);
 
 // Host form of `kernel<<<grid, block, smem_bytes>>>(args...)`: arguments are converted to the
 // kernel's parameter types once, as a real launch copies them into the parameter buffer.
+// `dependent`: a programmatic dependent launch (see grid_dependency_wait).
 template <typename... KernelParams, typename... Args>
-void launch(const char* launch_text, void (*kernel)(KernelParams...), Dim3 grid, Dim3 block, size_t smem_bytes,
-            Args&&... args) {
+void launch(const char* launch_text, bool dependent, void (*kernel)(KernelParams...), Dim3 grid, Dim3 block,
+            size_t smem_bytes, Args&&... args) {
   static_assert(sizeof...(KernelParams) == sizeof...(Args), "sg_launch: argument count differs from the kernel's");
   struct Bound {
     void (*kernel)(KernelParams...);
@@ -84,7 +85,7 @@ void launch(const char* launch_text, void (*kernel)(KernelParams...), Dim3 grid,
              auto* b = static_cast<Bound*>(context);
              std::apply(b->kernel, b->params);
            },
-           &bound);
+           &bound, dependent);
 }
 
 // ---- what the running thread may call -----------------------------------------------------
@@ -118,6 +119,17 @@ void cp_async_16(void* dst, const void* src, bool pred);
 void cp_async_commit();
 // Completes all but the newest `pending` committed groups (cp.async.wait_group semantics).
 void cp_async_wait(int pending);
+
+// Programmatic dependent launch (PTX griddepcontrol, sm_90): a dependent launch may start while
+// the kernel before it on the stream still runs, so its threads must not read what that kernel
+// writes until griddepcontrol.wait returns. Launches here run one after another, so the wait has
+// nothing to wait for; it records that this thread waited, and in a dependent launch a cp.async
+// issued before it is an error (the kernels copy nothing before the wait: there they may only
+// prefetch weights into L2, which cannot observe a stale value).
+void grid_dependency_wait();
+// prefetch.global.L2 of the line holding `src`: no effect on results, but the address must lie
+// in a buffer the launch may read (ReadableBuffers, below), as a cp.async source must.
+void prefetch_l2(const void* src);
 
 // Global buffers the launches that follow may read through cp.async (the host side of a launch
 // declares them: the GEMM's Wc, kernel metadata and X). While a ReadableBuffers lives on this OS

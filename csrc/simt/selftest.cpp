@@ -180,6 +180,13 @@ SG_GLOBAL void misuse_kernel(int which) {
     case simt_selftest::Misuse::cp_async_past_a_buffer:
       if (lane == 0) cp_async_16(smem, misuse_source + 16, true);
       break;
+    case simt_selftest::Misuse::cp_async_before_dependency_wait:
+      if (lane == 0) cp_async_16(smem, misuse_source, true);
+      grid_dependency_wait();
+      break;
+    case simt_selftest::Misuse::prefetch_past_a_buffer:
+      if (lane == 0) prefetch_l2(misuse_source + 16);
+      break;
     case simt_selftest::Misuse::lane_exited_at_collective:
       if (lane >= 16) return;
       __shfl_sync(0xFFFFFFFFu, 1, 0);
@@ -275,9 +282,13 @@ void misuse(int which) {
   const auto m = static_cast<Misuse>(which);
   const unsigned threads = m == Misuse::barrier_not_reached ? 64 : m == Misuse::partial_warp_block ? 48 : 32;
   const size_t smem = m == Misuse::too_much_shared_memory ? 164 * 1024 : 1024;
-  if (m == Misuse::cp_async_past_a_buffer) {
+  if (m == Misuse::cp_async_past_a_buffer || m == Misuse::prefetch_past_a_buffer) {
     const emu::ReadableBuffers readable{{kernels::misuse_source, 16, "misuse_source"}};
     sg_launch(kernels::misuse_kernel, dim3(1), dim3(threads), smem, nullptr, which);
+    return;
+  }
+  if (m == Misuse::cp_async_before_dependency_wait) {
+    sg_launch_dependent(kernels::misuse_kernel, dim3(1), dim3(threads), smem, nullptr, which);
     return;
   }
   sg_launch(kernels::misuse_kernel, dim3(1), dim3(threads), smem, nullptr, which);

@@ -65,6 +65,8 @@ enum class Misuse : int {
   too_much_shared_memory = 8,    // a launch asks for more than sm_80's 163 KiB
   mixed_selectors = 9,           // mma.sp with selector 0 in lane 0, 1 in the others
   cp_async_past_a_buffer = 10,   // lane 0 copies the 16 bytes after the one 16-byte buffer declared readable
+  cp_async_before_dependency_wait = 11,  // a dependent launch's lane 0 copies before griddepcontrol.wait
+  prefetch_past_a_buffer = 12,   // lane 0 prefetches the byte after the one 16-byte buffer declared readable
 };
 void misuse(int which);
 

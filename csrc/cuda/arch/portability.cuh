@@ -11,7 +11,9 @@
 //   __shfl_sync/__shfl_xor_sync/__shfl_down_sync/__shfl_up_sync (32-bit types, full-warp mask),
 //   __ballot_sync, __syncwarp, __threadfence, atomicAdd (float, int), atomicMin (int, long long), min/max,
 //   __restrict__, the 16-bit float helpers below, byte_perm, and sg_launch(kernel, grid, block,
-//   smem_bytes, stream, args...) from host code.
+//   smem_bytes, stream, args...) from host code, or sg_launch_dependent(...) (same arguments) for a
+//   kernel that calls grid_dependency_wait (warp_ops.cuh) before it reads anything an earlier
+//   kernel on the stream may write.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -23,6 +25,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
+#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <stdexcept>
@@ -72,11 +76,68 @@ void launch(const char* launch_text, void (*kernel)(KernelParams...), dim3 grid,
   if (err != cudaSuccess) throw_launch_error(launch_text, "kernel launch", err);
 }
 
+// Whether a launch on `device` may overlap the kernel before it on the stream (programmatic
+// dependent launch: compute capability 9.0 and newer). SPARSEGEMM_PDL=0 in the environment at the
+// first launch turns it off, to time both ways in one build or to rule it out.
+inline bool programmatic_launch_allowed(int device) {
+  static const bool disabled = [] {
+    const char* value = std::getenv("SPARSEGEMM_PDL");
+    return value != nullptr && std::string(value) == "0";
+  }();
+  if (disabled) return false;
+  constexpr int kCachedDevices = 64;
+  static std::atomic<int> cached[kCachedDevices] = {};  // 0: not asked yet, 1: no, 2: yes
+  if (device >= 0 && device < kCachedDevices) {
+    const int known = cached[device].load(std::memory_order_relaxed);
+    if (known != 0) return known == 2;
+  }
+  int major = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  if (device >= 0 && device < kCachedDevices) cached[device].store(major >= 9 ? 2 : 1, std::memory_order_relaxed);
+  return major >= 9;
+}
+
+// launch() with the programmatic-stream-serialization attribute where the device has it: the grid
+// may start once every block of the kernel before it has run griddepcontrol.launch_dependents (or
+// exited), and its threads' griddepcontrol.wait returns when that kernel has completed and its
+// writes are visible. Only for kernels that wait before reading anything an earlier kernel may
+// write; what they do before the wait (prefetching weights into L2) overlaps that kernel's tail
+// and this launch's own start-up. A launch with the attribute is captured into a CUDA graph as a
+// programmatic edge, so graph replays overlap the same way.
+template <typename... KernelParams, typename... Args>
+void launch_dependent(const char* launch_text, void (*kernel)(KernelParams...), dim3 grid, dim3 block,
+                      size_t smem_bytes, cudaStream_t stream, Args&&... args) {
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) throw_launch_error(launch_text, "cudaGetDevice", err);
+  if (!programmatic_launch_allowed(device)) {
+    launch(launch_text, kernel, grid, block, smem_bytes, stream, std::forward<Args>(args)...);
+    return;
+  }
+  if (smem_bytes > 48 * 1024) opt_in_shared_memory(launch_text, reinterpret_cast<const void*>(kernel), smem_bytes);
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem_bytes;
+  config.stream = stream;
+  config.attrs = attribute;
+  config.numAttrs = 1;
+  err = cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+  if (err != cudaSuccess) throw_launch_error(launch_text, "cudaLaunchKernelEx", err);
+}
+
 }  // namespace cuda_launch_detail
 }  // namespace sparsegemm
 
 // A macro so that the kernel's text can name it in error messages (templates with commas included).
 #define sg_launch(...) ::sparsegemm::cuda_launch_detail::launch(#__VA_ARGS__, __VA_ARGS__)
+#define sg_launch_dependent(...) ::sparsegemm::cuda_launch_detail::launch_dependent(#__VA_ARGS__, __VA_ARGS__)
 
 namespace sparsegemm {
 
@@ -115,14 +176,17 @@ using ::sparsegemm::emu::gridDim;
 using ::sparsegemm::emu::threadIdx;
 
 // The stream is accepted for symmetry with the device launch; the emulator runs synchronously.
-#define sg_launch(...) ::sparsegemm::simt_launch_detail::launch(#__VA_ARGS__, __VA_ARGS__)
+#define sg_launch(...) ::sparsegemm::simt_launch_detail::launch(#__VA_ARGS__, false, __VA_ARGS__)
+// A dependent launch runs after the previous one here too; the emulator checks its threads copy
+// nothing before grid_dependency_wait (emulator.h).
+#define sg_launch_dependent(...) ::sparsegemm::simt_launch_detail::launch(#__VA_ARGS__, true, __VA_ARGS__)
 
 namespace sparsegemm {
 namespace simt_launch_detail {
 template <typename... KernelParams, typename... Args>
-void launch(const char* launch_text, void (*kernel)(KernelParams...), dim3 grid, dim3 block, size_t smem_bytes,
-            sg_stream_t /*stream*/, Args&&... args) {
-  ::sparsegemm::emu::launch(launch_text, kernel, grid, block, smem_bytes, std::forward<Args>(args)...);
+void launch(const char* launch_text, bool dependent, void (*kernel)(KernelParams...), dim3 grid, dim3 block,
+            size_t smem_bytes, sg_stream_t /*stream*/, Args&&... args) {
+  ::sparsegemm::emu::launch(launch_text, dependent, kernel, grid, block, smem_bytes, std::forward<Args>(args)...);
 }
 }  // namespace simt_launch_detail
 }  // namespace sparsegemm

@@ -234,6 +234,45 @@ SG_DEVICE void cp_async_wait_all() {
 #endif
 }
 
+// ---- griddepcontrol (sm_90), prefetch.global.L2 -------------------------------------------------
+// PTX griddepcontrol (sm_90): in a grid launched with programmatic stream serialization
+// (sg_launch_dependent), .wait blocks until the prerequisite grid has completed and its writes
+// are visible; .launch_dependents lets the grid launched after this one start once every block
+// of this grid has issued it (or exited), and says nothing about this grid's writes (NVIDIA's
+// cuda.tile grid_dependency_control_wait / _launch_dependents docs state both). Both are no-ops in a grid launched
+// without the attribute. Before sm_90 there is no such launch, so neither is emitted there; the
+// emulator records the wait (emulator.h) and has nothing to launch early.
+SG_DEVICE void grid_dependency_wait() {
+#if defined(__CUDACC__)
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+#else
+  emu::grid_dependency_wait();
+#endif
+}
+
+SG_DEVICE void launch_dependent_grids() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+// PTX prefetch.global.L2: brings the line holding `address` into L2; a hint with no
+// effect on any value read later (L2 is the point of coherence: a write that lands after the
+// prefetch updates the same line). Emitted for sm_90, where it runs before grid_dependency_wait
+// and overlaps the previous kernel; elsewhere the pipeline's first copies follow at once and it
+// would only add instructions. The emulator checks the address as it checks a cp.async source.
+SG_DEVICE void prefetch_l2(const void* address) {
+#if defined(__CUDACC__)
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(address));
+#endif
+#else
+  emu::prefetch_l2(address);
+#endif
+}
+
 // ---- ld.global.cg ------------------------------------------------------------------------------
 // A global load cached in L2 only (PTX ISA ld .cg; CUDA's __ldcg): for data that other blocks of
 // the same launch wrote, which this SM's L1 (not coherent across SMs) might hold a stale copy of.
