@@ -450,11 +450,15 @@ def activate_torch(z: Tensor, activation: int) -> Tensor:
 def _cpu_dense_tiles(x: Tensor, values: Tensor, meta: Tensor, k: int, bias: Optional[Tensor], activation: int,
                      y: Tensor) -> None:
     """Large-M CPU path: W decompressed one row tile (at most _CPU_TILE_BYTES) at a time into a
-    reused scratch, then torch's dense GEMM on the tile."""
+    reused scratch, then torch's dense GEMM on the tile and the activation on its [M, tile] result,
+    so no temporary is larger than a tile's. A gated layer's tiles hold whole runs of gate and up
+    rows (format.interleave_gate_up), whose outputs are the tile's own columns of y."""
     n = values.shape[0]
-    z = y if not fmt.is_gated(activation) else y.new_empty((x.shape[0], n))  # pre-activations of all N rows
     itemsize = values.element_size()
     tile = max(1, min(n, _CPU_TILE_BYTES // (k * itemsize)))
+    if fmt.is_gated(activation):
+        pair = 2 * fmt.GATE_ROWS
+        tile = max(pair, tile // pair * pair)
     scratch = _reused_buffer(("cpu_dense_tile", values.dtype), tile * k, values.dtype, values.device)
     scratch = scratch[:tile * k].view(tile, k)
     vrow = values.stride(0) * itemsize
@@ -465,14 +469,15 @@ def _cpu_dense_tiles(x: Tensor, values: Tensor, meta: Tensor, k: int, bias: Opti
         _C.cpu_decompress(rows, k, values.data_ptr() + n0 * vrow, meta.data_ptr() + n0 * meta.stride(0),
                           part.data_ptr(), code)
         b = None if bias is None else bias[n0:n0 + rows]
-        if rows == n:  # one tile: straight into z
-            torch.mm(x, part.T, out=z) if b is None else torch.addmm(b, x, part.T, out=z)
-        else:
-            z[:, n0:n0 + rows] = torch.nn.functional.linear(x, part, b)
-    if activation:
-        # torch's dense GEMM has rounded to the output dtype already, so this path rounds twice (the
-        # activation itself runs in fp32): within the oracle tolerance, not the fused kernels' one rounding.
-        y.copy_(activate_torch(z.float(), activation))
+        if not activation and rows == n:  # one tile: straight into y
+            torch.mm(x, part.T, out=y) if b is None else torch.addmm(b, x, part.T, out=y)
+            continue
+        z = torch.nn.functional.linear(x, part, b)
+        out = y[:, out_features(n0, activation):out_features(n0 + rows, activation)]
+        # torch's dense GEMM has rounded to the output dtype already, so with an activation this path
+        # rounds twice (the activation itself runs in fp32): within the oracle tolerance, not the
+        # fused kernels' one rounding.
+        out.copy_(activate_torch(z.float(), activation) if activation else z)
 
 
 @_custom_op("sparsegemm::linear")

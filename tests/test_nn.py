@@ -517,10 +517,19 @@ def test_from_dense_fuses_a_plain_activation(quantize):
     assert "activation=gelu" in repr(fused)
 
 
-def test_gate_up_layer_on_the_cpu_dense_tile_path():
+@pytest.mark.parametrize("tile_bytes", [None, 3000])
+def test_gate_up_layer_on_the_cpu_dense_tile_path(monkeypatch, tile_bytes):
     # M >= ops.CPU_DENSE_TILE_MIN_M takes the decompress-tiles + torch GEMM path: the pairing of gate
     # and up columns there (ops.activate_torch) against the oracle, for fp16 and for INT8 (whose
-    # CPU kernel pairs the rows in 64-row slabs: 150 rows cross two slab borders).
+    # CPU kernel pairs the rows in 64-row slabs: 150 rows cross two slab borders). 3000-byte tiles
+    # are 23 rows of this weight: 16 for the gated layer (whole gate / up runs), uneven for the rest.
+    if tile_bytes is not None:
+        monkeypatch.setattr(ops, "_CPU_TILE_BYTES", tile_bytes)
+        lin = nn.Linear(64, 88).half()
+        x = torch.randn(100, 64).half()
+        for activation in (None, "gelu"):
+            layer = SparseLinear.from_dense(lin, activation=activation)
+            oracle.assert_close_to_oracle(layer(x), x, layer.dense_weight(), layer.bias.detach(), activation)
     torch.manual_seed(8)
     gate, up = nn.Linear(64, 48).half(), nn.Linear(64, 48).half()
     x = torch.randn(150, 64).half()
