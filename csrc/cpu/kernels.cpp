@@ -871,8 +871,23 @@ void sparse_gemm(const GemmParams& p, const Epilogue& epilogue) {
       for (int64_t t = t_begin; t < t_end; ++t) {
         const int64_t n_begin = (t / m_tiles) * n_tile, n_end = std::min(N, n_begin + n_tile);
         const int64_t r_begin = (t % m_tiles) * kTileRows, r_end = std::min(rows, r_begin + kTileRows);
-        for (int64_t n = n_begin; n < n_end; n += kCols) {
-          const int cols = static_cast<int>(std::min<int64_t>(kCols, n_end - n));
+        // Memory bound (one X row tile, decode): the task's W rows as kCols runs of consecutive
+        // rows, one per column of the register block; block j takes row j of every run, so each
+        // column streams through consecutive rows (one long run of contiguous values and metadata,
+        // which the hardware prefetcher follows) rather than kCols neighbouring rows per block
+        // (kCols short streams a row apart, started anew every block: the int8 M = 1 GEMM read
+        // DRAM at half a core's rate that way). Compute bound (several X row tiles): blocks of
+        // kCols neighbouring rows, as the streamed order measured no faster there (M = 64).
+        const int64_t span = n_end - n_begin;
+        const bool streamed = rows <= kTileRows;
+        const int64_t blocks = (span + kCols - 1) / kCols;
+        const int64_t run = streamed ? blocks : 1, step = streamed ? 1 : kCols;
+        for (int64_t j = 0; j < blocks; ++j) {
+          // Columns c with row c * run + j * step inside the task: a prefix (only the last run, or
+          // the last block, is short).
+          int cols = 0;
+          int64_t row_n[kCols];
+          for (int c = 0; c < kCols && c * run + j * step < span; ++c) row_n[cols++] = n_begin + c * run + j * step;
           const Storage* row_values[kCols];
           const uint8_t* row_meta[kCols];
           // A partial last step is staged so the vector code never reads past a row: missing values
@@ -881,14 +896,14 @@ void sparse_gemm(const GemmParams& p, const Epilogue& epilogue) {
           uint8_t tail_meta[kCols][kMetaBytes];
           float bias_n[kCols];
           for (int c = 0; c < cols; ++c) {
-            row_values[c] = values + (n + c) * vcols;
-            row_meta[c] = meta + (n + c) * mcols;
+            row_values[c] = values + row_n[c] * vcols;
+            row_meta[c] = meta + row_n[c] * mcols;
             if (tail_groups != 0) {
               std::copy(row_values[c] + full_steps * kValues, row_values[c] + vcols, tail_values[c]);
               std::fill(tail_meta[c], tail_meta[c] + kMetaBytes, static_cast<uint8_t>(kPadNibble | kPadNibble << 4));
               std::copy(row_meta[c] + full_steps * kMetaBytes, row_meta[c] + mcols, tail_meta[c]);
             }
-            bias_n[c] = bias != nullptr ? ElemTraits<D>::to_float(bias[n + c]) : 0.0f;
+            bias_n[c] = bias != nullptr ? ElemTraits<D>::to_float(bias[row_n[c]]) : 0.0f;
           }
           Sum column_sums[kCols] = {};  // the W rows' per-row terms (kColumnSums), from their first block
           for (int64_t r = r_begin; r < r_end; r += kMaxRows) {
@@ -898,7 +913,7 @@ void sparse_gemm(const GemmParams& p, const Epilogue& epilogue) {
             if (cols == kCols) {
               dot_block_rows<Steps, kCols>(block, row_values, row_meta, full_steps, tail_groups != 0, tail_values,
                                            tail_meta, xc + r * ldxc, ldxc, column_sums, have_column_sums, sums);
-            } else {  // the last few W rows of the tile, one at a time
+            } else {  // the runs' last rows when the last run is short, one at a time
               for (int c = 0; c < cols; ++c) {
                 Sum col_sums[kMaxRows];
                 dot_block_rows<Steps, 1>(block, row_values + c, row_meta + c, full_steps, tail_groups != 0,
@@ -909,9 +924,9 @@ void sparse_gemm(const GemmParams& p, const Epilogue& epilogue) {
             }
             for (int i = 0; i < block; ++i) {
               const int64_t m = m0 + r + i;
-              YElem* y_row = y + m * p.ldy + n;
+              YElem* y_row = y + m * p.ldy;
               for (int c = 0; c < cols; ++c)
-                y_row[c] = epilogue(sums[i * kCols + c], m, n + c, bias != nullptr ? &bias_n[c] : nullptr);
+                y_row[row_n[c]] = epilogue(sums[i * kCols + c], m, row_n[c], bias != nullptr ? &bias_n[c] : nullptr);
             }
           }
         }
