@@ -18,6 +18,27 @@ from .functional import compress, decompress, linear_parts
 from .tensor import SparseTensor24
 
 
+# Attributes whose assignment invalidates what a layer derived from them (_forget_derived).
+_DERIVED_FROM = frozenset({"values", "meta", "bias", "scale", "input_scale", "weight_shape", "backend", "quantize",
+                           "activation"})
+
+
+class _EagerPlan(NamedTuple):
+    """What SparseLinear's eager kernel path launches with, prepared at its first such call."""
+
+    device_index: int          # x.get_device() of the calls it serves (-1: the CPU, for "simt")
+    dtype: torch.dtype         # x's dtype, and y's
+    api: str                   # "cuda_" or "simt_"
+    k: int
+    out_features: int
+    activation: int            # the kernels' activation code
+    values: Tensor             # the layer's own tensors (a move or load replaces the plan)
+    values_ptr: int            # values.data_ptr() when made: a swapped .data is noticed
+    kernel_meta: Tensor
+    bias: Optional[Tensor]
+    scale: Optional[Tensor]    # INT8: the per-row weight scale (dynamic per-token activations)
+
+
 class _SparseWeight(nn.Module):
     """The compressed-weight storage shared by SparseLinear and SparseConv2d."""
 
@@ -41,7 +62,7 @@ class _SparseWeight(nn.Module):
         # INT8 layers are inference-only (no gradient through the integer grid): the bias is frozen too.
         self.bias = (nn.Parameter(torch.zeros(n, dtype=dtype, device=device), requires_grad=self.quantize != "int8")
                      if bias else None)
-        self._kernel_meta: dict = {}
+        self._forget_derived()
 
     def _load_compressed(self, sw: SparseTensor24, bias: Optional[Tensor]) -> None:
         with torch.no_grad():
@@ -51,7 +72,7 @@ class _SparseWeight(nn.Module):
                 self.scale = sw.scale.clone()
             if self.bias is not None:
                 self.bias.data = bias.detach().to(self.bias.dtype).clone()
-        self._kernel_meta = {}
+        self._forget_derived()
 
     def sparse_weight(self) -> SparseTensor24:
         """The weight as a SparseTensor24 sharing this module's storage (and reordered-metadata cache)."""
@@ -68,8 +89,18 @@ class _SparseWeight(nn.Module):
             return dequantize(self.sparse_weight())
         return decompress(self.sparse_weight())
 
+    def _forget_derived(self) -> None:
+        """Drop what was derived from the stored weight (made again on the next forward): the
+        reordered metadata per backend and device."""
+        self._kernel_meta: dict = {}
+
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        if name in _DERIVED_FROM and "_kernel_meta" in self.__dict__:
+            self._forget_derived()
+
     def _apply(self, fn, recurse=True):
-        self._kernel_meta = {}  # moved or converted: reorder again on the next forward
+        self._forget_derived()  # moved or converted: reorder again on the next forward
         # INT8 scales stay float32 whatever .half() / .to(dtype) asks: only their device follows.
         scales = {name: getattr(self, name) for name in ("scale", "input_scale")
                   if getattr(self, name, None) is not None}
@@ -79,7 +110,7 @@ class _SparseWeight(nn.Module):
         return out
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._kernel_meta = {}  # new metadata: the reordered copies are stale
+        self._forget_derived()  # new metadata: the reordered copies are stale
         super()._load_from_state_dict(*args, **kwargs)
 
     def _kernel_meta_for(self, backend: str) -> Tensor:
@@ -238,7 +269,82 @@ class SparseLinear(_SparseWeight):
         value = static_scale("SparseLinear.set_input_scale", scale)
         self.input_scale = torch.tensor(value, dtype=torch.float32, device=self.scale.device)
 
+    def _forget_derived(self) -> None:
+        super()._forget_derived()
+        self._eager_plan: Optional[_EagerPlan] = None
+
+    def _make_eager_plan(self, x: Tensor) -> Optional[_EagerPlan]:
+        """The plan for calls like ``x`` on the CUDA kernels (or the SIMT emulator's), or None
+        where the general path must run: another backend, a dtype, layout or mode it does not
+        cover, or a CUDA graph being captured (whose reordered metadata is not kept)."""
+        if x.is_cuda:
+            if self.backend not in (None, "cuda") or not ops._CUDA_BUILT:
+                return None
+            backend = "cuda"
+        elif self.backend == "simt" and x.device.type == "cpu":
+            backend = "simt"
+        else:
+            return None
+        n, k = self.weight_shape
+        values, bias = self.values, self.bias
+        code = ops.usable_activation_code(self.activation, n)
+        int8 = self.quantize == "int8"
+        if (code is None or k % 4 or x.dtype not in ops.KERNEL_DTYPES or values.device != x.device
+                or not values.is_contiguous() or not ops.may_cache_reorder(self.meta)
+                or (bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()))):
+            return None
+        if int8:
+            scale = self.scale
+            if (self.input_scale is not None or not ops.has_int8_kernels(backend) or scale.dtype != torch.float32
+                    or not scale.is_contiguous()):
+                return None
+            kernel_meta = self.sparse_weight().kernel_meta(backend)
+        else:
+            scale = None
+            if values.dtype != x.dtype:
+                return None
+            kernel_meta = self._kernel_meta_for(backend)
+        return _EagerPlan(x.get_device(), x.dtype, backend + "_", k, ops.out_features(n, code), code, values,
+                          values.data_ptr(), kernel_meta, bias, scale)
+
+    def _eager_forward(self, x: Tensor) -> Optional[Tensor]:
+        """The eager kernel path, or None. A decode-size layer's forward costs as much host time
+        as its GEMM takes on the GPU, most of it in the general path's argument handling (the
+        functional API's checks, the custom op, the INT8 entry's tests); a plain tensor on the
+        layer's device, with nothing to trace or record for autograd, skips all of that: the
+        plan, checked once, holds the backend, sizes, activation and reordered metadata."""
+        if torch.compiler.is_compiling() or type(x) is not Tensor:  # traced: the custom ops' path
+            return None
+        plan = self._eager_plan
+        if plan is None or plan.values.data_ptr() != plan.values_ptr:  # new, or values.data swapped
+            plan = self._eager_plan = self._make_eager_plan(x)
+            if plan is None:
+                return None
+        k = plan.k
+        if (x.dtype is not plan.dtype or x.get_device() != plan.device_index or x.dim() < 1 or x.shape[-1] != k
+                or not x.is_contiguous()
+                or (torch.is_grad_enabled() and (x.requires_grad or plan.values.requires_grad))
+                or (plan.device_index >= 0 and plan.device_index != torch.cuda.current_device())):
+            return None
+        m = x.numel() // k
+        if m == 0:
+            return None
+        n = plan.values.shape[0]
+        ops.check_gemm_32bit(type(self).__name__, m, n, k)
+        x2 = x.view(m, k)
+        y = torch.empty((m, plan.out_features), dtype=plan.dtype, device=x.device)
+        stream = ops._stream(x) if plan.device_index >= 0 else 0
+        if plan.scale is None:
+            ops.launch_gemm(plan.api, stream, x2, plan.values, plan.kernel_meta, plan.bias, plan.activation, y)
+        else:
+            ops.launch_s8_dynamic(plan.api, stream, x2, plan.values, plan.kernel_meta, plan.scale, plan.bias,
+                                  plan.activation, y)
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], plan.out_features)
+
     def forward(self, x: Tensor) -> Tensor:
+        y = self._eager_forward(x)
+        if y is not None:
+            return y
         if self.quantize == "int8":
             from .quant import linear_int8
 

@@ -507,12 +507,21 @@ def _linear(x: Tensor, values: Tensor, meta: Tensor, kernel_meta: Optional[Tenso
         # copies otherwise, so any row stride works; a unit stride along K is still required.
         x = _rowmajor(x)
         api = "simt_" if backend == "simt" else "cuda_"
-        stream = _stream(x) if backend == "cuda" else 0
-        workspace, counters = _launch_scratch(x, api, "gemm_scratch", m, n, k, stream)
-        getattr(_C, api + "gemm")(m, n, k, x.data_ptr(), x.stride(0), values.data_ptr(), kernel_meta.data_ptr(),
-                                  _ptr(bias), y.data_ptr(), y.stride(0), code, activation, _ptr(workspace),
-                                  _ptr(counters), -1, 0, stream)  # positional: kwargs cost in pybind
+        launch_gemm(api, _stream(x) if backend == "cuda" else 0, x, values, kernel_meta, bias, activation, y)
     return y
+
+
+def launch_gemm(api: str, stream: int, x: Tensor, values: Tensor, kernel_meta: Tensor, bias: Optional[Tensor],
+                activation: int, y: Tensor) -> None:
+    """The 16-bit GEMM kernel of ``api`` ("simt_" / "cuda_") with its split-K scratch: x [M, K] with a
+    unit stride along K, values, bias and y [M, N] (gated: [M, N / 2]) contiguous, all of one dtype
+    and on the current device, M > 0."""
+    m, k = x.shape
+    n = values.shape[0]
+    workspace, counters = _launch_scratch(x, api, "gemm_scratch", m, n, k, stream)
+    getattr(_C, api + "gemm")(m, n, k, x.data_ptr(), x.stride(0), values.data_ptr(), kernel_meta.data_ptr(),
+                              _ptr(bias), y.data_ptr(), y.stride(0), fmt.DTYPE_CODES[x.dtype], activation,
+                              _ptr(workspace), _ptr(counters), -1, 0, stream)  # positional: kwargs cost in pybind
 
 
 @_linear.register_fake
@@ -773,17 +782,26 @@ def _linear_s8_dynamic(x: Tensor, values: Tensor, kernel_meta: Tensor, w_scale: 
     y = torch.empty((m, out_features(n, activation)), dtype=out_dtype, device=x.device)
     if m == 0:
         return y
+    api = "simt_" if backend == "simt" else "cuda_"
     x = _rowmajor(x)
     bias = None if bias is None else bias.contiguous()
-    api = "simt_" if backend == "simt" else "cuda_"
-    stream = _stream(x) if backend == "cuda" else 0
+    launch_s8_dynamic(api, _stream(x) if backend == "cuda" else 0, x, values.contiguous(), kernel_meta,
+                      w_scale.contiguous(), bias, activation, y)
+    return y
+
+
+def launch_s8_dynamic(api: str, stream: int, x: Tensor, values: Tensor, kernel_meta: Tensor, w_scale: Tensor,
+                      bias: Optional[Tensor], activation: int, y: Tensor) -> None:
+    """Per-token quantization of x [M, K] (a unit stride along K, M > 0, K % 4 == 0) into reused
+    scratch, then the INT8 GEMM into y (contiguous, the output dtype): the kernels of ``api``,
+    every tensor on the current device, values / w_scale / bias contiguous."""
+    m, k = x.shape
     x_q = _scratch(x, stream, "x_q", m * k, torch.int8)
     x_scale = _scratch(x, stream, "x_scale", m, torch.float32)
     getattr(_C, api + "quantize_rows")(m, k, x.data_ptr(), x.stride(0), fmt.DTYPE_CODES[x.dtype], x_q.data_ptr(),
                                        x_scale.data_ptr(), stream)
-    _gemm_s8_launch(api, stream, m, n, k, x_q, k, x_scale, values.contiguous(), kernel_meta, w_scale.contiguous(),
-                    bias, y, fmt.DTYPE_CODES[out_dtype], activation)
-    return y
+    _gemm_s8_launch(api, stream, m, values.shape[0], k, x_q, k, x_scale, values, kernel_meta, w_scale, bias, y,
+                    fmt.DTYPE_CODES[y.dtype], activation)
 
 
 @_linear_s8_dynamic.register_fake

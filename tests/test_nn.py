@@ -760,3 +760,60 @@ def test_sparsify_fuses_the_other_gated_layouts(layout, label, tmp_path):
     sparsegemm.load(path, fresh)
     with torch.no_grad():
         assert torch.equal(fresh(x), y)
+
+
+def _simt_layer(quantize, activation):
+    gate, up = nn.Linear(64, 32).half(), nn.Linear(64, 32).half()
+    if activation in sparsegemm.format.GATED_ACTIVATIONS:
+        return SparseLinear.from_gate_up(gate, up, activation, backend="simt", quantize=quantize)
+    return SparseLinear.from_dense(gate, activation=activation, backend="simt", quantize=quantize)
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+@pytest.mark.parametrize("activation", [None, "gelu", "swiglu"])
+def test_eager_kernel_path_matches_the_general_path(quantize, activation):
+    # SparseLinear._eager_forward launches the kernels from a plan made at the layer's first eager
+    # call, skipping the functional API and the custom op: the bits must be theirs.
+    torch.manual_seed(11)
+    layer = _simt_layer(quantize, activation)
+    x = torch.randn(2, 3, 64).half()
+    with torch.no_grad():
+        fast = layer(x)
+        assert layer._eager_plan is not None
+        general = sparsegemm.linear(x, layer.sparse_weight(), layer.bias, activation=activation, backend="simt")
+        assert fast.shape == general.shape and torch.equal(fast, general)
+        # Inputs the plan does not cover take the general path: a strided x, a 1-D x, no rows.
+        strided = torch.randn(64, 4).half().T
+        assert torch.equal(layer(strided), sparsegemm.linear(strided, layer.sparse_weight(), layer.bias,
+                                                             activation=activation, backend="simt"))
+        assert torch.equal(layer(x[0, 0]), general[0, 0])
+        assert layer(x[:0]).shape == (0, 3, general.shape[-1])
+
+
+def test_eager_plan_follows_the_layer():
+    torch.manual_seed(12)
+    layer = _simt_layer(None, None)
+    x = torch.randn(4, 64).half()
+
+    def general(inp):
+        return sparsegemm.linear(inp, layer.sparse_weight(), layer.bias, backend="simt")
+
+    with torch.no_grad():
+        layer(x)
+        assert layer._eager_plan is not None
+        layer.bfloat16()  # a conversion drops the plan; the next call is planned for bf16
+        assert layer._eager_plan is None
+        assert torch.equal(layer(x.bfloat16()), general(x.bfloat16()))
+        layer.half()
+        other = _simt_layer(None, None)
+        layer(x)
+        layer.load_state_dict(other.state_dict())  # new weights in place: the same tensors, new metadata
+        assert torch.equal(layer(x), other(x))
+        layer.bias = None  # an attribute the plan holds
+        assert layer._eager_plan is None and torch.equal(layer(x), general(x))
+        layer.values.data = layer.values.data * 2  # new storage behind the same Parameter
+        assert torch.equal(layer(x), general(x))
+    # With autograd recording, the general path runs and gradients reach the kept values.
+    xg = x.clone().requires_grad_()
+    layer(xg).float().sum().backward()
+    assert layer.values.grad is not None and xg.grad is not None
