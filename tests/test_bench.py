@@ -60,3 +60,22 @@ def test_every_timed_call_follows_a_cache_flush(monkeypatch):
     # its dense original does not would otherwise be timed from it).
     llc = bench._cpu_last_level_cache_bytes()
     assert llc > 0 and timer.flush.buffer.numel() >= max(2 * llc, 64 << 20)
+
+
+def test_host_overhead_python_only_runs(tmp_path):
+    # bench/host_overhead.py --python-only times the kernel path's Python with no-op kernels (no
+    # GPU needed): it must run through and report both layers.
+    import os
+    import subprocess
+    import sys
+
+    import sparsegemm
+
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench", "host_overhead.py")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(sparsegemm.__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run([sys.executable, script, "--python-only"], check=True, capture_output=True, text=True,
+                         cwd=tmp_path, env=env).stdout
+    for name in ("fp16", "int8"):
+        assert f"256x256 {name}: " in out and "us/call host" in out
+    assert "_eager_forward" in out  # the profile shows the plan path ran
