@@ -32,11 +32,12 @@ class _EagerPlan(NamedTuple):
     k: int
     out_features: int
     activation: int            # the kernels' activation code
-    values: Tensor             # the layer's own tensors (a move or load replaces the plan)
-    values_ptr: int            # values.data_ptr() when made: a swapped .data is noticed
-    kernel_meta: Tensor
+    values: Tensor             # the layer's own tensors, checked by identity at every call
     bias: Optional[Tensor]
+    meta: Tensor
     scale: Optional[Tensor]    # INT8: the per-row weight scale (dynamic per-token activations)
+    data_ptrs: tuple           # (values, bias) data_ptr() when made: a swapped .data is noticed
+    kernel_meta: Tensor
 
 
 class _SparseWeight(nn.Module):
@@ -286,17 +287,21 @@ class SparseLinear(_SparseWeight):
         else:
             return None
         n, k = self.weight_shape
-        values, bias = self.values, self.bias
+        values, bias, meta = self.values, self.bias, self.meta
         code = ops.usable_activation_code(self.activation, n)
         int8 = self.quantize == "int8"
+
+        def fits(t: Tensor, dtype: torch.dtype) -> bool:  # what the launch assumes of a weight-side operand
+            return t.dtype == dtype and t.shape == (n,) and t.device == x.device and t.is_contiguous()
+
         if (code is None or k % 4 or x.dtype not in ops.KERNEL_DTYPES or values.device != x.device
-                or not values.is_contiguous() or not ops.may_cache_reorder(self.meta)
-                or (bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()))):
+                or tuple(values.shape) != (n, fmt.values_cols(k)) or not values.is_contiguous()
+                or meta.device != x.device or not ops.may_cache_reorder(meta)
+                or (bias is not None and not fits(bias, x.dtype))):
             return None
         if int8:
             scale = self.scale
-            if (self.input_scale is not None or not ops.has_int8_kernels(backend) or scale.dtype != torch.float32
-                    or not scale.is_contiguous()):
+            if self.input_scale is not None or not ops.has_int8_kernels(backend) or not fits(scale, torch.float32):
                 return None
             kernel_meta = self.sparse_weight().kernel_meta(backend)
         else:
@@ -304,8 +309,17 @@ class SparseLinear(_SparseWeight):
             if values.dtype != x.dtype:
                 return None
             kernel_meta = self._kernel_meta_for(backend)
-        return _EagerPlan(x.get_device(), x.dtype, backend + "_", k, ops.out_features(n, code), code, values,
-                          values.data_ptr(), kernel_meta, bias, scale)
+        return _EagerPlan(x.get_device(), x.dtype, backend + "_", k, ops.out_features(n, code), code, values, bias,
+                          meta, scale, (values.data_ptr(), ops._ptr(bias)), kernel_meta)
+
+    def _plan_current(self, plan: _EagerPlan) -> bool:
+        """Whether ``plan`` still describes this layer: the same tensor objects (functional_call and
+        parametrizations swap them through _parameters / _buffers, past __setattr__) over the same
+        storage (a ``.data`` assignment keeps the object)."""
+        params, buffers = self._parameters, self._buffers
+        return (params["values"] is plan.values and params.get("bias") is plan.bias and buffers["meta"] is plan.meta
+                and buffers.get("scale") is plan.scale and buffers.get("input_scale") is None
+                and (plan.values.data_ptr(), ops._ptr(plan.bias)) == plan.data_ptrs)
 
     def _eager_forward(self, x: Tensor) -> Optional[Tensor]:
         """The eager kernel path, or None. A decode-size layer's forward costs as much host time
@@ -316,14 +330,15 @@ class SparseLinear(_SparseWeight):
         if torch.compiler.is_compiling() or type(x) is not Tensor:  # traced: the custom ops' path
             return None
         plan = self._eager_plan
-        if plan is None or plan.values.data_ptr() != plan.values_ptr:  # new, or values.data swapped
+        if plan is None or not self._plan_current(plan):
             plan = self._eager_plan = self._make_eager_plan(x)
             if plan is None:
                 return None
         k = plan.k
         if (x.dtype is not plan.dtype or x.get_device() != plan.device_index or x.dim() < 1 or x.shape[-1] != k
                 or not x.is_contiguous()
-                or (torch.is_grad_enabled() and (x.requires_grad or plan.values.requires_grad))
+                or (torch.is_grad_enabled() and (x.requires_grad or plan.values.requires_grad
+                                                 or (plan.bias is not None and plan.bias.requires_grad)))
                 or (plan.device_index >= 0 and plan.device_index != torch.cuda.current_device())):
             return None
         m = x.numel() // k

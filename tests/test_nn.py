@@ -817,3 +817,36 @@ def test_eager_plan_follows_the_layer():
     xg = x.clone().requires_grad_()
     layer(xg).float().sum().backward()
     assert layer.values.grad is not None and xg.grad is not None
+
+
+def test_eager_plan_sees_swapped_tensors_and_trainable_bias():
+    # Found in review: torch.func.functional_call swaps tensors through _parameters / _buffers
+    # (past __setattr__), a BitFit-style setup trains the bias of a frozen weight, and a wrongly
+    # shaped bias or scale must get the general path's error rather than a kernel launch.
+    torch.manual_seed(13)
+    layer = _simt_layer(None, None)
+    x = torch.randn(4, 64).half()
+    swapped = {"values": 2 * layer.values.detach(), "bias": torch.zeros_like(layer.bias)}
+
+    def general(inp, values, bias):
+        return ops.call(ops._linear, inp, values, layer.meta, layer._kernel_meta_for("simt"), 64, bias, 0, "simt")
+
+    with torch.no_grad():
+        before = layer(x)
+        inside = torch.func.functional_call(layer, swapped, (x,))
+        assert torch.equal(inside, general(x, swapped["values"], swapped["bias"]))
+        assert torch.equal(layer(x), before)  # and nothing of the swap stays behind
+    layer.values.requires_grad_(False)
+    out = layer(x)
+    assert out.requires_grad
+    out.float().sum().backward()
+    assert layer.bias.grad is not None
+    with torch.no_grad():
+        layer.bias = nn.Parameter(torch.zeros(16, dtype=torch.float16))
+        with pytest.raises(ValueError, match=r"bias must have shape \(32,\)"):
+            layer(x)
+        layer8 = _simt_layer("int8", None)
+        layer8(x)
+        layer8.scale = torch.ones(8)
+        with pytest.raises(ValueError, match=r"scale"):
+            layer8(x)

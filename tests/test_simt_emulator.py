@@ -384,6 +384,7 @@ MISUSE = [
     (10, r"cp\.async\.cg\.shared\.global: 16 source bytes at byte 16 of misuse_source, which holds 16 bytes"),
     (11, r"cp\.async\.cg\.shared\.global before griddepcontrol\.wait in a dependent launch"),
     (12, r"prefetch\.global\.L2: 1 source bytes at byte 16 of misuse_source, which holds 16 bytes"),
+    (13, r"atomicAdd before griddepcontrol\.wait in a dependent launch"),
 ]
 
 

@@ -878,16 +878,15 @@ void sparse_gemm(const GemmParams& p, const Epilogue& epilogue) {
         // (kCols short streams a row apart, started anew every block: the int8 M = 1 GEMM read
         // DRAM at half a core's rate that way). Compute bound (several X row tiles): blocks of
         // kCols neighbouring rows, as the streamed order measured no faster there (M = 64).
-        const int64_t span = n_end - n_begin;
+        // Either way the span's first kCols * full rows make `full` whole blocks and the rest
+        // (fewer than kCols rows) one last partial block, taken a row at a time.
+        const int64_t span = n_end - n_begin, full = span / kCols;
         const bool streamed = rows <= kTileRows;
-        const int64_t blocks = (span + kCols - 1) / kCols;
-        const int64_t run = streamed ? blocks : 1, step = streamed ? 1 : kCols;
-        for (int64_t j = 0; j < blocks; ++j) {
-          // Columns c with row c * run + j * step inside the task: a prefix (only the last run, or
-          // the last block, is short).
-          int cols = 0;
+        for (int64_t j = 0; j < full + (span % kCols != 0 ? 1 : 0); ++j) {
+          const int cols = j < full ? kCols : static_cast<int>(span % kCols);
           int64_t row_n[kCols];
-          for (int c = 0; c < kCols && c * run + j * step < span; ++c) row_n[cols++] = n_begin + c * run + j * step;
+          for (int c = 0; c < cols; ++c)
+            row_n[c] = n_begin + (j == full ? kCols * full + c : streamed ? c * full + j : j * kCols + c);
           const Storage* row_values[kCols];
           const uint8_t* row_meta[kCols];
           // A partial last step is staged so the vector code never reads past a row: missing values
@@ -913,7 +912,7 @@ void sparse_gemm(const GemmParams& p, const Epilogue& epilogue) {
             if (cols == kCols) {
               dot_block_rows<Steps, kCols>(block, row_values, row_meta, full_steps, tail_groups != 0, tail_values,
                                            tail_meta, xc + r * ldxc, ldxc, column_sums, have_column_sums, sums);
-            } else {  // the runs' last rows when the last run is short, one at a time
+            } else {  // the last partial block, one row at a time
               for (int c = 0; c < cols; ++c) {
                 Sum col_sums[kMaxRows];
                 dot_block_rows<Steps, 1>(block, row_values + c, row_meta + c, full_steps, tail_groups != 0,

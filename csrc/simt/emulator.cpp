@@ -566,9 +566,7 @@ void warp_collective(const WarpOp& op, const void* input, void* output) {
 }
 
 void cp_async_16(void* dst, const void* src, bool pred) {
-  if (g_launch->dependent && !current().dependency_waited)
-    fail("cp.async.cg.shared.global before griddepcontrol.wait in a dependent launch: the kernel before it on "
-         "the stream may still be writing what it copies");
+  check_dependency_waited("cp.async.cg.shared.global");
   check_shared_range(dst, 16, 16, "cp.async.cg.shared.global (destination)");
   PendingCopy copy;
   copy.dst = static_cast<char*>(dst);
@@ -598,6 +596,12 @@ void cp_async_wait(int pending) {
 }
 
 void grid_dependency_wait() { current().dependency_waited = true; }
+
+void check_dependency_waited(const char* what) {
+  if (g_launch->dependent && !current().dependency_waited)
+    fail(std::string(what) + " before griddepcontrol.wait in a dependent launch: the kernel before it on the "
+         "stream may still be writing what it accesses");
+}
 
 void prefetch_l2(const void* src) { check_readable(src, 1, "prefetch.global.L2"); }
 

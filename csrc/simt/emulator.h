@@ -123,10 +123,14 @@ void cp_async_wait(int pending);
 // Programmatic dependent launch (PTX griddepcontrol, sm_90): a dependent launch may start while
 // the kernel before it on the stream still runs, so its threads must not read what that kernel
 // writes until griddepcontrol.wait returns. Launches here run one after another, so the wait has
-// nothing to wait for; it records that this thread waited, and in a dependent launch a cp.async
-// issued before it is an error (the kernels copy nothing before the wait: there they may only
-// prefetch weights into L2, which cannot observe a stale value).
+// nothing to wait for; it records that this thread waited, and in a dependent launch a global
+// access the emulator sees (cp.async, ld.global.cg, atomics: check_dependency_waited) before it
+// is an error. Before the wait the kernels may only prefetch weights into L2, which cannot
+// observe a stale value; their plain C++ loads and stores are not seen here.
 void grid_dependency_wait();
+// Throws when the running thread of a dependent launch has not called grid_dependency_wait;
+// `what` names the access for the message.
+void check_dependency_waited(const char* what);
 // prefetch.global.L2 of the line holding `src`: no effect on results, but the address must lie
 // in a buffer the launch may read (ReadableBuffers, below), as a cp.async source must.
 void prefetch_l2(const void* src);

@@ -184,6 +184,12 @@ SG_GLOBAL void misuse_kernel(int which) {
       if (lane == 0) cp_async_16(smem, misuse_source, true);
       grid_dependency_wait();
       break;
+    case simt_selftest::Misuse::atomic_before_dependency_wait: {
+      static int counter = 0;
+      if (lane == 0) atomicAdd(&counter, 1);
+      grid_dependency_wait();
+      break;
+    }
     case simt_selftest::Misuse::prefetch_past_a_buffer:
       if (lane == 0) prefetch_l2(misuse_source + 16);
       break;
@@ -287,7 +293,7 @@ void misuse(int which) {
     sg_launch(kernels::misuse_kernel, dim3(1), dim3(threads), smem, nullptr, which);
     return;
   }
-  if (m == Misuse::cp_async_before_dependency_wait) {
+  if (m == Misuse::cp_async_before_dependency_wait || m == Misuse::atomic_before_dependency_wait) {
     sg_launch_dependent(kernels::misuse_kernel, dim3(1), dim3(threads), smem, nullptr, which);
     return;
   }

@@ -67,6 +67,7 @@ enum class Misuse : int {
   cp_async_past_a_buffer = 10,   // lane 0 copies the 16 bytes after the one 16-byte buffer declared readable
   cp_async_before_dependency_wait = 11,  // a dependent launch's lane 0 copies before griddepcontrol.wait
   prefetch_past_a_buffer = 12,   // lane 0 prefetches the byte after the one 16-byte buffer declared readable
+  atomic_before_dependency_wait = 13,  // a dependent launch's lane 0 adds to a global counter before the wait
 };
 void misuse(int which);
 

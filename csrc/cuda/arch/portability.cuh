@@ -25,7 +25,6 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <atomic>
 #include <cstdlib>
 #include <map>
 #include <mutex>
@@ -76,28 +75,32 @@ void launch(const char* launch_text, void (*kernel)(KernelParams...), dim3 grid,
   if (err != cudaSuccess) throw_launch_error(launch_text, "kernel launch", err);
 }
 
-// Whether a launch on `device` may overlap the kernel before it on the stream (programmatic
-// dependent launch: compute capability 9.0 and newer). SPARSEGEMM_PDL=0 in the environment at the
-// first launch turns it off, to time both ways in one build or to rule it out.
-inline bool programmatic_launch_allowed(int device) {
+// Whether `kernel` may be launched on `device` so that it overlaps the kernel before it on the
+// stream (programmatic dependent launch): the device must have it (compute capability 9.0 and
+// newer) and the kernel's code must have been compiled for it, from sm_90 PTX or newer (a build
+// for sm_80 only that runs JIT-compiled on a Hopper has no griddepcontrol.wait in it, so its
+// reads would not wait for the previous kernel's writes). Asked once per (kernel, device).
+// SPARSEGEMM_PDL=0 in the environment at the first launch turns it off, to time both ways in one
+// build or to rule it out.
+inline bool programmatic_launch_allowed(const void* kernel, int device) {
   static const bool disabled = [] {
     const char* value = std::getenv("SPARSEGEMM_PDL");
     return value != nullptr && std::string(value) == "0";
   }();
   if (disabled) return false;
-  constexpr int kCachedDevices = 64;
-  static std::atomic<int> cached[kCachedDevices] = {};  // 0: not asked yet, 1: no, 2: yes
-  if (device >= 0 && device < kCachedDevices) {
-    const int known = cached[device].load(std::memory_order_relaxed);
-    if (known != 0) return known == 2;
-  }
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, bool> known;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto found = known.find({kernel, device});
+  if (found != known.end()) return found->second;
   int major = 0;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
-    cudaGetLastError();
-    return false;
-  }
-  if (device >= 0 && device < kCachedDevices) cached[device].store(major >= 9 ? 2 : 1, std::memory_order_relaxed);
-  return major >= 9;
+  cudaFuncAttributes attributes = {};
+  const bool allowed = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
+                       major >= 9 && cudaFuncGetAttributes(&attributes, kernel) == cudaSuccess &&
+                       attributes.ptxVersion >= 90;
+  if (!allowed) cudaGetLastError();  // a failed query means no overlap, not an error to report later
+  known[{kernel, device}] = allowed;
+  return allowed;
 }
 
 // launch() with the programmatic-stream-serialization attribute where the device has it: the grid
@@ -113,7 +116,7 @@ void launch_dependent(const char* launch_text, void (*kernel)(KernelParams...), 
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) throw_launch_error(launch_text, "cudaGetDevice", err);
-  if (!programmatic_launch_allowed(device)) {
+  if (!programmatic_launch_allowed(reinterpret_cast<const void*>(kernel), device)) {
     launch(launch_text, kernel, grid, block, smem_bytes, stream, std::forward<Args>(args)...);
     return;
   }
@@ -197,21 +200,25 @@ inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst
 
 // Atomics: fibers switch only at barriers and collectives, so a plain read-modify-write is atomic.
 inline float atomicAdd(float* address, float value) {
+  ::sparsegemm::emu::check_dependency_waited("atomicAdd");
   const float old = *address;
   *address = old + value;
   return old;
 }
 inline int atomicAdd(int* address, int value) {
+  ::sparsegemm::emu::check_dependency_waited("atomicAdd");
   const int old = *address;
   *address = static_cast<int>(static_cast<unsigned>(old) + static_cast<unsigned>(value));  // wraps like the hardware
   return old;
 }
 inline int atomicMin(int* address, int value) {
+  ::sparsegemm::emu::check_dependency_waited("atomicMin");
   const int old = *address;
   if (value < old) *address = value;
   return old;
 }
 inline long long atomicMin(long long* address, long long value) {
+  ::sparsegemm::emu::check_dependency_waited("atomicMin");
   const long long old = *address;
   if (value < old) *address = value;
   return old;

@@ -282,6 +282,7 @@ SG_DEVICE T load_global_cg(const T* address) {
 #if defined(__CUDACC__)
   return __ldcg(address);
 #else
+  emu::check_dependency_waited("ld.global.cg");
   return *address;
 #endif
 }
