@@ -169,10 +169,7 @@ def linear_parts(x: Tensor, values: Tensor, meta: Tensor, shape, bias: Optional[
     # The common case in one cheap test (the decode path is host bound); anything it does not
     # clear goes through the checks that name what is wrong.
     code = ops.usable_activation_code(activation, n)
-    if not (type(x) in ops._PLAIN_TENSORS and x.dtype is values.dtype and x.dtype in ops.FLOAT_DTYPES
-            and x.dim() >= 1 and x.shape[-1] == k and code is not None
-            and x.device == values.device
-            and (bias is None or (bias.dtype is x.dtype and bias.shape == (n,) and bias.device == x.device))):
+    if not ops.plain_linear_args(x, values, n, k, bias, code):
         _check_linear_args(op, x, values, n, k, bias, activation)
     if backend is None and x.is_cuda and ops._CUDA_BUILT:
         backend = "cuda"

@@ -68,12 +68,11 @@ class _SparseWeight(nn.Module):
     def _load_compressed(self, sw: SparseTensor24, bias: Optional[Tensor]) -> None:
         with torch.no_grad():
             self.values.data = sw.values.clone()
-            self.meta = sw.meta.clone()
+            self.meta = sw.meta.clone()  # an assignment: __setattr__ forgets what was derived
             if sw.scale is not None:
                 self.scale = sw.scale.clone()
             if self.bias is not None:
                 self.bias.data = bias.detach().to(self.bias.dtype).clone()
-        self._forget_derived()
 
     def sparse_weight(self) -> SparseTensor24:
         """The weight as a SparseTensor24 sharing this module's storage (and reordered-metadata cache)."""
@@ -276,39 +275,30 @@ class SparseLinear(_SparseWeight):
 
     def _make_eager_plan(self, x: Tensor) -> Optional[_EagerPlan]:
         """The plan for calls like ``x`` on the CUDA kernels (or the SIMT emulator's), or None
-        where the general path must run: another backend, a dtype, layout or mode it does not
-        cover, or a CUDA graph being captured (whose reordered metadata is not kept)."""
-        if x.is_cuda:
-            if self.backend not in (None, "cuda") or not ops._CUDA_BUILT:
-                return None
-            backend = "cuda"
-        elif self.backend == "simt" and x.device.type == "cpu":
-            backend = "simt"
-        else:
-            return None
+        where the general path must run: another backend, arguments its cheap tests do not pass
+        (ops.plain_linear_args, quant._dynamic_fast_path), operands the launch would have to make
+        contiguous, or a CUDA graph being captured (whose reordered metadata is not kept)."""
         n, k = self.weight_shape
         values, bias, meta = self.values, self.bias, self.meta
-        code = ops.usable_activation_code(self.activation, n)
-        int8 = self.quantize == "int8"
+        if self.quantize == "int8":
+            from .quant import _dynamic_fast_path
 
-        def fits(t: Tensor, dtype: torch.dtype) -> bool:  # what the launch assumes of a weight-side operand
-            return t.dtype == dtype and t.shape == (n,) and t.device == x.device and t.is_contiguous()
-
-        if (code is None or k % 4 or x.dtype not in ops.KERNEL_DTYPES or values.device != x.device
-                or tuple(values.shape) != (n, fmt.values_cols(k)) or not values.is_contiguous()
-                or meta.device != x.device or not ops.may_cache_reorder(meta)
-                or (bias is not None and not fits(bias, x.dtype))):
-            return None
-        if int8:
+            sw = self.sparse_weight()
+            fast = _dynamic_fast_path(x, sw, bias, self.activation, None, self.input_scale, self.backend)
+            if fast is None or not self.scale.is_contiguous():
+                return None
+            backend, code = fast
             scale = self.scale
-            if self.input_scale is not None or not ops.has_int8_kernels(backend) or not fits(scale, torch.float32):
-                return None
-            kernel_meta = self.sparse_weight().kernel_meta(backend)
         else:
-            scale = None
-            if values.dtype != x.dtype:
+            backend, code = ops.kernel_backend(self.backend, x), ops.usable_activation_code(self.activation, n)
+            if backend is None or not ops.plain_linear_args(x, values, n, k, bias, code) or (
+                    x.dtype not in ops.KERNEL_DTYPES):
                 return None
-            kernel_meta = self._kernel_meta_for(backend)
+            scale = None
+        if (tuple(values.shape) != (n, fmt.values_cols(k)) or not values.is_contiguous() or meta.device != x.device
+                or not ops.may_cache_reorder(meta) or (bias is not None and not bias.is_contiguous())):
+            return None
+        kernel_meta = sw.kernel_meta(backend) if scale is not None else self._kernel_meta_for(backend)
         return _EagerPlan(x.get_device(), x.dtype, backend + "_", k, ops.out_features(n, code), code, values, bias,
                           meta, scale, (values.data_ptr(), ops._ptr(bias)), kernel_meta)
 

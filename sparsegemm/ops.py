@@ -402,6 +402,26 @@ def _launch_scratch(x: Tensor, api: str, scratch_fn: str, m: int, n: int, k: int
             _scratch(x, stream, "split_k_counters", counters, torch.int32, zeroed=True))
 
 
+def kernel_backend(backend: Optional[str], x: Tensor) -> Optional[str]:
+    """The GPU kernels' backend ("cuda", or "simt" for their emulator) a call with ``backend``
+    (None: by device) on ``x`` runs, or None for the CPU backend or a mismatch (the hot paths'
+    cheap test; resolve_backend gives the errors)."""
+    if backend in (None, "cuda") and x.is_cuda and _CUDA_BUILT:
+        return "cuda"
+    if backend == "simt" and x.device.type == "cpu":
+        return "simt"
+    return None
+
+
+def plain_linear_args(x: Tensor, values: Tensor, n: int, k: int, bias: Optional[Tensor], code: Optional[int]) -> bool:
+    """Whether a 16-bit linear's arguments are the common case: a plain x of the weight's float
+    dtype with K features, a usable activation ``code``, a bias of shape (n,) in that dtype, all
+    on one device (the hot paths' cheap test; the detailed checks name what is wrong)."""
+    return (type(x) in _PLAIN_TENSORS and x.dtype is values.dtype and x.dtype in FLOAT_DTYPES
+            and x.dim() >= 1 and x.shape[-1] == k and code is not None and x.device == values.device
+            and (bias is None or (bias.dtype is x.dtype and bias.shape == (n,) and bias.device == x.device)))
+
+
 def usable_activation_code(activation: Optional[str], n: int) -> Optional[int]:
     """The kernels' code of ``activation`` for a weight of n rows, or None where
     :func:`activation_code` raises (the hot paths' cheap test)."""

@@ -162,11 +162,8 @@ def _dynamic_fast_path(x, sw: SparseTensor24, bias, activation, out_dtype, input
     anything else takes the checks that name what is wrong."""
     if input_scale is not None or out_dtype is not None or type(x) not in ops._PLAIN_TENSORS:
         return None
-    if backend in (None, "cuda") and x.is_cuda and ops._CUDA_BUILT:
-        fast = "cuda"
-    elif backend == "simt" and x.device.type == "cpu":
-        fast = "simt"
-    else:
+    fast = ops.kernel_backend(backend, x)
+    if fast is None:
         return None
     n, k = sw.shape
     device, scale = x.device, sw.scale
