@@ -850,3 +850,15 @@ def test_eager_plan_sees_swapped_tensors_and_trainable_bias():
         layer8.scale = torch.ones(8)
         with pytest.raises(ValueError, match=r"scale"):
             layer8(x)
+
+
+@pytest.mark.parametrize("k", [5, 67])
+def test_eager_kernel_path_with_k_not_a_multiple_of_four(k):
+    # The 16-bit kernels pad K themselves: the plan serves such layers, with the general path's bits.
+    torch.manual_seed(k)
+    layer = SparseLinear.from_dense(nn.Linear(k, 24).half(), backend="simt")
+    x = torch.randn(3, k).half()
+    with torch.no_grad():
+        fast = layer(x)
+        assert layer._eager_plan is not None
+        assert torch.equal(fast, sparsegemm.linear(x, layer.sparse_weight(), layer.bias, backend="simt"))
