@@ -2,7 +2,7 @@
 # One GPU check (DESIGN.md "Verification on a GPU"): build for the present GPU only, GPU tests,
 # compute-sanitizer memcheck + racecheck on small cases, the benchmark, the graph-replay sweep and the
 # eager host time; everything lands in OUTDIR (env.json, junit XML, sanitizer logs,
-# bench.json/.csv/.md/.png, sweep.txt, host_overhead.txt). Usage: bench/gpu_suite.sh OUTDIR
+# bench.json/.csv/.md/.png, sweep.txt, host_overhead.txt, large_m.txt). Usage: bench/gpu_suite.sh OUTDIR
 # PYTHON (default: python3) must have a CUDA torch, pybind11, pytest; nvcc and compute-sanitizer on PATH.
 # Knobs: BENCH_ARGS, PYTEST_WORKERS, TESTS_TIMEOUT / BENCH_TIMEOUT / SANITIZER_TIMEOUT / SWEEP_TIMEOUT (seconds).
 set -euo pipefail
@@ -54,5 +54,10 @@ done
 # from DRAM) and the host time of one eager call: the two halves of a decode layer's time.
 timeout "${SWEEP_TIMEOUT:-120}" "$PY" bench/decode_sweep.py > "$OUT/sweep.txt" 2>&1 || status=1
 timeout "${SWEEP_TIMEOUT:-120}" "$PY" bench/host_overhead.py > "$OUT/host_overhead.txt" 2>&1 || status=1
+# Large M against cuBLAS: the tile the heuristic takes (wgmma on Hopper), then the warp-level one.
+for wgmma in 1 0; do
+  SPARSEGEMM_WGMMA=$wgmma timeout "${SWEEP_TIMEOUT:-120}" "$PY" bench/large_m_timing.py >> "$OUT/large_m.txt" 2>&1 \
+    || status=1
+done
 tail -n 3 "$OUT/tests.log" "$OUT"/sanitizer_*.log
 exit $status

@@ -1,35 +1,48 @@
-"""Large-M GEMM time (the compute-bound LargeM tile) of whichever sparsegemm is on the path, next
-to dense F.linear: fp16 and INT8 at M = N = K = 8192 (and what --shape gives), by
+"""Large-M GEMM time (the compute-bound tiles) of whichever sparsegemm is on the path, next to dense
+F.linear: fp16, bf16 and INT8 (dynamic activation quantization included) at M = N = K = 8192 and
+Llama-7B's MLP projections at 16 x 2048 tokens (or the shapes --shape gives), by
 sparsegemm.bench.Timer (CUDA events, median of 20 calls after warm-up). Public API only, so that
-bench/ab_sweep.sh can run it against the build of an earlier tree too.
+bench/ab_sweep.sh can run it against the build of an earlier tree too; on Hopper,
+SPARSEGEMM_WGMMA=0 in the environment times the warp-level tile instead of the wgmma one.
 
-    python bench/large_m_timing.py [--shape M N K]
+    python bench/large_m_timing.py [--shape M N K [--shape M N K ...]]
 """
 import argparse
 
 import torch
 
 import sparsegemm
-from sparsegemm import quant
+from sparsegemm import _C, quant
 from sparsegemm.bench import Timer
+
+SHAPES = [[8192, 8192, 8192], [32768, 11008, 4096], [32768, 4096, 11008]]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", type=int, nargs=3, default=[8192, 8192, 8192], metavar=("M", "N", "K"))
-    m, n, k = parser.parse_args().shape
+    parser.add_argument("--shape", type=int, nargs=3, action="append", metavar=("M", "N", "K"),
+                        help=f"repeatable; default {SHAPES}")
+    shapes = parser.parse_args().shape or SHAPES
     torch.manual_seed(0)
-    w = sparsegemm.prune_2to4(torch.randn(n, k, device="cuda").half())
-    x = torch.randn(m, k, device="cuda").half()
-    sw, sw8 = sparsegemm.compress(w), quant.quantize_weight(w)
-    flops = 2 * m * n * k
+    tile = "wgmma" if _C.cuda_large_m_uses_wgmma() else "warp-level mma.sp"
     median_ms = Timer(torch.device("cuda"), warmup=3, repeats=20)
-    dense = median_ms(lambda: torch.nn.functional.linear(x, w))
-    sparse = median_ms(lambda: sparsegemm.linear(x, sw))
-    int8 = median_ms(lambda: quant.linear_int8(x, sw8))
-    print(f"large M {m} x {n} x {k}: dense fp16 {dense:.3f} ms ({flops / dense / 1e9:.0f} TFLOP/s) | "
-          f"2:4 fp16 {sparse:.3f} ms ({dense / sparse:.2f}x) | 2:4 INT8 {int8:.3f} ms ({dense / int8:.2f}x)",
-          flush=True)
+    for m, n, k in shapes:
+        w = sparsegemm.prune_2to4(torch.randn(n, k, device="cuda").half())
+        x = torch.randn(m, k, device="cuda").half()
+        sw8 = quant.quantize_weight(w)
+        flops = 2 * m * n * k
+        parts = []
+        for dtype in (torch.float16, torch.bfloat16):
+            w_t, x_t = w.to(dtype), x.to(dtype)
+            sw = sparsegemm.compress(w_t)
+            dense = median_ms(lambda: torch.nn.functional.linear(x_t, w_t))
+            sparse = median_ms(lambda: sparsegemm.linear(x_t, sw))
+            parts.append(f"dense {str(dtype)[6:]} {dense:.3f} ms ({flops / dense / 1e9:.0f} TFLOP/s) | "
+                         f"2:4 {str(dtype)[6:]} {sparse:.3f} ms ({dense / sparse:.2f}x)")
+            if dtype == torch.float16:
+                int8 = median_ms(lambda: quant.linear_int8(x, sw8))
+                parts.append(f"2:4 INT8 {int8:.3f} ms ({dense / int8:.2f}x dense fp16)")
+        print(f"large M {m} x {n} x {k} ({tile} tile): " + " | ".join(parts), flush=True)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,10 @@ from sparsegemm import format as fmt
 # 16-byte rows) and then a stage across K. Where N % 16 == 0 the gated (SwiGLU) epilogue runs too.
 SHAPES = [(1, 40, 36), (17, 144, 100), (130, 260, 264), (130, 256, 1056)]
 SILU, SWIGLU = fmt.ACTIVATION_CODES["silu"], fmt.ACTIVATION_CODES["swiglu"]
-# (config, split_k): large-M tile, decode tile, decode tile with a forced 3-way split of K.
+# (config, split_k): large-M tile, decode tile, decode tile with a forced 3-way split of K, and the
+# wgmma large-M tile where the GPU runs it (compute capability 9.0, sm_90a build).
 CONFIGS = [(0, 0), (1, 0), (1, 3)]
+WGMMA_CONFIG = (2, 0)
 
 
 def _scratch(scratch_fn, *shape_and_config) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,7 +29,8 @@ def _scratch(scratch_fn, *shape_and_config) -> tuple[torch.Tensor, torch.Tensor]
 
 def _runs(n: int) -> list:
     """((config, split_k), activation code) pairs: every configuration with silu, and gated where N allows."""
-    return [(c, act) for c in CONFIGS for act in ((SILU, SWIGLU) if n % (2 * fmt.GATE_ROWS) == 0 else (SILU,))]
+    configs = CONFIGS + ([WGMMA_CONFIG] if _C.cuda_large_m_uses_wgmma() else [])
+    return [(c, act) for c in configs for act in ((SILU, SWIGLU) if n % (2 * fmt.GATE_ROWS) == 0 else (SILU,))]
 
 
 def main() -> None:

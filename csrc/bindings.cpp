@@ -190,6 +190,12 @@ void bind_simt_selftest(py::module_& m) {
     st::mma_sp_k64_s8(ptr<const int8_t>(a), ptr<const int8_t>(b), ptr<const int32_t>(c), ptr<const uint32_t>(e),
                       ptr<int32_t>(d));
   });
+  m.def("simt_selftest_wgmma_sp", [](int kind, int mode, bool b_upper_half, uintptr_t a, uintptr_t b, uintptr_t c,
+                                     uintptr_t e, uintptr_t d) {
+    py::gil_scoped_release nogil;
+    st::wgmma_sp(kind, mode, b_upper_half, ptr<const void>(a), ptr<const void>(b), ptr<const void>(c),
+                 ptr<const uint32_t>(e), ptr<void>(d));
+  });
   m.def("simt_selftest_ldmatrix", [](int matrices, bool trans, uintptr_t image, int64_t image_elems,
                                      uintptr_t lane_byte_offsets, uintptr_t out) {
     py::gil_scoped_release nogil;
@@ -246,6 +252,7 @@ void bind_kernel_api(py::module_& m, const std::string& prefix) {
     const GemmScratch s = Api::gemm_scratch(M, N, K, config, split_k);
     return std::make_pair(s.workspace_bytes, s.tile_counters);
   }, py::arg("M"), py::arg("N"), py::arg("K"), py::arg("config") = -1, py::arg("split_k") = 0);
+  m.def((prefix + "large_m_uses_wgmma").c_str(), Api::large_m_uses_wgmma);
   m.def((prefix + "decompress").c_str(), [](int64_t N, int64_t K, uintptr_t values, uintptr_t meta, uintptr_t w,
                                             int dtype, uintptr_t stream) {
     py::gil_scoped_release nogil;
@@ -314,6 +321,7 @@ void bind_kernel_api(py::module_& m, const std::string& prefix) {
 struct SimtKernelApi {
   static constexpr auto kernel_meta_bytes = &simt::kernel_meta_bytes;
   static constexpr auto gemm_scratch = &simt::gemm_scratch;
+  static constexpr auto large_m_uses_wgmma = &simt::large_m_uses_wgmma;
   static constexpr auto decompress = &simt::decompress;
   static constexpr auto reorder_meta = &simt::reorder_meta;
   static constexpr auto gemm = &simt::gemm;
@@ -328,6 +336,7 @@ struct SimtKernelApi {
 struct CudaKernelApi {
   static constexpr auto kernel_meta_bytes = &cuda::kernel_meta_bytes;
   static constexpr auto gemm_scratch = &cuda::gemm_scratch;
+  static constexpr auto large_m_uses_wgmma = &cuda::large_m_uses_wgmma;
   static constexpr auto decompress = &cuda::decompress;
   static constexpr auto reorder_meta = &cuda::reorder_meta;
   static constexpr auto gemm = &cuda::gemm;
@@ -410,15 +419,16 @@ PYBIND11_MODULE(_C, m) {
   m.def("list_gpus", &list_gpus);
   // The GEMM plan (gemm_heuristics.h) for a GPU of `sms` SMs holding `blocks_per_sm` decode
   // blocks each, with no GPU needed: (config, split_k, k-tiles per split) of the 16-bit GEMM, or
-  // of the int8 one with s8.
-  m.def("plan_gemm", [](int64_t M, int64_t N, int64_t K, int sms, int blocks_per_sm, bool s8) {
+  // of the int8 one with s8; wgmma: a GPU that runs the wgmma tile (kernels.h large_m_uses_wgmma).
+  m.def("plan_gemm", [](int64_t M, int64_t N, int64_t K, int sms, int blocks_per_sm, bool s8, bool wgmma) {
     if (sms < 1 || blocks_per_sm < 1)
       throw std::invalid_argument("sparsegemm plan_gemm: sms and blocks_per_sm must be at least 1, got " +
                                   std::to_string(sms) + " and " + std::to_string(blocks_per_sm));
     const GemmPlan plan = sparsegemm::plan_gemm(M, N, K, DecodeWave{sms, blocks_per_sm}, -1, 0,
-                                                s8 ? gemm_tiles::kBlockKS8 : gemm_tiles::kBlockK);
+                                                s8 ? gemm_tiles::kBlockKS8 : gemm_tiles::kBlockK, wgmma);
     return std::make_tuple(static_cast<int>(plan.config), plan.split_k, plan.k_tiles_per_split);
-  }, py::arg("M"), py::arg("N"), py::arg("K"), py::arg("sms"), py::arg("blocks_per_sm"), py::arg("s8") = false);
+  }, py::arg("M"), py::arg("N"), py::arg("K"), py::arg("sms"), py::arg("blocks_per_sm"), py::arg("s8") = false,
+     py::arg("wgmma") = false);
   bind_cpu(m);
   bind_simt_selftest(m);
   bind_kernels(m);

@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from sparsegemm import _C, ops
 from sparsegemm.nn import SparseConv2d
-from test_kernels_simt import DECODE, LARGE_M, KernelBackend
+from test_kernels_simt import DECODE, LARGE_M, WGMMA, KernelBackend
 
 KERNEL_DTYPES = [torch.float16, torch.bfloat16]
 
@@ -145,7 +145,7 @@ def test_fused_bias_and_activation(kernels, act, fn):
     torch.testing.assert_close(y.cpu().float(), ref.half().float(), rtol=0 if act == 1 else 1e-3, atol=0)
 
 
-@pytest.mark.parametrize("config,split_k", [(DECODE, 0), (DECODE, 3), (DECODE, 5), (LARGE_M, 0)])
+@pytest.mark.parametrize("config,split_k", [(DECODE, 0), (DECODE, 3), (DECODE, 5), (LARGE_M, 0), (WGMMA, 0)])
 def test_forced_tiles_and_split_k(kernels, config, split_k):
     # K = 9 * 32 = 288: five k-tiles, so split_k = 3 gives splits of 2, 2 and 1.
     layer = make_layer(32, 20, 3, 1, 1, 1, torch.float16, integer=True)

@@ -2,13 +2,16 @@
 the GPU from test_kernels_simt.py, test_int8_kernels_simt.py and test_conv_kernels.py (their
 `kernels` fixture's "cuda" variant); the checks here are theirs, so both backends answer to the
 same oracles. Skips without a CUDA build or a GPU; nothing touches CUDA at import time."""
+import os
+
 import pytest
 import torch
 
+from sparsegemm import _C
 from test_conv_kernels import assert_within_twice_dense_error, make_input, make_layer
 from test_int8_kernels_simt import (assert_gemm_s8_activation_close, assert_gemm_s8_bit_exact,
                                     assert_kernel_meta_s8_matches_reference, assert_quantize_rows_matches_reference)
-from test_kernels_simt import (DECODE, LARGE_M, KernelBackend, assert_compress_prune_matches_reference,
+from test_kernels_simt import (DECODE, LARGE_M, WGMMA, KernelBackend, assert_compress_prune_matches_reference,
                                assert_gemm_within_twice_dense_error, cuda_kernels_available)
 
 pytestmark = pytest.mark.skipif(
@@ -17,9 +20,11 @@ pytestmark = pytest.mark.skipif(
 
 GPU = KernelBackend("cuda")
 
-# (M, N, K, config, split_k): decode and prefill at model sizes, a forced split-K, ragged tails.
+# (M, N, K, config, split_k): decode and prefill at model sizes, a forced split-K, ragged tails; the
+# warp-level large-M tile forced, and the wgmma tile (skipped where the GPU does not run it).
 LARGE_GEMMS = [(1, 8192, 8192, -1, 0), (16, 4096, 4096, -1, 0), (8, 4096, 4096, DECODE, 7),
-               (2048, 4096, 4096, -1, 0), (777, 3000, 1028, LARGE_M, 0)]
+               (2048, 4096, 4096, -1, 0), (777, 3000, 1028, LARGE_M, 0), (777, 3000, 1028, WGMMA, 0),
+               (4096, 4096, 8192, WGMMA, 0)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -140,3 +145,10 @@ def test_back_to_back_launches_match_synchronized_ones(m, quantize):
             graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(captured, reference)
+
+
+def test_large_m_takes_the_wgmma_tile_exactly_on_hopper():
+    # Compute capability 9.0 with SM 90 in the build (sm_90a machine code): the heuristic's large-M
+    # choice; anywhere else it must not be taken (its kernels there are a trap).
+    hopper = torch.cuda.get_device_capability() == (9, 0) and "90" in _C.build_info()["cuda_archs"].split(",")
+    assert _C.cuda_large_m_uses_wgmma() == (hopper and os.environ.get("SPARSEGEMM_WGMMA") != "0")

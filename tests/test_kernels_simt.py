@@ -17,7 +17,7 @@ from sparsegemm import _C
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 ACT_CODES = {"none": 0, "relu": 1, "gelu": 2, "silu": 3, "reglu": 17, "geglu": 18, "swiglu": 19}
 GATE_OF = {"reglu": "relu", "geglu": "gelu", "swiglu": "silu"}  # gated: act(gate) * up, N / 2 columns
-LARGE_M, DECODE = 0, 1
+LARGE_M, DECODE, WGMMA = 0, 1, 2  # gemm_heuristics.h GemmConfig
 SIX_PAIRS = [(0, 1), (0, 2), (1, 2), (0, 3), (1, 3), (2, 3)]
 
 
@@ -169,6 +169,8 @@ class KernelBackend:
     def _launch_split_k(self, op, m, n, k, config, split_k, s8, *args):
         """_launch(op, *args[:-2], workspace, tile counters, *args[-2:]) with a poisoned workspace and
         zeroed counters; checks that the kernel leaves the counters zero, as the next launch needs."""
+        if config == WGMMA and self.name == "cuda" and not _C.cuda_large_m_uses_wgmma():
+            pytest.skip("the wgmma tile (config 2) runs on compute capability 9.0 GPUs with an sm_90a build")
         ws_bytes, counters = self.gemm_scratch(m, n, k, config, split_k, s8=s8)
         ws = torch.full((max(ws_bytes // 4, 1),), -7, dtype=torch.int32, device=self.device)  # NaN-like poison
         tile_counters = torch.zeros(max(counters, 1), dtype=torch.int32, device=self.device)
@@ -452,7 +454,7 @@ GEMM_SHAPES = [  # (M, N, K): tails in every dimension, K % 32 != 0, fewer k-til
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("config", [LARGE_M, DECODE])
+@pytest.mark.parametrize("config", [LARGE_M, DECODE, WGMMA])
 @pytest.mark.parametrize("m,n,k", GEMM_SHAPES)
 def test_gemm_exact_small_integers(kernels, dtype, config, m, n, k):
     gen = torch.Generator().manual_seed(m * 7 + n * 13 + k)
@@ -480,7 +482,7 @@ def assert_gemm_within_twice_dense_error(kernels, x, w_dense, bias, act, config,
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("config,split_k", [(LARGE_M, 0), (DECODE, 0), (DECODE, 3)])
+@pytest.mark.parametrize("config,split_k", [(LARGE_M, 0), (WGMMA, 0), (DECODE, 0), (DECODE, 3)])
 @pytest.mark.parametrize("act", ["none", "gelu", "silu", "swiglu", "geglu"])
 def test_gemm_random_within_twice_dense_error(kernels, dtype, config, split_k, act):
     m, n, k = (9, 72, 520) if config == DECODE else (33, 136, 132)
@@ -499,7 +501,7 @@ GATED_SHAPES = [(1, 16, 36), (7, 48, 200), (17, 144, 100), (130, 144, 72)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("config,split_k", [(LARGE_M, 0), (DECODE, 0), (DECODE, 3)])
+@pytest.mark.parametrize("config,split_k", [(LARGE_M, 0), (WGMMA, 0), (DECODE, 0), (DECODE, 3)])
 @pytest.mark.parametrize("m,n,k", GATED_SHAPES)
 def test_gemm_gated_exact_small_integers(kernels, dtype, config, split_k, m, n, k):
     """relu(gate) * up with small integers: every fp32 step is exact, so the one rounding of the
@@ -516,7 +518,7 @@ def test_gemm_gated_exact_small_integers(kernels, dtype, config, split_k, m, n, 
     assert torch.equal(y, ref)
 
 
-@pytest.mark.parametrize("config", [LARGE_M, DECODE])
+@pytest.mark.parametrize("config", [LARGE_M, DECODE, WGMMA])
 def test_gemm_gated_output_stride(kernels, config):
     """A gated Y inside a wider buffer (row stride 29 > N / 2 = 24): the N / 2 columns of each row
     land where they belong and nothing is written past them."""
@@ -621,8 +623,22 @@ def test_decode_split_rule_stays_within_one_wave():
     assert _C.plan_gemm(1, 4096, 0, sms=132, blocks_per_sm=2)[1] == 1
 
 
+def test_large_m_takes_the_wgmma_tile_where_the_gpu_runs_it():
+    for s8 in (False, True):
+        assert _C.plan_gemm(4096, 4096, 4096, sms=132, blocks_per_sm=2, s8=s8, wgmma=True)[:2] == (WGMMA, 1)
+        assert _C.plan_gemm(17, 4096, 4096, sms=132, blocks_per_sm=2, s8=s8, wgmma=True)[0] == WGMMA
+        assert _C.plan_gemm(16, 4096, 4096, sms=132, blocks_per_sm=2, s8=s8, wgmma=True)[0] == DECODE
+    # The emulator plans like an sm_80 GPU (its tests force config 2).
+    assert not _C.simt_large_m_uses_wgmma()
+
+
+def test_gemm_config_out_of_range_is_refused(kernels):
+    with pytest.raises(ValueError, match=r"config must be -1 \(choose\), 0 .* got 3"):
+        kernels.gemm_scratch(64, 64, 64, 3, 0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("config", [LARGE_M, DECODE])
+@pytest.mark.parametrize("config", [LARGE_M, DECODE, WGMMA])
 def test_gemm_fast_wc_copies_stop_before_the_end_of_k(kernels, dtype, config):
     # Both tiles copy whole 128-row blocks of Wc with precomputed pointers only while a
     # stage lies below Kc; the stage that crosses it (k = 208: Kc = 104, 16-byte copies allowed,
@@ -641,7 +657,7 @@ def test_gemm_fast_wc_copies_stop_before_the_end_of_k(kernels, dtype, config):
     assert torch.equal(y, ref)
 
 
-@pytest.mark.parametrize("config", [LARGE_M, DECODE])
+@pytest.mark.parametrize("config", [LARGE_M, DECODE, WGMMA])
 @pytest.mark.parametrize("m", [16, 130])
 @pytest.mark.parametrize("offset", [0, 1])
 def test_gemm_fast_x_copies_follow_the_row_stride(kernels, config, m, offset):
@@ -658,7 +674,7 @@ def test_gemm_fast_x_copies_follow_the_row_stride(kernels, config, m, offset):
     assert torch.equal(y, (x.double() @ w.double().T).to(torch.float16))
 
 
-@pytest.mark.parametrize("config", [LARGE_M, DECODE])
+@pytest.mark.parametrize("config", [LARGE_M, DECODE, WGMMA])
 def test_gemm_unaligned_operands_and_output_stride(kernels, config):
     m, n, k = 5, 20, 48
     gen = torch.Generator().manual_seed(4)
@@ -682,7 +698,7 @@ def test_gemm_m_zero_writes_nothing(kernels):
     assert torch.all(y == 3)
 
 
-@pytest.mark.parametrize("config", [LARGE_M, DECODE])
+@pytest.mark.parametrize("config", [LARGE_M, DECODE, WGMMA])
 def test_gemm_k_zero_gives_activation_of_bias(kernels, config):
     m, n = 3, 20
     x = torch.zeros((m, 0), dtype=torch.float16)

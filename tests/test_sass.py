@@ -1,8 +1,9 @@
 """The built module's GEMM really runs on the sparse tensor cores: every compiled architecture's
 gemm_sp_kernel contains HMMA.SP.16832 (fp16 and bf16 instantiations, the GEMM's row-major X loader
 and the implicit-GEMM convolution's NHWC loader) or, for the int8 policy, IMMA.SP.16864 (s8,
-saturating), read back from the SASS with cuobjdump (PyPI:
-nvidia-cuda-cuobjdump, installed under site-packages/nvidia/cu13/bin)."""
+saturating); on SM 90 (built as sm_90a) the wgmma tile's contain the warpgroup forms
+HGMMA.SP.64x128x32 / IGMMA.SP.64x128x64, elsewhere that tile is only a trap. Read back from the
+SASS with cuobjdump (PyPI: nvidia-cuda-cuobjdump, installed under site-packages/nvidia/cu13/bin)."""
 import pathlib
 import re
 import shutil
@@ -21,9 +22,14 @@ def find_tool(name):
     return shutil.which(name)
 
 
+def cubin_arch(arch):
+    """The cubin's target for a built SM: CMakeLists.txt builds SM 90 as sm_90a (wgmma)."""
+    return "sm_90a" if arch == "90" else f"sm_{arch}"
+
+
 def sass_functions(tool, module_path, arch):
     """{mangled function name: SASS text} of one architecture's cubin in the module."""
-    out = subprocess.run([tool, "-sass", "-arch", f"sm_{arch}", module_path], check=True, capture_output=True,
+    out = subprocess.run([tool, "-sass", "-arch", cubin_arch(arch), module_path], check=True, capture_output=True,
                          text=True).stdout
     functions = {}
     for chunk in re.split(r"\n\s*Function : ", out)[1:]:
@@ -47,14 +53,37 @@ def built_archs():
     return [a for a in archs.split(",") if a] or ["none"]
 
 
+WGMMA_TILE = "gemm_tiles11WgmmaLargeM"  # the mangled tile argument of the wgmma tile's kernels
+
+
+def split_wgmma(kernels):
+    """(the warp-level tiles' kernels, the wgmma tile's) of a {name: SASS} dict."""
+    return ({name: body for name, body in kernels.items() if WGMMA_TILE not in name},
+            {name: body for name, body in kernels.items() if WGMMA_TILE in name})
+
+
+def check_wgmma_tile(arch, kernels, instruction):
+    """The wgmma tile's kernels: warpgroup sparse MMAs on sm_90a, a bare trap anywhere else."""
+    assert len(kernels) == 2, sorted(kernels)  # two dtypes (or two int8 output dtypes)
+    for name, body in kernels.items():
+        if arch == "90":
+            assert instruction in body, f"{name} on sm_90a has no {instruction}"
+            assert "HMMA.SP" not in body and "IMMA.SP" not in body, name
+        else:
+            assert "BPT.TRAP" in body and "GMMA" not in body and "LDGSTS" not in body, name
+
+
 @pytest.mark.parametrize("arch", built_archs())
 def test_gemm_uses_sparse_hmma(cuobjdump, arch):
     functions = sass_functions(cuobjdump, _C.__file__, arch)
     # The 16-bit policy (Mma16); the int8 one (MmaS8) is checked below.
-    gemms = {name: body for name, body in functions.items()
-             if "gemm_sp_kernel" in name and "Mma16" in name and "RowMajorX" in name}
-    # Two dtypes x two tile configurations (kernels_dispatch.cuh).
+    gemms, wgmma = split_wgmma({name: body for name, body in functions.items()
+                                if "gemm_sp_kernel" in name and "Mma16" in name and "RowMajorX" in name})
+    # Two dtypes x two warp-level tile configurations (kernels_dispatch.cuh), and the wgmma tile.
     assert len(gemms) == 4, sorted(functions)
+    check_wgmma_tile(arch, wgmma, "HGMMA.SP.64x128x32.F32")
+    if arch == "90":
+        assert all(("HGMMA.SP.64x128x32.F32.BF16" in body) == ("DTypeE2" in name) for name, body in wgmma.items())
     for name, body in gemms.items():
         assert "HMMA.SP.16832.F32" in body, f"{name} on sm_{arch} has no sparse HMMA"
         is_bf16 = "DTypeE2" in name  # DType::bf16 == 2 in the mangled template argument
@@ -65,9 +94,11 @@ def test_gemm_uses_sparse_hmma(cuobjdump, arch):
 @pytest.mark.parametrize("arch", built_archs())
 def test_conv_uses_sparse_hmma_and_cp_async(cuobjdump, arch):
     functions = sass_functions(cuobjdump, _C.__file__, arch)
-    convs = {name: body for name, body in functions.items() if "gemm_sp_kernel" in name and "NhwcConvX" in name}
+    convs, wgmma = split_wgmma({name: body for name, body in functions.items()
+                                if "gemm_sp_kernel" in name and "NhwcConvX" in name})
     # The implicit-GEMM convolution: two dtypes x two tile configurations (kernels_dispatch.cuh conv2d).
     assert len(convs) == 4, sorted(functions)
+    check_wgmma_tile(arch, wgmma, "HGMMA.SP.64x128x32.F32")
     for name, body in convs.items():
         assert "HMMA.SP.16832.F32" in body, f"{name} on sm_{arch} has no sparse HMMA"
         assert ("HMMA.SP.16832.F32.BF16" in body) == ("DTypeE2" in name), name
@@ -79,9 +110,11 @@ def test_conv_uses_sparse_hmma_and_cp_async(cuobjdump, arch):
 @pytest.mark.parametrize("arch", built_archs())
 def test_int8_gemm_uses_sparse_imma(cuobjdump, arch):
     functions = sass_functions(cuobjdump, _C.__file__, arch)
-    gemms = {name: body for name, body in functions.items() if "gemm_sp_kernel" in name and "MmaS8" in name}
+    gemms, wgmma = split_wgmma({name: body for name, body in functions.items()
+                                if "gemm_sp_kernel" in name and "MmaS8" in name})
     # Two output dtypes x two tile configurations (kernels_dispatch.cuh).
     assert len(gemms) == 4, sorted(functions)
+    check_wgmma_tile(arch, wgmma, "IGMMA.SP.64x128x64.S8.S8.SAT")
     for name, body in gemms.items():
         assert "IMMA.SP.16864.S8.S8.SAT" in body, f"{name} on sm_{arch} has no saturating sparse s8 IMMA"
         assert "HMMA" not in body, name
@@ -92,8 +125,8 @@ def test_int8_gemm_uses_sparse_imma(cuobjdump, arch):
 
 def resource_usage(tool, module_path, arch):
     """{mangled function name: {"REG": n, "STACK": n, "LOCAL": n, ...}} of one architecture's cubin."""
-    out = subprocess.run([tool, "-res-usage", "-arch", f"sm_{arch}", module_path], check=True, capture_output=True,
-                         text=True).stdout
+    out = subprocess.run([tool, "-res-usage", "-arch", cubin_arch(arch), module_path], check=True,
+                         capture_output=True, text=True).stdout
     usage = {}
     for name, fields in re.findall(r"Function (\S+):\n\s*(.*)", out):
         usage[name] = {key: int(value) for key, value in re.findall(r"(\w+(?:\[\d+\])?):(\d+)", fields)}
@@ -119,6 +152,20 @@ def test_large_m_gemm_fits_two_blocks_per_sm(cuobjdump, arch):
     # cuBLAS). sm_80 (A100, 164 KiB of shared memory: room for two 75-78 KiB blocks) held 159 until
     # the metadata copies were set up once; sm_86 / sm_89 fit one block by shared memory anyway.
     usage = resource_usage(cuobjdump, _C.__file__, arch)
-    large_m = {name: u["REG"] for name, u in usage.items() if "gemm_sp_kernel" in name and "LargeM" in name}
+    large_m = {name: u["REG"] for name, u in usage.items() if "gemm_sp_kernel" in name and "tiles6LargeM" in name}
     assert len(large_m) == 6, sorted(usage)  # fp16, bf16 x GEMM, conv; int8 x two outputs
     assert max(large_m.values()) <= 128, large_m
+
+
+@pytest.mark.skipif("90" not in built_archs(), reason="sm_90 not in this build")
+def test_wgmma_gemm_fits_two_blocks_per_sm_without_serialising(cuobjdump):
+    # The wgmma tile's launch bound (2 blocks of 256 threads) caps it at 128 registers; ptxas would
+    # rather spill than exceed it, and test_kernels_use_no_local_memory forbids that. Each k-tile's
+    # two wgmma ops must stay back to back, one wait for both: a WARPGROUP.DEPBAR after each (ptxas
+    # serialises wgmma it cannot prove safe) would leave the tensor cores idle between them.
+    usage = resource_usage(cuobjdump, _C.__file__, "90")
+    wgmma = {name: u["REG"] for name, u in usage.items() if WGMMA_TILE in name}
+    assert len(wgmma) == 6 and max(wgmma.values()) <= 128, wgmma
+    for name, body in sass_functions(cuobjdump, _C.__file__, "90").items():
+        if WGMMA_TILE in name:
+            assert body.count("GMMA.SP.") == 2 and body.count("WARPGROUP.DEPBAR") == 1, name

@@ -223,6 +223,75 @@ def test_mma_k64_s8_lane_layout_is_not_the_16_bit_one():
     assert np.all(d[:8] == 0) and np.all(d[8:] == 8)
 
 
+# ---- wgmma.mma_async.sp m64n128 (sm_90a) --------------------------------------------------------
+# One warpgroup: warp w holds A rows 16w .. 16w + 15 in the mma.sp fragment and metadata layouts
+# (selftest.cpp loads the fragments; the metadata is built here per warp with the helpers above),
+# B comes from shared memory through a 128-byte-swizzle descriptor, D is mma's C layout per 8
+# columns. kind 0 f16, 1 bf16 (k32: 16 compressed values a row), 2 s8 (k64: 32 bytes a row).
+def run_wgmma(kind, mode, upper, a_bytes, b_bytes, c, e):
+    d = np.zeros((64, 128), dtype=c.dtype)
+    _C.simt_selftest_wgmma_sp(kind, mode, upper, ptr(a_bytes), ptr(b_bytes), ptr(c), ptr(e), ptr(d))
+    return d
+
+
+def wgmma_metadata(pairs, kind):
+    """e[128] of a warpgroup: warp w's lanes as mma.sp's for rows 16w .. 16w + 15 (selector 0)."""
+    per_warp = (k64_lane_metadata if kind == 2 else lambda p: k32_lane_metadata(p, 0))
+    return np.concatenate([per_warp(pairs[16 * w:16 * w + 16]) for w in range(4)]).astype(np.uint32)
+
+
+def wgmma_operands(rng, kind, small=True):
+    """(A values [64, kc], B [K, 128], pairs, A bytes, B rows bytes) with random legal metadata."""
+    k = 64 if kind == 2 else 32
+    pairs = random_pairs(rng, 64, k // 4)
+    if kind == 2:
+        a = rng.integers(-128, 128, (64, 32)).astype(np.int8)
+        b = rng.integers(-128, 128, (k, 128)).astype(np.int8)
+        return a.astype(np.float64), b.astype(np.float64), pairs, a.view(np.uint8), np.ascontiguousarray(b.T).view(np.uint8)
+    bf16 = kind == 1
+    a = rng.integers(-8, 9, (64, 16)).astype(np.float32)
+    b = rng.integers(-8, 9, (k, 128)).astype(np.float32)
+    return (a.astype(np.float64), b.astype(np.float64), pairs, to_bits(a, bf16).view(np.uint8),
+            np.ascontiguousarray(to_bits(b.T, bf16)).view(np.uint8))
+
+
+@pytest.mark.parametrize("kind", [0, 1, 2], ids=["f16", "bf16", "s8"])
+@pytest.mark.parametrize("upper", [False, True], ids=["k-step-0", "k-step-1"])
+@pytest.mark.parametrize("mode", [0, 2], ids=["one", "two-chained"])
+def test_wgmma_exact_against_the_dense_product(kind, upper, mode):
+    """Exact on small integers (every fp32 sum exact; s8 exactly): D = C + A B (twice: C + 2 A B)."""
+    rng = np.random.default_rng(31 * kind + 2 * upper + mode)
+    a, b, pairs, a_bytes, b_rows = wgmma_operands(rng, kind)
+    if kind == 2:
+        c = rng.integers(-(2**20), 2**20, (64, 128)).astype(np.int32)
+    else:
+        c = rng.integers(-64, 65, (64, 128)).astype(np.float32)
+    d = run_wgmma(kind, mode, upper, a_bytes, b_rows, c, wgmma_metadata(pairs, kind))
+    product = decompress(a, pairs) @ b
+    np.testing.assert_array_equal(d, c.astype(np.float64) + (2 if mode == 2 else 1) * product)
+
+
+def test_wgmma_registers_in_flight_hold_no_result():
+    """Read before wgmma.wait_group: the accumulators are undefined (the emulator's poison: NaN)."""
+    rng = np.random.default_rng(5)
+    a, b, pairs, a_bytes, b_rows = wgmma_operands(rng, 0)
+    d = run_wgmma(0, 1, False, a_bytes, b_rows, np.zeros((64, 128), np.float32), wgmma_metadata(pairs, 0))
+    assert np.all(np.isnan(d))
+
+
+def test_wgmma_metadata_of_each_warp_names_its_own_rows():
+    """Rows 16..31 (warp 1) keep indices (2, 3) where every other row keeps (0, 1); B is non-zero
+    only at index-2 rows, so only warp 1's rows see it: a warp reading another's metadata fails."""
+    pairs = np.tile([0, 1], (64, 8, 1))
+    pairs[16:32] = [2, 3]
+    a = np.ones((64, 16), np.float32)
+    b = np.zeros((32, 128), np.float32)
+    b[2::4] = 1
+    d = run_wgmma(0, 0, False, to_bits(a, False).view(np.uint8), np.ascontiguousarray(to_bits(b.T, False)).view(np.uint8),
+                  np.zeros((64, 128), np.float32), wgmma_metadata(pairs, 0))
+    assert np.all(d[16:32] == 8) and np.all(d[:16] == 0) and np.all(d[32:] == 0)
+
+
 # ---- ldmatrix ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("matrices", [1, 2, 4])
 @pytest.mark.parametrize("trans", [False, True])
@@ -385,6 +454,10 @@ MISUSE = [
     (11, r"cp\.async\.cg\.shared\.global before griddepcontrol\.wait in a dependent launch"),
     (12, r"prefetch\.global\.L2: 1 source bytes at byte 16 of misuse_source, which holds 16 bytes"),
     (13, r"atomicAdd before griddepcontrol\.wait in a dependent launch"),
+    (14, r"wgmma\.mma_async\.sp\.sync\.aligned\.m64n128k32\.f32\.f16\.f16 .* without a wgmma\.fence"),
+    (15, r"thread exited with wgmma\.mma_async results in flight"),
+    (16, r"waits at __syncthreads \(divergent warpgroup\)|deadlock"),
+    (17, r"block of 64 threads: warpgroup collectives need a block size that is a multiple of 128"),
 ]
 
 

@@ -30,6 +30,7 @@ struct LargeM {
   static constexpr int kBlockN = 128, kBlockM = 128, kWarpsN = 2, kWarpsM = 4, kStages = 3, kKTilesPerStage = 1;
   static constexpr bool kSplitK = false;
   static constexpr int kMinBlocksPerSm = 0;
+  static constexpr bool kWgmma = false;
 };
 
 // Decode, M <= 16: memory bound on Wc. 8 warps of 16 (N) x 16 (M), four stages of two k-tiles each:
@@ -45,6 +46,22 @@ struct Decode {
   static constexpr int kBlockN = 128, kBlockM = 16, kWarpsN = 8, kWarpsM = 1, kStages = 4, kKTilesPerStage = 2;
   static constexpr bool kSplitK = true;
   static constexpr int kMinBlocksPerSm = 2;
+  static constexpr bool kWgmma = false;
+};
+
+// Large M on sm_90a (H100 / H200), where dense cuBLAS runs on wgmma and warp-level mma.sp tops
+// out near half of it (PTX_SPARSE.md): LargeM's block tile and shared-memory layout, computed by
+// two warpgroups with wgmma.mma_async.sp m64n128 (warpgroup w: W rows 64w .. 64w + 63 against all
+// 128 X rows; each warp's A fragment from ldmatrix as in the other tiles, B read by the tensor
+// cores straight from the swizzled stage). 4 stages of 25 KiB (k-tiles padded to 1024 bytes for
+// the swizzle atoms): two blocks per SM fit in H100's 227 KiB, hence the 128-register launch bound.
+// Not yet timed on a GPU: the first measurements decide the stage count and whether a 256-wide
+// wgmma (one block per SM) pays.
+struct WgmmaLargeM {
+  static constexpr int kBlockN = 128, kBlockM = 128, kWarpsN = 8, kWarpsM = 1, kStages = 4, kKTilesPerStage = 1;
+  static constexpr bool kSplitK = false;
+  static constexpr int kMinBlocksPerSm = 2;
+  static constexpr bool kWgmma = true;
 };
 
 constexpr int kBlockK = 64;           // logical K per k-tile of the 16-bit GEMM
@@ -54,7 +71,7 @@ constexpr int kMinKTilesPerSplit = 4; // keeps the pipeline prologue small next 
 
 }  // namespace gemm_tiles
 
-enum class GemmConfig : int { large_m = 0, decode = 1 };
+enum class GemmConfig : int { large_m = 0, decode = 1, large_m_wgmma = 2 };
 
 // What gemm() launches: the tile, the number of K splits (1: no workspace) and k-tiles per split.
 struct GemmPlan {
@@ -94,19 +111,24 @@ inline int64_t decode_split_cost(int64_t M, int64_t blocks, int64_t k_tiles, int
   return 2 * busiest_sm_blocks * per_split + (used > 1 ? M : 0);
 }
 
-// wave: the GPU (kernels_dispatch.cuh decode_wave).
+// wave: the GPU (kernels_dispatch.cuh decode_wave); wgmma: whether it runs the wgmma tile
+// (kernels_dispatch.cuh wgmma_tile_runs), which then takes every M above the decode range.
 // forced_config / forced_split_k: GemmParams::config / split_k (-1 / 0: choose). block_k: the
 // GEMM's k-tile (gemm_tiles::kBlockK or kBlockKS8); the regimes and split rule are the same.
 inline GemmPlan plan_gemm(int64_t M, int64_t N, int64_t K, DecodeWave wave, int forced_config = -1,
-                          int forced_split_k = 0, int64_t block_k = gemm_tiles::kBlockK) {
+                          int forced_split_k = 0, int64_t block_k = gemm_tiles::kBlockK, bool wgmma = false) {
+  if (forced_config < -1 || forced_config > static_cast<int>(GemmConfig::large_m_wgmma)) {
+    throw std::invalid_argument("sparsegemm gemm: config must be -1 (choose), 0 (large M), 1 (decode) or 2 "
+                                "(large M, wgmma), got " + std::to_string(forced_config));
+  }
   GemmPlan plan;
-  plan.config = forced_config >= 0 ? static_cast<GemmConfig>(forced_config)
-                                   : (M <= 16 ? GemmConfig::decode : GemmConfig::large_m);
+  const GemmConfig large_m = wgmma ? GemmConfig::large_m_wgmma : GemmConfig::large_m;
+  plan.config = forced_config >= 0 ? static_cast<GemmConfig>(forced_config) : (M <= 16 ? GemmConfig::decode : large_m);
   const int64_t k_tiles = gemm_k_tiles(K, block_k);
   int64_t splits = 1;
   if (forced_split_k > 1 && plan.config != GemmConfig::decode) {
     throw std::invalid_argument("sparsegemm gemm: split_k = " + std::to_string(forced_split_k) +
-                                " needs the decode tile (config 1); the large-M tile does not split K");
+                                " needs the decode tile (config 1); the large-M tiles do not split K");
   }
   if (forced_split_k > 0) {
     splits = forced_split_k;

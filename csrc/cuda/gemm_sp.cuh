@@ -82,6 +82,7 @@ SG_DEVICE float apply_activation(float v, Activation act) {
 //   meta_steps(K)      k-steps per 16-row tile row of the kernel metadata (its padded K / kStepK)
 //   meta_word(lane)    the word of a tile that `lane` passes to mma.sp
 //   mma(d, a, b, e)    d += A * B, one k-step
+//   wgmma(d, a, desc, e)  the same for a warpgroup's 64 rows and 128 B columns (wgmma tiles)
 //   saturate(sum)      a full-K split-K sum as the Acc a single-pass kernel would hold
 //   dequantize(acc, w_scale_n, x_scale_m)  the fp32 value before bias and activation
 //   kScaled            whether dequantize reads the scales (GemmParams w_scale / x_scale)
@@ -104,6 +105,15 @@ struct Mma16 {
       mma_sp_m16n8k32_bf16(d, a, b, d, e);
     } else {
       mma_sp_m16n8k32_f16(d, a, b, d, e);
+    }
+  }
+  // d += A * B over one k-step for a warpgroup (wgmma tiles): this warp's A fragment and metadata
+  // word as for mma, B = 128 X rows through the shared-memory descriptor.
+  static SG_DEVICE void wgmma(Acc (&d)[16][4], const uint32_t (&a)[4], uint64_t b_desc, uint32_t e) {
+    if constexpr (kDType == DType::bf16) {
+      wgmma_sp_m64n128k32_bf16(d, a, b_desc, e);
+    } else {
+      wgmma_sp_m64n128k32_f16(d, a, b_desc, e);
     }
   }
   static SG_DEVICE Acc saturate(PartialSum sum) { return sum; }
@@ -129,7 +139,10 @@ struct GemmShape {
   static constexpr int kBytesA = kBlockN * kRowBytesA;
   static constexpr int kBytesB = kBlockM * kRowBytesB;
   static constexpr int kBytesMeta = kBlockN / 16 * kMetaSliceBytes;
-  static constexpr int kKTileBytes = kBytesA + kBytesB + kBytesMeta;  // one k-tile's A, B and Meta
+  // One k-tile's A, B and Meta; for wgmma tiles rounded up to 1024 bytes, so that every B tile
+  // starts a 1024-byte swizzle atom (warp_ops.cuh wgmma_desc_b128: the swizzle reads address bits).
+  static constexpr int kKTileAlign = Tile::kWgmma ? 1024 : 16;
+  static constexpr int kKTileBytes = (kBytesA + kBytesB + kBytesMeta + kKTileAlign - 1) / kKTileAlign * kKTileAlign;
   static constexpr int kStageBytes = kKTilesPerStage * kKTileBytes;
   static constexpr int kEpilogueStride = kBlockN + 8;  // elements per row of Ys
   static constexpr int kEpilogueBytes = kBlockM * kEpilogueStride * int(sizeof(typename Policy::Out::Storage));
@@ -143,6 +156,11 @@ struct GemmShape {
                 "metadata padding must cover every tile");
   static_assert(kWarpN % 16 == 0 && kWarpM % 8 == 0, "warp tile: whole mma tiles");
   static_assert(kStages >= 2, "cp.async pipeline needs two stages");
+  // wgmma tiles: one 16-row A tile per warp (warpgroup w: rows 64w .. 64w + 63 of the block), all
+  // kBlockM X rows as the instruction's N (the m64n128 wrappers), B tiles on swizzle atoms.
+  static_assert(!Tile::kWgmma || (kWarpsM == 1 && kTilesN == 1 && kBlockM == 128 && kThreads % 128 == 0 &&
+                                  kBytesA % 1024 == 0 && !Tile::kSplitK),
+                "wgmma tile: warps of 16 W rows x all 128 X rows, whole warpgroups, B at 1024-byte offsets");
   static_assert(kKTilesPerStage >= 1, "a stage holds whole k-tiles");
 };
 
@@ -263,6 +281,12 @@ SG_DEVICE bool arrived_last(int* counter, int splits, char* smem) {
 template <typename Policy, typename Tile, typename XLoader = RowMajorX<typename Policy::Operand>>
 SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinBlocksPerSm)
     gemm_sp_kernel(typename XLoader::Params params, int64_t k_tiles_per_split) {
+  if constexpr (Tile::kWgmma && !kWgmmaCompiled) {
+    // A device pass without wgmma (not sm_90a): the dispatch never launches this (wgmma_tile_runs),
+    // and the trap keeps the rest of the kernel out of that pass's machine code.
+    trap("the wgmma tile needs sm_90a");
+    return;
+  }
   using S = GemmShape<Policy, Tile>;
   const GemmParams& p = XLoader::gemm(params);
   using Operand = typename Policy::Operand;
@@ -451,6 +475,11 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinB
   //     register q (16-bit: K 8q + 2t + {0, 1}; int8: K 16q + 4t + {0..3}). Row warp_m kWarpM +
   //     8 j + lane % 8, chunk 4 ks + lane / 8 at chunk ^ (row % 8): k-step ks flips bit 6.
   //  E: the lane's metadata word (Policy::meta_word) of slice warp_n kWarpN / 16 + i, k-step ks.
+  if constexpr (Tile::kWgmma) {
+    // The B descriptors address absolute shared-memory offsets: SG_DYNAMIC_SMEM aligns the
+    // buffer to 1024 bytes; were it not, every result would be silently wrong.
+    if (shared_address(smem) % 1024 != 0) trap("wgmma tile: dynamic shared memory not 1024-byte aligned");
+  }
   const int a_lane_row = warp_n * S::kWarpN + (lane & 15);
   const int a_lane_offset = a_lane_row * S::kRowBytesA + (((lane >> 4) ^ ((a_lane_row >> 1) & 3)) << 4);
   const int b_lane_row = warp_m * S::kWarpM + (lane & 7);
@@ -466,8 +495,12 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinB
   }
   for (int it = 0; it < num_stage_tiles; ++it) {
     cp_async_wait<S::kStages - 2>();
+    // wgmma reads B through the async proxy: each thread's landed copies (and the zeroed X rows)
+    // are fenced to it before the barrier that publishes them.
+    if constexpr (Tile::kWgmma) fence_proxy_async_shared();
     // Makes stage tile `it` visible to all threads and guarantees that everyone is done with the
-    // stage the next load overwrites (the one computed in iteration it - 1).
+    // stage the next load overwrites (the one computed in iteration it - 1; a wgmma tile waits
+    // for its wgmma ops at the end of each iteration).
     __syncthreads();
     const int next = it + S::kStages - 1;
     if (next < num_stage_tiles) load_stage(next, next % S::kStages);
@@ -479,22 +512,42 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinB
       const char* sA = smem + (it % S::kStages) * S::kStageBytes + sub * S::kKTileBytes;
       const char* sB = sA + S::kBytesA;
       const char* sMeta = sB + S::kBytesB;
+      if constexpr (Tile::kWgmma) {
+        // Both k-steps' A fragments and metadata first (distinct registers: a wgmma in flight
+        // still reads its own), one fence for them, then the two wgmma ops into the same
+        // accumulators (they run in order), one group, waited for before the next barrier.
+        uint32_t a[S::kSteps][4], e[S::kSteps];
 #pragma unroll
-      for (int ks = 0; ks < S::kSteps; ++ks) {
-        uint32_t a[S::kTilesN][4];
-        uint32_t e[S::kTilesN];
-#pragma unroll
-        for (int i = 0; i < S::kTilesN; ++i) {
-          ldmatrix_x4(a[i], sA + (a_lane_offset ^ (ks << 5)) + i * 16 * S::kRowBytesA);
-          e[i] = *reinterpret_cast<const uint32_t*>(sMeta + e_lane_offset + i * S::kMetaSliceBytes +
-                                                     ks * Policy::kMetaWordsPerStep * 4);
+        for (int ks = 0; ks < S::kSteps; ++ks) {
+          ldmatrix_x4(a[ks], sA + (a_lane_offset ^ (ks << 5)));
+          e[ks] = *reinterpret_cast<const uint32_t*>(sMeta + e_lane_offset + ks * Policy::kMetaWordsPerStep * 4);
         }
+        const uint32_t b_address = shared_address(sB);
+        wgmma_fence();
 #pragma unroll
-        for (int j = 0; j < S::kTilesM; ++j) {
-          uint32_t b[4];
-          ldmatrix_x4(b, sB + (b_lane_offset ^ (ks << 6)) + j * 8 * S::kRowBytesB);
+        for (int ks = 0; ks < S::kSteps; ++ks)
+          Policy::wgmma(acc[0], a[ks], wgmma_desc_b128(b_address + ks * 64), e[ks]);
+        wgmma_commit_group();
+        wgmma_wait_group<0>();
+        wgmma_fence_operands(acc[0]);
+      } else {
 #pragma unroll
-          for (int i = 0; i < S::kTilesN; ++i) Policy::mma(acc[i][j], a[i], b, e[i]);
+        for (int ks = 0; ks < S::kSteps; ++ks) {
+          uint32_t a[S::kTilesN][4];
+          uint32_t e[S::kTilesN];
+#pragma unroll
+          for (int i = 0; i < S::kTilesN; ++i) {
+            ldmatrix_x4(a[i], sA + (a_lane_offset ^ (ks << 5)) + i * 16 * S::kRowBytesA);
+            e[i] = *reinterpret_cast<const uint32_t*>(sMeta + e_lane_offset + i * S::kMetaSliceBytes +
+                                                       ks * Policy::kMetaWordsPerStep * 4);
+          }
+#pragma unroll
+          for (int j = 0; j < S::kTilesM; ++j) {
+            uint32_t b[4];
+            ldmatrix_x4(b, sB + (b_lane_offset ^ (ks << 6)) + j * 8 * S::kRowBytesB);
+#pragma unroll
+            for (int i = 0; i < S::kTilesN; ++i) Policy::mma(acc[i][j], a[i], b, e[i]);
+          }
         }
       }
     }

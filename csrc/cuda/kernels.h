@@ -28,6 +28,9 @@ namespace sparsegemm {
   /* The split-K workspace bytes and tile counters a launch with these sizes needs (all 0: none); */ \
   /* config / split_k as in GemmParams (-1 / 0: the heuristic's choice).                         */ \
   GemmScratch gemm_scratch(int64_t M, int64_t N, int64_t K, int config, int split_k);             \
+  /* Whether large-M GEMMs on the current device take the wgmma tile (config 2; only then may a */ \
+  /* launch force it on the device). The emulator plans like sm_80 (false) but runs config 2.  */ \
+  bool large_m_uses_wgmma();                                                                      \
   /* Implicit-GEMM convolution (params.h ConvParams, conv_sp.cuh): NHWC x -> NHWC Y; p.gemm's  */ \
   /* meta is the kernel-layout E, its scratch the GEMM's for (M, N, K): the same plan.          */ \
   void conv2d(const ConvParams& p, void* stream);                                                 \

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -75,6 +76,53 @@ DecodeWave decode_wave() {
 #else
   return DecodeWave{4, 2};
 #endif
+}
+
+// Whether the current device runs the wgmma tile (gemm_tiles::WgmmaLargeM), which plan_gemm then
+// takes for large M: the build holds sm_90a machine code (CMake builds SM 90 as sm_90a,
+// SPARSEGEMM_SM90A) and the device is compute capability 9.0, the only one that runs it (other
+// GPUs JIT the sm_90 PTX, whose wgmma tile only traps). SPARSEGEMM_WGMMA=0 in the environment at
+// the first call turns it off (the warp-level LargeM tile instead), to time both in one build.
+// The emulator plans like an sm_80 GPU; its tests force the wgmma tile (config 2).
+bool wgmma_tile_runs() {
+#if defined(__CUDACC__) && defined(SPARSEGEMM_SM90A)
+  static const bool disabled = [] {
+    const char* value = std::getenv("SPARSEGEMM_WGMMA");
+    return value != nullptr && std::string(value) == "0";
+  }();
+  if (disabled) return false;
+  constexpr int kCachedDevices = 64;
+  static std::atomic<int> cached[kCachedDevices] = {};  // 1: no, 2: yes, 0: not asked yet
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  if (device < kCachedDevices && cached[device].load(std::memory_order_relaxed) != 0)
+    return cached[device].load(std::memory_order_relaxed) == 2;
+  int major = 0, minor = 0;
+  const bool runs = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
+                    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) == cudaSuccess &&
+                    major == 9 && minor == 0;
+  if (!runs) cudaGetLastError();
+  if (device < kCachedDevices) cached[device].store(runs ? 2 : 1, std::memory_order_relaxed);
+  return runs;
+#else
+  return false;
+#endif
+}
+
+// plan_gemm for the current device, with the forced wgmma tile refused where it cannot run.
+GemmPlan plan_device_gemm(int64_t M, int64_t N, int64_t K, DecodeWave wave, int config, int split_k, int64_t block_k) {
+  const bool wgmma = wgmma_tile_runs();
+#if defined(__CUDACC__)
+  if (config == static_cast<int>(GemmConfig::large_m_wgmma) && !wgmma) {
+    throw std::invalid_argument(
+        "sparsegemm gemm: config 2 (the wgmma tile) needs a build with SM 90 (sm_90a machine code) running on a "
+        "compute capability 9.0 GPU (H100 / H200), and SPARSEGEMM_WGMMA not 0");
+  }
+#endif
+  return plan_gemm(M, N, K, wave, config, split_k, block_k, wgmma);
 }
 
 // Bytes of the kernel-layout metadata (reorder.cuh) the GEMM of MMA policy Policy reads for W[N, K].
@@ -154,6 +202,8 @@ template <typename Policy, typename XLoader = RowMajorX<typename Policy::Operand
 void launch_gemm_tile(const typename XLoader::Params& params, const GemmPlan& plan, sg_stream_t stream) {
   if (plan.config == GemmConfig::decode) {
     launch_gemm<Policy, gemm_tiles::Decode, XLoader>(params, plan, stream);
+  } else if (plan.config == GemmConfig::large_m_wgmma) {
+    launch_gemm<Policy, gemm_tiles::WgmmaLargeM, XLoader>(params, plan, stream);
   } else {
     launch_gemm<Policy, gemm_tiles::LargeM, XLoader>(params, plan, stream);
   }
@@ -200,12 +250,16 @@ void reorder_meta(const uint8_t* logical_meta, void* kernel_meta, int64_t N, int
 }
 
 GemmScratch gemm_scratch(int64_t M, int64_t N, int64_t K, int config, int split_k) {
-  return plan_scratch(plan_gemm(M, N, K, decode_wave<Mma16<DType::f16>>(), config, split_k), M, N);
+  return plan_scratch(
+      plan_device_gemm(M, N, K, decode_wave<Mma16<DType::f16>>(), config, split_k, gemm_tiles::kBlockK), M, N);
 }
+
+bool large_m_uses_wgmma() { return wgmma_tile_runs(); }
 
 void gemm(const GemmParams& p, void* stream) {
   if (p.M == 0 || p.N == 0) return;
-  const GemmPlan plan = plan_gemm(p.M, p.N, p.K, decode_wave<Mma16<DType::f16>>(), p.config, p.split_k);
+  const GemmPlan plan =
+      plan_device_gemm(p.M, p.N, p.K, decode_wave<Mma16<DType::f16>>(), p.config, p.split_k, gemm_tiles::kBlockK);
   const auto s = static_cast<sg_stream_t>(stream);
   switch (p.dtype) {
     case DType::f16: launch_gemm_tile<Mma16<DType::f16>>(p, plan, s); break;
@@ -218,7 +272,8 @@ void conv2d(const ConvParams& p, void* stream) {
   const GemmParams& g = p.gemm;
   if (g.M == 0 || g.N == 0) return;
   // The convolution is the GEMM of its implicit X: the same plan (tile, split-K) and workspace.
-  const GemmPlan plan = plan_gemm(g.M, g.N, g.K, decode_wave<Mma16<DType::f16>>(), g.config, g.split_k);
+  const GemmPlan plan =
+      plan_device_gemm(g.M, g.N, g.K, decode_wave<Mma16<DType::f16>>(), g.config, g.split_k, gemm_tiles::kBlockK);
   const auto s = static_cast<sg_stream_t>(stream);
   switch (g.dtype) {
     case DType::f16: launch_gemm_tile<Mma16<DType::f16>, NhwcConvX<uint16_t>>(p, plan, s); break;
@@ -250,13 +305,13 @@ void reorder_meta_s8(const uint8_t* logical_meta, void* kernel_meta, int64_t N, 
 
 GemmScratch gemm_s8_scratch(int64_t M, int64_t N, int64_t K, int config, int split_k) {
   return plan_scratch(
-      plan_gemm(M, N, K, decode_wave<MmaS8<DType::f16>>(), config, split_k, gemm_tiles::kBlockKS8), M, N);
+      plan_device_gemm(M, N, K, decode_wave<MmaS8<DType::f16>>(), config, split_k, gemm_tiles::kBlockKS8), M, N);
 }
 
 void gemm_s8(const GemmParams& p, void* stream) {
   if (p.M == 0 || p.N == 0) return;
-  const GemmPlan plan = plan_gemm(p.M, p.N, p.K, decode_wave<MmaS8<DType::f16>>(), p.config, p.split_k,
-                                  gemm_tiles::kBlockKS8);
+  const GemmPlan plan = plan_device_gemm(p.M, p.N, p.K, decode_wave<MmaS8<DType::f16>>(), p.config, p.split_k,
+                                         gemm_tiles::kBlockKS8);
   const auto s = static_cast<sg_stream_t>(stream);
   switch (p.dtype) {
     case DType::f16: launch_gemm_tile<MmaS8<DType::f16>>(p, plan, s); break;

@@ -48,6 +48,7 @@ constexpr unsigned kMaxThreadsPerBlock = 1024;
 // sm_80's per-block opt-in limit (163 KiB): a kernel that runs here must also fit an A100.
 constexpr size_t kMaxSharedBytes = 163 * 1024;
 constexpr unsigned kWarpSize = 32;
+constexpr unsigned kWarpgroupSize = 128;
 
 // The buffers of the live ReadableBuffers on this OS thread (launches run on the launching thread).
 thread_local std::vector<ReadableBuffer> readable_buffers;
@@ -181,19 +182,32 @@ struct PendingCopy {
   unsigned char bytes[16];
 };
 
+// The result of one wgmma.mma_async, written to the accumulator registers (`d`, in the thread's
+// frame) when a wgmma.wait_group retires its group.
+struct PendingAccumulator {
+  void* d;
+  std::vector<unsigned char> bytes;
+};
+
 struct Fiber {
   Context context;
   ThreadState state = ThreadState::ready;
   UInt3 index;
   unsigned linear = 0;
-  // Valid while state == at_collective.
-  const WarpOp* op = nullptr;
+  // Valid while state == at_collective: the instruction's name (warp or warpgroup collective).
+  const char* op_name = nullptr;
+  unsigned op_group = 0;  // threads of the collective: 32 or 128
   const void* input = nullptr;
   void* output = nullptr;
   // cp.async: copies issued since the last commit, then committed groups, oldest first.
   std::vector<PendingCopy> open_group;
   std::deque<std::vector<PendingCopy>> committed;
   bool dependency_waited = false;  // grid_dependency_wait called
+  // wgmma.mma_async: results issued since the last commit, then committed groups, oldest first;
+  // and whether wgmma.fence ran since the last wgmma.wait_group (or the kernel's start).
+  std::vector<PendingAccumulator> wgmma_open;
+  std::deque<std::vector<PendingAccumulator>> wgmma_committed;
+  bool wgmma_fenced = false;
 };
 
 struct AlignedDelete {
@@ -300,7 +314,7 @@ const char* state_name(const Fiber& f) {
   switch (f.state) {
     case ThreadState::ready: return "running";
     case ThreadState::at_barrier: return "__syncthreads";
-    case ThreadState::at_collective: return f.op->name;
+    case ThreadState::at_collective: return f.op_name;
     case ThreadState::exited: return "exit";
   }
   return "?";
@@ -314,8 +328,10 @@ void on_thread_exit(Fiber& f) {
   for (unsigned i = warp_base; i < warp_base + kWarpSize && i < l.threads; ++i) {
     if (l.fibers[i].state == ThreadState::at_collective)
       fail("thread exited while lane " + std::to_string(i - warp_base) + " of its warp waits at " +
-           l.fibers[i].op->name + " (a warp collective needs all 32 lanes)");
+           l.fibers[i].op_name + " (a warp collective needs all 32 lanes)");
   }
+  if (!f.wgmma_open.empty() || !f.wgmma_committed.empty())
+    fail("thread exited with wgmma.mma_async results in flight (no wgmma.wait_group retired them)");
   if (l.waiting_at_barrier > 0)
     fail("thread exited while " + std::to_string(l.waiting_at_barrier) +
          " threads wait at __syncthreads (the barrier is never reached by every thread of the block)");
@@ -366,10 +382,13 @@ void run_block() {
     f.state = ThreadState::ready;
     f.linear = i;
     f.index = UInt3{i % l.block.x, i / l.block.x % l.block.y, i / (l.block.x * l.block.y)};
-    f.op = nullptr;
+    f.op_name = nullptr;
     f.open_group.clear();
     f.committed.clear();
     f.dependency_waited = false;
+    f.wgmma_open.clear();
+    f.wgmma_committed.clear();
+    f.wgmma_fenced = false;
 #if defined(SG_SIMT_ASAN)
     // A reused stack still carries the poisoned shadow of the frames its last fiber abandoned.
     ASAN_UNPOISON_MEMORY_REGION(g_stacks.stack(i), kStackBytes);
@@ -503,7 +522,7 @@ void syncthreads() {
   for (unsigned i = warp_base; i < warp_base + kWarpSize && i < l.threads; ++i) {
     if (l.fibers[i].state == ThreadState::at_collective)
       fail("__syncthreads while lane " + std::to_string(i - warp_base) + " of the same warp waits at " +
-           l.fibers[i].op->name + " (divergent warp)");
+           l.fibers[i].op_name + " (divergent warp)");
   }
   f.state = ThreadState::at_barrier;
   if (++l.waiting_at_barrier == l.threads) {
@@ -517,52 +536,120 @@ void syncthreads() {
 unsigned linear_thread_index() { return current().linear; }
 unsigned lane_id() { return current().linear % kWarpSize; }
 
-void warp_collective(const WarpOp& op, const void* input, void* output) {
+namespace {
+
+// One collective of the running thread's group: the kGroup threads (32: a warp, 128: a warpgroup
+// of 4 consecutive warps) with linear indices [linear / kGroup * kGroup, + kGroup). Parks the
+// thread until the whole group arrived at the same instruction; the last one to arrive runs
+// compute(inputs, outputs) for all of them and releases them.
+template <unsigned kGroup, typename Compute>
+void group_collective(const char* name, const void* input, void* output, Compute compute) {
   Launch& l = *g_launch;
   Fiber& f = current();
-  if (l.threads % kWarpSize != 0)
-    fail(std::string(op.name) + " in a block of " + std::to_string(l.threads) +
-         " threads: warp collectives need a block size that is a multiple of 32");
-  const unsigned warp_base = f.linear / kWarpSize * kWarpSize;
+  const char* group_name = kGroup == kWarpSize ? "warp" : "warpgroup";
+  if (l.threads % kGroup != 0)
+    fail(std::string(name) + " in a block of " + std::to_string(l.threads) + " threads: " + group_name +
+         " collectives need a block size that is a multiple of " + std::to_string(kGroup));
+  const unsigned group_base = f.linear / kGroup * kGroup;
   unsigned arrived = 1;
-  for (unsigned i = warp_base; i < warp_base + kWarpSize; ++i) {
+  for (unsigned i = group_base; i < group_base + kGroup; ++i) {
     const Fiber& other = l.fibers[i];
     if (&other == &f) continue;
-    const std::string lane = "lane " + std::to_string(i - warp_base);
+    const std::string thread = (kGroup == kWarpSize ? "lane " : "thread ") + std::to_string(i - group_base);
     switch (other.state) {
       case ThreadState::exited:
-        fail(std::string(op.name) + " needs all 32 lanes, but " + lane + " of this warp has exited");
+        fail(std::string(name) + " needs all " + std::to_string(kGroup) + " threads of its " + group_name + ", but " +
+             thread + " of this " + group_name + " has exited");
       case ThreadState::at_barrier:
-        fail(std::string(op.name) + " while " + lane + " of the same warp waits at __syncthreads (divergent warp)");
+        fail(std::string(name) + " while " + thread + " of the same " + group_name +
+             " waits at __syncthreads (divergent " + group_name + ")");
       case ThreadState::at_collective:
-        if (std::strcmp(other.op->name, op.name) != 0)
-          fail("lanes of one warp at different collectives: this lane at " + std::string(op.name) + ", " + lane +
-               " at " + other.op->name);
-        ++arrived;
+        if (std::strcmp(other.op_name, name) == 0) {
+          ++arrived;
+          break;
+        }
+        // Another warp of a warpgroup may still be at one of its own warp collectives on its way.
+        if (kGroup == kWarpSize || other.op_group == kGroup || i / kWarpSize == f.linear / kWarpSize)
+          fail(std::string(kGroup == kWarpSize ? "lanes of one warp" : "threads of one warpgroup") +
+               " at different collectives: this " + (kGroup == kWarpSize ? "lane" : "thread") + " at " + name + ", " +
+               thread + " at " + other.op_name);
         break;
       case ThreadState::ready:
         break;
     }
   }
-  f.op = &op;
+  f.op_name = name;
+  f.op_group = kGroup;
   f.input = input;
   f.output = output;
   f.state = ThreadState::at_collective;
-  if (arrived < kWarpSize) {
+  if (arrived < kGroup) {
     yield_to_scheduler(false);
     return;
   }
-  const void* inputs[kWarpSize];
-  void* outputs[kWarpSize];
-  for (unsigned lane = 0; lane < kWarpSize; ++lane) {
-    inputs[lane] = l.fibers[warp_base + lane].input;
-    outputs[lane] = l.fibers[warp_base + lane].output;
+  const void* inputs[kGroup];
+  void* outputs[kGroup];
+  for (unsigned i = 0; i < kGroup; ++i) {
+    inputs[i] = l.fibers[group_base + i].input;
+    outputs[i] = l.fibers[group_base + i].output;
   }
-  op.compute(inputs, outputs);
-  for (unsigned i = warp_base; i < warp_base + kWarpSize; ++i) {
+  compute(inputs, outputs);
+  for (unsigned i = group_base; i < group_base + kGroup; ++i) {
     l.fibers[i].state = ThreadState::ready;
-    l.fibers[i].op = nullptr;
+    l.fibers[i].op_name = nullptr;
   }
+}
+
+}  // namespace
+
+void warp_collective(const WarpOp& op, const void* input, void* output) {
+  group_collective<kWarpSize>(op.name, input, output, op.compute);
+}
+
+void warpgroup_collective(const WarpgroupOp& op, const void* input, void* output) {
+  group_collective<kWarpgroupSize>(op.name, input, output, op.compute);
+}
+
+uint32_t shared_window_address(const void* address) {
+  check_shared_range(address, 0, 1, "cvta.to.shared");
+  return static_cast<uint32_t>(static_cast<const char*>(address) - g_launch->smem.get());
+}
+
+void wgmma_fence() { current().wgmma_fenced = true; }
+
+const void* wgmma_accumulator_input(const void* d, const char* what) {
+  Fiber& f = current();
+  if (!f.wgmma_fenced)
+    fail(std::string(what) + " without a wgmma.fence since the thread's last wgmma.wait_group: the registers it "
+         "reads (accumulators, A fragment, metadata) must be fenced after other instructions wrote them");
+  for (auto it = f.wgmma_open.rbegin(); it != f.wgmma_open.rend(); ++it)
+    if (it->d == d) return it->bytes.data();
+  for (auto group = f.wgmma_committed.rbegin(); group != f.wgmma_committed.rend(); ++group)
+    for (auto it = group->rbegin(); it != group->rend(); ++it)
+      if (it->d == d) return it->bytes.data();
+  return d;
+}
+
+void wgmma_issue(void* d, const void* result, size_t bytes) {
+  const auto* begin = static_cast<const unsigned char*>(result);
+  current().wgmma_open.push_back(PendingAccumulator{d, std::vector<unsigned char>(begin, begin + bytes)});
+  std::memset(d, 0xFF, bytes);  // in flight: reading the registers now is undefined
+}
+
+void wgmma_commit() {
+  Fiber& f = current();
+  f.wgmma_committed.push_back(std::move(f.wgmma_open));
+  f.wgmma_open.clear();
+}
+
+void wgmma_wait(int pending) {
+  Fiber& f = current();
+  while (f.wgmma_committed.size() > static_cast<size_t>(pending)) {
+    for (const PendingAccumulator& result : f.wgmma_committed.front())
+      std::memcpy(result.d, result.bytes.data(), result.bytes.size());
+    f.wgmma_committed.pop_front();
+  }
+  f.wgmma_fenced = false;
 }
 
 void cp_async_16(void* dst, const void* src, bool pred) {

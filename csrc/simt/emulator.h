@@ -15,6 +15,9 @@
 // - Warp collectives (shuffles, ballot, ldmatrix, mma.sp) wait until all 32 lanes arrive, then
 //   compute every lane's result at once. Lanes of one warp at different collectives, or with
 //   different qualifiers, are an error; so is a block size that is not a multiple of 32.
+//   Warpgroup collectives (wgmma: 4 consecutive warps from a warp index divisible by 4) likewise
+//   wait for all 128 threads; meanwhile other warps of the warpgroup may still pass their own
+//   warp collectives. wgmma's asynchronous results are modelled below (wgmma_issue).
 // - Dynamic shared memory is allocated per block with exactly the launch's byte count (so
 //   AddressSanitizer sees overruns) and filled with 0xFF bytes (NaN for f16/bf16/f32), because
 //   real shared memory starts with stale contents.
@@ -112,6 +115,36 @@ struct WarpOp {
   void (*compute)(const void* const lane_inputs[32], void* const lane_outputs[32]);
 };
 void warp_collective(const WarpOp& op, const void* input, void* output);
+
+// The same for a warpgroup (PTX wgmma): the 128 threads of 4 consecutive warps starting at a
+// warp index divisible by 4 must all arrive at the same op; `compute` gets their inputs and
+// outputs indexed by thread (warp w of the warpgroup: threads 32w .. 32w + 31).
+struct WarpgroupOp {
+  const char* name;
+  void (*compute)(const void* const thread_inputs[128], void* const thread_outputs[128]);
+};
+void warpgroup_collective(const WarpgroupOp& op, const void* input, void* output);
+
+// The shared-state-space address of a pointer into this block's dynamic shared memory (PTX
+// cvta.to.shared): its offset here, as if the dynamic shared memory started at address 0 (on the
+// device it starts at an address the kernel aligns for wgmma's swizzles, cuda/arch/warp_ops.cuh).
+uint32_t shared_window_address(const void* address);
+
+// wgmma.mma_async model. The instruction runs asynchronously on the device: its accumulator
+// registers are undefined until a wgmma.wait_group retires its group. Here a thread's wgmma
+// (warp_models.h) computes its result at issue from wgmma_accumulator_input(d) - the newest
+// result still in flight for the same accumulators `d` (wgmma ops into the same registers run in
+// issue order), else d's current bits - and hands it to wgmma_issue, which keeps it pending and
+// poisons d (0xFF bytes: NaN for f32), so a read before the wait shows up in the results.
+// wgmma_commit closes the thread's group, wgmma_wait(N) writes back all but the newest N groups.
+// A wgmma without a wgmma_fence since the thread's last wgmma_wait (or its start) is an error:
+// PTX wants the registers a wgmma reads fenced after other instructions wrote them. So is a
+// thread exiting with results in flight. `what` names the instruction for messages.
+const void* wgmma_accumulator_input(const void* d, const char* what);
+void wgmma_issue(void* d, const void* result, size_t bytes);
+void wgmma_fence();
+void wgmma_commit();
+void wgmma_wait(int pending);
 
 // cp.async model (see the execution model): 16 bytes from global `src` (not read when !pred:
 // zeros instead) to shared `dst`, deferred until its commit group is waited for.

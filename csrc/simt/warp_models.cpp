@@ -15,7 +15,10 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <string>
+#include <utility>
 
 #include "cuda/arch/portability.cuh"
 #include "simt/emulator.h"
@@ -66,8 +69,10 @@ const WarpOp& mma_k32_op() {
   return op;
 }
 
+// One m16n8k32 tile: lane_inputs are MmaK32In, lane_outputs MmaOut32; `name` for metadata errors.
+// Also the per-warp, per-8-column share of the wgmma model below.
 template <HalfType Type, int Selector>
-void compute_mma_k32(const void* const lane_inputs[32], void* const lane_outputs[32]) {
+void mma_k32_tile(const char* name, const void* const lane_inputs[32], void* const lane_outputs[32]) {
   auto to_f32 = [](uint32_t bits) {
     return Type == HalfType::f16 ? f16_to_f32(static_cast<uint16_t>(bits)) : bf16_to_f32(static_cast<uint16_t>(bits));
   };
@@ -88,7 +93,6 @@ void compute_mma_k32(const void* const lane_inputs[32], void* const lane_outputs
     for (int i = 0; i < 4; ++i) c[g + 8 * (i / 2)][2 * t + i % 2] = in.c[i];
     e[lane] = in.e;
   }
-  const char* name = mma_k32_op<Type, Selector>().name;
   float d[16][8];
   for (int row = 0; row < 16; ++row) {
     int pos[8][2];
@@ -112,6 +116,11 @@ void compute_mma_k32(const void* const lane_inputs[32], void* const lane_outputs
   }
 }
 
+template <HalfType Type, int Selector>
+void compute_mma_k32(const void* const lane_inputs[32], void* const lane_outputs[32]) {
+  mma_k32_tile<Type, Selector>(mma_k32_op<Type, Selector>().name, lane_inputs, lane_outputs);
+}
+
 // ---- mma.sp m16n8k64 s8 ------------------------------------------------------------------------
 struct MmaK64In {
   uint32_t a[4], b[4];
@@ -123,7 +132,8 @@ void compute_mma_k64_s8(const void* const lane_inputs[32], void* const lane_outp
 const WarpOp kMmaK64S8{"mma.sp::ordered_metadata.m16n8k64.satfinite.s32.s8.s8.s32 (selector 0)",
                        &compute_mma_k64_s8};
 
-void compute_mma_k64_s8(const void* const lane_inputs[32], void* const lane_outputs[32]) {
+// One m16n8k64 s8 tile, as mma_k32_tile.
+void mma_k64_s8_tile(const char* name, const void* const lane_inputs[32], void* const lane_outputs[32]) {
   auto byte = [](uint32_t word, int i) { return static_cast<int>(static_cast<int8_t>(word >> (8 * i))); };
   int a[16][32], b[64][8], c[16][8];
   uint32_t e[kLanes];
@@ -142,7 +152,7 @@ void compute_mma_k64_s8(const void* const lane_inputs[32], void* const lane_outp
     int pos[16][2];
     for (int q = 0; q < 16; ++q) {  // lane 4 (row % 8) + (row / 8) + 2 (q / 8), nibble q % 8
       const int lane = 4 * (row % 8) + row / 8 + 2 * (q / 8);
-      decode_nibble(kMmaK64S8.name, e[lane], 4 * (q % 8), lane, row, q, pos[q][0], pos[q][1]);
+      decode_nibble(name, e[lane], 4 * (q % 8), lane, row, q, pos[q][0], pos[q][1]);
     }
     for (int n = 0; n < 8; ++n) {
       int64_t acc = c[row][n];
@@ -156,6 +166,142 @@ void compute_mma_k64_s8(const void* const lane_inputs[32], void* const lane_outp
     const int g = lane / 4, t = lane % 4;
     for (int i = 0; i < 4; ++i) std::memcpy(&out.d[i], &d[g + 8 * (i / 2)][2 * t + i % 2], 4);
   }
+}
+
+void compute_mma_k64_s8(const void* const lane_inputs[32], void* const lane_outputs[32]) {
+  mma_k64_s8_tile(kMmaK64S8.name, lane_inputs, lane_outputs);
+}
+
+// ---- wgmma.mma_async.sp ------------------------------------------------------------------------
+// A warp's share of m64nNk32 (16-bit) or m64nNk64 (s8) is rows 16w .. 16w + 15 of A and D, its own
+// A fragment and metadata in the m16n8k32 / m16n8k64 lane layouts (PTX_SPARSE_REFERENCE.md 7.1),
+// against all N columns of B; D register 4j + r is mma's C/D register r of columns 8j .. 8j + 7.
+// So the model runs, per warp and 8 columns, the mma.sp tile model above with B's fragment
+// gathered from shared memory: the same arithmetic, metadata rules and errors.
+constexpr int kMaxWgmmaN = 256;
+
+struct WgmmaIn {
+  int n;
+  uint32_t a[4], e;
+  uint64_t b_desc;
+  const uint32_t* c;  // n / 2 accumulator bit patterns (wgmma_accumulator_input)
+};
+
+// Row `col` of B (K-major: one B column's K values, 64 bytes: k32 of 16-bit or k64 of s8) through
+// the matrix descriptor, fields per PTX ISA "Matrix Descriptor Format": start address, leading
+// and stride byte offsets (each >> 4, 14 bits at bits 0, 16 and 32), base offset (bits 49-51),
+// swizzle mode (bits 62-63, 1 = 128-byte). The 128-byte swizzle's canonical K-major layout: 8
+// rows of 128 bytes per 1024-byte atom, atoms `stride byte offset` apart along N; the hardware
+// XORs address bits [4, 7) (16-byte chunk) with bits [7, 10) (row in the atom) of the address
+// it forms, so the kernel stores chunk c of row r at c ^ (r % 8) in a 1024-byte aligned atom.
+// The leading byte offset steps between atoms along K, which a 64-byte K range inside one
+// 128-byte row never crosses.
+void wgmma_b_row(const char* name, uint64_t desc, int col, unsigned char (&bytes)[64]) {
+  const uint32_t start = uint32_t(desc & 0x3FFF) << 4;
+  const uint32_t stride = uint32_t((desc >> 32) & 0x3FFF) << 4;
+  const int base_offset = int((desc >> 49) & 7), swizzle = int(desc >> 62);
+  if (swizzle != 1 || base_offset != 0) {
+    char buf[200];
+    std::snprintf(buf, sizeof buf,
+                  "%s: B descriptor with swizzle mode %d and base offset %d; the model covers the 128-byte "
+                  "swizzle (mode 1) with base offset 0",
+                  name, swizzle, base_offset);
+    fail(buf);
+  }
+  if (start % 1024 >= 128 || start % 16 != 0) {
+    char buf[200];
+    std::snprintf(buf, sizeof buf,
+                  "%s: B descriptor start address %u is not inside the first 128-byte row of a 1024-byte swizzle "
+                  "atom (a K offset inside the row is the only start the 128-byte swizzle leaves unchanged)",
+                  name, start);
+    fail(buf);
+  }
+  const uint32_t row = start + uint32_t(col / 8) * stride + uint32_t(col % 8) * 128;
+  for (int chunk = 0; chunk < 4; ++chunk) {
+    const uint32_t logical = row + 16 * chunk;
+    const uint32_t physical = logical ^ (((logical >> 7) & 7) << 4);
+    const char* address = shared_memory() + physical;
+    check_shared_range(address, 16, 16, name);
+    std::memcpy(bytes + 16 * chunk, address, 16);
+  }
+}
+
+// The warpgroup's wgmma: per warp w and 8-column block j, the mma tile model with lane inputs
+// built from the threads' A, metadata and C, and B's fragment (register q: bytes 16q + 4t .. +3
+// of B column 8j + g, the m16n8k32 / m16n8k64 B layout in bytes) from shared memory.
+template <typename TileIn>
+void compute_wgmma(const char* name, void (*tile)(const char*, const void* const[32], void* const[32]),
+                   const void* const thread_inputs[128], void* const thread_outputs[128]) {
+  const int n = static_cast<const WgmmaIn*>(thread_inputs[0])->n;
+  for (int warp = 0; warp < 4; ++warp)
+    for (int j = 0; j < n / 8; ++j) {
+      TileIn in[kLanes];
+      MmaOut32 out[kLanes];
+      const void* lane_inputs[kLanes];
+      void* lane_outputs[kLanes];
+      for (int lane = 0; lane < kLanes; ++lane) {
+        const auto& thread = *static_cast<const WgmmaIn*>(thread_inputs[32 * warp + lane]);
+        unsigned char column[64];
+        wgmma_b_row(name, thread.b_desc, 8 * j + lane / 4, column);
+        std::memcpy(in[lane].a, thread.a, sizeof in[lane].a);
+        for (int q = 0; q < 4; ++q) std::memcpy(&in[lane].b[q], column + 16 * q + 4 * (lane % 4), 4);
+        std::memcpy(in[lane].c, thread.c + 4 * j, sizeof in[lane].c);
+        in[lane].e = thread.e;
+        lane_inputs[lane] = &in[lane];
+        lane_outputs[lane] = &out[lane];
+      }
+      tile(name, lane_inputs, lane_outputs);
+      for (int lane = 0; lane < kLanes; ++lane)
+        std::memcpy(static_cast<uint32_t*>(thread_outputs[32 * warp + lane]) + 4 * j, out[lane].d, sizeof out[lane].d);
+    }
+}
+
+template <HalfType Type>
+void compute_wgmma_k32(const void* const thread_inputs[128], void* const thread_outputs[128]);
+void compute_wgmma_k64_s8(const void* const thread_inputs[128], void* const thread_outputs[128]);
+
+// The op of one shape, named with its N (a warpgroup at different N fails as different ops).
+const WarpgroupOp& wgmma_op(int kind, int n) {
+  static std::mutex mutex;
+  static std::map<int, std::pair<std::string, WarpgroupOp>> ops;
+  const std::lock_guard<std::mutex> lock(mutex);
+  auto& entry = ops[kind * 1024 + n];
+  if (entry.first.empty()) {
+    static const char* const kTypes[] = {".f32.f16.f16", ".f32.bf16.bf16", ".s32.s8.s8.satfinite"};
+    entry.first = std::string("wgmma.mma_async.sp.sync.aligned.m64n") + std::to_string(n) + (kind == 2 ? "k64" : "k32") +
+                  kTypes[kind] + " (A in registers, selector 0)";
+    entry.second = WarpgroupOp{entry.first.c_str(), kind == 0   ? &compute_wgmma_k32<HalfType::f16>
+                                                    : kind == 1 ? &compute_wgmma_k32<HalfType::bf16>
+                                                                : &compute_wgmma_k64_s8};
+  }
+  return entry.second;
+}
+
+template <HalfType Type>
+void compute_wgmma_k32(const void* const thread_inputs[128], void* const thread_outputs[128]) {
+  const int n = static_cast<const WgmmaIn*>(thread_inputs[0])->n;
+  compute_wgmma<MmaK32In>(wgmma_op(Type == HalfType::f16 ? 0 : 1, n).name, &mma_k32_tile<Type, 0>, thread_inputs,
+                          thread_outputs);
+}
+
+void compute_wgmma_k64_s8(const void* const thread_inputs[128], void* const thread_outputs[128]) {
+  const int n = static_cast<const WgmmaIn*>(thread_inputs[0])->n;
+  compute_wgmma<MmaK64In>(wgmma_op(2, n).name, &mma_k64_s8_tile, thread_inputs, thread_outputs);
+}
+
+// One thread's wgmma: C from the results in flight (emulator.h), the result handed back pending.
+void issue_wgmma(int kind, int n, void* d, const uint32_t (&a)[4], uint64_t b_desc, uint32_t e) {
+  const WarpgroupOp& op = wgmma_op(kind, n);
+  if (n < 8 || n > kMaxWgmmaN || n % 8 != 0) fail(std::string(op.name) + ": N must be 8 .. 256 in steps of 8");
+  WgmmaIn in;
+  in.n = n;
+  std::memcpy(in.a, a, sizeof in.a);
+  in.e = e;
+  in.b_desc = b_desc;
+  in.c = static_cast<const uint32_t*>(wgmma_accumulator_input(d, op.name));
+  uint32_t result[kMaxWgmmaN / 2];
+  warpgroup_collective(op, &in, result);
+  wgmma_issue(d, result, sizeof(uint32_t) * size_t(n / 2));
 }
 
 // ---- ldmatrix ----------------------------------------------------------------------------------
@@ -301,6 +447,14 @@ void mma_sp_m16n8k64_s8(int (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)
   MmaOut32 out;
   warp_collective(kMmaK64S8, &in, &out);
   std::memcpy(d, out.d, sizeof out.d);
+}
+
+void wgmma_sp_m64k32(HalfType type, int n, float* d, const uint32_t (&a)[4], uint64_t b_desc, uint32_t e) {
+  issue_wgmma(type == HalfType::f16 ? 0 : 1, n, d, a, b_desc, e);
+}
+
+void wgmma_sp_m64k64_s8(int n, int* d, const uint32_t (&a)[4], uint64_t b_desc, uint32_t e) {
+  issue_wgmma(2, n, d, a, b_desc, e);
 }
 
 void ldmatrix(int matrices, bool trans, uint32_t* regs, const void* row_address) {

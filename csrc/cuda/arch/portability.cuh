@@ -36,7 +36,10 @@
 #define SG_GLOBAL __global__
 #define SG_KERNEL_NS cuda
 #define SG_LAUNCH_BOUNDS(...) __launch_bounds__(__VA_ARGS__)
-#define SG_DYNAMIC_SMEM(type, name) extern __shared__ __align__(16) type name[]
+// 1024-byte aligned: wgmma's 128-byte swizzle works on absolute shared-memory addresses, so its B
+// tiles must start 1024-byte atoms (warp_ops.cuh wgmma_desc_b128); no kernel has static shared
+// memory, so the alignment costs nothing.
+#define SG_DYNAMIC_SMEM(type, name) extern __shared__ __align__(1024) type name[]
 
 using sg_stream_t = cudaStream_t;
 

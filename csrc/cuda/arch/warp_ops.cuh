@@ -16,8 +16,11 @@
 //   text mirrored in ptx-90-parser docs; NVIDIA forum thread 349443).
 #pragma once
 #include <cstdint>
+#include <string>
+#include <type_traits>
 
 #include "cuda/arch/portability.cuh"
+#include "format.h"
 
 #if defined(__CUDACC__)
 #if (__CUDACC_VER_MAJOR__ < 12) || (__CUDACC_VER_MAJOR__ == 12 && __CUDACC_VER_MINOR__ < 5)
@@ -113,6 +116,184 @@ SG_DEVICE void mma_sp_m16n8k64_s8(int (&d)[4], const uint32_t (&a)[4], const uin
         "r"(c[1]), "r"(c[2]), "r"(c[3]), "r"(e));
 #else
   emu::mma_sp_m16n8k64_s8(d, a, b, c, e);
+#endif
+}
+
+// ---- shared-memory addresses, trap -------------------------------------------------------------
+// The shared-state-space address of a pointer into shared memory (cvta.to.shared): what the
+// tensor cores' matrix descriptors hold. The emulator's dynamic shared memory starts at 0.
+SG_DEVICE uint32_t shared_address(const void* smem_pointer) {
+#if defined(__CUDACC__)
+  return static_cast<uint32_t>(__cvta_generic_to_shared(smem_pointer));
+#else
+  return emu::shared_window_address(smem_pointer);
+#endif
+}
+
+// Ends the kernel with an error (the launch fails with "unspecified launch failure"; in the
+// emulator, a std::runtime_error): for states that would otherwise give silently wrong results.
+SG_DEVICE void trap(const char* why) {
+#if defined(__CUDACC__)
+  (void)why;
+  __trap();
+#else
+  emu::fail(std::string("trap: ") + why);
+#endif
+}
+
+// ---- wgmma.mma_async.sp (sm_90a) -----------------------------------------------------------------
+// PTX ISA 9.7.15.6 "Asynchronous warpgroup level matrix multiply-accumulate with sparse matrix A"
+// (facts and sources: PTX_SPARSE_REFERENCE.md 7.1; CUTLASS cute/arch/mma_sm90_gmma_sparse.hpp
+// GMMA_64x128x32_F32F16F16_RS and cute/atom/mma_traits_sm90_gmma{,_sparse}.hpp layouts, which a
+// helper evaluated for all 128 threads). A warpgroup = 4 consecutive warps from a warp index
+// divisible by 4; all 128 threads issue the same instruction. For warp w = warp % 4 of it:
+//   a[r]: the m16n8k32 (16-bit) / m16n8k64 (s8) A fragment of A rows 16w .. 16w + 15, as mma.sp;
+//   e:    the metadata word of those rows in the mma.sp lane layout, selector 0 (16-bit: lanes
+//         4g + {0, 1}; s8: every lane). wgmma has no ::ordered_metadata form (ptxas rejects it);
+//         the kernels' metadata keeps i0 < i1 anyway, which the emulator checks.
+//   B:    K x N through the shared-memory descriptor b_desc (wgmma_desc_b128), "non-transposed"
+//         = K-major: each of the N columns 64 contiguous bytes of K (32 f16 / 64 s8 values);
+//   d[j][r]: row 16w + g + 8 (r / 2), column 8j + 2t + (r % 2) (mma's C layout per 8 columns;
+//         CUTLASS CLayout_64xN).
+// scale-d is the literal 1 (d += A * B: the kernels zero their accumulators first), imm-scale-a/b
+// 1, imm-trans-b 0. The instruction runs asynchronously: wgmma_fence() before it, once the
+// registers it reads are written (A fragment, metadata, accumulators); its results exist only
+// after wgmma_commit_group() and wgmma_wait_group<N>(), then wgmma_fence_operands() keeps the
+// compiler from reading the accumulators before that wait. ptxas (nvcc 13.0) assembles these
+// forms for sm_90a into HGMMA.SP.64x128x32.F32[.BF16] / IGMMA.SP.64x128x64.S8.S8.SAT.
+// Only sm_90a has them (__CUDA_ARCH_FEAT_SM90_ALL); other device passes compile a trap, which
+// the dispatch never reaches (kernels_dispatch.cuh wgmma_tile_runs).
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define SG_WGMMA_ASM 1
+#endif
+
+// Whether this compilation has wgmma: the sm_90a device pass and the emulator. A wgmma kernel
+// instantiated in any other device pass reduces to a trap (gemm_sp.cuh).
+#if defined(SG_WGMMA_ASM) || !defined(__CUDACC__)
+constexpr bool kWgmmaCompiled = true;
+#else
+constexpr bool kWgmmaCompiled = false;
+#endif
+
+#define SG_WGMMA_D_REGS "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
+#define SG_WGMMA_D4(c, d, j) c(d[j][0]), c(d[j][1]), c(d[j][2]), c(d[j][3])
+#define SG_WGMMA_D64(c, d)                                                                                    \
+  SG_WGMMA_D4(c, d, 0), SG_WGMMA_D4(c, d, 1), SG_WGMMA_D4(c, d, 2), SG_WGMMA_D4(c, d, 3), SG_WGMMA_D4(c, d, 4), \
+      SG_WGMMA_D4(c, d, 5), SG_WGMMA_D4(c, d, 6), SG_WGMMA_D4(c, d, 7), SG_WGMMA_D4(c, d, 8),                   \
+      SG_WGMMA_D4(c, d, 9), SG_WGMMA_D4(c, d, 10), SG_WGMMA_D4(c, d, 11), SG_WGMMA_D4(c, d, 12),                \
+      SG_WGMMA_D4(c, d, 13), SG_WGMMA_D4(c, d, 14), SG_WGMMA_D4(c, d, 15)
+
+// Matrix descriptor of a K-major B tile with the 128-byte swizzle (PTX ISA "Matrix Descriptor
+// Format"; CUTLASS GmmaDescriptor): start address >> 4 in bits 0-13; leading byte offset 1 (the
+// PTX value for swizzled K-major layouts, where it is unused); stride byte offset 1024 >> 4 in
+// bits 32-45 (8 rows of 128 bytes to the next 8); base offset 0 (bits 49-51: the tile starts a
+// 1024-byte atom); swizzle mode 1 = 128-byte in bits 62-63. The swizzle XORs address bits [4, 7)
+// with bits [7, 10) of the address the hardware forms, so chunk c of row n sits at c ^ (n % 8)
+// (gemm_sp.cuh's B layout), and a k-step inside the 128-byte rows is the start address + 64.
+SG_HOST_DEVICE uint64_t wgmma_desc_b128(uint32_t start_address) {
+  return uint64_t((start_address & 0x3FFFF) >> 4) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) |
+         (uint64_t(1) << 62);
+}
+
+SG_DEVICE void wgmma_fence() {
+#if defined(SG_WGMMA_ASM)
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#elif defined(__CUDACC__)
+  trap("wgmma needs sm_90a");
+#else
+  emu::wgmma_fence();
+#endif
+}
+
+SG_DEVICE void wgmma_commit_group() {
+#if defined(SG_WGMMA_ASM)
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#elif !defined(__CUDACC__)
+  emu::wgmma_commit();
+#endif
+}
+
+template <int Pending>
+SG_DEVICE void wgmma_wait_group() {
+  static_assert(Pending >= 0, "wgmma.wait_group takes a non-negative immediate");
+#if defined(SG_WGMMA_ASM)
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(Pending) : "memory");
+#elif !defined(__CUDACC__)
+  emu::wgmma_wait(Pending);
+#endif
+}
+
+// An empty asm that "redefines" every accumulator: orders later reads after wgmma_wait_group
+// (CUTLASS warpgroup_fence_operand); nothing on the host.
+template <typename Acc>
+SG_DEVICE void wgmma_fence_operands(Acc (&d)[16][4]) {
+#if defined(SG_WGMMA_ASM)
+#pragma unroll
+  for (int j = 0; j < 16; ++j)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      if constexpr (std::is_floating_point<Acc>::value) {
+        asm volatile("" : "+f"(d[j][r])::"memory");
+      } else {
+        asm volatile("" : "+r"(d[j][r])::"memory");
+      }
+    }
+#else
+  (void)d;
+#endif
+}
+
+// fence.proxy.async.shared::cta: orders this thread's earlier shared-memory writes (stores, landed
+// cp.async copies) before later reads by the async proxy (wgmma's B operand), once a barrier
+// hands them on. PTX ISA 9.7.15.4 asks for it; CUTLASS's cp.async wgmma mainloops omit it, XLA
+// emits it. Nothing to order in the emulator.
+SG_DEVICE void fence_proxy_async_shared() {
+#if defined(SG_WGMMA_ASM)
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
+// wgmma.mma_async.sp.sync.aligned.m64n128k32.f32.f16.f16, A in registers (see above).
+SG_DEVICE void wgmma_sp_m64n128k32_f16(float (&d)[16][4], const uint32_t (&a)[4], uint64_t b_desc, uint32_t e) {
+#if defined(SG_WGMMA_ASM)
+  asm volatile("wgmma.mma_async.sp.sync.aligned.m64n128k32.f32.f16.f16 " SG_WGMMA_D_REGS
+               ", {%64, %65, %66, %67}, %68, %69, 0, 1, 1, 1, 0;\n"
+               : SG_WGMMA_D64("+f", d)
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "r"(e));
+#elif defined(__CUDACC__)
+  trap("wgmma needs sm_90a");
+#else
+  emu::wgmma_sp_m64k32(emu::HalfType::f16, 128, &d[0][0], a, b_desc, e);
+#endif
+}
+
+// The same with bf16 inputs (.f32.bf16.bf16).
+SG_DEVICE void wgmma_sp_m64n128k32_bf16(float (&d)[16][4], const uint32_t (&a)[4], uint64_t b_desc, uint32_t e) {
+#if defined(SG_WGMMA_ASM)
+  asm volatile("wgmma.mma_async.sp.sync.aligned.m64n128k32.f32.bf16.bf16 " SG_WGMMA_D_REGS
+               ", {%64, %65, %66, %67}, %68, %69, 0, 1, 1, 1, 0;\n"
+               : SG_WGMMA_D64("+f", d)
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "r"(e));
+#elif defined(__CUDACC__)
+  trap("wgmma needs sm_90a");
+#else
+  emu::wgmma_sp_m64k32(emu::HalfType::bf16, 128, &d[0][0], a, b_desc, e);
+#endif
+}
+
+// wgmma.mma_async.sp.sync.aligned.m64n128k64.satfinite.s32.s8.s8, A in registers: as above with
+// the m16n8k64 A and metadata layouts; s32 accumulators clamped like mma.sp's .satfinite. s8
+// takes no scale or transpose immediates (B must be K-major).
+SG_DEVICE void wgmma_sp_m64n128k64_s8(int (&d)[16][4], const uint32_t (&a)[4], uint64_t b_desc, uint32_t e) {
+#if defined(SG_WGMMA_ASM)
+  asm volatile("wgmma.mma_async.sp.sync.aligned.m64n128k64.satfinite.s32.s8.s8 " SG_WGMMA_D_REGS
+               ", {%64, %65, %66, %67}, %68, %69, 0, 1;\n"
+               : SG_WGMMA_D64("+r", d)
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "r"(e));
+#elif defined(__CUDACC__)
+  trap("wgmma needs sm_90a");
+#else
+  emu::wgmma_sp_m64k64_s8(128, &d[0][0], a, b_desc, e);
 #endif
 }
 
