@@ -159,8 +159,9 @@ struct GemmShape {
   // wgmma tiles: one 16-row A tile per warp (warpgroup w: rows 64w .. 64w + 63 of the block), all
   // kBlockM X rows as the instruction's N (the m64n128 wrappers), B tiles on swizzle atoms.
   static_assert(!Tile::kWgmma || (kWarpsM == 1 && kTilesN == 1 && kBlockM == 128 && kThreads % 128 == 0 &&
-                                  kBytesA % 1024 == 0 && !Tile::kSplitK),
-                "wgmma tile: warps of 16 W rows x all 128 X rows, whole warpgroups, B at 1024-byte offsets");
+                                  kBytesA % 1024 == 0 && !Tile::kSplitK && kKTilesPerStage == 1),
+                "wgmma tile: warps of 16 W rows x all 128 X rows, whole warpgroups, B at 1024-byte offsets, "
+                "one k-tile a stage (its loads follow the stage's wgmma)");
   static_assert(kKTilesPerStage >= 1, "a stage holds whole k-tiles");
 };
 
@@ -502,9 +503,14 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinB
     // stage the next load overwrites (the one computed in iteration it - 1; a wgmma tile waits
     // for its wgmma ops at the end of each iteration).
     __syncthreads();
+    // The copies of stage tile it + kStages - 1, into the stage computed in iteration it - 1 (a
+    // wgmma tile issues them once its wgmma ops are under way, so that they overlap).
     const int next = it + S::kStages - 1;
-    if (next < num_stage_tiles) load_stage(next, next % S::kStages);
-    cp_async_commit();
+    auto load_next = [&] {
+      if (next < num_stage_tiles) load_stage(next, next % S::kStages);
+      cp_async_commit();
+    };
+    if constexpr (!Tile::kWgmma) load_next();
 
 #pragma unroll
     for (int sub = 0; sub < kStageKTiles; ++sub) {
@@ -528,6 +534,7 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinB
         for (int ks = 0; ks < S::kSteps; ++ks)
           Policy::wgmma(acc[0], a[ks], wgmma_desc_b128(b_address + ks * 64), e[ks]);
         wgmma_commit_group();
+        load_next();  // nothing in flight reads that stage
         wgmma_wait_group<0>();
         wgmma_fence_operands(acc[0]);
       } else {
