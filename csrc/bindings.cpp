@@ -190,12 +190,6 @@ void bind_simt_selftest(py::module_& m) {
     st::mma_sp_k64_s8(ptr<const int8_t>(a), ptr<const int8_t>(b), ptr<const int32_t>(c), ptr<const uint32_t>(e),
                       ptr<int32_t>(d));
   });
-  m.def("simt_selftest_wgmma_sp", [](int kind, int mode, bool b_upper_half, uintptr_t a, uintptr_t b, uintptr_t c,
-                                     uintptr_t e, uintptr_t d) {
-    py::gil_scoped_release nogil;
-    st::wgmma_sp(kind, mode, b_upper_half, ptr<const void>(a), ptr<const void>(b), ptr<const void>(c),
-                 ptr<const uint32_t>(e), ptr<void>(d));
-  });
   m.def("simt_selftest_ldmatrix", [](int matrices, bool trans, uintptr_t image, int64_t image_elems,
                                      uintptr_t lane_byte_offsets, uintptr_t out) {
     py::gil_scoped_release nogil;
@@ -253,6 +247,13 @@ void bind_kernel_api(py::module_& m, const std::string& prefix) {
     return std::make_pair(s.workspace_bytes, s.tile_counters);
   }, py::arg("M"), py::arg("N"), py::arg("K"), py::arg("config") = -1, py::arg("split_k") = 0);
   m.def((prefix + "large_m_uses_wgmma").c_str(), Api::large_m_uses_wgmma);
+  m.def((prefix + "wgmma_selftest").c_str(), [](int kind, int mode, bool b_upper_half, uintptr_t a, uintptr_t b,
+                                                uintptr_t c, uintptr_t e, uintptr_t d, uintptr_t stream) {
+    py::gil_scoped_release nogil;
+    Api::wgmma_selftest(kind, mode, b_upper_half, ptr<const void>(a), ptr<const void>(b), ptr<const void>(c),
+                        ptr<const uint32_t>(e), ptr<void>(d), ptr<void>(stream));
+  }, py::arg("kind"), py::arg("mode"), py::arg("b_upper_half"), py::arg("a"), py::arg("b"), py::arg("c"),
+     py::arg("e"), py::arg("d"), py::arg("stream") = 0);
   m.def((prefix + "decompress").c_str(), [](int64_t N, int64_t K, uintptr_t values, uintptr_t meta, uintptr_t w,
                                             int dtype, uintptr_t stream) {
     py::gil_scoped_release nogil;
@@ -322,6 +323,7 @@ struct SimtKernelApi {
   static constexpr auto kernel_meta_bytes = &simt::kernel_meta_bytes;
   static constexpr auto gemm_scratch = &simt::gemm_scratch;
   static constexpr auto large_m_uses_wgmma = &simt::large_m_uses_wgmma;
+  static constexpr auto wgmma_selftest = &simt::wgmma_selftest;
   static constexpr auto decompress = &simt::decompress;
   static constexpr auto reorder_meta = &simt::reorder_meta;
   static constexpr auto gemm = &simt::gemm;
@@ -337,6 +339,7 @@ struct CudaKernelApi {
   static constexpr auto kernel_meta_bytes = &cuda::kernel_meta_bytes;
   static constexpr auto gemm_scratch = &cuda::gemm_scratch;
   static constexpr auto large_m_uses_wgmma = &cuda::large_m_uses_wgmma;
+  static constexpr auto wgmma_selftest = &cuda::wgmma_selftest;
   static constexpr auto decompress = &cuda::decompress;
   static constexpr auto reorder_meta = &cuda::reorder_meta;
   static constexpr auto gemm = &cuda::gemm;

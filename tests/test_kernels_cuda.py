@@ -4,6 +4,7 @@ the GPU from test_kernels_simt.py, test_int8_kernels_simt.py and test_conv_kerne
 same oracles. Skips without a CUDA build or a GPU; nothing touches CUDA at import time."""
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,6 +14,7 @@ from test_int8_kernels_simt import (assert_gemm_s8_activation_close, assert_gemm
                                     assert_kernel_meta_s8_matches_reference, assert_quantize_rows_matches_reference)
 from test_kernels_simt import (DECODE, LARGE_M, WGMMA, KernelBackend, assert_compress_prune_matches_reference,
                                assert_gemm_within_twice_dense_error, cuda_kernels_available)
+from test_simt_emulator import wgmma_exact_case
 
 pytestmark = pytest.mark.skipif(
     not cuda_kernels_available(),
@@ -152,3 +154,22 @@ def test_large_m_takes_the_wgmma_tile_exactly_on_hopper():
     # choice; anywhere else it must not be taken (its kernels there are a trap).
     hopper = torch.cuda.get_device_capability() == (9, 0) and "90" in _C.build_info()["cuda_archs"].split(",")
     assert _C.cuda_large_m_uses_wgmma() == (hopper and os.environ.get("SPARSEGEMM_WGMMA") != "0")
+
+
+@pytest.mark.parametrize("kind", [0, 1, 2], ids=["f16", "bf16", "s8"])
+@pytest.mark.parametrize("upper", [False, True], ids=["k-step-0", "k-step-1"])
+@pytest.mark.parametrize("mode", [0, 2], ids=["one", "two-chained"])
+def test_wgmma_instruction_matches_the_emulator_oracle(kind, upper, mode):
+    # One wgmma.mma_async.sp m64n128 on the device against the oracle the emulator's model meets
+    # (test_simt_emulator.py): fragment, metadata, descriptor and accumulator layouts, before any
+    # pipeline. If the GEMM's wgmma tile fails on a GPU, this says whether the instruction does.
+    if not _C.cuda_large_m_uses_wgmma():
+        pytest.skip("wgmma runs on compute capability 9.0 GPUs with an sm_90a build")
+    a_bytes, b_rows, c, e, expected = wgmma_exact_case(kind, upper, mode)
+    a, b, c_dev, e_dev = (torch.from_numpy(np.ascontiguousarray(v)).cuda()
+                          for v in (a_bytes, b_rows, c, e.view(np.int32)))
+    d = torch.zeros_like(c_dev)
+    _C.cuda_wgmma_selftest(kind, mode, upper, a.data_ptr(), b.data_ptr(), c_dev.data_ptr(), e_dev.data_ptr(),
+                           d.data_ptr(), stream=torch.cuda.current_stream().cuda_stream)
+    torch.cuda.synchronize()
+    np.testing.assert_array_equal(d.cpu().numpy(), expected)

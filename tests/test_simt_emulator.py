@@ -224,13 +224,14 @@ def test_mma_k64_s8_lane_layout_is_not_the_16_bit_one():
 
 
 # ---- wgmma.mma_async.sp m64n128 (sm_90a) --------------------------------------------------------
-# One warpgroup: warp w holds A rows 16w .. 16w + 15 in the mma.sp fragment and metadata layouts
-# (selftest.cpp loads the fragments; the metadata is built here per warp with the helpers above),
-# B comes from shared memory through a 128-byte-swizzle descriptor, D is mma's C layout per 8
-# columns. kind 0 f16, 1 bf16 (k32: 16 compressed values a row), 2 s8 (k64: 32 bytes a row).
+# One warpgroup (csrc/cuda/wgmma_selftest.cuh, which tests/test_kernels_cuda.py runs on the GPU
+# against the same oracle): warp w holds A rows 16w .. 16w + 15 in the mma.sp fragment and metadata
+# layouts (the kernel loads the fragments; the metadata is built here per warp with the helpers
+# above), B comes from shared memory through a 128-byte-swizzle descriptor, D is mma's C layout
+# per 8 columns. kind 0 f16, 1 bf16 (k32: 16 compressed values a row), 2 s8 (k64: 32 bytes a row).
 def run_wgmma(kind, mode, upper, a_bytes, b_bytes, c, e):
     d = np.zeros((64, 128), dtype=c.dtype)
-    _C.simt_selftest_wgmma_sp(kind, mode, upper, ptr(a_bytes), ptr(b_bytes), ptr(c), ptr(e), ptr(d))
+    _C.simt_wgmma_selftest(kind, mode, upper, ptr(a_bytes), ptr(b_bytes), ptr(c), ptr(e), ptr(d))
     return d
 
 
@@ -247,7 +248,8 @@ def wgmma_operands(rng, kind, small=True):
     if kind == 2:
         a = rng.integers(-128, 128, (64, 32)).astype(np.int8)
         b = rng.integers(-128, 128, (k, 128)).astype(np.int8)
-        return a.astype(np.float64), b.astype(np.float64), pairs, a.view(np.uint8), np.ascontiguousarray(b.T).view(np.uint8)
+        b_rows = np.ascontiguousarray(b.T).view(np.uint8)
+        return a.astype(np.float64), b.astype(np.float64), pairs, a.view(np.uint8), b_rows
     bf16 = kind == 1
     a = rng.integers(-8, 9, (64, 16)).astype(np.float32)
     b = rng.integers(-8, 9, (k, 128)).astype(np.float32)
@@ -255,28 +257,36 @@ def wgmma_operands(rng, kind, small=True):
             np.ascontiguousarray(to_bits(b.T, bf16)).view(np.uint8))
 
 
-@pytest.mark.parametrize("kind", [0, 1, 2], ids=["f16", "bf16", "s8"])
-@pytest.mark.parametrize("upper", [False, True], ids=["k-step-0", "k-step-1"])
-@pytest.mark.parametrize("mode", [0, 2], ids=["one", "two-chained"])
-def test_wgmma_exact_against_the_dense_product(kind, upper, mode):
-    """Exact on small integers (every fp32 sum exact; s8 exactly): D = C + A B (twice: C + 2 A B)."""
+def wgmma_exact_case(kind, upper, mode):
+    """(A bytes, B rows bytes, C, e, expected D) of one exact wgmma_selftest case: small integers
+    (every fp32 sum exact; s8 exactly), D = C + A B (mode 2: C + 2 A B). Also run on the GPU."""
     rng = np.random.default_rng(31 * kind + 2 * upper + mode)
     a, b, pairs, a_bytes, b_rows = wgmma_operands(rng, kind)
     if kind == 2:
         c = rng.integers(-(2**20), 2**20, (64, 128)).astype(np.int32)
     else:
         c = rng.integers(-64, 65, (64, 128)).astype(np.float32)
-    d = run_wgmma(kind, mode, upper, a_bytes, b_rows, c, wgmma_metadata(pairs, kind))
-    product = decompress(a, pairs) @ b
-    np.testing.assert_array_equal(d, c.astype(np.float64) + (2 if mode == 2 else 1) * product)
+    expected = c.astype(np.float64) + (2 if mode == 2 else 1) * (decompress(a, pairs) @ b)
+    return a_bytes, b_rows, c, wgmma_metadata(pairs, kind), expected
 
 
-def test_wgmma_registers_in_flight_hold_no_result():
-    """Read before wgmma.wait_group: the accumulators are undefined (the emulator's poison: NaN)."""
+@pytest.mark.parametrize("kind", [0, 1, 2], ids=["f16", "bf16", "s8"])
+@pytest.mark.parametrize("upper", [False, True], ids=["k-step-0", "k-step-1"])
+@pytest.mark.parametrize("mode", [0, 2], ids=["one", "two-chained"])
+def test_wgmma_exact_against_the_dense_product(kind, upper, mode):
+    a_bytes, b_rows, c, e, expected = wgmma_exact_case(kind, upper, mode)
+    np.testing.assert_array_equal(run_wgmma(kind, mode, upper, a_bytes, b_rows, c, e), expected)
+
+
+@pytest.mark.parametrize("kind", [0, 2], ids=["f16", "s8"])
+def test_wgmma_registers_in_flight_hold_no_result(kind):
+    """Read before wgmma.wait_group: the accumulators are undefined (the emulator's poison,
+    0x7FBADBAD: NaN as f32, no plausible s32 sum)."""
     rng = np.random.default_rng(5)
-    a, b, pairs, a_bytes, b_rows = wgmma_operands(rng, 0)
-    d = run_wgmma(0, 1, False, a_bytes, b_rows, np.zeros((64, 128), np.float32), wgmma_metadata(pairs, 0))
-    assert np.all(np.isnan(d))
+    a, b, pairs, a_bytes, b_rows = wgmma_operands(rng, kind)
+    c = np.zeros((64, 128), np.int32 if kind == 2 else np.float32)
+    d = run_wgmma(kind, 1, False, a_bytes, b_rows, c, wgmma_metadata(pairs, kind))
+    assert np.all(d.view(np.uint32) == 0x7FBADBAD)
 
 
 def test_wgmma_metadata_of_each_warp_names_its_own_rows():
@@ -287,8 +297,9 @@ def test_wgmma_metadata_of_each_warp_names_its_own_rows():
     a = np.ones((64, 16), np.float32)
     b = np.zeros((32, 128), np.float32)
     b[2::4] = 1
-    d = run_wgmma(0, 0, False, to_bits(a, False).view(np.uint8), np.ascontiguousarray(to_bits(b.T, False)).view(np.uint8),
-                  np.zeros((64, 128), np.float32), wgmma_metadata(pairs, 0))
+    b_rows = np.ascontiguousarray(to_bits(b.T, False)).view(np.uint8)
+    d = run_wgmma(0, 0, False, to_bits(a, False).view(np.uint8), b_rows, np.zeros((64, 128), np.float32),
+                  wgmma_metadata(pairs, 0))
     assert np.all(d[16:32] == 8) and np.all(d[:16] == 0) and np.all(d[32:] == 0)
 
 
@@ -458,6 +469,10 @@ MISUSE = [
     (15, r"thread exited with wgmma\.mma_async results in flight"),
     (16, r"waits at __syncthreads \(divergent warpgroup\)|deadlock"),
     (17, r"block of 64 threads: warpgroup collectives need a block size that is a multiple of 128"),
+    (18, r"reads shared-memory bytes \[0, 16\) that thread 0 wrote with cp\.async and has not fenced to the async proxy"),
+    (19, r"cp\.async\.cg\.shared\.global writes shared-memory bytes \[0, 16\) while a wgmma\.mma_async in flight reads"),
+    (20, r"thread 5 passes B descriptor .* \(it must be the same across the warpgroup\)"),
+    (21, r"without a wgmma\.fence since the thread's last wgmma\.wait_group or ldmatrix"),
 ]
 
 

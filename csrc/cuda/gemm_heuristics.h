@@ -53,10 +53,12 @@ struct Decode {
 // out near half of it (PTX_SPARSE.md): LargeM's block tile and shared-memory layout, computed by
 // two warpgroups with wgmma.mma_async.sp m64n128 (warpgroup w: W rows 64w .. 64w + 63 against all
 // 128 X rows; each warp's A fragment from ldmatrix as in the other tiles, B read by the tensor
-// cores straight from the swizzled stage). 4 stages of 25 KiB (k-tiles padded to 1024 bytes for
-// the swizzle atoms): two blocks per SM fit in H100's 227 KiB, hence the 128-register launch bound.
-// Not yet timed on a GPU: the first measurements decide the stage count and whether a 256-wide
-// wgmma (one block per SM) pays.
+// cores straight from the swizzled stage). 4 stages of 25 KiB (26 KiB for int8; k-tiles are whole
+// 1024-byte swizzle atoms): two blocks per SM take 2 x (100 or 104 + 1 reserved) KiB of H100's
+// 228 KiB, hence the 128-register launch bound (ptxas, nvcc 13.0: 126-128, no spills).
+// Not yet timed on a GPU: the first measurements decide the stage count, whether a 256-wide wgmma
+// (one block per SM) pays, and whether A should come from shared memory too (its stage layout is
+// the 64-byte swizzle's), which would free the registers to keep one k-tile's wgmma in flight.
 struct WgmmaLargeM {
   static constexpr int kBlockN = 128, kBlockM = 128, kWarpsN = 8, kWarpsM = 1, kStages = 4, kKTilesPerStage = 1;
   static constexpr bool kSplitK = false;

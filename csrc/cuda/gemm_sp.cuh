@@ -476,11 +476,6 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinB
   //     register q (16-bit: K 8q + 2t + {0, 1}; int8: K 16q + 4t + {0..3}). Row warp_m kWarpM +
   //     8 j + lane % 8, chunk 4 ks + lane / 8 at chunk ^ (row % 8): k-step ks flips bit 6.
   //  E: the lane's metadata word (Policy::meta_word) of slice warp_n kWarpN / 16 + i, k-step ks.
-  if constexpr (Tile::kWgmma) {
-    // The B descriptors address absolute shared-memory offsets: SG_DYNAMIC_SMEM aligns the
-    // buffer to 1024 bytes; were it not, every result would be silently wrong.
-    if (shared_address(smem) % 1024 != 0) trap("wgmma tile: dynamic shared memory not 1024-byte aligned");
-  }
   const int a_lane_row = warp_n * S::kWarpN + (lane & 15);
   const int a_lane_offset = a_lane_row * S::kRowBytesA + (((lane >> 4) ^ ((a_lane_row >> 1) & 3)) << 4);
   const int b_lane_row = warp_m * S::kWarpM + (lane & 7);

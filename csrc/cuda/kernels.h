@@ -31,6 +31,9 @@ namespace sparsegemm {
   /* Whether large-M GEMMs on the current device take the wgmma tile (config 2; only then may a */ \
   /* launch force it on the device). The emulator plans like sm_80 (false) but runs config 2.  */ \
   bool large_m_uses_wgmma();                                                                      \
+  /* One warpgroup's wgmma.mma_async.sp m64n128 on operands in memory (wgmma_selftest.cuh).   */ \
+  void wgmma_selftest(int kind, int mode, bool b_upper_half, const void* a, const void* b, const void* c, \
+                      const uint32_t* e, void* d, void* stream);                                  \
   /* Implicit-GEMM convolution (params.h ConvParams, conv_sp.cuh): NHWC x -> NHWC Y; p.gemm's  */ \
   /* meta is the kernel-layout E, its scratch the GEMM's for (M, N, K): the same plan.          */ \
   void conv2d(const ConvParams& p, void* stream);                                                 \

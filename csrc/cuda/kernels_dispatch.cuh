@@ -21,6 +21,7 @@
 #include "kernels.h"
 #include "quantize.cuh"
 #include "reorder.cuh"
+#include "wgmma_selftest.cuh"
 
 namespace sparsegemm {
 namespace SG_KERNEL_NS {
@@ -81,14 +82,18 @@ DecodeWave decode_wave() {
 // Whether the current device runs the wgmma tile (gemm_tiles::WgmmaLargeM), which plan_gemm then
 // takes for large M: the build holds sm_90a machine code (CMake builds SM 90 as sm_90a,
 // SPARSEGEMM_SM90A) and the device is compute capability 9.0, the only one that runs it (other
-// GPUs JIT the sm_90 PTX, whose wgmma tile only traps). SPARSEGEMM_WGMMA=0 in the environment at
-// the first call turns it off (the warp-level LargeM tile instead), to time both in one build.
+// GPUs JIT the sm_90 PTX, whose wgmma tile only traps; so does CC 9.0 when CUDA_FORCE_PTX_JIT
+// makes the driver ignore machine code, hence that variable turns the tile off too).
+// SPARSEGEMM_WGMMA=0 in the environment at the first call turns it off (the warp-level LargeM tile
+// instead), to time both in one build.
 // The emulator plans like an sm_80 GPU; its tests force the wgmma tile (config 2).
 bool wgmma_tile_runs() {
 #if defined(__CUDACC__) && defined(SPARSEGEMM_SM90A)
   static const bool disabled = [] {
     const char* value = std::getenv("SPARSEGEMM_WGMMA");
-    return value != nullptr && std::string(value) == "0";
+    const char* forced_jit = std::getenv("CUDA_FORCE_PTX_JIT");
+    return (value != nullptr && std::string(value) == "0") ||
+           (forced_jit != nullptr && std::string(forced_jit) != "0" && std::string(forced_jit) != "");
   }();
   if (disabled) return false;
   constexpr int kCachedDevices = 64;
@@ -255,6 +260,30 @@ GemmScratch gemm_scratch(int64_t M, int64_t N, int64_t K, int config, int split_
 }
 
 bool large_m_uses_wgmma() { return wgmma_tile_runs(); }
+
+void wgmma_selftest(int kind, int mode, bool b_upper_half, const void* a, const void* b, const void* c,
+                    const uint32_t* e, void* d, void* stream) {
+  if (kind < 0 || kind > 2) throw std::invalid_argument("sparsegemm wgmma_selftest: kind must be 0 (f16), 1 (bf16) "
+                                                        "or 2 (s8), got " + std::to_string(kind));
+#if defined(__CUDACC__)
+  if (mode != 0 && mode != 2) throw std::invalid_argument("sparsegemm wgmma_selftest: mode must be 0 or 2 on the "
+                                                          "device (1 reads registers in flight), got " +
+                                                          std::to_string(mode));
+  if (!wgmma_tile_runs()) throw std::invalid_argument("sparsegemm wgmma_selftest: needs an sm_90a build on a "
+                                                      "compute capability 9.0 GPU");
+#else
+  if (mode < 0 || mode > 2) throw std::invalid_argument("sparsegemm wgmma_selftest: mode must be 0, 1 or 2, got " +
+                                                        std::to_string(mode));
+#endif
+  const auto s = static_cast<sg_stream_t>(stream);
+  const auto* a8 = static_cast<const uint8_t*>(a);
+  const auto* b8 = static_cast<const uint8_t*>(b);
+  const auto* c32 = static_cast<const uint32_t*>(c);
+  auto* d32 = static_cast<uint32_t*>(d);
+  if (kind == 0) launch_wgmma_selftest<0>(mode, b_upper_half, a8, b8, c32, e, d32, s);
+  if (kind == 1) launch_wgmma_selftest<1>(mode, b_upper_half, a8, b8, c32, e, d32, s);
+  if (kind == 2) launch_wgmma_selftest<2>(mode, b_upper_half, a8, b8, c32, e, d32, s);
+}
 
 void gemm(const GemmParams& p, void* stream) {
   if (p.M == 0 || p.N == 0) return;

@@ -49,6 +49,7 @@ constexpr unsigned kMaxThreadsPerBlock = 1024;
 constexpr size_t kMaxSharedBytes = 163 * 1024;
 constexpr unsigned kWarpSize = 32;
 constexpr unsigned kWarpgroupSize = 128;
+constexpr uint32_t kInFlightPoison = 0x7FBADBADu;  // wgmma accumulators in flight (wgmma_issue)
 
 // The buffers of the live ReadableBuffers on this OS thread (launches run on the launching thread).
 thread_local std::vector<ReadableBuffer> readable_buffers;
@@ -187,6 +188,15 @@ struct PendingCopy {
 struct PendingAccumulator {
   void* d;
   std::vector<unsigned char> bytes;
+  size_t read;  // its warpgroup op's entry in Launch::wgmma_reads
+};
+
+// The shared-memory bytes [begin, end) (offsets) that one warpgroup wgmma op reads, and how many of
+// its threads have not yet retired it with wgmma.wait_group: while any has not, the hardware may
+// still be reading them.
+struct WgmmaRead {
+  uint32_t begin, end;
+  unsigned holders;
 };
 
 struct Fiber {
@@ -208,6 +218,9 @@ struct Fiber {
   std::vector<PendingAccumulator> wgmma_open;
   std::deque<std::vector<PendingAccumulator>> wgmma_committed;
   bool wgmma_fenced = false;
+  // 16-byte shared-memory chunks this thread's landed cp.async wrote since its last
+  // fence.proxy.async (Launch::unfenced_writer holds the writer of each chunk).
+  std::vector<uint32_t> unfenced_chunks;
 };
 
 struct AlignedDelete {
@@ -225,6 +238,10 @@ struct Launch {
 
   std::vector<Fiber> fibers;
   std::unique_ptr<char[], AlignedDelete> smem;
+  // Per block: wgmma reads of shared memory (WgmmaRead), and per 16-byte chunk the thread whose
+  // cp.async wrote it and has not fenced it to the async proxy since (-1: none).
+  std::vector<WgmmaRead> wgmma_reads;
+  std::vector<int> unfenced_writer;
   Context scheduler;
   unsigned running = 0;
   unsigned waiting_at_barrier = 0;
@@ -298,15 +315,34 @@ void resume(unsigned i) {
 #endif
 }
 
-void apply_copies(const std::vector<PendingCopy>& copies) {
-  for (const PendingCopy& c : copies) std::memcpy(c.dst, c.bytes, sizeof c.bytes);
+// Throws if [offset, offset + bytes) of shared memory overlaps what a wgmma op in flight reads.
+void check_not_read_by_wgmma(uint32_t offset, uint32_t bytes, const char* what) {
+  for (const WgmmaRead& read : g_launch->wgmma_reads) {
+    if (read.holders == 0 || offset >= read.end || offset + bytes <= read.begin) continue;
+    fail(std::string(what) + " writes shared-memory bytes [" + std::to_string(offset) + ", " +
+         std::to_string(offset + bytes) + ") while a wgmma.mma_async in flight reads [" + std::to_string(read.begin) +
+         ", " + std::to_string(read.end) + ") (every thread of its warpgroup must pass wgmma.wait_group, and a "
+         "barrier, first)");
+  }
+}
+
+// Lands the copies of thread f: their bytes, and f as the unfenced writer of their chunks.
+void apply_copies(Fiber& f, const std::vector<PendingCopy>& copies) {
+  Launch& l = *g_launch;
+  for (const PendingCopy& c : copies) {
+    const auto offset = static_cast<uint32_t>(c.dst - l.smem.get());
+    check_not_read_by_wgmma(offset, sizeof c.bytes, "a landing cp.async");
+    std::memcpy(c.dst, c.bytes, sizeof c.bytes);
+    l.unfenced_writer[offset / 16] = static_cast<int>(f.linear);
+    f.unfenced_chunks.push_back(offset / 16);
+  }
 }
 
 // The hardware completes outstanding cp.async copies even if the thread never waits.
 void retire_all_copies(Fiber& f) {
-  for (const auto& group : f.committed) apply_copies(group);
+  for (const auto& group : f.committed) apply_copies(f, group);
   f.committed.clear();
-  apply_copies(f.open_group);
+  apply_copies(f, f.open_group);
   f.open_group.clear();
 }
 
@@ -375,6 +411,8 @@ void run_block() {
   // Fresh, poisoned shared memory: see emulator.h.
   l.smem.reset(static_cast<char*>(::operator new[](l.smem_bytes, std::align_val_t(128))));
   std::memset(l.smem.get(), 0xFF, l.smem_bytes);
+  l.wgmma_reads.clear();
+  l.unfenced_writer.assign((l.smem_bytes + 15) / 16, -1);
   l.waiting_at_barrier = 0;
   l.exited = 0;
   for (unsigned i = 0; i < l.threads; ++i) {
@@ -389,6 +427,7 @@ void run_block() {
     f.wgmma_open.clear();
     f.wgmma_committed.clear();
     f.wgmma_fenced = false;
+    f.unfenced_chunks.clear();
 #if defined(SG_SIMT_ASAN)
     // A reused stack still carries the poisoned shadow of the frames its last fiber abandoned.
     ASAN_UNPOISON_MEMORY_REGION(g_stacks.stack(i), kStackBytes);
@@ -620,8 +659,8 @@ void wgmma_fence() { current().wgmma_fenced = true; }
 const void* wgmma_accumulator_input(const void* d, const char* what) {
   Fiber& f = current();
   if (!f.wgmma_fenced)
-    fail(std::string(what) + " without a wgmma.fence since the thread's last wgmma.wait_group: the registers it "
-         "reads (accumulators, A fragment, metadata) must be fenced after other instructions wrote them");
+    fail(std::string(what) + " without a wgmma.fence since the thread's last wgmma.wait_group or ldmatrix: the "
+         "registers it reads (accumulators, A fragment, metadata) must be fenced after other instructions wrote them");
   for (auto it = f.wgmma_open.rbegin(); it != f.wgmma_open.rend(); ++it)
     if (it->d == d) return it->bytes.data();
   for (auto group = f.wgmma_committed.rbegin(); group != f.wgmma_committed.rend(); ++group)
@@ -630,10 +669,35 @@ const void* wgmma_accumulator_input(const void* d, const char* what) {
   return d;
 }
 
-void wgmma_issue(void* d, const void* result, size_t bytes) {
+size_t wgmma_read_shared(uint32_t begin, uint32_t end, const char* what) {
+  Launch& l = *g_launch;
+  for (uint32_t chunk = begin / 16; chunk < (end + 15) / 16; ++chunk) {
+    const int writer = l.unfenced_writer[chunk];
+    if (writer >= 0)
+      fail(std::string(what) + " reads shared-memory bytes [" + std::to_string(16 * chunk) + ", " +
+           std::to_string(16 * chunk + 16) + ") that thread " + std::to_string(writer) + " wrote with cp.async and "
+           "has not fenced to the async proxy (fence.proxy.async.shared::cta after its cp.async.wait_group, before "
+           "the barrier)");
+  }
+  l.wgmma_reads.push_back(WgmmaRead{begin, end, kWarpgroupSize});
+  return l.wgmma_reads.size() - 1;
+}
+
+void wgmma_issue(void* d, const void* result, size_t bytes, size_t read) {
   const auto* begin = static_cast<const unsigned char*>(result);
-  current().wgmma_open.push_back(PendingAccumulator{d, std::vector<unsigned char>(begin, begin + bytes)});
-  std::memset(d, 0xFF, bytes);  // in flight: reading the registers now is undefined
+  current().wgmma_open.push_back(PendingAccumulator{d, std::vector<unsigned char>(begin, begin + bytes), read});
+  // In flight: reading the registers now is undefined. A pattern no result is likely to hold
+  // (a NaN as f32, 2142951341 as s32).
+  for (size_t i = 0; i + 4 <= bytes; i += 4) std::memcpy(static_cast<char*>(d) + i, &kInFlightPoison, 4);
+}
+
+void wgmma_operands_written() { current().wgmma_fenced = false; }
+
+void fence_proxy_async() {
+  Fiber& f = current();
+  for (const uint32_t chunk : f.unfenced_chunks)
+    if (g_launch->unfenced_writer[chunk] == static_cast<int>(f.linear)) g_launch->unfenced_writer[chunk] = -1;
+  f.unfenced_chunks.clear();
 }
 
 void wgmma_commit() {
@@ -645,8 +709,10 @@ void wgmma_commit() {
 void wgmma_wait(int pending) {
   Fiber& f = current();
   while (f.wgmma_committed.size() > static_cast<size_t>(pending)) {
-    for (const PendingAccumulator& result : f.wgmma_committed.front())
+    for (const PendingAccumulator& result : f.wgmma_committed.front()) {
       std::memcpy(result.d, result.bytes.data(), result.bytes.size());
+      --g_launch->wgmma_reads[result.read].holders;
+    }
     f.wgmma_committed.pop_front();
   }
   f.wgmma_fenced = false;
@@ -655,6 +721,8 @@ void wgmma_wait(int pending) {
 void cp_async_16(void* dst, const void* src, bool pred) {
   check_dependency_waited("cp.async.cg.shared.global");
   check_shared_range(dst, 16, 16, "cp.async.cg.shared.global (destination)");
+  check_not_read_by_wgmma(static_cast<uint32_t>(static_cast<char*>(dst) - g_launch->smem.get()), 16,
+                          "cp.async.cg.shared.global");
   PendingCopy copy;
   copy.dst = static_cast<char*>(dst);
   if (pred) {
@@ -677,7 +745,7 @@ void cp_async_commit() {
 void cp_async_wait(int pending) {
   Fiber& f = current();
   while (f.committed.size() > static_cast<size_t>(pending)) {
-    apply_copies(f.committed.front());
+    apply_copies(f, f.committed.front());
     f.committed.pop_front();
   }
 }

@@ -137,14 +137,24 @@ uint32_t shared_window_address(const void* address);
 // issue order), else d's current bits - and hands it to wgmma_issue, which keeps it pending and
 // poisons d (0xFF bytes: NaN for f32), so a read before the wait shows up in the results.
 // wgmma_commit closes the thread's group, wgmma_wait(N) writes back all but the newest N groups.
-// A wgmma without a wgmma_fence since the thread's last wgmma_wait (or its start) is an error:
-// PTX wants the registers a wgmma reads fenced after other instructions wrote them. So is a
-// thread exiting with results in flight. `what` names the instruction for messages.
+// A wgmma without a wgmma_fence since the thread's last wgmma_wait or ldmatrix
+// (wgmma_operands_written; its other register writes are invisible here), or since its start, is
+// an error: PTX wants the registers a wgmma reads fenced after other instructions wrote them. So
+// is a thread exiting with results in flight. `what` names the instruction for messages.
+// Shared memory: the warpgroup op declares the bytes [begin, end) (offsets) it reads with
+// wgmma_read_shared, which fails if a landed cp.async wrote any of them and its thread has not run
+// fence_proxy_async since (PTX: generic-proxy writes need an async-proxy fence before wgmma reads
+// them), and returns the read's id for wgmma_issue; until every thread of the warpgroup retired
+// the op, a cp.async into those bytes (issued or landing) is an error.
 const void* wgmma_accumulator_input(const void* d, const char* what);
-void wgmma_issue(void* d, const void* result, size_t bytes);
+size_t wgmma_read_shared(uint32_t begin, uint32_t end, const char* what);
+void wgmma_issue(void* d, const void* result, size_t bytes, size_t read);
 void wgmma_fence();
+void wgmma_operands_written();
 void wgmma_commit();
 void wgmma_wait(int pending);
+// fence.proxy.async.shared::cta: the running thread's landed cp.async writes are fenced.
+void fence_proxy_async();
 
 // cp.async model (see the execution model): 16 bytes from global `src` (not read when !pred:
 // zeros instead) to shared `dst`, deferred until its commit group is waited for.

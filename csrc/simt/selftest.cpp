@@ -4,10 +4,8 @@
 #define SPARSEGEMM_SIMT 1
 #include "simt/selftest.h"
 
-#include <cstring>
 #include <stdexcept>
 #include <string>
-#include <type_traits>
 
 #include "cuda/arch/portability.cuh"
 #include "cuda/arch/warp_ops.cuh"
@@ -52,49 +50,6 @@ SG_GLOBAL void mma_sp_k64_s8_kernel(const int8_t* __restrict__ a, const int8_t* 
   for (int i = 0; i < 4; ++i) c_regs[i] = c[(g + 8 * (i / 2)) * 8 + 2 * t + i % 2];
   mma_sp_m16n8k64_s8(d_regs, a_regs, b_regs, c_regs, e[lane]);
   for (int i = 0; i < 4; ++i) d[(g + 8 * (i / 2)) * 8 + 2 * t + i % 2] = d_regs[i];
-}
-
-// One m64n128 wgmma (selftest.h wgmma_sp). Operand bytes per row: A 32, B 64 (both kinds).
-template <int Kind>
-SG_GLOBAL void wgmma_sp_kernel(int mode, bool b_upper_half, const uint8_t* __restrict__ a,
-                               const uint8_t* __restrict__ b, const uint32_t* __restrict__ c,
-                               const uint32_t* __restrict__ e, uint32_t* __restrict__ d) {
-  SG_DYNAMIC_SMEM(uint8_t, smem);
-  const unsigned tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
-  // B column n (row n of b) at byte n * 128 (+ 64), chunk q stored at chunk q ^ (n % 8).
-  for (unsigned i = tid; i < 128 * 4; i += 128) {
-    const unsigned n = i / 4, chunk = i % 4 + (b_upper_half ? 4 : 0);
-    for (int y = 0; y < 16; ++y) smem[n * 128 + ((chunk ^ (n % 8)) << 4) + y] = b[n * 64 + (i % 4) * 16 + y];
-  }
-  // A fragment (warp_ops.cuh): register r = row 16 warp + g + 8 (r % 2), bytes 16 (r / 2) + 4t .. + 3
-  // of its 32 compressed bytes (16-bit: values 8 (r / 2) + 2t, + 1; s8: 16 (r / 2) + 4t .. + 3).
-  uint32_t a_regs[4];
-  for (int r = 0; r < 4; ++r) {
-    const uint8_t* p = a + (16 * warp + g + 8 * (r % 2)) * 32 + 16 * (r / 2) + 4 * t;
-    a_regs[r] = uint32_t(p[0]) | uint32_t(p[1]) << 8 | uint32_t(p[2]) << 16 | uint32_t(p[3]) << 24;
-  }
-  using Acc = std::conditional_t<Kind == 2, int, float>;
-  Acc acc[16][4];
-  auto element = [&](int j, int r) { return (16 * warp + g + 8 * (r / 2)) * 128 + 8 * j + 2 * t + r % 2; };
-  for (int j = 0; j < 16; ++j)
-    for (int r = 0; r < 4; ++r) std::memcpy(&acc[j][r], &c[element(j, r)], 4);
-  auto store = [&] {
-    for (int j = 0; j < 16; ++j)
-      for (int r = 0; r < 4; ++r) std::memcpy(&d[element(j, r)], &acc[j][r], 4);
-  };
-  fence_proxy_async_shared();
-  __syncthreads();
-  const uint64_t desc = wgmma_desc_b128(shared_address(smem) + (b_upper_half ? 64 : 0));
-  wgmma_fence();
-  for (int issue = 0; issue < (mode == 2 ? 2 : 1); ++issue) {
-    if constexpr (Kind == 0) wgmma_sp_m64n128k32_f16(acc, a_regs, desc, e[tid]);
-    if constexpr (Kind == 1) wgmma_sp_m64n128k32_bf16(acc, a_regs, desc, e[tid]);
-    if constexpr (Kind == 2) wgmma_sp_m64n128k64_s8(acc, a_regs, desc, e[tid]);
-  }
-  wgmma_commit_group();
-  if (mode == 1) store();
-  wgmma_wait_group<0>();
-  if (mode != 1) store();
 }
 
 // Shared memory <- image (one 16-bit element per thread and step), then one ldmatrix.
@@ -255,18 +210,33 @@ SG_GLOBAL void misuse_kernel(int which) {
     case simt_selftest::Misuse::wgmma_without_fence:
     case simt_selftest::Misuse::wgmma_never_waited:
     case simt_selftest::Misuse::wgmma_divergent_warpgroup:
-    case simt_selftest::Misuse::wgmma_partial_warpgroup: {
-      const auto m = static_cast<simt_selftest::Misuse>(which);
+    case simt_selftest::Misuse::wgmma_partial_warpgroup:
+    case simt_selftest::Misuse::wgmma_reads_unfenced_copy:
+    case simt_selftest::Misuse::copy_into_wgmma_operand_in_flight:
+    case simt_selftest::Misuse::wgmma_descriptors_differ:
+    case simt_selftest::Misuse::ldmatrix_after_wgmma_fence: {
+      using simt_selftest::Misuse;
+      const auto m = static_cast<Misuse>(which);
       const uint32_t zero[4] = {0, 0, 0, 0};
       float acc[16][4] = {};
-      if (m == simt_selftest::Misuse::wgmma_divergent_warpgroup && threadIdx.x >= 32) {
+      if (m == Misuse::wgmma_divergent_warpgroup && threadIdx.x >= 32) {
         __syncthreads();
         break;
       }
-      if (m != simt_selftest::Misuse::wgmma_without_fence) wgmma_fence();
-      wgmma_sp_m64n128k32_f16(acc, zero, wgmma_desc_b128(shared_address(smem)), 0x88888888u);
+      if (m == Misuse::wgmma_reads_unfenced_copy) {  // landed and published, but not fenced
+        if (threadIdx.x == 0) cp_async_16(smem, misuse_source, true);
+        cp_async_wait_all();
+        __syncthreads();
+      }
+      if (m != Misuse::wgmma_without_fence) wgmma_fence();
+      uint32_t a[4] = {0, 0, 0, 0};
+      if (m == Misuse::ldmatrix_after_wgmma_fence) ldmatrix_x4(a, smem + 16 * (threadIdx.x % 32));
+      const uint32_t start = shared_address(smem) + (m == Misuse::wgmma_descriptors_differ && threadIdx.x == 5 ? 16 : 0);
+      wgmma_sp_m64n128k32_f16(acc, m == Misuse::ldmatrix_after_wgmma_fence ? a : zero, wgmma_desc_b128(start),
+                              0x88888888u);
       wgmma_commit_group();
-      if (m != simt_selftest::Misuse::wgmma_never_waited) wgmma_wait_group<0>();
+      if (m == Misuse::copy_into_wgmma_operand_in_flight && threadIdx.x == 0) cp_async_16(smem, misuse_source, true);
+      if (m != Misuse::wgmma_never_waited) wgmma_wait_group<0>();
       break;
     }
     case simt_selftest::Misuse::mixed_selectors: {
@@ -346,26 +316,12 @@ void convert(int kind, const void* in, void* out, int64_t n) {
   if (blocks > 0) sg_launch(kernels::convert_kernel, dim3(blocks), dim3(64), 0, nullptr, kind, in, out, n);
 }
 
-void wgmma_sp(int kind, int mode, bool b_upper_half, const void* a, const void* b, const void* c, const uint32_t* e,
-              void* d) {
-  if (mode < 0 || mode > 2) throw std::invalid_argument("wgmma_sp: mode must be 0, 1 or 2");
-  const auto* a8 = static_cast<const uint8_t*>(a);
-  const auto* b8 = static_cast<const uint8_t*>(b);
-  const auto* c32 = static_cast<const uint32_t*>(c);
-  auto* d32 = static_cast<uint32_t*>(d);
-  constexpr size_t kSmem = 128 * 128;  // 128 B columns of 128 bytes: 16 swizzle atoms
-  switch (kind) {
-    case 0: sg_launch(kernels::wgmma_sp_kernel<0>, dim3(1), dim3(128), kSmem, nullptr, mode, b_upper_half, a8, b8, c32, e, d32); break;
-    case 1: sg_launch(kernels::wgmma_sp_kernel<1>, dim3(1), dim3(128), kSmem, nullptr, mode, b_upper_half, a8, b8, c32, e, d32); break;
-    case 2: sg_launch(kernels::wgmma_sp_kernel<2>, dim3(1), dim3(128), kSmem, nullptr, mode, b_upper_half, a8, b8, c32, e, d32); break;
-    default: throw std::invalid_argument("wgmma_sp: kind must be 0 (f16), 1 (bf16) or 2 (s8)");
-  }
-}
-
 void misuse(int which) {
   const auto m = static_cast<Misuse>(which);
   const bool wgmma = m == Misuse::wgmma_without_fence || m == Misuse::wgmma_never_waited ||
-                     m == Misuse::wgmma_divergent_warpgroup;
+                     m == Misuse::wgmma_divergent_warpgroup || m == Misuse::wgmma_reads_unfenced_copy ||
+                     m == Misuse::copy_into_wgmma_operand_in_flight || m == Misuse::wgmma_descriptors_differ ||
+                     m == Misuse::ldmatrix_after_wgmma_fence;
   const unsigned threads = m == Misuse::barrier_not_reached || m == Misuse::wgmma_partial_warpgroup ? 64
                            : m == Misuse::partial_warp_block                                        ? 48
                            : wgmma                                                                   ? 128

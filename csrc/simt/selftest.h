@@ -17,18 +17,6 @@ void mma_sp_k32(bool bf16, int selector, const uint16_t* a, const uint16_t* b, c
 // One warp, one mma.sp m16n8k64 s8: a[16][32], b[8][64] (X rows), c/d[16][8] int32, e[32].
 void mma_sp_k64_s8(const int8_t* a, const int8_t* b, const int32_t* c, const uint32_t* e, int32_t* d);
 
-// One warpgroup (128 threads), wgmma.mma_async.sp m64n128 with A in registers (kind 0: f16, 1:
-// bf16, both k32; 2: s8, k64):
-//   a[64][kc] compressed A (kc = 16 values of 16 bits, or 32 bytes), b[128][64 bytes] B stored as
-//   X rows (B[k][n] = row n's k-th value), c/d[64][128] f32 (int32 for s8), e[128] each thread's
-//   metadata register. B is stored in shared memory in the 128-byte-swizzle K-major layout,
-//   in the second 64 bytes of each 128-byte row when b_upper_half (descriptor start + 64).
-//   mode 0: fence, one wgmma, commit, wait, store d;
-//   mode 1: store d before the wait (what the registers hold in flight), then wait;
-//   mode 2: two wgmma ops into the same accumulators in one group: d = c + 2 A B.
-void wgmma_sp(int kind, int mode, bool b_upper_half, const void* a, const void* b, const void* c, const uint32_t* e,
-              void* d);
-
 // One warp: shared memory <- image[image_elems] (16-bit), then ldmatrix.x{matrices}{.trans} with
 // lane L's row address = shared base + lane_byte_offsets[L]; out[32][4] (unused registers 0).
 void ldmatrix(int matrices, bool trans, const uint16_t* image, int64_t image_elems, const int32_t* lane_byte_offsets,
@@ -84,6 +72,10 @@ enum class Misuse : int {
   wgmma_never_waited = 15,       // a warpgroup exits with its wgmma results in flight
   wgmma_divergent_warpgroup = 16,  // warp 0 issues wgmma while warps 1..3 wait at __syncthreads
   wgmma_partial_warpgroup = 17,  // a 64-thread block issues wgmma
+  wgmma_reads_unfenced_copy = 18,  // B written by a landed cp.async, published by a barrier, not proxy-fenced
+  copy_into_wgmma_operand_in_flight = 19,  // thread 0 copies into B before wgmma.wait_group
+  wgmma_descriptors_differ = 20,  // thread 5 passes another B descriptor than the rest of its warpgroup
+  ldmatrix_after_wgmma_fence = 21,  // wgmma reads an A fragment that ldmatrix wrote after the fence
 };
 void misuse(int which);
 

@@ -13,6 +13,8 @@
 #include "simt/warp_models.h"
 
 #include <algorithm>
+#include <climits>
+#include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <map>
@@ -186,6 +188,10 @@ struct WgmmaIn {
   uint64_t b_desc;
   const uint32_t* c;  // n / 2 accumulator bit patterns (wgmma_accumulator_input)
 };
+struct WgmmaOut {
+  uint32_t d[kMaxWgmmaN / 2];
+  size_t read;  // emulator.h wgmma_read_shared
+};
 
 // Row `col` of B (K-major: one B column's K values, 64 bytes: k32 of 16-bit or k64 of s8) through
 // the matrix descriptor, fields per PTX ISA "Matrix Descriptor Format": start address, leading
@@ -196,7 +202,9 @@ struct WgmmaIn {
 // it forms, so the kernel stores chunk c of row r at c ^ (r % 8) in a 1024-byte aligned atom.
 // The leading byte offset steps between atoms along K, which a 64-byte K range inside one
 // 128-byte row never crosses.
-void wgmma_b_row(const char* name, uint64_t desc, int col, unsigned char (&bytes)[64]) {
+// Also widens [lowest, highest) (shared-memory offsets) to the bytes read.
+void wgmma_b_row(const char* name, uint64_t desc, int col, unsigned char (&bytes)[64], uint32_t& lowest,
+                 uint32_t& highest) {
   const uint32_t start = uint32_t(desc & 0x3FFF) << 4;
   const uint32_t stride = uint32_t((desc >> 32) & 0x3FFF) << 4;
   const int base_offset = int((desc >> 49) & 7), swizzle = int(desc >> 62);
@@ -223,16 +231,30 @@ void wgmma_b_row(const char* name, uint64_t desc, int col, unsigned char (&bytes
     const char* address = shared_memory() + physical;
     check_shared_range(address, 16, 16, name);
     std::memcpy(bytes + 16 * chunk, address, 16);
+    lowest = std::min(lowest, physical);
+    highest = std::max(highest, physical + 16);
   }
 }
 
 // The warpgroup's wgmma: per warp w and 8-column block j, the mma tile model with lane inputs
 // built from the threads' A, metadata and C, and B's fragment (register q: bytes 16q + 4t .. +3
 // of B column 8j + g, the m16n8k32 / m16n8k64 B layout in bytes) from shared memory.
+// The descriptor must be the same in all 128 threads (PTX).
 template <typename TileIn>
 void compute_wgmma(const char* name, void (*tile)(const char*, const void* const[32], void* const[32]),
                    const void* const thread_inputs[128], void* const thread_outputs[128]) {
-  const int n = static_cast<const WgmmaIn*>(thread_inputs[0])->n;
+  const auto& first = *static_cast<const WgmmaIn*>(thread_inputs[0]);
+  const int n = first.n;
+  for (int thread = 1; thread < 128; ++thread)
+    if (static_cast<const WgmmaIn*>(thread_inputs[thread])->b_desc != first.b_desc) {
+      char buf[240];
+      std::snprintf(buf, sizeof buf, "%s: thread %d passes B descriptor 0x%016llX, thread 0 0x%016llX (it must be "
+                    "the same across the warpgroup)", name, thread,
+                    static_cast<unsigned long long>(static_cast<const WgmmaIn*>(thread_inputs[thread])->b_desc),
+                    static_cast<unsigned long long>(first.b_desc));
+      fail(buf);
+    }
+  uint32_t lowest = UINT32_MAX, highest = 0;
   for (int warp = 0; warp < 4; ++warp)
     for (int j = 0; j < n / 8; ++j) {
       TileIn in[kLanes];
@@ -242,7 +264,7 @@ void compute_wgmma(const char* name, void (*tile)(const char*, const void* const
       for (int lane = 0; lane < kLanes; ++lane) {
         const auto& thread = *static_cast<const WgmmaIn*>(thread_inputs[32 * warp + lane]);
         unsigned char column[64];
-        wgmma_b_row(name, thread.b_desc, 8 * j + lane / 4, column);
+        wgmma_b_row(name, thread.b_desc, 8 * j + lane / 4, column, lowest, highest);
         std::memcpy(in[lane].a, thread.a, sizeof in[lane].a);
         for (int q = 0; q < 4; ++q) std::memcpy(&in[lane].b[q], column + 16 * q + 4 * (lane % 4), 4);
         std::memcpy(in[lane].c, thread.c + 4 * j, sizeof in[lane].c);
@@ -252,8 +274,11 @@ void compute_wgmma(const char* name, void (*tile)(const char*, const void* const
       }
       tile(name, lane_inputs, lane_outputs);
       for (int lane = 0; lane < kLanes; ++lane)
-        std::memcpy(static_cast<uint32_t*>(thread_outputs[32 * warp + lane]) + 4 * j, out[lane].d, sizeof out[lane].d);
+        std::memcpy(static_cast<WgmmaOut*>(thread_outputs[32 * warp + lane])->d + 4 * j, out[lane].d,
+                    sizeof out[lane].d);
     }
+  const size_t read = wgmma_read_shared(lowest, highest, name);
+  for (int thread = 0; thread < 128; ++thread) static_cast<WgmmaOut*>(thread_outputs[thread])->read = read;
 }
 
 template <HalfType Type>
@@ -299,9 +324,9 @@ void issue_wgmma(int kind, int n, void* d, const uint32_t (&a)[4], uint64_t b_de
   in.e = e;
   in.b_desc = b_desc;
   in.c = static_cast<const uint32_t*>(wgmma_accumulator_input(d, op.name));
-  uint32_t result[kMaxWgmmaN / 2];
-  warpgroup_collective(op, &in, result);
-  wgmma_issue(d, result, sizeof(uint32_t) * size_t(n / 2));
+  WgmmaOut out;
+  warpgroup_collective(op, &in, &out);
+  wgmma_issue(d, out.d, sizeof(uint32_t) * size_t(n / 2), out.read);
 }
 
 // ---- ldmatrix ----------------------------------------------------------------------------------
@@ -471,6 +496,7 @@ void ldmatrix(int matrices, bool trans, uint32_t* regs, const void* row_address)
   LdmatrixOut out;
   warp_collective(*op, &row_address, &out);
   std::memcpy(regs, out.r, sizeof(uint32_t) * static_cast<size_t>(matrices));
+  wgmma_operands_written();  // registers a wgmma may read: it needs a wgmma.fence after this
 }
 
 uint32_t shfl(ShuffleMode mode, uint32_t mask, uint32_t value, int b, int c) {

@@ -37,8 +37,9 @@
 #define SG_KERNEL_NS cuda
 #define SG_LAUNCH_BOUNDS(...) __launch_bounds__(__VA_ARGS__)
 // 1024-byte aligned: wgmma's 128-byte swizzle works on absolute shared-memory addresses, so its B
-// tiles must start 1024-byte atoms (warp_ops.cuh wgmma_desc_b128); no kernel has static shared
-// memory, so the alignment costs nothing.
+// tiles must start 1024-byte atoms (warp_ops.cuh wgmma_desc_b128). ptxas relies on it (it folds
+// the descriptors' address arithmetic accordingly; on sm_90 the buffer starts at 0x400, past the
+// 1 KiB the system reserves); no kernel has static shared memory, so it costs nothing.
 #define SG_DYNAMIC_SMEM(type, name) extern __shared__ __align__(1024) type name[]
 
 using sg_stream_t = cudaStream_t;

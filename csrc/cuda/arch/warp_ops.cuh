@@ -246,10 +246,12 @@ SG_DEVICE void wgmma_fence_operands(Acc (&d)[16][4]) {
 // fence.proxy.async.shared::cta: orders this thread's earlier shared-memory writes (stores, landed
 // cp.async copies) before later reads by the async proxy (wgmma's B operand), once a barrier
 // hands them on. PTX ISA 9.7.15.4 asks for it; CUTLASS's cp.async wgmma mainloops omit it, XLA
-// emits it. Nothing to order in the emulator.
+// emits it. The emulator tracks it for cp.async writes (emulator.h wgmma_read_shared).
 SG_DEVICE void fence_proxy_async_shared() {
 #if defined(SG_WGMMA_ASM)
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#elif !defined(__CUDACC__)
+  emu::fence_proxy_async();
 #endif
 }
 
