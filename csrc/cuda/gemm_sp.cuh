@@ -110,11 +110,7 @@ struct Mma16 {
   // d += A * B over one k-step for a warpgroup (wgmma tiles): this warp's A fragment and metadata
   // word as for mma, B = 128 X rows through the shared-memory descriptor.
   static SG_DEVICE void wgmma(Acc (&d)[16][4], const uint32_t (&a)[4], uint64_t b_desc, uint32_t e) {
-    if constexpr (kDType == DType::bf16) {
-      wgmma_sp_m64n128k32_bf16(d, a, b_desc, e);
-    } else {
-      wgmma_sp_m64n128k32_f16(d, a, b_desc, e);
-    }
+    wgmma_sp_m64n128k32<kDType>(d, a, b_desc, e);
   }
   static SG_DEVICE Acc saturate(PartialSum sum) { return sum; }
   static SG_DEVICE float dequantize(Acc acc, float, float) { return acc; }

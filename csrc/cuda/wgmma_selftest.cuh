@@ -66,8 +66,8 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS(128) wgmma_selftest_kernel(bool b_upper_half, co
   wgmma_fence();
 #pragma unroll
   for (int issue = 0; issue < (Mode == 2 ? 2 : 1); ++issue) {
-    if constexpr (Kind == 0) wgmma_sp_m64n128k32_f16(acc, a_regs, desc, meta);
-    if constexpr (Kind == 1) wgmma_sp_m64n128k32_bf16(acc, a_regs, desc, meta);
+    if constexpr (Kind == 0) wgmma_sp_m64n128k32<DType::f16>(acc, a_regs, desc, meta);
+    if constexpr (Kind == 1) wgmma_sp_m64n128k32<DType::bf16>(acc, a_regs, desc, meta);
     if constexpr (Kind == 2) wgmma_sp_m64n128k64_s8(acc, a_regs, desc, meta);
   }
   wgmma_commit_group();

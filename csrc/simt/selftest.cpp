@@ -231,9 +231,10 @@ SG_GLOBAL void misuse_kernel(int which) {
       if (m != Misuse::wgmma_without_fence) wgmma_fence();
       uint32_t a[4] = {0, 0, 0, 0};
       if (m == Misuse::ldmatrix_after_wgmma_fence) ldmatrix_x4(a, smem + 16 * (threadIdx.x % 32));
-      const uint32_t start = shared_address(smem) + (m == Misuse::wgmma_descriptors_differ && threadIdx.x == 5 ? 16 : 0);
-      wgmma_sp_m64n128k32_f16(acc, m == Misuse::ldmatrix_after_wgmma_fence ? a : zero, wgmma_desc_b128(start),
-                              0x88888888u);
+      const bool other_descriptor = m == Misuse::wgmma_descriptors_differ && threadIdx.x == 5;
+      const uint32_t start = shared_address(smem) + (other_descriptor ? 16 : 0);
+      wgmma_sp_m64n128k32<DType::f16>(acc, m == Misuse::ldmatrix_after_wgmma_fence ? a : zero,
+                                      wgmma_desc_b128(start), 0x88888888u);
       wgmma_commit_group();
       if (m == Misuse::copy_into_wgmma_operand_in_flight && threadIdx.x == 0) cp_async_16(smem, misuse_source, true);
       if (m != Misuse::wgmma_never_waited) wgmma_wait_group<0>();

@@ -255,33 +255,29 @@ SG_DEVICE void fence_proxy_async_shared() {
 #endif
 }
 
-// wgmma.mma_async.sp.sync.aligned.m64n128k32.f32.f16.f16, A in registers (see above).
-SG_DEVICE void wgmma_sp_m64n128k32_f16(float (&d)[16][4], const uint32_t (&a)[4], uint64_t b_desc, uint32_t e) {
+// wgmma.mma_async.sp.sync.aligned.m64n128k32.f32.{f16,bf16}.{f16,bf16}, A in registers (see
+// above); kDType: DType::f16 or DType::bf16.
+#define SG_WGMMA_SP_K32(type, d, a, b_desc, e)                                                      \
+  asm volatile("wgmma.mma_async.sp.sync.aligned.m64n128k32.f32." type "." type " " SG_WGMMA_D_REGS \
+               ", {%64, %65, %66, %67}, %68, %69, 0, 1, 1, 1, 0;\n"                                \
+               : SG_WGMMA_D64("+f", d)                                                              \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "r"(e))
+template <DType kDType>
+SG_DEVICE void wgmma_sp_m64n128k32(float (&d)[16][4], const uint32_t (&a)[4], uint64_t b_desc, uint32_t e) {
+  static_assert(kDType == DType::f16 || kDType == DType::bf16, "wgmma k32 takes f16 or bf16");
 #if defined(SG_WGMMA_ASM)
-  asm volatile("wgmma.mma_async.sp.sync.aligned.m64n128k32.f32.f16.f16 " SG_WGMMA_D_REGS
-               ", {%64, %65, %66, %67}, %68, %69, 0, 1, 1, 1, 0;\n"
-               : SG_WGMMA_D64("+f", d)
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "r"(e));
+  if constexpr (kDType == DType::bf16) {
+    SG_WGMMA_SP_K32("bf16", d, a, b_desc, e);
+  } else {
+    SG_WGMMA_SP_K32("f16", d, a, b_desc, e);
+  }
 #elif defined(__CUDACC__)
   trap("wgmma needs sm_90a");
 #else
-  emu::wgmma_sp_m64k32(emu::HalfType::f16, 128, &d[0][0], a, b_desc, e);
+  emu::wgmma_sp_m64k32(kDType == DType::bf16 ? emu::HalfType::bf16 : emu::HalfType::f16, 128, &d[0][0], a, b_desc, e);
 #endif
 }
-
-// The same with bf16 inputs (.f32.bf16.bf16).
-SG_DEVICE void wgmma_sp_m64n128k32_bf16(float (&d)[16][4], const uint32_t (&a)[4], uint64_t b_desc, uint32_t e) {
-#if defined(SG_WGMMA_ASM)
-  asm volatile("wgmma.mma_async.sp.sync.aligned.m64n128k32.f32.bf16.bf16 " SG_WGMMA_D_REGS
-               ", {%64, %65, %66, %67}, %68, %69, 0, 1, 1, 1, 0;\n"
-               : SG_WGMMA_D64("+f", d)
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "r"(e));
-#elif defined(__CUDACC__)
-  trap("wgmma needs sm_90a");
-#else
-  emu::wgmma_sp_m64k32(emu::HalfType::bf16, 128, &d[0][0], a, b_desc, e);
-#endif
-}
+#undef SG_WGMMA_SP_K32
 
 // wgmma.mma_async.sp.sync.aligned.m64n128k64.satfinite.s32.s8.s8, A in registers: as above with
 // the m16n8k64 A and metadata layouts; s32 accumulators clamped like mma.sp's .satfinite. s8
