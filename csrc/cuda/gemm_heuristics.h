@@ -18,8 +18,8 @@ namespace gemm_tiles {
 // Each warp computes (kBlockN / kWarpsN) x (kBlockM / kWarpsM) of the output.
 
 // Prefill / large M: compute bound, 8 warps of 64 (N) x 32 (M), 3 stages (75 KiB of shared memory,
-// 78 KiB for int8). ptxas (nvcc 13.0): 124-128 registers on sm_90 (tests/test_sass.py holds it at
-// <= 128), so two blocks per SM fit on H100, and 125-126 on sm_80 (159 before the metadata copies
+// 78 KiB for int8). ptxas (nvcc 13.0): 114-120 registers on sm_90a (tests/test_sass.py holds it at
+// <= 128), so two blocks per SM fit on H100, and 110-121 on sm_80 (159 before the metadata copies
 // got their source set up once, gemm_sp.cuh), so two fit on A100 too (not measured there); no
 // spills. The implicit-GEMM convolution runs the same plan with its NHWC loader (conv_sp.cuh). No
 // split-K: a large-M grid fills the GPU by itself, and compiling the split-K tail into this tile
@@ -37,8 +37,8 @@ struct LargeM {
 // a stage reads 128-byte runs of 128 Wc rows (whole L2 lines; 64-byte runs were 2-14% slower), 88
 // KiB of shared memory in all (96 KiB for int8). Split-K over blocks fills the GPU when N alone
 // cannot (the only tile with kSplitK: gemm_sp.cuh compiles the split-K tail for it alone). Launch
-// bounds of two blocks per SM, what its shared memory allows on H100 / H200: 65-69 registers on
-// sm_90, 73-75 on sm_80; without a stated minimum ptxas once held it to 64 and the convolution
+// bounds of two blocks per SM, what its shared memory allows on H100 / H200: 60-67 registers on
+// sm_90a, 58-68 on sm_80; without a stated minimum ptxas once held it to 64 and the convolution
 // spilled on sm_80. Chosen by a sweep on H200 (bench/results/2026-11-26-H200-run5/sweep.txt, config
 // 5): 3-7% faster than 4 warps x 64 rows, which beat 6 stages, 4 k-tiles per stage, 32-row blocks
 // and an L2 prefetch hint on the weight copies.

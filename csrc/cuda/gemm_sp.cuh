@@ -541,6 +541,9 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinB
           }
 #pragma unroll
           for (int j = 0; j < S::kTilesM; ++j) {
+            // 8-row B tiles wholly past M (decode at M <= 8: half the tile) are zeros: neither
+            // loaded nor multiplied. Their accumulators stay 0 and are never stored.
+            if (warp_m * S::kWarpM + j * 8 >= x_rows) continue;
             uint32_t b[4];
             ldmatrix_x4(b, sB + (b_lane_offset ^ (ks << 6)) + j * 8 * S::kRowBytesB);
 #pragma unroll
