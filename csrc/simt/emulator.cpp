@@ -241,6 +241,7 @@ struct Launch {
   // Per block: wgmma reads of shared memory (WgmmaRead), and per 16-byte chunk the thread whose
   // cp.async wrote it and has not fenced it to the async proxy since (-1: none).
   std::vector<WgmmaRead> wgmma_reads;
+  size_t first_live_read = 0;  // the wgmma_reads before it are all retired: checks start here
   std::vector<int> unfenced_writer;
   Context scheduler;
   unsigned running = 0;
@@ -317,7 +318,9 @@ void resume(unsigned i) {
 
 // Throws if [offset, offset + bytes) of shared memory overlaps what a wgmma op in flight reads.
 void check_not_read_by_wgmma(uint32_t offset, uint32_t bytes, const char* what) {
-  for (const WgmmaRead& read : g_launch->wgmma_reads) {
+  const std::vector<WgmmaRead>& reads = g_launch->wgmma_reads;
+  for (size_t i = g_launch->first_live_read; i < reads.size(); ++i) {
+    const WgmmaRead& read = reads[i];
     if (read.holders == 0 || offset >= read.end || offset + bytes <= read.begin) continue;
     fail(std::string(what) + " writes shared-memory bytes [" + std::to_string(offset) + ", " +
          std::to_string(offset + bytes) + ") while a wgmma.mma_async in flight reads [" + std::to_string(read.begin) +
@@ -412,6 +415,7 @@ void run_block() {
   l.smem.reset(static_cast<char*>(::operator new[](l.smem_bytes, std::align_val_t(128))));
   std::memset(l.smem.get(), 0xFF, l.smem_bytes);
   l.wgmma_reads.clear();
+  l.first_live_read = 0;
   l.unfenced_writer.assign((l.smem_bytes + 15) / 16, -1);
   l.waiting_at_barrier = 0;
   l.exited = 0;
@@ -715,6 +719,9 @@ void wgmma_wait(int pending) {
     }
     f.wgmma_committed.pop_front();
   }
+  Launch& l = *g_launch;
+  while (l.first_live_read < l.wgmma_reads.size() && l.wgmma_reads[l.first_live_read].holders == 0)
+    ++l.first_live_read;
   f.wgmma_fenced = false;
 }
 
