@@ -157,6 +157,15 @@ def test_large_m_takes_the_wgmma_tile_exactly_on_hopper():
     assert _C.cuda_large_m_uses_wgmma() == (hopper and not turned_off)
 
 
+
+def test_forcing_the_wgmma_tile_where_it_cannot_run_is_refused():
+    # Off Hopper (or with the tile turned off) its kernels are a trap: the launch must not happen.
+    if _C.cuda_large_m_uses_wgmma():
+        pytest.skip("this GPU runs the wgmma tile")
+    with pytest.raises(ValueError, match="config 2 \\(the wgmma tile\\) needs a build with SM 90"):
+        _C.cuda_gemm_scratch(256, 256, 256, WGMMA, 0)
+
+
 @pytest.mark.parametrize("kind", [0, 1, 2], ids=["f16", "bf16", "s8"])
 @pytest.mark.parametrize("upper", [False, True], ids=["k-step-0", "k-step-1"])
 @pytest.mark.parametrize("mode", [0, 2], ids=["one", "two-chained"])
