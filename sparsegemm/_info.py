@@ -37,6 +37,9 @@ def info() -> dict:
         "cuda_runtime": built.get("cuda_runtime_version"),
         "gpus": [{"name": g["name"], "capability": tuple(g["capability"]), "sm_count": g["sm_count"]} for g in gpus],
         "gpu_available": bool(gpus),
+        # The large-M GEMM on the current GPU: warpgroup wgmma.mma_async.sp on compute capability
+        # 9.0 with an sm_90a build (unless SPARSEGEMM_WGMMA=0), warp-level mma.sp elsewhere.
+        "cuda_large_m_tile": (("wgmma.sp" if _C.cuda_large_m_uses_wgmma() else "mma.sp") if gpus else None),
         "cpu": platform.processor() or platform.machine(),
         "cpu_isa": built["cpu_isa"],
         "cpu_flags": _cpu_flags(),

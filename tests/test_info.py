@@ -16,6 +16,7 @@ def test_info_fields():
     assert info["cpu_isa"] in ("avx512", "avx2", "generic")
     if info["cuda_built"]:
         assert info["cuda_archs"] and all(int(a) >= 80 for a in info["cuda_archs"])
+    assert info["cuda_large_m_tile"] in (("wgmma.sp", "mma.sp") if info["gpu_available"] else (None,))
 
 
 def test_import_does_not_initialise_cuda():
