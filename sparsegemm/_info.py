@@ -38,7 +38,8 @@ def info() -> dict:
         "gpus": [{"name": g["name"], "capability": tuple(g["capability"]), "sm_count": g["sm_count"]} for g in gpus],
         "gpu_available": bool(gpus),
         # The large-M GEMM on the current GPU: warpgroup wgmma.mma_async.sp on compute capability
-        # 9.0 with an sm_90a build (unless SPARSEGEMM_WGMMA=0), warp-level mma.sp elsewhere.
+        # 9.0 with an sm_90a build (unless SPARSEGEMM_WGMMA=0 or CUDA_FORCE_PTX_JIT is set),
+        # warp-level mma.sp elsewhere.
         "cuda_large_m_tile": (("wgmma.sp" if _C.cuda_large_m_uses_wgmma() else "mma.sp") if gpus else None),
         "cpu": platform.processor() or platform.machine(),
         "cpu_isa": built["cpu_isa"],

@@ -22,6 +22,26 @@ pytestmark = pytest.mark.skipif(
 
 GPU = KernelBackend("cuda")
 
+
+@pytest.mark.parametrize("kind", [0, 1, 2], ids=["f16", "bf16", "s8"])
+@pytest.mark.parametrize("upper", [False, True], ids=["k-step-0", "k-step-1"])
+@pytest.mark.parametrize("mode", [0, 2], ids=["one", "two-chained"])
+def test_wgmma_instruction_matches_the_emulator_oracle(kind, upper, mode):
+    # One wgmma.mma_async.sp m64n128 on the device against the oracle the emulator's model meets
+    # (test_simt_emulator.py): fragment, metadata, descriptor and accumulator layouts, before any
+    # pipeline. If the GEMM's wgmma tile fails on a GPU, this says whether the instruction does.
+    if not _C.cuda_large_m_uses_wgmma():
+        pytest.skip("wgmma runs on compute capability 9.0 GPUs with an sm_90a build")
+    a_bytes, b_rows, c, e, expected = wgmma_exact_case(kind, upper, mode)
+    a, b, c_dev, e_dev = (torch.from_numpy(np.ascontiguousarray(v)).cuda()
+                          for v in (a_bytes, b_rows, c, e.view(np.int32)))
+    d = torch.zeros_like(c_dev)
+    _C.cuda_wgmma_selftest(kind, mode, upper, a.data_ptr(), b.data_ptr(), c_dev.data_ptr(), e_dev.data_ptr(),
+                           d.data_ptr(), stream=torch.cuda.current_stream().cuda_stream)
+    torch.cuda.synchronize()
+    np.testing.assert_array_equal(d.cpu().numpy(), expected)
+
+
 # (M, N, K, config, split_k): decode and prefill at model sizes, a forced split-K, ragged tails; the
 # warp-level large-M tile forced, and the wgmma tile (skipped where the GPU does not run it).
 LARGE_GEMMS = [(1, 8192, 8192, -1, 0), (16, 4096, 4096, -1, 0), (8, 4096, 4096, DECODE, 7),
@@ -153,33 +173,14 @@ def test_large_m_takes_the_wgmma_tile_exactly_on_hopper():
     # Compute capability 9.0 with SM 90 in the build (sm_90a machine code): the heuristic's large-M
     # choice; anywhere else it must not be taken (its kernels there are a trap).
     hopper = torch.cuda.get_device_capability() == (9, 0) and "90" in _C.build_info()["cuda_archs"].split(",")
-    turned_off = os.environ.get("SPARSEGEMM_WGMMA") == "0" or os.environ.get("CUDA_FORCE_PTX_JIT", "0") not in ("", "0")
+    turned_off = (os.environ.get("SPARSEGEMM_WGMMA") == "0"
+                  or os.environ.get("CUDA_FORCE_PTX_JIT", "0") not in ("", "0"))
     assert _C.cuda_large_m_uses_wgmma() == (hopper and not turned_off)
-
 
 
 def test_forcing_the_wgmma_tile_where_it_cannot_run_is_refused():
     # Off Hopper (or with the tile turned off) its kernels are a trap: the launch must not happen.
     if _C.cuda_large_m_uses_wgmma():
         pytest.skip("this GPU runs the wgmma tile")
-    with pytest.raises(ValueError, match="config 2 \\(the wgmma tile\\) needs a build with SM 90"):
+    with pytest.raises(ValueError, match=r"config 2 \(the wgmma tile\) needs sm_90a machine code .*, but "):
         _C.cuda_gemm_scratch(256, 256, 256, WGMMA, 0)
-
-
-@pytest.mark.parametrize("kind", [0, 1, 2], ids=["f16", "bf16", "s8"])
-@pytest.mark.parametrize("upper", [False, True], ids=["k-step-0", "k-step-1"])
-@pytest.mark.parametrize("mode", [0, 2], ids=["one", "two-chained"])
-def test_wgmma_instruction_matches_the_emulator_oracle(kind, upper, mode):
-    # One wgmma.mma_async.sp m64n128 on the device against the oracle the emulator's model meets
-    # (test_simt_emulator.py): fragment, metadata, descriptor and accumulator layouts, before any
-    # pipeline. If the GEMM's wgmma tile fails on a GPU, this says whether the instruction does.
-    if not _C.cuda_large_m_uses_wgmma():
-        pytest.skip("wgmma runs on compute capability 9.0 GPUs with an sm_90a build")
-    a_bytes, b_rows, c, e, expected = wgmma_exact_case(kind, upper, mode)
-    a, b, c_dev, e_dev = (torch.from_numpy(np.ascontiguousarray(v)).cuda()
-                          for v in (a_bytes, b_rows, c, e.view(np.int32)))
-    d = torch.zeros_like(c_dev)
-    _C.cuda_wgmma_selftest(kind, mode, upper, a.data_ptr(), b.data_ptr(), c_dev.data_ptr(), e_dev.data_ptr(),
-                           d.data_ptr(), stream=torch.cuda.current_stream().cuda_stream)
-    torch.cuda.synchronize()
-    np.testing.assert_array_equal(d.cpu().numpy(), expected)

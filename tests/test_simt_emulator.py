@@ -241,7 +241,7 @@ def wgmma_metadata(pairs, kind):
     return np.concatenate([per_warp(pairs[16 * w:16 * w + 16]) for w in range(4)]).astype(np.uint32)
 
 
-def wgmma_operands(rng, kind, small=True):
+def wgmma_operands(rng, kind):
     """(A values [64, kc], B [K, 128], pairs, A bytes, B rows bytes) with random legal metadata."""
     k = 64 if kind == 2 else 32
     pairs = random_pairs(rng, 64, k // 4)
@@ -473,6 +473,8 @@ MISUSE = [
     (19, r"cp\.async\.cg\.shared\.global writes shared-memory bytes \[0, 16\) while a wgmma\.mma_async in flight reads"),
     (20, r"thread 5 passes B descriptor .* \(it must be the same across the warpgroup\)"),
     (21, r"without a wgmma\.fence since the thread's last wgmma\.wait_group or ldmatrix"),
+    (22, r"reads shared-memory bytes \[0, 16\) that a cp\.async of thread 0 still in flight writes"),
+    (23, r"reads shared-memory bytes \[0, 16\) that thread 1 wrote with cp\.async and has not fenced"),
 ]
 
 

@@ -238,7 +238,8 @@ SG_DEVICE float scale_at(const float* scales, int64_t index, int64_t count) {
 // Whether gemm_sp_kernel's X copies through precomputed pointers may take several passes per
 // thread (LargeM; the decode tile has one): on sm_90 and newer and in the emulator. On sm_80-89
 // ptxas (nvcc 13.0) took the LargeM tile from 125-126 to 157-159 registers with them (one block
-// per SM on A100 instead of two), so there LargeM's X keeps copy(); on sm_90 it stays at 126-128.
+// per SM on A100 instead of two), so there LargeM's X keeps copy(); on sm_90 it stayed at 126-128
+// (114-120 since the MMA skips B tiles past M).
 // Device code only: the host pass of nvcc sees `true` whatever the target.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
 constexpr bool kMultiPassXCopies = false;
@@ -408,7 +409,7 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinB
       }
     }
     // Otherwise through copy(): all kBlockM rows with the missing ones skipped inside, rather than
-    // a loop bounded by x_rows (the constant trip count keeps the LargeM tile at 128 registers).
+    // a loop bounded by x_rows (the constant trip count kept the LargeM tile at 128 registers).
     if (!x_copied) {
       for (int c = tid; c < S::kBlockM * 8 * kStageKTiles; c += S::kThreads) {
         const int r = c / (8 * kStageKTiles), sub = (c / 8) % kStageKTiles, chunk = c & 7;
@@ -445,8 +446,9 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinB
   // grid's completion in turn.
   launch_dependent_grids();
 
-  // Rows of X past M: zero in every stage and k-tile, once (the MMA reads them; their results
-  // land in output columns that are never stored).
+  // Rows of X past M: zero in every stage and k-tile, once (an 8-row MMA tile that also holds rows
+  // below M reads them, and the wgmma tile reads all kBlockM rows; their results land in output
+  // columns that are never stored).
   for (int c = tid; c < S::kStages * kStageKTiles * (S::kBlockM - x_rows) * 8; c += S::kThreads) {
     const int ktile = c / ((S::kBlockM - x_rows) * 8), rest = c % ((S::kBlockM - x_rows) * 8);
     char* sB = smem + ktile * S::kKTileBytes + S::kBytesA;
@@ -542,7 +544,8 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinB
 #pragma unroll
           for (int j = 0; j < S::kTilesM; ++j) {
             // 8-row B tiles wholly past M (decode at M <= 8: half the tile) are zeros: neither
-            // loaded nor multiplied. Their accumulators stay 0 and are never stored.
+            // loaded nor multiplied. Their accumulators stay 0 and are never stored. The test is
+            // warp-uniform (warp_m and the block's x_rows), as ldmatrix and mma.sp require.
             if (warp_m * S::kWarpM + j * 8 >= x_rows) continue;
             uint32_t b[4];
             ldmatrix_x4(b, sB + (b_lane_offset ^ (ks << 6)) + j * 8 * S::kRowBytesB);

@@ -79,52 +79,77 @@ DecodeWave decode_wave() {
 #endif
 }
 
-// Whether the current device runs the wgmma tile (gemm_tiles::WgmmaLargeM), which plan_gemm then
-// takes for large M: the build holds sm_90a machine code (CMake builds SM 90 as sm_90a,
-// SPARSEGEMM_SM90A) and the device is compute capability 9.0, the only one that runs it (other
-// GPUs JIT the sm_90 PTX, whose wgmma tile only traps; so does CC 9.0 when CUDA_FORCE_PTX_JIT
-// makes the driver ignore machine code, hence that variable turns the tile off too).
-// SPARSEGEMM_WGMMA=0 in the environment at the first call turns it off (the warp-level LargeM tile
-// instead), to time both in one build.
-// The emulator plans like an sm_80 GPU; its tests force the wgmma tile (config 2).
-bool wgmma_tile_runs() {
-#if defined(__CUDACC__) && defined(SPARSEGEMM_SM90A)
-  static const bool disabled = [] {
+#if defined(__CUDACC__)
+// SPARSEGEMM_WGMMA=0, or CUDA_FORCE_PTX_JIT (which makes the driver JIT the plain compute_90 PTX,
+// whose wgmma tile is only a trap), in the environment at the first call.
+bool wgmma_turned_off() {
+  static const bool turned_off = [] {
     const char* value = std::getenv("SPARSEGEMM_WGMMA");
     const char* forced_jit = std::getenv("CUDA_FORCE_PTX_JIT");
     return (value != nullptr && std::string(value) == "0") ||
            (forced_jit != nullptr && std::string(forced_jit) != "0" && std::string(forced_jit) != "");
   }();
-  if (disabled) return false;
+  return turned_off;
+}
+
+// Compute capability of the current device as 10 major + minor, asked once per device (ids past 63
+// ask each time); 0 when the runtime cannot say.
+int device_capability() {
   constexpr int kCachedDevices = 64;
-  static std::atomic<int> cached[kCachedDevices] = {};  // 1: no, 2: yes, 0: not asked yet
+  static std::atomic<int> cached[kCachedDevices] = {};  // 0: not asked yet
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess) {
     cudaGetLastError();
-    return false;
+    return 0;
   }
   if (device < kCachedDevices && cached[device].load(std::memory_order_relaxed) != 0)
-    return cached[device].load(std::memory_order_relaxed) == 2;
+    return cached[device].load(std::memory_order_relaxed);
   int major = 0, minor = 0;
-  const bool runs = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
-                    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) == cudaSuccess &&
-                    major == 9 && minor == 0;
-  if (!runs) cudaGetLastError();
-  if (device < kCachedDevices) cached[device].store(runs ? 2 : 1, std::memory_order_relaxed);
-  return runs;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  if (device < kCachedDevices) cached[device].store(10 * major + minor, std::memory_order_relaxed);
+  return 10 * major + minor;
+}
+#endif
+
+// Whether the current device runs the wgmma tile (gemm_tiles::WgmmaLargeM), which plan_gemm then
+// takes for large M: the build holds sm_90a machine code (CMake builds SM 90 as sm_90a,
+// SPARSEGEMM_SM90A), the device is compute capability 9.0, the only one that runs it (other GPUs
+// JIT the sm_90 PTX, whose wgmma tile only traps), and wgmma_turned_off() is false (SPARSEGEMM_WGMMA=0
+// runs the warp-level LargeM tile instead, to time both in one build).
+// The emulator plans like an sm_80 GPU; its tests force the wgmma tile (config 2).
+bool wgmma_tile_runs() {
+#if defined(__CUDACC__) && defined(SPARSEGEMM_SM90A)
+  return !wgmma_turned_off() && device_capability() == 90;
 #else
   return false;
 #endif
 }
+
+#if defined(__CUDACC__)
+// Why wgmma_tile_runs() is false here, for error messages.
+std::string wgmma_blocker() {
+#if !defined(SPARSEGEMM_SM90A)
+  return "this build has no sm_90a machine code (SPARSEGEMM_CUDA_ARCHS without 90)";
+#else
+  if (wgmma_turned_off()) return "SPARSEGEMM_WGMMA=0 or CUDA_FORCE_PTX_JIT is set";
+  const int capability = device_capability();
+  return "the current device is compute capability " + std::to_string(capability / 10) + "." +
+         std::to_string(capability % 10) + ", not 9.0";
+#endif
+}
+#endif
 
 // plan_gemm for the current device, with the forced wgmma tile refused where it cannot run.
 GemmPlan plan_device_gemm(int64_t M, int64_t N, int64_t K, DecodeWave wave, int config, int split_k, int64_t block_k) {
   const bool wgmma = wgmma_tile_runs();
 #if defined(__CUDACC__)
   if (config == static_cast<int>(GemmConfig::large_m_wgmma) && !wgmma) {
-    throw std::invalid_argument(
-        "sparsegemm gemm: config 2 (the wgmma tile) needs a build with SM 90 (sm_90a machine code) running on a "
-        "compute capability 9.0 GPU (H100 / H200), and SPARSEGEMM_WGMMA not 0");
+    throw std::invalid_argument("sparsegemm gemm: config 2 (the wgmma tile) needs sm_90a machine code on a compute "
+                                "capability 9.0 GPU, but " + wgmma_blocker());
   }
 #endif
   return plan_gemm(M, N, K, wave, config, split_k, block_k, wgmma);
@@ -269,8 +294,8 @@ void wgmma_selftest(int kind, int mode, bool b_upper_half, const void* a, const 
   if (mode != 0 && mode != 2) throw std::invalid_argument("sparsegemm wgmma_selftest: mode must be 0 or 2 on the "
                                                           "device (1 reads registers in flight), got " +
                                                           std::to_string(mode));
-  if (!wgmma_tile_runs()) throw std::invalid_argument("sparsegemm wgmma_selftest: needs an sm_90a build on a "
-                                                      "compute capability 9.0 GPU");
+  if (!wgmma_tile_runs()) throw std::invalid_argument("sparsegemm wgmma_selftest: needs sm_90a machine code on a "
+                                                      "compute capability 9.0 GPU, but " + wgmma_blocker());
 #else
   if (mode < 0 || mode > 2) throw std::invalid_argument("sparsegemm wgmma_selftest: mode must be 0, 1 or 2, got " +
                                                         std::to_string(mode));

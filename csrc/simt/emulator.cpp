@@ -214,7 +214,7 @@ struct Fiber {
   std::deque<std::vector<PendingCopy>> committed;
   bool dependency_waited = false;  // grid_dependency_wait called
   // wgmma.mma_async: results issued since the last commit, then committed groups, oldest first;
-  // and whether wgmma.fence ran since the last wgmma.wait_group (or the kernel's start).
+  // and whether wgmma.fence ran since the thread's last wgmma.wait_group or ldmatrix (or its start).
   std::vector<PendingAccumulator> wgmma_open;
   std::deque<std::vector<PendingAccumulator>> wgmma_committed;
   bool wgmma_fenced = false;
@@ -329,12 +329,13 @@ void check_not_read_by_wgmma(uint32_t offset, uint32_t bytes, const char* what) 
   }
 }
 
-// Lands the copies of thread f: their bytes, and f as the unfenced writer of their chunks.
+// Lands the copies of thread f: their bytes, and f as the unfenced writer of their chunks. (A copy
+// cannot land in bytes a wgmma in flight reads: it was either in flight when the wgmma was issued,
+// which wgmma_read_shared refuses, or issued after it, which cp_async_16 refuses.)
 void apply_copies(Fiber& f, const std::vector<PendingCopy>& copies) {
   Launch& l = *g_launch;
   for (const PendingCopy& c : copies) {
     const auto offset = static_cast<uint32_t>(c.dst - l.smem.get());
-    check_not_read_by_wgmma(offset, sizeof c.bytes, "a landing cp.async");
     std::memcpy(c.dst, c.bytes, sizeof c.bytes);
     l.unfenced_writer[offset / 16] = static_cast<int>(f.linear);
     f.unfenced_chunks.push_back(offset / 16);
@@ -675,6 +676,19 @@ const void* wgmma_accumulator_input(const void* d, const char* what) {
 
 size_t wgmma_read_shared(uint32_t begin, uint32_t end, const char* what) {
   Launch& l = *g_launch;
+  for (const Fiber& f : l.fibers) {
+    auto check_in_flight = [&](const std::vector<PendingCopy>& copies) {
+      for (const PendingCopy& c : copies) {
+        const auto offset = static_cast<uint32_t>(c.dst - l.smem.get());
+        if (offset < end && offset + sizeof c.bytes > begin)
+          fail(std::string(what) + " reads shared-memory bytes [" + std::to_string(offset) + ", " +
+               std::to_string(offset + sizeof c.bytes) + ") that a cp.async of thread " + std::to_string(f.linear) +
+               " still in flight writes (it must be waited for, fenced and published by a barrier first)");
+      }
+    };
+    check_in_flight(f.open_group);
+    for (const auto& group : f.committed) check_in_flight(group);
+  }
   for (uint32_t chunk = begin / 16; chunk < (end + 15) / 16; ++chunk) {
     const int writer = l.unfenced_writer[chunk];
     if (writer >= 0)

@@ -135,17 +135,19 @@ uint32_t shared_window_address(const void* address);
 // (warp_models.h) computes its result at issue from wgmma_accumulator_input(d) - the newest
 // result still in flight for the same accumulators `d` (wgmma ops into the same registers run in
 // issue order), else d's current bits - and hands it to wgmma_issue, which keeps it pending and
-// poisons d (0xFF bytes: NaN for f32), so a read before the wait shows up in the results.
+// poisons d (0x7FBADBAD words: NaN as f32, no plausible s32 sum), so a read before the wait shows
+// up in the results.
 // wgmma_commit closes the thread's group, wgmma_wait(N) writes back all but the newest N groups.
 // A wgmma without a wgmma_fence since the thread's last wgmma_wait or ldmatrix
 // (wgmma_operands_written; its other register writes are invisible here), or since its start, is
 // an error: PTX wants the registers a wgmma reads fenced after other instructions wrote them. So
 // is a thread exiting with results in flight. `what` names the instruction for messages.
-// Shared memory: the warpgroup op declares the bytes [begin, end) (offsets) it reads with
-// wgmma_read_shared, which fails if a landed cp.async wrote any of them and its thread has not run
+// Shared memory: the warpgroup op declares the span [begin, end) (offsets) of the bytes it reads
+// with wgmma_read_shared, which fails if any thread's cp.async into the span is still in flight
+// (not yet waited for: it may land while the wgmma reads), or landed and its thread has not run
 // fence_proxy_async since (PTX: generic-proxy writes need an async-proxy fence before wgmma reads
 // them), and returns the read's id for wgmma_issue; until every thread of the warpgroup retired
-// the op, a cp.async into those bytes (issued or landing) is an error.
+// the op, a cp.async into the span (issued or landing) is an error.
 const void* wgmma_accumulator_input(const void* d, const char* what);
 size_t wgmma_read_shared(uint32_t begin, uint32_t end, const char* what);
 void wgmma_issue(void* d, const void* result, size_t bytes, size_t read);

@@ -214,7 +214,9 @@ SG_GLOBAL void misuse_kernel(int which) {
     case simt_selftest::Misuse::wgmma_reads_unfenced_copy:
     case simt_selftest::Misuse::copy_into_wgmma_operand_in_flight:
     case simt_selftest::Misuse::wgmma_descriptors_differ:
-    case simt_selftest::Misuse::ldmatrix_after_wgmma_fence: {
+    case simt_selftest::Misuse::ldmatrix_after_wgmma_fence:
+    case simt_selftest::Misuse::copy_in_flight_under_wgmma:
+    case simt_selftest::Misuse::unfenced_rewrite: {
       using simt_selftest::Misuse;
       const auto m = static_cast<Misuse>(which);
       const uint32_t zero[4] = {0, 0, 0, 0};
@@ -226,6 +228,20 @@ SG_GLOBAL void misuse_kernel(int which) {
       if (m == Misuse::wgmma_reads_unfenced_copy) {  // landed and published, but not fenced
         if (threadIdx.x == 0) cp_async_16(smem, misuse_source, true);
         cp_async_wait_all();
+        __syncthreads();
+      }
+      if (m == Misuse::copy_in_flight_under_wgmma) {  // issued, never waited for before the wgmma
+        if (threadIdx.x == 0) cp_async_16(smem, misuse_source, true);
+        cp_async_commit();
+        __syncthreads();
+      }
+      if (m == Misuse::unfenced_rewrite) {  // the chunk's last writer (thread 1) never fences
+        for (unsigned writer = 0; writer < 2; ++writer) {
+          if (threadIdx.x == writer) cp_async_16(smem, misuse_source, true);
+          cp_async_wait_all();
+          __syncthreads();
+        }
+        if (threadIdx.x == 0) fence_proxy_async_shared();
         __syncthreads();
       }
       if (m != Misuse::wgmma_without_fence) wgmma_fence();
@@ -322,7 +338,8 @@ void misuse(int which) {
   const bool wgmma = m == Misuse::wgmma_without_fence || m == Misuse::wgmma_never_waited ||
                      m == Misuse::wgmma_divergent_warpgroup || m == Misuse::wgmma_reads_unfenced_copy ||
                      m == Misuse::copy_into_wgmma_operand_in_flight || m == Misuse::wgmma_descriptors_differ ||
-                     m == Misuse::ldmatrix_after_wgmma_fence;
+                     m == Misuse::ldmatrix_after_wgmma_fence || m == Misuse::copy_in_flight_under_wgmma ||
+                     m == Misuse::unfenced_rewrite;
   const unsigned threads = m == Misuse::barrier_not_reached || m == Misuse::wgmma_partial_warpgroup ? 64
                            : m == Misuse::partial_warp_block                                        ? 48
                            : wgmma                                                                   ? 128

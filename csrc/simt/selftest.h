@@ -76,6 +76,8 @@ enum class Misuse : int {
   copy_into_wgmma_operand_in_flight = 19,  // thread 0 copies into B before wgmma.wait_group
   wgmma_descriptors_differ = 20,  // thread 5 passes another B descriptor than the rest of its warpgroup
   ldmatrix_after_wgmma_fence = 21,  // wgmma reads an A fragment that ldmatrix wrote after the fence
+  copy_in_flight_under_wgmma = 22,   // thread 0's cp.async into B is not waited for before the wgmma
+  unfenced_rewrite = 23,  // thread 1 lands a copy over thread 0's, only thread 0 fences, then wgmma
 };
 void misuse(int which);
 

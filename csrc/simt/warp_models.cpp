@@ -13,7 +13,6 @@
 #include "simt/warp_models.h"
 
 #include <algorithm>
-#include <climits>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -247,7 +246,7 @@ void compute_wgmma(const char* name, void (*tile)(const char*, const void* const
   const int n = first.n;
   for (int thread = 1; thread < 128; ++thread)
     if (static_cast<const WgmmaIn*>(thread_inputs[thread])->b_desc != first.b_desc) {
-      char buf[240];
+      char buf[320];
       std::snprintf(buf, sizeof buf, "%s: thread %d passes B descriptor 0x%016llX, thread 0 0x%016llX (it must be "
                     "the same across the warpgroup)", name, thread,
                     static_cast<unsigned long long>(static_cast<const WgmmaIn*>(thread_inputs[thread])->b_desc),
