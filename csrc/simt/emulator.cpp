@@ -199,6 +199,41 @@ struct WgmmaRead {
   unsigned holders;
 };
 
+// One thread's asynchronous operations in PTX's commit-group model (cp.async, wgmma.mma_async):
+// those issued since the last commit, then the committed groups, oldest first.
+template <typename Op>
+struct AsyncGroups {
+  std::vector<Op> open;
+  std::deque<std::vector<Op>> committed;
+
+  void issue(Op op) { open.push_back(std::move(op)); }
+  void commit() {
+    committed.push_back(std::move(open));
+    open.clear();
+  }
+  // The *.wait_group semantics: completes all but the newest `pending` committed groups, oldest
+  // first, calling complete(op) for each of their operations.
+  template <typename Complete>
+  void wait(size_t pending, Complete complete) {
+    while (committed.size() > pending) {
+      for (const Op& op : committed.front()) complete(op);
+      committed.pop_front();
+    }
+  }
+  // visit(op) for every operation not yet completed, oldest first.
+  template <typename Visit>
+  void for_each_pending(Visit visit) const {
+    for (const auto& group : committed)
+      for (const Op& op : group) visit(op);
+    for (const Op& op : open) visit(op);
+  }
+  bool empty() const { return open.empty() && committed.empty(); }
+  void clear() {
+    open.clear();
+    committed.clear();
+  }
+};
+
 struct Fiber {
   Context context;
   ThreadState state = ThreadState::ready;
@@ -209,15 +244,10 @@ struct Fiber {
   unsigned op_group = 0;  // threads of the collective: 32 or 128
   const void* input = nullptr;
   void* output = nullptr;
-  // cp.async: copies issued since the last commit, then committed groups, oldest first.
-  std::vector<PendingCopy> open_group;
-  std::deque<std::vector<PendingCopy>> committed;
+  AsyncGroups<PendingCopy> copies;  // cp.async
   bool dependency_waited = false;  // grid_dependency_wait called
-  // wgmma.mma_async: results issued since the last commit, then committed groups, oldest first;
-  // and whether wgmma.fence ran since the thread's last wgmma.wait_group or ldmatrix (or its start).
-  std::vector<PendingAccumulator> wgmma_open;
-  std::deque<std::vector<PendingAccumulator>> wgmma_committed;
-  bool wgmma_fenced = false;
+  AsyncGroups<PendingAccumulator> wgmma_results;  // wgmma.mma_async
+  bool wgmma_fenced = false;  // wgmma.fence since the last wgmma.wait_group or ldmatrix (or the start)
   // 16-byte shared-memory chunks this thread's landed cp.async wrote since its last
   // fence.proxy.async (Launch::unfenced_writer holds the writer of each chunk).
   std::vector<uint32_t> unfenced_chunks;
@@ -329,25 +359,24 @@ void check_not_read_by_wgmma(uint32_t offset, uint32_t bytes, const char* what) 
   }
 }
 
-// Lands the copies of thread f: their bytes, and f as the unfenced writer of their chunks. (A copy
-// cannot land in bytes a wgmma in flight reads: it was either in flight when the wgmma was issued,
-// which wgmma_read_shared refuses, or issued after it, which cp_async_16 refuses.)
-void apply_copies(Fiber& f, const std::vector<PendingCopy>& copies) {
+// Lands all but the newest `pending` committed copy groups of thread f: their bytes, and f as the
+// unfenced writer of their chunks. (A copy cannot land in bytes a wgmma in flight reads: it was
+// either in flight when the wgmma was issued, which wgmma_read_shared refuses, or issued after
+// it, which cp_async_16 refuses.)
+void land_copies(Fiber& f, size_t pending) {
   Launch& l = *g_launch;
-  for (const PendingCopy& c : copies) {
+  f.copies.wait(pending, [&](const PendingCopy& c) {
     const auto offset = static_cast<uint32_t>(c.dst - l.smem.get());
     std::memcpy(c.dst, c.bytes, sizeof c.bytes);
     l.unfenced_writer[offset / 16] = static_cast<int>(f.linear);
     f.unfenced_chunks.push_back(offset / 16);
-  }
+  });
 }
 
 // The hardware completes outstanding cp.async copies even if the thread never waits.
 void retire_all_copies(Fiber& f) {
-  for (const auto& group : f.committed) apply_copies(f, group);
-  f.committed.clear();
-  apply_copies(f, f.open_group);
-  f.open_group.clear();
+  f.copies.commit();
+  land_copies(f, 0);
 }
 
 const char* state_name(const Fiber& f) {
@@ -370,7 +399,7 @@ void on_thread_exit(Fiber& f) {
       fail("thread exited while lane " + std::to_string(i - warp_base) + " of its warp waits at " +
            l.fibers[i].op_name + " (a warp collective needs all 32 lanes)");
   }
-  if (!f.wgmma_open.empty() || !f.wgmma_committed.empty())
+  if (!f.wgmma_results.empty())
     fail("thread exited with wgmma.mma_async results in flight (no wgmma.wait_group retired them)");
   if (l.waiting_at_barrier > 0)
     fail("thread exited while " + std::to_string(l.waiting_at_barrier) +
@@ -426,11 +455,9 @@ void run_block() {
     f.linear = i;
     f.index = UInt3{i % l.block.x, i / l.block.x % l.block.y, i / (l.block.x * l.block.y)};
     f.op_name = nullptr;
-    f.open_group.clear();
-    f.committed.clear();
+    f.copies.clear();
     f.dependency_waited = false;
-    f.wgmma_open.clear();
-    f.wgmma_committed.clear();
+    f.wgmma_results.clear();
     f.wgmma_fenced = false;
     f.unfenced_chunks.clear();
 #if defined(SG_SIMT_ASAN)
@@ -666,29 +693,23 @@ const void* wgmma_accumulator_input(const void* d, const char* what) {
   if (!f.wgmma_fenced)
     fail(std::string(what) + " without a wgmma.fence since the thread's last wgmma.wait_group or ldmatrix: the "
          "registers it reads (accumulators, A fragment, metadata) must be fenced after other instructions wrote them");
-  for (auto it = f.wgmma_open.rbegin(); it != f.wgmma_open.rend(); ++it)
-    if (it->d == d) return it->bytes.data();
-  for (auto group = f.wgmma_committed.rbegin(); group != f.wgmma_committed.rend(); ++group)
-    for (auto it = group->rbegin(); it != group->rend(); ++it)
-      if (it->d == d) return it->bytes.data();
-  return d;
+  const void* newest = d;
+  f.wgmma_results.for_each_pending([&](const PendingAccumulator& result) {
+    if (result.d == d) newest = result.bytes.data();
+  });
+  return newest;
 }
 
 size_t wgmma_read_shared(uint32_t begin, uint32_t end, const char* what) {
   Launch& l = *g_launch;
-  for (const Fiber& f : l.fibers) {
-    auto check_in_flight = [&](const std::vector<PendingCopy>& copies) {
-      for (const PendingCopy& c : copies) {
-        const auto offset = static_cast<uint32_t>(c.dst - l.smem.get());
-        if (offset < end && offset + sizeof c.bytes > begin)
-          fail(std::string(what) + " reads shared-memory bytes [" + std::to_string(offset) + ", " +
-               std::to_string(offset + sizeof c.bytes) + ") that a cp.async of thread " + std::to_string(f.linear) +
-               " still in flight writes (it must be waited for, fenced and published by a barrier first)");
-      }
-    };
-    check_in_flight(f.open_group);
-    for (const auto& group : f.committed) check_in_flight(group);
-  }
+  for (const Fiber& f : l.fibers)
+    f.copies.for_each_pending([&](const PendingCopy& c) {
+      const auto offset = static_cast<uint32_t>(c.dst - l.smem.get());
+      if (offset < end && offset + sizeof c.bytes > begin)
+        fail(std::string(what) + " reads shared-memory bytes [" + std::to_string(offset) + ", " +
+             std::to_string(offset + sizeof c.bytes) + ") that a cp.async of thread " + std::to_string(f.linear) +
+             " still in flight writes (it must be waited for, fenced and published by a barrier first)");
+    });
   for (uint32_t chunk = begin / 16; chunk < (end + 15) / 16; ++chunk) {
     const int writer = l.unfenced_writer[chunk];
     if (writer >= 0)
@@ -703,7 +724,7 @@ size_t wgmma_read_shared(uint32_t begin, uint32_t end, const char* what) {
 
 void wgmma_issue(void* d, const void* result, size_t bytes, size_t read) {
   const auto* begin = static_cast<const unsigned char*>(result);
-  current().wgmma_open.push_back(PendingAccumulator{d, std::vector<unsigned char>(begin, begin + bytes), read});
+  current().wgmma_results.issue(PendingAccumulator{d, std::vector<unsigned char>(begin, begin + bytes), read});
   // In flight: reading the registers now is undefined. A pattern no result is likely to hold
   // (a NaN as f32, 2142951341 as s32).
   for (size_t i = 0; i + 4 <= bytes; i += 4) std::memcpy(static_cast<char*>(d) + i, &kInFlightPoison, 4);
@@ -718,22 +739,15 @@ void fence_proxy_async() {
   f.unfenced_chunks.clear();
 }
 
-void wgmma_commit() {
-  Fiber& f = current();
-  f.wgmma_committed.push_back(std::move(f.wgmma_open));
-  f.wgmma_open.clear();
-}
+void wgmma_commit() { current().wgmma_results.commit(); }
 
 void wgmma_wait(int pending) {
   Fiber& f = current();
-  while (f.wgmma_committed.size() > static_cast<size_t>(pending)) {
-    for (const PendingAccumulator& result : f.wgmma_committed.front()) {
-      std::memcpy(result.d, result.bytes.data(), result.bytes.size());
-      --g_launch->wgmma_reads[result.read].holders;
-    }
-    f.wgmma_committed.pop_front();
-  }
   Launch& l = *g_launch;
+  f.wgmma_results.wait(static_cast<size_t>(pending), [&](const PendingAccumulator& result) {
+    std::memcpy(result.d, result.bytes.data(), result.bytes.size());
+    --l.wgmma_reads[result.read].holders;
+  });
   while (l.first_live_read < l.wgmma_reads.size() && l.wgmma_reads[l.first_live_read].holders == 0)
     ++l.first_live_read;
   f.wgmma_fenced = false;
@@ -754,22 +768,12 @@ void cp_async_16(void* dst, const void* src, bool pred) {
   } else {
     std::memset(copy.bytes, 0, sizeof copy.bytes);
   }
-  current().open_group.push_back(copy);
+  current().copies.issue(copy);
 }
 
-void cp_async_commit() {
-  Fiber& f = current();
-  f.committed.push_back(std::move(f.open_group));
-  f.open_group.clear();
-}
+void cp_async_commit() { current().copies.commit(); }
 
-void cp_async_wait(int pending) {
-  Fiber& f = current();
-  while (f.committed.size() > static_cast<size_t>(pending)) {
-    apply_copies(f, f.committed.front());
-    f.committed.pop_front();
-  }
-}
+void cp_async_wait(int pending) { land_copies(current(), static_cast<size_t>(pending)); }
 
 void grid_dependency_wait() { current().dependency_waited = true; }
 

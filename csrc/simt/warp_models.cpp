@@ -16,10 +16,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
-#include <map>
-#include <mutex>
 #include <string>
-#include <utility>
 
 #include "cuda/arch/portability.cuh"
 #include "simt/emulator.h"
@@ -173,22 +170,22 @@ void compute_mma_k64_s8(const void* const lane_inputs[32], void* const lane_outp
   mma_k64_s8_tile(kMmaK64S8.name, lane_inputs, lane_outputs);
 }
 
-// ---- wgmma.mma_async.sp ------------------------------------------------------------------------
-// A warp's share of m64nNk32 (16-bit) or m64nNk64 (s8) is rows 16w .. 16w + 15 of A and D, its own
-// A fragment and metadata in the m16n8k32 / m16n8k64 lane layouts (PTX_SPARSE_REFERENCE.md 7.1),
-// against all N columns of B; D register 4j + r is mma's C/D register r of columns 8j .. 8j + 7.
-// So the model runs, per warp and 8 columns, the mma.sp tile model above with B's fragment
-// gathered from shared memory: the same arithmetic, metadata rules and errors.
-constexpr int kMaxWgmmaN = 256;
+// ---- wgmma.mma_async.sp m64n128 ---------------------------------------------------------------
+// A warp's share of m64n128k32 (16-bit) or m64n128k64 (s8) is rows 16w .. 16w + 15 of A and D, its
+// own A fragment and metadata in the m16n8k32 / m16n8k64 lane layouts (PTX_SPARSE_REFERENCE.md
+// 7.1), against all 128 columns of B; D register 4j + r is mma's C/D register r of columns 8j ..
+// 8j + 7. So the model runs, per warp and 8 columns, the mma.sp tile model above with B's fragment
+// gathered from shared memory: the same arithmetic, metadata rules and errors. N = 128 is the one
+// shape the kernels issue (warp_ops.cuh).
+constexpr int kWgmmaN = 128;
 
 struct WgmmaIn {
-  int n;
   uint32_t a[4], e;
   uint64_t b_desc;
-  const uint32_t* c;  // n / 2 accumulator bit patterns (wgmma_accumulator_input)
+  const uint32_t* c;  // kWgmmaN / 2 accumulator bit patterns (wgmma_accumulator_input)
 };
 struct WgmmaOut {
-  uint32_t d[kMaxWgmmaN / 2];
+  uint32_t d[kWgmmaN / 2];
   size_t read;  // emulator.h wgmma_read_shared
 };
 
@@ -207,22 +204,13 @@ void wgmma_b_row(const char* name, uint64_t desc, int col, unsigned char (&bytes
   const uint32_t start = uint32_t(desc & 0x3FFF) << 4;
   const uint32_t stride = uint32_t((desc >> 32) & 0x3FFF) << 4;
   const int base_offset = int((desc >> 49) & 7), swizzle = int(desc >> 62);
-  if (swizzle != 1 || base_offset != 0) {
-    char buf[200];
-    std::snprintf(buf, sizeof buf,
-                  "%s: B descriptor with swizzle mode %d and base offset %d; the model covers the 128-byte "
-                  "swizzle (mode 1) with base offset 0",
-                  name, swizzle, base_offset);
-    fail(buf);
-  }
-  if (start % 1024 >= 128 || start % 16 != 0) {
-    char buf[200];
-    std::snprintf(buf, sizeof buf,
-                  "%s: B descriptor start address %u is not inside the first 128-byte row of a 1024-byte swizzle "
-                  "atom (a K offset inside the row is the only start the 128-byte swizzle leaves unchanged)",
-                  name, start);
-    fail(buf);
-  }
+  if (swizzle != 1 || base_offset != 0)
+    fail(std::string(name) + ": B descriptor with swizzle mode " + std::to_string(swizzle) + " and base offset " +
+         std::to_string(base_offset) + "; the model covers the 128-byte swizzle (mode 1) with base offset 0");
+  if (start % 1024 >= 128 || start % 16 != 0)
+    fail(std::string(name) + ": B descriptor start address " + std::to_string(start) + " is not inside the first "
+         "128-byte row of a 1024-byte swizzle atom (a K offset inside the row is the only start the 128-byte "
+         "swizzle leaves unchanged)");
   const uint32_t row = start + uint32_t(col / 8) * stride + uint32_t(col % 8) * 128;
   for (int chunk = 0; chunk < 4; ++chunk) {
     const uint32_t logical = row + 16 * chunk;
@@ -235,27 +223,23 @@ void wgmma_b_row(const char* name, uint64_t desc, int col, unsigned char (&bytes
   }
 }
 
-// The warpgroup's wgmma: per warp w and 8-column block j, the mma tile model with lane inputs
-// built from the threads' A, metadata and C, and B's fragment (register q: bytes 16q + 4t .. +3
-// of B column 8j + g, the m16n8k32 / m16n8k64 B layout in bytes) from shared memory.
-// The descriptor must be the same in all 128 threads (PTX).
+// The warpgroup's wgmma: per warp w and 8-column block j, `tile` (the mma tile model, TileIn its
+// lane input) with lane inputs built from the threads' A, metadata and C, and B's fragment
+// (register q: bytes 16q + 4t .. +3 of B column 8j + g, the m16n8k32 / m16n8k64 B layout in bytes)
+// from shared memory. The descriptor must be the same in all 128 threads (PTX).
 template <typename TileIn>
 void compute_wgmma(const char* name, void (*tile)(const char*, const void* const[32], void* const[32]),
                    const void* const thread_inputs[128], void* const thread_outputs[128]) {
   const auto& first = *static_cast<const WgmmaIn*>(thread_inputs[0]);
-  const int n = first.n;
-  for (int thread = 1; thread < 128; ++thread)
-    if (static_cast<const WgmmaIn*>(thread_inputs[thread])->b_desc != first.b_desc) {
-      char buf[320];
-      std::snprintf(buf, sizeof buf, "%s: thread %d passes B descriptor 0x%016llX, thread 0 0x%016llX (it must be "
-                    "the same across the warpgroup)", name, thread,
-                    static_cast<unsigned long long>(static_cast<const WgmmaIn*>(thread_inputs[thread])->b_desc),
-                    static_cast<unsigned long long>(first.b_desc));
-      fail(buf);
-    }
+  for (int thread = 1; thread < 128; ++thread) {
+    const uint64_t desc = static_cast<const WgmmaIn*>(thread_inputs[thread])->b_desc;
+    if (desc != first.b_desc)
+      fail(std::string(name) + ": thread " + std::to_string(thread) + " passes B descriptor " + std::to_string(desc) +
+           ", thread 0 " + std::to_string(first.b_desc) + " (it must be the same across the warpgroup)");
+  }
   uint32_t lowest = UINT32_MAX, highest = 0;
   for (int warp = 0; warp < 4; ++warp)
-    for (int j = 0; j < n / 8; ++j) {
+    for (int j = 0; j < kWgmmaN / 8; ++j) {
       TileIn in[kLanes];
       MmaOut32 out[kLanes];
       const void* lane_inputs[kLanes];
@@ -284,48 +268,35 @@ template <HalfType Type>
 void compute_wgmma_k32(const void* const thread_inputs[128], void* const thread_outputs[128]);
 void compute_wgmma_k64_s8(const void* const thread_inputs[128], void* const thread_outputs[128]);
 
-// The op of one shape, named with its N (a warpgroup at different N fails as different ops).
-const WarpgroupOp& wgmma_op(int kind, int n) {
-  static std::mutex mutex;
-  static std::map<int, std::pair<std::string, WarpgroupOp>> ops;
-  const std::lock_guard<std::mutex> lock(mutex);
-  auto& entry = ops[kind * 1024 + n];
-  if (entry.first.empty()) {
-    static const char* const kTypes[] = {".f32.f16.f16", ".f32.bf16.bf16", ".s32.s8.s8.satfinite"};
-    entry.first = std::string("wgmma.mma_async.sp.sync.aligned.m64n") + std::to_string(n) + (kind == 2 ? "k64" : "k32") +
-                  kTypes[kind] + " (A in registers, selector 0)";
-    entry.second = WarpgroupOp{entry.first.c_str(), kind == 0   ? &compute_wgmma_k32<HalfType::f16>
-                                                    : kind == 1 ? &compute_wgmma_k32<HalfType::bf16>
-                                                                : &compute_wgmma_k64_s8};
-  }
-  return entry.second;
-}
+const WarpgroupOp kWgmmaF16{"wgmma.mma_async.sp.sync.aligned.m64n128k32.f32.f16.f16 (A in registers, selector 0)",
+                            &compute_wgmma_k32<HalfType::f16>};
+const WarpgroupOp kWgmmaBf16{"wgmma.mma_async.sp.sync.aligned.m64n128k32.f32.bf16.bf16 (A in registers, "
+                             "selector 0)",
+                             &compute_wgmma_k32<HalfType::bf16>};
+const WarpgroupOp kWgmmaS8{"wgmma.mma_async.sp.sync.aligned.m64n128k64.s32.s8.s8.satfinite (A in registers, "
+                           "selector 0)",
+                           &compute_wgmma_k64_s8};
 
 template <HalfType Type>
 void compute_wgmma_k32(const void* const thread_inputs[128], void* const thread_outputs[128]) {
-  const int n = static_cast<const WgmmaIn*>(thread_inputs[0])->n;
-  compute_wgmma<MmaK32In>(wgmma_op(Type == HalfType::f16 ? 0 : 1, n).name, &mma_k32_tile<Type, 0>, thread_inputs,
-                          thread_outputs);
+  compute_wgmma<MmaK32In>((Type == HalfType::f16 ? kWgmmaF16 : kWgmmaBf16).name, &mma_k32_tile<Type, 0>,
+                          thread_inputs, thread_outputs);
 }
 
 void compute_wgmma_k64_s8(const void* const thread_inputs[128], void* const thread_outputs[128]) {
-  const int n = static_cast<const WgmmaIn*>(thread_inputs[0])->n;
-  compute_wgmma<MmaK64In>(wgmma_op(2, n).name, &mma_k64_s8_tile, thread_inputs, thread_outputs);
+  compute_wgmma<MmaK64In>(kWgmmaS8.name, &mma_k64_s8_tile, thread_inputs, thread_outputs);
 }
 
 // One thread's wgmma: C from the results in flight (emulator.h), the result handed back pending.
-void issue_wgmma(int kind, int n, void* d, const uint32_t (&a)[4], uint64_t b_desc, uint32_t e) {
-  const WarpgroupOp& op = wgmma_op(kind, n);
-  if (n < 8 || n > kMaxWgmmaN || n % 8 != 0) fail(std::string(op.name) + ": N must be 8 .. 256 in steps of 8");
+void issue_wgmma(const WarpgroupOp& op, void* d, const uint32_t (&a)[4], uint64_t b_desc, uint32_t e) {
   WgmmaIn in;
-  in.n = n;
   std::memcpy(in.a, a, sizeof in.a);
   in.e = e;
   in.b_desc = b_desc;
   in.c = static_cast<const uint32_t*>(wgmma_accumulator_input(d, op.name));
   WgmmaOut out;
   warpgroup_collective(op, &in, &out);
-  wgmma_issue(d, out.d, sizeof(uint32_t) * size_t(n / 2), out.read);
+  wgmma_issue(d, out.d, sizeof out.d, out.read);
 }
 
 // ---- ldmatrix ----------------------------------------------------------------------------------
@@ -473,12 +444,12 @@ void mma_sp_m16n8k64_s8(int (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)
   std::memcpy(d, out.d, sizeof out.d);
 }
 
-void wgmma_sp_m64k32(HalfType type, int n, float* d, const uint32_t (&a)[4], uint64_t b_desc, uint32_t e) {
-  issue_wgmma(type == HalfType::f16 ? 0 : 1, n, d, a, b_desc, e);
+void wgmma_sp_m64n128k32(HalfType type, float* d, const uint32_t (&a)[4], uint64_t b_desc, uint32_t e) {
+  issue_wgmma(type == HalfType::f16 ? kWgmmaF16 : kWgmmaBf16, d, a, b_desc, e);
 }
 
-void wgmma_sp_m64k64_s8(int n, int* d, const uint32_t (&a)[4], uint64_t b_desc, uint32_t e) {
-  issue_wgmma(2, n, d, a, b_desc, e);
+void wgmma_sp_m64n128k64_s8(int* d, const uint32_t (&a)[4], uint64_t b_desc, uint32_t e) {
+  issue_wgmma(kWgmmaS8, d, a, b_desc, e);
 }
 
 void ldmatrix(int matrices, bool trans, uint32_t* regs, const void* row_address) {

@@ -17,14 +17,14 @@ void mma_sp_m16n8k32(HalfType type, int selector, float (&d)[4], const uint32_t 
 // mma.sp::ordered_metadata.sync.aligned.m16n8k64.row.col.satfinite.s32.s8.s8.s32, selector 0.
 void mma_sp_m16n8k64_s8(int (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[4], const int (&c)[4], uint32_t e);
 
-// wgmma.mma_async.sp.sync.aligned.m64n{n}k32.f32.{f16,bf16}.{f16,bf16} with A in registers and B
+// wgmma.mma_async.sp.sync.aligned.m64n128k32.f32.{f16,bf16}.{f16,bf16} with A in registers and B
 // in shared memory through the matrix descriptor b_desc (K-major, 128-byte swizzle: the layout
-// warp_ops.cuh describes), sparsity selector 0, accumulating: d[n / 2] += A * B. One thread's
-// share of the warpgroup collective; the result lands in d at wgmma_wait (emulator.h).
-void wgmma_sp_m64k32(HalfType type, int n, float* d, const uint32_t (&a)[4], uint64_t b_desc, uint32_t e);
+// warp_ops.cuh describes), sparsity selector 0, accumulating: d[64] += A * B. One thread's share
+// of the warpgroup collective; the result lands in d at wgmma_wait (emulator.h).
+void wgmma_sp_m64n128k32(HalfType type, float* d, const uint32_t (&a)[4], uint64_t b_desc, uint32_t e);
 
-// wgmma.mma_async.sp.sync.aligned.m64n{n}k64.s32.s8.s8.satfinite, otherwise as above.
-void wgmma_sp_m64k64_s8(int n, int* d, const uint32_t (&a)[4], uint64_t b_desc, uint32_t e);
+// wgmma.mma_async.sp.sync.aligned.m64n128k64.s32.s8.s8.satfinite, otherwise as above.
+void wgmma_sp_m64n128k64_s8(int* d, const uint32_t (&a)[4], uint64_t b_desc, uint32_t e);
 
 // ldmatrix.sync.aligned.m8n8.x{matrices}{.trans}.shared.b16; regs[0 .. matrices-1] are written.
 void ldmatrix(int matrices, bool trans, uint32_t* regs, const void* row_address);

@@ -274,7 +274,8 @@ SG_DEVICE void wgmma_sp_m64n128k32(float (&d)[16][4], const uint32_t (&a)[4], ui
 #elif defined(__CUDACC__)
   trap("wgmma needs sm_90a");
 #else
-  emu::wgmma_sp_m64k32(kDType == DType::bf16 ? emu::HalfType::bf16 : emu::HalfType::f16, 128, &d[0][0], a, b_desc, e);
+  const auto type = kDType == DType::bf16 ? emu::HalfType::bf16 : emu::HalfType::f16;
+  emu::wgmma_sp_m64n128k32(type, &d[0][0], a, b_desc, e);
 #endif
 }
 #undef SG_WGMMA_SP_K32
@@ -291,7 +292,7 @@ SG_DEVICE void wgmma_sp_m64n128k64_s8(int (&d)[16][4], const uint32_t (&a)[4], u
 #elif defined(__CUDACC__)
   trap("wgmma needs sm_90a");
 #else
-  emu::wgmma_sp_m64k64_s8(128, &d[0][0], a, b_desc, e);
+  emu::wgmma_sp_m64n128k64_s8(&d[0][0], a, b_desc, e);
 #endif
 }
 
