@@ -127,6 +127,7 @@ void bind_cpu(py::module_& m) {
   // same before the first CPU call.
   m.def("cpu_isa_name", [] { return std::string(cpu::isa_name()); });
   m.def("cpu_isa_supported", [](const std::string& name) { return cpu::isa_supported(name.c_str()); });
+  m.def("cpu_has_native_dot", [](int dtype) { return cpu::has_native_dot(static_cast<DType>(dtype)); });
   m.def("cpu_set_isa", [](const std::string& name) { cpu::set_isa(name.c_str()); });
   m.def("cpu_mask_2to4", [](int dtype, uintptr_t w, int64_t N, int64_t K, int64_t ldw, uintptr_t mask) {
     py::gil_scoped_release nogil;

@@ -27,11 +27,17 @@ _INT32_MAX = 2**31 - 1
 _CUDA_BUILT = bool(_C.build_info()["cuda_built"])
 
 # From this many rows of X the CPU path stops gathering X per 2:4 group and instead decompresses
-# W a row tile at a time into a cache-sized scratch and runs torch's dense GEMM on it: on the CPU
-# 2:4 saves bytes, not multiply-adds, so once the GEMM is compute bound the dense kernel wins.
-# Measured on the 2-core AVX-512 VM (bf16, L3 flushed, 4096^2 / 11008 x 4096 / 4096 x 11008): the
-# gathering kernel is 1-9% faster at M = 64, the tiles 2-12% faster at M = 96.
+# W a row tile at a time into a cache-sized scratch and runs torch's dense GEMM on it, for the
+# dtypes whose 16-bit dot-product instructions the CPU has (_C.cpu_has_native_dot: bf16 on
+# AVX512-BF16, fp16 on AVX512-FP16). On the CPU 2:4 saves bytes, not multiply-adds: the gathering
+# kernel pays a permute per multiply-add instruction, so once the GEMM is compute bound a dense
+# GEMM at those instructions' full rate wins. Where torch's GEMM has no such instructions it
+# widens to fp32, and the gathering kernel stays ahead at every M. Measured on the 2-core AVX-512
+# VM (L3 flushed, 4096^2 / 11008 x 4096 / 4096 x 11008): bf16 gathering 1-9% faster at M = 64,
+# the tiles 2-12% faster at M = 96 (and 1.35x at M = 512); fp16 gathering 4.1-4.5x torch's dense
+# fp16 GEMM at M = 64-2048, fp32 1.02x-1.6x at M = 96-2048.
 CPU_DENSE_TILE_MIN_M = 80
+_CPU_DENSE_TILE_DTYPES = frozenset(dtype for dtype in KERNEL_DTYPES if _C.cpu_has_native_dot(fmt.DTYPE_CODES[dtype]))
 _CPU_TILE_BYTES = 8 << 20
 _thread_buffers = threading.local()  # _reused_buffer's per-thread cache
 
@@ -517,7 +523,7 @@ def _linear(x: Tensor, values: Tensor, meta: Tensor, kernel_meta: Optional[Tenso
         x = _rowmajor(x)
         meta = meta.contiguous()
         _sync_threads()
-        if m >= CPU_DENSE_TILE_MIN_M:
+        if m >= CPU_DENSE_TILE_MIN_M and x.dtype in _CPU_DENSE_TILE_DTYPES:
             _cpu_dense_tiles(x, values, meta, k, bias, activation, y)
         else:
             _C.cpu_gemm(m, n, k, x.data_ptr(), x.stride(0), values.data_ptr(), meta.data_ptr(), _ptr(bias),

@@ -269,9 +269,12 @@ def assert_same_results_from_threads(calls, repeats=20):
     assert not failures
 
 
-def test_cpu_dense_tile_scratch_is_per_thread():
+def test_cpu_dense_tile_scratch_is_per_thread(monkeypatch):
     # M >= CPU_DENSE_TILE_MIN_M decompresses W tile by tile into a reused scratch
     # (ops._reused_buffer): threads running layers of the same dtype at once each need their own.
+    # fp32 takes that path only when told to (no CPU has a native dot product that beats the
+    # gathering kernel there), which makes the test independent of the CPU it runs on.
+    monkeypatch.setattr(ops, "_CPU_DENSE_TILE_DTYPES", frozenset({torch.float32}))
     torch.manual_seed(3)
     layers = [SparseLinear.from_dense(nn.Linear(512, 512)) for _ in range(4)]
     x = torch.randn(ops.CPU_DENSE_TILE_MIN_M, 512)
@@ -517,12 +520,36 @@ def test_from_dense_fuses_a_plain_activation(quantize):
     assert "activation=gelu" in repr(fused)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cpu_large_m_takes_dense_tiles_only_where_the_cpu_has_the_dtypes_dot_product(monkeypatch, dtype):
+    # The dense tiles win only where torch's dense GEMM runs on native 16-bit dot products (bf16 on
+    # AVX512-BF16, fp16 on AVX512-FP16); elsewhere torch widens to fp32 and the gathering kernel is
+    # faster at every M (ops.py): there the layer gives the bits of the C++ GEMM itself.
+    tiled = []
+    real_tiles = ops._cpu_dense_tiles
+    monkeypatch.setattr(ops, "_cpu_dense_tiles", lambda *args: (tiled.append(True), real_tiles(*args)))
+    torch.manual_seed(4)
+    layer = SparseLinear.from_dense(nn.Linear(96, 40).to(dtype))
+    x = torch.randn(ops.CPU_DENSE_TILE_MIN_M + 3, 96).to(dtype)
+    y = layer(x)
+    native = _C.cpu_has_native_dot(sparsegemm.format.DTYPE_CODES[dtype])
+    assert bool(tiled) == native and not (native and dtype == torch.float32)
+    oracle.assert_close_to_oracle(y, x, layer.dense_weight(), layer.bias.detach(), None)
+    if not native:
+        sw = layer.sparse_weight()
+        direct = torch.empty_like(y)
+        _C.cpu_gemm(x.shape[0], 40, 96, x.data_ptr(), 96, sw.values.data_ptr(), sw.meta.data_ptr(),
+                    layer.bias.data_ptr(), direct.data_ptr(), 40, sparsegemm.format.DTYPE_CODES[dtype], 0, 0, 0)
+        assert torch.equal(y, direct)
+
+
 @pytest.mark.parametrize("tile_bytes", [None, 3000])
 def test_gate_up_layer_on_the_cpu_dense_tile_path(monkeypatch, tile_bytes):
     # M >= ops.CPU_DENSE_TILE_MIN_M takes the decompress-tiles + torch GEMM path: the pairing of gate
     # and up columns there (ops.activate_torch) against the oracle, for fp16 and for INT8 (whose
     # CPU kernel pairs the rows in 64-row slabs: 150 rows cross two slab borders). 3000-byte tiles
     # are 23 rows of this weight: 16 for the gated layer (whole gate / up runs), uneven for the rest.
+    monkeypatch.setattr(ops, "_CPU_DENSE_TILE_DTYPES", frozenset({torch.float16}))  # on any CPU
     if tile_bytes is not None:
         monkeypatch.setattr(ops, "_CPU_TILE_BYTES", tile_bytes)
         lin = nn.Linear(64, 88).half()

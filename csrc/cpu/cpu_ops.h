@@ -26,6 +26,12 @@ const char* isa_name();
 // Whether this build and CPU can run the named ISA ("avx512", "avx2", "generic").
 bool isa_supported(const char* name);
 
+// Whether the CPU has dot-product instructions for dtype's 16-bit values (bf16: AVX512-BF16, which
+// every AMX-BF16 CPU also has; f16: AVX512-FP16): then a dense GEMM in that dtype (torch's) runs at
+// their full rate, which the sparse GEMM, one permute per multiply-add instruction, cannot reach
+// once M makes it compute bound (ops.py routes large M to dense tiles then). False for f32.
+bool has_native_dot(DType dtype);
+
 // Forces the ISA used from now on (tests compare all of them); std::runtime_error, naming it, if
 // isa_supported(name) is false.
 void set_isa(const char* name);

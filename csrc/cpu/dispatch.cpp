@@ -76,6 +76,18 @@ const char* isa_name() { return current_table().name; }
 
 bool isa_supported(const char* name) { return table_if_supported(name) != nullptr; }
 
+bool has_native_dot(DType dtype) {
+#if defined(SPARSEGEMM_X86)
+  __builtin_cpu_init();
+  if (dtype == DType::bf16) return __builtin_cpu_supports("avx512bf16") != 0;
+#if (defined(__clang__) && __clang_major__ >= 16) || (!defined(__clang__) && __GNUC__ >= 12)
+  if (dtype == DType::f16) return __builtin_cpu_supports("avx512fp16") != 0;
+#endif
+#endif
+  (void)dtype;
+  return false;
+}
+
 void set_isa(const char* name) { g_table.store(&required_table(name, "requested by set_isa"), std::memory_order_release); }
 
 void mask_2to4(DType dtype, const void* w, int64_t N, int64_t K, int64_t ldw, uint8_t* mask) {
