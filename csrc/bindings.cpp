@@ -173,6 +173,13 @@ void bind_cpu(py::module_& m) {
     py::gil_scoped_release nogil;
     cpu::gemm_s8(p);
   });
+  // acc: int32 [M, N] (row stride ld_acc), the exact products of an INT8 GEMM done elsewhere.
+  m.def("cpu_s8_epilogue", [](int64_t M, int64_t N, uintptr_t acc, int64_t ld_acc, uintptr_t w_scale,
+                              uintptr_t x_scale, uintptr_t bias, uintptr_t y, int64_t ldy, int out_dtype, int act) {
+    auto p = make_gemm_params(M, N, 0, 0, 0, 0, 0, bias, y, ldy, out_dtype, act, w_scale, x_scale);
+    py::gil_scoped_release nogil;
+    cpu::s8_epilogue(p, ptr<const int32_t>(acc), ld_acc);
+  });
 }
 
 // ---- SIMT emulator self-tests (instruction models fed from Python) ------------------------------

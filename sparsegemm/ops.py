@@ -37,6 +37,12 @@ _CUDA_BUILT = bool(_C.build_info()["cuda_built"])
 # the tiles 2-12% faster at M = 96 (and 1.35x at M = 512); fp16 gathering 4.1-4.5x torch's dense
 # fp16 GEMM at M = 64-2048, fp32 1.02x-1.6x at M = 96-2048.
 CPU_DENSE_TILE_MIN_M = 80
+# The INT8 GEMM takes the tiles (torch._int_mm) on CPUs with int8 dot products (VNNI) from this
+# many rows of X: its sparse kernel (vpermt2b + vpdpbusd) is a permute per multiply-add as well,
+# but dense int8 only pulls ahead later. Measured on the VM (4096^2, 11008 x 4096, 4096 x 11008):
+# the tiles 0.83-1.06x the kernel at M = 96-160, 0.94-1.10x at 256, 1.17-1.38x at 384.
+CPU_DENSE_TILE_MIN_M_S8 = 256
+_CPU_DENSE_TILES_S8 = bool(_C.cpu_has_native_dot(fmt.DTYPE_CODES[torch.int8]))
 _CPU_DENSE_TILE_DTYPES = frozenset(dtype for dtype in KERNEL_DTYPES if _C.cpu_has_native_dot(fmt.DTYPE_CODES[dtype]))
 _CPU_TILE_BYTES = 8 << 20
 _thread_buffers = threading.local()  # _reused_buffer's per-thread cache
@@ -473,12 +479,11 @@ def activate_torch(z: Tensor, activation: int) -> Tensor:
     return act(gate) * up
 
 
-def _cpu_dense_tiles(x: Tensor, values: Tensor, meta: Tensor, k: int, bias: Optional[Tensor], activation: int,
-                     y: Tensor) -> None:
-    """Large-M CPU path: W decompressed one row tile (at most _CPU_TILE_BYTES) at a time into a
-    reused scratch, then torch's dense GEMM on the tile and the activation on its [M, tile] result,
-    so no temporary is larger than a tile's. A gated layer's tiles hold whole runs of gate and up
-    rows (format.interleave_gate_up), whose outputs are the tile's own columns of y."""
+def _decompressed_tiles(values: Tensor, meta: Tensor, k: int, activation: int):
+    """(first row, tile [rows, k]) for W decompressed one row tile (at most _CPU_TILE_BYTES) at a
+    time into a reused per-thread scratch, each tile valid until the next is made. A gated layer's
+    tiles hold whole runs of gate and up rows (format.interleave_gate_up), whose outputs are the
+    tile's own columns of y."""
     n = values.shape[0]
     itemsize = values.element_size()
     tile = max(1, min(n, _CPU_TILE_BYTES // (k * itemsize)))
@@ -494,6 +499,16 @@ def _cpu_dense_tiles(x: Tensor, values: Tensor, meta: Tensor, k: int, bias: Opti
         part = scratch[:rows]
         _C.cpu_decompress(rows, k, values.data_ptr() + n0 * vrow, meta.data_ptr() + n0 * meta.stride(0),
                           part.data_ptr(), code)
+        yield n0, part
+
+
+def _cpu_dense_tiles(x: Tensor, values: Tensor, meta: Tensor, k: int, bias: Optional[Tensor], activation: int,
+                     y: Tensor) -> None:
+    """Large-M CPU path: torch's dense GEMM on each of _decompressed_tiles and the activation on its
+    [M, tile] result, so no temporary is larger than a tile's."""
+    n = values.shape[0]
+    for n0, part in _decompressed_tiles(values, meta, k, activation):
+        rows = part.shape[0]
         b = None if bias is None else bias[n0:n0 + rows]
         if not activation and rows == n:  # one tile: straight into y
             torch.mm(x, part.T, out=y) if b is None else torch.addmm(b, x, part.T, out=y)
@@ -504,6 +519,23 @@ def _cpu_dense_tiles(x: Tensor, values: Tensor, meta: Tensor, k: int, bias: Opti
         # rounds twice (the activation itself runs in fp32): within the oracle tolerance, not the
         # fused kernels' one rounding.
         out.copy_(activate_torch(z.float(), activation) if activation else z)
+
+
+def _cpu_dense_tiles_s8(x_q: Tensor, x_scale: Tensor, values: Tensor, meta: Tensor, k: int, w_scale: Tensor,
+                        bias: Optional[Tensor], activation: int, y: Tensor) -> None:
+    """Large-M INT8 CPU path: torch's dense int8 GEMM (torch._int_mm: exact int32 sums, which the
+    caller makes sure cannot wrap) on each of _decompressed_tiles, then the INT8 epilogue of the
+    C++ kernel on those sums (_C.cpu_s8_epilogue): the sparse kernel's bits. x_q, x_scale,
+    w_scale, bias and y contiguous."""
+    m = x_q.shape[0]
+    for n0, part in _decompressed_tiles(values, meta, k, activation):
+        rows = part.shape[0]  # the first tile is the largest
+        acc = _reused_buffer("cpu_dense_tile_s8_sums", m * rows, torch.int32, x_q.device)[:m * rows].view(m, rows)
+        torch._int_mm(x_q, part.T, out=acc)
+        out = y[:, out_features(n0, activation):]
+        _C.cpu_s8_epilogue(m, rows, acc.data_ptr(), rows, w_scale.data_ptr() + 4 * n0, x_scale.data_ptr(),
+                           0 if bias is None else bias.data_ptr() + n0 * bias.element_size(), out.data_ptr(),
+                           y.stride(0), fmt.DTYPE_CODES[y.dtype], activation)
 
 
 @_custom_op("sparsegemm::linear")
@@ -770,7 +802,13 @@ def _linear_s8(x_q: Tensor, x_scale: Tensor, values: Tensor, meta: Tensor, kerne
     x_q = _rowmajor(x_q)
     if backend == "cpu":
         _sync_threads()
-        _C.cpu_gemm_s8(m, n, k, x_q.data_ptr(), x_q.stride(0), values.data_ptr(), meta.contiguous().data_ptr(),
+        meta = meta.contiguous()
+        # torch._int_mm sums in int32: dense tiles only where no sum of K / 2 products of at most
+        # 128 * 128 can wrap.
+        if m >= CPU_DENSE_TILE_MIN_M_S8 and _CPU_DENSE_TILES_S8 and fmt.padded_k(k) // 2 * 128 * 128 <= _INT32_MAX:
+            _cpu_dense_tiles_s8(x_q, x_scale, values, meta, k, w_scale, bias, activation, y)
+            return y
+        _C.cpu_gemm_s8(m, n, k, x_q.data_ptr(), x_q.stride(0), values.data_ptr(), meta.data_ptr(),
                        w_scale.data_ptr(), x_scale.data_ptr(), _ptr(bias), y.data_ptr(), y.stride(0), code, activation)
         return y
     kp = fmt.padded_k(k)

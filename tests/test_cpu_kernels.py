@@ -258,6 +258,31 @@ def test_selection_rule_nan_ties_negative_zero(isa, dtype):
         np.testing.assert_array_equal(bits(values[r]), bits(ws[r, [i0, i1]]))
 
 
+@pytest.mark.parametrize("K", [4, 7, 60, 64, 67, 128, 130, 260])
+def test_int8_decompress_matches_oracle(isa, threads, K):
+    # ops.py's large-M INT8 path decompresses weight tiles; the avx512 copy does 64 K positions a
+    # step (vpermb), the rest of a row group by group.
+    rng = np.random.default_rng(K)
+    N = 11
+    pairs = np.array([(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)])
+    chosen = pairs[rng.integers(0, 6, size=(N, num_groups(K)))]
+    meta = np.zeros((N, meta_cols(K)), dtype=np.uint8)
+    for g in range(num_groups(K)):
+        meta[:, g // 2] |= ((chosen[:, g, 0] | chosen[:, g, 1] << 2) << (4 * (g % 2))).astype(np.uint8)
+    if num_groups(K) % 2:
+        meta[:, -1] |= PAD_NIBBLE << 4
+    values = rng.integers(-128, 128, size=(N, 2 * num_groups(K))).astype(np.int8)
+    w = np.full((N, K), 0x5A, dtype=np.int8)
+    _C.cpu_decompress(N, K, values.ctypes.data, meta.ctypes.data, w.ctypes.data, 3)
+    ref = np.zeros((N, K), dtype=np.int8)
+    for n in range(N):
+        for g in range(num_groups(K)):
+            for j in range(2):
+                if 4 * g + chosen[n, g, j] < K:
+                    ref[n, 4 * g + chosen[n, g, j]] = values[n, 2 * g + j]
+    np.testing.assert_array_equal(w, ref)
+
+
 @pytest.mark.parametrize("K", [4, 5, 6, 7, 8, 12, 28, 36, 37, 100])
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 def test_prune_compress_matches_oracle(isa, threads, dtype, K):

@@ -171,6 +171,54 @@ def test_gemm_s8_integer_part_is_exact_for_large_k(isa):
     assert torch.equal(y, torch.full((m, n), 127.0 * 127.0 * k / 2))
 
 
+def cpu_linear_s8(x_q, x_scale, values, meta, k, w_scale, bias, act, out_dtype):
+    return ops._linear_s8(x_q, x_scale, values, meta, None, w_scale, k, bias, fmt.ACTIVATION_CODES[act], out_dtype,
+                          "cpu")
+
+
+@pytest.mark.parametrize("act", ACTS + ["swiglu"])
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES)
+def test_large_m_dense_tiles_give_the_kernels_bits(monkeypatch, act, out_dtype):
+    # From CPU_DENSE_TILE_MIN_M_S8 rows on a VNNI CPU the INT8 GEMM runs torch._int_mm on decompressed
+    # weight tiles and the kernel's epilogue on its int32 sums (_C.cpu_s8_epilogue): the same bits
+    # as the sparse kernel, on every tile (600-byte tiles: 3 of 200 bytes a row; 16-row runs when
+    # gated), and the oracle's exactly without an activation. Forced on, so that any CPU runs it.
+    monkeypatch.setattr(ops, "_CPU_TILE_BYTES", 600)
+    m, n, k = ops.CPU_DENSE_TILE_MIN_M_S8, 48, 200
+    values, meta, w_scale = random_int8_weight(n, k, seed=12)
+    x_q, x_scale = oracle.quantize_rows_int8(torch.randn(m, k, generator=torch.Generator().manual_seed(13)))
+    bias = torch.randn(n).to(out_dtype)
+    for b in (None, bias):
+        monkeypatch.setattr(ops, "_CPU_DENSE_TILES_S8", False)
+        kernel = cpu_linear_s8(x_q, x_scale, values, meta, k, w_scale, b, act, out_dtype)
+        tiled = []
+        real_tiles = ops._cpu_dense_tiles_s8
+        monkeypatch.setattr(ops, "_cpu_dense_tiles_s8", lambda *args: (tiled.append(True), real_tiles(*args)))
+        monkeypatch.setattr(ops, "_CPU_DENSE_TILES_S8", True)
+        y = cpu_linear_s8(x_q, x_scale, values, meta, k, w_scale, b, act, out_dtype)
+        monkeypatch.setattr(ops, "_cpu_dense_tiles_s8", real_tiles)
+        assert tiled and torch.equal(y, kernel)
+        if act is None:
+            assert torch.equal(y, oracle.linear_int8(x_q, x_scale, values, meta, k, w_scale, b, None, out_dtype))
+
+
+def test_dense_tiles_only_where_int32_sums_cannot_wrap(monkeypatch):
+    # torch._int_mm sums in int32, the contract saturates exact sums: from K = 2^18 a sum of K / 2
+    # products of 128 * 128 could wrap, so such a layer stays on the kernel at any M.
+    monkeypatch.setattr(ops, "_CPU_DENSE_TILES_S8", True)
+    monkeypatch.setattr(ops, "CPU_DENSE_TILE_MIN_M_S8", 1)
+    tiled = []
+    real_tiles = ops._cpu_dense_tiles_s8
+    monkeypatch.setattr(ops, "_cpu_dense_tiles_s8", lambda *args: (tiled.append(args[4]), real_tiles(*args)))
+    for k, expect_tiles in ((2 ** 18 - 4, True), (2 ** 18, False)):
+        values, meta, _ = random_int8_weight(1, k, seed=14, extreme=True)
+        x_q = torch.full((2, k), 127, dtype=torch.int8)
+        y = cpu_linear_s8(x_q, torch.ones(2), values, meta, k, torch.ones(1), None, None, torch.float32)
+        assert (k in tiled) == expect_tiles
+        assert torch.equal(y, oracle.linear_int8(x_q, torch.ones(2), values, meta, k, torch.ones(1), None, None,
+                                                 torch.float32))
+
+
 @pytest.mark.parametrize("sign", [1, -1])
 def test_gemm_s8_saturates_to_int32(isa, sign):
     # All +-127 with K = 2^21 + 8: |sum| = 127^2 * K / 2 > 2^34 overflows int32 (and would wrap int32

@@ -535,6 +535,9 @@ def test_cpu_large_m_takes_dense_tiles_only_where_the_cpu_has_the_dtypes_dot_pro
     native = _C.cpu_has_native_dot(sparsegemm.format.DTYPE_CODES[dtype])
     assert bool(tiled) == native and not (native and dtype == torch.float32)
     oracle.assert_close_to_oracle(y, x, layer.dense_weight(), layer.bias.detach(), None)
+    # A gated layer of more rows than one 64-row slab of the kernel's gated epilogue.
+    gated = SparseLinear.from_gate_up(nn.Linear(96, 16).to(dtype), nn.Linear(96, 16).to(dtype), "swiglu")
+    oracle.assert_close_to_oracle(gated(x), x, gated.dense_weight(), gated.bias.detach(), "swiglu")
     if not native:
         sw = layer.sparse_weight()
         direct = torch.empty_like(y)

@@ -26,10 +26,11 @@ const char* isa_name();
 // Whether this build and CPU can run the named ISA ("avx512", "avx2", "generic").
 bool isa_supported(const char* name);
 
-// Whether the CPU has dot-product instructions for dtype's 16-bit values (bf16: AVX512-BF16, which
-// every AMX-BF16 CPU also has; f16: AVX512-FP16): then a dense GEMM in that dtype (torch's) runs at
-// their full rate, which the sparse GEMM, one permute per multiply-add instruction, cannot reach
-// once M makes it compute bound (ops.py routes large M to dense tiles then). False for f32.
+// Whether the CPU has dot-product instructions for dtype's values (bf16: AVX512-BF16, which every
+// AMX-BF16 CPU also has; f16: AVX512-FP16; i8: AVX512-VNNI or AVX-VNNI): then a dense GEMM in that
+// dtype (torch's) runs at their full rate, which the sparse GEMM, one permute per multiply-add
+// instruction, cannot reach once M makes it compute bound (ops.py routes large M to dense tiles
+// then). False for f32.
 bool has_native_dot(DType dtype);
 
 // Forces the ISA used from now on (tests compare all of them); std::runtime_error, naming it, if
@@ -64,6 +65,13 @@ void quantize_rows(DType in_dtype, const void* x, int64_t M, int64_t K, int64_t 
 // f16 or bf16). acc = exact sum saturated to int32; y = ((float)acc * w_scale[n]) * x_scale[m]
 // (+ bias[n]) in fp32 without FMA contraction, then the activation and one rounding to p.dtype.
 void gemm_s8(const GemmParams& p);
+
+// gemm_s8's epilogue alone, on int32 products X_q @ Wq^T computed elsewhere (ops.py's large-M path
+// runs torch's dense int8 GEMM on decompressed weight tiles): acc [M, N] int32 with row stride
+// ld_acc, exact (the caller bounds K so that no sum wraps), then the same steps as gemm_s8 from the
+// saturated sum on. p.M, p.N, p.w_scale, p.x_scale, p.bias, p.y, p.ldy, p.dtype, p.act and p.gated
+// as there; p.x, p.values and p.meta are not read.
+void s8_epilogue(const GemmParams& p, const int32_t* acc, int64_t ld_acc);
 
 }  // namespace cpu
 }  // namespace sparsegemm

@@ -80,8 +80,10 @@ bool has_native_dot(DType dtype) {
 #if defined(SPARSEGEMM_X86)
   __builtin_cpu_init();
   if (dtype == DType::bf16) return __builtin_cpu_supports("avx512bf16") != 0;
+  if (dtype == DType::i8 && __builtin_cpu_supports("avx512vnni")) return true;
 #if (defined(__clang__) && __clang_major__ >= 16) || (!defined(__clang__) && __GNUC__ >= 12)
   if (dtype == DType::f16) return __builtin_cpu_supports("avx512fp16") != 0;
+  if (dtype == DType::i8) return __builtin_cpu_supports("avxvnni") != 0;
 #endif
 #endif
   (void)dtype;
@@ -105,6 +107,8 @@ void quantize_rows(DType in_dtype, const void* x, int64_t M, int64_t K, int64_t 
 }
 
 void gemm_s8(const GemmParams& p) { current_table().gemm_s8(p); }
+
+void s8_epilogue(const GemmParams& p, const int32_t* acc, int64_t ld_acc) { current_table().s8_epilogue(p, acc, ld_acc); }
 
 int64_t find_invalid_meta(const uint8_t* meta, int64_t N, int64_t K) {
   const int64_t groups = num_groups(K), mcols = meta_cols(K), slots = 2 * mcols;

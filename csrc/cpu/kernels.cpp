@@ -595,9 +595,42 @@ inline void decompress_step16(const uint16_t* kept, const uint8_t* meta, uint16_
 }
 #endif
 
-template <DType D>
+#if defined(__AVX512VBMI__)
+// The same for 8-bit values, 16 groups (64 K positions, 32 kept bytes, 8 metadata bytes) per step:
+// vpmultishiftqb gives output byte p the 8 metadata bits that start at group p / 4's nibble, and
+// one masked vpermb does the scatter.
+inline void decompress_step8(const int8_t* kept, const uint8_t* meta, int8_t* out) {
+  alignas(64) static constexpr uint8_t kFirstKept[64] = {
+      0,  0,  0,  0,  2,  2,  2,  2,  4,  4,  4,  4,  6,  6,  6,  6,  8,  8,  8,  8,  10, 10,
+      10, 10, 12, 12, 12, 12, 14, 14, 14, 14, 16, 16, 16, 16, 18, 18, 18, 18, 20, 20, 20, 20,
+      22, 22, 22, 22, 24, 24, 24, 24, 26, 26, 26, 26, 28, 28, 28, 28, 30, 30, 30, 30};
+  uint64_t codes;
+  std::memcpy(&codes, meta, sizeof codes);
+  // Multishift control of output byte p: bit 4 * (p / 4), where group p / 4's nibble starts in
+  // the 8 metadata bytes (every qword of the source holds all of them).
+  alignas(64) static constexpr uint8_t kNibbleBit[64] = {
+      0,  0,  0,  0,  4,  4,  4,  4,  8,  8,  8,  8,  12, 12, 12, 12, 16, 16, 16, 16, 20, 20,
+      20, 20, 24, 24, 24, 24, 28, 28, 28, 28, 32, 32, 32, 32, 36, 36, 36, 36, 40, 40, 40, 40,
+      44, 44, 44, 44, 48, 48, 48, 48, 52, 52, 52, 52, 56, 56, 56, 56, 60, 60, 60, 60};
+  alignas(64) static constexpr uint8_t kPosition[64] = {
+      0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3,
+      0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3};
+  const __m512i nibble = _mm512_multishift_epi64_epi8(_mm512_load_si512(kNibbleBit),
+                                                      _mm512_set1_epi64(static_cast<long long>(codes)));
+  const __m512i three = _mm512_set1_epi8(3);
+  const __m512i pos = _mm512_load_si512(kPosition);
+  const __mmask64 is_i0 = _mm512_cmpeq_epi8_mask(_mm512_and_si512(nibble, three), pos);
+  const __mmask64 is_i1 = _mm512_cmpeq_epi8_mask(_mm512_and_si512(_mm512_srli_epi16(nibble, 2), three), pos);
+  const __m512i first = _mm512_load_si512(kFirstKept);
+  const __m512i index = _mm512_mask_add_epi8(first, is_i1, first, _mm512_set1_epi8(1));
+  const __m512i values = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(kept)));
+  _mm512_storeu_si512(out, _mm512_maskz_permutexvar_epi8(is_i0 | is_i1, index, values));
+}
+#endif
+
+// W[N, K] <- the decompressed rows, for any element type T of 1, 2 or 4 bytes.
+template <typename T>
 void decompress_typed(const DecompressParams& p) {
-  using T = typename ElemTraits<D>::Storage;
   const T* values = static_cast<const T*>(p.values);
   T* w = static_cast<T*>(p.w);
   const int64_t K = p.K, groups = num_groups(K), vcols = values_cols(K), mcols = meta_cols(K);
@@ -610,6 +643,11 @@ void decompress_typed(const DecompressParams& p) {
 #if defined(__AVX512BW__)
       if constexpr (sizeof(T) == 2) {
         for (; 4 * g + 32 <= K; g += 8) decompress_step16(kept + 2 * g, meta_row + g / 2, row + 4 * g);
+      }
+#endif
+#if defined(__AVX512VBMI__)
+      if constexpr (sizeof(T) == 1) {
+        for (; 4 * g + 64 <= K; g += 16) decompress_step8(kept + 2 * g, meta_row + g / 2, row + 4 * g);
       }
 #endif
       std::fill(row + 4 * g, row + K, T{});
@@ -1245,6 +1283,34 @@ void gemm_s8_typed(const GemmParams& p) {
   });
 }
 
+// gemm_s8_typed's epilogue on the given int32 sums (cpu_ops.h s8_epilogue), row by row, in the
+// order of operations of sparse_gemm_activated: one rounding to D after the (gated) activation.
+template <DType D>
+void s8_epilogue_typed(const GemmParams& p, const int32_t* acc, int64_t ld_acc) {
+  using T = typename ElemTraits<D>::Storage;
+  const T* bias = static_cast<const T*>(p.bias);
+  T* y = static_cast<T*>(p.y);
+  const Activation act = p.act;
+  parallel_for(0, p.M, rows_grain(p.N), [&](int64_t m_begin, int64_t m_end) {
+    for (int64_t m = m_begin; m < m_end; ++m) {
+      const int32_t* sums = acc + m * ld_acc;
+      auto pre_activation = [&](int64_t n) {
+        const float bias_n = bias != nullptr ? ElemTraits<D>::to_float(bias[n]) : 0.0f;
+        return s8_pre_activation(sums[n], p.w_scale[n], p.x_scale[m], bias != nullptr ? &bias_n : nullptr);
+      };
+      T* y_row = y + m * p.ldy;
+      if (!p.gated) {
+        for (int64_t n = 0; n < p.N; ++n) y_row[n] = ElemTraits<D>::from_float(activate(pre_activation(n), act));
+        continue;
+      }
+      for (int64_t j = 0; j < p.N / 2; ++j) {
+        const int64_t gate = j / kGateRows * (2 * kGateRows) + j % kGateRows;
+        y_row[j] = ElemTraits<D>::from_float(activate(pre_activation(gate), act) * pre_activation(gate + kGateRows));
+      }
+    }
+  });
+}
+
 void mask_2to4(DType dtype, const void* w, int64_t N, int64_t K, int64_t ldw, uint8_t* mask) {
   with_dtype(dtype, [&](auto d) { mask_typed<decltype(d)::value>(w, N, K, ldw, mask); });
 }
@@ -1254,7 +1320,8 @@ void compress(const CompressParams& p) {
 }
 
 void decompress(const DecompressParams& p) {
-  with_dtype(p.dtype, [&](auto d) { decompress_typed<decltype(d)::value>(p); });
+  if (p.dtype == DType::i8) return decompress_typed<int8_t>(p);
+  with_dtype(p.dtype, [&](auto d) { decompress_typed<typename ElemTraits<decltype(d)::value>::Storage>(p); });
 }
 
 void gemm(const GemmParams& p) {
@@ -1269,11 +1336,15 @@ void gemm_s8(const GemmParams& p) {
   with_dtype(p.dtype, [&](auto d) { gemm_s8_typed<decltype(d)::value>(p); });
 }
 
+void s8_epilogue(const GemmParams& p, const int32_t* acc, int64_t ld_acc) {
+  with_dtype(p.dtype, [&](auto d) { s8_epilogue_typed<decltype(d)::value>(p, acc, ld_acc); });
+}
+
 }  // namespace
 
 const KernelTable& kernel_table() {
   static const KernelTable table{SG_STRINGIFY(SPARSEGEMM_CPU_ISA), &mask_2to4, &compress, &decompress, &gemm,
-                                 &quantize_rows, &gemm_s8};
+                                 &quantize_rows, &gemm_s8, &s8_epilogue};
   return table;
 }
 

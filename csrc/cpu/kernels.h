@@ -17,6 +17,7 @@ struct KernelTable {
   void (*gemm)(const GemmParams& p);
   void (*quantize_rows)(DType in_dtype, const void* x, int64_t M, int64_t K, int64_t ldx, int8_t* x_q, float* x_scale);
   void (*gemm_s8)(const GemmParams& p);
+  void (*s8_epilogue)(const GemmParams& p, const int32_t* acc, int64_t ld_acc);
 };
 
 namespace generic {
