@@ -26,24 +26,27 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 _INT32_MAX = 2**31 - 1
 _CUDA_BUILT = bool(_C.build_info()["cuda_built"])
 
-# From this many rows of X the CPU path stops gathering X per 2:4 group and instead decompresses
-# W a row tile at a time into a cache-sized scratch and runs torch's dense GEMM on it, for the
-# dtypes whose 16-bit dot-product instructions the CPU has (_C.cpu_has_native_dot: bf16 on
-# AVX512-BF16, fp16 on AVX512-FP16). On the CPU 2:4 saves bytes, not multiply-adds: the gathering
-# kernel pays a permute per multiply-add instruction, so once the GEMM is compute bound a dense
-# GEMM at those instructions' full rate wins. Where torch's GEMM has no such instructions it
-# widens to fp32, and the gathering kernel stays ahead at every M. Measured on the 2-core AVX-512
-# VM (L3 flushed, 4096^2 / 11008 x 4096 / 4096 x 11008): bf16 gathering 1-9% faster at M = 64,
-# the tiles 2-12% faster at M = 96 (and 1.35x at M = 512); fp16 gathering 4.1-4.5x torch's dense
-# fp16 GEMM at M = 64-2048, fp32 1.02x-1.6x at M = 96-2048.
+# From this many rows of X the CPU path may stop gathering X per 2:4 group and instead decompress
+# W a row tile at a time into a cache-sized scratch and run torch's dense GEMM on it
+# (_cpu_dense_tiles_win says for which dtypes). On the CPU 2:4 saves bytes, not multiply-adds: the
+# gathering kernel pays a permute per multiply-add instruction, so once the GEMM is compute bound
+# a dense GEMM wins where it runs at full rate: on the dtype's native dot-product instructions
+# (_C.cpu_has_native_dot: bf16 on AVX512-BF16, fp16 on AVX512-FP16), for fp32 against the AVX2
+# kernel (two permutes and a blend per FMA), and against the portable scalar kernel. Where torch
+# widens a 16-bit dtype to fp32 instead, and for fp32 against the AVX-512 kernel, the gathering
+# kernel stays ahead at every M. Measured on the 2-core AVX-512 VM (L3 flushed, 4096^2, 11008 x
+# 4096, 4096 x 11008): avx512 bf16 gathering 1-9% faster at M = 64, the tiles 2-12% faster at
+# M = 96 (1.3x at 512), fp16 gathering 4.0-4.5x torch's dense fp16 GEMM at M = 64-2048, fp32
+# 0.92-1.6x at M = 96-2048; avx2 kernels against MKL / oneDNN held to AVX2: fp32 dense 1.25x at
+# M = 80, 2x at 512; bf16 / fp16 gathering 1.6-2x at M = 32-512.
 CPU_DENSE_TILE_MIN_M = 80
+_CPU_NATIVE_DOT = frozenset(dtype for dtype in KERNEL_DTYPES if _C.cpu_has_native_dot(fmt.DTYPE_CODES[dtype]))
 # The INT8 GEMM takes the tiles (torch._int_mm) on CPUs with int8 dot products (VNNI) from this
 # many rows of X: its sparse kernel (vpermt2b + vpdpbusd) is a permute per multiply-add as well,
 # but dense int8 only pulls ahead later. Measured on the VM (4096^2, 11008 x 4096, 4096 x 11008):
 # the tiles 0.83-1.06x the kernel at M = 96-160, 0.94-1.10x at 256, 1.17-1.38x at 384.
 CPU_DENSE_TILE_MIN_M_S8 = 256
 _CPU_DENSE_TILES_S8 = bool(_C.cpu_has_native_dot(fmt.DTYPE_CODES[torch.int8]))
-_CPU_DENSE_TILE_DTYPES = frozenset(dtype for dtype in KERNEL_DTYPES if _C.cpu_has_native_dot(fmt.DTYPE_CODES[dtype]))
 _CPU_TILE_BYTES = 8 << 20
 _thread_buffers = threading.local()  # _reused_buffer's per-thread cache
 
@@ -479,6 +482,15 @@ def activate_torch(z: Tensor, activation: int) -> Tensor:
     return act(gate) * up
 
 
+def _cpu_dense_tiles_win(dtype: torch.dtype) -> bool:
+    """Whether, from CPU_DENSE_TILE_MIN_M rows, torch's dense GEMM on decompressed tiles beats the
+    gathering kernel of the CPU ISA in use for ``dtype`` (see CPU_DENSE_TILE_MIN_M)."""
+    if dtype in _CPU_NATIVE_DOT:
+        return True
+    isa = _C.cpu_isa_name()
+    return isa == "generic" or (isa == "avx2" and dtype == torch.float32)
+
+
 def _decompressed_tiles(values: Tensor, meta: Tensor, k: int, activation: int):
     """(first row, tile [rows, k]) for W decompressed one row tile (at most _CPU_TILE_BYTES) at a
     time into a reused per-thread scratch, each tile valid until the next is made. A gated layer's
@@ -555,7 +567,7 @@ def _linear(x: Tensor, values: Tensor, meta: Tensor, kernel_meta: Optional[Tenso
         x = _rowmajor(x)
         meta = meta.contiguous()
         _sync_threads()
-        if m >= CPU_DENSE_TILE_MIN_M and x.dtype in _CPU_DENSE_TILE_DTYPES:
+        if m >= CPU_DENSE_TILE_MIN_M and _cpu_dense_tiles_win(x.dtype):
             _cpu_dense_tiles(x, values, meta, k, bias, activation, y)
         else:
             _C.cpu_gemm(m, n, k, x.data_ptr(), x.stride(0), values.data_ptr(), meta.data_ptr(), _ptr(bias),
