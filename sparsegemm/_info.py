@@ -9,7 +9,7 @@ from . import _C
 def _cpu_flags() -> list[str]:
     """The vector extensions the CPU advertises that the CPU backend can use."""
     wanted = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512vbmi",
-              "avx512_vnni")
+              "avx512_vnni", "avx512_fp16", "avx_vnni")
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -25,7 +25,7 @@ def info() -> dict:
     """Version, CUDA build (archs), usable GPUs (name, compute capability), CPU features used."""
     import torch
 
-    from . import __version__
+    from . import __version__, ops
 
     built = _C.build_info()
     archs = [a for a in built["cuda_archs"].split(",") if a]
@@ -47,6 +47,11 @@ def info() -> dict:
         "cpu_threads": torch.get_num_threads(),
         # "openmp:<runtime path>": the CPU kernels run on that (torch's) OpenMP team; "threads": their own pool.
         "cpu_threading": _C.cpu_threading(),
+        # Per dtype, the CPU GEMM from ops.CPU_DENSE_TILE_MIN_M rows of X (INT8: CPU_DENSE_TILE_MIN_M_S8):
+        # "dense tiles" (torch's dense GEMM on W decompressed a tile at a time, where that is faster
+        # on this CPU and ISA) or "sparse kernel".
+        "cpu_large_m_gemm": {str(dtype).removeprefix("torch."): ("dense tiles" if wins else "sparse kernel")
+                             for dtype, wins in ops.cpu_dense_tiles_win_by_dtype().items()},
         "torch": torch.__version__,
         "simt_emulator": hasattr(_C, "simt_gemm"),
     }

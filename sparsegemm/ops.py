@@ -491,6 +491,13 @@ def _cpu_dense_tiles_win(dtype: torch.dtype) -> bool:
     return isa == "generic" or (isa == "avx2" and dtype == torch.float32)
 
 
+def cpu_dense_tiles_win_by_dtype() -> dict:
+    """{dtype: whether the CPU GEMM takes dense tiles at large M} on this CPU and ISA, INT8 included."""
+    table = {dtype: _cpu_dense_tiles_win(dtype) for dtype in FLOAT_DTYPES}
+    table[torch.int8] = _CPU_DENSE_TILES_S8
+    return table
+
+
 def _decompressed_tiles(values: Tensor, meta: Tensor, k: int, activation: int):
     """(first row, tile [rows, k]) for W decompressed one row tile (at most _CPU_TILE_BYTES) at a
     time into a reused per-thread scratch, each tile valid until the next is made. A gated layer's

@@ -17,6 +17,10 @@ def test_info_fields():
     if info["cuda_built"]:
         assert info["cuda_archs"] and all(int(a) >= 80 for a in info["cuda_archs"])
     assert info["cuda_large_m_tile"] in (("wgmma.sp", "mma.sp") if info["gpu_available"] else (None,))
+    paths = info["cpu_large_m_gemm"]
+    assert set(paths) == {"float32", "float16", "bfloat16", "int8"}
+    assert set(paths.values()) <= {"dense tiles", "sparse kernel"}
+    assert (paths["float32"] == "dense tiles") == (info["cpu_isa"] != "avx512")
 
 
 def test_import_does_not_initialise_cuda():
