@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
 # One GPU check (DESIGN.md "Verification on a GPU"): build for the present GPU only, GPU tests,
-# compute-sanitizer memcheck + racecheck on small cases, the benchmark, the graph-replay sweep and the
-# eager host time; everything lands in OUTDIR (env.json, junit XML, sanitizer logs,
-# bench.json/.csv/.md/.png, sweep.txt, host_overhead.txt, large_m.txt). Usage: bench/gpu_suite.sh OUTDIR
+# the large-M tiles against cuBLAS, compute-sanitizer memcheck + racecheck on small cases, the
+# graph-replay sweep, the eager host time and the benchmark, in that order of priority;
+# everything lands in OUTDIR (env.json, steps.txt, junit XML, large_m*.txt, sanitizer logs,
+# sweep.txt, host_overhead.txt, bench.json/.csv/.md/.png). Usage: bench/gpu_suite.sh OUTDIR
 # PYTHON (default: python3) must have a CUDA torch, pybind11, pytest; nvcc and compute-sanitizer on PATH.
-# Knobs: BENCH_ARGS, PYTEST_WORKERS, TESTS_TIMEOUT / BENCH_TIMEOUT / SANITIZER_TIMEOUT / SWEEP_TIMEOUT (seconds).
+# The whole run fits SUITE_BUDGET seconds (default 560: one device command may run 600 s): each
+# step gets its own limit or what is left, whichever is less, a step with under 20 s left is
+# skipped, and steps.txt says how each step ended and how long it took. When under 600 s are left
+# for the benchmark it runs --quick unless BENCH_ARGS says otherwise.
+# Knobs: SUITE_BUDGET, BENCH_ARGS, PYTEST_WORKERS, TESTS_TIMEOUT / BENCH_TIMEOUT / SANITIZER_TIMEOUT /
+# SWEEP_TIMEOUT (seconds, per step).
 set -euo pipefail
 OUT=${1:?usage: bench/gpu_suite.sh OUTDIR}
 PY=${PYTHON:-python3}
@@ -34,30 +40,53 @@ json.dump(env, open(sys.argv[1], "w"), indent=1)
 PYEOF
 
 status=0
-# The whole suite: on a GPU the cuda backends run beside the CPU and emulator ones.
+BUDGET=${SUITE_BUDGET:-560}
+: > "$OUT/steps.txt"
+# run_step NAME LIMIT OUTFILE CMD...: CMD (stdout and stderr appended to OUTFILE) under the lesser of
+# LIMIT and the budget left; a hung step must not eat a short device lease, and a killed one fails
+# the suite and leaves what it wrote.
+run_step() {
+  local name=$1 limit=$2 file=$3
+  shift 3
+  local left=$((BUDGET - SECONDS))
+  if ((left < 20)); then
+    echo "$name: skipped, suite budget spent" >> "$OUT/steps.txt"
+    status=1
+    return
+  fi
+  ((limit > left)) && limit=$left
+  local begin=$SECONDS
+  if timeout "$limit" "$@" >> "$file" 2>&1; then
+    echo "$name: ok, $((SECONDS - begin)) s" >> "$OUT/steps.txt"
+  else
+    echo "$name: FAILED or over its $limit s, $((SECONDS - begin)) s" >> "$OUT/steps.txt"
+    status=1
+  fi
+}
+echo "build: ok, $SECONDS s" >> "$OUT/steps.txt"
+
+# The whole suite: on a GPU the cuda backends run beside the CPU and emulator ones
+# (tests/test_kernels_cuda.py checks one wgmma instruction against the emulator first).
 XDIST=$("$PY" -c 'import xdist' 2>/dev/null && echo "-n ${PYTEST_WORKERS:-8}" || true)
-# Every step after the build has a time limit: a hung step must not eat a short device lease (a
-# killed one fails the suite and leaves what it wrote).
 # shellcheck disable=SC2086
-timeout "${TESTS_TIMEOUT:-600}" "$PY" -m pytest -q $XDIST tests --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1 \
-  || status=1
-# BENCH_ARGS narrows the sweep when device time is short (e.g. "--shapes square-8192 --m 1 16 8192").
-# shellcheck disable=SC2086
-timeout "${BENCH_TIMEOUT:-900}" "$PY" -m sparsegemm bench --device cuda --dtype float16 bfloat16 int8 --no-progress \
-  --json "$OUT/bench.json" --csv "$OUT/bench.csv" --plot "$OUT/bench.png" ${BENCH_ARGS:-} > "$OUT/bench.md" 2>&1 \
-  || status=1
+run_step tests "${TESTS_TIMEOUT:-300}" "$OUT/tests.log" "$PY" -m pytest -q $XDIST tests --junitxml="$OUT/tests.xml"
+# Large M against cuBLAS: the tile the heuristic takes (wgmma on Hopper), then the warp-level one.
+run_step large_m "${SWEEP_TIMEOUT:-120}" "$OUT/large_m.txt" "$PY" bench/large_m_timing.py
+run_step large_m_mma "${SWEEP_TIMEOUT:-120}" "$OUT/large_m_mma.txt" env SPARSEGEMM_WGMMA=0 "$PY" bench/large_m_timing.py
 for tool in memcheck racecheck; do
-  timeout "${SANITIZER_TIMEOUT:-240}" compute-sanitizer --tool "$tool" --error-exitcode 1 "$PY" bench/sanitizer_smoke.py \
-    > "$OUT/sanitizer_$tool.log" 2>&1 || status=1
+  run_step "sanitizer_$tool" "${SANITIZER_TIMEOUT:-240}" "$OUT/sanitizer_$tool.log" \
+    compute-sanitizer --tool "$tool" --error-exitcode 1 "$PY" bench/sanitizer_smoke.py
 done
 # Kernel time without launch cost (decode GEMM per split, compress / decompress; CUDA-graph replay
 # from DRAM) and the host time of one eager call: the two halves of a decode layer's time.
-timeout "${SWEEP_TIMEOUT:-120}" "$PY" bench/decode_sweep.py > "$OUT/sweep.txt" 2>&1 || status=1
-timeout "${SWEEP_TIMEOUT:-120}" "$PY" bench/host_overhead.py > "$OUT/host_overhead.txt" 2>&1 || status=1
-# Large M against cuBLAS: the tile the heuristic takes (wgmma on Hopper), then the warp-level one.
-for wgmma in 1 0; do
-  SPARSEGEMM_WGMMA=$wgmma timeout "${SWEEP_TIMEOUT:-120}" "$PY" bench/large_m_timing.py >> "$OUT/large_m.txt" 2>&1 \
-    || status=1
-done
-tail -n 3 "$OUT/tests.log" "$OUT"/sanitizer_*.log
+run_step sweep "${SWEEP_TIMEOUT:-120}" "$OUT/sweep.txt" "$PY" bench/decode_sweep.py
+run_step host_overhead "${SWEEP_TIMEOUT:-120}" "$OUT/host_overhead.txt" "$PY" bench/host_overhead.py
+# BENCH_ARGS narrows the sweep (e.g. "--shapes square-8192 --m 1 16 8192").
+if [[ -z "${BENCH_ARGS+set}" ]] && ((BUDGET - SECONDS < 600)); then BENCH_ARGS=--quick; fi
+# shellcheck disable=SC2086
+run_step bench "${BENCH_TIMEOUT:-900}" "$OUT/bench.md" "$PY" -m sparsegemm bench --device cuda \
+  --dtype float16 bfloat16 int8 --no-progress --json "$OUT/bench.json" --csv "$OUT/bench.csv" \
+  --plot "$OUT/bench.png" ${BENCH_ARGS:-}
+cat "$OUT/steps.txt"
+tail -n 3 "$OUT/tests.log" "$OUT"/sanitizer_*.log 2>/dev/null || true
 exit $status
