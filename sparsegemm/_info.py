@@ -50,8 +50,7 @@ def info() -> dict:
         # Per dtype, the CPU GEMM from ops.CPU_DENSE_TILE_MIN_M rows of X (INT8: CPU_DENSE_TILE_MIN_M_S8):
         # "dense tiles" (torch's dense GEMM on W decompressed a tile at a time, where that is faster
         # on this CPU and ISA) or "sparse kernel".
-        "cpu_large_m_gemm": {str(dtype).removeprefix("torch."): ("dense tiles" if wins else "sparse kernel")
-                             for dtype, wins in ops.cpu_dense_tiles_win_by_dtype().items()},
+        "cpu_large_m_gemm": ops.cpu_large_m_gemm(),
         "torch": torch.__version__,
         "simt_emulator": hasattr(_C, "simt_gemm"),
     }

@@ -37,9 +37,13 @@ _CUDA_BUILT = bool(_C.build_info()["cuda_built"])
 # kernel stays ahead at every M. Measured on the 2-core AVX-512 VM (L3 flushed, 4096^2, 11008 x
 # 4096, 4096 x 11008): avx512 bf16 gathering 1-9% faster at M = 64, the tiles 2-12% faster at
 # M = 96 (1.3x at 512), fp16 gathering 4.0-4.5x torch's dense fp16 GEMM at M = 64-2048, fp32
-# 0.92-1.6x at M = 96-2048; avx2 kernels against MKL / oneDNN held to AVX2: fp32 dense 1.25x at
+# 0.92-1.6x at M = 96-2048 for K = 4096 (short K: CPU_FP32_KERNEL_MIN_K); avx2 kernels against MKL / oneDNN held to AVX2: fp32 dense 1.25x at
 # M = 80, 2x at 512; bf16 / fp16 gathering 1.6-2x at M = 32-512.
 CPU_DENSE_TILE_MIN_M = 80
+# Below this K even fp32 takes the tiles against the AVX-512 kernel, whose per-output reduction of
+# its 16 lanes weighs on a short dot product: MKL 1.4-2.3x at K = 64-256, 1.15x at 576, parity at
+# 1152 (M = 512 / 6272, N = 4096 / 512); 1.1x for the kernel at K = 4096.
+CPU_FP32_KERNEL_MIN_K = 1024
 _CPU_NATIVE_DOT = frozenset(dtype for dtype in KERNEL_DTYPES if _C.cpu_has_native_dot(fmt.DTYPE_CODES[dtype]))
 # The INT8 GEMM takes the tiles (torch._int_mm) on CPUs with int8 dot products (VNNI) from this
 # many rows of X: its sparse kernel (vpermt2b + vpdpbusd) is a permute per multiply-add as well,
@@ -482,19 +486,27 @@ def activate_torch(z: Tensor, activation: int) -> Tensor:
     return act(gate) * up
 
 
-def _cpu_dense_tiles_win(dtype: torch.dtype) -> bool:
+def _cpu_dense_tiles_win(dtype: torch.dtype, k: int) -> bool:
     """Whether, from CPU_DENSE_TILE_MIN_M rows, torch's dense GEMM on decompressed tiles beats the
-    gathering kernel of the CPU ISA in use for ``dtype`` (see CPU_DENSE_TILE_MIN_M)."""
+    gathering kernel of the CPU ISA in use for ``dtype`` and K (see CPU_DENSE_TILE_MIN_M)."""
     if dtype in _CPU_NATIVE_DOT:
         return True
     isa = _C.cpu_isa_name()
-    return isa == "generic" or (isa == "avx2" and dtype == torch.float32)
+    return isa == "generic" or (dtype == torch.float32 and (isa == "avx2" or k < CPU_FP32_KERNEL_MIN_K))
 
 
-def cpu_dense_tiles_win_by_dtype() -> dict:
-    """{dtype: whether the CPU GEMM takes dense tiles at large M} on this CPU and ISA, INT8 included."""
-    table = {dtype: _cpu_dense_tiles_win(dtype) for dtype in FLOAT_DTYPES}
-    table[torch.int8] = _CPU_DENSE_TILES_S8
+def cpu_large_m_gemm() -> dict:
+    """{dtype name: the CPU GEMM it takes at large M on this CPU and ISA}, INT8 included: "dense
+    tiles", "sparse kernel", or for fp32 against the AVX-512 kernel a split by K."""
+    def path(wins: bool) -> str:
+        return "dense tiles" if wins else "sparse kernel"
+
+    table = {}
+    for dtype in FLOAT_DTYPES:
+        short, long = _cpu_dense_tiles_win(dtype, 1), _cpu_dense_tiles_win(dtype, CPU_FP32_KERNEL_MIN_K)
+        table[str(dtype).removeprefix("torch.")] = (
+            path(short) if short == long else f"{path(short)} below K = {CPU_FP32_KERNEL_MIN_K}, else {path(long)}")
+    table["int8"] = path(_CPU_DENSE_TILES_S8)
     return table
 
 
@@ -574,7 +586,7 @@ def _linear(x: Tensor, values: Tensor, meta: Tensor, kernel_meta: Optional[Tenso
         x = _rowmajor(x)
         meta = meta.contiguous()
         _sync_threads()
-        if m >= CPU_DENSE_TILE_MIN_M and _cpu_dense_tiles_win(x.dtype):
+        if m >= CPU_DENSE_TILE_MIN_M and _cpu_dense_tiles_win(x.dtype, k):
             _cpu_dense_tiles(x, values, meta, k, bias, activation, y)
         else:
             _C.cpu_gemm(m, n, k, x.data_ptr(), x.stride(0), values.data_ptr(), meta.data_ptr(), _ptr(bias),

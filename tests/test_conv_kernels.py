@@ -101,6 +101,25 @@ def test_matches_the_unfold_path(kernels, geometry):
     assert torch.equal(y_kernel, layer(x))
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "autograd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["f32", "f16", "bf16"])
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=geometry_id)
+def test_cpu_backend_exact_on_small_integers(monkeypatch, geometry, dtype, grad):
+    # The CPU backend gathers the patch matrix from a strided NHWC view of x; in inference a run of
+    # output rows at a time into a reused scratch, which 600-byte chunks make one row (or less) of
+    # every image here, so every chunk boundary is crossed. NCHW and channels_last input alike.
+    monkeypatch.setattr(ops, "_CPU_TILE_BYTES", 600)
+    b, cin, cout, hw, kernel, stride, padding, dilation = geometry
+    layer = make_layer(cin, cout, kernel, stride, padding, dilation, dtype, integer=True, seed=7)
+    layer.backend = "cpu"
+    x = make_input(b, cin, hw, dtype, integer=True, seed=8)
+    for x_in in (x, x.to(memory_format=torch.channels_last)):
+        with torch.set_grad_enabled(grad):
+            y = layer(x_in)
+        assert y.requires_grad == grad
+        assert torch.equal(y.double(), reference(layer, x))
+
+
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=["f16", "bf16"])
 @pytest.mark.parametrize("geometry", [GEOMETRIES[1], GEOMETRIES[3], GEOMETRIES[4], GEOMETRIES[7]], ids=geometry_id)
 def test_random_within_twice_dense_error(kernels, dtype, geometry):

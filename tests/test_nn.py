@@ -273,7 +273,7 @@ def test_cpu_dense_tile_scratch_is_per_thread(monkeypatch):
     # M >= CPU_DENSE_TILE_MIN_M decompresses W tile by tile into a reused scratch
     # (ops._reused_buffer): threads running layers of the same dtype at once each need their own.
     # Forced, so that the test does not depend on the CPU (fp32 takes that path on some only).
-    monkeypatch.setattr(ops, "_cpu_dense_tiles_win", lambda dtype: True)
+    monkeypatch.setattr(ops, "_cpu_dense_tiles_win", lambda dtype, k: True)
     torch.manual_seed(3)
     layers = [SparseLinear.from_dense(nn.Linear(512, 512)) for _ in range(4)]
     x = torch.randn(ops.CPU_DENSE_TILE_MIN_M, 512)
@@ -519,30 +519,33 @@ def test_from_dense_fuses_a_plain_activation(quantize):
     assert "activation=gelu" in repr(fused)
 
 
+@pytest.mark.parametrize("k", [96, ops.CPU_FP32_KERNEL_MIN_K + 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_cpu_large_m_takes_dense_tiles_only_where_they_win(monkeypatch, isa, dtype):
+def test_cpu_large_m_takes_dense_tiles_only_where_they_win(monkeypatch, isa, dtype, k):
     # The dense tiles win where torch's dense GEMM runs at full rate against the ISA's gathering
     # kernel (ops.py): native 16-bit dot products (bf16 on AVX512-BF16, fp16 on AVX512-FP16), fp32
-    # against the AVX2 kernel, everything against the portable one. Elsewhere (fp32 and a 16-bit
-    # dtype torch widens, against the AVX-512 kernel) the layer gives the C++ GEMM's own bits.
+    # against the AVX2 kernel and, for a short K, the AVX-512 one, everything against the portable
+    # one. Elsewhere (a 16-bit dtype torch widens, and fp32 with a long K, against the AVX-512
+    # kernel) the layer gives the C++ GEMM's own bits.
     tiled = []
     real_tiles = ops._cpu_dense_tiles
     monkeypatch.setattr(ops, "_cpu_dense_tiles", lambda *args: (tiled.append(True), real_tiles(*args)))
     torch.manual_seed(4)
-    layer = SparseLinear.from_dense(nn.Linear(96, 40).to(dtype))
-    x = torch.randn(ops.CPU_DENSE_TILE_MIN_M + 3, 96).to(dtype)
+    layer = SparseLinear.from_dense(nn.Linear(k, 40).to(dtype))
+    x = torch.randn(ops.CPU_DENSE_TILE_MIN_M + 3, k).to(dtype)
     y = layer(x)
     native = _C.cpu_has_native_dot(sparsegemm.format.DTYPE_CODES[dtype])
-    expected = native or isa == "generic" or (isa == "avx2" and dtype == torch.float32)
+    expected = native or isa == "generic" or (
+        dtype == torch.float32 and (isa == "avx2" or k < ops.CPU_FP32_KERNEL_MIN_K))
     assert bool(tiled) == expected and not (native and dtype == torch.float32)
     oracle.assert_close_to_oracle(y, x, layer.dense_weight(), layer.bias.detach(), None)
     # A gated layer of more rows than one 64-row slab of the kernel's gated epilogue.
-    gated = SparseLinear.from_gate_up(nn.Linear(96, 16).to(dtype), nn.Linear(96, 16).to(dtype), "swiglu")
+    gated = SparseLinear.from_gate_up(nn.Linear(k, 16).to(dtype), nn.Linear(k, 16).to(dtype), "swiglu")
     oracle.assert_close_to_oracle(gated(x), x, gated.dense_weight(), gated.bias.detach(), "swiglu")
     if not expected:
         sw = layer.sparse_weight()
         direct = torch.empty_like(y)
-        _C.cpu_gemm(x.shape[0], 40, 96, x.data_ptr(), 96, sw.values.data_ptr(), sw.meta.data_ptr(),
+        _C.cpu_gemm(x.shape[0], 40, k, x.data_ptr(), k, sw.values.data_ptr(), sw.meta.data_ptr(),
                     layer.bias.data_ptr(), direct.data_ptr(), 40, sparsegemm.format.DTYPE_CODES[dtype], 0, 0, 0)
         assert torch.equal(y, direct)
 
@@ -553,7 +556,7 @@ def test_gate_up_layer_on_the_cpu_dense_tile_path(monkeypatch, tile_bytes):
     # and up columns there (ops.activate_torch) against the oracle, for fp16 and for INT8 (whose
     # CPU kernel pairs the rows in 64-row slabs: 150 rows cross two slab borders). 3000-byte tiles
     # are 23 rows of this weight: 16 for the gated layer (whole gate / up runs), uneven for the rest.
-    monkeypatch.setattr(ops, "_cpu_dense_tiles_win", lambda dtype: True)  # on any CPU
+    monkeypatch.setattr(ops, "_cpu_dense_tiles_win", lambda dtype, k: True)  # on any CPU
     if tile_bytes is not None:
         monkeypatch.setattr(ops, "_CPU_TILE_BYTES", tile_bytes)
         lin = nn.Linear(64, 88).half()
