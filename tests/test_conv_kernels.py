@@ -91,13 +91,13 @@ def test_exact_on_small_integers(kernels, dtype, geometry):
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=geometry_id)
-def test_matches_the_unfold_path(kernels, geometry):
+def test_matches_the_cpu_path(kernels, geometry):
     b, cin, cout, hw, kernel, stride, padding, dilation = geometry
     layer = make_layer(cin, cout, kernel, stride, padding, dilation, torch.float16, integer=True, seed=3)
     x = make_input(b, cin, hw, torch.float16, integer=True, seed=4)
     y_kernel = kernels.module(layer)(kernels.to_device(x)).cpu()
     layer = layer.cpu()
-    layer.backend = "cpu"  # unfold + the CPU sparse GEMM
+    layer.backend = "cpu"  # im2col from a strided NHWC view + the CPU sparse GEMM
     assert torch.equal(y_kernel, layer(x))
 
 
