@@ -14,7 +14,7 @@ from test_int8_kernels_simt import (assert_gemm_s8_activation_close, assert_gemm
                                     assert_kernel_meta_s8_matches_reference, assert_quantize_rows_matches_reference)
 from test_kernels_simt import (DECODE, LARGE_M, WGMMA, KernelBackend, assert_compress_prune_matches_reference,
                                assert_gemm_within_twice_dense_error, cuda_kernels_available)
-from test_simt_emulator import wgmma_exact_case
+from test_simt_emulator import wgmma_exact_case, wgmma_mismatch_report
 
 pytestmark = pytest.mark.skipif(
     not cuda_kernels_available(),
@@ -39,7 +39,8 @@ def test_wgmma_instruction_matches_the_emulator_oracle(kind, upper, mode):
     _C.cuda_wgmma_selftest(kind, mode, upper, a.data_ptr(), b.data_ptr(), c_dev.data_ptr(), e_dev.data_ptr(),
                            d.data_ptr(), stream=torch.cuda.current_stream().cuda_stream)
     torch.cuda.synchronize()
-    np.testing.assert_array_equal(d.cpu().numpy(), expected)
+    result = d.cpu().numpy()
+    assert np.array_equal(result, expected), wgmma_mismatch_report(result, expected, c, mode)
 
 
 # (M, N, K, config, split_k): decode and prefill at model sizes, a forced split-K, ragged tails; the

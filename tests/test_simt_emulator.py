@@ -270,6 +270,53 @@ def wgmma_exact_case(kind, upper, mode):
     return a_bytes, b_rows, c, wgmma_metadata(pairs, kind), expected
 
 
+def wgmma_mismatch_report(d, expected, c, mode):
+    """Where and how a wgmma_selftest result D [64, 128] differs from the expected one, for a GPU
+    run with little time to debug: a map of the warps' 16-row blocks by 8-column groups ('.' all
+    right, 'x' all wrong, else tenths wrong), the simple wrong answers it equals (C alone, one of two
+    chained products, no C), and blocks or column groups that hold another's expected values (a
+    fragment or swizzle mix-up)."""
+    d = np.asarray(d, dtype=np.float64)
+    wrong = d != expected
+    lines = [f"{int(wrong.sum())} of {wrong.size} elements differ; warps (rows) x 8-column groups:"]
+    for w in range(4):
+        cells = wrong[16 * w:16 * w + 16].reshape(16, 16, 8).mean(axis=(0, 2))
+        lines.append(f"  warp {w}: " + "".join("." if f == 0 else "x" if f == 1 else str(int(f * 10)) for f in cells))
+    product = (expected - c) / (2 if mode == 2 else 1)
+    for name, candidate in (("C alone (no product)", c), ("C + one product (mode 2 lost one)", c + product),
+                            ("the product without C", (2 if mode == 2 else 1) * product)):
+        if np.array_equal(d, candidate):
+            lines.append(f"  D equals {name}")
+    for w in range(4):
+        for v in range(4):
+            if v != w and np.array_equal(d[16 * w:16 * w + 16], expected[16 * v:16 * v + 16]):
+                lines.append(f"  warp {w}'s rows hold warp {v}'s expected rows")
+    groups = [expected[:, 8 * g:8 * g + 8] for g in range(16)]
+    for g in range(16):
+        if not np.array_equal(d[:, 8 * g:8 * g + 8], groups[g]):
+            for h in range(16):
+                if np.array_equal(d[:, 8 * g:8 * g + 8], groups[h]):
+                    lines.append(f"  column group {g} holds group {h}'s expected values")
+    return "\n".join(lines)
+
+
+def test_wgmma_mismatch_report_names_the_pattern():
+    rng = np.random.default_rng(3)
+    expected = rng.permutation(64 * 128).reshape(64, 128).astype(np.float64)  # no two elements equal
+    c = rng.integers(-5, 5, (64, 128)).astype(np.float64)
+    swapped = expected.copy()
+    swapped[:, 0:8], swapped[:, 8:16] = expected[:, 8:16], expected[:, 0:8]
+    report = wgmma_mismatch_report(swapped, expected, c, 0)
+    assert "1024 of 8192" in report and "warp 0: xx.............." in report
+    assert "column group 0 holds group 1's" in report and "column group 1 holds group 0's" in report
+    assert "D equals C alone" in wgmma_mismatch_report(c, expected, c, 0)
+    assert "mode 2 lost one" in wgmma_mismatch_report(c + (expected - c) / 2, expected, c, 2)
+    rows = expected.copy()
+    rows[16:32] = expected[48:64]
+    assert "warp 1's rows hold warp 3's expected rows" in wgmma_mismatch_report(rows, expected, c, 0)
+    assert wgmma_mismatch_report(expected, expected, c, 0).startswith("0 of 8192")
+
+
 @pytest.mark.parametrize("kind", [0, 1, 2], ids=["f16", "bf16", "s8"])
 @pytest.mark.parametrize("upper", [False, True], ids=["k-step-0", "k-step-1"])
 @pytest.mark.parametrize("mode", [0, 2], ids=["one", "two-chained"])
