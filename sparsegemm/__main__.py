@@ -58,6 +58,10 @@ def cmd_bench(args) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtypes = args.dtype or (["float16", "bfloat16"] if device == "cuda" else ["bfloat16"])
+    if device == "cuda" and "float32" in dtypes:
+        print("sparsegemm bench: float32 runs on the CPU backend only (the tensor-core kernels take "
+              "float16, bfloat16 and int8)", file=sys.stderr)
+        return 2
     env, rows = bench.run(device, dtypes, quick=args.quick, progress=not args.no_progress, shapes_filter=args.shapes,
                           ms_override=args.m)
     print(" ".join(f"{k}={v}" for k, v in env.items()))
@@ -92,8 +96,9 @@ def main(argv=None) -> int:
     demo.set_defaults(fn=cmd_demo)
     b = sub.add_parser("bench", help="GEMM microbenchmarks vs dense and torch's 2:4 path")
     b.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available, else cpu")
-    b.add_argument("--dtype", nargs="+", choices=["float16", "bfloat16", "int8"],
-                   help="default: fp16+bf16 on cuda, bf16 on cpu; int8: INT8 2:4 rows (sparsegemm.bench)")
+    b.add_argument("--dtype", nargs="+", choices=["float16", "bfloat16", "float32", "int8"],
+                   help="default: fp16+bf16 on cuda, bf16 on cpu; float32: cpu only; int8: INT8 2:4 rows "
+                        "(sparsegemm.bench)")
     b.add_argument("--quick", action="store_true", help="one shape, a few M: about a minute")
     b.add_argument("--shapes", nargs="+", help="only these shapes (e.g. llama2-7b.gate_up square-8192)")
     b.add_argument("--m", type=int, nargs="+", help="only these M values")

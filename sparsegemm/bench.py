@@ -74,7 +74,7 @@ class Row:
     tflops: float
     gbps: float
     speedup_vs_dense: float = float("nan")
-    rel_error: float = float("nan")  # int8 rows: ||y - y_fp32_2:4|| / ||y_fp32_2:4||
+    rel_error: float = float("nan")  # int8 rows: ||y - y_fp32_2:4|| / ||y_fp32_2:4||; conv rows: vs float64
     pct_peak_flops: float = float("nan")  # of the GPU's dense fp16 peak (int8: of twice that)
     pct_peak_bw: float = float("nan")     # of the GPU's DRAM bandwidth, on the bytes moved
     note: str = ""                        # why a baseline has no timing (this torch / GPU cannot run it)
@@ -231,7 +231,7 @@ class _Rows:
 
 def bench_shape(device: torch.device, dtype: torch.dtype, label: str, m: int, n: int, k: int,
                 timer: Timer) -> list:
-    """fp16 / bf16 rows: dense F.linear, sparsegemm.linear, and torch's 2:4 backends on CUDA."""
+    """Float rows: dense F.linear, sparsegemm.linear, and torch's 2:4 backends on CUDA."""
     gen = torch.Generator(device).manual_seed(0)  # data made where it is used: big shapes stay fast
     w = sparsegemm.prune_2to4(torch.randn(n, k, generator=gen, device=device).to(dtype))
     x = torch.randn(m, k, generator=gen, device=device).to(dtype)
@@ -371,6 +371,37 @@ def bench_mlp(device: torch.device, dtype: str, tokens, timer: Timer) -> list:
     return rows
 
 
+# ResNet-50 convolutions (Cin, Cout, kernel, H = W), batch 8: a 3 x 3 layer of each stage's size
+# and a 1 x 1 expansion. Their GEMM's M (batch x output pixels) is large at any batch.
+CONV_LAYERS = {
+    "resnet50.conv2_3x3": (64, 64, 3, 56),
+    "resnet50.conv4_3x3": (256, 256, 3, 14),
+    "resnet50.conv3_1x1": (128, 512, 1, 28),
+}
+
+
+def bench_conv(device: torch.device, dtype: torch.dtype, label: str, batch: int, timer: Timer) -> list:
+    """Dense F.conv2d (oneDNN / cuDNN) on the pruned weight vs SparseConv2d, channels_last input,
+    inference mode. The rows' M, N, K are those of the convolution's GEMM."""
+    cin, cout, kernel, side = CONV_LAYERS[label]
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(cin, cout, kernel, padding=kernel // 2).to(dtype).to(device)
+    sparse = sparsegemm.SparseConv2d.from_dense(conv)
+    w = sparse.dense_weight()
+    x = torch.randn(batch, cin, side, side, dtype=dtype, device=device).to(memory_format=torch.channels_last)
+    item = x.element_size()
+    m, k = batch * side * side, cin * kernel * kernel
+    io = (x.numel() + m * cout) * item
+    rows = _Rows(device, str(dtype).replace("torch.", ""), label, m, cout, k, timer)
+    with torch.inference_mode():
+        ref = torch.nn.functional.conv2d(x.double(), w.double(), conv.bias.double(), padding=kernel // 2)
+        rel = float((sparse(x).double() - ref).norm() / ref.norm())
+        rows.add("dense F.conv2d", lambda: torch.nn.functional.conv2d(x, w, conv.bias, padding=kernel // 2),
+                 io + cout * k * item)
+        rows.add("SparseConv2d", lambda: sparse(x), io + sparse.sparse_weight().nbytes, rel_error=rel)
+    return rows.finish()
+
+
 def run(device: str = "cpu", dtypes=("bfloat16",), quick: bool = False, progress: bool = True,
         shapes_filter=None, ms_override=None) -> tuple:
     """The sweep; ``shapes_filter`` (names of MODEL_SHAPES / "square-8192" / "square-4096") and
@@ -409,10 +440,14 @@ def run(device: str = "cpu", dtypes=("bfloat16",), quick: bool = False, progress
     # 16 x 2048 tokens and 1..16 tokens).
     side = 4096 if quick else 8192
     tokens = (1,) if quick else ((1, 16, 16 * 2048) if dev.type == "cuda" else (1, 16))
+    conv_layers = ("resnet50.conv3_1x1",) if quick else tuple(CONV_LAYERS)
     for dt in dtypes:
         if dt != "int8" and (dev.type == "cpu" or dt != "float32"):
             rows.append(bench_compress(dev, getattr(torch, dt), side, side, timer))
         rows.extend(bench_mlp(dev, dt, tokens, timer))
+        if dt != "int8" and (dev.type == "cpu" or dt != "float32"):
+            for label in conv_layers:
+                rows.extend(bench_conv(dev, getattr(torch, dt), label, 8, timer))
     return environment(dev), rows
 
 

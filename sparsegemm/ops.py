@@ -386,7 +386,10 @@ def _reused_buffer(key, numel: int, dtype: torch.dtype, device: torch.device, ze
         cache = _thread_buffers.buffers = {}
     buffer = cache.get(key)
     if buffer is None or buffer.numel() < numel:
-        buffer = cache[key] = (torch.zeros if zeroed else torch.empty)(numel, dtype=dtype, device=device)
+        # A normal tensor even when made under torch.inference_mode: an inference tensor could not
+        # be written by torch ops (copy_, out=) in the calls that follow outside that mode.
+        with torch.inference_mode(False):
+            buffer = cache[key] = (torch.zeros if zeroed else torch.empty)(numel, dtype=dtype, device=device)
     return buffer
 
 

@@ -79,3 +79,11 @@ def test_host_overhead_python_only_runs(tmp_path):
     for name in ("fp16", "int8"):
         assert f"256x256 {name}: " in out and "us/call host" in out
     assert "_eager_forward" in out  # the profile shows the plan path ran
+
+
+def test_conv_rows_compare_sparse_conv2d_with_the_dense_convolution():
+    timer = bench.Timer(torch.device("cpu"), warmup=0, repeats=1)
+    rows = bench.bench_conv(torch.device("cpu"), torch.float32, "resnet50.conv4_3x3", 1, timer)
+    assert [r.method for r in rows] == ["dense F.conv2d", "SparseConv2d"]
+    assert (rows[1].M, rows[1].N, rows[1].K) == (14 * 14, 256, 256 * 9)
+    assert rows[1].rel_error < 1e-5 and rows[1].ms > 0

@@ -120,6 +120,20 @@ def test_cpu_backend_exact_on_small_integers(monkeypatch, geometry, dtype, grad)
         assert torch.equal(y.double(), reference(layer, x))
 
 
+def test_cpu_backend_scratch_made_in_inference_mode_serves_later_calls():
+    # The patch scratch (ops._reused_buffer) first made under torch.inference_mode must still take
+    # the gather's copy_ in a later call under no_grad: it is a normal tensor, not an inference one.
+    layer = make_layer(8, 16, 3, 1, 1, 1, torch.float32, integer=True, seed=9)
+    layer.backend = "cpu"
+    x = make_input(1, 8, (6, 5), torch.float32, integer=True, seed=10)
+    ops._thread_buffers.buffers = {}  # this thread's scratch made anew, under inference mode
+    with torch.inference_mode():
+        first = layer(x)
+    with torch.no_grad():
+        assert torch.equal(layer(x), first)
+    assert torch.equal(first.double(), reference(layer, x))
+
+
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=["f16", "bf16"])
 @pytest.mark.parametrize("geometry", [GEOMETRIES[1], GEOMETRIES[3], GEOMETRIES[4], GEOMETRIES[7]], ids=geometry_id)
 def test_random_within_twice_dense_error(kernels, dtype, geometry):

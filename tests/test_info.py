@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 import sparsegemm
 from sparsegemm import ops
 from conftest import run_cli
@@ -55,3 +57,9 @@ def test_extension_links_no_torch_or_cuda_library():
     needed = [line.split("[")[1].rstrip("]") for line in out.splitlines() if "(NEEDED)" in line]
     allowed = ("libstdc++", "libm.", "libgcc_s", "libc.", "ld-linux", "libpthread", "libdl", "librt")
     assert needed and all(lib.startswith(allowed) for lib in needed), needed
+
+
+def test_cli_bench_refuses_float32_on_cuda(tmp_path):
+    with pytest.raises(subprocess.CalledProcessError) as failed:
+        run_cli("bench", "--device", "cuda", "--dtype", "float32", cwd=tmp_path)
+    assert failed.value.returncode == 2 and "float32 runs on the CPU backend only" in failed.value.stderr
