@@ -567,19 +567,30 @@ class SparseConv2d(_SparseWeight):
         if needs_graph or torch.compiler.is_compiling() or patches.is_contiguous() or b * ho * wo == 0:
             y = self._sparse_linear(patches.reshape(b * ho * wo, k))
             return y.view(b, ho, wo, self.out_channels).permute(0, 3, 1, 2)
-        # Inference: the patch matrix (kh * kw times the input, for a 3 x 3 layer) is gathered a run
-        # of output rows at a time into a reused scratch of at most ops._CPU_TILE_BYTES, which the
-        # GEMM then reads from cache: memory stays bounded at any image size, and no call pays the
-        # page faults of a fresh allocation that size (they cost more than the gather itself).
+        # Inference: the patch matrix (kh * kw times the input, for a 3 x 3 layer) is gathered a chunk
+        # at a time into a reused scratch of ops._CPU_TILE_BYTES (or one output row, if larger),
+        # which the GEMM then reads from cache: memory stays bounded at any image size, and no call
+        # pays the page faults of a fresh allocation that size (they cost more than the gather). A
+        # chunk is whole images where one fits (few GEMM calls for a large batch of small maps),
+        # else a run of output rows of one image.
         y = x.new_empty((b, ho, wo, self.out_channels))
-        rows_per_chunk = max(1, min(ho, ops._CPU_TILE_BYTES // (wo * k * x.element_size())))
-        scratch = ops._reused_buffer(("conv_patches", x.dtype), rows_per_chunk * wo * k, x.dtype, x.device)
-        for image in range(b):
-            for oy in range(0, ho, rows_per_chunk):
-                rows = min(rows_per_chunk, ho - oy)
-                chunk = scratch[:rows * wo * k]
-                chunk.view(rows, wo, kh, kw, c).copy_(patches[image, oy:oy + rows])
-                y[image, oy:oy + rows] = self._sparse_linear(chunk.view(rows * wo, k)).view(rows, wo, -1)
+        pixels = max(wo, ops._CPU_TILE_BYTES // (k * x.element_size()))
+        scratch = ops._reused_buffer(("conv_patches", x.dtype), min(pixels, b * ho * wo) * k, x.dtype, x.device)
+
+        def gather_and_multiply(source: Tensor, out: Tensor) -> None:
+            chunk = scratch[:source.numel()].view(source.shape)
+            chunk.copy_(source)
+            out.copy_(self._sparse_linear(chunk.view(-1, k)).view(out.shape))
+
+        if ho * wo <= pixels:
+            images = pixels // (ho * wo)
+            for first in range(0, b, images):
+                gather_and_multiply(patches[first:first + images], y[first:first + images])
+        else:
+            rows = pixels // wo
+            for image in range(b):
+                for oy in range(0, ho, rows):
+                    gather_and_multiply(patches[image, oy:oy + rows], y[image, oy:oy + rows])
         return y.permute(0, 3, 1, 2)
 
     def _implicit_gemm(self, x: Tensor, backend: str) -> Tensor:

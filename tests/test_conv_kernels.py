@@ -120,6 +120,24 @@ def test_cpu_backend_exact_on_small_integers(monkeypatch, geometry, dtype, grad)
         assert torch.equal(y.double(), reference(layer, x))
 
 
+@pytest.mark.parametrize("images_per_chunk", [1, 2, 5])
+def test_cpu_backend_chunks_of_whole_images(monkeypatch, images_per_chunk):
+    # Inference chunks of whole images where one fits the scratch: 5 images in chunks of 2, 2, 1.
+    layer = make_layer(8, 12, 3, 2, 1, 1, torch.float32, integer=True, seed=11)
+    layer.backend = "cpu"
+    x = make_input(5, 8, (7, 6), torch.float32, integer=True, seed=12)
+    pixels, k = 4 * 3, 8 * 9  # output 4 x 3 per image
+    monkeypatch.setattr(ops, "_CPU_TILE_BYTES", images_per_chunk * pixels * k * 4)
+    gemm_rows = []
+    real = type(layer)._sparse_linear
+    monkeypatch.setattr(type(layer), "_sparse_linear", lambda self, cols: (gemm_rows.append(cols.shape[0]),
+                                                                           real(self, cols))[1])
+    with torch.no_grad():
+        y = layer(x)
+    assert gemm_rows == [pixels * n for n in {1: [1] * 5, 2: [2, 2, 1], 5: [5]}[images_per_chunk]]
+    assert torch.equal(y.double(), reference(layer, x))
+
+
 def test_cpu_backend_scratch_made_in_inference_mode_serves_later_calls():
     # The patch scratch (ops._reused_buffer) first made under torch.inference_mode must still take
     # the gather's copy_ in a later call under no_grad: it is a normal tensor, not an inference one.
