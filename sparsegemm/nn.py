@@ -317,7 +317,7 @@ class SparseLinear(_SparseWeight):
         functional API's checks, the custom op, the INT8 entry's tests); a plain tensor on the
         layer's device, with nothing to trace or record for autograd, skips all of that: the
         plan, checked once, holds the backend, sizes, activation and reordered metadata."""
-        if torch.compiler.is_compiling() or type(x) is not Tensor:  # traced: the custom ops' path
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or type(x) is not Tensor:  # traced: the custom ops
             return None
         plan = self._eager_plan
         if plan is None or not self._plan_current(plan):
@@ -549,8 +549,7 @@ class SparseConv2d(_SparseWeight):
             return self._implicit_gemm(x, backend)
         b, c, h, w = x.shape
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
-        ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-        wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        ho, wo = ops.conv_output_hw("SparseConv2d", h, w, self.kernel_size, self.stride, self.padding, self.dilation)
         # The patch matrix [B * Ho * Wo, kh * kw * Cin] in our K order (ky, kx, cin) as a strided view of
         # the (zero-padded) NHWC input: its gather takes a tenth of the time of unfold (whose (cin, ky,
         # kx) order then needs a transpose copy) on a 3 x 3 layer, and is no copy at all for a 1 x 1,
@@ -558,15 +557,19 @@ class SparseConv2d(_SparseWeight):
         x_nhwc = x.permute(0, 2, 3, 1)
         if ph or pw:
             x_nhwc = torch.nn.functional.pad(x_nhwc, (0, 0, pw, pw, ph, ph))
-        s_b, s_h, s_w, s_c = x_nhwc.stride()
-        patches = x_nhwc.as_strided((b, ho, wo, kh, kw, c), (s_b, sh * s_h, sw * s_w, dh * s_h, dw * s_w, s_c),
-                                    x_nhwc.storage_offset())
+        # Sliding windows over H, then W (every dh-th / dw-th tap of a dilated window), as views whose
+        # shapes follow x's even in a torch.jit.trace: [B, Ho, Wo, C, kh, kw] -> [B, Ho, Wo, kh, kw, C].
+        windows = x_nhwc.unfold(1, dh * (kh - 1) + 1, sh)[..., ::dh].unfold(2, dw * (kw - 1) + 1, sw)[..., ::dw]
+        patches = windows.permute(0, 1, 2, 4, 5, 3)
         k = kh * kw * c
         needs_graph = torch.is_grad_enabled() and (x.requires_grad or self.values.requires_grad or
                                                    (self.bias is not None and self.bias.requires_grad))
-        if needs_graph or torch.compiler.is_compiling() or patches.is_contiguous() or b * ho * wo == 0:
-            y = self._sparse_linear(patches.reshape(b * ho * wo, k))
-            return y.view(b, ho, wo, self.out_channels).permute(0, 3, 1, 2)
+        # A graph to record (autograd, compile, jit.trace: the chunk loop would be traced for one
+        # batch size) takes the whole patch matrix in one GEMM.
+        if (needs_graph or torch.compiler.is_compiling() or torch.jit.is_tracing() or patches.is_contiguous()
+                or b == 0):
+            y = self._sparse_linear(patches.reshape(-1, k))
+            return y.view(patches.shape[:3] + (self.out_channels,)).permute(0, 3, 1, 2)
         # Inference: the patch matrix (kh * kw times the input, for a 3 x 3 layer) is gathered a chunk
         # at a time into a reused scratch of ops._CPU_TILE_BYTES (or one output row, if larger),
         # which the GEMM then reads from cache: memory stays bounded at any image size, and no call

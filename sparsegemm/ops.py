@@ -32,13 +32,14 @@ _CUDA_BUILT = bool(_C.build_info()["cuda_built"])
 # gathering kernel pays a permute per multiply-add instruction, so once the GEMM is compute bound
 # a dense GEMM wins where it runs at full rate: on the dtype's native dot-product instructions
 # (_C.cpu_has_native_dot: bf16 on AVX512-BF16, fp16 on AVX512-FP16), for fp32 against the AVX2
-# kernel (two permutes and a blend per FMA), and against the portable scalar kernel. Where torch
-# widens a 16-bit dtype to fp32 instead, and for fp32 against the AVX-512 kernel, the gathering
-# kernel stays ahead at every M. Measured on the 2-core AVX-512 VM (L3 flushed, 4096^2, 11008 x
-# 4096, 4096 x 11008): avx512 bf16 gathering 1-9% faster at M = 64, the tiles 2-12% faster at
-# M = 96 (1.3x at 512), fp16 gathering 4.0-4.5x torch's dense fp16 GEMM at M = 64-2048, fp32
-# 0.92-1.6x at M = 96-2048 for K = 4096 (short K: CPU_FP32_KERNEL_MIN_K); avx2 kernels against MKL / oneDNN held to AVX2: fp32 dense 1.25x at
-# M = 80, 2x at 512; bf16 / fp16 gathering 1.6-2x at M = 32-512.
+# kernel (two permutes and a blend per FMA) and for a short K (CPU_FP32_KERNEL_MIN_K), and against
+# the portable scalar kernel. Where torch widens a 16-bit dtype to fp32 instead, and for fp32 with
+# a long K against the AVX-512 kernel, the gathering kernel stays ahead at every M. Measured on the
+# 2-core AVX-512 VM (L3 flushed, 4096^2, 11008 x 4096, 4096 x 11008): avx512 bf16 gathering 1-9%
+# faster at M = 64, the tiles 2-12% faster at M = 96 (1.3x at 512), fp16 gathering 4.0-4.5x
+# torch's dense fp16 GEMM at M = 64-2048, fp32 0.92-1.6x at M = 96-2048 (K = 4096); avx2 kernels
+# against MKL / oneDNN held to AVX2: fp32 dense 1.25x at M = 80, 2x at 512; bf16 / fp16 gathering
+# 1.6-2x at M = 32-512.
 CPU_DENSE_TILE_MIN_M = 80
 # Below this K even fp32 takes the tiles against the AVX-512 kernel, whose per-output reduction of
 # its 16 lanes weighs on a short dot product: MKL 1.4-2.3x at K = 64-256, 1.15x at 576, parity at
@@ -111,9 +112,10 @@ def _plain_eager(args) -> bool:
 
 def call(op, *args):
     """Run one of our custom ops: through torch's dispatcher while tracing (torch.compile, fake
-    tensors) or when autograd must record it, and straight to its implementation otherwise. The
-    dispatcher costs about 15 us a call, as much as a decode-size kernel."""
-    if torch.compiler.is_compiling() or not _plain_eager(args):
+    tensors, torch.jit.trace, which records only what the dispatcher sees) or when autograd must
+    record it, and straight to its implementation otherwise. The dispatcher costs about 15 us a
+    call, as much as a decode-size kernel."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or not _plain_eager(args):
         return op(*args)
     return _IMPLS[op](*args)
 
@@ -562,9 +564,12 @@ def _cpu_dense_tiles_s8(x_q: Tensor, x_scale: Tensor, values: Tensor, meta: Tens
     C++ kernel on those sums (_C.cpu_s8_epilogue): the sparse kernel's bits. x_q, x_scale,
     w_scale, bias and y contiguous."""
     m = x_q.shape[0]
+    sums = None  # [M, tile] int32, made for the first (largest) tile and freed with the call
     for n0, part in _decompressed_tiles(values, meta, k, activation):
-        rows = part.shape[0]  # the first tile is the largest
-        acc = _reused_buffer("cpu_dense_tile_s8_sums", m * rows, torch.int32, x_q.device)[:m * rows].view(m, rows)
+        rows = part.shape[0]
+        if sums is None:
+            sums = torch.empty(m * rows, dtype=torch.int32, device=x_q.device)
+        acc = sums[:m * rows].view(m, rows)
         torch._int_mm(x_q, part.T, out=acc)
         out = y[:, out_features(n0, activation):]
         _C.cpu_s8_epilogue(m, rows, acc.data_ptr(), rows, w_scale.data_ptr() + 4 * n0, x_scale.data_ptr(),
@@ -679,6 +684,16 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
+def conv_output_hw(op: str, h: int, w: int, kernel_size, stride, padding, dilation) -> tuple[int, int]:
+    """(Ho, Wo) of a convolution of an [H, W] input; ValueError naming ``op`` when either is < 1."""
+    ho = conv_output_size(h, kernel_size[0], stride[0], padding[0], dilation[0])
+    wo = conv_output_size(w, kernel_size[1], stride[1], padding[1], dilation[1])
+    if ho <= 0 or wo <= 0:
+        raise ValueError(f"{op}: the input [H, W] = [{h}, {w}] is smaller than the dilated kernel with padding "
+                         f"{list(padding)}: output would be {ho} x {wo}")
+    return ho, wo
+
+
 def _conv2d_shape(op: str, x: Tensor, n: int, kernel_size, stride, padding, dilation) -> tuple[int, int, int, int]:
     """(B, Ho, Wo, Cout) of the NHWC output, after the checks the kernels need."""
     if x.dim() != 4:
@@ -688,11 +703,7 @@ def _conv2d_shape(op: str, x: Tensor, n: int, kernel_size, stride, padding, dila
         if len(pair) != 2 or min(pair) < low:
             raise ValueError(f"{op}: {name} must be two integers >= {low}, got {list(pair)}")
     b, h, w, c = x.shape
-    ho = conv_output_size(h, kernel_size[0], stride[0], padding[0], dilation[0])
-    wo = conv_output_size(w, kernel_size[1], stride[1], padding[1], dilation[1])
-    if ho <= 0 or wo <= 0:
-        raise ValueError(f"{op}: the input [H, W] = [{h}, {w}] is smaller than the dilated kernel with padding "
-                         f"{list(padding)}: output would be {ho} x {wo}")
+    ho, wo = conv_output_hw(op, h, w, kernel_size, stride, padding, dilation)
     m, k = b * ho * wo, c * kernel_size[0] * kernel_size[1]
     # The kernel's implicit-GEMM addressing is 32-bit, including the tail rows of the last M tile.
     check_32bit(op, **{"B*H*W*C": b * h * w * c, "M*N": m * n, "N*K": n * k, "M + 128": m + 128})

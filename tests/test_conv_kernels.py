@@ -138,6 +138,26 @@ def test_cpu_backend_chunks_of_whole_images(monkeypatch, images_per_chunk):
     assert torch.equal(y.double(), reference(layer, x))
 
 
+# torch.jit.trace is deprecated, and warns of the argument checks it cannot record.
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
+def test_cpu_backend_traced_module_serves_any_batch():
+    # torch.jit.trace records one GEMM over the whole patch matrix, not the inference chunk loop
+    # (which it would unroll for the example's batch size).
+    layer = make_layer(8, 12, 3, 1, 1, 1, torch.float32, integer=True, seed=13).requires_grad_(False)
+    layer.backend = "cpu"
+    with torch.no_grad():
+        traced = torch.jit.trace(layer, make_input(2, 8, (5, 6), torch.float32, integer=True, seed=14))
+        x = make_input(3, 8, (5, 6), torch.float32, integer=True, seed=15)
+        assert torch.equal(traced(x).double(), reference(layer, x))
+
+
+def test_cpu_backend_rejects_an_input_smaller_than_the_kernel():
+    layer = make_layer(8, 12, 3, 1, 0, 1, torch.float32, integer=True)
+    layer.backend = "cpu"
+    with pytest.raises(ValueError, match=r"SparseConv2d: the input \[H, W\] = \[2, 5\] is smaller"):
+        layer(make_input(1, 8, (2, 5), torch.float32, integer=True))
+
+
 def test_cpu_backend_scratch_made_in_inference_mode_serves_later_calls():
     # The patch scratch (ops._reused_buffer) first made under torch.inference_mode must still take
     # the gather's copy_ in a later call under no_grad: it is a normal tensor, not an inference one.

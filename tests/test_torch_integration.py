@@ -73,3 +73,19 @@ def test_autograd_matches_dense_masked_oracle(activation):
     assert torch.allclose(gb.double(), rb, atol=1e-4)
     padded = torch.nn.functional.pad(rw, (0, 2))
     assert torch.allclose(gv.double(), padded[ops.meta_to_mask(sw.meta, 24)].view(n, 12), atol=1e-4)
+
+
+# torch.jit.trace is deprecated, and warns of the argument checks it cannot record.
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_jit_trace_records_the_custom_ops(quantize):
+    # torch.jit.trace sees only what goes through the dispatcher: the eager shortcuts (ops.call's
+    # direct implementation, SparseLinear's eager plan) step aside while it traces, so a traced
+    # layer runs its GEMM on any input, not an empty tensor of the example's shape.
+    torch.manual_seed(11)
+    layer = sparsegemm.SparseLinear.from_dense(torch.nn.Linear(64, 24), quantize=quantize).requires_grad_(False)
+    with torch.no_grad():
+        traced = torch.jit.trace(layer, torch.randn(2, 64))
+        x = torch.randn(5, 64)
+        assert torch.equal(traced(x), layer(x))
+    assert "sparsegemm::" in str(traced.graph)

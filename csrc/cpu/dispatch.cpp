@@ -108,7 +108,9 @@ void quantize_rows(DType in_dtype, const void* x, int64_t M, int64_t K, int64_t 
 
 void gemm_s8(const GemmParams& p) { current_table().gemm_s8(p); }
 
-void s8_epilogue(const GemmParams& p, const int32_t* acc, int64_t ld_acc) { current_table().s8_epilogue(p, acc, ld_acc); }
+void s8_epilogue(const GemmParams& p, const int32_t* acc, int64_t ld_acc) {
+  current_table().s8_epilogue(p, acc, ld_acc);
+}
 
 int64_t find_invalid_meta(const uint8_t* meta, int64_t N, int64_t K) {
   const int64_t groups = num_groups(K), mcols = meta_cols(K), slots = 2 * mcols;
