@@ -89,3 +89,17 @@ def test_jit_trace_records_the_custom_ops(quantize):
         x = torch.randn(5, 64)
         assert torch.equal(traced(x), layer(x))
     assert "sparsegemm::" in str(traced.graph)
+
+
+def test_torch_export_of_a_model_with_sparse_layers():
+    # torch.export records the custom ops (fake impls give the shapes); the exported program runs
+    # the kernels on new inputs. (A bare SparseLinear / SparseConv2d as the exported root cannot be
+    # unlifted by ExportedProgram.module(): its buffer "meta" clashes with GraphModule.meta.)
+    torch.manual_seed(12)
+    model = torch.nn.Sequential(
+        sparsegemm.SparseConv2d.from_dense(torch.nn.Conv2d(8, 16, 3, padding=1)), torch.nn.Flatten(),
+        sparsegemm.SparseLinear.from_dense(torch.nn.Linear(16 * 25, 24), activation="relu")).requires_grad_(False)
+    exported = torch.export.export(model, (torch.randn(2, 8, 5, 5),))
+    assert "sparsegemm." in str(exported.graph)
+    x = torch.randn(2, 8, 5, 5)
+    assert torch.equal(exported.module()(x), model(x))
