@@ -41,6 +41,7 @@ void set_isa(const char* name);
 void mask_2to4(DType dtype, const void* w, int64_t N, int64_t K, int64_t ldw, uint8_t* mask);
 
 void compress(const CompressParams& p);
+// Any floating dtype, and int8 (the large-M INT8 path's weight tiles, ops.py).
 void decompress(const DecompressParams& p);
 
 // First bad nibble slot of E[N, meta_cols(K)], as row * (2 * meta_cols(K)) + slot: slot g < G is
