@@ -684,14 +684,23 @@ static_assert(kTileRows % kMaxRows == 0, "tiles split into whole row blocks");
 //   copy_x_row(src, K, dst, padded_len)
 constexpr int64_t kNeverFlush = std::numeric_limits<int64_t>::max();
 
-// Accumulation of the floating steps: fp32 lanes, reduced once at the end of a dot product.
+// Accumulation of the floating steps: fp32 lanes, reduced once at the end of a dot product. The
+// portable kernel has only four lanes, each of which would add K / 8 products in sequence: its
+// lanes move into a double every kFlushSteps steps instead, so that its error stays that of a
+// short fp32 sum (within twice the dense GEMM's, the oracle's bound, where K / 8 sequential adds
+// were up to 9x it on a single output at K = 1024).
 struct Fp32Accumulation {
   using Acc = Fp32Acc;
+#if defined(__AVX512F__) || defined(__AVX2__)
   using Sum = float;
   static constexpr int64_t kFlushSteps = kNeverFlush;
+#else
+  using Sum = double;
+  static constexpr int64_t kFlushSteps = 16;
+#endif
   static constexpr bool kColumnSums = false;
   static Acc zero() { return zero_acc(); }
-  static float reduce(Acc a) { return reduce_acc(a); }
+  static Sum reduce(Acc a) { return reduce_acc(a); }
 };
 
 // The ISA's fp32 step: X widened to fp32, one kept value per fp32 lane, one FMA per step.
