@@ -516,12 +516,14 @@ MISUSE = [
     (15, r"thread exited with wgmma\.mma_async results in flight"),
     (16, r"waits at __syncthreads \(divergent warpgroup\)|deadlock"),
     (17, r"block of 64 threads: warpgroup collectives need a block size that is a multiple of 128"),
-    (18, r"reads shared-memory bytes \[0, 16\) that thread 0 wrote with cp\.async and has not fenced to the async proxy"),
+    (18, r"reads shared-memory bytes \[0, 16\) that thread 0 wrote \(cp\.async or st\.shared\) and has not fenced to the "
+         r"async proxy"),
     (19, r"cp\.async\.cg\.shared\.global writes shared-memory bytes \[0, 16\) while a wgmma\.mma_async in flight reads"),
     (20, r"thread 5 passes B descriptor .* \(it must be the same across the warpgroup\)"),
     (21, r"without a wgmma\.fence since the thread's last wgmma\.wait_group or ldmatrix"),
     (22, r"reads shared-memory bytes \[0, 16\) that a cp\.async of thread 0 still in flight writes"),
-    (23, r"reads shared-memory bytes \[0, 16\) that thread 1 wrote with cp\.async and has not fenced"),
+    (23, r"reads shared-memory bytes \[0, 16\) that thread 1 wrote \(cp\.async or st\.shared\) and has not fenced"),
+    (24, r"reads shared-memory bytes \[0, 16\) that thread 0 wrote \(cp\.async or st\.shared\) and has not fenced"),
 ]
 
 

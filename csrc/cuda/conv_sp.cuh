@@ -71,7 +71,7 @@ struct NhwcConvX {
       const int at = row_ok && k0 + i < K ? offset(b, hi0, wi0, k0 + i) : -1;
       pack.v[i] = at >= 0 ? x[at] : Operand(0);
     }
-    *reinterpret_cast<ElementPack<Operand, kChunkElems>*>(dst) = pack;
+    st_shared_16(dst, pack);
   }
 
   // Bytes of the NHWC input from p.gemm.x on (the emulator checks the copies against them).

@@ -174,11 +174,11 @@ SG_DEVICE void copy_chunk(char* dst, const T* src, bool row_ok, int64_t valid, b
   }
   ElementPack<T, kElems> pack;
   for (int i = 0; i < kElems; ++i) pack.v[i] = (any && i < valid) ? src[i] : T(0);
-  *reinterpret_cast<ElementPack<T, kElems>*>(dst) = pack;
+  st_shared_16(dst, pack);
 }
 
 // 16 zero bytes at dst (shared memory, 16-byte aligned).
-SG_DEVICE void zero_chunk(char* dst) { *reinterpret_cast<ElementPack<uint32_t, 4>*>(dst) = ElementPack<uint32_t, 4>{}; }
+SG_DEVICE void zero_chunk(char* dst) { st_shared_16(dst, ElementPack<uint32_t, 4>{}); }
 
 // B-operand loader policy (the interface every loader provides): where the 16-byte chunk of X
 // row m that starts at logical K column col comes from.

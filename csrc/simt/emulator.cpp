@@ -714,9 +714,9 @@ size_t wgmma_read_shared(uint32_t begin, uint32_t end, const char* what) {
     const int writer = l.unfenced_writer[chunk];
     if (writer >= 0)
       fail(std::string(what) + " reads shared-memory bytes [" + std::to_string(16 * chunk) + ", " +
-           std::to_string(16 * chunk + 16) + ") that thread " + std::to_string(writer) + " wrote with cp.async and "
-           "has not fenced to the async proxy (fence.proxy.async.shared::cta after its cp.async.wait_group, before "
-           "the barrier)");
+           std::to_string(16 * chunk + 16) + ") that thread " + std::to_string(writer) + " wrote (cp.async or "
+           "st.shared) and has not fenced to the async proxy (fence.proxy.async.shared::cta after its "
+           "cp.async.wait_group or store, before the barrier)");
   }
   l.wgmma_reads.push_back(WgmmaRead{begin, end, kWarpgroupSize});
   return l.wgmma_reads.size() - 1;
@@ -737,6 +737,17 @@ void fence_proxy_async() {
   for (const uint32_t chunk : f.unfenced_chunks)
     if (g_launch->unfenced_writer[chunk] == static_cast<int>(f.linear)) g_launch->unfenced_writer[chunk] = -1;
   f.unfenced_chunks.clear();
+}
+
+void st_shared_16(void* dst, const void* bytes) {
+  check_shared_range(dst, 16, 16, "st.shared.v4.b32");
+  Launch& l = *g_launch;
+  const auto offset = static_cast<uint32_t>(static_cast<char*>(dst) - l.smem.get());
+  check_not_read_by_wgmma(offset, 16, "st.shared.v4.b32");
+  std::memcpy(dst, bytes, 16);
+  Fiber& f = current();
+  l.unfenced_writer[offset / 16] = static_cast<int>(f.linear);
+  f.unfenced_chunks.push_back(offset / 16);
 }
 
 void wgmma_commit() { current().wgmma_results.commit(); }

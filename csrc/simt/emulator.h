@@ -144,10 +144,10 @@ uint32_t shared_window_address(const void* address);
 // is a thread exiting with results in flight. `what` names the instruction for messages.
 // Shared memory: the warpgroup op declares the span [begin, end) (offsets) of the bytes it reads
 // with wgmma_read_shared, which fails if any thread's cp.async into the span is still in flight
-// (not yet waited for: it may land while the wgmma reads), or landed and its thread has not run
-// fence_proxy_async since (PTX: generic-proxy writes need an async-proxy fence before wgmma reads
-// them), and returns the read's id for wgmma_issue; until every thread of the warpgroup retired
-// the op, a cp.async into the span (issued or landing) is an error.
+// (not yet waited for: it may land while the wgmma reads), or landed (or a st_shared_16 wrote
+// there) and its thread has not run fence_proxy_async since (PTX: generic-proxy writes need an
+// async-proxy fence before wgmma reads them), and returns the read's id for wgmma_issue; until
+// every thread of the warpgroup retired the op, a cp.async or store into the span is an error.
 const void* wgmma_accumulator_input(const void* d, const char* what);
 size_t wgmma_read_shared(uint32_t begin, uint32_t end, const char* what);
 void wgmma_issue(void* d, const void* result, size_t bytes, size_t read);
@@ -155,8 +155,14 @@ void wgmma_fence();
 void wgmma_operands_written();
 void wgmma_commit();
 void wgmma_wait(int pending);
-// fence.proxy.async.shared::cta: the running thread's landed cp.async writes are fenced.
+// fence.proxy.async.shared::cta: the running thread's landed cp.async writes and its shared
+// stores (st_shared_16) are fenced.
 void fence_proxy_async();
+
+// A 16-byte shared-memory store (st.shared.v4.b32) of `bytes` to 16-byte aligned `dst`: written at
+// once, and like a landed cp.async an unfenced write of this thread for wgmma_read_shared; an error
+// into bytes a wgmma in flight reads.
+void st_shared_16(void* dst, const void* bytes);
 
 // cp.async model (see the execution model): 16 bytes from global `src` (not read when !pred:
 // zeros instead) to shared `dst`, deferred until its commit group is waited for.

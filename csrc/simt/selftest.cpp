@@ -9,6 +9,7 @@
 
 #include "cuda/arch/portability.cuh"
 #include "cuda/arch/warp_ops.cuh"
+#include "cuda/element.cuh"
 
 namespace sparsegemm {
 namespace SG_KERNEL_NS {
@@ -216,7 +217,8 @@ SG_GLOBAL void misuse_kernel(int which) {
     case simt_selftest::Misuse::wgmma_descriptors_differ:
     case simt_selftest::Misuse::ldmatrix_after_wgmma_fence:
     case simt_selftest::Misuse::copy_in_flight_under_wgmma:
-    case simt_selftest::Misuse::unfenced_rewrite: {
+    case simt_selftest::Misuse::unfenced_rewrite:
+    case simt_selftest::Misuse::wgmma_reads_unfenced_store: {
       using simt_selftest::Misuse;
       const auto m = static_cast<Misuse>(which);
       const uint32_t zero[4] = {0, 0, 0, 0};
@@ -228,6 +230,10 @@ SG_GLOBAL void misuse_kernel(int which) {
       if (m == Misuse::wgmma_reads_unfenced_copy) {  // landed and published, but not fenced
         if (threadIdx.x == 0) cp_async_16(smem, misuse_source, true);
         cp_async_wait_all();
+        __syncthreads();
+      }
+      if (m == Misuse::wgmma_reads_unfenced_store) {  // stored and published, but not fenced
+        if (threadIdx.x == 0) st_shared_16(smem, ElementPack<uint32_t, 4>{});
         __syncthreads();
       }
       if (m == Misuse::copy_in_flight_under_wgmma) {  // issued, never waited for before the wgmma
@@ -339,7 +345,7 @@ void misuse(int which) {
                      m == Misuse::wgmma_divergent_warpgroup || m == Misuse::wgmma_reads_unfenced_copy ||
                      m == Misuse::copy_into_wgmma_operand_in_flight || m == Misuse::wgmma_descriptors_differ ||
                      m == Misuse::ldmatrix_after_wgmma_fence || m == Misuse::copy_in_flight_under_wgmma ||
-                     m == Misuse::unfenced_rewrite;
+                     m == Misuse::unfenced_rewrite || m == Misuse::wgmma_reads_unfenced_store;
   const unsigned threads = m == Misuse::barrier_not_reached || m == Misuse::wgmma_partial_warpgroup ? 64
                            : m == Misuse::partial_warp_block                                        ? 48
                            : wgmma                                                                   ? 128

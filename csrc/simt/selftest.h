@@ -78,6 +78,7 @@ enum class Misuse : int {
   ldmatrix_after_wgmma_fence = 21,  // wgmma reads an A fragment that ldmatrix wrote after the fence
   copy_in_flight_under_wgmma = 22,   // thread 0's cp.async into B is not waited for before the wgmma
   unfenced_rewrite = 23,  // thread 1 lands a copy over thread 0's, only thread 0 fences, then wgmma
+  wgmma_reads_unfenced_store = 24,  // B written by a plain 16-byte store, published by a barrier, not fenced
 };
 void misuse(int which);
 

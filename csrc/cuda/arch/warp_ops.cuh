@@ -246,7 +246,8 @@ SG_DEVICE void wgmma_fence_operands(Acc (&d)[16][4]) {
 // fence.proxy.async.shared::cta: orders this thread's earlier shared-memory writes (stores, landed
 // cp.async copies) before later reads by the async proxy (wgmma's B operand), once a barrier
 // hands them on. PTX ISA 9.7.15.4 asks for it; CUTLASS's cp.async wgmma mainloops omit it, XLA
-// emits it. The emulator tracks it for cp.async writes (emulator.h wgmma_read_shared).
+// emits it. The emulator tracks it for cp.async writes and st_shared_16 stores (emulator.h
+// wgmma_read_shared).
 SG_DEVICE void fence_proxy_async_shared() {
 #if defined(SG_WGMMA_ASM)
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
@@ -365,6 +366,21 @@ SG_DEVICE void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem_row_address)
                : "memory");
 #else
   emu::ldmatrix(4, true, r, smem_row_address);
+#endif
+}
+
+// ---- 16-byte shared-memory store ---------------------------------------------------------------
+// A plain store of one 16-byte pack (st.shared.v4.b32) into 16-byte aligned shared memory: the
+// loaders' element path and zero fill. It is a generic-proxy write, so a wgmma reading it through
+// a descriptor needs this thread's fence.proxy.async first (fence_proxy_async_shared), as for
+// cp.async data; the emulator checks that (emulator.h st_shared_16).
+template <typename Pack>
+SG_DEVICE void st_shared_16(void* smem_dst, const Pack& pack) {
+  static_assert(sizeof(Pack) == 16, "st_shared_16 stores one 16-byte pack");
+#if defined(__CUDACC__)
+  *reinterpret_cast<Pack*>(smem_dst) = pack;
+#else
+  emu::st_shared_16(smem_dst, &pack);
 #endif
 }
 
