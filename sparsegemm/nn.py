@@ -562,12 +562,9 @@ class SparseConv2d(_SparseWeight):
         windows = x_nhwc.unfold(1, dh * (kh - 1) + 1, sh)[..., ::dh].unfold(2, dw * (kw - 1) + 1, sw)[..., ::dw]
         patches = windows.permute(0, 1, 2, 4, 5, 3)
         k = kh * kw * c
-        needs_graph = torch.is_grad_enabled() and (x.requires_grad or self.values.requires_grad or
-                                                   (self.bias is not None and self.bias.requires_grad))
-        # A graph to record (autograd, compile, jit.trace: the chunk loop would be traced for one
+        # A recorded call (autograd, compile, jit.trace: the chunk loop would be traced for one
         # batch size) takes the whole patch matrix in one GEMM.
-        if (needs_graph or torch.compiler.is_compiling() or torch.jit.is_tracing() or patches.is_contiguous()
-                or b == 0):
+        if ops.records_graph((x, self.values, self.bias)) or patches.is_contiguous() or b == 0:
             y = self._sparse_linear(patches.reshape(-1, k))
             return y.view(patches.shape[:3] + (self.out_channels,)).permute(0, 3, 1, 2)
         # Inference: the patch matrix (kh * kw times the input, for a 3 x 3 layer) is gathered a chunk

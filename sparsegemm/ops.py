@@ -110,12 +110,18 @@ def _plain_eager(args) -> bool:
     return True
 
 
+def records_graph(args) -> bool:
+    """Whether a call on ``args`` is being recorded: traced (torch.compile, fake tensors,
+    torch.jit.trace, which sees only what the dispatcher sees) or needed by autograd. Such a call
+    must go through the custom ops, in one piece; a plain eager one may take shortcuts."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or not _plain_eager(args)
+
+
 def call(op, *args):
-    """Run one of our custom ops: through torch's dispatcher while tracing (torch.compile, fake
-    tensors, torch.jit.trace, which records only what the dispatcher sees) or when autograd must
-    record it, and straight to its implementation otherwise. The dispatcher costs about 15 us a
-    call, as much as a decode-size kernel."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or not _plain_eager(args):
+    """Run one of our custom ops: through torch's dispatcher when records_graph, and straight to
+    its implementation otherwise. The dispatcher costs about 15 us a call, as much as a
+    decode-size kernel."""
+    if records_graph(args):
         return op(*args)
     return _IMPLS[op](*args)
 
@@ -564,15 +570,11 @@ def _cpu_dense_tiles_s8(x_q: Tensor, x_scale: Tensor, values: Tensor, meta: Tens
     C++ kernel on those sums (_C.cpu_s8_epilogue): the sparse kernel's bits. x_q, x_scale,
     w_scale, bias and y contiguous."""
     m = x_q.shape[0]
-    sums = None  # [M, tile] int32, made for the first (largest) tile and freed with the call
     for n0, part in _decompressed_tiles(values, meta, k, activation):
         rows = part.shape[0]
-        if sums is None:
-            sums = torch.empty(m * rows, dtype=torch.int32, device=x_q.device)
-        acc = sums[:m * rows].view(m, rows)
-        torch._int_mm(x_q, part.T, out=acc)
+        acc = torch._int_mm(x_q, part.T)  # [M, tile] int32
         out = y[:, out_features(n0, activation):]
-        _C.cpu_s8_epilogue(m, rows, acc.data_ptr(), rows, w_scale.data_ptr() + 4 * n0, x_scale.data_ptr(),
+        _C.cpu_s8_epilogue(m, rows, acc.data_ptr(), acc.stride(0), w_scale.data_ptr() + 4 * n0, x_scale.data_ptr(),
                            0 if bias is None else bias.data_ptr() + n0 * bias.element_size(), out.data_ptr(),
                            y.stride(0), fmt.DTYPE_CODES[y.dtype], activation)
 
