@@ -632,6 +632,44 @@ def test_large_m_takes_the_wgmma_tile_where_the_gpu_runs_it():
     assert not _C.simt_large_m_uses_wgmma()
 
 
+@pytest.mark.parametrize("tiles_m,tiles_n", [(1, 1), (1, 40), (3, 17), (5, 16), (2, 33), (64, 64), (256, 32)])
+def test_raster_order_visits_every_output_tile_once_in_bands(tiles_m, tiles_n):
+    tiles = _C.raster_output_tiles(tiles_m, tiles_n)
+    assert sorted(tiles) == [(m, n) for m in range(tiles_m) for n in range(tiles_n)]
+    if tiles_m == 1:  # decode grids keep the plain order
+        assert tiles == [(0, n) for n in range(tiles_n)]
+    band = 16
+    for block, (m, n) in enumerate(tiles):
+        first_n = block // (band * tiles_m) * band
+        assert first_n <= n < first_n + band, (block, m, n)
+    # 264 blocks resident at once on an H200 (two an SM), inside a band of an 8192 x 8192 output:
+    # 16 N tiles x at most 18 M tiles, where the plain order spans 5 N tiles and all 64 M tiles.
+    if (tiles_m, tiles_n) == (64, 64):
+        for start in range(0, band * tiles_m - 264, 37):
+            wave = tiles[start:start + 264]
+            assert len({n for _, n in wave}) == 16 and len({m for m, _ in wave}) <= 18
+
+
+def test_raster_order_refuses_empty_and_oversized_grids():
+    with pytest.raises(ValueError, match="raster_output_tiles: tiles_m and tiles_n must be at least 1"):
+        _C.raster_output_tiles(0, 4)
+    with pytest.raises(ValueError, match=r"at most 16777216 tiles in all, got 65536 x 65536"):
+        _C.raster_output_tiles(65536, 65536)
+
+
+@pytest.mark.parametrize("config", [LARGE_M, WGMMA])
+def test_gemm_tiles_past_the_first_raster_band(kernels, config):
+    # 3 M tiles x 18 N tiles: a whole band of 16 N tiles, then a partial one of 2 whose last tile
+    # holds 16 of 128 rows; each block's output lands where its tile says (exact small integers).
+    m, n, k = 260, 17 * 128 + 16, 36
+    gen = torch.Generator().manual_seed(17)
+    w = sparse_weight(n, k, torch.float16, gen, -2, 3)
+    x = torch.randint(-2, 3, (m, k), generator=gen).to(torch.float16)
+    values, meta, _ = kernels.compress(w, prune=False)
+    y = kernels.gemm(x, values, meta, n, k, config=config)
+    assert torch.equal(y, (x.double() @ w.double().T).to(torch.float16))
+
+
 def test_gemm_config_out_of_range_is_refused(kernels):
     with pytest.raises(ValueError, match=r"config must be -1 \(choose\), 0 .* got 3"):
         kernels.gemm_scratch(64, 64, 64, 3, 0)

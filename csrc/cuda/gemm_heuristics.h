@@ -82,6 +82,28 @@ struct GemmPlan {
   int64_t k_tiles_per_split = 0;
 };
 
+// Which output tile GEMM block `block` computes, in a grid of tiles_m x tiles_n tiles (M tiles
+// along blockIdx.x, N tiles along blockIdx.y, block = blockIdx.y * tiles_m + blockIdx.x: the
+// order in which the GPU hands out blocks). Blocks run in bands of kRasterBandN N tiles, N tile
+// fastest, then the next M tile. Why: in plain grid order the ~264 blocks resident at once on an
+// H100 / H200 (two an SM) share one or two N tiles and span every M tile, so each wave streams all
+// of X from DRAM; at 32768 x 4096 x 11008 that is X's 721 MB once per 128 W rows, ~23 GB: an estimated
+// 4.8 ms at 4.8 TB/s of the wgmma tile's 7.7 ms (bench/results/2026-11-26-H200-run16, large_m.txt). In
+// bands a wave covers ~16 N x 16 M tiles, reading each X tile for 16 W tiles and each W tile for
+// 16 X tiles while both are in L2 (to be confirmed on a GPU). With one M tile (decode) the order
+// is the plain one: block b computes N tile b.
+constexpr int64_t kRasterBandN = 16;
+struct OutputTile {
+  int64_t m, n;
+};
+SG_HOST_DEVICE OutputTile raster_output_tile(int64_t block, int64_t tiles_m, int64_t tiles_n) {
+  const int64_t band_blocks = kRasterBandN * tiles_m;
+  const int64_t band = block / band_blocks, first_n = band * kRasterBandN;
+  const int64_t band_n = tiles_n - first_n < kRasterBandN ? tiles_n - first_n : kRasterBandN;  // the last is partial
+  const int64_t local = block - band * band_blocks;
+  return OutputTile{local / band_n, first_n + local % band_n};
+}
+
 // k-tiles of `block_k` logical K covering padded_k(K).
 SG_HOST_DEVICE int64_t gemm_k_tiles(int64_t K, int64_t block_k = gemm_tiles::kBlockK) {
   return (padded_k(K) + block_k - 1) / block_k;
