@@ -441,8 +441,8 @@ PYBIND11_MODULE(_C, m) {
     return std::make_tuple(static_cast<int>(plan.config), plan.split_k, plan.k_tiles_per_split);
   }, py::arg("M"), py::arg("N"), py::arg("K"), py::arg("sms"), py::arg("blocks_per_sm"), py::arg("s8") = false,
      py::arg("wgmma") = false);
-  // The output tile (m, n) of each GEMM block in launch order (gemm_heuristics.h
-  // raster_output_tile), for a grid of tiles_m x tiles_n tiles: the order the kernels run in.
+  // The output tile (m, n) of each GEMM block in launch order (blockIdx.y * tiles_m + blockIdx.x;
+  // gemm_heuristics.h raster_output_tile), for a grid of tiles_m x tiles_n tiles.
   m.def("raster_output_tiles", [](int64_t tiles_m, int64_t tiles_n) {
     constexpr int64_t kMostTiles = int64_t(1) << 24;
     if (tiles_m < 1 || tiles_n < 1 || tiles_m > kMostTiles / tiles_n)
@@ -451,10 +451,12 @@ PYBIND11_MODULE(_C, m) {
                                   " x " + std::to_string(tiles_n));
     std::vector<std::pair<int64_t, int64_t>> tiles;
     tiles.reserve(size_t(tiles_m * tiles_n));
-    for (int64_t block = 0; block < tiles_m * tiles_n; ++block) {
-      const OutputTile tile = raster_output_tile(block, tiles_m, tiles_n);
-      tiles.emplace_back(tile.m, tile.n);
-    }
+    for (int64_t block_y = 0; block_y < tiles_n; ++block_y)
+      for (int64_t block_x = 0; block_x < tiles_m; ++block_x) {
+        const OutputTile tile = raster_output_tile(uint32_t(block_x), uint32_t(block_y), uint32_t(tiles_m),
+                                                   uint32_t(tiles_n));
+        tiles.emplace_back(tile.m, tile.n);
+      }
     return tiles;
   }, py::arg("tiles_m"), py::arg("tiles_n"));
   bind_cpu(m);

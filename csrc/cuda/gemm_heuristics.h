@@ -18,8 +18,8 @@ namespace gemm_tiles {
 // Each warp computes (kBlockN / kWarpsN) x (kBlockM / kWarpsM) of the output.
 
 // Prefill / large M: compute bound, 8 warps of 64 (N) x 32 (M), 3 stages (75 KiB of shared memory,
-// 78 KiB for int8). ptxas (nvcc 13.0): 114-120 registers on sm_90a (tests/test_sass.py holds it at
-// <= 128), so two blocks per SM fit on H100, and 110-121 on sm_80 (159 before the metadata copies
+// 78 KiB for int8). ptxas (nvcc 13.0): 118-123 registers on sm_90a (tests/test_sass.py holds it at
+// <= 128), so two blocks per SM fit on H100, and 109-118 on sm_80 (159 before the metadata copies
 // got their source set up once, gemm_sp.cuh), so two fit on A100 too (not measured there); no
 // spills. The implicit-GEMM convolution runs the same plan with its NHWC loader (conv_sp.cuh). No
 // split-K: a large-M grid fills the GPU by itself, and compiling the split-K tail into this tile
@@ -55,10 +55,13 @@ struct Decode {
 // 128 X rows; each warp's A fragment from ldmatrix as in the other tiles, B read by the tensor
 // cores straight from the swizzled stage). 4 stages of 25 KiB (26 KiB for int8; k-tiles are whole
 // 1024-byte swizzle atoms): two blocks per SM take 2 x (100 or 104 + 1 reserved) KiB of H100's
-// 228 KiB, hence the 128-register launch bound (ptxas, nvcc 13.0: 126-128, no spills).
-// Not yet timed on a GPU: the first measurements decide the stage count, whether a 256-wide wgmma
-// (one block per SM) pays, and whether A should come from shared memory too (its stage layout is
-// the 64-byte swizzle's), which would free the registers to keep one k-tile's wgmma in flight.
+// 228 KiB, hence the 128-register launch bound (ptxas, nvcc 13.0: 125-128, no spills).
+// H200 (bench/results/2026-11-26-H200-run16, -run17): 0.78-0.83x dense cuBLAS fp16 at 8192^3 and
+// Llama shapes with 32768 rows, 1.1-1.4x in INT8 (the warp-level tile: 0.47-0.58x fp16). Keeping
+// one k-tile's wgmma ops in flight through the next barrier (one stage less ahead) measured within
+// 6% either way. Nsight Compute: tensor pipe 35% busy, issue slots 44% and shared memory 62%,
+// taken by every thread's stage copies and a barrier per k-tile: TMA copies from a producer warp
+// are the next step, before a 256-wide wgmma or A from shared memory.
 struct WgmmaLargeM {
   static constexpr int kBlockN = 128, kBlockM = 128, kWarpsN = 8, kWarpsM = 1, kStages = 4, kKTilesPerStage = 1;
   static constexpr bool kSplitK = false;
@@ -82,25 +85,27 @@ struct GemmPlan {
   int64_t k_tiles_per_split = 0;
 };
 
-// Which output tile GEMM block `block` computes, in a grid of tiles_m x tiles_n tiles (M tiles
-// along blockIdx.x, N tiles along blockIdx.y, block = blockIdx.y * tiles_m + blockIdx.x: the
-// order in which the GPU hands out blocks). Blocks run in bands of kRasterBandN N tiles, N tile
-// fastest, then the next M tile. Why: in plain grid order the ~264 blocks resident at once on an
-// H100 / H200 (two an SM) share one or two N tiles and span every M tile, so each wave streams all
-// of X from DRAM; at 32768 x 4096 x 11008 that is X's 721 MB once per 128 W rows, ~23 GB: an estimated
-// 4.8 ms at 4.8 TB/s of the wgmma tile's 7.7 ms (bench/results/2026-11-26-H200-run16, large_m.txt). In
-// bands a wave covers ~16 N x 16 M tiles, reading each X tile for 16 W tiles and each W tile for
-// 16 X tiles while both are in L2 (to be confirmed on a GPU). With one M tile (decode) the order
+// Which output tile GEMM block (block_x, block_y) computes, in a grid of tiles_m x tiles_n tiles
+// (M tiles along blockIdx.x, N tiles along blockIdx.y; the GPU hands out blocks in the order
+// block_y * tiles_m + block_x). Blocks run in bands of kRasterBandN N tiles, N tile fastest, then
+// the next M tile. Why: in plain grid order the ~264 blocks resident at once on an H100 / H200
+// (two an SM) share one or two N tiles and span every M tile, so each wave streams all of X from
+// DRAM: at 32768 x 4096 x 11008, X's 721 MB once per 128 W rows. In bands a wave covers ~16 N x
+// 16 M tiles, reading each X tile for 16 W tiles while both are in L2. H200, wgmma tile, against
+// the plain order (bench/results/2026-11-26-H200-run17): 32768 x 4096 x 11008 fp16 7.89 -> 5.36
+// ms, 32768 x 11008 x 4096 6.49 -> 5.43 ms, INT8 4.03 -> 3.49 and 3.78 -> 3.18 ms; 8192^3 within
+// noise; the warp-level tile 9.2 -> 8.0 ms on both tall shapes. With one M tile (decode) the order
 // is the plain one: block b computes N tile b.
-constexpr int64_t kRasterBandN = 16;
+// 32-bit arithmetic (64-bit divisions made the wgmma convolution spill on sm_90a): band-local
+// indices stay below 16 tiles_m <= 2^28, as M < 2^31 (ops.py refuses larger).
+constexpr uint32_t kRasterBandN = 16;
 struct OutputTile {
-  int64_t m, n;
+  uint32_t m, n;
 };
-SG_HOST_DEVICE OutputTile raster_output_tile(int64_t block, int64_t tiles_m, int64_t tiles_n) {
-  const int64_t band_blocks = kRasterBandN * tiles_m;
-  const int64_t band = block / band_blocks, first_n = band * kRasterBandN;
-  const int64_t band_n = tiles_n - first_n < kRasterBandN ? tiles_n - first_n : kRasterBandN;  // the last is partial
-  const int64_t local = block - band * band_blocks;
+SG_HOST_DEVICE OutputTile raster_output_tile(uint32_t block_x, uint32_t block_y, uint32_t tiles_m, uint32_t tiles_n) {
+  const uint32_t first_n = block_y / kRasterBandN * kRasterBandN;
+  const uint32_t band_n = tiles_n - first_n < kRasterBandN ? tiles_n - first_n : kRasterBandN;  // the last is partial
+  const uint32_t local = (block_y - first_n) * tiles_m + block_x;  // block index within the band
   return OutputTile{local / band_n, first_n + local % band_n};
 }
 

@@ -267,8 +267,8 @@ SG_DEVICE bool arrived_last(int* counter, int splits, char* smem) {
   return *verdict != 0;
 }
 
-// Block (blockIdx.x, blockIdx.y, blockIdx.z) computes output tile raster_output_tile(blockIdx.y
-// gridDim.x + blockIdx.x) (gemm_heuristics.h: M tiles x N tiles in bands) of K split blockIdx.z.
+// Block (blockIdx.x, blockIdx.y, blockIdx.z) computes output tile raster_output_tile(blockIdx.x,
+// blockIdx.y) (gemm_heuristics.h: M tiles x N tiles in bands) of K split blockIdx.z.
 // XLoader: the B-operand loader policy (RowMajorX above, or conv_sp.cuh's implicit-GEMM loader);
 // params: its Params, whose GemmParams part p is described here.
 // p: GemmParams (params.h) with x: X[M, K], values: Wc[N, Kc] (both Policy::Operand), meta: E
@@ -296,9 +296,12 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinB
   const int tid = threadIdx.x;
   const int lane = tid & 31, warp = tid >> 5;
   const int warp_n = warp % S::kWarpsN, warp_m = warp / S::kWarpsN;
-  const OutputTile tile = raster_output_tile(int64_t(blockIdx.y) * gridDim.x + blockIdx.x, gridDim.x, gridDim.y);
-  const int64_t m0 = tile.m * S::kBlockM;
-  const int64_t n0 = tile.n * S::kBlockN;
+  const OutputTile tile = raster_output_tile(blockIdx.x, blockIdx.y, gridDim.x, gridDim.y);
+  // 32-bit: a tile's rows m0 .. m0 + 127 stay below 2^31 (ops.py keeps M below it; m0 is a
+  // multiple of 128) and n0 + 128 below 2^23 (launch_gemm's 65535 N blocks). Unlike blockIdx the
+  // tile is not free to recompute, and two registers fewer kept the wgmma convolution from spilling.
+  const int m0 = int(tile.m) * S::kBlockM;
+  const int n0 = int(tile.n) * S::kBlockN;
   const int64_t Kc = values_cols(p.K);
   const int64_t k_tiles = gemm_k_tiles(p.K, S::kBlockK);
   const int64_t meta_steps = Policy::meta_steps(p.K);
