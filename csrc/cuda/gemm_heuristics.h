@@ -120,30 +120,44 @@ struct DecodeWave {
   int blocks_per_sm = 1;
 };
 
+// How much faster an SM streams its k-tiles with two decode blocks than with one, per GEMM: the
+// 16-bit tile 1.1x, the INT8 one not at all. H200, graph replay from DRAM, after dependent launches
+// (bench/results/2026-11-26-H200-run16 and -run17, sweep.txt, both runs alike): fp16 1 x 4096 x
+// 11008 19.0 us with 8 splits (256 blocks, two an SM) against 21 us with 4 (one an SM), 8192 x 8192
+// 24.3-24.4 us with 4 against 26 us with 2 at M = 1 and 25.5 against 27.5 at M = 16, where INT8
+// 16 x 4096 x 11008 took 19.9 us with 8 splits and 15.9 us with 4.
+constexpr double kPairedDecodeSpeedup16 = 1.1;
+constexpr double kPairedDecodeSpeedupS8 = 1.0;
+
 // Cost of the decode tile's `blocks` output tiles with `splits` K splits, in half k-tiles: the
 // k-tiles the busiest SM streams (blocks spread evenly, each split a whole number of pipeline
-// stages), plus, when K is split, half a k-tile per row of M (each split stores M x 128 partial
-// sums that the tile's last block reads back after everyone else). The decode GEMM is bound by
-// the weight bytes the SMs stream, so the busiest one sets the time. -1: more blocks than one
-// wave holds (a second, partial wave costs more than the split saves: on H200 258 blocks in one
-// wave took 21 us, 344 in 1.3 waves 26 us).
-// Fitted on H200 (bench/results/2026-11-26-H200-run8, sweep_acq_rel_ticket.txt): over 6 decode
-// shapes x fp16 / INT8 it picks the fastest measured split each time, where "as many splits as
-// one wave holds" lost up to 4.6 us (INT8 16 x 4096 x 11008: 8 splits 21.2 us, 4 splits 16.6 us:
-// two blocks an SM stream no faster than one doing twice the k-tiles).
-inline int64_t decode_split_cost(int64_t M, int64_t blocks, int64_t k_tiles, int64_t splits, DecodeWave wave) {
+// stages), divided by paired_speedup when that SM holds more than one block, plus, when K is
+// split, half a k-tile per row of M (each split stores M x 128 partial sums that the tile's last
+// block reads back after everyone else). The decode GEMM is bound by the weight bytes the SMs
+// stream, so the busiest one sets the time. -1: more blocks than one wave holds (a second, partial
+// wave costs more than the split saves: on H200 258 blocks in one wave took 21 us, 344 in 1.3
+// waves 26 us).
+// Fitted on H200 (-run8, sweep_acq_rel_ticket.txt; -run16 / -run17, sweep.txt): over 8 decode
+// shapes x fp16 / INT8 it picks the fastest measured split, or one within 2% of it, in 14 of 16,
+// where "as many splits as one wave holds" lost up to 4.6 us (INT8 16 x 4096 x 11008: 8 splits
+// 21.2 us, 4 splits 16.6 us in -run8). Missed: INT8 1 x 8192 x 8192 (2 splits 16.6 us, 4 splits
+// 16.1-16.3 us) and fp16 16 x 22016 x 4096 (1 split 36.5 us, 3 splits 34.6 us: 516 blocks, two
+// waves, which this rule never takes).
+inline double decode_split_cost(int64_t M, int64_t blocks, int64_t k_tiles, int64_t splits, DecodeWave wave,
+                                double paired_speedup) {
   constexpr int64_t kStage = gemm_tiles::Decode::kKTilesPerStage;
   const int64_t per_split = ((k_tiles + splits - 1) / splits + kStage - 1) / kStage * kStage;
   const int64_t used = (k_tiles + per_split - 1) / per_split;
   if (used > 1 && blocks * used > int64_t(wave.sms) * wave.blocks_per_sm) return -1;
   const int64_t busiest_sm_blocks = (blocks * used + wave.sms - 1) / wave.sms;
-  return 2 * busiest_sm_blocks * per_split + (used > 1 ? M : 0);
+  const double rate = busiest_sm_blocks > 1 ? paired_speedup : 1.0;
+  return double(2 * busiest_sm_blocks * per_split) / rate + double(used > 1 ? M : 0);
 }
 
 // wave: the GPU (kernels_dispatch.cuh decode_wave); wgmma: whether it runs the wgmma tile
 // (kernels_dispatch.cuh wgmma_tile_runs), which then takes every M above the decode range.
 // forced_config / forced_split_k: GemmParams::config / split_k (-1 / 0: choose). block_k: the
-// GEMM's k-tile (gemm_tiles::kBlockK or kBlockKS8); the regimes and split rule are the same.
+// GEMM's k-tile (gemm_tiles::kBlockK or kBlockKS8, which also picks the paired-block speedup).
 inline GemmPlan plan_gemm(int64_t M, int64_t N, int64_t K, DecodeWave wave, int forced_config = -1,
                           int forced_split_k = 0, int64_t block_k = gemm_tiles::kBlockK, bool wgmma = false) {
   if (forced_config < -1 || forced_config > static_cast<int>(GemmConfig::large_m_wgmma)) {
@@ -165,9 +179,10 @@ inline GemmPlan plan_gemm(int64_t M, int64_t N, int64_t K, DecodeWave wave, int 
     using T = gemm_tiles::Decode;
     const int64_t blocks = (N + T::kBlockN - 1) / T::kBlockN * ((M + T::kBlockM - 1) / T::kBlockM);
     const int64_t most = std::min<int64_t>(gemm_tiles::kMaxSplitK, k_tiles / gemm_tiles::kMinKTilesPerSplit);
-    int64_t best_cost = decode_split_cost(M, blocks, k_tiles, 1, wave);
+    const double paired = block_k == gemm_tiles::kBlockKS8 ? kPairedDecodeSpeedupS8 : kPairedDecodeSpeedup16;
+    double best_cost = decode_split_cost(M, blocks, k_tiles, 1, wave, paired);
     for (int64_t candidate = 2; candidate <= most; ++candidate) {  // ties keep the fewer splits
-      const int64_t cost = decode_split_cost(M, blocks, k_tiles, candidate, wave);
+      const double cost = decode_split_cost(M, blocks, k_tiles, candidate, wave, paired);
       if (cost >= 0 && cost < best_cost) best_cost = cost, splits = candidate;
     }
   }
