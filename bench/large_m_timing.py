@@ -1,9 +1,9 @@
 """Large-M GEMM time (the compute-bound tiles) of whichever sparsegemm is on the path, next to dense
-F.linear: fp16, bf16 and INT8 (dynamic activation quantization included) at M = N = K = 8192 and
-Llama-7B's MLP projections at 16 x 2048 tokens (or the shapes --shape gives), by
-sparsegemm.bench.Timer (CUDA events, median of 20 calls after warm-up). Public API only, so that
-bench/ab_sweep.sh can run it against the build of an earlier tree too; on Hopper,
-SPARSEGEMM_WGMMA=0 in the environment times the warp-level tile instead of the wgmma one.
+F.linear (and torch._int_mm for INT8): fp16, bf16 and INT8 (dynamic activation quantization
+included) at M = N = K = 8192 and Llama-7B's MLP projections at 16 x 2048 tokens (or the shapes
+--shape gives), by sparsegemm.bench.Timer (CUDA events, median of 20 calls after warm-up). Public
+API only, so that bench/ab_sweep.sh can run it against the build of an earlier tree too; on
+Hopper, SPARSEGEMM_WGMMA=0 in the environment times the warp-level tile instead of the wgmma one.
 
     python bench/large_m_timing.py [--shape M N K [--shape M N K ...]]
 """
@@ -40,8 +40,15 @@ def main() -> None:
             parts.append(f"dense {str(dtype)[6:]} {dense:.3f} ms ({flops / dense / 1e9:.0f} TFLOP/s) | "
                          f"2:4 {str(dtype)[6:]} {sparse:.3f} ms ({dense / sparse:.2f}x)")
             if dtype == torch.float16:
+                # Dense INT8 as issue 4 compares: torch._int_mm on int8 operands already quantized
+                # (int32 out, no epilogue), against the 2:4 INT8 layer with its activation quantize.
+                # The weight [N, K] as a transposed view, the operand order cuBLASLt's int8 GEMM wants.
+                x8 = torch.randint(-127, 128, (m, k), device="cuda", dtype=torch.int8)
+                w8 = torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8)
+                dense_int8 = median_ms(lambda: torch._int_mm(x8, w8.T))
                 int8 = median_ms(lambda: quant.linear_int8(x, sw8))
-                parts.append(f"2:4 INT8 {int8:.3f} ms ({dense / int8:.2f}x dense fp16)")
+                parts.append(f"2:4 INT8 {int8:.3f} ms ({dense / int8:.2f}x dense fp16, "
+                             f"{dense_int8 / int8:.2f}x torch._int_mm {dense_int8:.3f} ms)")
         print(f"large M {m} x {n} x {k} ({tile} tile): " + " | ".join(parts), flush=True)
 
 
