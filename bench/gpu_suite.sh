@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # One GPU check (DESIGN.md "Verification on a GPU"): build for the present GPU only, GPU tests,
 # the large-M tiles against cuBLAS, compute-sanitizer memcheck + racecheck on small cases, the
-# graph-replay sweep, the eager host time and the benchmark, in that order of priority;
-# everything lands in OUTDIR (env.json, steps.txt, junit XML, large_m*.txt, sanitizer logs,
-# sweep.txt, host_overhead.txt, bench.json/.csv/.md/.png). Usage: bench/gpu_suite.sh OUTDIR
+# graph-replay sweep, the eager host time, an Nsight Compute profile of the GEMMs and the benchmark,
+# in that order of priority; everything lands in OUTDIR (env.json, steps.txt, junit XML,
+# large_m*.txt, sanitizer logs, sweep.txt, host_overhead.txt, ncu_gemm.txt,
+# bench.json/.csv/.md/.png). Usage: bench/gpu_suite.sh OUTDIR
 # PYTHON (default: python3) must have a CUDA torch, pybind11, pytest; nvcc and compute-sanitizer on PATH.
 # The whole run fits SUITE_BUDGET seconds (default 480: DESIGN.md's 8 minutes, within the 600 s
 # one device command may run): each step gets its own limit or what is left, whichever is less, a
 # step with under 20 s left is skipped, and steps.txt says how each step ended and how long it
 # took. When under 600 s are left for the benchmark it runs --quick unless BENCH_ARGS says otherwise.
 # Knobs: SUITE_BUDGET, BENCH_ARGS, PYTEST_WORKERS, TESTS_TIMEOUT / BENCH_TIMEOUT / SANITIZER_TIMEOUT /
-# SWEEP_TIMEOUT (seconds, per step).
+# SWEEP_TIMEOUT / NCU_TIMEOUT (seconds, per step).
 set -euo pipefail
 OUT=${1:?usage: bench/gpu_suite.sh OUTDIR}
 PY=${PYTHON:-python3}
@@ -81,6 +82,15 @@ done
 # from DRAM) and the host time of one eager call: the two halves of a decode layer's time.
 run_step sweep "${SWEEP_TIMEOUT:-120}" "$OUT/sweep.txt" "$PY" bench/decode_sweep.py
 run_step host_overhead "${SWEEP_TIMEOUT:-120}" "$OUT/host_overhead.txt" "$PY" bench/host_overhead.py
+# Where the GEMMs' time goes (before the benchmark, which takes whatever time is left): Nsight
+# Compute on one decode and one large-M call (bench/profile_kernels.py): stall reasons per issued
+# instruction, pipe use, memory throughput.
+if command -v ncu > /dev/null; then
+  run_step ncu "${NCU_TIMEOUT:-90}" "$OUT/ncu_gemm.txt" ncu --clock-control none --section SpeedOfLight \
+    --section ComputeWorkloadAnalysis --section WarpStateStats --section MemoryWorkloadAnalysis --section Occupancy \
+    --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" -k regex:gemm_sp_kernel -c 2 \
+    "$PY" bench/profile_kernels.py
+fi
 # BENCH_ARGS narrows the sweep (e.g. "--shapes square-8192 --m 1 16 8192").
 if [[ -z "${BENCH_ARGS+set}" ]] && ((BUDGET - SECONDS < 600)); then BENCH_ARGS=--quick; fi
 # shellcheck disable=SC2086
