@@ -595,9 +595,10 @@ def test_gemm_decode_auto_split_uses_workspace(kernels):
 # The split each decode shape gets on an H200 (132 SMs, two decode blocks an SM): the fastest of
 # 1 / 2 / 3 / 4 / 6 / 8 splits measured there with dependent launches (bench/results/
 # 2026-11-26-H200-run16 and -run17, sweep.txt, both runs), fp16 and INT8, or one within 2% of it;
-# gemm_heuristics.h decode_split_cost was fitted to them. Two exceptions, noted in
-# decode_split_cost: INT8 1 x 8192 x 8192 measured fastest with 4 splits (16.1-16.3 us against
-# 16.6 us), fp16 16 x 22016 x 4096 with 3 (34.6 us against 36.5 us, two waves of blocks).
+# gemm_heuristics.h decode_split_cost was fitted to them. Exceptions, noted in decode_split_cost:
+# INT8 1 x 8192 x 8192 measured fastest with 4 splits (16.1-16.3 us against 16.6 us), fp16 16 x
+# 22016 x 4096 with 3 (34.6 us against 36.5 us, two waves of blocks), and fp16 1 x 22016 x 4096
+# differed between the two runs.
 H200_BEST_SPLITS = {  # (M, N, K): (fp16, int8)
     (1, 11008, 4096): (3, 3), (16, 11008, 4096): (3, 1), (1, 4096, 11008): (8, 4), (16, 4096, 11008): (8, 4),
     (1, 8192, 8192): (4, 2), (16, 8192, 8192): (4, 2), (1, 22016, 4096): (1, 1), (16, 22016, 4096): (1, 1),

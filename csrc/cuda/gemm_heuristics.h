@@ -1,5 +1,6 @@
 // The one place that picks a tile configuration (and the split-K factor) for the sparse GEMM.
-// Host code only; gemm_sp.cuh takes the chosen tile as a template parameter.
+// Host code, but for gemm_k_tiles and raster_output_tile, which the kernel calls too; gemm_sp.cuh
+// takes the chosen tile as a template parameter.
 #pragma once
 #include <algorithm>
 #include <cstdint>
@@ -138,11 +139,12 @@ constexpr double kPairedDecodeSpeedupS8 = 1.0;
 // wave costs more than the split saves: on H200 258 blocks in one wave took 21 us, 344 in 1.3
 // waves 26 us).
 // Fitted on H200 (-run8, sweep_acq_rel_ticket.txt; -run16 / -run17, sweep.txt): over 8 decode
-// shapes x fp16 / INT8 it picks the fastest measured split, or one within 2% of it, in 14 of 16,
+// shapes x fp16 / INT8 it picks the fastest measured split, or one within 2% of it, in 13 of 16,
 // where "as many splits as one wave holds" lost up to 4.6 us (INT8 16 x 4096 x 11008: 8 splits
 // 21.2 us, 4 splits 16.6 us in -run8). Missed: INT8 1 x 8192 x 8192 (2 splits 16.6 us, 4 splits
 // 16.1-16.3 us) and fp16 16 x 22016 x 4096 (1 split 36.5 us, 3 splits 34.6 us: 516 blocks, two
-// waves, which this rule never takes).
+// waves, which this rule never takes); fp16 1 x 22016 x 4096 is a toss-up between the runs (1
+// split 34.7 / 32.4 us, 3 splits 32.2 / 33 us).
 inline double decode_split_cost(int64_t M, int64_t blocks, int64_t k_tiles, int64_t splits, DecodeWave wave,
                                 double paired_speedup) {
   constexpr int64_t kStage = gemm_tiles::Decode::kKTilesPerStage;
