@@ -22,23 +22,8 @@ cd "$ROOT"
 # Scripts under bench/ (run by compute-sanitizer) import the package built into the source tree.
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
-ARCH=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d ' .')
-BUILD=${BUILD_DIR:-/tmp/sparsegemm_gpu_build}
-cmake -S . -B "$BUILD" -GNinja -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE="$(command -v "$PY")" \
-  -Dpybind11_DIR="$("$PY" -m pybind11 --cmakedir)" -DSPARSEGEMM_CUDA=ON -DSPARSEGEMM_CUDA_ARCHS="$ARCH" \
-  -DSPARSEGEMM_PTXAS_VERBOSE=ON -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$ROOT/sparsegemm" > "$OUT/cmake.log"
-cmake --build "$BUILD" > "$OUT/build.log" 2>&1
-
-"$PY" - "$OUT/env.json" <<'PYEOF'
-import json, subprocess, sys, torch
-from sparsegemm import _C
-q = "name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,power.limit"
-smi = subprocess.run(["nvidia-smi", f"--query-gpu={q}", "--format=csv,noheader"], capture_output=True, text=True)
-env = {"nvidia_smi": dict(zip(q.split(","), [v.strip() for v in smi.stdout.splitlines()[0].split(",")])),
-       "torch": torch.__version__, "torch_cuda": torch.version.cuda, "sparsegemm": _C.build_info(),
-       "gpus": _C.list_gpus()}
-json.dump(env, open(sys.argv[1], "w"), indent=1)
-PYEOF
+bench/gpu_build.sh "$ROOT" "${BUILD_DIR:-/tmp/sparsegemm_gpu_build}" "$OUT/build.log"
+"$PY" bench/gpu_env.py "$OUT/env.json"
 
 status=0
 BUDGET=${SUITE_BUDGET:-480}

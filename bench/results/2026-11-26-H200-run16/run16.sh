@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Session 7 GPU check: build, wgmma instruction self-test, large-M tiles (wgmma vs warp-level) against cuBLAS,
 # full tests, sanitizers, decode sweep, host overhead, a narrow benchmark. Packed after every step.
+# Its build and env.json steps, inline when it ran, now call bench/gpu_build.sh and bench/gpu_env.py (the same commands).
 set -u
 S=/tmp/suite; mkdir -p "$S"
 T0=$(date +%s)
@@ -10,23 +11,10 @@ left() { echo $(( 470 - ($(date +%s) - T0) )); }
 lim() { local l; l=$(left); (( $1 < l )) && echo "$1" || echo "$l"; }
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 PY=python3
-ARCH=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d ' .')
-log "arch $ARCH nproc $(nproc) $(git rev-parse --short HEAD 2>/dev/null)"
-cmake -S . -B /tmp/b -GNinja -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE="$(command -v $PY)" \
-  -Dpybind11_DIR="$($PY -m pybind11 --cmakedir)" -DSPARSEGEMM_CUDA=ON -DSPARSEGEMM_CUDA_ARCHS="$ARCH" \
-  -DSPARSEGEMM_PTXAS_VERBOSE=ON -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$PWD/sparsegemm" > "$S/cmake.log" 2>&1
-cmake --build /tmp/b > "$S/build.log" 2>&1 || { log "BUILD FAILED"; grep -m5 -B2 -A12 error "$S/build.log"; pack; exit 1; }
+log "nproc $(nproc) $(git rev-parse --short HEAD 2>/dev/null)"
+bench/gpu_build.sh . /tmp/b "$S/build.log" || { log "BUILD FAILED"; pack; exit 1; }
 log "built"
-$PY - "$S/env.json" <<'PYEOF'
-import json, subprocess, sys, torch
-from sparsegemm import _C
-q = "name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,power.limit"
-smi = subprocess.run(["nvidia-smi", f"--query-gpu={q}", "--format=csv,noheader"], capture_output=True, text=True)
-env = {"nvidia_smi": dict(zip(q.split(","), [v.strip() for v in smi.stdout.splitlines()[0].split(",")])),
-       "torch": torch.__version__, "torch_cuda": torch.version.cuda, "sparsegemm": _C.build_info(),
-       "gpus": _C.list_gpus()}
-json.dump(env, open(sys.argv[1], "w"), indent=1)
-PYEOF
+$PY bench/gpu_env.py "$S/env.json"
 timeout 60 $PY -m pytest -q tests/test_kernels_cuda.py -k "wgmma" > "$S/tests_wgmma.log" 2>&1; log "wgmma tests rc=$?"; tail -25 "$S/tests_wgmma.log"; pack
 timeout 60 $PY bench/large_m_timing.py > "$S/large_m.txt" 2>&1; log "large_m rc=$?"; cat "$S/large_m.txt"; pack
 SPARSEGEMM_WGMMA=0 timeout 60 $PY bench/large_m_timing.py > "$S/large_m_mma.txt" 2>&1; log "large_m_mma rc=$?"; cat "$S/large_m_mma.txt"; pack

@@ -2,6 +2,7 @@
 # A/B of the wgmma large-M tile: v0 = 17269b3 (plain block order, wgmma ops retired each stage), v1 = raster
 # bands, v2 = raster + one stage's wgmma ops in flight (working tree). Builds in parallel, GPU kernel tests
 # of v2, large-M timings, decode sweep, sanitizers, ncu of v2's wgmma tile, then the full suite on v2.
+# Its build and env.json steps, inline when it ran, now call bench/gpu_build.sh and bench/gpu_env.py (the same commands).
 set -u
 S=/tmp/suite; mkdir -p "$S"
 T0=$(date +%s)
@@ -11,25 +12,12 @@ lim() { local l=$(( 400 - ($(date +%s) - T0) )); (( $1 < l )) && echo "$1" || ec
 export PYTHONUNBUFFERED=1
 PY=python3
 ROOT=$PWD
-ARCH=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d ' .')
-build() {
-  cmake -S "$1" -B "/tmp/b_$2" -GNinja -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE="$(command -v $PY)" \
-    -Dpybind11_DIR="$($PY -m pybind11 --cmakedir)" -DSPARSEGEMM_CUDA=ON -DSPARSEGEMM_CUDA_ARCHS="$ARCH" \
-    -DSPARSEGEMM_PTXAS_VERBOSE=ON -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$1/sparsegemm" > "$S/cmake_$2.log" 2>&1 &&
-  cmake --build "/tmp/b_$2" > "$S/build_$2.log" 2>&1 && echo "$2 built" || echo "$2 BUILD FAILED"
+build() {  # tree name
+  bench/gpu_build.sh "$1" "/tmp/b_$2" "$S/build_$2.log" > /dev/null && echo "$2 built" || echo "$2 BUILD FAILED"
 }
 build "$ROOT/.ab/v0" v0 & build "$ROOT/.ab/v1" v1 & build "$ROOT" v2 & wait
 log "builds done"; grep -i "performance loss" "$S"/build_v*.log | head -5
-$PY - "$S/env.json" <<'PYEOF'
-import json, subprocess, sys, torch
-from sparsegemm import _C
-q = "name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,power.limit"
-smi = subprocess.run(["nvidia-smi", f"--query-gpu={q}", "--format=csv,noheader"], capture_output=True, text=True)
-env = {"nvidia_smi": dict(zip(q.split(","), [v.strip() for v in smi.stdout.splitlines()[0].split(",")])),
-       "torch": torch.__version__, "torch_cuda": torch.version.cuda, "sparsegemm": _C.build_info(),
-       "gpus": _C.list_gpus()}
-json.dump(env, open(sys.argv[1], "w"), indent=1)
-PYEOF
+PYTHONPATH=$ROOT $PY bench/gpu_env.py "$S/env.json"
 export PYTHONPATH=$ROOT
 timeout 90 $PY -m pytest -q -n 15 tests/test_kernels_cuda.py tests/test_kernels_simt.py tests/test_int8_kernels_simt.py \
   tests/test_conv_kernels.py -k "cuda or raster" > "$S/tests_kernels.log" 2>&1; log "v2 kernel tests rc=$?"
