@@ -56,8 +56,10 @@ echo "build: ok, $SECONDS s" >> "$OUT/steps.txt"
 XDIST=$("$PY" -c 'import xdist' 2>/dev/null && echo "-n ${PYTEST_WORKERS:-8}" || true)
 # shellcheck disable=SC2086
 run_step tests "${TESTS_TIMEOUT:-300}" "$OUT/tests.log" "$PY" -m pytest -q $XDIST tests --junitxml="$OUT/tests.xml"
-# Large M against cuBLAS: the tile the heuristic takes (wgmma on Hopper), then the warp-level one.
+# Large M against cuBLAS: the tile the heuristic takes (wgmma on Hopper), the wgmma tile fed by TMA
+# (SPARSEGEMM_TMA=1: config 3, not yet the default), then the warp-level one.
 run_step large_m "${SWEEP_TIMEOUT:-120}" "$OUT/large_m.txt" "$PY" bench/large_m_timing.py
+run_step large_m_tma "${SWEEP_TIMEOUT:-120}" "$OUT/large_m_tma.txt" env SPARSEGEMM_TMA=1 "$PY" bench/large_m_timing.py
 run_step large_m_mma "${SWEEP_TIMEOUT:-120}" "$OUT/large_m_mma.txt" env SPARSEGEMM_WGMMA=0 "$PY" bench/large_m_timing.py
 for tool in memcheck racecheck; do
   run_step "sanitizer_$tool" "${SANITIZER_TIMEOUT:-240}" "$OUT/sanitizer_$tool.log" \

@@ -3,11 +3,13 @@ F.linear (and torch._int_mm for INT8): fp16, bf16 and INT8 (dynamic activation q
 included) at M = N = K = 8192 and Llama-7B's MLP projections at 16 x 2048 tokens (or the shapes
 --shape gives), by sparsegemm.bench.Timer (CUDA events, median of 20 calls after warm-up). Public
 API only, so that bench/ab_sweep.sh can run it against the build of an earlier tree too; on
-Hopper, SPARSEGEMM_WGMMA=0 in the environment times the warp-level tile instead of the wgmma one.
+Hopper, SPARSEGEMM_WGMMA=0 in the environment times the warp-level tile instead of the wgmma one, and
+SPARSEGEMM_TMA=1 the wgmma tile with its stages copied by TMA (config 3).
 
     python bench/large_m_timing.py [--shape M N K [--shape M N K ...]]
 """
 import argparse
+import os
 
 import torch
 
@@ -24,7 +26,9 @@ def main() -> None:
                         help=f"repeatable; default {SHAPES}")
     shapes = parser.parse_args().shape or SHAPES
     torch.manual_seed(0)
-    tile = "wgmma" if _C.cuda_large_m_uses_wgmma() else "warp-level mma.sp"
+    tile = "warp-level mma.sp"
+    if _C.cuda_large_m_uses_wgmma():
+        tile = "wgmma, TMA" if os.environ.get("SPARSEGEMM_TMA") == "1" else "wgmma"
     median_ms = Timer(torch.device("cuda"), warmup=3, repeats=20)
     for m, n, k in shapes:
         w = sparsegemm.prune_2to4(torch.randn(n, k, device="cuda").half())

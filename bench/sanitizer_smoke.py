@@ -10,14 +10,16 @@ import sparsegemm
 from sparsegemm import _C, ops, quant
 from sparsegemm import format as fmt
 
-# The last one takes the copies with precomputed pointers (whole 128-row blocks of Wc and of X,
-# 16-byte rows) and then a stage across K. Where N % 16 == 0 the gated (SwiGLU) epilogue runs too.
-SHAPES = [(1, 40, 36), (17, 144, 100), (130, 260, 264), (130, 256, 1056)]
+# The fourth takes the copies with precomputed pointers (whole 128-row blocks of Wc and of X,
+# 16-byte rows) and then a stage across K; it and the last run the TMA tile too. Where N % 16 == 0
+# the gated (SwiGLU) epilogue runs too.
+SHAPES = [(1, 40, 36), (17, 144, 100), (130, 260, 264), (130, 256, 1056), (33, 144, 160)]
 SILU, SWIGLU = fmt.ACTIVATION_CODES["silu"], fmt.ACTIVATION_CODES["swiglu"]
 # (config, split_k): large-M tile, decode tile, decode tile with a forced 3-way split of K, and the
-# wgmma large-M tile where the GPU runs it (compute capability 9.0, sm_90a build).
+# wgmma large-M tile where the GPU runs it (compute capability 9.0, sm_90a build), with cp.async
+# copies and, where Wc rows are whole 16 bytes (K % 32 == 0 for int8), with TMA.
 CONFIGS = [(0, 0), (1, 0), (1, 3)]
-WGMMA_CONFIG = (2, 0)
+WGMMA_CONFIG, TMA_CONFIG = (2, 0), (3, 0)
 
 
 def _scratch(scratch_fn, *shape_and_config) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,9 +29,11 @@ def _scratch(scratch_fn, *shape_and_config) -> tuple[torch.Tensor, torch.Tensor]
             torch.zeros(max(counters, 1), dtype=torch.int32, device="cuda"))
 
 
-def _runs(n: int) -> list:
+def _runs(n: int, k: int) -> list:
     """((config, split_k), activation code) pairs: every configuration with silu, and gated where N allows."""
-    configs = CONFIGS + ([WGMMA_CONFIG] if _C.cuda_large_m_uses_wgmma() else [])
+    configs = CONFIGS
+    if _C.cuda_large_m_uses_wgmma():
+        configs = configs + [WGMMA_CONFIG] + ([TMA_CONFIG] if k % 32 == 0 else [])
     return [(c, act) for c in configs for act in ((SILU, SWIGLU) if n % (2 * fmt.GATE_ROWS) == 0 else (SILU,))]
 
 
@@ -43,7 +47,7 @@ def main() -> None:
             sw = sparsegemm.compress(w, prune=True)
             sparsegemm.decompress(sw)
             meta = sw.kernel_meta("cuda")
-            for (config, split_k), act in _runs(n):
+            for (config, split_k), act in _runs(n, k):
                 cols = ops.out_features(n, act)
                 y = torch.empty((m, cols), dtype=dtype, device="cuda")
                 ws, counters = _scratch(_C.cuda_gemm_scratch, m, n, k, config, split_k)
@@ -54,7 +58,7 @@ def main() -> None:
         x = torch.randn(m, k, device="cuda").half()
         x_q, x_scale = quant.quantize_activations(x)
         meta8 = sw8.kernel_meta("cuda")
-        for (config, split_k), act in _runs(n):
+        for (config, split_k), act in _runs(n, k):
             cols = ops.out_features(n, act)
             y = torch.empty((m, cols), dtype=torch.float16, device="cuda")
             ws, counters = _scratch(_C.cuda_gemm_s8_scratch, m, n, k, config, split_k)

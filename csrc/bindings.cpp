@@ -214,6 +214,12 @@ void bind_simt_selftest(py::module_& m) {
     py::gil_scoped_release nogil;
     st::cp_async(mode, ptr<const uint8_t>(src), ptr<const uint8_t>(pred), chunks, ptr<uint8_t>(out));
   });
+  m.def("simt_selftest_tma_box", [](int mode, uintptr_t src, int64_t rows, int64_t cols, int64_t row_stride,
+                                      int box_cols, int box_rows, int swizzle, int c0, int c1, uintptr_t out) {
+    py::gil_scoped_release nogil;
+    st::tma_box(mode, ptr<const uint8_t>(src), rows, cols, row_stride, box_cols, box_rows, swizzle, c0, c1,
+                ptr<uint8_t>(out));
+  });
   m.def("simt_selftest_indices", [](std::tuple<unsigned, unsigned, unsigned> grid,
                                     std::tuple<unsigned, unsigned, unsigned> block, uintptr_t out) {
     py::gil_scoped_release nogil;

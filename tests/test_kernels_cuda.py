@@ -12,8 +12,9 @@ from sparsegemm import _C
 from test_conv_kernels import assert_within_twice_dense_error, make_input, make_layer
 from test_int8_kernels_simt import (assert_gemm_s8_activation_close, assert_gemm_s8_bit_exact,
                                     assert_kernel_meta_s8_matches_reference, assert_quantize_rows_matches_reference)
-from test_kernels_simt import (DECODE, LARGE_M, WGMMA, KernelBackend, assert_compress_prune_matches_reference,
-                               assert_gemm_within_twice_dense_error, cuda_kernels_available)
+from test_kernels_simt import (DECODE, LARGE_M, WGMMA, WGMMA_TMA, KernelBackend,
+                               assert_compress_prune_matches_reference, assert_gemm_within_twice_dense_error,
+                               cuda_kernels_available)
 from test_simt_emulator import wgmma_exact_case, wgmma_mismatch_report
 
 pytestmark = pytest.mark.skipif(
@@ -44,10 +45,11 @@ def test_wgmma_instruction_matches_the_emulator_oracle(kind, upper, mode):
 
 
 # (M, N, K, config, split_k): decode and prefill at model sizes, a forced split-K, ragged tails; the
-# warp-level large-M tile forced, and the wgmma tile (skipped where the GPU does not run it).
+# warp-level large-M tile forced, and the wgmma tile with cp.async and with TMA copies (skipped where
+# the GPU does not run it).
 LARGE_GEMMS = [(1, 8192, 8192, -1, 0), (16, 4096, 4096, -1, 0), (8, 4096, 4096, DECODE, 7),
                (2048, 4096, 4096, -1, 0), (777, 3000, 1028, LARGE_M, 0), (777, 3000, 1028, WGMMA, 0),
-               (4096, 4096, 8192, WGMMA, 0)]
+               (4096, 4096, 8192, WGMMA, 0), (777, 3000, 1056, WGMMA_TMA, 0), (4096, 4096, 8192, WGMMA_TMA, 0)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -422,6 +422,62 @@ def test_cp_async_wait_group_retires_oldest_groups_first():
     np.testing.assert_array_equal(out[1], landed)
 
 
+# ---- mbarrier and TMA -----------------------------------------------------------------------------
+def tma_box_reference(src, c0, c1, box_cols, box_rows, swizzle):
+    """The bytes cp.async.bulk.tensor.2d leaves in shared memory at offset 1024 (the self-test's
+    destination): the box with zeros outside src, its 16-byte chunks moved by the swizzle, which
+    XORs address bits [4, 4 + log2(swizzle / 16)) with bits [7, ...) (CUDA's cuTensorMapEncodeTiled
+    CU_TENSOR_MAP_SWIZZLE_*B, CUTLASS Swizzle<b, 4, 3>)."""
+    rows, cols = src.shape
+    box = np.zeros((box_rows, box_cols), np.uint8)
+    for r in range(box_rows):
+        for c in range(box_cols):
+            if 0 <= c1 + r < rows and 0 <= c0 + c < cols:
+                box[r, c] = src[c1 + r, c0 + c]
+    address = 1024 + np.arange(box.size)
+    if swizzle:
+        address ^= ((address >> 7) & (swizzle // 16 - 1)) << 4
+    out = np.zeros(box.size, np.uint8)
+    out[address - 1024] = box.reshape(-1)
+    return out
+
+
+def run_tma_box(mode, src, row_stride, box_cols, box_rows, swizzle, c0, c1):
+    rows, cols = src.shape
+    store = np.zeros((rows, row_stride), np.uint8)
+    store[:, :cols] = src
+    out = np.full(box_cols * box_rows, 7, np.uint8)
+    _C.simt_selftest_tma_box(mode, ptr(store), rows, cols, row_stride, box_cols, box_rows, swizzle, c0, c1, ptr(out))
+    return out
+
+
+@pytest.mark.parametrize("swizzle,box_cols", [(0, 48), (32, 32), (64, 64), (128, 128)])
+@pytest.mark.parametrize("c0,c1", [(0, 0), (16, 3), (-16, -2), (40, 13)])
+def test_tma_box_matches_the_swizzle_and_zero_fill_model(swizzle, box_cols, c0, c1):
+    # A 20 x 150 byte tensor in rows 160 bytes apart; boxes of 16 rows that start inside it, before
+    # it (negative coordinates) and run past its last row and column: zeros there.
+    rng = np.random.default_rng(swizzle + c0 + 2 * c1 + 64)
+    src = rng.integers(1, 256, (20, 150), dtype=np.uint8)
+    out = run_tma_box(0, src, 160, box_cols, 16, swizzle, c0, c1)
+    np.testing.assert_array_equal(out, tma_box_reference(src, c0, c1, box_cols, 16, swizzle))
+
+
+def test_tma_box_read_before_the_wait_sees_poison():
+    """A copy lands when its mbarrier is waited on: a read before that sees 0xFF, as a race on the
+    GPU could see stale bytes."""
+    src = np.arange(1, 65, dtype=np.uint8).reshape(4, 16)
+    assert np.all(run_tma_box(1, src, 16, 16, 4, 0, 0, 0) == 0xFF)
+    np.testing.assert_array_equal(run_tma_box(0, src, 16, 16, 4, 0, 0, 0), src.reshape(-1))
+
+
+def test_tma_box_refuses_a_tensor_map_it_does_not_model():
+    src = np.zeros((4, 64), np.uint8)
+    with pytest.raises(RuntimeError, match=r"rows are one swizzle span \(128 bytes\), not 64"):
+        run_tma_box(0, src, 64, 64, 4, 128, 0, 0)
+    with pytest.raises(RuntimeError, match=r"invalid tensor map"):
+        run_tma_box(0, src, 72, 64, 4, 0, 0, 0)  # rows 72 bytes apart: not whole 16 bytes
+
+
 # ---- launch geometry, atomics, conversions ------------------------------------------------------
 def test_grid_and_block_indices():
     grid, block = (2, 3, 2), (8, 4, 2)
@@ -524,6 +580,11 @@ MISUSE = [
     (22, r"reads shared-memory bytes \[0, 16\) that a cp\.async of thread 0 still in flight writes"),
     (23, r"reads shared-memory bytes \[0, 16\) that thread 1 wrote \(cp\.async or st\.shared\) and has not fenced"),
     (24, r"reads shared-memory bytes \[0, 16\) that thread 0 wrote \(cp\.async or st\.shared\) and has not fenced"),
+    (25, r"exited with TMA copies in flight that signal the mbarrier at offset 0 \(no thread waited for them\)"),
+    (26, r"mbarrier\.try_wait\.parity on the mbarrier at offset 0 that thread 0 initialised with no __syncthreads"),
+    (27, r"deadlock, no thread can proceed \(thread 0 at mbarrier\.try_wait\.parity"),
+    (28, r"cp\.async\.cg\.shared\.global writes shared-memory bytes \[16, 32\), which hold the mbarrier at offset 16"),
+    (29, r"cp\.async\.bulk\.tensor\.2d: a copy of 16 bytes onto an mbarrier whose current phase has 0 announced bytes"),
 ]
 
 

@@ -61,8 +61,9 @@ struct Decode {
 // Llama shapes with 32768 rows, 1.1-1.4x in INT8 (the warp-level tile: 0.47-0.58x fp16). Keeping
 // one k-tile's wgmma ops in flight through the next barrier (one stage less ahead) measured within
 // 6% either way. Nsight Compute: tensor pipe 35% busy, issue slots 44% and shared memory 62%,
-// taken by every thread's stage copies and a barrier per k-tile: TMA copies from a producer warp
-// are the next step, before a 256-wide wgmma or A from shared memory.
+// taken by every thread's stage copies and a barrier per k-tile. GemmConfig::large_m_wgmma_tma runs
+// this tile with TMA copies and mbarrier stages instead (gemm_sp.cuh TmaRowMajorX): 100 registers
+// (117 for int8) on sm_90a.
 struct WgmmaLargeM {
   static constexpr int kBlockN = 128, kBlockM = 128, kWarpsN = 8, kWarpsM = 1, kStages = 4, kKTilesPerStage = 1;
   static constexpr bool kSplitK = false;
@@ -77,7 +78,10 @@ constexpr int kMinKTilesPerSplit = 4; // keeps the pipeline prologue small next 
 
 }  // namespace gemm_tiles
 
-enum class GemmConfig : int { large_m = 0, decode = 1, large_m_wgmma = 2 };
+// large_m_wgmma_tma: the wgmma tile with its stages copied by TMA (gemm_sp.cuh TmaRowMajorX), for
+// GEMMs whose X and Wc rows are 16-byte aligned. Not chosen by plan_gemm yet: it has run only in
+// the emulator, and takes over from large_m_wgmma once a GPU has verified and timed it.
+enum class GemmConfig : int { large_m = 0, decode = 1, large_m_wgmma = 2, large_m_wgmma_tma = 3 };
 
 // What gemm() launches: the tile, the number of K splits (1: no workspace) and k-tiles per split.
 struct GemmPlan {
@@ -162,9 +166,10 @@ inline double decode_split_cost(int64_t M, int64_t blocks, int64_t k_tiles, int6
 // GEMM's k-tile (gemm_tiles::kBlockK or kBlockKS8, which also picks the paired-block speedup).
 inline GemmPlan plan_gemm(int64_t M, int64_t N, int64_t K, DecodeWave wave, int forced_config = -1,
                           int forced_split_k = 0, int64_t block_k = gemm_tiles::kBlockK, bool wgmma = false) {
-  if (forced_config < -1 || forced_config > static_cast<int>(GemmConfig::large_m_wgmma)) {
-    throw std::invalid_argument("sparsegemm gemm: config must be -1 (choose), 0 (large M), 1 (decode) or 2 "
-                                "(large M, wgmma), got " + std::to_string(forced_config));
+  if (forced_config < -1 || forced_config > static_cast<int>(GemmConfig::large_m_wgmma_tma)) {
+    throw std::invalid_argument("sparsegemm gemm: config must be -1 (choose), 0 (large M), 1 (decode), 2 "
+                                "(large M, wgmma) or 3 (large M, wgmma fed by TMA), got " +
+                                std::to_string(forced_config));
   }
   GemmPlan plan;
   const GemmConfig large_m = wgmma ? GemmConfig::large_m_wgmma : GemmConfig::large_m;

@@ -188,12 +188,14 @@ SG_DEVICE void zero_chunk(char* dst) { st_shared_16(dst, ElementPack<uint32_t, 4
 //                         where X has no element (m >= M, K columns past K)
 //   kStridedRows          true when row m starts at x + m ldx (then x, ldx, vector_ok are members)
 //   source_bytes(params)  the bytes from X's start the copies may read (the emulator checks them)
+//   kTma                  false: gemm_sp_kernel's threads copy through copy() (TmaRowMajorX: true)
 // RowMajorX is the GEMM's: X[M, K] rows with stride ldx. conv_sp.cuh has the implicit-GEMM one.
 template <typename Operand>
 struct RowMajorX {
   using Params = GemmParams;
   static SG_HOST_DEVICE const GemmParams& gemm(const Params& p) { return p; }
   static constexpr bool kStridedRows = true;  // interior stages: precomputed pointers (gemm_sp_kernel)
+  static constexpr bool kTma = false;
 
   const Operand* x;
   int64_t M, K, ldx;
@@ -213,6 +215,62 @@ struct RowMajorX {
     return p.M > 0 ? ((p.M - 1) * p.ldx + p.K) * int64_t(sizeof(Operand)) : 0;
   }
 };
+
+// The loader of the TMA pipeline (config 3: the wgmma tile with its stages copied by the tensor
+// memory accelerator, gemm_sp_kernel): X[M, K] as RowMajorX, but no thread copies anything. Params
+// are the GEMM's and three tensor maps (kernels_dispatch.cuh tma_gemm_params), each box one
+// k-tile of one stage in the layout above:
+//   w_map     Wc[N, Kc] (Operand elements): box kBlockK / 2 x kBlockN, 64-byte swizzle, which is
+//             the A layout (16-byte chunk c of 64-byte row r at c ^ ((r >> 1) & 3): address bits
+//             [4, 6) XOR [7, 9));
+//   x_map     X[M, K], rows ldx apart: box kBlockK x kBlockM, 128-byte swizzle, the B layout
+//             (chunk c of 128-byte row r at c ^ (r & 7): bits [4, 7) XOR [7, 10));
+//   meta_map  the kernel metadata as uint32 [meta_rows_padded(N) / 16][meta_steps x words per
+//             step]: box one k-tile's words x kBlockN / 16 slices, unswizzled (the Meta layout).
+// The tensor maps need 16-byte aligned X and Wc with row strides of whole 16 bytes.
+template <typename Operand>
+struct TmaRowMajorX {
+  struct Params {
+    GemmParams gemm;
+    TensorMap2d w_map, x_map, meta_map;
+  };
+  static SG_HOST_DEVICE const GemmParams& gemm(const Params& p) { return p.gemm; }
+  static constexpr bool kTma = true;
+  static int64_t source_bytes(const Params& p) { return RowMajorX<Operand>::source_bytes(p.gemm); }
+};
+
+// Dynamic shared memory of gemm_sp_kernel<Policy, Tile, XLoader>: the stages (or the epilogue's
+// Ys, whichever is larger), then for the TMA pipeline its 2 kStages mbarriers.
+template <typename Policy, typename Tile, typename XLoader>
+constexpr int gemm_smem_bytes() {
+  return GemmShape<Policy, Tile>::kSmemBytes + (XLoader::kTma ? 2 * Tile::kStages * 8 : 0);
+}
+
+// One k-tile of the wgmma tile from the stage at sA (layout above; acc: the warp's accumulators,
+// a_lane_offset / e_lane_offset: gemm_sp_kernel's fragment addresses): both k-steps' A fragments
+// and metadata first (distinct registers: a wgmma in flight still reads its own), one fence for
+// them, then the two wgmma ops into the same accumulators (they run in order) as one group;
+// overlap() runs while they are under way, and the group is retired before returning.
+template <typename Policy, typename S, typename Overlap>
+SG_DEVICE void wgmma_k_tile(typename Policy::Acc (&acc)[16][4], const char* sA, int a_lane_offset, int e_lane_offset,
+                            Overlap&& overlap) {
+  const char* sB = sA + S::kBytesA;
+  const char* sMeta = sB + S::kBytesB;
+  uint32_t a[S::kSteps][4], e[S::kSteps];
+#pragma unroll
+  for (int ks = 0; ks < S::kSteps; ++ks) {
+    ldmatrix_x4(a[ks], sA + (a_lane_offset ^ (ks << 5)));
+    e[ks] = *reinterpret_cast<const uint32_t*>(sMeta + e_lane_offset + ks * Policy::kMetaWordsPerStep * 4);
+  }
+  const uint32_t b_address = shared_address(sB);
+  wgmma_fence();
+#pragma unroll
+  for (int ks = 0; ks < S::kSteps; ++ks) Policy::wgmma(acc, a[ks], wgmma_desc_b128(b_address + ks * 64), e[ks]);
+  wgmma_commit_group();
+  overlap();
+  wgmma_wait_group<0>();
+  wgmma_fence_operands(acc);
+}
 
 // The epilogue of one output element, in the INT8 contract's order (one fp32 rounding per step,
 // never fused): dequantize, + bias (only when there is one), activation.
@@ -279,7 +337,7 @@ SG_DEVICE bool arrived_last(int* counter, int splits, char* smem) {
 // k_tiles_per_split: k-tiles of each split (the last one may have fewer).
 template <typename Policy, typename Tile, typename XLoader = RowMajorX<typename Policy::Operand>>
 SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinBlocksPerSm)
-    gemm_sp_kernel(typename XLoader::Params params, int64_t k_tiles_per_split) {
+    gemm_sp_kernel(SG_GRID_CONSTANT const typename XLoader::Params params, int64_t k_tiles_per_split) {
   if constexpr (Tile::kWgmma && !kWgmmaCompiled) {
     // A device pass without wgmma (not sm_90a): the dispatch never launches this (wgmma_tile_runs),
     // and the trap keeps the rest of the kernel out of that pass's machine code.
@@ -309,157 +367,6 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinB
   const int64_t kt_end = kt_begin + k_tiles_per_split < k_tiles ? kt_begin + k_tiles_per_split : k_tiles;
   const int num_tiles = kt_end > kt_begin ? int(kt_end - kt_begin) : 0;
 
-  const Operand* values = static_cast<const Operand*>(p.values);
-  const char* meta = static_cast<const char*>(p.meta);
-  const bool a_vector_ok = Kc % S::kChunkElems == 0 && reinterpret_cast<uintptr_t>(values) % 16 == 0;
-  const XLoader x_loader(params);
-
-  // Rows of X this block really has; the rest of B stays zero (zeroed below, never copied).
-  const int x_rows = p.M - m0 < S::kBlockM ? int(p.M - m0) : S::kBlockM;
-  constexpr int kStageKTiles = S::kKTilesPerStage;
-
-  // Wc chunks of this thread in an interior stage (every row below N, every column below Kc,
-  // 16-byte copies allowed): chunk c = tid + pass * kThreads is row c / kChunksPerRow of the tile,
-  // so the passes differ only by kRowsPerPass rows, whose swizzle is the same (kRowsPerPass is a
-  // multiple of 8). Source pointer and shared-memory offset are set up once here; an interior
-  // stage then costs a 64-bit add and a cp.async per chunk instead of the general path's row /
-  // column / predicate arithmetic (~60 SASS instructions per chunk; ncu saw the decode tile issue
-  // an instruction every 1.8 cycles per scheduler at 53% of DRAM bandwidth).
-  constexpr int kChunksPerRow = 4 * kStageKTiles;
-  constexpr int kRowsPerPass = S::kThreads / kChunksPerRow;
-  constexpr int kAPasses = S::kBlockN / kRowsPerPass;
-  static_assert(S::kThreads % kChunksPerRow == 0 && S::kBlockN % kRowsPerPass == 0 && kRowsPerPass % 8 == 0,
-                "Wc copies: whole rows per pass, a swizzle that repeats every pass");
-  const bool a_rows_interior = a_vector_ok && n0 + S::kBlockN <= p.N;
-  const int a_row = tid / kChunksPerRow, a_sub = (tid / 4) % kStageKTiles, a_chunk = tid & 3;
-  const int a_smem_offset = a_sub * S::kKTileBytes + a_row * S::kRowBytesA + ((a_chunk ^ ((a_row >> 1) & 3)) << 4);
-  const Operand* a_source = values + (a_rows_interior ? (n0 + a_row) * Kc : 0) + a_sub * (S::kBlockK / 2) +
-                            a_chunk * S::kChunkElems;
-  const int64_t a_pass_stride = kRowsPerPass * Kc;
-
-  // Metadata: one 16-byte chunk per thread and stage at most, its source set up once (a stage adds
-  // the k offset). The padded kernel layout (reorder.cuh) holds every k-tile below k_tiles, but
-  // not the one past the end: the kt_end check keeps the second k-tile of a half-used last stage
-  // from reading past the buffer on the last 16-row slice (the emulator fails such a copy).
-  constexpr int kMetaChunks = S::kBytesMeta / 16, kSliceChunks = S::kMetaSliceBytes / 16;
-  constexpr int64_t kMetaKTileBytes = S::kSteps * Policy::kMetaWordsPerStep * 4;
-  static_assert(kMetaChunks * kStageKTiles <= S::kThreads, "one metadata chunk per thread and stage at most");
-  const bool meta_copier = tid < kMetaChunks * kStageKTiles;
-  const int meta_sub = tid / kMetaChunks, meta_slice = (tid % kMetaChunks) / kSliceChunks;
-  const int meta_smem_offset = meta_sub * S::kKTileBytes + S::kBytesA + S::kBytesB + meta_slice * S::kMetaSliceBytes +
-                               (tid % kSliceChunks) * 16;
-  const char* meta_source = meta + ((n0 / 16 + meta_slice) * meta_steps + meta_sub * S::kSteps) *
-                                       Policy::kMetaWordsPerStep * 4 + (tid % kSliceChunks) * 16;
-
-  // X chunks of this thread, as for Wc: chunk c = tid + pass * kThreads is row c / kXChunksPerRow
-  // of the tile, passes kXRowsPerPass rows apart with the same swizzle. For a loader with strided
-  // rows (kStridedXCopies), a stage whose kBlockM rows are all below M and whose columns are all
-  // below K is copied through one pointer per stage and pass (copy() spends ~30 instructions per
-  // chunk: for LargeM, 4 chunks a thread per k-tile, more than its 16 ldmatrix / 32 mma.sp a warp).
-  constexpr int kXChunksPerRow = 8 * kStageKTiles;
-  constexpr int kXRowsPerPass = S::kThreads / kXChunksPerRow;
-  constexpr int kXPasses = S::kBlockM / kXRowsPerPass;
-  static_assert(S::kThreads % kXChunksPerRow == 0 && S::kBlockM % kXRowsPerPass == 0 && kXRowsPerPass % 8 == 0,
-                "X copies: whole rows per pass, a swizzle that repeats every pass");
-  // With one pass (the decode tile) a block with fewer than kBlockM rows takes it too, each thread
-  // copying only a row below M (most decode blocks hold 1-8 rows); with several passes the block
-  // must be whole (a per-pass row check took LargeM from 126 to 156-159 registers on sm_90).
-  constexpr bool kStridedXCopies = XLoader::kStridedRows && (kXPasses == 1 || kMultiPassXCopies);
-  bool x_rows_ok = false;
-  if constexpr (kStridedXCopies) x_rows_ok = x_loader.vector_ok && (kXPasses == 1 || x_rows == S::kBlockM);
-
-  // Issues the copies of stage tile st (k-tiles kt_begin + kStageKTiles st + sub, those below
-  // kt_end) into pipeline stage `stage` (no commit). Consecutive threads take consecutive 16-byte
-  // chunks of one row across the stage's k-tiles: kStageKTiles x 64 contiguous bytes of Wc.
-  // With one k-tile a stage only stage tiles in range are loaded, so the kt_end checks drop out.
-  auto load_stage = [&](int st, int stage) {
-    char* stage_base = smem + stage * S::kStageBytes;
-    const int64_t kt0 = kt_begin + int64_t(st) * kStageKTiles;
-    const int64_t kt_stop = kt0 + kStageKTiles;
-    // Columns below Kc keep the copies inside Wc; the split's end only saves loading a k-tile
-    // that the next split computes (the compute loop stops at num_tiles either way).
-    if (a_rows_interior && kt_stop <= kt_end && kt_stop * (S::kBlockK / 2) <= Kc) {
-      const Operand* source = a_source + kt0 * (S::kBlockK / 2);
-      char* destination = stage_base + a_smem_offset;
-#pragma unroll
-      for (int pass = 0; pass < kAPasses; ++pass)
-        cp_async_16(destination + pass * kRowsPerPass * S::kRowBytesA, source + pass * a_pass_stride, true);
-    } else {
-      for (int c = tid; c < S::kBlockN * kChunksPerRow; c += S::kThreads) {
-        const int r = c / kChunksPerRow, sub = (c / 4) % kStageKTiles, chunk = c & 3;
-        const int64_t kt = kt0 + sub;
-        if (kStageKTiles > 1 && kt >= kt_end) continue;
-        char* sA = stage_base + sub * S::kKTileBytes;
-        const int64_t n = n0 + r, col = kt * (S::kBlockK / 2) + chunk * S::kChunkElems;
-        const bool row_ok = n < p.N;
-        copy_chunk(sA + r * S::kRowBytesA + ((chunk ^ ((r >> 1) & 3)) << 4), row_ok ? values + n * Kc + col : values,
-                   row_ok, Kc - col, a_vector_ok);
-      }
-    }
-    bool x_copied = false;
-    if constexpr (kStridedXCopies) {
-      if (x_rows_ok && kt_stop <= kt_end && kt_stop * S::kBlockK <= p.K) {
-        // Derived here rather than held across the main loop: held, they took the fp16 LargeM
-        // tile from 128 to 162 registers on sm_90 (one block per SM).
-        const int row = tid / kXChunksPerRow, sub = (tid / 8) % kStageKTiles, chunk = tid & 7;
-        const int64_t ldx = x_loader.ldx;
-        const Operand* source = x_loader.x + (m0 + row) * ldx + (kt0 + sub) * S::kBlockK + chunk * S::kChunkElems;
-        char* destination =
-            stage_base + sub * S::kKTileBytes + S::kBytesA + row * S::kRowBytesB + ((chunk ^ (row & 7)) << 4);
-#pragma unroll
-        for (int pass = 0; pass < kXPasses; ++pass)
-          if (kXPasses > 1 || row < x_rows)  // rows past M: zeroed once, never copied
-            cp_async_16(destination + pass * kXRowsPerPass * S::kRowBytesB, source + pass * kXRowsPerPass * ldx, true);
-        x_copied = true;
-      }
-    }
-    // Otherwise through copy(): all kBlockM rows with the missing ones skipped inside, rather than
-    // a loop bounded by x_rows (the constant trip count kept the LargeM tile at 128 registers).
-    if (!x_copied) {
-      for (int c = tid; c < S::kBlockM * 8 * kStageKTiles; c += S::kThreads) {
-        const int r = c / (8 * kStageKTiles), sub = (c / 8) % kStageKTiles, chunk = c & 7;
-        const int64_t kt = kt0 + sub;
-        if (r >= x_rows || (kStageKTiles > 1 && kt >= kt_end)) continue;
-        char* sB = stage_base + sub * S::kKTileBytes + S::kBytesA;
-        x_loader.copy(sB + r * S::kRowBytesB + ((chunk ^ (r & 7)) << 4), m0 + r,
-                      kt * S::kBlockK + chunk * S::kChunkElems);
-      }
-    }
-    if (meta_copier && (kStageKTiles == 1 || kt0 + meta_sub < kt_end))
-      cp_async_16(stage_base + meta_smem_offset, meta_source + kt0 * kMetaKTileBytes, true);
-  };
-
-  // Programmatic dependent launch (launch_gemm): this grid may start while the kernel before it
-  // on the stream still runs, so nothing that kernel may write (X, Y, bias, scales, the split-K
-  // scratch) is read or written before grid_dependency_wait. Until then the block only prefetches
-  // into L2 the weight bytes the pipeline's prologue copies first (Wc and metadata of its first
-  // kStages - 1 stage tiles), so that their DRAM latency overlaps the previous kernel's tail. A
-  // prefetch cannot make a later read stale (prefetch_l2), so a weight that kernel writes (an
-  // optimizer step, compress) is still read as written.
-  {
-    constexpr int kPrefetchKTiles = (S::kStages - 1) * kStageKTiles;
-    const int prefetch_tiles = num_tiles < kPrefetchKTiles ? num_tiles : kPrefetchKTiles;
-    const int w_rows = p.N - n0 < S::kBlockN ? int(p.N - n0) : S::kBlockN;
-    for (int c = tid; c < w_rows * prefetch_tiles; c += S::kThreads)
-      prefetch_l2(values + (n0 + c / prefetch_tiles) * Kc + (kt_begin + c % prefetch_tiles) * (S::kBlockK / 2));
-    for (int c = tid; c < S::kBlockN / 16 * prefetch_tiles; c += S::kThreads)
-      prefetch_l2(meta + ((n0 / 16 + c / prefetch_tiles) * meta_steps + (kt_begin + c % prefetch_tiles) * S::kSteps) *
-                             Policy::kMetaWordsPerStep * 4);
-  }
-  grid_dependency_wait();
-  // The next kernel on the stream may launch now: it prefetches its own weights and waits for this
-  // grid's completion in turn.
-  launch_dependent_grids();
-
-  // Rows of X past M: zero in every stage and k-tile, once (an 8-row MMA tile that also holds rows
-  // below M reads them, and the wgmma tile reads all kBlockM rows; their results land in output
-  // columns that are never stored).
-  for (int c = tid; c < S::kStages * kStageKTiles * (S::kBlockM - x_rows) * 8; c += S::kThreads) {
-    const int ktile = c / ((S::kBlockM - x_rows) * 8), rest = c % ((S::kBlockM - x_rows) * 8);
-    char* sB = smem + ktile * S::kKTileBytes + S::kBytesA;
-    zero_chunk(sB + (x_rows + rest / 8) * S::kRowBytesB + ((rest & 7) << 4));
-  }
-
   Acc acc[S::kTilesN][S::kTilesM][4];
 #pragma unroll
   for (int i = 0; i < S::kTilesN; ++i)
@@ -485,83 +392,280 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinB
   const int b_lane_offset = b_lane_row * S::kRowBytesB + (((lane >> 3) ^ (b_lane_row & 7)) << 4);
   const int e_lane_offset = (warp_n * S::kWarpN / 16) * S::kMetaSliceBytes + Policy::meta_word(lane) * 4;
 
-  // Multi-stage pipeline: kStages - 1 stage tiles in flight while one is computed. One commit
-  // per iteration (possibly empty) keeps cp_async_wait's group count exact in the tail.
-  const int num_stage_tiles = (num_tiles + kStageKTiles - 1) / kStageKTiles;
-  for (int s = 0; s < S::kStages - 1; ++s) {
-    if (s < num_stage_tiles) load_stage(s, s);
-    cp_async_commit();
-  }
-  for (int it = 0; it < num_stage_tiles; ++it) {
-    cp_async_wait<S::kStages - 2>();
-    // wgmma reads B through the async proxy: each thread's landed copies (and the zeroed X rows)
-    // are fenced to it before the barrier that publishes them.
-    if constexpr (Tile::kWgmma) fence_proxy_async_shared();
-    // Makes stage tile `it` visible to all threads and guarantees that everyone is done with the
-    // stage the next load overwrites (the one computed in iteration it - 1; a wgmma tile waits
-    // for its wgmma ops at the end of each iteration).
-    __syncthreads();
-    // The copies of stage tile it + kStages - 1, into the stage computed in iteration it - 1 (a
-    // wgmma tile issues them once its wgmma ops are under way, so that they overlap).
-    const int next = it + S::kStages - 1;
-    auto load_next = [&] {
-      if (next < num_stage_tiles) load_stage(next, next % S::kStages);
-      cp_async_commit();
+  if constexpr (XLoader::kTma) {
+    // TMA pipeline (config 3, the wgmma tile fed by TmaRowMajorX): thread 0 copies each k-tile's
+    // Wc, X and metadata boxes with three TMA copies that complete on the stage's `full`
+    // mbarrier; every warp waits on that, computes, and once its wgmma ops are retired arrives on
+    // the stage's `empty` mbarrier, which thread 0 waits on before it refills the stage. No
+    // thread copies bytes itself and no barrier spans the block (Nsight Compute saw the cp.async
+    // pipeline's copies and barriers take the issue slots and shared memory: gemm_heuristics.h),
+    // so warps drift up to kStages k-tiles apart. Tails need nothing: box elements past N, M, K
+    // and Kc are zeros.
+    static_assert(Tile::kWgmma && S::kKTilesPerStage == 1, "the TMA pipeline feeds the wgmma tile");
+    uint64_t* full = reinterpret_cast<uint64_t*>(smem + S::kSmemBytes);  // gemm_smem_bytes
+    uint64_t* empty = full + S::kStages;
+    if (tid == 0) {
+      for (int s = 0; s < S::kStages; ++s) {
+        mbarrier_init(&full[s], 1);
+        mbarrier_init(&empty[s], S::kThreads / 32);
+      }
+      fence_mbarrier_init();
+    }
+    constexpr int kMetaKTileWords = S::kSteps * Policy::kMetaWordsPerStep;
+    const int meta_row = n0 / 16;
+    const int first_stages = num_tiles < S::kStages ? num_tiles : S::kStages;
+    // Before grid_dependency_wait only the weight boxes of the first stages, into L2 (see the
+    // cp.async pipeline's prefetch below).
+    if (tid == 0) {
+      for (int st = 0; st < first_stages; ++st) {
+        tma_prefetch_l2_2d(params.w_map, int(kt_begin + st) * (S::kBlockK / 2), n0);
+        tma_prefetch_l2_2d(params.meta_map, int(kt_begin + st) * kMetaKTileWords, meta_row);
+      }
+    }
+    grid_dependency_wait();
+    launch_dependent_grids();
+    __syncthreads();  // publishes the mbarrier inits
+    // Thread 0: k-tile kt_begin + st into stage st % kStages, its bytes announced first.
+    auto issue = [&](int st) {
+      char* stage = smem + (st % S::kStages) * S::kStageBytes;
+      uint64_t* bar = &full[st % S::kStages];
+      const int kt = int(kt_begin) + st;  // K < 2^31 (ops.py), so every coordinate fits
+      mbarrier_arrive(bar, S::kBytesA + S::kBytesB + S::kBytesMeta);
+      tma_load_2d(stage, params.w_map, kt * (S::kBlockK / 2), n0, bar);
+      tma_load_2d(stage + S::kBytesA, params.x_map, kt * S::kBlockK, m0, bar);
+      tma_load_2d(stage + S::kBytesA + S::kBytesB, params.meta_map, kt * kMetaKTileWords, meta_row, bar);
     };
-    if constexpr (!Tile::kWgmma) load_next();
+    if (tid == 0)
+      for (int st = 0; st < first_stages; ++st) issue(st);
+    for (int it = 0; it < num_tiles; ++it) {
+      const int stage = it % S::kStages;
+      mbarrier_wait_parity(&full[stage], (it / S::kStages) & 1);
+      wgmma_k_tile<Policy, S>(acc[0], smem + stage * S::kStageBytes, a_lane_offset, e_lane_offset, [] {});
+      __syncwarp();  // every lane's wgmma ops are retired: the warp is done with the stage
+      if (lane == 0) mbarrier_arrive(&empty[stage], 0);
+      // Thread 0 refills the stage of k-tile it - 1 rather than this one, which slower warps may
+      // still be reading: waiting for them would hold up warp 0, and with it its warpgroup.
+      const int refill = it - 1 + S::kStages;
+      if (tid == 0 && it >= 1 && refill < num_tiles) {
+        mbarrier_wait_parity(&empty[(it - 1) % S::kStages], ((it - 1) / S::kStages) & 1);
+        issue(refill);
+      }
+      __syncwarp();  // lane 0 rejoins its warp before the next k-tile's warp-wide instructions
+    }
+  } else {
+    const Operand* values = static_cast<const Operand*>(p.values);
+    const char* meta = static_cast<const char*>(p.meta);
+    const bool a_vector_ok = Kc % S::kChunkElems == 0 && reinterpret_cast<uintptr_t>(values) % 16 == 0;
+    const XLoader x_loader(params);
 
-#pragma unroll
-    for (int sub = 0; sub < kStageKTiles; ++sub) {
-      if (it * kStageKTiles + sub >= num_tiles) break;  // the block's last stage tile may be partial
-      const char* sA = smem + (it % S::kStages) * S::kStageBytes + sub * S::kKTileBytes;
-      const char* sB = sA + S::kBytesA;
-      const char* sMeta = sB + S::kBytesB;
-      if constexpr (Tile::kWgmma) {
-        // Both k-steps' A fragments and metadata first (distinct registers: a wgmma in flight
-        // still reads its own), one fence for them, then the two wgmma ops into the same
-        // accumulators (they run in order), one group, waited for before the next barrier.
-        uint32_t a[S::kSteps][4], e[S::kSteps];
-#pragma unroll
-        for (int ks = 0; ks < S::kSteps; ++ks) {
-          ldmatrix_x4(a[ks], sA + (a_lane_offset ^ (ks << 5)));
-          e[ks] = *reinterpret_cast<const uint32_t*>(sMeta + e_lane_offset + ks * Policy::kMetaWordsPerStep * 4);
-        }
-        const uint32_t b_address = shared_address(sB);
-        wgmma_fence();
-#pragma unroll
-        for (int ks = 0; ks < S::kSteps; ++ks)
-          Policy::wgmma(acc[0], a[ks], wgmma_desc_b128(b_address + ks * 64), e[ks]);
-        wgmma_commit_group();
-        load_next();  // nothing in flight reads that stage
-        wgmma_wait_group<0>();
-        wgmma_fence_operands(acc[0]);
+    // Rows of X this block really has; the rest of B stays zero (zeroed below, never copied).
+    const int x_rows = p.M - m0 < S::kBlockM ? int(p.M - m0) : S::kBlockM;
+    constexpr int kStageKTiles = S::kKTilesPerStage;
+
+    // Wc chunks of this thread in an interior stage (every row below N, every column below Kc,
+    // 16-byte copies allowed): chunk c = tid + pass * kThreads is row c / kChunksPerRow of the tile,
+    // so the passes differ only by kRowsPerPass rows, whose swizzle is the same (kRowsPerPass is a
+    // multiple of 8). Source pointer and shared-memory offset are set up once here; an interior
+    // stage then costs a 64-bit add and a cp.async per chunk instead of the general path's row /
+    // column / predicate arithmetic (~60 SASS instructions per chunk; ncu saw the decode tile issue
+    // an instruction every 1.8 cycles per scheduler at 53% of DRAM bandwidth).
+    constexpr int kChunksPerRow = 4 * kStageKTiles;
+    constexpr int kRowsPerPass = S::kThreads / kChunksPerRow;
+    constexpr int kAPasses = S::kBlockN / kRowsPerPass;
+    static_assert(S::kThreads % kChunksPerRow == 0 && S::kBlockN % kRowsPerPass == 0 && kRowsPerPass % 8 == 0,
+                  "Wc copies: whole rows per pass, a swizzle that repeats every pass");
+    const bool a_rows_interior = a_vector_ok && n0 + S::kBlockN <= p.N;
+    const int a_row = tid / kChunksPerRow, a_sub = (tid / 4) % kStageKTiles, a_chunk = tid & 3;
+    const int a_smem_offset = a_sub * S::kKTileBytes + a_row * S::kRowBytesA + ((a_chunk ^ ((a_row >> 1) & 3)) << 4);
+    const Operand* a_source = values + (a_rows_interior ? (n0 + a_row) * Kc : 0) + a_sub * (S::kBlockK / 2) +
+                              a_chunk * S::kChunkElems;
+    const int64_t a_pass_stride = kRowsPerPass * Kc;
+
+    // Metadata: one 16-byte chunk per thread and stage at most, its source set up once (a stage adds
+    // the k offset). The padded kernel layout (reorder.cuh) holds every k-tile below k_tiles, but
+    // not the one past the end: the kt_end check keeps the second k-tile of a half-used last stage
+    // from reading past the buffer on the last 16-row slice (the emulator fails such a copy).
+    constexpr int kMetaChunks = S::kBytesMeta / 16, kSliceChunks = S::kMetaSliceBytes / 16;
+    constexpr int64_t kMetaKTileBytes = S::kSteps * Policy::kMetaWordsPerStep * 4;
+    static_assert(kMetaChunks * kStageKTiles <= S::kThreads, "one metadata chunk per thread and stage at most");
+    const bool meta_copier = tid < kMetaChunks * kStageKTiles;
+    const int meta_sub = tid / kMetaChunks, meta_slice = (tid % kMetaChunks) / kSliceChunks;
+    const int meta_smem_offset = meta_sub * S::kKTileBytes + S::kBytesA + S::kBytesB + meta_slice * S::kMetaSliceBytes +
+                                 (tid % kSliceChunks) * 16;
+    const char* meta_source = meta + ((n0 / 16 + meta_slice) * meta_steps + meta_sub * S::kSteps) *
+                                         Policy::kMetaWordsPerStep * 4 + (tid % kSliceChunks) * 16;
+
+    // X chunks of this thread, as for Wc: chunk c = tid + pass * kThreads is row c / kXChunksPerRow
+    // of the tile, passes kXRowsPerPass rows apart with the same swizzle. For a loader with strided
+    // rows (kStridedXCopies), a stage whose kBlockM rows are all below M and whose columns are all
+    // below K is copied through one pointer per stage and pass (copy() spends ~30 instructions per
+    // chunk: for LargeM, 4 chunks a thread per k-tile, more than its 16 ldmatrix / 32 mma.sp a warp).
+    constexpr int kXChunksPerRow = 8 * kStageKTiles;
+    constexpr int kXRowsPerPass = S::kThreads / kXChunksPerRow;
+    constexpr int kXPasses = S::kBlockM / kXRowsPerPass;
+    static_assert(S::kThreads % kXChunksPerRow == 0 && S::kBlockM % kXRowsPerPass == 0 && kXRowsPerPass % 8 == 0,
+                  "X copies: whole rows per pass, a swizzle that repeats every pass");
+    // With one pass (the decode tile) a block with fewer than kBlockM rows takes it too, each thread
+    // copying only a row below M (most decode blocks hold 1-8 rows); with several passes the block
+    // must be whole (a per-pass row check took LargeM from 126 to 156-159 registers on sm_90).
+    constexpr bool kStridedXCopies = XLoader::kStridedRows && (kXPasses == 1 || kMultiPassXCopies);
+    bool x_rows_ok = false;
+    if constexpr (kStridedXCopies) x_rows_ok = x_loader.vector_ok && (kXPasses == 1 || x_rows == S::kBlockM);
+
+    // Issues the copies of stage tile st (k-tiles kt_begin + kStageKTiles st + sub, those below
+    // kt_end) into pipeline stage `stage` (no commit). Consecutive threads take consecutive 16-byte
+    // chunks of one row across the stage's k-tiles: kStageKTiles x 64 contiguous bytes of Wc.
+    // With one k-tile a stage only stage tiles in range are loaded, so the kt_end checks drop out.
+    auto load_stage = [&](int st, int stage) {
+      char* stage_base = smem + stage * S::kStageBytes;
+      const int64_t kt0 = kt_begin + int64_t(st) * kStageKTiles;
+      const int64_t kt_stop = kt0 + kStageKTiles;
+      // Columns below Kc keep the copies inside Wc; the split's end only saves loading a k-tile
+      // that the next split computes (the compute loop stops at num_tiles either way).
+      if (a_rows_interior && kt_stop <= kt_end && kt_stop * (S::kBlockK / 2) <= Kc) {
+        const Operand* source = a_source + kt0 * (S::kBlockK / 2);
+        char* destination = stage_base + a_smem_offset;
+  #pragma unroll
+        for (int pass = 0; pass < kAPasses; ++pass)
+          cp_async_16(destination + pass * kRowsPerPass * S::kRowBytesA, source + pass * a_pass_stride, true);
       } else {
-#pragma unroll
-        for (int ks = 0; ks < S::kSteps; ++ks) {
-          uint32_t a[S::kTilesN][4];
-          uint32_t e[S::kTilesN];
-#pragma unroll
-          for (int i = 0; i < S::kTilesN; ++i) {
-            ldmatrix_x4(a[i], sA + (a_lane_offset ^ (ks << 5)) + i * 16 * S::kRowBytesA);
-            e[i] = *reinterpret_cast<const uint32_t*>(sMeta + e_lane_offset + i * S::kMetaSliceBytes +
-                                                       ks * Policy::kMetaWordsPerStep * 4);
-          }
-#pragma unroll
-          for (int j = 0; j < S::kTilesM; ++j) {
-            // 8-row B tiles wholly past M (decode at M <= 8: half the tile) are zeros: neither
-            // loaded nor multiplied. Their accumulators stay 0 and are never stored. The test is
-            // warp-uniform (warp_m and the block's x_rows), as ldmatrix and mma.sp require.
-            if (warp_m * S::kWarpM + j * 8 >= x_rows) continue;
-            uint32_t b[4];
-            ldmatrix_x4(b, sB + (b_lane_offset ^ (ks << 6)) + j * 8 * S::kRowBytesB);
-#pragma unroll
-            for (int i = 0; i < S::kTilesN; ++i) Policy::mma(acc[i][j], a[i], b, e[i]);
+        for (int c = tid; c < S::kBlockN * kChunksPerRow; c += S::kThreads) {
+          const int r = c / kChunksPerRow, sub = (c / 4) % kStageKTiles, chunk = c & 3;
+          const int64_t kt = kt0 + sub;
+          if (kStageKTiles > 1 && kt >= kt_end) continue;
+          char* sA = stage_base + sub * S::kKTileBytes;
+          const int64_t n = n0 + r, col = kt * (S::kBlockK / 2) + chunk * S::kChunkElems;
+          const bool row_ok = n < p.N;
+          copy_chunk(sA + r * S::kRowBytesA + ((chunk ^ ((r >> 1) & 3)) << 4), row_ok ? values + n * Kc + col : values,
+                     row_ok, Kc - col, a_vector_ok);
+        }
+      }
+      bool x_copied = false;
+      if constexpr (kStridedXCopies) {
+        if (x_rows_ok && kt_stop <= kt_end && kt_stop * S::kBlockK <= p.K) {
+          // Derived here rather than held across the main loop: held, they took the fp16 LargeM
+          // tile from 128 to 162 registers on sm_90 (one block per SM).
+          const int row = tid / kXChunksPerRow, sub = (tid / 8) % kStageKTiles, chunk = tid & 7;
+          const int64_t ldx = x_loader.ldx;
+          const Operand* source = x_loader.x + (m0 + row) * ldx + (kt0 + sub) * S::kBlockK + chunk * S::kChunkElems;
+          char* destination =
+              stage_base + sub * S::kKTileBytes + S::kBytesA + row * S::kRowBytesB + ((chunk ^ (row & 7)) << 4);
+  #pragma unroll
+          for (int pass = 0; pass < kXPasses; ++pass)
+            if (kXPasses > 1 || row < x_rows)  // rows past M: zeroed once, never copied
+              cp_async_16(destination + pass * kXRowsPerPass * S::kRowBytesB, source + pass * kXRowsPerPass * ldx, true);
+          x_copied = true;
+        }
+      }
+      // Otherwise through copy(): all kBlockM rows with the missing ones skipped inside, rather than
+      // a loop bounded by x_rows (the constant trip count kept the LargeM tile at 128 registers).
+      if (!x_copied) {
+        for (int c = tid; c < S::kBlockM * 8 * kStageKTiles; c += S::kThreads) {
+          const int r = c / (8 * kStageKTiles), sub = (c / 8) % kStageKTiles, chunk = c & 7;
+          const int64_t kt = kt0 + sub;
+          if (r >= x_rows || (kStageKTiles > 1 && kt >= kt_end)) continue;
+          char* sB = stage_base + sub * S::kKTileBytes + S::kBytesA;
+          x_loader.copy(sB + r * S::kRowBytesB + ((chunk ^ (r & 7)) << 4), m0 + r,
+                        kt * S::kBlockK + chunk * S::kChunkElems);
+        }
+      }
+      if (meta_copier && (kStageKTiles == 1 || kt0 + meta_sub < kt_end))
+        cp_async_16(stage_base + meta_smem_offset, meta_source + kt0 * kMetaKTileBytes, true);
+    };
+
+    // Programmatic dependent launch (launch_gemm): this grid may start while the kernel before it
+    // on the stream still runs, so nothing that kernel may write (X, Y, bias, scales, the split-K
+    // scratch) is read or written before grid_dependency_wait. Until then the block only prefetches
+    // into L2 the weight bytes the pipeline's prologue copies first (Wc and metadata of its first
+    // kStages - 1 stage tiles), so that their DRAM latency overlaps the previous kernel's tail. A
+    // prefetch cannot make a later read stale (prefetch_l2), so a weight that kernel writes (an
+    // optimizer step, compress) is still read as written.
+    {
+      constexpr int kPrefetchKTiles = (S::kStages - 1) * kStageKTiles;
+      const int prefetch_tiles = num_tiles < kPrefetchKTiles ? num_tiles : kPrefetchKTiles;
+      const int w_rows = p.N - n0 < S::kBlockN ? int(p.N - n0) : S::kBlockN;
+      for (int c = tid; c < w_rows * prefetch_tiles; c += S::kThreads)
+        prefetch_l2(values + (n0 + c / prefetch_tiles) * Kc + (kt_begin + c % prefetch_tiles) * (S::kBlockK / 2));
+      for (int c = tid; c < S::kBlockN / 16 * prefetch_tiles; c += S::kThreads)
+        prefetch_l2(meta + ((n0 / 16 + c / prefetch_tiles) * meta_steps + (kt_begin + c % prefetch_tiles) * S::kSteps) *
+                               Policy::kMetaWordsPerStep * 4);
+    }
+    grid_dependency_wait();
+    // The next kernel on the stream may launch now: it prefetches its own weights and waits for this
+    // grid's completion in turn.
+    launch_dependent_grids();
+
+    // Rows of X past M: zero in every stage and k-tile, once (an 8-row MMA tile that also holds rows
+    // below M reads them, and the wgmma tile reads all kBlockM rows; their results land in output
+    // columns that are never stored).
+    for (int c = tid; c < S::kStages * kStageKTiles * (S::kBlockM - x_rows) * 8; c += S::kThreads) {
+      const int ktile = c / ((S::kBlockM - x_rows) * 8), rest = c % ((S::kBlockM - x_rows) * 8);
+      char* sB = smem + ktile * S::kKTileBytes + S::kBytesA;
+      zero_chunk(sB + (x_rows + rest / 8) * S::kRowBytesB + ((rest & 7) << 4));
+    }
+
+    // Multi-stage pipeline: kStages - 1 stage tiles in flight while one is computed. One commit
+    // per iteration (possibly empty) keeps cp_async_wait's group count exact in the tail.
+    const int num_stage_tiles = (num_tiles + kStageKTiles - 1) / kStageKTiles;
+    for (int s = 0; s < S::kStages - 1; ++s) {
+      if (s < num_stage_tiles) load_stage(s, s);
+      cp_async_commit();
+    }
+    for (int it = 0; it < num_stage_tiles; ++it) {
+      cp_async_wait<S::kStages - 2>();
+      // wgmma reads B through the async proxy: each thread's landed copies (and the zeroed X rows)
+      // are fenced to it before the barrier that publishes them.
+      if constexpr (Tile::kWgmma) fence_proxy_async_shared();
+      // Makes stage tile `it` visible to all threads and guarantees that everyone is done with the
+      // stage the next load overwrites (the one computed in iteration it - 1; a wgmma tile waits
+      // for its wgmma ops at the end of each iteration).
+      __syncthreads();
+      // The copies of stage tile it + kStages - 1, into the stage computed in iteration it - 1 (a
+      // wgmma tile issues them once its wgmma ops are under way, so that they overlap).
+      const int next = it + S::kStages - 1;
+      auto load_next = [&] {
+        if (next < num_stage_tiles) load_stage(next, next % S::kStages);
+        cp_async_commit();
+      };
+      if constexpr (!Tile::kWgmma) load_next();
+
+  #pragma unroll
+      for (int sub = 0; sub < kStageKTiles; ++sub) {
+        if (it * kStageKTiles + sub >= num_tiles) break;  // the block's last stage tile may be partial
+        const char* sA = smem + (it % S::kStages) * S::kStageBytes + sub * S::kKTileBytes;
+        if constexpr (Tile::kWgmma) {
+          // The next copies go out while the wgmma ops run: nothing in flight reads that stage.
+          wgmma_k_tile<Policy, S>(acc[0], sA, a_lane_offset, e_lane_offset, load_next);
+        } else {
+          const char* sB = sA + S::kBytesA;
+          const char* sMeta = sB + S::kBytesB;
+  #pragma unroll
+          for (int ks = 0; ks < S::kSteps; ++ks) {
+            uint32_t a[S::kTilesN][4];
+            uint32_t e[S::kTilesN];
+  #pragma unroll
+            for (int i = 0; i < S::kTilesN; ++i) {
+              ldmatrix_x4(a[i], sA + (a_lane_offset ^ (ks << 5)) + i * 16 * S::kRowBytesA);
+              e[i] = *reinterpret_cast<const uint32_t*>(sMeta + e_lane_offset + i * S::kMetaSliceBytes +
+                                                         ks * Policy::kMetaWordsPerStep * 4);
+            }
+  #pragma unroll
+            for (int j = 0; j < S::kTilesM; ++j) {
+              // 8-row B tiles wholly past M (decode at M <= 8: half the tile) are zeros: neither
+              // loaded nor multiplied. Their accumulators stay 0 and are never stored. The test is
+              // warp-uniform (warp_m and the block's x_rows), as ldmatrix and mma.sp require.
+              if (warp_m * S::kWarpM + j * 8 >= x_rows) continue;
+              uint32_t b[4];
+              ldmatrix_x4(b, sB + (b_lane_offset ^ (ks << 6)) + j * 8 * S::kRowBytesB);
+  #pragma unroll
+              for (int i = 0; i < S::kTilesN; ++i) Policy::mma(acc[i][j], a[i], b, e[i]);
+            }
           }
         }
       }
     }
+    cp_async_wait_all();
   }
-  cp_async_wait_all();
 
   const int g = lane >> 2, t = lane & 3;
   if constexpr (Tile::kSplitK) {

@@ -9,6 +9,11 @@
 #include <cstdlib>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
+
+#if defined(__CUDACC__)
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
+#endif
 
 #include "../format.h"
 #include "../params.h"
@@ -147,9 +152,10 @@ std::string wgmma_blocker() {
 GemmPlan plan_device_gemm(int64_t M, int64_t N, int64_t K, DecodeWave wave, int config, int split_k, int64_t block_k) {
   const bool wgmma = wgmma_tile_runs();
 #if defined(__CUDACC__)
-  if (config == static_cast<int>(GemmConfig::large_m_wgmma) && !wgmma) {
-    throw std::invalid_argument("sparsegemm gemm: config 2 (the wgmma tile) needs sm_90a machine code on a compute "
-                                "capability 9.0 GPU, but " + wgmma_blocker());
+  if ((config == static_cast<int>(GemmConfig::large_m_wgmma) ||
+       config == static_cast<int>(GemmConfig::large_m_wgmma_tma)) && !wgmma) {
+    throw std::invalid_argument("sparsegemm gemm: config " + std::to_string(config) + " (the wgmma tile) needs sm_90a "
+                                "machine code on a compute capability 9.0 GPU, but " + wgmma_blocker());
   }
 #endif
   return plan_gemm(M, N, K, wave, config, split_k, block_k, wgmma);
@@ -197,6 +203,105 @@ void launch_decompress(const DecompressParams& p, sg_stream_t stream) {
     sg_launch(decompress_kernel<kDType>, dim3(elementwise_blocks(total)), dim3(kElementwiseThreads), 0, stream, p);
 }
 
+// The tensor map of a row-major tensor of `rows` x `cols` elements of element_bytes (1, 2 or 4),
+// rows row_stride bytes apart, for tma_load_2d boxes of box_cols x box_rows elements with a
+// swizzle of swizzle_bytes (0, 64 or 128). On the device through the driver's
+// cuTensorMapEncodeTiled, looked up once through the runtime (no link to libcuda); for the
+// emulator its TensorMap2d.
+TensorMap2d tensor_map_2d(const void* base, uint32_t element_bytes, uint64_t cols, uint64_t rows, uint64_t row_stride,
+                          uint32_t box_cols, uint32_t box_rows, uint32_t swizzle_bytes) {
+  TensorMap2d map;
+#if defined(__CUDACC__)
+  using Encode = PFN_cuTensorMapEncodeTiled_v12000;
+  static const Encode encode = [] {
+    void* function = nullptr;
+    cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &function, 12000, cudaEnableDefault, &found) !=
+            cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      cudaGetLastError();
+      function = nullptr;
+    }
+    return reinterpret_cast<Encode>(function);
+  }();
+  if (encode == nullptr)
+    throw std::runtime_error("sparsegemm gemm: the CUDA driver offers no cuTensorMapEncodeTiled (TMA needs a CUDA 12 "
+                             "driver)");
+  const CUtensorMapDataType type = element_bytes == 1   ? CU_TENSOR_MAP_DATA_TYPE_UINT8
+                                   : element_bytes == 2 ? CU_TENSOR_MAP_DATA_TYPE_UINT16
+                                                        : CU_TENSOR_MAP_DATA_TYPE_UINT32;
+  const CUtensorMapSwizzle swizzle = swizzle_bytes == 128  ? CU_TENSOR_MAP_SWIZZLE_128B
+                                     : swizzle_bytes == 64 ? CU_TENSOR_MAP_SWIZZLE_64B
+                                                           : CU_TENSOR_MAP_SWIZZLE_NONE;
+  const cuuint64_t dims[2] = {cols, rows};
+  const cuuint64_t strides[1] = {row_stride};
+  const cuuint32_t box[2] = {box_cols, box_rows};
+  const cuuint32_t element_strides[2] = {1, 1};
+  // 256-byte L2 promotion: a box row of Wc is 64 bytes, and its neighbours along K follow in the
+  // next k-tiles (CUTLASS's default for TMA loads too). Out-of-bounds elements read as zeros.
+  const CUresult result = encode(&map, type, 2, const_cast<void*>(base), dims, strides, box, element_strides,
+                                 CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (result != CUDA_SUCCESS)
+    throw std::runtime_error("sparsegemm gemm: cuTensorMapEncodeTiled failed with CUresult " +
+                             std::to_string(static_cast<int>(result)) + " for a " + std::to_string(rows) + " x " +
+                             std::to_string(cols) + " tensor of " + std::to_string(element_bytes) + "-byte elements");
+#else
+  map.base = base;
+  map.element_bytes = element_bytes;
+  map.dims[0] = cols;
+  map.dims[1] = rows;
+  map.row_stride = row_stride;
+  map.box[0] = box_cols;
+  map.box[1] = box_rows;
+  map.swizzle_bytes = swizzle_bytes;
+#endif
+  return map;
+}
+
+// Why the TMA pipeline's tensor maps cannot describe GEMM p's operands (16-byte aligned X and Wc,
+// rows of whole 16 bytes), or "" when they can.
+template <typename Policy>
+std::string tma_operands_refusal(const GemmParams& p) {
+  constexpr int64_t kElem = int64_t(sizeof(typename Policy::Operand));
+  const int64_t Kc = values_cols(p.K);
+  if (reinterpret_cast<uintptr_t>(p.x) % 16 != 0 || (p.ldx * kElem) % 16 != 0)
+    return "X 16-byte aligned with rows a multiple of 16 bytes apart, got ldx = " + std::to_string(p.ldx) +
+           " elements of " + std::to_string(kElem) + " bytes";
+  if (reinterpret_cast<uintptr_t>(p.values) % 16 != 0 || (Kc * kElem) % 16 != 0)
+    return "Wc 16-byte aligned with rows of whole 16 bytes, got " + std::to_string(Kc * kElem) + "-byte rows (K = " +
+           std::to_string(p.K) + ")";
+  return "";
+}
+
+// SPARSEGEMM_TMA=1 in the environment at the first call: large-M GEMMs that plan_gemm gives the
+// wgmma tile run its TMA pipeline (config 3) where their operands allow it. Off by default until a
+// GPU has verified and timed that pipeline (gemm_heuristics.h GemmConfig).
+bool tma_pipeline_opted_in() {
+  static const bool opted_in = [] {
+    const char* value = std::getenv("SPARSEGEMM_TMA");
+    return value != nullptr && std::string(value) == "1";
+  }();
+  return opted_in;
+}
+
+// The TMA pipeline's kernel parameters for GEMM p (gemm_sp.cuh TmaRowMajorX), whose operands
+// tma_operands_refusal accepts.
+template <typename Policy>
+typename TmaRowMajorX<typename Policy::Operand>::Params tma_gemm_params(const GemmParams& p) {
+  using S = GemmShape<Policy, gemm_tiles::WgmmaLargeM>;
+  constexpr int64_t kElem = S::kElemBytes;
+  const int64_t Kc = values_cols(p.K);
+  const int64_t meta_words = Policy::meta_steps(p.K) * Policy::kMetaWordsPerStep;  // per 16-row slice
+  typename TmaRowMajorX<typename Policy::Operand>::Params params;
+  params.gemm = p;
+  params.w_map = tensor_map_2d(p.values, kElem, Kc, p.N, Kc * kElem, S::kBlockK / 2, S::kBlockN, 64);
+  params.x_map = tensor_map_2d(p.x, kElem, p.K, p.M, p.ldx * kElem, S::kBlockK, S::kBlockM, 128);
+  params.meta_map = tensor_map_2d(p.meta, 4, meta_words, meta_rows_padded(p.N) / 16, meta_words * 4,
+                                  S::kSteps * Policy::kMetaWordsPerStep, S::kBlockN / 16, 0);
+  return params;
+}
+
 // XLoader: the B-operand loader (RowMajorX: the GEMM; NhwcConvX: the implicit-GEMM convolution);
 // params: its Params.
 template <typename Policy, typename Tile, typename XLoader>
@@ -224,15 +329,34 @@ void launch_gemm(const typename XLoader::Params& params, const GemmPlan& plan, s
       {p.x, size_t(XLoader::source_bytes(params)), "X"}};
 #endif
   // Dependent: the kernel waits for the one before it before touching X, Y or the scratch.
-  sg_launch_dependent(gemm_sp_kernel<Policy, Tile, XLoader>, grid, dim3(S::kThreads), size_t(S::kSmemBytes), stream,
-                      params, plan.k_tiles_per_split);
+  sg_launch_dependent(gemm_sp_kernel<Policy, Tile, XLoader>, grid, dim3(S::kThreads),
+                      size_t(gemm_smem_bytes<Policy, Tile, XLoader>()), stream, params, plan.k_tiles_per_split);
 }
 
 template <typename Policy, typename XLoader = RowMajorX<typename Policy::Operand>>
 void launch_gemm_tile(const typename XLoader::Params& params, const GemmPlan& plan, sg_stream_t stream) {
   if (plan.config == GemmConfig::decode) {
     launch_gemm<Policy, gemm_tiles::Decode, XLoader>(params, plan, stream);
-  } else if (plan.config == GemmConfig::large_m_wgmma) {
+  } else if (plan.config == GemmConfig::large_m_wgmma || plan.config == GemmConfig::large_m_wgmma_tma) {
+    using Operand = typename Policy::Operand;
+    const GemmParams& p = XLoader::gemm(params);
+    const bool forced_tma = plan.config == GemmConfig::large_m_wgmma_tma;
+    // K = 0 copies nothing (and a tensor map cannot describe an empty tensor): the cp.async
+    // variant writes the same act(bias).
+    const bool tma = (forced_tma || tma_pipeline_opted_in()) && p.K > 0;
+    if constexpr (std::is_same_v<XLoader, RowMajorX<Operand>>) {
+      const std::string refusal = tma ? tma_operands_refusal<Policy>(p) : std::string();
+      if (forced_tma && !refusal.empty())
+        throw std::invalid_argument("sparsegemm gemm: config 3 (the TMA tile) needs " + refusal +
+                                    "; config 2 takes any operand");
+      if (tma && refusal.empty()) {
+        launch_gemm<Policy, gemm_tiles::WgmmaLargeM, TmaRowMajorX<Operand>>(tma_gemm_params<Policy>(p), plan, stream);
+        return;
+      }
+    } else if (forced_tma) {
+      throw std::invalid_argument("sparsegemm conv2d: config 3 (the TMA tile) serves the GEMM only; the convolution "
+                                  "takes config 2");
+    }
     launch_gemm<Policy, gemm_tiles::WgmmaLargeM, XLoader>(params, plan, stream);
   } else {
     launch_gemm<Policy, gemm_tiles::LargeM, XLoader>(params, plan, stream);

@@ -5,10 +5,12 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <deque>
 #include <exception>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <new>
@@ -176,7 +178,7 @@ class StackPool {
 };
 
 // ---- block state -------------------------------------------------------------------------------
-enum class ThreadState { ready, at_barrier, at_collective, exited };
+enum class ThreadState { ready, at_barrier, at_collective, at_mbarrier, exited };
 
 struct PendingCopy {
   char* dst;
@@ -197,6 +199,23 @@ struct PendingAccumulator {
 struct WgmmaRead {
   uint32_t begin, end;
   unsigned holders;
+};
+
+// A TMA copy in flight: its box as it will land at shared-memory offset dst.
+struct PendingBulkCopy {
+  uint32_t dst;
+  std::vector<unsigned char> bytes;
+};
+
+// One mbarrier object (emulator.h mbarrier_init): its counts, its phase (completed phases so
+// far), the TMA copies that signal it, and who initialised it when (Launch::barrier_generation).
+struct Mbarrier {
+  unsigned expected = 0, pending = 0;
+  int64_t tx = 0;  // may dip below 0 on the device too (PTX: tx-count range is signed)
+  uint32_t phase = 0;
+  unsigned init_thread = 0;
+  uint64_t init_generation = 0;
+  std::vector<PendingBulkCopy> copies;
 };
 
 // One thread's asynchronous operations in PTX's commit-group model (cp.async, wgmma.mma_async):
@@ -251,6 +270,9 @@ struct Fiber {
   // 16-byte shared-memory chunks this thread's landed cp.async wrote since its last
   // fence.proxy.async (Launch::unfenced_writer holds the writer of each chunk).
   std::vector<uint32_t> unfenced_chunks;
+  // Valid while state == at_mbarrier: the mbarrier's offset and the parity waited for.
+  uint32_t wait_bar = 0;
+  unsigned wait_parity = 0;
 };
 
 struct AlignedDelete {
@@ -273,6 +295,8 @@ struct Launch {
   std::vector<WgmmaRead> wgmma_reads;
   size_t first_live_read = 0;  // the wgmma_reads before it are all retired: checks start here
   std::vector<int> unfenced_writer;
+  std::map<uint32_t, Mbarrier> mbarriers;  // by shared-memory offset
+  uint64_t barrier_generation = 0;         // __syncthreads released so far in this block
   Context scheduler;
   unsigned running = 0;
   unsigned waiting_at_barrier = 0;
@@ -359,6 +383,45 @@ void check_not_read_by_wgmma(uint32_t offset, uint32_t bytes, const char* what) 
   }
 }
 
+// Throws if [offset, offset + bytes) of shared memory overlaps a live mbarrier object.
+void check_not_mbarrier(uint32_t offset, uint32_t bytes, const char* what) {
+  for (const auto& [at, bar] : g_launch->mbarriers) {
+    (void)bar;
+    if (offset < at + 8 && at < offset + bytes)
+      fail(std::string(what) + " writes shared-memory bytes [" + std::to_string(offset) + ", " +
+           std::to_string(offset + bytes) + "), which hold the mbarrier at offset " + std::to_string(at));
+  }
+}
+
+// A phase of `bar` completes once every expected arrival came and its transactions are done.
+void complete_phase_if_done(Mbarrier& bar) {
+  if (bar.pending == 0 && bar.tx == 0) {
+    ++bar.phase;
+    bar.pending = bar.expected;
+  }
+}
+
+// Lands the TMA copies that signal `bar`: their bytes, off its transaction count.
+void land_bulk_copies(Mbarrier& bar) {
+  Launch& l = *g_launch;
+  for (const PendingBulkCopy& copy : bar.copies) {
+    std::memcpy(l.smem.get() + copy.dst, copy.bytes.data(), copy.bytes.size());
+    for (uint32_t chunk = copy.dst / 16; chunk < (copy.dst + copy.bytes.size()) / 16; ++chunk)
+      l.unfenced_writer[chunk] = -1;  // written by the async proxy: wgmma needs no fence for it
+    bar.tx -= static_cast<int64_t>(copy.bytes.size());
+  }
+  bar.copies.clear();
+  complete_phase_if_done(bar);
+}
+
+// Whether the phase thread f waits for (at_mbarrier) has completed, once the copies signalling
+// its mbarrier have landed.
+bool mbarrier_wait_done(const Fiber& f) {
+  Mbarrier& bar = g_launch->mbarriers.at(f.wait_bar);
+  land_bulk_copies(bar);
+  return (bar.phase & 1) != f.wait_parity;
+}
+
 // Lands all but the newest `pending` committed copy groups of thread f: their bytes, and f as the
 // unfenced writer of their chunks. (A copy cannot land in bytes a wgmma in flight reads: it was
 // either in flight when the wgmma was issued, which wgmma_read_shared refuses, or issued after
@@ -384,6 +447,7 @@ const char* state_name(const Fiber& f) {
     case ThreadState::ready: return "running";
     case ThreadState::at_barrier: return "__syncthreads";
     case ThreadState::at_collective: return f.op_name;
+    case ThreadState::at_mbarrier: return "mbarrier.try_wait.parity";
     case ThreadState::exited: return "exit";
   }
   return "?";
@@ -447,6 +511,8 @@ void run_block() {
   l.wgmma_reads.clear();
   l.first_live_read = 0;
   l.unfenced_writer.assign((l.smem_bytes + 15) / 16, -1);
+  l.mbarriers.clear();
+  l.barrier_generation = 0;
   l.waiting_at_barrier = 0;
   l.exited = 0;
   for (unsigned i = 0; i < l.threads; ++i) {
@@ -466,16 +532,25 @@ void run_block() {
 #endif
     context_init(f.context, g_stacks.stack(i), kStackBytes, &fiber_main);
   }
+  // Always the lowest-numbered thread that can run: low warps run ahead as far as the kernel's
+  // synchronisation lets them, which is where a missing wait shows (e.g. a stage refilled before
+  // a higher warp read it: it reads the refill's poison).
   while (l.exited < l.threads) {
-    bool progressed = false;
-    for (unsigned i = 0; i < l.threads; ++i) {
-      if (l.fibers[i].state != ThreadState::ready) continue;
-      resume(i);
-      if (l.error) std::rethrow_exception(l.error);
-      progressed = true;
+    unsigned i = 0;
+    for (; i < l.threads; ++i) {
+      Fiber& f = l.fibers[i];
+      if (f.state == ThreadState::at_mbarrier && mbarrier_wait_done(f)) f.state = ThreadState::ready;
+      if (f.state == ThreadState::ready) break;
     }
-    if (!progressed && l.exited < l.threads) throw std::runtime_error(deadlock_report());
+    if (i == l.threads) throw std::runtime_error(deadlock_report());
+    resume(i);
+    if (l.error) std::rethrow_exception(l.error);
   }
+  for (const auto& [at, bar] : l.mbarriers)
+    if (!bar.copies.empty())
+      throw std::runtime_error(kernel_text() + ", block " + dim_text(blockIdx.x, blockIdx.y, blockIdx.z) +
+                               ": the block exited with TMA copies in flight that signal the mbarrier at offset " +
+                               std::to_string(at) + " (no thread waited for them)");
 }
 
 void check_launch_configuration(const Launch& l) {
@@ -599,6 +674,7 @@ void syncthreads() {
   if (++l.waiting_at_barrier == l.threads) {
     for (Fiber& other : l.fibers) other.state = ThreadState::ready;
     l.waiting_at_barrier = 0;
+    ++l.barrier_generation;
     return;
   }
   yield_to_scheduler(false);
@@ -646,6 +722,7 @@ void group_collective(const char* name, const void* input, void* output, Compute
                thread + " at " + other.op_name);
         break;
       case ThreadState::ready:
+      case ThreadState::at_mbarrier:  // will come on to this collective once its phase completes
         break;
     }
   }
@@ -710,6 +787,12 @@ size_t wgmma_read_shared(uint32_t begin, uint32_t end, const char* what) {
              std::to_string(offset + sizeof c.bytes) + ") that a cp.async of thread " + std::to_string(f.linear) +
              " still in flight writes (it must be waited for, fenced and published by a barrier first)");
     });
+  for (const auto& [at, bar] : l.mbarriers)
+    for (const PendingBulkCopy& copy : bar.copies)
+      if (copy.dst < end && copy.dst + copy.bytes.size() > begin)
+        fail(std::string(what) + " reads shared-memory bytes [" + std::to_string(copy.dst) + ", " +
+             std::to_string(copy.dst + copy.bytes.size()) + ") that a TMA copy still in flight writes (wait on "
+             "the mbarrier at offset " + std::to_string(at) + " first)");
   for (uint32_t chunk = begin / 16; chunk < (end + 15) / 16; ++chunk) {
     const int writer = l.unfenced_writer[chunk];
     if (writer >= 0)
@@ -744,6 +827,7 @@ void st_shared_16(void* dst, const void* bytes) {
   Launch& l = *g_launch;
   const auto offset = static_cast<uint32_t>(static_cast<char*>(dst) - l.smem.get());
   check_not_read_by_wgmma(offset, 16, "st.shared.v4.b32");
+  check_not_mbarrier(offset, 16, "st.shared.v4.b32");
   std::memcpy(dst, bytes, 16);
   Fiber& f = current();
   l.unfenced_writer[offset / 16] = static_cast<int>(f.linear);
@@ -769,6 +853,8 @@ void cp_async_16(void* dst, const void* src, bool pred) {
   check_shared_range(dst, 16, 16, "cp.async.cg.shared.global (destination)");
   check_not_read_by_wgmma(static_cast<uint32_t>(static_cast<char*>(dst) - g_launch->smem.get()), 16,
                           "cp.async.cg.shared.global");
+  check_not_mbarrier(static_cast<uint32_t>(static_cast<char*>(dst) - g_launch->smem.get()), 16,
+                     "cp.async.cg.shared.global");
   PendingCopy copy;
   copy.dst = static_cast<char*>(dst);
   if (pred) {
@@ -795,6 +881,146 @@ void check_dependency_waited(const char* what) {
 }
 
 void prefetch_l2(const void* src) { check_readable(src, 1, "prefetch.global.L2"); }
+
+namespace {
+
+// The mbarrier at `bar` for instruction `what`: initialised, and published to this thread.
+Mbarrier& find_mbarrier(void* bar, const char* what) {
+  check_shared_range(bar, 8, 8, what);
+  Launch& l = *g_launch;
+  const auto offset = static_cast<uint32_t>(static_cast<char*>(bar) - l.smem.get());
+  const auto found = l.mbarriers.find(offset);
+  if (found == l.mbarriers.end())
+    fail(std::string(what) + " on shared-memory offset " + std::to_string(offset) +
+         ", where no mbarrier was initialised");
+  Mbarrier& m = found->second;
+  if (current().linear != m.init_thread && l.barrier_generation == m.init_generation)
+    fail(std::string(what) + " on the mbarrier at offset " + std::to_string(offset) + " that thread " +
+         std::to_string(m.init_thread) + " initialised with no __syncthreads since (the init is not yet visible)");
+  return m;
+}
+
+}  // namespace
+
+void mbarrier_init(void* bar, unsigned arrivals) {
+  check_shared_range(bar, 8, 8, "mbarrier.init");
+  if (arrivals == 0 || arrivals > (1u << 20) - 1) fail("mbarrier.init: arrival count must be 1 .. 2^20 - 1");
+  Launch& l = *g_launch;
+  const auto offset = static_cast<uint32_t>(static_cast<char*>(bar) - l.smem.get());
+  check_not_read_by_wgmma(offset, 8, "mbarrier.init");
+  const auto existing = l.mbarriers.find(offset);
+  if (existing != l.mbarriers.end() && !existing->second.copies.empty())
+    fail("mbarrier.init on the mbarrier at offset " + std::to_string(offset) + " while TMA copies signal it");
+  for (const auto& [at, other] : l.mbarriers) {
+    (void)other;
+    if (at != offset && offset < at + 8 && at < offset + 8) fail("mbarrier.init overlaps the mbarrier at offset " +
+                                                                 std::to_string(at));
+  }
+  Mbarrier m;
+  m.expected = m.pending = arrivals;
+  m.init_thread = current().linear;
+  m.init_generation = l.barrier_generation;
+  l.mbarriers[offset] = std::move(m);
+  std::memset(bar, 0, 8);  // an opaque state word on the device; nothing may read it as data
+}
+
+void mbarrier_arrive(void* bar, uint32_t tx_bytes) {
+  Mbarrier& m = find_mbarrier(bar, tx_bytes > 0 ? "mbarrier.arrive.expect_tx" : "mbarrier.arrive");
+  if (m.pending == 0) fail("mbarrier.arrive: more arrivals than the phase expects");
+  m.tx += tx_bytes;
+  --m.pending;
+  complete_phase_if_done(m);
+}
+
+void mbarrier_wait_parity(void* bar, unsigned parity) {
+  Mbarrier& m = find_mbarrier(bar, "mbarrier.try_wait.parity");
+  Fiber& f = current();
+  f.wait_bar = static_cast<uint32_t>(static_cast<char*>(bar) - g_launch->smem.get());
+  f.wait_parity = parity & 1;
+  land_bulk_copies(m);
+  if ((m.phase & 1) != f.wait_parity) return;
+  f.state = ThreadState::at_mbarrier;
+  yield_to_scheduler(false);  // resumed once mbarrier_wait_done(f)
+}
+
+namespace {
+
+// Throws unless `map` keeps cuTensorMapEncodeTiled's rules for what the kernels use; returns the
+// bytes of one box.
+uint64_t checked_box_bytes(const TensorMap2d& map, const char* what) {
+  const uint32_t eb = map.element_bytes, span = map.swizzle_bytes;
+  const uint64_t row_bytes = uint64_t(map.box[0]) * eb;
+  if ((eb != 1 && eb != 2 && eb != 4 && eb != 8) || map.box[0] == 0 || map.box[1] == 0 || map.box[0] > 256 ||
+      map.box[1] > 256 || row_bytes % 16 != 0 || map.row_stride % 16 != 0 ||
+      reinterpret_cast<uintptr_t>(map.base) % 16 != 0 || map.dims[0] == 0 || map.dims[1] == 0)
+    fail(std::string(what) + ": invalid tensor map (element bytes 1/2/4/8, box 1 .. 256 with 16-byte rows, "
+         "16-byte aligned base and row stride, non-empty tensor)");
+  if (span != 0 && span != 32 && span != 64 && span != 128)
+    fail(std::string(what) + ": swizzle must be 0, 32, 64 or 128 bytes, got " + std::to_string(span));
+  if (span != 0 && row_bytes != span)
+    fail(std::string(what) + ": the model covers swizzled boxes whose rows are one swizzle span (" +
+         std::to_string(span) + " bytes), not " + std::to_string(row_bytes));
+  return row_bytes * map.box[1];
+}
+
+// Calls visit(r, first, last, source) for each row r of the box of (checked) `map` at (c0, c1)
+// with elements [first, last) inside the tensor (source: the global address of element first),
+// once their bytes passed the launch's ReadableBuffers.
+template <typename Visit>
+void visit_box_rows(const TensorMap2d& map, int32_t c0, int32_t c1, const char* what, Visit visit) {
+  const uint32_t eb = map.element_bytes;
+  const auto* base = static_cast<const unsigned char*>(map.base);
+  for (uint32_t r = 0; r < map.box[1]; ++r) {
+    const int64_t row = int64_t(c1) + r;
+    const int64_t first = std::max<int64_t>(c0, 0);
+    const int64_t last = std::min<int64_t>(int64_t(c0) + map.box[0], int64_t(map.dims[0]));
+    if (row < 0 || row >= int64_t(map.dims[1]) || first >= last) continue;  // zeros
+    const unsigned char* source = base + uint64_t(row) * map.row_stride + uint64_t(first) * eb;
+    check_readable(source, size_t(last - first) * eb, what);
+    visit(r, first, last, source);
+  }
+}
+
+}  // namespace
+
+void bulk_tensor_load_2d(void* dst, const TensorMap2d& map, int32_t c0, int32_t c1, void* bar) {
+  const char* what = "cp.async.bulk.tensor.2d";
+  check_dependency_waited(what);
+  const uint64_t bytes = checked_box_bytes(map, what);
+  const uint32_t span = map.swizzle_bytes;
+  check_shared_range(dst, bytes, span != 0 ? 8 * span : 128, what);
+  Launch& l = *g_launch;
+  const auto offset = static_cast<uint32_t>(static_cast<char*>(dst) - l.smem.get());
+  check_not_read_by_wgmma(offset, static_cast<uint32_t>(bytes), what);
+  check_not_mbarrier(offset, static_cast<uint32_t>(bytes), what);
+  Mbarrier& m = find_mbarrier(bar, what);
+  int64_t unclaimed = m.tx;  // announced bytes no copy in flight accounts for yet
+  for (const PendingBulkCopy& copy : m.copies) unclaimed -= static_cast<int64_t>(copy.bytes.size());
+  if (unclaimed < static_cast<int64_t>(bytes))
+    fail(std::string(what) + ": a copy of " + std::to_string(bytes) + " bytes onto an mbarrier whose current phase "
+         "has " + std::to_string(std::max<int64_t>(unclaimed, 0)) + " announced bytes left (mbarrier.arrive.expect_tx "
+         "must announce them first, or the phase may complete before the copy lands)");
+  const uint32_t eb = map.element_bytes;
+  const uint64_t row_bytes = uint64_t(map.box[0]) * eb;
+  const uint32_t swizzle_mask = span != 0 ? span / 16 - 1 : 0;
+  std::vector<unsigned char> box(bytes, 0);
+  visit_box_rows(map, c0, c1, what, [&](uint32_t r, int64_t first, int64_t last, const unsigned char* source) {
+    for (int64_t col = first; col < last; ++col) {
+      // Where the element lands unswizzled; the swizzle moves its 16-byte chunk within 8 spans.
+      const uint64_t linear = offset + r * row_bytes + uint64_t(col - c0) * eb;
+      const uint64_t swizzled = linear ^ (((linear >> 7) & swizzle_mask) << 4);
+      std::memcpy(&box[swizzled - offset], source + (col - first) * eb, eb);
+    }
+  });
+  std::memset(dst, 0xFF, bytes);  // in flight: undefined until it lands
+  m.copies.push_back(PendingBulkCopy{offset, std::move(box)});
+}
+
+void bulk_tensor_prefetch_2d(const TensorMap2d& map, int32_t c0, int32_t c1) {
+  const char* what = "cp.async.bulk.prefetch.tensor.2d.L2";
+  checked_box_bytes(map, what);
+  visit_box_rows(map, c0, c1, what, [](uint32_t, int64_t, int64_t, const unsigned char*) {});
+}
 
 }  // namespace emu
 }  // namespace sparsegemm

@@ -6,9 +6,11 @@
 // - A launch runs its blocks one after another on the calling OS thread, in increasing linear
 //   block index (x fastest) unless set_block_order asks for a shuffled order: the hardware
 //   promises no order, so tests run kernels whose blocks cooperate under several. Inside a block every
-//   CUDA thread is a fiber with its own stack; fibers run round-robin and switch only at
-//   __syncthreads, at warp collectives and at exit, so everything between two such points is
-//   atomic (no data race can be observed, and none is reported: use compute-sanitizer racecheck).
+//   CUDA thread is a fiber with its own stack; the lowest-numbered thread that can run runs, and
+//   fibers switch only at __syncthreads, warp collectives, mbarrier waits and exit, so
+//   everything between two such points is atomic (no data race can be observed, and none is
+//   reported: use compute-sanitizer racecheck). Low warps thus run ahead of high ones as far as
+//   the kernel's synchronisation allows, the order that exposes a missing wait.
 // - Warps are formed from the linear thread index x + y*Dx + z*Dx*Dy, as on the hardware.
 // - __syncthreads releases once every thread of the block waits there; a thread that exits while
 //   others wait (or waits after another exited) is an error, as is any other deadlock.
@@ -170,6 +172,50 @@ void cp_async_16(void* dst, const void* src, bool pred);
 void cp_async_commit();
 // Completes all but the newest `pending` committed groups (cp.async.wait_group semantics).
 void cp_async_wait(int pending);
+
+// mbarrier (PTX ISA 9.7.13.15, sm_80; transaction counts sm_90): an 8-byte object in shared memory
+// with an expected arrival count, a pending arrival count, a transaction byte count and a phase.
+// A phase completes once every expected arrival came and the transaction count is back at 0; the
+// pending count then starts over for the next phase. Here the state lives beside shared memory,
+// keyed by the object's offset: a cp.async, store or TMA copy into a live mbarrier's 8 bytes is an
+// error, and so is a thread other than the initialising one using it before a __syncthreads that
+// follows mbarrier_init (the init is a plain store on the device).
+void mbarrier_init(void* bar, unsigned arrivals);
+// mbarrier.arrive (tx_bytes 0) or mbarrier.arrive.expect_tx (tx_bytes more expected first).
+void mbarrier_arrive(void* bar, uint32_t tx_bytes);
+// A loop of mbarrier.try_wait.parity: returns once the phase of parity `parity` has completed,
+// i.e. the current phase's parity differs (so parity 1 passes at once on a fresh mbarrier). The
+// thread is parked meanwhile, a switch point like __syncthreads; if no thread can move, that is a
+// deadlock. Before each check the TMA copies signalling this mbarrier land (bulk_tensor_load_2d).
+void mbarrier_wait_parity(void* bar, unsigned parity);
+
+// A 2D tensor map (the emulator's CUtensorMap, cuTensorMapEncodeTiled's arguments): dims[0]
+// elements of element_bytes along the contiguous dimension, dims[1] rows row_stride bytes apart;
+// a copy moves a box of box[0] x box[1] elements; swizzle_bytes 0 (none), 32, 64 or 128.
+struct TensorMap2d {
+  const void* base = nullptr;
+  uint32_t element_bytes = 0;
+  uint64_t dims[2] = {0, 0};
+  uint64_t row_stride = 0;
+  uint32_t box[2] = {0, 0};
+  uint32_t swizzle_bytes = 0;
+};
+// cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes: the box whose
+// first element is (c0, c1) to shared `dst` (128-byte aligned; 8 swizzle spans aligned when
+// swizzled), box row r at dst + r * box[0] * element_bytes, each 16-byte chunk moved within its
+// span by the swizzle: address bits [4, 4 + log2(swizzle_bytes / 16)) XOR bits [7, ...) (the
+// CU_TENSOR_MAP_SWIZZLE_* patterns, CUTLASS Swizzle<b, 4, 3>). Elements outside the tensor are
+// zeros. The source is read at issue (inside the launch's ReadableBuffers); the destination holds
+// 0xFF bytes until the copy lands, which is when a thread waits on `bar` (mbarrier_wait_parity):
+// the copy then takes its box bytes off the transaction count, so a read before that wait, or a
+// rewrite of a stage that a slower thread still reads, shows up as poison. A copy whose bytes the
+// mbarrier's current phase has not announced (mbarrier_arrive with tx_bytes, before the copy: the
+// order PTX programs use; the device allows the reverse) and a block ending with a copy in flight
+// are errors.
+void bulk_tensor_load_2d(void* dst, const TensorMap2d& map, int32_t c0, int32_t c1, void* bar);
+// cp.async.bulk.prefetch.tensor.2d.L2.global.tile: no effect on results; the box's bytes inside
+// the tensor must lie in the launch's ReadableBuffers, as bulk_tensor_load_2d's.
+void bulk_tensor_prefetch_2d(const TensorMap2d& map, int32_t c0, int32_t c1);
 
 // Programmatic dependent launch (PTX griddepcontrol, sm_90): a dependent launch may start while
 // the kernel before it on the stream still runs, so its threads must not read what that kernel

@@ -33,6 +33,17 @@ void shuffles(const int32_t* values, const int32_t* src_lane, int xor_mask, int 
 //   mode 2: wait_group 1, store to out[0], then wait_group 0, store to out[1].
 void cp_async(int mode, const uint8_t* src, const uint8_t* pred, int chunks, uint8_t* out);
 
+// One warp, one TMA copy (cp.async.bulk.tensor.2d with an mbarrier): the box of box_cols x
+// box_rows bytes at (c0, c1) of src, a [rows][cols] byte tensor with rows row_stride bytes apart,
+// with a swizzle of swizzle bytes (0, 32, 64, 128), into shared memory at offset 1024 (aligned for
+// every swizzle); out[box bytes] = the shared bytes there. Thread 0 initialises the mbarrier (one
+// arrival), every thread first waits for parity 1 (passes on a fresh mbarrier), then thread 0
+// announces the box's bytes and issues the copy, and
+//   mode 0: everyone waits for parity 0, then stores;
+//   mode 1: everyone stores with the copy in flight, then (after a barrier) waits.
+void tma_box(int mode, const uint8_t* src, int64_t rows, int64_t cols, int64_t row_stride, int box_cols, int box_rows,
+             int swizzle, int c0, int c1, uint8_t* out);
+
 // Every thread of the grid writes blockIdx.xyz, threadIdx.xyz, lane_id(), and the dynamic shared
 // memory byte count it can address to out[global thread][8] (global thread = block-major order).
 void indices(unsigned grid_x, unsigned grid_y, unsigned grid_z, unsigned block_x, unsigned block_y, unsigned block_z,
@@ -79,6 +90,11 @@ enum class Misuse : int {
   copy_in_flight_under_wgmma = 22,   // thread 0's cp.async into B is not waited for before the wgmma
   unfenced_rewrite = 23,  // thread 1 lands a copy over thread 0's, only thread 0 fences, then wgmma
   wgmma_reads_unfenced_store = 24,  // B written by a plain 16-byte store, published by a barrier, not fenced
+  tma_never_waited = 25,         // thread 0's TMA copy completes an mbarrier nobody waits on
+  mbarrier_not_published = 26,   // lane 1 waits on the mbarrier lane 0 initialised, with no barrier between
+  mbarrier_never_completes = 27, // every lane waits for a phase that no arrival completes
+  copy_over_mbarrier = 28,       // a cp.async into a live mbarrier's bytes
+  tma_bytes_not_announced = 29,  // a TMA copy whose bytes no expect_tx announced: the phase ends before it lands
 };
 void misuse(int which);
 

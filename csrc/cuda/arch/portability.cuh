@@ -7,7 +7,8 @@
 //
 // What a kernel may use, on both sides:
 //   SG_DEVICE, SG_GLOBAL, SG_LAUNCH_BOUNDS(threads[, min blocks per SM]), SG_DYNAMIC_SMEM(type, name) (the only way to
-//   declare shared memory), threadIdx/blockIdx/blockDim/gridDim, dim3, __syncthreads,
+//   declare shared memory), SG_GRID_CONSTANT (a const kernel parameter whose address is taken),
+//   threadIdx/blockIdx/blockDim/gridDim, dim3, __syncthreads,
 //   __shfl_sync/__shfl_xor_sync/__shfl_down_sync/__shfl_up_sync (32-bit types, full-warp mask),
 //   __ballot_sync, __syncwarp, __threadfence, atomicAdd (float, int), atomicMin (int, long long), min/max,
 //   __restrict__, the 16-bit float helpers below, byte_perm, and sg_launch(kernel, grid, block,
@@ -41,6 +42,9 @@
 // the descriptors' address arithmetic accordingly; on sm_90 the buffer starts at 0x400, past the
 // 1 KiB the system reserves); no kernel has static shared memory, so it costs nothing.
 #define SG_DYNAMIC_SMEM(type, name) extern __shared__ __align__(1024) type name[]
+// A const kernel parameter whose address the kernel may take (a TMA tensor map's must be the
+// parameter's own: PTX cp.async.bulk.tensor reads it from the parameter space); sm_70 and newer.
+#define SG_GRID_CONSTANT __grid_constant__
 
 using sg_stream_t = cudaStream_t;
 
@@ -173,6 +177,7 @@ SG_DEVICE uint32_t byte_perm(uint32_t x, uint32_t y, uint32_t selector) { return
 #define SG_KERNEL_NS simt
 #define SG_LAUNCH_BOUNDS(...)
 #define SG_DYNAMIC_SMEM(type, name) type* name = reinterpret_cast<type*>(::sparsegemm::emu::shared_memory())
+#define SG_GRID_CONSTANT
 
 using sg_stream_t = void*;
 using dim3 = ::sparsegemm::emu::Dim3;

@@ -26,6 +26,7 @@
 #if (__CUDACC_VER_MAJOR__ < 12) || (__CUDACC_VER_MAJOR__ == 12 && __CUDACC_VER_MINOR__ < 5)
 #error "mma.sp::ordered_metadata needs PTX ISA 8.5: CUDA 12.5 or newer"
 #endif
+#include <cuda.h>  // CUtensorMap, a type only: the driver's encoder is looked up at run time (kernels_dispatch.cuh)
 #else
 #include "simt/warp_models.h"
 #endif
@@ -466,6 +467,113 @@ SG_DEVICE void prefetch_l2(const void* address) {
 #endif
 #else
   emu::prefetch_l2(address);
+#endif
+}
+
+// ---- mbarrier and TMA (sm_90) -------------------------------------------------------------------
+// PTX ISA "mbarrier" and "cp.async.bulk.tensor" (PTX ISA 8.0, sm_90; the instruction forms as
+// CCCL's cuda::ptx docs list them and CUTLASS's cute/arch/copy_sm90_tma.hpp SM90_TMA_LOAD_2D and
+// cutlass/arch/barrier.h emit them; the swizzle and out-of-bounds rules: cuda.h's
+// cuTensorMapEncodeTiled documentation, the bit-level swizzle as emulator.h states it). The
+// tensor map is the driver's opaque 128-byte CUtensorMap on the device (made on the host by
+// cuTensorMapEncodeTiled, passed as a __grid_constant__ kernel parameter so that its address is
+// the parameter's), the emulator's TensorMap2d on the host (emulator.h, which also gives the
+// swizzle and out-of-bounds rules). Only sm_90 and newer device passes emit these; the others
+// compile a trap, which the dispatch never reaches (the TMA tile is the wgmma tile's variant).
+#if defined(__CUDACC__)
+using TensorMap2d = CUtensorMap;
+#else
+using TensorMap2d = emu::TensorMap2d;
+#endif
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define SG_TMA_ASM 1
+#endif
+
+// mbarrier.init.shared::cta.b64: `arrivals` arrivals complete a phase (with no transactions due).
+SG_DEVICE void mbarrier_init(uint64_t* bar, unsigned arrivals) {
+#if defined(SG_TMA_ASM)
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(shared_address(bar)), "r"(arrivals) : "memory");
+#elif defined(__CUDACC__)
+  trap("mbarrier transactions need sm_90");
+#else
+  emu::mbarrier_init(bar, arrivals);
+#endif
+}
+
+// fence.mbarrier_init.release.cluster: this thread's mbarrier inits become visible to the async
+// proxy (TMA's complete_tx); a __syncthreads after it publishes them to the block.
+SG_DEVICE void fence_mbarrier_init() {
+#if defined(SG_TMA_ASM)
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+#endif
+}
+
+// mbarrier.arrive.expect_tx (tx_bytes > 0: that many TMA bytes are due in this phase) or plain
+// mbarrier.arrive (tx_bytes == 0), release semantics at CTA scope: this thread's earlier reads of
+// the stage are done before a thread that sees the phase complete overwrites it.
+SG_DEVICE void mbarrier_arrive(uint64_t* bar, uint32_t tx_bytes) {
+#if defined(SG_TMA_ASM)
+  if (tx_bytes > 0) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(shared_address(bar)), "r"(tx_bytes)
+                 : "memory");
+  } else {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(shared_address(bar)) : "memory");
+  }
+#elif defined(__CUDACC__)
+  trap("mbarrier transactions need sm_90");
+#else
+  emu::mbarrier_arrive(bar, tx_bytes);
+#endif
+}
+
+// Waits (acquire, CTA scope) until the phase of parity `parity` of `bar` has completed: a loop of
+// mbarrier.try_wait.parity, which suspends the thread for a system-dependent time per try. After
+// it the TMA bytes that completed the phase are visible to this thread.
+SG_DEVICE void mbarrier_wait_parity(uint64_t* bar, unsigned parity) {
+#if defined(SG_TMA_ASM)
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "wait_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra wait_%=;\n"
+      "}\n" ::"r"(shared_address(bar)),
+      "r"(parity)
+      : "memory");
+#elif defined(__CUDACC__)
+  trap("mbarrier transactions need sm_90");
+#else
+  emu::mbarrier_wait_parity(bar, parity);
+#endif
+}
+
+// cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes: the box of
+// `map` whose first element is (c0: contiguous dimension, c1: row) to shared `smem_dst`, with the
+// map's swizzle; out-of-bounds elements are zeros; its bytes count against `bar`'s transactions.
+// One thread issues it (the bytes are announced by that thread's mbarrier_arrive first).
+SG_DEVICE void tma_load_2d(void* smem_dst, const TensorMap2d& map, int32_t c0, int32_t c1, uint64_t* bar) {
+#if defined(SG_TMA_ASM)
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%2, %3}], [%4];\n" ::"r"(shared_address(smem_dst)),
+      "l"(reinterpret_cast<uint64_t>(&map)), "r"(c0), "r"(c1), "r"(shared_address(bar))
+      : "memory");
+#elif defined(__CUDACC__)
+  trap("TMA needs sm_90");
+#else
+  emu::bulk_tensor_load_2d(smem_dst, map, c0, c1, bar);
+#endif
+}
+
+// cp.async.bulk.prefetch.tensor.2d.L2.global.tile: the box at (c0, c1) into L2, a hint like
+// prefetch_l2 (no value read later can be stale); the emulator checks its source as tma_load_2d's.
+SG_DEVICE void tma_prefetch_l2_2d(const TensorMap2d& map, int32_t c0, int32_t c1) {
+#if defined(SG_TMA_ASM)
+  asm volatile("cp.async.bulk.prefetch.tensor.2d.L2.global.tile [%0, {%1, %2}];\n" ::"l"(
+                   reinterpret_cast<uint64_t>(&map)), "r"(c0), "r"(c1)
+               : "memory");
+#elif !defined(__CUDACC__)
+  emu::bulk_tensor_prefetch_2d(map, c0, c1);
 #endif
 }
 
