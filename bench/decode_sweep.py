@@ -1,7 +1,8 @@
 """Tuning aid for gemm_heuristics.h: decode-GEMM time of the decode tile (config 1, "c1") per
 forced split-K factor, from DRAM (CUDA-graph replay over copies of the weight that together
 exceed the L2), next to dense F.linear and to what the heuristic picks; INT8 likewise, per split;
-and the compress / decompress kernels.
+where the GPU runs the wgmma tile, the decode tile fed by TMA (config 4, "c4") at the heuristic's
+split and at c1's best; and the compress / decompress kernels.
 
     python bench/decode_sweep.py
 
@@ -21,7 +22,7 @@ from graph_timing import graph_ms
 
 ROTATE_BYTES = 400 << 20  # weight copies per shape: several times any L2
 SPLITS = (1, 2, 3, 4, 6, 8)
-DECODE = 1  # GemmConfig::decode
+DECODE, DECODE_TMA = 1, 4  # GemmConfig::decode, decode_tma
 
 
 def _scratch(scratch_fn, *shape_and_config) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,10 +77,17 @@ def main() -> None:
             best = min(times, key=times.get)
             out.append(f"c1 best s{best} {times[best]:.1f}us ({sparse_bytes / times[best] / 1e3:.0f} GB/s) ["
                        + " ".join(f"{s}:{t:.0f}" for s, t in times.items()) + "]")
+            tma = _C.cuda_large_m_uses_wgmma()
+            if tma:
+                t4, t4_best = fp16_us(DECODE_TMA, 0), fp16_us(DECODE_TMA, best)
+                out.append(f"c4 (TMA) {t4:.1f}us ({sparse_bytes / t4 / 1e3:.0f} GB/s), s{best} {t4_best:.1f}us")
             t8 = int8_us(-1, 0)
             out.append(f"int8 heuristic {t8:.1f}us ({int8_bytes / t8 / 1e3:.0f} GB/s {td / t8:.2f}x)")
             times = {s: int8_us(DECODE, s) for s in SPLITS}
             out.append("int8 c1 [" + " ".join(f"{s}:{t:.1f}" for s, t in times.items()) + "]")
+            if tma:
+                t8_tma = int8_us(DECODE_TMA, 0)
+                out.append(f"int8 c4 (TMA) {t8_tma:.1f}us ({int8_bytes / t8_tma / 1e3:.0f} GB/s)")
             print(" | ".join(out), flush=True)
     for dtype in (torch.float16, torch.bfloat16):
         ws = [torch.randn(8192, 8192, device="cuda").to(dtype) for _ in range(3)]

@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from sparsegemm import _C, ops
 from sparsegemm.nn import SparseConv2d
-from test_kernels_simt import DECODE, LARGE_M, WGMMA, WGMMA_TMA, KernelBackend
+from test_kernels_simt import DECODE, DECODE_TMA, LARGE_M, WGMMA, WGMMA_TMA, KernelBackend
 
 KERNEL_DTYPES = [torch.float16, torch.bfloat16]
 
@@ -228,13 +228,14 @@ def test_forced_tiles_and_split_k(kernels, config, split_k):
     assert torch.equal(y.permute(0, 3, 1, 2).double(), reference(layer, x))
 
 
-def test_tma_tile_is_refused_for_the_convolution(kernels):
+@pytest.mark.parametrize("config,tile", [(WGMMA_TMA, "wgmma"), (DECODE_TMA, "decode")])
+def test_tma_pipelines_are_refused_for_the_convolution(kernels, config, tile):
     # Its X is gathered from an NHWC image, which a 2D tensor map cannot describe.
     layer = make_layer(32, 20, 3, 1, 1, 1, torch.float16, integer=True)
     x = make_input(1, 32, (3, 5), torch.float16, integer=True)
-    with pytest.raises(ValueError, match=r"config 3 \(the TMA tile\) serves the GEMM only"):
+    with pytest.raises(ValueError, match=rf"config {config} \(the {tile} tile fed by TMA\) serves the GEMM only"):
         kernels.conv2d(x.permute(0, 2, 3, 1).contiguous(), layer.values.detach(), layer.meta, layer.bias.detach(),
-                       (3, 5), (3, 3), (1, 1), (1, 1), (1, 1), config=WGMMA_TMA)
+                       (3, 5), (3, 3), (1, 1), (1, 1), (1, 1), config=config)
 
 
 def test_split_k_convolution_under_any_block_order(shuffled_block_orders):

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from sparsegemm import _C
-from test_kernels_simt import (DECODE, GATE_OF, LARGE_M, SIX_PAIRS, WGMMA, WGMMA_TMA, KernelBackend, gate_up_split,
-                               padded_k)
+from test_kernels_simt import (DECODE, DECODE_TMA, GATE_OF, LARGE_M, SIX_PAIRS, WGMMA, WGMMA_TMA, KernelBackend,
+                               gate_up_split, padded_k)
 
 INT32_MAX = 2**31 - 1
 
@@ -294,13 +294,16 @@ def test_gemm_s8_gated_bit_exact(kernels, out_dtype, config, split_k, m, n, k):
 
 @pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("act", ["relu", "reglu"])
-@pytest.mark.parametrize("m,n,k", [(1, 32, 32), (33, 144, 320), (130, 304, 2048)])
-def test_gemm_s8_tma_bit_exact(kernels, out_dtype, act, m, n, k):
-    """The TMA pipeline (config 3) on int8: Wc rows of K / 2 bytes must be whole 16 bytes (K % 32
-    == 0); M and N tails, K ending inside a 128-wide k-tile, 16 k-tiles (four rounds of the
-    stages). relu and ReGLU are exact in the contract's order, so bit for bit against the oracle."""
-    gen = torch.Generator().manual_seed(m + n + k)
-    assert_gemm_s8_activation_close(kernels, out_dtype, act, m, n, k, WGMMA_TMA, 0, gen, with_bias=True)
+@pytest.mark.parametrize("m,n,k,config,split_k", [(1, 32, 32, WGMMA_TMA, 0), (33, 144, 320, WGMMA_TMA, 0),
+                                                  (130, 304, 2048, WGMMA_TMA, 0), (1, 32, 32, DECODE_TMA, 0),
+                                                  (9, 144, 2080, DECODE_TMA, 3), (16, 304, 4096, DECODE_TMA, 0)])
+def test_gemm_s8_tma_bit_exact(kernels, out_dtype, act, m, n, k, config, split_k):
+    """The TMA pipelines (configs 3, 4) on int8: Wc rows of K / 2 bytes must be whole 16 bytes (K %
+    32 == 0); M and N tails, K ending inside a 128-wide k-tile, 16 / 32 k-tiles (four rounds of the
+    stages), a decode split of K. relu and ReGLU are exact in the contract's order, so bit for bit
+    against the oracle."""
+    gen = torch.Generator().manual_seed(m + n + k + config)
+    assert_gemm_s8_activation_close(kernels, out_dtype, act, m, n, k, config, split_k, gen, with_bias=True)
 
 
 @pytest.mark.parametrize("config", [LARGE_M, DECODE, WGMMA])

@@ -12,7 +12,7 @@ from sparsegemm import _C
 from test_conv_kernels import assert_within_twice_dense_error, make_input, make_layer
 from test_int8_kernels_simt import (assert_gemm_s8_activation_close, assert_gemm_s8_bit_exact,
                                     assert_kernel_meta_s8_matches_reference, assert_quantize_rows_matches_reference)
-from test_kernels_simt import (DECODE, LARGE_M, WGMMA, WGMMA_TMA, KernelBackend,
+from test_kernels_simt import (DECODE, DECODE_TMA, LARGE_M, WGMMA, WGMMA_TMA, KernelBackend,
                                assert_compress_prune_matches_reference, assert_gemm_within_twice_dense_error,
                                cuda_kernels_available)
 from test_simt_emulator import wgmma_exact_case, wgmma_mismatch_report
@@ -45,11 +45,12 @@ def test_wgmma_instruction_matches_the_emulator_oracle(kind, upper, mode):
 
 
 # (M, N, K, config, split_k): decode and prefill at model sizes, a forced split-K, ragged tails; the
-# warp-level large-M tile forced, and the wgmma tile with cp.async and with TMA copies (skipped where
-# the GPU does not run it).
+# warp-level large-M tile forced, the wgmma tile with cp.async and with TMA copies, and the decode
+# tile with TMA copies (the last two skipped where the GPU does not run the wgmma tile).
 LARGE_GEMMS = [(1, 8192, 8192, -1, 0), (16, 4096, 4096, -1, 0), (8, 4096, 4096, DECODE, 7),
                (2048, 4096, 4096, -1, 0), (777, 3000, 1028, LARGE_M, 0), (777, 3000, 1028, WGMMA, 0),
-               (4096, 4096, 8192, WGMMA, 0), (777, 3000, 1056, WGMMA_TMA, 0), (4096, 4096, 8192, WGMMA_TMA, 0)]
+               (4096, 4096, 8192, WGMMA, 0), (777, 3000, 1056, WGMMA_TMA, 0), (4096, 4096, 8192, WGMMA_TMA, 0),
+               (1, 8192, 8192, DECODE_TMA, 0), (16, 4096, 11008, DECODE_TMA, 0), (8, 4096, 4096, DECODE_TMA, 7)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -181,9 +182,12 @@ def test_large_m_takes_the_wgmma_tile_exactly_on_hopper():
     assert _C.cuda_large_m_uses_wgmma() == (hopper and not turned_off)
 
 
-def test_forcing_the_wgmma_tile_where_it_cannot_run_is_refused():
-    # Off Hopper (or with the tile turned off) its kernels are a trap: the launch must not happen.
+@pytest.mark.parametrize("config", [WGMMA, WGMMA_TMA, DECODE_TMA])
+def test_forcing_the_wgmma_tile_where_it_cannot_run_is_refused(config):
+    # Off Hopper (or with the tile turned off) its kernels and the TMA pipelines' are a trap: the
+    # launch must not happen.
     if _C.cuda_large_m_uses_wgmma():
         pytest.skip("this GPU runs the wgmma tile")
-    with pytest.raises(ValueError, match=r"config 2 \(the wgmma tile\) needs sm_90a machine code .*, but "):
-        _C.cuda_gemm_scratch(256, 256, 256, WGMMA, 0)
+    with pytest.raises(ValueError, match=rf"config {config} \(the wgmma tile or a TMA pipeline\) needs sm_90a machine "
+                                         r"code .*, but "):
+        _C.cuda_gemm_scratch(256, 256, 256, config, 0)

@@ -17,7 +17,7 @@ from sparsegemm import _C
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 ACT_CODES = {"none": 0, "relu": 1, "gelu": 2, "silu": 3, "reglu": 17, "geglu": 18, "swiglu": 19}
 GATE_OF = {"reglu": "relu", "geglu": "gelu", "swiglu": "silu"}  # gated: act(gate) * up, N / 2 columns
-LARGE_M, DECODE, WGMMA, WGMMA_TMA = 0, 1, 2, 3  # gemm_heuristics.h GemmConfig
+LARGE_M, DECODE, WGMMA, WGMMA_TMA, DECODE_TMA = 0, 1, 2, 3, 4  # gemm_heuristics.h GemmConfig
 SIX_PAIRS = [(0, 1), (0, 2), (1, 2), (0, 3), (1, 3), (2, 3)]
 
 
@@ -169,8 +169,9 @@ class KernelBackend:
     def _launch_split_k(self, op, m, n, k, config, split_k, s8, *args):
         """_launch(op, *args[:-2], workspace, tile counters, *args[-2:]) with a poisoned workspace and
         zeroed counters; checks that the kernel leaves the counters zero, as the next launch needs."""
-        if config in (WGMMA, WGMMA_TMA) and self.name == "cuda" and not _C.cuda_large_m_uses_wgmma():
-            pytest.skip(f"the wgmma tile (config {config}) runs on compute capability 9.0 GPUs with an sm_90a build")
+        if config in (WGMMA, WGMMA_TMA, DECODE_TMA) and self.name == "cuda" and not _C.cuda_large_m_uses_wgmma():
+            pytest.skip(f"config {config} (the wgmma tile or a TMA pipeline) runs on compute capability 9.0 GPUs "
+                        "with an sm_90a build")
         ws_bytes, counters = self.gemm_scratch(m, n, k, config, split_k, s8=s8)
         ws = torch.full((max(ws_bytes // 4, 1),), -7, dtype=torch.int32, device=self.device)  # NaN-like poison
         tile_counters = torch.zeros(max(counters, 1), dtype=torch.int32, device=self.device)
@@ -567,7 +568,7 @@ def test_split_k_reduction_does_not_depend_on_block_order(shuffled_block_orders,
 
 
 def test_split_k_needs_the_decode_tile_and_its_scratch(kernels):
-    with pytest.raises(ValueError, match=r"split_k = 2 needs the decode tile \(config 1\)"):
+    with pytest.raises(ValueError, match=r"split_k = 2 needs the decode tile \(config 1 or 4\)"):
         kernels.gemm_scratch(130, 136, 520, LARGE_M, 2)
     # A split launch without its workspace and counters is refused before anything runs.
     m, n, k = 3, 40, 1024
@@ -672,10 +673,10 @@ def test_gemm_tiles_past_the_first_raster_band(kernels, config):
     assert torch.equal(y, (x.double() @ w.double().T).to(torch.float16))
 
 
-# ---- the TMA pipeline (config 3) ------------------------------------------------------------------
-# The wgmma tile with its stages copied by TMA runs the same wgmma ops in the same order on the same
-# bytes as the cp.async-fed wgmma tile (config 2, checked against the oracles above), so on random
-# values the two must agree bit for bit. Shapes: M and N tails (TMA's zero fill past M, N and K;
+# ---- the TMA pipelines (configs 3 and 4) ---------------------------------------------------------
+# The wgmma and decode tiles with their stages copied by TMA run the same MMAs in the same order on
+# the same bytes as the cp.async-fed tiles (configs 2 and 1, checked against the oracles above), so
+# on random values each pair must agree bit for bit. Shapes: M and N tails (TMA's zero fill past M, N and K;
 # N a multiple of 16 for the gated epilogue), K = 160 ending inside a k-tile, 16 k-tiles = four
 # rounds of the 4 stages (both mbarrier phase parities, refills), and 3 x 18 output tiles crossing
 # a raster band. Wc rows must be whole 16 bytes (K % 16 == 0 for 16-bit operands).
@@ -705,32 +706,49 @@ def test_tma_gemm_equals_the_cp_async_wgmma_tile(kernels, dtype, act, m, n, k):
     assert torch.equal(y_tma, y_cp_async)
 
 
-@pytest.mark.parametrize("m", [7, 130])
-def test_tma_gemm_reads_x_rows_through_their_stride(kernels, m):
+# Decode: M in the tile's 16 rows (1: half its 8-row B tiles skipped), K = 160 (2.5 k-tiles: a
+# stage of two k-tiles half used), K = 2048 (32 k-tiles: four rounds of the 4 stages of 2 k-tiles),
+# with the heuristic's split, one split, and 3 splits (k-tiles 12, 12, 8: each split's own stages).
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,n,k", [(1, 32, 160), (7, 144, 2048), (16, 304, 1024)])
+@pytest.mark.parametrize("split_k", [0, 1, 3])
+def test_tma_decode_equals_the_cp_async_decode_tile(kernels, dtype, m, n, k, split_k):
+    x, values, meta, bias = random_gemm_operands(kernels, m, n, k, dtype, m + n + k + split_k)
+    y_tma = kernels.gemm(x, values, meta, n, k, bias=bias, act="swiglu", config=DECODE_TMA, split_k=split_k)
+    y_cp_async = kernels.gemm(x, values, meta, n, k, bias=bias, act="swiglu", config=DECODE, split_k=split_k)
+    assert not y_tma.isnan().any()
+    assert torch.equal(y_tma, y_cp_async)
+
+
+@pytest.mark.parametrize("config,cp_async_config,m", [(WGMMA_TMA, WGMMA, 7), (WGMMA_TMA, WGMMA, 130),
+                                                     (DECODE_TMA, DECODE, 7)])
+def test_tma_gemm_reads_x_rows_through_their_stride(kernels, config, cp_async_config, m):
     # X rows ldx = K + 24 apart (48 bytes more: a 16-byte multiple) inside a wider buffer.
     n, k = 136, 320
     x, values, meta, bias = random_gemm_operands(kernels, m, n, k, torch.float16, m, ldx=k + 24)
-    y_tma = kernels.gemm(x, values, meta, n, k, bias=bias, config=WGMMA_TMA)
-    assert torch.equal(y_tma, kernels.gemm(x, values, meta, n, k, bias=bias, config=WGMMA))
+    y_tma = kernels.gemm(x, values, meta, n, k, bias=bias, config=config)
+    assert torch.equal(y_tma, kernels.gemm(x, values, meta, n, k, bias=bias, config=cp_async_config))
 
 
-def test_tma_gemm_refuses_what_a_tensor_map_cannot_describe(kernels):
+@pytest.mark.parametrize("config,tile,fallback", [(WGMMA_TMA, "wgmma", WGMMA), (DECODE_TMA, "decode", DECODE)])
+def test_tma_gemm_refuses_what_a_tensor_map_cannot_describe(kernels, config, tile, fallback):
     gen = torch.Generator().manual_seed(2)
     w = sparse_weight(20, 1000, torch.float16, gen)  # Wc rows of 1000 bytes: not whole 16 bytes
     values, meta, _ = kernels.compress(w, prune=False)
-    with pytest.raises(ValueError, match=r"config 3 \(the TMA tile\) needs Wc 16-byte aligned .* got 1000-byte rows"):
-        kernels.gemm(torch.zeros((3, 1000), dtype=torch.float16), values, meta, 20, 1000, config=WGMMA_TMA)
+    with pytest.raises(ValueError, match=rf"config {config} \(the {tile} tile fed by TMA\) needs Wc 16-byte aligned "
+                                         rf".* got 1000-byte rows \(K = 1000\); config {fallback} takes any operand"):
+        kernels.gemm(torch.zeros((3, 1000), dtype=torch.float16), values, meta, 20, 1000, config=config)
     w = sparse_weight(20, 64, torch.float16, gen)
     values, meta, _ = kernels.compress(w, prune=False)
     x = torch.zeros((3, 68), dtype=torch.float16)[:, :64]  # rows 136 bytes apart
     with pytest.raises(ValueError, match=r"needs X 16-byte aligned with rows a multiple of 16 bytes apart, "
                                          r"got ldx = 68"):
-        kernels.gemm(x, values, meta, 20, 64, config=WGMMA_TMA)
+        kernels.gemm(x, values, meta, 20, 64, config=config)
 
 
 def test_gemm_config_out_of_range_is_refused(kernels):
-    with pytest.raises(ValueError, match=r"config must be -1 \(choose\), 0 .* got 4"):
-        kernels.gemm_scratch(64, 64, 64, 4, 0)
+    with pytest.raises(ValueError, match=r"config must be -1 \(choose\), 0 .* got 5"):
+        kernels.gemm_scratch(64, 64, 64, 5, 0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -794,7 +812,7 @@ def test_gemm_m_zero_writes_nothing(kernels):
     assert torch.all(y == 3)
 
 
-@pytest.mark.parametrize("config", [LARGE_M, DECODE, WGMMA, WGMMA_TMA])
+@pytest.mark.parametrize("config", [LARGE_M, DECODE, WGMMA, WGMMA_TMA, DECODE_TMA])
 def test_gemm_k_zero_gives_activation_of_bias(kernels, config):
     m, n = 3, 20
     x = torch.zeros((m, 0), dtype=torch.float16)

@@ -2,8 +2,8 @@
 gemm_sp_kernel contains HMMA.SP.16832 (fp16 and bf16 instantiations, the GEMM's row-major X loader
 and the implicit-GEMM convolution's NHWC loader) or, for the int8 policy, IMMA.SP.16864 (s8,
 saturating); on SM 90 (built as sm_90a) the wgmma tile's contain the warpgroup forms
-HGMMA.SP.64x128x32 / IGMMA.SP.64x128x64 (and its TMA pipeline's kernels TMA loads, UTMALDG, with
-no thread copying), elsewhere that tile is only a trap. Read back from the
+HGMMA.SP.64x128x32 / IGMMA.SP.64x128x64, and the TMA pipelines' kernels (wgmma and decode tiles)
+TMA loads (UTMALDG) with no thread copying; elsewhere those kernels are only a trap. Read back from the
 SASS with cuobjdump (PyPI: nvidia-cuda-cuobjdump, installed under site-packages/nvidia/cu13/bin)."""
 import pathlib
 import re
@@ -59,40 +59,47 @@ TMA_LOADER = "TmaRowMajorX"  # the loader of its TMA pipeline (config 3)
 
 
 def split_wgmma(kernels):
-    """(the warp-level tiles' kernels, the wgmma tile's with cp.async copies, with TMA) of a
-    {name: SASS} dict."""
-    return ({name: body for name, body in kernels.items() if WGMMA_TILE not in name},
-            {name: body for name, body in kernels.items() if WGMMA_TILE in name and TMA_LOADER not in name},
-            {name: body for name, body in kernels.items() if TMA_LOADER in name})
+    """(the warp-level tiles' kernels with cp.async copies, the wgmma tile's with cp.async copies, the
+    wgmma tile's with TMA, the decode tile's with TMA) of a {name: SASS} dict."""
+    def select(wgmma, tma):
+        return {name: body for name, body in kernels.items()
+                if (WGMMA_TILE in name) == wgmma and (TMA_LOADER in name) == tma}
+    return select(False, False), select(True, False), select(True, True), select(False, True)
 
 
-def check_wgmma_tile(arch, kernels, instruction, tma=False):
-    """The wgmma tile's kernels: warpgroup sparse MMAs on sm_90a (fed by TMA loads and no thread's
-    copies, for the TMA pipeline), a bare trap anywhere else."""
+def check_hopper_kernels(arch, kernels, instruction, tma=False):
+    """The wgmma tile's and the TMA pipelines' kernels: `instruction` on sm_90a (fed by TMA loads and
+    no thread's copies, for a TMA pipeline), a bare trap anywhere else."""
     assert len(kernels) == 2, sorted(kernels)  # two dtypes (or two int8 output dtypes)
     for name, body in kernels.items():
         if arch == "90":
             assert instruction in body, f"{name} on sm_90a has no {instruction}"
-            assert "HMMA.SP" not in body and "IMMA.SP" not in body, name
+            if "GMMA" in instruction:
+                assert "HMMA.SP" not in body and "IMMA.SP" not in body, name
+            else:
+                assert "GMMA" not in body, name
             assert ("UTMALDG.2D" in body) == tma and ("LDGSTS" in body) != tma, name
         else:
-            assert "BPT.TRAP" in body and "GMMA" not in body and "LDGSTS" not in body and "UTMA" not in body, name
+            assert "BPT.TRAP" in body and "MMA" not in body and "LDGSTS" not in body and "UTMA" not in body, name
 
 
 @pytest.mark.parametrize("arch", built_archs())
 def test_gemm_uses_sparse_hmma(cuobjdump, arch):
     functions = sass_functions(cuobjdump, _C.__file__, arch)
     # The 16-bit policy (Mma16); the int8 one (MmaS8) is checked below.
-    gemms, wgmma, tma = split_wgmma({name: body for name, body in functions.items()
-                                     if "gemm_sp_kernel" in name and "Mma16" in name and "RowMajorX" in name})
-    # Two dtypes x two warp-level tile configurations (kernels_dispatch.cuh), and the wgmma tile
-    # with either loader.
+    gemms, wgmma, wgmma_tma, decode_tma = split_wgmma({name: body for name, body in functions.items()
+                                                       if "gemm_sp_kernel" in name and "Mma16" in name and
+                                                       "RowMajorX" in name})
+    # Two dtypes x two warp-level tile configurations (kernels_dispatch.cuh), the wgmma tile with
+    # either loader, the decode tile with TMA.
     assert len(gemms) == 4, sorted(functions)
-    check_wgmma_tile(arch, wgmma, "HGMMA.SP.64x128x32.F32")
-    check_wgmma_tile(arch, tma, "HGMMA.SP.64x128x32.F32", tma=True)
+    check_hopper_kernels(arch, wgmma, "HGMMA.SP.64x128x32.F32")
+    check_hopper_kernels(arch, wgmma_tma, "HGMMA.SP.64x128x32.F32", tma=True)
+    check_hopper_kernels(arch, decode_tma, "HMMA.SP.16832.F32", tma=True)
     if arch == "90":
         assert all(("HGMMA.SP.64x128x32.F32.BF16" in body) == ("DTypeE2" in name)
-                   for name, body in {**wgmma, **tma}.items())
+                   for name, body in {**wgmma, **wgmma_tma}.items())
+        assert all(("HMMA.SP.16832.F32.BF16" in body) == ("DTypeE2" in name) for name, body in decode_tma.items())
     for name, body in gemms.items():
         assert "HMMA.SP.16832.F32" in body, f"{name} on sm_{arch} has no sparse HMMA"
         is_bf16 = "DTypeE2" in name  # DType::bf16 == 2 in the mangled template argument
@@ -103,12 +110,12 @@ def test_gemm_uses_sparse_hmma(cuobjdump, arch):
 @pytest.mark.parametrize("arch", built_archs())
 def test_conv_uses_sparse_hmma_and_cp_async(cuobjdump, arch):
     functions = sass_functions(cuobjdump, _C.__file__, arch)
-    convs, wgmma, tma = split_wgmma({name: body for name, body in functions.items()
-                                     if "gemm_sp_kernel" in name and "NhwcConvX" in name})
-    assert not tma  # the convolution has no TMA pipeline
+    convs, wgmma, wgmma_tma, decode_tma = split_wgmma({name: body for name, body in functions.items()
+                                                       if "gemm_sp_kernel" in name and "NhwcConvX" in name})
+    assert not wgmma_tma and not decode_tma  # the convolution has no TMA pipeline
     # The implicit-GEMM convolution: two dtypes x two tile configurations (kernels_dispatch.cuh conv2d).
     assert len(convs) == 4, sorted(functions)
-    check_wgmma_tile(arch, wgmma, "HGMMA.SP.64x128x32.F32")
+    check_hopper_kernels(arch, wgmma, "HGMMA.SP.64x128x32.F32")
     for name, body in convs.items():
         assert "HMMA.SP.16832.F32" in body, f"{name} on sm_{arch} has no sparse HMMA"
         assert ("HMMA.SP.16832.F32.BF16" in body) == ("DTypeE2" in name), name
@@ -120,12 +127,14 @@ def test_conv_uses_sparse_hmma_and_cp_async(cuobjdump, arch):
 @pytest.mark.parametrize("arch", built_archs())
 def test_int8_gemm_uses_sparse_imma(cuobjdump, arch):
     functions = sass_functions(cuobjdump, _C.__file__, arch)
-    gemms, wgmma, tma = split_wgmma({name: body for name, body in functions.items()
-                                     if "gemm_sp_kernel" in name and "MmaS8" in name})
-    # Two output dtypes x two tile configurations (kernels_dispatch.cuh).
+    gemms, wgmma, wgmma_tma, decode_tma = split_wgmma({name: body for name, body in functions.items()
+                                                       if "gemm_sp_kernel" in name and "MmaS8" in name})
+    # Two output dtypes x two tile configurations (kernels_dispatch.cuh), the wgmma tile with
+    # either loader, the decode tile with TMA.
     assert len(gemms) == 4, sorted(functions)
-    check_wgmma_tile(arch, wgmma, "IGMMA.SP.64x128x64.S8.S8.SAT")
-    check_wgmma_tile(arch, tma, "IGMMA.SP.64x128x64.S8.S8.SAT", tma=True)
+    check_hopper_kernels(arch, wgmma, "IGMMA.SP.64x128x64.S8.S8.SAT")
+    check_hopper_kernels(arch, wgmma_tma, "IGMMA.SP.64x128x64.S8.S8.SAT", tma=True)
+    check_hopper_kernels(arch, decode_tma, "IMMA.SP.16864.S8.S8.SAT", tma=True)
     for name, body in gemms.items():
         assert "IMMA.SP.16864.S8.S8.SAT" in body, f"{name} on sm_{arch} has no saturating sparse s8 IMMA"
         assert "HMMA" not in body, name

@@ -78,10 +78,14 @@ constexpr int kMinKTilesPerSplit = 4; // keeps the pipeline prologue small next 
 
 }  // namespace gemm_tiles
 
-// large_m_wgmma_tma: the wgmma tile with its stages copied by TMA (gemm_sp.cuh TmaRowMajorX), for
-// GEMMs whose X and Wc rows are 16-byte aligned. Not chosen by plan_gemm yet: it has run only in
-// the emulator, and takes over from large_m_wgmma once a GPU has verified and timed it.
-enum class GemmConfig : int { large_m = 0, decode = 1, large_m_wgmma = 2, large_m_wgmma_tma = 3 };
+// large_m_wgmma_tma / decode_tma: the wgmma / decode tile with its stages copied by TMA (gemm_sp.cuh
+// TmaRowMajorX), for GEMMs whose X and Wc rows are 16-byte aligned, on the GPUs that run the wgmma
+// tile. Not chosen by plan_gemm yet: they have run only in the emulator, and take over from
+// large_m_wgmma / decode where a GPU run verifies and times them faster.
+enum class GemmConfig : int { large_m = 0, decode = 1, large_m_wgmma = 2, large_m_wgmma_tma = 3, decode_tma = 4 };
+
+// Whether `config` runs the decode tile (gemm_tiles::Decode), the one that splits K.
+constexpr bool is_decode(GemmConfig config) { return config == GemmConfig::decode || config == GemmConfig::decode_tma; }
 
 // What gemm() launches: the tile, the number of K splits (1: no workspace) and k-tiles per split.
 struct GemmPlan {
@@ -166,9 +170,9 @@ inline double decode_split_cost(int64_t M, int64_t blocks, int64_t k_tiles, int6
 // GEMM's k-tile (gemm_tiles::kBlockK or kBlockKS8, which also picks the paired-block speedup).
 inline GemmPlan plan_gemm(int64_t M, int64_t N, int64_t K, DecodeWave wave, int forced_config = -1,
                           int forced_split_k = 0, int64_t block_k = gemm_tiles::kBlockK, bool wgmma = false) {
-  if (forced_config < -1 || forced_config > static_cast<int>(GemmConfig::large_m_wgmma_tma)) {
+  if (forced_config < -1 || forced_config > static_cast<int>(GemmConfig::decode_tma)) {
     throw std::invalid_argument("sparsegemm gemm: config must be -1 (choose), 0 (large M), 1 (decode), 2 "
-                                "(large M, wgmma) or 3 (large M, wgmma fed by TMA), got " +
+                                "(large M, wgmma), 3 (large M, wgmma fed by TMA) or 4 (decode fed by TMA), got " +
                                 std::to_string(forced_config));
   }
   GemmPlan plan;
@@ -176,13 +180,13 @@ inline GemmPlan plan_gemm(int64_t M, int64_t N, int64_t K, DecodeWave wave, int 
   plan.config = forced_config >= 0 ? static_cast<GemmConfig>(forced_config) : (M <= 16 ? GemmConfig::decode : large_m);
   const int64_t k_tiles = gemm_k_tiles(K, block_k);
   int64_t splits = 1;
-  if (forced_split_k > 1 && plan.config != GemmConfig::decode) {
+  if (forced_split_k > 1 && !is_decode(plan.config)) {
     throw std::invalid_argument("sparsegemm gemm: split_k = " + std::to_string(forced_split_k) +
-                                " needs the decode tile (config 1); the large-M tiles do not split K");
+                                " needs the decode tile (config 1 or 4); the large-M tiles do not split K");
   }
   if (forced_split_k > 0) {
     splits = forced_split_k;
-  } else if (plan.config == GemmConfig::decode && k_tiles > 0) {
+  } else if (is_decode(plan.config) && k_tiles > 0) {
     using T = gemm_tiles::Decode;
     const int64_t blocks = (N + T::kBlockN - 1) / T::kBlockN * ((M + T::kBlockM - 1) / T::kBlockM);
     const int64_t most = std::min<int64_t>(gemm_tiles::kMaxSplitK, k_tiles / gemm_tiles::kMinKTilesPerSplit);
@@ -195,7 +199,7 @@ inline GemmPlan plan_gemm(int64_t M, int64_t N, int64_t K, DecodeWave wave, int 
   }
   splits = std::max<int64_t>(1, std::min(splits, std::max<int64_t>(k_tiles, 1)));
   plan.k_tiles_per_split = (k_tiles + splits - 1) / splits;
-  if (plan.config == GemmConfig::decode && forced_split_k <= 0) {
+  if (is_decode(plan.config) && forced_split_k <= 0) {
     // Whole pipeline stages per split, so that only the last split can end on a half-used stage.
     constexpr int64_t kStage = gemm_tiles::Decode::kKTilesPerStage;
     plan.k_tiles_per_split = (plan.k_tiles_per_split + kStage - 1) / kStage * kStage;

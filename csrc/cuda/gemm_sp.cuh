@@ -272,6 +272,38 @@ SG_DEVICE void wgmma_k_tile(typename Policy::Acc (&acc)[16][4], const char* sA, 
   wgmma_fence_operands(acc);
 }
 
+// One k-tile of a warp-level tile from the stage at sA (acc: the warp's accumulators; the lane
+// offsets: gemm_sp_kernel's fragment addresses; warp_rows: rows of X from the warp's first B
+// row on that the block really has). Per k-step, the warp's A fragments and metadata words, then
+// per 8-row B tile its ldmatrix and the mma.sp of every A tile. 8-row B tiles wholly past M
+// (decode at M <= 8: half the tile) are zeros: neither loaded nor multiplied; their accumulators
+// stay 0 and are never stored. The test is warp-uniform, as ldmatrix and mma.sp require.
+template <typename Policy, typename S>
+SG_DEVICE void mma_k_tile(typename Policy::Acc (&acc)[S::kTilesN][S::kTilesM][4], const char* sA, int a_lane_offset,
+                          int b_lane_offset, int e_lane_offset, int warp_rows) {
+  const char* sB = sA + S::kBytesA;
+  const char* sMeta = sB + S::kBytesB;
+#pragma unroll
+  for (int ks = 0; ks < S::kSteps; ++ks) {
+    uint32_t a[S::kTilesN][4];
+    uint32_t e[S::kTilesN];
+#pragma unroll
+    for (int i = 0; i < S::kTilesN; ++i) {
+      ldmatrix_x4(a[i], sA + (a_lane_offset ^ (ks << 5)) + i * 16 * S::kRowBytesA);
+      e[i] = *reinterpret_cast<const uint32_t*>(sMeta + e_lane_offset + i * S::kMetaSliceBytes +
+                                                 ks * Policy::kMetaWordsPerStep * 4);
+    }
+#pragma unroll
+    for (int j = 0; j < S::kTilesM; ++j) {
+      if (j * 8 >= warp_rows) continue;
+      uint32_t b[4];
+      ldmatrix_x4(b, sB + (b_lane_offset ^ (ks << 6)) + j * 8 * S::kRowBytesB);
+#pragma unroll
+      for (int i = 0; i < S::kTilesN; ++i) Policy::mma(acc[i][j], a[i], b, e[i]);
+    }
+  }
+}
+
 // The epilogue of one output element, in the INT8 contract's order (one fp32 rounding per step,
 // never fused): dequantize, + bias (only when there is one), activation.
 template <typename Policy>
@@ -338,10 +370,10 @@ SG_DEVICE bool arrived_last(int* counter, int splits, char* smem) {
 template <typename Policy, typename Tile, typename XLoader = RowMajorX<typename Policy::Operand>>
 SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinBlocksPerSm)
     gemm_sp_kernel(SG_GRID_CONSTANT const typename XLoader::Params params, int64_t k_tiles_per_split) {
-  if constexpr (Tile::kWgmma && !kWgmmaCompiled) {
-    // A device pass without wgmma (not sm_90a): the dispatch never launches this (wgmma_tile_runs),
-    // and the trap keeps the rest of the kernel out of that pass's machine code.
-    trap("the wgmma tile needs sm_90a");
+  if constexpr ((Tile::kWgmma && !kWgmmaCompiled) || (XLoader::kTma && !kTmaCompiled)) {
+    // A device pass without wgmma (not sm_90a) or TMA (before sm_90): the dispatch never launches
+    // this (wgmma_tile_runs), and the trap keeps the rest of the kernel out of that pass's machine code.
+    trap("the wgmma tile and the TMA pipelines need sm_90a");
     return;
   }
   using S = GemmShape<Policy, Tile>;
@@ -392,16 +424,23 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinB
   const int b_lane_offset = b_lane_row * S::kRowBytesB + (((lane >> 3) ^ (b_lane_row & 7)) << 4);
   const int e_lane_offset = (warp_n * S::kWarpN / 16) * S::kMetaSliceBytes + Policy::meta_word(lane) * 4;
 
+  // Rows of X this block really has (the rest of B is zeros).
+  const int x_rows = p.M - m0 < S::kBlockM ? int(p.M - m0) : S::kBlockM;
+  constexpr int kStageKTiles = S::kKTilesPerStage;
+  const int num_stage_tiles = (num_tiles + kStageKTiles - 1) / kStageKTiles;
+
   if constexpr (XLoader::kTma) {
-    // TMA pipeline (config 3, the wgmma tile fed by TmaRowMajorX): thread 0 copies each k-tile's
-    // Wc, X and metadata boxes with three TMA copies that complete on the stage's `full`
-    // mbarrier; every warp waits on that, computes, and once its wgmma ops are retired arrives on
-    // the stage's `empty` mbarrier, which thread 0 waits on before it refills the stage. No
-    // thread copies bytes itself and no barrier spans the block (Nsight Compute saw the cp.async
-    // pipeline's copies and barriers take the issue slots and shared memory: gemm_heuristics.h),
-    // so warps drift up to kStages k-tiles apart. Tails need nothing: box elements past N, M, K
-    // and Kc are zeros.
-    static_assert(Tile::kWgmma && S::kKTilesPerStage == 1, "the TMA pipeline feeds the wgmma tile");
+    // TMA pipeline (TmaRowMajorX: configs 3 and 4, the wgmma and decode tiles): thread 0 copies
+    // each k-tile of a stage with three TMA copies (its Wc, X and metadata boxes) that complete on
+    // the stage's `full` mbarrier; every warp waits on that, computes, and arrives on the stage's
+    // `empty` mbarrier once done with it (wgmma ops retired), which thread 0 waits on before it
+    // refills the stage. No thread copies bytes itself and no barrier spans the block (Nsight
+    // Compute saw the cp.async pipeline's per-thread copies and barriers take the wgmma tile's
+    // issue slots and shared memory: gemm_heuristics.h), so warps drift up to kStages stages
+    // apart. Tails need nothing: box elements past N, M, K and Kc are zeros, and k-tiles past
+    // the split's end are neither copied nor computed.
+    static_assert(S::kBytesA % 1024 == 0 && S::kKTileBytes % 1024 == 0,
+                  "TMA boxes: every B tile on a 1024-byte swizzle atom, every A tile on a 512-byte one");
     uint64_t* full = reinterpret_cast<uint64_t*>(smem + S::kSmemBytes);  // gemm_smem_bytes
     uint64_t* empty = full + S::kStages;
     if (tid == 0) {
@@ -413,44 +452,62 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinB
     }
     constexpr int kMetaKTileWords = S::kSteps * Policy::kMetaWordsPerStep;
     const int meta_row = n0 / 16;
-    const int first_stages = num_tiles < S::kStages ? num_tiles : S::kStages;
+    const int first_stages = num_stage_tiles < S::kStages ? num_stage_tiles : S::kStages;
+    // K-tiles of stage tile st (the last one of the split may hold fewer).
+    auto stage_k_tiles = [&](int st) {
+      const int left = num_tiles - st * kStageKTiles;
+      return left < kStageKTiles ? left : kStageKTiles;
+    };
     // Before grid_dependency_wait only the weight boxes of the first stages, into L2 (see the
     // cp.async pipeline's prefetch below).
     if (tid == 0) {
-      for (int st = 0; st < first_stages; ++st) {
-        tma_prefetch_l2_2d(params.w_map, int(kt_begin + st) * (S::kBlockK / 2), n0);
-        tma_prefetch_l2_2d(params.meta_map, int(kt_begin + st) * kMetaKTileWords, meta_row);
-      }
+      for (int st = 0; st < first_stages; ++st)
+        for (int sub = 0; sub < stage_k_tiles(st); ++sub) {
+          const int kt = int(kt_begin) + st * kStageKTiles + sub;
+          tma_prefetch_l2_2d(params.w_map, kt * (S::kBlockK / 2), n0);
+          tma_prefetch_l2_2d(params.meta_map, kt * kMetaKTileWords, meta_row);
+        }
     }
     grid_dependency_wait();
     launch_dependent_grids();
     __syncthreads();  // publishes the mbarrier inits
-    // Thread 0: k-tile kt_begin + st into stage st % kStages, its bytes announced first.
+    // Thread 0: stage tile st into stage st % kStages, its bytes announced first.
     auto issue = [&](int st) {
       char* stage = smem + (st % S::kStages) * S::kStageBytes;
       uint64_t* bar = &full[st % S::kStages];
-      const int kt = int(kt_begin) + st;  // K < 2^31 (ops.py), so every coordinate fits
-      mbarrier_arrive(bar, S::kBytesA + S::kBytesB + S::kBytesMeta);
-      tma_load_2d(stage, params.w_map, kt * (S::kBlockK / 2), n0, bar);
-      tma_load_2d(stage + S::kBytesA, params.x_map, kt * S::kBlockK, m0, bar);
-      tma_load_2d(stage + S::kBytesA + S::kBytesB, params.meta_map, kt * kMetaKTileWords, meta_row, bar);
+      const int k_tiles_here = stage_k_tiles(st);
+      mbarrier_arrive(bar, k_tiles_here * (S::kBytesA + S::kBytesB + S::kBytesMeta));
+      for (int sub = 0; sub < k_tiles_here; ++sub) {
+        char* k_tile = stage + sub * S::kKTileBytes;
+        const int kt = int(kt_begin) + st * kStageKTiles + sub;  // K < 2^31 (ops.py): every coordinate fits
+        tma_load_2d(k_tile, params.w_map, kt * (S::kBlockK / 2), n0, bar);
+        tma_load_2d(k_tile + S::kBytesA, params.x_map, kt * S::kBlockK, m0, bar);
+        tma_load_2d(k_tile + S::kBytesA + S::kBytesB, params.meta_map, kt * kMetaKTileWords, meta_row, bar);
+      }
     };
     if (tid == 0)
       for (int st = 0; st < first_stages; ++st) issue(st);
-    for (int it = 0; it < num_tiles; ++it) {
+    for (int it = 0; it < num_stage_tiles; ++it) {
       const int stage = it % S::kStages;
       mbarrier_wait_parity(&full[stage], (it / S::kStages) & 1);
-      wgmma_k_tile<Policy, S>(acc[0], smem + stage * S::kStageBytes, a_lane_offset, e_lane_offset, [] {});
-      __syncwarp();  // every lane's wgmma ops are retired: the warp is done with the stage
+      for (int sub = 0; sub < stage_k_tiles(it); ++sub) {
+        const char* sA = smem + stage * S::kStageBytes + sub * S::kKTileBytes;
+        if constexpr (Tile::kWgmma) {
+          wgmma_k_tile<Policy, S>(acc[0], sA, a_lane_offset, e_lane_offset, [] {});
+        } else {
+          mma_k_tile<Policy, S>(acc, sA, a_lane_offset, b_lane_offset, e_lane_offset, x_rows - warp_m * S::kWarpM);
+        }
+      }
+      __syncwarp();  // every lane is done with the stage (its wgmma ops retired)
       if (lane == 0) mbarrier_arrive(&empty[stage], 0);
-      // Thread 0 refills the stage of k-tile it - 1 rather than this one, which slower warps may
-      // still be reading: waiting for them would hold up warp 0, and with it its warpgroup.
+      // Thread 0 refills the stage of stage tile it - 1 rather than this one, which slower warps
+      // may still be reading: waiting for them would hold up warp 0 (and a wgmma tile's warpgroup).
       const int refill = it - 1 + S::kStages;
-      if (tid == 0 && it >= 1 && refill < num_tiles) {
+      if (tid == 0 && it >= 1 && refill < num_stage_tiles) {
         mbarrier_wait_parity(&empty[(it - 1) % S::kStages], ((it - 1) / S::kStages) & 1);
         issue(refill);
       }
-      __syncwarp();  // lane 0 rejoins its warp before the next k-tile's warp-wide instructions
+      __syncwarp();  // lane 0 rejoins its warp before the next stage's warp-wide instructions
     }
   } else {
     const Operand* values = static_cast<const Operand*>(p.values);
@@ -458,9 +515,6 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinB
     const bool a_vector_ok = Kc % S::kChunkElems == 0 && reinterpret_cast<uintptr_t>(values) % 16 == 0;
     const XLoader x_loader(params);
 
-    // Rows of X this block really has; the rest of B stays zero (zeroed below, never copied).
-    const int x_rows = p.M - m0 < S::kBlockM ? int(p.M - m0) : S::kBlockM;
-    constexpr int kStageKTiles = S::kKTilesPerStage;
 
     // Wc chunks of this thread in an interior stage (every row below N, every column below Kc,
     // 16-byte copies allowed): chunk c = tid + pass * kThreads is row c / kChunksPerRow of the tile,
@@ -525,7 +579,7 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinB
       if (a_rows_interior && kt_stop <= kt_end && kt_stop * (S::kBlockK / 2) <= Kc) {
         const Operand* source = a_source + kt0 * (S::kBlockK / 2);
         char* destination = stage_base + a_smem_offset;
-  #pragma unroll
+#pragma unroll
         for (int pass = 0; pass < kAPasses; ++pass)
           cp_async_16(destination + pass * kRowsPerPass * S::kRowBytesA, source + pass * a_pass_stride, true);
       } else {
@@ -550,7 +604,7 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinB
           const Operand* source = x_loader.x + (m0 + row) * ldx + (kt0 + sub) * S::kBlockK + chunk * S::kChunkElems;
           char* destination =
               stage_base + sub * S::kKTileBytes + S::kBytesA + row * S::kRowBytesB + ((chunk ^ (row & 7)) << 4);
-  #pragma unroll
+#pragma unroll
           for (int pass = 0; pass < kXPasses; ++pass)
             if (kXPasses > 1 || row < x_rows)  // rows past M: zeroed once, never copied
               cp_async_16(destination + pass * kXRowsPerPass * S::kRowBytesB, source + pass * kXRowsPerPass * ldx, true);
@@ -606,7 +660,6 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinB
 
     // Multi-stage pipeline: kStages - 1 stage tiles in flight while one is computed. One commit
     // per iteration (possibly empty) keeps cp_async_wait's group count exact in the tail.
-    const int num_stage_tiles = (num_tiles + kStageKTiles - 1) / kStageKTiles;
     for (int s = 0; s < S::kStages - 1; ++s) {
       if (s < num_stage_tiles) load_stage(s, s);
       cp_async_commit();
@@ -629,7 +682,7 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinB
       };
       if constexpr (!Tile::kWgmma) load_next();
 
-  #pragma unroll
+#pragma unroll
       for (int sub = 0; sub < kStageKTiles; ++sub) {
         if (it * kStageKTiles + sub >= num_tiles) break;  // the block's last stage tile may be partial
         const char* sA = smem + (it % S::kStages) * S::kStageBytes + sub * S::kKTileBytes;
@@ -637,30 +690,7 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinB
           // The next copies go out while the wgmma ops run: nothing in flight reads that stage.
           wgmma_k_tile<Policy, S>(acc[0], sA, a_lane_offset, e_lane_offset, load_next);
         } else {
-          const char* sB = sA + S::kBytesA;
-          const char* sMeta = sB + S::kBytesB;
-  #pragma unroll
-          for (int ks = 0; ks < S::kSteps; ++ks) {
-            uint32_t a[S::kTilesN][4];
-            uint32_t e[S::kTilesN];
-  #pragma unroll
-            for (int i = 0; i < S::kTilesN; ++i) {
-              ldmatrix_x4(a[i], sA + (a_lane_offset ^ (ks << 5)) + i * 16 * S::kRowBytesA);
-              e[i] = *reinterpret_cast<const uint32_t*>(sMeta + e_lane_offset + i * S::kMetaSliceBytes +
-                                                         ks * Policy::kMetaWordsPerStep * 4);
-            }
-  #pragma unroll
-            for (int j = 0; j < S::kTilesM; ++j) {
-              // 8-row B tiles wholly past M (decode at M <= 8: half the tile) are zeros: neither
-              // loaded nor multiplied. Their accumulators stay 0 and are never stored. The test is
-              // warp-uniform (warp_m and the block's x_rows), as ldmatrix and mma.sp require.
-              if (warp_m * S::kWarpM + j * 8 >= x_rows) continue;
-              uint32_t b[4];
-              ldmatrix_x4(b, sB + (b_lane_offset ^ (ks << 6)) + j * 8 * S::kRowBytesB);
-  #pragma unroll
-              for (int i = 0; i < S::kTilesN; ++i) Policy::mma(acc[i][j], a[i], b, e[i]);
-            }
-          }
+          mma_k_tile<Policy, S>(acc, sA, a_lane_offset, b_lane_offset, e_lane_offset, x_rows - warp_m * S::kWarpM);
         }
       }
     }

@@ -152,10 +152,10 @@ std::string wgmma_blocker() {
 GemmPlan plan_device_gemm(int64_t M, int64_t N, int64_t K, DecodeWave wave, int config, int split_k, int64_t block_k) {
   const bool wgmma = wgmma_tile_runs();
 #if defined(__CUDACC__)
-  if ((config == static_cast<int>(GemmConfig::large_m_wgmma) ||
-       config == static_cast<int>(GemmConfig::large_m_wgmma_tma)) && !wgmma) {
-    throw std::invalid_argument("sparsegemm gemm: config " + std::to_string(config) + " (the wgmma tile) needs sm_90a "
-                                "machine code on a compute capability 9.0 GPU, but " + wgmma_blocker());
+  if (config >= static_cast<int>(GemmConfig::large_m_wgmma) && !wgmma) {
+    throw std::invalid_argument("sparsegemm gemm: config " + std::to_string(config) + " (the wgmma tile or a TMA "
+                                "pipeline) needs sm_90a machine code on a compute capability 9.0 GPU, but " +
+                                wgmma_blocker());
   }
 #endif
   return plan_gemm(M, N, K, wave, config, split_k, block_k, wgmma);
@@ -274,9 +274,10 @@ std::string tma_operands_refusal(const GemmParams& p) {
   return "";
 }
 
-// SPARSEGEMM_TMA=1 in the environment at the first call: large-M GEMMs that plan_gemm gives the
-// wgmma tile run its TMA pipeline (config 3) where their operands allow it. Off by default until a
-// GPU has verified and timed that pipeline (gemm_heuristics.h GemmConfig).
+// SPARSEGEMM_TMA=1 in the environment at the first call: on a GPU that runs the wgmma tile, GEMMs
+// that plan_gemm gives the wgmma or the decode tile run its TMA pipeline (config 3 or 4) where
+// their operands allow it. Off by default until a GPU has verified and timed those pipelines
+// (gemm_heuristics.h GemmConfig).
 bool tma_pipeline_opted_in() {
   static const bool opted_in = [] {
     const char* value = std::getenv("SPARSEGEMM_TMA");
@@ -285,11 +286,11 @@ bool tma_pipeline_opted_in() {
   return opted_in;
 }
 
-// The TMA pipeline's kernel parameters for GEMM p (gemm_sp.cuh TmaRowMajorX), whose operands
-// tma_operands_refusal accepts.
-template <typename Policy>
+// The kernel parameters of tile Tile's TMA pipeline for GEMM p (gemm_sp.cuh TmaRowMajorX), whose
+// operands tma_operands_refusal accepts.
+template <typename Policy, typename Tile>
 typename TmaRowMajorX<typename Policy::Operand>::Params tma_gemm_params(const GemmParams& p) {
-  using S = GemmShape<Policy, gemm_tiles::WgmmaLargeM>;
+  using S = GemmShape<Policy, Tile>;
   constexpr int64_t kElem = S::kElemBytes;
   const int64_t Kc = values_cols(p.K);
   const int64_t meta_words = Policy::meta_steps(p.K) * Policy::kMetaWordsPerStep;  // per 16-row slice
@@ -333,30 +334,46 @@ void launch_gemm(const typename XLoader::Params& params, const GemmPlan& plan, s
                       size_t(gemm_smem_bytes<Policy, Tile, XLoader>()), stream, params, plan.k_tiles_per_split);
 }
 
+// The tile of plan.config, fed by its TMA pipeline (TmaRowMajorX) where the config asks for it (3,
+// 4) or SPARSEGEMM_TMA=1 opts in (tma_pipeline_opted_in), and the GEMM's operands allow it.
 template <typename Policy, typename XLoader = RowMajorX<typename Policy::Operand>>
 void launch_gemm_tile(const typename XLoader::Params& params, const GemmPlan& plan, sg_stream_t stream) {
-  if (plan.config == GemmConfig::decode) {
-    launch_gemm<Policy, gemm_tiles::Decode, XLoader>(params, plan, stream);
-  } else if (plan.config == GemmConfig::large_m_wgmma || plan.config == GemmConfig::large_m_wgmma_tma) {
-    using Operand = typename Policy::Operand;
+  using Operand = typename Policy::Operand;
+  const bool decode = is_decode(plan.config);
+  const bool wgmma = plan.config == GemmConfig::large_m_wgmma || plan.config == GemmConfig::large_m_wgmma_tma;
+  const bool forced_tma = plan.config == GemmConfig::large_m_wgmma_tma || plan.config == GemmConfig::decode_tma;
+  auto tma_name = [&] {  // for errors only: no string work on the decode path's host time
+    return "config " + std::to_string(static_cast<int>(plan.config)) + " (the " + (decode ? "decode" : "wgmma") +
+           " tile fed by TMA)";
+  };
+  if constexpr (std::is_same_v<XLoader, RowMajorX<Operand>>) {
     const GemmParams& p = XLoader::gemm(params);
-    const bool forced_tma = plan.config == GemmConfig::large_m_wgmma_tma;
+    const bool opted_in = tma_pipeline_opted_in() && wgmma_tile_runs() && (decode || wgmma);
     // K = 0 copies nothing (and a tensor map cannot describe an empty tensor): the cp.async
-    // variant writes the same act(bias).
-    const bool tma = (forced_tma || tma_pipeline_opted_in()) && p.K > 0;
-    if constexpr (std::is_same_v<XLoader, RowMajorX<Operand>>) {
-      const std::string refusal = tma ? tma_operands_refusal<Policy>(p) : std::string();
+    // pipeline writes the same act(bias).
+    if ((forced_tma || opted_in) && p.K > 0) {
+      const std::string refusal = tma_operands_refusal<Policy>(p);
       if (forced_tma && !refusal.empty())
-        throw std::invalid_argument("sparsegemm gemm: config 3 (the TMA tile) needs " + refusal +
-                                    "; config 2 takes any operand");
-      if (tma && refusal.empty()) {
-        launch_gemm<Policy, gemm_tiles::WgmmaLargeM, TmaRowMajorX<Operand>>(tma_gemm_params<Policy>(p), plan, stream);
+        throw std::invalid_argument("sparsegemm gemm: " + tma_name() + " needs " + refusal + "; config " +
+                                    (decode ? "1" : "2") + " takes any operand");
+      if (refusal.empty()) {
+        using Tma = TmaRowMajorX<Operand>;
+        if (decode) {
+          launch_gemm<Policy, gemm_tiles::Decode, Tma>(tma_gemm_params<Policy, gemm_tiles::Decode>(p), plan, stream);
+        } else {
+          launch_gemm<Policy, gemm_tiles::WgmmaLargeM, Tma>(tma_gemm_params<Policy, gemm_tiles::WgmmaLargeM>(p), plan,
+                                                             stream);
+        }
         return;
       }
-    } else if (forced_tma) {
-      throw std::invalid_argument("sparsegemm conv2d: config 3 (the TMA tile) serves the GEMM only; the convolution "
-                                  "takes config 2");
     }
+  } else if (forced_tma) {
+    throw std::invalid_argument("sparsegemm conv2d: " + tma_name() + " serves the GEMM only; the convolution takes "
+                                "config " + (decode ? "1" : "2"));
+  }
+  if (decode) {
+    launch_gemm<Policy, gemm_tiles::Decode, XLoader>(params, plan, stream);
+  } else if (wgmma) {
     launch_gemm<Policy, gemm_tiles::WgmmaLargeM, XLoader>(params, plan, stream);
   } else {
     launch_gemm<Policy, gemm_tiles::LargeM, XLoader>(params, plan, stream);

@@ -489,6 +489,14 @@ using TensorMap2d = emu::TensorMap2d;
 #define SG_TMA_ASM 1
 #endif
 
+// Whether this compilation has TMA and mbarrier transactions: sm_90 and newer device passes and the
+// emulator. A TMA pipeline instantiated in any other device pass reduces to a trap (gemm_sp.cuh).
+#if defined(SG_TMA_ASM) || !defined(__CUDACC__)
+constexpr bool kTmaCompiled = true;
+#else
+constexpr bool kTmaCompiled = false;
+#endif
+
 // mbarrier.init.shared::cta.b64: `arrivals` arrivals complete a phase (with no transactions due).
 SG_DEVICE void mbarrier_init(uint64_t* bar, unsigned arrivals) {
 #if defined(SG_TMA_ASM)
