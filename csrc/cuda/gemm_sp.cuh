@@ -444,6 +444,9 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinB
     uint64_t* full = reinterpret_cast<uint64_t*>(smem + S::kSmemBytes);  // gemm_smem_bytes
     uint64_t* empty = full + S::kStages;
     if (tid == 0) {
+      tma_prefetch_descriptor(params.w_map);
+      tma_prefetch_descriptor(params.x_map);
+      tma_prefetch_descriptor(params.meta_map);
       for (int s = 0; s < S::kStages; ++s) {
         mbarrier_init(&full[s], 1);
         mbarrier_init(&empty[s], S::kThreads / 32);

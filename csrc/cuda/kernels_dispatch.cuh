@@ -259,8 +259,8 @@ TensorMap2d tensor_map_2d(const void* base, uint32_t element_bytes, uint64_t col
   return map;
 }
 
-// Why the TMA pipeline's tensor maps cannot describe GEMM p's operands (16-byte aligned X and Wc,
-// rows of whole 16 bytes), or "" when they can.
+// Why the TMA pipeline's tensor maps cannot describe GEMM p's operands (16-byte aligned X, Wc and
+// kernel metadata, rows of whole 16 bytes), or "" when they can.
 template <typename Policy>
 std::string tma_operands_refusal(const GemmParams& p) {
   constexpr int64_t kElem = int64_t(sizeof(typename Policy::Operand));
@@ -271,6 +271,7 @@ std::string tma_operands_refusal(const GemmParams& p) {
   if (reinterpret_cast<uintptr_t>(p.values) % 16 != 0 || (Kc * kElem) % 16 != 0)
     return "Wc 16-byte aligned with rows of whole 16 bytes, got " + std::to_string(Kc * kElem) + "-byte rows (K = " +
            std::to_string(p.K) + ")";
+  if (reinterpret_cast<uintptr_t>(p.meta) % 16 != 0) return "16-byte aligned kernel metadata";
   return "";
 }
 

@@ -573,6 +573,16 @@ SG_DEVICE void tma_load_2d(void* smem_dst, const TensorMap2d& map, int32_t c0, i
 #endif
 }
 
+// prefetch.tensormap: brings the tensor map (a kernel parameter) into the TMA unit's descriptor
+// cache ahead of its first copy, as CUTLASS's kernels do; nothing in the emulator.
+SG_DEVICE void tma_prefetch_descriptor(const TensorMap2d& map) {
+#if defined(SG_TMA_ASM)
+  asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&map)) : "memory");
+#else
+  (void)map;
+#endif
+}
+
 // cp.async.bulk.prefetch.tensor.2d.L2.global.tile: the box at (c0, c1) into L2, a hint like
 // prefetch_l2 (no value read later can be stale); the emulator checks its source as tma_load_2d's.
 SG_DEVICE void tma_prefetch_l2_2d(const TensorMap2d& map, int32_t c0, int32_t c1) {
