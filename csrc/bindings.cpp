@@ -214,12 +214,6 @@ void bind_simt_selftest(py::module_& m) {
     py::gil_scoped_release nogil;
     st::cp_async(mode, ptr<const uint8_t>(src), ptr<const uint8_t>(pred), chunks, ptr<uint8_t>(out));
   });
-  m.def("simt_selftest_tma_box", [](int mode, uintptr_t src, int64_t rows, int64_t cols, int64_t row_stride,
-                                      int box_cols, int box_rows, int swizzle, int c0, int c1, uintptr_t out) {
-    py::gil_scoped_release nogil;
-    st::tma_box(mode, ptr<const uint8_t>(src), rows, cols, row_stride, box_cols, box_rows, swizzle, c0, c1,
-                ptr<uint8_t>(out));
-  });
   m.def("simt_selftest_indices", [](std::tuple<unsigned, unsigned, unsigned> grid,
                                     std::tuple<unsigned, unsigned, unsigned> block, uintptr_t out) {
     py::gil_scoped_release nogil;
@@ -269,6 +263,14 @@ void bind_kernel_api(py::module_& m, const std::string& prefix) {
                         ptr<const uint32_t>(e), ptr<void>(d), ptr<void>(stream));
   }, py::arg("kind"), py::arg("mode"), py::arg("b_upper_half"), py::arg("a"), py::arg("b"), py::arg("c"),
      py::arg("e"), py::arg("d"), py::arg("stream") = 0);
+  m.def((prefix + "tma_selftest").c_str(), [](int mode, uintptr_t src, int64_t rows, int64_t cols, int64_t row_stride,
+                                              int box_cols, int box_rows, int swizzle, int c0, int c1, uintptr_t out,
+                                              uintptr_t stream) {
+    py::gil_scoped_release nogil;
+    Api::tma_selftest(mode, ptr<const uint8_t>(src), rows, cols, row_stride, box_cols, box_rows, swizzle, c0, c1,
+                      ptr<uint8_t>(out), ptr<void>(stream));
+  }, py::arg("mode"), py::arg("src"), py::arg("rows"), py::arg("cols"), py::arg("row_stride"), py::arg("box_cols"),
+     py::arg("box_rows"), py::arg("swizzle"), py::arg("c0"), py::arg("c1"), py::arg("out"), py::arg("stream") = 0);
   m.def((prefix + "decompress").c_str(), [](int64_t N, int64_t K, uintptr_t values, uintptr_t meta, uintptr_t w,
                                             int dtype, uintptr_t stream) {
     py::gil_scoped_release nogil;
@@ -339,6 +341,7 @@ struct SimtKernelApi {
   static constexpr auto gemm_scratch = &simt::gemm_scratch;
   static constexpr auto large_m_uses_wgmma = &simt::large_m_uses_wgmma;
   static constexpr auto wgmma_selftest = &simt::wgmma_selftest;
+  static constexpr auto tma_selftest = &simt::tma_selftest;
   static constexpr auto decompress = &simt::decompress;
   static constexpr auto reorder_meta = &simt::reorder_meta;
   static constexpr auto gemm = &simt::gemm;
@@ -355,6 +358,7 @@ struct CudaKernelApi {
   static constexpr auto gemm_scratch = &cuda::gemm_scratch;
   static constexpr auto large_m_uses_wgmma = &cuda::large_m_uses_wgmma;
   static constexpr auto wgmma_selftest = &cuda::wgmma_selftest;
+  static constexpr auto tma_selftest = &cuda::tma_selftest;
   static constexpr auto decompress = &cuda::decompress;
   static constexpr auto reorder_meta = &cuda::reorder_meta;
   static constexpr auto gemm = &cuda::gemm;

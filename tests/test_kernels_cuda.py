@@ -3,11 +3,15 @@ the GPU from test_kernels_simt.py, test_int8_kernels_simt.py and test_conv_kerne
 `kernels` fixture's "cuda" variant); the checks here are theirs, so both backends answer to the
 same oracles. Skips without a CUDA build or a GPU; nothing touches CUDA at import time."""
 import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
 import torch
 
+import sparsegemm
 from sparsegemm import _C
 from test_conv_kernels import assert_within_twice_dense_error, make_input, make_layer
 from test_int8_kernels_simt import (assert_gemm_s8_activation_close, assert_gemm_s8_bit_exact,
@@ -15,13 +19,23 @@ from test_int8_kernels_simt import (assert_gemm_s8_activation_close, assert_gemm
 from test_kernels_simt import (DECODE, DECODE_TMA, LARGE_M, WGMMA, WGMMA_TMA, KernelBackend,
                                assert_compress_prune_matches_reference, assert_gemm_within_twice_dense_error,
                                cuda_kernels_available)
-from test_simt_emulator import wgmma_exact_case, wgmma_mismatch_report
+from test_simt_emulator import TMA_BOX_CASES, assert_tma_box_matches_model, wgmma_exact_case, wgmma_mismatch_report
 
 pytestmark = pytest.mark.skipif(
     not cuda_kernels_available(),
     reason="needs a CUDA build of sparsegemm._C and a CUDA GPU (torch.cuda.is_available())")
 
 GPU = KernelBackend("cuda")
+
+
+@pytest.mark.parametrize("swizzle,box_cols,c0,c1", TMA_BOX_CASES)
+def test_tma_box_matches_the_emulator_model(swizzle, box_cols, c0, c1):
+    # One TMA copy on the device against the model the emulator implements (test_simt_emulator.py):
+    # the swizzles and the zero fill the TMA pipelines rely on, before any pipeline. If a TMA GEMM
+    # fails on a GPU, this says whether the copies land where the kernels expect them.
+    if not _C.cuda_large_m_uses_wgmma():
+        pytest.skip("the TMA self-test runs on compute capability 9.0 GPUs with an sm_90a build")
+    assert_tma_box_matches_model(swizzle, box_cols, c0, c1, backend="cuda")
 
 
 @pytest.mark.parametrize("kind", [0, 1, 2], ids=["f16", "bf16", "s8"])
@@ -180,6 +194,38 @@ def test_large_m_takes_the_wgmma_tile_exactly_on_hopper():
     turned_off = (os.environ.get("SPARSEGEMM_WGMMA") == "0"
                   or os.environ.get("CUDA_FORCE_PTX_JIT", "0") not in ("", "0"))
     assert _C.cuda_large_m_uses_wgmma() == (hopper and not turned_off)
+
+
+def test_tma_opt_in_takes_the_tma_pipelines_through_the_public_api(tmp_path):
+    # SPARSEGEMM_TMA=1 (read once per process, so in a child): sparsegemm.linear's decode and
+    # large-M GEMMs run the TMA kernels (the profiler names them) and give the bits the default
+    # cp.async ones give here.
+    if not _C.cuda_large_m_uses_wgmma():
+        pytest.skip("the TMA pipelines run on compute capability 9.0 GPUs with an sm_90a build")
+    script = textwrap.dedent("""
+        import sys, numpy as np, torch, sparsegemm
+        from torch.profiler import ProfilerActivity, profile
+        torch.manual_seed(0)
+        sw = sparsegemm.compress(torch.randn(512, 1024, device="cuda").half(), prune=True)
+        xs = [torch.randn(m, 1024, device="cuda").half() for m in (3, 300)]
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            ys = [sparsegemm.linear(x, sw) for x in xs]
+            torch.cuda.synchronize()
+        names = [e.name for e in prof.events() if "gemm_sp_kernel" in e.name]
+        np.save(sys.argv[1], np.stack([y.float().cpu().numpy().ravel()[:512 * 3] for y in ys]))
+        print(sum("TmaRowMajorX" in n for n in names), len(names))
+    """)
+    out = tmp_path / "y.npy"
+    env = dict(os.environ, SPARSEGEMM_TMA="1")
+    run = subprocess.run([sys.executable, "-c", script, str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    tma_kernels, kernels = map(int, run.stdout.split()[-2:])
+    assert kernels >= 2 and tma_kernels == kernels, run.stdout
+    torch.manual_seed(0)
+    sw = sparsegemm.compress(torch.randn(512, 1024, device="cuda").half(), prune=True)
+    xs = [torch.randn(m, 1024, device="cuda").half() for m in (3, 300)]
+    reference = np.stack([sparsegemm.linear(x, sw).float().cpu().numpy().ravel()[:512 * 3] for x in xs])
+    np.testing.assert_array_equal(np.load(out), reference)
 
 
 @pytest.mark.parametrize("config", [WGMMA, WGMMA_TMA, DECODE_TMA])

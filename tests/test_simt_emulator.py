@@ -424,7 +424,7 @@ def test_cp_async_wait_group_retires_oldest_groups_first():
 
 # ---- mbarrier and TMA -----------------------------------------------------------------------------
 def tma_box_reference(src, c0, c1, box_cols, box_rows, swizzle):
-    """The bytes cp.async.bulk.tensor.2d leaves in shared memory at offset 1024 (the self-test's
+    """The bytes cp.async.bulk.tensor.2d leaves in shared memory at offset 1024 (tma_selftest.cuh's
     destination): the box with zeros outside src, its 16-byte chunks moved by the swizzle, which
     XORs address bits [4, 4 + log2(swizzle / 16)) with bits [7, ...) (CUDA's cuTensorMapEncodeTiled
     CU_TENSOR_MAP_SWIZZLE_*B, CUTLASS Swizzle<b, 4, 3>)."""
@@ -442,24 +442,39 @@ def tma_box_reference(src, c0, c1, box_cols, box_rows, swizzle):
     return out
 
 
-def run_tma_box(mode, src, row_stride, box_cols, box_rows, swizzle, c0, c1):
+def run_tma_box(mode, src, row_stride, box_cols, box_rows, swizzle, c0, c1, backend="simt"):
+    """_C.<backend>_tma_selftest on byte tensor src (rows row_stride bytes apart) -> the landed box."""
     rows, cols = src.shape
     store = np.zeros((rows, row_stride), np.uint8)
     store[:, :cols] = src
     out = np.full(box_cols * box_rows, 7, np.uint8)
-    _C.simt_selftest_tma_box(mode, ptr(store), rows, cols, row_stride, box_cols, box_rows, swizzle, c0, c1, ptr(out))
-    return out
+    if backend == "simt":
+        _C.simt_tma_selftest(mode, ptr(store), rows, cols, row_stride, box_cols, box_rows, swizzle, c0, c1, ptr(out))
+        return out
+    store_dev, out_dev = torch.from_numpy(store).cuda(), torch.from_numpy(out).cuda()
+    _C.cuda_tma_selftest(mode, store_dev.data_ptr(), rows, cols, row_stride, box_cols, box_rows, swizzle, c0, c1,
+                         out_dev.data_ptr(), stream=torch.cuda.current_stream().cuda_stream)
+    torch.cuda.synchronize()
+    return out_dev.cpu().numpy()
 
 
-@pytest.mark.parametrize("swizzle,box_cols", [(0, 48), (32, 32), (64, 64), (128, 128)])
-@pytest.mark.parametrize("c0,c1", [(0, 0), (16, 3), (-16, -2), (40, 13)])
-def test_tma_box_matches_the_swizzle_and_zero_fill_model(swizzle, box_cols, c0, c1):
-    # A 20 x 150 byte tensor in rows 160 bytes apart; boxes of 16 rows that start inside it, before
-    # it (negative coordinates) and run past its last row and column: zeros there.
+# A 20 x 150 byte tensor in rows 160 bytes apart; boxes of 16 rows that start inside it, before it
+# (negative coordinates) and run past its last row and column: zeros there. Each swizzle with rows
+# of one span (the TMA pipelines' boxes), and none.
+TMA_BOX_CASES = [(swizzle, box_cols, c0, c1) for swizzle, box_cols in [(0, 48), (32, 32), (64, 64), (128, 128)]
+                 for c0, c1 in [(0, 0), (16, 3), (-16, -2), (40, 13)]]
+
+
+def assert_tma_box_matches_model(swizzle, box_cols, c0, c1, backend="simt"):
     rng = np.random.default_rng(swizzle + c0 + 2 * c1 + 64)
     src = rng.integers(1, 256, (20, 150), dtype=np.uint8)
-    out = run_tma_box(0, src, 160, box_cols, 16, swizzle, c0, c1)
+    out = run_tma_box(0, src, 160, box_cols, 16, swizzle, c0, c1, backend)
     np.testing.assert_array_equal(out, tma_box_reference(src, c0, c1, box_cols, 16, swizzle))
+
+
+@pytest.mark.parametrize("swizzle,box_cols,c0,c1", TMA_BOX_CASES)
+def test_tma_box_matches_the_swizzle_and_zero_fill_model(swizzle, box_cols, c0, c1):
+    assert_tma_box_matches_model(swizzle, box_cols, c0, c1)
 
 
 def test_tma_box_read_before_the_wait_sees_poison():

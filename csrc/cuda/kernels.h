@@ -34,6 +34,11 @@ namespace sparsegemm {
   /* One warpgroup's wgmma.mma_async.sp m64n128 on operands in memory (wgmma_selftest.cuh).   */ \
   void wgmma_selftest(int kind, int mode, bool b_upper_half, const void* a, const void* b, const void* c, \
                       const uint32_t* e, void* d, void* stream);                                  \
+  /* One TMA box of a byte tensor src[rows][cols] (rows row_stride bytes apart) at (c0, c1) into */ \
+  /* shared memory with a swizzle of 0 / 32 / 64 / 128 bytes; out = the landed bytes            */ \
+  /* (tma_selftest.cuh; mode 1, a read before the wait, only in the emulator).                  */ \
+  void tma_selftest(int mode, const uint8_t* src, int64_t rows, int64_t cols, int64_t row_stride, int box_cols, \
+                    int box_rows, int swizzle, int c0, int c1, uint8_t* out, void* stream);     \
   /* Implicit-GEMM convolution (params.h ConvParams, conv_sp.cuh): NHWC x -> NHWC Y; p.gemm's  */ \
   /* meta is the kernel-layout E, its scratch the GEMM's for (M, N, K): the same plan.          */ \
   void conv2d(const ConvParams& p, void* stream);                                                 \

@@ -26,6 +26,7 @@
 #include "kernels.h"
 #include "quantize.cuh"
 #include "reorder.cuh"
+#include "tma_selftest.cuh"
 #include "wgmma_selftest.cuh"
 
 namespace sparsegemm {
@@ -205,7 +206,7 @@ void launch_decompress(const DecompressParams& p, sg_stream_t stream) {
 
 // The tensor map of a row-major tensor of `rows` x `cols` elements of element_bytes (1, 2 or 4),
 // rows row_stride bytes apart, for tma_load_2d boxes of box_cols x box_rows elements with a
-// swizzle of swizzle_bytes (0, 64 or 128). On the device through the driver's
+// swizzle of swizzle_bytes (0, 32, 64 or 128). On the device through the driver's
 // cuTensorMapEncodeTiled, looked up once through the runtime (no link to libcuda); for the
 // emulator its TensorMap2d.
 TensorMap2d tensor_map_2d(const void* base, uint32_t element_bytes, uint64_t cols, uint64_t rows, uint64_t row_stride,
@@ -232,6 +233,7 @@ TensorMap2d tensor_map_2d(const void* base, uint32_t element_bytes, uint64_t col
                                                         : CU_TENSOR_MAP_DATA_TYPE_UINT32;
   const CUtensorMapSwizzle swizzle = swizzle_bytes == 128  ? CU_TENSOR_MAP_SWIZZLE_128B
                                      : swizzle_bytes == 64 ? CU_TENSOR_MAP_SWIZZLE_64B
+                                     : swizzle_bytes == 32 ? CU_TENSOR_MAP_SWIZZLE_32B
                                                            : CU_TENSOR_MAP_SWIZZLE_NONE;
   const cuuint64_t dims[2] = {cols, rows};
   const cuuint64_t strides[1] = {row_stride};
@@ -450,6 +452,31 @@ void wgmma_selftest(int kind, int mode, bool b_upper_half, const void* a, const 
   if (kind == 0) launch_wgmma_selftest<0>(mode, b_upper_half, a8, b8, c32, e, d32, s);
   if (kind == 1) launch_wgmma_selftest<1>(mode, b_upper_half, a8, b8, c32, e, d32, s);
   if (kind == 2) launch_wgmma_selftest<2>(mode, b_upper_half, a8, b8, c32, e, d32, s);
+}
+
+void tma_selftest(int mode, const uint8_t* src, int64_t rows, int64_t cols, int64_t row_stride, int box_cols,
+                  int box_rows, int swizzle, int c0, int c1, uint8_t* out, void* stream) {
+  const std::string op = "sparsegemm tma_selftest: ";
+#if defined(__CUDACC__)
+  if (mode != 0) throw std::invalid_argument(op + "mode must be 0 on the device (1 reads a copy in flight), got " +
+                                             std::to_string(mode));
+  if (!wgmma_tile_runs()) throw std::invalid_argument(op + "needs sm_90a machine code on a compute capability 9.0 "
+                                                      "GPU, but " + wgmma_blocker());
+#else
+  if (mode != 0 && mode != 1) throw std::invalid_argument(op + "mode must be 0 or 1, got " + std::to_string(mode));
+#endif
+  if (rows < 1 || cols < 1 || box_cols < 1 || box_rows < 1 || box_cols * box_rows > 32768)
+    throw std::invalid_argument(op + "the tensor and the box must not be empty, and the box at most 32 KiB");
+  if (swizzle != 0 && swizzle != 32 && swizzle != 64 && swizzle != 128)
+    throw std::invalid_argument(op + "swizzle must be 0, 32, 64 or 128, got " + std::to_string(swizzle));
+  const TensorMap2d map = tensor_map_2d(src, 1, uint64_t(cols), uint64_t(rows), uint64_t(row_stride),
+                                        uint32_t(box_cols), uint32_t(box_rows), uint32_t(swizzle));
+  const auto bytes = static_cast<uint32_t>(box_cols * box_rows);
+#if defined(SPARSEGEMM_SIMT)
+  const emu::ReadableBuffers readable{{src, size_t((rows - 1) * row_stride + cols), "src"}};
+#endif
+  sg_launch(tma_selftest_kernel, dim3(1), dim3(32), size_t(kTmaSelftestBoxOffset) + bytes,
+            static_cast<sg_stream_t>(stream), mode, map, bytes, c0, c1, out);
 }
 
 void gemm(const GemmParams& p, void* stream) {

@@ -106,29 +106,6 @@ SG_GLOBAL void cp_async_kernel(int mode, const uint8_t* __restrict__ src, const 
   }
 }
 
-SG_GLOBAL void tma_box_kernel(int mode, SG_GRID_CONSTANT const TensorMap2d map, uint32_t bytes, int c0, int c1,
-                              uint8_t* __restrict__ out) {
-  SG_DYNAMIC_SMEM(char, smem);
-  auto* bar = reinterpret_cast<uint64_t*>(smem);
-  if (threadIdx.x == 0) {
-    mbarrier_init(bar, 1);
-    fence_mbarrier_init();
-  }
-  __syncthreads();
-  mbarrier_wait_parity(bar, 1);
-  __syncthreads();  // else a thread still on its way to that wait would find phase 0 over: parity 1 is then next
-  if (threadIdx.x == 0) {
-    mbarrier_arrive(bar, bytes);
-    tma_load_2d(smem + 1024, map, c0, c1, bar);
-  }
-  if (mode == 0) mbarrier_wait_parity(bar, 0);
-  for (uint32_t i = threadIdx.x; i < bytes; i += 32) out[i] = static_cast<uint8_t>(smem[1024 + i]);
-  if (mode == 1) {
-    __syncthreads();  // every thread has stored before any waits (a wait lands the copy)
-    mbarrier_wait_parity(bar, 0);
-  }
-}
-
 SG_GLOBAL void indices_kernel(int32_t* __restrict__ out) {
   SG_DYNAMIC_SMEM(char, smem);
   const unsigned threads = blockDim.x * blockDim.y * blockDim.z;
@@ -375,24 +352,6 @@ void cp_async(int mode, const uint8_t* src, const uint8_t* pred, int chunks, uin
   if (chunks < 1 || chunks > 64) throw std::invalid_argument("cp_async: chunks must be in 1..64");
   sg_launch(kernels::cp_async_kernel, dim3(1), dim3(32), static_cast<size_t>(chunks) * 16, nullptr, mode, src, pred,
             chunks, out);
-}
-
-void tma_box(int mode, const uint8_t* src, int64_t rows, int64_t cols, int64_t row_stride, int box_cols, int box_rows,
-             int swizzle, int c0, int c1, uint8_t* out) {
-  if (mode != 0 && mode != 1) throw std::invalid_argument("tma_box: mode must be 0 or 1");
-  if (box_cols < 1 || box_rows < 1) throw std::invalid_argument("tma_box: the box must not be empty");
-  TensorMap2d map;
-  map.base = src;
-  map.element_bytes = 1;
-  map.dims[0] = static_cast<uint64_t>(cols);
-  map.dims[1] = static_cast<uint64_t>(rows);
-  map.row_stride = static_cast<uint64_t>(row_stride);
-  map.box[0] = static_cast<uint32_t>(box_cols);
-  map.box[1] = static_cast<uint32_t>(box_rows);
-  map.swizzle_bytes = static_cast<uint32_t>(swizzle);
-  const auto bytes = static_cast<uint32_t>(box_cols * box_rows);
-  const emu::ReadableBuffers readable{{src, static_cast<size_t>(rows > 0 ? (rows - 1) * row_stride + cols : 0), "src"}};
-  sg_launch(kernels::tma_box_kernel, dim3(1), dim3(32), size_t(1024) + bytes, nullptr, mode, map, bytes, c0, c1, out);
 }
 
 void indices(unsigned grid_x, unsigned grid_y, unsigned grid_z, unsigned block_x, unsigned block_y, unsigned block_z,

@@ -33,17 +33,6 @@ void shuffles(const int32_t* values, const int32_t* src_lane, int xor_mask, int 
 //   mode 2: wait_group 1, store to out[0], then wait_group 0, store to out[1].
 void cp_async(int mode, const uint8_t* src, const uint8_t* pred, int chunks, uint8_t* out);
 
-// One warp, one TMA copy (cp.async.bulk.tensor.2d with an mbarrier): the box of box_cols x
-// box_rows bytes at (c0, c1) of src, a [rows][cols] byte tensor with rows row_stride bytes apart,
-// with a swizzle of swizzle bytes (0, 32, 64, 128), into shared memory at offset 1024 (aligned for
-// every swizzle); out[box bytes] = the shared bytes there. Thread 0 initialises the mbarrier (one
-// arrival), every thread first waits for parity 1 (passes on a fresh mbarrier), then thread 0
-// announces the box's bytes and issues the copy, and
-//   mode 0: everyone waits for parity 0, then stores;
-//   mode 1: everyone stores with the copy in flight, then (after a barrier) waits.
-void tma_box(int mode, const uint8_t* src, int64_t rows, int64_t cols, int64_t row_stride, int box_cols, int box_rows,
-             int swizzle, int c0, int c1, uint8_t* out);
-
 // Every thread of the grid writes blockIdx.xyz, threadIdx.xyz, lane_id(), and the dynamic shared
 // memory byte count it can address to out[global thread][8] (global thread = block-major order).
 void indices(unsigned grid_x, unsigned grid_y, unsigned grid_z, unsigned block_x, unsigned block_y, unsigned block_z,
