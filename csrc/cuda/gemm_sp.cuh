@@ -240,10 +240,11 @@ struct TmaRowMajorX {
 };
 
 // Dynamic shared memory of gemm_sp_kernel<Policy, Tile, XLoader>: the stages (or the epilogue's
-// Ys, whichever is larger), then for the TMA pipeline its 2 kStages mbarriers.
+// Ys, whichever is larger), then for the TMA pipeline a `full` mbarrier (8 bytes) and a
+// `stage_done` counter (4 bytes) per stage.
 template <typename Policy, typename Tile, typename XLoader>
 constexpr int gemm_smem_bytes() {
-  return GemmShape<Policy, Tile>::kSmemBytes + (XLoader::kTma ? 2 * Tile::kStages * 8 : 0);
+  return GemmShape<Policy, Tile>::kSmemBytes + (XLoader::kTma ? 12 * Tile::kStages : 0);
 }
 
 // One k-tile of the wgmma tile from the stage at sA (layout above; acc: the warp's accumulators,
@@ -430,29 +431,23 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinB
   const int num_stage_tiles = (num_tiles + kStageKTiles - 1) / kStageKTiles;
 
   if constexpr (XLoader::kTma) {
-    // TMA pipeline (TmaRowMajorX: configs 3 and 4, the wgmma and decode tiles): thread 0 copies
-    // each k-tile of a stage with three TMA copies (its Wc, X and metadata boxes) that complete on
-    // the stage's `full` mbarrier; every warp waits on that, computes, and arrives on the stage's
-    // `empty` mbarrier once done with it (wgmma ops retired), which thread 0 waits on before it
-    // refills the stage. No thread copies bytes itself and no barrier spans the block (Nsight
-    // Compute saw the cp.async pipeline's per-thread copies and barriers take the wgmma tile's
-    // issue slots and shared memory: gemm_heuristics.h), so warps drift up to kStages stages
-    // apart. Tails need nothing: box elements past N, M, K and Kc are zeros, and k-tiles past
-    // the split's end are neither copied nor computed.
+    // TMA pipeline (TmaRowMajorX: configs 3 and 4, the wgmma and decode tiles): each k-tile of a
+    // stage comes with three TMA copies (its Wc, X and metadata boxes) that complete on the
+    // stage's `full` mbarrier. Every warp waits on that, computes, then counts itself done with
+    // the stage (`stage_done`, a shared counter); the last warp out refills the stage with the
+    // stage tile kStages later, at once. No thread copies bytes itself, no barrier spans the block
+    // (Nsight Compute saw the cp.async pipeline's per-thread copies and barriers take the wgmma
+    // tile's issue slots and shared memory: gemm_heuristics.h), and no warp waits for another to
+    // refill: warps drift up to kStages stages apart. (A producer warp after the tile's 8 took
+    // the launch bound to 288 threads, which capped ptxas at 96 registers: the wgmma tile spilled;
+    // thread 0 as producer, waiting for the slowest warp, held its warpgroup back.) Tails need
+    // nothing: box elements past N, M, K and Kc are zeros, and k-tiles past the split's end are
+    // neither copied nor computed.
     static_assert(S::kBytesA % 1024 == 0 && S::kKTileBytes % 1024 == 0,
                   "TMA boxes: every B tile on a 1024-byte swizzle atom, every A tile on a 512-byte one");
     uint64_t* full = reinterpret_cast<uint64_t*>(smem + S::kSmemBytes);  // gemm_smem_bytes
-    uint64_t* empty = full + S::kStages;
-    if (tid == 0) {
-      tma_prefetch_descriptor(params.w_map);
-      tma_prefetch_descriptor(params.x_map);
-      tma_prefetch_descriptor(params.meta_map);
-      for (int s = 0; s < S::kStages; ++s) {
-        mbarrier_init(&full[s], 1);
-        mbarrier_init(&empty[s], S::kThreads / 32);
-      }
-      fence_mbarrier_init();
-    }
+    int* stage_done = reinterpret_cast<int*>(full + S::kStages);
+    constexpr int kWarps = S::kThreads / 32;
     constexpr int kMetaKTileWords = S::kSteps * Policy::kMetaWordsPerStep;
     const int meta_row = n0 / 16;
     const int first_stages = num_stage_tiles < S::kStages ? num_stage_tiles : S::kStages;
@@ -461,9 +456,17 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinB
       const int left = num_tiles - st * kStageKTiles;
       return left < kStageKTiles ? left : kStageKTiles;
     };
-    // Before grid_dependency_wait only the weight boxes of the first stages, into L2 (see the
-    // cp.async pipeline's prefetch below).
     if (tid == 0) {
+      tma_prefetch_descriptor(params.w_map);
+      tma_prefetch_descriptor(params.x_map);
+      tma_prefetch_descriptor(params.meta_map);
+      for (int s = 0; s < S::kStages; ++s) {
+        mbarrier_init(&full[s], 1);
+        stage_done[s] = 0;
+      }
+      fence_mbarrier_init();
+      // Before grid_dependency_wait only the weight boxes of the first stages, into L2 (see the
+      // cp.async pipeline's prefetch below).
       for (int st = 0; st < first_stages; ++st)
         for (int sub = 0; sub < stage_k_tiles(st); ++sub) {
           const int kt = int(kt_begin) + st * kStageKTiles + sub;
@@ -473,8 +476,8 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinB
     }
     grid_dependency_wait();
     launch_dependent_grids();
-    __syncthreads();  // publishes the mbarrier inits
-    // Thread 0: stage tile st into stage st % kStages, its bytes announced first.
+    __syncthreads();  // publishes the mbarrier inits and the zeroed counters
+    // One thread: stage tile st into stage st % kStages, its bytes announced first.
     auto issue = [&](int st) {
       char* stage = smem + (st % S::kStages) * S::kStageBytes;
       uint64_t* bar = &full[st % S::kStages];
@@ -502,13 +505,11 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinB
         }
       }
       __syncwarp();  // every lane is done with the stage (its wgmma ops retired)
-      if (lane == 0) mbarrier_arrive(&empty[stage], 0);
-      // Thread 0 refills the stage of stage tile it - 1 rather than this one, which slower warps
-      // may still be reading: waiting for them would hold up warp 0 (and a wgmma tile's warpgroup).
-      const int refill = it - 1 + S::kStages;
-      if (tid == 0 && it >= 1 && refill < num_stage_tiles) {
-        mbarrier_wait_parity(&empty[(it - 1) % S::kStages], ((it - 1) / S::kStages) & 1);
-        issue(refill);
+      // The last warp out (its add, acquire-release, comes after every other warp's reads) resets
+      // the count (the next adds follow the refill's `full` phase) and refills the stage.
+      if (lane == 0 && atomic_add_acq_rel_cta_shared(&stage_done[stage], 1) == kWarps - 1) {
+        stage_done[stage] = 0;
+        if (it + S::kStages < num_stage_tiles) issue(it + S::kStages);
       }
       __syncwarp();  // lane 0 rejoins its warp before the next stage's warp-wide instructions
     }

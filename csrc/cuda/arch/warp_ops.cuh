@@ -630,4 +630,25 @@ SG_DEVICE int atomic_add_acq_rel_gpu(int* address, int value) {
 #endif
 }
 
+// ---- atom.shared.add.acq_rel.cta --------------------------------------------------------------
+// Atomic add on shared memory, acquire-release at CTA scope (PTX ISA atom .acq_rel .cta .shared::cta,
+// sm_70+): the release half orders the calling thread's earlier accesses (a __syncwarp before it
+// brings in its warp's) before the add, the acquire half makes those released by earlier adds to the
+// same address happen before what follows. The emulator's fibers switch only at synchronisation
+// points, so a plain add is the same there.
+SG_DEVICE int atomic_add_acq_rel_cta_shared(int* address, int value) {
+#if defined(__CUDACC__)
+  int previous;
+  asm volatile("atom.acq_rel.cta.shared::cta.add.u32 %0, [%1], %2;\n"
+               : "=r"(previous)
+               : "r"(shared_address(address)), "r"(value)
+               : "memory");
+  return previous;
+#else
+  const int previous = *address;
+  *address = previous + value;
+  return previous;
+#endif
+}
+
 }  // namespace sparsegemm
