@@ -3,7 +3,7 @@
 # the large-M tiles against cuBLAS, compute-sanitizer memcheck + racecheck on small cases, the
 # graph-replay sweep, the eager host time, an Nsight Compute profile of the GEMMs and the benchmark,
 # in that order of priority; everything lands in OUTDIR (env.json, steps.txt, junit XML,
-# large_m*.txt, sanitizer logs, sweep.txt, host_overhead.txt, ncu_gemm.txt,
+# large_m*.txt, sanitizer logs, sweep.txt, host_overhead.txt, ncu_gemm*.txt,
 # bench.json/.csv/.md/.png). Usage: bench/gpu_suite.sh OUTDIR
 # PYTHON (default: python3) must have a CUDA torch, pybind11, pytest; nvcc and compute-sanitizer on PATH.
 # The whole run fits SUITE_BUDGET seconds (default 480: DESIGN.md's 8 minutes, within the 600 s
@@ -72,11 +72,15 @@ run_step host_overhead "${SWEEP_TIMEOUT:-120}" "$OUT/host_overhead.txt" "$PY" be
 # Where the GEMMs' time goes (before the benchmark, which takes whatever time is left): Nsight
 # Compute on one decode and one large-M call (bench/profile_kernels.py): stall reasons per issued
 # instruction, pipe use, memory throughput.
+# The same for the TMA pipelines (SPARSEGEMM_TMA=1: configs 3 and 4) into ncu_gemm_tma.txt.
 if command -v ncu > /dev/null; then
-  run_step ncu "${NCU_TIMEOUT:-90}" "$OUT/ncu_gemm.txt" ncu --clock-control none --section SpeedOfLight \
-    --section ComputeWorkloadAnalysis --section WarpStateStats --section MemoryWorkloadAnalysis --section Occupancy \
-    --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" -k regex:gemm_sp_kernel -c 2 \
-    "$PY" bench/profile_kernels.py
+  for variant in "" _tma; do
+    run_step "ncu$variant" "${NCU_TIMEOUT:-90}" "$OUT/ncu_gemm$variant.txt" env SPARSEGEMM_TMA=${variant:+1} \
+      ncu --clock-control none --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats \
+      --section MemoryWorkloadAnalysis --section Occupancy \
+      --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" -k regex:gemm_sp_kernel -c 2 \
+      "$PY" bench/profile_kernels.py
+  done
 fi
 # BENCH_ARGS narrows the sweep (e.g. "--shapes square-8192 --m 1 16 8192").
 if [[ -z "${BENCH_ARGS+set}" ]] && ((BUDGET - SECONDS < 600)); then BENCH_ARGS=--quick; fi
