@@ -440,9 +440,12 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinB
     // tile's issue slots and shared memory: gemm_heuristics.h), and no warp waits for another to
     // refill: warps drift up to kStages stages apart. (A producer warp after the tile's 8 took
     // the launch bound to 288 threads, which capped ptxas at 96 registers: the wgmma tile spilled;
-    // thread 0 as producer, waiting for the slowest warp, held its warpgroup back.) Tails need
-    // nothing: box elements past N, M, K and Kc are zeros, and k-tiles past the split's end are
-    // neither copied nor computed.
+    // thread 0 as producer, waiting for the slowest warp, held its warpgroup back.) A wgmma
+    // tile's warp retires each k-tile's wgmma ops before the next k-tile: keeping them in flight
+    // while the next A fragments and metadata load (two register sets, wait_group 1) made ptxas
+    // serialise every wgmma (C7513: registers a wgmma reads defined while wgmma ops are in
+    // flight). Tails need nothing: box elements past N, M, K and Kc are zeros, and k-tiles past
+    // the split's end are neither copied nor computed.
     static_assert(S::kBytesA % 1024 == 0 && S::kKTileBytes % 1024 == 0,
                   "TMA boxes: every B tile on a 1024-byte swizzle atom, every A tile on a 512-byte one");
     uint64_t* full = reinterpret_cast<uint64_t*>(smem + S::kSmemBytes);  // gemm_smem_bytes
