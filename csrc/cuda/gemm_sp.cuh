@@ -446,8 +446,9 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinB
     // serialise every wgmma (C7513: registers a wgmma reads defined while wgmma ops are in
     // flight). Tails need nothing: box elements past N, M, K and Kc are zeros, and k-tiles past
     // the split's end are neither copied nor computed.
-    static_assert(S::kBytesA % 1024 == 0 && S::kKTileBytes % 1024 == 0,
-                  "TMA boxes: every B tile on a 1024-byte swizzle atom, every A tile on a 512-byte one");
+    static_assert(S::kBytesA % 1024 == 0 && S::kKTileBytes % 1024 == 0 && S::kSmemBytes % 8 == 0,
+                  "TMA boxes: every B tile on a 1024-byte swizzle atom, every A tile on a 512-byte one; "
+                  "8-byte aligned mbarriers after the stages");
     uint64_t* full = reinterpret_cast<uint64_t*>(smem + S::kSmemBytes);  // gemm_smem_bytes
     int* stage_done = reinterpret_cast<int*>(full + S::kStages);
     constexpr int kWarps = S::kThreads / 32;
@@ -512,6 +513,9 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinB
       // the count (the next adds follow the refill's `full` phase) and refills the stage.
       if (lane == 0 && atomic_add_acq_rel_cta_shared(&stage_done[stage], 1) == kWarps - 1) {
         stage_done[stage] = 0;
+        // The warps' generic-proxy reads of the stage, which the atomics ordered before this
+        // point, before the refill's async-proxy writes (CUTLASS omits this fence, Triton emits it).
+        fence_proxy_async_shared();
         if (it + S::kStages < num_stage_tiles) issue(it + S::kStages);
       }
       __syncwarp();  // lane 0 rejoins its warp before the next stage's warp-wide instructions

@@ -167,6 +167,10 @@ SG_DEVICE void trap(const char* why) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define SG_WGMMA_ASM 1
 #endif
+// TMA, mbarrier transaction counts and the async-proxy fence: every sm_90 and newer device pass.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define SG_TMA_ASM 1
+#endif
 
 // Whether this compilation has wgmma: the sm_90a device pass and the emulator. A wgmma kernel
 // instantiated in any other device pass reduces to a trap (gemm_sp.cuh).
@@ -244,13 +248,13 @@ SG_DEVICE void wgmma_fence_operands(Acc (&d)[16][4]) {
 #endif
 }
 
-// fence.proxy.async.shared::cta: orders this thread's earlier shared-memory writes (stores, landed
-// cp.async copies) before later reads by the async proxy (wgmma's B operand), once a barrier
-// hands them on. PTX ISA 9.7.15.4 asks for it; CUTLASS's cp.async wgmma mainloops omit it, XLA
-// emits it. The emulator tracks it for cp.async writes and st_shared_16 stores (emulator.h
-// wgmma_read_shared).
+// fence.proxy.async.shared::cta: orders this thread's earlier shared-memory accesses (stores,
+// landed cp.async copies; reads, as synchronisation handed them on) before later accesses by the
+// async proxy (wgmma's B operand, TMA writes), once a barrier or an atomic hands them on. PTX ISA
+// 9.7.15.4 asks for it; CUTLASS's cp.async wgmma mainloops omit it, XLA emits it. The emulator
+// tracks it for cp.async writes and st_shared_16 stores (emulator.h wgmma_read_shared).
 SG_DEVICE void fence_proxy_async_shared() {
-#if defined(SG_WGMMA_ASM)
+#if defined(SG_TMA_ASM)
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 #elif !defined(__CUDACC__)
   emu::fence_proxy_async();
@@ -485,10 +489,6 @@ using TensorMap2d = CUtensorMap;
 #else
 using TensorMap2d = emu::TensorMap2d;
 #endif
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#define SG_TMA_ASM 1
-#endif
-
 // Whether this compilation has TMA and mbarrier transactions: sm_90 and newer device passes and the
 // emulator. A TMA pipeline instantiated in any other device pass reduces to a trap (gemm_sp.cuh).
 #if defined(SG_TMA_ASM) || !defined(__CUDACC__)
