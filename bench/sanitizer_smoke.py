@@ -11,7 +11,7 @@ from sparsegemm import _C, ops, quant
 from sparsegemm import format as fmt
 
 # The fourth takes the copies with precomputed pointers (whole 128-row blocks of Wc and of X,
-# 16-byte rows) and then a stage across K; it and the last run the TMA tile too. Where N % 16 == 0
+# 16-byte rows) and then a stage across K; it and the last run the TMA pipelines too. Where N % 16 == 0
 # the gated (SwiGLU) epilogue runs too.
 SHAPES = [(1, 40, 36), (17, 144, 100), (130, 260, 264), (130, 256, 1056), (33, 144, 160)]
 SILU, SWIGLU = fmt.ACTIVATION_CODES["silu"], fmt.ACTIVATION_CODES["swiglu"]

@@ -676,10 +676,10 @@ def test_gemm_tiles_past_the_first_raster_band(kernels, config):
 # ---- the TMA pipelines (configs 3 and 4) ---------------------------------------------------------
 # The wgmma and decode tiles with their stages copied by TMA run the same MMAs in the same order on
 # the same bytes as the cp.async-fed tiles (configs 2 and 1, checked against the oracles above), so
-# on random values each pair must agree bit for bit. Shapes: M and N tails (TMA's zero fill past M, N and K;
-# N a multiple of 16 for the gated epilogue), K = 160 ending inside a k-tile, 16 k-tiles = four
-# rounds of the 4 stages (both mbarrier phase parities, refills), and 3 x 18 output tiles crossing
-# a raster band. Wc rows must be whole 16 bytes (K % 16 == 0 for 16-bit operands).
+# on random values each pair must agree bit for bit. Shapes: M and N tails (TMA's zero fill past
+# M, N and K; N a multiple of 16 for the gated epilogue), K = 160 ending inside a k-tile, 16
+# k-tiles = four rounds of the 4 stages (both mbarrier phase parities, refills), and 3 x 18 output
+# tiles crossing a raster band. Wc rows must be whole 16 bytes (K % 16 == 0 for 16-bit operands).
 TMA_SHAPES = [(1, 32, 16), (33, 144, 160), (130, 304, 1024), (260, 17 * 128 + 16, 64)]
 
 
@@ -708,7 +708,8 @@ def test_tma_gemm_equals_the_cp_async_wgmma_tile(kernels, dtype, act, m, n, k):
 
 # Decode: M in the tile's 16 rows (1: half its 8-row B tiles skipped), K = 160 (2.5 k-tiles: a
 # stage of two k-tiles half used), K = 2048 (32 k-tiles: four rounds of the 4 stages of 2 k-tiles),
-# with the heuristic's split, one split, and 3 splits (k-tiles 12, 12, 8: each split's own stages).
+# with the heuristic's split, one split, and 3 splits (at K = 2048 k-tiles 11, 11, 10: the first
+# two end on a half-used stage).
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m,n,k", [(1, 32, 160), (7, 144, 2048), (16, 304, 1024)])
 @pytest.mark.parametrize("split_k", [0, 1, 3])

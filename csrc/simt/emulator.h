@@ -173,7 +173,7 @@ void cp_async_commit();
 // Completes all but the newest `pending` committed groups (cp.async.wait_group semantics).
 void cp_async_wait(int pending);
 
-// mbarrier (PTX ISA 9.7.13.15, sm_80; transaction counts sm_90): an 8-byte object in shared memory
+// mbarrier (PTX ISA "mbarrier", sm_80; transaction counts sm_90): an 8-byte object in shared memory
 // with an expected arrival count, a pending arrival count, a transaction byte count and a phase.
 // A phase completes once every expected arrival came and the transaction count is back at 0; the
 // pending count then starts over for the next phase. Here the state lives beside shared memory,

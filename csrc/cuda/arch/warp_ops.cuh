@@ -483,7 +483,7 @@ SG_DEVICE void prefetch_l2(const void* address) {
 // cuTensorMapEncodeTiled, passed as a __grid_constant__ kernel parameter so that its address is
 // the parameter's), the emulator's TensorMap2d on the host (emulator.h, which also gives the
 // swizzle and out-of-bounds rules). Only sm_90 and newer device passes emit these; the others
-// compile a trap, which the dispatch never reaches (the TMA tile is the wgmma tile's variant).
+// compile a trap, which the dispatch never reaches (the TMA pipelines run where the wgmma tile runs).
 #if defined(__CUDACC__)
 using TensorMap2d = CUtensorMap;
 #else
