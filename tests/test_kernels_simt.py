@@ -543,7 +543,7 @@ def test_gemm_gated_refuses_n_not_a_multiple_of_16(kernels):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("config,split_k", [(DECODE, 3), (DECODE, 0), (DECODE, 16)])
+@pytest.mark.parametrize("config,split_k", [(DECODE, 3), (DECODE, 0), (DECODE, 16), (DECODE_TMA, 3)])
 def test_split_k_reduction_does_not_depend_on_block_order(shuffled_block_orders, dtype, config, split_k):
     # Whichever split of a tile arrives last sums all of them in split order: bit-identical
     # outputs under every order of the blocks (random values, so that a different summation
