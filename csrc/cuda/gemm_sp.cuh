@@ -444,8 +444,10 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinB
     // tile's warp retires each k-tile's wgmma ops before the next k-tile: keeping them in flight
     // while the next A fragments and metadata load (two register sets, wait_group 1) made ptxas
     // serialise every wgmma (C7513: registers a wgmma reads defined while wgmma ops are in
-    // flight). Tails need nothing: box elements past N, M, K and Kc are zeros, and k-tiles past
-    // the split's end are neither copied nor computed.
+    // flight); with A read from shared memory through a descriptor instead, per-k-tile metadata
+    // loads and wait_group 1 compiled without serialisation (a standalone ptxas test). Tails need
+    // nothing: box elements past N, M, K and Kc are zeros, and k-tiles past the split's end are
+    // neither copied nor computed.
     static_assert(S::kBytesA % 1024 == 0 && S::kKTileBytes % 1024 == 0 && S::kSmemBytes % 8 == 0,
                   "TMA boxes: every B tile on a 1024-byte swizzle atom, every A tile on a 512-byte one; "
                   "8-byte aligned mbarriers after the stages");
