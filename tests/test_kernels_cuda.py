@@ -40,7 +40,7 @@ def test_tma_box_matches_the_emulator_model(swizzle, box_cols, c0, c1):
 
 @pytest.mark.parametrize("kind", [0, 1, 2], ids=["f16", "bf16", "s8"])
 @pytest.mark.parametrize("upper", [False, True], ids=["k-step-0", "k-step-1"])
-@pytest.mark.parametrize("mode", [0, 2], ids=["one", "two-chained"])
+@pytest.mark.parametrize("mode", [0, 2, 3], ids=["one", "two-chained", "a-from-shared-memory"])
 def test_wgmma_instruction_matches_the_emulator_oracle(kind, upper, mode):
     # One wgmma.mma_async.sp m64n128 on the device against the oracle the emulator's model meets
     # (test_simt_emulator.py): fragment, metadata, descriptor and accumulator layouts, before any

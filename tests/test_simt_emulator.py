@@ -319,7 +319,7 @@ def test_wgmma_mismatch_report_names_the_pattern():
 
 @pytest.mark.parametrize("kind", [0, 1, 2], ids=["f16", "bf16", "s8"])
 @pytest.mark.parametrize("upper", [False, True], ids=["k-step-0", "k-step-1"])
-@pytest.mark.parametrize("mode", [0, 2], ids=["one", "two-chained"])
+@pytest.mark.parametrize("mode", [0, 2, 3], ids=["one", "two-chained", "a-from-shared-memory"])
 def test_wgmma_exact_against_the_dense_product(kind, upper, mode):
     a_bytes, b_rows, c, e, expected = wgmma_exact_case(kind, upper, mode)
     np.testing.assert_array_equal(run_wgmma(kind, mode, upper, a_bytes, b_rows, c, e), expected)
@@ -590,7 +590,7 @@ MISUSE = [
     (18, r"reads shared-memory bytes \[0, 16\) that thread 0 wrote \(cp\.async or st\.shared\) and has not fenced to the "
          r"async proxy"),
     (19, r"cp\.async\.cg\.shared\.global writes shared-memory bytes \[0, 16\) while a wgmma\.mma_async in flight reads"),
-    (20, r"thread 5 passes B descriptor .* \(it must be the same across the warpgroup\)"),
+    (20, r"thread 5 passes A / B descriptors .* \(they must be the same across the warpgroup\)"),
     (21, r"without a wgmma\.fence since the thread's last wgmma\.wait_group or ldmatrix"),
     (22, r"reads shared-memory bytes \[0, 16\) that a cp\.async of thread 0 still in flight writes"),
     (23, r"reads shared-memory bytes \[0, 16\) that thread 1 wrote \(cp\.async or st\.shared\) and has not fenced"),

@@ -62,8 +62,9 @@ struct Decode {
 // one k-tile's wgmma ops in flight through the next barrier (one stage less ahead) measured within
 // 6% either way. Nsight Compute: tensor pipe 35% busy, issue slots 44% and shared memory 62%,
 // taken by every thread's stage copies and a barrier per k-tile. GemmConfig::large_m_wgmma_tma runs
-// this tile with TMA copies and mbarrier stages instead (gemm_sp.cuh TmaRowMajorX): 100 registers
-// (117 for int8) on sm_90a.
+// this tile with TMA copies and mbarrier stages instead, A read from shared memory by the wgmma
+// ops (the SS form) and one k-tile in flight (gemm_sp.cuh TmaRowMajorX): 92 registers (116 for
+// int8) on sm_90a.
 struct WgmmaLargeM {
   static constexpr int kBlockN = 128, kBlockM = 128, kWarpsN = 8, kWarpsM = 1, kStages = 4, kKTilesPerStage = 1;
   static constexpr bool kSplitK = false;

@@ -83,6 +83,7 @@ SG_DEVICE float apply_activation(float v, Activation act) {
 //   meta_word(lane)    the word of a tile that `lane` passes to mma.sp
 //   mma(d, a, b, e)    d += A * B, one k-step
 //   wgmma(d, a, desc, e)  the same for a warpgroup's 64 rows and 128 B columns (wgmma tiles)
+//   wgmma_ss(d, a_desc, b_desc, e)  the same with A through a shared-memory descriptor
 //   saturate(sum)      a full-K split-K sum as the Acc a single-pass kernel would hold
 //   dequantize(acc, w_scale_n, x_scale_m)  the fp32 value before bias and activation
 //   kScaled            whether dequantize reads the scales (GemmParams w_scale / x_scale)
@@ -111,6 +112,10 @@ struct Mma16 {
   // word as for mma, B = 128 X rows through the shared-memory descriptor.
   static SG_DEVICE void wgmma(Acc (&d)[16][4], const uint32_t (&a)[4], uint64_t b_desc, uint32_t e) {
     wgmma_sp_m64n128k32<kDType>(d, a, b_desc, e);
+  }
+  // The same with A, the warpgroup's 64 rows, through the shared-memory descriptor a_desc.
+  static SG_DEVICE void wgmma_ss(Acc (&d)[16][4], uint64_t a_desc, uint64_t b_desc, uint32_t e) {
+    wgmma_sp_ss_m64n128k32<kDType>(d, a_desc, b_desc, e);
   }
   static SG_DEVICE Acc saturate(PartialSum sum) { return sum; }
   static SG_DEVICE float dequantize(Acc acc, float, float) { return acc; }
@@ -440,12 +445,7 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinB
     // tile's issue slots and shared memory: gemm_heuristics.h), and no warp waits for another to
     // refill: warps drift up to kStages stages apart. (A producer warp after the tile's 8 took
     // the launch bound to 288 threads, which capped ptxas at 96 registers: the wgmma tile spilled;
-    // thread 0 as producer, waiting for the slowest warp, held its warpgroup back.) A wgmma
-    // tile's warp retires each k-tile's wgmma ops before the next k-tile: keeping them in flight
-    // while the next A fragments and metadata load (two register sets, wait_group 1) made ptxas
-    // serialise every wgmma (C7513: registers a wgmma reads defined while wgmma ops are in
-    // flight); with A read from shared memory through a descriptor instead, per-k-tile metadata
-    // loads and wait_group 1 compiled without serialisation (a standalone ptxas test). Tails need
+    // thread 0 as producer, waiting for the slowest warp, held its warpgroup back.) Tails need
     // nothing: box elements past N, M, K and Kc are zeros, and k-tiles past the split's end are
     // neither copied nor computed.
     static_assert(S::kBytesA % 1024 == 0 && S::kKTileBytes % 1024 == 0 && S::kSmemBytes % 8 == 0,
@@ -499,20 +499,12 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinB
     };
     if (tid == 0)
       for (int st = 0; st < first_stages; ++st) issue(st);
-    for (int it = 0; it < num_stage_tiles; ++it) {
+    // This warp is done with stage tile it: the last warp out (its add, acquire-release, comes
+    // after every other warp's reads) resets the count (the next adds follow the refill's `full`
+    // phase) and refills the stage.
+    auto leave_stage = [&](int it) {
       const int stage = it % S::kStages;
-      mbarrier_wait_parity(&full[stage], (it / S::kStages) & 1);
-      for (int sub = 0; sub < stage_k_tiles(it); ++sub) {
-        const char* sA = smem + stage * S::kStageBytes + sub * S::kKTileBytes;
-        if constexpr (Tile::kWgmma) {
-          wgmma_k_tile<Policy, S>(acc[0], sA, a_lane_offset, e_lane_offset, [] {});
-        } else {
-          mma_k_tile<Policy, S>(acc, sA, a_lane_offset, b_lane_offset, e_lane_offset, x_rows - warp_m * S::kWarpM);
-        }
-      }
-      __syncwarp();  // every lane is done with the stage (its wgmma ops retired)
-      // The last warp out (its add, acquire-release, comes after every other warp's reads) resets
-      // the count (the next adds follow the refill's `full` phase) and refills the stage.
+      __syncwarp();  // every lane is done with the stage
       if (lane == 0 && atomic_add_acq_rel_cta_shared(&stage_done[stage], 1) == kWarps - 1) {
         stage_done[stage] = 0;
         // The warps' generic-proxy reads of the stage, which the atomics ordered before this
@@ -520,7 +512,47 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinB
         fence_proxy_async_shared();
         if (it + S::kStages < num_stage_tiles) issue(it + S::kStages);
       }
-      __syncwarp();  // lane 0 rejoins its warp before the next stage's warp-wide instructions
+      __syncwarp();  // lane 0 rejoins its warp before the next warp-wide instructions
+    };
+    if constexpr (Tile::kWgmma) {
+      // The SS form: the warpgroup's 64 rows of A straight from the stage through a descriptor
+      // (64-byte swizzle: the TMA box's layout), so that the only registers a wgmma reads besides
+      // its accumulators are the metadata words. Each k-tile's wgmma ops then stay in flight while
+      // the warp waits for and issues the next k-tile's (wait_group 1); the warp leaves a stage
+      // once its ops are retired. With A fragments in registers (ldmatrix, two register sets) the
+      // same overlap made ptxas serialise every wgmma (C7513: registers a wgmma reads defined while
+      // wgmma ops are in flight); metadata loads do not.
+      static_assert(kStageKTiles == 1, "a wgmma stage holds one k-tile");
+      const uint32_t a_row_offset = uint32_t(warp / 4) * 64 * S::kRowBytesA;  // the warpgroup's rows
+      for (int it = 0; it < num_stage_tiles; ++it) {
+        const int stage = it % S::kStages;
+        mbarrier_wait_parity(&full[stage], (it / S::kStages) & 1);
+        const char* sA = smem + stage * S::kStageBytes;
+        const char* sMeta = sA + S::kBytesA + S::kBytesB;
+        uint32_t e[S::kSteps];
+#pragma unroll
+        for (int ks = 0; ks < S::kSteps; ++ks)
+          e[ks] = *reinterpret_cast<const uint32_t*>(sMeta + e_lane_offset + ks * Policy::kMetaWordsPerStep * 4);
+        const uint32_t a_address = shared_address(sA) + a_row_offset, b_address = shared_address(sA + S::kBytesA);
+        wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < S::kSteps; ++ks)
+          Policy::wgmma_ss(acc[0], wgmma_desc_a64(a_address + ks * 32), wgmma_desc_b128(b_address + ks * 64), e[ks]);
+        wgmma_commit_group();
+        wgmma_wait_group<1>();  // k-tile it - 1's ops are retired: its stage is free
+        if (it > 0) leave_stage(it - 1);
+      }
+      wgmma_wait_group<0>();
+      wgmma_fence_operands(acc[0]);
+    } else {
+      for (int it = 0; it < num_stage_tiles; ++it) {
+        const int stage = it % S::kStages;
+        mbarrier_wait_parity(&full[stage], (it / S::kStages) & 1);
+        for (int sub = 0; sub < stage_k_tiles(it); ++sub)
+          mma_k_tile<Policy, S>(acc, smem + stage * S::kStageBytes + sub * S::kKTileBytes, a_lane_offset,
+                                b_lane_offset, e_lane_offset, x_rows - warp_m * S::kWarpM);
+        leave_stage(it);
+      }
     }
   } else {
     const Operand* values = static_cast<const Operand*>(p.values);

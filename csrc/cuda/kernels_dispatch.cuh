@@ -435,13 +435,13 @@ void wgmma_selftest(int kind, int mode, bool b_upper_half, const void* a, const 
   if (kind < 0 || kind > 2) throw std::invalid_argument("sparsegemm wgmma_selftest: kind must be 0 (f16), 1 (bf16) "
                                                         "or 2 (s8), got " + std::to_string(kind));
 #if defined(__CUDACC__)
-  if (mode != 0 && mode != 2) throw std::invalid_argument("sparsegemm wgmma_selftest: mode must be 0 or 2 on the "
-                                                          "device (1 reads registers in flight), got " +
-                                                          std::to_string(mode));
+  if (mode != 0 && mode != 2 && mode != 3)
+    throw std::invalid_argument("sparsegemm wgmma_selftest: mode must be 0, 2 or 3 on the device (1 reads registers "
+                                "in flight), got " + std::to_string(mode));
   if (!wgmma_tile_runs()) throw std::invalid_argument("sparsegemm wgmma_selftest: needs sm_90a machine code on a "
                                                       "compute capability 9.0 GPU, but " + wgmma_blocker());
 #else
-  if (mode < 0 || mode > 2) throw std::invalid_argument("sparsegemm wgmma_selftest: mode must be 0, 1 or 2, got " +
+  if (mode < 0 || mode > 3) throw std::invalid_argument("sparsegemm wgmma_selftest: mode must be 0, 1, 2 or 3, got " +
                                                         std::to_string(mode));
 #endif
   const auto s = static_cast<sg_stream_t>(stream);

@@ -11,7 +11,10 @@
 // (descriptor start + 64, the GEMM's second k-step).
 //   mode 0: fence, one wgmma, commit, wait, store d;
 //   mode 2: two wgmma ops into the same accumulators in one group: d = c + 2 A B;
-//   mode 1 (emulator only: undefined on the device): store d before the wait, then wait.
+//   mode 1 (emulator only: undefined on the device): store d before the wait, then wait;
+//   mode 3: as mode 0 in the SS form, A from shared memory through wgmma_desc_a64: its 64 rows in
+//   the 64-byte-swizzle layout (row m's 16-byte chunk c at c ^ ((m >> 1) & 3) of 64-byte rows, the
+//   32 bytes in the second half when b_upper_half, the GEMM's second k-step) after B.
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -23,7 +26,8 @@
 namespace sparsegemm {
 namespace SG_KERNEL_NS {
 
-constexpr int kWgmmaSelftestSmemBytes = 128 * 128;  // 128 B columns of 128 bytes: 16 swizzle atoms
+constexpr int kWgmmaSelftestABase = 128 * 128;  // 128 B columns of 128 bytes: 16 swizzle atoms
+constexpr int kWgmmaSelftestSmemBytes = kWgmmaSelftestABase + 64 * 64;  // then mode 3's A: 8 atoms of 512 bytes
 
 // Kind and Mode as above; both compile-time, so that ptxas sees one straight wgmma sequence (a
 // data-dependent second wgmma or a read in flight makes it inject waits and fences of its own).
@@ -37,6 +41,13 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS(128) wgmma_selftest_kernel(bool b_upper_half, co
   for (unsigned i = tid; i < 128 * 4; i += 128) {
     const unsigned n = i / 4, chunk = i % 4 + (b_upper_half ? 4 : 0);
     for (int y = 0; y < 16; ++y) smem[n * 128 + ((chunk ^ (n % 8)) << 4) + y] = char(b[n * 64 + (i % 4) * 16 + y]);
+  }
+  if constexpr (Mode == 3) {
+    for (unsigned i = tid; i < 64 * 2; i += 128) {
+      const unsigned m = i / 2, chunk = i % 2 + (b_upper_half ? 2 : 0);
+      for (int y = 0; y < 16; ++y)
+        smem[kWgmmaSelftestABase + m * 64 + ((chunk ^ ((m >> 1) & 3)) << 4) + y] = char(a[m * 32 + (i % 2) * 16 + y]);
+    }
   }
   // A fragment (warp_ops.cuh): register r = row 16 warp + g + 8 (r % 2), bytes 16 (r / 2) + 4t .. + 3
   // of its 32 compressed bytes (16-bit: values 8 (r / 2) + 2t, + 1; s8: 16 (r / 2) + 4t .. + 3).
@@ -62,13 +73,20 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS(128) wgmma_selftest_kernel(bool b_upper_half, co
   fence_proxy_async_shared();  // B was written with ordinary stores; the tensor cores read it
   __syncthreads();
   const uint64_t desc = wgmma_desc_b128(shared_address(smem) + (b_upper_half ? 64 : 0));
+  const uint64_t a_desc = wgmma_desc_a64(shared_address(smem + kWgmmaSelftestABase) + (b_upper_half ? 32 : 0));
   const uint32_t meta = e[tid];
   wgmma_fence();
 #pragma unroll
   for (int issue = 0; issue < (Mode == 2 ? 2 : 1); ++issue) {
-    if constexpr (Kind == 0) wgmma_sp_m64n128k32<DType::f16>(acc, a_regs, desc, meta);
-    if constexpr (Kind == 1) wgmma_sp_m64n128k32<DType::bf16>(acc, a_regs, desc, meta);
-    if constexpr (Kind == 2) wgmma_sp_m64n128k64_s8(acc, a_regs, desc, meta);
+    if constexpr (Mode == 3) {
+      if constexpr (Kind == 0) wgmma_sp_ss_m64n128k32<DType::f16>(acc, a_desc, desc, meta);
+      if constexpr (Kind == 1) wgmma_sp_ss_m64n128k32<DType::bf16>(acc, a_desc, desc, meta);
+      if constexpr (Kind == 2) wgmma_sp_ss_m64n128k64_s8(acc, a_desc, desc, meta);
+    } else {
+      if constexpr (Kind == 0) wgmma_sp_m64n128k32<DType::f16>(acc, a_regs, desc, meta);
+      if constexpr (Kind == 1) wgmma_sp_m64n128k32<DType::bf16>(acc, a_regs, desc, meta);
+      if constexpr (Kind == 2) wgmma_sp_m64n128k64_s8(acc, a_regs, desc, meta);
+    }
   }
   wgmma_commit_group();
   if constexpr (Mode == 1) store();
@@ -85,6 +103,7 @@ void launch_wgmma_selftest(int mode, bool b_upper_half, const uint8_t* a, const 
   const size_t smem = kWgmmaSelftestSmemBytes;
   if (mode == 0) sg_launch(wgmma_selftest_kernel<Kind, 0>, grid, block, smem, stream, b_upper_half, a, b, c, e, d);
   if (mode == 2) sg_launch(wgmma_selftest_kernel<Kind, 2>, grid, block, smem, stream, b_upper_half, a, b, c, e, d);
+  if (mode == 3) sg_launch(wgmma_selftest_kernel<Kind, 3>, grid, block, smem, stream, b_upper_half, a, b, c, e, d);
 #if !defined(__CUDACC__)
   if (mode == 1) sg_launch(wgmma_selftest_kernel<Kind, 1>, grid, block, smem, stream, b_upper_half, a, b, c, e, d);
 #endif

@@ -181,6 +181,7 @@ constexpr int kWgmmaN = 128;
 
 struct WgmmaIn {
   uint32_t a[4], e;
+  uint64_t a_desc;  // the SS form's A descriptor; 0: A in registers (a)
   uint64_t b_desc;
   const uint32_t* c;  // kWgmmaN / 2 accumulator bit patterns (wgmma_accumulator_input)
 };
@@ -223,6 +224,36 @@ void wgmma_b_row(const char* name, uint64_t desc, int col, unsigned char (&bytes
   }
 }
 
+// A fragment register r of lane (g, t) of warp w in the SS form: the 4 bytes at byte 16 (r / 2) +
+// 4t of A row 16w + g + 8 (r % 2) (the register form's fragment, warp_ops.cuh) through the
+// descriptor: the 64-byte swizzle's canonical K-major layout, 8 rows of 64 bytes per 512-byte
+// atom, atoms `stride byte offset` apart along M; the hardware XORs address bits [4, 6) with
+// bits [7, 9) of the address it forms. The start may add a K offset inside the first row (the
+// second k-step: + 32). Also widens [lowest, highest) to the bytes read.
+void wgmma_a_fragment(const char* name, uint64_t desc, int warp, int lane, uint32_t (&a)[4], uint32_t& lowest,
+                      uint32_t& highest) {
+  const uint32_t start = uint32_t(desc & 0x3FFF) << 4;
+  const uint32_t stride = uint32_t((desc >> 32) & 0x3FFF) << 4;
+  const int base_offset = int((desc >> 49) & 7), swizzle = int(desc >> 62);
+  if (swizzle != 2 || base_offset != 0)
+    fail(std::string(name) + ": A descriptor with swizzle mode " + std::to_string(swizzle) + " and base offset " +
+         std::to_string(base_offset) + "; the model covers the 64-byte swizzle (mode 2) with base offset 0");
+  if (start % 512 >= 64 || start % 16 != 0)
+    fail(std::string(name) + ": A descriptor start address " + std::to_string(start) + " is not inside the first "
+         "64-byte row of a 512-byte swizzle atom");
+  const int g = lane / 4, t = lane % 4;
+  for (int r = 0; r < 4; ++r) {
+    const int row = 16 * warp + g + 8 * (r % 2);
+    const uint32_t logical = start + uint32_t(row / 8) * stride + uint32_t(row % 8) * 64 + 16 * (r / 2) + 4 * t;
+    const uint32_t physical = logical ^ (((logical >> 7) & 3) << 4);
+    const char* address = shared_memory() + physical;
+    check_shared_range(address, 4, 4, name);
+    std::memcpy(&a[r], address, 4);
+    lowest = std::min(lowest, physical & ~15u);
+    highest = std::max(highest, (physical & ~15u) + 16);
+  }
+}
+
 // The warpgroup's wgmma: per warp w and 8-column block j, `tile` (the mma tile model, TileIn its
 // lane input) with lane inputs built from the threads' A, metadata and C, and B's fragment
 // (register q: bytes 16q + 4t .. +3 of B column 8j + g, the m16n8k32 / m16n8k64 B layout in bytes)
@@ -232,10 +263,12 @@ void compute_wgmma(const char* name, void (*tile)(const char*, const void* const
                    const void* const thread_inputs[128], void* const thread_outputs[128]) {
   const auto& first = *static_cast<const WgmmaIn*>(thread_inputs[0]);
   for (int thread = 1; thread < 128; ++thread) {
-    const uint64_t desc = static_cast<const WgmmaIn*>(thread_inputs[thread])->b_desc;
-    if (desc != first.b_desc)
-      fail(std::string(name) + ": thread " + std::to_string(thread) + " passes B descriptor " + std::to_string(desc) +
-           ", thread 0 " + std::to_string(first.b_desc) + " (it must be the same across the warpgroup)");
+    const auto& in = *static_cast<const WgmmaIn*>(thread_inputs[thread]);
+    if (in.b_desc != first.b_desc || in.a_desc != first.a_desc)
+      fail(std::string(name) + ": thread " + std::to_string(thread) + " passes A / B descriptors " +
+           std::to_string(in.a_desc) + " / " + std::to_string(in.b_desc) + ", thread 0 " +
+           std::to_string(first.a_desc) + " / " + std::to_string(first.b_desc) +
+           " (they must be the same across the warpgroup)");
   }
   uint32_t lowest = UINT32_MAX, highest = 0;
   for (int warp = 0; warp < 4; ++warp)
@@ -248,7 +281,10 @@ void compute_wgmma(const char* name, void (*tile)(const char*, const void* const
         const auto& thread = *static_cast<const WgmmaIn*>(thread_inputs[32 * warp + lane]);
         unsigned char column[64];
         wgmma_b_row(name, thread.b_desc, 8 * j + lane / 4, column, lowest, highest);
-        std::memcpy(in[lane].a, thread.a, sizeof in[lane].a);
+        if (thread.a_desc != 0)
+          wgmma_a_fragment(name, thread.a_desc, warp, lane, in[lane].a, lowest, highest);
+        else
+          std::memcpy(in[lane].a, thread.a, sizeof in[lane].a);
         for (int q = 0; q < 4; ++q) std::memcpy(&in[lane].b[q], column + 16 * q + 4 * (lane % 4), 4);
         std::memcpy(in[lane].c, thread.c + 4 * j, sizeof in[lane].c);
         in[lane].e = thread.e;
@@ -267,6 +303,9 @@ void compute_wgmma(const char* name, void (*tile)(const char*, const void* const
 template <HalfType Type>
 void compute_wgmma_k32(const void* const thread_inputs[128], void* const thread_outputs[128]);
 void compute_wgmma_k64_s8(const void* const thread_inputs[128], void* const thread_outputs[128]);
+template <HalfType Type>
+void compute_wgmma_ss_k32(const void* const thread_inputs[128], void* const thread_outputs[128]);
+void compute_wgmma_ss_k64_s8(const void* const thread_inputs[128], void* const thread_outputs[128]);
 
 const WarpgroupOp kWgmmaF16{"wgmma.mma_async.sp.sync.aligned.m64n128k32.f32.f16.f16 (A in registers, selector 0)",
                             &compute_wgmma_k32<HalfType::f16>};
@@ -276,6 +315,26 @@ const WarpgroupOp kWgmmaBf16{"wgmma.mma_async.sp.sync.aligned.m64n128k32.f32.bf1
 const WarpgroupOp kWgmmaS8{"wgmma.mma_async.sp.sync.aligned.m64n128k64.s32.s8.s8.satfinite (A in registers, "
                            "selector 0)",
                            &compute_wgmma_k64_s8};
+
+const WarpgroupOp kWgmmaSsF16{"wgmma.mma_async.sp.sync.aligned.m64n128k32.f32.f16.f16 (A in shared memory, "
+                              "selector 0)",
+                              &compute_wgmma_ss_k32<HalfType::f16>};
+const WarpgroupOp kWgmmaSsBf16{"wgmma.mma_async.sp.sync.aligned.m64n128k32.f32.bf16.bf16 (A in shared memory, "
+                               "selector 0)",
+                               &compute_wgmma_ss_k32<HalfType::bf16>};
+const WarpgroupOp kWgmmaSsS8{"wgmma.mma_async.sp.sync.aligned.m64n128k64.s32.s8.s8.satfinite (A in shared memory, "
+                             "selector 0)",
+                             &compute_wgmma_ss_k64_s8};
+
+template <HalfType Type>
+void compute_wgmma_ss_k32(const void* const thread_inputs[128], void* const thread_outputs[128]) {
+  compute_wgmma<MmaK32In>((Type == HalfType::f16 ? kWgmmaSsF16 : kWgmmaSsBf16).name, &mma_k32_tile<Type, 0>,
+                          thread_inputs, thread_outputs);
+}
+
+void compute_wgmma_ss_k64_s8(const void* const thread_inputs[128], void* const thread_outputs[128]) {
+  compute_wgmma<MmaK64In>(kWgmmaSsS8.name, &mma_k64_s8_tile, thread_inputs, thread_outputs);
+}
 
 template <HalfType Type>
 void compute_wgmma_k32(const void* const thread_inputs[128], void* const thread_outputs[128]) {
@@ -288,10 +347,13 @@ void compute_wgmma_k64_s8(const void* const thread_inputs[128], void* const thre
 }
 
 // One thread's wgmma: C from the results in flight (emulator.h), the result handed back pending.
-void issue_wgmma(const WarpgroupOp& op, void* d, const uint32_t (&a)[4], uint64_t b_desc, uint32_t e) {
+// a_desc 0: A in registers (a).
+void issue_wgmma(const WarpgroupOp& op, void* d, const uint32_t (&a)[4], uint64_t a_desc, uint64_t b_desc,
+                 uint32_t e) {
   WgmmaIn in;
   std::memcpy(in.a, a, sizeof in.a);
   in.e = e;
+  in.a_desc = a_desc;
   in.b_desc = b_desc;
   in.c = static_cast<const uint32_t*>(wgmma_accumulator_input(d, op.name));
   WgmmaOut out;
@@ -445,11 +507,21 @@ void mma_sp_m16n8k64_s8(int (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)
 }
 
 void wgmma_sp_m64n128k32(HalfType type, float* d, const uint32_t (&a)[4], uint64_t b_desc, uint32_t e) {
-  issue_wgmma(type == HalfType::f16 ? kWgmmaF16 : kWgmmaBf16, d, a, b_desc, e);
+  issue_wgmma(type == HalfType::f16 ? kWgmmaF16 : kWgmmaBf16, d, a, 0, b_desc, e);
 }
 
 void wgmma_sp_m64n128k64_s8(int* d, const uint32_t (&a)[4], uint64_t b_desc, uint32_t e) {
-  issue_wgmma(kWgmmaS8, d, a, b_desc, e);
+  issue_wgmma(kWgmmaS8, d, a, 0, b_desc, e);
+}
+
+void wgmma_sp_ss_m64n128k32(HalfType type, float* d, uint64_t a_desc, uint64_t b_desc, uint32_t e) {
+  const uint32_t unused[4] = {0, 0, 0, 0};
+  issue_wgmma(type == HalfType::f16 ? kWgmmaSsF16 : kWgmmaSsBf16, d, unused, a_desc, b_desc, e);
+}
+
+void wgmma_sp_ss_m64n128k64_s8(int* d, uint64_t a_desc, uint64_t b_desc, uint32_t e) {
+  const uint32_t unused[4] = {0, 0, 0, 0};
+  issue_wgmma(kWgmmaSsS8, d, unused, a_desc, b_desc, e);
 }
 
 void ldmatrix(int matrices, bool trans, uint32_t* regs, const void* row_address) {

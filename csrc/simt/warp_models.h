@@ -26,6 +26,12 @@ void wgmma_sp_m64n128k32(HalfType type, float* d, const uint32_t (&a)[4], uint64
 // wgmma.mma_async.sp.sync.aligned.m64n128k64.s32.s8.s8.satfinite, otherwise as above.
 void wgmma_sp_m64n128k64_s8(int* d, const uint32_t (&a)[4], uint64_t b_desc, uint32_t e);
 
+// The SS forms: A through the shared-memory descriptor a_desc (K-major, 64-byte swizzle, 512-byte
+// atoms of 8 rows; the same in all 128 threads), each thread's A fragment the bytes the register
+// form would take from it (warp w: rows 16w .. 16w + 15).
+void wgmma_sp_ss_m64n128k32(HalfType type, float* d, uint64_t a_desc, uint64_t b_desc, uint32_t e);
+void wgmma_sp_ss_m64n128k64_s8(int* d, uint64_t a_desc, uint64_t b_desc, uint32_t e);
+
 // ldmatrix.sync.aligned.m8n8.x{matrices}{.trans}.shared.b16; regs[0 .. matrices-1] are written.
 void ldmatrix(int matrices, bool trans, uint32_t* regs, const void* row_address);
 

@@ -200,6 +200,17 @@ SG_HOST_DEVICE uint64_t wgmma_desc_b128(uint32_t start_address) {
          (uint64_t(1) << 62);
 }
 
+// Matrix descriptor of a K-major sparse A tile with the 64-byte swizzle (the SS form of
+// wgmma.mma_async.sp): 64-byte rows of compressed values (two k-steps of 32 bytes), 8-row atoms of
+// 512 bytes (stride byte offset 512 >> 4), leading byte offset 1 (unused when swizzled), base
+// offset 0, swizzle mode 2 = 64-byte in bits 62-63. The swizzle XORs address bits [4, 6) with
+// bits [7, 9): chunk c of row r at c ^ ((r >> 1) & 3) (gemm_sp.cuh's A layout); k-step 1 is the
+// start address + 32.
+SG_HOST_DEVICE uint64_t wgmma_desc_a64(uint32_t start_address) {
+  return uint64_t((start_address & 0x3FFFF) >> 4) | (uint64_t(1) << 16) | (uint64_t(512 >> 4) << 32) |
+         (uint64_t(2) << 62);
+}
+
 SG_DEVICE void wgmma_fence() {
 #if defined(SG_WGMMA_ASM)
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
@@ -285,6 +296,46 @@ SG_DEVICE void wgmma_sp_m64n128k32(float (&d)[16][4], const uint32_t (&a)[4], ui
 #endif
 }
 #undef SG_WGMMA_SP_K32
+
+// The SS forms: A (64 rows of compressed values) through the shared-memory descriptor a_desc
+// (wgmma_desc_a64) instead of registers, otherwise as above (imm-trans-a 0). No register a wgmma
+// reads but the metadata: per-k-tile metadata loads may then overlap wgmma ops in flight without
+// ptxas serialising them, which A fragments in registers prevent (gemm_sp.cuh).
+#define SG_WGMMA_SP_SS_K32(type, d, a_desc, b_desc, e)                                              \
+  asm volatile("wgmma.mma_async.sp.sync.aligned.m64n128k32.f32." type "." type " " SG_WGMMA_D_REGS \
+               ", %64, %65, %66, 0, 1, 1, 1, 0, 0;\n"                                              \
+               : SG_WGMMA_D64("+f", d)                                                              \
+               : "l"(a_desc), "l"(b_desc), "r"(e))
+template <DType kDType>
+SG_DEVICE void wgmma_sp_ss_m64n128k32(float (&d)[16][4], uint64_t a_desc, uint64_t b_desc, uint32_t e) {
+  static_assert(kDType == DType::f16 || kDType == DType::bf16, "wgmma k32 takes f16 or bf16");
+#if defined(SG_WGMMA_ASM)
+  if constexpr (kDType == DType::bf16) {
+    SG_WGMMA_SP_SS_K32("bf16", d, a_desc, b_desc, e);
+  } else {
+    SG_WGMMA_SP_SS_K32("f16", d, a_desc, b_desc, e);
+  }
+#elif defined(__CUDACC__)
+  trap("wgmma needs sm_90a");
+#else
+  const auto type = kDType == DType::bf16 ? emu::HalfType::bf16 : emu::HalfType::f16;
+  emu::wgmma_sp_ss_m64n128k32(type, &d[0][0], a_desc, b_desc, e);
+#endif
+}
+#undef SG_WGMMA_SP_SS_K32
+
+SG_DEVICE void wgmma_sp_ss_m64n128k64_s8(int (&d)[16][4], uint64_t a_desc, uint64_t b_desc, uint32_t e) {
+#if defined(SG_WGMMA_ASM)
+  asm volatile("wgmma.mma_async.sp.sync.aligned.m64n128k64.satfinite.s32.s8.s8 " SG_WGMMA_D_REGS
+               ", %64, %65, %66, 0, 1;\n"
+               : SG_WGMMA_D64("+r", d)
+               : "l"(a_desc), "l"(b_desc), "r"(e));
+#elif defined(__CUDACC__)
+  trap("wgmma needs sm_90a");
+#else
+  emu::wgmma_sp_ss_m64n128k64_s8(&d[0][0], a_desc, b_desc, e);
+#endif
+}
 
 // wgmma.mma_async.sp.sync.aligned.m64n128k64.satfinite.s32.s8.s8, A in registers: as above with
 // the m16n8k64 A and metadata layouts; s32 accumulators clamped like mma.sp's .satfinite. s8
