@@ -524,6 +524,7 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinB
       // wgmma ops are in flight); metadata loads do not.
       static_assert(kStageKTiles == 1, "a wgmma stage holds one k-tile");
       const uint32_t a_row_offset = uint32_t(warp / 4) * 64 * S::kRowBytesA;  // the warpgroup's rows
+      wgmma_fence_operands(acc[0]);  // the zeroed accumulators stay before the first wgmma.fence
       for (int it = 0; it < num_stage_tiles; ++it) {
         const int stage = it % S::kStages;
         mbarrier_wait_parity(&full[stage], (it / S::kStages) & 1);
