@@ -82,8 +82,8 @@ SG_DEVICE float apply_activation(float v, Activation act) {
 //   meta_steps(K)      k-steps per 16-row tile row of the kernel metadata (its padded K / kStepK)
 //   meta_word(lane)    the word of a tile that `lane` passes to mma.sp
 //   mma(d, a, b, e)    d += A * B, one k-step
-//   wgmma(d, a, desc, e)  the same for a warpgroup's 64 rows and 128 B columns (wgmma tiles)
-//   wgmma_ss(d, a_desc, b_desc, e)  the same with A through a shared-memory descriptor
+//   wgmma(d, a, desc, e)  the same for a warpgroup's 64 rows and 128 B columns (wgmma tiles), A
+//                      this warp's fragment in registers or the 64 rows' shared-memory descriptor
 //   saturate(sum)      a full-K split-K sum as the Acc a single-pass kernel would hold
 //   dequantize(acc, w_scale_n, x_scale_m)  the fp32 value before bias and activation
 //   kScaled            whether dequantize reads the scales (GemmParams w_scale / x_scale)
@@ -110,12 +110,9 @@ struct Mma16 {
   }
   // d += A * B over one k-step for a warpgroup (wgmma tiles): this warp's A fragment and metadata
   // word as for mma, B = 128 X rows through the shared-memory descriptor.
-  static SG_DEVICE void wgmma(Acc (&d)[16][4], const uint32_t (&a)[4], uint64_t b_desc, uint32_t e) {
+  template <typename WgmmaA>
+  static SG_DEVICE void wgmma(Acc (&d)[16][4], const WgmmaA& a, uint64_t b_desc, uint32_t e) {
     wgmma_sp_m64n128k32<kDType>(d, a, b_desc, e);
-  }
-  // The same with A, the warpgroup's 64 rows, through the shared-memory descriptor a_desc.
-  static SG_DEVICE void wgmma_ss(Acc (&d)[16][4], uint64_t a_desc, uint64_t b_desc, uint32_t e) {
-    wgmma_sp_ss_m64n128k32<kDType>(d, a_desc, b_desc, e);
   }
   static SG_DEVICE Acc saturate(PartialSum sum) { return sum; }
   static SG_DEVICE float dequantize(Acc acc, float, float) { return acc; }
@@ -538,7 +535,7 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinB
         wgmma_fence();
 #pragma unroll
         for (int ks = 0; ks < S::kSteps; ++ks)
-          Policy::wgmma_ss(acc[0], wgmma_desc_a64(a_address + ks * 32), wgmma_desc_b128(b_address + ks * 64), e[ks]);
+          Policy::wgmma(acc[0], wgmma_desc_a64(a_address + ks * 32), wgmma_desc_b128(b_address + ks * 64), e[ks]);
         wgmma_commit_group();
         wgmma_wait_group<1>();  // k-tile it - 1's ops are retired: its stage is free
         if (it > 0) leave_stage(it - 1);

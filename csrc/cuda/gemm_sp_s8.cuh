@@ -41,11 +41,9 @@ struct MmaS8 {
   static SG_DEVICE void mma(Acc (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[4], uint32_t e) {
     mma_sp_m16n8k64_s8(d, a, b, d, e);
   }
-  static SG_DEVICE void wgmma(Acc (&d)[16][4], const uint32_t (&a)[4], uint64_t b_desc, uint32_t e) {
+  template <typename WgmmaA>
+  static SG_DEVICE void wgmma(Acc (&d)[16][4], const WgmmaA& a, uint64_t b_desc, uint32_t e) {
     wgmma_sp_m64n128k64_s8(d, a, b_desc, e);
-  }
-  static SG_DEVICE void wgmma_ss(Acc (&d)[16][4], uint64_t a_desc, uint64_t b_desc, uint32_t e) {
-    wgmma_sp_ss_m64n128k64_s8(d, a_desc, b_desc, e);
   }
   static SG_DEVICE Acc saturate(PartialSum sum) {
     return sum > INT32_MAX ? INT32_MAX : (sum < INT32_MIN ? INT32_MIN : static_cast<Acc>(sum));

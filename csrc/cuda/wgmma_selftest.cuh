@@ -76,16 +76,17 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS(128) wgmma_selftest_kernel(bool b_upper_half, co
   const uint64_t a_desc = wgmma_desc_a64(shared_address(smem + kWgmmaSelftestABase) + (b_upper_half ? 32 : 0));
   const uint32_t meta = e[tid];
   wgmma_fence();
+  auto issue = [&](const auto& a_operand) {  // the fragment in registers, or mode 3's descriptor
+    if constexpr (Kind == 0) wgmma_sp_m64n128k32<DType::f16>(acc, a_operand, desc, meta);
+    if constexpr (Kind == 1) wgmma_sp_m64n128k32<DType::bf16>(acc, a_operand, desc, meta);
+    if constexpr (Kind == 2) wgmma_sp_m64n128k64_s8(acc, a_operand, desc, meta);
+  };
 #pragma unroll
-  for (int issue = 0; issue < (Mode == 2 ? 2 : 1); ++issue) {
+  for (int op = 0; op < (Mode == 2 ? 2 : 1); ++op) {
     if constexpr (Mode == 3) {
-      if constexpr (Kind == 0) wgmma_sp_ss_m64n128k32<DType::f16>(acc, a_desc, desc, meta);
-      if constexpr (Kind == 1) wgmma_sp_ss_m64n128k32<DType::bf16>(acc, a_desc, desc, meta);
-      if constexpr (Kind == 2) wgmma_sp_ss_m64n128k64_s8(acc, a_desc, desc, meta);
+      issue(a_desc);
     } else {
-      if constexpr (Kind == 0) wgmma_sp_m64n128k32<DType::f16>(acc, a_regs, desc, meta);
-      if constexpr (Kind == 1) wgmma_sp_m64n128k32<DType::bf16>(acc, a_regs, desc, meta);
-      if constexpr (Kind == 2) wgmma_sp_m64n128k64_s8(acc, a_regs, desc, meta);
+      issue(a_regs);
     }
   }
   wgmma_commit_group();

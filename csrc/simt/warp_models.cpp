@@ -180,8 +180,8 @@ void compute_mma_k64_s8(const void* const lane_inputs[32], void* const lane_outp
 constexpr int kWgmmaN = 128;
 
 struct WgmmaIn {
-  uint32_t a[4], e;
-  uint64_t a_desc;  // the SS form's A descriptor; 0: A in registers (a)
+  WgmmaA a;
+  uint32_t e;
   uint64_t b_desc;
   const uint32_t* c;  // kWgmmaN / 2 accumulator bit patterns (wgmma_accumulator_input)
 };
@@ -190,65 +190,54 @@ struct WgmmaOut {
   size_t read;  // emulator.h wgmma_read_shared
 };
 
-// Row `col` of B (K-major: one B column's K values, 64 bytes: k32 of 16-bit or k64 of s8) through
-// the matrix descriptor, fields per PTX ISA "Matrix Descriptor Format": start address, leading
-// and stride byte offsets (each >> 4, 14 bits at bits 0, 16 and 32), base offset (bits 49-51),
-// swizzle mode (bits 62-63, 1 = 128-byte). The 128-byte swizzle's canonical K-major layout: 8
-// rows of 128 bytes per 1024-byte atom, atoms `stride byte offset` apart along N; the hardware
-// XORs address bits [4, 7) (16-byte chunk) with bits [7, 10) (row in the atom) of the address
-// it forms, so the kernel stores chunk c of row r at c ^ (r % 8) in a 1024-byte aligned atom.
-// The leading byte offset steps between atoms along K, which a 64-byte K range inside one
-// 128-byte row never crosses.
-// Also widens [lowest, highest) (shared-memory offsets) to the bytes read.
-void wgmma_b_row(const char* name, uint64_t desc, int col, unsigned char (&bytes)[64], uint32_t& lowest,
-                 uint32_t& highest) {
+// A K-major operand in shared memory through its matrix descriptor, fields per PTX ISA "Matrix
+// Descriptor Format": start address, leading and stride byte offsets (each >> 4, 14 bits at bits
+// 0, 16 and 32), base offset (bits 49-51), swizzle mode (bits 62-63: 1 = 128-byte, 2 = 64-byte).
+// A swizzle of `span` bytes has the canonical K-major layout of 8 rows of `span` bytes per atom,
+// atoms `stride byte offset` apart along M or N; the hardware XORs the address bits of the
+// 16-byte chunk ([4, 4 + log2(span / 16))) with those of the row in the atom ([7, ...)) of the
+// address it forms, so the kernels store chunk c of row r at c ^ (r % 8) (128-byte) or
+// c ^ ((r >> 1) & 3) (64-byte) in an aligned atom. The leading byte offset steps between atoms
+// along K, which the k-steps inside one row never cross; the start may add a K offset inside the
+// atom's first row (the second k-step).
+struct SwizzledOperand {
+  uint32_t start, stride, span;
+  // The shared-memory offset of byte `byte` of row `row`.
+  uint32_t offset(int row, uint32_t byte) const {
+    const uint32_t logical = start + uint32_t(row / 8) * stride + uint32_t(row % 8) * span + byte;
+    return logical ^ (((logical >> 7) & (span / 16 - 1)) << 4);
+  }
+};
+
+// Decodes descriptor `desc` of `operand` ("A" or "B") with the `span`-byte swizzle the model
+// covers (B: 128, A: 64), base offset 0.
+SwizzledOperand swizzled_operand(const char* name, const char* operand, uint64_t desc, uint32_t span) {
   const uint32_t start = uint32_t(desc & 0x3FFF) << 4;
   const uint32_t stride = uint32_t((desc >> 32) & 0x3FFF) << 4;
   const int base_offset = int((desc >> 49) & 7), swizzle = int(desc >> 62);
-  if (swizzle != 1 || base_offset != 0)
-    fail(std::string(name) + ": B descriptor with swizzle mode " + std::to_string(swizzle) + " and base offset " +
-         std::to_string(base_offset) + "; the model covers the 128-byte swizzle (mode 1) with base offset 0");
-  if (start % 1024 >= 128 || start % 16 != 0)
-    fail(std::string(name) + ": B descriptor start address " + std::to_string(start) + " is not inside the first "
-         "128-byte row of a 1024-byte swizzle atom (a K offset inside the row is the only start the 128-byte "
-         "swizzle leaves unchanged)");
-  const uint32_t row = start + uint32_t(col / 8) * stride + uint32_t(col % 8) * 128;
-  for (int chunk = 0; chunk < 4; ++chunk) {
-    const uint32_t logical = row + 16 * chunk;
-    const uint32_t physical = logical ^ (((logical >> 7) & 7) << 4);
-    const char* address = shared_memory() + physical;
-    check_shared_range(address, 16, 16, name);
-    std::memcpy(bytes + 16 * chunk, address, 16);
-    lowest = std::min(lowest, physical);
-    highest = std::max(highest, physical + 16);
-  }
+  const int mode = span == 128 ? 1 : 2;
+  if (swizzle != mode || base_offset != 0)
+    fail(std::string(name) + ": " + operand + " descriptor with swizzle mode " + std::to_string(swizzle) +
+         " and base offset " + std::to_string(base_offset) + "; the model covers the " + std::to_string(span) +
+         "-byte swizzle (mode " + std::to_string(mode) + ") with base offset 0");
+  if (start % (8 * span) >= span || start % 16 != 0)
+    fail(std::string(name) + ": " + operand + " descriptor start address " + std::to_string(start) +
+         " is not inside the first " + std::to_string(span) + "-byte row of a " + std::to_string(8 * span) +
+         "-byte swizzle atom (a K offset inside the row is the only start the swizzle leaves unchanged)");
+  return SwizzledOperand{start, stride, span};
 }
 
-// A fragment register r of lane (g, t) of warp w in the SS form: the 4 bytes at byte 16 (r / 2) +
-// 4t of A row 16w + g + 8 (r % 2) (the register form's fragment, warp_ops.cuh) through the
-// descriptor: the 64-byte swizzle's canonical K-major layout, 8 rows of 64 bytes per 512-byte
-// atom, atoms `stride byte offset` apart along M; the hardware XORs address bits [4, 6) with
-// bits [7, 9) of the address it forms. The start may add a K offset inside the first row (the
-// second k-step: + 32). Also widens [lowest, highest) to the bytes read.
-void wgmma_a_fragment(const char* name, uint64_t desc, int warp, int lane, uint32_t (&a)[4], uint32_t& lowest,
-                      uint32_t& highest) {
-  const uint32_t start = uint32_t(desc & 0x3FFF) << 4;
-  const uint32_t stride = uint32_t((desc >> 32) & 0x3FFF) << 4;
-  const int base_offset = int((desc >> 49) & 7), swizzle = int(desc >> 62);
-  if (swizzle != 2 || base_offset != 0)
-    fail(std::string(name) + ": A descriptor with swizzle mode " + std::to_string(swizzle) + " and base offset " +
-         std::to_string(base_offset) + "; the model covers the 64-byte swizzle (mode 2) with base offset 0");
-  if (start % 512 >= 64 || start % 16 != 0)
-    fail(std::string(name) + ": A descriptor start address " + std::to_string(start) + " is not inside the first "
-         "64-byte row of a 512-byte swizzle atom");
-  const int g = lane / 4, t = lane % 4;
-  for (int r = 0; r < 4; ++r) {
-    const int row = 16 * warp + g + 8 * (r % 2);
-    const uint32_t logical = start + uint32_t(row / 8) * stride + uint32_t(row % 8) * 64 + 16 * (r / 2) + 4 * t;
-    const uint32_t physical = logical ^ (((logical >> 7) & 3) << 4);
+// Copies `bytes` bytes at byte `byte` of row `row` of `operand` (a 16-byte aligned run within one
+// 16-byte chunk, or whole chunks) to dst, and widens [lowest, highest) (shared-memory offsets) to
+// the 16-byte chunks read.
+void read_operand(const char* name, const SwizzledOperand& operand, int row, uint32_t byte, void* dst, uint32_t bytes,
+                  uint32_t& lowest, uint32_t& highest) {
+  for (uint32_t done = 0; done < bytes; done += 16) {
+    const uint32_t physical = operand.offset(row, byte + done);
+    const uint32_t piece = bytes - done < 16 ? bytes - done : 16;
     const char* address = shared_memory() + physical;
-    check_shared_range(address, 4, 4, name);
-    std::memcpy(&a[r], address, 4);
+    check_shared_range(address, piece, piece, name);
+    std::memcpy(static_cast<char*>(dst) + done, address, piece);
     lowest = std::min(lowest, physical & ~15u);
     highest = std::max(highest, (physical & ~15u) + 16);
   }
@@ -264,12 +253,14 @@ void compute_wgmma(const char* name, void (*tile)(const char*, const void* const
   const auto& first = *static_cast<const WgmmaIn*>(thread_inputs[0]);
   for (int thread = 1; thread < 128; ++thread) {
     const auto& in = *static_cast<const WgmmaIn*>(thread_inputs[thread]);
-    if (in.b_desc != first.b_desc || in.a_desc != first.a_desc)
+    if (in.b_desc != first.b_desc || in.a.desc != first.a.desc)
       fail(std::string(name) + ": thread " + std::to_string(thread) + " passes A / B descriptors " +
-           std::to_string(in.a_desc) + " / " + std::to_string(in.b_desc) + ", thread 0 " +
-           std::to_string(first.a_desc) + " / " + std::to_string(first.b_desc) +
+           std::to_string(in.a.desc) + " / " + std::to_string(in.b_desc) + ", thread 0 " +
+           std::to_string(first.a.desc) + " / " + std::to_string(first.b_desc) +
            " (they must be the same across the warpgroup)");
   }
+  const SwizzledOperand b = swizzled_operand(name, "B", first.b_desc, 128);
+  const SwizzledOperand a = first.a.desc != 0 ? swizzled_operand(name, "A", first.a.desc, 64) : SwizzledOperand{};
   uint32_t lowest = UINT32_MAX, highest = 0;
   for (int warp = 0; warp < 4; ++warp)
     for (int j = 0; j < kWgmmaN / 8; ++j) {
@@ -279,12 +270,17 @@ void compute_wgmma(const char* name, void (*tile)(const char*, const void* const
       void* lane_outputs[kLanes];
       for (int lane = 0; lane < kLanes; ++lane) {
         const auto& thread = *static_cast<const WgmmaIn*>(thread_inputs[32 * warp + lane]);
+        // B column 8j + g: 64 bytes of K; A (SS form) register r: bytes 16 (r / 2) + 4t of row
+        // 16w + g + 8 (r % 2), the register form's fragment (warp_ops.cuh).
         unsigned char column[64];
-        wgmma_b_row(name, thread.b_desc, 8 * j + lane / 4, column, lowest, highest);
-        if (thread.a_desc != 0)
-          wgmma_a_fragment(name, thread.a_desc, warp, lane, in[lane].a, lowest, highest);
-        else
-          std::memcpy(in[lane].a, thread.a, sizeof in[lane].a);
+        read_operand(name, b, 8 * j + lane / 4, 0, column, sizeof column, lowest, highest);
+        if (first.a.desc != 0) {
+          for (int r = 0; r < 4; ++r)
+            read_operand(name, a, 16 * warp + lane / 4 + 8 * (r % 2), 16 * (r / 2) + 4 * (lane % 4), &in[lane].a[r], 4,
+                         lowest, highest);
+        } else {
+          std::memcpy(in[lane].a, thread.a.regs, sizeof in[lane].a);
+        }
         for (int q = 0; q < 4; ++q) std::memcpy(&in[lane].b[q], column + 16 * q + 4 * (lane % 4), 4);
         std::memcpy(in[lane].c, thread.c + 4 * j, sizeof in[lane].c);
         in[lane].e = thread.e;
@@ -347,15 +343,8 @@ void compute_wgmma_k64_s8(const void* const thread_inputs[128], void* const thre
 }
 
 // One thread's wgmma: C from the results in flight (emulator.h), the result handed back pending.
-// a_desc 0: A in registers (a).
-void issue_wgmma(const WarpgroupOp& op, void* d, const uint32_t (&a)[4], uint64_t a_desc, uint64_t b_desc,
-                 uint32_t e) {
-  WgmmaIn in;
-  std::memcpy(in.a, a, sizeof in.a);
-  in.e = e;
-  in.a_desc = a_desc;
-  in.b_desc = b_desc;
-  in.c = static_cast<const uint32_t*>(wgmma_accumulator_input(d, op.name));
+void issue_wgmma(const WarpgroupOp& op, void* d, const WgmmaA& a, uint64_t b_desc, uint32_t e) {
+  const WgmmaIn in{a, e, b_desc, static_cast<const uint32_t*>(wgmma_accumulator_input(d, op.name))};
   WgmmaOut out;
   warpgroup_collective(op, &in, &out);
   wgmma_issue(d, out.d, sizeof out.d, out.read);
@@ -506,22 +495,14 @@ void mma_sp_m16n8k64_s8(int (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)
   std::memcpy(d, out.d, sizeof out.d);
 }
 
-void wgmma_sp_m64n128k32(HalfType type, float* d, const uint32_t (&a)[4], uint64_t b_desc, uint32_t e) {
-  issue_wgmma(type == HalfType::f16 ? kWgmmaF16 : kWgmmaBf16, d, a, 0, b_desc, e);
+void wgmma_sp_m64n128k32(HalfType type, float* d, const WgmmaA& a, uint64_t b_desc, uint32_t e) {
+  const bool ss = a.desc != 0;
+  issue_wgmma(type == HalfType::f16 ? (ss ? kWgmmaSsF16 : kWgmmaF16) : (ss ? kWgmmaSsBf16 : kWgmmaBf16), d, a, b_desc,
+              e);
 }
 
-void wgmma_sp_m64n128k64_s8(int* d, const uint32_t (&a)[4], uint64_t b_desc, uint32_t e) {
-  issue_wgmma(kWgmmaS8, d, a, 0, b_desc, e);
-}
-
-void wgmma_sp_ss_m64n128k32(HalfType type, float* d, uint64_t a_desc, uint64_t b_desc, uint32_t e) {
-  const uint32_t unused[4] = {0, 0, 0, 0};
-  issue_wgmma(type == HalfType::f16 ? kWgmmaSsF16 : kWgmmaSsBf16, d, unused, a_desc, b_desc, e);
-}
-
-void wgmma_sp_ss_m64n128k64_s8(int* d, uint64_t a_desc, uint64_t b_desc, uint32_t e) {
-  const uint32_t unused[4] = {0, 0, 0, 0};
-  issue_wgmma(kWgmmaSsS8, d, unused, a_desc, b_desc, e);
+void wgmma_sp_m64n128k64_s8(int* d, const WgmmaA& a, uint64_t b_desc, uint32_t e) {
+  issue_wgmma(a.desc != 0 ? kWgmmaSsS8 : kWgmmaS8, d, a, b_desc, e);
 }
 
 void ldmatrix(int matrices, bool trans, uint32_t* regs, const void* row_address) {

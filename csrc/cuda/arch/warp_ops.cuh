@@ -272,18 +272,32 @@ SG_DEVICE void fence_proxy_async_shared() {
 #endif
 }
 
-// wgmma.mma_async.sp.sync.aligned.m64n128k32.f32.{f16,bf16}.{f16,bf16}, A in registers (see
-// above); kDType: DType::f16 or DType::bf16.
+// wgmma.mma_async.sp.sync.aligned.m64n128k32.f32.{f16,bf16}.{f16,bf16}; kDType: DType::f16 or
+// DType::bf16. A is either this warp's fragment in registers (WgmmaA = uint32_t[4], see above) or,
+// the SS form, the warpgroup's 64 rows of compressed values in shared memory through the
+// descriptor a (WgmmaA = uint64_t, wgmma_desc_a64; imm-trans-a 0). In the SS form no register a
+// wgmma reads but the metadata: per-k-tile metadata loads may overlap wgmma ops in flight without
+// ptxas serialising them, which A fragments in registers prevent (gemm_sp.cuh).
 #define SG_WGMMA_SP_K32(type, d, a, b_desc, e)                                                      \
   asm volatile("wgmma.mma_async.sp.sync.aligned.m64n128k32.f32." type "." type " " SG_WGMMA_D_REGS \
                ", {%64, %65, %66, %67}, %68, %69, 0, 1, 1, 1, 0;\n"                                \
                : SG_WGMMA_D64("+f", d)                                                              \
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "r"(e))
-template <DType kDType>
-SG_DEVICE void wgmma_sp_m64n128k32(float (&d)[16][4], const uint32_t (&a)[4], uint64_t b_desc, uint32_t e) {
+#define SG_WGMMA_SP_SS_K32(type, d, a_desc, b_desc, e)                                              \
+  asm volatile("wgmma.mma_async.sp.sync.aligned.m64n128k32.f32." type "." type " " SG_WGMMA_D_REGS \
+               ", %64, %65, %66, 0, 1, 1, 1, 0, 0;\n"                                              \
+               : SG_WGMMA_D64("+f", d)                                                              \
+               : "l"(a_desc), "l"(b_desc), "r"(e))
+template <DType kDType, typename WgmmaA>
+SG_DEVICE void wgmma_sp_m64n128k32(float (&d)[16][4], const WgmmaA& a, uint64_t b_desc, uint32_t e) {
   static_assert(kDType == DType::f16 || kDType == DType::bf16, "wgmma k32 takes f16 or bf16");
 #if defined(SG_WGMMA_ASM)
-  if constexpr (kDType == DType::bf16) {
+  constexpr bool kSs = std::is_same<WgmmaA, uint64_t>::value;
+  if constexpr (kSs && kDType == DType::bf16) {
+    SG_WGMMA_SP_SS_K32("bf16", d, a, b_desc, e);
+  } else if constexpr (kSs) {
+    SG_WGMMA_SP_SS_K32("f16", d, a, b_desc, e);
+  } else if constexpr (kDType == DType::bf16) {
     SG_WGMMA_SP_K32("bf16", d, a, b_desc, e);
   } else {
     SG_WGMMA_SP_K32("f16", d, a, b_desc, e);
@@ -291,65 +305,34 @@ SG_DEVICE void wgmma_sp_m64n128k32(float (&d)[16][4], const uint32_t (&a)[4], ui
 #elif defined(__CUDACC__)
   trap("wgmma needs sm_90a");
 #else
-  const auto type = kDType == DType::bf16 ? emu::HalfType::bf16 : emu::HalfType::f16;
-  emu::wgmma_sp_m64n128k32(type, &d[0][0], a, b_desc, e);
+  emu::wgmma_sp_m64n128k32(kDType == DType::bf16 ? emu::HalfType::bf16 : emu::HalfType::f16, &d[0][0],
+                           emu::WgmmaA(a), b_desc, e);
 #endif
 }
 #undef SG_WGMMA_SP_K32
+#undef SG_WGMMA_SP_SS_K32
 
-// The SS forms: A (64 rows of compressed values) through the shared-memory descriptor a_desc
-// (wgmma_desc_a64) instead of registers, otherwise as above (imm-trans-a 0). No register a wgmma
-// reads but the metadata: per-k-tile metadata loads may then overlap wgmma ops in flight without
-// ptxas serialising them, which A fragments in registers prevent (gemm_sp.cuh).
-#define SG_WGMMA_SP_SS_K32(type, d, a_desc, b_desc, e)                                              \
-  asm volatile("wgmma.mma_async.sp.sync.aligned.m64n128k32.f32." type "." type " " SG_WGMMA_D_REGS \
-               ", %64, %65, %66, 0, 1, 1, 1, 0, 0;\n"                                              \
-               : SG_WGMMA_D64("+f", d)                                                              \
-               : "l"(a_desc), "l"(b_desc), "r"(e))
-template <DType kDType>
-SG_DEVICE void wgmma_sp_ss_m64n128k32(float (&d)[16][4], uint64_t a_desc, uint64_t b_desc, uint32_t e) {
-  static_assert(kDType == DType::f16 || kDType == DType::bf16, "wgmma k32 takes f16 or bf16");
+// wgmma.mma_async.sp.sync.aligned.m64n128k64.satfinite.s32.s8.s8, A in registers or through a
+// descriptor as above, with the m16n8k64 A and metadata layouts; s32 accumulators clamped like
+// mma.sp's .satfinite. s8 takes no scale or transpose immediates (B must be K-major).
+template <typename WgmmaA>
+SG_DEVICE void wgmma_sp_m64n128k64_s8(int (&d)[16][4], const WgmmaA& a, uint64_t b_desc, uint32_t e) {
 #if defined(SG_WGMMA_ASM)
-  if constexpr (kDType == DType::bf16) {
-    SG_WGMMA_SP_SS_K32("bf16", d, a_desc, b_desc, e);
+  if constexpr (std::is_same<WgmmaA, uint64_t>::value) {
+    asm volatile("wgmma.mma_async.sp.sync.aligned.m64n128k64.satfinite.s32.s8.s8 " SG_WGMMA_D_REGS
+                 ", %64, %65, %66, 0, 1;\n"
+                 : SG_WGMMA_D64("+r", d)
+                 : "l"(a), "l"(b_desc), "r"(e));
   } else {
-    SG_WGMMA_SP_SS_K32("f16", d, a_desc, b_desc, e);
+    asm volatile("wgmma.mma_async.sp.sync.aligned.m64n128k64.satfinite.s32.s8.s8 " SG_WGMMA_D_REGS
+                 ", {%64, %65, %66, %67}, %68, %69, 0, 1;\n"
+                 : SG_WGMMA_D64("+r", d)
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "r"(e));
   }
 #elif defined(__CUDACC__)
   trap("wgmma needs sm_90a");
 #else
-  const auto type = kDType == DType::bf16 ? emu::HalfType::bf16 : emu::HalfType::f16;
-  emu::wgmma_sp_ss_m64n128k32(type, &d[0][0], a_desc, b_desc, e);
-#endif
-}
-#undef SG_WGMMA_SP_SS_K32
-
-SG_DEVICE void wgmma_sp_ss_m64n128k64_s8(int (&d)[16][4], uint64_t a_desc, uint64_t b_desc, uint32_t e) {
-#if defined(SG_WGMMA_ASM)
-  asm volatile("wgmma.mma_async.sp.sync.aligned.m64n128k64.satfinite.s32.s8.s8 " SG_WGMMA_D_REGS
-               ", %64, %65, %66, 0, 1;\n"
-               : SG_WGMMA_D64("+r", d)
-               : "l"(a_desc), "l"(b_desc), "r"(e));
-#elif defined(__CUDACC__)
-  trap("wgmma needs sm_90a");
-#else
-  emu::wgmma_sp_ss_m64n128k64_s8(&d[0][0], a_desc, b_desc, e);
-#endif
-}
-
-// wgmma.mma_async.sp.sync.aligned.m64n128k64.satfinite.s32.s8.s8, A in registers: as above with
-// the m16n8k64 A and metadata layouts; s32 accumulators clamped like mma.sp's .satfinite. s8
-// takes no scale or transpose immediates (B must be K-major).
-SG_DEVICE void wgmma_sp_m64n128k64_s8(int (&d)[16][4], const uint32_t (&a)[4], uint64_t b_desc, uint32_t e) {
-#if defined(SG_WGMMA_ASM)
-  asm volatile("wgmma.mma_async.sp.sync.aligned.m64n128k64.satfinite.s32.s8.s8 " SG_WGMMA_D_REGS
-               ", {%64, %65, %66, %67}, %68, %69, 0, 1;\n"
-               : SG_WGMMA_D64("+r", d)
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "r"(e));
-#elif defined(__CUDACC__)
-  trap("wgmma needs sm_90a");
-#else
-  emu::wgmma_sp_m64n128k64_s8(&d[0][0], a, b_desc, e);
+  emu::wgmma_sp_m64n128k64_s8(&d[0][0], emu::WgmmaA(a), b_desc, e);
 #endif
 }
 
