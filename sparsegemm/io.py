@@ -140,6 +140,11 @@ def load(path: Union[str, "os.PathLike"], model: nn.Module) -> nn.Module:
         raise ValueError(f"sparsegemm.load: {path} has a corrupt module table ({exc})") from exc
     if not isinstance(converted, dict) or not all(isinstance(v, dict) for v in converted.values()):
         raise ValueError(f"sparsegemm.load: {path} has a corrupt module table (expected an object of objects)")
+    # Files written before the layers' metadata buffer was renamed (nn.py) call it "meta".
+    for name in converted:
+        prefix = f"{name}." if name else ""
+        if prefix + "meta" in tensors and prefix + "metadata" not in tensors:
+            tensors[prefix + "metadata"] = tensors.pop(prefix + "meta")
     from .convert import _set_submodule
 
     # Everything is built, loaded and validated aside first: a failing checkpoint leaves the model as it
@@ -233,7 +238,8 @@ def _describe_file(safe_open, path) -> str:
             n *= 2  # the weight holds a gate and an up row per output
         k = spec.get("in_features") or spec["in_channels"] * spec["kernel_size"][0] * spec["kernel_size"][1]
         item = getattr(torch, spec["dtype"]).itemsize  # int8 layers: vs the dense weight in the activation dtype
-        stored = nbytes[prefix + "values"] + nbytes[prefix + "meta"] + nbytes.get(prefix + "scale", 0)
+        meta_bytes = nbytes.get(prefix + "metadata", nbytes.get(prefix + "meta"))  # "meta" in older files
+        stored = nbytes[prefix + "values"] + meta_bytes + nbytes.get(prefix + "scale", 0)
         dense = n * k * item
         total_dense += dense
         total_stored += stored

@@ -1,7 +1,7 @@
 """Drop-in modules: SparseLinear and SparseConv2d hold only the compressed weight.
 
-Both keep ``values`` (the kept weights, trainable: the 2:4 mask stays fixed), ``meta`` (logical
-metadata, uint8 buffer) and ``bias``. No dense copy of the weight is stored anywhere;
+Both keep ``values`` (the kept weights, trainable: the 2:4 mask stays fixed), ``metadata`` (the
+logical metadata E, a uint8 buffer) and ``bias``. No dense copy of the weight is stored anywhere;
 ``dense_weight()`` rebuilds it on demand. On CUDA the hardware-ordered metadata is made once per
 device, on the first forward after a move, and reused.
 """
@@ -19,7 +19,7 @@ from .tensor import SparseTensor24
 
 
 # Attributes whose assignment invalidates what a layer derived from them (_forget_derived).
-_DERIVED_FROM = frozenset({"values", "meta", "bias", "scale", "input_scale", "weight_shape", "backend", "quantize",
+_DERIVED_FROM = frozenset({"values", "metadata", "bias", "scale", "input_scale", "weight_shape", "backend", "quantize",
                            "activation"})
 
 
@@ -59,7 +59,9 @@ class _SparseWeight(nn.Module):
             self.values = nn.Parameter(torch.zeros(n, fmt.values_cols(k), dtype=dtype, device=device))
         meta = torch.empty(n, fmt.meta_cols(k), dtype=torch.uint8, device=device)
         meta.fill_(fmt.PAD_NIBBLE | (fmt.PAD_NIBBLE << 4))  # a valid (all (0, 1)) pattern until loaded
-        self.register_buffer("meta", meta)
+        # Not "meta": torch.export's ExportedProgram.module() registers the buffers of an exported
+        # root on a GraphModule, whose own `meta` attribute that name would clash with.
+        self.register_buffer("metadata", meta)
         # INT8 layers are inference-only (no gradient through the integer grid): the bias is frozen too.
         self.bias = (nn.Parameter(torch.zeros(n, dtype=dtype, device=device), requires_grad=self.quantize != "int8")
                      if bias else None)
@@ -68,7 +70,7 @@ class _SparseWeight(nn.Module):
     def _load_compressed(self, sw: SparseTensor24, bias: Optional[Tensor]) -> None:
         with torch.no_grad():
             self.values.data = sw.values.clone()
-            self.meta = sw.meta.clone()  # an assignment: __setattr__ forgets what was derived
+            self.metadata = sw.meta.clone()  # an assignment: __setattr__ forgets what was derived
             if sw.scale is not None:
                 self.scale = sw.scale.clone()
             if self.bias is not None:
@@ -76,7 +78,7 @@ class _SparseWeight(nn.Module):
 
     def sparse_weight(self) -> SparseTensor24:
         """The weight as a SparseTensor24 sharing this module's storage (and reordered-metadata cache)."""
-        sw = SparseTensor24(self.values.detach(), self.meta, self.weight_shape,
+        sw = SparseTensor24(self.values.detach(), self.metadata, self.weight_shape,
                             self.scale if self.quantize == "int8" else None, validate=False)
         if self.quantize == "int8":
             sw._kernel_meta = self._kernel_meta  # keyed by backend; _apply clears it on a move
@@ -109,26 +111,29 @@ class _SparseWeight(nn.Module):
             setattr(self, name, value.to(self.values.device))
         return out
 
-    def _load_from_state_dict(self, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         self._forget_derived()  # new metadata: the reordered copies are stale
-        super()._load_from_state_dict(*args, **kwargs)
+        # State dicts and checkpoints made before the buffer's rename call it "meta".
+        if prefix + "meta" in state_dict and prefix + "metadata" not in state_dict:
+            state_dict[prefix + "metadata"] = state_dict.pop(prefix + "meta")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _kernel_meta_for(self, backend: str) -> Tensor:
-        key = (backend, self.meta.device)
+        key = (backend, self.metadata.device)
         cached = self._kernel_meta.get(key)
         if cached is None:
-            cached = ops.reorder_meta(self.meta, self.weight_shape[1], backend)
-            if ops.may_cache_reorder(self.meta):
+            cached = ops.reorder_meta(self.metadata, self.weight_shape[1], backend)
+            if ops.may_cache_reorder(self.metadata):
                 self._kernel_meta[key] = cached
         return cached
 
     def _sparse_linear(self, x: Tensor, activation: Optional[str] = None) -> Tensor:
-        return linear_parts(x, self.values, self.meta, self.weight_shape, self.bias, activation=activation,
+        return linear_parts(x, self.values, self.metadata, self.weight_shape, self.bias, activation=activation,
                             backend=self.backend, kernel_meta=self._kernel_meta_for, op=type(self).__name__)
 
     def validate(self) -> None:
         """Check the stored weight (shapes, dtypes, metadata, scales) as a checkpoint load does."""
-        SparseTensor24(self.values.detach(), self.meta, self.weight_shape,
+        SparseTensor24(self.values.detach(), self.metadata, self.weight_shape,
                        self.scale if self.quantize == "int8" else None)
         if self.quantize == "int8" and self.input_scale is not None:
             from .quant import check_scale
@@ -279,7 +284,7 @@ class SparseLinear(_SparseWeight):
         (ops.plain_linear_args, quant._dynamic_fast_path), operands the launch would have to make
         contiguous, or a CUDA graph being captured (whose reordered metadata is not kept)."""
         n, k = self.weight_shape
-        values, bias, meta = self.values, self.bias, self.meta
+        values, bias, meta = self.values, self.bias, self.metadata
         if self.quantize == "int8":
             from .quant import _dynamic_fast_path
 
@@ -307,7 +312,7 @@ class SparseLinear(_SparseWeight):
         parametrizations swap them through _parameters / _buffers, past __setattr__) over the same
         storage (a ``.data`` assignment keeps the object)."""
         params, buffers = self._parameters, self._buffers
-        return (params["values"] is plan.values and params.get("bias") is plan.bias and buffers["meta"] is plan.meta
+        return (params["values"] is plan.values and params.get("bias") is plan.bias and buffers["metadata"] is plan.meta
                 and buffers.get("scale") is plan.scale and buffers.get("input_scale") is None
                 and (plan.values.data_ptr(), ops._ptr(plan.bias)) == plan.data_ptrs)
 
@@ -602,7 +607,7 @@ class SparseConv2d(_SparseWeight):
         ops.check_same_device(op, x=x, values=self.values)
         # A channels_last tensor permuted to [B, H, W, C] is contiguous NHWC: no copy then.
         x_nhwc = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
-        y = ops._conv2d(x_nhwc, self.values, self.meta, self._kernel_meta_for(backend), list(self.kernel_size),
+        y = ops._conv2d(x_nhwc, self.values, self.metadata, self._kernel_meta_for(backend), list(self.kernel_size),
                         list(self.stride), list(self.padding), list(self.dilation), self.bias, 0, backend)
         return y.permute(0, 3, 1, 2)
 

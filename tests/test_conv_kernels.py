@@ -210,7 +210,7 @@ def test_fused_bias_and_activation(kernels, act, fn):
     x = make_input(2, 16, (7, 7), torch.float16, integer=True)
     ref = fn(reference(layer, x).float()).permute(0, 2, 3, 1)
     layer = kernels.module(layer)
-    y = ops._conv2d(kernels.to_device(x.permute(0, 2, 3, 1).contiguous()), layer.values, layer.meta,
+    y = ops._conv2d(kernels.to_device(x.permute(0, 2, 3, 1).contiguous()), layer.values, layer.metadata,
                     layer._kernel_meta_for(kernels.name), [3, 3], [2, 2], [1, 1], [1, 1], layer.bias, act, kernels.name)
     # relu is exact on integers; silu's fp32 exp may differ from torch's by an ulp before rounding.
     torch.testing.assert_close(y.cpu().float(), ref.half().float(), rtol=0 if act == 1 else 1e-3, atol=0)
@@ -223,7 +223,7 @@ def test_forced_tiles_and_split_k(kernels, config, split_k):
     x = make_input(1, 32, (3, 5), torch.float16, integer=True)
     m, n, k = 15, 20, 288
     assert (kernels.gemm_scratch(m, n, k, config, split_k)[0] > 0) == (split_k > 1)
-    y = kernels.conv2d(x.permute(0, 2, 3, 1).contiguous(), layer.values.detach(), layer.meta, layer.bias.detach(),
+    y = kernels.conv2d(x.permute(0, 2, 3, 1).contiguous(), layer.values.detach(), layer.metadata, layer.bias.detach(),
                        (3, 5), (3, 3), (1, 1), (1, 1), (1, 1), config=config, split_k=split_k)
     assert torch.equal(y.permute(0, 3, 1, 2).double(), reference(layer, x))
 
@@ -234,7 +234,7 @@ def test_tma_pipelines_are_refused_for_the_convolution(kernels, config, tile):
     layer = make_layer(32, 20, 3, 1, 1, 1, torch.float16, integer=True)
     x = make_input(1, 32, (3, 5), torch.float16, integer=True)
     with pytest.raises(ValueError, match=rf"config {config} \(the {tile} tile fed by TMA\) serves the GEMM only"):
-        kernels.conv2d(x.permute(0, 2, 3, 1).contiguous(), layer.values.detach(), layer.meta, layer.bias.detach(),
+        kernels.conv2d(x.permute(0, 2, 3, 1).contiguous(), layer.values.detach(), layer.metadata, layer.bias.detach(),
                        (3, 5), (3, 3), (1, 1), (1, 1), (1, 1), config=config)
 
 
@@ -244,7 +244,7 @@ def test_split_k_convolution_under_any_block_order(shuffled_block_orders):
     x = make_input(1, 32, (3, 5), torch.float16, integer=True)
     for seed in shuffled_block_orders:
         _C.simt_set_block_order(seed)
-        y = kernels.conv2d(x.permute(0, 2, 3, 1).contiguous(), layer.values.detach(), layer.meta, layer.bias.detach(),
+        y = kernels.conv2d(x.permute(0, 2, 3, 1).contiguous(), layer.values.detach(), layer.metadata, layer.bias.detach(),
                            (3, 5), (3, 3), (1, 1), (1, 1), (1, 1), config=DECODE, split_k=4)
         assert torch.equal(y.permute(0, 3, 1, 2).double(), reference(layer, x))
 
@@ -262,7 +262,7 @@ def test_gradients_match_the_dense_convolution():
     assert torch.equal(x.grad.double(), x64.grad)
     assert torch.equal(layer.bias.grad.double(), b64.grad)
     matrix_grad = w.grad.permute(0, 2, 3, 1).reshape(16, -1)
-    kept = ops.meta_to_mask(layer.meta, matrix_grad.shape[1])
+    kept = ops.meta_to_mask(layer.metadata, matrix_grad.shape[1])
     assert torch.equal(layer.values.grad.double(), matrix_grad[kept].reshape(16, -1))
 
 
@@ -270,7 +270,7 @@ def test_opcheck_schema_fake_and_autograd():
     layer = make_layer(8, 16, 3, 2, 1, 1, torch.float16, integer=True)
     x = make_input(2, 8, (5, 6), torch.float16, integer=True).permute(0, 2, 3, 1).contiguous().requires_grad_()
     values = layer.values.detach().clone().requires_grad_()
-    result = torch.library.opcheck(ops._conv2d, (x, values, layer.meta, layer._kernel_meta_for("simt"), [3, 3],
+    result = torch.library.opcheck(ops._conv2d, (x, values, layer.metadata, layer._kernel_meta_for("simt"), [3, 3],
                                                  [2, 2], [1, 1], [1, 1], layer.bias.detach(), 0, "simt"))
     assert set(result.values()) == {"SUCCESS"}, result
 
@@ -286,7 +286,7 @@ def test_errors_name_the_problem():
     with pytest.raises(ValueError, match="smaller than the dilated kernel"):
         layer(torch.zeros(1, 8, 2, 5, dtype=torch.float16))
     with pytest.raises(ValueError, match="stride must be two integers >= 1"):
-        ops._conv2d(torch.zeros(1, 5, 5, 8, dtype=torch.float16), layer.values, layer.meta,
+        ops._conv2d(torch.zeros(1, 5, 5, 8, dtype=torch.float16), layer.values, layer.metadata,
                     layer._kernel_meta_for("simt"), [3, 3], [0, 1], [0, 0], [1, 1], None, 0, "simt")
 
 
@@ -325,7 +325,7 @@ def test_op_allocates_only_the_output(split_k_shape):
     layer = make_layer(cin, 24, 3, 1, 1, 1, torch.float16, integer=True)
     x = make_input(1, cin, hw, torch.float16, integer=True).permute(0, 2, 3, 1).contiguous()
     kernel_meta = layer._kernel_meta_for("simt")
-    args = (x, layer.values.detach(), layer.meta, kernel_meta, [3, 3], [1, 1], [1, 1], [1, 1], layer.bias.detach(), 0,
+    args = (x, layer.values.detach(), layer.metadata, kernel_meta, [3, 3], [1, 1], [1, 1], [1, 1], layer.bias.detach(), 0,
             "simt")
     m, k = hw[0] * hw[1], 9 * cin
     assert (_C.simt_gemm_scratch(m, 24, k)[0] > 0) == split_k_shape

@@ -99,14 +99,14 @@ def test_prune_finetune_convert_on_digits(digits):
 
     # The converted model trains on: gradients flow through SparseLinear into its kept values,
     # and the 2:4 pattern (meta) cannot move.
-    metas = [model[i].meta.clone() for i in (0, 2, 4)]
+    metas = [model[i].metadata.clone() for i in (0, 2, 4)]
     values = [model[i].values.detach().clone() for i in (0, 2, 4)]
     loss_before = float(nn.functional.cross_entropy(predict(model, x_train), y_train))
     train(model, x_train, y_train, epochs=2, lr=1e-3, seed=3)
     loss_after = float(nn.functional.cross_entropy(predict(model, x_train), y_train))
     assert loss_after < loss_before
     for i, meta, old in zip((0, 2, 4), metas, values):
-        assert torch.equal(model[i].meta, meta)
+        assert torch.equal(model[i].metadata, meta)
         assert not torch.equal(model[i].values.detach(), old)
     assert accuracy(model, x_test, y_test) > dense - 0.03
 

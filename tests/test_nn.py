@@ -78,7 +78,7 @@ def test_state_dict_round_trip_and_dtype_moves():
     x = torch.randn(3, 32)
     assert torch.equal(other(x), sl(x))
     half = other.half()
-    assert half.values.dtype == torch.float16 and half.meta.dtype == torch.uint8
+    assert half.values.dtype == torch.float16 and half.metadata.dtype == torch.uint8
     assert half.bfloat16().values.dtype == torch.bfloat16
 
 
@@ -142,6 +142,35 @@ def test_save_load_round_trip_and_size(tmp_path):
         assert "install zstandard" in out
 
 
+def test_files_and_state_dicts_from_before_the_metadata_rename_load(tmp_path):
+    # The layers' metadata buffer was called "meta" until torch.export's unlifting clashed with it:
+    # state dicts and checkpoints with that name still load, bit for bit, and report their sizes.
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(31)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
+    sparsegemm.sparsify(model, quantize="int8")
+    legacy_state = {k.replace(".metadata", ".meta"): v for k, v in model.state_dict().items()}
+    assert "0.meta" in legacy_state and "0.metadata" not in legacy_state
+    twin = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
+    sparsegemm.sparsify(twin, quantize="int8")
+    twin.load_state_dict(legacy_state, strict=True)
+    x = torch.randn(3, 64)
+    assert torch.equal(twin(x), model(x))
+
+    path = tmp_path / "new.safetensors"
+    sparsegemm.save(model, path)
+    with safe_open(str(path), framework="pt") as f:
+        header = f.metadata()
+    legacy = tmp_path / "legacy.safetensors"
+    save_file({k.replace(".metadata", ".meta"): v for k, v in load_file(str(path)).items()}, str(legacy),
+              metadata=header)
+    fresh = sparsegemm.load(legacy, nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32)))
+    assert torch.equal(fresh(x), model(x))
+    assert sparsegemm.io.describe(legacy).splitlines()[1:3] == sparsegemm.io.describe(path).splitlines()[1:3]
+
+
 def test_load_rejects_corrupt_and_truncated_files(tmp_path):
     model = nn.Sequential(nn.Linear(64, 64))
     sparsegemm.sparsify(model, min_features=8)
@@ -159,7 +188,7 @@ def test_load_rejects_corrupt_and_truncated_files(tmp_path):
     tensors = load_file(str(path))
     with safe_open(str(path), framework="pt") as f:
         header = f.metadata()
-    tensors["0.meta"][3, 2] = 0x55  # equal indices in both groups
+    tensors["0.metadata"][3, 2] = 0x55  # equal indices in both groups
     bad = tmp_path / "bad.safetensors"
     save_file(tensors, str(bad), metadata=header)
     with pytest.raises(ValueError, match=r"module '0'.*corrupt metadata at row 3, group 4"):
@@ -863,7 +892,7 @@ def test_eager_plan_sees_swapped_tensors_and_trainable_bias():
     swapped = {"values": 2 * layer.values.detach(), "bias": torch.zeros_like(layer.bias)}
 
     def general(inp, values, bias):
-        return ops.call(ops._linear, inp, values, layer.meta, layer._kernel_meta_for("simt"), 64, bias, 0, "simt")
+        return ops.call(ops._linear, inp, values, layer.metadata, layer._kernel_meta_for("simt"), 64, bias, 0, "simt")
 
     with torch.no_grad():
         before = layer(x)

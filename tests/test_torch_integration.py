@@ -91,10 +91,24 @@ def test_jit_trace_records_the_custom_ops(quantize):
     assert "sparsegemm::" in str(traced.graph)
 
 
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_torch_export_of_a_bare_layer(quantize):
+    # A layer as the exported root: ExportedProgram.module() registers its buffers on a GraphModule,
+    # whose own `meta` attribute a buffer of that name would clash with (hence "metadata").
+    torch.manual_seed(13)
+    layers = [sparsegemm.SparseLinear.from_dense(torch.nn.Linear(64, 24), quantize=quantize)]
+    if quantize is None:
+        layers.append(sparsegemm.SparseConv2d.from_dense(torch.nn.Conv2d(8, 16, 3, padding=1)))
+    for layer, shape in zip(layers, [(3, 64), (2, 8, 5, 5)]):
+        layer.requires_grad_(False)
+        exported = torch.export.export(layer, (torch.randn(shape),))
+        x = torch.randn(shape)
+        assert torch.equal(exported.module()(x), layer(x))
+
+
 def test_torch_export_of_a_model_with_sparse_layers():
     # torch.export records the custom ops (fake impls give the shapes); the exported program runs
-    # the kernels on new inputs. (A bare SparseLinear / SparseConv2d as the exported root cannot be
-    # unlifted by ExportedProgram.module(): its buffer "meta" clashes with GraphModule.meta.)
+    # the kernels on new inputs.
     torch.manual_seed(12)
     model = torch.nn.Sequential(
         sparsegemm.SparseConv2d.from_dense(torch.nn.Conv2d(8, 16, 3, padding=1)), torch.nn.Flatten(),
