@@ -240,7 +240,7 @@ TensorMap2d tensor_map_2d(const void* base, uint32_t element_bytes, uint64_t col
   const cuuint32_t box[2] = {box_cols, box_rows};
   const cuuint32_t element_strides[2] = {1, 1};
   // 256-byte L2 promotion: a box row of Wc is 64 bytes, and its neighbours along K follow in the
-  // next k-tiles (CUTLASS's default for TMA loads too). Out-of-bounds elements read as zeros.
+  // next k-tiles (CUTLASS's default is 128 bytes). Out-of-bounds elements read as zeros.
   const CUresult result = encode(&map, type, 2, const_cast<void*>(base), dims, strides, box, element_strides,
                                  CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                                  CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
