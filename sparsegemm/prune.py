@@ -4,7 +4,8 @@ gradually, and a channel permutation that lets the mask keep more of the weight.
 The workflow, on a trained dense model (every step optional but the mask)::
 
     report = permute_channels(model)     # reorder channels: same function, more |w| kept
-    prune_one_shot(model)                # or GradualPruner(model, end_step=...) in the loop
+    prune_one_shot(model)                # or GradualPruner(model, end_step=...) in the loop, or
+                                         # method="sparsegpt" / "wanda" with calibration batches
     train(model)                         # the masks hold, whatever the optimizer does
     remove_masks(model)                  # weights now exactly 2:4, plain nn.Linear / nn.Conv2d
     sparsegemm.sparsify(model)           # -> SparseLinear / SparseConv2d (no further pruning)
@@ -46,6 +47,7 @@ __all__ = [
     "prune_one_shot",
     "remove_masks",
     "search_permutation",
+    "sparsegpt_2to4",
 ]
 
 
@@ -171,19 +173,224 @@ def _force_share(module: nn.Module, share: float) -> None:
         found.mask.copy_(_from_gemm_view(new_mask, weight.shape))
 
 
-def prune_one_shot(model: nn.Module, filter_fn: Optional[Callable[[str, nn.Module], bool]] = None
-                   ) -> dict[str, float]:
-    """Attach the magnitude 2:4 mask to every prunable layer at once (the last step of a gradual
-    schedule taken immediately); returns ``{name: share of |w| kept}``.
+METHODS = ("magnitude", "wanda", "sparsegpt")
+
+
+def prune_one_shot(model: nn.Module, filter_fn: Optional[Callable[[str, nn.Module], bool]] = None, *,
+                   method: str = "magnitude", calibration=None, sequential: bool = True, damp: float = 0.01,
+                   block_size: int = 128) -> dict[str, float]:
+    """Attach a 2:4 mask to every prunable layer at once; returns ``{name: share of |w| kept}``
+    (against the weight as it was before pruning).
+
+    ``method`` chooses what each group of four keeps:
+
+    - ``"magnitude"``: the two largest ``|w|`` (the last step of a gradual schedule taken at once).
+    - ``"wanda"`` (Sun et al., 2023): the two largest ``|w_k| * ||x_k||``, ``x_k`` the layer's
+      input feature k over the calibration data, so that a small weight on a large input outlives
+      a large weight on an input that is always near zero. The weights are not changed.
+    - ``"sparsegpt"`` (Frantar & Alistarh, 2023): columns left to right, the two weights whose
+      removal costs the least output error ``w^2 / [H^-1]_kk`` are dropped and the weights to their
+      right are corrected for them (the optimal brain surgeon update with ``H = X^T X`` of the
+      calibration inputs, damped by ``damp`` times its mean diagonal), in lazy blocks of
+      ``block_size`` columns. The kept weights change: ``parametrizations.weight.original`` gets
+      them.
+
+    ``calibration``: for ``"wanda"`` and ``"sparsegpt"``, the batches to run ``model`` on (each a
+    tensor, ``model(batch)``; a tuple or list, ``model(*batch)``; or a dict, ``model(**batch)``),
+    typically a few hundred tokens or images. With ``sequential`` (the default) the layers are
+    pruned one at a time in module order, each from the inputs it gets with the layers before it
+    already pruned (one pass over the calibration data per layer; statistics of one layer in memory
+    at a time); without, all from one pass over the dense model.
 
     Layers that already carry a mask keep what it prunes and are completed to 2:4.
     """
+    if method not in METHODS:
+        raise ValueError(f"sparsegemm.prune.prune_one_shot: method must be one of {METHODS}, got {method!r}")
+    layers = prunable_layers(model, filter_fn)
+    if method == "magnitude":
+        if calibration is not None:
+            raise ValueError("sparsegemm.prune.prune_one_shot: magnitude pruning takes no calibration data")
+        kept = {}
+        for name, mod in layers:
+            _attach(mod)
+            _force_share(mod, 1.0)
+            kept[name] = _kept_by_mask(mod)
+        return kept
+    if calibration is None:
+        raise ValueError(f"sparsegemm.prune.prune_one_shot: method {method!r} needs calibration batches")
+    if not damp > 0:
+        raise ValueError(f"sparsegemm.prune.prune_one_shot: damp must be > 0, got {damp}")
+    if block_size <= 0 or block_size % 4:
+        raise ValueError(f"sparsegemm.prune.prune_one_shot: block_size must be a positive multiple of 4, "
+                         f"got {block_size}")
+    batches = list(calibration)  # iterated once per layer when sequential
+    if not batches:
+        raise ValueError("sparsegemm.prune.prune_one_shot: calibration holds no batch")
+    kind = "column_norms" if method == "wanda" else "hessian"
     kept = {}
-    for name, mod in prunable_layers(model, filter_fn):
-        _attach(mod)
-        _force_share(mod, 1.0)
-        kept[name] = _kept_by_mask(mod)
+    for group in ([[layer] for layer in layers] if sequential else [layers]):
+        stats = _calibration_stats(model, group, batches, kind)
+        for name, mod in group:
+            kept[name] = _prune_calibrated(name, mod, stats[name], method, damp, block_size)
     return kept
+
+
+class _InputStats:
+    """What a layer's calibration inputs X[T, K] (K in gemm_view's order) add up to: the sum of
+    x_k^2 per feature (wanda) or X^T X (sparsegpt), in float64 on the weight's device."""
+
+    def __init__(self, k: int, kind: str, device):
+        self.kind, self.rows = kind, 0
+        shape = (k,) if kind == "column_norms" else (k, k)
+        self.sums = torch.zeros(shape, dtype=torch.float64, device=device)
+
+    def add(self, x: Tensor) -> None:
+        x = x.to(torch.float64)
+        self.sums += (x * x).sum(0) if self.kind == "column_norms" else x.T @ x
+        self.rows += x.shape[0]
+
+
+def _layer_inputs(module: nn.Module, x: Tensor) -> Tensor:
+    """The rows X[T, K] that ``module``'s GEMM multiplies: a Linear's inputs, a Conv2d's patches in
+    (ky, kx, cin) order, cin fastest (gemm_view's K)."""
+    if isinstance(module, nn.Linear):
+        return x.reshape(-1, module.in_features)
+    if x.dim() == 3:
+        x = x.unsqueeze(0)
+    patches = nn.functional.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
+    b, _, positions = patches.shape  # unfold orders K (cin, ky, kx)
+    kh, kw = module.kernel_size
+    patches = patches.view(b, module.in_channels, kh * kw, positions).permute(0, 3, 2, 1)
+    return patches.reshape(b * positions, -1)
+
+
+def _calibration_stats(model: nn.Module, layers: list, batches: list, kind: str) -> dict[str, _InputStats]:
+    """Runs ``model`` on every batch with hooks that gather each of ``layers``' input statistics."""
+    stats, handles = {}, []
+    for name, mod in layers:
+        weight = gemm_view(_original_weight(mod))
+        stats[name] = _InputStats(weight.shape[1], kind, weight.device)
+
+        def hook(module, args, name=name):
+            x = _layer_inputs(module, args[0].detach())
+            if not torch.isfinite(x).all():
+                raise ValueError(f"sparsegemm.prune.prune_one_shot: layer {name!r} got a non-finite calibration input")
+            stats[name].add(x)
+
+        handles.append(mod.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                if isinstance(batch, dict):
+                    model(**batch)
+                elif isinstance(batch, (tuple, list)):
+                    model(*batch)
+                else:
+                    model(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name, stat in stats.items():
+        if stat.rows == 0:
+            raise ValueError(f"sparsegemm.prune.prune_one_shot: layer {name!r} saw no calibration input (the "
+                             f"model never called it); leave it out with filter_fn")
+    return stats
+
+
+def _original_weight(module: nn.Module) -> Tensor:
+    """The layer's weight before any mask (the parametrization's original, if it has one)."""
+    if parametrize.is_parametrized(module, "weight"):
+        return module.parametrizations.weight.original
+    return module.weight
+
+
+def _top2_per_group(score: Tensor, allowed: Tensor) -> Tensor:
+    """The mask [N, Kp] keeping, in every group of four, the two largest ``score`` among ``allowed``
+    (ties to the lower index, NaN largest, as mask_2to4); never anything outside ``allowed``."""
+    n, kp = score.shape
+    key = score.masked_fill(~allowed, -math.inf).view(n, kp // 4, 4)
+    order = torch.argsort(key, dim=-1, descending=True, stable=True)[..., :2]
+    mask = torch.zeros_like(key, dtype=torch.bool).scatter_(-1, order, True)
+    return mask.view(n, kp) & allowed
+
+
+def _prune_calibrated(name: str, module: nn.Module, stats: _InputStats, method: str, damp: float,
+                      block_size: int) -> float:
+    found = _attach(module)
+    original = module.parametrizations.weight.original
+    with torch.no_grad():
+        weight = gemm_view(original).to(torch.float64)
+        n, k = weight.shape
+        kp = fmt.padded_k(k)
+        allowed = nn.functional.pad(gemm_view(found.mask), (0, kp - k))  # the pad columns: never kept
+        weight = nn.functional.pad(weight, (0, kp - k))
+        if method == "wanda":
+            norms = nn.functional.pad(stats.sums.sqrt(), (0, kp - k))
+            mask = _top2_per_group(weight.abs() * norms, allowed)
+            new_weight = weight
+        else:
+            hessian = nn.functional.pad(stats.sums, (0, kp - k, 0, kp - k))
+            new_weight, mask = sparsegpt_2to4(weight, hessian, allowed, damp, block_size, name)
+        before = weight.abs().sum()
+        kept = float((weight.abs() * mask).sum() / before) if before > 0 else 1.0
+        found.mask.copy_(_from_gemm_view(mask[:, :k], original.shape))
+        original.copy_(_from_gemm_view(new_weight[:, :k].to(original.dtype), original.shape))
+    return kept
+
+
+def sparsegpt_2to4(weight: Tensor, hessian: Tensor, allowed: Optional[Tensor] = None, damp: float = 0.01,
+                   block_size: int = 128, name: str = "weight") -> tuple[Tensor, Tensor]:
+    """SparseGPT's 2:4 pruning of ``weight[N, K]`` (K a multiple of 4) for inputs whose ``X^T X``
+    is ``hessian[K, K]``: returns ``(pruned weight, mask)`` in float64, the weight zero outside the
+    mask. ``allowed``: entries that may be kept (default all).
+
+    Columns in order; at the first column of each group every row keeps the two weights with the
+    largest ``w^2 / [H^-1]_cc^2`` (the output error their removal would cost, in the coordinates of
+    the Cholesky factor U of ``H^-1 = U^T U``), and each column's removed part ``e = (w - q) / U_cc``
+    is subtracted, times ``U[c, c:]``, from the columns after it: the optimal brain surgeon update,
+    which leaves the kept weights right of a removed one at the least-squares best for the layer's
+    output. Updates to columns past the current block of ``block_size`` are deferred and applied as
+    one matrix product per block (the same arithmetic, fewer passes over the weight).
+    Inputs that are always zero (``H_cc = 0``) get ``H_cc = 1``: their weights go first.
+    """
+    n, k = weight.shape
+    if k % 4 or hessian.shape != (k, k):
+        raise ValueError(f"sparsegemm.prune.sparsegpt_2to4: expected weight [N, K] with K % 4 == 0 and hessian "
+                         f"[K, K], got {tuple(weight.shape)} and {tuple(hessian.shape)}")
+    w = weight.to(torch.float64).clone()
+    h = hessian.to(torch.float64).clone()
+    allowed = torch.ones_like(w, dtype=torch.bool) if allowed is None else allowed.to(torch.bool)
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += damp * torch.diagonal(h).mean() * torch.eye(k, dtype=torch.float64, device=h.device)
+    try:
+        factor = torch.linalg.cholesky(h)
+        u = torch.linalg.cholesky(torch.cholesky_inverse(factor), upper=True)
+    except torch.linalg.LinAlgError as exc:
+        raise ValueError(f"sparsegemm.prune.prune_one_shot: the calibration Hessian of {name!r} is not positive "
+                         f"definite even damped by {damp}; give more calibration data or a larger damp") from exc
+    mask = torch.zeros_like(allowed)
+    for b0 in range(0, k, block_size):
+        b1 = min(b0 + block_size, k)
+        block = w[:, b0:b1].clone()
+        errors = torch.zeros_like(block)
+        u_block = u[b0:b1, b0:b1]
+        diag = torch.diagonal(u_block)
+        for c in range(b1 - b0):
+            if c % 4 == 0:
+                group = slice(c, c + 4)
+                score = block[:, group] ** 2 / diag[group] ** 2
+                mask[:, b0 + c:b0 + c + 4] = _top2_per_group(score, allowed[:, b0 + c:b0 + c + 4])
+            column = block[:, c]
+            kept_column = torch.where(mask[:, b0 + c], column, torch.zeros((), dtype=column.dtype))
+            error = (column - kept_column) / diag[c]
+            block[:, c:] -= error[:, None] * u_block[c, c:][None, :]
+            block[:, c] = kept_column
+            errors[:, c] = error
+        w[:, b0:b1] = block
+        w[:, b1:] -= errors @ u[b0:b1, b1:]
+    return w, mask
 
 
 def _kept_by_mask(module: nn.Module) -> float:
