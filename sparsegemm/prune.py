@@ -180,7 +180,7 @@ def prune_one_shot(model: nn.Module, filter_fn: Optional[Callable[[str, nn.Modul
                    method: str = "magnitude", calibration=None, sequential: bool = True, damp: float = 0.01,
                    block_size: int = 128) -> dict[str, float]:
     """Attach a 2:4 mask to every prunable layer at once; returns ``{name: share of |w| kept}``
-    (against the weight as it was before pruning).
+    (of the weight the layer had before).
 
     ``method`` chooses what each group of four keeps:
 
@@ -188,28 +188,31 @@ def prune_one_shot(model: nn.Module, filter_fn: Optional[Callable[[str, nn.Modul
     - ``"wanda"`` (Sun et al., 2023): the two largest ``|w_k| * ||x_k||``, ``x_k`` the layer's
       input feature k over the calibration data, so that a small weight on a large input outlives
       a large weight on an input that is always near zero. The weights are not changed.
-    - ``"sparsegpt"`` (Frantar & Alistarh, 2023): columns left to right, the two weights whose
-      removal costs the least output error ``w^2 / [H^-1]_kk`` are dropped and the weights to their
-      right are corrected for them (the optimal brain surgeon update with ``H = X^T X`` of the
-      calibration inputs, damped by ``damp`` times its mean diagonal), in lazy blocks of
-      ``block_size`` columns. The kept weights change: ``parametrizations.weight.original`` gets
-      them.
+    - ``"sparsegpt"`` (Frantar & Alistarh, 2023): see :func:`sparsegpt_2to4`; the inputs' ``X^T X``
+      gives each weight's cost of removal, and the weights that stay are corrected for those
+      removed. The corrected weights go to ``parametrizations.weight.original``.
 
-    ``calibration``: for ``"wanda"`` and ``"sparsegpt"``, the batches to run ``model`` on (each a
-    tensor, ``model(batch)``; a tuple or list, ``model(*batch)``; or a dict, ``model(**batch)``),
-    typically a few hundred tokens or images. With ``sequential`` (the default) the layers are
-    pruned one at a time in module order, each from the inputs it gets with the layers before it
-    already pruned (one pass over the calibration data per layer; statistics of one layer in memory
-    at a time); without, all from one pass over the dense model.
+    ``calibration``: for ``"wanda"`` and ``"sparsegpt"``, a tensor (one batch, ``model(batch)``) or
+    an iterable of batches, each a tensor, a tuple or list (``model(*batch)``: for a data loader's
+    ``(x, y)`` pairs pass ``[x for x, _ in loader]``) or a dict (``model(**batch)``), on the model's
+    device; typically a few hundred tokens or images. The model runs in eval mode (no batch-norm
+    statistics updated, no dropout) and is put back in its mode afterwards. With ``sequential``
+    (the default) the layers are pruned one at a time, in the model's module registration order,
+    each from the inputs it gets with the layers before it already pruned: a calibration pass per
+    layer, one layer's statistics in memory at a time (if a layer fails, those before it stay
+    pruned). Without, all layers from one pass over the model as it is (for sparsegpt every
+    layer's K x K statistics in memory at once).
 
-    Layers that already carry a mask keep what it prunes and are completed to 2:4.
+    Layers that already carry a mask keep what it prunes and are completed to 2:4; the calibrated
+    methods start from the weight the layer computes with (the masked-out originals count as zero).
     """
+    op = "sparsegemm.prune.prune_one_shot"
     if method not in METHODS:
-        raise ValueError(f"sparsegemm.prune.prune_one_shot: method must be one of {METHODS}, got {method!r}")
+        raise ValueError(f"{op}: method must be one of {METHODS}, got {method!r}")
     layers = prunable_layers(model, filter_fn)
     if method == "magnitude":
         if calibration is not None:
-            raise ValueError("sparsegemm.prune.prune_one_shot: magnitude pruning takes no calibration data")
+            raise ValueError(f"{op}: magnitude pruning takes no calibration data")
         kept = {}
         for name, mod in layers:
             _attach(mod)
@@ -217,15 +220,11 @@ def prune_one_shot(model: nn.Module, filter_fn: Optional[Callable[[str, nn.Modul
             kept[name] = _kept_by_mask(mod)
         return kept
     if calibration is None:
-        raise ValueError(f"sparsegemm.prune.prune_one_shot: method {method!r} needs calibration batches")
-    if not damp > 0:
-        raise ValueError(f"sparsegemm.prune.prune_one_shot: damp must be > 0, got {damp}")
-    if block_size <= 0 or block_size % 4:
-        raise ValueError(f"sparsegemm.prune.prune_one_shot: block_size must be a positive multiple of 4, "
-                         f"got {block_size}")
-    batches = list(calibration)  # iterated once per layer when sequential
+        raise ValueError(f"{op}: method {method!r} needs calibration batches")
+    _check_sparsegpt_settings(op, damp, block_size)
+    batches = [calibration] if isinstance(calibration, Tensor) else list(calibration)  # several passes
     if not batches:
-        raise ValueError("sparsegemm.prune.prune_one_shot: calibration holds no batch")
+        raise ValueError(f"{op}: calibration holds no batch")
     kind = "column_norms" if method == "wanda" else "hessian"
     kept = {}
     for group in ([[layer] for layer in layers] if sequential else [layers]):
@@ -233,6 +232,13 @@ def prune_one_shot(model: nn.Module, filter_fn: Optional[Callable[[str, nn.Modul
         for name, mod in group:
             kept[name] = _prune_calibrated(name, mod, stats[name], method, damp, block_size)
     return kept
+
+
+def _check_sparsegpt_settings(op: str, damp: float, block_size: int) -> None:
+    if not damp > 0:
+        raise ValueError(f"{op}: damp must be > 0, got {damp}")
+    if not isinstance(block_size, int) or block_size <= 0 or block_size % 4:
+        raise ValueError(f"{op}: block_size must be a positive multiple of 4, got {block_size}")
 
 
 class _InputStats:
@@ -265,20 +271,28 @@ def _layer_inputs(module: nn.Module, x: Tensor) -> Tensor:
 
 
 def _calibration_stats(model: nn.Module, layers: list, batches: list, kind: str) -> dict[str, _InputStats]:
-    """Runs ``model`` on every batch with hooks that gather each of ``layers``' input statistics."""
+    """Runs ``model`` (in eval mode) on every batch with hooks that gather each of ``layers``' input
+    statistics, summed over every call of a layer."""
     stats, handles = {}, []
-    for name, mod in layers:
-        weight = gemm_view(_original_weight(mod))
-        stats[name] = _InputStats(weight.shape[1], kind, weight.device)
-
-        def hook(module, args, name=name):
-            x = _layer_inputs(module, args[0].detach())
-            if not torch.isfinite(x).all():
-                raise ValueError(f"sparsegemm.prune.prune_one_shot: layer {name!r} got a non-finite calibration input")
-            stats[name].add(x)
-
-        handles.append(mod.register_forward_pre_hook(hook))
+    was_training = model.training
     try:
+        for name, mod in layers:
+            weight = gemm_view(_original_weight(mod))
+            stats[name] = _InputStats(weight.shape[1], kind, weight.device)
+
+            def hook(module, args, kwargs, name=name):
+                x = args[0] if args else kwargs.get("input")
+                if not isinstance(x, Tensor):
+                    raise ValueError(f"sparsegemm.prune.prune_one_shot: layer {name!r} was called without an "
+                                     f"input tensor (positional, or the keyword `input`)")
+                x = _layer_inputs(module, x.detach())
+                if not torch.isfinite(x).all():
+                    raise ValueError(f"sparsegemm.prune.prune_one_shot: layer {name!r} got a non-finite "
+                                     f"calibration input")
+                stats[name].add(x)
+
+            handles.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
+        model.eval()
         with torch.no_grad():
             for batch in batches:
                 if isinstance(batch, dict):
@@ -290,6 +304,7 @@ def _calibration_stats(model: nn.Module, layers: list, batches: list, kind: str)
     finally:
         for handle in handles:
             handle.remove()
+        model.train(was_training)
     for name, stat in stats.items():
         if stat.rows == 0:
             raise ValueError(f"sparsegemm.prune.prune_one_shot: layer {name!r} saw no calibration input (the "
@@ -314,23 +329,32 @@ def _top2_per_group(score: Tensor, allowed: Tensor) -> Tensor:
     return mask.view(n, kp) & allowed
 
 
+def _pad_k(t: Tensor, kp: int, dims: int = 1) -> Tensor:
+    """``t`` with its last ``dims`` dimensions zero-padded to ``kp`` (itself when already that long)."""
+    pad = kp - t.shape[-1]
+    return t if pad == 0 else nn.functional.pad(t, (0, pad) * dims)
+
+
 def _prune_calibrated(name: str, module: nn.Module, stats: _InputStats, method: str, damp: float,
                       block_size: int) -> float:
     found = _attach(module)
     original = module.parametrizations.weight.original
     with torch.no_grad():
-        weight = gemm_view(original).to(torch.float64)
+        # The weight the layer computes with: values an earlier mask removed are zeros, however the
+        # optimizer moved their originals since.
+        live = torch.where(found.mask, original, torch.zeros((), dtype=original.dtype, device=original.device))
+        weight = gemm_view(live).to(torch.float64)
         n, k = weight.shape
         kp = fmt.padded_k(k)
-        allowed = nn.functional.pad(gemm_view(found.mask), (0, kp - k))  # the pad columns: never kept
-        weight = nn.functional.pad(weight, (0, kp - k))
+        allowed = _pad_k(gemm_view(found.mask), kp)  # the pad columns: never kept
+        weight = _pad_k(weight, kp)
         if method == "wanda":
-            norms = nn.functional.pad(stats.sums.sqrt(), (0, kp - k))
-            mask = _top2_per_group(weight.abs() * norms, allowed)
+            mask = _top2_per_group(weight.abs() * _pad_k(stats.sums.sqrt(), kp), allowed)
             new_weight = weight
         else:
-            hessian = nn.functional.pad(stats.sums, (0, kp - k, 0, kp - k))
-            new_weight, mask = sparsegpt_2to4(weight, hessian, allowed, damp, block_size, name)
+            hessian = _pad_k(stats.sums, kp, dims=2)
+            stats.sums = None  # sparsegpt_2to4 makes its own copy: one K x K less at the peak
+            new_weight, mask = sparsegpt_2to4(weight, hessian, allowed, damp, block_size, name=name)
         before = weight.abs().sum()
         kept = float((weight.abs() * mask).sum() / before) if before > 0 else 1.0
         found.mask.copy_(_from_gemm_view(mask[:, :k], original.shape))
@@ -339,37 +363,51 @@ def _prune_calibrated(name: str, module: nn.Module, stats: _InputStats, method: 
 
 
 def sparsegpt_2to4(weight: Tensor, hessian: Tensor, allowed: Optional[Tensor] = None, damp: float = 0.01,
-                   block_size: int = 128, name: str = "weight") -> tuple[Tensor, Tensor]:
+                   block_size: int = 128, *, name: Optional[str] = None) -> tuple[Tensor, Tensor]:
     """SparseGPT's 2:4 pruning of ``weight[N, K]`` (K a multiple of 4) for inputs whose ``X^T X``
     is ``hessian[K, K]``: returns ``(pruned weight, mask)`` in float64, the weight zero outside the
-    mask. ``allowed``: entries that may be kept (default all).
+    mask. ``allowed[N, K]``: the entries that may be kept (default all). ``name``: the layer, for
+    prune_one_shot's errors.
 
-    Columns in order; at the first column of each group every row keeps the two weights with the
-    largest ``w^2 / [H^-1]_cc^2`` (the output error their removal would cost, in the coordinates of
-    the Cholesky factor U of ``H^-1 = U^T U``), and each column's removed part ``e = (w - q) / U_cc``
-    is subtracted, times ``U[c, c:]``, from the columns after it: the optimal brain surgeon update,
-    which leaves the kept weights right of a removed one at the least-squares best for the layer's
-    output. Updates to columns past the current block of ``block_size`` are deferred and applied as
-    one matrix product per block (the same arithmetic, fewer passes over the weight).
-    Inputs that are always zero (``H_cc = 0``) get ``H_cc = 1``: their weights go first.
+    H is damped by ``damp`` times its mean diagonal; inputs that are always zero (``H_cc = 0``) get
+    ``H_cc = 1`` and zero weights, so they go first. With U the upper Cholesky factor of
+    ``H^-1 = U^T U``, the columns are taken left to right: at the first column of each group every
+    row keeps the two weights with the largest ``w_c^2 / U_cc^2`` (``U_cc^2`` is the inverse
+    Hessian's diagonal once the columns left of c are fixed: the output error removing ``w_c``
+    would cost), and each column's removed part ``e = (w_c - q_c) / U_cc`` is subtracted, times
+    ``U[c, c:]``, from the columns after it (the optimal brain surgeon update: the least-squares
+    correction of the columns right of c for removing ``w_c``, with the columns left of c fixed; a
+    kept column is not revisited for removals after it, so the result is not the least-squares
+    best of the whole mask). Updates to columns past the current block of ``block_size`` are
+    deferred and applied as one matrix product per block (the same arithmetic, fewer passes).
     """
-    n, k = weight.shape
-    if k % 4 or hessian.shape != (k, k):
-        raise ValueError(f"sparsegemm.prune.sparsegpt_2to4: expected weight [N, K] with K % 4 == 0 and hessian "
-                         f"[K, K], got {tuple(weight.shape)} and {tuple(hessian.shape)}")
-    w = weight.to(torch.float64).clone()
-    h = hessian.to(torch.float64).clone()
+    op = "sparsegemm.prune.prune_one_shot" if name is not None else "sparsegemm.prune.sparsegpt_2to4"
+    _check_sparsegpt_settings(op, damp, block_size)
+    if weight.dim() != 2 or weight.shape[1] % 4 or hessian.shape != (weight.shape[1],) * 2:
+        raise ValueError(f"{op}: expected weight [N, K] with K % 4 == 0 and hessian [K, K], got "
+                         f"{tuple(weight.shape)} and {tuple(hessian.shape)}")
+    if allowed is not None and allowed.shape != weight.shape:
+        raise ValueError(f"{op}: expected allowed of the weight's shape {tuple(weight.shape)}, got "
+                         f"{tuple(allowed.shape)}")
+    k = weight.shape[1]
+    w = weight.to(torch.float64, copy=True)
+    h = hessian.to(torch.float64, copy=True)
     allowed = torch.ones_like(w, dtype=torch.bool) if allowed is None else allowed.to(torch.bool)
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    h += damp * torch.diagonal(h).mean() * torch.eye(k, dtype=torch.float64, device=h.device)
+    torch.diagonal(h).add_(damp * torch.diagonal(h).mean())
     try:
         factor = torch.linalg.cholesky(h)
-        u = torch.linalg.cholesky(torch.cholesky_inverse(factor), upper=True)
+        del h
+        inverse = torch.cholesky_inverse(factor)
+        del factor
+        u = torch.linalg.cholesky(inverse, upper=True)
+        del inverse
     except torch.linalg.LinAlgError as exc:
-        raise ValueError(f"sparsegemm.prune.prune_one_shot: the calibration Hessian of {name!r} is not positive "
-                         f"definite even damped by {damp}; give more calibration data or a larger damp") from exc
+        layer = f" of {name!r}" if name is not None else ""
+        raise ValueError(f"{op}: the calibration Hessian{layer} is not positive definite even damped by {damp}; "
+                         f"give more calibration data or a larger damp") from exc
     mask = torch.zeros_like(allowed)
     for b0 in range(0, k, block_size):
         b1 = min(b0 + block_size, k)

@@ -132,8 +132,8 @@ def test_one_shot_methods_on_digits(digits):
         P.prune_one_shot(copy_of, method=method, calibration=None if method == "magnitude" else calibration)
         pruned[method] = accuracy(copy_of, x_test, y_test)
     assert pruned["magnitude"] < dense - 0.1, pruned  # observed: 20 points down
-    assert pruned["sparsegpt"] > dense - 0.02, pruned  # observed: 0.8 points down
-    assert 0.5 < pruned["wanda"] < dense, pruned
+    assert pruned["sparsegpt"] > dense - 0.04, pruned  # observed: 0.8 points down (0.5-2.6 over seeds)
+    assert 0.6 < pruned["wanda"] < dense, pruned
 
 
 def test_sparse_linear_gradients_match_the_masked_dense_layer(digits):
