@@ -178,7 +178,7 @@ METHODS = ("magnitude", "wanda", "sparsegpt")
 
 def prune_one_shot(model: nn.Module, filter_fn: Optional[Callable[[str, nn.Module], bool]] = None, *,
                    method: str = "magnitude", calibration=None, sequential: bool = True, damp: float = 0.01,
-                   block_size: int = 128) -> dict[str, float]:
+                   block_size: int = 128, blocks=None) -> dict[str, float]:
     """Attach a 2:4 mask to every prunable layer at once; returns ``{name: share of |w| kept}``
     (of the weight the layer had before).
 
@@ -203,6 +203,18 @@ def prune_one_shot(model: nn.Module, filter_fn: Optional[Callable[[str, nn.Modul
     pruned). Without, all layers from one pass over the model as it is (for sparsegpt every
     layer's K x K statistics in memory at once).
 
+    ``blocks`` (sequential only): the modules the model runs one after the other on a hidden state,
+    e.g. a transformer's decoder layers (``model.model.layers`` in transformers), so that the
+    calibration costs one pass over the model instead of one per layer, as in SparseGPT's own
+    recipe for LLMs: the first block's inputs are recorded (the pass stops there), then block by
+    block its layers are calibrated and pruned one at a time on the block's recorded inputs, and
+    the pruned block's outputs become the next block's inputs. Each block must take the hidden
+    state as its first positional argument and return it (or a tuple / list starting with it);
+    its other arguments (attention mask, position embeddings) are the first block's, so run the
+    model without a key-value cache (``use_cache=False`` in the batch). Prunable layers outside
+    the blocks (a language model's head: leave it out with ``filter_fn``) are then pruned as
+    without ``blocks``.
+
     Layers that already carry a mask keep what it prunes and are completed to 2:4; the calibrated
     methods start from the weight the layer computes with (the masked-out originals count as zero).
     """
@@ -211,8 +223,8 @@ def prune_one_shot(model: nn.Module, filter_fn: Optional[Callable[[str, nn.Modul
         raise ValueError(f"{op}: method must be one of {METHODS}, got {method!r}")
     layers = prunable_layers(model, filter_fn)
     if method == "magnitude":
-        if calibration is not None:
-            raise ValueError(f"{op}: magnitude pruning takes no calibration data")
+        if calibration is not None or blocks is not None:
+            raise ValueError(f"{op}: magnitude pruning takes no calibration data (nor blocks)")
         kept = {}
         for name, mod in layers:
             _attach(mod)
@@ -227,11 +239,88 @@ def prune_one_shot(model: nn.Module, filter_fn: Optional[Callable[[str, nn.Modul
         raise ValueError(f"{op}: calibration holds no batch")
     kind = "column_norms" if method == "wanda" else "hessian"
     kept = {}
-    for group in ([[layer] for layer in layers] if sequential else [layers]):
-        stats = _calibration_stats(model, group, batches, kind)
+
+    def prune_group(group: list, run: Callable[[], None]) -> None:
+        stats = _calibration_stats(group, run, kind)
         for name, mod in group:
             kept[name] = _prune_calibrated(name, mod, stats[name], method, damp, block_size)
+
+    was_training = model.training
+    model.eval()  # no batch-norm statistics updated, no dropout
+    try:
+        with torch.no_grad():
+            if blocks is not None:
+                if not sequential:
+                    raise ValueError(f"{op}: blocks calibrate layer by layer: pass sequential=True")
+                layers = _prune_block_by_block(op, model, layers, batches, list(blocks), prune_group)
+            for group in ([[layer] for layer in layers] if sequential else [layers]):
+                prune_group(group, lambda: _run_batches(model, batches))
+    finally:
+        model.train(was_training)
     return kept
+
+
+def _run_batches(model: nn.Module, batches: list) -> None:
+    for batch in batches:
+        if isinstance(batch, dict):
+            model(**batch)
+        elif isinstance(batch, (tuple, list)):
+            model(*batch)
+        else:
+            model(batch)
+
+
+class _FirstBlockReached(Exception):
+    """Raised by the hook that records the first block's inputs: the rest of the pass is not needed."""
+
+
+def _prune_block_by_block(op: str, model: nn.Module, layers: list, batches: list, blocks: list,
+                          prune_group: Callable) -> list:
+    """prune_one_shot's ``blocks`` mode: prunes the layers inside ``blocks`` (see there) and returns
+    those of ``layers`` outside them."""
+    if not blocks:
+        raise ValueError(f"{op}: blocks is empty")
+    owner = {id(mod): name for name, mod in model.named_modules()}
+    for index, block in enumerate(blocks):
+        if id(block) not in owner:
+            raise ValueError(f"{op}: blocks[{index}] ({type(block).__name__}) is not a module of the model")
+    recorded = []
+
+    def record(module, args, kwargs):
+        if not args or not isinstance(args[0], Tensor):
+            raise ValueError(f"{op}: the first block was called without the hidden state as its first positional "
+                             f"argument")
+        recorded.append((list(args), kwargs))
+        raise _FirstBlockReached
+
+    handle = blocks[0].register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        for batch in batches:
+            try:
+                _run_batches(model, [batch])
+            except _FirstBlockReached:
+                pass
+    finally:
+        handle.remove()
+    if len(recorded) != len(batches):
+        raise ValueError(f"{op}: the model reached the first block ({owner[id(blocks[0])]!r}) in "
+                         f"{len(recorded)} of {len(batches)} calibration batches")
+    inside = set()
+    for block in blocks:
+        prefix = owner[id(block)] + "."
+        block_layers = [(name, mod) for name, mod in layers if name.startswith(prefix) or mod is block]
+        inside.update(name for name, _ in block_layers)
+
+        def run_block(block=block):
+            for args, kwargs in recorded:
+                block(*args, **kwargs)
+
+        for layer in block_layers:
+            prune_group([layer], run_block)
+        for args, kwargs in recorded:
+            out = block(*args, **kwargs)
+            args[0] = out[0] if isinstance(out, (tuple, list)) else out
+    return [(name, mod) for name, mod in layers if name not in inside]
 
 
 def _check_sparsegpt_settings(op: str, damp: float, block_size: int) -> None:
@@ -270,11 +359,10 @@ def _layer_inputs(module: nn.Module, x: Tensor) -> Tensor:
     return patches.reshape(b * positions, -1)
 
 
-def _calibration_stats(model: nn.Module, layers: list, batches: list, kind: str) -> dict[str, _InputStats]:
-    """Runs ``model`` (in eval mode) on every batch with hooks that gather each of ``layers``' input
+def _calibration_stats(layers: list, run: Callable[[], None], kind: str) -> dict[str, _InputStats]:
+    """Calls ``run()`` (the calibration passes) with hooks that gather each of ``layers``' input
     statistics, summed over every call of a layer."""
     stats, handles = {}, []
-    was_training = model.training
     try:
         for name, mod in layers:
             weight = gemm_view(_original_weight(mod))
@@ -292,19 +380,10 @@ def _calibration_stats(model: nn.Module, layers: list, batches: list, kind: str)
                 stats[name].add(x)
 
             handles.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
-        model.eval()
-        with torch.no_grad():
-            for batch in batches:
-                if isinstance(batch, dict):
-                    model(**batch)
-                elif isinstance(batch, (tuple, list)):
-                    model(*batch)
-                else:
-                    model(batch)
+        run()
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
     for name, stat in stats.items():
         if stat.rows == 0:
             raise ValueError(f"sparsegemm.prune.prune_one_shot: layer {name!r} saw no calibration input (the "

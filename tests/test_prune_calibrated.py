@@ -200,14 +200,16 @@ def test_calibration_sees_every_call_in_eval_mode():
     model = Shared().train()
     x = torch.randn(32, 16) * 3 + 1
     running = model.norm.running_mean.clone()
-    stats = P._calibration_stats(model, [("layer", model.layer)], [x], "hessian")["layer"]
+    stats = P._calibration_stats([("layer", model.layer)], lambda: model.eval()(x), "hessian")["layer"]
     with torch.no_grad():
-        first = model.norm.eval()(x).double()
+        first = model.norm(x).double()
         second = model.layer(first.float()).double()
-    assert model.training and torch.equal(model.norm.running_mean, running)
     assert stats.rows == 64
     assert torch.allclose(stats.sums, first.T @ first + second.T @ second, rtol=1e-6, atol=1e-6)
-    assert not model.layer._forward_pre_hooks
+    model.train()
+    P.prune_one_shot(model, method="sparsegpt", calibration=x)
+    assert model.training and torch.equal(model.norm.running_mean, running)
+    assert not model.layer._forward_pre_hooks and "layer" in P.masked_layers(model)
 
 
 def test_inputs_that_are_always_zero_lose_their_weights_first():
@@ -220,6 +222,67 @@ def test_inputs_that_are_always_zero_lose_their_weights_first():
     P.prune_one_shot(model, method="sparsegpt", calibration=[x])
     mask = P.masked_layers(model)["0"]
     assert not mask[:, [1, 6]].any() and (mask.view(8, -1, 4).sum(-1) == 2).all()
+
+
+class ToyDecoderBlock(nn.Module):
+    """A pre-norm transformer block as transformers writes them: hidden state first, the attention
+    mask as a keyword, a tuple out."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.out = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.up, self.down = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, hidden, *, attention_mask):
+        q, k, v = self.qkv(self.norm1(hidden)).chunk(3, dim=-1)
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1]) + attention_mask
+        hidden = hidden + self.out(scores.softmax(-1) @ v)
+        return (hidden + self.down(nn.functional.gelu(self.up(self.norm2(hidden)))),)
+
+
+class ToyLM(nn.Module):
+    def __init__(self, vocab=50, d=32, depth=3):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.layers = nn.ModuleList(ToyDecoderBlock(d) for _ in range(depth))
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, ids, use_cache=False):
+        t = ids.shape[1]
+        mask = torch.full((t, t), -math.inf).triu(1)
+        hidden = self.embed(ids)
+        for block in self.layers:
+            hidden = block(hidden, attention_mask=mask)[0]
+        return self.head(hidden)
+
+
+def test_blocks_calibrate_in_one_pass_with_the_layer_by_layer_result():
+    # Block by block from the first block's recorded inputs: the same statistics, hence the same
+    # masks and weights, as a full calibration pass per layer, for one pass over the model (plus one
+    # per layer outside the blocks: the head).
+    torch.manual_seed(17)
+    dense = ToyLM()
+    gen = torch.Generator().manual_seed(18)
+    batches = [{"ids": torch.randint(0, 50, (4, 12), generator=gen), "use_cache": False} for _ in range(3)]
+    results = {}
+    for mode in ("layers", "blocks"):
+        model = copy.deepcopy(dense)
+        passes = []
+        model.register_forward_pre_hook(lambda module, args: passes.append(1))
+        kept = P.prune_one_shot(model, method="sparsegpt", calibration=batches,
+                                blocks=model.layers if mode == "blocks" else None)
+        results[mode] = (model, kept, len(passes))
+    (by_layer, kept_layers, passes_layers), (by_block, kept_blocks, passes_blocks) = results.values()
+    assert list(kept_blocks) == [f"layers.{i}.{n}" for i in range(3) for n in ("qkv", "out", "up", "down")] + ["head"]
+    assert set(kept_layers) == set(kept_blocks)
+    assert passes_layers == 13 * 3 and passes_blocks == 2 * 3
+    for (name, mask), (_, other) in zip(P.masked_layers(by_layer).items(), P.masked_layers(by_block).items()):
+        assert torch.equal(mask, other), name
+    for (name, a), (_, b) in zip(by_layer.named_parameters(), by_block.named_parameters()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
+    ids = torch.randint(0, 50, (2, 12), generator=gen)
+    assert relative_error(by_block, dense, ids) < relative_error(pruned_copy(dense), dense, ids)
 
 
 def test_calibrated_pruning_errors():
@@ -263,3 +326,18 @@ def test_calibrated_pruning_errors():
             P.sparsegpt_2to4(torch.zeros(2, 6 if not kwargs else 8), torch.eye(6 if not kwargs else 8), **kwargs)
     with pytest.raises(ValueError, match=r"sparsegpt_2to4: expected allowed of the weight's shape \(2, 8\), got \(2, 4\)"):
         P.sparsegpt_2to4(torch.zeros(2, 8), torch.eye(8), torch.ones(2, 4, dtype=torch.bool))
+    lm = ToyLM()
+    ids = torch.randint(0, 50, (2, 6))
+    with pytest.raises(ValueError, match="magnitude pruning takes no calibration data"):
+        P.prune_one_shot(lm, blocks=lm.layers)
+    with pytest.raises(ValueError, match="blocks calibrate layer by layer: pass sequential=True"):
+        P.prune_one_shot(lm, method="wanda", calibration=ids, blocks=lm.layers, sequential=False)
+    with pytest.raises(ValueError, match="blocks is empty"):
+        P.prune_one_shot(lm, method="wanda", calibration=ids, blocks=[])
+    with pytest.raises(ValueError, match=r"blocks\[0\] \(ToyDecoderBlock\) is not a module of the model"):
+        P.prune_one_shot(lm, method="wanda", calibration=ids, blocks=ToyLM().layers)
+    unused = nn.ModuleDict({"lm": lm, "spare": ToyDecoderBlock(32)})
+    unused.forward = lambda inp: unused["lm"](inp)
+    with pytest.raises(ValueError, match=r"reached the first block \('spare'\) in 0 of 1 calibration batches"):
+        P.prune_one_shot(unused, method="wanda", calibration=ids, blocks=[unused["spare"]])
+    assert all(not mod._forward_pre_hooks for mod in unused.modules()) and not P.masked_layers(lm)
