@@ -3,7 +3,7 @@
 # the large-M tiles against cuBLAS, compute-sanitizer memcheck + racecheck on small cases, the
 # graph-replay sweep, the eager host time, an Nsight Compute profile of the GEMMs and the benchmark,
 # in that order of priority; everything lands in OUTDIR (env.json, steps.txt, junit XML,
-# large_m*.txt, sanitizer logs, sweep.txt, host_overhead.txt, ncu_gemm*.txt,
+# large_m*.txt (large_m_tma_wide.txt too), sanitizer logs, sweep.txt, host_overhead.txt, ncu_gemm*.txt,
 # bench.json/.csv/.md/.png). Usage: bench/gpu_suite.sh OUTDIR
 # PYTHON (default: python3) must have a CUDA torch, pybind11, pytest; nvcc and compute-sanitizer on PATH.
 # The whole run fits SUITE_BUDGET seconds (default 480: DESIGN.md's 8 minutes, within the 600 s
@@ -57,9 +57,12 @@ XDIST=$("$PY" -c 'import xdist' 2>/dev/null && echo "-n ${PYTEST_WORKERS:-8}" ||
 # shellcheck disable=SC2086
 run_step tests "${TESTS_TIMEOUT:-300}" "$OUT/tests.log" "$PY" -m pytest -q $XDIST tests --junitxml="$OUT/tests.xml"
 # Large M against cuBLAS: the tile the heuristic takes (wgmma on Hopper), the wgmma tile fed by TMA
-# (SPARSEGEMM_TMA=1: config 3, not yet the default), then the warp-level one.
+# (SPARSEGEMM_TMA=1: config 3, not yet the default) and its 256-row variant (SPARSEGEMM_TMA=wide:
+# config 5), then the warp-level one.
 run_step large_m "${SWEEP_TIMEOUT:-120}" "$OUT/large_m.txt" "$PY" bench/large_m_timing.py
 run_step large_m_tma "${SWEEP_TIMEOUT:-120}" "$OUT/large_m_tma.txt" env SPARSEGEMM_TMA=1 "$PY" bench/large_m_timing.py
+run_step large_m_tma_wide "${SWEEP_TIMEOUT:-120}" "$OUT/large_m_tma_wide.txt" env SPARSEGEMM_TMA=wide \
+  "$PY" bench/large_m_timing.py
 run_step large_m_mma "${SWEEP_TIMEOUT:-120}" "$OUT/large_m_mma.txt" env SPARSEGEMM_WGMMA=0 "$PY" bench/large_m_timing.py
 for tool in memcheck racecheck; do
   run_step "sanitizer_$tool" "${SANITIZER_TIMEOUT:-240}" "$OUT/sanitizer_$tool.log" \

@@ -4,7 +4,8 @@ included) at M = N = K = 8192 and Llama-7B's MLP projections at 16 x 2048 tokens
 --shape gives), by sparsegemm.bench.Timer (CUDA events, median of 20 calls after warm-up). Public
 API only, so that bench/ab_sweep.sh can run it against the build of an earlier tree too; on
 Hopper, SPARSEGEMM_WGMMA=0 in the environment times the warp-level tile instead of the wgmma one, and
-SPARSEGEMM_TMA=1 the wgmma tile with its stages copied by TMA (config 3).
+SPARSEGEMM_TMA=1 the wgmma tile with its stages copied by TMA (config 3), SPARSEGEMM_TMA=wide its
+256-row variant (config 5).
 
     python bench/large_m_timing.py [--shape M N K [--shape M N K ...]]
 """
@@ -28,7 +29,7 @@ def main() -> None:
     torch.manual_seed(0)
     tile = "warp-level mma.sp"
     if _C.cuda_large_m_uses_wgmma():
-        tile = "wgmma, TMA" if os.environ.get("SPARSEGEMM_TMA") == "1" else "wgmma"
+        tile = {"1": "wgmma, TMA", "wide": "wgmma 256 rows, TMA"}.get(os.environ.get("SPARSEGEMM_TMA"), "wgmma")
     median_ms = Timer(torch.device("cuda"), warmup=3, repeats=20)
     for m, n, k in shapes:
         w = sparsegemm.prune_2to4(torch.randn(n, k, device="cuda").half())

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from sparsegemm import _C
-from test_kernels_simt import (DECODE, DECODE_TMA, GATE_OF, LARGE_M, SIX_PAIRS, WGMMA, WGMMA_TMA, KernelBackend,
-                               gate_up_split, padded_k)
+from test_kernels_simt import (DECODE, DECODE_TMA, GATE_OF, LARGE_M, META_ROW_PAD, SIX_PAIRS, WGMMA, WGMMA_TMA,
+                               WGMMA_TMA_WIDE, KernelBackend, gate_up_split, padded_k)
 
 INT32_MAX = 2**31 - 1
 
@@ -98,7 +98,7 @@ def reference_kernel_meta_s8(meta, n, k):
     """reorder.cuh's int8 layout: uint32 [Npad/16, Kpad/64, 32], word 4g+q for lane 4g+q:
     row 16tn + g + 8(q & 1), K 64tk + 32(q >> 1) .. + 31, group j of those 32 K in nibble j."""
     g_count = padded_k(k) // 4
-    npad = (n + 127) // 128 * 128
+    npad = (n + META_ROW_PAD - 1) // META_ROW_PAD * META_ROW_PAD
     kpad = (padded_k(k) + 127) // 128 * 128
     nib = np.full((npad, kpad // 4), 0x4, np.uint64)
     nib[:n, :g_count] = np.stack([meta & 0xF, meta >> 4], axis=2).reshape(n, -1)[:, :g_count]
@@ -133,8 +133,8 @@ def test_reorder_meta_s8_layout(kernels, n, k):
 
 
 def test_kernel_meta_bytes_s8_pads_rows_and_k(kernels):
-    assert kernels.kernel_meta_bytes_s8(1, 4) == 128 // 16 * (128 // 64) * 32 * 4
-    assert kernels.kernel_meta_bytes_s8(129, 132) == 256 // 16 * (256 // 64) * 32 * 4
+    assert kernels.kernel_meta_bytes_s8(1, 4) == 256 // 16 * (128 // 64) * 32 * 4
+    assert kernels.kernel_meta_bytes_s8(257, 132) == 512 // 16 * (256 // 64) * 32 * 4
 
 
 # ---- quantize ----------------------------------------------------------------------------------------
@@ -296,9 +296,10 @@ def test_gemm_s8_gated_bit_exact(kernels, out_dtype, config, split_k, m, n, k):
 @pytest.mark.parametrize("act", ["relu", "reglu"])
 @pytest.mark.parametrize("m,n,k,config,split_k", [(1, 32, 32, WGMMA_TMA, 0), (33, 144, 320, WGMMA_TMA, 0),
                                                   (130, 304, 2048, WGMMA_TMA, 0), (1, 32, 32, DECODE_TMA, 0),
+                                                  (33, 272, 320, WGMMA_TMA_WIDE, 0), (130, 304, 2048, WGMMA_TMA_WIDE, 0),
                                                   (9, 144, 2080, DECODE_TMA, 3), (16, 304, 4096, DECODE_TMA, 0)])
 def test_gemm_s8_tma_bit_exact(kernels, out_dtype, act, m, n, k, config, split_k):
-    """The TMA pipelines (configs 3, 4) on int8: Wc rows of K / 2 bytes must be whole 16 bytes (K %
+    """The TMA pipelines (configs 3, 4, 5) on int8: Wc rows of K / 2 bytes must be whole 16 bytes (K %
     32 == 0); M and N tails, K ending inside a 128-wide k-tile, 16 / 32 k-tiles (four rounds of the
     stages), a decode split of K. relu and ReGLU are exact in the contract's order, so bit for bit
     against the oracle."""

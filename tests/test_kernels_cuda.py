@@ -16,7 +16,7 @@ from sparsegemm import _C
 from test_conv_kernels import assert_within_twice_dense_error, make_input, make_layer
 from test_int8_kernels_simt import (assert_gemm_s8_activation_close, assert_gemm_s8_bit_exact,
                                     assert_kernel_meta_s8_matches_reference, assert_quantize_rows_matches_reference)
-from test_kernels_simt import (DECODE, DECODE_TMA, LARGE_M, WGMMA, WGMMA_TMA, KernelBackend,
+from test_kernels_simt import (DECODE, DECODE_TMA, LARGE_M, WGMMA, WGMMA_TMA, WGMMA_TMA_WIDE, KernelBackend,
                                assert_compress_prune_matches_reference, assert_gemm_within_twice_dense_error,
                                cuda_kernels_available)
 from test_simt_emulator import TMA_BOX_CASES, assert_tma_box_matches_model, wgmma_exact_case, wgmma_mismatch_report
@@ -59,11 +59,13 @@ def test_wgmma_instruction_matches_the_emulator_oracle(kind, upper, mode):
 
 
 # (M, N, K, config, split_k): decode and prefill at model sizes, a forced split-K, ragged tails; the
-# warp-level large-M tile forced, the wgmma tile with cp.async and with TMA copies, and the decode
-# tile with TMA copies (the last two skipped where the GPU does not run the wgmma tile).
+# warp-level large-M tile forced, the wgmma tile with cp.async and with TMA copies (128 and 256 W
+# rows), and the decode tile with TMA copies (the TMA ones skipped where the GPU does not run the
+# wgmma tile).
 LARGE_GEMMS = [(1, 8192, 8192, -1, 0), (16, 4096, 4096, -1, 0), (8, 4096, 4096, DECODE, 7),
                (2048, 4096, 4096, -1, 0), (777, 3000, 1028, LARGE_M, 0), (777, 3000, 1028, WGMMA, 0),
                (4096, 4096, 8192, WGMMA, 0), (777, 3000, 1056, WGMMA_TMA, 0), (4096, 4096, 8192, WGMMA_TMA, 0),
+               (777, 3000, 1056, WGMMA_TMA_WIDE, 0), (4096, 4096, 8192, WGMMA_TMA_WIDE, 0),
                (1, 8192, 8192, DECODE_TMA, 0), (16, 4096, 11008, DECODE_TMA, 0), (8, 4096, 4096, DECODE_TMA, 7)]
 
 
@@ -196,10 +198,11 @@ def test_large_m_takes_the_wgmma_tile_exactly_on_hopper():
     assert _C.cuda_large_m_uses_wgmma() == (hopper and not turned_off)
 
 
-def test_tma_opt_in_takes_the_tma_pipelines_through_the_public_api(tmp_path):
-    # SPARSEGEMM_TMA=1 (read once per process, so in a child): sparsegemm.linear's decode and
-    # large-M GEMMs run the TMA kernels (the profiler names them) and give the bits the default
-    # cp.async ones give here.
+@pytest.mark.parametrize("opt_in,large_m_tile", [("1", "WgmmaLargeM"), ("wide", "WgmmaWideLargeM")])
+def test_tma_opt_in_takes_the_tma_pipelines_through_the_public_api(tmp_path, opt_in, large_m_tile):
+    # SPARSEGEMM_TMA=1 or wide (read once per process, so in a child): sparsegemm.linear's decode and
+    # large-M GEMMs run the TMA kernels (the profiler names them; large M the 128- or 256-row tile)
+    # and give the bits the default cp.async ones give here.
     if not _C.cuda_large_m_uses_wgmma():
         pytest.skip("the TMA pipelines run on compute capability 9.0 GPUs with an sm_90a build")
     script = textwrap.dedent("""
@@ -213,14 +216,15 @@ def test_tma_opt_in_takes_the_tma_pipelines_through_the_public_api(tmp_path):
             torch.cuda.synchronize()
         names = [e.name for e in prof.events() if "gemm_sp_kernel" in e.name]
         np.save(sys.argv[1], np.stack([y.float().cpu().numpy().ravel()[:512 * 3] for y in ys]))
-        print(sum("TmaRowMajorX" in n for n in names), len(names))
+        print(sum("TmaRowMajorX" in n for n in names), sum(sys.argv[2] in n for n in names), len(names))
     """)
     out = tmp_path / "y.npy"
-    env = dict(os.environ, SPARSEGEMM_TMA="1")
-    run = subprocess.run([sys.executable, "-c", script, str(out)], env=env, capture_output=True, text=True, timeout=300)
+    env = dict(os.environ, SPARSEGEMM_TMA=opt_in)
+    run = subprocess.run([sys.executable, "-c", script, str(out), large_m_tile], env=env, capture_output=True,
+                         text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
-    tma_kernels, kernels = map(int, run.stdout.split()[-2:])
-    assert kernels >= 2 and tma_kernels == kernels, run.stdout
+    tma_kernels, large_m_kernels, kernels = map(int, run.stdout.split()[-3:])
+    assert kernels >= 2 and tma_kernels == kernels and large_m_kernels >= 1, run.stdout
     torch.manual_seed(0)
     sw = sparsegemm.compress(torch.randn(512, 1024, device="cuda").half(), prune=True)
     xs = [torch.randn(m, 1024, device="cuda").half() for m in (3, 300)]
@@ -228,7 +232,7 @@ def test_tma_opt_in_takes_the_tma_pipelines_through_the_public_api(tmp_path):
     np.testing.assert_array_equal(np.load(out), reference)
 
 
-@pytest.mark.parametrize("config", [WGMMA, WGMMA_TMA, DECODE_TMA])
+@pytest.mark.parametrize("config", [WGMMA, WGMMA_TMA, DECODE_TMA, WGMMA_TMA_WIDE])
 def test_forcing_the_wgmma_tile_where_it_cannot_run_is_refused(config):
     # Off Hopper (or with the tile turned off) its kernels and the TMA pipelines' are a trap: the
     # launch must not happen.

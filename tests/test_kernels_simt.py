@@ -17,7 +17,7 @@ from sparsegemm import _C
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 ACT_CODES = {"none": 0, "relu": 1, "gelu": 2, "silu": 3, "reglu": 17, "geglu": 18, "swiglu": 19}
 GATE_OF = {"reglu": "relu", "geglu": "gelu", "swiglu": "silu"}  # gated: act(gate) * up, N / 2 columns
-LARGE_M, DECODE, WGMMA, WGMMA_TMA, DECODE_TMA = 0, 1, 2, 3, 4  # gemm_heuristics.h GemmConfig
+LARGE_M, DECODE, WGMMA, WGMMA_TMA, DECODE_TMA, WGMMA_TMA_WIDE = 0, 1, 2, 3, 4, 5  # gemm_heuristics.h GemmConfig
 SIX_PAIRS = [(0, 1), (0, 2), (1, 2), (0, 3), (1, 3), (2, 3)]
 
 
@@ -81,10 +81,14 @@ def reference_decompress(values, meta, k):
     return w.reshape(n, kp)[:, :k].contiguous().view(values.dtype)
 
 
+# reorder.cuh kMetaRowPad: rows of the kernel metadata are padded to the widest block tile along N.
+META_ROW_PAD = 256
+
+
 def reference_kernel_meta(meta, n, k):
     """The reorder.cuh layout: uint32 words [Npad/16, Kpad/32, 16], word 2g+p as lane 4g+p needs."""
     g_count = padded_k(k) // 4
-    npad = (n + 127) // 128 * 128
+    npad = (n + META_ROW_PAD - 1) // META_ROW_PAD * META_ROW_PAD
     kpad = (padded_k(k) + 63) // 64 * 64
     nib = np.full((npad, kpad // 4), 0x4, np.uint32)
     nib[:n, :g_count] = np.stack([meta & 0xF, meta >> 4], axis=2).reshape(n, -1)[:, :g_count]
@@ -169,7 +173,7 @@ class KernelBackend:
     def _launch_split_k(self, op, m, n, k, config, split_k, s8, *args):
         """_launch(op, *args[:-2], workspace, tile counters, *args[-2:]) with a poisoned workspace and
         zeroed counters; checks that the kernel leaves the counters zero, as the next launch needs."""
-        if config in (WGMMA, WGMMA_TMA, DECODE_TMA) and self.name == "cuda" and not _C.cuda_large_m_uses_wgmma():
+        if config in (WGMMA, WGMMA_TMA, DECODE_TMA, WGMMA_TMA_WIDE) and self.name == "cuda" and not _C.cuda_large_m_uses_wgmma():
             pytest.skip(f"config {config} (the wgmma tile or a TMA pipeline) runs on compute capability 9.0 GPUs "
                         "with an sm_90a build")
         ws_bytes, counters = self.gemm_scratch(m, n, k, config, split_k, s8=s8)
@@ -681,6 +685,8 @@ def test_gemm_tiles_past_the_first_raster_band(kernels, config):
 # k-tiles = four rounds of the 4 stages (both mbarrier phase parities, refills), and 3 x 18 output
 # tiles crossing a raster band. Wc rows must be whole 16 bytes (K % 16 == 0 for 16-bit operands).
 TMA_SHAPES = [(1, 32, 16), (33, 144, 160), (130, 304, 1024), (260, 17 * 128 + 16, 64)]
+# The 256-row tile (config 5): N past one 256-row tile, and 2 x 18 output tiles crossing a raster band.
+TMA_WIDE_SHAPES = [(1, 32, 16), (33, 272, 160), (130, 304, 1024), (130, 17 * 256 + 16, 64)]
 
 
 def random_gemm_operands(kernels, m, n, k, dtype, seed, ldx=None):
@@ -697,10 +703,11 @@ def random_gemm_operands(kernels, m, n, k, dtype, seed, ldx=None):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("act", ["gelu", "swiglu"])
-@pytest.mark.parametrize("m,n,k", TMA_SHAPES)
-def test_tma_gemm_equals_the_cp_async_wgmma_tile(kernels, dtype, act, m, n, k):
+@pytest.mark.parametrize("config,m,n,k", [(WGMMA_TMA, *shape) for shape in TMA_SHAPES] +
+                         [(WGMMA_TMA_WIDE, *shape) for shape in TMA_WIDE_SHAPES])
+def test_tma_gemm_equals_the_cp_async_wgmma_tile(kernels, dtype, act, config, m, n, k):
     x, values, meta, bias = random_gemm_operands(kernels, m, n, k, dtype, m + n + k)
-    y_tma = kernels.gemm(x, values, meta, n, k, bias=bias, act=act, config=WGMMA_TMA)
+    y_tma = kernels.gemm(x, values, meta, n, k, bias=bias, act=act, config=config)
     y_cp_async = kernels.gemm(x, values, meta, n, k, bias=bias, act=act, config=WGMMA)
     assert not y_tma.isnan().any()
     assert torch.equal(y_tma, y_cp_async)
@@ -722,7 +729,7 @@ def test_tma_decode_equals_the_cp_async_decode_tile(kernels, dtype, m, n, k, spl
 
 
 @pytest.mark.parametrize("config,cp_async_config,m", [(WGMMA_TMA, WGMMA, 7), (WGMMA_TMA, WGMMA, 130),
-                                                     (DECODE_TMA, DECODE, 7)])
+                                                     (WGMMA_TMA_WIDE, WGMMA, 130), (DECODE_TMA, DECODE, 7)])
 def test_tma_gemm_reads_x_rows_through_their_stride(kernels, config, cp_async_config, m):
     # X rows ldx = K + 24 apart (48 bytes more: a 16-byte multiple) inside a wider buffer.
     n, k = 136, 320
@@ -731,7 +738,8 @@ def test_tma_gemm_reads_x_rows_through_their_stride(kernels, config, cp_async_co
     assert torch.equal(y_tma, kernels.gemm(x, values, meta, n, k, bias=bias, config=cp_async_config))
 
 
-@pytest.mark.parametrize("config,tile,fallback", [(WGMMA_TMA, "wgmma", WGMMA), (DECODE_TMA, "decode", DECODE)])
+@pytest.mark.parametrize("config,tile,fallback", [(WGMMA_TMA, "wgmma", WGMMA), (DECODE_TMA, "decode", DECODE),
+                                                 (WGMMA_TMA_WIDE, "256-row wgmma", WGMMA)])
 def test_tma_gemm_refuses_what_a_tensor_map_cannot_describe(kernels, config, tile, fallback):
     gen = torch.Generator().manual_seed(2)
     w = sparse_weight(20, 1000, torch.float16, gen)  # Wc rows of 1000 bytes: not whole 16 bytes
@@ -748,8 +756,8 @@ def test_tma_gemm_refuses_what_a_tensor_map_cannot_describe(kernels, config, til
 
 
 def test_gemm_config_out_of_range_is_refused(kernels):
-    with pytest.raises(ValueError, match=r"config must be -1 \(choose\), 0 .* got 5"):
-        kernels.gemm_scratch(64, 64, 64, 5, 0)
+    with pytest.raises(ValueError, match=r"config must be -1 \(choose\), 0 .* got 6"):
+        kernels.gemm_scratch(64, 64, 64, 6, 0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -813,7 +821,7 @@ def test_gemm_m_zero_writes_nothing(kernels):
     assert torch.all(y == 3)
 
 
-@pytest.mark.parametrize("config", [LARGE_M, DECODE, WGMMA, WGMMA_TMA, DECODE_TMA])
+@pytest.mark.parametrize("config", [LARGE_M, DECODE, WGMMA, WGMMA_TMA, DECODE_TMA, WGMMA_TMA_WIDE])
 def test_gemm_k_zero_gives_activation_of_bias(kernels, config):
     m, n = 3, 20
     x = torch.zeros((m, 0), dtype=torch.float16)

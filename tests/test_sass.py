@@ -55,22 +55,25 @@ def built_archs():
 
 
 WGMMA_TILE = "gemm_tiles11WgmmaLargeM"  # the mangled tile argument of the wgmma tile's kernels
-TMA_LOADER = "TmaRowMajorX"  # the loader of its TMA pipeline (config 3)
+WIDE_WGMMA_TILE = "gemm_tiles15WgmmaWideLargeM"  # the 256-row wgmma tile's (config 5, TMA only)
+TMA_LOADER = "TmaRowMajorX"  # the loader of its TMA pipeline (configs 3, 4, 5)
 
 
 def split_wgmma(kernels):
     """(the warp-level tiles' kernels with cp.async copies, the wgmma tile's with cp.async copies, the
-    wgmma tile's with TMA, the decode tile's with TMA) of a {name: SASS} dict."""
+    wgmma tiles' with TMA (128 and 256 W rows), the decode tile's with TMA) of a {name: SASS} dict."""
     def select(wgmma, tma):
         return {name: body for name, body in kernels.items()
-                if (WGMMA_TILE in name) == wgmma and (TMA_LOADER in name) == tma}
+                if (WGMMA_TILE in name or WIDE_WGMMA_TILE in name) == wgmma and (TMA_LOADER in name) == tma}
     return select(False, False), select(True, False), select(True, True), select(False, True)
 
 
 def check_hopper_kernels(arch, kernels, instruction, tma=False):
     """The wgmma tile's and the TMA pipelines' kernels: `instruction` on sm_90a (fed by TMA loads and
     no thread's copies, for a TMA pipeline), a bare trap anywhere else."""
-    assert len(kernels) == 2, sorted(kernels)  # two dtypes (or two int8 output dtypes)
+    # two dtypes (or two int8 output dtypes); the TMA wgmma kernels for both tile widths
+    wide = any(WIDE_WGMMA_TILE in name for name in kernels)
+    assert len(kernels) == (4 if wide else 2), sorted(kernels)
     for name, body in kernels.items():
         if arch == "90":
             assert instruction in body, f"{name} on sm_90a has no {instruction}"
@@ -188,8 +191,11 @@ def test_wgmma_gemm_fits_two_blocks_per_sm_without_serialising(cuobjdump):
     wgmma = {name: u["REG"] for name, u in usage.items() if WGMMA_TILE in name}
     # fp16, bf16 x GEMM, convolution, TMA GEMM; int8 x two outputs x GEMM, TMA GEMM
     assert len(wgmma) == 10 and max(wgmma.values()) <= 128, wgmma
+    # The 256-row tile (512 threads, one block an SM): fp16, bf16; int8 x two outputs.
+    wide = {name: u["REG"] for name, u in usage.items() if WIDE_WGMMA_TILE in name}
+    assert len(wide) == 4 and max(wide.values()) <= 128, wide
     for name, body in sass_functions(cuobjdump, _C.__file__, "90").items():
-        if WGMMA_TILE in name and TMA_LOADER in name:
+        if (WGMMA_TILE in name or WIDE_WGMMA_TILE in name) and TMA_LOADER in name:
             # The SS form: one k-tile's ops stay in flight (wait_group 1 in the loop, 0 after it).
             assert body.count("GMMA.SP.") == 2 and body.count("WARPGROUP.DEPBAR") == 2, name
             assert "WARPGROUP.DEPBAR.LE gsb0, 0x1" in body and "LDSM" not in body, name

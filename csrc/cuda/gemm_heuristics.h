@@ -72,6 +72,22 @@ struct WgmmaLargeM {
   static constexpr bool kWgmma = true;
 };
 
+// The TMA pipeline's wide variant of WgmmaLargeM (GemmConfig::large_m_wgmma_tma_wide): 256 W rows
+// x 128 X rows, four warpgroups (warpgroup w: W rows 64w .. 64w + 63), one block per SM (16 warps,
+// as two WgmmaLargeM blocks). Why: W is compressed, so a k-tile of 256 W rows and 128 X rows is 34
+// KiB of TMA copies for twice the multiply-adds of the 128 x 128 tile's 25 KiB: a third fewer
+// bytes through L2 and into shared memory per multiply-add (at the sparse tensor cores' rate the
+// 128 x 128 tile needs ~49 bytes a cycle per SM for its copies alone, besides the ~64 its wgmma
+// ops read of B). 4 stages of 34 KiB (the SIMT emulator holds a block to A100's 163 KiB); 128
+// registers at most with 512 threads (ptxas: as config 3). Not chosen by plan_gemm: only in the
+// emulator so far, to be timed against config 3 (SPARSEGEMM_TMA=wide opts large M into it).
+struct WgmmaWideLargeM {
+  static constexpr int kBlockN = 256, kBlockM = 128, kWarpsN = 16, kWarpsM = 1, kStages = 4, kKTilesPerStage = 1;
+  static constexpr bool kSplitK = false;
+  static constexpr int kMinBlocksPerSm = 1;
+  static constexpr bool kWgmma = true;
+};
+
 constexpr int kBlockK = 64;           // logical K per k-tile of the 16-bit GEMM
 constexpr int kBlockKS8 = 128;        // logical K per k-tile of the int8 GEMM (same bytes)
 constexpr int kMaxSplitK = 16;
@@ -83,7 +99,15 @@ constexpr int kMinKTilesPerSplit = 4; // keeps the pipeline prologue small next 
 // TmaRowMajorX), for GEMMs whose X and Wc rows are 16-byte aligned, on the GPUs that run the wgmma
 // tile. Not chosen by plan_gemm yet: they have run only in the emulator, and take over from
 // large_m_wgmma / decode where a GPU run verifies and times them faster.
-enum class GemmConfig : int { large_m = 0, decode = 1, large_m_wgmma = 2, large_m_wgmma_tma = 3, decode_tma = 4 };
+// large_m_wgmma_tma_wide: gemm_tiles::WgmmaWideLargeM through the same TMA pipeline.
+enum class GemmConfig : int {
+  large_m = 0,
+  decode = 1,
+  large_m_wgmma = 2,
+  large_m_wgmma_tma = 3,
+  decode_tma = 4,
+  large_m_wgmma_tma_wide = 5
+};
 
 // Whether `config` runs the decode tile (gemm_tiles::Decode), the one that splits K.
 constexpr bool is_decode(GemmConfig config) { return config == GemmConfig::decode || config == GemmConfig::decode_tma; }
@@ -171,10 +195,10 @@ inline double decode_split_cost(int64_t M, int64_t blocks, int64_t k_tiles, int6
 // GEMM's k-tile (gemm_tiles::kBlockK or kBlockKS8, which also picks the paired-block speedup).
 inline GemmPlan plan_gemm(int64_t M, int64_t N, int64_t K, DecodeWave wave, int forced_config = -1,
                           int forced_split_k = 0, int64_t block_k = gemm_tiles::kBlockK, bool wgmma = false) {
-  if (forced_config < -1 || forced_config > static_cast<int>(GemmConfig::decode_tma)) {
+  if (forced_config < -1 || forced_config > static_cast<int>(GemmConfig::large_m_wgmma_tma_wide)) {
     throw std::invalid_argument("sparsegemm gemm: config must be -1 (choose), 0 (large M), 1 (decode), 2 "
-                                "(large M, wgmma), 3 (large M, wgmma fed by TMA) or 4 (decode fed by TMA), got " +
-                                std::to_string(forced_config));
+                                "(large M, wgmma), 3 (large M, wgmma fed by TMA), 4 (decode fed by TMA) or 5 "
+                                "(large M, 256-row wgmma tile fed by TMA), got " + std::to_string(forced_config));
   }
   GemmPlan plan;
   const GemmConfig large_m = wgmma ? GemmConfig::large_m_wgmma : GemmConfig::large_m;

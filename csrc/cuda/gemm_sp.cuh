@@ -218,8 +218,9 @@ struct RowMajorX {
   }
 };
 
-// The loader of the TMA pipeline (config 3: the wgmma tile with its stages copied by the tensor
-// memory accelerator, gemm_sp_kernel): X[M, K] as RowMajorX, but no thread copies anything. Params
+// The loader of the TMA pipelines (configs 3, 4, 5: the wgmma, decode and 256-row wgmma tiles with
+// their stages copied by the tensor memory accelerator, gemm_sp_kernel): X[M, K] as RowMajorX, but
+// no thread copies anything. Params
 // are the GEMM's and three tensor maps (kernels_dispatch.cuh tma_gemm_params), each box one
 // k-tile of one stage in the layout above:
 //   w_map     Wc[N, Kc] (Operand elements): box kBlockK / 2 x kBlockN, 64-byte swizzle, which is
@@ -433,9 +434,9 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinB
   const int num_stage_tiles = (num_tiles + kStageKTiles - 1) / kStageKTiles;
 
   if constexpr (XLoader::kTma) {
-    // TMA pipeline (TmaRowMajorX: configs 3 and 4, the wgmma and decode tiles): each k-tile of a
-    // stage comes with three TMA copies (its Wc, X and metadata boxes) that complete on the
-    // stage's `full` mbarrier. Every warp waits on that, computes, then counts itself done with
+    // TMA pipeline (TmaRowMajorX: configs 3, 4 and 5, the wgmma, decode and 256-row wgmma tiles):
+    // each k-tile of a stage comes with three TMA copies (its Wc, X and metadata boxes) that
+    // complete on the stage's `full` mbarrier. Every warp waits on that, computes, then counts itself done with
     // the stage (`stage_done`, a shared counter); the last warp out refills the stage with the
     // stage tile kStages later, at once. No thread copies bytes itself, no barrier spans the block
     // (Nsight Compute saw the cp.async pipeline's per-thread copies and barriers take the wgmma

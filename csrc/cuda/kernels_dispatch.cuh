@@ -277,16 +277,18 @@ std::string tma_operands_refusal(const GemmParams& p) {
   return "";
 }
 
-// SPARSEGEMM_TMA=1 in the environment at the first call: on a GPU that runs the wgmma tile, GEMMs
-// that plan_gemm gives the wgmma or the decode tile run its TMA pipeline (config 3 or 4) where
-// their operands allow it. Off by default until a GPU has verified and timed those pipelines
-// (gemm_heuristics.h GemmConfig).
-bool tma_pipeline_opted_in() {
-  static const bool opted_in = [] {
+// SPARSEGEMM_TMA in the environment at the first call: "1" on a GPU that runs the wgmma tile, GEMMs
+// that plan_gemm gives the wgmma or the decode tile run its TMA pipeline (config 3 or 4) where their
+// operands allow it; "wide" the same with the 256-row wgmma tile (config 5) for large M. Off by
+// default until a GPU has verified and timed those pipelines (gemm_heuristics.h GemmConfig).
+enum class TmaOptIn { none, standard, wide };
+TmaOptIn tma_pipeline_opt_in() {
+  static const TmaOptIn opt_in = [] {
     const char* value = std::getenv("SPARSEGEMM_TMA");
-    return value != nullptr && std::string(value) == "1";
+    const std::string text = value != nullptr ? value : "";
+    return text == "1" ? TmaOptIn::standard : text == "wide" ? TmaOptIn::wide : TmaOptIn::none;
   }();
-  return opted_in;
+  return opt_in;
 }
 
 // The kernel parameters of tile Tile's TMA pipeline for GEMM p (gemm_sp.cuh TmaRowMajorX), whose
@@ -338,20 +340,22 @@ void launch_gemm(const typename XLoader::Params& params, const GemmPlan& plan, s
 }
 
 // The tile of plan.config, fed by its TMA pipeline (TmaRowMajorX) where the config asks for it (3,
-// 4) or SPARSEGEMM_TMA=1 opts in (tma_pipeline_opted_in), and the GEMM's operands allow it.
+// 4, 5) or SPARSEGEMM_TMA opts in (tma_pipeline_opt_in), and the GEMM's operands allow it.
 template <typename Policy, typename XLoader = RowMajorX<typename Policy::Operand>>
 void launch_gemm_tile(const typename XLoader::Params& params, const GemmPlan& plan, sg_stream_t stream) {
   using Operand = typename Policy::Operand;
   const bool decode = is_decode(plan.config);
-  const bool wgmma = plan.config == GemmConfig::large_m_wgmma || plan.config == GemmConfig::large_m_wgmma_tma;
-  const bool forced_tma = plan.config == GemmConfig::large_m_wgmma_tma || plan.config == GemmConfig::decode_tma;
+  const bool wide = plan.config == GemmConfig::large_m_wgmma_tma_wide;
+  const bool wgmma = plan.config == GemmConfig::large_m_wgmma || plan.config == GemmConfig::large_m_wgmma_tma || wide;
+  const bool forced_tma = plan.config == GemmConfig::large_m_wgmma_tma || plan.config == GemmConfig::decode_tma || wide;
   auto tma_name = [&] {  // for errors only: no string work on the decode path's host time
-    return "config " + std::to_string(static_cast<int>(plan.config)) + " (the " + (decode ? "decode" : "wgmma") +
-           " tile fed by TMA)";
+    return "config " + std::to_string(static_cast<int>(plan.config)) + " (the " +
+           (decode ? "decode" : wide ? "256-row wgmma" : "wgmma") + " tile fed by TMA)";
   };
   if constexpr (std::is_same_v<XLoader, RowMajorX<Operand>>) {
     const GemmParams& p = XLoader::gemm(params);
-    const bool opted_in = tma_pipeline_opted_in() && wgmma_tile_runs() && (decode || wgmma);
+    const TmaOptIn opt_in = tma_pipeline_opt_in();
+    const bool opted_in = opt_in != TmaOptIn::none && wgmma_tile_runs() && (decode || wgmma);
     // K = 0 copies nothing (and a tensor map cannot describe an empty tensor): the cp.async
     // pipeline writes the same act(bias).
     if ((forced_tma || opted_in) && p.K > 0) {
@@ -363,6 +367,9 @@ void launch_gemm_tile(const typename XLoader::Params& params, const GemmPlan& pl
         using Tma = TmaRowMajorX<Operand>;
         if (decode) {
           launch_gemm<Policy, gemm_tiles::Decode, Tma>(tma_gemm_params<Policy, gemm_tiles::Decode>(p), plan, stream);
+        } else if (wide || (!forced_tma && opt_in == TmaOptIn::wide)) {
+          using Wide = gemm_tiles::WgmmaWideLargeM;
+          launch_gemm<Policy, Wide, Tma>(tma_gemm_params<Policy, Wide>(p), plan, stream);
         } else {
           launch_gemm<Policy, gemm_tiles::WgmmaLargeM, Tma>(tma_gemm_params<Policy, gemm_tiles::WgmmaLargeM>(p), plan,
                                                              stream);

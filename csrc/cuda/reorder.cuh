@@ -30,7 +30,7 @@
 namespace sparsegemm {
 namespace SG_KERNEL_NS {
 
-constexpr int64_t kMetaRowPad = 128;  // the largest GEMM block tile along N
+constexpr int64_t kMetaRowPad = 256;  // the largest GEMM block tile along N (gemm_tiles::WgmmaWideLargeM)
 constexpr int64_t kMetaKPad = 64;     // the GEMM k-tile (logical K)
 constexpr int64_t kMetaWordsPerTile = 16;
 constexpr int64_t kMetaKPadS8 = 128;  // the int8 GEMM k-tile (logical K)
