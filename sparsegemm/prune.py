@@ -431,9 +431,8 @@ def _prune_calibrated(name: str, module: nn.Module, stats: _InputStats, method: 
             mask = _top2_per_group(weight.abs() * _pad_k(stats.sums.sqrt(), kp), allowed)
             new_weight = weight
         else:
-            hessian = _pad_k(stats.sums, kp, dims=2)
-            stats.sums = None  # sparsegpt_2to4 makes its own copy: one K x K less at the peak
-            new_weight, mask = sparsegpt_2to4(weight, hessian, allowed, damp, block_size, name=name)
+            new_weight, mask = sparsegpt_2to4(weight, _pad_k(stats.sums, kp, dims=2), allowed, damp, block_size,
+                                              name=name)
         before = weight.abs().sum()
         kept = float((weight.abs() * mask).sum() / before) if before > 0 else 1.0
         found.mask.copy_(_from_gemm_view(mask[:, :k], original.shape))
