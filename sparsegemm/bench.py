@@ -24,6 +24,7 @@ from typing import Callable, Optional
 import torch
 
 import sparsegemm
+from sparsegemm._progress import progress_bar
 
 # Real model shapes (N, K) = (out_features, in_features) of the big projections.
 MODEL_SHAPES = {
@@ -424,14 +425,8 @@ def run(device: str = "cpu", dtypes=("bfloat16",), quick: bool = False, progress
     if ms_override:
         ms = tuple(ms_override)
     jobs = [(getattr(torch, dt), label, m, n, k) for dt in dtypes for label, (n, k) in shapes.items() for m in ms]
-    if progress:
-        try:
-            from tqdm import tqdm
-            jobs = tqdm(jobs, desc="bench", unit="shape")
-        except ImportError:
-            pass
     rows = []
-    for dtype, label, m, n, k in jobs:
+    for dtype, label, m, n, k in progress_bar(jobs, "bench", "shape", progress):
         if dtype == torch.int8:
             rows.extend(bench_int8_shape(dev, label, m, n, k, timer))
         else:

@@ -7,6 +7,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from ._progress import progress_bar
 from .functional import mask_2to4
 from .nn import SparseConv2d, SparseGatedMLP, SparseLinear, conv_skip_reason, gated_mlp_activation, gated_mlp_parts
 
@@ -102,14 +103,7 @@ def sparsify(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
         _fuse_gated_mlps(model, report, dtype, filter_fn, min_features, backend, quantize)
     candidates = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, (nn.Linear, nn.Conv2d))
                   and not isinstance(mod, (SparseLinear, SparseConv2d))]
-    iterator = candidates
-    if progress and len(candidates) > 20:
-        try:
-            from tqdm import tqdm
-            iterator = tqdm(candidates, desc="sparsify", unit="layer")
-        except ImportError:
-            pass
-    for name, mod in iterator:
+    for name, mod in progress_bar(candidates, "sparsify", "layer", progress and len(candidates) > 20):
         w = _gemm_weight(mod)
         n, k = w.shape
         kind = type(mod).__name__

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from . import format as fmt
+from ._progress import progress_bar
 from .functional import mask_2to4
 from .nn import conv_skip_reason
 
@@ -178,7 +179,7 @@ METHODS = ("magnitude", "wanda", "sparsegpt")
 
 def prune_one_shot(model: nn.Module, filter_fn: Optional[Callable[[str, nn.Module], bool]] = None, *,
                    method: str = "magnitude", calibration=None, sequential: bool = True, damp: float = 0.01,
-                   block_size: int = 128, blocks=None) -> dict[str, float]:
+                   block_size: int = 128, blocks=None, progress: bool = True) -> dict[str, float]:
     """Attach a 2:4 mask to every prunable layer at once; returns ``{name: share of |w| kept}``
     (of the weight the layer had before).
 
@@ -217,6 +218,8 @@ def prune_one_shot(model: nn.Module, filter_fn: Optional[Callable[[str, nn.Modul
 
     Layers that already carry a mask keep what it prunes and are completed to 2:4; the calibrated
     methods start from the weight the layer computes with (the masked-out originals count as zero).
+    ``progress``: a tqdm bar (when installed) over the layers or blocks of a calibrated pruning of
+    more than 20 layers.
     """
     op = "sparsegemm.prune.prune_one_shot"
     if method not in METHODS:
@@ -238,6 +241,7 @@ def prune_one_shot(model: nn.Module, filter_fn: Optional[Callable[[str, nn.Modul
     if not batches:
         raise ValueError(f"{op}: calibration holds no batch")
     kind = "column_norms" if method == "wanda" else "hessian"
+    show_progress = progress and len(layers) > 20
     kept = {}
 
     def prune_group(group: list, run: Callable[[], None]) -> None:
@@ -252,8 +256,10 @@ def prune_one_shot(model: nn.Module, filter_fn: Optional[Callable[[str, nn.Modul
             if blocks is not None:
                 if not sequential:
                     raise ValueError(f"{op}: blocks calibrate layer by layer: pass sequential=True")
-                layers = _prune_block_by_block(op, model, layers, batches, list(blocks), prune_group)
-            for group in ([[layer] for layer in layers] if sequential else [layers]):
+                layers = _prune_block_by_block(op, model, layers, batches, list(blocks), prune_group,
+                                               show_progress)
+            groups = [[layer] for layer in layers] if sequential else [layers]
+            for group in progress_bar(groups, "prune", "layer", show_progress and len(groups) > 1):
                 prune_group(group, lambda: _run_batches(model, batches))
     finally:
         model.train(was_training)
@@ -275,7 +281,7 @@ class _FirstBlockReached(Exception):
 
 
 def _prune_block_by_block(op: str, model: nn.Module, layers: list, batches: list, blocks: list,
-                          prune_group: Callable) -> list:
+                          prune_group: Callable, show_progress: bool) -> list:
     """prune_one_shot's ``blocks`` mode: prunes the layers inside ``blocks`` (see there) and returns
     those of ``layers`` outside them."""
     if not blocks:
@@ -306,7 +312,7 @@ def _prune_block_by_block(op: str, model: nn.Module, layers: list, batches: list
         raise ValueError(f"{op}: the model reached the first block ({owner[id(blocks[0])]!r}) in "
                          f"{len(recorded)} of {len(batches)} calibration batches")
     inside = set()
-    for block in blocks:
+    for block in progress_bar(blocks, "prune", "block", show_progress):
         prefix = owner[id(block)] + "."
         block_layers = [(name, mod) for name, mod in layers if name.startswith(prefix) or mod is block]
         inside.update(name for name, _ in block_layers)

@@ -285,6 +285,22 @@ def test_blocks_calibrate_in_one_pass_with_the_layer_by_layer_result():
     assert relative_error(by_block, dense, ids) < relative_error(pruned_copy(dense), dense, ids)
 
 
+def test_progress_bars_over_many_layers(capsys):
+    # Calibrated pruning and sparsify show a tqdm bar (on stderr) past 20 layers, none when asked not to.
+    model = nn.Sequential(*[nn.Linear(16, 16) for _ in range(24)])
+    x = torch.randn(8, 16)
+    P.prune_one_shot(model, method="wanda", calibration=x, progress=False)
+    assert capsys.readouterr().err == ""
+    P.prune_one_shot(copy.deepcopy(model), method="wanda", calibration=x)
+    assert "prune: 100%" in capsys.readouterr().err
+    lm = ToyLM(depth=6)  # 24 layers in blocks and the head
+    P.prune_one_shot(lm, method="wanda", calibration=torch.randint(0, 50, (2, 6)), blocks=lm.layers)
+    assert "prune: 100%" in capsys.readouterr().err
+    P.remove_masks(model)
+    sparsegemm.sparsify(model, min_features=1)
+    assert "sparsify: 100%" in capsys.readouterr().err
+
+
 def test_calibrated_pruning_errors():
     model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 8))
     x = torch.randn(4, 16)

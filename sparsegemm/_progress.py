@@ -1,0 +1,14 @@
+"""A tqdm progress bar where asked for and tqdm is installed (an optional dependency), else the items."""
+from __future__ import annotations
+
+
+def progress_bar(items, desc: str, unit: str, enabled: bool = True):
+    """``items`` wrapped in a tqdm bar labelled ``desc`` counting ``unit``s, or ``items`` itself when
+    not ``enabled`` or without tqdm."""
+    if not enabled:
+        return items
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, desc=desc, unit=unit)
