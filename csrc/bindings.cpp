@@ -256,6 +256,10 @@ void bind_kernel_api(py::module_& m, const std::string& prefix) {
     return std::make_pair(s.workspace_bytes, s.tile_counters);
   }, py::arg("M"), py::arg("N"), py::arg("K"), py::arg("config") = -1, py::arg("split_k") = 0);
   m.def((prefix + "large_m_uses_wgmma").c_str(), Api::large_m_uses_wgmma);
+  m.def((prefix + "tensor_map_memo_stats").c_str(), [] {
+    const TensorMapMemoStats s = Api::tensor_map_memo_stats();
+    return py::make_tuple(s.hits, s.encodes);
+  });
   m.def((prefix + "wgmma_selftest").c_str(), [](int kind, int mode, bool b_upper_half, uintptr_t a, uintptr_t b,
                                                 uintptr_t c, uintptr_t e, uintptr_t d, uintptr_t stream) {
     py::gil_scoped_release nogil;
@@ -340,6 +344,7 @@ struct SimtKernelApi {
   static constexpr auto kernel_meta_bytes = &simt::kernel_meta_bytes;
   static constexpr auto gemm_scratch = &simt::gemm_scratch;
   static constexpr auto large_m_uses_wgmma = &simt::large_m_uses_wgmma;
+  static constexpr auto tensor_map_memo_stats = &simt::tensor_map_memo_stats;
   static constexpr auto wgmma_selftest = &simt::wgmma_selftest;
   static constexpr auto tma_selftest = &simt::tma_selftest;
   static constexpr auto decompress = &simt::decompress;
@@ -357,6 +362,7 @@ struct CudaKernelApi {
   static constexpr auto kernel_meta_bytes = &cuda::kernel_meta_bytes;
   static constexpr auto gemm_scratch = &cuda::gemm_scratch;
   static constexpr auto large_m_uses_wgmma = &cuda::large_m_uses_wgmma;
+  static constexpr auto tensor_map_memo_stats = &cuda::tensor_map_memo_stats;
   static constexpr auto wgmma_selftest = &cuda::wgmma_selftest;
   static constexpr auto tma_selftest = &cuda::tma_selftest;
   static constexpr auto decompress = &cuda::decompress;

@@ -12,6 +12,11 @@
 
 namespace sparsegemm {
 
+// What tensor_map_memo_stats reports: maps served from the memo, maps encoded.
+struct TensorMapMemoStats {
+  int64_t hits, encodes;
+};
+
 #define SPARSEGEMM_DECLARE_KERNEL_API                                                              \
   /* W[N, K] -> Wc + the LOGICAL E (format.h). Strict mode (prune=false) writes the smallest   */ \
   /* bad row * num_groups(K) + group to *first_bad_group, or -1.                               */ \
@@ -31,6 +36,8 @@ namespace sparsegemm {
   /* Whether large-M GEMMs on the current device take the wgmma tile (config 2; only then may a */ \
   /* launch force it on the device). The emulator plans like sm_80 (false) but runs config 2.  */ \
   bool large_m_uses_wgmma();                                                                      \
+  /* The TMA pipelines' tensor-map memo (kernels_dispatch.cuh tensor_map_2d) since the start.  */ \
+  TensorMapMemoStats tensor_map_memo_stats();                                                     \
   /* One warpgroup's wgmma.mma_async.sp m64n128 on operands in memory (wgmma_selftest.cuh).   */ \
   void wgmma_selftest(int kind, int mode, bool b_upper_half, const void* a, const void* b, const void* c, \
                       const uint32_t* e, void* d, void* stream);                                  \

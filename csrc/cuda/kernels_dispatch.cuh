@@ -7,9 +7,11 @@
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <unordered_map>
 
 #if defined(__CUDACC__)
 #include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
@@ -204,13 +206,39 @@ void launch_decompress(const DecompressParams& p, sg_stream_t stream) {
     sg_launch(decompress_kernel<kDType>, dim3(elementwise_blocks(total)), dim3(kElementwiseThreads), 0, stream, p);
 }
 
-// The tensor map of a row-major tensor of `rows` x `cols` elements of element_bytes (1, 2 or 4),
-// rows row_stride bytes apart, for tma_load_2d boxes of box_cols x box_rows elements with a
-// swizzle of swizzle_bytes (0, 32, 64 or 128). On the device through the driver's
-// cuTensorMapEncodeTiled, looked up once through the runtime (no link to libcuda); for the
-// emulator its TensorMap2d.
-TensorMap2d tensor_map_2d(const void* base, uint32_t element_bytes, uint64_t cols, uint64_t rows, uint64_t row_stride,
-                          uint32_t box_cols, uint32_t box_rows, uint32_t swizzle_bytes) {
+// What a tensor map describes: a row-major tensor at `base` of `rows` x `cols` elements of
+// element_bytes (1, 2 or 4), rows row_stride bytes apart, for tma_load_2d boxes of box_cols x
+// box_rows elements with a swizzle of swizzle_bytes (0, 32, 64 or 128). The map depends on these
+// alone (not on the bytes at base), so equal keys give equal maps.
+struct TensorMapKey {
+  const void* base;
+  uint64_t cols, rows, row_stride;
+  uint32_t element_bytes, box_cols, box_rows, swizzle_bytes;
+
+  bool operator==(const TensorMapKey& o) const {
+    return base == o.base && cols == o.cols && rows == o.rows && row_stride == o.row_stride &&
+           element_bytes == o.element_bytes && box_cols == o.box_cols && box_rows == o.box_rows &&
+           swizzle_bytes == o.swizzle_bytes;
+  }
+};
+
+struct TensorMapKeyHash {
+  size_t operator()(const TensorMapKey& k) const {
+    uint64_t h = reinterpret_cast<uintptr_t>(k.base);
+    for (const uint64_t v : {k.cols, k.rows, k.row_stride, uint64_t(k.element_bytes) << 32 | k.box_cols,
+                             uint64_t(k.box_rows) << 32 | k.swizzle_bytes})
+      h = (h ^ v) * 0x100000001b3ull;  // FNV-1a style mixing, a word at a time
+    return size_t(h ^ (h >> 29));
+  }
+};
+
+// The tensor map of `key`: on the device through the driver's cuTensorMapEncodeTiled, looked up
+// once through the runtime (no link to libcuda); for the emulator its TensorMap2d.
+TensorMap2d encode_tensor_map_2d(const TensorMapKey& key) {
+  const void* base = key.base;
+  const uint32_t element_bytes = key.element_bytes, box_cols = key.box_cols, box_rows = key.box_rows;
+  const uint32_t swizzle_bytes = key.swizzle_bytes;
+  const uint64_t cols = key.cols, rows = key.rows, row_stride = key.row_stride;
   TensorMap2d map;
 #if defined(__CUDACC__)
   using Encode = PFN_cuTensorMapEncodeTiled_v12000;
@@ -259,6 +287,50 @@ TensorMap2d tensor_map_2d(const void* base, uint32_t element_bytes, uint64_t col
   map.swizzle_bytes = swizzle_bytes;
 #endif
   return map;
+}
+
+// tensor_map_2d's memo of the maps it has encoded. Why: a TMA GEMM needs three maps per call, and
+// an eager decode step makes hundreds of calls (PyTorch's Inductor caches its host-side TMA
+// descriptors for the same reason); the weights' maps repeat every step, X's whenever the caching
+// allocator hands back the same buffer. Room for a large model's weights (two maps per layer);
+// when full it starts over. Thread-safe: calls may come from several host threads.
+class TensorMapMemo {
+ public:
+  TensorMap2d get(const TensorMapKey& key) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const auto found = maps_.find(key);
+    if (found != maps_.end()) {
+      ++stats_.hits;
+      return found->second;
+    }
+    if (maps_.size() >= kCapacity) maps_.clear();
+    const TensorMap2d map = encode_tensor_map_2d(key);  // may throw: then nothing is kept
+    ++stats_.encodes;
+    maps_.emplace(key, map);
+    return map;
+  }
+
+  TensorMapMemoStats stats() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return stats_;
+  }
+
+ private:
+  static constexpr size_t kCapacity = 4096;
+  std::mutex mutex_;
+  std::unordered_map<TensorMapKey, TensorMap2d, TensorMapKeyHash> maps_;
+  TensorMapMemoStats stats_{};
+};
+
+TensorMapMemo& tensor_map_memo() {
+  static TensorMapMemo memo;
+  return memo;
+}
+
+// The tensor map of `key`'s tensor and boxes (TensorMapKey), encoded once.
+TensorMap2d tensor_map_2d(const void* base, uint32_t element_bytes, uint64_t cols, uint64_t rows, uint64_t row_stride,
+                          uint32_t box_cols, uint32_t box_rows, uint32_t swizzle_bytes) {
+  return tensor_map_memo().get({base, cols, rows, row_stride, element_bytes, box_cols, box_rows, swizzle_bytes});
 }
 
 // Why the TMA pipeline's tensor maps cannot describe GEMM p's operands (16-byte aligned X, Wc and
@@ -436,6 +508,8 @@ GemmScratch gemm_scratch(int64_t M, int64_t N, int64_t K, int config, int split_
 }
 
 bool large_m_uses_wgmma() { return wgmma_tile_runs(); }
+
+TensorMapMemoStats tensor_map_memo_stats() { return tensor_map_memo().stats(); }
 
 void wgmma_selftest(int kind, int mode, bool b_upper_half, const void* a, const void* b, const void* c,
                     const uint32_t* e, void* d, void* stream) {
