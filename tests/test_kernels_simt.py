@@ -757,28 +757,31 @@ def test_tma_gemm_refuses_what_a_tensor_map_cannot_describe(kernels, config, til
 
 def test_tma_gemm_encodes_each_tensor_map_once(kernels):
     # A TMA GEMM's three tensor maps (Wc, X, metadata) are encoded at its first call; the same call
-    # again takes all three from the memo (kernels_dispatch.cuh tensor_map_2d), and X in another
-    # buffer encodes X's map alone. Same bits every time.
+    # again takes all three from the memo (kernels_dispatch.cuh tensor_map_2d); another X buffer
+    # encodes X's map alone, and the 256-row tile (other Wc and metadata boxes) those two. Each
+    # result equals the cp.async tile's on the same operands.
     if kernels.name == "cuda" and not _C.cuda_large_m_uses_wgmma():
         pytest.skip("the TMA pipelines run on compute capability 9.0 GPUs with an sm_90a build")
-    m, n, k = 7, 136, 320
+    m, n, k = 7, 152, 352  # shapes no other test uses: the memo outlives a test, addresses get reused
     x, values, meta, bias = random_gemm_operands(kernels, m, n, k, torch.float16, 11)
     x, values, bias = kernels.to_device(x), kernels.to_device(values), kernels.to_device(bias)
     kmeta = kernels.to_device(kernels.kernel_meta(meta, n, k))
     memo = getattr(_C, f"{kernels.name}_tensor_map_memo_stats")
 
-    def gemm(x_dev):
+    def gemm(x_dev, config=WGMMA_TMA):
         y = torch.full((m, n), float("nan"), dtype=torch.float16, device=kernels.device)
         kernels._launch("gemm", m, n, k, x_dev.data_ptr(), x_dev.stride(0), values.data_ptr(), kmeta.data_ptr(),
                         bias.data_ptr(), y.data_ptr(), y.stride(0), DTYPE_CODES[torch.float16], ACT_CODES["none"], 0, 0,
-                        WGMMA_TMA, 0)
+                        config, 0)
         return y.cpu()
 
     first = gemm(x)
     hits, encodes = memo()
+    assert torch.equal(first, gemm(x, WGMMA))
     assert torch.equal(gemm(x), first) and memo() == (hits + 3, encodes)
-    other = x.clone()
-    assert torch.equal(gemm(other), first) and memo() == (hits + 5, encodes + 1)
+    other = -x
+    assert torch.equal(gemm(other), gemm(other, WGMMA)) and memo() == (hits + 5, encodes + 1)
+    assert torch.equal(gemm(other, WGMMA_TMA_WIDE), gemm(other, WGMMA)) and memo() == (hits + 6, encodes + 3)
 
 
 def test_gemm_config_out_of_range_is_refused(kernels):

@@ -68,12 +68,11 @@ def split_wgmma(kernels):
     return select(False, False), select(True, False), select(True, True), select(False, True)
 
 
-def check_hopper_kernels(arch, kernels, instruction, tma=False):
+def check_hopper_kernels(arch, kernels, instruction, tma=False, count=2):
     """The wgmma tile's and the TMA pipelines' kernels: `instruction` on sm_90a (fed by TMA loads and
-    no thread's copies, for a TMA pipeline), a bare trap anywhere else."""
-    # two dtypes (or two int8 output dtypes); the TMA wgmma kernels for both tile widths
-    wide = any(WIDE_WGMMA_TILE in name for name in kernels)
-    assert len(kernels) == (4 if wide else 2), sorted(kernels)
+    no thread's copies, for a TMA pipeline), a bare trap anywhere else. count: two dtypes (or two int8
+    output dtypes), times two tile widths for the TMA wgmma kernels."""
+    assert len(kernels) == count, sorted(kernels)
     for name, body in kernels.items():
         if arch == "90":
             assert instruction in body, f"{name} on sm_90a has no {instruction}"
@@ -97,7 +96,7 @@ def test_gemm_uses_sparse_hmma(cuobjdump, arch):
     # either loader, the decode tile with TMA.
     assert len(gemms) == 4, sorted(functions)
     check_hopper_kernels(arch, wgmma, "HGMMA.SP.64x128x32.F32")
-    check_hopper_kernels(arch, wgmma_tma, "HGMMA.SP.64x128x32.F32", tma=True)
+    check_hopper_kernels(arch, wgmma_tma, "HGMMA.SP.64x128x32.F32", tma=True, count=4)
     check_hopper_kernels(arch, decode_tma, "HMMA.SP.16832.F32", tma=True)
     if arch == "90":
         assert all(("HGMMA.SP.64x128x32.F32.BF16" in body) == ("DTypeE2" in name)
@@ -136,7 +135,7 @@ def test_int8_gemm_uses_sparse_imma(cuobjdump, arch):
     # either loader, the decode tile with TMA.
     assert len(gemms) == 4, sorted(functions)
     check_hopper_kernels(arch, wgmma, "IGMMA.SP.64x128x64.S8.S8.SAT")
-    check_hopper_kernels(arch, wgmma_tma, "IGMMA.SP.64x128x64.S8.S8.SAT", tma=True)
+    check_hopper_kernels(arch, wgmma_tma, "IGMMA.SP.64x128x64.S8.S8.SAT", tma=True, count=4)
     check_hopper_kernels(arch, decode_tma, "IMMA.SP.16864.S8.S8.SAT", tma=True)
     for name, body in gemms.items():
         assert "IMMA.SP.16864.S8.S8.SAT" in body, f"{name} on sm_{arch} has no saturating sparse s8 IMMA"

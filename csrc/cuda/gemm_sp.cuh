@@ -391,8 +391,8 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinB
   const int lane = tid & 31, warp = tid >> 5;
   const int warp_n = warp % S::kWarpsN, warp_m = warp / S::kWarpsN;
   const OutputTile tile = raster_output_tile(blockIdx.x, blockIdx.y, gridDim.x, gridDim.y);
-  // 32-bit: a tile's rows m0 .. m0 + 127 stay below 2^31 (ops.py keeps M below it; m0 is a
-  // multiple of 128) and n0 + 128 below 2^23 (launch_gemm's 65535 N blocks). Unlike blockIdx the
+  // 32-bit: a tile's rows m0 .. m0 + kBlockM - 1 stay below 2^31 (ops.py keeps M below it; m0 is a
+  // multiple of kBlockM) and n0 + kBlockN below 2^24 (launch_gemm's 65535 N blocks of at most 256). Unlike blockIdx the
   // tile is not free to recompute, and two registers fewer kept the wgmma convolution from spilling.
   const int m0 = int(tile.m) * S::kBlockM;
   const int n0 = int(tile.n) * S::kBlockN;

@@ -292,8 +292,9 @@ TensorMap2d encode_tensor_map_2d(const TensorMapKey& key) {
 // tensor_map_2d's memo of the maps it has encoded. Why: a TMA GEMM needs three maps per call, and
 // an eager decode step makes hundreds of calls (PyTorch's Inductor caches its host-side TMA
 // descriptors for the same reason); the weights' maps repeat every step, X's whenever the caching
-// allocator hands back the same buffer. Room for a large model's weights (two maps per layer);
-// when full it starts over. Thread-safe: calls may come from several host threads.
+// allocator hands back the same buffer. Room for the weights of a large mixture-of-experts model
+// (two maps per layer) besides X's; when full it starts over (~4 MB of maps then). Thread-safe:
+// calls may come from several host threads.
 class TensorMapMemo {
  public:
   TensorMap2d get(const TensorMapKey& key) {
@@ -303,9 +304,9 @@ class TensorMapMemo {
       ++stats_.hits;
       return found->second;
     }
-    if (maps_.size() >= kCapacity) maps_.clear();
-    const TensorMap2d map = encode_tensor_map_2d(key);  // may throw: then nothing is kept
+    const TensorMap2d map = encode_tensor_map_2d(key);  // may throw: then the memo is as it was
     ++stats_.encodes;
+    if (maps_.size() >= kCapacity) maps_.clear();
     maps_.emplace(key, map);
     return map;
   }
@@ -316,7 +317,7 @@ class TensorMapMemo {
   }
 
  private:
-  static constexpr size_t kCapacity = 4096;
+  static constexpr size_t kCapacity = 16384;
   std::mutex mutex_;
   std::unordered_map<TensorMapKey, TensorMap2d, TensorMapKeyHash> maps_;
   TensorMapMemoStats stats_{};
@@ -426,7 +427,8 @@ void launch_gemm_tile(const typename XLoader::Params& params, const GemmPlan& pl
   };
   if constexpr (std::is_same_v<XLoader, RowMajorX<Operand>>) {
     const GemmParams& p = XLoader::gemm(params);
-    const TmaOptIn opt_in = tma_pipeline_opt_in();
+    // The opt-in applies to the tiles plan_gemm chose: a config forced by the caller stays as asked.
+    const TmaOptIn opt_in = p.config < 0 ? tma_pipeline_opt_in() : TmaOptIn::none;
     const bool opted_in = opt_in != TmaOptIn::none && wgmma_tile_runs() && (decode || wgmma);
     // K = 0 copies nothing (and a tensor map cannot describe an empty tensor): the cp.async
     // pipeline writes the same act(bias).
