@@ -115,8 +115,8 @@ def test_one_shot_methods_on_digits(digits):
     """Pruning without fine-tuning, the same dense MLP three ways (calibration: 256 training images).
     Observed: dense 96.6%, magnitude 76.5%, Wanda 70.6% (80.1% from one pass over the dense model),
     SparseGPT 95.8%: its weight update recovers what fine-tuning recovers above. Over six seeds
-    SparseGPT stayed within 0.5-2.6 points of dense, magnitude lost 3.6-26 points and Wanda, made
-    for LLMs' outlier activations, which these pixel inputs lack, was no better than magnitude."""
+    SparseGPT lost 0.2-3.8 points, magnitude 3.6-26, and Wanda, made for LLMs' outlier activations,
+    which these pixel inputs lack, beat magnitude on two of the six."""
     import copy
 
     x_train, y_train, x_test, y_test = digits
@@ -132,7 +132,7 @@ def test_one_shot_methods_on_digits(digits):
         P.prune_one_shot(copy_of, method=method, calibration=None if method == "magnitude" else calibration)
         pruned[method] = accuracy(copy_of, x_test, y_test)
     assert pruned["magnitude"] < dense - 0.1, pruned  # observed: 20 points down
-    assert pruned["sparsegpt"] > dense - 0.04, pruned  # observed: 0.8 points down (0.5-2.6 over seeds)
+    assert pruned["sparsegpt"] > dense - 0.04, pruned  # observed: 0.8 points down (0.2-3.8 over seeds)
     assert 0.6 < pruned["wanda"] < dense, pruned
 
 

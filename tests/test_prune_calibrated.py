@@ -205,7 +205,7 @@ def test_calibration_sees_every_call_in_eval_mode():
         first = model.norm(x).double()
         second = model.layer(first.float()).double()
     assert stats.rows == 64
-    assert torch.allclose(stats.sums, first.T @ first + second.T @ second, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(stats.sums.double(), first.T @ first + second.T @ second, rtol=1e-5, atol=1e-4)
     model.train()
     P.prune_one_shot(model, method="sparsegpt", calibration=x)
     assert model.training and torch.equal(model.norm.running_mean, running)
