@@ -508,7 +508,7 @@ def sparsegpt_2to4(weight: Tensor, hessian: Tensor, allowed: Optional[Tensor] = 
                 score = block[:, group] ** 2 / diag[group] ** 2
                 mask[:, b0 + c:b0 + c + 4] = _top2_per_group(score, allowed[:, b0 + c:b0 + c + 4])
             column = block[:, c]
-            kept_column = torch.where(mask[:, b0 + c], column, torch.zeros((), dtype=column.dtype))
+            kept_column = torch.where(mask[:, b0 + c], column, torch.zeros((), dtype=column.dtype, device=column.device))
             error = (column - kept_column) / diag[c]
             block[:, c:] -= error[:, None] * u_block[c, c:][None, :]
             block[:, c] = kept_column
