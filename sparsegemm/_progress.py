@@ -1,4 +1,5 @@
-"""A tqdm progress bar where asked for and tqdm is installed (an optional dependency), else the items."""
+"""A tqdm progress bar where asked for (tqdm is a dependency, but an environment without it loses
+only the bar), else the items as they are."""
 from __future__ import annotations
 
 
