@@ -235,10 +235,6 @@ struct TensorMapKeyHash {
 // The tensor map of `key`: on the device through the driver's cuTensorMapEncodeTiled, looked up
 // once through the runtime (no link to libcuda); for the emulator its TensorMap2d.
 TensorMap2d encode_tensor_map_2d(const TensorMapKey& key) {
-  const void* base = key.base;
-  const uint32_t element_bytes = key.element_bytes, box_cols = key.box_cols, box_rows = key.box_rows;
-  const uint32_t swizzle_bytes = key.swizzle_bytes;
-  const uint64_t cols = key.cols, rows = key.rows, row_stride = key.row_stride;
   TensorMap2d map;
 #if defined(__CUDACC__)
   using Encode = PFN_cuTensorMapEncodeTiled_v12000;
@@ -256,35 +252,36 @@ TensorMap2d encode_tensor_map_2d(const TensorMapKey& key) {
   if (encode == nullptr)
     throw std::runtime_error("sparsegemm gemm: the CUDA driver offers no cuTensorMapEncodeTiled (TMA needs a CUDA 12 "
                              "driver)");
-  const CUtensorMapDataType type = element_bytes == 1   ? CU_TENSOR_MAP_DATA_TYPE_UINT8
-                                   : element_bytes == 2 ? CU_TENSOR_MAP_DATA_TYPE_UINT16
-                                                        : CU_TENSOR_MAP_DATA_TYPE_UINT32;
-  const CUtensorMapSwizzle swizzle = swizzle_bytes == 128  ? CU_TENSOR_MAP_SWIZZLE_128B
-                                     : swizzle_bytes == 64 ? CU_TENSOR_MAP_SWIZZLE_64B
-                                     : swizzle_bytes == 32 ? CU_TENSOR_MAP_SWIZZLE_32B
-                                                           : CU_TENSOR_MAP_SWIZZLE_NONE;
-  const cuuint64_t dims[2] = {cols, rows};
-  const cuuint64_t strides[1] = {row_stride};
-  const cuuint32_t box[2] = {box_cols, box_rows};
+  const CUtensorMapDataType type = key.element_bytes == 1   ? CU_TENSOR_MAP_DATA_TYPE_UINT8
+                                   : key.element_bytes == 2 ? CU_TENSOR_MAP_DATA_TYPE_UINT16
+                                                            : CU_TENSOR_MAP_DATA_TYPE_UINT32;
+  const CUtensorMapSwizzle swizzle = key.swizzle_bytes == 128  ? CU_TENSOR_MAP_SWIZZLE_128B
+                                     : key.swizzle_bytes == 64 ? CU_TENSOR_MAP_SWIZZLE_64B
+                                     : key.swizzle_bytes == 32 ? CU_TENSOR_MAP_SWIZZLE_32B
+                                                               : CU_TENSOR_MAP_SWIZZLE_NONE;
+  const cuuint64_t dims[2] = {key.cols, key.rows};
+  const cuuint64_t strides[1] = {key.row_stride};
+  const cuuint32_t box[2] = {key.box_cols, key.box_rows};
   const cuuint32_t element_strides[2] = {1, 1};
   // 256-byte L2 promotion: a box row of Wc is 64 bytes, and its neighbours along K follow in the
   // next k-tiles (CUTLASS's default is 128 bytes). Out-of-bounds elements read as zeros.
-  const CUresult result = encode(&map, type, 2, const_cast<void*>(base), dims, strides, box, element_strides,
+  const CUresult result = encode(&map, type, 2, const_cast<void*>(key.base), dims, strides, box, element_strides,
                                  CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                                  CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (result != CUDA_SUCCESS)
     throw std::runtime_error("sparsegemm gemm: cuTensorMapEncodeTiled failed with CUresult " +
-                             std::to_string(static_cast<int>(result)) + " for a " + std::to_string(rows) + " x " +
-                             std::to_string(cols) + " tensor of " + std::to_string(element_bytes) + "-byte elements");
+                             std::to_string(static_cast<int>(result)) + " for a " + std::to_string(key.rows) + " x " +
+                             std::to_string(key.cols) + " tensor of " + std::to_string(key.element_bytes) +
+                             "-byte elements");
 #else
-  map.base = base;
-  map.element_bytes = element_bytes;
-  map.dims[0] = cols;
-  map.dims[1] = rows;
-  map.row_stride = row_stride;
-  map.box[0] = box_cols;
-  map.box[1] = box_rows;
-  map.swizzle_bytes = swizzle_bytes;
+  map.base = key.base;
+  map.element_bytes = key.element_bytes;
+  map.dims[0] = key.cols;
+  map.dims[1] = key.rows;
+  map.row_stride = key.row_stride;
+  map.box[0] = key.box_cols;
+  map.box[1] = key.box_rows;
+  map.swizzle_bytes = key.swizzle_bytes;
 #endif
   return map;
 }
@@ -441,7 +438,7 @@ void launch_gemm_tile(const typename XLoader::Params& params, const GemmPlan& pl
         using Tma = TmaRowMajorX<Operand>;
         if (decode) {
           launch_gemm<Policy, gemm_tiles::Decode, Tma>(tma_gemm_params<Policy, gemm_tiles::Decode>(p), plan, stream);
-        } else if (wide || (!forced_tma && opt_in == TmaOptIn::wide)) {
+        } else if (wide || opt_in == TmaOptIn::wide) {  // opt_in is none when a config was forced
           using Wide = gemm_tiles::WgmmaWideLargeM;
           launch_gemm<Policy, Wide, Tma>(tma_gemm_params<Policy, Wide>(p), plan, stream);
         } else {

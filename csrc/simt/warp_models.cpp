@@ -296,50 +296,42 @@ void compute_wgmma(const char* name, void (*tile)(const char*, const void* const
   for (int thread = 0; thread < 128; ++thread) static_cast<WgmmaOut*>(thread_outputs[thread])->read = read;
 }
 
-template <HalfType Type>
+// The wgmma ops' models: kSharedA, the SS form (A through a shared-memory descriptor); the same
+// computation either way (compute_wgmma reads A where the thread's input says), only the op differs.
+template <HalfType Type, bool kSharedA>
 void compute_wgmma_k32(const void* const thread_inputs[128], void* const thread_outputs[128]);
+template <bool kSharedA>
 void compute_wgmma_k64_s8(const void* const thread_inputs[128], void* const thread_outputs[128]);
-template <HalfType Type>
-void compute_wgmma_ss_k32(const void* const thread_inputs[128], void* const thread_outputs[128]);
-void compute_wgmma_ss_k64_s8(const void* const thread_inputs[128], void* const thread_outputs[128]);
 
 const WarpgroupOp kWgmmaF16{"wgmma.mma_async.sp.sync.aligned.m64n128k32.f32.f16.f16 (A in registers, selector 0)",
-                            &compute_wgmma_k32<HalfType::f16>};
+                            &compute_wgmma_k32<HalfType::f16, false>};
 const WarpgroupOp kWgmmaBf16{"wgmma.mma_async.sp.sync.aligned.m64n128k32.f32.bf16.bf16 (A in registers, "
                              "selector 0)",
-                             &compute_wgmma_k32<HalfType::bf16>};
+                             &compute_wgmma_k32<HalfType::bf16, false>};
 const WarpgroupOp kWgmmaS8{"wgmma.mma_async.sp.sync.aligned.m64n128k64.s32.s8.s8.satfinite (A in registers, "
                            "selector 0)",
-                           &compute_wgmma_k64_s8};
+                           &compute_wgmma_k64_s8<false>};
 
 const WarpgroupOp kWgmmaSsF16{"wgmma.mma_async.sp.sync.aligned.m64n128k32.f32.f16.f16 (A in shared memory, "
                               "selector 0)",
-                              &compute_wgmma_ss_k32<HalfType::f16>};
+                              &compute_wgmma_k32<HalfType::f16, true>};
 const WarpgroupOp kWgmmaSsBf16{"wgmma.mma_async.sp.sync.aligned.m64n128k32.f32.bf16.bf16 (A in shared memory, "
                                "selector 0)",
-                               &compute_wgmma_ss_k32<HalfType::bf16>};
+                               &compute_wgmma_k32<HalfType::bf16, true>};
 const WarpgroupOp kWgmmaSsS8{"wgmma.mma_async.sp.sync.aligned.m64n128k64.s32.s8.s8.satfinite (A in shared memory, "
                              "selector 0)",
-                             &compute_wgmma_ss_k64_s8};
+                             &compute_wgmma_k64_s8<true>};
 
-template <HalfType Type>
-void compute_wgmma_ss_k32(const void* const thread_inputs[128], void* const thread_outputs[128]) {
-  compute_wgmma<MmaK32In>((Type == HalfType::f16 ? kWgmmaSsF16 : kWgmmaSsBf16).name, &mma_k32_tile<Type, 0>,
-                          thread_inputs, thread_outputs);
-}
-
-void compute_wgmma_ss_k64_s8(const void* const thread_inputs[128], void* const thread_outputs[128]) {
-  compute_wgmma<MmaK64In>(kWgmmaSsS8.name, &mma_k64_s8_tile, thread_inputs, thread_outputs);
-}
-
-template <HalfType Type>
+template <HalfType Type, bool kSharedA>
 void compute_wgmma_k32(const void* const thread_inputs[128], void* const thread_outputs[128]) {
-  compute_wgmma<MmaK32In>((Type == HalfType::f16 ? kWgmmaF16 : kWgmmaBf16).name, &mma_k32_tile<Type, 0>,
-                          thread_inputs, thread_outputs);
+  const WarpgroupOp& op =
+      Type == HalfType::f16 ? (kSharedA ? kWgmmaSsF16 : kWgmmaF16) : (kSharedA ? kWgmmaSsBf16 : kWgmmaBf16);
+  compute_wgmma<MmaK32In>(op.name, &mma_k32_tile<Type, 0>, thread_inputs, thread_outputs);
 }
 
+template <bool kSharedA>
 void compute_wgmma_k64_s8(const void* const thread_inputs[128], void* const thread_outputs[128]) {
-  compute_wgmma<MmaK64In>(kWgmmaS8.name, &mma_k64_s8_tile, thread_inputs, thread_outputs);
+  compute_wgmma<MmaK64In>((kSharedA ? kWgmmaSsS8 : kWgmmaS8).name, &mma_k64_s8_tile, thread_inputs, thread_outputs);
 }
 
 // One thread's wgmma: C from the results in flight (emulator.h), the result handed back pending.
