@@ -555,6 +555,14 @@ class SparseConv2d(_SparseWeight):
         b, c, h, w = x.shape
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
         ho, wo = ops.conv_output_hw("SparseConv2d", h, w, self.kernel_size, self.stride, self.padding, self.dilation)
+        k = kh * kw * c
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, self.values, self.bias)):
+            # Training: the patch matrix through F.unfold (im2col; its backward is col2im). Inductor's
+            # compiled backward of the strided windows below writes out of bounds (torch 2.13 on the
+            # CPU: its unfold_backward lowering, pytorch#171370 and #172064).
+            cols = torch.nn.functional.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
+            patches = cols.unflatten(1, (c, kh * kw)).transpose(1, 3).reshape(-1, k)
+            return self._sparse_linear(patches).view(b, ho, wo, self.out_channels).permute(0, 3, 1, 2)
         # The patch matrix [B * Ho * Wo, kh * kw * Cin] in our K order (ky, kx, cin) as a strided view of
         # the (zero-padded) NHWC input: its gather takes a tenth of the time of unfold (whose (cin, ky,
         # kx) order then needs a transpose copy) on a 3 x 3 layer, and is no copy at all for a 1 x 1,
@@ -566,9 +574,8 @@ class SparseConv2d(_SparseWeight):
         # shapes follow x's even in a torch.jit.trace: [B, Ho, Wo, C, kh, kw] -> [B, Ho, Wo, kh, kw, C].
         windows = x_nhwc.unfold(1, dh * (kh - 1) + 1, sh)[..., ::dh].unfold(2, dw * (kw - 1) + 1, sw)[..., ::dw]
         patches = windows.permute(0, 1, 2, 4, 5, 3)
-        k = kh * kw * c
-        # A recorded call (autograd, compile, jit.trace: the chunk loop would be traced for one
-        # batch size) takes the whole patch matrix in one GEMM.
+        # A recorded call (compile, jit.trace: the chunk loop would be traced for one batch size)
+        # takes the whole patch matrix in one GEMM.
         if ops.records_graph((x, self.values, self.bias)) or patches.is_contiguous() or b == 0:
             y = self._sparse_linear(patches.reshape(-1, k))
             return y.view(patches.shape[:3] + (self.out_channels,)).permute(0, 3, 1, 2)

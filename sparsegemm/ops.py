@@ -251,13 +251,31 @@ def _(w: Tensor) -> Tensor:
     return w.new_empty(w.shape, dtype=torch.bool)
 
 
+def _meta_nibbles(meta: Tensor, k: int) -> Tensor:
+    """int64 ``[N, groups]``: each group's metadata nibble (i0 in bits 0-1, i1 in bits 2-3)."""
+    g = fmt.num_groups(k)
+    return torch.stack([meta & 0xF, meta >> 4], dim=-1).reshape(meta.shape[0], -1)[:, :g].to(torch.int64)
+
+
 def meta_to_mask(meta: Tensor, k: int) -> Tensor:
     """Boolean ``[N, K]`` of kept positions named by logical metadata (torch ops, any device)."""
-    g = fmt.num_groups(k)
-    nib = torch.stack([meta & 0xF, meta >> 4], dim=-1).reshape(meta.shape[0], -1)[:, :g].to(torch.int64)
+    nib = _meta_nibbles(meta, k)
     pos = torch.arange(4, device=meta.device)
     kept = (pos == (nib & 3)[..., None]) | (pos == (nib >> 2)[..., None])
-    return kept.reshape(meta.shape[0], 4 * g)[:, :k]
+    return kept.reshape(meta.shape[0], -1)[:, :k]
+
+
+def kept_columns(meta: Tensor, k: int) -> Tensor:
+    """int64 ``[N, 2 * groups]``: the K column of each stored value, in the values' order.
+
+    ``dense.gather(1, kept_columns(meta, k))`` is ``dense[meta_to_mask(meta, k)]`` row by row,
+    with a shape known before the data: torch.compile traces it without a data-dependent size
+    (boolean indexing lowers to nonzero, which breaks the graph under dynamic shapes). Validated
+    metadata has i0 < i1, so the order is ascending as the mask's is.
+    """
+    nib = _meta_nibbles(meta, k)
+    base = 4 * torch.arange(nib.shape[1], device=meta.device)
+    return torch.stack([base + (nib & 3), base + (nib >> 2)], dim=-1).reshape(meta.shape[0], -1)
 
 
 # ---- compress / decompress -------------------------------------------------------------------
@@ -667,10 +685,9 @@ def _linear_backward(ctx, grad_y: Tensor):
         w = _decompress(values, meta, k, "cpu" if values.device.type == "cpu" else "cuda")
         grad_x = (g @ w.float()).to(x.dtype)
     if ctx.needs_input_grad[1]:
-        n, kp = values.shape[0], fmt.padded_k(k)
+        kp = fmt.padded_k(k)
         full = torch.nn.functional.pad(g.T @ x.float(), (0, kp - k))
-        mask = meta_to_mask(meta, kp)
-        grad_values = full[mask].reshape(n, kp // 2).to(values.dtype)
+        grad_values = full.gather(1, kept_columns(meta, kp)).to(values.dtype)
     if bias is not None and ctx.needs_input_grad[5]:
         grad_bias = g.sum(0).to(bias.dtype)
     return grad_x, grad_values, None, None, None, grad_bias, None, None
@@ -777,7 +794,7 @@ def _conv2d_backward(ctx, grad_y: Tensor):
         grad_w = torch.nn.grad.conv2d_weight(x_nchw.float(), weight.shape, g, stride, padding, dilation)
         kp = fmt.padded_k(k)
         full = torch.nn.functional.pad(grad_w.permute(0, 2, 3, 1).reshape(cout, k), (0, kp - k))
-        grad_values = full[meta_to_mask(meta, kp)].reshape(cout, kp // 2).to(values.dtype)
+        grad_values = full.gather(1, kept_columns(meta, kp)).to(values.dtype)
     if bias is not None and ctx.needs_input_grad[8]:
         grad_bias = g.sum((0, 2, 3)).to(bias.dtype)
     return grad_x, grad_values, None, None, None, None, None, None, grad_bias, None, None

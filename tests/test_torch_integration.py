@@ -117,3 +117,33 @@ def test_torch_export_of_a_model_with_sparse_layers():
     assert "sparsegemm." in str(exported.graph)
     x = torch.randn(2, 8, 5, 5)
     assert torch.equal(exported.module()(x), model(x))
+
+
+@pytest.mark.parametrize("layer_kind", ["linear", "conv"])
+def test_compiled_training_step_with_dynamic_shapes(layer_kind):
+    # Fine-tuning a converted model under torch.compile(dynamic=True): the backward's gradient of
+    # the kept values must have a shape known before the data (a boolean-mask gather lowers to
+    # nonzero, which Inductor cannot compile: the graph broke and ran eagerly).
+    torch._dynamo.reset()
+    torch.manual_seed(14)
+    if layer_kind == "linear":
+        layer = sparsegemm.SparseLinear.from_dense(torch.nn.Linear(64, 24), activation="gelu")
+        shapes = [(5, 64), (9, 64)]
+    else:
+        layer = sparsegemm.SparseConv2d.from_dense(torch.nn.Conv2d(8, 16, 3, padding=1))
+        shapes = [(2, 8, 5, 5), (3, 8, 6, 6)]
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(layer, dynamic=True)  # as users call it (fullgraph=True compiled it before too)
+    for shape in shapes:
+        x = torch.randn(shape, requires_grad=True)
+        grads = []
+        for run in (compiled, layer):
+            layer.zero_grad()
+            x.grad = None
+            run(x).square().sum().backward()
+            grads.append((x.grad.clone(), layer.values.grad.clone()))
+        for got, want in zip(*grads):
+            assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    counters = torch._dynamo.utils.counters
+    assert not counters["unimplemented"] and not counters["graph_break"], (counters["unimplemented"],
+                                                                           counters["graph_break"])
