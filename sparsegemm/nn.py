@@ -45,6 +45,20 @@ class _SparseWeight(nn.Module):
 
     quantize: Optional[str] = None  # "int8": int8 values with a per-row scale (SparseLinear only)
 
+    def forward(self, x: Tensor) -> Tensor:
+        # Under torch.autocast, nn.Linear and nn.Conv2d compute in autocast's dtype. A compressed
+        # weight has one dtype, which is not converted at every call: the layer computes in it (an
+        # INT8 layer: in its bias's dtype, or autocast's without a bias), with x cast to it and
+        # autocast off inside, so that the result is the one the layer gives outside autocast.
+        if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+            if self.quantize != "int8":
+                dtype = self.values.dtype
+            else:
+                dtype = self.bias.dtype if self.bias is not None else torch.get_autocast_dtype(x.device.type)
+            with torch.autocast(x.device.type, enabled=False):
+                return self._forward(x.to(dtype))
+        return self._forward(x)
+
     def _init_storage(self, n: int, k: int, dtype: torch.dtype, device, bias: bool) -> None:
         """``dtype``: of the values and bias; with quantize="int8", of the bias and the activations
         (the values are int8, frozen: the integer grid has no gradient)."""
@@ -353,8 +367,9 @@ class SparseLinear(_SparseWeight):
 
     def forward(self, x: Tensor) -> Tensor:
         y = self._eager_forward(x)
-        if y is not None:
-            return y
+        return y if y is not None else super().forward(x)
+
+    def _forward(self, x: Tensor) -> Tensor:
         if self.quantize == "int8":
             from .quant import linear_int8
 
@@ -546,7 +561,7 @@ class SparseConv2d(_SparseWeight):
         mod._load_compressed(compress(matrix, prune=prune), conv.bias)
         return mod
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"SparseConv2d: x must be [B, {self.in_channels}, H, W], got {tuple(x.shape)}")
         backend = ops.resolve_backend("SparseConv2d", self.backend, x.device)

@@ -224,6 +224,41 @@ def test_sparse_model_compiles_without_graph_breaks():
     assert torch.equal(compiled(x), model(x))
 
 
+@pytest.mark.parametrize("layer_kind", ["bf16", "fp32", "int8", "int8 no bias", "conv"])
+def test_autocast_computes_in_the_layers_own_dtype(layer_kind):
+    # nn.Linear under torch.autocast takes a float32 x; the sparse layer casts x to the dtype it
+    # computes in and gives exactly what it gives outside autocast (autocast off inside: the fp32
+    # CPU path's large-M tiles would otherwise run torch's GEMM in bf16).
+    torch.manual_seed(21)
+    if layer_kind == "conv":
+        layer = SparseConv2d.from_dense(nn.Conv2d(8, 16, 3, padding=1).bfloat16())
+        x = torch.randn(2, 8, 5, 5)
+    elif layer_kind == "fp32":
+        layer = SparseLinear.from_dense(nn.Linear(512, 1024), activation="gelu")  # several dense tiles
+        x = torch.randn(600, 512)
+    else:
+        dense = nn.Linear(64, 32, bias=layer_kind != "int8 no bias").bfloat16()
+        layer = SparseLinear.from_dense(dense, quantize="int8" if "int8" in layer_kind else None)
+        x = torch.randn(3, 5, 64)
+    compute_dtype = torch.float32 if layer_kind == "fp32" else torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == compute_dtype
+    assert torch.equal(y, layer(x.to(compute_dtype)))
+
+
+def test_autocast_training_step_reaches_float32_inputs():
+    torch.manual_seed(22)
+    model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 16))
+    sparsegemm.sparsify(model, dtype=torch.bfloat16, min_features=8)
+    x = torch.randn(4, 64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(x).float().square().mean()
+    loss.backward()
+    assert x.grad is not None and x.grad.dtype == torch.float32 and x.grad.abs().sum() > 0
+    assert all(layer.values.grad is not None for layer in (model[0], model[2]))
+
+
 def test_parametrized_layers_are_reported_not_silently_skipped():
     from sparsegemm import prune
 
