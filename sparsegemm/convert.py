@@ -84,7 +84,8 @@ def sparsify(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
     """Replace every eligible nn.Linear / nn.Conv2d of ``model`` in place by its 2:4 version.
 
     Skipped (and said why in the report): modules ``filter_fn(name, module)`` rejects, layers with
-    fewer than ``min_features`` inputs or outputs (too small to gain), grouped / depthwise convs.
+    fewer than ``min_features`` inputs or outputs (too small to gain), grouped / depthwise convs,
+    layers whose weight is shared (a tied LM head: its other holder keeps the dense tensor).
     ``dtype`` converts the weights (default: keep theirs). ``quantize="int8"`` also quantizes the
     Linear layers (int8 values, per-row scale, per-token activations; ``dtype`` is then their
     activation dtype); Conv2d layers keep a floating 2:4 weight.
@@ -103,6 +104,9 @@ def sparsify(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
         _fuse_gated_mlps(model, report, dtype, filter_fn, min_features, backend, quantize)
     candidates = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, (nn.Linear, nn.Conv2d))
                   and not isinstance(mod, (SparseLinear, SparseConv2d))]
+    holders: dict[int, list[str]] = {}  # parameter -> every name it has in the model
+    for param_name, param in model.named_parameters(remove_duplicate=False):
+        holders.setdefault(id(param), []).append(param_name)
     for name, mod in progress_bar(candidates, "sparsify", "layer", progress and len(candidates) > 20):
         w = _gemm_weight(mod)
         n, k = w.shape
@@ -120,6 +124,13 @@ def sparsify(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
             continue
         if filter_fn is not None and not filter_fn(name, mod):
             entry.reason = "rejected by filter_fn"
+            continue
+        others = [h for h in holders.get(id(mod.weight), []) if h != f"{name}.weight"]
+        if others:
+            # A tied weight (an LM head sharing the embedding) or a module registered twice: the other
+            # holders keep the dense tensor, so a compressed copy would add bytes, not save them.
+            entry.reason = (f"weight shared with {', '.join(others)}, which would keep the dense tensor: a "
+                            "compressed copy would add bytes (untie it to convert this layer)")
             continue
         if min(n, k) < min_features:
             entry.reason = f"min(N, K) = {min(n, k)} < min_features = {min_features}"

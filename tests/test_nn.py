@@ -259,6 +259,29 @@ def test_autocast_training_step_reaches_float32_inputs():
     assert all(layer.values.grad is not None for layer in (model[0], model[2]))
 
 
+def test_sparsify_skips_shared_weights():
+    # An LM head tied to the embedding (GPT-2, small Llama / Qwen / Gemma models) and a module
+    # registered under two names: converting either would keep the dense tensor for its other
+    # holder and add a compressed copy.
+    class TiedLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(256, 64)
+            self.body = nn.Linear(64, 64)
+            self.alias = self.body
+            self.other = nn.Linear(64, 64)
+            self.head = nn.Linear(64, 256, bias=False)
+            self.head.weight = self.embed.weight
+
+    model = TiedLM()
+    report = sparsegemm.sparsify(model, min_features=8)
+    reasons = {layer.name: layer.reason for layer in report.skipped}
+    assert set(reasons) == {"body", "head"}
+    assert "shared with embed.weight" in reasons["head"] and "shared with alias.weight" in reasons["body"]
+    assert [layer.name for layer in report.converted] == ["other"]
+    assert type(model.head) is nn.Linear and model.head.weight is model.embed.weight
+
+
 def test_parametrized_layers_are_reported_not_silently_skipped():
     from sparsegemm import prune
 
