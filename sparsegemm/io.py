@@ -2,7 +2,8 @@
 
 A checkpoint holds the model's state_dict as it is after :func:`sparsify` (compressed values,
 logical metadata and biases of converted layers; dense tensors of the rest) plus, in the
-safetensors header, which modules were converted and how. :func:`load` takes the dense
+safetensors header, which modules were converted and how (and which state_dict keys are aliases
+of a stored tensor: a tied weight is stored once). :func:`load` takes the dense
 architecture (freshly built; its weights are irrelevant), converts the same modules, loads every
 tensor and validates each compressed weight (shapes, dtypes, metadata nibbles distinct, ordered
 and in range): a corrupt or truncated file fails with a clear error.
@@ -50,8 +51,18 @@ def save(model: nn.Module, path: Union[str, "os.PathLike"]) -> None:
 
     converted = {name: _describe(mod) for name, mod in model.named_modules()
                  if isinstance(mod, (SparseLinear, SparseConv2d, SparseGatedMLP))}
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(tensors, str(path), metadata={"format": _FORMAT, "converted": json.dumps(converted)})
+    # A tied tensor (an LM head sharing the embedding) is one tensor under several state_dict keys:
+    # stored once, its other keys listed in the header as aliases of the stored one.
+    tensors, aliases, first_key = {}, {}, {}
+    for key, value in model.state_dict().items():
+        identity = (value.device, value.data_ptr(), value.dtype, tuple(value.shape), value.stride())
+        if value.numel() and identity in first_key:
+            aliases[key] = first_key[identity]
+            continue
+        first_key[identity] = key
+        tensors[key] = value.detach().to("cpu").contiguous().clone()
+    save_file(tensors, str(path), metadata={"format": _FORMAT, "converted": json.dumps(converted),
+                                            "aliases": json.dumps(aliases)})
 
 
 def _field(name: str, spec: dict, key: str, kind: type):
@@ -140,6 +151,17 @@ def load(path: Union[str, "os.PathLike"], model: nn.Module) -> nn.Module:
         raise ValueError(f"sparsegemm.load: {path} has a corrupt module table ({exc})") from exc
     if not isinstance(converted, dict) or not all(isinstance(v, dict) for v in converted.values()):
         raise ValueError(f"sparsegemm.load: {path} has a corrupt module table (expected an object of objects)")
+    try:
+        aliases = json.loads(header.get("aliases", "{}"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"sparsegemm.load: {path} has a corrupt alias table ({exc})") from exc
+    if not isinstance(aliases, dict):
+        raise ValueError(f"sparsegemm.load: {path} has a corrupt alias table (expected an object)")
+    for key, target in aliases.items():
+        if not isinstance(target, str) or target not in tensors or key in tensors:
+            raise ValueError(f"sparsegemm.load: {path} has a corrupt alias table: {key!r} -> {target!r} must name "
+                             "a stored tensor, under a key that is not stored itself")
+        tensors[key] = tensors[target]
     # Files written before the layers' metadata buffer was renamed (nn.py) call it "meta".
     for name in converted:
         prefix = f"{name}." if name else ""

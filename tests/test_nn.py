@@ -259,19 +259,28 @@ def test_autocast_training_step_reaches_float32_inputs():
     assert all(layer.values.grad is not None for layer in (model[0], model[2]))
 
 
+class _TiedLM(nn.Module):
+    """An LM head tied to the embedding, as in GPT-2 and small Llama / Qwen / Gemma models."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(512, 64)
+        self.body = nn.Linear(64, 64)
+        self.head = nn.Linear(64, 512, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens):
+        return self.head(torch.relu(self.body(self.embed(tokens))))
+
+
 def test_sparsify_skips_shared_weights():
-    # An LM head tied to the embedding (GPT-2, small Llama / Qwen / Gemma models) and a module
-    # registered under two names: converting either would keep the dense tensor for its other
-    # holder and add a compressed copy.
-    class TiedLM(nn.Module):
+    # The tied LM head, and a module registered under two names: converting either would keep the
+    # dense tensor for its other holder and add a compressed copy.
+    class TiedLM(_TiedLM):
         def __init__(self):
             super().__init__()
-            self.embed = nn.Embedding(256, 64)
-            self.body = nn.Linear(64, 64)
             self.alias = self.body
             self.other = nn.Linear(64, 64)
-            self.head = nn.Linear(64, 256, bias=False)
-            self.head.weight = self.embed.weight
 
     model = TiedLM()
     report = sparsegemm.sparsify(model, min_features=8)
@@ -280,6 +289,28 @@ def test_sparsify_skips_shared_weights():
     assert "shared with embed.weight" in reasons["head"] and "shared with alias.weight" in reasons["body"]
     assert [layer.name for layer in report.converted] == ["other"]
     assert type(model.head) is nn.Linear and model.head.weight is model.embed.weight
+
+
+def test_checkpoint_stores_a_tied_tensor_once(tmp_path):
+    import json
+
+    torch.manual_seed(23)
+    model = _TiedLM()
+    sparsegemm.sparsify(model, min_features=8)
+    path = tmp_path / "tied.safetensors"
+    sparsegemm.save(model, path)
+    assert json.loads(_header(path)["aliases"]) == {"head.weight": "embed.weight"}
+    assert path.stat().st_size < 512 * 64 * 4 * 1.2  # the 128 KiB table once, not twice
+    loaded = sparsegemm.load(path, _TiedLM())
+    assert loaded.head.weight is loaded.embed.weight
+    tokens = torch.randint(0, 512, (2, 7))
+    assert torch.equal(loaded(tokens), model(tokens))
+    # Not an object, an unknown target, a key stored itself, not JSON.
+    for aliases in ("[1]", '{"head.weight": "nowhere"}', '{"body.bias": "embed.weight"}', "{"):
+        bad = tmp_path / "bad.safetensors"
+        _resave(path, bad, header={"aliases": aliases})
+        with pytest.raises(ValueError, match="corrupt alias table"):
+            sparsegemm.load(bad, _TiedLM())
 
 
 def test_parametrized_layers_are_reported_not_silently_skipped():
