@@ -102,12 +102,16 @@ def sparsify(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
     report = SparsifyReport()
     if fuse_gated_mlp:
         _fuse_gated_mlps(model, report, dtype, filter_fn, min_features, backend, quantize)
-    candidates = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, (nn.Linear, nn.Conv2d))
+    # Names, not modules: a converted layer's dense weight is freed as soon as it is replaced, so
+    # converting a model on its GPU needs one dense layer of room beyond the compressed model,
+    # not the whole dense model twice over.
+    candidates = [name for name, mod in model.named_modules() if isinstance(mod, (nn.Linear, nn.Conv2d))
                   and not isinstance(mod, (SparseLinear, SparseConv2d))]
     holders: dict[int, list[str]] = {}  # parameter -> every name it has in the model
     for param_name, param in model.named_parameters(remove_duplicate=False):
         holders.setdefault(id(param), []).append(param_name)
-    for name, mod in progress_bar(candidates, "sparsify", "layer", progress and len(candidates) > 20):
+    for name in progress_bar(candidates, "sparsify", "layer", progress and len(candidates) > 20):
+        mod = model.get_submodule(name)
         w = _gemm_weight(mod)
         n, k = w.shape
         kind = type(mod).__name__
@@ -153,11 +157,11 @@ def _fuse_gated_mlps(model: nn.Module, report: SparsifyReport, dtype, filter_fn,
     """sparsify's first pass: gated MLPs become SparseGatedMLP (their down projection still dense,
     for the layer pass); the report gets a "Linear (gated)" row per module with a gated layout,
     converted or with the reason it was left (its layers are then converted one by one)."""
-    found = [(name, mod, gated_mlp_parts(mod)) for name, mod in model.named_modules()
-             if not isinstance(mod, SparseGatedMLP)]
-    for name, mlp, parts in found:
-        if parts is None:
-            continue
+    found = [name for name, mod in model.named_modules()
+             if not isinstance(mod, SparseGatedMLP) and gated_mlp_parts(mod) is not None]
+    for name in found:  # names, as in sparsify's layer pass: each MLP's dense weights go once it is replaced
+        mlp = model.get_submodule(name)
+        parts = gated_mlp_parts(mlp)
         (w_gate, _), (w_up, _) = parts.gate, parts.up
         # The rows the fused layer stores (their order changes neither shape nor kept magnitude).
         stored = (w_gate, w_up) if w_gate.shape[1:] == w_up.shape[1:] else (w_gate,)

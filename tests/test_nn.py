@@ -313,6 +313,42 @@ def test_checkpoint_stores_a_tied_tensor_once(tmp_path):
             sparsegemm.load(bad, _TiedLM())
 
 
+def test_sparsify_frees_each_dense_weight_once_replaced():
+    # Converting an LLM on its GPU must not hold the whole dense model until the end: when layer j
+    # is considered (filter_fn), the dense weights of the layers before it are gone.
+    import weakref
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_proj, self.up_proj = nn.Linear(64, 128, bias=False), nn.Linear(64, 128, bias=False)
+            self.down_proj, self.act_fn = nn.Linear(128, 64, bias=False), nn.SiLU()
+
+        def forward(self, x):
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+    for fuse in (False, True):
+        model = nn.Sequential(*[Block() for _ in range(4)])
+        order = [f"{i}.{attr}" for i in range(4) for attr in ("gate_proj", "up_proj", "down_proj")]
+        alive = {name: weakref.ref(model.get_submodule(name).weight) for name in order}
+        seen = []
+
+        def converted_before(name):
+            block, attr = int(name.split(".")[0]), name.split(".")[1]
+            if not fuse:
+                return order[:order.index(name)]
+            fused = [f"{b}.{a}" for b in range(4 if attr == "down_proj" else block) for a in ("gate_proj", "up_proj")]
+            return fused + ([f"{b}.down_proj" for b in range(block)] if attr == "down_proj" else [])
+
+        def check(name, module):
+            seen.append(name)
+            assert [other for other in converted_before(name) if alive[other]() is not None] == [], (fuse, name)
+            return True
+
+        sparsegemm.sparsify(model, min_features=8, fuse_gated_mlp=fuse, filter_fn=check)
+        assert len(seen) == 12 and not any(ref() for ref in alive.values())
+
+
 def test_parametrized_layers_are_reported_not_silently_skipped():
     from sparsegemm import prune
 
