@@ -151,6 +151,13 @@ def load(path: Union[str, "os.PathLike"], model: nn.Module) -> nn.Module:
         raise ValueError(f"sparsegemm.load: {path} has a corrupt module table ({exc})") from exc
     if not isinstance(converted, dict) or not all(isinstance(v, dict) for v in converted.values()):
         raise ValueError(f"sparsegemm.load: {path} has a corrupt module table (expected an object of objects)")
+    on_meta = [key for key, value in [*model.named_parameters(), *model.named_buffers()] if value.is_meta]
+    if on_meta:
+        # load_state_dict copies into the model's tensors: one on the meta device has no storage to take
+        # the data, and non-persistent buffers (rotary tables, ...) are in no checkpoint at all.
+        raise ValueError(f"sparsegemm.load: the model has tensors on the meta device ({', '.join(on_meta[:3])}"
+                         f"{', ...' if len(on_meta) > 3 else ''}); build it on a real device (the CPU, in the "
+                         "checkpoint's dtype), load, then move it: the GPU then holds only the compressed model")
     try:
         aliases = json.loads(header.get("aliases", "{}"))
     except json.JSONDecodeError as exc:

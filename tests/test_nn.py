@@ -560,6 +560,18 @@ def test_load_hardening_leaves_the_model_untouched_on_failure(tmp_path):
         describe(truncated)
 
 
+def test_load_refuses_a_model_on_the_meta_device(tmp_path):
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
+    sparsegemm.sparsify(model, min_features=8)
+    path = tmp_path / "m.safetensors"
+    sparsegemm.save(model, path)
+    with torch.device("meta"):
+        shell = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
+    with pytest.raises(ValueError, match=r"sparsegemm.load: the model has tensors on the meta device \(0.weight"):
+        sparsegemm.load(path, shell)
+    assert isinstance(shell[0], nn.Linear)
+
+
 def _header(path):
     from safetensors import safe_open
 
