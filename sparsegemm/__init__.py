@@ -8,7 +8,7 @@ from ._info import info
 from .functional import compress, decompress, linear, mask_2to4, prune_2to4
 from .convert import SparsifyReport, sparsify
 from .interop import from_cutlass, to_cutlass
-from .io import load, save
+from .io import init_empty_weights, load, save
 from .nn import SparseConv2d, SparseGatedMLP, SparseLinear
 from .tensor import SparseTensor24
 
@@ -25,6 +25,7 @@ __all__ = [
     "format",
     "from_cutlass",
     "info",
+    "init_empty_weights",
     "linear",
     "load",
     "mask_2to4",

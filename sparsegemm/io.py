@@ -10,6 +10,7 @@ and in range): a corrupt or truncated file fails with a clear error.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Union
@@ -20,7 +21,7 @@ from torch import nn
 from .format import ACTIVATIONS, GATED_ACTIVATIONS
 from .nn import SparseConv2d, SparseGatedMLP, SparseLinear, gated_mlp_activation, gated_mlp_parts
 
-__all__ = ["save", "load", "describe"]
+__all__ = ["save", "load", "describe", "init_empty_weights"]
 
 _FORMAT = "sparsegemm.checkpoint.v1"
 
@@ -133,10 +134,18 @@ def _build(name: str, spec: dict, dense: nn.Module) -> nn.Module:
     raise ValueError(f"sparsegemm.load: module {name!r}: unknown kind {spec['kind']!r} in the checkpoint")
 
 
-def load(path: Union[str, "os.PathLike"], model: nn.Module) -> nn.Module:
-    """Convert ``model``'s modules as recorded in the checkpoint and load every tensor into it."""
+def load(path: Union[str, "os.PathLike"], model: nn.Module, *, device=None) -> nn.Module:
+    """Convert ``model``'s modules as recorded in the checkpoint and load every tensor into it.
+
+    Without ``device`` each tensor is copied where the model's own is, so the model must be built
+    on a real device. With ``device`` the model may be an empty shell, its parameters on the meta
+    device (built under :func:`init_empty_weights`, or accelerate's): the checkpoint's tensors
+    become the model's on ``device`` and its non-persistent buffers (made at construction, in no
+    checkpoint) move there, so no dense weight of a converted layer is ever allocated.
+    """
     from safetensors import safe_open
 
+    target = None if device is None else torch.device(device)
     try:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
@@ -151,24 +160,20 @@ def load(path: Union[str, "os.PathLike"], model: nn.Module) -> nn.Module:
         raise ValueError(f"sparsegemm.load: {path} has a corrupt module table ({exc})") from exc
     if not isinstance(converted, dict) or not all(isinstance(v, dict) for v in converted.values()):
         raise ValueError(f"sparsegemm.load: {path} has a corrupt module table (expected an object of objects)")
-    on_meta = [key for key, value in [*model.named_parameters(), *model.named_buffers()] if value.is_meta]
-    if on_meta:
-        # load_state_dict copies into the model's tensors: one on the meta device has no storage to take
-        # the data, and non-persistent buffers (rotary tables, ...) are in no checkpoint at all.
-        raise ValueError(f"sparsegemm.load: the model has tensors on the meta device ({', '.join(on_meta[:3])}"
-                         f"{', ...' if len(on_meta) > 3 else ''}); build it on a real device (the CPU, in the "
-                         "checkpoint's dtype), load, then move it: the GPU then holds only the compressed model")
+    _check_meta_tensors(model, target)
+    if target is not None:
+        tensors = {key: value.to(target) for key, value in tensors.items()}
     try:
         aliases = json.loads(header.get("aliases", "{}"))
     except json.JSONDecodeError as exc:
         raise ValueError(f"sparsegemm.load: {path} has a corrupt alias table ({exc})") from exc
     if not isinstance(aliases, dict):
         raise ValueError(f"sparsegemm.load: {path} has a corrupt alias table (expected an object)")
-    for key, target in aliases.items():
-        if not isinstance(target, str) or target not in tensors or key in tensors:
-            raise ValueError(f"sparsegemm.load: {path} has a corrupt alias table: {key!r} -> {target!r} must name "
+    for key, stored in aliases.items():
+        if not isinstance(stored, str) or stored not in tensors or key in tensors:
+            raise ValueError(f"sparsegemm.load: {path} has a corrupt alias table: {key!r} -> {stored!r} must name "
                              "a stored tensor, under a key that is not stored itself")
-        tensors[key] = tensors[target]
+        tensors[key] = tensors[stored]
     # Files written before the layers' metadata buffer was renamed (nn.py) call it "meta".
     for name in converted:
         prefix = f"{name}." if name else ""
@@ -196,7 +201,7 @@ def load(path: Union[str, "os.PathLike"], model: nn.Module) -> nn.Module:
         prefix = f"{name}." if name else ""
         own = {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
         _check_tensors(path, new.state_dict(), own, prefix)
-        new.load_state_dict(own, strict=False)
+        new.load_state_dict(own, strict=False, assign=target is not None)  # a shell's layer may be on meta
         try:
             new.validate()
         except ValueError as exc:
@@ -210,8 +215,56 @@ def load(path: Union[str, "os.PathLike"], model: nn.Module) -> nn.Module:
     _check_tensors(path, expected, tensors, "")
     for name, new in replacements.items():
         _set_submodule(model, name, new)
-    model.load_state_dict(tensors, strict=True)
-    return model
+    if target is None:
+        model.load_state_dict(tensors, strict=True)
+        return model
+    tied: dict[int, list[str]] = {}  # the model's tied parameters: assign=True gives each name its own
+    for key, param in model.named_parameters(remove_duplicate=False):
+        tied.setdefault(id(param), []).append(key)
+    model.load_state_dict(tensors, strict=True, assign=True)
+    for names in tied.values():
+        first = model.get_parameter(names[0])
+        for other in names[1:]:
+            owner, _, attr = other.rpartition(".")
+            setattr(model.get_submodule(owner), attr, first)
+    return model.to(target)  # the non-persistent buffers
+
+
+@contextlib.contextmanager
+def init_empty_weights():
+    """Within it, modules are built with their parameters on the meta device (no memory, no
+    initialisation) and their buffers where they would be: the empty shell that
+    ``load(path, model, device=...)`` fills. What accelerate's ``init_empty_weights`` does; it
+    patches ``nn.Module.register_parameter`` for the block's duration, for every thread."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param) -> None:
+        register(module, name, param)
+        if param is not None and not param.is_meta:  # a meta one may be tied: kept as it is
+            module._parameters[name] = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def _check_meta_tensors(model: nn.Module, target) -> None:
+    """Refuse what load cannot fill: any tensor on the meta device without ``device`` (load copies
+    into the model's tensors), and with it a meta buffer outside the state_dict (non-persistent:
+    in no checkpoint)."""
+    persistent = set(model.state_dict(keep_vars=True))
+    on_meta = [key for key, value in [*model.named_parameters(), *model.named_buffers()]
+               if value.is_meta and (target is None or key not in persistent)]
+    if not on_meta:
+        return
+    listed = f"{', '.join(on_meta[:3])}{', ...' if len(on_meta) > 3 else ''}"
+    if target is None:
+        raise ValueError(f"sparsegemm.load: the model has tensors on the meta device ({listed}): pass device= to "
+                         "fill an empty shell, or build the model on a real device")
+    raise ValueError(f"sparsegemm.load: non-persistent buffers on the meta device ({listed}) are in no checkpoint: "
+                     "build the shell with only its parameters on meta (sparsegemm.init_empty_weights)")
 
 
 def _staged_submodule(model: nn.Module, replacements: dict, name: str) -> nn.Module:

@@ -401,6 +401,8 @@ def _gated_activation_of(act, device) -> Optional[str]:
     values on [-6, 6] rather than its class: transformers has its own SiLU / GELU modules."""
     if not callable(act):
         return None
+    if torch.device(device).type == "meta":  # an empty shell's MLP (load with device=): probed on the CPU
+        device = "cpu"
     t = torch.linspace(-6.0, 6.0, 97, device=device)
     try:
         with torch.no_grad():
@@ -470,6 +472,10 @@ def gated_mlp_activation(mlp: nn.Module, parts: Optional[GatedParts]) -> tuple[O
         return None, f"{parts.label} and the down projection shapes do not chain"
     if w_gate.shape[0] % fmt.GATE_ROWS:
         return None, f"intermediate size {w_gate.shape[0]} is not a multiple of {fmt.GATE_ROWS}"
+    if w_gate.is_meta:
+        # An empty shell (load with device=) has no weights to run: its layout and activation are
+        # checked, its forward was when the checkpoint's model was sparsified.
+        return activation, ""
     linear = torch.nn.functional.linear
     probe = torch.randn(1, w_gate.shape[1], generator=torch.Generator().manual_seed(0)).to(w_gate.device, w_gate.dtype)
     with torch.no_grad():

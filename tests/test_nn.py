@@ -313,22 +313,25 @@ def test_checkpoint_stores_a_tied_tensor_once(tmp_path):
             sparsegemm.load(bad, _TiedLM())
 
 
+class _GatedBlock(nn.Module):
+    """A Llama-style gated MLP, 64 -> 128 -> 64."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate_proj, self.up_proj = nn.Linear(64, 128, bias=False), nn.Linear(64, 128, bias=False)
+        self.down_proj, self.act_fn = nn.Linear(128, 64, bias=False), nn.SiLU()
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
 def test_sparsify_frees_each_dense_weight_once_replaced():
     # Converting an LLM on its GPU must not hold the whole dense model until the end: when layer j
     # is considered (filter_fn), the dense weights of the layers before it are gone.
     import weakref
 
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.gate_proj, self.up_proj = nn.Linear(64, 128, bias=False), nn.Linear(64, 128, bias=False)
-            self.down_proj, self.act_fn = nn.Linear(128, 64, bias=False), nn.SiLU()
-
-        def forward(self, x):
-            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
-
     for fuse in (False, True):
-        model = nn.Sequential(*[Block() for _ in range(4)])
+        model = nn.Sequential(*[_GatedBlock() for _ in range(4)])
         order = [f"{i}.{attr}" for i in range(4) for attr in ("gate_proj", "up_proj", "down_proj")]
         alive = {name: weakref.ref(model.get_submodule(name).weight) for name in order}
         seen = []
@@ -560,16 +563,87 @@ def test_load_hardening_leaves_the_model_untouched_on_failure(tmp_path):
         describe(truncated)
 
 
-def test_load_refuses_a_model_on_the_meta_device(tmp_path):
-    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
-    sparsegemm.sparsify(model, min_features=8)
-    path = tmp_path / "m.safetensors"
+class _ShellNet(nn.Module):
+    """What an LLM shell has that load must get right: a tied head, a non-persistent buffer (a
+    rotary table), a gated MLP (fused), an INT8 layer and a plain one."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(256, 64)
+        self.register_buffer("table", torch.linspace(-1, 1, 64), persistent=False)
+        self.mlp = _GatedBlock()
+        self.quantized = nn.Linear(64, 64)
+        self.head = nn.Linear(64, 256, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens):
+        return self.head(self.quantized(self.mlp(self.embed(tokens) + self.table)))
+
+
+def _saved_shell_net(path, dtype=torch.float32):
+    torch.manual_seed(24)
+    model = _ShellNet().to(dtype)
+    sparsegemm.sparsify(model, fuse_gated_mlp=True, min_features=8, filter_fn=lambda name, _: name != "quantized")
+    sparsegemm.sparsify(model, quantize="int8", min_features=8)
     sparsegemm.save(model, path)
-    with torch.device("meta"):
-        shell = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
-    with pytest.raises(ValueError, match=r"sparsegemm.load: the model has tensors on the meta device \(0.weight"):
+    return model
+
+
+def test_load_fills_an_empty_shell_on_a_device(tmp_path):
+    # An LLM is loaded without ever allocating (or initialising) its dense weights: the shell's
+    # parameters are on the meta device, its buffers real; load puts the checkpoint's tensors on
+    # the device given and keeps the tie.
+    path = tmp_path / "m.safetensors"
+    model = _saved_shell_net(path)
+    with sparsegemm.init_empty_weights():
+        shell = _ShellNet()
+    assert all(p.is_meta for p in shell.parameters()) and not shell.table.is_meta
+    assert shell.head.weight is shell.embed.weight
+    loaded = sparsegemm.load(path, shell, device="cpu")
+    assert isinstance(loaded.mlp, sparsegemm.SparseGatedMLP) and loaded.quantized.quantize == "int8"
+    assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
+    assert loaded.head.weight is loaded.embed.weight and loaded.mlp.gate_up.values.requires_grad
+    tokens = torch.randint(0, 256, (2, 7))
+    with torch.no_grad():  # the INT8 layer is inference-only
+        assert torch.equal(loaded(tokens), model(tokens))
+
+
+def test_init_empty_weights_puts_only_parameters_on_meta_and_restores_registration():
+    with pytest.raises(RuntimeError, match="inside"):
+        with sparsegemm.init_empty_weights():
+            layer = nn.BatchNorm1d(8)
+            raise RuntimeError("inside")
+    assert layer.weight.is_meta and not layer.running_mean.is_meta
+    assert not nn.Linear(4, 4).weight.is_meta
+
+
+def test_load_refuses_tensors_it_cannot_fill(tmp_path):
+    path = tmp_path / "m.safetensors"
+    _saved_shell_net(path)
+    with sparsegemm.init_empty_weights():
+        shell = _ShellNet()
+    with pytest.raises(ValueError, match=r"sparsegemm.load: the model has tensors on the meta device \(embed.weight"
+                                         r".*pass device="):
         sparsegemm.load(path, shell)
-    assert isinstance(shell[0], nn.Linear)
+    with torch.device("meta"):  # the buffers too: the rotary-like table is in no checkpoint
+        everything_on_meta = _ShellNet()
+    with pytest.raises(ValueError, match=r"non-persistent buffers on the meta device \(table\)"):
+        sparsegemm.load(path, everything_on_meta, device="cpu")
+    assert isinstance(shell.quantized, nn.Linear) and isinstance(everything_on_meta.mlp.up_proj, nn.Linear)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_load_fills_an_empty_shell_on_the_gpu(tmp_path):
+    path = tmp_path / "m.safetensors"
+    model = _saved_shell_net(path, torch.float16)  # the CUDA kernels take fp16 / bf16
+    with sparsegemm.init_empty_weights():
+        shell = _ShellNet().half()
+    loaded = sparsegemm.load(path, shell, device="cuda")
+    assert {t.device.type for t in [*loaded.parameters(), *loaded.buffers()]} == {"cuda"}
+    tokens = torch.randint(0, 256, (2, 7))
+    with torch.no_grad():
+        got, want = loaded(tokens.cuda()).cpu().float(), model(tokens).float()
+    assert (got - want).abs().max() <= 0.02 * want.abs().max()  # CPU vs GPU summation order, INT8 rounding
 
 
 def _header(path):
