@@ -9,6 +9,7 @@ from torch import nn
 
 from ._progress import progress_bar
 from .functional import mask_2to4
+from .io import check_outside_empty_weights
 from .nn import SparseConv2d, SparseGatedMLP, SparseLinear, conv_skip_reason, gated_mlp_activation, gated_mlp_parts
 
 __all__ = ["sparsify", "SparsifyReport", "LayerReport"]
@@ -99,6 +100,7 @@ def sparsify(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
     """
     if quantize not in (None, "int8"):
         raise ValueError(f"sparsify: quantize must be None or 'int8', got {quantize!r}")
+    check_outside_empty_weights("sparsify")
     report = SparsifyReport()
     if fuse_gated_mlp:
         _fuse_gated_mlps(model, report, dtype, filter_fn, min_features, backend, quantize)

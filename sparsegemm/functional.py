@@ -131,10 +131,7 @@ def _check_linear_args(op: str, x, values: Tensor, n: int, k: int, bias, activat
     if x.dim() < 1 or x.shape[-1] != k:
         raise ValueError(f"{op}: x must have K = {k} features in its last dim (the weight is {n} x {k}), "
                          f"got shape {tuple(x.shape)}")
-    ops.check_dtype(op, "x", x, ops.FLOAT_DTYPES)
-    if x.dtype != values.dtype:
-        raise TypeError(f"{op}: x dtype {str(x.dtype).replace('torch.', '')} does not match the weight dtype "
-                        f"{str(values.dtype).replace('torch.', '')}; convert one of them")
+    ops.check_x_matches_weight(op, x, values, ops.FLOAT_DTYPES)
     if bias is not None:
         if bias.dtype != x.dtype:
             raise TypeError(f"{op}: bias dtype {str(bias.dtype).replace('torch.', '')} does not match x dtype "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
 from typing import Union
 
 import torch
@@ -24,6 +25,9 @@ from .nn import SparseConv2d, SparseGatedMLP, SparseLinear, gated_mlp_activation
 __all__ = ["save", "load", "describe", "init_empty_weights"]
 
 _FORMAT = "sparsegemm.checkpoint.v1"
+# v2: v1 plus the header's alias table (a tied tensor stored once); a file without aliases stays v1,
+# which readers from before the alias table load, and a v2 file tells them its format.
+_FORMAT_ALIASES = "sparsegemm.checkpoint.v2"
 
 
 def _describe(mod: nn.Module) -> dict:
@@ -62,8 +66,10 @@ def save(model: nn.Module, path: Union[str, "os.PathLike"]) -> None:
             continue
         first_key[identity] = key
         tensors[key] = value.detach().to("cpu").contiguous().clone()
-    save_file(tensors, str(path), metadata={"format": _FORMAT, "converted": json.dumps(converted),
-                                            "aliases": json.dumps(aliases)})
+    header = {"format": _FORMAT, "converted": json.dumps(converted)}
+    if aliases:
+        header.update(format=_FORMAT_ALIASES, aliases=json.dumps(aliases))
+    save_file(tensors, str(path), metadata=header)
 
 
 def _field(name: str, spec: dict, key: str, kind: type):
@@ -145,6 +151,7 @@ def load(path: Union[str, "os.PathLike"], model: nn.Module, *, device=None) -> n
     """
     from safetensors import safe_open
 
+    check_outside_empty_weights("sparsegemm.load")
     target = None if device is None else torch.device(device)
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -152,7 +159,7 @@ def load(path: Union[str, "os.PathLike"], model: nn.Module, *, device=None) -> n
             tensors = {key: f.get_tensor(key) for key in f.keys()}
     except Exception as exc:  # safetensors raises its own error types for truncated or corrupt files
         raise ValueError(f"sparsegemm.load: {path} is not a readable safetensors file ({exc})") from exc
-    if header.get("format") != _FORMAT:
+    if header.get("format") not in (_FORMAT, _FORMAT_ALIASES):
         raise ValueError(f"sparsegemm.load: {path} is not a sparsegemm checkpoint (format {header.get('format')!r})")
     try:
         converted = json.loads(header["converted"])
@@ -161,6 +168,8 @@ def load(path: Union[str, "os.PathLike"], model: nn.Module, *, device=None) -> n
     if not isinstance(converted, dict) or not all(isinstance(v, dict) for v in converted.values()):
         raise ValueError(f"sparsegemm.load: {path} has a corrupt module table (expected an object of objects)")
     _check_meta_tensors(model, target)
+    shell_ties = _tie_groups(model)
+    tie_of = {key: i for i, group in enumerate(shell_ties) for key in group}
     if target is not None:
         tensors = {key: value.to(target) for key, value in tensors.items()}
     try:
@@ -173,7 +182,10 @@ def load(path: Union[str, "os.PathLike"], model: nn.Module, *, device=None) -> n
         if not isinstance(stored, str) or stored not in tensors or key in tensors:
             raise ValueError(f"sparsegemm.load: {path} has a corrupt alias table: {key!r} -> {stored!r} must name "
                              "a stored tensor, under a key that is not stored itself")
-        tensors[key] = tensors[stored]
+        # Shared where the model ties the two as well; a copy otherwise: one tensor under two untied
+        # parameters (assigned with device=) would couple their updates.
+        shared = key in tie_of and tie_of.get(stored) == tie_of[key]
+        tensors[key] = tensors[stored] if shared else tensors[stored].clone()
     # Files written before the layers' metadata buffer was renamed (nn.py) call it "meta".
     for name in converted:
         prefix = f"{name}." if name else ""
@@ -213,16 +225,19 @@ def load(path: Union[str, "os.PathLike"], model: nn.Module, *, device=None) -> n
         expected = {k: v for k, v in expected.items() if not k.startswith(prefix)}
         expected.update({prefix + k: v for k, v in new.state_dict().items()})
     _check_tensors(path, expected, tensors, "")
+    for group in shell_ties:
+        present = [key for key in group if key in tensors]
+        if any(not torch.equal(tensors[key], tensors[present[0]]) for key in present[1:]):
+            raise ValueError(f"sparsegemm.load: the model ties {', '.join(group)}; {path} holds different tensors "
+                             f"for {', '.join(present)}")
     for name, new in replacements.items():
         _set_submodule(model, name, new)
     if target is None:
         model.load_state_dict(tensors, strict=True)
         return model
-    tied: dict[int, list[str]] = {}  # the model's tied parameters: assign=True gives each name its own
-    for key, param in model.named_parameters(remove_duplicate=False):
-        tied.setdefault(id(param), []).append(key)
+    tied = _tie_groups(model)  # assign=True gives each name a Parameter of its own: tied again below
     model.load_state_dict(tensors, strict=True, assign=True)
-    for names in tied.values():
+    for names in tied:
         first = model.get_parameter(names[0])
         for other in names[1:]:
             owner, _, attr = other.rpartition(".")
@@ -230,24 +245,63 @@ def load(path: Union[str, "os.PathLike"], model: nn.Module, *, device=None) -> n
     return model.to(target)  # the non-persistent buffers
 
 
+def _tie_groups(model: nn.Module) -> list:
+    """The names of each parameter that ``model`` holds under more than one name (tied)."""
+    names: dict[int, list[str]] = {}
+    for key, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(key)
+    return [group for group in names.values() if len(group) > 1]
+
+
+# init_empty_weights patches nn.Module.register_parameter process-wide: the outermost block (of any
+# thread) installs the patch and the last one out restores what it replaced, so blocks that overlap
+# across threads cannot leave it installed.
+_empty_weights_lock = threading.Lock()
+_empty_weights_depth = 0
+_empty_weights_saved = None
+_empty_weights_memo: dict = {}  # id(real parameter) -> (it, its meta twin): a parameter tied in two places stays one
+
+
+def _register_on_meta(module: nn.Module, name: str, param) -> None:
+    _empty_weights_saved(module, name, param)
+    # A meta parameter may already be tied where it is; a lazy one has no shape to give meta yet.
+    if param is None or param.is_meta or isinstance(param, nn.parameter.UninitializedParameter):
+        return
+    entry = _empty_weights_memo.get(id(param))
+    if entry is None:
+        meta = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+        meta.__dict__.update(param.__dict__)  # attributes set on it before registration (sharding plans, ...)
+        entry = _empty_weights_memo[id(param)] = (param, meta)  # param kept: its id stays its own
+    module._parameters[name] = entry[1]
+
+
+def check_outside_empty_weights(op: str) -> None:
+    """Refuse to make real parameters while init_empty_weights would put them on meta."""
+    if _empty_weights_depth:
+        raise RuntimeError(f"{op}: called inside init_empty_weights(), which puts every parameter made (its own "
+                           "too) on the meta device: build the shell in the block, call it after")
+
+
 @contextlib.contextmanager
 def init_empty_weights():
     """Within it, modules are built with their parameters on the meta device (no memory, no
     initialisation) and their buffers where they would be: the empty shell that
-    ``load(path, model, device=...)`` fills. What accelerate's ``init_empty_weights`` does; it
-    patches ``nn.Module.register_parameter`` for the block's duration, for every thread."""
-    register = nn.Module.register_parameter
-
-    def register_on_meta(module: nn.Module, name: str, param) -> None:
-        register(module, name, param)
-        if param is not None and not param.is_meta:  # a meta one may be tied: kept as it is
-            module._parameters[name] = type(param)(param.to("meta"), requires_grad=param.requires_grad)
-
-    nn.Module.register_parameter = register_on_meta
+    ``load(path, model, device=...)`` fills. What accelerate's ``init_empty_weights`` does: it
+    patches ``nn.Module.register_parameter`` while any such block runs, for every thread."""
+    global _empty_weights_depth, _empty_weights_saved
+    with _empty_weights_lock:
+        if not _empty_weights_depth:
+            _empty_weights_saved = nn.Module.register_parameter
+            nn.Module.register_parameter = _register_on_meta
+        _empty_weights_depth += 1
     try:
         yield
     finally:
-        nn.Module.register_parameter = register
+        with _empty_weights_lock:
+            _empty_weights_depth -= 1
+            if not _empty_weights_depth:
+                nn.Module.register_parameter = _empty_weights_saved
+                _empty_weights_memo.clear()
 
 
 def _check_meta_tensors(model: nn.Module, target) -> None:
@@ -304,7 +358,7 @@ def describe(path: Union[str, "os.PathLike"]) -> str:
 def _describe_file(safe_open, path) -> str:
     with safe_open(str(path), framework="pt") as f:
         header = f.metadata() or {}
-        if header.get("format") != _FORMAT:
+        if header.get("format") not in (_FORMAT, _FORMAT_ALIASES):
             raise ValueError(f"sparsegemm report: {path} is not a sparsegemm checkpoint")
         converted = json.loads(header["converted"])
         sizes = {key: f.get_slice(key) for key in f.keys()}

@@ -577,13 +577,23 @@ class SparseConv2d(_SparseWeight):
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
         ho, wo = ops.conv_output_hw("SparseConv2d", h, w, self.kernel_size, self.stride, self.padding, self.dilation)
         k = kh * kw * c
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, self.values, self.bias)):
-            # Training: the patch matrix through F.unfold (im2col; its backward is col2im). Inductor's
-            # compiled backward of the strided windows below writes out of bounds (torch 2.13 on the
-            # CPU: its unfold_backward lowering, pytorch#171370 and #172064).
+        if torch.compiler.is_compiling() and torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad for t in (x, self.values, self.bias)):
+            # A compiled training step: the patch matrix through F.unfold (im2col; its backward is
+            # col2im). Inductor's compiled backward of the strided windows below writes out of bounds
+            # (torch 2.13 on the CPU: its unfold_backward lowering, pytorch#171370 and #172064).
             cols = torch.nn.functional.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
             patches = cols.unflatten(1, (c, kh * kw)).transpose(1, 3).reshape(-1, k)
             return self._sparse_linear(patches).view(b, ho, wo, self.out_channels).permute(0, 3, 1, 2)
+        # records_graph first: under torch.compile the ISA query below (an extension call) is not traced.
+        if (not ops.records_graph((x, self.values, self.bias)) and b * ho * wo >= ops.CPU_DENSE_TILE_MIN_M
+                and _torch_conv_wins(x.dtype, k)):
+            # Large M in a dtype torch convolves natively: 2:4 saves no multiply-adds on a CPU, and
+            # torch's convolution on the weight decompressed for this call (kilobytes to a few MiB,
+            # not kept) reads the input in place, where the GEMM below needs the patch gather.
+            ops.check_x_matches_weight("SparseConv2d", x, self.values, ops.FLOAT_DTYPES)
+            weight = self._matrix_dense().view(self.out_channels, kh, kw, c).permute(0, 3, 1, 2)
+            return torch.nn.functional.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation)
         # The patch matrix [B * Ho * Wo, kh * kw * Cin] in our K order (ky, kx, cin) as a strided view of
         # the (zero-padded) NHWC input: its gather takes a tenth of the time of unfold (whose (cin, ky,
         # kx) order then needs a transpose copy) on a 3 x 3 layer, and is no copy at all for a 1 x 1,
@@ -628,10 +638,7 @@ class SparseConv2d(_SparseWeight):
 
     def _implicit_gemm(self, x: Tensor, backend: str) -> Tensor:
         op = "SparseConv2d"
-        ops.check_dtype(op, "x", x, ops.KERNEL_DTYPES)
-        if x.dtype != self.values.dtype:
-            raise TypeError(f"{op}: x dtype {str(x.dtype).replace('torch.', '')} does not match the weight dtype "
-                            f"{str(self.values.dtype).replace('torch.', '')}; convert one of them")
+        ops.check_x_matches_weight(op, x, self.values, ops.KERNEL_DTYPES)
         ops.check_same_device(op, x=x, values=self.values)
         # A channels_last tensor permuted to [B, H, W, C] is contiguous NHWC: no copy then.
         x_nhwc = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
@@ -648,6 +655,15 @@ class SparseConv2d(_SparseWeight):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, dilation={self.dilation}, bias={self.bias is not None}, "
                 f"{self._bytes_repr()}")
+
+
+def _torch_conv_wins(dtype: torch.dtype, k: int) -> bool:
+    """Whether SparseConv2d's CPU inference from CPU_DENSE_TILE_MIN_M output pixels takes torch's
+    convolution on the decompressed weight over the patch GEMM: where the GEMM would take dense
+    tiles itself, and for fp32 always, where even the AVX-512 kernel's edge on a long K is less
+    than the gather (ResNet-50 256 -> 256 3 x 3 at 14 x 14, batch 8: 0.94x oneDNN against 0.75x).
+    Not for fp16 without native dot products, which torch's convolution widens (the GEMM: 3-4x)."""
+    return dtype == torch.float32 or ops._cpu_dense_tiles_win(dtype, k)
 
 
 def conv_skip_reason(conv: nn.Conv2d) -> Optional[str]:

@@ -153,6 +153,14 @@ def check_dtype_value(op: str, name: str, dtype: torch.dtype, allowed) -> None:
         raise TypeError(f"{op}: {name} must have dtype in ({names}), got {str(dtype).replace('torch.', '')}")
 
 
+def check_x_matches_weight(op: str, x: Tensor, values: Tensor, allowed) -> None:
+    """x's dtype is in ``allowed`` and is the dtype of the weight's stored values."""
+    check_dtype(op, "x", x, allowed)
+    if x.dtype != values.dtype:
+        raise TypeError(f"{op}: x dtype {str(x.dtype).replace('torch.', '')} does not match the weight dtype "
+                        f"{str(values.dtype).replace('torch.', '')}; convert one of them")
+
+
 def check_2d(op: str, name: str, t: Tensor) -> None:
     if t.dim() != 2:
         raise ValueError(f"{op}: {name} must be 2-D, got {t.dim()}-D with shape {tuple(t.shape)}")
@@ -266,9 +274,10 @@ def meta_to_mask(meta: Tensor, k: int) -> Tensor:
 
 
 def kept_columns(meta: Tensor, k: int) -> Tensor:
-    """int64 ``[N, 2 * groups]``: the K column of each stored value, in the values' order.
+    """int64 ``[N, 2 * groups]``: the K column of each stored value, in the values' order, for K
+    padded to a multiple of 4 (format.padded_k, as the values are).
 
-    ``dense.gather(1, kept_columns(meta, k))`` is ``dense[meta_to_mask(meta, k)]`` row by row,
+    ``dense.gather(1, kept_columns(meta, kp))`` is ``dense[meta_to_mask(meta, kp)]`` row by row,
     with a shape known before the data: torch.compile traces it without a data-dependent size
     (boolean indexing lowers to nonzero, which breaks the graph under dynamic shapes). Validated
     metadata has i0 < i1, so the order is ascending as the mask's is.
@@ -520,7 +529,7 @@ def _cpu_dense_tiles_win(dtype: torch.dtype, k: int) -> bool:
     gathering kernel of the CPU ISA in use for ``dtype`` and K (see CPU_DENSE_TILE_MIN_M)."""
     if dtype in _CPU_NATIVE_DOT:
         return True
-    isa = _C.cpu_isa_name()
+    isa = _C.cpu_isa_name()  # live: tests and bench/bench_cpu.py switch it (_C.cpu_set_isa)
     return isa == "generic" or (dtype == torch.float32 and (isa == "avx2" or k < CPU_FP32_KERNEL_MIN_K))
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from sparsegemm import _C, ops
-from sparsegemm.nn import SparseConv2d
+from sparsegemm.nn import SparseConv2d, _torch_conv_wins
 from test_kernels_simt import DECODE, DECODE_TMA, LARGE_M, WGMMA, WGMMA_TMA, KernelBackend
 
 KERNEL_DTYPES = [torch.float16, torch.bfloat16]
@@ -120,6 +120,29 @@ def test_cpu_backend_exact_on_small_integers(monkeypatch, geometry, dtype, grad)
         assert torch.equal(y.double(), reference(layer, x))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "f16"])
+def test_cpu_backend_large_m_takes_torchs_convolution_where_the_gemm_would_go_dense(monkeypatch, dtype):
+    # From CPU_DENSE_TILE_MIN_M output pixels, in a dtype torch convolves natively on this CPU,
+    # inference runs torch's convolution on the transiently decompressed weight (no patch gather);
+    # elsewhere (fp16 without native dot products) the patch GEMM.
+    layer = make_layer(16, 24, 3, 2, 1, 2, dtype, integer=True, seed=15)
+    layer.backend = "cpu"
+    x = make_input(2, 16, (19, 17), dtype, integer=True, seed=16)  # M = 2 x 9 x 8 = 144
+    dense_conv = _torch_conv_wins(dtype, 16 * 9)
+    gemm_calls = []
+    real = type(layer)._sparse_linear
+    monkeypatch.setattr(type(layer), "_sparse_linear", lambda self, cols: (gemm_calls.append(cols.shape),
+                                                                           real(self, cols))[1])
+    with torch.no_grad():
+        y = layer(x.to(memory_format=torch.channels_last))
+    assert torch.equal(y.double(), reference(layer, x))
+    assert (gemm_calls == []) == dense_conv
+    other = torch.bfloat16 if dtype == torch.float32 else torch.float32
+    with pytest.raises(TypeError, match="SparseConv2d: x dtype .* does not match the weight dtype"):
+        with torch.no_grad():
+            layer(x.to(other))
+
+
 @pytest.mark.parametrize("images_per_chunk", [1, 2, 5])
 def test_cpu_backend_chunks_of_whole_images(monkeypatch, images_per_chunk):
     # Inference chunks of whole images where one fits the scratch: 5 images in chunks of 2, 2, 1.
@@ -149,6 +172,30 @@ def test_cpu_backend_traced_module_serves_any_batch():
         traced = torch.jit.trace(layer, make_input(2, 8, (5, 6), torch.float32, integer=True, seed=14))
         x = make_input(3, 8, (5, 6), torch.float32, integer=True, seed=15)
         assert torch.equal(traced(x).double(), reference(layer, x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "f16"])
+def test_cpu_backend_compiles_whole_at_large_m(dtype):
+    # The inference dispatch (torch's convolution or the patch GEMM) must not call into the
+    # extension where torch.compile traces it.
+    torch._dynamo.reset()
+    layer = make_layer(8, 16, 3, 1, 1, 1, dtype, integer=True, seed=20).requires_grad_(False)
+    layer.backend = "cpu"
+    x = make_input(4, 8, (5, 5), dtype, integer=True, seed=21)  # M = 100
+    with torch.no_grad():
+        assert torch.equal(torch.compile(layer, fullgraph=True)(x).double(), reference(layer, x))
+
+
+# torch.jit.trace is deprecated, and warns of the argument checks it cannot record.
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
+def test_cpu_backend_traces_in_grad_mode_with_trainable_parameters():
+    # The trace (grad mode, trainable values) and its check (no_grad) must record one graph: the
+    # F.unfold patch path is for compiled training steps only.
+    layer = make_layer(8, 12, 3, 1, 1, 1, torch.float32, integer=True, seed=17)
+    layer.backend = "cpu"
+    traced = torch.jit.trace(layer, make_input(2, 8, (5, 6), torch.float32, integer=True, seed=18))
+    x = make_input(3, 8, (5, 6), torch.float32, integer=True, seed=19)
+    assert torch.equal(traced(x).double(), reference(layer, x))
 
 
 def test_cpu_backend_rejects_an_input_smaller_than_the_kernel():

@@ -632,6 +632,74 @@ def test_load_refuses_tensors_it_cannot_fill(tmp_path):
     assert isinstance(shell.quantized, nn.Linear) and isinstance(everything_on_meta.mlp.up_proj, nn.Linear)
 
 
+def test_init_empty_weights_keeps_ties_attributes_and_lazy_modules():
+    shared = nn.Parameter(torch.ones(4, 4))
+    shared.plan = "rowwise"
+    with sparsegemm.init_empty_weights():
+        encoder, decoder = nn.Linear(4, 4), nn.Linear(4, 4)
+        encoder.weight = shared
+        decoder.weight = shared
+        lazy = nn.LazyLinear(8)  # no shape yet: left as it is
+    assert encoder.weight is decoder.weight and encoder.weight.is_meta and encoder.weight.plan == "rowwise"
+    assert isinstance(lazy.weight, nn.parameter.UninitializedParameter)
+
+
+def test_init_empty_weights_blocks_overlapping_across_threads_restore_registration():
+    import threading
+
+    register = nn.Module.register_parameter
+    entered, release_first = threading.Event(), threading.Event()
+
+    def first():
+        with sparsegemm.init_empty_weights():
+            entered.set()
+            release_first.wait()
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    entered.wait()
+    with sparsegemm.init_empty_weights():  # entered second, left last
+        release_first.set()
+        thread.join()
+        assert nn.Linear(2, 2).weight.is_meta
+    assert nn.Module.register_parameter is register and not nn.Linear(2, 2).weight.is_meta
+
+
+def test_load_and_sparsify_refuse_to_run_inside_init_empty_weights(tmp_path):
+    path = tmp_path / "m.safetensors"
+    _saved_shell_net(path)
+    with sparsegemm.init_empty_weights():
+        shell = _ShellNet()
+        with pytest.raises(RuntimeError, match=r"sparsegemm.load: called inside init_empty_weights\(\)"):
+            sparsegemm.load(path, shell, device="cpu")
+        with pytest.raises(RuntimeError, match=r"sparsify: called inside init_empty_weights\(\)"):
+            sparsegemm.sparsify(nn.Sequential(nn.Linear(64, 64)), min_features=8)
+
+
+def test_load_ties_as_the_model_does(tmp_path):
+    # A tied checkpoint into a model that does not tie: two parameters, two tensors.
+    path = tmp_path / "tied.safetensors"
+    sparsegemm.save(_TiedLM(), path)
+    assert _header(path)["format"] == "sparsegemm.checkpoint.v2"  # v1 readers would miss the alias table
+    untied = _TiedLM()
+    untied.head.weight = nn.Parameter(untied.head.weight.detach().clone())
+    for device in (None, "cpu"):
+        loaded = sparsegemm.load(path, untied, device=device)
+        assert loaded.head.weight.data_ptr() != loaded.embed.weight.data_ptr()
+        assert torch.equal(loaded.head.weight, loaded.embed.weight)
+    # A model that ties two tensors a checkpoint holds apart: equal (a file from before the alias
+    # table) loads; different is an error, not one of them silently.
+    untied_path = tmp_path / "untied.safetensors"
+    sparsegemm.save(untied, untied_path)
+    assert _header(untied_path)["format"] == "sparsegemm.checkpoint.v1"
+    assert "aliases" not in _header(untied_path)
+    sparsegemm.load(untied_path, _TiedLM())
+    _resave(untied_path, tmp_path / "different.safetensors", lambda t: t["head.weight"].add_(1.0))
+    for device in (None, "cpu"):
+        with pytest.raises(ValueError, match="the model ties embed.weight, head.weight; .* holds different tensors"):
+            sparsegemm.load(tmp_path / "different.safetensors", _TiedLM(), device=device)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_load_fills_an_empty_shell_on_the_gpu(tmp_path):
     path = tmp_path / "m.safetensors"
