@@ -599,7 +599,9 @@ def _cpu_dense_tiles_s8(x_q: Tensor, x_scale: Tensor, values: Tensor, meta: Tens
     m = x_q.shape[0]
     for n0, part in _decompressed_tiles(values, meta, k, activation):
         rows = part.shape[0]
-        acc = torch._int_mm(x_q, part.T)  # [M, tile] int32
+        # [M, tile] int32. A [rows, 1] tile's transpose has strides (1, 1), which torch._int_mm on the
+        # CPU misreads (wrong, run-to-run different sums): K = 1 gets a [1, rows] tile of its own.
+        acc = torch._int_mm(x_q, part.T if part.shape[1] > 1 else part.reshape(1, -1))
         out = y[:, out_features(n0, activation):]
         _C.cpu_s8_epilogue(m, rows, acc.data_ptr(), acc.stride(0), w_scale.data_ptr() + 4 * n0, x_scale.data_ptr(),
                            0 if bias is None else bias.data_ptr() + n0 * bias.element_size(), out.data_ptr(),

@@ -202,6 +202,18 @@ def test_large_m_dense_tiles_give_the_kernels_bits(monkeypatch, act, out_dtype):
             assert torch.equal(y, oracle.linear_int8(x_q, x_scale, values, meta, k, w_scale, b, None, out_dtype))
 
 
+@pytest.mark.parametrize("n", [2, 40])
+def test_large_m_dense_tiles_with_k_1(monkeypatch, n):
+    # K = 1: a [rows, 1] tile's transpose has strides (1, 1), which torch._int_mm misread (wrong,
+    # run-to-run different sums). Forced on, so that any CPU runs the tiles.
+    monkeypatch.setattr(ops, "_CPU_DENSE_TILES_S8", True)
+    m, k = ops.CPU_DENSE_TILE_MIN_M_S8 + 4, 1
+    values, meta, w_scale = random_int8_weight(n, k, seed=14)
+    x_q, x_scale = oracle.quantize_rows_int8(torch.randn(m, k, generator=torch.Generator().manual_seed(15)))
+    y = cpu_linear_s8(x_q, x_scale, values, meta, k, w_scale, None, None, torch.float32)
+    assert torch.equal(y, oracle.linear_int8(x_q, x_scale, values, meta, k, w_scale, None, None, torch.float32))
+
+
 def test_dense_tiles_only_where_int32_sums_cannot_wrap(monkeypatch):
     # torch._int_mm sums in int32, the contract saturates exact sums: from K = 2^18 a sum of K / 2
     # products of 128 * 128 could wrap, so such a layer stays on the kernel at any M.
