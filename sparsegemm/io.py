@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .format import ACTIVATIONS, GATED_ACTIVATIONS
+from .ops import check_conv_geometry
 from .nn import SparseConv2d, SparseGatedMLP, SparseLinear, gated_mlp_activation, gated_mlp_parts
 
 __all__ = ["save", "load", "describe", "init_empty_weights"]
@@ -130,13 +131,25 @@ def _build(name: str, spec: dict, dense: nn.Module) -> nn.Module:
             mod.set_input_scale(1.0)  # the slot the checkpoint's input_scale loads into
         return mod
     if spec["kind"] == "SparseConv2d":
-        if not isinstance(dense, nn.Conv2d) or (dense.in_channels, dense.out_channels) != (
-                spec["in_channels"], spec["out_channels"]):
+        geometry = ("kernel_size", "stride", "padding", "dilation")
+        for key in geometry:
+            _field(name, spec, key, list)
+        try:
+            check_conv_geometry("module table", *(spec[key] for key in geometry))
+        except ValueError as exc:
+            raise ValueError(f"sparsegemm.load: module {name!r}: {exc}") from exc
+        # The model's layer (a Conv2d, or a SparseConv2d being loaded again) must have the same shape.
+        if not isinstance(dense, (nn.Conv2d, SparseConv2d)) or (dense.in_channels, dense.out_channels) != (
+                spec["in_channels"], spec["out_channels"]) or any(
+                list(getattr(dense, key)) != spec[key] for key in geometry):
             raise ValueError(f"sparsegemm.load: module {name!r} was a Conv2d {spec['in_channels']} -> "
-                             f"{spec['out_channels']} when saved, the model has {dense}")
+                             f"{spec['out_channels']} with " + ", ".join(f"{key}={spec[key]}" for key in geometry)
+                             + f" when saved, the model has {dense}")
+        device, backend = ((dense.values.device, dense.backend) if isinstance(dense, SparseConv2d)
+                           else (dense.weight.device, None))
         return SparseConv2d(spec["in_channels"], spec["out_channels"], spec["kernel_size"], spec["stride"],
-                            spec["padding"], spec["dilation"], spec["bias"], dtype=dtype,
-                            device=dense.weight.device)
+                            spec["padding"], spec["dilation"], spec["bias"], dtype=dtype, device=device,
+                            backend=backend)
     raise ValueError(f"sparsegemm.load: module {name!r}: unknown kind {spec['kind']!r} in the checkpoint")
 
 

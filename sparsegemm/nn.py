@@ -543,10 +543,14 @@ class SparseConv2d(_SparseWeight):
         super().__init__()
         if isinstance(padding, str):  # checked first: _pair would split the string into letters
             raise ValueError(f"SparseConv2d: padding must be numbers, got the string {padding!r}")
+        if in_channels <= 0 or out_channels <= 0:
+            raise ValueError(f"SparseConv2d: in_channels and out_channels must be positive, got "
+                             f"{in_channels}, {out_channels}")
         pair = torch.nn.modules.utils._pair
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride = pair(kernel_size), pair(stride)
         self.padding, self.dilation = pair(padding), pair(dilation)
+        ops.check_conv_geometry("SparseConv2d", self.kernel_size, self.stride, self.padding, self.dilation)
         self.backend = backend
         kh, kw = self.kernel_size
         self._init_storage(out_channels, in_channels * kh * kw, dtype, device, bias)

@@ -10,6 +10,7 @@ is strict ``compress`` on CUDA, which must report a non-2:4 group.
 from __future__ import annotations
 
 import functools
+import numbers
 import threading
 from typing import Optional
 
@@ -724,14 +725,21 @@ def conv_output_hw(op: str, h: int, w: int, kernel_size, stride, padding, dilati
     return ho, wo
 
 
+def check_conv_geometry(op: str, kernel_size, stride, padding, dilation) -> None:
+    """Each of the four is two integers: kernel_size, stride and dilation >= 1, padding >= 0."""
+    for name, pair, low in (("kernel_size", kernel_size, 1), ("stride", stride, 1), ("padding", padding, 0),
+                            ("dilation", dilation, 1)):
+        if (not isinstance(pair, (list, tuple)) or len(pair) != 2
+                or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in pair)
+                or min(pair) < low):
+            raise ValueError(f"{op}: {name} must be two integers >= {low}, got {pair!r}")
+
+
 def _conv2d_shape(op: str, x: Tensor, n: int, kernel_size, stride, padding, dilation) -> tuple[int, int, int, int]:
     """(B, Ho, Wo, Cout) of the NHWC output, after the checks the kernels need."""
     if x.dim() != 4:
         raise ValueError(f"{op}: x must be NHWC [B, H, W, C], got {x.dim()}-D with shape {tuple(x.shape)}")
-    for name, pair, low in (("kernel_size", kernel_size, 1), ("stride", stride, 1), ("padding", padding, 0),
-                            ("dilation", dilation, 1)):
-        if len(pair) != 2 or min(pair) < low:
-            raise ValueError(f"{op}: {name} must be two integers >= {low}, got {list(pair)}")
+    check_conv_geometry(op, kernel_size, stride, padding, dilation)
     b, h, w, c = x.shape
     ho, wo = conv_output_hw(op, h, w, kernel_size, stride, padding, dilation)
     m, k = b * ho * wo, c * kernel_size[0] * kernel_size[1]

@@ -714,6 +714,38 @@ def test_load_fills_an_empty_shell_on_the_gpu(tmp_path):
     assert (got - want).abs().max() <= 0.02 * want.abs().max()  # CPU vs GPU summation order, INT8 rounding
 
 
+def test_load_checks_a_convolutions_geometry(tmp_path):
+    import json
+
+    model = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1, stride=2))
+    sparsegemm.sparsify(model, min_features=8)
+    path = tmp_path / "conv.safetensors"
+    sparsegemm.save(model, path)
+    again = sparsegemm.load(path, model)  # a converted model loads again, its SparseConv2d the twin
+    assert isinstance(again[0], SparseConv2d) and again[0].stride == (2, 2)
+    with pytest.raises(ValueError, match=r"module '0' was a Conv2d 16 -> 32 with kernel_size=\[3, 3\], stride=\[2, 2\]"):
+        sparsegemm.load(path, nn.Sequential(nn.Conv2d(16, 32, 3, padding=1)))
+    table = json.loads(_header(path)["converted"])
+    for key, value in (("stride", [0, 0]), ("padding", [-5, -5]), ("dilation", [0, 1]), ("kernel_size", "3")):
+        bad_table = json.loads(json.dumps(table))
+        bad_table["0"][key] = value
+        bad = tmp_path / "bad.safetensors"
+        _resave(path, bad, header={"converted": json.dumps(bad_table)})
+        with pytest.raises(ValueError, match=f"sparsegemm.load: module '0'.*{key}"):
+            sparsegemm.load(bad, nn.Sequential(nn.Conv2d(16, 32, 3, padding=1, stride=2)))
+
+
+def test_sparse_conv2d_rejects_a_geometry_it_cannot_run():
+    for kwargs, match in (({"stride": 0}, "stride must be two integers >= 1"),
+                          ({"padding": -1}, "padding must be two integers >= 0"),
+                          ({"dilation": (1, 0)}, "dilation must be two integers >= 1"),
+                          ({"kernel_size": 0}, "kernel_size must be two integers >= 1"),
+                          ({"in_channels": 0}, "in_channels and out_channels must be positive")):
+        args = {"in_channels": 8, "out_channels": 8, "kernel_size": 3, **kwargs}
+        with pytest.raises(ValueError, match=f"SparseConv2d: {match}"):
+            SparseConv2d(**args)
+
+
 def _header(path):
     from safetensors import safe_open
 
