@@ -92,6 +92,7 @@ class _SparseWeight(nn.Module):
 
     def sparse_weight(self) -> SparseTensor24:
         """The weight as a SparseTensor24 sharing this module's storage (and reordered-metadata cache)."""
+        self._check_metadata_unchanged()
         sw = SparseTensor24(self.values.detach(), self.metadata, self.weight_shape,
                             self.scale if self.quantize == "int8" else None, validate=False)
         if self.quantize == "int8":
@@ -109,6 +110,19 @@ class _SparseWeight(nn.Module):
         """Drop what was derived from the stored weight (made again on the next forward): the
         reordered metadata per backend and device."""
         self._kernel_meta: dict = {}
+
+    def _check_metadata_unchanged(self) -> None:
+        """Forget what was derived from the metadata if it was changed in place (a ``copy_`` into
+        the buffer: a broadcast, an edit), which no attribute assignment announces: its version
+        counter moved. Not while torch.compile traces (the reorder is then part of the graph), nor
+        for a buffer made under torch.inference_mode, which has no version counter."""
+        meta = self._buffers["metadata"]
+        if torch.compiler.is_compiling() or meta.is_inference():
+            return
+        version = meta._version
+        if version != self.__dict__.get("_metadata_version"):
+            self._forget_derived()
+            self.__dict__["_metadata_version"] = version
 
     def __setattr__(self, name: str, value) -> None:
         super().__setattr__(name, value)
@@ -133,6 +147,7 @@ class _SparseWeight(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _kernel_meta_for(self, backend: str) -> Tensor:
+        self._check_metadata_unchanged()
         key = (backend, self.metadata.device)
         cached = self._kernel_meta.get(key)
         if cached is None:
@@ -338,6 +353,7 @@ class SparseLinear(_SparseWeight):
         plan, checked once, holds the backend, sizes, activation and reordered metadata."""
         if torch.compiler.is_compiling() or torch.jit.is_tracing() or type(x) is not Tensor:  # traced: the custom ops
             return None
+        self._check_metadata_unchanged()
         plan = self._eager_plan
         if plan is None or not self._plan_current(plan):
             plan = self._eager_plan = self._make_eager_plan(x)

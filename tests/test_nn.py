@@ -480,6 +480,30 @@ def test_launch_scratch_is_safe_across_graph_replays_and_streams(quantize):
             assert torch.equal(beside, want[(i + 2) % 3])
 
 
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_an_in_place_metadata_copy_refreshes_the_reordered_metadata(quantize):
+    # A copy_ into the buffers (a broadcast from another rank, an edit) keeps every tensor object
+    # and data pointer: the metadata's version counter is what tells the reordered copy is stale.
+    torch.manual_seed(25)
+    layer, other = (SparseLinear.from_dense(nn.Linear(32, 16), dtype=torch.float16, backend="simt",
+                                            quantize=quantize) for _ in range(2))
+    x = torch.randn(3, 32).half()
+    with torch.no_grad():
+        layer(x)  # reorders and plans
+        for name, tensor in other.state_dict().items():
+            getattr(layer, name).copy_(tensor)
+        assert torch.equal(layer(x), other(x))
+
+
+def test_a_layer_made_under_inference_mode_runs_on_the_kernel_path():
+    # Its buffers are inference tensors, which have no version counter to check.
+    with torch.inference_mode():
+        layer = SparseLinear.from_dense(nn.Linear(32, 16), dtype=torch.float16, backend="simt")
+        x = torch.randn(3, 32).half()
+        y = layer(x)
+    oracle.assert_close_to_oracle(y, x, layer.dense_weight(), layer.bias.detach(), None)
+
+
 def test_load_state_dict_refreshes_the_reordered_metadata():
     torch.manual_seed(5)
     a = SparseLinear.from_dense(nn.Linear(64, 32).half(), backend="simt")
