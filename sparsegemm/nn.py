@@ -389,9 +389,6 @@ class SparseLinear(_SparseWeight):
         if self.quantize == "int8":
             from .quant import linear_int8
 
-            if torch.is_grad_enabled() and x.requires_grad:
-                raise RuntimeError("SparseLinear(quantize='int8') is inference-only: no gradient flows through the "
-                                   "int8 GEMM; fine-tune the fp16/bf16 SparseLinear, then quantize")
             return linear_int8(x, self.sparse_weight(), self.bias, activation=self.activation,
                                input_scale=self.input_scale, backend=self.backend)
         return self._sparse_linear(x, self.activation)

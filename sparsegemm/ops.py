@@ -951,6 +951,18 @@ def launch_s8_dynamic(api: str, stream: int, x: Tensor, values: Tensor, kernel_m
                     fmt.DTYPE_CODES[y.dtype], activation)
 
 
+def _int8_gemm_backward(ctx, *grads):
+    raise RuntimeError("sparsegemm: the INT8 GEMM is inference-only: no gradient flows through the integer grid "
+                       "(fine-tune the fp16 / bf16 SparseLinear, then quantize; or run the model under "
+                       "torch.no_grad())")
+
+
+# An INT8 layer runs in grad mode (behind a trainable LayerNorm, say: an evaluation without
+# torch.no_grad()); it is a backward through it that is refused, with this message.
+_linear_s8.register_autograd(_int8_gemm_backward)
+_linear_s8_dynamic.register_autograd(_int8_gemm_backward)
+
+
 @_linear_s8_dynamic.register_fake
 def _(x: Tensor, values: Tensor, kernel_meta: Tensor, w_scale: Tensor, bias: Optional[Tensor], activation: int,
       out_dtype: torch.dtype, backend: str) -> Tensor:
