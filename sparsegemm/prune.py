@@ -365,7 +365,7 @@ def _layer_inputs(module: nn.Module, x: Tensor) -> Tensor:
     b, _, positions = patches.shape  # unfold orders K (cin, ky, kx)
     kh, kw = module.kernel_size
     patches = patches.view(b, module.in_channels, kh * kw, positions).permute(0, 3, 2, 1)
-    return patches.reshape(b * positions, -1)
+    return patches.reshape(b * positions, module.in_channels * kh * kw)  # K named: an empty batch has no -1
 
 
 def _calibration_stats(layers: list, run: Callable[[], None], kind: str) -> dict[str, _InputStats]:

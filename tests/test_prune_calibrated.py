@@ -105,6 +105,7 @@ def test_conv_calibration_patches_are_in_gemm_order():
     want = conv(x).permute(0, 2, 3, 1).reshape(-1, 10)
     assert torch.allclose(rows @ P.gemm_view(conv.weight).T, want, atol=1e-12)
     assert torch.equal(P._layer_inputs(conv, x[0]), P._layer_inputs(conv, x[:1]))
+    assert P._layer_inputs(conv, x[:0]).shape == (0, 6 * 3 * 2)  # an empty batch: no rows, K columns
 
 
 @pytest.mark.parametrize("sequential", [True, False])
