@@ -156,6 +156,7 @@ def check_dtype_value(op: str, name: str, dtype: torch.dtype, allowed) -> None:
 
 def check_x_matches_weight(op: str, x: Tensor, values: Tensor, allowed) -> None:
     """x's dtype is in ``allowed`` and is the dtype of the weight's stored values."""
+    check_dtype(op, "the layer's weight", values, allowed)  # a module .double()'d, say: not x's fault
     check_dtype(op, "x", x, allowed)
     if x.dtype != values.dtype:
         raise TypeError(f"{op}: x dtype {str(x.dtype).replace('torch.', '')} does not match the weight dtype "

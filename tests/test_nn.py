@@ -764,6 +764,14 @@ def test_load_checks_a_convolutions_geometry(tmp_path):
             sparsegemm.load(bad, nn.Sequential(nn.Conv2d(16, 32, 3, padding=1, stride=2)))
 
 
+def test_a_layer_converted_to_an_unsupported_dtype_says_so():
+    for layer, x in ((SparseLinear.from_dense(nn.Linear(16, 8)), torch.randn(2, 16)),
+                     (SparseConv2d.from_dense(nn.Conv2d(8, 8, 3)), torch.randn(2, 8, 12, 12))):
+        layer.double()
+        with pytest.raises(TypeError, match=r"Sparse(Linear|Conv2d): the layer's weight must have dtype in .* got float64"):
+            layer(x.double())
+
+
 def test_sparse_conv2d_rejects_a_geometry_it_cannot_run():
     for kwargs, match in (({"stride": 0}, "stride must be two integers >= 1"),
                           ({"padding": -1}, "padding must be two integers >= 0"),
