@@ -131,13 +131,9 @@ def _check_linear_args(op: str, x, values: Tensor, n: int, k: int, bias, activat
     if x.dim() < 1 or x.shape[-1] != k:
         raise ValueError(f"{op}: x must have K = {k} features in its last dim (the weight is {n} x {k}), "
                          f"got shape {tuple(x.shape)}")
-    ops.check_x_matches_weight(op, x, values, ops.FLOAT_DTYPES)
-    if bias is not None:
-        if bias.dtype != x.dtype:
-            raise TypeError(f"{op}: bias dtype {str(bias.dtype).replace('torch.', '')} does not match x dtype "
-                            f"{str(x.dtype).replace('torch.', '')}")
-        if tuple(bias.shape) != (n,):
-            raise ValueError(f"{op}: bias must have shape ({n},), got {tuple(bias.shape)}")
+    ops.check_x_matches_weight(op, x, values, ops.FLOAT_DTYPES, bias)
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"{op}: bias must have shape ({n},), got {tuple(bias.shape)}")
     ops.check_same_device(op, x=x, **{"sw.values": values}, bias=bias)
 
 

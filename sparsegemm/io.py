@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import threading
+import weakref
 from typing import Union
 
 import torch
@@ -21,7 +22,8 @@ from torch import nn
 
 from .format import ACTIVATIONS, GATED_ACTIVATIONS
 from .ops import check_conv_geometry
-from .nn import SparseConv2d, SparseGatedMLP, SparseLinear, gated_mlp_activation, gated_mlp_parts
+from .nn import (SparseConv2d, SparseGatedMLP, SparseLinear, conv_skip_reason, gated_mlp_activation,
+                 gated_mlp_parts)
 
 __all__ = ["save", "load", "describe", "init_empty_weights"]
 
@@ -138,7 +140,12 @@ def _build(name: str, spec: dict, dense: nn.Module) -> nn.Module:
             check_conv_geometry("module table", *(spec[key] for key in geometry))
         except ValueError as exc:
             raise ValueError(f"sparsegemm.load: module {name!r}: {exc}") from exc
-        # The model's layer (a Conv2d, or a SparseConv2d being loaded again) must have the same shape.
+        # The model's layer (a Conv2d, or a SparseConv2d being loaded again) must have the same shape,
+        # and compute what a SparseConv2d does (groups = 1, zero padding).
+        why_not = conv_skip_reason(dense) if isinstance(dense, nn.Conv2d) else None
+        if why_not:
+            raise ValueError(f"sparsegemm.load: module {name!r} is a SparseConv2d in the checkpoint, but the model's "
+                             f"Conv2d cannot be one: {why_not}")
         if not isinstance(dense, (nn.Conv2d, SparseConv2d)) or (dense.in_channels, dense.out_channels) != (
                 spec["in_channels"], spec["out_channels"]) or any(
                 list(getattr(dense, key)) != spec[key] for key in geometry):
@@ -272,7 +279,9 @@ def _tie_groups(model: nn.Module) -> list:
 _empty_weights_lock = threading.Lock()
 _empty_weights_depth = 0
 _empty_weights_saved = None
-_empty_weights_memo: dict = {}  # id(real parameter) -> (it, its meta twin): a parameter tied in two places stays one
+# id(real parameter) -> (weak reference to it, its meta twin): a parameter registered in two places
+# (tied) gets one twin. Weak, so that the real parameters the block builds are freed as they go.
+_empty_weights_memo: dict = {}
 
 
 def _register_on_meta(module: nn.Module, name: str, param) -> None:
@@ -281,10 +290,10 @@ def _register_on_meta(module: nn.Module, name: str, param) -> None:
     if param is None or param.is_meta or isinstance(param, nn.parameter.UninitializedParameter):
         return
     entry = _empty_weights_memo.get(id(param))
-    if entry is None:
+    if entry is None or entry[0]() is not param:  # new, or a freed parameter's id reused
         meta = type(param)(param.to("meta"), requires_grad=param.requires_grad)
         meta.__dict__.update(param.__dict__)  # attributes set on it before registration (sharding plans, ...)
-        entry = _empty_weights_memo[id(param)] = (param, meta)  # param kept: its id stays its own
+        entry = _empty_weights_memo[id(param)] = (weakref.ref(param), meta)
     module._parameters[name] = entry[1]
 
 

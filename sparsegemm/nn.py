@@ -112,17 +112,21 @@ class _SparseWeight(nn.Module):
         self._kernel_meta: dict = {}
 
     def _check_metadata_unchanged(self) -> None:
-        """Forget what was derived from the metadata if it was changed in place (a ``copy_`` into
-        the buffer: a broadcast, an edit), which no attribute assignment announces: its version
-        counter moved. Not while torch.compile traces (the reorder is then part of the graph), nor
-        for a buffer made under torch.inference_mode, which has no version counter."""
-        meta = self._buffers["metadata"]
-        if torch.compiler.is_compiling() or meta.is_inference():
+        """Forget what was derived from the metadata if the tensor was swapped past __setattr__
+        (torch.func.functional_call, ``_buffers``, ``.data =``) or changed in place (a ``copy_``
+        into the buffer: a broadcast, an edit): its identity, storage or version counter moved.
+        Not while torch.compile traces: a compiled graph (like a captured CUDA graph) keeps the
+        reordered copy it was made with. A buffer made under torch.inference_mode has no version
+        counter; a parametrized one is a new tensor at every access."""
+        if torch.compiler.is_compiling():
             return
-        version = meta._version
-        if version != self.__dict__.get("_metadata_version"):
+        meta = self._buffers.get("metadata")
+        if meta is None:  # parametrized
+            meta = self.metadata
+        state = (id(meta), meta.data_ptr(), None if meta.is_inference() else meta._version)
+        if state != self.__dict__.get("_metadata_state"):
             self._forget_derived()
-            self.__dict__["_metadata_version"] = version
+            self.__dict__["_metadata_state"] = state
 
     def __setattr__(self, name: str, value) -> None:
         super().__setattr__(name, value)
@@ -602,15 +606,6 @@ class SparseConv2d(_SparseWeight):
             cols = torch.nn.functional.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
             patches = cols.unflatten(1, (c, kh * kw)).transpose(1, 3).reshape(-1, k)
             return self._sparse_linear(patches).view(b, ho, wo, self.out_channels).permute(0, 3, 1, 2)
-        # records_graph first: under torch.compile the ISA query below (an extension call) is not traced.
-        if (not ops.records_graph((x, self.values, self.bias)) and b * ho * wo >= ops.CPU_DENSE_TILE_MIN_M
-                and _torch_conv_wins(x.dtype, k)):
-            # Large M in a dtype torch convolves natively: 2:4 saves no multiply-adds on a CPU, and
-            # torch's convolution on the weight decompressed for this call (kilobytes to a few MiB,
-            # not kept) reads the input in place, where the GEMM below needs the patch gather.
-            ops.check_x_matches_weight("SparseConv2d", x, self.values, ops.FLOAT_DTYPES)
-            weight = self._matrix_dense().view(self.out_channels, kh, kw, c).permute(0, 3, 1, 2)
-            return torch.nn.functional.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation)
         # The patch matrix [B * Ho * Wo, kh * kw * Cin] in our K order (ky, kx, cin) as a strided view of
         # the (zero-padded) NHWC input: its gather takes a tenth of the time of unfold (whose (cin, ky,
         # kx) order then needs a transpose copy) on a 3 x 3 layer, and is no copy at all for a 1 x 1,
@@ -627,6 +622,17 @@ class SparseConv2d(_SparseWeight):
         if ops.records_graph((x, self.values, self.bias)) or patches.is_contiguous() or b == 0:
             y = self._sparse_linear(patches.reshape(-1, k))
             return y.view(patches.shape[:3] + (self.out_channels,)).permute(0, 3, 1, 2)
+        if (b * ho * wo >= CPU_TORCH_CONV_MIN_M and self.out_channels * k * x.element_size() <= ops._CPU_TILE_BYTES
+                and _torch_conv_wins(x.dtype, k)):
+            # Large M in a dtype torch convolves natively: 2:4 saves no multiply-adds on a CPU, and
+            # torch's convolution reads the input in place where the GEMM needs the patch gather. Its
+            # weight is decompressed for this call into the reused dense-tile scratch (no page faults,
+            # nothing kept per layer): up to the scratch's size, past which the GEMM (on the sparse
+            # weight, or dense tiles) costs less than decompressing the whole weight afresh.
+            ops.check_x_matches_weight("SparseConv2d", x, self.values, ops.FLOAT_DTYPES, self.bias)
+            (_, matrix), = ops._decompressed_tiles(self.values.detach().contiguous(), self.metadata.contiguous(), k, 0)
+            weight = matrix.view(self.out_channels, kh, kw, c).permute(0, 3, 1, 2)
+            return torch.nn.functional.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation)
         # Inference: the patch matrix (kh * kw times the input, for a 3 x 3 layer) is gathered a chunk
         # at a time into a reused scratch of ops._CPU_TILE_BYTES (or one output row, if larger),
         # which the GEMM then reads from cache: memory stays bounded at any image size, and no call
@@ -655,7 +661,7 @@ class SparseConv2d(_SparseWeight):
 
     def _implicit_gemm(self, x: Tensor, backend: str) -> Tensor:
         op = "SparseConv2d"
-        ops.check_x_matches_weight(op, x, self.values, ops.KERNEL_DTYPES)
+        ops.check_x_matches_weight(op, x, self.values, ops.KERNEL_DTYPES, self.bias)
         ops.check_same_device(op, x=x, values=self.values)
         # A channels_last tensor permuted to [B, H, W, C] is contiguous NHWC: no copy then.
         x_nhwc = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
@@ -674,12 +680,21 @@ class SparseConv2d(_SparseWeight):
                 f"{self._bytes_repr()}")
 
 
+# SparseConv2d's CPU inference takes torch's convolution (on the decompressed weight) over the patch
+# GEMM from this many output pixels, where its per-call weight costs (decompression, oneDNN's
+# reorder) are small next to the gather it saves. Measured on the 2-core AVX-512 VM (bf16 / fp32,
+# 3 x 3 and strided 1 x 1 layers of 128-1024 channels): the GEMM 1.1-1.25x faster at M = 98,
+# torch's convolution 1.02-1.2x faster at M = 196-784.
+CPU_TORCH_CONV_MIN_M = 160
+
+
 def _torch_conv_wins(dtype: torch.dtype, k: int) -> bool:
-    """Whether SparseConv2d's CPU inference from CPU_DENSE_TILE_MIN_M output pixels takes torch's
-    convolution on the decompressed weight over the patch GEMM: where the GEMM would take dense
-    tiles itself, and for fp32 always, where even the AVX-512 kernel's edge on a long K is less
-    than the gather (ResNet-50 256 -> 256 3 x 3 at 14 x 14, batch 8: 0.94x oneDNN against 0.75x).
-    Not for fp16 without native dot products, which torch's convolution widens (the GEMM: 3-4x)."""
+    """Whether SparseConv2d's CPU inference (from CPU_TORCH_CONV_MIN_M output pixels, a weight
+    within the dense-tile scratch, patches that need a gather) takes torch's convolution on the
+    decompressed weight over the patch GEMM: where the GEMM would take dense tiles itself, and
+    for fp32 always, where even the AVX-512 kernel's edge on a long K is less than the gather
+    (ResNet-50 256 -> 256 3 x 3 at 14 x 14, batch 8: 0.94x oneDNN against 0.75x). Not for fp16
+    without native dot products, which torch's convolution widens (the GEMM: 3-4x)."""
     return dtype == torch.float32 or ops._cpu_dense_tiles_win(dtype, k)
 
 

@@ -154,13 +154,16 @@ def check_dtype_value(op: str, name: str, dtype: torch.dtype, allowed) -> None:
         raise TypeError(f"{op}: {name} must have dtype in ({names}), got {str(dtype).replace('torch.', '')}")
 
 
-def check_x_matches_weight(op: str, x: Tensor, values: Tensor, allowed) -> None:
-    """x's dtype is in ``allowed`` and is the dtype of the weight's stored values."""
+def check_x_matches_weight(op: str, x: Tensor, values: Tensor, allowed, bias: Optional[Tensor] = None) -> None:
+    """x's dtype is in ``allowed`` and is the dtype of the weight's stored values and of the bias."""
     check_dtype(op, "the layer's weight", values, allowed)  # a module .double()'d, say: not x's fault
     check_dtype(op, "x", x, allowed)
     if x.dtype != values.dtype:
         raise TypeError(f"{op}: x dtype {str(x.dtype).replace('torch.', '')} does not match the weight dtype "
                         f"{str(values.dtype).replace('torch.', '')}; convert one of them")
+    if bias is not None and bias.dtype != x.dtype:
+        raise TypeError(f"{op}: bias dtype {str(bias.dtype).replace('torch.', '')} does not match x dtype "
+                        f"{str(x.dtype).replace('torch.', '')}")
 
 
 def check_2d(op: str, name: str, t: Tensor) -> None:

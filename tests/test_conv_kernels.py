@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from sparsegemm import _C, ops
-from sparsegemm.nn import SparseConv2d, _torch_conv_wins
+from sparsegemm.nn import CPU_TORCH_CONV_MIN_M, SparseConv2d, _torch_conv_wins
 from test_kernels_simt import DECODE, DECODE_TMA, LARGE_M, WGMMA, WGMMA_TMA, KernelBackend
 
 KERNEL_DTYPES = [torch.float16, torch.bfloat16]
@@ -122,12 +122,13 @@ def test_cpu_backend_exact_on_small_integers(monkeypatch, geometry, dtype, grad)
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "f16"])
 def test_cpu_backend_large_m_takes_torchs_convolution_where_the_gemm_would_go_dense(monkeypatch, dtype):
-    # From CPU_DENSE_TILE_MIN_M output pixels, in a dtype torch convolves natively on this CPU,
-    # inference runs torch's convolution on the transiently decompressed weight (no patch gather);
-    # elsewhere (fp16 without native dot products) the patch GEMM.
+    # From CPU_TORCH_CONV_MIN_M output pixels, in a dtype torch convolves natively on this CPU,
+    # inference runs torch's convolution on the weight decompressed into the reused scratch (no
+    # patch gather); elsewhere (fp16 without native dot products) the patch GEMM.
     layer = make_layer(16, 24, 3, 2, 1, 2, dtype, integer=True, seed=15)
     layer.backend = "cpu"
-    x = make_input(2, 16, (19, 17), dtype, integer=True, seed=16)  # M = 2 x 9 x 8 = 144
+    x = make_input(3, 16, (21, 19), dtype, integer=True, seed=16)  # M = 3 x 10 x 9 = 270
+    assert 270 >= CPU_TORCH_CONV_MIN_M
     dense_conv = _torch_conv_wins(dtype, 16 * 9)
     gemm_calls = []
     real = type(layer)._sparse_linear
@@ -172,6 +173,28 @@ def test_cpu_backend_traced_module_serves_any_batch():
         traced = torch.jit.trace(layer, make_input(2, 8, (5, 6), torch.float32, integer=True, seed=14))
         x = make_input(3, 8, (5, 6), torch.float32, integer=True, seed=15)
         assert torch.equal(traced(x).double(), reference(layer, x))
+
+
+@pytest.mark.parametrize("case", ["few pixels", "weight past the scratch", "1x1 view"])
+def test_cpu_backend_keeps_the_patch_gemm_where_it_wins(monkeypatch, case):
+    # Below CPU_TORCH_CONV_MIN_M pixels the sparse GEMM reads half the weight bytes; a weight past
+    # the dense-tile scratch would be decompressed afresh each call; a 1 x 1, stride 1 convolution
+    # of a channels_last input has its patch matrix as a view, with no gather to save.
+    kernel, stride, batch, hw = (1, 1, 3, (21, 19)) if case == "1x1 view" else (3, 2, 3, (21, 19))
+    if case == "few pixels":
+        batch, hw = 1, (9, 9)  # M = 25
+    layer = make_layer(16, 24, kernel, stride, kernel // 2, 1, torch.float32, integer=True, seed=22)
+    layer.backend = "cpu"
+    if case == "weight past the scratch":
+        monkeypatch.setattr(ops, "_CPU_TILE_BYTES", 24 * 16 * 9 * 4 - 4)
+    x = make_input(batch, 16, hw, torch.float32, integer=True, seed=23).to(memory_format=torch.channels_last)
+    gemm_calls = []
+    real = type(layer)._sparse_linear
+    monkeypatch.setattr(type(layer), "_sparse_linear", lambda self, cols: (gemm_calls.append(cols.shape),
+                                                                           real(self, cols))[1])
+    with torch.no_grad():
+        y = layer(x)
+    assert gemm_calls and torch.equal(y.double(), reference(layer, x))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "f16"])

@@ -481,15 +481,20 @@ def test_launch_scratch_is_safe_across_graph_replays_and_streams(quantize):
 
 
 @pytest.mark.parametrize("quantize", [None, "int8"])
-def test_an_in_place_metadata_copy_refreshes_the_reordered_metadata(quantize):
-    # A copy_ into the buffers (a broadcast from another rank, an edit) keeps every tensor object
-    # and data pointer: the metadata's version counter is what tells the reordered copy is stale.
+def test_a_swapped_or_overwritten_metadata_refreshes_the_reordered_metadata(quantize):
+    # functional_call swaps tensors past __setattr__; a copy_ into the buffers (a broadcast from
+    # another rank, an edit) keeps every tensor object and data pointer, and the metadata's version
+    # counter is what tells the reordered copy is stale.
     torch.manual_seed(25)
     layer, other = (SparseLinear.from_dense(nn.Linear(32, 16), dtype=torch.float16, backend="simt",
                                             quantize=quantize) for _ in range(2))
     x = torch.randn(3, 32).half()
     with torch.no_grad():
         layer(x)  # reorders and plans
+        # Swapped past __setattr__: torch.func.functional_call, then the layer's own tensors again.
+        before = layer(x)
+        assert torch.equal(torch.func.functional_call(layer, dict(other.state_dict()), (x,)), other(x))
+        assert torch.equal(layer(x), before)
         for name, tensor in other.state_dict().items():
             getattr(layer, name).copy_(tensor)
         assert torch.equal(layer(x), other(x))
@@ -501,6 +506,7 @@ def test_a_layer_made_under_inference_mode_runs_on_the_kernel_path():
         layer = SparseLinear.from_dense(nn.Linear(32, 16), dtype=torch.float16, backend="simt")
         x = torch.randn(3, 32).half()
         y = layer(x)
+    assert layer._eager_plan is not None  # the kernel path ran (it checks the metadata first)
     oracle.assert_close_to_oracle(y, x, layer.dense_weight(), layer.bias.detach(), None)
 
 
@@ -671,6 +677,15 @@ def test_init_empty_weights_keeps_ties_attributes_and_lazy_modules():
         lazy = nn.LazyLinear(8)  # no shape yet: left as it is
     assert encoder.weight is decoder.weight and encoder.weight.is_meta and encoder.weight.plan == "rowwise"
     assert isinstance(lazy.weight, nn.parameter.UninitializedParameter)
+    import weakref
+
+    with sparsegemm.init_empty_weights():
+        real = nn.Parameter(torch.ones(8))
+        gone = weakref.ref(real)
+        holder = nn.Module()
+        holder.weight = real
+        del real
+        assert gone() is None and holder.weight.is_meta  # the real parameters it replaces are not kept
 
 
 def test_init_empty_weights_blocks_overlapping_across_threads_restore_registration():
@@ -712,10 +727,9 @@ def test_load_ties_as_the_model_does(tmp_path):
     assert _header(path)["format"] == "sparsegemm.checkpoint.v2"  # v1 readers would miss the alias table
     untied = _TiedLM()
     untied.head.weight = nn.Parameter(untied.head.weight.detach().clone())
-    for device in (None, "cpu"):
-        loaded = sparsegemm.load(path, untied, device=device)
-        assert loaded.head.weight.data_ptr() != loaded.embed.weight.data_ptr()
-        assert torch.equal(loaded.head.weight, loaded.embed.weight)
+    loaded = sparsegemm.load(path, untied, device="cpu")  # assigned tensors: the one place they could share
+    assert loaded.head.weight.data_ptr() != loaded.embed.weight.data_ptr()
+    assert torch.equal(loaded.head.weight, loaded.embed.weight)
     # A model that ties two tensors a checkpoint holds apart: equal (a file from before the alias
     # table) loads; different is an error, not one of them silently.
     untied_path = tmp_path / "untied.safetensors"
@@ -754,6 +768,9 @@ def test_load_checks_a_convolutions_geometry(tmp_path):
     assert isinstance(again[0], SparseConv2d) and again[0].stride == (2, 2)
     with pytest.raises(ValueError, match=r"module '0' was a Conv2d 16 -> 32 with kernel_size=\[3, 3\], stride=\[2, 2\]"):
         sparsegemm.load(path, nn.Sequential(nn.Conv2d(16, 32, 3, padding=1)))
+    for kwargs, why in (({"groups": 2}, "grouped convolution"), ({"padding_mode": "reflect"}, "padding_mode")):
+        with pytest.raises(ValueError, match=f"module '0' is a SparseConv2d in the checkpoint, .*{why}"):
+            sparsegemm.load(path, nn.Sequential(nn.Conv2d(16, 32, 3, padding=1, stride=2, **kwargs)))
     table = json.loads(_header(path)["converted"])
     for key, value in (("stride", [0, 0]), ("padding", [-5, -5]), ("dilation", [0, 1]), ("kernel_size", "3")):
         bad_table = json.loads(json.dumps(table))
