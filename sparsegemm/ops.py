@@ -955,16 +955,42 @@ def launch_s8_dynamic(api: str, stream: int, x: Tensor, values: Tensor, kernel_m
                     fmt.DTYPE_CODES[y.dtype], activation)
 
 
-def _int8_gemm_backward(ctx, *grads):
-    raise RuntimeError("sparsegemm: the INT8 GEMM is inference-only: no gradient flows through the integer grid "
-                       "(fine-tune the fp16 / bf16 SparseLinear, then quantize; or run the model under "
-                       "torch.no_grad())")
+_INT8_BACKWARD_REFUSED = ("sparsegemm: the INT8 GEMM is inference-only: no gradient flows through the integer grid "
+                          "(fine-tune the fp16 / bf16 SparseLinear, then quantize; or run the model under "
+                          "torch.no_grad())")
+
+
+@_custom_op("sparsegemm::int8_gradient")
+def _int8_gradient(grad: Tensor, shape: list[int], dtype: torch.dtype) -> Tensor:
+    """The gradient an INT8 op would pass back to a float input: none exists, and running this
+    says so. An op, not a raise in the backward formulas: torch.compile traces those formulas (on
+    fake tensors) for a model in grad mode, which must compile and run forward; only a backward
+    that actually runs reaches this."""
+    raise RuntimeError(_INT8_BACKWARD_REFUSED)
+
+
+@_int8_gradient.register_fake
+def _(grad: Tensor, shape: list[int], dtype: torch.dtype) -> Tensor:
+    return grad.new_empty(shape, dtype=dtype)
+
+
+def _float_input_shapes(ctx, inputs, output) -> None:
+    ctx.shapes = [(list(t.shape), t.dtype) if isinstance(t, Tensor) else None for t in inputs]
+
+
+def _int8_backward(ctx, *grads):
+    """Every float input that needs a gradient gets an _int8_gradient, which refuses when run. It
+    is made from the gradient of the op's float output (the last: quantize_rows' int8 x_q has
+    none), so that it belongs to the backward graph."""
+    grad = grads[-1]
+    return tuple(_int8_gradient(grad, *ctx.shapes[i]) if needed and ctx.shapes[i] is not None else None
+                 for i, needed in enumerate(ctx.needs_input_grad))
 
 
 # An INT8 layer runs in grad mode (behind a trainable LayerNorm, say: an evaluation without
-# torch.no_grad()); it is a backward through it that is refused, with this message.
-_linear_s8.register_autograd(_int8_gemm_backward)
-_linear_s8_dynamic.register_autograd(_int8_gemm_backward)
+# torch.no_grad()), eager or compiled; it is a backward through it that is refused, with this message.
+for _op in (_quantize_rows, _linear_s8, _linear_s8_dynamic):
+    _op.register_autograd(_int8_backward, setup_context=_float_input_shapes)
 
 
 @_linear_s8_dynamic.register_fake

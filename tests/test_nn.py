@@ -532,10 +532,12 @@ def test_int8_layers_keep_float32_scales_through_dtype_moves_and_are_inference_o
     # Forward in grad mode (behind trainable layers, an evaluation without no_grad) runs; a backward
     # through the integer GEMM is what is refused.
     x_grad = x.clone().requires_grad_()
-    y = model(x_grad)
-    assert torch.equal(y, model(x))
-    with pytest.raises(RuntimeError, match=r"the INT8 GEMM is inference-only"):
-        y.float().sum().backward()
+    torch._dynamo.reset()
+    for run in (model, torch.compile(model)):  # compiled too: torch.compile traces the backward formulas
+        y = run(x_grad)
+        assert torch.equal(y, model(x))
+        with pytest.raises(RuntimeError, match=r"the INT8 GEMM is inference-only"):
+            y.float().sum().backward()
     torch._dynamo.reset()
     assert torch.equal(torch.compile(model, fullgraph=True)(x), model(x))  # grad mode, frozen layers
     layer.set_input_scale(0.05)  # static mode: the scale stays a tensor, no host read per call
