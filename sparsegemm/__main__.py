@@ -74,7 +74,11 @@ def cmd_report(args) -> int:
     """Per-layer sizes of a checkpoint written by sparsegemm.save."""
     from sparsegemm.io import describe
 
-    print(describe(args.path))
+    try:
+        print(describe(args.path))
+    except (OSError, ValueError) as exc:  # missing, unreadable, not a sparsegemm checkpoint: one line
+        print(exc, file=sys.stderr)
+        return 2
     return 0
 
 

@@ -2,6 +2,7 @@
 import csv
 import json
 
+import pytest
 import torch
 
 from sparsegemm import bench
@@ -18,8 +19,10 @@ def test_bench_rows_and_outputs(tmp_path):
     assert rows[0].pct_peak_bw != rows[0].pct_peak_bw  # no GPU peak on the CPU: NaN
     env = bench.environment(torch.device("cpu"))
     bench.write_outputs(env, rows, str(tmp_path / "r.json"), str(tmp_path / "r.csv"), None)
-    data = json.loads((tmp_path / "r.json").read_text())
+    text = (tmp_path / "r.json").read_text()
+    data = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))  # strict: no NaN
     assert data["environment"]["torch"] == torch.__version__ and len(data["rows"]) == 2
+    assert data["rows"][0]["pct_peak_bw"] is None
     assert len(list(csv.DictReader(open(tmp_path / "r.csv")))) == 2
     assert "| cpu | bfloat16 | tiny | 3 | 64 | 128 | sparsegemm |" in bench.markdown(rows)
 
@@ -36,7 +39,6 @@ def test_unavailable_baseline_becomes_a_note_row():
     out = rows.finish()
     assert out[1].note == "RuntimeError: not on this device" and out[1].ms != out[1].ms
     assert "skipped: RuntimeError: not on this device" in bench.markdown(out)
-    import pytest
     with pytest.raises(RuntimeError):
         rows.add("sparsegemm", refuses, 10)  # our own method failing is an error, not a note
 

@@ -1,5 +1,6 @@
 """SparseLinear / SparseConv2d / sparsify / save-load on the CPU."""
 import os
+import subprocess
 
 import pytest
 import torch
@@ -140,6 +141,12 @@ def test_save_load_round_trip_and_size(tmp_path):
         assert "zstd -3:" in out
     except ImportError:
         assert "install zstandard" in out
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(subprocess.CalledProcessError) as failed:
+        run_cli("report", str(truncated), cwd=tmp_path)
+    assert failed.value.returncode == 2 and "Traceback" not in failed.value.stderr
+    assert "is not a readable safetensors file" in failed.value.stderr
 
 
 def test_files_and_state_dicts_from_before_the_metadata_rename_load(tmp_path):
