@@ -10,7 +10,8 @@ from torch import nn
 from ._progress import progress_bar
 from .functional import mask_2to4
 from .io import check_outside_empty_weights
-from .nn import SparseConv2d, SparseGatedMLP, SparseLinear, conv_skip_reason, gated_mlp_activation, gated_mlp_parts
+from .nn import (SparseConv2d, SparseExperts, SparseGatedMLP, SparseLinear, conv_skip_reason, experts_activation,
+                 gated_mlp_activation, gated_mlp_parts)
 
 __all__ = ["sparsify", "SparsifyReport", "LayerReport"]
 
@@ -18,7 +19,8 @@ __all__ = ["sparsify", "SparsifyReport", "LayerReport"]
 @dataclass
 class LayerReport:
     name: str
-    kind: str                    # "Linear", "Conv2d" or "Linear (gated)": a gated MLP's gate_proj + up_proj
+    kind: str                    # "Linear", "Conv2d", "Linear (gated)" (a gated MLP's gate_proj + up_proj),
+    #                              "Experts (gated)" / "Experts" (a mixture's gate_up_proj / down_proj, all experts)
     shape: tuple                 # (N, K) of the GEMM weight
     dense_bytes: int
     compressed_bytes: int
@@ -102,6 +104,7 @@ def sparsify(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
         raise ValueError(f"sparsify: quantize must be None or 'int8', got {quantize!r}")
     check_outside_empty_weights("sparsify")
     report = SparsifyReport()
+    _convert_experts(model, report, dtype, filter_fn, min_features, backend, quantize)
     if fuse_gated_mlp:
         _fuse_gated_mlps(model, report, dtype, filter_fn, min_features, backend, quantize)
     # Names, not modules: a converted layer's dense weight is freed as soon as it is replaced, so
@@ -188,6 +191,45 @@ def _fuse_gated_mlps(model: nn.Module, report: SparsifyReport, dtype, filter_fn,
                                                  quantize=quantize)
         entry.compressed_bytes = new.gate_up.sparse_weight().nbytes
         entry.converted = True
+        _set_submodule(model, name, new)
+
+
+def _convert_experts(model: nn.Module, report: SparsifyReport, dtype, filter_fn, min_features: int, backend,
+                     quantize) -> None:
+    """sparsify's pass over mixtures of experts stored as 3-D parameters (transformers 5): each
+    becomes a SparseExperts, reported as two rows (every expert's gate/up, every expert's down)."""
+    found = [name for name, mod in model.named_modules()
+             if not isinstance(mod, SparseExperts) and isinstance(getattr(mod, "gate_up_proj", None), nn.Parameter)
+             and getattr(mod, "gate_up_proj").dim() == 3]
+    for name in found:  # names: each mixture's dense weights go once it is replaced
+        experts = model.get_submodule(name)
+        gate_up, down = experts.gate_up_proj.detach(), getattr(experts, "down_proj", None)
+        item = dtype.itemsize if dtype is not None else gate_up.element_size()
+        prefix = f"{name}." if name else ""
+        e, two_i, h = gate_up.shape
+        rows = [LayerReport(prefix + "gate_up_proj", "Experts (gated)", (e * two_i, h), gate_up.numel() * item, 0,
+                            _magnitude_kept(*gate_up), False)]
+        if isinstance(down, nn.Parameter) and down.dim() == 3:
+            rows.append(LayerReport(prefix + "down_proj", "Experts", (down.shape[0] * down.shape[1], down.shape[2]),
+                                    down.numel() * item, 0, _magnitude_kept(*down.detach()), False))
+        report.layers.extend(rows)
+        activation, reason = experts_activation(experts)
+        if activation is not None:
+            if not name:
+                reason = "the model itself is the mixture: it cannot be replaced in place"
+            elif filter_fn is not None and not filter_fn(name, experts):
+                reason = "rejected by filter_fn"
+            elif min(two_i // 2, h) < min_features:
+                reason = f"min(N, K) = {min(two_i // 2, h)} < min_features = {min_features}"
+        if activation is None or reason:
+            for row in rows:
+                row.reason = reason
+            continue
+        new = SparseExperts.from_dense(experts, dtype=dtype, backend=backend, quantize=quantize)
+        rows[0].compressed_bytes = sum(layer.sparse_weight().nbytes for layer in new.gate_up)
+        rows[1].compressed_bytes = sum(layer.sparse_weight().nbytes for layer in new.down)
+        for row in rows:
+            row.converted = True
         _set_submodule(model, name, new)
 
 

@@ -22,8 +22,8 @@ from torch import nn
 
 from .format import ACTIVATIONS, GATED_ACTIVATIONS
 from .ops import check_conv_geometry
-from .nn import (SparseConv2d, SparseGatedMLP, SparseLinear, conv_skip_reason, gated_mlp_activation,
-                 gated_mlp_parts)
+from .nn import (SparseConv2d, SparseExperts, SparseGatedMLP, SparseLinear, conv_skip_reason, experts_activation,
+                 gated_mlp_activation, gated_mlp_parts)
 
 __all__ = ["save", "load", "describe", "init_empty_weights"]
 
@@ -36,6 +36,8 @@ _FORMAT_ALIASES = "sparsegemm.checkpoint.v2"
 def _describe(mod: nn.Module) -> dict:
     if isinstance(mod, SparseGatedMLP):  # a container: its two layers are entries of their own
         return {"kind": "SparseGatedMLP", "activation": mod.gate_up.activation}
+    if isinstance(mod, SparseExperts):  # a container too: each expert's two layers are entries
+        return {"kind": "SparseExperts", "num_experts": len(mod.gate_up), "activation": mod.gate_up[0].activation}
     if isinstance(mod, SparseLinear):
         # A fused activation is recorded only where there is one: older files load unchanged.
         fused = {} if mod.activation is None else {"activation": mod.activation}
@@ -58,7 +60,7 @@ def save(model: nn.Module, path: Union[str, "os.PathLike"]) -> None:
     from safetensors.torch import save_file
 
     converted = {name: _describe(mod) for name, mod in model.named_modules()
-                 if isinstance(mod, (SparseLinear, SparseConv2d, SparseGatedMLP))}
+                 if isinstance(mod, (SparseLinear, SparseConv2d, SparseGatedMLP, SparseExperts))}
     # A tied tensor (an LM head sharing the embedding) is one tensor under several state_dict keys:
     # stored once, its other keys listed in the header as aliases of the stored one.
     tensors, aliases, first_key = {}, {}, {}
@@ -99,10 +101,29 @@ def _build_gated_mlp(name: str, spec: dict, dense: nn.Module) -> SparseGatedMLP:
     return SparseGatedMLP(gate_up, parts.down)
 
 
+def _build_experts(name: str, spec: dict, dense: nn.Module) -> SparseExperts:
+    """The SparseExperts shell of a checkpoint entry: empty SparseLinear layers of the dense
+    mixture's shapes, which the entries of every expert's two layers fill."""
+    activation, why = experts_activation(dense)
+    experts = _field(name, spec, "num_experts", int)
+    if activation is None or activation != spec.get("activation") or dense.gate_up_proj.shape[0] != experts:
+        found = (f"{dense.gate_up_proj.shape[0]} experts with {activation!r}" if activation is not None
+                 else f"not a mixture of experts ({why})")
+        raise ValueError(f"sparsegemm.load: module {name!r} was a mixture of {experts} experts with activation "
+                         f"{spec.get('activation')!r} when saved, the model's is {found}")
+    w = dense.gate_up_proj
+    hidden, inner = w.shape[2], w.shape[1] // 2
+    return SparseExperts(
+        [SparseLinear(hidden, inner, False, dtype=w.dtype, device=w.device, activation=activation) for _ in range(experts)],
+        [SparseLinear(inner, hidden, False, dtype=w.dtype, device=w.device) for _ in range(experts)])
+
+
 def _build(name: str, spec: dict, dense: nn.Module) -> nn.Module:
     _field(name, spec, "kind", str)
     if spec["kind"] == "SparseGatedMLP":
         return _build_gated_mlp(name, spec, dense)
+    if spec["kind"] == "SparseExperts":
+        return _build_experts(name, spec, dense)
     _field(name, spec, "bias", bool)
     for key in ("in_features", "out_features") if spec["kind"] == "SparseLinear" else ("in_channels", "out_channels"):
         _field(name, spec, key, int)
@@ -227,7 +248,7 @@ def load(path: Union[str, "os.PathLike"], model: nn.Module, *, device=None) -> n
             if isinstance(exc, ValueError) and str(exc).startswith("sparsegemm.load"):
                 raise
             raise ValueError(f"sparsegemm.load: module {name!r}: corrupt entry in the module table ({exc!r})") from exc
-        if isinstance(new, SparseGatedMLP):  # no tensors of its own
+        if isinstance(new, (SparseGatedMLP, SparseExperts)):  # no tensors of its own
             replacements[name] = new
             continue
         prefix = f"{name}." if name else ""
@@ -388,7 +409,7 @@ def _describe_file(safe_open, path) -> str:
     lines = [f"{'module':40s} {'kind':13s} {'N x K':>13s} {'dense':>12s} {'stored':>12s} {'ratio':>7s}"]
     total_dense = total_stored = 0
     for name, spec in converted.items():
-        if spec.get("kind") == "SparseGatedMLP":  # a container: its layers have rows of their own
+        if spec.get("kind") in ("SparseGatedMLP", "SparseExperts"):  # containers: their layers have rows
             continue
         prefix = f"{name}." if name else ""
         n = spec.get("out_features", spec.get("out_channels"))

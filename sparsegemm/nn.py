@@ -542,6 +542,94 @@ class SparseGatedMLP(nn.Module):
         return self.down_proj(self.gate_up(x))
 
 
+def experts_activation(experts: nn.Module) -> tuple[Optional[str], str]:
+    """(gated activation, "") when ``experts`` holds a mixture of experts the way transformers 5
+    does (Mixtral, Qwen-MoE, ...: ``gate_up_proj`` [E, 2I, H] with each expert's gate rows first,
+    ``down_proj`` [E, H, I], ``act_fn``, and ``forward(hidden_states, top_k_index, top_k_weights)``
+    summing ``weight * down(act(gate(x)) * up(x))`` over each token's experts) with an activation
+    that computes SiLU, exact GELU or ReLU; else (None, why not). The forward is checked on a probe
+    (four tokens, two experts each) against that formula on the module's own weights."""
+    gate_up, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
+    if not (isinstance(gate_up, nn.Parameter) and isinstance(down, nn.Parameter) and gate_up.dim() == 3
+            and down.dim() == 3 and hasattr(experts, "act_fn")):
+        return None, "no 3-D experts layout (gate_up_proj [E, 2I, H], down_proj [E, H, I], act_fn)"
+    e, two_i, h = gate_up.shape
+    if two_i % 2 or tuple(down.shape) != (e, h, two_i // 2):
+        return None, f"gate_up_proj {tuple(gate_up.shape)} and down_proj {tuple(down.shape)} do not chain"
+    if (two_i // 2) % fmt.GATE_ROWS:
+        return None, f"intermediate size {two_i // 2} is not a multiple of {fmt.GATE_ROWS}"
+    activation = _gated_activation_of(experts.act_fn, gate_up.device)
+    if activation is None:
+        return None, (f"its activation {type(experts.act_fn).__name__} computes none of SiLU, exact GELU, ReLU "
+                      "(no fused gated epilogue)")
+    if gate_up.is_meta:  # an empty shell (load with device=): checked when its model was sparsified
+        return activation, ""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, h, generator=gen).to(gate_up.device, gate_up.dtype)
+    index = torch.stack([torch.arange(4) % e, (torch.arange(4) + 1) % e], dim=1).to(gate_up.device)
+    weights = torch.rand(4, 2, generator=gen).to(gate_up.device, gate_up.dtype)
+    with torch.no_grad():
+        try:
+            got = experts(x, index, weights)
+        except Exception as exc:  # another forward signature
+            return None, f"its forward cannot be probed as forward(hidden_states, top_k_index, top_k_weights) " \
+                         f"({type(exc).__name__})"
+        want = torch.zeros_like(x)
+        for slot in range(2):
+            for token in range(4):
+                g, u = torch.nn.functional.linear(x[token], gate_up[index[token, slot]]).chunk(2)
+                want[token] += weights[token, slot] * torch.nn.functional.linear(experts.act_fn(g) * u,
+                                                                                 down[index[token, slot]])
+    if not isinstance(got, Tensor) or got.shape != want.shape or not torch.allclose(
+            got.float(), want.float(), rtol=1e-3, atol=1e-3 * (float(want.float().abs().max()) + 1e-30)):
+        return None, "its forward is not the sum of weight * down(act(gate(x)) * up(x)) over each token's experts"
+    return activation, ""
+
+
+class SparseExperts(nn.Module):
+    """A mixture of experts as transformers 5 stores it (see :func:`experts_activation`) with each
+    expert 2:4: ``gate_up[e]`` one SparseLinear with the gated epilogue, ``down[e]`` a SparseLinear.
+    ``forward(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k])`` as the dense module's:
+    each expert runs its GEMMs on the tokens routed to it (rows of hidden_states gathered), and
+    ``weight * output`` is added into those tokens' rows."""
+
+    def __init__(self, gate_up: list, down: list):
+        super().__init__()
+        if len(gate_up) != len(down) or not gate_up:
+            raise ValueError(f"SparseExperts: gate_up and down need one layer per expert, got {len(gate_up)} "
+                             f"and {len(down)}")
+        self.gate_up, self.down = nn.ModuleList(gate_up), nn.ModuleList(down)
+
+    @classmethod
+    def from_dense(cls, experts: nn.Module, *, dtype: Optional[torch.dtype] = None, prune: bool = True,
+                   backend: Optional[str] = None, quantize: Optional[str] = None) -> "SparseExperts":
+        activation, why = experts_activation(experts)
+        if activation is None:
+            raise ValueError(f"SparseExperts.from_dense: {type(experts).__name__} is not a mixture of experts "
+                             f"this can hold: {why}")
+        gate_up, down = experts.gate_up_proj.detach(), experts.down_proj.detach()
+        half = gate_up.shape[1] // 2
+        args = {"dtype": dtype, "prune": prune, "backend": backend, "quantize": quantize}
+        gate_ups = [SparseLinear._from_gate_up_weights((w[:half], None), (w[half:], None), activation, **args)
+                    for w in gate_up]
+        downs = []
+        for w in down:
+            layer = SparseLinear(w.shape[1], w.shape[0], False, dtype=dtype or w.dtype, device=w.device,
+                                 backend=backend, quantize=quantize)
+            layer._load_compressed(_compress_weight(w, dtype or w.dtype, prune, quantize), None)
+            downs.append(layer)
+        return cls(gate_ups, downs)
+
+    def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+        out = torch.zeros_like(hidden_states)
+        for expert, (gate_up, down) in enumerate(zip(self.gate_up, self.down)):
+            token, slot = torch.where(top_k_index == expert)
+            if token.numel():
+                y = down(gate_up(hidden_states[token])) * top_k_weights[token, slot, None]
+                out.index_add_(0, token, y.to(out.dtype))
+        return out
+
+
 class SparseConv2d(_SparseWeight):
     """``nn.Conv2d`` (groups = 1) with a 2:4-compressed weight.
 

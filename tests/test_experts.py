@@ -1,0 +1,142 @@
+"""Mixtures of experts stored as 3-D parameters (transformers 5's layout): SparseExperts,
+sparsify's pass over them, and their checkpoints. The dense module here is a copy of that layout
+(transformers is not a test dependency); the README's check against MixtralForCausalLM was by hand.
+"""
+import pytest
+import torch
+from torch import nn
+
+import sparsegemm
+from sparsegemm import oracle
+from sparsegemm.nn import SparseExperts, experts_activation
+
+
+class Experts(nn.Module):
+    """transformers 5's MixtralExperts: gate_up_proj [E, 2I, H] (gate rows first), down_proj [E, H, I]."""
+
+    def __init__(self, experts=4, hidden=64, inner=32, act=None):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.randn(experts, 2 * inner, hidden) / hidden ** 0.5)
+        self.down_proj = nn.Parameter(torch.randn(experts, hidden, inner) / inner ** 0.5)
+        self.act_fn = act or nn.SiLU()
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden_states)
+        for expert in range(self.gate_up_proj.shape[0]):
+            token, slot = torch.where(top_k_index == expert)
+            gate, up = nn.functional.linear(hidden_states[token], self.gate_up_proj[expert]).chunk(2, dim=-1)
+            y = nn.functional.linear(self.act_fn(gate) * up, self.down_proj[expert])
+            out.index_add_(0, token, y * top_k_weights[token, slot, None])
+        return out
+
+
+class Unweighted(Experts):
+    """Ignores the routing weights: not the formula SparseExperts computes."""
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        return super().forward(hidden_states, top_k_index, torch.ones_like(top_k_weights))
+
+
+class MoEBlock(nn.Module):
+    def __init__(self, experts=4, hidden=64):
+        super().__init__()
+        self.router = nn.Linear(hidden, experts, bias=False)
+        self.experts = Experts(experts, hidden)
+
+    def forward(self, x):
+        weights, index = self.router(x).softmax(-1).topk(2, dim=-1)
+        return self.experts(x, index, weights.to(x.dtype))
+
+
+def routing(tokens=9, experts=4, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, 64, generator=gen)
+    index = torch.randint(0, experts, (tokens, 2), generator=gen)
+    index[0] = torch.tensor([1, 1])  # one token routed to the same expert twice
+    return x, index, torch.rand(tokens, 2, generator=gen)
+
+
+def pruned_dense(sparse: SparseExperts, like: Experts) -> Experts:
+    """``like`` with the weights ``sparse`` holds (pruned; the gate / up rows split back apart)."""
+    dense = Experts(len(sparse.gate_up), like.gate_up_proj.shape[2], like.down_proj.shape[2], like.act_fn)
+    with torch.no_grad():
+        for e, (gate_up, down) in enumerate(zip(sparse.gate_up, sparse.down)):
+            dense.gate_up_proj[e] = torch.cat(sparsegemm.format.split_gate_up(gate_up.dense_weight().float()))
+            dense.down_proj[e] = down.dense_weight().float()
+    return dense
+
+
+@pytest.mark.parametrize("backend", ["cpu", "simt"])
+def test_sparse_experts_match_the_dense_mixture_on_the_pruned_weights(backend):
+    torch.manual_seed(1)
+    dense = Experts()
+    assert experts_activation(dense) == ("swiglu", "")
+    sparse = SparseExperts.from_dense(dense, dtype=torch.float16 if backend == "simt" else None, backend=backend)
+    x, index, weights = routing()
+    reference = pruned_dense(sparse, dense)
+    with torch.no_grad():
+        want = reference(x, index, weights)
+        got = sparse(x.to(sparse.gate_up[0].values.dtype), index, weights.to(sparse.gate_up[0].values.dtype))
+    tolerance = 2e-2 if backend == "simt" else 1e-5
+    assert torch.allclose(got.float(), want, rtol=tolerance, atol=tolerance)
+    # Each expert's layers: its gate / up one gated 2:4 GEMM, its down another (oracle tolerance).
+    gate_up = sparse.gate_up[2]
+    rows = x[:5].to(gate_up.values.dtype)
+    with torch.no_grad():
+        oracle.assert_close_to_oracle(gate_up(rows), rows, gate_up.dense_weight(), None, "swiglu")
+
+
+def test_int8_experts_stay_close_to_the_fp32_2to4_mixture():
+    torch.manual_seed(2)
+    dense = Experts()
+    fp32 = SparseExperts.from_dense(dense)
+    int8 = SparseExperts.from_dense(dense, quantize="int8")
+    x, index, weights = routing(seed=3)
+    with torch.no_grad():
+        want, got = fp32(x, index, weights), int8(x, index, weights)
+    assert (got - want).norm() / want.norm() < 0.03
+
+
+def test_experts_activation_says_why_a_module_is_no_mixture():
+    assert experts_activation(nn.Linear(4, 4))[1].startswith("no 3-D experts layout")
+    assert "computes none of SiLU" in experts_activation(Experts(act=nn.Tanh()))[1]
+    assert "not the sum of weight" in experts_activation(Unweighted())[1]
+    assert "not a multiple of 8" in experts_activation(Experts(inner=20))[1]
+    with pytest.raises(ValueError, match="SparseExperts.from_dense: Unweighted is not a mixture"):
+        SparseExperts.from_dense(Unweighted())
+
+
+def test_sparsify_converts_mixtures_reports_them_and_round_trips(tmp_path):
+    torch.manual_seed(4)
+    model = nn.Sequential(MoEBlock(), nn.GELU(), MoEBlock())
+    model[2].experts = Unweighted()  # left dense, with the reason
+    x = torch.randn(6, 64)
+    report = sparsegemm.sparsify(model, min_features=16)
+    rows = {layer.name: layer for layer in report.layers}
+    assert rows["0.experts.gate_up_proj"].converted and rows["0.experts.down_proj"].converted
+    assert rows["0.experts.gate_up_proj"].shape == (4 * 64, 64) and rows["0.experts.down_proj"].shape == (4 * 64, 32)
+    assert rows["0.experts.gate_up_proj"].compressed_bytes == sum(
+        layer.sparse_weight().nbytes for layer in model[0].experts.gate_up)
+    assert "not the sum of weight" in rows["2.experts.gate_up_proj"].reason
+    assert isinstance(model[0].experts, SparseExperts) and isinstance(model[2].experts, Unweighted)
+    assert "min_features" in rows["0.router"].reason  # 4 experts: too small to convert
+    with torch.no_grad():
+        want = model(x)
+    path = tmp_path / "moe.safetensors"
+    sparsegemm.save(model, path)
+
+    def build():
+        fresh = nn.Sequential(MoEBlock(), nn.GELU(), MoEBlock())
+        fresh[2].experts = Unweighted()
+        return fresh
+
+    with sparsegemm.init_empty_weights():
+        shell = build()
+    for target, kwargs in ((build(), {}), (shell, {"device": "cpu"})):
+        loaded = sparsegemm.load(path, target, **kwargs)
+        assert isinstance(loaded[0].experts, SparseExperts)
+        with torch.no_grad():
+            assert torch.equal(loaded(x), want)
+    other = nn.Sequential(MoEBlock(experts=8), nn.GELU(), MoEBlock())
+    with pytest.raises(ValueError, match=r"module '0.experts' was a mixture of 4 experts .* the model's is 8 experts"):
+        sparsegemm.load(path, other)
