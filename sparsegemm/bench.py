@@ -468,12 +468,21 @@ def markdown(rows: list) -> str:
 def write_outputs(env: dict, rows: list, json_path: Optional[str], csv_path: Optional[str],
                   plot_path: Optional[str]) -> None:
     if json_path:
-        # A figure that does not apply (no peak known, no error measured) is NaN in the rows and null
-        # here: NaN is not JSON, and strict parsers (JavaScript's, jq) refuse the file.
-        rows_json = [{key: None if isinstance(value, float) and value != value else value
-                      for key, value in asdict(r).items()} for r in rows]
+        # A figure that does not apply (no peak known for this GPU, no error measured) is NaN in the
+        # rows and the environment, and null here: NaN is not JSON, strict parsers (JavaScript's, jq)
+        # refuse the file.
+        def strict(value):
+            if isinstance(value, float) and value != value:
+                return None
+            if isinstance(value, dict):
+                return {key: strict(item) for key, item in value.items()}
+            if isinstance(value, (list, tuple)):
+                return [strict(item) for item in value]
+            return value
+
+        document = strict({"environment": env, "rows": [asdict(r) for r in rows]})
         with open(json_path, "w") as f:
-            json.dump({"environment": env, "rows": rows_json}, f, indent=1, allow_nan=False)
+            json.dump(document, f, indent=1, allow_nan=False)
     if csv_path:
         with open(csv_path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0]).keys()))

@@ -52,12 +52,12 @@ class SparsifyReport:
         return {"layers": [asdict(layer) for layer in self.layers], "totals": self.totals()}
 
     def __str__(self) -> str:
-        rows = [f"{'layer':40s} {'kind':14s} {'N x K':>13s} {'dense':>10s} {'2:4':>10s} {'kept |w|':>8s}  note"]
+        rows = [f"{'layer':40s} {'kind':15s} {'N x K':>13s} {'dense':>10s} {'2:4':>10s} {'kept |w|':>8s}  note"]
         for layer in self.layers:
             nk = f"{layer.shape[0]} x {layer.shape[1]}"
             note = "" if layer.converted else f"skipped: {layer.reason}"
             comp = f"{layer.compressed_bytes:,}" if layer.converted else "-"
-            rows.append(f"{layer.name:40.40s} {layer.kind:14s} {nk:>13s} {layer.dense_bytes:>10,} {comp:>10s} "
+            rows.append(f"{layer.name:40.40s} {layer.kind:15s} {nk:>13s} {layer.dense_bytes:>10,} {comp:>10s} "
                         f"{layer.magnitude_kept:>8.1%}  {note}")
         t = self.totals()
         rows.append(f"total: {t['converted']} converted, {t['skipped']} skipped; {t['dense_bytes']:,} -> "
@@ -86,12 +86,17 @@ def sparsify(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
              quantize: Optional[str] = None, fuse_gated_mlp: bool = False) -> SparsifyReport:
     """Replace every eligible nn.Linear / nn.Conv2d of ``model`` in place by its 2:4 version.
 
-    Skipped (and said why in the report): modules ``filter_fn(name, module)`` rejects, layers with
+    ``filter_fn(name, module)`` is called with each candidate: nn.Linear, nn.Conv2d, a gated MLP's
+    projections (``fuse_gated_mlp``) and each mixture-of-experts module (3-D weights, see below).
+    Skipped (and said why in the report): modules ``filter_fn`` rejects, layers with
     fewer than ``min_features`` inputs or outputs (too small to gain), grouped / depthwise convs,
     layers whose weight is shared (a tied LM head: its other holder keeps the dense tensor).
     ``dtype`` converts the weights (default: keep theirs). ``quantize="int8"`` also quantizes the
     Linear layers (int8 values, per-row scale, per-token activations; ``dtype`` is then their
     activation dtype); Conv2d layers keep a floating 2:4 weight.
+
+    Mixtures of experts stored as transformers 5 does (:func:`sparsegemm.nn.experts_activation`)
+    become :class:`SparseExperts` in any call.
 
     ``fuse_gated_mlp``: every gated MLP in a transformers layout (Llama, Mistral, Qwen2, ...:
     ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``; Mixtral experts' w1 / w3 / w2; Phi-3's
@@ -201,6 +206,9 @@ def _convert_experts(model: nn.Module, report: SparsifyReport, dtype, filter_fn,
     found = [name for name, mod in model.named_modules()
              if not isinstance(mod, SparseExperts) and isinstance(getattr(mod, "gate_up_proj", None), nn.Parameter)
              and getattr(mod, "gate_up_proj").dim() == 3]
+    holders: dict[int, list[str]] = {}  # parameter -> every name it has in the model
+    for param_name, param in model.named_parameters(remove_duplicate=False):
+        holders.setdefault(id(param), []).append(param_name)
     for name in found:  # names: each mixture's dense weights go once it is replaced
         experts = model.get_submodule(name)
         gate_up, down = experts.gate_up_proj.detach(), getattr(experts, "down_proj", None)
@@ -214,8 +222,13 @@ def _convert_experts(model: nn.Module, report: SparsifyReport, dtype, filter_fn,
                                     down.numel() * item, 0, _magnitude_kept(*down.detach()), False))
         report.layers.extend(rows)
         activation, reason = experts_activation(experts)
+        shared = [holder for param in experts.parameters() for holder in holders.get(id(param), [])
+                  if not holder.startswith(prefix)]
         if activation is not None:
-            if not name:
+            if shared:  # as in the layer pass: the other holders would keep the dense tensors
+                reason = (f"weights shared with {', '.join(shared)}, which would keep the dense tensors: a "
+                          "compressed copy would add bytes (untie them to convert this mixture)")
+            elif not name:
                 reason = "the model itself is the mixture: it cannot be replaced in place"
             elif filter_fn is not None and not filter_fn(name, experts):
                 reason = "rejected by filter_fn"

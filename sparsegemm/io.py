@@ -392,8 +392,10 @@ def describe(path: Union[str, "os.PathLike"]) -> str:
 
     try:
         return _describe_file(safe_open, path)
-    except (ValueError, KeyError, TypeError):
+    except ValueError:
         raise
+    except (KeyError, TypeError, AttributeError) as exc:  # a header or module table not as save writes it
+        raise ValueError(f"sparsegemm report: {path} has a corrupt header or module table ({exc!r})") from exc
     except Exception as exc:  # safetensors' own error types for truncated or corrupt files
         raise ValueError(f"sparsegemm report: {path} is not a readable safetensors file ({exc})") from exc
 

@@ -494,16 +494,22 @@ def gated_mlp_activation(mlp: nn.Module, parts: Optional[GatedParts]) -> tuple[O
         # checked, its forward was when the checkpoint's model was sparsified.
         return activation, ""
     linear = torch.nn.functional.linear
-    probe = torch.randn(1, w_gate.shape[1], generator=torch.Generator().manual_seed(0)).to(w_gate.device, w_gate.dtype)
-    with torch.no_grad():
-        try:
-            got = mlp(probe)
-            want = parts.down(parts.act(linear(probe, w_gate, b_gate)) * linear(probe, w_up, b_up))
-        except Exception as exc:  # a forward that needs more than x (or fails on it) is not the plain MLP
-            return None, f"its forward cannot be probed with one input ({type(exc).__name__})"
-    if got.shape != want.shape or not torch.allclose(got.float(), want.float(), rtol=1e-3, atol=1e-3 * (
-            float(want.float().abs().max()) + 1e-30)):
-        return None, "its forward is not down(act(gate(x)) * up(x))"
+    # A random token, and one whose first gate and up pre-activations are about 50: past the limit
+    # of a clamped SwiGLU (DeepSeek-V4's MLP clamps at 10), which the random token stays within.
+    random = torch.randn(w_gate.shape[1], generator=torch.Generator().manual_seed(0))
+    gate0, up0 = w_gate[0].detach().float().cpu(), w_up[0].detach().float().cpu()
+    large = 50 * (gate0 / gate0.square().sum() + up0 / up0.square().sum())
+    for probe in (random, large):
+        probe = probe[None].to(w_gate.device, w_gate.dtype)
+        with torch.no_grad():
+            try:
+                got = mlp(probe)
+                want = parts.down(parts.act(linear(probe, w_gate, b_gate)) * linear(probe, w_up, b_up))
+            except Exception as exc:  # a forward that needs more than x (or fails on it) is not the plain MLP
+                return None, f"its forward cannot be probed with one input ({type(exc).__name__})"
+        if got.shape != want.shape or not torch.allclose(got.float(), want.float(), rtol=1e-3, atol=1e-3 * (
+                float(want.float().abs().max()) + 1e-30)):
+            return None, "its forward is not down(act(gate(x)) * up(x))"
     return activation, ""
 
 
@@ -562,6 +568,19 @@ def experts_activation(experts: nn.Module) -> tuple[Optional[str], str]:
     if activation is None:
         return None, (f"its activation {type(experts.act_fn).__name__} computes none of SiLU, exact GELU, ReLU "
                       "(no fused gated epilogue)")
+    apply_gate = getattr(experts, "_apply_gate", None)
+    if callable(apply_gate):
+        # Families that compute act(gate) * up in a method of their own, some with a clamp (DeepSeek-V4,
+        # HunYuan-V4, ...) that a probe's small values would not reach: checked on values far past one.
+        values = torch.linspace(-100.0, 100.0, 64).view(2, 32)
+        try:
+            got = apply_gate(values)
+        except Exception as exc:
+            return None, f"its _apply_gate cannot be probed on [tokens, 2I] values ({type(exc).__name__})"
+        gate, up = values.chunk(2, dim=-1)
+        if not isinstance(got, Tensor) or got.shape != gate.shape or not torch.allclose(
+                got.float(), _GATED_FOR_ACT[activation](gate) * up, rtol=1e-4, atol=1e-4):
+            return None, "its _apply_gate is not act(gate) * up (a clamped SwiGLU?)"
     if gate_up.is_meta:  # an empty shell (load with device=): checked when its model was sparsified
         return activation, ""
     gen = torch.Generator().manual_seed(0)

@@ -17,12 +17,12 @@ def test_bench_rows_and_outputs(tmp_path):
         assert abs(r.tflops - 2 * 3 * 64 * 128 / r.ms / 1e9) < 1e-12
     assert rows[0].speedup_vs_dense == 1.0
     assert rows[0].pct_peak_bw != rows[0].pct_peak_bw  # no GPU peak on the CPU: NaN
-    env = bench.environment(torch.device("cpu"))
+    env = dict(bench.environment(torch.device("cpu")), peak=(float("nan"), float("nan")))  # a GPU not in GPU_PEAKS
     bench.write_outputs(env, rows, str(tmp_path / "r.json"), str(tmp_path / "r.csv"), None)
     text = (tmp_path / "r.json").read_text()
     data = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))  # strict: no NaN
     assert data["environment"]["torch"] == torch.__version__ and len(data["rows"]) == 2
-    assert data["rows"][0]["pct_peak_bw"] is None
+    assert data["rows"][0]["pct_peak_bw"] is None and data["environment"]["peak"] == [None, None]
     assert len(list(csv.DictReader(open(tmp_path / "r.csv")))) == 2
     assert "| cpu | bfloat16 | tiny | 3 | 64 | 128 | sparsegemm |" in bench.markdown(rows)
 

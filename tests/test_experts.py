@@ -37,6 +37,24 @@ class Unweighted(Experts):
         return super().forward(hidden_states, top_k_index, torch.ones_like(top_k_weights))
 
 
+class ClampedExperts(Experts):
+    """DeepSeek-V4's experts: act(gate) * up through an _apply_gate that clamps both at a limit."""
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden_states)
+        for expert in range(self.gate_up_proj.shape[0]):
+            token, slot = torch.where(top_k_index == expert)
+            y = nn.functional.linear(self._apply_gate(nn.functional.linear(hidden_states[token],
+                                                                           self.gate_up_proj[expert])),
+                                     self.down_proj[expert])
+            out.index_add_(0, token, y * top_k_weights[token, slot, None])
+        return out
+
+    def _apply_gate(self, gate_up):
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.act_fn(gate.clamp(max=10.0)) * up.clamp(-10.0, 10.0)
+
+
 class MoEBlock(nn.Module):
     def __init__(self, experts=4, hidden=64):
         super().__init__()
@@ -102,6 +120,8 @@ def test_experts_activation_says_why_a_module_is_no_mixture():
     assert "computes none of SiLU" in experts_activation(Experts(act=nn.Tanh()))[1]
     assert "not the sum of weight" in experts_activation(Unweighted())[1]
     assert "not a multiple of 8" in experts_activation(Experts(inner=20))[1]
+    # Its random probe stays within the clamp; the gate method is checked far past it.
+    assert "its _apply_gate is not act(gate) * up" in experts_activation(ClampedExperts())[1]
     with pytest.raises(ValueError, match="SparseExperts.from_dense: Unweighted is not a mixture"):
         SparseExperts.from_dense(Unweighted())
 
@@ -140,3 +160,13 @@ def test_sparsify_converts_mixtures_reports_them_and_round_trips(tmp_path):
     other = nn.Sequential(MoEBlock(experts=8), nn.GELU(), MoEBlock())
     with pytest.raises(ValueError, match=r"module '0.experts' was a mixture of 4 experts .* the model's is 8 experts"):
         sparsegemm.load(path, other)
+
+
+def test_a_mixture_shared_between_blocks_is_left_dense():
+    first, second = MoEBlock(), MoEBlock()
+    second.experts = first.experts
+    model = nn.Sequential(first, nn.GELU(), second)
+    report = sparsegemm.sparsify(model, min_features=16)
+    rows = {layer.name: layer for layer in report.layers}
+    assert "weights shared with 2.experts.gate_up_proj" in rows["0.experts.gate_up_proj"].reason
+    assert model[0].experts is model[2].experts and isinstance(model[0].experts, Experts)

@@ -143,10 +143,14 @@ def test_save_load_round_trip_and_size(tmp_path):
         assert "install zstandard" in out
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(path.read_bytes()[:100])
-    with pytest.raises(subprocess.CalledProcessError) as failed:
-        run_cli("report", str(truncated), cwd=tmp_path)
-    assert failed.value.returncode == 2 and "Traceback" not in failed.value.stderr
-    assert "is not a readable safetensors file" in failed.value.stderr
+    no_table = tmp_path / "no_table.safetensors"
+    _resave(path, no_table, header={"converted": '{"0": {"kind": "SparseLinear"}}'})  # no dtype, no features
+    for bad, message in ((truncated, "is not a readable safetensors file"),
+                         (no_table, "has a corrupt header or module table")):
+        with pytest.raises(subprocess.CalledProcessError) as failed:
+            run_cli("report", str(bad), cwd=tmp_path)
+        assert failed.value.returncode == 2 and "Traceback" not in failed.value.stderr
+        assert message in failed.value.stderr
 
 
 def test_files_and_state_dicts_from_before_the_metadata_rename_load(tmp_path):
@@ -1095,7 +1099,11 @@ def test_sparsify_leaves_mlps_that_are_not_gated_products():
     torch.manual_seed(11)
     sums = nn.Sequential(_HFBlock(combine=lambda a, b: a + b)).half()  # act(gate) + up: not a GLU
     tanh = nn.Sequential(_HFBlock(act=nn.GELU(approximate="tanh"))).half()
+    # DeepSeek-V4's clamped SwiGLU: equal to the product until a pre-activation passes 10, which the
+    # random probe token does not reach; a second probe token drives the first gate and up to ~50.
+    clamped = nn.Sequential(_HFBlock(combine=lambda a, b: a.clamp(max=10.0) * b.clamp(-10.0, 10.0))).half()
     for model, why in ((sums, "its forward is not down(act(gate(x)) * up(x))"),
+                       (clamped, "its forward is not down(act(gate(x)) * up(x))"),
                        (tanh, "its activation GELU computes none of SiLU, exact GELU, ReLU")):
         report = sparsegemm.sparsify(model, fuse_gated_mlp=True, min_features=32)
         assert not isinstance(model[0].mlp, sparsegemm.SparseGatedMLP)
