@@ -9,7 +9,7 @@ from torch import nn
 
 from ._progress import progress_bar
 from .functional import mask_2to4
-from .io import check_outside_empty_weights
+from .io import check_outside_empty_weights, parameter_names
 from .nn import (SparseConv2d, SparseExperts, SparseGatedMLP, SparseLinear, conv_skip_reason, experts_activation,
                  gated_mlp_activation, gated_mlp_parts)
 
@@ -117,9 +117,7 @@ def sparsify(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
     # not the whole dense model twice over.
     candidates = [name for name, mod in model.named_modules() if isinstance(mod, (nn.Linear, nn.Conv2d))
                   and not isinstance(mod, (SparseLinear, SparseConv2d))]
-    holders: dict[int, list[str]] = {}  # parameter -> every name it has in the model
-    for param_name, param in model.named_parameters(remove_duplicate=False):
-        holders.setdefault(id(param), []).append(param_name)
+    holders = parameter_names(model)
     for name in progress_bar(candidates, "sparsify", "layer", progress and len(candidates) > 20):
         mod = model.get_submodule(name)
         w = _gemm_weight(mod)
@@ -206,9 +204,7 @@ def _convert_experts(model: nn.Module, report: SparsifyReport, dtype, filter_fn,
     found = [name for name, mod in model.named_modules()
              if not isinstance(mod, SparseExperts) and isinstance(getattr(mod, "gate_up_proj", None), nn.Parameter)
              and getattr(mod, "gate_up_proj").dim() == 3]
-    holders: dict[int, list[str]] = {}  # parameter -> every name it has in the model
-    for param_name, param in model.named_parameters(remove_duplicate=False):
-        holders.setdefault(id(param), []).append(param_name)
+    holders = parameter_names(model)
     for name in found:  # names: each mixture's dense weights go once it is replaced
         experts = model.get_submodule(name)
         gate_up, down = experts.gate_up_proj.detach(), getattr(experts, "down_proj", None)

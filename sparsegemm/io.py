@@ -286,12 +286,18 @@ def load(path: Union[str, "os.PathLike"], model: nn.Module, *, device=None) -> n
     return model.to(target)  # the non-persistent buffers
 
 
-def _tie_groups(model: nn.Module) -> list:
-    """The names of each parameter that ``model`` holds under more than one name (tied)."""
+def parameter_names(model: nn.Module) -> dict[int, list[str]]:
+    """id(parameter) -> every name ``model`` holds it under (more than one: tied, or a module
+    registered twice)."""
     names: dict[int, list[str]] = {}
     for key, param in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(param), []).append(key)
-    return [group for group in names.values() if len(group) > 1]
+    return names
+
+
+def _tie_groups(model: nn.Module) -> list:
+    """The names of each parameter that ``model`` holds under more than one name (tied)."""
+    return [group for group in parameter_names(model).values() if len(group) > 1]
 
 
 # init_empty_weights patches nn.Module.register_parameter process-wide: the outermost block (of any

@@ -658,7 +658,8 @@ class SparseConv2d(_SparseWeight):
     input directly (no im2col buffer) and returns an NCHW-shaped tensor in channels_last memory
     format (its NHWC output, no transpose copy); pass channels_last input to skip the one layout
     copy of x. The CPU backend gathers the patch matrix from a strided NHWC view of x (im2col) and
-    runs the sparse GEMM on it.
+    runs the sparse GEMM on it, or in inference at large M torch's convolution on the weight
+    decompressed for the call (:data:`CPU_TORCH_CONV_MIN_M`).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
