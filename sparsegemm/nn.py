@@ -599,8 +599,12 @@ def experts_activation(experts: nn.Module) -> tuple[Optional[str], str]:
                 g, u = torch.nn.functional.linear(x[token], gate_up[index[token, slot]]).chunk(2)
                 want[token] += weights[token, slot] * torch.nn.functional.linear(experts.act_fn(g) * u,
                                                                                  down[index[token, slot]])
+    # The module multiplies its tokens as a batch, the reference one at a time: in a 16-bit dtype their
+    # roundings differ by ~1% of the largest output at Mixtral's size (K = 4096, 14336); a different
+    # formula differs by the outputs themselves.
+    tolerance = 1e-3 if gate_up.dtype in (torch.float32, torch.float64) else 3e-2
     if not isinstance(got, Tensor) or got.shape != want.shape or not torch.allclose(
-            got.float(), want.float(), rtol=1e-3, atol=1e-3 * (float(want.float().abs().max()) + 1e-30)):
+            got.float(), want.float(), rtol=tolerance, atol=tolerance * (float(want.float().abs().max()) + 1e-30)):
         return None, "its forward is not the sum of weight * down(act(gate(x)) * up(x)) over each token's experts"
     return activation, ""
 

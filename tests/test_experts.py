@@ -115,6 +115,17 @@ def test_int8_experts_stay_close_to_the_fp32_2to4_mixture():
     assert (got - want).norm() / want.norm() < 0.03
 
 
+def test_the_probe_accepts_a_16_bit_mixture_of_llm_scale():
+    # Small LLM-like weights at H = 4096: the module's batched GEMMs and the probe's per-token
+    # reference round differently in bf16 by more than 0.1% of the largest output.
+    torch.manual_seed(0)
+    experts = Experts(experts=2, hidden=4096, inner=1024)
+    with torch.no_grad():
+        experts.gate_up_proj.normal_(std=0.02)
+        experts.down_proj.normal_(std=0.02)
+    assert experts_activation(experts.bfloat16()) == ("swiglu", "")
+
+
 def test_experts_activation_says_why_a_module_is_no_mixture():
     assert experts_activation(nn.Linear(4, 4))[1].startswith("no 3-D experts layout")
     assert "computes none of SiLU" in experts_activation(Experts(act=nn.Tanh()))[1]
