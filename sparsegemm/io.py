@@ -398,7 +398,9 @@ def describe(path: Union[str, "os.PathLike"]) -> str:
 
     try:
         return _describe_file(safe_open, path)
-    except ValueError:
+    except ValueError as exc:
+        if isinstance(exc, json.JSONDecodeError):
+            raise ValueError(f"sparsegemm report: {path} has a corrupt module table ({exc})") from exc
         raise
     except (KeyError, TypeError, AttributeError) as exc:  # a header or module table not as save writes it
         raise ValueError(f"sparsegemm report: {path} has a corrupt header or module table ({exc!r})") from exc

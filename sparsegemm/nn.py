@@ -494,12 +494,17 @@ def gated_mlp_activation(mlp: nn.Module, parts: Optional[GatedParts]) -> tuple[O
         # checked, its forward was when the checkpoint's model was sparsified.
         return activation, ""
     linear = torch.nn.functional.linear
-    # A random token, and one whose first gate and up pre-activations are about 50: past the limit
-    # of a clamped SwiGLU (DeepSeek-V4's MLP clamps at 10), which the random token stays within.
-    random = torch.randn(w_gate.shape[1], generator=torch.Generator().manual_seed(0))
-    gate0, up0 = w_gate[0].detach().float().cpu(), w_up[0].detach().float().cpu()
-    large = 50 * (gate0 / gate0.square().sum() + up0 / up0.square().sum())
-    for probe in (random, large):
+    # A random token, and one whose gate and up pre-activations of one row are about 50: past the
+    # limit of a clamped SwiGLU (DeepSeek-V4's MLP clamps at 10), which the random token stays
+    # within. The row with the largest gate and up norms, so that no other row's pre-activation is
+    # driven much further (fp16 would overflow).
+    probes = [torch.randn(w_gate.shape[1], generator=torch.Generator().manual_seed(0))]
+    gate_rows, up_rows = w_gate.detach().float().cpu(), w_up.detach().float().cpu()
+    norms = torch.minimum(gate_rows.norm(dim=1), up_rows.norm(dim=1))
+    if norms.numel() and norms.max() > 0:
+        row = int(norms.argmax())
+        probes.append(50 * (gate_rows[row] / gate_rows[row].square().sum() + up_rows[row] / up_rows[row].square().sum()))
+    for probe in probes:
         probe = probe[None].to(w_gate.device, w_gate.dtype)
         with torch.no_grad():
             try:
@@ -507,10 +512,24 @@ def gated_mlp_activation(mlp: nn.Module, parts: Optional[GatedParts]) -> tuple[O
                 want = parts.down(parts.act(linear(probe, w_gate, b_gate)) * linear(probe, w_up, b_up))
             except Exception as exc:  # a forward that needs more than x (or fails on it) is not the plain MLP
                 return None, f"its forward cannot be probed with one input ({type(exc).__name__})"
-        if got.shape != want.shape or not torch.allclose(got.float(), want.float(), rtol=1e-3, atol=1e-3 * (
-                float(want.float().abs().max()) + 1e-30)):
-            return None, "its forward is not down(act(gate(x)) * up(x))"
+        why = _probe_mismatch(got, want, 1e-3)
+        if why:
+            return None, f"its forward is not down(act(gate(x)) * up(x)) ({why})"
     return activation, ""
+
+
+def _probe_mismatch(got, want: Tensor, tolerance: float) -> str:
+    """Why a probe's output ``got`` is not ``want`` (within ``tolerance`` of want's largest
+    magnitude), or "" when it is."""
+    if not isinstance(got, Tensor) or got.shape != want.shape:
+        return f"an output of shape {tuple(getattr(got, 'shape', ()))}, {tuple(want.shape)} expected"
+    got, want = got.float(), want.float()
+    if not (torch.isfinite(got).all() and torch.isfinite(want).all()):
+        return "non-finite outputs on the probe"
+    scale = float(want.abs().max()) + 1e-30
+    if not torch.allclose(got, want, rtol=tolerance, atol=tolerance * scale):
+        return f"off by {float((got - want).abs().max()) / scale:.1%} of the largest output"
+    return ""
 
 
 class SparseGatedMLP(nn.Module):
@@ -593,19 +612,17 @@ def experts_activation(experts: nn.Module) -> tuple[Optional[str], str]:
         except Exception as exc:  # another forward signature
             return None, f"its forward cannot be probed as forward(hidden_states, top_k_index, top_k_weights) " \
                          f"({type(exc).__name__})"
+        # The formula, batched per expert as the module's GEMMs are, so that 16-bit roundings agree
+        # but for the order two slots' terms are added in.
         want = torch.zeros_like(x)
-        for slot in range(2):
-            for token in range(4):
-                g, u = torch.nn.functional.linear(x[token], gate_up[index[token, slot]]).chunk(2)
-                want[token] += weights[token, slot] * torch.nn.functional.linear(experts.act_fn(g) * u,
-                                                                                 down[index[token, slot]])
-    # The module multiplies its tokens as a batch, the reference one at a time: in a 16-bit dtype their
-    # roundings differ by ~1% of the largest output at Mixtral's size (K = 4096, 14336); a different
-    # formula differs by the outputs themselves.
-    tolerance = 1e-3 if gate_up.dtype in (torch.float32, torch.float64) else 3e-2
-    if not isinstance(got, Tensor) or got.shape != want.shape or not torch.allclose(
-            got.float(), want.float(), rtol=tolerance, atol=tolerance * (float(want.float().abs().max()) + 1e-30)):
-        return None, "its forward is not the sum of weight * down(act(gate(x)) * up(x)) over each token's experts"
+        for expert in range(e):
+            token, slot = torch.where(index == expert)
+            g, u = torch.nn.functional.linear(x[token], gate_up[expert]).chunk(2, dim=-1)
+            y = torch.nn.functional.linear(experts.act_fn(g) * u, down[expert]) * weights[token, slot, None]
+            want.index_add_(0, token, y)
+    why = _probe_mismatch(got, want, 1e-3 if gate_up.dtype in (torch.float32, torch.float64) else 1e-2)
+    if why:
+        return None, f"its forward is not the sum of weight * down(act(gate(x)) * up(x)) over each token's experts ({why})"
     return activation, ""
 
 

@@ -145,8 +145,11 @@ def test_save_load_round_trip_and_size(tmp_path):
     truncated.write_bytes(path.read_bytes()[:100])
     no_table = tmp_path / "no_table.safetensors"
     _resave(path, no_table, header={"converted": '{"0": {"kind": "SparseLinear"}}'})  # no dtype, no features
+    not_json = tmp_path / "not_json.safetensors"
+    _resave(path, not_json, header={"converted": "{"})
     for bad, message in ((truncated, "is not a readable safetensors file"),
-                         (no_table, "has a corrupt header or module table")):
+                         (no_table, "has a corrupt header or module table"),
+                         (not_json, "has a corrupt module table")):
         with pytest.raises(subprocess.CalledProcessError) as failed:
             run_cli("report", str(bad), cwd=tmp_path)
         assert failed.value.returncode == 2 and "Traceback" not in failed.value.stderr
@@ -1102,6 +1105,11 @@ def test_sparsify_leaves_mlps_that_are_not_gated_products():
     # DeepSeek-V4's clamped SwiGLU: equal to the product until a pre-activation passes 10, which the
     # random probe token does not reach; a second probe token drives the first gate and up to ~50.
     clamped = nn.Sequential(_HFBlock(combine=lambda a, b: a.clamp(max=10.0) * b.clamp(-10.0, 10.0))).half()
+    # A zero first row (a pruned or dead unit) must not break the large probe token.
+    dead_row = nn.Sequential(_HFBlock()).half()
+    with torch.no_grad():
+        dead_row[0].mlp.gate_proj.weight[0].zero_()
+    assert sparsegemm.nn.gated_mlp_activation(dead_row[0].mlp, sparsegemm.nn.gated_mlp_parts(dead_row[0].mlp))[0]
     for model, why in ((sums, "its forward is not down(act(gate(x)) * up(x))"),
                        (clamped, "its forward is not down(act(gate(x)) * up(x))"),
                        (tanh, "its activation GELU computes none of SiLU, exact GELU, ReLU")):
