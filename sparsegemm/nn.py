@@ -499,11 +499,13 @@ def gated_mlp_activation(mlp: nn.Module, parts: Optional[GatedParts]) -> tuple[O
     # within. The row with the largest gate and up norms, so that no other row's pre-activation is
     # driven much further (fp16 would overflow).
     probes = [torch.randn(w_gate.shape[1], generator=torch.Generator().manual_seed(0))]
-    gate_rows, up_rows = w_gate.detach().float().cpu(), w_up.detach().float().cpu()
-    norms = torch.minimum(gate_rows.norm(dim=1), up_rows.norm(dim=1))
+    with torch.no_grad():  # norms in fp32 where the weights are, without an fp32 copy of them
+        norms = torch.minimum(torch.linalg.vector_norm(w_gate, dim=1, dtype=torch.float32),
+                              torch.linalg.vector_norm(w_up, dim=1, dtype=torch.float32))
     if norms.numel() and norms.max() > 0:
         row = int(norms.argmax())
-        probes.append(50 * (gate_rows[row] / gate_rows[row].square().sum() + up_rows[row] / up_rows[row].square().sum()))
+        gate, up = w_gate[row].detach().float().cpu(), w_up[row].detach().float().cpu()
+        probes.append(50 * (gate / gate.square().sum() + up / up.square().sum()))
     for probe in probes:
         probe = probe[None].to(w_gate.device, w_gate.dtype)
         with torch.no_grad():
