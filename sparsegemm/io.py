@@ -113,9 +113,9 @@ def _build_experts(name: str, spec: dict, dense: nn.Module) -> SparseExperts:
                          f"{spec.get('activation')!r} when saved, the model's is {found}")
     w = dense.gate_up_proj
     hidden, inner = w.shape[2], w.shape[1] // 2
-    return SparseExperts(
-        [SparseLinear(hidden, inner, False, dtype=w.dtype, device=w.device, activation=activation) for _ in range(experts)],
-        [SparseLinear(inner, hidden, False, dtype=w.dtype, device=w.device) for _ in range(experts)])
+    return SparseExperts([SparseLinear(hidden, inner, False, dtype=w.dtype, device=w.device, activation=activation)
+                          for _ in range(experts)],
+                         [SparseLinear(inner, hidden, False, dtype=w.dtype, device=w.device) for _ in range(experts)])
 
 
 def _build(name: str, spec: dict, dense: nn.Module) -> nn.Module:
@@ -398,9 +398,9 @@ def describe(path: Union[str, "os.PathLike"]) -> str:
 
     try:
         return _describe_file(safe_open, path)
-    except ValueError as exc:
-        if isinstance(exc, json.JSONDecodeError):
-            raise ValueError(f"sparsegemm report: {path} has a corrupt module table ({exc})") from exc
+    except json.JSONDecodeError as exc:  # a ValueError whose text would not name the file
+        raise ValueError(f"sparsegemm report: {path} has a corrupt module table ({exc})") from exc
+    except ValueError:
         raise
     except (KeyError, TypeError, AttributeError) as exc:  # a header or module table not as save writes it
         raise ValueError(f"sparsegemm report: {path} has a corrupt header or module table ({exc!r})") from exc

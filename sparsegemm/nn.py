@@ -245,11 +245,20 @@ class SparseLinear(_SparseWeight):
         if activation in fmt.GATED_ACTIVATIONS:
             raise ValueError(f"SparseLinear.from_dense: {activation!r} is gated and needs a gate and an up "
                              f"projection: use SparseLinear.from_gate_up")
-        w = linear.weight.detach()
-        dtype = dtype or w.dtype
-        mod = cls(linear.in_features, linear.out_features, linear.bias is not None, dtype=dtype,
-                  device=w.device, backend=backend, quantize=quantize, activation=activation)
-        mod._load_compressed(_compress_weight(w, dtype, prune, quantize), linear.bias)
+        return cls._from_weight(linear.weight.detach(), linear.bias, dtype=dtype, prune=prune, backend=backend,
+                                quantize=quantize, activation=activation)
+
+    @classmethod
+    def _from_weight(cls, weight: Tensor, bias: Optional[Tensor], *, dtype: Optional[torch.dtype], prune: bool,
+                     backend: Optional[str], quantize: Optional[str],
+                     activation: Optional[str] = None) -> "SparseLinear":
+        """The layer of ``weight`` [N, K] (with a gated activation: interleaved gate / up rows, N =
+        2 * out_features) and ``bias`` [N] or None, compressed; arguments checked by the caller."""
+        dtype = dtype or weight.dtype
+        out_features = weight.shape[0] // 2 if activation in fmt.GATED_ACTIVATIONS else weight.shape[0]
+        mod = cls(weight.shape[1], out_features, bias is not None, dtype=dtype, device=weight.device,
+                  backend=backend, quantize=quantize, activation=activation)
+        mod._load_compressed(_compress_weight(weight, dtype, prune, quantize), bias)
         return mod
 
     @classmethod
@@ -287,13 +296,9 @@ class SparseLinear(_SparseWeight):
                               prune: bool, backend: Optional[str], quantize: Optional[str]) -> "SparseLinear":
         """from_gate_up on (weight [H, K], bias [H] or None) pairs, checked by the caller."""
         (w_gate, b_gate), (w_up, b_up) = gate, up
-        dtype = dtype or w_gate.dtype
-        weight = fmt.interleave_gate_up(w_gate, w_up)
         bias = None if b_gate is None else fmt.interleave_gate_up(b_gate, b_up)
-        mod = cls(w_gate.shape[1], w_gate.shape[0], b_gate is not None, dtype=dtype, device=weight.device,
-                  backend=backend, quantize=quantize, activation=activation)
-        mod._load_compressed(_compress_weight(weight, dtype, prune, quantize), bias)
-        return mod
+        return cls._from_weight(fmt.interleave_gate_up(w_gate, w_up), bias, dtype=dtype, prune=prune,
+                                backend=backend, quantize=quantize, activation=activation)
 
     def set_input_scale(self, scale: Optional[float]) -> None:
         """Static INT8 mode with this activation scale (a positive number); None: per token again."""
@@ -624,7 +629,8 @@ def experts_activation(experts: nn.Module) -> tuple[Optional[str], str]:
             want.index_add_(0, token, y)
     why = _probe_mismatch(got, want, 1e-3 if gate_up.dtype in (torch.float32, torch.float64) else 1e-2)
     if why:
-        return None, f"its forward is not the sum of weight * down(act(gate(x)) * up(x)) over each token's experts ({why})"
+        return None, ("its forward is not the sum of weight * down(act(gate(x)) * up(x)) over each token's "
+                      f"experts ({why})")
     return activation, ""
 
 
@@ -652,21 +658,22 @@ class SparseExperts(nn.Module):
         gate_up, down = experts.gate_up_proj.detach(), experts.down_proj.detach()
         half = gate_up.shape[1] // 2
         args = {"dtype": dtype, "prune": prune, "backend": backend, "quantize": quantize}
-        gate_ups = [SparseLinear._from_gate_up_weights((w[:half], None), (w[half:], None), activation, **args)
-                    for w in gate_up]
-        downs = []
-        for w in down:
-            layer = SparseLinear(w.shape[1], w.shape[0], False, dtype=dtype or w.dtype, device=w.device,
-                                 backend=backend, quantize=quantize)
-            layer._load_compressed(_compress_weight(w, dtype or w.dtype, prune, quantize), None)
-            downs.append(layer)
-        return cls(gate_ups, downs)
+        return cls([SparseLinear._from_gate_up_weights((w[:half], None), (w[half:], None), activation, **args)
+                    for w in gate_up], [SparseLinear._from_weight(w, None, **args) for w in down])
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         out = torch.zeros_like(hidden_states)
-        for expert, (gate_up, down) in enumerate(zip(self.gate_up, self.down)):
-            token, slot = torch.where(top_k_index == expert)
-            if token.numel():
+        experts, k = len(self.gate_up), top_k_index.shape[-1]
+        # The routes grouped by expert with one sort and one read of the counts on the host, not a
+        # nonzero (a GPU sync) per expert. A padding index (-1, or E as transformers' one_hot has it)
+        # routes nowhere; a route's flat index is token * k + slot, in token order within an expert.
+        flat = top_k_index.reshape(-1)
+        flat = torch.where((flat >= 0) & (flat < experts), flat, experts)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=experts + 1).tolist()
+        for gate_up, down, routes in zip(self.gate_up, self.down, order.split(counts)):
+            if routes.numel():
+                token, slot = routes // k, routes % k
                 y = down(gate_up(hidden_states[token])) * top_k_weights[token, slot, None]
                 out.index_add_(0, token, y.to(out.dtype))
         return out

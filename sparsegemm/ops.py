@@ -955,18 +955,15 @@ def launch_s8_dynamic(api: str, stream: int, x: Tensor, values: Tensor, kernel_m
                     fmt.DTYPE_CODES[y.dtype], activation)
 
 
-_INT8_BACKWARD_REFUSED = ("sparsegemm: the INT8 GEMM is inference-only: no gradient flows through the integer grid "
-                          "(fine-tune the fp16 / bf16 SparseLinear, then quantize; or run the model under "
-                          "torch.no_grad())")
-
-
 @_custom_op("sparsegemm::int8_gradient")
 def _int8_gradient(grad: Tensor, shape: list[int], dtype: torch.dtype) -> Tensor:
     """The gradient an INT8 op would pass back to a float input: none exists, and running this
     says so. An op, not a raise in the backward formulas: torch.compile traces those formulas (on
     fake tensors) for a model in grad mode, which must compile and run forward; only a backward
     that actually runs reaches this."""
-    raise RuntimeError(_INT8_BACKWARD_REFUSED)
+    raise RuntimeError("sparsegemm: the INT8 GEMM is inference-only: no gradient flows through the integer grid "
+                       "(fine-tune the fp16 / bf16 SparseLinear, then quantize; or run the model under "
+                       "torch.no_grad())")
 
 
 @_int8_gradient.register_fake

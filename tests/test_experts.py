@@ -78,6 +78,7 @@ def routing(tokens=9, experts=4, seed=0):
     x = torch.randn(tokens, 64, generator=gen)
     index = torch.randint(0, experts, (tokens, 2), generator=gen)
     index[0] = torch.tensor([1, 1])  # one token routed to the same expert twice
+    index[1] = torch.tensor([experts, -1])  # padding (transformers' one_hot sentinel E, or -1): no expert
     return x, index, torch.rand(tokens, 2, generator=gen)
 
 
