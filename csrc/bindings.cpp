@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <stdexcept>
@@ -117,6 +118,38 @@ py::list list_gpus() {
   }
 #endif
   return gpus;
+}
+
+// Launches a grouped GEMM (gemm's fields in `p`, the per-group pointer lists beside) through
+// `launch` (gemm_grouped or gemm_s8_grouped), kMaxGemmGroups groups at a time. bias / w_scale:
+// one pointer per group, or empty for none.
+void launch_grouped(GemmParams p, int config, int64_t x_rows, uintptr_t row_offsets, const std::vector<uintptr_t>& values,
+                    const std::vector<uintptr_t>& meta, const std::vector<uintptr_t>& bias,
+                    const std::vector<uintptr_t>& w_scale, void (*launch)(const GroupedGemmParams&, void*),
+                    uintptr_t stream) {
+  const size_t groups = values.size();
+  if (meta.size() != groups || (!bias.empty() && bias.size() != groups) ||
+      (!w_scale.empty() && w_scale.size() != groups))
+    throw std::invalid_argument("sparsegemm gemm_grouped: values, meta, bias and w_scale need one pointer per group "
+                                "(bias and w_scale may be empty), got " + std::to_string(groups) + ", " +
+                                std::to_string(meta.size()) + ", " + std::to_string(bias.size()) + " and " +
+                                std::to_string(w_scale.size()));
+  p.config = config;
+  py::gil_scoped_release nogil;
+  for (size_t first = 0; first < groups; first += kMaxGemmGroups) {
+    GroupedGemmParams grouped;
+    grouped.gemm = p;
+    grouped.row_offsets = ptr<const int64_t>(row_offsets) + first;
+    grouped.x_rows = x_rows;
+    grouped.groups = static_cast<int>(std::min<size_t>(kMaxGemmGroups, groups - first));
+    for (int g = 0; g < grouped.groups; ++g) {
+      grouped.values[g] = ptr<const void>(values[first + g]);
+      grouped.meta[g] = ptr<const void>(meta[first + g]);
+      grouped.bias[g] = bias.empty() ? nullptr : ptr<const void>(bias[first + g]);
+      grouped.w_scale[g] = w_scale.empty() ? nullptr : ptr<const float>(w_scale[first + g]);
+    }
+    launch(grouped, ptr<void>(stream));
+  }
 }
 
 void bind_cpu(py::module_& m) {
@@ -301,6 +334,34 @@ void bind_kernel_api(py::module_& m, const std::string& prefix) {
      py::arg("bias"), py::arg("y"), py::arg("ldy"), py::arg("dtype"), py::arg("act") = 0, py::arg("workspace") = 0,
      py::arg("tile_counters") = 0, py::arg("config") = -1, py::arg("split_k") = 0, py::arg("stream") = 0);
 
+  // Grouped GEMM (params.h GroupedGemmParams): values / meta / bias (empty: none) per group as
+  // lists of pointers, row_offsets [groups + 1] int64 on the kernels' side, x_rows the rows of X
+  // and Y; M bounds every group's rows. Launched kMaxGemmGroups groups at a time.
+  m.def((prefix + "gemm_grouped").c_str(), [](int64_t M, int64_t N, int64_t K, uintptr_t x, int64_t ldx,
+                                              int64_t x_rows, uintptr_t row_offsets, const std::vector<uintptr_t>& values,
+                                              const std::vector<uintptr_t>& meta, const std::vector<uintptr_t>& bias,
+                                              uintptr_t y, int64_t ldy, int dtype, int act, int config,
+                                              uintptr_t stream) {
+    const GemmParams p = make_gemm_params(M, N, K, x, ldx, 0, 0, 0, y, ldy, dtype, act, 0, 0);
+    launch_grouped(p, config, x_rows, row_offsets, values, meta, bias, {}, Api::gemm_grouped, stream);
+  }, py::arg("M"), py::arg("N"), py::arg("K"), py::arg("x"), py::arg("ldx"), py::arg("x_rows"), py::arg("row_offsets"),
+     py::arg("values"), py::arg("meta"), py::arg("bias"), py::arg("y"), py::arg("ldy"), py::arg("dtype"),
+     py::arg("act") = 0, py::arg("config") = -1, py::arg("stream") = 0);
+  m.def((prefix + "gemm_s8_grouped").c_str(), [](int64_t M, int64_t N, int64_t K, uintptr_t x_q, int64_t ldx,
+                                                 int64_t x_rows, uintptr_t row_offsets, const std::vector<uintptr_t>& values,
+                                                 const std::vector<uintptr_t>& kernel_meta_s8,
+                                                 const std::vector<uintptr_t>& w_scale, uintptr_t x_scale,
+                                                 const std::vector<uintptr_t>& bias, uintptr_t y, int64_t ldy,
+                                                 int out_dtype, int act, int config, uintptr_t stream) {
+    const GemmParams p = make_gemm_params(M, N, K, x_q, ldx, 0, 0, 0, y, ldy, out_dtype, act, 0, x_scale);
+    launch_grouped(p, config, x_rows, row_offsets, values, kernel_meta_s8, bias, w_scale, Api::gemm_s8_grouped,
+                   stream);
+  }, py::arg("M"), py::arg("N"), py::arg("K"), py::arg("x_q"), py::arg("ldx"), py::arg("x_rows"),
+     py::arg("row_offsets"),
+     py::arg("values"), py::arg("kernel_meta_s8"), py::arg("w_scale"), py::arg("x_scale"), py::arg("bias"),
+     py::arg("y"), py::arg("ldy"), py::arg("out_dtype"), py::arg("act") = 0, py::arg("config") = -1,
+     py::arg("stream") = 0);
+
   // INT8 (the INT8 contract): per-token quantisation, the int8 kernel metadata and the s8 GEMM.
   // x_q int8 rows (stride ldx), values int8 Wc, w_scale fp32 [N], x_scale fp32 [M]; out_dtype is
   // Y's and bias's dtype (f16 or bf16).
@@ -355,6 +416,8 @@ struct SimtKernelApi {
   static constexpr auto reorder_meta_s8 = &simt::reorder_meta_s8;
   static constexpr auto gemm_s8_scratch = &simt::gemm_s8_scratch;
   static constexpr auto gemm_s8 = &simt::gemm_s8;
+  static constexpr auto gemm_grouped = &simt::gemm_grouped;
+  static constexpr auto gemm_s8_grouped = &simt::gemm_s8_grouped;
 };
 
 #if defined(SPARSEGEMM_WITH_CUDA)
@@ -373,6 +436,8 @@ struct CudaKernelApi {
   static constexpr auto reorder_meta_s8 = &cuda::reorder_meta_s8;
   static constexpr auto gemm_s8_scratch = &cuda::gemm_s8_scratch;
   static constexpr auto gemm_s8 = &cuda::gemm_s8;
+  static constexpr auto gemm_grouped = &cuda::gemm_grouped;
+  static constexpr auto gemm_s8_grouped = &cuda::gemm_s8_grouped;
 };
 #endif
 

@@ -37,6 +37,30 @@ struct GemmParams {
   int split_k = 0;
 };
 
+// Grouped GEMM (CUDA/SIMT): `groups` GEMMs of one shape in one launch, the projections of a
+// mixture of experts. Group g multiplies rows row_offsets[g] .. row_offsets[g + 1] - 1 of X by its
+// own weight (values[g], meta[g] in the kernel layout, bias[g] or null, w_scale[g] for INT8) into
+// the same rows of Y (x_scale likewise per row). The offsets live in device memory (CUDA) and may
+// be written by the kernel just before the launch: no host synchronisation reads them, so the
+// kernel clamps them into [0, x_rows] (bad offsets cannot move a copy outside X or Y) and computes
+// at most gemm.M rows of a group.
+// gemm: N, K, x, ldx, y, ldy, dtype, act, gated, x_scale and config as for one GEMM; gemm.M bounds
+// every group's rows (it sizes the grid, and picks the tile as M does for one GEMM); gemm.values,
+// meta, bias and w_scale are unused. No split-K: blockIdx.z is the group.
+// kMaxGemmGroups: groups per launch (the pointer tables travel in the kernel's parameters, which
+// stay under the 4 KiB every driver takes); the host entry point launches more in chunks.
+constexpr int kMaxGemmGroups = 64;
+struct GroupedGemmParams {
+  GemmParams gemm;
+  const int64_t* row_offsets = nullptr;  // [groups + 1], non-decreasing, row_offsets[0] >= 0
+  int64_t x_rows = 0;                      // rows of X and Y
+  int groups = 0;
+  const void* values[kMaxGemmGroups] = {};
+  const void* meta[kMaxGemmGroups] = {};
+  const void* bias[kMaxGemmGroups] = {};
+  const float* w_scale[kMaxGemmGroups] = {};
+};
+
 // Wc, E (logical) <- W[N, K] with row stride ldw. prune=false: strict 2:4 check.
 struct CompressParams {
   int64_t N = 0, K = 0;

@@ -5,7 +5,7 @@ Contract: ``Y[M, N] = X[M, K] @ W[N, K]^T (+ bias[N])``, W 2:4 sparse along K (s
 """
 from . import format, oracle, prune
 from ._info import info
-from .functional import compress, decompress, linear, mask_2to4, prune_2to4
+from .functional import compress, decompress, grouped_linear, linear, mask_2to4, prune_2to4
 from .convert import SparsifyReport, sparsify
 from .interop import from_cutlass, to_cutlass
 from .io import init_empty_weights, load, save
@@ -25,6 +25,7 @@ __all__ = [
     "decompress",
     "format",
     "from_cutlass",
+    "grouped_linear",
     "info",
     "init_empty_weights",
     "linear",

@@ -1,4 +1,4 @@
-"""Public functional API: mask, prune, compress, decompress, linear.
+"""Public functional API: mask, prune, compress, decompress, linear, grouped_linear.
 
 Weights are ``W[N, K]`` (``nn.Linear.weight``'s shape) and 2:4 runs along K, the last dim.
 ``backend`` is None (pick by device: "cpu" for CPU tensors, "cuda" for CUDA tensors), "cpu",
@@ -6,6 +6,7 @@ Weights are ``W[N, K]`` (``nn.Linear.weight``'s shape) and 2:4 runs along K, the
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -15,7 +16,7 @@ from . import format as fmt
 from . import ops
 from .tensor import SparseTensor24
 
-__all__ = ["mask_2to4", "prune_2to4", "compress", "decompress", "linear", "ACTIVATIONS"]
+__all__ = ["mask_2to4", "prune_2to4", "compress", "decompress", "linear", "grouped_linear", "ACTIVATIONS"]
 
 ACTIVATIONS = fmt.ACTIVATIONS
 
@@ -121,6 +122,106 @@ def linear(x: Tensor, sw: SparseTensor24, bias: Optional[Tensor] = None, *, acti
         y = linear_parts(x, sw.values, sw.meta, sw.shape, bias, activation=activation, backend=backend,
                          kernel_meta=sw.kernel_meta)
     return y if foreign is None else foreign.from_dlpack(y)
+
+
+@torch.compiler.disable  # raw data pointers and host-read offsets: eager only (a graph break)
+def grouped_linear(x: Tensor, row_offsets: Tensor, weights, bias=None, *, activation: Optional[str] = None,
+                   max_rows: Optional[int] = None, backend: Optional[str] = None) -> Tensor:
+    """Many linear layers of one shape, each on its own run of rows of ``x [M, K]``: for every group
+    g, with ``o = row_offsets`` (int64 ``[G + 1]``, non-decreasing, from ``o[0] >= 0`` to ``o[G] <= M``),
+    ``y[o[g]:o[g + 1]] = linear(x[o[g]:o[g + 1]], weights[g], bias[g], activation=activation)``; rows
+    of x outside every group give zero rows of y. What a mixture of experts computes on its tokens
+    sorted by expert.
+
+    ``weights``: G :class:`SparseTensor24` of one shape ``[N, K]`` and dtype (int8 ones quantize x per
+    token, as :func:`linear` does); ``bias``: None or G tensors ``[N]``. On the CUDA and SIMT
+    backends this is one kernel launch (per 64 groups) that reads the offsets on the device: no
+    host synchronisation, so a CUDA graph can capture it, with the routing it replays. There
+    ``max_rows`` (default M) must bound every group's row count: it sizes the launch and picks the
+    tile (up to 16: the decode tile), and a group beyond it gets only its first max_rows rows
+    computed; the CPU and SIMT backends read the offsets and raise instead. INT8 weights on the
+    kernels need K % 4 == 0.
+    """
+    op = "sparsegemm.grouped_linear"
+    weights = list(weights) if isinstance(weights, (list, tuple)) else weights
+    if not isinstance(weights, list) or not weights or not all(isinstance(w, SparseTensor24) for w in weights):
+        raise TypeError(f"{op}: weights must be a non-empty list of SparseTensor24, got {type(weights).__name__}"
+                        + (f" of {sorted({type(w).__name__ for w in weights})}" if isinstance(weights, list) else ""))
+    first = weights[0]
+    n, k = first.shape
+    for g, w in enumerate(weights):
+        if w.shape != first.shape or w.dtype != first.dtype or w.device != first.device:
+            raise ValueError(f"{op}: every weight must match weights[0] ({n} x {k}, {first.dtype}, {first.device}), "
+                             f"got weights[{g}] {w.shape[0]} x {w.shape[1]}, {w.dtype}, {w.device}")
+    groups = len(weights)
+    if bias is not None:
+        bias = list(bias)
+        if len(bias) != groups or not all(isinstance(b, Tensor) for b in bias):
+            raise ValueError(f"{op}: bias must be None or {groups} tensors (one per weight), got {len(bias)} items")
+        for g, b in enumerate(bias):
+            if tuple(b.shape) != (n,) or b.dtype != bias[0].dtype:
+                raise ValueError(f"{op}: bias[{g}] must have shape ({n},) and bias[0]'s dtype {bias[0].dtype}, got "
+                                 f"{tuple(b.shape)} {b.dtype}")
+    if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[1] != k:
+        raise ValueError(f"{op}: x must be a [M, {k}] tensor (the weights are {n} x {k}), got "
+                         f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+    if not isinstance(row_offsets, Tensor) or row_offsets.dtype != torch.int64 or tuple(row_offsets.shape) != (
+            groups + 1,):
+        raise ValueError(f"{op}: row_offsets must be an int64 tensor of shape ({groups + 1},) (one more than the "
+                         f"weights), got " + (f"{row_offsets.dtype} {tuple(row_offsets.shape)}"
+                                              if isinstance(row_offsets, Tensor) else type(row_offsets).__name__))
+    code = ops.activation_code(op, activation, n)
+    int8 = first.dtype == torch.int8
+    if int8:
+        ops.check_dtype(op, "x", x, ops.FLOAT_DTYPES)
+        if bias is not None and bias[0].dtype != x.dtype:
+            raise ValueError(f"{op}: bias must have x's dtype {x.dtype} (the output's), got {bias[0].dtype}")
+    else:
+        ops.check_x_matches_weight(op, x, first.values, ops.FLOAT_DTYPES, None if bias is None else bias[0])
+    ops.check_same_device(op, x=x, row_offsets=row_offsets, **{"weights[0].values": first.values},
+                          bias=None if bias is None else bias[0])
+    if bias is not None:
+        ops.check_same_device(op, **{f"bias[{g}]": b for g, b in enumerate(bias)})
+    m = x.shape[0]
+    max_rows = m if max_rows is None else max_rows
+    if not isinstance(max_rows, int) or isinstance(max_rows, bool) or max_rows < 0:
+        raise ValueError(f"{op}: max_rows must be a non-negative int, got {max_rows!r}")
+    backend = ops.resolve_backend(op, backend, x.device)
+    y = x.new_zeros((m, ops.out_features(n, code)))
+    if backend != "cuda":
+        offsets = row_offsets.tolist()
+        for g in range(groups):
+            if not 0 <= offsets[g] <= offsets[g + 1] <= m:
+                raise ValueError(f"{op}: row_offsets must rise from >= 0 to <= M = {m}, got {offsets[g]} then "
+                                 f"{offsets[g + 1]} at group {g}")
+            if offsets[g + 1] - offsets[g] > max_rows:
+                raise ValueError(f"{op}: group {g} has {offsets[g + 1] - offsets[g]} rows, more than max_rows = "
+                                 f"{max_rows}")
+    if backend == "cpu":
+        for g in range(groups):
+            rows = slice(offsets[g], offsets[g + 1])
+            if rows.stop > rows.start:
+                y[rows] = linear(x[rows], weights[g], None if bias is None else bias[g], activation=activation,
+                                 backend="cpu")
+        return y
+    ops.check_dtype(op, "x", x, ops.KERNEL_DTYPES)
+    ops.check_gemm_32bit(op, m, n, k)
+    if int8:
+        ops.require_int8_kernels(op, backend)
+        if k % 4:
+            raise ValueError(f"{op}: INT8 weights on the {backend} kernels need K % 4 == 0, got K = {k}")
+    if m == 0 or max_rows == 0:
+        return y
+    # The extension launches on the current GPU (and reorders metadata there).
+    with torch.cuda.device(x.device) if backend == "cuda" else contextlib.nullcontext():
+        table = ops.grouped_weights([w.values.contiguous() for w in weights],
+                                    [w.kernel_meta(backend) for w in weights],
+                                    None if bias is None else [b.contiguous() for b in bias],
+                                    [w.scale.contiguous() for w in weights] if int8 else None, k)
+        x = ops._rowmajor(x)
+        ops.launch_grouped(backend + "_", ops._stream(x) if backend == "cuda" else 0, x, row_offsets.contiguous(),
+                           max_rows, table, code, y)
+    return y
 
 
 def _check_linear_args(op: str, x, values: Tensor, n: int, k: int, bias, activation) -> None:

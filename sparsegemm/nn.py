@@ -7,6 +7,7 @@ device, on the first forward after a move, and reused.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple, Optional
 
 import torch
@@ -634,12 +635,31 @@ def experts_activation(experts: nn.Module) -> tuple[Optional[str], str]:
     return activation, ""
 
 
+class _GroupedTables(NamedTuple):
+    """What SparseExperts' grouped path launches with (ops.GroupedWeights of its two projections),
+    and the state of the layers they were made from (SparseExperts._layers_state)."""
+
+    state: tuple
+    dtype: torch.dtype        # hidden_states' (and the outputs') dtype
+    api: str                  # "cuda_" or "simt_"
+    gate_up: ops.GroupedWeights
+    gate_up_activation: int   # the kernels' code of the gated epilogue
+    down: ops.GroupedWeights
+    trainable: bool           # a weight or bias requires grad: grad mode takes the per-expert path
+
+
 class SparseExperts(nn.Module):
     """A mixture of experts as transformers 5 stores it (see :func:`experts_activation`) with each
     expert 2:4: ``gate_up[e]`` one SparseLinear with the gated epilogue, ``down[e]`` a SparseLinear.
     ``forward(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k])`` as the dense module's:
     each expert runs its GEMMs on the tokens routed to it (rows of hidden_states gathered), and
-    ``weight * output`` is added into those tokens' rows."""
+    ``weight * output`` is added into those tokens' rows.
+
+    On the CUDA kernels (and the SIMT emulator's), in inference, the experts run as two grouped
+    GEMMs (:func:`sparsegemm.grouped_linear`: gate/up of every expert in one launch, then down), with
+    the routes grouped on the device: no host synchronisation, so a CUDA graph captures the layer
+    with its routing. Elsewhere (the CPU backend, training, torch.compile) each routed expert runs
+    its two layers."""
 
     def __init__(self, gate_up: list, down: list):
         super().__init__()
@@ -661,7 +681,104 @@ class SparseExperts(nn.Module):
         return cls([SparseLinear._from_gate_up_weights((w[:half], None), (w[half:], None), activation, **args)
                     for w in gate_up], [SparseLinear._from_weight(w, None, **args) for w in down])
 
+    def _apply(self, fn, recurse=True):
+        self.__dict__.pop("_grouped_tables", None)  # they hold the tensors a move replaces
+        return super()._apply(fn, recurse)
+
+    def _layers_state(self) -> tuple:
+        """The identity of everything a grouped launch reads from the experts' layers: their tensors
+        (object, storage, and the metadata's version: an in-place copy reorders again), backend,
+        activation, quantization and trainability. Cheap enough per call (ints and strings)."""
+        state = []
+        for layer in (*self.gate_up, *self.down):
+            values, meta = layer._parameters["values"], layer._buffers["metadata"]
+            bias, scale = layer._parameters.get("bias"), layer._buffers.get("scale")
+            state.append((id(values), values.data_ptr(), values.requires_grad, id(meta),
+                          None if meta.is_inference() else meta._version, id(bias), ops._ptr(bias),
+                          bias is not None and bias.requires_grad, id(scale), ops._ptr(scale),
+                          layer._buffers.get("input_scale") is None, layer.backend, layer.activation))
+        return tuple(state)
+
+    def _make_grouped_tables(self, hidden_states: Tensor, state: tuple) -> Optional[_GroupedTables]:
+        """The grouped launches' tables for calls like ``hidden_states``, or None where the experts'
+        layers do not allow them (another backend, mixed layers, static INT8, a dtype they do not
+        take): the per-expert path runs those."""
+        backend = ops.kernel_backend(self.gate_up[0].backend, hidden_states)
+        dtype = hidden_states.dtype
+        if backend is None or dtype not in ops.KERNEL_DTYPES:
+            return None
+        tables = []
+        for layers in (self.gate_up, self.down):
+            first = layers[0]
+            n, k = first.weight_shape
+            int8 = first.quantize == "int8"
+            code = ops.usable_activation_code(first.activation, n)
+            for layer in layers:
+                if (layer.weight_shape != first.weight_shape or layer.quantize != first.quantize
+                        or layer.activation != first.activation or layer.backend != first.backend
+                        or (layer.bias is None) != (first.bias is None) or layer.values.device != hidden_states.device
+                        or (layer.bias is not None and layer.bias.dtype != dtype)
+                        or (layer.values.dtype != (torch.int8 if int8 else dtype))
+                        or (int8 and (layer.input_scale is not None or k % 4 or not ops.has_int8_kernels(backend)))):
+                    return None
+            if code is None:
+                return None
+            kernel_meta = [layer.sparse_weight().kernel_meta(backend) if int8 else layer._kernel_meta_for(backend)
+                           for layer in layers]
+            tables.append((ops.grouped_weights([layer.values.contiguous() for layer in layers], kernel_meta,
+                                               None if first.bias is None else [layer.bias.contiguous() for layer in layers],
+                                               [layer.scale.contiguous() for layer in layers] if int8 else None, k),
+                           code))
+        (gate_up, gate_up_code), (down, down_code) = tables
+        if down_code != 0 or gate_up.n // 2 != down.k or down.n != hidden_states.shape[-1]:
+            return None
+        trainable = any(t.requires_grad for layer in (*self.gate_up, *self.down) for t in layer.parameters())
+        return _GroupedTables(state, dtype, backend + "_", gate_up, gate_up_code, down, trainable)
+
+    def _grouped_forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Optional[Tensor]:
+        """The grouped path (see the class docstring), or None where the per-expert one must run."""
+        if (torch.compiler.is_compiling() or torch.jit.is_tracing() or type(hidden_states) is not Tensor
+                or hidden_states.dim() != 2 or top_k_index.dim() != 2 or top_k_index.shape[0] != hidden_states.shape[0]
+                or top_k_weights.shape != top_k_index.shape or top_k_index.device != hidden_states.device):
+            return None
+        state = self._layers_state()
+        tables = self.__dict__.get("_grouped_tables")
+        if tables is None or tables.state != state or tables.dtype is not hidden_states.dtype:
+            tables = self.__dict__["_grouped_tables"] = self._make_grouped_tables(hidden_states, state)
+            if tables is None:
+                return None
+        if torch.is_grad_enabled() and (tables.trainable or hidden_states.requires_grad or top_k_weights.requires_grad):
+            return None
+        tokens, k = top_k_index.shape
+        experts = len(self.gate_up)
+        # A token routed twice to one expert keeps its first route, with the summed weight: no expert
+        # then gets more rows than there are tokens, the bound the launches are sized by.
+        same = top_k_index.unsqueeze(-1) == top_k_index.unsqueeze(-2)
+        weights = (top_k_weights.unsqueeze(-2) * same).sum(-1)
+        repeat = (same & torch.ones(k, k, dtype=torch.bool, device=same.device).tril(-1)).any(-1)
+        # Routes sorted by expert (padding, -1 or E, and repeats last, routed nowhere); group e is
+        # rows offsets[e] .. offsets[e + 1] - 1, found on the device.
+        flat = top_k_index.reshape(-1)
+        flat = torch.where((flat >= 0) & (flat < experts) & ~repeat.reshape(-1), flat, experts)
+        order = torch.argsort(flat, stable=True)
+        offsets = torch.searchsorted(flat[order], torch.arange(experts + 1, device=flat.device))
+        token = order // k
+        x = hidden_states[token]
+        hidden = x.new_empty((x.shape[0], tables.down.k))  # rows no expert holds are never read
+        y = x.new_zeros((x.shape[0], tables.down.n))       # and stay zero here
+        stream = ops._stream(x) if tables.api == "cuda_" else 0
+        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+            ops.launch_grouped(tables.api, stream, x, offsets, tokens, tables.gate_up, tables.gate_up_activation,
+                               hidden)
+            ops.launch_grouped(tables.api, stream, hidden, offsets, tokens, tables.down, 0, y)
+        out = torch.zeros_like(hidden_states)
+        out.index_add_(0, token, (y * weights.reshape(-1)[order, None]).to(out.dtype))
+        return out
+
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+        grouped = self._grouped_forward(hidden_states, top_k_index, top_k_weights)
+        if grouped is not None:
+            return grouped
         out = torch.zeros_like(hidden_states)
         experts, k = len(self.gate_up), top_k_index.shape[-1]
         # The routes grouped by expert with one sort and one read of the counts on the host, not a

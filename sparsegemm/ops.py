@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import numbers
 import threading
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -655,6 +655,53 @@ def launch_gemm(api: str, stream: int, x: Tensor, values: Tensor, kernel_meta: T
     getattr(_C, api + "gemm")(m, n, k, x.data_ptr(), x.stride(0), values.data_ptr(), kernel_meta.data_ptr(),
                               _ptr(bias), y.data_ptr(), y.stride(0), fmt.DTYPE_CODES[x.dtype], activation,
                               _ptr(workspace), _ptr(counters), -1, 0, stream)  # positional: kwargs cost in pybind
+
+
+class GroupedWeights(NamedTuple):
+    """The weights of a grouped GEMM (params.h GroupedGemmParams) as the launch passes them: one
+    data pointer per group for the values, the kernel-layout metadata, the bias (empty list: none)
+    and the INT8 weight scale (empty list: a 16-bit GEMM); ``tensors`` keeps what they point into
+    alive. Every group's weight is n x k."""
+
+    n: int
+    k: int
+    values: list
+    kernel_meta: list
+    bias: list
+    scale: list
+    tensors: tuple
+
+
+def grouped_weights(values: list, kernel_meta: list, bias: Optional[list], scale: Optional[list],
+                    k: int) -> GroupedWeights:
+    """GroupedWeights of contiguous per-group tensors (bias / scale: None, or one per group)."""
+    ptrs = lambda ts: [] if ts is None else [t.data_ptr() for t in ts]  # noqa: E731
+    return GroupedWeights(values[0].shape[0], k, ptrs(values), ptrs(kernel_meta), ptrs(bias), ptrs(scale),
+                          (values, kernel_meta, bias, scale))
+
+
+def launch_grouped(api: str, stream: int, x: Tensor, row_offsets: Tensor, max_rows: int, weights: GroupedWeights,
+                   activation: int, y: Tensor, config: int = -1) -> None:
+    """The grouped GEMM kernel of ``api`` ("simt_" / "cuda_"): rows row_offsets[g] .. row_offsets[g + 1]
+    of x [M, K] (a unit stride along K; for INT8 weights a float x, quantized per token here) times
+    group g's weight into the same rows of y [M, N] (gated: N / 2; contiguous, x's dtype). Rows no
+    group holds are not written. row_offsets: int64 [G + 1], contiguous, on x's device; max_rows: at
+    least every group's row count (the launch is sized by it and computes no more). No split-K
+    scratch: the groups fill the GPU."""
+    m, k = x.shape
+    if not weights.scale:
+        getattr(_C, api + "gemm_grouped")(max_rows, weights.n, k, x.data_ptr(), x.stride(0), m, row_offsets.data_ptr(),
+                                          weights.values, weights.kernel_meta, weights.bias, y.data_ptr(), y.stride(0),
+                                          fmt.DTYPE_CODES[x.dtype], activation, config, stream)
+        return
+    x_q = _scratch(x, stream, "x_q", m * k, torch.int8)
+    x_scale = _scratch(x, stream, "x_scale", m, torch.float32)
+    getattr(_C, api + "quantize_rows")(m, k, x.data_ptr(), x.stride(0), fmt.DTYPE_CODES[x.dtype], x_q.data_ptr(),
+                                       x_scale.data_ptr(), stream)
+    getattr(_C, api + "gemm_s8_grouped")(max_rows, weights.n, k, x_q.data_ptr(), k, m, row_offsets.data_ptr(),
+                                         weights.values, weights.kernel_meta, weights.scale, x_scale.data_ptr(),
+                                         weights.bias, y.data_ptr(), y.stride(0), fmt.DTYPE_CODES[y.dtype],
+                                         activation, config, stream)
 
 
 @_linear.register_fake

@@ -57,6 +57,7 @@ def built_archs():
 WGMMA_TILE = "gemm_tiles11WgmmaLargeM"  # the mangled tile argument of the wgmma tile's kernels
 WIDE_WGMMA_TILE = "gemm_tiles15WgmmaWideLargeM"  # the 256-row wgmma tile's (config 5, TMA only)
 TMA_LOADER = "TmaRowMajorX"  # the loader of its TMA pipeline (configs 3, 4, 5)
+GROUPED_LOADER = "GroupedRowMajorX"  # the grouped GEMM's (checked on its own below)
 
 
 def split_wgmma(kernels):
@@ -91,7 +92,7 @@ def test_gemm_uses_sparse_hmma(cuobjdump, arch):
     # The 16-bit policy (Mma16); the int8 one (MmaS8) is checked below.
     gemms, wgmma, wgmma_tma, decode_tma = split_wgmma({name: body for name, body in functions.items()
                                                        if "gemm_sp_kernel" in name and "Mma16" in name and
-                                                       "RowMajorX" in name})
+                                                       "RowMajorX" in name and GROUPED_LOADER not in name})
     # Two dtypes x two warp-level tile configurations (kernels_dispatch.cuh), the wgmma tile with
     # either loader, the decode tile with TMA.
     assert len(gemms) == 4, sorted(functions)
@@ -130,7 +131,8 @@ def test_conv_uses_sparse_hmma_and_cp_async(cuobjdump, arch):
 def test_int8_gemm_uses_sparse_imma(cuobjdump, arch):
     functions = sass_functions(cuobjdump, _C.__file__, arch)
     gemms, wgmma, wgmma_tma, decode_tma = split_wgmma({name: body for name, body in functions.items()
-                                                       if "gemm_sp_kernel" in name and "MmaS8" in name})
+                                                       if "gemm_sp_kernel" in name and "MmaS8" in name and
+                                                       GROUPED_LOADER not in name})
     # Two output dtypes x two tile configurations (kernels_dispatch.cuh), the wgmma tile with
     # either loader, the decode tile with TMA.
     assert len(gemms) == 4, sorted(functions)
@@ -143,6 +145,22 @@ def test_int8_gemm_uses_sparse_imma(cuobjdump, arch):
         assert "LDSM" in body, f"{name} on sm_{arch}: operands are expected to come through ldmatrix"
     assert any("quantize_rows_kernel" in name for name in functions)
     assert any("reorder_meta_s8_kernel" in name for name in functions)
+
+
+@pytest.mark.parametrize("arch", built_archs())
+def test_grouped_gemms_use_the_sparse_tensor_cores(cuobjdump, arch):
+    # The grouped GEMM (GroupedRowMajorX): per policy, two dtypes x the two warp-level tiles and the
+    # wgmma tile, all with cp.async copies.
+    functions = sass_functions(cuobjdump, _C.__file__, arch)
+    for policy, mma, gmma in (("Mma16", "HMMA.SP.16832.F32", "HGMMA.SP.64x128x32.F32"),
+                              ("MmaS8", "IMMA.SP.16864.S8.S8.SAT", "IGMMA.SP.64x128x64.S8.S8.SAT")):
+        gemms, wgmma, wgmma_tma, decode_tma = split_wgmma({name: body for name, body in functions.items()
+                                                           if "gemm_sp_kernel" in name and policy in name and
+                                                           GROUPED_LOADER in name})
+        assert len(gemms) == 4 and not wgmma_tma and not decode_tma, sorted(gemms)
+        check_hopper_kernels(arch, wgmma, gmma)
+        for name, body in gemms.items():
+            assert mma in body and "LDSM" in body and "LDGSTS" in body, f"{name} on sm_{arch}"
 
 
 def resource_usage(tool, module_path, arch):
@@ -174,9 +192,13 @@ def test_large_m_gemm_fits_two_blocks_per_sm(cuobjdump, arch):
     # cuBLAS). sm_80 (A100, 164 KiB of shared memory: room for two 75-78 KiB blocks) held 159 until
     # the metadata copies were set up once; sm_86 / sm_89 fit one block by shared memory anyway.
     usage = resource_usage(cuobjdump, _C.__file__, arch)
-    large_m = {name: u["REG"] for name, u in usage.items() if "gemm_sp_kernel" in name and "tiles6LargeM" in name}
+    large_m = {name: u["REG"] for name, u in usage.items() if "gemm_sp_kernel" in name and "tiles6LargeM" in name
+               and GROUPED_LOADER not in name}  # grouped: one block an SM (gemm_sp.cuh)
     assert len(large_m) == 6, sorted(usage)  # fp16, bf16 x GEMM, conv; int8 x two outputs
     assert max(large_m.values()) <= 128, large_m
+    # The grouped decode tile keeps the decode tile's two blocks an SM (256 threads each).
+    grouped_decode = {name: u["REG"] for name, u in usage.items() if GROUPED_LOADER in name and "tiles6Decode" in name}
+    assert len(grouped_decode) == 4 and max(grouped_decode.values()) <= 128, grouped_decode
 
 
 @pytest.mark.skipif("90" not in built_archs(), reason="sm_90 not in this build")
@@ -187,7 +209,7 @@ def test_wgmma_gemm_fits_two_blocks_per_sm_without_serialising(cuobjdump):
     # serialises wgmma it cannot prove safe) would leave the tensor cores idle between them. The TMA
     # pipeline's SS form keeps one k-tile in flight: its loop waits with wait_group 1.
     usage = resource_usage(cuobjdump, _C.__file__, "90")
-    wgmma = {name: u["REG"] for name, u in usage.items() if WGMMA_TILE in name}
+    wgmma = {name: u["REG"] for name, u in usage.items() if WGMMA_TILE in name and GROUPED_LOADER not in name}
     # fp16, bf16 x GEMM, convolution, TMA GEMM; int8 x two outputs x GEMM, TMA GEMM
     assert len(wgmma) == 10 and max(wgmma.values()) <= 128, wgmma
     # The 256-row tile (512 threads, one block an SM): fp16, bf16; int8 x two outputs.

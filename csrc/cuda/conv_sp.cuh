@@ -31,6 +31,7 @@ struct NhwcConvX {
   static SG_HOST_DEVICE const GemmParams& gemm(const Params& p) { return p.gemm; }
   static constexpr bool kStridedRows = false;  // a row's K columns gather its taps: copy() alone
   static constexpr bool kTma = false;
+  static constexpr bool kGrouped = false;
   static constexpr int kChunkElems = 16 / int(sizeof(Operand));
 
   const Operand* x;

@@ -51,6 +51,7 @@
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "../format.h"
 #include "../params.h"
@@ -191,6 +192,7 @@ SG_DEVICE void zero_chunk(char* dst) { st_shared_16(dst, ElementPack<uint32_t, 4
 //   kStridedRows          true when row m starts at x + m ldx (then x, ldx, vector_ok are members)
 //   source_bytes(params)  the bytes from X's start the copies may read (the emulator checks them)
 //   kTma                  false: gemm_sp_kernel's threads copy through copy() (TmaRowMajorX: true)
+//   kGrouped              false: one GEMM, blockIdx.z its K split (GroupedRowMajorX: true)
 // RowMajorX is the GEMM's: X[M, K] rows with stride ldx. conv_sp.cuh has the implicit-GEMM one.
 template <typename Operand>
 struct RowMajorX {
@@ -198,6 +200,7 @@ struct RowMajorX {
   static SG_HOST_DEVICE const GemmParams& gemm(const Params& p) { return p; }
   static constexpr bool kStridedRows = true;  // interior stages: precomputed pointers (gemm_sp_kernel)
   static constexpr bool kTma = false;
+  static constexpr bool kGrouped = false;
 
   const Operand* x;
   int64_t M, K, ldx;
@@ -215,6 +218,79 @@ struct RowMajorX {
 
   static int64_t source_bytes(const Params& p) {
     return p.M > 0 ? ((p.M - 1) * p.ldx + p.K) * int64_t(sizeof(Operand)) : 0;
+  }
+};
+
+// A grouped block's GEMM (GroupedRowMajorX::block_gemm): the launch's X, Y and x_scale with its
+// group's weight, over rows first_row .. M - 1 of them (M: the row its group ends at). Rows stay
+// absolute, so that the pointers stay the launch's kernel parameters: a group's pointers held in
+// registers through the main loop made the wgmma and INT8 tiles spill on sm_90a.
+struct GroupBlockGemm : GemmParams {
+  int first_row = 0;  // < 2^31 (ops.py keeps M below it)
+};
+
+// The first row of X a block's GEMM p covers: 0, or a grouped block's first_row.
+template <typename BlockGemm>
+SG_DEVICE int first_row(const BlockGemm& p) {
+  if constexpr (std::is_same_v<BlockGemm, GroupBlockGemm>) {
+    return p.first_row;
+  } else {
+    return 0;
+  }
+}
+
+// The loader of the grouped GEMM (params.h GroupedGemmParams; blockIdx.z is the group): each block
+// computes its group's GEMM, block_gemm(params), and loads X rows as RowMajorX loads a GEMM's.
+// Only the warp-level and wgmma tiles with copies by every thread (configs 0, 1, 2).
+template <typename Operand>
+struct GroupedRowMajorX {
+  using Params = GroupedGemmParams;
+  static SG_HOST_DEVICE const GemmParams& gemm(const Params& p) { return p.gemm; }
+  static constexpr bool kStridedRows = true;
+  static constexpr bool kTma = false;
+  static constexpr bool kGrouped = true;
+
+  // RowMajorX's members, but the rows' end in 32 bits: one register less through the main loop
+  // kept the grouped LargeM tile from spilling on sm_80.
+  const Operand* x;
+  int64_t K, ldx;
+  int M;
+  bool vector_ok;
+
+  SG_DEVICE explicit GroupedRowMajorX(const GemmParams& block)
+      : x(static_cast<const Operand*>(block.x)), K(block.K), ldx(block.ldx), M(int(block.M)),
+        vector_ok(RowMajorX<Operand>(block).vector_ok) {}
+
+  SG_DEVICE void copy(char* dst, int64_t m, int64_t col) const {
+    const bool row_ok = m < M;
+    copy_chunk(dst, row_ok ? x + m * ldx + col : x, row_ok, K - col, vector_ok);
+  }
+
+  // The GEMM of group blockIdx.z: its rows (row_offsets clamped into X, at most gemm.M of them)
+  // and its weight. The offsets may be written by the kernel before this one (dependent launch),
+  // hence the wait first.
+  static SG_DEVICE GroupBlockGemm block_gemm(const Params& params) {
+    grid_dependency_wait();
+    const int group = int(blockIdx.z);
+    auto clamp = [](int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : v > hi ? hi : v; };
+    const int64_t first = clamp(params.row_offsets[group], 0, params.x_rows);
+    const int64_t end = clamp(params.row_offsets[group + 1], first, params.x_rows);
+    GroupBlockGemm p;
+    static_cast<GemmParams&>(p) = params.gemm;
+    p.first_row = int(first);
+    p.M = clamp(end, first, first + params.gemm.M);
+    p.values = params.values[group];
+    p.meta = params.meta[group];
+    p.bias = params.bias[group];
+    p.w_scale = params.w_scale[group];
+    return p;
+  }
+
+  // X's rows (the emulator's bounds for the copies).
+  static int64_t source_bytes(const Params& p) {
+    GemmParams all = p.gemm;
+    all.M = p.x_rows;
+    return RowMajorX<Operand>::source_bytes(all);
   }
 };
 
@@ -239,6 +315,7 @@ struct TmaRowMajorX {
   };
   static SG_HOST_DEVICE const GemmParams& gemm(const Params& p) { return p.gemm; }
   static constexpr bool kTma = true;
+  static constexpr bool kGrouped = false;
   static int64_t source_bytes(const Params& p) { return RowMajorX<Operand>::source_bytes(p.gemm); }
 };
 
@@ -361,8 +438,25 @@ SG_DEVICE bool arrived_last(int* counter, int splits, char* smem) {
   return *verdict != 0;
 }
 
+// The GEMM a block of gemm_sp_kernel computes: the launch's (a reference to the kernel parameter),
+// or for a grouped launch its group's (GroupBlockGemm, made after the wait for the kernel before).
+template <typename XLoader>
+SG_DEVICE decltype(auto) block_gemm(const typename XLoader::Params& params) {
+  if constexpr (XLoader::kGrouped) {
+    return XLoader::block_gemm(params);
+  } else {
+    return XLoader::gemm(params);
+  }
+}
+
 // Block (blockIdx.x, blockIdx.y, blockIdx.z) computes output tile raster_output_tile(blockIdx.x,
-// blockIdx.y) (gemm_heuristics.h: M tiles x N tiles in bands) of K split blockIdx.z.
+// blockIdx.y) (gemm_heuristics.h: M tiles x N tiles in bands) of K split blockIdx.z, or for a
+// grouped launch (XLoader::kGrouped, one split) of group blockIdx.z's GEMM; a block whose tile
+// starts past its group's rows has nothing to do (the grid is sized for the largest group).
+// Launch bounds: the tile's, but one block per SM for the grouped large-M tiles (LargeM and the
+// wgmma one): their group's weight pointers and row end, which a single GEMM reads from its
+// kernel parameters, take 130-137 registers (ptxas, nvcc 13.0, sm_80 and sm_90a), and held to 128
+// for two blocks per SM they spilled 4-24 bytes. The grouped decode tile keeps two (68-80).
 // XLoader: the B-operand loader policy (RowMajorX above, or conv_sp.cuh's implicit-GEMM loader);
 // params: its Params, whose GemmParams part p is described here.
 // p: GemmParams (params.h) with x: X[M, K], values: Wc[N, Kc] (both Policy::Operand), meta: E
@@ -372,7 +466,7 @@ SG_DEVICE bool arrived_last(int* counter, int splits, char* smem) {
 //    and tile_counters: int32 [gridDim.y][gridDim.x], zero at launch and again at exit.
 // k_tiles_per_split: k-tiles of each split (the last one may have fewer).
 template <typename Policy, typename Tile, typename XLoader = RowMajorX<typename Policy::Operand>>
-SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinBlocksPerSm)
+SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), (XLoader::kGrouped && !Tile::kSplitK ? 1 : Tile::kMinBlocksPerSm))
     gemm_sp_kernel(SG_GRID_CONSTANT const typename XLoader::Params params, int64_t k_tiles_per_split) {
   if constexpr ((Tile::kWgmma && !kWgmmaCompiled) || (XLoader::kTma && !kTmaCompiled)) {
     // A device pass without wgmma (not sm_90a) or TMA (before sm_90): the dispatch never launches
@@ -381,10 +475,11 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinB
     return;
   }
   using S = GemmShape<Policy, Tile>;
-  const GemmParams& p = XLoader::gemm(params);
   using Operand = typename Policy::Operand;
   using Acc = typename Policy::Acc;
   using Out = typename Policy::Out;
+  const auto& p = block_gemm<XLoader>(params);
+  static_assert(!XLoader::kGrouped || !XLoader::kTma, "grouped GEMMs copy through every thread");
   SG_DYNAMIC_SMEM(char, smem);
 
   const int tid = threadIdx.x;
@@ -394,12 +489,15 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinB
   // 32-bit: a tile's rows m0 .. m0 + kBlockM - 1 stay below 2^31 (ops.py keeps M below it; m0 is a
   // multiple of kBlockM) and n0 + kBlockN below 2^24 (launch_gemm's 65535 N blocks of at most 256). Unlike blockIdx the
   // tile is not free to recompute, and two registers fewer kept the wgmma convolution from spilling.
-  const int m0 = int(tile.m) * S::kBlockM;
+  const int m0 = first_row(p) + int(tile.m) * S::kBlockM;
   const int n0 = int(tile.n) * S::kBlockN;
+  if constexpr (XLoader::kGrouped) {
+    if (m0 >= p.M) return;  // the whole block: no barrier is left waiting
+  }
   const int64_t Kc = values_cols(p.K);
   const int64_t k_tiles = gemm_k_tiles(p.K, S::kBlockK);
   const int64_t meta_steps = Policy::meta_steps(p.K);
-  const int64_t kt_begin = int64_t(blockIdx.z) * k_tiles_per_split;
+  const int64_t kt_begin = XLoader::kGrouped ? 0 : int64_t(blockIdx.z) * k_tiles_per_split;
   const int64_t kt_end = kt_begin + k_tiles_per_split < k_tiles ? kt_begin + k_tiles_per_split : k_tiles;
   const int num_tiles = kt_end > kt_begin ? int(kt_end - kt_begin) : 0;
 
@@ -557,7 +655,13 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinB
     const Operand* values = static_cast<const Operand*>(p.values);
     const char* meta = static_cast<const char*>(p.meta);
     const bool a_vector_ok = Kc % S::kChunkElems == 0 && reinterpret_cast<uintptr_t>(values) % 16 == 0;
-    const XLoader x_loader(params);
+    const XLoader x_loader = [&] {
+      if constexpr (XLoader::kGrouped) {
+        return XLoader(p);  // the group's rows
+      } else {
+        return XLoader(params);
+      }
+    }();
 
 
     // Wc chunks of this thread in an interior stage (every row below N, every column below Kc,
@@ -742,7 +846,7 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinB
   }
 
   const int g = lane >> 2, t = lane & 3;
-  if constexpr (Tile::kSplitK) {
+  if constexpr (Tile::kSplitK && !XLoader::kGrouped) {
     if (gridDim.z > 1) {
       // Split-K: raw partial sums into workspace [split][m][n]. The last split of this tile to
       // arrive (any of them: blocks run in no fixed order) replaces its accumulators with the
@@ -797,25 +901,29 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinB
   // 16-row MMA tile are a gate and its up row, both in this thread's fragment; their product
   // goes to output column (16-row tile) / 2 + g, so Ys and Y hold half as many columns.
   __syncthreads();  // every warp is done reading the pipeline stages that Ys overwrites
+  // The epilogue's GEMM fields: p's, derived again for a grouped block (its row offset read again,
+  // its pointers rebuilt) rather than held in registers through the main loop: held, they made the
+  // grouped wgmma and INT8 tiles spill on sm_90a.
+  const auto& epi = block_gemm<XLoader>(params);
   using T = typename Out::Storage;
   T* ys = reinterpret_cast<T*>(smem);
-  const T* bias = static_cast<const T*>(p.bias);
+  const T* bias = static_cast<const T*>(epi.bias);
   float x_scales[S::kTilesM][2];
 #pragma unroll
   for (int j = 0; j < S::kTilesM; ++j)
 #pragma unroll
     for (int col = 0; col < 2; ++col)
-      x_scales[j][col] = scale_at<Policy>(p.x_scale, m0 + warp_m * S::kWarpM + j * 8 + 2 * t + col, p.M);
-  if (p.gated) {
+      x_scales[j][col] = scale_at<Policy>(epi.x_scale, m0 + warp_m * S::kWarpM + j * 8 + 2 * t + col, epi.M);
+  if (epi.gated) {
 #pragma unroll
     for (int i = 0; i < S::kTilesN; ++i) {
       const int n_local = warp_n * S::kWarpN + i * 16 + g;
       const int64_t n_gate = n0 + n_local, n_up = n_gate + kGateRows;  // N % 16 == 0: both in or both out
-      const bool read_bias = bias != nullptr && n_gate < p.N;
+      const bool read_bias = bias != nullptr && n_gate < epi.N;
       const float bias_gate = read_bias ? Out::to_float(bias[n_gate]) : 0.f;
       const float bias_up = read_bias ? Out::to_float(bias[n_up]) : 0.f;
-      const float w_scale_gate = scale_at<Policy>(p.w_scale, n_gate, p.N);
-      const float w_scale_up = scale_at<Policy>(p.w_scale, n_up, p.N);
+      const float w_scale_gate = scale_at<Policy>(epi.w_scale, n_gate, epi.N);
+      const float w_scale_up = scale_at<Policy>(epi.w_scale, n_up, epi.N);
       const int out_local = (n_local - g) / 2 + g;
 #pragma unroll
       for (int j = 0; j < S::kTilesM; ++j)
@@ -823,7 +931,7 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinB
         for (int col = 0; col < 2; ++col) {
           const int m_local = warp_m * S::kWarpM + j * 8 + 2 * t + col;
           const float gate = epilogue_value<Policy>(acc[i][j][col], w_scale_gate, x_scales[j][col], bias != nullptr,
-                                                    bias_gate, p.act);
+                                                    bias_gate, epi.act);
           const float up = epilogue_value<Policy>(acc[i][j][2 + col], w_scale_up, x_scales[j][col], bias != nullptr,
                                                   bias_up, Activation::none);
           ys[m_local * S::kEpilogueStride + out_local] = Out::from_float(mul_rn(gate, up));
@@ -836,30 +944,30 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), Tile::kMinB
       for (int half = 0; half < 2; ++half) {
         const int n_local = warp_n * S::kWarpN + i * 16 + g + 8 * half;
         const int64_t n = n0 + n_local;
-        const float bias_n = (bias != nullptr && n < p.N) ? Out::to_float(bias[n]) : 0.f;
-        const float w_scale_n = scale_at<Policy>(p.w_scale, n, p.N);
+        const float bias_n = (bias != nullptr && n < epi.N) ? Out::to_float(bias[n]) : 0.f;
+        const float w_scale_n = scale_at<Policy>(epi.w_scale, n, epi.N);
 #pragma unroll
         for (int j = 0; j < S::kTilesM; ++j)
 #pragma unroll
           for (int col = 0; col < 2; ++col) {
             const int m_local = warp_m * S::kWarpM + j * 8 + 2 * t + col;
             ys[m_local * S::kEpilogueStride + n_local] = Out::from_float(epilogue_value<Policy>(
-                acc[i][j][2 * half + col], w_scale_n, x_scales[j][col], bias != nullptr, bias_n, p.act));
+                acc[i][j][2 * half + col], w_scale_n, x_scales[j][col], bias != nullptr, bias_n, epi.act));
           }
       }
   }
   __syncthreads();
-  T* y = static_cast<T*>(p.y);
+  T* y = static_cast<T*>(epi.y);
   // Output columns of this block and of Y: half of the W rows when gated.
-  const int out_shift = p.gated ? 1 : 0;
+  const int out_shift = epi.gated ? 1 : 0;
   const int row_chunks = (S::kBlockN / 8) >> out_shift;
-  const int64_t out_n0 = n0 >> out_shift, out_cols = p.N >> out_shift;
+  const int64_t out_n0 = n0 >> out_shift, out_cols = epi.N >> out_shift;
   for (int c = tid; c < S::kBlockM * row_chunks; c += S::kThreads) {
     const int m_local = c / row_chunks, chunk = c % row_chunks;
     const int64_t m = m0 + m_local, n = out_n0 + chunk * 8;
-    if (m >= p.M || n >= out_cols) continue;
+    if (m >= epi.M || n >= out_cols) continue;
     const auto& row = *reinterpret_cast<const ElementPack<T, 8>*>(ys + m_local * S::kEpilogueStride + chunk * 8);
-    store_elements<T, 8>(y + m * p.ldy + n, row.v, out_cols - n);
+    store_elements<T, 8>(y + m * epi.ldy + n, row.v, out_cols - n);
   }
 }
 

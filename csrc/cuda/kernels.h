@@ -60,7 +60,11 @@ struct TensorMapMemoStats {
   /* Y = act(acc * w_scale[n] * x_scale[m] + bias); p.x: x_q, p.values: int8 Wc, p.meta: the    */ \
   /* int8 kernel E, p.dtype: Y's (and bias's) dtype, f16 or bf16; scratch: gemm_s8_scratch.    */ \
   void gemm_s8(const GemmParams& p, void* stream);                                                \
-  GemmScratch gemm_s8_scratch(int64_t M, int64_t N, int64_t K, int config, int split_k);
+  GemmScratch gemm_s8_scratch(int64_t M, int64_t N, int64_t K, int config, int split_k);          \
+  /* ---- grouped (params.h GroupedGemmParams: at most kMaxGemmGroups groups, no scratch) ----   */ \
+  /* gemm / gemm_s8 of each group, one launch: p.gemm.meta etc. unused, the tables per group.   */ \
+  void gemm_grouped(const GroupedGemmParams& p, void* stream);                                    \
+  void gemm_s8_grouped(const GroupedGemmParams& p, void* stream);
 
 namespace simt {
 SPARSEGEMM_DECLARE_KERNEL_API

@@ -12,6 +12,7 @@
 #include <string>
 #include <type_traits>
 #include <unordered_map>
+#include <vector>
 
 #if defined(__CUDACC__)
 #include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
@@ -394,15 +395,26 @@ void launch_gemm(const typename XLoader::Params& params, const GemmPlan& plan, s
     throw std::invalid_argument("sparsegemm gemm: split_k = " + std::to_string(plan.split_k) +
                                 " needs a workspace and tile counters (gemm_scratch), got null pointers");
   }
-  const dim3 grid(static_cast<unsigned>((p.M + S::kBlockM - 1) / S::kBlockM), static_cast<unsigned>(n_blocks),
-                  static_cast<unsigned>(plan.split_k));
+  // The third grid dimension: the K splits, or for a grouped launch the groups (p.M bounds their rows).
+  unsigned layers = static_cast<unsigned>(plan.split_k);
+  if constexpr (XLoader::kGrouped) layers = static_cast<unsigned>(params.groups);
+  const dim3 grid(static_cast<unsigned>((p.M + S::kBlockM - 1) / S::kBlockM), static_cast<unsigned>(n_blocks), layers);
 #if defined(SPARSEGEMM_SIMT)
   // What the kernel's cp.async copies may read: the emulator fails any copy outside (the tails'
   // predicates and the fast copies' bounds are what keeps them inside).
-  const emu::ReadableBuffers readable{
-      {p.values, size_t(p.N * values_cols(p.K)) * sizeof(typename Policy::Operand), "Wc"},
-      {p.meta, size_t(policy_kernel_meta_bytes<Policy>(p.N, p.K)), "kernel metadata"},
-      {p.x, size_t(XLoader::source_bytes(params)), "X"}};
+  const size_t values_bytes = size_t(p.N * values_cols(p.K)) * sizeof(typename Policy::Operand);
+  const size_t meta_bytes = size_t(policy_kernel_meta_bytes<Policy>(p.N, p.K));
+  std::vector<emu::ReadableBuffer> buffers{{p.x, size_t(XLoader::source_bytes(params)), "X"}};
+  if constexpr (XLoader::kGrouped) {
+    for (int g = 0; g < params.groups; ++g) {
+      buffers.push_back({params.values[g], values_bytes, "a group's Wc"});
+      buffers.push_back({params.meta[g], meta_bytes, "a group's kernel metadata"});
+    }
+  } else {
+    buffers.push_back({p.values, values_bytes, "Wc"});
+    buffers.push_back({p.meta, meta_bytes, "kernel metadata"});
+  }
+  const emu::ReadableBuffers readable(buffers);
 #endif
   // Dependent: the kernel waits for the one before it before touching X, Y or the scratch.
   sg_launch_dependent(gemm_sp_kernel<Policy, Tile, XLoader>, grid, dim3(S::kThreads),
@@ -459,6 +471,23 @@ void launch_gemm_tile(const typename XLoader::Params& params, const GemmPlan& pl
   } else {
     launch_gemm<Policy, gemm_tiles::LargeM, XLoader>(params, plan, stream);
   }
+}
+
+// The grouped GEMM of MMA policy Policy (params.h GroupedGemmParams): one launch, the tile
+// plan_gemm takes for M = the bound on a group's rows, no split-K (the groups fill the GPU).
+template <typename Policy>
+void launch_grouped(const GroupedGemmParams& params, int64_t block_k, sg_stream_t stream) {
+  const GemmParams& p = params.gemm;
+  if (p.M == 0 || p.N == 0 || params.groups == 0) return;
+  if (params.groups < 0 || params.groups > kMaxGemmGroups)
+    throw std::invalid_argument("sparsegemm gemm_grouped: groups must be 0 to " + std::to_string(kMaxGemmGroups) +
+                                " per launch, got " + std::to_string(params.groups));
+  if (p.config > static_cast<int>(GemmConfig::large_m_wgmma))
+    throw std::invalid_argument("sparsegemm gemm_grouped: config must be -1 (choose), 0 (large M), 1 (decode) or 2 "
+                                "(large M, wgmma), got " + std::to_string(p.config) + ": the TMA pipelines serve "
+                                "single GEMMs");
+  const GemmPlan plan = plan_device_gemm(p.M, p.N, p.K, decode_wave<Policy>(), p.config, 1, block_k);
+  launch_gemm_tile<Policy, GroupedRowMajorX<typename Policy::Operand>>(params, plan, stream);
 }
 
 template <DType kInDType>
@@ -571,6 +600,15 @@ void gemm(const GemmParams& p, void* stream) {
   }
 }
 
+void gemm_grouped(const GroupedGemmParams& p, void* stream) {
+  const auto s = static_cast<sg_stream_t>(stream);
+  switch (p.gemm.dtype) {
+    case DType::f16: launch_grouped<Mma16<DType::f16>>(p, gemm_tiles::kBlockK, s); break;
+    case DType::bf16: launch_grouped<Mma16<DType::bf16>>(p, gemm_tiles::kBlockK, s); break;
+    default: unsupported_dtype("gemm_grouped", p.gemm.dtype);
+  }
+}
+
 void conv2d(const ConvParams& p, void* stream) {
   const GemmParams& g = p.gemm;
   if (g.M == 0 || g.N == 0) return;
@@ -620,6 +658,15 @@ void gemm_s8(const GemmParams& p, void* stream) {
     case DType::f16: launch_gemm_tile<MmaS8<DType::f16>>(p, plan, s); break;
     case DType::bf16: launch_gemm_tile<MmaS8<DType::bf16>>(p, plan, s); break;
     default: unsupported_dtype("gemm_s8", p.dtype);
+  }
+}
+
+void gemm_s8_grouped(const GroupedGemmParams& p, void* stream) {
+  const auto s = static_cast<sg_stream_t>(stream);
+  switch (p.gemm.dtype) {
+    case DType::f16: launch_grouped<MmaS8<DType::f16>>(p, gemm_tiles::kBlockKS8, s); break;
+    case DType::bf16: launch_grouped<MmaS8<DType::bf16>>(p, gemm_tiles::kBlockKS8, s); break;
+    default: unsupported_dtype("gemm_s8_grouped", p.gemm.dtype);
   }
 }
 

@@ -574,9 +574,12 @@ void check_launch_configuration(const Launch& l) {
 // ---- public API ------------------------------------------------------------------------------
 void fail(const std::string& message) { throw std::runtime_error(message); }
 
-ReadableBuffers::ReadableBuffers(std::initializer_list<ReadableBuffer> buffers) {
+ReadableBuffers::ReadableBuffers(std::initializer_list<ReadableBuffer> buffers)
+    : ReadableBuffers(std::vector<ReadableBuffer>(buffers)) {}
+
+ReadableBuffers::ReadableBuffers(const std::vector<ReadableBuffer>& buffers) {
   if (!readable_buffers.empty()) throw std::logic_error("emu::ReadableBuffers: one declaration at a time");
-  readable_buffers.assign(buffers.begin(), buffers.end());
+  readable_buffers = buffers;
 }
 
 ReadableBuffers::~ReadableBuffers() { readable_buffers.clear(); }

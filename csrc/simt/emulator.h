@@ -40,6 +40,7 @@
 #include <tuple>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 namespace sparsegemm {
 namespace emu {
@@ -246,6 +247,7 @@ struct ReadableBuffer {
 class ReadableBuffers {
  public:
   ReadableBuffers(std::initializer_list<ReadableBuffer> buffers);
+  explicit ReadableBuffers(const std::vector<ReadableBuffer>& buffers);
   ~ReadableBuffers();
   ReadableBuffers(const ReadableBuffers&) = delete;
   ReadableBuffers& operator=(const ReadableBuffers&) = delete;

@@ -1,0 +1,261 @@
+"""Grouped GEMMs: sparsegemm.grouped_linear (one launch of the kernels' GroupedRowMajorX loader for
+many weights, each on its own run of rows) and SparseExperts' grouped path, against each group's
+oracle: through the emulator always, on the GPU where there is one."""
+import pytest
+import torch
+
+import sparsegemm
+from sparsegemm import _C, ops, oracle
+from sparsegemm.nn import SparseExperts
+
+from conftest import sparse_weight
+from test_experts import Experts, routing
+from test_int8_kernels_simt import ulps_apart
+
+
+def cuda_kernels_available():
+    return bool(_C.build_info()["cuda_built"]) and torch.cuda.is_available()
+
+
+BACKENDS = ["simt", pytest.param("cuda", marks=pytest.mark.skipif(
+    not cuda_kernels_available(), reason="needs a CUDA build of sparsegemm._C and a CUDA GPU"))]
+
+
+def device_of(backend):
+    return "cuda" if backend == "cuda" else "cpu"
+
+
+def grouped_case(rows, n, k, dtype, *, seed=0, bias=True, int8=False, device="cpu"):
+    """(x, row_offsets, weights, bias list or None): consecutive groups of `rows` rows, with two
+    rows that no group holds before the first and three after the last."""
+    gen = torch.Generator().manual_seed(seed)
+    row_offsets = [2]
+    for count in rows:
+        row_offsets.append(row_offsets[-1] + count)
+    m = row_offsets[-1] + 3
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    weights = []
+    for g in range(len(rows)):
+        w = sparse_weight(n, k, torch.float32 if int8 else dtype, seed=seed * 100 + g)
+        weights.append(sparsegemm.compress(w, dtype=torch.int8) if int8 else sparsegemm.compress(w))
+    biases = [torch.randn(n, generator=gen).to(dtype) for _ in rows] if bias else None
+    to = lambda t: t.to(device)  # noqa: E731
+    weights = [sparsegemm.SparseTensor24(to(w.values), to(w.meta), w.shape, None if w.scale is None else to(w.scale))
+               for w in weights]
+    return to(x), to(torch.tensor(row_offsets, dtype=torch.int64)), weights, (
+        None if biases is None else [to(b) for b in biases])
+
+
+def assert_groups_match_oracle(y, x, row_offsets, weights, biases, activation):
+    offsets = row_offsets.tolist()
+    covered = torch.zeros(y.shape[0], dtype=torch.bool)
+    for g, w in enumerate(weights):
+        rows = slice(offsets[g], offsets[g + 1])
+        covered[rows] = True
+        if rows.stop > rows.start:
+            oracle.assert_close_to_oracle(y[rows].cpu(), x[rows].cpu(), sparsegemm.decompress(cpu_weight(w)),
+                                          None if biases is None else biases[g].cpu(), activation)
+    assert torch.count_nonzero(y[~covered.to(y.device)]) == 0  # rows outside every group
+
+
+def cpu_weight(w):
+    return sparsegemm.SparseTensor24(w.values.cpu(), w.meta.cpu(), w.shape, None if w.scale is None else w.scale.cpu())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("rows,max_rows", [([3, 0, 16, 1], 16), ([20, 0, 5, 33], None)], ids=["decode", "large_m"])
+@pytest.mark.parametrize("activation", [None, "gelu", "swiglu"])
+def test_grouped_linear_matches_each_groups_oracle(backend, dtype, rows, max_rows, activation):
+    # max_rows 16: the decode tile; None (M): the large-M tile (the wgmma one on Hopper). N = 144 is
+    # not a multiple of the 128-row block; K = 96 ends on a half k-tile.
+    x, offsets, weights, biases = grouped_case(rows, 144, 96, dtype, seed=len(rows) + int(max_rows or 0),
+                                               device=device_of(backend))
+    y = sparsegemm.grouped_linear(x, offsets, weights, biases, activation=activation, max_rows=max_rows,
+                                  backend=backend)
+    assert y.shape == (x.shape[0], 72 if activation == "swiglu" else 144) and y.dtype == dtype
+    assert_groups_match_oracle(y, x, offsets, weights, biases, activation)
+
+
+@pytest.mark.parametrize("config", [0, 1, 2], ids=["large_m", "decode", "wgmma"])
+def test_every_grouped_tile_in_the_emulator(config):
+    # The tiles forced through the launch (the wgmma tile runs only on Hopper, and in the emulator).
+    x, offsets, weights, biases = grouped_case([9, 0, 17, 4], 136, 64, torch.float16, seed=config)
+    table = ops.grouped_weights([w.values for w in weights], [w.kernel_meta("simt") for w in weights], biases, None,
+                                64)
+    y = torch.zeros(x.shape[0], 136, dtype=torch.float16)
+    ops.launch_grouped("simt_", 0, x, offsets, 17, table, ops.activation_code("test", "silu", 136), y, config)
+    assert_groups_match_oracle(y, x, offsets, weights, biases, "silu")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation", [None, "relu", "swiglu"])
+def test_int8_grouped_linear_is_each_groups_int8_linear(backend, activation):
+    # The INT8 contract: the kernels' integer sums are exact, so each group's rows are the CPU
+    # backend's INT8 linear of them, within one ulp after the epilogue (bit for bit for relu / none).
+    x, offsets, weights, biases = grouped_case([5, 0, 12], 64, 128, torch.float16, seed=3, int8=True,
+                                               device=device_of(backend))
+    y = sparsegemm.grouped_linear(x, offsets, weights, biases, activation=activation, max_rows=16, backend=backend)
+    bounds = offsets.tolist()
+    for g, w in enumerate(weights):
+        rows = slice(bounds[g], bounds[g + 1])
+        if rows.stop > rows.start:
+            want = sparsegemm.linear(x[rows].cpu(), cpu_weight(w), biases[g].cpu(), activation=activation,
+                                     backend="cpu")
+            assert int(ulps_apart(y[rows].cpu(), want).max()) <= (0 if activation != "swiglu" else 1)
+
+
+def test_grouped_linear_on_the_cpu_is_each_groups_linear():
+    x, offsets, weights, biases = grouped_case([4, 0, 7], 40, 36, torch.float32, seed=5)
+    y = sparsegemm.grouped_linear(x, offsets, weights, biases, activation="gelu")
+    for g, (first, end) in enumerate(zip(offsets.tolist(), offsets.tolist()[1:])):
+        assert torch.equal(y[first:end], sparsegemm.linear(x[first:end], weights[g], biases[g], activation="gelu"))
+    assert torch.count_nonzero(y[:2]) == 0 and torch.count_nonzero(y[-3:]) == 0
+
+
+def test_more_groups_than_one_launch_takes():
+    # 70 groups: two launches of at most 64 (the pointer tables travel in the kernel parameters).
+    gen = torch.Generator().manual_seed(7)
+    rows = torch.randint(0, 4, (70,), generator=gen).tolist()
+    x, offsets, weights, biases = grouped_case(rows, 16, 32, torch.float16, seed=7)
+    y = sparsegemm.grouped_linear(x, offsets, weights, biases, max_rows=3, backend="simt")
+    want = sparsegemm.grouped_linear(x, offsets, weights, biases, max_rows=3, backend="cpu")
+    assert torch.allclose(y.float(), want.float(), rtol=1e-3, atol=1e-3)
+
+
+def test_the_kernel_clamps_offsets_and_stops_at_max_rows():
+    # On CUDA the offsets are never read on the host: whatever they hold, the launch stays inside
+    # X and Y (the emulator fails any copy outside), and a group computes at most max_rows rows.
+    x, _, weights, _ = grouped_case([4, 4], 16, 32, torch.float16, seed=8, bias=False)
+    m = x.shape[0]
+    table = ops.grouped_weights([w.values for w in weights], [w.kernel_meta("simt") for w in weights], None, None, 32)
+    want = [sparsegemm.linear(x, w, backend="cpu") for w in weights]
+    y = torch.zeros(m, 16, dtype=torch.float16)
+    ops.launch_grouped("simt_", 0, x, torch.tensor([5, 2, 10 ** 6]), 16, table, 0, y)  # falls, then past M
+    assert torch.count_nonzero(y[:2]) == 0 and torch.equal(y[2:], want[1][2:])
+    y.zero_()
+    ops.launch_grouped("simt_", 0, x, torch.tensor([-7, m, m]), 3, table, 0, y)  # negative, then 3 rows at most
+    assert torch.equal(y[:3], want[0][:3]) and torch.count_nonzero(y[3:]) == 0
+
+
+def test_grouped_linear_errors_name_the_argument():
+    x, offsets, weights, biases = grouped_case([3, 2], 16, 32, torch.float16, seed=9)
+    call = sparsegemm.grouped_linear
+    with pytest.raises(TypeError, match="weights must be a non-empty list of SparseTensor24"):
+        call(x, offsets, [])
+    other = sparsegemm.compress(sparse_weight(16, 36))
+    with pytest.raises(ValueError, match=r"every weight must match weights\[0\] .* weights\[1\] 16 x 36"):
+        call(x, offsets, [weights[0], other])
+    with pytest.raises(ValueError, match=r"row_offsets must be an int64 tensor of shape \(3,\)"):
+        call(x, offsets.int(), weights)
+    with pytest.raises(ValueError, match=r"row_offsets must be an int64 tensor of shape \(3,\)"):
+        call(x, offsets[:2], weights)
+    with pytest.raises(ValueError, match=r"bias must be None or 2 tensors"):
+        call(x, offsets, weights, biases[:1])
+    with pytest.raises(ValueError, match=r"bias\[1\] must have shape \(16,\)"):
+        call(x, offsets, weights, [biases[0], biases[1][:8]])
+    with pytest.raises(ValueError, match=r"x must be a \[M, 32\] tensor"):
+        call(x[:, :16], offsets, weights)
+    with pytest.raises(ValueError, match="max_rows must be a non-negative int"):
+        call(x, offsets, weights, max_rows=-1)
+    for bad, message in (([3, 1, 5], "rise from >= 0"), ([-1, 3, 5], "rise from >= 0"),
+                         ([2, 5, x.shape[0] + 1], f"to <= M = {x.shape[0]}")):
+        for backend in ("cpu", "simt"):
+            with pytest.raises(ValueError, match=message):
+                call(x, torch.tensor(bad), weights, backend=backend)
+    with pytest.raises(ValueError, match="group 1 has 2 rows, more than max_rows = 1"):
+        call(x, torch.tensor([2, 3, 5]), weights, max_rows=1, backend="simt")
+    with pytest.raises(TypeError, match=r"x must have dtype in \(float16, bfloat16\), got float32"):
+        call(x.float(), offsets, [sparsegemm.compress(sparse_weight(16, 32, torch.float32))] * 2, backend="simt")
+
+
+# ---- SparseExperts' grouped path ---------------------------------------------------------------------
+
+def per_expert(module, *args):
+    """The per-expert path's result (the grouped one skipped)."""
+    grouped = module._grouped_forward
+    module._grouped_forward = lambda *a: None
+    try:
+        return module(*args)
+    finally:
+        module._grouped_forward = grouped
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_sparse_experts_grouped_path_matches_the_per_expert_one(backend, quantize):
+    # routing(): a token routed to one expert twice (one route, the summed weight) and a token
+    # routed nowhere (padding indices E and -1), besides ordinary routes.
+    torch.manual_seed(10)
+    device = device_of(backend)
+    sparse = SparseExperts.from_dense(Experts(), dtype=torch.float16, backend=None if backend == "cuda" else backend,
+                                      quantize=quantize).to(device)
+    x, index, weights = routing(tokens=12)
+    x, index, weights = x.half().to(device), index.to(device), weights.half().to(device)
+    with torch.no_grad():
+        got = sparse(x, index, weights)
+        assert sparse.__dict__["_grouped_tables"] is not None  # the grouped launches ran
+        want = per_expert(sparse, x, index, weights)
+    assert torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    assert torch.count_nonzero(got[1]) == 0  # the token routed nowhere
+
+
+def test_sparse_experts_grouped_path_sees_a_changed_weight():
+    torch.manual_seed(11)
+    sparse = SparseExperts.from_dense(Experts(), dtype=torch.float16, backend="simt")
+    x, index, weights = routing(tokens=8)
+    x, weights = x.half(), weights.half()
+    with torch.no_grad():
+        before = sparse(x, index, weights)
+        # An in-place copy into one expert's metadata (a broadcast, a load): reordered again.
+        sparse.gate_up[2].metadata.copy_(sparse.gate_up[3].metadata)
+        sparse.gate_up[2].values.copy_(sparse.gate_up[3].values)
+        after = sparse(x, index, weights)
+        want = per_expert(sparse, x, index, weights)
+    assert not torch.equal(before, after)
+    assert torch.allclose(after.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_sparse_experts_train_through_the_per_expert_path():
+    torch.manual_seed(12)
+    sparse = SparseExperts.from_dense(Experts(), dtype=torch.float16, backend="simt")
+    x, index, weights = routing(tokens=6)
+    out = sparse(x.half(), index, weights.half())  # grad mode, trainable values: the per-expert path
+    out.float().sum().backward()
+    assert sparse.gate_up[1].values.grad is not None
+
+
+@pytest.mark.skipif(not cuda_kernels_available(), reason="needs a CUDA build of sparsegemm._C and a CUDA GPU")
+def test_sparse_experts_replay_in_a_cuda_graph_with_new_routes():
+    # No host synchronisation in the grouped path: a captured graph replays whatever routing the
+    # index and weight tensors hold at replay.
+    torch.manual_seed(13)
+    sparse = SparseExperts.from_dense(Experts(experts=8), dtype=torch.float16).cuda()
+    x = torch.randn(16, 64, device="cuda", dtype=torch.float16)
+    index = torch.randint(0, 8, (16, 2), device="cuda")
+    weights = torch.rand(16, 2, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        sparse(x, index, weights)  # warm-up: reorders the metadata, builds the tables
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = sparse(x, index, weights)
+        for seed in range(3):
+            gen = torch.Generator(device="cuda").manual_seed(seed)
+            index.copy_(torch.randint(0, 8, (16, 2), device="cuda", generator=gen))
+            weights.copy_(torch.rand(16, 2, device="cuda", generator=gen))
+            graph.replay()
+            torch.testing.assert_close(out, per_expert(sparse, x, index, weights), rtol=2e-2, atol=2e-2)
+
+
+def test_a_token_routed_twice_to_one_expert_counts_once_with_both_weights():
+    # Every route of three tokens to expert 2: five routes, more than the three tokens that bound
+    # each group of the launches, unless the repeats are merged into one route each.
+    torch.manual_seed(14)
+    sparse = SparseExperts.from_dense(Experts(), dtype=torch.float16, backend="simt")
+    x = torch.randn(3, 64).half()
+    index = torch.tensor([[2, 2], [2, 2], [1, 2]])
+    weights = torch.rand(3, 2).half()
+    with torch.no_grad():
+        got = sparse(x, index, weights)
+        want = per_expert(sparse, x, index, weights)
+    assert torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2)
