@@ -3,7 +3,7 @@
 # the large-M tiles against cuBLAS, compute-sanitizer memcheck + racecheck on small cases, the
 # graph-replay sweep, the eager host time, an Nsight Compute profile of the GEMMs and the benchmark,
 # in that order of priority; everything lands in OUTDIR (env.json, steps.txt, junit XML,
-# large_m*.txt (large_m_tma_wide.txt too), sanitizer logs, sweep.txt, host_overhead.txt, ncu_gemm*.txt,
+# large_m*.txt (large_m_tma_wide.txt too), sanitizer logs, sweep.txt, host_overhead.txt, moe.txt, ncu_gemm*.txt,
 # bench.json/.csv/.md/.png). Usage: bench/gpu_suite.sh OUTDIR
 # PYTHON (default: python3) must have a CUDA torch, pybind11, pytest; nvcc and compute-sanitizer on PATH.
 # The whole run fits SUITE_BUDGET seconds (default 480: DESIGN.md's 8 minutes, within the 600 s
@@ -72,6 +72,8 @@ done
 # from DRAM) and the host time of one eager call: the two halves of a decode layer's time.
 run_step sweep "${SWEEP_TIMEOUT:-120}" "$OUT/sweep.txt" "$PY" bench/decode_sweep.py
 run_step host_overhead "${SWEEP_TIMEOUT:-120}" "$OUT/host_overhead.txt" "$PY" bench/host_overhead.py
+# Mixtures of experts: dense loop vs SparseExperts per expert vs grouped (eager and CUDA graph).
+run_step moe "${SWEEP_TIMEOUT:-120}" "$OUT/moe.txt" "$PY" bench/moe_timing.py --quick
 # Where the GEMMs' time goes (before the benchmark, which takes whatever time is left): Nsight
 # Compute on one decode and one large-M call (bench/profile_kernels.py): stall reasons per issued
 # instruction, pipe use, memory throughput.

@@ -1,5 +1,5 @@
-"""A few small calls of every CUDA kernel and tile configuration, for compute-sanitizer
-(memcheck, racecheck): no timing. Weights are prepared through the public API; the GEMM entry
+"""A few small calls of every CUDA kernel and tile configuration (the grouped GEMM's too), for
+compute-sanitizer (memcheck, racecheck): no timing. Weights are prepared through the public API; the GEMM entry
 points are called directly so that every configuration and split-K path runs.
 
     compute-sanitizer --tool memcheck python bench/sanitizer_smoke.py
@@ -66,8 +66,29 @@ def main() -> None:
             _C.cuda_gemm_s8(m, n, k, x_q.data_ptr(), x_q.stride(0), sw8.values.data_ptr(), meta8.data_ptr(),
                             sw8.scale.data_ptr(), x_scale.data_ptr(), 0, y.data_ptr(), cols, 1, act, ws.data_ptr(),
                             counters.data_ptr(), config, split_k, stream)
+    grouped()
     torch.cuda.synchronize()
     print("smoke: ok")
+
+
+def grouped() -> None:
+    """The grouped GEMM (16-bit and INT8) on every tile it takes: three groups (one empty) of rows
+    with gaps between them, offsets past M and a group longer than max_rows (clamped by the kernel)."""
+    stream = torch.cuda.current_stream().cuda_stream
+    configs = [0, 1] + ([2] if _C.cuda_large_m_uses_wgmma() else [])
+    for m, n, k in [(40, 144, 96), (300, 272, 264)]:
+        x = torch.randn(m, k, device="cuda").half()
+        for int8 in (False, True):
+            weights = [(quant.quantize_weight(w) if int8 else sparsegemm.compress(w, prune=True))
+                       for w in torch.randn(3, n, k, device="cuda").half()]
+            table = ops.grouped_weights([w.values for w in weights], [w.kernel_meta("cuda") for w in weights],
+                                        [torch.randn(n, device="cuda").half() for _ in weights],
+                                        [w.scale for w in weights] if int8 else None, k)
+            for offsets in ([1, m // 3, m // 3, m - 2], [0, 5, m + 7, 10 ** 9]):
+                for config in configs:
+                    y = torch.zeros(m, n // 2, device="cuda").half()
+                    ops.launch_grouped("cuda_", stream, x, torch.tensor(offsets, device="cuda"), m // 2, table,
+                                       SWIGLU, y, config)
 
 
 if __name__ == "__main__":
