@@ -259,3 +259,9 @@ def test_a_token_routed_twice_to_one_expert_counts_once_with_both_weights():
         got = sparse(x, index, weights)
         want = per_expert(sparse, x, index, weights)
     assert torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_grouped_linear_runs_outside_a_compiled_graph():
+    x, offsets, weights, biases = grouped_case([3, 4], 16, 32, torch.float32, seed=15)
+    compiled = torch.compile(lambda x: sparsegemm.grouped_linear(x, offsets, weights, biases).relu() * 2)
+    torch.testing.assert_close(compiled(x), sparsegemm.grouped_linear(x, offsets, weights, biases).relu() * 2)
