@@ -186,6 +186,7 @@ def grouped_linear(x: Tensor, row_offsets: Tensor, weights, bias=None, *, activa
     max_rows = m if max_rows is None else max_rows
     if not isinstance(max_rows, int) or isinstance(max_rows, bool) or max_rows < 0:
         raise ValueError(f"{op}: max_rows must be a non-negative int, got {max_rows!r}")
+    max_rows = min(max_rows, m)  # no group has more rows than x
     backend = ops.resolve_backend(op, backend, x.device)
     y = x.new_zeros((m, ops.out_features(n, code)))
     if backend != "cuda":

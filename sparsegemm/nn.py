@@ -8,6 +8,7 @@ device, on the first forward after a move, and reused.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from typing import NamedTuple, Optional
 
 import torch
@@ -109,8 +110,9 @@ class _SparseWeight(nn.Module):
 
     def _forget_derived(self) -> None:
         """Drop what was derived from the stored weight (made again on the next forward): the
-        reordered metadata per backend and device."""
+        reordered metadata per backend and device, and any SparseExperts' grouped tables."""
         self._kernel_meta: dict = {}
+        _current_generation[0] = next(_layer_generation)
 
     def _check_metadata_unchanged(self) -> None:
         """Forget what was derived from the metadata if the tensor was swapped past __setattr__
@@ -636,16 +638,18 @@ def experts_activation(experts: nn.Module) -> tuple[Optional[str], str]:
 
 
 class _GroupedTables(NamedTuple):
-    """What SparseExperts' grouped path launches with (ops.GroupedWeights of its two projections),
-    and the state of the layers they were made from (SparseExperts._layers_state)."""
+    """What SparseExperts' grouped path launches with: ops.GroupedWeights of its two projections."""
 
-    state: tuple
-    dtype: torch.dtype        # hidden_states' (and the outputs') dtype
     api: str                  # "cuda_" or "simt_"
     gate_up: ops.GroupedWeights
     gate_up_activation: int   # the kernels' code of the gated epilogue
     down: ops.GroupedWeights
-    trainable: bool           # a weight or bias requires grad: grad mode takes the per-expert path
+
+
+# Bumped whenever a compressed layer forgets what it derived from its tensors (an assignment, a move,
+# a state-dict load, a metadata change it noticed): SparseExperts' grouped tables are then made again.
+_layer_generation = itertools.count()
+_current_generation = [0]
 
 
 class SparseExperts(nn.Module):
@@ -682,29 +686,23 @@ class SparseExperts(nn.Module):
                     for w in gate_up], [SparseLinear._from_weight(w, None, **args) for w in down])
 
     def _apply(self, fn, recurse=True):
-        self.__dict__.pop("_grouped_tables", None)  # they hold the tensors a move replaces
+        self.__dict__.pop("_grouped", None)  # its tables hold the tensors a move replaces
         return super()._apply(fn, recurse)
 
     def _layers_state(self) -> tuple:
-        """The identity of everything a grouped launch reads from the experts' layers: their tensors
-        (object, storage, and the metadata's version: an in-place copy reorders again), backend,
-        activation, quantization and trainability. Cheap enough per call (ints and strings)."""
-        state = []
-        for layer in (*self.gate_up, *self.down):
-            values, meta = layer._parameters["values"], layer._buffers["metadata"]
-            bias, scale = layer._parameters.get("bias"), layer._buffers.get("scale")
-            state.append((id(values), values.data_ptr(), values.requires_grad, id(meta),
-                          None if meta.is_inference() else meta._version, id(bias), ops._ptr(bias),
-                          bias is not None and bias.requires_grad, id(scale), ops._ptr(scale),
-                          layer._buffers.get("input_scale") is None, layer.backend, layer.activation))
-        return tuple(state)
+        """What the grouped tables depend on beyond the layers' generation (assignments, moves and
+        loads, _forget_derived): each layer's values storage (a ``.data`` swap) and metadata object
+        and version (an in-place copy: reordered again). About half a microsecond a layer."""
+        return (_current_generation[0], [(layer._parameters["values"].data_ptr(), id(meta), meta._version)
+                                         for layer in (*self.gate_up, *self.down)
+                                         for meta in (layer._buffers["metadata"],)])
 
-    def _make_grouped_tables(self, hidden_states: Tensor, state: tuple) -> Optional[_GroupedTables]:
+    def _make_grouped_tables(self, hidden_states: Tensor) -> Optional[_GroupedTables]:
         """The grouped launches' tables for calls like ``hidden_states``, or None where the experts'
-        layers do not allow them (another backend, mixed layers, static INT8, a dtype they do not
-        take): the per-expert path runs those."""
+        layers do not allow them (another backend or device, mixed layers, static INT8, a dtype
+        they do not take, tensors that are not contiguous): the per-expert path runs those."""
         backend = ops.kernel_backend(self.gate_up[0].backend, hidden_states)
-        dtype = hidden_states.dtype
+        dtype, device = hidden_states.dtype, hidden_states.device
         if backend is None or dtype not in ops.KERNEL_DTYPES:
             return None
         tables = []
@@ -714,9 +712,11 @@ class SparseExperts(nn.Module):
             int8 = first.quantize == "int8"
             code = ops.usable_activation_code(first.activation, n)
             for layer in layers:
+                tensors = (layer.values, layer.bias, layer.scale if int8 else None)
                 if (layer.weight_shape != first.weight_shape or layer.quantize != first.quantize
                         or layer.activation != first.activation or layer.backend != first.backend
-                        or (layer.bias is None) != (first.bias is None) or layer.values.device != hidden_states.device
+                        or (layer.bias is None) != (first.bias is None) or layer.metadata.device != device
+                        or any(t is not None and (t.device != device or not t.is_contiguous()) for t in tensors)
                         or (layer.bias is not None and layer.bias.dtype != dtype)
                         or (layer.values.dtype != (torch.int8 if int8 else dtype))
                         or (int8 and (layer.input_scale is not None or k % 4 or not ops.has_int8_kernels(backend)))):
@@ -725,15 +725,13 @@ class SparseExperts(nn.Module):
                 return None
             kernel_meta = [layer.sparse_weight().kernel_meta(backend) if int8 else layer._kernel_meta_for(backend)
                            for layer in layers]
-            tables.append((ops.grouped_weights([layer.values.contiguous() for layer in layers], kernel_meta,
-                                               None if first.bias is None else [layer.bias.contiguous() for layer in layers],
-                                               [layer.scale.contiguous() for layer in layers] if int8 else None, k),
-                           code))
+            tables.append((ops.grouped_weights([layer.values for layer in layers], kernel_meta,
+                                               None if first.bias is None else [layer.bias for layer in layers],
+                                               [layer.scale for layer in layers] if int8 else None, k), code))
         (gate_up, gate_up_code), (down, down_code) = tables
         if down_code != 0 or gate_up.n // 2 != down.k or down.n != hidden_states.shape[-1]:
             return None
-        trainable = any(t.requires_grad for layer in (*self.gate_up, *self.down) for t in layer.parameters())
-        return _GroupedTables(state, dtype, backend + "_", gate_up, gate_up_code, down, trainable)
+        return _GroupedTables(backend + "_", gate_up, gate_up_code, down)
 
     def _grouped_forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Optional[Tensor]:
         """The grouped path (see the class docstring), or None where the per-expert one must run."""
@@ -741,27 +739,39 @@ class SparseExperts(nn.Module):
                 or hidden_states.dim() != 2 or top_k_index.dim() != 2 or top_k_index.shape[0] != hidden_states.shape[0]
                 or top_k_weights.shape != top_k_index.shape or top_k_index.device != hidden_states.device):
             return None
-        state = self._layers_state()
-        tables = self.__dict__.get("_grouped_tables")
-        if tables is None or tables.state != state or tables.dtype is not hidden_states.dtype:
-            tables = self.__dict__["_grouped_tables"] = self._make_grouped_tables(hidden_states, state)
-            if tables is None:
-                return None
-        if torch.is_grad_enabled() and (tables.trainable or hidden_states.requires_grad or top_k_weights.requires_grad):
+        if torch.is_grad_enabled() and (hidden_states.requires_grad or top_k_weights.requires_grad or any(
+                t.requires_grad for layer in (*self.gate_up, *self.down) for t in layer.parameters())):
+            return None  # training: autograd through the per-expert layers
+        # The tables, made again when a layer changed or the call's dtype or device did; a refusal is
+        # kept as well. Not kept while a CUDA graph is captured: the metadata reordered then is only
+        # filled when the graph replays.
+        call = (hidden_states.dtype, hidden_states.device)
+        cached = self.__dict__.get("_grouped")
+        if cached is not None and cached[0] == (self._layers_state(), *call):
+            tables = cached[1]
+        else:
+            tables = self._make_grouped_tables(hidden_states)
+            if not (hidden_states.is_cuda and torch.cuda.is_current_stream_capturing()):
+                # The state after making them: reordering may have refreshed a layer's derived data.
+                self.__dict__["_grouped"] = ((self._layers_state(), *call), tables)
+        if tables is None:
             return None
         tokens, k = top_k_index.shape
         experts = len(self.gate_up)
         # A token routed twice to one expert keeps its first route, with the summed weight: no expert
         # then gets more rows than there are tokens, the bound the launches are sized by.
         same = top_k_index.unsqueeze(-1) == top_k_index.unsqueeze(-2)
-        weights = (top_k_weights.unsqueeze(-2) * same).sum(-1)
+        weights = torch.where(same, top_k_weights.unsqueeze(-2), 0).sum(-1)  # not w * same: inf * 0 is NaN
         repeat = (same & torch.ones(k, k, dtype=torch.bool, device=same.device).tril(-1)).any(-1)
         # Routes sorted by expert (padding, -1 or E, and repeats last, routed nowhere); group e is
         # rows offsets[e] .. offsets[e + 1] - 1, found on the device.
         flat = top_k_index.reshape(-1)
         flat = torch.where((flat >= 0) & (flat < experts) & ~repeat.reshape(-1), flat, experts)
         order = torch.argsort(flat, stable=True)
-        offsets = torch.searchsorted(flat[order], torch.arange(experts + 1, device=flat.device))
+        expert_of_row = flat[order]
+        offsets = torch.searchsorted(expert_of_row, torch.arange(experts + 1, device=flat.device))
+        # A route to nowhere adds nothing, whatever its weight (0 * inf would be NaN).
+        row_weight = torch.where(expert_of_row < experts, weights.reshape(-1)[order], 0)
         token = order // k
         x = hidden_states[token]
         hidden = x.new_empty((x.shape[0], tables.down.k))  # rows no expert holds are never read
@@ -772,7 +782,7 @@ class SparseExperts(nn.Module):
                                hidden)
             ops.launch_grouped(tables.api, stream, hidden, offsets, tokens, tables.down, 0, y)
         out = torch.zeros_like(hidden_states)
-        out.index_add_(0, token, (y * weights.reshape(-1)[order, None]).to(out.dtype))
+        out.index_add_(0, token, (y * row_weight[:, None]).to(out.dtype))
         return out
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:

@@ -163,6 +163,9 @@ def test_grouped_linear_errors_name_the_argument():
         for backend in ("cpu", "simt"):
             with pytest.raises(ValueError, match=message):
                 call(x, torch.tensor(bad), weights, backend=backend)
+    # A bound past M is M (no group has more rows): the launch is sized by it.
+    assert torch.equal(call(x, offsets, weights, max_rows=2 ** 40, backend="simt"), call(x, offsets, weights,
+                                                                                         backend="simt"))
     with pytest.raises(ValueError, match="group 1 has 2 rows, more than max_rows = 1"):
         call(x, torch.tensor([2, 3, 5]), weights, max_rows=1, backend="simt")
     with pytest.raises(TypeError, match=r"x must have dtype in \(float16, bfloat16\), got float32"):
@@ -194,10 +197,38 @@ def test_sparse_experts_grouped_path_matches_the_per_expert_one(backend, quantiz
     x, index, weights = x.half().to(device), index.to(device), weights.half().to(device)
     with torch.no_grad():
         got = sparse(x, index, weights)
-        assert sparse.__dict__["_grouped_tables"] is not None  # the grouped launches ran
+        assert sparse.__dict__["_grouped"][1] is not None  # the grouped launches ran
         want = per_expert(sparse, x, index, weights)
     assert torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2)
     assert torch.count_nonzero(got[1]) == 0  # the token routed nowhere
+
+
+def test_a_route_to_nowhere_adds_nothing_whatever_its_weight():
+    torch.manual_seed(16)
+    sparse = SparseExperts.from_dense(Experts(), dtype=torch.float16, backend="simt")
+    x = torch.randn(3, 64).half()
+    index = torch.tensor([[0, 1], [4, -1], [2, 4]])  # E = 4 and -1: padding
+    weights = torch.tensor([[0.5, 0.5], [float("inf"), float("nan")], [1.0, float("inf")]]).half()
+    with torch.no_grad():
+        got = sparse(x, index, weights)
+        want = per_expert(sparse, x, index, weights)
+    assert torch.count_nonzero(got[1]) == 0 and torch.isfinite(got).all()
+    assert torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_experts_with_a_non_contiguous_weight_take_the_per_expert_path():
+    # The tables would hold a contiguous copy that an in-place edit of the layer never reaches.
+    torch.manual_seed(17)
+    sparse = SparseExperts.from_dense(Experts(), dtype=torch.float16, backend="simt")
+    layer = sparse.down[1]
+    layer.values.data = layer.values.data.t().contiguous().t()
+    x, index, weights = routing(tokens=8)
+    with torch.no_grad():
+        before = sparse(x.half(), index, weights.half())
+        assert sparse.__dict__["_grouped"][1] is None
+        layer.values.mul_(2)
+        after = sparse(x.half(), index, weights.half())
+    assert not torch.equal(before, after)
 
 
 def test_sparse_experts_grouped_path_sees_a_changed_weight():
@@ -245,6 +276,16 @@ def test_sparse_experts_replay_in_a_cuda_graph_with_new_routes():
             weights.copy_(torch.rand(16, 2, device="cuda", generator=gen))
             graph.replay()
             torch.testing.assert_close(out, per_expert(sparse, x, index, weights), rtol=2e-2, atol=2e-2)
+        # A first call inside the capture: the tables made then are not kept (their reordered
+        # metadata is only filled at replay), so an eager call afterwards makes its own.
+        fresh = SparseExperts.from_dense(Experts(experts=8), dtype=torch.float16).cuda()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fresh(x, index, weights)
+        graph.replay()
+        want = per_expert(fresh, x, index, weights)
+        torch.testing.assert_close(out, want, rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(fresh(x, index, weights), want, rtol=2e-2, atol=2e-2)
 
 
 def test_a_token_routed_twice_to_one_expert_counts_once_with_both_weights():

@@ -476,9 +476,15 @@ void launch_gemm_tile(const typename XLoader::Params& params, const GemmPlan& pl
 // The grouped GEMM of MMA policy Policy (params.h GroupedGemmParams): one launch, the tile
 // plan_gemm takes for M = the bound on a group's rows, no split-K (the groups fill the GPU).
 template <typename Policy>
-void launch_grouped(const GroupedGemmParams& params, int64_t block_k, sg_stream_t stream) {
-  const GemmParams& p = params.gemm;
-  if (p.M == 0 || p.N == 0 || params.groups == 0) return;
+void launch_grouped(GroupedGemmParams params, int64_t block_k, sg_stream_t stream) {
+  GemmParams& p = params.gemm;
+  // A group's rows, absolute (gemm_sp.cuh GroupBlockGemm), stay below first row + M <= 2 x_rows, and
+  // a tile's first row below that + kBlockM: 32-bit for X up to 2^30 - 256 rows.
+  if (params.x_rows > (int64_t(1) << 30) - 256)
+    throw std::invalid_argument("sparsegemm gemm_grouped: X must have at most 2^30 - 256 rows, got " +
+                                std::to_string(params.x_rows));
+  p.M = std::min(p.M, params.x_rows);  // no group has more rows than X
+  if (p.M <= 0 || p.N == 0 || params.groups == 0) return;
   if (params.groups < 0 || params.groups > kMaxGemmGroups)
     throw std::invalid_argument("sparsegemm gemm_grouped: groups must be 0 to " + std::to_string(kMaxGemmGroups) +
                                 " per launch, got " + std::to_string(params.groups));
