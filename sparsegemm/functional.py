@@ -124,7 +124,6 @@ def linear(x: Tensor, sw: SparseTensor24, bias: Optional[Tensor] = None, *, acti
     return y if foreign is None else foreign.from_dlpack(y)
 
 
-@torch.compiler.disable  # raw data pointers and host-read offsets: eager only (a graph break)
 def grouped_linear(x: Tensor, row_offsets: Tensor, weights, bias=None, *, activation: Optional[str] = None,
                    max_rows: Optional[int] = None, backend: Optional[str] = None) -> Tensor:
     """Many linear layers of one shape, each on its own run of rows of ``x [M, K]``: for every group
@@ -140,7 +139,8 @@ def grouped_linear(x: Tensor, row_offsets: Tensor, weights, bias=None, *, activa
     ``max_rows`` (default M) must bound every group's row count: it sizes the launch and picks the
     tile (up to 16: the decode tile), and a group beyond it gets only its first max_rows rows
     computed; the CPU and SIMT backends read the offsets and raise instead. INT8 weights on the
-    kernels need K % 4 == 0.
+    kernels need K % 4 == 0. A custom op like the others (torch.compile traces it whole); it has no
+    gradient (inference).
     """
     op = "sparsegemm.grouped_linear"
     weights = list(weights) if isinstance(weights, (list, tuple)) else weights
@@ -188,41 +188,19 @@ def grouped_linear(x: Tensor, row_offsets: Tensor, weights, bias=None, *, activa
         raise ValueError(f"{op}: max_rows must be a non-negative int, got {max_rows!r}")
     max_rows = min(max_rows, m)  # no group has more rows than x
     backend = ops.resolve_backend(op, backend, x.device)
-    y = x.new_zeros((m, ops.out_features(n, code)))
-    if backend != "cuda":
-        offsets = row_offsets.tolist()
-        for g in range(groups):
-            if not 0 <= offsets[g] <= offsets[g + 1] <= m:
-                raise ValueError(f"{op}: row_offsets must rise from >= 0 to <= M = {m}, got {offsets[g]} then "
-                                 f"{offsets[g + 1]} at group {g}")
-            if offsets[g + 1] - offsets[g] > max_rows:
-                raise ValueError(f"{op}: group {g} has {offsets[g + 1] - offsets[g]} rows, more than max_rows = "
-                                 f"{max_rows}")
-    if backend == "cpu":
-        for g in range(groups):
-            rows = slice(offsets[g], offsets[g + 1])
-            if rows.stop > rows.start:
-                y[rows] = linear(x[rows], weights[g], None if bias is None else bias[g], activation=activation,
-                                 backend="cpu")
-        return y
-    ops.check_dtype(op, "x", x, ops.KERNEL_DTYPES)
-    ops.check_gemm_32bit(op, m, n, k)
-    if int8:
-        ops.require_int8_kernels(op, backend)
-        if k % 4:
-            raise ValueError(f"{op}: INT8 weights on the {backend} kernels need K % 4 == 0, got K = {k}")
-    if m == 0 or max_rows == 0:
-        return y
-    # The extension launches on the current GPU (and reorders metadata there).
-    with torch.cuda.device(x.device) if backend == "cuda" else contextlib.nullcontext():
-        table = ops.grouped_weights([w.values.contiguous() for w in weights],
-                                    [w.kernel_meta(backend) for w in weights],
-                                    None if bias is None else [b.contiguous() for b in bias],
-                                    [w.scale.contiguous() for w in weights] if int8 else None, k)
-        x = ops._rowmajor(x)
-        ops.launch_grouped(backend + "_", ops._stream(x) if backend == "cuda" else 0, x, row_offsets.contiguous(),
-                           max_rows, table, code, y)
-    return y
+    kernel_meta = []
+    if backend != "cpu":
+        ops.check_dtype(op, "x", x, ops.KERNEL_DTYPES)
+        ops.check_gemm_32bit(op, m, n, k)
+        if int8:
+            ops.require_int8_kernels(op, backend)
+            if k % 4:
+                raise ValueError(f"{op}: INT8 weights on the {backend} kernels need K % 4 == 0, got K = {k}")
+        # The extension reorders on the current GPU.
+        with torch.cuda.device(x.device) if backend == "cuda" else contextlib.nullcontext():
+            kernel_meta = [w.kernel_meta(backend) for w in weights]
+    return ops.call(ops._grouped_linear, x, row_offsets, [w.values for w in weights], [w.meta for w in weights],
+                    kernel_meta, k, bias or [], [w.scale for w in weights] if int8 else [], code, max_rows, backend)
 
 
 def _check_linear_args(op: str, x, values: Tensor, n: int, k: int, bias, activation) -> None:

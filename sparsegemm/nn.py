@@ -637,6 +637,18 @@ def experts_activation(experts: nn.Module) -> tuple[Optional[str], str]:
     return activation, ""
 
 
+class _GroupedOperands(NamedTuple):
+    """One projection of SparseExperts' experts for the grouped GEMM: one tensor per expert in each list."""
+
+    values: list
+    meta: list                # logical
+    kernel_meta: list         # reordered for the backend
+    bias: Optional[list]
+    scale: Optional[list]     # INT8: the per-row weight scales
+    k: int
+    activation: int           # the kernels' code
+
+
 class _GroupedTables(NamedTuple):
     """What SparseExperts' grouped path launches with: ops.GroupedWeights of its two projections."""
 
@@ -662,8 +674,8 @@ class SparseExperts(nn.Module):
     On the CUDA kernels (and the SIMT emulator's), in inference, the experts run as two grouped
     GEMMs (:func:`sparsegemm.grouped_linear`: gate/up of every expert in one launch, then down), with
     the routes grouped on the device: no host synchronisation, so a CUDA graph captures the layer
-    with its routing. Elsewhere (the CPU backend, training, torch.compile) each routed expert runs
-    its two layers."""
+    with its routing, and torch.compile traces it whole. Elsewhere (the CPU backend, training) each
+    routed expert runs its two layers."""
 
     def __init__(self, gate_up: list, down: list):
         super().__init__()
@@ -697,15 +709,15 @@ class SparseExperts(nn.Module):
                                          for layer in (*self.gate_up, *self.down)
                                          for meta in (layer._buffers["metadata"],)])
 
-    def _make_grouped_tables(self, hidden_states: Tensor) -> Optional[_GroupedTables]:
-        """The grouped launches' tables for calls like ``hidden_states``, or None where the experts'
-        layers do not allow them (another backend or device, mixed layers, static INT8, a dtype
-        they do not take, tensors that are not contiguous): the per-expert path runs those."""
+    def _grouped_operands(self, hidden_states: Tensor) -> Optional[tuple]:
+        """(backend, gate/up operands, down operands) for calls like ``hidden_states``; or None where the experts' layers do not allow the grouped launches
+        (another backend or device, mixed layers, static INT8, a dtype they do not take, tensors
+        that are not contiguous): the per-expert path runs those."""
         backend = ops.kernel_backend(self.gate_up[0].backend, hidden_states)
         dtype, device = hidden_states.dtype, hidden_states.device
         if backend is None or dtype not in ops.KERNEL_DTYPES:
             return None
-        tables = []
+        operands = []
         for layers in (self.gate_up, self.down):
             first = layers[0]
             n, k = first.weight_shape
@@ -725,37 +737,56 @@ class SparseExperts(nn.Module):
                 return None
             kernel_meta = [layer.sparse_weight().kernel_meta(backend) if int8 else layer._kernel_meta_for(backend)
                            for layer in layers]
-            tables.append((ops.grouped_weights([layer.values for layer in layers], kernel_meta,
-                                               None if first.bias is None else [layer.bias for layer in layers],
-                                               [layer.scale for layer in layers] if int8 else None, k), code))
-        (gate_up, gate_up_code), (down, down_code) = tables
-        if down_code != 0 or gate_up.n // 2 != down.k or down.n != hidden_states.shape[-1]:
+            operands.append(_GroupedOperands([layer.values for layer in layers], [layer.metadata for layer in layers],
+                                              kernel_meta, None if first.bias is None else [layer.bias for layer in layers],
+                                              [layer.scale for layer in layers] if int8 else None, k, code))
+        gate_up, down = operands
+        if down.activation != 0 or self.gate_up[0].weight_shape[0] // 2 != down.k or (
+                self.down[0].weight_shape[0] != hidden_states.shape[-1]):
             return None
-        return _GroupedTables(backend + "_", gate_up, gate_up_code, down)
+        return backend, gate_up, down
+
+    def _make_grouped_tables(self, hidden_states: Tensor) -> Optional[_GroupedTables]:
+        """The eager grouped launches' tables (pointers) for calls like ``hidden_states``, or None."""
+        operands = self._grouped_operands(hidden_states)
+        if operands is None:
+            return None
+        backend, gate_up, down = operands
+        table = lambda o: ops.grouped_weights(o.values, o.kernel_meta, o.bias, o.scale, o.k)  # noqa: E731
+        return _GroupedTables(backend + "_", table(gate_up), gate_up.activation, table(down))
 
     def _grouped_forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Optional[Tensor]:
         """The grouped path (see the class docstring), or None where the per-expert one must run."""
-        if (torch.compiler.is_compiling() or torch.jit.is_tracing() or type(hidden_states) is not Tensor
-                or hidden_states.dim() != 2 or top_k_index.dim() != 2 or top_k_index.shape[0] != hidden_states.shape[0]
-                or top_k_weights.shape != top_k_index.shape or top_k_index.device != hidden_states.device):
+        if (torch.jit.is_tracing() or hidden_states.dim() != 2 or top_k_index.dim() != 2
+                or top_k_index.shape[0] != hidden_states.shape[0] or top_k_weights.shape != top_k_index.shape
+                or top_k_index.device != hidden_states.device):
             return None
         if torch.is_grad_enabled() and (hidden_states.requires_grad or top_k_weights.requires_grad or any(
                 t.requires_grad for layer in (*self.gate_up, *self.down) for t in layer.parameters())):
             return None  # training: autograd through the per-expert layers
-        # The tables, made again when a layer changed or the call's dtype or device did; a refusal is
-        # kept as well. Not kept while a CUDA graph is captured: the metadata reordered then is only
-        # filled when the graph replays.
-        call = (hidden_states.dtype, hidden_states.device)
-        cached = self.__dict__.get("_grouped")
-        if cached is not None and cached[0] == (self._layers_state(), *call):
-            tables = cached[1]
-        else:
-            tables = self._make_grouped_tables(hidden_states)
-            if not (hidden_states.is_cuda and torch.cuda.is_current_stream_capturing()):
-                # The state after making them: reordering may have refreshed a layer's derived data.
-                self.__dict__["_grouped"] = ((self._layers_state(), *call), tables)
-        if tables is None:
+        compiling = torch.compiler.is_compiling()
+        if compiling:  # the custom op on the layers' tensors, traced
+            operands = self._grouped_operands(hidden_states)
+            if operands is None:
+                return None
+            backend, gate_up, down = operands
+        elif type(hidden_states) is not Tensor:
             return None
+        else:
+            # Eager: the launches' pointer tables, made again when a layer changed or the call's dtype
+            # or device did; a refusal is kept as well. Not kept while a CUDA graph is captured: the
+            # metadata reordered then is only filled when the graph replays.
+            call = (hidden_states.dtype, hidden_states.device)
+            cached = self.__dict__.get("_grouped")
+            if cached is not None and cached[0] == (self._layers_state(), *call):
+                tables = cached[1]
+            else:
+                tables = self._make_grouped_tables(hidden_states)
+                if not (hidden_states.is_cuda and torch.cuda.is_current_stream_capturing()):
+                    # The state after making them: reordering may have refreshed a layer's derived data.
+                    self.__dict__["_grouped"] = ((self._layers_state(), *call), tables)
+            if tables is None:
+                return None
         tokens, k = top_k_index.shape
         experts = len(self.gate_up)
         # A token routed twice to one expert keeps its first route, with the summed weight: no expert
@@ -774,13 +805,20 @@ class SparseExperts(nn.Module):
         row_weight = torch.where(expert_of_row < experts, weights.reshape(-1)[order], 0)
         token = order // k
         x = hidden_states[token]
-        hidden = x.new_empty((x.shape[0], tables.down.k))  # rows no expert holds are never read
-        y = x.new_zeros((x.shape[0], tables.down.n))       # and stay zero here
-        stream = ops._stream(x) if tables.api == "cuda_" else 0
-        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-            ops.launch_grouped(tables.api, stream, x, offsets, tokens, tables.gate_up, tables.gate_up_activation,
-                               hidden)
-            ops.launch_grouped(tables.api, stream, hidden, offsets, tokens, tables.down, 0, y)
+        if compiling:
+            def grouped(x: Tensor, o: _GroupedOperands) -> Tensor:
+                return ops._grouped_linear(x, offsets, o.values, o.meta, o.kernel_meta, o.k, o.bias or [],
+                                           o.scale or [], o.activation, tokens, backend)
+
+            y = grouped(grouped(x, gate_up), down)
+        else:
+            hidden = x.new_empty((x.shape[0], tables.down.k))  # rows no expert holds are never read
+            y = x.new_zeros((x.shape[0], tables.down.n))       # and stay zero here
+            stream = ops._stream(x) if tables.api == "cuda_" else 0
+            with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+                ops.launch_grouped(tables.api, stream, x, offsets, tokens, tables.gate_up, tables.gate_up_activation,
+                                   hidden)
+                ops.launch_grouped(tables.api, stream, hidden, offsets, tokens, tables.down, 0, y)
         out = torch.zeros_like(hidden_states)
         out.index_add_(0, token, (y * row_weight[:, None]).to(out.dtype))
         return out

@@ -704,6 +704,58 @@ def launch_grouped(api: str, stream: int, x: Tensor, row_offsets: Tensor, max_ro
                                          activation, config, stream)
 
 
+@_custom_op("sparsegemm::grouped_linear")
+@_on_tensor_device
+def _grouped_linear(x: Tensor, row_offsets: Tensor, values: list[Tensor], meta: list[Tensor],
+                    kernel_meta: list[Tensor], k: int, bias: list[Tensor], scale: list[Tensor], activation: int,
+                    max_rows: int, backend: str) -> Tensor:
+    """functional.grouped_linear's computation: group g's linear (values[g]; ``scale``: INT8
+    weights' per-row scales, x then quantized per token) on rows row_offsets[g] .. row_offsets[g + 1]
+    - 1 of x [M, K], zeros elsewhere. ``meta``: the logical metadata (CPU backend);
+    ``kernel_meta``: the reordered copies (CUDA / SIMT). An empty list is none (the schema has no
+    optional lists): no reordered copies for the CPU, no bias, no scales (16-bit weights). The CPU
+    and SIMT backends read the offsets and check them (and max_rows); CUDA never reads them on the
+    host."""
+    op = "sparsegemm.grouped_linear"
+    m, n, groups = x.shape[0], values[0].shape[0], len(values)
+    y = x.new_zeros((m, out_features(n, activation)))
+    if backend != "cuda":
+        offsets = row_offsets.tolist()
+        for g in range(groups):
+            if not 0 <= offsets[g] <= offsets[g + 1] <= m:
+                raise ValueError(f"{op}: row_offsets must rise from >= 0 to <= M = {m}, got {offsets[g]} then "
+                                 f"{offsets[g + 1]} at group {g}")
+            if offsets[g + 1] - offsets[g] > max_rows:
+                raise ValueError(f"{op}: group {g} has {offsets[g + 1] - offsets[g]} rows, more than max_rows = "
+                                 f"{max_rows}")
+    if m == 0 or max_rows == 0:
+        return y
+    if backend == "cpu":
+        for g in range(groups):
+            rows = slice(offsets[g], offsets[g + 1])
+            if rows.stop > rows.start:
+                b = bias[g] if bias else None
+                if not scale:
+                    y[rows] = _IMPLS[_linear](x[rows], values[g], meta[g], None, k, b, activation, "cpu")
+                else:
+                    x_q, x_scale = _IMPLS[_quantize_rows](x[rows], "cpu")
+                    y[rows] = _IMPLS[_linear_s8](x_q, x_scale, values[g], meta[g], None, scale[g], k, b, activation,
+                                                 x.dtype, "cpu")
+        return y
+    contiguous = lambda ts: [t.contiguous() for t in ts] or None  # noqa: E731
+    table = grouped_weights(contiguous(values), kernel_meta, contiguous(bias), contiguous(scale), k)
+    x = _rowmajor(x)
+    launch_grouped(backend + "_", _stream(x) if backend == "cuda" else 0, x, row_offsets.contiguous(), max_rows,
+                   table, activation, y)
+    return y
+
+
+@_grouped_linear.register_fake
+def _(x: Tensor, row_offsets: Tensor, values: list[Tensor], meta: list[Tensor], kernel_meta: list[Tensor], k: int,
+      bias: list[Tensor], scale: list[Tensor], activation: int, max_rows: int, backend: str) -> Tensor:
+    return x.new_empty((x.shape[0], out_features(values[0].shape[0], activation)))
+
+
 @_linear.register_fake
 def _(x: Tensor, values: Tensor, meta: Tensor, kernel_meta: Optional[Tensor], k: int, bias: Optional[Tensor],
       activation: int, backend: str) -> Tensor:
