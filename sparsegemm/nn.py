@@ -674,8 +674,9 @@ class SparseExperts(nn.Module):
     On the CUDA kernels (and the SIMT emulator's), in inference, the experts run as two grouped
     GEMMs (:func:`sparsegemm.grouped_linear`: gate/up of every expert in one launch, then down), with
     the routes grouped on the device: no host synchronisation, so a CUDA graph captures the layer
-    with its routing, and torch.compile traces it whole. Elsewhere (the CPU backend, training) each
-    routed expert runs its two layers."""
+    with its routing, and torch.compile traces it whole (there the CPU backend too runs as the
+    grouped op). Elsewhere (the CPU backend in eager, training) each routed expert runs its two
+    layers."""
 
     def __init__(self, gate_up: list, down: list):
         super().__init__()
@@ -715,7 +716,10 @@ class SparseExperts(nn.Module):
         that are not contiguous): the per-expert path runs those."""
         backend = ops.kernel_backend(self.gate_up[0].backend, hidden_states)
         dtype, device = hidden_states.dtype, hidden_states.device
-        if backend is None or dtype not in ops.KERNEL_DTYPES:
+        if backend is None and torch.compiler.is_compiling() and device.type == "cpu" and (
+                self.gate_up[0].backend in (None, "cpu")):
+            backend = "cpu"  # traced, the CPU backend too runs as the grouped op (no host read in the graph)
+        if backend is None or dtype not in (ops.FLOAT_DTYPES if backend == "cpu" else ops.KERNEL_DTYPES):
             return None
         operands = []
         for layers in (self.gate_up, self.down):
@@ -731,12 +735,14 @@ class SparseExperts(nn.Module):
                         or any(t is not None and (t.device != device or not t.is_contiguous()) for t in tensors)
                         or (layer.bias is not None and layer.bias.dtype != dtype)
                         or (layer.values.dtype != (torch.int8 if int8 else dtype))
-                        or (int8 and (layer.input_scale is not None or k % 4 or not ops.has_int8_kernels(backend)))):
+                        or (int8 and (layer.input_scale is not None
+                                      or (backend != "cpu" and (k % 4 or not ops.has_int8_kernels(backend)))))):
                     return None
             if code is None:
                 return None
-            kernel_meta = [layer.sparse_weight().kernel_meta(backend) if int8 else layer._kernel_meta_for(backend)
-                           for layer in layers]
+            kernel_meta = [] if backend == "cpu" else [
+                layer.sparse_weight().kernel_meta(backend) if int8 else layer._kernel_meta_for(backend)
+                for layer in layers]
             operands.append(_GroupedOperands([layer.values for layer in layers], [layer.metadata for layer in layers],
                                               kernel_meta, None if first.bias is None else [layer.bias for layer in layers],
                                               [layer.scale for layer in layers] if int8 else None, k, code))

@@ -302,13 +302,14 @@ def test_a_token_routed_twice_to_one_expert_counts_once_with_both_weights():
     assert torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("quantize", [None, "int8"])
-def test_sparse_experts_compile_whole_through_the_grouped_op(quantize):
+@pytest.mark.parametrize("backend,quantize", [("simt", None), ("simt", "int8"), ("cpu", None), ("cpu", "int8")])
+def test_sparse_experts_compile_whole_through_the_grouped_op(backend, quantize):
     # fullgraph: the routing on the device and the two grouped GEMMs as custom ops, no host read.
     torch.manual_seed(18)
-    sparse = SparseExperts.from_dense(Experts(), dtype=torch.float16, backend="simt", quantize=quantize)
+    dtype = torch.float16 if backend == "simt" else torch.float32
+    sparse = SparseExperts.from_dense(Experts(), dtype=dtype, backend=backend, quantize=quantize)
     x, index, weights = routing(tokens=10)
-    x, weights = x.half(), weights.half()
+    x, weights = x.to(dtype), weights.to(dtype)
     compiled = torch.compile(sparse, fullgraph=True, dynamic=False)
     with torch.no_grad():
         got = compiled(x, index, weights)
