@@ -47,9 +47,11 @@ struct GemmParams {
 // gemm: N, K, x, ldx, y, ldy, dtype, act, gated, x_scale and config as for one GEMM; gemm.M bounds
 // every group's rows (it sizes the grid, and picks the tile as M does for one GEMM); gemm.values,
 // meta, bias and w_scale are unused. No split-K: blockIdx.z is the group.
-// kMaxGemmGroups: groups per launch (the pointer tables travel in the kernel's parameters, which
-// stay under the 4 KiB every driver takes); the host entry point launches more in chunks.
-constexpr int kMaxGemmGroups = 64;
+// kMaxGemmGroups: groups per launch; the host entry point launches more in chunks, each of which
+// waits for the one before (dependent launches), so one launch should hold a layer's experts: 128
+// covers Qwen3-MoE's, DeepSeek-V3's 256 take two. The pointer tables travel in the kernel's
+// parameters: 4.3 KB, past the 4 KiB limit of drivers before CUDA 12.1 (CUDA 13's take 32 KiB).
+constexpr int kMaxGemmGroups = 128;
 struct GroupedGemmParams {
   GemmParams gemm;
   const int64_t* row_offsets = nullptr;  // [groups + 1], non-decreasing, row_offsets[0] >= 0

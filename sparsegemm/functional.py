@@ -134,7 +134,7 @@ def grouped_linear(x: Tensor, row_offsets: Tensor, weights, bias=None, *, activa
 
     ``weights``: G :class:`SparseTensor24` of one shape ``[N, K]`` and dtype (int8 ones quantize x per
     token, as :func:`linear` does); ``bias``: None or G tensors ``[N]``. On the CUDA and SIMT
-    backends this is one kernel launch (per 64 groups) that reads the offsets on the device: no
+    backends this is one kernel launch (per 128 groups) that reads the offsets on the device: no
     host synchronisation, so a CUDA graph can capture it, with the routing it replays. There
     ``max_rows`` (default M) must bound every group's row count: it sizes the launch and picks the
     tile (up to 16: the decode tile), and a group beyond it gets only its first max_rows rows

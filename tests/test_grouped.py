@@ -114,9 +114,9 @@ def test_grouped_linear_on_the_cpu_is_each_groups_linear():
 
 
 def test_more_groups_than_one_launch_takes():
-    # 70 groups: two launches of at most 64 (the pointer tables travel in the kernel parameters).
+    # 130 groups: two launches of at most 128 (the pointer tables travel in the kernel parameters).
     gen = torch.Generator().manual_seed(7)
-    rows = torch.randint(0, 4, (70,), generator=gen).tolist()
+    rows = torch.randint(0, 4, (130,), generator=gen).tolist()
     x, offsets, weights, biases = grouped_case(rows, 16, 32, torch.float16, seed=7)
     y = sparsegemm.grouped_linear(x, offsets, weights, biases, max_rows=3, backend="simt")
     want = sparsegemm.grouped_linear(x, offsets, weights, biases, max_rows=3, backend="cpu")
