@@ -123,8 +123,8 @@ py::list list_gpus() {
 // Launches a grouped GEMM (gemm's fields in `p`, the per-group pointer lists beside) through
 // `launch` (gemm_grouped or gemm_s8_grouped), kMaxGemmGroups groups at a time. bias / w_scale:
 // one pointer per group, or empty for none.
-void launch_grouped(GemmParams p, int config, int64_t x_rows, uintptr_t row_offsets, const std::vector<uintptr_t>& values,
-                    const std::vector<uintptr_t>& meta, const std::vector<uintptr_t>& bias,
+void launch_grouped(GemmParams p, int config, int64_t x_rows, uintptr_t row_offsets,
+                    const std::vector<uintptr_t>& values, const std::vector<uintptr_t>& meta, const std::vector<uintptr_t>& bias,
                     const std::vector<uintptr_t>& w_scale, void (*launch)(const GroupedGemmParams&, void*),
                     uintptr_t stream) {
   const size_t groups = values.size();
@@ -338,8 +338,9 @@ void bind_kernel_api(py::module_& m, const std::string& prefix) {
   // lists of pointers, row_offsets [groups + 1] int64 on the kernels' side, x_rows the rows of X
   // and Y; M bounds every group's rows. Launched kMaxGemmGroups groups at a time.
   m.def((prefix + "gemm_grouped").c_str(), [](int64_t M, int64_t N, int64_t K, uintptr_t x, int64_t ldx,
-                                              int64_t x_rows, uintptr_t row_offsets, const std::vector<uintptr_t>& values,
-                                              const std::vector<uintptr_t>& meta, const std::vector<uintptr_t>& bias,
+                                              int64_t x_rows, uintptr_t row_offsets,
+                                              const std::vector<uintptr_t>& values, const std::vector<uintptr_t>& meta,
+                                              const std::vector<uintptr_t>& bias,
                                               uintptr_t y, int64_t ldy, int dtype, int act, int config,
                                               uintptr_t stream) {
     const GemmParams p = make_gemm_params(M, N, K, x, ldx, 0, 0, 0, y, ldy, dtype, act, 0, 0);
@@ -348,7 +349,8 @@ void bind_kernel_api(py::module_& m, const std::string& prefix) {
      py::arg("values"), py::arg("meta"), py::arg("bias"), py::arg("y"), py::arg("ldy"), py::arg("dtype"),
      py::arg("act") = 0, py::arg("config") = -1, py::arg("stream") = 0);
   m.def((prefix + "gemm_s8_grouped").c_str(), [](int64_t M, int64_t N, int64_t K, uintptr_t x_q, int64_t ldx,
-                                                 int64_t x_rows, uintptr_t row_offsets, const std::vector<uintptr_t>& values,
+                                                 int64_t x_rows, uintptr_t row_offsets,
+                                                 const std::vector<uintptr_t>& values,
                                                  const std::vector<uintptr_t>& kernel_meta_s8,
                                                  const std::vector<uintptr_t>& w_scale, uintptr_t x_scale,
                                                  const std::vector<uintptr_t>& bias, uintptr_t y, int64_t ldy,
@@ -357,8 +359,7 @@ void bind_kernel_api(py::module_& m, const std::string& prefix) {
     launch_grouped(p, config, x_rows, row_offsets, values, kernel_meta_s8, bias, w_scale, Api::gemm_s8_grouped,
                    stream);
   }, py::arg("M"), py::arg("N"), py::arg("K"), py::arg("x_q"), py::arg("ldx"), py::arg("x_rows"),
-     py::arg("row_offsets"),
-     py::arg("values"), py::arg("kernel_meta_s8"), py::arg("w_scale"), py::arg("x_scale"), py::arg("bias"),
+     py::arg("row_offsets"), py::arg("values"), py::arg("kernel_meta_s8"), py::arg("w_scale"), py::arg("x_scale"), py::arg("bias"),
      py::arg("y"), py::arg("ldy"), py::arg("out_dtype"), py::arg("act") = 0, py::arg("config") = -1,
      py::arg("stream") = 0);
 

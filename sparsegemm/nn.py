@@ -711,9 +711,10 @@ class SparseExperts(nn.Module):
                                          for meta in (layer._buffers["metadata"],)])
 
     def _grouped_operands(self, hidden_states: Tensor) -> Optional[tuple]:
-        """(backend, gate/up operands, down operands) for calls like ``hidden_states``; or None where the experts' layers do not allow the grouped launches
-        (another backend or device, mixed layers, static INT8, a dtype they do not take, tensors
-        that are not contiguous): the per-expert path runs those."""
+        """(backend, gate/up operands, down operands) for calls like ``hidden_states``; or None where
+        the experts' layers do not allow the grouped launches (another backend or device, mixed
+        layers, static INT8, a dtype they do not take, tensors that are not contiguous): the
+        per-expert path runs those."""
         backend = ops.kernel_backend(self.gate_up[0].backend, hidden_states)
         dtype, device = hidden_states.dtype, hidden_states.device
         if backend is None and torch.compiler.is_compiling() and device.type == "cpu" and (
@@ -743,9 +744,10 @@ class SparseExperts(nn.Module):
             kernel_meta = [] if backend == "cpu" else [
                 layer.sparse_weight().kernel_meta(backend) if int8 else layer._kernel_meta_for(backend)
                 for layer in layers]
+            biases = None if first.bias is None else [layer.bias for layer in layers]
             operands.append(_GroupedOperands([layer.values for layer in layers], [layer.metadata for layer in layers],
-                                              kernel_meta, None if first.bias is None else [layer.bias for layer in layers],
-                                              [layer.scale for layer in layers] if int8 else None, k, code))
+                                              kernel_meta, biases, [layer.scale for layer in layers] if int8 else None,
+                                              k, code))
         gate_up, down = operands
         if down.activation != 0 or self.gate_up[0].weight_shape[0] // 2 != down.k or (
                 self.down[0].weight_shape[0] != hidden_states.shape[-1]):

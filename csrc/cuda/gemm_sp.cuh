@@ -250,8 +250,7 @@ struct GroupedRowMajorX {
   static constexpr bool kTma = false;
   static constexpr bool kGrouped = true;
 
-  // RowMajorX's members, but the rows' end in 32 bits: one register less through the main loop
-  // kept the grouped LargeM tile from spilling on sm_80.
+  // RowMajorX's members, but the rows' end in 32 bits: one register less through the main loop.
   const Operand* x;
   int64_t K, ldx;
   int M;
@@ -438,6 +437,16 @@ SG_DEVICE bool arrived_last(int* counter, int splits, char* smem) {
   return *verdict != 0;
 }
 
+// The blocks per SM gemm_sp_kernel's launch bounds ask for: the tile's, but one for the grouped
+// large-M tiles (LargeM and the wgmma one): their group's weight pointers and row end, which a
+// single GEMM reads from its kernel parameters, take them to 130-137 registers (ptxas, nvcc 13.0,
+// sm_80 and sm_90a), and held to 128 for two blocks per SM they spilled 4-24 bytes. The grouped
+// decode tile keeps two (68-80 registers).
+template <typename Tile, typename XLoader>
+constexpr int min_blocks_per_sm() {
+  return XLoader::kGrouped && !std::is_same_v<Tile, gemm_tiles::Decode> ? 1 : Tile::kMinBlocksPerSm;
+}
+
 // The GEMM a block of gemm_sp_kernel computes: the launch's (a reference to the kernel parameter),
 // or for a grouped launch its group's (GroupBlockGemm, made after the wait for the kernel before).
 template <typename XLoader>
@@ -453,10 +462,6 @@ SG_DEVICE decltype(auto) block_gemm(const typename XLoader::Params& params) {
 // blockIdx.y) (gemm_heuristics.h: M tiles x N tiles in bands) of K split blockIdx.z, or for a
 // grouped launch (XLoader::kGrouped, one split) of group blockIdx.z's GEMM; a block whose tile
 // starts past its group's rows has nothing to do (the grid is sized for the largest group).
-// Launch bounds: the tile's, but one block per SM for the grouped large-M tiles (LargeM and the
-// wgmma one): their group's weight pointers and row end, which a single GEMM reads from its
-// kernel parameters, take 130-137 registers (ptxas, nvcc 13.0, sm_80 and sm_90a), and held to 128
-// for two blocks per SM they spilled 4-24 bytes. The grouped decode tile keeps two (68-80).
 // XLoader: the B-operand loader policy (RowMajorX above, or conv_sp.cuh's implicit-GEMM loader);
 // params: its Params, whose GemmParams part p is described here.
 // p: GemmParams (params.h) with x: X[M, K], values: Wc[N, Kc] (both Policy::Operand), meta: E
@@ -466,7 +471,7 @@ SG_DEVICE decltype(auto) block_gemm(const typename XLoader::Params& params) {
 //    and tile_counters: int32 [gridDim.y][gridDim.x], zero at launch and again at exit.
 // k_tiles_per_split: k-tiles of each split (the last one may have fewer).
 template <typename Policy, typename Tile, typename XLoader = RowMajorX<typename Policy::Operand>>
-SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), (XLoader::kGrouped && !Tile::kSplitK ? 1 : Tile::kMinBlocksPerSm))
+SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), (min_blocks_per_sm<Tile, XLoader>()))
     gemm_sp_kernel(SG_GRID_CONSTANT const typename XLoader::Params params, int64_t k_tiles_per_split) {
   if constexpr ((Tile::kWgmma && !kWgmmaCompiled) || (XLoader::kTma && !kTmaCompiled)) {
     // A device pass without wgmma (not sm_90a) or TMA (before sm_90): the dispatch never launches
@@ -901,9 +906,8 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), (XLoader::k
   // 16-row MMA tile are a gate and its up row, both in this thread's fragment; their product
   // goes to output column (16-row tile) / 2 + g, so Ys and Y hold half as many columns.
   __syncthreads();  // every warp is done reading the pipeline stages that Ys overwrites
-  // The epilogue's GEMM fields: p's, derived again for a grouped block (its row offset read again,
-  // its pointers rebuilt) rather than held in registers through the main loop: held, they made the
-  // grouped wgmma and INT8 tiles spill on sm_90a.
+  // The epilogue's GEMM fields: p's, derived again for a grouped block (its row offsets read again,
+  // its pointers rebuilt) rather than held in registers through the main loop.
   const auto& epi = block_gemm<XLoader>(params);
   using T = typename Out::Storage;
   T* ys = reinterpret_cast<T*>(smem);
