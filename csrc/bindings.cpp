@@ -124,9 +124,9 @@ py::list list_gpus() {
 // `launch` (gemm_grouped or gemm_s8_grouped), kMaxGemmGroups groups at a time. bias / w_scale:
 // one pointer per group, or empty for none.
 void launch_grouped(GemmParams p, int config, int64_t x_rows, uintptr_t row_offsets,
-                    const std::vector<uintptr_t>& values, const std::vector<uintptr_t>& meta, const std::vector<uintptr_t>& bias,
-                    const std::vector<uintptr_t>& w_scale, void (*launch)(const GroupedGemmParams&, void*),
-                    uintptr_t stream) {
+                    const std::vector<uintptr_t>& values, const std::vector<uintptr_t>& meta,
+                    const std::vector<uintptr_t>& bias, const std::vector<uintptr_t>& w_scale,
+                    void (*launch)(const GroupedGemmParams&, void*), uintptr_t stream) {
   const size_t groups = values.size();
   if (meta.size() != groups || (!bias.empty() && bias.size() != groups) ||
       (!w_scale.empty() && w_scale.size() != groups))
@@ -359,8 +359,8 @@ void bind_kernel_api(py::module_& m, const std::string& prefix) {
     launch_grouped(p, config, x_rows, row_offsets, values, kernel_meta_s8, bias, w_scale, Api::gemm_s8_grouped,
                    stream);
   }, py::arg("M"), py::arg("N"), py::arg("K"), py::arg("x_q"), py::arg("ldx"), py::arg("x_rows"),
-     py::arg("row_offsets"), py::arg("values"), py::arg("kernel_meta_s8"), py::arg("w_scale"), py::arg("x_scale"), py::arg("bias"),
-     py::arg("y"), py::arg("ldy"), py::arg("out_dtype"), py::arg("act") = 0, py::arg("config") = -1,
+     py::arg("row_offsets"), py::arg("values"), py::arg("kernel_meta_s8"), py::arg("w_scale"), py::arg("x_scale"),
+     py::arg("bias"), py::arg("y"), py::arg("ldy"), py::arg("out_dtype"), py::arg("act") = 0, py::arg("config") = -1,
      py::arg("stream") = 0);
 
   // INT8 (the INT8 contract): per-token quantisation, the int8 kernel metadata and the s8 GEMM.
