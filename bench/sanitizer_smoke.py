@@ -72,8 +72,9 @@ def main() -> None:
 
 
 def grouped() -> None:
-    """The grouped GEMM (16-bit and INT8) on every tile it takes: three groups (one empty) of rows
-    with gaps between them, offsets past M and a group longer than max_rows (clamped by the kernel)."""
+    """The grouped GEMM (16-bit and INT8) on every tile it takes (the decode tile split 3 ways too):
+    three groups (one empty) of rows with gaps between them, offsets past M and a group longer than
+    max_rows (clamped by the kernel)."""
     stream = torch.cuda.current_stream().cuda_stream
     configs = [0, 1] + ([2] if _C.cuda_large_m_uses_wgmma() else [])
     for m, n, k in [(40, 144, 96), (300, 272, 264)]:
@@ -85,10 +86,10 @@ def grouped() -> None:
                                         [torch.randn(n, device="cuda").half() for _ in weights],
                                         [w.scale for w in weights] if int8 else None, k)
             for offsets in ([1, m // 3, m // 3, m - 2], [0, 5, m + 7, 10 ** 9]):
-                for config in configs:
+                for config, split_k in [(c, 0) for c in configs] + [(1, 3)]:
                     y = torch.zeros(m, n // 2, device="cuda").half()
                     ops.launch_grouped("cuda_", stream, x, torch.tensor(offsets, device="cuda"), m // 2, table,
-                                       SWIGLU, y, config)
+                                       SWIGLU, y, config, split_k)
 
 
 if __name__ == "__main__":

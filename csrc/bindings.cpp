@@ -120,9 +120,10 @@ py::list list_gpus() {
   return gpus;
 }
 
-// Launches a grouped GEMM (gemm's fields in `p`, the per-group pointer lists beside) through
-// `launch` (gemm_grouped or gemm_s8_grouped), kMaxGemmGroups groups at a time. bias / w_scale:
-// one pointer per group, or empty for none.
+// Launches a grouped GEMM (gemm's fields in `p`, its split-K scratch and split_k included; the
+// per-group pointer lists beside) through `launch` (gemm_grouped or gemm_s8_grouped),
+// kMaxGemmGroups groups at a time, one after another on the stream (so they share the scratch).
+// bias / w_scale: one pointer per group, or empty for none.
 void launch_grouped(GemmParams p, int config, int64_t x_rows, uintptr_t row_offsets,
                     const std::vector<uintptr_t>& values, const std::vector<uintptr_t>& meta,
                     const std::vector<uintptr_t>& bias, const std::vector<uintptr_t>& w_scale,
@@ -141,6 +142,7 @@ void launch_grouped(GemmParams p, int config, int64_t x_rows, uintptr_t row_offs
     grouped.gemm = p;
     grouped.row_offsets = ptr<const int64_t>(row_offsets) + first;
     grouped.x_rows = x_rows;
+    grouped.planned_groups = int64_t(groups);
     grouped.groups = static_cast<int>(std::min<size_t>(kMaxGemmGroups, groups - first));
     for (int g = 0; g < grouped.groups; ++g) {
       grouped.values[g] = ptr<const void>(values[first + g]);
@@ -336,31 +338,53 @@ void bind_kernel_api(py::module_& m, const std::string& prefix) {
 
   // Grouped GEMM (params.h GroupedGemmParams): values / meta / bias (empty: none) per group as
   // lists of pointers, row_offsets [groups + 1] int64 on the kernels' side, x_rows the rows of X
-  // and Y; M bounds every group's rows. Launched kMaxGemmGroups groups at a time.
+  // and Y; M bounds every group's rows; the scratch as gemm_grouped_scratch asks for the same
+  // sizes, groups, config and split_k. Launched kMaxGemmGroups groups at a time.
+  m.def((prefix + "gemm_grouped_scratch").c_str(), [](int64_t M, int64_t N, int64_t K, int64_t x_rows,
+                                                      int64_t groups, int config, int split_k) {
+    const GemmScratch s = Api::gemm_grouped_scratch(M, N, K, x_rows, groups, config, split_k);
+    return std::make_pair(s.workspace_bytes, s.tile_counters);
+  }, py::arg("M"), py::arg("N"), py::arg("K"), py::arg("x_rows"), py::arg("groups"), py::arg("config") = -1,
+     py::arg("split_k") = 0);
   m.def((prefix + "gemm_grouped").c_str(), [](int64_t M, int64_t N, int64_t K, uintptr_t x, int64_t ldx,
                                               int64_t x_rows, uintptr_t row_offsets,
                                               const std::vector<uintptr_t>& values, const std::vector<uintptr_t>& meta,
-                                              const std::vector<uintptr_t>& bias,
-                                              uintptr_t y, int64_t ldy, int dtype, int act, int config,
-                                              uintptr_t stream) {
-    const GemmParams p = make_gemm_params(M, N, K, x, ldx, 0, 0, 0, y, ldy, dtype, act, 0, 0);
+                                              const std::vector<uintptr_t>& bias, uintptr_t y, int64_t ldy, int dtype,
+                                              int act, uintptr_t workspace, uintptr_t tile_counters, int config,
+                                              int split_k, uintptr_t stream) {
+    GemmParams p = make_gemm_params(M, N, K, x, ldx, 0, 0, 0, y, ldy, dtype, act, 0, 0);
+    p.workspace = ptr<void>(workspace);
+    p.tile_counters = ptr<int>(tile_counters);
+    p.split_k = split_k;
     launch_grouped(p, config, x_rows, row_offsets, values, meta, bias, {}, Api::gemm_grouped, stream);
   }, py::arg("M"), py::arg("N"), py::arg("K"), py::arg("x"), py::arg("ldx"), py::arg("x_rows"), py::arg("row_offsets"),
      py::arg("values"), py::arg("meta"), py::arg("bias"), py::arg("y"), py::arg("ldy"), py::arg("dtype"),
-     py::arg("act") = 0, py::arg("config") = -1, py::arg("stream") = 0);
+     py::arg("act") = 0, py::arg("workspace") = 0, py::arg("tile_counters") = 0, py::arg("config") = -1,
+     py::arg("split_k") = 0, py::arg("stream") = 0);
+  m.def((prefix + "gemm_s8_grouped_scratch").c_str(), [](int64_t M, int64_t N, int64_t K, int64_t x_rows,
+                                                         int64_t groups, int config, int split_k) {
+    const GemmScratch s = Api::gemm_s8_grouped_scratch(M, N, K, x_rows, groups, config, split_k);
+    return std::make_pair(s.workspace_bytes, s.tile_counters);
+  }, py::arg("M"), py::arg("N"), py::arg("K"), py::arg("x_rows"), py::arg("groups"), py::arg("config") = -1,
+     py::arg("split_k") = 0);
   m.def((prefix + "gemm_s8_grouped").c_str(), [](int64_t M, int64_t N, int64_t K, uintptr_t x_q, int64_t ldx,
                                                  int64_t x_rows, uintptr_t row_offsets,
                                                  const std::vector<uintptr_t>& values,
                                                  const std::vector<uintptr_t>& kernel_meta_s8,
                                                  const std::vector<uintptr_t>& w_scale, uintptr_t x_scale,
                                                  const std::vector<uintptr_t>& bias, uintptr_t y, int64_t ldy,
-                                                 int out_dtype, int act, int config, uintptr_t stream) {
-    const GemmParams p = make_gemm_params(M, N, K, x_q, ldx, 0, 0, 0, y, ldy, out_dtype, act, 0, x_scale);
+                                                 int out_dtype, int act, uintptr_t workspace, uintptr_t tile_counters,
+                                                 int config, int split_k, uintptr_t stream) {
+    GemmParams p = make_gemm_params(M, N, K, x_q, ldx, 0, 0, 0, y, ldy, out_dtype, act, 0, x_scale);
+    p.workspace = ptr<void>(workspace);
+    p.tile_counters = ptr<int>(tile_counters);
+    p.split_k = split_k;
     launch_grouped(p, config, x_rows, row_offsets, values, kernel_meta_s8, bias, w_scale, Api::gemm_s8_grouped,
                    stream);
   }, py::arg("M"), py::arg("N"), py::arg("K"), py::arg("x_q"), py::arg("ldx"), py::arg("x_rows"),
      py::arg("row_offsets"), py::arg("values"), py::arg("kernel_meta_s8"), py::arg("w_scale"), py::arg("x_scale"),
-     py::arg("bias"), py::arg("y"), py::arg("ldy"), py::arg("out_dtype"), py::arg("act") = 0, py::arg("config") = -1,
+     py::arg("bias"), py::arg("y"), py::arg("ldy"), py::arg("out_dtype"), py::arg("act") = 0,
+     py::arg("workspace") = 0, py::arg("tile_counters") = 0, py::arg("config") = -1, py::arg("split_k") = 0,
      py::arg("stream") = 0);
 
   // INT8 (the INT8 contract): per-token quantisation, the int8 kernel metadata and the s8 GEMM.
@@ -419,6 +443,8 @@ struct SimtKernelApi {
   static constexpr auto gemm_s8 = &simt::gemm_s8;
   static constexpr auto gemm_grouped = &simt::gemm_grouped;
   static constexpr auto gemm_s8_grouped = &simt::gemm_s8_grouped;
+  static constexpr auto gemm_grouped_scratch = &simt::gemm_grouped_scratch;
+  static constexpr auto gemm_s8_grouped_scratch = &simt::gemm_s8_grouped_scratch;
 };
 
 #if defined(SPARSEGEMM_WITH_CUDA)
@@ -439,6 +465,8 @@ struct CudaKernelApi {
   static constexpr auto gemm_s8 = &cuda::gemm_s8;
   static constexpr auto gemm_grouped = &cuda::gemm_grouped;
   static constexpr auto gemm_s8_grouped = &cuda::gemm_s8_grouped;
+  static constexpr auto gemm_grouped_scratch = &cuda::gemm_grouped_scratch;
+  static constexpr auto gemm_s8_grouped_scratch = &cuda::gemm_s8_grouped_scratch;
 };
 #endif
 

@@ -46,7 +46,8 @@ struct GemmParams {
 // at most gemm.M rows of a group.
 // gemm: N, K, x, ldx, y, ldy, dtype, act, gated, x_scale and config as for one GEMM; gemm.M bounds
 // every group's rows (it sizes the grid, and picks the tile as M does for one GEMM); gemm.values,
-// meta, bias and w_scale are unused. No split-K: blockIdx.z is the group.
+// meta, bias and w_scale are unused; gemm.workspace, tile_counters and split_k as
+// gemm_grouped_scratch asks (kernels.h). blockIdx.z is group x splits + split.
 // kMaxGemmGroups: groups per launch; the host entry point launches more in chunks, each of which
 // waits for the one before (dependent launches), so one launch should hold a layer's experts: 128
 // covers Qwen3-MoE's, DeepSeek-V3's 256 take two. The pointer tables travel in the kernel's
@@ -57,6 +58,7 @@ struct GroupedGemmParams {
   const int64_t* row_offsets = nullptr;  // [groups + 1], non-decreasing, row_offsets[0] >= 0
   int64_t x_rows = 0;                      // rows of X and Y
   int groups = 0;
+  int64_t planned_groups = 0;  // the groups of every launch of the GEMM: the split-K plan's (gemm_grouped_scratch)
   const void* values[kMaxGemmGroups] = {};
   const void* meta[kMaxGemmGroups] = {};
   const void* bias[kMaxGemmGroups] = {};

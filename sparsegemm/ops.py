@@ -453,11 +453,12 @@ def _scratch(x: Tensor, stream: int, purpose: str, numel: int, dtype: torch.dtyp
     return _reused_buffer((x.get_device(), purpose), numel, dtype, x.device, zeroed)
 
 
-def _launch_scratch(x: Tensor, api: str, scratch_fn: str, m: int, n: int, k: int,
-                    stream: int) -> tuple[Optional[Tensor], Optional[Tensor]]:
+def _launch_scratch(x: Tensor, api: str, scratch_fn: str, stream: int,
+                    *plan) -> tuple[Optional[Tensor], Optional[Tensor]]:
     """(workspace, tile counters) for a GEMM launch, (None, None) when the plan needs none.
-    ``api``: "simt_" or "cuda_"; ``scratch_fn``: "gemm_scratch" or "gemm_s8_scratch"."""
-    workspace_bytes, counters = getattr(_C, api + scratch_fn)(m, n, k)
+    ``api``: "simt_" or "cuda_"; ``scratch_fn``: "gemm_scratch" or "gemm_s8_scratch" (plan: M, N,
+    K), "gemm_grouped_scratch" or "gemm_s8_grouped_scratch" (plan: their arguments)."""
+    workspace_bytes, counters = getattr(_C, api + scratch_fn)(*plan)
     if counters == 0:
         return None, None
     return (_scratch(x, stream, "split_k_workspace", workspace_bytes, torch.uint8),
@@ -651,7 +652,7 @@ def launch_gemm(api: str, stream: int, x: Tensor, values: Tensor, kernel_meta: T
     and on the current device, M > 0."""
     m, k = x.shape
     n = values.shape[0]
-    workspace, counters = _launch_scratch(x, api, "gemm_scratch", m, n, k, stream)
+    workspace, counters = _launch_scratch(x, api, "gemm_scratch", stream, m, n, k)
     getattr(_C, api + "gemm")(m, n, k, x.data_ptr(), x.stride(0), values.data_ptr(), kernel_meta.data_ptr(),
                               _ptr(bias), y.data_ptr(), y.stride(0), fmt.DTYPE_CODES[x.dtype], activation,
                               _ptr(workspace), _ptr(counters), -1, 0, stream)  # positional: kwargs cost in pybind
@@ -681,18 +682,23 @@ def grouped_weights(values: list, kernel_meta: list, bias: Optional[list], scale
 
 
 def launch_grouped(api: str, stream: int, x: Tensor, row_offsets: Tensor, max_rows: int, weights: GroupedWeights,
-                   activation: int, y: Tensor, config: int = -1) -> None:
+                   activation: int, y: Tensor, config: int = -1, split_k: int = 0) -> None:
     """The grouped GEMM kernel of ``api`` ("simt_" / "cuda_"): rows row_offsets[g] .. row_offsets[g + 1]
     of x [M, K] (a unit stride along K; for INT8 weights a float x, quantized per token here) times
     group g's weight into the same rows of y [M, N] (gated: N / 2; contiguous, x's dtype). Rows no
     group holds are not written. row_offsets: int64 [G + 1], contiguous, on x's device; max_rows: at
-    least every group's row count (the launch is sized by it and computes no more). No split-K
-    scratch: the groups fill the GPU."""
+    least every group's row count (the launch is sized by it and computes no more). config /
+    split_k: as GemmParams' (-1 / 0: planned; the decode tile splits K when the groups that can have
+    rows leave the GPU part idle)."""
     m, k = x.shape
-    if not weights.scale:
+    s8 = bool(weights.scale)
+    workspace, counters = _launch_scratch(x, api, "gemm_s8_grouped_scratch" if s8 else "gemm_grouped_scratch", stream,
+                                          max_rows, weights.n, k, m, len(weights.values), config, split_k)
+    scratch = (_ptr(workspace), _ptr(counters), config, split_k, stream)
+    if not s8:
         getattr(_C, api + "gemm_grouped")(max_rows, weights.n, k, x.data_ptr(), x.stride(0), m, row_offsets.data_ptr(),
                                           weights.values, weights.kernel_meta, weights.bias, y.data_ptr(), y.stride(0),
-                                          fmt.DTYPE_CODES[x.dtype], activation, config, stream)
+                                          fmt.DTYPE_CODES[x.dtype], activation, *scratch)
         return
     x_q = _scratch(x, stream, "x_q", m * k, torch.int8)
     x_scale = _scratch(x, stream, "x_scale", m, torch.float32)
@@ -701,7 +707,7 @@ def launch_grouped(api: str, stream: int, x: Tensor, row_offsets: Tensor, max_ro
     getattr(_C, api + "gemm_s8_grouped")(max_rows, weights.n, k, x_q.data_ptr(), k, m, row_offsets.data_ptr(),
                                          weights.values, weights.kernel_meta, weights.scale, x_scale.data_ptr(),
                                          weights.bias, y.data_ptr(), y.stride(0), fmt.DTYPE_CODES[y.dtype],
-                                         activation, config, stream)
+                                         activation, *scratch)
 
 
 @_custom_op("sparsegemm::grouped_linear")
@@ -872,7 +878,7 @@ def _conv2d(x: Tensor, values: Tensor, meta: Tensor, kernel_meta: Tensor, kernel
     m, k = b * ho * wo, x.shape[3] * kernel_size[0] * kernel_size[1]
     api = "simt_" if backend == "simt" else "cuda_"
     stream = _stream(x) if backend == "cuda" else 0
-    workspace, counters = _launch_scratch(x, api, "gemm_scratch", m, n, k, stream)
+    workspace, counters = _launch_scratch(x, api, "gemm_scratch", stream, m, n, k)
     getattr(_C, api + "conv2d")(x.data_ptr(), values.data_ptr(), kernel_meta.data_ptr(), _ptr(bias), y.data_ptr(),
                                 b, x.shape[1], x.shape[2], x.shape[3], n, ho, wo, list(kernel_size), list(stride),
                                 list(padding), list(dilation), fmt.DTYPE_CODES[x.dtype], activation,
@@ -1012,7 +1018,7 @@ def _gemm_s8_launch(api: str, stream: int, m: int, n: int, k: int, x_q: Tensor, 
     """The INT8 GEMM kernel of ``api`` ("simt_" / "cuda_") with its split-K scratch: x_q rows ldx
     apart, values / w_scale / bias contiguous, y [M, N] (gated: [M, N / 2]) contiguous (``code``: its dtype's).
     Sizes and strides are passed in, not read off the tensors: this is the decode path's host time."""
-    workspace, counters = _launch_scratch(x_q, api, "gemm_s8_scratch", m, n, k, stream)
+    workspace, counters = _launch_scratch(x_q, api, "gemm_s8_scratch", stream, m, n, k)
     getattr(_C, api + "gemm_s8")(m, n, k, x_q.data_ptr(), ldx, values.data_ptr(), kernel_meta.data_ptr(),
                                  w_scale.data_ptr(), x_scale.data_ptr(), _ptr(bias), y.data_ptr(),
                                  out_features(n, activation), code, activation,

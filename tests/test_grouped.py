@@ -88,6 +88,42 @@ def test_every_grouped_tile_in_the_emulator(config):
     assert_groups_match_oracle(y, x, offsets, weights, biases, "silu")
 
 
+@pytest.mark.parametrize("int8", [False, True], ids=["f16", "int8"])
+@pytest.mark.parametrize("split_k", [2, 3])
+def test_grouped_decode_tile_splits_k(int8, split_k, shuffled_block_orders):
+    # Forced splits of the decode tile: each group's partial sums in the workspace rows of its own
+    # (absolute) rows, one arrival counter per group and tile; K = 1000 ends on a partial stage.
+    # Blocks in shuffled orders too: groups' splits then interleave, as they run at once on a GPU.
+    x, offsets, weights, biases = grouped_case([3, 0, 9, 1], 144, 1000, torch.float16, seed=21 + split_k, int8=int8)
+    table = ops.grouped_weights([w.values for w in weights], [w.kernel_meta("simt") for w in weights], biases,
+                                [w.scale for w in weights] if int8 else None, 1000)
+    swiglu = ops.activation_code("test", "swiglu", 144)
+    want = sparsegemm.grouped_linear(x, offsets, weights, biases, activation="swiglu", backend="cpu")
+    results = []
+    for seed in shuffled_block_orders:
+        _C.simt_set_block_order(seed)
+        y = torch.zeros(x.shape[0], 72, dtype=torch.float16)
+        ops.launch_grouped("simt_", 0, x, offsets, 9, table, swiglu, y, 1, split_k)
+        if int8:  # the integer sums are exact: one ulp at most after the epilogue
+            assert int(ulps_apart(y, want).max()) <= 1
+        else:
+            assert_groups_match_oracle(y, x, offsets, weights, biases, "swiglu")
+        results.append(y)
+    # Splits are summed in order whichever block arrives last, and the counters are back to zero
+    # for the next launch: every order gives the same bits.
+    assert all(torch.equal(y, results[0]) for y in results)
+
+
+def test_the_grouped_plan_splits_k_when_the_routed_groups_leave_the_gpu_idle():
+    # The emulator plans for 4 SMs x 2 decode blocks: three groups of one 64-row N tile and K = 2048
+    # (32 k-tiles) fill three block slots unsplit, six with two splits.
+    workspace_bytes, counters = _C.simt_gemm_grouped_scratch(2, 64, 2048, 6, 3)
+    assert workspace_bytes == 2 * 6 * 64 * 4 and counters == 3
+    x, offsets, weights, _ = grouped_case([2, 1, 2], 64, 2048, torch.bfloat16, seed=22, bias=False)
+    y = sparsegemm.grouped_linear(x, offsets, weights, max_rows=2, backend="simt")
+    assert_groups_match_oracle(y, x, offsets, weights, None, None)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("activation", [None, "relu", "swiglu"])
 def test_int8_grouped_linear_is_each_groups_int8_linear(backend, activation):

@@ -193,8 +193,11 @@ inline double decode_split_cost(int64_t M, int64_t blocks, int64_t k_tiles, int6
 // (kernels_dispatch.cuh wgmma_tile_runs), which then takes every M above the decode range.
 // forced_config / forced_split_k: GemmParams::config / split_k (-1 / 0: choose). block_k: the
 // GEMM's k-tile (gemm_tiles::kBlockK or kBlockKS8, which also picks the paired-block speedup).
+// busy_layers: GEMMs of this shape that run at once and have work (a grouped launch's groups with
+// rows; 1 for one GEMM): their blocks share the wave the split is sized for.
 inline GemmPlan plan_gemm(int64_t M, int64_t N, int64_t K, DecodeWave wave, int forced_config = -1,
-                          int forced_split_k = 0, int64_t block_k = gemm_tiles::kBlockK, bool wgmma = false) {
+                          int forced_split_k = 0, int64_t block_k = gemm_tiles::kBlockK, bool wgmma = false,
+                          int64_t busy_layers = 1) {
   if (forced_config < -1 || forced_config > static_cast<int>(GemmConfig::large_m_wgmma_tma_wide)) {
     throw std::invalid_argument("sparsegemm gemm: config must be -1 (choose), 0 (large M), 1 (decode), 2 "
                                 "(large M, wgmma), 3 (large M, wgmma fed by TMA), 4 (decode fed by TMA) or 5 "
@@ -213,7 +216,7 @@ inline GemmPlan plan_gemm(int64_t M, int64_t N, int64_t K, DecodeWave wave, int 
     splits = forced_split_k;
   } else if (is_decode(plan.config) && k_tiles > 0) {
     using T = gemm_tiles::Decode;
-    const int64_t blocks = (N + T::kBlockN - 1) / T::kBlockN * ((M + T::kBlockM - 1) / T::kBlockM);
+    const int64_t blocks = (N + T::kBlockN - 1) / T::kBlockN * ((M + T::kBlockM - 1) / T::kBlockM) * busy_layers;
     const int64_t most = std::min<int64_t>(gemm_tiles::kMaxSplitK, k_tiles / gemm_tiles::kMinKTilesPerSplit);
     const double paired = block_k == gemm_tiles::kBlockKS8 ? kPairedDecodeSpeedupS8 : kPairedDecodeSpeedup16;
     double best_cost = decode_split_cost(M, blocks, k_tiles, 1, wave, paired);

@@ -192,7 +192,8 @@ SG_DEVICE void zero_chunk(char* dst) { st_shared_16(dst, ElementPack<uint32_t, 4
 //   kStridedRows          true when row m starts at x + m ldx (then x, ldx, vector_ok are members)
 //   source_bytes(params)  the bytes from X's start the copies may read (the emulator checks them)
 //   kTma                  false: gemm_sp_kernel's threads copy through copy() (TmaRowMajorX: true)
-//   kGrouped              false: one GEMM, blockIdx.z its K split (GroupedRowMajorX: true)
+//   kGrouped              false: one GEMM, blockIdx.z its K split (GroupedRowMajorX: true, blockIdx.z
+//                         groups x splits)
 // RowMajorX is the GEMM's: X[M, K] rows with stride ldx. conv_sp.cuh has the implicit-GEMM one.
 template <typename Operand>
 struct RowMajorX {
@@ -226,7 +227,8 @@ struct RowMajorX {
 // absolute, so that the pointers stay the launch's kernel parameters: a group's pointers held in
 // registers through the main loop made the wgmma and INT8 tiles spill on sm_90a.
 struct GroupBlockGemm : GemmParams {
-  int first_row = 0;  // < 2^31 (ops.py keeps M below it)
+  int first_row = 0;   // < 2^31 (ops.py keeps M below it)
+  int64_t x_rows = 0;  // X's rows: the split-K workspace holds partial sums for each
 };
 
 // The first row of X a block's GEMM p covers: 0, or a grouped block's first_row.
@@ -239,7 +241,7 @@ SG_DEVICE int first_row(const BlockGemm& p) {
   }
 }
 
-// The loader of the grouped GEMM (params.h GroupedGemmParams; blockIdx.z is the group): each block
+// The loader of the grouped GEMM (params.h GroupedGemmParams; blockIdx.z / splits is the group): each block
 // computes its group's GEMM, block_gemm(params), and loads X rows as RowMajorX loads a GEMM's.
 // Only the warp-level and wgmma tiles with copies by every thread (configs 0, 1, 2).
 template <typename Operand>
@@ -265,18 +267,19 @@ struct GroupedRowMajorX {
     copy_chunk(dst, row_ok ? x + m * ldx + col : x, row_ok, K - col, vector_ok);
   }
 
-  // The GEMM of group blockIdx.z: its rows (row_offsets clamped into X, at most gemm.M of them)
+  // The GEMM of the block's group: its rows (row_offsets clamped into X, at most gemm.M of them)
   // and its weight. The offsets may be written by the kernel before this one (dependent launch),
   // hence the wait first.
   static SG_DEVICE GroupBlockGemm block_gemm(const Params& params) {
     grid_dependency_wait();
-    const int group = int(blockIdx.z);
+    const int group = int(blockIdx.z) / (int(gridDim.z) / params.groups);
     auto clamp = [](int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : v > hi ? hi : v; };
     const int64_t first = clamp(params.row_offsets[group], 0, params.x_rows);
     const int64_t end = clamp(params.row_offsets[group + 1], first, params.x_rows);
     GroupBlockGemm p;
     static_cast<GemmParams&>(p) = params.gemm;
     p.first_row = int(first);
+    p.x_rows = params.x_rows;
     p.M = clamp(end, first, first + params.gemm.M);
     p.values = params.values[group];
     p.meta = params.meta[group];
@@ -447,6 +450,28 @@ constexpr int min_blocks_per_sm() {
   return XLoader::kGrouped && !std::is_same_v<Tile, gemm_tiles::Decode> ? 1 : Tile::kMinBlocksPerSm;
 }
 
+// The K splits of a gemm_sp_kernel launch: its grid's third dimension, of which a grouped launch's
+// runs over groups x splits (block z: group z / splits, split z % splits).
+template <typename XLoader>
+SG_DEVICE int launch_splits(const typename XLoader::Params& params) {
+  if constexpr (XLoader::kGrouped) {
+    return int(gridDim.z) / params.groups;
+  } else {
+    return int(gridDim.z);
+  }
+}
+
+// The rows of a split's partial sums in the split-K workspace: the GEMM's M, or for a grouped
+// block (whose rows are absolute) all of X's.
+template <typename BlockGemm>
+SG_DEVICE int64_t partial_rows(const BlockGemm& p) {
+  if constexpr (std::is_same_v<BlockGemm, GroupBlockGemm>) {
+    return p.x_rows;
+  } else {
+    return p.M;
+  }
+}
+
 // The GEMM a block of gemm_sp_kernel computes: the launch's (a reference to the kernel parameter),
 // or for a grouped launch its group's (GroupBlockGemm, made after the wait for the kernel before).
 template <typename XLoader>
@@ -460,15 +485,17 @@ SG_DEVICE decltype(auto) block_gemm(const typename XLoader::Params& params) {
 
 // Block (blockIdx.x, blockIdx.y, blockIdx.z) computes output tile raster_output_tile(blockIdx.x,
 // blockIdx.y) (gemm_heuristics.h: M tiles x N tiles in bands) of K split blockIdx.z, or for a
-// grouped launch (XLoader::kGrouped, one split) of group blockIdx.z's GEMM; a block whose tile
-// starts past its group's rows has nothing to do (the grid is sized for the largest group).
+// grouped launch (XLoader::kGrouped) of K split blockIdx.z % splits of group blockIdx.z / splits's
+// GEMM; a block whose tile starts past its group's rows has nothing to do (the grid is sized for
+// the largest group).
 // XLoader: the B-operand loader policy (RowMajorX above, or conv_sp.cuh's implicit-GEMM loader);
 // params: its Params, whose GemmParams part p is described here.
 // p: GemmParams (params.h) with x: X[M, K], values: Wc[N, Kc] (both Policy::Operand), meta: E
 //    (the policy's kernel layout, reorder.cuh), bias: bias[N] or null and y: Y[M, N] (both
 //    Policy::Out), w_scale[N] / x_scale[M] (scaled policies only), act: the activation, and when
-//    gridDim.z > 1 (Tile::kSplitK only) workspace: Policy::Acc [gridDim.z, M, N] partial sums
-//    and tile_counters: int32 [gridDim.y][gridDim.x], zero at launch and again at exit.
+//    it splits K (Tile::kSplitK only) workspace: Policy::Acc [splits, M, N] partial sums (a
+//    grouped launch: [splits, x_rows, N]) and tile_counters: int32 [gridDim.y][gridDim.x] (of each
+//    group), zero at launch and again at exit.
 // k_tiles_per_split: k-tiles of each split (the last one may have fewer).
 template <typename Policy, typename Tile, typename XLoader = RowMajorX<typename Policy::Operand>>
 SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), (min_blocks_per_sm<Tile, XLoader>()))
@@ -502,7 +529,9 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), (min_blocks
   const int64_t Kc = values_cols(p.K);
   const int64_t k_tiles = gemm_k_tiles(p.K, S::kBlockK);
   const int64_t meta_steps = Policy::meta_steps(p.K);
-  const int64_t kt_begin = XLoader::kGrouped ? 0 : int64_t(blockIdx.z) * k_tiles_per_split;
+  const int splits = launch_splits<XLoader>(params);
+  const int split = XLoader::kGrouped ? int(blockIdx.z) % splits : int(blockIdx.z);
+  const int64_t kt_begin = int64_t(split) * k_tiles_per_split;
   const int64_t kt_end = kt_begin + k_tiles_per_split < k_tiles ? kt_begin + k_tiles_per_split : k_tiles;
   const int num_tiles = kt_end > kt_begin ? int(kt_end - kt_begin) : 0;
 
@@ -851,15 +880,15 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), (min_blocks
   }
 
   const int g = lane >> 2, t = lane & 3;
-  if constexpr (Tile::kSplitK && !XLoader::kGrouped) {
-    if (gridDim.z > 1) {
+  if constexpr (Tile::kSplitK) {
+    if (splits > 1) {
       // Split-K: raw partial sums into workspace [split][m][n]. The last split of this tile to
       // arrive (any of them: blocks run in no fixed order) replaces its accumulators with the
       // sums of all splits, in split order (deterministic), and goes on to the ordinary epilogue;
       // the others are done. No second kernel. The partials of other blocks are read past L1
       // (load_global_cg): they were written during this launch.
       Acc* partials = static_cast<Acc*>(p.workspace);
-      const int64_t split_stride = p.M * p.N;
+      const int64_t split_stride = partial_rows(p) * p.N;
       // visit(i, j, r, offset) for each element acc[i][j][r] inside Y, at offset m N + n of its
       // output row n and column m (mma's C fragment: rows g, g + 8; columns 2t, 2t + 1). Tail
       // rows and columns are neither stored nor read back.
@@ -876,10 +905,11 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), (min_blocks
             }
       };
       for_each_output([&](int i, int j, int r, int64_t offset) {
-        partials[blockIdx.z * split_stride + offset] = acc[i][j][r];
+        partials[split * split_stride + offset] = acc[i][j][r];
       });
-      if (!arrived_last(p.tile_counters + (int64_t(blockIdx.y) * gridDim.x + blockIdx.x), int(gridDim.z), smem))
-        return;
+      // One counter per output tile (of each group: blockIdx.z / splits, 0 for one GEMM).
+      const int64_t tile_index = (int64_t(blockIdx.z) / splits * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
+      if (!arrived_last(p.tile_counters + tile_index, splits, smem)) return;
       // Split-major: per split, the loads of all this thread's elements are independent and in
       // flight together. Reading one element's splits as a chain of L2 round trips made the tail
       // cost ~10 us at M = 16, split 8 (H200); unrolling the split loop by 4 measured the same as
@@ -888,7 +918,7 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), (min_blocks
       typename Policy::PartialSum sums[S::kTilesN][S::kTilesM][4] = {};
       const Acc* split_partials = partials;
 #pragma unroll 1
-      for (int split = 0; split < int(gridDim.z); ++split, split_partials += split_stride)
+      for (int other = 0; other < splits; ++other, split_partials += split_stride)
         for_each_output([&](int i, int j, int r, int64_t offset) {
           sums[i][j][r] += load_global_cg(split_partials + offset);
         });

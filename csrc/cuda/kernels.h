@@ -61,10 +61,15 @@ struct TensorMapMemoStats {
   /* int8 kernel E, p.dtype: Y's (and bias's) dtype, f16 or bf16; scratch: gemm_s8_scratch.    */ \
   void gemm_s8(const GemmParams& p, void* stream);                                                \
   GemmScratch gemm_s8_scratch(int64_t M, int64_t N, int64_t K, int config, int split_k);          \
-  /* ---- grouped (params.h GroupedGemmParams: at most kMaxGemmGroups groups, no scratch) ----   */ \
+  /* ---- grouped (params.h GroupedGemmParams: at most kMaxGemmGroups groups a launch) ----      */ \
   /* gemm / gemm_s8 of each group, one launch: p.gemm.meta etc. unused, the tables per group.   */ \
   void gemm_grouped(const GroupedGemmParams& p, void* stream);                                    \
-  void gemm_s8_grouped(const GroupedGemmParams& p, void* stream);
+  void gemm_s8_grouped(const GroupedGemmParams& p, void* stream);                                 \
+  /* Their split-K scratch, for groups in all (every launch's planned_groups) and X's x_rows.   */ \
+  GemmScratch gemm_grouped_scratch(int64_t M, int64_t N, int64_t K, int64_t x_rows, int64_t groups, int config, \
+                                   int split_k);                                                  \
+  GemmScratch gemm_s8_grouped_scratch(int64_t M, int64_t N, int64_t K, int64_t x_rows, int64_t groups, int config, \
+                                      int split_k);
 
 namespace simt {
 SPARSEGEMM_DECLARE_KERNEL_API

@@ -153,7 +153,8 @@ std::string wgmma_blocker() {
 #endif
 
 // plan_gemm for the current device, with the forced wgmma tile refused where it cannot run.
-GemmPlan plan_device_gemm(int64_t M, int64_t N, int64_t K, DecodeWave wave, int config, int split_k, int64_t block_k) {
+GemmPlan plan_device_gemm(int64_t M, int64_t N, int64_t K, DecodeWave wave, int config, int split_k, int64_t block_k,
+                          int64_t busy_layers = 1) {
   const bool wgmma = wgmma_tile_runs();
 #if defined(__CUDACC__)
   if (config >= static_cast<int>(GemmConfig::large_m_wgmma) && !wgmma) {
@@ -162,7 +163,7 @@ GemmPlan plan_device_gemm(int64_t M, int64_t N, int64_t K, DecodeWave wave, int 
                                 wgmma_blocker());
   }
 #endif
-  return plan_gemm(M, N, K, wave, config, split_k, block_k, wgmma);
+  return plan_gemm(M, N, K, wave, config, split_k, block_k, wgmma, busy_layers);
 }
 
 // Bytes of the kernel-layout metadata (reorder.cuh) the GEMM of MMA policy Policy reads for W[N, K].
@@ -395,9 +396,9 @@ void launch_gemm(const typename XLoader::Params& params, const GemmPlan& plan, s
     throw std::invalid_argument("sparsegemm gemm: split_k = " + std::to_string(plan.split_k) +
                                 " needs a workspace and tile counters (gemm_scratch), got null pointers");
   }
-  // The third grid dimension: the K splits, or for a grouped launch the groups (p.M bounds their rows).
+  // The third grid dimension: the K splits, for a grouped launch of each group (p.M bounds their rows).
   unsigned layers = static_cast<unsigned>(plan.split_k);
-  if constexpr (XLoader::kGrouped) layers = static_cast<unsigned>(params.groups);
+  if constexpr (XLoader::kGrouped) layers *= static_cast<unsigned>(params.groups);
   const dim3 grid(static_cast<unsigned>((p.M + S::kBlockM - 1) / S::kBlockM), static_cast<unsigned>(n_blocks), layers);
 #if defined(SPARSEGEMM_SIMT)
   // What the kernel's cp.async copies may read: the emulator fails any copy outside (the tails'
@@ -473,26 +474,51 @@ void launch_gemm_tile(const typename XLoader::Params& params, const GemmPlan& pl
   }
 }
 
-// The grouped GEMM of MMA policy Policy (params.h GroupedGemmParams): one launch, the tile
-// plan_gemm takes for M = the bound on a group's rows, no split-K (the groups fill the GPU).
+// The plan of a grouped GEMM (params.h GroupedGemmParams) with `groups` groups in all, M bounding a
+// group's rows and X holding x_rows: the tile plan_gemm takes for M, and for the decode tile the K
+// split that fills the GPU with the groups that can have rows (at most one per row of X: a decode
+// step's routed experts) sharing the wave. Rows past X's are refused: 32-bit tile rows (gemm_sp.cuh
+// GroupBlockGemm: absolute, below first row + M + kBlockM <= 2 x_rows + kBlockM).
+template <typename Policy>
+GemmPlan plan_grouped(int64_t M, int64_t N, int64_t K, int64_t x_rows, int64_t groups, int config, int split_k,
+                      int64_t block_k) {
+  if (x_rows > (int64_t(1) << 30) - 256)
+    throw std::invalid_argument("sparsegemm gemm_grouped: X must have at most 2^30 - 256 rows, got " +
+                                std::to_string(x_rows));
+  if (config > static_cast<int>(GemmConfig::large_m_wgmma))
+    throw std::invalid_argument("sparsegemm gemm_grouped: config must be -1 (choose), 0 (large M), 1 (decode) or 2 "
+                                "(large M, wgmma), got " + std::to_string(config) + ": the TMA pipelines serve "
+                                "single GEMMs");
+  return plan_device_gemm(std::max<int64_t>(1, std::min(M, x_rows)), N, K, decode_wave<Policy>(), config, split_k,
+                          block_k, std::max<int64_t>(1, std::min(groups, x_rows)));
+}
+
+// Split-K scratch of a grouped GEMM planned as plan_grouped: partial sums for every row of X (a
+// group's rows are absolute) and one arrival counter per output tile of each group of a launch.
+template <typename Policy>
+GemmScratch grouped_scratch(int64_t M, int64_t N, int64_t K, int64_t x_rows, int64_t groups, int config, int split_k,
+                            int64_t block_k) {
+  GemmScratch scratch;
+  if (std::min(M, x_rows) <= 0 || N == 0 || groups == 0) return scratch;
+  const GemmPlan plan = plan_grouped<Policy>(M, N, K, x_rows, groups, config, split_k, block_k);
+  scratch.workspace_bytes = gemm_plan_workspace_bytes(plan, x_rows, N);
+  scratch.tile_counters =
+      gemm_plan_tile_counters(plan, std::min(M, x_rows), N) * std::min<int64_t>(groups, kMaxGemmGroups);
+  return scratch;
+}
+
+// The grouped GEMM of MMA policy Policy (params.h GroupedGemmParams): one launch of the tile
+// plan_grouped takes, its grid's third dimension groups x K splits.
 template <typename Policy>
 void launch_grouped(GroupedGemmParams params, int64_t block_k, sg_stream_t stream) {
   GemmParams& p = params.gemm;
-  // A group's rows, absolute (gemm_sp.cuh GroupBlockGemm), stay below first row + M <= 2 x_rows, and
-  // a tile's first row below that + kBlockM: 32-bit for X up to 2^30 - 256 rows.
-  if (params.x_rows > (int64_t(1) << 30) - 256)
-    throw std::invalid_argument("sparsegemm gemm_grouped: X must have at most 2^30 - 256 rows, got " +
-                                std::to_string(params.x_rows));
-  p.M = std::min(p.M, params.x_rows);  // no group has more rows than X
-  if (p.M <= 0 || p.N == 0 || params.groups == 0) return;
   if (params.groups < 0 || params.groups > kMaxGemmGroups)
     throw std::invalid_argument("sparsegemm gemm_grouped: groups must be 0 to " + std::to_string(kMaxGemmGroups) +
                                 " per launch, got " + std::to_string(params.groups));
-  if (p.config > static_cast<int>(GemmConfig::large_m_wgmma))
-    throw std::invalid_argument("sparsegemm gemm_grouped: config must be -1 (choose), 0 (large M), 1 (decode) or 2 "
-                                "(large M, wgmma), got " + std::to_string(p.config) + ": the TMA pipelines serve "
-                                "single GEMMs");
-  const GemmPlan plan = plan_device_gemm(p.M, p.N, p.K, decode_wave<Policy>(), p.config, 1, block_k);
+  const GemmPlan plan = plan_grouped<Policy>(p.M, p.N, p.K, params.x_rows, params.planned_groups, p.config, p.split_k,
+                                             block_k);
+  p.M = std::min(p.M, params.x_rows);  // no group has more rows than X
+  if (p.M <= 0 || p.N == 0 || params.groups == 0) return;
   launch_gemm_tile<Policy, GroupedRowMajorX<typename Policy::Operand>>(params, plan, stream);
 }
 
@@ -604,6 +630,16 @@ void gemm(const GemmParams& p, void* stream) {
     case DType::bf16: launch_gemm_tile<Mma16<DType::bf16>>(p, plan, s); break;
     default: unsupported_dtype("gemm", p.dtype);
   }
+}
+
+GemmScratch gemm_grouped_scratch(int64_t M, int64_t N, int64_t K, int64_t x_rows, int64_t groups, int config,
+                                 int split_k) {
+  return grouped_scratch<Mma16<DType::f16>>(M, N, K, x_rows, groups, config, split_k, gemm_tiles::kBlockK);
+}
+
+GemmScratch gemm_s8_grouped_scratch(int64_t M, int64_t N, int64_t K, int64_t x_rows, int64_t groups, int config,
+                                    int split_k) {
+  return grouped_scratch<MmaS8<DType::f16>>(M, N, K, x_rows, groups, config, split_k, gemm_tiles::kBlockKS8);
 }
 
 void gemm_grouped(const GroupedGemmParams& p, void* stream) {
