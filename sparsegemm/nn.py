@@ -704,11 +704,16 @@ class SparseExperts(nn.Module):
 
     def _layers_state(self) -> tuple:
         """What the grouped tables depend on beyond the layers' generation (assignments, moves and
-        loads, _forget_derived): each layer's values storage (a ``.data`` swap) and metadata object
-        and version (an in-place copy: reordered again). About half a microsecond a layer."""
-        return (_current_generation[0], [(layer._parameters["values"].data_ptr(), id(meta), meta._version)
-                                         for layer in (*self.gate_up, *self.down)
-                                         for meta in (layer._buffers["metadata"],)])
+        loads, _forget_derived): each layer's tensors the launches read, by object and storage (a
+        ``.data`` swap, functional_call), and the metadata's version (an in-place copy: reordered
+        again; an inference tensor has none). About a microsecond a layer."""
+        state = []
+        for layer in (*self.gate_up, *self.down):
+            params, buffers = layer._parameters, layer._buffers
+            values, meta, bias, scale = params["values"], buffers["metadata"], params.get("bias"), buffers.get("scale")
+            state.append((id(values), values.data_ptr(), id(meta), None if meta.is_inference() else meta._version,
+                          id(bias), ops._ptr(bias), id(scale), ops._ptr(scale)))
+        return _current_generation[0], state
 
     def _grouped_operands(self, hidden_states: Tensor) -> Optional[tuple]:
         """(backend, gate/up operands, down operands) for calls like ``hidden_states``; or None where

@@ -283,6 +283,45 @@ def test_sparse_experts_grouped_path_sees_a_changed_weight():
     assert torch.allclose(after.float(), want.float(), rtol=2e-2, atol=2e-2)
 
 
+def test_sparse_experts_made_in_inference_mode_run_grouped():
+    # Inference tensors have no version counter: the tables' state goes without it.
+    torch.manual_seed(23)
+    with torch.inference_mode():
+        sparse = SparseExperts.from_dense(Experts(), dtype=torch.float16, backend="simt")
+        x, index, weights = routing(tokens=6)
+        got = sparse(x.half(), index, weights.half())
+        assert sparse.__dict__["_grouped"][1] is not None
+        want = per_expert(sparse, x.half(), index, weights.half())
+    assert torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_a_swapped_bias_or_scale_is_seen(quantize):
+    # A .data swap keeps the tensor object; the tables follow its new storage (the old one may be
+    # freed), as functional_call's overrides.
+    torch.manual_seed(24)
+    base = SparseExperts.from_dense(Experts(), dtype=torch.float16, backend="simt", quantize=quantize)
+    down = [sparsegemm.SparseLinear.from_dense(torch.nn.Linear(32, 64).half(), backend="simt", quantize=quantize)
+            for _ in base.down]
+    sparse = SparseExperts(list(base.gate_up), down)
+    x, index, weights = routing(tokens=8)
+    x, weights = x.half(), weights.half()
+    with torch.no_grad():
+        sparse(x, index, weights)
+        for layer in down:
+            layer.bias.data = layer.bias + 100
+            if quantize:
+                layer.scale.data = 2 * layer.scale
+        got = sparse(x, index, weights)
+        want = per_expert(sparse, x, index, weights)
+        assert torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+        override = {f"down.{e}.bias": torch.zeros(64, dtype=torch.float16) for e in range(len(down))}
+        got = torch.func.functional_call(sparse, override, (x, index, weights))
+        for layer in down:
+            layer.bias.data = torch.zeros(64, dtype=torch.float16)
+        assert torch.allclose(got.float(), per_expert(sparse, x, index, weights).float(), rtol=2e-2, atol=2e-2)
+
+
 def test_sparse_experts_train_through_the_per_expert_path():
     torch.manual_seed(12)
     sparse = SparseExperts.from_dense(Experts(), dtype=torch.float16, backend="simt")

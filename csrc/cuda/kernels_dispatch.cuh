@@ -397,9 +397,13 @@ void launch_gemm(const typename XLoader::Params& params, const GemmPlan& plan, s
                                 " needs a workspace and tile counters (gemm_scratch), got null pointers");
   }
   // The third grid dimension: the K splits, for a grouped launch of each group (p.M bounds their rows).
-  unsigned layers = static_cast<unsigned>(plan.split_k);
-  if constexpr (XLoader::kGrouped) layers *= static_cast<unsigned>(params.groups);
-  const dim3 grid(static_cast<unsigned>((p.M + S::kBlockM - 1) / S::kBlockM), static_cast<unsigned>(n_blocks), layers);
+  int64_t layers = plan.split_k;
+  if constexpr (XLoader::kGrouped) layers *= params.groups;
+  if (layers > 65535)  // gridDim.z limit
+    throw std::invalid_argument("sparsegemm gemm: " + std::to_string(layers) + " K splits (of all groups) exceed the "
+                                "65535 blocks a launch allows along z");
+  const dim3 grid(static_cast<unsigned>((p.M + S::kBlockM - 1) / S::kBlockM), static_cast<unsigned>(n_blocks),
+                  static_cast<unsigned>(layers));
 #if defined(SPARSEGEMM_SIMT)
   // What the kernel's cp.async copies may read: the emulator fails any copy outside (the tails'
   // predicates and the fast copies' bounds are what keeps them inside).
@@ -474,12 +478,17 @@ void launch_gemm_tile(const typename XLoader::Params& params, const GemmPlan& pl
   }
 }
 
+// The GPU as the decode tile of the f16 policy of the GEMM's family sees it (block_k: its k-tile),
+// for every output dtype, so that the scratch query and the launch always plan alike (gemm_scratch).
+DecodeWave family_decode_wave(int64_t block_k) {
+  return block_k == gemm_tiles::kBlockKS8 ? decode_wave<MmaS8<DType::f16>>() : decode_wave<Mma16<DType::f16>>();
+}
+
 // The plan of a grouped GEMM (params.h GroupedGemmParams) with `groups` groups in all, M bounding a
 // group's rows and X holding x_rows: the tile plan_gemm takes for M, and for the decode tile the K
 // split that fills the GPU with the groups that can have rows (at most one per row of X: a decode
 // step's routed experts) sharing the wave. Rows past X's are refused: 32-bit tile rows (gemm_sp.cuh
 // GroupBlockGemm: absolute, below first row + M + kBlockM <= 2 x_rows + kBlockM).
-template <typename Policy>
 GemmPlan plan_grouped(int64_t M, int64_t N, int64_t K, int64_t x_rows, int64_t groups, int config, int split_k,
                       int64_t block_k) {
   if (x_rows > (int64_t(1) << 30) - 256)
@@ -489,18 +498,17 @@ GemmPlan plan_grouped(int64_t M, int64_t N, int64_t K, int64_t x_rows, int64_t g
     throw std::invalid_argument("sparsegemm gemm_grouped: config must be -1 (choose), 0 (large M), 1 (decode) or 2 "
                                 "(large M, wgmma), got " + std::to_string(config) + ": the TMA pipelines serve "
                                 "single GEMMs");
-  return plan_device_gemm(std::max<int64_t>(1, std::min(M, x_rows)), N, K, decode_wave<Policy>(), config, split_k,
-                          block_k, std::max<int64_t>(1, std::min(groups, x_rows)));
+  return plan_device_gemm(std::max<int64_t>(1, std::min(M, x_rows)), N, K, family_decode_wave(block_k), config,
+                          split_k, block_k, std::max<int64_t>(1, std::min(groups, x_rows)));
 }
 
 // Split-K scratch of a grouped GEMM planned as plan_grouped: partial sums for every row of X (a
 // group's rows are absolute) and one arrival counter per output tile of each group of a launch.
-template <typename Policy>
 GemmScratch grouped_scratch(int64_t M, int64_t N, int64_t K, int64_t x_rows, int64_t groups, int config, int split_k,
                             int64_t block_k) {
   GemmScratch scratch;
   if (std::min(M, x_rows) <= 0 || N == 0 || groups == 0) return scratch;
-  const GemmPlan plan = plan_grouped<Policy>(M, N, K, x_rows, groups, config, split_k, block_k);
+  const GemmPlan plan = plan_grouped(M, N, K, x_rows, groups, config, split_k, block_k);
   scratch.workspace_bytes = gemm_plan_workspace_bytes(plan, x_rows, N);
   scratch.tile_counters =
       gemm_plan_tile_counters(plan, std::min(M, x_rows), N) * std::min<int64_t>(groups, kMaxGemmGroups);
@@ -515,8 +523,7 @@ void launch_grouped(GroupedGemmParams params, int64_t block_k, sg_stream_t strea
   if (params.groups < 0 || params.groups > kMaxGemmGroups)
     throw std::invalid_argument("sparsegemm gemm_grouped: groups must be 0 to " + std::to_string(kMaxGemmGroups) +
                                 " per launch, got " + std::to_string(params.groups));
-  const GemmPlan plan = plan_grouped<Policy>(p.M, p.N, p.K, params.x_rows, params.planned_groups, p.config, p.split_k,
-                                             block_k);
+  const GemmPlan plan = plan_grouped(p.M, p.N, p.K, params.x_rows, params.planned_groups, p.config, p.split_k, block_k);
   p.M = std::min(p.M, params.x_rows);  // no group has more rows than X
   if (p.M <= 0 || p.N == 0 || params.groups == 0) return;
   launch_gemm_tile<Policy, GroupedRowMajorX<typename Policy::Operand>>(params, plan, stream);
@@ -634,12 +641,12 @@ void gemm(const GemmParams& p, void* stream) {
 
 GemmScratch gemm_grouped_scratch(int64_t M, int64_t N, int64_t K, int64_t x_rows, int64_t groups, int config,
                                  int split_k) {
-  return grouped_scratch<Mma16<DType::f16>>(M, N, K, x_rows, groups, config, split_k, gemm_tiles::kBlockK);
+  return grouped_scratch(M, N, K, x_rows, groups, config, split_k, gemm_tiles::kBlockK);
 }
 
 GemmScratch gemm_s8_grouped_scratch(int64_t M, int64_t N, int64_t K, int64_t x_rows, int64_t groups, int config,
                                     int split_k) {
-  return grouped_scratch<MmaS8<DType::f16>>(M, N, K, x_rows, groups, config, split_k, gemm_tiles::kBlockKS8);
+  return grouped_scratch(M, N, K, x_rows, groups, config, split_k, gemm_tiles::kBlockKS8);
 }
 
 void gemm_grouped(const GroupedGemmParams& p, void* stream) {
