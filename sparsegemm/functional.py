@@ -183,10 +183,9 @@ def grouped_linear(x: Tensor, row_offsets: Tensor, weights, bias=None, *, activa
     if bias is not None:
         ops.check_same_device(op, **{f"bias[{g}]": b for g, b in enumerate(bias)})
     m = x.shape[0]
-    max_rows = m if max_rows is None else max_rows
-    if not isinstance(max_rows, int) or isinstance(max_rows, bool) or max_rows < 0:
+    if max_rows is not None and (not isinstance(max_rows, int) or isinstance(max_rows, bool) or max_rows < 0):
         raise ValueError(f"{op}: max_rows must be a non-negative int, got {max_rows!r}")
-    max_rows = min(max_rows, m)  # no group has more rows than x
+    max_rows = m if max_rows is None else min(max_rows, m)  # no group has more rows than x
     backend = ops.resolve_backend(op, backend, x.device)
     kernel_meta = []
     if backend != "cpu":

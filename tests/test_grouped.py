@@ -393,10 +393,13 @@ def test_sparse_experts_compile_whole_through_the_grouped_op(backend, quantize):
     torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
 
 
-def test_grouped_linear_compiles_whole():
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_grouped_linear_compiles_whole(dynamic):
     x, offsets, weights, biases = grouped_case([3, 4], 16, 32, torch.float16, seed=19)
     fn = lambda x: sparsegemm.grouped_linear(x, offsets, weights, biases, activation="relu") * 2  # noqa: E731
-    torch.testing.assert_close(torch.compile(fn, fullgraph=True)(x), fn(x), rtol=0, atol=0)
+    compiled = torch.compile(fn, fullgraph=True, dynamic=dynamic)
+    torch.testing.assert_close(compiled(x), fn(x), rtol=0, atol=0)
+    torch.testing.assert_close(compiled(x[:-1]), fn(x[:-1]), rtol=0, atol=0)  # one row fewer (M a symbol)
 
 
 @pytest.mark.parametrize("backend,int8", [("cpu", False), ("cpu", True), ("simt", False), ("simt", True)])
