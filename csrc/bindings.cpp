@@ -56,6 +56,14 @@ GemmParams make_gemm_params(int64_t M, int64_t N, int64_t K, uintptr_t x, int64_
   return p;
 }
 
+// The launch fields of GemmParams (params.h) every GEMM entry point takes from Python.
+void set_launch(GemmParams& p, uintptr_t workspace, uintptr_t tile_counters, int config, int split_k) {
+  p.workspace = ptr<void>(workspace);
+  p.tile_counters = ptr<int>(tile_counters);
+  p.config = config;
+  p.split_k = split_k;
+}
+
 CompressParams make_compress_params(int64_t N, int64_t K, uintptr_t w, int64_t ldw, uintptr_t values,
                                     uintptr_t meta, int dtype, bool prune, uintptr_t first_bad_group) {
   CompressParams p;
@@ -120,11 +128,11 @@ py::list list_gpus() {
   return gpus;
 }
 
-// Launches a grouped GEMM (gemm's fields in `p`, its split-K scratch and split_k included; the
+// Launches a grouped GEMM (gemm's fields in `p`, its split-K scratch, config and split_k included; the
 // per-group pointer lists beside) through `launch` (gemm_grouped or gemm_s8_grouped),
 // kMaxGemmGroups groups at a time, one after another on the stream (so they share the scratch).
 // bias / w_scale: one pointer per group, or empty for none.
-void launch_grouped(GemmParams p, int config, int64_t x_rows, uintptr_t row_offsets,
+void launch_grouped(const GemmParams& p, int64_t x_rows, uintptr_t row_offsets,
                     const std::vector<uintptr_t>& values, const std::vector<uintptr_t>& meta,
                     const std::vector<uintptr_t>& bias, const std::vector<uintptr_t>& w_scale,
                     void (*launch)(const GroupedGemmParams&, void*), uintptr_t stream) {
@@ -135,7 +143,6 @@ void launch_grouped(GemmParams p, int config, int64_t x_rows, uintptr_t row_offs
                                 "(bias and w_scale may be empty), got " + std::to_string(groups) + ", " +
                                 std::to_string(meta.size()) + ", " + std::to_string(bias.size()) + " and " +
                                 std::to_string(w_scale.size()));
-  p.config = config;
   py::gil_scoped_release nogil;
   for (size_t first = 0; first < groups; first += kMaxGemmGroups) {
     GroupedGemmParams grouped;
@@ -326,10 +333,7 @@ void bind_kernel_api(py::module_& m, const std::string& prefix) {
                                       uintptr_t workspace, uintptr_t tile_counters, int config, int split_k,
                                       uintptr_t stream) {
     auto p = make_gemm_params(M, N, K, x, ldx, values, meta, bias, y, ldy, dtype, act, 0, 0);
-    p.workspace = ptr<void>(workspace);
-    p.tile_counters = ptr<int>(tile_counters);
-    p.config = config;
-    p.split_k = split_k;
+    set_launch(p, workspace, tile_counters, config, split_k);
     py::gil_scoped_release nogil;
     Api::gemm(p, ptr<void>(stream));
   }, py::arg("M"), py::arg("N"), py::arg("K"), py::arg("x"), py::arg("ldx"), py::arg("values"), py::arg("meta"),
@@ -340,12 +344,18 @@ void bind_kernel_api(py::module_& m, const std::string& prefix) {
   // lists of pointers, row_offsets [groups + 1] int64 on the kernels' side, x_rows the rows of X
   // and Y; M bounds every group's rows; the scratch as gemm_grouped_scratch asks for the same
   // sizes, groups, config and split_k. Launched kMaxGemmGroups groups at a time.
-  m.def((prefix + "gemm_grouped_scratch").c_str(), [](int64_t M, int64_t N, int64_t K, int64_t x_rows,
-                                                      int64_t groups, int config, int split_k) {
-    const GemmScratch s = Api::gemm_grouped_scratch(M, N, K, x_rows, groups, config, split_k);
-    return std::make_pair(s.workspace_bytes, s.tile_counters);
-  }, py::arg("M"), py::arg("N"), py::arg("K"), py::arg("x_rows"), py::arg("groups"), py::arg("config") = -1,
-     py::arg("split_k") = 0);
+  using GroupedScratch = GemmScratch (*)(int64_t, int64_t, int64_t, int64_t, int64_t, int, int);
+  for (const auto& [name, scratch] : {std::pair<const char*, GroupedScratch>{"gemm_grouped_scratch",
+                                                                              Api::gemm_grouped_scratch},
+                                      std::pair<const char*, GroupedScratch>{"gemm_s8_grouped_scratch",
+                                                                              Api::gemm_s8_grouped_scratch}}) {
+    m.def((prefix + name).c_str(), [scratch = scratch](int64_t M, int64_t N, int64_t K, int64_t x_rows,
+                                                       int64_t groups, int config, int split_k) {
+      const GemmScratch s = scratch(M, N, K, x_rows, groups, config, split_k);
+      return std::make_pair(s.workspace_bytes, s.tile_counters);
+    }, py::arg("M"), py::arg("N"), py::arg("K"), py::arg("x_rows"), py::arg("groups"), py::arg("config") = -1,
+       py::arg("split_k") = 0);
+  }
   m.def((prefix + "gemm_grouped").c_str(), [](int64_t M, int64_t N, int64_t K, uintptr_t x, int64_t ldx,
                                               int64_t x_rows, uintptr_t row_offsets,
                                               const std::vector<uintptr_t>& values, const std::vector<uintptr_t>& meta,
@@ -353,20 +363,12 @@ void bind_kernel_api(py::module_& m, const std::string& prefix) {
                                               int act, uintptr_t workspace, uintptr_t tile_counters, int config,
                                               int split_k, uintptr_t stream) {
     GemmParams p = make_gemm_params(M, N, K, x, ldx, 0, 0, 0, y, ldy, dtype, act, 0, 0);
-    p.workspace = ptr<void>(workspace);
-    p.tile_counters = ptr<int>(tile_counters);
-    p.split_k = split_k;
-    launch_grouped(p, config, x_rows, row_offsets, values, meta, bias, {}, Api::gemm_grouped, stream);
+    set_launch(p, workspace, tile_counters, config, split_k);
+    launch_grouped(p, x_rows, row_offsets, values, meta, bias, {}, Api::gemm_grouped, stream);
   }, py::arg("M"), py::arg("N"), py::arg("K"), py::arg("x"), py::arg("ldx"), py::arg("x_rows"), py::arg("row_offsets"),
      py::arg("values"), py::arg("meta"), py::arg("bias"), py::arg("y"), py::arg("ldy"), py::arg("dtype"),
      py::arg("act") = 0, py::arg("workspace") = 0, py::arg("tile_counters") = 0, py::arg("config") = -1,
      py::arg("split_k") = 0, py::arg("stream") = 0);
-  m.def((prefix + "gemm_s8_grouped_scratch").c_str(), [](int64_t M, int64_t N, int64_t K, int64_t x_rows,
-                                                         int64_t groups, int config, int split_k) {
-    const GemmScratch s = Api::gemm_s8_grouped_scratch(M, N, K, x_rows, groups, config, split_k);
-    return std::make_pair(s.workspace_bytes, s.tile_counters);
-  }, py::arg("M"), py::arg("N"), py::arg("K"), py::arg("x_rows"), py::arg("groups"), py::arg("config") = -1,
-     py::arg("split_k") = 0);
   m.def((prefix + "gemm_s8_grouped").c_str(), [](int64_t M, int64_t N, int64_t K, uintptr_t x_q, int64_t ldx,
                                                  int64_t x_rows, uintptr_t row_offsets,
                                                  const std::vector<uintptr_t>& values,
@@ -376,11 +378,8 @@ void bind_kernel_api(py::module_& m, const std::string& prefix) {
                                                  int out_dtype, int act, uintptr_t workspace, uintptr_t tile_counters,
                                                  int config, int split_k, uintptr_t stream) {
     GemmParams p = make_gemm_params(M, N, K, x_q, ldx, 0, 0, 0, y, ldy, out_dtype, act, 0, x_scale);
-    p.workspace = ptr<void>(workspace);
-    p.tile_counters = ptr<int>(tile_counters);
-    p.split_k = split_k;
-    launch_grouped(p, config, x_rows, row_offsets, values, kernel_meta_s8, bias, w_scale, Api::gemm_s8_grouped,
-                   stream);
+    set_launch(p, workspace, tile_counters, config, split_k);
+    launch_grouped(p, x_rows, row_offsets, values, kernel_meta_s8, bias, w_scale, Api::gemm_s8_grouped, stream);
   }, py::arg("M"), py::arg("N"), py::arg("K"), py::arg("x_q"), py::arg("ldx"), py::arg("x_rows"),
      py::arg("row_offsets"), py::arg("values"), py::arg("kernel_meta_s8"), py::arg("w_scale"), py::arg("x_scale"),
      py::arg("bias"), py::arg("y"), py::arg("ldy"), py::arg("out_dtype"), py::arg("act") = 0,
@@ -414,10 +413,7 @@ void bind_kernel_api(py::module_& m, const std::string& prefix) {
                                          int split_k, uintptr_t stream) {
     auto p = make_gemm_params(M, N, K, x_q, ldx, values, kernel_meta_s8, bias, y, ldy, out_dtype, act, w_scale,
                               x_scale);
-    p.workspace = ptr<void>(workspace);
-    p.tile_counters = ptr<int>(tile_counters);
-    p.config = config;
-    p.split_k = split_k;
+    set_launch(p, workspace, tile_counters, config, split_k);
     py::gil_scoped_release nogil;
     Api::gemm_s8(p, ptr<void>(stream));
   }, py::arg("M"), py::arg("N"), py::arg("K"), py::arg("x_q"), py::arg("ldx"), py::arg("values"),
@@ -485,10 +481,7 @@ void bind_conv(py::module_& m, const std::string& name, void (*conv2d)(const Con
     const int64_t M = batch * out_h * out_w, K = int64_t(kernel[0]) * kernel[1] * channels;
     p.gemm = make_gemm_params(M, out_channels, K, x, channels, values, meta, bias, y, out_channels, dtype, act, 0, 0);
     if (p.gemm.gated) throw std::invalid_argument("sparsegemm conv2d: gated activations are for linear layers only");
-    p.gemm.workspace = ptr<void>(workspace);
-    p.gemm.tile_counters = ptr<int>(tile_counters);
-    p.gemm.config = config;
-    p.gemm.split_k = split_k;
+    set_launch(p.gemm, workspace, tile_counters, config, split_k);
     p.batch = batch; p.height = height; p.width = width; p.channels = channels;
     p.out_h = out_h; p.out_w = out_w;
     p.kernel_h = kernel[0]; p.kernel_w = kernel[1];

@@ -6,7 +6,6 @@ Weights are ``W[N, K]`` (``nn.Linear.weight``'s shape) and 2:4 runs along K, the
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
@@ -195,9 +194,7 @@ def grouped_linear(x: Tensor, row_offsets: Tensor, weights, bias=None, *, activa
             ops.require_int8_kernels(op, backend)
             if k % 4:
                 raise ValueError(f"{op}: INT8 weights on the {backend} kernels need K % 4 == 0, got K = {k}")
-        # The extension reorders on the current GPU.
-        with torch.cuda.device(x.device) if backend == "cuda" else contextlib.nullcontext():
-            kernel_meta = [w.kernel_meta(backend) for w in weights]
+        kernel_meta = [w.kernel_meta(backend) for w in weights]  # each reorder on its tensor's GPU
     return ops.call(ops._grouped_linear, x, row_offsets, [w.values for w in weights], [w.meta for w in weights],
                     kernel_meta, k, bias or [], [w.scale for w in weights] if int8 else [], code, max_rows, backend)
 

@@ -8,7 +8,6 @@ device, on the first forward after a move, and reused.
 from __future__ import annotations
 
 import contextlib
-import itertools
 from typing import NamedTuple, Optional
 
 import torch
@@ -112,7 +111,7 @@ class _SparseWeight(nn.Module):
         """Drop what was derived from the stored weight (made again on the next forward): the
         reordered metadata per backend and device, and any SparseExperts' grouped tables."""
         self._kernel_meta: dict = {}
-        _current_generation[0] = next(_layer_generation)
+        _layers_generation[0] += 1
 
     def _check_metadata_unchanged(self) -> None:
         """Forget what was derived from the metadata if the tensor was swapped past __setattr__
@@ -660,8 +659,7 @@ class _GroupedTables(NamedTuple):
 
 # Bumped whenever a compressed layer forgets what it derived from its tensors (an assignment, a move,
 # a state-dict load, a metadata change it noticed): SparseExperts' grouped tables are then made again.
-_layer_generation = itertools.count()
-_current_generation = [0]
+_layers_generation = [0]
 
 
 class SparseExperts(nn.Module):
@@ -713,7 +711,7 @@ class SparseExperts(nn.Module):
             values, meta, bias, scale = params["values"], buffers["metadata"], params.get("bias"), buffers.get("scale")
             state.append((id(values), values.data_ptr(), id(meta), None if meta.is_inference() else meta._version,
                           id(bias), ops._ptr(bias), id(scale), ops._ptr(scale)))
-        return _current_generation[0], state
+        return _layers_generation[0], state
 
     def _grouped_operands(self, hidden_states: Tensor) -> Optional[tuple]:
         """(backend, gate/up operands, down operands) for calls like ``hidden_states``; or None where
