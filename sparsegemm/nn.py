@@ -709,8 +709,9 @@ class SparseExperts(nn.Module):
         for layer in (*self.gate_up, *self.down):
             params, buffers = layer._parameters, layer._buffers
             values, meta, bias, scale = params["values"], buffers["metadata"], params.get("bias"), buffers.get("scale")
-            state.append((id(values), values.data_ptr(), id(meta), None if meta.is_inference() else meta._version,
-                          id(bias), ops._ptr(bias), id(scale), ops._ptr(scale)))
+            state.append((id(values), values.data_ptr(), id(meta), meta.data_ptr(),
+                          None if meta.is_inference() else meta._version, id(bias), ops._ptr(bias), id(scale),
+                          ops._ptr(scale)))
         return _layers_generation[0], state
 
     def _grouped_operands(self, hidden_states: Tensor) -> Optional[tuple]:

@@ -322,6 +322,27 @@ def test_a_swapped_bias_or_scale_is_seen(quantize):
         assert torch.allclose(got.float(), per_expert(sparse, x, index, weights).float(), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("swap", ["data", "swap_tensors"])
+def test_a_swapped_metadata_is_reordered_again(swap):
+    # The values stay; only one expert's pattern changes, by a swap that keeps the tensor object and
+    # its version counter: the tables must follow the metadata's storage, not only its version.
+    torch.manual_seed(25)
+    sparse = SparseExperts.from_dense(Experts(), dtype=torch.float16, backend="simt")
+    x, index, weights = routing(tokens=8)
+    x, weights = x.half(), weights.half()
+    with torch.no_grad():
+        before = sparse(x, index, weights)
+        meta, other = sparse.gate_up[2].metadata, sparse.gate_up[3].metadata.clone()
+        if swap == "data":
+            meta.data = other
+        else:
+            torch.utils.swap_tensors(meta, other)
+        got = sparse(x, index, weights)
+        want = per_expert(sparse, x, index, weights)
+    assert not torch.equal(before, got)
+    assert torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
 def test_sparse_experts_train_through_the_per_expert_path():
     torch.manual_seed(12)
     sparse = SparseExperts.from_dense(Experts(), dtype=torch.float16, backend="simt")
