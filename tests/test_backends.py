@@ -6,6 +6,7 @@ import torch
 import sparsegemm
 from sparsegemm import oracle
 from sparsegemm.nn import SparseLinear
+from sparsegemm.quant import quantize_weight
 from conftest import integer_input, sparse_weight
 
 KERNEL_DTYPES = [torch.float16, torch.bfloat16]
@@ -61,6 +62,31 @@ def test_sparse_linear_on_simt_backend_reorders_once():
     assert len(cached) == 1 and all(sl._kernel_meta[key] is value for key, value in cached.items())
     assert torch.equal(y1, y2)
     oracle.assert_close_to_oracle(y1, x, sl.dense_weight(), lin.bias.detach())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("quantize", [False, True])
+@pytest.mark.parametrize("change", ["copy_", "assign", "data", "swap_tensors"])
+def test_a_sparse_tensor_whose_metadata_changed_is_reordered_again(backend, quantize, change):
+    # The reordered copy cached on a SparseTensor24 answers only for the metadata it was made
+    # from: an in-place edit, an assigned tensor, a .data swap or swap_tensors makes it again.
+    gen = torch.Generator().manual_seed(31)
+    make = quantize_weight if quantize else sparsegemm.compress
+    sw, other = (make(torch.randn(32, 64, generator=gen).half().to(_dev(backend)), prune=True) for _ in range(2))
+    x = torch.randn(4, 64, generator=gen).half().to(_dev(backend))
+    before = sparsegemm.linear(x, sw, backend=backend)
+    if change == "copy_":
+        sw.meta.copy_(other.meta)
+    elif change == "assign":
+        sw.meta = other.meta.clone()
+    elif change == "data":
+        sw.meta.data = other.meta.clone()
+    else:
+        torch.utils.swap_tensors(sw.meta, other.meta.clone())
+    got = sparsegemm.linear(x, sw, backend=backend)
+    want = sparsegemm.linear(x.cpu(), sw.cpu(), backend="cpu")
+    assert not torch.equal(before, got)
+    assert torch.allclose(got.cpu().float(), want.float(), rtol=1e-2, atol=1e-2)
 
 
 def test_simt_rejects_fp32_and_gpu_only_needs_cuda():
