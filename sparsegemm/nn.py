@@ -125,10 +125,12 @@ class _SparseWeight(nn.Module):
         meta = self._buffers.get("metadata")
         if meta is None:  # parametrized
             meta = self.metadata
-        state = (id(meta), meta.data_ptr(), None if meta.is_inference() else meta._version)
-        if state != self.__dict__.get("_metadata_state"):
+        # The tensor itself, not its id: one freed and one made at its address may share both.
+        numbers = (meta.data_ptr(), None if meta.is_inference() else meta._version)
+        seen = self.__dict__.get("_metadata_state")
+        if seen is None or seen[0] is not meta or seen[1] != numbers:
             self._forget_derived()
-            self.__dict__["_metadata_state"] = state
+            self.__dict__["_metadata_state"] = (meta, numbers)
 
     def __setattr__(self, name: str, value) -> None:
         super().__setattr__(name, value)
@@ -323,6 +325,8 @@ class SparseLinear(_SparseWeight):
         where the general path must run: another backend, arguments its cheap tests do not pass
         (ops.plain_linear_args, quant._dynamic_fast_path), operands the launch would have to make
         contiguous, or a CUDA graph being captured (whose reordered metadata is not kept)."""
+        if nn.utils.parametrize.is_parametrized(self):
+            return None  # its tensors are computed at each access: nothing to plan with
         n, k = self.weight_shape
         values, bias, meta = self.values, self.bias, self.metadata
         if self.quantize == "int8":
@@ -350,11 +354,14 @@ class SparseLinear(_SparseWeight):
     def _plan_current(self, plan: _EagerPlan) -> bool:
         """Whether ``plan`` still describes this layer: the same tensor objects (functional_call and
         parametrizations swap them through _parameters / _buffers, past __setattr__) over the same
-        storage (a ``.data`` assignment keeps the object)."""
+        storage and values dtype (a ``.data`` assignment keeps the object, a view may keep the storage)."""
         params, buffers = self._parameters, self._buffers
-        return (params["values"] is plan.values and params.get("bias") is plan.bias and buffers["metadata"] is plan.meta
-                and buffers.get("scale") is plan.scale and buffers.get("input_scale") is None
-                and (plan.values.data_ptr(), ops._ptr(plan.bias)) == plan.data_ptrs)
+        values = plan.values
+        return (params.get("values") is values and params.get("bias") is plan.bias
+                and buffers.get("metadata") is plan.meta and buffers.get("scale") is plan.scale
+                and buffers.get("input_scale") is None
+                and values.dtype is (plan.dtype if plan.scale is None else torch.int8)
+                and (values.data_ptr(), ops._ptr(plan.bias)) == plan.data_ptrs)
 
     def _eager_forward(self, x: Tensor) -> Optional[Tensor]:
         """The eager kernel path, or None. A decode-size layer's forward costs as much host time
@@ -702,23 +709,38 @@ class SparseExperts(nn.Module):
 
     def _layers_state(self) -> tuple:
         """What the grouped tables depend on beyond the layers' generation (assignments, moves and
-        loads, _forget_derived): each layer's tensors the launches read, by object and storage (a
-        ``.data`` swap, functional_call), and the metadata's version (an in-place copy: reordered
-        again; an inference tensor has none). About a microsecond a layer."""
+        loads, _forget_derived): each layer's tensors, by object (functional_call, register_buffer
+        and parametrizations swap them past __setattr__) and storage (a ``.data`` swap), the
+        metadata's version (an in-place copy: reordered again; an inference tensor has none), and
+        whether hooks are set on it (they must see its calls: the per-expert path runs then). Objects
+        by id: the cached entry holds them (_layers_tensors), so that no new tensor takes a freed
+        one's id and address while it is kept. About a microsecond a layer."""
         state = []
         for layer in (*self.gate_up, *self.down):
             params, buffers = layer._parameters, layer._buffers
-            values, meta, bias, scale = params["values"], buffers["metadata"], params.get("bias"), buffers.get("scale")
-            state.append((id(values), values.data_ptr(), id(meta), meta.data_ptr(),
-                          None if meta.is_inference() else meta._version, id(bias), ops._ptr(bias), id(scale),
-                          ops._ptr(scale)))
+            values, bias, meta = params.get("values"), params.get("bias"), buffers.get("metadata")
+            scale = buffers.get("scale")
+            # Ids, not the tensors (tuples compare unequal tensors elementwise); None where a tensor
+            # is missing (parametrized) or absent; no Python helper calls: this runs every call.
+            state.append((id(values), None if values is None else values.data_ptr(),
+                          id(meta), None if meta is None else meta.data_ptr(),
+                          None if meta is None or meta.is_inference() else meta._version,
+                          id(bias), None if bias is None else bias.data_ptr(),
+                          id(scale), None if scale is None else scale.data_ptr(), id(buffers.get("input_scale")),
+                          bool(layer._forward_pre_hooks or layer._forward_hooks)))
         return _layers_generation[0], state
+
+    def _layers_tensors(self) -> list:
+        """Every tensor _layers_state names by id, for the cached tables to hold."""
+        return [(layer._parameters.get(name) if name in ("values", "bias") else layer._buffers.get(name))
+                for layer in (*self.gate_up, *self.down)
+                for name in ("values", "metadata", "bias", "scale", "input_scale")]
 
     def _grouped_operands(self, hidden_states: Tensor) -> Optional[tuple]:
         """(backend, gate/up operands, down operands) for calls like ``hidden_states``; or None where
         the experts' layers do not allow the grouped launches (another backend or device, mixed
-        layers, static INT8, a dtype they do not take, tensors that are not contiguous): the
-        per-expert path runs those."""
+        layers, static INT8, a dtype they do not take, tensors that are not contiguous, parametrized
+        layers, layers with forward hooks such as Int8Calibrator's): the per-expert path runs those."""
         backend = ops.kernel_backend(self.gate_up[0].backend, hidden_states)
         dtype, device = hidden_states.dtype, hidden_states.device
         if backend is None and torch.compiler.is_compiling() and device.type == "cpu" and (
@@ -734,7 +756,8 @@ class SparseExperts(nn.Module):
             code = ops.usable_activation_code(first.activation, n)
             for layer in layers:
                 tensors = (layer.values, layer.bias, layer.scale if int8 else None)
-                if (layer.weight_shape != first.weight_shape or layer.quantize != first.quantize
+                if (nn.utils.parametrize.is_parametrized(layer) or layer._forward_pre_hooks or layer._forward_hooks
+                        or layer.weight_shape != first.weight_shape or layer.quantize != first.quantize
                         or layer.activation != first.activation or layer.backend != first.backend
                         or (layer.bias is None) != (first.bias is None) or layer.metadata.device != device
                         or any(t is not None and (t.device != device or not t.is_contiguous()) for t in tensors)
@@ -796,7 +819,7 @@ class SparseExperts(nn.Module):
                 tables = self._make_grouped_tables(hidden_states)
                 if not (hidden_states.is_cuda and torch.cuda.is_current_stream_capturing()):
                     # The state after making them: reordering may have refreshed a layer's derived data.
-                    self.__dict__["_grouped"] = ((self._layers_state(), *call), tables)
+                    self.__dict__["_grouped"] = ((self._layers_state(), *call), tables, self._layers_tensors())
             if tables is None:
                 return None
         tokens, k = top_k_index.shape

@@ -130,18 +130,19 @@ class SparseTensor24:
         """The hardware-ordered metadata the ``backend`` GEMM reads ("cuda" or "simt"), cached."""
         from . import ops
 
-        # A cached copy answers only for the metadata it was made from: an assigned ``meta``, a
+        # A cached copy answers only for the metadata it was made from (held, not named by id: a
+        # tensor made where a freed one was may share its id and address): an assigned ``meta``, a
         # ``.data`` swap (its storage) or an in-place edit (its version; an inference tensor has
         # none) makes it again. Traced by torch.compile, the copy at hand is taken (a compiled
         # graph keeps the reordered metadata it was made with, as SparseLinear's does) and a
         # traced one is never kept.
         meta = self.meta
         compiling = torch.compiler.is_compiling()
-        source = None if compiling else (id(meta), meta.data_ptr(), None if meta.is_inference() else meta._version)
+        numbers = None if compiling else (meta.data_ptr(), None if meta.is_inference() else meta._version)
         cached = self._kernel_meta.get(backend)
-        if cached is not None and (compiling or cached[0] == source):
-            return cached[1]
+        if cached is not None and (compiling or (cached[0] is meta and cached[1] == numbers)):
+            return cached[2]
         kernel = ops.reorder_meta(meta, self.shape[1], backend, s8=self.dtype == torch.int8)
         if not compiling and ops.may_cache_reorder(meta):
-            self._kernel_meta[backend] = (source, kernel)
+            self._kernel_meta[backend] = (meta, numbers, kernel)
         return kernel

@@ -89,6 +89,48 @@ def test_a_sparse_tensor_whose_metadata_changed_is_reordered_again(backend, quan
     assert torch.allclose(got.cpu().float(), want.float(), rtol=1e-2, atol=1e-2)
 
 
+def test_metadata_reassigned_in_a_loop_is_reordered_each_time():
+    # A freed metadata tensor's id and address may be taken by the next one (version 0 both): the
+    # cache must hold the tensor it was made from, not name it by id.
+    gen = torch.Generator().manual_seed(32)
+    sw = sparsegemm.compress(torch.randn(128, 256, generator=gen).half(), prune=True)
+    patterns = [sparsegemm.compress(torch.randn(128, 256, generator=gen).half(), prune=True).meta for _ in range(2)]
+    x = torch.randn(1, 256, generator=gen).half()
+    for t in range(8):
+        sw.meta = None
+        sw.meta = patterns[t % 2].clone()
+        assert torch.allclose(sparsegemm.linear(x, sw, backend="simt").float(),
+                              sparsegemm.linear(x, sw, backend="cpu").float(), rtol=1e-2, atol=1e-2), t
+
+
+class _Same(torch.nn.Module):
+    def forward(self, t):
+        return t
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_sparse_linear_with_parametrized_metadata_runs_on_the_kernels(quantize):
+    lin = torch.nn.Linear(64, 32).half()
+    simt = SparseLinear.from_dense(lin, backend="simt", quantize=quantize)
+    cpu = SparseLinear.from_dense(lin, quantize=quantize)
+    torch.nn.utils.parametrize.register_parametrization(simt, "metadata", _Same())
+    x = torch.randn(3, 64).half()
+    with torch.no_grad():
+        for _ in range(2):  # the second call once found the eager plan looking for the buffer
+            assert torch.allclose(simt(x).float(), cpu(x).float(), rtol=1e-2, atol=1e-2)
+
+
+def test_a_values_dtype_view_is_not_served_by_the_eager_plan():
+    # Same object, same storage, another dtype: the plan made for fp16 values must not launch.
+    layer = SparseLinear.from_dense(torch.nn.Linear(64, 32).half(), backend="simt")
+    x = torch.randn(4, 64).half()
+    with torch.no_grad():
+        layer(x)
+        layer.values.data = layer.values.data.view(torch.bfloat16)
+        with pytest.raises(TypeError, match="x dtype float16 does not match the weight dtype bfloat16"):
+            layer(x)
+
+
 def test_simt_rejects_fp32_and_gpu_only_needs_cuda():
     sw = sparsegemm.compress(torch.randn(8, 8), prune=True)
     with pytest.raises(TypeError, match=r"linear: x must have dtype in \(float16, bfloat16\), got float32"):

@@ -430,3 +430,106 @@ def test_opcheck_grouped_linear(backend, int8):
     torch.library.opcheck(ops._grouped_linear, (x, offsets, [w.values for w in weights], [w.meta for w in weights],
                                                 kernel_meta, 32, biases, [w.scale for w in weights] if int8 else [],
                                                 0, 4, backend))
+
+
+# ---- what the grouped tables must notice (each found stale once) ---------------------------------------
+
+@pytest.mark.parametrize("how", ["register_buffer", "_buffers", "functional_call"])
+def test_an_input_scale_set_past_setattr_leaves_the_grouped_path(how):
+    # A static INT8 scale makes the layer quantize with it; the grouped (dynamic) tables made
+    # before must not serve it, however the buffer got there.
+    torch.manual_seed(24)
+    sparse = SparseExperts.from_dense(Experts(), dtype=torch.float16, backend="simt", quantize="int8")
+    x, index, weights = routing(tokens=8)
+    x, weights = x.half(), weights.half()
+    scale = torch.tensor(0.2)
+    with torch.no_grad():
+        dynamic = sparse(x, index, weights)
+        if how == "functional_call":
+            got = torch.func.functional_call(sparse, {f"gate_up.{e}.input_scale": scale for e in range(4)},
+                                             (x, index, weights))
+            for layer in sparse.gate_up:
+                layer.set_input_scale(0.2)
+        else:
+            for layer in sparse.gate_up:
+                if how == "register_buffer":
+                    layer.register_buffer("input_scale", scale.clone())
+                else:
+                    layer._buffers["input_scale"] = scale.clone()
+            got = sparse(x, index, weights)
+        want = per_expert(sparse, x, index, weights)
+    assert not torch.equal(got, dynamic)
+    assert torch.equal(got, want)
+
+
+class _Shift(torch.nn.Module):
+    shift = 0.0
+
+    def forward(self, t):
+        return t + self.shift
+
+
+class _Same(torch.nn.Module):
+    def forward(self, t):
+        return t
+
+
+def test_parametrized_layers_take_the_per_expert_path():
+    # A parametrized tensor is computed at each access: tables made from one value go stale (a
+    # bias) or cannot name it at all (the metadata, no longer a buffer).
+    torch.manual_seed(24)
+    parametrize = torch.nn.utils.parametrize
+    base = SparseExperts.from_dense(Experts(), dtype=torch.float16, backend="simt")
+    down = [sparsegemm.SparseLinear.from_dense(torch.nn.Linear(32, 64).half(), backend="simt") for _ in base.down]
+    sparse = SparseExperts(list(base.gate_up), down)
+    x, index, weights = routing(tokens=8)
+    x, weights = x.half(), weights.half()
+    shifts = [_Shift() for _ in down]
+    for layer, shift in zip(down, shifts):
+        parametrize.register_parametrization(layer, "bias", shift)
+    with torch.no_grad():
+        before = sparse(x, index, weights)
+        for shift in shifts:
+            shift.shift = 5.0
+        got = sparse(x, index, weights)
+        assert torch.equal(got, per_expert(sparse, x, index, weights))
+        assert not torch.equal(got, before)
+        parametrize.register_parametrization(sparse.gate_up[0], "metadata", _Same())
+        assert torch.equal(sparse(x, index, weights), got)
+
+
+def test_an_int8_calibrator_sees_every_expert_in_no_grad():
+    # Its forward pre-hooks are on the layers: the grouped launches would never call them.
+    from sparsegemm.quant import Int8Calibrator
+
+    torch.manual_seed(24)
+    sparse = SparseExperts.from_dense(Experts(), dtype=torch.float16, backend="simt", quantize="int8")
+    x, index, weights = routing(tokens=8)
+    with torch.no_grad():
+        sparse(x.half(), index, weights.half())  # grouped tables made before the hooks
+        calibrator = Int8Calibrator(sparse)
+        with calibrator:
+            sparse(x.half(), index, weights.half())
+    scales = calibrator.apply()
+    assert len(scales) == 2 * 4 and all(s > 0 for s in scales.values())
+
+
+def test_metadata_overrides_in_a_loop_are_each_reordered():
+    # functional_call with a fresh metadata tensor per call: a freed override's id and address may
+    # be taken by the next one, so the tables hold the tensors they name.
+    torch.manual_seed(26)
+    sparse = SparseExperts.from_dense(Experts(), dtype=torch.float16, backend="simt")
+    patterns = [SparseExperts.from_dense(Experts(), dtype=torch.float16).gate_up[2].metadata for _ in range(2)]
+    x, index, weights = routing(tokens=8)
+    x, weights = x.half(), weights.half()
+    with torch.no_grad():
+        wants = []
+        for meta in patterns:
+            sparse.gate_up[2].metadata.copy_(meta)
+            wants.append(per_expert(sparse, x, index, weights))
+        for t in range(12):
+            got = torch.func.functional_call(sparse, {"gate_up.2.metadata": patterns[t % 2].clone()},
+                                             (x, index, weights))
+            assert torch.allclose(got.float(), wants[t % 2].float(), rtol=2e-2, atol=2e-2), t
+        # The layer's own metadata (the last pattern copied in) serves plain calls again.
+        assert torch.allclose(sparse(x, index, weights).float(), wants[1].float(), rtol=2e-2, atol=2e-2)

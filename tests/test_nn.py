@@ -514,6 +514,24 @@ def test_a_swapped_or_overwritten_metadata_refreshes_the_reordered_metadata(quan
         assert torch.equal(layer(x), other(x))
 
 
+def test_a_convolution_with_fresh_metadata_overrides_reorders_each_one():
+    # functional_call with a new metadata tensor per call: a freed override's id and address may be
+    # taken by the next one (version 0 both), so the layer holds the tensor it reordered from.
+    def conv(seed):
+        torch.manual_seed(seed)
+        return SparseConv2d.from_dense(nn.Conv2d(64, 256, 3, padding=1), dtype=torch.float16, backend="simt")
+
+    layer, patterns = conv(0), [conv(1).metadata, conv(2).metadata]
+    reference = SparseConv2d.from_dense(nn.Conv2d(64, 256, 3, padding=1), dtype=torch.float16)
+    reference.load_state_dict(layer.state_dict())
+    x = torch.randn(1, 64, 3, 3).half()
+    with torch.no_grad():
+        gots = [torch.func.functional_call(layer, {"metadata": patterns[t % 2].clone()}, (x,)) for t in range(6)]
+        wants = [torch.func.functional_call(reference, {"metadata": meta}, (x,)) for meta in patterns]
+    for t, got in enumerate(gots):
+        assert torch.allclose(got.float(), wants[t % 2].float(), rtol=1e-2, atol=1e-2), t
+
+
 def test_a_layer_made_under_inference_mode_runs_on_the_kernel_path():
     # Its buffers are inference tensors, which have no version counter to check.
     with torch.inference_mode():
