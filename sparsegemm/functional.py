@@ -101,18 +101,19 @@ def linear(x: Tensor, sw: SparseTensor24, bias: Optional[Tensor] = None, *, acti
     per token here (or given as ``(x_q, x_scale)``); see :func:`sparsegemm.quant.linear_int8`.
 
     x and bias may also be any DLPack producer (a CuPy or NumPy array): they are used without a
-    copy, and the result comes back as the same kind of array.
+    copy (but for arrays with negative strides, which torch cannot view: those are copied), and the
+    result comes back as the same kind of array.
     """
     if not isinstance(sw, SparseTensor24):
         raise TypeError(f"sparsegemm.linear: sw must be a SparseTensor24, got {type(sw).__name__}")
     foreign = _foreign_array_module(x)
     if foreign is not None:
-        x = torch.from_dlpack(x)
+        x = _tensor_of(x)
     if bias is not None and not isinstance(bias, Tensor):
         if not hasattr(bias, "__dlpack__"):
             raise TypeError(f"sparsegemm.linear: bias must be a torch.Tensor or a DLPack array, got "
                             f"{type(bias).__name__}")
-        bias = torch.from_dlpack(bias)
+        bias = _tensor_of(bias)
     if sw.dtype == torch.int8:
         from .quant import linear_int8
 
@@ -211,6 +212,17 @@ def _check_linear_args(op: str, x, values: Tensor, n: int, k: int, bias, activat
     if bias is not None and tuple(bias.shape) != (n,):
         raise ValueError(f"{op}: bias must have shape ({n},), got {tuple(bias.shape)}")
     ops.check_same_device(op, x=x, **{"sw.values": values}, bias=bias)
+
+
+def _tensor_of(array) -> Tensor:
+    """A torch view of a DLPack array (no copy), or of a contiguous copy where its strides are
+    negative (a reversed NumPy / CuPy view): torch's from_dlpack aborts the process on those."""
+    strides = getattr(array, "strides", None)
+    if strides is not None and any(stride < 0 for stride in strides):
+        import importlib
+
+        array = importlib.import_module(type(array).__module__.split(".")[0]).ascontiguousarray(array)
+    return torch.from_dlpack(array)
 
 
 def _foreign_array_module(x):

@@ -1,6 +1,7 @@
 """SparseLinear / SparseConv2d / sparsify / save-load on the CPU."""
 import os
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -385,6 +386,20 @@ def test_functional_linear_accepts_dlpack_arrays():
     y = sparsegemm.linear(x, sw)
     assert isinstance(y, np.ndarray) and y.shape == (3, 8)
     assert np.array_equal(y, sparsegemm.linear(torch.from_numpy(x), sw).numpy())
+
+
+def test_functional_linear_takes_numpy_arrays_with_negative_strides():
+    # torch.from_dlpack aborts the process on them (a C++ exception through the C API): run it in
+    # a child so that a regression fails this test instead of killing the run.
+    code = ("import numpy as np, torch, sparsegemm\n"
+            "sw = sparsegemm.compress(torch.randn(16, 64).half(), prune=True)\n"
+            "a = np.random.default_rng(0).standard_normal((8, 64)).astype(np.float16)\n"
+            "b = np.random.default_rng(1).standard_normal(32).astype(np.float16)\n"
+            "y = sparsegemm.linear(a[::-1], sw, b[::2])\n"
+            "want = sparsegemm.linear(torch.from_numpy(a.copy()).flip(0), sw, torch.from_numpy(b[::2].copy()))\n"
+            "assert np.array_equal(y, want.numpy())\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
