@@ -156,8 +156,12 @@ def grouped_linear(x: Tensor, row_offsets: Tensor, weights, bias=None, *, activa
     groups = len(weights)
     if bias is not None:
         bias = list(bias)
-        if len(bias) != groups or not all(isinstance(b, Tensor) for b in bias):
+        if len(bias) != groups:
             raise ValueError(f"{op}: bias must be None or {groups} tensors (one per weight), got {len(bias)} items")
+        for g, b in enumerate(bias):
+            if not isinstance(b, Tensor):
+                raise ValueError(f"{op}: bias must be None or {groups} tensors (one per weight), got "
+                                 f"{type(b).__name__} at bias[{g}] (a bias for some groups only: zeros for the rest)")
         for g, b in enumerate(bias):
             if tuple(b.shape) != (n,) or b.dtype != bias[0].dtype:
                 raise ValueError(f"{op}: bias[{g}] must have shape ({n},) and bias[0]'s dtype {bias[0].dtype}, got "

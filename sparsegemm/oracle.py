@@ -139,7 +139,7 @@ def _activation64(y: torch.Tensor, activation: str | None) -> torch.Tensor:
     if activation == "relu":
         return torch.clamp_min(y, 0.0)
     if activation == "gelu":
-        return 0.5 * y * (1.0 + torch.special.erf(y / np.sqrt(2.0)))
+        return 0.5 * y * torch.special.erfc(-y / np.sqrt(2.0))  # 1 + erf(z) cancels for z << 0, even in float64
     if activation == "silu":
         return y / (1.0 + torch.exp(-y))
     raise ValueError(f"oracle: unknown activation {activation!r}")
@@ -198,7 +198,8 @@ def _quantize_fp32(v32: torch.Tensor, scale32: torch.Tensor) -> torch.Tensor:
 
 
 def _scale_fp32(amax32: torch.Tensor) -> torch.Tensor:
-    return torch.where(amax32 == 0, torch.ones_like(amax32), amax32 / 127)
+    quotient = amax32 / 127
+    return torch.where(quotient == 0, torch.ones_like(quotient), quotient)
 
 
 def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,16 +4,20 @@ The contract every backend follows, bit for bit where it says so (the CPU kernel
 and :func:`sparsegemm.oracle.linear_int8` agree on it):
 
 * Weights: pruned to 2:4 first, then symmetric per output channel. ``w_scale[n] = amax_n / 127``
-  (fp32) with ``amax_n`` the largest ``|kept value|`` of row n; an all-zero row gets scale 1.
+  (fp32) with ``amax_n`` the largest ``|kept value|`` of row n, or 1 where that quotient is 0 (an
+  all-zero row, or fp32 values below 127 x 2^-150, which then quantize to 0).
   ``q = clamp(rint(w / w_scale), -127, 127)``, fp32 division, round half to even. The int8 values
   keep the layout of :mod:`sparsegemm.format` (2:4 over single int8 elements, same nibbles).
-* Activations, dynamic per token (row of X): ``x_scale[m] = amax_m / 127`` (1 for an all-zero
-  row), ``q = clamp(rint(x / x_scale[m]), -127, 127)`` with x widened to fp32 first. A row holding
-  a NaN gets a NaN scale and zeros, so its output row is NaN. Static mode uses one calibrated
-  scale for every row (:class:`Int8Calibrator`).
+* Activations, dynamic per token (row of X): ``x_scale[m] = amax_m / 127`` (1 where that is 0, as
+  for weights), ``q = clamp(rint(x / x_scale[m]), -127, 127)`` with x widened to fp32 first. A row
+  holding a NaN gets a NaN scale and zeros, so its output row is NaN. Static mode uses one
+  calibrated scale for every row (:class:`Int8Calibrator`); there a row holding a NaN or an
+  infinity gets a NaN scale, so its output row is NaN too.
 * GEMM: ``acc`` = the exact integer sum saturated to int32; then in fp32, one rounding per step
   and no FMA: ``y = ((float)acc * w_scale[n]) * x_scale[m]``, ``+ bias[n]``, the activation,
-  one rounding to the output dtype (x's dtype).
+  one rounding to the output dtype (x's dtype). The GPU's tensor cores saturate as they go (each
+  mma's running sum, .satfinite), so the two agree unless a partial sum of one row leaves the
+  int32 range on its way to an in-range total: with |q| <= 127 that takes K beyond about 266k.
 """
 from __future__ import annotations
 
@@ -68,8 +72,9 @@ def static_scale(op: str, scale) -> float:
 
 
 def _row_scale(amax: Tensor) -> Tensor:
-    """amax / 127 in fp32, 1 where amax is 0 (the contract's scale rule)."""
-    return torch.where(amax == 0, torch.ones_like(amax), amax / QMAX)
+    """amax / 127 in fp32, 1 where that is 0 (the contract's scale rule)."""
+    quotient = amax / QMAX
+    return torch.where(quotient == 0, torch.ones_like(quotient), quotient)
 
 
 def _quantize(v: Tensor, scale: Tensor) -> Tensor:
@@ -137,21 +142,32 @@ def quantize_activations(x: Tensor, *, backend: Optional[str] = None) -> tuple[T
 def quantize_activations_static(x: Tensor, scale: Union[float, Tensor]) -> tuple[Tensor, Tensor]:
     """Static per-tensor INT8 of ``x [..., K]`` with a calibrated ``scale`` (a positive number).
 
-    Returns ``(x_q int8 [..., K], x_scale float32 [...])`` (the scale repeated per token) in the
-    form :func:`linear_int8` takes; values beyond ``127 * scale`` saturate.
+    Returns ``(x_q int8 [..., K], x_scale float32 [...])`` (the scale repeated per token, NaN for a
+    token holding a NaN or an infinity, whose output row is then NaN) in the form
+    :func:`linear_int8` takes; values beyond ``127 * scale`` saturate.
     """
     op = "sparsegemm.quant.quantize_activations_static"
     if not isinstance(x, Tensor):
         raise TypeError(f"{op}: x must be a torch.Tensor, got {type(x).__name__}")
     ops.check_dtype(op, "x", x, ops.FLOAT_DTYPES)
     if isinstance(scale, Tensor):
-        # A layer's calibrated scale, checked when it was set: used as it is, on its device, so the
-        # forward has no host read (no sync, graph capture and torch.compile stay possible).
+        # A layer's calibrated scale (checked when it was set) or a caller's: its shape always, its
+        # value where reading it is free (on the CPU, eager); on a GPU it is used as it is, on its
+        # device, so the forward has no host read (no sync, graph capture and torch.compile stay
+        # possible).
+        if scale.numel() != 1 or not scale.is_floating_point():
+            raise ValueError(f"{op}: scale must be a positive number or a one-element float tensor, got a "
+                             f"{str(scale.dtype).replace('torch.', '')} tensor of shape {tuple(scale.shape)}")
+        if scale.device.type == "cpu" and not torch.compiler.is_compiling():
+            static_scale(op, scale)
         s = scale.to(device=x.device, dtype=torch.float32).reshape(())
     else:
         s = torch.tensor(static_scale(op, scale), dtype=torch.float32, device=x.device)
     x_q = _quantize(x.float(), s)
-    return x_q, s.expand(x.shape[:-1]).contiguous()
+    # A token row holding a NaN or an infinity gets a NaN scale, so its output row is NaN, as in
+    # dynamic mode (it would otherwise quantize to zeros and saturated values, silently).
+    x_scale = torch.where(torch.isfinite(x).all(dim=-1), s, float("nan"))
+    return x_q, x_scale
 
 
 def _dynamic_fast_path(x, sw: SparseTensor24, bias, activation, out_dtype, input_scale,

@@ -116,8 +116,8 @@ def activate64(y, act):
     if act == ACT_RELU:
         return np.maximum(y, 0.0)
     if act == ACT_GELU:
-        from math import erf
-        return 0.5 * y * (1.0 + np.vectorize(erf)(y / np.sqrt(2.0)))
+        from math import erfc
+        return 0.5 * y * np.vectorize(erfc)(-y / np.sqrt(2.0))
     if act == ACT_SILU:
         return y / (1.0 + np.exp(-y))
     return y

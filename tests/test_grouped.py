@@ -188,6 +188,9 @@ def test_grouped_linear_errors_name_the_argument():
         call(x, offsets[:2], weights)
     with pytest.raises(ValueError, match=r"bias must be None or 2 tensors"):
         call(x, offsets, weights, biases[:1])
+    with pytest.raises(ValueError, match=r"bias must be None or 2 tensors \(one per weight\), got NoneType at "
+                                         r"bias\[1\]"):
+        call(x, offsets, weights, [biases[0], None])
     with pytest.raises(ValueError, match=r"bias\[1\] must have shape \(16,\)"):
         call(x, offsets, weights, [biases[0], biases[1][:8]])
     with pytest.raises(ValueError, match=r"x must be a \[M, 32\] tensor"):

@@ -780,7 +780,8 @@ struct StepsFor<DType::bf16> {
 inline float activate(float v, Activation act) {
   switch (act) {
     case Activation::relu: return v < 0.0f ? 0.0f : v;  // NaN passes through, as in torch
-    case Activation::gelu: return 0.5f * v * (1.0f + std::erf(v * 0.70710678118654752440f));
+    // 1 + erf(z) as erfc(-z): the sum cancels below v = -4 (57% off at -5.5, -0 from -6 on).
+    case Activation::gelu: return 0.5f * v * std::erfc(v * -0.70710678118654752440f);
     case Activation::silu: return v / (1.0f + std::exp(-v));
     default: return v;
   }
@@ -1037,12 +1038,13 @@ void gemm_typed(const GemmParams& p) {
 // docstring) so that both backends give the same bits: everything here is exact integer work or
 // one correctly rounded fp32 operation at a time.
 
-// Row m of X -> x_q[m, :K] and x_scale[m]: x_scale = amax / 127 (amax = max |x| in fp32; 1 when
-// the row is all zeros; NaN when the row holds a NaN), q = clamp(rint(x / x_scale), -127, 127)
+// Row m of X -> x_q[m, :K] and x_scale[m]: x_scale = amax / 127 (amax = max |x| in fp32; 1 where
+// that is 0: an all-zero row, or one too small for an fp32 scale; NaN when the row holds a NaN), q = clamp(rint(x / x_scale), -127, 127)
 // with fp32 division and round half to even, 0 where x / x_scale is NaN.
 inline float row_scale(float amax, bool has_nan) {
   if (has_nan) return std::numeric_limits<float>::quiet_NaN();
-  return amax == 0.0f ? 1.0f : amax / 127.0f;
+  const float quotient = amax / 127.0f;
+  return quotient == 0.0f ? 1.0f : quotient;  // all zeros, or too small for fp32
 }
 
 inline int8_t quantize_value(float v, float scale) {

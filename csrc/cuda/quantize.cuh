@@ -1,7 +1,7 @@
 // Dynamic per-token INT8 quantisation of the activations, the first half of the INT8 GEMM
 // (the INT8 contract of the project, followed to the bit by the CPU path):
 //   amax[m]    = max |X[m, 0:K]| in fp32 (a NaN anywhere in the row makes it NaN)
-//   x_scale[m] = amax[m] / 127 (correctly rounded), or 1 when amax[m] == 0
+//   x_scale[m] = amax[m] / 127 (correctly rounded), or 1 where that is 0 (amax 0, or below 127 x 2^-150)
 //   X_q[m, k]  = clamp(rint(X[m, k] / x_scale[m]), -127, 127), NaN -> 0
 // One block per row (grid-stride over rows): a block-wide max, then one pass that writes X_q.
 #pragma once
@@ -47,7 +47,8 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS(kQuantizeThreads)
     for (int w = 1; w < kWarps; ++w) amax = max_propagate_nan(amax, warp_max[w]);
     // Every thread has read warp_max before the next row's writes to it.
     __syncthreads();
-    const float scale = amax == 0.f ? 1.f : div_rn(amax, 127.f);
+    const float quotient = div_rn(amax, 127.f);
+    const float scale = quotient == 0.f ? 1.f : quotient;  // all zeros, or too small for fp32
     if (threadIdx.x == 0) x_scale[m] = scale;
     int8_t* out = x_q + m * K;
     for (int64_t k = threadIdx.x; k < K; k += kQuantizeThreads)
