@@ -22,8 +22,8 @@ from torch import nn
 
 from .format import ACTIVATIONS, GATED_ACTIVATIONS
 from .ops import check_conv_geometry
-from .nn import (SparseConv2d, SparseExperts, SparseGatedMLP, SparseLinear, conv_skip_reason, experts_activation,
-                 gated_mlp_activation, gated_mlp_parts)
+from .nn import (SparseConv2d, SparseExperts, SparseGatedMLP, SparseLinear, _SparseWeight, conv_skip_reason,
+                 experts_activation, gated_mlp_activation, gated_mlp_parts)
 
 __all__ = ["save", "load", "describe", "init_empty_weights"]
 
@@ -88,7 +88,13 @@ def _field(name: str, spec: dict, key: str, kind: type):
 
 def _build_gated_mlp(name: str, spec: dict, dense: nn.Module) -> SparseGatedMLP:
     """The SparseGatedMLP shell of a checkpoint entry: its gate_up an empty gated SparseLinear of
-    the dense MLP's shape, its down_proj the dense one; the entries of both layers fill them."""
+    the dense MLP's shape, its down_proj the dense one; the entries of both layers fill them. A
+    SparseGatedMLP (a checkpoint loaded again) lends its own two layers to the shell."""
+    if isinstance(dense, SparseGatedMLP):
+        if dense.gate_up.activation != spec.get("activation"):
+            raise ValueError(f"sparsegemm.load: module {name!r} was a gated MLP with activation "
+                             f"{spec.get('activation')!r} when saved, the model's has {dense.gate_up.activation!r}")
+        return SparseGatedMLP(dense.gate_up, dense.down_proj)
     parts = gated_mlp_parts(dense)
     activation, why = gated_mlp_activation(dense, parts)
     if activation is None or activation != spec.get("activation"):
@@ -103,9 +109,16 @@ def _build_gated_mlp(name: str, spec: dict, dense: nn.Module) -> SparseGatedMLP:
 
 def _build_experts(name: str, spec: dict, dense: nn.Module) -> SparseExperts:
     """The SparseExperts shell of a checkpoint entry: empty SparseLinear layers of the dense
-    mixture's shapes, which the entries of every expert's two layers fill."""
-    activation, why = experts_activation(dense)
+    mixture's shapes, which the entries of every expert's two layers fill. A SparseExperts (a
+    checkpoint loaded again) lends its own layers to the shell."""
     experts = _field(name, spec, "num_experts", int)
+    if isinstance(dense, SparseExperts):
+        if len(dense.gate_up) != experts or dense.gate_up[0].activation != spec.get("activation"):
+            raise ValueError(f"sparsegemm.load: module {name!r} was a mixture of {experts} experts with activation "
+                             f"{spec.get('activation')!r} when saved, the model's has {len(dense.gate_up)} with "
+                             f"{dense.gate_up[0].activation!r}")
+        return SparseExperts(list(dense.gate_up), list(dense.down))
+    activation, why = experts_activation(dense)
     if activation is None or activation != spec.get("activation") or dense.gate_up_proj.shape[0] != experts:
         found = (f"{dense.gate_up_proj.shape[0]} experts with {activation!r}" if activation is not None
                  else f"not a mixture of experts ({why})")
@@ -120,6 +133,8 @@ def _build_experts(name: str, spec: dict, dense: nn.Module) -> SparseExperts:
 
 def _build(name: str, spec: dict, dense: nn.Module) -> nn.Module:
     _field(name, spec, "kind", str)
+    if spec["kind"] not in ("SparseLinear", "SparseConv2d", "SparseGatedMLP", "SparseExperts"):
+        raise ValueError(f"sparsegemm.load: module {name!r}: unknown kind {spec['kind']!r} in the checkpoint")
     if spec["kind"] == "SparseGatedMLP":
         return _build_gated_mlp(name, spec, dense)
     if spec["kind"] == "SparseExperts":
@@ -138,10 +153,11 @@ def _build(name: str, spec: dict, dense: nn.Module) -> nn.Module:
         # model must hold it already, as built, e.g. by SparseLinear.from_gate_up.
         twin = (SparseLinear if activation is not None else (nn.Linear, SparseLinear))
         if not isinstance(dense, twin) or (dense.in_features, dense.out_features) != (
-                spec["in_features"], spec["out_features"]) or getattr(dense, "activation", None) != activation:
+                spec["in_features"], spec["out_features"]) or getattr(dense, "activation", None) != activation or (
+                (dense.bias is not None) != spec["bias"]):
             fused = "" if activation is None else f" with activation {activation!r}"
             raise ValueError(f"sparsegemm.load: module {name!r} was a Linear {spec['in_features']} -> "
-                             f"{spec['out_features']}{fused} when saved, the model has {dense}")
+                             f"{spec['out_features']}{fused} (bias={spec['bias']}) when saved, the model has {dense}")
         quantize = spec.get("quantize")
         if quantize not in (None, "int8"):
             raise ValueError(f"sparsegemm.load: module {name!r}: unknown quantize {quantize!r} in the checkpoint")
@@ -153,32 +169,31 @@ def _build(name: str, spec: dict, dense: nn.Module) -> nn.Module:
         if quantize and spec.get("static_input"):
             mod.set_input_scale(1.0)  # the slot the checkpoint's input_scale loads into
         return mod
-    if spec["kind"] == "SparseConv2d":
-        geometry = ("kernel_size", "stride", "padding", "dilation")
-        for key in geometry:
-            _field(name, spec, key, list)
-        try:
-            check_conv_geometry("module table", *(spec[key] for key in geometry))
-        except ValueError as exc:
-            raise ValueError(f"sparsegemm.load: module {name!r}: {exc}") from exc
-        # The model's layer (a Conv2d, or a SparseConv2d being loaded again) must have the same shape,
-        # and compute what a SparseConv2d does (groups = 1, zero padding).
-        why_not = conv_skip_reason(dense) if isinstance(dense, nn.Conv2d) else None
-        if why_not:
-            raise ValueError(f"sparsegemm.load: module {name!r} is a SparseConv2d in the checkpoint, but the model's "
-                             f"Conv2d cannot be one: {why_not}")
-        if not isinstance(dense, (nn.Conv2d, SparseConv2d)) or (dense.in_channels, dense.out_channels) != (
-                spec["in_channels"], spec["out_channels"]) or any(
-                list(getattr(dense, key)) != spec[key] for key in geometry):
-            raise ValueError(f"sparsegemm.load: module {name!r} was a Conv2d {spec['in_channels']} -> "
-                             f"{spec['out_channels']} with " + ", ".join(f"{key}={spec[key]}" for key in geometry)
-                             + f" when saved, the model has {dense}")
-        device, backend = ((dense.values.device, dense.backend) if isinstance(dense, SparseConv2d)
-                           else (dense.weight.device, None))
-        return SparseConv2d(spec["in_channels"], spec["out_channels"], spec["kernel_size"], spec["stride"],
-                            spec["padding"], spec["dilation"], spec["bias"], dtype=dtype, device=device,
-                            backend=backend)
-    raise ValueError(f"sparsegemm.load: module {name!r}: unknown kind {spec['kind']!r} in the checkpoint")
+    # The kind left: SparseConv2d.
+    geometry = ("kernel_size", "stride", "padding", "dilation")
+    for key in geometry:
+        _field(name, spec, key, list)
+    try:
+        check_conv_geometry("module table", *(spec[key] for key in geometry))
+    except ValueError as exc:
+        raise ValueError(f"sparsegemm.load: module {name!r}: {exc}") from exc
+    # The model's layer (a Conv2d, or a SparseConv2d being loaded again) must have the same shape,
+    # and compute what a SparseConv2d does (groups = 1, zero padding).
+    why_not = conv_skip_reason(dense) if isinstance(dense, nn.Conv2d) else None
+    if why_not:
+        raise ValueError(f"sparsegemm.load: module {name!r} is a SparseConv2d in the checkpoint, but the model's "
+                         f"Conv2d cannot be one: {why_not}")
+    if not isinstance(dense, (nn.Conv2d, SparseConv2d)) or (dense.in_channels, dense.out_channels) != (
+            spec["in_channels"], spec["out_channels"]) or any(
+            list(getattr(dense, key)) != spec[key] for key in geometry) or (dense.bias is not None) != spec["bias"]:
+        raise ValueError(f"sparsegemm.load: module {name!r} was a Conv2d {spec['in_channels']} -> "
+                         f"{spec['out_channels']} with " + ", ".join(f"{key}={spec[key]}" for key in geometry)
+                         + f", bias={spec['bias']} when saved, the model has {dense}")
+    device, backend = ((dense.values.device, dense.backend) if isinstance(dense, SparseConv2d)
+                       else (dense.weight.device, None))
+    return SparseConv2d(spec["in_channels"], spec["out_channels"], spec["kernel_size"], spec["stride"],
+                        spec["padding"], spec["dilation"], spec["bias"], dtype=dtype, device=device,
+                        backend=backend)
 
 
 def load(path: Union[str, "os.PathLike"], model: nn.Module, *, device=None) -> nn.Module:
@@ -266,6 +281,15 @@ def load(path: Union[str, "os.PathLike"], model: nn.Module, *, device=None) -> n
         expected = {k: v for k, v in expected.items() if not k.startswith(prefix)}
         expected.update({prefix + k: v for k, v in new.state_dict().items()})
     _check_tensors(path, expected, tensors, "")
+    # The layers that get their tensors from the file without an entry of their own (those a shell
+    # or the model holds already) are checked on the file's tensors, as the built ones were above.
+    for name, layer in _sparse_layers_after(model, replacements):
+        if name not in replacements:
+            prefix = f"{name}." if name else ""
+            try:
+                layer.validate({key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)})
+            except ValueError as exc:
+                raise ValueError(f"sparsegemm.load: module {name!r}: {exc}") from exc
     for group in shell_ties:
         present = [key for key in group if key in tensors]
         if any(not torch.equal(tensors[key], tensors[present[0]]) for key in present[1:]):
@@ -284,6 +308,18 @@ def load(path: Union[str, "os.PathLike"], model: nn.Module, *, device=None) -> n
             owner, _, attr = other.rpartition(".")
             setattr(model.get_submodule(owner), attr, first)
     return model.to(target)  # the non-persistent buffers
+
+
+def _sparse_layers_after(model: nn.Module, replacements: dict):
+    """(name, layer) of every SparseLinear / SparseConv2d that ``model`` holds once the staged
+    ``replacements`` (name -> module) are set."""
+    def walk(module: nn.Module, prefix: str):
+        if isinstance(module, _SparseWeight):
+            yield prefix.rstrip("."), module
+        for child_name, child in module.named_children():
+            yield from walk(replacements.get(prefix + child_name, child), prefix + child_name + ".")
+
+    yield from walk(replacements.get("", model), "")
 
 
 def parameter_names(model: nn.Module) -> dict[int, list[str]]:
@@ -432,8 +468,8 @@ def _describe_file(safe_open, path) -> str:
         dense = n * k * item
         total_dense += dense
         total_stored += stored
-        lines.append(f"{name:40.40s} {spec['kind']:13s} {f'{n} x {k}':>13s} {dense:>12,} {stored:>12,} "
-                     f"{stored / dense:>7.1%}")
+        share = f"{stored / dense:>7.1%}" if dense else f"{'-':>7s}"  # a zero-size layer
+        lines.append(f"{name:40.40s} {spec['kind']:13s} {f'{n} x {k}':>13s} {dense:>12,} {stored:>12,} {share}")
     other = sum(nbytes.values()) - total_stored
     lines.append(f"converted weights: {total_dense:,} -> {total_stored:,} bytes "
                  f"({total_stored / max(total_dense, 1):.1%}); other tensors {other:,} bytes")

@@ -168,14 +168,19 @@ class _SparseWeight(nn.Module):
         return linear_parts(x, self.values, self.metadata, self.weight_shape, self.bias, activation=activation,
                             backend=self.backend, kernel_meta=self._kernel_meta_for, op=type(self).__name__)
 
-    def validate(self) -> None:
-        """Check the stored weight (shapes, dtypes, metadata, scales) as a checkpoint load does."""
-        SparseTensor24(self.values.detach(), self.metadata, self.weight_shape,
-                       self.scale if self.quantize == "int8" else None)
-        if self.quantize == "int8" and self.input_scale is not None:
+    def validate(self, tensors: Optional[dict] = None) -> None:
+        """Check the stored weight (shapes, dtypes, metadata, scales) as a checkpoint load does; or,
+        given ``tensors`` (entries of this layer's state dict by their names here, e.g. a
+        checkpoint's before they are loaded), those."""
+        stored = (lambda name: getattr(self, name)) if tensors is None else tensors.get
+        int8 = self.quantize == "int8"
+        SparseTensor24(stored("values").detach(), stored("metadata"), self.weight_shape,
+                       stored("scale") if int8 else None)
+        input_scale = stored("input_scale") if int8 else None
+        if input_scale is not None:
             from .quant import check_scale
 
-            check_scale(type(self).__name__, "input_scale", self.input_scale.reshape(1), 1)
+            check_scale(type(self).__name__, "input_scale", input_scale.reshape(1), 1)
 
     def _bytes_repr(self) -> str:
         n, k = self.weight_shape

@@ -180,6 +180,10 @@ def test_sparsify_converts_mixtures_reports_them_and_round_trips(tmp_path):
         assert isinstance(loaded[0].experts, SparseExperts)
         with torch.no_grad():
             assert torch.equal(loaded(x), want)
+    # Loaded again into the model it filled (swapping weights), its SparseExperts lend their layers.
+    with torch.no_grad():
+        loaded[0].experts.gate_up[1].values.zero_()
+        assert torch.equal(sparsegemm.load(path, loaded)(x), want)
     other = nn.Sequential(MoEBlock(experts=8), nn.GELU(), MoEBlock())
     with pytest.raises(ValueError, match=r"module '0.experts' was a mixture of 4 experts .* the model's is 8 experts"):
         sparsegemm.load(path, other)

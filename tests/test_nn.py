@@ -209,7 +209,7 @@ def test_load_rejects_corrupt_and_truncated_files(tmp_path):
     with pytest.raises(ValueError, match=r"module '0'.*corrupt metadata at row 3, group 4"):
         sparsegemm.load(bad, nn.Sequential(nn.Linear(64, 64)))
 
-    with pytest.raises(ValueError, match=r"was a Linear 64 -> 64 when saved"):
+    with pytest.raises(ValueError, match=r"was a Linear 64 -> 64 \(bias=True\) when saved"):
         sparsegemm.load(path, nn.Sequential(nn.Linear(64, 32)))
 
 
@@ -671,6 +671,88 @@ def _saved_shell_net(path, dtype=torch.float32):
     sparsegemm.sparsify(model, quantize="int8", min_features=8)
     sparsegemm.save(model, path)
     return model
+
+
+def test_load_validates_layers_that_have_no_entry_of_their_own(tmp_path):
+    # A fused MLP's gate_up (built by its shell) and a layer the model holds already get their
+    # tensors from the file: with their table entries gone, corrupt metadata must still be refused
+    # (it once loaded, and ran with a wrong pattern), the model untouched.
+    import json
+
+    path = tmp_path / "m.safetensors"
+    _saved_shell_net(path)
+    # gate_up in the shell built for a dense MLP, or in a loaded model; an INT8 layer already loaded.
+    for name, models in (("mlp.gate_up", (_ShellNet, lambda: sparsegemm.load(path, _ShellNet()))),
+                         ("quantized", (lambda: sparsegemm.load(path, _ShellNet()),))):
+        table = json.loads(_header(path)["converted"])
+        del table[name]
+        bad = tmp_path / f"{name}.safetensors"
+        _resave(path, bad, lambda t: t[f"{name}.metadata"].fill_(0xAA), {"converted": json.dumps(table)})
+        for make in models:
+            model = make()
+            before = {k: v.clone() for k, v in model.state_dict().items()}
+            with pytest.raises(ValueError, match=rf"module '{name}': SparseTensor24: corrupt metadata at row 0, "
+                                                 r"group 0: nibble 0xA"):
+                sparsegemm.load(bad, model)
+            assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_checkpoint_loads_again_into_the_model_it_filled(tmp_path):
+    # Swapping weights: a fused gated MLP (and INT8 layers) loaded again, from another checkpoint.
+    path, other = tmp_path / "m.safetensors", tmp_path / "o.safetensors"
+    _saved_shell_net(path)
+    torch.manual_seed(5)
+    second = _ShellNet()
+    sparsegemm.sparsify(second, fuse_gated_mlp=True, min_features=8, filter_fn=lambda name, _: name != "quantized")
+    sparsegemm.sparsify(second, quantize="int8", min_features=8)
+    sparsegemm.save(second, other)
+    model = sparsegemm.load(path, _ShellNet())
+    tokens = torch.randint(0, 256, (2, 5))
+    with torch.no_grad():
+        assert torch.equal(sparsegemm.load(other, model)(tokens), second(tokens))
+        assert torch.equal(sparsegemm.load(path, model)(tokens), sparsegemm.load(path, _ShellNet())(tokens))
+
+
+@pytest.mark.parametrize("saved_bias", [True, False])
+def test_load_refuses_a_layer_whose_bias_differs(tmp_path, saved_bias):
+    path = tmp_path / "m.safetensors"
+    model = nn.Sequential(nn.Linear(64, 64, bias=saved_bias), nn.Conv2d(8, 16, 3, bias=saved_bias))
+    sparsegemm.sparsify(model, min_features=8)
+    sparsegemm.save(model, path)
+    with pytest.raises(ValueError, match=rf"module '0' was a Linear 64 -> 64 \(bias={saved_bias}\) when saved"):
+        sparsegemm.load(path, nn.Sequential(nn.Linear(64, 64, bias=not saved_bias), nn.Conv2d(8, 16, 3, bias=saved_bias)))
+    with pytest.raises(ValueError, match=rf"module '1' was a Conv2d 8 -> 16 .*, bias={saved_bias} when saved"):
+        sparsegemm.load(path, nn.Sequential(nn.Linear(64, 64, bias=saved_bias), nn.Conv2d(8, 16, 3, bias=not saved_bias)))
+
+
+def test_load_names_an_unknown_kind(tmp_path):
+    import json
+
+    path = tmp_path / "m.safetensors"
+    sparsegemm.sparsify(model := nn.Sequential(nn.Linear(64, 64)), min_features=8)
+    sparsegemm.save(model, path)
+    table = json.loads(_header(path)["converted"])
+    table["0"]["kind"] = "Bogus"
+    bad = tmp_path / "bad.safetensors"
+    _resave(path, bad, None, {"converted": json.dumps(table)})
+    with pytest.raises(ValueError, match=r"module '0': unknown kind 'Bogus' in the checkpoint"):
+        sparsegemm.load(bad, nn.Sequential(nn.Linear(64, 64)))
+
+
+def test_report_survives_a_zero_size_layer_in_the_table(tmp_path):
+    import json
+
+    from sparsegemm.io import describe
+
+    path = tmp_path / "m.safetensors"
+    sparsegemm.sparsify(model := nn.Sequential(nn.Linear(64, 64)), min_features=8)
+    sparsegemm.save(model, path)
+    table = json.loads(_header(path)["converted"])
+    table["0"]["out_features"] = 0
+    odd = tmp_path / "odd.safetensors"
+    _resave(path, odd, None, {"converted": json.dumps(table)})
+    line = next(line for line in describe(odd).splitlines() if line.startswith("0 "))
+    assert line.split()[-1] == "-"  # no share of a zero-byte dense weight (it raised ZeroDivisionError)
 
 
 def test_load_fills_an_empty_shell_on_a_device(tmp_path):
