@@ -20,6 +20,31 @@ from torch import Tensor
 from . import _C
 from . import format as fmt
 
+
+def _tag_compile_caches() -> None:
+    """torch.compile's caches key a graph by its ops and inputs, not by the Python behind a custom
+    op (its fake implementation, its backward) nor by the extension it calls: a graph compiled
+    with one build of sparsegemm was reused by the next (a stale backward ran; a changed kernel
+    metadata size failed inside cached graphs). A fingerprint of this package's sources and of its
+    extension joins torch.compiler.config.cache_key_tag. The tag is process-wide: graphs without
+    sparsegemm ops compile again once per fingerprint too."""
+    import hashlib
+    import os
+    import pathlib
+
+    digest = hashlib.sha256()
+    for source in sorted(pathlib.Path(__file__).parent.glob("*.py")):
+        digest.update(source.read_bytes())
+    extension = os.stat(_C.__file__)
+    digest.update(f"{extension.st_size}:{extension.st_mtime_ns}".encode())
+    tag = f"sparsegemm-{digest.hexdigest()[:16]}"
+    config = torch.compiler.config
+    if tag not in config.cache_key_tag:
+        config.cache_key_tag = f"{config.cache_key_tag}+{tag}" if config.cache_key_tag else tag
+
+
+_tag_compile_caches()
+
 BACKENDS = ("cpu", "simt", "cuda")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The tensor-core kernels (CUDA and their emulator twin) take the 16-bit types only.
@@ -910,21 +935,27 @@ def _conv2d_backward(ctx, grad_y: Tensor):
     if ctx.activation:
         z = _conv2d(x, values, meta, kernel_meta, kernel_size, stride, padding, dilation, bias, 0, ctx.backend)
         g = g * _activation_grad(z.float(), ctx.activation)
-    g = g.permute(0, 3, 1, 2)  # NCHW view, as torch.nn.grad takes it
+    g = g.permute(0, 3, 1, 2)  # NCHW view, as convolution_backward takes it
     matrix = _decompress(values, meta, k, "cpu" if values.device.type == "cpu" else "cuda").float()
     weight = matrix.view(cout, kh, kw, cin).permute(0, 3, 1, 2)
     x_nchw = x.permute(0, 3, 1, 2)
     grad_x = grad_values = grad_bias = None
+    # One convolution_backward for the three, not torch.nn.grad's conv2d_input and conv2d_weight
+    # and a sum for the bias: with those, Inductor (torch 2.13) failed on a compiled dynamic-shape
+    # step through a strided convolution ("ValueRangeError: Invalid ranges [0:-1]"; reproduced
+    # with a torch-only custom op).
+    want_bias = bias is not None and ctx.needs_input_grad[8]
+    grad_x_nchw, grad_w, grad_b = torch.ops.aten.convolution_backward(
+        g, x_nchw.float(), weight, [cout] if want_bias else None, list(stride), list(padding), list(dilation), False,
+        [0, 0], 1, [ctx.needs_input_grad[0], ctx.needs_input_grad[1], want_bias])
     if ctx.needs_input_grad[0]:
-        grad_x = torch.nn.grad.conv2d_input(x_nchw.shape, weight, g, stride, padding, dilation)
-        grad_x = grad_x.permute(0, 2, 3, 1).to(x.dtype)
+        grad_x = grad_x_nchw.permute(0, 2, 3, 1).to(x.dtype)
     if ctx.needs_input_grad[1]:
-        grad_w = torch.nn.grad.conv2d_weight(x_nchw.float(), weight.shape, g, stride, padding, dilation)
         kp = fmt.padded_k(k)
         full = torch.nn.functional.pad(grad_w.permute(0, 2, 3, 1).reshape(cout, k), (0, kp - k))
         grad_values = full.gather(1, kept_columns(meta, kp)).to(values.dtype)
-    if bias is not None and ctx.needs_input_grad[8]:
-        grad_bias = g.sum((0, 2, 3)).to(bias.dtype)
+    if want_bias:
+        grad_bias = grad_b.to(bias.dtype)
     return grad_x, grad_values, None, None, None, None, None, None, grad_bias, None, None
 
 

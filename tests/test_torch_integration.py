@@ -147,3 +147,52 @@ def test_compiled_training_step_with_dynamic_shapes(layer_kind):
     counters = torch._dynamo.utils.counters
     assert not counters["unimplemented"] and not counters["graph_break"], (counters["unimplemented"],
                                                                            counters["graph_break"])
+
+
+def test_compiled_training_step_through_a_strided_convolution_on_the_kernels():
+    # The kernels' convolution backward (simt here, CUDA alike) with a bias, stride 2 and a ReLU
+    # after it: Inductor (torch 2.13) failed on the dynamic-shape graph ("ValueRangeError: Invalid
+    # ranges") while the gradients came from torch.nn.grad's conv2d_input / conv2d_weight and a sum.
+    torch._dynamo.reset()
+    torch.manual_seed(15)
+    layer = sparsegemm.SparseConv2d.from_dense(torch.nn.Conv2d(8, 16, 3, stride=2, padding=1), dtype=torch.float16,
+                                               backend="simt")
+    compiled = torch.compile(lambda x: layer(x).relu(), fullgraph=True, dynamic=True)
+    for hw in (6, 9):
+        x = torch.randn(2, 8, hw, hw, dtype=torch.float16)
+        grads = []
+        for run in (compiled, lambda x: layer(x).relu()):
+            layer.zero_grad()
+            xg = x.clone().requires_grad_()
+            run(xg).float().sum().backward()
+            grads.append((xg.grad, layer.values.grad.clone(), layer.bias.grad.clone()))
+        for got, want in zip(*grads):
+            assert torch.allclose(got.float(), want.float(), rtol=1e-2, atol=1e-2)
+
+
+
+def test_compile_caches_are_keyed_by_this_build(tmp_path):
+    # torch.compile's caches do not see the Python behind a custom op (a backward, a fake
+    # implementation) nor the extension: a graph compiled with one build of sparsegemm was reused by
+    # the next. The cache key tag carries a fingerprint of both: the same for an identical copy of
+    # the package, another once a source changes.
+    import pathlib
+    import shutil
+    import subprocess
+    import sys
+
+    package = pathlib.Path(sparsegemm.__file__).parent
+    tags = []
+    for name, edit in (("same", None), ("edited", "ops.py")):
+        copy = tmp_path / name / "sparsegemm"
+        shutil.copytree(package, copy, copy_function=shutil.copy2, ignore=shutil.ignore_patterns("__pycache__"))
+        if edit:
+            with open(copy / edit, "a") as f:
+                f.write("\n# a change\n")
+        code = "import sparsegemm, torch; print(torch.compiler.config.cache_key_tag)"
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                cwd=tmp_path, env={**__import__("os").environ, "PYTHONPATH": str(copy.parent)})
+        tags.append(result.stdout.strip())
+    assert torch.compiler.config.cache_key_tag.count("sparsegemm-") == 1
+    assert tags[0] == torch.compiler.config.cache_key_tag.split("+")[-1] != tags[1]
+    assert tags[1].startswith("sparsegemm-")
