@@ -434,12 +434,14 @@ _GATED_FOR_ACT = {name: ops._TORCH_ACTIVATIONS[fmt.ACTIVATION_CODES[base]]
 
 def _gated_activation_of(act, device) -> Optional[str]:
     """The gated epilogue whose activation ``act`` computes (SiLU, exact GELU, ReLU), told by its
-    values on [-6, 6] rather than its class: transformers has its own SiLU / GELU modules."""
+    values on [-6, 6] and at magnitudes up to 10^4 rather than its class: transformers has its own
+    SiLU / GELU modules, and clamped ones (ReLU6, a GELU clipped to +-10) agree with them near 0."""
     if not callable(act):
         return None
     if torch.device(device).type == "meta":  # an empty shell's MLP (load with device=): probed on the CPU
         device = "cpu"
-    t = torch.linspace(-6.0, 6.0, 97, device=device)
+    far = torch.tensor([10.0, 20.0, 50.0, 100.0, 1e3, 1e4], device=device)
+    t = torch.cat([torch.linspace(-6.0, 6.0, 97, device=device), far, -far])
     try:
         with torch.no_grad():
             out = act(t)

@@ -1225,9 +1225,15 @@ def test_sparsify_leaves_mlps_that_are_not_gated_products():
     with torch.no_grad():
         dead_row[0].mlp.gate_proj.weight[0].zero_()
     assert sparsegemm.nn.gated_mlp_activation(dead_row[0].mlp, sparsegemm.nn.gated_mlp_parts(dead_row[0].mlp))[0]
+    # Clamped activations equal ReLU / exact GELU on [-6, 6]: they were fused (relative error 4 on
+    # wide inputs) until the probe reached far values.
+    relu6 = nn.Sequential(_HFBlock(act=nn.ReLU6())).half()
+    clipped_gelu = nn.Sequential(_HFBlock(act=lambda v: nn.functional.gelu(v).clamp(-10.0, 10.0))).half()
     for model, why in ((sums, "its forward is not down(act(gate(x)) * up(x))"),
                        (clamped, "its forward is not down(act(gate(x)) * up(x))"),
-                       (tanh, "its activation GELU computes none of SiLU, exact GELU, ReLU")):
+                       (tanh, "its activation GELU computes none of SiLU, exact GELU, ReLU"),
+                       (relu6, "its activation ReLU6 computes none of SiLU, exact GELU, ReLU"),
+                       (clipped_gelu, "computes none of SiLU, exact GELU, ReLU")):
         report = sparsegemm.sparsify(model, fuse_gated_mlp=True, min_features=32)
         assert not isinstance(model[0].mlp, sparsegemm.SparseGatedMLP)
         row = next(r for r in report.layers if r.kind == "Linear (gated)")
