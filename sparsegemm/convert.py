@@ -1,6 +1,9 @@
 """sparsify(model): replace eligible Linear / Conv2d modules in place and report what happened."""
 from __future__ import annotations
 
+import functools
+import inspect
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
@@ -137,6 +140,11 @@ def sparsify(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
         if filter_fn is not None and not filter_fn(name, mod):
             entry.reason = "rejected by filter_fn"
             continue
+        reader = _weight_reader(model, name)
+        if reader:
+            entry.reason = (f"{reader}.forward reads its .weight (e.g. for its dtype), which a compressed layer "
+                            "does not have: converting it would break that forward")
+            continue
         others = [h for h in holders.get(id(mod.weight), []) if h != f"{name}.weight"]
         if others:
             # A tied weight (an LM head sharing the embedding) or a module registered twice: the other
@@ -158,6 +166,32 @@ def sparsify(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
         entry.converted = True
         _set_submodule(model, name, new)
     return report
+
+
+def _weight_reader(model: nn.Module, name: str) -> Optional[str]:
+    """The class of a module holding layer ``name`` (its parent, or further up) whose forward reads
+    the layer's ``.weight`` (T5's ``self.wo.weight.dtype``; ViT's
+    ``self.embeddings.patch_embeddings.projection.weight.dtype``), else None. Told from the
+    forward's source by the layer's path below that module (attribute names only)."""
+    parts = name.split(".")
+    for depth in range(len(parts) - 1, -1, -1):
+        below = parts[depth:]
+        if not all(part.isidentifier() for part in below):
+            return None  # reached through a ModuleList / Sequential index from here up
+        holder = model.get_submodule(".".join(parts[:depth]))
+        source = _forward_source(type(holder))
+        if source and re.search(r"\b" + r"\.".join(map(re.escape, below)) + r"\.weight\b", source):
+            return type(holder).__name__
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_source(cls: type) -> str:
+    """The source of ``cls.forward``, or "" (a builtin, a class made at run time)."""
+    try:
+        return inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return ""
 
 
 def _fuse_gated_mlps(model: nn.Module, report: SparsifyReport, dtype, filter_fn, min_features: int, backend,

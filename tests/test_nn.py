@@ -1213,6 +1213,46 @@ def _pruned_copy_of(model):
     return ref
 
 
+class _ReadsWeight(nn.Module):
+    """T5's dense block: its forward reads ``self.wo.weight.dtype`` to cast the hidden states."""
+
+    def __init__(self):
+        super().__init__()
+        self.wi, self.wo = nn.Linear(64, 64), nn.Linear(64, 64)
+
+    def forward(self, x):
+        return self.wo(self.wi(x).to(self.wo.weight.dtype))
+
+
+class _ReadsDeepWeight(nn.Module):
+    """ViT's model: ``self.embeddings.patch.weight.dtype`` read two levels up."""
+
+    def __init__(self):
+        super().__init__()
+        self.embeddings = nn.Module()
+        self.embeddings.patch = nn.Conv2d(8, 64, 2, stride=2)
+        self.block = _ReadsWeight()
+
+    def forward(self, x):
+        h = self.embeddings.patch(x.to(self.embeddings.patch.weight.dtype)).flatten(2).transpose(1, 2)
+        return self.block(h)
+
+
+def test_sparsify_leaves_layers_whose_weight_a_forward_reads():
+    # Converted, these broke the model's own forward (AttributeError: no attribute 'weight').
+    torch.manual_seed(13)
+    model = _ReadsDeepWeight()
+    x = torch.randn(2, 8, 8, 8)
+    report = sparsegemm.sparsify(model, min_features=8)
+    reasons = {row.name: row.reason for row in report.layers if not row.converted}
+    assert set(reasons) == {"embeddings.patch", "block.wo"}
+    assert "_ReadsDeepWeight.forward reads its .weight" in reasons["embeddings.patch"]
+    assert "_ReadsWeight.forward reads its .weight" in reasons["block.wo"]
+    assert isinstance(model.block.wi, SparseLinear)
+    with torch.no_grad():
+        model(x)
+
+
 def test_sparsify_leaves_mlps_that_are_not_gated_products():
     torch.manual_seed(11)
     sums = nn.Sequential(_HFBlock(combine=lambda a, b: a + b)).half()  # act(gate) + up: not a GLU
