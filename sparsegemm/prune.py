@@ -230,9 +230,13 @@ def prune_one_shot(model: nn.Module, filter_fn: Optional[Callable[[str, nn.Modul
             raise ValueError(f"{op}: magnitude pruning takes no calibration data (nor blocks)")
         kept = {}
         for name, mod in layers:
+            # The weight as the model computes with it now: a mask already attached (a gradual
+            # schedule cut short) has zeroed its entries, as the calibrated methods see them too.
+            before = mod.weight.detach().float().abs()
             _attach(mod)
             _force_share(mod, 1.0)
-            kept[name] = _kept_by_mask(mod)
+            total = float(before.sum())
+            kept[name] = float((before * _mask_of(mod).mask).sum()) / total if total else 1.0
         return kept
     if calibration is None:
         raise ValueError(f"{op}: method {method!r} needs calibration batches")
@@ -516,12 +520,6 @@ def sparsegpt_2to4(weight: Tensor, hessian: Tensor, allowed: Optional[Tensor] = 
         w[:, b0:b1] = block
         w[:, b1:] -= errors @ u[b0:b1, b1:]
     return w, mask
-
-
-def _kept_by_mask(module: nn.Module) -> float:
-    original = module.parametrizations.weight.original.detach().float().abs()
-    total = float(original.sum())
-    return float((original * _mask_of(module).mask).sum()) / total if total else 1.0
 
 
 def remove_masks(model: nn.Module) -> list[str]:

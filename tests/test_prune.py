@@ -130,11 +130,15 @@ def test_one_shot_completes_a_partial_mask_and_respects_filter():
         pruner.step()
     partial = P.masked_layers(model)["2"].clone()
     assert not bool(partial.all())
-    P.prune_one_shot(model, filter_fn=lambda name, mod: name != "4")
+    live = model[2].weight.detach().abs()  # what the model computes with: the partial mask applied
+    kept = P.prune_one_shot(model, filter_fn=lambda name, mod: name != "4")
     assert set(P.masked_layers(model)) == {"0", "2"}
     final = P.masked_layers(model)["2"]
     assert not bool((final & ~partial).any())
     assert int(groups_kept(model[2]).max()) == 2
+    # The share kept is of that weight (the calibrated methods' measure), not of the entries the
+    # partial mask had already zeroed, which once counted as lost again.
+    assert kept["2"] == pytest.approx(float((live * final).sum() / live.sum()), rel=1e-6)
 
 
 def test_gradual_state_dict_resumes_the_same_masks():
