@@ -290,11 +290,14 @@ class Int8Calibrator:
     ...         model(batch)
     >>> cal.apply()                          # each layer now quantizes with scale = amax / 127
 
-    The recorded statistic is the largest ``|x|`` seen (NaN and inf inputs are refused).
+    The recorded statistic is the largest ``|x|`` seen (NaN and inf inputs are refused). An expert
+    of a SparseExperts that no batch routed to takes the largest input seen by the mixture's other
+    experts of the same projection (their gate/up layers all read the same token stream); with
+    64-128 experts a few batches often leave some expert idle.
     """
 
     def __init__(self, model: nn.Module, modules: Optional[Iterable[str]] = None):
-        from .nn import SparseLinear
+        from .nn import SparseExperts, SparseLinear
 
         wanted = None if modules is None else set(modules)
         self.layers = {name: mod for name, mod in model.named_modules()
@@ -303,6 +306,16 @@ class Int8Calibrator:
         if not self.layers:
             raise ValueError("Int8Calibrator: the model has no int8 SparseLinear layers "
                              "(convert with sparsify(..., quantize='int8') first)")
+        # Layer name -> the names of its sibling experts' layers of the same projection.
+        self._siblings: dict = {}
+        for name, mod in model.named_modules():
+            if isinstance(mod, SparseExperts):
+                prefix = f"{name}." if name else ""
+                for projection in ("gate_up", "down"):
+                    names = [f"{prefix}{projection}.{e}" for e in range(len(getattr(mod, projection)))]
+                    for layer in names:
+                        if layer in self.layers:
+                            self._siblings[layer] = [other for other in names if other in self.layers]
         self.amax: dict = {}
         self._hooks: list = []
 
@@ -326,11 +339,16 @@ class Int8Calibrator:
 
     def scales(self) -> dict:
         """{layer name: static scale (amax / 127, or 1 for an all-zero input)}."""
-        missing = sorted(set(self.layers) - set(self.amax))
+        amax = dict(self.amax)
+        for name in set(self.layers) - set(amax):
+            seen = [self.amax[other] for other in self._siblings.get(name, ()) if other in self.amax]
+            if seen:
+                amax[name] = max(seen)  # an idle expert: its mixture's largest input for this projection
+        missing = sorted(set(self.layers) - set(amax))
         if missing:
             raise ValueError(f"Int8Calibrator: no batch reached layers {missing[:5]}; run the model inside "
                              "`with calibrator:` first")
-        return {name: (a / QMAX if a > 0 else 1.0) for name, a in self.amax.items()}
+        return {name: (a / QMAX if a > 0 else 1.0) for name, a in amax.items()}
 
     def apply(self) -> dict:
         """Switch every calibrated layer to static mode with its scale; returns the scales."""

@@ -536,3 +536,21 @@ def test_metadata_overrides_in_a_loop_are_each_reordered():
             assert torch.allclose(got.float(), wants[t % 2].float(), rtol=2e-2, atol=2e-2), t
         # The layer's own metadata (the last pattern copied in) serves plain calls again.
         assert torch.allclose(sparse(x, index, weights).float(), wants[1].float(), rtol=2e-2, atol=2e-2)
+
+
+def test_int8_calibrator_fills_an_idle_expert_from_its_siblings():
+    # With many experts a few batches leave some unrouted: those take their mixture's largest input
+    # of the same projection instead of failing apply() for the whole model.
+    from sparsegemm.quant import Int8Calibrator
+
+    torch.manual_seed(27)
+    sparse = SparseExperts.from_dense(Experts(experts=8), quantize="int8")
+    calibrator = Int8Calibrator(sparse)
+    with torch.no_grad(), calibrator:
+        sparse(torch.randn(5, 64), torch.randint(0, 4, (5, 2)), torch.rand(5, 2))  # experts 4-7 idle
+    scales = calibrator.apply()
+    assert len(scales) == 16
+    seen = calibrator.amax
+    assert scales["gate_up.6"] == max(seen[f"gate_up.{e}"] for e in range(4)) / 127
+    assert scales["down.5"] == max(seen[f"down.{e}"] for e in range(4) if f"down.{e}" in seen) / 127
+    assert all(sparse.gate_up[e].input_scale is not None for e in range(8))
