@@ -361,6 +361,7 @@ def _(w: Tensor, prune: bool, backend: str) -> tuple[Tensor, Tensor]:
 @_custom_op("sparsegemm::decompress")
 @_on_tensor_device
 def _decompress(values: Tensor, meta: Tensor, k: int, backend: str) -> Tensor:
+    _check_operands("sparsegemm.decompress", backend, k, values, meta, reads_kernel_meta=False)
     n = values.shape[0]
     w = values.new_empty((n, k))
     code = fmt.DTYPE_CODES[values.dtype]
@@ -411,9 +412,58 @@ def _kernel_meta_bytes(n: int, k: int, backend: str, s8: bool) -> int:
     return getattr(_C, f"{backend}_kernel_meta_bytes{suffix}")(n, _reorder_k(k, s8))
 
 
+def _check_operands(op: str, backend: str, k: int, values: Optional[Tensor], meta: Optional[Tensor],
+                    kernel_meta: Optional[Tensor] = None, *, reads_kernel_meta: bool = True,
+                    n: Optional[int] = None, s8: bool = False,
+                    values_dtype: Optional[torch.dtype] = None, bias: Optional[Tensor] = None,
+                    bias_dtype: Optional[torch.dtype] = None, w_scale: Optional[Tensor] = None,
+                    x: Optional[Tensor] = None, x_scale: Optional[Tensor] = None) -> None:
+    """What the C++ side takes on trust, checked in every op that hands it pointers: the ops
+    (torch.ops.sparsegemm.*) are callable without the functional API's checks, and a size that
+    disagrees there reads or writes past a buffer (a crash, or results made of whatever lies
+    there). Shapes, dtypes, lengths and the kernel metadata's size and 16-byte alignment (the
+    kernels copy it with cp.async); no data is read. ``kernel_meta`` is checked on the kernel
+    backends where the op reads it (``reads_kernel_meta``), ``x`` against K = ``k``."""
+    def refuse(what: str) -> None:
+        raise ValueError(f"{op}: {what}")
+
+    if backend not in BACKENDS:
+        refuse(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+        refuse(f"k must be a positive int, got {k!r}")
+    if values is not None:
+        if values.dim() != 2 or values.shape[1] != fmt.values_cols(k):
+            refuse(f"values must be [N, {fmt.values_cols(k)}] for K = {k}, got {tuple(values.shape)}")
+        if values_dtype is not None and values.dtype != values_dtype:
+            refuse(f"values must be {values_dtype}, got {values.dtype}")
+        n = values.shape[0]
+    if meta is not None and (meta.dtype != torch.uint8 or tuple(meta.shape) != (n, fmt.meta_cols(k))):
+        refuse(f"meta must be uint8 [{n}, {fmt.meta_cols(k)}] for K = {k}, got {meta.dtype} {tuple(meta.shape)}")
+    if backend != "cpu":
+        check_32bit(op, **{"N*K": n * k})
+    if backend != "cpu" and values is not None and reads_kernel_meta:
+        size = _kernel_meta_bytes(n, k, backend, s8)
+        if (kernel_meta is None or kernel_meta.dtype != torch.uint8 or kernel_meta.numel() != size
+                or not kernel_meta.is_contiguous() or kernel_meta.data_ptr() % 16):
+            got = "None" if kernel_meta is None else f"{kernel_meta.dtype} of {kernel_meta.numel()} bytes"
+            refuse(f"kernel_meta must be the {backend} layout of this weight ({'int8' if s8 else '16-bit'}: "
+                   f"{size} contiguous uint8 bytes, 16-byte aligned), got {got}")
+    for name, t, dtype in (("bias", bias, bias_dtype), ("w_scale", w_scale, torch.float32)):
+        if t is not None and (tuple(t.shape) != (n,) or (dtype is not None and t.dtype != dtype)):
+            refuse(f"{name} must be {dtype} of shape ({n},), got {t.dtype} {tuple(t.shape)}")
+    if x is not None:
+        if x.dim() != 2 or x.shape[1] != k:
+            refuse(f"x must be [M, {k}], got {tuple(x.shape)}")
+        if x_scale is not None and (x_scale.dtype != torch.float32 or tuple(x_scale.shape) != (x.shape[0],)):
+            refuse(f"x_scale must be float32 of shape ({x.shape[0]},), got {x_scale.dtype} {tuple(x_scale.shape)}")
+        if backend != "cpu":
+            check_gemm_32bit(op, x.shape[0], n, k)
+
+
 @_custom_op("sparsegemm::reorder_meta")
 @_on_tensor_device
 def _reorder_meta(meta: Tensor, k: int, backend: str, s8: bool) -> Tensor:
+    _check_operands("sparsegemm.reorder_meta", backend, k, None, meta, n=meta.shape[0] if meta.dim() else 0)
     n = meta.shape[0]
     meta = meta.contiguous()
     out = torch.empty(_kernel_meta_bytes(n, k, backend, s8), dtype=torch.uint8, device=meta.device)
@@ -645,6 +695,8 @@ def _linear(x: Tensor, values: Tensor, meta: Tensor, kernel_meta: Optional[Tenso
             activation: int, backend: str) -> Tensor:
     """``meta`` is the logical metadata (CPU backend, autograd); ``kernel_meta`` the reordered copy
     the CUDA / SIMT GEMM reads (None for the CPU backend)."""
+    _check_operands("sparsegemm.linear", backend, k, values, meta, kernel_meta, values_dtype=x.dtype, bias=bias,
+                    bias_dtype=x.dtype, x=x)
     m, n = x.shape[0], values.shape[0]
     y = x.new_empty((m, out_features(n, activation)))
     if m == 0:
@@ -748,7 +800,24 @@ def _grouped_linear(x: Tensor, row_offsets: Tensor, values: list[Tensor], meta: 
     and SIMT backends read the offsets and check them (and max_rows); CUDA never reads them on the
     host."""
     op = "sparsegemm.grouped_linear"
-    m, n, groups = x.shape[0], values[0].shape[0], len(values)
+    groups = len(values)
+    if not groups or row_offsets.dtype != torch.int64 or tuple(row_offsets.shape) != (groups + 1,) or (
+            not row_offsets.is_contiguous()):
+        raise ValueError(f"{op}: row_offsets must be a contiguous int64 tensor of shape ({groups + 1},) for {groups} "
+                         f"weights, got {row_offsets.dtype} {tuple(row_offsets.shape)}")
+    for name, items in (("meta", meta), ("kernel_meta", kernel_meta), ("bias", bias), ("scale", scale)):
+        if items and len(items) != groups:
+            raise ValueError(f"{op}: {name} must hold one tensor per weight ({groups}), got {len(items)}")
+    s8 = bool(scale)
+    for g in range(groups):
+        _check_operands(f"{op} (group {g})", backend, k, values[g], meta[g] if meta else None,
+                        kernel_meta[g] if kernel_meta else None, n=values[0].shape[0], s8=s8,
+                        values_dtype=torch.int8 if s8 else x.dtype, bias=bias[g] if bias else None,
+                        bias_dtype=x.dtype, w_scale=scale[g] if s8 else None, x=x)
+        if values[g].shape[0] != values[0].shape[0]:
+            raise ValueError(f"{op}: every weight must have values[0]'s {values[0].shape[0]} rows, got "
+                             f"{values[g].shape[0]} at group {g}")
+    m, n = x.shape[0], values[0].shape[0]
     y = x.new_zeros((m, out_features(n, activation)))
     if backend != "cuda":
         offsets = row_offsets.tolist()
@@ -893,6 +962,11 @@ def _conv2d(x: Tensor, values: Tensor, meta: Tensor, kernel_meta: Tensor, kernel
     kernel reads x where it lies; the only allocation is the output (split-K scratch is reused).
     """
     op = "sparsegemm.conv2d"
+    if x.dim() != 4 or len(kernel_size) != 2:
+        raise ValueError(f"{op}: x must be NHWC [B, H, W, Cin] and kernel_size two ints, got {tuple(x.shape)}, "
+                         f"{kernel_size}")
+    _check_operands(op, backend, x.shape[3] * kernel_size[0] * kernel_size[1], values, meta, kernel_meta,
+                    values_dtype=x.dtype, bias=bias, bias_dtype=x.dtype)
     b, ho, wo, n = _conv2d_shape(op, x, values.shape[0], kernel_size, stride, padding, dilation)
     y = x.new_empty((b, ho, wo, n))
     if y.numel() == 0:
@@ -1014,6 +1088,10 @@ def _linear_s8(x_q: Tensor, x_scale: Tensor, values: Tensor, meta: Tensor, kerne
     """INT8 GEMM: Y[M, N] (out_dtype) = epilogue(x_q [M, K] @ Wq^T). ``meta`` is the logical
     metadata (CPU); ``kernel_meta`` the s8 reordered copy (CUDA / SIMT), for K padded to whole
     groups: those kernels read x_q as [M, padded_k(k)] and its zero columns add nothing."""
+    if x_q.dtype != torch.int8:
+        raise ValueError(f"sparsegemm.linear_s8: x_q must be int8, got {x_q.dtype}")
+    _check_operands("sparsegemm.linear_s8", backend, k, values, meta, kernel_meta, s8=True, values_dtype=torch.int8,
+                    bias=bias, bias_dtype=out_dtype, w_scale=w_scale, x=x_q, x_scale=x_scale)
     m, n = x_q.shape[0], values.shape[0]
     y = torch.empty((m, out_features(n, activation)), dtype=out_dtype, device=x_q.device)
     if m == 0:
@@ -1064,6 +1142,12 @@ def _linear_s8_dynamic(x: Tensor, values: Tensor, kernel_meta: Tensor, w_scale: 
     per-token quantization of x [M, K] and the INT8 GEMM in one op, x_q and x_scale in reused
     scratch (_scratch) instead of tensors of their own: what :func:`_quantize_rows` then
     :func:`_linear_s8` compute, without the second op's host cost."""
+    op = "sparsegemm.linear_s8_dynamic"
+    if backend == "cpu" or x.dim() != 2 or x.shape[1] % 4:
+        raise ValueError(f"{op}: needs the simt / cuda kernels and x [M, K] with K % 4 == 0, got {backend!r}, "
+                         f"{tuple(x.shape)}")
+    _check_operands(op, backend, x.shape[1], values, None, kernel_meta, s8=True, values_dtype=torch.int8, bias=bias,
+                    bias_dtype=out_dtype, w_scale=w_scale, x=x)
     m, k = x.shape
     n = values.shape[0]
     y = torch.empty((m, out_features(n, activation)), dtype=out_dtype, device=x.device)

@@ -32,6 +32,7 @@ class SparseTensor24:
         self.shape = (int(shape[0]), int(shape[1]))
         self.scale = scale
         self._kernel_meta: dict = {}
+        self._check_layout()  # always: the kernels trust these sizes (validate=False skips reading the data)
         if validate:
             self.validate()
 
@@ -71,6 +72,26 @@ class SparseTensor24:
         """
         from . import ops
 
+        self._check_layout()
+        n, k = self.shape
+        if self.values.dtype == torch.int8 or self.scale is not None:
+            from .quant import check_scale
+
+            check_scale("SparseTensor24", "scale", self.scale, n)
+        if self.values.dtype == torch.int8 and self.values.numel() and int(self.values.min()) < -127:
+            row = int(torch.nonzero(self.values == -128)[0][0])
+            raise ValueError(f"SparseTensor24: int8 values must lie in [-127, 127] (symmetric quantization), got "
+                             f"-128 in row {row}")
+        bad = ops.find_invalid_meta(self.meta, k)
+        if bad is not None:
+            row, group = bad
+            nib = (int(self.meta[row, group // 2]) >> (4 * (group % 2))) & 0xF
+            raise ValueError(f"SparseTensor24: corrupt metadata at row {row}, group {group}: nibble 0x{nib:X} is "
+                             f"not an ordered pair of distinct indices (legal: 0x4 0x8 0x9 0xC 0xD 0xE"
+                             f"{', padding 0x4' if group >= fmt.num_groups(k) else ''})")
+
+    def _check_layout(self) -> None:
+        """Shapes, dtypes and devices, which the kernels take on trust (no data is read)."""
         n, k = self.shape
         if n <= 0 or k <= 0:
             raise ValueError(f"SparseTensor24: shape must be positive, got {self.shape}")
@@ -87,20 +108,9 @@ class SparseTensor24:
         if self.values.dtype == torch.int8 or self.scale is not None:
             from .quant import check_scale
 
-            check_scale("SparseTensor24", "scale", self.scale, n)
+            check_scale("SparseTensor24", "scale", self.scale, n, values=False)
             if self.scale.device != self.values.device:
                 raise ValueError(f"SparseTensor24: scale on {self.scale.device} but values on {self.values.device}")
-        if self.values.dtype == torch.int8 and self.values.numel() and int(self.values.min()) < -127:
-            row = int(torch.nonzero(self.values == -128)[0][0])
-            raise ValueError(f"SparseTensor24: int8 values must lie in [-127, 127] (symmetric quantization), got "
-                             f"-128 in row {row}")
-        bad = ops.find_invalid_meta(self.meta, k)
-        if bad is not None:
-            row, group = bad
-            nib = (int(self.meta[row, group // 2]) >> (4 * (group % 2))) & 0xF
-            raise ValueError(f"SparseTensor24: corrupt metadata at row {row}, group {group}: nibble 0x{nib:X} is "
-                             f"not an ordered pair of distinct indices (legal: 0x4 0x8 0x9 0xC 0xD 0xE"
-                             f"{', padding 0x4' if group >= fmt.num_groups(k) else ''})")
 
     # ---- conversions ---------------------------------------------------------------------------
     def to(self, device=None, dtype: Optional[torch.dtype] = None, non_blocking: bool = False) -> "SparseTensor24":

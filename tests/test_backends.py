@@ -150,3 +150,59 @@ def test_kernel_entry_points_refuse_a_dtype_they_have_no_kernel_for():
     # int8 (code 3) has no decompress kernel: the C++ boundary raises instead of writing nothing.
     with pytest.raises(ValueError, match=r"decompress: dtype code 3 has no kernel here"):
         _C.simt_decompress(4, 8, 0, 0, 0, 3)
+
+
+# ---- the ops themselves check what the C++ side takes on trust ----------------------------------
+
+def _op_cases():
+    """(label, call, message) for torch.ops.sparsegemm.* called directly with operands that disagree:
+    each once crashed the process or read past a buffer (the checks lived in the functional API)."""
+    O = torch.ops.sparsegemm
+    sw = sparsegemm.compress(torch.randn(8, 16), prune=True)
+    swh = sparsegemm.compress(torch.randn(8, 16).half(), prune=True)
+    km = sparsegemm.ops.reorder_meta(swh.meta, 16, "simt")
+    q = quantize_weight(torch.randn(8, 16))
+    kq = sparsegemm.ops.reorder_meta(q.meta, 16, "simt", s8=True)
+    x, xh = torch.randn(2, 16), torch.randn(2, 16).half()
+    return [
+        ("linear k", lambda: O.linear(x, sw.values, sw.meta, None, 1 << 26, None, 0, "cpu"), r"values must be \[N, 33554432\]"),
+        ("linear bias", lambda: O.linear(x, sw.values, sw.meta, None, 16, torch.zeros(1), 0, "cpu"), r"bias must be"),
+        ("linear narrow x", lambda: O.linear(x[:, :8], sw.values, sw.meta, None, 16, None, 0, "cpu"), r"x must be \[M, 16\]"),
+        ("linear dtype", lambda: O.linear(x, swh.values, swh.meta, None, 16, None, 0, "cpu"), r"values must be torch.float32"),
+        ("linear 1-D x", lambda: O.linear(xh[0], swh.values, swh.meta, km, 16, None, 0, "simt"), r"x must be \[M, 16\]"),
+        ("linear s8 layout", lambda: O.linear(xh, swh.values, swh.meta, kq, 16, None, 0, "simt"), r"kernel_meta must be"),
+        ("linear misaligned", lambda: O.linear(xh, swh.values, swh.meta, torch.cat([km[:1], km])[1:], 16, None, 0,
+                                               "simt"), r"16-byte aligned"),
+        ("decompress k", lambda: O.decompress(sw.values, sw.meta, 1 << 24, "cpu"), r"values must be \[N, 8388608\]"),
+        ("reorder k", lambda: O.reorder_meta(sw.meta, 1 << 24, "simt", False), r"meta must be uint8 \[8, 2097152\]"),
+        ("s8 w_scale", lambda: O.linear_s8(torch.zeros(2, 16, dtype=torch.int8), torch.ones(2), q.values, q.meta, None,
+                                           q.scale[:1].clone(), 16, None, 0, torch.float32, "cpu"), r"w_scale must be"),
+        ("s8 x_scale", lambda: O.linear_s8(torch.zeros(2, 16, dtype=torch.int8), torch.ones(1), q.values, q.meta, None,
+                                           q.scale, 16, None, 0, torch.float32, "cpu"), r"x_scale must be"),
+        ("s8 dynamic", lambda: O.linear_s8_dynamic(xh, q.values, kq, q.scale[:2].clone(), None, 0, torch.float16, "simt"),
+         r"w_scale must be"),
+        ("grouped offsets", lambda: O.grouped_linear(x, torch.tensor([0, 2], dtype=torch.int32), [sw.values], [sw.meta],
+                                                     [], 16, [], [], 0, 2, "cpu"), r"row_offsets must be a contiguous int64"),
+        ("grouped k", lambda: O.grouped_linear(x, torch.tensor([0, 2]), [sw.values], [sw.meta], [], 1 << 24, [], [], 0, 2,
+                                               "cpu"), r"\(group 0\): values must be"),
+        ("grouped rows", lambda: O.grouped_linear(x, torch.tensor([0, 1, 2]), [sw.values, sw.values[:4]],
+                                                  [sw.meta, sw.meta[:4]], [], 16, [], [], 0, 2, "cpu"), r"rows"),
+        ("conv channels", lambda: O.conv2d(torch.randn(1, 4, 4, 3).half(), swh.values, swh.meta, km, [2, 2], [1, 1],
+                                           [0, 0], [1, 1], None, 0, "simt"), r"values must be \[N, 6\]"),
+        ("backend", lambda: O.decompress(sw.values, sw.meta, 16, "gpu"), r"backend must be one of"),
+    ]
+
+
+@pytest.mark.parametrize("index", range(17))
+def test_the_ops_refuse_operands_that_disagree(index):
+    label, call, message = _op_cases()[index]
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_a_sparse_tensor_built_unchecked_still_has_its_sizes_checked():
+    # validate=False skips reading the data (the nibble scan); the kernels trust the sizes, which a
+    # wrong shape once turned into a crash of sparsegemm.linear / decompress.
+    with pytest.raises(ValueError, match=r"SparseTensor24: values must have shape \(4, 2097152\)"):
+        sparsegemm.SparseTensor24(torch.randn(4, 2), torch.full((4, 1), 0x44, dtype=torch.uint8), (4, 1 << 22),
+                                  validate=False)
