@@ -388,7 +388,7 @@ def test_functional_linear_accepts_dlpack_arrays():
     assert np.array_equal(y, sparsegemm.linear(torch.from_numpy(x), sw).numpy())
 
 
-def test_functional_linear_takes_numpy_arrays_with_negative_strides():
+def test_functional_linear_takes_numpy_arrays_with_negative_strides(tmp_path):
     # torch.from_dlpack aborts the process on them (a C++ exception through the C API): run it in
     # a child so that a regression fails this test instead of killing the run.
     code = ("import numpy as np, torch, sparsegemm\n"
@@ -398,7 +398,8 @@ def test_functional_linear_takes_numpy_arrays_with_negative_strides():
             "y = sparsegemm.linear(a[::-1], sw, b[::2])\n"
             "want = sparsegemm.linear(torch.from_numpy(a.copy()).flip(0), sw, torch.from_numpy(b[::2].copy()))\n"
             "assert np.array_equal(y, want.numpy())\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    # From a scratch folder: in a checkout, the source tree (no _C) would shadow the installed package.
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
 
 
