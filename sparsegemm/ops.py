@@ -809,14 +809,22 @@ def _grouped_linear(x: Tensor, row_offsets: Tensor, values: list[Tensor], meta: 
         if items and len(items) != groups:
             raise ValueError(f"{op}: {name} must hold one tensor per weight ({groups}), got {len(items)}")
     s8 = bool(scale)
-    for g in range(groups):
-        _check_operands(f"{op} (group {g})", backend, k, values[g], meta[g] if meta else None,
-                        kernel_meta[g] if kernel_meta else None, n=values[0].shape[0], s8=s8,
-                        values_dtype=torch.int8 if s8 else x.dtype, bias=bias[g] if bias else None,
-                        bias_dtype=x.dtype, w_scale=scale[g] if s8 else None, x=x)
-        if values[g].shape[0] != values[0].shape[0]:
-            raise ValueError(f"{op}: every weight must have values[0]'s {values[0].shape[0]} rows, got "
-                             f"{values[g].shape[0]} at group {g}")
+    # Group 0 in full; the others must match it (a loop of cheap comparisons: under torch.compile this
+    # runs at every call, for up to hundreds of experts).
+    first = [t[0] if t else None for t in (values, meta, kernel_meta, bias, scale)]
+    _check_operands(f"{op} (group 0)", backend, k, first[0], first[1], first[2], s8=s8,
+                    values_dtype=torch.int8 if s8 else x.dtype, bias=first[3], bias_dtype=x.dtype, w_scale=first[4],
+                    x=x)
+    for name, items, like in zip(("values", "meta", "kernel_meta", "bias", "scale"),
+                                 (values, meta, kernel_meta, bias, scale), first):
+        if name == ("kernel_meta" if backend == "cpu" else "meta"):
+            continue  # not read by this backend's GEMM (the kernels read the reordered copies)
+        for g, t in enumerate(items):
+            if t.shape != like.shape or t.dtype != like.dtype or (name == "kernel_meta" and (
+                    t.data_ptr() % 16 or not t.is_contiguous())):
+                raise ValueError(f"{op}: {name}[{g}] must match {name}[0] ({like.dtype} {tuple(like.shape)}"
+                                 f"{', contiguous, 16-byte aligned' if name == 'kernel_meta' else ''}), got "
+                                 f"{t.dtype} {tuple(t.shape)}")
     m, n = x.shape[0], values[0].shape[0]
     y = x.new_zeros((m, out_features(n, activation)))
     if backend != "cuda":
