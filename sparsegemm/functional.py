@@ -223,19 +223,22 @@ def _tensor_of(array) -> Tensor:
     negative (a reversed NumPy / CuPy view): torch's from_dlpack aborts the process on those."""
     strides = getattr(array, "strides", None)
     if strides is not None and any(stride < 0 for stride in strides):
-        import importlib
-
-        array = importlib.import_module(type(array).__module__.split(".")[0]).ascontiguousarray(array)
+        array = _array_module(array).ascontiguousarray(array)
     return torch.from_dlpack(array)
+
+
+def _array_module(array):
+    """The top-level module (numpy, cupy, ...) that defines ``array``'s type."""
+    import importlib
+
+    return importlib.import_module(type(array).__module__.split(".")[0])
 
 
 def _foreign_array_module(x):
     """The array module (cupy, numpy, ...) of a non-torch DLPack producer, or None for a Tensor."""
     if isinstance(x, Tensor) or not hasattr(x, "__dlpack__"):
         return None
-    import importlib
-
-    module = importlib.import_module(type(x).__module__.split(".")[0])
+    module = _array_module(x)
     if not hasattr(module, "from_dlpack"):
         raise TypeError(f"sparsegemm.linear: x is a {type(x).__name__} whose module has no from_dlpack")
     return module

@@ -126,7 +126,7 @@ class _SparseWeight(nn.Module):
         if meta is None:  # parametrized
             meta = self.metadata
         # The tensor itself, not its id: one freed and one made at its address may share both.
-        numbers = (meta.data_ptr(), None if meta.is_inference() else meta._version)
+        numbers = ops.storage_state(meta)
         seen = self.__dict__.get("_metadata_state")
         if seen is None or seen[0] is not meta or seen[1] != numbers:
             self._forget_derived()

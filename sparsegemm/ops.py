@@ -102,6 +102,13 @@ def _ptr(t: Optional[Tensor]) -> int:
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
+def storage_state(t: Tensor) -> tuple:
+    """(data pointer, version) of ``t``: what a ``.data`` swap or swap_tensors (the pointer) and an
+    in-place edit (the version; None for an inference tensor, which has no counter) change. Caches
+    of what was derived from a tensor compare it, beside holding the tensor itself."""
+    return t.data_ptr(), None if t.is_inference() else t._version
+
+
 def _stream(t: Tensor) -> int:
     if _raw_stream is not None:
         return _raw_stream(t.get_device())
@@ -440,7 +447,7 @@ def _check_operands(op: str, backend: str, k: int, values: Optional[Tensor], met
     if meta is not None and (meta.dtype != torch.uint8 or tuple(meta.shape) != (n, fmt.meta_cols(k))):
         refuse(f"meta must be uint8 [{n}, {fmt.meta_cols(k)}] for K = {k}, got {meta.dtype} {tuple(meta.shape)}")
     if backend != "cpu":
-        check_32bit(op, **{"N*K": n * k})
+        check_gemm_32bit(op, 0 if x is None else x.shape[0], n, k)
     if backend != "cpu" and values is not None and reads_kernel_meta:
         size = _kernel_meta_bytes(n, k, backend, s8)
         if (kernel_meta is None or kernel_meta.dtype != torch.uint8 or kernel_meta.numel() != size
@@ -456,8 +463,6 @@ def _check_operands(op: str, backend: str, k: int, values: Optional[Tensor], met
             refuse(f"x must be [M, {k}], got {tuple(x.shape)}")
         if x_scale is not None and (x_scale.dtype != torch.float32 or tuple(x_scale.shape) != (x.shape[0],)):
             refuse(f"x_scale must be float32 of shape ({x.shape[0]},), got {x_scale.dtype} {tuple(x_scale.shape)}")
-        if backend != "cpu":
-            check_gemm_32bit(op, x.shape[0], n, k)
 
 
 @_custom_op("sparsegemm::reorder_meta")

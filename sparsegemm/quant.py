@@ -338,7 +338,7 @@ class Int8Calibrator:
         self._hooks = []
 
     def scales(self) -> dict:
-        """{layer name: static scale (amax / 127, or 1 for an all-zero input)}."""
+        """{layer name: static scale}: amax / 127 in fp32, or 1 where that is 0 (_row_scale, the weights' rule)."""
         amax = dict(self.amax)
         for name in set(self.layers) - set(amax):
             seen = [self.amax[other] for other in self._siblings.get(name, ()) if other in self.amax]
@@ -348,7 +348,7 @@ class Int8Calibrator:
         if missing:
             raise ValueError(f"Int8Calibrator: no batch reached layers {missing[:5]}; run the model inside "
                              "`with calibrator:` first")
-        return {name: (a / QMAX if a > 0 else 1.0) for name, a in amax.items()}
+        return {name: float(_row_scale(torch.tensor(a, dtype=torch.float32))) for name, a in amax.items()}
 
     def apply(self) -> dict:
         """Switch every calibrated layer to static mode with its scale; returns the scales."""

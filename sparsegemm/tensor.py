@@ -148,7 +148,7 @@ class SparseTensor24:
         # traced one is never kept.
         meta = self.meta
         compiling = torch.compiler.is_compiling()
-        numbers = None if compiling else (meta.data_ptr(), None if meta.is_inference() else meta._version)
+        numbers = None if compiling else ops.storage_state(meta)
         cached = self._kernel_meta.get(backend)
         if cached is not None and (compiling or (cached[0] is meta and cached[1] == numbers)):
             return cached[2]

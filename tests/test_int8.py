@@ -603,3 +603,14 @@ def test_a_weight_row_too_small_for_an_fp32_scale_quantizes_to_zero():
     x_q, x_scale = quant.quantize_activations(x)
     assert x_scale[1] == 1 and torch.count_nonzero(x_q[1]) == 0
     assert torch.equal(x_scale, oracle.quantize_rows_int8(x)[1])
+
+
+def test_a_calibrated_scale_follows_the_weights_scale_rule():
+    # An input too small for an fp32 scale (amax / 127 underflows to 0 in fp32; its double quotient
+    # did not, so the layer got a scale that became 0 once stored) calibrates to 1, as weights do.
+    layer = sparsegemm.SparseLinear.from_dense(nn.Linear(16, 8), quantize="int8")
+    calibrator = quant.Int8Calibrator(layer)
+    with torch.no_grad(), calibrator:
+        layer(torch.full((2, 16), 1e-44))
+    assert calibrator.apply() == {"": 1.0}
+    assert float(layer.input_scale) == 1.0
