@@ -14,7 +14,7 @@ from ._progress import progress_bar
 from .functional import mask_2to4
 from .io import check_outside_empty_weights, parameter_names
 from .nn import (SparseConv2d, SparseExperts, SparseGatedMLP, SparseLinear, conv_skip_reason, experts_activation,
-                 gated_mlp_activation, gated_mlp_parts)
+                 gated_mlp_activation, gated_mlp_parts, is_conv1d)
 
 __all__ = ["sparsify", "SparsifyReport", "LayerReport"]
 
@@ -22,7 +22,8 @@ __all__ = ["sparsify", "SparsifyReport", "LayerReport"]
 @dataclass
 class LayerReport:
     name: str
-    kind: str                    # "Linear", "Conv2d", "Linear (gated)" (a gated MLP's gate_proj + up_proj),
+    kind: str                    # "Linear", "Conv1D" (transformers' transposed Linear), "Conv2d",
+    #                              "Linear (gated)" (a gated MLP's gate_proj + up_proj),
     #                              "Experts (gated)" / "Experts" (a mixture's gate_up_proj / down_proj, all experts)
     shape: tuple                 # (N, K) of the GEMM weight
     dense_bytes: int
@@ -69,7 +70,10 @@ class SparsifyReport:
 
 
 def _gemm_weight(module: nn.Module) -> torch.Tensor:
+    """The layer's weight as the GEMM's W [N, K] (a Conv1D's transposed, a Conv2d's taps as K)."""
     w = module.weight.detach()
+    if is_conv1d(module):
+        return w.t()
     return w.permute(0, 2, 3, 1).reshape(w.shape[0], -1) if w.dim() == 4 else w
 
 
@@ -89,7 +93,10 @@ def sparsify(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
              quantize: Optional[str] = None, fuse_gated_mlp: bool = False) -> SparsifyReport:
     """Replace every eligible nn.Linear / nn.Conv2d of ``model`` in place by its 2:4 version.
 
-    ``filter_fn(name, module)`` is called with each candidate: nn.Linear, nn.Conv2d, a gated MLP's
+    transformers' ``Conv1D`` (GPT-2's attention and MLP layers: a Linear with its weight stored
+    transposed) becomes a SparseLinear too, its W the transpose of the stored ``[in, out]`` weight.
+
+    ``filter_fn(name, module)`` is called with each candidate: nn.Linear, Conv1D, nn.Conv2d, a gated MLP's
     projections (``fuse_gated_mlp``) and each mixture-of-experts module (3-D weights, see below).
     Skipped (and said why in the report): modules ``filter_fn`` rejects, layers with
     fewer than ``min_features`` inputs or outputs (too small to gain), grouped / depthwise convs,
@@ -118,7 +125,8 @@ def sparsify(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
     # Names, not modules: a converted layer's dense weight is freed as soon as it is replaced, so
     # converting a model on its GPU needs one dense layer of room beyond the compressed model,
     # not the whole dense model twice over.
-    candidates = [name for name, mod in model.named_modules() if isinstance(mod, (nn.Linear, nn.Conv2d))
+    candidates = [name for name, mod in model.named_modules()
+                  if (isinstance(mod, (nn.Linear, nn.Conv2d)) or is_conv1d(mod))
                   and not isinstance(mod, (SparseLinear, SparseConv2d))]
     holders = parameter_names(model)
     for name in progress_bar(candidates, "sparsify", "layer", progress and len(candidates) > 20):
@@ -132,8 +140,8 @@ def sparsify(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
         if not name:
             entry.reason = "the model itself is the layer: it cannot be replaced in place"
             continue
-        if type(mod) not in (nn.Linear, nn.Conv2d):
-            entry.reason = (f"{type(mod).__name__} is not a plain nn.Linear / nn.Conv2d (parametrized: "
+        if type(mod) not in (nn.Linear, nn.Conv2d) and type(mod).__name__ != "Conv1D":
+            entry.reason = (f"{type(mod).__name__} is not a plain nn.Linear / Conv1D / nn.Conv2d (parametrized: "
                             "call sparsegemm.prune.remove_masks(model) first)"
                             if hasattr(mod, "parametrizations") else f"subclass {type(mod).__name__} left alone")
             continue

@@ -23,7 +23,7 @@ from torch import nn
 from .format import ACTIVATIONS, GATED_ACTIVATIONS
 from .ops import check_conv_geometry
 from .nn import (SparseConv2d, SparseExperts, SparseGatedMLP, SparseLinear, _SparseWeight, conv_skip_reason,
-                 experts_activation, gated_mlp_activation, gated_mlp_parts)
+                 experts_activation, gated_mlp_activation, gated_mlp_parts, is_conv1d)
 
 __all__ = ["save", "load", "describe", "init_empty_weights"]
 
@@ -150,11 +150,16 @@ def _build(name: str, spec: dict, dense: nn.Module) -> nn.Module:
         if activation is not None and activation not in ACTIVATIONS:
             raise ValueError(f"sparsegemm.load: module {name!r}: unknown activation {activation!r} in the checkpoint")
         # A layer with a fused activation has no nn.Linear twin (a gated one replaced two): the
-        # model must hold it already, as built, e.g. by SparseLinear.from_gate_up.
-        twin = (SparseLinear if activation is not None else (nn.Linear, SparseLinear))
-        if not isinstance(dense, twin) or (dense.in_features, dense.out_features) != (
-                spec["in_features"], spec["out_features"]) or getattr(dense, "activation", None) != activation or (
-                (dense.bias is not None) != spec["bias"]):
+        # model must hold it already, as built, e.g. by SparseLinear.from_gate_up. A Conv1D
+        # (GPT-2) is a Linear of (nx, nf) features.
+        if is_conv1d(dense) and activation is None:
+            features = (dense.nx, dense.nf)
+        elif isinstance(dense, SparseLinear if activation is not None else (nn.Linear, SparseLinear)):
+            features = (dense.in_features, dense.out_features)
+        else:
+            features = None
+        if features != (spec["in_features"], spec["out_features"]) or (
+                getattr(dense, "activation", None) != activation or (dense.bias is not None) != spec["bias"]):
             fused = "" if activation is None else f" with activation {activation!r}"
             raise ValueError(f"sparsegemm.load: module {name!r} was a Linear {spec['in_features']} -> "
                              f"{spec['out_features']}{fused} (bias={spec['bias']}) when saved, the model has {dense}")

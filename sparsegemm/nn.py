@@ -244,17 +244,25 @@ class SparseLinear(_SparseWeight):
                    activation: Optional[str] = None) -> "SparseLinear":
         """Compress ``linear``'s weight (magnitude 2:4 when ``prune``, else it must already be 2:4).
 
+        ``linear`` is an nn.Linear or transformers' ``Conv1D`` (GPT-2's layers, :func:`is_conv1d`),
+        whose ``[in, out]`` weight becomes the layer's ``[out, in]`` one, 2:4 along ``in`` as always.
+
         ``quantize="int8"``: prune, then quantize per output channel
         (:func:`sparsegemm.quant.quantize_weight`); ``dtype`` is the activation dtype.
         ``activation`` ("relu", "gelu", "silu") is fused into the GEMM: the layer then computes
         ``act(linear(x))``; gated activations take two projections (:meth:`from_gate_up`).
         """
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"SparseLinear.from_dense: expected nn.Linear, got {type(linear).__name__}")
+        if is_conv1d(linear):
+            weight = linear.weight.detach().t()  # [in, out] stored: the GEMM's W is its transpose
+        elif isinstance(linear, nn.Linear):
+            weight = linear.weight.detach()
+        else:
+            raise TypeError(f"SparseLinear.from_dense: expected nn.Linear or transformers' Conv1D, got "
+                            f"{type(linear).__name__}")
         if activation in fmt.GATED_ACTIVATIONS:
             raise ValueError(f"SparseLinear.from_dense: {activation!r} is gated and needs a gate and an up "
                              f"projection: use SparseLinear.from_gate_up")
-        return cls._from_weight(linear.weight.detach(), linear.bias, dtype=dtype, prune=prune, backend=backend,
+        return cls._from_weight(weight, linear.bias, dtype=dtype, prune=prune, backend=backend,
                                 quantize=quantize, activation=activation)
 
     @classmethod
@@ -1041,6 +1049,17 @@ def _torch_conv_wins(dtype: torch.dtype, k: int) -> bool:
     (ResNet-50 256 -> 256 3 x 3 at 14 x 14, batch 8: 0.94x oneDNN against 0.75x). Not for fp16
     without native dot products, which torch's convolution widens (the GEMM: 3-4x)."""
     return dtype == torch.float32 or ops._cpu_dense_tiles_win(dtype, k)
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is transformers' ``Conv1D`` (GPT-2, OpenAI GPT, ImageGPT, ...), masked
+    for pruning or not: a linear layer holding ``weight [nx, nf]`` (in, out: transposed against
+    nn.Linear's) and ``bias [nf]``, computing ``x @ weight + bias``. Told by the class name and
+    those attributes, so that transformers need not be imported."""
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    return (any(cls.__name__ == "Conv1D" for cls in type(module).__mro__) and isinstance(weight, Tensor)
+            and weight.dim() == 2 and tuple(weight.shape) == (getattr(module, "nx", None), getattr(module, "nf", None))
+            and (bias is None or (isinstance(bias, Tensor) and tuple(bias.shape) == (weight.shape[1],))))
 
 
 def conv_skip_reason(conv: nn.Conv2d) -> Optional[str]:

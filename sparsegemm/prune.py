@@ -30,7 +30,7 @@ from torch.nn.utils import parametrize
 from . import format as fmt
 from ._progress import progress_bar
 from .functional import mask_2to4
-from .nn import conv_skip_reason
+from .nn import conv_skip_reason, is_conv1d
 
 __all__ = [
     "Mask2to4",
@@ -75,6 +75,18 @@ def _from_gemm_view(matrix: Tensor, weight_shape: torch.Size) -> Tensor:
     return matrix
 
 
+def _layer_gemm_view(module: nn.Module, t: Tensor) -> Tensor:
+    """``t``, of the shape of ``module``'s weight, as the GEMM's ``[N, K]``: :func:`gemm_view`, or
+    for a Conv1D, which stores ``[K, N]``, a contiguous copy of the transpose (the callers view its
+    rows as groups of four)."""
+    return t.t().contiguous() if is_conv1d(module) else gemm_view(t)
+
+
+def _layer_from_gemm_view(module: nn.Module, matrix: Tensor, weight_shape: torch.Size) -> Tensor:
+    """Inverse of :func:`_layer_gemm_view`."""
+    return matrix.t() if is_conv1d(module) else _from_gemm_view(matrix, weight_shape)
+
+
 def kept_share(weight: Tensor) -> float:
     """The share of ``sum |w|`` that the magnitude 2:4 mask keeps (1.0 for an all-zero weight)."""
     w = gemm_view(weight.detach()).float()
@@ -116,14 +128,15 @@ def _mask_of(module: nn.Module) -> Optional[Mask2to4]:
 
 def prunable_layers(model: nn.Module, filter_fn: Optional[Callable[[str, nn.Module], bool]] = None
                     ) -> list[tuple[str, nn.Module]]:
-    """The ``(name, module)`` of every nn.Linear / nn.Conv2d that a 2:4 mask suits: grouped,
+    """The ``(name, module)`` of every nn.Linear, transformers' Conv1D (GPT-2's layers: 2:4 along
+    their ``in`` dimension, dim 0 of the stored weight) and nn.Conv2d that a 2:4 mask suits: grouped,
     depthwise and non-zero-padded convs are left out (SparseConv2d cannot take them), and so is
     whatever ``filter_fn(name, module)`` rejects."""
     layers = []
     for name, mod in model.named_modules():
         if isinstance(mod, nn.Conv2d) and conv_skip_reason(mod) is not None:
             continue
-        if isinstance(mod, (nn.Linear, nn.Conv2d)) and (filter_fn is None or filter_fn(name, mod)):
+        if (isinstance(mod, (nn.Linear, nn.Conv2d)) or is_conv1d(mod)) and (filter_fn is None or filter_fn(name, mod)):
             layers.append((name, mod))
     return layers
 
@@ -154,10 +167,10 @@ def _force_share(module: nn.Module, share: float) -> None:
     found = _mask_of(module)
     with torch.no_grad():
         weight = holder.original
-        n, k = gemm_view(weight).shape
-        w = _groups(gemm_view(weight).float().abs())
+        n, k = _layer_gemm_view(module, weight).shape
+        w = _groups(_layer_gemm_view(module, weight).float().abs())
         k_real = _groups(torch.ones(1, k, dtype=torch.bool, device=weight.device))
-        mask = _groups(gemm_view(found.mask)) & k_real
+        mask = _groups(_layer_gemm_view(module, found.mask)) & k_real
         done = mask.sum(-1) <= 2
         total = done.numel()
         # at least the share asked for; rounded first so that 0.3 * 10 asks for 3, not 4
@@ -165,13 +178,13 @@ def _force_share(module: nn.Module, share: float) -> None:
         need = target - int(done.sum())
         if need <= 0:
             return
-        pattern = _groups(mask_2to4(gemm_view(weight).float()))
+        pattern = _groups(mask_2to4(_layer_gemm_view(module, weight).float()))
         dropped = (w * ~pattern).sum(-1).masked_fill(done, math.inf).flatten()
         chosen = torch.argsort(dropped, stable=True)[:need]
         flat = mask.view(-1, 4)
         flat[chosen] &= pattern.view(-1, 4)[chosen]
         new_mask = mask.view(n, -1)[:, :k]
-        found.mask.copy_(_from_gemm_view(new_mask, weight.shape))
+        found.mask.copy_(_layer_from_gemm_view(module, new_mask, weight.shape))
 
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
@@ -359,10 +372,12 @@ class _InputStats:
 
 
 def _layer_inputs(module: nn.Module, x: Tensor) -> Tensor:
-    """The rows X[T, K] that ``module``'s GEMM multiplies: a Linear's inputs, a Conv2d's patches in
-    (ky, kx, cin) order, cin fastest (gemm_view's K)."""
+    """The rows X[T, K] that ``module``'s GEMM multiplies: a Linear's (or Conv1D's) inputs, a
+    Conv2d's patches in (ky, kx, cin) order, cin fastest (gemm_view's K)."""
     if isinstance(module, nn.Linear):
         return x.reshape(-1, module.in_features)
+    if is_conv1d(module):
+        return x.reshape(-1, module.nx)
     if x.dim() == 3:
         x = x.unsqueeze(0)
     patches = nn.functional.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
@@ -378,7 +393,7 @@ def _calibration_stats(layers: list, run: Callable[[], None], kind: str) -> dict
     stats, handles = {}, []
     try:
         for name, mod in layers:
-            weight = gemm_view(_original_weight(mod))
+            weight = _layer_gemm_view(mod, _original_weight(mod))
             stats[name] = _InputStats(weight.shape[1], kind, weight.device)
 
             def hook(module, args, kwargs, name=name):
@@ -435,10 +450,10 @@ def _prune_calibrated(name: str, module: nn.Module, stats: _InputStats, method: 
         # The weight the layer computes with: values an earlier mask removed are zeros, however the
         # optimizer moved their originals since.
         live = torch.where(found.mask, original, torch.zeros((), dtype=original.dtype, device=original.device))
-        weight = gemm_view(live).to(torch.float64)
+        weight = _layer_gemm_view(module, live).to(torch.float64)
         n, k = weight.shape
         kp = fmt.padded_k(k)
-        allowed = _pad_k(gemm_view(found.mask), kp)  # the pad columns: never kept
+        allowed = _pad_k(_layer_gemm_view(module, found.mask), kp)  # the pad columns: never kept
         weight = _pad_k(weight, kp)
         if method == "wanda":
             mask = _top2_per_group(weight.abs() * _pad_k(stats.sums.sqrt(), kp), allowed)
@@ -448,8 +463,8 @@ def _prune_calibrated(name: str, module: nn.Module, stats: _InputStats, method: 
                                               name=name)
         before = weight.abs().sum()
         kept = float((weight.abs() * mask).sum() / before) if before > 0 else 1.0
-        found.mask.copy_(_from_gemm_view(mask[:, :k], original.shape))
-        original.copy_(_from_gemm_view(new_weight[:, :k].to(original.dtype), original.shape))
+        found.mask.copy_(_layer_from_gemm_view(module, mask[:, :k], original.shape))
+        original.copy_(_layer_from_gemm_view(module, new_weight[:, :k].to(original.dtype), original.shape))
     return kept
 
 
