@@ -4,6 +4,7 @@ Contract: ``Y[M, N] = X[M, K] @ W[N, K]^T (+ bias[N])``, W 2:4 sparse along K (s
 :mod:`sparsegemm.format`). Importing never touches CUDA.
 """
 from . import format, oracle, prune
+from .attention import SparseMultiheadAttention
 from ._info import info
 from .functional import compress, decompress, grouped_linear, linear, mask_2to4, prune_2to4
 from .convert import SparsifyReport, sparsify
@@ -19,6 +20,7 @@ __all__ = [
     "SparseExperts",
     "SparseGatedMLP",
     "SparseLinear",
+    "SparseMultiheadAttention",
     "SparseTensor24",
     "SparsifyReport",
     "compress",

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ._progress import progress_bar
+from .attention import SparseMultiheadAttention, attention_skip_reason, turn_off_nested_fast_path
 from .functional import mask_2to4
 from .io import check_outside_empty_weights, parameter_names
 from .nn import (SparseConv2d, SparseExperts, SparseGatedMLP, SparseLinear, conv_skip_reason, experts_activation,
@@ -24,6 +25,7 @@ class LayerReport:
     name: str
     kind: str                    # "Linear", "Conv1D" (transformers' transposed Linear), "Conv2d",
     #                              "Linear (gated)" (a gated MLP's gate_proj + up_proj),
+    #                              "MultiheadAttention" (one of its q / k / v / out projections),
     #                              "Experts (gated)" / "Experts" (a mixture's gate_up_proj / down_proj, all experts)
     shape: tuple                 # (N, K) of the GEMM weight
     dense_bytes: int
@@ -106,7 +108,10 @@ def sparsify(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
     activation dtype); Conv2d layers keep a floating 2:4 weight.
 
     Mixtures of experts stored as transformers 5 does (:func:`sparsegemm.nn.experts_activation`)
-    become :class:`SparseExperts` in any call.
+    become :class:`SparseExperts` in any call, and every nn.MultiheadAttention (torchvision's ViT,
+    nn.Transformer*) a :class:`~sparsegemm.attention.SparseMultiheadAttention`, reported as four
+    rows (q_proj, k_proj, v_proj, out_proj); an nn.TransformerEncoder over converted layers then
+    takes its regular path (its nested-tensor fast path reads the dense weights).
 
     ``fuse_gated_mlp``: every gated MLP in a transformers layout (Llama, Mistral, Qwen2, ...:
     ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``; Mixtral experts' w1 / w3 / w2; Phi-3's
@@ -122,12 +127,14 @@ def sparsify(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
     _convert_experts(model, report, dtype, filter_fn, min_features, backend, quantize)
     if fuse_gated_mlp:
         _fuse_gated_mlps(model, report, dtype, filter_fn, min_features, backend, quantize)
+    _convert_attention(model, report, dtype, filter_fn, min_features, backend, quantize)
+    reported = {layer.name for layer in report.layers}  # an attention's out_proj has its row already
     # Names, not modules: a converted layer's dense weight is freed as soon as it is replaced, so
     # converting a model on its GPU needs one dense layer of room beyond the compressed model,
     # not the whole dense model twice over.
     candidates = [name for name, mod in model.named_modules()
                   if (isinstance(mod, (nn.Linear, nn.Conv2d)) or is_conv1d(mod))
-                  and not isinstance(mod, (SparseLinear, SparseConv2d))]
+                  and not isinstance(mod, (SparseLinear, SparseConv2d)) and name not in reported]
     holders = parameter_names(model)
     for name in progress_bar(candidates, "sparsify", "layer", progress and len(candidates) > 20):
         mod = model.get_submodule(name)
@@ -173,22 +180,27 @@ def sparsify(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
         entry.compressed_bytes = new.sparse_weight().nbytes
         entry.converted = True
         _set_submodule(model, name, new)
+    turn_off_nested_fast_path(model)
     return report
 
 
-def _weight_reader(model: nn.Module, name: str) -> Optional[str]:
+def _weight_reader(model: nn.Module, name: str, attributes: str = "weight") -> Optional[str]:
     """The class of a module holding layer ``name`` (its parent, or further up) whose forward reads
     the layer's ``.weight`` (T5's ``self.wo.weight.dtype``; ViT's
     ``self.embeddings.patch_embeddings.projection.weight.dtype``), else None. Told from the
-    forward's source by the layer's path below that module (attribute names only)."""
+    forward's source by the layer's path below that module (attribute names only); ``attributes``,
+    a regular expression, names what a converted layer lacks."""
     parts = name.split(".")
     for depth in range(len(parts) - 1, -1, -1):
         below = parts[depth:]
         if not all(part.isidentifier() for part in below):
             return None  # reached through a ModuleList / Sequential index from here up
         holder = model.get_submodule(".".join(parts[:depth]))
+        if type(holder).forward is nn.TransformerEncoderLayer.forward and (
+                below[0] == "self_attn" or isinstance(holder.self_attn, SparseMultiheadAttention)):
+            continue  # it reads weights on its fast path only, which a sparse self_attn turns off
         source = _forward_source(type(holder))
-        if source and re.search(r"\b" + r"\.".join(map(re.escape, below)) + r"\.weight\b", source):
+        if source and re.search(r"\b" + r"\.".join(map(re.escape, below)) + rf"\.(?:{attributes})\b", source):
             return type(holder).__name__
     return None
 
@@ -282,6 +294,61 @@ def _convert_experts(model: nn.Module, report: SparsifyReport, dtype, filter_fn,
         for row in rows:
             row.converted = True
         _set_submodule(model, name, new)
+
+
+def _convert_attention(model: nn.Module, report: SparsifyReport, dtype, filter_fn, min_features: int, backend,
+                       quantize) -> None:
+    """sparsify's pass over nn.MultiheadAttention modules: each becomes a SparseMultiheadAttention,
+    reported as four rows (its q, k, v and out projections)."""
+    found = [name for name, mod in model.named_modules() if type(mod) is nn.MultiheadAttention]
+    holders = parameter_names(model)
+    for name in found:  # names: each attention's dense weights go once it is replaced
+        mha = model.get_submodule(name)
+        prefix = f"{name}." if name else ""
+        e = mha.embed_dim
+        weights = (mha.in_proj_weight.detach().split(e) if mha._qkv_same_embed_dim
+                   else (mha.q_proj_weight.detach(), mha.k_proj_weight.detach(), mha.v_proj_weight.detach()))
+        rows = []
+        for label, w in zip(("q_proj", "k_proj", "v_proj", "out_proj"), (*weights, mha.out_proj.weight.detach())):
+            item = dtype.itemsize if dtype is not None else w.element_size()
+            rows.append(LayerReport(prefix + label, "MultiheadAttention", tuple(w.shape), w.numel() * item, 0,
+                                    _magnitude_kept(w), False))
+        report.layers.extend(rows)
+        reason = _attention_skip_reason(model, name, mha, filter_fn, holders, min_features)
+        if reason:
+            for row in rows:
+                row.reason = reason
+            continue
+        new = SparseMultiheadAttention.from_dense(mha, dtype=dtype, backend=backend, quantize=quantize)
+        for row, layer in zip(rows, (new.q_proj, new.k_proj, new.v_proj, new.out_proj)):
+            row.compressed_bytes = layer.sparse_weight().nbytes
+            row.converted = True
+        _set_submodule(model, name, new)
+
+
+def _attention_skip_reason(model: nn.Module, name: str, mha: nn.MultiheadAttention, filter_fn, holders: dict,
+                           min_features: int) -> str:
+    """Why sparsify leaves attention ``name`` dense, or ""."""
+    prefix = f"{name}." if name else ""
+    if not name:
+        return "the model itself is the attention: it cannot be replaced in place"
+    reason = attention_skip_reason(mha)
+    if reason:
+        return reason
+    if filter_fn is not None and not filter_fn(name, mha):
+        return "rejected by filter_fn"
+    reader = _weight_reader(model, name, r"in_proj_weight|[qkv]_proj_weight|out_proj\.weight")
+    if reader:
+        return (f"{reader}.forward reads its weights, which a compressed attention does not have: converting it "
+                "would break that forward")
+    shared = [holder for param in mha.parameters() for holder in holders.get(id(param), [])
+              if not holder.startswith(prefix)]
+    if shared:
+        return (f"weights shared with {', '.join(shared)}, which would keep the dense tensors: a compressed copy "
+                "would add bytes (untie them to convert this attention)")
+    if min(mha.embed_dim, mha.kdim, mha.vdim) < min_features:
+        return f"min(N, K) = {min(mha.embed_dim, mha.kdim, mha.vdim)} < min_features = {min_features}"
+    return ""
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -20,6 +20,7 @@ from typing import Union
 import torch
 from torch import nn
 
+from .attention import SparseMultiheadAttention, attention_skip_reason, turn_off_nested_fast_path
 from .format import ACTIVATIONS, GATED_ACTIVATIONS
 from .ops import check_conv_geometry
 from .nn import (SparseConv2d, SparseExperts, SparseGatedMLP, SparseLinear, _SparseWeight, conv_skip_reason,
@@ -38,6 +39,8 @@ def _describe(mod: nn.Module) -> dict:
         return {"kind": "SparseGatedMLP", "activation": mod.gate_up.activation}
     if isinstance(mod, SparseExperts):  # a container too: each expert's two layers are entries
         return {"kind": "SparseExperts", "num_experts": len(mod.gate_up), "activation": mod.gate_up[0].activation}
+    if isinstance(mod, SparseMultiheadAttention):  # a container: its four projections are entries
+        return {"kind": "SparseMultiheadAttention", "num_heads": mod.num_heads}
     if isinstance(mod, SparseLinear):
         # A fused activation is recorded only where there is one: older files load unchanged.
         fused = {} if mod.activation is None else {"activation": mod.activation}
@@ -55,12 +58,16 @@ def _describe(mod: nn.Module) -> dict:
             "dtype": str(mod.values.dtype).replace("torch.", "")}
 
 
+# The modules a checkpoint records (containers included: their layers are entries of their own).
+_CONVERTED = (SparseLinear, SparseConv2d, SparseGatedMLP, SparseExperts, SparseMultiheadAttention)
+
+
 def save(model: nn.Module, path: Union[str, "os.PathLike"]) -> None:
     """Write ``model`` (after :func:`sparsify`) to a safetensors file."""
     from safetensors.torch import save_file
 
     converted = {name: _describe(mod) for name, mod in model.named_modules()
-                 if isinstance(mod, (SparseLinear, SparseConv2d, SparseGatedMLP, SparseExperts))}
+                 if isinstance(mod, _CONVERTED)}
     # A tied tensor (an LM head sharing the embedding) is one tensor under several state_dict keys:
     # stored once, its other keys listed in the header as aliases of the stored one.
     tensors, aliases, first_key = {}, {}, {}
@@ -131,10 +138,37 @@ def _build_experts(name: str, spec: dict, dense: nn.Module) -> SparseExperts:
                          [SparseLinear(inner, hidden, False, dtype=w.dtype, device=w.device) for _ in range(experts)])
 
 
+def _build_attention(name: str, spec: dict, dense: nn.Module) -> SparseMultiheadAttention:
+    """The SparseMultiheadAttention shell of a checkpoint entry: empty SparseLinear projections of
+    the dense attention's shapes, which the entries of its four layers fill. A
+    SparseMultiheadAttention (a checkpoint loaded again) lends its own layers to the shell."""
+    heads = _field(name, spec, "num_heads", int)
+    if isinstance(dense, SparseMultiheadAttention):
+        parts = (dense.q_proj, dense.k_proj, dense.v_proj, dense.out_proj)
+    elif type(dense) is nn.MultiheadAttention and attention_skip_reason(dense) is None:
+        w = dense.out_proj.weight
+        bias = dense.in_proj_bias is not None
+        parts = [SparseLinear(k, dense.embed_dim, bias, dtype=w.dtype, device=w.device)
+                 for k in (dense.embed_dim, dense.kdim, dense.vdim)]
+        parts.append(SparseLinear(dense.embed_dim, dense.embed_dim, dense.out_proj.bias is not None, dtype=w.dtype,
+                                  device=w.device))
+    else:
+        why = "" if not isinstance(dense, nn.MultiheadAttention) else f" ({attention_skip_reason(dense)})"
+        raise ValueError(f"sparsegemm.load: module {name!r} was a multi-head attention when saved, the model has "
+                         f"{type(dense).__name__}{why}")
+    if dense.num_heads != heads:
+        raise ValueError(f"sparsegemm.load: module {name!r} had {heads} heads when saved, the model's has "
+                         f"{dense.num_heads}")
+    return SparseMultiheadAttention(*parts, heads, dropout=dense.dropout, batch_first=dense.batch_first)
+
+
 def _build(name: str, spec: dict, dense: nn.Module) -> nn.Module:
     _field(name, spec, "kind", str)
-    if spec["kind"] not in ("SparseLinear", "SparseConv2d", "SparseGatedMLP", "SparseExperts"):
+    if spec["kind"] not in ("SparseLinear", "SparseConv2d", "SparseGatedMLP", "SparseExperts",
+                            "SparseMultiheadAttention"):
         raise ValueError(f"sparsegemm.load: module {name!r}: unknown kind {spec['kind']!r} in the checkpoint")
+    if spec["kind"] == "SparseMultiheadAttention":
+        return _build_attention(name, spec, dense)
     if spec["kind"] == "SparseGatedMLP":
         return _build_gated_mlp(name, spec, dense)
     if spec["kind"] == "SparseExperts":
@@ -268,7 +302,7 @@ def load(path: Union[str, "os.PathLike"], model: nn.Module, *, device=None) -> n
             if isinstance(exc, ValueError) and str(exc).startswith("sparsegemm.load"):
                 raise
             raise ValueError(f"sparsegemm.load: module {name!r}: corrupt entry in the module table ({exc!r})") from exc
-        if isinstance(new, (SparseGatedMLP, SparseExperts)):  # no tensors of its own
+        if isinstance(new, (SparseGatedMLP, SparseExperts, SparseMultiheadAttention)):  # no tensors of its own
             replacements[name] = new
             continue
         prefix = f"{name}." if name else ""
@@ -302,6 +336,7 @@ def load(path: Union[str, "os.PathLike"], model: nn.Module, *, device=None) -> n
                              f"for {', '.join(present)}")
     for name, new in replacements.items():
         _set_submodule(model, name, new)
+    turn_off_nested_fast_path(model)
     if target is None:
         model.load_state_dict(tensors, strict=True)
         return model
@@ -460,8 +495,8 @@ def _describe_file(safe_open, path) -> str:
     lines = [f"{'module':40s} {'kind':13s} {'N x K':>13s} {'dense':>12s} {'stored':>12s} {'ratio':>7s}"]
     total_dense = total_stored = 0
     for name, spec in converted.items():
-        if spec.get("kind") in ("SparseGatedMLP", "SparseExperts"):  # containers: their layers have rows
-            continue
+        if spec.get("kind") in ("SparseGatedMLP", "SparseExperts", "SparseMultiheadAttention"):
+            continue  # containers: their layers have rows
         prefix = f"{name}." if name else ""
         n = spec.get("out_features", spec.get("out_channels"))
         if spec.get("activation") in GATED_ACTIVATIONS:

@@ -88,17 +88,19 @@ def test_transformer_block_sparsify_matches_dense_pruned():
     torch.manual_seed(1)
     block = Block()
     x = torch.randn(2, 9, 128)
+    ref = Block()
+    ref.load_state_dict(block.state_dict())
     report = sparsegemm.sparsify(block)
     names = {layer.name for layer in report.converted}
-    assert names == {"up", "down", "qkv_like"}  # MultiheadAttention's out_proj is not a plain nn.Linear
-    assert "total: 3 converted" in str(report)
-    ref = Block()
-    ref.load_state_dict({k: v for k, v in block.state_dict().items()}, strict=False)
-    for name in names:
-        dense = getattr(ref, name)
-        dense.weight.data = getattr(block, name).dense_weight()
-        dense.bias = getattr(block, name).bias
-    ref.norm1, ref.norm2, ref.attn = block.norm1, block.norm2, block.attn
+    assert names == {"up", "down", "qkv_like"} | {f"attn.{p}_proj" for p in ("q", "k", "v", "out")}
+    assert "total: 7 converted" in str(report)
+    for name in ("up", "down", "qkv_like"):
+        getattr(ref, name).weight.data = getattr(block, name).dense_weight()
+    attn = block.attn
+    with torch.no_grad():
+        ref.attn.in_proj_weight.copy_(torch.cat([layer.dense_weight() for layer in (attn.q_proj, attn.k_proj,
+                                                                                   attn.v_proj)]))
+        ref.attn.out_proj.weight.copy_(attn.out_proj.dense_weight())
     torch.testing.assert_close(block(x), ref(x), rtol=1e-5, atol=1e-5)
 
 

@@ -1,0 +1,196 @@
+"""SparseMultiheadAttention: nn.MultiheadAttention with 2:4 compressed projections.
+
+nn.MultiheadAttention keeps its input projection as one raw ``in_proj_weight`` parameter and its
+output projection as a Linear subclass whose ``.weight`` its forward reads, so neither can be
+swapped for a SparseLinear in place: torchvision's ViT, nn.TransformerEncoder / Decoder and every
+model built on them kept a third of their weights dense after :func:`sparsegemm.sparsify`. This
+module computes what nn.MultiheadAttention computes (same arguments, masks, dropout and returned
+weights) with four SparseLinear layers: q_proj, k_proj, v_proj (separate, so that cross-attention
+projects each input once) and out_proj.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .nn import SparseLinear
+
+__all__ = ["SparseMultiheadAttention", "attention_skip_reason", "turn_off_nested_fast_path"]
+
+_OP = "SparseMultiheadAttention"
+
+
+def attention_skip_reason(mha: nn.MultiheadAttention) -> Optional[str]:
+    """Why an nn.MultiheadAttention cannot become a SparseMultiheadAttention, or None when it can."""
+    if mha.bias_k is not None or mha.bias_v is not None:
+        return "add_bias_kv=True (learned key / value biases appended to the sequence) is not supported"
+    if mha.add_zero_attn:
+        return "add_zero_attn=True is not supported"
+    return None
+
+
+def _float_mask(mask: Optional[Tensor], name: str, dtype: torch.dtype) -> Optional[Tensor]:
+    """A boolean mask (True: not attended) as an additive one of ``dtype``; a float mask as is."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
+    if not mask.is_floating_point():
+        raise TypeError(f"{_OP}: {name} must be a bool or floating tensor, got {mask.dtype}")
+    return mask.to(dtype)
+
+
+class SparseMultiheadAttention(nn.Module):
+    """Multi-head attention whose four projections are SparseLinear layers.
+
+    ``forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+    average_attn_weights=True, is_causal=False)`` takes what nn.MultiheadAttention takes and returns
+    ``(attn_output, attn_weights or None)``: batched ``[L, N, E]`` (``[N, L, E]`` with
+    ``batch_first``) or unbatched ``[L, E]`` inputs, boolean (True: not attended) or additive masks,
+    ``attn_mask`` ``[L, S]`` or ``[N * num_heads, L, S]``, attention dropout in training. Without
+    ``need_weights`` the attention is torch's scaled_dot_product_attention (its fused kernels).
+
+    ``_qkv_same_embed_dim`` is False, as for an nn.MultiheadAttention with separate q / k / v
+    projection weights: torch's TransformerEncoderLayer then takes its regular path (its fused
+    fast path reads the dense weights).
+    """
+
+    _qkv_same_embed_dim = False
+
+    def __init__(self, q_proj: SparseLinear, k_proj: SparseLinear, v_proj: SparseLinear, out_proj: SparseLinear,
+                 num_heads: int, *, dropout: float = 0.0, batch_first: bool = False):
+        super().__init__()
+        embed_dim = q_proj.out_features
+        for name, layer, inputs in (("q_proj", q_proj, embed_dim), ("k_proj", k_proj, None),
+                                    ("v_proj", v_proj, None), ("out_proj", out_proj, embed_dim)):
+            if not isinstance(layer, SparseLinear) or layer.activation is not None:
+                raise TypeError(f"{_OP}: {name} must be a SparseLinear without a fused activation, got {layer!r}")
+            if layer.out_features != embed_dim or (inputs is not None and layer.in_features != inputs):
+                raise ValueError(f"{_OP}: {name} must give embed_dim = {embed_dim} features"
+                                 + (f" from {inputs}" if inputs is not None else "")
+                                 + f", got {layer.in_features} -> {layer.out_features}")
+        if not isinstance(num_heads, int) or num_heads < 1 or embed_dim % num_heads:
+            raise ValueError(f"{_OP}: num_heads must divide embed_dim = {embed_dim}, got {num_heads!r}")
+        if not 0.0 <= dropout <= 1.0:
+            raise ValueError(f"{_OP}: dropout must be in [0, 1], got {dropout}")
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = q_proj, k_proj, v_proj, out_proj
+        self.embed_dim, self.kdim, self.vdim = embed_dim, k_proj.in_features, v_proj.in_features
+        self.num_heads, self.head_dim = num_heads, embed_dim // num_heads
+        self.dropout, self.batch_first = float(dropout), bool(batch_first)
+
+    @classmethod
+    def from_dense(cls, mha: nn.MultiheadAttention, *, dtype: Optional[torch.dtype] = None, prune: bool = True,
+                   backend: Optional[str] = None, quantize: Optional[str] = None) -> "SparseMultiheadAttention":
+        """The attention of ``mha`` with each projection compressed as :meth:`SparseLinear.from_dense`
+        compresses a Linear (magnitude 2:4 along its inputs when ``prune``; ``quantize="int8"``)."""
+        if not isinstance(mha, nn.MultiheadAttention):
+            raise TypeError(f"{_OP}.from_dense: expected nn.MultiheadAttention, got {type(mha).__name__}")
+        reason = attention_skip_reason(mha)
+        if reason:
+            raise ValueError(f"{_OP}.from_dense: {reason}")
+        e = mha.embed_dim
+        if mha._qkv_same_embed_dim:
+            weights = mha.in_proj_weight.detach().split(e)
+        else:
+            weights = (mha.q_proj_weight.detach(), mha.k_proj_weight.detach(), mha.v_proj_weight.detach())
+        biases = (None,) * 3 if mha.in_proj_bias is None else mha.in_proj_bias.detach().split(e)
+        options = dict(dtype=dtype, prune=prune, backend=backend, quantize=quantize)
+        projections = [SparseLinear._from_weight(w, b, **options) for w, b in zip(weights, biases)]
+        out = SparseLinear._from_weight(mha.out_proj.weight.detach(), mha.out_proj.bias, **options)
+        return cls(*projections, out, mha.num_heads, dropout=mha.dropout, batch_first=mha.batch_first)
+
+    @property
+    def in_proj_bias(self) -> Optional[Tensor]:
+        """The q, k and v biases end to end, as nn.MultiheadAttention's ``in_proj_bias`` (a copy)."""
+        biases = [layer.bias for layer in (self.q_proj, self.k_proj, self.v_proj)]
+        return None if any(b is None for b in biases) else torch.cat([b.detach() for b in biases])
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
+                need_weights: bool = True, attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+        batched = query.dim() == 3
+        if query.dim() not in (2, 3) or key.dim() != query.dim() or value.dim() != query.dim():
+            raise ValueError(f"{_OP}: query, key and value must all be 3-D (batched) or 2-D (unbatched), got "
+                             f"{query.dim()}-D, {key.dim()}-D and {value.dim()}-D")
+        if is_causal and attn_mask is None:
+            raise RuntimeError(f"{_OP}: is_causal is a hint that attn_mask is the causal mask: pass attn_mask too")
+        # To [N, L, E] whatever the layout.
+        if not batched:
+            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif not self.batch_first:
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        n, tgt_len, _ = query.shape
+        src_len = key.shape[1]
+        if key.shape[:2] != value.shape[:2]:
+            raise ValueError(f"{_OP}: key and value must have the same batch and sequence sizes, got "
+                             f"{tuple(key.shape)} and {tuple(value.shape)}")
+        heads, head_dim = self.num_heads, self.head_dim
+        q = self.q_proj(query).view(n, tgt_len, heads, head_dim).transpose(1, 2)
+        k = self.k_proj(key).view(n, src_len, heads, head_dim).transpose(1, 2)
+        v = self.v_proj(value).view(n, src_len, heads, head_dim).transpose(1, 2)
+        mask = self._merged_mask(attn_mask, key_padding_mask, n, tgt_len, src_len, q.dtype)
+        causal = is_causal and key_padding_mask is None and not need_weights
+        dropout = self.dropout if self.training else 0.0
+        weights = None
+        if need_weights:
+            scores = (q * (1.0 / math.sqrt(head_dim))) @ k.transpose(-2, -1)
+            if mask is not None:
+                scores = scores + mask
+            weights = torch.softmax(scores, dim=-1)
+            if dropout > 0.0:
+                weights = nn.functional.dropout(weights, p=dropout)
+            out = weights @ v
+            if average_attn_weights:
+                weights = weights.mean(dim=1)
+            if not batched:
+                weights = weights.squeeze(0)
+        else:
+            out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask,
+                                                             dropout_p=dropout, is_causal=causal)
+        out = self.out_proj(out.transpose(1, 2).reshape(n, tgt_len, self.embed_dim))
+        if not batched:
+            out = out.squeeze(0)
+        elif not self.batch_first:
+            out = out.transpose(0, 1)
+        return out, weights
+
+    def _merged_mask(self, attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], n: int, tgt_len: int,
+                     src_len: int, dtype: torch.dtype) -> Optional[Tensor]:
+        """attn_mask and key_padding_mask as one additive mask broadcasting to [N, heads, L, S]."""
+        mask = _float_mask(attn_mask, "attn_mask", dtype)
+        if mask is not None:
+            if mask.shape == (tgt_len, src_len):
+                mask = mask.view(1, 1, tgt_len, src_len)
+            elif mask.dim() == 3 and mask.shape == (n * self.num_heads, tgt_len, src_len):
+                mask = mask.view(n, self.num_heads, tgt_len, src_len)
+            else:
+                raise ValueError(f"{_OP}: attn_mask must be [L, S] = [{tgt_len}, {src_len}] or [N * num_heads, L, S] "
+                                 f"= [{n * self.num_heads}, {tgt_len}, {src_len}], got {tuple(attn_mask.shape)}")
+        padding = _float_mask(key_padding_mask, "key_padding_mask", dtype)
+        if padding is not None:
+            if padding.shape != (n, src_len):
+                raise ValueError(f"{_OP}: key_padding_mask must be [N, S] = [{n}, {src_len}] (or [S] unbatched), "
+                                 f"got {tuple(key_padding_mask.shape)}")
+            padding = padding.view(n, 1, 1, src_len)
+            mask = padding if mask is None else mask + padding
+        return mask
+
+    def extra_repr(self) -> str:
+        kv = "" if self.kdim == self.vdim == self.embed_dim else f", kdim={self.kdim}, vdim={self.vdim}"
+        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}{kv}, dropout={self.dropout}, " \
+               f"batch_first={self.batch_first}"
+
+
+def turn_off_nested_fast_path(model: nn.Module) -> None:
+    """Make every nn.TransformerEncoder whose first layer's attention is sparse take the regular
+    path: its nested-tensor fast path reads that layer's dense weights. It decides at construction,
+    from the attention it had then; an attention with separate projections turns it off there."""
+    for mod in model.modules():
+        if isinstance(mod, nn.TransformerEncoder) and len(mod.layers) and isinstance(
+                getattr(mod.layers[0], "self_attn", None), SparseMultiheadAttention):
+            mod.use_nested_tensor = False
