@@ -10,12 +10,13 @@ from .functional import compress, decompress, grouped_linear, linear, mask_2to4,
 from .convert import SparsifyReport, sparsify
 from .interop import from_cutlass, to_cutlass
 from .io import init_empty_weights, load, save
-from .nn import SparseConv2d, SparseExperts, SparseGatedMLP, SparseLinear
+from .nn import SparseConv1d, SparseConv2d, SparseExperts, SparseGatedMLP, SparseLinear
 from .tensor import SparseTensor24
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "SparseConv1d",
     "SparseConv2d",
     "SparseExperts",
     "SparseGatedMLP",

@@ -14,8 +14,8 @@ from ._progress import progress_bar
 from .attention import SparseMultiheadAttention, attention_skip_reason, turn_off_nested_fast_path
 from .functional import mask_2to4
 from .io import check_outside_empty_weights, parameter_names
-from .nn import (SparseConv2d, SparseExperts, SparseGatedMLP, SparseLinear, conv_skip_reason, experts_activation,
-                 gated_mlp_activation, gated_mlp_parts, is_conv1d)
+from .nn import (SparseConv1d, SparseConv2d, SparseExperts, SparseGatedMLP, SparseLinear, conv_skip_reason,
+                 experts_activation, gated_mlp_activation, gated_mlp_parts, is_conv1d)
 
 __all__ = ["sparsify", "SparsifyReport", "LayerReport"]
 
@@ -23,7 +23,7 @@ __all__ = ["sparsify", "SparsifyReport", "LayerReport"]
 @dataclass
 class LayerReport:
     name: str
-    kind: str                    # "Linear", "Conv1D" (transformers' transposed Linear), "Conv2d",
+    kind: str                    # "Linear", "Conv1D" (transformers' transposed Linear), "Conv1d", "Conv2d",
     #                              "Linear (gated)" (a gated MLP's gate_proj + up_proj),
     #                              "MultiheadAttention" (one of its q / k / v / out projections),
     #                              "Experts (gated)" / "Experts" (a mixture's gate_up_proj / down_proj, all experts)
@@ -72,11 +72,12 @@ class SparsifyReport:
 
 
 def _gemm_weight(module: nn.Module) -> torch.Tensor:
-    """The layer's weight as the GEMM's W [N, K] (a Conv1D's transposed, a Conv2d's taps as K)."""
+    """The layer's weight as the GEMM's W [N, K] (a Conv1D's transposed, a convolution's taps as K,
+    channels fastest)."""
     w = module.weight.detach()
     if is_conv1d(module):
         return w.t()
-    return w.permute(0, 2, 3, 1).reshape(w.shape[0], -1) if w.dim() == 4 else w
+    return w.movedim(1, -1).reshape(w.shape[0], -1) if w.dim() in (3, 4) else w
 
 
 def _magnitude_kept(*weights: torch.Tensor) -> float:
@@ -93,12 +94,12 @@ def sparsify(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
              filter_fn: Optional[Callable[[str, nn.Module], bool]] = None, min_features: int = 64,
              backend: Optional[str] = None, progress: bool = True,
              quantize: Optional[str] = None, fuse_gated_mlp: bool = False) -> SparsifyReport:
-    """Replace every eligible nn.Linear / nn.Conv2d of ``model`` in place by its 2:4 version.
+    """Replace every eligible nn.Linear / nn.Conv1d / nn.Conv2d of ``model`` in place by its 2:4 version.
 
     transformers' ``Conv1D`` (GPT-2's attention and MLP layers: a Linear with its weight stored
     transposed) becomes a SparseLinear too, its W the transpose of the stored ``[in, out]`` weight.
 
-    ``filter_fn(name, module)`` is called with each candidate: nn.Linear, Conv1D, nn.Conv2d, a gated MLP's
+    ``filter_fn(name, module)`` is called with each candidate: nn.Linear, Conv1D, nn.Conv1d, nn.Conv2d, a gated MLP's
     projections (``fuse_gated_mlp``) and each mixture-of-experts module (3-D weights, see below).
     Skipped (and said why in the report): modules ``filter_fn`` rejects, layers with
     fewer than ``min_features`` inputs or outputs (too small to gain), grouped / depthwise convs,
@@ -133,7 +134,7 @@ def sparsify(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
     # converting a model on its GPU needs one dense layer of room beyond the compressed model,
     # not the whole dense model twice over.
     candidates = [name for name, mod in model.named_modules()
-                  if (isinstance(mod, (nn.Linear, nn.Conv2d)) or is_conv1d(mod))
+                  if (isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d)) or is_conv1d(mod))
                   and not isinstance(mod, (SparseLinear, SparseConv2d)) and name not in reported]
     holders = parameter_names(model)
     for name in progress_bar(candidates, "sparsify", "layer", progress and len(candidates) > 20):
@@ -147,9 +148,9 @@ def sparsify(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
         if not name:
             entry.reason = "the model itself is the layer: it cannot be replaced in place"
             continue
-        if type(mod) not in (nn.Linear, nn.Conv2d) and type(mod).__name__ != "Conv1D":
-            entry.reason = (f"{type(mod).__name__} is not a plain nn.Linear / Conv1D / nn.Conv2d (parametrized: "
-                            "call sparsegemm.prune.remove_masks(model) first)"
+        if type(mod) not in (nn.Linear, nn.Conv1d, nn.Conv2d) and type(mod).__name__ != "Conv1D":
+            entry.reason = (f"{type(mod).__name__} is not a plain nn.Linear / Conv1D / nn.Conv1d / nn.Conv2d "
+                            "(parametrized: call sparsegemm.prune.remove_masks(model) first)"
                             if hasattr(mod, "parametrizations") else f"subclass {type(mod).__name__} left alone")
             continue
         if filter_fn is not None and not filter_fn(name, mod):
@@ -170,11 +171,12 @@ def sparsify(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
         if min(n, k) < min_features:
             entry.reason = f"min(N, K) = {min(n, k)} < min_features = {min_features}"
             continue
-        if isinstance(mod, nn.Conv2d):
+        if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
             entry.reason = conv_skip_reason(mod) or ""
             if entry.reason:
                 continue
-            new = SparseConv2d.from_dense(mod, dtype=dtype, backend=backend)
+            sparse_conv = SparseConv1d if isinstance(mod, nn.Conv1d) else SparseConv2d
+            new = sparse_conv.from_dense(mod, dtype=dtype, backend=backend)
         else:
             new = SparseLinear.from_dense(mod, dtype=dtype, backend=backend, quantize=quantize)
         entry.compressed_bytes = new.sparse_weight().nbytes

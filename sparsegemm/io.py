@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import threading
 import weakref
@@ -23,8 +24,8 @@ from torch import nn
 from .attention import SparseMultiheadAttention, attention_skip_reason, turn_off_nested_fast_path
 from .format import ACTIVATIONS, GATED_ACTIVATIONS
 from .ops import check_conv_geometry
-from .nn import (SparseConv2d, SparseExperts, SparseGatedMLP, SparseLinear, _SparseWeight, conv_skip_reason,
-                 experts_activation, gated_mlp_activation, gated_mlp_parts, is_conv1d)
+from .nn import (SparseConv1d, SparseConv2d, SparseExperts, SparseGatedMLP, SparseLinear, _SparseWeight,
+                 conv_skip_reason, experts_activation, gated_mlp_activation, gated_mlp_parts, is_conv1d)
 
 __all__ = ["save", "load", "describe", "init_empty_weights"]
 
@@ -52,10 +53,14 @@ def _describe(mod: nn.Module) -> dict:
                     "quantize": "int8", "static_input": mod.input_scale is not None, **fused}
         return {"kind": "SparseLinear", "in_features": mod.in_features, "out_features": mod.out_features,
                 "bias": mod.bias is not None, "dtype": str(mod.values.dtype).replace("torch.", ""), **fused}
-    return {"kind": "SparseConv2d", "in_channels": mod.in_channels, "out_channels": mod.out_channels,
-            "kernel_size": list(mod.kernel_size), "stride": list(mod.stride), "padding": list(mod.padding),
-            "dilation": list(mod.dilation), "bias": mod.bias is not None,
+    # A SparseConv1d records nn.Conv1d's single values (its pairs are (1, k), (1, s), (0, p), (1, d)).
+    taps = slice(1, None) if isinstance(mod, SparseConv1d) else slice(None)
+    return {"kind": type(mod).__name__, "in_channels": mod.in_channels, "out_channels": mod.out_channels,
+            **{key: list(getattr(mod, key)[taps]) for key in _CONV_GEOMETRY}, "bias": mod.bias is not None,
             "dtype": str(mod.values.dtype).replace("torch.", "")}
+
+
+_CONV_GEOMETRY = ("kernel_size", "stride", "padding", "dilation")
 
 
 # The modules a checkpoint records (containers included: their layers are entries of their own).
@@ -164,7 +169,7 @@ def _build_attention(name: str, spec: dict, dense: nn.Module) -> SparseMultihead
 
 def _build(name: str, spec: dict, dense: nn.Module) -> nn.Module:
     _field(name, spec, "kind", str)
-    if spec["kind"] not in ("SparseLinear", "SparseConv2d", "SparseGatedMLP", "SparseExperts",
+    if spec["kind"] not in ("SparseLinear", "SparseConv1d", "SparseConv2d", "SparseGatedMLP", "SparseExperts",
                             "SparseMultiheadAttention"):
         raise ValueError(f"sparsegemm.load: module {name!r}: unknown kind {spec['kind']!r} in the checkpoint")
     if spec["kind"] == "SparseMultiheadAttention":
@@ -208,31 +213,35 @@ def _build(name: str, spec: dict, dense: nn.Module) -> nn.Module:
         if quantize and spec.get("static_input"):
             mod.set_input_scale(1.0)  # the slot the checkpoint's input_scale loads into
         return mod
-    # The kind left: SparseConv2d.
-    geometry = ("kernel_size", "stride", "padding", "dilation")
-    for key in geometry:
+    # The kinds left: SparseConv2d and SparseConv1d, whose geometry holds nn.Conv1d's single values.
+    one_d = spec["kind"] == "SparseConv1d"
+    dense_type, sparse_type = (nn.Conv1d, SparseConv1d) if one_d else (nn.Conv2d, SparseConv2d)
+    for key in _CONV_GEOMETRY:
         _field(name, spec, key, list)
+    # As the SparseConv2d pairs the layer holds: (1, k), (1, s), (0, p), (1, d) for a SparseConv1d.
+    pairs = {key: [0 if key == "padding" else 1, *spec[key]] if one_d else spec[key] for key in _CONV_GEOMETRY}
     try:
-        check_conv_geometry("module table", *(spec[key] for key in geometry))
+        check_conv_geometry("module table", *pairs.values())
     except ValueError as exc:
         raise ValueError(f"sparsegemm.load: module {name!r}: {exc}") from exc
-    # The model's layer (a Conv2d, or a SparseConv2d being loaded again) must have the same shape,
-    # and compute what a SparseConv2d does (groups = 1, zero padding).
-    why_not = conv_skip_reason(dense) if isinstance(dense, nn.Conv2d) else None
+    # The model's layer (a Conv1d / Conv2d, or the sparse one being loaded again) must have the same
+    # shape, and compute what the sparse one does (groups = 1, zero padding).
+    label = dense_type.__name__
+    why_not = conv_skip_reason(dense) if isinstance(dense, dense_type) else None
     if why_not:
-        raise ValueError(f"sparsegemm.load: module {name!r} is a SparseConv2d in the checkpoint, but the model's "
-                         f"Conv2d cannot be one: {why_not}")
-    if not isinstance(dense, (nn.Conv2d, SparseConv2d)) or (dense.in_channels, dense.out_channels) != (
-            spec["in_channels"], spec["out_channels"]) or any(
-            list(getattr(dense, key)) != spec[key] for key in geometry) or (dense.bias is not None) != spec["bias"]:
-        raise ValueError(f"sparsegemm.load: module {name!r} was a Conv2d {spec['in_channels']} -> "
-                         f"{spec['out_channels']} with " + ", ".join(f"{key}={spec[key]}" for key in geometry)
+        raise ValueError(f"sparsegemm.load: module {name!r} is a {sparse_type.__name__} in the checkpoint, but the "
+                         f"model's {label} cannot be one: {why_not}")
+    sparse = isinstance(dense, SparseConv2d)
+    if not (isinstance(dense, dense_type) or sparse and isinstance(dense, SparseConv1d) == one_d) or (
+            dense.in_channels, dense.out_channels) != (spec["in_channels"], spec["out_channels"]) or any(
+            list(getattr(dense, key)) != (pairs if sparse else spec)[key] for key in _CONV_GEOMETRY) or (
+            (dense.bias is not None) != spec["bias"]):
+        raise ValueError(f"sparsegemm.load: module {name!r} was a {label} {spec['in_channels']} -> "
+                         f"{spec['out_channels']} with " + ", ".join(f"{key}={spec[key]}" for key in _CONV_GEOMETRY)
                          + f", bias={spec['bias']} when saved, the model has {dense}")
-    device, backend = ((dense.values.device, dense.backend) if isinstance(dense, SparseConv2d)
-                       else (dense.weight.device, None))
-    return SparseConv2d(spec["in_channels"], spec["out_channels"], spec["kernel_size"], spec["stride"],
-                        spec["padding"], spec["dilation"], spec["bias"], dtype=dtype, device=device,
-                        backend=backend)
+    device, backend = (dense.values.device, dense.backend) if sparse else (dense.weight.device, None)
+    return sparse_type(spec["in_channels"], spec["out_channels"], *(spec[key] for key in _CONV_GEOMETRY),
+                       spec["bias"], dtype=dtype, device=device, backend=backend)
 
 
 def load(path: Union[str, "os.PathLike"], model: nn.Module, *, device=None) -> nn.Module:
@@ -501,7 +510,7 @@ def _describe_file(safe_open, path) -> str:
         n = spec.get("out_features", spec.get("out_channels"))
         if spec.get("activation") in GATED_ACTIVATIONS:
             n *= 2  # the weight holds a gate and an up row per output
-        k = spec.get("in_features") or spec["in_channels"] * spec["kernel_size"][0] * spec["kernel_size"][1]
+        k = spec.get("in_features") or spec["in_channels"] * math.prod(spec["kernel_size"])
         item = getattr(torch, spec["dtype"]).itemsize  # int8 layers: vs the dense weight in the activation dtype
         meta_bytes = nbytes.get(prefix + "metadata", nbytes.get(prefix + "meta"))  # "meta" in older files
         stored = nbytes[prefix + "values"] + meta_bytes + nbytes.get(prefix + "scale", 0)

@@ -8,6 +8,7 @@ device, on the first forward after a move, and reused.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -920,7 +921,7 @@ class SparseConv2d(_SparseWeight):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride = pair(kernel_size), pair(stride)
         self.padding, self.dilation = pair(padding), pair(dilation)
-        ops.check_conv_geometry("SparseConv2d", self.kernel_size, self.stride, self.padding, self.dilation)
+        ops.check_conv_geometry(type(self).__name__, self.kernel_size, self.stride, self.padding, self.dilation)
         self.backend = backend
         kh, kw = self.kernel_size
         self._init_storage(out_channels, in_channels * kh * kw, dtype, device, bias)
@@ -944,12 +945,13 @@ class SparseConv2d(_SparseWeight):
     def _forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"SparseConv2d: x must be [B, {self.in_channels}, H, W], got {tuple(x.shape)}")
-        backend = ops.resolve_backend("SparseConv2d", self.backend, x.device)
+        op = type(self).__name__
+        backend = ops.resolve_backend(op, self.backend, x.device)
         if backend != "cpu":
             return self._implicit_gemm(x, backend)
         b, c, h, w = x.shape
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
-        ho, wo = ops.conv_output_hw("SparseConv2d", h, w, self.kernel_size, self.stride, self.padding, self.dilation)
+        ho, wo = ops.conv_output_hw(op, h, w, self.kernel_size, self.stride, self.padding, self.dilation)
         k = kh * kw * c
         if torch.compiler.is_compiling() and torch.is_grad_enabled() and any(
                 t is not None and t.requires_grad for t in (x, self.values, self.bias)):
@@ -982,7 +984,7 @@ class SparseConv2d(_SparseWeight):
             # weight is decompressed for this call into the reused dense-tile scratch (no page faults,
             # nothing kept per layer): up to the scratch's size, past which the GEMM (on the sparse
             # weight, or dense tiles) costs less than decompressing the whole weight afresh.
-            ops.check_x_matches_weight("SparseConv2d", x, self.values, ops.FLOAT_DTYPES, self.bias)
+            ops.check_x_matches_weight(op, x, self.values, ops.FLOAT_DTYPES, self.bias)
             (_, matrix), = ops._decompressed_tiles(self.values.detach().contiguous(), self.metadata.contiguous(), k, 0)
             weight = matrix.view(self.out_channels, kh, kw, c).permute(0, 3, 1, 2)
             return torch.nn.functional.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation)
@@ -1013,7 +1015,7 @@ class SparseConv2d(_SparseWeight):
         return y.permute(0, 3, 1, 2)
 
     def _implicit_gemm(self, x: Tensor, backend: str) -> Tensor:
-        op = "SparseConv2d"
+        op = type(self).__name__
         ops.check_x_matches_weight(op, x, self.values, ops.KERNEL_DTYPES, self.bias)
         ops.check_same_device(op, x=x, values=self.values)
         # A channels_last tensor permuted to [B, H, W, C] is contiguous NHWC: no copy then.
@@ -1031,6 +1033,62 @@ class SparseConv2d(_SparseWeight):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, dilation={self.dilation}, bias={self.bias is not None}, "
                 f"{self._bytes_repr()}")
+
+
+class SparseConv1d(SparseConv2d):
+    """``nn.Conv1d`` (groups = 1) with a 2:4-compressed weight: the SparseConv2d of its kernel as
+    one row of taps, run on ``x [B, C, L]`` (or ``[C, L]``) viewed as ``[B, C, 1, L]``: the CUDA
+    implicit GEMM and the CPU patch GEMM alike. K = Cin * k is ordered (kx, cin), cin fastest, so
+    that 2:4 groups run along the channels of one tap. ``kernel_size``, ``stride``, ``padding`` and
+    ``dilation`` are SparseConv2d's pairs, ``(1, k)``, ``(1, s)``, ``(0, p)``, ``(1, d)``;
+    ``extra_repr`` and checkpoints give nn.Conv1d's single values.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 bias: bool = True, *, dtype: torch.dtype = torch.float16, device=None,
+                 backend: Optional[str] = None):
+        if isinstance(padding, str):
+            raise ValueError(f"SparseConv1d: padding must be a number, got the string {padding!r}")
+        geometry = [torch.nn.modules.utils._single(v) for v in (kernel_size, stride, padding, dilation)]
+        for name, value in zip(("kernel_size", "stride", "padding", "dilation"), geometry):
+            if len(value) != 1:
+                raise ValueError(f"SparseConv1d: {name} must be one integer, got {value!r}")
+        (k,), (s,), (p,), (d,) = geometry
+        super().__init__(in_channels, out_channels, (1, k), (1, s), (0, p), (1, d), bias, dtype=dtype,
+                         device=device, backend=backend)
+
+    @classmethod
+    def from_dense(cls, conv: nn.Conv1d, *, dtype: Optional[torch.dtype] = None, prune: bool = True,
+                   backend: Optional[str] = None) -> "SparseConv1d":
+        if not isinstance(conv, nn.Conv1d):
+            raise TypeError(f"SparseConv1d.from_dense: expected nn.Conv1d, got {type(conv).__name__}")
+        reason = conv_skip_reason(conv)
+        if reason:
+            raise ValueError(f"SparseConv1d.from_dense: {reason}")
+        w = conv.weight.detach()
+        dtype = dtype or w.dtype
+        mod = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                  conv.bias is not None, dtype=dtype, device=w.device, backend=backend)
+        matrix = w.permute(0, 2, 1).reshape(conv.out_channels, -1).to(dtype)  # (kx, cin) order
+        mod._load_compressed(compress(matrix, prune=prune), conv.bias)
+        return mod
+
+    def _forward(self, x: Tensor) -> Tensor:
+        if x.dim() not in (2, 3) or x.shape[-2] != self.in_channels:
+            raise ValueError(f"SparseConv1d: x must be [B, {self.in_channels}, L] or [{self.in_channels}, L], got "
+                             f"{tuple(x.shape)}")
+        batched = x.dim() == 3
+        y = super()._forward((x if batched else x.unsqueeze(0)).unsqueeze(2)).squeeze(2)
+        return y if batched else y.squeeze(0)
+
+    def dense_weight(self) -> Tensor:
+        """The equivalent dense (pruned) weight in nn.Conv1d's shape ``[Cout, Cin, k]``."""
+        return super().dense_weight().squeeze(2)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size[1:]}, "
+                f"stride={self.stride[1:]}, padding={self.padding[1:]}, dilation={self.dilation[1:]}, "
+                f"bias={self.bias is not None}, {self._bytes_repr()}")
 
 
 # SparseConv2d's CPU inference takes torch's convolution (on the decompressed weight) over the patch
@@ -1062,12 +1120,12 @@ def is_conv1d(module: nn.Module) -> bool:
             and (bias is None or (isinstance(bias, Tensor) and tuple(bias.shape) == (weight.shape[1],))))
 
 
-def conv_skip_reason(conv: nn.Conv2d) -> Optional[str]:
-    """Why a Conv2d cannot become a SparseConv2d, or None when it can."""
+def conv_skip_reason(conv: nn.Module) -> Optional[str]:
+    """Why a Conv2d (Conv1d) cannot become a SparseConv2d (SparseConv1d), or None when it can."""
     if conv.groups != 1:
         kind = "depthwise" if conv.groups == conv.in_channels == conv.out_channels else "grouped"
         return (f"{kind} convolution (groups={conv.groups}) left dense: each output sees only "
-                f"{conv.in_channels // conv.groups * conv.kernel_size[0] * conv.kernel_size[1]} weights, "
+                f"{conv.in_channels // conv.groups * math.prod(conv.kernel_size)} weights, "
                 "too few for 2:4 along K to pay off and unsupported by the kernels")
     if conv.padding_mode != "zeros":
         return f"padding_mode={conv.padding_mode!r} is not supported (zeros only)"

@@ -15,7 +15,8 @@ get no gradient and whatever the optimizer does to the original (momentum, weigh
 reaches the forward; ``model.state_dict()`` carries the masks.
 
 Every weight is judged as the GEMM sees it, ``W[N, K]`` with 2:4 groups along K: a Conv2d's K is
-ordered (ky, kx, cin), cin fastest, as in :class:`sparsegemm.SparseConv2d`.
+ordered (ky, kx, cin), cin fastest, as in :class:`sparsegemm.SparseConv2d` (a Conv1d's (kx, cin),
+as in :class:`sparsegemm.SparseConv1d`).
 """
 from __future__ import annotations
 
@@ -58,20 +59,21 @@ __all__ = [
 
 def gemm_view(weight: Tensor) -> Tensor:
     """``weight`` as the GEMM's ``[N, K]``: a Linear's as is, a Conv2d's ``[Cout, Cin, kh, kw]``
-    reordered to K = (ky, kx, cin), the order in which SparseConv2d forms its 2:4 groups."""
-    if weight.dim() == 4:
-        return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
+    reordered to K = (ky, kx, cin), the order in which SparseConv2d forms its 2:4 groups (a Conv1d's
+    ``[Cout, Cin, k]`` to (kx, cin), SparseConv1d's)."""
+    if weight.dim() in (3, 4):
+        return weight.movedim(1, -1).reshape(weight.shape[0], -1)
     if weight.dim() != 2:
-        raise ValueError(f"sparsegemm.prune: expected a Linear [N, K] or Conv2d [Cout, Cin, kh, kw] weight, "
-                         f"got shape {tuple(weight.shape)}")
+        raise ValueError(f"sparsegemm.prune: expected a Linear [N, K], Conv1d [Cout, Cin, k] or Conv2d "
+                         f"[Cout, Cin, kh, kw] weight, got shape {tuple(weight.shape)}")
     return weight
 
 
 def _from_gemm_view(matrix: Tensor, weight_shape: torch.Size) -> Tensor:
     """Inverse of :func:`gemm_view` for a weight of ``weight_shape``."""
-    if len(weight_shape) == 4:
-        cout, cin, kh, kw = weight_shape
-        return matrix.reshape(cout, kh, kw, cin).permute(0, 3, 1, 2).contiguous()
+    if len(weight_shape) in (3, 4):
+        cout, cin, *taps = weight_shape
+        return matrix.reshape(cout, *taps, cin).movedim(-1, 1).contiguous()
     return matrix
 
 
@@ -129,14 +131,15 @@ def _mask_of(module: nn.Module) -> Optional[Mask2to4]:
 def prunable_layers(model: nn.Module, filter_fn: Optional[Callable[[str, nn.Module], bool]] = None
                     ) -> list[tuple[str, nn.Module]]:
     """The ``(name, module)`` of every nn.Linear, transformers' Conv1D (GPT-2's layers: 2:4 along
-    their ``in`` dimension, dim 0 of the stored weight) and nn.Conv2d that a 2:4 mask suits: grouped,
-    depthwise and non-zero-padded convs are left out (SparseConv2d cannot take them), and so is
-    whatever ``filter_fn(name, module)`` rejects."""
+    their ``in`` dimension, dim 0 of the stored weight), nn.Conv1d and nn.Conv2d that a 2:4 mask
+    suits: grouped, depthwise and non-zero-padded convs are left out (SparseConv1d / SparseConv2d
+    cannot take them), and so is whatever ``filter_fn(name, module)`` rejects."""
     layers = []
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.Conv2d) and conv_skip_reason(mod) is not None:
+        if isinstance(mod, (nn.Conv1d, nn.Conv2d)) and conv_skip_reason(mod) is not None:
             continue
-        if (isinstance(mod, (nn.Linear, nn.Conv2d)) or is_conv1d(mod)) and (filter_fn is None or filter_fn(name, mod)):
+        if (isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d)) or is_conv1d(mod)) and (
+                filter_fn is None or filter_fn(name, mod)):
             layers.append((name, mod))
     return layers
 
@@ -373,16 +376,21 @@ class _InputStats:
 
 def _layer_inputs(module: nn.Module, x: Tensor) -> Tensor:
     """The rows X[T, K] that ``module``'s GEMM multiplies: a Linear's (or Conv1D's) inputs, a
-    Conv2d's patches in (ky, kx, cin) order, cin fastest (gemm_view's K)."""
+    Conv2d's patches in (ky, kx, cin) order, cin fastest (gemm_view's K), a Conv1d's as those of
+    the Conv2d of its kernel as one row of taps."""
     if isinstance(module, nn.Linear):
         return x.reshape(-1, module.in_features)
     if is_conv1d(module):
         return x.reshape(-1, module.nx)
-    if x.dim() == 3:
-        x = x.unsqueeze(0)
-    patches = nn.functional.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
+    if isinstance(module, nn.Conv1d):
+        x = (x if x.dim() == 3 else x.unsqueeze(0)).unsqueeze(2)
+        geometry = [(1, module.kernel_size[0]), (1, module.dilation[0]), (0, module.padding[0]), (1, module.stride[0])]
+    else:
+        x = x if x.dim() == 4 else x.unsqueeze(0)
+        geometry = [module.kernel_size, module.dilation, module.padding, module.stride]
+    patches = nn.functional.unfold(x, *geometry)
     b, _, positions = patches.shape  # unfold orders K (cin, ky, kx)
-    kh, kw = module.kernel_size
+    kh, kw = geometry[0]
     patches = patches.view(b, module.in_channels, kh * kw, positions).permute(0, 3, 2, 1)
     return patches.reshape(b * positions, module.in_channels * kh * kw)  # K named: an empty batch has no -1
 
@@ -589,7 +597,8 @@ class GradualPruner:
         self.initial_share = initial_share
         self.layers = prunable_layers(model, filter_fn)
         if not self.layers:
-            raise ValueError("GradualPruner: the model has no nn.Linear / nn.Conv2d layer to prune")
+            raise ValueError("GradualPruner: the model has no layer to prune (nn.Linear, Conv1D, nn.Conv1d, "
+                             "nn.Conv2d)")
         for _, mod in self.layers:
             _attach(mod)
         self.step_count = 0
