@@ -149,9 +149,7 @@ def sparsify(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
             entry.reason = "the model itself is the layer: it cannot be replaced in place"
             continue
         if type(mod) not in (nn.Linear, nn.Conv1d, nn.Conv2d) and type(mod).__name__ != "Conv1D":
-            entry.reason = (f"{type(mod).__name__} is not a plain nn.Linear / Conv1D / nn.Conv1d / nn.Conv2d "
-                            "(parametrized: call sparsegemm.prune.remove_masks(model) first)"
-                            if hasattr(mod, "parametrizations") else f"subclass {type(mod).__name__} left alone")
+            entry.reason = _subclass_reason(mod)
             continue
         if filter_fn is not None and not filter_fn(name, mod):
             entry.reason = "rejected by filter_fn"
@@ -184,6 +182,18 @@ def sparsify(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
         _set_submodule(model, name, new)
     turn_off_nested_fast_path(model)
     return report
+
+
+def _subclass_reason(mod: nn.Module) -> str:
+    """Why sparsify leaves a layer of a subclass (a parametrized layer's class is one) alone."""
+    held = getattr(mod, "parametrizations", None)
+    if held is None:
+        return f"subclass {type(mod).__name__} left alone"
+    kinds = sorted({type(p).__name__ for plist in held.values() for p in plist})
+    if "Mask2to4" in kinds:
+        return "carries a 2:4 mask (parametrized): call sparsegemm.prune.remove_masks(model) first"
+    return (f"parametrized ({', '.join(kinds)}, e.g. weight_norm): its weight is computed at every call, which a "
+            "compressed layer cannot do; remove the parametrization first to convert it")
 
 
 def _weight_reader(model: nn.Module, name: str, attributes: str = "weight") -> Optional[str]:

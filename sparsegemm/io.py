@@ -53,10 +53,8 @@ def _describe(mod: nn.Module) -> dict:
                     "quantize": "int8", "static_input": mod.input_scale is not None, **fused}
         return {"kind": "SparseLinear", "in_features": mod.in_features, "out_features": mod.out_features,
                 "bias": mod.bias is not None, "dtype": str(mod.values.dtype).replace("torch.", ""), **fused}
-    # A SparseConv1d records nn.Conv1d's single values (its pairs are (1, k), (1, s), (0, p), (1, d)).
-    taps = slice(1, None) if isinstance(mod, SparseConv1d) else slice(None)
     return {"kind": type(mod).__name__, "in_channels": mod.in_channels, "out_channels": mod.out_channels,
-            **{key: list(getattr(mod, key)[taps]) for key in _CONV_GEOMETRY}, "bias": mod.bias is not None,
+            **{key: list(getattr(mod, key)) for key in _CONV_GEOMETRY}, "bias": mod.bias is not None,
             "dtype": str(mod.values.dtype).replace("torch.", "")}
 
 
@@ -218,10 +216,10 @@ def _build(name: str, spec: dict, dense: nn.Module) -> nn.Module:
     dense_type, sparse_type = (nn.Conv1d, SparseConv1d) if one_d else (nn.Conv2d, SparseConv2d)
     for key in _CONV_GEOMETRY:
         _field(name, spec, key, list)
-    # As the SparseConv2d pairs the layer holds: (1, k), (1, s), (0, p), (1, d) for a SparseConv1d.
-    pairs = {key: [0 if key == "padding" else 1, *spec[key]] if one_d else spec[key] for key in _CONV_GEOMETRY}
+    # Checked as the pairs the kernels take: (1, k), (1, s), (0, p), (1, d) for a SparseConv1d.
+    pairs = [[0 if key == "padding" else 1, *spec[key]] if one_d else spec[key] for key in _CONV_GEOMETRY]
     try:
-        check_conv_geometry("module table", *pairs.values())
+        check_conv_geometry("module table", *pairs)
     except ValueError as exc:
         raise ValueError(f"sparsegemm.load: module {name!r}: {exc}") from exc
     # The model's layer (a Conv1d / Conv2d, or the sparse one being loaded again) must have the same
@@ -234,7 +232,7 @@ def _build(name: str, spec: dict, dense: nn.Module) -> nn.Module:
     sparse = isinstance(dense, SparseConv2d)
     if not (isinstance(dense, dense_type) or sparse and isinstance(dense, SparseConv1d) == one_d) or (
             dense.in_channels, dense.out_channels) != (spec["in_channels"], spec["out_channels"]) or any(
-            list(getattr(dense, key)) != (pairs if sparse else spec)[key] for key in _CONV_GEOMETRY) or (
+            list(getattr(dense, key)) != spec[key] for key in _CONV_GEOMETRY) or (
             (dense.bias is not None) != spec["bias"]):
         raise ValueError(f"sparsegemm.load: module {name!r} was a {label} {spec['in_channels']} -> "
                          f"{spec['out_channels']} with " + ", ".join(f"{key}={spec[key]}" for key in _CONV_GEOMETRY)

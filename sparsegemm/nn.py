@@ -895,6 +895,14 @@ class SparseExperts(nn.Module):
         return out
 
 
+class _ConvTaps(NamedTuple):
+    """A convolution's geometry as the kernels take it: (height, width) pairs."""
+    kernel_size: tuple
+    stride: tuple
+    padding: tuple
+    dilation: tuple
+
+
 class SparseConv2d(_SparseWeight):
     """``nn.Conv2d`` (groups = 1) with a 2:4-compressed weight.
 
@@ -919,11 +927,13 @@ class SparseConv2d(_SparseWeight):
                              f"{in_channels}, {out_channels}")
         pair = torch.nn.modules.utils._pair
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size, self.stride = pair(kernel_size), pair(stride)
-        self.padding, self.dilation = pair(padding), pair(dilation)
-        ops.check_conv_geometry(type(self).__name__, self.kernel_size, self.stride, self.padding, self.dilation)
+        # What the kernels run, as pairs; kernel_size, stride, padding and dilation are the public
+        # copies in the shape of the module's nn twin (SparseConv1d's are single values).
+        self._taps = _ConvTaps(pair(kernel_size), pair(stride), pair(padding), pair(dilation))
+        ops.check_conv_geometry(type(self).__name__, *self._taps)
+        self.kernel_size, self.stride, self.padding, self.dilation = self._taps
         self.backend = backend
-        kh, kw = self.kernel_size
+        kh, kw = self._taps.kernel_size
         self._init_storage(out_channels, in_channels * kh * kw, dtype, device, bias)
 
     @classmethod
@@ -950,15 +960,16 @@ class SparseConv2d(_SparseWeight):
         if backend != "cpu":
             return self._implicit_gemm(x, backend)
         b, c, h, w = x.shape
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
-        ho, wo = ops.conv_output_hw(op, h, w, self.kernel_size, self.stride, self.padding, self.dilation)
+        taps = self._taps
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = taps
+        ho, wo = ops.conv_output_hw(op, h, w, *taps)
         k = kh * kw * c
         if torch.compiler.is_compiling() and torch.is_grad_enabled() and any(
                 t is not None and t.requires_grad for t in (x, self.values, self.bias)):
             # A compiled training step: the patch matrix through F.unfold (im2col; its backward is
             # col2im). Inductor's compiled backward of the strided windows below writes out of bounds
             # (torch 2.13 on the CPU: its unfold_backward lowering, pytorch#171370 and #172064).
-            cols = torch.nn.functional.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
+            cols = torch.nn.functional.unfold(x, taps.kernel_size, taps.dilation, taps.padding, taps.stride)
             patches = cols.unflatten(1, (c, kh * kw)).transpose(1, 3).reshape(-1, k)
             return self._sparse_linear(patches).view(b, ho, wo, self.out_channels).permute(0, 3, 1, 2)
         # The patch matrix [B * Ho * Wo, kh * kw * Cin] in our K order (ky, kx, cin) as a strided view of
@@ -987,7 +998,7 @@ class SparseConv2d(_SparseWeight):
             ops.check_x_matches_weight(op, x, self.values, ops.FLOAT_DTYPES, self.bias)
             (_, matrix), = ops._decompressed_tiles(self.values.detach().contiguous(), self.metadata.contiguous(), k, 0)
             weight = matrix.view(self.out_channels, kh, kw, c).permute(0, 3, 1, 2)
-            return torch.nn.functional.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation)
+            return torch.nn.functional.conv2d(x, weight, self.bias, taps.stride, taps.padding, taps.dilation)
         # Inference: the patch matrix (kh * kw times the input, for a 3 x 3 layer) is gathered a chunk
         # at a time into a reused scratch of ops._CPU_TILE_BYTES (or one output row, if larger),
         # which the GEMM then reads from cache: memory stays bounded at any image size, and no call
@@ -1020,13 +1031,13 @@ class SparseConv2d(_SparseWeight):
         ops.check_same_device(op, x=x, values=self.values)
         # A channels_last tensor permuted to [B, H, W, C] is contiguous NHWC: no copy then.
         x_nhwc = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
-        y = ops._conv2d(x_nhwc, self.values, self.metadata, self._kernel_meta_for(backend), list(self.kernel_size),
-                        list(self.stride), list(self.padding), list(self.dilation), self.bias, 0, backend)
+        y = ops._conv2d(x_nhwc, self.values, self.metadata, self._kernel_meta_for(backend),
+                        *(list(pair) for pair in self._taps), self.bias, 0, backend)
         return y.permute(0, 3, 1, 2)
 
     def dense_weight(self) -> Tensor:
         """The equivalent dense (pruned) weight in nn.Conv2d's shape ``[Cout, Cin, kh, kw]``."""
-        kh, kw = self.kernel_size
+        kh, kw = self._taps.kernel_size
         return self._matrix_dense().view(self.out_channels, kh, kw, self.in_channels).permute(0, 3, 1, 2).contiguous()
 
     def extra_repr(self) -> str:
@@ -1040,8 +1051,8 @@ class SparseConv1d(SparseConv2d):
     one row of taps, run on ``x [B, C, L]`` (or ``[C, L]``) viewed as ``[B, C, 1, L]``: the CUDA
     implicit GEMM and the CPU patch GEMM alike. K = Cin * k is ordered (kx, cin), cin fastest, so
     that 2:4 groups run along the channels of one tap. ``kernel_size``, ``stride``, ``padding`` and
-    ``dilation`` are SparseConv2d's pairs, ``(1, k)``, ``(1, s)``, ``(0, p)``, ``(1, d)``;
-    ``extra_repr`` and checkpoints give nn.Conv1d's single values.
+    ``dilation`` are nn.Conv1d's one-element tuples (models read them: Whisper's encoder checks its
+    input length by ``conv1.stride[0]``).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
@@ -1056,6 +1067,7 @@ class SparseConv1d(SparseConv2d):
         (k,), (s,), (p,), (d,) = geometry
         super().__init__(in_channels, out_channels, (1, k), (1, s), (0, p), (1, d), bias, dtype=dtype,
                          device=device, backend=backend)
+        self.kernel_size, self.stride, self.padding, self.dilation = geometry  # nn.Conv1d's
 
     @classmethod
     def from_dense(cls, conv: nn.Conv1d, *, dtype: Optional[torch.dtype] = None, prune: bool = True,
@@ -1084,11 +1096,6 @@ class SparseConv1d(SparseConv2d):
     def dense_weight(self) -> Tensor:
         """The equivalent dense (pruned) weight in nn.Conv1d's shape ``[Cout, Cin, k]``."""
         return super().dense_weight().squeeze(2)
-
-    def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size[1:]}, "
-                f"stride={self.stride[1:]}, padding={self.padding[1:]}, dilation={self.dilation[1:]}, "
-                f"bias={self.bias is not None}, {self._bytes_repr()}")
 
 
 # SparseConv2d's CPU inference takes torch's convolution (on the decompressed weight) over the patch

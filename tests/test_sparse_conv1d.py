@@ -101,7 +101,7 @@ def test_sparsify_converts_conv1d_and_says_why_not_depthwise(tmp_path):
     sparsegemm.save(model, path)
     fresh = SpeechFrontEnd().eval()
     sparsegemm.load(path, fresh)
-    assert isinstance(fresh.conv1, SparseConv1d) and fresh.conv2.stride == (1, 2)
+    assert isinstance(fresh.conv1, SparseConv1d) and fresh.conv2.stride == (2,)  # nn.Conv1d's, as models read it
     with torch.no_grad():
         assert torch.equal(fresh(x), model(x))
     sparsegemm.load(path, fresh)  # again, into the model it filled
@@ -131,3 +131,32 @@ def test_pruning_a_conv1d_is_pruning_its_conv2d_of_one_row(method):
     torch.testing.assert_close(conv.weight.detach(), twin.weight.detach().squeeze(2), rtol=1e-5, atol=1e-6)
     P.remove_masks(one)
     SparseConv1d.from_dense(conv, prune=False)  # exactly 2:4 along (kx, cin)
+
+
+def test_a_weight_normed_conv_is_reported_as_such():
+    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Conv1d(64, 64, 3)))
+    reason = sparsegemm.sparsify(model, min_features=4).layers[0].reason
+    assert "parametrized (_WeightNorm, e.g. weight_norm)" in reason and "remove_masks" not in reason
+
+
+def test_whisper_from_transformers_converts_and_generates():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.WhisperConfig(
+        d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=128, decoder_ffn_dim=128, num_mel_bins=80, vocab_size=500, max_source_positions=50,
+        max_target_positions=32, decoder_start_token_id=1, pad_token_id=0, eos_token_id=2, bos_token_id=1)
+    torch.manual_seed(0)
+    model = transformers.WhisperForConditionalGeneration(config).eval()
+    reference = copy.deepcopy(model)
+    report = sparsegemm.sparsify(model, min_features=16)
+    converted = {layer.name for layer in report.converted}
+    assert {"model.encoder.conv1", "model.encoder.conv2"} <= converted
+    with torch.no_grad():
+        for name in converted:
+            reference.get_submodule(name).weight.copy_(model.get_submodule(name).dense_weight())
+    features, tokens = torch.randn(1, 80, 100), torch.tensor([[1, 5, 7]])
+    with torch.no_grad():  # the encoder checks the input length by conv1.stride[0] * conv2.stride[0]
+        torch.testing.assert_close(model(input_features=features, decoder_input_ids=tokens).logits,
+                                   reference(input_features=features, decoder_input_ids=tokens).logits,
+                                   rtol=1e-4, atol=1e-4)
+    assert model.generate(features, max_new_tokens=4).shape[0] == 1
