@@ -16,11 +16,13 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .nn import SparseLinear
+from .nn import SparseLinear, _SparseWeight
 
 __all__ = ["SparseMultiheadAttention", "attention_skip_reason", "turn_off_nested_fast_path"]
 
 _OP = "SparseMultiheadAttention"
+# nn.MultiheadAttention's dense weights, which torch's fused attention paths read from the module.
+_DENSE_WEIGHTS = frozenset({"in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"})
 
 
 def attention_skip_reason(mha: nn.MultiheadAttention) -> Optional[str]:
@@ -33,14 +35,16 @@ def attention_skip_reason(mha: nn.MultiheadAttention) -> Optional[str]:
 
 
 def _float_mask(mask: Optional[Tensor], name: str, dtype: torch.dtype) -> Optional[Tensor]:
-    """A boolean mask (True: not attended) as an additive one of ``dtype``; a float mask as is."""
+    """A boolean mask (True: not attended) as an additive one of ``dtype``; a float mask as is, in
+    its own dtype, as torch's attention passes it on: an fp32 -1e9 is -inf in fp16, which would
+    turn a row whose keys all carry it from uniform attention into zeros."""
     if mask is None:
         return None
     if mask.dtype == torch.bool:
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
     if not mask.is_floating_point():
         raise TypeError(f"{_OP}: {name} must be a bool or floating tensor, got {mask.dtype}")
-    return mask.to(dtype)
+    return mask
 
 
 class SparseMultiheadAttention(nn.Module):
@@ -102,6 +106,14 @@ class SparseMultiheadAttention(nn.Module):
         out = SparseLinear._from_weight(mha.out_proj.weight.detach(), mha.out_proj.bias, **options)
         return cls(*projections, out, mha.num_heads, dropout=mha.dropout, batch_first=mha.batch_first)
 
+    def __getattr__(self, name: str):
+        if name in _DENSE_WEIGHTS:  # read by torch's fused paths: say what to do instead
+            raise AttributeError(
+                f"{_OP} has no dense {name} (its projections are compressed): an nn.TransformerEncoder holding it "
+                "must take its regular path; sparsify and load see to that for the model they are given, after "
+                "converting by other means call sparsegemm.attention.turn_off_nested_fast_path(model)")
+        return super().__getattr__(name)
+
     @property
     def in_proj_bias(self) -> Optional[Tensor]:
         """The q, k and v biases end to end, as nn.MultiheadAttention's ``in_proj_bias`` (a copy)."""
@@ -139,8 +151,8 @@ class SparseMultiheadAttention(nn.Module):
         weights = None
         if need_weights:
             scores = (q * (1.0 / math.sqrt(head_dim))) @ k.transpose(-2, -1)
-            if mask is not None:
-                scores = scores + mask
+            if mask is not None:  # (torch refuses a mask of another dtype here; this casts it)
+                scores = scores + mask.to(scores.dtype)
             weights = torch.softmax(scores, dim=-1)
             if dropout > 0.0:
                 weights = nn.functional.dropout(weights, p=dropout)
@@ -187,10 +199,13 @@ class SparseMultiheadAttention(nn.Module):
 
 
 def turn_off_nested_fast_path(model: nn.Module) -> None:
-    """Make every nn.TransformerEncoder whose first layer's attention is sparse take the regular
-    path: its nested-tensor fast path reads that layer's dense weights. It decides at construction,
-    from the attention it had then; an attention with separate projections turns it off there."""
+    """Make every nn.TransformerEncoder of ``model`` that holds a sparse layer take its regular
+    path. Its nested-tensor fast path reads the first layer's dense weights and hands every layer a
+    nested tensor, which sparse layers do not take; it decides at construction, from the layers it
+    had then (an attention with separate projections turns it off there). sparsify and load call
+    this on the model they are given: after converting layers of an encoder by other means (a
+    sub-module's sparsify, an assignment), call it on a model that holds the encoder."""
     for mod in model.modules():
-        if isinstance(mod, nn.TransformerEncoder) and len(mod.layers) and isinstance(
-                getattr(mod.layers[0], "self_attn", None), SparseMultiheadAttention):
+        if isinstance(mod, nn.TransformerEncoder) and any(
+                isinstance(layer, (SparseMultiheadAttention, _SparseWeight)) for layer in mod.layers.modules()):
             mod.use_nested_tensor = False

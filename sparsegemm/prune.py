@@ -422,8 +422,10 @@ def _calibration_stats(layers: list, run: Callable[[], None], kind: str) -> dict
             handle.remove()
     for name, stat in stats.items():
         if stat.rows == 0:
-            raise ValueError(f"sparsegemm.prune.prune_one_shot: layer {name!r} saw no calibration input (the "
-                             f"model never called it); leave it out with filter_fn")
+            why = ("nn.MultiheadAttention reads its out_proj's weight without calling it" if isinstance(
+                dict(layers)[name], nn.modules.linear.NonDynamicallyQuantizableLinear) else "the model never called it")
+            raise ValueError(f"sparsegemm.prune.prune_one_shot: layer {name!r} saw no calibration input ({why}); "
+                             f"leave it out with filter_fn")
     return stats
 
 
@@ -816,7 +818,7 @@ def permute_channels(model: nn.Module, pairs: Optional[list[ChannelPair]] = None
     for pair in find_channel_pairs(model) if pairs is None else pairs:
         producer, consumer = model.get_submodule(pair.producer), model.get_submodule(pair.consumer)
         between = [model.get_submodule(name) for name in pair.between]
-        channels = consumer.weight.shape[1]
+        channels = consumer.nx if is_conv1d(consumer) else consumer.weight.shape[1]
         reason = _pair_skip_reason(producer, consumer, between)
         if reason:
             report.pairs.append(PairReport(pair, channels, 0.0, 0.0, 0, reason))

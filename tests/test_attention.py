@@ -231,3 +231,48 @@ def test_compiles_without_graph_breaks():
         for need_weights in (False, True):
             got, want = compiled(x, x, x, need_weights=need_weights), sparse(x, x, x, need_weights=need_weights)
             torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+
+
+def test_an_encoder_with_any_sparse_layer_leaves_its_nested_fast_path():
+    # Layer 0 left dense: the encoder's fast path would still nest the input for layer 1.
+    model = encoder(seed=9)
+    reference = copy.deepcopy(model)
+    report = sparsegemm.sparsify(model, min_features=16, filter_fn=lambda name, mod: name.startswith("layers.1"))
+    assert report.converted and not model.use_nested_tensor
+    x = torch.randn(3, 6, 64)
+    padding = torch.zeros(3, 6, dtype=torch.bool)
+    padding[0, 4:] = True
+    prune_dense_in_place(reference.layers[1])
+    reference.use_nested_tensor = False
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, src_key_padding_mask=padding), reference(x, src_key_padding_mask=padding),
+                                   rtol=1e-4, atol=1e-4)
+    # Converted behind the encoder's back: a clear error, and the call that fixes it.
+    other = encoder(seed=10)
+    sparsegemm.sparsify(other.layers, min_features=16)
+    with torch.no_grad(), pytest.raises(AttributeError, match="turn_off_nested_fast_path"):
+        other(x, src_key_padding_mask=padding)
+    sparsegemm.attention.turn_off_nested_fast_path(other)
+    with torch.no_grad():
+        assert other(x, src_key_padding_mask=padding).shape == x.shape
+
+
+def test_a_float_mask_keeps_its_dtype_as_in_torch():
+    # fp16 module, fp32 -1e9 mask: finite in fp32 (a row masked everywhere attends uniformly), -inf in fp16.
+    torch.manual_seed(11)
+    mha = nn.MultiheadAttention(64, 4).half().eval()
+    sparse = SparseMultiheadAttention.from_dense(mha).eval()
+    twin = pruned_twin(mha, sparse)
+    q, k = torch.randn(3, 2, 64, dtype=torch.float16), torch.randn(4, 2, 64, dtype=torch.float16)
+    mask = torch.zeros(3, 4)
+    mask[0] = -1e9
+    got, want = sparse(q, k, k, need_weights=False, attn_mask=mask)[0], twin(q, k, k, need_weights=False,
+                                                                               attn_mask=mask)[0]
+    assert bool(got[0].abs().sum() > 0)
+    torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
+
+
+def test_calibrated_pruning_says_why_attention_out_proj_sees_no_input():
+    model = encoder(seed=12)
+    with pytest.raises(ValueError, match="reads its out_proj's weight without calling it"):
+        sparsegemm.prune.prune_one_shot(model, method="wanda", calibration=torch.randn(2, 5, 64))
