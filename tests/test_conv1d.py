@@ -225,3 +225,10 @@ def test_gpt2_from_transformers_prunes_converts_saves_and_generates(tmp_path):
     with torch.no_grad():
         assert torch.equal(fresh(ids).logits, got)
     assert fresh.generate(ids[:, :4], max_new_tokens=5, do_sample=False).shape == (2, 9)
+
+
+def test_permute_channels_reports_a_conv1d_pair_by_its_channels():
+    block = GPT2Block()
+    report = P.permute_channels(block, [P.ChannelPair("c_fc", "mlp_proj", ())])
+    row, = report.pairs
+    assert row.channels == 256 and "Conv1D -> Conv1D" in row.skipped  # mlp_proj takes c_fc's 4 * 64 outputs
