@@ -1,4 +1,5 @@
-"""SparseMultiheadAttention: nn.MultiheadAttention with 2:4 compressed projections.
+"""SparseMultiheadAttention: nn.MultiheadAttention with 2:4 compressed projections (and
+SplitMultiheadAttention, its dense twin with Linear projections, for the pruning tools).
 
 nn.MultiheadAttention keeps its input projection as one raw ``in_proj_weight`` parameter and its
 output projection as a Linear subclass whose ``.weight`` its forward reads, so neither can be
@@ -18,11 +19,15 @@ from torch import Tensor, nn
 
 from .nn import SparseLinear, _SparseWeight
 
-__all__ = ["SparseMultiheadAttention", "attention_skip_reason", "turn_off_nested_fast_path"]
+__all__ = [
+    "SparseMultiheadAttention", "SplitMultiheadAttention", "attention_skip_reason", "turn_off_nested_fast_path",
+]
 
-_OP = "SparseMultiheadAttention"
 # nn.MultiheadAttention's dense weights, which torch's fused attention paths read from the module.
 _DENSE_WEIGHTS = frozenset({"in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"})
+# The attributes of an nn.MultiheadAttention that a split or sparse one lacks, as a pattern for
+# convert._weight_reader (a model's forward that reads them cannot take either).
+_ATTENTION_WEIGHTS = r"in_proj_weight|[qkv]_proj_weight|out_proj\.weight"
 
 
 def attention_skip_reason(mha: nn.MultiheadAttention) -> Optional[str]:
@@ -34,7 +39,7 @@ def attention_skip_reason(mha: nn.MultiheadAttention) -> Optional[str]:
     return None
 
 
-def _float_mask(mask: Optional[Tensor], name: str, dtype: torch.dtype) -> Optional[Tensor]:
+def _float_mask(op: str, mask: Optional[Tensor], name: str, dtype: torch.dtype) -> Optional[Tensor]:
     """A boolean mask (True: not attended) as an additive one of ``dtype``; a float mask as is, in
     its own dtype, as torch's attention passes it on: an fp32 -1e9 is -inf in fp16, which would
     turn a row whose keys all carry it from uniform attention into zeros."""
@@ -43,12 +48,31 @@ def _float_mask(mask: Optional[Tensor], name: str, dtype: torch.dtype) -> Option
     if mask.dtype == torch.bool:
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
     if not mask.is_floating_point():
-        raise TypeError(f"{_OP}: {name} must be a bool or floating tensor, got {mask.dtype}")
+        raise TypeError(f"{op}: {name} must be a bool or floating tensor, got {mask.dtype}")
     return mask
 
 
-class SparseMultiheadAttention(nn.Module):
-    """Multi-head attention whose four projections are SparseLinear layers.
+def _dense_projections(mha: nn.MultiheadAttention) -> list[tuple[Tensor, Optional[Tensor]]]:
+    """(weight [E, K], bias [E] or None) of ``mha``'s q, k, v and out projections, detached."""
+    e = mha.embed_dim
+    if mha._qkv_same_embed_dim:
+        weights = mha.in_proj_weight.detach().split(e)
+    else:
+        weights = (mha.q_proj_weight.detach(), mha.k_proj_weight.detach(), mha.v_proj_weight.detach())
+    biases = (None,) * 3 if mha.in_proj_bias is None else mha.in_proj_bias.detach().split(e)
+    out_bias = None if mha.out_proj.bias is None else mha.out_proj.bias.detach()
+    return [*zip(weights, biases), (mha.out_proj.weight.detach(), out_bias)]
+
+
+class SplitMultiheadAttention(nn.Module):
+    """nn.MultiheadAttention with its four projections as modules of their own: ``q_proj``,
+    ``k_proj``, ``v_proj`` and ``out_proj``, each an nn.Linear or a SparseLinear.
+
+    :func:`sparsegemm.prune.split_attention` makes one of every nn.MultiheadAttention (same
+    weights, same results) so that the pruning tools mask, calibrate and fine-tune its projections
+    as the Linear layers they are (nn.MultiheadAttention holds q, k and v as one raw parameter and
+    reads out_proj's weight without calling it); :func:`sparsegemm.sparsify` then converts its
+    Linear layers, and one whose four projections are sparse becomes a SparseMultiheadAttention.
 
     ``forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
     average_attn_weights=True, is_causal=False)`` takes what nn.MultiheadAttention takes and returns
@@ -64,52 +88,59 @@ class SparseMultiheadAttention(nn.Module):
 
     _qkv_same_embed_dim = False
 
-    def __init__(self, q_proj: SparseLinear, k_proj: SparseLinear, v_proj: SparseLinear, out_proj: SparseLinear,
+    def __init__(self, q_proj: nn.Module, k_proj: nn.Module, v_proj: nn.Module, out_proj: nn.Module,
                  num_heads: int, *, dropout: float = 0.0, batch_first: bool = False):
         super().__init__()
+        op = type(self).__name__
         embed_dim = q_proj.out_features
         for name, layer, inputs in (("q_proj", q_proj, embed_dim), ("k_proj", k_proj, None),
                                     ("v_proj", v_proj, None), ("out_proj", out_proj, embed_dim)):
-            if not isinstance(layer, SparseLinear) or layer.activation is not None:
-                raise TypeError(f"{_OP}: {name} must be a SparseLinear without a fused activation, got {layer!r}")
+            if not self._takes(layer):
+                raise TypeError(f"{op}: {name} must be {self._layer_kinds}, got {layer!r}")
             if layer.out_features != embed_dim or (inputs is not None and layer.in_features != inputs):
-                raise ValueError(f"{_OP}: {name} must give embed_dim = {embed_dim} features"
+                raise ValueError(f"{op}: {name} must give embed_dim = {embed_dim} features"
                                  + (f" from {inputs}" if inputs is not None else "")
                                  + f", got {layer.in_features} -> {layer.out_features}")
         if not isinstance(num_heads, int) or num_heads < 1 or embed_dim % num_heads:
-            raise ValueError(f"{_OP}: num_heads must divide embed_dim = {embed_dim}, got {num_heads!r}")
+            raise ValueError(f"{op}: num_heads must divide embed_dim = {embed_dim}, got {num_heads!r}")
         if not 0.0 <= dropout <= 1.0:
-            raise ValueError(f"{_OP}: dropout must be in [0, 1], got {dropout}")
+            raise ValueError(f"{op}: dropout must be in [0, 1], got {dropout}")
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = q_proj, k_proj, v_proj, out_proj
         self.embed_dim, self.kdim, self.vdim = embed_dim, k_proj.in_features, v_proj.in_features
         self.num_heads, self.head_dim = num_heads, embed_dim // num_heads
         self.dropout, self.batch_first = float(dropout), bool(batch_first)
 
+    _layer_kinds = "an nn.Linear or a SparseLinear without a fused activation"
+
+    @staticmethod
+    def _takes(layer: nn.Module) -> bool:
+        return type(layer) is nn.Linear or isinstance(layer, SparseLinear) and layer.activation is None
+
     @classmethod
-    def from_dense(cls, mha: nn.MultiheadAttention, *, dtype: Optional[torch.dtype] = None, prune: bool = True,
-                   backend: Optional[str] = None, quantize: Optional[str] = None) -> "SparseMultiheadAttention":
-        """The attention of ``mha`` with each projection compressed as :meth:`SparseLinear.from_dense`
-        compresses a Linear (magnitude 2:4 along its inputs when ``prune``; ``quantize="int8"``)."""
-        if not isinstance(mha, nn.MultiheadAttention):
-            raise TypeError(f"{_OP}.from_dense: expected nn.MultiheadAttention, got {type(mha).__name__}")
-        reason = attention_skip_reason(mha)
-        if reason:
-            raise ValueError(f"{_OP}.from_dense: {reason}")
-        e = mha.embed_dim
-        if mha._qkv_same_embed_dim:
-            weights = mha.in_proj_weight.detach().split(e)
-        else:
-            weights = (mha.q_proj_weight.detach(), mha.k_proj_weight.detach(), mha.v_proj_weight.detach())
-        biases = (None,) * 3 if mha.in_proj_bias is None else mha.in_proj_bias.detach().split(e)
-        options = dict(dtype=dtype, prune=prune, backend=backend, quantize=quantize)
-        projections = [SparseLinear._from_weight(w, b, **options) for w, b in zip(weights, biases)]
-        out = SparseLinear._from_weight(mha.out_proj.weight.detach(), mha.out_proj.bias, **options)
-        return cls(*projections, out, mha.num_heads, dropout=mha.dropout, batch_first=mha.batch_first)
+    def from_dense(cls, mha: nn.MultiheadAttention) -> "SplitMultiheadAttention":
+        """The attention of ``mha`` with its projections as nn.Linear layers holding copies of its
+        weights, on its device and in its dtype."""
+        _check_convertible(f"{cls.__name__}.from_dense", mha)
+        layers = []
+        for weight, bias in _dense_projections(mha):
+            layer = nn.Linear(weight.shape[1], weight.shape[0], bias is not None, device=weight.device,
+                              dtype=weight.dtype)
+            with torch.no_grad():
+                layer.weight.copy_(weight)
+                if bias is not None:
+                    layer.bias.copy_(bias)
+            layers.append(layer)
+        return cls(*layers, mha.num_heads, dropout=mha.dropout, batch_first=mha.batch_first)
+
+    @property
+    def projections(self) -> tuple:
+        return self.q_proj, self.k_proj, self.v_proj, self.out_proj
 
     def __getattr__(self, name: str):
         if name in _DENSE_WEIGHTS:  # read by torch's fused paths: say what to do instead
             raise AttributeError(
-                f"{_OP} has no dense {name} (its projections are compressed): an nn.TransformerEncoder holding it "
+                f"{type(self).__name__} has no {name} (its projections are modules of their own): an "
+                "nn.TransformerEncoder holding it "
                 "must take its regular path; sparsify and load see to that for the model they are given, after "
                 "converting by other means call sparsegemm.attention.turn_off_nested_fast_path(model)")
         return super().__getattr__(name)
@@ -117,18 +148,19 @@ class SparseMultiheadAttention(nn.Module):
     @property
     def in_proj_bias(self) -> Optional[Tensor]:
         """The q, k and v biases end to end, as nn.MultiheadAttention's ``in_proj_bias`` (a copy)."""
-        biases = [layer.bias for layer in (self.q_proj, self.k_proj, self.v_proj)]
+        biases = [layer.bias for layer in self.projections[:3]]
         return None if any(b is None for b in biases) else torch.cat([b.detach() for b in biases])
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
                 need_weights: bool = True, attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+        op = type(self).__name__
         batched = query.dim() == 3
         if query.dim() not in (2, 3) or key.dim() != query.dim() or value.dim() != query.dim():
-            raise ValueError(f"{_OP}: query, key and value must all be 3-D (batched) or 2-D (unbatched), got "
+            raise ValueError(f"{op}: query, key and value must all be 3-D (batched) or 2-D (unbatched), got "
                              f"{query.dim()}-D, {key.dim()}-D and {value.dim()}-D")
         if is_causal and attn_mask is None:
-            raise RuntimeError(f"{_OP}: is_causal is a hint that attn_mask is the causal mask: pass attn_mask too")
+            raise RuntimeError(f"{op}: is_causal is a hint that attn_mask is the causal mask: pass attn_mask too")
         # To [N, L, E] whatever the layout.
         if not batched:
             query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
@@ -139,7 +171,7 @@ class SparseMultiheadAttention(nn.Module):
         n, tgt_len, _ = query.shape
         src_len = key.shape[1]
         if key.shape[:2] != value.shape[:2]:
-            raise ValueError(f"{_OP}: key and value must have the same batch and sequence sizes, got "
+            raise ValueError(f"{op}: key and value must have the same batch and sequence sizes, got "
                              f"{tuple(key.shape)} and {tuple(value.shape)}")
         heads, head_dim = self.num_heads, self.head_dim
         q = self.q_proj(query).view(n, tgt_len, heads, head_dim).transpose(1, 2)
@@ -174,19 +206,20 @@ class SparseMultiheadAttention(nn.Module):
     def _merged_mask(self, attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], n: int, tgt_len: int,
                      src_len: int, dtype: torch.dtype) -> Optional[Tensor]:
         """attn_mask and key_padding_mask as one additive mask broadcasting to [N, heads, L, S]."""
-        mask = _float_mask(attn_mask, "attn_mask", dtype)
+        op = type(self).__name__
+        mask = _float_mask(op, attn_mask, "attn_mask", dtype)
         if mask is not None:
             if mask.shape == (tgt_len, src_len):
                 mask = mask.view(1, 1, tgt_len, src_len)
             elif mask.dim() == 3 and mask.shape == (n * self.num_heads, tgt_len, src_len):
                 mask = mask.view(n, self.num_heads, tgt_len, src_len)
             else:
-                raise ValueError(f"{_OP}: attn_mask must be [L, S] = [{tgt_len}, {src_len}] or [N * num_heads, L, S] "
+                raise ValueError(f"{op}: attn_mask must be [L, S] = [{tgt_len}, {src_len}] or [N * num_heads, L, S] "
                                  f"= [{n * self.num_heads}, {tgt_len}, {src_len}], got {tuple(attn_mask.shape)}")
-        padding = _float_mask(key_padding_mask, "key_padding_mask", dtype)
+        padding = _float_mask(op, key_padding_mask, "key_padding_mask", dtype)
         if padding is not None:
             if padding.shape != (n, src_len):
-                raise ValueError(f"{_OP}: key_padding_mask must be [N, S] = [{n}, {src_len}] (or [S] unbatched), "
+                raise ValueError(f"{op}: key_padding_mask must be [N, S] = [{n}, {src_len}] (or [S] unbatched), "
                                  f"got {tuple(key_padding_mask.shape)}")
             padding = padding.view(n, 1, 1, src_len)
             mask = padding if mask is None else mask + padding
@@ -198,6 +231,40 @@ class SparseMultiheadAttention(nn.Module):
                f"batch_first={self.batch_first}"
 
 
+class SparseMultiheadAttention(SplitMultiheadAttention):
+    """A SplitMultiheadAttention whose four projections are SparseLinear layers: what
+    :func:`sparsegemm.sparsify` makes of an nn.MultiheadAttention (q, k and v separate, so that
+    cross-attention projects each input once)."""
+
+    _layer_kinds = "a SparseLinear without a fused activation"
+
+    @staticmethod
+    def _takes(layer: nn.Module) -> bool:
+        return isinstance(layer, SparseLinear) and layer.activation is None
+
+    @classmethod
+    def from_dense(cls, mha: nn.Module, *, dtype: Optional[torch.dtype] = None, prune: bool = True,
+                   backend: Optional[str] = None, quantize: Optional[str] = None) -> "SparseMultiheadAttention":
+        """The attention of ``mha`` (an nn.MultiheadAttention, or a SplitMultiheadAttention of
+        nn.Linear layers) with each projection compressed as :meth:`SparseLinear.from_dense` compresses
+        a Linear (magnitude 2:4 along its inputs when ``prune``; ``quantize="int8"``)."""
+        options = dict(dtype=dtype, prune=prune, backend=backend, quantize=quantize)
+        if isinstance(mha, SplitMultiheadAttention) and not isinstance(mha, SparseMultiheadAttention):
+            layers = [SparseLinear.from_dense(layer, **options) for layer in mha.projections]
+            return cls(*layers, mha.num_heads, dropout=mha.dropout, batch_first=mha.batch_first)
+        _check_convertible(f"{cls.__name__}.from_dense", mha)
+        layers = [SparseLinear._from_weight(w, b, **options) for w, b in _dense_projections(mha)]
+        return cls(*layers, mha.num_heads, dropout=mha.dropout, batch_first=mha.batch_first)
+
+
+def _check_convertible(op: str, mha: nn.Module) -> None:
+    if not isinstance(mha, nn.MultiheadAttention):
+        raise TypeError(f"{op}: expected nn.MultiheadAttention, got {type(mha).__name__}")
+    reason = attention_skip_reason(mha)
+    if reason:
+        raise ValueError(f"{op}: {reason}")
+
+
 def turn_off_nested_fast_path(model: nn.Module) -> None:
     """Make every nn.TransformerEncoder of ``model`` that holds a sparse layer take its regular
     path. Its nested-tensor fast path reads the first layer's dense weights and hands every layer a
@@ -207,5 +274,5 @@ def turn_off_nested_fast_path(model: nn.Module) -> None:
     sub-module's sparsify, an assignment), call it on a model that holds the encoder."""
     for mod in model.modules():
         if isinstance(mod, nn.TransformerEncoder) and any(
-                isinstance(layer, (SparseMultiheadAttention, _SparseWeight)) for layer in mod.layers.modules()):
+                isinstance(layer, (SplitMultiheadAttention, _SparseWeight)) for layer in mod.layers.modules()):
             mod.use_nested_tensor = False

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from ._progress import progress_bar
-from .attention import SparseMultiheadAttention, attention_skip_reason, turn_off_nested_fast_path
+from .attention import (_ATTENTION_WEIGHTS, SparseMultiheadAttention, SplitMultiheadAttention, attention_skip_reason,
+                        turn_off_nested_fast_path)
 from .functional import mask_2to4
 from .io import check_outside_empty_weights, parameter_names
 from .nn import (SparseConv1d, SparseConv2d, SparseExperts, SparseGatedMLP, SparseLinear, conv_skip_reason,
@@ -180,6 +181,7 @@ def sparsify(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
         entry.compressed_bytes = new.sparse_weight().nbytes
         entry.converted = True
         _set_submodule(model, name, new)
+    _complete_split_attention(model)
     turn_off_nested_fast_path(model)
     return report
 
@@ -209,8 +211,8 @@ def _weight_reader(model: nn.Module, name: str, attributes: str = "weight") -> O
             return None  # reached through a ModuleList / Sequential index from here up
         holder = model.get_submodule(".".join(parts[:depth]))
         if type(holder).forward is nn.TransformerEncoderLayer.forward and (
-                below[0] == "self_attn" or isinstance(holder.self_attn, SparseMultiheadAttention)):
-            continue  # it reads weights on its fast path only, which a sparse self_attn turns off
+                below[0] == "self_attn" or isinstance(holder.self_attn, SplitMultiheadAttention)):
+            continue  # it reads weights on its fast path only, which a split (or sparse) self_attn turns off
         source = _forward_source(type(holder))
         if source and re.search(r"\b" + r"\.".join(map(re.escape, below)) + rf"\.(?:{attributes})\b", source):
             return type(holder).__name__
@@ -338,6 +340,16 @@ def _convert_attention(model: nn.Module, report: SparsifyReport, dtype, filter_f
         _set_submodule(model, name, new)
 
 
+def _complete_split_attention(model: nn.Module) -> None:
+    """Each SplitMultiheadAttention (prune.split_attention) whose four projections are now sparse
+    becomes the SparseMultiheadAttention it equals."""
+    for name, mod in list(model.named_modules()):
+        if name and type(mod) is SplitMultiheadAttention and all(isinstance(p, SparseLinear) for p in mod.projections):
+            new = SparseMultiheadAttention(*mod.projections, mod.num_heads, dropout=mod.dropout,
+                                           batch_first=mod.batch_first)
+            _set_submodule(model, name, new.train(mod.training))
+
+
 def _attention_skip_reason(model: nn.Module, name: str, mha: nn.MultiheadAttention, filter_fn, holders: dict,
                            min_features: int) -> str:
     """Why sparsify leaves attention ``name`` dense, or ""."""
@@ -349,7 +361,7 @@ def _attention_skip_reason(model: nn.Module, name: str, mha: nn.MultiheadAttenti
         return reason
     if filter_fn is not None and not filter_fn(name, mha):
         return "rejected by filter_fn"
-    reader = _weight_reader(model, name, r"in_proj_weight|[qkv]_proj_weight|out_proj\.weight")
+    reader = _weight_reader(model, name, _ATTENTION_WEIGHTS)
     if reader:
         return (f"{reader}.forward reads its weights, which a compressed attention does not have: converting it "
                 "would break that forward")

@@ -21,7 +21,8 @@ from typing import Union
 import torch
 from torch import nn
 
-from .attention import SparseMultiheadAttention, attention_skip_reason, turn_off_nested_fast_path
+from .attention import (SparseMultiheadAttention, SplitMultiheadAttention, attention_skip_reason,
+                        turn_off_nested_fast_path)
 from .format import ACTIVATIONS, GATED_ACTIVATIONS
 from .ops import check_conv_geometry
 from .nn import (SparseConv1d, SparseConv2d, SparseExperts, SparseGatedMLP, SparseLinear, _SparseWeight,
@@ -40,8 +41,8 @@ def _describe(mod: nn.Module) -> dict:
         return {"kind": "SparseGatedMLP", "activation": mod.gate_up.activation}
     if isinstance(mod, SparseExperts):  # a container too: each expert's two layers are entries
         return {"kind": "SparseExperts", "num_experts": len(mod.gate_up), "activation": mod.gate_up[0].activation}
-    if isinstance(mod, SparseMultiheadAttention):  # a container: its four projections are entries
-        return {"kind": "SparseMultiheadAttention", "num_heads": mod.num_heads}
+    if isinstance(mod, SplitMultiheadAttention):  # a container: its sparse projections are entries
+        return {"kind": type(mod).__name__, "num_heads": mod.num_heads}
     if isinstance(mod, SparseLinear):
         # A fused activation is recorded only where there is one: older files load unchanged.
         fused = {} if mod.activation is None else {"activation": mod.activation}
@@ -61,8 +62,9 @@ def _describe(mod: nn.Module) -> dict:
 _CONV_GEOMETRY = ("kernel_size", "stride", "padding", "dilation")
 
 
+_CONTAINER_KINDS = ("SparseGatedMLP", "SparseExperts", "SparseMultiheadAttention", "SplitMultiheadAttention")
 # The modules a checkpoint records (containers included: their layers are entries of their own).
-_CONVERTED = (SparseLinear, SparseConv2d, SparseGatedMLP, SparseExperts, SparseMultiheadAttention)
+_CONVERTED = (SparseLinear, SparseConv2d, SparseGatedMLP, SparseExperts, SplitMultiheadAttention)
 
 
 def save(model: nn.Module, path: Union[str, "os.PathLike"]) -> None:
@@ -141,20 +143,24 @@ def _build_experts(name: str, spec: dict, dense: nn.Module) -> SparseExperts:
                          [SparseLinear(inner, hidden, False, dtype=w.dtype, device=w.device) for _ in range(experts)])
 
 
-def _build_attention(name: str, spec: dict, dense: nn.Module) -> SparseMultiheadAttention:
-    """The SparseMultiheadAttention shell of a checkpoint entry: empty SparseLinear projections of
-    the dense attention's shapes, which the entries of its four layers fill. A
-    SparseMultiheadAttention (a checkpoint loaded again) lends its own layers to the shell."""
+def _build_attention(name: str, spec: dict, dense: nn.Module) -> SplitMultiheadAttention:
+    """The shell of a checkpoint's attention entry, of its kind (SparseMultiheadAttention, or a
+    SplitMultiheadAttention whose projections may be sparse or not): layers of the model's
+    attention's shapes, which the file fills (a sparse projection through its own entry). A split
+    or sparse attention of the model (loaded again, or split before the load) lends its layers;
+    sparse ones are made where the kind needs them."""
     heads = _field(name, spec, "num_heads", int)
-    if isinstance(dense, SparseMultiheadAttention):
-        parts = (dense.q_proj, dense.k_proj, dense.v_proj, dense.out_proj)
+    sparse = spec["kind"] == "SparseMultiheadAttention"
+    if isinstance(dense, SplitMultiheadAttention):
+        parts = [SparseLinear(p.in_features, p.out_features, p.bias is not None, dtype=p.weight.dtype,
+                              device=p.weight.device) if sparse and type(p) is nn.Linear else p
+                 for p in dense.projections]
     elif type(dense) is nn.MultiheadAttention and attention_skip_reason(dense) is None:
-        w = dense.out_proj.weight
+        w, e = dense.out_proj.weight, dense.embed_dim
+        layer = SparseLinear if sparse else nn.Linear
         bias = dense.in_proj_bias is not None
-        parts = [SparseLinear(k, dense.embed_dim, bias, dtype=w.dtype, device=w.device)
-                 for k in (dense.embed_dim, dense.kdim, dense.vdim)]
-        parts.append(SparseLinear(dense.embed_dim, dense.embed_dim, dense.out_proj.bias is not None, dtype=w.dtype,
-                                  device=w.device))
+        inputs = ((e, bias), (dense.kdim, bias), (dense.vdim, bias), (e, dense.out_proj.bias is not None))
+        parts = [layer(k, e, has_bias, dtype=w.dtype, device=w.device) for k, has_bias in inputs]
     else:
         why = "" if not isinstance(dense, nn.MultiheadAttention) else f" ({attention_skip_reason(dense)})"
         raise ValueError(f"sparsegemm.load: module {name!r} was a multi-head attention when saved, the model has "
@@ -162,15 +168,16 @@ def _build_attention(name: str, spec: dict, dense: nn.Module) -> SparseMultihead
     if dense.num_heads != heads:
         raise ValueError(f"sparsegemm.load: module {name!r} had {heads} heads when saved, the model's has "
                          f"{dense.num_heads}")
-    return SparseMultiheadAttention(*parts, heads, dropout=dense.dropout, batch_first=dense.batch_first)
+    kind = SparseMultiheadAttention if sparse else SplitMultiheadAttention
+    return kind(*parts, heads, dropout=dense.dropout, batch_first=dense.batch_first)
 
 
 def _build(name: str, spec: dict, dense: nn.Module) -> nn.Module:
     _field(name, spec, "kind", str)
     if spec["kind"] not in ("SparseLinear", "SparseConv1d", "SparseConv2d", "SparseGatedMLP", "SparseExperts",
-                            "SparseMultiheadAttention"):
+                            "SparseMultiheadAttention", "SplitMultiheadAttention"):
         raise ValueError(f"sparsegemm.load: module {name!r}: unknown kind {spec['kind']!r} in the checkpoint")
-    if spec["kind"] == "SparseMultiheadAttention":
+    if spec["kind"] in ("SparseMultiheadAttention", "SplitMultiheadAttention"):
         return _build_attention(name, spec, dense)
     if spec["kind"] == "SparseGatedMLP":
         return _build_gated_mlp(name, spec, dense)
@@ -309,7 +316,7 @@ def load(path: Union[str, "os.PathLike"], model: nn.Module, *, device=None) -> n
             if isinstance(exc, ValueError) and str(exc).startswith("sparsegemm.load"):
                 raise
             raise ValueError(f"sparsegemm.load: module {name!r}: corrupt entry in the module table ({exc!r})") from exc
-        if isinstance(new, (SparseGatedMLP, SparseExperts, SparseMultiheadAttention)):  # no tensors of its own
+        if isinstance(new, (SparseGatedMLP, SparseExperts, SplitMultiheadAttention)):  # no tensors of its own
             replacements[name] = new
             continue
         prefix = f"{name}." if name else ""
@@ -502,7 +509,7 @@ def _describe_file(safe_open, path) -> str:
     lines = [f"{'module':40s} {'kind':13s} {'N x K':>13s} {'dense':>12s} {'stored':>12s} {'ratio':>7s}"]
     total_dense = total_stored = 0
     for name, spec in converted.items():
-        if spec.get("kind") in ("SparseGatedMLP", "SparseExperts", "SparseMultiheadAttention"):
+        if spec.get("kind") in _CONTAINER_KINDS:
             continue  # containers: their layers have rows
         prefix = f"{name}." if name else ""
         n = spec.get("out_features", spec.get("out_channels"))

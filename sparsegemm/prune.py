@@ -31,6 +31,8 @@ from torch.nn.utils import parametrize
 from . import format as fmt
 from ._progress import progress_bar
 from .functional import mask_2to4
+from .attention import (_ATTENTION_WEIGHTS, SplitMultiheadAttention, attention_skip_reason,
+                        turn_off_nested_fast_path)
 from .nn import conv_skip_reason, is_conv1d
 
 __all__ = [
@@ -50,6 +52,7 @@ __all__ = [
     "remove_masks",
     "search_permutation",
     "sparsegpt_2to4",
+    "split_attention",
 ]
 
 
@@ -545,6 +548,29 @@ def sparsegpt_2to4(weight: Tensor, hessian: Tensor, allowed: Optional[Tensor] = 
         w[:, b0:b1] = block
         w[:, b1:] -= errors @ u[b0:b1, b1:]
     return w, mask
+
+
+def split_attention(model: nn.Module) -> list[str]:
+    """Replace every nn.MultiheadAttention of ``model`` by a
+    :class:`~sparsegemm.attention.SplitMultiheadAttention` computing the same (its q, k, v and out
+    projections as nn.Linear layers holding copies of the weights), so that the pruning tools mask,
+    calibrate and fine-tune them like any Linear: nn.MultiheadAttention holds q, k and v as one raw
+    parameter, which no tool masks, and reads out_proj's weight without calling it, so the
+    calibrated methods see no input for it. Call it on the dense model before building the
+    optimizer (the new layers hold new parameters); :func:`sparsegemm.sparsify` later makes each a
+    SparseMultiheadAttention. Attentions it cannot split (``add_bias_kv``, ``add_zero_attn``, or one
+    whose weights a forward of the model reads) stay. Returns the names of those split."""
+    from .convert import _set_submodule, _weight_reader
+
+    split = []
+    for name in [name for name, mod in model.named_modules() if type(mod) is nn.MultiheadAttention]:
+        mha = model.get_submodule(name)
+        if not name or attention_skip_reason(mha) or _weight_reader(model, name, _ATTENTION_WEIGHTS):
+            continue
+        _set_submodule(model, name, SplitMultiheadAttention.from_dense(mha))
+        split.append(name)
+    turn_off_nested_fast_path(model)
+    return split
 
 
 def remove_masks(model: nn.Module) -> list[str]:

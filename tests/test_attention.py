@@ -276,3 +276,59 @@ def test_calibrated_pruning_says_why_attention_out_proj_sees_no_input():
     model = encoder(seed=12)
     with pytest.raises(ValueError, match="reads its out_proj's weight without calling it"):
         sparsegemm.prune.prune_one_shot(model, method="wanda", calibration=torch.randn(2, 5, 64))
+
+
+def test_split_attention_computes_the_same_and_lets_every_pruning_tool_in():
+    model = encoder(seed=13)
+    x = torch.randn(2, 7, 64)
+    with torch.no_grad():
+        want = model(x)
+    assert sparsegemm.prune.split_attention(model) == ["layers.0.self_attn", "layers.1.self_attn"]
+    attn = model.layers[0].self_attn
+    assert type(attn) is sparsegemm.attention.SplitMultiheadAttention and type(attn.q_proj) is nn.Linear
+    assert not model.use_nested_tensor
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
+    names = {name for name, _ in sparsegemm.prune.prunable_layers(model)}
+    assert {f"layers.0.self_attn.{p}_proj" for p in ("q", "k", "v", "out")} <= names
+    # The calibrated methods see every projection's input now (out_proj is called as a module).
+    kept = sparsegemm.prune.prune_one_shot(model, method="sparsegpt", calibration=torch.randn(4, 7, 64))
+    assert "layers.1.self_attn.out_proj" in kept
+    with torch.no_grad():
+        masked = model(x)
+    sparsegemm.prune.remove_masks(model)
+    report = sparsegemm.sparsify(model, min_features=16)
+    assert len(report.converted) == 12 and all(row.magnitude_kept == 1.0 for row in report.converted)
+    assert type(model.layers[1].self_attn) is SparseMultiheadAttention  # four sparse projections
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), masked, rtol=1e-4, atol=1e-4)
+
+
+def test_gradual_pruning_of_a_split_attention_and_its_checkpoints(tmp_path):
+    model = encoder(seed=14).train()
+    sparsegemm.prune.split_attention(model)
+    pruner = sparsegemm.prune.GradualPruner(model, end_step=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for _ in range(2):
+        opt.zero_grad()
+        model(torch.randn(2, 5, 64)).square().mean().backward()
+        opt.step()
+        pruner.step()
+    assert "layers.0.self_attn.k_proj" in sparsegemm.prune.masked_layers(model)
+    sparsegemm.prune.remove_masks(model)
+    model.eval()
+    # One projection left dense: the attention stays split, its sparse layers are entries of its own.
+    sparsegemm.sparsify(model, min_features=16, filter_fn=lambda name, mod: name != "layers.0.self_attn.v_proj")
+    assert type(model.layers[0].self_attn) is sparsegemm.attention.SplitMultiheadAttention
+    assert type(model.layers[1].self_attn) is SparseMultiheadAttention
+    path = tmp_path / "split.safetensors"
+    sparsegemm.save(model, path)
+    x = torch.randn(2, 5, 64)
+    dense_fresh, split_fresh = encoder(seed=15), encoder(seed=16)  # a dense model, one split before the load
+    sparsegemm.prune.split_attention(split_fresh)
+    for fresh in (dense_fresh, split_fresh):
+        sparsegemm.load(path, fresh)
+        assert type(fresh.layers[0].self_attn.v_proj) is nn.Linear
+        assert isinstance(fresh.layers[0].self_attn.q_proj, sparsegemm.SparseLinear)
+        with torch.no_grad():
+            assert torch.equal(fresh.eval()(x), model(x))
