@@ -936,19 +936,22 @@ class SparseConv2d(_SparseWeight):
         kh, kw = self._taps.kernel_size
         self._init_storage(out_channels, in_channels * kh * kw, dtype, device, bias)
 
+    _dense_type = nn.Conv2d  # what from_dense converts
+
     @classmethod
-    def from_dense(cls, conv: nn.Conv2d, *, dtype: Optional[torch.dtype] = None, prune: bool = True,
+    def from_dense(cls, conv: nn.Module, *, dtype: Optional[torch.dtype] = None, prune: bool = True,
                    backend: Optional[str] = None) -> "SparseConv2d":
-        if not isinstance(conv, nn.Conv2d):
-            raise TypeError(f"SparseConv2d.from_dense: expected nn.Conv2d, got {type(conv).__name__}")
+        op = f"{cls.__name__}.from_dense"
+        if not isinstance(conv, cls._dense_type):
+            raise TypeError(f"{op}: expected nn.{cls._dense_type.__name__}, got {type(conv).__name__}")
         reason = conv_skip_reason(conv)
         if reason:
-            raise ValueError(f"SparseConv2d.from_dense: {reason}")
+            raise ValueError(f"{op}: {reason}")
         w = conv.weight.detach()
         dtype = dtype or w.dtype
         mod = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
                   conv.bias is not None, dtype=dtype, device=w.device, backend=backend)
-        matrix = w.permute(0, 2, 3, 1).reshape(conv.out_channels, -1).to(dtype)  # (ky, kx, cin) order
+        matrix = w.movedim(1, -1).reshape(conv.out_channels, -1).to(dtype)  # (ky, kx, cin) order; 1-D: (kx, cin)
         mod._load_compressed(compress(matrix, prune=prune), conv.bias)
         return mod
 
@@ -1069,21 +1072,7 @@ class SparseConv1d(SparseConv2d):
                          device=device, backend=backend)
         self.kernel_size, self.stride, self.padding, self.dilation = geometry  # nn.Conv1d's
 
-    @classmethod
-    def from_dense(cls, conv: nn.Conv1d, *, dtype: Optional[torch.dtype] = None, prune: bool = True,
-                   backend: Optional[str] = None) -> "SparseConv1d":
-        if not isinstance(conv, nn.Conv1d):
-            raise TypeError(f"SparseConv1d.from_dense: expected nn.Conv1d, got {type(conv).__name__}")
-        reason = conv_skip_reason(conv)
-        if reason:
-            raise ValueError(f"SparseConv1d.from_dense: {reason}")
-        w = conv.weight.detach()
-        dtype = dtype or w.dtype
-        mod = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                  conv.bias is not None, dtype=dtype, device=w.device, backend=backend)
-        matrix = w.permute(0, 2, 1).reshape(conv.out_channels, -1).to(dtype)  # (kx, cin) order
-        mod._load_compressed(compress(matrix, prune=prune), conv.bias)
-        return mod
+    _dense_type = nn.Conv1d
 
     def _forward(self, x: Tensor) -> Tensor:
         if x.dim() not in (2, 3) or x.shape[-2] != self.in_channels:
