@@ -113,8 +113,8 @@ class SplitMultiheadAttention(nn.Module):
     _layer_kinds = "an nn.Linear or a SparseLinear without a fused activation"
 
     @staticmethod
-    def _takes(layer: nn.Module) -> bool:
-        return type(layer) is nn.Linear or isinstance(layer, SparseLinear) and layer.activation is None
+    def _takes(layer: nn.Module) -> bool:  # a masked Linear (the pruning tools') is a subclass
+        return isinstance(layer, nn.Linear) or isinstance(layer, SparseLinear) and layer.activation is None
 
     @classmethod
     def from_dense(cls, mha: nn.MultiheadAttention) -> "SplitMultiheadAttention":
@@ -250,7 +250,8 @@ class SparseMultiheadAttention(SplitMultiheadAttention):
         a Linear (magnitude 2:4 along its inputs when ``prune``; ``quantize="int8"``)."""
         options = dict(dtype=dtype, prune=prune, backend=backend, quantize=quantize)
         if isinstance(mha, SplitMultiheadAttention) and not isinstance(mha, SparseMultiheadAttention):
-            layers = [SparseLinear.from_dense(layer, **options) for layer in mha.projections]
+            layers = [layer if isinstance(layer, SparseLinear) else SparseLinear.from_dense(layer, **options)
+                      for layer in mha.projections]
             return cls(*layers, mha.num_heads, dropout=mha.dropout, batch_first=mha.batch_first)
         _check_convertible(f"{cls.__name__}.from_dense", mha)
         layers = [SparseLinear._from_weight(w, b, **options) for w, b in _dense_projections(mha)]

@@ -142,7 +142,8 @@ def sparsify(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
         mod = model.get_submodule(name)
         w = _gemm_weight(mod)
         n, k = w.shape
-        kind = type(mod).__name__
+        parent = model.get_submodule(name.rpartition(".")[0]) if name else None
+        kind = "MultiheadAttention" if isinstance(parent, SplitMultiheadAttention) else type(mod).__name__
         item = dtype.itemsize if dtype is not None else w.element_size()
         entry = LayerReport(name, kind, (n, k), n * k * item, 0, _magnitude_kept(w), False)
         report.layers.append(entry)

@@ -153,7 +153,7 @@ def _build_attention(name: str, spec: dict, dense: nn.Module) -> SplitMultiheadA
     sparse = spec["kind"] == "SparseMultiheadAttention"
     if isinstance(dense, SplitMultiheadAttention):
         parts = [SparseLinear(p.in_features, p.out_features, p.bias is not None, dtype=p.weight.dtype,
-                              device=p.weight.device) if sparse and type(p) is nn.Linear else p
+                              device=p.weight.device) if sparse and isinstance(p, nn.Linear) else p
                  for p in dense.projections]
     elif type(dense) is nn.MultiheadAttention and attention_skip_reason(dense) is None:
         w, e = dense.out_proj.weight, dense.embed_dim

@@ -1078,6 +1078,11 @@ class SparseConv1d(SparseConv2d):
         if x.dim() not in (2, 3) or x.shape[-2] != self.in_channels:
             raise ValueError(f"SparseConv1d: x must be [B, {self.in_channels}, L] or [{self.in_channels}, L], got "
                              f"{tuple(x.shape)}")
+        (k,), (s,), (p,), (d,) = self.kernel_size, self.stride, self.padding, self.dilation
+        length = ops.conv_output_size(x.shape[-1], k, s, p, d)
+        if length <= 0:  # said here in 1-D terms, before the 2-D kernel would
+            raise ValueError(f"SparseConv1d: the input length {x.shape[-1]} is shorter than the dilated kernel "
+                             f"({d * (k - 1) + 1}) with padding {p}: output length would be {length}")
         batched = x.dim() == 3
         y = super()._forward((x if batched else x.unsqueeze(0)).unsqueeze(2)).squeeze(2)
         return y if batched else y.squeeze(0)

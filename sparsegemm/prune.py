@@ -425,10 +425,12 @@ def _calibration_stats(layers: list, run: Callable[[], None], kind: str) -> dict
             handle.remove()
     for name, stat in stats.items():
         if stat.rows == 0:
-            why = ("nn.MultiheadAttention reads its out_proj's weight without calling it" if isinstance(
-                dict(layers)[name], nn.modules.linear.NonDynamicallyQuantizableLinear) else "the model never called it")
-            raise ValueError(f"sparsegemm.prune.prune_one_shot: layer {name!r} saw no calibration input ({why}); "
-                             f"leave it out with filter_fn")
+            if isinstance(dict(layers)[name], nn.modules.linear.NonDynamicallyQuantizableLinear):
+                fix = ("nn.MultiheadAttention reads its out_proj's weight without calling it); call "
+                       "sparsegemm.prune.split_attention(model) first, or leave it out with filter_fn")
+            else:
+                fix = "the model never called it); leave it out with filter_fn"
+            raise ValueError(f"sparsegemm.prune.prune_one_shot: layer {name!r} saw no calibration input ({fix}")
     return stats
 
 
@@ -558,14 +560,29 @@ def split_attention(model: nn.Module) -> list[str]:
     parameter, which no tool masks, and reads out_proj's weight without calling it, so the
     calibrated methods see no input for it. Call it on the dense model before building the
     optimizer (the new layers hold new parameters); :func:`sparsegemm.sparsify` later makes each a
-    SparseMultiheadAttention. Attentions it cannot split (``add_bias_kv``, ``add_zero_attn``, or one
-    whose weights a forward of the model reads) stay. Returns the names of those split."""
-    from .convert import _set_submodule, _weight_reader
+    SparseMultiheadAttention. Attentions it cannot split stay: ``add_bias_kv``, ``add_zero_attn``,
+    one whose weights a forward of the model reads, and one shared (registered under several names,
+    or holding parameters another module holds too: a copy would untie them). Returns the names of
+    those split.
 
+    An nn.TransformerEncoder holding a split attention takes its regular path (see
+    :func:`sparsegemm.attention.turn_off_nested_fast_path`; call it yourself when splitting a
+    sub-module of the encoder): equal outputs, but for the padded positions of a
+    ``src_key_padding_mask``, which torch's nested path returns as zeros and the regular path
+    computes like the others."""
+    from .convert import _set_submodule, _weight_reader
+    from .io import parameter_names
+
+    holders = parameter_names(model)
+    names_of: dict[int, list[str]] = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        names_of.setdefault(id(mod), []).append(name)
     split = []
     for name in [name for name, mod in model.named_modules() if type(mod) is nn.MultiheadAttention]:
         mha = model.get_submodule(name)
-        if not name or attention_skip_reason(mha) or _weight_reader(model, name, _ATTENTION_WEIGHTS):
+        shared = len(names_of[id(mha)]) > 1 or any(
+            not holder.startswith(f"{name}.") for param in mha.parameters() for holder in holders.get(id(param), []))
+        if not name or shared or attention_skip_reason(mha) or _weight_reader(model, name, _ATTENTION_WEIGHTS):
             continue
         _set_submodule(model, name, SplitMultiheadAttention.from_dense(mha))
         split.append(name)

@@ -274,7 +274,8 @@ def test_a_float_mask_keeps_its_dtype_as_in_torch():
 
 def test_calibrated_pruning_says_why_attention_out_proj_sees_no_input():
     model = encoder(seed=12)
-    with pytest.raises(ValueError, match="reads its out_proj's weight without calling it"):
+    with pytest.raises(ValueError, match=r"reads its out_proj's weight without calling it\); call "
+                                         r"sparsegemm.prune.split_attention\(model\) first"):
         sparsegemm.prune.prune_one_shot(model, method="wanda", calibration=torch.randn(2, 5, 64))
 
 
@@ -332,3 +333,33 @@ def test_gradual_pruning_of_a_split_attention_and_its_checkpoints(tmp_path):
         assert isinstance(fresh.layers[0].self_attn.q_proj, sparsegemm.SparseLinear)
         with torch.no_grad():
             assert torch.equal(fresh.eval()(x), model(x))
+
+
+def test_split_attention_leaves_a_shared_attention_and_takes_masked_projections(tmp_path):
+    torch.manual_seed(17)
+    shared = nn.MultiheadAttention(64, 4)
+    model = nn.ModuleDict({"a": shared, "b": shared, "c": nn.MultiheadAttention(64, 4)})
+    tied = nn.ModuleDict({"a": nn.MultiheadAttention(64, 4), "b": nn.MultiheadAttention(64, 4)})
+    tied["b"].in_proj_weight = tied["a"].in_proj_weight
+    # A copy would untie what the model ties: the forward would use the dense one, the tools the copy.
+    assert sparsegemm.prune.split_attention(model) == ["c"] and model["a"] is model["b"]
+    assert sparsegemm.prune.split_attention(tied) == []
+    # A split model whose layers still carry their masks loads a checkpoint like its dense twin.
+    source = encoder(seed=18)
+    sparsegemm.sparsify(source, min_features=16)
+    path = tmp_path / "sparse.safetensors"
+    sparsegemm.save(source, path)
+    masked = encoder(seed=19)
+    sparsegemm.prune.split_attention(masked)
+    sparsegemm.prune.prune_one_shot(masked)
+    sparsegemm.load(path, masked)
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        assert torch.equal(masked(x), source(x))
+
+
+def test_sparsify_reports_a_split_attention_projection_as_attention():
+    model = encoder(seed=20)
+    sparsegemm.prune.split_attention(model)
+    rows = {row.name: row for row in sparsegemm.sparsify(model, min_features=16).layers}
+    assert rows["layers.0.self_attn.v_proj"].kind == "MultiheadAttention" and rows["layers.0.linear1"].kind == "Linear"

@@ -62,7 +62,8 @@ def test_errors_name_the_layer_and_the_argument():
         SparseConv1d.from_dense(nn.Conv1d(8, 8, 3, groups=8))
     with pytest.raises(TypeError, match="expected nn.Conv1d, got Conv2d"):
         SparseConv1d.from_dense(nn.Conv2d(8, 8, 3))
-    with pytest.raises(ValueError, match="SparseConv1d: the input"):
+    with pytest.raises(ValueError, match=r"SparseConv1d: the input length 3 is shorter than the dilated kernel "
+                                         r"\(5\) with padding 0: output length would be -1"):
         SparseConv1d(8, 8, 5, dtype=torch.float32)(torch.randn(1, 8, 3))
 
 
