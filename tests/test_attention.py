@@ -363,3 +363,29 @@ def test_sparsify_reports_a_split_attention_projection_as_attention():
     sparsegemm.prune.split_attention(model)
     rows = {row.name: row for row in sparsegemm.sparsify(model, min_features=16).layers}
     assert rows["layers.0.self_attn.v_proj"].kind == "MultiheadAttention" and rows["layers.0.linear1"].kind == "Linear"
+
+
+@pytest.mark.parametrize("device", ["simt", "cuda"])
+def test_on_the_kernels(device):
+    if device == "cuda" and not (torch.cuda.is_available() and sparsegemm.info()["cuda_built"]):
+        pytest.skip("needs a CUDA build of sparsegemm._C and a CUDA GPU")
+    torch.manual_seed(21)
+    on = "cuda" if device == "cuda" else "cpu"
+    mha = nn.MultiheadAttention(32, 2, batch_first=True).half().to(on).eval()
+    sparse = SparseMultiheadAttention.from_dense(mha, backend=None if device == "cuda" else "simt").eval()
+    twin = pruned_twin(mha, sparse).eval()
+    x = torch.randn(2, 6, 32, dtype=torch.float16, device=on)
+    padding = torch.zeros(2, 6, dtype=torch.bool, device=on)
+    padding[1, 4:] = True
+    with torch.no_grad():
+        got = sparse(x, x, x, key_padding_mask=padding, need_weights=False)[0]
+        want = twin(x, x, x, key_padding_mask=padding, need_weights=False)[0]
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-3)
+    if device == "cuda":  # a captured CUDA graph replays the attention with its projections
+        graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(graph):
+            captured = sparse(x, x, x, need_weights=False)[0]
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        with torch.no_grad():
+            torch.testing.assert_close(captured, sparse(x, x, x, need_weights=False)[0], rtol=0, atol=0)

@@ -161,3 +161,18 @@ def test_whisper_from_transformers_converts_and_generates():
                                    reference(input_features=features, decoder_input_ids=tokens).logits,
                                    rtol=1e-4, atol=1e-4)
     assert model.generate(features, max_new_tokens=4).shape[0] == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kernel_size,stride,padding,dilation,bias", GEOMETRIES)
+def test_on_the_gpu(kernel_size, stride, padding, dilation, bias):
+    if not sparsegemm.info()["cuda_built"]:
+        pytest.skip("needs a CUDA build of sparsegemm._C")
+    torch.manual_seed(4)
+    conv = nn.Conv1d(64, 32, kernel_size, stride=stride, padding=padding, dilation=dilation, bias=bias)
+    conv = conv.cuda().half()
+    sparse = SparseConv1d.from_dense(conv)
+    x = torch.randn(3, 64, 57, device="cuda", dtype=torch.float16)
+    bias32 = None if conv.bias is None else conv.bias.float()
+    want = nn.functional.conv1d(x.float(), sparse.dense_weight().float(), bias32, stride, padding, dilation)
+    torch.testing.assert_close(sparse(x).float(), want, rtol=2e-3, atol=2e-3)
