@@ -31,7 +31,7 @@ _ATTENTION_WEIGHTS = r"in_proj_weight|[qkv]_proj_weight|out_proj\.weight"
 
 
 def attention_skip_reason(mha: nn.MultiheadAttention) -> Optional[str]:
-    """Why an nn.MultiheadAttention cannot become a SparseMultiheadAttention, or None when it can."""
+    """Why an nn.MultiheadAttention cannot be split (and made sparse), or None when it can."""
     if mha.bias_k is not None or mha.bias_v is not None:
         return "add_bias_kv=True (learned key / value biases appended to the sequence) is not supported"
     if mha.add_zero_attn:
@@ -87,6 +87,7 @@ class SplitMultiheadAttention(nn.Module):
     """
 
     _qkv_same_embed_dim = False
+    _layer_kinds = "an nn.Linear or a SparseLinear without a fused activation"  # what _takes takes
 
     def __init__(self, q_proj: nn.Module, k_proj: nn.Module, v_proj: nn.Module, out_proj: nn.Module,
                  num_heads: int, *, dropout: float = 0.0, batch_first: bool = False):
@@ -110,8 +111,6 @@ class SplitMultiheadAttention(nn.Module):
         self.num_heads, self.head_dim = num_heads, embed_dim // num_heads
         self.dropout, self.batch_first = float(dropout), bool(batch_first)
 
-    _layer_kinds = "an nn.Linear or a SparseLinear without a fused activation"
-
     @staticmethod
     def _takes(layer: nn.Module) -> bool:  # a masked Linear (the pruning tools') is a subclass
         return isinstance(layer, nn.Linear) or isinstance(layer, SparseLinear) and layer.activation is None
@@ -134,15 +133,16 @@ class SplitMultiheadAttention(nn.Module):
 
     @property
     def projections(self) -> tuple:
+        """(q_proj, k_proj, v_proj, out_proj)."""
         return self.q_proj, self.k_proj, self.v_proj, self.out_proj
 
     def __getattr__(self, name: str):
         if name in _DENSE_WEIGHTS:  # read by torch's fused paths: say what to do instead
             raise AttributeError(
                 f"{type(self).__name__} has no {name} (its projections are modules of their own): an "
-                "nn.TransformerEncoder holding it "
-                "must take its regular path; sparsify and load see to that for the model they are given, after "
-                "converting by other means call sparsegemm.attention.turn_off_nested_fast_path(model)")
+                "nn.TransformerEncoder holding it must take its regular path; sparsify, load and "
+                "prune.split_attention see to that for the model they are given, after converting by other "
+                "means call sparsegemm.attention.turn_off_nested_fast_path(model)")
         return super().__getattr__(name)
 
     @property

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from ._progress import progress_bar
-from .attention import (_ATTENTION_WEIGHTS, SparseMultiheadAttention, SplitMultiheadAttention, attention_skip_reason,
-                        turn_off_nested_fast_path)
+from .attention import (_ATTENTION_WEIGHTS, SparseMultiheadAttention, SplitMultiheadAttention, _dense_projections,
+                        attention_skip_reason, turn_off_nested_fast_path)
 from .functional import mask_2to4
 from .io import check_outside_empty_weights, parameter_names
 from .nn import (SparseConv1d, SparseConv2d, SparseExperts, SparseGatedMLP, SparseLinear, conv_skip_reason,
@@ -320,11 +320,8 @@ def _convert_attention(model: nn.Module, report: SparsifyReport, dtype, filter_f
     for name in found:  # names: each attention's dense weights go once it is replaced
         mha = model.get_submodule(name)
         prefix = f"{name}." if name else ""
-        e = mha.embed_dim
-        weights = (mha.in_proj_weight.detach().split(e) if mha._qkv_same_embed_dim
-                   else (mha.q_proj_weight.detach(), mha.k_proj_weight.detach(), mha.v_proj_weight.detach()))
         rows = []
-        for label, w in zip(("q_proj", "k_proj", "v_proj", "out_proj"), (*weights, mha.out_proj.weight.detach())):
+        for label, (w, _) in zip(("q_proj", "k_proj", "v_proj", "out_proj"), _dense_projections(mha)):
             item = dtype.itemsize if dtype is not None else w.element_size()
             rows.append(LayerReport(prefix + label, "MultiheadAttention", tuple(w.shape), w.numel() * item, 0,
                                     _magnitude_kept(w), False))
@@ -335,7 +332,7 @@ def _convert_attention(model: nn.Module, report: SparsifyReport, dtype, filter_f
                 row.reason = reason
             continue
         new = SparseMultiheadAttention.from_dense(mha, dtype=dtype, backend=backend, quantize=quantize)
-        for row, layer in zip(rows, (new.q_proj, new.k_proj, new.v_proj, new.out_proj)):
+        for row, layer in zip(rows, new.projections):
             row.compressed_bytes = layer.sparse_weight().nbytes
             row.converted = True
         _set_submodule(model, name, new)
