@@ -12,6 +12,7 @@ records its relative error against the fp32 2:4 linear on the same random normal
 """
 from __future__ import annotations
 
+import copy
 import csv
 import glob
 import json
@@ -372,6 +373,34 @@ def bench_mlp(device: torch.device, dtype: str, tokens, timer: Timer) -> list:
     return rows
 
 
+def bench_encoder(device: torch.device, dtype: str, shapes, timer: Timer) -> list:
+    """ViT-B/16's encoder layer as torch (and torchvision's ViT) builds it: nn.TransformerEncoderLayer
+    (768 wide, 12 heads, 3072 hidden, GELU, pre-norm), dense vs sparsified (its nn.MultiheadAttention
+    a SparseMultiheadAttention, its two Linear SparseLinear), inference, on x [batch, sequence, 768]
+    for each (batch, sequence) of ``shapes`` (197 tokens: one 224 x 224 image). The rows' M is
+    batch x sequence and N counts the six projections as K = 768 GEMMs (4 x 768 + 2 x 3072), so that
+    TFLOP/s is that of the projections; the attention itself is torch's either way."""
+    act = getattr(torch, dtype) if dtype != "int8" else (torch.float16 if device.type == "cuda" else torch.bfloat16)
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(768, 12, 3072, dropout=0.0, activation="gelu", batch_first=True,
+                                             norm_first=True)
+    dense = layer.to(act).to(device).eval()
+    sparse = copy.deepcopy(dense)
+    sparsegemm.sparsify(sparse, quantize="int8" if dtype == "int8" else None, progress=False)
+    dense_bytes = (4 * 768 * 768 + 2 * 768 * 3072) * torch.finfo(act).bits // 8
+    sparse_bytes = sum(t.nbytes for t in sparse.buffers()) + sum(t.nbytes for t in sparse.parameters()) - sum(
+        t.nbytes for mod in (sparse.norm1, sparse.norm2) for t in mod.parameters())
+    rows = []
+    for batch, sequence in shapes:
+        x = torch.randn(batch, sequence, 768, dtype=act, device=device)
+        r = _Rows(device, dtype, "vit-b.encoder-layer", batch * sequence, 4 * 768 + 2 * 3072, 768, timer)
+        with torch.no_grad():
+            r.add("dense nn.TransformerEncoderLayer", lambda: dense(x), dense_bytes)
+            r.add("sparsified (SparseMultiheadAttention, SparseLinear)", lambda: sparse(x), sparse_bytes)
+        rows.extend(r.finish())
+    return rows
+
+
 # ResNet-50 convolutions (Cin, Cout, kernel, H = W), batch 8: a 3 x 3 layer of each stage's size
 # and a 1 x 1 expansion. Their GEMM's M (batch x output pixels) is large at any batch.
 CONV_LAYERS = {
@@ -436,10 +465,12 @@ def run(device: str = "cpu", dtypes=("bfloat16",), quick: bool = False, progress
     side = 4096 if quick else 8192
     tokens = (1,) if quick else ((1, 16, 16 * 2048) if dev.type == "cuda" else (1, 16))
     conv_layers = ("resnet50.conv3_1x1",) if quick else tuple(CONV_LAYERS)
+    encoder_shapes = ((1, 1),) if quick else ((1, 1), (1, 16), (1, 197)) + (((64, 197),) if dev.type == "cuda" else ())
     for dt in dtypes:
         if dt != "int8" and (dev.type == "cpu" or dt != "float32"):
             rows.append(bench_compress(dev, getattr(torch, dt), side, side, timer))
         rows.extend(bench_mlp(dev, dt, tokens, timer))
+        rows.extend(bench_encoder(dev, dt, encoder_shapes, timer))
         if dt != "int8" and (dev.type == "cpu" or dt != "float32"):
             for label in conv_layers:
                 rows.extend(bench_conv(dev, getattr(torch, dt), label, 8, timer))

@@ -52,6 +52,15 @@ def test_mlp_block_rows():
     assert rows[2].method.startswith("SparseLinear, gate/up fused")
 
 
+def test_encoder_layer_rows_time_a_converted_attention():
+    timer = bench.Timer(torch.device("cpu"), warmup=0, repeats=1)
+    rows = bench.bench_encoder(torch.device("cpu"), "bfloat16", ((2, 3),), timer)
+    assert [r.method for r in rows] == ["dense nn.TransformerEncoderLayer",
+                                        "sparsified (SparseMultiheadAttention, SparseLinear)"]
+    assert (rows[0].M, rows[0].N, rows[0].K) == (6, 4 * 768 + 2 * 3072, 768)
+    assert rows[1].gbps * rows[1].ms < 0.6 * rows[0].gbps * rows[0].ms  # GB/s x ms: the weight bytes it reads
+
+
 def test_every_timed_call_follows_a_cache_flush(monkeypatch):
     events = []
     monkeypatch.setattr(bench.CacheFlush, "__call__", lambda self: events.append("flush"))
