@@ -93,11 +93,13 @@ class SplitMultiheadAttention(nn.Module):
                  num_heads: int, *, dropout: float = 0.0, batch_first: bool = False):
         super().__init__()
         op = type(self).__name__
-        embed_dim = q_proj.out_features
-        for name, layer, inputs in (("q_proj", q_proj, embed_dim), ("k_proj", k_proj, None),
-                                    ("v_proj", v_proj, None), ("out_proj", out_proj, embed_dim)):
+        layers = {"q_proj": q_proj, "k_proj": k_proj, "v_proj": v_proj, "out_proj": out_proj}
+        for name, layer in layers.items():
             if not self._takes(layer):
                 raise TypeError(f"{op}: {name} must be {self._layer_kinds}, got {layer!r}")
+        embed_dim = q_proj.out_features
+        for name, inputs in (("q_proj", embed_dim), ("k_proj", None), ("v_proj", None), ("out_proj", embed_dim)):
+            layer = layers[name]
             if layer.out_features != embed_dim or (inputs is not None and layer.in_features != inputs):
                 raise ValueError(f"{op}: {name} must give embed_dim = {embed_dim} features"
                                  + (f" from {inputs}" if inputs is not None else "")

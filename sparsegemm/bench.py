@@ -374,8 +374,8 @@ def bench_mlp(device: torch.device, dtype: str, tokens, timer: Timer) -> list:
 
 
 def bench_encoder(device: torch.device, dtype: str, shapes, timer: Timer) -> list:
-    """ViT-B/16's encoder layer as torch (and torchvision's ViT) builds it: nn.TransformerEncoderLayer
-    (768 wide, 12 heads, 3072 hidden, GELU, pre-norm), dense vs sparsified (its nn.MultiheadAttention
+    """ViT-B/16's encoder layer as torch builds it: nn.TransformerEncoderLayer (768 wide, 12 heads,
+    3072 hidden, GELU, pre-norm), dense vs sparsified (its nn.MultiheadAttention
     a SparseMultiheadAttention, its two Linear SparseLinear), inference, on x [batch, sequence, 768]
     for each (batch, sequence) of ``shapes`` (197 tokens: one 224 x 224 image). The rows' M is
     batch x sequence and N counts the six projections as K = 768 GEMMs (4 x 768 + 2 x 3072), so that

@@ -107,13 +107,14 @@ def sparsify(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
     layers whose weight is shared (a tied LM head: its other holder keeps the dense tensor).
     ``dtype`` converts the weights (default: keep theirs). ``quantize="int8"`` also quantizes the
     Linear layers (int8 values, per-row scale, per-token activations; ``dtype`` is then their
-    activation dtype); Conv2d layers keep a floating 2:4 weight.
+    activation dtype); convolutions keep a floating 2:4 weight.
 
     Mixtures of experts stored as transformers 5 does (:func:`sparsegemm.nn.experts_activation`)
     become :class:`SparseExperts` in any call, and every nn.MultiheadAttention (torchvision's ViT,
     nn.Transformer*) a :class:`~sparsegemm.attention.SparseMultiheadAttention`, reported as four
-    rows (q_proj, k_proj, v_proj, out_proj); an nn.TransformerEncoder over converted layers then
-    takes its regular path (its nested-tensor fast path reads the dense weights).
+    rows (q_proj, k_proj, v_proj, out_proj; ``filter_fn`` sees the attention itself, under its own
+    name, and decides for the four); an nn.TransformerEncoder over converted layers then takes its
+    regular path (its nested-tensor fast path reads the dense weights).
 
     ``fuse_gated_mlp``: every gated MLP in a transformers layout (Llama, Mistral, Qwen2, ...:
     ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``; Mixtral experts' w1 / w3 / w2; Phi-3's
@@ -129,8 +130,7 @@ def sparsify(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
     _convert_experts(model, report, dtype, filter_fn, min_features, backend, quantize)
     if fuse_gated_mlp:
         _fuse_gated_mlps(model, report, dtype, filter_fn, min_features, backend, quantize)
-    _convert_attention(model, report, dtype, filter_fn, min_features, backend, quantize)
-    reported = {layer.name for layer in report.layers}  # an attention's out_proj has its row already
+    reported = _convert_attention(model, report, dtype, filter_fn, min_features, backend, quantize)
     # Names, not modules: a converted layer's dense weight is freed as soon as it is replaced, so
     # converting a model on its GPU needs one dense layer of room beyond the compressed model,
     # not the whole dense model twice over.
@@ -312,10 +312,12 @@ def _convert_experts(model: nn.Module, report: SparsifyReport, dtype, filter_fn,
 
 
 def _convert_attention(model: nn.Module, report: SparsifyReport, dtype, filter_fn, min_features: int, backend,
-                       quantize) -> None:
+                       quantize) -> set:
     """sparsify's pass over nn.MultiheadAttention modules: each becomes a SparseMultiheadAttention,
-    reported as four rows (its q, k, v and out projections)."""
+    reported as four rows (its q, k, v and out projections); returns the rows' names (out_proj's,
+    a Linear module, is not the layer pass's to report again)."""
     found = [name for name, mod in model.named_modules() if type(mod) is nn.MultiheadAttention]
+    first_row = len(report.layers)
     holders = parameter_names(model)
     for name in found:  # names: each attention's dense weights go once it is replaced
         mha = model.get_submodule(name)
@@ -335,7 +337,8 @@ def _convert_attention(model: nn.Module, report: SparsifyReport, dtype, filter_f
         for row, layer in zip(rows, new.projections):
             row.compressed_bytes = layer.sparse_weight().nbytes
             row.converted = True
-        _set_submodule(model, name, new)
+        _set_submodule(model, name, new.train(mha.training))
+    return {row.name for row in report.layers[first_row:]}
 
 
 def _complete_split_attention(model: nn.Module) -> None:

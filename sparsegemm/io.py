@@ -169,7 +169,7 @@ def _build_attention(name: str, spec: dict, dense: nn.Module) -> SplitMultiheadA
         raise ValueError(f"sparsegemm.load: module {name!r} had {heads} heads when saved, the model's has "
                          f"{dense.num_heads}")
     kind = SparseMultiheadAttention if sparse else SplitMultiheadAttention
-    return kind(*parts, heads, dropout=dense.dropout, batch_first=dense.batch_first)
+    return kind(*parts, heads, dropout=dense.dropout, batch_first=dense.batch_first).train(dense.training)
 
 
 def _build(name: str, spec: dict, dense: nn.Module) -> nn.Module:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from typing import NamedTuple, Optional
 
 import torch
@@ -927,14 +928,20 @@ class SparseConv2d(_SparseWeight):
                              f"{in_channels}, {out_channels}")
         pair = torch.nn.modules.utils._pair
         self.in_channels, self.out_channels = in_channels, out_channels
-        # What the kernels run, as pairs; kernel_size, stride, padding and dilation are the public
-        # copies in the shape of the module's nn twin (SparseConv1d's are single values).
-        self._taps = _ConvTaps(pair(kernel_size), pair(stride), pair(padding), pair(dilation))
-        ops.check_conv_geometry(type(self).__name__, *self._taps)
-        self.kernel_size, self.stride, self.padding, self.dilation = self._taps
+        taps = _ConvTaps(pair(kernel_size), pair(stride), pair(padding), pair(dilation))
+        ops.check_conv_geometry(type(self).__name__, *taps)
+        self.kernel_size, self.stride, self.padding, self.dilation = taps
         self.backend = backend
-        kh, kw = self._taps.kernel_size
+        kh, kw = taps.kernel_size
         self._init_storage(out_channels, in_channels * kh * kw, dtype, device, bias)
+
+    def _kernel_taps(self) -> _ConvTaps:
+        """The geometry as the kernels take it, from the public attributes at every call (an edit
+        of them takes effect, as on nn.Conv2d)."""
+        pair = torch.nn.modules.utils._pair
+        taps = _ConvTaps(*(pair(v) for v in (self.kernel_size, self.stride, self.padding, self.dilation)))
+        ops.check_conv_geometry(type(self).__name__, *taps)
+        return taps
 
     _dense_type = nn.Conv2d  # what from_dense converts
 
@@ -963,7 +970,7 @@ class SparseConv2d(_SparseWeight):
         if backend != "cpu":
             return self._implicit_gemm(x, backend)
         b, c, h, w = x.shape
-        taps = self._taps
+        taps = self._kernel_taps()
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = taps
         ho, wo = ops.conv_output_hw(op, h, w, *taps)
         k = kh * kw * c
@@ -1035,18 +1042,30 @@ class SparseConv2d(_SparseWeight):
         # A channels_last tensor permuted to [B, H, W, C] is contiguous NHWC: no copy then.
         x_nhwc = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
         y = ops._conv2d(x_nhwc, self.values, self.metadata, self._kernel_meta_for(backend),
-                        *(list(pair) for pair in self._taps), self.bias, 0, backend)
+                        *(list(pair) for pair in self._kernel_taps()), self.bias, 0, backend)
         return y.permute(0, 3, 1, 2)
 
     def dense_weight(self) -> Tensor:
         """The equivalent dense (pruned) weight in nn.Conv2d's shape ``[Cout, Cin, kh, kw]``."""
-        kh, kw = self._taps.kernel_size
+        kh, kw = self._kernel_taps().kernel_size
         return self._matrix_dense().view(self.out_channels, kh, kw, self.in_channels).permute(0, 3, 1, 2).contiguous()
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, dilation={self.dilation}, bias={self.bias is not None}, "
                 f"{self._bytes_repr()}")
+
+
+def _conv1d_taps(kernel_size, stride, padding, dilation) -> _ConvTaps:
+    """nn.Conv1d's one-element geometry, checked, as the pairs of the 2-D kernel it runs on:
+    (1, k), (1, s), (0, p), (1, d)."""
+    for name, value, low in (("kernel_size", kernel_size, 1), ("stride", stride, 1), ("padding", padding, 0),
+                             ("dilation", dilation, 1)):
+        if (not isinstance(value, (tuple, list)) or len(value) != 1 or not isinstance(value[0], numbers.Integral)
+                or isinstance(value[0], bool) or value[0] < low):
+            raise ValueError(f"SparseConv1d: {name} must be one integer >= {low}, got {value!r}")
+    (k,), (s,), (p,), (d,) = kernel_size, stride, padding, dilation
+    return _ConvTaps((1, k), (1, s), (0, p), (1, d))
 
 
 class SparseConv1d(SparseConv2d):
@@ -1063,22 +1082,23 @@ class SparseConv1d(SparseConv2d):
                  backend: Optional[str] = None):
         if isinstance(padding, str):
             raise ValueError(f"SparseConv1d: padding must be a number, got the string {padding!r}")
-        geometry = [torch.nn.modules.utils._single(v) for v in (kernel_size, stride, padding, dilation)]
-        for name, value in zip(("kernel_size", "stride", "padding", "dilation"), geometry):
-            if len(value) != 1:
-                raise ValueError(f"SparseConv1d: {name} must be one integer, got {value!r}")
-        (k,), (s,), (p,), (d,) = geometry
-        super().__init__(in_channels, out_channels, (1, k), (1, s), (0, p), (1, d), bias, dtype=dtype,
-                         device=device, backend=backend)
+        single = torch.nn.modules.utils._single
+        geometry = [single(v) for v in (kernel_size, stride, padding, dilation)]
+        super().__init__(in_channels, out_channels, *_conv1d_taps(*geometry), bias, dtype=dtype, device=device,
+                         backend=backend)
         self.kernel_size, self.stride, self.padding, self.dilation = geometry  # nn.Conv1d's
 
     _dense_type = nn.Conv1d
+
+    def _kernel_taps(self) -> _ConvTaps:
+        single = torch.nn.modules.utils._single
+        return _conv1d_taps(*(single(v) for v in (self.kernel_size, self.stride, self.padding, self.dilation)))
 
     def _forward(self, x: Tensor) -> Tensor:
         if x.dim() not in (2, 3) or x.shape[-2] != self.in_channels:
             raise ValueError(f"SparseConv1d: x must be [B, {self.in_channels}, L] or [{self.in_channels}, L], got "
                              f"{tuple(x.shape)}")
-        (k,), (s,), (p,), (d,) = self.kernel_size, self.stride, self.padding, self.dilation
+        (_, k), (_, s), (_, p), (_, d) = self._kernel_taps()
         length = ops.conv_output_size(x.shape[-1], k, s, p, d)
         if length <= 0:  # said here in 1-D terms, before the 2-D kernel would
             raise ValueError(f"SparseConv1d: the input length {x.shape[-1]} is shorter than the dilated kernel "

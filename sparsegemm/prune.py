@@ -584,7 +584,7 @@ def split_attention(model: nn.Module) -> list[str]:
             not holder.startswith(f"{name}.") for param in mha.parameters() for holder in holders.get(id(param), []))
         if not name or shared or attention_skip_reason(mha) or _weight_reader(model, name, _ATTENTION_WEIGHTS):
             continue
-        _set_submodule(model, name, SplitMultiheadAttention.from_dense(mha))
+        _set_submodule(model, name, SplitMultiheadAttention.from_dense(mha).train(mha.training))
         split.append(name)
     turn_off_nested_fast_path(model)
     return split
@@ -592,7 +592,8 @@ def split_attention(model: nn.Module) -> list[str]:
 
 def remove_masks(model: nn.Module) -> list[str]:
     """Bake every 2:4 mask into its weight (pruned entries become exact zeros) and drop the
-    parametrization, leaving plain nn.Linear / nn.Conv2d that ``sparsify`` converts as they are.
+    parametrization, leaving plain layers (nn.Linear, Conv1D, nn.Conv1d, nn.Conv2d) that ``sparsify``
+    converts as they are.
     Returns the names of the layers baked."""
     baked = []
     for name, mod in list(model.named_modules()):

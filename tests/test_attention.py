@@ -127,6 +127,8 @@ def test_errors_name_the_argument():
     layer = mha.q_proj
     with pytest.raises(ValueError, match="num_heads must divide embed_dim = 32, got 3"):
         SparseMultiheadAttention(layer, mha.k_proj, mha.v_proj, mha.out_proj, 3)
+    with pytest.raises(TypeError, match="q_proj must be a SparseLinear without a fused activation, got Identity"):
+        SparseMultiheadAttention(nn.Identity(), mha.k_proj, mha.v_proj, mha.out_proj, 2)
 
 
 def encoder(seed=0, **kwargs):
@@ -201,6 +203,8 @@ def test_checkpoint_round_trip_into_a_fresh_encoder(tmp_path):
     with torch.no_grad():
         assert torch.equal(fresh(x), model(x))
     sparsegemm.load(path, fresh)  # again, into the model it filled
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
     other_heads = encoder(seed=6).half()
     for layer in other_heads.layers:
         layer.self_attn = nn.MultiheadAttention(64, 8, batch_first=True).half()
@@ -389,3 +393,25 @@ def test_on_the_kernels(device):
         graph.replay()
         with torch.no_grad():
             torch.testing.assert_close(captured, sparse(x, x, x, need_weights=False)[0], rtol=0, atol=0)
+
+
+def test_a_converted_attention_keeps_the_mode_of_the_one_it_replaces(tmp_path):
+    # torch's layers default to dropout 0.1: an attention left in training mode drops out in eval.
+    torch.manual_seed(22)
+    x = torch.randn(2, 5, 64)
+    for convert in ("sparsify", "split_attention", "load"):
+        model = nn.TransformerEncoder(nn.TransformerEncoderLayer(64, 4, 128, batch_first=True), 1,
+                                      enable_nested_tensor=False).eval()
+        if convert == "sparsify":
+            sparsegemm.sparsify(model, min_features=16)
+        elif convert == "split_attention":
+            sparsegemm.prune.split_attention(model)
+        else:
+            saved = copy.deepcopy(model)
+            sparsegemm.sparsify(saved, min_features=16)
+            sparsegemm.save(saved, tmp_path / "eval.safetensors")
+            sparsegemm.load(tmp_path / "eval.safetensors", model)
+        attention = model.layers[0].self_attn
+        assert not attention.training and attention.dropout == 0.1, convert
+        with torch.no_grad():
+            assert torch.equal(model(x), model(x)), convert

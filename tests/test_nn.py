@@ -1479,3 +1479,31 @@ def test_eager_kernel_path_with_k_not_a_multiple_of_four(k):
         fast = layer(x)
         assert layer._eager_plan is not None
         assert torch.equal(fast, sparsegemm.linear(x, layer.sparse_weight(), layer.bias, backend="simt"))
+
+
+def test_a_phi3_mlp_left_unfused_has_its_layers_converted():
+    # The refused fusion's row is named like the layer (gate_up_proj): the layer pass still takes it.
+    torch.manual_seed(15)
+    model = nn.Sequential(_Phi3MLP())
+    model[0].activation_fn = nn.Tanh()
+    report = sparsegemm.sparsify(model, fuse_gated_mlp=True, min_features=32)
+    rows = [(row.name, row.kind, row.converted) for row in report.layers]
+    assert ("0.gate_up_proj", "Linear (gated)", False) in rows and ("0.gate_up_proj", "Linear", True) in rows
+    assert isinstance(model[0].gate_up_proj, SparseLinear)
+
+
+def test_editing_a_sparse_convolution_geometry_takes_effect_as_on_torch():
+    torch.manual_seed(16)
+    conv = SparseConv2d.from_dense(nn.Conv2d(8, 8, 3, padding=1))
+    x = torch.randn(1, 8, 8, 8)
+    conv.stride = (2, 2)  # as nn.Conv2d's forward reads self.stride at every call
+    want = nn.functional.conv2d(x, conv.dense_weight(), conv.bias, (2, 2), (1, 1))
+    torch.testing.assert_close(conv(x), want, rtol=1e-5, atol=1e-5)
+    conv1 = sparsegemm.SparseConv1d.from_dense(nn.Conv1d(8, 8, 3))
+    conv1.padding = (1,)
+    x1 = torch.randn(1, 8, 2)
+    torch.testing.assert_close(conv1(x1), nn.functional.conv1d(x1, conv1.dense_weight(), conv1.bias, 1, 1),
+                               rtol=1e-5, atol=1e-5)
+    conv1.stride = (0,)
+    with pytest.raises(ValueError, match=r"SparseConv1d: stride must be one integer >= 1, got \(0,\)"):
+        conv1(x1)

@@ -106,6 +106,8 @@ def test_sparsify_converts_conv1d_and_says_why_not_depthwise(tmp_path):
     with torch.no_grad():
         assert torch.equal(fresh(x), model(x))
     sparsegemm.load(path, fresh)  # again, into the model it filled
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
     wrong = SpeechFrontEnd()
     wrong.conv2 = nn.Conv1d(64, 64, 3, stride=1, padding=1)
     with pytest.raises(ValueError, match=r"module 'conv2' was a Conv1d 64 -> 64 with kernel_size=\[3\], "
