@@ -42,7 +42,8 @@ def _describe(mod: nn.Module) -> dict:
     if isinstance(mod, SparseExperts):  # a container too: each expert's two layers are entries
         return {"kind": "SparseExperts", "num_experts": len(mod.gate_up), "activation": mod.gate_up[0].activation}
     if isinstance(mod, SplitMultiheadAttention):  # a container: its sparse projections are entries
-        return {"kind": type(mod).__name__, "num_heads": mod.num_heads}
+        return {"kind": type(mod).__name__, "num_heads": mod.num_heads,
+                "dims": [mod.embed_dim, mod.kdim, mod.vdim]}
     if isinstance(mod, SparseLinear):
         # A fused activation is recorded only where there is one: older files load unchanged.
         fused = {} if mod.activation is None else {"activation": mod.activation}
@@ -168,6 +169,10 @@ def _build_attention(name: str, spec: dict, dense: nn.Module) -> SplitMultiheadA
     if dense.num_heads != heads:
         raise ValueError(f"sparsegemm.load: module {name!r} had {heads} heads when saved, the model's has "
                          f"{dense.num_heads}")
+    dims = _field(name, spec, "dims", list)
+    if dims != [dense.embed_dim, dense.kdim, dense.vdim]:
+        raise ValueError(f"sparsegemm.load: module {name!r} was an attention of (embed_dim, kdim, vdim) = "
+                         f"{tuple(dims)} when saved, the model's is {(dense.embed_dim, dense.kdim, dense.vdim)}")
     kind = SparseMultiheadAttention if sparse else SplitMultiheadAttention
     return kind(*parts, heads, dropout=dense.dropout, batch_first=dense.batch_first).train(dense.training)
 

@@ -210,6 +210,11 @@ def test_checkpoint_round_trip_into_a_fresh_encoder(tmp_path):
         layer.self_attn = nn.MultiheadAttention(64, 8, batch_first=True).half()
     with pytest.raises(ValueError, match="module 'layers.0.self_attn' had 4 heads when saved, the model's has 8"):
         sparsegemm.load(path, other_heads)
+    other_kdim = encoder(seed=6).half()
+    other_kdim.layers[0].self_attn = nn.MultiheadAttention(64, 4, kdim=32, vdim=32, batch_first=True).half()
+    with pytest.raises(ValueError, match=r"'layers.0.self_attn' was an attention of \(embed_dim, kdim, vdim\) = "
+                                         r"\(64, 64, 64\) when saved, the model's is \(64, 32, 32\)"):
+        sparsegemm.load(path, other_kdim)
     listing = sparsegemm.io.describe(path)
     assert "layers.0.self_attn.v_proj" in listing and "layers.0.self_attn " not in listing
 
