@@ -27,7 +27,7 @@ __all__ = [
 _DENSE_WEIGHTS = frozenset({"in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"})
 # The attributes of an nn.MultiheadAttention that a split or sparse one lacks, as a pattern for
 # convert._weight_reader (a model's forward that reads them cannot take either).
-_ATTENTION_WEIGHTS = r"in_proj_weight|[qkv]_proj_weight|out_proj\.weight"
+_ATTENTION_WEIGHTS = "|".join(sorted(_DENSE_WEIGHTS)) + r"|out_proj\.weight"
 
 
 def attention_skip_reason(mha: nn.MultiheadAttention) -> Optional[str]:

@@ -15,6 +15,7 @@ from .attention import (_ATTENTION_WEIGHTS, SparseMultiheadAttention, SplitMulti
                         attention_skip_reason, turn_off_nested_fast_path)
 from .functional import mask_2to4
 from .io import check_outside_empty_weights, parameter_names
+from .prune import _layer_gemm_view
 from .nn import (SparseConv1d, SparseConv2d, SparseExperts, SparseGatedMLP, SparseLinear, conv_skip_reason,
                  experts_activation, gated_mlp_activation, gated_mlp_parts, is_conv1d)
 
@@ -75,10 +76,7 @@ class SparsifyReport:
 def _gemm_weight(module: nn.Module) -> torch.Tensor:
     """The layer's weight as the GEMM's W [N, K] (a Conv1D's transposed, a convolution's taps as K,
     channels fastest)."""
-    w = module.weight.detach()
-    if is_conv1d(module):
-        return w.t()
-    return w.movedim(1, -1).reshape(w.shape[0], -1) if w.dim() in (3, 4) else w
+    return _layer_gemm_view(module, module.weight.detach())
 
 
 def _magnitude_kept(*weights: torch.Tensor) -> float:
@@ -287,8 +285,7 @@ def _convert_experts(model: nn.Module, report: SparsifyReport, dtype, filter_fn,
                                     down.numel() * item, 0, _magnitude_kept(*down.detach()), False))
         report.layers.extend(rows)
         activation, reason = experts_activation(experts)
-        shared = [holder for param in experts.parameters() for holder in holders.get(id(param), [])
-                  if not holder.startswith(prefix)]
+        shared = _held_elsewhere(experts, prefix, holders)
         if activation is not None:
             if shared:  # as in the layer pass: the other holders would keep the dense tensors
                 reason = (f"weights shared with {', '.join(shared)}, which would keep the dense tensors: a "
@@ -366,14 +363,20 @@ def _attention_skip_reason(model: nn.Module, name: str, mha: nn.MultiheadAttenti
     if reader:
         return (f"{reader}.forward reads its weights, which a compressed attention does not have: converting it "
                 "would break that forward")
-    shared = [holder for param in mha.parameters() for holder in holders.get(id(param), [])
-              if not holder.startswith(prefix)]
+    shared = _held_elsewhere(mha, prefix, holders)
     if shared:
         return (f"weights shared with {', '.join(shared)}, which would keep the dense tensors: a compressed copy "
                 "would add bytes (untie them to convert this attention)")
     if min(mha.embed_dim, mha.kdim, mha.vdim) < min_features:
         return f"min(N, K) = {min(mha.embed_dim, mha.kdim, mha.vdim)} < min_features = {min_features}"
     return ""
+
+
+def _held_elsewhere(module: nn.Module, prefix: str, holders: dict) -> list:
+    """The names outside ``prefix`` (the module's own, with its dot) under which the model also
+    holds ``module``'s parameters: tied weights, or the module registered twice."""
+    return [holder for param in module.parameters() for holder in holders.get(id(param), [])
+            if not holder.startswith(prefix)]
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:

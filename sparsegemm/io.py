@@ -26,7 +26,7 @@ from .attention import (SparseMultiheadAttention, SplitMultiheadAttention, atten
 from .format import ACTIVATIONS, GATED_ACTIVATIONS
 from .ops import check_conv_geometry
 from .nn import (SparseConv1d, SparseConv2d, SparseExperts, SparseGatedMLP, SparseLinear, _SparseWeight,
-                 conv_skip_reason, experts_activation, gated_mlp_activation, gated_mlp_parts, is_conv1d)
+                 _conv1d_taps, conv_skip_reason, experts_activation, gated_mlp_activation, gated_mlp_parts, is_conv1d)
 
 __all__ = ["save", "load", "describe", "init_empty_weights"]
 
@@ -61,11 +61,11 @@ def _describe(mod: nn.Module) -> dict:
 
 
 _CONV_GEOMETRY = ("kernel_size", "stride", "padding", "dilation")
-
-
+# Modules a checkpoint records with no tensors of their own (their layers are entries of their own),
+# by class and by kind; then every module it records.
+_CONTAINERS = (SparseGatedMLP, SparseExperts, SplitMultiheadAttention)
 _CONTAINER_KINDS = ("SparseGatedMLP", "SparseExperts", "SparseMultiheadAttention", "SplitMultiheadAttention")
-# The modules a checkpoint records (containers included: their layers are entries of their own).
-_CONVERTED = (SparseLinear, SparseConv2d, SparseGatedMLP, SparseExperts, SplitMultiheadAttention)
+_CONVERTED = (SparseLinear, SparseConv2d, *_CONTAINERS)
 
 
 def save(model: nn.Module, path: Union[str, "os.PathLike"]) -> None:
@@ -179,8 +179,7 @@ def _build_attention(name: str, spec: dict, dense: nn.Module) -> SplitMultiheadA
 
 def _build(name: str, spec: dict, dense: nn.Module) -> nn.Module:
     _field(name, spec, "kind", str)
-    if spec["kind"] not in ("SparseLinear", "SparseConv1d", "SparseConv2d", "SparseGatedMLP", "SparseExperts",
-                            "SparseMultiheadAttention", "SplitMultiheadAttention"):
+    if spec["kind"] not in ("SparseLinear", "SparseConv1d", "SparseConv2d", *_CONTAINER_KINDS):
         raise ValueError(f"sparsegemm.load: module {name!r}: unknown kind {spec['kind']!r} in the checkpoint")
     if spec["kind"] in ("SparseMultiheadAttention", "SplitMultiheadAttention"):
         return _build_attention(name, spec, dense)
@@ -228,10 +227,12 @@ def _build(name: str, spec: dict, dense: nn.Module) -> nn.Module:
     dense_type, sparse_type = (nn.Conv1d, SparseConv1d) if one_d else (nn.Conv2d, SparseConv2d)
     for key in _CONV_GEOMETRY:
         _field(name, spec, key, list)
-    # Checked as the pairs the kernels take: (1, k), (1, s), (0, p), (1, d) for a SparseConv1d.
-    pairs = [[0 if key == "padding" else 1, *spec[key]] if one_d else spec[key] for key in _CONV_GEOMETRY]
+    geometry = [spec[key] for key in _CONV_GEOMETRY]
     try:
-        check_conv_geometry("module table", *pairs)
+        if one_d:
+            _conv1d_taps(*geometry)  # nn.Conv1d's single values
+        else:
+            check_conv_geometry("module table", *geometry)
     except ValueError as exc:
         raise ValueError(f"sparsegemm.load: module {name!r}: {exc}") from exc
     # The model's layer (a Conv1d / Conv2d, or the sparse one being loaded again) must have the same
@@ -250,7 +251,7 @@ def _build(name: str, spec: dict, dense: nn.Module) -> nn.Module:
                          f"{spec['out_channels']} with " + ", ".join(f"{key}={spec[key]}" for key in _CONV_GEOMETRY)
                          + f", bias={spec['bias']} when saved, the model has {dense}")
     device, backend = (dense.values.device, dense.backend) if sparse else (dense.weight.device, None)
-    return sparse_type(spec["in_channels"], spec["out_channels"], *(spec[key] for key in _CONV_GEOMETRY),
+    return sparse_type(spec["in_channels"], spec["out_channels"], *geometry,
                        spec["bias"], dtype=dtype, device=device, backend=backend)
 
 
@@ -321,7 +322,7 @@ def load(path: Union[str, "os.PathLike"], model: nn.Module, *, device=None) -> n
             if isinstance(exc, ValueError) and str(exc).startswith("sparsegemm.load"):
                 raise
             raise ValueError(f"sparsegemm.load: module {name!r}: corrupt entry in the module table ({exc!r})") from exc
-        if isinstance(new, (SparseGatedMLP, SparseExperts, SplitMultiheadAttention)):  # no tensors of its own
+        if isinstance(new, _CONTAINERS):  # no tensors of its own
             replacements[name] = new
             continue
         prefix = f"{name}." if name else ""

@@ -31,9 +31,8 @@ from torch.nn.utils import parametrize
 from . import format as fmt
 from ._progress import progress_bar
 from .functional import mask_2to4
-from .attention import (_ATTENTION_WEIGHTS, SplitMultiheadAttention, attention_skip_reason,
-                        turn_off_nested_fast_path)
-from .nn import conv_skip_reason, is_conv1d
+from .attention import SplitMultiheadAttention, turn_off_nested_fast_path
+from .nn import _conv1d_taps, conv_skip_reason, is_conv1d
 
 __all__ = [
     "Mask2to4",
@@ -387,13 +386,14 @@ def _layer_inputs(module: nn.Module, x: Tensor) -> Tensor:
         return x.reshape(-1, module.nx)
     if isinstance(module, nn.Conv1d):
         x = (x if x.dim() == 3 else x.unsqueeze(0)).unsqueeze(2)
-        geometry = [(1, module.kernel_size[0]), (1, module.dilation[0]), (0, module.padding[0]), (1, module.stride[0])]
+        kernel, stride, padding, dilation = _conv1d_taps(module.kernel_size, module.stride, module.padding,
+                                                         module.dilation)
     else:
         x = x if x.dim() == 4 else x.unsqueeze(0)
-        geometry = [module.kernel_size, module.dilation, module.padding, module.stride]
-    patches = nn.functional.unfold(x, *geometry)
+        kernel, stride, padding, dilation = module.kernel_size, module.stride, module.padding, module.dilation
+    patches = nn.functional.unfold(x, kernel, dilation, padding, stride)
     b, _, positions = patches.shape  # unfold orders K (cin, ky, kx)
-    kh, kw = geometry[0]
+    kh, kw = kernel
     patches = patches.view(b, module.in_channels, kh * kw, positions).permute(0, 3, 2, 1)
     return patches.reshape(b * positions, module.in_channels * kh * kw)  # K named: an empty batch has no -1
 
@@ -570,19 +570,15 @@ def split_attention(model: nn.Module) -> list[str]:
     sub-module of the encoder): equal outputs, but for the padded positions of a
     ``src_key_padding_mask``, which torch's nested path returns as zeros and the regular path
     computes like the others."""
-    from .convert import _set_submodule, _weight_reader
+    from .convert import _attention_skip_reason, _set_submodule  # convert imports this module
     from .io import parameter_names
 
     holders = parameter_names(model)
-    names_of: dict[int, list[str]] = {}
-    for name, mod in model.named_modules(remove_duplicate=False):
-        names_of.setdefault(id(mod), []).append(name)
     split = []
     for name in [name for name, mod in model.named_modules() if type(mod) is nn.MultiheadAttention]:
         mha = model.get_submodule(name)
-        shared = len(names_of[id(mha)]) > 1 or any(
-            not holder.startswith(f"{name}.") for param in mha.parameters() for holder in holders.get(id(param), []))
-        if not name or shared or attention_skip_reason(mha) or _weight_reader(model, name, _ATTENTION_WEIGHTS):
+        # What sparsify would leave dense, but for size: no filter, and any size is worth masking.
+        if _attention_skip_reason(model, name, mha, None, holders, min_features=0):
             continue
         _set_submodule(model, name, SplitMultiheadAttention.from_dense(mha).train(mha.training))
         split.append(name)
