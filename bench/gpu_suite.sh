@@ -3,7 +3,8 @@
 # the large-M tiles against cuBLAS, compute-sanitizer memcheck + racecheck on small cases, the
 # graph-replay sweep, the eager host time, an Nsight Compute profile of the GEMMs and the benchmark,
 # in that order of priority; everything lands in OUTDIR (env.json, steps.txt, junit XML,
-# large_m*.txt (large_m_tma_wide.txt too), sanitizer logs, sweep.txt, host_overhead.txt, moe.txt, ncu_gemm*.txt,
+# large_m*.txt (large_m_cp_async.txt, large_m_tma_wide.txt too), sanitizer logs, sweep.txt,
+# host_overhead.txt, moe.txt, ncu_gemm*.txt,
 # bench.json/.csv/.md/.png). Usage: bench/gpu_suite.sh OUTDIR
 # PYTHON (default: python3) must have a CUDA torch, pybind11, pytest; nvcc and compute-sanitizer on PATH.
 # The whole run fits SUITE_BUDGET seconds (default 480: DESIGN.md's 8 minutes, within the 600 s
@@ -56,11 +57,12 @@ echo "build: ok, $SECONDS s" >> "$OUT/steps.txt"
 XDIST=$("$PY" -c 'import xdist' 2>/dev/null && echo "-n ${PYTEST_WORKERS:-8}" || true)
 # shellcheck disable=SC2086
 run_step tests "${TESTS_TIMEOUT:-300}" "$OUT/tests.log" "$PY" -m pytest -q $XDIST tests --junitxml="$OUT/tests.xml"
-# Large M against cuBLAS: the tile the heuristic takes (wgmma on Hopper), the wgmma tile fed by TMA
-# (SPARSEGEMM_TMA=1: config 3, not yet the default) and its 256-row variant (SPARSEGEMM_TMA=wide:
-# config 5), then the warp-level one.
+# Large M against cuBLAS: the tile the heuristic takes (on Hopper the wgmma tile fed by TMA, config
+# 3), the same tile fed by cp.async (SPARSEGEMM_TMA=0: config 2), the 256-row TMA variant
+# (SPARSEGEMM_TMA=wide: config 5), then the warp-level one.
 run_step large_m "${SWEEP_TIMEOUT:-120}" "$OUT/large_m.txt" "$PY" bench/large_m_timing.py
-run_step large_m_tma "${SWEEP_TIMEOUT:-120}" "$OUT/large_m_tma.txt" env SPARSEGEMM_TMA=1 "$PY" bench/large_m_timing.py
+run_step large_m_cp_async "${SWEEP_TIMEOUT:-120}" "$OUT/large_m_cp_async.txt" env SPARSEGEMM_TMA=0 \
+  "$PY" bench/large_m_timing.py
 run_step large_m_tma_wide "${SWEEP_TIMEOUT:-120}" "$OUT/large_m_tma_wide.txt" env SPARSEGEMM_TMA=wide \
   "$PY" bench/large_m_timing.py
 run_step large_m_mma "${SWEEP_TIMEOUT:-120}" "$OUT/large_m_mma.txt" env SPARSEGEMM_WGMMA=0 "$PY" bench/large_m_timing.py
@@ -77,10 +79,10 @@ run_step moe "${SWEEP_TIMEOUT:-120}" "$OUT/moe.txt" "$PY" bench/moe_timing.py --
 # Where the GEMMs' time goes (before the benchmark, which takes whatever time is left): Nsight
 # Compute on one decode and one large-M call (bench/profile_kernels.py): stall reasons per issued
 # instruction, pipe use, memory throughput.
-# The same for the TMA pipelines (SPARSEGEMM_TMA=1: configs 3 and 4) into ncu_gemm_tma.txt.
+# The same for the cp.async large-M pipeline (SPARSEGEMM_TMA=0: config 2) into ncu_gemm_cp_async.txt.
 if command -v ncu > /dev/null; then
-  for variant in "" _tma; do
-    run_step "ncu$variant" "${NCU_TIMEOUT:-90}" "$OUT/ncu_gemm$variant.txt" env SPARSEGEMM_TMA=${variant:+1} \
+  for variant in "" _cp_async; do
+    run_step "ncu$variant" "${NCU_TIMEOUT:-90}" "$OUT/ncu_gemm$variant.txt" env SPARSEGEMM_TMA=${variant:+0} \
       ncu --clock-control none --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats \
       --section MemoryWorkloadAnalysis --section Occupancy \
       --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" -k regex:gemm_sp_kernel -c 2 \

@@ -3,9 +3,9 @@ F.linear (and torch._int_mm for INT8): fp16, bf16 and INT8 (dynamic activation q
 included) at M = N = K = 8192 and Llama-7B's MLP projections at 16 x 2048 tokens (or the shapes
 --shape gives), by sparsegemm.bench.Timer (CUDA events, median of 20 calls after warm-up). Public
 API only, so that bench/ab_sweep.sh can run it against the build of an earlier tree too; on
-Hopper, SPARSEGEMM_WGMMA=0 in the environment times the warp-level tile instead of the wgmma one, and
-SPARSEGEMM_TMA=1 the wgmma tile with its stages copied by TMA (config 3), SPARSEGEMM_TMA=wide its
-256-row variant (config 5).
+Hopper, the wgmma tile with its stages copied by TMA (config 3), or with SPARSEGEMM_TMA=0 in the
+environment by cp.async (config 2), with SPARSEGEMM_TMA=wide the 256-row TMA variant (config 5);
+SPARSEGEMM_WGMMA=0 times the warp-level tile instead.
 
     python bench/large_m_timing.py [--shape M N K [--shape M N K ...]]
 """
@@ -29,7 +29,8 @@ def main() -> None:
     torch.manual_seed(0)
     tile = "warp-level mma.sp"
     if _C.cuda_large_m_uses_wgmma():
-        tile = {"1": "wgmma, TMA", "wide": "wgmma 256 rows, TMA"}.get(os.environ.get("SPARSEGEMM_TMA"), "wgmma")
+        tile = {"0": "wgmma, cp.async", "wide": "wgmma 256 rows, TMA"}.get(os.environ.get("SPARSEGEMM_TMA"),
+                                                                           "wgmma, TMA")
     median_ms = Timer(torch.device("cuda"), warmup=3, repeats=20)
     for m, n, k in shapes:
         w = sparsegemm.prune_2to4(torch.randn(n, k, device="cuda").half())

@@ -1,7 +1,8 @@
 """One call each of the decode and large-M sparse GEMMs (fp16) and the compress kernel, for Nsight
 Compute:  ncu --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
               --section Occupancy python bench/profile_kernels.py
-(with SPARSEGEMM_TMA=1 in the environment, on Hopper, the GEMMs take their TMA pipelines).
+(on Hopper the large-M GEMM takes its TMA pipeline; SPARSEGEMM_TMA=0 in the environment the cp.async
+one, SPARSEGEMM_TMA=1 the TMA pipelines of both).
 """
 import torch
 

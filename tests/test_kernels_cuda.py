@@ -198,11 +198,15 @@ def test_large_m_takes_the_wgmma_tile_exactly_on_hopper():
     assert _C.cuda_large_m_uses_wgmma() == (hopper and not turned_off)
 
 
-@pytest.mark.parametrize("opt_in,large_m_tile", [("1", "WgmmaLargeM"), ("wide", "WgmmaWideLargeM")])
-def test_tma_opt_in_takes_the_tma_pipelines_through_the_public_api(tmp_path, opt_in, large_m_tile):
-    # SPARSEGEMM_TMA=1 or wide (read once per process, so in a child): sparsegemm.linear's decode and
-    # large-M GEMMs run the TMA kernels (the profiler names them; large M the 128- or 256-row tile)
-    # and give the bits the default cp.async ones give here.
+@pytest.mark.parametrize("setting,large_m_tile,tma_large_m,tma_decode", [
+    (None, "WgmmaLargeM", True, False), ("0", "WgmmaLargeM", False, False), ("1", "WgmmaLargeM", True, True),
+    ("wide", "WgmmaWideLargeM", True, True)])
+def test_tma_setting_picks_the_pipelines_through_the_public_api(tmp_path, setting, large_m_tile, tma_large_m,
+                                                                 tma_decode):
+    # SPARSEGEMM_TMA (read once per process, so in a child) picks which of sparsegemm.linear's decode
+    # (M = 3) and large-M (M = 300) GEMMs run their TMA kernels (the profiler names them): unset, the
+    # large-M one; "0" neither; "1" both; "wide" both, large M the 256-row tile. Every choice gives
+    # the bits this process's default gives.
     if not _C.cuda_large_m_uses_wgmma():
         pytest.skip("the TMA pipelines run on compute capability 9.0 GPUs with an sm_90a build")
     script = textwrap.dedent("""
@@ -216,15 +220,19 @@ def test_tma_opt_in_takes_the_tma_pipelines_through_the_public_api(tmp_path, opt
             torch.cuda.synchronize()
         names = [e.name for e in prof.events() if "gemm_sp_kernel" in e.name]
         np.save(sys.argv[1], np.stack([y.float().cpu().numpy().ravel()[:512 * 3] for y in ys]))
-        print(sum("TmaRowMajorX" in n for n in names), sum(sys.argv[2] in n for n in names), len(names))
+        for tile in (sys.argv[2], "Decode"):  # kernels of the tile, of them TMA ones
+            print(sum(tile in n for n in names), sum(tile in n and "TmaRowMajorX" in n for n in names))
     """)
     out = tmp_path / "y.npy"
-    env = dict(os.environ, SPARSEGEMM_TMA=opt_in)
+    env = {name: value for name, value in os.environ.items() if name != "SPARSEGEMM_TMA"}
+    if setting is not None:
+        env["SPARSEGEMM_TMA"] = setting
     run = subprocess.run([sys.executable, "-c", script, str(out), large_m_tile], env=env, capture_output=True,
                          text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
-    tma_kernels, large_m_kernels, kernels = map(int, run.stdout.split()[-3:])
-    assert kernels >= 2 and tma_kernels == kernels and large_m_kernels >= 1, run.stdout
+    large_m, large_m_tma, decode, decode_tma = map(int, run.stdout.split()[-4:])
+    assert large_m >= 1 and decode >= 1, run.stdout
+    assert (large_m_tma, decode_tma) == (large_m if tma_large_m else 0, decode if tma_decode else 0), run.stdout
     torch.manual_seed(0)
     sw = sparsegemm.compress(torch.randn(512, 1024, device="cuda").half(), prune=True)
     xs = [torch.randn(m, 1024, device="cuda").half() for m in (3, 300)]

@@ -207,7 +207,8 @@ def test_wgmma_gemm_fits_two_blocks_per_sm_without_serialising(cuobjdump):
     # rather spill than exceed it, and test_kernels_use_no_local_memory forbids that. Each k-tile's
     # two wgmma ops must stay back to back, one wait for both: a WARPGROUP.DEPBAR after each (ptxas
     # serialises wgmma it cannot prove safe) would leave the tensor cores idle between them. The TMA
-    # pipeline's SS form keeps one k-tile in flight: its loop waits with wait_group 1.
+    # pipeline's SS form keeps one k-tile's ops in flight while waiting for the next stage's
+    # mbarrier, and retires them (wait_group 0) before loading the metadata registers they read.
     usage = resource_usage(cuobjdump, _C.__file__, "90")
     wgmma = {name: u["REG"] for name, u in usage.items() if WGMMA_TILE in name and GROUPED_LOADER not in name}
     # fp16, bf16 x GEMM, convolution, TMA GEMM; int8 x two outputs x GEMM, TMA GEMM
@@ -217,8 +218,9 @@ def test_wgmma_gemm_fits_two_blocks_per_sm_without_serialising(cuobjdump):
     assert len(wide) == 4 and max(wide.values()) <= 128, wide
     for name, body in sass_functions(cuobjdump, _C.__file__, "90").items():
         if (WGMMA_TILE in name or WIDE_WGMMA_TILE in name) and TMA_LOADER in name:
-            # The SS form: one k-tile's ops stay in flight (wait_group 1 in the loop, 0 after it).
-            assert body.count("GMMA.SP.") == 2 and body.count("WARPGROUP.DEPBAR") == 2, name
-            assert "WARPGROUP.DEPBAR.LE gsb0, 0x1" in body and "LDSM" not in body, name
+            # The SS form: wait_group 0 in the loop, after the mbarrier wait, and after it.
+            assert body.count("GMMA.SP.") == 2 and body.count("WARPGROUP.DEPBAR.LE gsb0, 0x0") == 2, name
+            assert body.count("WARPGROUP.DEPBAR") == 2 and "LDSM" not in body, name
+            assert body.index("SYNCS.PHASECHK.TRANS64.TRYWAIT") < body.index("WARPGROUP.DEPBAR"), name
         elif WGMMA_TILE in name:
             assert body.count("GMMA.SP.") == 2 and body.count("WARPGROUP.DEPBAR") == 1, name

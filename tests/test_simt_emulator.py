@@ -459,10 +459,11 @@ def run_tma_box(mode, src, row_stride, box_cols, box_rows, swizzle, c0, c1, back
 
 
 # A 20 x 150 byte tensor in rows 160 bytes apart; boxes of 16 rows that start inside it, before it
-# (negative coordinates) and run past its last row and column: zeros there. Each swizzle with rows
-# of one span (the TMA pipelines' boxes), and none.
+# (negative coordinates) and run past its last row and column: zeros there. Each starts a whole 16
+# bytes into the rows, as the hardware requires (test_tma_box_refuses_a_start_inside_16_bytes). Each
+# swizzle with rows of one span (the TMA pipelines' boxes), and none.
 TMA_BOX_CASES = [(swizzle, box_cols, c0, c1) for swizzle, box_cols in [(0, 48), (32, 32), (64, 64), (128, 128)]
-                 for c0, c1 in [(0, 0), (16, 3), (-16, -2), (40, 13)]]
+                 for c0, c1 in [(0, 0), (16, 3), (-16, -2), (112, 13)]]
 
 
 def assert_tma_box_matches_model(swizzle, box_cols, c0, c1, backend="simt"):
@@ -483,6 +484,13 @@ def test_tma_box_read_before_the_wait_sees_poison():
     src = np.arange(1, 65, dtype=np.uint8).reshape(4, 16)
     assert np.all(run_tma_box(1, src, 16, 16, 4, 0, 0, 0) == 0xFF)
     np.testing.assert_array_equal(run_tma_box(0, src, 16, 16, 4, 0, 0, 0), src.reshape(-1))
+
+
+def test_tma_box_refuses_a_start_inside_16_bytes():
+    src = np.ones((20, 150), np.uint8)
+    with pytest.raises(RuntimeError, match=r"the box starts 40 bytes into its rows \(c0 = 40\); the hardware takes "
+                                           r"only whole 16 bytes"):
+        run_tma_box(0, src, 160, 48, 16, 0, 40, 13)
 
 
 def test_tma_box_refuses_a_tensor_map_it_does_not_model():
@@ -600,6 +608,10 @@ MISUSE = [
     (27, r"deadlock, no thread can proceed \(thread 0 at mbarrier\.try_wait\.parity"),
     (28, r"cp\.async\.cg\.shared\.global writes shared-memory bytes \[16, 32\), which hold the mbarrier at offset 16"),
     (29, r"cp\.async\.bulk\.tensor\.2d: a copy of 16 bytes onto an mbarrier whose current phase has 0 announced bytes"),
+    (30, r"wgmma\.wait_group: a register that a wgmma of thread 7 reads \(its metadata word or A fragment\) went from "
+         r"2290649224 to 1145324612 while the wgmma was in flight"),
+    (31, r"wgmma\.wait_group: a register that a wgmma of thread 9 reads .* went from 0 to 1 while the wgmma was in "
+         r"flight"),
 ]
 
 

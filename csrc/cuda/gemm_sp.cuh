@@ -113,7 +113,7 @@ struct Mma16 {
   // d += A * B over one k-step for a warpgroup (wgmma tiles): this warp's A fragment and metadata
   // word as for mma, B = 128 X rows through the shared-memory descriptor.
   template <typename WgmmaA>
-  static SG_DEVICE void wgmma(Acc (&d)[16][4], const WgmmaA& a, uint64_t b_desc, uint32_t e) {
+  static SG_DEVICE void wgmma(Acc (&d)[16][4], const WgmmaA& a, uint64_t b_desc, const uint32_t& e) {
     wgmma_sp_m64n128k32<kDType>(d, a, b_desc, e);
   }
   static SG_DEVICE Acc saturate(PartialSum sum) { return sum; }
@@ -648,20 +648,23 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), (min_blocks
     if constexpr (Tile::kWgmma) {
       // The SS form: the warpgroup's 64 rows of A straight from the stage through a descriptor
       // (64-byte swizzle: the TMA box's layout), so that the only registers a wgmma reads besides
-      // its accumulators are the metadata words. Each k-tile's wgmma ops then stay in flight while
-      // the warp waits for and issues the next k-tile's (wait_group 1); the warp leaves a stage
-      // once its ops are retired. With A fragments in registers (ldmatrix, two register sets) the
-      // same overlap made ptxas serialise every wgmma (C7513: registers a wgmma reads defined while
-      // wgmma ops are in flight); metadata loads do not.
+      // its accumulators are the metadata words. Each k-tile's wgmma ops stay in flight while the
+      // warp waits for the next k-tile's stage; they retire before that k-tile's metadata words are
+      // loaded, since a wgmma reads its metadata registers while in flight: loading them with the
+      // previous k-tile's ops in flight gave 16-row stripes of wrong outputs (one warp's metadata) on
+      // an H200 (bench/results/2026-11-27-H200-run19). The warp leaves a stage once its ops retired.
+      // (A fragments in registers, through ldmatrix, made ptxas serialise every wgmma: C7513.)
       static_assert(kStageKTiles == 1, "a wgmma stage holds one k-tile");
       const uint32_t a_row_offset = uint32_t(warp / 4) * 64 * S::kRowBytesA;  // the warpgroup's rows
+      uint32_t e[S::kSteps];  // outside the loop: the emulator checks them when their ops retire
       wgmma_fence_operands(acc[0]);  // the zeroed accumulators stay before the first wgmma.fence
       for (int it = 0; it < num_stage_tiles; ++it) {
         const int stage = it % S::kStages;
         mbarrier_wait_parity(&full[stage], (it / S::kStages) & 1);
+        wgmma_wait_group<0>();  // k-tile it - 1's ops are retired: its stage and metadata registers are free
+        if (it > 0) leave_stage(it - 1);
         const char* sA = smem + stage * S::kStageBytes;
         const char* sMeta = sA + S::kBytesA + S::kBytesB;
-        uint32_t e[S::kSteps];
 #pragma unroll
         for (int ks = 0; ks < S::kSteps; ++ks)
           e[ks] = *reinterpret_cast<const uint32_t*>(sMeta + e_lane_offset + ks * Policy::kMetaWordsPerStep * 4);
@@ -671,8 +674,6 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), (min_blocks
         for (int ks = 0; ks < S::kSteps; ++ks)
           Policy::wgmma(acc[0], wgmma_desc_a64(a_address + ks * 32), wgmma_desc_b128(b_address + ks * 64), e[ks]);
         wgmma_commit_group();
-        wgmma_wait_group<1>();  // k-tile it - 1's ops are retired: its stage is free
-        if (it > 0) leave_stage(it - 1);
       }
       wgmma_wait_group<0>();
       wgmma_fence_operands(acc[0]);

@@ -42,7 +42,7 @@ struct MmaS8 {
     mma_sp_m16n8k64_s8(d, a, b, d, e);
   }
   template <typename WgmmaA>
-  static SG_DEVICE void wgmma(Acc (&d)[16][4], const WgmmaA& a, uint64_t b_desc, uint32_t e) {
+  static SG_DEVICE void wgmma(Acc (&d)[16][4], const WgmmaA& a, uint64_t b_desc, const uint32_t& e) {
     wgmma_sp_m64n128k64_s8(d, a, b_desc, e);
   }
   static SG_DEVICE Acc saturate(PartialSum sum) {

@@ -349,16 +349,22 @@ std::string tma_operands_refusal(const GemmParams& p) {
   return "";
 }
 
-// SPARSEGEMM_TMA in the environment at the first call: "1" on a GPU that runs the wgmma tile, GEMMs
-// that plan_gemm gives the wgmma or the decode tile run its TMA pipeline (config 3 or 4) where their
-// operands allow it; "wide" the same with the 256-row wgmma tile (config 5) for large M. Off by
-// default until a GPU has verified and timed those pipelines (gemm_heuristics.h GemmConfig).
-enum class TmaOptIn { none, standard, wide };
+// Which TMA pipelines the GEMMs that plan_gemm gives the wgmma or the decode tile run, on a GPU that
+// runs the wgmma tile and where their operands allow it: SPARSEGEMM_TMA in the environment at the
+// first call. Unset (large_m): the wgmma tile's (config 3), which matched config 2 bit for bit and
+// ran faster at large M on an H200 (bench/results/2026-11-27-H200-run20 against -run17 and -run18's
+// large_m.txt); the decode tile keeps cp.async, 3-17% faster than its TMA pipeline (config 4,
+// -run18's sweep.txt).
+// "0": neither; "1": configs 3 and 4; "wide": the 256-row wgmma tile (config 5) and 4.
+enum class TmaOptIn { none, large_m, standard, wide };
 TmaOptIn tma_pipeline_opt_in() {
   static const TmaOptIn opt_in = [] {
     const char* value = std::getenv("SPARSEGEMM_TMA");
     const std::string text = value != nullptr ? value : "";
-    return text == "1" ? TmaOptIn::standard : text == "wide" ? TmaOptIn::wide : TmaOptIn::none;
+    return text == "0"      ? TmaOptIn::none
+           : text == "1"    ? TmaOptIn::standard
+           : text == "wide" ? TmaOptIn::wide
+                            : TmaOptIn::large_m;
   }();
   return opt_in;
 }
@@ -427,7 +433,7 @@ void launch_gemm(const typename XLoader::Params& params, const GemmPlan& plan, s
 }
 
 // The tile of plan.config, fed by its TMA pipeline (TmaRowMajorX) where the config asks for it (3,
-// 4, 5) or SPARSEGEMM_TMA opts in (tma_pipeline_opt_in), and the GEMM's operands allow it.
+// 4, 5) or tma_pipeline_opt_in (SPARSEGEMM_TMA) takes it, and the GEMM's operands allow it.
 template <typename Policy, typename XLoader = RowMajorX<typename Policy::Operand>>
 void launch_gemm_tile(const typename XLoader::Params& params, const GemmPlan& plan, sg_stream_t stream) {
   using Operand = typename Policy::Operand;
@@ -443,7 +449,8 @@ void launch_gemm_tile(const typename XLoader::Params& params, const GemmPlan& pl
     const GemmParams& p = XLoader::gemm(params);
     // The opt-in applies to the tiles plan_gemm chose: a config forced by the caller stays as asked.
     const TmaOptIn opt_in = p.config < 0 ? tma_pipeline_opt_in() : TmaOptIn::none;
-    const bool opted_in = opt_in != TmaOptIn::none && wgmma_tile_runs() && (decode || wgmma);
+    const bool opted_in = opt_in != TmaOptIn::none && wgmma_tile_runs() &&
+                          (wgmma || (decode && opt_in != TmaOptIn::large_m));
     // K = 0 copies nothing (and a tensor map cannot describe an empty tensor): the cp.async
     // pipeline writes the same act(bias).
     if ((forced_tma || opted_in) && p.K > 0) {

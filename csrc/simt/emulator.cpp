@@ -191,6 +191,7 @@ struct PendingAccumulator {
   void* d;
   std::vector<unsigned char> bytes;
   size_t read;  // its warpgroup op's entry in Launch::wgmma_reads
+  std::vector<WgmmaRegister> registers;  // the other registers the op reads, unchanged until it retires
 };
 
 // The shared-memory bytes [begin, end) (offsets) that one warpgroup wgmma op reads, and how many of
@@ -808,9 +809,10 @@ size_t wgmma_read_shared(uint32_t begin, uint32_t end, const char* what) {
   return l.wgmma_reads.size() - 1;
 }
 
-void wgmma_issue(void* d, const void* result, size_t bytes, size_t read) {
+void wgmma_issue(void* d, const void* result, size_t bytes, size_t read, std::vector<WgmmaRegister> registers) {
   const auto* begin = static_cast<const unsigned char*>(result);
-  current().wgmma_results.issue(PendingAccumulator{d, std::vector<unsigned char>(begin, begin + bytes), read});
+  current().wgmma_results.issue(
+      PendingAccumulator{d, std::vector<unsigned char>(begin, begin + bytes), read, std::move(registers)});
   // In flight: reading the registers now is undefined. A pattern no result is likely to hold
   // (a NaN as f32, 2142951341 as s32).
   for (size_t i = 0; i + 4 <= bytes; i += 4) std::memcpy(static_cast<char*>(d) + i, &kInFlightPoison, 4);
@@ -843,6 +845,11 @@ void wgmma_wait(int pending) {
   Fiber& f = current();
   Launch& l = *g_launch;
   f.wgmma_results.wait(static_cast<size_t>(pending), [&](const PendingAccumulator& result) {
+    for (const WgmmaRegister& reg : result.registers)
+      if (*reg.at != reg.value)
+        fail("wgmma.wait_group: a register that a wgmma of thread " + std::to_string(f.linear) + " reads (its "
+             "metadata word or A fragment) went from " + std::to_string(reg.value) + " to " + std::to_string(*reg.at) +
+             " while the wgmma was in flight; the hardware reads it until the op retires");
     std::memcpy(result.d, result.bytes.data(), result.bytes.size());
     --l.wgmma_reads[result.read].holders;
   });
@@ -972,6 +979,12 @@ uint64_t checked_box_bytes(const TensorMap2d& map, const char* what) {
 template <typename Visit>
 void visit_box_rows(const TensorMap2d& map, int32_t c0, int32_t c1, const char* what, Visit visit) {
   const uint32_t eb = map.element_bytes;
+  // The box's first element along the contiguous dimension must sit a whole 16 bytes into its rows:
+  // on an H200 a box at byte 40 stopped the copy with an illegal instruction (bench/results
+  // 2026-11-27-H200-run19), as tilelang's issue 2527 saw for the store on an H100.
+  if ((int64_t(c0) * eb) % 16 != 0)
+    fail(std::string(what) + ": the box starts " + std::to_string(int64_t(c0) * eb) + " bytes into its rows (c0 = " +
+         std::to_string(c0) + "); the hardware takes only whole 16 bytes");
   const auto* base = static_cast<const unsigned char*>(map.base);
   for (uint32_t r = 0; r < map.box[1]; ++r) {
     const int64_t row = int64_t(c1) + r;

@@ -145,6 +145,10 @@ uint32_t shared_window_address(const void* address);
 // (wgmma_operands_written; its other register writes are invisible here), or since its start, is
 // an error: PTX wants the registers a wgmma reads fenced after other instructions wrote them. So
 // is a thread exiting with results in flight. `what` names the instruction for messages.
+// The other registers a wgmma reads (its metadata word, the A fragment of the register form) are
+// read while it is in flight too (an H200 read metadata words loaded after the issue:
+// bench/results/2026-11-27-H200-run19): wgmma_issue takes their addresses and values at issue, and
+// wgmma_wait fails where one changed before the op retired.
 // Shared memory: the warpgroup op declares the span [begin, end) (offsets) of the bytes it reads
 // with wgmma_read_shared, which fails if any thread's cp.async into the span is still in flight
 // (not yet waited for: it may land while the wgmma reads), or landed (or a st_shared_16 wrote
@@ -153,7 +157,11 @@ uint32_t shared_window_address(const void* address);
 // every thread of the warpgroup retired the op, a cp.async or store into the span is an error.
 const void* wgmma_accumulator_input(const void* d, const char* what);
 size_t wgmma_read_shared(uint32_t begin, uint32_t end, const char* what);
-void wgmma_issue(void* d, const void* result, size_t bytes, size_t read);
+struct WgmmaRegister {
+  const uint32_t* at;
+  uint32_t value;  // at issue
+};
+void wgmma_issue(void* d, const void* result, size_t bytes, size_t read, std::vector<WgmmaRegister> registers);
 void wgmma_fence();
 void wgmma_operands_written();
 void wgmma_commit();

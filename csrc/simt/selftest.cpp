@@ -218,7 +218,9 @@ SG_GLOBAL void misuse_kernel(int which) {
     case simt_selftest::Misuse::ldmatrix_after_wgmma_fence:
     case simt_selftest::Misuse::copy_in_flight_under_wgmma:
     case simt_selftest::Misuse::unfenced_rewrite:
-    case simt_selftest::Misuse::wgmma_reads_unfenced_store: {
+    case simt_selftest::Misuse::wgmma_reads_unfenced_store:
+    case simt_selftest::Misuse::wgmma_metadata_written_in_flight:
+    case simt_selftest::Misuse::wgmma_fragment_written_in_flight: {
       using simt_selftest::Misuse;
       const auto m = static_cast<Misuse>(which);
       const uint32_t zero[4] = {0, 0, 0, 0};
@@ -255,10 +257,14 @@ SG_GLOBAL void misuse_kernel(int which) {
       if (m == Misuse::ldmatrix_after_wgmma_fence) ldmatrix_x4(a, smem + 16 * (threadIdx.x % 32));
       const bool other_descriptor = m == Misuse::wgmma_descriptors_differ && threadIdx.x == 5;
       const uint32_t start = shared_address(smem) + (other_descriptor ? 16 : 0);
-      wgmma_sp_m64n128k32<DType::f16>(acc, m == Misuse::ldmatrix_after_wgmma_fence ? a : zero,
-                                      wgmma_desc_b128(start), 0x88888888u);
+      uint32_t meta = 0x88888888u;
+      const bool fragment_in_registers = m == Misuse::ldmatrix_after_wgmma_fence ||
+                                         m == Misuse::wgmma_fragment_written_in_flight;
+      wgmma_sp_m64n128k32<DType::f16>(acc, fragment_in_registers ? a : zero, wgmma_desc_b128(start), meta);
       wgmma_commit_group();
       if (m == Misuse::copy_into_wgmma_operand_in_flight && threadIdx.x == 0) cp_async_16(smem, misuse_source, true);
+      if (m == Misuse::wgmma_metadata_written_in_flight && threadIdx.x == 7) meta = 0x44444444u;
+      if (m == Misuse::wgmma_fragment_written_in_flight && threadIdx.x == 9) a[2] = 1;
       if (m != Misuse::wgmma_never_waited) wgmma_wait_group<0>();
       break;
     }
@@ -379,7 +385,8 @@ void misuse(int which) {
                      m == Misuse::wgmma_divergent_warpgroup || m == Misuse::wgmma_reads_unfenced_copy ||
                      m == Misuse::copy_into_wgmma_operand_in_flight || m == Misuse::wgmma_descriptors_differ ||
                      m == Misuse::ldmatrix_after_wgmma_fence || m == Misuse::copy_in_flight_under_wgmma ||
-                     m == Misuse::unfenced_rewrite || m == Misuse::wgmma_reads_unfenced_store;
+                     m == Misuse::unfenced_rewrite || m == Misuse::wgmma_reads_unfenced_store ||
+                     m == Misuse::wgmma_metadata_written_in_flight || m == Misuse::wgmma_fragment_written_in_flight;
   const unsigned threads = m == Misuse::barrier_not_reached || m == Misuse::wgmma_partial_warpgroup ? 64
                            : m == Misuse::partial_warp_block                                        ? 48
                            : wgmma                                                                   ? 128

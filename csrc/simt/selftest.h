@@ -84,6 +84,8 @@ enum class Misuse : int {
   mbarrier_never_completes = 27, // every lane waits for a phase that no arrival completes
   copy_over_mbarrier = 28,       // a cp.async into a live mbarrier's bytes
   tma_bytes_not_announced = 29,  // a TMA copy whose bytes no expect_tx announced: the phase ends before it lands
+  wgmma_metadata_written_in_flight = 30,  // thread 7 loads its next metadata word before wgmma.wait_group
+  wgmma_fragment_written_in_flight = 31,  // thread 9 overwrites an A fragment register before wgmma.wait_group
 };
 void misuse(int which);
 

@@ -335,11 +335,14 @@ void compute_wgmma_k64_s8(const void* const thread_inputs[128], void* const thre
 }
 
 // One thread's wgmma: C from the results in flight (emulator.h), the result handed back pending.
-void issue_wgmma(const WarpgroupOp& op, void* d, const WgmmaA& a, uint64_t b_desc, uint32_t e) {
+void issue_wgmma(const WarpgroupOp& op, void* d, const WgmmaA& a, uint64_t b_desc, const uint32_t& e) {
   const WgmmaIn in{a, e, b_desc, static_cast<const uint32_t*>(wgmma_accumulator_input(d, op.name))};
   WgmmaOut out;
   warpgroup_collective(op, &in, &out);
-  wgmma_issue(d, out.d, sizeof out.d, out.read);
+  std::vector<WgmmaRegister> registers{{&e, e}};
+  if (a.source != nullptr)
+    for (int i = 0; i < 4; ++i) registers.push_back({a.source + i, a.regs[i]});
+  wgmma_issue(d, out.d, sizeof out.d, out.read, std::move(registers));
 }
 
 // ---- ldmatrix ----------------------------------------------------------------------------------
@@ -487,13 +490,13 @@ void mma_sp_m16n8k64_s8(int (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)
   std::memcpy(d, out.d, sizeof out.d);
 }
 
-void wgmma_sp_m64n128k32(HalfType type, float* d, const WgmmaA& a, uint64_t b_desc, uint32_t e) {
+void wgmma_sp_m64n128k32(HalfType type, float* d, const WgmmaA& a, uint64_t b_desc, const uint32_t& e) {
   const bool ss = a.desc != 0;
   issue_wgmma(type == HalfType::f16 ? (ss ? kWgmmaSsF16 : kWgmmaF16) : (ss ? kWgmmaSsBf16 : kWgmmaBf16), d, a, b_desc,
               e);
 }
 
-void wgmma_sp_m64n128k64_s8(int* d, const WgmmaA& a, uint64_t b_desc, uint32_t e) {
+void wgmma_sp_m64n128k64_s8(int* d, const WgmmaA& a, uint64_t b_desc, const uint32_t& e) {
   issue_wgmma(a.desc != 0 ? kWgmmaSsS8 : kWgmmaS8, d, a, b_desc, e);
 }
 

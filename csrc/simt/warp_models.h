@@ -23,8 +23,9 @@ void mma_sp_m16n8k64_s8(int (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)
 // form would hold (warp w: rows 16w .. 16w + 15).
 struct WgmmaA {
   uint32_t regs[4] = {0, 0, 0, 0};
-  uint64_t desc = 0;  // 0: A in regs
-  WgmmaA(const uint32_t (&a)[4]) : regs{a[0], a[1], a[2], a[3]} {}
+  uint64_t desc = 0;                 // 0: A in regs
+  const uint32_t* source = nullptr;  // the registers regs came from (emulator.h wgmma_issue)
+  WgmmaA(const uint32_t (&a)[4]) : regs{a[0], a[1], a[2], a[3]}, source(a) {}
   WgmmaA(uint64_t a_desc) : desc(a_desc) {}
 };
 
@@ -32,10 +33,11 @@ struct WgmmaA {
 // in shared memory through the matrix descriptor b_desc (K-major, 128-byte swizzle: the layout
 // warp_ops.cuh describes), sparsity selector 0, accumulating: d[64] += A * B. One thread's share
 // of the warpgroup collective; the result lands in d at wgmma_wait (emulator.h).
-void wgmma_sp_m64n128k32(HalfType type, float* d, const WgmmaA& a, uint64_t b_desc, uint32_t e);
+// e: the thread's metadata register, which must keep its value until the op retires (as a's).
+void wgmma_sp_m64n128k32(HalfType type, float* d, const WgmmaA& a, uint64_t b_desc, const uint32_t& e);
 
 // wgmma.mma_async.sp.sync.aligned.m64n128k64.s32.s8.s8.satfinite, otherwise as above.
-void wgmma_sp_m64n128k64_s8(int* d, const WgmmaA& a, uint64_t b_desc, uint32_t e);
+void wgmma_sp_m64n128k64_s8(int* d, const WgmmaA& a, uint64_t b_desc, const uint32_t& e);
 
 // ldmatrix.sync.aligned.m8n8.x{matrices}{.trans}.shared.b16; regs[0 .. matrices-1] are written.
 void ldmatrix(int matrices, bool trans, uint32_t* regs, const void* row_address);

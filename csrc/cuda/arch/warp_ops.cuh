@@ -276,8 +276,9 @@ SG_DEVICE void fence_proxy_async_shared() {
 // DType::bf16. A is either this warp's fragment in registers (WgmmaA = uint32_t[4], see above) or,
 // the SS form, the warpgroup's 64 rows of compressed values in shared memory through the
 // descriptor a (WgmmaA = uint64_t, wgmma_desc_a64; imm-trans-a 0). In the SS form no register a
-// wgmma reads but the metadata: per-k-tile metadata loads may overlap wgmma ops in flight without
-// ptxas serialising them, which A fragments in registers prevent (gemm_sp.cuh).
+// wgmma reads but the metadata word e, which the hardware reads while the op is in flight, as A
+// fragments: neither may be written before the wgmma.wait_group that retires the op (gemm_sp.cuh).
+// References, so that the emulator checks the caller's registers when the op retires.
 #define SG_WGMMA_SP_K32(type, d, a, b_desc, e)                                                      \
   asm volatile("wgmma.mma_async.sp.sync.aligned.m64n128k32.f32." type "." type " " SG_WGMMA_D_REGS \
                ", {%64, %65, %66, %67}, %68, %69, 0, 1, 1, 1, 0;\n"                                \
@@ -289,7 +290,7 @@ SG_DEVICE void fence_proxy_async_shared() {
                : SG_WGMMA_D64("+f", d)                                                              \
                : "l"(a_desc), "l"(b_desc), "r"(e))
 template <DType kDType, typename WgmmaA>
-SG_DEVICE void wgmma_sp_m64n128k32(float (&d)[16][4], const WgmmaA& a, uint64_t b_desc, uint32_t e) {
+SG_DEVICE void wgmma_sp_m64n128k32(float (&d)[16][4], const WgmmaA& a, uint64_t b_desc, const uint32_t& e) {
   static_assert(kDType == DType::f16 || kDType == DType::bf16, "wgmma k32 takes f16 or bf16");
 #if defined(SG_WGMMA_ASM)
   constexpr bool kSs = std::is_same<WgmmaA, uint64_t>::value;
@@ -316,7 +317,7 @@ SG_DEVICE void wgmma_sp_m64n128k32(float (&d)[16][4], const WgmmaA& a, uint64_t 
 // descriptor as above, with the m16n8k64 A and metadata layouts; s32 accumulators clamped like
 // mma.sp's .satfinite. s8 takes no scale or transpose immediates (B must be K-major).
 template <typename WgmmaA>
-SG_DEVICE void wgmma_sp_m64n128k64_s8(int (&d)[16][4], const WgmmaA& a, uint64_t b_desc, uint32_t e) {
+SG_DEVICE void wgmma_sp_m64n128k64_s8(int (&d)[16][4], const WgmmaA& a, uint64_t b_desc, const uint32_t& e) {
 #if defined(SG_WGMMA_ASM)
   if constexpr (std::is_same<WgmmaA, uint64_t>::value) {
     asm volatile("wgmma.mma_async.sp.sync.aligned.m64n128k64.satfinite.s32.s8.s8 " SG_WGMMA_D_REGS
