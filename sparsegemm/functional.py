@@ -139,8 +139,10 @@ def grouped_linear(x: Tensor, row_offsets: Tensor, weights, bias=None, *, activa
     ``max_rows`` (default M) must bound every group's row count: it sizes the launch and picks the
     tile (up to 16: the decode tile), and a group beyond it gets only its first max_rows rows
     computed; the CPU and SIMT backends read the offsets and raise instead. INT8 weights on the
-    kernels need K % 4 == 0. A custom op like the others (torch.compile traces it whole); it has no
-    gradient (inference).
+    kernels need K % 4 == 0. A custom op like the others (torch.compile traces it whole). Gradients
+    (16-bit weights): x, each weight's kept values and each bias get what each group's
+    :func:`linear` gives its rows (the backward reads the offsets on the host); INT8 weights refuse a
+    backward, as :func:`linear` does.
     """
     op = "sparsegemm.grouped_linear"
     weights = list(weights) if isinstance(weights, (list, tuple)) else weights

@@ -869,6 +869,72 @@ def _(x: Tensor, row_offsets: Tensor, values: list[Tensor], meta: list[Tensor], 
     return x.new_empty((x.shape[0], out_features(values[0].shape[0], activation)))
 
 
+@_custom_op("sparsegemm::grouped_linear_grads")
+def _grouped_linear_grads(grad_y: Tensor, x: Tensor, row_offsets: Tensor, values: list[Tensor], meta: list[Tensor],
+                          kernel_meta: list[Tensor], k: int, bias: list[Tensor], activation: int, max_rows: int,
+                          backend: str, need_x: bool, need_values: bool,
+                          need_bias: bool) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """_grouped_linear's gradients: each group's _linear_grads on its rows (the first max_rows of
+    them: the rows the forward computed), zeros on rows no group holds; (grad x, grad values per
+    group, grad bias per group), each empty where not needed. An op of its own, so that a compiled
+    backward calls it whole: it reads the offsets on the host."""
+    grad_x = torch.zeros_like(x) if need_x else x.new_empty(0)
+    grad_values = [torch.zeros_like(v) if need_values else v.new_empty(0) for v in values]
+    grad_bias = [torch.zeros_like(b) if need_bias else b.new_empty(0) for b in bias]
+    offsets = row_offsets.tolist()
+    for g in range(len(values)):
+        rows = slice(offsets[g], min(offsets[g + 1], offsets[g] + max_rows))
+        if rows.stop <= rows.start:
+            continue
+        gx, gv, gb = _linear_grads(grad_y[rows], x[rows], values[g], meta[g], kernel_meta[g] if kernel_meta else None,
+                                   k, bias[g] if bias else None, activation, backend, need_x, need_values, need_bias)
+        if need_x:
+            grad_x[rows] = gx
+        if need_values:
+            grad_values[g] = gv
+        if need_bias and bias:
+            grad_bias[g] = gb
+    return grad_x, grad_values, grad_bias
+
+
+@_grouped_linear_grads.register_fake
+def _(grad_y: Tensor, x: Tensor, row_offsets: Tensor, values: list[Tensor], meta: list[Tensor],
+      kernel_meta: list[Tensor], k: int, bias: list[Tensor], activation: int, max_rows: int, backend: str,
+      need_x: bool, need_values: bool, need_bias: bool) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    return (torch.empty_like(x) if need_x else x.new_empty(0),
+            [torch.empty_like(v) if need_values else v.new_empty(0) for v in values],
+            [torch.empty_like(b) if need_bias else b.new_empty(0) for b in bias])
+
+
+def _grouped_linear_setup_context(ctx, inputs, output) -> None:
+    x, row_offsets, values, meta, kernel_meta, k, bias, scale, activation, max_rows, backend = inputs
+    ctx.lists = len(values), len(meta), len(kernel_meta), len(bias), len(scale)
+    ctx.save_for_backward(x, row_offsets, *values, *meta, *kernel_meta, *bias)
+    ctx.k, ctx.activation, ctx.max_rows, ctx.backend, ctx.s8 = k, activation, max_rows, backend, bool(scale)
+
+
+def _grouped_linear_backward(ctx, grad_y: Tensor):
+    if ctx.s8:
+        _int8_gradient(grad_y, [0], grad_y.dtype)  # refuses, as every INT8 GEMM's backward does
+    groups, metas, kernel_metas, biases, scales = ctx.lists
+    x, row_offsets, *rest = ctx.saved_tensors
+    values, meta = rest[:groups], rest[groups:2 * groups]
+    kernel_meta, bias = rest[2 * groups:2 * groups + kernel_metas], rest[2 * groups + kernel_metas:]
+    # A list argument's entry is a list of flags, one per tensor.
+    need_x, need_values, need_bias = (any(flag) if isinstance(flag, (list, tuple)) else bool(flag)
+                                      for flag in (ctx.needs_input_grad[i] for i in (0, 2, 6)))
+    grad_x, grad_values, grad_bias = _grouped_linear_grads(
+        grad_y, x, row_offsets, values, meta, kernel_meta, ctx.k, bias, ctx.activation, ctx.max_rows, ctx.backend,
+        need_x, need_values, need_bias)
+    # Lists get lists (the op's inputs' structure), of None where no gradient flows.
+    return (grad_x if need_x else None, None, list(grad_values) if need_values else [None] * groups,
+            [None] * metas, [None] * kernel_metas, None, list(grad_bias) if need_bias else [None] * biases,
+            [None] * scales, None, None, None)
+
+
+_grouped_linear.register_autograd(_grouped_linear_backward, setup_context=_grouped_linear_setup_context)
+
+
 @_linear.register_fake
 def _(x: Tensor, values: Tensor, meta: Tensor, kernel_meta: Optional[Tensor], k: int, bias: Optional[Tensor],
       activation: int, backend: str) -> Tensor:
@@ -893,12 +959,18 @@ def _linear_setup_context(ctx, inputs, output) -> None:
 
 
 def _linear_backward(ctx, grad_y: Tensor):
-    """Gradients of x, of the kept values (the 2:4 mask is fixed) and of the bias.
-
-    Plain torch ops on a transient dense W: the training path favours clarity over speed.
-    """
     x, values, meta, kernel_meta, bias = ctx.saved_tensors
-    k, activation, backend = ctx.k, ctx.activation, ctx.backend
+    grad_x, grad_values, grad_bias = _linear_grads(grad_y, x, values, meta, kernel_meta, ctx.k, bias, ctx.activation,
+                                                   ctx.backend, *(ctx.needs_input_grad[i] for i in (0, 1, 5)))
+    return grad_x, grad_values, None, None, None, grad_bias, None, None
+
+
+def _linear_grads(grad_y: Tensor, x: Tensor, values: Tensor, meta: Tensor, kernel_meta: Optional[Tensor], k: int,
+                  bias: Optional[Tensor], activation: int, backend: str, need_x: bool, need_values: bool,
+                  need_bias: bool) -> tuple:
+    """(grad x, grad of the kept values (the 2:4 mask is fixed), grad bias) of _linear's output, each
+    None where not needed. Plain torch ops on a transient dense W: the training path favours clarity
+    over speed."""
     g = grad_y.float()
     base = activation & ~fmt.GATED_ACTIVATION
     if fmt.is_gated(activation):
@@ -909,16 +981,16 @@ def _linear_backward(ctx, grad_y: Tensor):
         z = _linear(x, values, meta, kernel_meta, k, bias, 0, backend).float()
         g = g * _activation_grad(z, activation)
     grad_x = grad_values = grad_bias = None
-    if ctx.needs_input_grad[0]:
+    if need_x:
         w = _decompress(values, meta, k, "cpu" if values.device.type == "cpu" else "cuda")
         grad_x = (g @ w.float()).to(x.dtype)
-    if ctx.needs_input_grad[1]:
+    if need_values:
         kp = fmt.padded_k(k)
         full = torch.nn.functional.pad(g.T @ x.float(), (0, kp - k))
         grad_values = full.gather(1, kept_columns(meta, kp)).to(values.dtype)
-    if bias is not None and ctx.needs_input_grad[5]:
+    if bias is not None and need_bias:
         grad_bias = g.sum(0).to(bias.dtype)
-    return grad_x, grad_values, None, None, None, grad_bias, None, None
+    return grad_x, grad_values, grad_bias
 
 
 _linear.register_autograd(_linear_backward, setup_context=_linear_setup_context)

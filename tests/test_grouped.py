@@ -149,6 +149,71 @@ def test_grouped_linear_on_the_cpu_is_each_groups_linear():
     assert torch.count_nonzero(y[:2]) == 0 and torch.count_nonzero(y[-3:]) == 0
 
 
+def leaf_copies(x, weights, biases):
+    """Copies of a grouped case's float tensors that take gradients (the kept values of each weight)."""
+    leaf = lambda t: t.detach().clone().requires_grad_(True)  # noqa: E731
+    weights = [sparsegemm.SparseTensor24(leaf(w.values), w.meta, w.shape, w.scale) for w in weights]
+    return leaf(x), weights, None if biases is None else [leaf(b) for b in biases]
+
+
+@pytest.mark.parametrize("backend", ["cpu", *BACKENDS])
+@pytest.mark.parametrize("activation", [None, "gelu", "swiglu"])
+def test_grouped_linear_gradients_are_each_groups_linear_gradients(backend, activation):
+    # x, every weight's kept values and every bias get what each group's linear gives its rows, bit
+    # for bit; rows no group holds get zeros. On CUDA max_rows = 4 cuts the 5-row group to the 4
+    # rows the forward computes (the CPU and SIMT backends refuse a group beyond max_rows).
+    dtype = torch.float32 if backend == "cpu" else torch.float16
+    case = grouped_case([3, 0, 5], 32, 64, dtype, seed=21, device=device_of(backend))
+    max_rows = 4 if backend == "cuda" else None
+    x, weights, biases = leaf_copies(*case[:1], *case[2:])
+    y = sparsegemm.grouped_linear(x, case[1], weights, biases, activation=activation, max_rows=max_rows,
+                                  backend=backend)
+    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(22)).to(y)
+    (y * grad_y).sum().backward()
+    x_ref, weights_ref, biases_ref = leaf_copies(*case[:1], *case[2:])
+    offsets = case[1].tolist()
+    covered = torch.zeros(x.shape[0], dtype=torch.bool)
+    for g in range(len(weights)):
+        rows = slice(offsets[g], min(offsets[g + 1], offsets[g] + (max_rows or x.shape[0])))
+        covered[rows] = True
+        if rows.stop > rows.start:
+            y_g = sparsegemm.linear(x_ref[rows], weights_ref[g], biases_ref[g], activation=activation, backend=backend)
+            (y_g * grad_y[rows]).sum().backward()
+    assert torch.equal(x.grad, x_ref.grad) and torch.count_nonzero(x.grad[~covered.to(x.device)]) == 0
+    for g in range(len(weights)):
+        assert torch.equal(weights[g].values.grad, weights_ref[g].values.grad if weights_ref[g].values.grad is not None
+                           else torch.zeros_like(weights[g].values))
+        assert torch.equal(biases[g].grad, biases_ref[g].grad if biases_ref[g].grad is not None
+                           else torch.zeros_like(biases[g]))
+    assert torch.count_nonzero(weights[1].values.grad) == 0  # the empty group
+
+
+def test_grouped_linear_trains_compiled_and_with_frozen_weights():
+    # Compiled whole (the backward's host read of the offsets is an op of its own), the gradients
+    # equal eager ones; with frozen weights and biases only x gets one.
+    case = grouped_case([3, 0, 5], 32, 64, torch.float32, seed=24)
+    fn = lambda x, w, b: sparsegemm.grouped_linear(x, case[1], w, b, activation="gelu")  # noqa: E731
+    compiled = torch.compile(fn, fullgraph=True)
+    grads = []
+    for run in (fn, compiled):
+        x, weights, biases = leaf_copies(*case[:1], *case[2:])
+        run(x, weights, biases).sum().backward()
+        grads.append([x.grad] + [w.values.grad for w in weights] + [b.grad for b in biases])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    x = case[0].clone().requires_grad_(True)
+    fn(x, case[2], case[3]).sum().backward()
+    assert torch.equal(x.grad, grads[0][0]) and all(w.values.grad is None for w in case[2])
+
+
+def test_int8_grouped_linear_runs_in_grad_mode_and_refuses_a_backward():
+    x, offsets, weights, biases = grouped_case([3, 4], 16, 32, torch.float16, seed=23, int8=True)
+    x.requires_grad_(True)
+    y = sparsegemm.grouped_linear(x, offsets, weights, biases)
+    with pytest.raises(RuntimeError, match=r"the INT8 GEMM is inference-only: no gradient flows through the integer "
+                                           r"grid"):
+        y.float().sum().backward()
+
+
 def test_more_groups_than_one_launch_takes():
     # 130 groups: two launches of at most 128 (the pointer tables travel in the kernel parameters).
     gen = torch.Generator().manual_seed(7)
@@ -421,6 +486,11 @@ def test_opcheck_grouped_linear(backend, int8):
     torch.library.opcheck(ops._grouped_linear, (x, offsets, [w.values for w in weights], [w.meta for w in weights],
                                                 kernel_meta, 32, biases, [w.scale for w in weights] if int8 else [],
                                                 0, 4, backend))
+    if not int8:
+        grad_y = torch.randn(x.shape[0], 16).to(x.dtype)
+        torch.library.opcheck(ops._grouped_linear_grads, (grad_y, x, offsets, [w.values for w in weights],
+                                                      [w.meta for w in weights], kernel_meta, 32, biases, 1, 4,
+                                                      backend, True, False, True))
 
 
 # ---- what the grouped tables must notice (each found stale once) ---------------------------------------
