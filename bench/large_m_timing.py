@@ -5,7 +5,8 @@ included) at M = N = K = 8192 and Llama-7B's MLP projections at 16 x 2048 tokens
 API only, so that bench/ab_sweep.sh can run it against the build of an earlier tree too; on
 Hopper, the wgmma tile with its stages copied by TMA (config 3), or with SPARSEGEMM_TMA=0 in the
 environment by cp.async (config 2), with SPARSEGEMM_TMA=wide the 256-row TMA variant (config 5);
-SPARSEGEMM_WGMMA=0 times the warp-level tile instead.
+SPARSEGEMM_WGMMA=0 times the warp-level tile instead. The label says what the setting means to this
+tree (in builds before 2026-11-27, which ab_sweep.sh may time, unset meant config 2).
 
     python bench/large_m_timing.py [--shape M N K [--shape M N K ...]]
 """

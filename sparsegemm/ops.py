@@ -135,7 +135,10 @@ _PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
 def _plain_eager(args) -> bool:
     grad = torch.is_grad_enabled()
     for a in args:
-        if isinstance(a, Tensor):
+        if isinstance(a, (list, tuple)):  # grouped_linear's weights and biases
+            if not _plain_eager(a):
+                return False
+        elif isinstance(a, Tensor):
             if type(a) not in _PLAIN_TENSORS:  # fake, functional, ... tensors
                 return False
             if grad and a.requires_grad:
@@ -870,6 +873,7 @@ def _(x: Tensor, row_offsets: Tensor, values: list[Tensor], meta: list[Tensor], 
 
 
 @_custom_op("sparsegemm::grouped_linear_grads")
+@_on_tensor_device
 def _grouped_linear_grads(grad_y: Tensor, x: Tensor, row_offsets: Tensor, values: list[Tensor], meta: list[Tensor],
                           kernel_meta: list[Tensor], k: int, bias: list[Tensor], activation: int, max_rows: int,
                           backend: str, need_x: bool, need_values: bool,
@@ -882,8 +886,13 @@ def _grouped_linear_grads(grad_y: Tensor, x: Tensor, row_offsets: Tensor, values
     grad_values = [torch.zeros_like(v) if need_values else v.new_empty(0) for v in values]
     grad_bias = [torch.zeros_like(b) if need_bias else b.new_empty(0) for b in bias]
     offsets = row_offsets.tolist()
+    m = x.shape[0]
     for g in range(len(values)):
-        rows = slice(offsets[g], min(offsets[g + 1], offsets[g] + max_rows))
+        # The rows the forward computed: the offsets clamped into x as the CUDA kernel clamps them
+        # (gemm_sp.cuh GroupedRowMajorX), at most max_rows of them.
+        first = min(max(offsets[g], 0), m)
+        end = min(max(offsets[g + 1], first), m, first + max_rows)
+        rows = slice(first, end)
         if rows.stop <= rows.start:
             continue
         gx, gv, gb = _linear_grads(grad_y[rows], x[rows], values[g], meta[g], kernel_meta[g] if kernel_meta else None,
@@ -914,8 +923,6 @@ def _grouped_linear_setup_context(ctx, inputs, output) -> None:
 
 
 def _grouped_linear_backward(ctx, grad_y: Tensor):
-    if ctx.s8:
-        _int8_gradient(grad_y, [0], grad_y.dtype)  # refuses, as every INT8 GEMM's backward does
     groups, metas, kernel_metas, biases, scales = ctx.lists
     x, row_offsets, *rest = ctx.saved_tensors
     values, meta = rest[:groups], rest[groups:2 * groups]
@@ -923,6 +930,10 @@ def _grouped_linear_backward(ctx, grad_y: Tensor):
     # A list argument's entry is a list of flags, one per tensor.
     need_x, need_values, need_bias = (any(flag) if isinstance(flag, (list, tuple)) else bool(flag)
                                       for flag in (ctx.needs_input_grad[i] for i in (0, 2, 6)))
+    if ctx.s8:  # _int8_gradient refuses when run, as every INT8 GEMM's backward; returned, so that it runs
+        refuse = lambda t: _int8_gradient(grad_y, list(t.shape), t.dtype)  # noqa: E731
+        return (refuse(x) if need_x else None, None, [None] * groups, [None] * metas, [None] * kernel_metas, None,
+                [refuse(b) if need_bias else None for b in bias], [None] * scales, None, None, None)
     grad_x, grad_values, grad_bias = _grouped_linear_grads(
         grad_y, x, row_offsets, values, meta, kernel_meta, ctx.k, bias, ctx.activation, ctx.max_rows, ctx.backend,
         need_x, need_values, need_bias)

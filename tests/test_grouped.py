@@ -205,10 +205,42 @@ def test_grouped_linear_trains_compiled_and_with_frozen_weights():
     assert torch.equal(x.grad, grads[0][0]) and all(w.values.grad is None for w in case[2])
 
 
-def test_int8_grouped_linear_runs_in_grad_mode_and_refuses_a_backward():
+def test_trainable_weights_get_gradients_when_x_needs_none():
+    # Inputs that are data (or come from frozen layers): the weights in grouped_linear's lists still
+    # make the call record a graph, and get what each group's linear gives them.
+    x, offsets, weights, biases = grouped_case([3, 0, 5], 32, 64, torch.float32, seed=25)
+    _, trained, trained_bias = leaf_copies(x, weights, biases)
+    y = sparsegemm.grouped_linear(x, offsets, trained, trained_bias)
+    assert y.requires_grad
+    y.sum().backward()
+    _, reference, reference_bias = leaf_copies(x, weights, biases)
+    rows = slice(*offsets.tolist()[2:4])
+    sparsegemm.linear(x[rows], reference[2], reference_bias[2]).sum().backward()
+    assert torch.equal(trained[2].values.grad, reference[2].values.grad)
+    assert torch.equal(trained_bias[2].grad, reference_bias[2].grad)
+
+
+def test_the_backward_clamps_offsets_as_the_kernel_does():
+    # CUDA never reads the offsets on the host: the kernel clamps them into x (and to max_rows), and
+    # the gradients follow the rows it computed.
+    x, _, weights, _ = grouped_case([4, 4], 16, 32, torch.float32, seed=26, bias=False)
+    grad_y = torch.randn(x.shape[0], 16, generator=torch.Generator().manual_seed(27))
+    w = weights[0]
+    for offsets, max_rows, rows in [([-2, 3], 99, slice(0, 3)), ([5, 10 ** 6], 99, slice(5, x.shape[0])),
+                                    ([1, 9], 3, slice(1, 4)), ([6, 2], 99, slice(6, 6))]:
+        got = ops._grouped_linear_grads(grad_y, x, torch.tensor(offsets), [w.values], [w.meta], [], 32, [], 0,
+                                        max_rows, "cpu", True, False, False)[0]
+        want = torch.zeros_like(x)
+        want[rows] = grad_y[rows] @ sparsegemm.decompress(w)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_int8_grouped_linear_runs_in_grad_mode_and_refuses_a_backward(compiled):
     x, offsets, weights, biases = grouped_case([3, 4], 16, 32, torch.float16, seed=23, int8=True)
     x.requires_grad_(True)
-    y = sparsegemm.grouped_linear(x, offsets, weights, biases)
+    fn = lambda x: sparsegemm.grouped_linear(x, offsets, weights, biases)  # noqa: E731
+    y = (torch.compile(fn, fullgraph=True) if compiled else fn)(x)
     with pytest.raises(RuntimeError, match=r"the INT8 GEMM is inference-only: no gradient flows through the integer "
                                            r"grid"):
         y.float().sum().backward()

@@ -8,6 +8,11 @@ layout of csrc/cuda/reorder.cuh and the dense product on the decompressed weight
 small because the emulator runs every CUDA thread as a fiber; they are chosen to hit the tails
 (M, N, K not tile multiples, fewer k-tiles than pipeline stages, K % 8 != 0, unaligned rows).
 """
+import os
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 import torch
@@ -753,6 +758,21 @@ def test_tma_gemm_refuses_what_a_tensor_map_cannot_describe(kernels, config, til
     with pytest.raises(ValueError, match=r"needs X 16-byte aligned with rows a multiple of 16 bytes apart, "
                                          r"got ldx = 68"):
         kernels.gemm(x, values, meta, 20, 64, config=config)
+
+
+@pytest.mark.parametrize("setting", ["off", "true", "2"])
+def test_an_unknown_tma_setting_is_refused(setting):
+    # SPARSEGEMM_TMA is read once per process (so in a child), by the first GEMM the heuristic plans;
+    # "off" must not silently mean the default (on).
+    script = textwrap.dedent("""
+        import torch, sparsegemm
+        sw = sparsegemm.compress(torch.randn(32, 64).half(), prune=True)
+        sparsegemm.linear(torch.randn(20, 64).half(), sw, backend="simt")
+    """)
+    run = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, SPARSEGEMM_TMA=setting),
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and (f"SPARSEGEMM_TMA must be unset (TMA for large M), 0 (no TMA), 1 (large M and "
+                                    f"decode) or wide (the 256-row tile), got '{setting}'") in run.stderr, run.stderr
 
 
 def test_tma_gemm_encodes_each_tensor_map_once(kernels):

@@ -64,7 +64,8 @@ struct Decode {
 // taken by every thread's stage copies and a barrier per k-tile. GemmConfig::large_m_wgmma_tma runs
 // this tile with TMA copies and mbarrier stages instead, A read from shared memory by the wgmma
 // ops (the SS form) and one k-tile in flight (gemm_sp.cuh TmaRowMajorX): 92 registers (116 for
-// int8) on sm_90a.
+// int8) on sm_90a, 0.79-0.96x dense cuBLAS fp16 / bf16 and 1.42-1.69x in INT8 on the H200
+// (-run20), where the GEMM takes it in this tile's place (kernels_dispatch.cuh tma_pipeline_opt_in).
 struct WgmmaLargeM {
   static constexpr int kBlockN = 128, kBlockM = 128, kWarpsN = 8, kWarpsM = 1, kStages = 4, kKTilesPerStage = 1;
   static constexpr bool kSplitK = false;
@@ -79,8 +80,9 @@ struct WgmmaLargeM {
 // bytes through L2 and into shared memory per multiply-add (at the sparse tensor cores' rate the
 // 128 x 128 tile needs ~49 bytes a cycle per SM for its copies alone, besides the ~64 its wgmma
 // ops read of B). 4 stages of 34 KiB (the SIMT emulator holds a block to A100's 163 KiB); 128
-// registers at most with 512 threads (ptxas: as config 3). Not chosen by plan_gemm: only in the
-// emulator so far, to be timed against config 3 (SPARSEGEMM_TMA=wide opts large M into it).
+// registers at most with 512 threads (ptxas: as config 3). Not chosen: on the H200 it ran 0.74-0.94x
+// dense cuBLAS fp16, slower than config 3 (bench/results/2026-11-27-H200-run20; SPARSEGEMM_TMA=wide
+// opts large M into it).
 struct WgmmaWideLargeM {
   static constexpr int kBlockN = 256, kBlockM = 128, kWarpsN = 16, kWarpsM = 1, kStages = 4, kKTilesPerStage = 1;
   static constexpr bool kSplitK = false;
@@ -97,8 +99,9 @@ constexpr int kMinKTilesPerSplit = 4; // keeps the pipeline prologue small next 
 
 // large_m_wgmma_tma / decode_tma: the wgmma / decode tile with its stages copied by TMA (gemm_sp.cuh
 // TmaRowMajorX), for GEMMs whose X and Wc rows are 16-byte aligned, on the GPUs that run the wgmma
-// tile. Not chosen by plan_gemm yet: they have run only in the emulator, and take over from
-// large_m_wgmma / decode where a GPU run verifies and times them faster.
+// tile. plan_gemm plans large_m_wgmma and decode; the launch runs large_m_wgmma's GEMMs through
+// large_m_wgmma_tma where the operands allow (faster on the H200), and keeps decode's cp.async
+// pipeline (decode_tma ran 3-17% slower): kernels_dispatch.cuh tma_pipeline_opt_in.
 // large_m_wgmma_tma_wide: gemm_tiles::WgmmaWideLargeM through the same TMA pipeline.
 enum class GemmConfig : int {
   large_m = 0,

@@ -352,19 +352,22 @@ std::string tma_operands_refusal(const GemmParams& p) {
 // Which TMA pipelines the GEMMs that plan_gemm gives the wgmma or the decode tile run, on a GPU that
 // runs the wgmma tile and where their operands allow it: SPARSEGEMM_TMA in the environment at the
 // first call. Unset (large_m): the wgmma tile's (config 3), which matched config 2 bit for bit and
-// ran faster at large M on an H200 (bench/results/2026-11-27-H200-run20 against -run17 and -run18's
-// large_m.txt); the decode tile keeps cp.async, 3-17% faster than its TMA pipeline (config 4,
-// -run18's sweep.txt).
-// "0": neither; "1": configs 3 and 4; "wide": the 256-row wgmma tile (config 5) and 4.
+// ran faster at large M on an H200 in all but one cell of -run20 against -run17 and -run18's config
+// 2 (other machine starts; bench/results/README.md); the decode tile keeps cp.async, its TMA pipeline
+// (config 4) 3-17% slower (-run18's sweep.txt).
+// "0": neither; "1": configs 3 and 4; "wide": the 256-row wgmma tile (config 5) and 4. Any other
+// value is refused: "off" or "false" must not silently mean on.
 enum class TmaOptIn { none, large_m, standard, wide };
 TmaOptIn tma_pipeline_opt_in() {
   static const TmaOptIn opt_in = [] {
     const char* value = std::getenv("SPARSEGEMM_TMA");
     const std::string text = value != nullptr ? value : "";
-    return text == "0"      ? TmaOptIn::none
-           : text == "1"    ? TmaOptIn::standard
-           : text == "wide" ? TmaOptIn::wide
-                            : TmaOptIn::large_m;
+    if (text.empty()) return TmaOptIn::large_m;
+    if (text == "0") return TmaOptIn::none;
+    if (text == "1") return TmaOptIn::standard;
+    if (text == "wide") return TmaOptIn::wide;
+    throw std::invalid_argument("sparsegemm gemm: SPARSEGEMM_TMA must be unset (TMA for large M), 0 (no TMA), 1 "
+                                "(large M and decode) or wide (the 256-row tile), got '" + text + "'");
   }();
   return opt_in;
 }
