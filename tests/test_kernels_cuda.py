@@ -227,8 +227,8 @@ def test_tma_setting_picks_the_pipelines_through_the_public_api(tmp_path, settin
     env = {name: value for name, value in os.environ.items() if name != "SPARSEGEMM_TMA"}
     if setting is not None:
         env["SPARSEGEMM_TMA"] = setting
-    run = subprocess.run([sys.executable, "-c", script, str(out), large_m_tile], env=env, capture_output=True,
-                         text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-c", script, str(out), large_m_tile], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     large_m, large_m_tma, decode, decode_tma = map(int, run.stdout.split()[-4:])
     assert large_m >= 1 and decode >= 1, run.stdout

@@ -761,16 +761,17 @@ def test_tma_gemm_refuses_what_a_tensor_map_cannot_describe(kernels, config, til
 
 
 @pytest.mark.parametrize("setting", ["off", "true", "2"])
-def test_an_unknown_tma_setting_is_refused(setting):
-    # SPARSEGEMM_TMA is read once per process (so in a child), by the first GEMM the heuristic plans;
-    # "off" must not silently mean the default (on).
+def test_an_unknown_tma_setting_is_refused(tmp_path, setting):
+    # SPARSEGEMM_TMA is read once per process (so in a child, run from a scratch folder: from the
+    # checkout it would import the unbuilt source tree), by the first GEMM the heuristic plans; "off"
+    # must not silently mean the default (on).
     script = textwrap.dedent("""
         import torch, sparsegemm
         sw = sparsegemm.compress(torch.randn(32, 64).half(), prune=True)
         sparsegemm.linear(torch.randn(20, 64).half(), sw, backend="simt")
     """)
     run = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, SPARSEGEMM_TMA=setting),
-                         capture_output=True, text=True, timeout=300)
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert run.returncode != 0 and (f"SPARSEGEMM_TMA must be unset (TMA for large M), 0 (no TMA), 1 (large M and "
                                     f"decode) or wide (the 256-row tile), got '{setting}'") in run.stderr, run.stderr
 
