@@ -892,16 +892,16 @@ def _grouped_linear_grads(grad_y: Tensor, x: Tensor, row_offsets: Tensor, values
         # (gemm_sp.cuh GroupedRowMajorX), at most max_rows of them.
         first = min(max(offsets[g], 0), m)
         end = min(max(offsets[g + 1], first), m, first + max_rows)
-        rows = slice(first, end)
-        if rows.stop <= rows.start:
+        if end == first:
             continue
-        gx, gv, gb = _linear_grads(grad_y[rows], x[rows], values[g], meta[g], kernel_meta[g] if kernel_meta else None,
-                                   k, bias[g] if bias else None, activation, backend, need_x, need_values, need_bias)
-        if need_x:
-            grad_x[rows] = gx
-        if need_values:
+        gx, gv, gb = _linear_grads(grad_y[first:end], x[first:end], values[g], meta[g],
+                                   kernel_meta[g] if kernel_meta else None, k, bias[g] if bias else None, activation,
+                                   backend, need_x, need_values, need_bias)
+        if gx is not None:
+            grad_x[first:end] = gx
+        if gv is not None:
             grad_values[g] = gv
-        if need_bias and bias:
+        if gb is not None:
             grad_bias[g] = gb
     return grad_x, grad_values, grad_bias
 
