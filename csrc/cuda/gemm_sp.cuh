@@ -652,7 +652,9 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), (min_blocks
       // warp waits for the next k-tile's stage; they retire before that k-tile's metadata words are
       // loaded, since a wgmma reads its metadata registers while in flight: loading them with the
       // previous k-tile's ops in flight gave 16-row stripes of wrong outputs (one warp's metadata) on
-      // an H200 (bench/results/2026-11-27-H200-run19). The warp leaves a stage once its ops retired.
+      // an H200 (bench/results/2026-11-27-H200-run19). CUTLASS's sparse wgmma mainloop does the same
+      // (K_PIPE_MMAS = 0 in sm90_sparse_mma_tma_gmma_ss_warpspecialized.hpp). The warp leaves a
+      // stage once its ops retired.
       // (A fragments in registers, through ldmatrix, made ptxas serialise every wgmma: C7513.)
       static_assert(kStageKTiles == 1, "a wgmma stage holds one k-tile");
       const uint32_t a_row_offset = uint32_t(warp / 4) * 64 * S::kRowBytesA;  // the warpgroup's rows
