@@ -202,8 +202,10 @@ def grouped_linear(x: Tensor, row_offsets: Tensor, weights, bias=None, *, activa
             if k % 4:
                 raise ValueError(f"{op}: INT8 weights on the {backend} kernels need K % 4 == 0, got K = {k}")
         kernel_meta = [w.kernel_meta(backend) for w in weights]  # each reorder on its tensor's GPU
-    return ops.call(ops._grouped_linear, x, row_offsets, [w.values for w in weights], [w.meta for w in weights],
-                    kernel_meta, k, bias or [], [w.scale for w in weights] if int8 else [], code, max_rows, backend)
+    # Contiguous for the op (a column of a table is a valid argument here; the op takes rows as stored).
+    return ops.call(ops._grouped_linear, x, row_offsets.contiguous(), [w.values for w in weights],
+                    [w.meta for w in weights], kernel_meta, k, bias or [], [w.scale for w in weights] if int8 else [],
+                    code, max_rows, backend)
 
 
 def _check_linear_args(op: str, x, values: Tensor, n: int, k: int, bias, activation) -> None:

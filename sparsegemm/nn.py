@@ -696,9 +696,9 @@ class SparseExperts(nn.Module):
     On the CUDA kernels (and the SIMT emulator's), in inference, the experts run as two grouped
     GEMMs (:func:`sparsegemm.grouped_linear`: gate/up of every expert in one launch, then down), with
     the routes grouped on the device: no host synchronisation, so a CUDA graph captures the layer
-    with its routing, and torch.compile traces it whole (there the CPU backend too runs as the
-    grouped op). Elsewhere (the CPU backend in eager, training) each routed expert runs its two
-    layers."""
+    with its routing, and torch.compile traces it whole, training included (there the CPU backend
+    too runs as the grouped op, whose gradients are each expert's). Elsewhere (the CPU backend in
+    eager, eager training) each routed expert runs its two layers."""
 
     def __init__(self, gate_up: list, down: list):
         super().__init__()
@@ -813,11 +813,12 @@ class SparseExperts(nn.Module):
                 or top_k_index.shape[0] != hidden_states.shape[0] or top_k_weights.shape != top_k_index.shape
                 or top_k_index.device != hidden_states.device):
             return None
-        if torch.is_grad_enabled() and (hidden_states.requires_grad or top_k_weights.requires_grad or any(
-                t.requires_grad for layer in (*self.gate_up, *self.down) for t in layer.parameters())):
-            return None  # training: autograd through the per-expert layers
         compiling = torch.compiler.is_compiling()
-        if compiling:  # the custom op on the layers' tensors, traced
+        if not compiling and torch.is_grad_enabled() and (
+                hidden_states.requires_grad or top_k_weights.requires_grad
+                or any(t.requires_grad for layer in (*self.gate_up, *self.down) for t in layer.parameters())):
+            return None  # eager training: autograd through the per-expert layers
+        if compiling:  # the custom op on the layers' tensors, traced (its autograd serves training)
             operands = self._grouped_operands(hidden_states)
             if operands is None:
                 return None
@@ -888,11 +889,20 @@ class SparseExperts(nn.Module):
         flat = torch.where((flat >= 0) & (flat < experts), flat, experts)
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=experts + 1).tolist()
+        routed = False
         for gate_up, down, routes in zip(self.gate_up, self.down, order.split(counts)):
             if routes.numel():
                 token, slot = routes // k, routes % k
                 y = down(gate_up(hidden_states[token])) * top_k_weights[token, slot, None]
                 out.index_add_(0, token, y.to(out.dtype))
+                routed = True
+        if not routed and torch.is_grad_enabled():
+            # No expert ran (every route padding, or no token): the zeros still depend on the inputs
+            # and the experts, as the dense module's do, so that a backward runs and gives zeros. A
+            # sum over no element adds an exact 0 (no NaN from an inf input), with its grad_fn.
+            for t in (hidden_states, top_k_weights, *self.parameters()):
+                if t.requires_grad:
+                    out = out + t[:0].sum().to(out.dtype)
         return out
 
 

@@ -812,7 +812,8 @@ def _grouped_linear(x: Tensor, row_offsets: Tensor, values: list[Tensor], meta: 
     if not groups or row_offsets.dtype != torch.int64 or tuple(row_offsets.shape) != (groups + 1,) or (
             not row_offsets.is_contiguous()):
         raise ValueError(f"{op}: row_offsets must be a contiguous int64 tensor of shape ({groups + 1},) for {groups} "
-                         f"weights, got {row_offsets.dtype} {tuple(row_offsets.shape)}")
+                         f"weights, got {row_offsets.dtype} {tuple(row_offsets.shape)}"
+                         + ("" if row_offsets.is_contiguous() else f" with strides {row_offsets.stride()}"))
     for name, items in (("meta", meta), ("kernel_meta", kernel_meta), ("bias", bias), ("scale", scale)):
         if items and len(items) != groups:
             raise ValueError(f"{op}: {name} must hold one tensor per weight ({groups}), got {len(items)}")
@@ -920,6 +921,7 @@ def _grouped_linear_setup_context(ctx, inputs, output) -> None:
     ctx.lists = len(values), len(meta), len(kernel_meta), len(bias), len(scale)
     ctx.save_for_backward(x, row_offsets, *values, *meta, *kernel_meta, *bias)
     ctx.k, ctx.activation, ctx.max_rows, ctx.backend, ctx.s8 = k, activation, max_rows, backend, bool(scale)
+    ctx.scale_shapes = [(list(s.shape), s.dtype) for s in scale]
 
 
 def _grouped_linear_backward(ctx, grad_y: Tensor):
@@ -931,10 +933,15 @@ def _grouped_linear_backward(ctx, grad_y: Tensor):
     need_x, need_values, need_bias = (any(flag) if isinstance(flag, (list, tuple)) else bool(flag)
                                       for flag in (ctx.needs_input_grad[i] for i in (0, 2, 6)))
     if ctx.s8:  # _int8_gradient refuses when run, as every INT8 GEMM's backward; returned, so that it runs
-        refuse = lambda t: _int8_gradient(grad_y, list(t.shape), t.dtype)  # noqa: E731
-        return (refuse(x) if need_x else None, None, [None] * groups, [None] * metas, [None] * kernel_metas, None,
-                [refuse(b) if need_bias else None for b in bias], [None] * scales, None, None, None)
-    grad_x, grad_values, grad_bias = _grouped_linear_grads(
+        refuse = lambda shape, dtype: _int8_gradient(grad_y, shape, dtype)  # noqa: E731
+        return (refuse(list(x.shape), x.dtype) if need_x else None, None, [None] * groups, [None] * metas,
+                [None] * kernel_metas, None, [refuse(list(b.shape), b.dtype) if need_bias else None for b in bias],
+                [refuse(*shape) if need else None for shape, need in zip(ctx.scale_shapes, ctx.needs_input_grad[7])],
+                None, None, None)
+    # Eager, the op's implementation itself, whose torch ops autograd records under create_graph
+    # (a double backward, as through linear's); traced, the op, which reads the offsets on the host.
+    grads = _grouped_linear_grads if torch.compiler.is_compiling() else _IMPLS[_grouped_linear_grads]
+    grad_x, grad_values, grad_bias = grads(
         grad_y, x, row_offsets, values, meta, kernel_meta, ctx.k, bias, ctx.activation, ctx.max_rows, ctx.backend,
         need_x, need_values, need_bias)
     # Lists get lists (the op's inputs' structure), of None where no gradient flows.

@@ -246,6 +246,45 @@ def test_int8_grouped_linear_runs_in_grad_mode_and_refuses_a_backward(compiled):
         y.float().sum().backward()
 
 
+def test_int8_grouped_linear_refuses_a_backward_to_its_scales():
+    x, offsets, weights, _ = grouped_case([3, 4], 16, 32, torch.float16, seed=28, int8=True, bias=False)
+    trained = [sparsegemm.SparseTensor24(w.values, w.meta, w.shape, w.scale.clone().requires_grad_(True))
+               for w in weights]
+    y = sparsegemm.grouped_linear(x, offsets, trained)
+    with pytest.raises(RuntimeError, match="the INT8 GEMM is inference-only"):
+        y.float().sum().backward()
+
+
+def test_a_double_backward_is_each_groups_linears():
+    # A gradient of x's gradient (a Hessian-vector product, a gradient penalty): eager, through the
+    # backward's own torch ops, as through linear's.
+    x, offsets, weights, biases = grouped_case([3, 0, 5], 32, 64, torch.float32, seed=29)
+    results = []
+    for grouped in (True, False):
+        x_leaf = x.clone().requires_grad_(True)
+        if grouped:
+            y = sparsegemm.grouped_linear(x_leaf, offsets, weights, biases, activation="gelu")
+        else:
+            bounds = offsets.tolist()
+            y = torch.cat([sparsegemm.linear(x_leaf[bounds[g]:bounds[g + 1]], weights[g], biases[g], activation="gelu")
+                           for g in range(len(weights))])
+        (grad_x,) = torch.autograd.grad(y.pow(2).sum(), x_leaf, create_graph=True)
+        results.append(torch.autograd.grad(grad_x.pow(2).sum(), x_leaf)[0])
+    torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-5)
+
+
+def test_row_offsets_may_be_a_strided_view():
+    x, offsets, weights, biases = grouped_case([3, 0, 5], 32, 64, torch.float32, seed=30)
+    column = torch.stack([offsets, offsets * 0], dim=1)[:, 0]  # stride 2
+    assert not column.is_contiguous()
+    assert torch.equal(sparsegemm.grouped_linear(x, column, weights, biases),
+                       sparsegemm.grouped_linear(x, offsets, weights, biases))
+    # The op itself (torch.ops.sparsegemm.grouped_linear) takes rows as stored, and says why it refuses.
+    with pytest.raises(ValueError, match=r"got torch.int64 \(4,\) with strides \(2,\)"):
+        ops._grouped_linear(x, column, [w.values for w in weights], [w.meta for w in weights], [], 64, [], [], 0,
+                            x.shape[0], "cpu")
+
+
 def test_more_groups_than_one_launch_takes():
     # 130 groups: two launches of at most 128 (the pointer tables travel in the kernel parameters).
     gen = torch.Generator().manual_seed(7)
@@ -438,6 +477,41 @@ def test_sparse_experts_train_through_the_per_expert_path():
     out = sparse(x.half(), index, weights.half())  # grad mode, trainable values: the per-expert path
     out.float().sum().backward()
     assert sparse.gate_up[1].values.grad is not None
+
+
+@pytest.mark.parametrize("trainable", ["experts", "inputs"])
+def test_sparse_experts_train_compiled_whole_through_the_grouped_op(trainable):
+    # fullgraph in grad mode: the grouped op's autograd gives what the eager per-expert path gives
+    # (trainable experts, or frozen ones behind a layer that trains and a router that does).
+    torch.manual_seed(19)
+    sparse = SparseExperts.from_dense(Experts(), dtype=torch.float32, backend="cpu")
+    if trainable == "inputs":
+        sparse.requires_grad_(False)
+    x, index, weights = routing(tokens=10)
+    grads = []
+    for run in (sparse, torch.compile(sparse, fullgraph=True, dynamic=False)):
+        x_leaf, w_leaf = x.clone().requires_grad_(True), weights.clone().requires_grad_(True)
+        run(x_leaf, index, w_leaf).pow(2).sum().backward()
+        grads.append([x_leaf.grad, w_leaf.grad] + [p.grad.clone() for p in sparse.parameters() if p.grad is not None])
+        sparse.zero_grad(set_to_none=True)
+    assert len(grads[0]) == len(grads[1]) == (2 if trainable == "inputs" else 2 + 2 * 4)
+    for eager, compiled in zip(*grads):
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_sparse_experts_with_no_route_still_give_zero_gradients():
+    # Every route padding (or no token): the dense module's output still depends on x, the routing
+    # weights and the experts, and a backward gives zeros; so does SparseExperts'.
+    sparse = SparseExperts.from_dense(Experts(), dtype=torch.float32, backend="cpu")
+    for tokens in (2, 0):
+        x = torch.randn(tokens, 64, requires_grad=True)
+        weights = torch.rand(tokens, 2, requires_grad=True)
+        out = sparse(x, torch.full((tokens, 2), -1), weights)
+        assert out.requires_grad and torch.count_nonzero(out) == 0
+        out.sum().backward()
+        assert torch.count_nonzero(x.grad) == torch.count_nonzero(weights.grad) == 0
+        assert all(p.grad is not None and torch.count_nonzero(p.grad) == 0 for p in sparse.parameters())
+        sparse.zero_grad(set_to_none=True)
 
 
 @pytest.mark.skipif(not cuda_kernels_available(), reason="needs a CUDA build of sparsegemm._C and a CUDA GPU")
