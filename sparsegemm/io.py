@@ -20,6 +20,7 @@ from typing import Union
 
 import torch
 from torch import nn
+from torch.nn.modules.utils import _pair, _single
 
 from .attention import (SparseMultiheadAttention, SplitMultiheadAttention, attention_skip_reason,
                         turn_off_nested_fast_path)
@@ -56,11 +57,18 @@ def _describe(mod: nn.Module) -> dict:
         return {"kind": "SparseLinear", "in_features": mod.in_features, "out_features": mod.out_features,
                 "bias": mod.bias is not None, "dtype": str(mod.values.dtype).replace("torch.", ""), **fused}
     return {"kind": type(mod).__name__, "in_channels": mod.in_channels, "out_channels": mod.out_channels,
-            **{key: list(getattr(mod, key)) for key in _CONV_GEOMETRY}, "bias": mod.bias is not None,
+            **dict(zip(_CONV_GEOMETRY, _geometry(mod))), "bias": mod.bias is not None,
             "dtype": str(mod.values.dtype).replace("torch.", "")}
 
 
 _CONV_GEOMETRY = ("kernel_size", "stride", "padding", "dilation")
+
+
+def _geometry(conv: nn.Module) -> list:
+    """A convolution's kernel_size, stride, padding and dilation as lists, an int (an edit torch's
+    convolutions take) as the one-element (1-D) or pair (2-D) tuple it stands for."""
+    expand = _single if isinstance(conv, (nn.Conv1d, SparseConv1d)) else _pair
+    return [list(expand(getattr(conv, key))) for key in _CONV_GEOMETRY]
 # Modules a checkpoint records with no tensors of their own (their layers are entries of their own),
 # by class and by kind; then every module it records.
 _CONTAINERS = (SparseGatedMLP, SparseExperts, SplitMultiheadAttention)
@@ -245,7 +253,7 @@ def _build(name: str, spec: dict, dense: nn.Module) -> nn.Module:
     sparse = isinstance(dense, SparseConv2d)
     if not (isinstance(dense, dense_type) or sparse and isinstance(dense, SparseConv1d) == one_d) or (
             dense.in_channels, dense.out_channels) != (spec["in_channels"], spec["out_channels"]) or any(
-            list(getattr(dense, key)) != spec[key] for key in _CONV_GEOMETRY) or (
+            got != spec[key] for key, got in zip(_CONV_GEOMETRY, _geometry(dense))) or (
             (dense.bias is not None) != spec["bias"]):
         raise ValueError(f"sparsegemm.load: module {name!r} was a {label} {spec['in_channels']} -> "
                          f"{spec['out_channels']} with " + ", ".join(f"{key}={spec[key]}" for key in _CONV_GEOMETRY)

@@ -135,10 +135,14 @@ def prunable_layers(model: nn.Module, filter_fn: Optional[Callable[[str, nn.Modu
     """The ``(name, module)`` of every nn.Linear, transformers' Conv1D (GPT-2's layers: 2:4 along
     their ``in`` dimension, dim 0 of the stored weight), nn.Conv1d and nn.Conv2d that a 2:4 mask
     suits: grouped, depthwise and non-zero-padded convs are left out (SparseConv1d / SparseConv2d
-    cannot take them), and so is whatever ``filter_fn(name, module)`` rejects."""
+    cannot take them), and so are layers whose weight is no parameter (torch.nn.utils.weight_norm's
+    old form computes it from weight_g and weight_v in a hook: no mask can be attached to it) and
+    whatever ``filter_fn(name, module)`` rejects."""
     layers = []
     for name, mod in model.named_modules():
         if isinstance(mod, (nn.Conv1d, nn.Conv2d)) and conv_skip_reason(mod) is not None:
+            continue
+        if not (isinstance(getattr(mod, "weight", None), nn.Parameter) or parametrize.is_parametrized(mod, "weight")):
             continue
         if (isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d)) or is_conv1d(mod)) and (
                 filter_fn is None or filter_fn(name, mod)):

@@ -142,6 +142,27 @@ def test_a_weight_normed_conv_is_reported_as_such():
     assert "parametrized (_WeightNorm, e.g. weight_norm)" in reason and "remove_masks" not in reason
 
 
+def test_an_old_style_weight_normed_conv_is_not_prunable():
+    # torch.nn.utils.weight_norm's old form computes .weight from weight_g and weight_v in a hook: no
+    # mask can be attached, so the pruning tools leave it (prune_one_shot failed inside torch).
+    with pytest.warns(FutureWarning):
+        model = nn.Sequential(nn.utils.weight_norm(nn.Conv1d(64, 64, 3)), nn.Conv1d(64, 64, 3))
+    assert [name for name, _ in P.prunable_layers(model)] == ["1"]
+    P.prune_one_shot(model)
+    assert P.masked_layers(model).keys() == {"1"}
+
+
+def test_a_checkpoint_records_a_geometry_edited_to_an_int(tmp_path):
+    # conv.padding = 2, as torch's convolutions take it: save records the one-element form.
+    torch.manual_seed(7)
+    model = nn.Sequential(SparseConv1d.from_dense(nn.Conv1d(16, 16, 3)))
+    model[0].padding = 2
+    x = torch.randn(2, 16, 10)
+    sparsegemm.save(model, tmp_path / "c.safetensors")
+    loaded = sparsegemm.load(tmp_path / "c.safetensors", nn.Sequential(nn.Conv1d(16, 16, 3, padding=2)))
+    assert loaded[0].padding == (2,) and torch.equal(loaded(x), model(x))
+
+
 def test_whisper_from_transformers_converts_and_generates():
     transformers = pytest.importorskip("transformers")
     config = transformers.WhisperConfig(
