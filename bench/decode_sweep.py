@@ -18,7 +18,7 @@ import sparsegemm
 from sparsegemm import _C, ops, quant
 from sparsegemm import format as fmt
 
-from graph_timing import graph_ms
+from sparsegemm.bench import replay_ms
 
 ROTATE_BYTES = 400 << 20  # weight copies per shape: several times any L2
 SPLITS = (1, 2, 3, 4, 6, 8)
@@ -55,21 +55,21 @@ def main() -> None:
             def fp16_us(config, split):
                 ws, counters = _scratch(_C.cuda_gemm_scratch, m, n, k, config, split)
                 # The stream is read at each call: inside graph capture it is the capture stream.
-                return 1e3 * graph_ms([lambda sw=sw, me=me: _C.cuda_gemm(
+                return 1e3 * replay_ms([lambda sw=sw, me=me: _C.cuda_gemm(
                     m, n, k, x.data_ptr(), k, sw.values.data_ptr(), me.data_ptr(), 0, y.data_ptr(), n, f16, 0,
                     ws.data_ptr(), counters.data_ptr(), config, split, ops._stream(x))
                     for sw, me in zip(sws, metas)], reps=40)
 
             def int8_us(config, split):
                 ws, counters = _scratch(_C.cuda_gemm_s8_scratch, m, n, k, config, split)
-                return 1e3 * graph_ms([lambda sw=sw, me=me: _C.cuda_gemm_s8(
+                return 1e3 * replay_ms([lambda sw=sw, me=me: _C.cuda_gemm_s8(
                     m, n, k, x_q.data_ptr(), k, sw.values.data_ptr(), me.data_ptr(), sw.scale.data_ptr(),
                     x_scale.data_ptr(), 0, y.data_ptr(), n, f16, 0, ws.data_ptr(), counters.data_ptr(), config, split,
                     ops._stream(x)) for sw, me in zip(sw8s, meta8s)], reps=40)
 
             io = (m * k + m * n) * 2
             sparse_bytes, int8_bytes = sws[0].nbytes + io, sw8s[0].nbytes + m * k + m * n * 2
-            td = 1e3 * graph_ms([lambda d=d: torch.nn.functional.linear(x, d) for d in dense], reps=40)
+            td = 1e3 * replay_ms([lambda d=d: torch.nn.functional.linear(x, d) for d in dense], reps=40)
             th = fp16_us(-1, 0)
             out = [f"M={m:2d} N={n} K={k}: dense {td:.1f}us ({(2 * n * k + io) / td / 1e3:.0f} GB/s)",
                    f"heuristic {th:.1f}us ({sparse_bytes / th / 1e3:.0f} GB/s {td / th:.2f}x)"]
@@ -91,9 +91,9 @@ def main() -> None:
             print(" | ".join(out), flush=True)
     for dtype in (torch.float16, torch.bfloat16):
         ws = [torch.randn(8192, 8192, device="cuda").to(dtype) for _ in range(3)]
-        tc = 1e3 * graph_ms([lambda w=w: sparsegemm.compress(w, prune=True) for w in ws], reps=12)
+        tc = 1e3 * replay_ms([lambda w=w: sparsegemm.compress(w, prune=True) for w in ws], reps=12)
         sw = sparsegemm.compress(ws[0], prune=True)
-        tdc = 1e3 * graph_ms(lambda: sparsegemm.decompress(sw), reps=12)
+        tdc = 1e3 * replay_ms(lambda: sparsegemm.decompress(sw), reps=12)
         nbytes = 8192 * 8192 * 2 + 8192 * 4096 * 2 + 8192 * 1024  # W, Wc, E
         print(f"compress {dtype}: prune=True {tc:.1f}us ({nbytes / tc / 1e3:.0f} GB/s) | "
               f"decompress {tdc:.1f}us ({nbytes / tdc / 1e3:.0f} GB/s)", flush=True)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU check (DESIGN.md "Verification on a GPU"): build for the present GPU only, GPU tests,
-# the large-M tiles against cuBLAS, compute-sanitizer memcheck + racecheck on small cases, the
+# the speed targets (targets.md / .json), the large-M tiles against cuBLAS, compute-sanitizer memcheck + racecheck on small cases, the
 # graph-replay sweep, the eager host time, an Nsight Compute profile of the GEMMs and the benchmark,
 # in that order of priority; everything lands in OUTDIR (env.json, steps.txt, junit XML,
 # large_m*.txt (large_m_cp_async.txt, large_m_tma_wide.txt too), sanitizer logs, sweep.txt,
@@ -12,7 +12,7 @@
 # step with under 20 s left is skipped, and steps.txt says how each step ended and how long it
 # took. When under 600 s are left for the benchmark it runs --quick unless BENCH_ARGS says otherwise.
 # Knobs: SUITE_BUDGET, BENCH_ARGS, PYTEST_WORKERS, TESTS_TIMEOUT / BENCH_TIMEOUT / SANITIZER_TIMEOUT /
-# SWEEP_TIMEOUT / NCU_TIMEOUT (seconds, per step).
+# TARGETS_TIMEOUT / SWEEP_TIMEOUT / NCU_TIMEOUT (seconds, per step).
 set -euo pipefail
 OUT=${1:?usage: bench/gpu_suite.sh OUTDIR}
 PY=${PYTHON:-python3}
@@ -57,6 +57,11 @@ echo "build: ok, $SECONDS s" >> "$OUT/steps.txt"
 XDIST=$("$PY" -c 'import xdist' 2>/dev/null && echo "-n ${PYTEST_WORKERS:-8}" || true)
 # shellcheck disable=SC2086
 run_step tests "${TESTS_TIMEOUT:-300}" "$OUT/tests.log" "$PY" -m pytest -q $XDIST tests --junitxml="$OUT/tests.xml"
+# The issues' speed targets, measured and judged (sparsegemm/targets.py): decode bandwidth, 8192^3
+# against cuBLAS and cuSPARSELt, compress, the Llama MLP block; first after the tests, since these
+# are what the issues ask for.
+run_step targets "${TARGETS_TIMEOUT:-180}" "$OUT/targets.md" "$PY" -m sparsegemm targets --device cuda --no-progress \
+  --json "$OUT/targets.json"
 # Large M against cuBLAS: the tile the heuristic takes (on Hopper the wgmma tile fed by TMA, config
 # 3), the same tile fed by cp.async (SPARSEGEMM_TMA=0: config 2), the 256-row TMA variant
 # (SPARSEGEMM_TMA=wide: config 5), then the warp-level one.

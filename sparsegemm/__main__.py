@@ -1,4 +1,4 @@
-"""Command line: ``python -m sparsegemm {info,demo,bench,report}``."""
+"""Command line: ``python -m sparsegemm {info,demo,bench,targets,report}``."""
 from __future__ import annotations
 
 import argparse
@@ -70,6 +70,18 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_targets(args) -> int:
+    """The speed targets of the issues, measured and judged (sparsegemm.targets); markdown, JSON."""
+    from sparsegemm import targets
+
+    env, verdicts = targets.run(args.device, quick=args.quick, progress=not args.no_progress)
+    print(" ".join(f"{k}={v}" for k, v in env.items()))
+    print(targets.markdown(verdicts))
+    if args.json:
+        targets.write_json(env, verdicts, args.json)
+    return 0
+
+
 def cmd_report(args) -> int:
     """Per-layer sizes of a checkpoint written by sparsegemm.save."""
     from sparsegemm.io import describe
@@ -111,6 +123,13 @@ def main(argv=None) -> int:
     b.add_argument("--plot", help="write a PNG of speedup vs M here (needs matplotlib)")
     b.add_argument("--no-progress", action="store_true")
     b.set_defaults(fn=cmd_bench)
+    t = sub.add_parser("targets", help="the speed targets (decode bandwidth, 8192^3, compress, MLP block): "
+                                       "measured and judged met / missed")
+    t.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available, else cpu")
+    t.add_argument("--quick", action="store_true", help="a few cases of each target")
+    t.add_argument("--json", help="write the verdicts (with their rows and the environment) as JSON here")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(fn=cmd_targets)
     r = sub.add_parser("report", help="per-layer sizes of a checkpoint saved with sparsegemm.save")
     r.add_argument("path")
     r.set_defaults(fn=cmd_report)

@@ -330,6 +330,46 @@ def cuda_graphed(fn: Callable[[], object]) -> Callable[[], object]:
     return graph.replay
 
 
+def replay_ms(fns, reps: int = 50) -> float:
+    """Milliseconds per call of ``fns`` (a callable, or a list of callables taken in turn: e.g. the
+    same GEMM on copies of the weight that together exceed the L2, so each call reads DRAM), from
+    ``reps`` calls captured in one CUDA graph and replayed (best of three replays): kernel time
+    without the host's launch cost."""
+    fns = fns if isinstance(fns, (list, tuple)) else [fns]
+
+    def calls():
+        for i in range(reps):
+            fns[i % len(fns)]()
+
+    replay = cuda_graphed(calls)
+    replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = float("inf")
+    for _ in range(3):
+        start.record()
+        replay()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / reps)
+    return best
+
+
+class ReplayTimer:
+    """A timer (as :class:`Timer`, for :class:`_Rows`) of kernel time: on CUDA :func:`replay_ms` of
+    ``fns`` (one callable or several taken in turn); the CPU has no graphs and no launch cost to
+    remove, so there it is a :class:`Timer` (cache flush, median) of the first callable."""
+
+    def __init__(self, device: torch.device, reps: int = 40, cpu_repeats: int = 10):
+        self.device, self.reps = device, reps
+        self.cpu_timer = None if device.type == "cuda" else Timer(device, warmup=2, repeats=cpu_repeats)
+
+    def __call__(self, fns) -> float:
+        if self.cpu_timer is None:
+            return replay_ms(fns, self.reps)
+        return self.cpu_timer(fns[0] if isinstance(fns, (list, tuple)) else fns)
+
+
 def bench_mlp(device: torch.device, dtype: str, tokens, timer: Timer) -> list:
     """The Llama-7B MLP block with nn.Linear vs SparseLinear ("float16"/"bfloat16", or "int8"
     weights with activations in fp16 on CUDA, bf16 on the CPU). The rows' N counts the three
@@ -496,24 +536,27 @@ def markdown(rows: list) -> str:
     return "\n".join(out)
 
 
+def write_json(path: str, document) -> None:
+    """``document`` as strict JSON: a figure that does not apply (no peak known for this GPU, no error
+    measured) is NaN in the rows and the environment, and null here: NaN is not JSON, strict parsers
+    (JavaScript's, jq) refuse the file."""
+    def strict(value):
+        if isinstance(value, float) and value != value:
+            return None
+        if isinstance(value, dict):
+            return {key: strict(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [strict(item) for item in value]
+        return value
+
+    with open(path, "w") as f:
+        json.dump(strict(document), f, indent=1, allow_nan=False)
+
+
 def write_outputs(env: dict, rows: list, json_path: Optional[str], csv_path: Optional[str],
                   plot_path: Optional[str]) -> None:
     if json_path:
-        # A figure that does not apply (no peak known for this GPU, no error measured) is NaN in the
-        # rows and the environment, and null here: NaN is not JSON, strict parsers (JavaScript's, jq)
-        # refuse the file.
-        def strict(value):
-            if isinstance(value, float) and value != value:
-                return None
-            if isinstance(value, dict):
-                return {key: strict(item) for key, item in value.items()}
-            if isinstance(value, (list, tuple)):
-                return [strict(item) for item in value]
-            return value
-
-        document = strict({"environment": env, "rows": [asdict(r) for r in rows]})
-        with open(json_path, "w") as f:
-            json.dump(document, f, indent=1, allow_nan=False)
+        write_json(json_path, {"environment": env, "rows": [asdict(r) for r in rows]})
     if csv_path:
         with open(csv_path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0]).keys()))
