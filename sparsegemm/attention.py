@@ -256,7 +256,16 @@ class SparseMultiheadAttention(SplitMultiheadAttention):
                       for layer in mha.projections]
             return cls(*layers, mha.num_heads, dropout=mha.dropout, batch_first=mha.batch_first)
         _check_convertible(f"{cls.__name__}.from_dense", mha)
-        layers = [SparseLinear._from_weight(w, b, **options) for w, b in _dense_projections(mha)]
+        layers = []
+        for (w, b), name in zip(_dense_projections(mha), ("q", "k", "v", "out")):
+            try:
+                layers.append(SparseLinear._from_weight(w, b, **options))
+            except ValueError as exc:  # a weight that is not 2:4 (prune=False): say which slice holds it
+                where = "out_proj.weight" if name == "out" else (
+                    f"in_proj_weight from row {'qkv'.index(name) * mha.embed_dim}: add that to the row below"
+                    if mha._qkv_same_embed_dim
+                    else f"{name}_proj_weight")
+                raise ValueError(f"{cls.__name__}.from_dense: the {name} projection ({where}): {exc}") from exc
         return cls(*layers, mha.num_heads, dropout=mha.dropout, batch_first=mha.batch_first)
 
 

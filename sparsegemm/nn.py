@@ -264,8 +264,16 @@ class SparseLinear(_SparseWeight):
         if activation in fmt.GATED_ACTIVATIONS:
             raise ValueError(f"SparseLinear.from_dense: {activation!r} is gated and needs a gate and an up "
                              f"projection: use SparseLinear.from_gate_up")
-        return cls._from_weight(weight, linear.bias, dtype=dtype, prune=prune, backend=backend,
-                                quantize=quantize, activation=activation)
+        try:
+            return cls._from_weight(weight, linear.bias, dtype=dtype, prune=prune, backend=backend,
+                                    quantize=quantize, activation=activation)
+        except ValueError as exc:
+            if prune or not is_conv1d(linear):
+                raise
+            # A weight that is not 2:4 (prune=False), named in the transpose's rows and columns.
+            raise ValueError(f"SparseLinear.from_dense: a Conv1D's weight is stored [in, out]; in the error "
+                             f"below row r, columns c of the layer's [out, in] weight are its weight[c, r]: {exc}"
+                             ) from exc
 
     @classmethod
     def _from_weight(cls, weight: Tensor, bias: Optional[Tensor], *, dtype: Optional[torch.dtype], prune: bool,

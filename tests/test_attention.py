@@ -124,6 +124,12 @@ def test_errors_name_the_argument():
         SparseMultiheadAttention.from_dense(nn.MultiheadAttention(32, 2, add_zero_attn=True))
     with pytest.raises(TypeError, match="expected nn.MultiheadAttention"):
         SparseMultiheadAttention.from_dense(nn.Linear(32, 32))
+    dense = nn.MultiheadAttention(32, 2)
+    with torch.no_grad():
+        dense.in_proj_weight.copy_(sparsegemm.prune_2to4(dense.in_proj_weight))
+        dense.in_proj_weight[40, :4] = 1.0  # row 8 of the k projection
+    with pytest.raises(ValueError, match=r"the k projection \(in_proj_weight from row 32: .*\): .* row 8, group 0"):
+        SparseMultiheadAttention.from_dense(dense, prune=False)
     layer = mha.q_proj
     with pytest.raises(ValueError, match="num_heads must divide embed_dim = 32, got 3"):
         SparseMultiheadAttention(layer, mha.k_proj, mha.v_proj, mha.out_proj, 3)

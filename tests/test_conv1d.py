@@ -110,6 +110,15 @@ def test_from_dense_conv1d_is_the_linear_of_the_transposed_weight(nx):
         sparsegemm.SparseLinear.from_dense(conv, prune=False)  # strict: W = weight^T must already be 2:4
 
 
+def test_a_conv1d_that_is_not_2to4_is_named_in_its_stored_coordinates():
+    layer = Conv1D(nf=8, nx=16)
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.weight[4:7, 3] = 1.0  # three inputs of one group feeding output 3
+    with pytest.raises(ValueError, match=r"stored \[in, out\]; .* weight\[c, r\]: .* row 3, group 1 \(columns 4..7\)"):
+        sparsegemm.SparseLinear.from_dense(layer, prune=False)
+
+
 def test_sparsify_converts_gpt2_layers_and_matches_the_pruned_linear_twin():
     block = GPT2Block()
     twin = LinearTwin(block)
