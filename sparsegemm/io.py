@@ -319,6 +319,7 @@ def load(path: Union[str, "os.PathLike"], model: nn.Module, *, device=None) -> n
     # Everything is built, loaded and validated aside first: a failing checkpoint leaves the model as it
     # was. Outer modules first: a SparseGatedMLP's layers are looked up in the shell built for it.
     replacements = {}
+    made_of = {}  # id of a layer load made for a container it built -> the model's module it replaces
     for name, spec in sorted(converted.items(), key=lambda item: item[0].count(".") if item[0] else -1):
         try:
             dense = _staged_submodule(model, replacements, name)
@@ -328,10 +329,15 @@ def load(path: Union[str, "os.PathLike"], model: nn.Module, *, device=None) -> n
             new = _build(name, spec, dense)
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, ValueError) and str(exc).startswith("sparsegemm.load"):
+                if id(dense) in made_of:  # the mismatch is the model's, not the layer load made for it
+                    raise ValueError(f"{exc}; that layer is one load made for the model's {made_of[id(dense)]}"
+                                     ) from exc
                 raise
             raise ValueError(f"sparsegemm.load: module {name!r}: corrupt entry in the module table ({exc!r})") from exc
         if isinstance(new, _CONTAINERS):  # no tensors of its own
             replacements[name] = new
+            made_of.update((id(child), f"{type(dense).__name__} {name!r}") for child in new.children()
+                           if all(child is not own for own in dense.children()))
             continue
         prefix = f"{name}." if name else ""
         own = {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}

@@ -225,6 +225,15 @@ def test_checkpoint_round_trip_into_a_fresh_encoder(tmp_path):
     assert "layers.0.self_attn.v_proj" in listing and "layers.0.self_attn " not in listing
 
 
+def test_a_bias_mismatch_on_load_names_the_models_attention(tmp_path):
+    model = nn.Sequential(nn.MultiheadAttention(32, 2))
+    sparsegemm.sparsify(model, min_features=16)
+    sparsegemm.save(model, tmp_path / "a.safetensors")
+    with pytest.raises(ValueError, match=r"'0.q_proj' was a Linear 32 -> 32 \(bias=True\) when saved, .*; that "
+                                         r"layer is one load made for the model's MultiheadAttention '0'"):
+        sparsegemm.load(tmp_path / "a.safetensors", nn.Sequential(nn.MultiheadAttention(32, 2, bias=False)))
+
+
 def test_int8_attention_stays_close_to_the_float_one():
     model = encoder(seed=7)
     reference = prune_dense_in_place(copy.deepcopy(model))
