@@ -52,6 +52,11 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _print_environment(env: dict) -> None:
+    """The line that says what a bench or targets run measured on."""
+    print(" ".join(f"{k}={v}" for k, v in env.items()))
+
+
 def cmd_bench(args) -> int:
     """GEMM microbenchmarks vs dense (and torch's 2:4 path on CUDA); markdown, JSON, CSV, plot."""
     from sparsegemm import bench
@@ -64,7 +69,7 @@ def cmd_bench(args) -> int:
         return 2
     env, rows = bench.run(device, dtypes, quick=args.quick, progress=not args.no_progress, shapes_filter=args.shapes,
                           ms_override=args.m)
-    print(" ".join(f"{k}={v}" for k, v in env.items()))
+    _print_environment(env)
     print(bench.markdown(rows))
     bench.write_outputs(env, rows, args.json, args.csv, args.plot)
     return 0
@@ -75,7 +80,7 @@ def cmd_targets(args) -> int:
     from sparsegemm import targets
 
     env, verdicts = targets.run(args.device, quick=args.quick, progress=not args.no_progress)
-    print(" ".join(f"{k}={v}" for k, v in env.items()))
+    _print_environment(env)
     print(targets.markdown(verdicts))
     if args.json:
         targets.write_json(env, verdicts, args.json)

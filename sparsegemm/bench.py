@@ -360,9 +360,9 @@ class ReplayTimer:
     ``fns`` (one callable or several taken in turn); the CPU has no graphs and no launch cost to
     remove, so there it is a :class:`Timer` (cache flush, median) of the first callable."""
 
-    def __init__(self, device: torch.device, reps: int = 40, cpu_repeats: int = 10):
+    def __init__(self, device: torch.device, reps: int = 40):
         self.device, self.reps = device, reps
-        self.cpu_timer = None if device.type == "cuda" else Timer(device, warmup=2, repeats=cpu_repeats)
+        self.cpu_timer = None if device.type == "cuda" else Timer(device, warmup=2, repeats=10)
 
     def __call__(self, fns) -> float:
         if self.cpu_timer is None:

@@ -69,6 +69,8 @@ def _geometry(conv: nn.Module) -> list:
     convolutions take) as the one-element (1-D) or pair (2-D) tuple it stands for."""
     expand = _single if isinstance(conv, (nn.Conv1d, SparseConv1d)) else _pair
     return [list(expand(getattr(conv, key))) for key in _CONV_GEOMETRY]
+
+
 # Modules a checkpoint records with no tensors of their own (their layers are entries of their own),
 # by class and by kind; then every module it records.
 _CONTAINERS = (SparseGatedMLP, SparseExperts, SplitMultiheadAttention)
