@@ -17,7 +17,7 @@ from .functional import mask_2to4
 from .io import check_outside_empty_weights, parameter_names
 from .prune import _layer_gemm_view
 from .nn import (SparseConv1d, SparseConv2d, SparseExperts, SparseGatedMLP, SparseLinear, conv_skip_reason,
-                 experts_activation, gated_mlp_activation, gated_mlp_parts, is_conv1d)
+                 experts_activation, gated_mlp_activation, gated_mlp_parts, is_conv1d, weight_skip_reason)
 
 __all__ = ["sparsify", "SparsifyReport", "LayerReport"]
 
@@ -35,6 +35,7 @@ class LayerReport:
     magnitude_kept: float        # share of sum |w| the 2:4 mask keeps
     converted: bool
     reason: str = ""             # why it was skipped
+    note: str = ""               # a converted layer's: what else changed (its hooks moved to the new module)
 
 
 @dataclass
@@ -63,7 +64,7 @@ class SparsifyReport:
         rows = [f"{'layer':40s} {'kind':15s} {'N x K':>13s} {'dense':>10s} {'2:4':>10s} {'kept |w|':>8s}  note"]
         for layer in self.layers:
             nk = f"{layer.shape[0]} x {layer.shape[1]}"
-            note = "" if layer.converted else f"skipped: {layer.reason}"
+            note = layer.note if layer.converted else f"skipped: {layer.reason}"
             comp = f"{layer.compressed_bytes:,}" if layer.converted else "-"
             rows.append(f"{layer.name:40.40s} {layer.kind:15s} {nk:>13s} {layer.dense_bytes:>10,} {comp:>10s} "
                         f"{layer.magnitude_kept:>8.1%}  {note}")
@@ -138,15 +139,22 @@ def sparsify(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
     holders = parameter_names(model)
     for name in progress_bar(candidates, "sparsify", "layer", progress and len(candidates) > 20):
         mod = model.get_submodule(name)
-        w = _gemm_weight(mod)
-        n, k = w.shape
         parent = model.get_submodule(name.rpartition(".")[0]) if name else None
         kind = "MultiheadAttention" if isinstance(parent, SplitMultiheadAttention) else type(mod).__name__
+        if isinstance(mod.weight, nn.parameter.UninitializedParameter):  # no shape, nothing to read
+            entry = LayerReport(name, kind, (0, 0), 0, 0, 1.0, False, weight_skip_reason(mod))
+            report.layers.append(entry)
+            continue
+        w = _gemm_weight(mod)
+        n, k = w.shape
         item = dtype.itemsize if dtype is not None else w.element_size()
         entry = LayerReport(name, kind, (n, k), n * k * item, 0, _magnitude_kept(w), False)
         report.layers.append(entry)
         if not name:
             entry.reason = "the model itself is the layer: it cannot be replaced in place"
+            continue
+        entry.reason = weight_skip_reason(mod) or ""
+        if entry.reason:
             continue
         if type(mod) not in (nn.Linear, nn.Conv1d, nn.Conv2d) and type(mod).__name__ != "Conv1D":
             entry.reason = _subclass_reason(mod)
@@ -179,7 +187,7 @@ def sparsify(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
             new = SparseLinear.from_dense(mod, dtype=dtype, backend=backend, quantize=quantize)
         entry.compressed_bytes = new.sparse_weight().nbytes
         entry.converted = True
-        _set_submodule(model, name, new)
+        entry.note = _set_submodule(model, name, new)
     _complete_split_attention(model)
     turn_off_nested_fast_path(model)
     return report
@@ -255,13 +263,19 @@ def _fuse_gated_mlps(model: nn.Module, report: SparsifyReport, dtype, filter_fn,
             entry.reason = "rejected by filter_fn"
         elif min(n // 2, k) < min_features:
             entry.reason = f"min(N, K) = {min(n // 2, k)} < min_features = {min_features}"
+        else:
+            hooked = [attr for attr in parts.names if _has_hooks(getattr(mlp, attr))]
+            if hooked:
+                entry.reason = (f"{' and '.join(hooked)} {'has' if len(hooked) == 1 else 'have'} hooks, which a layer "
+                                "fusing gate and up cannot call: its layers are converted one by one instead "
+                                "(the hooks moved to them)")
         if entry.reason:
             continue
         new = SparseGatedMLP._from_checked_parts(parts, activation, dtype=dtype, prune=True, backend=backend,
                                                  quantize=quantize)
         entry.compressed_bytes = new.gate_up.sparse_weight().nbytes
         entry.converted = True
-        _set_submodule(model, name, new)
+        entry.note = _set_submodule(model, name, new)
 
 
 def _convert_experts(model: nn.Module, report: SparsifyReport, dtype, filter_fn, min_features: int, backend,
@@ -303,9 +317,9 @@ def _convert_experts(model: nn.Module, report: SparsifyReport, dtype, filter_fn,
         new = SparseExperts.from_dense(experts, dtype=dtype, backend=backend, quantize=quantize)
         rows[0].compressed_bytes = sum(layer.sparse_weight().nbytes for layer in new.gate_up)
         rows[1].compressed_bytes = sum(layer.sparse_weight().nbytes for layer in new.down)
+        note = _set_submodule(model, name, new)
         for row in rows:
-            row.converted = True
-        _set_submodule(model, name, new)
+            row.converted, row.note = True, note
 
 
 def _convert_attention(model: nn.Module, report: SparsifyReport, dtype, filter_fn, min_features: int, backend,
@@ -331,10 +345,11 @@ def _convert_attention(model: nn.Module, report: SparsifyReport, dtype, filter_f
                 row.reason = reason
             continue
         new = SparseMultiheadAttention.from_dense(mha, dtype=dtype, backend=backend, quantize=quantize)
-        for row, layer in zip(rows, new.projections):
+        notes = [""] * 3 + [_move_hooks(mha.out_proj, new.out_proj)]  # out_proj: a module of its own in both
+        note = _set_submodule(model, name, new.train(mha.training))
+        for row, layer, own in zip(rows, new.projections, notes):
             row.compressed_bytes = layer.sparse_weight().nbytes
-            row.converted = True
-        _set_submodule(model, name, new.train(mha.training))
+            row.converted, row.note = True, "; ".join(filter(None, (note, own)))
     return {row.name for row in report.layers[first_row:]}
 
 
@@ -379,7 +394,36 @@ def _held_elsewhere(module: nn.Module, prefix: str, holders: dict) -> list:
             if not holder.startswith(prefix)]
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> str:
+    """Puts ``new`` in the place of module ``name``, with its hooks (:func:`_move_hooks`); returns the
+    report's note on them ("" when it had none)."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
+    note = _move_hooks(model.get_submodule(name), new)
     setattr(parent, child, new)
+    return note
+
+
+# The hooks a module calls around its forward and backward. A converted layer takes them over, as
+# torch.ao.quantization's swap_module does: they see the same inputs, outputs and gradients. The
+# dicts themselves move, so the handles the user holds still remove them. (State-dict hooks stay
+# behind: they were written for the dense layer's keys.)
+_CALL_HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+               "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks", "_is_full_backward_hook")
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_pre_hooks or module._forward_hooks or module._backward_pre_hooks
+                or module._backward_hooks)
+
+
+def _move_hooks(old: nn.Module, new: nn.Module) -> str:
+    """Moves ``old``'s forward and backward hooks to ``new`` (freshly made: it has none); the
+    report's note on them, or "" when there were none."""
+    if not _has_hooks(old):
+        return ""
+    for attr in _CALL_HOOKS:
+        setattr(new, attr, getattr(old, attr))
+    for attr in _CALL_HOOKS[:-1]:
+        setattr(old, attr, type(getattr(old, attr))())
+    return "hooks moved to the converted module"

@@ -254,13 +254,14 @@ class SparseLinear(_SparseWeight):
         ``activation`` ("relu", "gelu", "silu") is fused into the GEMM: the layer then computes
         ``act(linear(x))``; gated activations take two projections (:meth:`from_gate_up`).
         """
-        if is_conv1d(linear):
-            weight = linear.weight.detach().t()  # [in, out] stored: the GEMM's W is its transpose
-        elif isinstance(linear, nn.Linear):
-            weight = linear.weight.detach()
-        else:
+        if not (is_conv1d(linear) or isinstance(linear, nn.Linear)):
             raise TypeError(f"SparseLinear.from_dense: expected nn.Linear or transformers' Conv1D, got "
                             f"{type(linear).__name__}")
+        reason = weight_skip_reason(linear)
+        if reason:
+            raise ValueError(f"SparseLinear.from_dense: {reason}")
+        # A Conv1D stores [in, out]: the GEMM's W is its transpose.
+        weight = linear.weight.detach().t() if is_conv1d(linear) else linear.weight.detach()
         if activation in fmt.GATED_ACTIVATIONS:
             raise ValueError(f"SparseLinear.from_dense: {activation!r} is gated and needs a gate and an up "
                              f"projection: use SparseLinear.from_gate_up")
@@ -519,6 +520,10 @@ def gated_mlp_activation(mlp: nn.Module, parts: Optional[GatedParts]) -> tuple[O
     whose MLP computes something else is left alone, not silently changed."""
     if parts is None:
         return None, "no gated MLP layout (gate_proj / up_proj / down_proj, w1 / w3 / w2, gate_up_proj)"
+    for name in parts.names:
+        reason = weight_skip_reason(getattr(mlp, name))
+        if reason:
+            return None, f"{name}: {reason}"
     (w_gate, b_gate), (w_up, b_up) = parts.gate, parts.up
     activation = _gated_activation_of(parts.act, w_gate.device)
     if activation is None:
@@ -944,6 +949,7 @@ class SparseConv2d(_SparseWeight):
         if in_channels <= 0 or out_channels <= 0:
             raise ValueError(f"SparseConv2d: in_channels and out_channels must be positive, got "
                              f"{in_channels}, {out_channels}")
+        ops.check_dtype_value(type(self).__name__, "dtype", dtype, ops.FLOAT_DTYPES)
         pair = torch.nn.modules.utils._pair
         self.in_channels, self.out_channels = in_channels, out_channels
         taps = _ConvTaps(pair(kernel_size), pair(stride), pair(padding), pair(dilation))
@@ -951,14 +957,27 @@ class SparseConv2d(_SparseWeight):
         self.kernel_size, self.stride, self.padding, self.dilation = taps
         self.backend = backend
         kh, kw = taps.kernel_size
+        # The taps the weight's K is laid out for ((ky, kx, cin) order): kernel_size may not change.
+        self._weight_kernel = taps.kernel_size
         self._init_storage(out_channels, in_channels * kh * kw, dtype, device, bias)
 
     def _kernel_taps(self) -> _ConvTaps:
         """The geometry as the kernels take it, from the public attributes at every call (an edit
-        of them takes effect, as on nn.Conv2d)."""
+        of stride, padding or dilation takes effect, as on nn.Conv2d)."""
         pair = torch.nn.modules.utils._pair
         taps = _ConvTaps(*(pair(v) for v in (self.kernel_size, self.stride, self.padding, self.dilation)))
         ops.check_conv_geometry(type(self).__name__, *taps)
+        return self._check_kernel(taps)
+
+    def _check_kernel(self, taps: _ConvTaps) -> _ConvTaps:
+        """``taps``, refused where the kernel differs from the one the weight holds: nn.Conv2d's
+        weight shape fixes its kernel whatever ``kernel_size`` says, where here the attribute would
+        reread K in another (ky, kx, cin) order, or past the stored columns."""
+        if taps.kernel_size != self._weight_kernel:
+            raise ValueError(f"{type(self).__name__}: kernel_size is fixed by the compressed weight, which holds a "
+                             f"{self._weight_kernel[0]} x {self._weight_kernel[1]} kernel (K = "
+                             f"{self.weight_shape[1]}); kernel_size now says {taps.kernel_size[0]} x "
+                             f"{taps.kernel_size[1]}")
         return taps
 
     _dense_type = nn.Conv2d  # what from_dense converts
@@ -969,7 +988,7 @@ class SparseConv2d(_SparseWeight):
         op = f"{cls.__name__}.from_dense"
         if not isinstance(conv, cls._dense_type):
             raise TypeError(f"{op}: expected nn.{cls._dense_type.__name__}, got {type(conv).__name__}")
-        reason = conv_skip_reason(conv)
+        reason = weight_skip_reason(conv) or conv_skip_reason(conv)
         if reason:
             raise ValueError(f"{op}: {reason}")
         w = conv.weight.detach()
@@ -1023,7 +1042,10 @@ class SparseConv2d(_SparseWeight):
             # weight is decompressed for this call into the reused dense-tile scratch (no page faults,
             # nothing kept per layer): up to the scratch's size, past which the GEMM (on the sparse
             # weight, or dense tiles) costs less than decompressing the whole weight afresh.
+            # The checks the GEMM would make: this path hands the weight's pointers to C++ itself.
             ops.check_x_matches_weight(op, x, self.values, ops.FLOAT_DTYPES, self.bias)
+            ops.check_same_device(op, x=x, values=self.values, metadata=self.metadata, bias=self.bias)
+            ops._check_operands(op, "cpu", k, self.values, self.metadata, bias=self.bias)
             (_, matrix), = ops._decompressed_tiles(self.values.detach().contiguous(), self.metadata.contiguous(), k, 0)
             weight = matrix.view(self.out_channels, kh, kw, c).permute(0, 3, 1, 2)
             return torch.nn.functional.conv2d(x, weight, self.bias, taps.stride, taps.padding, taps.dilation)
@@ -1110,7 +1132,8 @@ class SparseConv1d(SparseConv2d):
 
     def _kernel_taps(self) -> _ConvTaps:
         single = torch.nn.modules.utils._single
-        return _conv1d_taps(*(single(v) for v in (self.kernel_size, self.stride, self.padding, self.dilation)))
+        return self._check_kernel(
+            _conv1d_taps(*(single(v) for v in (self.kernel_size, self.stride, self.padding, self.dilation))))
 
     def _forward(self, x: Tensor) -> Tensor:
         if x.dim() not in (2, 3) or x.shape[-2] != self.in_channels:
@@ -1157,6 +1180,25 @@ def is_conv1d(module: nn.Module) -> bool:
     return (any(cls.__name__ == "Conv1D" for cls in type(module).__mro__) and isinstance(weight, Tensor)
             and weight.dim() == 2 and tuple(weight.shape) == (getattr(module, "nx", None), getattr(module, "nf", None))
             and (bias is None or (isinstance(bias, Tensor) and tuple(bias.shape) == (weight.shape[1],))))
+
+
+def weight_skip_reason(layer: nn.Module) -> Optional[str]:
+    """Why ``layer.weight`` cannot be compressed as it stands, or None: an uninitialized lazy layer
+    (no shape yet), or a weight that is no parameter, which a hook recomputes before every forward
+    (torch.nn.utils.spectral_norm and weight_norm's old forms, torch.nn.utils.prune): a compressed
+    copy would freeze its current value, stale from the next step on (after a state-dict load, before
+    any forward, it is not even the weight the layer computes with). A parametrized weight
+    (torch.nn.utils.parametrize) is the callers' to judge."""
+    weight = getattr(layer, "weight", None)
+    if isinstance(weight, nn.parameter.UninitializedParameter):
+        return "an uninitialized lazy layer: run one forward to give it its shapes, then convert it"
+    if isinstance(weight, nn.Parameter) or nn.utils.parametrize.is_parametrized(layer, "weight"):
+        return None
+    hooks = sorted({type(hook).__name__ for hook in layer._forward_pre_hooks.values()})
+    return (f"its weight is no parameter{' (forward pre-hooks: ' + ', '.join(hooks) + ')' if hooks else ''}: a hook "
+            "such as torch.nn.utils.spectral_norm's, weight_norm's or prune's recomputes it before every forward, "
+            "so a compressed copy would freeze a stale value; remove it first (remove_spectral_norm, "
+            "remove_weight_norm, prune.remove)")
 
 
 def conv_skip_reason(conv: nn.Module) -> Optional[str]:

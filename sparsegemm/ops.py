@@ -180,13 +180,15 @@ def _on_tensor_device(fn):
 # ---- argument checks -------------------------------------------------------------------------
 
 def check_dtype(op: str, name: str, t: Tensor, allowed) -> None:
-    check_dtype_value(op, name, t.dtype, allowed)
+    """Tensor ``name``'s dtype is in ``allowed``."""
+    check_dtype_value(op, name, t.dtype, allowed, "must have dtype in")
 
 
-def check_dtype_value(op: str, name: str, dtype: torch.dtype, allowed) -> None:
+def check_dtype_value(op: str, name: str, dtype: torch.dtype, allowed, must: str = "must be one of") -> None:
+    """Argument ``name`` (a dtype, or ``must`` saying of what) is in ``allowed``."""
     if dtype not in allowed:
         names = ", ".join(str(d).replace("torch.", "") for d in allowed)
-        raise TypeError(f"{op}: {name} must have dtype in ({names}), got {str(dtype).replace('torch.', '')}")
+        raise TypeError(f"{op}: {name} {must} ({names}), got {str(dtype).replace('torch.', '')}")
 
 
 def check_x_matches_weight(op: str, x: Tensor, values: Tensor, allowed, bias: Optional[Tensor] = None) -> None:
@@ -389,6 +391,24 @@ def _decompress(values: Tensor, meta: Tensor, k: int, backend: str) -> Tensor:
 @_decompress.register_fake
 def _(values: Tensor, meta: Tensor, k: int, backend: str) -> Tensor:
     return values.new_empty((values.shape[0], k))
+
+
+def _decompress_setup_context(ctx, inputs, output) -> None:
+    values, meta, k, backend = inputs
+    ctx.save_for_backward(meta)
+    ctx.k = k
+
+
+def _decompress_backward(ctx, grad_w: Tensor):
+    """The kept values' gradient (the 2:4 mask is fixed): grad_w at the positions they stand at. The
+    backward of linear and conv2d decompresses W with this op, so a double backward reaches the
+    values through it (a gradient penalty with the weights trained)."""
+    meta, = ctx.saved_tensors
+    kp = fmt.padded_k(ctx.k)
+    return torch.nn.functional.pad(grad_w, (0, kp - ctx.k)).gather(1, kept_columns(meta, kp)), None, None, None
+
+
+_decompress.register_autograd(_decompress_backward, setup_context=_decompress_setup_context)
 
 
 def find_invalid_meta(meta: Tensor, k: int) -> Optional[tuple[int, int]]:

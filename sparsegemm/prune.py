@@ -32,7 +32,7 @@ from . import format as fmt
 from ._progress import progress_bar
 from .functional import mask_2to4
 from .attention import SplitMultiheadAttention, turn_off_nested_fast_path
-from .nn import _conv1d_taps, conv_skip_reason, is_conv1d
+from .nn import _conv1d_taps, conv_skip_reason, is_conv1d, weight_skip_reason
 
 __all__ = [
     "Mask2to4",
@@ -136,13 +136,14 @@ def prunable_layers(model: nn.Module, filter_fn: Optional[Callable[[str, nn.Modu
     their ``in`` dimension, dim 0 of the stored weight), nn.Conv1d and nn.Conv2d that a 2:4 mask
     suits: grouped, depthwise and non-zero-padded convs are left out (SparseConv1d / SparseConv2d
     cannot take them), and so are layers whose weight is no parameter (torch.nn.utils.weight_norm's
-    old form computes it from weight_g and weight_v in a hook: no mask can be attached to it) and
-    whatever ``filter_fn(name, module)`` rejects."""
+    old form computes it from weight_g and weight_v in a hook: no mask can be attached to it),
+    uninitialized lazy layers (:func:`sparsegemm.nn.weight_skip_reason`) and whatever
+    ``filter_fn(name, module)`` rejects."""
     layers = []
     for name, mod in model.named_modules():
         if isinstance(mod, (nn.Conv1d, nn.Conv2d)) and conv_skip_reason(mod) is not None:
             continue
-        if not (isinstance(getattr(mod, "weight", None), nn.Parameter) or parametrize.is_parametrized(mod, "weight")):
+        if weight_skip_reason(mod) is not None:
             continue
         if (isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d)) or is_conv1d(mod)) and (
                 filter_fn is None or filter_fn(name, mod)):

@@ -1507,3 +1507,142 @@ def test_editing_a_sparse_convolution_geometry_takes_effect_as_on_torch():
     conv1.stride = (0,)
     with pytest.raises(ValueError, match=r"SparseConv1d: stride must be one integer >= 1, got \(0,\)"):
         conv1(x1)
+
+
+def test_sparsify_moves_a_layers_hooks_to_the_converted_layer():
+    # Replaced without them, the hooks were silently never called again (as torch.ao.quantization's
+    # swap_module does, they move; the user's handles still remove them).
+    torch.manual_seed(17)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    seen = []
+    after = model[0].register_forward_hook(lambda mod, args, out: seen.append(("after", type(mod).__name__)))
+    model[2].register_forward_pre_hook(lambda mod, args: seen.append(("before", type(mod).__name__)))
+    grads = []
+    model[2].register_full_backward_hook(lambda mod, grad_in, grad_out: grads.append(grad_out[0].shape))
+    report = sparsegemm.sparsify(model)
+    assert [row.note for row in report.layers] == ["hooks moved to the converted module"] * 2
+    assert "hooks moved to the converted module" in str(report)
+    model(torch.randn(3, 64, requires_grad=True)).sum().backward()
+    assert seen == [("after", "SparseLinear"), ("before", "SparseLinear")] and grads == [(3, 64)]
+    after.remove()
+    seen.clear()
+    model(torch.randn(3, 64))
+    assert seen == [("before", "SparseLinear")]
+
+
+def test_sparsify_does_not_fuse_a_gated_mlp_whose_projections_have_hooks():
+    torch.manual_seed(19)
+
+    class Mlp(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_proj, self.up_proj, self.down_proj = nn.Linear(64, 128), nn.Linear(64, 128), nn.Linear(128, 64)
+            self.act_fn = nn.SiLU()
+
+        def forward(self, x):
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+    model = nn.Sequential(Mlp())
+    seen = []
+    model[0].up_proj.register_forward_hook(lambda mod, args, out: seen.append(type(mod).__name__))
+    report = sparsegemm.sparsify(model, fuse_gated_mlp=True)
+    fused = report.layers[0]
+    assert not fused.converted and "up_proj has hooks" in fused.reason
+    assert all(isinstance(getattr(model[0], n), SparseLinear) for n in ("gate_proj", "up_proj", "down_proj"))
+    seen.clear()
+    model(torch.randn(2, 64))
+    assert seen == ["SparseLinear"]
+
+
+def test_a_weight_a_hook_recomputes_is_not_converted():
+    # torch.nn.utils.spectral_norm's hook form: after a state-dict load .weight is weight_orig, not
+    # weight_orig / sigma (29% off), and converting froze it; torch.nn.utils.prune's hook likewise.
+    import torch.nn.utils.prune as torch_prune
+
+    torch.manual_seed(23)
+    model = nn.Sequential(nn.utils.spectral_norm(nn.Conv2d(64, 64, 3, padding=1)), nn.Linear(64, 64))
+    torch_prune.l1_unstructured(model[1], "weight", 0.3)
+    report = sparsegemm.sparsify(model)
+    reasons = [row.reason for row in report.layers]
+    assert not report.converted
+    assert "weight is no parameter (forward pre-hooks: SpectralNorm)" in reasons[0]
+    assert "(forward pre-hooks: L1Unstructured)" in reasons[1] and "prune.remove" in reasons[1]
+    with pytest.raises(ValueError, match="SparseConv2d.from_dense: its weight is no parameter"):
+        SparseConv2d.from_dense(model[0])
+    with pytest.raises(ValueError, match="SparseLinear.from_dense: its weight is no parameter"):
+        SparseLinear.from_dense(model[1])
+    assert sparsegemm.prune.prunable_layers(model) == []
+
+
+def test_sparsify_reports_uninitialized_lazy_layers():
+    model = nn.Sequential(nn.LazyConv2d(16, 3), nn.Flatten(), nn.LazyLinear(8))
+    report = sparsegemm.sparsify(model)  # raised torch's "uninitialized parameter" error
+    assert [(row.shape, row.converted) for row in report.layers] == [((0, 0), False)] * 2
+    assert all("uninitialized lazy layer" in row.reason for row in report.layers)
+    assert sparsegemm.prune.prunable_layers(model) == []
+    model(torch.randn(1, 64, 6, 6))  # materialized: nn.Conv2d and nn.Linear now
+    assert len(sparsegemm.sparsify(model, min_features=8).converted) == 2
+
+
+def test_a_conv_kernel_size_edit_is_refused():
+    # nn.Conv2d's weight shape fixes its kernel; here (1, 3) read the (3, 1) weight's K = 24 in
+    # another tap order and ran a different convolution, silently.
+    layer = SparseConv2d.from_dense(nn.Conv2d(8, 16, (3, 1)), dtype=torch.float32)
+    x = torch.randn(1, 8, 6, 6)
+    want = layer(x)
+    layer.kernel_size = (1, 3)
+    for call in (lambda: layer(x), layer.dense_weight):
+        with pytest.raises(ValueError, match=r"kernel_size is fixed by the compressed weight, which holds a 3 x 1 "
+                                             r"kernel \(K = 24\); kernel_size now says 1 x 3"):
+            call()
+    layer.kernel_size = [3, 1]  # the same kernel in another form: fine
+    assert torch.equal(layer(x), want)
+
+
+def test_sparse_conv2d_refuses_a_dtype_it_cannot_hold():
+    for dtype in (torch.float64, torch.int8):
+        with pytest.raises(TypeError, match=r"SparseConv2d: dtype must be one of \(float32, float16, bfloat16\), got"):
+            SparseConv2d(8, 8, 3, dtype=dtype)
+
+
+def test_the_cpu_torch_convolution_path_checks_what_it_hands_cpp():
+    # Large M in fp32 takes torch's convolution on the weight decompressed by C++: it checked dtypes
+    # only, so a layer on the meta device segfaulted and a metadata of the wrong shape read past it.
+    layer = SparseConv2d.from_dense(nn.Conv2d(8, 16, 3, padding=1), dtype=torch.float32)
+    x = torch.randn(2, 8, 20, 20)  # 800 output pixels: past CPU_TORCH_CONV_MIN_M
+    assert 2 * 20 * 20 >= sparsegemm.nn.CPU_TORCH_CONV_MIN_M
+    with torch.inference_mode():
+        with pytest.raises(ValueError, match="all tensors must be on one device"):
+            layer.to("meta")(x)
+        layer = SparseConv2d.from_dense(nn.Conv2d(8, 16, 3, padding=1), dtype=torch.float32)
+        layer.metadata = torch.zeros(16, 2, dtype=torch.uint8)
+        with pytest.raises(ValueError, match=r"SparseConv2d: meta must be uint8 \[16, 9\] for K = 72"):
+            layer(x)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_double_backward_reaches_the_kept_values(kind):
+    # A gradient penalty with the weights trained (WGAN-GP, R1): d/d values of |d out / d x|^2 went
+    # through the backward's decompress, which had no autograd formula.
+    torch.manual_seed(29)
+    if kind == "linear":
+        layer = SparseLinear.from_dense(nn.Linear(32, 16), dtype=torch.float32)
+        x = torch.randn(4, 32)
+        dense = lambda x, w: nn.functional.linear(x, w, layer.bias.double())  # noqa: E731
+    else:
+        layer = SparseConv2d.from_dense(nn.Conv2d(8, 16, 3, padding=1), dtype=torch.float32)
+        x = torch.randn(2, 8, 5, 5)
+        dense = lambda x, w: nn.functional.conv2d(x, w, layer.bias.double(), padding=1)  # noqa: E731
+
+    def penalty_grad(forward, x, weight):
+        x = x.clone().requires_grad_(True)
+        (grad_x,) = torch.autograd.grad(torch.tanh(forward(x)).sum(), x, create_graph=True)
+        return torch.autograd.grad(grad_x.square().sum(), weight)[0]
+
+    got = penalty_grad(layer, x, layer.values)
+    w = layer.dense_weight().double().detach().requires_grad_(True)
+    want_dense = penalty_grad(lambda x: dense(x, w), x.double(), w)
+    if kind == "conv":  # the GEMM's [Cout, (ky, kx, cin)] order, as the values are kept
+        want_dense = want_dense.permute(0, 2, 3, 1).reshape(16, -1)
+    want = want_dense.gather(1, ops.kept_columns(layer.metadata, layer.weight_shape[1]))
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
