@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 import sparsegemm
 from sparsegemm import _C
+from sparsegemm.__main__ import _positive
 from sparsegemm.bench import CacheFlush
 
 DTYPE_CODES = {"f32": (0, torch.float32), "f16": (1, torch.float16), "bf16": (2, torch.bfloat16)}
@@ -82,10 +83,10 @@ def bench_shape(M, N, K, dtype_name, min_time):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", choices=DTYPE_CODES, default="bf16")
-    parser.add_argument("--m", type=int, nargs="+", default=[1, 16, 128, 512])
-    parser.add_argument("--n", type=int, default=4096)
-    parser.add_argument("--k", type=int, default=4096)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--m", type=_positive, nargs="+", default=[1, 16, 128, 512])
+    parser.add_argument("--n", type=_positive, default=4096)
+    parser.add_argument("--k", type=_positive, default=4096)
+    parser.add_argument("--threads", type=_positive, default=torch.get_num_threads())
     parser.add_argument("--isa", choices=["generic", "avx2", "avx512"], help="force the CPU ISA (default: best)")
     parser.add_argument("--min-time", type=float, default=1.0, help="seconds of timed calls per measurement")
     parser.add_argument("--json", help="also write the results to this file")

@@ -57,15 +57,43 @@ def _print_environment(env: dict) -> None:
     print(" ".join(f"{k}={v}" for k, v in env.items()))
 
 
+def _refusal(command: str, device: str, outputs: tuple) -> str:
+    """Why a bench or targets run cannot start (a CUDA device this machine lacks, an output it could
+    not write once it has measured), or "": said before minutes of measuring, not after."""
+    import os
+
+    import sparsegemm
+
+    if device == "cuda" and not (torch.cuda.is_available() and sparsegemm.info()["cuda_built"]):
+        return (f"sparsegemm {command}: --device cuda, but this machine has no usable CUDA device (torch sees "
+                f"{torch.cuda.device_count()} GPUs; sparsegemm built with CUDA: {sparsegemm.info()['cuda_built']})")
+    for path in filter(None, outputs):
+        folder = os.path.dirname(os.path.abspath(path))
+        if os.path.isdir(path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            why = "is a directory" if os.path.isdir(path) else f"cannot be written (folder {folder!r} " + (
+                "is not writable)" if os.path.isdir(folder) else "does not exist)")
+            return f"sparsegemm {command}: output {path!r} {why}"
+    return ""
+
+
 def cmd_bench(args) -> int:
     """GEMM microbenchmarks vs dense (and torch's 2:4 path on CUDA); markdown, JSON, CSV, plot."""
     from sparsegemm import bench
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtypes = args.dtype or (["float16", "bfloat16"] if device == "cuda" else ["bfloat16"])
-    if device == "cuda" and "float32" in dtypes:
-        print("sparsegemm bench: float32 runs on the CPU backend only (the tensor-core kernels take "
-              "float16, bfloat16 and int8)", file=sys.stderr)
+    if device == "cuda" and "float32" in dtypes:  # an argument error, whatever this machine has
+        refusal = ("sparsegemm bench: float32 runs on the CPU backend only (the tensor-core kernels take "
+                   "float16, bfloat16 and int8)")
+    else:
+        refusal = _refusal("bench", device, (args.json, args.csv, args.plot))
+    if not refusal and args.shapes:
+        try:
+            bench.select_shapes(args.shapes)
+        except ValueError as exc:
+            refusal = f"sparsegemm {exc}"
+    if refusal:
+        print(refusal, file=sys.stderr)
         return 2
     env, rows = bench.run(device, dtypes, quick=args.quick, progress=not args.no_progress, shapes_filter=args.shapes,
                           ms_override=args.m)
@@ -79,6 +107,10 @@ def cmd_targets(args) -> int:
     """The speed targets of the issues, measured and judged (sparsegemm.targets); markdown, JSON."""
     from sparsegemm import targets
 
+    refusal = _refusal("targets", args.device or ("cuda" if torch.cuda.is_available() else "cpu"), (args.json,))
+    if refusal:
+        print(refusal, file=sys.stderr)
+        return 2
     env, verdicts = targets.run(args.device, quick=args.quick, progress=not args.no_progress)
     _print_environment(env)
     print(targets.markdown(verdicts))
@@ -122,7 +154,7 @@ def main(argv=None) -> int:
                         "(sparsegemm.bench)")
     b.add_argument("--quick", action="store_true", help="one shape, a few M: about a minute")
     b.add_argument("--shapes", nargs="+", help="only these shapes (e.g. llama2-7b.gate_up square-8192)")
-    b.add_argument("--m", type=int, nargs="+", help="only these M values")
+    b.add_argument("--m", type=_positive, nargs="+", help="only these M values")
     b.add_argument("--json", help="write the result rows (with the environment) as JSON here")
     b.add_argument("--csv", help="write the result rows as CSV here")
     b.add_argument("--plot", help="write a PNG of speedup vs M here (needs matplotlib)")

@@ -472,6 +472,16 @@ def bench_conv(device: torch.device, dtype: torch.dtype, label: str, batch: int,
     return rows.finish()
 
 
+def select_shapes(names) -> dict:
+    """``{name: (N, K)}`` of the named GEMM shapes (MODEL_SHAPES, "square-8192", "square-4096");
+    ValueError naming the unknown ones."""
+    known = dict(MODEL_SHAPES, **{"square-8192": (8192, 8192), "square-4096": (4096, 4096)})
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ValueError(f"bench: unknown shape(s) {unknown}; known: {sorted(known)}")
+    return {name: known[name] for name in names}
+
+
 def run(device: str = "cpu", dtypes=("bfloat16",), quick: bool = False, progress: bool = True,
         shapes_filter=None, ms_override=None) -> tuple:
     """The sweep; ``shapes_filter`` (names of MODEL_SHAPES / "square-8192" / "square-4096") and
@@ -486,11 +496,7 @@ def run(device: str = "cpu", dtypes=("bfloat16",), quick: bool = False, progress
         ms = M_SWEEP if dev.type == "cuda" else (1, 4, 16, 64, 256, 1024)
         timer = Timer(dev, warmup=3, repeats=10 if dev.type == "cpu" else 50)
     if shapes_filter:
-        known = dict(MODEL_SHAPES, **{"square-8192": (8192, 8192), "square-4096": (4096, 4096)})
-        unknown = [name for name in shapes_filter if name not in known]
-        if unknown:
-            raise ValueError(f"bench: unknown shape(s) {unknown}; known: {sorted(known)}")
-        shapes = {name: known[name] for name in shapes_filter}
+        shapes = select_shapes(shapes_filter)
     if ms_override:
         ms = tuple(ms_override)
     jobs = [(getattr(torch, dt), label, m, n, k) for dt in dtypes for label, (n, k) in shapes.items() for m in ms]

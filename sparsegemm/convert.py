@@ -61,12 +61,13 @@ class SparsifyReport:
         return {"layers": [asdict(layer) for layer in self.layers], "totals": self.totals()}
 
     def __str__(self) -> str:
-        rows = [f"{'layer':40s} {'kind':15s} {'N x K':>13s} {'dense':>10s} {'2:4':>10s} {'kept |w|':>8s}  note"]
+        width = max([40] + [len(layer.name) for layer in self.layers])  # whole names: layers differ by their ends
+        rows = [f"{'layer':{width}s} {'kind':15s} {'N x K':>13s} {'dense':>10s} {'2:4':>10s} {'kept |w|':>8s}  note"]
         for layer in self.layers:
             nk = f"{layer.shape[0]} x {layer.shape[1]}"
             note = layer.note if layer.converted else f"skipped: {layer.reason}"
             comp = f"{layer.compressed_bytes:,}" if layer.converted else "-"
-            rows.append(f"{layer.name:40.40s} {layer.kind:15s} {nk:>13s} {layer.dense_bytes:>10,} {comp:>10s} "
+            rows.append(f"{layer.name:{width}s} {layer.kind:15s} {nk:>13s} {layer.dense_bytes:>10,} {comp:>10s} "
                         f"{layer.magnitude_kept:>8.1%}  {note}")
         t = self.totals()
         rows.append(f"total: {t['converted']} converted, {t['skipped']} skipped; {t['dense_bytes']:,} -> "

@@ -14,6 +14,7 @@ import contextlib
 import json
 import math
 import os
+import struct
 import threading
 import weakref
 from typing import Union
@@ -50,9 +51,8 @@ def _describe(mod: nn.Module) -> dict:
         fused = {} if mod.activation is None else {"activation": mod.activation}
         if mod.quantize == "int8":
             # dtype: of the bias and activations; the values are int8 with a float32 "scale".
-            act_dtype = mod.bias.dtype if mod.bias is not None else torch.float16
             return {"kind": "SparseLinear", "in_features": mod.in_features, "out_features": mod.out_features,
-                    "bias": mod.bias is not None, "dtype": str(act_dtype).replace("torch.", ""),
+                    "bias": mod.bias is not None, "dtype": str(mod.dense_dtype()).replace("torch.", ""),
                     "quantize": "int8", "static_input": mod.input_scale is not None, **fused}
         return {"kind": "SparseLinear", "in_features": mod.in_features, "out_features": mod.out_features,
                 "bias": mod.bias is not None, "dtype": str(mod.values.dtype).replace("torch.", ""), **fused}
@@ -508,6 +508,8 @@ def describe(path: Union[str, "os.PathLike"]) -> str:
     """A per-layer size report of a saved checkpoint (what ``python -m sparsegemm report`` prints)."""
     from safetensors import safe_open
 
+    if os.path.isdir(path):  # safetensors' own error says "No such device"
+        raise ValueError(f"sparsegemm report: {path} is a directory, not a checkpoint file")
     try:
         return _describe_file(safe_open, path)
     except json.JSONDecodeError as exc:  # a ValueError whose text would not name the file
@@ -526,12 +528,11 @@ def _describe_file(safe_open, path) -> str:
         if header.get("format") not in (_FORMAT, _FORMAT_ALIASES):
             raise ValueError(f"sparsegemm report: {path} is not a sparsegemm checkpoint")
         converted = json.loads(header["converted"])
-        sizes = {key: f.get_slice(key) for key in f.keys()}
-        nbytes = {key: _slice_bytes(sl) for key, sl in sizes.items()}
-    lines = [f"{'module':40s} {'kind':13s} {'N x K':>13s} {'dense':>12s} {'stored':>12s} {'ratio':>7s}"]
+    nbytes = _tensor_bytes(path)
+    rows = []
     total_dense = total_stored = 0
     for name, spec in converted.items():
-        if spec.get("kind") in _CONTAINER_KINDS:
+        if _report_kind(path, name, spec) in _CONTAINER_KINDS:
             continue  # containers: their layers have rows
         prefix = f"{name}." if name else ""
         n = spec.get("out_features", spec.get("out_channels"))
@@ -545,7 +546,11 @@ def _describe_file(safe_open, path) -> str:
         total_dense += dense
         total_stored += stored
         share = f"{stored / dense:>7.1%}" if dense else f"{'-':>7s}"  # a zero-size layer
-        lines.append(f"{name:40.40s} {spec['kind']:13s} {f'{n} x {k}':>13s} {dense:>12,} {stored:>12,} {share}")
+        rows.append((name, spec["kind"], f"{n} x {k}", dense, stored, share))
+    width = max([40] + [len(row[0]) for row in rows])  # whole names: layers differ by their ends
+    lines = [f"{'module':{width}s} {'kind':13s} {'N x K':>13s} {'dense':>12s} {'stored':>12s} {'ratio':>7s}"]
+    lines += [f"{name:{width}s} {kind:13s} {shape:>13s} {dense:>12,} {stored:>12,} {share}"
+              for name, kind, shape, dense, stored, share in rows]
     other = sum(nbytes.values()) - total_stored
     lines.append(f"converted weights: {total_dense:,} -> {total_stored:,} bytes "
                  f"({total_stored / max(total_dense, 1):.1%}); other tensors {other:,} bytes")
@@ -553,23 +558,46 @@ def _describe_file(safe_open, path) -> str:
     return "\n".join(lines)
 
 
-def _zstd_line(path) -> str:
-    """What general-purpose compression adds on top: the file through zstd level 3 (if installed)."""
-    import os
+def _report_kind(path, name: str, spec: dict) -> str:
+    """The kind of a module table entry, checked with the sizes the report reads from it (a corrupt
+    table must not print figures as if they were sizes)."""
+    kind = spec.get("kind")
+    if kind not in ("SparseLinear", "SparseConv1d", "SparseConv2d", *_CONTAINER_KINDS):
+        raise ValueError(f"sparsegemm report: {path}: module {name!r} has an unknown kind {kind!r}")
+    if kind in _CONTAINER_KINDS:
+        return kind
+    keys = ("in_features", "out_features") if kind == "SparseLinear" else ("in_channels", "out_channels")
+    sizes = [spec.get(key) for key in keys]
+    if kind != "SparseLinear":
+        sizes += spec.get("kernel_size") if isinstance(spec.get("kernel_size"), list) else [None]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in sizes):
+        found = {key: spec.get(key) for key in (*keys, "kernel_size") if key in spec}
+        raise ValueError(f"sparsegemm report: {path}: module {name!r} has sizes that are not counts: {found}")
+    return kind
 
+
+def _tensor_bytes(path) -> dict:
+    """{tensor name: bytes} from the safetensors header's data offsets (exact for every dtype)."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    return {key: entry["data_offsets"][1] - entry["data_offsets"][0] for key, entry in header.items()
+            if key != "__metadata__"}
+
+
+def _zstd_line(path) -> str:
+    """What general-purpose compression adds on top: the file through zstd level 3 (if installed),
+    streamed, so that a checkpoint of many GB needs no more memory than a small one."""
     size = os.path.getsize(path)
     try:
         import zstandard
     except ImportError:
         return f"file: {size:,} bytes (install zstandard to see what zstd adds)"
+    packer = zstandard.ZstdCompressor(level=3).compressobj(size=size)
+    packed = 0
     with open(path, "rb") as f:
-        packed = len(zstandard.ZstdCompressor(level=3).compress(f.read()))
+        while chunk := f.read(16 << 20):
+            packed += len(packer.compress(chunk))
+    packed += len(packer.flush())
     return f"file: {size:,} bytes; zstd -3: {packed:,} bytes ({packed / size:.1%} of the file)"
 
-
-def _slice_bytes(sl) -> int:
-    dtype = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "I16": 2, "I32": 4, "I64": 8, "BOOL": 1}
-    count = 1
-    for d in sl.get_shape():
-        count *= d
-    return count * dtype.get(sl.get_dtype(), 4)

@@ -66,6 +66,9 @@ class _SparseWeight(nn.Module):
         """``dtype``: of the values and bias; with quantize="int8", of the bias and the activations
         (the values are int8, frozen: the integer grid has no gradient)."""
         self.weight_shape = (n, k)
+        # The floating dtype the layer computes in: its values' and bias's, or for INT8 its bias's and
+        # activations', which a bias-less INT8 layer holds no tensor of (its dense size is counted in it).
+        self.float_dtype = dtype
         if self.quantize == "int8":
             self.values = nn.Parameter(torch.zeros(n, fmt.values_cols(k), dtype=torch.int8, device=device),
                                        requires_grad=False)
@@ -144,9 +147,13 @@ class _SparseWeight(nn.Module):
         # INT8 scales stay float32 whatever .half() / .to(dtype) asks: only their device follows.
         scales = {name: getattr(self, name) for name in ("scale", "input_scale")
                   if getattr(self, name, None) is not None}
+        # The float dtype follows .half() / .to(dtype) as the bias does (a zero-size probe of fn).
+        converted = fn(torch.empty(0, dtype=self.float_dtype, device=self.values.device)).dtype
         out = super()._apply(fn, recurse)
         for name, value in scales.items():
             setattr(self, name, value.to(self.values.device))
+        if converted.is_floating_point:
+            self.float_dtype = converted
         return out
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -184,11 +191,17 @@ class _SparseWeight(nn.Module):
 
             check_scale(type(self).__name__, "input_scale", input_scale.reshape(1), 1)
 
+    def dense_dtype(self) -> torch.dtype:
+        """The dtype of the dense weight this layer stands for: its values', or for an INT8 layer its
+        bias's, or without a bias the float dtype it was made in (and converted to since)."""
+        if self.quantize != "int8":
+            return self.values.dtype
+        return self.bias.dtype if self.bias is not None else self.float_dtype
+
     def _bytes_repr(self) -> str:
         n, k = self.weight_shape
         held = self.sparse_weight().nbytes
-        dense = n * k * (self.bias.element_size() if self.quantize == "int8" and self.bias is not None
-                         else self.values.element_size())
+        dense = n * k * self.dense_dtype().itemsize
         kind = "int8, per-row scale" if self.quantize == "int8" else str(self.values.dtype).replace("torch.", "")
         return f"dtype={kind}, {held} bytes ({dense - held} saved vs dense)"
 

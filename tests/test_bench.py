@@ -98,3 +98,39 @@ def test_conv_rows_compare_sparse_conv2d_with_the_dense_convolution():
     assert [r.method for r in rows] == ["dense F.conv2d", "SparseConv2d"]
     assert (rows[1].M, rows[1].N, rows[1].K) == (14 * 14, 256, 256 * 9)
     assert rows[1].rel_error < 1e-5 and rows[1].ms > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "--quick", "--json", "/nonexistent-folder/b.json"],
+     "sparsegemm bench: output '/nonexistent-folder/b.json' cannot be written (folder '/nonexistent-folder' does not "
+     "exist)"),
+    (["bench", "--quick", "--csv", "{tmp}"], "sparsegemm bench: output '{tmp}' is a directory"),
+    (["targets", "--json", "/nonexistent-folder/t.json"],
+     "sparsegemm targets: output '/nonexistent-folder/t.json' cannot be written"),
+    (["bench", "--shapes", "bogus"], "sparsegemm bench: unknown shape(s) ['bogus']; known: ["),
+])
+def test_the_cli_refuses_a_run_it_could_not_finish_before_measuring(argv, message, tmp_path, capsys, monkeypatch):
+    # A path it could not write ended a whole benchmark run in a traceback; an unknown shape in one.
+    from sparsegemm.__main__ import main
+
+    monkeypatch.setattr(bench, "run", lambda *args, **kwargs: pytest.fail("measured before refusing"))
+    assert main([arg.replace("{tmp}", str(tmp_path)) for arg in argv]) == 2
+    assert message.replace("{tmp}", str(tmp_path)) in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+@pytest.mark.parametrize("command", ["bench", "targets"])
+def test_the_cli_refuses_cuda_where_there_is_none(command, capsys):
+    from sparsegemm.__main__ import main
+
+    assert main([command, "--device", "cuda"]) == 2  # was torch's AssertionError traceback
+    assert f"sparsegemm {command}: --device cuda, but this machine has no usable CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("m", ["0", "-1"])
+def test_bench_takes_only_positive_m(m, capsys):
+    from sparsegemm.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:  # M = 0 printed meaningless rows, -1 a traceback
+        main(["bench", "--m", m])
+    assert exit_info.value.code == 2 and "--m: must be a positive integer" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """SparseLinear / SparseConv2d / sparsify / save-load on the CPU."""
 import os
+import re
 import subprocess
 import sys
 
@@ -1646,3 +1647,69 @@ def test_double_backward_reaches_the_kept_values(kind):
         want_dense = want_dense.permute(0, 2, 3, 1).reshape(16, -1)
     want = want_dense.gather(1, ops.kept_columns(layer.metadata, layer.weight_shape[1]))
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
+def test_report_reads_exact_tensor_bytes_and_whole_names(tmp_path):
+    # Dtypes outside a table of sizes counted 4 bytes an element; names past 40 characters were cut,
+    # so two layers printed the same name.
+    from sparsegemm.io import describe
+
+    class Deep(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder_layers_31_self_attention_out_projection_a = nn.Linear(64, 64)
+            self.encoder_layers_31_self_attention_out_projection_b = nn.Linear(64, 64)
+            self.register_buffer("codes", torch.zeros(1000, dtype=torch.float8_e4m3fn))
+            self.register_buffer("ids", torch.zeros(1000, dtype=torch.uint16))
+
+    model = Deep()
+    sparsegemm.sparsify(model)
+    sparsegemm.save(model, tmp_path / "deep.safetensors")
+    listing = describe(tmp_path / "deep.safetensors")
+    assert "encoder_layers_31_self_attention_out_projection_a SparseLinear" in listing
+    assert "encoder_layers_31_self_attention_out_projection_b SparseLinear" in listing
+    biases = 2 * 64 * 4
+    assert f"other tensors {1000 + 2000 + biases:,} bytes" in listing
+    with pytest.raises(ValueError, match="is a directory, not a checkpoint file"):
+        describe(tmp_path)
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"kind": "SparseLinearX"}, "has an unknown kind 'SparseLinearX'"),
+    ({"in_features": -64}, "has sizes that are not counts: {'in_features': -64, 'out_features': 64}"),
+])
+def test_report_refuses_a_module_table_it_cannot_size(edit, message, tmp_path):
+    # Both printed figures and exited 0; a negative size changed the totals.
+    import json
+
+    from sparsegemm.io import describe
+
+    path = tmp_path / "m.safetensors"
+    sparsegemm.sparsify(model := nn.Sequential(nn.Linear(64, 64)), min_features=8)
+    sparsegemm.save(model, path)
+    table = json.loads(_header(path)["converted"])
+    table["0"].update(edit)
+    odd = tmp_path / "odd.safetensors"
+    _resave(path, odd, None, {"converted": json.dumps(table)})
+    with pytest.raises(ValueError, match=re.escape(message)):
+        describe(odd)
+
+
+def test_an_int8_layers_dense_size_is_one_figure_everywhere(tmp_path):
+    # A bias-less INT8 layer was sized as dense int8 in its repr and as fp16 in the checkpoint, where
+    # sparsify's report (and the same layer with a bias) used the float dtype it was made in.
+    from sparsegemm.io import describe
+
+    model = nn.Sequential(nn.Linear(128, 64, bias=False), nn.Linear(128, 64))
+    report = sparsegemm.sparsify(model, quantize="int8", min_features=8)
+    assert [row.dense_bytes for row in report.layers] == [64 * 128 * 4] * 2
+    assert all(layer.dense_dtype() == torch.float32 for layer in model)
+    assert str(model[0]).split(", ")[-1] == str(model[1]).split(", ")[-1] == "5376 bytes (27392 saved vs dense))"
+    sparsegemm.save(model, tmp_path / "q.safetensors")
+    rows = [line.split() for line in describe(tmp_path / "q.safetensors").splitlines()[1:3]]
+    assert [row[-3] for row in rows] == ["32,768", "32,768"]
+    model.half()  # the float dtype follows a conversion, as the bias does
+    assert [layer.dense_dtype() for layer in model] == [torch.float16] * 2
+    loaded = sparsegemm.load(tmp_path / "q.safetensors", nn.Sequential(nn.Linear(128, 64, bias=False),
+                                                                        nn.Linear(128, 64)))
+    assert loaded[0].dense_dtype() == torch.float32
