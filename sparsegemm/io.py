@@ -563,7 +563,8 @@ def _report_kind(path, name: str, spec: dict) -> str:
     table must not print figures as if they were sizes)."""
     kind = spec.get("kind")
     if kind not in ("SparseLinear", "SparseConv1d", "SparseConv2d", *_CONTAINER_KINDS):
-        raise ValueError(f"sparsegemm report: {path}: module {name!r} has an unknown kind {kind!r}")
+        raise ValueError(f"sparsegemm report: {path} has a corrupt module table: module {name!r} has an unknown "
+                         f"kind {kind!r}")
     if kind in _CONTAINER_KINDS:
         return kind
     keys = ("in_features", "out_features") if kind == "SparseLinear" else ("in_channels", "out_channels")
@@ -572,7 +573,9 @@ def _report_kind(path, name: str, spec: dict) -> str:
         sizes += spec.get("kernel_size") if isinstance(spec.get("kernel_size"), list) else [None]
     if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in sizes):
         found = {key: spec.get(key) for key in (*keys, "kernel_size") if key in spec}
-        raise ValueError(f"sparsegemm report: {path}: module {name!r} has sizes that are not counts: {found}")
+        needs = ", ".join(keys) + ("" if kind == "SparseLinear" else ", kernel_size")
+        raise ValueError(f"sparsegemm report: {path} has a corrupt module table: module {name!r} needs {needs} as "
+                         f"counts, got {found}")
     return kind
 
 

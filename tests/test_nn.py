@@ -152,7 +152,8 @@ def test_save_load_round_trip_and_size(tmp_path):
     not_json = tmp_path / "not_json.safetensors"
     _resave(path, not_json, header={"converted": "{"})
     for bad, message in ((truncated, "is not a readable safetensors file"),
-                         (no_table, "has a corrupt header or module table"),
+                         (no_table, "has a corrupt module table: module '0' needs in_features, out_features as "
+                                    "counts, got {}"),
                          (not_json, "has a corrupt module table")):
         with pytest.raises(subprocess.CalledProcessError) as failed:
             run_cli("report", str(bad), cwd=tmp_path)
@@ -1676,7 +1677,7 @@ def test_report_reads_exact_tensor_bytes_and_whole_names(tmp_path):
 
 @pytest.mark.parametrize("edit, message", [
     ({"kind": "SparseLinearX"}, "has an unknown kind 'SparseLinearX'"),
-    ({"in_features": -64}, "has sizes that are not counts: {'in_features': -64, 'out_features': 64}"),
+    ({"in_features": -64}, "needs in_features, out_features as counts, got {'in_features': -64, 'out_features': 64}"),
 ])
 def test_report_refuses_a_module_table_it_cannot_size(edit, message, tmp_path):
     # Both printed figures and exited 0; a negative size changed the totals.
