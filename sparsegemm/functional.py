@@ -57,6 +57,8 @@ def compress(w: Tensor, *, prune: bool = False, backend: Optional[str] = None,
     """
     op = "sparsegemm.compress"
     _check_weight(op, w, ops.FLOAT_DTYPES)
+    if not isinstance(prune, bool):
+        raise TypeError(f"{op}: prune must be True or False, got {prune!r}")
     if dtype is not None and dtype != w.dtype:
         if dtype != torch.int8:
             raise ValueError(f"{op}: dtype must be None, w's dtype or torch.int8, got {dtype}")
@@ -79,6 +81,8 @@ def decompress(sw: SparseTensor24, *, backend: Optional[str] = None) -> Tensor:
     if sw.dtype == torch.int8:
         raise TypeError(f"{op}: int8 weights decompress with sparsegemm.quant.dequantize (they need the scale)")
     backend = ops.resolve_backend(op, backend, sw.device)
+    # Here, not only in the op: a meta-device tensor among them would route it to its fake kernel.
+    ops.check_same_device(op, **{"sw.values": sw.values, "sw.meta": sw.meta})
     if backend != "cpu":
         ops.check_dtype(op, "sw.values", sw.values, ops.KERNEL_DTYPES)
         ops.check_32bit(op, **{"N*K": sw.shape[0] * sw.shape[1]})
@@ -108,12 +112,12 @@ def linear(x: Tensor, sw: SparseTensor24, bias: Optional[Tensor] = None, *, acti
         raise TypeError(f"sparsegemm.linear: sw must be a SparseTensor24, got {type(sw).__name__}")
     foreign = _foreign_array_module(x)
     if foreign is not None:
-        x = _tensor_of(x)
+        x = _tensor_of(x, "x")
     if bias is not None and not isinstance(bias, Tensor):
         if not hasattr(bias, "__dlpack__"):
             raise TypeError(f"sparsegemm.linear: bias must be a torch.Tensor or a DLPack array, got "
                             f"{type(bias).__name__}")
-        bias = _tensor_of(bias)
+        bias = _tensor_of(bias, "bias")
     if sw.dtype == torch.int8:
         from .quant import linear_int8
 
@@ -222,13 +226,17 @@ def _check_linear_args(op: str, x, values: Tensor, n: int, k: int, bias, activat
     ops.check_same_device(op, x=x, **{"sw.values": values}, bias=bias)
 
 
-def _tensor_of(array) -> Tensor:
-    """A torch view of a DLPack array (no copy), or of a contiguous copy where its strides are
+def _tensor_of(array, name: str) -> Tensor:
+    """A torch view of DLPack array ``name`` (no copy), or of a contiguous copy where its strides are
     negative (a reversed NumPy / CuPy view): torch's from_dlpack aborts the process on those."""
     strides = getattr(array, "strides", None)
     if strides is not None and any(stride < 0 for stride in strides):
         array = _array_module(array).ascontiguousarray(array)
-    return torch.from_dlpack(array)
+    try:
+        return torch.from_dlpack(array)
+    except (BufferError, TypeError, RuntimeError) as exc:  # a dtype or byte order DLPack cannot carry
+        raise TypeError(f"sparsegemm.linear: {name} ({type(array).__name__} of dtype "
+                        f"{getattr(array, 'dtype', '?')}) cannot be shared through DLPack: {exc}") from exc
 
 
 def _array_module(array):

@@ -343,6 +343,12 @@ def _non_24_message(op: str, w: Tensor, flat: int) -> str:
 @_custom_op("sparsegemm::compress")
 @_on_tensor_device
 def _compress(w: Tensor, prune: bool, backend: str) -> tuple[Tensor, Tensor]:
+    op = "sparsegemm.compress"
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+    check_dtype(op, "w", w, FLOAT_DTYPES if backend == "cpu" else KERNEL_DTYPES)
+    if w.dim() != 2:
+        raise ValueError(f"{op}: w must be 2-D [N, K], got shape {tuple(w.shape)}")
     n, k = w.shape
     values = w.new_empty((n, fmt.values_cols(k)))
     meta = torch.empty((n, fmt.meta_cols(k)), dtype=torch.uint8, device=w.device)
@@ -461,11 +467,21 @@ def _check_operands(op: str, backend: str, k: int, values: Optional[Tensor], met
         refuse(f"backend must be one of {BACKENDS}, got {backend!r}")
     if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
         refuse(f"k must be a positive int, got {k!r}")
+    # One device, the backend's: a metadata tensor moved (or assigned) apart from its values handed
+    # the C++ side a pointer of another device (a crash, or results read from arbitrary memory).
+    check_same_device(op, values=values, meta=meta, kernel_meta=kernel_meta, bias=bias, w_scale=w_scale, x=x,
+                      x_scale=x_scale)
+    device = next((t.device for t in (values, meta, x) if t is not None), None)
+    if device is not None and (device.type == "cuda") != (backend == "cuda"):
+        refuse(f"the {backend} backend runs on {'CUDA' if backend == 'cuda' else 'CPU'} tensors, got tensors on "
+               f"{device}")
     if values is not None:
         if values.dim() != 2 or values.shape[1] != fmt.values_cols(k):
             refuse(f"values must be [N, {fmt.values_cols(k)}] for K = {k}, got {tuple(values.shape)}")
         if values_dtype is not None and values.dtype != values_dtype:
             refuse(f"values must be {values_dtype}, got {values.dtype}")
+        if values_dtype is None and not s8:
+            check_dtype(op, "values", values, FLOAT_DTYPES if backend == "cpu" else KERNEL_DTYPES)
         n = values.shape[0]
     if meta is not None and (meta.dtype != torch.uint8 or tuple(meta.shape) != (n, fmt.meta_cols(k))):
         refuse(f"meta must be uint8 [{n}, {fmt.meta_cols(k)}] for K = {k}, got {meta.dtype} {tuple(meta.shape)}")

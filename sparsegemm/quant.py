@@ -65,7 +65,10 @@ def check_scale(op: str, name: str, scale, length: int, *, values: bool = True) 
 
 def static_scale(op: str, scale) -> float:
     """A static (per-tensor) activation scale as a float, checked finite and positive."""
-    value = float(scale)
+    try:
+        value = float(scale)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{op}: scale must be a positive number, got {scale!r}") from exc
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{op}: scale must be finite and positive, got {value!r}")
     return value
@@ -124,6 +127,8 @@ def _check_activations(op: str, x: Tensor, backend: Optional[str]) -> str:
     if x.dim() < 1:
         raise ValueError(f"{op}: x must have at least one dim (K last), got a 0-D tensor")
     ops.check_dtype(op, "x", x, ops.FLOAT_DTYPES)
+    if x.shape[-1] == 0:
+        raise ValueError(f"{op}: x has no features to quantize (K = 0), got shape {tuple(x.shape)}")
     backend = ops.resolve_backend(op, backend, x.device)
     if backend != "cpu":
         ops.check_dtype(op, "x", x, ops.KERNEL_DTYPES)
@@ -224,6 +229,9 @@ def linear_int8(x: Union[Tensor, tuple], sw: SparseTensor24, bias: Optional[Tens
         if len(x) != 2:
             raise ValueError(f"{op}: a pre-quantized x must be the pair (x_q, x_scale), got {len(x)} items")
         x_q, x_scale = x
+        if input_scale is not None:  # it was dropped silently
+            raise ValueError(f"{op}: input_scale quantizes float activations, but x is already quantized "
+                             f"(x_q, x_scale): pass one or the other, got both")
         if not isinstance(x_q, Tensor) or x_q.dtype != torch.int8:
             raise TypeError(f"{op}: x_q must be an int8 tensor, got "
                             f"{x_q.dtype if isinstance(x_q, Tensor) else type(x_q).__name__}")
@@ -241,7 +249,9 @@ def linear_int8(x: Union[Tensor, tuple], sw: SparseTensor24, bias: Optional[Tens
             raise ValueError(f"{op}: x_scale must be a float32 tensor of shape {tuple(lead)}, got "
                              f"{type(x_scale).__name__}")
         x_scale = x_scale.reshape(-1) if tuple(x_scale.shape) == tuple(lead) else x_scale
-        # Shape and dtype only: a NaN x_scale is how a NaN token row is carried (its output is NaN).
+        # Shape and dtype only: a NaN x_scale is how a NaN token row is carried (its output is NaN), and
+        # the values of a pre-quantized pair are the caller's (x_q in [-127, 127], x_scale positive):
+        # reading them would cost a host sync per call, as for sw's values above.
         check_scale(op, "x_scale", x_scale, m, values=False)
         x_q = x_q.reshape(m, k)
     else:

@@ -1,6 +1,7 @@
 """SparseTensor24: a compressed 2:4 weight (values + logical metadata, optional per-row scale)."""
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
@@ -8,6 +9,14 @@ import torch
 from . import format as fmt
 
 _VALUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int8)
+
+
+def _dense_shape(shape) -> tuple:
+    """``shape`` as the (N, K) pair of ints it must be (a longer or fractional one is refused, not cut)."""
+    if (not isinstance(shape, (tuple, list, torch.Size)) or len(shape) != 2
+            or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) for d in shape)):
+        raise ValueError(f"SparseTensor24: shape must be (N, K), two integers, got {shape!r}")
+    return int(shape[0]), int(shape[1])
 
 
 class SparseTensor24:
@@ -27,9 +36,12 @@ class SparseTensor24:
 
     def __init__(self, values: torch.Tensor, meta: torch.Tensor, shape, scale: Optional[torch.Tensor] = None,
                  *, validate: bool = True):
+        for name, t in (("values", values), ("meta", meta)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"SparseTensor24: {name} must be a tensor, got {type(t).__name__}")
         self.values = values
         self.meta = meta
-        self.shape = (int(shape[0]), int(shape[1]))
+        self.shape = _dense_shape(shape)
         self.scale = scale
         self._kernel_meta: dict = {}
         self._check_layout()  # always: the kernels trust these sizes (validate=False skips reading the data)
@@ -74,7 +86,7 @@ class SparseTensor24:
 
         self._check_layout()
         n, k = self.shape
-        if self.values.dtype == torch.int8 or self.scale is not None:
+        if self.values.dtype == torch.int8:
             from .quant import check_scale
 
             check_scale("SparseTensor24", "scale", self.scale, n)
@@ -105,7 +117,11 @@ class SparseTensor24:
                              f"{self.meta.dtype} {tuple(self.meta.shape)}")
         if self.meta.device != self.values.device:
             raise ValueError(f"SparseTensor24: values on {self.values.device} but meta on {self.meta.device}")
-        if self.values.dtype == torch.int8 or self.scale is not None:
+        if self.values.dtype != torch.int8 and self.scale is not None:
+            raise ValueError(f"SparseTensor24: a scale goes with int8 values (their per-row dequantization); "
+                             f"{str(self.values.dtype).replace('torch.', '')} values hold their magnitudes, and "
+                             "every op would ignore it")
+        if self.values.dtype == torch.int8:
             from .quant import check_scale
 
             check_scale("SparseTensor24", "scale", self.scale, n, values=False)

@@ -260,3 +260,80 @@ def test_torch_mask_used_for_fp32_on_gpu_matches_oracle():
         w[torch.rand(7, 23, generator=gen) < 0.1] = -0.0
         w[torch.rand(7, 23, generator=gen) < 0.1] = float("inf")
         assert np.array_equal(ops._mask_2to4_torch(w).numpy(), oracle.mask_2to4(w))
+
+
+def _weight_16x32(dtype=torch.float16):
+    return sparsegemm.compress(torch.randn(16, 32, generator=torch.Generator().manual_seed(5)).to(dtype), prune=True)
+
+
+@pytest.mark.parametrize("call", ["linear", "simt", "decompress", "grouped"])
+def test_metadata_on_another_device_than_the_values_is_refused(call):
+    # An assigned sw.meta on another device reached C++ as a pointer it could not read: a segfault
+    # (linear, grouped_linear), or values read from arbitrary memory (decompress).
+    sw = _weight_16x32()
+    x = torch.randn(3, 32, dtype=torch.float16)
+    sw.meta = sw.meta.to("meta")
+    run = {"linear": lambda: sparsegemm.linear(x, sw), "simt": lambda: sparsegemm.linear(x, sw, backend="simt"),
+           "decompress": lambda: sparsegemm.decompress(sw),
+           "grouped": lambda: sparsegemm.grouped_linear(x, torch.tensor([0, 3]), [sw])}[call]
+    with pytest.raises(ValueError, match=r"all tensors must be on one device, got .*meta on meta"):
+        run()
+
+
+def test_the_raw_ops_refuse_what_their_kernels_cannot_take():
+    w = torch.randn(16, 32, dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"sparsegemm.compress: w must have dtype in \(float32, float16, bfloat16\), "
+                                        r"got float64"):
+        torch.ops.sparsegemm.compress(w, True, "cpu")  # was a KeyError from the dtype table
+    with pytest.raises(ValueError, match=r"sparsegemm.compress: backend must be one of .* got 'tpu'"):
+        torch.ops.sparsegemm.compress(w.half(), True, "tpu")  # ran the CUDA branch
+    sw = _weight_16x32()
+    with pytest.raises(ValueError, match=r"the cuda backend runs on CUDA tensors, got tensors on cpu"):
+        torch.ops.sparsegemm.decompress(sw.values, sw.meta, 32, "cuda")
+
+
+def test_a_scale_beside_float_values_is_refused():
+    # It was checked, then ignored by every op.
+    sw = _weight_16x32()
+    with pytest.raises(ValueError, match="SparseTensor24: a scale goes with int8 values"):
+        sparsegemm.SparseTensor24(sw.values, sw.meta, sw.shape, torch.full((16,), 2.0))
+
+
+@pytest.mark.parametrize("shape", [(16, 32, 99), (16.9, 32.2), (16,), "16x32", (True, 32)])
+def test_sparse_tensor_shape_must_be_two_integers(shape):
+    sw = _weight_16x32()  # (16, 32, 99) and (16.9, 32.2) became (16, 32); (16,) an IndexError
+    with pytest.raises(ValueError, match=r"SparseTensor24: shape must be \(N, K\), two integers, got"):
+        sparsegemm.SparseTensor24(sw.values, sw.meta, shape)
+
+
+def test_sparse_tensor_parts_must_be_tensors():
+    sw = _weight_16x32()
+    with pytest.raises(TypeError, match="SparseTensor24: meta must be a tensor, got NoneType"):
+        sparsegemm.SparseTensor24(sw.values, None, sw.shape)
+    with pytest.raises(TypeError, match="SparseTensor24: values must be a tensor, got list"):
+        sparsegemm.SparseTensor24(sw.values.tolist(), sw.meta, sw.shape)
+
+
+def test_int8_argument_errors_name_the_op():
+    from sparsegemm import quant
+
+    w8 = quant.quantize_weight(torch.randn(16, 32))
+    x = torch.randn(3, 32)
+    pair = quant.quantize_activations(x)
+    with pytest.raises(ValueError, match="input_scale quantizes float activations, but x is already quantized"):
+        quant.linear_int8(pair, w8, out_dtype=torch.float32, input_scale=2.0)  # was dropped silently
+    with pytest.raises(TypeError, match=r"scale must be a positive number, got 'a'"):
+        quant.linear_int8(x, w8, input_scale="a")
+    with pytest.raises(ValueError, match=r"quantize_activations: x has no features to quantize \(K = 0\)"):
+        quant.quantize_activations(torch.ones(3, 0))
+    with pytest.raises(TypeError, match="sparsegemm.compress: prune must be True or False, got 'no'"):
+        sparsegemm.compress(torch.randn(16, 32), prune="no")
+
+
+def test_an_array_dlpack_cannot_carry_is_refused_by_name():
+    np = pytest.importorskip("numpy")
+    sw = _weight_16x32(torch.float32)
+    x = np.zeros((3, 32), dtype=">f4")  # big-endian: torch's from_dlpack raised a bare BufferError
+    with pytest.raises(TypeError, match=r"sparsegemm.linear: x \(ndarray of dtype >f4\) cannot be shared through "
+                                        r"DLPack"):
+        sparsegemm.linear(x, sw)
