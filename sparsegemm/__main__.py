@@ -111,9 +111,14 @@ def cmd_targets(args) -> int:
     if refusal:
         print(refusal, file=sys.stderr)
         return 2
-    env, verdicts = targets.run(args.device, quick=args.quick, progress=not args.no_progress)
-    _print_environment(env)
-    print(targets.markdown(verdicts))
+    def start(env: dict) -> None:
+        _print_environment(env)
+        print(targets.markdown_header(), flush=True)
+
+    # Row by row as judged: a run its time limit cuts short (the GPU suite's step) keeps its rows.
+    env, verdicts = targets.run(args.device, quick=args.quick, progress=not args.no_progress, on_environment=start,
+                                on_verdict=lambda v: print(targets.markdown_row(v), flush=True))
+    print("\n" + targets.markdown_summary(verdicts))
     if args.json:
         targets.write_json(env, verdicts, args.json)
     return 0

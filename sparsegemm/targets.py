@@ -20,7 +20,7 @@ On the CPU every figure is reported (the targets are GPU figures, and no CPU pea
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -129,13 +129,16 @@ def _a100_class(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) == (8, 0)
 
 
-def measure(device: torch.device, cases: Cases = Cases(), progress: bool = True) -> list:
-    """Every target's verdicts (:class:`Verdict`), in the issues' order."""
+def measure(device: torch.device, cases: Cases = Cases(), progress: bool = True,
+            on_verdict: Optional[Callable[[Verdict], None]] = None) -> list:
+    """Every target's verdicts (:class:`Verdict`), in the issues' order; ``on_verdict`` is called
+    with each as it is judged (the CLI prints it then, so that a run cut short by a time limit
+    still leaves what it measured)."""
     replay = bench.ReplayTimer(device)
     events = bench.Timer(device, warmup=3, repeats=20 if device.type == "cuda" else 5)
     large_threshold = LARGE_M_SPEEDUP if _a100_class(device) else float("nan")
     where = "A100-class" if _a100_class(device) else "reported off A100-class GPUs"
-    verdicts = []
+    verdicts = _Judged(on_verdict)
     jobs = [("decode", dt, m, n, k) for dt in cases.dtypes for m in cases.decode_ms
             for n in cases.decode_sides for k in cases.decode_sides]
     jobs += [("decode", "int8", m, n, k) for m in cases.decode_ms_int8 for n in cases.decode_sides
@@ -187,7 +190,24 @@ def measure(device: torch.device, cases: Cases = Cases(), progress: bool = True)
                                                f"{row.ms * 1e3:.1f} us, {row.gbps:.1f} GB/s", [row]))
         else:
             verdicts.extend(_mlp_verdicts(device, dtype, cases, events))
-    return verdicts
+    return list(verdicts)
+
+
+class _Judged(list):
+    """measure's verdicts: a list that hands each one to a callback as it is added."""
+
+    def __init__(self, on_verdict: Optional[Callable[[Verdict], None]]):
+        super().__init__()
+        self.on_verdict = on_verdict
+
+    def append(self, verdict: Verdict) -> None:
+        super().append(verdict)
+        if self.on_verdict is not None:
+            self.on_verdict(verdict)
+
+    def extend(self, verdicts) -> None:
+        for verdict in verdicts:
+            self.append(verdict)
 
 
 def _bandwidth_verdict(issue: str, what: str, threshold: float, case: str, row, detail: str, rows: list) -> Verdict:
@@ -224,13 +244,18 @@ def _mlp_verdicts(device: torch.device, dtype: str, cases: Cases, timer) -> list
     return out
 
 
-def markdown(verdicts: list) -> str:
-    """One table: issue, target, case, figure, verdict, detail; then a count per target."""
-    out = ["| issue | target | case | measured | verdict | detail |", "|---|---|---|---|---|---|"]
-    for v in verdicts:
-        value = "n/a" if v.value != v.value else (f"{v.value:.2e}" if v.unit == "rel. error" else f"{v.value:.2f}")
-        out.append(f"| {v.issue} | {v.target} | {v.case} | {value} {v.unit} | {v.verdict} | {v.detail} |")
-    out.append("")
+def markdown_header() -> str:
+    return "| issue | target | case | measured | verdict | detail |\n|---|---|---|---|---|---|"
+
+
+def markdown_row(v: Verdict) -> str:
+    value = "n/a" if v.value != v.value else (f"{v.value:.2e}" if v.unit == "rel. error" else f"{v.value:.2f}")
+    return f"| {v.issue} | {v.target} | {v.case} | {value} {v.unit} | {v.verdict} | {v.detail} |"
+
+
+def markdown_summary(verdicts: list) -> str:
+    """A count of verdicts per target."""
+    out = []
     for target in dict.fromkeys(v.target for v in verdicts):
         group = [v for v in verdicts if v.target == target]
         counts = {word: sum(v.verdict == word for v in group) for word in ("met", "missed", "reported", "not measured")}
@@ -238,12 +263,23 @@ def markdown(verdicts: list) -> str:
     return "\n".join(out)
 
 
+def markdown(verdicts: list) -> str:
+    """One table: issue, target, case, figure, verdict, detail; then a count per target."""
+    return "\n".join([markdown_header(), *map(markdown_row, verdicts), "", markdown_summary(verdicts)])
+
+
 def write_json(env: dict, verdicts: list, path: str) -> None:
     """The verdicts with their bench rows and the environment (bench.write_json: NaN as null)."""
     bench.write_json(path, {"environment": env, "verdicts": [asdict(v) for v in verdicts]})
 
 
-def run(device: Optional[str] = None, quick: bool = False, progress: bool = True) -> tuple:
-    """(environment, verdicts) on ``device`` (default: cuda when available)."""
+def run(device: Optional[str] = None, quick: bool = False, progress: bool = True,
+        on_environment: Optional[Callable[[dict], None]] = None,
+        on_verdict: Optional[Callable[[Verdict], None]] = None) -> tuple:
+    """(environment, verdicts) on ``device`` (default: cuda when available); the callbacks get the
+    environment before anything is measured, and each verdict as it is judged."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return bench.environment(dev), measure(dev, Cases.quick(dev) if quick else Cases(), progress)
+    env = bench.environment(dev)
+    if on_environment is not None:
+        on_environment(env)
+    return env, measure(dev, Cases.quick(dev) if quick else Cases(), progress, on_verdict)

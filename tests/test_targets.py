@@ -19,7 +19,9 @@ def test_judge():
 
 
 def test_every_case_is_measured_and_reported_on_the_cpu(tmp_path):
-    verdicts = targets.measure(torch.device("cpu"), TINY, progress=False)
+    streamed = []
+    verdicts = targets.measure(torch.device("cpu"), TINY, progress=False, on_verdict=streamed.append)
+    assert streamed == verdicts  # each handed on as judged, in order (the CLI prints them so)
     decode = [v for v in verdicts if v.target.startswith("decode")]
     # fp16 and bf16 at M in {1, 3}, INT8 at M = 2.
     assert [v.case for v in decode] == ["float16 1 x 64 x 64", "float16 3 x 64 x 64", "bfloat16 1 x 64 x 64",
@@ -90,12 +92,16 @@ def test_command_line_prints_and_writes_the_verdicts(monkeypatch, tmp_path, caps
                               80.0, "missed", "20.0 us")
     seen = {}
 
-    def run(device, quick, progress):
+    def run(device, quick, progress, on_environment, on_verdict):
         seen.update(device=device, quick=quick, progress=progress)
+        on_environment({"device": "test"})
+        on_verdict(verdict)
         return {"device": "test"}, [verdict]
 
     monkeypatch.setattr(targets, "run", run)
     assert main(["targets", "--quick", "--device", "cpu", "--no-progress", "--json", str(tmp_path / "v.json")]) == 0
     assert seen == {"device": "cpu", "quick": True, "progress": False}
-    assert "| float16 1 x 8 x 8 | 61.50 % of peak | missed | 20.0 us |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert out.index("device=test") < out.index("| issue |") < out.index("| float16 1 x 8 x 8 | 61.50 % of peak | "
+                                                                          "missed | 20.0 us |") < out.index("- decode")
     assert json.loads((tmp_path / "v.json").read_text())["verdicts"][0]["verdict"] == "missed"
