@@ -48,11 +48,12 @@ class _SparseWeight(nn.Module):
 
     quantize: Optional[str] = None  # "int8": int8 values with a per-row scale (SparseLinear only)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, input: Tensor) -> Tensor:  # noqa: A002  nn.Linear's name: models call fc(input=x)
         # Under torch.autocast, nn.Linear and nn.Conv2d compute in autocast's dtype. A compressed
         # weight has one dtype, which is not converted at every call: the layer computes in it (an
         # INT8 layer: in its bias's dtype, or autocast's without a bias), with x cast to it and
         # autocast off inside, so that the result is the one the layer gives outside autocast.
+        x = input
         if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
             if self.quantize != "int8":
                 dtype = self.values.dtype
@@ -436,9 +437,9 @@ class SparseLinear(_SparseWeight):
                                   plan.activation, y)
         return y if x.dim() == 2 else y.view(*x.shape[:-1], plan.out_features)
 
-    def forward(self, x: Tensor) -> Tensor:
-        y = self._eager_forward(x)
-        return y if y is not None else super().forward(x)
+    def forward(self, input: Tensor) -> Tensor:  # noqa: A002  nn.Linear's name
+        y = self._eager_forward(input)
+        return y if y is not None else super().forward(input)
 
     def _forward(self, x: Tensor) -> Tensor:
         if self.quantize == "int8":

@@ -20,6 +20,7 @@ as in :class:`sparsegemm.SparseConv1d`).
 """
 from __future__ import annotations
 
+import collections
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -137,13 +138,15 @@ def prunable_layers(model: nn.Module, filter_fn: Optional[Callable[[str, nn.Modu
     suits: grouped, depthwise and non-zero-padded convs are left out (SparseConv1d / SparseConv2d
     cannot take them), and so are layers whose weight is no parameter (torch.nn.utils.weight_norm's
     old form computes it from weight_g and weight_v in a hook: no mask can be attached to it),
-    uninitialized lazy layers (:func:`sparsegemm.nn.weight_skip_reason`) and whatever
-    ``filter_fn(name, module)`` rejects."""
+    uninitialized lazy layers (:func:`sparsegemm.nn.weight_skip_reason`), layers whose weight is
+    shared (tied: each holder would mask it its own way, and the masks compound; sparsify leaves
+    them dense too) and whatever ``filter_fn(name, module)`` rejects."""
     layers = []
+    holders = collections.Counter(id(t) for _, t in model.named_parameters(remove_duplicate=False))
     for name, mod in model.named_modules():
         if isinstance(mod, (nn.Conv1d, nn.Conv2d)) and conv_skip_reason(mod) is not None:
             continue
-        if weight_skip_reason(mod) is not None:
+        if weight_skip_reason(mod) is not None or holders[id(_original_weight(mod))] > 1:
             continue
         if (isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d)) or is_conv1d(mod)) and (
                 filter_fn is None or filter_fn(name, mod)):
@@ -170,8 +173,9 @@ def _force_share(module: nn.Module, share: float) -> None:
     """Make at least ``share`` of the module's 2:4 groups exactly 2:4, never undoing earlier ones.
 
     A group counts as done when its mask keeps at most two weights (a trailing partial group of at
-    most two counts from the start). The groups added are those whose magnitude 2:4 pattern drops
-    the least ``|w|``; ties go to the lower (row, group) index, so the choice is deterministic.
+    most two counts from the start). The groups added are those whose magnitude 2:4 pattern (the two
+    largest ``|w|`` the mask still keeps) drops the least ``|w|``; ties go to the lower (row, group)
+    index, so the choice is deterministic.
     """
     holder = module.parametrizations.weight
     found = _mask_of(module)
@@ -188,8 +192,11 @@ def _force_share(module: nn.Module, share: float) -> None:
         need = target - int(done.sum())
         if need <= 0:
             return
-        pattern = _groups(mask_2to4(_layer_gemm_view(module, weight).float()))
-        dropped = (w * ~pattern).sum(-1).masked_fill(done, math.inf).flatten()
+        # The two largest |w| among what the mask still keeps (of all four, a mask keeping three
+        # could lose one of them to a weight it dropped already, leaving one).
+        kp = fmt.padded_k(k)
+        pattern = _top2_per_group(w.view(n, kp), mask.view(n, kp)).view(mask.shape)
+        dropped = (w * (mask & ~pattern)).sum(-1).masked_fill(done, math.inf).flatten()
         chosen = torch.argsort(dropped, stable=True)[:need]
         flat = mask.view(-1, 4)
         flat[chosen] &= pattern.view(-1, 4)[chosen]
@@ -309,40 +316,49 @@ class _FirstBlockReached(Exception):
 
 def _prune_block_by_block(op: str, model: nn.Module, layers: list, batches: list, blocks: list,
                           prune_group: Callable, show_progress: bool) -> list:
-    """prune_one_shot's ``blocks`` mode: prunes the layers inside ``blocks`` (see there) and returns
-    those of ``layers`` outside them."""
+    """prune_one_shot's ``blocks`` mode: prunes the layers inside ``blocks`` (see there) and those
+    that run before the first one, and returns the rest of ``layers`` (outside the blocks, after
+    them: a language model's head)."""
     if not blocks:
         raise ValueError(f"{op}: blocks is empty")
     owner = {id(mod): name for name, mod in model.named_modules()}
     for index, block in enumerate(blocks):
         if id(block) not in owner:
             raise ValueError(f"{op}: blocks[{index}] ({type(block).__name__}) is not a module of the model")
+    prefixes = tuple(owner[id(block)] + "." for block in blocks)
+    outside = [(name, mod) for name, mod in layers
+               if not name.startswith(prefixes) and not any(mod is block for block in blocks)]
     recorded = []
 
-    def record(module, args, kwargs):
+    def record(args, kwargs):
         if not args or not isinstance(args[0], Tensor):
             raise ValueError(f"{op}: the first block was called without the hidden state as its first positional "
                              f"argument")
         recorded.append((list(args), kwargs))
-        raise _FirstBlockReached
 
-    handle = blocks[0].register_forward_pre_hook(record, with_kwargs=True)
+    # Layers that run before the first block (a stem: a patch embedding, a convolutional front end),
+    # seen in the recording pass, are pruned first, each on passes that stop at the first block; then
+    # the first block's inputs are recorded again, so that the blocks calibrate on what the pruned
+    # stem gives them, as layer by layer they would.
+    called = set()
+    hooks = [mod.register_forward_pre_hook(lambda module, args, name=name: called.add(name)) for name, mod in outside]
     try:
-        for batch in batches:
-            try:
-                _run_batches(model, [batch])
-            except _FirstBlockReached:
-                pass
+        _run_to_block(model, batches, blocks[0], record)
     finally:
-        handle.remove()
+        for hook in hooks:
+            hook.remove()
     if len(recorded) != len(batches):
         raise ValueError(f"{op}: the model reached the first block ({owner[id(blocks[0])]!r}) in "
                          f"{len(recorded)} of {len(batches)} calibration batches")
-    inside = set()
+    stem = [(name, mod) for name, mod in outside if name in called]
+    if stem:
+        for layer in stem:
+            prune_group([layer], lambda: _run_to_block(model, batches, blocks[0]))
+        recorded.clear()
+        _run_to_block(model, batches, blocks[0], record)
     for block in progress_bar(blocks, "prune", "block", show_progress):
         prefix = owner[id(block)] + "."
         block_layers = [(name, mod) for name, mod in layers if name.startswith(prefix) or mod is block]
-        inside.update(name for name, _ in block_layers)
 
         def run_block(block=block):
             for args, kwargs in recorded:
@@ -353,7 +369,27 @@ def _prune_block_by_block(op: str, model: nn.Module, layers: list, batches: list
         for args, kwargs in recorded:
             out = block(*args, **kwargs)
             args[0] = out[0] if isinstance(out, (tuple, list)) else out
-    return [(name, mod) for name, mod in layers if name not in inside]
+    return [(name, mod) for name, mod in outside if name not in called]
+
+
+def _run_to_block(model: nn.Module, batches: list, block: nn.Module,
+                  record: Optional[Callable[[tuple, dict], None]] = None) -> None:
+    """Runs ``model`` on each batch up to ``block``, which is not run: the pass stops there (the rest
+    is not needed); ``record(args, kwargs)`` gets the block's inputs each time."""
+    def stop(module, args, kwargs):
+        if record is not None:
+            record(args, kwargs)
+        raise _FirstBlockReached
+
+    handle = block.register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        for batch in batches:
+            try:
+                _run_batches(model, [batch])
+            except _FirstBlockReached:
+                pass
+    finally:
+        handle.remove()
 
 
 def _check_sparsegpt_settings(op: str, damp: float, block_size: int) -> None:
@@ -464,16 +500,23 @@ def _pad_k(t: Tensor, kp: int, dims: int = 1) -> Tensor:
 
 def _prune_calibrated(name: str, module: nn.Module, stats: _InputStats, method: str, damp: float,
                       block_size: int) -> float:
-    found = _attach(module)
-    original = module.parametrizations.weight.original
+    if not bool(stats.sums.any()):
+        # Every score would be zero: wanda would keep positions 0 and 1 whatever |w|, sparsegpt
+        # count every input dead and zero the whole weight.
+        raise ValueError(f"sparsegemm.prune.prune_one_shot: layer {name!r} got only zero inputs from the "
+                         f"calibration batches, which rank none of its weights: calibrate on data that reaches it, "
+                         f"or leave it to magnitude pruning (filter_fn here, then method='magnitude')")
+    existing = _mask_of(module)
+    original = _original_weight(module)
     with torch.no_grad():
+        keep = existing.mask if existing is not None else torch.ones_like(original, dtype=torch.bool)
         # The weight the layer computes with: values an earlier mask removed are zeros, however the
         # optimizer moved their originals since.
-        live = torch.where(found.mask, original, torch.zeros((), dtype=original.dtype, device=original.device))
+        live = torch.where(keep, original, torch.zeros((), dtype=original.dtype, device=original.device))
         weight = _layer_gemm_view(module, live).to(torch.float64)
         n, k = weight.shape
         kp = fmt.padded_k(k)
-        allowed = _pad_k(_layer_gemm_view(module, found.mask), kp)  # the pad columns: never kept
+        allowed = _pad_k(_layer_gemm_view(module, keep), kp)  # the pad columns: never kept
         weight = _pad_k(weight, kp)
         if method == "wanda":
             mask = _top2_per_group(weight.abs() * _pad_k(stats.sums.sqrt(), kp), allowed)
@@ -483,8 +526,10 @@ def _prune_calibrated(name: str, module: nn.Module, stats: _InputStats, method: 
                                               name=name)
         before = weight.abs().sum()
         kept = float((weight.abs() * mask).sum() / before) if before > 0 else 1.0
-        found.mask.copy_(_layer_from_gemm_view(module, mask[:, :k], original.shape))
-        original.copy_(_layer_from_gemm_view(module, new_weight[:, :k].to(original.dtype), original.shape))
+        # Attached once the mask is known: a layer whose computation fails is left as it was.
+        _attach(module).mask.copy_(_layer_from_gemm_view(module, mask[:, :k], original.shape))
+        module.parametrizations.weight.original.copy_(
+            _layer_from_gemm_view(module, new_weight[:, :k].to(original.dtype), original.shape))
     return kept
 
 
@@ -736,7 +781,9 @@ def find_channel_pairs(model: nn.Module) -> list[ChannelPair]:
         if not isinstance(seq, nn.Sequential):
             continue
         prefix = f"{seq_name}." if seq_name else ""
-        children = list(seq.named_children())
+        # Every entry, a module registered twice included (named_children drops the repeat: a shared
+        # LayerNorm between two pairs vanished from the second); permute_channels refuses those.
+        children = [(name, child) for name, child in seq._modules.items() if child is not None]
         for i, (pname, producer) in enumerate(children):
             if type(producer) not in (nn.Linear, nn.Conv2d):
                 continue
@@ -819,9 +866,30 @@ def _channel_matrix(consumer: nn.Module) -> Tensor:
     return w.permute(0, 2, 3, 1).reshape(-1, w.shape[1]) if w.dim() == 4 else w
 
 
-def _pair_skip_reason(producer: nn.Module, consumer: nn.Module, between: list) -> str:
+def _shared_names(model: nn.Module) -> tuple:
+    """(ids of the modules ``model`` holds in more than one place, ids of the tensors it holds under
+    more than one name): permuting one of those in place would change its other uses too."""
+    modules = collections.Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+    tensors = collections.Counter(id(t) for _, t in model.named_parameters(remove_duplicate=False))
+    tensors.update(id(t) for _, t in model.named_buffers(remove_duplicate=False))
+    return {i for i, n in modules.items() if n > 1}, {i for i, n in tensors.items() if n > 1}
+
+
+def _pair_skip_reason(producer: nn.Module, consumer: nn.Module, between: list, shared: tuple) -> str:
     if _mask_of(producer) is not None or _mask_of(consumer) is not None:
         return "already masked: permute channels before pruning"
+    for role, mod in (("producer", producer), ("consumer", consumer)):
+        reason = weight_skip_reason(mod)
+        if reason:  # a hook recomputes the weight: the permuted copy would be lost, the other side kept
+            return f"{role}: {reason}"
+    shared_modules, shared_tensors = shared
+    for mod in (producer, consumer, *between):
+        if id(mod) in shared_modules:
+            return f"{type(mod).__name__} is used in more than one place: permuting it would change its other uses"
+        tensors = [t for t in (*mod.parameters(recurse=False), *mod.buffers(recurse=False))]
+        if any(id(t) in shared_tensors for t in tensors):
+            return (f"{type(mod).__name__} shares a tensor with another module (tied weights): permuting it would "
+                    "change the other module too")
     if type(producer) not in (nn.Linear, nn.Conv2d) or type(consumer) is not type(producer):
         return (f"needs Linear -> Linear or Conv2d -> Conv2d, got {type(producer).__name__} -> "
                 f"{type(consumer).__name__}")
@@ -860,11 +928,12 @@ def permute_channels(model: nn.Module, pairs: Optional[list[ChannelPair]] = None
     reported with the reason and left alone.
     """
     report = PermutationReport()
+    shared = _shared_names(model)
     for pair in find_channel_pairs(model) if pairs is None else pairs:
         producer, consumer = model.get_submodule(pair.producer), model.get_submodule(pair.consumer)
         between = [model.get_submodule(name) for name in pair.between]
         channels = consumer.nx if is_conv1d(consumer) else consumer.weight.shape[1]
-        reason = _pair_skip_reason(producer, consumer, between)
+        reason = _pair_skip_reason(producer, consumer, between, shared)
         if reason:
             report.pairs.append(PairReport(pair, channels, 0.0, 0.0, 0, reason))
             continue

@@ -309,10 +309,15 @@ class Int8Calibrator:
     def __init__(self, model: nn.Module, modules: Optional[Iterable[str]] = None):
         from .nn import SparseExperts, SparseLinear
 
+        if isinstance(modules, str):  # would be taken as a set of one-letter names
+            raise TypeError(f"Int8Calibrator: modules must be layer names (a list), got the string {modules!r}")
         wanted = None if modules is None else set(modules)
         self.layers = {name: mod for name, mod in model.named_modules()
                        if isinstance(mod, SparseLinear) and mod.quantize == "int8"
                        and (wanted is None or name in wanted)}
+        unknown = sorted((wanted or set()) - set(self.layers))
+        if unknown:
+            raise ValueError(f"Int8Calibrator: modules {unknown[:5]} are not int8 SparseLinear layers of the model")
         if not self.layers:
             raise ValueError("Int8Calibrator: the model has no int8 SparseLinear layers "
                              "(convert with sparsify(..., quantize='int8') first)")
@@ -358,6 +363,10 @@ class Int8Calibrator:
         if missing:
             raise ValueError(f"Int8Calibrator: no batch reached layers {missing[:5]}; run the model inside "
                              "`with calibrator:` first")
+        zeros = sorted(name for name, a in amax.items() if a == 0)
+        if zeros:  # amax 0 would give scale 1: real inputs then saturate or vanish (29% off a 128 x 128 layer)
+            raise ValueError(f"Int8Calibrator: layers {zeros[:5]} saw only zeros (or empty batches), which set no "
+                             "scale: calibrate on data that reaches them, or leave them dynamic (modules=)")
         return {name: float(_row_scale(torch.tensor(a, dtype=torch.float32))) for name, a in amax.items()}
 
     def apply(self) -> dict:

@@ -1714,3 +1714,18 @@ def test_an_int8_layers_dense_size_is_one_figure_everywhere(tmp_path):
     loaded = sparsegemm.load(tmp_path / "q.safetensors", nn.Sequential(nn.Linear(128, 64, bias=False),
                                                                         nn.Linear(128, 64)))
     assert loaded[0].dense_dtype() == torch.float32
+
+
+def test_a_converted_layer_takes_its_input_by_nn_linears_keyword():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(64, 64)
+
+        def forward(self, x):
+            return self.fc(input=x)  # SparseLinear.forward's argument was x: TypeError
+
+    model = Model()
+    x = torch.randn(2, 64)
+    sparsegemm.sparsify(model)
+    assert torch.equal(model(x), model.fc(x))

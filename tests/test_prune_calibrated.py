@@ -375,3 +375,95 @@ def test_calibrated_pruning_errors():
     with pytest.raises(ValueError, match=r"reached the first block \('spare'\) in 0 of 1 calibration batches"):
         P.prune_one_shot(unused, method="wanda", calibration=ids, blocks=[unused["spare"]])
     assert all(not mod._forward_pre_hooks for mod in unused.modules()) and not P.masked_layers(lm)
+
+
+def test_tied_weights_are_not_masked_twice():
+    # Each holder masked the shared weight its own way: remove_masks baked one mask and the other
+    # applied on top (fewer than two kept a group, another function).
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 64)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.c(self.b(torch.relu(self.a(x))))
+
+    model = Tied()
+    assert [name for name, _ in P.prunable_layers(model)] == ["c"]
+    assert list(P.prune_one_shot(model, method="wanda", calibration=[torch.randn(32, 64)])) == ["c"]
+
+
+def test_blocks_prune_a_stem_before_the_blocks_as_layer_by_layer():
+    # A layer before the first block (a ViT patch embedding, Whisper's conv stem) was pruned after the
+    # blocks had calibrated on its unpruned output: the masks differed from layer by layer's.
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(64, 128), nn.Linear(128, 64)
+
+        def forward(self, h):
+            return h + self.fc2(torch.relu(self.fc1(h)))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.layers, self.head = nn.Linear(32, 64), nn.ModuleList([Block(), Block()]), nn.Linear(64, 16)
+
+        def forward(self, x):
+            h = self.stem(x)
+            for block in self.layers:
+                h = block(h)
+            return self.head(h)
+
+    torch.manual_seed(31)
+    by_layer = Net().eval()
+    by_block = copy.deepcopy(by_layer)
+    batches = [torch.randn(16, 32) for _ in range(3)]
+    P.prune_one_shot(by_layer, method="sparsegpt", calibration=batches)
+    P.prune_one_shot(by_block, method="sparsegpt", calibration=batches, blocks=by_block.layers)
+    for (name, mask), (_, other) in zip(P.masked_layers(by_layer).items(), P.masked_layers(by_block).items()):
+        assert torch.equal(mask, other), name
+    for (name, a), (_, b) in zip(by_layer.named_parameters(), by_block.named_parameters()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_calibration_that_reaches_a_layer_as_zeros_is_refused(method):
+    # sparsegpt zeroed the whole weight (every input dead) and reported half of it kept; wanda kept
+    # positions 0 and 1 of every group whatever |w|.
+    model = nn.Sequential(nn.Linear(64, 64))
+    with pytest.raises(ValueError, match=r"layer '0' got only zero inputs from the calibration batches"):
+        P.prune_one_shot(model, method=method, calibration=torch.zeros(8, 64))
+    assert not P.masked_layers(model)  # left as it was, no mask attached
+
+
+def test_magnitude_completes_a_partial_mask_from_what_it_keeps():
+    # A loaded mask keeping three of a group: the top two of all four (5.0 among them, already
+    # dropped) left one weight.
+    model = nn.Sequential(nn.Linear(4, 1, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[0.1, 0.2, 0.3, 5.0]]))
+    P.GradualPruner(model, end_step=10)
+    P.masked_layers(model)["0"].copy_(torch.tensor([[True, True, True, False]]))
+    P.prune_one_shot(model)
+    assert P.masked_layers(model)["0"].tolist() == [[False, True, True, False]]
+
+
+def test_permute_channels_leaves_shared_and_hook_computed_layers():
+    x = torch.randn(8, 64)
+    relu = nn.ReLU()
+    a, b = nn.Linear(64, 64), nn.Linear(64, 64)
+    reused = nn.Sequential(a, relu, b, relu, a)  # a runs twice: its rows feed b and the output
+    tied = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    tied[4].weight = tied[0].weight
+    hooked = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32)).eval()
+    nn.utils.spectral_norm(hooked[2])
+    hooked(x)
+    for model, reason in ((reused, "Linear is used in more than one place"),
+                          (tied, "shares a tensor with another module (tied weights)"),
+                          (hooked, "consumer: its weight is no parameter (forward pre-hooks: SpectralNorm)")):
+        want = model(x)
+        report = P.permute_channels(model)
+        assert report.pairs and all(reason in pair.skipped for pair in report.pairs), str(report)
+        assert torch.allclose(model(x), want, atol=1e-6)  # changed the function by up to 15.6
