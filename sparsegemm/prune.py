@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -672,12 +673,17 @@ class GradualPruner:
     ``end_step = 0`` prunes everything on construction (one shot).
 
     State: the masks live in ``model.state_dict()`` and the step count in this object's
-    ``state_dict()``. To resume, build the model and a GradualPruner with the same arguments (this
-    attaches the masks), then load both.
+    ``state_dict()``. To resume, build the model, a GradualPruner with the same arguments (this
+    attaches the masks) and the optimizer in the order the first run built them (attaching the
+    masks reorders ``model.parameters()``, which an optimizer's state follows by position), then
+    load all three.
     """
 
     def __init__(self, model: nn.Module, end_step: int, *, start_step: int = 0, frequency: int = 1,
                  initial_share: float = 0.0, filter_fn: Optional[Callable[[str, nn.Module], bool]] = None):
+        for name, value in (("end_step", end_step), ("start_step", start_step), ("frequency", frequency)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"GradualPruner: {name} must be an integer, got {value!r}")
         if not 0 <= start_step <= end_step:
             raise ValueError(f"GradualPruner: need 0 <= start_step <= end_step, got start_step={start_step}, "
                              f"end_step={end_step}")
@@ -698,7 +704,9 @@ class GradualPruner:
 
     @property
     def share(self) -> float:
-        """The share of groups the schedule asks for now."""
+        """The share of groups the schedule asks for now (none before ``start_step``)."""
+        if self.step_count < self.start_step:
+            return 0.0
         return cubic_share(self.step_count, self.start_step, self.end_step, self.initial_share)
 
     @property
@@ -722,7 +730,11 @@ class GradualPruner:
         return {"step_count": self.step_count}
 
     def load_state_dict(self, state: dict) -> None:
-        self.step_count = int(state["step_count"])
+        count = state.get("step_count") if isinstance(state, dict) else None
+        if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 0:
+            raise ValueError(f"GradualPruner.load_state_dict: expected {{'step_count': a count >= 0}} (what "
+                             f"state_dict() gives), got {state!r}")
+        self.step_count = int(count)
 
 
 # ---------------------------------------------------------------------------------------------

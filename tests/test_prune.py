@@ -362,3 +362,17 @@ def test_permutation_skips_what_it_cannot_permute():
     layer_norm_between = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 4))
     report = P.permute_channels(layer_norm_between, [P.ChannelPair("0", "2", ("1",))])
     assert "LayerNorm between them is not channel-wise" in report.pairs[0].skipped
+
+
+def test_gradual_pruner_arguments_and_state_are_checked():
+    model = nn.Sequential(nn.Linear(16, 16))
+    for kwargs in ({"end_step": 5.5}, {"end_step": 5, "frequency": 2.5}, {"end_step": True}):
+        with pytest.raises(TypeError, match="GradualPruner: .* must be an integer"):
+            P.GradualPruner(copy.deepcopy(model), **kwargs)
+    pruner = P.GradualPruner(model, end_step=10, start_step=4, initial_share=0.5)
+    assert pruner.share == 0.0 and not P.masked_layers(model)["0"].logical_not().any()  # nothing before start_step
+    for state in ({}, {"step_count": -3}, {"step_count": "2"}):
+        with pytest.raises(ValueError, match=r"expected \{'step_count': a count >= 0\}"):
+            pruner.load_state_dict(state)
+    pruner.load_state_dict({"step_count": 4})
+    assert pruner.share == 0.5
