@@ -469,12 +469,18 @@ def _check_operands(op: str, backend: str, k: int, values: Optional[Tensor], met
         refuse(f"k must be a positive int, got {k!r}")
     # One device, the backend's: a metadata tensor moved (or assigned) apart from its values handed
     # the C++ side a pointer of another device (a crash, or results read from arbitrary memory).
-    check_same_device(op, values=values, meta=meta, kernel_meta=kernel_meta, bias=bias, w_scale=w_scale, x=x,
-                      x_scale=x_scale)
-    device = next((t.device for t in (values, meta, x) if t is not None), None)
-    if device is not None and (device.type == "cuda") != (backend == "cuda"):
-        refuse(f"the {backend} backend runs on {'CUDA' if backend == 'cuda' else 'CPU'} tensors, got tensors on "
-               f"{device}")
+    # One device read and a comparison per tensor: the functional API's calls all pass here.
+    device = None
+    for t in (values, meta, kernel_meta, bias, w_scale, x, x_scale):
+        if t is not None:
+            if device is None:
+                device = t.device
+                if (device.type == "cuda") != (backend == "cuda"):
+                    refuse(f"the {backend} backend runs on {'CUDA' if backend == 'cuda' else 'CPU'} tensors, got "
+                           f"tensors on {device}")
+            elif t.device != device:
+                check_same_device(op, values=values, meta=meta, kernel_meta=kernel_meta, bias=bias, w_scale=w_scale,
+                                  x=x, x_scale=x_scale)  # names every tensor's device
     if values is not None:
         if values.dim() != 2 or values.shape[1] != fmt.values_cols(k):
             refuse(f"values must be [N, {fmt.values_cols(k)}] for K = {k}, got {tuple(values.shape)}")

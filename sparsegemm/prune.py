@@ -824,6 +824,9 @@ def search_permutation(matrix: Tensor, max_swaps: Optional[int] = None) -> tuple
     if c % 4:
         raise ValueError(f"search_permutation: the number of columns must be a multiple of 4, got {c}")
     a = matrix.detach().to("cpu", torch.float64).abs()
+    if not bool(torch.isfinite(a).all()):  # NaN gains never compare: it swapped until max_swaps
+        raise ValueError("search_permutation: the matrix holds NaN or inf, which no channel order keeps more or "
+                         "less of")
     a_by_column = a.T.contiguous()  # [C, R]: the sums over rows run along contiguous memory
     g = c // 4
     perm = torch.arange(c)
@@ -913,6 +916,8 @@ def _pair_skip_reason(producer: nn.Module, consumer: nn.Module, between: list, s
         return f"producer gives {produced} channels, consumer takes {consumed}"
     if consumed % 4:
         return f"{consumed} channels is not a multiple of 4 (2:4 groups would straddle taps or the tail)"
+    if consumer.weight.device.type == "meta" or not bool(torch.isfinite(consumer.weight).all()):
+        return "the consumer's weight holds no finite values (NaN, inf, or on the meta device)"
     for mod in between:
         if not isinstance(mod, _CHANNELWISE):
             return f"{type(mod).__name__} between them is not channel-wise"

@@ -376,3 +376,16 @@ def test_gradual_pruner_arguments_and_state_are_checked():
             pruner.load_state_dict(state)
     pruner.load_state_dict({"step_count": 4})
     assert pruner.share == 0.5
+
+
+def test_permutation_search_refuses_non_finite_weights():
+    # NaN gains never compare: the search swapped until max_swaps.
+    matrix = torch.randn(8, 16)
+    matrix[2, 5] = float("nan")
+    with pytest.raises(ValueError, match="search_permutation: the matrix holds NaN or inf"):
+        P.search_permutation(matrix)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
+    with torch.no_grad():
+        model[2].weight[0, 0] = float("inf")
+    (pair,) = P.permute_channels(model).pairs
+    assert pair.skipped == "the consumer's weight holds no finite values (NaN, inf, or on the meta device)"
