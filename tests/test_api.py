@@ -337,3 +337,16 @@ def test_an_array_dlpack_cannot_carry_is_refused_by_name():
     with pytest.raises(TypeError, match=r"sparsegemm.linear: x \(ndarray of dtype >f4\) cannot be shared through "
                                         r"DLPack"):
         sparsegemm.linear(x, sw)
+
+
+@pytest.mark.parametrize("dtype, bits", [(torch.bfloat16, 0x7F81), (torch.float16, 0x7C01)])
+def test_the_oracle_moves_signalling_nans_as_bits(dtype, bits):
+    # A gather in the float dtype quieted them (bf16 0x7F81 -> 0xFFFF): a false mismatch against the
+    # kernels, which keep every bit.
+    w = torch.tensor([[bits, 0, 0, 0x3C00 if dtype == torch.float16 else 0x3F80]], dtype=torch.int16).view(dtype)
+    values, meta = oracle.compress(w, prune=True)
+    ours = sparsegemm.compress(w, prune=True)
+    assert torch.equal(values.view(torch.int16), ours.values.view(torch.int16)) and torch.equal(meta, ours.meta)
+    assert int(values.view(torch.int16)[0, 0]) == bits
+    back = oracle.decompress(values, meta, 4)
+    assert torch.equal(back.view(torch.int16), w.view(torch.int16))
