@@ -1062,7 +1062,11 @@ class SparseConv2d(_SparseWeight):
             ops._check_operands(op, "cpu", k, self.values, self.metadata, bias=self.bias)
             (_, matrix), = ops._decompressed_tiles(self.values.detach().contiguous(), self.metadata.contiguous(), k, 0)
             weight = matrix.view(self.out_channels, kh, kw, c).permute(0, 3, 1, 2)
-            return torch.nn.functional.conv2d(x, weight, self.bias, taps.stride, taps.padding, taps.dilation)
+            # Dilation along a one-tap side changes nothing, and torch 2.13's CPU convolution of a
+            # channels_last input one pixel wide crashed on it (a segfault: a (3, 1) kernel, dilation
+            # (2, 3), padding (1, 3)).
+            dilation = tuple(1 if taps_k == 1 else d for taps_k, d in zip(taps.kernel_size, taps.dilation))
+            return torch.nn.functional.conv2d(x, weight, self.bias, taps.stride, taps.padding, dilation)
         # Inference: the patch matrix (kh * kw times the input, for a 3 x 3 layer) is gathered a chunk
         # at a time into a reused scratch of ops._CPU_TILE_BYTES (or one output row, if larger),
         # which the GEMM then reads from cache: memory stays bounded at any image size, and no call

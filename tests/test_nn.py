@@ -1729,3 +1729,26 @@ def test_a_converted_layer_takes_its_input_by_nn_linears_keyword():
     x = torch.randn(2, 64)
     sparsegemm.sparsify(model)
     assert torch.equal(model(x), model.fc(x))
+
+
+def test_a_one_tap_side_dilated_does_not_crash_the_cpu_convolution(tmp_path):
+    # torch 2.13's CPU convolution segfaults on this channels_last input one pixel wide with a
+    # dilated one-tap kernel side, which the large-M path handed it as is: run in a child process.
+    code = """
+import torch, torch.nn as nn, sparsegemm
+torch.manual_seed(0)
+conv = nn.Conv2d(5, 40, (3, 1), stride=2, padding=(1, 3), dilation=(2, 3)).bfloat16()
+layer = sparsegemm.SparseConv2d.from_dense(conv)
+x = torch.randn(64, 5, 11, 1).bfloat16()
+with torch.inference_mode():
+    got = layer(x.contiguous(memory_format=torch.channels_last))
+    want = nn.functional.conv2d(x.float(), layer.dense_weight().float(), layer.bias.float(), 2, (1, 3), (2, 3))
+print(tuple(got.shape), float((got.float() - want).abs().max() / want.abs().max()))
+"""
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(sparsegemm.__file__))})
+    assert result.returncode == 0, result.stderr[-2000:]
+    shape, error = result.stdout.split(") ")
+    assert shape == "(64, 40, 5, 4" and float(error) < 2e-2
