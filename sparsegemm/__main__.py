@@ -69,9 +69,15 @@ def _refusal(command: str, device: str, outputs: tuple) -> str:
                 f"{torch.cuda.device_count()} GPUs; sparsegemm built with CUDA: {sparsegemm.info()['cuda_built']})")
     for path in filter(None, outputs):
         folder = os.path.dirname(os.path.abspath(path))
-        if os.path.isdir(path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-            why = "is a directory" if os.path.isdir(path) else f"cannot be written (folder {folder!r} " + (
-                "is not writable)" if os.path.isdir(folder) else "does not exist)")
+        if os.path.isdir(path):
+            why = "is a directory"
+        elif os.path.exists(path):  # overwritten in place (a file, /dev/stdout): its own permission counts
+            why = "" if os.access(path, os.W_OK) else "is not writable"
+        elif not os.path.isdir(folder):
+            why = f"cannot be written (folder {folder!r} does not exist)"
+        else:
+            why = "" if os.access(folder, os.W_OK) else f"cannot be written (folder {folder!r} is not writable)"
+        if why:
             return f"sparsegemm {command}: output {path!r} {why}"
     return ""
 

@@ -346,11 +346,12 @@ def _convert_attention(model: nn.Module, report: SparsifyReport, dtype, filter_f
                 row.reason = reason
             continue
         new = SparseMultiheadAttention.from_dense(mha, dtype=dtype, backend=backend, quantize=quantize)
-        notes = [""] * 3 + [_move_hooks(mha.out_proj, new.out_proj)]  # out_proj: a module of its own in both
+        # Hooks on the attention move; those on its out_proj stay behind, as uncalled as they were
+        # (nn.MultiheadAttention reads out_proj's weight, it never calls the module).
         note = _set_submodule(model, name, new.train(mha.training))
-        for row, layer, own in zip(rows, new.projections, notes):
+        for row, layer in zip(rows, new.projections):
             row.compressed_bytes = layer.sparse_weight().nbytes
-            row.converted, row.note = True, "; ".join(filter(None, (note, own)))
+            row.converted, row.note = True, note
     return {row.name for row in report.layers[first_row:]}
 
 

@@ -143,6 +143,12 @@ class _SparseWeight(nn.Module):
         if name in _DERIVED_FROM and "_kernel_meta" in self.__dict__:
             self._forget_derived()
 
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        if "float_dtype" not in self.__dict__:  # a module pickled whole before it was kept
+            self.float_dtype = self.bias.dtype if self.bias is not None else (
+                torch.float16 if self.quantize == "int8" else self.values.dtype)
+
     def _apply(self, fn, recurse=True):
         self._forget_derived()  # moved or converted: reorder again on the next forward
         # INT8 scales stay float32 whatever .half() / .to(dtype) asks: only their device follows.
@@ -152,7 +158,10 @@ class _SparseWeight(nn.Module):
         converted = fn(torch.empty(0, dtype=self.float_dtype, device=self.values.device)).dtype
         out = super()._apply(fn, recurse)
         for name, value in scales.items():
-            setattr(self, name, value.to(self.values.device))
+            # to_empty from meta: uninitialized memory on the device, as every other tensor gets.
+            moved = (torch.empty_like(value, device=self.values.device) if value.is_meta and not self.values.is_meta
+                     else value.to(self.values.device))
+            setattr(self, name, moved)
         if converted.is_floating_point:
             self.float_dtype = converted
         return out
@@ -975,6 +984,12 @@ class SparseConv2d(_SparseWeight):
         self._weight_kernel = taps.kernel_size
         self._init_storage(out_channels, in_channels * kh * kw, dtype, device, bias)
 
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        if "_weight_kernel" not in self.__dict__:  # a module pickled whole before it was kept
+            size = tuple(self.kernel_size) if isinstance(self.kernel_size, (tuple, list)) else (self.kernel_size,) * 2
+            self._weight_kernel = (1, size[0]) if len(size) == 1 else size  # SparseConv1d: its (k,) as (1, k)
+
     def _kernel_taps(self) -> _ConvTaps:
         """The geometry as the kernels take it, from the public attributes at every call (an edit
         of stride, padding or dilation takes effect, as on nn.Conv2d)."""
@@ -1210,13 +1225,16 @@ def weight_skip_reason(layer: nn.Module) -> Optional[str]:
     weight = getattr(layer, "weight", None)
     if isinstance(weight, nn.parameter.UninitializedParameter):
         return "an uninitialized lazy layer: run one forward to give it its shapes, then convert it"
+    if not isinstance(weight, Tensor):
+        return f"it has no weight tensor (got {type(weight).__name__})"
     if isinstance(weight, nn.Parameter) or nn.utils.parametrize.is_parametrized(layer, "weight"):
         return None
     hooks = sorted({type(hook).__name__ for hook in layer._forward_pre_hooks.values()})
-    return (f"its weight is no parameter{' (forward pre-hooks: ' + ', '.join(hooks) + ')' if hooks else ''}: a hook "
-            "such as torch.nn.utils.spectral_norm's, weight_norm's or prune's recomputes it before every forward, "
-            "so a compressed copy would freeze a stale value; remove it first (remove_spectral_norm, "
-            "remove_weight_norm, prune.remove)")
+    if not hooks:
+        return None  # a weight held as a buffer or a plain tensor: what it is, it stays
+    return (f"its weight is no parameter and forward pre-hooks ({', '.join(hooks)}) may recompute it before every "
+            "forward, as torch.nn.utils.spectral_norm's, weight_norm's and prune's do, so a compressed copy would "
+            "freeze a stale value; remove them first (remove_spectral_norm, remove_weight_norm, prune.remove)")
 
 
 def conv_skip_reason(conv: nn.Module) -> Optional[str]:

@@ -143,16 +143,39 @@ def prunable_layers(model: nn.Module, filter_fn: Optional[Callable[[str, nn.Modu
     shared (tied: each holder would mask it its own way, and the masks compound; sparsify leaves
     them dense too) and whatever ``filter_fn(name, module)`` rejects."""
     layers = []
-    holders = collections.Counter(id(t) for _, t in model.named_parameters(remove_duplicate=False))
+    holders = _tensor_holders(model)
     for name, mod in model.named_modules():
         if isinstance(mod, (nn.Conv1d, nn.Conv2d)) and conv_skip_reason(mod) is not None:
             continue
-        if weight_skip_reason(mod) is not None or holders[id(_original_weight(mod))] > 1:
+        # A mask is a parametrization of a parameter: a weight held as a buffer or a plain tensor takes none.
+        if not (isinstance(getattr(mod, "weight", None), nn.Parameter) or parametrize.is_parametrized(mod, "weight")):
+            continue
+        if weight_skip_reason(mod) is not None or any(len(holders[id(t)]) > 1 for t in _weight_tensors(mod)):
             continue
         if (isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d)) or is_conv1d(mod)) and (
                 filter_fn is None or filter_fn(name, mod)):
             layers.append((name, mod))
     return layers
+
+
+def _tensor_holders(model: nn.Module) -> dict:
+    """id(parameter or buffer) -> ids of the distinct modules holding it (a module registered under
+    two names counts once: it holds its own weight, however often the model runs it)."""
+    holders = collections.defaultdict(set)
+    for mod in model.modules():
+        for t in (*mod._parameters.values(), *mod._buffers.values()):
+            if t is not None:
+                holders[id(t)].add(id(mod))
+    return holders
+
+
+def _weight_tensors(module: nn.Module) -> list:
+    """The tensors ``module.weight`` is made of: the parameter, or a parametrization's originals
+    (weight_norm's two among them)."""
+    if parametrize.is_parametrized(module, "weight"):
+        return [t for t in module.parametrizations.weight._parameters.values() if t is not None]
+    weight = module._parameters.get("weight")
+    return [] if weight is None else [weight]
 
 
 def masked_layers(model: nn.Module) -> dict[str, Tensor]:
@@ -197,7 +220,9 @@ def _force_share(module: nn.Module, share: float) -> None:
         # could lose one of them to a weight it dropped already, leaving one).
         kp = fmt.padded_k(k)
         pattern = _top2_per_group(w.view(n, kp), mask.view(n, kp)).view(mask.shape)
-        dropped = (w * (mask & ~pattern)).sum(-1).masked_fill(done, math.inf).flatten()
+        # NaN and inf costs sort before the finished groups' inf marker: those groups are made 2:4 too.
+        big = torch.finfo(w.dtype).max
+        dropped = (w * (mask & ~pattern)).sum(-1).nan_to_num(nan=big, posinf=big).masked_fill(done, math.inf).flatten()
         chosen = torch.argsort(dropped, stable=True)[:need]
         flat = mask.view(-1, 4)
         flat[chosen] &= pattern.view(-1, 4)[chosen]
@@ -682,8 +707,11 @@ class GradualPruner:
     def __init__(self, model: nn.Module, end_step: int, *, start_step: int = 0, frequency: int = 1,
                  initial_share: float = 0.0, filter_fn: Optional[Callable[[str, nn.Module], bool]] = None):
         for name, value in (("end_step", end_step), ("start_step", start_step), ("frequency", frequency)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            # A whole float (0.8 * 1000) is a count; 5.5 steps is not.
+            if isinstance(value, bool) or not (isinstance(value, numbers.Integral)
+                                               or (isinstance(value, float) and value.is_integer())):
                 raise TypeError(f"GradualPruner: {name} must be an integer, got {value!r}")
+        end_step, start_step, frequency = int(end_step), int(start_step), int(frequency)
         if not 0 <= start_step <= end_step:
             raise ValueError(f"GradualPruner: need 0 <= start_step <= end_step, got start_step={start_step}, "
                              f"end_step={end_step}")
@@ -885,9 +913,7 @@ def _shared_names(model: nn.Module) -> tuple:
     """(ids of the modules ``model`` holds in more than one place, ids of the tensors it holds under
     more than one name): permuting one of those in place would change its other uses too."""
     modules = collections.Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
-    tensors = collections.Counter(id(t) for _, t in model.named_parameters(remove_duplicate=False))
-    tensors.update(id(t) for _, t in model.named_buffers(remove_duplicate=False))
-    return {i for i, n in modules.items() if n > 1}, {i for i, n in tensors.items() if n > 1}
+    return {i for i, n in modules.items() if n > 1}, {i for i, held in _tensor_holders(model).items() if len(held) > 1}
 
 
 def _pair_skip_reason(producer: nn.Module, consumer: nn.Module, between: list, shared: tuple) -> str:
@@ -899,9 +925,9 @@ def _pair_skip_reason(producer: nn.Module, consumer: nn.Module, between: list, s
             return f"{role}: {reason}"
     shared_modules, shared_tensors = shared
     for mod in (producer, consumer, *between):
-        if id(mod) in shared_modules:
-            return f"{type(mod).__name__} is used in more than one place: permuting it would change its other uses"
         tensors = [t for t in (*mod.parameters(recurse=False), *mod.buffers(recurse=False))]
+        if id(mod) in shared_modules and tensors:  # a stateless activation may run anywhere
+            return f"{type(mod).__name__} is used in more than one place: permuting it would change its other uses"
         if any(id(t) in shared_tensors for t in tensors):
             return (f"{type(mod).__name__} shares a tensor with another module (tied weights): permuting it would "
                     "change the other module too")

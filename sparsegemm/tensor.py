@@ -1,9 +1,10 @@
 """SparseTensor24: a compressed 2:4 weight (values + logical metadata, optional per-row scale)."""
 from __future__ import annotations
 
-import numbers
+import operator
 from typing import Optional
 
+import numpy as np
 import torch
 
 from . import format as fmt
@@ -12,11 +13,16 @@ _VALUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int8)
 
 
 def _dense_shape(shape) -> tuple:
-    """``shape`` as the (N, K) pair of ints it must be (a longer or fractional one is refused, not cut)."""
-    if (not isinstance(shape, (tuple, list, torch.Size)) or len(shape) != 2
-            or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) for d in shape)):
+    """``shape`` as the (N, K) pair of ints it must be (a longer or fractional one is refused, not cut).
+    Integers of any kind: Python's, NumPy's, integer tensors (operator.index takes them all)."""
+    try:
+        dims = [operator.index(d) for d in shape if not isinstance(d, (bool, np.bool_))]
+        whole = len(dims) == len(shape) == 2
+    except TypeError:  # not a sequence, or an element that is no integer
+        whole = False
+    if not whole:
         raise ValueError(f"SparseTensor24: shape must be (N, K), two integers, got {shape!r}")
-    return int(shape[0]), int(shape[1])
+    return dims[0], dims[1]
 
 
 class SparseTensor24:

@@ -134,3 +134,12 @@ def test_bench_takes_only_positive_m(m, capsys):
     with pytest.raises(SystemExit) as exit_info:  # M = 0 printed meaningless rows, -1 a traceback
         main(["bench", "--m", m])
     assert exit_info.value.code == 2 and "--m: must be a positive integer" in capsys.readouterr().err
+
+
+def test_the_cli_writes_over_an_existing_file_it_may_write(tmp_path, monkeypatch, capsys):
+    from sparsegemm.__main__ import _refusal
+
+    existing = tmp_path / "out.json"
+    existing.write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    assert _refusal("bench", "cpu", ("out.json", str(existing), "/dev/null", None)) == ""

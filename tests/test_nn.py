@@ -4,6 +4,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -1567,8 +1568,8 @@ def test_a_weight_a_hook_recomputes_is_not_converted():
     report = sparsegemm.sparsify(model)
     reasons = [row.reason for row in report.layers]
     assert not report.converted
-    assert "weight is no parameter (forward pre-hooks: SpectralNorm)" in reasons[0]
-    assert "(forward pre-hooks: L1Unstructured)" in reasons[1] and "prune.remove" in reasons[1]
+    assert "weight is no parameter and forward pre-hooks (SpectralNorm)" in reasons[0]
+    assert "forward pre-hooks (L1Unstructured)" in reasons[1] and "prune.remove" in reasons[1]
     with pytest.raises(ValueError, match="SparseConv2d.from_dense: its weight is no parameter"):
         SparseConv2d.from_dense(model[0])
     with pytest.raises(ValueError, match="SparseLinear.from_dense: its weight is no parameter"):
@@ -1752,3 +1753,57 @@ print(tuple(got.shape), float((got.float() - want).abs().max() / want.abs().max(
     assert result.returncode == 0, result.stderr[-2000:]
     shape, error = result.stdout.split(") ")
     assert shape == "(64, 40, 5, 4" and float(error) < 2e-2
+
+
+def test_modules_pickled_before_float_dtype_and_the_kernel_were_kept_still_work():
+    import io
+
+    layers = [SparseLinear.from_dense(nn.Linear(16, 16, bias=False), quantize="int8"),
+              SparseConv2d.from_dense(nn.Conv2d(8, 8, (3, 1))), sparsegemm.SparseConv1d.from_dense(nn.Conv1d(8, 8, 3))]
+    inputs = [torch.randn(2, 16), torch.randn(2, 8, 6, 6), torch.randn(2, 8, 6)]
+    for layer, x in zip(layers, inputs):
+        want = layer(x.to(layer.bias.dtype if layer.bias is not None else x.dtype))
+        layer.__dict__.pop("float_dtype")
+        layer.__dict__.pop("_weight_kernel", None)
+        buffer = io.BytesIO()
+        torch.save(layer, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)  # .to() and forward raised AttributeError
+        assert torch.equal(loaded.to("cpu")(x.to(want.dtype)), want)
+
+
+def test_a_weight_held_as_a_buffer_converts():
+    layer = nn.Linear(64, 64)
+    weight = layer.weight.detach().clone()
+    del layer.weight
+    layer.register_buffer("weight", weight)
+    sparse = SparseLinear.from_dense(layer)  # no hook recomputes it: nothing stale to refuse
+    assert torch.equal(sparse.dense_weight(), sparsegemm.prune_2to4(weight))
+
+
+def test_int8_layers_survive_to_empty():
+    layer = SparseLinear.from_dense(nn.Linear(16, 16), quantize="int8").to("meta").to_empty(device="cpu")
+    assert layer.scale.device.type == "cpu" and layer.scale.dtype == torch.float32
+
+
+def test_hooks_on_an_attentions_out_proj_stay_uncalled():
+    # nn.MultiheadAttention reads out_proj's weight and never calls it: its hooks never ran, and
+    # moved to the converted attention's out_proj they changed the output.
+    torch.manual_seed(37)
+    layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True).eval()
+    layer.self_attn.out_proj.register_forward_hook(lambda mod, args, out: out * 0.5)
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad():  # exactly 2:4 already: sparsify changes nothing but the modules
+        for name, param in layer.named_parameters():
+            if param.dim() == 2:
+                param.copy_(sparsegemm.prune_2to4(param))
+    with torch.no_grad():
+        want = layer(x)
+        sparsegemm.sparsify(layer)
+        assert torch.allclose(layer(x), want, atol=1e-4)
+
+
+def test_sparse_tensor_shape_takes_integers_of_any_kind():
+    sw = sparsegemm.compress(torch.randn(16, 32), prune=True)
+    for shape in (torch.tensor([16, 32]), (torch.tensor(16), torch.tensor(32)), np.array([16, 32]), (np.int64(16), 32)):
+        assert sparsegemm.SparseTensor24(sw.values, sw.meta, shape).shape == (16, 32)

@@ -389,3 +389,38 @@ def test_permutation_search_refuses_non_finite_weights():
         model[2].weight[0, 0] = float("inf")
     (pair,) = P.permute_channels(model).pairs
     assert pair.skipped == "the consumer's weight holds no finite values (NaN, inf, or on the meta device)"
+
+
+def test_prunable_layers_beside_weight_norm_and_a_layer_registered_twice():
+    # A parametrizations.weight_norm layer (originals original0 / original1) made every pruning call
+    # fail; a layer registered under two names holds its weight alone and is pruned.
+    normed = nn.utils.parametrizations.weight_norm(nn.Linear(16, 16))
+    shared = nn.Linear(16, 16)
+    model = nn.Sequential(normed, nn.ReLU(), shared, nn.ReLU(), shared, nn.Linear(16, 8))
+    assert [name for name, _ in P.prunable_layers(model)] == ["0", "2", "5"]
+    P.prune_one_shot(model, filter_fn=lambda name, mod: name != "0")
+    assert set(P.masked_layers(model)) == {"2", "5"}
+
+
+def test_permute_channels_through_a_reused_activation():
+    act = nn.ReLU()  # stateless: one module at two places changes nothing when channels move
+    model = nn.Sequential(nn.Linear(16, 32), act, nn.Linear(32, 32), act, nn.Linear(32, 8))
+    x = torch.randn(4, 16)
+    want = model(x)
+    report = P.permute_channels(model)
+    assert len(report.pairs) == 2 and not any(pair.skipped for pair in report.pairs)
+    assert torch.allclose(model(x), want, atol=1e-5)
+
+
+def test_non_finite_weights_still_end_exactly_two_to_four():
+    model = nn.Sequential(nn.Linear(16, 8))
+    with torch.no_grad():
+        model[0].weight[0, :3] = float("nan")
+        model[0].weight[1, 4:7] = float("inf")
+    P.prune_one_shot(model)
+    assert (P.masked_layers(model)["0"].view(8, 4, 4).sum(-1) == 2).all()
+
+
+def test_gradual_pruner_takes_a_whole_float_step_count():
+    pruner = P.GradualPruner(nn.Sequential(nn.Linear(16, 16)), end_step=0.8 * 10)
+    assert pruner.end_step == 8 and isinstance(pruner.end_step, int)

@@ -462,7 +462,7 @@ def test_permute_channels_leaves_shared_and_hook_computed_layers():
     hooked(x)
     for model, reason in ((reused, "Linear is used in more than one place"),
                           (tied, "shares a tensor with another module (tied weights)"),
-                          (hooked, "consumer: its weight is no parameter (forward pre-hooks: SpectralNorm)")):
+                          (hooked, "consumer: its weight is no parameter and forward pre-hooks (SpectralNorm)")):
         want = model(x)
         report = P.permute_channels(model)
         assert report.pairs and all(reason in pair.skipped for pair in report.pairs), str(report)
