@@ -70,7 +70,7 @@ def compress(w: Tensor, *, prune: bool = False, backend: Optional[str] = None,
         ops.check_dtype(op, "w", w, ops.KERNEL_DTYPES)
         ops.check_32bit(op, **{"w.numel()": w.numel()})
     values, meta = ops._compress(w.detach(), prune, backend)
-    return SparseTensor24(values, meta, tuple(w.shape), validate=False)
+    return SparseTensor24(values, ops.versioned(meta), tuple(w.shape), validate=False)
 
 
 def decompress(sw: SparseTensor24, *, backend: Optional[str] = None) -> Tensor:

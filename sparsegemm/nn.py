@@ -78,7 +78,7 @@ class _SparseWeight(nn.Module):
             self.register_buffer("input_scale", None)
         else:
             self.values = nn.Parameter(torch.zeros(n, fmt.values_cols(k), dtype=dtype, device=device))
-        meta = torch.empty(n, fmt.meta_cols(k), dtype=torch.uint8, device=device)
+        meta = ops.versioned(torch.empty(n, fmt.meta_cols(k), dtype=torch.uint8, device=device))
         meta.fill_(fmt.PAD_NIBBLE | (fmt.PAD_NIBBLE << 4))  # a valid (all (0, 1)) pattern until loaded
         # Not "meta": torch.export's ExportedProgram.module() registers the buffers of an exported
         # root on a GraphModule, whose own `meta` attribute that name would clash with.
@@ -91,7 +91,7 @@ class _SparseWeight(nn.Module):
     def _load_compressed(self, sw: SparseTensor24, bias: Optional[Tensor]) -> None:
         with torch.no_grad():
             self.values.data = sw.values.clone()
-            self.metadata = sw.meta.clone()  # an assignment: __setattr__ forgets what was derived
+            self.metadata = ops.versioned(sw.meta.clone())  # an assignment: __setattr__ forgets what was derived
             if sw.scale is not None:
                 self.scale = sw.scale.clone()
             if self.bias is not None:
@@ -172,6 +172,9 @@ class _SparseWeight(nn.Module):
         if prefix + "meta" in state_dict and prefix + "metadata" not in state_dict:
             state_dict[prefix + "metadata"] = state_dict.pop(prefix + "meta")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        meta = self._buffers.get("metadata")
+        if meta is not None:  # assigned (load into a shell) under inference mode: keep a version counter
+            self._buffers["metadata"] = ops.versioned(meta)
 
     def _kernel_meta_for(self, backend: str) -> Tensor:
         self._check_metadata_unchanged()

@@ -109,6 +109,17 @@ def storage_state(t: Tensor) -> tuple:
     return t.data_ptr(), None if t.is_inference() else t._version
 
 
+def versioned(t: Tensor) -> Tensor:
+    """``t``, or where it is an inference tensor (made under torch.inference_mode: no version
+    counter) a normal copy of it. Metadata the package holds is kept normal, so that the caches of
+    its kernel layout, keyed on the version counter (storage_state), see an in-place edit made
+    even inside inference mode (where a normal tensor's counter still counts)."""
+    if not t.is_inference() or torch.compiler.is_compiling():
+        return t
+    with torch.inference_mode(False):
+        return t.clone()
+
+
 def _stream(t: Tensor) -> int:
     if _raw_stream is not None:
         return _raw_stream(t.get_device())

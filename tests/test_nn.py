@@ -1807,3 +1807,29 @@ def test_sparse_tensor_shape_takes_integers_of_any_kind():
     sw = sparsegemm.compress(torch.randn(16, 32), prune=True)
     for shape in (torch.tensor([16, 32]), (torch.tensor(16), torch.tensor(32)), np.array([16, 32]), (np.int64(16), 32)):
         assert sparsegemm.SparseTensor24(sw.values, sw.meta, shape).shape == (16, 32)
+
+
+def test_an_in_place_metadata_edit_under_inference_mode_is_seen(tmp_path):
+    # Metadata made under torch.inference_mode was an inference tensor, with no version counter: the
+    # cached kernel layout survived an in-place edit, and the emulator (and CUDA) computed with the old
+    # metadata and the new values.
+    torch.manual_seed(41)
+    x = torch.randn(3, 64).half()
+    with torch.inference_mode():
+        sw, other = (sparsegemm.compress(torch.randn(32, 64).half(), prune=True) for _ in range(2))
+        sparsegemm.linear(x, sw, backend="simt")
+        sw.values.copy_(other.values)
+        sw.meta.copy_(other.meta)
+        assert torch.equal(sparsegemm.linear(x, sw, backend="simt"), sparsegemm.linear(x, other, backend="simt"))
+        layer, twin = (SparseLinear.from_dense(nn.Linear(64, 32).half(), backend="simt") for _ in range(2))
+        layer(x)
+        for name in ("values", "metadata", "bias"):
+            getattr(layer, name).copy_(getattr(twin, name))
+        assert torch.equal(layer(x), twin(x))
+        model = nn.Sequential(nn.Linear(64, 64))
+        sparsegemm.sparsify(model)
+        sparsegemm.save(model, tmp_path / "m.safetensors")
+        with sparsegemm.init_empty_weights():
+            shell = nn.Sequential(nn.Linear(64, 64))
+        loaded = sparsegemm.load(tmp_path / "m.safetensors", shell, device="cpu")  # assigned tensors
+        assert not loaded[0].metadata.is_inference()
