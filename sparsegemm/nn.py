@@ -1220,11 +1220,12 @@ def is_conv1d(module: nn.Module) -> bool:
 
 def weight_skip_reason(layer: nn.Module) -> Optional[str]:
     """Why ``layer.weight`` cannot be compressed as it stands, or None: an uninitialized lazy layer
-    (no shape yet), or a weight that is no parameter, which a hook recomputes before every forward
-    (torch.nn.utils.spectral_norm and weight_norm's old forms, torch.nn.utils.prune): a compressed
-    copy would freeze its current value, stale from the next step on (after a state-dict load, before
-    any forward, it is not even the weight the layer computes with). A parametrized weight
-    (torch.nn.utils.parametrize) is the callers' to judge."""
+    (no shape yet), no weight tensor at all, or a weight that is no parameter on a layer with forward
+    pre-hooks, which recompute it before every forward (torch.nn.utils.spectral_norm and
+    weight_norm's old forms, torch.nn.utils.prune): a compressed copy would freeze its current
+    value, stale from the next step on (after a state-dict load, before any forward, it is not even
+    the weight the layer computes with). A weight held as a buffer, with no hook, converts as it is.
+    A parametrized weight (torch.nn.utils.parametrize) is the callers' to judge."""
     weight = getattr(layer, "weight", None)
     if isinstance(weight, nn.parameter.UninitializedParameter):
         return "an uninitialized lazy layer: run one forward to give it its shapes, then convert it"
