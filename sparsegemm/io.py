@@ -56,6 +56,7 @@ def _describe(mod: nn.Module) -> dict:
                     "quantize": "int8", "static_input": mod.input_scale is not None, **fused}
         return {"kind": "SparseLinear", "in_features": mod.in_features, "out_features": mod.out_features,
                 "bias": mod.bias is not None, "dtype": str(mod.values.dtype).replace("torch.", ""), **fused}
+    mod._kernel_taps()  # a kernel_size edited away from the weight's kernel: refused, not recorded
     return {"kind": type(mod).__name__, "in_channels": mod.in_channels, "out_channels": mod.out_channels,
             **dict(zip(_CONV_GEOMETRY, _geometry(mod))), "bias": mod.bias is not None,
             "dtype": str(mod.values.dtype).replace("torch.", "")}
@@ -274,6 +275,12 @@ def load(path: Union[str, "os.PathLike"], model: nn.Module, *, device=None) -> n
     become the model's on ``device`` and its non-persistent buffers (made at construction, in no
     checkpoint) move there, so no dense weight of a converted layer is ever allocated.
     """
+    if torch.is_inference_mode_enabled():
+        # The layers it makes and the tensors it reads are the model's parameters from then on:
+        # made in inference mode they would be inference tensors, which no later training can use
+        # (load_state_dict copies into the model's normal ones, as this then does).
+        with torch.inference_mode(False):
+            return load(path, model, device=device)
     from safetensors import safe_open
 
     check_outside_empty_weights("sparsegemm.load")

@@ -1833,3 +1833,32 @@ def test_an_in_place_metadata_edit_under_inference_mode_is_seen(tmp_path):
             shell = nn.Sequential(nn.Linear(64, 64))
         loaded = sparsegemm.load(tmp_path / "m.safetensors", shell, device="cpu")  # assigned tensors
         assert not loaded[0].metadata.is_inference()
+
+
+def test_save_refuses_a_conv_whose_kernel_size_was_edited(tmp_path):
+    # It recorded the edited kernel: neither the original architecture nor the edited one loaded it.
+    model = nn.Sequential(nn.Conv2d(16, 64, 3, padding=1))
+    sparsegemm.sparsify(model, min_features=16)
+    model[0].kernel_size = (5, 5)
+    with pytest.raises(ValueError, match="kernel_size is fixed by the compressed weight, which holds a 3 x 3"):
+        sparsegemm.save(model, tmp_path / "k.safetensors")
+
+
+def test_a_model_loaded_under_inference_mode_can_train_afterwards(tmp_path):
+    # The layers load made inside the block held inference tensors: "Inference tensors cannot be
+    # saved for backward" at the first training step.
+    build = lambda: nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64))  # noqa: E731
+    model = build()
+    sparsegemm.sparsify(model)
+    sparsegemm.save(model, tmp_path / "m.safetensors")
+    for shell in (False, True):
+        if shell:
+            with sparsegemm.init_empty_weights():
+                fresh = build()
+        else:
+            fresh = build()
+        with torch.inference_mode():
+            loaded = sparsegemm.load(tmp_path / "m.safetensors", fresh, device="cpu" if shell else None)
+        assert not any(t.is_inference() for t in (*loaded.parameters(), *loaded.buffers()))
+        loaded(torch.randn(2, 64)).sum().backward()
+        assert loaded[0].values.grad is not None
