@@ -64,9 +64,10 @@ def _refusal(command: str, device: str, outputs: tuple) -> str:
 
     import sparsegemm
 
-    if device == "cuda" and not (torch.cuda.is_available() and sparsegemm.info()["cuda_built"]):
+    cuda_built = sparsegemm.info()["cuda_built"] if device == "cuda" else False
+    if device == "cuda" and not (torch.cuda.is_available() and cuda_built):
         return (f"sparsegemm {command}: --device cuda, but this machine has no usable CUDA device (torch sees "
-                f"{torch.cuda.device_count()} GPUs; sparsegemm built with CUDA: {sparsegemm.info()['cuda_built']})")
+                f"{torch.cuda.device_count()} GPUs; sparsegemm built with CUDA: {cuda_built})")
     for path in filter(None, outputs):
         folder = os.path.dirname(os.path.abspath(path))
         if os.path.isdir(path):
@@ -113,16 +114,18 @@ def cmd_targets(args) -> int:
     """The speed targets of the issues, measured and judged (sparsegemm.targets); markdown, JSON."""
     from sparsegemm import targets
 
-    refusal = _refusal("targets", args.device or ("cuda" if torch.cuda.is_available() else "cpu"), (args.json,))
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    refusal = _refusal("targets", device, (args.json,))
     if refusal:
         print(refusal, file=sys.stderr)
         return 2
+
     def start(env: dict) -> None:
         _print_environment(env)
         print(targets.markdown_header(), flush=True)
 
     # Row by row as judged: a run its time limit cuts short (the GPU suite's step) keeps its rows.
-    env, verdicts = targets.run(args.device, quick=args.quick, progress=not args.no_progress, on_environment=start,
+    env, verdicts = targets.run(device, quick=args.quick, progress=not args.no_progress, on_environment=start,
                                 on_verdict=lambda v: print(targets.markdown_row(v), flush=True))
     print("\n" + targets.markdown_summary(verdicts))
     if args.json:

@@ -76,6 +76,7 @@ def _geometry(conv: nn.Module) -> list:
 # by class and by kind; then every module it records.
 _CONTAINERS = (SparseGatedMLP, SparseExperts, SplitMultiheadAttention)
 _CONTAINER_KINDS = ("SparseGatedMLP", "SparseExperts", "SparseMultiheadAttention", "SplitMultiheadAttention")
+_KINDS = ("SparseLinear", "SparseConv1d", "SparseConv2d", *_CONTAINER_KINDS)  # every kind a module table holds
 _CONVERTED = (SparseLinear, SparseConv2d, *_CONTAINERS)
 
 
@@ -190,7 +191,7 @@ def _build_attention(name: str, spec: dict, dense: nn.Module) -> SplitMultiheadA
 
 def _build(name: str, spec: dict, dense: nn.Module) -> nn.Module:
     _field(name, spec, "kind", str)
-    if spec["kind"] not in ("SparseLinear", "SparseConv1d", "SparseConv2d", *_CONTAINER_KINDS):
+    if spec["kind"] not in _KINDS:
         raise ValueError(f"sparsegemm.load: module {name!r}: unknown kind {spec['kind']!r} in the checkpoint")
     if spec["kind"] in ("SparseMultiheadAttention", "SplitMultiheadAttention"):
         return _build_attention(name, spec, dense)
@@ -569,7 +570,7 @@ def _report_kind(path, name: str, spec: dict) -> str:
     """The kind of a module table entry, checked with the sizes the report reads from it (a corrupt
     table must not print figures as if they were sizes)."""
     kind = spec.get("kind")
-    if kind not in ("SparseLinear", "SparseConv1d", "SparseConv2d", *_CONTAINER_KINDS):
+    if kind not in _KINDS:
         raise ValueError(f"sparsegemm report: {path} has a corrupt module table: module {name!r} has an unknown "
                          f"kind {kind!r}")
     if kind in _CONTAINER_KINDS:

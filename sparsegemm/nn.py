@@ -91,7 +91,7 @@ class _SparseWeight(nn.Module):
     def _load_compressed(self, sw: SparseTensor24, bias: Optional[Tensor]) -> None:
         with torch.no_grad():
             self.values.data = sw.values.clone()
-            self.metadata = ops.versioned(sw.meta.clone())  # an assignment: __setattr__ forgets what was derived
+            self.metadata = ops.versioned(sw.meta, copy=True)  # an assignment: __setattr__ forgets what was derived
             if sw.scale is not None:
                 self.scale = sw.scale.clone()
             if self.bias is not None:
@@ -1076,7 +1076,7 @@ class SparseConv2d(_SparseWeight):
             # weight, or dense tiles) costs less than decompressing the whole weight afresh.
             # The checks the GEMM would make: this path hands the weight's pointers to C++ itself.
             ops.check_x_matches_weight(op, x, self.values, ops.FLOAT_DTYPES, self.bias)
-            ops.check_same_device(op, x=x, values=self.values, metadata=self.metadata, bias=self.bias)
+            ops.check_same_device(op, x=x, values=self.values)  # _check_operands takes no 4-D x
             ops._check_operands(op, "cpu", k, self.values, self.metadata, bias=self.bias)
             (_, matrix), = ops._decompressed_tiles(self.values.detach().contiguous(), self.metadata.contiguous(), k, 0)
             weight = matrix.view(self.out_channels, kh, kw, c).permute(0, 3, 1, 2)

@@ -109,14 +109,14 @@ def storage_state(t: Tensor) -> tuple:
     return t.data_ptr(), None if t.is_inference() else t._version
 
 
-def versioned(t: Tensor) -> Tensor:
-    """``t``, or where it is an inference tensor (made under torch.inference_mode: no version
-    counter) a normal copy of it. Metadata the package holds is kept normal, so that the caches of
-    its kernel layout, keyed on the version counter (storage_state), see an in-place edit made
-    even inside inference mode (where a normal tensor's counter still counts)."""
-    if not t.is_inference() or torch.compiler.is_compiling():
-        return t
-    with torch.inference_mode(False):
+def versioned(t: Tensor, copy: bool = False) -> Tensor:
+    """``t`` (``copy``: a copy of it), made a normal tensor where it is an inference tensor (made
+    under torch.inference_mode: no version counter). Metadata the package holds is kept normal, so
+    that the caches of its kernel layout, keyed on the version counter (storage_state), see an
+    in-place edit made even inside inference mode (where a normal tensor's counter still counts)."""
+    if torch.compiler.is_compiling() or not (copy or t.is_inference()):
+        return t.clone() if copy else t
+    with torch.inference_mode(False):  # a copy made here is normal whatever mode the caller is in
         return t.clone()
 
 
@@ -219,7 +219,9 @@ def check_2d(op: str, name: str, t: Tensor) -> None:
         raise ValueError(f"{op}: {name} must be 2-D, got {t.dim()}-D with shape {tuple(t.shape)}")
 
 
-def check_same_device(op: str, **tensors: Optional[Tensor]) -> None:
+def check_same_device(op: str, **tensors: Optional[Tensor]) -> Optional[torch.device]:
+    """The device all the given tensors (None: absent) are on; ValueError naming each one's where
+    they differ."""
     device = None
     for t in tensors.values():  # one pass and no containers: it runs on every decode call
         if t is None:
@@ -229,6 +231,7 @@ def check_same_device(op: str, **tensors: Optional[Tensor]) -> None:
         elif t.device != device:
             where = ", ".join(f"{k} on {v.device}" for k, v in tensors.items() if v is not None)
             raise ValueError(f"{op}: all tensors must be on one device, got {where}")
+    return device
 
 
 def resolve_backend(op: str, backend: Optional[str], device: torch.device) -> str:
@@ -480,18 +483,11 @@ def _check_operands(op: str, backend: str, k: int, values: Optional[Tensor], met
         refuse(f"k must be a positive int, got {k!r}")
     # One device, the backend's: a metadata tensor moved (or assigned) apart from its values handed
     # the C++ side a pointer of another device (a crash, or results read from arbitrary memory).
-    # One device read and a comparison per tensor: the functional API's calls all pass here.
-    device = None
-    for t in (values, meta, kernel_meta, bias, w_scale, x, x_scale):
-        if t is not None:
-            if device is None:
-                device = t.device
-                if (device.type == "cuda") != (backend == "cuda"):
-                    refuse(f"the {backend} backend runs on {'CUDA' if backend == 'cuda' else 'CPU'} tensors, got "
-                           f"tensors on {device}")
-            elif t.device != device:
-                check_same_device(op, values=values, meta=meta, kernel_meta=kernel_meta, bias=bias, w_scale=w_scale,
-                                  x=x, x_scale=x_scale)  # names every tensor's device
+    device = check_same_device(op, values=values, meta=meta, kernel_meta=kernel_meta, bias=bias, w_scale=w_scale,
+                               x=x, x_scale=x_scale)
+    if device is not None and (device.type == "cuda") != (backend == "cuda"):
+        refuse(f"the {backend} backend runs on {'CUDA' if backend == 'cuda' else 'CPU'} tensors, got tensors on "
+               f"{device}")
     if values is not None:
         if values.dim() != 2 or values.shape[1] != fmt.values_cols(k):
             refuse(f"values must be [N, {fmt.values_cols(k)}] for K = {k}, got {tuple(values.shape)}")

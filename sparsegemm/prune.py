@@ -910,8 +910,8 @@ def _channel_matrix(consumer: nn.Module) -> Tensor:
 
 
 def _shared_names(model: nn.Module) -> tuple:
-    """(ids of the modules ``model`` holds in more than one place, ids of the tensors it holds under
-    more than one name): permuting one of those in place would change its other uses too."""
+    """(ids of the modules ``model`` holds in more than one place, ids of the tensors more than one
+    of its modules holds): permuting one of those in place would change its other uses too."""
     modules = collections.Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
     return {i for i, n in modules.items() if n > 1}, {i for i, held in _tensor_holders(model).items() if len(held) > 1}
 

@@ -138,7 +138,14 @@ def measure(device: torch.device, cases: Cases = Cases(), progress: bool = True,
     events = bench.Timer(device, warmup=3, repeats=20 if device.type == "cuda" else 5)
     large_threshold = LARGE_M_SPEEDUP if _a100_class(device) else float("nan")
     where = "A100-class" if _a100_class(device) else "reported off A100-class GPUs"
-    verdicts = _Judged(on_verdict)
+    verdicts = []
+
+    def judged(*new: Verdict) -> None:
+        verdicts.extend(new)
+        if on_verdict is not None:
+            for verdict in new:
+                on_verdict(verdict)
+
     jobs = [("decode", dt, m, n, k) for dt in cases.dtypes for m in cases.decode_ms
             for n in cases.decode_sides for k in cases.decode_sides]
     jobs += [("decode", "int8", m, n, k) for m in cases.decode_ms_int8 for n in cases.decode_sides
@@ -153,8 +160,8 @@ def measure(device: torch.device, cases: Cases = Cases(), progress: bool = True,
             detail = (f"{sparse.ms * 1e3:.1f} us, {sparse.gbps:.1f} GB/s; dense {dense.ms * 1e3:.1f} us: "
                       f"{sparse.speedup_vs_dense:.2f}x")
             issue = "4 INT8" if dtype == "int8" else "3 CUDA"
-            verdicts.append(_bandwidth_verdict(issue, "decode", DECODE_BANDWIDTH, f"{dtype} {m} x {n} x {k}", sparse,
-                                               detail, rows))
+            judged(_bandwidth_verdict(issue, "decode", DECODE_BANDWIDTH, f"{dtype} {m} x {n} x {k}", sparse, detail,
+                                      rows))
         elif kind == "large":
             side = cases.large_side
             if dtype == "int8":
@@ -167,47 +174,29 @@ def measure(device: torch.device, cases: Cases = Cases(), progress: bool = True,
                           f"{ours.ms:.3f} ms; torch._int_mm not run here") + (
                     f"; dense {'fp16' if device.type == 'cuda' else 'bf16'} {dense_fp.ms:.3f} ms "
                     f"({dense_fp.ms / ours.ms:.2f}x)")
-                verdicts.append(Verdict("4 INT8", f"{side}^3 >= {LARGE_M_SPEEDUP}x dense INT8 ({where})",
-                                        f"int8 {side}^3", value, "x torch._int_mm", large_threshold,
-                                        judge(value, large_threshold),
-                                        detail + (f"; cuSPARSELt int8 {slt.ms:.3f} ms ({slt.ms / ours.ms:.2f}x)"
-                                                  if slt else ""), rows))
-                verdicts.append(Verdict("4 INT8", "accuracy: INT8 2:4 vs fp32 2:4 linear (relative error)",
-                                        f"int8 {side}^3, random normal", ours.rel_error, "rel. error",
-                                        float("nan"), judge(ours.rel_error, float("nan")), "", rows))
+                judged(Verdict("4 INT8", f"{side}^3 >= {LARGE_M_SPEEDUP}x dense INT8 ({where})",
+                               f"int8 {side}^3", value, "x torch._int_mm", large_threshold,
+                               judge(value, large_threshold),
+                               detail + (f"; cuSPARSELt int8 {slt.ms:.3f} ms ({slt.ms / ours.ms:.2f}x)"
+                                         if slt else ""), rows),
+                       Verdict("4 INT8", "accuracy: INT8 2:4 vs fp32 2:4 linear (relative error)",
+                               f"int8 {side}^3, random normal", ours.rel_error, "rel. error",
+                               float("nan"), judge(ours.rel_error, float("nan")), "", rows))
             else:
                 rows = bench.bench_shape(device, getattr(torch, dtype), f"square-{side}", side, side, side, events)
                 dense, ours, slt = rows[0], _method(rows, "sparsegemm"), _method(rows, "torch-2:4 cuSPARSELt")
                 detail = f"{ours.ms:.3f} ms; dense {dense.ms:.3f} ms" + (
                     f"; cuSPARSELt {slt.ms:.3f} ms ({slt.ms / ours.ms:.2f}x)" if slt else "")
-                verdicts.append(Verdict("3 CUDA", f"{side}^3 >= {LARGE_M_SPEEDUP}x dense ({where})",
-                                        f"{dtype} {side}^3", ours.speedup_vs_dense, "x dense", large_threshold,
-                                        judge(ours.speedup_vs_dense, large_threshold), detail, rows))
+                judged(Verdict("3 CUDA", f"{side}^3 >= {LARGE_M_SPEEDUP}x dense ({where})",
+                               f"{dtype} {side}^3", ours.speedup_vs_dense, "x dense", large_threshold,
+                               judge(ours.speedup_vs_dense, large_threshold), detail, rows))
         elif kind == "compress":
             row = compress_row(device, dtype, cases.compress_side, replay)
-            verdicts.append(_bandwidth_verdict("3 CUDA", "compress", COMPRESS_BANDWIDTH,
-                                               f"{dtype} {cases.compress_side}^2", row,
-                                               f"{row.ms * 1e3:.1f} us, {row.gbps:.1f} GB/s", [row]))
+            judged(_bandwidth_verdict("3 CUDA", "compress", COMPRESS_BANDWIDTH, f"{dtype} {cases.compress_side}^2",
+                                      row, f"{row.ms * 1e3:.1f} us, {row.gbps:.1f} GB/s", [row]))
         else:
-            verdicts.extend(_mlp_verdicts(device, dtype, cases, events))
-    return list(verdicts)
-
-
-class _Judged(list):
-    """measure's verdicts: a list that hands each one to a callback as it is added."""
-
-    def __init__(self, on_verdict: Optional[Callable[[Verdict], None]]):
-        super().__init__()
-        self.on_verdict = on_verdict
-
-    def append(self, verdict: Verdict) -> None:
-        super().append(verdict)
-        if self.on_verdict is not None:
-            self.on_verdict(verdict)
-
-    def extend(self, verdicts) -> None:
-        for verdict in verdicts:
-            self.append(verdict)
+            judged(*_mlp_verdicts(device, dtype, cases, events))
+    return verdicts
 
 
 def _bandwidth_verdict(issue: str, what: str, threshold: float, case: str, row, detail: str, rows: list) -> Verdict:

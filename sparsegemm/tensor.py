@@ -4,7 +4,6 @@ from __future__ import annotations
 import operator
 from typing import Optional
 
-import numpy as np
 import torch
 
 from . import format as fmt
@@ -16,7 +15,9 @@ def _dense_shape(shape) -> tuple:
     """``shape`` as the (N, K) pair of ints it must be (a longer or fractional one is refused, not cut).
     Integers of any kind: Python's, NumPy's, integer tensors (operator.index takes them all)."""
     try:
-        dims = [operator.index(d) for d in shape if not isinstance(d, (bool, np.bool_))]
+        # A bool (or bool tensor) passes operator.index; NumPy's bool does not.
+        dims = [operator.index(d) for d in shape
+                if not (isinstance(d, bool) or (isinstance(d, torch.Tensor) and d.dtype == torch.bool))]
         whole = len(dims) == len(shape) == 2
     except TypeError:  # not a sequence, or an element that is no integer
         whole = False
