@@ -348,7 +348,7 @@ def _convert_attention(model: nn.Module, report: SparsifyReport, dtype, filter_f
         new = SparseMultiheadAttention.from_dense(mha, dtype=dtype, backend=backend, quantize=quantize)
         # Hooks on the attention move; those on its out_proj stay behind, as uncalled as they were
         # (nn.MultiheadAttention reads out_proj's weight, it never calls the module).
-        note = _set_submodule(model, name, new.train(mha.training))
+        note = _set_submodule(model, name, new)
         for row, layer in zip(rows, new.projections):
             row.compressed_bytes = layer.sparse_weight().nbytes
             row.converted, row.note = True, note
@@ -362,7 +362,7 @@ def _complete_split_attention(model: nn.Module) -> None:
         if name and type(mod) is SplitMultiheadAttention and all(isinstance(p, SparseLinear) for p in mod.projections):
             new = SparseMultiheadAttention(*mod.projections, mod.num_heads, dropout=mod.dropout,
                                            batch_first=mod.batch_first)
-            _set_submodule(model, name, new.train(mod.training))
+            _set_submodule(model, name, new)
 
 
 def _attention_skip_reason(model: nn.Module, name: str, mha: nn.MultiheadAttention, filter_fn, holders: dict,
@@ -397,12 +397,14 @@ def _held_elsewhere(module: nn.Module, prefix: str, holders: dict) -> list:
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> str:
-    """Puts ``new`` in the place of module ``name``, with its hooks (:func:`_move_hooks`); returns the
-    report's note on them ("" when it had none)."""
+    """Puts ``new`` in the place of module ``name``, with its hooks (:func:`_move_hooks`) and its
+    train / eval mode (a layer made in an eval model would otherwise be the one in training mode);
+    returns the report's note on the hooks ("" when it had none)."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
-    note = _move_hooks(model.get_submodule(name), new)
-    setattr(parent, child, new)
+    old = model.get_submodule(name)
+    note = _move_hooks(old, new)
+    setattr(parent, child, new.train(old.training))
     return note
 
 

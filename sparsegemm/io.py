@@ -186,7 +186,7 @@ def _build_attention(name: str, spec: dict, dense: nn.Module) -> SplitMultiheadA
         raise ValueError(f"sparsegemm.load: module {name!r} was an attention of (embed_dim, kdim, vdim) = "
                          f"{tuple(dims)} when saved, the model's is {(dense.embed_dim, dense.kdim, dense.vdim)}")
     kind = SparseMultiheadAttention if sparse else SplitMultiheadAttention
-    return kind(*parts, heads, dropout=dense.dropout, batch_first=dense.batch_first).train(dense.training)
+    return kind(*parts, heads, dropout=dense.dropout, batch_first=dense.batch_first)
 
 
 def _build(name: str, spec: dict, dense: nn.Module) -> nn.Module:

@@ -656,7 +656,7 @@ def split_attention(model: nn.Module) -> list[str]:
         # What sparsify would leave dense, but for size: no filter, and any size is worth masking.
         if _attention_skip_reason(model, name, mha, None, holders, min_features=0):
             continue
-        _set_submodule(model, name, SplitMultiheadAttention.from_dense(mha).train(mha.training))
+        _set_submodule(model, name, SplitMultiheadAttention.from_dense(mha))
         split.append(name)
     turn_off_nested_fast_path(model)
     return split

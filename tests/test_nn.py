@@ -1862,3 +1862,31 @@ def test_a_model_loaded_under_inference_mode_can_train_afterwards(tmp_path):
         assert not any(t.is_inference() for t in (*loaded.parameters(), *loaded.buffers()))
         loaded(torch.randn(2, 64)).sum().backward()
         assert loaded[0].values.grad is not None
+
+
+def test_layers_converted_in_an_eval_model_are_in_eval_mode_too(tmp_path):
+    # A freshly made module is in training mode: converted layers of an eval model were the ones
+    # left training (and an attention's dropout would have run).
+    class Mlp(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_proj, self.up_proj, self.down_proj = nn.Linear(64, 128), nn.Linear(64, 128), nn.Linear(128, 64)
+            self.act_fn = nn.SiLU()
+
+        def forward(self, x):
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+    def build():
+        return nn.Sequential(nn.Conv1d(64, 64, 1), nn.Flatten(0), nn.Unflatten(0, (1, 64)), Mlp(),
+                             nn.MultiheadAttention(64, 4, dropout=0.5, batch_first=True), nn.Linear(64, 64))
+
+    torch.manual_seed(29)
+    for mode in (False, True):
+        model = build().train(mode)
+        report = sparsegemm.sparsify(model, fuse_gated_mlp=True)
+        assert {row.kind for row in report.layers if row.converted} >= {"Conv1d", "Linear", "MultiheadAttention"}
+        assert all(module.training is mode for module in model.modules())
+    path = tmp_path / "eval.safetensors"
+    sparsegemm.save(model.eval(), path)
+    loaded = sparsegemm.load(path, build().eval())
+    assert not any(module.training for module in loaded.modules())
