@@ -184,8 +184,9 @@ def grouped_linear(x: Tensor, row_offsets: Tensor, weights, bias=None, *, activa
     int8 = first.dtype == torch.int8
     if int8:
         ops.check_dtype(op, "x", x, ops.FLOAT_DTYPES)
-        if bias is not None and bias[0].dtype != x.dtype:
-            raise ValueError(f"{op}: bias must have x's dtype {x.dtype} (the output's), got {bias[0].dtype}")
+        if bias is not None:  # converted to the output's dtype, as linear does with an int8 weight
+            ops.check_dtype(op, "bias[0]", bias[0], ops.FLOAT_DTYPES)
+            bias = [b.to(x.dtype) for b in bias]
     else:
         ops.check_x_matches_weight(op, x, first.values, ops.FLOAT_DTYPES, None if bias is None else bias[0])
     ops.check_same_device(op, x=x, row_offsets=row_offsets, **{"weights[0].values": first.values},

@@ -276,6 +276,7 @@ def linear_int8(x: Union[Tensor, tuple], sw: SparseTensor24, bias: Optional[Tens
         ops.require_int8_kernels(op, backend)
         ops.check_gemm_32bit(op, m, n, fmt.padded_k(k))
     if bias is not None:
+        ops.check_dtype(op, "bias", bias, ops.FLOAT_DTYPES)  # an integer bias was converted silently
         if tuple(bias.shape) != (n,):
             raise ValueError(f"{op}: bias must have shape ({n},), got {tuple(bias.shape)}")
         bias = bias.to(out_dtype)

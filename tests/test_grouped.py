@@ -149,6 +149,21 @@ def test_grouped_linear_on_the_cpu_is_each_groups_linear():
     assert torch.count_nonzero(y[:2]) == 0 and torch.count_nonzero(y[-3:]) == 0
 
 
+@pytest.mark.parametrize("backend", ["cpu", "simt"])
+def test_int8_grouped_linear_takes_any_float_bias_as_linear_does(backend):
+    # linear converts an int8 weight's bias to the output's dtype; grouped_linear refused an fp32 one.
+    x, offsets, weights, biases = grouped_case([3, 2], 32, 64, torch.float16, seed=9, int8=True)
+    biases = [torch.randn(32, generator=torch.Generator().manual_seed(g)) for g in range(2)]
+    y = sparsegemm.grouped_linear(x, offsets, weights, biases, backend=backend)
+    for g, (first, end) in enumerate(zip(offsets.tolist(), offsets.tolist()[1:])):
+        assert torch.equal(y[first:end], sparsegemm.linear(x[first:end], weights[g], biases[g], backend=backend))
+    for call in (lambda: sparsegemm.grouped_linear(x, offsets, weights, [b.long() for b in biases], backend=backend),
+                 lambda: sparsegemm.linear(x, weights[0], biases[0].long(), backend=backend)):
+        with pytest.raises(TypeError, match=r"bias(\[0\])? must have dtype in \(float32, float16, bfloat16\), "
+                                            r"got int64"):
+            call()
+
+
 def leaf_copies(x, weights, biases):
     """Copies of a grouped case's float tensors that take gradients (the kept values of each weight)."""
     leaf = lambda t: t.detach().clone().requires_grad_(True)  # noqa: E731
