@@ -77,6 +77,8 @@ def _geometry(conv: nn.Module) -> list:
 _CONTAINERS = (SparseGatedMLP, SparseExperts, SplitMultiheadAttention)
 _CONTAINER_KINDS = ("SparseGatedMLP", "SparseExperts", "SparseMultiheadAttention", "SplitMultiheadAttention")
 _KINDS = ("SparseLinear", "SparseConv1d", "SparseConv2d", *_CONTAINER_KINDS)  # every kind a module table holds
+# The dtypes a module table records: a layer's float dtype (an int8 layer's too, the one it was made in).
+_DENSE_DTYPES = ("float16", "bfloat16", "float32")
 _CONVERTED = (SparseLinear, SparseConv2d, *_CONTAINERS)
 
 
@@ -547,7 +549,7 @@ def _describe_file(safe_open, path) -> str:
         if spec.get("activation") in GATED_ACTIVATIONS:
             n *= 2  # the weight holds a gate and an up row per output
         k = spec.get("in_features") or spec["in_channels"] * math.prod(spec["kernel_size"])
-        item = getattr(torch, spec["dtype"]).itemsize  # int8 layers: vs the dense weight in the activation dtype
+        item = getattr(torch, spec["dtype"]).itemsize  # int8 layers: vs the dense weight in the float dtype
         meta_bytes = nbytes.get(prefix + "metadata", nbytes.get(prefix + "meta"))  # "meta" in older files
         stored = nbytes[prefix + "values"] + meta_bytes + nbytes.get(prefix + "scale", 0)
         dense = n * k * item
@@ -575,6 +577,9 @@ def _report_kind(path, name: str, spec: dict) -> str:
                          f"kind {kind!r}")
     if kind in _CONTAINER_KINDS:
         return kind
+    if spec.get("dtype") not in _DENSE_DTYPES:  # "int8" sized the dense weight at a byte an element
+        raise ValueError(f"sparsegemm report: {path} has a corrupt module table: module {name!r} has dtype "
+                         f"{spec.get('dtype')!r}, expected one of {', '.join(_DENSE_DTYPES)}")
     keys = ("in_features", "out_features") if kind == "SparseLinear" else ("in_channels", "out_channels")
     sizes = [spec.get(key) for key in keys]
     if kind != "SparseLinear":

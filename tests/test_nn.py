@@ -1679,6 +1679,7 @@ def test_report_reads_exact_tensor_bytes_and_whole_names(tmp_path):
 @pytest.mark.parametrize("edit, message", [
     ({"kind": "SparseLinearX"}, "has an unknown kind 'SparseLinearX'"),
     ({"in_features": -64}, "needs in_features, out_features as counts, got {'in_features': -64, 'out_features': 64}"),
+    ({"dtype": "int8"}, "has dtype 'int8', expected one of float16, bfloat16, float32"),  # sized at 1 byte
 ])
 def test_report_refuses_a_module_table_it_cannot_size(edit, message, tmp_path):
     # Both printed figures and exited 0; a negative size changed the totals.
