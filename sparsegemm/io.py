@@ -280,10 +280,15 @@ def load(path: Union[str, "os.PathLike"], model: nn.Module, *, device=None) -> n
     """
     if torch.is_inference_mode_enabled():
         # The layers it makes and the tensors it reads are the model's parameters from then on:
-        # made in inference mode they would be inference tensors, which no later training can use
-        # (load_state_dict copies into the model's normal ones, as this then does).
+        # made in inference mode they would be inference tensors, which no later training can use.
+        # The copies into the model's own tensors stay in inference mode: a model built there holds
+        # inference tensors (its dense layers), which nothing else may write.
         with torch.inference_mode(False):
-            return load(path, model, device=device)
+            return _load(path, model, device, copy_in_inference_mode=True)
+    return _load(path, model, device, copy_in_inference_mode=False)
+
+
+def _load(path, model: nn.Module, device, copy_in_inference_mode: bool) -> nn.Module:
     from safetensors import safe_open
 
     check_outside_empty_weights("sparsegemm.load")
@@ -384,7 +389,8 @@ def load(path: Union[str, "os.PathLike"], model: nn.Module, *, device=None) -> n
         _set_submodule(model, name, new)
     turn_off_nested_fast_path(model)
     if target is None:
-        model.load_state_dict(tensors, strict=True)
+        with torch.inference_mode(copy_in_inference_mode):
+            model.load_state_dict(tensors, strict=True)
         return model
     tied = _tie_groups(model)  # assign=True gives each name a Parameter of its own: tied again below
     model.load_state_dict(tensors, strict=True, assign=True)

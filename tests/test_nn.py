@@ -1865,6 +1865,22 @@ def test_a_model_loaded_under_inference_mode_can_train_afterwards(tmp_path):
         assert loaded[0].values.grad is not None
 
 
+def test_a_model_built_under_inference_mode_loads_there(tmp_path):
+    # Its dense layers hold inference tensors, which load's copies made outside inference mode could
+    # not write ("Inplace update to inference tensor outside InferenceMode"); torch's own
+    # load_state_dict works there.
+    build = lambda: nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 8))  # noqa: E731
+    model = build()
+    report = sparsegemm.sparsify(model)
+    assert [row.converted for row in report.layers] == [True, False]  # the last stays dense (8 < 64)
+    sparsegemm.save(model, tmp_path / "m.safetensors")
+    x = torch.randn(2, 64)
+    with torch.inference_mode():
+        loaded = sparsegemm.load(tmp_path / "m.safetensors", build())
+        assert torch.equal(loaded(x), model(x))
+    assert loaded[2].weight.is_inference() and not loaded[0].values.is_inference()
+
+
 def test_layers_converted_in_an_eval_model_are_in_eval_mode_too(tmp_path):
     # A freshly made module is in training mode: converted layers of an eval model were the ones
     # left training (and an attention's dropout would have run).
