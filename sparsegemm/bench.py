@@ -484,8 +484,9 @@ def select_shapes(names) -> dict:
 
 def run(device: str = "cpu", dtypes=("bfloat16",), quick: bool = False, progress: bool = True,
         shapes_filter=None, ms_override=None) -> tuple:
-    """The sweep; ``shapes_filter`` (names of MODEL_SHAPES / "square-8192" / "square-4096") and
-    ``ms_override`` (M values) narrow it."""
+    """The GEMM sweep, then the compress kernel, the Llama-7B MLP block, a ViT encoder layer and
+    ResNet-50 convolutions; ``shapes_filter`` (names of MODEL_SHAPES / "square-8192" /
+    "square-4096") and ``ms_override`` (M values) narrow the run to those GEMMs alone."""
     dev = torch.device(device)
     if quick:
         shapes = {"square-4096": (4096, 4096)}
@@ -506,6 +507,8 @@ def run(device: str = "cpu", dtypes=("bfloat16",), quick: bool = False, progress
             rows.extend(bench_int8_shape(dev, label, m, n, k, timer))
         else:
             rows.extend(bench_shape(dev, dtype, label, m, n, k, timer))
+    if shapes_filter or ms_override:  # asked for these GEMMs: the sections below ran at their own sizes
+        return environment(dev), rows
     # The compress kernel's throughput, and the Llama-7B MLP block with SparseLinear (issue targets:
     # 16 x 2048 tokens and 1..16 tokens).
     side = 4096 if quick else 8192

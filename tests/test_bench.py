@@ -43,6 +43,18 @@ def test_unavailable_baseline_becomes_a_note_row():
         rows.add("sparsegemm", refuses, 10)  # our own method failing is an error, not a note
 
 
+def test_shapes_and_ms_narrow_the_run_to_those_gemms(monkeypatch):
+    # `bench --shapes square-4096 --m 1` went on to the compress, MLP, encoder and conv rows, at
+    # M = 16, 197 and 25088, for minutes.
+    monkeypatch.setattr(bench, "select_shapes", lambda names: {name: (64, 128) for name in names})
+    for narrowing in ({"shapes_filter": ["tiny"]}, {"ms_override": [3]}):
+        _, rows = bench.run("cpu", ("bfloat16",), quick=True, progress=False, **narrowing)
+        shapes, ms = {row.shape for row in rows}, {row.M for row in rows}
+        assert {row.method for row in rows} == {"dense", "sparsegemm"}
+        assert shapes == ({"tiny"} if "shapes_filter" in narrowing else {"square-4096"})
+        assert ms == ({3} if "ms_override" in narrowing else {1, 16, 256})
+
+
 def test_mlp_block_rows():
     timer = bench.Timer(torch.device("cpu"), warmup=0, repeats=1)
     rows = bench.bench_mlp(torch.device("cpu"), "bfloat16", (1,), timer)
