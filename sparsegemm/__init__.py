@@ -15,6 +15,19 @@ from .tensor import SparseTensor24
 
 __version__ = "0.1.0"
 
+# Submodules imported on first use (``sparsegemm.quant.quantize_weight(...)`` after a plain
+# ``import sparsegemm``): INT8 and the benchmark tools are not every program's.
+_LAZY_SUBMODULES = ("bench", "quant", "targets")
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "SparseConv1d",
     "SparseConv2d",

@@ -350,3 +350,22 @@ def test_the_oracle_moves_signalling_nans_as_bits(dtype, bits):
     assert int(values.view(torch.int16)[0, 0]) == bits
     back = oracle.decompress(values, meta, 4)
     assert torch.equal(back.view(torch.int16), w.view(torch.int16))
+
+
+def test_submodules_the_docs_name_resolve_after_a_plain_import():
+    # The docs say sparsegemm.quant.quantize_weight and sparsegemm.bench.bench_int8_shape: after
+    # `import sparsegemm` alone both were AttributeErrors (until something imported them).
+    import subprocess
+    import sys
+
+    script = ("import sparsegemm, sys\n"
+              "assert 'sparsegemm.quant' not in sys.modules\n"
+              "print(sparsegemm.quant.quantize_weight.__name__, sparsegemm.bench.bench_int8_shape.__name__,\n"
+              "      sparsegemm.targets.run.__name__)\n"
+              "try:\n"
+              "    sparsegemm.nonexistent\n"
+              "except AttributeError as exc:\n"
+              "    print(exc)\n")
+    out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True).stdout
+    assert out.splitlines() == ["quantize_weight bench_int8_shape run",
+                                "module 'sparsegemm' has no attribute 'nonexistent'"]
