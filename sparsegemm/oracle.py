@@ -12,7 +12,9 @@ these, and users can do the same for their own weights:
 True
 
 Tolerance policy (DESIGN.md): integer-valued inputs small enough for exact arithmetic must match
-exactly; otherwise a result may be off from the float64 reference by at most twice what the dense
+exactly (compare those with ``torch.equal`` against :func:`linear`: :func:`assert_close_to_oracle`
+allows one unit in the last place at the largest magnitude, so it does not check exactness);
+otherwise a result may be off from the float64 reference by at most twice what the dense
 low-precision product (``torch.nn.functional.linear`` in the input dtype) is off.
 """
 from __future__ import annotations

@@ -58,10 +58,12 @@ class SparseTensor24:
     # ---- properties ----------------------------------------------------------------------------
     @property
     def dtype(self) -> torch.dtype:
+        """The kept values' dtype (int8 for a quantized weight)."""
         return self.values.dtype
 
     @property
     def device(self) -> torch.device:
+        """Where the values (and metadata and scale) are."""
         return self.values.device
 
     @property
@@ -137,7 +139,9 @@ class SparseTensor24:
 
     # ---- conversions ---------------------------------------------------------------------------
     def to(self, device=None, dtype: Optional[torch.dtype] = None, non_blocking: bool = False) -> "SparseTensor24":
-        """Copy to another device and/or floating dtype (values only; metadata is unchanged)."""
+        """This weight on ``device`` and/or with its float values in ``dtype`` (metadata and scale
+        follow the device; their dtypes never change). As with ``Tensor.to``, a tensor already on
+        that device and in that dtype is shared, not copied: ``.clone()`` its parts for a copy."""
         values = self.values
         if dtype is not None and dtype != values.dtype:
             if values.dtype == torch.int8 or dtype == torch.int8:
@@ -154,9 +158,11 @@ class SparseTensor24:
         return out
 
     def cpu(self) -> "SparseTensor24":
+        """``self.to("cpu")``."""
         return self.to("cpu")
 
     def cuda(self, device=None) -> "SparseTensor24":
+        """``self.to(device)``, the current CUDA device by default."""
         return self.to(torch.device("cuda") if device is None else device)
 
     def kernel_meta(self, backend: str) -> torch.Tensor:
