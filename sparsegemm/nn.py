@@ -54,7 +54,7 @@ class _SparseWeight(nn.Module):
         # INT8 layer: in its bias's dtype, or autocast's without a bias), with x cast to it and
         # autocast off inside, so that the result is the one the layer gives outside autocast.
         x = input
-        if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+        if x.is_floating_point() and not x.is_meta and torch.is_autocast_enabled(x.device.type):  # meta: no autocast
             if self.quantize != "int8":
                 dtype = self.values.dtype
             else:

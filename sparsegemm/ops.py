@@ -10,6 +10,7 @@ is strict ``compress`` on CUDA, which must report a non-2:4 group.
 from __future__ import annotations
 
 import functools
+import inspect
 import numbers
 import threading
 from typing import NamedTuple, Optional
@@ -136,6 +137,31 @@ def _custom_op(name: str):
         op = torch.library.custom_op(name, mutates_args=())(fn)
         _IMPLS[op] = fn
         return op
+
+    return register
+
+
+def _register_fake(op):
+    """Registers the decorated function as ``op``'s fake (meta) implementation, behind a check that
+    the call's tensors share one device. With one of them on the meta device torch dispatches the
+    whole call to the fake (the implementation, whose checks refuse the mix, never runs), which
+    handed back an uninitialised tensor on the others' device as the result."""
+    def register(fn):
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def checked(*args, **kwargs):
+            tensors = {}
+            for name, arg in signature.bind(*args, **kwargs).arguments.items():
+                if isinstance(arg, Tensor):
+                    tensors[name] = arg
+                elif isinstance(arg, (list, tuple)):
+                    tensors.update((f"{name}[{i}]", t) for i, t in enumerate(arg) if isinstance(t, Tensor))
+            check_same_device(op._qualname.replace("::", "."), **tensors)
+            return fn(*args, **kwargs)
+
+        op.register_fake(checked)
+        return checked
 
     return register
 
@@ -310,7 +336,7 @@ def _mask_2to4_torch(w: Tensor) -> Tensor:
     return kept.reshape(n, -1)[:, :k]
 
 
-@_mask_2to4.register_fake
+@_register_fake(_mask_2to4)
 def _(w: Tensor) -> Tensor:
     return w.new_empty(w.shape, dtype=torch.bool)
 
@@ -383,7 +409,7 @@ def _compress(w: Tensor, prune: bool, backend: str) -> tuple[Tensor, Tensor]:
     return values, meta
 
 
-@_compress.register_fake
+@_register_fake(_compress)
 def _(w: Tensor, prune: bool, backend: str) -> tuple[Tensor, Tensor]:
     n, k = w.shape
     return (w.new_empty((n, fmt.values_cols(k))),
@@ -408,7 +434,7 @@ def _decompress(values: Tensor, meta: Tensor, k: int, backend: str) -> Tensor:
     return w
 
 
-@_decompress.register_fake
+@_register_fake(_decompress)
 def _(values: Tensor, meta: Tensor, k: int, backend: str) -> Tensor:
     return values.new_empty((values.shape[0], k))
 
@@ -533,7 +559,7 @@ def _reorder_meta(meta: Tensor, k: int, backend: str, s8: bool) -> Tensor:
     return out
 
 
-@_reorder_meta.register_fake
+@_register_fake(_reorder_meta)
 def _(meta: Tensor, k: int, backend: str, s8: bool) -> Tensor:
     return meta.new_empty((_kernel_meta_bytes(meta.shape[0], k, backend, s8),))
 
@@ -916,7 +942,7 @@ def _grouped_linear(x: Tensor, row_offsets: Tensor, values: list[Tensor], meta: 
     return y
 
 
-@_grouped_linear.register_fake
+@_register_fake(_grouped_linear)
 def _(x: Tensor, row_offsets: Tensor, values: list[Tensor], meta: list[Tensor], kernel_meta: list[Tensor], k: int,
       bias: list[Tensor], scale: list[Tensor], activation: int, max_rows: int, backend: str) -> Tensor:
     return x.new_empty((x.shape[0], out_features(values[0].shape[0], activation)))
@@ -956,7 +982,7 @@ def _grouped_linear_grads(grad_y: Tensor, x: Tensor, row_offsets: Tensor, values
     return grad_x, grad_values, grad_bias
 
 
-@_grouped_linear_grads.register_fake
+@_register_fake(_grouped_linear_grads)
 def _(grad_y: Tensor, x: Tensor, row_offsets: Tensor, values: list[Tensor], meta: list[Tensor],
       kernel_meta: list[Tensor], k: int, bias: list[Tensor], activation: int, max_rows: int, backend: str,
       need_x: bool, need_values: bool, need_bias: bool) -> tuple[Tensor, list[Tensor], list[Tensor]]:
@@ -1002,7 +1028,7 @@ def _grouped_linear_backward(ctx, grad_y: Tensor):
 _grouped_linear.register_autograd(_grouped_linear_backward, setup_context=_grouped_linear_setup_context)
 
 
-@_linear.register_fake
+@_register_fake(_linear)
 def _(x: Tensor, values: Tensor, meta: Tensor, kernel_meta: Optional[Tensor], k: int, bias: Optional[Tensor],
       activation: int, backend: str) -> Tensor:
     return x.new_empty((x.shape[0], out_features(values.shape[0], activation)))
@@ -1137,7 +1163,7 @@ def _conv2d(x: Tensor, values: Tensor, meta: Tensor, kernel_meta: Tensor, kernel
     return y
 
 
-@_conv2d.register_fake
+@_register_fake(_conv2d)
 def _(x: Tensor, values: Tensor, meta: Tensor, kernel_meta: Tensor, kernel_size: list[int], stride: list[int],
       padding: list[int], dilation: list[int], bias: Optional[Tensor], activation: int, backend: str) -> Tensor:
     return x.new_empty(_conv2d_shape("sparsegemm.conv2d", x, values.shape[0], kernel_size, stride, padding, dilation))
@@ -1226,7 +1252,7 @@ def _quantize_rows(x: Tensor, backend: str) -> tuple[Tensor, Tensor]:
     return x_q, x_scale
 
 
-@_quantize_rows.register_fake
+@_register_fake(_quantize_rows)
 def _(x: Tensor, backend: str) -> tuple[Tensor, Tensor]:
     m, k = x.shape
     return x.new_empty((m, k), dtype=torch.int8), x.new_empty((m,), dtype=torch.float32)
@@ -1338,7 +1364,7 @@ def _int8_gradient(grad: Tensor, shape: list[int], dtype: torch.dtype) -> Tensor
                        "torch.no_grad())")
 
 
-@_int8_gradient.register_fake
+@_register_fake(_int8_gradient)
 def _(grad: Tensor, shape: list[int], dtype: torch.dtype) -> Tensor:
     return grad.new_empty(shape, dtype=dtype)
 
@@ -1362,13 +1388,13 @@ for _op in (_quantize_rows, _linear_s8, _linear_s8_dynamic):
     _op.register_autograd(_int8_backward, setup_context=_float_input_shapes)
 
 
-@_linear_s8_dynamic.register_fake
+@_register_fake(_linear_s8_dynamic)
 def _(x: Tensor, values: Tensor, kernel_meta: Tensor, w_scale: Tensor, bias: Optional[Tensor], activation: int,
       out_dtype: torch.dtype, backend: str) -> Tensor:
     return x.new_empty((x.shape[0], out_features(values.shape[0], activation)), dtype=out_dtype)
 
 
-@_linear_s8.register_fake
+@_register_fake(_linear_s8)
 def _(x_q: Tensor, x_scale: Tensor, values: Tensor, meta: Tensor, kernel_meta: Optional[Tensor], w_scale: Tensor,
       k: int, bias: Optional[Tensor], activation: int, out_dtype: torch.dtype, backend: str) -> Tensor:
     return x_q.new_empty((x_q.shape[0], out_features(values.shape[0], activation)), dtype=out_dtype)

@@ -1907,3 +1907,26 @@ def test_layers_converted_in_an_eval_model_are_in_eval_mode_too(tmp_path):
     sparsegemm.save(model.eval(), path)
     loaded = sparsegemm.load(path, build().eval())
     assert not any(module.training for module in loaded.modules())
+
+
+def test_a_tensor_left_on_the_meta_device_is_refused_not_read():
+    # With one operand on meta, torch dispatches the whole call to the op's fake implementation
+    # (whose checks the real one's are): it returned an uninitialised CPU tensor as the result.
+    dense = SparseLinear.from_dense(nn.Linear(64, 32), dtype=torch.float32)
+    state = {key: value for key, value in dense.state_dict().items() if key != "metadata"}
+    with torch.device("meta"):
+        shell = SparseLinear(64, 32, dtype=torch.float32)
+    shell.load_state_dict(state, strict=False, assign=True)  # metadata missing: still on meta
+    with pytest.raises(ValueError, match=r"sparsegemm.linear: all tensors must be on one device, got x on cpu, "
+                                         r"values on cpu, meta on meta, bias on cpu"):
+        shell(torch.randn(2, 64))
+    conv = SparseConv2d.from_dense(nn.Conv2d(16, 32, 3), dtype=torch.float32)
+    conv.metadata = torch.empty_like(conv.metadata, device="meta")
+    with pytest.raises(ValueError, match=r"sparsegemm\.(conv2d|linear): all tensors must be on one device, "
+                                         r".*meta on meta"):
+        conv(torch.randn(1, 16, 8, 8))
+    # x on meta: autocast's check raised torch's "unknown device type for autocast" first.
+    for layer, x in ((SparseLinear.from_dense(nn.Linear(64, 32)), torch.randn(3, 64)),
+                     (SparseConv2d.from_dense(nn.Conv2d(16, 32, 3)), torch.randn(1, 16, 8, 8))):
+        with pytest.raises(ValueError, match=r"backend 'cpu' runs on CPU tensors, got tensors on meta"):
+            layer.to("meta")(x.to("meta"))
