@@ -28,7 +28,8 @@ from .attention import (SparseMultiheadAttention, SplitMultiheadAttention, atten
 from .format import ACTIVATIONS, GATED_ACTIVATIONS
 from .ops import check_conv_geometry
 from .nn import (SparseConv1d, SparseConv2d, SparseExperts, SparseGatedMLP, SparseLinear, _SparseWeight,
-                 _conv1d_taps, conv_skip_reason, experts_activation, gated_mlp_activation, gated_mlp_parts, is_conv1d)
+                 _conv1d_taps, conv_skip_reason, experts_activation, gated_mlp_activation, gated_mlp_parts, is_conv1d,
+                 state_dict_validated)
 
 __all__ = ["save", "load", "describe", "init_empty_weights"]
 
@@ -283,9 +284,10 @@ def load(path: Union[str, "os.PathLike"], model: nn.Module, *, device=None) -> n
         # made in inference mode they would be inference tensors, which no later training can use.
         # The copies into the model's own tensors stay in inference mode: a model built there holds
         # inference tensors (its dense layers), which nothing else may write.
-        with torch.inference_mode(False):
+        with torch.inference_mode(False), state_dict_validated():
             return _load(path, model, device, copy_in_inference_mode=True)
-    return _load(path, model, device, copy_in_inference_mode=False)
+    with state_dict_validated():  # _load validates each layer's tensors itself, naming the module
+        return _load(path, model, device, copy_in_inference_mode=False)
 
 
 def _load(path, model: nn.Module, device, copy_in_inference_mode: bool) -> nn.Module:
@@ -583,9 +585,6 @@ def _report_kind(path, name: str, spec: dict) -> str:
                          f"kind {kind!r}")
     if kind in _CONTAINER_KINDS:
         return kind
-    if spec.get("dtype") not in _DENSE_DTYPES:  # "int8" sized the dense weight at a byte an element
-        raise ValueError(f"sparsegemm report: {path} has a corrupt module table: module {name!r} has dtype "
-                         f"{spec.get('dtype')!r}, expected one of {', '.join(_DENSE_DTYPES)}")
     keys = ("in_features", "out_features") if kind == "SparseLinear" else ("in_channels", "out_channels")
     sizes = [spec.get(key) for key in keys]
     if kind != "SparseLinear":
@@ -595,6 +594,9 @@ def _report_kind(path, name: str, spec: dict) -> str:
         needs = ", ".join(keys) + ("" if kind == "SparseLinear" else ", kernel_size")
         raise ValueError(f"sparsegemm report: {path} has a corrupt module table: module {name!r} needs {needs} as "
                          f"counts, got {found}")
+    if spec.get("dtype") not in _DENSE_DTYPES:  # "int8" sized the dense weight at a byte an element
+        raise ValueError(f"sparsegemm report: {path} has a corrupt module table: module {name!r} has dtype "
+                         f"{spec.get('dtype')!r}, expected one of {', '.join(_DENSE_DTYPES)}")
     return kind
 
 

@@ -8,6 +8,7 @@ device, on the first forward after a move, and reused.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import numbers
 from typing import NamedTuple, Optional
@@ -24,6 +25,21 @@ from .tensor import SparseTensor24
 # Attributes whose assignment invalidates what a layer derived from them (_forget_derived).
 _DERIVED_FROM = frozenset({"values", "metadata", "bias", "scale", "input_scale", "weight_shape", "backend", "quantize",
                            "activation"})
+
+
+# True within sparsegemm.load, which validates every layer of a checkpoint before it loads any:
+# its load_state_dict calls skip the same check in each layer's _load_from_state_dict.
+_state_dict_validated = contextvars.ContextVar("sparsegemm_state_dict_validated", default=False)
+
+
+@contextlib.contextmanager
+def state_dict_validated():
+    """Within it, layers take the weights of a state dict validated already (sparsegemm.load)."""
+    token = _state_dict_validated.set(True)
+    try:
+        yield
+    finally:
+        _state_dict_validated.reset(token)
 
 
 class _EagerPlan(NamedTuple):
@@ -166,15 +182,42 @@ class _SparseWeight(nn.Module):
             self.float_dtype = converted
         return out
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
         self._forget_derived()  # new metadata: the reordered copies are stale
         # State dicts and checkpoints made before the buffer's rename call it "meta".
         if prefix + "meta" in state_dict and prefix + "metadata" not in state_dict:
             state_dict[prefix + "metadata"] = state_dict.pop(prefix + "meta")
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._check_state_dict_weight(state_dict, prefix, error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
         meta = self._buffers.get("metadata")
         if meta is not None:  # assigned (load into a shell) under inference mode: keep a version counter
             self._buffers["metadata"] = ops.versioned(meta)
+
+    def _check_state_dict_weight(self, state_dict, prefix: str, error_msgs: list) -> None:
+        """The weight a state dict brings, checked as :meth:`validate` checks a checkpoint's (illegal
+        metadata nibbles, int8 values of -128, zero or NaN scales, dtypes): an error of
+        load_state_dict's, as torch reports a size mismatch. It loaded such a weight silently, for
+        results made of whatever the nibbles select (on a GPU: undefined). The layer's own tensors
+        stand in for those it does not bring; sizes that differ are torch's to report."""
+        if _state_dict_validated.get() or not any(
+                prefix + name in state_dict for name in ("values", "metadata", "scale", "input_scale")):
+            return
+        tensors = {}
+        for name, own in (*self._parameters.items(), *self._buffers.items()):
+            given = state_dict.get(prefix + name)
+            if not isinstance(given, Tensor):
+                given = own
+            elif own is not None and given.shape != own.shape:
+                return
+            tensors[name] = given
+        if any(t is not None and t.is_meta for t in tensors.values()):
+            return  # a shell: no data to read
+        try:
+            self.validate(tensors)
+        except ValueError as exc:
+            error_msgs.append(f"invalid compressed weight for {prefix[:-1] or 'the layer'}: {exc}")
 
     def _kernel_meta_for(self, backend: str) -> Tensor:
         self._check_metadata_unchanged()

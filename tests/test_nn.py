@@ -1930,3 +1930,25 @@ def test_a_tensor_left_on_the_meta_device_is_refused_not_read():
                      (SparseConv2d.from_dense(nn.Conv2d(16, 32, 3)), torch.randn(1, 16, 8, 8))):
         with pytest.raises(ValueError, match=r"backend 'cpu' runs on CPU tensors, got tensors on meta"):
             layer.to("meta")(x.to("meta"))
+
+
+def test_load_state_dict_refuses_a_weight_validate_refuses():
+    # Illegal nibbles loaded silently (the CPU backend then computed with whatever they selected,
+    # a GPU would be undefined); sparsegemm.load and validate() refused the same tensors.
+    layer = SparseLinear.from_dense(nn.Linear(32, 16), dtype=torch.float32)
+    state = layer.state_dict()
+    state["metadata"] = torch.full_like(state["metadata"], 0xFF)
+    with pytest.raises(RuntimeError, match=r"invalid compressed weight for the layer: SparseTensor24: corrupt "
+                                           r"metadata at row 0, group 0: nibble 0xF"):
+        layer.load_state_dict(state)
+    model = nn.Sequential(SparseLinear.from_dense(nn.Linear(32, 16), quantize="int8"),
+                          SparseConv2d.from_dense(nn.Conv2d(16, 16, 3)))
+    good = {key: value.clone() for key, value in model.state_dict().items()}
+    for key, bad, message in (("0.scale", torch.zeros(16), r"invalid compressed weight for 0: .*scale must be finite "
+                                                           r"and positive, got 0.0 at index 0"),
+                              ("1.metadata", torch.zeros_like(good["1.metadata"]), r"invalid compressed weight for "
+                                                                                    r"1: .*corrupt metadata")):
+        with pytest.raises(RuntimeError, match=message):
+            model.load_state_dict({**good, key: bad})
+    model.load_state_dict(good)  # and a valid one, loaded whole or in part
+    assert model.load_state_dict({"1.bias": good["1.bias"]}, strict=False).missing_keys
