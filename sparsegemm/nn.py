@@ -170,9 +170,18 @@ class _SparseWeight(nn.Module):
         # INT8 scales stay float32 whatever .half() / .to(dtype) asks: only their device follows.
         scales = {name: getattr(self, name) for name in ("scale", "input_scale")
                   if getattr(self, name, None) is not None}
+        # The metadata (uint8) and INT8 values keep the format's dtypes too: Module.type() casts every
+        # tensor, and left a layer no op takes. Cast back, exactly (integers below 256 in every dtype).
+        formats = {name: t.dtype for name, t in (*self._parameters.items(), *self._buffers.items())
+                   if t is not None and not t.is_floating_point()}
         # The float dtype follows .half() / .to(dtype) as the bias does (a zero-size probe of fn).
         converted = fn(torch.empty(0, dtype=self.float_dtype, device=self.values.device)).dtype
         out = super()._apply(fn, recurse)
+        for name, dtype in formats.items():
+            if name in self._parameters and self._parameters[name].dtype != dtype:
+                self._parameters[name].data = self._parameters[name].data.to(dtype)
+            elif name in self._buffers and self._buffers[name].dtype != dtype:
+                self._buffers[name] = self._buffers[name].to(dtype)
         for name, value in scales.items():
             # to_empty from meta: uninitialized memory on the device, as every other tensor gets.
             moved = (torch.empty_like(value, device=self.values.device) if value.is_meta and not self.values.is_meta

@@ -1952,3 +1952,22 @@ def test_load_state_dict_refuses_a_weight_validate_refuses():
             model.load_state_dict({**good, key: bad})
     model.load_state_dict(good)  # and a valid one, loaded whole or in part
     assert model.load_state_dict({"1.bias": good["1.bias"]}, strict=False).missing_keys
+
+
+def test_module_type_casts_only_what_a_dtype_change_may():
+    # nn.Module.type casts every tensor: the metadata became float16 (and INT8 values too), a layer
+    # no op took ("meta must be uint8 ...").
+    torch.manual_seed(31)
+    model = nn.Sequential(SparseLinear.from_dense(nn.Linear(32, 16), dtype=torch.float32),
+                          SparseLinear.from_dense(nn.Linear(16, 16), quantize="int8"),
+                          SparseConv2d.from_dense(nn.Conv2d(16, 16, 1), dtype=torch.float32))
+    x = torch.randn(2, 32)
+    import copy
+
+    want = copy.deepcopy(model[:2]).half()(x.half())
+    model.type(torch.float16)
+    dtypes = {key: value.dtype for key, value in model.state_dict().items()}
+    assert {key: dtype for key, dtype in dtypes.items() if not dtype.is_floating_point} == {
+        "0.metadata": torch.uint8, "1.values": torch.int8, "1.metadata": torch.uint8, "2.metadata": torch.uint8}
+    assert dtypes["1.scale"] == torch.float32 and dtypes["0.values"] == dtypes["2.values"] == torch.float16
+    assert torch.equal(model[:2](x.half()), want)
