@@ -27,6 +27,10 @@ _DERIVED_FROM = frozenset({"values", "metadata", "bias", "scale", "input_scale",
                            "activation"})
 
 
+# A layer's caches of what it derives from its stored weight (_forget_derived), which pickles and
+# deep copies leave behind.
+_DERIVED_STATE = ("_kernel_meta", "_metadata_state", "_eager_plan")
+
 # True within sparsegemm.load, which validates every layer of a checkpoint before it loads any:
 # its load_state_dict calls skip the same check in each layer's _load_from_state_dict.
 _state_dict_validated = contextvars.ContextVar("sparsegemm_state_dict_validated", default=False)
@@ -159,8 +163,17 @@ class _SparseWeight(nn.Module):
         if name in _DERIVED_FROM and "_kernel_meta" in self.__dict__:
             self._forget_derived()
 
+    def __getstate__(self) -> dict:
+        # What was derived from the stored weight stays behind (made again after loading): a pickle
+        # or deepcopy carried every reordered metadata copy.
+        state = super().__getstate__()
+        for key in _DERIVED_STATE:
+            state.pop(key, None)
+        return state
+
     def __setstate__(self, state) -> None:
         super().__setstate__(state)
+        self._forget_derived()  # the caches __getstate__ left behind, empty
         if "float_dtype" not in self.__dict__:  # a module pickled whole before it was kept
             self.float_dtype = self.bias.dtype if self.bias is not None else (
                 torch.float16 if self.quantize == "int8" else self.values.dtype)
@@ -814,6 +827,11 @@ class SparseExperts(nn.Module):
     def _apply(self, fn, recurse=True):
         self.__dict__.pop("_grouped", None)  # its tables hold the tensors a move replaces
         return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.pop("_grouped", None)  # its tables: the layers' tensors again, and pointers into them
+        return state
 
     def _layers_state(self) -> tuple:
         """What the grouped tables depend on beyond the layers' generation (assignments, moves and

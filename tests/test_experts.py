@@ -197,3 +197,30 @@ def test_a_mixture_shared_between_blocks_is_left_dense():
     rows = {layer.name: layer for layer in report.layers}
     assert "weights shared with 2.experts.gate_up_proj" in rows["0.experts.gate_up_proj"].reason
     assert model[0].experts is model[2].experts and isinstance(model[0].experts, Experts)
+
+
+def test_pickles_and_deep_copies_leave_derived_caches_behind():
+    # A pickled simt mixture carried its grouped tables (pointers into its layers' tensors) and each
+    # layer's reordered metadata (1.6x the bytes here). They are made again after loading.
+    import copy
+    import io
+
+    torch.manual_seed(6)
+    sparse = SparseExperts.from_dense(Experts(), dtype=torch.float16, backend="simt")
+    x, index, weights = routing()
+    x, weights = x.half(), weights.half()
+
+    def pickled_bytes(module):
+        buffer = io.BytesIO()
+        torch.save(module, buffer)
+        return buffer.getbuffer().nbytes
+
+    fresh_bytes = pickled_bytes(sparse)
+    with torch.no_grad():
+        want = sparse(x, index, weights)
+    assert "_grouped" in sparse.__dict__ and sparse.gate_up[0]._kernel_meta  # the caches exist now
+    assert pickled_bytes(sparse) == fresh_bytes
+    twin = copy.deepcopy(sparse)
+    assert "_grouped" not in twin.__dict__ and not twin.gate_up[0]._kernel_meta
+    with torch.no_grad():
+        assert torch.equal(twin(x, index, weights), want)
