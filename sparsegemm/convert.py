@@ -126,6 +126,12 @@ def sparsify(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
     if quantize not in (None, "int8"):
         raise ValueError(f"sparsify: quantize must be None or 'int8', got {quantize!r}")
     check_outside_empty_weights("sparsify")
+    if torch.is_inference_mode_enabled():
+        # The layers it makes are the model's from then on: made in inference mode they would hold
+        # inference tensors, which no later training step can use (as load).
+        with torch.inference_mode(False):
+            return sparsify(model, dtype=dtype, filter_fn=filter_fn, min_features=min_features, backend=backend,
+                            progress=progress, quantize=quantize, fuse_gated_mlp=fuse_gated_mlp)
     report = SparsifyReport()
     _convert_experts(model, report, dtype, filter_fn, min_features, backend, quantize)
     if fuse_gated_mlp:

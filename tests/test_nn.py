@@ -1865,6 +1865,18 @@ def test_a_model_loaded_under_inference_mode_can_train_afterwards(tmp_path):
         assert loaded[0].values.grad is not None
 
 
+def test_a_model_sparsified_under_inference_mode_can_train_afterwards():
+    # The layers sparsify made inside the block held inference tensors ("Inference tensors cannot be
+    # saved for backward" at the first training step), as load's once did.
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    with torch.inference_mode():
+        report = sparsegemm.sparsify(model, quantize=None)
+    assert len(report.converted) == 2
+    assert not any(t.is_inference() for t in (*model.parameters(), *model.buffers()))
+    model(torch.randn(2, 64)).sum().backward()
+    assert model[0].values.grad is not None
+
+
 def test_a_model_built_under_inference_mode_loads_there(tmp_path):
     # Its dense layers hold inference tensors, which load's copies made outside inference mode could
     # not write ("Inplace update to inference tensor outside InferenceMode"); torch's own
