@@ -81,6 +81,9 @@ class SplitMultiheadAttention(nn.Module):
     ``attn_mask`` ``[L, S]`` or ``[N * num_heads, L, S]``, attention dropout in training. Without
     ``need_weights`` the attention is torch's scaled_dot_product_attention (its fused kernels).
 
+    ``num_heads`` heads share the embedding (q_proj's outputs) evenly; ``dropout``: the attention
+    weights' dropout probability in training; ``batch_first``: inputs and outputs ``[N, L, E]``.
+
     ``_qkv_same_embed_dim`` is False, as for an nn.MultiheadAttention with separate q / k / v
     projection weights: torch's TransformerEncoderLayer then takes its regular path (its fused
     fast path reads the dense weights).

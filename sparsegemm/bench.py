@@ -527,6 +527,7 @@ def run(device: str = "cpu", dtypes=("bfloat16",), quick: bool = False, progress
 
 
 def markdown(rows: list) -> str:
+    """The rows as a markdown table (a skipped row shows its note)."""
     out = ["| device | dtype | shape | M | N | K | method | ms | TFLOP/s | GB/s | vs dense | % peak FLOP/s | "
            "% peak BW | rel. error |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -564,6 +565,7 @@ def write_json(path: str, document) -> None:
 
 def write_outputs(env: dict, rows: list, json_path: Optional[str], csv_path: Optional[str],
                   plot_path: Optional[str]) -> None:
+    """The rows (JSON with the environment, CSV) and the speedup plot, to each path given (None: skip)."""
     if json_path:
         write_json(json_path, {"environment": env, "rows": [asdict(r) for r in rows]})
     if csv_path:

@@ -24,6 +24,8 @@ __all__ = ["sparsify", "SparsifyReport", "LayerReport"]
 
 @dataclass
 class LayerReport:
+    """One row of a :class:`SparsifyReport`: a layer (or a fused / grouped set of layers) that
+    sparsify considered, converted or not."""
     name: str
     kind: str                    # "Linear", "Conv1D" (transformers' transposed Linear), "Conv1d", "Conv2d",
     #                              "Linear (gated)" (a gated MLP's gate_proj + up_proj),
@@ -40,17 +42,23 @@ class LayerReport:
 
 @dataclass
 class SparsifyReport:
+    """What :func:`sparsify` did: a :class:`LayerReport` per layer considered, in the order
+    considered (``str()`` prints them as a table with the totals)."""
     layers: list = field(default_factory=list)
 
     @property
     def converted(self) -> list:
+        """The rows of the layers converted."""
         return [layer for layer in self.layers if layer.converted]
 
     @property
     def skipped(self) -> list:
+        """The rows of the layers left dense (each with its ``reason``)."""
         return [layer for layer in self.layers if not layer.converted]
 
     def totals(self) -> dict:
+        """Counts of converted and skipped layers, and the converted layers' dense and compressed
+        bytes with their ratio (0.0 when nothing was converted)."""
         conv = self.converted
         dense = sum(layer.dense_bytes for layer in conv)
         comp = sum(layer.compressed_bytes for layer in conv)
@@ -58,6 +66,7 @@ class SparsifyReport:
                 "compressed_bytes": comp, "ratio": comp / dense if dense else 0.0}
 
     def to_dict(self) -> dict:
+        """The rows and totals as plain types (JSON-ready)."""
         return {"layers": [asdict(layer) for layer in self.layers], "totals": self.totals()}
 
     def __str__(self) -> str:
@@ -115,6 +124,9 @@ def sparsify(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
     rows (q_proj, k_proj, v_proj, out_proj; ``filter_fn`` sees the attention itself, under its own
     name, and decides for the four); an nn.TransformerEncoder over converted layers then takes its
     regular path (its nested-tensor fast path reads the dense weights).
+
+    ``backend``: where the converted layers run (None: by device; "simt": the CUDA kernels in the
+    CPU emulator). ``progress``: a tqdm bar over the layers, shown from 21 candidates on.
 
     ``fuse_gated_mlp``: every gated MLP in a transformers layout (Llama, Mistral, Qwen2, ...:
     ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``; Mixtral experts' w1 / w3 / w2; Phi-3's

@@ -95,6 +95,7 @@ def padded_k(k: int) -> int:
 
 
 def num_groups(k: int) -> int:
+    """Groups of four along a row of K columns (the last one zero-padded when K % 4)."""
     return padded_k(k) // 4
 
 

@@ -344,6 +344,8 @@ class SparseLinear(_SparseWeight):
         (:func:`sparsegemm.quant.quantize_weight`); ``dtype`` is the activation dtype.
         ``activation`` ("relu", "gelu", "silu") is fused into the GEMM: the layer then computes
         ``act(linear(x))``; gated activations take two projections (:meth:`from_gate_up`).
+        ``backend``: where the layer runs (None: by its tensors' device; "simt": the CUDA kernels in
+        the CPU emulator).
         """
         if not (is_conv1d(linear) or isinstance(linear, nn.Linear)):
             raise TypeError(f"SparseLinear.from_dense: expected nn.Linear or transformers' Conv1D, got "
@@ -687,7 +689,8 @@ class SparseGatedMLP(nn.Module):
     def from_dense(cls, mlp: nn.Module, *, dtype: Optional[torch.dtype] = None, prune: bool = True,
                    backend: Optional[str] = None, quantize: Optional[str] = None) -> "SparseGatedMLP":
         """The gate and up projections of ``mlp`` (see :func:`gated_mlp_activation`) fused and
-        compressed; its down projection is kept as it is (sparsify converts it as any Linear)."""
+        compressed; its down projection is kept as it is (sparsify converts it as any Linear).
+        ``dtype``, ``prune``, ``backend`` and ``quantize`` as for :meth:`SparseLinear.from_dense`."""
         parts = gated_mlp_parts(mlp)
         activation, why = gated_mlp_activation(mlp, parts)
         if activation is None:
@@ -814,6 +817,10 @@ class SparseExperts(nn.Module):
     @classmethod
     def from_dense(cls, experts: nn.Module, *, dtype: Optional[torch.dtype] = None, prune: bool = True,
                    backend: Optional[str] = None, quantize: Optional[str] = None) -> "SparseExperts":
+        """Every expert of ``experts`` (3-D ``gate_up_proj`` and ``down_proj``, see
+        :func:`experts_activation`) as two SparseLinear layers: its gate / up projections fused, its down
+        projection. ``dtype``, ``prune``, ``backend`` and ``quantize`` as for
+        :meth:`SparseLinear.from_dense`."""
         activation, why = experts_activation(experts)
         if activation is None:
             raise ValueError(f"SparseExperts.from_dense: {type(experts).__name__} is not a mixture of experts "
@@ -986,6 +993,7 @@ class SparseExperts(nn.Module):
         return out
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+        """The mixture's output ``[T, H]`` for the routing given (see the class docstring)."""
         grouped = self._grouped_forward(hidden_states, top_k_index, top_k_weights)
         if grouped is not None:
             return grouped
@@ -1087,6 +1095,11 @@ class SparseConv2d(_SparseWeight):
     @classmethod
     def from_dense(cls, conv: nn.Module, *, dtype: Optional[torch.dtype] = None, prune: bool = True,
                    backend: Optional[str] = None) -> "SparseConv2d":
+        """Compress ``conv``'s weight (an nn.Conv2d, or an nn.Conv1d for SparseConv1d; groups = 1)
+        along K in (ky, kx, cin) order: magnitude 2:4 when ``prune``, else it must be 2:4 already.
+        ``dtype`` converts the weight (default: keep its dtype); ``backend`` as for
+        :meth:`SparseLinear.from_dense`. Depthwise and grouped convolutions are refused with the
+        reason (:func:`conv_skip_reason`)."""
         op = f"{cls.__name__}.from_dense"
         if not isinstance(conv, cls._dense_type):
             raise TypeError(f"{op}: expected nn.{cls._dense_type.__name__}, got {type(conv).__name__}")

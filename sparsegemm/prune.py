@@ -274,8 +274,10 @@ def prune_one_shot(model: nn.Module, filter_fn: Optional[Callable[[str, nn.Modul
 
     Layers that already carry a mask keep what it prunes and are completed to 2:4; the calibrated
     methods start from the weight the layer computes with (the masked-out originals count as zero).
-    ``progress``: a tqdm bar (when installed) over the layers or blocks of a calibrated pruning of
-    more than 20 layers.
+    ``filter_fn(name, module)``: prune only the layers for which it returns True (all prunable
+    layers by default: :func:`prunable_layers`). ``damp`` and ``block_size``: sparsegpt's settings
+    (:func:`sparsegpt_2to4`). ``progress``: a tqdm bar (when installed) over the layers or blocks
+    of a calibrated pruning of more than 20 layers.
     """
     op = "sparsegemm.prune.prune_one_shot"
     if method not in METHODS:
@@ -695,7 +697,9 @@ class GradualPruner:
     ``start_step``, then every ``frequency`` steps and at ``end_step``, each layer's share of
     groups forced to 2:4 is raised to :func:`cubic_share`; the groups chosen are those whose 2:4
     pattern costs the least ``|w|`` at that moment, so the weights left dense meanwhile can adapt.
-    ``end_step = 0`` prunes everything on construction (one shot).
+    ``end_step = 0`` prunes everything on construction (one shot). ``initial_share``: the share
+    of groups forced to 2:4 at ``start_step`` (the cubic schedule rises from it to 1 at
+    ``end_step``); ``filter_fn(name, module)``: prune only the layers it accepts.
 
     State: the masks live in ``model.state_dict()`` and the step count in this object's
     ``state_dict()``. To resume, build the model, a GradualPruner with the same arguments (this
@@ -743,6 +747,8 @@ class GradualPruner:
         return self.step_count >= self.end_step
 
     def step(self) -> None:
+        """One training step done: count it, and raise the share of groups at 2:4 where the
+        schedule says so."""
         self.step_count += 1
         self._apply_schedule()
 
@@ -755,9 +761,11 @@ class GradualPruner:
                 _force_share(mod, self.share)
 
     def state_dict(self) -> dict:
+        """The step count (the masks are in the model's state dict)."""
         return {"step_count": self.step_count}
 
     def load_state_dict(self, state: dict) -> None:
+        """Resume at the step count of :meth:`state_dict` (see the class's note on resuming)."""
         count = state.get("step_count") if isinstance(state, dict) else None
         if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 0:
             raise ValueError(f"GradualPruner.load_state_dict: expected {{'step_count': a count >= 0}} (what "
@@ -787,6 +795,8 @@ class ChannelPair:
 
 @dataclass
 class PairReport:
+    """One pair of :func:`permute_channels`: how much of the consumer's |w| its 2:4 mask keeps
+    before and after the reorder, and the swaps the search made (or why it was left alone)."""
     pair: ChannelPair
     channels: int
     kept_before: float           # share of the consumer's sum |w| its 2:4 mask keeps
@@ -797,6 +807,7 @@ class PairReport:
 
 @dataclass
 class PermutationReport:
+    """What :func:`permute_channels` did: a :class:`PairReport` per pair (``str()``: a table)."""
     pairs: list = field(default_factory=list)
 
     def __str__(self) -> str:
@@ -846,7 +857,8 @@ def search_permutation(matrix: Tensor, max_swaps: Optional[int] = None) -> tuple
     Greedy best swap (the idea of Apex's permutation search): at each step take the exchange of two
     columns in different groups that raises the kept magnitude most, until none raises it. Kept
     magnitude never decreases. Only the two groups of a swap change, so their rows of the gain
-    table are all that is recomputed. Float64 throughout, deterministic.
+    table are all that is recomputed. Float64 throughout, deterministic. ``max_swaps`` bounds the
+    steps (default 4 * C).
     """
     r, c = matrix.shape
     if c % 4:
@@ -968,7 +980,8 @@ def permute_channels(model: nn.Module, pairs: Optional[list[ChannelPair]] = None
     For each pair the consumer's input channels are permuted by :func:`search_permutation` and
     the producer's outputs (and the channel-wise modules between, e.g. batch norm) by the same
     order. ``pairs`` defaults to :func:`find_channel_pairs`. Pairs that cannot be permuted are
-    reported with the reason and left alone.
+    reported with the reason and left alone. ``max_swaps``: each pair's search bound
+    (:func:`search_permutation`).
     """
     report = PermutationReport()
     shared = _shared_names(model)

@@ -91,7 +91,8 @@ def quantize_weight(w: Tensor, *, prune: bool = True, backend: Optional[str] = N
 
     The 2:4 selection runs on ``w`` itself; the kept values are then quantized per output
     channel (module docstring). ``prune=False`` requires ``w`` to be 2:4 already. Non-finite kept
-    values raise ValueError (they have no int8 scale).
+    values raise ValueError (they have no int8 scale). ``backend``: where the 2:4 selection runs
+    (None: by device; "simt": the CUDA kernel in the CPU emulator).
     """
     from .functional import compress
 
@@ -137,7 +138,8 @@ def _check_activations(op: str, x: Tensor, backend: Optional[str]) -> str:
 
 
 def quantize_activations(x: Tensor, *, backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
-    """Dynamic per-token INT8 of ``x [..., K]``: ``(x_q int8 [..., K], x_scale float32 [...])``."""
+    """Dynamic per-token INT8 of ``x [..., K]``: ``(x_q int8 [..., K], x_scale float32 [...])``;
+    ``backend`` as for :func:`sparsegemm.linear` (None: by device)."""
     backend = _check_activations("sparsegemm.quant.quantize_activations", x, backend)
     k = x.shape[-1]
     x_q, x_scale = ops._quantize_rows(x.reshape(-1, k), backend)
@@ -205,8 +207,9 @@ def linear_int8(x: Union[Tensor, tuple], sw: SparseTensor24, bias: Optional[Tens
 
     ``x`` is a float tensor (f16 / bf16; also f32 on the CPU), quantized here per token, or per
     tensor with ``input_scale`` (static mode); or a pre-quantized pair ``(x_q int8 [..., K],
-    x_scale float32 [...])``. The output dtype is x's (``out_dtype`` must be given for a pair,
-    unless a bias fixes it); ``bias`` is converted to it.
+    x_scale float32 [...])``. The output dtype is ``out_dtype``, by default x's (for a pair it
+    must be given, unless a bias fixes it); ``bias`` is converted to it. ``activation`` and
+    ``backend`` as for :func:`sparsegemm.linear`.
     """
     op = "sparsegemm.linear"
     if not isinstance(sw, SparseTensor24) or sw.dtype != torch.int8:
@@ -304,7 +307,8 @@ class Int8Calibrator:
     The recorded statistic is the largest ``|x|`` seen (NaN and inf inputs are refused). An expert
     of a SparseExperts that no batch routed to takes the largest input seen by the mixture's other
     experts of the same projection (their gate/up layers all read the same token stream); with
-    64-128 experts a few batches often leave some expert idle.
+    64-128 experts a few batches often leave some expert idle. ``modules``: the names (as in
+    ``model.named_modules()``) of the int8 layers to calibrate; default all of them.
     """
 
     def __init__(self, model: nn.Module, modules: Optional[Iterable[str]] = None):

@@ -234,10 +234,12 @@ def _mlp_verdicts(device: torch.device, dtype: str, cases: Cases, timer) -> list
 
 
 def markdown_header() -> str:
+    """The head of the verdicts' markdown table (:func:`markdown_row` gives each row)."""
     return "| issue | target | case | measured | verdict | detail |\n|---|---|---|---|---|---|"
 
 
 def markdown_row(v: Verdict) -> str:
+    """One verdict as a row of the table :func:`markdown_header` starts."""
     value = "n/a" if v.value != v.value else (f"{v.value:.2e}" if v.unit == "rel. error" else f"{v.value:.2f}")
     return f"| {v.issue} | {v.target} | {v.case} | {value} {v.unit} | {v.verdict} | {v.detail} |"
 

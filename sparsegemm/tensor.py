@@ -37,6 +37,10 @@ class SparseTensor24:
 
     The CUDA and emulator GEMMs read a hardware-ordered copy of the metadata, made once per
     backend by :meth:`kernel_meta` and cached on the object; it is never saved.
+
+    Built from parts, it checks their shapes, dtypes and devices always, and with ``validate``
+    (the default) their data too (:meth:`validate`: a host read of the metadata, and of int8
+    values and scales); ``validate=False`` is for parts known good, e.g. just made by compress.
     """
 
     __slots__ = ("values", "meta", "shape", "scale", "_kernel_meta")
