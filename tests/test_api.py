@@ -369,3 +369,21 @@ def test_submodules_the_docs_name_resolve_after_a_plain_import():
     out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True).stdout
     assert out.splitlines() == ["quantize_weight bench_int8_shape run",
                                 "module 'sparsegemm' has no attribute 'nonexistent'"]
+
+
+def test_the_oracle_refuses_what_the_library_refuses():
+    # Strict compress counts NaN as non-zero (the library's rule); decompress refuses a nibble
+    # naming one position twice.
+    with pytest.raises(ValueError, match=r"oracle.compress: weight is not 2:4 at \(row, group\) \(0, 0\)"):
+        oracle.compress(torch.tensor([[float("nan"), 1.0, 2.0, 0.0]]))
+    values, meta = oracle.compress(torch.tensor([[0.0, 1.0, 2.0, 0.0]]))
+    oracle.decompress(values, meta, 4)
+    with pytest.raises(ValueError, match=r"oracle.decompress: metadata names the same or unordered positions"):
+        oracle.decompress(values, torch.tensor([[0x45]], dtype=torch.uint8), 4)  # i0 == i1 == 1
+
+
+def test_sizes_count_the_true_k_and_parts_share_a_device():
+    sw = sparsegemm.compress(torch.zeros(4, 6, dtype=torch.float16))  # K = 6, padded to 8 inside
+    assert sw.dense_nbytes == 4 * 6 * 2 and sw.nbytes == 4 * 4 * 2 + 4 * 1
+    with pytest.raises(ValueError, match=r"SparseTensor24: values on cpu but meta on meta"):
+        sparsegemm.SparseTensor24(sw.values, sw.meta.to("meta"), sw.shape, validate=False)

@@ -635,3 +635,26 @@ def test_calibrator_leaves_named_modules_that_are_not_int8_layers():
     model = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 128))
     sparsegemm.sparsify(model, quantize="int8", min_features=8)
     assert set(quant.Int8Calibrator(model, modules=["0", "1", "2"]).layers) == {"0", "2"}
+
+
+def test_static_quantization_saturates_both_ways_and_a_pair_refuses_input_scale():
+    x_q, x_scale = quant.quantize_activations_static(torch.tensor([[-1000.0, 1000.0, -127.4, 0.4]]), 1.0)
+    assert x_q.tolist() == [[-127, 127, -127, 0]] and x_scale.tolist() == [1.0]
+    sw = sparsegemm.compress(torch.randn(16, 32), prune=True, dtype=torch.int8)
+    with pytest.raises(ValueError, match=r"input_scale quantizes float activations, but x is already quantized"):
+        quant.linear_int8((torch.zeros(2, 32, dtype=torch.int8), torch.ones(2)), sw, out_dtype=torch.float16,
+                          input_scale=1.0)
+
+
+def test_int8_layer_bias_is_frozen_and_its_dense_dtype_follows_moves(tmp_path):
+    layer = sparsegemm.SparseLinear.from_dense(nn.Linear(64, 64), quantize="int8")
+    assert not layer.values.requires_grad and not layer.bias.requires_grad
+    bare = sparsegemm.SparseLinear(64, 64, bias=False, dtype=torch.float32, quantize="int8").half()
+    assert bare.dense_dtype() == torch.float16
+    from sparsegemm.io import describe
+
+    model = nn.Sequential(bare)
+    sparsegemm.save(model, tmp_path / "q.safetensors")
+    stored = bare.values.nbytes + bare.metadata.nbytes + bare.scale.nbytes
+    row = next(line for line in describe(tmp_path / "q.safetensors").splitlines() if line.startswith("0 "))
+    assert row.split()[-3:-1] == [f"{64 * 64 * 2:,}", f"{stored:,}"]  # dense in float16, stored with the scale

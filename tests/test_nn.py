@@ -1983,3 +1983,17 @@ def test_module_type_casts_only_what_a_dtype_change_may():
         "0.metadata": torch.uint8, "1.values": torch.int8, "1.metadata": torch.uint8, "2.metadata": torch.uint8}
     assert dtypes["1.scale"] == torch.float32 and dtypes["0.values"] == dtypes["2.values"] == torch.float16
     assert torch.equal(model[:2](x.half()), want)
+
+
+def test_load_refuses_a_dense_layer_of_another_dtype_and_sparsify_sizes_by_the_smaller_side(tmp_path):
+    # load compares every tensor's dtype with the model's, the dense layers' too (load_state_dict
+    # would cast an fp32 checkpoint into an fp16 layer silently).
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 8))
+    sparsegemm.sparsify(model)  # the second stays dense: min(N, K) = 8
+    sparsegemm.save(model, tmp_path / "m.safetensors")
+    with pytest.raises(ValueError, match=r"tensor '1.weight' is torch.float32 \(8, 64\) in the checkpoint, the "
+                                         r"model expects torch.float16 \(8, 64\)"):
+        sparsegemm.load(tmp_path / "m.safetensors", nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 8).half()))
+    for shape in ((8, 256), (256, 8)):
+        report = sparsegemm.sparsify(nn.Sequential(nn.Linear(*shape)), min_features=64)
+        assert report.layers[0].reason == "min(N, K) = 8 < min_features = 64"

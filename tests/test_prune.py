@@ -92,6 +92,26 @@ def test_gradual_prunes_the_cheapest_groups_first():
     P.GradualPruner(model, end_step=4, initial_share=0.5)
     mask = P.masked_layers(model)["0"]
     assert mask.tolist() == [[True, True, True, True, True, False, True, False]]
+    # The cost is the magnitude a group loses, not what it keeps: group 0 keeps 20 and loses 2,
+    # group 1 keeps 6 and loses 6.
+    lin = nn.Linear(8, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[10.0, 10.0, 1.0, 1.0, 3.0, 3.0, 3.0, 3.0]]))
+    P.GradualPruner(model := nn.Sequential(lin), end_step=4, initial_share=0.5)
+    assert P.masked_layers(model)["0"].tolist() == [[True, True, False, False, True, True, True, True]]
+
+
+def test_a_masked_layer_keeps_non_finite_originals_out():
+    # Mask2to4 selects (torch.where), it does not multiply: an inf left where the mask prunes would
+    # make the weight NaN there (inf * 0), and every output with it.
+    lin = nn.Linear(8, 4)
+    P.prune_one_shot(nn.Sequential(lin))
+    mask = P.masked_layers(nn.Sequential(lin))["0"]
+    with torch.no_grad():
+        original = lin.parametrizations.weight.original
+        original[~mask] = float("inf")
+        original[0, ~mask[0]] = float("nan")
+    assert torch.equal(lin.weight == 0, ~mask) and torch.isfinite(lin(torch.randn(2, 8))).all()
 
 
 def test_one_shot_equals_the_last_step_at_once():

@@ -467,3 +467,13 @@ def test_permute_channels_leaves_shared_and_hook_computed_layers():
         report = P.permute_channels(model)
         assert report.pairs and all(reason in pair.skipped for pair in report.pairs), str(report)
         assert torch.allclose(model(x), want, atol=1e-6)  # changed the function by up to 15.6
+
+
+def test_sparsegpt_ranks_by_weight_squared_over_the_inverse_hessians_diagonal():
+    # Diagonal H: U_cc^2 = 1 / H_cc, so a weight scores w^2 * H_cc. Column 0 (w = 1, H = 100) then
+    # outranks column 1 (w = 5, H = 1); by w^2 / U_cc (w^2 * sqrt(H_cc)) or by |w| it would not.
+    weight = torch.tensor([[1.0, 5.0, 6.0, 0.0]], dtype=torch.float64)
+    hessian = torch.diag(torch.tensor([100.0, 1.0, 1.0, 100.0], dtype=torch.float64))
+    pruned, mask = P.sparsegpt_2to4(weight, hessian)
+    assert mask.tolist() == [[True, False, True, False]]
+    assert pruned.tolist() == [[1.0, 0.0, 6.0, 0.0]]  # diagonal H: no correction of the others

@@ -75,6 +75,28 @@ def test_autograd_matches_dense_masked_oracle(activation):
     assert torch.allclose(gv.double(), padded[ops.meta_to_mask(sw.meta, 24)].view(n, 12), atol=1e-4)
 
 
+def test_relu_gradient_at_an_exact_zero_is_zero_as_torchs():
+    # Integers, and biases making the first output's pre-activations exactly 0: there torch's relu
+    # passes no gradient (z > 0, not z >= 0); random data never lands on 0.
+    gen = torch.Generator().manual_seed(12)
+    sw = sparsegemm.compress(torch.randint(-3, 4, (8, 16), generator=gen).float(), prune=True)
+    w = sparsegemm.decompress(sw)
+    x = torch.randint(-3, 4, (4, 16), generator=gen).float()
+    x[:, :4] = 0
+    x[1:, 4:] = x[0, 4:]  # one row repeated: its first output is z = 0 for each
+    bias = -(x[0] @ w.T)
+    bias[1:] += 0.5
+    values, x, bias = sw.values.clone().requires_grad_(), x.requires_grad_(), bias.requires_grad_()
+    y = sparsegemm.linear(x, sparsegemm.SparseTensor24(values, sw.meta, sw.shape), bias, activation="relu")
+    gx, gv, gb = torch.autograd.grad(y.sum(), (x, values, bias))
+    wd = w.clone().requires_grad_()
+    x2, b2 = x.detach().clone().requires_grad_(), bias.detach().clone().requires_grad_()
+    assert bool((x2 @ wd.T + b2)[:, 0].eq(0).all())
+    rx, rw, rb = torch.autograd.grad(torch.relu(x2 @ wd.T + b2).sum(), (x2, wd, b2))
+    assert torch.equal(gx, rx) and torch.equal(gb, rb) and gb[0] == 0
+    assert torch.equal(gv, rw[ops.meta_to_mask(sw.meta, 16)].view(8, 8))
+
+
 # torch.jit.trace is deprecated, and warns of the argument checks it cannot record.
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
 @pytest.mark.parametrize("quantize", [None, "int8"])
