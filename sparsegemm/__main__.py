@@ -120,13 +120,23 @@ def cmd_targets(args) -> int:
         print(refusal, file=sys.stderr)
         return 2
 
-    def start(env: dict) -> None:
-        _print_environment(env)
+    # Row by row as judged, the JSON rewritten with each: a run its time limit cuts short (the GPU
+    # suite's step) keeps what it measured.
+    seen_env, judged = {}, []
+
+    def start(environment: dict) -> None:
+        seen_env.update(environment)
+        _print_environment(environment)
         print(targets.markdown_header(), flush=True)
 
-    # Row by row as judged: a run its time limit cuts short (the GPU suite's step) keeps its rows.
+    def on_verdict(verdict) -> None:
+        judged.append(verdict)
+        print(targets.markdown_row(verdict), flush=True)
+        if args.json:
+            targets.write_json(seen_env, judged, args.json)
+
     env, verdicts = targets.run(device, quick=args.quick, progress=not args.no_progress, on_environment=start,
-                                on_verdict=lambda v: print(targets.markdown_row(v), flush=True))
+                                on_verdict=on_verdict)
     print("\n" + targets.markdown_summary(verdicts))
     if args.json:
         targets.write_json(env, verdicts, args.json)

@@ -39,12 +39,18 @@ M_SWEEP = (1, 4, 16, 64, 256, 1024, 4096, 8192)
 
 
 # Peak dense fp16 tensor TFLOP/s and DRAM GB/s of GPUs we compare against (datasheet figures;
-# matched by a substring of the device name). Unknown GPUs get no share-of-peak figure.
+# matched by the first key the device name contains, so a variant's key comes before its family's:
+# "NVIDIA H100 NVL" is no SXM part, "NVIDIA GH200 480GB" no H200). Unknown GPUs get no share-of-peak
+# figure.
 GPU_PEAKS = {
+    "GH200 144G": (989.0, 4900.0),
+    "GH200": (989.0, 4000.0),
     "H200": (989.0, 4800.0),
     "H100 PCIe": (756.0, 2000.0),
+    "H100 NVL": (835.0, 3900.0),
     "H100": (989.0, 3350.0),
     "A100-SXM4-80GB": (312.0, 2039.0),
+    "A100 80GB PCIe": (312.0, 1935.0),
     "A100": (312.0, 1555.0),
     "L40S": (362.0, 864.0),
     "L4": (121.0, 300.0),

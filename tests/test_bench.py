@@ -155,3 +155,17 @@ def test_the_cli_writes_over_an_existing_file_it_may_write(tmp_path, monkeypatch
     existing.write_text("{}")
     monkeypatch.chdir(tmp_path)
     assert _refusal("bench", "cpu", ("out.json", str(existing), "/dev/null", None)) == ""
+
+
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA H200", (989.0, 4800.0)), ("NVIDIA H100 80GB HBM3", (989.0, 3350.0)),
+    ("NVIDIA H100 PCIe", (756.0, 2000.0)), ("NVIDIA H100 NVL", (835.0, 3900.0)),
+    ("NVIDIA GH200 480GB", (989.0, 4000.0)), ("NVIDIA GH200 144G HBM3e", (989.0, 4900.0)),
+    ("NVIDIA A100-SXM4-80GB", (312.0, 2039.0)), ("NVIDIA A100 80GB PCIe", (312.0, 1935.0)),
+    ("NVIDIA A100-SXM4-40GB", (312.0, 1555.0)),
+])
+def test_gpu_peaks_match_each_variant_before_its_family(monkeypatch, name, peak):
+    # "H100 NVL" took the H100 SXM's 3350 GB/s (16% short: a share of peak read high), a GH200
+    # the H200's, an A100 80GB PCIe the 40GB's.
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert bench.gpu_peak(torch.device("cuda")) == peak

@@ -105,3 +105,43 @@ def test_command_line_prints_and_writes_the_verdicts(monkeypatch, tmp_path, caps
     assert out.index("device=test") < out.index("| issue |") < out.index("| float16 1 x 8 x 8 | 61.50 % of peak | "
                                                                           "missed | 20.0 us |") < out.index("- decode")
     assert json.loads((tmp_path / "v.json").read_text())["verdicts"][0]["verdict"] == "missed"
+
+
+def test_a_failing_case_is_not_measured_and_the_rest_go_on(monkeypatch):
+    # One case's error (an out-of-memory, a capture refused) ended the whole run: no later verdict,
+    # no JSON. A CUDA error is sticky in its process: the run stops there.
+    real = targets.decode_rows
+
+    def decode_rows(device, dtype, m, n, k, timer):
+        if (dtype, m) == ("float16", 3):
+            raise RuntimeError("out of memory")
+        if dtype == "int8":
+            raise RuntimeError("CUDA error: an illegal instruction was encountered")
+        return real(device, dtype, m, n, k, timer)
+
+    monkeypatch.setattr(targets, "decode_rows", decode_rows)
+    verdicts = targets.measure(torch.device("cpu"), TINY, progress=False)
+    assert [(v.case, v.verdict) for v in verdicts] == [
+        ("float16 1 x 64 x 64", "reported"), ("float16 3 x 64 x 64", "not measured"),
+        ("bfloat16 1 x 64 x 64", "reported"), ("bfloat16 3 x 64 x 64", "reported"),
+        ("int8 2 x 64 x 64", "not measured")]  # then nothing: no large, compress or MLP case
+    assert verdicts[1].detail == "RuntimeError: out of memory" and verdicts[1].issue == "3 CUDA"
+    assert verdicts[4].issue == "4 INT8" and verdicts[4].value != verdicts[4].value
+
+
+def test_the_command_line_rewrites_the_json_with_each_verdict(monkeypatch, tmp_path):
+    # Written once at the end, a run its time limit cut short (the GPU suite's step) left none.
+    path = tmp_path / "v.json"
+    counts = []
+
+    def run(device, quick, progress, on_environment, on_verdict):
+        on_environment({"device": "test"})
+        for i in range(3):
+            on_verdict(targets.Verdict("3 CUDA", "t", f"case {i}", 1.0, "x", float("nan"), "reported", ""))
+            counts.append(len(json.loads(path.read_text())["verdicts"]))
+        raise KeyboardInterrupt  # the step's time limit
+
+    monkeypatch.setattr(targets, "run", run)
+    with pytest.raises(KeyboardInterrupt):
+        main(["targets", "--device", "cpu", "--no-progress", "--json", str(path)])
+    assert counts == [1, 2, 3] and json.loads(path.read_text())["environment"] == {"device": "test"}
