@@ -11,6 +11,7 @@ import contextlib
 import contextvars
 import math
 import numbers
+import warnings
 from typing import NamedTuple, Optional
 
 import torch
@@ -44,6 +45,11 @@ def state_dict_validated():
         yield
     finally:
         _state_dict_validated.reset(token)
+
+
+def _layer_label(prefix: str) -> str:
+    """A layer named in load_state_dict's messages by its state-dict prefix."""
+    return f"layer {prefix[:-1]!r}" if prefix else "the layer"
 
 
 class _EagerPlan(NamedTuple):
@@ -211,11 +217,26 @@ class _SparseWeight(nn.Module):
         if prefix + "meta" in state_dict and prefix + "metadata" not in state_dict:
             state_dict[prefix + "metadata"] = state_dict.pop(prefix + "meta")
         self._check_state_dict_weight(state_dict, prefix, error_msgs)
+        self._explain_other_layouts(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         meta = self._buffers.get("metadata")
         if meta is not None:  # assigned (load into a shell) under inference mode: keep a version counter
             self._buffers["metadata"] = ops.versioned(meta)
+
+    def _explain_other_layouts(self, state_dict, prefix: str) -> None:
+        """Beside torch's missing / unexpected keys, a warning of what a state dict of another kind of
+        layer means: a dense layer's, or a static INT8 layer's loaded into a dynamic one. (A warning:
+        whether the load is strict is only known above this call, and strict=False must not fail.)"""
+        where = _layer_label(prefix)
+        if prefix + "weight" in state_dict and prefix + "values" not in state_dict:
+            warnings.warn(f"{where} holds a compressed weight, the state dict a dense one ({prefix}weight), which "
+                          "it does not load: load it into the dense model and convert that (sparsify / from_dense), "
+                          "or save and load with sparsegemm.save / sparsegemm.load", stacklevel=2)
+        if prefix + "input_scale" in state_dict and self._buffers.get("input_scale", False) is None:
+            warnings.warn(f"{where} quantizes its inputs per token, the state dict holds a static input_scale, which "
+                          "it does not load: call set_input_scale (any value) on the layer before loading it",
+                          stacklevel=2)
 
     def _check_state_dict_weight(self, state_dict, prefix: str, error_msgs: list) -> None:
         """The weight a state dict brings, checked as :meth:`validate` checks a checkpoint's (illegal
@@ -239,7 +260,7 @@ class _SparseWeight(nn.Module):
         try:
             self.validate(tensors)
         except ValueError as exc:
-            error_msgs.append(f"invalid compressed weight for {prefix[:-1] or 'the layer'}: {exc}")
+            error_msgs.append(f"invalid compressed weight for {_layer_label(prefix)}: {exc}")
 
     def _kernel_meta_for(self, backend: str) -> Tensor:
         self._check_metadata_unchanged()

@@ -1956,10 +1956,10 @@ def test_load_state_dict_refuses_a_weight_validate_refuses():
     model = nn.Sequential(SparseLinear.from_dense(nn.Linear(32, 16), quantize="int8"),
                           SparseConv2d.from_dense(nn.Conv2d(16, 16, 3)))
     good = {key: value.clone() for key, value in model.state_dict().items()}
-    for key, bad, message in (("0.scale", torch.zeros(16), r"invalid compressed weight for 0: .*scale must be finite "
-                                                           r"and positive, got 0.0 at index 0"),
+    for key, bad, message in (("0.scale", torch.zeros(16), r"invalid compressed weight for layer '0': .*scale must be "
+                                                           r"finite and positive, got 0.0 at index 0"),
                               ("1.metadata", torch.zeros_like(good["1.metadata"]), r"invalid compressed weight for "
-                                                                                    r"1: .*corrupt metadata")):
+                                                                                    r"layer '1': .*corrupt metadata")):
         with pytest.raises(RuntimeError, match=message):
             model.load_state_dict({**good, key: bad})
     model.load_state_dict(good)  # and a valid one, loaded whole or in part
@@ -1997,3 +1997,29 @@ def test_load_refuses_a_dense_layer_of_another_dtype_and_sparsify_sizes_by_the_s
     for shape in ((8, 256), (256, 8)):
         report = sparsegemm.sparsify(nn.Sequential(nn.Linear(*shape)), min_features=64)
         assert report.layers[0].reason == "min(N, K) = 8 < min_features = 64"
+
+
+def test_load_state_dict_says_what_a_state_dict_of_another_kind_of_layer_means():
+    # torch's missing / unexpected keys alone left the user to guess. A warning: a load with
+    # strict=False, which ignores those keys, must not fail.
+    dense = nn.Sequential(nn.Linear(64, 64))
+    state = dense.state_dict()
+    sparsegemm.sparsify(dense)
+    with pytest.warns(UserWarning, match=r"layer '0' holds a compressed weight, the state dict a dense one "
+                                         r"\(0.weight\), which it does not load: load it into the dense model"):
+        with pytest.raises(RuntimeError, match=r"Unexpected key\(s\) in state_dict: \"0.weight\""):
+            dense.load_state_dict(state)
+    with pytest.warns(UserWarning, match="holds a compressed weight"):
+        assert "0.weight" in dense.load_state_dict(state, strict=False).unexpected_keys
+    static = nn.Sequential(nn.Linear(64, 64))
+    sparsegemm.sparsify(static, quantize="int8")
+    static[0].set_input_scale(0.1)
+    dynamic = nn.Sequential(nn.Linear(64, 64))
+    sparsegemm.sparsify(dynamic, quantize="int8")
+    with pytest.warns(UserWarning, match=r"layer '0' quantizes its inputs per token, the state dict holds a static "
+                                         r"input_scale, which it does not load: call set_input_scale"):
+        with pytest.raises(RuntimeError, match=r"Unexpected key\(s\) in state_dict: \"0.input_scale\""):
+            dynamic.load_state_dict(static.state_dict())
+    dynamic[0].set_input_scale(1.0)
+    dynamic.load_state_dict(static.state_dict())
+    assert float(dynamic[0].input_scale) == pytest.approx(0.1)
