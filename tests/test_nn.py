@@ -1536,16 +1536,7 @@ def test_sparsify_moves_a_layers_hooks_to_the_converted_layer():
 def test_sparsify_does_not_fuse_a_gated_mlp_whose_projections_have_hooks():
     torch.manual_seed(19)
 
-    class Mlp(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.gate_proj, self.up_proj, self.down_proj = nn.Linear(64, 128), nn.Linear(64, 128), nn.Linear(128, 64)
-            self.act_fn = nn.SiLU()
-
-        def forward(self, x):
-            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
-
-    model = nn.Sequential(Mlp())
+    model = nn.Sequential(_GatedBlock())
     seen = []
     model[0].up_proj.register_forward_hook(lambda mod, args, out: seen.append(type(mod).__name__))
     report = sparsegemm.sparsify(model, fuse_gated_mlp=True)
@@ -1896,17 +1887,8 @@ def test_a_model_built_under_inference_mode_loads_there(tmp_path):
 def test_layers_converted_in_an_eval_model_are_in_eval_mode_too(tmp_path):
     # A freshly made module is in training mode: converted layers of an eval model were the ones
     # left training (and an attention's dropout would have run).
-    class Mlp(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.gate_proj, self.up_proj, self.down_proj = nn.Linear(64, 128), nn.Linear(64, 128), nn.Linear(128, 64)
-            self.act_fn = nn.SiLU()
-
-        def forward(self, x):
-            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
-
     def build():
-        return nn.Sequential(nn.Conv1d(64, 64, 1), nn.Flatten(0), nn.Unflatten(0, (1, 64)), Mlp(),
+        return nn.Sequential(nn.Conv1d(64, 64, 1), nn.Flatten(0), nn.Unflatten(0, (1, 64)), _GatedBlock(),
                              nn.MultiheadAttention(64, 4, dropout=0.5, batch_first=True), nn.Linear(64, 64))
 
     torch.manual_seed(29)
