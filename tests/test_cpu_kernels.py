@@ -266,14 +266,17 @@ def test_int8_decompress_matches_oracle(isa, threads, K):
     N = 11
     pairs = np.array([(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)])
     chosen = pairs[rng.integers(0, 6, size=(N, num_groups(K)))]
+    chosen[-1, -1] = (1, 3)  # the last row names position K itself (K % 4 == 3): nothing written past it
     meta = np.zeros((N, meta_cols(K)), dtype=np.uint8)
     for g in range(num_groups(K)):
         meta[:, g // 2] |= ((chosen[:, g, 0] | chosen[:, g, 1] << 2) << (4 * (g % 2))).astype(np.uint8)
     if num_groups(K) % 2:
         meta[:, -1] |= PAD_NIBBLE << 4
     values = rng.integers(-128, 128, size=(N, 2 * num_groups(K))).astype(np.int8)
-    w = np.full((N, K), 0x5A, dtype=np.int8)
-    _C.cpu_decompress(N, K, values.ctypes.data, meta.ctypes.data, w.ctypes.data, 3)
+    guarded = np.full((N + 1, K), 0x5A, dtype=np.int8)  # a row after the output, which must stay untouched
+    _C.cpu_decompress(N, K, values.ctypes.data, meta.ctypes.data, guarded.ctypes.data, 3)
+    w = guarded[:N]
+    assert (guarded[N] == 0x5A).all()
     ref = np.zeros((N, K), dtype=np.int8)
     for n in range(N):
         for g in range(num_groups(K)):

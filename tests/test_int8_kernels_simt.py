@@ -176,6 +176,19 @@ def test_quantize_rows_strided_input_rounds_half_to_even(kernels):
     np.testing.assert_array_equal(x_q[0], [127, 2, 4, -2, -4, 0, 0, 2, 126, -127])
 
 
+def test_quantize_rows_clamps_at_127_and_an_underflowing_scale_is_one(kernels):
+    # A subnormal fp32 row: amax / 127 rounds to 2^-149, and -amax / 2^-149 = -189 must clamp to
+    # -127 (symmetric), not -128. A row whose amax / 127 underflows to 0 takes scale 1 (all q 0),
+    # as the CPU backend does: a scale of 0 gave q = +-127 from x / 0.
+    tiny = float(np.float32(189 * 2.0 ** -149))
+    x_q, x_scale = kernels.quantize_rows(torch.tensor([[-tiny, tiny, 0.0, 0.0]], dtype=torch.float32))
+    assert x_scale[0] == np.float32(2.0 ** -149)
+    np.testing.assert_array_equal(x_q[0], [-127, 127, 0, 0])
+    x_q, x_scale = kernels.quantize_rows(torch.tensor([[1e-45, -1e-45, 0.0, 3e-45]], dtype=torch.float32))
+    np.testing.assert_array_equal(x_scale, [1.0])
+    np.testing.assert_array_equal(x_q[0], [0, 0, 0, 0])
+
+
 def test_quantize_rows_nan_row_propagates(kernels):
     x = torch.tensor([[1.0, float("nan"), 3.0, -2.0], [1.0, 2.0, 4.0, -8.0]], dtype=torch.float16)
     x_q, x_scale = kernels.quantize_rows(x)

@@ -576,6 +576,22 @@ def test_split_k_reduction_does_not_depend_on_block_order(shuffled_block_orders,
     assert torch.allclose(outputs[0].float(), torch.nn.functional.silu(dense), rtol=2e-2, atol=2e-2)
 
 
+def test_split_k_sums_its_splits_in_split_order(kernels):
+    # Partial sums +2^24, +1 and -2^24 (one k-tile per split, each exact): in split order fp32 gives
+    # (2^24 + 1) - 2^24 = 0, what one pass over K gives; any other order gives 1. Block-order tests
+    # alone would pass a reduction in another fixed order.
+    m, n, k = 1, 16, 192
+    w, x = torch.zeros(n, k), torch.zeros(m, k)
+    w[:, [0, 1, 4, 5]], x[0, [0, 1, 4, 5]] = 2048.0, 2048.0
+    w[:, 64], x[0, 64] = 1.0, 1.0
+    w[:, [128, 129, 132, 133]], x[0, [128, 129, 132, 133]] = -2048.0, 2048.0
+    values, meta, _ = kernels.compress(w.half(), prune=False)
+    one_pass = kernels.gemm(x.half(), values, meta, n, k, config=DECODE, split_k=1)
+    split = kernels.gemm(x.half(), values, meta, n, k, config=DECODE, split_k=3)
+    assert kernels.gemm_scratch(m, n, k, DECODE, 3)[1] > 0 and torch.count_nonzero(one_pass) == 0
+    assert torch.equal(bit_view(split), bit_view(one_pass))
+
+
 def test_split_k_needs_the_decode_tile_and_its_scratch(kernels):
     with pytest.raises(ValueError, match=r"split_k = 2 needs the decode tile \(config 1 or 4\)"):
         kernels.gemm_scratch(130, 136, 520, LARGE_M, 2)
@@ -855,10 +871,11 @@ def test_gemm_unaligned_operands_and_output_stride(kernels, config):
     x_store = torch.randint(-2, 3, (m, k + 5), generator=gen).to(torch.float16)
     x = x_store[:, 1:k + 1]  # ldx = 53 and a 2-byte offset: the element-copy path
     values, meta, _ = kernels.compress(w, prune=False)
-    y_store = torch.full((m, n + 3), 42.0, dtype=torch.float16)
-    kernels.gemm(x, values, meta, n, k, config=config, y=y_store[:, :n])
-    assert torch.equal(y_store[:, :n], (x.double() @ w.double().T).to(torch.float16))
+    y_store = torch.full((m + 2, n + 3), 42.0, dtype=torch.float16)
+    kernels.gemm(x, values, meta, n, k, config=config, y=y_store[:m, :n])
+    assert torch.equal(y_store[:m, :n], (x.double() @ w.double().T).to(torch.float16))
     assert torch.all(y_store[:, n:] == 42)  # nothing written between rows
+    assert torch.all(y_store[m:] == 42)  # nor past the last one (an M-tail predicate off by one)
 
 
 def test_gemm_m_zero_writes_nothing(kernels):

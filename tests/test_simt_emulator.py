@@ -612,6 +612,7 @@ MISUSE = [
          r"2290649224 to 1145324612 while the wgmma was in flight"),
     (31, r"wgmma\.wait_group: a register that a wgmma of thread 9 reads .* went from 0 to 1 while the wgmma was in "
          r"flight"),
+    (32, r"cp\.async\.cg\.shared\.global: 16 source bytes at byte 16 of misuse_source, which holds 24 bytes"),
 ]
 
 

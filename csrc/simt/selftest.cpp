@@ -148,7 +148,8 @@ SG_GLOBAL void convert_kernel(int kind, const void* __restrict__ in, void* __res
 }
 
 // ---- kernels that break the rules (selftest.h Misuse) -------------------------------------------
-// Global memory of the cp_async_past_a_buffer case: its first 16 bytes are declared readable.
+// Global memory of the cp_async_past_a_buffer case: its first 16 bytes are declared readable (24
+// for cp_async_straddles_a_buffer).
 alignas(16) const uint8_t misuse_source[32] = {};
 
 SG_GLOBAL void misuse_kernel(int which) {
@@ -179,6 +180,7 @@ SG_GLOBAL void misuse_kernel(int which) {
       break;
     }
     case simt_selftest::Misuse::cp_async_past_a_buffer:
+    case simt_selftest::Misuse::cp_async_straddles_a_buffer:  // 24 bytes readable there: a tail bug's copy
       if (lane == 0) cp_async_16(smem, misuse_source + 16, true);
       break;
     case simt_selftest::Misuse::cp_async_before_dependency_wait:
@@ -392,8 +394,10 @@ void misuse(int which) {
                            : wgmma                                                                   ? 128
                                                                                                      : 32;
   const size_t smem = m == Misuse::too_much_shared_memory ? 164 * 1024 : wgmma ? 128 * 128 : 1024;
-  if (m == Misuse::cp_async_past_a_buffer || m == Misuse::prefetch_past_a_buffer) {
-    const emu::ReadableBuffers readable{{kernels::misuse_source, 16, "misuse_source"}};
+  if (m == Misuse::cp_async_past_a_buffer || m == Misuse::prefetch_past_a_buffer ||
+      m == Misuse::cp_async_straddles_a_buffer) {
+    const emu::ReadableBuffers readable{
+      {kernels::misuse_source, m == Misuse::cp_async_straddles_a_buffer ? size_t{24} : size_t{16}, "misuse_source"}};
     sg_launch(kernels::misuse_kernel, dim3(1), dim3(threads), smem, nullptr, which);
     return;
   }

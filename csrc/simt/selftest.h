@@ -86,6 +86,7 @@ enum class Misuse : int {
   tma_bytes_not_announced = 29,  // a TMA copy whose bytes no expect_tx announced: the phase ends before it lands
   wgmma_metadata_written_in_flight = 30,  // thread 7 loads its next metadata word before wgmma.wait_group
   wgmma_fragment_written_in_flight = 31,  // thread 9 overwrites an A fragment register before wgmma.wait_group
+  cp_async_straddles_a_buffer = 32,  // lane 0 copies bytes 16..31 of a 24-byte readable buffer
 };
 void misuse(int which);
 
