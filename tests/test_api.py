@@ -352,7 +352,7 @@ def test_the_oracle_moves_signalling_nans_as_bits(dtype, bits):
     assert torch.equal(back.view(torch.int16), w.view(torch.int16))
 
 
-def test_submodules_the_docs_name_resolve_after_a_plain_import():
+def test_submodules_the_docs_name_resolve_after_a_plain_import(tmp_path):
     # The docs say sparsegemm.quant.quantize_weight and sparsegemm.bench.bench_int8_shape: after
     # `import sparsegemm` alone both were AttributeErrors (until something imported them).
     import subprocess
@@ -366,7 +366,10 @@ def test_submodules_the_docs_name_resolve_after_a_plain_import():
               "    sparsegemm.nonexistent\n"
               "except AttributeError as exc:\n"
               "    print(exc)\n")
-    out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True).stdout
+    # From a scratch folder: in the repository's root `-c` would import the source tree (no _C when installed).
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
     assert out.splitlines() == ["quantize_weight bench_int8_shape run",
                                 "module 'sparsegemm' has no attribute 'nonexistent'"]
 
