@@ -28,6 +28,10 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def __dir__() -> list:
+    return sorted([*globals(), *_LAZY_SUBMODULES])
+
+
 __all__ = [
     "SparseConv1d",
     "SparseConv2d",

@@ -16,6 +16,7 @@ import copy
 import csv
 import glob
 import json
+import os
 import platform
 import statistics
 import time
@@ -565,8 +566,13 @@ def write_json(path: str, document) -> None:
             return [strict(item) for item in value]
         return value
 
-    with open(path, "w") as f:
-        json.dump(strict(document), f, indent=1, allow_nan=False)
+    # Written aside, then renamed over the file: a run killed mid-write (the GPU suite's time limit on
+    # targets, which rewrites the file at every verdict) leaves the last whole document.
+    text = json.dumps(strict(document), indent=1, allow_nan=False)
+    partial = f"{path}.partial"
+    with open(partial, "w") as f:
+        f.write(text)
+    os.replace(partial, path)
 
 
 def write_outputs(env: dict, rows: list, json_path: Optional[str], csv_path: Optional[str],

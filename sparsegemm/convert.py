@@ -140,8 +140,9 @@ def sparsify(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
     check_outside_empty_weights("sparsify")
     if torch.is_inference_mode_enabled():
         # The layers it makes are the model's from then on: made in inference mode they would hold
-        # inference tensors, which no later training step can use (as load).
-        with torch.inference_mode(False):
+        # inference tensors, which no later training step can use (as load). No grad: a model built
+        # in inference mode holds inference tensors, which no graph may record.
+        with torch.inference_mode(False), torch.no_grad():
             return sparsify(model, dtype=dtype, filter_fn=filter_fn, min_features=min_features, backend=backend,
                             progress=progress, quantize=quantize, fuse_gated_mlp=fuse_gated_mlp)
     report = SparsifyReport()

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from . import format as fmt
 from . import ops
 from .functional import compress, decompress, linear_parts
-from .tensor import SparseTensor24
+from .tensor import SparseTensor24, check_int8_values, check_metadata
 
 
 # Attributes whose assignment invalidates what a layer derived from them (_forget_derived).
@@ -216,7 +216,10 @@ class _SparseWeight(nn.Module):
         # State dicts and checkpoints made before the buffer's rename call it "meta".
         if prefix + "meta" in state_dict and prefix + "metadata" not in state_dict:
             state_dict[prefix + "metadata"] = state_dict.pop(prefix + "meta")
-        self._check_state_dict_weight(state_dict, prefix, error_msgs)
+        error = self._state_dict_weight_error(state_dict, prefix)
+        if error is not None:  # an error of load_state_dict's, as a size mismatch is; the layer left as it was
+            error_msgs.append(error)
+            return
         self._explain_other_layouts(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
@@ -238,29 +241,42 @@ class _SparseWeight(nn.Module):
                           "it does not load: call set_input_scale (any value) on the layer before loading it",
                           stacklevel=2)
 
-    def _check_state_dict_weight(self, state_dict, prefix: str, error_msgs: list) -> None:
-        """The weight a state dict brings, checked as :meth:`validate` checks a checkpoint's (illegal
-        metadata nibbles, int8 values of -128, zero or NaN scales, dtypes): an error of
-        load_state_dict's, as torch reports a size mismatch. It loaded such a weight silently, for
-        results made of whatever the nibbles select (on a GPU: undefined). The layer's own tensors
-        stand in for those it does not bring; sizes that differ are torch's to report."""
-        if _state_dict_validated.get() or not any(
-                prefix + name in state_dict for name in ("values", "metadata", "scale", "input_scale")):
-            return
-        tensors = {}
-        for name, own in (*self._parameters.items(), *self._buffers.items()):
-            given = state_dict.get(prefix + name)
-            if not isinstance(given, Tensor):
-                given = own
-            elif own is not None and given.shape != own.shape:
-                return
-            tensors[name] = given
-        if any(t is not None and t.is_meta for t in tensors.values()):
-            return  # a shell: no data to read
+    def _state_dict_weight_error(self, state_dict, prefix: str) -> Optional[str]:
+        """What is wrong with the compressed weight a state dict brings, or None: illegal metadata
+        nibbles, int8 values of -128, zero or NaN scales, int8 values for a float layer or float
+        ones for an INT8 layer (which torch would cast). Loaded silently, such a weight gave results
+        made of whatever the nibbles select (on a GPU: undefined). Each tensor is checked by itself,
+        where it is a real tensor of the layer's own tensor's size: other sizes are torch's to report,
+        and meta, fake and distributed tensors have no data to read here."""
+        if _state_dict_validated.get() or torch.compiler.is_compiling():
+            return None
+        int8 = self.quantize == "int8"
+
+        def given(name: str) -> Optional[Tensor]:
+            own = self._parameters.get(name, self._buffers.get(name))
+            t = state_dict.get(prefix + name)
+            usable = (type(t) in ops._PLAIN_TENSORS and not t.is_meta and own is not None
+                      and t.shape == own.shape)
+            return t if usable else None
+
+        values, meta, scale = given("values"), given("metadata"), given("scale") if int8 else None
+        op = f"the state dict's compressed weight for {_layer_label(prefix)}"
         try:
-            self.validate(tensors)
+            if values is not None and (values.dtype == torch.int8) != int8:
+                raise ValueError(f"{op}: values are {values.dtype}, the layer's {self.values.dtype}: "
+                                 + ("build it with quantize='int8' to load an INT8 weight" if not int8 else
+                                    "an INT8 layer loads int8 values"))
+            if values is not None and int8:
+                check_int8_values(op, values)
+            if scale is not None:
+                from .quant import check_scale
+
+                check_scale(op, "scale", scale, self.weight_shape[0])
+            if meta is not None and meta.dtype == torch.uint8:
+                check_metadata(op, meta, self.weight_shape[1])
         except ValueError as exc:
-            error_msgs.append(f"invalid compressed weight for {_layer_label(prefix)}: {exc}")
+            return str(exc)
+        return None
 
     def _kernel_meta_for(self, backend: str) -> Tensor:
         self._check_metadata_unchanged()

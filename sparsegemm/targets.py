@@ -208,9 +208,19 @@ def measure(device: torch.device, cases: Cases = Cases(), progress: bool = True,
             case = f"{dtype} {m} x {n} x {k}" if kind == "decode" else dtype
             judged(Verdict("4 INT8" if dtype == "int8" else _ISSUES[kind], kind, case, float("nan"), "",
                            float("nan"), "not measured", f"{type(exc).__name__}: {exc}", []))
-            if "CUDA error" in str(exc):  # sticky: every later launch of this process would fail too
+            if _sticky_cuda_error(str(exc)):  # every later launch of this process would fail too
                 break
     return verdicts
+
+
+def _sticky_cuda_error(message: str) -> bool:
+    """Whether an error's text is a CUDA fault that poisons the context (not an out-of-memory,
+    after which the next case may well run): torch's "CUDA error: ..." and the extension's launch
+    errors say it in the runtime's words."""
+    message = message.lower()
+    return "out of memory" not in message and any(fault in message for fault in (
+        "illegal memory access", "illegal instruction", "misaligned address", "unspecified launch failure",
+        "device-side assert", "hardware stack error", "invalid program counter", "cuda error"))
 
 
 # The issue each kind of case answers to (INT8 cases: issue 4).

@@ -26,6 +26,28 @@ def _dense_shape(shape) -> tuple:
     return dims[0], dims[1]
 
 
+def check_metadata(op: str, meta: torch.Tensor, k: int) -> None:
+    """ValueError naming the first nibble of logical metadata ``meta`` (uint8 ``[N, ceil(Kp/8)]``)
+    that is not an ordered pair of distinct indices (a host read of the data)."""
+    from . import ops
+
+    bad = ops.find_invalid_meta(meta, k)
+    if bad is not None:
+        row, group = bad
+        nib = (int(meta[row, group // 2]) >> (4 * (group % 2))) & 0xF
+        raise ValueError(f"{op}: corrupt metadata at row {row}, group {group}: nibble 0x{nib:X} is not an ordered "
+                         f"pair of distinct indices (legal: 0x4 0x8 0x9 0xC 0xD 0xE"
+                         f"{', padding 0x4' if group >= fmt.num_groups(k) else ''})")
+
+
+def check_int8_values(op: str, values: torch.Tensor) -> None:
+    """ValueError where int8 ``values`` hold -128, which symmetric quantization never makes (a host
+    read of the data)."""
+    if values.numel() and int(values.min()) < -127:
+        row = int(torch.nonzero(values == -128)[0][0])
+        raise ValueError(f"{op}: int8 values must lie in [-127, 127] (symmetric quantization), got -128 in row {row}")
+
+
 class SparseTensor24:
     """A 2:4-sparse weight ``W[N, K]`` stored as kept values and 2-bit metadata.
 
@@ -95,25 +117,14 @@ class SparseTensor24:
         Raises ValueError naming what is wrong; used for anything that did not come from
         :func:`sparsegemm.compress` (checkpoints, user-built parts, CUTLASS imports).
         """
-        from . import ops
-
         self._check_layout()
         n, k = self.shape
         if self.values.dtype == torch.int8:
             from .quant import check_scale
 
             check_scale("SparseTensor24", "scale", self.scale, n)
-        if self.values.dtype == torch.int8 and self.values.numel() and int(self.values.min()) < -127:
-            row = int(torch.nonzero(self.values == -128)[0][0])
-            raise ValueError(f"SparseTensor24: int8 values must lie in [-127, 127] (symmetric quantization), got "
-                             f"-128 in row {row}")
-        bad = ops.find_invalid_meta(self.meta, k)
-        if bad is not None:
-            row, group = bad
-            nib = (int(self.meta[row, group // 2]) >> (4 * (group % 2))) & 0xF
-            raise ValueError(f"SparseTensor24: corrupt metadata at row {row}, group {group}: nibble 0x{nib:X} is "
-                             f"not an ordered pair of distinct indices (legal: 0x4 0x8 0x9 0xC 0xD 0xE"
-                             f"{', padding 0x4' if group >= fmt.num_groups(k) else ''})")
+            check_int8_values("SparseTensor24", self.values)
+        check_metadata("SparseTensor24", self.meta, k)
 
     def _check_layout(self) -> None:
         """Shapes, dtypes and devices, which the kernels take on trust (no data is read)."""

@@ -1866,6 +1866,11 @@ def test_a_model_sparsified_under_inference_mode_can_train_afterwards():
     assert not any(t.is_inference() for t in (*model.parameters(), *model.buffers()))
     model(torch.randn(2, 64)).sum().backward()
     assert model[0].values.grad is not None
+    with torch.inference_mode():  # built there, masked: reading the masked weight recorded no graph
+        masked = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+        sparsegemm.prune.prune_one_shot(masked, filter_fn=lambda name, _: name == "0")
+        report = sparsegemm.sparsify(masked)
+    assert [row.converted for row in report.layers] == [False, True] and "remove_masks" in report.layers[0].reason
 
 
 def test_a_model_built_under_inference_mode_loads_there(tmp_path):
@@ -1931,21 +1936,51 @@ def test_load_state_dict_refuses_a_weight_validate_refuses():
     # a GPU would be undefined); sparsegemm.load and validate() refused the same tensors.
     layer = SparseLinear.from_dense(nn.Linear(32, 16), dtype=torch.float32)
     state = layer.state_dict()
+    kept = {key: value.clone() for key, value in state.items()}
     state["metadata"] = torch.full_like(state["metadata"], 0xFF)
-    with pytest.raises(RuntimeError, match=r"invalid compressed weight for the layer: SparseTensor24: corrupt "
-                                           r"metadata at row 0, group 0: nibble 0xF"):
+    state["values"] = state["values"] + 1
+    with pytest.raises(RuntimeError, match=r"the state dict's compressed weight for the layer: corrupt metadata at "
+                                           r"row 0, group 0: nibble 0xF"):
         layer.load_state_dict(state)
+    # Refused, not loaded: a caller that catches the error keeps the layer it had.
+    assert all(torch.equal(value, kept[key]) for key, value in layer.state_dict().items())
     model = nn.Sequential(SparseLinear.from_dense(nn.Linear(32, 16), quantize="int8"),
                           SparseConv2d.from_dense(nn.Conv2d(16, 16, 3)))
     good = {key: value.clone() for key, value in model.state_dict().items()}
-    for key, bad, message in (("0.scale", torch.zeros(16), r"invalid compressed weight for layer '0': .*scale must be "
-                                                           r"finite and positive, got 0.0 at index 0"),
-                              ("1.metadata", torch.zeros_like(good["1.metadata"]), r"invalid compressed weight for "
-                                                                                    r"layer '1': .*corrupt metadata")):
+    int8 = good["0.values"].clone()
+    int8[0, 0] = -128
+    for key, bad, message in (
+            ("0.scale", torch.zeros(16), r"compressed weight for layer '0': scale must be finite and positive, got "
+                                         r"0.0 at index 0"),
+            ("0.values", int8, r"compressed weight for layer '0': int8 values must lie in \[-127, 127\]"),
+            ("0.values", good["0.values"].half(), r"layer '0': values are torch.float16, the layer's torch.int8: an "
+                                                  r"INT8 layer loads int8 values"),
+            ("1.values", torch.zeros(16, 72, dtype=torch.int8), r"layer '1': values are torch.int8, the layer's "
+                                                                 r"torch.float32: build it with quantize='int8'"),
+            ("1.metadata", torch.zeros_like(good["1.metadata"]), r"compressed weight for layer '1': corrupt metadata")):
         with pytest.raises(RuntimeError, match=message):
             model.load_state_dict({**good, key: bad})
-    model.load_state_dict(good)  # and a valid one, loaded whole or in part
+    model.load_state_dict(good)  # and a valid one, loaded whole or in part, in another float dtype
     assert model.load_state_dict({"1.bias": good["1.bias"]}, strict=False).missing_keys
+    model.load_state_dict({**good, "1.values": good["1.values"].double()})
+
+
+def test_load_state_dict_checks_only_what_it_can_read():
+    # The check read the layer's own tensors for those a state dict leaves out: a partial state dict
+    # on another device, or a layer whose metadata is parametrized, failed to load.
+    layer = SparseLinear.from_dense(nn.Linear(32, 16), dtype=torch.float32)
+    state = layer.state_dict()
+
+    class Same(nn.Module):
+        def forward(self, meta):
+            return meta
+
+    nn.utils.parametrize.register_parametrization(layer, "metadata", Same())
+    layer.load_state_dict(layer.state_dict())
+    layer.load_state_dict({"values": state["values"], "bias": state["bias"]}, strict=False)
+    with torch.device("meta"):
+        shell = SparseLinear(32, 16, dtype=torch.float32)
+    shell.load_state_dict({key: value.to("meta") for key, value in state.items()})  # nothing to read
 
 
 def test_module_type_casts_only_what_a_dtype_change_may():

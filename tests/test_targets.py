@@ -127,6 +127,10 @@ def test_a_failing_case_is_not_measured_and_the_rest_go_on(monkeypatch):
         ("int8 2 x 64 x 64", "not measured")]  # then nothing: no large, compress or MLP case
     assert verdicts[1].detail == "RuntimeError: out of memory" and verdicts[1].issue == "3 CUDA"
     assert verdicts[4].issue == "4 INT8" and verdicts[4].value != verdicts[4].value
+    # The extension's own launch errors poison the context too; an out-of-memory does not.
+    assert targets._sticky_cuda_error("sparsegemm: gemm failed for sg_launch(...): an illegal memory access was "
+                                      "encountered")
+    assert not targets._sticky_cuda_error("CUDA error: out of memory")
 
 
 def test_the_command_line_rewrites_the_json_with_each_verdict(monkeypatch, tmp_path):
@@ -145,3 +149,4 @@ def test_the_command_line_rewrites_the_json_with_each_verdict(monkeypatch, tmp_p
     with pytest.raises(KeyboardInterrupt):
         main(["targets", "--device", "cpu", "--no-progress", "--json", str(path)])
     assert counts == [1, 2, 3] and json.loads(path.read_text())["environment"] == {"device": "test"}
+    assert [p.name for p in tmp_path.iterdir()] == ["v.json"]  # written aside and renamed: no partial file left
