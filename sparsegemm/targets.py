@@ -157,6 +157,14 @@ def measure(device: torch.device, cases: Cases = Cases(), progress: bool = True,
     jobs += [("compress", dt, 0, 0, 0) for dt in cases.dtypes]
     jobs += [("mlp", dt, 0, 0, 0) for dt in cases.mlp_dtypes]
 
+    def large_target(dtype: str) -> str:
+        return f"{cases.large_side}^3 >= {LARGE_M_SPEEDUP}x dense{' INT8' if dtype == 'int8' else ''} ({where})"
+
+    # Each kind's target as its verdicts name it (a case that raised is reported under it too).
+    target_of = {"decode": lambda dtype: _bandwidth_target("decode", DECODE_BANDWIDTH), "large": large_target,
+               "compress": lambda dtype: _bandwidth_target("compress", COMPRESS_BANDWIDTH),
+               "mlp": lambda dtype: "MLP block vs nn.Linear"}
+
     def measure_one(kind: str, dtype: str, m: int, n: int, k: int) -> None:
         if kind == "decode":
             rows = decode_rows(device, dtype, m, n, k, replay)
@@ -178,7 +186,7 @@ def measure(device: torch.device, cases: Cases = Cases(), progress: bool = True,
                           f"{ours.ms:.3f} ms; torch._int_mm not run here") + (
                     f"; dense {'fp16' if device.type == 'cuda' else 'bf16'} {dense_fp.ms:.3f} ms "
                     f"({dense_fp.ms / ours.ms:.2f}x)")
-                judged(Verdict("4 INT8", f"{side}^3 >= {LARGE_M_SPEEDUP}x dense INT8 ({where})",
+                judged(Verdict("4 INT8", large_target(dtype),
                                f"int8 {side}^3", value, "x torch._int_mm", large_threshold,
                                judge(value, large_threshold),
                                detail + (f"; cuSPARSELt int8 {slt.ms:.3f} ms ({slt.ms / ours.ms:.2f}x)"
@@ -191,7 +199,7 @@ def measure(device: torch.device, cases: Cases = Cases(), progress: bool = True,
                 dense, ours, slt = rows[0], _method(rows, "sparsegemm"), _method(rows, "torch-2:4 cuSPARSELt")
                 detail = f"{ours.ms:.3f} ms; dense {dense.ms:.3f} ms" + (
                     f"; cuSPARSELt {slt.ms:.3f} ms ({slt.ms / ours.ms:.2f}x)" if slt else "")
-                judged(Verdict("3 CUDA", f"{side}^3 >= {LARGE_M_SPEEDUP}x dense ({where})",
+                judged(Verdict("3 CUDA", large_target(dtype),
                                f"{dtype} {side}^3", ours.speedup_vs_dense, "x dense", large_threshold,
                                judge(ours.speedup_vs_dense, large_threshold), detail, rows))
         elif kind == "compress":
@@ -201,15 +209,22 @@ def measure(device: torch.device, cases: Cases = Cases(), progress: bool = True,
         else:
             judged(*_mlp_verdicts(device, dtype, cases, events))
 
+    def not_measured(kind: str, dtype: str, m: int, n: int, k: int, why: str) -> None:
+        case = f"{dtype} {m} x {n} x {k}" if kind == "decode" else dtype
+        judged(Verdict("4 INT8" if dtype == "int8" else _ISSUES[kind], target_of[kind](dtype), case, float("nan"), "",
+                       float("nan"), "not measured", why, []))
+
+    fault = None
     for kind, dtype, m, n, k in progress_bar(jobs, "targets", "case", progress):
+        if fault is not None:  # every later launch of this process would fail too
+            not_measured(kind, dtype, m, n, k, f"not run: an earlier case's CUDA fault ({fault})")
+            continue
         try:
             measure_one(kind, dtype, m, n, k)
         except Exception as exc:  # one case's failure (out of memory, a capture refused) must not cost the rest
-            case = f"{dtype} {m} x {n} x {k}" if kind == "decode" else dtype
-            judged(Verdict("4 INT8" if dtype == "int8" else _ISSUES[kind], kind, case, float("nan"), "",
-                           float("nan"), "not measured", f"{type(exc).__name__}: {exc}", []))
-            if _sticky_cuda_error(str(exc)):  # every later launch of this process would fail too
-                break
+            not_measured(kind, dtype, m, n, k, f"{type(exc).__name__}: {exc}")
+            if _sticky_cuda_error(str(exc)):
+                fault = f"{type(exc).__name__}: {exc}"
     return verdicts
 
 
@@ -227,10 +242,14 @@ def _sticky_cuda_error(message: str) -> bool:
 _ISSUES = {"decode": "3 CUDA", "large": "3 CUDA", "compress": "3 CUDA", "mlp": "5 modules"}
 
 
+def _bandwidth_target(what: str, threshold: float) -> str:
+    return f"{what} >= {threshold:.0f}% of DRAM bandwidth"
+
+
 def _bandwidth_verdict(issue: str, what: str, threshold: float, case: str, row, detail: str, rows: list) -> Verdict:
     """A share-of-bandwidth target judged on ``row``; where no DRAM peak is known (the CPU, a GPU not
     in bench.GPU_PEAKS) its GB/s, reported."""
-    target = f"{what} >= {threshold:.0f}% of DRAM bandwidth"
+    target = _bandwidth_target(what, threshold)
     if row.pct_peak_bw != row.pct_peak_bw:
         return Verdict(issue, target, case, row.gbps, "GB/s (no peak known)", float("nan"), "reported", detail, rows)
     return Verdict(issue, target, case, row.pct_peak_bw, "% of peak", threshold, judge(row.pct_peak_bw, threshold),

@@ -124,8 +124,17 @@ def test_a_failing_case_is_not_measured_and_the_rest_go_on(monkeypatch):
     assert [(v.case, v.verdict) for v in verdicts] == [
         ("float16 1 x 64 x 64", "reported"), ("float16 3 x 64 x 64", "not measured"),
         ("bfloat16 1 x 64 x 64", "reported"), ("bfloat16 3 x 64 x 64", "reported"),
-        ("int8 2 x 64 x 64", "not measured")]  # then nothing: no large, compress or MLP case
+        ("int8 2 x 64 x 64", "not measured"),  # then no case runs: each is reported not run
+        ("float16", "not measured"), ("bfloat16", "not measured"), ("int8", "not measured"),
+        ("float16", "not measured"), ("bfloat16", "not measured")]
     assert verdicts[1].detail == "RuntimeError: out of memory" and verdicts[1].issue == "3 CUDA"
+    # Under the targets they would have been judged against, grouped with the measured ones.
+    assert [v.target for v in verdicts[4:]] == [
+        "decode >= 80% of DRAM bandwidth", "64^3 >= 1.5x dense (reported off A100-class GPUs)",
+        "64^3 >= 1.5x dense (reported off A100-class GPUs)", "64^3 >= 1.5x dense INT8 (reported off A100-class GPUs)",
+        "compress >= 70% of DRAM bandwidth", "compress >= 70% of DRAM bandwidth"]
+    assert verdicts[5].detail == ("not run: an earlier case's CUDA fault (RuntimeError: CUDA error: an illegal "
+                                  "instruction was encountered)")
     assert verdicts[4].issue == "4 INT8" and verdicts[4].value != verdicts[4].value
     # The extension's own launch errors poison the context too; an out-of-memory does not.
     assert targets._sticky_cuda_error("sparsegemm: gemm failed for sg_launch(...): an illegal memory access was "
