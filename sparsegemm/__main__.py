@@ -120,26 +120,28 @@ def cmd_targets(args) -> int:
         print(refusal, file=sys.stderr)
         return 2
 
-    # Row by row as judged, the JSON rewritten with each: a run its time limit cuts short (the GPU
-    # suite's step) keeps what it measured.
-    seen_env, judged = {}, []
+    # Row by row as judged, the JSON written at the start and rewritten with each verdict: a run its
+    # time limit cuts short (the GPU suite's step) keeps what it measured.
+    env, judged = {}, []
+
+    def write() -> None:
+        if args.json:
+            targets.write_json(env, judged, args.json)
 
     def start(environment: dict) -> None:
-        seen_env.update(environment)
+        env.update(environment)
         _print_environment(environment)
         print(targets.markdown_header(), flush=True)
+        write()
 
     def on_verdict(verdict) -> None:
         judged.append(verdict)
         print(targets.markdown_row(verdict), flush=True)
-        if args.json:
-            targets.write_json(seen_env, judged, args.json)
+        write()
 
-    env, verdicts = targets.run(device, quick=args.quick, progress=not args.no_progress, on_environment=start,
-                                on_verdict=on_verdict)
+    _, verdicts = targets.run(device, quick=args.quick, progress=not args.no_progress, on_environment=start,
+                              on_verdict=on_verdict)
     print("\n" + targets.markdown_summary(verdicts))
-    if args.json:
-        targets.write_json(env, verdicts, args.json)
     return 0
 
 

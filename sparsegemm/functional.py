@@ -81,8 +81,6 @@ def decompress(sw: SparseTensor24, *, backend: Optional[str] = None) -> Tensor:
     if sw.dtype == torch.int8:
         raise TypeError(f"{op}: int8 weights decompress with sparsegemm.quant.dequantize (they need the scale)")
     backend = ops.resolve_backend(op, backend, sw.device)
-    # Here, not only in the op: a meta-device tensor among them would route it to its fake kernel.
-    ops.check_same_device(op, **{"sw.values": sw.values, "sw.meta": sw.meta})
     if backend != "cpu":
         ops.check_dtype(op, "sw.values", sw.values, ops.KERNEL_DTYPES)
         ops.check_32bit(op, **{"N*K": sw.shape[0] * sw.shape[1]})

@@ -279,15 +279,14 @@ def load(path: Union[str, "os.PathLike"], model: nn.Module, *, device=None) -> n
     become the model's on ``device`` and its non-persistent buffers (made at construction, in no
     checkpoint) move there, so no dense weight of a converted layer is ever allocated.
     """
-    if torch.is_inference_mode_enabled():
-        # The layers it makes and the tensors it reads are the model's parameters from then on:
-        # made in inference mode they would be inference tensors, which no later training can use.
-        # The copies into the model's own tensors stay in inference mode: a model built there holds
-        # inference tensors (its dense layers), which nothing else may write.
-        with torch.inference_mode(False), state_dict_validated():
-            return _load(path, model, device, copy_in_inference_mode=True)
-    with state_dict_validated():  # _load validates each layer's tensors itself, naming the module
-        return _load(path, model, device, copy_in_inference_mode=False)
+    # The layers it makes and the tensors it reads are the model's parameters from then on: made in
+    # inference mode they would be inference tensors, which no later training can use. The copies
+    # into the model's own tensors keep the caller's mode: a model built in inference mode holds
+    # inference tensors (its dense layers), which nothing else may write. _load validates each
+    # layer's tensors itself, naming the module: the layers' own check of them is not repeated.
+    caller_in_inference_mode = torch.is_inference_mode_enabled()
+    with torch.inference_mode(False), state_dict_validated():
+        return _load(path, model, device, copy_in_inference_mode=caller_in_inference_mode)
 
 
 def _load(path, model: nn.Module, device, copy_in_inference_mode: bool) -> nn.Module:

@@ -103,16 +103,13 @@ def compress(w: torch.Tensor, prune: bool = False) -> tuple[torch.Tensor, torch.
     wp[:, :k] = w.detach().cpu()
     base = np.arange(i0.shape[1]) * 4
     cols = np.stack([base + i0, base + i1], axis=-1).reshape(n, -1)
-    values = _bit_view(torch.gather(_bit_view(wp), 1, torch.from_numpy(cols)), w.dtype)
+    values = torch.gather(_bits(wp), 1, torch.from_numpy(cols)).view(w.dtype)
     return values, torch.from_numpy(fmt.encode_nibbles(i0, i1))
 
 
-def _bit_view(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``t`` as integers of its width (``dtype`` given: back to it). Values move as bits: a gather
-    or scatter in a float dtype quiets a signalling NaN (0x7F81 -> 0xFFFF in bf16), which the
-    kernels keep as it is."""
-    if dtype is not None:
-        return t.view(dtype)
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as integers of its width. Values move as bits: a gather or scatter in a float dtype
+    quiets a signalling NaN (0x7F81 -> 0xFFFF in bf16), which the kernels keep as it is."""
     return t.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
@@ -134,9 +131,9 @@ def decompress(values: torch.Tensor, meta, k: int) -> torch.Tensor:
     n, g = i0.shape
     base = np.arange(g) * 4
     cols = torch.from_numpy(np.stack([base + i0, base + i1], axis=-1).reshape(n, -1))
-    dense = _bit_view(torch.zeros((n, 4 * g), dtype=values.dtype))  # zero bits are +0 in every dtype
-    dense.scatter_(1, cols, _bit_view(values.detach().cpu().contiguous()))
-    return _bit_view(dense, values.dtype)[:, :k]
+    dense = _bits(torch.zeros((n, 4 * g), dtype=values.dtype))  # zero bits are +0 in every dtype
+    dense.scatter_(1, cols, _bits(values.detach().cpu().contiguous()))
+    return dense.view(values.dtype)[:, :k]
 
 
 def _activation64(y: torch.Tensor, activation: str | None) -> torch.Tensor:

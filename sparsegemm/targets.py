@@ -171,9 +171,8 @@ def measure(device: torch.device, cases: Cases = Cases(), progress: bool = True,
             dense, sparse = rows
             detail = (f"{sparse.ms * 1e3:.1f} us, {sparse.gbps:.1f} GB/s; dense {dense.ms * 1e3:.1f} us: "
                       f"{sparse.speedup_vs_dense:.2f}x")
-            issue = "4 INT8" if dtype == "int8" else "3 CUDA"
-            judged(_bandwidth_verdict(issue, "decode", DECODE_BANDWIDTH, f"{dtype} {m} x {n} x {k}", sparse, detail,
-                                      rows))
+            judged(_bandwidth_verdict(_issue(kind, dtype), "decode", DECODE_BANDWIDTH, f"{dtype} {m} x {n} x {k}",
+                                      sparse, detail, rows))
         elif kind == "large":
             side = cases.large_side
             if dtype == "int8":
@@ -211,8 +210,8 @@ def measure(device: torch.device, cases: Cases = Cases(), progress: bool = True,
 
     def not_measured(kind: str, dtype: str, m: int, n: int, k: int, why: str) -> None:
         case = f"{dtype} {m} x {n} x {k}" if kind == "decode" else dtype
-        judged(Verdict("4 INT8" if dtype == "int8" else _ISSUES[kind], target_of[kind](dtype), case, float("nan"), "",
-                       float("nan"), "not measured", why, []))
+        judged(Verdict(_issue(kind, dtype), target_of[kind](dtype), case, float("nan"), "", float("nan"),
+                       "not measured", why, []))
 
     fault = None
     for kind, dtype, m, n, k in progress_bar(jobs, "targets", "case", progress):
@@ -238,8 +237,9 @@ def _sticky_cuda_error(message: str) -> bool:
         "device-side assert", "hardware stack error", "invalid program counter", "cuda error"))
 
 
-# The issue each kind of case answers to (INT8 cases: issue 4).
-_ISSUES = {"decode": "3 CUDA", "large": "3 CUDA", "compress": "3 CUDA", "mlp": "5 modules"}
+def _issue(kind: str, dtype: str) -> str:
+    """The issue a kind of case answers to (INT8 decode and large-M cases: issue 4)."""
+    return "4 INT8" if dtype == "int8" and kind in ("decode", "large") else {"mlp": "5 modules"}.get(kind, "3 CUDA")
 
 
 def _bandwidth_target(what: str, threshold: float) -> str:
