@@ -11,7 +11,8 @@
 # one device command may run): each step gets its own limit or what is left, whichever is less, a
 # step with less left than it needs (STEP_NEEDS, 20 s by default) is skipped, and steps.txt says
 # how each step ended (ok, FAILED with its exit status, OVER its limit) and how long it took. When under 600 s are left for the benchmark it runs --quick unless BENCH_ARGS says otherwise.
-# Knobs: SUITE_BUDGET, BENCH_ARGS, PYTEST_WORKERS, TESTS_TIMEOUT / BENCH_TIMEOUT / SANITIZER_TIMEOUT /
+# Knobs: SUITE_BUDGET, BENCH_ARGS, PYTEST_WORKERS (default: half the cores), TEST_THREADS (2),
+# TESTS_TIMEOUT / BENCH_TIMEOUT / SANITIZER_TIMEOUT /
 # TARGETS_TIMEOUT / SWEEP_TIMEOUT / NCU_TIMEOUT (seconds, per step).
 set -euo pipefail
 OUT=${1:?usage: bench/gpu_suite.sh OUTDIR}
@@ -61,9 +62,15 @@ echo "build: ok, $SECONDS s" >> "$OUT/steps.txt"
 
 # The whole suite: on a GPU the cuda backends run beside the CPU and emulator ones
 # (tests/test_kernels_cuda.py checks one wgmma instruction against the emulator first).
-XDIST=$("$PY" -c 'import xdist' 2>/dev/null && echo "-n ${PYTEST_WORKERS:-8}" || true)
+# Two OpenMP / torch threads a worker (what CI's 2-core machine gives each test) and a worker per
+# two cores: with every worker's pools as wide as the machine, 15 workers on 16 cores ran past 300 s
+# at 97% of the tests (bench/results/2026-11-27-H200-run21), where the same tests take 270 s in
+# one process on 2 cores. The slowest tests are listed at the end of tests.log.
+CORES=$(nproc)
+XDIST=$("$PY" -c 'import xdist' 2>/dev/null && echo "-n ${PYTEST_WORKERS:-$(((CORES + 1) / 2))}" || true)
 # shellcheck disable=SC2086
-run_step tests "${TESTS_TIMEOUT:-300}" "$OUT/tests.log" "$PY" -m pytest -q $XDIST tests --junitxml="$OUT/tests.xml"
+run_step tests "${TESTS_TIMEOUT:-300}" "$OUT/tests.log" env OMP_NUM_THREADS="${TEST_THREADS:-2}" \
+  "$PY" -m pytest -q $XDIST tests --durations=25 --junitxml="$OUT/tests.xml"
 # The issues' speed targets, measured and judged (sparsegemm/targets.py): decode bandwidth, 8192^3
 # against cuBLAS and cuSPARSELt, compress, the Llama MLP block; first after the tests, since these
 # are what the issues ask for.
