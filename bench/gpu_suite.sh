@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One GPU check (DESIGN.md "Verification on a GPU"): build for the present GPU only, GPU tests,
 # the speed targets (targets.md / .json), the large-M tiles against cuBLAS, compute-sanitizer memcheck + racecheck on small cases, the
-# graph-replay sweep, the eager host time, an Nsight Compute profile of the GEMMs and the benchmark,
+# graph-replay sweeps (decode, mid-size M), the eager host time, an Nsight Compute profile of the GEMMs and the benchmark,
 # in that order of priority; everything lands in OUTDIR (env.json, steps.txt, junit XML,
-# large_m*.txt (large_m_cp_async.txt, large_m_tma_wide.txt too), sanitizer logs, sweep.txt,
+# large_m*.txt (large_m_cp_async.txt, large_m_tma_wide.txt too), sanitizer logs, sweep.txt, mid_m.txt,
 # host_overhead.txt, moe.txt, ncu_gemm*.txt,
 # bench.json/.csv/.md/.png). Usage: bench/gpu_suite.sh OUTDIR
 # PYTHON (default: python3) must have a CUDA torch, pybind11, pytest; nvcc and compute-sanitizer on PATH.
@@ -93,6 +93,8 @@ done
 # Kernel time without launch cost (decode GEMM per split, compress / decompress; CUDA-graph replay
 # from DRAM) and the host time of one eager call: the two halves of a decode layer's time.
 run_step sweep "${SWEEP_TIMEOUT:-120}" "$OUT/sweep.txt" "$PY" bench/decode_sweep.py
+# Mid-size M (16 to 1024 rows), each tile against dense: where the decode tile should hand over.
+run_step mid_m "${SWEEP_TIMEOUT:-120}" "$OUT/mid_m.txt" "$PY" bench/mid_m_sweep.py
 run_step host_overhead "${SWEEP_TIMEOUT:-120}" "$OUT/host_overhead.txt" "$PY" bench/host_overhead.py
 # Mixtures of experts: dense loop vs SparseExperts per expert vs grouped (eager and CUDA graph).
 run_step moe "${SWEEP_TIMEOUT:-120}" "$OUT/moe.txt" "$PY" bench/moe_timing.py --quick

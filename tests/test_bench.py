@@ -104,6 +104,24 @@ def test_host_overhead_python_only_runs(tmp_path):
     assert "_eager_forward" in out  # the profile shows the plan path ran
 
 
+@pytest.mark.parametrize("script", ["decode_sweep.py", "mid_m_sweep.py", "large_m_timing.py", "moe_timing.py"])
+def test_gpu_suite_scripts_import_and_parse_their_arguments_anywhere(tmp_path, script):
+    # The GPU suite's timing scripts run only on a lent GPU machine: a broken import (e.g. of a
+    # helper from a sibling script) or argument parser must fail here, not cost a device lease.
+    import os
+    import subprocess
+    import sys
+
+    import sparsegemm
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench", script)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(sparsegemm.__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, path, "--help"], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: ")
+
+
 def test_conv_rows_compare_sparse_conv2d_with_the_dense_convolution():
     timer = bench.Timer(torch.device("cpu"), warmup=0, repeats=1)
     rows = bench.bench_conv(torch.device("cpu"), torch.float32, "resnet50.conv4_3x3", 1, timer)

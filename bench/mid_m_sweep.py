@@ -1,0 +1,61 @@
+"""Tuning aid for gemm_heuristics.h's mid-size M (17 to 1024 rows: batched decode, short prefill),
+where the heuristic leaves the decode tile for a large-M tile: fp16 GEMM time of each tile the GPU
+runs at M = 16 .. 1024, from DRAM (CUDA-graph replay over copies of the weight that together
+exceed the L2, split-K counters zeroed once before capture), next to dense F.linear and to what
+the heuristic picks.
+
+Tiles: "c1" the decode tile (16 X rows a block, K split by the heuristic's cost rule), "c0" the
+warp-level large-M tile, and where the GPU runs wgmma "c2" (cp.async), "c3" (TMA, the default for
+large M) and "c5" (the 256-row TMA tile). H200 -run21: at M = 256, 4096 x 4096 ran 0.38-0.40x
+cuBLAS on the wgmma tile (64 blocks for 132 SMs), so the crossover wants measuring.
+
+    python bench/mid_m_sweep.py
+"""
+import argparse
+
+import torch
+
+import sparsegemm
+from sparsegemm import _C, ops
+from sparsegemm import format as fmt
+from sparsegemm.bench import replay_ms
+
+from decode_sweep import ROTATE_BYTES, _scratch
+
+MS = (16, 32, 64, 128, 256, 512, 1024)
+# Llama-2-7B's attention / MLP projections (N x K).
+SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))
+
+
+def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
+    torch.manual_seed(0)
+    f16 = fmt.DTYPE_CODES[torch.float16]
+    configs = [1, 0] + ([2, 3, 5] if _C.cuda_large_m_uses_wgmma() else [])
+    for n, k in SHAPES:
+        w = sparsegemm.prune_2to4(torch.randn(n, k, device="cuda").half())
+        copies = max(2, ROTATE_BYTES // (n * k))
+        sws = [sparsegemm.compress(w) for _ in range(copies)]
+        metas = [sw.kernel_meta("cuda") for sw in sws]
+        dense = [w.clone() for _ in range(max(2, ROTATE_BYTES // (2 * n * k)))]
+        for m in MS:
+            x = torch.randn(m, k, device="cuda").half()
+            y = torch.empty(m, n, device="cuda", dtype=torch.float16)
+
+            def sparse_us(config):
+                ws, counters = _scratch(_C.cuda_gemm_scratch, m, n, k, config, 0)
+                return 1e3 * replay_ms([lambda sw=sw, me=me: _C.cuda_gemm(
+                    m, n, k, x.data_ptr(), k, sw.values.data_ptr(), me.data_ptr(), 0, y.data_ptr(), n, f16, 0,
+                    ws.data_ptr(), counters.data_ptr(), config, 0, ops._stream(x))
+                    for sw, me in zip(sws, metas)], reps=40)
+
+            td = 1e3 * replay_ms([lambda d=d: torch.nn.functional.linear(x, d) for d in dense], reps=40)
+            times = {"heuristic": sparse_us(-1), **{f"c{c}": sparse_us(c) for c in configs}}
+            best = min(times, key=times.get)
+            print(f"M={m:4d} N={n} K={k}: dense {td:.1f}us | " +
+                  " | ".join(f"{name} {t:.1f}us ({td / t:.2f}x)" for name, t in times.items()) +
+                  f" | best {best}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
