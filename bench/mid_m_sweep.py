@@ -6,8 +6,9 @@ the heuristic picks.
 
 Tiles: "c1" the decode tile (16 X rows a block, K split by the heuristic's cost rule), "c0" the
 warp-level large-M tile, and where the GPU runs wgmma "c2" (cp.async), "c3" (TMA, the default for
-large M) and "c5" (the 256-row TMA tile). H200 -run21: at M = 256, 4096 x 4096 ran 0.38-0.40x
-cuBLAS on the wgmma tile (64 blocks for 132 SMs), so the crossover wants measuring.
+large M), "c5" (the 256-row TMA tile) and "c6" (config 3's tile with K split over blocks, by its
+own rule: "s" gives the split). H200 -run21: at M = 256, 4096 x 4096 ran 0.38-0.40x cuBLAS on the
+wgmma tile (64 blocks for 132 SMs), so the crossover wants measuring.
 
     python bench/mid_m_sweep.py
 """
@@ -31,7 +32,7 @@ def main() -> None:
     argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     torch.manual_seed(0)
     f16 = fmt.DTYPE_CODES[torch.float16]
-    configs = [1, 0] + ([2, 3, 5] if _C.cuda_large_m_uses_wgmma() else [])
+    configs = [1, 0] + ([2, 3, 5, 6] if _C.cuda_large_m_uses_wgmma() else [])
     for n, k in SHAPES:
         w = sparsegemm.prune_2to4(torch.randn(n, k, device="cuda").half())
         copies = max(2, ROTATE_BYTES // (n * k))
@@ -51,6 +52,9 @@ def main() -> None:
 
             td = 1e3 * replay_ms([lambda d=d: torch.nn.functional.linear(x, d) for d in dense], reps=40)
             times = {"heuristic": sparse_us(-1), **{f"c{c}": sparse_us(c) for c in configs}}
+            if 6 in configs:
+                workspace_bytes, _ = _C.cuda_gemm_scratch(m, n, k, 6, 0)
+                times[f"c6 s{max(1, workspace_bytes // (4 * m * n))}"] = times.pop("c6")
             best = min(times, key=times.get)
             print(f"M={m:4d} N={n} K={k}: dense {td:.1f}us | " +
                   " | ".join(f"{name} {t:.1f}us ({td / t:.2f}x)" for name, t in times.items()) +

@@ -18,9 +18,11 @@ SILU, SWIGLU = fmt.ACTIVATION_CODES["silu"], fmt.ACTIVATION_CODES["swiglu"]
 # (config, split_k): large-M tile, decode tile, decode tile with a forced 3-way split of K, and the
 # wgmma large-M tile where the GPU runs it (compute capability 9.0, sm_90a build), with cp.async
 # copies and, where Wc rows are whole 16 bytes (K % 32 == 0 for int8), the wgmma tiles (128 and 256
-# W rows) and the decode tile fed by TMA (the decode one also split 3 ways).
+# W rows) and the decode tile fed by TMA (the decode one also split 3 ways); for fp16 / bf16 also
+# the wgmma tile with K split (config 6: its own split, and 3 ways).
 CONFIGS = [(0, 0), (1, 0), (1, 3)]
 WGMMA_CONFIG, TMA_CONFIGS = (2, 0), [(3, 0), (4, 0), (4, 3), (5, 0)]
+SPLIT_WGMMA_CONFIGS = [(6, 0), (6, 3)]
 
 
 def _scratch(scratch_fn, *shape_and_config) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,11 +32,13 @@ def _scratch(scratch_fn, *shape_and_config) -> tuple[torch.Tensor, torch.Tensor]
             torch.zeros(max(counters, 1), dtype=torch.int32, device="cuda"))
 
 
-def _runs(n: int, k: int) -> list:
-    """((config, split_k), activation code) pairs: every configuration with silu, and gated where N allows."""
+def _runs(n: int, k: int, int8: bool = False) -> list:
+    """((config, split_k), activation code) pairs: every configuration (of the int8 GEMM with
+    ``int8``) with silu, and gated where N allows."""
     configs = CONFIGS
     if _C.cuda_large_m_uses_wgmma():
         configs = configs + [WGMMA_CONFIG] + (TMA_CONFIGS if k % 32 == 0 else [])
+        configs += SPLIT_WGMMA_CONFIGS if k % 32 == 0 and not int8 else []
     return [(c, act) for c in configs for act in ((SILU, SWIGLU) if n % (2 * fmt.GATE_ROWS) == 0 else (SILU,))]
 
 
@@ -59,7 +63,7 @@ def main() -> None:
         x = torch.randn(m, k, device="cuda").half()
         x_q, x_scale = quant.quantize_activations(x)
         meta8 = sw8.kernel_meta("cuda")
-        for (config, split_k), act in _runs(n, k):
+        for (config, split_k), act in _runs(n, k, int8=True):
             cols = ops.out_features(n, act)
             y = torch.empty((m, cols), dtype=torch.float16, device="cuda")
             ws, counters = _scratch(_C.cuda_gemm_s8_scratch, m, n, k, config, split_k)

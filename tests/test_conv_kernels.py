@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from sparsegemm import _C, ops
 from sparsegemm.nn import CPU_TORCH_CONV_MIN_M, SparseConv2d, _torch_conv_wins
-from test_kernels_simt import DECODE, DECODE_TMA, LARGE_M, WGMMA, WGMMA_TMA, KernelBackend
+from test_kernels_simt import DECODE, DECODE_TMA, LARGE_M, WGMMA, WGMMA_TMA, WGMMA_TMA_SPLIT, KernelBackend
 
 KERNEL_DTYPES = [torch.float16, torch.bfloat16]
 
@@ -298,7 +298,7 @@ def test_forced_tiles_and_split_k(kernels, config, split_k):
     assert torch.equal(y.permute(0, 3, 1, 2).double(), reference(layer, x))
 
 
-@pytest.mark.parametrize("config,tile", [(WGMMA_TMA, "wgmma"), (DECODE_TMA, "decode")])
+@pytest.mark.parametrize("config,tile", [(WGMMA_TMA, "wgmma"), (DECODE_TMA, "decode"), (WGMMA_TMA_SPLIT, "K-split wgmma")])
 def test_tma_pipelines_are_refused_for_the_convolution(kernels, config, tile):
     # Its X is gathered from an NHWC image, which a 2D tensor map cannot describe.
     layer = make_layer(32, 20, 3, 1, 1, 1, torch.float16, integer=True)

@@ -16,7 +16,8 @@ from sparsegemm import _C
 from test_conv_kernels import assert_within_twice_dense_error, make_input, make_layer
 from test_int8_kernels_simt import (assert_gemm_s8_activation_close, assert_gemm_s8_bit_exact,
                                     assert_kernel_meta_s8_matches_reference, assert_quantize_rows_matches_reference)
-from test_kernels_simt import (DECODE, DECODE_TMA, LARGE_M, WGMMA, WGMMA_TMA, WGMMA_TMA_WIDE, KernelBackend,
+from test_kernels_simt import (DECODE, DECODE_TMA, LARGE_M, WGMMA, WGMMA_TMA, WGMMA_TMA_SPLIT, WGMMA_TMA_WIDE,
+                               KernelBackend,
                                assert_compress_prune_matches_reference, assert_gemm_within_twice_dense_error,
                                cuda_kernels_available)
 from test_simt_emulator import TMA_BOX_CASES, assert_tma_box_matches_model, wgmma_exact_case, wgmma_mismatch_report
@@ -60,13 +61,14 @@ def test_wgmma_instruction_matches_the_emulator_oracle(kind, upper, mode):
 
 # (M, N, K, config, split_k): decode and prefill at model sizes, a forced split-K, ragged tails; the
 # warp-level large-M tile forced, the wgmma tile with cp.async and with TMA copies (128 and 256 W
-# rows), and the decode tile with TMA copies (the TMA ones skipped where the GPU does not run the
-# wgmma tile).
+# rows, K split at mid-size M by its own rule and 3 ways), and the decode tile with TMA copies (the
+# TMA ones skipped where the GPU does not run the wgmma tile).
 LARGE_GEMMS = [(1, 8192, 8192, -1, 0), (16, 4096, 4096, -1, 0), (8, 4096, 4096, DECODE, 7),
                (2048, 4096, 4096, -1, 0), (777, 3000, 1028, LARGE_M, 0), (777, 3000, 1028, WGMMA, 0),
                (4096, 4096, 8192, WGMMA, 0), (777, 3000, 1056, WGMMA_TMA, 0), (4096, 4096, 8192, WGMMA_TMA, 0),
                (777, 3000, 1056, WGMMA_TMA_WIDE, 0), (4096, 4096, 8192, WGMMA_TMA_WIDE, 0),
-               (1, 8192, 8192, DECODE_TMA, 0), (16, 4096, 11008, DECODE_TMA, 0), (8, 4096, 4096, DECODE_TMA, 7)]
+               (1, 8192, 8192, DECODE_TMA, 0), (16, 4096, 11008, DECODE_TMA, 0), (8, 4096, 4096, DECODE_TMA, 7),
+               (256, 4096, 4096, WGMMA_TMA_SPLIT, 0), (100, 3000, 11008, WGMMA_TMA_SPLIT, 3)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -105,7 +107,7 @@ def test_quantize_rows_large_matches_reference(dtype):
 
 
 @pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("m,n,k,config,split_k", LARGE_GEMMS)
+@pytest.mark.parametrize("m,n,k,config,split_k", [gemm for gemm in LARGE_GEMMS if gemm[3] != WGMMA_TMA_SPLIT])
 def test_gemm_s8_large_bit_exact(out_dtype, m, n, k, config, split_k):
     assert_gemm_s8_bit_exact(GPU, out_dtype, m, n, k, config, split_k)
 
@@ -240,7 +242,7 @@ def test_tma_setting_picks_the_pipelines_through_the_public_api(tmp_path, settin
     np.testing.assert_array_equal(np.load(out), reference)
 
 
-@pytest.mark.parametrize("config", [WGMMA, WGMMA_TMA, DECODE_TMA, WGMMA_TMA_WIDE])
+@pytest.mark.parametrize("config", [WGMMA, WGMMA_TMA, DECODE_TMA, WGMMA_TMA_WIDE, WGMMA_TMA_SPLIT])
 def test_forcing_the_wgmma_tile_where_it_cannot_run_is_refused(config):
     # Off Hopper (or with the tile turned off) its kernels and the TMA pipelines' are a trap: the
     # launch must not happen.

@@ -22,7 +22,8 @@ from sparsegemm import _C
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 ACT_CODES = {"none": 0, "relu": 1, "gelu": 2, "silu": 3, "reglu": 17, "geglu": 18, "swiglu": 19}
 GATE_OF = {"reglu": "relu", "geglu": "gelu", "swiglu": "silu"}  # gated: act(gate) * up, N / 2 columns
-LARGE_M, DECODE, WGMMA, WGMMA_TMA, DECODE_TMA, WGMMA_TMA_WIDE = 0, 1, 2, 3, 4, 5  # gemm_heuristics.h GemmConfig
+# gemm_heuristics.h GemmConfig
+LARGE_M, DECODE, WGMMA, WGMMA_TMA, DECODE_TMA, WGMMA_TMA_WIDE, WGMMA_TMA_SPLIT = 0, 1, 2, 3, 4, 5, 6
 SIX_PAIRS = [(0, 1), (0, 2), (1, 2), (0, 3), (1, 3), (2, 3)]
 
 
@@ -178,7 +179,8 @@ class KernelBackend:
     def _launch_split_k(self, op, m, n, k, config, split_k, s8, *args):
         """_launch(op, *args[:-2], workspace, tile counters, *args[-2:]) with a poisoned workspace and
         zeroed counters; checks that the kernel leaves the counters zero, as the next launch needs."""
-        if config in (WGMMA, WGMMA_TMA, DECODE_TMA, WGMMA_TMA_WIDE) and self.name == "cuda" and not _C.cuda_large_m_uses_wgmma():
+        if (config in (WGMMA, WGMMA_TMA, DECODE_TMA, WGMMA_TMA_WIDE, WGMMA_TMA_SPLIT) and self.name == "cuda" and
+                not _C.cuda_large_m_uses_wgmma()):
             pytest.skip(f"config {config} (the wgmma tile or a TMA pipeline) runs on compute capability 9.0 GPUs "
                         "with an sm_90a build")
         ws_bytes, counters = self.gemm_scratch(m, n, k, config, split_k, s8=s8)
@@ -552,7 +554,8 @@ def test_gemm_gated_refuses_n_not_a_multiple_of_16(kernels):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("config,split_k", [(DECODE, 3), (DECODE, 0), (DECODE, 16), (DECODE_TMA, 3)])
+@pytest.mark.parametrize("config,split_k", [(DECODE, 3), (DECODE, 0), (DECODE, 16), (DECODE_TMA, 3),
+                                            (WGMMA_TMA_SPLIT, 3)])
 def test_split_k_reduction_does_not_depend_on_block_order(shuffled_block_orders, dtype, config, split_k):
     # Whichever split of a tile arrives last sums all of them in split order: bit-identical
     # outputs under every order of the blocks (random values, so that a different summation
@@ -749,6 +752,54 @@ def test_tma_decode_equals_the_cp_async_decode_tile(kernels, dtype, m, n, k, spl
     assert torch.equal(y_tma, y_cp_async)
 
 
+# The wgmma tile with K split (config 6): one split is config 3's kernel with a split-K tail that
+# does not run, bit for bit; with several, each split's partial sums are the decode tile's for the
+# same k-tiles (both tiles accumulate one k-step after another in fp32, the emulator's one model
+# for mma.sp and wgmma) and the last block adds them in split order as the decode tile does, so the
+# decode tile forced to the same split is its bit-exact reference. Shapes: M and N tails, a split
+# ending inside the k-tiles (17 k-tiles over 3 splits: 6, 6, 5), 16 k-tiles over 2 (two rounds of
+# the 4 stages a split), and 3 x 18 output tiles crossing a raster band.
+SPLIT_WGMMA_SHAPES = [(33, 144, 1088), (130, 304, 1024), (260, 17 * 128 + 16, 512)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("act", ["gelu", "swiglu"])
+@pytest.mark.parametrize("m,n,k", SPLIT_WGMMA_SHAPES)
+def test_split_k_wgmma_equals_the_decode_tile_at_the_same_split(kernels, dtype, act, m, n, k):
+    x, values, meta, bias = random_gemm_operands(kernels, m, n, k, dtype, m + n + k)
+    unsplit = kernels.gemm(x, values, meta, n, k, bias=bias, act=act, config=WGMMA_TMA_SPLIT, split_k=1)
+    assert kernels.gemm_scratch(m, n, k, WGMMA_TMA_SPLIT, 1) == (0, 0)
+    assert torch.equal(unsplit, kernels.gemm(x, values, meta, n, k, bias=bias, act=act, config=WGMMA_TMA))
+    for split_k in (2, 3):
+        workspace, counters = kernels.gemm_scratch(m, n, k, WGMMA_TMA_SPLIT, split_k)
+        assert workspace == split_k * m * n * 4 and counters == -(-m // 128) * -(-n // 128)
+        y = kernels.gemm(x, values, meta, n, k, bias=bias, act=act, config=WGMMA_TMA_SPLIT, split_k=split_k)
+        assert not y.isnan().any()
+        assert torch.equal(y, kernels.gemm(x, values, meta, n, k, bias=bias, act=act, config=DECODE, split_k=split_k))
+
+
+def test_split_k_wgmma_splits_to_fill_one_wave():
+    # Unforced (split_k 0), config 6 takes as many splits as keep the tiles' blocks within one wave,
+    # each of at least 4 k-tiles, at most 16: the emulator plans for 4 SMs of 2 blocks.
+    kernels = KernelBackend("simt")
+    def splits(m, n, k):
+        workspace, counters = kernels.gemm_scratch(m, n, k, WGMMA_TMA_SPLIT, 0)
+        return workspace // (4 * m * n) if counters else 1
+    assert splits(33, 144, 4096) == 4     # 2 tiles: 8 blocks
+    assert splits(33, 144, 512) == 2      # 8 k-tiles: 2 splits of 4
+    assert splits(300, 300, 4096) == 1    # 9 tiles already fill the wave
+    assert splits(1, 128, 8192) == 8
+    assert splits(1, 128, 65536) == 8     # the wave, not kMaxSplitK, binds
+
+
+def test_split_k_wgmma_is_refused_where_it_does_not_apply(kernels):
+    with pytest.raises(ValueError, match=r"config 6 \(the wgmma tile with K split\) serves the fp16 / bf16 GEMM, "
+                                         r"not the int8 one"):
+        kernels.gemm_scratch(64, 64, 256, WGMMA_TMA_SPLIT, 0, s8=True)
+    with pytest.raises(ValueError, match=r"split_k = 2 needs the decode tile \(config 1 or 4\) or config 6"):
+        kernels.gemm_scratch(64, 64, 256, WGMMA_TMA, 2)
+
+
 @pytest.mark.parametrize("config,cp_async_config,m", [(WGMMA_TMA, WGMMA, 7), (WGMMA_TMA, WGMMA, 130),
                                                      (WGMMA_TMA_WIDE, WGMMA, 130), (DECODE_TMA, DECODE, 7)])
 def test_tma_gemm_reads_x_rows_through_their_stride(kernels, config, cp_async_config, m):
@@ -760,7 +811,8 @@ def test_tma_gemm_reads_x_rows_through_their_stride(kernels, config, cp_async_co
 
 
 @pytest.mark.parametrize("config,tile,fallback", [(WGMMA_TMA, "wgmma", WGMMA), (DECODE_TMA, "decode", DECODE),
-                                                 (WGMMA_TMA_WIDE, "256-row wgmma", WGMMA)])
+                                                 (WGMMA_TMA_WIDE, "256-row wgmma", WGMMA),
+                                                 (WGMMA_TMA_SPLIT, "K-split wgmma", WGMMA)])
 def test_tma_gemm_refuses_what_a_tensor_map_cannot_describe(kernels, config, tile, fallback):
     gen = torch.Generator().manual_seed(2)
     w = sparse_weight(20, 1000, torch.float16, gen)  # Wc rows of 1000 bytes: not whole 16 bytes
@@ -822,8 +874,8 @@ def test_tma_gemm_encodes_each_tensor_map_once(kernels):
 
 
 def test_gemm_config_out_of_range_is_refused(kernels):
-    with pytest.raises(ValueError, match=r"config must be -1 \(choose\), 0 .* got 6"):
-        kernels.gemm_scratch(64, 64, 64, 6, 0)
+    with pytest.raises(ValueError, match=r"config must be -1 \(choose\), 0 .* got 7"):
+        kernels.gemm_scratch(64, 64, 64, 7, 0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -888,7 +940,7 @@ def test_gemm_m_zero_writes_nothing(kernels):
     assert torch.all(y == 3)
 
 
-@pytest.mark.parametrize("config", [LARGE_M, DECODE, WGMMA, WGMMA_TMA, DECODE_TMA, WGMMA_TMA_WIDE])
+@pytest.mark.parametrize("config", [LARGE_M, DECODE, WGMMA, WGMMA_TMA, DECODE_TMA, WGMMA_TMA_WIDE, WGMMA_TMA_SPLIT])
 def test_gemm_k_zero_gives_activation_of_bias(kernels, config):
     m, n = 3, 20
     x = torch.zeros((m, 0), dtype=torch.float16)

@@ -56,23 +56,26 @@ def built_archs():
 
 WGMMA_TILE = "gemm_tiles11WgmmaLargeM"  # the mangled tile argument of the wgmma tile's kernels
 WIDE_WGMMA_TILE = "gemm_tiles15WgmmaWideLargeM"  # the 256-row wgmma tile's (config 5, TMA only)
-TMA_LOADER = "TmaRowMajorX"  # the loader of its TMA pipeline (configs 3, 4, 5)
+SPLIT_WGMMA_TILE = "gemm_tiles11WgmmaSplitK"  # the wgmma tile with K split (config 6, TMA, 16-bit only)
+WGMMA_TILES = (WGMMA_TILE, WIDE_WGMMA_TILE, SPLIT_WGMMA_TILE)
+TMA_LOADER = "TmaRowMajorX"  # the loader of its TMA pipeline (configs 3 to 6)
 GROUPED_LOADER = "GroupedRowMajorX"  # the grouped GEMM's (checked on its own below)
 
 
 def split_wgmma(kernels):
     """(the warp-level tiles' kernels with cp.async copies, the wgmma tile's with cp.async copies, the
-    wgmma tiles' with TMA (128 and 256 W rows), the decode tile's with TMA) of a {name: SASS} dict."""
+    wgmma tiles' with TMA (128 and 256 W rows, K split), the decode tile's with TMA) of a {name: SASS}
+    dict."""
     def select(wgmma, tma):
         return {name: body for name, body in kernels.items()
-                if (WGMMA_TILE in name or WIDE_WGMMA_TILE in name) == wgmma and (TMA_LOADER in name) == tma}
+                if any(tile in name for tile in WGMMA_TILES) == wgmma and (TMA_LOADER in name) == tma}
     return select(False, False), select(True, False), select(True, True), select(False, True)
 
 
 def check_hopper_kernels(arch, kernels, instruction, tma=False, count=2):
     """The wgmma tile's and the TMA pipelines' kernels: `instruction` on sm_90a (fed by TMA loads and
     no thread's copies, for a TMA pipeline), a bare trap anywhere else. count: two dtypes (or two int8
-    output dtypes), times two tile widths for the TMA wgmma kernels."""
+    output dtypes), times the TMA wgmma tiles (two for int8, three for 16-bit)."""
     assert len(kernels) == count, sorted(kernels)
     for name, body in kernels.items():
         if arch == "90":
@@ -97,7 +100,7 @@ def test_gemm_uses_sparse_hmma(cuobjdump, arch):
     # either loader, the decode tile with TMA.
     assert len(gemms) == 4, sorted(functions)
     check_hopper_kernels(arch, wgmma, "HGMMA.SP.64x128x32.F32")
-    check_hopper_kernels(arch, wgmma_tma, "HGMMA.SP.64x128x32.F32", tma=True, count=4)
+    check_hopper_kernels(arch, wgmma_tma, "HGMMA.SP.64x128x32.F32", tma=True, count=6)
     check_hopper_kernels(arch, decode_tma, "HMMA.SP.16832.F32", tma=True)
     if arch == "90":
         assert all(("HGMMA.SP.64x128x32.F32.BF16" in body) == ("DTypeE2" in name)
@@ -216,8 +219,11 @@ def test_wgmma_gemm_fits_two_blocks_per_sm_without_serialising(cuobjdump):
     # The 256-row tile (512 threads, one block an SM): fp16, bf16; int8 x two outputs.
     wide = {name: u["REG"] for name, u in usage.items() if WIDE_WGMMA_TILE in name}
     assert len(wide) == 4 and max(wide.values()) <= 128, wide
+    # The K-split tile (fp16, bf16): its split-K tail sums into registers the accumulators leave.
+    split = {name: u["REG"] for name, u in usage.items() if SPLIT_WGMMA_TILE in name}
+    assert len(split) == 2 and max(split.values()) <= 128, split
     for name, body in sass_functions(cuobjdump, _C.__file__, "90").items():
-        if (WGMMA_TILE in name or WIDE_WGMMA_TILE in name) and TMA_LOADER in name:
+        if any(tile in name for tile in WGMMA_TILES) and TMA_LOADER in name:
             # The SS form: wait_group 0 in the loop, after the mbarrier wait, and after it.
             assert body.count("GMMA.SP.") == 2 and body.count("WARPGROUP.DEPBAR.LE gsb0, 0x0") == 2, name
             assert body.count("WARPGROUP.DEPBAR") == 2 and "LDSM" not in body, name

@@ -90,6 +90,16 @@ struct WgmmaWideLargeM {
   static constexpr bool kWgmma = true;
 };
 
+// WgmmaLargeM with K split over blocks (GemmConfig::large_m_wgmma_tma_split, fed by TMA; the 16-bit
+// GEMM only), for mid-size M, where the 128 x 128 tiles alone leave SMs idle: 4096 x 4096 at M = 256
+// is 64 tiles for an H200's 132 SMs, each through all of K (0.38-0.40x cuBLAS there, -run21
+// bench.md). Each split's block stores its fp32 partial sums, and the tile's last block to arrive
+// sums them in split order and runs the epilogue, as the decode tile does. Not chosen by plan_gemm
+// yet: no GPU has timed it (bench/mid_m_sweep.py, "c6").
+struct WgmmaSplitK : WgmmaLargeM {
+  static constexpr bool kSplitK = true;
+};
+
 constexpr int kBlockK = 64;           // logical K per k-tile of the 16-bit GEMM
 constexpr int kBlockKS8 = 128;        // logical K per k-tile of the int8 GEMM (same bytes)
 constexpr int kMaxSplitK = 16;
@@ -103,17 +113,24 @@ constexpr int kMinKTilesPerSplit = 4; // keeps the pipeline prologue small next 
 // large_m_wgmma_tma where the operands allow (faster on the H200), and keeps decode's cp.async
 // pipeline (decode_tma ran 3-17% slower): kernels_dispatch.cuh tma_pipeline_opt_in.
 // large_m_wgmma_tma_wide: gemm_tiles::WgmmaWideLargeM through the same TMA pipeline.
+// large_m_wgmma_tma_split: gemm_tiles::WgmmaSplitK through the same TMA pipeline (only when asked).
 enum class GemmConfig : int {
   large_m = 0,
   decode = 1,
   large_m_wgmma = 2,
   large_m_wgmma_tma = 3,
   decode_tma = 4,
-  large_m_wgmma_tma_wide = 5
+  large_m_wgmma_tma_wide = 5,
+  large_m_wgmma_tma_split = 6
 };
 
-// Whether `config` runs the decode tile (gemm_tiles::Decode), the one that splits K.
+// Whether `config` runs the decode tile (gemm_tiles::Decode).
 constexpr bool is_decode(GemmConfig config) { return config == GemmConfig::decode || config == GemmConfig::decode_tma; }
+
+// Whether `config`'s tile splits K over blocks: the decode tile and gemm_tiles::WgmmaSplitK.
+constexpr bool splits_k(GemmConfig config) {
+  return is_decode(config) || config == GemmConfig::large_m_wgmma_tma_split;
+}
 
 // What gemm() launches: the tile, the number of K splits (1: no workspace) and k-tiles per split.
 struct GemmPlan {
@@ -201,22 +218,38 @@ inline double decode_split_cost(int64_t M, int64_t blocks, int64_t k_tiles, int6
 inline GemmPlan plan_gemm(int64_t M, int64_t N, int64_t K, DecodeWave wave, int forced_config = -1,
                           int forced_split_k = 0, int64_t block_k = gemm_tiles::kBlockK, bool wgmma = false,
                           int64_t busy_layers = 1) {
-  if (forced_config < -1 || forced_config > static_cast<int>(GemmConfig::large_m_wgmma_tma_wide)) {
+  if (forced_config < -1 || forced_config > static_cast<int>(GemmConfig::large_m_wgmma_tma_split)) {
     throw std::invalid_argument("sparsegemm gemm: config must be -1 (choose), 0 (large M), 1 (decode), 2 "
-                                "(large M, wgmma), 3 (large M, wgmma fed by TMA), 4 (decode fed by TMA) or 5 "
-                                "(large M, 256-row wgmma tile fed by TMA), got " + std::to_string(forced_config));
+                                "(large M, wgmma), 3 (large M, wgmma fed by TMA), 4 (decode fed by TMA), 5 "
+                                "(large M, 256-row wgmma tile fed by TMA) or 6 (wgmma fed by TMA, K split), got " +
+                                std::to_string(forced_config));
+  }
+  if (forced_config == static_cast<int>(GemmConfig::large_m_wgmma_tma_split) && block_k != gemm_tiles::kBlockK) {
+    // Its int64 split sums (MmaS8::PartialSum) beside the wgmma accumulators would not fit the
+    // tile's 128 registers.
+    throw std::invalid_argument("sparsegemm gemm: config 6 (the wgmma tile with K split) serves the fp16 / bf16 "
+                                "GEMM, not the int8 one");
   }
   GemmPlan plan;
   const GemmConfig large_m = wgmma ? GemmConfig::large_m_wgmma : GemmConfig::large_m;
   plan.config = forced_config >= 0 ? static_cast<GemmConfig>(forced_config) : (M <= 16 ? GemmConfig::decode : large_m);
   const int64_t k_tiles = gemm_k_tiles(K, block_k);
   int64_t splits = 1;
-  if (forced_split_k > 1 && !is_decode(plan.config)) {
+  if (forced_split_k > 1 && !splits_k(plan.config)) {
     throw std::invalid_argument("sparsegemm gemm: split_k = " + std::to_string(forced_split_k) +
-                                " needs the decode tile (config 1 or 4); the large-M tiles do not split K");
+                                " needs the decode tile (config 1 or 4) or config 6; the other large-M tiles do "
+                                "not split K");
   }
   if (forced_split_k > 0) {
     splits = forced_split_k;
+  } else if (plan.config == GemmConfig::large_m_wgmma_tma_split && k_tiles > 0) {
+    // As many splits as keep every tile's blocks within one wave (wave.blocks_per_sm: the decode
+    // tile's, two on H100 / H200, as many as the wgmma tile's launch bound asks), each split at
+    // least kMinKTilesPerSplit k-tiles.
+    using T = gemm_tiles::WgmmaSplitK;
+    const int64_t tiles = (N + T::kBlockN - 1) / T::kBlockN * ((M + T::kBlockM - 1) / T::kBlockM) * busy_layers;
+    const int64_t most = std::min<int64_t>(gemm_tiles::kMaxSplitK, k_tiles / gemm_tiles::kMinKTilesPerSplit);
+    splits = std::max<int64_t>(1, std::min<int64_t>(most, int64_t(wave.sms) * wave.blocks_per_sm / tiles));
   } else if (is_decode(plan.config) && k_tiles > 0) {
     using T = gemm_tiles::Decode;
     const int64_t blocks = (N + T::kBlockN - 1) / T::kBlockN * ((M + T::kBlockM - 1) / T::kBlockM) * busy_layers;
@@ -245,13 +278,16 @@ inline int64_t gemm_plan_workspace_bytes(const GemmPlan& plan, int64_t M, int64_
   return plan.split_k > 1 ? int64_t(plan.split_k) * M * N * 4 : 0;
 }
 
-// Split-K arrival counters: one int32 per output tile (M tiles x N tiles of the decode tile), 0
-// when the plan does not split. The caller's counters must be zero at launch; the kernel leaves
+// Split-K arrival counters: one int32 per output tile (M tiles x N tiles of the tile that splits),
+// 0 when the plan does not split. The caller's counters must be zero at launch; the kernel leaves
 // them zero (gemm_sp.cuh), so one zeroed buffer serves every launch that runs after it in order.
+template <typename Tile>
+int64_t tile_count(int64_t M, int64_t N) {
+  return (M + Tile::kBlockM - 1) / Tile::kBlockM * ((N + Tile::kBlockN - 1) / Tile::kBlockN);
+}
 inline int64_t gemm_plan_tile_counters(const GemmPlan& plan, int64_t M, int64_t N) {
   if (plan.split_k <= 1) return 0;
-  using T = gemm_tiles::Decode;  // the only tile that splits K
-  return (M + T::kBlockM - 1) / T::kBlockM * ((N + T::kBlockN - 1) / T::kBlockN);
+  return is_decode(plan.config) ? tile_count<gemm_tiles::Decode>(M, N) : tile_count<gemm_tiles::WgmmaSplitK>(M, N);
 }
 
 }  // namespace sparsegemm

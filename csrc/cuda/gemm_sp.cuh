@@ -158,8 +158,11 @@ struct GemmShape {
   static_assert(kStages >= 2, "cp.async pipeline needs two stages");
   // wgmma tiles: one 16-row A tile per warp (warpgroup w: rows 64w .. 64w + 63 of the block), all
   // kBlockM X rows as the instruction's N (the m64n128 wrappers), B tiles on swizzle atoms.
+  // (A split-K wgmma tile, gemm_tiles::WgmmaSplitK, reduces through the same per-thread element
+  // walk as the decode tile: the wgmma accumulator fragment of a warp's 16 rows is mma's C fragment
+  // repeated over the 16 8-column groups, acc[0][j][r].)
   static_assert(!Tile::kWgmma || (kWarpsM == 1 && kTilesN == 1 && kBlockM == 128 && kThreads % 128 == 0 &&
-                                  kBytesA % 1024 == 0 && !Tile::kSplitK && kKTilesPerStage == 1),
+                                  kBytesA % 1024 == 0 && kKTilesPerStage == 1),
                 "wgmma tile: warps of 16 W rows x all 128 X rows, whole warpgroups, B at 1024-byte offsets, "
                 "one k-tile a stage (its loads follow the stage's wgmma)");
   static_assert(kKTilesPerStage >= 1, "a stage holds whole k-tiles");

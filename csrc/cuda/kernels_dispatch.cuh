@@ -442,11 +442,14 @@ void launch_gemm_tile(const typename XLoader::Params& params, const GemmPlan& pl
   using Operand = typename Policy::Operand;
   const bool decode = is_decode(plan.config);
   const bool wide = plan.config == GemmConfig::large_m_wgmma_tma_wide;
-  const bool wgmma = plan.config == GemmConfig::large_m_wgmma || plan.config == GemmConfig::large_m_wgmma_tma || wide;
-  const bool forced_tma = plan.config == GemmConfig::large_m_wgmma_tma || plan.config == GemmConfig::decode_tma || wide;
+  const bool split_wgmma = plan.config == GemmConfig::large_m_wgmma_tma_split;
+  const bool wgmma =
+      plan.config == GemmConfig::large_m_wgmma || plan.config == GemmConfig::large_m_wgmma_tma || wide || split_wgmma;
+  const bool forced_tma =
+      plan.config == GemmConfig::large_m_wgmma_tma || plan.config == GemmConfig::decode_tma || wide || split_wgmma;
   auto tma_name = [&] {  // for errors only: no string work on the decode path's host time
     return "config " + std::to_string(static_cast<int>(plan.config)) + " (the " +
-           (decode ? "decode" : wide ? "256-row wgmma" : "wgmma") + " tile fed by TMA)";
+           (decode ? "decode" : wide ? "256-row wgmma" : split_wgmma ? "K-split wgmma" : "wgmma") + " tile fed by TMA)";
   };
   if constexpr (std::is_same_v<XLoader, RowMajorX<Operand>>) {
     const GemmParams& p = XLoader::gemm(params);
@@ -468,6 +471,12 @@ void launch_gemm_tile(const typename XLoader::Params& params, const GemmPlan& pl
         } else if (wide || opt_in == TmaOptIn::wide) {  // opt_in is none when a config was forced
           using Wide = gemm_tiles::WgmmaWideLargeM;
           launch_gemm<Policy, Wide, Tma>(tma_gemm_params<Policy, Wide>(p), plan, stream);
+        } else if (split_wgmma) {
+          // plan_gemm refuses config 6 to the int8 GEMM, whose policy never instantiates the tile.
+          if constexpr (Policy::kBlockK == gemm_tiles::kBlockK) {
+            using Split = gemm_tiles::WgmmaSplitK;
+            launch_gemm<Policy, Split, Tma>(tma_gemm_params<Policy, Split>(p), plan, stream);
+          }
         } else {
           launch_gemm<Policy, gemm_tiles::WgmmaLargeM, Tma>(tma_gemm_params<Policy, gemm_tiles::WgmmaLargeM>(p), plan,
                                                              stream);
