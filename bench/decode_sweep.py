@@ -26,11 +26,11 @@ DECODE, DECODE_TMA = 1, 4  # GemmConfig::decode, decode_tma
 
 
 def _scratch(scratch_fn, *shape_and_config) -> tuple[torch.Tensor, torch.Tensor]:
-    """(workspace, tile counters) as _C.<scratch_fn> asks for them. Zeroed once, before capture:
-    each replay's kernels leave the counters zero for the next."""
+    """(workspace, uint64 tile counters) as _C.<scratch_fn> asks for them, unfilled: a counter word
+    that does not carry a launch's token counts as no arrivals (gemm_sp.cuh arrived_last)."""
     workspace_bytes, counters = scratch_fn(*shape_and_config)
     return (torch.empty(max(workspace_bytes, 16), dtype=torch.uint8, device="cuda"),
-            torch.zeros(max(counters, 1), dtype=torch.int32, device="cuda"))
+            torch.empty(max(counters, 1), dtype=torch.int64, device="cuda"))
 
 
 def main() -> None:

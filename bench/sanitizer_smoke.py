@@ -10,6 +10,8 @@ import sparsegemm
 from sparsegemm import _C, ops, quant
 from sparsegemm import format as fmt
 
+from decode_sweep import _scratch
+
 # The fourth takes the copies with precomputed pointers (whole 128-row blocks of Wc and of X,
 # 16-byte rows) and then a stage across K; it and the last run the TMA pipelines too. Where N % 16 == 0
 # the gated (SwiGLU) epilogue runs too.
@@ -23,13 +25,6 @@ SILU, SWIGLU = fmt.ACTIVATION_CODES["silu"], fmt.ACTIVATION_CODES["swiglu"]
 CONFIGS = [(0, 0), (1, 0), (1, 3)]
 WGMMA_CONFIG, TMA_CONFIGS = (2, 0), [(3, 0), (4, 0), (4, 3), (5, 0)]
 SPLIT_WGMMA_CONFIGS = [(6, 0), (6, 3)]
-
-
-def _scratch(scratch_fn, *shape_and_config) -> tuple[torch.Tensor, torch.Tensor]:
-    """(workspace, zeroed tile counters) as _C.<scratch_fn> asks for them."""
-    workspace_bytes, counters = scratch_fn(*shape_and_config)
-    return (torch.empty(max(workspace_bytes, 16), dtype=torch.uint8, device="cuda"),
-            torch.zeros(max(counters, 1), dtype=torch.int32, device="cuda"))
 
 
 def _runs(n: int, k: int, int8: bool = False) -> list:

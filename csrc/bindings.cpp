@@ -58,8 +58,11 @@ GemmParams make_gemm_params(int64_t M, int64_t N, int64_t K, uintptr_t x, int64_
 
 // The launch fields of GemmParams (params.h) every GEMM entry point takes from Python.
 void set_launch(GemmParams& p, uintptr_t workspace, uintptr_t tile_counters, int config, int split_k) {
+  if (tile_counters % 8 != 0)  // 64-bit atomics fault on a misaligned word
+    throw std::invalid_argument("sparsegemm gemm: tile_counters must be 8-byte aligned uint64 words, got address " +
+                                std::to_string(tile_counters));
   p.workspace = ptr<void>(workspace);
-  p.tile_counters = ptr<int>(tile_counters);
+  p.tile_counters = ptr<uint64_t>(tile_counters);
   p.config = config;
   p.split_k = split_k;
 }

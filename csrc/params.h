@@ -26,11 +26,12 @@ struct GemmParams {
   const float* w_scale = nullptr;
   const float* x_scale = nullptr;
   // CUDA/SIMT GEMM only, for split-K (csrc/cuda/kernels.h gemm_scratch; null where it asks for
-  // none): workspace, partial sums of GemmScratch::workspace_bytes bytes (contents irrelevant);
-  // tile_counters, GemmScratch::tile_counters int32 that must be zero at launch and are zero
-  // again when the kernel ends (the last split of each tile resets its counter).
+  // none): workspace, partial sums of GemmScratch::workspace_bytes bytes; tile_counters,
+  // GemmScratch::tile_counters 8-byte aligned uint64 words. Neither needs any contents at launch
+  // (a counter word carries its launch's token: gemm_sp.cuh arrived_last); the kernel leaves every
+  // counter zero. No other launch may use either while this one runs.
   void* workspace = nullptr;
-  int* tile_counters = nullptr;
+  uint64_t* tile_counters = nullptr;
   // Tests only: -1 lets csrc/cuda/gemm_heuristics.h choose; otherwise a GemmConfig value
   // (0 = large-M tile, 1 = decode tile), with split_k > 0 forcing the number of K splits.
   int config = -1;
@@ -79,8 +80,8 @@ struct CompressParams {
   int64_t* first_bad_group = nullptr;
 };
 
-// What a GEMM launch needs besides its operands (GemmParams workspace / tile_counters); all zero
-// when the plan does not split K.
+// What a GEMM launch needs besides its operands (GemmParams workspace / tile_counters): bytes of
+// workspace and uint64 counter words; all zero when the plan does not split K.
 struct GemmScratch {
   int64_t workspace_bytes = 0;
   int64_t tile_counters = 0;

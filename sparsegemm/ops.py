@@ -575,10 +575,9 @@ def reorder_meta(meta: Tensor, k: int, backend: str, s8: bool = False) -> Tensor
 
 # ---- GEMM ------------------------------------------------------------------------------------
 
-def _reused_buffer(key, numel: int, dtype: torch.dtype, device: torch.device, zeroed: bool = False) -> Tensor:
-    """A per-thread buffer of at least ``numel`` elements kept between calls under ``key`` (a
-    fresh one costs an allocation, page faults on the CPU, a fill when ``zeroed``); grown by
-    replacing it. ``zeroed``: made zero; keeping it so is the caller's business."""
+def _reused_buffer(key, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A per-thread buffer of at least ``numel`` elements (any contents) kept between calls under
+    ``key`` (a fresh one costs an allocation, and page faults on the CPU); grown by replacing it."""
     cache = getattr(_thread_buffers, "buffers", None)
     if cache is None:
         cache = _thread_buffers.buffers = {}
@@ -587,28 +586,28 @@ def _reused_buffer(key, numel: int, dtype: torch.dtype, device: torch.device, ze
         # A normal tensor even when made under torch.inference_mode: an inference tensor could not
         # be written by torch ops (copy_, out=) in the calls that follow outside that mode.
         with torch.inference_mode(False):
-            buffer = cache[key] = (torch.zeros if zeroed else torch.empty)(numel, dtype=dtype, device=device)
+            buffer = cache[key] = torch.empty(numel, dtype=dtype, device=device)
     return buffer
 
 
-# Temporaries of the CUDA / SIMT launches: the split-K workspace for partial sums (any contents)
-# and int32 tile counters that must be zero at launch, which the kernel leaves zero (csrc/params.h
-# GemmParams), and the quantized activations of the dynamic INT8 linear. On the CPU (SIMT) and on
-# the device's default stream they are _reused_buffer's: launches on one stream run in order, so
-# each finds a buffer as the one before left it, and no allocation or fill is paid per call; per
-# thread, because one thread's INT8 quantize and GEMM launches may interleave with another's on
-# the same stream; replacing a buffer is safe, as launches still queued on the stream that use it
-# run before anything the caching allocator gives its memory to next on that stream. On any other
-# stream they are made per call: a CUDA-graph capture (never on the default stream) then draws
-# them from the graph's own memory, zeroed by a fill that replays with it, and torch.compile's
+# Temporaries of the CUDA / SIMT launches: the split-K workspace for partial sums and the uint64
+# tile counters (any contents at launch either: a counter word carries its launch's token, csrc/
+# params.h GemmParams), and the quantized activations of the dynamic INT8 linear. A launch must
+# have them to itself while it runs. On the CPU (SIMT) and on the device's default stream they
+# are _reused_buffer's: launches on one stream run in order, so no allocation is paid per call;
+# per thread, because one thread's INT8 quantize and GEMM launches may interleave with another's
+# on the same stream; replacing a buffer is safe, as launches still queued on the stream that use
+# it run before anything the caching allocator gives its memory to next on that stream. On any
+# other stream they are made per call: a CUDA-graph capture (never on the default stream) then
+# draws them from the graph's own memory with no fill node to replay, and torch.compile's
 # CUDA-graph trees, which warm up on a stream of their own inside a private memory pool, see only
 # short-lived tensors.
-def _scratch(x: Tensor, stream: int, purpose: str, numel: int, dtype: torch.dtype, zeroed: bool = False) -> Tensor:
-    """At least ``numel`` elements of ``dtype`` on ``x``'s device for a launch on ``stream``. The
-    caller holds the tensor until its launch is issued."""
+def _scratch(x: Tensor, stream: int, purpose: str, numel: int, dtype: torch.dtype) -> Tensor:
+    """At least ``numel`` elements of ``dtype`` (any contents) on ``x``'s device for a launch on
+    ``stream``. The caller holds the tensor until its launch is issued."""
     if stream != 0:
-        return (torch.zeros if zeroed else torch.empty)(numel, dtype=dtype, device=x.device)
-    return _reused_buffer((x.get_device(), purpose), numel, dtype, x.device, zeroed)
+        return torch.empty(numel, dtype=dtype, device=x.device)
+    return _reused_buffer((x.get_device(), purpose), numel, dtype, x.device)
 
 
 def _launch_scratch(x: Tensor, api: str, scratch_fn: str, stream: int,
@@ -620,7 +619,7 @@ def _launch_scratch(x: Tensor, api: str, scratch_fn: str, stream: int,
     if counters == 0:
         return None, None
     return (_scratch(x, stream, "split_k_workspace", workspace_bytes, torch.uint8),
-            _scratch(x, stream, "split_k_counters", counters, torch.int32, zeroed=True))
+            _scratch(x, stream, "split_k_counters", counters, torch.int64))
 
 
 def kernel_backend(backend: Optional[str], x: Tensor) -> Optional[str]:

@@ -98,10 +98,9 @@ def _copies(make, device: torch.device, limit: int) -> list:
 
 def decode_rows(device: torch.device, dtype: str, m: int, n: int, k: int, timer) -> list:
     """Dense F.linear then the 2:4 linear (``dtype`` "int8": INT8 weights, fp16 activations on CUDA,
-    bf16 on the CPU, quantized in the call), each over its own weight copies. As a user's CUDA
-    graph would, each captured split-K call replays the fill that zeroes its tile counters (ops.py
-    _scratch): a few per cent below bench/decode_sweep.py's kernel time, whose counters are made
-    once."""
+    bf16 on the CPU, quantized in the call), each over its own weight copies, captured as a user's
+    CUDA graph would capture them (each call's split-K scratch from the graph's memory, ops.py
+    _scratch)."""
     int8 = dtype == "int8"
     act = (torch.float16 if device.type == "cuda" else torch.bfloat16) if int8 else getattr(torch, dtype)
     gen = torch.Generator(device).manual_seed(0)

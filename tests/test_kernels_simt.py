@@ -178,14 +178,18 @@ class KernelBackend:
 
     def _launch_split_k(self, op, m, n, k, config, split_k, s8, *args):
         """_launch(op, *args[:-2], workspace, tile counters, *args[-2:]) with a poisoned workspace and
-        zeroed counters; checks that the kernel leaves the counters zero, as the next launch needs."""
+        counters of random contents (a counter word that does not carry the launch's token counts as
+        no arrivals: gemm_sp.cuh arrived_last); checks that the kernel leaves the counters zero."""
         if (config in (WGMMA, WGMMA_TMA, DECODE_TMA, WGMMA_TMA_WIDE, WGMMA_TMA_SPLIT) and self.name == "cuda" and
                 not _C.cuda_large_m_uses_wgmma()):
             pytest.skip(f"config {config} (the wgmma tile or a TMA pipeline) runs on compute capability 9.0 GPUs "
                         "with an sm_90a build")
         ws_bytes, counters = self.gemm_scratch(m, n, k, config, split_k, s8=s8)
         ws = torch.full((max(ws_bytes // 4, 1),), -7, dtype=torch.int32, device=self.device)  # NaN-like poison
-        tile_counters = torch.zeros(max(counters, 1), dtype=torch.int32, device=self.device)
+        gen = torch.Generator().manual_seed(m * n + k + split_k)
+        tile_counters = torch.randint(-2**63, 2**63 - 1, (max(counters, 1),), generator=gen, dtype=torch.int64)
+        tile_counters[::3] = torch.arange(0, max(counters, 1), 3) % 4  # words with no token and a few arrivals
+        tile_counters = tile_counters.to(self.device)
         self._launch(op, *args[:-2], ws.data_ptr() if ws_bytes else 0, tile_counters.data_ptr() if counters else 0,
                      *args[-2:])
         assert (counters > 0) == (ws_bytes > 0)

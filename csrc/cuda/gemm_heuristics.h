@@ -278,9 +278,9 @@ inline int64_t gemm_plan_workspace_bytes(const GemmPlan& plan, int64_t M, int64_
   return plan.split_k > 1 ? int64_t(plan.split_k) * M * N * 4 : 0;
 }
 
-// Split-K arrival counters: one int32 per output tile (M tiles x N tiles of the tile that splits),
-// 0 when the plan does not split. The caller's counters must be zero at launch; the kernel leaves
-// them zero (gemm_sp.cuh), so one zeroed buffer serves every launch that runs after it in order.
+// Split-K arrival counters: one uint64 word per output tile (M tiles x N tiles of the tile that
+// splits), 0 when the plan does not split. Any contents at launch (gemm_sp.cuh arrived_last), so
+// one buffer serves every launch that runs after it in order, and a fresh one needs no fill.
 template <typename Tile>
 int64_t tile_count(int64_t M, int64_t N) {
   return (M + Tile::kBlockM - 1) / Tile::kBlockM * ((N + Tile::kBlockN - 1) / Tile::kBlockN);

@@ -425,18 +425,45 @@ constexpr bool kMultiPassXCopies = true;
 #endif
 
 // Split-K arrival: called by every thread of a block once its partial sums are stored; true in
-// the block that arrives last at `counter` out of `splits` (its counter is then reset to 0 for
-// the next launch). The barrier orders every thread's stores before thread 0's ticket, whose
-// release publishes them at GPU scope and whose acquire (in the last block) makes the other
-// splits' partials visible; the second barrier hands that on to the block. One acq_rel atomic
-// instead of a __threadfence() in every thread (fence.sc, a full drain per thread). The first 4
-// bytes of `smem` (no warp reads the pipeline stages any more once the first barrier is passed,
-// and the epilogue's barrier comes before its next write) carry the answer to the whole block.
-SG_DEVICE bool arrived_last(int* counter, int splits, char* smem) {
+// the block that arrives last at `counter` out of `splits`.
+// The counter word (params.h GemmParams::tile_counters) holds this launch's `token` (a random
+// 56-bit value drawn per launch on the host, launch_gemm) in bits 8-63 and its arrivals so far in
+// bits 0-7; a word that holds another token counts as no arrivals. So it need not be zeroed before
+// the launch: a CUDA graph's per-call counters come from the graph's memory pool as they are,
+// without a fill node that replays before every split-K GEMM (about 3-4 us a call on an H200,
+// bench/results/2026-11-27-H200-run21: targets against sweep.txt). The first arrival claims the
+// word (compare-and-swap, retried while other blocks claim or add first), the others add 1, and the
+// last one sets the word to 0 for the next launch: a replay of the same graph node, whose token is
+// the same, again finds no arrivals. A word holds this launch's token only once this launch wrote
+// it (a stale or foreign word matches a random 56-bit token with chance 2^-56). The first barrier
+// orders every thread's stores before thread 0's read-modify-write, whose release publishes them at
+// GPU scope and whose acquire (in the last block) makes the other splits' partials visible (all of
+// them read-modify-writes of one word: a release sequence); the second barrier hands that on to the
+// block. One acq_rel atomic instead of a __threadfence() in every thread (fence.sc, a full drain per
+// thread). The first 4 bytes of `smem` (no warp reads the pipeline stages any more once the first
+// barrier is passed, and the epilogue's barrier comes before its next write) carry the answer.
+constexpr int kArrivalBits = 8;  // splits <= gemm_tiles::kMaxSplitK = 16
+SG_DEVICE bool arrived_last(uint64_t* counter, int splits, uint64_t token, char* smem) {
   __syncthreads();
   int* verdict = reinterpret_cast<int*>(smem);
   if (threadIdx.x == 0) {
-    const bool last = atomic_add_acq_rel_gpu(counter, 1) == splits - 1;
+    uint64_t seen = load_global_cg(counter);
+    uint64_t arrivals;
+    for (;;) {
+      if (seen >> kArrivalBits == token) {
+        // Claimed by this launch: the word keeps the token until the last arrival, this one at the
+        // latest, so an add cannot land on another launch's word.
+        arrivals = atomic_add_acq_rel_gpu(counter, 1) & ((uint64_t(1) << kArrivalBits) - 1);
+        break;
+      }
+      const uint64_t held = atomic_cas_acq_rel_gpu(counter, seen, token << kArrivalBits | 1);
+      if (held == seen) {
+        arrivals = 0;
+        break;
+      }
+      seen = held;  // another block claimed it (or added) first
+    }
+    const bool last = arrivals == uint64_t(splits - 1);
     if (last) *counter = 0;  // every split has arrived: nothing else touches it in this launch
     *verdict = last;
   }
@@ -498,12 +525,14 @@ SG_DEVICE decltype(auto) block_gemm(const typename XLoader::Params& params) {
 //    (the policy's kernel layout, reorder.cuh), bias: bias[N] or null and y: Y[M, N] (both
 //    Policy::Out), w_scale[N] / x_scale[M] (scaled policies only), act: the activation, and when
 //    it splits K (Tile::kSplitK only) workspace: Policy::Acc [splits, M, N] partial sums (a
-//    grouped launch: [splits, x_rows, N]) and tile_counters: int32 [gridDim.y][gridDim.x] (of each
-//    group), zero at launch and again at exit.
-// k_tiles_per_split: k-tiles of each split (the last one may have fewer).
+//    grouped launch: [splits, x_rows, N]) and tile_counters: uint64 [gridDim.y][gridDim.x] (of
+//    each group), any contents at launch (arrived_last), zero at exit.
+// k_tiles_per_split: k-tiles of each split (the last one may have fewer); split_token: this
+// launch's token for the tile counters (arrived_last), when it splits K.
 template <typename Policy, typename Tile, typename XLoader = RowMajorX<typename Policy::Operand>>
 SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), (min_blocks_per_sm<Tile, XLoader>()))
-    gemm_sp_kernel(SG_GRID_CONSTANT const typename XLoader::Params params, int64_t k_tiles_per_split) {
+    gemm_sp_kernel(SG_GRID_CONSTANT const typename XLoader::Params params, int64_t k_tiles_per_split,
+                   uint64_t split_token) {
   if constexpr ((Tile::kWgmma && !kWgmmaCompiled) || (XLoader::kTma && !kTmaCompiled)) {
     // A device pass without wgmma (not sm_90a) or TMA (before sm_90): the dispatch never launches
     // this (wgmma_tile_runs), and the trap keeps the rest of the kernel out of that pass's machine code.
@@ -916,7 +945,7 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), (min_blocks
       });
       // One counter per output tile (of each group: blockIdx.z / splits, 0 for one GEMM).
       const int64_t tile_index = (int64_t(blockIdx.z) / splits * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
-      if (!arrived_last(p.tile_counters + tile_index, splits, smem)) return;
+      if (!arrived_last(p.tile_counters + tile_index, splits, split_token, smem)) return;
       // Split-major: per split, the loads of all this thread's elements are independent and in
       // flight together. Reading one element's splits as a chain of L2 round trips made the tail
       // cost ~10 us at M = 16, split 8 (H200); unrolling the split loop by 4 measured the same as

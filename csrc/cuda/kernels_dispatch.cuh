@@ -5,11 +5,14 @@
 #pragma once
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <cstdlib>
 #include <mutex>
+#include <random>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <type_traits>
 #include <unordered_map>
 #include <vector>
@@ -389,6 +392,24 @@ typename TmaRowMajorX<typename Policy::Operand>::Params tma_gemm_params(const Ge
   return params;
 }
 
+// A split-K launch's token for its tile counters (gemm_sp.cuh arrived_last): 56 random bits with
+// the top one set, so that no token is 0, the value a counter word is left at. splitmix64 over a
+// per-thread seed (the OS's entropy, the clock and the thread): one thread's tokens never repeat,
+// any other token matches with chance 2^-56. Drawn at each launch, so each call captured into a
+// CUDA graph keeps its own.
+uint64_t next_split_token() {
+  thread_local uint64_t state = [] {
+    std::random_device entropy;
+    return (uint64_t(entropy()) << 32 ^ entropy()) ^
+           uint64_t(std::chrono::steady_clock::now().time_since_epoch().count()) ^
+           uint64_t(std::hash<std::thread::id>{}(std::this_thread::get_id()));
+  }();
+  uint64_t z = state += 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return (z ^ (z >> 31)) >> 8 | uint64_t(1) << 55;
+}
+
 // XLoader: the B-operand loader (RowMajorX: the GEMM; NhwcConvX: the implicit-GEMM convolution);
 // params: its Params.
 template <typename Policy, typename Tile, typename XLoader>
@@ -432,7 +453,8 @@ void launch_gemm(const typename XLoader::Params& params, const GemmPlan& plan, s
 #endif
   // Dependent: the kernel waits for the one before it before touching X, Y or the scratch.
   sg_launch_dependent(gemm_sp_kernel<Policy, Tile, XLoader>, grid, dim3(S::kThreads),
-                      size_t(gemm_smem_bytes<Policy, Tile, XLoader>()), stream, params, plan.k_tiles_per_split);
+                      size_t(gemm_smem_bytes<Policy, Tile, XLoader>()), stream, params, plan.k_tiles_per_split,
+                      plan.split_k > 1 ? next_split_token() : uint64_t(0));
 }
 
 // The tile of plan.config, fed by its TMA pipeline (TmaRowMajorX) where the config asks for it (3,

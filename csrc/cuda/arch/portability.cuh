@@ -10,7 +10,8 @@
 //   declare shared memory), SG_GRID_CONSTANT (a const kernel parameter whose address is taken),
 //   threadIdx/blockIdx/blockDim/gridDim, dim3, __syncthreads,
 //   __shfl_sync/__shfl_xor_sync/__shfl_down_sync/__shfl_up_sync (32-bit types, full-warp mask),
-//   __ballot_sync, __syncwarp, __threadfence, atomicAdd (float, int), atomicMin (int, long long), min/max,
+//   __ballot_sync, __syncwarp, __threadfence, atomicAdd (float, int, uint64), atomicCAS (uint64),
+//   atomicMin (int, long long), min/max,
 //   __restrict__, the 16-bit float helpers below, byte_perm, and sg_launch(kernel, grid, block,
 //   smem_bytes, stream, args...) from host code, or sg_launch_dependent(...) (same arguments) for a
 //   kernel that calls grid_dependency_wait (warp_ops.cuh) before it reads anything an earlier
@@ -218,6 +219,18 @@ inline int atomicAdd(int* address, int value) {
   ::sparsegemm::emu::check_dependency_waited("atomicAdd");
   const int old = *address;
   *address = static_cast<int>(static_cast<unsigned>(old) + static_cast<unsigned>(value));  // wraps like the hardware
+  return old;
+}
+inline uint64_t atomicAdd(uint64_t* address, uint64_t value) {
+  ::sparsegemm::emu::check_dependency_waited("atomicAdd");
+  const uint64_t old = *address;
+  *address = old + value;  // unsigned: wraps like the hardware
+  return old;
+}
+inline uint64_t atomicCAS(uint64_t* address, uint64_t expected, uint64_t value) {
+  ::sparsegemm::emu::check_dependency_waited("atomicCAS");
+  const uint64_t old = *address;
+  if (old == expected) *address = value;
   return old;
 }
 inline int atomicMin(int* address, int value) {

@@ -644,24 +644,39 @@ SG_DEVICE T load_global_cg(const T* address) {
 #endif
 }
 
-// ---- atom.add.acq_rel.gpu ----------------------------------------------------------------------
-// Atomic add, acquire-release at GPU scope (PTX ISA atom .acq_rel .gpu, sm_70+). The release half
-// publishes every write that happens before it, the writes of the whole block when a bar.sync
-// comes first (PTX memory model: causality order runs through the barrier); the acquire half
-// makes the writes released by earlier adds to the same address visible here and, after the next
-// bar.sync, to the block. One thread of the block fences instead of all of them (CUTLASS's
-// split-K semaphores in cutlass/barrier.h use the same arrive / wait pattern). The emulator runs
-// blocks one after another, so a plain atomic add is the same there.
-SG_DEVICE int atomic_add_acq_rel_gpu(int* address, int value) {
+// ---- atom.add / atom.cas .acq_rel.gpu (64-bit) ------------------------------------------------
+// Atomic add and compare-and-swap on a 64-bit global word, acquire-release at GPU scope (PTX ISA
+// atom .acq_rel .gpu .b64 / .u64, sm_70+). The release half publishes every write that happens
+// before it, the writes of the whole block when a bar.sync comes first (PTX memory model:
+// causality order runs through the barrier); the acquire half makes the writes released by earlier
+// read-modify-writes of the same word visible here and, after the next bar.sync, to the block. One
+// thread of the block fences instead of all of them (CUTLASS's split-K semaphores in
+// cutlass/barrier.h use the same arrive / wait pattern). The emulator runs blocks one after
+// another, so plain read-modify-writes are the same there.
+SG_DEVICE uint64_t atomic_add_acq_rel_gpu(uint64_t* address, uint64_t value) {
 #if defined(__CUDACC__)
-  int previous;
-  asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], %2;\n"
-               : "=r"(previous)
-               : "l"(address), "r"(value)
+  uint64_t previous;
+  asm volatile("atom.acq_rel.gpu.global.add.u64 %0, [%1], %2;\n"
+               : "=l"(previous)
+               : "l"(address), "l"(value)
                : "memory");
   return previous;
 #else
   return atomicAdd(address, value);
+#endif
+}
+
+// Writes `value` where the word holds `expected`; returns what it held.
+SG_DEVICE uint64_t atomic_cas_acq_rel_gpu(uint64_t* address, uint64_t expected, uint64_t value) {
+#if defined(__CUDACC__)
+  uint64_t previous;
+  asm volatile("atom.acq_rel.gpu.global.cas.b64 %0, [%1], %2, %3;\n"
+               : "=l"(previous)
+               : "l"(address), "l"(expected), "l"(value)
+               : "memory");
+  return previous;
+#else
+  return atomicCAS(address, expected, value);
 #endif
 }
 
