@@ -5,7 +5,7 @@
 # in that order of priority; everything lands in OUTDIR (env.json, steps.txt, junit XML,
 # large_m*.txt (large_m_cp_async.txt, large_m_tma_wide.txt too), sanitizer logs, sweep.txt, mid_m.txt,
 # host_overhead.txt, moe.txt, ncu_gemm*.txt,
-# bench.json/.csv/.md/.png). Usage: bench/gpu_suite.sh OUTDIR
+# bench.json/.csv/.md/.png). Usage: bench/gpu_suite.sh OUTDIR [ARCHIVE]
 # PYTHON (default: python3) must have a CUDA torch, pybind11, pytest; nvcc and compute-sanitizer on PATH.
 # The whole run fits SUITE_BUDGET seconds (default 480: DESIGN.md's 8 minutes, within the 600 s
 # one device command may run): each step gets its own limit or what is left, whichever is less, a
@@ -14,12 +14,21 @@
 # Knobs: SUITE_BUDGET, BENCH_ARGS, PYTEST_WORKERS (default: half the cores), TEST_THREADS (2),
 # TESTS_TIMEOUT / BENCH_TIMEOUT / SANITIZER_TIMEOUT /
 # TARGETS_TIMEOUT / SWEEP_TIMEOUT / NCU_TIMEOUT (seconds, per step).
+# ARCHIVE (optional second argument): a .tar.gz of OUTDIR written when the suite ends, however it
+# ends (a machine that hands back only a few files, as the lent GPU machine does, then returns
+# everything in one).
 set -euo pipefail
-OUT=${1:?usage: bench/gpu_suite.sh OUTDIR}
+OUT=${1:?usage: bench/gpu_suite.sh OUTDIR [ARCHIVE]}
+ARCHIVE=${2:-}
 PY=${PYTHON:-python3}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
+if [[ -n "$ARCHIVE" ]]; then
+  mkdir -p "$(dirname "$ARCHIVE")"
+  ARCHIVE=$(cd "$(dirname "$ARCHIVE")" && pwd)/$(basename "$ARCHIVE")
+  trap 'tar -czf "$ARCHIVE" -C "$(dirname "$OUT")" "$(basename "$OUT")"' EXIT
+fi
 cd "$ROOT"
 # Scripts under bench/ (run by compute-sanitizer) import the package built into the source tree.
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
