@@ -32,8 +32,9 @@ struct GemmParams {
   // counter zero. No other launch may use either while this one runs.
   void* workspace = nullptr;
   uint64_t* tile_counters = nullptr;
-  // Tests only: -1 lets csrc/cuda/gemm_heuristics.h choose; otherwise a GemmConfig value
-  // (0 = large-M tile, 1 = decode tile), with split_k > 0 forcing the number of K splits.
+  // Tests and tuning only: -1 lets csrc/cuda/gemm_heuristics.h choose; otherwise a GemmConfig
+  // value (0 to 6), with split_k in 1 .. 16 forcing the number of K splits (the decode tile and
+  // config 6 only).
   int config = -1;
   int split_k = 0;
 };

@@ -612,6 +612,22 @@ def test_split_k_needs_the_decode_tile_and_its_scratch(kernels):
     with pytest.raises(ValueError, match="needs a workspace and tile counters"):
         kernels._launch("gemm", m, n, k, x.data_ptr(), k, values.data_ptr(), meta.data_ptr(), 0, y.data_ptr(), n,
                         DTYPE_CODES[torch.float16], 0, 0, 0, -1, 0)
+    # Counters are 64-bit words updated by 64-bit atomics, which fault on a misaligned address.
+    workspace_bytes, counters = kernels.gemm_scratch(m, n, k)
+    workspace = torch.empty(workspace_bytes, dtype=torch.uint8, device=kernels.device)
+    words = torch.zeros(counters + 1, dtype=torch.int64, device=kernels.device)
+    with pytest.raises(ValueError, match="tile_counters must be 8-byte aligned uint64 words, got address"):
+        kernels._launch("gemm", m, n, k, x.data_ptr(), k, values.data_ptr(), meta.data_ptr(), 0, y.data_ptr(), n,
+                        DTYPE_CODES[torch.float16], 0, workspace.data_ptr(), words.data_ptr() + 4, -1, 0)
+
+
+def test_split_k_is_at_most_16(kernels):
+    # A tile counter counts arrivals in 8 bits beside its launch's token; the plans never pass 16.
+    assert kernels.gemm_scratch(1, 64, 8192, DECODE, 16)[0] == 16 * 64 * 4
+    with pytest.raises(ValueError, match="split_k must be at most 16, got 17"):
+        kernels.gemm_scratch(1, 64, 8192, DECODE, 17)
+    with pytest.raises(ValueError, match="split_k must be at most 16, got 300"):
+        kernels.gemm_scratch(1, 64, 65536, WGMMA_TMA_SPLIT, 300)
 
 
 def test_gemm_decode_auto_split_uses_workspace(kernels):

@@ -37,7 +37,7 @@ struct LargeM {
 // Decode, M <= 16: memory bound on Wc. 8 warps of 16 (N) x 16 (M), four stages of two k-tiles each:
 // a stage reads 128-byte runs of 128 Wc rows (whole L2 lines; 64-byte runs were 2-14% slower), 88
 // KiB of shared memory in all (96 KiB for int8). Split-K over blocks fills the GPU when N alone
-// cannot (the only tile with kSplitK: gemm_sp.cuh compiles the split-K tail for it alone). Launch
+// cannot (with WgmmaSplitK below, the tiles with kSplitK: gemm_sp.cuh compiles the split-K tail for them alone). Launch
 // bounds of two blocks per SM, what its shared memory allows on H100 / H200: 60-67 registers on
 // sm_90a, 58-68 on sm_80; without a stated minimum ptxas once held it to 64 and the convolution
 // spilled on sm_80. Chosen by a sweep on H200 (bench/results/2026-11-26-H200-run5/sweep.txt, config
@@ -235,6 +235,11 @@ inline GemmPlan plan_gemm(int64_t M, int64_t N, int64_t K, DecodeWave wave, int 
   plan.config = forced_config >= 0 ? static_cast<GemmConfig>(forced_config) : (M <= 16 ? GemmConfig::decode : large_m);
   const int64_t k_tiles = gemm_k_tiles(K, block_k);
   int64_t splits = 1;
+  if (forced_split_k > gemm_tiles::kMaxSplitK) {
+    // A tile counter counts its arrivals in 8 bits (gemm_sp.cuh arrived_last).
+    throw std::invalid_argument("sparsegemm gemm: split_k must be at most " + std::to_string(gemm_tiles::kMaxSplitK) +
+                                ", got " + std::to_string(forced_split_k));
+  }
   if (forced_split_k > 1 && !splits_k(plan.config)) {
     throw std::invalid_argument("sparsegemm gemm: split_k = " + std::to_string(forced_split_k) +
                                 " needs the decode tile (config 1 or 4) or config 6; the other large-M tiles do "

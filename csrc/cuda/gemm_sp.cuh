@@ -442,12 +442,13 @@ constexpr bool kMultiPassXCopies = true;
 // block. One acq_rel atomic instead of a __threadfence() in every thread (fence.sc, a full drain per
 // thread). The first 4 bytes of `smem` (no warp reads the pipeline stages any more once the first
 // barrier is passed, and the epilogue's barrier comes before its next write) carry the answer.
-constexpr int kArrivalBits = 8;  // splits <= gemm_tiles::kMaxSplitK = 16
+constexpr int kArrivalBits = 8;
+static_assert(gemm_tiles::kMaxSplitK < (1 << kArrivalBits), "a tile counter counts every split's arrival");
 SG_DEVICE bool arrived_last(uint64_t* counter, int splits, uint64_t token, char* smem) {
   __syncthreads();
   int* verdict = reinterpret_cast<int*>(smem);
   if (threadIdx.x == 0) {
-    uint64_t seen = load_global_cg(counter);
+    uint64_t seen = load_relaxed_gpu(counter);
     uint64_t arrivals;
     for (;;) {
       if (seen >> kArrivalBits == token) {
@@ -464,7 +465,7 @@ SG_DEVICE bool arrived_last(uint64_t* counter, int splits, uint64_t token, char*
       seen = held;  // another block claimed it (or added) first
     }
     const bool last = arrivals == uint64_t(splits - 1);
-    if (last) *counter = 0;  // every split has arrived: nothing else touches it in this launch
+    if (last) store_relaxed_gpu(counter, 0);  // every split has arrived: nothing else touches it in this launch
     *verdict = last;
   }
   __syncthreads();
@@ -599,7 +600,7 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), (min_blocks
   const int num_stage_tiles = (num_tiles + kStageKTiles - 1) / kStageKTiles;
 
   if constexpr (XLoader::kTma) {
-    // TMA pipeline (TmaRowMajorX: configs 3, 4 and 5, the wgmma, decode and 256-row wgmma tiles):
+    // TMA pipeline (TmaRowMajorX: configs 3 to 6, the wgmma, decode, 256-row and K-split wgmma tiles):
     // each k-tile of a stage comes with three TMA copies (its Wc, X and metadata boxes) that
     // complete on the stage's `full` mbarrier. Every warp waits on that, computes, then counts itself done with
     // the stage (`stage_done`, a shared counter); the last warp out refills the stage with the

@@ -421,7 +421,7 @@ void launch_gemm(const typename XLoader::Params& params, const GemmPlan& plan, s
     throw std::invalid_argument("sparsegemm gemm: N = " + std::to_string(p.N) + " needs " + std::to_string(n_blocks) +
                                 " blocks along N, more than the 65535 a launch allows; split the weight");
   }
-  // plan_gemm splits only the decode tile; the scratch is the caller's (gemm_scratch).
+  // plan_gemm splits only the decode tile and config 6's; the scratch is the caller's (gemm_scratch).
   if (plan.split_k > 1 && (p.workspace == nullptr || p.tile_counters == nullptr)) {
     throw std::invalid_argument("sparsegemm gemm: split_k = " + std::to_string(plan.split_k) +
                                 " needs a workspace and tile counters (gemm_scratch), got null pointers");
@@ -485,7 +485,8 @@ void launch_gemm_tile(const typename XLoader::Params& params, const GemmPlan& pl
       const std::string refusal = tma_operands_refusal<Policy>(p);
       if (forced_tma && !refusal.empty())
         throw std::invalid_argument("sparsegemm gemm: " + tma_name() + " needs " + refusal + "; config " +
-                                    (decode ? "1" : "2") + " takes any operand");
+                                    (decode ? "1" : "2") + " takes any operand" +
+                                    (split_wgmma ? " (without splitting K)" : ""));
       if (refusal.empty()) {
         using Tma = TmaRowMajorX<Operand>;
         if (decode) {
@@ -498,6 +499,8 @@ void launch_gemm_tile(const typename XLoader::Params& params, const GemmPlan& pl
           if constexpr (Policy::kBlockK == gemm_tiles::kBlockK) {
             using Split = gemm_tiles::WgmmaSplitK;
             launch_gemm<Policy, Split, Tma>(tma_gemm_params<Policy, Split>(p), plan, stream);
+          } else {
+            throw std::invalid_argument("sparsegemm gemm: config 6 serves the fp16 / bf16 GEMM only");
           }
         } else {
           launch_gemm<Policy, gemm_tiles::WgmmaLargeM, Tma>(tma_gemm_params<Policy, gemm_tiles::WgmmaLargeM>(p), plan,

@@ -644,6 +644,30 @@ SG_DEVICE T load_global_cg(const T* address) {
 #endif
 }
 
+// ---- ld.relaxed.gpu / st.relaxed.gpu (64-bit) -------------------------------------------------
+// A load and a store of a word other blocks update with atomics at the same time (PTX ISA ld / st
+// .relaxed .gpu): morally strong, so the memory model gives them a value rather than a data race;
+// neither orders anything else. The emulator runs blocks one after another: plain accesses there.
+SG_DEVICE uint64_t load_relaxed_gpu(const uint64_t* address) {
+#if defined(__CUDACC__)
+  uint64_t value;
+  asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];\n" : "=l"(value) : "l"(address) : "memory");
+  return value;
+#else
+  emu::check_dependency_waited("ld.relaxed.gpu");
+  return *address;
+#endif
+}
+
+SG_DEVICE void store_relaxed_gpu(uint64_t* address, uint64_t value) {
+#if defined(__CUDACC__)
+  asm volatile("st.relaxed.gpu.global.u64 [%0], %1;\n" ::"l"(address), "l"(value) : "memory");
+#else
+  emu::check_dependency_waited("st.relaxed.gpu");
+  *address = value;
+#endif
+}
+
 // ---- atom.add / atom.cas .acq_rel.gpu (64-bit) ------------------------------------------------
 // Atomic add and compare-and-swap on a 64-bit global word, acquire-release at GPU scope (PTX ISA
 // atom .acq_rel .gpu .b64 / .u64, sm_70+). The release half publishes every write that happens
