@@ -521,6 +521,34 @@ def test_launch_scratch_is_safe_across_graph_replays_and_streams(quantize):
             assert torch.equal(beside, want[(i + 2) % 3])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_split_k_layers_replay_from_one_graph_whatever_the_pool_left_in_their_counters():
+    # Each captured split-K call draws its counters from the graph's pool unfilled; the memory of
+    # one call's counters is free for the tensors captured after it, which write it before the next
+    # replay reaches that call again (gemm_sp.cuh arrived_last: the word's token tells). Five
+    # replays of a chain of split-K layers with scratch tensors between them equal eager calls.
+    torch.manual_seed(4)
+    layers = [SparseLinear.from_dense(nn.Linear(4096, 4096).cuda().half()) for _ in range(3)]
+    assert _C.cuda_gemm_scratch(2, 4096, 4096, -1, 0)[1] > 0  # these shapes split K
+    static_x = torch.randn(2, 4096, device="cuda", dtype=torch.float16)
+
+    def chain(x):
+        for layer in layers:
+            noise = torch.full((4096,), -1, dtype=torch.int64, device="cuda")  # reuses freed scratch
+            x = layer(x) / 64 + noise[:1].half() * 0
+        return x
+
+    with torch.no_grad():
+        chain(static_x)  # warm-up: reordered metadata made outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = chain(static_x)
+        for i in range(5):
+            static_x.copy_(torch.randn(2, 4096, device="cuda", dtype=torch.float16) * (i + 1))
+            graph.replay()
+            assert torch.equal(captured, chain(static_x))
+
+
 @pytest.mark.parametrize("quantize", [None, "int8"])
 def test_a_swapped_or_overwritten_metadata_refreshes_the_reordered_metadata(quantize):
     # functional_call swaps tensors past __setattr__; a copy_ into the buffers (a broadcast from
