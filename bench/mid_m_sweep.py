@@ -7,7 +7,7 @@ the heuristic picks.
 Tiles: "c1" the decode tile (16 X rows a block, K split by the heuristic's cost rule), "c0" the
 warp-level large-M tile, and where the GPU runs wgmma "c2" (cp.async), "c3" (TMA, the default for
 large M), "c5" (the 256-row TMA tile) and "c6" (config 3's tile with K split over blocks, by its
-own rule: "s" gives the split). H200 -run21: at M = 256, 4096 x 4096 ran 0.38-0.40x cuBLAS on the
+own rule: "s" gives the split; "c6/2", "c6/4", "c6/8" forced to 2, 4 and 8 splits, to fit the rule). H200 -run21: at M = 256, 4096 x 4096 ran 0.38-0.40x cuBLAS on the
 wgmma tile (64 blocks for 132 SMs), so the crossover wants measuring.
 
     python bench/mid_m_sweep.py
@@ -43,11 +43,11 @@ def main() -> None:
             x = torch.randn(m, k, device="cuda").half()
             y = torch.empty(m, n, device="cuda", dtype=torch.float16)
 
-            def sparse_us(config):
-                ws, counters = _scratch(_C.cuda_gemm_scratch, m, n, k, config, 0)
+            def sparse_us(config, split=0):
+                ws, counters = _scratch(_C.cuda_gemm_scratch, m, n, k, config, split)
                 return 1e3 * replay_ms([lambda sw=sw, me=me: _C.cuda_gemm(
                     m, n, k, x.data_ptr(), k, sw.values.data_ptr(), me.data_ptr(), 0, y.data_ptr(), n, f16, 0,
-                    ws.data_ptr(), counters.data_ptr(), config, 0, ops._stream(x))
+                    ws.data_ptr(), counters.data_ptr(), config, split, ops._stream(x))
                     for sw, me in zip(sws, metas)], reps=40)
 
             td = 1e3 * replay_ms([lambda d=d: torch.nn.functional.linear(x, d) for d in dense], reps=40)
@@ -55,6 +55,7 @@ def main() -> None:
             if 6 in configs:
                 workspace_bytes, _ = _C.cuda_gemm_scratch(m, n, k, 6, 0)
                 times[f"c6 s{max(1, workspace_bytes // (4 * m * n))}"] = times.pop("c6")
+                times.update({f"c6/{split}": sparse_us(6, split) for split in (2, 4, 8)})
             best = min(times, key=times.get)
             print(f"M={m:4d} N={n} K={k}: dense {td:.1f}us | " +
                   " | ".join(f"{name} {t:.1f}us ({td / t:.2f}x)" for name, t in times.items()) +
