@@ -1,7 +1,7 @@
 """Tuning aid for gemm_heuristics.h's mid-size M (17 to 1024 rows: batched decode, short prefill),
 where the heuristic leaves the decode tile for a large-M tile: fp16 GEMM time of each tile the GPU
 runs at M = 16 .. 1024, from DRAM (CUDA-graph replay over copies of the weight that together
-exceed the L2, split-K counters zeroed once before capture), next to dense F.linear and to what
+exceed the L2, split-K scratch made once before capture), next to dense F.linear and to what
 the heuristic picks.
 
 Tiles: "c1" the decode tile (16 X rows a block, K split by the heuristic's cost rule), "c0" the

@@ -109,8 +109,7 @@ def test_grouped_decode_tile_splits_k(int8, split_k, shuffled_block_orders):
         else:
             assert_groups_match_oracle(y, x, offsets, weights, biases, "swiglu")
         results.append(y)
-    # Splits are summed in order whichever block arrives last, and the counters are back to zero
-    # for the next launch: every order gives the same bits.
+    # Splits are summed in order whichever block arrives last: every order gives the same bits.
     assert all(torch.equal(y, results[0]) for y in results)
 
 
