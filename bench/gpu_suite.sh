@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU check (DESIGN.md "Verification on a GPU"): build for the present GPU only, GPU tests,
-# the speed targets (targets.md / .json), the large-M tiles against cuBLAS, compute-sanitizer memcheck + racecheck on small cases, the
-# graph-replay sweeps (decode, mid-size M), the eager host time, an Nsight Compute profile of the GEMMs and the benchmark,
+# the speed targets (targets.md / .json), the mid-size-M sweep, compute-sanitizer memcheck +
+# racecheck on small cases, the large-M tiles against cuBLAS, the decode graph-replay sweep, the
+# eager host time, an Nsight Compute profile of the GEMMs and the benchmark,
 # in that order of priority; everything lands in OUTDIR (env.json, steps.txt, junit XML,
 # large_m*.txt (large_m_cp_async.txt, large_m_tma_wide.txt too), sanitizer logs, sweep.txt, mid_m.txt,
 # host_overhead.txt, moe.txt, ncu_gemm*.txt,
@@ -86,6 +87,14 @@ run_step tests "${TESTS_TIMEOUT:-300}" "$OUT/tests.log" env OMP_NUM_THREADS="${T
 # (torch's prototype warnings for its 2:4 tensors would land inside the markdown table.)
 run_step targets "${TARGETS_TIMEOUT:-180}" "$OUT/targets.md" "$PY" -W ignore::UserWarning -m sparsegemm targets \
   --device cuda --no-progress --json "$OUT/targets.json"
+# Mid-size M (16 to 1024 rows), each tile against dense: where the decode tile should hand over
+# and whether config 6 (the wgmma tile with K split) earns a place in the heuristic.
+run_step mid_m "${SWEEP_TIMEOUT:-120}" "$OUT/mid_m.txt" "$PY" bench/mid_m_sweep.py
+# compute-sanitizer on every kernel configuration before the remaining timings: correctness first.
+for tool in memcheck racecheck; do
+  run_step "sanitizer_$tool" "${SANITIZER_TIMEOUT:-240}" "$OUT/sanitizer_$tool.log" \
+    compute-sanitizer --tool "$tool" --error-exitcode 1 "$PY" bench/sanitizer_smoke.py
+done
 # Large M against cuBLAS: the tile the heuristic takes (on Hopper the wgmma tile fed by TMA, config
 # 3), the same tile fed by cp.async (SPARSEGEMM_TMA=0: config 2), the 256-row TMA variant
 # (SPARSEGEMM_TMA=wide: config 5), then the warp-level one.
@@ -95,15 +104,9 @@ run_step large_m_cp_async "${SWEEP_TIMEOUT:-120}" "$OUT/large_m_cp_async.txt" en
 run_step large_m_tma_wide "${SWEEP_TIMEOUT:-120}" "$OUT/large_m_tma_wide.txt" env SPARSEGEMM_TMA=wide \
   "$PY" bench/large_m_timing.py
 run_step large_m_mma "${SWEEP_TIMEOUT:-120}" "$OUT/large_m_mma.txt" env SPARSEGEMM_WGMMA=0 "$PY" bench/large_m_timing.py
-for tool in memcheck racecheck; do
-  run_step "sanitizer_$tool" "${SANITIZER_TIMEOUT:-240}" "$OUT/sanitizer_$tool.log" \
-    compute-sanitizer --tool "$tool" --error-exitcode 1 "$PY" bench/sanitizer_smoke.py
-done
 # Kernel time without launch cost (decode GEMM per split, compress / decompress; CUDA-graph replay
 # from DRAM) and the host time of one eager call: the two halves of a decode layer's time.
 run_step sweep "${SWEEP_TIMEOUT:-120}" "$OUT/sweep.txt" "$PY" bench/decode_sweep.py
-# Mid-size M (16 to 1024 rows), each tile against dense: where the decode tile should hand over.
-run_step mid_m "${SWEEP_TIMEOUT:-120}" "$OUT/mid_m.txt" "$PY" bench/mid_m_sweep.py
 run_step host_overhead "${SWEEP_TIMEOUT:-120}" "$OUT/host_overhead.txt" "$PY" bench/host_overhead.py
 # Mixtures of experts: dense loop vs SparseExperts per expert vs grouped (eager and CUDA graph).
 run_step moe "${SWEEP_TIMEOUT:-120}" "$OUT/moe.txt" "$PY" bench/moe_timing.py --quick
