@@ -7,8 +7,9 @@ the heuristic picks.
 Tiles: "c1" the decode tile (16 X rows a block, K split by the heuristic's cost rule), "c0" the
 warp-level large-M tile, and where the GPU runs wgmma "c2" (cp.async), "c3" (TMA, the default for
 large M), "c5" (the 256-row TMA tile) and "c6" (config 3's tile with K split over blocks, by its
-own rule: "s" gives the split; "c6/2", "c6/4", "c6/8" forced to 2, 4 and 8 splits, to fit the rule). H200 -run21: at M = 256, 4096 x 4096 ran 0.38-0.40x cuBLAS on the
-wgmma tile (64 blocks for 132 SMs), so the crossover wants measuring.
+own rule: "s" gives the split; "c6/2", "c6/4", "c6/8" forced to 2, 4 and 8 splits, to fit the
+rule). H200 -run21: at M = 256, 4096 x 4096 ran 0.38-0.40x cuBLAS on the wgmma tile (64 blocks
+for 132 SMs), so the crossover wants measuring.
 
     python bench/mid_m_sweep.py
 """

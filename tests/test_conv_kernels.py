@@ -298,7 +298,8 @@ def test_forced_tiles_and_split_k(kernels, config, split_k):
     assert torch.equal(y.permute(0, 3, 1, 2).double(), reference(layer, x))
 
 
-@pytest.mark.parametrize("config,tile", [(WGMMA_TMA, "wgmma"), (DECODE_TMA, "decode"), (WGMMA_TMA_SPLIT, "K-split wgmma")])
+@pytest.mark.parametrize("config,tile", [(WGMMA_TMA, "wgmma"), (DECODE_TMA, "decode"),
+                                         (WGMMA_TMA_SPLIT, "K-split wgmma")])
 def test_tma_pipelines_are_refused_for_the_convolution(kernels, config, tile):
     # Its X is gathered from an NHWC image, which a 2D tensor map cannot describe.
     layer = make_layer(32, 20, 3, 1, 1, 1, torch.float16, integer=True)

@@ -37,12 +37,13 @@ struct LargeM {
 // Decode, M <= 16: memory bound on Wc. 8 warps of 16 (N) x 16 (M), four stages of two k-tiles each:
 // a stage reads 128-byte runs of 128 Wc rows (whole L2 lines; 64-byte runs were 2-14% slower), 88
 // KiB of shared memory in all (96 KiB for int8). Split-K over blocks fills the GPU when N alone
-// cannot (with WgmmaSplitK below, the tiles with kSplitK: gemm_sp.cuh compiles the split-K tail for them alone). Launch
-// bounds of two blocks per SM, what its shared memory allows on H100 / H200: 60-67 registers on
-// sm_90a, 58-68 on sm_80; without a stated minimum ptxas once held it to 64 and the convolution
-// spilled on sm_80. Chosen by a sweep on H200 (bench/results/2026-11-26-H200-run5/sweep.txt, config
-// 5): 3-7% faster than 4 warps x 64 rows, which beat 6 stages, 4 k-tiles per stage, 32-row blocks
-// and an L2 prefetch hint on the weight copies.
+// cannot (with WgmmaSplitK below, the tiles with kSplitK: gemm_sp.cuh compiles the split-K tail for
+// them alone). Launch bounds of two blocks per SM, what its shared memory allows on H100 / H200:
+// 60-67 registers on sm_90a, 58-68 on sm_80; without a stated minimum ptxas once held it to 64 and
+// the convolution spilled on sm_80. Chosen by a sweep on H200
+// (bench/results/2026-11-26-H200-run5/sweep.txt, config 5): 3-7% faster than 4 warps x 64 rows,
+// which beat 6 stages, 4 k-tiles per stage, 32-row blocks and an L2 prefetch hint on the weight
+// copies.
 struct Decode {
   static constexpr int kBlockN = 128, kBlockM = 16, kWarpsN = 8, kWarpsM = 1, kStages = 4, kKTilesPerStage = 2;
   static constexpr bool kSplitK = true;
