@@ -281,6 +281,9 @@ void bind_simt_selftest(py::module_& m) {
   });
   // Block order of every later emulator launch (emulator.h set_block_order): 0 = increasing.
   m.def("simt_set_block_order", &emu::set_block_order, py::arg("seed"));
+  // Relaxed 64-bit loads of every later emulator launch return the launch's first value at their
+  // address (emulator.h relaxed_load_u64): false = the current value.
+  m.def("simt_set_stale_relaxed_loads", &emu::set_stale_relaxed_loads, py::arg("stale"));
   m.def("simt_selftest_misuse", [](int which) {
     py::gil_scoped_release nogil;
     st::misuse(which);

@@ -583,6 +583,30 @@ def test_split_k_reduction_does_not_depend_on_block_order(shuffled_block_orders,
     assert torch.allclose(outputs[0].float(), torch.nn.functional.silu(dense), rtol=2e-2, atol=2e-2)
 
 
+@pytest.fixture
+def stale_relaxed_loads():
+    """Emulator launches whose relaxed 64-bit loads return the launch's first value at their
+    address (emulator.h relaxed_load_u64); current values again afterwards."""
+    _C.simt_set_stale_relaxed_loads(True)
+    yield
+    _C.simt_set_stale_relaxed_loads(False)
+
+
+@pytest.mark.parametrize("config,split_k", [(DECODE, 3), (DECODE, 16), (WGMMA_TMA_SPLIT, 3)])
+def test_split_k_arrivals_survive_stale_reads_of_their_counter(stale_relaxed_loads, config, split_k):
+    # Every block after the first reads its tile's counter as it was before the launch (random
+    # contents: KernelBackend), so its compare-and-swap fails against the claimed word and it must
+    # retry, find the launch's token and add: still exactly one last block per tile (the output
+    # equals the fresh-read run's, bit for bit) and every counter left zero.
+    kernels = KernelBackend("simt")
+    m, n, k = 5, 200, 1568
+    x, values, meta, bias = random_gemm_operands(kernels, m, n, k, torch.float16, 11 + split_k)
+    stale = kernels.gemm(x, values, meta, n, k, bias=bias, config=config, split_k=split_k)
+    _C.simt_set_stale_relaxed_loads(False)
+    fresh = kernels.gemm(x, values, meta, n, k, bias=bias, config=config, split_k=split_k)
+    assert not stale.isnan().any() and torch.equal(bit_view(stale), bit_view(fresh))
+
+
 def test_split_k_sums_its_splits_in_split_order(kernels):
     # Partial sums +2^24, +1 and -2^24 (one k-tile per split, each exact): in split order fp32 gives
     # (2^24 + 1) - 2^24 = 0, what one pass over K gives; any other order gives 1. Block-order tests

@@ -297,6 +297,7 @@ struct Launch {
   size_t first_live_read = 0;  // the wgmma_reads before it are all retired: checks start here
   std::vector<int> unfenced_writer;
   std::map<uint32_t, Mbarrier> mbarriers;  // by shared-memory offset
+  std::map<const uint64_t*, uint64_t> first_relaxed_loads;  // relaxed_load_u64: address -> value
   uint64_t barrier_generation = 0;         // __syncthreads released so far in this block
   Context scheduler;
   unsigned running = 0;
@@ -312,6 +313,7 @@ struct Launch {
 Launch* g_launch = nullptr;
 std::mutex g_launch_mutex;
 uint64_t g_block_order_seed = 0;  // set_block_order; read under g_launch_mutex
+bool g_stale_relaxed_loads = false;  // set_stale_relaxed_loads; read under g_launch_mutex
 StackPool g_stacks;
 
 Fiber& current() { return g_launch->fibers[g_launch->running]; }
@@ -639,6 +641,18 @@ void run_grid(const std::string& kernel_name, Dim3 grid, Dim3 block, size_t smem
 void set_block_order(uint64_t seed) {
   std::lock_guard<std::mutex> serialise(g_launch_mutex);
   g_block_order_seed = seed;
+}
+
+uint64_t relaxed_load_u64(const uint64_t* address) {
+  check_dependency_waited("ld.relaxed.gpu");
+  const uint64_t now = *address;
+  if (!g_stale_relaxed_loads) return now;
+  return g_launch->first_relaxed_loads.emplace(address, now).first->second;
+}
+
+void set_stale_relaxed_loads(bool stale) {
+  std::lock_guard<std::mutex> serialise(g_launch_mutex);
+  g_stale_relaxed_loads = stale;
 }
 
 char* shared_memory() { return g_launch->smem.get(); }

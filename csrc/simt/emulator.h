@@ -71,6 +71,15 @@ void run_grid(const std::string& kernel_name, Dim3 grid, Dim3 block, size_t smem
 // default); any other seed = a fixed pseudo-random permutation of the grid drawn from it.
 void set_block_order(uint64_t seed);
 
+// ld.relaxed.gpu of a 64-bit global word (warp_ops.cuh load_relaxed_gpu). Blocks run one after
+// another, so a plain read would always see the other blocks' atomics; on the hardware a relaxed
+// load with nothing ordering it may return an older value of the word. With stale loads on
+// (set_stale_relaxed_loads, for every later launch), each such load returns the value the launch
+// first read at that address, so that code after a stale read (a failed compare-and-swap and its
+// retry) runs here too.
+uint64_t relaxed_load_u64(const uint64_t* address);
+void set_stale_relaxed_loads(bool stale);
+
 // The kernel's name from the text of an sg_launch argument list ("gemm<Cfg>, grid, ..." -> "gemm<Cfg>").
 std::string kernel_name_from_launch_text(const char* launch_text);
 

@@ -647,15 +647,15 @@ SG_DEVICE T load_global_cg(const T* address) {
 // ---- ld.relaxed.gpu / st.relaxed.gpu (64-bit) -------------------------------------------------
 // A load and a store of a word other blocks update with atomics at the same time (PTX ISA ld / st
 // .relaxed .gpu): morally strong, so the memory model gives them a value rather than a data race;
-// neither orders anything else. The emulator runs blocks one after another: plain accesses there.
+// neither orders anything else. The emulator runs blocks one after another: a plain store, and a
+// load that returns an older value of the word when asked to (emulator.h relaxed_load_u64).
 SG_DEVICE uint64_t load_relaxed_gpu(const uint64_t* address) {
 #if defined(__CUDACC__)
   uint64_t value;
   asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];\n" : "=l"(value) : "l"(address) : "memory");
   return value;
 #else
-  emu::check_dependency_waited("ld.relaxed.gpu");
-  return *address;
+  return emu::relaxed_load_u64(address);
 #endif
 }
 
