@@ -7,8 +7,8 @@ split and at c1's best; and the compress / decompress kernels.
     python bench/decode_sweep.py
 
 Of the tiles that split K, the decode tile is the one for these M (config 6, the wgmma tile split,
-is bench/mid_m_sweep.py's); the candidates of bench/results/2026-11-26-H200-run5/sweep.txt were
-patched in by a script that predates that and is gone. bench/ab_sweep.sh runs this for two trees on one GPU.
+is bench/mid_m_sweep.py's). The other decode-tile candidates of
+bench/results/2026-11-26-H200-run5/sweep.txt were timed by a script that is gone. bench/ab_sweep.sh runs this for two trees on one GPU.
 """
 import argparse
 

@@ -296,7 +296,7 @@ void bind_simt_selftest(py::module_& m) {
 // integer) with device pointers and never synchronise. gemm's meta is the kernel layout that
 // *_reorder_meta writes; *_gemm_scratch(M, N, K, config, split_k) -> (workspace bytes, tile
 // counters) sizes the split-K workspace and the uint64 tile counter words (8-byte aligned, any
-// contents at launch, left zero: params.h GemmParams).
+// contents at launch: params.h GemmParams).
 template <typename Api>
 void bind_kernel_api(py::module_& m, const std::string& prefix) {
   m.def((prefix + "kernel_meta_bytes").c_str(), Api::kernel_meta_bytes);

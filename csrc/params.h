@@ -28,8 +28,9 @@ struct GemmParams {
   // CUDA/SIMT GEMM only, for split-K (csrc/cuda/kernels.h gemm_scratch; null where it asks for
   // none): workspace, partial sums of GemmScratch::workspace_bytes bytes; tile_counters,
   // GemmScratch::tile_counters 8-byte aligned uint64 words. Neither needs any contents at launch
-  // (a counter word carries its launch's token: gemm_sp.cuh arrived_last); the kernel leaves every
-  // counter zero. No other launch may use either while this one runs.
+  // (a counter word carries its launch's token: gemm_sp.cuh arrived_last); the kernel leaves zero
+  // every word its blocks arrive at (a grouped launch's blocks past their group's rows arrive at
+  // none). No other launch may use either while this one runs.
   void* workspace = nullptr;
   uint64_t* tile_counters = nullptr;
   // Tests and tuning only: -1 lets csrc/cuda/gemm_heuristics.h choose; otherwise a GemmConfig

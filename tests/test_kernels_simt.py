@@ -824,7 +824,7 @@ def test_split_k_wgmma_equals_the_decode_tile_at_the_same_split(kernels, dtype, 
 
 def test_split_k_wgmma_splits_to_fill_one_wave():
     # Unforced (split_k 0), config 6 takes as many splits as keep the tiles' blocks within one wave,
-    # each of at least 4 k-tiles, at most 16: the emulator plans for 4 SMs of 2 blocks.
+    # no more than k-tiles / 4, at most 16: the emulator plans for 4 SMs of 2 blocks.
     kernels = KernelBackend("simt")
     def splits(m, n, k):
         workspace, counters = kernels.gemm_scratch(m, n, k, WGMMA_TMA_SPLIT, 0)

@@ -250,8 +250,8 @@ inline GemmPlan plan_gemm(int64_t M, int64_t N, int64_t K, DecodeWave wave, int 
     splits = forced_split_k;
   } else if (plan.config == GemmConfig::large_m_wgmma_tma_split && k_tiles > 0) {
     // As many splits as keep every tile's blocks within one wave (wave.blocks_per_sm: the decode
-    // tile's, two on H100 / H200, as many as the wgmma tile's launch bound asks), each split at
-    // least kMinKTilesPerSplit k-tiles.
+    // tile's, two on H100 / H200, as many as the wgmma tile's launch bound asks), and no more than
+    // k-tiles / kMinKTilesPerSplit (the last split may hold fewer).
     using T = gemm_tiles::WgmmaSplitK;
     const int64_t tiles = (N + T::kBlockN - 1) / T::kBlockN * ((M + T::kBlockM - 1) / T::kBlockM) * busy_layers;
     const int64_t most = std::min<int64_t>(gemm_tiles::kMaxSplitK, k_tiles / gemm_tiles::kMinKTilesPerSplit);

@@ -300,7 +300,7 @@ struct GroupedRowMajorX {
   }
 };
 
-// The loader of the TMA pipelines (configs 3, 4, 5: the wgmma, decode and 256-row wgmma tiles with
+// The loader of the TMA pipelines (configs 3 to 6: the wgmma, decode, 256-row and K-split wgmma tiles with
 // their stages copied by the tensor memory accelerator, gemm_sp_kernel): X[M, K] as RowMajorX, but
 // no thread copies anything. Params
 // are the GEMM's and three tensor maps (kernels_dispatch.cuh tma_gemm_params), each box one
@@ -426,8 +426,8 @@ constexpr bool kMultiPassXCopies = true;
 
 // Split-K arrival: called by every thread of a block once its partial sums are stored; true in
 // the block that arrives last at `counter` out of `splits`.
-// The counter word (params.h GemmParams::tile_counters) holds this launch's `token` (a random
-// 56-bit value drawn per launch on the host, launch_gemm) in bits 8-63 and its arrivals so far in
+// The counter word (params.h GemmParams::tile_counters) holds this launch's `token` (56 bits, 55
+// of them random, drawn per launch on the host: kernels_dispatch.cuh next_split_token) in bits 8-63 and its arrivals so far in
 // bits 0-7; a word that holds another token counts as no arrivals. So it need not be zeroed before
 // the launch: a CUDA graph's per-call counters come from the graph's memory pool as they are,
 // without a fill node that replays before every split-K GEMM (about 3-4 us a call on an H200,
@@ -435,7 +435,7 @@ constexpr bool kMultiPassXCopies = true;
 // word (compare-and-swap, retried while other blocks claim or add first), the others add 1, and the
 // last one sets the word to 0 for the next launch: a replay of the same graph node, whose token is
 // the same, again finds no arrivals. A word holds this launch's token only once this launch wrote
-// it (a stale or foreign word matches a random 56-bit token with chance 2^-56). The first barrier
+// it (a stale or foreign word matches the token with chance 2^-55). The first barrier
 // orders every thread's stores before thread 0's read-modify-write, whose release publishes them at
 // GPU scope and whose acquire (in the last block) makes the other splits' partials visible (all of
 // them read-modify-writes of one word: a release sequence); the second barrier hands that on to the
@@ -527,7 +527,7 @@ SG_DEVICE decltype(auto) block_gemm(const typename XLoader::Params& params) {
 //    Policy::Out), w_scale[N] / x_scale[M] (scaled policies only), act: the activation, and when
 //    it splits K (Tile::kSplitK only) workspace: Policy::Acc [splits, M, N] partial sums (a
 //    grouped launch: [splits, x_rows, N]) and tile_counters: uint64 [gridDim.y][gridDim.x] (of
-//    each group), any contents at launch (arrived_last), zero at exit.
+//    each group), any contents at launch (arrived_last), zero at exit where blocks arrived.
 // k_tiles_per_split: k-tiles of each split (the last one may have fewer); split_token: this
 // launch's token for the tile counters (arrived_last), when it splits K.
 template <typename Policy, typename Tile, typename XLoader = RowMajorX<typename Policy::Operand>>

@@ -392,11 +392,11 @@ typename TmaRowMajorX<typename Policy::Operand>::Params tma_gemm_params(const Ge
   return params;
 }
 
-// A split-K launch's token for its tile counters (gemm_sp.cuh arrived_last): 56 random bits with
-// the top one set, so that no token is 0, the value a counter word is left at. splitmix64 over a
-// per-thread seed (the OS's entropy, the clock and the thread): one thread's tokens never repeat,
-// any other token matches with chance 2^-56. Drawn at each launch, so each call captured into a
-// CUDA graph keeps its own.
+// A split-K launch's token for its tile counters (gemm_sp.cuh arrived_last): 56 bits, the top one
+// set, so that no token is 0, the value a counter word is left at, and 55 random ones: splitmix64
+// over a per-thread seed (the OS's entropy, the clock and the thread), so two launches' tokens are
+// equal with chance 2^-55. Drawn at each launch, so each call captured into a CUDA graph keeps its
+// own.
 uint64_t next_split_token() {
   thread_local uint64_t state = [] {
     std::random_device entropy;
@@ -457,8 +457,8 @@ void launch_gemm(const typename XLoader::Params& params, const GemmPlan& plan, s
                       plan.split_k > 1 ? next_split_token() : uint64_t(0));
 }
 
-// The tile of plan.config, fed by its TMA pipeline (TmaRowMajorX) where the config asks for it (3,
-// 4, 5) or tma_pipeline_opt_in (SPARSEGEMM_TMA) takes it, and the GEMM's operands allow it.
+// The tile of plan.config, fed by its TMA pipeline (TmaRowMajorX) where the config asks for it (3
+// to 6) or tma_pipeline_opt_in (SPARSEGEMM_TMA) takes it, and the GEMM's operands allow it.
 template <typename Policy, typename XLoader = RowMajorX<typename Policy::Operand>>
 void launch_gemm_tile(const typename XLoader::Params& params, const GemmPlan& plan, sg_stream_t stream) {
   using Operand = typename Policy::Operand;
