@@ -8,7 +8,8 @@ split and at c1's best; and the compress / decompress kernels.
 
 Of the tiles that split K, the decode tile is the one for these M (config 6, the wgmma tile split,
 is bench/mid_m_sweep.py's). The other decode-tile candidates of
-bench/results/2026-11-26-H200-run5/sweep.txt were timed by a script that is gone. bench/ab_sweep.sh runs this for two trees on one GPU.
+bench/results/2026-11-26-H200-run5/sweep.txt were timed by a script that is gone.
+bench/ab_sweep.sh runs this for two trees on one GPU.
 """
 import argparse
 

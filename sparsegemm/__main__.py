@@ -139,9 +139,8 @@ def cmd_targets(args) -> int:
         print(targets.markdown_row(verdict), flush=True)
         write()
 
-    _, verdicts = targets.run(device, quick=args.quick, progress=not args.no_progress, on_environment=start,
-                              on_verdict=on_verdict)
-    print("\n" + targets.markdown_summary(verdicts))
+    targets.run(device, quick=args.quick, progress=not args.no_progress, on_environment=start, on_verdict=on_verdict)
+    print("\n" + targets.markdown_summary(judged))
     return 0
 
 

@@ -180,8 +180,7 @@ class KernelBackend:
         """_launch(op, *args[:-2], workspace, tile counters, *args[-2:]) with a poisoned workspace and
         counters of random contents (a counter word that does not carry the launch's token counts as
         no arrivals: gemm_sp.cuh arrived_last); checks that the kernel leaves the counters zero."""
-        if (config in (WGMMA, WGMMA_TMA, DECODE_TMA, WGMMA_TMA_WIDE, WGMMA_TMA_SPLIT) and self.name == "cuda" and
-                not _C.cuda_large_m_uses_wgmma()):
+        if config >= WGMMA and self.name == "cuda" and not _C.cuda_large_m_uses_wgmma():  # as plan_device_gemm
             pytest.skip(f"config {config} (the wgmma tile or a TMA pipeline) runs on compute capability 9.0 GPUs "
                         "with an sm_90a build")
         ws_bytes, counters = self.gemm_scratch(m, n, k, config, split_k, s8=s8)

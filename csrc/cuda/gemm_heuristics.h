@@ -133,6 +133,12 @@ constexpr bool splits_k(GemmConfig config) {
   return is_decode(config) || config == GemmConfig::large_m_wgmma_tma_split;
 }
 
+// Output tiles of `Tile` over Y[M, N].
+template <typename Tile>
+constexpr int64_t tile_count(int64_t M, int64_t N) {
+  return (M + Tile::kBlockM - 1) / Tile::kBlockM * ((N + Tile::kBlockN - 1) / Tile::kBlockN);
+}
+
 // What gemm() launches: the tile, the number of K splits (1: no workspace) and k-tiles per split.
 struct GemmPlan {
   GemmConfig config = GemmConfig::large_m;
@@ -252,13 +258,12 @@ inline GemmPlan plan_gemm(int64_t M, int64_t N, int64_t K, DecodeWave wave, int 
     // As many splits as keep every tile's blocks within one wave (wave.blocks_per_sm: the decode
     // tile's, two on H100 / H200, as many as the wgmma tile's launch bound asks), and no more than
     // k-tiles / kMinKTilesPerSplit (the last split may hold fewer).
-    using T = gemm_tiles::WgmmaSplitK;
-    const int64_t tiles = (N + T::kBlockN - 1) / T::kBlockN * ((M + T::kBlockM - 1) / T::kBlockM) * busy_layers;
+    const int64_t tiles = tile_count<gemm_tiles::WgmmaSplitK>(M, N) * busy_layers;
     const int64_t most = std::min<int64_t>(gemm_tiles::kMaxSplitK, k_tiles / gemm_tiles::kMinKTilesPerSplit);
     splits = std::max<int64_t>(1, std::min<int64_t>(most, int64_t(wave.sms) * wave.blocks_per_sm / tiles));
   } else if (is_decode(plan.config) && k_tiles > 0) {
     using T = gemm_tiles::Decode;
-    const int64_t blocks = (N + T::kBlockN - 1) / T::kBlockN * ((M + T::kBlockM - 1) / T::kBlockM) * busy_layers;
+    const int64_t blocks = tile_count<T>(M, N) * busy_layers;
     const int64_t most = std::min<int64_t>(gemm_tiles::kMaxSplitK, k_tiles / gemm_tiles::kMinKTilesPerSplit);
     const double paired = block_k == gemm_tiles::kBlockKS8 ? kPairedDecodeSpeedupS8 : kPairedDecodeSpeedup16;
     double best_cost = decode_split_cost(M, blocks, k_tiles, 1, wave, paired);
@@ -287,10 +292,6 @@ inline int64_t gemm_plan_workspace_bytes(const GemmPlan& plan, int64_t M, int64_
 // Split-K arrival counters: one uint64 word per output tile (M tiles x N tiles of the tile that
 // splits), 0 when the plan does not split. Any contents at launch (gemm_sp.cuh arrived_last), so
 // one buffer serves every launch that runs after it in order, and a fresh one needs no fill.
-template <typename Tile>
-int64_t tile_count(int64_t M, int64_t N) {
-  return (M + Tile::kBlockM - 1) / Tile::kBlockM * ((N + Tile::kBlockN - 1) / Tile::kBlockN);
-}
 inline int64_t gemm_plan_tile_counters(const GemmPlan& plan, int64_t M, int64_t N) {
   if (plan.split_k <= 1) return 0;
   return is_decode(plan.config) ? tile_count<gemm_tiles::Decode>(M, N) : tile_count<gemm_tiles::WgmmaSplitK>(M, N);
