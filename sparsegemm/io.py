@@ -1,7 +1,8 @@
 """Compact checkpoints: safetensors only (loading never executes code), validated on load.
 
 A checkpoint holds the model's state_dict as it is after :func:`sparsify` (compressed values,
-logical metadata and biases of converted layers; dense tensors of the rest) plus, in the
+logical metadata and biases of converted layers; dense tensors of the rest; not a convolution's
+``dense_shape``, which its module table entry records) plus, in the
 safetensors header, which modules were converted and how (and which state_dict keys are aliases
 of a stored tensor: a tied weight is stored once). :func:`load` takes the dense
 architecture (freshly built; its weights are irrelevant), converts the same modules, loads every
@@ -89,10 +90,17 @@ def save(model: nn.Module, path: Union[str, "os.PathLike"]) -> None:
 
     converted = {name: _describe(mod) for name, mod in model.named_modules()
                  if isinstance(mod, _CONVERTED)}
+    # A convolution's dense_shape buffer is its module table entry's geometry again, which load checks
+    # against the model and makes the buffer from: left out, the file is the one versions from before
+    # the buffer write and read.
+    from_table = {(f"{name}." if name else "") + "dense_shape" for name, spec in converted.items()
+                  if spec["kind"] in ("SparseConv1d", "SparseConv2d")}
     # A tied tensor (an LM head sharing the embedding) is one tensor under several state_dict keys:
     # stored once, its other keys listed in the header as aliases of the stored one.
     tensors, aliases, first_key = {}, {}, {}
     for key, value in model.state_dict().items():
+        if key in from_table:
+            continue
         identity = (value.device, value.data_ptr(), value.dtype, tuple(value.shape), value.stride())
         if value.numel() and identity in first_key:
             aliases[key] = first_key[identity]
@@ -358,6 +366,10 @@ def _load(path, model: nn.Module, device, copy_in_inference_mode: bool) -> nn.Mo
                            if all(child is not own for own in dense.children()))
             continue
         prefix = f"{name}." if name else ""
+        if isinstance(new, SparseConv2d) and prefix + "dense_shape" not in tensors:
+            # save leaves it out (and files from before the buffer have none): made from the module
+            # table's geometry, checked against the model above. One a file holds is validated below.
+            tensors[prefix + "dense_shape"] = new._dense_shape_tensor("cpu" if target is None else target)
         own = {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
         _check_tensors(path, new.state_dict(), own, prefix)
         new.load_state_dict(own, strict=False, assign=target is not None)  # a shell's layer may be on meta

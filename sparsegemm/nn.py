@@ -1101,12 +1101,69 @@ class SparseConv2d(_SparseWeight):
         # The taps the weight's K is laid out for ((ky, kx, cin) order): kernel_size may not change.
         self._weight_kernel = taps.kernel_size
         self._init_storage(out_channels, in_channels * kh * kw, dtype, device, bias)
+        # nn.Conv2d's weight shape, in the state dict: the compressed tensors give only N and K, which
+        # convolutions of other channels and kernels share (16 channels 3 x 3 and 144 channels 1 x 1
+        # are both K = 144), and a load checks it (_state_dict_weight_error, validate). int64: a
+        # dtype conversion leaves it alone, and safetensors stores it as any tensor.
+        self.register_buffer("dense_shape", self._dense_shape_tensor(device))
+
+    def _dense_weight_shape(self) -> tuple:
+        """The shape of the dense weight this layer stands for, nn.Conv2d's [Cout, Cin, kh, kw]."""
+        return (self.out_channels, self.in_channels, *self._weight_kernel)
+
+    def _dense_shape_tensor(self, device) -> Tensor:
+        return torch.tensor(self._dense_weight_shape(), dtype=torch.int64, device=device)
 
     def __setstate__(self, state) -> None:
         super().__setstate__(state)
         if "_weight_kernel" not in self.__dict__:  # a module pickled whole before it was kept
             size = tuple(self.kernel_size) if isinstance(self.kernel_size, (tuple, list)) else (self.kernel_size,) * 2
             self._weight_kernel = (1, size[0]) if len(size) == 1 else size  # SparseConv1d: its (k,) as (1, k)
+        if "dense_shape" not in self._buffers:  # likewise
+            self.register_buffer("dense_shape", self._dense_shape_tensor(self.values.device))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # A state dict from before the layer kept its dense weight shape has none, so nothing to check
+        # its geometry by: it loads as it did, strict or not, and the layer keeps its own shape (a
+        # real tensor, where the compressed weight is: an empty shell's own is on meta).
+        if prefix + "dense_shape" not in state_dict:
+            values = state_dict.get(prefix + "values")
+            device = values.device if isinstance(values, Tensor) else self.dense_shape.device
+            state_dict[prefix + "dense_shape"] = self._dense_shape_tensor(device)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def _state_dict_weight_error(self, state_dict, prefix: str) -> Optional[str]:
+        """Beside the compressed tensors' checks, the dense weight shape the state dict's layer had:
+        one of another geometry with the same N and K loaded silently, its K read in another (ky, kx,
+        cin) order (nn.Conv2d refuses it by its weight's shape). Not within sparsegemm.load, which
+        checks each layer's module table entry and validate()s its tensors itself."""
+        if _state_dict_validated.get() or torch.compiler.is_compiling():
+            return None
+        shape = state_dict.get(prefix + "dense_shape")
+        if type(shape) in ops._PLAIN_TENSORS and not shape.is_meta:
+            try:
+                self._check_dense_shape(f"the state dict's compressed weight for {_layer_label(prefix)}", shape)
+            except ValueError as exc:
+                return str(exc)
+        return super()._state_dict_weight_error(state_dict, prefix)
+
+    def _check_dense_shape(self, op: str, shape: Tensor) -> None:
+        """Refuse a ``dense_shape`` other than this layer's weight shape."""
+        want = list(self._dense_weight_shape())
+        got = shape.tolist() if shape.dim() == 1 else f"a tensor of shape {list(shape.shape)}"
+        if got != want:
+            names = "[Cout, Cin, k]" if len(want) == 3 else "[Cout, Cin, kh, kw]"
+            raise ValueError(f"{op}: dense_shape is {got}, the layer's {want} ({names}): the weight of a convolution "
+                             f"of another geometry, which nn.{self._dense_type.__name__} refuses too")
+
+    def validate(self, tensors: Optional[dict] = None) -> None:
+        """As :meth:`SparseLinear.validate`, and the ``dense_shape`` buffer against the layer's geometry."""
+        super().validate(tensors)
+        shape = self.dense_shape if tensors is None else tensors.get("dense_shape")
+        if shape is not None:  # a checkpoint from before the layer kept it has none
+            self._check_dense_shape(type(self).__name__, shape)
 
     def _kernel_taps(self) -> _ConvTaps:
         """The geometry as the kernels take it, from the public attributes at every call (an edit
@@ -1285,6 +1342,10 @@ class SparseConv1d(SparseConv2d):
         self.kernel_size, self.stride, self.padding, self.dilation = geometry  # nn.Conv1d's
 
     _dense_type = nn.Conv1d
+
+    def _dense_weight_shape(self) -> tuple:
+        """nn.Conv1d's weight shape [Cout, Cin, k]."""
+        return (self.out_channels, self.in_channels, self._weight_kernel[1])
 
     def _kernel_taps(self) -> _ConvTaps:
         single = torch.nn.modules.utils._single

@@ -952,6 +952,87 @@ def test_load_checks_a_convolutions_geometry(tmp_path):
             sparsegemm.load(bad, nn.Sequential(nn.Conv2d(16, 32, 3, padding=1, stride=2)))
 
 
+def test_load_state_dict_refuses_a_convolution_of_another_geometry():
+    # 16 channels of a 3 x 3 kernel and 144 of a 1 x 1 are both K = 144: the compressed tensors have
+    # one shape, and one layer loaded the other's weight silently, its K read in another (ky, kx,
+    # cin) order. nn.Conv2d refuses it by its weight's shape, strict or not, as load_state_dict does
+    # any size mismatch: so does the layer, by the dense shape its state dict holds.
+    torch.manual_seed(5)
+    saved = nn.Sequential(SparseConv2d.from_dense(nn.Conv2d(16, 8, 3), dtype=torch.float32))
+    state = saved.state_dict()
+    assert state["0.dense_shape"].tolist() == [8, 16, 3, 3] and state["0.dense_shape"].dtype == torch.int64
+    for other, want in ((SparseConv2d(144, 8, 1, dtype=torch.float32), r"\[8, 144, 1, 1\]"),
+                        (SparseConv2d(48, 8, (1, 3), dtype=torch.float32), r"\[8, 48, 1, 3\]")):
+        model = nn.Sequential(other)
+        assert all(state[key].shape == value.shape for key, value in model.state_dict().items())
+        kept = {key: value.clone() for key, value in model.state_dict().items()}
+        for strict in (True, False):
+            with pytest.raises(RuntimeError, match=r"the state dict's compressed weight for layer '0': dense_shape is "
+                                                   rf"\[8, 16, 3, 3\], the layer's {want} \(\[Cout, Cin, kh, kw\]\): "
+                                                   r"the weight of a convolution of another geometry, which nn.Conv2d "
+                                                   r"refuses too"):
+                model.load_state_dict(state, strict=strict)
+            assert all(torch.equal(value, kept[key]) for key, value in model.state_dict().items())
+    # The same K in the same (kx, cin) order, but nn.Conv1d's weight is no nn.Conv2d's.
+    one_d = sparsegemm.SparseConv1d.from_dense(nn.Conv1d(16, 8, 3), dtype=torch.float32)
+    with pytest.raises(RuntimeError, match=r"for the layer: dense_shape is \[8, 16, 3\], the layer's \[8, 16, 1, 3\] "
+                                           r"\(\[Cout, Cin, kh, kw\]\).* which nn.Conv2d refuses too"):
+        SparseConv2d(16, 8, (1, 3), dtype=torch.float32).load_state_dict(one_d.state_dict())
+    with pytest.raises(RuntimeError, match=r"dense_shape is \[8, 16, 1, 3\], the layer's \[8, 16, 3\] "
+                                           r"\(\[Cout, Cin, k\]\).* which nn.Conv1d refuses too"):
+        one_d.load_state_dict(SparseConv2d(16, 8, (1, 3), dtype=torch.float32).state_dict())
+    # The same geometry round-trips (stride, padding and dilation are no part of the weight, as on
+    # nn.Conv2d); a state dict from before the dense shape was kept loads, strict too, unchecked.
+    x = torch.randn(2, 16, 9, 9)
+    for loaded in (state, {key: value for key, value in state.items() if key != "0.dense_shape"}):
+        twin = nn.Sequential(SparseConv2d(16, 8, 3, dtype=torch.float32))
+        twin.load_state_dict(loaded, strict=True)
+        assert torch.equal(twin(x), saved(x)) and twin[0].dense_shape.tolist() == [8, 16, 3, 3]
+        with torch.device("meta"):
+            shell = nn.Sequential(SparseConv2d(16, 8, 3, dtype=torch.float32))
+        shell.load_state_dict(loaded, strict=True, assign=True)  # the buffer a real tensor, not the shell's
+        assert torch.equal(shell(x), saved(x)) and not shell[0].dense_shape.is_meta
+    strided = nn.Sequential(SparseConv2d(16, 8, 3, stride=2, padding=1, dtype=torch.float32))
+    strided.load_state_dict(state)
+    assert torch.equal(strided[0].dense_weight(), saved[0].dense_weight())
+
+
+def test_load_checks_a_convolutions_dense_shape(tmp_path):
+    # The module table records the geometry, which load checks against the model: a convolution of
+    # the same N and K but another geometry is refused there. The dense_shape buffer, the same
+    # geometry again, is left out of the file (which stays as versions before it wrote and read it)
+    # and made from the table on load; one a file does hold is checked against the table.
+    from safetensors.torch import load_file
+
+    torch.manual_seed(6)
+    build = lambda: nn.Sequential(nn.Conv2d(16, 8, 3), nn.ReLU(), nn.Conv1d(8, 16, 3))  # noqa: E731
+    model = build()
+    sparsegemm.sparsify(model, min_features=8)
+    path = tmp_path / "conv.safetensors"
+    sparsegemm.save(model, path)
+    assert set(load_file(str(path))) == set(model.state_dict()) - {"0.dense_shape", "2.dense_shape"}
+    for other in (nn.Conv2d(144, 8, 1), SparseConv2d(144, 8, 1)):
+        with pytest.raises(ValueError, match=r"module '0' was a Conv2d 16 -> 8 with kernel_size=\[3, 3\].* the model "
+                                             rf"has {type(other).__name__}\(144, 8"):
+            sparsegemm.load(path, nn.Sequential(other, nn.ReLU(), nn.Conv1d(8, 16, 3)))
+    x2, x1 = torch.randn(2, 16, 9, 9), torch.randn(2, 8, 7)
+    with sparsegemm.init_empty_weights():
+        shell = build()
+    for loaded in (sparsegemm.load(path, build()), sparsegemm.load(path, shell, device="cpu"),
+                   sparsegemm.load(path, model)):
+        assert torch.equal(loaded[0](x2), model[0](x2)) and torch.equal(loaded[2](x1), model[2](x1))
+        assert loaded[0].dense_shape.tolist() == [8, 16, 3, 3] and loaded[2].dense_shape.tolist() == [16, 8, 3]
+    held = tmp_path / "held.safetensors"
+    for shape, refused in (([8, 16, 3, 3], False), ([8, 144, 1, 1], True)):
+        _resave(path, held, lambda tensors: tensors.update({"0.dense_shape": torch.tensor(shape)}))
+        if refused:
+            with pytest.raises(ValueError, match=r"sparsegemm.load: module '0': SparseConv2d: dense_shape is "
+                                                 r"\[8, 144, 1, 1\], the layer's \[8, 16, 3, 3\]"):
+                sparsegemm.load(held, build())
+        else:
+            assert torch.equal(sparsegemm.load(held, build())[0](x2), model[0](x2))
+
+
 def test_a_layer_converted_to_an_unsupported_dtype_says_so():
     for layer, x in ((SparseLinear.from_dense(nn.Linear(16, 8)), torch.randn(2, 16)),
                      (SparseConv2d.from_dense(nn.Conv2d(8, 8, 3)), torch.randn(2, 8, 12, 12))):
@@ -1781,7 +1862,7 @@ print(tuple(got.shape), float((got.float() - want).abs().max() / want.abs().max(
     assert shape == "(64, 40, 5, 4" and float(error) < 2e-2
 
 
-def test_modules_pickled_before_float_dtype_and_the_kernel_were_kept_still_work():
+def test_modules_pickled_before_float_dtype_the_kernel_and_the_dense_shape_were_kept_still_work():
     import io
 
     layers = [SparseLinear.from_dense(nn.Linear(16, 16, bias=False), quantize="int8"),
@@ -1791,11 +1872,14 @@ def test_modules_pickled_before_float_dtype_and_the_kernel_were_kept_still_work(
         want = layer(x.to(layer.bias.dtype if layer.bias is not None else x.dtype))
         layer.__dict__.pop("float_dtype")
         layer.__dict__.pop("_weight_kernel", None)
+        shape = layer._buffers.pop("dense_shape", None)
         buffer = io.BytesIO()
         torch.save(layer, buffer)
         buffer.seek(0)
         loaded = torch.load(buffer, weights_only=False)  # .to() and forward raised AttributeError
         assert torch.equal(loaded.to("cpu")(x.to(want.dtype)), want)
+        if shape is not None:
+            assert torch.equal(loaded.dense_shape, shape)
 
 
 def test_a_weight_held_as_a_buffer_converts():
@@ -2031,7 +2115,8 @@ def test_module_type_casts_only_what_a_dtype_change_may():
     model.type(torch.float16)
     dtypes = {key: value.dtype for key, value in model.state_dict().items()}
     assert {key: dtype for key, dtype in dtypes.items() if not dtype.is_floating_point} == {
-        "0.metadata": torch.uint8, "1.values": torch.int8, "1.metadata": torch.uint8, "2.metadata": torch.uint8}
+        "0.metadata": torch.uint8, "1.values": torch.int8, "1.metadata": torch.uint8, "2.metadata": torch.uint8,
+        "2.dense_shape": torch.int64}
     assert dtypes["1.scale"] == torch.float32 and dtypes["0.values"] == dtypes["2.values"] == torch.float16
     assert torch.equal(model[:2](x.half()), want)
 
