@@ -67,6 +67,12 @@ _CUDA_BUILT = bool(_C.build_info()["cuda_built"])
 # torch's dense fp16 GEMM at M = 64-2048, fp32 0.92-1.6x at M = 96-2048 (K = 4096); avx2 kernels
 # against MKL / oneDNN held to AVX2: fp32 dense 1.25x at M = 80, 2x at 512; bf16 / fp16 gathering
 # 1.6-2x at M = 32-512.
+# Tried and dropped (2026-11-27): a bf16 kernel with lanes over 16 rows of X, a broadcast weight
+# pair and one VDPBF16PS per (W row, group) against X pairs packed per legal nibble, so nothing is
+# permuted. Each VDPBF16PS then loads 64 bytes of packed X that no other W row shares, and on the
+# VM's Zen 4 cores L2 -> L1 held it to 1.55e9 a second per core (2.3-2.5e9 in a microbenchmark with
+# everything in L2): 4096^2 at M = 512 in 38-48 ms against 40-42 ms for the dense tiles. Its fp32
+# form for fp16 / fp32 would be bound the same way, at the gathering kernel's 1.4e9 FMAs a second.
 CPU_DENSE_TILE_MIN_M = 80
 # Below this K even fp32 takes the tiles against the AVX-512 kernel, whose per-output reduction of
 # its 16 lanes weighs on a short dot product: MKL 1.4-2.3x at K = 64-256, 1.15x at 576, parity at

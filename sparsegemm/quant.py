@@ -16,8 +16,9 @@ and :func:`sparsegemm.oracle.linear_int8` agree on it):
 * GEMM: ``acc`` = the exact integer sum saturated to int32; then in fp32, one rounding per step
   and no FMA: ``y = ((float)acc * w_scale[n]) * x_scale[m]``, ``+ bias[n]``, the activation,
   one rounding to the output dtype (x's dtype). The GPU's tensor cores saturate as they go (each
-  mma's running sum, .satfinite), so the two agree unless a partial sum of one row leaves the
-  int32 range on its way to an in-range total: with |q| <= 127 that takes K beyond about 266k.
+  mma's running sum, .satfinite; with split-K each split's sum, which the last block adds up
+  exactly and saturates), so the two agree unless a partial sum of one row leaves the int32 range
+  on its way to an in-range total: with |q| <= 127 that takes K beyond about 266k.
 """
 from __future__ import annotations
 
