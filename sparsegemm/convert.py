@@ -15,6 +15,7 @@ from .attention import (_ATTENTION_WEIGHTS, SparseMultiheadAttention, SplitMulti
                         attention_skip_reason, turn_off_nested_fast_path)
 from .functional import mask_2to4
 from .io import check_outside_empty_weights, parameter_names
+from .ops import FLOAT_DTYPES
 from .prune import _layer_gemm_view
 from .nn import (SparseConv1d, SparseConv2d, SparseExperts, SparseGatedMLP, SparseLinear, conv_skip_reason,
                  experts_activation, gated_mlp_activation, gated_mlp_parts, is_conv1d, weight_skip_reason)
@@ -137,6 +138,10 @@ def sparsify(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
     """
     if quantize not in (None, "int8"):
         raise ValueError(f"sparsify: quantize must be None or 'int8', got {quantize!r}")
+    # Here, not at the first layer converted: a model whose layers are all skipped took any dtype.
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise ValueError(f"sparsify: dtype must be None or one of {', '.join(map(str, FLOAT_DTYPES))}, got "
+                         f"{dtype!r}")
     check_outside_empty_weights("sparsify")
     if torch.is_inference_mode_enabled():
         # The layers it makes are the model's from then on: made in inference mode they would hold
@@ -229,21 +234,33 @@ def _weight_reader(model: nn.Module, name: str, attributes: str = "weight") -> O
     """The class of a module holding layer ``name`` (its parent, or further up) whose forward reads
     the layer's ``.weight`` (T5's ``self.wo.weight.dtype``; ViT's
     ``self.embeddings.patch_embeddings.projection.weight.dtype``), else None. Told from the
-    forward's source by the layer's path below that module (attribute names only); ``attributes``,
+    forward's source by the layer's path below that module (attribute names and indices); ``attributes``,
     a regular expression, names what a converted layer lacks."""
     parts = name.split(".")
     for depth in range(len(parts) - 1, -1, -1):
         below = parts[depth:]
-        if not all(part.isidentifier() for part in below):
-            return None  # reached through a ModuleList / Sequential index from here up
+        if not all(part.isidentifier() or part.isdigit() for part in below):
+            return None  # reached through a ModuleDict key no attribute access spells, from here up
         holder = model.get_submodule(".".join(parts[:depth]))
         if type(holder).forward is nn.TransformerEncoderLayer.forward and (
                 below[0] == "self_attn" or isinstance(holder.self_attn, SplitMultiheadAttention)):
             continue  # it reads weights on its fast path only, which a split (or sparse) self_attn turns off
         source = _forward_source(type(holder))
-        if source and re.search(r"\b" + r"\.".join(map(re.escape, below)) + rf"\.(?:{attributes})\b", source):
+        if source and re.search(_access_pattern(below) + rf"\.(?:{attributes})\b", source):
             return type(holder).__name__
     return None
+
+
+def _access_pattern(path: list) -> str:
+    """A regular expression of the attribute accesses that reach a submodule by ``path`` from the
+    module whose forward is read: ``layers.0.fc`` as ``layers[0].fc``, ``0.fc`` as ``self[0].fc``."""
+    pattern = ""
+    for i, part in enumerate(path):
+        if part.isdigit():
+            pattern += (r"\bself" if i == 0 else "") + rf"\[\s*{part}\s*\]"
+        else:
+            pattern += (r"\." if i else r"\b") + re.escape(part)
+    return pattern
 
 
 @functools.lru_cache(maxsize=None)
@@ -416,15 +433,32 @@ def _held_elsewhere(module: nn.Module, prefix: str, holders: dict) -> list:
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> str:
-    """Puts ``new`` in the place of module ``name``, with its hooks (:func:`_move_hooks`) and its
-    train / eval mode (a layer made in an eval model would otherwise be the one in training mode);
-    returns the report's note on the hooks ("" when it had none)."""
+    """Puts ``new`` in the place of module ``name``, with its hooks (:func:`_move_hooks`), its
+    train / eval mode (a layer made in an eval model would otherwise be the one in training mode)
+    and what it left frozen (:func:`_keep_frozen`); returns the report's note on the hooks (""
+    when it had none)."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     old = model.get_submodule(name)
     note = _move_hooks(old, new)
+    _keep_frozen(old, new)
     setattr(parent, child, new.train(old.training))
     return note
+
+
+def _keep_frozen(old: nn.Module, new: nn.Module) -> None:
+    """Freeze what ``new`` makes of the parameters ``old`` held frozen (requires_grad False): all of
+    a module whose parameters all were (a frozen backbone stays frozen for fine-tuning), else a
+    layer's compressed values where its weight was and its bias where its bias was. Never the
+    reverse: an INT8 layer's values and bias stay frozen."""
+    params = list(old.parameters())
+    if params and not any(p.requires_grad for p in params):
+        new.requires_grad_(False)
+        return
+    for old_name, new_name in (("weight", "values"), ("bias", "bias")):
+        before, after = getattr(old, old_name, None), new._parameters.get(new_name)
+        if isinstance(before, torch.Tensor) and after is not None and not before.requires_grad:
+            after.requires_grad_(False)
 
 
 # The hooks a module calls around its forward and backward. A converted layer takes them over, as

@@ -312,7 +312,8 @@ def _load(path, model: nn.Module, device, copy_in_inference_mode: bool) -> nn.Mo
         raise ValueError(f"sparsegemm.load: {path} is not a sparsegemm checkpoint (format {header.get('format')!r})")
     try:
         converted = json.loads(header["converted"])
-    except (KeyError, json.JSONDecodeError) as exc:
+    # ValueError: JSON errors, and integers past Python's digit limit; RecursionError: deep nesting.
+    except (KeyError, ValueError, RecursionError) as exc:
         raise ValueError(f"sparsegemm.load: {path} has a corrupt module table ({exc})") from exc
     if not isinstance(converted, dict) or not all(isinstance(v, dict) for v in converted.values()):
         raise ValueError(f"sparsegemm.load: {path} has a corrupt module table (expected an object of objects)")
@@ -323,7 +324,7 @@ def _load(path, model: nn.Module, device, copy_in_inference_mode: bool) -> nn.Mo
         tensors = {key: value.to(target) for key, value in tensors.items()}
     try:
         aliases = json.loads(header.get("aliases", "{}"))
-    except json.JSONDecodeError as exc:
+    except (ValueError, RecursionError) as exc:
         raise ValueError(f"sparsegemm.load: {path} has a corrupt alias table ({exc})") from exc
     if not isinstance(aliases, dict):
         raise ValueError(f"sparsegemm.load: {path} has a corrupt alias table (expected an object)")

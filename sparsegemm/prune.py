@@ -141,7 +141,9 @@ def prunable_layers(model: nn.Module, filter_fn: Optional[Callable[[str, nn.Modu
     old form computes it from weight_g and weight_v in a hook: no mask can be attached to it),
     uninitialized lazy layers (:func:`sparsegemm.nn.weight_skip_reason`), layers whose weight is
     shared (tied: each holder would mask it its own way, and the masks compound; sparsify leaves
-    them dense too) and whatever ``filter_fn(name, module)`` rejects."""
+    them dense too), layers whose weight another parametrization computes (a new-style weight_norm,
+    orthogonal: the mask would be chosen on, and sparsegpt would correct, the tensor it starts from,
+    not the weight the layer multiplies by) and whatever ``filter_fn(name, module)`` rejects."""
     layers = []
     holders = _tensor_holders(model)
     for name, mod in model.named_modules():
@@ -151,6 +153,9 @@ def prunable_layers(model: nn.Module, filter_fn: Optional[Callable[[str, nn.Modu
         if not (isinstance(getattr(mod, "weight", None), nn.Parameter) or parametrize.is_parametrized(mod, "weight")):
             continue
         if weight_skip_reason(mod) is not None or any(len(holders[id(t)]) > 1 for t in _weight_tensors(mod)):
+            continue
+        if parametrize.is_parametrized(mod, "weight") and any(
+                not isinstance(p, Mask2to4) for p in mod.parametrizations.weight):
             continue
         if (isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d)) or is_conv1d(mod)) and (
                 filter_fn is None or filter_fn(name, mod)):
@@ -743,7 +748,8 @@ class GradualPruner:
 
     @property
     def done(self) -> bool:
-        """True once every layer is exactly 2:4."""
+        """True once the schedule has reached ``end_step``, whose update made every layer exactly
+        2:4 (the step count only: masks loaded or pruned some other way do not count)."""
         return self.step_count >= self.end_step
 
     def step(self) -> None:
@@ -767,6 +773,8 @@ class GradualPruner:
     def load_state_dict(self, state: dict) -> None:
         """Resume at the step count of :meth:`state_dict` (see the class's note on resuming)."""
         count = state.get("step_count") if isinstance(state, dict) else None
+        if isinstance(count, float) and count.is_integer():  # a whole float is a count, as in __init__
+            count = int(count)
         if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 0:
             raise ValueError(f"GradualPruner.load_state_dict: expected {{'step_count': a count >= 0}} (what "
                              f"state_dict() gives), got {state!r}")
@@ -777,11 +785,16 @@ class GradualPruner:
 # Channel permutation
 
 
-# Modules that act on each channel alone (elementwise, or per channel along the spatial dims), so
-# reordering the channels before them and undoing it after changes nothing.
-_CHANNELWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.ELU, nn.Hardswish,
-                nn.Mish, nn.Dropout, nn.Identity, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
-                nn.BatchNorm1d, nn.BatchNorm2d)
+# Modules that act on each channel alone, so reordering the channels before them and undoing it
+# after changes nothing, by producer type. Elementwise ones after either. Per channel along dim 1
+# (pooling and batch norm over the spatial dims): a Conv2d's channels; of a Linear's outputs (its
+# features along the last dim) only BatchNorm1d, whose [batch, features] input has them on dim 1
+# (2-D pooling or BatchNorm2d after a Linear mix or normalize across its features: max |diff| up
+# to 2.7 once permuted).
+_ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.ELU, nn.Hardswish,
+                nn.Mish, nn.Dropout, nn.Identity)
+_CHANNELWISE = {nn.Linear: _ELEMENTWISE + (nn.BatchNorm1d,),
+                nn.Conv2d: _ELEMENTWISE + (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.BatchNorm2d)}
 
 
 @dataclass(frozen=True)
@@ -825,11 +838,13 @@ class PermutationReport:
 def find_channel_pairs(model: nn.Module) -> list[ChannelPair]:
     """Producer/consumer pairs found inside every nn.Sequential of ``model``: a Linear followed by
     a Linear, or a Conv2d by a Conv2d, with only channel-wise modules (activations, dropout,
-    batch norm, pooling) between. Other wirings (residuals, concatenations) are not guessed: give
-    them to :func:`permute_channels` only if the producer feeds nothing else."""
+    batch norm, pooling after a Conv2d) between. Other wirings (residuals, concatenations, a
+    Sequential subclass with a forward of its own) are not guessed: give them to
+    :func:`permute_channels` only if the producer feeds nothing else."""
     pairs = []
     for seq_name, seq in model.named_modules():
-        if not isinstance(seq, nn.Sequential):
+        # A subclass's own forward may wire its children otherwise (a skip connection around them).
+        if not isinstance(seq, nn.Sequential) or type(seq).forward is not nn.Sequential.forward:
             continue
         prefix = f"{seq_name}." if seq_name else ""
         # Every entry, a module registered twice included (named_children drops the repeat: a shared
@@ -843,7 +858,7 @@ def find_channel_pairs(model: nn.Module) -> list[ChannelPair]:
                 if type(child) is type(producer):
                     pairs.append(ChannelPair(prefix + pname, prefix + cname, tuple(between)))
                     break
-                if not isinstance(child, _CHANNELWISE):
+                if not isinstance(child, _CHANNELWISE[type(producer)]):
                     break
                 between.append(prefix + cname)
     return pairs
@@ -957,8 +972,8 @@ def _pair_skip_reason(producer: nn.Module, consumer: nn.Module, between: list, s
     if consumer.weight.device.type == "meta" or not bool(torch.isfinite(consumer.weight).all()):
         return "the consumer's weight holds no finite values (NaN, inf, or on the meta device)"
     for mod in between:
-        if not isinstance(mod, _CHANNELWISE):
-            return f"{type(mod).__name__} between them is not channel-wise"
+        if not isinstance(mod, _CHANNELWISE[type(producer)]):
+            return f"{type(mod).__name__} between them is not channel-wise for a {type(producer).__name__}'s outputs"
     return ""
 
 

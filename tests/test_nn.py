@@ -680,6 +680,18 @@ def test_load_hardening_leaves_the_model_untouched_on_failure(tmp_path):
             sparsegemm.load(bad, fresh)
         assert isinstance(fresh[0], nn.Linear) and isinstance(fresh[2], nn.Linear), label
         assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items()), label
+    # JSON that the decoder itself refuses: nesting past its recursion limit, an integer past
+    # Python's digit limit (RecursionError and a bare ValueError, neither naming the file).
+    for label, key, text, table in (("deep table", "converted", "[" * 100000 + "]" * 100000, "module"),
+                                    ("deep aliases", "aliases", "[" * 100000 + "]" * 100000, "alias"),
+                                    ("long integer", "converted", '{"0": {"in_features": 1' + "0" * 5000 + "}}",
+                                     "module")):
+        bad = tmp_path / f"{label}.safetensors"
+        _resave(path, bad, None, {key: text})
+        fresh = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
+        with pytest.raises(ValueError, match=rf"sparsegemm.load: .*{label}.safetensors has a corrupt {table} table"):
+            sparsegemm.load(bad, fresh)
+        assert isinstance(fresh[0], nn.Linear), label
     truncated = tmp_path / "t.safetensors"
     truncated.write_bytes(path.read_bytes()[:100])
     from sparsegemm.io import describe
@@ -1372,6 +1384,50 @@ def test_sparsify_leaves_layers_whose_weight_a_forward_reads():
     assert isinstance(model.block.wi, SparseLinear)
     with torch.no_grad():
         model(x)
+
+
+class _ReadsIndexedWeight(nn.Module):
+    """A forward that reaches the layer through a ModuleList index: ``self.layers[0].weight``."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(64, 64), nn.Linear(64, 64)])
+
+    def forward(self, x):
+        return self.layers[1](self.layers[0](x.to(self.layers[0].weight.dtype)))
+
+
+def test_sparsify_sees_a_weight_read_through_an_index():
+    # The path held an index, and the search gave up: layers.0 was converted and the forward broke.
+    model = _ReadsIndexedWeight()
+    reasons = {row.name: row.reason for row in sparsegemm.sparsify(model, min_features=8, progress=False).layers}
+    assert "_ReadsIndexedWeight.forward reads its .weight" in reasons["layers.0"] and reasons["layers.1"] == ""
+    assert isinstance(model.layers[0], nn.Linear) and isinstance(model.layers[1], SparseLinear)
+    with torch.no_grad():
+        model(torch.randn(2, 64))
+
+
+def test_sparsify_keeps_frozen_parameters_frozen():
+    # Freeze-the-backbone fine-tuning: the converted layers came back trainable.
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 64))
+    model[0].requires_grad_(False)
+    model[1].weight.requires_grad_(False)  # the bias alone trains
+    sparsegemm.sparsify(model, min_features=8, progress=False)
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == {
+        "0.values": False, "0.bias": False, "1.values": False, "1.bias": True, "2.values": True, "2.bias": True}
+    frozen = nn.Sequential(nn.Linear(64, 64)).requires_grad_(False)
+    sparsegemm.sparsify(frozen, min_features=8, quantize="int8", progress=False)
+    assert not any(p.requires_grad for p in frozen.parameters())
+
+
+def test_sparsify_refuses_a_dtype_it_cannot_convert_to_up_front():
+    # Checked at the first converted layer only, so a model whose layers were all skipped took it.
+    for dtype in ("float16", torch.float64, torch.int8):
+        for model in (nn.Sequential(nn.Linear(64, 64)), nn.Sequential(nn.Linear(4, 4))):
+            with pytest.raises(ValueError, match=r"sparsify: dtype must be None or one of torch.float32, "
+                                                 r"torch.float16, torch.bfloat16, got"):
+                sparsegemm.sparsify(model, dtype=dtype, progress=False)
+            assert isinstance(model[0], nn.Linear)
 
 
 def test_sparsify_leaves_mlps_that_are_not_gated_products():
