@@ -683,10 +683,24 @@ def _gate_up_columns(z: Tensor) -> tuple[Tensor, Tensor]:
     return gate.T, up.T
 
 
+def _gelu_erfc(z: Tensor) -> Tensor:
+    """Exact GELU with 1 + erf(z / sqrt 2) as erfc(-z / sqrt 2), as the kernels and the oracle
+    compute it: torch's gelu cancels that sum below z = -4 (-0.0 from about -5.9 on, 100% off).
+    In float64: erfc multiplies the relative error of its argument by about z^2, so z / sqrt 2
+    rounded to fp32 put the fp32 result 1e-6 off at z = -6 (the kernels' fp32 epilogues keep that)."""
+    z64 = z.double()
+    return (0.5 * z64 * torch.special.erfc(z64 * -0.7071067811865476)).to(z.dtype)
+
+
+# What activate_torch computes: _TORCH_ACTIVATIONS (which also tells a model's activation by what it
+# computes, nn.py), but GELU in the form that keeps its negative tail.
+_ACTIVATIONS_COMPUTED = {**_TORCH_ACTIVATIONS, fmt.ACTIVATION_CODES["gelu"]: _gelu_erfc}
+
+
 def activate_torch(z: Tensor, activation: int) -> Tensor:
     """The activation of nonzero code ``activation`` on pre-activations z [M, N] with torch ops (a
     gated one pairs gate and up columns: [M, N / 2]); in z's dtype."""
-    act = _TORCH_ACTIVATIONS[activation & ~fmt.GATED_ACTIVATION]
+    act = _ACTIVATIONS_COMPUTED[activation & ~fmt.GATED_ACTIVATION]
     if not fmt.is_gated(activation):
         return act(z)
     gate, up = _gate_up_columns(z)

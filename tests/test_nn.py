@@ -1208,6 +1208,27 @@ def test_cpu_large_m_takes_dense_tiles_only_where_they_win(monkeypatch, isa, dty
         assert torch.equal(y, direct)
 
 
+@pytest.mark.parametrize("activation", ["gelu", "geglu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_dense_tiles_keep_gelus_negative_tail(monkeypatch, dtype, activation):
+    # torch's gelu computes 1 + erf(z / sqrt 2), which cancels below z = -4: the dense-tile path gave
+    # -0.0 at z = -6 where GELU is -5.9e-9 (the kernels and the oracle use erfc). Forced onto the
+    # tiles, whatever this CPU's routing (ops._cpu_dense_tiles_win).
+    monkeypatch.setattr(ops, "_cpu_dense_tiles_win", lambda *args: True)
+    w = torch.zeros(16, 4)
+    w[:, 0] = 1  # every row reads z from x's first column
+    if activation == "geglu":
+        w[8:] = torch.tensor([0.0, 1.0, 0.0, 0.0])  # the up rows (format.interleave_gate_up) read 1
+    sw = sparsegemm.compress(w.to(dtype), prune=True)
+    x = torch.zeros(ops.CPU_DENSE_TILE_MIN_M, 4)
+    x[:, 0] = torch.linspace(-12, -4, ops.CPU_DENSE_TILE_MIN_M)
+    x[:, 1] = 1
+    x = x.to(dtype)
+    y = sparsegemm.linear(x, sw, activation=activation)
+    assert bool((y < 0).all())
+    oracle.assert_close_to_oracle(y, x, sparsegemm.decompress(sw), None, activation)
+
+
 @pytest.mark.parametrize("tile_bytes", [None, 3000])
 def test_gate_up_layer_on_the_cpu_dense_tile_path(monkeypatch, tile_bytes):
     # M >= ops.CPU_DENSE_TILE_MIN_M takes the decompress-tiles + torch GEMM path: the pairing of gate
