@@ -121,6 +121,9 @@ def linear(x: Tensor, sw: SparseTensor24, bias: Optional[Tensor] = None, *, acti
 
         y = linear_int8(x, sw, bias, activation=activation, backend=backend)
     else:
+        if isinstance(x, tuple):  # what the INT8 GEMM takes, where "x must be a tensor" said too little
+            raise TypeError(f"sparsegemm.linear: x as (x_q, x_scale), pre-quantized activations, needs an int8 "
+                            f"weight (compress(w, prune=True, dtype=torch.int8)), got a {sw.dtype} one")
         y = linear_parts(x, sw.values, sw.meta, sw.shape, bias, activation=activation, backend=backend,
                          kernel_meta=sw.kernel_meta)
     return y if foreign is None else foreign.from_dlpack(y)

@@ -258,6 +258,7 @@ def linear_int8(x: Union[Tensor, tuple], sw: SparseTensor24, bias: Optional[Tens
         # reading them would cost a host sync per call, as for sw's values above.
         check_scale(op, "x_scale", x_scale, m, values=False)
         x_q = x_q.reshape(m, k)
+        given = {"x_q": x_q, "x_scale": x_scale}  # what the device check names: the caller's tensors
     else:
         if not isinstance(x, Tensor):
             raise TypeError(f"{op}: x must be a torch.Tensor or (x_q, x_scale), got {type(x).__name__}")
@@ -269,6 +270,7 @@ def linear_int8(x: Union[Tensor, tuple], sw: SparseTensor24, bias: Optional[Tens
         lead = x.shape[:-1]
         x2 = x if len(lead) == 1 else x.reshape(-1, k)
         m = x2.shape[0]
+        given = {"x": x2}
         if input_scale is None and backend != "cpu" and k % 4 == 0:
             x_q = x_scale = None  # dynamic on the kernels, K unpadded: quantized inside the fused op below
         elif input_scale is None:
@@ -285,12 +287,10 @@ def linear_int8(x: Union[Tensor, tuple], sw: SparseTensor24, bias: Optional[Tens
             raise ValueError(f"{op}: bias must have shape ({n},), got {tuple(bias.shape)}")
         bias = bias.to(out_dtype)
     kernel_meta = sw.kernel_meta(backend) if backend != "cpu" else None
+    ops.check_same_device(op, **given, **{"sw.values": sw.values, "sw.scale": sw.scale}, bias=bias)
     if x_q is None:
-        ops.check_same_device(op, x=x2, **{"sw.values": sw.values, "sw.scale": sw.scale}, bias=bias)
         y = ops.call(ops._linear_s8_dynamic, x2, sw.values, kernel_meta, sw.scale, bias, act, out_dtype, backend)
     else:
-        ops.check_same_device(op, x_q=x_q, x_scale=x_scale, **{"sw.values": sw.values, "sw.scale": sw.scale},
-                              bias=bias)
         y = ops.call(ops._linear_s8, x_q, x_scale, sw.values, sw.meta, kernel_meta, sw.scale, k, bias, act, out_dtype,
                      backend)
     return y if len(lead) == 1 else y.reshape(*lead, ops.out_features(n, act))

@@ -450,6 +450,14 @@ def test_int8_api_errors():
         quant.linear_int8((quant.quantize_activations(x)[0], torch.ones(2)), sw, out_dtype=torch.float16)
     with pytest.raises(TypeError, match="x_q must be an int8 tensor, got torch.float32"):
         quant.linear_int8((x, torch.ones(3)), sw, out_dtype=torch.float16)
+    # A pre-quantized pair for a float weight was "x must be a torch.Tensor, got tuple"; a float x
+    # with a bias elsewhere named the x_q / x_scale made of it, not the caller's x.
+    with pytest.raises(TypeError, match=r"sparsegemm.linear: x as \(x_q, x_scale\), pre-quantized activations, "
+                                        r"needs an int8 weight .*got a torch.float32 one"):
+        sparsegemm.linear(quant.quantize_activations(x), sparsegemm.compress(torch.randn(6, 16), prune=True))
+    with pytest.raises(ValueError, match=r"all tensors must be on one device, got x on cpu, sw.values on cpu, "
+                                         r"sw.scale on cpu, bias on meta"):
+        sparsegemm.linear(x, sw, torch.zeros(6, device="meta"))
     with pytest.raises(ValueError, match=r"bias must have shape \(6,\), got \(5,\)"):
         sparsegemm.linear(x, sw, torch.zeros(5))
     with pytest.raises(ValueError, match="activation must be one of"):
