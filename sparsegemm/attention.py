@@ -90,6 +90,10 @@ class SplitMultiheadAttention(nn.Module):
     """
 
     _qkv_same_embed_dim = False
+    # What nn.MultiheadAttention's users read: an attention with add_bias_kv or add_zero_attn is
+    # not converted (_check_convertible), so this one has neither.
+    bias_k = bias_v = None
+    add_zero_attn = False
     _layer_kinds = "an nn.Linear or a SparseLinear without a fused activation"  # what _takes takes
 
     def __init__(self, q_proj: nn.Module, k_proj: nn.Module, v_proj: nn.Module, out_proj: nn.Module,
@@ -178,6 +182,9 @@ class SplitMultiheadAttention(nn.Module):
         if key.shape[:2] != value.shape[:2]:
             raise ValueError(f"{op}: key and value must have the same batch and sequence sizes, got "
                              f"{tuple(key.shape)} and {tuple(value.shape)}")
+        if key.shape[0] != n:
+            raise ValueError(f"{op}: query and key must have the same batch size, got {n} and {key.shape[0]} "
+                             f"(batch_first={self.batch_first})")
         heads, head_dim = self.num_heads, self.head_dim
         q = self.q_proj(query).view(n, tgt_len, heads, head_dim).transpose(1, 2)
         k = self.k_proj(key).view(n, src_len, heads, head_dim).transpose(1, 2)
@@ -201,10 +208,14 @@ class SplitMultiheadAttention(nn.Module):
         else:
             out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask,
                                                              dropout_p=dropout, is_causal=causal)
-        out = self.out_proj(out.transpose(1, 2).reshape(n, tgt_len, self.embed_dim))
+        # out_proj on rows in [L, N, E] order, which torch's attention computes in: its output is then
+        # laid out as torch's, a contiguous [L, N, E] (batch_first: its transposed view), so .view()
+        # works on it as there and a dropout after it (TransformerEncoderLayer's) masks the same
+        # elements from the same random stream.
+        out = self.out_proj(out.permute(2, 0, 1, 3).reshape(tgt_len, n, self.embed_dim))
         if not batched:
-            out = out.squeeze(0)
-        elif not self.batch_first:
+            out = out.squeeze(1)
+        elif self.batch_first:
             out = out.transpose(0, 1)
         return out, weights
 

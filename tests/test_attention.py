@@ -58,6 +58,9 @@ def test_matches_torch_attention_with_the_pruned_weights(batch_first, kdim, bias
         got, got_weights = sparse(q, k, v, need_weights=need_weights, average_attn_weights=average, **kwargs)
         want, want_weights = twin(q, k, v, need_weights=need_weights, average_attn_weights=average, **kwargs)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        # Laid out as torch's ([L, N, E] rows; batch_first: its transposed view): .view() on the output
+        # failed with batch_first=False, and a dropout after it masked other elements.
+        assert got.stride() == want.stride()
         if need_weights:
             torch.testing.assert_close(got_weights, want_weights, rtol=1e-5, atol=1e-6)
         else:
@@ -105,6 +108,23 @@ def test_dropout_in_training_draws_as_torch_does_and_gradients_match():
         assert layer.values.grad is not None and bool(layer.values.grad.abs().sum() > 0)
 
 
+def test_an_encoder_layers_dropout_after_the_attention_draws_as_torch_does():
+    # TransformerEncoderLayer's dropout1 draws its mask in the attention output's memory order: with
+    # the output laid out otherwise than torch's, the same random stream masked other elements
+    # (outputs 0.44 apart in training).
+    torch.manual_seed(5)
+    for batch_first in (True, False):
+        layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.2, batch_first=batch_first)
+        dense = prune_dense_in_place(copy.deepcopy(layer)).train()
+        sparsegemm.sparsify(layer, min_features=8, progress=False)
+        assert isinstance(layer.self_attn, SparseMultiheadAttention)
+        x = torch.randn(3, 5, 32)
+        torch.manual_seed(6)
+        got = layer.train()(x)
+        torch.manual_seed(6)
+        torch.testing.assert_close(got, dense(x), rtol=1e-5, atol=1e-5)
+
+
 def test_errors_name_the_argument():
     mha = SparseMultiheadAttention.from_dense(nn.MultiheadAttention(32, 2))
     x = torch.randn(4, 2, 32)
@@ -118,6 +138,11 @@ def test_errors_name_the_argument():
         mha(x, x, x, attn_mask=torch.zeros(4, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="all be 3-D .* or 2-D"):
         mha(x[0, 0], x[0, 0], x[0, 0])
+    other_batch = torch.randn(7, 3, 32)  # [S, N, E]: three sequences where the query has two
+    with pytest.raises(ValueError, match=r"query and key must have the same batch size, got 2 and 3 "
+                                         r"\(batch_first=False\)"):
+        mha(x, other_batch, other_batch)
+    assert mha.bias_k is None and mha.bias_v is None and mha.add_zero_attn is False  # as torch's reads them
     with pytest.raises(ValueError, match="add_bias_kv=True"):
         SparseMultiheadAttention.from_dense(nn.MultiheadAttention(32, 2, add_bias_kv=True))
     with pytest.raises(ValueError, match="add_zero_attn=True"):
