@@ -1209,9 +1209,15 @@ class SparseConv2d(_SparseWeight):
         return mod
 
     def _forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 3 and x.shape[0] == self.in_channels:  # unbatched [C, H, W], as nn.Conv2d takes it
+            return self._forward(x.unsqueeze(0)).squeeze(0)
         if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"SparseConv2d: x must be [B, {self.in_channels}, H, W], got {tuple(x.shape)}")
+            raise ValueError(f"SparseConv2d: x must be [B, {self.in_channels}, H, W] or [{self.in_channels}, H, W], "
+                             f"got {tuple(x.shape)}")
         op = type(self).__name__
+        if x.shape[2] == 0 or x.shape[3] == 0:  # padding would make an output of the bias alone
+            raise ValueError(f"{op}: x has an empty spatial size {tuple(x.shape[2:])}: as nn.{self._dense_type.__name__}, "
+                             "only an empty batch is supported")
         backend = ops.resolve_backend(op, self.backend, x.device)
         if backend != "cpu":
             return self._implicit_gemm(x, backend)
@@ -1244,8 +1250,11 @@ class SparseConv2d(_SparseWeight):
         if ops.records_graph((x, self.values, self.bias)) or patches.is_contiguous() or b == 0:
             y = self._sparse_linear(patches.reshape(-1, k))
             return y.view(patches.shape[:3] + (self.out_channels,)).permute(0, 3, 1, 2)
+        # Not for one input channel: torch 2.13's CPU convolution read a [N, 1, kh, kw] weight's
+        # strides as the other memory format (both fit a size-1 dim) and gave wrong sums (off by 1.1
+        # to 1e29 in bf16 and fp32).
         if (b * ho * wo >= CPU_TORCH_CONV_MIN_M and self.out_channels * k * x.element_size() <= ops._CPU_TILE_BYTES
-                and _torch_conv_wins(x.dtype, k)):
+                and c > 1 and _torch_conv_wins(x.dtype, k)):
             # Large M in a dtype torch convolves natively: 2:4 saves no multiply-adds on a CPU, and
             # torch's convolution reads the input in place where the GEMM needs the patch gather. Its
             # weight is decompressed for this call into the reused dense-tile scratch (no page faults,
@@ -1256,7 +1265,12 @@ class SparseConv2d(_SparseWeight):
             ops.check_same_device(op, x=x, values=self.values)  # _check_operands takes no 4-D x
             ops._check_operands(op, "cpu", k, self.values, self.metadata, bias=self.bias)
             (_, matrix), = ops._decompressed_tiles(self.values.detach().contiguous(), self.metadata.contiguous(), k, 0)
-            weight = matrix.view(self.out_channels, kh, kw, c).permute(0, 3, 1, 2)
+            # In NCHW order, copied (a reused scratch as well): a channels_last weight (the tile's
+            # (ky, kx, cin) rows, permuted) made torch 2.13's CPU convolution segfault with large
+            # padding and stride over maps of a few pixels, and is no faster (oneDNN reorders either).
+            weight = ops._reused_buffer(("conv_weight", x.dtype), matrix.numel(), x.dtype, x.device)
+            weight = weight[:matrix.numel()].view(self.out_channels, c, kh, kw)
+            weight.copy_(matrix.view(self.out_channels, kh, kw, c).permute(0, 3, 1, 2))
             # Dilation along a one-tap side changes nothing, and torch 2.13's CPU convolution of a
             # channels_last input one pixel wide crashed on it (a segfault: a (3, 1) kernel, dilation
             # (2, 3), padding (1, 3)).
@@ -1356,6 +1370,8 @@ class SparseConv1d(SparseConv2d):
         if x.dim() not in (2, 3) or x.shape[-2] != self.in_channels:
             raise ValueError(f"SparseConv1d: x must be [B, {self.in_channels}, L] or [{self.in_channels}, L], got "
                              f"{tuple(x.shape)}")
+        if x.shape[-1] == 0:  # padding would make an output of the bias alone
+            raise ValueError("SparseConv1d: x has an empty length: as nn.Conv1d, only an empty batch is supported")
         (_, k), (_, s), (_, p), (_, d) = self._kernel_taps()
         length = ops.conv_output_size(x.shape[-1], k, s, p, d)
         if length <= 0:  # said here in 1-D terms, before the 2-D kernel would

@@ -144,6 +144,65 @@ def test_cpu_backend_large_m_takes_torchs_convolution_where_the_gemm_would_go_de
             layer(x.to(other))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_cpu_backend_torchs_convolution_on_one_input_channel(dtype):
+    # torch 2.13 read the [N, 1, kh, kw] weight's strides as the other memory format (both fit a
+    # size-1 dim): sums off by 1.1 here, by up to 1e29 elsewhere. One channel keeps the patch GEMM.
+    layer = make_layer(1, 1, (1, 2), (1, 2), 0, 1, dtype, integer=True, seed=31)
+    layer.backend = "cpu"
+    x = make_input(40, 1, (5, 3), dtype, integer=True, seed=32)  # M = 40 x 5 x 1 = 200
+    assert 200 >= CPU_TORCH_CONV_MIN_M
+    with torch.inference_mode():
+        assert torch.equal(layer(x).double(), reference(layer, x))
+
+
+def test_unbatched_input_and_empty_maps_as_torch_takes_them():
+    # nn.Conv2d takes an unbatched [C, H, W] input (SparseConv1d took its [C, L]); an empty H or W
+    # with padding gave an output of the bias alone where torch refuses it.
+    import sparsegemm
+
+    layer = make_layer(8, 4, 3, 1, 1, 1, torch.float32, integer=True, seed=33)
+    layer.backend = "cpu"
+    x = make_input(1, 8, (5, 6), torch.float32, integer=True, seed=34)
+    assert torch.equal(layer(x[0]), layer(x)[0]) and layer(x[0]).shape == (4, 5, 6)
+    with pytest.raises(ValueError, match=r"SparseConv2d: x has an empty spatial size \(0, 4\): as nn.Conv2d, "
+                                         r"only an empty batch is supported"):
+        layer(torch.zeros(1, 8, 0, 4))
+    assert layer(torch.zeros(0, 8, 5, 6)).shape == (0, 4, 5, 6)
+    one_d = sparsegemm.SparseConv1d.from_dense(torch.nn.Conv1d(8, 4, 3, padding=1))
+    with pytest.raises(ValueError, match="SparseConv1d: x has an empty length: as nn.Conv1d"):
+        one_d(torch.zeros(2, 8, 0))
+    with pytest.raises(ValueError, match=r"x must be \[B, 8, H, W\] or \[8, H, W\], got \(3, 5, 6\)"):
+        layer(torch.zeros(3, 5, 6))
+
+
+def test_cpu_backend_torchs_convolution_of_large_padding_over_one_pixel_runs():
+    # A channels_last weight (the decompressed (ky, kx, cin) rows, permuted) made torch 2.13's CPU
+    # convolution segfault here; it gets an NCHW copy. In a subprocess: a crash must fail this test,
+    # not end the run.
+    code = """if True:
+        import torch, sparsegemm
+        from torch.nn import functional as F
+        torch.manual_seed(0)
+        conv = torch.nn.Conv2d(8, 8, (1, 2), stride=(1, 5), padding=(0, 7), dilation=(1, 3))
+        layer = sparsegemm.SparseConv2d.from_dense(conv, dtype=torch.float32)
+        x = torch.randn(60, 8, 1, 1)
+        with torch.inference_mode():
+            y = layer(x)
+        ref = F.conv2d(x.double(), layer.dense_weight().double(), layer.bias.double(), (1, 5), (0, 7), (1, 3))
+        print(float((y.double() - ref).abs().max()))
+    """
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert float(result.stdout.strip()) < 1e-5
+
+
 @pytest.mark.parametrize("images_per_chunk", [1, 2, 5])
 def test_cpu_backend_chunks_of_whole_images(monkeypatch, images_per_chunk):
     # Inference chunks of whole images where one fits the scratch: 5 images in chunks of 2, 2, 1.
