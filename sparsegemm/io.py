@@ -30,7 +30,7 @@ from .format import ACTIVATIONS, GATED_ACTIVATIONS
 from .ops import check_conv_geometry
 from .nn import (SparseConv1d, SparseConv2d, SparseExperts, SparseGatedMLP, SparseLinear, _SparseWeight,
                  _conv1d_taps, conv_skip_reason, experts_activation, gated_mlp_activation, gated_mlp_parts, is_conv1d,
-                 state_dict_validated)
+                 numeric_padding, state_dict_validated)
 
 __all__ = ["save", "load", "describe", "init_empty_weights"]
 
@@ -69,9 +69,12 @@ _CONV_GEOMETRY = ("kernel_size", "stride", "padding", "dilation")
 
 def _geometry(conv: nn.Module) -> list:
     """A convolution's kernel_size, stride, padding and dilation as lists, an int (an edit torch's
-    convolutions take) as the one-element (1-D) or pair (2-D) tuple it stands for."""
+    convolutions take) as the one-element (1-D) or pair (2-D) tuple it stands for, a string
+    padding as the numbers it stands for (numeric_padding; one it cannot resolve stays a string)."""
     expand = _single if isinstance(conv, (nn.Conv1d, SparseConv1d)) else _pair
-    return [list(expand(getattr(conv, key))) for key in _CONV_GEOMETRY]
+    padding = numeric_padding(conv)
+    return [[conv.padding] if key == "padding" and padding is None else list(expand(
+        padding if key == "padding" else getattr(conv, key))) for key in _CONV_GEOMETRY]
 
 
 # Modules a checkpoint records with no tensors of their own (their layers are entries of their own),

@@ -1202,7 +1202,7 @@ class SparseConv2d(_SparseWeight):
             raise ValueError(f"{op}: {reason}")
         w = conv.weight.detach()
         dtype = dtype or w.dtype
-        mod = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+        mod = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, numeric_padding(conv), conv.dilation,
                   conv.bias is not None, dtype=dtype, device=w.device, backend=backend)
         matrix = w.movedim(1, -1).reshape(conv.out_channels, -1).to(dtype)  # (ky, kx, cin) order; 1-D: (kx, cin)
         mod._load_compressed(compress(matrix, prune=prune), conv.bias)
@@ -1447,6 +1447,21 @@ def conv_skip_reason(conv: nn.Module) -> Optional[str]:
                 "too few for 2:4 along K to pay off and unsupported by the kernels")
     if conv.padding_mode != "zeros":
         return f"padding_mode={conv.padding_mode!r} is not supported (zeros only)"
-    if isinstance(conv.padding, str):
-        return f"padding={conv.padding!r} (string padding) is not supported"
+    if numeric_padding(conv) is None:
+        return (f"padding={conv.padding!r} with an even dilated kernel (kernel_size={tuple(conv.kernel_size)}, "
+                f"dilation={tuple(conv.dilation)}) is not supported: torch pads its extra row / column on one side "
+                "alone, SparseConv2d pads both sides alike")
     return None
+
+
+def numeric_padding(conv: nn.Module) -> Optional[tuple]:
+    """A convolution's padding as numbers, one per spatial dim: a string padding resolved as torch
+    does, "valid" as zeros and "same" (stride 1) as dilation * (kernel - 1) / 2 on each side; None
+    where that is not whole (an even dilated kernel, which torch pads one more on the far side)."""
+    padding = conv.padding
+    if not isinstance(padding, str):
+        return padding
+    if padding == "valid":
+        return (0,) * len(conv.kernel_size)
+    total = [d * (k - 1) for k, d in zip(conv.kernel_size, conv.dilation)]
+    return None if any(t % 2 for t in total) else tuple(t // 2 for t in total)

@@ -1045,6 +1045,32 @@ def test_load_checks_a_convolutions_dense_shape(tmp_path):
             assert torch.equal(sparsegemm.load(held, build())[0](x2), model[0](x2))
 
 
+def test_string_padding_converts_where_it_is_symmetric(tmp_path):
+    # padding="same" / "valid" convolutions were all left dense. "valid" is zeros and "same" (stride
+    # 1) dilation * (kernel - 1) / 2 a side, but for an even dilated kernel, which torch pads one
+    # more on the far side: that one stays dense, with the reason.
+    def build():
+        torch.manual_seed(8)
+        return nn.Sequential(nn.Conv2d(8, 16, 3, padding="same"), nn.ReLU(),
+                             nn.Conv2d(16, 16, (3, 5), padding="same", dilation=(2, 1)),
+                             nn.Conv2d(16, 8, 2, padding="same"), nn.Conv2d(8, 8, 3, padding="valid"),
+                             nn.Flatten(2), nn.Conv1d(8, 8, 5, padding="same", dilation=2))
+
+    model, dense = build(), build()
+    report = sparsegemm.sparsify(model, min_features=8, progress=False)
+    assert {row.name: row.converted for row in report.layers} == {
+        "0": True, "2": True, "3": False, "4": True, "6": True}
+    assert "padding='same' with an even dilated kernel (kernel_size=(2, 2), dilation=(1, 1))" in report.layers[2].reason
+    with torch.no_grad():
+        for name in ("0", "2", "4", "6"):
+            dense.get_submodule(name).weight.copy_(model.get_submodule(name).dense_weight())
+        x = torch.randn(2, 8, 9, 10)
+        torch.testing.assert_close(model(x), dense(x), rtol=1e-5, atol=1e-5)
+        path = tmp_path / "same.safetensors"
+        sparsegemm.save(model, path)
+        assert torch.equal(sparsegemm.load(path, build())(x), model(x))
+
+
 def test_a_layer_converted_to_an_unsupported_dtype_says_so():
     for layer, x in ((SparseLinear.from_dense(nn.Linear(16, 8)), torch.randn(2, 16)),
                      (SparseConv2d.from_dense(nn.Conv2d(8, 8, 3)), torch.randn(2, 8, 12, 12))):
