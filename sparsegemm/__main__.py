@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 
@@ -68,9 +69,11 @@ def _refusal(command: str, device: str, outputs: tuple) -> str:
     if device == "cuda" and not (torch.cuda.is_available() and cuda_built):
         return (f"sparsegemm {command}: --device cuda, but this machine has no usable CUDA device (torch sees "
                 f"{torch.cuda.device_count()} GPUs; sparsegemm built with CUDA: {cuda_built})")
-    for path in filter(None, outputs):
+    for path in (path for path in outputs if path is not None):
         folder = os.path.dirname(os.path.abspath(path))
-        if os.path.isdir(path):
+        if not path:  # the run would measure and then write nothing
+            why = "is empty"
+        elif os.path.isdir(path):
             why = "is a directory"
         elif os.path.exists(path):  # overwritten in place (a file, /dev/stdout): its own permission counts
             why = "" if os.access(path, os.W_OK) else "is not writable"
@@ -94,6 +97,8 @@ def cmd_bench(args) -> int:
                    "float16, bfloat16 and int8)")
     else:
         refusal = _refusal("bench", device, (args.json, args.csv, args.plot))
+    if not refusal and args.plot and importlib.util.find_spec("matplotlib") is None:
+        refusal = "sparsegemm bench: --plot needs matplotlib, which is not installed (pip install matplotlib)"
     if not refusal and args.shapes:
         try:
             bench.select_shapes(args.shapes)
@@ -157,9 +162,24 @@ def cmd_report(args) -> int:
 
 
 def _positive(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:  # argparse would name this function ("invalid _positive value")
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+# The demo's largest N = K: its fp32 weight draw is then 1 GiB (a larger one failed with a traceback
+# from the allocator, or an overflow).
+_DEMO_MAX_SIZE = 16384
+
+
+def _demo_size(text: str) -> int:
+    value = _positive(text)
+    if value > _DEMO_MAX_SIZE:
+        raise argparse.ArgumentTypeError(f"must be at most {_DEMO_MAX_SIZE}, got {value}")
     return value
 
 
@@ -168,7 +188,8 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="print what was built and what this machine offers").set_defaults(fn=cmd_info)
     demo = sub.add_parser("demo", help="prune, compress, run a layer: sizes, error vs oracle, speed vs dense")
-    demo.add_argument("--size", type=_positive, default=4096, help="N = K of the demo weight (default 4096)")
+    demo.add_argument("--size", type=_demo_size, default=4096,
+                      help=f"N = K of the demo weight (default 4096, at most {_DEMO_MAX_SIZE})")
     demo.add_argument("--tokens", type=_positive, nargs="+", default=[1, 16, 512],
                       help="M values to run (default 1 16 512)")
     demo.add_argument("--repeats", type=_positive, default=20, help="timed calls per measurement (default 20)")

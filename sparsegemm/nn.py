@@ -243,8 +243,8 @@ class _SparseWeight(nn.Module):
 
     def _state_dict_weight_error(self, state_dict, prefix: str) -> Optional[str]:
         """What is wrong with the compressed weight a state dict brings, or None: illegal metadata
-        nibbles, int8 values of -128, zero or NaN scales, int8 values for a float layer or float
-        ones for an INT8 layer (which torch would cast). Loaded silently, such a weight gave results
+        nibbles, int8 values of -128, zero or NaN scales (a static layer's input_scale too), int8
+        values for a float layer or float ones for an INT8 layer (which torch would cast). Loaded silently, such a weight gave results
         made of whatever the nibbles select (on a GPU: undefined). Each tensor is checked by itself,
         where it is a real tensor of the layer's own tensor's size: other sizes are torch's to report,
         and meta, fake and distributed tensors have no data to read here."""
@@ -260,6 +260,9 @@ class _SparseWeight(nn.Module):
             return t if usable else None
 
         values, meta, scale = given("values"), given("metadata"), given("scale") if int8 else None
+        # A static layer's activation scale: the kernels read it on the device as it is (no host
+        # read per call), so a zero, NaN or inf one loaded here gave NaN / inf outputs there.
+        input_scale = given("input_scale") if int8 else None
         op = f"the state dict's compressed weight for {_layer_label(prefix)}"
         try:
             if values is not None and (values.dtype == torch.int8) != int8:
@@ -268,10 +271,12 @@ class _SparseWeight(nn.Module):
                                     "an INT8 layer loads int8 values"))
             if values is not None and int8:
                 check_int8_values(op, values)
-            if scale is not None:
-                from .quant import check_scale
+            from .quant import check_scale
 
+            if scale is not None:
                 check_scale(op, "scale", scale, self.weight_shape[0])
+            if input_scale is not None:
+                check_scale(op, "input_scale", input_scale.reshape(1), 1)
             if meta is not None and meta.dtype == torch.uint8:
                 check_metadata(op, meta, self.weight_shape[1])
         except ValueError as exc:

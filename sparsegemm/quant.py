@@ -324,6 +324,9 @@ class Int8Calibrator:
         unknown = sorted((wanted or set()) - {name for name, _ in model.named_modules()})
         if unknown:  # a typo; names of other modules are left out, as the int8 filter leaves them
             raise ValueError(f"Int8Calibrator: modules {unknown[:5]} are not modules of the model")
+        if not self.layers and wanted is not None:
+            raise ValueError(f"Int8Calibrator: modules {sorted(wanted)[:5]} name no int8 SparseLinear layer of the "
+                             "model")
         if not self.layers:
             raise ValueError("Int8Calibrator: the model has no int8 SparseLinear layers "
                              "(convert with sparsify(..., quantize='int8') first)")
@@ -348,9 +351,14 @@ class Int8Calibrator:
         self.amax[name] = max(self.amax.get(name, 0.0), amax)
 
     def __enter__(self) -> "Int8Calibrator":
+        if self._hooks:  # the inner block's exit would remove the outer one's hooks: it stopped recording
+            raise RuntimeError("Int8Calibrator: already recording (a `with` block of this calibrator is open); "
+                               "run every batch inside that one block")
         for name, mod in self.layers.items():
+            # With kwargs: a forward called as layer(input=x) passes no positional argument.
             self._hooks.append(mod.register_forward_pre_hook(
-                lambda _mod, args, name=name: self._observe(name, args[0])))
+                lambda _mod, args, kwargs, name=name: self._observe(name, args[0] if args else kwargs["input"]),
+                with_kwargs=True))
         return self
 
     def __exit__(self, *exc) -> None:

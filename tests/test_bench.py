@@ -138,6 +138,7 @@ def test_conv_rows_compare_sparse_conv2d_with_the_dense_convolution():
     (["targets", "--json", "/nonexistent-folder/t.json"],
      "sparsegemm targets: output '/nonexistent-folder/t.json' cannot be written"),
     (["bench", "--shapes", "bogus"], "sparsegemm bench: unknown shape(s) ['bogus']; known: ["),
+    (["bench", "--quick", "--json", ""], "sparsegemm bench: output '' is empty"),  # measured, wrote nothing
 ])
 def test_the_cli_refuses_a_run_it_could_not_finish_before_measuring(argv, message, tmp_path, capsys, monkeypatch):
     # A path it could not write ended a whole benchmark run in a traceback; an unknown shape in one.
@@ -157,13 +158,34 @@ def test_the_cli_refuses_cuda_where_there_is_none(command, capsys):
     assert f"sparsegemm {command}: --device cuda, but this machine has no usable CUDA device" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("m", ["0", "-1"])
+@pytest.mark.parametrize("m", ["0", "-1", "abc"])
 def test_bench_takes_only_positive_m(m, capsys):
     from sparsegemm.__main__ import main
 
     with pytest.raises(SystemExit) as exit_info:  # M = 0 printed meaningless rows, -1 a traceback
         main(["bench", "--m", m])
     assert exit_info.value.code == 2 and "--m: must be a positive integer" in capsys.readouterr().err
+
+
+def test_the_demo_refuses_a_size_it_cannot_allocate(capsys):
+    from sparsegemm.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:  # was the allocator's traceback
+        main(["demo", "--size", "100000"])
+    assert exit_info.value.code == 2 and "--size: must be at most 16384, got 100000" in capsys.readouterr().err
+
+
+def test_the_cli_refuses_a_plot_without_matplotlib(monkeypatch, capsys):
+    # Said after the whole run, on stdout, with exit code 0.
+    import importlib.util
+
+    from sparsegemm.__main__ import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    monkeypatch.setattr(bench, "run", lambda *args, **kwargs: pytest.fail("measured before refusing"))
+    assert main(["bench", "--quick", "--plot", "speedup.png"]) == 2
+    assert "sparsegemm bench: --plot needs matplotlib, which is not installed" in capsys.readouterr().err
 
 
 def test_the_cli_writes_over_an_existing_file_it_may_write(tmp_path, monkeypatch, capsys):

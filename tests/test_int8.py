@@ -323,6 +323,47 @@ def test_linear_int8_empty_batch():
     assert y.shape == (0, 8) and y.dtype == torch.bfloat16
 
 
+class _KeywordCall(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 64)
+
+    def forward(self, x):
+        return self.fc(input=x)
+
+
+def test_calibrator_records_keyword_calls_and_refuses_reentry():
+    # A layer called as fc(input=x) broke the calibrator's hook (IndexError); entering a calibrator
+    # inside its own block let the inner exit remove the outer block's hooks (scales too small).
+    torch.manual_seed(5)
+    model = _KeywordCall()
+    sparsegemm.sparsify(model, quantize="int8", min_features=1, progress=False)
+    cal = quant.Int8Calibrator(model)
+    with cal, torch.no_grad():
+        model(torch.full((2, 64), 3.0))
+        with pytest.raises(RuntimeError, match="Int8Calibrator: already recording"):
+            with cal:
+                pass
+        model(torch.full((2, 64), -5.0))  # still recorded after the refused re-entry
+    assert cal.amax == {"fc": 5.0}
+    with cal, torch.no_grad():  # a second block, after the first closed, adds to the record
+        model(torch.full((2, 64), 7.0))
+    assert cal.amax == {"fc": 7.0}
+
+
+def test_load_state_dict_refuses_a_bad_static_input_scale():
+    # Loaded as is, a static layer's input scale reaches the kernels unread (no host read per call).
+    model = nn.Sequential(nn.Linear(64, 64))
+    sparsegemm.sparsify(model, quantize="int8", min_features=1, progress=False)
+    model[0].set_input_scale(0.1)
+    state = model.state_dict()
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        state["0.input_scale"] = torch.tensor(bad)
+        with pytest.raises(RuntimeError, match="input_scale must be finite and positive"):
+            model.load_state_dict(state)
+        assert float(model[0].input_scale) == pytest.approx(0.1)
+
+
 def test_static_mode_and_calibrator():
     gen = torch.Generator().manual_seed(4)
     model = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 64))
@@ -472,6 +513,8 @@ def test_int8_api_errors():
     layer = sparsegemm.SparseLinear.from_dense(nn.Linear(16, 8), quantize="int8")
     with pytest.raises(ValueError, match="Int8Calibrator: no batch reached layers"):
         quant.Int8Calibrator(nn.Sequential(layer)).scales()
+    with pytest.raises(ValueError, match=r"Int8Calibrator: modules \['1'\] name no int8 SparseLinear layer"):
+        quant.Int8Calibrator(nn.Sequential(layer, nn.ReLU()), modules=["1"])  # int8 layers, just not that one
     with pytest.raises(ValueError, match="set_input_scale: scale must be finite and positive, got 0.0"):
         layer.set_input_scale(0.0)
     with pytest.raises(ValueError, match="quantize must be None or 'int8', got 'int4'"):
