@@ -571,7 +571,7 @@ def _describe_file(safe_open, path) -> str:
         n = spec.get("out_features", spec.get("out_channels"))
         if spec.get("activation") in GATED_ACTIVATIONS:
             n *= 2  # the weight holds a gate and an up row per output
-        k = spec.get("in_features") or spec["in_channels"] * math.prod(spec["kernel_size"])
+        k = spec["in_features"] if "in_features" in spec else spec["in_channels"] * math.prod(spec["kernel_size"])
         item = getattr(torch, spec["dtype"]).itemsize  # int8 layers: vs the dense weight in the float dtype
         meta_bytes = nbytes.get(prefix + "metadata", nbytes.get(prefix + "meta"))  # "meta" in older files
         stored = nbytes[prefix + "values"] + meta_bytes + nbytes.get(prefix + "scale", 0)
@@ -579,11 +579,15 @@ def _describe_file(safe_open, path) -> str:
         total_dense += dense
         total_stored += stored
         share = f"{stored / dense:>7.1%}" if dense else f"{'-':>7s}"  # a zero-size layer
-        rows.append((name, spec["kind"], f"{n} x {k}", dense, stored, share))
+        # The values' type: the float dtype, or int8 with per-token (dynamic) or calibrated activations.
+        values = (f"int8 {'static' if spec.get('static_input') else 'dynamic'}" if spec.get("quantize") == "int8"
+                  else spec["dtype"])
+        rows.append((name, spec["kind"], values, f"{n} x {k}", dense, stored, share))
     width = max([40] + [len(row[0]) for row in rows])  # whole names: layers differ by their ends
-    lines = [f"{'module':{width}s} {'kind':13s} {'N x K':>13s} {'dense':>12s} {'stored':>12s} {'ratio':>7s}"]
-    lines += [f"{name:{width}s} {kind:13s} {shape:>13s} {dense:>12,} {stored:>12,} {share}"
-              for name, kind, shape, dense, stored, share in rows]
+    lines = [f"{'module':{width}s} {'kind':13s} {'values':12s} {'N x K':>13s} {'dense':>12s} {'stored':>12s} "
+             f"{'ratio':>7s}"]
+    lines += [f"{name:{width}s} {kind:13s} {values:12s} {shape:>13s} {dense:>12,} {stored:>12,} {share}"
+              for name, kind, values, shape, dense, stored, share in rows]
     other = sum(nbytes.values()) - total_stored
     lines.append(f"converted weights: {total_dense:,} -> {total_stored:,} bytes "
                  f"({total_stored / max(total_dense, 1):.1%}); other tensors {other:,} bytes")
