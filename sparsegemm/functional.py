@@ -66,10 +66,7 @@ def compress(w: Tensor, *, prune: bool = False, backend: Optional[str] = None,
 
         return quantize_weight(w, prune=prune, backend=backend)
     backend = ops.resolve_backend(op, backend, w.device)
-    if backend != "cpu":
-        ops.check_dtype(op, "w", w, ops.KERNEL_DTYPES)
-        ops.check_32bit(op, **{"w.numel()": w.numel()})
-    values, meta = ops._compress(w.detach(), prune, backend)
+    values, meta = ops._compress(w.detach(), prune, backend)  # which checks w's dtype and size
     return SparseTensor24(values, ops.versioned(meta), tuple(w.shape), validate=False)
 
 

@@ -541,7 +541,9 @@ class SparseLinear(_SparseWeight):
                 or not x.is_contiguous()
                 or (torch.is_grad_enabled() and (x.requires_grad or plan.values.requires_grad
                                                  or (plan.bias is not None and plan.bias.requires_grad)))
-                or (plan.device_index >= 0 and plan.device_index != torch.cuda.current_device())):
+                or (plan.device_index >= 0 and plan.device_index != torch.cuda.current_device())
+                # A bias-less INT8 layer computes in autocast's dtype there (forward), not in x's.
+                or (plan.bias is None and self.quantize == "int8" and torch.is_autocast_enabled(x.device.type))):
             return None
         m = x.numel() // k
         if m == 0:
@@ -951,7 +953,10 @@ class SparseExperts(nn.Module):
                                               kernel_meta, biases, [layer.scale for layer in layers] if int8 else None,
                                               k, code))
         gate_up, down = operands
-        if down.activation != 0 or self.gate_up[0].weight_shape[0] // 2 != down.k or (
+        # The gate/up launch writes out_features columns into a hidden buffer of down's K: a layer built
+        # by hand whose gate/up is not gated (N = 2 I, K = I below) wrote past it.
+        if down.activation != 0 or not fmt.is_gated(gate_up.activation) or (
+                ops.out_features(self.gate_up[0].weight_shape[0], gate_up.activation) != down.k) or (
                 self.down[0].weight_shape[0] != hidden_states.shape[-1]):
             return None
         return backend, gate_up, down

@@ -266,6 +266,17 @@ def check_same_device(op: str, **tensors: Optional[Tensor]) -> Optional[torch.de
     return device
 
 
+def _check_backend(op: str, backend: str, device: torch.device) -> None:
+    """An op's backend against its tensors' device: the functional API resolves it, but called as
+    torch.ops.sparsegemm.* it is whatever was passed, and a mismatch handed the C++ side pointers of
+    another device (a segfault, or an illegal address that poisons the CUDA context)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+    if (device.type == "cuda") != (backend == "cuda"):
+        raise ValueError(f"{op}: the {backend} backend runs on {'CUDA' if backend == 'cuda' else 'CPU'} tensors, got "
+                         f"tensors on {device}")
+
+
 def resolve_backend(op: str, backend: Optional[str], device: torch.device) -> str:
     """The backend that runs ``op`` on tensors of ``device``: None picks by device."""
     if backend is None:
@@ -319,7 +330,7 @@ def _mask_2to4(w: Tensor) -> Tensor:
         _sync_threads()
         _C.cpu_mask_2to4(fmt.DTYPE_CODES[w.dtype], w.data_ptr(), n, k, w.stride(0), mask.data_ptr())
         return mask.view(torch.bool)
-    if w.dtype in KERNEL_DTYPES:
+    if w.device.type == "cuda" and _CUDA_BUILT and w.dtype in KERNEL_DTYPES and w.numel() <= _INT32_MAX:
         # On the GPU the mask is read off the compress kernel's metadata: one selection rule, one kernel.
         _, meta = _compress(w, True, "cuda")
         return meta_to_mask(meta, k)
@@ -390,9 +401,10 @@ def _non_24_message(op: str, w: Tensor, flat: int) -> str:
 @_on_tensor_device
 def _compress(w: Tensor, prune: bool, backend: str) -> tuple[Tensor, Tensor]:
     op = "sparsegemm.compress"
-    if backend not in BACKENDS:
-        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+    _check_backend(op, backend, w.device)
     check_dtype(op, "w", w, FLOAT_DTYPES if backend == "cpu" else KERNEL_DTYPES)
+    if backend != "cpu":  # the kernels index in 32 bits
+        check_32bit(op, **{"w.numel()": w.numel()})
     if w.dim() != 2:
         raise ValueError(f"{op}: w must be 2-D [N, K], got shape {tuple(w.shape)}")
     n, k = w.shape
@@ -918,16 +930,19 @@ def _grouped_linear(x: Tensor, row_offsets: Tensor, values: list[Tensor], meta: 
     _check_operands(f"{op} (group 0)", backend, k, first[0], first[1], first[2], s8=s8,
                     values_dtype=torch.int8 if s8 else x.dtype, bias=first[3], bias_dtype=x.dtype, w_scale=first[4],
                     x=x)
+    check_same_device(op, x=x, row_offsets=row_offsets)  # the kernels read the offsets on the device
+    if s8 and backend != "cpu" and k % 4:  # the kernels' metadata is laid out for the padded K
+        raise ValueError(f"{op}: the INT8 kernels take K a multiple of 4, got {k}")
     for name, items, like in zip(("values", "meta", "kernel_meta", "bias", "scale"),
                                  (values, meta, kernel_meta, bias, scale), first):
         if name == ("kernel_meta" if backend == "cpu" else "meta"):
             continue  # not read by this backend's GEMM (the kernels read the reordered copies)
         for g, t in enumerate(items):
-            if t.shape != like.shape or t.dtype != like.dtype or (name == "kernel_meta" and (
-                    t.data_ptr() % 16 or not t.is_contiguous())):
-                raise ValueError(f"{op}: {name}[{g}] must match {name}[0] ({like.dtype} {tuple(like.shape)}"
-                                 f"{', contiguous, 16-byte aligned' if name == 'kernel_meta' else ''}), got "
-                                 f"{t.dtype} {tuple(t.shape)}")
+            if t.shape != like.shape or t.dtype != like.dtype or t.device != like.device or (
+                    name == "kernel_meta" and (t.data_ptr() % 16 or not t.is_contiguous())):
+                raise ValueError(f"{op}: {name}[{g}] must match {name}[0] ({like.dtype} {tuple(like.shape)} on "
+                                 f"{like.device}{', contiguous, 16-byte aligned' if name == 'kernel_meta' else ''}), "
+                                 f"got {t.dtype} {tuple(t.shape)} on {t.device}")
     m, n = x.shape[0], values[0].shape[0]
     y = x.new_zeros((m, out_features(n, activation)))
     if backend != "cuda":
@@ -1159,6 +1174,9 @@ def _conv2d(x: Tensor, values: Tensor, meta: Tensor, kernel_meta: Tensor, kernel
     kernel reads x where it lies; the only allocation is the output (split-K scratch is reused).
     """
     op = "sparsegemm.conv2d"
+    if backend == "cpu":  # the CPU backend convolves in SparseConv2d (patch GEMM or torch's convolution)
+        raise ValueError(f"{op}: runs the cuda or simt kernels, got backend 'cpu'")
+    check_same_device(op, x=x, values=values)
     if x.dim() != 4 or len(kernel_size) != 2:
         raise ValueError(f"{op}: x must be NHWC [B, H, W, Cin] and kernel_size two ints, got {tuple(x.shape)}, "
                          f"{kernel_size}")
@@ -1253,6 +1271,7 @@ def require_int8_kernels(op: str, backend: str) -> None:
 @_on_tensor_device
 def _quantize_rows(x: Tensor, backend: str) -> tuple[Tensor, Tensor]:
     """Dynamic per-token INT8: (x_q int8 [M, K] contiguous, x_scale float32 [M]) of x [M, K]."""
+    _check_backend("sparsegemm.quantize_rows", backend, x.device)
     m, k = x.shape
     x_q = torch.empty((m, k), dtype=torch.int8, device=x.device)
     x_scale = torch.empty((m,), dtype=torch.float32, device=x.device)

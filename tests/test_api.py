@@ -290,6 +290,21 @@ def test_the_raw_ops_refuse_what_their_kernels_cannot_take():
     sw = _weight_16x32()
     with pytest.raises(ValueError, match=r"the cuda backend runs on CUDA tensors, got tensors on cpu"):
         torch.ops.sparsegemm.decompress(sw.values, sw.meta, 32, "cuda")
+    # Host pointers handed to the CUDA kernels (or the reverse): compress, quantize_rows and conv2d
+    # took the backend they were given; grouped_linear read offsets from any device.
+    with pytest.raises(ValueError, match=r"sparsegemm.compress: the cuda backend runs on CUDA tensors, got tensors "
+                                         r"on cpu"):
+        torch.ops.sparsegemm.compress(w.half(), True, "cuda")
+    x = torch.randn(3, 32, dtype=torch.float16)
+    for backend, why in (("cuda", "the cuda backend runs on CUDA tensors"), ("tpu", "backend must be one of")):
+        with pytest.raises(ValueError, match=f"sparsegemm.quantize_rows: {why}"):
+            torch.ops.sparsegemm.quantize_rows(x, backend)
+    with pytest.raises(ValueError, match="sparsegemm.conv2d: runs the cuda or simt kernels, got backend 'cpu'"):
+        torch.ops.sparsegemm.conv2d(torch.randn(1, 4, 4, 16, dtype=torch.float16), sw.values, sw.meta, sw.meta,
+                                    [1, 2], [1, 1], [0, 0], [1, 1], None, 0, "cpu")
+    with pytest.raises(ValueError, match=r"all tensors must be on one device, got x on cpu, row_offsets on meta"):
+        torch.ops.sparsegemm.grouped_linear(x, torch.tensor([0, 3], device="meta"), [sw.values], [sw.meta], [], 32,
+                                            [], [], 0, 3, "cpu")
 
 
 def test_a_scale_beside_float_values_is_refused():

@@ -8,7 +8,7 @@ from torch import nn
 
 import sparsegemm
 from sparsegemm import oracle
-from sparsegemm.nn import SparseExperts, experts_activation
+from sparsegemm.nn import SparseExperts, SparseLinear, experts_activation
 
 
 class Experts(nn.Module):
@@ -110,6 +110,22 @@ def test_sparse_experts_match_the_dense_mixture_on_the_pruned_weights(backend):
     rows = x[:5].to(gate_up.values.dtype)
     with torch.no_grad():
         oracle.assert_close_to_oracle(gate_up(rows), rows, gate_up.dense_weight(), None, "swiglu")
+
+
+def test_hand_built_experts_without_a_gated_gate_up_never_take_the_grouped_launch():
+    # Only gate/up N // 2 == down K was checked: a relu gate/up of N = 2 I wrote its 2 I columns
+    # into the grouped path's [T, I] hidden buffer (past its end on the last row). Now the
+    # per-expert path runs it, which refuses the shapes as any chain of layers would.
+    torch.manual_seed(2)
+    gate_up = [SparseLinear.from_dense(nn.Linear(64, 32, bias=False), dtype=torch.float16, activation="relu",
+                                       backend="simt") for _ in range(2)]
+    down = [SparseLinear.from_dense(nn.Linear(16, 64, bias=False), dtype=torch.float16, backend="simt")
+            for _ in range(2)]
+    experts = SparseExperts(gate_up, down)
+    x, index, weights = routing(tokens=3, experts=2)
+    assert experts._grouped_operands(x.half()) is None
+    with pytest.raises(ValueError, match="K = 16 features"):
+        experts(x.half(), index, weights.half())
 
 
 def test_int8_experts_stay_close_to_the_fp32_2to4_mixture():

@@ -267,6 +267,19 @@ def test_autocast_computes_in_the_layers_own_dtype(layer_kind):
     assert torch.equal(y, layer(x.to(compute_dtype)))
 
 
+def test_autocast_int8_layer_without_bias_on_the_eager_kernel_path():
+    # The eager kernel path (SIMT here, CUDA on a GPU) computed in x's dtype where forward computes
+    # a bias-less INT8 layer in autocast's: fp16 out of one, bf16 out of the other.
+    torch.manual_seed(22)
+    layer = SparseLinear.from_dense(nn.Linear(64, 32, bias=False), quantize="int8", backend="simt")
+    x = torch.randn(3, 64).half()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        first, again = layer(x), layer(x)  # the second call on the eager plan the first one made
+    assert first.dtype == again.dtype == torch.bfloat16 and torch.equal(first, again)
+    with torch.no_grad():
+        assert torch.equal(first, layer(x.bfloat16()))
+
+
 def test_autocast_training_step_reaches_float32_inputs():
     torch.manual_seed(22)
     model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 16))
