@@ -176,7 +176,7 @@ def test_unbatched_input_and_empty_maps_as_torch_takes_them():
         layer(torch.zeros(3, 5, 6))
 
 
-def test_cpu_backend_torchs_convolution_of_large_padding_over_one_pixel_runs():
+def test_cpu_backend_torchs_convolution_of_large_padding_over_one_pixel_runs(tmp_path):
     # A channels_last weight (the decompressed (ky, kx, cin) rows, permuted) made torch 2.13's CPU
     # convolution segfault here; it gets an NCHW copy. In a subprocess: a crash must fail this test,
     # not end the run.
@@ -196,9 +196,14 @@ def test_cpu_backend_torchs_convolution_of_large_padding_over_one_pixel_runs():
     import subprocess
     import sys
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    import sparsegemm
+
+    # The package these tests import (an installed one in CI, whose source tree has no _C), from a
+    # folder that is not the source tree (-c puts the working folder first on the path).
+    root = os.path.dirname(os.path.dirname(os.path.abspath(sparsegemm.__file__)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                            cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert float(result.stdout.strip()) < 1e-5
 
