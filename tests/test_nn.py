@@ -1268,6 +1268,21 @@ def test_cpu_dense_tiles_keep_gelus_negative_tail(monkeypatch, dtype, activation
     oracle.assert_close_to_oracle(y, x, sparsegemm.decompress(sw), None, activation)
 
 
+@pytest.mark.parametrize("dtype, backend", [(torch.float32, "cpu"), (torch.bfloat16, "cpu"), (torch.bfloat16, "simt")])
+def test_silu_keeps_its_negative_tail(dtype, backend):
+    # v / (1 + exp(-v)) overflowed exp below v = -88.7: -0.0 where silu is -1.98e-37 at -89, a normal
+    # fp32 and bf16 number (the kernels' epilogues, CPU and CUDA, through the emulator here).
+    w = torch.zeros(4, 4)
+    w[:, 0] = 1
+    sw = sparsegemm.compress(w.to(dtype), prune=True)
+    x = torch.zeros(3, 4)
+    x[:, 0] = torch.tensor([-89.0, -95.0, -60.0])
+    x = x.to(dtype)
+    y = sparsegemm.linear(x, sw, activation="silu", backend=backend)
+    assert bool((y[:, 0] < 0).all())
+    oracle.assert_close_to_oracle(y, x, sparsegemm.decompress(sw), None, "silu")
+
+
 @pytest.mark.parametrize("tile_bytes", [None, 3000])
 def test_gate_up_layer_on_the_cpu_dense_tile_path(monkeypatch, tile_bytes):
     # M >= ops.CPU_DENSE_TILE_MIN_M takes the decompress-tiles + torch GEMM path: the pairing of gate

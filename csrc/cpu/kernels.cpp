@@ -782,7 +782,13 @@ inline float activate(float v, Activation act) {
     case Activation::relu: return v < 0.0f ? 0.0f : v;  // NaN passes through, as in torch
     // 1 + erf(z) as erfc(-z): the sum cancels below v = -4 (57% off at -5.5, -0 from -6 on).
     case Activation::gelu: return 0.5f * v * std::erfc(v * -0.70710678118654752440f);
-    case Activation::silu: return v / (1.0f + std::exp(-v));
+    // v sigmoid(v) with exp of a negative argument only: exp(-v) overflowed below v = -88.7, giving
+    // -0 where silu is still a normal fp32 / bf16 number (-1.98e-37 at -89).
+    case Activation::silu: {
+      if (v >= 0.0f) return v / (1.0f + std::exp(-v));
+      const float e = std::exp(v);
+      return v * e / (1.0f + e);
+    }
     default: return v;
   }
 }
