@@ -13,7 +13,8 @@
 # one device command may run): each step gets its own limit or what is left, whichever is less, a
 # step with less left than it needs (STEP_NEEDS, 20 s by default) is skipped, and steps.txt says
 # how each step ended (ok, FAILED with its exit status, OVER its limit, INTERRUPTED by a signal to
-# the suite) and how long it took. When under 600 s are left for the benchmark it runs --quick unless BENCH_ARGS says otherwise.
+# the suite) and how long it took. When under 600 s are left for the benchmark it runs --quick
+# unless BENCH_ARGS says otherwise.
 # Knobs: SUITE_BUDGET, BENCH_ARGS, PYTEST_WORKERS (default: half the cores), TEST_THREADS (2),
 # TESTS_TIMEOUT / BENCH_TIMEOUT / SANITIZER_TIMEOUT /
 # TARGETS_TIMEOUT / SWEEP_TIMEOUT / NCU_TIMEOUT (seconds, per step).
@@ -48,7 +49,8 @@ status=0
 BUDGET=${SUITE_BUDGET:-480}
 : > "$OUT/steps.txt"
 bench/gpu_build.sh "$ROOT" "${BUILD_DIR:-/tmp/sparsegemm_gpu_build}" "$OUT/build.log"
-"$PY" bench/gpu_env.py "$OUT/env.json" 2> "$OUT/env.log" || { echo "env: FAILED (see env.log)" >> "$OUT/steps.txt"; status=1; }
+"$PY" bench/gpu_env.py "$OUT/env.json" 2> "$OUT/env.log" ||
+  { echo "env: FAILED (see env.log)" >> "$OUT/steps.txt"; status=1; }
 # Seconds a step needs at least to leave anything behind (default 20): skipped with less left.
 declare -A STEP_NEEDS=([targets]=60 [sanitizer_racecheck]=40 [bench]=90)
 # run_step NAME LIMIT OUTFILE CMD...: CMD (stdout and stderr appended to OUTFILE) under the lesser of

@@ -244,8 +244,9 @@ class _SparseWeight(nn.Module):
     def _state_dict_weight_error(self, state_dict, prefix: str) -> Optional[str]:
         """What is wrong with the compressed weight a state dict brings, or None: illegal metadata
         nibbles, int8 values of -128, zero or NaN scales (a static layer's input_scale too), int8
-        values for a float layer or float ones for an INT8 layer (which torch would cast). Loaded silently, such a weight gave results
-        made of whatever the nibbles select (on a GPU: undefined). Each tensor is checked by itself,
+        values for a float layer or float ones for an INT8 layer (which torch would cast). Loaded
+        silently, such a weight gave results made of whatever the nibbles select (on a GPU:
+        undefined). Each tensor is checked by itself,
         where it is a real tensor of the layer's own tensor's size: other sizes are torch's to report,
         and meta, fake and distributed tensors have no data to read here."""
         if _state_dict_validated.get() or torch.compiler.is_compiling():
@@ -1212,8 +1213,8 @@ class SparseConv2d(_SparseWeight):
             raise ValueError(f"{op}: {reason}")
         w = conv.weight.detach()
         dtype = dtype or w.dtype
-        mod = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, numeric_padding(conv), conv.dilation,
-                  conv.bias is not None, dtype=dtype, device=w.device, backend=backend)
+        mod = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, numeric_padding(conv),
+                  conv.dilation, conv.bias is not None, dtype=dtype, device=w.device, backend=backend)
         matrix = w.movedim(1, -1).reshape(conv.out_channels, -1).to(dtype)  # (ky, kx, cin) order; 1-D: (kx, cin)
         mod._load_compressed(compress(matrix, prune=prune), conv.bias)
         return mod
@@ -1226,8 +1227,8 @@ class SparseConv2d(_SparseWeight):
                              f"got {tuple(x.shape)}")
         op = type(self).__name__
         if x.shape[2] == 0 or x.shape[3] == 0:  # padding would make an output of the bias alone
-            raise ValueError(f"{op}: x has an empty spatial size {tuple(x.shape[2:])}: as nn.{self._dense_type.__name__}, "
-                             "only an empty batch is supported")
+            raise ValueError(f"{op}: x has an empty spatial size {tuple(x.shape[2:])}: as "
+                             f"nn.{self._dense_type.__name__}, only an empty batch is supported")
         backend = ops.resolve_backend(op, self.backend, x.device)
         if backend != "cpu":
             return self._implicit_gemm(x, backend)
