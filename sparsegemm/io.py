@@ -70,11 +70,10 @@ _CONV_GEOMETRY = ("kernel_size", "stride", "padding", "dilation")
 def _geometry(conv: nn.Module) -> list:
     """A convolution's kernel_size, stride, padding and dilation as lists, an int (an edit torch's
     convolutions take) as the one-element (1-D) or pair (2-D) tuple it stands for, a string
-    padding as the numbers it stands for (numeric_padding; one it cannot resolve stays a string)."""
+    padding as the numbers it stands for (numeric_padding; a convolution whose padding has none is
+    refused before, by conv_skip_reason)."""
     expand = _single if isinstance(conv, (nn.Conv1d, SparseConv1d)) else _pair
-    padding = numeric_padding(conv)
-    return [[conv.padding] if key == "padding" and padding is None else list(expand(
-        padding if key == "padding" else getattr(conv, key))) for key in _CONV_GEOMETRY]
+    return [list(expand(numeric_padding(conv) if key == "padding" else getattr(conv, key))) for key in _CONV_GEOMETRY]
 
 
 # Modules a checkpoint records with no tensors of their own (their layers are entries of their own),

@@ -280,9 +280,14 @@ class _SparseWeight(nn.Module):
                 check_scale(op, "input_scale", input_scale.reshape(1), 1)
             if meta is not None and meta.dtype == torch.uint8:
                 check_metadata(op, meta, self.weight_shape[1])
+            self._check_state_dict_geometry(op, state_dict, prefix)
         except ValueError as exc:
             return str(exc)
         return None
+
+    def _check_state_dict_geometry(self, op: str, state_dict, prefix: str) -> None:
+        """Refuse (ValueError) a state dict whose tensors fit this layer's but describe another layer:
+        nothing to check for a Linear, whose N and K are its weight's whole shape."""
 
     def _kernel_meta_for(self, backend: str) -> Tensor:
         self._check_metadata_unchanged()
@@ -1145,20 +1150,13 @@ class SparseConv2d(_SparseWeight):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
-    def _state_dict_weight_error(self, state_dict, prefix: str) -> Optional[str]:
-        """Beside the compressed tensors' checks, the dense weight shape the state dict's layer had:
-        one of another geometry with the same N and K loaded silently, its K read in another (ky, kx,
-        cin) order (nn.Conv2d refuses it by its weight's shape). Not within sparsegemm.load, which
-        checks each layer's module table entry and validate()s its tensors itself."""
-        if _state_dict_validated.get() or torch.compiler.is_compiling():
-            return None
+    def _check_state_dict_geometry(self, op: str, state_dict, prefix: str) -> None:
+        """The dense weight shape the state dict's layer had: one of another geometry with the same N
+        and K loaded silently, its K read in another (ky, kx, cin) order (nn.Conv2d refuses it by its
+        weight's shape). Any size of it (a Conv1d's three entries against a Conv2d's four)."""
         shape = state_dict.get(prefix + "dense_shape")
         if type(shape) in ops._PLAIN_TENSORS and not shape.is_meta:
-            try:
-                self._check_dense_shape(f"the state dict's compressed weight for {_layer_label(prefix)}", shape)
-            except ValueError as exc:
-                return str(exc)
-        return super()._state_dict_weight_error(state_dict, prefix)
+            self._check_dense_shape(op, shape)
 
     def _check_dense_shape(self, op: str, shape: Tensor) -> None:
         """Refuse a ``dense_shape`` other than this layer's weight shape."""

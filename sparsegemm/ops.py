@@ -266,17 +266,6 @@ def check_same_device(op: str, **tensors: Optional[Tensor]) -> Optional[torch.de
     return device
 
 
-def _check_backend(op: str, backend: str, device: torch.device) -> None:
-    """An op's backend against its tensors' device: the functional API resolves it, but called as
-    torch.ops.sparsegemm.* it is whatever was passed, and a mismatch handed the C++ side pointers of
-    another device (a segfault, or an illegal address that poisons the CUDA context)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
-    if (device.type == "cuda") != (backend == "cuda"):
-        raise ValueError(f"{op}: the {backend} backend runs on {'CUDA' if backend == 'cuda' else 'CPU'} tensors, got "
-                         f"tensors on {device}")
-
-
 def resolve_backend(op: str, backend: Optional[str], device: torch.device) -> str:
     """The backend that runs ``op`` on tensors of ``device``: None picks by device."""
     if backend is None:
@@ -401,7 +390,9 @@ def _non_24_message(op: str, w: Tensor, flat: int) -> str:
 @_on_tensor_device
 def _compress(w: Tensor, prune: bool, backend: str) -> tuple[Tensor, Tensor]:
     op = "sparsegemm.compress"
-    _check_backend(op, backend, w.device)
+    # Called as torch.ops.sparsegemm.compress the backend is whatever was passed: one that does not
+    # match w's device handed the C++ side pointers of another device.
+    resolve_backend(op, backend, w.device)
     check_dtype(op, "w", w, FLOAT_DTYPES if backend == "cpu" else KERNEL_DTYPES)
     if backend != "cpu":  # the kernels index in 32 bits
         check_32bit(op, **{"w.numel()": w.numel()})
@@ -1271,7 +1262,7 @@ def require_int8_kernels(op: str, backend: str) -> None:
 @_on_tensor_device
 def _quantize_rows(x: Tensor, backend: str) -> tuple[Tensor, Tensor]:
     """Dynamic per-token INT8: (x_q int8 [M, K] contiguous, x_scale float32 [M]) of x [M, K]."""
-    _check_backend("sparsegemm.quantize_rows", backend, x.device)
+    resolve_backend("sparsegemm.quantize_rows", backend, x.device)  # as in _compress
     m, k = x.shape
     x_q = torch.empty((m, k), dtype=torch.int8, device=x.device)
     x_scale = torch.empty((m,), dtype=torch.float32, device=x.device)

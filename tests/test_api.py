@@ -292,11 +292,11 @@ def test_the_raw_ops_refuse_what_their_kernels_cannot_take():
         torch.ops.sparsegemm.decompress(sw.values, sw.meta, 32, "cuda")
     # Host pointers handed to the CUDA kernels (or the reverse): compress, quantize_rows and conv2d
     # took the backend they were given; grouped_linear read offsets from any device.
-    with pytest.raises(ValueError, match=r"sparsegemm.compress: the cuda backend runs on CUDA tensors, got tensors "
+    with pytest.raises(ValueError, match=r"sparsegemm.compress: backend 'cuda' needs CUDA tensors, got tensors "
                                          r"on cpu"):
         torch.ops.sparsegemm.compress(w.half(), True, "cuda")
     x = torch.randn(3, 32, dtype=torch.float16)
-    for backend, why in (("cuda", "the cuda backend runs on CUDA tensors"), ("tpu", "backend must be one of")):
+    for backend, why in (("cuda", "backend 'cuda' needs CUDA tensors"), ("tpu", "backend must be one of")):
         with pytest.raises(ValueError, match=f"sparsegemm.quantize_rows: {why}"):
             torch.ops.sparsegemm.quantize_rows(x, backend)
     with pytest.raises(ValueError, match="sparsegemm.conv2d: runs the cuda or simt kernels, got backend 'cpu'"):
