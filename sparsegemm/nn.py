@@ -1009,6 +1009,9 @@ class SparseExperts(nn.Module):
                     self.__dict__["_grouped"] = ((self._layers_state(), *call), tables, self._layers_tensors())
             if tables is None:
                 return None
+            rows, launches = top_k_index.numel(), (tables.gate_up, tables.down)
+            if not all(ops.gemm_fits_32bit(rows, w.n, w.k) for w in launches):
+                return None  # the per-expert layers: each indexes its own rows (or refuses them clearly)
         tokens, k = top_k_index.shape
         experts = len(self.gate_up)
         # A token routed twice to one expert keeps its first route, with the summed weight: no expert

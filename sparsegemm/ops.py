@@ -285,10 +285,14 @@ def resolve_backend(op: str, backend: Optional[str], device: torch.device) -> st
     return backend
 
 
+def gemm_fits_32bit(m: int, n: int, k: int) -> bool:
+    """Whether the tensor-core kernels can index every operand of a GEMM (X [M, K], Y [M, N], W [N, K])."""
+    return max(m * k, m * n, n * k) <= _INT32_MAX
+
+
 def check_gemm_32bit(op: str, m: int, n: int, k: int) -> None:
-    """check_32bit for the operands of a GEMM (X [M, K], Y [M, N], W [N, K]), without building the
-    keyword arguments in the common case."""
-    if max(m * k, m * n, n * k) > _INT32_MAX:
+    """check_32bit for the operands of a GEMM, without building the keyword arguments in the common case."""
+    if not gemm_fits_32bit(m, n, k):
         check_32bit(op, **{"M*K": m * k, "M*N": m * n, "N*K": n * k})
 
 

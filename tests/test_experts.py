@@ -128,6 +128,26 @@ def test_hand_built_experts_without_a_gated_gate_up_never_take_the_grouped_launc
         experts(x.half(), index, weights.half())
 
 
+def test_routes_past_32_bit_indexing_take_the_per_expert_layers(monkeypatch):
+    # The grouped launch indexes all tokens * k routed rows with 32-bit integers, and its eager path
+    # had no check of them: a prefill of 65536 tokens, top-2, hidden 16384 overflowed. Those calls now
+    # take the per-expert layers, each of which indexes only its own rows. The limit is lowered here
+    # to reach the case with small tensors.
+    torch.manual_seed(3)
+    sparse = SparseExperts.from_dense(Experts(), dtype=torch.float16, backend="simt")
+    x, index, weights = routing(tokens=48)  # 96 routed rows, about 24 an expert
+    x, weights = x.half(), weights.half()
+    with torch.no_grad():
+        grouped = sparse(x, index, weights)
+        limit = index.numel() * 64 - 1  # the routed rows times the widest K or N (hidden = 64; N * K = 4096)
+        monkeypatch.setattr(sparsegemm.ops, "_INT32_MAX", limit)
+        launches = []
+        monkeypatch.setattr(sparsegemm.ops, "launch_grouped", lambda *args, **kw: launches.append(args))
+        per_expert = sparse(x, index, weights)
+    assert launches == []
+    torch.testing.assert_close(per_expert, grouped, rtol=2e-3, atol=2e-3)
+
+
 def test_int8_experts_stay_close_to_the_fp32_2to4_mixture():
     torch.manual_seed(2)
     dense = Experts()
