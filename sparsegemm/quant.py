@@ -170,7 +170,8 @@ def quantize_activations_static(x: Tensor, scale: Union[float, Tensor]) -> tuple
             static_scale(op, scale)
         s = scale.to(device=x.device, dtype=torch.float32).reshape(())
     else:
-        s = torch.tensor(static_scale(op, scale), dtype=torch.float32, device=x.device)
+        # A fill on x's device, not torch.tensor's copy from the host: capturable in a CUDA graph.
+        s = torch.full((), static_scale(op, scale), dtype=torch.float32, device=x.device)
     x_q = _quantize(x.float(), s)
     # A token row holding a NaN or an infinity gets a NaN scale, so its output row is NaN, as in
     # dynamic mode (it would otherwise quantize to zeros and saturated values, silently).

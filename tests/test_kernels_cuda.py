@@ -251,3 +251,19 @@ def test_forcing_the_wgmma_tile_where_it_cannot_run_is_refused(config):
     with pytest.raises(ValueError, match=rf"config {config} \(the wgmma tile or a TMA pipeline\) needs sm_90a machine "
                                          r"code .*, but "):
         _C.cuda_gemm_scratch(256, 256, 256, config, 0)
+
+
+def test_static_int8_quantization_with_a_number_for_scale_is_capturable():
+    # A Python-number scale became a device tensor through torch.tensor, a copy from the host that a
+    # CUDA graph cannot capture (and a pageable copy every call); it is now a fill on x's device.
+    from sparsegemm import quant
+
+    x = torch.randn(4, 64, device="cuda")
+    want = quant.quantize_activations_static(x, 0.05)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = quant.quantize_activations_static(x, 0.05)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured[0], want[0]) and torch.equal(captured[1], want[1])
+    assert torch.equal(want[0].cpu(), quant.quantize_activations_static(x.cpu(), 0.05)[0])
