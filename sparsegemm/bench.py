@@ -507,6 +507,8 @@ def run(device: str = "cpu", dtypes=("bfloat16",), quick: bool = False, progress
         shapes = select_shapes(shapes_filter)
     if ms_override:
         ms = tuple(ms_override)
+    # Each dtype and M once, in the order asked (`--m 1 16 1` measured M = 1 twice, in two rows).
+    dtypes, ms = dict.fromkeys(dtypes), dict.fromkeys(ms)
     jobs = [(getattr(torch, dt), label, m, n, k) for dt in dtypes for label, (n, k) in shapes.items() for m in ms]
     rows = []
     for dtype, label, m, n, k in progress_bar(jobs, "bench", "shape", progress):

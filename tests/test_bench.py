@@ -55,6 +55,13 @@ def test_shapes_and_ms_narrow_the_run_to_those_gemms(monkeypatch):
         assert ms == ({3} if "ms_override" in narrowing else {1, 16, 256})
 
 
+def test_repeated_dtypes_and_ms_are_measured_once(monkeypatch):
+    monkeypatch.setattr(bench, "select_shapes", lambda names: {name: (64, 128) for name in names})
+    _, rows = bench.run("cpu", ("bfloat16", "bfloat16"), progress=False, shapes_filter=["tiny", "tiny"],
+                        ms_override=[3, 1, 3])
+    assert [(row.M, row.method) for row in rows] == [(3, "dense"), (3, "sparsegemm"), (1, "dense"), (1, "sparsegemm")]
+
+
 def test_mlp_block_rows():
     timer = bench.Timer(torch.device("cpu"), warmup=0, repeats=1)
     rows = bench.bench_mlp(torch.device("cpu"), "bfloat16", (1,), timer)
