@@ -581,8 +581,13 @@ def reorder_meta(meta: Tensor, k: int, backend: str, s8: bool = False) -> Tensor
     """Logical metadata -> the hardware-ordered layout the ``backend`` GEMM reads.
 
     ``s8``: the layout of the INT8 GEMM (mma.sp k64 wants its own order). A custom op, so that
-    torch.compile traces a first call that has no cached copy yet.
+    torch.compile traces a first call that has no cached copy yet. A normal tensor even under
+    torch.inference_mode: the layers cache it, and a training call after an inference-mode one
+    (a validation pass) saves it for backward, which an inference tensor refuses.
     """
+    if torch.is_inference_mode_enabled() and not torch.compiler.is_compiling():
+        with torch.inference_mode(False):
+            return _reorder_meta(meta, k, backend, s8)
     return _reorder_meta(meta, k, backend, s8)
 
 

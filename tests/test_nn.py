@@ -2105,6 +2105,22 @@ def test_a_model_loaded_under_inference_mode_can_train_afterwards(tmp_path):
         assert loaded[0].values.grad is not None
 
 
+def test_a_layer_validated_under_inference_mode_on_the_kernel_path_trains_afterwards():
+    # The kernel-layout metadata reordered in an inference-mode call (a validation pass) was cached as
+    # an inference tensor, and every training step after it failed ("Inference tensors cannot be
+    # saved for backward"); the emulator runs the CUDA path.
+    torch.manual_seed(0)
+    for layer, x in ((SparseLinear.from_dense(nn.Linear(32, 16), dtype=torch.float16, backend="simt"),
+                      torch.randn(2, 32, dtype=torch.float16)),
+                     (SparseConv2d.from_dense(nn.Conv2d(8, 16, 3, padding=1), dtype=torch.float16, backend="simt"),
+                      torch.randn(1, 8, 4, 4, dtype=torch.float16))):
+        with torch.inference_mode():
+            validated = layer(x)
+        trained = layer(x)
+        trained.float().sum().backward()
+        assert torch.equal(trained.detach(), validated) and layer.values.grad is not None
+
+
 def test_a_model_sparsified_under_inference_mode_can_train_afterwards():
     # The layers sparsify made inside the block held inference tensors ("Inference tensors cannot be
     # saved for backward" at the first training step), as load's once did.
