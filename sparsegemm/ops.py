@@ -585,7 +585,7 @@ def reorder_meta(meta: Tensor, k: int, backend: str, s8: bool = False) -> Tensor
     torch.inference_mode: the layers cache it, and a training call after an inference-mode one
     (a validation pass) saves it for backward, which an inference tensor refuses.
     """
-    if torch.is_inference_mode_enabled() and not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():
         with torch.inference_mode(False):
             return _reorder_meta(meta, k, backend, s8)
     return _reorder_meta(meta, k, backend, s8)
