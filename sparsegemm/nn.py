@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from . import format as fmt
 from . import ops
 from .functional import compress, decompress, linear_parts
-from .tensor import SparseTensor24, check_int8_values, check_metadata
+from .tensor import SparseTensor24, check_int8_values, check_metadata, check_padding_values
 
 
 # Attributes whose assignment invalidates what a layer derived from them (_forget_derived).
@@ -278,8 +278,12 @@ class _SparseWeight(nn.Module):
                 check_scale(op, "scale", scale, self.weight_shape[0])
             if input_scale is not None:
                 check_scale(op, "input_scale", input_scale.reshape(1), 1)
-            if meta is not None and meta.dtype == torch.uint8:
+            if meta is not None:
+                if meta.dtype != torch.uint8:  # torch would cast it, wrapping what lies past a byte
+                    raise ValueError(f"{op}: metadata must be uint8 (2-bit indices, four a byte), got {meta.dtype}")
                 check_metadata(op, meta, self.weight_shape[1])
+                if values is not None:
+                    check_padding_values(op, values, meta, self.weight_shape[1])
             self._check_state_dict_geometry(op, state_dict, prefix)
         except ValueError as exc:
             return str(exc)

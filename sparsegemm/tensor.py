@@ -40,6 +40,26 @@ def check_metadata(op: str, meta: torch.Tensor, k: int) -> None:
                          f"{', padding 0x4' if group >= fmt.num_groups(k) else ''})")
 
 
+def check_padding_values(op: str, values: torch.Tensor, meta: torch.Tensor, k: int) -> None:
+    """ValueError where a row keeps a nonzero value in the zero padding of K (K % 4 != 0: the last
+    group's columns from K on), which compression never makes. The likely cause is a weight made
+    for more input features whose storage has the same size (K = 64 loaded as K = 62), whose last
+    columns would then be dropped silently. ``meta``: legal logical metadata (check_metadata)."""
+    if k % 4 == 0 or values.numel() == 0:
+        return
+    group = fmt.num_groups(k) - 1
+    nibble = (meta[:, group // 2].to(torch.int32) >> (4 * (group % 2))) & 0xF
+    first_padding = k - 4 * group  # positions of the last group from this one on are padding
+    kept = values[:, 2 * group:2 * group + 2] != 0
+    padded = torch.stack(((nibble & 3) >= first_padding, (nibble >> 2) >= first_padding), dim=1)
+    bad = torch.nonzero((kept & padded).any(dim=1))
+    if bad.numel():
+        row = int(bad[0, 0])
+        raise ValueError(f"{op}: row {row} keeps a nonzero value in the zero padding of K = {k} (columns {k} .. "
+                         f"{fmt.padded_k(k) - 1}): a weight made for {fmt.padded_k(k)} input features? Its values "
+                         "there would be dropped")
+
+
 def check_int8_values(op: str, values: torch.Tensor) -> None:
     """ValueError where int8 ``values`` hold -128, which symmetric quantization never makes (a host
     read of the data)."""

@@ -2222,12 +2222,31 @@ def test_load_state_dict_refuses_a_weight_validate_refuses():
                                                   r"INT8 layer loads int8 values"),
             ("1.values", torch.zeros(16, 72, dtype=torch.int8), r"layer '1': values are torch.int8, the layer's "
                                                                  r"torch.float32: build it with quantize='int8'"),
-            ("1.metadata", torch.zeros_like(good["1.metadata"]), r"compressed weight for layer '1': corrupt metadata")):
+            ("1.metadata", torch.zeros_like(good["1.metadata"]), r"compressed weight for layer '1': corrupt metadata"),
+            # Not uint8: torch cast it (zeros, and values past a byte wrapped) without the nibble check.
+            ("1.metadata", torch.zeros_like(good["1.metadata"], dtype=torch.int32),
+             r"layer '1': metadata must be uint8 \(2-bit indices, four a byte\), got torch.int32")):
         with pytest.raises(RuntimeError, match=message):
             model.load_state_dict({**good, key: bad})
     model.load_state_dict(good)  # and a valid one, loaded whole or in part, in another float dtype
     assert model.load_state_dict({"1.bias": good["1.bias"]}, strict=False).missing_keys
     model.load_state_dict({**good, "1.values": good["1.values"].double()})
+
+
+def test_load_state_dict_refuses_a_layer_with_more_input_features_of_the_same_storage():
+    # K = 64 and K = 62 store the same [N, 32] values and [N, 8] metadata: a 64-feature layer's state
+    # dict loaded into a 62-feature one silently, dropping columns 62 and 63 (outputs 0.2 off). A
+    # 62-feature weight keeps only zeros in its padding, which such a state dict almost never does.
+    torch.manual_seed(0)
+    wide = SparseLinear.from_dense(nn.Linear(64, 32), dtype=torch.float32)
+    narrow = SparseLinear.from_dense(nn.Linear(62, 32), dtype=torch.float32)
+    with pytest.raises(RuntimeError, match=r"compressed weight for the layer: row \d+ keeps a nonzero value in the "
+                                           r"zero padding of K = 62 \(columns 62 .. 63\): a weight made for 64 input"):
+        narrow.load_state_dict(wide.state_dict())
+    for k in (62, 63, 61):  # and a state dict of its own size loads, INT8 too
+        for quantize in (None, "int8"):
+            layer = SparseLinear.from_dense(nn.Linear(k, 32), quantize=quantize)
+            SparseLinear(k, 32, dtype=torch.float32, quantize=quantize).load_state_dict(layer.state_dict())
 
 
 def test_load_state_dict_checks_only_what_it_can_read():
