@@ -982,7 +982,8 @@ class SparseExperts(nn.Module):
 
     def _grouped_forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Optional[Tensor]:
         """The grouped path (see the class docstring), or None where the per-expert one must run."""
-        if (torch.jit.is_tracing() or hidden_states.dim() != 2 or top_k_index.dim() != 2
+        if (torch.jit.is_tracing() or torch._C._are_functorch_transforms_active()  # wrapped tensors: no pointers
+                or hidden_states.dim() != 2 or top_k_index.dim() != 2
                 or top_k_index.shape[0] != hidden_states.shape[0] or top_k_weights.shape != top_k_index.shape
                 or top_k_index.device != hidden_states.device):
             return None

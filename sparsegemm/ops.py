@@ -191,9 +191,24 @@ def _plain_eager(args) -> bool:
 
 def records_graph(args) -> bool:
     """Whether a call on ``args`` is being recorded: traced (torch.compile, fake tensors,
-    torch.jit.trace, which sees only what the dispatcher sees) or needed by autograd. Such a call
-    must go through the custom ops, in one piece; a plain eager one may take shortcuts."""
-    return torch.compiler.is_compiling() or torch.jit.is_tracing() or not _plain_eager(args)
+    torch.jit.trace, which sees only what the dispatcher sees), needed by autograd, or under a
+    torch.func transform (vmap's wrapped tensors pass for plain ones, but have no storage: the
+    dispatcher unwraps them). Such a call must go through the custom ops, in one piece; a plain
+    eager one may take shortcuts."""
+    return (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active()
+            or not _plain_eager(args))
+
+
+def _refuse_forward_ad(op) -> None:
+    """NotImplementedError under torch.func.jvp / jacfwd: torch runs a custom op there with a zero
+    tangent, so the sparse ops' derivatives came out 0, silently."""
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    if any(interpreter.key() == TransformType.Jvp for interpreter in retrieve_all_functorch_interpreters()):
+        raise NotImplementedError(f"{op._qualname}: forward-mode AD (torch.func.jvp, jacfwd) is not implemented for "
+                                  "the sparse ops; reverse mode through torch.autograd (backward, "
+                                  "torch.autograd.grad) is")
 
 
 def call(op, *args):
@@ -201,6 +216,8 @@ def call(op, *args):
     its implementation otherwise. The dispatcher costs about 15 us a call, as much as a
     decode-size kernel."""
     if records_graph(args):
+        if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
+            _refuse_forward_ad(op)
         return op(*args)
     return _IMPLS[op](*args)
 

@@ -1,9 +1,12 @@
 """custom_op registration: opcheck on the CPU, and torch.compile(fullgraph=True) of linear."""
+import warnings
+
 import pytest
 import torch
+from torch import nn
 
 import sparsegemm
-from sparsegemm import ops, quant
+from sparsegemm import SparseConv2d, SparseLinear, ops, quant
 from conftest import sparse_weight
 
 
@@ -218,3 +221,24 @@ def test_compile_caches_are_keyed_by_this_build(tmp_path):
     assert torch.compiler.config.cache_key_tag.count("sparsegemm-") == 1
     assert tags[0] == torch.compiler.config.cache_key_tag.split("+")[-1] != tags[1]
     assert tags[1].startswith("sparsegemm-")
+
+
+def test_torch_func_vmap_runs_frozen_and_int8_layers_and_jvp_refuses():
+    # vmap's wrapped tensors passed for plain ones, so a layer with nothing to differentiate took the
+    # direct path and read their (absent) storage: "Cannot access data pointer". Under jvp / jacfwd
+    # torch ran the ops with a zero tangent: derivatives of 0, silently.
+    torch.manual_seed(0)
+    x = torch.randn(3, 16)
+    layers = (SparseLinear.from_dense(nn.Linear(16, 8)).requires_grad_(False),
+              SparseLinear.from_dense(nn.Linear(16, 8), quantize="int8"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's note that the ops have no batching rule of their own
+        for layer in layers:
+            torch.testing.assert_close(torch.func.vmap(layer)(x.unsqueeze(1)).squeeze(1), layer(x))
+        conv = SparseConv2d.from_dense(nn.Conv2d(8, 16, 3, padding=1)).requires_grad_(False)
+        images = torch.randn(2, 1, 8, 5, 5)
+        torch.testing.assert_close(torch.func.vmap(conv)(images), torch.stack([conv(i) for i in images]))
+    for layer in (layers[0], SparseLinear.from_dense(nn.Linear(16, 8))):
+        with pytest.raises(NotImplementedError, match=r"sparsegemm::linear: forward-mode AD \(torch.func.jvp, "
+                                                      r"jacfwd\) is not implemented"):
+            torch.func.jvp(layer, (x,), (x,))
