@@ -143,6 +143,12 @@ def sparsify(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
         raise ValueError(f"sparsify: dtype must be None or one of {', '.join(map(str, FLOAT_DTYPES))}, got "
                          f"{dtype!r}")
     check_outside_empty_weights("sparsify")
+    shell = next((name for name, p in model.named_parameters()
+                  if p.is_meta and not isinstance(p, nn.parameter.UninitializedParameter)), None)
+    if shell is not None:
+        raise ValueError(f"sparsify: the model's weights are on the meta device ({shell}): there is nothing to prune "
+                         "or compress. Build it with its weights, or load a sparse checkpoint into this shell with "
+                         "sparsegemm.load(path, model, device=...)")
     if torch.is_inference_mode_enabled():
         # The layers it makes are the model's from then on: made in inference mode they would hold
         # inference tensors, which no later training step can use (as load). No grad: a model built

@@ -23,6 +23,7 @@ from typing import Union
 import torch
 from torch import nn
 from torch.nn.modules.utils import _pair, _single
+from torch.nn.utils import parametrize
 
 from .attention import (SparseMultiheadAttention, SplitMultiheadAttention, attention_skip_reason,
                         turn_off_nested_fast_path)
@@ -90,6 +91,13 @@ def save(model: nn.Module, path: Union[str, "os.PathLike"]) -> None:
     """Write ``model`` (after :func:`sparsify`) to a safetensors file."""
     from safetensors.torch import save_file
 
+    for name, mod in model.named_modules():
+        if isinstance(mod, _CONVERTED) and parametrize.is_parametrized(mod):
+            # Its state dict holds parametrizations.<tensor>.original, which no freshly converted
+            # layer has: the file could never be loaded.
+            raise ValueError(f"sparsegemm.save: module {name!r} has parametrized tensors "
+                             f"({', '.join(mod.parametrizations)}), which a fresh model cannot load: remove them "
+                             "first (torch.nn.utils.parametrize.remove_parametrizations)")
     converted = {name: _describe(mod) for name, mod in model.named_modules()
                  if isinstance(mod, _CONVERTED)}
     # A convolution's dense_shape buffer is its module table entry's geometry again, which load checks

@@ -285,6 +285,8 @@ def check_same_device(op: str, **tensors: Optional[Tensor]) -> Optional[torch.de
 
 def resolve_backend(op: str, backend: Optional[str], device: torch.device) -> str:
     """The backend that runs ``op`` on tensors of ``device``: None picks by device."""
+    if device.type == "meta":  # a shell (torch.device("meta"), init_empty_weights): no data to compute with
+        raise ValueError(f"{op}: the tensors are on the meta device, which holds no data to compute with")
     if backend is None:
         backend = "cuda" if device.type == "cuda" else "cpu"
     if backend not in BACKENDS:

@@ -863,6 +863,23 @@ def test_load_refuses_tensors_it_cannot_fill(tmp_path):
     assert isinstance(shell.quantized, nn.Linear) and isinstance(everything_on_meta.mlp.up_proj, nn.Linear)
 
 
+def test_sparsify_and_the_layers_refuse_a_shell_saying_why():
+    # sparsify failed in its report ("Tensor.item() cannot be called on meta tensors", no layer
+    # named); from_dense and a forward named a backend the caller never chose.
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64))
+        layer = SparseLinear(64, 32)
+    with pytest.raises(ValueError, match=r"sparsify: the model's weights are on the meta device \(0.weight\): "
+                                         r"there is nothing to prune .*sparsegemm.load\(path, model, device=...\)"):
+        sparsegemm.sparsify(model)
+    assert isinstance(model[0], nn.Linear)
+    meta = r"the tensors are on the meta device, which holds no data to compute with"
+    with pytest.raises(ValueError, match="sparsegemm.compress: " + meta):
+        SparseLinear.from_dense(model[0])
+    with pytest.raises(ValueError, match="SparseLinear: " + meta):
+        layer(torch.empty(3, 64, device="meta", dtype=layer.values.dtype))
+
+
 def test_init_empty_weights_keeps_ties_attributes_and_lazy_modules():
     shared = nn.Parameter(torch.ones(4, 4))
     shared.plan = "rowwise"
@@ -2192,7 +2209,7 @@ def test_a_tensor_left_on_the_meta_device_is_refused_not_read():
     # x on meta: autocast's check raised torch's "unknown device type for autocast" first.
     for layer, x in ((SparseLinear.from_dense(nn.Linear(64, 32)), torch.randn(3, 64)),
                      (SparseConv2d.from_dense(nn.Conv2d(16, 32, 3)), torch.randn(1, 16, 8, 8))):
-        with pytest.raises(ValueError, match=r"backend 'cpu' runs on CPU tensors, got tensors on meta"):
+        with pytest.raises(ValueError, match=r"the tensors are on the meta device, which holds no data to compute with"):
             layer.to("meta")(x.to("meta"))
 
 
@@ -2265,6 +2282,25 @@ def test_load_state_dict_checks_only_what_it_can_read():
     with torch.device("meta"):
         shell = SparseLinear(32, 16, dtype=torch.float32)
     shell.load_state_dict({key: value.to("meta") for key, value in state.items()})  # nothing to read
+
+
+def test_save_refuses_a_converted_layer_with_parametrized_tensors(tmp_path):
+    # Saved, its state dict's parametrizations.bias.original could never be loaded into a fresh
+    # model ("missing ['0.bias']"): the file was useless.
+    class Double(nn.Module):
+        def forward(self, t):
+            return 2 * t
+
+    model = nn.Sequential(SparseLinear.from_dense(nn.Linear(32, 16)))
+    nn.utils.parametrize.register_parametrization(model[0], "bias", Double())
+    with pytest.raises(ValueError, match=r"sparsegemm.save: module '0' has parametrized tensors \(bias\), which a "
+                                         r"fresh model cannot load: remove them first"):
+        sparsegemm.save(model, tmp_path / "p.safetensors")
+    assert not (tmp_path / "p.safetensors").exists()
+    nn.utils.parametrize.remove_parametrizations(model[0], "bias")
+    sparsegemm.save(model, tmp_path / "p.safetensors")
+    x = torch.randn(2, 32)
+    assert torch.equal(sparsegemm.load(tmp_path / "p.safetensors", nn.Sequential(nn.Linear(32, 16)))(x), model(x))
 
 
 def test_module_type_casts_only_what_a_dtype_change_may():
