@@ -47,6 +47,10 @@ def state_dict_validated():
         _state_dict_validated.reset(token)
 
 
+# The metadata of a layer with no weight loaded yet: every group (0, 1), a valid pattern.
+_UNLOADED_META_BYTE = fmt.PAD_NIBBLE | (fmt.PAD_NIBBLE << 4)
+
+
 def _layer_label(prefix: str) -> str:
     """A layer named in load_state_dict's messages by its state-dict prefix."""
     return f"layer {prefix[:-1]!r}" if prefix else "the layer"
@@ -105,13 +109,27 @@ class _SparseWeight(nn.Module):
         else:
             self.values = nn.Parameter(torch.zeros(n, fmt.values_cols(k), dtype=dtype, device=device))
         meta = ops.versioned(torch.empty(n, fmt.meta_cols(k), dtype=torch.uint8, device=device))
-        meta.fill_(fmt.PAD_NIBBLE | (fmt.PAD_NIBBLE << 4))  # a valid (all (0, 1)) pattern until loaded
+        meta.fill_(_UNLOADED_META_BYTE)
         # Not "meta": torch.export's ExportedProgram.module() registers the buffers of an exported
         # root on a GraphModule, whose own `meta` attribute that name would clash with.
         self.register_buffer("metadata", meta)
         # INT8 layers are inference-only (no gradient through the integer grid): the bias is frozen too.
         self.bias = (nn.Parameter(torch.zeros(n, dtype=dtype, device=device), requires_grad=self.quantize != "int8")
                      if bias else None)
+        self._forget_derived()
+
+    def reset_parameters(self) -> None:
+        """The state the constructor gives, in place: zero values and bias, the valid all-(0, 1)
+        metadata pattern, unit INT8 scales. For a layer built on the meta device and materialized
+        with ``to_empty`` (FSDP calls this then), whose uninitialized metadata may hold illegal
+        nibbles (a GPU's result is then undefined); load the weight after it."""
+        with torch.no_grad():
+            self.values.zero_()
+            self.metadata.fill_(_UNLOADED_META_BYTE)
+            if self.bias is not None:
+                self.bias.zero_()
+            if self.quantize == "int8":
+                self.scale.fill_(1.0)
         self._forget_derived()
 
     def _load_compressed(self, sw: SparseTensor24, bias: Optional[Tensor]) -> None:
@@ -1137,6 +1155,11 @@ class SparseConv2d(_SparseWeight):
 
     def _dense_shape_tensor(self, device) -> Tensor:
         return torch.tensor(self._dense_weight_shape(), dtype=torch.int64, device=device)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        with torch.no_grad():
+            self.dense_shape.copy_(self._dense_shape_tensor("cpu"))
 
     def __setstate__(self, state) -> None:
         super().__setstate__(state)

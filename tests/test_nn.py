@@ -880,6 +880,26 @@ def test_sparsify_and_the_layers_refuse_a_shell_saying_why():
         layer(torch.empty(3, 64, device="meta", dtype=layer.values.dtype))
 
 
+def test_reset_parameters_gives_a_layer_materialized_from_meta_a_valid_state():
+    # to_empty leaves uninitialized memory: metadata of illegal nibbles, which a forward took (NaN on
+    # the CPU, undefined on a GPU). FSDP calls reset_parameters on the materialized modules.
+    builders = ((lambda: SparseLinear(64, 32), torch.randn(2, 64)),
+                (lambda: SparseLinear(64, 32, quantize="int8"), torch.randn(2, 64)),
+                (lambda: SparseConv2d(8, 16, 3, padding=1), torch.randn(1, 8, 5, 5)),
+                (lambda: sparsegemm.SparseConv1d(8, 16, 3), torch.randn(1, 8, 7)))
+    for build, x in builders:
+        with torch.device("meta"):
+            layer = build()
+        layer.to_empty(device="cpu")
+        for t in (*layer.parameters(), *layer.buffers()):
+            with torch.no_grad():
+                t.copy_(torch.full_like(t, 0xFF if t.dtype == torch.uint8 else 7))  # garbage, as memory may hold
+        layer.reset_parameters()
+        layer.validate()
+        assert layer(x.to(layer.float_dtype)).abs().max() == 0  # zero weight, zero bias
+        assert all(torch.equal(a, b) for a, b in zip(layer.state_dict().values(), build().state_dict().values()))
+
+
 def test_init_empty_weights_keeps_ties_attributes_and_lazy_modules():
     shared = nn.Parameter(torch.ones(4, 4))
     shared.plan = "rowwise"
