@@ -524,14 +524,15 @@ def _check_operands(op: str, backend: str, k: int, values: Optional[Tensor], met
                     kernel_meta: Optional[Tensor] = None, *, reads_kernel_meta: bool = True,
                     n: Optional[int] = None, s8: bool = False,
                     values_dtype: Optional[torch.dtype] = None, bias: Optional[Tensor] = None,
-                    bias_dtype: Optional[torch.dtype] = None, w_scale: Optional[Tensor] = None,
+                    out_dtype: Optional[torch.dtype] = None, w_scale: Optional[Tensor] = None,
                     x: Optional[Tensor] = None, x_scale: Optional[Tensor] = None) -> None:
     """What the C++ side takes on trust, checked in every op that hands it pointers: the ops
     (torch.ops.sparsegemm.*) are callable without the functional API's checks, and a size that
     disagrees there reads or writes past a buffer (a crash, or results made of whatever lies
     there). Shapes, dtypes, lengths and the kernel metadata's size and 16-byte alignment (the
     kernels copy it with cp.async); no data is read. ``kernel_meta`` is checked on the kernel
-    backends where the op reads it (``reads_kernel_meta``), ``x`` against K = ``k``."""
+    backends where the op reads it (``reads_kernel_meta``), ``x`` against K = ``k``; ``out_dtype``
+    (the dtype the op writes: x's, or an INT8 GEMM's output; the bias's too) against the backend's."""
     def refuse(what: str) -> None:
         raise ValueError(f"{op}: {what}")
 
@@ -551,9 +552,12 @@ def _check_operands(op: str, backend: str, k: int, values: Optional[Tensor], met
             refuse(f"values must be [N, {fmt.values_cols(k)}] for K = {k}, got {tuple(values.shape)}")
         if values_dtype is not None and values.dtype != values_dtype:
             refuse(f"values must be {values_dtype}, got {values.dtype}")
-        if values_dtype is None and not s8:
+        if not s8:
             check_dtype(op, "values", values, FLOAT_DTYPES if backend == "cpu" else KERNEL_DTYPES)
         n = values.shape[0]
+    if out_dtype is not None:  # x's dtype, or the INT8 GEMM's output: one the backend's kernels write
+        check_dtype_value(op, "the output dtype", out_dtype, FLOAT_DTYPES if backend == "cpu" else KERNEL_DTYPES,
+                          f"must be one of the {backend} backend's")
     if meta is not None and (meta.dtype != torch.uint8 or tuple(meta.shape) != (n, fmt.meta_cols(k))):
         refuse(f"meta must be uint8 [{n}, {fmt.meta_cols(k)}] for K = {k}, got {meta.dtype} {tuple(meta.shape)}")
     if backend != "cpu":
@@ -565,7 +569,7 @@ def _check_operands(op: str, backend: str, k: int, values: Optional[Tensor], met
             got = "None" if kernel_meta is None else f"{kernel_meta.dtype} of {kernel_meta.numel()} bytes"
             refuse(f"kernel_meta must be the {backend} layout of this weight ({'int8' if s8 else '16-bit'}: "
                    f"{size} contiguous uint8 bytes, 16-byte aligned), got {got}")
-    for name, t, dtype in (("bias", bias, bias_dtype), ("w_scale", w_scale, torch.float32)):
+    for name, t, dtype in (("bias", bias, out_dtype), ("w_scale", w_scale, torch.float32)):
         if t is not None and (tuple(t.shape) != (n,) or (dtype is not None and t.dtype != dtype)):
             refuse(f"{name} must be {dtype} of shape ({n},), got {t.dtype} {tuple(t.shape)}")
     if x is not None:
@@ -829,7 +833,7 @@ def _linear(x: Tensor, values: Tensor, meta: Tensor, kernel_meta: Optional[Tenso
     """``meta`` is the logical metadata (CPU backend, autograd); ``kernel_meta`` the reordered copy
     the CUDA / SIMT GEMM reads (None for the CPU backend)."""
     _check_operands("sparsegemm.linear", backend, k, values, meta, kernel_meta, values_dtype=x.dtype, bias=bias,
-                    bias_dtype=x.dtype, x=x)
+                    out_dtype=x.dtype, x=x)
     m, n = x.shape[0], values.shape[0]
     y = x.new_empty((m, out_features(n, activation)))
     if m == 0:
@@ -947,7 +951,7 @@ def _grouped_linear(x: Tensor, row_offsets: Tensor, values: list[Tensor], meta: 
     # runs at every call, for up to hundreds of experts).
     first = [t[0] if t else None for t in (values, meta, kernel_meta, bias, scale)]
     _check_operands(f"{op} (group 0)", backend, k, first[0], first[1], first[2], s8=s8,
-                    values_dtype=torch.int8 if s8 else x.dtype, bias=first[3], bias_dtype=x.dtype, w_scale=first[4],
+                    values_dtype=torch.int8 if s8 else x.dtype, bias=first[3], out_dtype=x.dtype, w_scale=first[4],
                     x=x)
     check_same_device(op, x=x, row_offsets=row_offsets)  # the kernels read the offsets on the device
     if s8 and backend != "cpu" and k % 4:  # the kernels' metadata is laid out for the padded K
@@ -1200,7 +1204,7 @@ def _conv2d(x: Tensor, values: Tensor, meta: Tensor, kernel_meta: Tensor, kernel
         raise ValueError(f"{op}: x must be NHWC [B, H, W, Cin] and kernel_size two ints, got {tuple(x.shape)}, "
                          f"{kernel_size}")
     _check_operands(op, backend, x.shape[3] * kernel_size[0] * kernel_size[1], values, meta, kernel_meta,
-                    values_dtype=x.dtype, bias=bias, bias_dtype=x.dtype)
+                    values_dtype=x.dtype, bias=bias, out_dtype=x.dtype)
     b, ho, wo, n = _conv2d_shape(op, x, values.shape[0], kernel_size, stride, padding, dilation)
     y = x.new_empty((b, ho, wo, n))
     if y.numel() == 0:
@@ -1326,7 +1330,7 @@ def _linear_s8(x_q: Tensor, x_scale: Tensor, values: Tensor, meta: Tensor, kerne
     if x_q.dtype != torch.int8:
         raise ValueError(f"sparsegemm.linear_s8: x_q must be int8, got {x_q.dtype}")
     _check_operands("sparsegemm.linear_s8", backend, k, values, meta, kernel_meta, s8=True, values_dtype=torch.int8,
-                    bias=bias, bias_dtype=out_dtype, w_scale=w_scale, x=x_q, x_scale=x_scale)
+                    bias=bias, out_dtype=out_dtype, w_scale=w_scale, x=x_q, x_scale=x_scale)
     m, n = x_q.shape[0], values.shape[0]
     y = torch.empty((m, out_features(n, activation)), dtype=out_dtype, device=x_q.device)
     if m == 0:
@@ -1382,7 +1386,7 @@ def _linear_s8_dynamic(x: Tensor, values: Tensor, kernel_meta: Tensor, w_scale: 
         raise ValueError(f"{op}: needs the simt / cuda kernels and x [M, K] with K % 4 == 0, got {backend!r}, "
                          f"{tuple(x.shape)}")
     _check_operands(op, backend, x.shape[1], values, None, kernel_meta, s8=True, values_dtype=torch.int8, bias=bias,
-                    bias_dtype=out_dtype, w_scale=w_scale, x=x)
+                    out_dtype=out_dtype, w_scale=w_scale, x=x)
     m, k = x.shape
     n = values.shape[0]
     y = torch.empty((m, out_features(n, activation)), dtype=out_dtype, device=x.device)

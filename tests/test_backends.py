@@ -201,6 +201,33 @@ def test_the_ops_refuse_operands_that_disagree(index):
         call()
 
 
+def test_the_ops_refuse_dtypes_their_kernels_lack():
+    # The 16-bit ops passed values of x's dtype unchecked and the INT8 ones any output dtype: an fp32
+    # call reached C++ ("dtype code 0 has no kernel here"), an INT8 grouped one after quantizing.
+    O = torch.ops.sparsegemm
+    sw = sparsegemm.compress(torch.randn(8, 16), prune=True)
+    km = sparsegemm.ops.reorder_meta(sw.meta, 16, "simt")
+    q = quantize_weight(torch.randn(8, 16))
+    kq = sparsegemm.ops.reorder_meta(q.meta, 16, "simt", s8=True)
+    x = torch.randn(2, 16)
+    for call, message in (
+            (lambda: O.linear(x, sw.values, sw.meta, km, 16, None, 0, "simt"),
+             r"sparsegemm.linear: values must have dtype in \(float16, bfloat16\), got float32"),
+            (lambda: O.conv2d(torch.randn(1, 4, 4, 16), sw.values, sw.meta, km, [1, 1], [1, 1], [0, 0], [1, 1], None,
+                              0, "simt"), r"sparsegemm.conv2d: values must have dtype in \(float16, bfloat16\)"),
+            (lambda: O.linear_s8_dynamic(x, q.values, kq, q.scale, None, 0, torch.float32, "simt"),
+             r"linear_s8_dynamic: the output dtype must be one of the simt backend's \(float16, bfloat16\), got "
+             r"float32"),
+            (lambda: O.linear_s8(torch.zeros(2, 16, dtype=torch.int8), torch.ones(2), q.values, q.meta, None, q.scale,
+                                 16, None, 0, torch.float64, "cpu"),
+             r"linear_s8: the output dtype must be one of the cpu backend's \(float32, float16, bfloat16\), got "
+             r"float64"),
+            (lambda: O.grouped_linear(x, torch.tensor([0, 2]), [q.values], [q.meta], [kq], 16, [], [q.scale], 0, 2,
+                                      "simt"), r"grouped_linear \(group 0\): the output dtype must be one of the simt")):
+        with pytest.raises(TypeError, match=message):
+            call()
+
+
 def test_a_sparse_tensor_built_unchecked_still_has_its_sizes_checked():
     # validate=False skips reading the data (the nibble scan); the kernels trust the sizes, which a
     # wrong shape once turned into a crash of sparsegemm.linear / decompress.
