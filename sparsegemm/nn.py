@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from . import format as fmt
 from . import ops
 from .functional import compress, decompress, linear_parts
-from .tensor import SparseTensor24, check_int8_values, check_metadata, check_padding_values
+from .tensor import KernelMetaCache, SparseTensor24, check_int8_values, check_metadata, check_padding_values
 
 
 # Attributes whose assignment invalidates what a layer derived from them (_forget_derived).
@@ -159,8 +159,13 @@ class _SparseWeight(nn.Module):
 
     def _forget_derived(self) -> None:
         """Drop what was derived from the stored weight (made again on the next forward): the
-        reordered metadata per backend and device, and any SparseExperts' grouped tables."""
-        self._kernel_meta: dict = {}
+        reordered metadata per backend and device (set aside, to be made again in the same memory:
+        KernelMetaCache), and any SparseExperts' grouped tables."""
+        cache = self.__dict__.get("_kernel_meta")
+        if cache is None:
+            self.__dict__["_kernel_meta"] = KernelMetaCache()
+        else:
+            cache.forget()
         _layers_generation[0] += 1
 
     def _check_metadata_unchanged(self) -> None:
@@ -226,6 +231,7 @@ class _SparseWeight(nn.Module):
             setattr(self, name, moved)
         if converted.is_floating_point:
             self.float_dtype = converted
+        self._kernel_meta.keep_only_on(self.metadata.device)  # copies on a device the weight left: freed
         return out
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -244,6 +250,20 @@ class _SparseWeight(nn.Module):
         meta = self._buffers.get("metadata")
         if meta is not None:  # assigned (load into a shell) under inference mode: keep a version counter
             self._buffers["metadata"] = ops.versioned(meta)
+        self._refresh_kernel_meta()
+
+    def _refresh_kernel_meta(self) -> None:
+        """Make the kernel-layout copies set aside again now, in their own memory: a CUDA graph
+        captured over the layer then replays with the weight just loaded, as with nn.Linear's
+        in-place load, not with new values beside the old metadata's copy."""
+        meta = self.metadata
+        if torch.compiler.is_compiling() or meta.is_meta or not ops.may_cache_reorder(meta):
+            return
+        for key in self._kernel_meta.stale_keys():
+            if isinstance(key, str):  # an INT8 layer's (SparseTensor24.kernel_meta): its backend
+                self.sparse_weight().kernel_meta(key)
+            elif key[1] == meta.device:  # a 16-bit layer's: backend and device
+                self._kernel_meta_for(key[0])
 
     def _explain_other_layouts(self, state_dict, prefix: str) -> None:
         """Beside torch's missing / unexpected keys, a warning of what a state dict of another kind of
@@ -315,11 +335,10 @@ class _SparseWeight(nn.Module):
         self._check_metadata_unchanged()
         key = (backend, self.metadata.device)
         cached = self._kernel_meta.get(key)
-        if cached is None:
-            cached = ops.reorder_meta(self.metadata, self.weight_shape[1], backend)
-            if ops.may_cache_reorder(self.metadata):
-                self._kernel_meta[key] = cached
-        return cached
+        if cached is not None:
+            return cached[1]
+        kernel = ops.reorder_meta(self.metadata, self.weight_shape[1], backend)
+        return self._kernel_meta.store(key, kernel) if ops.may_cache_reorder(self.metadata) else kernel
 
     def _sparse_linear(self, x: Tensor, activation: Optional[str] = None) -> Tensor:
         return linear_parts(x, self.values, self.metadata, self.weight_shape, self.bias, activation=activation,

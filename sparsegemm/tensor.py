@@ -68,6 +68,64 @@ def check_int8_values(op: str, values: torch.Tensor) -> None:
         raise ValueError(f"{op}: int8 values must lie in [-127, 127] (symmetric quantization), got -128 in row {row}")
 
 
+class KernelMetaCache:
+    """The kernel-layout copies (reorder_meta) of one weight's metadata, per key (a layer's: backend
+    and device; a SparseTensor24's: backend), each with a tag of what it was made from.
+
+    forget() sets the copies aside instead of freeing them, and the next copy made under the same key
+    is written into the old one's memory. Why: a CUDA graph captured over a layer reads the copy at
+    its address. Freed by a load_state_dict, an assignment or a .half() of a half layer, it was
+    memory the allocator handed on (replays read garbage); written in place, a replay reads the
+    refreshed copy, as it reads a weight loaded in place. A move to another device frees them
+    (keep_only_on)."""
+
+    __slots__ = ("entries", "spare")
+
+    def __init__(self) -> None:
+        self.entries: dict = {}  # key -> (tag, tensor)
+        self.spare: dict = {}    # key -> tensor, memory for the next copy under key
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def get(self, key) -> Optional[tuple]:
+        """(tag, tensor) stored under ``key``, or None."""
+        return self.entries.get(key)
+
+    def store(self, key, tensor: torch.Tensor, tag=None) -> torch.Tensor:
+        """Keep ``tensor`` under ``key`` (in the memory set aside for it, where there is some) and
+        return the tensor kept."""
+        if torch.compiler.is_compiling():  # a traced copy: kept as it is (torch.compile replays this)
+            self.entries[key] = (tag, tensor)
+            return tensor
+        replaced = self.entries.pop(key, None)  # a stale copy (its tag no longer matches): its memory
+        spare = self.spare.pop(key, None) if replaced is None else replaced[1]
+        if spare is not None and spare.shape == tensor.shape and spare.device == tensor.device:
+            spare.copy_(tensor)
+            tensor = spare
+        if tensor.is_cuda:
+            # Made on the caller's stream, and read from then on by calls on any stream, which would
+            # not wait for it: once per copy, a wait here.
+            torch.cuda.current_stream(tensor.device).synchronize()
+        self.entries[key] = (tag, tensor)
+        return tensor
+
+    def forget(self) -> None:
+        """Set every copy aside: the next get() finds none."""
+        for key, (_, tensor) in self.entries.items():
+            self.spare[key] = tensor
+        self.entries = {}
+
+    def keep_only_on(self, device: torch.device) -> None:
+        """Forget, and free the copies on other devices than ``device`` (the weight moved)."""
+        self.forget()
+        self.spare = {key: t for key, t in self.spare.items() if t.device == device}
+
+    def stale_keys(self) -> list:
+        """Keys whose copy was set aside and not made again yet."""
+        return list(self.spare)
+
+
 class SparseTensor24:
     """A 2:4-sparse weight ``W[N, K]`` stored as kept values and 2-bit metadata.
 
@@ -96,7 +154,7 @@ class SparseTensor24:
         self.meta = meta
         self.shape = _dense_shape(shape)
         self.scale = scale
-        self._kernel_meta: dict = {}
+        self._kernel_meta = KernelMetaCache()
         self._check_layout()  # always: the kernels trust these sizes (validate=False skips reading the data)
         if validate:
             self.validate()
@@ -129,6 +187,15 @@ class SparseTensor24:
         scale = ", scale=per-row" if self.scale is not None else ""
         return (f"SparseTensor24(shape=({n}, {k}), dtype={str(self.dtype).replace('torch.', '')}, "
                 f"device={self.device}{scale}, nbytes={self.nbytes} ({ratio:.1%} of dense))")
+
+    def __getstate__(self) -> dict:
+        # Without the kernel-layout copies: made again after loading, never written to disk.
+        return {name: getattr(self, name) for name in ("values", "meta", "shape", "scale")}
+
+    def __setstate__(self, state: dict) -> None:
+        for name, value in state.items():
+            setattr(self, name, value)
+        self._kernel_meta = KernelMetaCache()
 
     # ---- checks --------------------------------------------------------------------------------
     def validate(self) -> None:
@@ -214,9 +281,9 @@ class SparseTensor24:
         compiling = torch.compiler.is_compiling()
         numbers = None if compiling else ops.storage_state(meta)
         cached = self._kernel_meta.get(backend)
-        if cached is not None and (compiling or (cached[0] is meta and cached[1] == numbers)):
-            return cached[2]
+        if cached is not None and (compiling or (cached[0][0] is meta and cached[0][1] == numbers)):
+            return cached[1]
         kernel = ops.reorder_meta(meta, self.shape[1], backend, s8=self.dtype == torch.int8)
         if not compiling and ops.may_cache_reorder(meta):
-            self._kernel_meta[backend] = (meta, numbers, kernel)
+            kernel = self._kernel_meta.store(backend, kernel, (meta, numbers))
         return kernel

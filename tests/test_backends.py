@@ -57,9 +57,9 @@ def test_sparse_linear_on_simt_backend_reorders_once():
     sl = SparseLinear.from_dense(lin, backend="simt")
     x = torch.randn(3, 64).half()
     y1 = sl(x)
-    cached = dict(sl._kernel_meta)
+    cached = dict(sl._kernel_meta.entries)
     y2 = sl(x)
-    assert len(cached) == 1 and all(sl._kernel_meta[key] is value for key, value in cached.items())
+    assert len(cached) == 1 and all(sl._kernel_meta.get(key) is value for key, value in cached.items())
     assert torch.equal(y1, y2)
     oracle.assert_close_to_oracle(y1, x, sl.dense_weight(), lin.bias.detach())
 

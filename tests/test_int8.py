@@ -593,10 +593,9 @@ def test_sparse_linear_int8_simt_backend_matches_cpu_and_caches_meta():
     x = torch.randn(2, 3, 70, generator=gen).to(torch.bfloat16)
     with torch.no_grad():
         assert torch.equal(simt(x), cpu(x))
-        assert "simt" in simt._kernel_meta
-        cached = simt._kernel_meta["simt"]
+        cached = simt._kernel_meta.get("simt")
         simt(x)
-        assert simt._kernel_meta["simt"] is cached
+        assert cached is not None and simt._kernel_meta.get("simt") is cached
 
 
 # ---- found by an adversarial pass across backends -------------------------------------------------

@@ -267,3 +267,39 @@ def test_static_int8_quantization_with_a_number_for_scale_is_capturable():
     torch.cuda.synchronize()
     assert torch.equal(captured[0], want[0]) and torch.equal(captured[1], want[1])
     assert torch.equal(want[0].cpu(), quant.quantize_activations_static(x.cpu(), 0.05)[0])
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_a_graph_replays_a_weight_loaded_in_place_and_streams_share_first_copies(quantize):
+    # The reordered metadata was freed by load_state_dict (replays then read reused memory) and, made
+    # on a busy stream, read at once from another one. Now a load remakes it in its own memory, and
+    # the copy is complete before any stream reads it (KernelMetaCache).
+    torch.manual_seed(0)
+    layer, other = (sparsegemm.SparseLinear.from_dense(torch.nn.Linear(4096, 1024).cuda().half(), quantize=quantize)
+                    for _ in range(2))
+    x = torch.randn(16, 4096, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        want = other(x)
+        layer(x)  # warm-up: the copy is made and kept
+        graph, side = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.cuda.graph(graph):
+            captured = layer(x)
+        torch.cuda.current_stream().wait_stream(side)
+        layer.load_state_dict(other.state_dict())
+        junk = [torch.full((1 << 20,), 0xFF, dtype=torch.uint8, device="cuda") for _ in range(16)]  # reuse freed
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(captured, want) and len(junk) == 16
+        dense = torch.nn.Linear(4096, 1024).cuda().half()
+        reference = sparsegemm.SparseLinear.from_dense(dense, quantize=quantize)(x)
+        fresh = sparsegemm.SparseLinear.from_dense(dense, quantize=quantize)  # no copy made yet
+        busy, reader = torch.cuda.Stream(), torch.cuda.Stream()
+        torch.cuda.synchronize()
+        with torch.cuda.stream(busy):
+            torch.cuda._sleep(50_000_000)  # tens of ms: the copy is queued behind it
+            first = fresh(x)
+        with torch.cuda.stream(reader):
+            second = fresh(x)
+        torch.cuda.synchronize()
+        assert torch.equal(first, reference) and torch.equal(second, reference)

@@ -600,6 +600,44 @@ def test_a_convolution_with_fresh_metadata_overrides_reorders_each_one():
         assert torch.allclose(got.float(), wants[t % 2].float(), rtol=1e-2, atol=1e-2), t
 
 
+def test_kernel_layout_copies_are_refreshed_in_their_own_memory():
+    # A CUDA graph captured over a layer reads the reordered metadata at its address. load_state_dict
+    # (even of the layer's own weights), .half() of a half layer, .to() its own device and assigning
+    # the same bias freed that copy, and replays read memory the allocator had handed on. The copy is
+    # now made again where it was, and at once by a load: a replay after it reads the new weight's.
+    torch.manual_seed(5)
+    for quantize, key in ((None, ("simt", torch.device("cpu"))), ("int8", "simt")):
+        layer = SparseLinear.from_dense(nn.Linear(64, 32).half(), backend="simt", quantize=quantize)
+        other = SparseLinear.from_dense(nn.Linear(64, 32).half(), backend="simt", quantize=quantize)
+        x = torch.randn(2, 64).half()
+        with torch.no_grad():
+            layer(x)
+        copy = layer._kernel_meta.get(key)[1]
+        address = copy.data_ptr()
+        layer.load_state_dict(other.state_dict())
+        assert layer._kernel_meta.get(key)[1] is copy and copy.data_ptr() == address  # made again, before a call
+        assert torch.equal(copy, ops.reorder_meta(other.metadata, 64, "simt", s8=quantize == "int8"))
+        for change in (lambda: layer.half(), lambda: layer.to("cpu"), lambda: setattr(layer, "bias", layer.bias)):
+            change()
+            with torch.no_grad():
+                assert torch.equal(layer(x), other(x))
+            assert layer._kernel_meta.get(key)[1].data_ptr() == address
+    layer.to("meta")  # a move: the copies on the device left are freed
+    assert not layer._kernel_meta and not layer._kernel_meta.spare
+
+
+def test_a_sparse_tensor_pickles_without_its_kernel_layout_copies():
+    import copy
+    import pickle
+
+    sw = sparsegemm.compress(torch.randn(64, 64).half(), prune=True)
+    size = len(pickle.dumps(sw))
+    sw.kernel_meta("simt")
+    assert len(pickle.dumps(sw)) == size and not pickle.loads(pickle.dumps(sw))._kernel_meta
+    twin = copy.deepcopy(sw)
+    assert not twin._kernel_meta and torch.equal(twin.kernel_meta("simt"), sw.kernel_meta("simt"))
+
+
 def test_a_layer_made_under_inference_mode_runs_on_the_kernel_path():
     # Its buffers are inference tensors, which have no version counter to check.
     with torch.inference_mode():
