@@ -119,8 +119,14 @@ def test_the_grouped_plan_splits_k_when_the_routed_groups_leave_the_gpu_idle():
     workspace_bytes, counters = _C.simt_gemm_grouped_scratch(2, 64, 2048, 6, 3)
     assert workspace_bytes == 2 * 6 * 64 * 4 and counters == 3
     x, offsets, weights, _ = grouped_case([2, 1, 2], 64, 2048, torch.bfloat16, seed=22, bias=False)
+    x, offsets = x[2:8], offsets - 2  # six rows, as many as the groups can hold (two each)
     y = sparsegemm.grouped_linear(x, offsets, weights, max_rows=2, backend="simt")
     assert_groups_match_oracle(y, x, offsets, weights, None, None)
+    # More rows of X than the groups can hold: the split's workspace is laid out by X's rows, all of
+    # them (16 MiB for 8192 rows here, where 64 KiB of them are computed; 8 GiB at 65536 rows and N =
+    # 4096 on an H200), so it does not split.
+    assert _C.simt_gemm_grouped_scratch(2, 64, 2048, 7, 3) == (0, 0)
+    assert _C.simt_gemm_grouped_scratch(16, 128, 4096, 8192, 2) == (0, 0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

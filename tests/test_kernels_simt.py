@@ -867,8 +867,12 @@ def test_tma_gemm_refuses_what_a_tensor_map_cannot_describe(kernels, config, til
     values, meta, _ = kernels.compress(w, prune=False)
     x = torch.zeros((3, 68), dtype=torch.float16)[:, :64]  # rows 136 bytes apart
     with pytest.raises(ValueError, match=r"needs X 16-byte aligned with rows a multiple of 16 bytes apart, "
-                                         r"got ldx = 68"):
+                                         r"below 2\^40 bytes, got ldx = 68"):
         kernels.gemm(x, values, meta, 20, 64, config=config)
+    # One row may have any stride; a tensor map's must be below 2^40 bytes (the encoder failed).
+    far = torch.zeros(64, dtype=torch.float16).as_strided((1, 64), (1 << 40, 1))
+    with pytest.raises(ValueError, match=r"below 2\^40 bytes, got ldx = 1099511627776 elements of 2 bytes"):
+        kernels.gemm(far, values, meta, 20, 64, config=config)
 
 
 @pytest.mark.parametrize("setting", ["off", "true", "2"])

@@ -342,9 +342,10 @@ template <typename Policy>
 std::string tma_operands_refusal(const GemmParams& p) {
   constexpr int64_t kElem = int64_t(sizeof(typename Policy::Operand));
   const int64_t Kc = values_cols(p.K);
-  if (reinterpret_cast<uintptr_t>(p.x) % 16 != 0 || (p.ldx * kElem) % 16 != 0)
-    return "X 16-byte aligned with rows a multiple of 16 bytes apart, got ldx = " + std::to_string(p.ldx) +
-           " elements of " + std::to_string(kElem) + " bytes";
+  // cuTensorMapEncodeTiled takes row strides below 2^40 bytes (an M = 1 view may have any stride).
+  if (reinterpret_cast<uintptr_t>(p.x) % 16 != 0 || (p.ldx * kElem) % 16 != 0 || p.ldx * kElem >= (int64_t(1) << 40))
+    return "X 16-byte aligned with rows a multiple of 16 bytes apart, below 2^40 bytes, got ldx = " +
+           std::to_string(p.ldx) + " elements of " + std::to_string(kElem) + " bytes";
   if (reinterpret_cast<uintptr_t>(p.values) % 16 != 0 || (Kc * kElem) % 16 != 0)
     return "Wc 16-byte aligned with rows of whole 16 bytes, got " + std::to_string(Kc * kElem) + "-byte rows (K = " +
            std::to_string(p.K) + ")";
@@ -542,8 +543,14 @@ GemmPlan plan_grouped(int64_t M, int64_t N, int64_t K, int64_t x_rows, int64_t g
     throw std::invalid_argument("sparsegemm gemm_grouped: config must be -1 (choose), 0 (large M), 1 (decode) or 2 "
                                 "(large M, wgmma), got " + std::to_string(config) + ": the TMA pipelines serve "
                                 "single GEMMs");
-  return plan_device_gemm(std::max<int64_t>(1, std::min(M, x_rows)), N, K, family_decode_wave(block_k), config,
-                          split_k, block_k, std::max<int64_t>(1, std::min(groups, x_rows)));
+  // A K split keeps partial sums for every row of X (a group's rows are absolute: gemm_sp.cuh
+  // partial_rows), so an X of more rows than the groups can hold (M each) would take a workspace of
+  // rows no group computes: 8 GiB for 65536 rows of 4096 outputs split 8 ways, for 16 rows a group.
+  // No split there unless asked (a mixture of experts, whose routed rows the groups cover, splits).
+  const int64_t rows = std::max<int64_t>(1, std::min(M, x_rows));
+  const int planned_split = split_k <= 0 && x_rows > rows * groups ? 1 : split_k;
+  return plan_device_gemm(rows, N, K, family_decode_wave(block_k), config, planned_split, block_k,
+                          std::max<int64_t>(1, std::min(groups, x_rows)));
 }
 
 // Split-K scratch of a grouped GEMM planned as plan_grouped: partial sums for every row of X (a
