@@ -130,6 +130,8 @@ class _SparseWeight(nn.Module):
                 self.bias.zero_()
             if self.quantize == "int8":
                 self.scale.fill_(1.0)
+                if self.input_scale is not None:  # static: the calibrated scale, to be loaded or set
+                    self.input_scale.fill_(1.0)
         self._forget_derived()
 
     def _load_compressed(self, sw: SparseTensor24, bias: Optional[Tensor]) -> None:
@@ -162,7 +164,7 @@ class _SparseWeight(nn.Module):
         reordered metadata per backend and device (set aside, to be made again in the same memory:
         KernelMetaCache), and any SparseExperts' grouped tables."""
         cache = self.__dict__.get("_kernel_meta")
-        if cache is None:
+        if not isinstance(cache, KernelMetaCache):  # none yet, or a dict of a module pickled long ago
             self.__dict__["_kernel_meta"] = KernelMetaCache()
         else:
             cache.forget()
@@ -259,11 +261,15 @@ class _SparseWeight(nn.Module):
         meta = self.metadata
         if torch.compiler.is_compiling() or meta.is_meta or not ops.may_cache_reorder(meta):
             return
-        for key in self._kernel_meta.stale_keys():
-            if isinstance(key, str):  # an INT8 layer's (SparseTensor24.kernel_meta): its backend
-                self.sparse_weight().kernel_meta(key)
-            elif key[1] == meta.device:  # a 16-bit layer's: backend and device
-                self._kernel_meta_for(key[0])
+        with torch.no_grad():  # outside autograd: made in their own memory (KernelMetaCache.store)
+            for key in self._kernel_meta.stale_keys(meta.device):
+                backend = key if isinstance(key, str) else key[0]  # INT8 (SparseTensor24.kernel_meta) / 16-bit
+                if (backend == "cuda") != meta.is_cuda:
+                    continue  # a load assigned tensors of another device: made at the next call there
+                if isinstance(key, str):
+                    self.sparse_weight().kernel_meta(key)
+                else:
+                    self._kernel_meta_for(backend)
 
     def _explain_other_layouts(self, state_dict, prefix: str) -> None:
         """Beside torch's missing / unexpected keys, a warning of what a state dict of another kind of
@@ -575,7 +581,8 @@ class SparseLinear(_SparseWeight):
         functional API's checks, the custom op, the INT8 entry's tests); a plain tensor on the
         layer's device, with nothing to trace or record for autograd, skips all of that: the
         plan, checked once, holds the backend, sizes, activation and reordered metadata."""
-        if torch.compiler.is_compiling() or torch.jit.is_tracing() or type(x) is not Tensor:  # traced: the custom ops
+        if (torch.compiler.is_compiling() or torch.jit.is_tracing() or type(x) is not Tensor  # traced: the custom ops
+                or torch._C._are_functorch_transforms_active()):  # vmap's wrapped x: no pointer to launch with
             return None
         self._check_metadata_unchanged()
         plan = self._eager_plan
@@ -1367,8 +1374,8 @@ class SparseConv2d(_SparseWeight):
         ops.check_same_device(op, x=x, values=self.values)
         # A channels_last tensor permuted to [B, H, W, C] is contiguous NHWC: no copy then.
         x_nhwc = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
-        y = ops._conv2d(x_nhwc, self.values, self.metadata, self._kernel_meta_for(backend),
-                        *(list(pair) for pair in self._kernel_taps()), self.bias, 0, backend)
+        y = ops.call(ops._conv2d, x_nhwc, self.values, self.metadata, self._kernel_meta_for(backend),
+                     *(list(pair) for pair in self._kernel_taps()), self.bias, 0, backend)
         return y.permute(0, 3, 1, 2)
 
     def dense_weight(self) -> Tensor:

@@ -72,12 +72,14 @@ class KernelMetaCache:
     """The kernel-layout copies (reorder_meta) of one weight's metadata, per key (a layer's: backend
     and device; a SparseTensor24's: backend), each with a tag of what it was made from.
 
-    forget() sets the copies aside instead of freeing them, and the next copy made under the same key
-    is written into the old one's memory. Why: a CUDA graph captured over a layer reads the copy at
-    its address. Freed by a load_state_dict, an assignment or a .half() of a half layer, it was
-    memory the allocator handed on (replays read garbage); written in place, a replay reads the
-    refreshed copy, as it reads a weight loaded in place. A move to another device frees them
-    (keep_only_on)."""
+    forget() sets the copies aside instead of freeing them, and the next copy made under the same
+    key outside autograd is written into the old one's memory. Why: a CUDA graph captured over a
+    layer reads the copy at its address. Freed by a load_state_dict, an assignment or a .half() of a
+    half layer, it was memory the allocator handed on (replays read garbage); written in place, a
+    replay reads the refreshed copy, as it reads a weight loaded in place. Not under autograd: a
+    graph being recorded may have saved the old copy for its backward, which an in-place write would
+    spoil. A copy made for another tag while one is current (another weight sharing the cache) gets
+    memory of its own. A move to another device frees them (keep_only_on)."""
 
     __slots__ = ("entries", "spare")
 
@@ -93,14 +95,16 @@ class KernelMetaCache:
         return self.entries.get(key)
 
     def store(self, key, tensor: torch.Tensor, tag=None) -> torch.Tensor:
-        """Keep ``tensor`` under ``key`` (in the memory set aside for it, where there is some) and
-        return the tensor kept."""
-        if torch.compiler.is_compiling():  # a traced copy: kept as it is (torch.compile replays this)
-            self.entries[key] = (tag, tensor)
+        """Keep ``tensor`` under ``key`` (in the memory set aside for it, where it may be reused) and
+        return the tensor kept. Traced by torch.export or other non-dynamo tracing: not kept (nothing
+        would put a real tensor in the traced one's place)."""
+        if torch.compiler.is_compiling():
+            if torch.compiler.is_dynamo_compiling():  # a traced copy, which torch.compile's replay keeps
+                self.entries[key] = (tag, tensor)
             return tensor
-        replaced = self.entries.pop(key, None)  # a stale copy (its tag no longer matches): its memory
-        spare = self.spare.pop(key, None) if replaced is None else replaced[1]
-        if spare is not None and spare.shape == tensor.shape and spare.device == tensor.device:
+        spare = self.spare.pop(key, None)
+        if (spare is not None and not torch.is_grad_enabled() and spare.shape == tensor.shape
+                and spare.device == tensor.device):
             spare.copy_(tensor)
             tensor = spare
         if tensor.is_cuda:
@@ -121,9 +125,9 @@ class KernelMetaCache:
         self.forget()
         self.spare = {key: t for key, t in self.spare.items() if t.device == device}
 
-    def stale_keys(self) -> list:
-        """Keys whose copy was set aside and not made again yet."""
-        return list(self.spare)
+    def stale_keys(self, device: torch.device) -> list:
+        """Keys whose copy on ``device`` was set aside and not made again yet."""
+        return [key for key, t in self.spare.items() if t.device == device]
 
 
 class SparseTensor24:
@@ -192,9 +196,11 @@ class SparseTensor24:
         # Without the kernel-layout copies: made again after loading, never written to disk.
         return {name: getattr(self, name) for name in ("values", "meta", "shape", "scale")}
 
-    def __setstate__(self, state: dict) -> None:
-        for name, value in state.items():
-            setattr(self, name, value)
+    def __setstate__(self, state) -> None:
+        if isinstance(state, tuple):  # pickled before __getstate__: (None, {slot: value})
+            state = state[1]
+        for name in ("values", "meta", "shape", "scale"):
+            setattr(self, name, state.get(name))
         self._kernel_meta = KernelMetaCache()
 
     # ---- checks --------------------------------------------------------------------------------

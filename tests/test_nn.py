@@ -12,6 +12,7 @@ from torch import nn
 import sparsegemm
 from sparsegemm import _C, ops, oracle
 from sparsegemm.nn import SparseConv2d, SparseLinear
+from sparsegemm.tensor import SparseTensor24
 from conftest import run_cli
 
 
@@ -626,6 +627,61 @@ def test_kernel_layout_copies_are_refreshed_in_their_own_memory():
     assert not layer._kernel_meta and not layer._kernel_meta.spare
 
 
+def test_kernel_layout_copies_stay_right_for_shared_caches_autograd_and_export():
+    from torch.nn.utils import parametrize
+    from sparsegemm.quant import linear_int8
+
+    torch.manual_seed(6)
+    x = torch.randn(2, 64).half()
+    # A SparseTensor24 from sparse_weight() shares the layer's cache: used after the layer's weight
+    # was replaced, it wrote its old layout into the memory the layer's plan reads (outputs 1.2 off).
+    layer, other = (SparseLinear.from_dense(nn.Linear(64, 32).half(), backend="simt", quantize="int8")
+                    for _ in range(2))
+    with torch.no_grad():
+        held = layer.sparse_weight()
+        layer(x)
+        layer.values = nn.Parameter(other.values.clone(), requires_grad=False)
+        layer.metadata, layer.scale = other.metadata.clone(), other.scale.clone()
+        layer.bias = nn.Parameter(other.bias.clone(), requires_grad=False)
+        assert torch.equal(layer(x), other(x))
+        linear_int8(x, held, layer.bias, backend="simt")
+        assert torch.equal(layer(x), other(x))
+    # Used twice in one graph with parametrized metadata (a new tensor at each access): the second
+    # copy was written over the first, which the graph had saved for its backward.
+    twice = SparseLinear.from_dense(nn.Linear(64, 64).half(), backend="simt")
+
+    class Copy(nn.Module):
+        def forward(self, meta):
+            return meta.clone()
+
+    parametrize.register_parametrization(twice, "metadata", Copy(), unsafe=True)
+    twice(twice(x)).float().sum().backward()
+    assert twice.values.grad is not None
+    # torch.export (non-strict) kept its traced copy, a FakeTensor, which the next eager call read.
+    fresh = SparseLinear.from_dense(nn.Linear(64, 32).half(), backend="simt")
+    with torch.no_grad():
+        torch.export.export(fresh, (x,))
+        torch.testing.assert_close(fresh(x), torch.nn.functional.linear(x.float(), fresh.dense_weight().float(),
+                                                                        fresh.bias.float()).half(),
+                                   rtol=2e-3, atol=2e-3)
+
+
+def test_modules_and_sparse_tensors_pickled_by_earlier_versions_load():
+    sw = sparsegemm.compress(torch.randn(32, 64).half(), prune=True)
+    old = SparseTensor24.__new__(SparseTensor24)
+    old.__setstate__((None, {"values": sw.values, "meta": sw.meta, "shape": sw.shape, "scale": None,
+                             "_kernel_meta": {}}))  # the default form of a __slots__ class
+    assert torch.equal(sparsegemm.decompress(old), sparsegemm.decompress(sw)) and not old._kernel_meta
+    layer = SparseLinear.from_dense(nn.Linear(64, 32).half(), backend="simt")
+    state = layer.__getstate__()
+    state["_kernel_meta"] = {("simt", torch.device("cpu")): torch.zeros(1, dtype=torch.uint8)}  # its old form
+    loaded = SparseLinear.__new__(SparseLinear)
+    loaded.__setstate__(state)
+    x = torch.randn(2, 64).half()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), layer(x))
+
+
 def test_a_sparse_tensor_pickles_without_its_kernel_layout_copies():
     import copy
     import pickle
@@ -921,8 +977,14 @@ def test_sparsify_and_the_layers_refuse_a_shell_saying_why():
 def test_reset_parameters_gives_a_layer_materialized_from_meta_a_valid_state():
     # to_empty leaves uninitialized memory: metadata of illegal nibbles, which a forward took (NaN on
     # the CPU, undefined on a GPU). FSDP calls reset_parameters on the materialized modules.
+    def static_int8():
+        layer = SparseLinear(64, 32, quantize="int8")
+        layer.set_input_scale(1.0)
+        return layer
+
     builders = ((lambda: SparseLinear(64, 32), torch.randn(2, 64)),
                 (lambda: SparseLinear(64, 32, quantize="int8"), torch.randn(2, 64)),
+                (static_int8, torch.randn(2, 64)),  # its calibrated scale too
                 (lambda: SparseConv2d(8, 16, 3, padding=1), torch.randn(1, 8, 5, 5)),
                 (lambda: sparsegemm.SparseConv1d(8, 16, 3), torch.randn(1, 8, 7)))
     for build, x in builders:

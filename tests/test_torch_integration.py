@@ -238,7 +238,15 @@ def test_torch_func_vmap_runs_frozen_and_int8_layers_and_jvp_refuses():
         conv = SparseConv2d.from_dense(nn.Conv2d(8, 16, 3, padding=1)).requires_grad_(False)
         images = torch.randn(2, 1, 8, 5, 5)
         torch.testing.assert_close(torch.func.vmap(conv)(images), torch.stack([conv(i) for i in images]))
+        # The kernel path (the emulator here, CUDA tensors on a GPU) has an eager plan of its own.
+        for quantize in (None, "int8"):
+            layer = SparseLinear.from_dense(nn.Linear(16, 8).half(), backend="simt", quantize=quantize)
+            layer.requires_grad_(False)
+            torch.testing.assert_close(torch.func.vmap(layer)(x.half().unsqueeze(1)).squeeze(1), layer(x.half()))
     for layer in (layers[0], SparseLinear.from_dense(nn.Linear(16, 8))):
         with pytest.raises(NotImplementedError, match=r"sparsegemm::linear: forward-mode AD \(torch.func.jvp, "
                                                       r"jacfwd\) is not implemented"):
             torch.func.jvp(layer, (x,), (x,))
+    conv = SparseConv2d.from_dense(nn.Conv2d(8, 16, 3, padding=1).half(), backend="simt")
+    with pytest.raises(NotImplementedError, match=r"sparsegemm::conv2d: forward-mode AD"):  # gave 0, silently
+        torch.func.jvp(conv, (images[0].half(),), (images[0].half(),))
