@@ -17,8 +17,9 @@ from .functional import mask_2to4
 from .io import check_outside_empty_weights, parameter_names
 from .ops import FLOAT_DTYPES
 from .prune import _layer_gemm_view
-from .nn import (SparseConv1d, SparseConv2d, SparseExperts, SparseGatedMLP, SparseLinear, conv_skip_reason,
-                 experts_activation, gated_mlp_activation, gated_mlp_parts, is_conv1d, weight_skip_reason)
+from .nn import (SparseConv1d, SparseConv2d, SparseExperts, SparseGatedMLP, SparseLinear, _probe_mismatch,
+                 conv_skip_reason, experts_activation, gated_mlp_activation, gated_mlp_parts, is_conv1d,
+                 weight_skip_reason)
 
 __all__ = ["sparsify", "SparsifyReport", "LayerReport"]
 
@@ -188,8 +189,9 @@ def sparsify(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
         if entry.reason:
             continue
         if type(mod) not in (nn.Linear, nn.Conv1d, nn.Conv2d) and type(mod).__name__ != "Conv1D":
-            entry.reason = _subclass_reason(mod)
-            continue
+            entry.reason = _linear_subclass_reason(mod) if isinstance(mod, nn.Linear) else _subclass_reason(mod)
+            if entry.reason:
+                continue
         if filter_fn is not None and not filter_fn(name, mod):
             entry.reason = "rejected by filter_fn"
             continue
@@ -234,6 +236,28 @@ def _subclass_reason(mod: nn.Module) -> str:
         return "carries a 2:4 mask (parametrized): call sparsegemm.prune.remove_masks(model) first"
     return (f"parametrized ({', '.join(kinds)}, e.g. weight_norm): its weight is computed at every call, which a "
             "compressed layer cannot do; remove the parametrization first to convert it")
+
+
+def _linear_subclass_reason(mod: nn.Linear) -> str:
+    """Why sparsify leaves an nn.Linear subclass alone, or "" where it converts it: one holding
+    nothing but nn.Linear's weight and bias whose forward computes nn.Linear's product
+    (transformers' FalconLinear, ``x @ W.T + b``; torch's NonDynamicallyQuantizableLinear), told on
+    a random probe (hooks left out), since no class says what its forward computes. More state
+    (LoRA's adapters, whose zero-initialized half a probe would not see) keeps it dense."""
+    reason = _subclass_reason(mod)
+    w = mod.weight
+    extra = ([name for name in mod._parameters if name not in ("weight", "bias")]
+             + [name for name, b in mod._buffers.items() if b is not None] + list(mod._modules))
+    if hasattr(mod, "parametrizations") or extra or w.is_meta or not w.is_floating_point():
+        return reason + (f" (it holds more than nn.Linear's weight and bias: {', '.join(extra)})" if extra else "")
+    x = torch.randn(2, w.shape[1], generator=torch.Generator().manual_seed(0)).to(w.device, w.dtype)
+    try:
+        with torch.no_grad():
+            got, want = type(mod).forward(mod, x), nn.functional.linear(x, w, mod.bias)
+    except Exception as exc:  # any failure of a foreign forward: not what nn.Linear computes
+        return f"{reason}: its forward failed on a probe ({type(exc).__name__}: {exc})"
+    why = _probe_mismatch(got, want, 1e-5 if w.dtype in (torch.float32, torch.float64) else 1e-2)
+    return f"{reason}: its forward is not nn.Linear's x @ W.T + b ({why} on a probe)" if why else ""
 
 
 def _weight_reader(model: nn.Module, name: str, attributes: str = "weight") -> Optional[str]:

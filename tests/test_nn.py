@@ -1619,6 +1619,51 @@ def test_sparsify_sees_a_weight_read_through_an_index():
         model(torch.randn(2, 64))
 
 
+def test_sparsify_converts_linear_subclasses_that_compute_what_nn_linear_does():
+    # transformers' FalconLinear (x @ W.T + b) was left dense as a subclass while the pruning tools
+    # pruned it: a Falcon model came out pruned but not one layer converted. A probe now tells
+    # nn.Linear's product from anything else; more state than weight and bias keeps a layer dense.
+    class FalconLinear(nn.Linear):
+        def forward(self, input):
+            out = input @ self.weight.T
+            return out if self.bias is None else out + self.bias
+
+    class Scaled(nn.Linear):
+        def forward(self, input):
+            return 2 * super().forward(input)
+
+    class Failing(nn.Linear):
+        def forward(self, input, mask):
+            return super().forward(input) * mask
+
+    class LoRA(nn.Linear):  # an adapter whose B starts at zero: a probe alone would see nn.Linear
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.lora_a = nn.Parameter(torch.randn(4, self.in_features))
+            self.lora_b = nn.Parameter(torch.zeros(self.out_features, 4))
+
+        def forward(self, input):
+            return super().forward(input) + input @ self.lora_a.T @ self.lora_b.T
+
+    torch.manual_seed(8)
+    model = nn.Sequential(FalconLinear(64, 64), FalconLinear(64, 64, bias=False), Scaled(64, 64), Failing(64, 64),
+                          LoRA(64, 64))
+    x = torch.randn(3, 64)
+    sparsegemm.prune.prune_one_shot(model)
+    sparsegemm.prune.remove_masks(model)
+    with torch.no_grad():
+        want = [model[0](x), model[1](x)]
+    report = sparsegemm.sparsify(model, min_features=8)
+    assert [row.converted for row in report.layers] == [True, True, False, False, False]
+    assert "subclass Scaled left alone: its forward is not nn.Linear's x @ W.T + b (off by 100.0%" in report.layers[2].reason
+    assert "subclass Failing left alone: its forward failed on a probe (TypeError" in report.layers[3].reason
+    assert report.layers[4].reason == ("subclass LoRA left alone (it holds more than nn.Linear's weight and bias: "
+                                       "lora_a, lora_b)")
+    with torch.no_grad():
+        torch.testing.assert_close(model[0](x), want[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model[1](x), want[1], rtol=1e-5, atol=1e-5)
+
+
 def test_sparsify_keeps_frozen_parameters_frozen():
     # Freeze-the-backbone fine-tuning: the converted layers came back trainable.
     model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 64))
