@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import inspect
 import re
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
@@ -223,7 +224,23 @@ def sparsify(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
         entry.note = _set_submodule(model, name, new)
     _complete_split_attention(model)
     turn_off_nested_fast_path(model)
+    _warn_of_layers_pruned_here(report)
     return report
+
+
+def _warn_of_layers_pruned_here(report: SparsifyReport) -> None:
+    """A warning where some converted layers came already 2:4 (pruned before: the prune, fine-tune,
+    remove_masks recipe) and others did not, which sparsify then pruned by magnitude, past whatever
+    the model was validated with: e.g. a mixture's 3-D experts, which the pruning tools leave out."""
+    converted = report.converted
+    pruned_here = [layer.name for layer in converted if layer.magnitude_kept < 1.0]
+    if pruned_here and len(pruned_here) < len(converted):
+        shown = ", ".join(pruned_here[:5]) + (f" and {len(pruned_here) - 5} more" if len(pruned_here) > 5 else "")
+        warnings.warn(f"sparsify: {len(converted) - len(pruned_here)} converted layers were 2:4 already, "
+                      f"{len(pruned_here)} were not and were pruned here by magnitude ({shown}): if the model was "
+                      "pruned and validated before, those layers were not part of it (the pruning tools leave a "
+                      "mixture's 3-D experts out); filter_fn can leave them dense",
+                      stacklevel=3)
 
 
 def _subclass_reason(mod: nn.Module) -> str:
