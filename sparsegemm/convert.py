@@ -224,8 +224,29 @@ def sparsify(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
         entry.note = _set_submodule(model, name, new)
     _complete_split_attention(model)
     turn_off_nested_fast_path(model)
+    _report_unknown_weights(model, report)
     _warn_of_layers_pruned_here(report)
     return report
+
+
+def _report_unknown_weights(model: nn.Module, report: SparsifyReport) -> None:
+    """A row, left dense, for each weight no pass above considered that looks like a GEMM's: a 3-D
+    one, or a 2-D one of a module whose class names experts (DBRX's fused [E * I, H] w1 / v1 / w2,
+    JetMoE's 3-D experts), which were the larger part of such models and missing from the report."""
+    seen = {layer.name for layer in report.layers}
+    for name, mod in model.named_modules():
+        if name in seen or isinstance(mod, (SparseLinear, SparseConv2d, SparseExperts)):
+            continue
+        expert_like = "expert" in type(mod).__name__.lower()
+        for pname, p in mod.named_parameters(recurse=False):
+            full = f"{name}.{pname}" if name else pname
+            if full in seen or isinstance(p, nn.parameter.UninitializedParameter) or min(p.shape) < 2 or not (
+                    p.dim() == 3 or (p.dim() == 2 and expert_like)):  # min: not a bias ([1, 1, E] bias_k)
+                continue
+            report.layers.append(LayerReport(
+                full, type(mod).__name__, (p.numel() // p.shape[-1], p.shape[-1]), p.numel() * p.element_size(), 0,
+                1.0 if p.is_meta else _magnitude_kept(p.detach().reshape(-1, p.shape[-1])), False,
+                f"a {p.dim()}-D weight {tuple(p.shape)} of a layout sparsify does not convert"))
 
 
 def _warn_of_layers_pruned_here(report: SparsifyReport) -> None:

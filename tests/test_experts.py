@@ -253,6 +253,31 @@ def test_sparsify_warns_when_it_prunes_layers_beside_ones_pruned_before():
         sparsegemm.sparsify(Block(), min_features=16)  # nothing pruned before: nothing to warn of
 
 
+def test_sparsify_reports_expert_weights_of_layouts_it_does_not_convert():
+    # DBRX's experts (2-D [E * I, H] w1 / v1 / w2 in a DbrxExpertGLU) and JetMoE's (3-D "weight"s)
+    # were most of those models' bytes, left dense with no row in the report.
+    class DbrxExpertGLU(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w1 = nn.Parameter(torch.randn(4 * 32, 64))
+            self.v1 = nn.Parameter(torch.randn(4 * 32, 64))
+
+    class ParallelExperts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(4, 32, 64))
+
+    model = nn.Sequential(nn.Linear(64, 64), DbrxExpertGLU(), ParallelExperts(), nn.Conv1d(64, 64, 3),
+                          nn.Embedding(10, 64))
+    report = sparsegemm.sparsify(model, min_features=16)
+    rows = {row.name: row for row in report.layers}
+    assert set(rows) == {"0", "1.w1", "1.v1", "2.weight", "3"}  # the embedding is no GEMM weight
+    assert rows["1.w1"].reason == "a 2-D weight (128, 64) of a layout sparsify does not convert"
+    assert rows["2.weight"].reason == "a 3-D weight (4, 32, 64) of a layout sparsify does not convert"
+    assert rows["2.weight"].shape == (128, 64) and rows["2.weight"].dense_bytes == 4 * 32 * 64 * 4
+    assert rows["0"].converted and rows["3"].converted and not rows["1.w1"].converted
+
+
 def test_a_mixture_shared_between_blocks_is_left_dense():
     first, second = MoEBlock(), MoEBlock()
     second.experts = first.experts
