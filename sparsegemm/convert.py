@@ -230,23 +230,27 @@ def sparsify(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
 
 
 def _report_unknown_weights(model: nn.Module, report: SparsifyReport) -> None:
-    """A row, left dense, for each weight no pass above considered that looks like a GEMM's: a 3-D
-    one, or a 2-D one of a module whose class names experts (DBRX's fused [E * I, H] w1 / v1 / w2,
-    JetMoE's 3-D experts), which were the larger part of such models and missing from the report."""
-    seen = {layer.name for layer in report.layers}
+    """A row, left dense, for each 2-D or 3-D weight of a module whose class names experts that no
+    pass above considered (DBRX's fused [E * I, H] w1 / v1 / w2, JetMoE's 3-D experts: the larger
+    part of those models, which had no row). Biases and parametrizations' tensors are no such weight;
+    a tied one is reported once; |w| kept is summed in row chunks (the experts are large)."""
+    seen, tensors = {layer.name for layer in report.layers}, set()
     for name, mod in model.named_modules():
-        if name in seen or isinstance(mod, (SparseLinear, SparseConv2d, SparseExperts)):
+        if (name in seen or "expert" not in type(mod).__name__.lower() or "parametrizations" in name.split(".")
+                or isinstance(mod, (SparseLinear, SparseConv2d, SparseExperts))):
             continue
-        expert_like = "expert" in type(mod).__name__.lower()
         for pname, p in mod.named_parameters(recurse=False):
             full = f"{name}.{pname}" if name else pname
-            if full in seen or isinstance(p, nn.parameter.UninitializedParameter) or min(p.shape) < 2 or not (
-                    p.dim() == 3 or (p.dim() == 2 and expert_like)):  # min: not a bias ([1, 1, E] bias_k)
+            if (full in seen or id(p) in tensors or "bias" in pname or p.dim() not in (2, 3) or min(p.shape) < 2
+                    or isinstance(p, nn.parameter.UninitializedParameter)):
                 continue
-            report.layers.append(LayerReport(
-                full, type(mod).__name__, (p.numel() // p.shape[-1], p.shape[-1]), p.numel() * p.element_size(), 0,
-                1.0 if p.is_meta else _magnitude_kept(p.detach().reshape(-1, p.shape[-1])), False,
-                f"a {p.dim()}-D weight {tuple(p.shape)} of a layout sparsify does not convert"))
+            tensors.add(id(p))
+            rows = p.detach().reshape(-1, p.shape[-1])
+            kept = 1.0 if p.is_meta else _magnitude_kept(*rows.split(4096))
+            report.layers.append(LayerReport(full, type(mod).__name__, tuple(rows.shape), p.numel() * p.element_size(),
+                                             0, kept, False,
+                                             f"a {p.dim()}-D weight {tuple(p.shape)} of a layout sparsify does not "
+                                             "convert"))
 
 
 def _warn_of_layers_pruned_here(report: SparsifyReport) -> None:
@@ -255,9 +259,10 @@ def _warn_of_layers_pruned_here(report: SparsifyReport) -> None:
     the model was validated with: e.g. a mixture's 3-D experts, which the pruning tools leave out."""
     converted = report.converted
     pruned_here = [layer.name for layer in converted if layer.magnitude_kept < 1.0]
-    if pruned_here and len(pruned_here) < len(converted):
+    pruned_before = [layer for layer in converted if layer.magnitude_kept == 1.0]
+    if pruned_here and pruned_before:
         shown = ", ".join(pruned_here[:5]) + (f" and {len(pruned_here) - 5} more" if len(pruned_here) > 5 else "")
-        warnings.warn(f"sparsify: {len(converted) - len(pruned_here)} converted layers were 2:4 already, "
+        warnings.warn(f"sparsify: {len(pruned_before)} converted layers were 2:4 already, "
                       f"{len(pruned_here)} were not and were pruned here by magnitude ({shown}): if the model was "
                       "pruned and validated before, those layers were not part of it (the pruning tools leave a "
                       "mixture's 3-D experts out); filter_fn can leave them dense",
@@ -289,13 +294,23 @@ def _linear_subclass_reason(mod: nn.Linear) -> str:
     if hasattr(mod, "parametrizations") or extra or w.is_meta or not w.is_floating_point():
         return reason + (f" (it holds more than nn.Linear's weight and bias: {', '.join(extra)})" if extra else "")
     x = torch.randn(2, w.shape[1], generator=torch.Generator().manual_seed(0)).to(w.device, w.dtype)
+    training = mod.training
+    # In both modes (a forward may differ in one), on a copy of the probe (one may edit its input),
+    # and with the caller's random state kept (one may draw numbers).
     try:
-        with torch.no_grad():
-            got, want = type(mod).forward(mod, x), nn.functional.linear(x, w, mod.bias)
+        with torch.no_grad(), torch.random.fork_rng(devices=[w.device] if w.is_cuda else []):
+            want = nn.functional.linear(x, w, mod.bias)
+            for mode in (training, not training):
+                mod.train(mode)
+                why = _probe_mismatch(type(mod).forward(mod, x.clone()), want,
+                                      1e-5 if w.dtype in (torch.float32, torch.float64) else 1e-2)
+                if why:
+                    return f"{reason}: its forward is not nn.Linear's x @ W.T + b ({why} on a probe)"
     except Exception as exc:  # any failure of a foreign forward: not what nn.Linear computes
         return f"{reason}: its forward failed on a probe ({type(exc).__name__}: {exc})"
-    why = _probe_mismatch(got, want, 1e-5 if w.dtype in (torch.float32, torch.float64) else 1e-2)
-    return f"{reason}: its forward is not nn.Linear's x @ W.T + b ({why} on a probe)" if why else ""
+    finally:
+        mod.train(training)
+    return ""
 
 
 def _weight_reader(model: nn.Module, name: str, attributes: str = "weight") -> Optional[str]:

@@ -72,8 +72,9 @@ class KernelMetaCache:
     """The kernel-layout copies (reorder_meta) of one weight's metadata, per key (a layer's: backend
     and device; a SparseTensor24's: backend), each with a tag of what it was made from.
 
-    forget() sets the copies aside instead of freeing them, and the next copy made under the same
-    key outside autograd is written into the old one's memory. Why: a CUDA graph captured over a
+    forget() sets the copies aside instead of freeing them (one a key), and the next copy made under
+    the same key outside autograd is written into the old one's memory; under autograd a copy gets
+    memory of its own and the one set aside stays. Why: a CUDA graph captured over a
     layer reads the copy at its address. Freed by a load_state_dict, an assignment or a .half() of a
     half layer, it was memory the allocator handed on (replays read garbage); written in place, a
     replay reads the refreshed copy, as it reads a weight loaded in place. Not under autograd: a
@@ -102,11 +103,11 @@ class KernelMetaCache:
             if torch.compiler.is_dynamo_compiling():  # a traced copy, which torch.compile's replay keeps
                 self.entries[key] = (tag, tensor)
             return tensor
-        spare = self.spare.pop(key, None)
+        spare = self.spare.get(key)
         if (spare is not None and not torch.is_grad_enabled() and spare.shape == tensor.shape
                 and spare.device == tensor.device):
             spare.copy_(tensor)
-            tensor = spare
+            tensor = self.spare.pop(key)
         if tensor.is_cuda:
             # Made on the caller's stream, and read from then on by calls on any stream, which would
             # not wait for it: once per copy, a wait here.
@@ -115,9 +116,11 @@ class KernelMetaCache:
         return tensor
 
     def forget(self) -> None:
-        """Set every copy aside: the next get() finds none."""
+        """Set every copy aside: the next get() finds none. Where memory is set aside for a key
+        already (its copy was made again under autograd, beside it), that older memory stays: a
+        graph captured for inference, the common case, reads it."""
         for key, (_, tensor) in self.entries.items():
-            self.spare[key] = tensor
+            self.spare.setdefault(key, tensor)
         self.entries = {}
 
     def keep_only_on(self, device: torch.device) -> None:

@@ -263,15 +263,20 @@ def test_sparsify_reports_expert_weights_of_layouts_it_does_not_convert():
             self.v1 = nn.Parameter(torch.randn(4 * 32, 64))
 
     class ParallelExperts(nn.Module):
-        def __init__(self):
+        def __init__(self, weight=None):
             super().__init__()
-            self.weight = nn.Parameter(torch.randn(4, 32, 64))
+            self.weight = weight if weight is not None else nn.Parameter(torch.randn(4, 32, 64))
+            self.gate_up_proj_bias = nn.Parameter(torch.zeros(4, 32))  # GPT-OSS's experts' biases: no weight
 
-    model = nn.Sequential(nn.Linear(64, 64), DbrxExpertGLU(), ParallelExperts(), nn.Conv1d(64, 64, 3),
-                          nn.Embedding(10, 64))
+    experts = ParallelExperts()
+    conv = nn.Conv1d(64, 64, 3)
+    nn.utils.parametrizations.weight_norm(conv)  # reported as parametrized, once
+    model = nn.Sequential(nn.Linear(64, 64), DbrxExpertGLU(), experts, nn.Conv1d(64, 64, 3), nn.Embedding(10, 64),
+                          ParallelExperts(experts.weight), conv, nn.ConvTranspose1d(64, 64, 3))
     report = sparsegemm.sparsify(model, min_features=16)
     rows = {row.name: row for row in report.layers}
-    assert set(rows) == {"0", "1.w1", "1.v1", "2.weight", "3"}  # the embedding is no GEMM weight
+    # The embedding and the transposed convolution are no GEMM weights; the tied one is reported once.
+    assert set(rows) == {"0", "1.w1", "1.v1", "2.weight", "3", "6"} and len(report.layers) == 6
     assert rows["1.w1"].reason == "a 2-D weight (128, 64) of a layout sparsify does not convert"
     assert rows["2.weight"].reason == "a 3-D weight (4, 32, 64) of a layout sparsify does not convert"
     assert rows["2.weight"].shape == (128, 64) and rows["2.weight"].dense_bytes == 4 * 32 * 64 * 4

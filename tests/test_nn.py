@@ -623,6 +623,15 @@ def test_kernel_layout_copies_are_refreshed_in_their_own_memory():
             with torch.no_grad():
                 assert torch.equal(layer(x), other(x))
             assert layer._kernel_meta.get(key)[1].data_ptr() == address
+    # Made again under autograd (a grad-mode call), a copy gets memory of its own: the one set aside,
+    # which a graph captured for inference reads, stays, and the next copy outside autograd goes there.
+    layer.half()
+    layer(x)
+    assert layer._kernel_meta.get(key)[1].data_ptr() != address and layer._kernel_meta.spare[key].data_ptr() == address
+    layer.half()
+    with torch.no_grad():
+        layer(x)
+    assert layer._kernel_meta.get(key)[1].data_ptr() == address
     layer.to("meta")  # a move: the copies on the device left are freed
     assert not layer._kernel_meta and not layer._kernel_meta.spare
 
@@ -1636,6 +1645,14 @@ def test_sparsify_converts_linear_subclasses_that_compute_what_nn_linear_does():
         def forward(self, input, mask):
             return super().forward(input) * mask
 
+    class InplaceClip(nn.Linear):  # edits its input: a probe computing nn.Linear's product after it agreed
+        def forward(self, input):
+            return super().forward(input.clamp_(-0.5, 0.5))
+
+    class EvalScaled(nn.Linear):  # differs in one mode only
+        def forward(self, input):
+            return super().forward(input) * (1 if self.training else 2)
+
     class LoRA(nn.Linear):  # an adapter whose B starts at zero: a probe alone would see nn.Linear
         def __init__(self, *args):
             super().__init__(*args)
@@ -1647,14 +1664,17 @@ def test_sparsify_converts_linear_subclasses_that_compute_what_nn_linear_does():
 
     torch.manual_seed(8)
     model = nn.Sequential(FalconLinear(64, 64), FalconLinear(64, 64, bias=False), Scaled(64, 64), Failing(64, 64),
-                          LoRA(64, 64))
+                          LoRA(64, 64), InplaceClip(64, 64), EvalScaled(64, 64).train())
     x = torch.randn(3, 64)
     sparsegemm.prune.prune_one_shot(model)
     sparsegemm.prune.remove_masks(model)
     with torch.no_grad():
         want = [model[0](x), model[1](x)]
+    state = torch.get_rng_state()
     report = sparsegemm.sparsify(model, min_features=8)
-    assert [row.converted for row in report.layers] == [True, True, False, False, False]
+    assert torch.equal(torch.get_rng_state(), state) and model[6].training  # the probe's draws and modes undone
+    assert [row.converted for row in report.layers] == [True, True, False, False, False, False, False]
+    assert all("its forward is not nn.Linear's" in row.reason for row in report.layers[5:])
     assert "subclass Scaled left alone: its forward is not nn.Linear's x @ W.T + b (off by 100.0%" in report.layers[2].reason
     assert "subclass Failing left alone: its forward failed on a probe (TypeError" in report.layers[3].reason
     assert report.layers[4].reason == ("subclass LoRA left alone (it holds more than nn.Linear's weight and bias: "
