@@ -225,8 +225,18 @@ def sparsify(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
     _complete_split_attention(model)
     turn_off_nested_fast_path(model)
     _report_unknown_weights(model, report)
-    _warn_of_layers_pruned_here(report)
+    _warn_of_layers_pruned_here(model, report)
     return report
+
+
+def _all_zero(model: nn.Module, name: str) -> bool:
+    """Whether converted layer ``name`` holds only zeros (a zero-initialized gate or adapter: "2:4
+    already", but no sign of pruning); False where the name is no module's (a fused or grouped row)."""
+    try:
+        values = getattr(model.get_submodule(name), "values", None)
+    except AttributeError:
+        return False
+    return isinstance(values, torch.Tensor) and int(values.count_nonzero()) == 0
 
 
 def _report_unknown_weights(model: nn.Module, report: SparsifyReport) -> None:
@@ -253,13 +263,13 @@ def _report_unknown_weights(model: nn.Module, report: SparsifyReport) -> None:
                                              "convert"))
 
 
-def _warn_of_layers_pruned_here(report: SparsifyReport) -> None:
+def _warn_of_layers_pruned_here(model: nn.Module, report: SparsifyReport) -> None:
     """A warning where some converted layers came already 2:4 (pruned before: the prune, fine-tune,
     remove_masks recipe) and others did not, which sparsify then pruned by magnitude, past whatever
     the model was validated with: e.g. a mixture's 3-D experts, which the pruning tools leave out."""
     converted = report.converted
     pruned_here = [layer.name for layer in converted if layer.magnitude_kept < 1.0]
-    pruned_before = [layer for layer in converted if layer.magnitude_kept == 1.0]
+    pruned_before = [layer for layer in converted if layer.magnitude_kept == 1.0 and not _all_zero(model, layer.name)]
     if pruned_here and pruned_before:
         shown = ", ".join(pruned_here[:5]) + (f" and {len(pruned_here) - 5} more" if len(pruned_here) > 5 else "")
         warnings.warn(f"sparsify: {len(pruned_before)} converted layers were 2:4 already, "

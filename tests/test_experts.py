@@ -251,6 +251,9 @@ def test_sparsify_warns_when_it_prunes_layers_beside_ones_pruned_before():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         sparsegemm.sparsify(Block(), min_features=16)  # nothing pruned before: nothing to warn of
+        zero_gate = Block()  # a zero-initialized layer (DiT's adaLN-zero) is 2:4 by its zeros alone
+        nn.init.zeros_(zero_gate.attn.weight)
+        sparsegemm.sparsify(zero_gate, min_features=16)
 
 
 def test_sparsify_reports_expert_weights_of_layouts_it_does_not_convert():
