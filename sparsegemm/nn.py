@@ -149,7 +149,7 @@ class _SparseWeight(nn.Module):
         sw = SparseTensor24(self.values.detach(), self.metadata, self.weight_shape,
                             self.scale if self.quantize == "int8" else None, validate=False)
         if self.quantize == "int8":
-            sw._kernel_meta = self._kernel_meta  # keyed by backend; _apply clears it on a move
+            sw._kernel_meta = self._kernel_meta  # keyed by backend; _apply frees it on a move
         return sw
 
     def _matrix_dense(self) -> Tensor:

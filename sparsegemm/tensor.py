@@ -73,14 +73,14 @@ class KernelMetaCache:
     and device; a SparseTensor24's: backend), each with a tag of what it was made from.
 
     forget() sets the copies aside instead of freeing them (one a key), and the next copy made under
-    the same key outside autograd is written into the old one's memory; under autograd a copy gets
-    memory of its own and the one set aside stays. Why: a CUDA graph captured over a
-    layer reads the copy at its address. Freed by a load_state_dict, an assignment or a .half() of a
-    half layer, it was memory the allocator handed on (replays read garbage); written in place, a
-    replay reads the refreshed copy, as it reads a weight loaded in place. Not under autograd: a
-    graph being recorded may have saved the old copy for its backward, which an in-place write would
-    spoil. A copy made for another tag while one is current (another weight sharing the cache) gets
-    memory of its own. A move to another device frees them (keep_only_on)."""
+    the same key outside autograd is written into the old one's memory. Why: a CUDA graph captured
+    over a layer reads the copy at its address. Freed by a load_state_dict, an assignment or a
+    .half() of a half layer, it was memory the allocator handed on (replays read garbage); written
+    in place, a replay reads the refreshed copy, as it reads a weight loaded in place. Under
+    autograd a copy gets memory of its own and the one set aside stays: a graph being recorded may
+    have saved the old copy for its backward, which an in-place write would spoil. So does a copy
+    made for another tag while one is current (another weight sharing the cache). A move to another
+    device frees them (keep_only_on)."""
 
     __slots__ = ("entries", "spare")
 
