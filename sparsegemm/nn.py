@@ -1285,7 +1285,9 @@ class SparseConv2d(_SparseWeight):
             raise ValueError(f"{op}: x has an empty spatial size {tuple(x.shape[2:])}: as "
                              f"nn.{self._dense_type.__name__}, only an empty batch is supported")
         backend = ops.resolve_backend(op, self.backend, x.device)
-        if backend != "cpu":
+        # Under torch.func (vmap) the patch GEMM below: the implicit GEMM's channels_last copy of x is
+        # not supported there.
+        if backend != "cpu" and not torch._C._are_functorch_transforms_active():
             return self._implicit_gemm(x, backend)
         b, c, h, w = x.shape
         taps = self._kernel_taps()

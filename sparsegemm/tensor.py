@@ -97,11 +97,13 @@ class KernelMetaCache:
 
     def store(self, key, tensor: torch.Tensor, tag=None) -> torch.Tensor:
         """Keep ``tensor`` under ``key`` (in the memory set aside for it, where it may be reused) and
-        return the tensor kept. Traced by torch.export or other non-dynamo tracing: not kept (nothing
-        would put a real tensor in the traced one's place)."""
+        return the tensor kept. Traced by torch.export or other non-dynamo tracing, or made under a
+        torch.func transform: not kept (nothing would put a real tensor in its place)."""
         if torch.compiler.is_compiling():
             if torch.compiler.is_dynamo_compiling():  # a traced copy, which torch.compile's replay keeps
                 self.entries[key] = (tag, tensor)
+            return tensor
+        if torch._C._are_functorch_transforms_active():  # made under vmap: a wrapped tensor, no storage
             return tensor
         spare = self.spare.get(key)
         if (spare is not None and not torch.is_grad_enabled() and spare.shape == tensor.shape
