@@ -91,15 +91,17 @@ def save(model: nn.Module, path: Union[str, "os.PathLike"]) -> None:
     """Write ``model`` (after :func:`sparsify`) to a safetensors file."""
     from safetensors.torch import save_file
 
+    converted = {}
     for name, mod in model.named_modules():
-        if isinstance(mod, _CONVERTED) and parametrize.is_parametrized(mod):
+        if not isinstance(mod, _CONVERTED):
+            continue
+        if parametrize.is_parametrized(mod):
             # Its state dict holds parametrizations.<tensor>.original, which no freshly converted
             # layer has: the file could never be loaded.
             raise ValueError(f"sparsegemm.save: module {name!r} has parametrized tensors "
                              f"({', '.join(mod.parametrizations)}), which a fresh model cannot load: remove them "
                              "first (torch.nn.utils.parametrize.remove_parametrizations)")
-    converted = {name: _describe(mod) for name, mod in model.named_modules()
-                 if isinstance(mod, _CONVERTED)}
+        converted[name] = _describe(mod)
     # A convolution's dense_shape buffer is its module table entry's geometry again, which load checks
     # against the model and makes the buffer from: left out, the file is the one versions from before
     # the buffer write and read.
