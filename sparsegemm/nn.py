@@ -113,7 +113,8 @@ class _SparseWeight(nn.Module):
         # Not "meta": torch.export's ExportedProgram.module() registers the buffers of an exported
         # root on a GraphModule, whose own `meta` attribute that name would clash with.
         self.register_buffer("metadata", meta)
-        # INT8 layers are inference-only (no gradient through the integer grid): the bias is frozen too.
+        # An INT8 layer trains nothing of its own by default (its input gets the straight-through
+        # gradient: ops._int8_linear_grads): the bias is frozen too.
         self.bias = (nn.Parameter(torch.zeros(n, dtype=dtype, device=device), requires_grad=self.quantize != "int8")
                      if bias else None)
         self._forget_derived()

@@ -1008,13 +1008,14 @@ def _(x: Tensor, row_offsets: Tensor, values: list[Tensor], meta: list[Tensor], 
 @_custom_op("sparsegemm::grouped_linear_grads")
 @_on_tensor_device
 def _grouped_linear_grads(grad_y: Tensor, x: Tensor, row_offsets: Tensor, values: list[Tensor], meta: list[Tensor],
-                          kernel_meta: list[Tensor], k: int, bias: list[Tensor], activation: int, max_rows: int,
-                          backend: str, need_x: bool, need_values: bool,
+                          kernel_meta: list[Tensor], k: int, bias: list[Tensor], scale: list[Tensor], activation: int,
+                          max_rows: int, backend: str, need_x: bool, need_values: bool,
                           need_bias: bool) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """_grouped_linear's gradients: each group's _linear_grads on its rows (the first max_rows of
-    them: the rows the forward computed), zeros on rows no group holds; (grad x, grad values per
-    group, grad bias per group), each empty where not needed. An op of its own, so that a compiled
-    backward calls it whole: it reads the offsets on the host."""
+    them: the rows the forward computed), or with int8 weights (``scale``: theirs) its
+    _int8_linear_grads, the values getting none; zeros on rows no group holds; (grad x, grad
+    values per group, grad bias per group), each empty where not needed. An op of its own, so that
+    a compiled backward calls it whole: it reads the offsets on the host."""
     grad_x = torch.zeros_like(x) if need_x else x.new_empty(0)
     grad_values = [torch.zeros_like(v) if need_values else v.new_empty(0) for v in values]
     grad_bias = [torch.zeros_like(b) if need_bias else b.new_empty(0) for b in bias]
@@ -1027,9 +1028,14 @@ def _grouped_linear_grads(grad_y: Tensor, x: Tensor, row_offsets: Tensor, values
         end = min(max(offsets[g + 1], first), m, first + max_rows)
         if end == first:
             continue
-        gx, gv, gb = _linear_grads(grad_y[first:end], x[first:end], values[g], meta[g],
-                                   kernel_meta[g] if kernel_meta else None, k, bias[g] if bias else None, activation,
-                                   backend, need_x, need_values, need_bias)
+        rows_meta, rows_bias = kernel_meta[g] if kernel_meta else None, bias[g] if bias else None
+        if scale:
+            gv = None
+            gx, gb = _int8_linear_grads(grad_y[first:end], x[first:end], values[g], meta[g], rows_meta, scale[g], None,
+                                        k, rows_bias, activation, backend, need_x, need_bias)
+        else:
+            gx, gv, gb = _linear_grads(grad_y[first:end], x[first:end], values[g], meta[g], rows_meta, k, rows_bias,
+                                       activation, backend, need_x, need_values, need_bias)
         if gx is not None:
             grad_x[first:end] = gx
         if gv is not None:
@@ -1041,8 +1047,8 @@ def _grouped_linear_grads(grad_y: Tensor, x: Tensor, row_offsets: Tensor, values
 
 @_register_fake(_grouped_linear_grads)
 def _(grad_y: Tensor, x: Tensor, row_offsets: Tensor, values: list[Tensor], meta: list[Tensor],
-      kernel_meta: list[Tensor], k: int, bias: list[Tensor], activation: int, max_rows: int, backend: str,
-      need_x: bool, need_values: bool, need_bias: bool) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+      kernel_meta: list[Tensor], k: int, bias: list[Tensor], scale: list[Tensor], activation: int, max_rows: int,
+      backend: str, need_x: bool, need_values: bool, need_bias: bool) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     return (torch.empty_like(x) if need_x else x.new_empty(0),
             [torch.empty_like(v) if need_values else v.new_empty(0) for v in values],
             [torch.empty_like(b) if need_bias else b.new_empty(0) for b in bias])
@@ -1051,35 +1057,33 @@ def _(grad_y: Tensor, x: Tensor, row_offsets: Tensor, values: list[Tensor], meta
 def _grouped_linear_setup_context(ctx, inputs, output) -> None:
     x, row_offsets, values, meta, kernel_meta, k, bias, scale, activation, max_rows, backend = inputs
     ctx.lists = len(values), len(meta), len(kernel_meta), len(bias), len(scale)
-    ctx.save_for_backward(x, row_offsets, *values, *meta, *kernel_meta, *bias)
-    ctx.k, ctx.activation, ctx.max_rows, ctx.backend, ctx.s8 = k, activation, max_rows, backend, bool(scale)
-    ctx.scale_shapes = [(list(s.shape), s.dtype) for s in scale]
+    ctx.save_for_backward(x, row_offsets, *values, *meta, *kernel_meta, *bias, *scale)
+    ctx.k, ctx.activation, ctx.max_rows, ctx.backend = k, activation, max_rows, backend
 
 
 def _grouped_linear_backward(ctx, grad_y: Tensor):
     groups, metas, kernel_metas, biases, scales = ctx.lists
     x, row_offsets, *rest = ctx.saved_tensors
     values, meta = rest[:groups], rest[groups:2 * groups]
-    kernel_meta, bias = rest[2 * groups:2 * groups + kernel_metas], rest[2 * groups + kernel_metas:]
+    kernel_meta = rest[2 * groups:2 * groups + kernel_metas]
+    bias, scale = rest[2 * groups + kernel_metas:][:biases], rest[2 * groups + kernel_metas + biases:]
     # A list argument's entry is a list of flags, one per tensor.
     need_x, need_values, need_bias = (any(flag) if isinstance(flag, (list, tuple)) else bool(flag)
                                       for flag in (ctx.needs_input_grad[i] for i in (0, 2, 6)))
-    if ctx.s8:  # _int8_gradient refuses when run, as every INT8 GEMM's backward; returned, so that it runs
-        refuse = lambda shape, dtype: _int8_gradient(grad_y, shape, dtype)  # noqa: E731
-        return (refuse(list(x.shape), x.dtype) if need_x else None, None, [None] * groups, [None] * metas,
-                [None] * kernel_metas, None, [refuse(list(b.shape), b.dtype) if need_bias else None for b in bias],
-                [refuse(*shape) if need else None for shape, need in zip(ctx.scale_shapes, ctx.needs_input_grad[7])],
-                None, None, None)
+    # INT8 scales get no gradient: _int8_gradient refuses when run (returned, so that it runs).
+    scale_grads = [_int8_gradient(grad_y, list(s.shape), s.dtype) if need else None
+                   for s, need in zip(scale, ctx.needs_input_grad[7] if scales else [])]
     # Eager, the op's implementation itself, whose torch ops autograd records under create_graph
     # (a double backward, as through linear's); traced, the op, which reads the offsets on the host.
     grads = _grouped_linear_grads if torch.compiler.is_compiling() else _IMPLS[_grouped_linear_grads]
     grad_x, grad_values, grad_bias = grads(
-        grad_y, x, row_offsets, values, meta, kernel_meta, ctx.k, bias, ctx.activation, ctx.max_rows, ctx.backend,
-        need_x, need_values, need_bias)
+        grad_y, x, row_offsets, values, meta, kernel_meta, ctx.k, bias, scale, ctx.activation, ctx.max_rows,
+        ctx.backend, need_x, need_values and not scale, need_bias)
     # Lists get lists (the op's inputs' structure), of None where no gradient flows.
-    return (grad_x if need_x else None, None, list(grad_values) if need_values else [None] * groups,
+    return (grad_x if need_x else None, None,
+            list(grad_values) if need_values and not scale else [None] * groups,
             [None] * metas, [None] * kernel_metas, None, list(grad_bias) if need_bias else [None] * biases,
-            [None] * scales, None, None, None)
+            scale_grads, None, None, None)
 
 
 _grouped_linear.register_autograd(_grouped_linear_backward, setup_context=_grouped_linear_setup_context)
@@ -1102,6 +1106,22 @@ def _activation_grad(z: Tensor, activation: int) -> Tensor:
     return sig * (1.0 + z * (1.0 - sig))
 
 
+def _epilogue_grad(grad_y: Tensor, activation: int, preactivations) -> Tensor:
+    """The fp32 gradient of a GEMM's output (with its bias) from grad_y, that of the output after
+    ``activation``; ``preactivations()``: the GEMM's output with no activation (called only when
+    there is one: the backward recomputes it rather than keep it from the forward)."""
+    g = grad_y.float()
+    if not activation:
+        return g
+    base = activation & ~fmt.GATED_ACTIVATION
+    z = preactivations().float()
+    if fmt.is_gated(activation):
+        # y = act(gate) * up: d gate = g act'(gate) up, d up = g act(gate), back in the rows' interleaved order.
+        gate, up = _gate_up_columns(z)
+        return fmt.interleave_gate_up((g * _activation_grad(gate, base) * up).T, (g * activate_torch(gate, base)).T).T
+    return g * _activation_grad(z, activation)
+
+
 def _linear_setup_context(ctx, inputs, output) -> None:
     x, values, meta, kernel_meta, k, bias, activation, backend = inputs
     ctx.save_for_backward(x, values, meta, kernel_meta, bias)
@@ -1121,15 +1141,7 @@ def _linear_grads(grad_y: Tensor, x: Tensor, values: Tensor, meta: Tensor, kerne
     """(grad x, grad of the kept values (the 2:4 mask is fixed), grad bias) of _linear's output, each
     None where not needed. Plain torch ops on a transient dense W: the training path favours clarity
     over speed."""
-    g = grad_y.float()
-    base = activation & ~fmt.GATED_ACTIVATION
-    if fmt.is_gated(activation):
-        # y = act(gate) * up: d gate = g act'(gate) up, d up = g act(gate), back in the rows' interleaved order.
-        gate, up = _gate_up_columns(_linear(x, values, meta, kernel_meta, k, bias, 0, backend).float())
-        g = fmt.interleave_gate_up((g * _activation_grad(gate, base) * up).T, (g * activate_torch(gate, base)).T).T
-    elif activation:
-        z = _linear(x, values, meta, kernel_meta, k, bias, 0, backend).float()
-        g = g * _activation_grad(z, activation)
+    g = _epilogue_grad(grad_y, activation, lambda: _linear(x, values, meta, kernel_meta, k, bias, 0, backend))
     grad_x = grad_values = grad_bias = None
     if need_x:
         w = _decompress(values, meta, k, "cpu" if values.device.type == "cpu" else "cuda")
@@ -1416,13 +1428,15 @@ def launch_s8_dynamic(api: str, stream: int, x: Tensor, values: Tensor, kernel_m
 
 @_custom_op("sparsegemm::int8_gradient")
 def _int8_gradient(grad: Tensor, shape: list[int], dtype: torch.dtype) -> Tensor:
-    """The gradient an INT8 op would pass back to a float input: none exists, and running this
-    says so. An op, not a raise in the backward formulas: torch.compile traces those formulas (on
-    fake tensors) for a model in grad mode, which must compile and run forward; only a backward
-    that actually runs reaches this."""
-    raise RuntimeError("sparsegemm: the INT8 GEMM is inference-only: no gradient flows through the integer grid "
-                       "(fine-tune the fp16 / bf16 SparseLinear, then quantize; or run the model under "
-                       "torch.no_grad())")
+    """The gradient an INT8 op would pass back to a float input it takes no gradient for (a scale,
+    or the x_scale of pre-quantized activations): none exists, and running this says so. An op, not
+    a raise in the backward formulas: torch.compile traces those formulas (on fake tensors) for a
+    model in grad mode, which must compile and run forward; only a backward that actually runs
+    reaches this."""
+    raise RuntimeError("sparsegemm: no gradient flows to the INT8 GEMM's scales or through pre-quantized (x_q, "
+                       "x_scale) activations: it passes gradients to float activations (straight through their "
+                       "quantization) and to its bias only; to train the weight, fine-tune the fp16 / bf16 "
+                       "SparseLinear, then quantize")
 
 
 @_register_fake(_int8_gradient)
@@ -1443,10 +1457,92 @@ def _int8_backward(ctx, *grads):
                  for i, needed in enumerate(ctx.needs_input_grad))
 
 
-# An INT8 layer runs in grad mode (behind a trainable LayerNorm, say: an evaluation without
-# torch.no_grad()), eager or compiled; it is a backward through it that is refused, with this message.
+# These run in grad mode (a pre-quantized pair, an evaluation without torch.no_grad()), eager or
+# compiled; a backward into their float inputs is refused, with that message. Float activations
+# that need a gradient take _linear_s8_float instead (quant.linear_int8).
 for _op in (_quantize_rows, _linear_s8, _linear_s8_dynamic):
     _op.register_autograd(_int8_backward, setup_context=_float_input_shapes)
+
+
+def dequantized(values: Tensor, meta: Tensor, w_scale: Tensor, k: int) -> Tensor:
+    """The dense float32 ``[N, K]`` weight of int8 kept values and their per-row scale (value *
+    scale), with torch ops (a gather's index, no data-dependent shape: see kept_columns)."""
+    kp = fmt.padded_k(k)
+    dense = torch.zeros((values.shape[0], kp), dtype=torch.float32, device=values.device)
+    dense.scatter_(1, kept_columns(meta, kp), values.float() * w_scale.float()[:, None])
+    return dense[:, :k]
+
+
+@_custom_op("sparsegemm::linear_s8_float")
+@_on_tensor_device
+def _linear_s8_float(x: Tensor, values: Tensor, meta: Tensor, kernel_meta: Optional[Tensor], w_scale: Tensor,
+                     input_scale: Optional[Tensor], k: int, bias: Optional[Tensor], activation: int,
+                     out_dtype: torch.dtype, backend: str) -> Tensor:
+    """INT8 linear of float activations x [M, K]: quantized per token (``input_scale`` None) or with
+    the static ``input_scale`` (a 0-d float32 tensor on x's device), then the INT8 GEMM, as
+    quant.linear_int8 runs them when a gradient is to flow back to x or the bias. One op, so that
+    its backward (_linear_s8_float_backward) sees the float x: the int8 x_q between the two steps
+    carries no gradient."""
+    if input_scale is not None:
+        from .quant import quantize_static
+
+        x_q, x_scale = quantize_static(x, input_scale)
+    elif backend != "cpu" and k % 4 == 0:
+        return _IMPLS[_linear_s8_dynamic](x, values, kernel_meta, w_scale, bias, activation, out_dtype, backend)
+    else:
+        x_q, x_scale = _IMPLS[_quantize_rows](x, backend)
+    return _IMPLS[_linear_s8](x_q, x_scale, values, meta, kernel_meta, w_scale, k, bias, activation, out_dtype,
+                              backend)
+
+
+@_register_fake(_linear_s8_float)
+def _(x: Tensor, values: Tensor, meta: Tensor, kernel_meta: Optional[Tensor], w_scale: Tensor,
+      input_scale: Optional[Tensor], k: int, bias: Optional[Tensor], activation: int, out_dtype: torch.dtype,
+      backend: str) -> Tensor:
+    return x.new_empty((x.shape[0], out_features(values.shape[0], activation)), dtype=out_dtype)
+
+
+def _linear_s8_float_setup_context(ctx, inputs, output) -> None:
+    x, values, meta, kernel_meta, w_scale, input_scale, k, bias, activation, out_dtype, backend = inputs
+    ctx.save_for_backward(x, values, meta, kernel_meta, w_scale, input_scale, bias)
+    ctx.k, ctx.activation, ctx.out_dtype, ctx.backend = k, activation, out_dtype, backend
+
+
+def _linear_s8_float_backward(ctx, grad_y: Tensor):
+    x, values, meta, kernel_meta, w_scale, input_scale, bias = ctx.saved_tensors
+    need_x, need_w_scale, need_input_scale, need_bias = (ctx.needs_input_grad[i] for i in (0, 4, 5, 7))
+    grad_x, grad_bias = _int8_linear_grads(grad_y, x, values, meta, kernel_meta, w_scale, input_scale, ctx.k, bias,
+                                           ctx.activation, ctx.backend, need_x, need_bias)
+    refuse = lambda t: _int8_gradient(grad_y, list(t.shape), t.dtype)  # noqa: E731
+    return (grad_x, None, None, None, refuse(w_scale) if need_w_scale else None,
+            refuse(input_scale) if need_input_scale else None, None, grad_bias, None, None, None)
+
+
+def _int8_linear_grads(grad_y: Tensor, x: Tensor, values: Tensor, meta: Tensor, kernel_meta: Optional[Tensor],
+                       w_scale: Tensor, input_scale: Optional[Tensor], k: int, bias: Optional[Tensor], activation: int,
+                       backend: str, need_x: bool, need_bias: bool) -> tuple:
+    """(grad x, grad bias) of _linear_s8_float's output, each None where not needed: the
+    straight-through estimator (as bitsandbytes' INT8 layers and torch.ao's fake quantization
+    use). The quantization of x counts as the identity and W as its dequantized value: grad x = g
+    @ W, grad bias = the sum of g over the rows, g being grad_y through the activation at the
+    pre-activations recomputed from the same quantized x. With a static scale, inputs it
+    saturates (|rint(x / scale)| > 127, quant.QMAX) pass no gradient
+    (torch.fake_quantize_per_tensor_affine's rule); a per-token scale saturates nothing. The int8
+    values get none: the integer grid has no gradient."""
+    g = _epilogue_grad(grad_y, activation, lambda: _linear_s8_float(x, values, meta, kernel_meta, w_scale, input_scale,
+                                                                     k, bias, 0, grad_y.dtype, backend))
+    grad_x = grad_bias = None
+    if need_x:
+        grad_x = g @ dequantized(values, meta, w_scale, k)
+        if input_scale is not None:
+            grad_x = grad_x * (torch.round(x.float() / input_scale).abs() <= 127)
+        grad_x = grad_x.to(x.dtype)
+    if bias is not None and need_bias:
+        grad_bias = g.sum(0).to(bias.dtype)
+    return grad_x, grad_bias
+
+
+_linear_s8_float.register_autograd(_linear_s8_float_backward, setup_context=_linear_s8_float_setup_context)
 
 
 @_register_fake(_linear_s8_dynamic)

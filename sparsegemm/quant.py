@@ -117,10 +117,7 @@ def dequantize(sw: SparseTensor24) -> Tensor:
                         "(use sparsegemm.decompress)")
     n, k = sw.shape
     check_scale(op, "sw.scale", sw.scale, n)
-    kp = fmt.padded_k(k)
-    dense = torch.zeros((n, kp), dtype=torch.float32, device=sw.device)
-    dense[ops.meta_to_mask(sw.meta, kp)] = (sw.values.float() * sw.scale[:, None]).reshape(-1)
-    return dense[:, :k]
+    return ops.dequantized(sw.values, sw.meta, sw.scale, k)
 
 
 def _check_activations(op: str, x: Tensor, backend: Optional[str]) -> str:
@@ -158,6 +155,12 @@ def quantize_activations_static(x: Tensor, scale: Union[float, Tensor]) -> tuple
     if not isinstance(x, Tensor):
         raise TypeError(f"{op}: x must be a torch.Tensor, got {type(x).__name__}")
     ops.check_dtype(op, "x", x, ops.FLOAT_DTYPES)
+    return quantize_static(x, _static_scale_tensor(op, scale, x.device))
+
+
+def _static_scale_tensor(op: str, scale: Union[float, Tensor], device: torch.device) -> Tensor:
+    """A static activation scale (a positive number or a one-element float tensor) as a 0-d
+    float32 tensor on ``device``."""
     if isinstance(scale, Tensor):
         # A layer's calibrated scale (checked when it was set) or a caller's: its shape always, its
         # value where reading it is free (on the CPU, eager); on a GPU it is used as it is, on its
@@ -167,11 +170,14 @@ def quantize_activations_static(x: Tensor, scale: Union[float, Tensor]) -> tuple
             raise ValueError(f"{op}: scale must be a positive number or a one-element float tensor, got a "
                              f"{str(scale.dtype).replace('torch.', '')} tensor of shape {tuple(scale.shape)}")
         if scale.device.type == "cpu" and not torch.compiler.is_compiling():
-            static_scale(op, scale)
-        s = scale.to(device=x.device, dtype=torch.float32).reshape(())
-    else:
-        # A fill on x's device, not torch.tensor's copy from the host: capturable in a CUDA graph.
-        s = torch.full((), static_scale(op, scale), dtype=torch.float32, device=x.device)
+            static_scale(op, scale.detach())
+        return scale.to(device=device, dtype=torch.float32).reshape(())
+    # A fill on the device, not torch.tensor's copy from the host: capturable in a CUDA graph.
+    return torch.full((), static_scale(op, scale), dtype=torch.float32, device=device)
+
+
+def quantize_static(x: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+    """quantize_activations_static's result for a checked scale ``s`` (0-d float32 on x's device)."""
     x_q = _quantize(x.float(), s)
     # A token row holding a NaN or an infinity gets a NaN scale, so its output row is NaN, as in
     # dynamic mode (it would otherwise quantize to zeros and saturated values, silently).
@@ -218,7 +224,11 @@ def linear_int8(x: Union[Tensor, tuple], sw: SparseTensor24, bias: Optional[Tens
         raise TypeError(f"{op}: sw must be an int8 SparseTensor24, got "
                         f"{type(sw).__name__ if not isinstance(sw, SparseTensor24) else sw.dtype}")
     n, k = sw.shape
-    fast = _dynamic_fast_path(x, sw, bias, activation, out_dtype, input_scale, backend)
+    # A gradient to flow back to float activations or the bias: one op that quantizes and multiplies,
+    # whose backward passes it straight through the quantization (ops._linear_s8_float_backward).
+    straight_through = torch.is_grad_enabled() and isinstance(x, Tensor) and (
+        x.requires_grad or (isinstance(bias, Tensor) and bias.requires_grad))
+    fast = None if straight_through else _dynamic_fast_path(x, sw, bias, activation, out_dtype, input_scale, backend)
     if fast is not None:
         fast_backend, act = fast
         x2 = x if x.dim() == 2 else x.reshape(-1, k)
@@ -272,7 +282,12 @@ def linear_int8(x: Union[Tensor, tuple], sw: SparseTensor24, bias: Optional[Tens
         x2 = x if len(lead) == 1 else x.reshape(-1, k)
         m = x2.shape[0]
         given = {"x": x2}
-        if input_scale is None and backend != "cpu" and k % 4 == 0:
+        if straight_through:
+            x_q = x_scale = None
+            if input_scale is not None:
+                input_scale = _static_scale_tensor("sparsegemm.quant.quantize_activations_static", input_scale,
+                                                   x.device)
+        elif input_scale is None and backend != "cpu" and k % 4 == 0:
             x_q = x_scale = None  # dynamic on the kernels, K unpadded: quantized inside the fused op below
         elif input_scale is None:
             x_q, x_scale = ops.call(ops._quantize_rows, x2, backend)
@@ -289,7 +304,10 @@ def linear_int8(x: Union[Tensor, tuple], sw: SparseTensor24, bias: Optional[Tens
         bias = bias.to(out_dtype)
     kernel_meta = sw.kernel_meta(backend) if backend != "cpu" else None
     ops.check_same_device(op, **given, **{"sw.values": sw.values, "sw.scale": sw.scale}, bias=bias)
-    if x_q is None:
+    if straight_through:
+        y = ops.call(ops._linear_s8_float, x2, sw.values, sw.meta, kernel_meta, sw.scale, input_scale, k, bias, act,
+                     out_dtype, backend)
+    elif x_q is None:
         y = ops.call(ops._linear_s8_dynamic, x2, sw.values, kernel_meta, sw.scale, bias, act, out_dtype, backend)
     else:
         y = ops.call(ops._linear_s8, x_q, x_scale, sw.values, sw.meta, kernel_meta, sw.scale, k, bias, act, out_dtype,

@@ -161,6 +161,28 @@ def test_int8_experts_stay_close_to_the_fp32_2to4_mixture():
     assert (got - want).norm() / want.norm() < 0.03
 
 
+@pytest.mark.parametrize("backend,dtype", [("cpu", torch.float32), ("simt", torch.float16)])
+def test_int8_experts_pass_their_input_the_straight_through_gradient(backend, dtype):
+    # A frozen INT8 mixture behind trainable layers: x's gradient is the dense mixture's on the
+    # dequantized weights, up to where the INT8 pre-activations put the activation's derivative.
+    torch.manual_seed(4)
+    dense = Experts()
+    int8 = SparseExperts.from_dense(dense, dtype=dtype, backend=backend, quantize="int8")
+    reference = Experts()
+    with torch.no_grad():
+        for e, (gate_up, down) in enumerate(zip(int8.gate_up, int8.down)):
+            reference.gate_up_proj[e] = torch.cat(sparsegemm.format.split_gate_up(gate_up.dense_weight().float()))
+            reference.down_proj[e] = down.dense_weight().float()
+    x, index, weights = routing(seed=5)
+    grads = []
+    for module, x_in in ((int8, x.to(dtype)), (reference, x)):
+        leaf = x_in.clone().requires_grad_(True)
+        module(leaf, index, weights.to(x_in.dtype)).float().square().sum().backward()
+        grads.append(leaf.grad.float())
+    got, want = grads
+    assert (got - want).norm() / want.norm() < 0.03
+
+
 def test_the_probe_accepts_a_16_bit_mixture_of_llm_scale():
     # Small LLM-like weights at H = 4096 in bf16: the probe's reference is batched per expert as the
     # module's GEMMs are (one token at a time, it rounded differently by over 0.1% of the largest

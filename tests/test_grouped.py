@@ -248,7 +248,7 @@ def test_the_backward_clamps_offsets_as_the_kernel_does():
     w = weights[0]
     for offsets, max_rows, rows in [([-2, 3], 99, slice(0, 3)), ([5, 10 ** 6], 99, slice(5, x.shape[0])),
                                     ([1, 9], 3, slice(1, 4)), ([6, 2], 99, slice(6, 6))]:
-        got = ops._grouped_linear_grads(grad_y, x, torch.tensor(offsets), [w.values], [w.meta], [], 32, [], 0,
+        got = ops._grouped_linear_grads(grad_y, x, torch.tensor(offsets), [w.values], [w.meta], [], 32, [], [], 0,
                                         max_rows, "cpu", True, False, False)[0]
         want = torch.zeros_like(x)
         want[rows] = grad_y[rows] @ sparsegemm.decompress(w)
@@ -256,14 +256,36 @@ def test_the_backward_clamps_offsets_as_the_kernel_does():
 
 
 @pytest.mark.parametrize("compiled", [False, True])
-def test_int8_grouped_linear_runs_in_grad_mode_and_refuses_a_backward(compiled):
-    x, offsets, weights, biases = grouped_case([3, 4], 16, 32, torch.float16, seed=23, int8=True)
-    x.requires_grad_(True)
-    fn = lambda x: sparsegemm.grouped_linear(x, offsets, weights, biases)  # noqa: E731
-    y = (torch.compile(fn, fullgraph=True) if compiled else fn)(x)
-    with pytest.raises(RuntimeError, match=r"the INT8 GEMM is inference-only: no gradient flows through the integer "
-                                           r"grid"):
-        y.float().sum().backward()
+@pytest.mark.parametrize("backend", ["cpu", "simt"])
+def test_int8_grouped_linear_passes_each_groups_straight_through_gradient(compiled, backend):
+    # x and the biases get what each group's linear_int8 gives its rows (the straight-through
+    # estimator); rows no group holds get zeros.
+    dtype = torch.float32 if backend == "cpu" else torch.float16
+    x, offsets, weights, biases = grouped_case([3, 0, 4], 16, 32, dtype, seed=23, int8=True)
+    grad_y = torch.randn(x.shape[0], 8, generator=torch.Generator().manual_seed(5)).to(dtype)
+    results = []
+    for grouped in (True, False):
+        x_leaf = x.clone().requires_grad_(True)
+        b_leaf = [b.clone().requires_grad_(True) for b in biases]
+        if grouped:
+            fn = lambda x, b: sparsegemm.grouped_linear(x, offsets, weights, b, activation="swiglu",  # noqa: E731
+                                                        backend=backend)
+            y = (torch.compile(fn, fullgraph=True) if compiled else fn)(x_leaf, b_leaf)
+        else:
+            bounds = offsets.tolist()
+            y = torch.cat([x_leaf[:bounds[0]].new_zeros(bounds[0], 8)]
+                          + [sparsegemm.linear(x_leaf[bounds[g]:bounds[g + 1]], weights[g], b_leaf[g],
+                                               activation="swiglu", backend=backend) for g in range(len(weights))]
+                          + [x_leaf.new_zeros(x.shape[0] - bounds[-1], 8)])
+        y.backward(grad_y)
+        results.append((y.detach(), x_leaf.grad, [b.grad for b in b_leaf]))
+    (y, gx, gb), (y_ref, gx_ref, gb_ref) = results
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-5)
+    assert torch.count_nonzero(gx[:2]) == 0 and torch.count_nonzero(gx[-3:]) == 0 and gx[2:9].abs().sum() > 0
+    for got, want in zip(gb, gb_ref):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.count_nonzero(gb[1]) == 0  # the empty group's bias
 
 
 def test_int8_grouped_linear_refuses_a_backward_to_its_scales():
@@ -271,7 +293,7 @@ def test_int8_grouped_linear_refuses_a_backward_to_its_scales():
     trained = [sparsegemm.SparseTensor24(w.values, w.meta, w.shape, w.scale.clone().requires_grad_(True))
                for w in weights]
     y = sparsegemm.grouped_linear(x, offsets, trained)
-    with pytest.raises(RuntimeError, match="the INT8 GEMM is inference-only"):
+    with pytest.raises(RuntimeError, match="no gradient flows to the INT8 GEMM's scales"):
         y.float().sum().backward()
 
 
@@ -612,11 +634,11 @@ def test_opcheck_grouped_linear(backend, int8):
     torch.library.opcheck(ops._grouped_linear, (x, offsets, [w.values for w in weights], [w.meta for w in weights],
                                                 kernel_meta, 32, biases, [w.scale for w in weights] if int8 else [],
                                                 0, 4, backend))
-    if not int8:
-        grad_y = torch.randn(x.shape[0], 16).to(x.dtype)
-        torch.library.opcheck(ops._grouped_linear_grads, (grad_y, x, offsets, [w.values for w in weights],
-                                                      [w.meta for w in weights], kernel_meta, 32, biases, 1, 4,
-                                                      backend, True, False, True))
+    grad_y = torch.randn(x.shape[0], 16).to(x.dtype)
+    torch.library.opcheck(ops._grouped_linear_grads, (grad_y, x, offsets, [w.values for w in weights],
+                                                  [w.meta for w in weights], kernel_meta, 32, biases,
+                                                  [w.scale for w in weights] if int8 else [], 1, 4, backend, True,
+                                                  False, True))
 
 
 # ---- what the grouped tables must notice (each found stale once) ---------------------------------------

@@ -708,3 +708,107 @@ def test_int8_layer_bias_is_frozen_and_its_dense_dtype_follows_moves(tmp_path):
     stored = bare.values.nbytes + bare.metadata.nbytes + bare.scale.nbytes
     row = next(line for line in describe(tmp_path / "q.safetensors").splitlines() if line.startswith("0 "))
     assert row.split()[-3:-1] == [f"{64 * 64 * 2:,}", f"{stored:,}"]  # dense in float16, stored with the scale
+
+
+# ---- gradients: the straight-through estimator --------------------------------------------------
+
+def straight_through_reference(x, sw, bias, activation, input_scale, backend, grad_y):
+    """(grad x, grad bias) in float64: grad_y through the activation's derivative at the INT8
+    layer's own pre-activations, times the dequantized weight; with a static scale, zero where x
+    saturates."""
+    with torch.no_grad():
+        z = quant.linear_int8(x, sw, bias, input_scale=input_scale, backend=backend).double().requires_grad_(True)
+    acts = {"relu": torch.relu, "gelu": nn.functional.gelu, "silu": nn.functional.silu}
+    if activation in fmt.GATED_ACTIVATIONS:
+        gate, up = ops._gate_up_columns(z)
+        out = acts[fmt.GATED_ACTIVATIONS[activation]](gate) * up
+    else:
+        out = acts[activation](z) if activation else z
+    out.backward(grad_y.double())
+    grad_x = z.grad @ quant.dequantize(sw).double()
+    if input_scale is not None:
+        grad_x = grad_x * (torch.round(x.float() / input_scale).abs() <= 127)
+    return grad_x, z.grad.sum(0)
+
+
+@pytest.mark.parametrize("backend,dtype,k", [("cpu", torch.float32, 64), ("cpu", torch.bfloat16, 62),
+                                             ("simt", torch.float16, 64), ("simt", torch.bfloat16, 62)])
+@pytest.mark.parametrize("activation", [None, "relu", "gelu", "silu", "swiglu"])
+@pytest.mark.parametrize("static", [False, True])
+def test_linear_int8_passes_gradients_straight_through(backend, dtype, k, activation, static):
+    # x and the bias get the gradient of the layer with its dequantized weight, taken at the INT8
+    # layer's own pre-activations; a static scale passes nothing where it saturates (about 15% of
+    # these inputs at scale 0.02). K = 62 pads K (the quantize-then-GEMM path on the kernels).
+    gen = torch.Generator().manual_seed(k + (activation or "").__len__())
+    sw = quant.quantize_weight(torch.randn(32, k, generator=gen))
+    x = (torch.randn(5, k, generator=gen) * 2).to(dtype)
+    bias = torch.randn(32, generator=gen).to(dtype)
+    input_scale = 0.02 if static else None
+    x_leaf, bias_leaf = x.clone().requires_grad_(True), bias.clone().requires_grad_(True)
+    y = quant.linear_int8(x_leaf, sw, bias_leaf, activation=activation, input_scale=input_scale, backend=backend)
+    with torch.no_grad():  # the same forward as outside autograd
+        assert torch.equal(y, quant.linear_int8(x, sw, bias, activation=activation, input_scale=input_scale,
+                                                backend=backend))
+    grad_y = torch.randn(y.shape, generator=gen).to(dtype)
+    y.backward(grad_y)
+    want_x, want_bias = straight_through_reference(x, sw, bias, activation, input_scale, backend, grad_y)
+    if static:
+        assert (want_x == 0).float().mean() > 0.05  # saturated inputs were there to be masked
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # the gradients are rounded to x's dtype
+    for got, want in ((x_leaf.grad, want_x), (bias_leaf.grad, want_bias)):
+        assert got.dtype == dtype
+        assert (got.double() - want).abs().max() <= tol * want.abs().max()
+
+
+def test_int8_straight_through_reaches_a_bias_alone_and_refuses_scales_and_pairs():
+    gen = torch.Generator().manual_seed(3)
+    sw = quant.quantize_weight(torch.randn(16, 32, generator=gen))
+    x = torch.randn(4, 32, generator=gen)
+    bias = torch.randn(16, generator=gen).requires_grad_(True)
+    quant.linear_int8(x, sw, bias, activation="relu").sum().backward()
+    with torch.no_grad():
+        z = quant.linear_int8(x, sw, bias)
+    torch.testing.assert_close(bias.grad, (z > 0).float().sum(0))
+    trained = sparsegemm.SparseTensor24(sw.values, sw.meta, sw.shape, sw.scale.clone().requires_grad_(True))
+    for y in (quant.linear_int8(x.clone().requires_grad_(True), trained),
+              quant.linear_int8(x, sw, input_scale=torch.tensor(0.05, requires_grad=True)),
+              quant.linear_int8((torch.ones(4, 32, dtype=torch.int8), torch.ones(4, requires_grad=True)), sw,
+                                out_dtype=torch.float32)):
+        with pytest.raises(RuntimeError, match=r"no gradient flows to the INT8 GEMM's scales or through "
+                                               r"pre-quantized \(x_q, x_scale\) activations"):
+            y.sum().backward()
+
+
+def test_a_compiled_training_step_runs_through_an_int8_layer():
+    # A LoRA-style adapter in front of a frozen INT8 layer trains, compiled whole, as eager.
+    gen = torch.Generator().manual_seed(4)
+    int8_layer = sparsegemm.SparseLinear.from_dense(nn.Linear(64, 32), quantize="int8")
+    results = []
+    for compiled in (False, True):
+        adapter = nn.Linear(64, 64)
+        with torch.no_grad():
+            adapter.weight.copy_(torch.eye(64) + 0.01 * torch.randn(64, 64, generator=torch.Generator().manual_seed(0)))
+            adapter.bias.zero_()
+        model = nn.Sequential(adapter, int8_layer)
+        x = torch.randn(8, 64, generator=gen)
+        step = lambda: model(x).square().mean()  # noqa: E731
+        torch._dynamo.reset()
+        loss = (torch.compile(step, fullgraph=True) if compiled else step)()
+        loss.backward()
+        results.append((loss.detach(), adapter.weight.grad))
+        gen = torch.Generator().manual_seed(4)
+    (loss, grad), (loss_c, grad_c) = results
+    torch._dynamo.reset()
+    assert grad.abs().sum() > 0
+    torch.testing.assert_close(loss_c, loss, rtol=1e-5, atol=0)  # inductor's adapter GEMM rounds its own way
+    torch.testing.assert_close(grad_c, grad, rtol=1e-4, atol=1e-6)
+
+
+def test_opcheck_of_the_straight_through_op():
+    gen = torch.Generator().manual_seed(2)
+    sw = quant.quantize_weight(torch.randn(8, 24, generator=gen))
+    x = torch.randn(5, 24, generator=gen).requires_grad_(True)
+    bias = torch.randn(8, generator=gen).requires_grad_(True)
+    for input_scale in (None, torch.tensor(0.02)):
+        torch.library.opcheck(ops._linear_s8_float, (x, sw.values, sw.meta, None, sw.scale, input_scale, 24, bias,
+                                                     3, torch.float32, "cpu"))

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import sparsegemm
-from sparsegemm import _C, ops, oracle
+from sparsegemm import _C, ops, oracle, quant
 from sparsegemm.nn import SparseConv2d, SparseLinear
 from sparsegemm.tensor import SparseTensor24
 from conftest import run_cli
@@ -723,7 +723,7 @@ def test_load_state_dict_refreshes_the_reordered_metadata():
     assert torch.equal(a(x), b(x))
 
 
-def test_int8_layers_keep_float32_scales_through_dtype_moves_and_are_inference_only():
+def test_int8_layers_keep_float32_scales_through_dtype_moves_and_pass_gradients_straight_through():
     torch.manual_seed(6)
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
     sparsegemm.sparsify(model, quantize="int8", min_features=8)
@@ -732,15 +732,21 @@ def test_int8_layers_keep_float32_scales_through_dtype_moves_and_are_inference_o
     assert layer.scale.dtype == torch.float32 and layer.bias.dtype == torch.float16
     x = torch.randn(4, 64).half()
     assert model(x).dtype == torch.float16
-    # Forward in grad mode (behind trainable layers, an evaluation without no_grad) runs; a backward
-    # through the integer GEMM is what is refused.
-    x_grad = x.clone().requires_grad_()
+    # Behind trainable layers (a LoRA adapter, an unfrozen embedding) the frozen INT8 layers pass x
+    # its gradient through their dequantized weights, eager and compiled.
+    grad_y = torch.randn(4, 32).half()
+    with torch.no_grad():
+        hidden = model[0](x).float()
+    want = (((grad_y.float() @ quant.dequantize(model[2].sparse_weight())).half().float() * (hidden > 0))
+            @ quant.dequantize(layer.sparse_weight()))
     torch._dynamo.reset()
-    for run in (model, torch.compile(model)):  # compiled too: torch.compile traces the backward formulas
+    for run in (model, torch.compile(model)):
+        x_grad = x.clone().requires_grad_()
         y = run(x_grad)
         assert torch.equal(y, model(x))
-        with pytest.raises(RuntimeError, match=r"the INT8 GEMM is inference-only"):
-            y.float().sum().backward()
+        y.backward(grad_y)
+        torch.testing.assert_close(x_grad.grad.float(), want, rtol=2e-3, atol=2e-3)
+        assert layer.values.grad is None and layer.bias.grad is None  # frozen
     torch._dynamo.reset()
     assert torch.equal(torch.compile(model, fullgraph=True)(x), model(x))  # grad mode, frozen layers
     layer.set_input_scale(0.05)  # static mode: the scale stays a tensor, no host read per call
