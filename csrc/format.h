@@ -15,6 +15,7 @@
 // Selection (mask_2to4 and compress): the two largest |w| of a group are kept; NaN counts as
 // larger than every number (so a NaN is never silently dropped); ties go to the lower index.
 #pragma once
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -41,6 +42,24 @@ enum class Activation : int32_t { none = 0, relu = 1, gelu = 2, silu = 3 };
 // SwiGLU, or the bilinear GLU with Activation::none. Mirrored in sparsegemm/format.py.
 constexpr int32_t kGatedActivation = 16;
 constexpr int kGateRows = 8;
+
+// The epilogue's activation of an fp32 pre-activation, one function for the CPU kernels, the CUDA
+// kernels and the emulator (a runtime switch: one kernel instantiation serves every activation).
+SG_HOST_DEVICE float apply_activation(float v, Activation act) {
+  switch (act) {
+    case Activation::relu: return v < 0.f ? 0.f : v;  // keeps NaN, as torch.relu does
+    // 1 + erf(z) as erfc(-z): the sum cancels below v = -4 (57% off at -5.5, -0 from -6 on).
+    case Activation::gelu: return 0.5f * v * erfcf(v * -0.70710678118654752f);
+    // v sigmoid(v) with exp of a negative argument only: exp(-v) overflowed below v = -88.7, giving
+    // -0 where silu is still a normal fp32 / bf16 number (-1.98e-37 at -89).
+    case Activation::silu: {
+      if (v >= 0.f) return v / (1.f + expf(-v));
+      const float e = expf(v);
+      return v * e / (1.f + e);
+    }
+    default: return v;
+  }
+}
 
 SG_HOST_DEVICE int64_t padded_k(int64_t K) { return (K + 3) / 4 * 4; }
 SG_HOST_DEVICE int64_t num_groups(int64_t K) { return padded_k(K) / 4; }

@@ -143,8 +143,8 @@ def grouped_linear(x: Tensor, row_offsets: Tensor, weights, bias=None, *, activa
     computed; the CPU and SIMT backends read the offsets and raise instead. INT8 weights on the
     kernels need K % 4 == 0. A custom op like the others (torch.compile traces it whole). Gradients
     (16-bit weights): x, each weight's kept values and each bias get what each group's
-    :func:`linear` gives its rows (the backward reads the offsets on the host); INT8 weights refuse a
-    backward, as :func:`linear` does.
+    :func:`linear` gives its rows (the backward reads the offsets on the host); with INT8 weights x and
+    the biases get each group's straight-through gradient, as from :func:`linear`.
     """
     op = "sparsegemm.grouped_linear"
     weights = list(weights) if isinstance(weights, (list, tuple)) else weights

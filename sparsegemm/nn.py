@@ -118,6 +118,7 @@ class _SparseWeight(nn.Module):
         self.bias = (nn.Parameter(torch.zeros(n, dtype=dtype, device=device), requires_grad=self.quantize != "int8")
                      if bias else None)
         self._forget_derived()
+        self._remember_metadata()
 
     def reset_parameters(self) -> None:
         """The state the constructor gives, in place: zero values and bias, the valid all-(0, 1)
@@ -134,6 +135,7 @@ class _SparseWeight(nn.Module):
                 if self.input_scale is not None:  # static: the calibrated scale, to be loaded or set
                     self.input_scale.fill_(1.0)
         self._forget_derived()
+        self._remember_metadata()
 
     def _load_compressed(self, sw: SparseTensor24, bias: Optional[Tensor]) -> None:
         with torch.no_grad():
@@ -143,6 +145,7 @@ class _SparseWeight(nn.Module):
                 self.scale = sw.scale.clone()
             if self.bias is not None:
                 self.bias.data = bias.detach().to(self.bias.dtype).clone()
+        self._remember_metadata()
 
     def sparse_weight(self) -> SparseTensor24:
         """The weight as a SparseTensor24 sharing this module's storage (and reordered-metadata cache)."""
@@ -187,8 +190,31 @@ class _SparseWeight(nn.Module):
         numbers = ops.storage_state(meta)
         seen = self.__dict__.get("_metadata_state")
         if seen is None or seen[0] is not meta or seen[1] != numbers:
+            if seen is not None and seen[0] is meta and self._may_read_metadata(meta):
+                # Changed in place: checked once, as a load is. An average over every buffer of a
+                # model (an EMA: AveragedModel(use_buffers=True), timm's ModelEmaV2, a loop over the
+                # state dict) computes p * d + q * (1 - d) in float and truncates it back to uint8,
+                # 217 -> 216 even for equal p and q: nibbles no kernel can read, which gave outputs
+                # up to 0.8 off, silently.
+                check_metadata(f"{type(self).__name__}: its metadata buffer was changed in place and is no longer "
+                               "2:4 (average only floating-point tensors: the metadata is an index, "
+                               "not a number)", meta, self.weight_shape[1])
             self._forget_derived()
             self.__dict__["_metadata_state"] = (meta, numbers)
+
+    @staticmethod
+    def _may_read_metadata(meta: Tensor) -> bool:
+        """Whether checking the metadata's contents now is allowed: a plain tensor (not a wrapped
+        one of a torch.func transform) outside CUDA graph capture (no host copy there)."""
+        return (type(meta) is Tensor and not torch._C._are_functorch_transforms_active()
+                and not (meta.is_cuda and torch.cuda.is_current_stream_capturing()))
+
+    def _remember_metadata(self) -> None:
+        """Take the metadata buffer as it is now as checked (made by the layer, loaded, copied with
+        it), so that an in-place change from here on is checked at the next call."""
+        meta = self._buffers.get("metadata")
+        if meta is not None:
+            self.__dict__["_metadata_state"] = (meta, ops.storage_state(meta))
 
     def __setattr__(self, name: str, value) -> None:
         super().__setattr__(name, value)
@@ -206,6 +232,7 @@ class _SparseWeight(nn.Module):
     def __setstate__(self, state) -> None:
         super().__setstate__(state)
         self._forget_derived()  # the caches __getstate__ left behind, empty
+        self._remember_metadata()
         if "float_dtype" not in self.__dict__:  # a module pickled whole before it was kept
             self.float_dtype = self.bias.dtype if self.bias is not None else (
                 torch.float16 if self.quantize == "int8" else self.values.dtype)
@@ -235,6 +262,7 @@ class _SparseWeight(nn.Module):
         if converted.is_floating_point:
             self.float_dtype = converted
         self._kernel_meta.keep_only_on(self.metadata.device)  # copies on a device the weight left: freed
+        self._remember_metadata()
         return out
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -253,6 +281,7 @@ class _SparseWeight(nn.Module):
         meta = self._buffers.get("metadata")
         if meta is not None:  # assigned (load into a shell) under inference mode: keep a version counter
             self._buffers["metadata"] = ops.versioned(meta)
+        self._remember_metadata()  # checked as it was loaded (_state_dict_weight_error)
         self._refresh_kernel_meta()
 
     def _refresh_kernel_meta(self) -> None:

@@ -1434,9 +1434,8 @@ def _int8_gradient(grad: Tensor, shape: list[int], dtype: torch.dtype) -> Tensor
     model in grad mode, which must compile and run forward; only a backward that actually runs
     reaches this."""
     raise RuntimeError("sparsegemm: no gradient flows to the INT8 GEMM's scales or through pre-quantized (x_q, "
-                       "x_scale) activations: it passes gradients to float activations (straight through their "
-                       "quantization) and to its bias only; to train the weight, fine-tune the fp16 / bf16 "
-                       "SparseLinear, then quantize")
+                       "x_scale) activations: it passes float activations and its bias their straight-through "
+                       "gradient; to train the weight, fine-tune the fp16 / bf16 SparseLinear, then quantize")
 
 
 @_register_fake(_int8_gradient)
@@ -1457,9 +1456,9 @@ def _int8_backward(ctx, *grads):
                  for i, needed in enumerate(ctx.needs_input_grad))
 
 
-# These run in grad mode (a pre-quantized pair, an evaluation without torch.no_grad()), eager or
-# compiled; a backward into their float inputs is refused, with that message. Float activations
-# that need a gradient take _linear_s8_float instead (quant.linear_int8).
+# These run in grad mode (a pre-quantized pair), eager or compiled; a backward into their float
+# inputs is refused, with that message. Float activations take _linear_s8_float (quant.linear_int8;
+# its eager fast path, _linear_s8_dynamic, only where no gradient can be asked for).
 for _op in (_quantize_rows, _linear_s8, _linear_s8_dynamic):
     _op.register_autograd(_int8_backward, setup_context=_float_input_shapes)
 
@@ -1479,10 +1478,9 @@ def _linear_s8_float(x: Tensor, values: Tensor, meta: Tensor, kernel_meta: Optio
                      input_scale: Optional[Tensor], k: int, bias: Optional[Tensor], activation: int,
                      out_dtype: torch.dtype, backend: str) -> Tensor:
     """INT8 linear of float activations x [M, K]: quantized per token (``input_scale`` None) or with
-    the static ``input_scale`` (a 0-d float32 tensor on x's device), then the INT8 GEMM, as
-    quant.linear_int8 runs them when a gradient is to flow back to x or the bias. One op, so that
-    its backward (_linear_s8_float_backward) sees the float x: the int8 x_q between the two steps
-    carries no gradient."""
+    the static ``input_scale`` (a 0-d float32 tensor on x's device), then the INT8 GEMM
+    (quant.linear_int8). One op, so that its backward (_linear_s8_float_backward) sees the float x:
+    the int8 x_q between the two steps carries no gradient."""
     if input_scale is not None:
         from .quant import quantize_static
 
@@ -1535,7 +1533,9 @@ def _int8_linear_grads(grad_y: Tensor, x: Tensor, values: Tensor, meta: Tensor, 
     if need_x:
         grad_x = g @ dequantized(values, meta, w_scale, k)
         if input_scale is not None:
-            grad_x = grad_x * (torch.round(x.float() / input_scale).abs() <= 127)
+            from .quant import QMAX
+
+            grad_x = grad_x * (torch.round(x.float() / input_scale).abs() <= QMAX)
         grad_x = grad_x.to(x.dtype)
     if bias is not None and need_bias:
         grad_bias = g.sum(0).to(bias.dtype)

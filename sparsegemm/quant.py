@@ -224,11 +224,13 @@ def linear_int8(x: Union[Tensor, tuple], sw: SparseTensor24, bias: Optional[Tens
         raise TypeError(f"{op}: sw must be an int8 SparseTensor24, got "
                         f"{type(sw).__name__ if not isinstance(sw, SparseTensor24) else sw.dtype}")
     n, k = sw.shape
-    # A gradient to flow back to float activations or the bias: one op that quantizes and multiplies,
-    # whose backward passes it straight through the quantization (ops._linear_s8_float_backward).
-    straight_through = torch.is_grad_enabled() and isinstance(x, Tensor) and (
-        x.requires_grad or (isinstance(bias, Tensor) and bias.requires_grad))
-    fast = None if straight_through else _dynamic_fast_path(x, sw, bias, activation, out_dtype, input_scale, backend)
+    # Float activations go through one op that quantizes and multiplies (ops._linear_s8_float), whose
+    # backward passes the gradient straight through the quantization. The fast path's op has none:
+    # it is not taken where a gradient may be asked for, nor in a torch.jit.trace, whose graph must
+    # not depend on the grad mode (its check traces again under no_grad).
+    needs_gradient = torch.jit.is_tracing() or (torch.is_grad_enabled() and isinstance(x, Tensor) and (
+        x.requires_grad or (isinstance(bias, Tensor) and bias.requires_grad)))
+    fast = None if needs_gradient else _dynamic_fast_path(x, sw, bias, activation, out_dtype, input_scale, backend)
     if fast is not None:
         fast_backend, act = fast
         x2 = x if x.dim() == 2 else x.reshape(-1, k)
@@ -282,17 +284,9 @@ def linear_int8(x: Union[Tensor, tuple], sw: SparseTensor24, bias: Optional[Tens
         x2 = x if len(lead) == 1 else x.reshape(-1, k)
         m = x2.shape[0]
         given = {"x": x2}
-        if straight_through:
-            x_q = x_scale = None
-            if input_scale is not None:
-                input_scale = _static_scale_tensor("sparsegemm.quant.quantize_activations_static", input_scale,
-                                                   x.device)
-        elif input_scale is None and backend != "cpu" and k % 4 == 0:
-            x_q = x_scale = None  # dynamic on the kernels, K unpadded: quantized inside the fused op below
-        elif input_scale is None:
-            x_q, x_scale = ops.call(ops._quantize_rows, x2, backend)
-        else:
-            x_q, x_scale = quantize_activations_static(x2, input_scale)
+        x_q = None  # quantized inside the op below
+        if input_scale is not None:
+            input_scale = _static_scale_tensor("sparsegemm.quant.quantize_activations_static", input_scale, x.device)
     ops.check_dtype_value(op, "out_dtype", out_dtype, ops.FLOAT_DTYPES if backend == "cpu" else ops.KERNEL_DTYPES)
     if backend != "cpu":
         ops.require_int8_kernels(op, backend)
@@ -304,11 +298,9 @@ def linear_int8(x: Union[Tensor, tuple], sw: SparseTensor24, bias: Optional[Tens
         bias = bias.to(out_dtype)
     kernel_meta = sw.kernel_meta(backend) if backend != "cpu" else None
     ops.check_same_device(op, **given, **{"sw.values": sw.values, "sw.scale": sw.scale}, bias=bias)
-    if straight_through:
+    if x_q is None:
         y = ops.call(ops._linear_s8_float, x2, sw.values, sw.meta, kernel_meta, sw.scale, input_scale, k, bias, act,
                      out_dtype, backend)
-    elif x_q is None:
-        y = ops.call(ops._linear_s8_dynamic, x2, sw.values, kernel_meta, sw.scale, bias, act, out_dtype, backend)
     else:
         y = ops.call(ops._linear_s8, x_q, x_scale, sw.values, sw.meta, kernel_meta, sw.scale, k, bias, act, out_dtype,
                      backend)

@@ -719,13 +719,16 @@ def straight_through_reference(x, sw, bias, activation, input_scale, backend, gr
     with torch.no_grad():
         z = quant.linear_int8(x, sw, bias, input_scale=input_scale, backend=backend).double().requires_grad_(True)
     acts = {"relu": torch.relu, "gelu": nn.functional.gelu, "silu": nn.functional.silu}
-    if activation in fmt.GATED_ACTIVATIONS:
-        gate, up = ops._gate_up_columns(z)
-        out = acts[fmt.GATED_ACTIVATIONS[activation]](gate) * up
+    if activation in ("swiglu", "geglu", "reglu"):
+        # Columns 16q + r (r < 8) are the gates of outputs 8q + r, columns 16q + 8 + r their up rows.
+        pairs = z.view(z.shape[0], -1, 2, 8)
+        gate, up = pairs[:, :, 0].flatten(1), pairs[:, :, 1].flatten(1)
+        out = acts[{"swiglu": "silu", "geglu": "gelu", "reglu": "relu"}[activation]](gate) * up
     else:
         out = acts[activation](z) if activation else z
     out.backward(grad_y.double())
-    grad_x = z.grad @ quant.dequantize(sw).double()
+    weight = oracle.decompress(sw.values, sw.meta, sw.shape[1]).double() * sw.scale.double()[:, None]
+    grad_x = z.grad @ weight
     if input_scale is not None:
         grad_x = grad_x * (torch.round(x.float() / input_scale).abs() <= 127)
     return grad_x, z.grad.sum(0)
@@ -733,7 +736,7 @@ def straight_through_reference(x, sw, bias, activation, input_scale, backend, gr
 
 @pytest.mark.parametrize("backend,dtype,k", [("cpu", torch.float32, 64), ("cpu", torch.bfloat16, 62),
                                              ("simt", torch.float16, 64), ("simt", torch.bfloat16, 62)])
-@pytest.mark.parametrize("activation", [None, "relu", "gelu", "silu", "swiglu"])
+@pytest.mark.parametrize("activation", [None, "relu", "gelu", "silu", "swiglu", "geglu", "reglu"])
 @pytest.mark.parametrize("static", [False, True])
 def test_linear_int8_passes_gradients_straight_through(backend, dtype, k, activation, static):
     # x and the bias get the gradient of the layer with its dequantized weight, taken at the INT8
@@ -812,3 +815,25 @@ def test_opcheck_of_the_straight_through_op():
     for input_scale in (None, torch.tensor(0.02)):
         torch.library.opcheck(ops._linear_s8_float, (x, sw.values, sw.meta, None, sw.scale, input_scale, 24, bias,
                                                      3, torch.float32, "cpu"))
+
+
+def test_a_traced_int8_layer_takes_one_graph_in_every_grad_mode_and_passes_gradients():
+    # torch.jit.trace's check traces again under no_grad: the graph recorded with an input needing a
+    # gradient must be the one recorded without (it once was not: "Graphs differed across
+    # invocations"), and either trace passes the straight-through gradient.
+    torch.manual_seed(0)
+    layer = sparsegemm.SparseLinear.from_dense(nn.Linear(64, 32), quantize="int8")
+    x = torch.randn(6, 64)
+    with torch.no_grad():
+        want = layer(x)
+    grads = []
+    for example in (x.clone().requires_grad_(True), x):
+        traced = torch.jit.trace(layer, (example,))
+        x_leaf = x.clone().requires_grad_(True)
+        y = traced(x_leaf)
+        assert torch.equal(y.detach(), want)
+        y.sum().backward()
+        grads.append(x_leaf.grad)
+    eager = x.clone().requires_grad_(True)
+    layer(eager).sum().backward()
+    assert torch.equal(grads[0], eager.grad) and torch.equal(grads[1], eager.grad)

@@ -1,4 +1,5 @@
 """SparseLinear / SparseConv2d / sparsify / save-load on the CPU."""
+import copy
 import os
 import re
 import subprocess
@@ -2552,3 +2553,55 @@ def test_load_state_dict_says_what_a_state_dict_of_another_kind_of_layer_means()
     dynamic[0].set_input_scale(1.0)
     dynamic.load_state_dict(static.state_dict())
     assert float(dynamic[0].input_scale) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("how", ["averaged_model", "state_dict_loop"])
+def test_an_ema_over_every_buffer_that_breaks_the_metadata_is_refused_at_the_next_call(how):
+    # An EMA of a model onto itself (decay 0.9) computes p * 0.9 + p * 0.1 in float for the uint8
+    # metadata and truncates it (217 -> 216): the forward then read nibbles no kernel defines and
+    # gave outputs up to 0.8 off, silently. The copy is checked once after an in-place change.
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 64))
+    sparsegemm.sparsify(model, min_features=8)
+    x = torch.randn(4, 256)
+    if how == "averaged_model":
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+        ema(x)  # a call before the updates: the check is of what changes after it, too
+        ema.update_parameters(model)
+        ema.update_parameters(model)
+        layer = ema.module[0]
+    else:
+        ema = copy.deepcopy(model)  # its first call comes after the edit
+        with torch.no_grad():
+            for key, value in ema.state_dict().items():
+                value.copy_(value * 0.9 + model.state_dict()[key] * 0.1)
+        layer = ema[0]
+    assert not torch.equal(layer.metadata, model[0].metadata)
+    with pytest.raises(ValueError, match=r"SparseLinear: its metadata buffer was changed in place and is no longer "
+                                         r"2:4 \(average only floating-point tensors"):
+        ema(x)
+
+
+def test_a_valid_in_place_metadata_change_runs_and_a_load_is_not_checked_twice(monkeypatch):
+    torch.manual_seed(1)
+    a, b = (SparseLinear.from_dense(nn.Linear(64, 32)) for _ in range(2))
+    x = torch.randn(3, 64)
+    a(x)
+    with torch.no_grad():
+        a.metadata.copy_(b.metadata)
+        a.values.copy_(b.values)
+        a.bias.copy_(b.bias)
+    assert torch.equal(a(x), b(x))
+    checks = []
+    check = sparsegemm.nn.check_metadata
+    monkeypatch.setattr(sparsegemm.nn, "check_metadata",
+                        lambda op, *args: (checks.append(op), check(op, *args)))
+    a.load_state_dict(b.state_dict())  # checked once, by the load, not again at the call
+    a(x)
+    assert len(checks) == 1 and checks[0].startswith("the state dict's")
+    with torch.no_grad():
+        a.metadata.add_(0)
+    a(x)
+    assert len(checks) == 2 and checks[1].startswith("SparseLinear: its metadata buffer was changed in place")

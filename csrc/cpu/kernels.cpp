@@ -777,22 +777,6 @@ struct StepsFor<DType::bf16> {
 };
 #endif
 
-inline float activate(float v, Activation act) {
-  switch (act) {
-    case Activation::relu: return v < 0.0f ? 0.0f : v;  // NaN passes through, as in torch
-    // 1 + erf(z) as erfc(-z): the sum cancels below v = -4 (57% off at -5.5, -0 from -6 on).
-    case Activation::gelu: return 0.5f * v * std::erfc(v * -0.70710678118654752440f);
-    // v sigmoid(v) with exp of a negative argument only: exp(-v) overflowed below v = -88.7, giving
-    // -0 where silu is still a normal fp32 / bf16 number (-1.98e-37 at -89).
-    case Activation::silu: {
-      if (v >= 0.0f) return v / (1.0f + std::exp(-v));
-      const float e = std::exp(v);
-      return v * e / (1.0f + e);
-    }
-    default: return v;
-  }
-}
-
 // One register block: sums[r * Cols + c] = W row c . X row r for r < Rows, c < Cols.
 // values[c], meta[c]: W row c in the logical layout; its last step comes from tail_values[c] and
 // tail_meta[c] (staged copies, zero / pad filled) when has_tail. x: X copy rows, row stride ldx.
@@ -1000,7 +984,7 @@ void sparse_gemm_activated(const GemmParams& p, const PreActivation& pre_activat
   const Activation act = p.act;
   if (!p.gated) {
     sparse_gemm<Steps, D>(p, [&](auto sum, int64_t m, int64_t n, const float* bias) {
-      return ElemTraits<D>::from_float(activate(pre_activation(sum, m, n, bias), act));
+      return ElemTraits<D>::from_float(apply_activation(pre_activation(sum, m, n, bias), act));
     });
     return;
   }
@@ -1023,7 +1007,7 @@ void sparse_gemm_activated(const GemmParams& p, const PreActivation& pre_activat
         const float* row = rows.get() + m * p.N;
         for (int64_t j = 0; j < out_cols; ++j) {
           const int64_t gate = j / kGateRows * (2 * kGateRows) + j % kGateRows;
-          y[m * p.ldy + j] = ElemTraits<D>::from_float(activate(row[gate], act) * row[gate + kGateRows]);
+          y[m * p.ldy + j] = ElemTraits<D>::from_float(apply_activation(row[gate], act) * row[gate + kGateRows]);
         }
       }
     });
@@ -1317,12 +1301,12 @@ void s8_epilogue_typed(const GemmParams& p, const int32_t* acc, int64_t ld_acc) 
       };
       T* y_row = y + m * p.ldy;
       if (!p.gated) {
-        for (int64_t n = 0; n < p.N; ++n) y_row[n] = ElemTraits<D>::from_float(activate(pre_activation(n), act));
+        for (int64_t n = 0; n < p.N; ++n) y_row[n] = ElemTraits<D>::from_float(apply_activation(pre_activation(n), act));
         continue;
       }
       for (int64_t j = 0; j < p.N / 2; ++j) {
         const int64_t gate = j / kGateRows * (2 * kGateRows) + j % kGateRows;
-        y_row[j] = ElemTraits<D>::from_float(activate(pre_activation(gate), act) * pre_activation(gate + kGateRows));
+        y_row[j] = ElemTraits<D>::from_float(apply_activation(pre_activation(gate), act) * pre_activation(gate + kGateRows));
       }
     }
   });

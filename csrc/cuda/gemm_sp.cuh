@@ -65,23 +65,6 @@
 namespace sparsegemm {
 namespace SG_KERNEL_NS {
 
-// Runtime epilogue switch: one instantiation serves every activation.
-SG_DEVICE float apply_activation(float v, Activation act) {
-  switch (act) {
-    case Activation::relu: return v < 0.f ? 0.f : v;  // keeps NaN, as torch.relu does
-    // 1 + erf(z) as erfc(-z): the sum cancels below v = -4 (57% off at -5.5, -0 from -6 on).
-    case Activation::gelu: return 0.5f * v * erfcf(v * -0.70710678118654752f);
-    // v sigmoid(v) with exp of a negative argument only: exp(-v) overflowed below v = -88.7, giving
-    // -0 where silu is still a normal fp32 / bf16 number (-1.98e-37 at -89).
-    case Activation::silu: {
-      if (v >= 0.f) return v / (1.f + expf(-v));
-      const float e = expf(v);
-      return v * e / (1.f + e);
-    }
-    default: return v;
-  }
-}
-
 // MMA policy of the 16-bit GEMM (the interface every policy provides):
 //   Operand      element of Wc and X;  Acc: the MMA accumulator;  PartialSum: split-K reduction
 //   Out          ElementTraits of Y and bias
