@@ -238,6 +238,13 @@ class _SparseWeight(nn.Module):
                 torch.float16 if self.quantize == "int8" else self.values.dtype)
 
     def _apply(self, fn, recurse=True):
+        # The float dtype follows .half() / .to(dtype) as the bias does (a zero-size probe of fn); one
+        # no kernel takes (.double()) is refused before anything changes, not at the next forward.
+        converted = fn(torch.empty(0, dtype=self.float_dtype, device=self.values.device)).dtype
+        if converted.is_floating_point and converted not in ops.FLOAT_DTYPES:
+            raise TypeError(f"{type(self).__name__}: cannot convert to {converted}: its weight and bias (an INT8 "
+                            f"layer's output) take one of {ops.FLOAT_DTYPES}; for a {converted} reference use "
+                            f"dense_weight().to({converted})")
         self._forget_derived()  # moved or converted: reorder again on the next forward
         # INT8 scales stay float32 whatever .half() / .to(dtype) asks: only their device follows.
         scales = {name: getattr(self, name) for name in ("scale", "input_scale")
@@ -246,8 +253,6 @@ class _SparseWeight(nn.Module):
         # tensor, and left a layer no op takes. Cast back, exactly (integers below 256 in every dtype).
         formats = {name: t.dtype for name, t in (*self._parameters.items(), *self._buffers.items())
                    if t is not None and not t.is_floating_point()}
-        # The float dtype follows .half() / .to(dtype) as the bias does (a zero-size probe of fn).
-        converted = fn(torch.empty(0, dtype=self.float_dtype, device=self.values.device)).dtype
         out = super()._apply(fn, recurse)
         for name, dtype in formats.items():
             if name in self._parameters and self._parameters[name].dtype != dtype:

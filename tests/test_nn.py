@@ -88,6 +88,21 @@ def test_state_dict_round_trip_and_dtype_moves():
     assert half.bfloat16().values.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_a_dtype_no_kernel_takes_is_refused_by_the_conversion_and_the_layer_is_left_as_it_was(quantize):
+    # .double() was taken, and left a layer that neither printed nor ran.
+    sl = SparseLinear.from_dense(nn.Linear(32, 16), quantize=quantize)
+    before = {name: t.clone() for name, t in sl.state_dict().items()}
+    x = torch.randn(3, 32)
+    y = sl(x)
+    for convert in (lambda m: m.double(), lambda m: m.to(torch.float64)):
+        with pytest.raises(TypeError, match=r"SparseLinear: cannot convert to torch.float64: .*dense_weight\(\)"):
+            convert(sl)
+        state = sl.state_dict()
+        assert all(torch.equal(state[name], t) and state[name].dtype == t.dtype for name, t in before.items())
+        assert torch.equal(sl(x), y) and "SparseLinear" in repr(sl)
+
+
 def test_transformer_block_sparsify_matches_dense_pruned():
     torch.manual_seed(1)
     block = Block()
