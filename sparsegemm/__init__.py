@@ -10,7 +10,7 @@ from .functional import compress, decompress, grouped_linear, linear, mask_2to4,
 from .convert import SparsifyReport, sparsify
 from .interop import from_cutlass, to_cutlass
 from .io import init_empty_weights, load, save
-from .nn import SparseConv1d, SparseConv2d, SparseExperts, SparseGatedMLP, SparseLinear
+from .nn import SparseConv1d, SparseConv2d, SparseExperts, SparseGatedMLP, SparseLinear, broadcast_compressed
 from .tensor import SparseTensor24
 
 __version__ = "0.1.0"
@@ -41,6 +41,7 @@ __all__ = [
     "SparseMultiheadAttention",
     "SparseTensor24",
     "SparsifyReport",
+    "broadcast_compressed",
     "compress",
     "decompress",
     "format",

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import struct
+import sys
 import threading
 import weakref
 from typing import Union
@@ -87,10 +88,43 @@ _DENSE_DTYPES = ("float16", "bfloat16", "float32")
 _CONVERTED = (SparseLinear, SparseConv2d, *_CONTAINERS)
 
 
+# How a sharded model's whole state is had, for save's refusals of shards.
+_FULL_STATE = ("torch.distributed.checkpoint.state_dict.get_model_state_dict with "
+               "StateDictOptions(full_state_dict=True, cpu_offload=True)")
+
+
+def _is_instance(value, module: str, name: str) -> bool:
+    """isinstance(value, module.name) without importing ``module``: unimported, nothing is one."""
+    kind = getattr(sys.modules.get(module), name, None)
+    return kind is not None and isinstance(value, kind)
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside DDP / DataParallel (``.module``) and torch.compile (``._orig_mod``)
+    wrappers, whose state-dict keys carry a prefix that the bare model a checkpoint is loaded into
+    lacks."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif _is_instance(model, "torch._dynamo.eval_frame", "OptimizedModule"):
+            model = model._orig_mod
+        else:
+            return model
+
+
 def save(model: nn.Module, path: Union[str, "os.PathLike"]) -> None:
-    """Write ``model`` (after :func:`sparsify`) to a safetensors file."""
+    """Write ``model`` (after :func:`sparsify`; the model inside a DDP or torch.compile wrapper) to
+    a safetensors file."""
     from safetensors.torch import save_file
 
+    model = _unwrapped(model)
+    state = model.state_dict()
+    for key, value in state.items():
+        if _is_instance(value, "torch.distributed.tensor", "DTensor"):
+            # FSDP2's: this rank's shard (at address 0 for every one, which read as ties).
+            raise ValueError(f"sparsegemm.save: {key!r} is a DTensor, a shard of a sharded model (FSDP2): gather "
+                             f"the full state dict ({_FULL_STATE}), load it into an unsharded copy of the model and "
+                             "save that")
     converted = {}
     for name, mod in model.named_modules():
         if not isinstance(mod, _CONVERTED):
@@ -101,6 +135,21 @@ def save(model: nn.Module, path: Union[str, "os.PathLike"]) -> None:
             raise ValueError(f"sparsegemm.save: module {name!r} has parametrized tensors "
                              f"({', '.join(mod.parametrizations)}), which a fresh model cannot load: remove them "
                              "first (torch.nn.utils.parametrize.remove_parametrizations)")
+        if isinstance(mod, _SparseWeight):
+            # FSDP1 leaves flat shards in the state dict: a file no model could load.
+            prefix = f"{name}." if name else ""
+            entries = {key[len(prefix):]: value for key, value in state.items()
+                       if key.startswith(prefix) and "." not in key[len(prefix):]}
+            try:
+                missing = [key for key in ("values", "metadata") if key not in entries]
+                if missing:
+                    raise ValueError(f"its state dict has no {' or '.join(missing)}")
+                mod.validate(entries)
+            except (ValueError, TypeError) as exc:
+                raise ValueError(f"sparsegemm.save: module {name!r} does not hold a whole compressed weight ({exc}); "
+                                 f"a model FullyShardedDataParallel wraps holds flat shards: gather the full state "
+                                 f"dict ({_FULL_STATE}), load it into an unwrapped copy of the model and save "
+                                 "that") from exc
         converted[name] = _describe(mod)
     # A convolution's dense_shape buffer is its module table entry's geometry again, which load checks
     # against the model and makes the buffer from: left out, the file is the one versions from before
@@ -110,7 +159,7 @@ def save(model: nn.Module, path: Union[str, "os.PathLike"]) -> None:
     # A tied tensor (an LM head sharing the embedding) is one tensor under several state_dict keys:
     # stored once, its other keys listed in the header as aliases of the stored one.
     tensors, aliases, first_key = {}, {}, {}
-    for key, value in model.state_dict().items():
+    for key, value in state.items():
         if key in from_table:
             continue
         identity = (value.device, value.data_ptr(), value.dtype, tuple(value.shape), value.stride())
@@ -306,7 +355,8 @@ def load(path: Union[str, "os.PathLike"], model: nn.Module, *, device=None) -> n
     # layer's tensors itself, naming the module: the layers' own check of them is not repeated.
     caller_in_inference_mode = torch.is_inference_mode_enabled()
     with torch.inference_mode(False), state_dict_validated():
-        return _load(path, model, device, copy_in_inference_mode=caller_in_inference_mode)
+        _load(path, _unwrapped(model), device, copy_in_inference_mode=caller_in_inference_mode)
+    return model
 
 
 def _load(path, model: nn.Module, device, copy_in_inference_mode: bool) -> nn.Module:

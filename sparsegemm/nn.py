@@ -24,8 +24,12 @@ from .tensor import KernelMetaCache, SparseTensor24, check_int8_values, check_me
 
 
 # Attributes whose assignment invalidates what a layer derived from them (_forget_derived).
-_DERIVED_FROM = frozenset({"values", "metadata", "bias", "scale", "input_scale", "weight_shape", "backend", "quantize",
-                           "activation"})
+_DERIVED_FROM = frozenset({"metadata", "weight_shape", "backend", "quantize", "activation"})
+# Tensors the reordered metadata does not depend on: assigning one drops only the plan made with
+# the layer's tensors (SparseLinear's eager plan; SparseExperts' tables follow them by identity and
+# storage). FSDP2 assigns values and bias at every unshard and reshard, and each assignment had the
+# metadata reordered again (on CUDA under autograd: new memory and a host sync).
+_TENSOR_ONLY = frozenset({"values", "bias", "scale", "input_scale"})
 
 
 # A layer's caches of what it derives from its stored weight (_forget_derived), which pickles and
@@ -218,7 +222,9 @@ class _SparseWeight(nn.Module):
 
     def __setattr__(self, name: str, value) -> None:
         super().__setattr__(name, value)
-        if name in _DERIVED_FROM and "_kernel_meta" in self.__dict__:
+        if name in _TENSOR_ONLY and "_eager_plan" in self.__dict__:
+            self.__dict__["_eager_plan"] = None
+        elif name in _DERIVED_FROM and "_kernel_meta" in self.__dict__:
             self._forget_derived()
 
     def __getstate__(self) -> dict:
@@ -1568,3 +1574,31 @@ def numeric_padding(conv: nn.Module) -> Optional[tuple]:
         return (0,) * len(conv.kernel_size)
     total = [d * (k - 1) for k, d in zip(conv.kernel_size, conv.dilation)]
     return None if any(t % 2 for t in total) else tuple(t // 2 for t in total)
+
+
+def broadcast_compressed(model: nn.Module, src: int = 0, group=None) -> None:
+    """Make every rank's compressed layers rank ``src``'s: each sparse layer's values, bias,
+    metadata and scales are broadcast (torch.distributed, initialized; every rank of ``group``
+    calls this with the same architecture).
+
+    Why: a layer's weight is its values (a parameter) under its metadata (a buffer, with an INT8
+    layer's scales). DDP's start-up broadcast copies parameters, and buffers only with
+    ``broadcast_buffers=True``, its default; FSDP2 copies neither. Ranks whose layers were pruned
+    from different weights (no common seed or checkpoint) then run one rank's values under another
+    rank's 2:4 pattern, silently. Call it before wrapping the model: FSDP2 shards the values it
+    finds. Buffers get new tensors, so that every copy derived from the metadata is made again."""
+    import torch.distributed as dist
+
+    for module in model.modules():
+        if not isinstance(module, _SparseWeight):
+            continue
+        for name, tensor in [*module._parameters.items(), *module._buffers.items()]:
+            if tensor is None:
+                continue
+            received = tensor.detach().clone(memory_format=torch.contiguous_format)
+            dist.broadcast(received, src, group=group)
+            if name in module._parameters:
+                with torch.no_grad():
+                    tensor.copy_(received)
+            else:
+                setattr(module, name, received)

@@ -1,5 +1,6 @@
 """SparseLinear / SparseConv2d / sparsify / save-load on the CPU."""
 import copy
+import json
 import os
 import re
 import subprocess
@@ -615,6 +616,33 @@ def test_a_convolution_with_fresh_metadata_overrides_reorders_each_one():
         wants = [torch.func.functional_call(reference, {"metadata": meta}, (x,)) for meta in patterns]
     for t, got in enumerate(gots):
         assert torch.allclose(got.float(), wants[t % 2].float(), rtol=1e-2, atol=1e-2), t
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_assigning_values_bias_or_scales_keeps_the_reordered_metadata(quantize, monkeypatch):
+    # FSDP2 assigns values and bias at every unshard and reshard: each assignment reordered the
+    # metadata again. Only the plan made with the old tensors goes; the results follow the new ones.
+    torch.manual_seed(6)
+    layer = SparseLinear.from_dense(nn.Linear(64, 32).half(), backend="simt", quantize=quantize)
+    other = SparseLinear.from_dense(nn.Linear(64, 32).half(), backend="simt", quantize=quantize)
+    x = torch.randn(2, 64).half()
+    with torch.no_grad():
+        layer(x)
+    reorders = []
+    reorder = ops.reorder_meta
+    monkeypatch.setattr(ops, "reorder_meta", lambda *a, **kw: reorders.append(a) or reorder(*a, **kw))
+    # other's values and scales under layer's metadata: what a layer of both computes
+    reference = SparseLinear.from_dense(nn.Linear(64, 32).half(), backend="simt", quantize=quantize)
+    reference.load_state_dict({**other.state_dict(), "metadata": layer.metadata})
+    layer.values = nn.Parameter(other.values.detach().clone(), requires_grad=other.values.requires_grad)
+    layer.bias = nn.Parameter(other.bias.detach().clone())
+    if quantize:
+        layer.scale = other.scale.clone()
+    with torch.no_grad():
+        got = layer(x)
+    assert not reorders
+    with torch.no_grad():
+        assert torch.equal(got, reference(x))
 
 
 def test_kernel_layout_copies_are_refreshed_in_their_own_memory():
@@ -1252,12 +1280,13 @@ def test_string_padding_converts_where_it_is_symmetric(tmp_path):
         assert torch.equal(sparsegemm.load(path, build())(x), model(x))
 
 
-def test_a_layer_converted_to_an_unsupported_dtype_says_so():
+def test_a_conversion_to_an_unsupported_dtype_says_so_and_leaves_the_layer_working():
     for layer, x in ((SparseLinear.from_dense(nn.Linear(16, 8)), torch.randn(2, 16)),
                      (SparseConv2d.from_dense(nn.Conv2d(8, 8, 3)), torch.randn(2, 8, 12, 12))):
-        layer.double()
-        with pytest.raises(TypeError, match=r"Sparse(Linear|Conv2d): the layer's weight must have dtype in .* got float64"):
-            layer(x.double())
+        y = layer(x)
+        with pytest.raises(TypeError, match=r"Sparse(Linear|Conv2d): cannot convert to torch.float64"):
+            layer.double()
+        assert layer.values.dtype == torch.float32 and torch.equal(layer(x), y)
 
 
 def test_sparse_conv2d_rejects_a_geometry_it_cannot_run():
@@ -2508,6 +2537,28 @@ def test_save_refuses_a_converted_layer_with_parametrized_tensors(tmp_path):
     sparsegemm.save(model, tmp_path / "p.safetensors")
     x = torch.randn(2, 32)
     assert torch.equal(sparsegemm.load(tmp_path / "p.safetensors", nn.Sequential(nn.Linear(32, 16)))(x), model(x))
+
+
+def test_save_takes_the_model_inside_ddp_or_compile_wrappers_and_refuses_flat_shards(tmp_path):
+    # save(DDP(model)) or save(torch.compile(model)) wrote keys under module. / _orig_mod., which no
+    # bare model loads; FSDP1's flat shards made a file that failed only when loaded.
+    torch.manual_seed(32)
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 16))
+    sparsegemm.sparsify(model, dtype=torch.float32, min_features=8)
+    x = torch.randn(2, 32)
+    for wrapped in (nn.DataParallel(model), torch.compile(model)):
+        sparsegemm.save(wrapped, tmp_path / "w.safetensors")
+        assert set(json.loads(_header(tmp_path / "w.safetensors")["converted"])) == {"0", "2"}
+        fresh = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 16))
+        assert torch.equal(sparsegemm.load(tmp_path / "w.safetensors", fresh)(x), model(x))
+        compiled = torch.compile(nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 16)))
+        assert sparsegemm.load(tmp_path / "w.safetensors", compiled) is compiled
+        assert torch.equal(compiled._orig_mod(x), model(x))
+    model[2].values = nn.Parameter(model[2].values.detach().reshape(-1))  # a flat shard, as FSDP1 leaves it
+    with pytest.raises(ValueError, match=r"sparsegemm.save: module '2' does not hold a whole compressed weight "
+                                         r"\(SparseTensor24: values must have shape \(16, 16\).*FullyShardedDataParallel"):
+        sparsegemm.save(model, tmp_path / "flat.safetensors")
+    assert not (tmp_path / "flat.safetensors").exists()
 
 
 def test_module_type_casts_only_what_a_dtype_change_may():
