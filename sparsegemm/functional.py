@@ -127,7 +127,7 @@ def linear(x: Tensor, sw: SparseTensor24, bias: Optional[Tensor] = None, *, acti
 
 
 def grouped_linear(x: Tensor, row_offsets: Tensor, weights, bias=None, *, activation: Optional[str] = None,
-                   max_rows: Optional[int] = None, backend: Optional[str] = None) -> Tensor:
+                   input_scale=None, max_rows: Optional[int] = None, backend: Optional[str] = None) -> Tensor:
     """Many linear layers of one shape, each on its own run of rows of ``x [M, K]``: for every group
     g, with ``o = row_offsets`` (int64 ``[G + 1]``, non-decreasing, from ``o[0] >= 0`` to ``o[G] <= M``),
     ``y[o[g]:o[g + 1]] = linear(x[o[g]:o[g + 1]], weights[g], bias[g], activation=activation)``; rows
@@ -135,7 +135,9 @@ def grouped_linear(x: Tensor, row_offsets: Tensor, weights, bias=None, *, activa
     sorted by expert.
 
     ``weights``: G :class:`SparseTensor24` of one shape ``[N, K]`` and dtype (int8 ones quantize x per
-    token, as :func:`linear` does); ``bias``: None or G tensors ``[N]``. On the CUDA and SIMT
+    token, as :func:`linear` does); ``bias``: None or G tensors ``[N]``. ``input_scale`` (int8
+    weights): None, or G static activation scales (positive numbers or one-element float tensors,
+    as :func:`sparsegemm.quant.linear_int8` takes), group g's rows quantized with scale g. On the CUDA and SIMT
     backends this is one kernel launch (per 128 groups) that reads the offsets on the device: no
     host synchronisation, so a CUDA graph can capture it, with the routing it replays. There
     ``max_rows`` (default M) must bound every group's row count: it sizes the launch and picks the
@@ -205,10 +207,22 @@ def grouped_linear(x: Tensor, row_offsets: Tensor, weights, bias=None, *, activa
             if k % 4:
                 raise ValueError(f"{op}: INT8 weights on the {backend} kernels need K % 4 == 0, got K = {k}")
         kernel_meta = [w.kernel_meta(backend) for w in weights]  # each reorder on its tensor's GPU
+    scales = []
+    if input_scale is not None:
+        from .quant import _static_scale_tensor
+
+        if not int8:
+            raise ValueError(f"{op}: input_scale (static INT8 activations) needs int8 weights, got {first.dtype}")
+        input_scale = list(input_scale) if isinstance(input_scale, (list, tuple)) else input_scale
+        if not isinstance(input_scale, list) or len(input_scale) != groups:
+            raise ValueError(f"{op}: input_scale must be None or {groups} scales (one per weight), got "
+                             + (f"{len(input_scale)} items" if isinstance(input_scale, list)
+                                else type(input_scale).__name__))
+        scales = [_static_scale_tensor(f"{op} (input_scale[{g}])", s, x.device) for g, s in enumerate(input_scale)]
     # Contiguous for the op (a column of a table is a valid argument here; the op takes rows as stored).
     return ops.call(ops._grouped_linear, x, row_offsets.contiguous(), [w.values for w in weights],
                     [w.meta for w in weights], kernel_meta, k, bias or [], [w.scale for w in weights] if int8 else [],
-                    code, max_rows, backend)
+                    scales, code, max_rows, backend)
 
 
 def _check_linear_args(op: str, x, values: Tensor, n: int, k: int, bias, activation) -> None:

@@ -916,6 +916,7 @@ class _GroupedOperands(NamedTuple):
     scale: Optional[list]     # INT8: the per-row weight scales
     k: int
     activation: int           # the kernels' code
+    input_scale: Optional[list]  # static INT8: each expert's activation scale (None: per token)
 
 
 class _GroupedTables(NamedTuple):
@@ -1011,8 +1012,9 @@ class SparseExperts(nn.Module):
     def _grouped_operands(self, hidden_states: Tensor) -> Optional[tuple]:
         """(backend, gate/up operands, down operands) for calls like ``hidden_states``; or None where
         the experts' layers do not allow the grouped launches (another backend or device, mixed
-        layers, static INT8, a dtype they do not take, tensors that are not contiguous, parametrized
-        layers, layers with forward hooks such as Int8Calibrator's): the per-expert path runs those."""
+        layers, static and per-token INT8 in one projection, a dtype they do not take, tensors that
+        are not contiguous, parametrized layers, layers with forward hooks such as Int8Calibrator's):
+        the per-expert path runs those."""
         backend = ops.kernel_backend(self.gate_up[0].backend, hidden_states)
         dtype, device = hidden_states.dtype, hidden_states.device
         if backend is None and torch.compiler.is_compiling() and device.type == "cpu" and (
@@ -1025,6 +1027,7 @@ class SparseExperts(nn.Module):
             first = layers[0]
             n, k = first.weight_shape
             int8 = first.quantize == "int8"
+            static = int8 and first.input_scale is not None
             code = ops.usable_activation_code(first.activation, n)
             for layer in layers:
                 tensors = (layer.values, layer.bias, layer.scale if int8 else None)
@@ -1035,7 +1038,10 @@ class SparseExperts(nn.Module):
                         or any(t is not None and (t.device != device or not t.is_contiguous()) for t in tensors)
                         or (layer.bias is not None and layer.bias.dtype != dtype)
                         or (layer.values.dtype != (torch.int8 if int8 else dtype))
-                        or (int8 and (layer.input_scale is not None
+                        or (int8 and ((layer.input_scale is not None) != static
+                                      or (static and (layer.input_scale.device != device
+                                                      or layer.input_scale.dtype != torch.float32
+                                                      or layer.input_scale.numel() != 1))
                                       or (backend != "cpu" and (k % 4 or not ops.has_int8_kernels(backend)))))):
                     return None
             if code is None:
@@ -1046,7 +1052,8 @@ class SparseExperts(nn.Module):
             biases = None if first.bias is None else [layer.bias for layer in layers]
             operands.append(_GroupedOperands([layer.values for layer in layers], [layer.metadata for layer in layers],
                                               kernel_meta, biases, [layer.scale for layer in layers] if int8 else None,
-                                              k, code))
+                                              k, code,
+                                              [layer.input_scale.reshape(()) for layer in layers] if static else None))
         gate_up, down = operands
         # The gate/up launch writes out_features columns into a hidden buffer of down's K: a layer built
         # by hand whose gate/up is not gated (N = 2 I, K = I below) wrote past it.
@@ -1062,7 +1069,7 @@ class SparseExperts(nn.Module):
         if operands is None:
             return None
         backend, gate_up, down = operands
-        table = lambda o: ops.grouped_weights(o.values, o.kernel_meta, o.bias, o.scale, o.k)  # noqa: E731
+        table = lambda o: ops.grouped_weights(o.values, o.kernel_meta, o.bias, o.scale, o.k, o.input_scale)  # noqa: E731
         return _GroupedTables(backend + "_", table(gate_up), gate_up.activation, table(down))
 
     def _grouped_forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Optional[Tensor]:
@@ -1123,7 +1130,7 @@ class SparseExperts(nn.Module):
         if compiling:
             def grouped(x: Tensor, o: _GroupedOperands) -> Tensor:
                 return ops._grouped_linear(x, offsets, o.values, o.meta, o.kernel_meta, o.k, o.bias or [],
-                                           o.scale or [], o.activation, tokens, backend)
+                                           o.scale or [], o.input_scale or [], o.activation, tokens, backend)
 
             y = grouped(grouped(x, gate_up), down)
         else:

@@ -876,7 +876,8 @@ class GroupedWeights(NamedTuple):
     """The weights of a grouped GEMM (params.h GroupedGemmParams) as the launch passes them: one
     data pointer per group for the values, the kernel-layout metadata, the bias (empty list: none)
     and the INT8 weight scale (empty list: a 16-bit GEMM); ``tensors`` keeps what they point into
-    alive. Every group's weight is n x k."""
+    alive. Every group's weight is n x k. ``input_scale``: INT8 groups' static activation scales
+    (0-d float32 tensors on the device, read at each launch), or an empty list: x quantized per token."""
 
     n: int
     k: int
@@ -885,14 +886,26 @@ class GroupedWeights(NamedTuple):
     bias: list
     scale: list
     tensors: tuple
+    input_scale: list
 
 
-def grouped_weights(values: list, kernel_meta: list, bias: Optional[list], scale: Optional[list],
-                    k: int) -> GroupedWeights:
-    """GroupedWeights of contiguous per-group tensors (bias / scale: None, or one per group)."""
+def grouped_weights(values: list, kernel_meta: list, bias: Optional[list], scale: Optional[list], k: int,
+                    input_scale: Optional[list] = None) -> GroupedWeights:
+    """GroupedWeights of contiguous per-group tensors (bias / scale / input_scale: None, or one per group)."""
     ptrs = lambda ts: [] if ts is None else [t.data_ptr() for t in ts]  # noqa: E731
     return GroupedWeights(values[0].shape[0], k, ptrs(values), ptrs(kernel_meta), ptrs(bias), ptrs(scale),
-                          (values, kernel_meta, bias, scale))
+                          (values, kernel_meta, bias, scale), list(input_scale or []))
+
+
+def _quantize_rows_to_scratch(api: str, stream: int, x: Tensor) -> tuple[Tensor, Tensor]:
+    """(x_q, x_scale): x [M, K] (a unit stride along K) quantized per token by the kernels of
+    ``api`` into the stream's reused scratch."""
+    m, k = x.shape
+    x_q = _scratch(x, stream, "x_q", m * k, torch.int8)
+    x_scale = _scratch(x, stream, "x_scale", m, torch.float32)
+    getattr(_C, api + "quantize_rows")(m, k, x.data_ptr(), x.stride(0), fmt.DTYPE_CODES[x.dtype], x_q.data_ptr(),
+                                       x_scale.data_ptr(), stream)
+    return x_q, x_scale
 
 
 def launch_grouped(api: str, stream: int, x: Tensor, row_offsets: Tensor, max_rows: int, weights: GroupedWeights,
@@ -914,10 +927,17 @@ def launch_grouped(api: str, stream: int, x: Tensor, row_offsets: Tensor, max_ro
                                           weights.values, weights.kernel_meta, weights.bias, y.data_ptr(), y.stride(0),
                                           fmt.DTYPE_CODES[x.dtype], activation, *scratch)
         return
-    x_q = _scratch(x, stream, "x_q", m * k, torch.int8)
-    x_scale = _scratch(x, stream, "x_scale", m, torch.float32)
-    getattr(_C, api + "quantize_rows")(m, k, x.data_ptr(), x.stride(0), fmt.DTYPE_CODES[x.dtype], x_q.data_ptr(),
-                                       x_scale.data_ptr(), stream)
+    if weights.input_scale:
+        from .quant import quantize_static
+
+        # Each row by its group's static scale, found on the device (no host read: capturable): the
+        # group of row r is the number of groups that end at or before r. Rows past every group
+        # take the last group's scale and are never written.
+        groups = len(weights.values)
+        group = torch.searchsorted(row_offsets[1:], torch.arange(m, device=x.device), right=True).clamp_(max=groups - 1)
+        x_q, x_scale = quantize_static(x, torch.stack([s.reshape(()) for s in weights.input_scale])[group])
+    else:
+        x_q, x_scale = _quantize_rows_to_scratch(api, stream, x)
     getattr(_C, api + "gemm_s8_grouped")(max_rows, weights.n, k, x_q.data_ptr(), k, m, row_offsets.data_ptr(),
                                          weights.values, weights.kernel_meta, weights.scale, x_scale.data_ptr(),
                                          weights.bias, y.data_ptr(), y.stride(0), fmt.DTYPE_CODES[y.dtype],
@@ -927,11 +947,12 @@ def launch_grouped(api: str, stream: int, x: Tensor, row_offsets: Tensor, max_ro
 @_custom_op("sparsegemm::grouped_linear")
 @_on_tensor_device
 def _grouped_linear(x: Tensor, row_offsets: Tensor, values: list[Tensor], meta: list[Tensor],
-                    kernel_meta: list[Tensor], k: int, bias: list[Tensor], scale: list[Tensor], activation: int,
-                    max_rows: int, backend: str) -> Tensor:
+                    kernel_meta: list[Tensor], k: int, bias: list[Tensor], scale: list[Tensor],
+                    input_scale: list[Tensor], activation: int, max_rows: int, backend: str) -> Tensor:
     """functional.grouped_linear's computation: group g's linear (values[g]; ``scale``: INT8
-    weights' per-row scales, x then quantized per token) on rows row_offsets[g] .. row_offsets[g + 1]
-    - 1 of x [M, K], zeros elsewhere. ``meta``: the logical metadata (CPU backend);
+    weights' per-row scales, x then quantized per token, or with ``input_scale[g]``, 0-d float32
+    tensors on x's device, where given) on rows row_offsets[g] .. row_offsets[g + 1] - 1 of x [M, K],
+    zeros elsewhere. ``meta``: the logical metadata (CPU backend);
     ``kernel_meta``: the reordered copies (CUDA / SIMT). An empty list is none (the schema has no
     optional lists): no reordered copies for the CPU, no bias, no scales (16-bit weights). The CPU
     and SIMT backends read the offsets and check them (and max_rows); CUDA never reads them on the
@@ -943,10 +964,17 @@ def _grouped_linear(x: Tensor, row_offsets: Tensor, values: list[Tensor], meta: 
         raise ValueError(f"{op}: row_offsets must be a contiguous int64 tensor of shape ({groups + 1},) for {groups} "
                          f"weights, got {row_offsets.dtype} {tuple(row_offsets.shape)}"
                          + ("" if row_offsets.is_contiguous() else f" with strides {row_offsets.stride()}"))
-    for name, items in (("meta", meta), ("kernel_meta", kernel_meta), ("bias", bias), ("scale", scale)):
+    for name, items in (("meta", meta), ("kernel_meta", kernel_meta), ("bias", bias), ("scale", scale),
+                        ("input_scale", input_scale)):
         if items and len(items) != groups:
             raise ValueError(f"{op}: {name} must hold one tensor per weight ({groups}), got {len(items)}")
     s8 = bool(scale)
+    if input_scale and not s8:
+        raise ValueError(f"{op}: input_scale (static INT8 activations) needs INT8 weights")
+    for g, s in enumerate(input_scale):
+        if s.shape != () or s.dtype != torch.float32 or s.device != x.device:
+            raise ValueError(f"{op}: input_scale[{g}] must be a 0-d float32 tensor on {x.device}, got {s.dtype} "
+                             f"{tuple(s.shape)} on {s.device}")
     # Group 0 in full; the others must match it (a loop of cheap comparisons: under torch.compile this
     # runs at every call, for up to hundreds of experts).
     first = [t[0] if t else None for t in (values, meta, kernel_meta, bias, scale)]
@@ -987,12 +1015,12 @@ def _grouped_linear(x: Tensor, row_offsets: Tensor, values: list[Tensor], meta: 
                 if not scale:
                     y[rows] = _IMPLS[_linear](x[rows], values[g], meta[g], None, k, b, activation, "cpu")
                 else:
-                    x_q, x_scale = _IMPLS[_quantize_rows](x[rows], "cpu")
-                    y[rows] = _IMPLS[_linear_s8](x_q, x_scale, values[g], meta[g], None, scale[g], k, b, activation,
-                                                 x.dtype, "cpu")
+                    y[rows] = _IMPLS[_linear_s8_float](x[rows], values[g], meta[g], None, scale[g],
+                                                       input_scale[g] if input_scale else None, k, b, activation,
+                                                       x.dtype, "cpu")
         return y
     contiguous = lambda ts: [t.contiguous() for t in ts] or None  # noqa: E731
-    table = grouped_weights(contiguous(values), kernel_meta, contiguous(bias), contiguous(scale), k)
+    table = grouped_weights(contiguous(values), kernel_meta, contiguous(bias), contiguous(scale), k, input_scale)
     x = _rowmajor(x)
     launch_grouped(backend + "_", _stream(x) if backend == "cuda" else 0, x, row_offsets.contiguous(), max_rows,
                    table, activation, y)
@@ -1001,16 +1029,17 @@ def _grouped_linear(x: Tensor, row_offsets: Tensor, values: list[Tensor], meta: 
 
 @_register_fake(_grouped_linear)
 def _(x: Tensor, row_offsets: Tensor, values: list[Tensor], meta: list[Tensor], kernel_meta: list[Tensor], k: int,
-      bias: list[Tensor], scale: list[Tensor], activation: int, max_rows: int, backend: str) -> Tensor:
+      bias: list[Tensor], scale: list[Tensor], input_scale: list[Tensor], activation: int, max_rows: int,
+      backend: str) -> Tensor:
     return x.new_empty((x.shape[0], out_features(values[0].shape[0], activation)))
 
 
 @_custom_op("sparsegemm::grouped_linear_grads")
 @_on_tensor_device
 def _grouped_linear_grads(grad_y: Tensor, x: Tensor, row_offsets: Tensor, values: list[Tensor], meta: list[Tensor],
-                          kernel_meta: list[Tensor], k: int, bias: list[Tensor], scale: list[Tensor], activation: int,
-                          max_rows: int, backend: str, need_x: bool, need_values: bool,
-                          need_bias: bool) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+                          kernel_meta: list[Tensor], k: int, bias: list[Tensor], scale: list[Tensor],
+                          input_scale: list[Tensor], activation: int, max_rows: int, backend: str, need_x: bool,
+                          need_values: bool, need_bias: bool) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """_grouped_linear's gradients: each group's _linear_grads on its rows (the first max_rows of
     them: the rows the forward computed), or with int8 weights (``scale``: theirs) its
     _int8_linear_grads, the values getting none; zeros on rows no group holds; (grad x, grad
@@ -1031,8 +1060,9 @@ def _grouped_linear_grads(grad_y: Tensor, x: Tensor, row_offsets: Tensor, values
         rows_meta, rows_bias = kernel_meta[g] if kernel_meta else None, bias[g] if bias else None
         if scale:
             gv = None
-            gx, gb = _int8_linear_grads(grad_y[first:end], x[first:end], values[g], meta[g], rows_meta, scale[g], None,
-                                        k, rows_bias, activation, backend, need_x, need_bias)
+            gx, gb = _int8_linear_grads(grad_y[first:end], x[first:end], values[g], meta[g], rows_meta, scale[g],
+                                        input_scale[g] if input_scale else None, k, rows_bias, activation, backend,
+                                        need_x, need_bias)
         else:
             gx, gv, gb = _linear_grads(grad_y[first:end], x[first:end], values[g], meta[g], rows_meta, k, rows_bias,
                                        activation, backend, need_x, need_values, need_bias)
@@ -1047,17 +1077,18 @@ def _grouped_linear_grads(grad_y: Tensor, x: Tensor, row_offsets: Tensor, values
 
 @_register_fake(_grouped_linear_grads)
 def _(grad_y: Tensor, x: Tensor, row_offsets: Tensor, values: list[Tensor], meta: list[Tensor],
-      kernel_meta: list[Tensor], k: int, bias: list[Tensor], scale: list[Tensor], activation: int, max_rows: int,
-      backend: str, need_x: bool, need_values: bool, need_bias: bool) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+      kernel_meta: list[Tensor], k: int, bias: list[Tensor], scale: list[Tensor], input_scale: list[Tensor],
+      activation: int, max_rows: int, backend: str, need_x: bool, need_values: bool,
+      need_bias: bool) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     return (torch.empty_like(x) if need_x else x.new_empty(0),
             [torch.empty_like(v) if need_values else v.new_empty(0) for v in values],
             [torch.empty_like(b) if need_bias else b.new_empty(0) for b in bias])
 
 
 def _grouped_linear_setup_context(ctx, inputs, output) -> None:
-    x, row_offsets, values, meta, kernel_meta, k, bias, scale, activation, max_rows, backend = inputs
+    x, row_offsets, values, meta, kernel_meta, k, bias, scale, input_scale, activation, max_rows, backend = inputs
     ctx.lists = len(values), len(meta), len(kernel_meta), len(bias), len(scale)
-    ctx.save_for_backward(x, row_offsets, *values, *meta, *kernel_meta, *bias, *scale)
+    ctx.save_for_backward(x, row_offsets, *values, *meta, *kernel_meta, *bias, *scale, *input_scale)
     ctx.k, ctx.activation, ctx.max_rows, ctx.backend = k, activation, max_rows, backend
 
 
@@ -1066,24 +1097,28 @@ def _grouped_linear_backward(ctx, grad_y: Tensor):
     x, row_offsets, *rest = ctx.saved_tensors
     values, meta = rest[:groups], rest[groups:2 * groups]
     kernel_meta = rest[2 * groups:2 * groups + kernel_metas]
-    bias, scale = rest[2 * groups + kernel_metas:][:biases], rest[2 * groups + kernel_metas + biases:]
+    bias = rest[2 * groups + kernel_metas:][:biases]
+    scale = rest[2 * groups + kernel_metas + biases:][:scales]
+    input_scale = rest[2 * groups + kernel_metas + biases + scales:]
     # A list argument's entry is a list of flags, one per tensor.
     need_x, need_values, need_bias = (any(flag) if isinstance(flag, (list, tuple)) else bool(flag)
                                       for flag in (ctx.needs_input_grad[i] for i in (0, 2, 6)))
     # INT8 scales get no gradient: _int8_gradient refuses when run (returned, so that it runs).
-    scale_grads = [_int8_gradient(grad_y, list(s.shape), s.dtype) if need else None
-                   for s, need in zip(scale, ctx.needs_input_grad[7] if scales else [])]
+    refused = lambda tensors, needs: [_int8_gradient(grad_y, list(s.shape), s.dtype) if need else None  # noqa: E731
+                                      for s, need in zip(tensors, needs if tensors else [])]
+    scale_grads = refused(scale, ctx.needs_input_grad[7])
+    input_scale_grads = refused(input_scale, ctx.needs_input_grad[8])
     # Eager, the op's implementation itself, whose torch ops autograd records under create_graph
     # (a double backward, as through linear's); traced, the op, which reads the offsets on the host.
     grads = _grouped_linear_grads if torch.compiler.is_compiling() else _IMPLS[_grouped_linear_grads]
     grad_x, grad_values, grad_bias = grads(
-        grad_y, x, row_offsets, values, meta, kernel_meta, ctx.k, bias, scale, ctx.activation, ctx.max_rows,
-        ctx.backend, need_x, need_values and not scale, need_bias)
+        grad_y, x, row_offsets, values, meta, kernel_meta, ctx.k, bias, scale, input_scale, ctx.activation,
+        ctx.max_rows, ctx.backend, need_x, need_values and not scale, need_bias)
     # Lists get lists (the op's inputs' structure), of None where no gradient flows.
     return (grad_x if need_x else None, None,
             list(grad_values) if need_values and not scale else [None] * groups,
             [None] * metas, [None] * kernel_metas, None, list(grad_bias) if need_bias else [None] * biases,
-            scale_grads, None, None, None)
+            scale_grads, input_scale_grads, None, None, None)
 
 
 _grouped_linear.register_autograd(_grouped_linear_backward, setup_context=_grouped_linear_setup_context)
@@ -1418,10 +1453,7 @@ def launch_s8_dynamic(api: str, stream: int, x: Tensor, values: Tensor, kernel_m
     scratch, then the INT8 GEMM into y (contiguous, the output dtype): the kernels of ``api``,
     every tensor on the current device, values / w_scale / bias contiguous."""
     m, k = x.shape
-    x_q = _scratch(x, stream, "x_q", m * k, torch.int8)
-    x_scale = _scratch(x, stream, "x_scale", m, torch.float32)
-    getattr(_C, api + "quantize_rows")(m, k, x.data_ptr(), x.stride(0), fmt.DTYPE_CODES[x.dtype], x_q.data_ptr(),
-                                       x_scale.data_ptr(), stream)
+    x_q, x_scale = _quantize_rows_to_scratch(api, stream, x)
     _gemm_s8_launch(api, stream, m, values.shape[0], k, x_q, k, x_scale, values, kernel_meta, w_scale, bias, y,
                     fmt.DTYPE_CODES[y.dtype], activation)
 
