@@ -125,6 +125,10 @@ def save(model: nn.Module, path: Union[str, "os.PathLike"]) -> None:
             raise ValueError(f"sparsegemm.save: {key!r} is a DTensor, a shard of a sharded model (FSDP2): gather "
                              f"the full state dict ({_FULL_STATE}), load it into an unsharded copy of the model and "
                              "save that")
+    by_module = {}  # module name -> {its own state-dict entries by their names there}
+    for key, value in state.items():
+        owner, _, entry = key.rpartition(".")
+        by_module.setdefault(owner, {})[entry] = value
     converted = {}
     for name, mod in model.named_modules():
         if not isinstance(mod, _CONVERTED):
@@ -137,19 +141,18 @@ def save(model: nn.Module, path: Union[str, "os.PathLike"]) -> None:
                              "first (torch.nn.utils.parametrize.remove_parametrizations)")
         if isinstance(mod, _SparseWeight):
             # FSDP1 leaves flat shards in the state dict: a file no model could load.
-            prefix = f"{name}." if name else ""
-            entries = {key[len(prefix):]: value for key, value in state.items()
-                       if key.startswith(prefix) and "." not in key[len(prefix):]}
+            entries = by_module.get(name, {})
             try:
                 missing = [key for key in ("values", "metadata") if key not in entries]
                 if missing:
-                    raise ValueError(f"its state dict has no {' or '.join(missing)}")
+                    raise ValueError(f"the state dict has no {name + '.' if name else ''}{' or '.join(missing)}")
                 mod.validate(entries)
             except (ValueError, TypeError) as exc:
                 raise ValueError(f"sparsegemm.save: module {name!r} does not hold a whole compressed weight ({exc}); "
-                                 f"a model FullyShardedDataParallel wraps holds flat shards: gather the full state "
-                                 f"dict ({_FULL_STATE}), load it into an unwrapped copy of the model and save "
-                                 "that") from exc
+                                 "a wrapper may hold or name its tensors otherwise: FullyShardedDataParallel's flat "
+                                 f"shards (gather the full state dict, {_FULL_STATE}, load it into an unwrapped copy "
+                                 "of the model and save that), activation checkpointing's checkpoint_wrapper (save the "
+                                 "model without it)") from exc
         converted[name] = _describe(mod)
     # A convolution's dense_shape buffer is its module table entry's geometry again, which load checks
     # against the model and makes the buffer from: left out, the file is the one versions from before
@@ -353,6 +356,11 @@ def load(path: Union[str, "os.PathLike"], model: nn.Module, *, device=None) -> n
     # into the model's own tensors keep the caller's mode: a model built in inference mode holds
     # inference tensors (its dense layers), which nothing else may write. _load validates each
     # layer's tensors itself, naming the module: the layers' own check of them is not repeated.
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        # Its reducer holds the parameters it was built with: those load replaces would no longer
+        # be all-reduced, silently.
+        raise ValueError("sparsegemm.load: the model is wrapped in DistributedDataParallel, whose gradient "
+                         "all-reduce keeps the parameters loading replaces: load into the bare model, then wrap it")
     caller_in_inference_mode = torch.is_inference_mode_enabled()
     with torch.inference_mode(False), state_dict_validated():
         _load(path, _unwrapped(model), device, copy_in_inference_mode=caller_in_inference_mode)

@@ -247,7 +247,7 @@ class _SparseWeight(nn.Module):
         # The float dtype follows .half() / .to(dtype) as the bias does (a zero-size probe of fn); one
         # no kernel takes (.double()) is refused before anything changes, not at the next forward.
         converted = fn(torch.empty(0, dtype=self.float_dtype, device=self.values.device)).dtype
-        if converted.is_floating_point and converted not in ops.FLOAT_DTYPES:
+        if (converted.is_floating_point or converted.is_complex) and converted not in ops.FLOAT_DTYPES:
             raise TypeError(f"{type(self).__name__}: cannot convert to {converted}: its weight and bias (an INT8 "
                             f"layer's output) take one of {ops.FLOAT_DTYPES}; for a {converted} reference use "
                             f"dense_weight().to({converted})")
@@ -992,14 +992,15 @@ class SparseExperts(nn.Module):
         for layer in (*self.gate_up, *self.down):
             params, buffers = layer._parameters, layer._buffers
             values, bias, meta = params.get("values"), params.get("bias"), buffers.get("metadata")
-            scale = buffers.get("scale")
+            scale, input_scale = buffers.get("scale"), buffers.get("input_scale")
             # Ids, not the tensors (tuples compare unequal tensors elementwise); None where a tensor
             # is missing (parametrized) or absent; no Python helper calls: this runs every call.
             state.append((id(values), None if values is None else values.data_ptr(),
                           id(meta), None if meta is None else meta.data_ptr(),
                           None if meta is None or meta.is_inference() else meta._version,
                           id(bias), None if bias is None else bias.data_ptr(),
-                          id(scale), None if scale is None else scale.data_ptr(), id(buffers.get("input_scale")),
+                          id(scale), None if scale is None else scale.data_ptr(),
+                          id(input_scale), None if input_scale is None else input_scale.data_ptr(),
                           bool(layer._forward_pre_hooks or layer._forward_hooks)))
         return _layers_generation[0], state
 
@@ -1159,18 +1160,22 @@ class SparseExperts(nn.Module):
         flat = torch.where((flat >= 0) & (flat < experts), flat, experts)
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=experts + 1).tolist()
-        routed = False
+        idle = []  # the layers of experts no route reached
         for gate_up, down, routes in zip(self.gate_up, self.down, order.split(counts)):
             if routes.numel():
                 token, slot = routes // k, routes % k
                 y = down(gate_up(hidden_states[token])) * top_k_weights[token, slot, None]
                 out.index_add_(0, token, y.to(out.dtype))
-                routed = True
-        if not routed and torch.is_grad_enabled():
-            # No expert ran (every route padding, or no token): the zeros still depend on the inputs
-            # and the experts, as the dense module's do, so that a backward runs and gives zeros. A
-            # sum over no element adds an exact 0 (no NaN from an inf input), with its grad_fn.
-            for t in (hidden_states, top_k_weights, *self.parameters()):
+            else:
+                idle += [gate_up, down]
+        if idle and torch.is_grad_enabled():
+            # Experts no route reached (and the inputs, when no expert ran) still take part, as in the
+            # dense module (one tensor for every expert) and in the compiled grouped op: a backward
+            # gives them zeros, not None, so that an optimizer treats every expert alike (weight
+            # decay, momentum) eager and compiled. A sum over no element adds an exact 0 (no NaN from
+            # an inf input), with its grad_fn.
+            inputs = (hidden_states, top_k_weights) if len(idle) == 2 * experts else ()
+            for t in (*inputs, *(p for layer in idle for p in layer.parameters())):
                 if t.requires_grad:
                     out = out + t[:0].sum().to(out.dtype)
         return out

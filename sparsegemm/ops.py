@@ -928,11 +928,14 @@ def launch_grouped(api: str, stream: int, x: Tensor, row_offsets: Tensor, max_ro
                                           fmt.DTYPE_CODES[x.dtype], activation, *scratch)
         return
     if weights.input_scale:
-        from .quant import quantize_static
+        from .quant import quantize_static, static_scale
 
+        if x.device.type == "cpu":  # the emulator: checked where reading them is free, as a layer's are
+            for g, s in enumerate(weights.input_scale):
+                static_scale(f"sparsegemm.grouped_linear (input_scale[{g}])", s)
         # Each row by its group's static scale, found on the device (no host read: capturable): the
-        # group of row r is the number of groups that end at or before r. Rows past every group
-        # take the last group's scale and are never written.
+        # group of row r is the number of groups that end at or before r (the offsets rise, as the
+        # contract asks). Rows past every group take the last group's scale and are never written.
         groups = len(weights.values)
         group = torch.searchsorted(row_offsets[1:], torch.arange(m, device=x.device), right=True).clamp_(max=groups - 1)
         x_q, x_scale = quantize_static(x, torch.stack([s.reshape(()) for s in weights.input_scale])[group])

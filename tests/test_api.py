@@ -304,7 +304,7 @@ def test_the_raw_ops_refuse_what_their_kernels_cannot_take():
                                     [1, 2], [1, 1], [0, 0], [1, 1], None, 0, "cpu")
     with pytest.raises(ValueError, match=r"all tensors must be on one device, got x on cpu, row_offsets on meta"):
         torch.ops.sparsegemm.grouped_linear(x, torch.tensor([0, 3], device="meta"), [sw.values], [sw.meta], [], 32,
-                                            [], [], 0, 3, "cpu")
+                                            [], [], [], 0, 3, "cpu")
 
 
 def test_a_scale_beside_float_values_is_refused():

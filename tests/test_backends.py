@@ -182,11 +182,11 @@ def _op_cases():
         ("s8 dynamic", lambda: O.linear_s8_dynamic(xh, q.values, kq, q.scale[:2].clone(), None, 0, torch.float16, "simt"),
          r"w_scale must be"),
         ("grouped offsets", lambda: O.grouped_linear(x, torch.tensor([0, 2], dtype=torch.int32), [sw.values], [sw.meta],
-                                                     [], 16, [], [], 0, 2, "cpu"), r"row_offsets must be a contiguous int64"),
-        ("grouped k", lambda: O.grouped_linear(x, torch.tensor([0, 2]), [sw.values], [sw.meta], [], 1 << 24, [], [], 0, 2,
-                                               "cpu"), r"\(group 0\): values must be"),
+                                                     [], 16, [], [], [], 0, 2, "cpu"), r"row_offsets must be a contiguous int64"),
+        ("grouped k", lambda: O.grouped_linear(x, torch.tensor([0, 2]), [sw.values], [sw.meta], [], 1 << 24, [], [], [],
+                                               0, 2, "cpu"), r"\(group 0\): values must be"),
         ("grouped rows", lambda: O.grouped_linear(x, torch.tensor([0, 1, 2]), [sw.values, sw.values[:4]],
-                                                  [sw.meta, sw.meta[:4]], [], 16, [], [], 0, 2, "cpu"),
+                                                  [sw.meta, sw.meta[:4]], [], 16, [], [], [], 0, 2, "cpu"),
          r"values\[1\] must match values\[0\]"),
         ("conv channels", lambda: O.conv2d(torch.randn(1, 4, 4, 3).half(), swh.values, swh.meta, km, [2, 2], [1, 1],
                                            [0, 0], [1, 1], None, 0, "simt"), r"values must be \[N, 6\]"),
@@ -222,7 +222,7 @@ def test_the_ops_refuse_dtypes_their_kernels_lack():
                                  16, None, 0, torch.float64, "cpu"),
              r"linear_s8: the output dtype must be one of the cpu backend's \(float32, float16, bfloat16\), got "
              r"float64"),
-            (lambda: O.grouped_linear(x, torch.tensor([0, 2]), [q.values], [q.meta], [kq], 16, [], [q.scale], 0, 2,
+            (lambda: O.grouped_linear(x, torch.tensor([0, 2]), [q.values], [q.meta], [kq], 16, [], [q.scale], [], 0, 2,
                                       "simt"), r"grouped_linear \(group 0\): the output dtype must be one of the simt")):
         with pytest.raises(TypeError, match=message):
             call()

@@ -51,12 +51,18 @@ def _ranks(rank: int, init_file: str, result_file: str) -> None:
             refusal = None
         except ValueError as exc:
             refusal = str(exc)
+        # load into a DDP-wrapped model would replace parameters its all-reduce keeps: refused
+        try:
+            sparsegemm.load(f"{result_file}.absent", nn.parallel.DistributedDataParallel(_model(seed=0)))
+            load_refusal = None
+        except ValueError as exc:
+            load_refusal = str(exc)
         if rank == 0:
             reference = _model(seed=0)
             state = model.state_dict()
             torch.save({"without": equal_without, "with": equal_with, "as_rank0": torch.equal(y, reference(x)),
                         "state": all(torch.equal(v, state[k]) for k, v in reference.state_dict().items()),
-                        "sharded save": refusal}, result_file)
+                        "sharded save": refusal, "wrapped load": load_refusal}, result_file)
     finally:
         dist.destroy_process_group()
 
@@ -65,6 +71,7 @@ def test_broadcast_compressed_gives_every_rank_the_source_ranks_layers(tmp_path)
     result = tmp_path / "result.pt"
     mp.spawn(_ranks, args=(str(tmp_path / "init"), str(result)), nprocs=2, join=True)
     got = torch.load(result)
-    refusal = got.pop("sharded save")
+    refusal, load_refusal = got.pop("sharded save"), got.pop("wrapped load")
+    assert load_refusal is not None and "load into the bare model, then wrap it" in load_refusal
     assert got == {"without": False, "with": True, "as_rank0": True, "state": True}
     assert refusal is not None and "'0.values' is a DTensor, a shard of a sharded model (FSDP2)" in refusal

@@ -607,6 +607,47 @@ def test_sparse_experts_with_no_route_still_give_zero_gradients():
         sparse.zero_grad(set_to_none=True)
 
 
+def test_static_experts_see_a_scale_changed_past_setattr_and_refuse_a_bad_one():
+    # The grouped tables keep each scale's tensor: a .data swap gave them the old storage's value
+    # (0.89 off); a zero scale, refused by the per-expert layers, gave that expert no output.
+    torch.manual_seed(31)
+    sparse = experts("static", dtype=torch.float16, backend="simt")
+    x, index, weights = routing(tokens=8)
+    x, weights = x.half(), weights.half()
+    with torch.no_grad():
+        before = sparse(x, index, weights)
+        for layer in sparse.gate_up:
+            layer.input_scale.data = torch.tensor(0.05)
+        got = sparse(x, index, weights)
+        want = per_expert(sparse, x, index, weights)
+        torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
+        assert (got - before).abs().max() > 0.05
+        sparse.gate_up[1].input_scale.fill_(0.0)
+        with pytest.raises(ValueError, match=r"input_scale\[1\]\): scale must be finite and positive, got 0.0"):
+            sparse(x, index, weights)
+
+
+def test_experts_no_route_reached_get_zero_gradients_eager_as_compiled():
+    # Eager, they got None (the per-expert loop skips them) where the compiled grouped op and the
+    # dense module give zeros: AdamW's weight decay then moved them in compiled training only.
+    torch._dynamo.reset()
+    torch.manual_seed(30)
+    sparse = SparseExperts.from_dense(Experts(), dtype=torch.float32, backend="cpu")
+    x, weights = torch.randn(1, 64), torch.rand(1, 2)
+    index = torch.tensor([[0, 1]])
+    grads = []
+    for run in (sparse, torch.compile(sparse, fullgraph=True)):
+        sparse.zero_grad(set_to_none=True)
+        run(x, index, weights).square().sum().backward()
+        grads.append({name: p.grad for name, p in sparse.named_parameters()})
+    eager, compiled = grads
+    for name, grad in eager.items():
+        assert grad is not None, name
+        torch.testing.assert_close(grad, compiled[name], rtol=1e-5, atol=1e-5)
+        idle = name.split(".")[1] in ("2", "3")
+        assert (torch.count_nonzero(grad) == 0) == idle, name
+
+
 @pytest.mark.skipif(not cuda_kernels_available(), reason="needs a CUDA build of sparsegemm._C and a CUDA GPU")
 def test_sparse_experts_replay_in_a_cuda_graph_with_new_routes():
     # No host synchronisation in the grouped path: a captured graph replays whatever routing the
@@ -658,6 +699,7 @@ def test_a_token_routed_twice_to_one_expert_counts_once_with_both_weights():
 def test_sparse_experts_compile_whole_through_the_grouped_op(backend, quantize):
     # fullgraph: the routing on the device and the two grouped GEMMs as custom ops, no host read
     # (static INT8 scales included: each expert's rows quantized with its scale on the device).
+    torch._dynamo.reset()  # every test's experts recompile SparseExperts.forward: keep under the limit
     torch.manual_seed(18)
     dtype = torch.float16 if backend == "simt" else torch.float32
     sparse = experts(quantize, dtype=dtype, backend=backend)

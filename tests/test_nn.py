@@ -96,8 +96,9 @@ def test_a_dtype_no_kernel_takes_is_refused_by_the_conversion_and_the_layer_is_l
     before = {name: t.clone() for name, t in sl.state_dict().items()}
     x = torch.randn(3, 32)
     y = sl(x)
-    for convert in (lambda m: m.double(), lambda m: m.to(torch.float64)):
-        with pytest.raises(TypeError, match=r"SparseLinear: cannot convert to torch.float64: .*dense_weight\(\)"):
+    for convert, dtype in ((lambda m: m.double(), "float64"), (lambda m: m.to(torch.float64), "float64"),
+                           (lambda m: m.to(torch.complex64), "complex64")):
+        with pytest.raises(TypeError, match=rf"SparseLinear: cannot convert to torch.{dtype}: .*dense_weight\(\)"):
             convert(sl)
         state = sl.state_dict()
         assert all(torch.equal(state[name], t) and state[name].dtype == t.dtype for name, t in before.items())
