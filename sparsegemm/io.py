@@ -379,7 +379,16 @@ def _load(path, model: nn.Module, device, copy_in_inference_mode: bool) -> nn.Mo
     except Exception as exc:  # safetensors raises its own error types for truncated or corrupt files
         raise ValueError(f"sparsegemm.load: {path} is not a readable safetensors file ({exc})") from exc
     if header.get("format") not in (_FORMAT, _FORMAT_ALIASES):
-        raise ValueError(f"sparsegemm.load: {path} is not a sparsegemm checkpoint (format {header.get('format')!r})")
+        hint = ""
+        if any(key.endswith((".values", ".metadata")) for key in tensors):
+            # save_pretrained (every transformers Trainer checkpoint) of a sparsified model: its state
+            # dict, without the module table saying how each layer was converted.
+            hint = ("; it holds compressed layers' state (values, metadata) as a state dict, as save_pretrained "
+                    "and transformers' Trainer write it: build the model, sparsify it as before, then "
+                    "model.load_state_dict(safetensors.torch.load_file(path)); sparsegemm.save writes a file "
+                    "this loads")
+        raise ValueError(f"sparsegemm.load: {path} is not a sparsegemm checkpoint (format {header.get('format')!r})"
+                         + hint)
     try:
         converted = json.loads(header["converted"])
     # ValueError: JSON errors, and integers past Python's digit limit; RecursionError: deep nesting.

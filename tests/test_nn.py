@@ -2562,6 +2562,26 @@ def test_save_takes_the_model_inside_ddp_or_compile_wrappers_and_refuses_flat_sh
     assert not (tmp_path / "flat.safetensors").exists()
 
 
+def test_load_of_a_plain_state_dict_file_names_the_way_to_load_it(tmp_path):
+    # save_pretrained (every transformers Trainer checkpoint) writes the state dict without the
+    # module table; load refused it without saying what the file is or how to load it.
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(33)
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 16))
+    sparsegemm.sparsify(model, dtype=torch.float32, min_features=8)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "sd.safetensors")
+    with pytest.raises(ValueError, match=r"not a sparsegemm checkpoint .* as save_pretrained and transformers' "
+                                         r"Trainer write it: build the model, sparsify it as before, then "
+                                         r"model.load_state_dict\(safetensors.torch.load_file\(path\)\)"):
+        sparsegemm.load(tmp_path / "sd.safetensors", nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 16)))
+    fresh = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 16))
+    sparsegemm.sparsify(fresh, dtype=torch.float32, min_features=8)
+    fresh.load_state_dict(load_file(tmp_path / "sd.safetensors"))  # the way it names
+    x = torch.randn(2, 32)
+    assert torch.equal(fresh(x), model(x))
+
+
 def test_module_type_casts_only_what_a_dtype_change_may():
     # nn.Module.type casts every tensor: the metadata became float16 (and INT8 values too), a layer
     # no op took ("meta must be uint8 ...").
