@@ -220,6 +220,12 @@ class _SparseWeight(nn.Module):
         if meta is not None:
             self.__dict__["_metadata_state"] = (meta, ops.storage_state(meta))
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every submodule first: without it, it failed on the class's
+        # annotations ("Unknown type annotation: 'Optional[str]'"), naming neither the layer nor a way.
+        raise TypeError(f"{type(self).__name__}: torch.jit.script cannot compile it (its forward runs sparsegemm's "
+                        "custom ops through Python); torch.jit.trace, torch.export and torch.compile take it")
+
     def __setattr__(self, name: str, value) -> None:
         super().__setattr__(name, value)
         if name in _TENSOR_ONLY and "_eager_plan" in self.__dict__:
@@ -1018,8 +1024,8 @@ class SparseExperts(nn.Module):
         the per-expert path runs those."""
         backend = ops.kernel_backend(self.gate_up[0].backend, hidden_states)
         dtype, device = hidden_states.dtype, hidden_states.device
-        if backend is None and torch.compiler.is_compiling() and device.type == "cpu" and (
-                self.gate_up[0].backend in (None, "cpu")):
+        traced = torch.compiler.is_compiling() or torch.jit.is_tracing()
+        if backend is None and traced and device.type == "cpu" and self.gate_up[0].backend in (None, "cpu"):
             backend = "cpu"  # traced, the CPU backend too runs as the grouped op (no host read in the graph)
         if backend is None or dtype not in (ops.FLOAT_DTYPES if backend == "cpu" else ops.KERNEL_DTYPES):
             return None
@@ -1070,17 +1076,22 @@ class SparseExperts(nn.Module):
         if operands is None:
             return None
         backend, gate_up, down = operands
-        table = lambda o: ops.grouped_weights(o.values, o.kernel_meta, o.bias, o.scale, o.k, o.input_scale)  # noqa: E731
+        def table(o: _GroupedOperands) -> ops.GroupedWeights:
+            return ops.grouped_weights(o.values, o.kernel_meta, o.bias, o.scale, o.k, o.input_scale)
+
         return _GroupedTables(backend + "_", table(gate_up), gate_up.activation, table(down))
 
     def _grouped_forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Optional[Tensor]:
         """The grouped path (see the class docstring), or None where the per-expert one must run."""
-        if (torch.jit.is_tracing() or torch._C._are_functorch_transforms_active()  # wrapped tensors: no pointers
+        if (torch._C._are_functorch_transforms_active()  # wrapped tensors: no pointers
                 or hidden_states.dim() != 2 or top_k_index.dim() != 2
                 or top_k_index.shape[0] != hidden_states.shape[0] or top_k_weights.shape != top_k_index.shape
                 or top_k_index.device != hidden_states.device):
             return None
-        compiling = torch.compiler.is_compiling()
+        # Traced (torch.compile, or torch.jit.trace, which would record the per-expert path's host read
+        # of the routing as constants: every later routing then ran the traced one's), the routing runs
+        # on the device and the grouped op takes it.
+        compiling = torch.compiler.is_compiling() or torch.jit.is_tracing()
         if not compiling and torch.is_grad_enabled() and (
                 hidden_states.requires_grad or top_k_weights.requires_grad
                 or any(t.requires_grad for layer in (*self.gate_up, *self.down) for t in layer.parameters())):
@@ -1130,8 +1141,10 @@ class SparseExperts(nn.Module):
         x = hidden_states[token]
         if compiling:
             def grouped(x: Tensor, o: _GroupedOperands) -> Tensor:
+                # jit.trace keeps a Python int as it was: "rows of x" (-1) holds for any batch.
                 return ops._grouped_linear(x, offsets, o.values, o.meta, o.kernel_meta, o.k, o.bias or [],
-                                           o.scale or [], o.input_scale or [], o.activation, tokens, backend)
+                                           o.scale or [], o.input_scale or [], o.activation,
+                                           -1 if torch.jit.is_tracing() else tokens, backend)
 
             y = grouped(grouped(x, gate_up), down)
         else:

@@ -958,8 +958,8 @@ def _grouped_linear(x: Tensor, row_offsets: Tensor, values: list[Tensor], meta: 
     zeros elsewhere. ``meta``: the logical metadata (CPU backend);
     ``kernel_meta``: the reordered copies (CUDA / SIMT). An empty list is none (the schema has no
     optional lists): no reordered copies for the CPU, no bias, no scales (16-bit weights). The CPU
-    and SIMT backends read the offsets and check them (and max_rows); CUDA never reads them on the
-    host."""
+    and SIMT backends read the offsets and check them (and max_rows, which when negative is M: a
+    graph torch.jit.trace recorded at one size runs at any); CUDA never reads them on the host."""
     op = "sparsegemm.grouped_linear"
     groups = len(values)
     if not groups or row_offsets.dtype != torch.int64 or tuple(row_offsets.shape) != (groups + 1,) or (
@@ -998,6 +998,7 @@ def _grouped_linear(x: Tensor, row_offsets: Tensor, values: list[Tensor], meta: 
                                  f"{like.device}{', contiguous, 16-byte aligned' if name == 'kernel_meta' else ''}), "
                                  f"got {t.dtype} {tuple(t.shape)} on {t.device}")
     m, n = x.shape[0], values[0].shape[0]
+    max_rows = m if max_rows < 0 else max_rows
     y = x.new_zeros((m, out_features(n, activation)))
     if backend != "cuda":
         offsets = row_offsets.tolist()
@@ -1053,6 +1054,7 @@ def _grouped_linear_grads(grad_y: Tensor, x: Tensor, row_offsets: Tensor, values
     grad_bias = [torch.zeros_like(b) if need_bias else b.new_empty(0) for b in bias]
     offsets = row_offsets.tolist()
     m = x.shape[0]
+    max_rows = m if max_rows < 0 else max_rows
     for g in range(len(values)):
         # The rows the forward computed: the offsets clamped into x as the CUDA kernel clamps them
         # (gemm_sp.cuh GroupedRowMajorX), at most max_rows of them.

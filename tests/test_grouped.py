@@ -713,6 +713,23 @@ def test_sparse_experts_compile_whole_through_the_grouped_op(backend, quantize):
     torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("backend,quantize", [("cpu", None), ("cpu", "int8"), ("simt", None)])
+def test_a_jit_traced_mixture_follows_every_routing(backend, quantize):
+    # Traced, the per-expert path's host read of the routing was recorded as constants: every later
+    # call ran the traced routing (0.2-1.3 off, silently), or failed at another batch size.
+    torch.manual_seed(34)
+    dtype = torch.float16 if backend == "simt" else torch.float32
+    sparse = SparseExperts.from_dense(Experts(), dtype=dtype, backend=backend, quantize=quantize)
+    x, index, weights = routing(tokens=6)
+    with torch.no_grad():
+        traced = torch.jit.trace(sparse, (x.to(dtype), index, weights.to(dtype)), check_trace=False)
+        for tokens, seed in ((6, 1), (11, 2), (2, 3)):
+            x, index, weights = routing(tokens=tokens, seed=seed)
+            x, weights = x.to(dtype), weights.to(dtype)
+            torch.testing.assert_close(traced(x, index, weights), sparse(x, index, weights), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_grouped_linear_compiles_whole(dynamic):
     x, offsets, weights, biases = grouped_case([3, 4], 16, 32, torch.float16, seed=19)

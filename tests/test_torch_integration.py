@@ -116,6 +116,16 @@ def test_jit_trace_records_the_custom_ops(quantize):
     assert "sparsegemm::" in str(traced.graph)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_jit_script_names_the_layer_and_what_takes_it():
+    # It failed on the class's annotations ("Unknown type annotation: 'Optional[str]'").
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU())
+    sparsegemm.sparsify(model)
+    with pytest.raises(TypeError, match="SparseLinear: torch.jit.script cannot compile it .* torch.jit.trace, "
+                                        "torch.export and torch.compile take it"):
+        torch.jit.script(model)
+
+
 @pytest.mark.parametrize("quantize", [None, "int8"])
 def test_torch_export_of_a_bare_layer(quantize):
     # A layer as the exported root: ExportedProgram.module() registers its buffers on a GraphModule,
