@@ -220,9 +220,10 @@ def grouped_linear(x: Tensor, row_offsets: Tensor, weights, bias=None, *, activa
                                 else type(input_scale).__name__))
         scales = [_static_scale_tensor(f"{op} (input_scale[{g}])", s, x.device) for g, s in enumerate(input_scale)]
     # Contiguous for the op (a column of a table is a valid argument here; the op takes rows as stored).
+    none = ops.no_tensors(x, groups)
     return ops.call(ops._grouped_linear, x, row_offsets.contiguous(), [w.values for w in weights],
-                    [w.meta for w in weights], kernel_meta, k, bias or [], [w.scale for w in weights] if int8 else [],
-                    scales, code, max_rows, backend)
+                    [w.meta for w in weights], kernel_meta or none, k, bias or none,
+                    [w.scale for w in weights] if int8 else none, scales or none, code, max_rows, backend)
 
 
 def _check_linear_args(op: str, x, values: Tensor, n: int, k: int, bias, activation) -> None:

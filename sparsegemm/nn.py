@@ -1142,8 +1142,9 @@ class SparseExperts(nn.Module):
         if compiling:
             def grouped(x: Tensor, o: _GroupedOperands) -> Tensor:
                 # jit.trace keeps a Python int as it was: "rows of x" (-1) holds for any batch.
-                return ops._grouped_linear(x, offsets, o.values, o.meta, o.kernel_meta, o.k, o.bias or [],
-                                           o.scale or [], o.input_scale or [], o.activation,
+                none = ops.no_tensors(x, experts)
+                return ops._grouped_linear(x, offsets, o.values, o.meta, o.kernel_meta or none, o.k, o.bias or none,
+                                           o.scale or none, o.input_scale or none, o.activation,
                                            -1 if torch.jit.is_tracing() else tokens, backend)
 
             y = grouped(grouped(x, gate_up), down)

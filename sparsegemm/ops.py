@@ -947,6 +947,19 @@ def launch_grouped(api: str, stream: int, x: Tensor, row_offsets: Tensor, max_ro
                                          activation, *scratch)
 
 
+def _given(items: list) -> list:
+    """One of grouped_linear's optional per-group lists as the op uses it: [] where none is given,
+    whether as an empty list or as tensors with no elements (how traced graphs pass "none":
+    AOTInductor's proxy executor hands the op an empty tensor list as None, and torch.jit.trace
+    takes no list of optional tensors). No weight's bias, kernel metadata or scale is empty."""
+    return [] if all(t.numel() == 0 for t in items) else items
+
+
+def no_tensors(like: Tensor, groups: int) -> list:
+    """The "none given" list a traced call passes for one of grouped_linear's optional lists."""
+    return [like.new_empty(0)] * groups
+
+
 @_custom_op("sparsegemm::grouped_linear")
 @_on_tensor_device
 def _grouped_linear(x: Tensor, row_offsets: Tensor, values: list[Tensor], meta: list[Tensor],
@@ -956,8 +969,8 @@ def _grouped_linear(x: Tensor, row_offsets: Tensor, values: list[Tensor], meta: 
     weights' per-row scales, x then quantized per token, or with ``input_scale[g]``, 0-d float32
     tensors on x's device, where given) on rows row_offsets[g] .. row_offsets[g + 1] - 1 of x [M, K],
     zeros elsewhere. ``meta``: the logical metadata (CPU backend);
-    ``kernel_meta``: the reordered copies (CUDA / SIMT). An empty list is none (the schema has no
-    optional lists): no reordered copies for the CPU, no bias, no scales (16-bit weights). The CPU
+    ``kernel_meta``: the reordered copies (CUDA / SIMT). An empty list, or one of empty tensors, is
+    none (_given): no reordered copies for the CPU, no bias, no scales (16-bit weights). The CPU
     and SIMT backends read the offsets and check them (and max_rows, which when negative is M: a
     graph torch.jit.trace recorded at one size runs at any); CUDA never reads them on the host."""
     op = "sparsegemm.grouped_linear"
@@ -967,6 +980,7 @@ def _grouped_linear(x: Tensor, row_offsets: Tensor, values: list[Tensor], meta: 
         raise ValueError(f"{op}: row_offsets must be a contiguous int64 tensor of shape ({groups + 1},) for {groups} "
                          f"weights, got {row_offsets.dtype} {tuple(row_offsets.shape)}"
                          + ("" if row_offsets.is_contiguous() else f" with strides {row_offsets.stride()}"))
+    kernel_meta, bias, scale, input_scale = (_given(t) for t in (kernel_meta, bias, scale, input_scale))
     for name, items in (("meta", meta), ("kernel_meta", kernel_meta), ("bias", bias), ("scale", scale),
                         ("input_scale", input_scale)):
         if items and len(items) != groups:
@@ -1092,6 +1106,8 @@ def _(grad_y: Tensor, x: Tensor, row_offsets: Tensor, values: list[Tensor], meta
 
 def _grouped_linear_setup_context(ctx, inputs, output) -> None:
     x, row_offsets, values, meta, kernel_meta, k, bias, scale, input_scale, activation, max_rows, backend = inputs
+    ctx.passed = [len(t) for t in (kernel_meta, bias, scale, input_scale)]  # the gradients' list lengths
+    kernel_meta, bias, scale, input_scale = (_given(t) for t in (kernel_meta, bias, scale, input_scale))
     ctx.lists = len(values), len(meta), len(kernel_meta), len(bias), len(scale)
     ctx.save_for_backward(x, row_offsets, *values, *meta, *kernel_meta, *bias, *scale, *input_scale)
     ctx.k, ctx.activation, ctx.max_rows, ctx.backend = k, activation, max_rows, backend
@@ -1109,10 +1125,12 @@ def _grouped_linear_backward(ctx, grad_y: Tensor):
     need_x, need_values, need_bias = (any(flag) if isinstance(flag, (list, tuple)) else bool(flag)
                                       for flag in (ctx.needs_input_grad[i] for i in (0, 2, 6)))
     # INT8 scales get no gradient: _int8_gradient refuses when run (returned, so that it runs).
-    refused = lambda tensors, needs: [_int8_gradient(grad_y, list(s.shape), s.dtype) if need else None  # noqa: E731
-                                      for s, need in zip(tensors, needs if tensors else [])]
-    scale_grads = refused(scale, ctx.needs_input_grad[7])
-    input_scale_grads = refused(input_scale, ctx.needs_input_grad[8])
+    passed_kernel_meta, passed_bias, passed_scale, passed_input_scale = ctx.passed
+    refused = lambda tensors, needs, passed: [  # noqa: E731
+        _int8_gradient(grad_y, list(s.shape), s.dtype) if need else None
+        for s, need in zip(tensors, needs)] if tensors else [None] * passed
+    scale_grads = refused(scale, ctx.needs_input_grad[7], passed_scale)
+    input_scale_grads = refused(input_scale, ctx.needs_input_grad[8], passed_input_scale)
     # Eager, the op's implementation itself, whose torch ops autograd records under create_graph
     # (a double backward, as through linear's); traced, the op, which reads the offsets on the host.
     grads = _grouped_linear_grads if torch.compiler.is_compiling() else _IMPLS[_grouped_linear_grads]
@@ -1122,7 +1140,7 @@ def _grouped_linear_backward(ctx, grad_y: Tensor):
     # Lists get lists (the op's inputs' structure), of None where no gradient flows.
     return (grad_x if need_x else None, None,
             list(grad_values) if need_values and not scale else [None] * groups,
-            [None] * metas, [None] * kernel_metas, None, list(grad_bias) if need_bias else [None] * biases,
+            [None] * metas, [None] * passed_kernel_meta, None, list(grad_bias) if need_bias else [None] * passed_bias,
             scale_grads, input_scale_grads, None, None, None)
 
 

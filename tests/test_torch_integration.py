@@ -116,6 +116,23 @@ def test_jit_trace_records_the_custom_ops(quantize):
     assert "sparsegemm::" in str(traced.graph)
 
 
+def test_an_aot_inductor_package_of_a_mixture_runs(tmp_path):
+    # The grouped op took "no bias / no reordered metadata / no scales" as empty tensor lists, which
+    # AOTInductor's proxy executor hands to the op as None: the package compiled, then every call
+    # failed. Graphs now pass lists of empty tensors for those.
+    from test_experts import Experts, routing
+
+    torch.manual_seed(35)
+    sparse = sparsegemm.SparseExperts.from_dense(Experts(), dtype=torch.float32, backend="cpu").eval()
+    x, index, weights = routing(tokens=6)
+    program = torch.export.export(sparse, (x, index, weights))
+    package = torch._inductor.aoti_load_package(
+        torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "moe.pt2")))
+    x, index, weights = routing(tokens=6, seed=1)
+    with torch.no_grad():
+        torch.testing.assert_close(package(x, index, weights), sparse(x, index, weights), rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_jit_script_names_the_layer_and_what_takes_it():
     # It failed on the class's annotations ("Unknown type annotation: 'Optional[str]'").
