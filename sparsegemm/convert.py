@@ -93,13 +93,20 @@ def _gemm_weight(module: nn.Module) -> torch.Tensor:
     return _layer_gemm_view(module, module.weight.detach())
 
 
+# Elements of a weight the report's |w| share reads at a time: its fp32 copy and mask are transient
+# (a 128256 x 4096 LM head's whole fp32 |w| was 2 GiB, 6.5 GiB with the mask's temporaries).
+_REPORT_CHUNK = 1 << 22
+
+
 def _magnitude_kept(*weights: torch.Tensor) -> float:
-    """Share of the weights' summed |w| that their 2:4 masks keep."""
+    """Share of the weights' summed |w| ([N, K] each, or [K]) that their 2:4 masks keep."""
     kept = total = 0.0
     for w in weights:
-        magnitude = w.float().abs()
-        total += float(magnitude.sum())
-        kept += float((magnitude * mask_2to4(magnitude)).sum())
+        rows = w.reshape(-1, w.shape[-1])
+        for part in rows.split(max(1, _REPORT_CHUNK // max(1, rows.shape[1]))):
+            magnitude = part.float().abs()
+            total += float(magnitude.sum(dtype=torch.float64))
+            kept += float((magnitude * mask_2to4(magnitude)).sum(dtype=torch.float64))
     return kept / total if total else 1.0
 
 
@@ -256,7 +263,7 @@ def _report_unknown_weights(model: nn.Module, report: SparsifyReport) -> None:
                 continue
             tensors.add(id(p))
             rows = p.detach().reshape(-1, p.shape[-1])
-            kept = 1.0 if p.is_meta else _magnitude_kept(*rows.split(4096))
+            kept = 1.0 if p.is_meta else _magnitude_kept(rows)
             report.layers.append(LayerReport(full, type(mod).__name__, tuple(rows.shape), p.numel() * p.element_size(),
                                              0, kept, False,
                                              f"a {p.dim()}-D weight {tuple(p.shape)} of a layout sparsify does not "

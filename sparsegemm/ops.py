@@ -1193,21 +1193,36 @@ def _linear_backward(ctx, grad_y: Tensor):
     return grad_x, grad_values, None, None, None, grad_bias, None, None
 
 
+# Bytes of a row tile's fp32 product in _linear_grads' values gradient (eager).
+_GRAD_TILE_BYTES = 16 << 20
+
+
 def _linear_grads(grad_y: Tensor, x: Tensor, values: Tensor, meta: Tensor, kernel_meta: Optional[Tensor], k: int,
                   bias: Optional[Tensor], activation: int, backend: str, need_x: bool, need_values: bool,
                   need_bias: bool) -> tuple:
     """(grad x, grad of the kept values (the 2:4 mask is fixed), grad bias) of _linear's output, each
     None where not needed. Plain torch ops on a transient dense W: the training path favours clarity
-    over speed."""
+    over speed. Eagerly, the values' gradient is taken a tile of W's rows at a time, so that its
+    fp32 dense product and gather index stay near _GRAD_TILE_BYTES (the whole of them was 4 to 8
+    times W's dense size at once); traced, in one piece (a loop would unroll into the graph)."""
     g = _epilogue_grad(grad_y, activation, lambda: _linear(x, values, meta, kernel_meta, k, bias, 0, backend))
     grad_x = grad_values = grad_bias = None
     if need_x:
         w = _decompress(values, meta, k, "cpu" if values.device.type == "cpu" else "cuda")
         grad_x = (g @ w.float()).to(x.dtype)
+        del w  # not held through the values' gradient
     if need_values:
         kp = fmt.padded_k(k)
-        full = torch.nn.functional.pad(g.T @ x.float(), (0, kp - k))
-        grad_values = full.gather(1, kept_columns(meta, kp)).to(values.dtype)
+        x32 = x.float()
+        n = values.shape[0]
+        tile = n if torch.compiler.is_compiling() else max(1, _GRAD_TILE_BYTES // (4 * kp))
+        parts = []
+        for n0 in range(0, n, tile):
+            full = g[:, n0:n0 + tile].T @ x32
+            if kp != k:
+                full = torch.nn.functional.pad(full, (0, kp - k))
+            parts.append(full.gather(1, kept_columns(meta[n0:n0 + tile], kp)).to(values.dtype))
+        grad_values = parts[0] if len(parts) == 1 else torch.cat(parts)
     if bias is not None and need_bias:
         grad_bias = g.sum(0).to(bias.dtype)
     return grad_x, grad_values, grad_bias

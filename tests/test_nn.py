@@ -768,6 +768,28 @@ def test_load_state_dict_refreshes_the_reordered_metadata():
     assert torch.equal(a(x), b(x))
 
 
+@pytest.mark.parametrize("k", [64, 62])
+def test_the_values_gradient_taken_a_row_tile_at_a_time_is_the_whole_ones(k, monkeypatch):
+    # Eagerly the values' gradient runs over tiles of W's rows (its transient was 4 to 8 times W's
+    # dense size): 3-row tiles over 16 rows, and K = 62 (padded), against one tile.
+    torch.manual_seed(36)
+    layer = SparseLinear.from_dense(nn.Linear(k, 16), dtype=torch.float32)
+    x = torch.randn(5, k, requires_grad=True)
+    grads = []
+    for tile_bytes in (ops._GRAD_TILE_BYTES, 3 * 4 * (k + 3) // 4 * 4):
+        monkeypatch.setattr(ops, "_GRAD_TILE_BYTES", tile_bytes)
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        torch.nn.functional.gelu(layer(x)).square().sum().backward()
+        grads.append((layer.values.grad.clone(), layer.bias.grad.clone(), x.grad.clone()))
+    for whole, tiled in zip(*grads):  # BLAS may block a tile's product otherwise: rounding apart
+        torch.testing.assert_close(whole, tiled, rtol=1e-6, atol=1e-6)
+    mask = ops.meta_to_mask(layer.metadata, k)
+    dense = layer.dense_weight().detach().clone().requires_grad_(True)
+    torch.nn.functional.gelu(torch.nn.functional.linear(x, dense, layer.bias)).square().sum().backward()
+    torch.testing.assert_close(grads[1][0], dense.grad[mask].view(16, -1), rtol=1e-5, atol=1e-5)
+
+
 def test_int8_layers_keep_float32_scales_through_dtype_moves_and_pass_gradients_straight_through():
     torch.manual_seed(6)
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
