@@ -1165,6 +1165,12 @@ class SparseExperts(nn.Module):
         grouped = self._grouped_forward(hidden_states, top_k_index, top_k_weights)
         if grouped is not None:
             return grouped
+        if torch.jit.is_tracing():
+            # The per-expert path reads the routing on the host: a trace would keep the traced one
+            # for every later call, silently.
+            raise RuntimeError("SparseExperts: torch.jit.trace records only the grouped op, which these experts' "
+                               "layers do not allow (forward hooks, parametrized or mixed layers, or a dtype or K "
+                               "the kernels do not take); torch.export and torch.compile take them")
         out = torch.zeros_like(hidden_states)
         experts, k = len(self.gate_up), top_k_index.shape[-1]
         # The routes grouped by expert with one sort and one read of the counts on the host, not a

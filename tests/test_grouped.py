@@ -728,6 +728,9 @@ def test_a_jit_traced_mixture_follows_every_routing(backend, quantize):
             x, index, weights = routing(tokens=tokens, seed=seed)
             x, weights = x.to(dtype), weights.to(dtype)
             torch.testing.assert_close(traced(x, index, weights), sparse(x, index, weights), rtol=1e-5, atol=1e-5)
+    sparse.gate_up[0].register_forward_hook(lambda *args: None)  # the per-expert path: refused, not recorded
+    with torch.no_grad(), pytest.raises(RuntimeError, match="SparseExperts: torch.jit.trace records only the grouped"):
+        torch.jit.trace(sparse, (x, index, weights), check_trace=False)
 
 
 @pytest.mark.parametrize("dynamic", [False, True])
