@@ -938,7 +938,7 @@ def launch_grouped(api: str, stream: int, x: Tensor, row_offsets: Tensor, max_ro
         # contract asks). Rows past every group take the last group's scale and are never written.
         groups = len(weights.values)
         group = torch.searchsorted(row_offsets[1:], torch.arange(m, device=x.device), right=True).clamp_(max=groups - 1)
-        x_q, x_scale = quantize_static(x, torch.stack([s.reshape(()) for s in weights.input_scale])[group])
+        x_q, x_scale = quantize_static(x, torch.stack(weights.input_scale)[group])
     else:
         x_q, x_scale = _quantize_rows_to_scratch(api, stream, x)
     getattr(_C, api + "gemm_s8_grouped")(max_rows, weights.n, k, x_q.data_ptr(), k, m, row_offsets.data_ptr(),
@@ -1126,9 +1126,12 @@ def _grouped_linear_backward(ctx, grad_y: Tensor):
                                       for flag in (ctx.needs_input_grad[i] for i in (0, 2, 6)))
     # INT8 scales get no gradient: _int8_gradient refuses when run (returned, so that it runs).
     passed_kernel_meta, passed_bias, passed_scale, passed_input_scale = ctx.passed
-    refused = lambda tensors, needs, passed: [  # noqa: E731
-        _int8_gradient(grad_y, list(s.shape), s.dtype) if need else None
-        for s, need in zip(tensors, needs)] if tensors else [None] * passed
+
+    def refused(tensors, needs, passed: int) -> list:
+        if not tensors:  # none given: one None per entry passed
+            return [None] * passed
+        return [_int8_gradient(grad_y, list(s.shape), s.dtype) if need else None for s, need in zip(tensors, needs)]
+
     scale_grads = refused(scale, ctx.needs_input_grad[7], passed_scale)
     input_scale_grads = refused(input_scale, ctx.needs_input_grad[8], passed_input_scale)
     # Eager, the op's implementation itself, whose torch ops autograd records under create_graph
