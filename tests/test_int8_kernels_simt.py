@@ -166,6 +166,24 @@ def test_quantize_rows_matches_reference(kernels, dtype, m, k):
     assert_quantize_rows_matches_reference(kernels, x)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_quantize_rows_reads_every_round_of_a_long_row_aligned_or_not(kernels, dtype):
+    # A block reads 16-byte vectors, four rounds of 256 threads before it waits (quantize.cuh):
+    # rows of 9005 elements take a second pass of rounds, with a partial vector at the end. The
+    # row's extreme and a NaN sit past the first 8192 elements; row 1 of the strided view starts off
+    # the 16-byte grid (element loads), row 0 on it.
+    k = 9005
+    gen = torch.Generator().manual_seed(k)
+    base = torch.randn(4, k + 1, generator=gen).to(dtype)
+    x = base[:, :k]
+    x[0, 9000] = -300.0  # row 0: amax from the second round
+    x[1, 3] = 0.0
+    x[1, k - 1] = 250.0  # row 1: amax from the last, partial vector
+    x[2, 8200] = float("nan")
+    assert x.stride(0) * x.element_size() % 16 != 0
+    assert_quantize_rows_matches_reference(kernels, x)
+
+
 def test_quantize_rows_strided_input_rounds_half_to_even(kernels):
     # Row amax 127 gives scale exactly 1: x / scale = x, so halves round to even.
     base = torch.zeros((2, 12), dtype=torch.float32)

@@ -700,8 +700,31 @@ def test_decode_split_rule_stays_within_one_wave():
 def test_large_m_takes_the_wgmma_tile_where_the_gpu_runs_it():
     for s8 in (False, True):
         assert _C.plan_gemm(4096, 4096, 4096, sms=132, blocks_per_sm=2, s8=s8, wgmma=True)[:2] == (WGMMA, 1)
-        assert _C.plan_gemm(17, 4096, 4096, sms=132, blocks_per_sm=2, s8=s8, wgmma=True)[0] == WGMMA
         assert _C.plan_gemm(16, 4096, 4096, sms=132, blocks_per_sm=2, s8=s8, wgmma=True)[0] == DECODE
+    # Mid-size M keeps the decode tile only for the 16-bit GEMM on a wgmma GPU (the one timed).
+    assert _C.plan_gemm(17, 4096, 4096, sms=132, blocks_per_sm=2, s8=True, wgmma=True)[0] == WGMMA
+    assert _C.plan_gemm(32, 4096, 4096, sms=108, blocks_per_sm=1)[0] == LARGE_M
+
+
+# H200 graph replay from DRAM, fp16 (bench/results/2026-11-27-H200-run22/mid_m.txt): the decode
+# tile's and the wgmma tile's time in us, (M, N, K): (decode, wgmma).
+H200_MID_M_US = {
+    (32, 4096, 4096): (14.5, 43.8), (64, 4096, 4096): (24.7, 43.8), (128, 4096, 4096): (36.1, 44.2),
+    (256, 4096, 4096): (71.5, 45.1), (512, 4096, 4096): (141.4, 47.2), (1024, 4096, 4096): (280.0, 58.8),
+    (32, 11008, 4096): (35.3, 54.6), (64, 11008, 4096): (70.8, 53.5), (128, 11008, 4096): (105.9, 54.0),
+    (256, 11008, 4096): (198.6, 55.6), (512, 11008, 4096): (371.8, 103.4), (1024, 11008, 4096): (730.7, 161.4),
+    (32, 4096, 11008): (29.1, 103.3), (64, 4096, 11008): (62.7, 103.2), (128, 4096, 11008): (92.9, 103.2),
+    (256, 4096, 11008): (185.5, 104.2), (512, 4096, 11008): (371.3, 105.6), (1024, 4096, 11008): (737.7, 136.9),
+}
+
+
+@pytest.mark.parametrize("shape", list(H200_MID_M_US))
+def test_mid_size_m_takes_the_tile_measured_faster_on_h200(shape):
+    decode_us, wgmma_us = H200_MID_M_US[shape]
+    config, split_k, _ = _C.plan_gemm(*shape, sms=132, blocks_per_sm=2, wgmma=True)
+    assert config == (DECODE if decode_us < wgmma_us else WGMMA), shape
+    if config == DECODE:  # the split the decode rule gives those rows (one wave, as at M <= 16)
+        assert split_k * ((shape[0] + 15) // 16) * ((shape[1] + 127) // 128) <= 264 or split_k == 1
     # The emulator plans like an sm_80 GPU (its tests force config 2).
     assert not _C.simt_large_m_uses_wgmma()
 

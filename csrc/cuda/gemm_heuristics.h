@@ -34,9 +34,10 @@ struct LargeM {
   static constexpr bool kWgmma = false;
 };
 
-// Decode, M <= 16: memory bound on Wc. 8 warps of 16 (N) x 16 (M), four stages of two k-tiles each:
-// a stage reads 128-byte runs of 128 Wc rows (whole L2 lines; 64-byte runs were 2-14% slower), 88
-// KiB of shared memory in all (96 KiB for int8). Split-K over blocks fills the GPU when N alone
+// Decode, M <= 16 (and the mid-size M where plan_gemm finds it faster than the wgmma tile,
+// kMidMDecodeCostPerWgmmaKTile): memory bound on Wc. 8 warps of 16 (N) x 16 (M), four stages of
+// two k-tiles each: a stage reads 128-byte runs of 128 Wc rows (whole L2 lines; 64-byte runs were
+// 2-14% slower), 88 KiB of shared memory in all (96 KiB for int8). Split-K over blocks fills the GPU when N alone
 // cannot (with WgmmaSplitK below, the tiles with kSplitK: gemm_sp.cuh compiles the split-K tail for
 // them alone). Launch bounds of two blocks per SM, what its shared memory allows on H100 / H200:
 // 60-67 registers on sm_90a, 58-68 on sm_80; without a stated minimum ptxas once held it to 64 and
@@ -216,8 +217,38 @@ inline double decode_split_cost(int64_t M, int64_t blocks, int64_t k_tiles, int6
   return double(2 * busiest_sm_blocks * per_split) / rate + double(used > 1 ? M : 0);
 }
 
+// The decode tile's K split for `blocks` output tiles (ties keep the fewer splits) and its cost
+// (decode_split_cost; one split always has one).
+struct DecodeSplit {
+  int64_t splits = 1;
+  double cost = 0;
+};
+inline DecodeSplit best_decode_split(int64_t M, int64_t blocks, int64_t k_tiles, DecodeWave wave, double paired) {
+  const int64_t most = std::min<int64_t>(gemm_tiles::kMaxSplitK, k_tiles / gemm_tiles::kMinKTilesPerSplit);
+  DecodeSplit best{1, decode_split_cost(M, blocks, k_tiles, 1, wave, paired)};
+  for (int64_t candidate = 2; candidate <= most; ++candidate) {
+    const double cost = decode_split_cost(M, blocks, k_tiles, candidate, wave, paired);
+    if (cost >= 0 && cost < best.cost) best = DecodeSplit{candidate, cost};
+  }
+  return best;
+}
+
+// Mid-size M (more than 16 rows: batched decode, short prefill), 16-bit GEMM, on a GPU that runs
+// the wgmma tile: the decode tile (16 X rows a block, weights re-streamed for each 16 rows) while
+// its decode_split_cost, in half k-tiles, stays below this many times the k-tiles the wgmma tile's
+// busiest SM runs through (its waves x K's k-tiles). Why: at a few M tiles the wgmma tile is bound
+// by each k-tile's latency, not by the tensor cores: on the H200 it took 0.60-0.88 us a k-tile
+// with one or two blocks an SM, and 44 us at 4096 x 4096 for every M from 16 to 256, where the
+// decode tile took 0.15-0.20 us per unit of its cost. H200, graph replay from DRAM
+// (bench/results/2026-11-27-H200-run22/mid_m.txt): the decode tile won every case up to a ratio
+// of 3.6 (M = 32: 14.5 against 43.8 us at 4096 x 4096, 29.1 against 103.3 at 4096 x 11008; M = 128
+// at 4096 x 4096: 36.1 against 44.2) and lost every case from 5.5 on (11008 x 4096 at M = 64: 70.8
+// against 53.5). Not applied to the int8 GEMM nor to GPUs without wgmma: no timing of theirs yet.
+constexpr double kMidMDecodeCostPerWgmmaKTile = 4.5;
+
 // wave: the GPU (kernels_dispatch.cuh decode_wave); wgmma: whether it runs the wgmma tile
-// (kernels_dispatch.cuh wgmma_tile_runs), which then takes every M above the decode range.
+// (kernels_dispatch.cuh wgmma_tile_runs), which then takes the M above 16 that the decode tile
+// does not (kMidMDecodeCostPerWgmmaKTile).
 // forced_config / forced_split_k: GemmParams::config / split_k (-1 / 0: choose). block_k: the
 // GEMM's k-tile (gemm_tiles::kBlockK or kBlockKS8, which also picks the paired-block speedup).
 // busy_layers: GEMMs of this shape that run at once and have work (a grouped launch's groups with
@@ -238,9 +269,23 @@ inline GemmPlan plan_gemm(int64_t M, int64_t N, int64_t K, DecodeWave wave, int 
                                 "GEMM, not the int8 one");
   }
   GemmPlan plan;
-  const GemmConfig large_m = wgmma ? GemmConfig::large_m_wgmma : GemmConfig::large_m;
-  plan.config = forced_config >= 0 ? static_cast<GemmConfig>(forced_config) : (M <= 16 ? GemmConfig::decode : large_m);
   const int64_t k_tiles = gemm_k_tiles(K, block_k);
+  const double paired = block_k == gemm_tiles::kBlockKS8 ? kPairedDecodeSpeedupS8 : kPairedDecodeSpeedup16;
+  const int64_t decode_blocks = tile_count<gemm_tiles::Decode>(M, N) * busy_layers;
+  if (forced_config >= 0) {
+    plan.config = static_cast<GemmConfig>(forced_config);
+  } else if (M <= 16) {
+    plan.config = GemmConfig::decode;
+  } else if (wgmma && block_k == gemm_tiles::kBlockK && k_tiles > 0) {
+    const int64_t wgmma_blocks = tile_count<gemm_tiles::WgmmaLargeM>(M, N) * busy_layers;
+    const int64_t wave_blocks = int64_t(wave.sms) * wave.blocks_per_sm;
+    const int64_t wgmma_k_tiles = (wgmma_blocks + wave_blocks - 1) / wave_blocks * k_tiles;
+    const double decode_cost = best_decode_split(M, decode_blocks, k_tiles, wave, paired).cost;
+    plan.config = decode_cost < kMidMDecodeCostPerWgmmaKTile * double(wgmma_k_tiles) ? GemmConfig::decode
+                                                                                     : GemmConfig::large_m_wgmma;
+  } else {
+    plan.config = wgmma ? GemmConfig::large_m_wgmma : GemmConfig::large_m;
+  }
   int64_t splits = 1;
   if (forced_split_k > gemm_tiles::kMaxSplitK) {
     // A tile counter counts its arrivals in 8 bits (gemm_sp.cuh arrived_last).
@@ -262,15 +307,7 @@ inline GemmPlan plan_gemm(int64_t M, int64_t N, int64_t K, DecodeWave wave, int 
     const int64_t most = std::min<int64_t>(gemm_tiles::kMaxSplitK, k_tiles / gemm_tiles::kMinKTilesPerSplit);
     splits = std::max<int64_t>(1, std::min<int64_t>(most, int64_t(wave.sms) * wave.blocks_per_sm / tiles));
   } else if (is_decode(plan.config) && k_tiles > 0) {
-    using T = gemm_tiles::Decode;
-    const int64_t blocks = tile_count<T>(M, N) * busy_layers;
-    const int64_t most = std::min<int64_t>(gemm_tiles::kMaxSplitK, k_tiles / gemm_tiles::kMinKTilesPerSplit);
-    const double paired = block_k == gemm_tiles::kBlockKS8 ? kPairedDecodeSpeedupS8 : kPairedDecodeSpeedup16;
-    double best_cost = decode_split_cost(M, blocks, k_tiles, 1, wave, paired);
-    for (int64_t candidate = 2; candidate <= most; ++candidate) {  // ties keep the fewer splits
-      const double cost = decode_split_cost(M, blocks, k_tiles, candidate, wave, paired);
-      if (cost >= 0 && cost < best_cost) best_cost = cost, splits = candidate;
-    }
+    splits = best_decode_split(M, decode_blocks, k_tiles, wave, paired).splits;
   }
   splits = std::max<int64_t>(1, std::min(splits, std::max<int64_t>(k_tiles, 1)));
   plan.k_tiles_per_split = (k_tiles + splits - 1) / splits;
