@@ -403,6 +403,14 @@ void bind_kernel_api(py::module_& m, const std::string& prefix) {
                        ptr<float>(x_scale), ptr<void>(stream));
   }, py::arg("M"), py::arg("K"), py::arg("x"), py::arg("ldx"), py::arg("in_dtype"), py::arg("x_q"),
      py::arg("x_scale"), py::arg("stream") = 0);
+  m.def((prefix + "quantize_rows_static").c_str(), [](int64_t M, int64_t K, uintptr_t x, int64_t ldx, int in_dtype,
+                                                      uintptr_t scale, int64_t scale_stride, uintptr_t x_q,
+                                                      uintptr_t x_scale, uintptr_t stream) {
+    py::gil_scoped_release nogil;
+    Api::quantize_rows_static(M, K, ptr<const void>(x), ldx, static_cast<DType>(in_dtype), ptr<const float>(scale),
+                              scale_stride, ptr<int8_t>(x_q), ptr<float>(x_scale), ptr<void>(stream));
+  }, py::arg("M"), py::arg("K"), py::arg("x"), py::arg("ldx"), py::arg("in_dtype"), py::arg("scale"),
+     py::arg("scale_stride"), py::arg("x_q"), py::arg("x_scale"), py::arg("stream") = 0);
   m.def((prefix + "kernel_meta_bytes_s8").c_str(), Api::kernel_meta_bytes_s8);
   m.def((prefix + "reorder_meta_s8").c_str(), [](uintptr_t logical_meta, uintptr_t kernel_meta, int64_t N, int64_t K,
                                                  uintptr_t stream) {
@@ -440,6 +448,7 @@ struct SimtKernelApi {
   static constexpr auto reorder_meta = &simt::reorder_meta;
   static constexpr auto gemm = &simt::gemm;
   static constexpr auto quantize_rows = &simt::quantize_rows;
+  static constexpr auto quantize_rows_static = &simt::quantize_rows_static;
   static constexpr auto kernel_meta_bytes_s8 = &simt::kernel_meta_bytes_s8;
   static constexpr auto reorder_meta_s8 = &simt::reorder_meta_s8;
   static constexpr auto gemm_s8_scratch = &simt::gemm_s8_scratch;
@@ -462,6 +471,7 @@ struct CudaKernelApi {
   static constexpr auto reorder_meta = &cuda::reorder_meta;
   static constexpr auto gemm = &cuda::gemm;
   static constexpr auto quantize_rows = &cuda::quantize_rows;
+  static constexpr auto quantize_rows_static = &cuda::quantize_rows_static;
   static constexpr auto kernel_meta_bytes_s8 = &cuda::kernel_meta_bytes_s8;
   static constexpr auto reorder_meta_s8 = &cuda::reorder_meta_s8;
   static constexpr auto gemm_s8_scratch = &cuda::gemm_s8_scratch;

@@ -657,8 +657,8 @@ class SparseLinear(_SparseWeight):
         if plan.scale is None:
             ops.launch_gemm(plan.api, stream, x2, plan.values, plan.kernel_meta, plan.bias, plan.activation, y)
         else:
-            ops.launch_s8_dynamic(plan.api, stream, x2, plan.values, plan.kernel_meta, plan.scale, plan.bias,
-                                  plan.activation, y)
+            ops.launch_s8(plan.api, stream, x2, plan.values, plan.kernel_meta, plan.scale, plan.bias,
+                          plan.activation, y)
         return y if x.dim() == 2 else y.view(*x.shape[:-1], plan.out_features)
 
     def forward(self, input: Tensor) -> Tensor:  # noqa: A002  nn.Linear's name

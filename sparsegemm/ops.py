@@ -897,14 +897,21 @@ def grouped_weights(values: list, kernel_meta: list, bias: Optional[list], scale
                           (values, kernel_meta, bias, scale), list(input_scale or []))
 
 
-def _quantize_rows_to_scratch(api: str, stream: int, x: Tensor) -> tuple[Tensor, Tensor]:
-    """(x_q, x_scale): x [M, K] (a unit stride along K) quantized per token by the kernels of
-    ``api`` into the stream's reused scratch."""
+def _quantize_rows_to_scratch(api: str, stream: int, x: Tensor,
+                              scale: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """(x_q, x_scale): x [M, K] (a unit stride along K) quantized by the kernels of ``api`` into the
+    stream's reused scratch: per token, or by the static ``scale`` (float32 on x's device, contiguous:
+    0-d, or [M] one per row; quant.quantize_static's result)."""
     m, k = x.shape
     x_q = _scratch(x, stream, "x_q", m * k, torch.int8)
     x_scale = _scratch(x, stream, "x_scale", m, torch.float32)
-    getattr(_C, api + "quantize_rows")(m, k, x.data_ptr(), x.stride(0), fmt.DTYPE_CODES[x.dtype], x_q.data_ptr(),
-                                       x_scale.data_ptr(), stream)
+    if scale is None:
+        getattr(_C, api + "quantize_rows")(m, k, x.data_ptr(), x.stride(0), fmt.DTYPE_CODES[x.dtype], x_q.data_ptr(),
+                                           x_scale.data_ptr(), stream)
+    else:
+        getattr(_C, api + "quantize_rows_static")(m, k, x.data_ptr(), x.stride(0), fmt.DTYPE_CODES[x.dtype],
+                                                  scale.data_ptr(), scale.dim(), x_q.data_ptr(), x_scale.data_ptr(),
+                                                  stream)
     return x_q, x_scale
 
 
@@ -927,8 +934,9 @@ def launch_grouped(api: str, stream: int, x: Tensor, row_offsets: Tensor, max_ro
                                           weights.values, weights.kernel_meta, weights.bias, y.data_ptr(), y.stride(0),
                                           fmt.DTYPE_CODES[x.dtype], activation, *scratch)
         return
+    row_scale = None
     if weights.input_scale:
-        from .quant import quantize_static, static_scale
+        from .quant import static_scale
 
         if x.device.type == "cpu":  # the emulator: checked where reading them is free, as a layer's are
             for g, s in enumerate(weights.input_scale):
@@ -938,9 +946,8 @@ def launch_grouped(api: str, stream: int, x: Tensor, row_offsets: Tensor, max_ro
         # contract asks). Rows past every group take the last group's scale and are never written.
         groups = len(weights.values)
         group = torch.searchsorted(row_offsets[1:], torch.arange(m, device=x.device), right=True).clamp_(max=groups - 1)
-        x_q, x_scale = quantize_static(x, torch.stack(weights.input_scale)[group])
-    else:
-        x_q, x_scale = _quantize_rows_to_scratch(api, stream, x)
+        row_scale = torch.stack(weights.input_scale).float()[group]
+    x_q, x_scale = _quantize_rows_to_scratch(api, stream, x, row_scale)
     getattr(_C, api + "gemm_s8_grouped")(max_rows, weights.n, k, x_q.data_ptr(), k, m, row_offsets.data_ptr(),
                                          weights.values, weights.kernel_meta, weights.scale, x_scale.data_ptr(),
                                          weights.bias, y.data_ptr(), y.stride(0), fmt.DTYPE_CODES[y.dtype],
@@ -1469,7 +1476,16 @@ def _linear_s8_dynamic(x: Tensor, values: Tensor, kernel_meta: Tensor, w_scale: 
     per-token quantization of x [M, K] and the INT8 GEMM in one op, x_q and x_scale in reused
     scratch (_scratch) instead of tensors of their own: what :func:`_quantize_rows` then
     :func:`_linear_s8` compute, without the second op's host cost."""
-    op = "sparsegemm.linear_s8_dynamic"
+    return _linear_s8_kernels("sparsegemm.linear_s8_dynamic", x, values, kernel_meta, w_scale, bias, activation,
+                              out_dtype, backend)
+
+
+def _linear_s8_kernels(op: str, x: Tensor, values: Tensor, kernel_meta: Tensor, w_scale: Tensor,
+                       bias: Optional[Tensor], activation: int, out_dtype: torch.dtype, backend: str,
+                       input_scale: Optional[Tensor] = None) -> Tensor:
+    """The INT8 linear of float x [M, K] (K % 4 == 0) on the simt / cuda kernels: quantized per
+    token, or by the static ``input_scale`` (0-d float32 on x's device), into reused scratch, then
+    the INT8 GEMM (launch_s8)."""
     if backend == "cpu" or x.dim() != 2 or x.shape[1] % 4:
         raise ValueError(f"{op}: needs the simt / cuda kernels and x [M, K] with K % 4 == 0, got {backend!r}, "
                          f"{tuple(x.shape)}")
@@ -1483,18 +1499,19 @@ def _linear_s8_dynamic(x: Tensor, values: Tensor, kernel_meta: Tensor, w_scale: 
     api = "simt_" if backend == "simt" else "cuda_"
     x = _rowmajor(x)
     bias = None if bias is None else bias.contiguous()
-    launch_s8_dynamic(api, _stream(x) if backend == "cuda" else 0, x, values.contiguous(), kernel_meta,
-                      w_scale.contiguous(), bias, activation, y)
+    launch_s8(api, _stream(x) if backend == "cuda" else 0, x, values.contiguous(), kernel_meta, w_scale.contiguous(),
+              bias, activation, y, input_scale)
     return y
 
 
-def launch_s8_dynamic(api: str, stream: int, x: Tensor, values: Tensor, kernel_meta: Tensor, w_scale: Tensor,
-                      bias: Optional[Tensor], activation: int, y: Tensor) -> None:
-    """Per-token quantization of x [M, K] (a unit stride along K, M > 0, K % 4 == 0) into reused
-    scratch, then the INT8 GEMM into y (contiguous, the output dtype): the kernels of ``api``,
-    every tensor on the current device, values / w_scale / bias contiguous."""
+def launch_s8(api: str, stream: int, x: Tensor, values: Tensor, kernel_meta: Tensor, w_scale: Tensor,
+              bias: Optional[Tensor], activation: int, y: Tensor, input_scale: Optional[Tensor] = None) -> None:
+    """Quantization of x [M, K] (a unit stride along K, M > 0, K % 4 == 0; per token, or by the
+    static ``input_scale``) into reused scratch, then the INT8 GEMM into y (contiguous, the output
+    dtype): the kernels of ``api``, every tensor on the current device, values / w_scale / bias
+    contiguous."""
     m, k = x.shape
-    x_q, x_scale = _quantize_rows_to_scratch(api, stream, x)
+    x_q, x_scale = _quantize_rows_to_scratch(api, stream, x, input_scale)
     _gemm_s8_launch(api, stream, m, values.shape[0], k, x_q, k, x_scale, values, kernel_meta, w_scale, bias, y,
                     fmt.DTYPE_CODES[y.dtype], activation)
 
@@ -1554,12 +1571,20 @@ def _linear_s8_float(x: Tensor, values: Tensor, meta: Tensor, kernel_meta: Optio
     the static ``input_scale`` (a 0-d float32 tensor on x's device), then the INT8 GEMM
     (quant.linear_int8). One op, so that its backward (_linear_s8_float_backward) sees the float x:
     the int8 x_q between the two steps carries no gradient."""
+    if input_scale is not None and (input_scale.numel() != 1 or input_scale.dtype is not torch.float32
+                                    or input_scale.device != x.device):
+        # quant.linear_int8 makes it so; a direct call of the op must too, since the kernels read
+        # the scale through its pointer (a wider tensor's stride, a float64's bytes, a host address).
+        raise ValueError(f"sparsegemm.linear_s8_float: input_scale must be a one-element float32 tensor on x's device "
+                         f"({x.device}), got a {str(input_scale.dtype).replace('torch.', '')} tensor of shape "
+                         f"{tuple(input_scale.shape)} on {input_scale.device}")
+    if backend != "cpu" and k % 4 == 0:
+        return _linear_s8_kernels("sparsegemm.linear_s8_float", x, values, kernel_meta, w_scale, bias, activation,
+                                  out_dtype, backend, None if input_scale is None else input_scale.reshape(()))
     if input_scale is not None:
         from .quant import quantize_static
 
         x_q, x_scale = quantize_static(x, input_scale)
-    elif backend != "cpu" and k % 4 == 0:
-        return _IMPLS[_linear_s8_dynamic](x, values, kernel_meta, w_scale, bias, activation, out_dtype, backend)
     else:
         x_q, x_scale = _IMPLS[_quantize_rows](x, backend)
     return _IMPLS[_linear_s8](x_q, x_scale, values, meta, kernel_meta, w_scale, k, bias, activation, out_dtype,

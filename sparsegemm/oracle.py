@@ -34,6 +34,7 @@ __all__ = [
     "dense_baseline_error",
     "assert_close_to_oracle",
     "quantize_rows_int8",
+    "quantize_rows_static_int8",
     "quantize_weight_int8",
     "int8_accumulate",
     "linear_int8",
@@ -217,6 +218,15 @@ def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     amax = x32.abs().amax(dim=1) if x32.shape[1] else torch.zeros(x32.shape[0])
     scale = _scale_fp32(amax)  # amax is NaN for a row with a NaN (amax propagates it)
     return _quantize_fp32(x32, scale[:, None]), scale
+
+
+def quantize_rows_static_int8(x: torch.Tensor, scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """Static INT8 of a 2-D x with a calibrated scale (a number, or one per row): (x_q int8 [M, K],
+    x_scale float32 [M]), x_scale the scale, or NaN for a row holding a NaN or an infinity."""
+    x32 = x.detach().cpu().to(torch.float32)
+    scale32 = torch.as_tensor(scale, dtype=torch.float32).cpu().expand(x32.shape[0]).clone()
+    finite = torch.isfinite(x32).all(dim=1)
+    return _quantize_fp32(x32, scale32[:, None]), torch.where(finite, scale32, torch.tensor(float("nan")))
 
 
 def quantize_weight_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

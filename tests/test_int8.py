@@ -637,6 +637,49 @@ def test_static_mode_makes_a_non_finite_token_row_nan(bad):
     assert torch.isnan(sparsegemm.linear(x, sw)[1]).all()  # dynamic
 
 
+@requires_simt_int8
+def test_static_int8_on_the_kernels_quantizes_in_the_static_kernel(monkeypatch):
+    # A calibrated layer and a grouped launch on the kernels quantize x in one launch of
+    # quantize_rows_static (quantize.cuh), not in torch ops (nine launches a decode step on a GPU):
+    # the same output as the CPU path's torch ops, and the kernel ran.
+    launches = []
+    kernel = _C.simt_quantize_rows_static
+    monkeypatch.setattr(_C, "simt_quantize_rows_static", lambda *args: launches.append(args[6]) or kernel(*args))
+    gen = torch.Generator().manual_seed(7)
+    layer = sparsegemm.SparseLinear.from_dense(nn.Linear(64, 48), quantize="int8").half()
+    layer.set_input_scale(0.03)
+    x = (torch.randn(5, 64, generator=gen) * 2).half()
+    x[2, 9] = float("inf")
+    expected = layer(x)  # cpu
+    layer.backend = "simt"
+    got = layer(x)
+    assert launches == [0]  # one launch, one scale for every row
+    torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+    assert torch.isnan(got[2]).all()
+    sw = [quant.quantize_weight(torch.randn(48, 64, generator=gen)) for _ in range(3)]
+    offsets = torch.tensor([0, 2, 2, 5])
+    scales = [0.02, 0.5, 0.04]
+    grouped = sparsegemm.grouped_linear(x, offsets, sw, input_scale=scales, backend="simt")
+    assert launches == [0, 1]  # then one launch, a scale per row
+    torch.testing.assert_close(grouped, sparsegemm.grouped_linear(x, offsets, sw, input_scale=scales, backend="cpu"),
+                               rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("simt", marks=requires_simt_int8)])
+@pytest.mark.parametrize("bad", [torch.tensor([0.03, 0.03]), torch.tensor(0.03, dtype=torch.float64),
+                                 torch.tensor(0.03, dtype=torch.bfloat16)])
+def test_the_float_int8_op_refuses_a_static_scale_it_cannot_read(backend, bad):
+    # linear_int8 hands the op a 0-d float32 scale; called directly, the op reads what it is given
+    # through its pointer on the kernels (a [2] scale's second element for row 1, a float64's bytes).
+    sw = quant.quantize_weight(torch.randn(16, 64))
+    x = torch.randn(3, 64).half()
+    with pytest.raises(ValueError, match=r"linear_s8_float: input_scale must be a one-element float32 tensor on "
+                                         r"x's device \(cpu\), got a "):
+        kernel_meta = None if backend == "cpu" else sw.kernel_meta(backend)
+        torch.ops.sparsegemm.linear_s8_float(x, sw.values, sw.meta, kernel_meta, sw.scale, bad, 64, None, 0,
+                                             torch.float16, backend)
+
+
 def test_a_weight_row_too_small_for_an_fp32_scale_quantizes_to_zero():
     # max |kept| / 127 underflows to 0 below 127 x 2^-150: such a row takes scale 1 (its values
     # round to 0), not scale 0 with values saturated to +-127 that dequantize and validate refuse.

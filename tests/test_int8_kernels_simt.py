@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from sparsegemm import _C
+from sparsegemm import _C, oracle
+from sparsegemm.format import DTYPE_CODES
 from test_kernels_simt import (DECODE, DECODE_TMA, GATE_OF, LARGE_M, META_ROW_PAD, SIX_PAIRS, WGMMA, WGMMA_TMA,
                                WGMMA_TMA_WIDE, KernelBackend, gate_up_split, padded_k)
 
@@ -182,6 +183,49 @@ def test_quantize_rows_reads_every_round_of_a_long_row_aligned_or_not(kernels, d
     x[2, 8200] = float("nan")
     assert x.stride(0) * x.element_size() % 16 != 0
     assert_quantize_rows_matches_reference(kernels, x)
+
+
+def assert_quantize_rows_static_matches_oracle(kernels, x, scale):
+    x_q, x_scale = kernels.quantize_rows_static(x, scale)
+    ref_q, ref_scale = oracle.quantize_rows_static_int8(x, scale)
+    assert_bits_equal_nan_by_position(x_scale, ref_scale.numpy())
+    np.testing.assert_array_equal(x_q, ref_q.numpy())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,k", [(1, 4), (5, 300), (3, 9005), (2, 0)])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_quantize_rows_static_matches_oracle(kernels, dtype, m, k, per_row):
+    # Rows: plain, one with values the scale saturates both ways, one with an infinity (scale NaN,
+    # the infinity itself +127), one with a NaN (scale NaN, the NaN 0), one of exact halves (x / s
+    # = n + 0.5 rounds to even); a strided view (ldx = k + 1: rows off the 16-byte grid); long rows
+    # hold their specials past the first 8192 elements.
+    gen = torch.Generator().manual_seed(m * 1000 + k)
+    base = (torch.randn(max(m, 5), k + 1, generator=gen) * 4).to(dtype)
+    x = base[:m, :k]
+    at = k - 1 if k > 8192 else k // 2
+    if k:
+        if m > 1:
+            x[1, : k // 3] = 1e4
+            x[1, k // 3:] = -1e4
+        if m > 2:
+            x[2, at] = float("inf")
+        if m > 3:
+            x[3, at] = float("nan")
+        if m > 4:
+            x[4] = torch.tensor([0.5, 1.5, 2.5, -2.5] * (k // 4) + [3.5] * (k % 4)).to(dtype)
+    scale = (torch.rand(m, generator=gen) * 0.2 + 0.01) if per_row else torch.tensor(0.25 if m > 4 else 0.07)
+    if per_row and m > 4:
+        scale[4] = 1.0
+    assert_quantize_rows_static_matches_oracle(kernels, x, scale)
+
+
+def test_quantize_rows_static_refuses_a_scale_stride_past_one(kernels):
+    x = torch.ones(2, 8, dtype=torch.float16)
+    with pytest.raises(ValueError, match="scale_stride must be 0 .* or 1 .*, got 2"):
+        kernels._launch("quantize_rows_static", 2, 8, x.data_ptr(), 8, DTYPE_CODES[x.dtype],
+                        torch.ones(2).data_ptr(), 2, torch.empty(2, 8, dtype=torch.int8).data_ptr(),
+                        torch.empty(2).data_ptr())
 
 
 def test_quantize_rows_strided_input_rounds_half_to_even(kernels):

@@ -258,6 +258,16 @@ class KernelBackend:
                      x_scale.data_ptr())
         return x_q.cpu().numpy(), x_scale.cpu().numpy()
 
+    def quantize_rows_static(self, x, scale):
+        """x [M, K] float (row stride ldx), scale float32 (0-d or [M]) -> (x_q, x_scale) as numpy."""
+        m, k = x.shape
+        x_dev, scale_dev = self.to_device(x), self.to_device(scale)
+        x_q = torch.full((m, k), 99, dtype=torch.int8, device=self.device)
+        x_scale = torch.full((m,), -7.0, dtype=torch.float32, device=self.device)
+        self._launch("quantize_rows_static", m, k, x_dev.data_ptr(), x_dev.stride(0), DTYPE_CODES[x.dtype],
+                     scale_dev.data_ptr(), scale.dim(), x_q.data_ptr(), x_scale.data_ptr())
+        return x_q.cpu().numpy(), x_scale.cpu().numpy()
+
     def gemm_s8(self, x_q, values, meta, w_scale, x_scale, n, k, out_dtype, bias=None, act="none", config=-1,
                 split_k=0, y=None):
         """The INT8 GEMM: x_q int8 [M, >= K] (row stride ldx), values int8 [N, Kp/2], meta logical
@@ -701,9 +711,13 @@ def test_large_m_takes_the_wgmma_tile_where_the_gpu_runs_it():
     for s8 in (False, True):
         assert _C.plan_gemm(4096, 4096, 4096, sms=132, blocks_per_sm=2, s8=s8, wgmma=True)[:2] == (WGMMA, 1)
         assert _C.plan_gemm(16, 4096, 4096, sms=132, blocks_per_sm=2, s8=s8, wgmma=True)[0] == DECODE
-    # Mid-size M keeps the decode tile only for the 16-bit GEMM on a wgmma GPU (the one timed).
+    # Mid-size M keeps the decode tile only for the 16-bit GEMM on a wgmma GPU, N and K of 4096 or
+    # more (what was timed): not int8, not other GPUs, not narrower layers or convolutions.
+    assert _C.plan_gemm(32, 4096, 4096, sms=132, blocks_per_sm=2, wgmma=True)[0] == DECODE
     assert _C.plan_gemm(17, 4096, 4096, sms=132, blocks_per_sm=2, s8=True, wgmma=True)[0] == WGMMA
     assert _C.plan_gemm(32, 4096, 4096, sms=108, blocks_per_sm=1)[0] == LARGE_M
+    for shape in [(32, 1024, 4096), (32, 4096, 2048), (392, 512, 4608), (58, 144, 96)]:
+        assert _C.plan_gemm(*shape, sms=132, blocks_per_sm=2, wgmma=True)[0] == WGMMA, shape
 
 
 # H200 graph replay from DRAM, fp16 (bench/results/2026-11-27-H200-run22/mid_m.txt): the decode

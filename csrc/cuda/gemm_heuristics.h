@@ -243,8 +243,11 @@ inline DecodeSplit best_decode_split(int64_t M, int64_t blocks, int64_t k_tiles,
 // (bench/results/2026-11-27-H200-run22/mid_m.txt): the decode tile won every case up to a ratio
 // of 3.6 (M = 32: 14.5 against 43.8 us at 4096 x 4096, 29.1 against 103.3 at 4096 x 11008; M = 128
 // at 4096 x 4096: 36.1 against 44.2) and lost every case from 5.5 on (11008 x 4096 at M = 64: 70.8
-// against 53.5). Not applied to the int8 GEMM nor to GPUs without wgmma: no timing of theirs yet.
+// against 53.5). Applied where that sweep measured, N and K of 4096 and more: not to narrower
+// layers or the convolutions' implicit GEMMs (e.g. 392 x 512 x 4608), nor to the int8 GEMM or GPUs
+// without wgmma; none of those has been timed.
 constexpr double kMidMDecodeCostPerWgmmaKTile = 4.5;
+constexpr int64_t kMidMDecodeLeastSide = 4096;
 
 // wave: the GPU (kernels_dispatch.cuh decode_wave); wgmma: whether it runs the wgmma tile
 // (kernels_dispatch.cuh wgmma_tile_runs), which then takes the M above 16 that the decode tile
@@ -276,7 +279,7 @@ inline GemmPlan plan_gemm(int64_t M, int64_t N, int64_t K, DecodeWave wave, int 
     plan.config = static_cast<GemmConfig>(forced_config);
   } else if (M <= 16) {
     plan.config = GemmConfig::decode;
-  } else if (wgmma && block_k == gemm_tiles::kBlockK && k_tiles > 0) {
+  } else if (wgmma && block_k == gemm_tiles::kBlockK && N >= kMidMDecodeLeastSide && K >= kMidMDecodeLeastSide) {
     const int64_t wgmma_blocks = tile_count<gemm_tiles::WgmmaLargeM>(M, N) * busy_layers;
     const int64_t wave_blocks = int64_t(wave.sms) * wave.blocks_per_sm;
     const int64_t wgmma_k_tiles = (wgmma_blocks + wave_blocks - 1) / wave_blocks * k_tiles;

@@ -7,6 +7,7 @@
 // both in 16-byte accesses where the row allows.
 #pragma once
 #include <cstdint>
+#include <limits>
 
 #include "../format.h"
 #include "arch/portability.cuh"
@@ -85,6 +86,69 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS(kQuantizeThreads)
       for (int j = 0; j < kVector; ++j) q[j] = round_to_int8(div_rn(Traits::to_float(v[j]), scale));
       store_elements(out + k, q, K - k);
     }
+  }
+}
+
+// Static INT8 quantisation: the scale calibrated beforehand (SparseLinear.set_input_scale;
+// grouped experts one per row) instead of found per row, as quant.quantize_static computes it:
+//   X_q[m, k]  = clamp(rint(X[m, k] / s), -127, 127), NaN -> 0, where s = scale[m * scale_stride]
+//   x_scale[m] = s, or NaN where row m holds a NaN or an infinity (its output row is then NaN, as
+//                in dynamic mode, rather than zeros and saturated values)
+// One pass over X (the quantized values do not depend on the row's other elements), in the
+// accesses of quantize_rows_kernel. Why a kernel: those torch ops were nine launches a decode
+// step, each as long as the GEMM's wait for it.
+// Block (blockIdx.x): rows blockIdx.x, + gridDim.x, ... Dynamic shared memory: one int per warp.
+// scale: float on the device, read here (no host read of it: capturable); scale_stride 0 (one
+// scale) or 1 (one per row).
+template <DType kInDType>
+SG_GLOBAL void SG_LAUNCH_BOUNDS(kQuantizeThreads)
+    quantize_rows_static_kernel(int64_t M, int64_t K, const void* x, int64_t ldx, const float* scale,
+                                int64_t scale_stride, int8_t* x_q, float* x_scale) {
+  using Traits = ElementTraits<kInDType>;
+  using T = typename Traits::Storage;
+  constexpr int kVector = kQuantizeVector<T>;
+  constexpr int64_t kStride = int64_t(kQuantizeThreads) * kVector;
+  SG_DYNAMIC_SMEM(int, warp_finite);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  constexpr int kWarps = kQuantizeThreads / 32;
+  grid_dependency_wait();  // as quantize_rows_kernel
+  launch_dependent_grids();
+  for (int64_t m = blockIdx.x; m < M; m += gridDim.x) {
+    const T* row = static_cast<const T*>(x) + m * ldx;
+    int8_t* out = x_q + m * K;
+    const float s = scale[m * scale_stride];
+    bool finite = true;
+    for (int64_t first = int64_t(threadIdx.x) * kVector; first < K; first += kStride * kQuantizeLoadsInFlight) {
+      T v[kQuantizeLoadsInFlight][kVector];
+#pragma unroll
+      for (int i = 0; i < kQuantizeLoadsInFlight; ++i) {
+        const int64_t k = first + i * kStride;
+        load_elements(v[i], row + k, k < K ? K - k : 0);
+      }
+#pragma unroll
+      for (int i = 0; i < kQuantizeLoadsInFlight; ++i) {
+        const int64_t k = first + i * kStride;
+        int8_t q[kVector];
+#pragma unroll
+        for (int j = 0; j < kVector; ++j) {
+          const float value = Traits::to_float(v[i][j]);
+          finite = finite && fabsf(value) <= 3.40282347e38f;  // false for NaN and both infinities
+          q[j] = round_to_int8(div_rn(value, s));
+        }
+        if (k < K) store_elements(out + k, q, K - k);
+      }
+    }
+    const unsigned not_finite = __ballot_sync(0xFFFFFFFFu, !finite);
+    if (lane == 0) warp_finite[warp] = not_finite == 0;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      bool row_finite = true;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) row_finite = row_finite && warp_finite[w];
+      x_scale[m] = row_finite ? s : std::numeric_limits<float>::quiet_NaN();
+    }
+    // Thread 0 has read warp_finite before the next row's writes to it.
+    __syncthreads();
   }
 }
 
