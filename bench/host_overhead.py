@@ -1,4 +1,4 @@
-"""Host time of one eager call: dense nn.Linear, fp16 and INT8 SparseLinear at M = 1, enqueued
+"""Host time of one eager call: dense nn.Linear, fp16 and INT8 (per-token and static) SparseLinear at M = 1, enqueued
 500 at a time without a sync (best of five), then a cProfile of the INT8 layer by Python
 function.
 
@@ -42,7 +42,7 @@ def main() -> None:
                         help="CPU, backend='simt' with no-op kernels: the Python path alone")
     args = parser.parse_args()
     if args.python_only:
-        for name in ("simt_gemm", "simt_gemm_s8", "simt_quantize_rows"):
+        for name in ("simt_gemm", "simt_gemm_s8", "simt_quantize_rows", "simt_quantize_rows_static"):
             setattr(_C, name, lambda *_: None)
         device, backend, shapes = torch.device("cpu"), "simt", ((256, 256),)
     else:
@@ -52,7 +52,9 @@ def main() -> None:
         for n, k in shapes:
             lin = torch.nn.Linear(k, n, bias=False).to(device).half()
             layers = {"fp16": SparseLinear.from_dense(lin, backend=backend),
-                      "int8": SparseLinear.from_dense(lin, quantize="int8", backend=backend)}
+                      "int8": SparseLinear.from_dense(lin, quantize="int8", backend=backend),
+                      "int8 static": SparseLinear.from_dense(lin, quantize="int8", backend=backend)}
+            layers["int8 static"].set_input_scale(0.05)  # a calibrated scale (quant.Int8Calibrator)
             if not args.python_only:  # on the CPU the dense layer would time a real GEMM
                 layers = {"dense": lin, **layers}
             x = torch.randn(1, k, device=device, dtype=torch.half)

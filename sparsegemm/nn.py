@@ -72,8 +72,9 @@ class _EagerPlan(NamedTuple):
     values: Tensor             # the layer's own tensors, checked by identity at every call
     bias: Optional[Tensor]
     meta: Tensor
-    scale: Optional[Tensor]    # INT8: the per-row weight scale (dynamic per-token activations)
-    data_ptrs: tuple           # (values, bias) data_ptr() when made: a swapped .data is noticed
+    scale: Optional[Tensor]    # INT8: the per-row weight scale
+    input_scale: Optional[Tensor]  # static INT8: the calibrated 0-d activation scale (None: per token)
+    data_ptrs: tuple           # (values, bias, input_scale) data_ptr() when made: a swapped .data is noticed
     kernel_meta: Tensor
 
 
@@ -588,11 +589,19 @@ class SparseLinear(_SparseWeight):
             return None  # its tensors are computed at each access: nothing to plan with
         n, k = self.weight_shape
         values, bias, meta = self.values, self.bias, self.metadata
+        input_scale = None
         if self.quantize == "int8":
             from .quant import _dynamic_fast_path
 
             sw = self.sparse_weight()
-            fast = _dynamic_fast_path(x, sw, bias, self.activation, None, self.input_scale, self.backend)
+            # The dynamic fast path's tests, and a static scale the kernels read as it is (set_input_scale's
+            # 0-d float32 on x's device; anything else takes linear_int8, which converts it).
+            input_scale = self.input_scale
+            if input_scale is not None and (type(input_scale) not in ops._PLAIN_TENSORS or input_scale.dim() != 0
+                                            or input_scale.dtype is not torch.float32
+                                            or input_scale.device != x.device):
+                return None
+            fast = _dynamic_fast_path(x, sw, bias, self.activation, None, None, self.backend)
             if fast is None or not self.scale.is_contiguous():
                 return None
             backend, code = fast
@@ -608,7 +617,8 @@ class SparseLinear(_SparseWeight):
             return None
         kernel_meta = sw.kernel_meta(backend) if scale is not None else self._kernel_meta_for(backend)
         return _EagerPlan(x.get_device(), x.dtype, backend + "_", k, ops.out_features(n, code), code, values, bias,
-                          meta, scale, (values.data_ptr(), ops._ptr(bias)), kernel_meta)
+                          meta, scale, input_scale, (values.data_ptr(), ops._ptr(bias), ops._ptr(input_scale)),
+                          kernel_meta)
 
     def _plan_current(self, plan: _EagerPlan) -> bool:
         """Whether ``plan`` still describes this layer: the same tensor objects (functional_call and
@@ -618,9 +628,9 @@ class SparseLinear(_SparseWeight):
         values = plan.values
         return (params.get("values") is values and params.get("bias") is plan.bias
                 and buffers.get("metadata") is plan.meta and buffers.get("scale") is plan.scale
-                and buffers.get("input_scale") is None
+                and buffers.get("input_scale") is plan.input_scale
                 and values.dtype is (plan.dtype if plan.scale is None else torch.int8)
-                and (values.data_ptr(), ops._ptr(plan.bias)) == plan.data_ptrs)
+                and (values.data_ptr(), ops._ptr(plan.bias), ops._ptr(plan.input_scale)) == plan.data_ptrs)
 
     def _eager_forward(self, x: Tensor) -> Optional[Tensor]:
         """The eager kernel path, or None. A decode-size layer's forward costs as much host time
@@ -657,8 +667,13 @@ class SparseLinear(_SparseWeight):
         if plan.scale is None:
             ops.launch_gemm(plan.api, stream, x2, plan.values, plan.kernel_meta, plan.bias, plan.activation, y)
         else:
+            if plan.input_scale is not None and plan.device_index < 0:
+                # On the CPU (the emulator) its value is checked at each call, as linear_int8 does there.
+                from .quant import static_scale
+
+                static_scale("sparsegemm.quant.quantize_activations_static", plan.input_scale)
             ops.launch_s8(plan.api, stream, x2, plan.values, plan.kernel_meta, plan.scale, plan.bias,
-                          plan.activation, y)
+                          plan.activation, y, plan.input_scale)
         return y if x.dim() == 2 else y.view(*x.shape[:-1], plan.out_features)
 
     def forward(self, input: Tensor) -> Tensor:  # noqa: A002  nn.Linear's name

@@ -1994,6 +1994,45 @@ def test_eager_plan_sees_swapped_tensors_and_trainable_bias():
             layer8(x)
 
 
+@pytest.mark.parametrize("activation", [None, "swiglu"])
+def test_eager_plan_serves_a_calibrated_int8_layer_and_follows_its_scale(activation):
+    # A static INT8 layer's eager calls launch from the plan too (the general path cost it 63 us of
+    # Python a call against 12.5 for per-token INT8, bench/host_overhead.py's no-op kernels), with
+    # the general path's bits, reading the scale where it lives: an in-place fill is seen at the
+    # next call, a new tensor or storage re-plans, a zero is refused as the general path refuses it.
+    torch.manual_seed(14)
+    layer = _simt_layer("int8", activation)
+    layer.set_input_scale(0.03)
+    x = torch.randn(5, 64).half()
+    x[3, 2] = float("inf")
+
+    def general(inp):
+        return quant.linear_int8(inp, layer.sparse_weight(), layer.bias, activation=activation,
+                                 input_scale=float(layer.input_scale), backend="simt")
+
+    with torch.no_grad():
+        fast = layer(x)
+        assert layer._eager_plan is not None and layer._eager_plan.input_scale is layer.input_scale
+        torch.testing.assert_close(fast, general(x), rtol=0, atol=0, equal_nan=True)
+        assert torch.isnan(fast[3]).all()
+        layer.input_scale.fill_(0.5)
+        torch.testing.assert_close(layer(x), general(x), rtol=0, atol=0, equal_nan=True)
+        layer.input_scale.data = torch.tensor(0.07)
+        torch.testing.assert_close(layer(x), general(x), rtol=0, atol=0, equal_nan=True)
+        layer.set_input_scale(None)  # per token again
+        assert torch.equal(layer(x[:3]), sparsegemm.linear(x[:3], layer.sparse_weight(), layer.bias,
+                                                           activation=activation, backend="simt"))
+        layer.set_input_scale(0.2)
+        layer(x)
+        layer.input_scale.zero_()
+        with pytest.raises(ValueError, match=r"quantize_activations_static: scale must be finite and positive, "
+                                             r"got 0.0"):
+            layer(x)
+        layer.input_scale = torch.tensor([0.25])  # a shape the kernels do not read as it is: the general path
+        torch.testing.assert_close(layer(x), general(x), rtol=0, atol=0, equal_nan=True)
+        assert layer._eager_plan is None
+
+
 @pytest.mark.parametrize("k", [5, 67])
 def test_eager_kernel_path_with_k_not_a_multiple_of_four(k):
     # The 16-bit kernels pad K themselves: the plan serves such layers, with the general path's bits.
