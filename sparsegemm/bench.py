@@ -294,6 +294,12 @@ def bench_int8_shape(device: torch.device, label: str, m: int, n: int, k: int, t
     ref = torch.nn.functional.linear(x32, w32)
     rel = float((y - ref).norm() / ref.norm())
     rows.add("sparsegemm int8", lambda: sparsegemm.linear(x, sw), sw.nbytes + m * k * item + m * n * item, rel)
+    # Static (calibrated) activations: one scale for the tensor, here from this x's own max, as
+    # quant.Int8Calibrator would set it.
+    input_scale = torch.tensor(float(x.abs().max()) / quant.QMAX, device=device)
+    y = quant.linear_int8(x, sw, input_scale=input_scale).float().cpu()
+    rows.add("sparsegemm int8, static scale", lambda: quant.linear_int8(x, sw, input_scale=input_scale),
+             sw.nbytes + m * k * item + m * n * item, float((y - ref).norm() / ref.norm()))
     return rows.finish()
 
 
