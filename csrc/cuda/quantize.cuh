@@ -30,6 +30,17 @@ template <typename T>
 constexpr int kQuantizeVector = 16 / static_cast<int>(sizeof(T));
 constexpr int kQuantizeLoadsInFlight = 4;
 
+// One thread's round of a row's reads: vectors first, first + kQuantizeThreads x kVector, ...,
+// kQuantizeLoadsInFlight of them, all issued before any is used (zeros past K, never read).
+template <typename T, int kVector>
+SG_DEVICE void load_row_round(T (&v)[kQuantizeLoadsInFlight][kVector], const T* row, int64_t first, int64_t K) {
+#pragma unroll
+  for (int i = 0; i < kQuantizeLoadsInFlight; ++i) {
+    const int64_t k = first + int64_t(i) * kQuantizeThreads * kVector;
+    load_elements(v[i], row + k, k < K ? K - k : 0);
+  }
+}
+
 // Block (blockIdx.x): rows blockIdx.x, + gridDim.x, ... Dynamic shared memory: one float per warp.
 // x: X[M, K] of kInDType with row stride ldx; x_q: int8 [M, K] contiguous; x_scale: float[M].
 // Thread t reads the vectors t, t + kQuantizeThreads, ... of a row (16-byte loads where the row
@@ -54,11 +65,7 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS(kQuantizeThreads)
     float amax = 0.f;
     for (int64_t first = int64_t(threadIdx.x) * kVector; first < K; first += kStride * kQuantizeLoadsInFlight) {
       T v[kQuantizeLoadsInFlight][kVector];
-#pragma unroll
-      for (int i = 0; i < kQuantizeLoadsInFlight; ++i) {
-        const int64_t k = first + i * kStride;
-        load_elements(v[i], row + k, k < K ? K - k : 0);
-      }
+      load_row_round(v, row, first, K);
 #pragma unroll
       for (int i = 0; i < kQuantizeLoadsInFlight; ++i)
 #pragma unroll
@@ -120,11 +127,7 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS(kQuantizeThreads)
     bool finite = true;
     for (int64_t first = int64_t(threadIdx.x) * kVector; first < K; first += kStride * kQuantizeLoadsInFlight) {
       T v[kQuantizeLoadsInFlight][kVector];
-#pragma unroll
-      for (int i = 0; i < kQuantizeLoadsInFlight; ++i) {
-        const int64_t k = first + i * kStride;
-        load_elements(v[i], row + k, k < K ? K - k : 0);
-      }
+      load_row_round(v, row, first, K);
 #pragma unroll
       for (int i = 0; i < kQuantizeLoadsInFlight; ++i) {
         const int64_t k = first + i * kStride;
