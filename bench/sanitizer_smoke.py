@@ -58,13 +58,14 @@ def main() -> None:
         x = torch.randn(m, k, device="cuda").half()
         x_q, x_scale = quant.quantize_activations(x)
         # Both quantize kernels on rows off the 16-byte grid too (ldx = K + 1: element loads), the
-        # static one with a scale per row.
+        # static one with a scale per group of rows (three groups, the last row past them).
         x_odd = torch.randn(m, k + 1, device="cuda").half()
         x_q_odd = torch.empty(m, k, dtype=torch.int8, device="cuda")
-        x_scale_odd, row_scales = torch.empty(m, device="cuda"), torch.rand(m, device="cuda") + 0.01
+        x_scale_odd, group_scales = torch.empty(m, device="cuda"), torch.rand(3, device="cuda") + 0.01
+        offsets = torch.tensor([0, m // 2, m // 2, max(m - 1, 0)], device="cuda")
         _C.cuda_quantize_rows(m, k, x_odd.data_ptr(), k + 1, 1, x_q_odd.data_ptr(), x_scale_odd.data_ptr(), stream)
-        _C.cuda_quantize_rows_static(m, k, x_odd.data_ptr(), k + 1, 1, row_scales.data_ptr(), 1, x_q_odd.data_ptr(),
-                                     x_scale_odd.data_ptr(), stream)
+        _C.cuda_quantize_rows_static(m, k, x_odd.data_ptr(), k + 1, 1, group_scales.data_ptr(), offsets.data_ptr(), 3,
+                                     x_q_odd.data_ptr(), x_scale_odd.data_ptr(), stream)
         meta8 = sw8.kernel_meta("cuda")
         for (config, split_k), act in _runs(n, k, int8=True):
             cols = ops.out_features(n, act)

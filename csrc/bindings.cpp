@@ -403,14 +403,16 @@ void bind_kernel_api(py::module_& m, const std::string& prefix) {
                        ptr<float>(x_scale), ptr<void>(stream));
   }, py::arg("M"), py::arg("K"), py::arg("x"), py::arg("ldx"), py::arg("in_dtype"), py::arg("x_q"),
      py::arg("x_scale"), py::arg("stream") = 0);
+  // row_offsets 0: one scale for every row; else int64 [groups + 1] (a grouped launch's), a scale per group.
   m.def((prefix + "quantize_rows_static").c_str(), [](int64_t M, int64_t K, uintptr_t x, int64_t ldx, int in_dtype,
-                                                      uintptr_t scale, int64_t scale_stride, uintptr_t x_q,
-                                                      uintptr_t x_scale, uintptr_t stream) {
+                                                      uintptr_t scale, uintptr_t row_offsets, int64_t groups,
+                                                      uintptr_t x_q, uintptr_t x_scale, uintptr_t stream) {
     py::gil_scoped_release nogil;
     Api::quantize_rows_static(M, K, ptr<const void>(x), ldx, static_cast<DType>(in_dtype), ptr<const float>(scale),
-                              scale_stride, ptr<int8_t>(x_q), ptr<float>(x_scale), ptr<void>(stream));
+                              ptr<const int64_t>(row_offsets), groups, ptr<int8_t>(x_q), ptr<float>(x_scale),
+                              ptr<void>(stream));
   }, py::arg("M"), py::arg("K"), py::arg("x"), py::arg("ldx"), py::arg("in_dtype"), py::arg("scale"),
-     py::arg("scale_stride"), py::arg("x_q"), py::arg("x_scale"), py::arg("stream") = 0);
+     py::arg("row_offsets"), py::arg("groups"), py::arg("x_q"), py::arg("x_scale"), py::arg("stream") = 0);
   m.def((prefix + "kernel_meta_bytes_s8").c_str(), Api::kernel_meta_bytes_s8);
   m.def((prefix + "reorder_meta_s8").c_str(), [](uintptr_t logical_meta, uintptr_t kernel_meta, int64_t N, int64_t K,
                                                  uintptr_t stream) {

@@ -897,11 +897,12 @@ def grouped_weights(values: list, kernel_meta: list, bias: Optional[list], scale
                           (values, kernel_meta, bias, scale), list(input_scale or []))
 
 
-def _quantize_rows_to_scratch(api: str, stream: int, x: Tensor,
-                              scale: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+def _quantize_rows_to_scratch(api: str, stream: int, x: Tensor, scale: Optional[Tensor] = None,
+                              row_offsets: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """(x_q, x_scale): x [M, K] (a unit stride along K) quantized by the kernels of ``api`` into the
-    stream's reused scratch: per token, or by the static ``scale`` (float32 on x's device, contiguous:
-    0-d, or [M] one per row; quant.quantize_static's result)."""
+    stream's reused scratch: per token, or by the static ``scale`` (contiguous float32 on x's
+    device: 0-d, or [G] with a grouped launch's ``row_offsets`` [G + 1], group g's rows by scale[g];
+    quant.quantize_static's result)."""
     m, k = x.shape
     x_q = _scratch(x, stream, "x_q", m * k, torch.int8)
     x_scale = _scratch(x, stream, "x_scale", m, torch.float32)
@@ -909,9 +910,10 @@ def _quantize_rows_to_scratch(api: str, stream: int, x: Tensor,
         getattr(_C, api + "quantize_rows")(m, k, x.data_ptr(), x.stride(0), fmt.DTYPE_CODES[x.dtype], x_q.data_ptr(),
                                            x_scale.data_ptr(), stream)
     else:
+        groups = 0 if row_offsets is None else scale.numel()
         getattr(_C, api + "quantize_rows_static")(m, k, x.data_ptr(), x.stride(0), fmt.DTYPE_CODES[x.dtype],
-                                                  scale.data_ptr(), scale.dim(), x_q.data_ptr(), x_scale.data_ptr(),
-                                                  stream)
+                                                  scale.data_ptr(), _ptr(row_offsets), groups, x_q.data_ptr(),
+                                                  x_scale.data_ptr(), stream)
     return x_q, x_scale
 
 
@@ -934,20 +936,17 @@ def launch_grouped(api: str, stream: int, x: Tensor, row_offsets: Tensor, max_ro
                                           weights.values, weights.kernel_meta, weights.bias, y.data_ptr(), y.stride(0),
                                           fmt.DTYPE_CODES[x.dtype], activation, *scratch)
         return
-    row_scale = None
+    group_scale = None
     if weights.input_scale:
         from .quant import static_scale
 
         if x.device.type == "cpu":  # the emulator: checked where reading them is free, as a layer's are
             for g, s in enumerate(weights.input_scale):
                 static_scale(f"sparsegemm.grouped_linear (input_scale[{g}])", s)
-        # Each row by its group's static scale, found on the device (no host read: capturable): the
-        # group of row r is the number of groups that end at or before r (the offsets rise, as the
-        # contract asks). Rows past every group take the last group's scale and are never written.
-        groups = len(weights.values)
-        group = torch.searchsorted(row_offsets[1:], torch.arange(m, device=x.device), right=True).clamp_(max=groups - 1)
-        row_scale = torch.stack(weights.input_scale).float()[group]
-    x_q, x_scale = _quantize_rows_to_scratch(api, stream, x, row_scale)
+        # Each row by its group's static scale, which the kernel finds from the offsets on the device
+        # (no host read: capturable).
+        group_scale = torch.stack(weights.input_scale).float()
+    x_q, x_scale = _quantize_rows_to_scratch(api, stream, x, group_scale, row_offsets if weights.input_scale else None)
     getattr(_C, api + "gemm_s8_grouped")(max_rows, weights.n, k, x_q.data_ptr(), k, m, row_offsets.data_ptr(),
                                          weights.values, weights.kernel_meta, weights.scale, x_scale.data_ptr(),
                                          weights.bias, y.data_ptr(), y.stride(0), fmt.DTYPE_CODES[y.dtype],

@@ -644,7 +644,7 @@ def test_static_int8_on_the_kernels_quantizes_in_the_static_kernel(monkeypatch):
     # the same output as the CPU path's torch ops, and the kernel ran.
     launches = []
     kernel = _C.simt_quantize_rows_static
-    monkeypatch.setattr(_C, "simt_quantize_rows_static", lambda *args: launches.append(args[6]) or kernel(*args))
+    monkeypatch.setattr(_C, "simt_quantize_rows_static", lambda *args: launches.append(args[7]) or kernel(*args))
     gen = torch.Generator().manual_seed(7)
     layer = sparsegemm.SparseLinear.from_dense(nn.Linear(64, 48), quantize="int8").half()
     layer.set_input_scale(0.03)
@@ -653,14 +653,14 @@ def test_static_int8_on_the_kernels_quantizes_in_the_static_kernel(monkeypatch):
     expected = layer(x)  # cpu
     layer.backend = "simt"
     got = layer(x)
-    assert launches == [0]  # one launch, one scale for every row
+    assert launches == [0]  # one launch, one scale for every row (no groups)
     torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
     assert torch.isnan(got[2]).all()
     sw = [quant.quantize_weight(torch.randn(48, 64, generator=gen)) for _ in range(3)]
     offsets = torch.tensor([0, 2, 2, 5])
     scales = [0.02, 0.5, 0.04]
     grouped = sparsegemm.grouped_linear(x, offsets, sw, input_scale=scales, backend="simt")
-    assert launches == [0, 1]  # then one launch, a scale per row
+    assert launches == [0, 3]  # then one launch, a scale per group
     torch.testing.assert_close(grouped, sparsegemm.grouped_linear(x, offsets, sw, input_scale=scales, backend="cpu"),
                                rtol=0, atol=0, equal_nan=True)
 

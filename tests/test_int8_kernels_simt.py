@@ -185,8 +185,11 @@ def test_quantize_rows_reads_every_round_of_a_long_row_aligned_or_not(kernels, d
     assert_quantize_rows_matches_reference(kernels, x)
 
 
-def assert_quantize_rows_static_matches_oracle(kernels, x, scale):
-    x_q, x_scale = kernels.quantize_rows_static(x, scale)
+def assert_quantize_rows_static_matches_oracle(kernels, x, scale, row_offsets=None):
+    x_q, x_scale = kernels.quantize_rows_static(x, scale, row_offsets)
+    if row_offsets is not None:  # each row by its group's scale; rows past every group by the last's
+        rows = torch.arange(x.shape[0])
+        scale = scale[torch.searchsorted(row_offsets[1:], rows, right=True).clamp(max=scale.numel() - 1)]
     ref_q, ref_scale = oracle.quantize_rows_static_int8(x, scale)
     assert_bits_equal_nan_by_position(x_scale, ref_scale.numpy())
     np.testing.assert_array_equal(x_q, ref_q.numpy())
@@ -194,12 +197,13 @@ def assert_quantize_rows_static_matches_oracle(kernels, x, scale):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m,k", [(1, 4), (5, 300), (3, 9005), (2, 0)])
-@pytest.mark.parametrize("per_row", [False, True])
-def test_quantize_rows_static_matches_oracle(kernels, dtype, m, k, per_row):
+@pytest.mark.parametrize("grouped", [False, True])
+def test_quantize_rows_static_matches_oracle(kernels, dtype, m, k, grouped):
     # Rows: plain, one with values the scale saturates both ways, one with an infinity (scale NaN,
     # the infinity itself +127), one with a NaN (scale NaN, the NaN 0), one of exact halves (x / s
     # = n + 0.5 rounds to even); a strided view (ldx = k + 1: rows off the 16-byte grid); long rows
-    # hold their specials past the first 8192 elements.
+    # hold their specials past the first 8192 elements. Grouped: three groups, the middle one
+    # empty, the last row past every group.
     gen = torch.Generator().manual_seed(m * 1000 + k)
     base = (torch.randn(max(m, 5), k + 1, generator=gen) * 4).to(dtype)
     x = base[:m, :k]
@@ -214,17 +218,31 @@ def test_quantize_rows_static_matches_oracle(kernels, dtype, m, k, per_row):
             x[3, at] = float("nan")
         if m > 4:
             x[4] = torch.tensor([0.5, 1.5, 2.5, -2.5] * (k // 4) + [3.5] * (k % 4)).to(dtype)
-    scale = (torch.rand(m, generator=gen) * 0.2 + 0.01) if per_row else torch.tensor(0.25 if m > 4 else 0.07)
-    if per_row and m > 4:
-        scale[4] = 1.0
-    assert_quantize_rows_static_matches_oracle(kernels, x, scale)
+    if grouped:
+        scale = torch.tensor([0.05, 0.3, 1.0])
+        offsets = torch.tensor([0, max(m - 2, 0), max(m - 2, 0), max(m - 1, 0)])  # rows past the last: its scale
+        assert_quantize_rows_static_matches_oracle(kernels, x, scale, offsets)
+    else:
+        assert_quantize_rows_static_matches_oracle(kernels, x, torch.tensor(0.25 if m > 4 else 0.07))
 
 
-def test_quantize_rows_static_refuses_a_scale_stride_past_one(kernels):
+def test_quantize_rows_static_finds_each_rows_group_among_many(kernels):
+    # More groups than the block has threads (quantize.cuh group_of_row reads them in rounds), rows
+    # before the first group's start (group 0's scale) and runs of empty groups.
+    groups, m = 300, 40
+    gen = torch.Generator().manual_seed(300)
+    offsets = torch.sort(torch.randint(3, m - 2, (groups + 1,), generator=gen)).values
+    offsets[-40:] = m - 2
+    scale = torch.rand(groups, generator=gen) + 0.01
+    x = (torch.randn(m, 24, generator=gen) * 3).half()
+    assert_quantize_rows_static_matches_oracle(kernels, x, scale, offsets)
+
+
+def test_quantize_rows_static_refuses_offsets_without_groups(kernels):
     x = torch.ones(2, 8, dtype=torch.float16)
-    with pytest.raises(ValueError, match="scale_stride must be 0 .* or 1 .*, got 2"):
-        kernels._launch("quantize_rows_static", 2, 8, x.data_ptr(), 8, DTYPE_CODES[x.dtype],
-                        torch.ones(2).data_ptr(), 2, torch.empty(2, 8, dtype=torch.int8).data_ptr(),
+    with pytest.raises(ValueError, match="row_offsets needs at least one group, got groups = 0"):
+        kernels._launch("quantize_rows_static", 2, 8, x.data_ptr(), 8, DTYPE_CODES[x.dtype], torch.ones(2).data_ptr(),
+                        torch.zeros(3, dtype=torch.int64).data_ptr(), 0, torch.empty(2, 8, dtype=torch.int8).data_ptr(),
                         torch.empty(2).data_ptr())
 
 

@@ -258,14 +258,17 @@ class KernelBackend:
                      x_scale.data_ptr())
         return x_q.cpu().numpy(), x_scale.cpu().numpy()
 
-    def quantize_rows_static(self, x, scale):
-        """x [M, K] float (row stride ldx), scale float32 (0-d or [M]) -> (x_q, x_scale) as numpy."""
+    def quantize_rows_static(self, x, scale, row_offsets=None):
+        """x [M, K] float (row stride ldx), scale float32 (0-d, or [G] with int64 row_offsets [G + 1])
+        -> (x_q, x_scale) as numpy."""
         m, k = x.shape
         x_dev, scale_dev = self.to_device(x), self.to_device(scale)
+        offsets_dev = None if row_offsets is None else self.to_device(row_offsets)
         x_q = torch.full((m, k), 99, dtype=torch.int8, device=self.device)
         x_scale = torch.full((m,), -7.0, dtype=torch.float32, device=self.device)
         self._launch("quantize_rows_static", m, k, x_dev.data_ptr(), x_dev.stride(0), DTYPE_CODES[x.dtype],
-                     scale_dev.data_ptr(), scale.dim(), x_q.data_ptr(), x_scale.data_ptr())
+                     scale_dev.data_ptr(), data_ptr(offsets_dev), 0 if row_offsets is None else scale.numel(),
+                     x_q.data_ptr(), x_scale.data_ptr())
         return x_q.cpu().numpy(), x_scale.cpu().numpy()
 
     def gemm_s8(self, x_q, values, meta, w_scale, x_scale, n, k, out_dtype, bias=None, act="none", config=-1,

@@ -54,11 +54,12 @@ struct TensorMapMemoStats {
   /* x_scale fp32 [M]: dynamic per-token symmetric quantisation.                                */ \
   void quantize_rows(int64_t M, int64_t K, const void* x, int64_t ldx, DType in_dtype, int8_t* x_q, float* x_scale, \
                      void* stream);                                                               \
-  /* The same with a calibrated scale (scale[m * scale_stride], stride 0 or 1, on the device):  */ \
-  /* x_scale[m] is it, or NaN for a row holding a NaN or an infinity.                            */ \
+  /* The same with a calibrated scale on the device: scale[0], or with row_offsets (int64      */ \
+  /* [groups + 1], a grouped launch's) scale[g] for group g's rows; x_scale[m] is it, or NaN    */ \
+  /* for a row holding a NaN or an infinity.                                                    */ \
   void quantize_rows_static(int64_t M, int64_t K, const void* x, int64_t ldx, DType in_dtype,      \
-                            const float* scale, int64_t scale_stride, int8_t* x_q, float* x_scale, \
-                            void* stream);                                                        \
+                            const float* scale, const int64_t* row_offsets, int64_t groups,       \
+                            int8_t* x_q, float* x_scale, void* stream);                           \
   /* Bytes of the int8 kernel-layout E (reorder.cuh), written by reorder_meta_s8. */              \
   int64_t kernel_meta_bytes_s8(int64_t N, int64_t K);                                             \
   void reorder_meta_s8(const uint8_t* logical_meta, void* kernel_meta, int64_t N, int64_t K, void* stream); \

@@ -591,12 +591,13 @@ void launch_quantize_rows(int64_t M, int64_t K, const void* x, int64_t ldx, int8
 
 template <DType kInDType>
 void launch_quantize_rows_static(int64_t M, int64_t K, const void* x, int64_t ldx, const float* scale,
-                                 int64_t scale_stride, int8_t* x_q, float* x_scale, sg_stream_t stream) {
+                                 const int64_t* row_offsets, int64_t groups, int8_t* x_q, float* x_scale,
+                                 sg_stream_t stream) {
   // As launch_quantize_rows.
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(M, 65535));
   sg_launch_dependent(quantize_rows_static_kernel<kInDType>, dim3(blocks), dim3(kQuantizeThreads),
-                      size_t(kQuantizeThreads / 32 * sizeof(int)), stream, M, K, x, ldx, scale, scale_stride, x_q,
-                      x_scale);
+                      size_t(kQuantizeThreads / 32 * sizeof(int)), stream, M, K, x, ldx, scale, row_offsets, groups,
+                      x_q, x_scale);
 }
 
 }  // namespace
@@ -746,16 +747,22 @@ void quantize_rows(int64_t M, int64_t K, const void* x, int64_t ldx, DType in_dt
 }
 
 void quantize_rows_static(int64_t M, int64_t K, const void* x, int64_t ldx, DType in_dtype, const float* scale,
-                          int64_t scale_stride, int8_t* x_q, float* x_scale, void* stream) {
-  if (scale_stride != 0 && scale_stride != 1)
-    throw std::invalid_argument("sparsegemm quantize_rows_static: scale_stride must be 0 (one scale) or 1 (one per "
-                                "row), got " + std::to_string(scale_stride));
+                          const int64_t* row_offsets, int64_t groups, int8_t* x_q, float* x_scale, void* stream) {
+  if (row_offsets != nullptr && groups < 1)
+    throw std::invalid_argument("sparsegemm quantize_rows_static: row_offsets needs at least one group, got groups = " +
+                                std::to_string(groups));
   if (M == 0) return;
   const auto s = static_cast<sg_stream_t>(stream);
   switch (in_dtype) {
-    case DType::f32: launch_quantize_rows_static<DType::f32>(M, K, x, ldx, scale, scale_stride, x_q, x_scale, s); break;
-    case DType::f16: launch_quantize_rows_static<DType::f16>(M, K, x, ldx, scale, scale_stride, x_q, x_scale, s); break;
-    case DType::bf16: launch_quantize_rows_static<DType::bf16>(M, K, x, ldx, scale, scale_stride, x_q, x_scale, s); break;
+    case DType::f32:
+      launch_quantize_rows_static<DType::f32>(M, K, x, ldx, scale, row_offsets, groups, x_q, x_scale, s);
+      break;
+    case DType::f16:
+      launch_quantize_rows_static<DType::f16>(M, K, x, ldx, scale, row_offsets, groups, x_q, x_scale, s);
+      break;
+    case DType::bf16:
+      launch_quantize_rows_static<DType::bf16>(M, K, x, ldx, scale, row_offsets, groups, x_q, x_scale, s);
+      break;
     default: unsupported_dtype("quantize_rows_static", in_dtype);
   }
 }

@@ -96,26 +96,49 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS(kQuantizeThreads)
   }
 }
 
-// Static INT8 quantisation: the scale calibrated beforehand (SparseLinear.set_input_scale;
-// grouped experts one per row) instead of found per row, as quant.quantize_static computes it:
-//   X_q[m, k]  = clamp(rint(X[m, k] / s), -127, 127), NaN -> 0, where s = scale[m * scale_stride]
+// The group of row m in a grouped launch (quantize_rows_static_kernel): how many of
+// row_offsets[1 .. groups] are at or below m, at most groups - 1; every thread of the block gets
+// it. The block's threads read the offsets at once (one round for up to kQuantizeThreads groups),
+// not one after another as a search would. warp_count: one int per warp of shared memory, free
+// on entry and on return.
+SG_DEVICE int64_t group_of_row(const int64_t* row_offsets, int64_t groups, int64_t m, int* warp_count) {
+  constexpr int kWarps = kQuantizeThreads / 32;
+  int count = 0;
+  for (int64_t g = int64_t(threadIdx.x) + 1; g <= groups; g += kQuantizeThreads) count += row_offsets[g] <= m;
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) count += __shfl_xor_sync(0xFFFFFFFFu, count, offset);
+  if ((threadIdx.x & 31) == 0) warp_count[threadIdx.x >> 5] = count;
+  __syncthreads();
+  int64_t total = 0;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) total += warp_count[w];
+  __syncthreads();  // every thread has read warp_count before its next use
+  return total < groups ? total : groups - 1;
+}
+
+// Static INT8 quantisation: the scale calibrated beforehand (SparseLinear.set_input_scale; a
+// grouped launch's experts one each) instead of found per row, as quant.quantize_static computes it:
+//   X_q[m, k]  = clamp(rint(X[m, k] / s), -127, 127), NaN -> 0, where s is row m's scale
 //   x_scale[m] = s, or NaN where row m holds a NaN or an infinity (its output row is then NaN, as
 //                in dynamic mode, rather than zeros and saturated values)
 // One pass over X (the quantized values do not depend on the row's other elements), in the
 // accesses of quantize_rows_kernel. Why a kernel: those torch ops were nine launches a decode
-// step, each as long as the GEMM's wait for it.
+// step, each as long as the GEMM's wait for it (and a grouped launch found each row's scale with
+// four more).
 // Block (blockIdx.x): rows blockIdx.x, + gridDim.x, ... Dynamic shared memory: one int per warp.
-// scale: float on the device, read here (no host read of it: capturable); scale_stride 0 (one
-// scale) or 1 (one per row).
+// scale: float on the device, read here (no host read of it: capturable): scale[0] for every row
+// when row_offsets is null, else scale[g] for the rows of group g, g the number of offsets among
+// row_offsets[1 .. groups] at or below the row (int64 [groups + 1], non-decreasing, on the device:
+// the grouped GEMM's), the last group's for rows past every group, which it never writes.
 template <DType kInDType>
 SG_GLOBAL void SG_LAUNCH_BOUNDS(kQuantizeThreads)
     quantize_rows_static_kernel(int64_t M, int64_t K, const void* x, int64_t ldx, const float* scale,
-                                int64_t scale_stride, int8_t* x_q, float* x_scale) {
+                                const int64_t* row_offsets, int64_t groups, int8_t* x_q, float* x_scale) {
   using Traits = ElementTraits<kInDType>;
   using T = typename Traits::Storage;
   constexpr int kVector = kQuantizeVector<T>;
   constexpr int64_t kStride = int64_t(kQuantizeThreads) * kVector;
-  SG_DYNAMIC_SMEM(int, warp_finite);
+  SG_DYNAMIC_SMEM(int, warp_count);  // per warp: offsets at or below the row, then finite flags
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   constexpr int kWarps = kQuantizeThreads / 32;
   grid_dependency_wait();  // as quantize_rows_kernel
@@ -123,7 +146,7 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS(kQuantizeThreads)
   for (int64_t m = blockIdx.x; m < M; m += gridDim.x) {
     const T* row = static_cast<const T*>(x) + m * ldx;
     int8_t* out = x_q + m * K;
-    const float s = scale[m * scale_stride];
+    const float s = row_offsets == nullptr ? scale[0] : scale[group_of_row(row_offsets, groups, m, warp_count)];
     bool finite = true;
     for (int64_t first = int64_t(threadIdx.x) * kVector; first < K; first += kStride * kQuantizeLoadsInFlight) {
       T v[kQuantizeLoadsInFlight][kVector];
@@ -142,15 +165,15 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS(kQuantizeThreads)
       }
     }
     const unsigned not_finite = __ballot_sync(0xFFFFFFFFu, !finite);
-    if (lane == 0) warp_finite[warp] = not_finite == 0;
+    if (lane == 0) warp_count[warp] = not_finite == 0;
     __syncthreads();
     if (threadIdx.x == 0) {
       bool row_finite = true;
 #pragma unroll
-      for (int w = 0; w < kWarps; ++w) row_finite = row_finite && warp_finite[w];
+      for (int w = 0; w < kWarps; ++w) row_finite = row_finite && warp_count[w];
       x_scale[m] = row_finite ? s : std::numeric_limits<float>::quiet_NaN();
     }
-    // Thread 0 has read warp_finite before the next row's writes to it.
+    // Thread 0 has read warp_count before the next row's writes to it.
     __syncthreads();
   }
 }
