@@ -418,10 +418,10 @@ def bench_mlp(device: torch.device, dtype: str, tokens, timer: Timer) -> list:
         if device.type == "cuda" and m <= 16:
             # Decode without the host, as a decode step's graph runs its blocks: each block captured
             # many times over in one CUDA graph (ReplayTimer), so that a block's time holds no graph
-            # launch. Every block streams its weights from DRAM: both blocks' (150-270 MB) exceed
-            # any L2. (One graph replay per timed call, up to bench/results/2026-11-27-H200-run22,
-            # added the graph's launch to both sides' 55-90 us: dense 92 us there, against ~80 us
-            # of its kernels in that run's sweeps.)
+            # launch. Every block streams its weights from DRAM: a block's (dense fp16 270 MB, 2:4
+            # 150 MB, 2:4 INT8 85 MB) exceed an H100 / H200's 50 MB L2. (One graph replay per timed
+            # call, up to bench/results/2026-11-27-H200-run22, added the graph's launch to both
+            # sides' 55-90 us: dense 92 us there, against ~80 us of its kernels in that run's sweeps.)
             g = _Rows(device, dtype, "llama2-7b.mlp (CUDA graph)", m, 3 * 11008, 4096, ReplayTimer(device))
             with torch.no_grad():
                 g.add("dense nn.Linear", lambda: dense(x), dense_bytes)

@@ -630,6 +630,11 @@ class SparseLinear(_SparseWeight):
                 and buffers.get("metadata") is plan.meta and buffers.get("scale") is plan.scale
                 and buffers.get("input_scale") is plan.input_scale
                 and values.dtype is (plan.dtype if plan.scale is None else torch.int8)
+                # A .data swap can land on the old address with another dtype (the kernels would read
+                # its bytes as the planned one's).
+                and (plan.bias is None or plan.bias.dtype is plan.dtype)
+                and (plan.scale is None or plan.scale.dtype is torch.float32)
+                and (plan.input_scale is None or plan.input_scale.dtype is torch.float32)
                 and (values.data_ptr(), ops._ptr(plan.bias), ops._ptr(plan.input_scale)) == plan.data_ptrs)
 
     def _eager_forward(self, x: Tensor) -> Optional[Tensor]:
@@ -651,7 +656,8 @@ class SparseLinear(_SparseWeight):
         if (x.dtype is not plan.dtype or x.get_device() != plan.device_index or x.dim() < 1 or x.shape[-1] != k
                 or not x.is_contiguous()
                 or (torch.is_grad_enabled() and (x.requires_grad or plan.values.requires_grad
-                                                 or (plan.bias is not None and plan.bias.requires_grad)))
+                                                 or (plan.bias is not None and plan.bias.requires_grad)
+                                                 or (plan.input_scale is not None and plan.input_scale.requires_grad)))
                 or (plan.device_index >= 0 and plan.device_index != torch.cuda.current_device())
                 # A bias-less INT8 layer computes in autocast's dtype there (forward), not in x's.
                 or (plan.bias is None and self.quantize == "int8" and torch.is_autocast_enabled(x.device.type))):
@@ -671,7 +677,7 @@ class SparseLinear(_SparseWeight):
                 # On the CPU (the emulator) its value is checked at each call, as linear_int8 does there.
                 from .quant import static_scale
 
-                static_scale("sparsegemm.quant.quantize_activations_static", plan.input_scale)
+                static_scale("sparsegemm.quant.quantize_activations_static", plan.input_scale.detach())
             ops.launch_s8(plan.api, stream, x2, plan.values, plan.kernel_meta, plan.scale, plan.bias,
                           plan.activation, y, plan.input_scale)
         return y if x.dim() == 2 else y.view(*x.shape[:-1], plan.out_features)

@@ -2031,6 +2031,18 @@ def test_eager_plan_serves_a_calibrated_int8_layer_and_follows_its_scale(activat
         layer.input_scale = torch.tensor([0.25])  # a shape the kernels do not read as it is: the general path
         torch.testing.assert_close(layer(x), general(x), rtol=0, atol=0, equal_nan=True)
         assert layer._eager_plan is None
+        # Found in review: a .data swap that lands on the planned address with another dtype re-plans
+        # rather than launching. Here a float64 of about 1.0 whose first four bytes are the float32
+        # 0.5 the plan was made with.
+        buf = torch.zeros(1, dtype=torch.float64)
+        buf.view(torch.float32)[:] = torch.tensor([0.5, 1.875])  # 1.875: the float64 1.0's high word
+        layer.input_scale = buf.view(torch.float32)[0].clone()
+        layer.input_scale.data = buf.view(torch.float32)[0]
+        layer(x)
+        assert layer._eager_plan is not None and float(layer.input_scale) == 0.5
+        layer.input_scale.data = buf[0]
+        assert abs(float(layer.input_scale) - 1.0) < 1e-6
+        torch.testing.assert_close(layer(x), general(x), rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("k", [5, 67])
