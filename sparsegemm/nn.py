@@ -1400,23 +1400,26 @@ class SparseConv2d(_SparseWeight):
         # the (zero-padded) NHWC input: its gather takes a tenth of the time of unfold (whose (cin, ky,
         # kx) order then needs a transpose copy) on a 3 x 3 layer, and is no copy at all for a 1 x 1,
         # stride 1 convolution of a channels_last input.
-        x_nhwc = x.permute(0, 2, 3, 1)
-        if ph or pw:
-            x_nhwc = torch.nn.functional.pad(x_nhwc, (0, 0, pw, pw, ph, ph))
-        # Sliding windows over H, then W (every dh-th / dw-th tap of a dilated window), as views whose
-        # shapes follow x's even in a torch.jit.trace: [B, Ho, Wo, C, kh, kw] -> [B, Ho, Wo, kh, kw, C].
-        windows = x_nhwc.unfold(1, dh * (kh - 1) + 1, sh)[..., ::dh].unfold(2, dw * (kw - 1) + 1, sw)[..., ::dw]
-        patches = windows.permute(0, 1, 2, 4, 5, 3)
+        def patch_view(nhwc: Tensor) -> Tensor:
+            # Sliding windows over H, then W (every dh-th / dw-th tap of a dilated window), as views
+            # whose shapes follow x's even in a torch.jit.trace: [B, Ho, Wo, C, kh, kw] -> [B, Ho, Wo,
+            # kh, kw, C].
+            windows = nhwc.unfold(1, dh * (kh - 1) + 1, sh)[..., ::dh].unfold(2, dw * (kw - 1) + 1, sw)[..., ::dw]
+            return windows.permute(0, 1, 2, 4, 5, 3)
+
+        # A padded input is copied with its zeros only once a path below needs its patches: torch's
+        # convolution pads by itself (a copy of the whole input, and its memory, for nothing before).
+        padded = bool(ph or pw)
+        patches = None if padded else patch_view(x.permute(0, 2, 3, 1))
         # A recorded call (compile, jit.trace: the chunk loop would be traced for one batch size)
-        # takes the whole patch matrix in one GEMM.
-        if ops.records_graph((x, self.values, self.bias)) or patches.is_contiguous() or b == 0:
-            y = self._sparse_linear(patches.reshape(-1, k))
-            return y.view(patches.shape[:3] + (self.out_channels,)).permute(0, 3, 1, 2)
+        # takes the whole patch matrix in one GEMM, as does a patch matrix that is the input itself.
+        recorded = ops.records_graph((x, self.values, self.bias))
         # Not for one input channel: torch 2.13's CPU convolution read a [N, 1, kh, kw] weight's
         # strides as the other memory format (both fit a size-1 dim) and gave wrong sums (off by 1.1
         # to 1e29 in bf16 and fp32).
-        if (b * ho * wo >= CPU_TORCH_CONV_MIN_M and self.out_channels * k * x.element_size() <= ops._CPU_TILE_BYTES
-                and c > 1 and _torch_conv_wins(x.dtype, k)):
+        if (not recorded and b != 0 and (padded or not patches.is_contiguous()) and b * ho * wo >= CPU_TORCH_CONV_MIN_M
+                and self.out_channels * k * x.element_size() <= ops._CPU_TILE_BYTES and c > 1
+                and _torch_conv_wins(x.dtype, k)):
             # Large M in a dtype torch convolves natively: 2:4 saves no multiply-adds on a CPU, and
             # torch's convolution reads the input in place where the GEMM needs the patch gather. Its
             # weight is decompressed for this call into the reused dense-tile scratch (no page faults,
@@ -1438,6 +1441,11 @@ class SparseConv2d(_SparseWeight):
             # (2, 3), padding (1, 3)).
             dilation = tuple(1 if taps_k == 1 else d for taps_k, d in zip(taps.kernel_size, taps.dilation))
             return torch.nn.functional.conv2d(x, weight, self.bias, taps.stride, taps.padding, dilation)
+        if padded:
+            patches = patch_view(torch.nn.functional.pad(x.permute(0, 2, 3, 1), (0, 0, pw, pw, ph, ph)))
+        if recorded or patches.is_contiguous() or b == 0:
+            y = self._sparse_linear(patches.reshape(-1, k))
+            return y.view(patches.shape[:3] + (self.out_channels,)).permute(0, 3, 1, 2)
         # Inference: the patch matrix (kh * kw times the input, for a 3 x 3 layer) is gathered a chunk
         # at a time into a reused scratch of ops._CPU_TILE_BYTES (or one output row, if larger),
         # which the GEMM then reads from cache: memory stays bounded at any image size, and no call

@@ -130,14 +130,18 @@ def test_cpu_backend_large_m_takes_torchs_convolution_where_the_gemm_would_go_de
     x = make_input(3, 16, (21, 19), dtype, integer=True, seed=16)  # M = 3 x 10 x 9 = 270
     assert 270 >= CPU_TORCH_CONV_MIN_M
     dense_conv = _torch_conv_wins(dtype, 16 * 9)
-    gemm_calls = []
+    gemm_calls, pads = [], []
     real = type(layer)._sparse_linear
     monkeypatch.setattr(type(layer), "_sparse_linear", lambda self, cols: (gemm_calls.append(cols.shape),
                                                                            real(self, cols))[1])
+    real_pad = torch.nn.functional.pad
+    monkeypatch.setattr(torch.nn.functional, "pad", lambda t, *a, **kw: (pads.append(t.shape), real_pad(t, *a, **kw))[1])
     with torch.no_grad():
         y = layer(x.to(memory_format=torch.channels_last))
     assert torch.equal(y.double(), reference(layer, x))
     assert (gemm_calls == []) == dense_conv
+    # The padding of 1: torch's convolution pads by itself, so no padded copy of x is made for it.
+    assert (pads == []) == dense_conv
     other = torch.bfloat16 if dtype == torch.float32 else torch.float32
     with pytest.raises(TypeError, match="SparseConv2d: x dtype .* does not match the weight dtype"):
         with torch.no_grad():
