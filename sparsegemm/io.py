@@ -11,6 +11,7 @@ and in range): a corrupt or truncated file fails with a clear error.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import math
@@ -170,7 +171,12 @@ def save(model: nn.Module, path: Union[str, "os.PathLike"]) -> None:
             aliases[key] = first_key[identity]
             continue
         first_key[identity] = key
-        tensors[key] = value.detach().to("cpu").contiguous().clone()
+        tensors[key] = value.detach().to("cpu").contiguous()
+    # safetensors refuses tensors that share a storage: those (views of one buffer, empty tensors)
+    # are copied, the rest written from where they are (a copy of every tensor was a second model's
+    # worth of memory while saving).
+    storages = collections.Counter(t.untyped_storage().data_ptr() for t in tensors.values())
+    tensors = {key: t.clone() if storages[t.untyped_storage().data_ptr()] > 1 else t for key, t in tensors.items()}
     header = {"format": _FORMAT, "converted": json.dumps(converted)}
     if aliases:
         header.update(format=_FORMAT_ALIASES, aliases=json.dumps(aliases))

@@ -2262,6 +2262,30 @@ def test_report_refuses_a_module_table_it_cannot_size(edit, message, tmp_path):
         describe(odd)
 
 
+def test_save_writes_tensors_in_place_and_copies_only_those_sharing_a_storage(tmp_path, monkeypatch):
+    # save copied every tensor (a second compressed model's worth of memory while saving); now only
+    # tensors safetensors would refuse (views of one storage) are, and the file is the same.
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 32))
+    sparsegemm.sparsify(model, min_features=8)
+    table = torch.arange(12.0)
+    model.register_buffer("first", table[:6])  # two views of one storage
+    model.register_buffer("second", table[6:])
+    clones = []
+    real_clone = torch.Tensor.clone
+    monkeypatch.setattr(torch.Tensor, "clone", lambda t, *a, **kw: clones.append(tuple(t.shape)) or
+                        real_clone(t, *a, **kw))
+    sparsegemm.save(model, tmp_path / "m.safetensors")
+    monkeypatch.undo()
+    assert sorted(clones) == [(6,), (6,)]
+    fresh = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 32))
+    fresh.register_buffer("first", torch.zeros(6))
+    fresh.register_buffer("second", torch.zeros(6))
+    loaded = sparsegemm.load(tmp_path / "m.safetensors", fresh)
+    assert torch.equal(loaded.first, table[:6]) and torch.equal(loaded.second, table[6:])
+    x = torch.randn(3, 64)
+    assert torch.equal(loaded(x), model(x))
+
+
 def test_an_int8_layers_dense_size_is_one_figure_everywhere(tmp_path):
     # A bias-less INT8 layer was sized as dense int8 in its repr and as fp16 in the checkpoint, where
     # sparsify's report (and the same layer with a bias) used the float dtype it was made in.
