@@ -62,8 +62,9 @@ def test_wgmma_instruction_matches_the_emulator_oracle(kind, upper, mode):
 # (M, N, K, config, split_k): decode and prefill at model sizes, a forced split-K, ragged tails; the
 # warp-level large-M tile forced, the wgmma tile with cp.async and with TMA copies (128 and 256 W
 # rows, K split at mid-size M by its own rule and 3 ways), and the decode tile with TMA copies (the
-# TMA ones skipped where the GPU does not run the wgmma tile).
-LARGE_GEMMS = [(1, 8192, 8192, -1, 0), (16, 4096, 4096, -1, 0), (8, 4096, 4096, DECODE, 7),
+# TMA ones skipped where the GPU does not run the wgmma tile); 48 rows planned: the decode tile
+# over three M tiles on a wgmma GPU (gemm_heuristics.h kMidMDecodeCostPerWgmmaKTile).
+LARGE_GEMMS = [(1, 8192, 8192, -1, 0), (16, 4096, 4096, -1, 0), (48, 4096, 4096, -1, 0), (8, 4096, 4096, DECODE, 7),
                (2048, 4096, 4096, -1, 0), (777, 3000, 1028, LARGE_M, 0), (777, 3000, 1028, WGMMA, 0),
                (4096, 4096, 8192, WGMMA, 0), (777, 3000, 1056, WGMMA_TMA, 0), (4096, 4096, 8192, WGMMA_TMA, 0),
                (777, 3000, 1056, WGMMA_TMA_WIDE, 0), (4096, 4096, 8192, WGMMA_TMA_WIDE, 0),
