@@ -9,7 +9,8 @@ warp-level large-M tile, and where the GPU runs wgmma "c2" (cp.async), "c3" (TMA
 large M), "c5" (the 256-row TMA tile) and "c6" (config 3's tile with K split over blocks, by its
 own rule: "s" gives the split; "c6/2", "c6/4", "c6/8" forced to 2, 4 and 8 splits, to fit the
 rule). H200 -run21: at M = 256, 4096 x 4096 ran 0.38-0.40x cuBLAS on the wgmma tile (64 blocks
-for 132 SMs), so the crossover wants measuring.
+for 132 SMs), so the crossover wants measuring. Each line ends with the INT8 GEMM (activations
+quantized beforehand): its heuristic, the decode tile and config 3, to fit its own mid-M plan.
 
     python bench/mid_m_sweep.py
 """
@@ -18,7 +19,7 @@ import argparse
 import torch
 
 import sparsegemm
-from sparsegemm import _C, ops
+from sparsegemm import _C, ops, quant
 from sparsegemm import format as fmt
 from sparsegemm.bench import replay_ms
 
@@ -39,6 +40,8 @@ def main() -> None:
         copies = max(2, ROTATE_BYTES // (n * k))
         sws = [sparsegemm.compress(w) for _ in range(copies)]
         metas = [sw.kernel_meta("cuda") for sw in sws]
+        sw8s = [quant.quantize_weight(w) for _ in range(copies)]
+        meta8s = [sw.kernel_meta("cuda") for sw in sw8s]
         dense = [w.clone() for _ in range(max(2, ROTATE_BYTES // (2 * n * k)))]
         for m in MS:
             x = torch.randn(m, k, device="cuda").half()
@@ -51,8 +54,21 @@ def main() -> None:
                     ws.data_ptr(), counters.data_ptr(), config, split, ops._stream(x))
                     for sw, me in zip(sws, metas)], reps=40)
 
+            x_q, x_scale = quant.quantize_activations(x)
+
+            def int8_us(config):
+                ws, counters = _scratch(_C.cuda_gemm_s8_scratch, m, n, k, config, 0)
+                return 1e3 * replay_ms([lambda sw=sw, me=me: _C.cuda_gemm_s8(
+                    m, n, k, x_q.data_ptr(), k, sw.values.data_ptr(), me.data_ptr(), sw.scale.data_ptr(),
+                    x_scale.data_ptr(), 0, y.data_ptr(), n, f16, 0, ws.data_ptr(), counters.data_ptr(), config, 0,
+                    ops._stream(x)) for sw, me in zip(sw8s, meta8s)], reps=40)
+
             td = 1e3 * replay_ms([lambda d=d: torch.nn.functional.linear(x, d) for d in dense], reps=40)
             times = {"heuristic": sparse_us(-1), **{f"c{c}": sparse_us(c) for c in configs}}
+            # The INT8 GEMM (activations quantized beforehand), to fit its own mid-M rule: the plan
+            # keeps its large-M tile above 16 rows (gemm_heuristics.h kMidMDecodeCostPerWgmmaKTile).
+            int8 = {"int8 heuristic": int8_us(-1), "int8 c1": int8_us(1),
+                    **({"int8 c3": int8_us(3)} if 3 in configs else {})}
             if 6 in configs:
                 workspace_bytes, _ = _C.cuda_gemm_scratch(m, n, k, 6, 0)
                 times[f"c6 s{max(1, workspace_bytes // (4 * m * n))}"] = times.pop("c6")
@@ -60,7 +76,7 @@ def main() -> None:
             best = min(times, key=times.get)
             print(f"M={m:4d} N={n} K={k}: dense {td:.1f}us | " +
                   " | ".join(f"{name} {t:.1f}us ({td / t:.2f}x)" for name, t in times.items()) +
-                  f" | best {best}", flush=True)
+                  f" | best {best} | " + " | ".join(f"{name} {t:.1f}us" for name, t in int8.items()), flush=True)
 
 
 if __name__ == "__main__":
