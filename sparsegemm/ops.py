@@ -1573,7 +1573,7 @@ def _linear_s8_float(x: Tensor, values: Tensor, meta: Tensor, kernel_meta: Optio
     if input_scale is not None and (input_scale.numel() != 1 or input_scale.dtype is not torch.float32
                                     or input_scale.device != x.device):
         # quant.linear_int8 makes it so; a direct call of the op must too, since the kernels read
-        # the scale through its pointer (a wider tensor's stride, a float64's bytes, a host address).
+        # the scale through its pointer (a float64's bytes, a host address).
         raise ValueError(f"sparsegemm.linear_s8_float: input_scale must be a one-element float32 tensor on x's device "
                          f"({x.device}), got a {str(input_scale.dtype).replace('torch.', '')} tensor of shape "
                          f"{tuple(input_scale.shape)} on {input_scale.device}")

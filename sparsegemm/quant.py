@@ -177,9 +177,9 @@ def _static_scale_tensor(op: str, scale: Union[float, Tensor], device: torch.dev
 
 
 def quantize_static(x: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
-    """quantize_activations_static's result for a checked scale ``s`` (0-d float32 on x's device),
-    or for x [M, K] one per row (``s`` [M]: grouped INT8 experts, each row by its expert's scale)."""
-    x_q = _quantize(x.float(), s if s.dim() == 0 else s.unsqueeze(-1))
+    """quantize_activations_static's result for a checked scale ``s`` (0-d float32 on x's device):
+    the CPU path, and the reference of the kernels' (ops._quantize_rows_to_scratch)."""
+    x_q = _quantize(x.float(), s)
     # A token row holding a NaN or an infinity gets a NaN scale, so its output row is NaN, as in
     # dynamic mode (it would otherwise quantize to zeros and saturated values, silently).
     x_scale = torch.where(torch.isfinite(x).all(dim=-1), s, float("nan"))
