@@ -120,14 +120,13 @@ def save(model: nn.Module, path: Union[str, "os.PathLike"]) -> None:
 
     model = _unwrapped(model)
     state = model.state_dict()
+    by_module = {}  # module name -> {its own state-dict entries by their names there}
     for key, value in state.items():
         if _is_instance(value, "torch.distributed.tensor", "DTensor"):
             # FSDP2's: this rank's shard (at address 0 for every one, which read as ties).
             raise ValueError(f"sparsegemm.save: {key!r} is a DTensor, a shard of a sharded model (FSDP2): gather "
                              f"the full state dict ({_FULL_STATE}), load it into an unsharded copy of the model and "
                              "save that")
-    by_module = {}  # module name -> {its own state-dict entries by their names there}
-    for key, value in state.items():
         owner, _, entry = key.rpartition(".")
         by_module.setdefault(owner, {})[entry] = value
     converted = {}

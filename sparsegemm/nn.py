@@ -594,12 +594,11 @@ class SparseLinear(_SparseWeight):
             from .quant import _dynamic_fast_path
 
             sw = self.sparse_weight()
-            # The dynamic fast path's tests, and a static scale the kernels read as it is (set_input_scale's
-            # 0-d float32 on x's device; anything else takes linear_int8, which converts it).
+            # The dynamic fast path's tests, and a static scale the kernels read as it is (set_input_scale's;
+            # anything else takes linear_int8, which converts it).
             input_scale = self.input_scale
-            if input_scale is not None and (type(input_scale) not in ops._PLAIN_TENSORS or input_scale.dim() != 0
-                                            or input_scale.dtype is not torch.float32
-                                            or input_scale.device != x.device):
+            if input_scale is not None and (type(input_scale) not in ops._PLAIN_TENSORS
+                                            or not ops.kernel_readable_scale(input_scale, x.device)):
                 return None
             fast = _dynamic_fast_path(x, sw, bias, self.activation, None, None, self.backend)
             if fast is None or not self.scale.is_contiguous():
@@ -1067,9 +1066,7 @@ class SparseExperts(nn.Module):
                         or (layer.bias is not None and layer.bias.dtype != dtype)
                         or (layer.values.dtype != (torch.int8 if int8 else dtype))
                         or (int8 and ((layer.input_scale is not None) != static
-                                      or (static and (layer.input_scale.device != device
-                                                      or layer.input_scale.dtype != torch.float32
-                                                      or layer.input_scale.numel() != 1))
+                                      or (static and not ops.kernel_readable_scale(layer.input_scale, device))
                                       or (backend != "cpu" and (k % 4 or not ops.has_int8_kernels(backend)))))):
                     return None
             if code is None:

@@ -897,12 +897,19 @@ def grouped_weights(values: list, kernel_meta: list, bias: Optional[list], scale
                           (values, kernel_meta, bias, scale), list(input_scale or []))
 
 
+def kernel_readable_scale(scale: Tensor, device: torch.device) -> bool:
+    """Whether the quantize kernels can read ``scale`` as a static activation scale through its
+    pointer: one float32 element on ``device`` (a float64's bytes or a host address they would
+    read as one)."""
+    return scale.numel() == 1 and scale.dtype is torch.float32 and scale.device == device
+
+
 def _quantize_rows_to_scratch(api: str, stream: int, x: Tensor, scale: Optional[Tensor] = None,
                               row_offsets: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """(x_q, x_scale): x [M, K] (a unit stride along K) quantized by the kernels of ``api`` into the
-    stream's reused scratch: per token, or by the static ``scale`` (contiguous float32 on x's
-    device: 0-d, or [G] with a grouped launch's ``row_offsets`` [G + 1], group g's rows by scale[g];
-    quant.quantize_static's result)."""
+    stream's reused scratch: per token, or by the static ``scale`` (kernel_readable_scale, or with a
+    grouped launch's ``row_offsets`` [G + 1] a contiguous float32 [G] on x's device, group g's rows
+    by scale[g]; quant.quantize_static's result)."""
     m, k = x.shape
     x_q = _scratch(x, stream, "x_q", m * k, torch.int8)
     x_scale = _scratch(x, stream, "x_scale", m, torch.float32)
@@ -945,7 +952,7 @@ def launch_grouped(api: str, stream: int, x: Tensor, row_offsets: Tensor, max_ro
                 static_scale(f"sparsegemm.grouped_linear (input_scale[{g}])", s)
         # Each row by its group's static scale, which the kernel finds from the offsets on the device
         # (no host read: capturable).
-        group_scale = torch.stack(weights.input_scale).float()
+        group_scale = torch.stack(weights.input_scale)
     x_q, x_scale = _quantize_rows_to_scratch(api, stream, x, group_scale, row_offsets if weights.input_scale else None)
     getattr(_C, api + "gemm_s8_grouped")(max_rows, weights.n, k, x_q.data_ptr(), k, m, row_offsets.data_ptr(),
                                          weights.values, weights.kernel_meta, weights.scale, x_scale.data_ptr(),
@@ -1483,8 +1490,8 @@ def _linear_s8_kernels(op: str, x: Tensor, values: Tensor, kernel_meta: Tensor, 
                        bias: Optional[Tensor], activation: int, out_dtype: torch.dtype, backend: str,
                        input_scale: Optional[Tensor] = None) -> Tensor:
     """The INT8 linear of float x [M, K] (K % 4 == 0) on the simt / cuda kernels: quantized per
-    token, or by the static ``input_scale`` (0-d float32 on x's device), into reused scratch, then
-    the INT8 GEMM (launch_s8)."""
+    token, or by the static ``input_scale`` (kernel_readable_scale), into reused scratch, then the
+    INT8 GEMM (launch_s8)."""
     if backend == "cpu" or x.dim() != 2 or x.shape[1] % 4:
         raise ValueError(f"{op}: needs the simt / cuda kernels and x [M, K] with K % 4 == 0, got {backend!r}, "
                          f"{tuple(x.shape)}")
@@ -1570,16 +1577,14 @@ def _linear_s8_float(x: Tensor, values: Tensor, meta: Tensor, kernel_meta: Optio
     the static ``input_scale`` (a 0-d float32 tensor on x's device), then the INT8 GEMM
     (quant.linear_int8). One op, so that its backward (_linear_s8_float_backward) sees the float x:
     the int8 x_q between the two steps carries no gradient."""
-    if input_scale is not None and (input_scale.numel() != 1 or input_scale.dtype is not torch.float32
-                                    or input_scale.device != x.device):
-        # quant.linear_int8 makes it so; a direct call of the op must too, since the kernels read
-        # the scale through its pointer (a float64's bytes, a host address).
+    if input_scale is not None and not kernel_readable_scale(input_scale, x.device):
+        # quant.linear_int8 makes it so; a direct call of the op must too.
         raise ValueError(f"sparsegemm.linear_s8_float: input_scale must be a one-element float32 tensor on x's device "
                          f"({x.device}), got a {str(input_scale.dtype).replace('torch.', '')} tensor of shape "
                          f"{tuple(input_scale.shape)} on {input_scale.device}")
     if backend != "cpu" and k % 4 == 0:
         return _linear_s8_kernels("sparsegemm.linear_s8_float", x, values, kernel_meta, w_scale, bias, activation,
-                                  out_dtype, backend, None if input_scale is None else input_scale.reshape(()))
+                                  out_dtype, backend, input_scale)
     if input_scale is not None:
         from .quant import quantize_static
 

@@ -2028,7 +2028,10 @@ def test_eager_plan_serves_a_calibrated_int8_layer_and_follows_its_scale(activat
         with pytest.raises(ValueError, match=r"quantize_activations_static: scale must be finite and positive, "
                                              r"got 0.0"):
             layer(x)
-        layer.input_scale = torch.tensor([0.25])  # a shape the kernels do not read as it is: the general path
+        layer.input_scale = torch.tensor([0.25])  # one element, as the kernels read it: planned
+        torch.testing.assert_close(layer(x), general(x), rtol=0, atol=0, equal_nan=True)
+        assert layer._eager_plan is not None
+        layer.input_scale = torch.tensor(0.25, dtype=torch.float64)  # not as they read it: the general path
         torch.testing.assert_close(layer(x), general(x), rtol=0, atol=0, equal_nan=True)
         assert layer._eager_plan is None
         # Found in review: a .data swap that lands on the planned address with another dtype re-plans
