@@ -34,6 +34,16 @@ def _scratch(scratch_fn, *shape_and_config) -> tuple[torch.Tensor, torch.Tensor]
             torch.empty(max(counters, 1), dtype=torch.int64, device="cuda"))
 
 
+def config_runs(scratch_fn, config: int) -> bool:
+    """Whether the GPU runs tile `config` when forced (_C.<scratch_fn>'s plan refuses the mid-M tile
+    where a block may not have its shared memory, and the wgmma / TMA tiles off sm_90a)."""
+    try:
+        scratch_fn(64, 128, 256, config, 0)
+    except ValueError:
+        return False
+    return True
+
+
 def main() -> None:
     argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     torch.manual_seed(0)

@@ -6,7 +6,7 @@
 # in that order of priority; everything lands in OUTDIR, a new or empty folder (build.log, env.json,
 # steps.txt, tests.log and its junit XML, targets.md / .json,
 # large_m*.txt (large_m_cp_async.txt, large_m_tma_wide.txt too), sanitizer logs, sweep.txt, mid_m.txt,
-# host_overhead.txt, moe.txt, ncu_gemm*.txt,
+# host_overhead.txt, moe.txt, ncu_gemm*.txt (ncu_gemm_cp_async.txt, ncu_gemm_mid_m.txt too),
 # bench.json/.csv/.md/.png). Usage: bench/gpu_suite.sh OUTDIR [ARCHIVE]
 # PYTHON (default: python3) must have a CUDA torch, pybind11, pytest; nvcc and compute-sanitizer on PATH.
 # The whole run fits SUITE_BUDGET seconds (default 480: DESIGN.md's 8 minutes, within the 600 s
@@ -141,14 +141,19 @@ run_step moe "${SWEEP_TIMEOUT:-120}" "$OUT/moe.txt" "$PY" bench/moe_timing.py --
 # Where the GEMMs' time goes (before the benchmark, which takes whatever time is left): Nsight
 # Compute on one decode and one large-M call (bench/profile_kernels.py): stall reasons per issued
 # instruction, pipe use, memory throughput.
-# The same for the cp.async large-M pipeline (SPARSEGEMM_TMA=0: config 2) into ncu_gemm_cp_async.txt.
+# The same for the cp.async large-M pipeline (SPARSEGEMM_TMA=0: config 2) into ncu_gemm_cp_async.txt,
+# and for the tiles forced at 64 x 4096 x 4096 (profile_kernels.py --mid-m: decode, mid-M, configs 3
+# and 6) into ncu_gemm_mid_m.txt.
 if command -v ncu > /dev/null; then
-  for variant in "" _cp_async; do
-    run_step "ncu$variant" "${NCU_TIMEOUT:-90}" "$OUT/ncu_gemm$variant.txt" env SPARSEGEMM_TMA=${variant:+0} \
+  for variant in "" _cp_async _mid_m; do
+    tma="" profile_args=()  # SPARSEGEMM_TMA empty: as unset
+    [[ $variant == _cp_async ]] && tma=0
+    [[ $variant == _mid_m ]] && profile_args=(--mid-m)
+    run_step "ncu$variant" "${NCU_TIMEOUT:-90}" "$OUT/ncu_gemm$variant.txt" env SPARSEGEMM_TMA=$tma \
       ncu --clock-control none --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats \
       --section MemoryWorkloadAnalysis --section Occupancy \
-      --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" -k regex:gemm_sp_kernel -c 2 \
-      "$PY" bench/profile_kernels.py
+      --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" -k regex:gemm_sp_kernel -c 4 \
+      "$PY" bench/profile_kernels.py "${profile_args[@]}"
   done
 fi
 # BENCH_ARGS narrows the sweep (e.g. "--shapes square-8192 --m 1 16 8192").

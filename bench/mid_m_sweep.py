@@ -4,13 +4,16 @@ runs at M = 16 .. 1024, from DRAM (CUDA-graph replay over copies of the weight t
 exceed the L2, split-K scratch made once before capture), next to dense F.linear and to what
 the heuristic picks.
 
-Tiles: "c1" the decode tile (16 X rows a block, K split by the heuristic's cost rule), "c0" the
-warp-level large-M tile, and where the GPU runs wgmma "c2" (cp.async), "c3" (TMA, the default for
+Tiles: "c1" the decode tile (16 X rows a block, K split by the heuristic's cost rule), "c7" the
+mid-M tile (the decode tile's streaming for 64 X rows a block, K split by the same rule over its
+blocks; forced only until this sweep has timed it), "c0" the warp-level large-M tile, and where
+the GPU runs wgmma "c2" (cp.async), "c3" (TMA, the default for
 large M), "c5" (the 256-row TMA tile) and "c6" (config 3's tile with K split over blocks, by its
 own rule: "s" gives the split; "c6/2", "c6/4", "c6/8" forced to 2, 4 and 8 splits, to fit the
 rule). H200 -run21: at M = 256, 4096 x 4096 ran 0.38-0.40x cuBLAS on the wgmma tile (64 blocks
 for 132 SMs), so the crossover wants measuring. Each line ends with the INT8 GEMM (activations
-quantized beforehand): its heuristic, the decode tile and config 3, to fit its own mid-M plan.
+quantized beforehand): its heuristic, the decode tile, the mid-M tile and config 3, to fit its
+own mid-M plan.
 
     python bench/mid_m_sweep.py
 """
@@ -23,7 +26,7 @@ from sparsegemm import _C, ops, quant
 from sparsegemm import format as fmt
 from sparsegemm.bench import replay_ms
 
-from decode_sweep import ROTATE_BYTES, _scratch
+from decode_sweep import ROTATE_BYTES, _scratch, config_runs
 
 MS = (16, 32, 64, 128, 256, 512, 1024)
 # Llama-2-7B's attention / MLP projections (N x K).
@@ -34,7 +37,8 @@ def main() -> None:
     argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     torch.manual_seed(0)
     f16 = fmt.DTYPE_CODES[torch.float16]
-    configs = [1, 0] + ([2, 3, 5, 6] if _C.cuda_large_m_uses_wgmma() else [])
+    mid_m = config_runs(_C.cuda_gemm_scratch, 7)
+    configs = [1] + ([7] if mid_m else []) + [0] + ([2, 3, 5, 6] if _C.cuda_large_m_uses_wgmma() else [])
     for n, k in SHAPES:
         w = sparsegemm.prune_2to4(torch.randn(n, k, device="cuda").half())
         copies = max(2, ROTATE_BYTES // (n * k))
@@ -68,7 +72,11 @@ def main() -> None:
             # The INT8 GEMM (activations quantized beforehand), to fit its own mid-M rule: the plan
             # keeps its large-M tile above 16 rows (gemm_heuristics.h kMidMDecodeCostPerWgmmaKTile).
             int8 = {"int8 heuristic": int8_us(-1), "int8 c1": int8_us(1),
+                    **({"int8 c7": int8_us(7)} if config_runs(_C.cuda_gemm_s8_scratch, 7) else {}),
                     **({"int8 c3": int8_us(3)} if 3 in configs else {})}
+            if mid_m:
+                workspace_bytes, _ = _C.cuda_gemm_scratch(m, n, k, 7, 0)
+                times[f"c7 s{max(1, workspace_bytes // (4 * m * n))}"] = times.pop("c7")
             if 6 in configs:
                 workspace_bytes, _ = _C.cuda_gemm_scratch(m, n, k, 6, 0)
                 times[f"c6 s{max(1, workspace_bytes // (4 * m * n))}"] = times.pop("c6")

@@ -10,19 +10,19 @@ import sparsegemm
 from sparsegemm import _C, ops, quant
 from sparsegemm import format as fmt
 
-from decode_sweep import _scratch
+from decode_sweep import _scratch, config_runs
 
 # The fourth takes the copies with precomputed pointers (whole 128-row blocks of Wc and of X,
 # 16-byte rows) and then a stage across K; it and the last run the TMA pipelines too. Where N % 16 == 0
 # the gated (SwiGLU) epilogue runs too.
 SHAPES = [(1, 40, 36), (17, 144, 100), (130, 260, 264), (130, 256, 1056), (33, 144, 160)]
 SILU, SWIGLU = fmt.ACTIVATION_CODES["silu"], fmt.ACTIVATION_CODES["swiglu"]
-# (config, split_k): large-M tile, decode tile, decode tile with a forced 3-way split of K, and the
-# wgmma large-M tile where the GPU runs it (compute capability 9.0, sm_90a build), with cp.async
+# (config, split_k): large-M tile, decode tile, decode tile with a forced 3-way split of K, the
+# mid-M tile (config 7: its own split, and 3 ways), and the wgmma large-M tile where the GPU runs it (compute capability 9.0, sm_90a build), with cp.async
 # copies and, where Wc rows are whole 16 bytes (K % 32 == 0 for int8), the wgmma tiles (128 and 256
 # W rows) and the decode tile fed by TMA (the decode one also split 3 ways); for fp16 / bf16 also
 # the wgmma tile with K split (config 6: its own split, and 3 ways).
-CONFIGS = [(0, 0), (1, 0), (1, 3)]
+CONFIGS = [(0, 0), (1, 0), (1, 3), (7, 0), (7, 3)]
 WGMMA_CONFIG, TMA_CONFIGS = (2, 0), [(3, 0), (4, 0), (4, 3), (5, 0)]
 SPLIT_WGMMA_CONFIGS = [(6, 0), (6, 3)]
 
@@ -30,7 +30,8 @@ SPLIT_WGMMA_CONFIGS = [(6, 0), (6, 3)]
 def _runs(n: int, k: int, int8: bool = False) -> list:
     """((config, split_k), activation code) pairs: every configuration (of the int8 GEMM with
     ``int8``) with silu, and gated where N allows."""
-    configs = CONFIGS
+    scratch = _C.cuda_gemm_s8_scratch if int8 else _C.cuda_gemm_scratch
+    configs = [c for c in CONFIGS if config_runs(scratch, c[0])]
     if _C.cuda_large_m_uses_wgmma():
         configs = configs + [WGMMA_CONFIG] + (TMA_CONFIGS if k % 32 == 0 else [])
         configs += SPLIT_WGMMA_CONFIGS if k % 32 == 0 and not int8 else []

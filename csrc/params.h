@@ -34,8 +34,8 @@ struct GemmParams {
   void* workspace = nullptr;
   uint64_t* tile_counters = nullptr;
   // Tests and tuning only: -1 lets csrc/cuda/gemm_heuristics.h choose; otherwise a GemmConfig
-  // value (0 to 6), with split_k in 1 .. 16 forcing the number of K splits (the decode tile and
-  // config 6 only).
+  // value (0 to 7), with split_k in 1 .. 16 forcing the number of K splits (the decode tile,
+  // config 6 and config 7 only).
   int config = -1;
   int split_k = 0;
 };

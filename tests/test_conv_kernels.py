@@ -377,6 +377,15 @@ def test_tma_pipelines_are_refused_for_the_convolution(kernels, config, tile):
                        (3, 5), (3, 3), (1, 1), (1, 1), (1, 1), config=config)
 
 
+def test_mid_m_tile_is_refused_for_the_convolution(kernels):
+    # Forced-only tuning tile (gemm_heuristics.h MidM), instantiated for the GEMM alone.
+    layer = make_layer(32, 20, 3, 1, 1, 1, torch.float16, integer=True)
+    x = make_input(1, 32, (3, 5), torch.float16, integer=True)
+    with pytest.raises(ValueError, match=r"config 7 \(the mid-size M tile\) serves the GEMM only"):
+        kernels.conv2d(x.permute(0, 2, 3, 1).contiguous(), layer.values.detach(), layer.metadata, layer.bias.detach(),
+                       (3, 5), (3, 3), (1, 1), (1, 1), (1, 1), config=7)
+
+
 def test_split_k_convolution_under_any_block_order(shuffled_block_orders):
     kernels = KernelBackend("simt")
     layer = make_layer(32, 20, 3, 1, 1, 1, torch.float16, integer=True)

@@ -18,7 +18,7 @@ import torch
 
 from sparsegemm import _C, oracle
 from sparsegemm.format import DTYPE_CODES
-from test_kernels_simt import (DECODE, DECODE_TMA, GATE_OF, LARGE_M, META_ROW_PAD, SIX_PAIRS, WGMMA, WGMMA_TMA,
+from test_kernels_simt import (DECODE, DECODE_TMA, GATE_OF, LARGE_M, META_ROW_PAD, MID_M, SIX_PAIRS, WGMMA, WGMMA_TMA,
                                WGMMA_TMA_WIDE, KernelBackend, gate_up_split, padded_k)
 
 INT32_MAX = 2**31 - 1
@@ -305,13 +305,13 @@ def assert_gemm_s8_bit_exact(kernels, out_dtype, m, n, k, config, split_k):
 
 
 @pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("config", [LARGE_M, DECODE, WGMMA])
+@pytest.mark.parametrize("config", [LARGE_M, DECODE, WGMMA, MID_M])
 @pytest.mark.parametrize("m,n,k", S8_SHAPES)
 def test_gemm_s8_bit_exact_without_activation(kernels, out_dtype, config, m, n, k):
     assert_gemm_s8_bit_exact(kernels, out_dtype, m, n, k, config, 0)
 
 
-@pytest.mark.parametrize("config,split_k", [(DECODE, 3), (DECODE, 0), (DECODE, 13)])
+@pytest.mark.parametrize("config,split_k", [(DECODE, 3), (DECODE, 0), (DECODE, 13), (MID_M, 3)])
 def test_gemm_s8_split_k_matches_single_pass(kernels, config, split_k):
     m, n, k = 5, 72, 1568  # 13 k-tiles of 128, the last one partial
     gen = torch.Generator().manual_seed(split_k + 10 * config)
@@ -369,14 +369,14 @@ def assert_gemm_s8_activation_close(kernels, out_dtype, act, m, n, k, config, sp
 
 @pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("act", ["relu", "gelu", "silu"])
-@pytest.mark.parametrize("config,split_k", [(LARGE_M, 0), (WGMMA, 0), (DECODE, 2)])
+@pytest.mark.parametrize("config,split_k", [(LARGE_M, 0), (WGMMA, 0), (DECODE, 2), (MID_M, 2)])
 def test_gemm_s8_activation_within_one_ulp(kernels, out_dtype, act, config, split_k):
     gen = torch.Generator().manual_seed(len(act) + config)
     assert_gemm_s8_activation_close(kernels, out_dtype, act, 9, 40, 260, config, split_k, gen, with_bias=True)
 
 
 @pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("config,split_k", [(LARGE_M, 0), (WGMMA, 0), (DECODE, 0), (DECODE, 3)])
+@pytest.mark.parametrize("config,split_k", [(LARGE_M, 0), (WGMMA, 0), (DECODE, 0), (DECODE, 3), (MID_M, 3)])
 @pytest.mark.parametrize("m,n,k", [(1, 16, 260), (9, 144, 520), (130, 48, 132)])
 def test_gemm_s8_gated_bit_exact(kernels, out_dtype, config, split_k, m, n, k):
     """ReGLU: relu is exact and the gate * up product one fp32 rounding, so the kernel equals the
@@ -400,7 +400,7 @@ def test_gemm_s8_tma_bit_exact(kernels, out_dtype, act, m, n, k, config, split_k
     assert_gemm_s8_activation_close(kernels, out_dtype, act, m, n, k, config, split_k, gen, with_bias=True)
 
 
-@pytest.mark.parametrize("config", [LARGE_M, DECODE, WGMMA])
+@pytest.mark.parametrize("config", [LARGE_M, DECODE, WGMMA, MID_M])
 def test_gemm_s8_quantized_end_to_end_with_unaligned_rows(kernels, config):
     """quantize_rows -> gemm_s8 on X rows with an odd stride (the element-copy path), a NaN row
     (its outputs are NaN) and an output with a row stride wider than N (nothing written between)."""
@@ -434,7 +434,7 @@ def test_gemm_s8_m_zero_writes_nothing(kernels):
     assert torch.all(y == 3)
 
 
-@pytest.mark.parametrize("config", [LARGE_M, DECODE, WGMMA])
+@pytest.mark.parametrize("config", [LARGE_M, DECODE, WGMMA, MID_M])
 def test_gemm_s8_k_zero_gives_activation_of_bias(kernels, config):
     m, n = 3, 20
     x_q = torch.zeros((m, 0), dtype=torch.int8)

@@ -16,8 +16,8 @@ from sparsegemm import _C
 from test_conv_kernels import assert_within_twice_dense_error, make_input, make_layer
 from test_int8_kernels_simt import (assert_gemm_s8_activation_close, assert_gemm_s8_bit_exact,
                                     assert_kernel_meta_s8_matches_reference, assert_quantize_rows_matches_reference)
-from test_kernels_simt import (DECODE, DECODE_TMA, LARGE_M, WGMMA, WGMMA_TMA, WGMMA_TMA_SPLIT, WGMMA_TMA_WIDE,
-                               KernelBackend,
+from test_kernels_simt import (DECODE, DECODE_TMA, LARGE_M, MID_M, WGMMA, WGMMA_TMA, WGMMA_TMA_SPLIT,
+                               WGMMA_TMA_WIDE, KernelBackend,
                                assert_compress_prune_matches_reference, assert_gemm_within_twice_dense_error,
                                cuda_kernels_available)
 from test_simt_emulator import TMA_BOX_CASES, assert_tma_box_matches_model, wgmma_exact_case, wgmma_mismatch_report
@@ -63,13 +63,15 @@ def test_wgmma_instruction_matches_the_emulator_oracle(kind, upper, mode):
 # warp-level large-M tile forced, the wgmma tile with cp.async and with TMA copies (128 and 256 W
 # rows, K split at mid-size M by its own rule and 3 ways), and the decode tile with TMA copies (the
 # TMA ones skipped where the GPU does not run the wgmma tile); 48 rows planned: the decode tile
-# over three M tiles on a wgmma GPU (gemm_heuristics.h kMidMDecodeCostPerWgmmaKTile).
+# over three M tiles on a wgmma GPU (gemm_heuristics.h kMidMDecodeCostPerWgmmaKTile); the mid-M
+# tile at 64 and 200 rows (its own split, and 5 ways over a ragged N).
 LARGE_GEMMS = [(1, 8192, 8192, -1, 0), (16, 4096, 4096, -1, 0), (48, 4096, 4096, -1, 0), (8, 4096, 4096, DECODE, 7),
                (2048, 4096, 4096, -1, 0), (777, 3000, 1028, LARGE_M, 0), (777, 3000, 1028, WGMMA, 0),
                (4096, 4096, 8192, WGMMA, 0), (777, 3000, 1056, WGMMA_TMA, 0), (4096, 4096, 8192, WGMMA_TMA, 0),
                (777, 3000, 1056, WGMMA_TMA_WIDE, 0), (4096, 4096, 8192, WGMMA_TMA_WIDE, 0),
                (1, 8192, 8192, DECODE_TMA, 0), (16, 4096, 11008, DECODE_TMA, 0), (8, 4096, 4096, DECODE_TMA, 7),
-               (256, 4096, 4096, WGMMA_TMA_SPLIT, 0), (100, 3000, 11008, WGMMA_TMA_SPLIT, 3)]
+               (256, 4096, 4096, WGMMA_TMA_SPLIT, 0), (100, 3000, 11008, WGMMA_TMA_SPLIT, 3),
+               (64, 4096, 4096, MID_M, 0), (200, 3000, 11008, MID_M, 5)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -241,6 +243,14 @@ def test_tma_setting_picks_the_pipelines_through_the_public_api(tmp_path, settin
     xs = [torch.randn(m, 1024, device="cuda").half() for m in (3, 300)]
     reference = np.stack([sparsegemm.linear(x, sw).float().cpu().numpy().ravel()[:512 * 3] for x in xs])
     np.testing.assert_array_equal(np.load(out), reference)
+
+
+def test_mid_m_tile_is_refused_only_for_shared_memory():
+    # Not a Hopper tile (gemm_heuristics.h needs_sm90a): any GPU that gives a block its 102 KiB runs it.
+    try:
+        _C.cuda_gemm_scratch(256, 256, 256, MID_M, 0)
+    except ValueError as refusal:
+        assert "bytes of shared memory a block" in str(refusal)
 
 
 @pytest.mark.parametrize("config", [WGMMA, WGMMA_TMA, DECODE_TMA, WGMMA_TMA_WIDE, WGMMA_TMA_SPLIT])

@@ -96,9 +96,9 @@ def test_gemm_uses_sparse_hmma(cuobjdump, arch):
     gemms, wgmma, wgmma_tma, decode_tma = split_wgmma({name: body for name, body in functions.items()
                                                        if "gemm_sp_kernel" in name and "Mma16" in name and
                                                        "RowMajorX" in name and GROUPED_LOADER not in name})
-    # Two dtypes x two warp-level tile configurations (kernels_dispatch.cuh), the wgmma tile with
-    # either loader, the decode tile with TMA.
-    assert len(gemms) == 4, sorted(functions)
+    # Two dtypes x three warp-level tile configurations (kernels_dispatch.cuh: large M, decode,
+    # mid-M), the wgmma tile with either loader, the decode tile with TMA.
+    assert len(gemms) == 6, sorted(functions)
     check_hopper_kernels(arch, wgmma, "HGMMA.SP.64x128x32.F32")
     check_hopper_kernels(arch, wgmma_tma, "HGMMA.SP.64x128x32.F32", tma=True, count=6)
     check_hopper_kernels(arch, decode_tma, "HMMA.SP.16832.F32", tma=True)
@@ -136,9 +136,9 @@ def test_int8_gemm_uses_sparse_imma(cuobjdump, arch):
     gemms, wgmma, wgmma_tma, decode_tma = split_wgmma({name: body for name, body in functions.items()
                                                        if "gemm_sp_kernel" in name and "MmaS8" in name and
                                                        GROUPED_LOADER not in name})
-    # Two output dtypes x two tile configurations (kernels_dispatch.cuh), the wgmma tile with
-    # either loader, the decode tile with TMA.
-    assert len(gemms) == 4, sorted(functions)
+    # Two output dtypes x three warp-level tile configurations (kernels_dispatch.cuh: large M,
+    # decode, mid-M), the wgmma tile with either loader, the decode tile with TMA.
+    assert len(gemms) == 6, sorted(functions)
     check_hopper_kernels(arch, wgmma, "IGMMA.SP.64x128x64.S8.S8.SAT")
     check_hopper_kernels(arch, wgmma_tma, "IGMMA.SP.64x128x64.S8.S8.SAT", tma=True, count=4)
     check_hopper_kernels(arch, decode_tma, "IMMA.SP.16864.S8.S8.SAT", tma=True)
@@ -202,6 +202,10 @@ def test_large_m_gemm_fits_two_blocks_per_sm(cuobjdump, arch):
     # The grouped decode tile keeps the decode tile's two blocks an SM (256 threads each).
     grouped_decode = {name: u["REG"] for name, u in usage.items() if GROUPED_LOADER in name and "tiles6Decode" in name}
     assert len(grouped_decode) == 4 and max(grouped_decode.values()) <= 128, grouped_decode
+    # The mid-M tile (config 7: two blocks an SM on H100 / H200, gemm_heuristics.h MidM): fp16,
+    # bf16; int8 x two outputs. Its split-K tail spilled until it summed two A tiles at a time (of four).
+    mid_m = {name: u["REG"] for name, u in usage.items() if "gemm_sp_kernel" in name and "tiles4MidM" in name}
+    assert len(mid_m) == 4 and max(mid_m.values()) <= 128, mid_m
 
 
 @pytest.mark.skipif("90" not in built_archs(), reason="sm_90 not in this build")

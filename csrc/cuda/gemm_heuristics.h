@@ -52,6 +52,28 @@ struct Decode {
   static constexpr bool kWgmma = false;
 };
 
+// Mid-size M (tuning: forced as GemmConfig::mid_m only, until a GPU has timed it against the decode
+// and wgmma tiles: bench/mid_m_sweep.py "c7"; refused where a block may not have its shared memory,
+// kernels_dispatch.cuh plan_device_gemm): the decode tile's way of streaming W (two k-tiles a
+// stage, 128-byte runs of each Wc row, K split over blocks until one wave is full) for 64 X rows a
+// block instead of 16. Why: above 16 rows the decode tile streams all of W once per 16 rows (at
+// 4096 x 4096 on the H200: 12.4 us at M = 16, 24.7 us at 64, 36.1 us at 128, against dense cuBLAS's
+// 12.2-14.1 us), and the wgmma tile, with 128 X rows a block, leaves most SMs idle there (43.8 us at
+// every M from 16 to 256; bench/results/2026-11-27-H200-run22/mid_m.txt). 8 warps of 64 (N) x 16
+// (M): per k-step each warp reads 4 A and 2 B fragments (3 KiB of shared memory) for 8 mma.sp,
+// where 16 x 64 warps would read 4.5 KiB. 125-128 registers, no spills (ptxas, nvcc 13.0, sm_80
+// and sm_90a), with its split-K tail summing two of a warp's four A tiles at a time (gemm_sp.cuh;
+// all four at once, or 32 x 32 warps, spilled). Three stages of two k-tiles: 102 KiB of shared
+// memory (108 KiB for int8), two blocks an SM on H100 / H200 like the decode tile, one on A100.
+struct MidM {
+  static constexpr int kBlockN = 128, kBlockM = 64, kWarpsN = 2, kWarpsM = 4, kStages = 3, kKTilesPerStage = 2;
+  static constexpr bool kSplitK = true;
+  static constexpr int kMinBlocksPerSm = 2;
+  static constexpr bool kWgmma = false;
+};
+static_assert(MidM::kKTilesPerStage == Decode::kKTilesPerStage,
+              "plan_gemm sizes both tiles' K splits in whole stages of the decode tile");
+
 // Large M on sm_90a (H100 / H200), where dense cuBLAS runs on wgmma and warp-level mma.sp tops
 // out near half of it (PTX_SPARSE.md): LargeM's block tile and shared-memory layout, computed by
 // two warpgroups with wgmma.mma_async.sp m64n128 (warpgroup w: W rows 64w .. 64w + 63 against all
@@ -116,6 +138,7 @@ constexpr int kMinKTilesPerSplit = 4; // keeps the pipeline prologue small next 
 // pipeline (decode_tma ran 3-17% slower): kernels_dispatch.cuh tma_pipeline_opt_in.
 // large_m_wgmma_tma_wide: gemm_tiles::WgmmaWideLargeM through the same TMA pipeline.
 // large_m_wgmma_tma_split: gemm_tiles::WgmmaSplitK through the same TMA pipeline (only when asked).
+// mid_m: gemm_tiles::MidM, fed by cp.async (only when asked).
 enum class GemmConfig : int {
   large_m = 0,
   decode = 1,
@@ -123,15 +146,26 @@ enum class GemmConfig : int {
   large_m_wgmma_tma = 3,
   decode_tma = 4,
   large_m_wgmma_tma_wide = 5,
-  large_m_wgmma_tma_split = 6
+  large_m_wgmma_tma_split = 6,
+  mid_m = 7
 };
 
 // Whether `config` runs the decode tile (gemm_tiles::Decode).
 constexpr bool is_decode(GemmConfig config) { return config == GemmConfig::decode || config == GemmConfig::decode_tma; }
 
-// Whether `config`'s tile splits K over blocks: the decode tile and gemm_tiles::WgmmaSplitK.
+// Whether `config` streams W the decode tile's way, its K split sized by best_decode_split: the
+// decode tile and gemm_tiles::MidM.
+constexpr bool streams_weights(GemmConfig config) { return is_decode(config) || config == GemmConfig::mid_m; }
+
+// Whether `config`'s tile splits K over blocks: the decode and mid-M tiles and gemm_tiles::WgmmaSplitK.
 constexpr bool splits_k(GemmConfig config) {
-  return is_decode(config) || config == GemmConfig::large_m_wgmma_tma_split;
+  return streams_weights(config) || config == GemmConfig::large_m_wgmma_tma_split;
+}
+
+// Whether `config` needs sm_90a machine code on a compute capability 9.0 GPU (the wgmma tiles and
+// the TMA pipelines: configs 2 to 6).
+constexpr bool needs_sm90a(GemmConfig config) {
+  return config >= GemmConfig::large_m_wgmma && config <= GemmConfig::large_m_wgmma_tma_split;
 }
 
 // Output tiles of `Tile` over Y[M, N].
@@ -259,11 +293,11 @@ constexpr int64_t kMidMDecodeLeastSide = 4096;
 inline GemmPlan plan_gemm(int64_t M, int64_t N, int64_t K, DecodeWave wave, int forced_config = -1,
                           int forced_split_k = 0, int64_t block_k = gemm_tiles::kBlockK, bool wgmma = false,
                           int64_t busy_layers = 1) {
-  if (forced_config < -1 || forced_config > static_cast<int>(GemmConfig::large_m_wgmma_tma_split)) {
+  if (forced_config < -1 || forced_config > static_cast<int>(GemmConfig::mid_m)) {
     throw std::invalid_argument("sparsegemm gemm: config must be -1 (choose), 0 (large M), 1 (decode), 2 "
                                 "(large M, wgmma), 3 (large M, wgmma fed by TMA), 4 (decode fed by TMA), 5 "
-                                "(large M, 256-row wgmma tile fed by TMA) or 6 (wgmma fed by TMA, K split), got " +
-                                std::to_string(forced_config));
+                                "(large M, 256-row wgmma tile fed by TMA), 6 (wgmma fed by TMA, K split) or 7 "
+                                "(mid-size M, 64 rows a block), got " + std::to_string(forced_config));
   }
   if (forced_config == static_cast<int>(GemmConfig::large_m_wgmma_tma_split) && block_k != gemm_tiles::kBlockK) {
     // Its int64 split sums (MmaS8::PartialSum) beside the wgmma accumulators would not fit the
@@ -275,6 +309,10 @@ inline GemmPlan plan_gemm(int64_t M, int64_t N, int64_t K, DecodeWave wave, int 
   const int64_t k_tiles = gemm_k_tiles(K, block_k);
   const double paired = block_k == gemm_tiles::kBlockKS8 ? kPairedDecodeSpeedupS8 : kPairedDecodeSpeedup16;
   const int64_t decode_blocks = tile_count<gemm_tiles::Decode>(M, N) * busy_layers;
+  // A forced mid-M tile's K split: the decode rule over its own (4x fewer at 64 rows) blocks.
+  const int64_t streaming_blocks =
+      forced_config == static_cast<int>(GemmConfig::mid_m) ? tile_count<gemm_tiles::MidM>(M, N) * busy_layers
+                                                            : decode_blocks;
   if (forced_config >= 0) {
     plan.config = static_cast<GemmConfig>(forced_config);
   } else if (M <= 16) {
@@ -297,8 +335,8 @@ inline GemmPlan plan_gemm(int64_t M, int64_t N, int64_t K, DecodeWave wave, int 
   }
   if (forced_split_k > 1 && !splits_k(plan.config)) {
     throw std::invalid_argument("sparsegemm gemm: split_k = " + std::to_string(forced_split_k) +
-                                " needs the decode tile (config 1 or 4) or config 6; the other large-M tiles do "
-                                "not split K");
+                                " needs the decode tile (config 1 or 4), config 6 or config 7; the other large-M "
+                                "tiles do not split K");
   }
   if (forced_split_k > 0) {
     splits = forced_split_k;
@@ -309,12 +347,12 @@ inline GemmPlan plan_gemm(int64_t M, int64_t N, int64_t K, DecodeWave wave, int 
     const int64_t tiles = tile_count<gemm_tiles::WgmmaSplitK>(M, N) * busy_layers;
     const int64_t most = std::min<int64_t>(gemm_tiles::kMaxSplitK, k_tiles / gemm_tiles::kMinKTilesPerSplit);
     splits = std::max<int64_t>(1, std::min<int64_t>(most, int64_t(wave.sms) * wave.blocks_per_sm / tiles));
-  } else if (is_decode(plan.config) && k_tiles > 0) {
-    splits = best_decode_split(M, decode_blocks, k_tiles, wave, paired).splits;
+  } else if (streams_weights(plan.config) && k_tiles > 0) {
+    splits = best_decode_split(M, streaming_blocks, k_tiles, wave, paired).splits;
   }
   splits = std::max<int64_t>(1, std::min(splits, std::max<int64_t>(k_tiles, 1)));
   plan.k_tiles_per_split = (k_tiles + splits - 1) / splits;
-  if (is_decode(plan.config) && forced_split_k <= 0) {
+  if (streams_weights(plan.config) && forced_split_k <= 0) {
     // Whole pipeline stages per split, so that only the last split can end on a half-used stage.
     constexpr int64_t kStage = gemm_tiles::Decode::kKTilesPerStage;
     plan.k_tiles_per_split = (plan.k_tiles_per_split + kStage - 1) / kStage * kStage;
@@ -334,7 +372,9 @@ inline int64_t gemm_plan_workspace_bytes(const GemmPlan& plan, int64_t M, int64_
 // one buffer serves every launch that runs after it in order, and a fresh one needs no fill.
 inline int64_t gemm_plan_tile_counters(const GemmPlan& plan, int64_t M, int64_t N) {
   if (plan.split_k <= 1) return 0;
-  return is_decode(plan.config) ? tile_count<gemm_tiles::Decode>(M, N) : tile_count<gemm_tiles::WgmmaSplitK>(M, N);
+  if (is_decode(plan.config)) return tile_count<gemm_tiles::Decode>(M, N);
+  if (plan.config == GemmConfig::mid_m) return tile_count<gemm_tiles::MidM>(M, N);
+  return tile_count<gemm_tiles::WgmmaSplitK>(M, N);
 }
 
 }  // namespace sparsegemm

@@ -767,12 +767,16 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), (min_blocks
     constexpr int kXPasses = S::kBlockM / kXRowsPerPass;
     static_assert(S::kThreads % kXChunksPerRow == 0 && S::kBlockM % kXRowsPerPass == 0 && kXRowsPerPass % 8 == 0,
                   "X copies: whole rows per pass, a swizzle that repeats every pass");
-    // With one pass (the decode tile) a block with fewer than kBlockM rows takes it too, each thread
-    // copying only a row below M (most decode blocks hold 1-8 rows); with several passes the block
-    // must be whole (a per-pass row check took LargeM from 126 to 156-159 registers on sm_90).
-    constexpr bool kStridedXCopies = XLoader::kStridedRows && (kXPasses == 1 || kMultiPassXCopies);
+    // In the tiles that stream W (split K: the decode tile, one pass, and the mid-M tile, four) a
+    // block with fewer than kBlockM rows takes it too, each thread copying only rows below M (most
+    // decode blocks hold 1-8 rows), on every GPU (no spills: tests/test_sass.py); in the large-M
+    // tiles the block must be whole (a per-pass row check took LargeM from 126 to 156-159 registers
+    // on sm_90).
+    constexpr bool kRowCheckedXCopies = Tile::kSplitK;
+    constexpr bool kStridedXCopies =
+        XLoader::kStridedRows && (kRowCheckedXCopies || kXPasses == 1 || kMultiPassXCopies);
     bool x_rows_ok = false;
-    if constexpr (kStridedXCopies) x_rows_ok = x_loader.vector_ok && (kXPasses == 1 || x_rows == S::kBlockM);
+    if constexpr (kStridedXCopies) x_rows_ok = x_loader.vector_ok && (kRowCheckedXCopies || x_rows == S::kBlockM);
 
     // Issues the copies of stage tile st (k-tiles kt_begin + kStageKTiles st + sub, those below
     // kt_end) into pipeline stage `stage` (no commit). Consecutive threads take consecutive 16-byte
@@ -814,7 +818,7 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), (min_blocks
               stage_base + sub * S::kKTileBytes + S::kBytesA + row * S::kRowBytesB + ((chunk ^ (row & 7)) << 4);
 #pragma unroll
           for (int pass = 0; pass < kXPasses; ++pass)
-            if (kXPasses > 1 || row < x_rows)  // rows past M: zeroed once, never copied
+            if (!kRowCheckedXCopies || row + pass * kXRowsPerPass < x_rows)  // rows past M: zeroed once, never copied
               cp_async_16(destination + pass * kXRowsPerPass * S::kRowBytesB, source + pass * kXRowsPerPass * ldx, true);
           x_copied = true;
         }
@@ -915,12 +919,12 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), (min_blocks
       // (load_global_cg): they were written during this launch.
       Acc* partials = static_cast<Acc*>(p.workspace);
       const int64_t split_stride = partial_rows(p) * p.N;
-      // visit(i, j, r, offset) for each element acc[i][j][r] inside Y, at offset m N + n of its
-      // output row n and column m (mma's C fragment: rows g, g + 8; columns 2t, 2t + 1). Tail
-      // rows and columns are neither stored nor read back.
-      auto for_each_output = [&](auto&& visit) {
+      // visit(i, j, r, offset) for each element acc[i][j][r] of A tiles i0 .. i0 + tiles - 1 inside
+      // Y, at offset m N + n of its output row n and column m (mma's C fragment: rows g, g + 8;
+      // columns 2t, 2t + 1). Tail rows and columns are neither stored nor read back.
+      auto for_each_output_of = [&](int i0, int tiles, auto&& visit) {
 #pragma unroll
-        for (int i = 0; i < S::kTilesN; ++i)
+        for (int i = i0; i < i0 + tiles; ++i)
 #pragma unroll
           for (int j = 0; j < S::kTilesM; ++j)
 #pragma unroll
@@ -930,30 +934,37 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS((GemmShape<Policy, Tile>::kThreads), (min_blocks
               if (n < p.N && m < p.M) visit(i, j, r, m * p.N + n);
             }
       };
-      for_each_output([&](int i, int j, int r, int64_t offset) {
+      for_each_output_of(0, S::kTilesN, [&](int i, int j, int r, int64_t offset) {
         partials[split * split_stride + offset] = acc[i][j][r];
       });
       // One counter per output tile (of each group: blockIdx.z / splits, 0 for one GEMM).
       const int64_t tile_index = (int64_t(blockIdx.z) / splits * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
       if (!arrived_last(p.tile_counters + tile_index, splits, split_token, smem)) return;
-      // Split-major: per split, the loads of all this thread's elements are independent and in
-      // flight together. Reading one element's splits as a chain of L2 round trips made the tail
-      // cost ~10 us at M = 16, split 8 (H200); unrolling the split loop by 4 measured the same as
-      // this and took 107-128 registers (80 without). Each sum still adds the splits in order,
-      // so the result keeps its bits.
-      typename Policy::PartialSum sums[S::kTilesN][S::kTilesM][4] = {};
-      const Acc* split_partials = partials;
+      // Split-major: per split, the loads of all this thread's elements (of the A tiles summed
+      // together, below) are independent and in flight together. Reading one element's splits as a chain of L2 round
+      // trips made the tail cost ~10 us at M = 16, split 8 (H200); unrolling the split loop by 4
+      // measured the same as this and took 107-128 registers (80 without). Each sum still adds the
+      // splits in order, so the result keeps its bits. At most two A tiles at a time (16
+      // elements a thread): the mid-M tile's four at once, their sums and 64-bit offsets, spilled
+      // at its 128 registers (ptxas, nvcc 13.0); the other split tiles have one.
+      constexpr int kReduceTilesN = S::kTilesN < 2 ? S::kTilesN : 2;
+      static_assert(S::kTilesN % kReduceTilesN == 0, "whole groups of A tiles");
+#pragma unroll
+      for (int i0 = 0; i0 < S::kTilesN; i0 += kReduceTilesN) {
+        typename Policy::PartialSum sums[kReduceTilesN][S::kTilesM][4] = {};
+        const Acc* split_partials = partials;
 #pragma unroll 1
-      for (int other = 0; other < splits; ++other, split_partials += split_stride)
-        for_each_output([&](int i, int j, int r, int64_t offset) {
-          sums[i][j][r] += load_global_cg(split_partials + offset);
-        });
+        for (int other = 0; other < splits; ++other, split_partials += split_stride)
+          for_each_output_of(i0, kReduceTilesN, [&](int i, int j, int r, int64_t offset) {
+            sums[i - i0][j][r] += load_global_cg(split_partials + offset);
+          });
 #pragma unroll
-      for (int i = 0; i < S::kTilesN; ++i)
+        for (int i = 0; i < kReduceTilesN; ++i)
 #pragma unroll
-        for (int j = 0; j < S::kTilesM; ++j)
+          for (int j = 0; j < S::kTilesM; ++j)
 #pragma unroll
-          for (int r = 0; r < 4; ++r) acc[i][j][r] = Policy::saturate(sums[i][j][r]);
+            for (int r = 0; r < 4; ++r) acc[i0 + i][j][r] = Policy::saturate(sums[i][j][r]);
+      }
     }
   }
 

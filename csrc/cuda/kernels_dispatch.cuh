@@ -155,15 +155,39 @@ std::string wgmma_blocker() {
 }
 #endif
 
-// plan_gemm for the current device, with the forced wgmma tile refused where it cannot run.
+#if defined(__CUDACC__)
+// Shared memory one block of the current device may opt in to (cudaDevAttrMaxSharedMemoryPerBlockOptin),
+// 0 when the runtime cannot say.
+int device_block_smem_limit() {
+  int device = 0, bytes = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return bytes;
+}
+#endif
+
+// plan_gemm for the current device, with a forced tile refused where it cannot run: the wgmma tile
+// and the TMA pipelines off sm_90a, the mid-M tile (102 / 108 KiB a block) on GPUs that give a
+// block less shared memory (99 KiB on compute capability 8.6 and 8.9).
 GemmPlan plan_device_gemm(int64_t M, int64_t N, int64_t K, DecodeWave wave, int config, int split_k, int64_t block_k,
                           int64_t busy_layers = 1) {
   const bool wgmma = wgmma_tile_runs();
 #if defined(__CUDACC__)
-  if (config >= static_cast<int>(GemmConfig::large_m_wgmma) && !wgmma) {
+  if (needs_sm90a(static_cast<GemmConfig>(config)) && !wgmma) {
     throw std::invalid_argument("sparsegemm gemm: config " + std::to_string(config) + " (the wgmma tile or a TMA "
                                 "pipeline) needs sm_90a machine code on a compute capability 9.0 GPU, but " +
                                 wgmma_blocker());
+  }
+  if (config == static_cast<int>(GemmConfig::mid_m)) {
+    const int needed = block_k == gemm_tiles::kBlockKS8 ? GemmShape<MmaS8<DType::f16>, gemm_tiles::MidM>::kSmemBytes
+                                                         : GemmShape<Mma16<DType::f16>, gemm_tiles::MidM>::kSmemBytes;
+    const int limit = device_block_smem_limit();
+    if (limit < needed)
+      throw std::invalid_argument("sparsegemm gemm: config 7 (the mid-size M tile) needs " + std::to_string(needed) +
+                                  " bytes of shared memory a block, the current GPU allows " + std::to_string(limit));
   }
 #endif
   return plan_gemm(M, N, K, wave, config, split_k, block_k, wgmma, busy_layers);
@@ -422,7 +446,8 @@ void launch_gemm(const typename XLoader::Params& params, const GemmPlan& plan, s
     throw std::invalid_argument("sparsegemm gemm: N = " + std::to_string(p.N) + " needs " + std::to_string(n_blocks) +
                                 " blocks along N, more than the 65535 a launch allows; split the weight");
   }
-  // plan_gemm splits only the decode tile and config 6's; the scratch is the caller's (gemm_scratch).
+  // plan_gemm splits only the decode and mid-M tiles and config 6's; the scratch is the caller's
+  // (gemm_scratch).
   if (plan.split_k > 1 && (p.workspace == nullptr || p.tile_counters == nullptr)) {
     throw std::invalid_argument("sparsegemm gemm: split_k = " + std::to_string(plan.split_k) +
                                 " needs a workspace and tile counters (gemm_scratch), got null pointers");
@@ -474,6 +499,15 @@ void launch_gemm_tile(const typename XLoader::Params& params, const GemmPlan& pl
     return "config " + std::to_string(static_cast<int>(plan.config)) + " (the " +
            (decode ? "decode" : wide ? "256-row wgmma" : split_wgmma ? "K-split wgmma" : "wgmma") + " tile fed by TMA)";
   };
+  if (plan.config == GemmConfig::mid_m) {
+    // Forced only (tuning): the convolution's implicit GEMM does not instantiate the tile.
+    if constexpr (std::is_same_v<XLoader, RowMajorX<Operand>>) {
+      launch_gemm<Policy, gemm_tiles::MidM, XLoader>(params, plan, stream);
+      return;
+    } else {
+      throw std::invalid_argument("sparsegemm conv2d: config 7 (the mid-size M tile) serves the GEMM only");
+    }
+  }
   if constexpr (std::is_same_v<XLoader, RowMajorX<Operand>>) {
     const GemmParams& p = XLoader::gemm(params);
     // The opt-in applies to the tiles plan_gemm chose: a config forced by the caller stays as asked.
