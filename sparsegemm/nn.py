@@ -143,13 +143,19 @@ class _SparseWeight(nn.Module):
         self._remember_metadata()
 
     def _load_compressed(self, sw: SparseTensor24, bias: Optional[Tensor]) -> None:
+        """Take over ``sw``, made for this layer by compress / quantize_weight, without a copy (a copy
+        was a second compressed weight in memory while converting), and a copy of ``bias``. The
+        layer's own tensors are replaced, not written into: SparseLinear.from_dense builds it on the
+        meta device, so that converting holds no zero-filled storage beside the compressed weight."""
         with torch.no_grad():
-            self.values.data = sw.values.clone()
-            self.metadata = ops.versioned(sw.meta, copy=True)  # an assignment: __setattr__ forgets what was derived
+            # Assignments: __setattr__ forgets what was derived.
+            self.values = nn.Parameter(sw.values, requires_grad=self.values.requires_grad)
+            self.metadata = ops.versioned(sw.meta)
             if sw.scale is not None:
-                self.scale = sw.scale.clone()
+                self.scale = sw.scale
             if self.bias is not None:
-                self.bias.data = bias.detach().to(self.bias.dtype).clone()
+                self.bias = nn.Parameter(bias.detach().to(self.bias.dtype, copy=True),
+                                         requires_grad=self.bias.requires_grad)
         self._remember_metadata()
 
     def sparse_weight(self) -> SparseTensor24:
@@ -520,8 +526,8 @@ class SparseLinear(_SparseWeight):
         2 * out_features) and ``bias`` [N] or None, compressed; arguments checked by the caller."""
         dtype = dtype or weight.dtype
         out_features = weight.shape[0] // 2 if activation in fmt.GATED_ACTIVATIONS else weight.shape[0]
-        mod = cls(weight.shape[1], out_features, bias is not None, dtype=dtype, device=weight.device,
-                  backend=backend, quantize=quantize, activation=activation)
+        mod = cls(weight.shape[1], out_features, bias is not None, dtype=dtype, device="meta",
+                  backend=backend, quantize=quantize, activation=activation)  # every tensor replaced below
         mod._load_compressed(_compress_weight(weight, dtype, prune, quantize), bias)
         return mod
 

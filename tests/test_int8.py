@@ -108,6 +108,22 @@ def test_quantize_rows_rounds_half_to_even():
     assert x_q.tolist() == [[127, 0, 2, 2, 0, -2, -2, 126]]
 
 
+def test_quantize_weight_in_runs_of_rows_gives_the_same_weight(monkeypatch):
+    # The fp32 copy of the kept values is made a run of rows at a time (quant._QUANTIZE_RUN_ELEMENTS),
+    # not for the layer at once: runs of 3 rows give the bits one run gives, and a non-finite kept
+    # value in a later run is named by its row in the weight.
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(20, 64, generator=gen).to(torch.bfloat16)
+    whole = quant.quantize_weight(w)
+    monkeypatch.setattr(quant, "_QUANTIZE_RUN_ELEMENTS", 3 * 32)
+    runs = quant.quantize_weight(w)
+    assert torch.equal(runs.values, whole.values) and torch.equal(runs.scale, whole.scale)
+    assert torch.equal(runs.meta, whole.meta)
+    w[17, 5] = float("inf")
+    with pytest.raises(ValueError, match="non-finite value in row 17"):
+        quant.quantize_weight(w)
+
+
 def test_quantize_weight_matches_oracle_and_clamps():
     w = sparse_weight(24, 37, torch.float32, seed=3) * 5
     w[2] = 0  # all-zero row: scale 1

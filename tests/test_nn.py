@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import sparsegemm
 from sparsegemm import _C, ops, oracle, quant
@@ -65,6 +66,49 @@ def test_sparse_linear_holds_only_compressed_weight(dtype):
     assert held == 96 * 128 * dtype.itemsize + 96 * 32 + 96 * dtype.itemsize  # values + meta + bias
     assert held < lin.weight.nbytes * 0.6
     assert "in_features=256, out_features=96" in repr(sl) and "saved vs dense" in repr(sl)
+
+
+class FreshTensors(TorchDispatchMode):
+    """(device type, dtype, bytes) of every tensor an aten op returns alone in new memory (not a
+    view or an alias, such as detach's, of an argument)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fresh = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and out.device.type != "meta":
+            given = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                     if isinstance(a, torch.Tensor) and a.device.type != "meta"}
+            if out.untyped_storage().data_ptr() not in given:
+                self.fresh.append((out.device.type, out.dtype, out.untyped_storage().nbytes()))
+        return out
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_from_dense_takes_over_the_compressed_weight_without_a_copy(quantize, monkeypatch):
+    # Converting once held three compressed weights at its peak: the zero-filled one the layer was
+    # built with, compress's, and a copy of it. Now the layer is built on the meta device and takes
+    # compress's tensors (a tuple from its custom op: not logged here) as they are, so no 16-bit
+    # tensor as large as the metadata is made on the CPU. INT8 makes its int8 values and, a run of
+    # 8 rows at a time here (quant._QUANTIZE_RUN_ELEMENTS), the fp32 kept values it quantizes.
+    monkeypatch.setattr(quant, "_QUANTIZE_RUN_ELEMENTS", 8 * 512)
+    lin = nn.Linear(1024, 64, dtype=torch.bfloat16)
+    log = FreshTensors()
+    with log:
+        layer = SparseLinear.from_dense(lin, quantize=quantize)
+    large = [(dtype, size) for _, dtype, size in log.fresh if size >= layer.metadata.nbytes]
+    if quantize is None:
+        assert large == []
+    else:
+        assert (torch.int8, layer.values.nbytes) in large
+        assert all(dtype in (torch.int8, torch.float32, torch.bool) for dtype, _ in large), large
+        assert max(size for dtype, size in large if dtype != torch.int8) <= 8 * 512 * 4  # the layer's: 128 KiB
+    x = torch.randn(3, 1024, dtype=torch.bfloat16)
+    reference = SparseLinear(1024, 64, dtype=torch.bfloat16, quantize=quantize)
+    reference.load_state_dict(layer.state_dict())
+    assert torch.equal(layer(x), reference(x)) and layer.values.device.type == "cpu"
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 64), (5, 64)])
