@@ -111,7 +111,8 @@ def test_host_overhead_python_only_runs(tmp_path):
     assert "_eager_forward" in out  # the profile shows the plan path ran
 
 
-@pytest.mark.parametrize("script", ["decode_sweep.py", "mid_m_sweep.py", "large_m_timing.py", "moe_timing.py"])
+@pytest.mark.parametrize("script", ["decode_sweep.py", "mid_m_sweep.py", "large_m_timing.py", "moe_timing.py",
+                                    "profile_kernels.py"])
 def test_gpu_suite_scripts_import_and_parse_their_arguments_anywhere(tmp_path, script):
     # The GPU suite's timing scripts run only on a lent GPU machine: a broken import (e.g. of a
     # helper from a sibling script) or argument parser must fail here, not cost a device lease.
