@@ -1450,13 +1450,14 @@ class SparseConv2d(_SparseWeight):
             y = self._sparse_linear(patches.reshape(-1, k))
             return y.view(patches.shape[:3] + (self.out_channels,)).permute(0, 3, 1, 2)
         # Inference: the patch matrix (kh * kw times the input, for a 3 x 3 layer) is gathered a chunk
-        # at a time into a reused scratch of ops._CPU_TILE_BYTES (or one output row, if larger),
+        # at a time into a reused scratch of ops._CPU_TILE_BYTES (or one pixel's patch, if larger),
         # which the GEMM then reads from cache: memory stays bounded at any image size, and no call
         # pays the page faults of a fresh allocation that size (they cost more than the gather). A
         # chunk is whole images where one fits (few GEMM calls for a large batch of small maps),
-        # else a run of output rows of one image.
+        # else a run of output rows of one image, else (a row wider than the scratch) a run of one
+        # row's pixels.
         y = x.new_empty((b, ho, wo, self.out_channels))
-        pixels = max(wo, ops._CPU_TILE_BYTES // (k * x.element_size()))
+        pixels = max(1, ops._CPU_TILE_BYTES // (k * x.element_size()))
         scratch = ops._reused_buffer(("conv_patches", x.dtype), min(pixels, b * ho * wo) * k, x.dtype, x.device)
 
         def gather_and_multiply(source: Tensor, out: Tensor) -> None:
@@ -1468,11 +1469,16 @@ class SparseConv2d(_SparseWeight):
             images = pixels // (ho * wo)
             for first in range(0, b, images):
                 gather_and_multiply(patches[first:first + images], y[first:first + images])
-        else:
+        elif wo <= pixels:
             rows = pixels // wo
             for image in range(b):
                 for oy in range(0, ho, rows):
                     gather_and_multiply(patches[image, oy:oy + rows], y[image, oy:oy + rows])
+        else:
+            for image in range(b):
+                for oy in range(ho):
+                    for ox in range(0, wo, pixels):
+                        gather_and_multiply(patches[image, oy, ox:ox + pixels], y[image, oy, ox:ox + pixels])
         return y.permute(0, 3, 1, 2)
 
     def _implicit_gemm(self, x: Tensor, backend: str) -> Tensor:

@@ -106,8 +106,9 @@ def test_matches_the_cpu_path(kernels, geometry):
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=geometry_id)
 def test_cpu_backend_exact_on_small_integers(monkeypatch, geometry, dtype, grad):
     # The CPU backend gathers the patch matrix from a strided NHWC view of x; in inference a run of
-    # output rows at a time into a reused scratch, which 600-byte chunks make one row (or less) of
-    # every image here, so every chunk boundary is crossed. NCHW and channels_last input alike.
+    # output rows (or of one row's pixels) at a time into a reused scratch, which 600-byte chunks
+    # make a few pixels of every image here, so every chunk boundary is crossed. NCHW and
+    # channels_last input alike.
     monkeypatch.setattr(ops, "_CPU_TILE_BYTES", 600)
     b, cin, cout, hw, kernel, stride, padding, dilation = geometry
     layer = make_layer(cin, cout, kernel, stride, padding, dilation, dtype, integer=True, seed=7)
@@ -210,6 +211,30 @@ def test_cpu_backend_torchs_convolution_of_large_padding_over_one_pixel_runs(tmp
                             cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert float(result.stdout.strip()) < 1e-5
+
+
+@pytest.mark.parametrize("tile_pixels,gemm_rows", [(3, [3]), (2, [2, 1]), (1, [1, 1, 1])])
+def test_cpu_backend_splits_a_row_wider_than_the_scratch(monkeypatch, tile_pixels, gemm_rows):
+    # A row of output pixels wider than the scratch is gathered a run of its pixels at a time (the
+    # scratch once took at least a whole row, unbounded for a wide enough image): output 4 x 3 per
+    # image, chunks of 3 (a row), 2 + 1 and 1 + 1 + 1 pixels, and the scratch no larger than asked.
+    layer = make_layer(8, 12, 3, 2, 1, 1, torch.float32, integer=True, seed=11)
+    layer.backend = "cpu"
+    x = make_input(2, 8, (7, 6), torch.float32, integer=True, seed=12)
+    k = 8 * 9
+    monkeypatch.setattr(ops, "_CPU_TILE_BYTES", tile_pixels * k * 4)
+    ops._reused_buffer(("conv_patches", torch.float32), 0, torch.float32, x.device)  # this thread's buffers
+    monkeypatch.delitem(ops._thread_buffers.buffers, ("conv_patches", torch.float32))  # made afresh below
+    calls = []
+    real = type(layer)._sparse_linear
+    monkeypatch.setattr(type(layer), "_sparse_linear", lambda self, cols: (calls.append(cols.shape[0]),
+                                                                           real(self, cols))[1])
+    with torch.no_grad():
+        y = layer(x)
+    assert calls == gemm_rows * (2 * 4)  # per row of each image
+    assert torch.equal(y.double(), reference(layer, x))
+    scratch = ops._reused_buffer(("conv_patches", torch.float32), 0, torch.float32, x.device)
+    assert scratch.numel() <= tile_pixels * k
 
 
 @pytest.mark.parametrize("images_per_chunk", [1, 2, 5])
