@@ -213,46 +213,42 @@ def test_cpu_backend_torchs_convolution_of_large_padding_over_one_pixel_runs(tmp
     assert float(result.stdout.strip()) < 1e-5
 
 
-@pytest.mark.parametrize("tile_pixels,gemm_rows", [(3, [3]), (2, [2, 1]), (1, [1, 1, 1])])
-def test_cpu_backend_splits_a_row_wider_than_the_scratch(monkeypatch, tile_pixels, gemm_rows):
-    # A row of output pixels wider than the scratch is gathered a run of its pixels at a time (the
-    # scratch once took at least a whole row, unbounded for a wide enough image): output 4 x 3 per
-    # image, chunks of 3 (a row), 2 + 1 and 1 + 1 + 1 pixels, and the scratch no larger than asked.
+def chunked_conv_gemm_rows(monkeypatch, batch: int, tile_bytes: int) -> list:
+    """The rows of each GEMM call of an inference 3 x 3, stride 2 SparseConv2d (8 -> 12 channels,
+    CPU backend, 7 x 6 input: output 4 x 3 an image, K = 72) over ``batch`` images, with a patch
+    scratch of ``tile_bytes``; checks its output against the reference."""
     layer = make_layer(8, 12, 3, 2, 1, 1, torch.float32, integer=True, seed=11)
     layer.backend = "cpu"
-    x = make_input(2, 8, (7, 6), torch.float32, integer=True, seed=12)
-    k = 8 * 9
-    monkeypatch.setattr(ops, "_CPU_TILE_BYTES", tile_pixels * k * 4)
-    ops._reused_buffer(("conv_patches", torch.float32), 0, torch.float32, x.device)  # this thread's buffers
-    monkeypatch.delitem(ops._thread_buffers.buffers, ("conv_patches", torch.float32))  # made afresh below
-    calls = []
-    real = type(layer)._sparse_linear
-    monkeypatch.setattr(type(layer), "_sparse_linear", lambda self, cols: (calls.append(cols.shape[0]),
-                                                                           real(self, cols))[1])
-    with torch.no_grad():
-        y = layer(x)
-    assert calls == gemm_rows * (2 * 4)  # per row of each image
-    assert torch.equal(y.double(), reference(layer, x))
-    scratch = ops._reused_buffer(("conv_patches", torch.float32), 0, torch.float32, x.device)
-    assert scratch.numel() <= tile_pixels * k
-
-
-@pytest.mark.parametrize("images_per_chunk", [1, 2, 5])
-def test_cpu_backend_chunks_of_whole_images(monkeypatch, images_per_chunk):
-    # Inference chunks of whole images where one fits the scratch: 5 images in chunks of 2, 2, 1.
-    layer = make_layer(8, 12, 3, 2, 1, 1, torch.float32, integer=True, seed=11)
-    layer.backend = "cpu"
-    x = make_input(5, 8, (7, 6), torch.float32, integer=True, seed=12)
-    pixels, k = 4 * 3, 8 * 9  # output 4 x 3 per image
-    monkeypatch.setattr(ops, "_CPU_TILE_BYTES", images_per_chunk * pixels * k * 4)
+    x = make_input(batch, 8, (7, 6), torch.float32, integer=True, seed=12)
+    monkeypatch.setattr(ops, "_CPU_TILE_BYTES", tile_bytes)
     gemm_rows = []
     real = type(layer)._sparse_linear
     monkeypatch.setattr(type(layer), "_sparse_linear", lambda self, cols: (gemm_rows.append(cols.shape[0]),
                                                                            real(self, cols))[1])
     with torch.no_grad():
         y = layer(x)
-    assert gemm_rows == [pixels * n for n in {1: [1] * 5, 2: [2, 2, 1], 5: [5]}[images_per_chunk]]
     assert torch.equal(y.double(), reference(layer, x))
+    return gemm_rows
+
+
+@pytest.mark.parametrize("tile_pixels,row_chunks", [(3, [3]), (2, [2, 1]), (1, [1, 1, 1])])
+def test_cpu_backend_splits_a_row_wider_than_the_scratch(monkeypatch, tile_pixels, row_chunks):
+    # A row of output pixels wider than the scratch is gathered a run of its pixels at a time (the
+    # scratch once took at least a whole row, unbounded for a wide enough image): rows of 3 pixels
+    # in chunks of 3, 2 + 1 and 1 + 1 + 1, and the scratch no larger than asked.
+    key, k = ("conv_patches", torch.float32), 8 * 9
+    ops._reused_buffer(key, 0, torch.float32, torch.device("cpu"))  # this thread's buffers
+    monkeypatch.delitem(ops._thread_buffers.buffers, key)  # made afresh below
+    assert chunked_conv_gemm_rows(monkeypatch, 2, tile_pixels * k * 4) == row_chunks * (2 * 4)  # 4 rows an image
+    assert ops._reused_buffer(key, 0, torch.float32, torch.device("cpu")).numel() <= tile_pixels * k
+
+
+@pytest.mark.parametrize("images_per_chunk", [1, 2, 5])
+def test_cpu_backend_chunks_of_whole_images(monkeypatch, images_per_chunk):
+    # Inference chunks of whole images where one fits the scratch: 5 images in chunks of 2, 2, 1.
+    pixels, k = 4 * 3, 8 * 9
+    gemm_rows = chunked_conv_gemm_rows(monkeypatch, 5, images_per_chunk * pixels * k * 4)
+    assert gemm_rows == [pixels * n for n in {1: [1] * 5, 2: [2, 2, 1], 5: [5]}[images_per_chunk]]
 
 
 # torch.jit.trace is deprecated, and warns of the argument checks it cannot record.
