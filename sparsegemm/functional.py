@@ -37,7 +37,7 @@ def mask_2to4(w: Tensor) -> Tensor:
     result is deterministic). When K is not a multiple of 4 the last group is padded with zeros.
     """
     _check_weight("sparsegemm.mask_2to4", w, ops.FLOAT_DTYPES)
-    return ops._mask_2to4(w)
+    return ops.call(ops._mask_2to4, w)
 
 
 def prune_2to4(w: Tensor) -> Tensor:
@@ -66,7 +66,7 @@ def compress(w: Tensor, *, prune: bool = False, backend: Optional[str] = None,
 
         return quantize_weight(w, prune=prune, backend=backend)
     backend = ops.resolve_backend(op, backend, w.device)
-    values, meta = ops._compress(w.detach(), prune, backend)  # which checks w's dtype and size
+    values, meta = ops.call(ops._compress, w.detach(), prune, backend)  # which checks w's dtype and size
     return SparseTensor24(values, ops.versioned(meta), tuple(w.shape), validate=False)
 
 
@@ -81,7 +81,7 @@ def decompress(sw: SparseTensor24, *, backend: Optional[str] = None) -> Tensor:
     if backend != "cpu":
         ops.check_dtype(op, "sw.values", sw.values, ops.KERNEL_DTYPES)
         ops.check_32bit(op, **{"N*K": sw.shape[0] * sw.shape[1]})
-    return ops._decompress(sw.values, sw.meta, sw.shape[1], backend)
+    return ops.call(ops._decompress, sw.values, sw.meta, sw.shape[1], backend)
 
 
 def linear(x: Tensor, sw: SparseTensor24, bias: Optional[Tensor] = None, *, activation: Optional[str] = None,
