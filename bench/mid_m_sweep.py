@@ -37,7 +37,7 @@ def main() -> None:
     argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     torch.manual_seed(0)
     f16 = fmt.DTYPE_CODES[torch.float16]
-    mid_m = config_runs(_C.cuda_gemm_scratch, 7)
+    mid_m, mid_m_int8 = config_runs(_C.cuda_gemm_scratch, 7), config_runs(_C.cuda_gemm_s8_scratch, 7)
     configs = [1] + ([7] if mid_m else []) + [0] + ([2, 3, 5, 6] if _C.cuda_large_m_uses_wgmma() else [])
     for n, k in SHAPES:
         w = sparsegemm.prune_2to4(torch.randn(n, k, device="cuda").half())
@@ -72,7 +72,7 @@ def main() -> None:
             # The INT8 GEMM (activations quantized beforehand), to fit its own mid-M rule: the plan
             # keeps its large-M tile above 16 rows (gemm_heuristics.h kMidMDecodeCostPerWgmmaKTile).
             int8 = {"int8 heuristic": int8_us(-1), "int8 c1": int8_us(1),
-                    **({"int8 c7": int8_us(7)} if config_runs(_C.cuda_gemm_s8_scratch, 7) else {}),
+                    **({"int8 c7": int8_us(7)} if mid_m_int8 else {}),
                     **({"int8 c3": int8_us(3)} if 3 in configs else {})}
             if mid_m:
                 workspace_bytes, _ = _C.cuda_gemm_scratch(m, n, k, 7, 0)

@@ -18,10 +18,11 @@ from decode_sweep import _scratch, config_runs
 SHAPES = [(1, 40, 36), (17, 144, 100), (130, 260, 264), (130, 256, 1056), (33, 144, 160)]
 SILU, SWIGLU = fmt.ACTIVATION_CODES["silu"], fmt.ACTIVATION_CODES["swiglu"]
 # (config, split_k): large-M tile, decode tile, decode tile with a forced 3-way split of K, the
-# mid-M tile (config 7: its own split, and 3 ways), and the wgmma large-M tile where the GPU runs it (compute capability 9.0, sm_90a build), with cp.async
-# copies and, where Wc rows are whole 16 bytes (K % 32 == 0 for int8), the wgmma tiles (128 and 256
-# W rows) and the decode tile fed by TMA (the decode one also split 3 ways); for fp16 / bf16 also
-# the wgmma tile with K split (config 6: its own split, and 3 ways).
+# mid-M tile (config 7: its own split, and 3 ways; where a block may have its shared memory), and
+# the wgmma large-M tile where the GPU runs it (compute capability 9.0, sm_90a build), with
+# cp.async copies and, where Wc rows are whole 16 bytes (K % 32 == 0 for int8), the wgmma tiles
+# (128 and 256 W rows) and the decode tile fed by TMA (the decode one also split 3 ways); for fp16
+# / bf16 also the wgmma tile with K split (config 6: its own split, and 3 ways).
 CONFIGS = [(0, 0), (1, 0), (1, 3), (7, 0), (7, 3)]
 WGMMA_CONFIG, TMA_CONFIGS = (2, 0), [(3, 0), (4, 0), (4, 3), (5, 0)]
 SPLIT_WGMMA_CONFIGS = [(6, 0), (6, 3)]

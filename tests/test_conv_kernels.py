@@ -136,7 +136,8 @@ def test_cpu_backend_large_m_takes_torchs_convolution_where_the_gemm_would_go_de
     monkeypatch.setattr(type(layer), "_sparse_linear", lambda self, cols: (gemm_calls.append(cols.shape),
                                                                            real(self, cols))[1])
     real_pad = torch.nn.functional.pad
-    monkeypatch.setattr(torch.nn.functional, "pad", lambda t, *a, **kw: (pads.append(t.shape), real_pad(t, *a, **kw))[1])
+    monkeypatch.setattr(torch.nn.functional, "pad", lambda t, *a, **kw: (pads.append(t.shape),
+                                                                      real_pad(t, *a, **kw))[1])
     with torch.no_grad():
         y = layer(x.to(memory_format=torch.channels_last))
     assert torch.equal(y.double(), reference(layer, x))

@@ -158,7 +158,7 @@ SG_GLOBAL void SG_LAUNCH_BOUNDS(kQuantizeThreads)
 #pragma unroll
         for (int j = 0; j < kVector; ++j) {
           const float value = Traits::to_float(v[i][j]);
-          finite = finite && fabsf(value) <= 3.40282347e38f;  // false for NaN and both infinities
+          finite = finite && fabsf(value) <= std::numeric_limits<float>::max();  // false for NaN, +-inf
           q[j] = round_to_int8(div_rn(value, s));
         }
         if (k < K) store_elements(out + k, q, K - k);
